@@ -1,0 +1,36 @@
+"""attnlab: study and change attention in transformer models.
+
+The public API is re-exported lazily so ``import attnlab`` does not import torch or transformers::
+
+    import attnlab
+    model, tokenizer = attnlab.load_model("smollm2-135m")
+    windows = attnlab.load_text(tokenizer, seq_len=512, max_windows=4)
+    with attnlab.Session(model, probes=["entropy", "sink", "distance", "norms"]) as session:
+        for batch in windows:
+            model(**batch)
+    table = session.results()
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "load_model": "attnlab.capture.loading",
+    "load_text": "attnlab.text",
+    "Session": "attnlab.capture.session",
+    "PROBES": "attnlab.probes",
+    "fetch_asset": "attnlab.assets",
+    "ASSETS": "attnlab.assets",
+}
+
+__all__ = [*sorted(_EXPORTS), "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'attnlab' has no attribute {name!r}")

@@ -1,0 +1,47 @@
+"""Exceptions raised by attnlab.
+
+Every attnlab error subclasses :class:`AttnlabError` and the matching builtin, so callers can catch either
+(``except ValueError`` keeps working). The CLI turns :class:`UsageError` subclasses into a one-line message and
+exit code 2; anything else is a runtime failure (exit code 1).
+"""
+
+from __future__ import annotations
+
+
+class AttnlabError(Exception):
+    """Base class of every error attnlab raises on purpose."""
+
+
+class UsageError(AttnlabError):
+    """Bad input from the user (CLI exit code 2)."""
+
+
+class ShapeError(UsageError, ValueError):
+    """A tensor has the wrong shape, e.g. key heads that do not divide query heads."""
+
+
+class ConfigError(UsageError, ValueError):
+    """A configuration value is out of range or inconsistent."""
+
+
+class RegistryError(UsageError, KeyError):
+    """An unknown probe/edit/layer/asset name. The message lists the known names and the nearest one."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we want it plain
+        return str(self.args[0]) if self.args else ""
+
+
+class TextError(UsageError, ValueError):
+    """Input text is empty, not UTF-8, or too short for one window."""
+
+
+class UnsupportedModelError(UsageError, TypeError):
+    """The model does not route attention through transformers' AttentionInterface."""
+
+
+class AssetError(AttnlabError, RuntimeError):
+    """A bundled asset could not be fetched, verified or unpacked."""
+
+
+class EditNotFiredError(AttnlabError, RuntimeError):
+    """An edit was requested but no attention call passed through it."""
