@@ -1,0 +1,303 @@
+"""Session: run probes inside any transformers model that uses the AttentionInterface.
+
+    with Session(model, probes=["entropy", "sink", "distance", "norms"]) as session:
+        for batch in windows:
+            model(**batch)
+    table = session.results()   # pandas DataFrame: probe, statistic, layer, head, position, value
+
+On enter the session registers the "attnlab" backend, switches the model to it with
+``model.set_attn_implementation`` and installs two kinds of standard PyTorch hooks: a forward pre-hook on the model
+(to read the 2-D ``attention_mask`` and ``input_ids``, so padding never enters a statistic) and, when a probe needs
+hidden states, forward hooks on the decoder layers. On exit (also on exceptions) it removes the hooks and restores
+the previous attention implementation.
+
+Paths (recorded per layer in ``session.paths``):
+- ``sdpa``: no probe needs probs; transformers' own SDPA function runs, so logits are bit-identical to
+  ``attn_implementation="sdpa"``.
+- ``blocked_eager``: probes need probs; the blocked kernel (:func:`attnlab.functional.attention.blocked_attention`)
+  computes output and probs one query block at a time in float32.
+- ``sdpa+sampled_probs``: ``query_fraction < 1``; SDPA computes the output and the blocked kernel computes probs
+  for an evenly spread sample of query rows only, which the probes see.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from attnlab.capture.backend import ACTIVE_SESSION, BACKEND_NAME, ensure_registered
+from attnlab.errors import ConfigError, UnsupportedModelError
+from attnlab.functional.attention import blocked_attention, causal_keep
+from attnlab.probes import PROBES
+from attnlab.probes.base import AttentionCall, ModelShape, Probe, SequenceInfo
+
+logger = logging.getLogger(__name__)
+
+RESULT_COLUMNS = ("probe", "statistic", "layer", "head", "position", "value")
+SUPPORTED_FAMILIES = "Llama, Mistral, Qwen2/3, Gemma, Phi-3, OLMo, GPT-NeoX, BERT, RoBERTa and other models whose " \
+    "attention goes through transformers' AttentionInterface"
+
+
+def _make_probe(spec: str | Probe) -> Probe:
+    if isinstance(spec, Probe):
+        return spec
+    if isinstance(spec, str):
+        return PROBES.get(spec)()
+    raise TypeError(f"probes must be names or Probe instances, got {type(spec).__name__}")
+
+
+def _find_decoder_layers(model: nn.Module, num_layers: int) -> nn.ModuleList | None:
+    """The ModuleList holding the model's transformer blocks (e.g. ``model.model.layers``, ``bert.encoder.layer``)."""
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers and num_layers > 0:
+            return module
+    return None
+
+
+def _sample_rows(q_len: int, fraction: float, device: torch.device) -> Tensor:
+    """Evenly spread query rows covering ``fraction`` of q_len (always includes the first and last rows)."""
+    count = max(1, math.ceil(fraction * q_len))
+    return torch.linspace(0, q_len - 1, count, device=device).round().long().unique()
+
+
+class Session:
+    """Run probes on every attention call of ``model`` while the context is active.
+
+    Args:
+        model: a transformers ``PreTrainedModel`` whose attention uses the AttentionInterface.
+        probes: names (see ``attnlab ls probes``) or Probe instances.
+        block_size: query rows per block of the eager kernel (peak extra memory ∝ num_heads · block_size · kv_len).
+        query_fraction: in (0, 1]; below 1, probes see only that fraction of query rows, evenly spread over
+            positions, and the output comes from SDPA (faster; statistics become estimates).
+
+    Raises:
+        UnsupportedModelError: the model does not route attention through the AttentionInterface.
+        ConfigError: bad block_size / query_fraction. RegistryError: unknown probe name.
+    """
+
+    def __init__(self, model: nn.Module, probes: Iterable[str | Probe] = (), *, block_size: int = 128,
+                 query_fraction: float = 1.0) -> None:
+        if not hasattr(model, "is_backend_compatible") or not hasattr(model, "set_attn_implementation"):
+            raise UnsupportedModelError(
+                f"{type(model).__name__} is not a transformers PreTrainedModel; attnlab supports {SUPPORTED_FAMILIES}")
+        if not model.is_backend_compatible():
+            raise UnsupportedModelError(
+                f"{type(model).__name__} does not route attention through transformers' AttentionInterface, so "
+                f"attnlab cannot observe it; supported: {SUPPORTED_FAMILIES}")
+        if block_size < 1:
+            raise ConfigError(f"block_size must be >= 1, got {block_size}")
+        if not 0 < query_fraction <= 1:
+            raise ConfigError(f"query_fraction must be in (0, 1], got {query_fraction}")
+        self.model = model
+        self.block_size = block_size
+        self.query_fraction = query_fraction
+        self.probes: list[Probe] = [_make_probe(p) for p in probes]
+        names = [p.name for p in self.probes]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"each probe may be given once, got {names}")
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        num_heads = config.num_attention_heads
+        self.shape = ModelShape(
+            num_layers=config.num_hidden_layers, num_heads=num_heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
+            max_len=0,
+        )
+        for probe in self.probes:
+            probe.bind(self.shape)
+        self.needs_probs = any("probs" in p.needs for p in self.probes)
+        self.needs_calls = any(p.needs & {"probs", "value"} for p in self.probes)
+        self.needs_hidden = any("hidden_states" in p.needs for p in self.probes)
+        self.paths: dict[int, str] = {}
+        self.num_sequences = 0
+        self.calls_per_layer: dict[int, int] = {}
+        self._sequence: SequenceInfo | None = None
+        self._layer_of: dict[int, int] = {}
+        self._hooks: list[Any] = []
+        self._previous_impl: str | None = None
+        self._token: Any = None
+
+    # context management -------------------------------------------------------------------------------------
+    def __enter__(self) -> Session:
+        if ACTIVE_SESSION.get() is not None:
+            raise ConfigError("another attnlab Session is already active in this context; sessions do not nest")
+        ensure_registered()
+        self._previous_impl = self.model.config._attn_implementation
+        self.model.set_attn_implementation(BACKEND_NAME)
+        self._token = ACTIVE_SESSION.set(self)
+        self._hooks.append(self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
+        self._hooks.append(self.model.register_forward_hook(self._after_forward))
+        if self.needs_hidden:
+            layers = _find_decoder_layers(self.model, self.shape.num_layers)
+            if layers is None:
+                logger.warning("could not find the decoder layers of %s; hidden-state probes will see nothing",
+                               type(self.model).__name__)
+            else:
+                for index, layer in enumerate(layers):
+                    self._hooks.append(layer.register_forward_hook(self._layer_hook(index)))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        if self._token is not None:
+            ACTIVE_SESSION.reset(self._token)
+            self._token = None
+        if self._previous_impl is not None:
+            self.model.set_attn_implementation(self._previous_impl)
+
+    # hooks --------------------------------------------------------------------------------------------------
+    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], Tensor) else None)
+        embeds = kwargs.get("inputs_embeds")
+        mask = kwargs.get("attention_mask")
+        reference = input_ids if input_ids is not None else embeds
+        if reference is None:
+            self._sequence = None
+            return
+        batch, length = reference.shape[0], reference.shape[1]
+        if mask is not None and mask.dim() == 2:
+            valid = mask.bool()
+        else:
+            valid = torch.ones(batch, length, dtype=torch.bool, device=reference.device)
+        self._sequence = SequenceInfo.from_mask(valid, input_ids, self.num_sequences)
+
+    def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._sequence is not None:
+            self.num_sequences += self._sequence.valid.shape[0]
+            self.shape.max_len = max(self.shape.max_len, self._sequence.valid.shape[1])
+        self._sequence = None
+
+    def _layer_hook(self, index: int) -> Any:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            hidden = output[0] if isinstance(output, (tuple, list)) else output
+            if self._sequence is None or not isinstance(hidden, Tensor) or hidden.dim() != 3:
+                return
+            for probe in self.probes:
+                if "hidden_states" in probe.needs:
+                    probe.on_hidden_states(index, hidden.detach(), self._sequence)
+        return hook
+
+    # the attention call -------------------------------------------------------------------------------------
+    def _layer_index(self, module: nn.Module) -> int:
+        layer_idx = getattr(module, "layer_idx", None)
+        if isinstance(layer_idx, int):
+            return layer_idx
+        return self._layer_of.setdefault(id(module), len(self._layer_of))
+
+    def attention(self, module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                  attention_mask: Tensor | None, **kwargs: Any) -> tuple[Tensor, None]:
+        """Called by the backend for every attention call; returns (output (B, Lq, Hq, Dv), None)."""
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        layer = self._layer_index(module)
+        self.calls_per_layer[layer] = self.calls_per_layer.get(layer, 0) + 1
+        softcap = kwargs.get("softcap")
+        if not self.needs_calls and softcap is None:
+            self.paths[layer] = "sdpa"
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        dropout = kwargs.get("dropout", 0.0)
+        if dropout and module.training:
+            raise ConfigError("attnlab probes need the model in eval mode (attention dropout is active); call model.eval()")
+        is_causal = kwargs.get("is_causal")
+        causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+        keep = self._keep_mask(attention_mask, query.shape[2], key.shape[2], causal, query.device)
+        call = self._make_call(layer, query, key, value, causal)
+        for probe in self.probes:
+            probe.begin_call(call)
+        scale = kwargs.get("scaling")
+
+        def observe(block: Any) -> None:
+            for probe in self.probes:
+                if "probs" in probe.needs:
+                    probe.update(call, block)
+
+        if not self.needs_probs and softcap is None:
+            self.paths[layer] = "sdpa"
+            output = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)[0]
+        elif self.query_fraction < 1 and softcap is None:
+            self.paths[layer] = "sdpa+sampled_probs"
+            output = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)[0]
+            rows = _sample_rows(query.shape[2], self.query_fraction, query.device)
+            with torch.no_grad():
+                blocked_attention(query, key, value, keep, scale=scale, block_size=self.block_size,
+                                  query_index=rows, on_block=observe)
+        else:
+            self.paths[layer] = "blocked_eager"
+            output = blocked_attention(query, key, value, keep, scale=scale, softcap=softcap,
+                                       block_size=self.block_size,
+                                       on_block=observe if self.needs_probs else None)
+            output = output.transpose(1, 2).contiguous()  # (B, Lq, Hq, Dv)
+        for probe in self.probes:
+            probe.end_call(call)
+        return output, None
+
+    @staticmethod
+    def _keep_mask(attention_mask: Tensor | None, q_len: int, kv_len: int, causal: bool,
+                   device: torch.device) -> Tensor | None:
+        """Boolean keep mask (B|1, 1, Lq, Lk) matching what SDPA would apply, or None (all visible)."""
+        if attention_mask is None:
+            if causal and q_len > 1:
+                # SDPA's is_causal is aligned top-left (HF crops keys to q_len in that case).
+                return causal_keep(q_len, kv_len, device, offset=0)[None, None]
+            return None
+        if attention_mask.dtype == torch.bool:
+            return attention_mask
+        return attention_mask > torch.finfo(attention_mask.dtype).min / 2  # additive 0 / -inf masks
+
+    def _make_call(self, layer: int, query: Tensor, key: Tensor, value: Tensor, causal: bool) -> AttentionCall:
+        B, Hq, Lq, _ = query.shape
+        Lk = key.shape[2]
+        sequence = self._sequence
+        if sequence is None or sequence.valid.shape[0] != B or sequence.valid.shape[1] < Lk:
+            valid = torch.ones(B, Lk, dtype=torch.bool, device=query.device)
+            sequence = SequenceInfo.from_mask(valid, None, self.num_sequences)
+        key_valid = sequence.valid[:, :Lk].to(query.device)
+        key_positions = sequence.positions[:, :Lk].to(query.device)
+        return AttentionCall(
+            layer_idx=layer, num_heads=Hq, num_kv_heads=key.shape[1], q_len=Lq, kv_len=Lk, causal=causal,
+            value=value.detach(), query_valid=key_valid[:, Lk - Lq:], key_valid=key_valid,
+            query_positions=key_positions[:, Lk - Lq:], key_positions=key_positions, sequence=sequence,
+        )
+
+    # results ------------------------------------------------------------------------------------------------
+    def rows(self) -> list[dict[str, Any]]:
+        """All probes' long-format rows (see docs/results.md)."""
+        return [row for probe in self.probes for row in probe.rows()]
+
+    def extras(self, decode: Any = None) -> dict[str, Any]:
+        """Per-probe extras keyed by probe name; ``decode(token_id) -> str`` labels token tables."""
+        return {probe.name: probe.extras(decode) for probe in self.probes}
+
+    def results(self) -> Any:
+        """A pandas DataFrame with columns probe, statistic, layer, head, position, value (nullable Int64 ints)."""
+        import pandas as pd
+
+        frame = pd.DataFrame(self.rows(), columns=list(RESULT_COLUMNS))
+        for column in ("layer", "head", "position"):
+            frame[column] = frame[column].astype("Int64")
+        return frame
+
+    def merge(self, other: Session) -> None:
+        """Add another session's probe states (same probes, same model shape) into this one."""
+        if [p.name for p in self.probes] != [p.name for p in other.probes]:
+            raise ConfigError("sessions with different probes cannot be merged")
+        for mine, theirs in zip(self.probes, other.probes):
+            mine.merge(theirs)
+        self.num_sequences += other.num_sequences
+
+    def probe(self, name: str) -> Probe:
+        """The probe instance named ``name`` in this session."""
+        for probe in self.probes:
+            if probe.name == name:
+                return probe
+        raise KeyError(f"no probe {name!r} in this session; it has {[p.name for p in self.probes]}")
+
+
+def probe_names(specs: Sequence[str | Probe]) -> list[str]:
+    return [spec if isinstance(spec, str) else spec.name for spec in specs]

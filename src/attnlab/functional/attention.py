@@ -1,0 +1,197 @@
+"""Softmax attention, in two forms: a quadratic reference (the oracle) and a blocked kernel over query blocks.
+
+Shape legend (used in every docstring of this module):
+    B   batch
+    Hq  num_heads (query heads)
+    Hkv num_kv_heads; Hq must be a multiple of Hkv. Query head h reads kv head ``h // (Hq // Hkv)``
+        (the layout of transformers' ``repeat_kv``).
+    Lq  q_len, Lk  kv_len
+    D   head_dim (query/key), Dv value head dim
+
+Masks are boolean, True = attend (FlexAttention / transformers ``mask_function`` convention), broadcastable to
+``(B, Hq, Lq, Lk)``. ``None`` means every key is visible.
+
+Numerical policy: logits and probs are computed in float32 whatever the input dtype (float64 stays float64, so the
+reference can serve as a golden oracle); the output is cast back to ``value.dtype``. A query row with no visible
+key gets probs 0 and output 0, never NaN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from attnlab.errors import ShapeError
+
+__all__ = ["BlockView", "attention_reference", "blocked_attention", "check_qkv", "causal_keep"]
+
+
+def check_qkv(query: Tensor, key: Tensor, value: Tensor) -> tuple[int, int]:
+    """Validate query/key/value shapes; return ``(num_heads, num_kv_groups)``.
+
+    Raises ShapeError if the tensors are not 4-D, batch or lengths disagree, or Hkv does not divide Hq.
+    """
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        raise ShapeError(
+            "query/key/value must be 4-D (batch, heads, seq_len, head_dim); "
+            f"got {tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+        )
+    num_heads, num_kv_heads = query.shape[1], key.shape[1]
+    if key.shape[:3] != value.shape[:3]:
+        raise ShapeError(f"key {tuple(key.shape)} and value {tuple(value.shape)} disagree on (batch, heads, kv_len)")
+    if query.shape[0] != key.shape[0] or query.shape[3] != key.shape[3]:
+        raise ShapeError(f"query {tuple(query.shape)} and key {tuple(key.shape)} disagree on batch or head_dim")
+    if num_kv_heads == 0 or num_heads % num_kv_heads:
+        raise ShapeError(f"key has num_kv_heads={num_kv_heads}, which does not divide num_heads={num_heads}")
+    return num_heads, num_heads // num_kv_heads
+
+
+def causal_keep(q_len: int, kv_len: int, device: torch.device | None = None, *, offset: int | None = None) -> Tensor:
+    """Boolean causal mask ``(q_len, kv_len)``: query i sees key j iff ``j <= i + offset``.
+
+    ``offset`` defaults to ``kv_len - q_len`` (queries are the last q_len positions, as in decoding with a cache).
+    """
+    offset = kv_len - q_len if offset is None else offset
+    q_idx = torch.arange(q_len, device=device)[:, None]
+    kv_idx = torch.arange(kv_len, device=device)[None, :]
+    return kv_idx <= q_idx + offset
+
+
+def _compute_dtype(tensor: Tensor) -> torch.dtype:
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
+def attention_reference(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    keep: Tensor | None = None,
+    *,
+    scale: float | None = None,
+    softcap: float | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Quadratic softmax attention, written for reading. The oracle every fast path is tested against.
+
+    Args:
+        query: (B, Hq, Lq, D), any float dtype (float64 stays float64).
+        key: (B, Hkv, Lk, D).
+        value: (B, Hkv, Lk, Dv).
+        keep: bool, broadcastable to (B, Hq, Lq, Lk), True = attend; None = all visible.
+        scale: logit scale; default ``D ** -0.5``.
+        softcap: if given, logits become ``softcap * tanh(logits / softcap)`` before masking (Gemma 2).
+
+    Returns:
+        output (B, Hq, Lq, Dv) in value's dtype; probs and logits (B, Hq, Lq, Lk) in float32 (float64 for float64
+        input). Masked logits are -inf; masked probs are exactly 0; rows with no visible key are all 0.
+
+    Raises:
+        ShapeError: on inconsistent shapes or Hkv not dividing Hq.
+    """
+    _, groups = check_qkv(query, key, value)
+    dtype = _compute_dtype(query)
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    key_per_head = key.repeat_interleave(groups, dim=1).to(dtype)  # (B, Hq, Lk, D)
+    value_per_head = value.repeat_interleave(groups, dim=1).to(dtype)  # (B, Hq, Lk, Dv)
+    logits = query.to(dtype) @ key_per_head.transpose(-1, -2) * scale  # (B, Hq, Lq, Lk)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    if keep is not None:
+        logits = logits.masked_fill(~keep, float("-inf"))
+    row_has_key = torch.isfinite(logits).any(dim=-1, keepdim=True)  # (B, Hq, Lq, 1)
+    safe_logits = torch.where(row_has_key, logits, torch.zeros((), dtype=dtype, device=logits.device))
+    probs = torch.softmax(safe_logits, dim=-1) * row_has_key
+    if keep is not None:
+        probs = probs.masked_fill(~keep, 0.0)
+    output = probs @ value_per_head
+    return output.to(value.dtype), probs, logits
+
+
+@dataclass
+class BlockView:
+    """One block of query rows as the blocked kernel hands it to observers (probes).
+
+    Attributes:
+        probs: (B, Hq, bq, Lk) float32 (float64 for float64 input); masked entries are exactly 0.
+        logits: (B, Hq, bq, Lk) same dtype as probs; masked entries are -inf.
+        keep: bool broadcastable to (B, Hq, bq, Lk), or None when every key is visible.
+        q_index: (bq,) long, the absolute query row (0 ≤ q_index < Lq) of each row of the block.
+    """
+
+    probs: Tensor
+    logits: Tensor
+    keep: Tensor | None
+    q_index: Tensor
+
+
+def blocked_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    keep: Tensor | None = None,
+    *,
+    scale: float | None = None,
+    softcap: float | None = None,
+    block_size: int = 128,
+    query_index: Tensor | None = None,
+    on_block: Callable[[BlockView], None] | None = None,
+) -> Tensor:
+    """Softmax attention computed one block of query rows at a time, GQA-aware, observers fed per block.
+
+    For each block of ``block_size`` query rows the kernel computes logits and probs in float32, calls
+    ``on_block(BlockView)``, multiplies by value, and drops the block, so the peak extra memory is
+    O(B · Hq · block_size · Lk) and independent of the number of layers. Key/value stay at Hkv heads
+    (no ``repeat_kv`` copy): query heads are viewed as (Hkv, groups).
+
+    Args:
+        query: (B, Hq, Lq, D). key: (B, Hkv, Lk, D). value: (B, Hkv, Lk, Dv).
+        keep: bool broadcastable to (B, Hq, Lq, Lk) (typically (B, 1, Lq, Lk)), True = attend; None = all visible.
+        scale: logit scale, default ``D ** -0.5``. softcap: optional tanh soft-capping of logits.
+        block_size: query rows per block (≥ 1).
+        query_index: optional (n,) long tensor of query rows to compute (e.g. a sample of rows); the output then
+            has n rows in that order. Default: all Lq rows.
+        on_block: called once per block with a BlockView.
+
+    Returns:
+        output (B, Hq, n, Dv) in value's dtype (n = Lq unless query_index is given).
+
+    Raises:
+        ShapeError: on inconsistent shapes. ValueError if block_size < 1.
+    """
+    num_heads, groups = check_qkv(query, key, value)
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    B, _, Lq, D = query.shape
+    Hkv, Lk, Dv = key.shape[1], key.shape[2], value.shape[3]
+    dtype = _compute_dtype(query)
+    scale = D ** -0.5 if scale is None else scale
+    key_c, value_c = key.to(dtype), value.to(dtype)
+    if query_index is None:
+        query_index = torch.arange(Lq, device=query.device)
+    n = query_index.numel()
+    output = query.new_empty(B, num_heads, n, Dv, dtype=value.dtype)
+    zero = torch.zeros((), dtype=dtype, device=query.device)
+    for start in range(0, n, block_size):
+        rows = query_index[start : start + block_size]
+        bq = rows.numel()
+        q_blk = query[:, :, rows].to(dtype).view(B, Hkv, groups, bq, D)  # (B, Hkv, G, bq, D)
+        logits = torch.einsum("bkgqd,bksd->bkgqs", q_blk, key_c).mul_(scale)  # (B, Hkv, G, bq, Lk)
+        logits = logits.reshape(B, num_heads, bq, Lk)  # head h = kv * G + g
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        keep_blk = None
+        if keep is not None:
+            keep_blk = keep[..., rows, :] if keep.shape[-2] != 1 else keep
+            logits = logits.masked_fill(~keep_blk, float("-inf"))
+            row_has_key = keep_blk.any(dim=-1, keepdim=True)  # (B|1, H|1, bq, 1)
+            probs = torch.softmax(torch.where(row_has_key, logits, zero), dim=-1)
+            probs = probs.masked_fill(~(keep_blk & row_has_key), 0.0)
+        else:
+            probs = torch.softmax(logits, dim=-1)
+        if on_block is not None:
+            on_block(BlockView(probs=probs, logits=logits, keep=keep_blk, q_index=rows))
+        out_blk = torch.einsum("bkgqs,bksd->bkgqd", probs.view(B, Hkv, groups, bq, Lk), value_c)
+        output[:, :, start : start + bq] = out_blk.reshape(B, num_heads, bq, Dv).to(value.dtype)
+    return output

@@ -1,0 +1,24 @@
+"""Probes: observers of attention. ``PROBES`` names them; ``attnlab ls probes`` lists them.
+
+Built-in probes are imported on the first lookup so ``import attnlab.probes`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from attnlab.registry import Registry
+
+_BUILTIN_MODULES = ("entropy", "sink", "distance", "norms")
+
+
+def _load_builtins() -> None:
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(f"attnlab.probes.{module}")
+
+
+PROBES: Registry[type] = Registry("probe", loader=_load_builtins)
+
+DEFAULT_PROBES = ("entropy", "sink", "distance", "norms")
+
+__all__ = ["PROBES", "DEFAULT_PROBES"]

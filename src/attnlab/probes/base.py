@@ -1,0 +1,154 @@
+"""The probe contract: what a probe sees, what it keeps, what it returns.
+
+A probe observes attention while a model runs inside a :class:`attnlab.Session`. It declares what it needs
+(``"probs"`` makes the session run the blocked eager kernel; ``"value"`` and ``"hidden_states"`` are available on
+the fast path too), keeps its state as small float64 tensors indexed ``(layer, head, ...)`` that merge by addition
+(so windows, batches and ranks combine), and returns long-format rows
+``{probe, statistic, layer, head, position, value}`` (see docs/results.md) plus optional extras.
+
+Call order per attention call of one layer: ``begin_call(call)``, ``update(call, block)`` for every query block,
+``end_call(call)``. Per decoder layer: ``on_hidden_states(layer_idx, hidden_states, sequence)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from attnlab.functional.attention import BlockView
+
+Row = dict[str, Any]
+
+
+@dataclass
+class SequenceInfo:
+    """Which tokens of the current forward pass are real (not padding), and where each sits.
+
+    Attributes:
+        valid: (B, L) bool, True for real tokens (from the model's 2-D ``attention_mask``; all True without one).
+        positions: (B, L) long, 0 for each sequence's first real token, counting real tokens only (-1 on padding).
+        input_ids: (B, L) long or None.
+        sequence_offset: global index of this batch's first sequence among all sequences the session has seen.
+    """
+
+    valid: Tensor
+    positions: Tensor
+    input_ids: Tensor | None
+    sequence_offset: int
+
+    @classmethod
+    def from_mask(cls, valid: Tensor, input_ids: Tensor | None, sequence_offset: int) -> SequenceInfo:
+        valid = valid.bool()
+        positions = torch.where(valid, valid.long().cumsum(-1) - 1, torch.full_like(valid, -1, dtype=torch.long))
+        return cls(valid=valid, positions=positions, input_ids=input_ids, sequence_offset=sequence_offset)
+
+
+@dataclass
+class AttentionCall:
+    """One attention call of one layer, as probes see it.
+
+    Attributes:
+        layer_idx: index of the attention layer.
+        num_heads, num_kv_heads: Hq and Hkv; query head h reads kv head ``h // (Hq // Hkv)``.
+        q_len, kv_len: Lq and Lk of this call.
+        causal: whether the layer is causal (distances are ``q - k``) or bidirectional (``|q - k|``).
+        value: (B, Hkv, Lk, Dv) value states as the model passed them.
+        query_valid: (B, Lq) bool, real query tokens. key_valid: (B, Lk) bool, real key tokens.
+        query_positions: (B, Lq) long and key_positions: (B, Lk) long: token positions counting real tokens only
+            (0 = first real token; -1 on padding).
+        sequence: the SequenceInfo of the forward pass.
+    """
+
+    layer_idx: int
+    num_heads: int
+    num_kv_heads: int
+    q_len: int
+    kv_len: int
+    causal: bool
+    value: Tensor
+    query_valid: Tensor
+    key_valid: Tensor
+    query_positions: Tensor
+    key_positions: Tensor
+    sequence: SequenceInfo
+
+
+@dataclass
+class ModelShape:
+    """Sizes a probe needs to allocate its state."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    max_len: int = 0
+
+
+class Probe:
+    """Base class of every probe. Subclasses set ``name`` and ``needs`` and override the hooks they use."""
+
+    name: ClassVar[str] = ""
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    def bind(self, shape: ModelShape) -> None:
+        """Called once by the session before the first forward pass."""
+        self.shape = shape
+
+    def begin_call(self, call: AttentionCall) -> None:  # noqa: B027 - optional hook
+        pass
+
+    def update(self, call: AttentionCall, block: BlockView) -> None:  # noqa: B027 - optional hook
+        pass
+
+    def end_call(self, call: AttentionCall) -> None:  # noqa: B027 - optional hook
+        pass
+
+    def on_hidden_states(self, layer_idx: int, hidden_states: Tensor, sequence: SequenceInfo) -> None:  # noqa: B027
+        pass
+
+    def state(self) -> dict[str, Tensor]:
+        """The additive state: tensors that can be summed across windows, batches and ranks."""
+        return {}
+
+    def merge(self, other: Probe) -> None:
+        """Add another probe's state (same type, same config) into this one."""
+        mine, theirs = self.state(), other.state()
+        if mine.keys() != theirs.keys():
+            raise ValueError(f"cannot merge {self.name} states with keys {sorted(mine)} and {sorted(theirs)}")
+        for key, tensor in mine.items():
+            tensor += theirs[key]
+
+    def rows(self) -> list[Row]:
+        """Long-format rows for results.csv."""
+        return []
+
+    def extras(self, decode: Any = None) -> dict[str, Any]:
+        """JSON-serialisable extras (bin edges, token tables). ``decode(token_id) -> str`` when a tokenizer is known."""
+        return {}
+
+
+@dataclass
+class RowWriter:
+    """Collects rows with the fixed column order; converts tensors to Python floats and NaN-free values."""
+
+    probe: str
+    rows: list[Row] = field(default_factory=list)
+
+    def add(self, statistic: str, value: float, layer: int | None = None, head: int | None = None,
+            position: int | None = None) -> None:
+        self.rows.append({"probe": self.probe, "statistic": statistic, "layer": layer, "head": head,
+                          "position": position, "value": float(value)})
+
+    def add_grid(self, statistic: str, grid: Tensor, *, position: int | None = None, valid: Tensor | None = None) -> None:
+        """Add a (num_layers, num_heads) grid; entries where ``valid`` is False are skipped."""
+        for layer in range(grid.shape[0]):
+            for head in range(grid.shape[1]):
+                if valid is None or bool(valid[layer, head]):
+                    self.add(statistic, grid[layer, head].item(), layer, head, position)
+
+
+def safe_div(numerator: Tensor, denominator: Tensor) -> Tensor:
+    """Elementwise numerator / denominator, NaN where the denominator is 0 (callers skip NaN rows)."""
+    return torch.where(denominator > 0, numerator / denominator.clamp_min(1e-300), torch.full_like(numerator, float("nan")))

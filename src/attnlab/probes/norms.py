@@ -1,0 +1,114 @@
+"""Residual-state and value-state norms by token position (Guo et al. 2024, Active-Dormant heads, METHODS.md #3).
+
+The two extreme-token phenomena measured here:
+- *residual-state peak*: the residual norm ``||h_0||`` of the first token is much larger than the others' in
+  middle/late layers. Reported per layer as ``residual_peak_ratio = ||h_0|| / median_{p>0} ||h_p||``, where
+  ``||h_p||`` is the mean over sequences of the L2 norm of decoder layer l's output at position p.
+- *value-state drain*: the value vector of the sink token is much smaller than the others'. Reported per
+  (layer, kv head) as ``value_drain_ratio_kv = ||v_0|| / median_{p>0} ||v_p||`` (value states as the attention
+  function receives them, i.e. after the value projection, per kv head).
+Positions count real tokens only (0 = first real token). The paper's exact per-figure statistics are medium
+confidence (METHODS.md); these ratios are our stated summary of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attnlab.probes import PROBES
+from attnlab.probes.base import AttentionCall, ModelShape, Probe, Row, RowWriter, SequenceInfo, safe_div
+
+
+def _scatter_by_position(values: Tensor, positions: Tensor, length: int) -> tuple[Tensor, Tensor]:
+    """Sum (B, G, L) values into (G, length) by (B, L) positions (-1 = padding, dropped); also return counts."""
+    B, G, L = values.shape
+    ok = positions >= 0  # (B, L)
+    index = positions.clamp(min=0)[:, None, :].expand(B, G, L).transpose(0, 1).reshape(G, B * L)
+    weight = ok[:, None, :].expand(B, G, L).transpose(0, 1).reshape(G, B * L).to(values.dtype)
+    sums = torch.zeros(G, length, dtype=values.dtype, device=values.device)
+    sums.scatter_add_(1, index, values.transpose(0, 1).reshape(G, B * L) * weight)
+    counts = torch.zeros(G, length, dtype=values.dtype, device=values.device).scatter_add_(1, index, weight)
+    return sums, counts
+
+
+def _peak_ratio(mean_norm: Tensor) -> Tensor:
+    """(..., P) mean norms by position -> (...,) norm at position 0 / median over positions ≥ 1 (NaN if undefined)."""
+    if mean_norm.shape[-1] < 2:
+        return torch.full(mean_norm.shape[:-1], float("nan"), dtype=mean_norm.dtype)
+    rest = mean_norm[..., 1:]
+    median = rest.nanmedian(dim=-1).values
+    return safe_div(mean_norm[..., 0], median)
+
+
+@PROBES.register("norms")
+class NormsProbe(Probe):
+    """Mean residual norm per (layer, position), mean value norm per (layer, kv head, position), and their ratios."""
+
+    name = "norms"
+    needs = frozenset({"value", "hidden_states"})
+
+    def bind(self, shape: ModelShape) -> None:
+        super().bind(shape)
+        L, Hkv, P = shape.num_layers, shape.num_kv_heads, max(shape.max_len, 1)
+        self.residual_sum = torch.zeros(L, P, dtype=torch.float64)
+        self.residual_count = torch.zeros(L, P, dtype=torch.float64)
+        self.value_sum = torch.zeros(L, Hkv, P, dtype=torch.float64)
+        self.value_count = torch.zeros(L, Hkv, P, dtype=torch.float64)
+
+    def _grow(self, length: int) -> None:
+        current = self.residual_sum.shape[-1]
+        if length > current:
+            pad = lambda t: torch.nn.functional.pad(t, (0, length - current))  # noqa: E731
+            self.residual_sum, self.residual_count = pad(self.residual_sum), pad(self.residual_count)
+            self.value_sum, self.value_count = pad(self.value_sum), pad(self.value_count)
+
+    def begin_call(self, call: AttentionCall) -> None:
+        norms = call.value.float().norm(dim=-1)  # (B, Hkv, Lk)
+        self._grow(call.kv_len)
+        sums, counts = _scatter_by_position(norms, call.key_positions, call.kv_len)
+        self.value_sum[call.layer_idx, :, : call.kv_len] += sums.double().cpu()
+        self.value_count[call.layer_idx, :, : call.kv_len] += counts.double().cpu()
+
+    def on_hidden_states(self, layer_idx: int, hidden_states: Tensor, sequence: SequenceInfo) -> None:
+        length = hidden_states.shape[1]
+        norms = hidden_states.float().norm(dim=-1)[:, None, :]  # (B, 1, L)
+        self._grow(length)
+        sums, counts = _scatter_by_position(norms, sequence.positions[:, -length:], length)
+        self.residual_sum[layer_idx, :length] += sums[0].double().cpu()
+        self.residual_count[layer_idx, :length] += counts[0].double().cpu()
+
+    def state(self) -> dict[str, Tensor]:
+        return {"residual_sum": self.residual_sum, "residual_count": self.residual_count,
+                "value_sum": self.value_sum, "value_count": self.value_count}
+
+    def merge(self, other: Probe) -> None:
+        self._grow(other.residual_sum.shape[-1])  # type: ignore[attr-defined]
+        other._grow(self.residual_sum.shape[-1])  # type: ignore[attr-defined]
+        super().merge(other)
+
+    def rows(self) -> list[Row]:
+        out = RowWriter(self.name)
+        residual = safe_div(self.residual_sum, self.residual_count)  # (L, P)
+        value = safe_div(self.value_sum, self.value_count)  # (L, Hkv, P)
+        L, Hkv, P = value.shape
+        for layer in range(L):
+            for p in range(P):
+                if self.residual_count[layer, p] > 0:
+                    out.add("residual_norm", residual[layer, p].item(), layer, None, p)
+                for g in range(Hkv):
+                    if self.value_count[layer, g, p] > 0:
+                        out.add("value_norm_kv", value[layer, g, p].item(), layer, g, p)
+        peak, drain = _peak_ratio(residual), _peak_ratio(value)
+        for layer in range(L):
+            if peak[layer] == peak[layer]:
+                out.add("residual_peak_ratio", peak[layer].item(), layer)
+            for g in range(Hkv):
+                if drain[layer, g] == drain[layer, g]:
+                    out.add("value_drain_ratio_kv", drain[layer, g].item(), layer, g)
+        return out.rows
+
+    def extras(self, decode: Any = None) -> dict[str, Any]:
+        return {"reference": "position 0 vs median of positions >= 1 (Guo et al. 2024)"}

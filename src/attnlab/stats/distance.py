@@ -1,0 +1,74 @@
+"""Attention as a function of query–key distance: binning and decay fits.
+
+Shape legend: H heads, Dmax number of distinct distances (0 … Dmax-1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def log2_bin_starts(max_distance: int) -> list[int]:
+    """Bin starts ``[0, 1, 2, 4, 8, …]`` covering distances 0 … max_distance (bin i = [start_i, start_{i+1}))."""
+    starts, start = [0], 1
+    while start <= max_distance:
+        starts.append(start)
+        start *= 2
+    return starts
+
+
+def bin_sums(per_distance: Tensor, starts: list[int]) -> Tensor:
+    """Sum a (..., Dmax) per-distance tensor into (..., len(starts)) bins."""
+    edges = [*starts, per_distance.shape[-1]]
+    return torch.stack([per_distance[..., a:b].sum(-1) for a, b in zip(edges[:-1], edges[1:])], dim=-1)
+
+
+def fit_decay(mean_attention: Tensor, counts: Tensor) -> dict[str, float]:
+    """Fit a power law and an exponential to mean attention vs distance, for distances d ≥ 1.
+
+    Power law: ``log a(d) = c - p log d`` (reports ``power_law_exponent`` = p). Exponential:
+    ``log a(d) = c - lambda d`` (reports ``exp_decay_rate`` = lambda, per token). Each distance is weighted by
+    1 / (number of distances in its log2 bin), so every octave of distance counts equally and long tails do not
+    dominate. R² is the weighted coefficient of determination of each fit in log space.
+
+    Args:
+        mean_attention: (Dmax,) mean attention per visible (query, key) pair at distance d.
+        counts: (Dmax,) number of visible pairs at distance d (distances with 0 pairs or 0 attention are skipped).
+
+    Returns:
+        dict with power_law_exponent, power_law_r2, exp_decay_rate, exp_decay_r2 (NaN with fewer than 3 points).
+    """
+    nan = float("nan")
+    result = {"power_law_exponent": nan, "power_law_r2": nan, "exp_decay_rate": nan, "exp_decay_r2": nan}
+    d = torch.arange(mean_attention.shape[-1], dtype=torch.float64)
+    a = mean_attention.double()
+    ok = (d >= 1) & (counts > 0) & (a > 0) & torch.isfinite(a)
+    if int(ok.sum()) < 3:
+        return result
+    d, y = d[ok], torch.log(a[ok])
+    octave = torch.floor(torch.log2(d))
+    _, inverse, sizes = torch.unique(octave, return_inverse=True, return_counts=True)
+    w = 1.0 / sizes[inverse].double()
+    for name, x in (("power_law", torch.log(d)), ("exp", d)):
+        slope, r2 = _weighted_line(x, y, w)
+        key = "power_law_exponent" if name == "power_law" else "exp_decay_rate"
+        result[key] = -slope
+        result[f"{name}_r2" if name == "power_law" else "exp_decay_r2"] = r2
+    return result
+
+
+def _weighted_line(x: Tensor, y: Tensor, w: Tensor) -> tuple[float, float]:
+    """Weighted least-squares slope of y on x and the weighted R²."""
+    w = w / w.sum()
+    mx, my = (w * x).sum(), (w * y).sum()
+    sxx = (w * (x - mx) ** 2).sum()
+    if sxx <= 0:
+        return float("nan"), float("nan")
+    slope = (w * (x - mx) * (y - my)).sum() / sxx
+    residual = y - (my + slope * (x - mx))
+    syy = (w * (y - my) ** 2).sum()
+    r2 = 1.0 - float((w * residual**2).sum() / syy) if syy > 0 else 1.0
+    return float(slope), r2 if math.isfinite(r2) else float("nan")
