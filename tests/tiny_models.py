@@ -1,0 +1,34 @@
+"""Tiny random transformers models built from configs (no network), shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+
+
+def tiny_llama(num_heads: int = 4, num_kv_heads: int = 2, layers: int = 2, seed: int = 0, **extra):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=num_heads * 8, num_hidden_layers=layers, num_attention_heads=num_heads,
+                         num_key_value_heads=num_kv_heads, intermediate_size=64, vocab_size=97,
+                         max_position_embeddings=128, attn_implementation="sdpa", **extra)
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_bert(seed: int = 0):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                        vocab_size=97, max_position_embeddings=64, attn_implementation="sdpa")
+    return BertModel(config).eval()
+
+
+def tiny_qwen2_sliding(window: int = 4, seed: int = 0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=64, vocab_size=97, max_position_embeddings=128, use_sliding_window=True,
+                         sliding_window=window, max_window_layers=0, attn_implementation="sdpa")
+    return Qwen2ForCausalLM(config).eval()
