@@ -1,0 +1,176 @@
+"""load_model: local safetensors folders, refusals (pickle, missing paths), name errors, dtype/device, provenance.
+
+Offline tests use tiny random models saved to tmp_path. ``slow`` tests use the bundled assets (default home).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+from attnlab.capture import loading
+from attnlab.capture.loading import load_model, model_info, parse_dtype, tokenizer_info
+from attnlab.errors import AssetError, ConfigError, RegistryError, UsageError
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "the cat sat on a mat".split()
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture
+def llama_dir(tmp_path):
+    from tiny_models import tiny_llama
+
+    folder = tmp_path / "tiny-llama"
+    model = tiny_llama()
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder, model
+
+
+@pytest.fixture
+def bert_dir(tmp_path):
+    from tiny_models import tiny_bert
+
+    folder = tmp_path / "tiny-bert"
+    tiny_bert().save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_local_safetensors_dir_loads_causal_lm(llama_dir):
+    folder, reference = llama_dir
+    model, tok = load_model(folder)
+    assert type(model).__name__ == "LlamaForCausalLM" and not model.training
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+    info = model_info(model)
+    digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    assert info["file_sha256"] == digest and info["format"] == "safetensors" and info["source"] == str(folder)
+    assert (info["num_layers"], info["num_heads"], info["num_kv_heads"], info["head_dim"]) == (2, 4, 2, 8)
+    assert info["max_positions"] == 128 and info["dtype"] == "float32" and info["class"] == "LlamaForCausalLM"
+    json.dumps(info)
+    tinfo = tokenizer_info(tok)
+    assert tinfo["bos_token_id"] == 1 and tinfo["adds_bos"] is False and len(tinfo["vocab_sha256"]) == 64
+    json.dumps(tinfo)
+
+
+def test_encoder_dir_loads_with_automodel(bert_dir):
+    model, _ = load_model(str(bert_dir))
+    assert type(model).__name__ == "BertModel"
+    assert model_info(model)["num_kv_heads"] == 4
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", torch.float16, "float64"])
+def test_dtype_option(llama_dir, dtype):
+    model, _ = load_model(llama_dir[0], dtype=dtype)
+    assert next(model.parameters()).dtype == parse_dtype(dtype)
+    assert model_info(model)["dtype"] == str(parse_dtype(dtype)).removeprefix("torch.")
+
+
+@pytest.mark.parametrize("bad", ["fp8", "int8", torch.int32, None])
+def test_bad_dtype_is_config_error(llama_dir, bad):
+    with pytest.raises(ConfigError, match="dtype must be one of"):
+        load_model(llama_dir[0], dtype=bad)
+
+
+def test_bad_device_is_config_error(llama_dir):
+    with pytest.raises(ConfigError):
+        load_model(llama_dir[0], device="warp-drive")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            load_model(llama_dir[0], device="cuda")
+
+
+def test_pickle_only_dir_is_refused(llama_dir, tmp_path):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "config.json").write_text((llama_dir[0] / "config.json").read_text())
+    (folder / "pytorch_model.bin").write_bytes(b"never unpickled")
+    with pytest.raises(UsageError) as err:
+        load_model(folder)
+    assert "pytorch_model.bin" in str(err.value) and "safetensors" in str(err.value)
+
+
+def test_dir_without_config_or_weights(tmp_path, llama_dir):
+    with pytest.raises(UsageError, match="no config.json"):
+        load_model(tmp_path)
+    folder = tmp_path / "noweights"
+    folder.mkdir()
+    (folder / "config.json").write_text((llama_dir[0] / "config.json").read_text())
+    with pytest.raises(UsageError, match="no \\*.safetensors"):
+        load_model(folder)
+
+
+def test_missing_paths(tmp_path):
+    with pytest.raises(UsageError, match="does not exist"):
+        load_model("./no/such/model")
+    with pytest.raises(UsageError, match="does not exist"):
+        load_model(str(tmp_path / "model.gguf"))
+    (tmp_path / "weights.txt").write_text("x")
+    with pytest.raises(UsageError, match="not a .gguf file"):
+        load_model(tmp_path / "weights.txt")
+
+
+def test_unknown_name_suggests_bundled():
+    with pytest.raises(RegistryError) as err:
+        load_model("smollm2")
+    assert "Did you mean: smollm2-135m?" in str(err.value) and "minilm-l6" in str(err.value)
+    with pytest.raises(RegistryError):  # a corpus is not a model
+        load_model("shakespeare")
+
+
+def test_unreachable_hub_is_one_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(loading, "_hub_reachable", lambda timeout=3.0: False)
+    with pytest.raises(AssetError) as err:
+        load_model("no-such-org/no-such-model-attnlab")
+    msg = str(err.value)
+    assert "no-such-org/no-such-model-attnlab" in msg and "unreachable" in msg and "smollm2-135m" in msg
+    assert "\n" not in msg
+
+
+def test_model_info_without_load_model():
+    from tiny_models import tiny_llama
+
+    info = model_info(tiny_llama())
+    assert info["source"] is None and info["num_heads"] == 4 and info["num_kv_heads"] == 2
+
+
+@pytest.mark.slow
+def test_bundled_smollm2_gguf_matches_cached_fp32_copy():
+    """The cached fp32 safetensors copy gives the same logits as dequantising the GGUF again (<= 32 tokens)."""
+    from attnlab.assets import fetch_asset
+
+    cached, tok = load_model("smollm2-135m")  # builds the cache on the very first run (~15 s), then ~1 s
+    info = model_info(cached)
+    assert info["loaded_from"].endswith("hf-fp32") and info["format"] == "gguf"
+    assert (info["num_layers"], info["num_heads"], info["num_kv_heads"], info["head_dim"]) == (30, 9, 3, 64)
+    assert tokenizer_info(tok)["adds_bos"] is False and tok.bos_token_id == 1  # <|im_start|>, not auto-added
+    direct, direct_tok = load_model(fetch_asset("smollm2-135m"))  # the .gguf path itself: dequantised now
+    assert model_info(direct)["file_sha256"] == info["file_sha256"]
+    ids = tok("To be, or not to be, that is the question", return_tensors="pt")["input_ids"][:, :32]
+    assert ids.tolist() == direct_tok("To be, or not to be, that is the question", return_tensors="pt")[
+        "input_ids"][:, :32].tolist()  # fmt: skip
+    with torch.no_grad():
+        torch.testing.assert_close(cached(ids).logits, direct(ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_bundled_minilm_encoder():
+    model, tok = load_model("minilm-l6")
+    assert type(model).__name__ == "BertModel"
+    info = model_info(model)
+    assert (info["num_layers"], info["num_heads"], info["max_positions"]) == (6, 12, 512)
+    assert tokenizer_info(tok)["adds_bos"] is True  # [CLS] is the start token
