@@ -1,0 +1,214 @@
+"""Write and read the three result files of a run: ``results.json``, ``results.csv`` and ``report.html``.
+
+:func:`write_results` is the only writer. It works in this order, so a failure never leaves half a run behind:
+
+1. validate the results dict and make it strict JSON (NaN and ±inf become ``null``, numpy scalars become numbers);
+2. create the output directory and check that it is writable (``ConfigError`` if not; nothing written yet);
+3. serialise all three files **in memory**: the JSON text, the CSV text and the HTML (rendered from the JSON text
+   parsed back, so the report is exactly what ``attnlab render results.json`` would produce). If rendering
+   raises, nothing has been written and any previous results in the directory are untouched;
+4. write each file to a temporary file in the same directory (``.results.json.<random>.tmp``), flushed and fsynced;
+5. rename them into place with :func:`os.replace` (atomic per file), ``results.json`` last, so a reader that sees a
+   new ``results.json`` also sees the matching CSV and HTML. Temporary files are removed on any failure.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from attnlab.errors import ConfigError
+from attnlab.report.schema import CSV_COLUMNS, INDEX_COLUMNS, validate_results
+
+RESULTS_JSON = "results.json"
+RESULTS_CSV = "results.csv"
+REPORT_HTML = "report.html"
+
+
+def _jsonable(value: Any, where: str = "results") -> Any:
+    """A copy of ``value`` made of dict/list/str/int/float/bool/None only; non-finite floats become None."""
+    if value is None or isinstance(value, (str, bool)):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(key): _jsonable(item, f"{where}[{key!r}]") for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item, f"{where}[{index}]") for index, item in enumerate(value)]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if hasattr(value, "item") and getattr(value, "shape", None) == ():  # numpy/torch scalars, no import needed
+        return _jsonable(value.item(), where)
+    if hasattr(value, "tolist"):  # numpy arrays, torch tensors
+        return _jsonable(value.tolist(), where)
+    raise TypeError(f"{where} is a {type(value).__name__}, which cannot be written to results.json")
+
+
+def _is_flat(value: Any) -> bool:
+    """True for scalars, lists of scalars and dicts of those: printed on one line."""
+    if isinstance(value, dict):
+        return all(_is_flat(item) and not isinstance(item, dict) for item in value.values())
+    if isinstance(value, list):
+        return all(not isinstance(item, (dict, list)) for item in value)
+    return True
+
+
+def _dump(value: Any, depth: int) -> str:
+    if (isinstance(value, dict) and value and (depth < 2 or not _is_flat(value))) or (
+        isinstance(value, list) and value and not _is_flat(value)
+    ):
+        pad, inner = " " * depth, " " * (depth + 1)
+        if isinstance(value, dict):
+            items = [f"{inner}{json.dumps(key, ensure_ascii=False)}: {_dump(item, depth + 1)}"
+                     for key, item in value.items()]
+            return "{\n" + ",\n".join(items) + f"\n{pad}}}"
+        return "[\n" + ",\n".join(inner + _dump(item, depth + 1) for item in value) + f"\n{pad}]"
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(", ", ": "))
+
+
+def results_to_json(results: Mapping[str, Any]) -> str:
+    """Serialise a results dict to strict JSON text: UTF-8, NaN/inf written as ``null``, numpy scalars as numbers.
+
+    Top-level and second-level objects are indented; each row, window and other flat record is one line, so the
+    file stays small and diffable.
+    """
+    return _dump(_jsonable(results), 0) + "\n"
+
+
+def rows_to_frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+    """The long-format table of ``results["rows"]``.
+
+    Columns are exactly ``probe, statistic, layer, head, position, value`` in that order; ``layer``, ``head`` and
+    ``position`` are nullable ``Int64`` (``<NA>`` where not applicable), ``value`` is float64 (NaN for ``null``),
+    ``probe`` and ``statistic`` are strings. Keys other than the six columns are ignored.
+    """
+    rows = list(rows)
+    for index, row in enumerate(rows):
+        absent = [column for column in CSV_COLUMNS if column not in row]
+        if absent:
+            raise ConfigError(f"rows[{index}] is missing column(s): {', '.join(absent)}")
+    data: dict[str, Any] = {}
+    for column in CSV_COLUMNS:
+        values = [row[column] for row in rows]
+        if column in INDEX_COLUMNS:
+            data[column] = pd.array(values, dtype="Int64")
+        elif column == "value":
+            data[column] = pd.array([math.nan if v is None else float(v) for v in values], dtype="float64")
+        else:
+            data[column] = pd.Series([str(v) for v in values], dtype=str)  # pandas' default string dtype
+    return pd.DataFrame(data, columns=list(CSV_COLUMNS))
+
+
+def frame_to_csv(frame: pd.DataFrame) -> str:
+    """CSV text of a :func:`rows_to_frame` table: empty cells for missing values, floats at full precision.
+
+    Read it back with ``pandas.read_csv(path, dtype={"layer": "Int64", "head": "Int64", "position": "Int64"})``.
+    """
+    return frame.to_csv(index=False, lineterminator="\n", na_rep="")
+
+
+def _prepare_dir(out_dir: Path) -> None:
+    """Create ``out_dir`` and check it is a writable directory; ConfigError (one line) if not."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"Cannot write results to {out_dir}: {error.strerror or error}") from None
+    if not out_dir.is_dir():
+        raise ConfigError(f"Cannot write results to {out_dir}: Not a directory")
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise ConfigError(f"Cannot write results to {out_dir}: Permission denied")
+
+
+def _write_temp(out_dir: Path, name: str, text: str) -> Path:
+    """Write ``text`` to a new temporary file next to ``out_dir / name``; return its path."""
+    temp = out_dir / f".{name}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies, like a normal file
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return temp
+
+
+def write_results(
+    out_dir: str | os.PathLike[str], results: Mapping[str, Any], *, render: bool = True
+) -> dict[str, Path]:
+    """Write ``results.json``, ``results.csv`` and (if ``render``) ``report.html`` into ``out_dir``.
+
+    ``out_dir`` is created if needed. Every file is serialised in memory first and then renamed into place, so a
+    failure (including one while rendering the HTML) leaves no temporary files and no half-written results; the
+    files of a previous run in the same directory stay as they were. NaN and ±inf are written as ``null`` in the
+    JSON and as empty cells in the CSV.
+
+    Returns ``{"json": path, "csv": path, "html": path}`` (no ``"html"`` when ``render=False``).
+    Raises ConfigError if ``results`` fails :func:`attnlab.report.schema.validate_results` or ``out_dir`` cannot
+    be created or written (the message names the directory and the OS reason).
+    """
+    validate_results(results)
+    out_dir = Path(out_dir)
+    _prepare_dir(out_dir)
+
+    json_text = results_to_json(results)
+    clean = json.loads(json_text)
+    texts = {"csv": (RESULTS_CSV, frame_to_csv(rows_to_frame(clean["rows"])))}
+    if render:
+        from attnlab.report.render import render_html  # matplotlib and jinja2 only when rendering
+
+        texts["html"] = (REPORT_HTML, render_html(clean))
+    texts["json"] = (RESULTS_JSON, json_text)  # last: renamed into place after the others
+
+    temps: dict[str, Path] = {}
+    try:
+        for key, (name, text) in texts.items():
+            temps[key] = _write_temp(out_dir, name, text)
+        written: dict[str, Path] = {}
+        for key, (name, _) in texts.items():
+            os.replace(temps[key], out_dir / name)
+            del temps[key]
+            written[key] = out_dir / name
+    except OSError as error:
+        raise ConfigError(f"Cannot write results to {out_dir}: {error.strerror or error}") from error
+    finally:
+        for temp in temps.values():
+            temp.unlink(missing_ok=True)
+    return {key: written[key] for key in ("json", "csv", "html") if key in written}
+
+
+def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a ``results.json`` (or the one inside a run directory) and check its schema version.
+
+    Raises ConfigError (one line, naming the file) if the file is missing, is not UTF-8 JSON, has no or a newer
+    ``schema_version``, or lacks a required key. ``null`` values stay ``None``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / RESULTS_JSON
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path} does not exist") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a results.json: not UTF-8 text") from None
+    except OSError as error:
+        raise ConfigError(f"Cannot read {path}: {error.strerror or error}") from None
+    try:
+        results = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError(
+            f"{path} is not a results.json: invalid JSON ({error.msg} at line {error.lineno} column {error.colno})"
+        ) from None
+    validate_results(results, source=str(path))
+    return results
