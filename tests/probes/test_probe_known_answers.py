@@ -81,7 +81,7 @@ def test_hidden_sink_is_found_with_its_token():
     probs[:, 0, :, 0] += 0.5  # head 0: the ordinary BOS sink (not hidden)
     probs[:, :, :5, :] = _causal_uniform(1, 2, L)[:, :, :5, :]
     ids = torch.arange(100, 100 + L)[None]
-    probe = SinkProbe(theta=0.3)
+    probe = SinkProbe(theta=0.3, min_queries=4)
     feed_probs([probe], probs, input_ids=ids)
     extras = probe.extras(decode=lambda t: f"tok{t}")
     hits = {(h["head"], h["position"]) for h in extras["hidden_sinks"]}

@@ -8,7 +8,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
-import click
 import typer
 from rich.console import Console
 
@@ -64,7 +63,8 @@ def merge_config(ctx: typer.Context, config_path: Path | None, values: dict[str,
         key = "probe" if key == "probes" else key
         if key not in values:
             raise ConfigError(f"unknown key {raw_key!r} in {config_path}; known: {', '.join(sorted(values))}")
-        if ctx.get_parameter_source(key) in (click.core.ParameterSource.DEFAULT, None):
+        source = ctx.get_parameter_source(key)
+        if source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):
             merged[key] = [value] if key == "probe" and isinstance(value, str) else value
     return merged
 

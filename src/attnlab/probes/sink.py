@@ -33,17 +33,22 @@ class SinkProbe(Probe):
         num_keys: K, how many initial key positions get an alpha_k (default 4).
         epsilon: sink-indicator threshold on alpha_0 (default 0.3, Gu et al. 2025).
         theta: hidden-sink threshold on the column score (default 0.1, ACT's released scripts).
+        min_queries: keys seen by fewer real queries than this are not hidden-sink candidates (default 16). The
+            last keys of a window are seen by only a few queries, so their column mean is dominated by local
+            (diagonal) attention and would flag nearly every head; ``min_queries=1`` gives ACT's rule exactly.
     """
 
     name = "sink"
     needs = frozenset({"probs"})
 
-    def __init__(self, num_keys: int = 4, epsilon: float = 0.3, theta: float = 0.1) -> None:
+    def __init__(self, num_keys: int = 4, epsilon: float = 0.3, theta: float = 0.1, min_queries: int = 16) -> None:
         if num_keys < 1:
             raise ValueError(f"num_keys must be >= 1, got {num_keys}")
         if not (0 < epsilon < 1 and 0 < theta < 1):
             raise ValueError(f"epsilon and theta must lie in (0, 1), got epsilon={epsilon}, theta={theta}")
-        self.num_keys, self.epsilon, self.theta = num_keys, epsilon, theta
+        if min_queries < 1:
+            raise ValueError(f"min_queries must be >= 1, got {min_queries}")
+        self.num_keys, self.epsilon, self.theta, self.min_queries = num_keys, epsilon, theta, min_queries
 
     def bind(self, shape: ModelShape) -> None:
         super().bind(shape)
@@ -82,7 +87,7 @@ class SinkProbe(Probe):
     def end_call(self, call: AttentionCall) -> None:
         score = safe_div(self._col_sum, self._col_count)  # (B, H, Lk)
         candidate = (call.key_positions >= 1) & call.key_valid  # (B, Lk)
-        hit = (score > self.theta) & candidate[:, None, :]
+        hit = (score > self.theta) & candidate[:, None, :] & (self._col_count >= self.min_queries)
         layer = call.layer_idx
         self.hidden_count[layer] += hit.sum(dim=(0, 2)).double().cpu()
         self.sequences[layer] += score.shape[0]
@@ -136,5 +141,5 @@ class SinkProbe(Probe):
              for t, scores in by_token.items()),
             key=lambda row: -row["hits"],
         )[:50]
-        return {"epsilon": self.epsilon, "theta": self.theta, "num_keys": self.num_keys,
+        return {"epsilon": self.epsilon, "theta": self.theta, "num_keys": self.num_keys, "min_queries": self.min_queries,
                 "num_hidden_sinks": len(self.hits), "hidden_sinks": listed, "extreme_tokens": extreme}

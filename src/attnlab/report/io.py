@@ -116,7 +116,7 @@ def frame_to_csv(frame: pd.DataFrame) -> str:
     return frame.to_csv(index=False, lineterminator="\n", na_rep="")
 
 
-def _prepare_dir(out_dir: Path) -> None:
+def prepare_out_dir(out_dir: Path) -> None:
     """Create ``out_dir`` and check it is a writable directory; ConfigError (one line) if not."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -143,6 +143,22 @@ def _write_temp(out_dir: Path, name: str, text: str) -> Path:
     return temp
 
 
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same directory and a rename.
+
+    Raises ConfigError (one line) if the directory cannot be created or written.
+    """
+    path = Path(path)
+    prepare_out_dir(path.parent)
+    temp = _write_temp(path.parent, path.name, text)
+    try:
+        os.replace(temp, path)
+    except OSError as error:
+        temp.unlink(missing_ok=True)
+        raise ConfigError(f"Cannot write {path}: {error.strerror or error}") from None
+    return path
+
+
 def write_results(
     out_dir: str | os.PathLike[str], results: Mapping[str, Any], *, render: bool = True
 ) -> dict[str, Path]:
@@ -159,7 +175,7 @@ def write_results(
     """
     validate_results(results)
     out_dir = Path(out_dir)
-    _prepare_dir(out_dir)
+    prepare_out_dir(out_dir)
 
     json_text = results_to_json(results)
     clean = json.loads(json_text)
