@@ -14,17 +14,7 @@ import torch
 from attnlab.capture import loading
 from attnlab.capture.loading import load_model, model_info, parse_dtype, tokenizer_info
 from attnlab.errors import AssetError, ConfigError, RegistryError, UsageError
-
-
-def tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = "the cat sat on a mat".split()
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(words)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+from tiny_models import tiny_tokenizer
 
 
 @pytest.fixture

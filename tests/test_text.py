@@ -8,23 +8,7 @@ import torch
 from attnlab import text as text_mod
 from attnlab.errors import ConfigError, TextError
 from attnlab.text import Windows, load_text, tokenizer_adds_bos
-
-WORDS = "the cat sat on a mat and the dog ran to it while birds sang over green hills far away".split()
-
-
-def tiny_tokenizer(add_bos: bool = False, with_bos: bool = True):
-    """Word-level tokenizer over WORDS (+ specials); ``add_bos`` makes it prepend <s> like Llama-2 tokenizers."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(dict.fromkeys(WORDS))}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    if add_bos:
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    specials = {"bos_token": "<s>", "eos_token": "</s>"} if with_bos else {}
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", **specials)
-
+from tiny_models import WORDS, tiny_tokenizer
 
 def word_text(n: int) -> str:
     return " ".join(WORDS[i % len(WORDS)] for i in range(n))

