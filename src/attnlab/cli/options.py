@@ -13,7 +13,7 @@ from rich.console import Console
 
 from attnlab.errors import AttnlabError, ConfigError, UsageError
 
-stderr = Console(stderr=True, highlight=False)
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 _DATA = "Model and data"
 _RUN = "Run"
