@@ -49,7 +49,7 @@ class RunConfig:
 
     model: str = "smollm2-135m"
     text: str | None = None
-    seq_len: int = 256
+    seq_len: int = 512
     max_windows: int = 4
     batch_size: int = 1
     probes: tuple[str, ...] = DEFAULT_PROBES

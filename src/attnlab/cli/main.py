@@ -44,7 +44,7 @@ def report(
     ctx: typer.Context,
     model: ModelOpt = "smollm2-135m",
     text: TextOpt = None,
-    seq_len: SeqLen = 256,
+    seq_len: SeqLen = 512,
     max_windows: MaxWindows = 4,
     probe: ProbeOpt = None,
     out: OutDir = Path("attnlab-report"),
