@@ -162,3 +162,19 @@ def test_layer_without_probs_needs_runs_fast_path_norms_only():
     frame = session.results()
     assert set(frame.statistic) == {"residual_norm", "value_norm_kv", "residual_peak_ratio", "value_drain_ratio_kv"}
     assert frame[frame.statistic == "residual_norm"]["layer"].nunique() == 2
+
+
+def test_probes_do_not_break_or_track_gradients():
+    """Without no_grad the model still backpropagates through the blocked kernel; probe states hold no graph."""
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(9))
+    with attnlab.Session(model, probes=ALL_PROBES) as session:
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
+    for probe in session.probes:
+        assert all(not t.requires_grad for t in probe.state().values())
+    reference = tiny_llama()
+    reference(input_ids=ids, labels=ids).loss.backward()
+    torch.testing.assert_close(model.model.layers[0].self_attn.q_proj.weight.grad,
+                               reference.model.layers[0].self_attn.q_proj.weight.grad, atol=1e-5, rtol=1e-4)

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from attnlab.capture.backend import ACTIVE_SESSION, BACKEND_NAME, ensure_registered
 from attnlab.errors import ConfigError, UnsupportedModelError
-from attnlab.functional.attention import blocked_attention, causal_keep
+from attnlab.functional.attention import BlockView, blocked_attention, causal_keep
 from attnlab.probes import PROBES
 from attnlab.probes.base import AttentionCall, ModelShape, Probe, SequenceInfo
 
@@ -178,9 +178,10 @@ class Session:
             hidden = output[0] if isinstance(output, (tuple, list)) else output
             if self._sequence is None or not isinstance(hidden, Tensor) or hidden.dim() != 3:
                 return
-            for probe in self.probes:
-                if "hidden_states" in probe.needs:
-                    probe.on_hidden_states(index, hidden.detach(), self._sequence)
+            with torch.no_grad():
+                for probe in self.probes:
+                    if "hidden_states" in probe.needs:
+                        probe.on_hidden_states(index, hidden.detach(), self._sequence)
         return hook
 
     # the attention call -------------------------------------------------------------------------------------
@@ -208,14 +209,18 @@ class Session:
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
         keep = self._keep_mask(attention_mask, query.shape[2], key.shape[2], causal, query.device)
         call = self._make_call(layer, query, key, value, causal)
-        for probe in self.probes:
-            probe.begin_call(call)
+        with torch.no_grad():
+            for probe in self.probes:
+                probe.begin_call(call)
         scale = kwargs.get("scaling")
 
-        def observe(block: Any) -> None:
-            for probe in self.probes:
-                if "probs" in probe.needs:
-                    probe.update(call, block)
+        def observe(block: BlockView) -> None:
+            detached = BlockView(probs=block.probs.detach(), logits=block.logits.detach(), keep=block.keep,
+                                 q_index=block.q_index)
+            with torch.no_grad():
+                for probe in self.probes:
+                    if "probs" in probe.needs:
+                        probe.update(call, detached)
 
         if not self.needs_probs and softcap is None:
             self.paths[layer] = "sdpa"
@@ -233,8 +238,9 @@ class Session:
                                        block_size=self.block_size,
                                        on_block=observe if self.needs_probs else None)
             output = output.transpose(1, 2).contiguous()  # (B, Lq, Hq, Dv)
-        for probe in self.probes:
-            probe.end_call(call)
+        with torch.no_grad():
+            for probe in self.probes:
+                probe.end_call(call)
         return output, None
 
     @staticmethod
