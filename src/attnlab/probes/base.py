@@ -152,3 +152,13 @@ class RowWriter:
 def safe_div(numerator: Tensor, denominator: Tensor) -> Tensor:
     """Elementwise numerator / denominator, NaN where the denominator is 0 (callers skip NaN rows)."""
     return torch.where(denominator > 0, numerator / denominator.clamp_min(1e-300), torch.full_like(numerator, float("nan")))
+
+
+def pad_to_length(tensors: tuple[Tensor, ...], length: int) -> tuple[Tensor, ...]:
+    """Zero-pad the last dim of each tensor up to ``length`` (tensors already that long are returned as is).
+
+    Probes whose state is indexed by position or distance grow it when a longer sequence arrives.
+    """
+    return tuple(torch.nn.functional.pad(t, (0, length - t.shape[-1])) if t.shape[-1] < length else t
+                 for t in tensors)
+

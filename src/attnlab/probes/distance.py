@@ -17,7 +17,7 @@ from torch import Tensor
 
 from attnlab.functional.attention import BlockView
 from attnlab.probes import PROBES
-from attnlab.probes.base import AttentionCall, ModelShape, Probe, Row, RowWriter, safe_div
+from attnlab.probes.base import AttentionCall, ModelShape, Probe, Row, RowWriter, pad_to_length, safe_div
 from attnlab.stats.distance import bin_sums, fit_decay, log2_bin_starts
 
 
@@ -38,11 +38,8 @@ class DistanceProbe(Probe):
         self.rows_seen = torch.zeros(L, H, dtype=torch.float64)
 
     def _grow(self, length: int) -> None:
-        current = self.attn_sum.shape[-1]
-        if length > current:
-            pad = lambda t: torch.nn.functional.pad(t, (0, length - current))  # noqa: E731
-            self.attn_sum, self.pair_count = pad(self.attn_sum), pad(self.pair_count)
-            self.sink_sum, self.sink_count = pad(self.sink_sum), pad(self.sink_count)
+        self.attn_sum, self.pair_count, self.sink_sum, self.sink_count = pad_to_length(
+            (self.attn_sum, self.pair_count, self.sink_sum, self.sink_count), length)
 
     def begin_call(self, call: AttentionCall) -> None:
         self._grow(call.kv_len)

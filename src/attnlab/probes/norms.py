@@ -19,7 +19,9 @@ import torch
 from torch import Tensor
 
 from attnlab.probes import PROBES
-from attnlab.probes.base import AttentionCall, ModelShape, Probe, Row, RowWriter, SequenceInfo, safe_div
+from attnlab.probes.base import (
+    AttentionCall, ModelShape, Probe, Row, RowWriter, SequenceInfo, pad_to_length, safe_div,
+)
 
 
 def _scatter_by_position(values: Tensor, positions: Tensor, length: int) -> tuple[Tensor, Tensor]:
@@ -59,11 +61,8 @@ class NormsProbe(Probe):
         self.value_count = torch.zeros(L, Hkv, P, dtype=torch.float64)
 
     def _grow(self, length: int) -> None:
-        current = self.residual_sum.shape[-1]
-        if length > current:
-            pad = lambda t: torch.nn.functional.pad(t, (0, length - current))  # noqa: E731
-            self.residual_sum, self.residual_count = pad(self.residual_sum), pad(self.residual_count)
-            self.value_sum, self.value_count = pad(self.value_sum), pad(self.value_count)
+        self.residual_sum, self.residual_count, self.value_sum, self.value_count = pad_to_length(
+            (self.residual_sum, self.residual_count, self.value_sum, self.value_count), length)
 
     def begin_call(self, call: AttentionCall) -> None:
         norms = call.value.float().norm(dim=-1)  # (B, Hkv, Lk)
