@@ -56,3 +56,16 @@ def save_model_dir(folder, model, tokenizer=None):
     model.save_pretrained(folder)
     (tokenizer or tiny_tokenizer()).save_pretrained(folder)
     return folder
+
+
+def tiny_gpt_oss(seed: int = 0):
+    """GPT-OSS: learned per-head sink logits (``s_aux``), which attnlab refuses rather than ignores."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(seed)
+    config = GptOssConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          head_dim=8, intermediate_size=32, num_local_experts=2, num_experts_per_tok=1,
+                          vocab_size=97, max_position_embeddings=64, sliding_window=8,
+                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                          attn_implementation="eager")
+    return GptOssForCausalLM(config).eval()

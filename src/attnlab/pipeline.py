@@ -15,15 +15,17 @@ import platform
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from attnlab import __version__
+from attnlab.columns import SCHEMA_VERSION
 from attnlab.errors import ConfigError
 from attnlab.probes import DEFAULT_PROBES, PROBES
 
-SCHEMA_VERSION = 1
 DTYPES = ("float32", "float64", "bfloat16", "float16")
+_FIELD_TYPES = {"model": str, "seq_len": int, "max_windows": int, "batch_size": int, "block_size": int,
+                "query_fraction": float, "bos": str, "dtype": str, "device": str, "seed": int}
 
 Progress = Callable[[int, int, str], None]  # (done, total, message)
 
@@ -59,9 +61,17 @@ class RunConfig:
     dtype: str = "float32"
     device: str = "cpu"
     seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for name, kind in _FIELD_TYPES.items():
+            value = getattr(self, name)
+            ok = isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
+            if not ok or isinstance(value, bool):
+                raise ConfigError(f"{name} must be {kind.__name__}, got {value!r} ({type(value).__name__})")
+        if self.text is not None and not isinstance(self.text, str):
+            raise ConfigError(f"text must be a path string, got {self.text!r}")
+        if isinstance(self.probes, str) or not all(isinstance(p, str) for p in self.probes):
+            raise ConfigError(f"probes must be a list of probe names, got {self.probes!r}")
         if self.seq_len < 2:
             raise ConfigError(f"seq_len must be >= 2, got {self.seq_len}")
         if self.max_windows < 1 or self.batch_size < 1:
@@ -91,25 +101,11 @@ def _versions() -> dict[str, str]:
             "transformers": transformers.__version__, "attnlab": __version__}
 
 
-def model_metadata(model: Any, name: str) -> dict[str, Any]:
-    """Provenance of a loaded model: class, sizes, dtype, and the loader's digest info when available."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    info = dict(getattr(model, "attnlab_info", None) or {})
-    num_heads = config.num_attention_heads
-    info.update({
-        "name": info.get("name", name), "class": type(model).__name__,
-        "num_layers": config.num_hidden_layers, "num_heads": num_heads,
-        "num_kv_heads": getattr(config, "num_key_value_heads", None) or num_heads,
-        "max_positions": getattr(config, "max_position_embeddings", None),
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-    })
-    return info
-
-
 def check_seq_len(model: Any, seq_len: int) -> None:
     """Raise ConfigError if seq_len exceeds the model's maximum number of positions."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    limit = getattr(config, "max_position_embeddings", None)
+    from attnlab.capture.architectures import text_config
+
+    limit = getattr(text_config(model), "max_position_embeddings", None)
     if limit is not None and seq_len > limit:
         raise ConfigError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings={limit}")
 
@@ -126,14 +122,16 @@ def run_probes(config: RunConfig, *, progress: Progress | None = None, model: An
     """
     import torch
 
-    from attnlab.capture.loading import load_model
+    from attnlab.capture.loading import load_model, model_info, tokenizer_info
     from attnlab.capture.session import Session
-    from attnlab.text import load_text
+    from attnlab.text import load_text, read_text_file
 
     started = time.perf_counter()
     random.seed(config.seed)
     torch.manual_seed(config.seed)
     notify = progress or (lambda done, total, message: None)
+    if config.text is not None:
+        read_text_file(config.text)  # fail on a missing/empty/non-UTF-8 file before loading the model
     if model is None or tokenizer is None:
         notify(0, 0, f"loading model {config.model}")
         model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
@@ -159,9 +157,10 @@ def run_probes(config: RunConfig, *, progress: Progress | None = None, model: An
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": "report",
         "config": config.to_dict(),
-        "model": model_metadata(model, config.model),
-        "tokenizer": {"class": type(tokenizer).__name__, "bos_policy": windows.bos_policy,
-                      "bos_token": getattr(tokenizer, "bos_token", None), "bos_added": windows.bos_added},
+        "model": {**model_info(model), "requested": config.model},
+        "tokenizer": {**tokenizer_info(tokenizer), "class": type(tokenizer).__name__,
+                      "bos_policy": windows.bos_policy, "bos_token": getattr(tokenizer, "bos_token", None),
+                      "bos_added": windows.bos_added},
         "seed": config.seed,
         "versions": _versions(),
         "attention_paths": {str(layer): path for layer, path in sorted(session.paths.items())},

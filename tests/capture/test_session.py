@@ -178,3 +178,14 @@ def test_probes_do_not_break_or_track_gradients():
     reference(input_ids=ids, labels=ids).loss.backward()
     torch.testing.assert_close(model.model.layers[0].self_attn.q_proj.weight.grad,
                                reference.model.layers[0].self_attn.q_proj.weight.grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("probes", [[], ["entropy"]], ids=["fast-path", "probes"])
+def test_learned_sink_logits_are_refused_not_ignored(probes):
+    from tiny_models import tiny_gpt_oss
+
+    model = tiny_gpt_oss()
+    with pytest.raises(UnsupportedModelError, match="s_aux"):
+        with attnlab.Session(model, probes=probes):
+            model(input_ids=torch.randint(0, 97, (1, 8)))
+    assert model.config._attn_implementation == "eager"

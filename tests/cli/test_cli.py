@@ -160,3 +160,26 @@ def test_report_on_bundled_model_and_corpus(tmp_path):
     frame = pd.read_csv(out / "results.csv")
     rate = frame[frame.statistic == "sink_rate"]
     assert len(rate) == 30 and rate.value.between(0, 1).all()
+
+
+@pytest.mark.parametrize("yaml_text,fragment", [
+    ('seq_len: "512"\n', "seq_len must be int"),
+    ("probes: 5\n", "probes"),
+    ("colour: red\n", "unknown key"),
+])
+def test_bad_config_values_exit_2(model_dir, text, tmp_path, yaml_text, fragment):
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml_text)
+    result = _run("report", "--model", model_dir, "--text", text, "--config", str(config), "--out", str(tmp_path / "o"))
+    _one_line_error(result, 2, fragment)
+
+
+def test_missing_text_fails_before_loading_the_model(tmp_path, monkeypatch):
+    import attnlab.capture.loading as loading
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the text was checked")
+
+    monkeypatch.setattr(loading, "load_model", never)
+    result = _run("report", "--text", str(tmp_path / "nope[1].txt"), "--out", str(tmp_path / "o"))
+    _one_line_error(result, 2, "does not exist")

@@ -116,7 +116,7 @@ def test_planted_exponential_decay_is_recovered():
     assert _value(probe.rows(), "exp_decay_rate", head=0) == pytest.approx(rate, rel=0.05)
 
 
-def test_distance_without_sink_excludes_key_zero():
+def test_distance_without_sink_drops_key_zero_and_renormalises():
     L = 32
     probs = torch.zeros(1, 1, L, L)
     probs[..., 0] = 0.5
@@ -126,10 +126,52 @@ def test_distance_without_sink_excludes_key_zero():
     probe = DistanceProbe()
     feed_probs([probe], probs)
     rows = probe.rows()
-    # With the sink, attention at long distances is 0.5 / (pairs); without it, there is none beyond distance 0.
-    assert _value(rows, "mean_attention", head=0, position=16) > 0
+    # Fixed rows are queries 16..31 at distances 0..16; the sink (distance = query index) is in range only for
+    # query 16 at distance 16, so the d=16 bin holds one pair of 0.5 among 16 pairs.
+    assert _value(rows, "mean_attention", head=0, position=16) == pytest.approx(0.5 / 16)
     assert _value(rows, "mean_attention_no_sink", head=0, position=16) == 0
+    assert _value(rows, "mean_attention", head=0, position=0) == pytest.approx(0.5)
+    assert _value(rows, "mean_attention_no_sink", head=0, position=0) == pytest.approx(1.0)  # renormalised
+    # mass pools every row: row 0 puts 1.0 at distance 0, the others 0.5.
     assert _value(rows, "mass", head=0, position=0) == pytest.approx((0.5 * (L - 1) + 1.0) / L)
+
+
+def test_uniform_causal_attention_has_no_decay():
+    """Pooling every causal row would fake a decay here (late rows spread thinner); the fixed-row fit must not."""
+    probe = DistanceProbe()
+    feed_probs([probe], _causal_uniform(1, 2, 256))
+    assert abs(_value(probe.rows(), "power_law_exponent", head=0)) < 1e-6
+    assert abs(_value(probe.rows(), "exp_decay_rate", head=1)) < 1e-6
+
+
+@pytest.mark.parametrize("exponent", [0.7, 1.2])
+def test_power_law_over_plain_causal_rows_is_recovered(exponent):
+    L = 256
+    d = (torch.arange(L)[:, None] - torch.arange(L)[None, :]).double()
+    keep = (d >= 1)
+    weights = torch.where(keep, d.clamp(min=1) ** -exponent, torch.zeros(()).double())
+    probs = (weights / weights.sum(-1, keepdim=True).clamp(min=1e-300)).float()[None, None]
+    probe = DistanceProbe()
+    feed_probs([probe], probs, keep[None, None])
+    assert _value(probe.rows(), "power_law_exponent", head=0) == pytest.approx(exponent, rel=0.05)
+
+
+def test_sink_indicator_is_per_sequence_then_averaged():
+    """Gu et al. threshold alpha_0 per sample: sequences with alpha_0 = 0.5 and 0.05 give a sink rate of 0.5."""
+    L = 12
+    probs = _causal_uniform(2, 1, L).clone()
+    for b, share in ((0, 0.5), (1, 0.05)):
+        rest = probs[b, 0, 1:, 1:]
+        probs[b, 0, 1:, 1:] = rest / rest.sum(-1, keepdim=True) * (1 - share)
+        probs[b, 0, 1:, 0] = share
+    probe = SinkProbe()
+    feed_probs([probe], probs)
+    rows = probe.rows()
+    assert _value(rows, "sink_indicator", head=0, position=0) == pytest.approx(0.5)
+    assert _value(rows, "sink_rate", position=0) == pytest.approx(0.5)
+    assert _value(rows, "sink_rate", layer=None, position=0) == pytest.approx(0.5)  # all layers and heads
+    expected_alpha = ((0.5 * (L - 1) + 1) / L + (0.05 * (L - 1) + 1) / L) / 2
+    assert _value(rows, "alpha", head=0, position=0) == pytest.approx(expected_alpha, rel=1e-5)
 
 
 def test_fully_masked_rows_produce_no_nan_anywhere():

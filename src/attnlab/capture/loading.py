@@ -27,6 +27,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 
 from attnlab.assets import ASSETS, asset_dir, fetch_asset, sha256_file
 from attnlab.errors import AssetError, ConfigError, RegistryError, UsageError
+from attnlab.capture.architectures import text_config
 from attnlab.registry import unknown_name_message
 from attnlab.text import tokenizer_adds_bos
 
@@ -74,7 +75,7 @@ def _weights_sha256(folder: Path) -> str | None:
 
 
 def _config_shapes(config: Any) -> dict[str, Any]:
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    cfg = text_config(config)
     num_heads = getattr(cfg, "num_attention_heads", None)
     hidden = getattr(cfg, "hidden_size", None)
     head_dim = getattr(cfg, "head_dim", None) or (hidden // num_heads if hidden and num_heads else None)

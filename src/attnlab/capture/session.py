@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from attnlab.capture.architectures import attention_sizes, transformer_blocks
 from attnlab.capture.backend import ACTIVE_SESSION, BACKEND_NAME, ensure_registered
+from attnlab.columns import RESULT_COLUMNS
 from attnlab.errors import ConfigError, UnsupportedModelError
 from attnlab.functional.attention import BlockView, blocked_attention, causal_keep
 from attnlab.probes import PROBES
@@ -38,7 +40,6 @@ from attnlab.probes.base import AttentionCall, ModelShape, Probe, SequenceInfo
 
 logger = logging.getLogger(__name__)
 
-RESULT_COLUMNS = ("probe", "statistic", "layer", "head", "position", "value")
 SUPPORTED_FAMILIES = "Llama, Mistral, Qwen2/3, Gemma, Phi-3, OLMo, GPT-NeoX, BERT, RoBERTa and other models whose " \
     "attention goes through transformers' AttentionInterface"
 
@@ -51,17 +52,9 @@ def _make_probe(spec: str | Probe) -> Probe:
     raise TypeError(f"probes must be names or Probe instances, got {type(spec).__name__}")
 
 
-def _find_decoder_layers(model: nn.Module, num_layers: int) -> nn.ModuleList | None:
-    """The ModuleList holding the model's transformer blocks (e.g. ``model.model.layers``, ``bert.encoder.layer``)."""
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == num_layers and num_layers > 0:
-            return module
-    return None
-
-
 def _sample_rows(q_len: int, fraction: float, device: torch.device) -> Tensor:
     """Evenly spread query rows covering ``fraction`` of q_len (always includes the first and last rows)."""
-    count = max(1, math.ceil(fraction * q_len))
+    count = min(q_len, max(2, math.ceil(fraction * q_len)))
     return torch.linspace(0, q_len - 1, count, device=device).round().long().unique()
 
 
@@ -100,13 +93,8 @@ class Session:
         names = [p.name for p in self.probes]
         if len(set(names)) != len(names):
             raise ConfigError(f"each probe may be given once, got {names}")
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        num_heads = config.num_attention_heads
-        self.shape = ModelShape(
-            num_layers=config.num_hidden_layers, num_heads=num_heads,
-            num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
-            max_len=0,
-        )
+        num_layers, num_heads, num_kv_heads = attention_sizes(model)
+        self.shape = ModelShape(num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads)
         for probe in self.probes:
             probe.bind(self.shape)
         self.needs_probs = any("probs" in p.needs for p in self.probes)
@@ -132,7 +120,7 @@ class Session:
         self._hooks.append(self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
         self._hooks.append(self.model.register_forward_hook(self._after_forward))
         if self.needs_hidden:
-            layers = _find_decoder_layers(self.model, self.shape.num_layers)
+            layers = transformer_blocks(self.model)
             if layers is None:
                 logger.warning("could not find the decoder layers of %s; hidden-state probes will see nothing",
                                type(self.model).__name__)
@@ -198,6 +186,12 @@ class Session:
 
         layer = self._layer_index(module)
         self.calls_per_layer[layer] = self.calls_per_layer.get(layer, 0) + 1
+        for unsupported in ("s_aux", "position_bias"):
+            if kwargs.get(unsupported) is not None:
+                raise UnsupportedModelError(
+                    f"{type(self.model).__name__} passes {unsupported!r} to its attention function (learned sink "
+                    "logits or an additive position bias), which attnlab does not model yet; supported: "
+                    f"{SUPPORTED_FAMILIES} without learned sinks or position biases")
         softcap = kwargs.get("softcap")
         if not self.needs_calls and softcap is None:
             self.paths[layer] = "sdpa"
@@ -296,6 +290,12 @@ class Session:
         for mine, theirs in zip(self.probes, other.probes):
             mine.merge(theirs)
         self.num_sequences += other.num_sequences
+        self.shape.max_len = max(self.shape.max_len, other.shape.max_len)
+        for layer, path in other.paths.items():
+            mine_path = self.paths.get(layer, path)
+            self.paths[layer] = path if mine_path == path else f"{mine_path}|{path}"
+        for layer, calls in other.calls_per_layer.items():
+            self.calls_per_layer[layer] = self.calls_per_layer.get(layer, 0) + calls
 
     def probe(self, name: str) -> Probe:
         """The probe instance named ``name`` in this session."""
@@ -304,6 +304,3 @@ class Session:
                 return probe
         raise KeyError(f"no probe {name!r} in this session; it has {[p.name for p in self.probes]}")
 
-
-def probe_names(specs: Sequence[str | Probe]) -> list[str]:
-    return [spec if isinstance(spec, str) else spec.name for spec in specs]

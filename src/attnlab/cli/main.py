@@ -78,7 +78,7 @@ def report(
         )
         out_dir = Path(values["out"])
         prepare_out_dir(out_dir)  # fail before the long run, not after
-        stderr.print(f"[dim]config: {run_config.to_dict()}[/dim]")
+        stderr.print(f"config: {run_config.to_dict()}", markup=False, style="dim")
         results = _with_progress(lambda progress: run_probes(run_config, progress=progress))
         paths = write_results(out_dir, results)
         paths_line = " ".join(str(p) for p in paths.values())
@@ -144,7 +144,7 @@ def models_fetch(
         from attnlab.assets import ASSETS, fetch_asset
 
         for name in names or list(ASSETS):
-            path = fetch_asset(name, progress=lambda message: stderr.print(f"[dim]{message}[/dim]"))
+            path = fetch_asset(name, progress=lambda message: stderr.print(message, markup=False, style="dim"))
             typer.echo(f"{name}: {path}")
 
     run_guarded(body, debug)

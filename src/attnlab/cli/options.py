@@ -63,9 +63,15 @@ def merge_config(ctx: typer.Context, config_path: Path | None, values: dict[str,
         key = "probe" if key == "probes" else key
         if key not in values:
             raise ConfigError(f"unknown key {raw_key!r} in {config_path}; known: {', '.join(sorted(values))}")
+        if key == "probe":
+            value = [value] if isinstance(value, str) else value
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"probes in {config_path} must be a name or a list of names, got {value!r}")
+        if key in ("out", "text") and value is not None and not isinstance(value, str):
+            raise ConfigError(f"{raw_key} in {config_path} must be a path string, got {value!r}")
         source = ctx.get_parameter_source(key)
         if source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):
-            merged[key] = [value] if key == "probe" and isinstance(value, str) else value
+            merged[key] = value
     return merged
 
 

@@ -113,10 +113,14 @@ def attention_reference(
 class BlockView:
     """One block of query rows as the blocked kernel hands it to observers (probes).
 
+    The kernel skips keys that no row of the block can see past the last visible one (for a causal mask, the
+    keys after the block's last query), so the blocks' key axis may be shorter than Lk: ``width = probs.shape[-1]``
+    and keys ``width … Lk-1`` have probability 0 for every row of the block.
+
     Attributes:
-        probs: (B, Hq, bq, Lk) float32 (float64 for float64 input); masked entries are exactly 0.
-        logits: (B, Hq, bq, Lk) same dtype as probs; masked entries are -inf.
-        keep: bool broadcastable to (B, Hq, bq, Lk), or None when every key is visible.
+        probs: (B, Hq, bq, width) float32 (float64 for float64 input); masked entries are exactly 0.
+        logits: (B, Hq, bq, width) same dtype as probs; masked entries are -inf.
+        keep: bool broadcastable to (B, Hq, bq, width), or None when every key is visible.
         q_index: (bq,) long, the absolute query row (0 ≤ q_index < Lq) of each row of the block.
     """
 
@@ -173,25 +177,34 @@ def blocked_attention(
     n = query_index.numel()
     output = query.new_empty(B, num_heads, n, Dv, dtype=value.dtype)
     zero = torch.zeros((), dtype=dtype, device=query.device)
+    contiguous = n == Lq  # blocks are then plain slices of the query
     for start in range(0, n, block_size):
         rows = query_index[start : start + block_size]
         bq = rows.numel()
-        q_blk = query[:, :, rows].to(dtype).view(B, Hkv, groups, bq, D)  # (B, Hkv, G, bq, D)
-        logits = torch.einsum("bkgqd,bksd->bkgqs", q_blk, key_c).mul_(scale)  # (B, Hkv, G, bq, Lk)
-        logits = logits.reshape(B, num_heads, bq, Lk)  # head h = kv * G + g
+        q_blk = query[:, :, start : start + bq] if contiguous else query[:, :, rows]
+        keep_blk, width = None, Lk
+        if keep is not None:
+            keep_blk = keep[..., start : start + bq, :] if contiguous else keep[..., rows, :]
+            keep_blk = keep_blk if keep.shape[-2] != 1 else keep
+            visible_keys = keep_blk.reshape(-1, Lk).any(dim=0).nonzero()
+            width = int(visible_keys.max()) + 1 if visible_keys.numel() else 1  # skip keys nobody sees
+            keep_blk = keep_blk[..., :width]
+        # (B, Hkv, G*bq, D) @ (B, Hkv, D, width): query head h = kv * G + g reads kv head h // G
+        q_grouped = (q_blk.to(dtype) * scale).reshape(B, Hkv, groups * bq, D)
+        logits = (q_grouped @ key_c[:, :, :width].transpose(-1, -2)).view(B, num_heads, bq, width)
         if softcap is not None:
             logits = softcap * torch.tanh(logits / softcap)
-        keep_blk = None
-        if keep is not None:
-            keep_blk = keep[..., rows, :] if keep.shape[-2] != 1 else keep
+        if keep_blk is not None:
             logits = logits.masked_fill(~keep_blk, float("-inf"))
             row_has_key = keep_blk.any(dim=-1, keepdim=True)  # (B|1, H|1, bq, 1)
-            probs = torch.softmax(torch.where(row_has_key, logits, zero), dim=-1)
-            probs = probs.masked_fill(~(keep_blk & row_has_key), 0.0)
+            if bool(row_has_key.all()):
+                probs = torch.softmax(logits, dim=-1)
+            else:  # rows with no visible key: probs 0, output 0, never NaN
+                probs = torch.softmax(torch.where(row_has_key, logits, zero), dim=-1) * row_has_key
         else:
             probs = torch.softmax(logits, dim=-1)
         if on_block is not None:
             on_block(BlockView(probs=probs, logits=logits, keep=keep_blk, q_index=rows))
-        out_blk = torch.einsum("bkgqs,bksd->bkgqd", probs.view(B, Hkv, groups, bq, Lk), value_c)
-        output[:, :, start : start + bq] = out_blk.reshape(B, num_heads, bq, Dv).to(value.dtype)
+        out_blk = probs.view(B, Hkv, groups * bq, width) @ value_c[:, :, :width]  # (B, Hkv, G*bq, Dv)
+        output[:, :, start : start + bq] = out_blk.view(B, num_heads, bq, Dv).to(value.dtype)
     return output

@@ -86,6 +86,27 @@ class ModelShape:
     max_len: int = 0
 
 
+def visible(call: AttentionCall, block: BlockView) -> Tensor:
+    """(B, H, bq, Lk) bool: real query rows of the block and the keys each of them could attend to."""
+    B, H, bq, Lk = block.probs.shape
+    query_ok = call.query_valid[:, block.q_index][:, None, :, None]  # (B, 1, bq, 1)
+    sees = query_ok if block.keep is None else (block.keep & query_ok)
+    return sees.expand(B, H, bq, Lk)
+
+
+def key_index_of_positions(key_positions: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """Where the keys at real-token positions 0 … count-1 sit in each sequence.
+
+    Args:
+        key_positions: (B, Lk) long, -1 on padding.
+    Returns:
+        index (B, count) long (0 where absent) and present (B, count) bool.
+    """
+    ranks = torch.arange(count, device=key_positions.device)
+    match = key_positions[:, None, :] == ranks[None, :, None]  # (B, count, Lk)
+    return match.long().argmax(dim=-1), match.any(dim=-1)
+
+
 class Probe:
     """Base class of every probe. Subclasses set ``name`` and ``needs`` and override the hooks they use."""
 

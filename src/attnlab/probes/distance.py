@@ -1,11 +1,20 @@
 """Attention vs query–key distance per (layer, head), with power-law and exponential decay fits.
 
 The measurement follows the distance-binning analyses of Kreiman et al. 2025 (METHODS.md #9: attention binned
-against distance, roughly 1/r decay; binning protocol there is medium confidence) and the energy-decay fit of
-Radial Attention (Li et al. 2025, METHODS.md #10: exponential decay rate fitted by regression; medium confidence).
-Distance is ``q - k`` for causal layers and ``|q - k|`` for bidirectional ones, counted in token indices (equal
-to real-token distance under left or right padding). Statistics are reported with and without the sink column
-(key position 0), because the sink otherwise dominates the tail at long distances.
+against distance, roughly 1/r decay; the binning protocol there is medium confidence) and the energy-decay fit of
+Radial Attention (Li et al. 2025, METHODS.md #10: decay rate fitted by regression; medium confidence).
+Distance is ``q - k`` for causal layers and ``|q - k|`` for bidirectional ones, in tokens.
+
+Two estimators, because pooling every row biases a causal decay curve:
+- ``mass`` (per log2 distance bin): the mean over all real query rows of the attention a row puts on keys at that
+  distance. Descriptive: it shows, for instance, the sink's mass landing in the far bins.
+- ``mean_attention`` and the fits use a **fixed set of rows**: per sequence of n real tokens, R = n // 2, the
+  queries at positions ≥ R (all queries for bidirectional layers) and distances 0 … R. Every row of the set sees
+  every distance in the range, so uniform attention gives a flat curve (exponent 0) and a planted power law is
+  recovered exactly; pooling all rows instead mixes early rows (few keys, high probabilities) into short
+  distances only, which fakes a decay.
+- The ``_no_sink`` variants drop the sink column (key position 0) and renormalise each row over the other keys,
+  so heads that park different amounts of mass on the sink are compared on their remaining attention.
 """
 
 from __future__ import annotations
@@ -17,13 +26,17 @@ from torch import Tensor
 
 from attnlab.functional.attention import BlockView
 from attnlab.probes import PROBES
-from attnlab.probes.base import AttentionCall, ModelShape, Probe, Row, RowWriter, pad_to_length, safe_div
-from attnlab.stats.distance import bin_sums, fit_decay, log2_bin_starts
+from attnlab.probes.base import (
+    AttentionCall, ModelShape, Probe, Row, RowWriter, key_index_of_positions, pad_to_length, safe_div,
+)
+from attnlab.stats.distance import (
+    bin_sums, fit_decay, log2_bin_starts, sums_by_distance, sums_by_distance_scatter,
+)
 
 
 @PROBES.register("distance")
 class DistanceProbe(Probe):
-    """Per-distance attention sums, binned curves (log2 bins) and decay fits per (layer, head)."""
+    """Attention mass per distance bin, fixed-row mean attention per distance, and power-law/exponential fits."""
 
     name = "distance"
     needs = frozenset({"probs"})
@@ -31,92 +44,98 @@ class DistanceProbe(Probe):
     def bind(self, shape: ModelShape) -> None:
         super().bind(shape)
         L, H, D = shape.num_layers, shape.num_heads, max(shape.max_len, 1)
-        self.attn_sum = torch.zeros(L, H, D, dtype=torch.float64)  # sum of probs at distance d
-        self.pair_count = torch.zeros(L, H, D, dtype=torch.float64)  # visible (query, key) pairs at d
-        self.sink_sum = torch.zeros(L, H, D, dtype=torch.float64)  # part of attn_sum on key position 0
-        self.sink_count = torch.zeros(L, H, D, dtype=torch.float64)
+        zeros = lambda: torch.zeros(L, H, D, dtype=torch.float64)  # noqa: E731
+        self.mass_sum = zeros()  # all real rows: attention at distance d
+        self.fit_sum, self.fit_count = zeros(), zeros()  # fixed rows: attention and visible pairs at d
+        self.no_sink_sum, self.no_sink_count = zeros(), zeros()  # fixed rows, sink dropped, rows renormalised
         self.rows_seen = torch.zeros(L, H, dtype=torch.float64)
 
     def _grow(self, length: int) -> None:
-        self.attn_sum, self.pair_count, self.sink_sum, self.sink_count = pad_to_length(
-            (self.attn_sum, self.pair_count, self.sink_sum, self.sink_count), length)
+        (self.mass_sum, self.fit_sum, self.fit_count, self.no_sink_sum, self.no_sink_count) = pad_to_length(
+            (self.mass_sum, self.fit_sum, self.fit_count, self.no_sink_sum, self.no_sink_count), length)
 
     def begin_call(self, call: AttentionCall) -> None:
         self._grow(call.kv_len)
-        first = call.key_positions == 0  # (B, Lk)
-        self._sink_index = first.long().argmax(dim=-1)  # (B,)
-        self._has_sink = first.any(dim=-1)  # (B,)
+        index, present = key_index_of_positions(call.key_positions, 1)
+        self._sink_index, self._has_sink = index[:, 0], present[:, 0]  # (B,)
+        self._fit_range = call.key_valid.sum(dim=-1) // 2  # (B,) R per sequence
 
     def update(self, call: AttentionCall, block: BlockView) -> None:
-        probs = block.probs  # (B, H, bq, Lk)
-        B, H, bq, Lk = probs.shape
-        device = probs.device
-        q_abs = block.q_index + (call.kv_len - call.q_len)  # (bq,) absolute index among keys
-        distance = q_abs[:, None] - torch.arange(Lk, device=device)[None, :]  # (bq, Lk)
-        distance = distance.abs() if not call.causal else distance.clamp(min=0)
-        query_ok = call.query_valid[:, block.q_index][:, None, :, None]  # (B, 1, bq, 1)
-        sees = query_ok if block.keep is None else (block.keep & query_ok)
-        sees = sees.expand(B, H, bq, Lk)
-        attn = (probs * sees).sum(dim=0).reshape(H, bq * Lk)  # (H, bq*Lk)
-        pairs = sees.sum(dim=0).to(probs.dtype).reshape(H, bq * Lk)
-        index = distance.reshape(1, bq * Lk).expand(H, -1)
+        probs = block.probs  # (B, H, bq, width); keys at width and beyond got no attention from this block
+        B, H, bq, width = probs.shape
+        Lk = call.kv_len
+        q_abs = block.q_index + (Lk - call.q_len)  # (bq,) index of each query among the keys
+        distance = q_abs[:, None] - torch.arange(width, device=probs.device)[None, :]  # (bq, width)
+        distance = distance.clamp(min=0) if call.causal else distance.abs()
+        contiguous = bq == 1 or int(block.q_index[-1] - block.q_index[0]) == bq - 1
+
+        def by_distance(values: Tensor) -> Tensor:
+            """(B|1, G, bq, width) -> (G, Lk) float64 sums by distance, summed over sequences."""
+            G = values.shape[1]
+            flat = values.expand(B, G, bq, width).reshape(B * G, bq, width).float()
+            if contiguous:
+                sums = sums_by_distance(flat, int(q_abs[0]), width, Lk, causal=call.causal)
+            else:
+                sums = sums_by_distance_scatter(flat, distance, Lk)
+            return sums.view(B, G, Lk).double().sum(dim=0).cpu()
+
         layer = call.layer_idx
-        sums = torch.zeros(H, Lk, dtype=probs.dtype, device=device).scatter_add_(1, index, attn)
-        counts = torch.zeros(H, Lk, dtype=probs.dtype, device=device).scatter_add_(1, index, pairs)
-        self.attn_sum[layer, :, :Lk] += sums.double().cpu()
-        self.pair_count[layer, :, :Lk] += counts.double().cpu()
-        self.rows_seen[layer] += sees.any(dim=-1).sum(dim=(0, 2)).double().cpu()
-        # The sink column (key position 0) of each sequence, for the no-sink variant.
-        sink_col = self._sink_index[:, None, None, None].expand(B, H, bq, 1)
-        sink_seen = sees.gather(-1, sink_col).squeeze(-1) & self._has_sink[:, None, None]  # (B, H, bq)
-        sink_attn = probs.gather(-1, sink_col).squeeze(-1) * sink_seen
-        sink_distance = (q_abs[None, :] - self._sink_index[:, None])  # (B, bq)
-        sink_distance = sink_distance.abs() if not call.causal else sink_distance.clamp(min=0)
-        sink_index = sink_distance[:, None, :].expand(B, H, bq).transpose(0, 1).reshape(H, -1)
-        s_sums = torch.zeros(H, Lk, dtype=probs.dtype, device=device).scatter_add_(
-            1, sink_index, sink_attn.transpose(0, 1).reshape(H, -1))
-        s_counts = torch.zeros(H, Lk, dtype=probs.dtype, device=device).scatter_add_(
-            1, sink_index, sink_seen.transpose(0, 1).reshape(H, -1).to(probs.dtype))
-        self.sink_sum[layer, :, :Lk] += s_sums.double().cpu()
-        self.sink_count[layer, :, :Lk] += s_counts.double().cpu()
+        query_ok = call.query_valid[:, block.q_index]  # (B, bq)
+        keep = block.keep if block.keep is not None else torch.ones(1, 1, bq, width, dtype=torch.bool,
+                                                                     device=probs.device)
+        self.mass_sum[layer, :, :Lk] += by_distance(probs * query_ok[:, None, :, None])
+        self.rows_seen[layer] += (keep.any(dim=-1) & query_ok[:, None, :]).expand(B, H, bq).sum(dim=(0, 2)).cpu()
+        # Fixed rows: queries at position >= R (causal) and distances <= R, per sequence.
+        R = self._fit_range[:, None]  # (B, 1)
+        positions = call.query_positions[:, block.q_index]  # (B, bq)
+        rows = (positions >= R if call.causal else positions >= 0) & query_ok
+        fit = keep & (rows[:, :, None] & (distance[None] <= R[:, :, None]))[:, None]  # (B, 1|H, bq, width)
+        self.fit_sum[layer, :, :Lk] += by_distance(probs * fit)
+        self.fit_count[layer, :, :Lk] += by_distance(fit).expand(H, Lk)
+        in_block = self._has_sink & (self._sink_index < width)
+        sink_column = self._sink_index.clamp(max=width - 1)[:, None, None, None].expand(B, H, bq, 1)
+        sink_share = probs.gather(-1, sink_column) * in_block[:, None, None, None]  # (B, H, bq, 1)
+        no_sink = fit & (call.key_positions[:, :width] != 0)[:, None, None, :]
+        self.no_sink_sum[layer, :, :Lk] += by_distance(probs * no_sink / (1 - sink_share).clamp_min(1e-6))
+        self.no_sink_count[layer, :, :Lk] += by_distance(no_sink).expand(H, Lk)
 
     def state(self) -> dict[str, Tensor]:
-        return {"attn_sum": self.attn_sum, "pair_count": self.pair_count, "sink_sum": self.sink_sum,
-                "sink_count": self.sink_count, "rows_seen": self.rows_seen}
+        return {"mass_sum": self.mass_sum, "fit_sum": self.fit_sum, "fit_count": self.fit_count,
+                "no_sink_sum": self.no_sink_sum, "no_sink_count": self.no_sink_count, "rows_seen": self.rows_seen}
 
     def merge(self, other: Probe) -> None:
-        self._grow(other.attn_sum.shape[-1])  # type: ignore[attr-defined]
-        other._grow(self.attn_sum.shape[-1])  # type: ignore[attr-defined]
+        self._grow(other.mass_sum.shape[-1])  # type: ignore[attr-defined]
+        other._grow(self.mass_sum.shape[-1])  # type: ignore[attr-defined]
         super().merge(other)
 
     def _max_distance(self) -> int:
-        seen = (self.pair_count.sum(dim=(0, 1)) > 0).nonzero()
+        seen = (self.mass_sum.sum(dim=(0, 1)) > 0).nonzero()
         return int(seen.max()) if seen.numel() else 0
 
     def rows(self) -> list[Row]:
         out = RowWriter(self.name)
-        L, H, _ = self.attn_sum.shape
+        L, H, _ = self.mass_sum.shape
         starts = log2_bin_starts(self._max_distance())
-        no_sink_sum, no_sink_count = self.attn_sum - self.sink_sum, self.pair_count - self.sink_count
         binned = {
-            "mass": safe_div(bin_sums(self.attn_sum, starts), self.rows_seen[..., None]),
-            "mean_attention": safe_div(bin_sums(self.attn_sum, starts), bin_sums(self.pair_count, starts)),
-            "mean_attention_no_sink": safe_div(bin_sums(no_sink_sum, starts), bin_sums(no_sink_count, starts)),
+            "mass": safe_div(bin_sums(self.mass_sum, starts), self.rows_seen[..., None]),
+            "mean_attention": safe_div(bin_sums(self.fit_sum, starts), bin_sums(self.fit_count, starts)),
+            "mean_attention_no_sink": safe_div(bin_sums(self.no_sink_sum, starts),
+                                               bin_sums(self.no_sink_count, starts)),
         }
         for statistic, values in binned.items():
             for b, start in enumerate(starts):
                 out.add_grid(statistic, values[..., b], position=start, valid=~torch.isnan(values[..., b]))
+        variants = (("", self.fit_sum, self.fit_count), ("_no_sink", self.no_sink_sum, self.no_sink_count))
         for layer in range(L):
             for head in range(H):
-                if self.rows_seen[layer, head] <= 0:
-                    continue
-                for suffix, total, count in (("", self.attn_sum, self.pair_count), ("_no_sink", no_sink_sum, no_sink_count)):
+                for suffix, total, count in variants:
                     fit = fit_decay(safe_div(total[layer, head], count[layer, head]), count[layer, head])
                     for key, value in fit.items():
-                        if value == value:  # skip NaN fits
+                        if value == value:  # NaN: too few distances to fit
                             out.add(key + suffix, value, layer, head)
         return out.rows
 
     def extras(self, decode: Any = None) -> dict[str, Any]:
         return {"bin_starts": log2_bin_starts(self._max_distance()),
-                "distance": "q - k (causal) or |q - k| (bidirectional), in tokens"}
+                "distance": "q - k (causal) or |q - k| (bidirectional), in tokens",
+                "fit_rows": "queries at position >= n // 2 (causal), distances <= n // 2 (n = real tokens)"}

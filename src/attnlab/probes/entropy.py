@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from attnlab.errors import ConfigError
 from attnlab.functional.attention import BlockView
 from attnlab.probes import PROBES
 from attnlab.probes.base import AttentionCall, ModelShape, Probe, Row, RowWriter, safe_div
@@ -31,7 +32,7 @@ class EntropyProbe(Probe):
 
     def __init__(self, num_bins: int = 20) -> None:
         if num_bins < 1:
-            raise ValueError(f"num_bins must be >= 1, got {num_bins}")
+            raise ConfigError(f"num_bins must be >= 1, got {num_bins}")
         self.num_bins = num_bins
 
     def bind(self, shape: ModelShape) -> None:

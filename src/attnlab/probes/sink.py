@@ -4,6 +4,10 @@ Definitions (METHODS.md):
 - Gu et al. 2025, "When Attention Sink Emerges", §1 (METHODS.md #1): the importance of key position k is
   ``alpha_k = 1/(T-k) * sum_{i>=k} A_ik``, the mean attention k receives from the queries that can see it; a head
   has a sink on k when ``alpha_k > epsilon`` (default 0.3); the sink rate is the mean indicator over heads.
+  As in the paper's code, alpha_k and the indicator are computed **per sequence** and then averaged over
+  sequences: ``sink_indicator`` is the fraction of sequences with alpha_0 > epsilon, ``sink_rate`` its mean over
+  heads (per layer, and over all layers and heads in the row with an empty layer). The paper truncates probe
+  texts to T = 64 tokens; attnlab uses the run's window length, so rates are comparable only at equal lengths.
   Positions count real tokens only: k = 0 is each sequence's first real token (BOS when one is fed).
 - Yu et al. 2024, ACT (METHODS.md #2): a *hidden sink* is a non-initial key whose column score
   ``s_k = sum_i A_ik / (number of queries that see k)`` exceeds theta (default 0.1, the released scripts' absolute
@@ -12,15 +16,19 @@ Definitions (METHODS.md):
 
 from __future__ import annotations
 
+import math
 from collections import Counter, defaultdict
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from attnlab.errors import ConfigError
 from attnlab.functional.attention import BlockView
 from attnlab.probes import PROBES
-from attnlab.probes.base import AttentionCall, ModelShape, Probe, Row, RowWriter, safe_div
+from attnlab.probes.base import (
+    AttentionCall, ModelShape, Probe, Row, RowWriter, key_index_of_positions, safe_div, visible,
+)
 
 MAX_LISTED_HIDDEN_SINKS = 200
 
@@ -43,52 +51,58 @@ class SinkProbe(Probe):
 
     def __init__(self, num_keys: int = 4, epsilon: float = 0.3, theta: float = 0.1, min_queries: int = 16) -> None:
         if num_keys < 1:
-            raise ValueError(f"num_keys must be >= 1, got {num_keys}")
+            raise ConfigError(f"num_keys must be >= 1, got {num_keys}")
         if not (0 < epsilon < 1 and 0 < theta < 1):
-            raise ValueError(f"epsilon and theta must lie in (0, 1), got epsilon={epsilon}, theta={theta}")
+            raise ConfigError(f"epsilon and theta must lie in (0, 1), got epsilon={epsilon}, theta={theta}")
         if min_queries < 1:
-            raise ValueError(f"min_queries must be >= 1, got {min_queries}")
+            raise ConfigError(f"min_queries must be >= 1, got {min_queries}")
         self.num_keys, self.epsilon, self.theta, self.min_queries = num_keys, epsilon, theta, min_queries
 
     def bind(self, shape: ModelShape) -> None:
         super().bind(shape)
         L, H, K = shape.num_layers, shape.num_heads, self.num_keys
-        self.alpha_sum = torch.zeros(L, H, K, dtype=torch.float64)
-        self.alpha_count = torch.zeros(L, H, K, dtype=torch.float64)
+        self.alpha_sum = torch.zeros(L, H, K, dtype=torch.float64)  # sum over sequences of per-sequence alpha_k
+        self.alpha_count = torch.zeros(L, H, K, dtype=torch.float64)  # sequences where key k was seen
+        self.indicator_sum = torch.zeros(L, H, dtype=torch.float64)  # sequences with alpha_0 > epsilon
         self.hidden_count = torch.zeros(L, H, dtype=torch.float64)
         self.sequences = torch.zeros(L, dtype=torch.float64)
         self.hits: list[tuple[int, int, int, int, int, float]] = []  # sequence, layer, head, position, token, score
 
     def begin_call(self, call: AttentionCall) -> None:
-        B, Lk = call.key_positions.shape
-        # Index of the key holding position k in each sequence, or 0 with a "missing" flag.
-        ranks = torch.arange(self.num_keys, device=call.key_positions.device)
-        match = call.key_positions[:, None, :] == ranks[None, :, None]  # (B, K, Lk)
-        self._key_index = match.long().argmax(dim=-1)  # (B, K)
-        self._key_present = match.any(dim=-1)  # (B, K)
-        self._col_sum = torch.zeros(B, call.num_heads, Lk, dtype=torch.float64, device=call.value.device)
-        self._col_count = torch.zeros(B, call.num_heads, Lk, dtype=torch.float64, device=call.value.device)
+        B, Lk, H, K = call.key_positions.shape[0], call.kv_len, call.num_heads, self.num_keys
+        self._key_index, self._key_present = key_index_of_positions(call.key_positions, K)  # (B, K)
+        device = call.value.device
+        self._alpha_sum = torch.zeros(B, H, K, device=device)
+        self._alpha_count = torch.zeros(B, H, K, device=device)
+        self._col_sum = torch.zeros(B, H, Lk, device=device)
+        self._col_count = torch.zeros(B, H, Lk, device=device)
+        self._rows = 0
 
     def update(self, call: AttentionCall, block: BlockView) -> None:
-        probs = block.probs  # (B, H, bq, Lk)
-        B, H, bq, Lk = probs.shape
-        query_ok = call.query_valid[:, block.q_index][:, None, :, None]  # (B, 1, bq, 1)
-        sees = query_ok if block.keep is None else (block.keep & query_ok)  # (B|1, H|1, bq, Lk)
-        sees = sees.expand(B, H, bq, Lk)
-        index = self._key_index[:, None, None, :].expand(B, H, bq, self.num_keys)
-        seen_first = sees.gather(-1, index) & self._key_present[:, None, None, :]  # (B, H, bq, K)
-        on_first = probs.gather(-1, index) * seen_first
-        layer = call.layer_idx
-        self.alpha_sum[layer] += on_first.sum(dim=(0, 2)).double().cpu()
-        self.alpha_count[layer] += seen_first.sum(dim=(0, 2)).double().cpu()
-        self._col_sum += (probs * sees).sum(dim=2).double()
-        self._col_count += sees.sum(dim=2).double()
+        probs = block.probs  # (B, H, bq, width); keys at width and beyond got no attention from this block
+        B, H, bq, width = probs.shape
+        sees = visible(call, block)  # (B, H, bq, width)
+        in_block = self._key_present & (self._key_index < width)  # (B, K)
+        index = self._key_index.clamp(max=width - 1)[:, None, None, :].expand(B, H, bq, self.num_keys)
+        seen_first = sees.gather(-1, index) & in_block[:, None, None, :]  # (B, H, bq, K)
+        self._alpha_sum += (probs.gather(-1, index) * seen_first).sum(dim=2).float()
+        self._alpha_count += seen_first.sum(dim=2)
+        self._col_sum[..., :width] += (probs * sees).sum(dim=2).float()
+        self._col_count[..., :width] += sees.sum(dim=2)
+        self._rows += bq
 
     def end_call(self, call: AttentionCall) -> None:
-        score = safe_div(self._col_sum, self._col_count)  # (B, H, Lk)
-        candidate = (call.key_positions >= 1) & call.key_valid  # (B, Lk)
-        hit = (score > self.theta) & candidate[:, None, :] & (self._col_count >= self.min_queries)
         layer = call.layer_idx
+        alpha = safe_div(self._alpha_sum.double(), self._alpha_count.double()).cpu()  # (B, H, K) per sequence
+        seen = ~torch.isnan(alpha)
+        self.alpha_sum[layer] += torch.nan_to_num(alpha, nan=0.0).sum(dim=0)
+        self.alpha_count[layer] += seen.sum(dim=0)
+        self.indicator_sum[layer] += ((alpha[..., 0] > self.epsilon) & seen[..., 0]).sum(dim=0)
+        # Hidden sinks, per sequence; with sampled query rows the minimum scales with the fraction seen.
+        score = safe_div(self._col_sum.double(), self._col_count.double())  # (B, H, Lk)
+        min_queries = max(1, math.ceil(self.min_queries * min(1.0, self._rows / max(call.q_len, 1))))
+        candidate = (call.key_positions >= 1) & call.key_valid  # (B, Lk)
+        hit = (score > self.theta) & candidate[:, None, :] & (self._col_count >= min_queries)
         self.hidden_count[layer] += hit.sum(dim=(0, 2)).double().cpu()
         self.sequences[layer] += score.shape[0]
         ids = call.sequence.input_ids
@@ -96,10 +110,10 @@ class SinkProbe(Probe):
             token = int(ids[b, j]) if ids is not None and ids.shape[1] == call.kv_len else -1
             position = int(call.key_positions[b, j])
             self.hits.append((call.sequence.sequence_offset + b, layer, h, position, token, float(score[b, h, j])))
-        del self._col_sum, self._col_count
+        del self._alpha_sum, self._alpha_count, self._col_sum, self._col_count
 
     def state(self) -> dict[str, Tensor]:
-        return {"alpha_sum": self.alpha_sum, "alpha_count": self.alpha_count,
+        return {"alpha_sum": self.alpha_sum, "alpha_count": self.alpha_count, "indicator_sum": self.indicator_sum,
                 "hidden_count": self.hidden_count, "sequences": self.sequences}
 
     def merge(self, other: Probe) -> None:
@@ -107,7 +121,7 @@ class SinkProbe(Probe):
         self.hits.extend(other.hits)  # type: ignore[attr-defined]
 
     def alpha(self) -> Tensor:
-        """(num_layers, num_heads, num_keys) alpha_k; NaN where no query saw the key."""
+        """(num_layers, num_heads, num_keys) alpha_k averaged over sequences; NaN where no query saw the key."""
         return safe_div(self.alpha_sum, self.alpha_count)
 
     def rows(self) -> list[Row]:
@@ -116,11 +130,13 @@ class SinkProbe(Probe):
         for k in range(self.num_keys):
             out.add_grid("alpha", alpha[..., k], position=k, valid=self.alpha_count[..., k] > 0)
         seen = self.alpha_count[..., 0] > 0
-        indicator = (alpha[..., 0] > self.epsilon).double()
+        indicator = safe_div(self.indicator_sum, self.alpha_count[..., 0])  # fraction of sequences with a sink
         out.add_grid("sink_indicator", indicator, position=0, valid=seen)
         for layer in range(indicator.shape[0]):
             if bool(seen[layer].any()):
                 out.add("sink_rate", indicator[layer][seen[layer]].mean().item(), layer, None, 0)
+        if bool(seen.any()):
+            out.add("sink_rate", indicator[seen].mean().item(), None, None, 0)
         per_sequence = safe_div(self.hidden_count, self.sequences[:, None].expand_as(self.hidden_count))
         out.add_grid("hidden_sinks", per_sequence, valid=self.sequences[:, None].expand_as(per_sequence) > 0)
         return out.rows

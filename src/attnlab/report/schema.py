@@ -10,12 +10,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from attnlab.columns import RESULT_COLUMNS, SCHEMA_VERSION
 from attnlab.errors import ConfigError
 
-SCHEMA_VERSION = 1
-"""Version of ``results.json`` this attnlab writes and the newest it reads."""
+__all__ = ["CSV_COLUMNS", "INDEX_COLUMNS", "REQUIRED_KEYS", "SCHEMA_VERSION", "check_schema_version",
+           "validate_results"]
 
-CSV_COLUMNS: tuple[str, ...] = ("probe", "statistic", "layer", "head", "position", "value")
+CSV_COLUMNS = RESULT_COLUMNS
 """Columns of ``results.csv`` (and keys of each entry of ``results["rows"]``), in order."""
 
 INDEX_COLUMNS: tuple[str, ...] = ("layer", "head", "position")
