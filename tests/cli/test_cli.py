@@ -159,7 +159,8 @@ def test_report_on_bundled_model_and_corpus(tmp_path):
     assert set(results["attention_paths"].values()) == {"blocked_eager"}
     frame = pd.read_csv(out / "results.csv")
     rate = frame[frame.statistic == "sink_rate"]
-    assert len(rate) == 30 and rate.value.between(0, 1).all()
+    assert rate.layer.notna().sum() == 30 and rate.layer.isna().sum() == 1  # per layer + all layers
+    assert rate.value.between(0, 1).all()
 
 
 @pytest.mark.parametrize("yaml_text,fragment", [
