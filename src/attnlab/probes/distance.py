@@ -30,7 +30,7 @@ from attnlab.probes.base import (
     AttentionCall, ModelShape, Probe, Row, RowWriter, key_index_of_positions, pad_to_length, safe_div,
 )
 from attnlab.stats.distance import (
-    bin_sums, fit_decay, log2_bin_starts, sums_by_distance, sums_by_distance_scatter,
+    DiagonalSums, bin_sums, fit_decay, log2_bin_starts, sums_by_distance_scatter,
 )
 
 
@@ -63,41 +63,47 @@ class DistanceProbe(Probe):
     def update(self, call: AttentionCall, block: BlockView) -> None:
         probs = block.probs  # (B, H, bq, width); keys at width and beyond got no attention from this block
         B, H, bq, width = probs.shape
-        Lk = call.kv_len
+        Lk, device = call.kv_len, probs.device
         q_abs = block.q_index + (Lk - call.q_len)  # (bq,) index of each query among the keys
-        distance = q_abs[:, None] - torch.arange(width, device=probs.device)[None, :]  # (bq, width)
+        distance = q_abs[:, None] - torch.arange(width, device=device)[None, :]  # (bq, width)
         distance = distance.clamp(min=0) if call.causal else distance.abs()
-        contiguous = bq == 1 or int(block.q_index[-1] - block.q_index[0]) == bq - 1
-
-        def by_distance(values: Tensor) -> Tensor:
-            """(B|1, G, bq, width) -> (G, Lk) float64 sums by distance, summed over sequences."""
-            G = values.shape[1]
-            flat = values.expand(B, G, bq, width).reshape(B * G, bq, width).float()
-            if contiguous:
-                sums = sums_by_distance(flat, int(q_abs[0]), width, Lk, causal=call.causal)
-            else:
-                sums = sums_by_distance_scatter(flat, distance, Lk)
-            return sums.view(B, G, Lk).double().sum(dim=0).cpu()
-
-        layer = call.layer_idx
+        keep = block.keep if block.keep is not None else torch.ones(1, 1, bq, width, dtype=torch.bool, device=device)
         query_ok = call.query_valid[:, block.q_index]  # (B, bq)
-        keep = block.keep if block.keep is not None else torch.ones(1, 1, bq, width, dtype=torch.bool,
-                                                                     device=probs.device)
-        self.mass_sum[layer, :, :Lk] += by_distance(probs * query_ok[:, None, :, None])
-        self.rows_seen[layer] += (keep.any(dim=-1) & query_ok[:, None, :]).expand(B, H, bq).sum(dim=(0, 2)).cpu()
-        # Fixed rows: queries at position >= R (causal) and distances <= R, per sequence.
         R = self._fit_range[:, None]  # (B, 1)
         positions = call.query_positions[:, block.q_index]  # (B, bq)
         rows = (positions >= R if call.causal else positions >= 0) & query_ok
         fit = keep & (rows[:, :, None] & (distance[None] <= R[:, :, None]))[:, None]  # (B, 1|H, bq, width)
-        self.fit_sum[layer, :, :Lk] += by_distance(probs * fit)
-        self.fit_count[layer, :, :Lk] += by_distance(fit).expand(H, Lk)
+        no_sink = fit & (call.key_positions[:, :width] != 0)[:, None, None, :]
         in_block = self._has_sink & (self._sink_index < width)
         sink_column = self._sink_index.clamp(max=width - 1)[:, None, None, None].expand(B, H, bq, 1)
         sink_share = probs.gather(-1, sink_column) * in_block[:, None, None, None]  # (B, H, bq, 1)
-        no_sink = fit & (call.key_positions[:, :width] != 0)[:, None, None, :]
-        self.no_sink_sum[layer, :, :Lk] += by_distance(probs * no_sink / (1 - sink_share).clamp_min(1e-6))
-        self.no_sink_count[layer, :, :Lk] += by_distance(no_sink).expand(H, Lk)
+
+        contiguous = bq == 1 or int(block.q_index[-1] - block.q_index[0]) == bq - 1
+        if contiguous:  # diagonal sums over a reused zero-padded buffer: no scatter, no copies
+            per_head = DiagonalSums(B * H, bq, width, int(q_abs[0]), Lk, causal=call.causal, device=device)
+            per_mask = DiagonalSums(B * fit.shape[1], bq, width, int(q_abs[0]), Lk, causal=call.causal,
+                                    device=device)
+
+            def by_distance(write: Any, sums: DiagonalSums, G: int) -> Tensor:
+                write(sums.middle.view(B, G, bq, width))
+                return sums().view(B, G, Lk).double().sum(dim=0).cpu()
+        else:  # sampled, non-contiguous rows: scatter by distance
+            def by_distance(write: Any, sums: Any, G: int) -> Tensor:
+                values = torch.zeros(B, G, bq, width, device=device)
+                write(values)
+                flat = sums_by_distance_scatter(values.view(B * G, bq, width), distance, Lk)
+                return flat.view(B, G, Lk).double().sum(dim=0).cpu()
+            per_head = per_mask = None
+
+        layer, G = call.layer_idx, fit.shape[1]
+        self.mass_sum[layer, :, :Lk] += by_distance(
+            lambda out: torch.mul(probs, query_ok[:, None, :, None], out=out), per_head, H)
+        self.fit_sum[layer, :, :Lk] += by_distance(lambda out: torch.mul(probs, fit, out=out), per_head, H)
+        self.no_sink_sum[layer, :, :Lk] += by_distance(
+            lambda out: torch.mul(probs, no_sink, out=out).div_((1 - sink_share).clamp_min(1e-6)), per_head, H)
+        self.fit_count[layer, :, :Lk] += by_distance(lambda out: out.copy_(fit), per_mask, G).expand(H, Lk)
+        self.no_sink_count[layer, :, :Lk] += by_distance(lambda out: out.copy_(no_sink), per_mask, G).expand(H, Lk)
+        self.rows_seen[layer] += (keep.any(dim=-1) & query_ok[:, None, :]).expand(B, H, bq).sum(dim=(0, 2)).cpu()
 
     def state(self) -> dict[str, Tensor]:
         return {"mass_sum": self.mass_sum, "fit_sum": self.fit_sum, "fit_count": self.fit_count,

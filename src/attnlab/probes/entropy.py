@@ -16,7 +16,7 @@ from attnlab.errors import ConfigError
 from attnlab.functional.attention import BlockView
 from attnlab.probes import PROBES
 from attnlab.probes.base import AttentionCall, ModelShape, Probe, Row, RowWriter, safe_div
-from attnlab.stats.entropy import normalised_entropy, row_entropy
+from attnlab.stats.entropy import normalised_entropy, row_entropy_from_logits
 
 
 @PROBES.register("entropy")
@@ -52,7 +52,7 @@ class EntropyProbe(Probe):
             num_visible = block.keep.sum(dim=-1)  # (B|1, H|1, bq)
         row_ok = call.query_valid[:, block.q_index][:, None, :] & (num_visible >= 1)  # (B, H|1, bq)
         row_ok = row_ok.expand(B, H, bq)
-        entropy = row_entropy(probs)  # (B, H, bq)
+        entropy = row_entropy_from_logits(probs, block.logits)  # (B, H, bq)
         norm = normalised_entropy(entropy, num_visible)  # (B, H, bq), NaN for < 2 keys
         norm_ok = row_ok & ~torch.isnan(norm)
         weight, norm_weight = row_ok.to(entropy.dtype), norm_ok.to(entropy.dtype)

@@ -81,14 +81,18 @@ class SinkProbe(Probe):
     def update(self, call: AttentionCall, block: BlockView) -> None:
         probs = block.probs  # (B, H, bq, width); keys at width and beyond got no attention from this block
         B, H, bq, width = probs.shape
-        sees = visible(call, block)  # (B, H, bq, width)
+        sees = visible(call, block)  # (B, H, bq, width) (an expanded view)
         in_block = self._key_present & (self._key_index < width)  # (B, K)
         index = self._key_index.clamp(max=width - 1)[:, None, None, :].expand(B, H, bq, self.num_keys)
         seen_first = sees.gather(-1, index) & in_block[:, None, None, :]  # (B, H, bq, K)
         self._alpha_sum += (probs.gather(-1, index) * seen_first).sum(dim=2).float()
         self._alpha_count += seen_first.sum(dim=2)
-        self._col_sum[..., :width] += (probs * sees).sum(dim=2).float()
-        self._col_count[..., :width] += sees.sum(dim=2)
+        # Column sums over the block's real query rows; probs are already 0 on keys a row cannot see.
+        query_ok = call.query_valid[:, block.q_index].to(probs.dtype)  # (B, bq)
+        self._col_sum[..., :width] += (query_ok[:, None, None, :] @ probs).squeeze(2).float()  # (B, H, width)
+        keep = block.keep if block.keep is not None else probs.new_ones(1, 1, bq, width, dtype=torch.bool)
+        seen_by = (keep & call.query_valid[:, block.q_index][:, None, :, None]).sum(dim=2)  # (B|1, 1|H, width)
+        self._col_count[..., :width] += seen_by
         self._rows += bq
 
     def end_call(self, call: AttentionCall) -> None:
