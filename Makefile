@@ -1,5 +1,9 @@
-# One venv at .venv; torch's local CPU build is installed first so pip never pulls a CUDA build.
+# One venv at .venv. torch is installed first, pinned, so that the project's `torch>=2.5` is already satisfied
+# and pip does not pick a build on its own. On the reference machines `torch==2.13.0` resolves to a local CPU
+# wheel; elsewhere choose the build you want, e.g.
+#   make demo TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
 PY ?= python3
+TORCH_SPEC ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -11,7 +15,7 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 $(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q $(TORCH_SPEC)
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 

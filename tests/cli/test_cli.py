@@ -89,7 +89,7 @@ def test_bad_text_exits_2_with_one_line(model_dir, tmp_path, content, fragment):
     path.write_bytes(content)
     result = _run("report", "--model", model_dir, "--text", str(path), "--seq-len", "32", "--out", str(tmp_path / "o"))
     _one_line_error(result, 2, fragment)
-    assert not (tmp_path / "o" / "results.json").exists()
+    assert not (tmp_path / "o").exists()  # nothing left behind, not even the directory
 
 
 def test_unknown_model_suggests_nearest(tmp_path):

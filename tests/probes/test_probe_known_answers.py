@@ -126,10 +126,10 @@ def test_distance_without_sink_drops_key_zero_and_renormalises():
     probe = DistanceProbe()
     feed_probs([probe], probs)
     rows = probe.rows()
-    # Fixed rows are queries 16..31 at distances 0..16; the sink (distance = query index) is in range only for
-    # query 16 at distance 16, so the d=16 bin holds one pair of 0.5 among 16 pairs.
-    assert _value(rows, "mean_attention", head=0, position=16) == pytest.approx(0.5 / 16)
-    assert _value(rows, "mean_attention_no_sink", head=0, position=16) == 0
+    # Fixed rows are queries 16..31 at distances 0..15; the sink (distance = query index >= 16) never enters.
+    assert _value(rows, "mean_attention", head=0, position=8) == 0
+    with pytest.raises(KeyError):
+        _value(rows, "mean_attention", head=0, position=16)
     assert _value(rows, "mean_attention", head=0, position=0) == pytest.approx(0.5)
     assert _value(rows, "mean_attention_no_sink", head=0, position=0) == pytest.approx(1.0)  # renormalised
     # mass pools every row: row 0 puts 1.0 at distance 0, the others 0.5.

@@ -62,7 +62,7 @@ def report(
     def body() -> None:
         from attnlab.pipeline import RunConfig, run_probes
         from attnlab.probes import DEFAULT_PROBES
-        from attnlab.report.io import prepare_out_dir, write_results
+        from attnlab.report.io import check_out_dir, write_results
 
         values = merge_config(ctx, config, {
             "model": model, "text": text, "seq_len": seq_len, "max_windows": max_windows,
@@ -77,8 +77,9 @@ def report(
             device=values["device"], seed=values["seed"],
         )
         out_dir = Path(values["out"])
-        prepare_out_dir(out_dir)  # fail before the long run, not after
-        stderr.print(f"config: {run_config.to_dict()}", markup=False, style="dim")
+        check_out_dir(out_dir)  # fail before the long run, and leave nothing behind
+        settings = " ".join(f"{key}={value}" for key, value in run_config.to_dict().items())
+        stderr.print(f"config: {settings}", markup=False, style="dim")
         results = _with_progress(lambda progress: run_probes(run_config, progress=progress))
         paths = write_results(out_dir, results)
         paths_line = " ".join(str(p) for p in paths.values())
@@ -121,8 +122,9 @@ def models_list(debug: Debug = False) -> None:
         from attnlab.assets import asset_home, list_assets
 
         table = Table(title=f"bundled assets (cache: {asset_home()})")
-        for column in ("name", "kind", "package", "fetched", "path"):
+        for column in ("name", "kind", "package", "fetched"):
             table.add_column(column)
+        table.add_column("path", overflow="fold")
         for row in list_assets():
             table.add_row(str(row["name"]), str(row["kind"]), str(row.get("package", "")),
                           "yes" if row.get("fetched") else "no", str(row.get("path") or ""))
@@ -156,16 +158,18 @@ def ls_probes() -> None:
     from attnlab.probes import PROBES
 
     for name in PROBES.names():
-        doc = (PROBES.get(name).__doc__ or "").strip().splitlines()[0]
+        doc = (PROBES.get(name).__doc__ or "").strip().splitlines()[0].replace("``", "")
         typer.echo(f"{name:12s} {doc}")
 
 
 def _with_progress(work: Any) -> Any:
     """Run ``work(progress)`` with a rich progress bar on stderr."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # one progress bar (ours), not transformers' per-step ones
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=stderr, transient=False) as bar:
+                  console=stderr, transient=False, disable=not stderr.is_terminal) as bar:
         task = bar.add_task("starting", total=None)
 
         def progress(done: int, total: int, message: str) -> None:

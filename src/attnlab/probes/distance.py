@@ -9,10 +9,11 @@ Two estimators, because pooling every row biases a causal decay curve:
 - ``mass`` (per log2 distance bin): the mean over all real query rows of the attention a row puts on keys at that
   distance. Descriptive: it shows, for instance, the sink's mass landing in the far bins.
 - ``mean_attention`` and the fits use a **fixed set of rows**: per sequence of n real tokens, R = n // 2, the
-  queries at positions ≥ R (all queries for bidirectional layers) and distances 0 … R. Every row of the set sees
+  queries at positions ≥ R (all queries for bidirectional layers) and distances 0 … R-1. Every row of the set sees
   every distance in the range, so uniform attention gives a flat curve (exponent 0) and a planted power law is
   recovered exactly; pooling all rows instead mixes early rows (few keys, high probabilities) into short
-  distances only, which fakes a decay.
+  distances only, which fakes a decay. The first token sits at distance ≥ R from every fixed row, so the sink
+  never enters these curves as a far-away spike.
 - The ``_no_sink`` variants drop the sink column (key position 0) and renormalise each row over the other keys,
   so heads that park different amounts of mass on the sink are compared on their remaining attention.
 """
@@ -72,7 +73,7 @@ class DistanceProbe(Probe):
         R = self._fit_range[:, None]  # (B, 1)
         positions = call.query_positions[:, block.q_index]  # (B, bq)
         rows = (positions >= R if call.causal else positions >= 0) & query_ok
-        fit = keep & (rows[:, :, None] & (distance[None] <= R[:, :, None]))[:, None]  # (B, 1|H, bq, width)
+        fit = keep & (rows[:, :, None] & (distance[None] < R[:, :, None]))[:, None]  # (B, 1|H, bq, width)
         no_sink = fit & (call.key_positions[:, :width] != 0)[:, None, None, :]
         in_block = self._has_sink & (self._sink_index < width)
         sink_column = self._sink_index.clamp(max=width - 1)[:, None, None, None].expand(B, H, bq, 1)
@@ -144,4 +145,4 @@ class DistanceProbe(Probe):
     def extras(self, decode: Any = None) -> dict[str, Any]:
         return {"bin_starts": log2_bin_starts(self._max_distance()),
                 "distance": "q - k (causal) or |q - k| (bidirectional), in tokens",
-                "fit_rows": "queries at position >= n // 2 (causal), distances <= n // 2 (n = real tokens)"}
+                "fit_rows": "queries at position >= n // 2 (causal), distances < n // 2 (n = real tokens)"}

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import secrets
+import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,28 @@ def prepare_out_dir(out_dir: Path) -> None:
         raise ConfigError(f"Cannot write results to {out_dir}: Not a directory")
     if not os.access(out_dir, os.W_OK | os.X_OK):
         raise ConfigError(f"Cannot write results to {out_dir}: Permission denied")
+
+
+def check_out_dir(out_dir: str | os.PathLike[str]) -> None:
+    """Check, without creating anything, that ``out_dir`` is or can become a writable directory.
+
+    Used before a long run so that a bad ``--out`` fails first and leaves nothing behind. Raises ConfigError
+    (one line) naming the directory and the reason.
+    """
+    path = Path(out_dir).absolute()
+    existing = path
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"Cannot write results to {out_dir}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"Cannot write results to {out_dir}: {existing} is not writable")
+    try:  # permissions alone do not tell (root, read-only or virtual filesystems): try, then clean up
+        os.rmdir(tempfile.mkdtemp(prefix=".attnlab-check-", dir=existing))
+    except OSError as error:
+        raise ConfigError(f"Cannot write results to {out_dir}: {existing}: {error.strerror or error}") from None
 
 
 def _write_temp(out_dir: Path, name: str, text: str) -> Path:

@@ -108,6 +108,7 @@ def heatmap_figure(panels: Sequence[HeatmapPanel], side: tuple[np.ndarray, str, 
         if annotate:
             _annotate(ax, panel.matrix, image.norm, cmap, fontsize=6 if num_heads > 6 else 7)
     if side is not None:
+        fig.get_layout_engine().set(wspace=0.08)  # keep the last colorbar label clear of the side panel
         values, title, xlabel = side
         ax = axes[-1]
         ax.barh(np.arange(len(values)), np.nan_to_num(np.asarray(values, dtype=float)), color="#4c72b0")

@@ -213,8 +213,14 @@ def _sinks_section(results: Mapping[str, Any], index: _Rows, dims: tuple[int, in
         with np.errstate(invalid="ignore"):
             rate = np.nanmean(np.where(np.isnan(alpha0), np.nan, alpha0 > epsilon), axis=1)
     panel = HeatmapPanel(alpha0, "α₀: mean attention on key 0", "α₀ (fraction of attention, 0–1)", 0.0, 1.0)
-    figure = plots.heatmap_figure([panel], side=(100 * rate, f"sink rate (ε = {epsilon})", "% heads with α₀ > ε"))
+    figure = plots.heatmap_figure([panel], side=(100 * rate, f"sink rate (ε = {epsilon})", "% of heads × windows"))
     hidden = index.per_layer("hidden_sinks", dims[0]) if index.has("hidden_sinks") else None
+    hidden_figure = None
+    if hidden is not None and np.isfinite(hidden).any():
+        layers = np.arange(len(hidden))
+        hidden_figure = plots.lines_figure([LinePanel(
+            [Series(layers, hidden, "hidden sinks", _COLORS[0])], "hidden sinks per layer", "layer",
+            "keys with column score > θ (per window and head)")], height=2.6)
     return {
         "figure": figure,
         "epsilon": epsilon,
@@ -222,7 +228,7 @@ def _sinks_section(results: Mapping[str, Any], index: _Rows, dims: tuple[int, in
         "overall_rate": format_number(float(np.nanmean(rate)) * 100) if np.isfinite(rate).any() else "—",
         "sink_heads": int(np.nansum(alpha0 > epsilon)),
         "total_heads": int(np.isfinite(alpha0).sum()),
-        "hidden_per_layer": None if hidden is None else [format_number(float(v)) for v in hidden],
+        "hidden_figure": hidden_figure,
     }
 
 
