@@ -66,7 +66,7 @@ def feed_probs(probes, probs: Tensor, keep: Tensor | None = None, *, value: Tens
                          causal=causal, value=value, query_valid=valid[:, Lk - Lq:], key_valid=valid,
                          query_positions=sequence.positions[:, Lk - Lq:], key_positions=sequence.positions,
                          sequence=sequence)
-    logits = torch.log(probs)
+    logits = torch.log(probs).clamp_min(torch.finfo(probs.dtype).min)  # the kernel's finite masked logits
     block = BlockView(probs=probs, logits=logits, keep=keep, q_index=torch.arange(Lq))
     for probe in probes:
         if bind:

@@ -46,3 +46,16 @@ def test_fit_recovers_exact_power_law(exponent):
 def test_fit_needs_three_points():
     fit = fit_decay(torch.tensor([1.0, 0.5, 0.0]), torch.tensor([1.0, 1.0, 0.0]))
     assert all(math.isnan(v) for v in fit.values())
+
+
+def test_reused_storage_gives_the_same_sums():
+    """A storage full of garbage (NaN) from earlier blocks must not leak into later sums."""
+    from attnlab.stats.distance import DiagonalSums
+
+    storage = torch.full((4 * 6 * (30 + 12),), float("nan"))
+    g = torch.Generator().manual_seed(0)
+    for bq, width, q_start in [(6, 30, 24), (2, 11, 9), (6, 18, 12), (5, 30, 25)]:
+        values = torch.randn(4, bq, width, generator=g)
+        reused = DiagonalSums(4, bq, width, q_start, 31, causal=False, storage=storage)
+        reused.middle.copy_(values)
+        torch.testing.assert_close(reused(), sums_by_distance(values, q_start, 31, causal=False))

@@ -119,7 +119,8 @@ class BlockView:
 
     Attributes:
         probs: (B, Hq, bq, width) float32 (float64 for float64 input); masked entries are exactly 0.
-        logits: (B, Hq, bq, width) same dtype as probs; masked entries are -inf.
+        logits: (B, Hq, bq, width) same dtype as probs; masked entries hold ``torch.finfo(dtype).min`` (finite, so
+            that products with their zero probs stay 0; softmax still gives them exactly 0).
         keep: bool broadcastable to (B, Hq, bq, width), or None when every key is visible.
         q_index: (bq,) long, the absolute query row (0 ≤ q_index < Lq) of each row of the block.
     """
@@ -182,20 +183,24 @@ def blocked_attention(
         rows = query_index[start : start + block_size]
         bq = rows.numel()
         q_blk = query[:, :, start : start + bq] if contiguous else query[:, :, rows]
-        keep_blk, width = None, Lk
+        keep_blk, width, first_masked = None, Lk, Lk
         if keep is not None:
             keep_blk = keep[..., start : start + bq, :] if contiguous else keep[..., rows, :]
             keep_blk = keep_blk if keep.shape[-2] != 1 else keep
-            visible_keys = keep_blk.reshape(-1, Lk).any(dim=0).nonzero()
+            flat = keep_blk.reshape(-1, keep_blk.shape[-1])  # (rows of all batches/heads, Lk)
+            visible_keys = flat.any(dim=0).nonzero()
             width = int(visible_keys.max()) + 1 if visible_keys.numel() else 1  # skip keys nobody sees
             keep_blk = keep_blk[..., :width]
+            masked_keys = (~flat[:, :width].all(dim=0)).nonzero()
+            first_masked = int(masked_keys.min()) if masked_keys.numel() else width  # keys before: all visible
         # (B, Hkv, G*bq, D) @ (B, Hkv, D, width): query head h = kv * G + g reads kv head h // G
         q_grouped = (q_blk.to(dtype) * scale).reshape(B, Hkv, groups * bq, D)
         logits = (q_grouped @ key_c[:, :, :width].transpose(-1, -2)).view(B, num_heads, bq, width)
         if softcap is not None:
             logits = softcap * torch.tanh(logits / softcap)
         if keep_blk is not None:
-            logits = logits.masked_fill(~keep_blk, float("-inf"))
+            if first_masked < width:  # mask only the columns some row cannot see (the diagonal part if causal)
+                logits[..., first_masked:].masked_fill_(~keep_blk[..., first_masked:], torch.finfo(dtype).min)
             row_has_key = keep_blk.any(dim=-1, keepdim=True)  # (B|1, H|1, bq, 1)
             if bool(row_has_key.all()):
                 probs = torch.softmax(logits, dim=-1)

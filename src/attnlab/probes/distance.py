@@ -60,6 +60,10 @@ class DistanceProbe(Probe):
         index, present = key_index_of_positions(call.key_positions, 1)
         self._sink_index, self._has_sink = index[:, 0], present[:, 0]  # (B,)
         self._fit_range = call.key_valid.sum(dim=-1) // 2  # (B,) R per sequence
+        self._storage: Tensor | None = None  # diagonal-sum buffers, reused across the call's blocks
+
+    def end_call(self, call: AttentionCall) -> None:
+        self._storage = self._mask_storage = None
 
     def update(self, call: AttentionCall, block: BlockView) -> None:
         probs = block.probs  # (B, H, bq, width); keys at width and beyond got no attention from this block
@@ -81,9 +85,13 @@ class DistanceProbe(Probe):
 
         contiguous = bq == 1 or int(block.q_index[-1] - block.q_index[0]) == bq - 1
         if contiguous:  # diagonal sums over a reused zero-padded buffer: no scatter, no copies
-            per_head = DiagonalSums(B * H, bq, width, int(q_abs[0]), Lk, causal=call.causal, device=device)
+            if self._storage is None or self._storage.numel() < B * H * bq * (Lk + 2 * bq):
+                self._storage = torch.empty(B * H * bq * (Lk + 2 * bq), device=device)
+                self._mask_storage = torch.empty(B * H * bq * (Lk + 2 * bq), device=device)
+            per_head = DiagonalSums(B * H, bq, width, int(q_abs[0]), Lk, causal=call.causal, device=device,
+                                    storage=self._storage)
             per_mask = DiagonalSums(B * fit.shape[1], bq, width, int(q_abs[0]), Lk, causal=call.causal,
-                                    device=device)
+                                    device=device, storage=self._mask_storage)
 
             def by_distance(write: Any, sums: DiagonalSums, G: int) -> Tensor:
                 write(sums.middle.view(B, G, bq, width))
@@ -97,14 +105,22 @@ class DistanceProbe(Probe):
             per_head = per_mask = None
 
         layer, G = call.layer_idx, fit.shape[1]
-        self.mass_sum[layer, :, :Lk] += by_distance(
-            lambda out: torch.mul(probs, query_ok[:, None, :, None], out=out), per_head, H)
-        self.fit_sum[layer, :, :Lk] += by_distance(lambda out: torch.mul(probs, fit, out=out), per_head, H)
+        mass = by_distance(lambda out: torch.mul(probs, query_ok[:, None, :, None], out=out), per_head, H)
+        self.mass_sum[layer, :, :Lk] += mass
+        self.rows_seen[layer] += (keep.any(dim=-1) & query_ok[:, None, :]).expand(B, H, bq).sum(dim=(0, 2)).cpu()
+        if not bool(rows.any()):  # e.g. causal blocks before position R: no fixed rows here
+            return
+        if bool(rows.all()) and bool((R == R[0]).all()):
+            # Every row is a fixed row with the same R: the fixed-row sums are the mass sums at distances < R.
+            fit_sums = mass.clone()
+            fit_sums[:, int(R[0]):] = 0
+        else:
+            fit_sums = by_distance(lambda out: torch.mul(probs, fit, out=out), per_head, H)
+        self.fit_sum[layer, :, :Lk] += fit_sums
+        self.fit_count[layer, :, :Lk] += by_distance(lambda out: out.copy_(fit), per_mask, G).expand(H, Lk)
         self.no_sink_sum[layer, :, :Lk] += by_distance(
             lambda out: torch.mul(probs, no_sink, out=out).div_((1 - sink_share).clamp_min(1e-6)), per_head, H)
-        self.fit_count[layer, :, :Lk] += by_distance(lambda out: out.copy_(fit), per_mask, G).expand(H, Lk)
         self.no_sink_count[layer, :, :Lk] += by_distance(lambda out: out.copy_(no_sink), per_mask, G).expand(H, Lk)
-        self.rows_seen[layer] += (keep.any(dim=-1) & query_ok[:, None, :]).expand(B, H, bq).sum(dim=(0, 2)).cpu()
 
     def state(self) -> dict[str, Tensor]:
         return {"mass_sum": self.mass_sum, "fit_sum": self.fit_sum, "fit_count": self.fit_count,

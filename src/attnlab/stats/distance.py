@@ -95,13 +95,21 @@ class DiagonalSums:
         n: rows of the flattened leading dims (e.g. batch · heads). bq: query rows of the block.
         width: keys of the block. q_start: key index of the block's first query row.
         length: size of the output's distance axis (> every distance). causal: see above.
+        storage: optional float tensor of at least ``n * bq * (width + 2 * bq)`` elements to reuse across blocks
+            (its contents are overwritten); a new zeroed buffer is allocated otherwise.
     """
 
     def __init__(self, n: int, bq: int, width: int, q_start: int, length: int, *, causal: bool,
-                 device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> None:
+                 device: torch.device | None = None, dtype: torch.dtype = torch.float32,
+                 storage: Tensor | None = None) -> None:
         self.n, self.bq, self.width, self.length = n, bq, width, length
         row = width + 2 * bq
-        self.buffer = torch.zeros(n, bq, row, dtype=dtype, device=device)
+        if storage is not None and storage.numel() >= n * bq * row:  # reuse: only the pads need zeroing
+            self.buffer = storage.view(-1)[: n * bq * row].view(n, bq, row)
+            self.buffer[:, :, :bq].zero_()
+            self.buffer[:, :, bq + width :].zero_()
+        else:
+            self.buffer = torch.zeros(n, bq, row, dtype=dtype, device=device)
         self.middle = self.buffer[:, :, bq : bq + width]  # (n, bq, width)
         self._diagonals = self.buffer.as_strided((n, bq, width + bq), (bq * row, row + 1, 1))
         distance = q_start + bq - torch.arange(width + bq, device=device)  # column t holds distance q_start+bq-t

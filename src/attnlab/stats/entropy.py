@@ -22,19 +22,21 @@ def row_entropy(probs: Tensor) -> Tensor:
 
 
 def row_entropy_from_logits(probs: Tensor, logits: Tensor) -> Tensor:
-    """Row entropy from probs and their logits without a log per element (fast form of :func:`row_entropy`).
+    """Row entropy from probs and their logits with one log per row (the fast form of :func:`row_entropy`).
 
-    Uses ``log p_j = (l_j - m) + log p_max`` with ``m`` the row's largest logit, so
-    ``H = -log p_max - sum_j p_j (l_j - m)``: one log per row instead of one per entry. Masked entries
-    (logit -inf, p 0) contribute 0; rows with no visible key give 0. Agrees with :func:`row_entropy` to
-    float32 rounding of the logits (tested).
+    With ``m`` the logit of the most probable key, ``log p_j = (l_j - m) + log p_max``, so
+    ``H = -log p_max - (sum_j p_j l_j - m)``; the sum is one fused dot product per row. Rows with no visible key
+    give 0. Agrees with :func:`row_entropy` to about 1e-6 · |logits| (float32 rounding; tested).
 
     Args:
-        probs: (..., Lk) softmax of ``logits`` over the visible keys. logits: (..., Lk), -inf where masked.
+        probs: (..., Lk) softmax of ``logits`` over the visible keys.
+        logits: (..., Lk) with masked entries set to a large *finite* negative value such as
+            ``torch.finfo(dtype).min`` (as the blocked kernel does); ``-inf`` would give NaN.
     """
-    m = logits.amax(dim=-1, keepdim=True)
-    p_max = probs.amax(dim=-1)
-    entropy = -torch.log(p_max) - (probs * (logits - m)).nansum(dim=-1)
+    p_max, top = probs.max(dim=-1)
+    m = logits.gather(-1, top.unsqueeze(-1)).squeeze(-1)
+    dot = torch.einsum("...k,...k->...", probs, logits)
+    entropy = -torch.log(p_max) - (dot - m)
     return torch.where(p_max > 0, entropy, torch.zeros((), dtype=entropy.dtype, device=entropy.device))
 
 
