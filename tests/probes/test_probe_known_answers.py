@@ -23,6 +23,20 @@ def _causal_uniform(B, H, L):
     return probs.expand(B, H, L, L).float().clone()
 
 
+def _planted_distance_fit(L, keep, profile):
+    """Rows with attention ∝ profile(distance) on the visible keys; returns the distance probe's rows."""
+    d = (torch.arange(L)[:, None] - torch.arange(L)[None, :]).double()
+    weights = torch.where(keep, profile(d.clamp(min=1)), torch.zeros(()).double())
+    probs = (weights / weights.sum(-1, keepdim=True).clamp(min=1e-300)).float()[None, None]
+    probe = DistanceProbe()
+    feed_probs([probe], probs, keep[None, None])
+    return probe.rows()
+
+
+def _distances(L):
+    return torch.arange(L)[:, None] - torch.arange(L)[None, :]
+
+
 def _value(rows, statistic, layer=0, head=None, position=None):
     for row in rows:
         if row["statistic"] == statistic and row["layer"] == layer and row["head"] == head \
@@ -93,27 +107,19 @@ def test_hidden_sink_is_found_with_its_token():
 @pytest.mark.parametrize("exponent", [0.7, 1.5])
 def test_planted_power_law_is_recovered_within_5_percent(exponent):
     L, W = 160, 64
-    i, j = torch.arange(L)[:, None], torch.arange(L)[None, :]
-    d = (i - j).double()
-    keep = (d >= 1) & (d <= W) & (i >= W)  # rows before W see nothing (their rows are all zero)
-    weights = torch.where(keep, d.clamp(min=1) ** -exponent, torch.zeros(()).double())
-    probs = (weights / weights.sum(-1, keepdim=True).clamp(min=1e-300)).float()[None, None]
-    probe = DistanceProbe()
-    feed_probs([probe], probs, keep[None, None])
-    fitted = _value(probe.rows(), "power_law_exponent", head=0)
-    assert fitted == pytest.approx(exponent, rel=0.05)
-    assert _value(probe.rows(), "power_law_r2", head=0) > 0.99
+    d = _distances(L)
+    keep = (d >= 1) & (d <= W) & (torch.arange(L)[:, None] >= W)  # rows before W see nothing (all-zero rows)
+    rows = _planted_distance_fit(L, keep, lambda x: x**-exponent)
+    assert _value(rows, "power_law_exponent", head=0) == pytest.approx(exponent, rel=0.05)
+    assert _value(rows, "power_law_r2", head=0) > 0.99
 
 
 def test_planted_exponential_decay_is_recovered():
     L, rate = 120, 0.1
-    d = (torch.arange(L)[:, None] - torch.arange(L)[None, :]).double()
+    d = _distances(L)
     keep = (d >= 1) & (torch.arange(L)[:, None] >= 60) & (d <= 60)
-    weights = torch.where(keep, torch.exp(-rate * d), torch.zeros(()).double())
-    probs = (weights / weights.sum(-1, keepdim=True).clamp(min=1e-300)).float()[None, None]
-    probe = DistanceProbe()
-    feed_probs([probe], probs, keep[None, None])
-    assert _value(probe.rows(), "exp_decay_rate", head=0) == pytest.approx(rate, rel=0.05)
+    rows = _planted_distance_fit(L, keep, lambda x: torch.exp(-rate * x))
+    assert _value(rows, "exp_decay_rate", head=0) == pytest.approx(rate, rel=0.05)
 
 
 def test_distance_without_sink_drops_key_zero_and_renormalises():
@@ -146,14 +152,8 @@ def test_uniform_causal_attention_has_no_decay():
 
 @pytest.mark.parametrize("exponent", [0.7, 1.2])
 def test_power_law_over_plain_causal_rows_is_recovered(exponent):
-    L = 256
-    d = (torch.arange(L)[:, None] - torch.arange(L)[None, :]).double()
-    keep = (d >= 1)
-    weights = torch.where(keep, d.clamp(min=1) ** -exponent, torch.zeros(()).double())
-    probs = (weights / weights.sum(-1, keepdim=True).clamp(min=1e-300)).float()[None, None]
-    probe = DistanceProbe()
-    feed_probs([probe], probs, keep[None, None])
-    assert _value(probe.rows(), "power_law_exponent", head=0) == pytest.approx(exponent, rel=0.05)
+    rows = _planted_distance_fit(256, _distances(256) >= 1, lambda x: x**-exponent)
+    assert _value(rows, "power_law_exponent", head=0) == pytest.approx(exponent, rel=0.05)
 
 
 def test_sink_indicator_is_per_sequence_then_averaged():
