@@ -31,7 +31,7 @@ test: fetch
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/probe_overhead.py
+	$(BIN)/python benchmarks/probe_overhead.py --long-repeats 1 --markdown
 
 clean:
 	rm -rf $(VENV) attnlab-report

@@ -1,0 +1,35 @@
+"""Where attnlab's time goes: torch profiler table of one forward pass of the bundled model with probes on.
+
+    .venv/bin/python benchmarks/profile_probes.py --length 4096 --probes entropy sink distance norms
+
+Prints the operators sorted by self CPU time (after one untimed warm-up pass). Not packaged; not imported by attnlab.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import attnlab
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--length", type=int, default=4096)
+    parser.add_argument("--probes", nargs="+", default=["entropy", "sink", "distance", "norms"])
+    parser.add_argument("--rows", type=int, default=20, help="operators to list")
+    args = parser.parse_args()
+    model, tokenizer = attnlab.load_model("smollm2-135m")
+    batch = next(iter(attnlab.load_text(tokenizer, None, seq_len=args.length, max_windows=1)))
+    with torch.no_grad():
+        with attnlab.Session(model, probes=args.probes):
+            model(**batch)
+        with profile(activities=[ProfilerActivity.CPU]) as prof, attnlab.Session(model, probes=args.probes):
+            model(**batch)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+
+
+if __name__ == "__main__":
+    main()
