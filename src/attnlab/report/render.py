@@ -220,7 +220,7 @@ def _sinks_section(results: Mapping[str, Any], index: _Rows, dims: tuple[int, in
         layers = np.arange(len(hidden))
         hidden_figure = plots.lines_figure([LinePanel(
             [Series(layers, hidden, "hidden sinks", _COLORS[0])], "hidden sinks per layer", "layer",
-            "keys with column score > θ (per window and head)")], height=2.6)
+            "per window and head")], height=2.6)
     return {
         "figure": figure,
         "epsilon": epsilon,
