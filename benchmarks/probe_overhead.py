@@ -21,7 +21,7 @@ faults in the memory-mapped weights). A child that fails, times out (``--timeout
 this script's ``--max-rss-gib`` guard) is recorded as failed with its reason and the RSS seen before the kill.
 Thread count is torch's default. Results go to ``--json`` after every child, so an interrupted run keeps them.
 
-    python benchmarks/probe_overhead.py --long-repeats 1             # the run in docs/benchmarks.md
+    python benchmarks/probe_overhead.py --long-repeats 1             # the run in docs/benchmarks.md, ~30 min
     python benchmarks/probe_overhead.py --lengths 256 512 --repeats 1 --eager-max 512   # smoke test, ~3 min
     python benchmarks/probe_overhead.py --render bench-results/probe_overhead.json --markdown
 
