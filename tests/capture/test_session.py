@@ -189,3 +189,22 @@ def test_learned_sink_logits_are_refused_not_ignored(probes):
         with attnlab.Session(model, probes=probes):
             model(input_ids=torch.randint(0, 97, (1, 8)))
     assert model.config._attn_implementation == "eager"
+
+
+@torch.no_grad()
+def test_static_cache_prefill_gives_the_same_statistics_as_no_cache():
+    """A StaticCache holds empty slots after the prompt; they must never count as keys."""
+    from transformers import StaticCache
+
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(11))
+    with attnlab.Session(model, probes=ALL_PROBES) as plain:
+        expected_logits = model(input_ids=ids).logits
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    with attnlab.Session(model, probes=ALL_PROBES) as cached:
+        logits = model(input_ids=ids, cache=cache, use_cache=True).logits
+    torch.testing.assert_close(logits, expected_logits, atol=MODEL_LOGITS_ATOL, rtol=0)
+    a = plain.results().set_index(["probe", "statistic", "layer", "head", "position"])["value"]
+    b = cached.results().set_index(["probe", "statistic", "layer", "head", "position"])["value"]
+    assert a.index.equals(b.index)
+    torch.testing.assert_close(torch.tensor(b.values), torch.tensor(a.values), atol=1e-5, rtol=1e-5)

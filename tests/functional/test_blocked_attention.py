@@ -145,3 +145,20 @@ def test_uniform_attention_entropy_is_log_n():
     entropy = row_entropy(_stitch(seen, 9))[0, 0]
     expected = torch.tensor([math.log(i + 1) for i in range(9)])
     torch.testing.assert_close(entropy, expected)
+
+
+def test_masks_that_broadcast_and_any_query_order():
+    """A mask shared by all queries, a mask broadcast along keys, and rows given in any order."""
+    q, k, v = _inputs(2, 4, 2, 9, 9, 8)
+    shared = torch.rand(2, 1, 1, 9, generator=torch.Generator().manual_seed(4)) > 0.3  # (B, 1, 1, Lk)
+    golden, _, _ = attention_reference(q, k, v, shared)
+    rows = torch.tensor([8, 0, 3])
+    torch.testing.assert_close(blocked_attention(q, k, v, shared, query_index=rows, block_size=2), golden[:, :, rows])
+    everything = torch.ones(1, 1, 9, 1, dtype=torch.bool)  # broadcast along the key axis
+    torch.testing.assert_close(blocked_attention(q, k, v, everything), attention_reference(q, k, v)[0])
+    order = torch.randperm(9, generator=torch.Generator().manual_seed(5))
+    causal = causal_keep(9, 9)[None, None]
+    torch.testing.assert_close(blocked_attention(q, k, v, causal, query_index=order),
+                               attention_reference(q, k, v, causal)[0][:, :, order])
+    with pytest.raises(ShapeError, match="kv_len=9"):
+        blocked_attention(q, k, v, torch.ones(1, 1, 9, 4, dtype=torch.bool))

@@ -201,6 +201,14 @@ class Session:
             raise ConfigError("attnlab probes need the model in eval mode (attention dropout is active); call model.eval()")
         is_causal = kwargs.get("is_causal")
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+        seen = self._sequence.valid.shape[1] if self._sequence is not None else None
+        if attention_mask is None and causal and 1 < query.shape[2] < key.shape[2]:
+            seen = query.shape[2]  # SDPA's top-left causal alignment: the keys after q_len are not attended
+        if seen is not None and key.shape[2] > seen:
+            # A static cache holds more slots than tokens so far; the extra slots are empty. Drop them so the
+            # probes never count them as keys (the output is unchanged: they are masked or cropped anyway).
+            key, value = key[:, :, :seen], value[:, :, :seen]
+            attention_mask = None if attention_mask is None else attention_mask[..., :seen]
         keep = self._keep_mask(attention_mask, query.shape[2], key.shape[2], causal, query.device)
         call = self._make_call(layer, query, key, value, causal)
         with torch.no_grad():
@@ -254,11 +262,17 @@ class Session:
         B, Hq, Lq, _ = query.shape
         Lk = key.shape[2]
         sequence = self._sequence
-        if sequence is None or sequence.valid.shape[0] != B or sequence.valid.shape[1] < Lk:
+        if sequence is None or sequence.valid.shape[0] != B:
             valid = torch.ones(B, Lk, dtype=torch.bool, device=query.device)
             sequence = SequenceInfo.from_mask(valid, None, self.num_sequences)
-        key_valid = sequence.valid[:, :Lk].to(query.device)
-        key_positions = sequence.positions[:, :Lk].to(query.device)
+        length = sequence.valid.shape[1]
+        if length < Lk:  # no usable token info (e.g. inputs_embeds of another length): every key is real
+            sequence = SequenceInfo.from_mask(torch.ones(B, Lk, dtype=torch.bool, device=query.device), None,
+                                              self.num_sequences)
+            length = Lk
+        # The keys are the last Lk tokens (a cache cropped to a window keeps the most recent ones).
+        key_valid = sequence.valid[:, length - Lk :].to(query.device)
+        key_positions = sequence.positions[:, length - Lk :].to(query.device)
         return AttentionCall(
             layer_idx=layer, num_heads=Hq, num_kv_heads=key.shape[1], q_len=Lq, kv_len=Lk, causal=causal,
             value=value.detach(), query_valid=key_valid[:, Lk - Lq:], key_valid=key_valid,

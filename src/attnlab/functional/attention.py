@@ -173,20 +173,26 @@ def blocked_attention(
     dtype = _compute_dtype(query)
     scale = D ** -0.5 if scale is None else scale
     key_c, value_c = key.to(dtype), value.to(dtype)
+    if keep is not None:
+        if keep.shape[-1] not in (1, Lk) or keep.dim() != 4:
+            raise ShapeError(f"keep must broadcast to (batch, heads, q_len, kv_len={Lk}); got {tuple(keep.shape)}")
+        keep = keep.expand(*keep.shape[:-1], Lk)
+    contiguous = query_index is None  # blocks are then plain slices of the query
     if query_index is None:
         query_index = torch.arange(Lq, device=query.device)
     n = query_index.numel()
     output = query.new_empty(B, num_heads, n, Dv, dtype=value.dtype)
     zero = torch.zeros((), dtype=dtype, device=query.device)
-    contiguous = n == Lq  # blocks are then plain slices of the query
     for start in range(0, n, block_size):
         rows = query_index[start : start + block_size]
         bq = rows.numel()
         q_blk = query[:, :, start : start + bq] if contiguous else query[:, :, rows]
         keep_blk, width, first_masked = None, Lk, Lk
         if keep is not None:
-            keep_blk = keep[..., start : start + bq, :] if contiguous else keep[..., rows, :]
-            keep_blk = keep_blk if keep.shape[-2] != 1 else keep
+            if keep.shape[-2] == 1:  # one mask row shared by every query
+                keep_blk = keep
+            else:
+                keep_blk = keep[..., start : start + bq, :] if contiguous else keep[..., rows, :]
             flat = keep_blk.reshape(-1, keep_blk.shape[-1])  # (rows of all batches/heads, Lk)
             visible_keys = flat.any(dim=0).nonzero()
             width = int(visible_keys.max()) + 1 if visible_keys.numel() else 1  # skip keys nobody sees
