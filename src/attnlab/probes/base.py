@@ -164,10 +164,23 @@ class RowWriter:
 
     def add_grid(self, statistic: str, grid: Tensor, *, position: int | None = None, valid: Tensor | None = None) -> None:
         """Add a (num_layers, num_heads) grid; entries where ``valid`` is False are skipped."""
-        for layer in range(grid.shape[0]):
-            for head in range(grid.shape[1]):
-                if valid is None or bool(valid[layer, head]):
-                    self.add(statistic, grid[layer, head].item(), layer, head, position)
+        valid = torch.ones_like(grid, dtype=torch.bool) if valid is None else valid
+        self.add_indexed(statistic, grid, valid, ("layer", "head"), position=position)
+
+    def add_indexed(self, statistic: str, values: Tensor, valid: Tensor, columns: tuple[str, ...],
+                    **fixed: int | None) -> None:
+        """One row per True entry of ``valid``; the entry's indices fill ``columns`` (e.g. ``("layer", "position")``).
+
+        Vectorised (one ``tolist`` per call), so position-level tables stay fast at long sequence lengths.
+        """
+        indices = valid.nonzero().tolist()
+        picked = values[valid].tolist()
+        for index, value in zip(indices, picked):
+            row: Row = {"probe": self.probe, "statistic": statistic, "layer": None, "head": None, "position": None}
+            row.update(fixed)
+            row.update(zip(columns, index))
+            row["value"] = float(value)
+            self.rows.append(row)
 
 
 def safe_div(numerator: Tensor, denominator: Tensor) -> Tensor:

@@ -92,21 +92,11 @@ class NormsProbe(Probe):
         out = RowWriter(self.name)
         residual = safe_div(self.residual_sum, self.residual_count)  # (L, P)
         value = safe_div(self.value_sum, self.value_count)  # (L, Hkv, P)
-        L, Hkv, P = value.shape
-        for layer in range(L):
-            for p in range(P):
-                if self.residual_count[layer, p] > 0:
-                    out.add("residual_norm", residual[layer, p].item(), layer, None, p)
-                for g in range(Hkv):
-                    if self.value_count[layer, g, p] > 0:
-                        out.add("value_norm_kv", value[layer, g, p].item(), layer, g, p)
+        out.add_indexed("residual_norm", residual, self.residual_count > 0, ("layer", "position"))
+        out.add_indexed("value_norm_kv", value, self.value_count > 0, ("layer", "head", "position"))
         peak, drain = _peak_ratio(residual), _peak_ratio(value)
-        for layer in range(L):
-            if peak[layer] == peak[layer]:
-                out.add("residual_peak_ratio", peak[layer].item(), layer)
-            for g in range(Hkv):
-                if drain[layer, g] == drain[layer, g]:
-                    out.add("value_drain_ratio_kv", drain[layer, g].item(), layer, g)
+        out.add_indexed("residual_peak_ratio", peak, ~torch.isnan(peak), ("layer",))
+        out.add_indexed("value_drain_ratio_kv", drain, ~torch.isnan(drain), ("layer", "head"))
         return out.rows
 
     def extras(self, decode: Any = None) -> dict[str, Any]:
