@@ -208,3 +208,14 @@ def test_static_cache_prefill_gives_the_same_statistics_as_no_cache():
     b = cached.results().set_index(["probe", "statistic", "layer", "head", "position"])["value"]
     assert a.index.equals(b.index)
     torch.testing.assert_close(torch.tensor(b.values), torch.tensor(a.values), atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_generation_without_attention_mask_is_unchanged_by_probes():
+    """Decoding with a cache and no 2-D mask: each step's keys include the past, none may be dropped."""
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(12))
+    expected = model.generate(ids, max_new_tokens=5, do_sample=False)
+    with attnlab.Session(model, probes=ALL_PROBES):
+        actual = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert torch.equal(actual, expected)

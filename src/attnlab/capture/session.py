@@ -104,6 +104,7 @@ class Session:
         self.num_sequences = 0
         self.calls_per_layer: dict[int, int] = {}
         self._sequence: SequenceInfo | None = None
+        self._mask_length: int | None = None
         self._layer_of: dict[int, int] = {}
         self._hooks: list[Any] = []
         self._previous_impl: str | None = None
@@ -149,6 +150,7 @@ class Session:
             self._sequence = None
             return
         batch, length = reference.shape[0], reference.shape[1]
+        self._mask_length = mask.shape[1] if mask is not None and mask.dim() == 2 else None
         if mask is not None and mask.dim() == 2:
             valid = mask.bool()
         else:
@@ -159,7 +161,7 @@ class Session:
         if self._sequence is not None:
             self.num_sequences += self._sequence.valid.shape[0]
             self.shape.max_len = max(self.shape.max_len, self._sequence.valid.shape[1])
-        self._sequence = None
+        self._sequence, self._mask_length = None, None
 
     def _layer_hook(self, index: int) -> Any:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
@@ -201,7 +203,7 @@ class Session:
             raise ConfigError("attnlab probes need the model in eval mode (attention dropout is active); call model.eval()")
         is_causal = kwargs.get("is_causal")
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
-        seen = self._sequence.valid.shape[1] if self._sequence is not None else None
+        seen = self._mask_length  # tokens so far, known only from an explicit 2-D attention_mask
         if attention_mask is None and causal and 1 < query.shape[2] < key.shape[2]:
             seen = query.shape[2]  # SDPA's top-left causal alignment: the keys after q_len are not attended
         if seen is not None and key.shape[2] > seen:
