@@ -152,14 +152,45 @@ def models_fetch(
     run_guarded(body, debug)
 
 
+def _list_registry(registry: Any) -> None:
+    """Print ``name  first docstring line`` for every entry of a registry."""
+    names = registry.names()
+    width = max((len(name) for name in names), default=0) + 2
+    for name in names:
+        doc = (registry.get(name).__doc__ or "").strip().splitlines()
+        typer.echo(f"{name:{width}s}{doc[0].replace('``', '') if doc else ''}")
+
+
 @ls_app.command("probes")
 def ls_probes() -> None:
     """List the registered probes with their one-line summary."""
     from attnlab.probes import PROBES
 
-    for name in PROBES.names():
-        doc = (PROBES.get(name).__doc__ or "").strip().splitlines()[0].replace("``", "")
-        typer.echo(f"{name:12s} {doc}")
+    _list_registry(PROBES)
+
+
+@ls_app.command("edits")
+def ls_edits() -> None:
+    """List the registered edits with their one-line summary."""
+    from attnlab.edits import EDITS
+
+    _list_registry(EDITS)
+
+
+@ls_app.command("layers")
+def ls_layers() -> None:
+    """List the registered attention mechanisms (layers) with their one-line summary."""
+    from attnlab.layers import LAYERS
+
+    _list_registry(LAYERS)
+
+
+@ls_app.command("masks")
+def ls_masks() -> None:
+    """List the registered masks (mask_mod factories) with their one-line summary."""
+    from attnlab.functional.masks import MASKS
+
+    _list_registry(MASKS)
 
 
 def _with_progress(work: Any) -> Any:
