@@ -1,0 +1,275 @@
+"""Structured and data-dependent sparse masks: radial (video), shifted groups (SinkLoRA), DMA top-k, SparseD blocks.
+
+Every factory here is registered in :data:`attnlab.functional.masks.MASKS` and returns a mask_mod with the
+FlexAttention signature (see :mod:`attnlab.functional.masks` for the position convention). The data-dependent
+masks are built in two steps: a function computes a bool ``keep`` tensor from the states (``dma_keep``,
+``sparsed_block_keep``), and the registered factory wraps it into a mask_mod (a table lookup, valid on every path).
+
+Shape legend: B batch, H num_heads, Hkv num_kv_heads (query head h reads kv head ``h // (H // Hkv)``), Lq q_len,
+Lk kv_len, D head_dim, nq/nk number of query/key blocks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnlab.errors import ConfigError, ShapeError
+from attnlab.functional.masks import (
+    MASKS,
+    MaskMod,
+    _check_non_negative,
+    _check_positive,
+    _named,
+    from_keep,
+)
+
+__all__ = ["dma", "dma_bias", "dma_keep", "radial", "radial_window_table", "shifted_groups", "sparsed",
+           "sparsed_block_keep", "SparsedSchedule"]
+
+
+# ----------------------------------------------------------------------------------------------------------- radial
+
+
+def radial_window_table(num_frames: int, tokens_per_frame: int, decay_factor: float = 1.0,
+                        min_window: int = 1) -> tuple[list[float], list[bool]]:
+    """Per temporal distance d = 0 … num_frames−1: the spatial window width and whether the diagonal is kept.
+
+    Radial attention (Li et al. 2025, §mask rule; METHODS.md #10): band g = bit_length(d) = ⌊log₂ d⌋ + 1, width
+    w(d) = decay_factor · 2^⌈log₂ s⌉ / 2^g. Distances 0 and 1 keep the whole frame block (width ∞). When w(d) drops
+    below ``min_window`` (the block size, 128 in the paper's code) the width becomes ``min_window`` and only every
+    ``split = ⌊min_window / w(d)⌋``-th distance keeps its diagonal (``d mod split == 0``).
+    """
+    _check_positive("num_frames", num_frames)
+    _check_positive("tokens_per_frame", tokens_per_frame)
+    _check_positive("min_window", min_window)
+    if not decay_factor > 0:
+        raise ConfigError(f"decay_factor must be > 0, got {decay_factor}")
+    top = 2 ** math.ceil(math.log2(tokens_per_frame)) if tokens_per_frame > 1 else 1
+    widths, on = [], []
+    for d in range(num_frames):
+        if d <= 1:
+            widths.append(math.inf)
+            on.append(True)
+            continue
+        width = decay_factor * top / 2 ** d.bit_length()
+        if width >= min_window:
+            widths.append(width)
+            on.append(True)
+        else:
+            split = max(1, int(min_window // width))
+            widths.append(float(min_window))
+            on.append(d % split == 0)
+    return widths, on
+
+
+@MASKS.register("radial")
+def radial(num_frames: int, tokens_per_frame: int, decay_factor: float = 1.0, min_window: int = 1,
+           sink_frames: int = 0, num_text_tokens: int = 0, device: torch.device | str | None = None) -> MaskMod:
+    """Radial attention: spatial window shrinking with temporal distance for a frames × tokens layout, O(n log n).
+
+    Token t < num_frames · tokens_per_frame is (frame t // s, spatial index t % s); query token (fq, pq) sees key
+    (fk, pk) iff d = |fq − fk| ≤ 1, or the distance-d diagonal is kept and |pq − pk| ≤ w(d)
+    (:func:`radial_window_table`), or fk < ``sink_frames`` (the Wan "first frame visible" sink). The
+    ``num_text_tokens`` tokens after the video are dense (see and are seen by everyone). Bidirectional; AND with
+    ``causal()`` for a causal variant. Token level (the paper's code then coarsens to 128-blocks; not reproduced).
+    Source: Li et al. 2025, Radial Attention (METHODS.md #10). ``device``: where the lookup tables live.
+    """
+    widths, on = radial_window_table(num_frames, tokens_per_frame, decay_factor, min_window)
+    _check_non_negative("sink_frames", sink_frames)
+    _check_non_negative("num_text_tokens", num_text_tokens)
+    width_table = torch.tensor(widths, dtype=torch.float32, device=device)
+    on_table = torch.tensor(on, dtype=torch.bool, device=device)
+    s, video = tokens_per_frame, num_frames * tokens_per_frame
+
+    def mask_mod(batch_idx: Tensor, head_idx: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        fq, fk = q_idx // s, kv_idx // s
+        d = (fq - fk).abs().clamp(max=num_frames - 1)
+        near = on_table[d] & ((q_idx % s - kv_idx % s).abs().to(torch.float32) <= width_table[d])
+        keep_video = (d <= 1) | near | (fk < sink_frames)
+        is_text = (q_idx >= video) | (kv_idx >= video)
+        return keep_video | is_text
+
+    return _named(mask_mod, f"radial({num_frames}x{tokens_per_frame}, decay={decay_factor})")
+
+
+# --------------------------------------------------------------------------------------------------- shifted groups
+
+
+@MASKS.register("shifted_groups")
+def shifted_groups(group_size: int, num_heads: int, num_sink_tokens: int = 4, causal: bool = True) -> MaskMod:
+    """SinkLoRA SF-Attn: grouped attention, half the heads with groups shifted by group_size/2, plus sink tokens.
+
+    Heads ``h < num_heads // 2`` use groups ``[k·G, (k+1)·G)``; heads ``h ≥ num_heads // 2`` use groups shifted by
+    ``G // 2`` (LongLoRA S²-Attn rolls those heads by −G/2). Expressed in the original positions, the shifted groups
+    are "returned to place" and never wrap around the sequence end (no spurious first/last-group exchange). Every
+    query also sees the first ``num_sink_tokens`` keys. ``causal`` keeps only kv ≤ q.
+    Source: Zhang 2024, SinkLoRA (METHODS.md #30) — low confidence for SF-Attn's exact reassembly.
+
+    Raises:
+        ConfigError: if group_size < 2 or num_heads < 1.
+    """
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
+        raise ConfigError(f"group_size must be an integer >= 2, got {group_size!r}")
+    _check_positive("num_heads", num_heads)
+    _check_non_negative("num_sink_tokens", num_sink_tokens)
+    half, first_shifted = group_size // 2, num_heads // 2
+
+    def mask_mod(batch_idx: Tensor, head_idx: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        shift = (head_idx >= first_shifted).to(q_idx.dtype) * half
+        keep = ((q_idx + shift) // group_size == (kv_idx + shift) // group_size) | (kv_idx < num_sink_tokens)
+        return keep & (kv_idx <= q_idx) if causal else keep
+
+    return _named(mask_mod, f"shifted_groups({group_size}, sinks={num_sink_tokens})")
+
+
+# -------------------------------------------------------------------------------------------------------------- DMA
+
+
+def dma_bias(value: Tensor, dt_weight: Tensor, log_scale: Tensor) -> Tensor:
+    """DMA content-aware key bias ``log δ_j = A_h · softplus(v_j W_Δ)`` from the value states.
+
+    Args:
+        value: (B, Hkv, Lk, D) value states; all kv heads are concatenated per token: v_j ∈ R^{Hkv·D}.
+        dt_weight: (Hkv·D, Hkv) the projection W_Δ (``dt_proj``).
+        log_scale: (Hkv,) the learnable per-head scalar A (zeros at init, which makes the bias 0).
+
+    Returns:
+        (B, Hkv, Lk) bias in float32 (float64 for float64 input), added to the logits of every query.
+
+    Source: Shi et al. 2025, DMA (METHODS.md #29).
+    """
+    B, Hkv, Lk, D = value.shape
+    if dt_weight.shape != (Hkv * D, Hkv) or log_scale.shape != (Hkv,):
+        raise ShapeError(f"expected dt_weight ({Hkv * D}, {Hkv}) and log_scale ({Hkv},), "
+                         f"got {tuple(dt_weight.shape)} and {tuple(log_scale.shape)}")
+    dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
+    tokens = value.to(dtype).transpose(1, 2).reshape(B, Lk, Hkv * D)  # (B, Lk, Hkv·D)
+    delta = F.softplus(tokens @ dt_weight.to(dtype))  # (B, Lk, Hkv)
+    return (delta * log_scale.to(dtype)).transpose(1, 2)  # (B, Hkv, Lk)
+
+
+def dma_keep(bias: Tensor, window: int, num_heads: int, q_len: int, *, causal: bool = True,
+             q_offset: int | None = None) -> Tensor:
+    """DMA's dynamic mask: each query keeps the ``window`` visible keys with the largest bias.
+
+    A query with at most ``window`` visible keys keeps all of them (dynamic masking only applies past the window).
+    The bias is query-independent, so with a causal mask query at position p keeps the top-``window`` of keys 0…p.
+
+    Args:
+        bias: (B, Hkv, Lk) from :func:`dma_bias`.
+        window: keys kept per query (w; Doge default 2048).
+        num_heads: query heads H (a multiple of Hkv); head h uses kv head h // (H // Hkv).
+        q_len: number of queries; with ``causal`` query row i is position ``i + q_offset``
+            (default ``Lk − q_len``).
+
+    Returns:
+        bool (B, H, Lq, Lk), True = attend.
+    """
+    _check_positive("window", window)
+    B, Hkv, Lk = bias.shape
+    if num_heads % Hkv:
+        raise ShapeError(f"bias has num_kv_heads={Hkv}, which does not divide num_heads={num_heads}")
+    offset = Lk - q_len if q_offset is None else q_offset
+    per_head = bias.repeat_interleave(num_heads // Hkv, dim=1)[:, :, None, :]  # (B, H, 1, Lk)
+    visible = torch.ones(q_len, Lk, dtype=torch.bool, device=bias.device)
+    if causal:
+        visible = torch.arange(Lk, device=bias.device)[None, :] <= torch.arange(q_len, device=bias.device)[:, None] + offset
+    scores = per_head.masked_fill(~visible, float("-inf")).expand(B, num_heads, q_len, Lk)
+    k = min(window, Lk)
+    top = scores.topk(k, dim=-1).indices
+    keep = torch.zeros(B, num_heads, q_len, Lk, dtype=torch.bool, device=bias.device)
+    keep.scatter_(-1, top, True)
+    return keep & visible
+
+
+@MASKS.register("dma")
+def dma(keep: Tensor) -> MaskMod:
+    """DMA (trainable dynamic mask): top-w keys by a value-derived bias; ``keep`` from :func:`dma_keep`.
+
+    Source: Shi et al. 2025, Trainable Dynamic Mask Sparse Attention (METHODS.md #29). The bias itself is added to the
+    logits by the layer (:func:`dma_bias`); this mask is the top-w selection. Position-aware skipping is what the
+    block mask does with it on the Flex path.
+    """
+    return from_keep(keep, name="dma")
+
+
+# ---------------------------------------------------------------------------------------------------------- SparseD
+
+
+def sparsed_block_keep(probs: Tensor, block_size: int, select: float) -> Tensor:
+    """SparseD head-specific block pattern: per query block keep the ⌊nk·select⌋ + 1 most important key blocks.
+
+    Importance of a (query block, key block) tile is the mean |A| over its entries (partial edge tiles average over
+    the entries they have). Source: Wang et al. 2026, SparseD (METHODS.md #28).
+
+    Args:
+        probs: (B, H, Lq, Lk) full attention probabilities (computed once, at the first sparse step).
+        block_size: tile side b (32 short contexts, 128 long).
+        select: fraction in (0, 1] (0.5 short, 0.3 long).
+
+    Returns:
+        bool (B, H, nq, nk), nq = ⌈Lq / b⌉, nk = ⌈Lk / b⌉.
+    """
+    _check_positive("block_size", block_size)
+    if not 0 < select <= 1:
+        raise ConfigError(f"select must be in (0, 1], got {select}")
+    B, H, Lq, Lk = probs.shape
+    nq, nk = -(-Lq // block_size), -(-Lk // block_size)
+    padded = F.pad(probs.abs().to(torch.float64), (0, nk * block_size - Lk, 0, nq * block_size - Lq))
+    sums = padded.view(B, H, nq, block_size, nk, block_size).sum(dim=(3, 5))  # (B, H, nq, nk)
+    rows = torch.full((nq,), block_size, dtype=torch.float64, device=probs.device)
+    cols = torch.full((nk,), block_size, dtype=torch.float64, device=probs.device)
+    rows[-1], cols[-1] = Lq - (nq - 1) * block_size, Lk - (nk - 1) * block_size
+    importance = sums / (rows[:, None] * cols[None, :])
+    k = min(nk, int(math.floor(nk * select)) + 1)
+    top = importance.topk(k, dim=-1).indices
+    keep = torch.zeros(B, H, nq, nk, dtype=torch.bool, device=probs.device)
+    return keep.scatter_(-1, top, True)
+
+
+@MASKS.register("sparsed")
+def sparsed(block_keep: Tensor, block_size: int) -> MaskMod:
+    """SparseD: head-specific block pattern (``sparsed_block_keep``) computed once and reused on later steps.
+
+    Source: Wang et al. 2026, SparseD (METHODS.md #28). See :class:`SparsedSchedule` for the full-attention warm-up.
+    """
+    return from_keep(block_keep, block_size=block_size, name=f"sparsed(block={block_size})")
+
+
+class SparsedSchedule:
+    """Which mask a denoising step uses: full attention for the first ⌊skip · num_steps⌋ steps, then one pattern.
+
+    At the first sparse step the caller passes the full probs; the pattern is computed once and reused for every
+    later step (the paper's re-selection of key blocks in the newly generated region is not reproduced).
+    Steps are 0-based. Source: METHODS.md #28 (defaults skip 0.2, select 0.3 with block 128 or 0.5 with block 32).
+    """
+
+    def __init__(self, num_steps: int, *, skip: float = 0.2, select: float = 0.5, block_size: int = 32) -> None:
+        _check_positive("num_steps", num_steps)
+        if not 0 <= skip <= 1:
+            raise ConfigError(f"skip must be in [0, 1], got {skip}")
+        self.num_steps, self.skip, self.select, self.block_size = num_steps, skip, select, block_size
+        self.first_sparse_step = int(math.floor(skip * num_steps))
+        self.block_keep: Tensor | None = None
+
+    def is_dense(self, step: int) -> bool:
+        """True while the step should use full attention."""
+        return step < self.first_sparse_step
+
+    def mask_for_step(self, step: int, probs: Tensor | None = None) -> MaskMod | None:
+        """None (full attention) during warm-up; afterwards the cached SparseD mask (``probs`` needed the first time).
+
+        Raises:
+            ConfigError: if the pattern is needed and neither cached nor computable (no ``probs``).
+        """
+        if self.is_dense(step):
+            return None
+        if self.block_keep is None:
+            if probs is None:
+                raise ConfigError(f"step {step} is the first sparse step: pass the full probs to build the pattern")
+            self.block_keep = sparsed_block_keep(probs, self.block_size, self.select)
+        return sparsed(self.block_keep, self.block_size)

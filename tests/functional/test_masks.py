@@ -1,0 +1,156 @@
+"""Masks: every mask_mod against its loop oracle, composition laws, the window convention, printing and density."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from attnlab.errors import ConfigError, RegistryError
+from attnlab.functional import masks as M
+from attnlab.functional import sparse_masks as S
+from attnlab.functional.reference import masks as R
+
+
+def _dense(mask_mod, B, H, Lq, Lk, q_offset=0):
+    return M.to_dense(mask_mod, B, H, Lq, Lk, q_offset=q_offset)
+
+
+STRUCTURED = [
+    pytest.param(lambda: M.causal(), R.causal_rule, id="causal"),
+    pytest.param(lambda: M.sliding_window(4), R.window_rule(4), id="window4"),
+    pytest.param(lambda: M.sliding_window(1), R.window_rule(1), id="window1"),
+    pytest.param(lambda: M.sinks(3), R.sinks_rule(3), id="sinks3"),
+    pytest.param(lambda: M.ls_heads(3, 2), R.ls_heads_rule(3, 2), id="ls_heads"),
+    pytest.param(lambda: S.radial(5, 6), R.radial_rule(5, 6), id="radial"),
+    pytest.param(lambda: S.radial(9, 7, decay_factor=0.5, min_window=2, sink_frames=1, num_text_tokens=3),
+                 R.radial_rule(9, 7, 0.5, 2, 1, 3), id="radial-split-sink-text"),
+    pytest.param(lambda: S.shifted_groups(6, 4, 2), R.shifted_groups_rule(6, 4, 2), id="shifted_groups"),
+    pytest.param(lambda: S.shifted_groups(5, 3, 0, causal=False), R.shifted_groups_rule(5, 3, 0, causal=False),
+                 id="shifted_groups-odd-bidirectional"),
+]
+
+
+@pytest.mark.parametrize("make,rule", STRUCTURED)
+@pytest.mark.parametrize("Lq,Lk,offset", [(23, 23, 0), (5, 29, 24), (70, 70, 0)], ids=["square", "cache", "long"])
+def test_structured_mask_matches_loop_oracle(make, rule, Lq, Lk, offset):
+    H = 4
+    expected = R.keep_from_rule(rule, 1, H, Lq, Lk, q_offset=offset)
+    assert torch.equal(_dense(make(), 1, H, Lq, Lk, q_offset=offset), expected)
+    shifted = M.shift_queries(make(), offset)  # the same query positions through the wrapper
+    assert torch.equal(_dense(shifted, 1, H, Lq, Lk), expected)
+
+
+@given(window=st.integers(1, 12), q=st.integers(0, 40))
+def test_sliding_window_sees_exactly_window_keys(window, q):
+    row = _dense(M.sliding_window(window), 1, 1, q + 1, q + 1)[0, 0, q]
+    assert int(row.sum()) == min(window, q + 1)
+    assert bool(row[q]) and (q < window or not bool(row[q - window]))
+
+
+def test_sink_window_is_streamingllm_budget():
+    keep = _dense(M.MASKS.get("sink_window")(num_sink_tokens=4, window=252), 1, 1, 600, 600)
+    assert int(keep.sum(-1).max()) == 256
+    assert bool(keep[0, 0, 599, :4].all()) and not bool(keep[0, 0, 599, 4:599 - 252 + 1].any())
+
+
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 4))
+def test_and_or_are_elementwise_logic(seed, n):
+    g = torch.Generator().manual_seed(seed)
+    keeps = [torch.rand(2, 3, 6, 7, generator=g) > 0.5 for _ in range(n)]
+    mods = [M.from_keep(k) for k in keeps]
+    both = torch.stack(keeps).all(0)
+    either = torch.stack(keeps).any(0)
+    assert torch.equal(_dense(M.and_masks(*mods), 2, 3, 6, 7), both)
+    assert torch.equal(_dense(M.or_masks(*mods), 2, 3, 6, 7), either)
+    assert torch.equal(_dense(M.and_masks(M.full(), mods[0]), 2, 3, 6, 7), keeps[0])
+
+
+def test_empty_composition_and_type_errors():
+    assert bool(_dense(M.and_masks(), 1, 1, 3, 3).all())
+    assert not bool(_dense(M.or_masks(), 1, 1, 3, 3).any())
+    with pytest.raises(TypeError):
+        M.and_masks(M.causal(), "causal")
+    with pytest.raises(TypeError):
+        M.or_masks(3)
+
+
+def test_from_keep_blocks_and_broadcast():
+    blocks = torch.tensor([[True, False], [False, True]])[None, None]
+    dense = _dense(M.from_keep(blocks, block_size=3), 2, 2, 5, 6)
+    expected = torch.zeros(5, 6, dtype=torch.bool)
+    expected[:3, :3] = True
+    expected[3:, 3:] = True
+    assert torch.equal(dense, expected.expand(2, 2, 5, 6))
+
+
+def test_to_string_grid_and_density():
+    text = M.to_string(M.sliding_window(3), 5)
+    assert text.splitlines() == ["#....", "##...", "###..", ".###.", "..###", "density 0.480 (12 of 25)"]
+    assert M.density(M.sliding_window(3), 1, 1, 5, 5) == pytest.approx(12 / 25)
+    assert M.density(M.causal(), 2, 3, 100, 100, rows_per_chunk=7) == pytest.approx(5050 / 10000)
+    assert M.density(M.ls_heads(1, 1), 1, 2, 4, 4) == pytest.approx((4 + 10) / 32)
+
+
+def test_radial_density_is_n_log_n():
+    """Kept pairs grow like n log n in the number of frames: density × frames / log2(frames) stays bounded."""
+    ratios = []
+    for frames in (8, 16, 32, 64):
+        d = M.density(S.radial(frames, 16), 1, 1, frames * 16, frames * 16, rows_per_chunk=256)
+        ratios.append(d * frames / torch.log2(torch.tensor(float(frames))).item())
+    assert max(ratios) / min(ratios) < 1.6
+    assert M.density(S.radial(64, 16), 1, 1, 1024, 1024) < 0.25
+
+
+@pytest.mark.parametrize("bad", [
+    lambda: M.sliding_window(0), lambda: M.sinks(-1), lambda: M.ls_heads(0, 1), lambda: S.radial(0, 4),
+    lambda: S.shifted_groups(1, 4), lambda: M.from_keep(torch.ones(2, 2)), lambda: S.sparsed_block_keep(
+        torch.rand(1, 1, 4, 4), 2, 0.0),
+])
+def test_bad_parameters_raise_config_error(bad):
+    with pytest.raises(ConfigError):
+        bad()
+
+
+def test_registry_lists_and_suggests():
+    assert {"causal", "sliding_window", "sinks", "ls_heads", "radial", "dma", "sparsed", "shifted_groups"} <= set(
+        M.MASKS.names())
+    with pytest.raises(RegistryError, match="sliding_window"):
+        M.MASKS.get("sliding_windw")
+
+
+def test_dma_keep_matches_loop_oracle():
+    g = torch.Generator().manual_seed(0)
+    B, Hkv, H, L, D, w = 2, 2, 4, 13, 3, 4
+    value = torch.randn(B, Hkv, L, D, generator=g, dtype=torch.float64)
+    bias = S.dma_bias(value, torch.randn(Hkv * D, Hkv, generator=g, dtype=torch.float64),
+                      torch.randn(Hkv, generator=g, dtype=torch.float64))
+    keep = S.dma_keep(bias, w, H, L)
+    assert torch.equal(keep, R.keep_from_rule(R.dma_rule(bias, w, H), B, H, L, L))
+    assert torch.equal(_dense(S.dma(keep), B, H, L, L), keep)
+    assert int(keep.sum(-1).max()) == w and bool(keep[..., : w, :].sum(-1).eq(torch.arange(1, w + 1)).all())
+
+
+def test_dma_bias_known_answer():
+    value = torch.tensor([[[[1.0, -2.0]], [[0.5, 0.0]]]]).double()  # (1, 2, 1, 2)
+    weight = torch.arange(8, dtype=torch.float64).view(4, 2) / 10  # token vector [1, -2, 0.5, 0]
+    scale = torch.tensor([2.0, -1.0], dtype=torch.float64)
+    pre = torch.tensor([1 * 0.0 - 2 * 0.2 + 0.5 * 0.4, 1 * 0.1 - 2 * 0.3 + 0.5 * 0.5], dtype=torch.float64)
+    expected = torch.log1p(torch.exp(pre)) * scale
+    torch.testing.assert_close(S.dma_bias(value, weight, scale)[0, :, 0], expected)
+
+
+def test_sparsed_block_keep_matches_loop_oracle_and_schedule():
+    g = torch.Generator().manual_seed(1)
+    probs = torch.softmax(torch.randn(1, 2, 11, 11, generator=g), -1)
+    blocks = S.sparsed_block_keep(probs, 4, 0.4)
+    assert torch.equal(_dense(S.sparsed(blocks, 4), 1, 2, 11, 11), R.keep_from_rule(R.sparsed_rule(probs, 4, 0.4),
+                                                                                       1, 2, 11, 11))
+    schedule = S.SparsedSchedule(10, skip=0.2, select=0.4, block_size=4)
+    assert schedule.mask_for_step(0) is None and schedule.mask_for_step(1) is None
+    with pytest.raises(ConfigError):
+        schedule.mask_for_step(2)
+    first = _dense(schedule.mask_for_step(2, probs), 1, 2, 11, 11)
+    later = _dense(schedule.mask_for_step(7), 1, 2, 11, 11)  # reused, no probs needed
+    assert torch.equal(first, later)
