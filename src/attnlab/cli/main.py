@@ -17,6 +17,7 @@ from attnlab.cli.options import (
     BlockSize, Bos, ConfigFile, Debug, Device, DType, MaxWindows, ModelOpt, OutDir, ProbeOpt, QueryFraction,
     Seed, SeqLen, TextOpt, merge_config, run_guarded, stderr,
 )
+from attnlab.cli.eval_cmd import eval_command
 
 EPILOG = """Quick start:
 
@@ -37,6 +38,7 @@ models_app = typer.Typer(help="Bundled models and corpus: list, fetch.", no_args
 ls_app = typer.Typer(help="List registered components.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(ls_app, name="ls")
+app.command("eval")(eval_command)
 
 
 @app.command()

@@ -1,0 +1,154 @@
+"""Perplexity and next-token accuracy over sliding windows of a text.
+
+Definition (the sliding-window perplexity of Hugging Face's "Perplexity of fixed-length models" guide, with the
+token count made exact). The text is tokenized once into ``x_0 … x_{N-1}`` (no special tokens). Window ``k`` covers
+the text tokens ``[b_k, e_k)`` with ``b_k = k·stride`` and ``e_k = b_k + W`` (``W`` = text tokens per window =
+``seq_len``, or ``seq_len − 1`` when a BOS token is prepended to every window); only full windows are used, at most
+``max_windows`` of them, and ``stride ≤ W``. Window ``k`` *scores* the tokens ``t ∈ [max(e_{k−1}, b_k + 1), e_k)``
+(``e_{−1} = 0``): the ones no earlier window scored. Token ``t`` is predicted from the context ``x_{b_k} … x_{t−1}``
+(after the BOS, if any). Every scored token is scored exactly once, and ``x_0`` is never scored (it has no context).
+
+- ``perplexity = exp( Σ_t −log p(x_t | context) / T )`` over the T scored tokens (natural log);
+- ``next_token`` accuracy = fraction of scored tokens whose arg-max prediction equals ``x_t`` (ties: lowest id).
+
+With ``stride = W`` (the default) the windows do not overlap and every token of window k except its first is
+scored with the context that precedes it inside the window; a smaller stride gives each scored token at least
+``W − stride`` tokens of context, as in the guide.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from attnlab.errors import ConfigError, TextError
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """One window: text tokens ``[start, end)``; tokens ``[first_scored, end)`` are scored in it."""
+
+    index: int
+    start: int
+    end: int
+    first_scored: int
+
+    @property
+    def num_scored(self) -> int:
+        return self.end - self.first_scored
+
+
+def plan_windows(num_tokens: int, window_tokens: int, stride: int, max_windows: int) -> list[WindowPlan]:
+    """The windows and the tokens each scores, as defined in the module docstring.
+
+    Raises:
+        ConfigError: ``stride`` outside ``1..window_tokens`` (a larger stride would skip tokens).
+        TextError: fewer than ``window_tokens`` tokens (not even one window).
+    """
+    if not 1 <= stride <= window_tokens:
+        raise ConfigError(f"stride must be in 1..{window_tokens} (text tokens per window), got {stride}")
+    if num_tokens < window_tokens:
+        raise TextError(f"the text has {num_tokens} tokens but one window needs {window_tokens}; "
+                        "use a smaller --seq-len or a longer text")
+    plans, previous_end = [], 0
+    for index in range(max_windows):
+        start = index * stride
+        end = start + window_tokens
+        if end > num_tokens:
+            break
+        plans.append(WindowPlan(index, start, end, max(previous_end, start + 1)))
+        previous_end = end
+    return plans
+
+
+@dataclass
+class TokenScores:
+    """Streaming sums of one variant's scored tokens: NLL (nats), correct top-1 predictions, counts.
+
+    ``by_position_*`` are indexed by the scored token's position in the window fed to the model (0 = first
+    token, the BOS if one is prepended); ``windows`` holds one ``{index, nll_sum, correct, count}`` per window.
+    """
+
+    seq_len: int
+    nll_sum: float = 0.0
+    correct: int = 0
+    count: int = 0
+    by_position_nll: np.ndarray = field(init=False)
+    by_position_correct: np.ndarray = field(init=False)
+    by_position_count: np.ndarray = field(init=False)
+    windows: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.by_position_nll = np.zeros(self.seq_len)
+        self.by_position_correct = np.zeros(self.seq_len)
+        self.by_position_count = np.zeros(self.seq_len)
+
+    def add(self, index: int, nll: np.ndarray, correct: np.ndarray, positions: np.ndarray) -> None:
+        """Add one window's per-token NLL (float64), correctness (bool) and positions (int), all shape (n,)."""
+        self.nll_sum += float(nll.sum())
+        self.correct += int(correct.sum())
+        self.count += int(nll.shape[0])
+        np.add.at(self.by_position_nll, positions, nll)
+        np.add.at(self.by_position_correct, positions, correct.astype(float))
+        np.add.at(self.by_position_count, positions, 1.0)
+        self.windows.append({"index": index, "nll_sum": float(nll.sum()), "correct": int(correct.sum()),
+                             "count": int(nll.shape[0])})
+
+    @property
+    def mean_nll(self) -> float:
+        return self.nll_sum / self.count if self.count else math.nan
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.mean_nll) if self.count else math.nan
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.count if self.count else math.nan
+
+    def binned(self, bin_size: int) -> list[tuple[int, float, float, int]]:
+        """``(bin_start, mean NLL, accuracy, count)`` per bin of ``bin_size`` window positions (non-empty bins)."""
+        out = []
+        for start in range(0, self.seq_len, bin_size):
+            count = self.by_position_count[start:start + bin_size].sum()
+            if count > 0:
+                out.append((start, float(self.by_position_nll[start:start + bin_size].sum() / count),
+                            float(self.by_position_correct[start:start + bin_size].sum() / count), int(count)))
+        return out
+
+
+def _accepts_logits_to_keep(model: Any) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def score_tokens(model: Any, input_ids: torch.Tensor, num_scored: int) -> tuple[np.ndarray, np.ndarray]:
+    """NLL and top-1 correctness of the last ``num_scored`` tokens of one window, each from its prefix.
+
+    Args:
+        model: a causal LM returning ``.logits`` (batch, seq_len, vocab).
+        input_ids: (1, seq_len) int64; the tokens fed (BOS included if any).
+        num_scored: how many of the last tokens to score, in ``1..seq_len-1``.
+
+    Returns:
+        ``nll`` (num_scored,) float64 in nats and ``correct`` (num_scored,) bool; logits are upcast to float32.
+    """
+    seq_len = input_ids.shape[1]
+    if not 1 <= num_scored < seq_len:
+        raise ConfigError(f"num_scored must be in 1..{seq_len - 1}, got {num_scored}")
+    kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    if _accepts_logits_to_keep(model):
+        kwargs["logits_to_keep"] = num_scored + 1  # the last num_scored + 1 positions; the very last predicts nothing
+    logits = model(**kwargs).logits[:, -(num_scored + 1):-1]  # (1, num_scored, vocab)
+    targets = input_ids[:, seq_len - num_scored:]  # (1, num_scored)
+    logits = logits.float()
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")[0]
+    correct = (logits.argmax(dim=-1) == targets)[0]
+    return nll.double().cpu().numpy(), correct.cpu().numpy()

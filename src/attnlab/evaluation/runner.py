@@ -1,0 +1,238 @@
+"""``attnlab eval`` as a function: model + text + variants → a results dict (docs/results.md, "eval").
+
+    from attnlab.evaluation import EvalConfig, run_eval
+    results = run_eval(EvalConfig(seq_len=256, variants=("sink_window:sinks=4,window=252",)))
+
+Every variant (the baseline first, then each edit list) runs the same windows and the same passkey prompts inside
+its own ``Session(model, edits=[...])``; the session's ``edit_report()`` is stored with the variant, and an edit
+that never fired raises ``EditNotFiredError`` (the run stops; nothing is written).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+from attnlab import __version__
+from attnlab.columns import SCHEMA_VERSION
+from attnlab.evaluation.config import BASELINE, EvalConfig, parse_variant
+from attnlab.evaluation.lm_tasks import TokenScores, WindowPlan, plan_windows, score_tokens
+from attnlab.evaluation.passkey import PasskeyPrompt, answer_tokens, greedy_decode, is_correct, make_prompts, summarise
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[int, int, str], None]  # (done, total, message)
+LM_TASKS = ("perplexity", "next_token")
+DEFINITIONS = {
+    "perplexity": "exp(mean NLL, nats) over the scored tokens; window k covers text tokens [k*stride, "
+                  "k*stride+W) and scores the tokens no earlier window scored (HF sliding-window perplexity)",
+    "next_token": "fraction of the same scored tokens whose arg-max prediction is the true next token",
+    "passkey": "greedy answer's first digit run equals the hidden 5-digit key; needle at depth*haystack tokens",
+}
+Variant = tuple[str, list[Any]]  # (label, edits)
+
+
+def make_session(model: Any, edits: list[Any]) -> Any:
+    """A Session with ``edits`` (none for the baseline: the model's own SDPA runs, unchanged)."""
+    from attnlab.capture.session import Session
+
+    return Session(model, edits=edits) if edits else Session(model)
+
+
+def edit_report(session: Any, edits: list[Any]) -> list[dict[str, Any]]:
+    """The session's edit report as JSON records (empty for the baseline)."""
+    if not edits or not hasattr(session, "edit_report"):
+        return []
+    report = session.edit_report()
+    return report.to_dict(orient="records") if hasattr(report, "to_dict") else list(report)
+
+
+def text_ids(tokenizer: Any, text: str | None, *, window_tokens: int, stride: int, max_windows: int
+             ) -> tuple[list[int], Any]:
+    """The text tokens covering ``max_windows`` windows (fewer if the text ends), and the Windows they came from."""
+    from attnlab.text import load_text
+
+    windows = load_text(tokenizer, text, seq_len=window_tokens, max_windows=max_windows, stride=stride, bos="never")
+    ids: list[int] = []
+    for window in windows.windows:
+        start = window["start_token"]
+        ids.extend(window["ids"][len(ids) - start:])  # windows are consecutive pieces of one tokenization
+    return ids, windows
+
+
+def _lm_rows(label: str, scores: TokenScores, tasks: tuple[str, ...], bin_size: int) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+
+    def row(task: str, statistic: str, value: float, position: int | None = None) -> None:
+        rows.append({"probe": f"{task}@{label}", "statistic": statistic, "layer": None, "head": None,
+                     "position": position, "value": value})
+
+    bins = scores.binned(bin_size)
+    if "perplexity" in tasks:
+        row("perplexity", "perplexity", scores.perplexity)
+        row("perplexity", "nll", scores.mean_nll)
+        row("perplexity", "tokens_scored", float(scores.count))
+        for start, nll, _, _ in bins:
+            row("perplexity", "nll_by_position", nll, start)
+    if "next_token" in tasks:
+        row("next_token", "accuracy", scores.accuracy)
+        row("next_token", "tokens_scored", float(scores.count))
+        for start, _, accuracy, _ in bins:
+            row("next_token", "accuracy_by_position", accuracy, start)
+    return rows
+
+
+def _passkey_rows(label: str, summary: dict[str, list[dict[str, Any]]], trials: list[dict]) -> list[dict]:
+    probe = f"passkey@{label}"
+    rows = [{"probe": probe, "statistic": "accuracy", "layer": None, "head": None, "position": None,
+             "value": sum(t["correct"] for t in trials) / len(trials)}]
+    rows += [{"probe": probe, "statistic": "accuracy_by_length", "layer": None, "head": None,
+              "position": int(c["length"]), "value": c["accuracy"]} for c in summary["by_length"]]
+    rows += [{"probe": probe, "statistic": "accuracy_by_depth", "layer": None, "head": None,
+              "position": round(100 * c["depth"]), "value": c["accuracy"]} for c in summary["by_depth"]]
+    return rows
+
+
+def evaluate_variants(model: Any, tokenizer: Any, variants: list[Variant], *, tasks: tuple[str, ...],
+                      ids: list[int], plans: list[WindowPlan], bos_id: int | None, seq_len: int,
+                      prompts: list[PasskeyPrompt], device: str = "cpu", progress: Progress | None = None
+                      ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Run every variant on the same windows and prompts; returns ``(rows, variant records)``.
+
+    ``ids`` are the text tokens, ``plans`` the windows over them (:func:`plan_windows`), ``bos_id`` the token
+    prepended to every window (None: none), ``prompts`` the passkey prompts (empty: no passkey task).
+    """
+    import torch
+
+    notify = progress or (lambda done, total, message: None)
+    run_lm = any(task in tasks for task in LM_TASKS)
+    units = (len(plans) if run_lm else 0) + (len(prompts) if "passkey" in tasks else 0)
+    total, done = units * len(variants), 0
+    bin_size = max(1, -(-seq_len // 16))
+    rows: list[dict[str, Any]] = []
+    records: list[dict[str, Any]] = []
+    for label, edits in variants:
+        started = time.perf_counter()
+        scores, trials = TokenScores(seq_len), []
+        session = make_session(model, edits)
+        with session, torch.no_grad():
+            if run_lm:
+                for plan in plans:
+                    notify(done, total, f"{label}: windows")
+                    window = ([bos_id] if bos_id is not None else []) + ids[plan.start:plan.end]
+                    input_ids = torch.tensor([window], dtype=torch.long, device=device)  # (1, seq_len)
+                    nll, correct = score_tokens(model, input_ids, plan.num_scored)
+                    positions = torch.arange(len(window) - plan.num_scored, len(window)).numpy()
+                    scores.add(plan.index, nll, correct, positions)
+                    done += 1
+            if "passkey" in tasks:
+                for prompt in prompts:
+                    notify(done, total, f"{label}: passkey")
+                    new = greedy_decode(model, prompt.ids, answer_tokens(tokenizer, prompt.key), device)
+                    answer = tokenizer.decode(new)
+                    trials.append({"length": prompt.length, "depth": prompt.depth, "key": prompt.key,
+                                   "needle_start": prompt.needle_start, "answer": answer,
+                                   "correct": is_correct(answer, prompt.key)})
+                    done += 1
+        notify(done, total, f"{label}: done")
+        record: dict[str, Any] = {
+            "label": label, "edits": [] if label == BASELINE else [label], "edit_report": edit_report(session, edits),
+            "attention_paths": {str(layer): path for layer, path in sorted(session.paths.items())},
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        if run_lm:
+            rows += _lm_rows(label, scores, tasks, bin_size)
+            record.update(perplexity=scores.perplexity, nll=scores.mean_nll, next_token_accuracy=scores.accuracy,
+                          tokens_scored=scores.count, windows=scores.windows)
+        if "passkey" in tasks:
+            summary = summarise(trials)
+            rows += _passkey_rows(label, summary, trials)
+            record["passkey"] = {**summary, "accuracy": sum(t["correct"] for t in trials) / len(trials),
+                                 "trials": trials}
+        records.append(record)
+    return rows, records
+
+
+def run_eval(config: EvalConfig, *, progress: Progress | None = None, model: Any = None,
+             tokenizer: Any = None) -> dict[str, Any]:
+    """Load model and text, run every task for the baseline and each variant; return the results dict.
+
+    Raises:
+        ConfigError, TextError, RegistryError: bad input (the CLI exits 2), before the model runs.
+        EditNotFiredError: a requested edit never touched an attention call.
+    """
+    import torch
+
+    from attnlab.capture.loading import load_model, model_info, tokenizer_info
+    from attnlab.pipeline import _versions, check_seq_len
+    from attnlab.text import read_text_file, start_token_id, tokenizer_adds_bos
+
+    started = time.perf_counter()
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    notify = progress or (lambda done, total, message: None)
+    variants: list[Variant] = [(BASELINE, [])] + [(spec, parse_variant(spec)) for spec in config.variants]
+    if config.text is not None:
+        read_text_file(config.text)
+    if model is None or tokenizer is None:
+        notify(0, 0, f"loading model {config.model}")
+        model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
+    check_seq_len(model, max((config.seq_len, *config.lengths)) if "passkey" in config.tasks else config.seq_len)
+    add_bos = config.bos == "always" or (config.bos == "auto" and tokenizer_adds_bos(tokenizer))
+    bos_id = start_token_id(tokenizer) if add_bos else None
+    window_tokens = config.seq_len - (bos_id is not None)
+    stride = config.stride or window_tokens
+    notify(0, 0, "reading text")
+    ids: list[int] = []
+    plans: list[WindowPlan] = []
+    windows_info: list[dict[str, Any]] = []
+    if any(task in config.tasks for task in LM_TASKS):
+        plan_windows(window_tokens, window_tokens, stride, 1)  # stride check before tokenizing
+        ids, windows = text_ids(tokenizer, config.text, window_tokens=window_tokens, stride=stride,
+                                max_windows=config.max_windows)
+        plans = plan_windows(len(ids), window_tokens, stride, config.max_windows)
+        for plan, window in zip(plans, windows.windows):
+            fed = ([bos_id] if bos_id is not None else []) + ids[plan.start:plan.end]
+            windows_info.append({"index": plan.index, "source": window["source"], "start_token": plan.start,
+                                 "first_scored": plan.first_scored, "ids": fed,
+                                 "tokens": tokenizer.batch_decode([[i] for i in fed])})
+    prompts: list[PasskeyPrompt] = []
+    if "passkey" in config.tasks:
+        longest = max(config.lengths)
+        corpus, _ = text_ids(tokenizer, config.text, window_tokens=longest, stride=longest,
+                             max_windows=max(2, config.passkey_trials))
+        prompts = make_prompts(tokenizer, corpus, lengths=config.lengths, depths=config.passkey_depths,
+                               trials=config.passkey_trials, seed=config.seed, bos_id=bos_id)
+    rows, records = evaluate_variants(model, tokenizer, variants, tasks=config.tasks, ids=ids, plans=plans,
+                                      bos_id=bos_id, seq_len=config.seq_len, prompts=prompts,
+                                      device=config.device, progress=notify)
+    baseline_paths = records[0]["attention_paths"]
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "attnlab_version": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": "eval",
+        "config": config.to_dict(),
+        "model": {**model_info(model), "requested": config.model},
+        "tokenizer": {**tokenizer_info(tokenizer), "class": type(tokenizer).__name__, "bos_policy": config.bos,
+                      "bos_token": getattr(tokenizer, "bos_token", None), "bos_added": bos_id is not None},
+        "seed": config.seed,
+        "versions": _versions(),
+        "attention_paths": baseline_paths,
+        "windows": windows_info,
+        "rows": rows,
+        "eval": {
+            "tasks": list(config.tasks),
+            "definitions": {task: DEFINITIONS[task] for task in config.tasks},
+            "seq_len": config.seq_len, "window_text_tokens": window_tokens, "stride": stride,
+            "num_windows": len(plans), "position_bin": max(1, -(-config.seq_len // 16)),
+            "passkey": {"lengths": list(config.lengths), "depths": list(config.passkey_depths),
+                        "trials_per_cell": config.passkey_trials} if prompts else None,
+            "variants": records,
+        },
+        "timing": {"seconds": round(time.perf_counter() - started, 3)},
+    }
