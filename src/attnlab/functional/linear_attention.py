@@ -1,0 +1,218 @@
+"""Decaying linear attention in three forms: ``parallel`` (quadratic, the oracle), ``chunk`` and ``recurrent``.
+
+One recurrence covers retention, simple GLA, Lightning Attention, GLA and LightNet (METHODS.md #21-#24, #35):
+
+    S_t = Diag(exp(g_t)) S_{t-1} + k_tᵀ v_t          o_t = scale · q_t S_t
+
+with ``g = log_decay`` ≤ 0 (``decay = exp(log_decay)`` in (0, 1]; fla calls a per-head constant ``g_gamma`` and a
+data-dependent one ``g``/``gk``). The decay at step t acts on the state *before* k_t v_t is added, so a key is
+never decayed by its own step (Yang et al. 2024, §3 (METHODS.md #21); Sun et al. 2023, recurrent form
+(METHODS.md #35)).
+
+Shape legend (used in every docstring of this module):
+    B   batch
+    H   num_heads (query heads); Hkv num_kv_heads, a divisor of H: query head h reads kv head ``h // (H // Hkv)``
+    T   seq_len
+    K   key_dim (query/key head dim), V value_dim (value head dim)
+
+``log_decay`` may be
+    None                 no decay (plain causal linear attention),
+    (H,)                 a constant per head (retention, lightning),
+    (B, H, T)            data dependent, one scalar per head and step (simple GLA),
+    (B, H, T, K)         data dependent per key dim (GLA, LightNet).
+
+Numerical policy: everything is computed in float32 (float64 stays float64, so the forms can be checked against the
+float64 reference in ``functional/reference/linear.py``); the output is cast back to ``value.dtype`` and the final
+state is float32/float64. No form ever exponentiates a positive log decay sum: every factor is exp(≤ 0), so a
+log decay of -1e4 underflows to exact zeros instead of overflowing (the ``Q ⊙ B, K ⊘ B`` factorisation of the GLA
+paper is avoided for that reason). The chunk form with a per-key-dim decay materialises a (chunk_size, chunk_size,
+K) tensor per chunk: memory O(T · chunk_size · K) per head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnlab.errors import ConfigError, ShapeError
+from attnlab.functional.attention import check_qkv
+
+__all__ = [
+    "FORMS",
+    "linear_attention",
+    "linear_attention_chunk",
+    "linear_attention_parallel",
+    "linear_attention_recurrent",
+    "prepare_inputs",
+]
+
+
+def _compute_dtype(tensor: Tensor) -> torch.dtype:
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
+def prepare_inputs(query: Tensor, key: Tensor, value: Tensor, log_decay: Tensor | None,
+                   initial_state: Tensor | None, scale: float | None):
+    """Validate, repeat kv heads, upcast; return ``(q * scale, k, v, g, state0)`` with g of shape (B|1, H, T, 1|K).
+
+    Raises ShapeError for inconsistent query/key/value, log_decay or initial_state shapes.
+    """
+    num_heads, group = check_qkv(query, key, value)
+    B, H, T, K = query.shape  # (B, H, T, K)
+    if key.shape[2] != T:
+        raise ShapeError(f"linear attention needs q_len == kv_len, got {T} and {key.shape[2]}")
+    dtype = _compute_dtype(query)
+    V = value.shape[-1]
+    if group > 1:  # (B, Hkv, T, K) -> (B, H, T, K), query head h reads kv head h // group
+        key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+    scale = K ** -0.5 if scale is None else scale
+    q = query.to(dtype) * scale
+    k, v = key.to(dtype), value.to(dtype)
+    if log_decay is None:
+        g = q.new_zeros(1, H, T, 1)
+    elif log_decay.shape == (H,):
+        g = log_decay.to(dtype)[None, :, None, None].expand(1, H, T, 1)
+    elif log_decay.shape == (B, H, T):
+        g = log_decay.to(dtype)[..., None]
+    elif log_decay.shape == (B, H, T, K):
+        g = log_decay.to(dtype)
+    else:
+        raise ShapeError(f"expected log_decay of shape ({H},), ({B}, {H}, {T}) or ({B}, {H}, {T}, {K}), "
+                         f"got {tuple(log_decay.shape)}")
+    if initial_state is not None and initial_state.shape != (B, H, K, V):
+        raise ShapeError(f"expected initial_state of shape ({B}, {H}, {K}, {V}), got {tuple(initial_state.shape)}")
+    state0 = None if initial_state is None else initial_state.to(dtype)
+    return q, k, v, g, state0
+
+
+def _finish(o: Tensor, state: Tensor, value: Tensor, output_final_state: bool):
+    return o.to(value.dtype), (state if output_final_state else None)
+
+
+def linear_attention_parallel(query: Tensor, key: Tensor, value: Tensor, log_decay: Tensor | None = None, *,
+                              scale: float | None = None, initial_state: Tensor | None = None,
+                              output_final_state: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Quadratic form ``O = ((Q Kᵀ) ⊙ D) V`` with ``D_ts = exp(G_t - G_s)`` for s ≤ t (G = cumsum of log_decay).
+
+    Memory O(T²) per head (O(T² K) for a per-key-dim decay): the oracle for short sequences.
+    Args/returns as :func:`linear_attention`.
+    """
+    q, k, v, g, state0 = prepare_inputs(query, key, value, log_decay, initial_state, scale)
+    T = q.shape[2]
+    G = g.cumsum(dim=2)  # (B|1, H, T, 1|K)
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    if g.shape[-1] == 1:
+        diff = G[:, :, :, None, 0] - G[:, :, None, :, 0]  # (B|1, H, T, T)
+        decay = torch.where(causal, diff, float("-inf")).exp()
+        logits = (q @ k.transpose(-1, -2)) * decay  # (B, H, T, T)
+    else:
+        diff = G[:, :, :, None, :] - G[:, :, None, :, :]  # (B, H, T, T, K)
+        decay = torch.where(causal[..., None], diff, float("-inf")).exp()
+        logits = torch.einsum("bhtk,bhsk,bhtsk->bhts", q, k, decay)
+    o = logits @ v  # (B, H, T, V)
+    to_end = (G[:, :, -1:] - G).exp()  # (B|1, H, T, 1|K): decay from step s+1 to the end
+    state = (k * to_end).transpose(-1, -2) @ v  # (B, H, K, V)
+    if state0 is not None:
+        o = o + (q * G.exp()) @ state0
+        state = state + G[:, :, -1, :, None].exp() * state0
+    return _finish(o, state, value, output_final_state)
+
+
+def linear_attention_recurrent(query: Tensor, key: Tensor, value: Tensor, log_decay: Tensor | None = None, *,
+                               scale: float | None = None, initial_state: Tensor | None = None,
+                               output_final_state: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Step-by-step form (decode): one state update and one readout per token. Args/returns as
+    :func:`linear_attention`."""
+    q, k, v, g, state = prepare_inputs(query, key, value, log_decay, initial_state, scale)
+    B, H, T, K = q.shape
+    if state is None:
+        state = q.new_zeros(B, H, K, v.shape[-1])
+    decay = g.exp()
+    outputs = []
+    for t in range(T):
+        state = decay[:, :, t, :, None] * state + k[:, :, t, :, None] * v[:, :, t, None, :]  # (B, H, K, V)
+        outputs.append((q[:, :, t, None, :] @ state)[:, :, 0])  # (B, H, V)
+    return _finish(torch.stack(outputs, dim=2), state, value, output_final_state)
+
+
+def linear_attention_chunk(query: Tensor, key: Tensor, value: Tensor, log_decay: Tensor | None = None, *,
+                           scale: float | None = None, initial_state: Tensor | None = None,
+                           output_final_state: bool = False, chunk_size: int = 64) -> tuple[Tensor, Tensor | None]:
+    """Chunkwise form: exact quadratic attention inside each chunk, the state carried between chunks.
+
+    Lightning Attention's intra/inter split (Qin et al. 2024, §3 (METHODS.md #23)); the chunkwise form of GLA
+    (Yang et al. 2024, §3.3 (METHODS.md #21)) without the overflow-prone ``K ⊘ B`` factor. The sequence is padded
+    to a multiple of ``chunk_size`` (padding has k = v = 0 and log_decay = 0, so it leaves the state unchanged).
+    Args/returns as :func:`linear_attention`. Raises ConfigError if chunk_size < 1.
+    """
+    if chunk_size < 1:
+        raise ConfigError(f"expected chunk_size >= 1, got {chunk_size}")
+    q, k, v, g, state = prepare_inputs(query, key, value, log_decay, initial_state, scale)
+    B, H, T, K = q.shape
+    V, C = v.shape[-1], chunk_size
+    N = -(-T // C)
+    pad = N * C - T
+    if pad:
+        q, k, v, g = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v, g))
+    q, k, v = (x.reshape(B, H, N, C, -1) for x in (q, k, v))  # (B, H, N, C, K|V)
+    b = g.reshape(g.shape[0], H, N, C, -1).cumsum(dim=3)  # (B|1, H, N, C, 1|K) local cumulative log decay
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    if b.shape[-1] == 1:
+        decay = torch.where(causal, b[..., :, None, 0] - b[..., None, :, 0], float("-inf")).exp()  # (., N, C, C)
+        logits = (q @ k.transpose(-1, -2)) * decay
+    else:
+        diff = b[..., :, None, :] - b[..., None, :, :]  # (B, H, N, C, C, K)
+        logits = torch.einsum("bhnik,bhnjk,bhnijk->bhnij", q, k, torch.where(causal[..., None], diff,
+                                                                              float("-inf")).exp())
+    o = logits @ v  # (B, H, N, C, V) intra-chunk part
+    last = b[:, :, :, -1:]  # (B|1, H, N, 1, 1|K)
+    chunk_states = (k * (last - b).exp()).transpose(-1, -2) @ v  # (B, H, N, K, V) each chunk's own contribution
+    chunk_decay = last[:, :, :, 0, :, None].exp()  # (B|1, H, N, 1|K, 1)
+    if state is None:
+        state = q.new_zeros(B, H, K, V)
+    entering = []
+    for n in range(N):
+        entering.append(state)
+        state = chunk_decay[:, :, n] * state + chunk_states[:, :, n]
+    o = o + (q * b.exp()) @ torch.stack(entering, dim=2)  # inter-chunk part
+    o = o.reshape(B, H, N * C, V)[:, :, :T]
+    return _finish(o, state, value, output_final_state)
+
+
+FORMS: dict[str, Callable[..., tuple[Tensor, Tensor | None]]] = {
+    "parallel": linear_attention_parallel,
+    "chunk": linear_attention_chunk,
+    "recurrent": linear_attention_recurrent,
+}
+
+
+def linear_attention(query: Tensor, key: Tensor, value: Tensor, log_decay: Tensor | None = None, *,
+                     form: str = "chunk", scale: float | None = None, initial_state: Tensor | None = None,
+                     output_final_state: bool = False, chunk_size: int = 64) -> tuple[Tensor, Tensor | None]:
+    """Causal decaying linear attention ``S_t = Diag(exp(g_t)) S_{t-1} + k_tᵀ v_t, o_t = scale · q_t S_t``.
+
+    Args:
+        query: (B, H, T, K) tensor, any float dtype; computed in float32 (float64 stays float64).
+        key: (B, Hkv, T, K) tensor.
+        value: (B, Hkv, T, V) tensor.
+        log_decay: None, (H,), (B, H, T) or (B, H, T, K); values ≤ 0 (not checked).
+        form: "parallel", "chunk" or "recurrent" (all give the same result up to rounding).
+        scale: multiplies query; default K ** -0.5.
+        initial_state: (B, H, K, V) state carried in from a previous segment, or None (zeros).
+        output_final_state: return the state after the last token (else None).
+        chunk_size: tokens per chunk (chunk form only).
+
+    Returns:
+        output (B, H, T, V) in value's dtype; final_state (B, H, K, V) float32/float64, or None.
+
+    Raises:
+        ShapeError on inconsistent shapes; ConfigError for an unknown form or chunk_size < 1.
+    """
+    if form not in FORMS:
+        raise ConfigError(f"expected form in {sorted(FORMS)}, got {form!r}")
+    kwargs = {"chunk_size": chunk_size} if form == "chunk" else {}
+    return FORMS[form](query, key, value, log_decay, scale=scale, initial_state=initial_state,
+                       output_final_state=output_final_state, **kwargs)

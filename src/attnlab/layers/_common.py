@@ -1,0 +1,76 @@
+"""Pieces shared by the linear-attention layers: head split/merge, rotary positions, per-head gated RMSNorm.
+
+Shape legend: B batch, T seq_len, C hidden_size, H num_heads, D a per-head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attnlab.errors import ConfigError, ShapeError
+from attnlab.functional.linear_attention import FORMS
+
+
+def check_form(form: str) -> str:
+    """Raise ConfigError unless ``form`` is one of parallel/chunk/recurrent."""
+    if form not in FORMS:
+        raise ConfigError(f"expected form in {sorted(FORMS)}, got {form!r}")
+    return form
+
+
+def check_heads(hidden_size: int, num_heads: int, num_kv_heads: int | None) -> int:
+    """Validate head counts; return num_kv_heads (defaults to num_heads)."""
+    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
+        raise ConfigError(f"expected num_kv_heads dividing num_heads, got {num_kv_heads} and {num_heads}")
+    return num_kv_heads
+
+
+def check_hidden(hidden_states: Tensor, hidden_size: int) -> None:
+    if hidden_states.dim() != 3 or hidden_states.shape[-1] != hidden_size:
+        raise ShapeError(f"expected hidden_states (batch, seq_len, {hidden_size}), got {tuple(hidden_states.shape)}")
+
+
+def split_heads(x: Tensor, num_heads: int) -> Tensor:
+    """(B, T, H*D) -> (B, H, T, D)."""
+    B, T, _ = x.shape
+    return x.view(B, T, num_heads, -1).transpose(1, 2)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """(B, H, T, D) -> (B, T, H*D)."""
+    B, H, T, D = x.shape
+    return x.transpose(1, 2).reshape(B, T, H * D)
+
+
+def rotary(x: Tensor, offset: int = 0, base: float = 10000.0) -> Tensor:
+    """RoPE on (B, H, T, D) with absolute positions ``offset .. offset+T-1`` (half-split layout; odd D keeps the
+    last dim unrotated)."""
+    D = x.shape[-1]
+    half = D // 2
+    freq = base ** (-torch.arange(half, dtype=torch.float64, device=x.device) / max(half, 1))
+    angle = torch.arange(offset, offset + x.shape[2], dtype=torch.float64, device=x.device)[:, None] * freq  # (T, D/2)
+    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], dim=-1)
+
+
+class GatedHeadNorm(nn.Module):
+    """Per-head RMSNorm with a learnable gain, then ``⊙ swish(gate)`` (fla's fused norm+gate; METHODS.md #21, #35).
+
+    ``elementwise_affine=False`` gives SRMSNorm, ``x / (‖x‖₂/√d)`` (TransNormerLLM, METHODS.md #22).
+    """
+
+    def __init__(self, head_dim: int, eps: float = 1e-5, elementwise_affine: bool = True) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(head_dim)) if elementwise_affine else None
+
+    def forward(self, x: Tensor, gate: Tensor | None = None) -> Tensor:
+        """x: (B, H, T, D); gate: (B, H, T, D) or None (no gate); returns x's shape and dtype."""
+        out = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
+        if self.weight is not None:
+            out = out * self.weight
+        return out if gate is None else out * F.silu(gate)

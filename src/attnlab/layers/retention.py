@@ -1,0 +1,73 @@
+"""Multi-scale retention (RetNet; Sun et al. 2023, §2 (METHODS.md #35)) over ``functional/linear_attention.py``."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from attnlab.functional.linear_attention import linear_attention
+from attnlab.layers import LAYERS
+from attnlab.layers._common import (GatedHeadNorm, check_form, check_heads, check_hidden, merge_heads, rotary,
+                                    split_heads)
+
+
+def retention_log_decay(num_heads: int) -> Tensor:
+    """Per-head log decay ``log(1 - 2^(-5-h))``, h = 0..H-1 (RetNet multi-scale retention; ``decay = gamma``)."""
+    return torch.log1p(-torch.pow(2.0, -5.0 - torch.arange(num_heads, dtype=torch.float64))).float()
+
+
+@LAYERS.register("retention")
+class MultiScaleRetention(nn.Module):
+    """RetNet retention: fixed per-head decay γ_h = 1 − 2^(−5−h), RoPE on q/k, per-head norm and swish gate.
+
+    ``o_n = (q_n / √d_k) S_n``, ``S_n = γ S_{n-1} + k_nᵀ v_n``; output ``W_O (RMSNorm_h(o) ⊙ swish(X W_G))``.
+
+    Normalisation (stated because it is a classic source of form mismatch): all three forms compute the same
+    unnormalised retention with q scaled by d_k^(-1/2) (fla's convention). The paper's extra normalisations are
+    not applied: dividing D's rows by √(Σ_m D_nm) and the scores by max(|Σ_m s_nm|, 1) are per-(token, head)
+    positive rescalings that the per-head RMSNorm (the paper's GroupNorm) removes up to its eps and the clamp at 1
+    (Sun et al. 2023, §2.3 (METHODS.md #35)). The norm acts after the recurrence, so it cannot break form
+    agreement or segment chaining.
+
+    Args:
+        hidden_size: C. num_heads: H. num_kv_heads: Hkv (GQA) or None (= H).
+        expand_k, expand_v: key / value width as a multiple of hidden_size (fla defaults 1.0 / 2.0).
+        form: "chunk" (default), "parallel" or "recurrent". chunk_size: tokens per chunk.
+        norm_eps: RMSNorm eps. rope_base: rotary base (q and k are rotated by absolute position).
+
+    Raises ConfigError for bad head counts, widths or form; ShapeError for bad inputs.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int = 8, num_kv_heads: int | None = None, *,
+                 expand_k: float = 1.0, expand_v: float = 2.0, form: str = "chunk", chunk_size: int = 64,
+                 norm_eps: float = 1e-5, rope_base: float = 10000.0) -> None:
+        super().__init__()
+        self.hidden_size, self.num_heads = hidden_size, num_heads
+        self.num_kv_heads = check_heads(hidden_size, num_heads, num_kv_heads)
+        self.form, self.chunk_size, self.rope_base = check_form(form), chunk_size, rope_base
+        self.head_k_dim = int(hidden_size * expand_k) // num_heads
+        self.head_v_dim = int(hidden_size * expand_v) // num_heads
+        kv_k, kv_v = self.num_kv_heads * self.head_k_dim, self.num_kv_heads * self.head_v_dim
+        self.q_proj = nn.Linear(hidden_size, num_heads * self.head_k_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, kv_k, bias=False)
+        self.v_proj = nn.Linear(hidden_size, kv_v, bias=False)
+        self.g_proj = nn.Linear(hidden_size, num_heads * self.head_v_dim, bias=False)
+        self.o_proj = nn.Linear(num_heads * self.head_v_dim, hidden_size, bias=False)
+        self.norm = GatedHeadNorm(self.head_v_dim, norm_eps)
+        self.register_buffer("log_decay", retention_log_decay(num_heads), persistent=False)
+
+    def forward(self, hidden_states: Tensor, initial_state: Tensor | None = None,
+                position_offset: int = 0) -> tuple[Tensor, Tensor]:
+        """hidden_states: (B, T, C). initial_state: (B, H, d_k, d_v) from the previous segment, whose length is
+        ``position_offset``. Returns output (B, T, C) and the final state (B, H, d_k, d_v)."""
+        check_hidden(hidden_states, self.hidden_size)
+        q = rotary(split_heads(self.q_proj(hidden_states), self.num_heads), position_offset, self.rope_base)
+        k = rotary(split_heads(self.k_proj(hidden_states), self.num_kv_heads), position_offset, self.rope_base)
+        v = split_heads(self.v_proj(hidden_states), self.num_kv_heads)
+        o, state = linear_attention(q, k, v, self.log_decay, form=self.form, chunk_size=self.chunk_size,
+                                    initial_state=initial_state, output_final_state=True)
+        o = self.norm(o, split_heads(self.g_proj(hidden_states), self.num_heads))
+        return self.o_proj(merge_heads(o)), state
+
+
+__all__ = ["MultiScaleRetention", "retention_log_decay"]
