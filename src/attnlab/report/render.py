@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from attnlab.report import plots
+from attnlab.report.eval_section import eval_section
 from attnlab.report.plots import HeatmapPanel, LinePanel, Series
 from attnlab.report.schema import validate_results
 
@@ -350,8 +351,8 @@ def _environment():
 def render_html(results: Mapping[str, Any]) -> str:
     """The HTML report of ``results`` (a dict as in ``docs/results.md``), as one self-contained page.
 
-    Sections (each with an ``id``): ``run``, ``sinks``, ``entropy``, ``distance``, ``extreme-tokens``, ``norms``,
-    ``tokens``, ``tables``; a section whose statistics are absent says "not run". Raises ConfigError if
+    Sections (each with an ``id``): ``run``, ``eval`` (eval runs only), ``sinks``, ``entropy``, ``distance``,
+    ``extreme-tokens``, ``norms``, ``tokens``, ``tables``; a section whose statistics are absent says "not run". Raises ConfigError if
     ``results`` fails :func:`attnlab.report.schema.validate_results`.
     """
     validate_results(results)
@@ -369,6 +370,7 @@ def render_html(results: Mapping[str, Any]) -> str:
         "extreme": _extreme_section(results),
         "norms": _norms_section(index, dims),
         "tokens": _tokens_section(results),
+        "eval": eval_section(results),
         "statistics": statistics,
     }
     return _environment().get_template("report.html.j2").render(**context)

@@ -1,0 +1,128 @@
+"""The report's "Eval" section: baseline vs edited variants side by side, from ``results["eval"]`` and the rows.
+
+Rows of an eval run name their task and variant in the ``probe`` column as ``"<task>@<variant>"`` (docs/results.md);
+this module reads them back, builds the comparison table, the NLL-by-position curves and the passkey plots.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from attnlab.report import plots
+from attnlab.report.plots import LinePanel, Series
+
+_COLORS = ["black", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
+
+
+def split_probe(probe: str) -> tuple[str, str | None]:
+    """``"perplexity@baseline"`` → ``("perplexity", "baseline")``; a probe without ``@`` → ``(probe, None)``."""
+    task, sep, variant = str(probe).partition("@")
+    return (task, variant) if sep else (task, None)
+
+
+def _delta(value: Any, base: Any, relative: bool = False) -> str:
+    if not isinstance(value, (int, float)) or not isinstance(base, (int, float)):
+        return "—"
+    if not (math.isfinite(value) and math.isfinite(base)):
+        return "—"
+    if relative:
+        return f"{100 * (value / base - 1):+.2f} %" if base else "—"
+    return f"{value - base:+.4f}"
+
+
+def _edit_summary(report: list[Mapping[str, Any]]) -> str:
+    parts = []
+    for entry in report or []:
+        change = entry.get("max_change")
+        change = f"{change:.3g}" if isinstance(change, (int, float)) else "—"
+        parts.append(f"{entry.get('edit', '?')}: {entry.get('calls_touched', '—')} calls, "
+                     f"{entry.get('heads_touched', '—')} heads, max change {change} "
+                     f"({entry.get('measured_on', '—')})")
+    return "; ".join(parts) or "—"
+
+
+def eval_section(results: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Template context of the Eval section, or None when ``results`` holds no eval run."""
+    info = results.get("eval")
+    if not isinstance(info, Mapping) or not info.get("variants"):
+        return None
+    variants = list(info["variants"])
+    base = variants[0]
+    table = []
+    for record in variants:
+        passkey = record.get("passkey") or {}
+        table.append({
+            "label": record.get("label"),
+            "perplexity": record.get("perplexity"),
+            "perplexity_delta": _delta(record.get("perplexity"), base.get("perplexity"), relative=True),
+            "accuracy": record.get("next_token_accuracy"),
+            "accuracy_delta": _delta(record.get("next_token_accuracy"), base.get("next_token_accuracy")),
+            "tokens": record.get("tokens_scored"),
+            "passkey": passkey.get("accuracy"),
+            "passkey_delta": _delta(passkey.get("accuracy"), (base.get("passkey") or {}).get("accuracy")),
+            "edits": _edit_summary(record.get("edit_report") or []),
+            "seconds": record.get("seconds"),
+        })
+    curves: dict[str, dict[str, tuple[list[float], list[float]]]] = defaultdict(dict)
+    for row in results.get("rows") or []:
+        task, variant = split_probe(row["probe"])
+        if variant is None or row["statistic"] not in ("nll_by_position", "accuracy_by_position"):
+            continue
+        if row["position"] is None or row["value"] is None:
+            continue
+        xs, ys = curves[row["statistic"]].setdefault(variant, ([], []))
+        xs.append(float(row["position"]))
+        ys.append(float(row["value"]))
+    position_figure = None
+    panels = []
+    for stat, title, ylabel in (("nll_by_position", "loss vs position in window", "mean NLL (nats)"),
+                                ("accuracy_by_position", "next-token accuracy vs position", "top-1 accuracy")):
+        if curves.get(stat):
+            series = [Series(np.array(xs), np.array(ys), label, _COLORS[n % len(_COLORS)])
+                      for n, (label, (xs, ys)) in enumerate(curves[stat].items())]
+            panels.append(LinePanel(series, title, f"position of the scored token (bin start, "
+                                                   f"{info.get('position_bin', '?')} tokens)", ylabel))
+    if panels:
+        position_figure = plots.lines_figure(panels, height=3.4)
+    return {
+        "table": table,
+        "definitions": sorted((info.get("definitions") or {}).items()),
+        "settings": {key: info.get(key) for key in ("seq_len", "window_text_tokens", "stride", "num_windows")},
+        "position_figure": position_figure,
+        "passkey": _passkey_part(info, variants),
+    }
+
+
+def _passkey_part(info: Mapping[str, Any], variants: list[Mapping[str, Any]]) -> dict[str, Any] | None:
+    settings = info.get("passkey")
+    records = [(r.get("label"), r.get("passkey")) for r in variants if r.get("passkey")]
+    if not settings or not records:
+        return None
+    lengths = sorted({int(cell["length"]) for _, p in records for cell in p.get("cells", [])})
+    panels = []
+    for length in lengths:
+        series = []
+        for n, (label, passkey) in enumerate(records):
+            cells = sorted((c["depth"], c["accuracy"]) for c in passkey.get("cells", []) if c["length"] == length)
+            if cells:
+                series.append(Series(np.array([100 * d for d, _ in cells]), np.array([a for _, a in cells]),
+                                     str(label), _COLORS[n % len(_COLORS)]))
+        panels.append(LinePanel(series, f"passkey, {length} tokens", "needle depth (% of haystack)",
+                                "accuracy", ylim=(-0.05, 1.05)))
+    if len(lengths) > 1:
+        series = []
+        for n, (label, passkey) in enumerate(records):
+            cells = sorted((c["length"], c["accuracy"]) for c in passkey.get("by_length", []))
+            series.append(Series(np.array([x for x, _ in cells], dtype=float), np.array([a for _, a in cells]),
+                                 str(label), _COLORS[n % len(_COLORS)]))
+        panels.append(LinePanel(series, "passkey vs length", "prompt length (tokens)", "accuracy",
+                                ylim=(-0.05, 1.05)))
+    figures = [plots.lines_figure(panels[i:i + 3], height=3.0) for i in range(0, len(panels), 3)]
+    grid = [{"label": label, "cells": [(c["length"], c["depth"], c["accuracy"], c["trials"])
+                                       for c in passkey.get("cells", [])]} for label, passkey in records]
+    return {"figures": figures, "settings": settings, "grid": grid}
