@@ -9,7 +9,8 @@ import importlib
 
 from attnlab.registry import Registry
 
-_BUILTIN_MODULES = ("entropy", "sink", "distance", "norms")
+_BUILTIN_MODULES = ("entropy", "sink", "distance", "norms", "massive_activations", "magnets", "rope_decay",
+                    "spatial_decay")
 
 
 def _load_builtins() -> None:

@@ -1,0 +1,162 @@
+"""``attnlab probe`` as a function: any registered probes (attention-level and model-level) → a results dict.
+
+    from attnlab.pipeline import RunConfig
+    from attnlab.probe_run import run_probe_suite
+    results = run_probe_suite(RunConfig(seq_len=128, max_windows=2, probes=("massive_activations", "inflection")))
+
+Attention-level probes run inside one :class:`attnlab.Session` over the windows (as ``attnlab report`` does);
+model-level probes (:class:`attnlab.probes.model_base.ModelProbe`) then get every batch through a
+:class:`attnlab.capture.model_probes.ModelRunner`. ``compare`` loads a second model for probes that compare two
+models (``cka``); it must use the same tokenizer. The results dict has the layout of docs/results.md with
+``command = "probe"``, ``probe_args`` and, with ``compare``, ``compare_model``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from attnlab import __version__
+from attnlab.columns import SCHEMA_VERSION
+from attnlab.errors import ConfigError
+from attnlab.pipeline import Progress, RunConfig, _versions, check_seq_len
+from attnlab.probes import PROBES
+from attnlab.probes.base import Probe
+from attnlab.probes.model_base import is_model_probe
+
+
+def parse_probe_args(items: list[str] | None) -> dict[str, dict[str, Any]]:
+    """``["cka.max_tokens=512", "spatial_decay.grid=[4,8,8]"]`` → ``{"cka": {"max_tokens": 512}, ...}``.
+
+    Values are read as YAML scalars/lists (``3`` int, ``0.5`` float, ``true`` bool, ``[4, 8]`` list, else str).
+    Raises ConfigError on an item without ``probe.key=value``.
+    """
+    import yaml
+
+    parsed: dict[str, dict[str, Any]] = {}
+    for item in items or []:
+        name, dot, rest = item.partition(".")
+        key, equals, raw = rest.partition("=")
+        if not (dot and equals and name and key):
+            raise ConfigError(f"--probe-arg expects PROBE.KEY=VALUE, got {item!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        parsed.setdefault(name, {})[key.replace("-", "_")] = value
+    return parsed
+
+
+def build_probes(names: tuple[str, ...], probe_args: Mapping[str, Mapping[str, Any]]) -> list[Probe]:
+    """Instantiate the named probes with their arguments; ConfigError on arguments a probe does not take."""
+    unused = sorted(set(probe_args) - set(names))
+    if unused:
+        raise ConfigError(f"--probe-arg given for probe(s) not selected: {', '.join(unused)}")
+    probes = []
+    for name in names:
+        cls = PROBES.get(name)
+        try:
+            probes.append(cls(**dict(probe_args.get(name, {}))))
+        except TypeError as error:
+            raise ConfigError(f"bad --probe-arg for {name}: {error}") from None
+    return probes
+
+
+def run_probe_suite(config: RunConfig, *, probe_args: Mapping[str, Mapping[str, Any]] | None = None,
+                    compare: str | None = None, progress: Progress | None = None, model: Any = None,
+                    tokenizer: Any = None) -> dict[str, Any]:
+    """Load model and text, run every probe of ``config.probes``, and return the results dict.
+
+    Raises:
+        ConfigError, TextError, RegistryError, UnsupportedModelError: bad input (the CLI exits 2).
+        AssetError: a bundled asset cannot be fetched or verified.
+    """
+    import torch
+
+    from attnlab.capture.loading import load_model, model_info, tokenizer_info
+    from attnlab.capture.model_probes import ModelRunner
+    from attnlab.capture.session import Session
+    from attnlab.text import load_text, read_text_file
+
+    started = time.perf_counter()
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    notify = progress or (lambda done, total, message: None)
+    probe_args = {k: dict(v) for k, v in (probe_args or {}).items()}
+    probes = build_probes(config.probes, probe_args)
+    if config.text is not None:
+        read_text_file(config.text)
+    if model is None or tokenizer is None:
+        notify(0, 0, f"loading model {config.model}")
+        model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
+    check_seq_len(model, config.seq_len)
+    runner = ModelRunner(model, tokenizer)
+    other_info = None
+    if compare is not None:
+        notify(0, 0, f"loading model {compare}")
+        other_model, other_tokenizer = load_model(compare, dtype=config.dtype, device=config.device)
+        if other_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise ConfigError(f"--compare {compare} uses a different tokenizer than {config.model}; CKA needs the "
+                              "same tokens")
+        runner.other = ModelRunner(other_model, other_tokenizer)
+        other_info = {**model_info(other_model), "requested": compare}
+    if compare is None and any(getattr(p, "needs_compare", False) for p in probes):
+        names = [p.name for p in probes if getattr(p, "needs_compare", False)]
+        raise ConfigError(f"probe(s) {', '.join(names)} compare two models; pass --compare OTHER_MODEL")
+    for probe in probes:
+        if hasattr(probe, "prepare"):
+            probe.prepare(runner.info)
+    notify(0, 0, "reading text")
+    windows = load_text(tokenizer, config.text, seq_len=config.seq_len, max_windows=config.max_windows,
+                        bos=config.bos, batch_size=config.batch_size, device=config.device)
+    attention_probes = [p for p in probes if not is_model_probe(p)]
+    model_probes = [p for p in probes if is_model_probe(p)]
+    total = len(windows) * (bool(attention_probes) + bool(model_probes))
+    done = 0
+    paths: dict[int, str] = {}
+    if attention_probes:
+        session = Session(model, probes=attention_probes, block_size=config.block_size,
+                          query_fraction=config.query_fraction)
+        with session, torch.no_grad():
+            for batch in windows:
+                notify(done, total, "running attention probes")
+                model(**batch)
+                done += 1
+        paths = session.paths
+    for batch in windows if model_probes else []:
+        notify(done, total, "running model probes")
+        for probe in model_probes:
+            probe.observe(runner, batch)
+        done += 1
+    for probe in model_probes:
+        probe.finish(runner)
+    notify(total, total, "done")
+
+    def decode(token_id: int) -> str:
+        return tokenizer.decode([token_id])
+
+    results = {
+        "schema_version": SCHEMA_VERSION,
+        "attnlab_version": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": "probe",
+        "config": config.to_dict(),
+        "probe_args": probe_args,
+        "model": {**model_info(model), "requested": config.model},
+        "tokenizer": {**tokenizer_info(tokenizer), "class": type(tokenizer).__name__,
+                      "bos_policy": windows.bos_policy, "bos_token": getattr(tokenizer, "bos_token", None),
+                      "bos_added": windows.bos_added},
+        "seed": config.seed,
+        "versions": _versions(),
+        "attention_paths": {str(layer): path for layer, path in sorted(paths.items())},
+        "windows": windows.windows,
+        "rows": [row for probe in probes for row in probe.rows()],
+        "extras": {probe.name: probe.extras(decode) for probe in probes},
+        "timing": {"seconds": round(time.perf_counter() - started, 3)},
+    }
+    if other_info is not None:
+        results["compare_model"] = other_info
+    return results

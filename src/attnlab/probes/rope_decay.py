@@ -1,0 +1,127 @@
+"""RoPE long-term decay: the analytic bound for the model's rope_theta/head_dim next to measured attention.
+
+Xing et al. 2024 (CCA, METHODS.md #11) motivate concentric positions by RoPE's long-term decay: the bound of
+Su et al. (RoFormer) on the relative RoPE logit shrinks with distance (:func:`attnlab.stats.decay_fits.rope_decay_bound`,
+normalised to 1 at distance 0). This probe reports that curve (``rope_bound``, layer empty, position = distance)
+and, per layer, the measured mean attention per (query, key) pair at each distance (``mean_attention``, averaged
+over heads), on the distance probe's fixed rows (queries at position ≥ n // 2, distances < n // 2, n = real
+tokens; all queries for bidirectional layers) so every distance is seen by every row. Key position 0 (the sink)
+is left out by default (``exclude_first``). ``bound_correlation`` per layer is the Pearson correlation of
+log bound and log measured attention over distances 1 … n // 2 - 1: near 1 when attention follows the bound.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attnlab.errors import ConfigError
+from attnlab.functional.attention import BlockView
+from attnlab.probes import PROBES
+from attnlab.probes.base import AttentionCall, ModelShape, Probe, Row, RowWriter, pad_to_length, safe_div
+from attnlab.stats.decay_fits import rope_decay_bound
+from attnlab.stats.distance import sums_by_distance_scatter
+
+
+@PROBES.register("rope_decay")
+class RopeDecayProbe(Probe):
+    """RoPE's analytic long-term decay bound next to measured attention vs distance per layer.
+
+    Args:
+        rope_theta, head_dim: RoPE base and query/key head size; read from the model by ``prepare`` when None.
+        exclude_first: leave key position 0 (the sink) out of the measured curve (default True).
+    """
+
+    name = "rope_decay"
+    needs = frozenset({"probs"})
+
+    def __init__(self, rope_theta: float | None = None, head_dim: int | None = None,
+                 exclude_first: bool = True) -> None:
+        if rope_theta is not None and rope_theta <= 1:
+            raise ConfigError(f"rope_theta must be > 1, got {rope_theta}")
+        if head_dim is not None and (head_dim < 2 or head_dim % 2):
+            raise ConfigError(f"head_dim must be an even integer >= 2, got {head_dim}")
+        self.rope_theta, self.head_dim, self.exclude_first = rope_theta, head_dim, bool(exclude_first)
+
+    def prepare(self, info: Any) -> None:
+        if self.rope_theta is None:
+            if info.rope_theta is None:
+                raise ConfigError("rope_decay: the model has no rope_theta (no rotary embedding); pass "
+                                  "--probe-arg rope_decay.rope_theta=… to compare with a bound anyway")
+            self.rope_theta = info.rope_theta
+        self.head_dim = self.head_dim or info.head_dim
+
+    def bind(self, shape: ModelShape) -> None:
+        super().bind(shape)
+        L, H, D = shape.num_layers, shape.num_heads, max(shape.max_len, 1)
+        self.attention_sum = torch.zeros(L, H, D, dtype=torch.float64)
+        self.pair_count = torch.zeros(L, H, D, dtype=torch.float64)
+
+    def update(self, call: AttentionCall, block: BlockView) -> None:
+        probs = block.probs  # (B, H, bq, width)
+        B, H, bq, width = probs.shape
+        Lk = call.kv_len
+        self.attention_sum, self.pair_count = pad_to_length((self.attention_sum, self.pair_count), Lk)
+        q_abs = block.q_index + (Lk - call.q_len)
+        distance = q_abs[:, None] - torch.arange(width, device=probs.device)[None, :]
+        distance = distance.clamp(min=0) if call.causal else distance.abs()
+        keep = block.keep if block.keep is not None else torch.ones(1, 1, bq, width, dtype=torch.bool,
+                                                                     device=probs.device)
+        R = (call.key_valid.sum(-1) // 2)[:, None]  # (B, 1)
+        positions = call.query_positions[:, block.q_index]
+        rows = (positions >= R if call.causal else positions >= 0) & call.query_valid[:, block.q_index]
+        keys = call.key_valid[:, :width]
+        if self.exclude_first:
+            keys = keys & (call.key_positions[:, :width] != 0)
+        fit = keep & rows[:, None, :, None] & keys[:, None, None, :] & (distance[None, None] < R[:, :, None, None])
+        fit = fit.expand(B, H, bq, width)
+        sums = sums_by_distance_scatter((probs * fit).reshape(B * H, bq, width).double(), distance, Lk)
+        counts = sums_by_distance_scatter(fit.reshape(B * H, bq, width).double(), distance, Lk)
+        self.attention_sum[call.layer_idx, :, :Lk] += sums.view(B, H, Lk).sum(0).cpu()
+        self.pair_count[call.layer_idx, :, :Lk] += counts.view(B, H, Lk).sum(0).cpu()
+
+    def state(self) -> dict[str, Tensor]:
+        return {"attention_sum": self.attention_sum, "pair_count": self.pair_count}
+
+    def merge(self, other: Probe) -> None:
+        length = max(self.attention_sum.shape[-1], other.attention_sum.shape[-1])  # type: ignore[attr-defined]
+        self.attention_sum, self.pair_count = pad_to_length((self.attention_sum, self.pair_count), length)
+        other.attention_sum, other.pair_count = pad_to_length(  # type: ignore[attr-defined]
+            (other.attention_sum, other.pair_count), length)  # type: ignore[attr-defined]
+        super().merge(other)
+
+    def measured(self) -> Tensor:
+        """(num_layers, D) mean attention per pair at each distance, averaged over heads (NaN where unseen)."""
+        per_head = safe_div(self.attention_sum, self.pair_count)  # (L, H, D)
+        return per_head.nanmean(dim=1)
+
+    def rows(self) -> list[Row]:
+        out = RowWriter(self.name)
+        seen = (self.pair_count.sum(dim=(0, 1)) > 0).nonzero()
+        if seen.numel() == 0 or self.rope_theta is None or self.head_dim is None:
+            return out.rows
+        max_distance = int(seen.max())
+        bound = rope_decay_bound(max_distance, self.head_dim, float(self.rope_theta))
+        out.add_indexed("rope_bound", bound, torch.ones_like(bound, dtype=torch.bool), ("position",))
+        measured = self.measured()[:, : max_distance + 1]
+        out.add_indexed("mean_attention", measured, ~torch.isnan(measured), ("layer", "position"))
+        log_bound = torch.log(bound[1:])
+        for layer in range(measured.shape[0]):
+            y = measured[layer, 1:]
+            ok = torch.isfinite(y) & (y > 0)
+            if int(ok.sum()) < 3:
+                continue
+            x, y = log_bound[ok], torch.log(y[ok])
+            sx, sy = x - x.mean(), y - y.mean()
+            denom = math.sqrt(float((sx**2).sum() * (sy**2).sum()))
+            if denom > 0:
+                out.add("bound_correlation", float((sx * sy).sum()) / denom, layer)
+        return out.rows
+
+    def extras(self, decode: Any = None) -> dict[str, Any]:
+        return {"rope_theta": self.rope_theta, "head_dim": self.head_dim, "exclude_first": self.exclude_first,
+                "bound": "RoFormer relative upper bound, normalised to 1 at distance 0",
+                "fit_rows": "queries at position >= n // 2 (causal), distances < n // 2"}
