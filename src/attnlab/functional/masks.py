@@ -218,11 +218,13 @@ def from_keep(keep: Tensor, *, block_size: int = 1, name: str = "from_keep") -> 
         raise ConfigError(f"keep must be a 4-D bool tensor (batch, heads, q, kv), got {keep.dtype} {tuple(keep.shape)}")
     _check_positive("block_size", block_size)
     single_batch, single_head = keep.shape[0] == 1, keep.shape[1] == 1
+    last_q, last_kv = keep.shape[2] - 1, keep.shape[3] - 1
 
     def mask_mod(batch_idx: Tensor, head_idx: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        b = batch_idx * 0 if single_batch else batch_idx
-        h = head_idx * 0 if single_head else head_idx
-        return keep[b, h, q_idx // block_size, kv_idx // block_size]
+        b = 0 if single_batch else batch_idx
+        h = 0 if single_head else head_idx
+        # clamped: block-sparse kernels may evaluate padding positions past the last block
+        return keep[b, h, (q_idx // block_size).clamp(0, last_q), (kv_idx // block_size).clamp(0, last_kv)]
 
     return _named(mask_mod, name)
 

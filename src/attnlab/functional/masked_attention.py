@@ -1,0 +1,225 @@
+"""Softmax attention with a mask_mod and a score_mod, on two paths: dense (SDPA / explicit) and FlexAttention.
+
+Shape legend:
+    B   batch
+    H   num_heads (query heads); Hkv num_kv_heads divides H, query head h reads kv head ``h // (H // Hkv)``
+    Lq  q_len, Lk kv_len; D head_dim, Dv value head dim
+
+Both paths take the same objects: ``mask_mod(batch_idx, head_idx, q_idx, kv_idx) -> bool`` (True = attend, see
+:mod:`attnlab.functional.masks`) and ``score_mod(logits, batch_idx, head_idx, q_idx, kv_idx) -> logits`` (a score_mod
+acts on logits, FlexAttention's signature). Query row i is position ``i + q_offset`` on both paths.
+
+* ``path="dense"``: the mask is materialised with :func:`~attnlab.functional.masks.to_dense`. Without a score_mod
+  the call is ``F.scaled_dot_product_attention`` with the bool mask; with one, logits are computed explicitly, the
+  score_mod is applied with broadcast index tensors, and softmax runs in float32. Differentiable on CPU (training).
+* ``path="flex"``: ``torch.nn.attention.flex_attention`` with a block mask from :class:`BlockMaskCache` (built once
+  per (mask, q_len, kv_len, q_offset, device, block size, batch, heads), never reused for another length).
+  ``compiled=True`` uses ``torch.compile(flex_attention)`` (the fused block-sparse kernel; the first call per shape
+  compiles, ~20 s on CPU); eager Flex materialises the scores and is for checking only. Inference only on CPU.
+
+Fully masked query rows give output 0 on both paths, never NaN.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnlab.errors import ConfigError
+from attnlab.functional.attention import check_qkv
+from attnlab.functional.masks import MaskMod, shift_queries, to_dense
+
+__all__ = ["BlockMaskCache", "ScoreMod", "build_block_mask", "dense_score_mod", "masked_attention"]
+
+ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
+# Elements of the dense mask evaluated at once while building a block mask (bounds peak memory at 16k × 16k).
+_BUILD_CHUNK_ELEMENTS = 1 << 26
+
+
+def dense_score_mod(score_mod: ScoreMod, logits: Tensor, q_offset: int = 0) -> Tensor:
+    """Apply a score_mod to dense logits (B, H, Lq, Lk) with broadcast index tensors; returns the new logits."""
+    B, H, Lq, Lk = logits.shape
+    device = logits.device
+    b = torch.arange(B, device=device)[:, None, None, None]
+    h = torch.arange(H, device=device)[None, :, None, None]
+    q = torch.arange(Lq, device=device)[None, None, :, None] + q_offset
+    kv = torch.arange(Lk, device=device)[None, None, None, :]
+    return score_mod(logits, b, h, q, kv).expand(B, H, Lq, Lk)
+
+
+def build_block_mask(mask_mod: MaskMod, batch: int, num_heads: int, q_len: int, kv_len: int, *,
+                     block_size: int = 128, q_offset: int = 0, device: torch.device | str | None = None):
+    """A FlexAttention ``BlockMask`` for ``mask_mod``, evaluated a few query blocks at a time.
+
+    Unlike ``create_block_mask`` (which materialises the whole (B, H, Lq, Lk) mask) the dense mask is built in
+    chunks of query blocks, so 16k × 16k × 8 heads needs ~64 MB at a time. Axes the mask does not depend on (its
+    output has size 1 there under broadcast indices) stay size 1 and broadcast in the kernel. Tiles that are
+    entirely kept are recorded as "full" blocks (no mask_mod evaluation inside them).
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    mask_mod = shift_queries(mask_mod, q_offset)
+    nq, nk = -(-q_len // block_size), -(-kv_len // block_size)
+    # which axes the mask depends on: its output keeps size 1 on the others under broadcast indices
+    raw = torch.as_tensor(mask_mod(torch.arange(batch, device=device)[:, None, None, None],
+                                   torch.arange(num_heads, device=device)[None, :, None, None],
+                                   torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device),
+                                   torch.arange(kv_len, device=device)[None, None, None, :]))
+    shape = (1,) * (4 - raw.dim()) + tuple(raw.shape)
+    Bm, Hm = (batch if shape[0] > 1 else 1), (num_heads if shape[1] > 1 else 1)
+    rows_per_chunk = max(1, _BUILD_CHUNK_ELEMENTS // max(1, Bm * Hm * kv_len * block_size)) * block_size
+    full_tile = block_size * block_size
+    partial_parts, full_parts = [], []
+    for start in range(0, nq * block_size, rows_per_chunk):
+        stop = min(nq * block_size, start + rows_per_chunk)
+        b = torch.arange(Bm, device=device)[:, None, None, None]
+        h = torch.arange(Hm, device=device)[None, :, None, None]
+        q = torch.arange(start, stop, device=device)[None, None, :, None]
+        kv = torch.arange(nk * block_size, device=device)[None, None, None, :]
+        keep = torch.as_tensor(mask_mod(b, h, q, kv)).expand(Bm, Hm, stop - start, nk * block_size)
+        keep = keep & (q < q_len) & (kv < kv_len)  # padding past the lengths is never kept
+        sums = keep.view(Bm, Hm, (stop - start) // block_size, block_size, nk, block_size).sum(dim=(3, 5))
+        partial_parts.append((sums > 0) & (sums < full_tile))
+        full_parts.append(sums == full_tile)
+    partial, full_blocks = torch.cat(partial_parts, dim=2), torch.cat(full_parts, dim=2)  # (Bm, Hm, nq, nk)
+
+    def ordered(tiles: Tensor) -> tuple[Tensor, Tensor]:
+        counts = tiles.sum(-1, dtype=torch.int32)
+        indices = torch.argsort(tiles.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+        return counts, indices
+
+    kv_num, kv_idx = ordered(partial)
+    full_num, full_idx = ordered(full_blocks)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size, mask_mod=mask_mod,
+                                    seq_lengths=(q_len, kv_len))
+
+
+class BlockMaskCache:
+    """Block masks built once per (mask, q_len, kv_len, q_offset, device, block_size, batch, heads); LRU-bounded.
+
+    The key holds the mask_mod object itself (identity), so two different masks never share an entry and a mask
+    built for one length is never reused for another. ``builds`` counts how many masks were built (for tests).
+    """
+
+    def __init__(self, max_entries: int = 8, block_size: int = 128) -> None:
+        if max_entries < 1 or block_size < 1:
+            raise ConfigError(f"max_entries and block_size must be >= 1, got {max_entries}, {block_size}")
+        self.max_entries, self.block_size = max_entries, block_size
+        self._entries: OrderedDict[tuple, object] = OrderedDict()
+        self.builds = 0
+
+    def get(self, mask_mod: MaskMod, batch: int, num_heads: int, q_len: int, kv_len: int, *, q_offset: int = 0,
+            device: torch.device | str | None = None):
+        key = (mask_mod, batch, num_heads, q_len, kv_len, q_offset, str(torch.device(device or "cpu")),
+               self.block_size)
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return self._entries[key]
+        block_mask = build_block_mask(mask_mod, batch, num_heads, q_len, kv_len, block_size=self.block_size,
+                                      q_offset=q_offset, device=device)
+        self.builds += 1
+        self._entries[key] = block_mask
+        if len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+        return block_mask
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+@functools.cache
+def _compiled_flex() -> Callable:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _dense_path(query: Tensor, key: Tensor, value: Tensor, mask_mod: MaskMod | None, score_mod: ScoreMod | None,
+                scale: float, q_offset: int) -> Tensor:
+    B, H, Lq, _ = query.shape
+    Lk = key.shape[2]
+    keep = None
+    if mask_mod is not None:
+        keep = to_dense(mask_mod, B, H, Lq, Lk, q_offset=q_offset, device=query.device)
+        row_has_key = keep.any(dim=-1, keepdim=True)  # (B, H, Lq, 1)
+        keep = keep | ~row_has_key  # empty rows attend everywhere, then are zeroed: no NaN in forward or backward
+    if score_mod is None:
+        groups = H // key.shape[1]
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=keep, scale=scale, enable_gqa=groups > 1)
+    else:
+        dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+        groups = H // key.shape[1]
+        k = key.repeat_interleave(groups, dim=1).to(dtype)  # (B, H, Lk, D)
+        v = value.repeat_interleave(groups, dim=1).to(dtype)  # (B, H, Lk, Dv)
+        logits = dense_score_mod(score_mod, query.to(dtype) @ k.transpose(-1, -2) * scale, q_offset)
+        if keep is not None:
+            logits = logits.masked_fill(~keep, float("-inf"))
+        out = (torch.softmax(logits, dim=-1) @ v).to(value.dtype)
+    if mask_mod is not None:
+        out = out * row_has_key.to(out.dtype)
+    return out
+
+
+def masked_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    mask_mod: MaskMod | None = None,
+    *,
+    score_mod: ScoreMod | None = None,
+    scale: float | None = None,
+    q_offset: int = 0,
+    path: Literal["dense", "flex"] = "dense",
+    compiled: bool = False,
+    cache: BlockMaskCache | None = None,
+) -> Tensor:
+    """Softmax attention restricted by ``mask_mod`` with logits changed by ``score_mod``.
+
+    Args:
+        query: (B, H, Lq, D) float tensor. key: (B, Hkv, Lk, D). value: (B, Hkv, Lk, Dv).
+        mask_mod: True = attend; None = every key visible.
+        score_mod: ``(logits, b, h, q, kv) -> logits``; None = plain scaled dot product.
+        scale: logit scale, default ``D ** -0.5``.
+        q_offset: query row i is position ``i + q_offset`` (``Lk - Lq`` when decoding with a cache).
+        path: ``"dense"`` (SDPA / explicit logits; supports backward) or ``"flex"`` (block-sparse; inference).
+        compiled: Flex path only — run ``torch.compile(flex_attention)`` instead of the eager (unfused) Flex.
+        cache: block masks for the Flex path; default: a fresh cache for this call (pass one to reuse masks).
+
+    Returns:
+        output (B, H, Lq, Dv) in value's dtype. Rows with no visible key are 0.
+
+    Raises:
+        ShapeError: on inconsistent shapes or Hkv not dividing H. ConfigError: on an unknown path.
+    """
+    num_heads, groups = check_qkv(query, key, value)
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    if path == "dense":
+        return _dense_path(query, key, value, mask_mod, score_mod, scale, q_offset)
+    if path != "flex":
+        raise ConfigError(f"path must be 'dense' or 'flex', got {path!r}")
+    from torch.nn.attention.flex_attention import flex_attention
+
+    B, _, Lq, _ = query.shape
+    Lk = key.shape[2]
+    block_mask = None
+    if mask_mod is not None:
+        cache = BlockMaskCache() if cache is None else cache
+        block_mask = cache.get(mask_mod, B, num_heads, Lq, Lk, q_offset=q_offset, device=query.device)
+    flex_score_mod = score_mod
+    if score_mod is not None and q_offset:
+        def flex_score_mod(logits, b, h, q, kv):  # noqa: E306 - the same positions as the mask
+            return score_mod(logits, b, h, q + q_offset, kv)
+    if compiled:
+        return _compiled_flex()(query, key, value, score_mod=flex_score_mod, block_mask=block_mask, scale=scale,
+                                enable_gqa=groups > 1)
+    with warnings.catch_warnings():  # eager Flex is the checking path; its "use torch.compile" advice is known
+        warnings.simplefilter("ignore", UserWarning)
+        return flex_attention(query, key, value, score_mod=flex_score_mod, block_mask=block_mask, scale=scale,
+                              enable_gqa=groups > 1)
