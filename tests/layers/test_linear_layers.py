@@ -16,6 +16,10 @@ C, T, CHUNK = 12, 3 * 4 + 1, 4
 BUILD = {
     "retention": dict(hidden_size=C, num_heads=4, num_kv_heads=2, expand_v=1.0, chunk_size=CHUNK),
     "gla": dict(hidden_size=C, num_heads=2, num_kv_heads=1, expand_k=1.0, chunk_size=CHUNK),
+    "lightning": dict(hidden_size=C, num_heads=4, num_kv_heads=2, layer_idx=1, num_layers=3, chunk_size=CHUNK),
+    "lightnet": dict(hidden_size=C, num_heads=2, num_kv_heads=1, head_k_dim=5, gate_low_rank_dim=4,
+                     chunk_size=CHUNK),
+    "hedgehog": dict(hidden_size=C, num_heads=4, num_kv_heads=2, chunk_size=CHUNK),
 }
 NAMES = sorted(BUILD)
 

@@ -70,7 +70,8 @@ class GatedHeadNorm(nn.Module):
 
     def forward(self, x: Tensor, gate: Tensor | None = None) -> Tensor:
         """x: (B, H, T, D); gate: (B, H, T, D) or None (no gate); returns x's shape and dtype."""
-        out = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
+        upcast = x if x.dtype == torch.float64 else x.float()
+        out = F.rms_norm(upcast, (x.shape[-1],), None, self.eps).to(x.dtype)
         if self.weight is not None:
             out = out * self.weight
         return out if gate is None else out * F.silu(gate)

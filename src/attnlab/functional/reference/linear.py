@@ -58,3 +58,28 @@ def linear_attention_reference(query: Tensor, key: Tensor, value: Tensor, log_de
     state = state - state0 + total[..., None] * state0
     output = torch.stack(outputs, dim=2) if T else torch.zeros(B, H, 0, value.shape[-1], dtype=dtype)
     return output, state
+
+
+def lightnet_reference(query: Tensor, key: Tensor, value: Tensor, *, scale: float | None = None,
+                       initial_state: tuple[Tensor, Tensor] | None = None):
+    """LightNet's additive form by plain sums: ``o_t = scale · q_t (Σ_{s≤t} exp(k_s)ᵀ v_s / Σ_{s≤t} exp(k_s))``.
+
+    ``initial_state = (state, log_normaliser)`` stands for a past with ``Σ exp(k) = exp(log_normaliser)`` and
+    ``Σ exp(k)ᵀ v = exp(log_normaliser) ⊙ state``. Returns ``(output, (state, log_normaliser))``.
+    """
+    B, H, T, K = query.shape
+    group = H // key.shape[1]
+    key, value = key.repeat_interleave(group, dim=1).to(query.dtype), value.repeat_interleave(group, dim=1)
+    scale = K ** -0.5 if scale is None else scale
+    numer = torch.zeros(B, H, K, value.shape[-1], dtype=query.dtype)
+    denom = torch.zeros(B, H, K, dtype=query.dtype)
+    if initial_state is not None:
+        denom = initial_state[1].to(query.dtype).exp()
+        numer = denom[..., None] * initial_state[0].to(query.dtype)
+    outputs = []
+    for t in range(T):
+        weight = key[:, :, t].exp()  # (B, H, K)
+        numer = numer + weight[..., None] * value[:, :, t, None, :].to(query.dtype)
+        denom = denom + weight
+        outputs.append(scale * (query[:, :, t, :, None] * numer / denom[..., None]).sum(-2))
+    return torch.stack(outputs, dim=2), (numer / denom[..., None], denom.log())
