@@ -29,6 +29,8 @@ def split_variant(spec: str) -> list[str]:
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ConfigError(f"--edit expects NAME:key=value,... (join edits with +), got {spec!r}")
+    if spec.strip().endswith("+") or spec.strip().startswith("+") or "++" in spec:
+        raise ConfigError(f"--edit {spec!r}: empty edit around '+'; expected NAME:key=value,...+NAME:key=value,...")
     pieces = [piece.strip() for piece in _EDIT_START.split(spec.strip())]
     for piece in pieces:
         if not piece or not _SPEC_SHAPE.match(piece):
@@ -41,9 +43,12 @@ def parse_variant(spec: str) -> list[Any]:
 
     Raises ConfigError (bad syntax or values) or RegistryError (unknown edit name), both one line.
     """
-    from attnlab.edits import parse_edit_spec
+    import attnlab.edits as edits
 
-    return [parse_edit_spec(piece) for piece in split_variant(spec)]
+    pieces = split_variant(spec)
+    if hasattr(edits, "parse_edit_list"):  # the edits package's own splitter (knows the registered names)
+        return list(edits.parse_edit_list(spec.strip()))
+    return [edits.parse_edit_spec(piece) for piece in pieces]
 
 
 def parse_number_list(text: str | list[Any], kind: type, what: str) -> tuple[Any, ...]:

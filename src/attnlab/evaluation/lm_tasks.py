@@ -6,14 +6,15 @@ the text tokens ``[b_k, e_k)`` with ``b_k = k·stride`` and ``e_k = b_k + W`` (`
 ``seq_len``, or ``seq_len − 1`` when a BOS token is prepended to every window); only full windows are used, at most
 ``max_windows`` of them, and ``stride ≤ W``. Window ``k`` *scores* the tokens ``t ∈ [max(e_{k−1}, b_k + 1), e_k)``
 (``e_{−1} = 0``): the ones no earlier window scored. Token ``t`` is predicted from the context ``x_{b_k} … x_{t−1}``
-(after the BOS, if any). Every scored token is scored exactly once, and ``x_0`` is never scored (it has no context).
+(after the BOS, if any). Every scored token is scored exactly once. ``x_0`` is never scored, and with
+``stride = W`` neither is the first token of each window (no context inside its window), as in the guide.
 
 - ``perplexity = exp( Σ_t −log p(x_t | context) / T )`` over the T scored tokens (natural log);
 - ``next_token`` accuracy = fraction of scored tokens whose arg-max prediction equals ``x_t`` (ties: lowest id).
 
 With ``stride = W`` (the default) the windows do not overlap and every token of window k except its first is
-scored with the context that precedes it inside the window; a smaller stride gives each scored token at least
-``W − stride`` tokens of context, as in the guide.
+scored with the context that precedes it inside the window; with ``stride < W`` every token after ``x_0`` is
+scored, each with at least ``W − stride`` tokens of context (except in the first window).
 """
 
 from __future__ import annotations

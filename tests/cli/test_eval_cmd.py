@@ -1,0 +1,94 @@
+"""``attnlab eval``: files written, rows named task@variant, one-line errors with exit 2 on bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from tiny_models import WORDS, save_model_dir, tiny_llama
+from typer.testing import CliRunner
+
+from attnlab.cli.main import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return str(save_model_dir(tmp_path_factory.mktemp("eval") / "tiny-llama", tiny_llama()))
+
+
+@pytest.fixture
+def text(tmp_path):
+    path = tmp_path / "words.txt"
+    path.write_text(" ".join(WORDS[i % len(WORDS)] for i in range(300)), encoding="utf-8")
+    return str(path)
+
+
+def _run(*args):
+    return runner.invoke(app, ["eval", *args])
+
+
+def assert_one_line_error(result, code, *fragments):
+    assert result.exit_code == code, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.output
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_eval_writes_all_formats(model_dir, text, tmp_path):
+    out = tmp_path / "run"
+    result = _run("--model", model_dir, "--text", text, "--seq-len", "32", "--max-windows", "3", "--stride", "16",
+                  "--task", "perplexity", "--task", "next_token", "--task", "passkey", "--passkey-lengths", "48",
+                  "--passkey-depths", "0,1", "--passkey-trials", "1", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "baseline: perplexity" in result.output and f"report: {out / 'report.html'}" in result.output
+    frame = pd.read_csv(out / "results.csv", dtype={"layer": "Int64", "head": "Int64", "position": "Int64"})
+    assert list(frame.columns) == ["probe", "statistic", "layer", "head", "position", "value"]
+    assert set(frame.probe) == {"perplexity@baseline", "next_token@baseline", "passkey@baseline"}
+    results = json.loads((out / "results.json").read_text())
+    assert results["command"] == "eval" and results["eval"]["stride"] == 16 and results["eval"]["num_windows"] == 3
+    tokens = frame.query("probe == 'perplexity@baseline' and statistic == 'tokens_scored'").value.item()
+    assert tokens == 31 + 16 + 16
+    html = (out / "report.html").read_text()
+    assert 'id="eval"' in html and "Passkey retrieval" in html
+
+
+def test_eval_reads_a_yaml_config(model_dir, text, tmp_path):
+    config = tmp_path / "eval.yaml"
+    config.write_text(f"model: {model_dir}\ntext: {text}\nseq_len: 24\nmax_windows: 2\ntask: next_token\n")
+    result = _run("--config", str(config), "--out", str(tmp_path / "run"))
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["config"]["tasks"] == ["next_token"] and results["config"]["seq_len"] == 24
+
+
+@pytest.mark.parametrize(("args", "fragments"), [
+    (("--seq-len", "120"), ("tokens", "window")),  # the text is shorter than one window
+    (("--task", "perplexiti"), ("Unknown task", "perplexity")),
+    (("--edit", "not a spec"), ("--edit",)),
+    (("--edit", "temperature:tau=0.9+"), ("--edit", "empty edit")),
+    (("--edit", "temprature:tau=0.9"), ("Unknown edit", "temperature")),
+    (("--stride", "40"), ("stride",)),
+    (("--passkey-depths", "0,2", "--task", "passkey"), ("depth",)),
+    (("--passkey-lengths", "abc", "--task", "passkey"), ("--passkey-lengths",)),
+    (("--search", "grid"), ("--search",)),
+], ids=["short-text", "bad-task", "bad-edit", "empty-edit", "unknown-edit", "big-stride", "bad-depth", "bad-length",
+        "bad-search"])
+def test_bad_input_is_one_line_and_exit_2(model_dir, tmp_path, args, fragments):
+    short = tmp_path / "short.txt"
+    short.write_text(" ".join(WORDS[:100]), encoding="utf-8")
+    result = _run("--model", model_dir, "--text", str(short), "--seq-len", "32", *args, "--out", str(tmp_path / "o"))
+    assert_one_line_error(result, 2, *fragments)
+    assert not (tmp_path / "o").exists()
+
+
+def test_out_is_checked_before_the_run(model_dir, text, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = _run("--model", model_dir, "--text", text, "--seq-len", "16", "--out", str(blocker / "run"))
+    assert_one_line_error(result, 2, "Cannot write results")
+    assert "config:" not in result.output  # failed before the run started
