@@ -1,0 +1,111 @@
+"""Titans, memory as a gate (MAG): sliding-window attention gated by a neural long-term memory (METHODS.md #31)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attnlab.errors import ConfigError
+from attnlab.functional.titans import MEMORY_FORMS, neural_memory
+from attnlab.layers import LAYERS
+from attnlab.layers._common import GatedHeadNorm, check_hidden, merge_heads, rotary, split_heads
+
+
+class TitansState(NamedTuple):
+    """Carried between segments: memory (W1, W2, S1, S2), each (B, H, ·, ·), and the sliding-window key/value
+    cache (B, H, ≤ window-1, head_dim) after rotary."""
+
+    memory: tuple[Tensor, Tensor, Tensor, Tensor]
+    keys: Tensor
+    values: Tensor
+
+
+@LAYERS.register("titans")
+class TitansMAG(nn.Module):
+    """Titans MAG: sliding-window softmax attention with persistent tokens, gated by a neural memory read.
+
+    Attention branch: ``y = SWA([p] ∥ x)`` (persistent tokens p are keys/values every query sees; window over
+    the sequence, RoPE by absolute position). Memory branch: q, k, v = SiLU(x W) (q, k ℓ2-normalised), per-token
+    step size θ = max_lr·σ(x w_θ), momentum η = σ(x w_η), forgetting α = σ(x w_α), memory
+    ``functional.titans.neural_memory`` (MLP depth 2, expansion ``memory_expansion``; gradients at chunk-start
+    weights). Output ``W_O (RMSNorm(y) ⊙ σ(RMSNorm(M(q))))`` per head (Behrouz et al. 2025, §4.2 (METHODS.md #31);
+    medium confidence in the exact gate). Deviations: no depthwise conv after the projections; the memory reads
+    and writes x only (persistent tokens feed attention, so each segment does not re-write them).
+    Segments chain exactly when every boundary except the last is a multiple of chunk_size.
+
+    Args:
+        hidden_size: C. num_heads: H. window: sliding-window length (keys per query, itself included).
+        num_persistent: persistent tokens. memory_expansion: E / head_dim. chunk_size: memory chunk.
+        max_lr: upper bound of θ. form: "chunk" (default) or "recurrent" (memory form). norm_eps: RMSNorm eps.
+
+    Raises ConfigError for bad sizes or form; ShapeError for bad inputs.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int = 4, *, window: int = 64, num_persistent: int = 4,
+                 memory_expansion: int = 4, chunk_size: int = 16, max_lr: float = 1.0, form: str = "chunk",
+                 norm_eps: float = 1e-5) -> None:
+        super().__init__()
+        if form not in MEMORY_FORMS:
+            raise ConfigError(f"expected form in {list(MEMORY_FORMS)}, got {form!r}")
+        if num_heads < 1 or hidden_size % num_heads or window < 1 or num_persistent < 0 or chunk_size < 1:
+            raise ConfigError(f"expected num_heads dividing hidden_size, window >= 1, chunk_size >= 1, got "
+                              f"{num_heads}, {hidden_size}, {window}, {chunk_size}")
+        self.hidden_size, self.num_heads, self.window = hidden_size, num_heads, window
+        self.form, self.chunk_size, self.max_lr = form, chunk_size, max_lr
+        D = self.head_dim = hidden_size // num_heads
+        E = memory_expansion * D
+        self.qkv_proj = nn.Linear(hidden_size, 3 * hidden_size, bias=False)
+        self.memory_qkv_proj = nn.Linear(hidden_size, 3 * hidden_size, bias=False)
+        self.gate_proj = nn.Linear(hidden_size, 3 * num_heads)  # θ, η, α logits per head
+        self.persistent = nn.Parameter(0.02 * torch.randn(num_persistent, hidden_size))
+        self.memory_w1 = nn.Parameter(torch.randn(num_heads, D, E) / D ** 0.5)
+        self.memory_w2 = nn.Parameter(torch.randn(num_heads, E, D) / E ** 0.5)
+        self.attention_norm = GatedHeadNorm(D, norm_eps)
+        self.memory_norm = GatedHeadNorm(D, norm_eps)
+        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+
+    def initial_state(self, batch_size: int, dtype: torch.dtype | None = None) -> TitansState:
+        """Learned initial memory weights, zero momentum, empty window cache."""
+        dtype = dtype or self.memory_w1.dtype
+        w1 = self.memory_w1.to(dtype).expand(batch_size, -1, -1, -1)
+        w2 = self.memory_w2.to(dtype).expand(batch_size, -1, -1, -1)
+        empty = w1.new_zeros(batch_size, self.num_heads, 0, self.head_dim)
+        return TitansState((w1, w2, torch.zeros_like(w1), torch.zeros_like(w2)), empty, empty)
+
+    def _attention(self, x: Tensor, state: TitansState, offset: int) -> tuple[Tensor, Tensor, Tensor]:
+        q, k, v = (split_heads(t, self.num_heads) for t in self.qkv_proj(x).chunk(3, dim=-1))  # (B, H, T, D)
+        q, k = rotary(q, offset), rotary(k, offset)
+        keys, values = torch.cat([state.keys, k], dim=2), torch.cat([state.values, v], dim=2)
+        B, T, P = x.shape[0], x.shape[1], self.persistent.shape[0]
+        _, pk, pv = (split_heads(t, self.num_heads).expand(B, -1, -1, -1)
+                     for t in self.qkv_proj(self.persistent[None].to(x.dtype)).chunk(3, dim=-1))
+        cached = state.keys.shape[2]
+        q_pos = torch.arange(T, device=x.device)[:, None] + cached
+        k_pos = torch.arange(cached + T, device=x.device)[None, :]
+        keep = (k_pos <= q_pos) & (k_pos > q_pos - self.window)  # (T, cached + T), True = attend
+        keep = torch.cat([keep.new_ones(T, P), keep], dim=1)
+        out = F.scaled_dot_product_attention(q, torch.cat([pk, keys], 2), torch.cat([pv, values], 2), attn_mask=keep)
+        tail = max(self.window - 1, 0)
+        return out, keys[:, :, keys.shape[2] - tail:], values[:, :, values.shape[2] - tail:]
+
+    def forward(self, hidden_states: Tensor, initial_state: TitansState | None = None,
+                position_offset: int = 0) -> tuple[Tensor, TitansState]:
+        """hidden_states: (B, T, C); initial_state from the previous segment of ``position_offset`` tokens, or
+        None (``self.initial_state``). Returns output (B, T, C) and a ``TitansState``."""
+        check_hidden(hidden_states, self.hidden_size)
+        x = hidden_states
+        state = initial_state if initial_state is not None else self.initial_state(x.shape[0], x.dtype)
+        attended, keys, values = self._attention(x, state, position_offset)
+        mq, mk, mv = (split_heads(F.silu(t), self.num_heads) for t in self.memory_qkv_proj(x).chunk(3, dim=-1))
+        mq, mk = F.normalize(mq, dim=-1), F.normalize(mk, dim=-1)
+        theta, eta, alpha = (g.transpose(1, 2) for g in torch.sigmoid(self.gate_proj(x)).chunk(3, dim=-1))
+        recalled, memory = neural_memory(mq, mk, mv, self.max_lr * theta, eta, alpha, state.memory,
+                                         chunk_size=self.chunk_size, form=self.form)
+        o = self.attention_norm(attended) * torch.sigmoid(self.memory_norm(recalled.to(x.dtype)))
+        return self.o_proj(merge_heads(o)), TitansState(memory, keys, values)
+
+
+__all__ = ["TitansMAG", "TitansState"]
