@@ -1,0 +1,88 @@
+"""Linear CKA per layer between two models (or checkpoints) on the same tokens, and ΔCKA under a shared PCA basis.
+
+Wang 2025 (METHODS.md #5) measures how much fine-tuning changed each layer as ΔCKA_l = 1 - CKA_linear(H_l^pre,
+H_l^post) after projecting both onto one PCA basis fitted on both (protocol low confidence). Here H_l is the
+residual stream after transformer block l at every real token of the run's windows (at most ``max_tokens`` tokens,
+taken in order); the second model is given with ``attnlab probe --compare OTHER_MODEL`` and must share the
+tokenizer. Rows per layer: ``cka`` (:func:`attnlab.stats.similarity.linear_cka`, 1 = same up to rotation and
+scale) and, when the widths agree, ``delta_cka_pca`` (:func:`attnlab.stats.similarity.shared_pca_delta_cka`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attnlab.errors import ConfigError
+from attnlab.probes import PROBES
+from attnlab.probes.base import Probe, Row, RowWriter
+from attnlab.probes.model_base import ModelInfo, ModelProbe
+from attnlab.stats.similarity import linear_cka, shared_pca_delta_cka
+
+
+@PROBES.register("cka")
+class CkaProbe(ModelProbe):
+    """Linear CKA per layer between this model and --compare OTHER_MODEL, and ΔCKA under a shared PCA basis.
+
+    Args:
+        max_tokens: real tokens kept per model (default 2048). num_components: PCA basis size (default 32).
+    """
+
+    name = "cka"
+    needs_compare = True
+
+    def __init__(self, max_tokens: int = 2048, num_components: int = 32) -> None:
+        if max_tokens < 4 or num_components < 1:
+            raise ConfigError(f"max_tokens must be >= 4 and num_components >= 1, got {max_tokens}, {num_components}")
+        self.max_tokens, self.num_components = max_tokens, num_components
+        self.mine: list[list[Tensor]] = []
+        self.theirs: list[list[Tensor]] = []
+
+    def prepare(self, info: ModelInfo) -> None:
+        super().prepare(info)
+        self.mine = [[] for _ in range(info.num_layers)]
+        self.theirs = [[] for _ in range(info.num_layers)]
+        self.kept = 0
+
+    def observe(self, runner: Any, batch: dict[str, Tensor]) -> None:
+        if runner.other is None:
+            raise ConfigError("cka compares two models; pass --compare OTHER_MODEL")
+        if self.kept >= self.max_tokens:
+            return
+        valid = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
+        with torch.no_grad():
+            a, b = runner.forward(batch), runner.other.forward(batch)
+        if len(b.layer_outputs) != len(a.layer_outputs):
+            raise ConfigError(f"cka needs models with the same number of layers, got {len(a.layer_outputs)} and "
+                              f"{len(b.layer_outputs)}")
+        room = self.max_tokens - self.kept
+        for layer, (x, y) in enumerate(zip(a.layer_outputs, b.layer_outputs)):
+            self.mine[layer].append(x[valid][:room].float().cpu())
+            self.theirs[layer].append(y[valid][:room].float().cpu())
+        self.kept += min(room, int(valid.sum()))
+
+    def merge(self, other: Probe) -> None:
+        for layer in range(len(self.mine)):
+            self.mine[layer].extend(other.mine[layer])  # type: ignore[attr-defined]
+            self.theirs[layer].extend(other.theirs[layer])  # type: ignore[attr-defined]
+
+    def rows(self) -> list[Row]:
+        out = RowWriter(self.name)
+        for layer, (mine, theirs) in enumerate(zip(self.mine, self.theirs)):
+            if not mine:
+                continue
+            x, y = torch.cat(mine), torch.cat(theirs)
+            value = linear_cka(x, y)
+            if value == value:
+                out.add("cka", value, layer)
+            if x.shape == y.shape:
+                delta = shared_pca_delta_cka(x, y, self.num_components)
+                if delta == delta:
+                    out.add("delta_cka_pca", delta, layer)
+        return out.rows
+
+    def extras(self, decode: Any = None) -> dict[str, Any]:
+        return {"tokens": getattr(self, "kept", 0), "num_components": self.num_components,
+                "representation": "residual stream after each transformer block, real tokens"}

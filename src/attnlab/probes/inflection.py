@@ -1,0 +1,125 @@
+"""Attention saturation and gradient suppression per layer, and the inflection band (Wang 2025, METHODS.md #5).
+
+Per layer l, from one forward pass for the attention and one backward pass of the mean next-token loss per batch:
+- ``attention_entropy``: H^(l), the mean over heads and real query rows of -Σ_j A_ij log A_ij (nats);
+- ``activation_grad_norm``: ‖∂L/∂h_l‖ (Frobenius norm over the batch, h_l = output of transformer block l);
+- ``param_grad_norm``: ‖∇_θ(l) L‖ over block l's parameters;
+each averaged over batches. The paper gives no thresholds (METHODS.md: medium confidence for the metrics), so
+the band rule is ours and stated here:
+
+- ``gradient_drop`` at layer l ≥ 1 = log ‖∂L/∂h_l‖ - log ‖∂L/∂h_(l-1)‖, how much the activation gradient shrinks
+  when it passes backward through block l (the "cliff"; positive = suppression);
+- ``inflection_score`` = z(-H) + z(gradient_drop), z-scores across layers 1 … L-1 (low entropy and a steep drop
+  both raise it);
+- the band (``inflection_band`` = 1) is the layer with the highest score plus its neighbours whose score is
+  within ``band_width`` (default 0.5) of that maximum, taken contiguously.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attnlab.errors import ConfigError
+from attnlab.probes import PROBES
+from attnlab.probes.base import Row, RowWriter, safe_div
+from attnlab.probes.model_base import ModelInfo, ModelProbe
+
+
+def inflection_band(entropy: Tensor, grad_norm: Tensor, band_width: float = 0.5) -> tuple[Tensor, Tensor, list[int]]:
+    """(drop (L,), score (L,), band layers) from per-layer entropy and activation-gradient norm (rule above).
+
+    Layer 0 has no drop and no score (NaN). Returns an empty band with fewer than 3 layers.
+    """
+    L = entropy.shape[0]
+    drop = torch.full((L,), float("nan"), dtype=torch.float64)
+    score = torch.full((L,), float("nan"), dtype=torch.float64)
+    if L < 3:
+        return drop, score, []
+    logs = torch.log(grad_norm.double().clamp_min(1e-300))
+    drop[1:] = logs[1:] - logs[:-1]
+
+    def z(values: Tensor) -> Tensor:
+        std = values.std()
+        return (values - values.mean()) / std if float(std) > 0 else torch.zeros_like(values)
+
+    score[1:] = z(-entropy[1:].double()) + z(drop[1:])
+    best = int(torch.argmax(torch.nan_to_num(score, nan=-math.inf)))
+    band = [best]
+    for step in (-1, 1):
+        layer = best + step
+        while 1 <= layer < L and float(score[layer]) >= float(score[best]) - band_width:
+            band.append(layer)
+            layer += step
+    return drop, score, sorted(band)
+
+
+@PROBES.register("inflection")
+class InflectionProbe(ModelProbe):
+    """Per-layer attention entropy, activation- and parameter-gradient norms, and the inflection band.
+
+    Args:
+        band_width: layers next to the best one join the band while their score is within this of it (0.5).
+    """
+
+    name = "inflection"
+
+    def __init__(self, band_width: float = 0.5) -> None:
+        if band_width < 0:
+            raise ConfigError(f"band_width must be >= 0, got {band_width}")
+        self.band_width = float(band_width)
+
+    def prepare(self, info: ModelInfo) -> None:
+        super().prepare(info)
+        L = info.num_layers
+        self.entropy_sum = torch.zeros(L, dtype=torch.float64)
+        self.entropy_rows = torch.zeros(L, dtype=torch.float64)
+        self.act_sum = torch.zeros(L, dtype=torch.float64)
+        self.param_sum = torch.zeros(L, dtype=torch.float64)
+        self.batches = torch.zeros((), dtype=torch.float64)
+
+    def observe(self, runner: Any, batch: dict[str, Tensor]) -> None:
+        valid = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool().cpu()
+        for layer, probs in enumerate(runner.attention_probs(batch)):  # (B, H, L, L)
+            p = probs.double()
+            entropy = -(p * torch.log(p.clamp_min(1e-300))).sum(-1)  # (B, H, L)
+            rows = valid[:, None, :].expand_as(entropy)
+            self.entropy_sum[layer] += float(entropy[rows].sum())
+            self.entropy_rows[layer] += float(rows.sum())
+        record = runner.forward(batch, gradients=True)
+        self.act_sum += record.activation_grad_norm
+        self.param_sum += record.param_grad_norm
+        self.batches += 1
+
+    def state(self) -> dict[str, Tensor]:
+        return {"entropy_sum": self.entropy_sum, "entropy_rows": self.entropy_rows, "act_sum": self.act_sum,
+                "param_sum": self.param_sum, "batches": self.batches}
+
+    def summary(self) -> dict[str, Any]:
+        entropy = safe_div(self.entropy_sum, self.entropy_rows)
+        act = self.act_sum / self.batches.clamp_min(1)
+        param = self.param_sum / self.batches.clamp_min(1)
+        drop, score, band = inflection_band(entropy, act, self.band_width)
+        return {"entropy": entropy, "act": act, "param": param, "drop": drop, "score": score, "band": band}
+
+    def rows(self) -> list[Row]:
+        out = RowWriter(self.name)
+        if float(self.batches) == 0:
+            return out.rows
+        s = self.summary()
+        for statistic, values in (("attention_entropy", s["entropy"]), ("activation_grad_norm", s["act"]),
+                                  ("param_grad_norm", s["param"]), ("gradient_drop", s["drop"]),
+                                  ("inflection_score", s["score"])):
+            out.add_indexed(statistic, values, ~torch.isnan(values), ("layer",))
+        for layer in range(self.entropy_sum.shape[0]):
+            out.add("inflection_band", float(layer in s["band"]), layer)
+        return out.rows
+
+    def extras(self, decode: Any = None) -> dict[str, Any]:
+        band = self.summary()["band"] if float(self.batches) > 0 else []
+        return {"band": band, "band_width": self.band_width,
+                "rule": "score = z(-entropy) + z(log-gradient drop through the layer); band = best layer and "
+                        "contiguous neighbours within band_width of the best score"}

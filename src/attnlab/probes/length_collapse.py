@@ -1,0 +1,109 @@
+"""Length-induced embedding collapse of an encoder (Zhou et al. 2025, TempScale, METHODS.md #6).
+
+Texts of several token lengths are cut from the run's text: ``count`` passages start at evenly spaced offsets, and
+bucket n holds the first n text tokens of each (so buckets differ only in length). Each text is encoded with the
+tokenizer's special tokens ([CLS] … [SEP] for BERT) in one right-padded batch and mean-pooled over its real tokens,
+as sentence-transformers does for MiniLM. Per bucket (``position`` = text length in tokens):
+- ``mean_cosine``: mean pairwise cosine similarity of the embeddings (off-diagonal pairs); collapse = it rises
+  with length;
+- ``norm_ratio``: ‖mean embedding‖ / mean ‖embedding‖ (1 = all embeddings point the same way);
+- ``highpass_gain`` (per layer): σ_max(P A P) with P = I - 11ᵀ/n over the n real tokens, the largest gain of the
+  attention matrix A on zero-mean (high-frequency) signals, averaged over heads and texts. Attention is a low-pass
+  filter (A1 = 1); TempScale's argument is that this gain shrinks as n grows, so long texts keep mostly their mean.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attnlab.errors import ConfigError
+from attnlab.probes import PROBES
+from attnlab.probes.base import Row, RowWriter
+from attnlab.probes.model_base import ModelInfo, ModelProbe
+
+
+def highpass_gain(probs: Tensor) -> Tensor:
+    """σ_max(P A P) per (..., n, n) attention matrix, P = I - 11ᵀ/n; returns (...,) float64."""
+    n = probs.shape[-1]
+    P = torch.eye(n, dtype=torch.float64) - 1.0 / n
+    return torch.linalg.matrix_norm(P @ probs.double() @ P, ord=2)
+
+
+@PROBES.register("length_collapse")
+class LengthCollapseProbe(ModelProbe):
+    """Embedding similarity and norm ratio per text-length bucket, and attention's high-pass gain per layer.
+
+    Args:
+        lengths: text lengths in tokens (default [8, 16, 32, 64, 128, 256]; longer ones than the text allows
+            are dropped). count: texts per bucket (default 16).
+    """
+
+    name = "length_collapse"
+
+    def __init__(self, lengths: list[int] | tuple[int, ...] = (8, 16, 32, 64, 128, 256), count: int = 16) -> None:
+        lengths = sorted({int(n) for n in ([lengths] if isinstance(lengths, int) else lengths)})
+        if not lengths or lengths[0] < 2:
+            raise ConfigError(f"lengths must be integers >= 2, got {lengths}")
+        if count < 2:
+            raise ConfigError(f"count must be >= 2 (pairwise similarity), got {count}")
+        self.lengths, self.count = lengths, count
+        self.ids: list[int] = []
+        self.results: dict[int, dict[str, Any]] = {}
+
+    def prepare(self, info: ModelInfo) -> None:
+        super().prepare(info)
+        self.ids, self.results = [], {}
+
+    def observe(self, runner: Any, batch: dict[str, Tensor]) -> None:
+        specials = set(getattr(runner.tokenizer, "all_special_ids", []) or [])
+        valid = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
+        for row, ok in zip(batch["input_ids"].tolist(), valid.tolist()):
+            self.ids.extend(t for t, real in zip(row, ok) if real and t not in specials)
+
+    def finish(self, runner: Any) -> None:
+        limit = getattr(runner.model.config, "max_position_embeddings", None) or 10**9
+        spacing = len(self.ids) // self.count
+        for n in self.lengths:
+            if n > spacing or n + 2 > limit:
+                continue
+            texts = [self.ids[i * spacing : i * spacing + n] for i in range(self.count)]
+            batch = runner.encode(texts)
+            valid = batch["attention_mask"].bool()
+            with torch.no_grad():
+                record = runner.forward(batch)
+                probs = runner.attention_probs(batch)
+            hidden = record.last_hidden.double()
+            mask = valid[..., None].double()
+            embeddings = (hidden * mask).sum(1) / mask.sum(1)  # (count, D), mean pooling
+            unit = embeddings / embeddings.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            cosine = unit @ unit.T
+            off = ~torch.eye(self.count, dtype=torch.bool)
+            gains = []
+            for layer_probs in probs:  # (count, H, L, L)
+                real = valid.cpu()
+                per_text = [highpass_gain(layer_probs[i][:, real[i]][:, :, real[i]]).mean()
+                            for i in range(self.count)]
+                gains.append(float(torch.stack(per_text).mean()))
+            self.results[n] = {
+                "mean_cosine": float(cosine[off].mean()),
+                "norm_ratio": float(embeddings.mean(0).norm() / embeddings.norm(dim=-1).mean()),
+                "highpass_gain": gains,
+            }
+
+    def rows(self) -> list[Row]:
+        out = RowWriter(self.name)
+        for n, result in sorted(self.results.items()):
+            out.add("mean_cosine", result["mean_cosine"], position=n)
+            out.add("norm_ratio", result["norm_ratio"], position=n)
+            out.add("num_texts", self.count, position=n)
+            for layer, gain in enumerate(result["highpass_gain"]):
+                out.add("highpass_gain", gain, layer, position=n)
+        return out.rows
+
+    def extras(self, decode: Any = None) -> dict[str, Any]:
+        return {"lengths": sorted(self.results), "requested_lengths": self.lengths, "count": self.count,
+                "pooling": "mean over real tokens (special tokens included), as sentence-transformers",
+                "text_tokens": len(self.ids)}

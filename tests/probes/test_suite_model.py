@@ -1,0 +1,208 @@
+"""Model-level probes: the model runner's hooks, the pure statistics they use, and the probes end to end.
+
+Known answers are computed independently: CKA by the HSIC trace formula, gradients through HF's own
+``output_hidden_states``, head ablation by zeroing o_proj weight columns.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from attnlab.capture.model_probes import ModelRunner
+from attnlab.errors import ConfigError
+from attnlab.probes.inflection import inflection_band
+from attnlab.probes.length_collapse import highpass_gain
+from attnlab.stats.similarity import linear_cka, shared_pca_delta_cka
+from tests.tiny_models import WORDS, save_model_dir, tiny_bert, tiny_llama, tiny_tokenizer
+
+
+def _hsic_cka(x, y):
+    """CKA from Gram matrices: HSIC(K, L) = tr(K H L H), K = X Xᵀ, H = I - 11ᵀ/n (float64 loops over traces)."""
+    n = x.shape[0]
+    H = torch.eye(n, dtype=torch.float64) - 1.0 / n
+    K, L = x.double() @ x.double().T, y.double() @ y.double().T
+    hsic = lambda a, b: float(torch.trace(a @ H @ b @ H))  # noqa: E731
+    return hsic(K, L) / math.sqrt(hsic(K, K) * hsic(L, L))
+
+
+@settings(deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(4, 24), d1=st.integers(2, 9), d2=st.integers(2, 9))
+def test_linear_cka_equals_the_hsic_form_and_is_rotation_and_scale_invariant(seed, n, d1, d2):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(n, d1, generator=g, dtype=torch.float64), torch.randn(n, d2, generator=g, dtype=torch.float64)
+    assert linear_cka(x, y) == pytest.approx(_hsic_cka(x, y), rel=1e-9, abs=1e-12)
+    q, _ = torch.linalg.qr(torch.randn(d1, d1, generator=g, dtype=torch.float64))
+    assert linear_cka(x, 3.0 * x @ q + 5.0) == pytest.approx(1.0, rel=1e-9)
+    assert shared_pca_delta_cka(x, x, num_components=4) == pytest.approx(0.0, abs=1e-9)
+    assert 0.0 <= shared_pca_delta_cka(x, torch.randn(n, d1, generator=g, dtype=torch.float64)) <= 1.0
+
+
+def test_highpass_gain_of_uniform_and_identity_attention():
+    n = 7
+    assert float(highpass_gain(torch.full((n, n), 1.0 / n))) == pytest.approx(0.0, abs=1e-12)
+    assert float(highpass_gain(torch.eye(n))) == pytest.approx(1.0)
+
+
+def test_inflection_band_is_where_low_entropy_meets_the_steepest_drop():
+    entropy = torch.tensor([3.0, 3.0, 2.9, 2.8, 1.0, 2.7, 2.8, 2.9], dtype=torch.float64)
+    log_grad = torch.tensor([0.0, 0.1, 0.2, 0.3, 2.3, 2.4, 2.5, 2.6], dtype=torch.float64)  # cliff into layer 4
+    drop, score, band = inflection_band(entropy, log_grad.exp(), band_width=0.5)
+    assert drop[4].item() == pytest.approx(2.0)
+    assert band == [4]
+    assert math.isnan(score[0].item())
+    assert inflection_band(entropy[:2], log_grad[:2].exp())[2] == []
+
+
+# the runner on a tiny Llama --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_llama(num_heads=4, num_kv_heads=2, layers=2)
+
+
+def _batch(ids, pad_left=0):
+    ids = torch.tensor(ids)
+    mask = torch.ones_like(ids)
+    if pad_left:
+        mask[:, :pad_left] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_gradient_norms_match_hf_hidden_states(llama):
+    batch = _batch([[5, 9, 11, 3, 17, 21, 8, 30]])
+    record = ModelRunner(llama).forward(batch, gradients=True)
+    out = llama(**batch, output_hidden_states=True)
+    logits = out.logits[0, :-1]
+    loss = torch.nn.functional.cross_entropy(logits, batch["input_ids"][0, 1:])
+    params = list(llama.model.layers[1].parameters())
+    grads = torch.autograd.grad(loss, [out.hidden_states[1], *params])  # hidden_states[1] = block 0's output
+    assert record.activation_grad_norm[0].item() == pytest.approx(grads[0].norm().item(), rel=1e-4)
+    expected_param = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads[1:]))
+    assert record.param_grad_norm[1].item() == pytest.approx(expected_param, rel=1e-4)
+    assert record.mean_loss()[0].item() == pytest.approx(loss.item(), rel=1e-5)
+    assert all(p.grad is None for p in llama.parameters())  # the runner leaves no .grad behind
+
+
+def test_head_scale_zero_equals_zeroed_output_projection_columns(llama):
+    batch = _batch([[5, 9, 11, 3, 17, 21]])
+    runner = ModelRunner(llama)
+    scale = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    edited = runner.forward(batch, head_scale={1: scale}).logits
+    ablated = copy.deepcopy(llama)
+    head_dim = ablated.config.hidden_size // ablated.config.num_attention_heads
+    with torch.no_grad():
+        ablated.model.layers[1].self_attn.o_proj.weight[:, head_dim : 2 * head_dim] = 0
+        expected = ablated(**batch).logits
+    torch.testing.assert_close(edited, expected, rtol=1e-5, atol=1e-5)
+    plain = runner.forward(batch, head_scale={1: torch.ones(4)}).logits
+    torch.testing.assert_close(plain, llama(**batch).logits.detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_first_key_equals_one_hot_attention_on_the_first_real_token(llama):
+    """One-hot on the first real key makes the head output v_first at every query; checked with left padding."""
+    from attnlab.capture.session import Session
+
+    if "edits" not in inspect.signature(Session).parameters:
+        pytest.skip("Session has no edits yet")
+    from attnlab.edits import EDITS
+
+    batch = _batch([[0, 0, 5, 9, 11, 3, 17]], pad_left=2)
+    runner = ModelRunner(llama)
+    mine = runner.forward(batch, first_key={0: torch.tensor([False, True, False, True])}).logits
+    edit = EDITS.get("first_key")(alpha=1.0, layers=[0], heads=[1, 3])
+    with Session(llama, edits=[edit]), torch.no_grad():
+        theirs = llama(**batch).logits
+    real = batch["attention_mask"][0].bool()
+    torch.testing.assert_close(mine[0, real], theirs[0, real], rtol=1e-4, atol=1e-4)
+
+
+def test_head_outputs_and_probs_ignore_left_padding(llama):
+    runner = ModelRunner(llama)
+    alone = runner.forward(_batch([[5, 9, 11, 3]]), head_outputs=True)
+    padded = runner.forward(_batch([[0, 0, 5, 9, 11, 3]], pad_left=2), head_outputs=True)
+    torch.testing.assert_close(padded.head_outputs[1][0, 2:], alone.head_outputs[1][0], rtol=1e-4, atol=1e-5)
+    probs = runner.attention_probs(_batch([[0, 0, 5, 9, 11, 3]], pad_left=2))
+    assert probs[0].shape == (1, 4, 6, 6)
+    assert float(probs[0][0, :, :2].abs().sum()) == 0.0  # padding rows
+    torch.testing.assert_close(probs[0][0, :, 2:].sum(-1), torch.ones(4, 4))
+
+
+# the probes end to end on tiny models ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("suite")
+    a = save_model_dir(root / "a", tiny_llama(num_heads=4, num_kv_heads=2, layers=3, seed=0))
+    b = save_model_dir(root / "b", tiny_llama(num_heads=4, num_kv_heads=2, layers=3, seed=1))
+    text = root / "text.txt"
+    rng = torch.Generator().manual_seed(0)
+    text.write_text(" ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (600,), generator=rng)))
+    return a, b, text
+
+
+def _run(model_dir, text, probes, compare=None, probe_args=None, seq_len=32, max_windows=2):
+    from attnlab.pipeline import RunConfig
+    from attnlab.probe_run import run_probe_suite
+
+    config = RunConfig(model=str(model_dir), text=str(text), seq_len=seq_len, max_windows=max_windows,
+                       probes=tuple(probes), bos="never")
+    return run_probe_suite(config, compare=str(compare) if compare else None, probe_args=probe_args or {})
+
+
+def _rows(results, statistic):
+    return [r for r in results["rows"] if r["statistic"] == statistic]
+
+
+def test_suite_runs_every_probe_on_a_tiny_llama(tiny_dirs):
+    a, b, text = tiny_dirs
+    probes = ["massive_activations", "magnets", "rope_decay", "spatial_decay", "inflection", "cka",
+              "head_divergence"]
+    results = _run(a, text, probes, compare=b, probe_args={"spatial_decay": {"grid": [4, 4], "start": 1}})
+    assert results["command"] == "probe" and results["compare_model"]["requested"] == str(b)
+    seen = {r["probe"] for r in results["rows"]}
+    assert set(probes) <= seen
+    assert len(_rows(results, "cka")) == 3 and all(0 <= r["value"] <= 1 for r in _rows(results, "cka"))
+    assert len(_rows(results, "divergence")) == 3 * 4
+    assert sum(r["value"] for r in _rows(results, "inflection_band")) >= 1
+    same = _run(a, text, ["cka"], compare=a)
+    assert all(r["value"] == pytest.approx(1.0, abs=1e-6) for r in _rows(same, "cka"))
+    assert all(r["value"] == pytest.approx(0.0, abs=1e-6) for r in _rows(same, "delta_cka_pca"))
+
+
+def test_cka_without_compare_and_bad_probe_args_are_config_errors(tiny_dirs):
+    a, _, text = tiny_dirs
+    with pytest.raises(ConfigError, match="--compare"):
+        _run(a, text, ["cka"])
+    with pytest.raises(ConfigError, match="bad --probe-arg"):
+        _run(a, text, ["inflection"], probe_args={"inflection": {"nope": 1}})
+    with pytest.raises(ConfigError, match="not selected"):
+        _run(a, text, ["inflection"], probe_args={"cka": {"max_tokens": 8}})
+
+
+def test_length_collapse_pools_real_tokens_only(tmp_path):
+    bert = tiny_bert()
+    tok = tiny_tokenizer()
+    runner = ModelRunner(bert, tok)
+    batch = runner.encode([[5, 6, 7], [5, 6, 7, 8, 9, 10]])
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]]
+    from attnlab.probes.length_collapse import LengthCollapseProbe
+
+    probe = LengthCollapseProbe(lengths=[2, 4], count=3)
+    probe.prepare(runner.info)
+    probe.observe(runner, {"input_ids": torch.arange(3, 21)[None], "attention_mask": torch.ones(1, 18)})
+    probe.finish(runner)
+    rows = probe.rows()
+    cos = {r["position"]: r["value"] for r in rows if r["statistic"] == "mean_cosine"}
+    assert set(cos) == {2, 4} and all(-1 <= v <= 1 for v in cos.values())
+    assert sum(r["statistic"] == "highpass_gain" for r in rows) == 2 * 2
+    # one text alone gives the same embedding as inside the padded batch (padding never enters)
+    alone = runner.forward(runner.encode([[5, 6, 7]])).last_hidden[0]
+    together = runner.forward(batch).last_hidden[0, :3]
+    torch.testing.assert_close(alone, together, rtol=1e-5, atol=1e-5)
