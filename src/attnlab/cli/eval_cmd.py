@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -104,26 +105,44 @@ def eval_command(
         settings = " ".join(f"{key}={value}" for key, value in eval_config.to_dict().items())
         stderr.print(f"config: {settings}", markup=False, style="dim")
 
+        if eval_config.text is not None:
+            from attnlab.text import read_text_file
+
+            read_text_file(eval_config.text)  # a missing or empty file fails before the model loads
+
         def work(progress: Any) -> dict[str, Any]:
+            from attnlab.capture.loading import load_model
             from attnlab.evaluation.runner import run_eval
 
-            results = run_eval(eval_config, progress=progress)
+            started = time.perf_counter()
+            progress(0, 0, f"loading model {eval_config.model}")
+            loaded, tokenizer = load_model(eval_config.model, dtype=eval_config.dtype, device=eval_config.device)
+            results = run_eval(eval_config, progress=progress, model=loaded, tokenizer=tokenizer)
             if search_kind is not None:
                 from attnlab.evaluation.search import search_for_results
 
-                search_for_results(results, search_kind, eval_config, progress=progress)
+                search_for_results(results, search_kind, loaded, tokenizer, progress=progress)
+            results["timing"]["seconds"] = round(time.perf_counter() - started, 3)  # load + eval + search
             return results
 
         results = _with_progress(work)
         paths = write_results(out_dir, results)
         for record in results["eval"]["variants"]:
             parts = [f"{record['label']}:"]
-            if record.get("perplexity") is not None:
-                parts.append(f"perplexity {record['perplexity']:.4g}, next-token accuracy "
-                             f"{record['next_token_accuracy']:.4f} ({record['tokens_scored']} tokens)")
+            if "perplexity" in eval_config.tasks:
+                parts.append(f"perplexity {record['perplexity']:.4g}")
+            if "next_token" in eval_config.tasks:
+                parts.append(f"next-token accuracy {record['next_token_accuracy']:.4f}")
+            if "tokens_scored" in record:
+                parts.append(f"({record['tokens_scored']} tokens)")
             if record.get("passkey"):
                 parts.append(f"passkey accuracy {record['passkey']['accuracy']:.3f}")
             typer.echo(" ".join(parts))
+        search_record = results["eval"].get("search")
+        if search_record:
+            for label, values in search_record["test"].items():
+                typer.echo(f"search {search_kind}, held-out windows, {label}: perplexity {values['perplexity']:.4g}"
+                           f" next-token accuracy {values['accuracy']:.4f}")
         stderr.print(f"done in {results['timing']['seconds']:.1f} s")
         typer.echo(f"report: {paths['html']}")
         typer.echo(f"files: {' '.join(str(p) for p in paths.values())}")

@@ -130,8 +130,8 @@ def _accepts_logits_to_keep(model: Any) -> bool:
         return False
 
 
-def score_tokens(model: Any, input_ids: torch.Tensor, num_scored: int) -> tuple[np.ndarray, np.ndarray]:
-    """NLL and top-1 correctness of the last ``num_scored`` tokens of one window, each from its prefix.
+def token_statistics(model: Any, input_ids: torch.Tensor, num_scored: int) -> dict[str, np.ndarray]:
+    """NLL, top-1 correctness and output entropy of the last ``num_scored`` tokens of one window.
 
     Args:
         model: a causal LM returning ``.logits`` (batch, seq_len, vocab).
@@ -139,7 +139,9 @@ def score_tokens(model: Any, input_ids: torch.Tensor, num_scored: int) -> tuple[
         num_scored: how many of the last tokens to score, in ``1..seq_len-1``.
 
     Returns:
-        ``nll`` (num_scored,) float64 in nats and ``correct`` (num_scored,) bool; logits are upcast to float32.
+        ``{"nll": (num_scored,) float64 nats, "correct": (num_scored,) bool, "entropy": (num_scored,) float64
+        nats}``, each scored token predicted from its prefix; logits are upcast to float32 first. ``entropy`` is
+        the entropy of the model's next-token distribution (ZeroTuning's unsupervised criterion).
     """
     seq_len = input_ids.shape[1]
     if not 1 <= num_scored < seq_len:
@@ -147,9 +149,17 @@ def score_tokens(model: Any, input_ids: torch.Tensor, num_scored: int) -> tuple[
     kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     if _accepts_logits_to_keep(model):
         kwargs["logits_to_keep"] = num_scored + 1  # the last num_scored + 1 positions; the very last predicts nothing
-    logits = model(**kwargs).logits[:, -(num_scored + 1):-1]  # (1, num_scored, vocab)
+    logits = model(**kwargs).logits[:, -(num_scored + 1):-1].float()  # (1, num_scored, vocab)
     targets = input_ids[:, seq_len - num_scored:]  # (1, num_scored)
-    logits = logits.float()
-    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")[0]
+    log_probs = torch.log_softmax(logits, dim=-1)
+    nll = -log_probs.gather(-1, targets[..., None])[0, :, 0]
+    entropy = -(log_probs.exp() * log_probs).sum(-1)[0]
     correct = (logits.argmax(dim=-1) == targets)[0]
-    return nll.double().cpu().numpy(), correct.cpu().numpy()
+    return {"nll": nll.double().cpu().numpy(), "correct": correct.cpu().numpy(),
+            "entropy": entropy.double().cpu().numpy()}
+
+
+def score_tokens(model: Any, input_ids: torch.Tensor, num_scored: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(nll, correct)`` of :func:`token_statistics`: (num_scored,) float64 nats and (num_scored,) bool."""
+    stats = token_statistics(model, input_ids, num_scored)
+    return stats["nll"], stats["correct"]

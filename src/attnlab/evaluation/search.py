@@ -1,0 +1,200 @@
+"""Searches over edit parameters on held-out text: ZeroTuning's γ and ACT's head selection.
+
+- :func:`zerotuning_search` — Han et al. 2026, ZeroTuning, §"Choose γ" (METHODS.md #13, medium confidence): a
+  grid over γ on a validation split, picked **supervised** (highest next-token accuracy, ties → lower loss; or
+  lowest loss) or **unsupervised** (lowest mean entropy of the model's next-token distribution, no labels).
+- :func:`act_head_search` — Yu et al. 2024, ACT, "head selection" (METHODS.md #2, high confidence for the code
+  path): calibrate one head at a time on a calibration set and keep the heads whose calibration does not hurt
+  (loss not above the baseline's, or accuracy not below it). ACT measures multiple-choice accuracy on 900 samples;
+  here the calibration set is windows of text and the metric is next-token loss or accuracy (our substitution).
+
+Both run the edit inside ``Session(model, edits=[...])`` (so an edit that never fires raises EditNotFiredError)
+and report every grid point, not only the winner. :func:`search_for_results` runs one of them on the run's own
+text, splitting the windows into a validation half (the search) and a test half (the chosen setting vs the
+baseline), and stores the outcome under ``results["eval"]["search"]`` and as rows ``search_<kind>@<variant>``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from attnlab.errors import ConfigError
+from attnlab.evaluation.lm_tasks import WindowPlan, token_statistics
+
+Progress = Callable[[int, int, str], None]
+DEFAULT_GAMMAS = (0.5, 0.7, 0.85, 1.0, 1.2, 1.5, 2.0)
+
+
+def measure(model: Any, ids: list[int], plans: Sequence[WindowPlan], edits: list[Any], *,
+            bos_id: int | None = None, device: str = "cpu") -> dict[str, float]:
+    """Mean NLL, top-1 accuracy and mean output entropy over the scored tokens of ``plans``, with ``edits`` on."""
+    import torch
+
+    from attnlab.evaluation.runner import make_session
+
+    nll = correct = entropy = 0.0
+    count = 0
+    with make_session(model, edits), torch.no_grad():
+        for plan in plans:
+            window = ([bos_id] if bos_id is not None else []) + ids[plan.start:plan.end]
+            stats = token_statistics(model, torch.tensor([window], device=device), plan.num_scored)
+            nll += float(stats["nll"].sum())
+            correct += float(stats["correct"].sum())
+            entropy += float(stats["entropy"].sum())
+            count += len(stats["nll"])
+    if not count:
+        raise ConfigError("the search needs at least one scored token; give it more windows")
+    return {"nll": nll / count, "perplexity": math.exp(nll / count), "accuracy": correct / count,
+            "entropy": entropy / count, "tokens": count}
+
+
+def zerotuning_search(model: Any, ids: list[int], plans: Sequence[WindowPlan], *,
+                      gammas: Sequence[float] = DEFAULT_GAMMAS, layers: Any = None, heads: Any = None,
+                      supervised: str = "accuracy", bos_id: int | None = None, device: str = "cpu",
+                      progress: Progress | None = None) -> dict[str, Any]:
+    """Grid over ZeroTuning's γ on ``plans`` (the validation windows); both selection rules applied.
+
+    Args:
+        ids, plans: text tokens and the validation windows over them (:func:`plan_windows`).
+        gammas: the grid (γ = 1, the identity, is added if missing, as the reference point).
+        layers, heads: which heads the edit acts on (None = all; query-head indices).
+        supervised: ``"accuracy"`` (max next-token accuracy, ties → lower loss) or ``"loss"`` (min NLL).
+
+    Returns:
+        ``{"grid": [{"gamma", "nll", "perplexity", "accuracy", "entropy", "tokens"}, ...], "supervised":
+        {"criterion", "gamma"}, "unsupervised": {"criterion": "entropy", "gamma"}}``.
+    """
+    from attnlab.edits import EDITS
+
+    if supervised not in ("accuracy", "loss"):
+        raise ConfigError(f"supervised must be 'accuracy' or 'loss', got {supervised!r}")
+    grid_values = sorted({float(g) for g in gammas} | {1.0})
+    notify = progress or (lambda done, total, message: None)
+    grid = []
+    for index, gamma in enumerate(grid_values):
+        notify(index, len(grid_values), f"zerotuning search: γ={gamma:g}")
+        edits = [] if gamma == 1.0 else [EDITS.get("zerotuning")(gamma=gamma, layers=layers, heads=heads)]
+        grid.append({"gamma": gamma, **measure(model, ids, plans, edits, bos_id=bos_id, device=device)})
+    notify(len(grid_values), len(grid_values), "zerotuning search: done")
+    if supervised == "accuracy":
+        best = max(grid, key=lambda g: (g["accuracy"], -g["nll"]))
+    else:
+        best = min(grid, key=lambda g: g["nll"])
+    return {"grid": grid, "supervised": {"criterion": supervised, "gamma": best["gamma"]},
+            "unsupervised": {"criterion": "entropy", "gamma": min(grid, key=lambda g: g["entropy"])["gamma"]},
+            "layers": None if layers is None else list(layers), "heads": None if heads is None else list(heads)}
+
+
+def act_head_search(model: Any, ids: list[int], plans: Sequence[WindowPlan], *, beta: float = 0.4,
+                    theta: float = 0.1, layers: Sequence[int] | None = None, criterion: str = "loss",
+                    bos_id: int | None = None, device: str = "cpu", progress: Progress | None = None
+                    ) -> dict[str, Any]:
+    """ACT head selection: calibrate one (layer, head) at a time on ``plans``; keep those that do not hurt.
+
+    Args:
+        beta, theta: ACT's calibration parameters (defaults from its scripts: β = 0.4, θ = 0.1).
+        layers: layers to search (None = all; ACT searched layers 2…31 of Llama-2-7B).
+        criterion: ``"loss"`` (keep if NLL ≤ baseline NLL) or ``"accuracy"`` (keep if accuracy ≥ baseline).
+
+    Returns:
+        ``{"baseline": {...}, "heads": [{"layer", "head", "nll", "accuracy", "delta_nll", "delta_accuracy",
+        "kept"}, ...], "kept": {layer: [heads]}, "criterion", "beta", "theta"}``. Cost: one pass over ``plans``
+        per searched head.
+    """
+    from attnlab.capture.architectures import attention_sizes
+    from attnlab.edits import EDITS
+
+    if criterion not in ("loss", "accuracy"):
+        raise ConfigError(f"criterion must be 'loss' or 'accuracy', got {criterion!r}")
+    num_layers, num_heads, _ = attention_sizes(model)
+    searched = list(range(num_layers)) if layers is None else list(layers)
+    if any(not 0 <= layer < num_layers for layer in searched):
+        raise ConfigError(f"layers must be in 0..{num_layers - 1}, got {searched}")
+    notify = progress or (lambda done, total, message: None)
+    total = len(searched) * num_heads + 1
+    notify(0, total, "act search: baseline")
+    base = measure(model, ids, plans, [], bos_id=bos_id, device=device)
+    heads, kept = [], {}
+    for layer in searched:
+        for head in range(num_heads):
+            notify(1 + len(heads), total, f"act search: layer {layer} head {head}")
+            edit = EDITS.get("calibration")(beta=beta, theta=theta, layers=[layer], heads=[head])
+            got = measure(model, ids, plans, [edit], bos_id=bos_id, device=device)
+            ok = got["nll"] <= base["nll"] if criterion == "loss" else got["accuracy"] >= base["accuracy"]
+            heads.append({"layer": layer, "head": head, "nll": got["nll"], "accuracy": got["accuracy"],
+                          "delta_nll": got["nll"] - base["nll"], "delta_accuracy": got["accuracy"] - base["accuracy"],
+                          "kept": bool(ok)})
+            if ok:
+                kept.setdefault(layer, []).append(head)
+    notify(total, total, "act search: done")
+    return {"baseline": base, "heads": heads, "kept": kept, "criterion": criterion, "beta": beta, "theta": theta}
+
+
+def _split(plans: Sequence[WindowPlan]) -> tuple[list[WindowPlan], list[WindowPlan]]:
+    if len(plans) < 2:
+        raise ConfigError(f"a search needs >= 2 windows (a validation and a test half), got {len(plans)}; "
+                          "raise --max-windows")
+    half = len(plans) // 2
+    return list(plans[:half]), list(plans[half:])
+
+
+def search_for_results(results: dict[str, Any], kind: str, model: Any, tokenizer: Any, *,
+                       progress: Progress | None = None) -> dict[str, Any]:
+    """Run ``kind`` (``zerotuning`` or ``act``) on the windows of an eval run and add it to ``results``.
+
+    The windows of ``results["windows"]`` are split in half: the first half is the validation/calibration set the
+    search sees, the second half is held out and measures the chosen setting against the baseline. Adds
+    ``results["eval"]["search"]`` and rows ``search_<kind>@<label>`` (statistics ``perplexity``, ``accuracy``
+    on the held-out half). Returns the search record.
+    """
+    from attnlab.edits import EDITS
+
+    windows = results.get("windows") or []
+    info = results["eval"]
+    bos_added = bool(results.get("tokenizer", {}).get("bos_added"))
+    offset = 1 if bos_added else 0
+    bos_id = windows[0]["ids"][0] if bos_added and windows else None
+    ids: list[int] = []
+    plans = []
+    for window in windows:  # rebuild the text tokens and the window plans from the stored windows
+        text = window["ids"][offset:]
+        start = window["start_token"]
+        ids.extend(text[len(ids) - start:])
+        plans.append(WindowPlan(window["index"], start, start + len(text), window["first_scored"]))
+    device = str(results.get("config", {}).get("device", "cpu"))
+    validation, test = _split(plans)
+    record: dict[str, Any] = {"kind": kind, "validation_windows": [p.index for p in validation],
+                              "test_windows": [p.index for p in test]}
+    if kind == "zerotuning":
+        found = zerotuning_search(model, ids, validation, bos_id=bos_id, device=device, progress=progress)
+        chosen = {f"gamma={found['supervised']['gamma']:g} (supervised)": found["supervised"]["gamma"],
+                  f"gamma={found['unsupervised']['gamma']:g} (entropy)": found["unsupervised"]["gamma"]}
+        candidates = {label: ([] if g == 1.0 else [EDITS.get("zerotuning")(gamma=g)]) for label, g in chosen.items()}
+    elif kind == "act":
+        found = act_head_search(model, ids, validation, device=device, bos_id=bos_id, progress=progress)
+        layers = sorted(found["kept"])
+        candidates = {"kept heads": [EDITS.get("calibration")(beta=found["beta"], theta=found["theta"],
+                                                              layers=[layer], heads=found["kept"][layer])
+                                     for layer in layers]}
+    else:
+        raise ConfigError(f"--search must be zerotuning or act, got {kind!r}")
+    record.update(found)
+    held_out = {"baseline": measure(model, ids, test, [], bos_id=bos_id, device=device)}
+    for label, edits in candidates.items():
+        held_out[label] = measure(model, ids, test, edits, bos_id=bos_id, device=device)
+    record["test"] = held_out
+    info["search"] = record
+    for label, values in held_out.items():
+        for statistic in ("perplexity", "accuracy", "entropy"):
+            results["rows"].append({"probe": f"search_{kind}@{label}", "statistic": statistic, "layer": None,
+                                    "head": None, "position": None, "value": values[statistic]})
+    if kind == "zerotuning":
+        for point in found["grid"]:
+            for statistic in ("perplexity", "accuracy", "entropy"):
+                results["rows"].append({"probe": f"search_{kind}@gamma={point['gamma']:g}",
+                                        "statistic": f"validation_{statistic}", "layer": None, "head": None,
+                                        "position": None, "value": point[statistic]})
+    return record
+
