@@ -27,7 +27,7 @@ from attnlab.functional.masks import (
     from_keep,
 )
 
-__all__ = ["dma", "dma_bias", "dma_keep", "radial", "radial_window_table", "shifted_groups", "sparsed",
+__all__ = ["dma", "dma_bias", "dma_keep", "groups", "radial", "radial_window_table", "shifted_groups", "sparsed",
            "sparsed_block_keep", "SparsedSchedule"]
 
 
@@ -153,7 +153,7 @@ def dma_bias(value: Tensor, dt_weight: Tensor, log_scale: Tensor) -> Tensor:
 
 
 def dma_keep(bias: Tensor, window: int, num_heads: int, q_len: int, *, causal: bool = True,
-             q_offset: int | None = None) -> Tensor:
+             q_offset: int | None = None, visible: Tensor | None = None) -> Tensor:
     """DMA's dynamic mask: each query keeps the ``window`` visible keys with the largest bias.
 
     A query with at most ``window`` visible keys keeps all of them (dynamic masking only applies past the window).
@@ -165,6 +165,8 @@ def dma_keep(bias: Tensor, window: int, num_heads: int, q_len: int, *, causal: b
         num_heads: query heads H (a multiple of Hkv); head h uses kv head h // (H // Hkv).
         q_len: number of queries; with ``causal`` query row i is position ``i + q_offset``
             (default ``Lk − q_len``).
+        visible: optional bool broadcastable to (B, H, Lq, Lk), the keys each query may see before the top-w
+            selection (e.g. a layer's mask); overrides ``causal``.
 
     Returns:
         bool (B, H, Lq, Lk), True = attend.
@@ -175,9 +177,11 @@ def dma_keep(bias: Tensor, window: int, num_heads: int, q_len: int, *, causal: b
         raise ShapeError(f"bias has num_kv_heads={Hkv}, which does not divide num_heads={num_heads}")
     offset = Lk - q_len if q_offset is None else q_offset
     per_head = bias.repeat_interleave(num_heads // Hkv, dim=1)[:, :, None, :]  # (B, H, 1, Lk)
-    visible = torch.ones(q_len, Lk, dtype=torch.bool, device=bias.device)
-    if causal:
-        visible = torch.arange(Lk, device=bias.device)[None, :] <= torch.arange(q_len, device=bias.device)[:, None] + offset
+    if visible is None and not causal:
+        visible = torch.ones(q_len, Lk, dtype=torch.bool, device=bias.device)
+    elif visible is None:
+        positions = torch.arange(q_len, device=bias.device)[:, None] + offset
+        visible = torch.arange(Lk, device=bias.device)[None, :] <= positions
     scores = per_head.masked_fill(~visible, float("-inf")).expand(B, num_heads, q_len, Lk)
     k = min(window, Lk)
     top = scores.topk(k, dim=-1).indices
@@ -273,3 +277,27 @@ class SparsedSchedule:
                 raise ConfigError(f"step {step} is the first sparse step: pass the full probs to build the pattern")
             self.block_keep = sparsed_block_keep(probs, self.block_size, self.select)
         return sparsed(self.block_keep, self.block_size)
+
+
+# ----------------------------------------------------------------------------------------------- token groups (MODA)
+
+
+@MASKS.register("groups")
+def groups(group_ids: Tensor, allowed: Tensor) -> MaskMod:
+    """Per-group masks: query in group a sees key in group b iff ``allowed[a, b]`` (e.g. modality A/B tokens).
+
+    Args:
+        group_ids: (B, T) long, the group of each token (0 … G−1); absolute positions index its second axis.
+        allowed: (G, G) bool. MODA's modality-adaptive masking (METHODS.md #32) is reconstructed as such a table
+            (the masking itself was not in the released code; low confidence). AND with ``causal()`` for decoders.
+    """
+    if group_ids.dim() != 2 or allowed.dim() != 2 or allowed.dtype != torch.bool:
+        raise ConfigError(f"expected group_ids (batch, seq_len) and a bool (groups, groups) table, "
+                          f"got {tuple(group_ids.shape)} and {allowed.dtype} {tuple(allowed.shape)}")
+    ids = group_ids.long()
+    last = ids.shape[1] - 1
+
+    def mask_mod(batch_idx: Tensor, head_idx: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return allowed[ids[batch_idx, q_idx.clamp(0, last)], ids[batch_idx, kv_idx.clamp(0, last)]]
+
+    return _named(mask_mod, f"groups({allowed.shape[0]})")

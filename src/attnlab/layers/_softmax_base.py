@@ -1,0 +1,85 @@
+"""Shared projections of the softmax-family layers (masked, gated, sigmoid/ReLU, σReparam, DMA, MODA, decay).
+
+A layer maps hidden_states (B, T, C) to (output (B, T, C), None): q/k/v projections, optional RoPE, an attention
+function over (B, H, T, D) heads, and an output projection. Subclasses override :meth:`attend` (and, if they need
+extra projections, ``__init__``). ``forward`` returns a tuple so that softmax-family and linear-attention layers share
+one calling convention (``output, final_state``); these layers keep no recurrent state, so ``final_state`` is None.
+
+Masks: ``mask_mod=None`` means causal; pass ``attnlab.functional.masks.full()`` for bidirectional attention.
+Paths: ``path="dense"`` (SDPA with the materialised mask; trains on CPU) or ``path="flex"`` (FlexAttention with a
+block mask cached per length in the layer; inference only; ``compiled=True`` for the fused kernel).
+
+Shape legend: B batch, T seq_len, C hidden_size, H num_heads, Hkv num_kv_heads, D head_dim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from attnlab.errors import ConfigError
+from attnlab.functional.masked_attention import BlockMaskCache, ScoreMod, masked_attention
+from attnlab.functional.masks import MaskMod, causal
+from attnlab.layers._common import check_heads, check_hidden, merge_heads, rotary, split_heads
+
+Linear = Callable[[int, int], nn.Module]
+
+
+class SoftmaxFamilyAttention(nn.Module):
+    """Base: projections + RoPE + ``attend`` + output projection (see the module docstring)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int | None = None, *,
+                 head_dim: int | None = None, mask_mod: MaskMod | None = None, path: Literal["dense", "flex"] = "dense",
+                 compiled: bool = False, rope_base: float | None = 10000.0, q_extra: int = 0,
+                 linear: Linear | None = None) -> None:
+        super().__init__()
+        self.hidden_size, self.num_heads = hidden_size, num_heads
+        self.num_kv_heads = check_heads(hidden_size, num_heads, num_kv_heads)
+        self.head_dim = hidden_size // num_heads if head_dim is None else head_dim
+        if self.head_dim < 1:
+            raise ConfigError(f"expected head_dim >= 1, got {self.head_dim}")
+        if path not in ("dense", "flex"):
+            raise ConfigError(f"expected path 'dense' or 'flex', got {path!r}")
+        self.mask_mod = causal() if mask_mod is None else mask_mod
+        self.path, self.compiled, self.rope_base = path, compiled, rope_base
+        linear = linear or (lambda n_in, n_out: nn.Linear(n_in, n_out, bias=False))
+        self.q_extra = q_extra
+        self.q_proj = linear(hidden_size, num_heads * self.head_dim + q_extra)
+        self.k_proj = linear(hidden_size, self.num_kv_heads * self.head_dim)
+        self.v_proj = linear(hidden_size, self.num_kv_heads * self.head_dim)
+        self.o_proj = linear(num_heads * self.head_dim, hidden_size)
+        self.block_masks = BlockMaskCache()
+
+    def project(self, hidden_states: Tensor, position_offset: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """query (B, H, T, D), key/value (B, Hkv, T, D) with RoPE applied, and the extra q_proj columns (B, T, q_extra)."""
+        check_hidden(hidden_states, self.hidden_size)
+        projected = self.q_proj(hidden_states)
+        q_part, extra = projected[..., : self.num_heads * self.head_dim], projected[..., self.num_heads * self.head_dim:]
+        q = split_heads(q_part, self.num_heads)
+        k = split_heads(self.k_proj(hidden_states), self.num_kv_heads)
+        v = split_heads(self.v_proj(hidden_states), self.num_kv_heads)
+        if self.rope_base is not None:
+            q, k = rotary(q, position_offset, self.rope_base), rotary(k, position_offset, self.rope_base)
+        return q, k, v, extra
+
+    def softmax_attend(self, q: Tensor, k: Tensor, v: Tensor, score_mod: ScoreMod | None = None,
+                       mask_mod: MaskMod | None = None) -> Tensor:
+        """Masked softmax attention on the layer's path (refuses Flex under autograd: no CPU backward)."""
+        if self.path == "flex" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+            raise NotImplementedError("path='flex' is inference-only here (FlexAttention has no CPU backward); "
+                                      "use path='dense' for training or run under torch.no_grad()")
+        return masked_attention(q, k, v, mask_mod or self.mask_mod, score_mod=score_mod, path=self.path,
+                                compiled=self.compiled, cache=self.block_masks)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, extra: Tensor, hidden_states: Tensor) -> Tensor:
+        """(B, H, T, D) heads out. Default: masked softmax attention."""
+        return self.softmax_attend(q, k, v)
+
+    def forward(self, hidden_states: Tensor, position_offset: int = 0) -> tuple[Tensor, None]:
+        """hidden_states: (B, T, C). Returns (output (B, T, C), None)."""
+        q, k, v, extra = self.project(hidden_states, position_offset)
+        o = self.attend(q, k, v, extra, hidden_states)  # (B, H, T, D)
+        return self.o_proj(merge_heads(o.to(hidden_states.dtype))), None

@@ -1,0 +1,71 @@
+"""Softmax attention with a distance decay: ALiBi-style linear decay on logits, and the CACE post-softmax matrix."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from attnlab.errors import ConfigError
+from attnlab.functional.masks import MaskMod, to_dense
+from attnlab.functional.softmax_family import (alibi, decay_matrix, decayed_softmax_attention, linear_decay,
+                                               retnet_log_decay)
+from attnlab.layers import LAYERS
+from attnlab.layers._softmax_base import SoftmaxFamilyAttention
+
+
+@LAYERS.register("alibi")
+class AlibiAttention(SoftmaxFamilyAttention):
+    """Softmax attention with a linear distance decay on the logits: logits + log_decay_h · (q − kv), no RoPE.
+
+    Default slopes are ALiBi's (Press et al. 2022; log_decay = −slope); pass ``log_decay`` (H,) ≤ 0 for another
+    schedule (e.g. ``retnet_log_decay``: softmax weights decay as γ_h^distance, RetNet's decay inside a softmax,
+    METHODS.md #35). A score_mod, so it runs on both paths. Other arguments as in ``MaskedAttention``.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int = 8, num_kv_heads: int | None = None, *,
+                 head_dim: int | None = None, log_decay: Tensor | None = None, mask_mod: MaskMod | None = None,
+                 path: Literal["dense", "flex"] = "dense", compiled: bool = False) -> None:
+        super().__init__(hidden_size, num_heads, num_kv_heads, head_dim=head_dim, mask_mod=mask_mod, path=path,
+                         compiled=compiled, rope_base=None)
+        if log_decay is not None and log_decay.shape != (num_heads,):
+            raise ConfigError(f"expected log_decay of shape ({num_heads},), got {tuple(log_decay.shape)}")
+        self.score_mod = alibi(num_heads) if log_decay is None else linear_decay(log_decay)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, extra: Tensor, hidden_states: Tensor) -> Tensor:
+        return self.softmax_attend(q, k, v, self.score_mod)
+
+
+@LAYERS.register("decay_matrix")
+class DecayMatrixAttention(SoftmaxFamilyAttention):
+    """CACE (CFE): softmax probs multiplied by a static 2-D decay matrix γ_h^dist, not renormalised (dense only).
+
+    Tokens lie row-major on a grid ``grid_width`` wide (height = ⌈T / grid_width⌉); dist is Chebyshev (default,
+    CFE's ``r2``) or Manhattan (``r1``); γ_h = 1 − 2^(−5−h) unless ``log_decay`` (H,) is given. The paper's encoder is
+    bidirectional: pass ``mask_mod=masks.full()``. Source: Zhou et al. 2024, CFE/CACE (METHODS.md #33).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int = 8, num_kv_heads: int | None = None, *, grid_width: int,
+                 head_dim: int | None = None, distance: Literal["chebyshev", "manhattan"] = "chebyshev",
+                 log_decay: Tensor | None = None, mask_mod: MaskMod | None = None,
+                 rope_base: float | None = 10000.0) -> None:
+        super().__init__(hidden_size, num_heads, num_kv_heads, head_dim=head_dim, mask_mod=mask_mod,
+                         rope_base=rope_base)
+        if grid_width < 1:
+            raise ConfigError(f"expected grid_width >= 1, got {grid_width}")
+        log_decay = retnet_log_decay(num_heads).float() if log_decay is None else log_decay
+        if log_decay.shape != (num_heads,):
+            raise ConfigError(f"expected log_decay of shape ({num_heads},), got {tuple(log_decay.shape)}")
+        self.grid_width, self.distance = grid_width, distance
+        self.register_buffer("log_decay", log_decay, persistent=False)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, extra: Tensor, hidden_states: Tensor) -> Tensor:
+        T = k.shape[2]
+        height = -(-T // self.grid_width)
+        decay = decay_matrix(height, self.grid_width, self.log_decay.to(torch.float64), self.distance)[:, :T, :T]
+        keep = to_dense(self.mask_mod, q.shape[0], self.num_heads, q.shape[2], T, device=q.device)
+        return decayed_softmax_attention(q, k, v, decay.to(q.device), keep)[0]
+
+
+__all__ = ["AlibiAttention", "DecayMatrixAttention"]

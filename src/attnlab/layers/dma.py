@@ -1,0 +1,56 @@
+"""DMA — Trainable Dynamic Mask Sparse Attention (Shi et al. 2025, METHODS.md #29)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from attnlab.errors import ConfigError
+from attnlab.functional.masks import MaskMod, and_masks, to_dense
+from attnlab.functional.sparse_masks import dma, dma_bias, dma_keep
+from attnlab.layers import LAYERS
+from attnlab.layers._softmax_base import SoftmaxFamilyAttention
+
+
+@LAYERS.register("dma")
+class DynamicMaskAttention(SoftmaxFamilyAttention):
+    """Softmax attention plus a value-derived key bias A_h · softplus(v_j W_Δ), restricted to the top-``window`` keys.
+
+    The bias (B, Hkv, T) is query-independent and content-aware; each query keeps the ``window`` visible keys with the
+    largest bias (all of them while it sees ≤ window keys). The top-w selection is not differentiated; the bias is
+    (through the logits). A_h starts at 0 (bias 0). On the Flex path the block mask skips the key tiles no query of a
+    tile keeps (position-aware skipping). Source: SmallDoges/flash-dmattn, Doge (METHODS.md #29).
+
+    Args:
+        window: keys kept per query (Doge default 2048). Other arguments as in ``MaskedAttention``.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int = 8, num_kv_heads: int | None = None, *,
+                 head_dim: int | None = None, window: int = 2048, mask_mod: MaskMod | None = None,
+                 path: Literal["dense", "flex"] = "dense", compiled: bool = False,
+                 rope_base: float | None = 10000.0) -> None:
+        super().__init__(hidden_size, num_heads, num_kv_heads, head_dim=head_dim, mask_mod=mask_mod, path=path,
+                         compiled=compiled, rope_base=rope_base)
+        if window < 1:
+            raise ConfigError(f"expected window >= 1, got {window}")
+        self.window = window
+        kv_width = self.num_kv_heads * self.head_dim
+        self.dt_weight = nn.Parameter(torch.randn(kv_width, self.num_kv_heads) * kv_width ** -0.5)
+        self.log_scale = nn.Parameter(torch.zeros(self.num_kv_heads))  # A in the paper, zeros at init
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, extra: Tensor, hidden_states: Tensor) -> Tensor:
+        B, H, Lq, _ = q.shape
+        bias = dma_bias(v, self.dt_weight, self.log_scale)  # (B, Hkv, Lk)
+        visible = to_dense(self.mask_mod, B, H, Lq, k.shape[2], device=q.device)
+        keep = dma_keep(bias.detach(), self.window, H, Lq, visible=visible)
+        per_head = bias.repeat_interleave(H // self.num_kv_heads, dim=1)  # (B, H, Lk)
+
+        def score_mod(logits, batch_idx, head_idx, q_idx, kv_idx):
+            return logits + per_head.to(logits.dtype)[batch_idx, head_idx, kv_idx]
+
+        return self.softmax_attend(q, k, v, score_mod, mask_mod=and_masks(self.mask_mod, dma(keep)))
+
+
+__all__ = ["DynamicMaskAttention"]

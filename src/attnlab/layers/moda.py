@@ -1,0 +1,81 @@
+"""MODA — MOdular Duplex Attention (Zhang et al. 2025, METHODS.md #32): key alignment across two token groups.
+
+Reconstructed from the released code (key alignment, medium confidence) and the abstract (per-group masking, low
+confidence): group 0 = the "text" modality (its keys and values define the basis), group 1 = the other modality
+(e.g. visual tokens), whose keys are aligned into the text space before an ordinary softmax attention.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attnlab.errors import ShapeError
+from attnlab.functional.masks import MaskMod, and_masks
+from attnlab.functional.sparse_masks import groups
+from attnlab.layers import LAYERS
+from attnlab.layers._common import merge_heads
+from attnlab.layers._softmax_base import SoftmaxFamilyAttention
+
+
+def align_keys(key: Tensor, value: Tensor, group_ids: Tensor, gain: Tensor, fuse: nn.Linear,
+               eps: float = 1e-6) -> Tensor:
+    """MODA key alignment: group-1 keys ← W_fuse(K + r ⊙ K̂ G_t), with G_t = normalise_rows(K̂_tᵀ V_t).
+
+    Args:
+        key, value: (B, Hkv, T, D). group_ids: (B, T) long, 0 = text, 1 = aligned group.
+        gain: r (D,), zeros at init. fuse: W_fuse, a D × D linear map (identity at init).
+
+    Returns:
+        key (B, Hkv, T, D) with only group-1 rows changed. K̂ = K / (‖K‖ + eps) per token; G_t sums over the
+        sample's group-0 tokens (all positions: not causal, as in the released code).
+    """
+    unit = key / (key.norm(dim=-1, keepdim=True) + eps)  # (B, Hkv, T, D)
+    text = (group_ids == 0).to(key.dtype)[:, None, :, None]  # (B, 1, T, 1)
+    basis = F.normalize((unit * text).transpose(-1, -2) @ value, dim=-1, eps=eps)  # (B, Hkv, D, D)
+    fused = fuse(key + gain * (unit @ basis))
+    return torch.where((group_ids == 1)[:, None, :, None], fused, key)
+
+
+@LAYERS.register("moda")
+class DuplexAttention(SoftmaxFamilyAttention):
+    """MODA duplex attention: align group-1 keys into group-0's key/value basis, then masked softmax attention.
+
+    ``forward(hidden_states, group_ids=None)``: group_ids (B, T) in {0, 1}; None = all group 0 (plain attention).
+    ``allowed`` (2, 2) bool says which groups see which (default all); it is ANDed with the layer mask.
+    Args otherwise as in ``MaskedAttention``. Source: KwaiVGI/MODA ``modeling_llama_local_moda.py`` (METHODS.md #32).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int = 8, num_kv_heads: int | None = None, *,
+                 head_dim: int | None = None, allowed: Tensor | None = None, mask_mod: MaskMod | None = None,
+                 path: Literal["dense", "flex"] = "dense", compiled: bool = False,
+                 rope_base: float | None = 10000.0) -> None:
+        super().__init__(hidden_size, num_heads, num_kv_heads, head_dim=head_dim, mask_mod=mask_mod, path=path,
+                         compiled=compiled, rope_base=rope_base)
+        self.gain = nn.Parameter(torch.zeros(self.head_dim))
+        self.fuse = nn.Linear(self.head_dim, self.head_dim, bias=False)
+        with torch.no_grad():
+            self.fuse.weight.copy_(torch.eye(self.head_dim))
+        allowed = torch.ones(2, 2, dtype=torch.bool) if allowed is None else allowed
+        if allowed.shape != (2, 2) or allowed.dtype != torch.bool:
+            raise ShapeError(f"expected allowed as a (2, 2) bool table, got {allowed.dtype} {tuple(allowed.shape)}")
+        self.register_buffer("allowed", allowed, persistent=False)
+
+    def forward(self, hidden_states: Tensor, group_ids: Tensor | None = None,
+                position_offset: int = 0) -> tuple[Tensor, None]:
+        """hidden_states (B, T, C); group_ids (B, T) long or None. Returns (output (B, T, C), None)."""
+        q, k, v, _ = self.project(hidden_states, position_offset)
+        mask_mod = self.mask_mod
+        if group_ids is not None:
+            if group_ids.shape != hidden_states.shape[:2]:
+                raise ShapeError(f"expected group_ids {tuple(hidden_states.shape[:2])}, got {tuple(group_ids.shape)}")
+            k = align_keys(k, v, group_ids, self.gain, self.fuse)
+            mask_mod = and_masks(self.mask_mod, groups(group_ids, self.allowed))
+        o = self.softmax_attend(q, k, v, mask_mod=mask_mod)
+        return self.o_proj(merge_heads(o.to(hidden_states.dtype))), None
+
+
+__all__ = ["DuplexAttention", "align_keys"]

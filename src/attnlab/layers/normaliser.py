@@ -1,0 +1,57 @@
+"""Attention with a pointwise normaliser instead of softmax: sigmoid (METHODS.md #34, #1) and ReLU (#3)."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from attnlab.functional.masks import MaskMod, to_dense
+from attnlab.functional.softmax_family import relu_attention, sigmoid_attention
+from attnlab.layers import LAYERS
+from attnlab.layers._softmax_base import SoftmaxFamilyAttention
+
+
+@LAYERS.register("sigmoid")
+class SigmoidAttention(SoftmaxFamilyAttention):
+    """Sigmoid attention σ(logits + b), no row normalisation; b = −log(T) by default (dense path only).
+
+    Ramapuram et al. 2025, Apple sigmoid attention (METHODS.md #34(b), b = −log n medium confidence); ``bias=0.0``
+    is Gu et al. 2025's ``sigmoid_no_norm`` (METHODS.md #34(a), #1). Hybrid-norm/LayerScale stabilisers are not
+    included (add them around the layer).
+
+    Args:
+        hidden_size, num_heads, num_kv_heads, head_dim, rope_base: as in ``MaskedAttention``.
+        mask_mod: True = attend; None = causal (materialised densely). bias: float or None (−log T).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int = 8, num_kv_heads: int | None = None, *,
+                 head_dim: int | None = None, mask_mod: MaskMod | None = None, bias: float | None = None,
+                 rope_base: float | None = 10000.0) -> None:
+        super().__init__(hidden_size, num_heads, num_kv_heads, head_dim=head_dim, mask_mod=mask_mod,
+                         rope_base=rope_base)
+        self.bias = bias
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, extra: Tensor, hidden_states: Tensor) -> Tensor:
+        keep = to_dense(self.mask_mod, q.shape[0], self.num_heads, q.shape[2], k.shape[2], device=q.device)
+        return sigmoid_attention(q, k, v, keep, bias=self.bias)[0]
+
+
+@LAYERS.register("relu")
+class ReluAttention(SoftmaxFamilyAttention):
+    """ReLU attention ReLU(logits) / (number of visible keys), no row normalisation (dense path only).
+
+    Guo et al. 2024, Active-Dormant heads, ``BBM/model.py`` (METHODS.md #3, #34(c)). Arguments as in
+    ``SigmoidAttention`` without ``bias``.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int = 8, num_kv_heads: int | None = None, *,
+                 head_dim: int | None = None, mask_mod: MaskMod | None = None,
+                 rope_base: float | None = 10000.0) -> None:
+        super().__init__(hidden_size, num_heads, num_kv_heads, head_dim=head_dim, mask_mod=mask_mod,
+                         rope_base=rope_base)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, extra: Tensor, hidden_states: Tensor) -> Tensor:
+        keep = to_dense(self.mask_mod, q.shape[0], self.num_heads, q.shape[2], k.shape[2], device=q.device)
+        return relu_attention(q, k, v, keep)[0]
+
+
+__all__ = ["ReluAttention", "SigmoidAttention"]
