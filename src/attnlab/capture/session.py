@@ -33,7 +33,9 @@ from torch import Tensor, nn
 from attnlab.capture.architectures import attention_sizes, transformer_blocks
 from attnlab.capture.backend import ACTIVE_SESSION, BACKEND_NAME, ensure_registered
 from attnlab.columns import RESULT_COLUMNS
-from attnlab.errors import ConfigError, UnsupportedModelError
+from attnlab.edits.apply import EditedCall, EditRecord, order_edits
+from attnlab.edits.base import Edit, EditContext
+from attnlab.errors import ConfigError, EditNotFiredError, UnsupportedModelError
 from attnlab.functional.attention import BlockView, blocked_attention, causal_keep
 from attnlab.probes import PROBES
 from attnlab.probes.base import AttentionCall, ModelShape, Probe, SequenceInfo
@@ -52,6 +54,16 @@ def _make_probe(spec: str | Probe) -> Probe:
     raise TypeError(f"probes must be names or Probe instances, got {type(spec).__name__}")
 
 
+def _make_edit(spec: str | Edit) -> Edit:
+    if isinstance(spec, Edit):
+        return spec
+    if isinstance(spec, str):
+        from attnlab.edits.spec import parse_edit_spec
+
+        return parse_edit_spec(spec)
+    raise TypeError(f"edits must be Edit instances or specs like 'temperature:tau=0.9', got {type(spec).__name__}")
+
+
 def _sample_rows(q_len: int, fraction: float, device: torch.device) -> Tensor:
     """Evenly spread query rows covering ``fraction`` of q_len (always includes the first and last rows)."""
     count = min(q_len, max(2, math.ceil(fraction * q_len)))
@@ -67,14 +79,20 @@ class Session:
         block_size: query rows per block of the eager kernel (peak extra memory ∝ num_heads · block_size · kv_len).
         query_fraction: in (0, 1]; below 1, probes see only that fraction of query rows, evenly spread over
             positions, and the output comes from SDPA (faster; statistics become estimates).
+        edits: Edit instances or specs (``"sink_window:sinks=4,window=252"``, see ``attnlab ls edits``), applied
+            to every attention call of their layers in stage order (positions → logits → mask → probs → output),
+            list order within a stage. Probes observe the edited attention.
+        verify_rows: query rows per call on which each edit's effect is measured (``edit_report()``); 0 turns
+            the measurement off (calls and heads are still counted).
 
     Raises:
         UnsupportedModelError: the model does not route attention through the AttentionInterface.
-        ConfigError: bad block_size / query_fraction. RegistryError: unknown probe name.
+        ConfigError: bad block_size / query_fraction / edit layers. RegistryError: unknown probe or edit name.
+        EditNotFiredError: on a clean exit, if an edit never acted on any attention call.
     """
 
     def __init__(self, model: nn.Module, probes: Iterable[str | Probe] = (), *, block_size: int = 128,
-                 query_fraction: float = 1.0) -> None:
+                 query_fraction: float = 1.0, edits: Iterable[str | Edit] = (), verify_rows: int = 16) -> None:
         if not hasattr(model, "is_backend_compatible") or not hasattr(model, "set_attn_implementation"):
             raise UnsupportedModelError(
                 f"{type(model).__name__} is not a transformers PreTrainedModel; attnlab supports {SUPPORTED_FAMILIES}")
@@ -97,6 +115,16 @@ class Session:
         self.shape = ModelShape(num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads)
         for probe in self.probes:
             probe.bind(self.shape)
+        self.edits: list[Edit] = order_edits([_make_edit(e) for e in edits])
+        for edit in self.edits:
+            if edit.layers is not None and max(edit.layers) >= num_layers:
+                raise ConfigError(f"edit {edit.spec()!r}: layers={list(edit.layers)} but the model has "
+                                  f"{num_layers} layers (0…{num_layers - 1})")
+        if verify_rows < 0:
+            raise ConfigError(f"verify_rows must be >= 0, got {verify_rows}")
+        self.verify_rows = verify_rows
+        self.edit_records: dict[int, EditRecord] = {id(edit): EditRecord() for edit in self.edits}
+        self._position_edits = [edit for edit in self.edits if edit.stage == "positions"]
         self.needs_probs = any("probs" in p.needs for p in self.probes)
         self.needs_calls = any(p.needs & {"probs", "value"} for p in self.probes)
         self.needs_hidden = any("hidden_states" in p.needs for p in self.probes)
@@ -130,7 +158,12 @@ class Session:
                     self._hooks.append(layer.register_forward_hook(self._layer_hook(index)))
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        self._close()
+        if exc_type is None:
+            self.check_edits_fired()
+
+    def _close(self) -> None:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
@@ -141,7 +174,7 @@ class Session:
             self.model.set_attn_implementation(self._previous_impl)
 
     # hooks --------------------------------------------------------------------------------------------------
-    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], Tensor) else None)
         embeds = kwargs.get("inputs_embeds")
         mask = kwargs.get("attention_mask")
@@ -156,6 +189,23 @@ class Session:
         else:
             valid = torch.ones(batch, length, dtype=torch.bool, device=reference.device)
         self._sequence = SequenceInfo.from_mask(valid, input_ids, self.num_sequences)
+        if self._position_edits:
+            return args, self._edit_positions(kwargs, batch, length, reference.device)
+        return None
+
+    def _edit_positions(self, kwargs: dict, batch: int, length: int, device: torch.device) -> dict:
+        """Apply positions-stage edits to ``position_ids`` (built as transformers would if absent)."""
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:
+            cache = kwargs.get("past_key_values")
+            past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+            position_ids = torch.arange(past, past + length, device=device).expand(batch, length)
+        edited = position_ids
+        for edit in self._position_edits:
+            edited = edit.position_ids(edited)
+            record = self.edit_records[id(edit)]
+            record.forward_passes_touched += 1
+        return {**kwargs, "position_ids": edited}
 
     def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
         if self._sequence is not None:
@@ -195,7 +245,8 @@ class Session:
                     "logits or an additive position bias), which attnlab does not model yet; supported: "
                     f"{SUPPORTED_FAMILIES} without learned sinks or position biases")
         softcap = kwargs.get("softcap")
-        if not self.needs_calls and softcap is None:
+        edits = [edit for edit in self.edits if edit.applies_to(layer)]
+        if not self.needs_calls and softcap is None and not edits:
             self.paths[layer] = "sdpa"
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
         dropout = kwargs.get("dropout", 0.0)
@@ -226,7 +277,10 @@ class Session:
                     if "probs" in probe.needs:
                         probe.update(call, detached)
 
-        if not self.needs_probs and softcap is None:
+        if edits:
+            output = self._edited_attention(module, query, key, value, attention_mask, keep, call, edits, kwargs,
+                                            observe)
+        elif not self.needs_probs and softcap is None:
             self.paths[layer] = "sdpa"
             output = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)[0]
         elif self.query_fraction < 1 and softcap is None:
@@ -246,6 +300,54 @@ class Session:
             for probe in self.probes:
                 probe.end_call(call)
         return output, None
+
+    def _edited_attention(self, module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                          attention_mask: Tensor | None, keep: Tensor | None, call: AttentionCall, edits: list[Edit],
+                          kwargs: dict, observe: Any) -> Tensor:
+        """The attention call with this layer's edits; returns (B, Lq, Hq, Dv) and records the path."""
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        layer = call.layer_idx
+        scale = kwargs.get("scaling")
+        scale = float(query.shape[-1] ** -0.5 if scale is None else scale)
+        contexts = [self._edit_context(call, edit, scale, query.device) for edit in edits]
+        edited = EditedCall(query, key, value, keep, edits=edits, contexts=contexts, scale=scale,
+                            block_size=self.block_size, softcap=kwargs.get("softcap"))
+        if self.verify_rows:
+            with torch.no_grad():
+                edited.verify(self.edit_records, self.verify_rows)
+        else:
+            for edit, ctx in zip(edits, contexts):
+                record = self.edit_records[id(edit)]
+                record.calls_touched += 1
+                record.heads_touched.update((layer, int(h)) for h in ctx.heads.nonzero().flatten().tolist())
+
+        def sdpa(query_: Tensor, key_: Tensor, keep_: Tensor | None) -> Tensor:
+            mask = attention_mask if keep_ is None else keep_
+            options = {**kwargs, "scaling": scale}
+            return sdpa_attention_forward(module, query_, key_, value, mask, **options)[0].transpose(1, 2)
+
+        if edited.is_fast() and not self.needs_probs:
+            self.paths[layer] = "sdpa+edits"
+            output = edited.fast(sdpa)
+        elif edited.is_fast() and self.query_fraction < 1:
+            self.paths[layer] = "sdpa+edits+sampled_probs"
+            output = edited.fast(sdpa)
+            with torch.no_grad():
+                edited.eager(on_block=observe, rows=_sample_rows(query.shape[2], self.query_fraction, query.device))
+        else:
+            self.paths[layer] = "blocked_eager+edits"
+            output = edited.eager(on_block=observe if self.needs_probs else None)
+        return output.transpose(1, 2).contiguous()  # (B, Lq, Hq, Dv)
+
+    @staticmethod
+    def _edit_context(call: AttentionCall, edit: Edit, scale: float, device: torch.device) -> EditContext:
+        return EditContext(
+            layer_idx=call.layer_idx, num_heads=call.num_heads, num_kv_heads=call.num_kv_heads, q_len=call.q_len,
+            kv_len=call.kv_len, query_positions=call.query_positions, key_positions=call.key_positions,
+            query_valid=call.query_valid, key_valid=call.key_valid,
+            heads=edit.head_selection(call.num_heads, device), scale=scale,
+        )
 
     @staticmethod
     def _keep_mask(attention_mask: Tensor | None, q_len: int, kv_len: int, causal: bool,
@@ -312,6 +414,36 @@ class Session:
             self.paths[layer] = path if mine_path == path else f"{mine_path}|{path}"
         for layer, calls in other.calls_per_layer.items():
             self.calls_per_layer[layer] = self.calls_per_layer.get(layer, 0) + calls
+
+    def edit_report(self) -> Any:
+        """A pandas DataFrame, one row per edit: edit (name), spec, stage, path, calls_touched, heads_touched,
+        forward_passes_touched (positions edits), max_change (the largest change of a per-head output the edit
+        made on the sampled rows; NaN if not measured), identity (whether its parameters are the identity)."""
+        import pandas as pd
+
+        rows = []
+        for edit in self.edits:
+            record = self.edit_records[id(edit)]
+            layers = sorted({layer for layer, _ in record.heads_touched})
+            rows.append({
+                "edit": edit.name, "spec": edit.spec(), "stage": edit.stage,
+                "path": ",".join(sorted({self.paths[layer] for layer in layers if layer in self.paths})),
+                "calls_touched": record.calls_touched, "heads_touched": len(record.heads_touched),
+                "forward_passes_touched": record.forward_passes_touched,
+                "max_change": record.max_change if self.verify_rows and record.calls_touched else float("nan"),
+                "identity": edit.is_identity(),
+            })
+        return pd.DataFrame(rows, columns=["edit", "spec", "stage", "path", "calls_touched", "heads_touched",
+                                           "forward_passes_touched", "max_change", "identity"])
+
+    def check_edits_fired(self) -> None:
+        """Raise EditNotFiredError naming every requested edit that acted on no attention call."""
+        silent = [edit.spec() for edit in self.edits if self.edit_records[id(edit)].calls_touched == 0
+                  and self.edit_records[id(edit)].forward_passes_touched == 0]
+        if silent:
+            raise EditNotFiredError(
+                f"edit(s) never fired: {', '.join(silent)} — no attention call passed through them (did the model "
+                "run inside the session, and do their layers exist?)")
 
     def probe(self, name: str) -> Probe:
         """The probe instance named ``name`` in this session."""

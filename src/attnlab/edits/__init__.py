@@ -14,10 +14,25 @@ from attnlab.registry import Registry
 
 def _load_builtins() -> None:
     for module in pkgutil.iter_modules(__path__):
-        if not module.name.startswith("_") and module.name != "base":
+        if not module.name.startswith("_") and module.name not in ("base", "apply", "spec"):
             importlib.import_module(f"{__name__}.{module.name}")
 
 
 EDITS: Registry[type] = Registry("edit", loader=_load_builtins)
 
-__all__ = ["EDITS"]
+
+def parse_edit_spec(spec: str):  # noqa: ANN201 - re-exported from attnlab.edits.spec
+    """``"NAME:key=value,..."`` → an Edit (see :mod:`attnlab.edits.spec`)."""
+    from attnlab.edits.spec import parse_edit_spec as parse
+
+    return parse(spec)
+
+
+def parse_edit_list(text: str):  # noqa: ANN201
+    """``"a:x=1+b:y=2"`` → the edits of one variant, composed (see :mod:`attnlab.edits.spec`)."""
+    from attnlab.edits.spec import parse_edit_list as parse
+
+    return parse(text)
+
+
+__all__ = ["EDITS", "parse_edit_spec", "parse_edit_list"]

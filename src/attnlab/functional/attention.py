@@ -26,7 +26,15 @@ from torch import Tensor
 
 from attnlab.errors import ShapeError
 
-__all__ = ["BlockView", "attention_reference", "blocked_attention", "check_qkv", "causal_keep"]
+__all__ = ["BlockView", "LogitsMod", "ProbsMod", "attention_reference", "blocked_attention", "check_qkv",
+           "causal_keep"]
+
+# A score_mod acts on logits: ``(logits (B, Hq, n, w), q_index (n,) long) -> logits``, where the n rows are the query
+# rows ``q_index`` and the w columns are keys ``0 … w-1``. It runs after soft-capping and before the mask.
+LogitsMod = Callable[[Tensor, Tensor], Tensor]
+# A probs_mod acts on probs after the softmax: ``(probs (B, Hq, n, w), q_index (n,), keep (bool, broadcastable) or
+# None) -> probs``; masked entries arrive as exact zeros.
+ProbsMod = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 
 
 def check_qkv(query: Tensor, key: Tensor, value: Tensor) -> tuple[int, int]:
@@ -72,6 +80,8 @@ def attention_reference(
     *,
     scale: float | None = None,
     softcap: float | None = None,
+    score_mod: LogitsMod | None = None,
+    probs_mod: ProbsMod | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Quadratic softmax attention, written for reading. The oracle every fast path is tested against.
 
@@ -82,10 +92,13 @@ def attention_reference(
         keep: bool, broadcastable to (B, Hq, Lq, Lk), True = attend; None = all visible.
         scale: logit scale; default ``D ** -0.5``.
         softcap: if given, logits become ``softcap * tanh(logits / softcap)`` before masking (Gemma 2).
+        score_mod: optional edit of the logits (see ``LogitsMod``), applied after softcap, before the mask.
+        probs_mod: optional edit of the probs (see ``ProbsMod``), applied after the softmax.
 
     Returns:
         output (B, Hq, Lq, Dv) in value's dtype; probs and logits (B, Hq, Lq, Lk) in float32 (float64 for float64
-        input). Masked logits are -inf; masked probs are exactly 0; rows with no visible key are all 0.
+        input). Masked logits are -inf; masked probs are exactly 0 (before ``probs_mod``); rows with no visible
+        key are all 0.
 
     Raises:
         ShapeError: on inconsistent shapes or Hkv not dividing Hq.
@@ -98,6 +111,8 @@ def attention_reference(
     logits = query.to(dtype) @ key_per_head.transpose(-1, -2) * scale  # (B, Hq, Lq, Lk)
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
+    if score_mod is not None:
+        logits = score_mod(logits, torch.arange(logits.shape[-2], device=logits.device))
     if keep is not None:
         logits = logits.masked_fill(~keep, float("-inf"))
     row_has_key = torch.isfinite(logits).any(dim=-1, keepdim=True)  # (B, Hq, Lq, 1)
@@ -105,6 +120,8 @@ def attention_reference(
     probs = torch.softmax(safe_logits, dim=-1) * row_has_key
     if keep is not None:
         probs = probs.masked_fill(~keep, 0.0)
+    if probs_mod is not None:
+        probs = probs_mod(probs, torch.arange(probs.shape[-2], device=probs.device), keep)
     output = probs @ value_per_head
     return output.to(value.dtype), probs, logits
 
@@ -142,6 +159,8 @@ def blocked_attention(
     block_size: int = 128,
     query_index: Tensor | None = None,
     on_block: Callable[[BlockView], None] | None = None,
+    score_mod: LogitsMod | None = None,
+    probs_mod: ProbsMod | None = None,
 ) -> Tensor:
     """Softmax attention computed one block of query rows at a time, GQA-aware, observers fed per block.
 
@@ -157,7 +176,9 @@ def blocked_attention(
         block_size: query rows per block (≥ 1).
         query_index: optional (n,) long tensor of query rows to compute (e.g. a sample of rows); the output then
             has n rows in that order. Default: all Lq rows.
-        on_block: called once per block with a BlockView.
+        on_block: called once per block with a BlockView (after ``probs_mod``: observers see the edited probs).
+        score_mod: optional logits edit (``LogitsMod``), applied per block after softcap and before the mask.
+        probs_mod: optional probs edit (``ProbsMod``), applied per block after the softmax.
 
     Returns:
         output (B, Hq, n, Dv) in value's dtype (n = Lq unless query_index is given).
@@ -204,6 +225,8 @@ def blocked_attention(
         logits = (q_grouped @ key_c[:, :, :width].transpose(-1, -2)).view(B, num_heads, bq, width)
         if softcap is not None:
             logits = softcap * torch.tanh(logits / softcap)
+        if score_mod is not None:
+            logits = score_mod(logits, rows)
         if keep_blk is not None:
             if first_masked < width:  # mask only the columns some row cannot see (the diagonal part if causal)
                 logits[..., first_masked:].masked_fill_(~keep_blk[..., first_masked:], torch.finfo(dtype).min)
@@ -214,8 +237,10 @@ def blocked_attention(
                 probs = torch.softmax(torch.where(row_has_key, logits, zero), dim=-1) * row_has_key
         else:
             probs = torch.softmax(logits, dim=-1)
+        if probs_mod is not None:
+            probs = probs_mod(probs, rows, keep_blk)
         if on_block is not None:
             on_block(BlockView(probs=probs, logits=logits, keep=keep_blk, q_index=rows))
-        out_blk = probs.view(B, Hkv, groups * bq, width) @ value_c[:, :, :width]  # (B, Hkv, G*bq, Dv)
+        out_blk = probs.reshape(B, Hkv, groups * bq, width) @ value_c[:, :, :width]  # (B, Hkv, G*bq, Dv)
         output[:, :, start : start + bq] = out_blk.view(B, num_heads, bq, Dv).to(value.dtype)
     return output

@@ -1,0 +1,182 @@
+"""Run one attention call with a list of edits: choose the path, apply each stage, verify what each edit did.
+
+Pure torch (no transformers): the Session (capture/) hands in the call's tensors, its contexts and an SDPA function
+bound to the model's own mask, and gets back the output and the path that ran.
+
+Paths:
+- ``sdpa+edits``: every edit has a fast form (query scaling, key bias, mask, closed-form output, output scaling) and
+  no probe needs probs: one SDPA call, no probs materialised. A key bias ``coef[h] * indicator[b, k]`` rides along
+  as one extra query/key dimension (query column ``coef[h] / scale``, key column ``indicator``), so SDPA adds it to
+  the logits exactly without a float mask.
+- ``blocked_eager+edits``: the blocked kernel with the edits' ``score_mod``/``probs_mod`` hooks, one query block at a
+  time (probes, when present, see the edited probs).
+
+Self-verification (DESIGN.md, "Edits"): for each call, the head outputs of up to ``verify_rows`` query rows (evenly
+spread over the real queries) are recomputed with the blocked kernel with no edit, then with the first edit, the
+first two, ... in composition order; an edit's ``max_change`` is the largest absolute change of the per-head
+output it made on those rows (in the value's units), over the heads it acts on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from attnlab.edits.base import STAGES, Edit, EditContext
+from attnlab.functional.attention import BlockView, blocked_attention
+
+SdpaFn = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]  # (query, key, keep or None = model mask) → (B,Hq,Lq,Dv)
+
+
+@dataclass
+class EditRecord:
+    """What one edit did over a session: attention calls touched, (layer, head) pairs touched, max output change."""
+
+    calls_touched: int = 0
+    heads_touched: set[tuple[int, int]] = field(default_factory=set)
+    max_change: float = 0.0
+    forward_passes_touched: int = 0  # positions-stage edits count model forward passes here
+
+
+def order_edits(edits: Sequence[Edit]) -> list[Edit]:
+    """Stage order (positions → logits → mask → probs → output), list order within a stage."""
+    return sorted(edits, key=lambda edit: STAGES.index(edit.stage))
+
+
+def _apply_mask_edit(keep: Tensor | None, edit: Edit, ctx: EditContext, shape: tuple[int, int, int, int]
+                     ) -> Tensor | None:
+    """The keep mask after ``edit``'s mask stage, on the edit's heads only. shape = (B, Hq, Lq, Lk)."""
+    B, Hq, Lq, Lk = shape
+    current = keep if keep is not None else torch.ones(1, 1, Lq, Lk, dtype=torch.bool, device=ctx.heads.device)
+    edited = edit.mask_mod(current, ctx)
+    if edited is None:
+        return keep
+    if bool(ctx.heads.all()):
+        return edited
+    return torch.where(ctx.heads.view(1, Hq, 1, 1), edited, current)
+
+
+class EditedCall:
+    """One attention call under a list of edits (already ordered and filtered to this layer)."""
+
+    def __init__(self, query: Tensor, key: Tensor, value: Tensor, keep: Tensor | None, *, edits: Sequence[Edit],
+                 contexts: Sequence[EditContext], scale: float, block_size: int, softcap: float | None = None
+                 ) -> None:
+        self.query, self.key, self.value = query, key, value
+        self.edits, self.contexts = list(edits), list(contexts)
+        self.scale, self.block_size, self.softcap = scale, block_size, softcap
+        B, Hq, Lq, _ = query.shape
+        self.shape = (B, Hq, Lq, key.shape[2])
+        # keeps[k] = the mask after the first k edits' mask stage
+        self.keeps: list[Tensor | None] = [keep]
+        for edit, ctx in zip(self.edits, self.contexts):
+            self.keeps.append(_apply_mask_edit(self.keeps[-1], edit, ctx, self.shape))
+        self.mask_changed = self.keeps[-1] is not self.keeps[0]
+        for k, (edit, ctx) in enumerate(zip(self.edits, self.contexts)):
+            if edit.needs_prepare:
+                edit.prepare(ctx, lambda on_block, k=k: self._blocked(k, on_block=on_block))
+
+    @property
+    def keep(self) -> Tensor | None:
+        return self.keeps[-1]
+
+    def is_fast(self) -> bool:
+        return self.softcap is None and all(edit.fast for edit in self.edits)
+
+    # the blocked (eager) form ------------------------------------------------------------------------------
+    def hooks(self, count: int | None = None) -> tuple[Callable | None, Callable | None]:
+        """score_mod / probs_mod chaining the first ``count`` edits (all by default)."""
+        pairs = list(zip(self.edits, self.contexts))[:count]
+        logits_pairs = [(e, c) for e, c in pairs if e.stage == "logits"]
+        probs_pairs = [(e, c) for e, c in pairs if e.stage == "probs"]
+
+        def score_mod(logits: Tensor, rows: Tensor) -> Tensor:
+            for edit, ctx in logits_pairs:
+                logits = edit.score_mod(logits, rows, ctx)
+            return logits
+
+        def probs_mod(probs: Tensor, rows: Tensor, keep: Tensor | None) -> Tensor:
+            for edit, ctx in probs_pairs:
+                probs = edit.probs_mod(probs, rows, keep, ctx)
+            return probs
+
+        return (score_mod if logits_pairs else None), (probs_mod if probs_pairs else None)
+
+    def _output_mods(self, output: Tensor, count: int | None = None) -> Tensor:
+        for edit, ctx in list(zip(self.edits, self.contexts))[:count]:
+            if edit.stage == "output":
+                output = edit.output_mod(output, ctx)
+        return output
+
+    def _blocked(self, count: int, *, rows: Tensor | None = None, on_block: Callable[[BlockView], None] | None = None
+                 ) -> Tensor:
+        score_mod, probs_mod = self.hooks(count)
+        output = blocked_attention(self.query, self.key, self.value, self.keeps[count], scale=self.scale,
+                                   softcap=self.softcap, block_size=self.block_size, query_index=rows,
+                                   on_block=on_block, score_mod=score_mod, probs_mod=probs_mod)
+        return self._output_mods(output, count)
+
+    def eager(self, on_block: Callable[[BlockView], None] | None = None, rows: Tensor | None = None) -> Tensor:
+        """Per-head output (B, Hq, Lq|n, Dv) from the blocked kernel with every edit."""
+        return self._blocked(len(self.edits), rows=rows, on_block=on_block)
+
+    # the fast form -----------------------------------------------------------------------------------------
+    def fast(self, sdpa: SdpaFn) -> Tensor:
+        """Per-head output (B, Hq, Lq, Dv) from one SDPA call; only when ``is_fast()``."""
+        query, key = self.query, self.key
+        for edit, ctx in zip(self.edits, self.contexts):
+            if edit.stage != "logits":
+                continue
+            factor = edit.query_scale(ctx)
+            if factor is not None:
+                query = query * factor.to(query.dtype)
+            bias = edit.key_bias(ctx)
+            if bias is not None and bool(bias[0].any()):  # a zero bias is skipped: the identity stays bit-exact
+                coef, indicator = bias
+                B, Hq, Lq, _ = query.shape
+                query_column = (coef.to(query.dtype) / self.scale).view(1, Hq, 1, 1).expand(B, Hq, Lq, 1)
+                key_column = indicator.to(key.dtype)[:, None, :, None].expand(-1, key.shape[1], -1, 1)
+                query = torch.cat([query, query_column], dim=-1)
+                key = torch.cat([key, key_column], dim=-1)
+        keep = self.keep if self.mask_changed else None
+        output = sdpa(query, key, keep)
+        if keep is not None:  # rows with no visible key: zeros (SDPA may give NaN there)
+            output = torch.where(keep.any(dim=-1, keepdim=True), output, torch.zeros((), dtype=output.dtype))
+        for edit, ctx in zip(self.edits, self.contexts):
+            if edit.stage == "probs":
+                output = edit.fast_output(output, self.value, ctx)
+            elif edit.stage == "output":
+                output = edit.output_mod(output, ctx)
+        return output
+
+    # verification ------------------------------------------------------------------------------------------
+    def verify(self, records: dict[int, EditRecord], rows_wanted: int) -> None:
+        """Update each edit's record: calls and heads touched, and the max output change on sampled rows."""
+        query_valid = self.contexts[0].query_valid if self.contexts else None
+        rows = _spread_rows(query_valid, rows_wanted, self.query.device)
+        valid = query_valid[:, rows].to(self.query.device)[:, None, :, None]  # (B, 1, n, 1)
+        previous = self._blocked(0, rows=rows)
+        for k, (edit, ctx) in enumerate(zip(self.edits, self.contexts), start=1):
+            record = records.setdefault(id(edit), EditRecord())
+            record.calls_touched += 1
+            record.heads_touched.update((ctx.layer_idx, int(h)) for h in ctx.heads.nonzero().flatten().tolist())
+            current = self._blocked(k, rows=rows)
+            change = (current.double() - previous.double()).abs()
+            change = change.masked_fill(~(valid & ctx.head_column().to(valid.device)), 0.0)
+            if change.numel():
+                record.max_change = max(record.max_change, float(change.max()))
+            previous = current
+
+
+def _spread_rows(query_valid: Tensor, wanted: int, device: torch.device) -> Tensor:
+    """Up to ``wanted`` query rows evenly spread over the rows that are real in at least one sequence."""
+    candidates = query_valid.any(dim=0).nonzero().flatten().to(device)
+    if candidates.numel() == 0:
+        candidates = torch.arange(query_valid.shape[1], device=device)
+    if candidates.numel() <= wanted:
+        return candidates
+    picks = torch.linspace(0, candidates.numel() - 1, wanted, device=device).round().long().unique()
+    return candidates[picks]

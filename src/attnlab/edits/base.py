@@ -1,0 +1,241 @@
+"""The edit contract: where an edit acts, what it sees, and the forms it offers.
+
+An edit changes one stage of attention (DESIGN.md, "Stages"), in this fixed order:
+
+    positions → logits → mask → probs → output
+
+Edits of different stages compose in that order whatever order they were given in; edits of the same stage
+compose in the order given. Every edit is selectable per layer (``layers``) and per **query head** (``heads``):
+on a GQA model query head h reads kv head ``h // (num_heads // num_kv_heads)``, and an edit restricted to head h
+never touches the other query heads of h's kv group.
+
+Forms. Each hook has a default that does nothing; an edit overrides the ones of its stage:
+- ``logits``: ``score_mod`` (any edit of the logits, eager path only), or the fast forms ``query_scale`` (a
+  multiplier on each query row's logits) and ``key_bias`` (an additive logit bias ``coef[h] * indicator[b, k]``),
+  which run inside SDPA without materialising probs.
+- ``mask``: ``mask_mod`` maps the current boolean keep mask (True = attend; the model's own mask first) to a new
+  one; runs on every path.
+- ``probs``: ``probs_mod`` (eager path); edits whose effect on the output has a closed form also offer
+  ``fast_output`` (e.g. ``(1-α)·o + α·v_self``) and then run on the fast path.
+- ``output``: ``output_mod`` on the per-head output ``(batch, num_heads, q_len, head_dim)`` before ``o_proj``.
+- ``positions``: ``position_ids`` remaps the model's position ids (RoPE) before the forward pass.
+
+Shapes: B batch, Hq num_heads, Hkv num_kv_heads, Lq q_len, Lk kv_len, n rows of a block, w keys of a block.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+from attnlab.errors import ConfigError
+
+Stage = Literal["positions", "logits", "mask", "probs", "output"]
+STAGES: tuple[str, ...] = ("positions", "logits", "mask", "probs", "output")
+
+
+@dataclass
+class EditContext:
+    """One attention call of one layer, as an edit sees it.
+
+    Attributes:
+        layer_idx: the layer. num_heads, num_kv_heads: Hq and Hkv.
+        q_len, kv_len: Lq and Lk of this call.
+        query_positions: (B, Lq) long, token positions counting real tokens only (0 = the sequence's first real
+            token; -1 on padding). key_positions: (B, Lk) long, the same for keys.
+        key_valid: (B, Lk) bool, real key tokens. query_valid: (B, Lq) bool.
+        heads: (Hq,) bool, the query heads this edit acts on.
+        scale: the logit scale the model uses (``head_dim ** -0.5`` unless the model says otherwise).
+    """
+
+    layer_idx: int
+    num_heads: int
+    num_kv_heads: int
+    q_len: int
+    kv_len: int
+    query_positions: Tensor
+    key_positions: Tensor
+    query_valid: Tensor
+    key_valid: Tensor
+    heads: Tensor
+    scale: float
+
+    @property
+    def groups(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def head_column(self) -> Tensor:
+        """(1, Hq, 1, 1) bool: the selected heads, shaped to broadcast over (B, Hq, rows, keys)."""
+        return self.heads.view(1, -1, 1, 1)
+
+
+def _index_set(values: Any, name: str) -> tuple[int, ...] | None:
+    if values is None:
+        return None
+    if isinstance(values, int):
+        values = (values,)
+    try:
+        result = tuple(sorted({int(v) for v in values}))
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a list of non-negative integers, got {values!r}") from None
+    if any(v < 0 for v in result) or not result:
+        raise ConfigError(f"{name} must be a non-empty list of non-negative integers, got {values!r}")
+    return result
+
+
+class Edit:
+    """Base class of every edit. Subclasses set ``name``, ``stage`` and ``fast`` and override their stage's hooks.
+
+    Args:
+        layers: layer indices to act on (None = every layer).
+        heads: query-head indices to act on (None = every head).
+
+    Raises:
+        ConfigError: bad layers/heads (negative, empty) or a parameter out of range (in subclasses).
+    """
+
+    name: ClassVar[str] = "edit"
+    stage: ClassVar[Stage] = "logits"
+    fast: ClassVar[bool] = False  # True if the edit runs on the fast path (no probs materialised)
+    needs_prepare: ClassVar[bool] = False  # True if the edit needs a pass over the call's probs first (ACT)
+
+    def __init__(self, *, layers: Any = None, heads: Any = None) -> None:
+        self.layers = _index_set(layers, "layers")
+        self.heads = _index_set(heads, "heads")
+
+    # identity and description -------------------------------------------------------------------------------
+    def params(self) -> dict[str, Any]:
+        """The edit's own parameters (not layers/heads), for its spec string and the results."""
+        return {}
+
+    def is_identity(self) -> bool:
+        """True if these parameters leave attention unchanged (τ=1, γ=1, β=1, α=0, scale 1, ...)."""
+        return False
+
+    def spec(self) -> str:
+        """``name:key=value,...`` — the same form ``parse_edit_spec`` reads."""
+        parts = [f"{key}={_format_value(value)}" for key, value in self.params().items()]
+        for key in ("layers", "heads"):
+            chosen = getattr(self, key)
+            if chosen is not None:
+                parts.append(f"{key}={'+'.join(str(v) for v in chosen)}")
+        return f"{self.name}:{','.join(parts)}" if parts else self.name
+
+    def __repr__(self) -> str:
+        return f"<edit {self.spec()}>"
+
+    # selection ----------------------------------------------------------------------------------------------
+    def applies_to(self, layer_idx: int) -> bool:
+        return self.layers is None or layer_idx in self.layers
+
+    def head_selection(self, num_heads: int, device: torch.device) -> Tensor:
+        """(Hq,) bool: the query heads this edit acts on. Raises ConfigError if a head index is ≥ num_heads."""
+        selected = torch.ones(num_heads, dtype=torch.bool, device=device)
+        if self.heads is not None:
+            if max(self.heads) >= num_heads:
+                raise ConfigError(f"edit {self.name!r}: heads={list(self.heads)} but the model has "
+                                  f"num_heads={num_heads} query heads (0…{num_heads - 1})")
+            selected.zero_()
+            selected[list(self.heads)] = True
+        return selected
+
+    # hooks (defaults do nothing) -------------------------------------------------------------------------------
+    def position_ids(self, position_ids: Tensor) -> Tensor:
+        """positions stage: (B, L) long position ids → remapped ids."""
+        return position_ids
+
+    def query_scale(self, ctx: EditContext) -> Tensor | None:
+        """logits stage, fast form: a multiplier on logits broadcastable to (B, Hq, Lq, 1), or None."""
+        return None
+
+    def key_bias(self, ctx: EditContext) -> tuple[Tensor, Tensor] | None:
+        """logits stage, fast form: ``(coef (Hq,), indicator (B, Lk))``, adding ``coef[h] * indicator[b, k]``."""
+        return None
+
+    def score_mod(self, logits: Tensor, q_index: Tensor, ctx: EditContext) -> Tensor:
+        """logits stage: logits (B, Hq, n, w) of query rows ``q_index`` (n,) over keys 0…w-1 → edited logits."""
+        scale = self.query_scale(ctx)
+        if scale is not None:
+            scale = scale.expand(-1, -1, ctx.q_len, -1)[:, :, q_index.to(scale.device)]
+            logits = logits * scale
+        bias = self.key_bias(ctx)
+        if bias is not None:
+            coef, indicator = bias
+            width = logits.shape[-1]
+            logits = logits + coef.view(1, -1, 1, 1) * indicator[:, None, None, :width].to(logits.dtype)
+        return logits
+
+    def mask_mod(self, keep: Tensor, ctx: EditContext) -> Tensor | None:
+        """mask stage: the current keep (B|1, Hq|1, Lq, Lk) bool, True = attend → the new keep, or None (no change).
+
+        Most mask edits AND a pattern into ``keep``; an edit may also open keys (CCA's rings) but must keep padding
+        masked (``ctx.key_valid``)."""
+        return None
+
+    def prepare(self, ctx: EditContext, probs_pass: Any) -> None:
+        """Called before the call's attention when ``needs_prepare``: ``probs_pass(on_block)`` runs the blocked
+        kernel with the edits before this one and feeds each BlockView to ``on_block``."""
+
+    def probs_mod(self, probs: Tensor, q_index: Tensor, keep: Tensor | None, ctx: EditContext) -> Tensor:
+        """probs stage: probs (B, Hq, n, w) of query rows ``q_index`` → edited probs."""
+        return probs
+
+    def fast_output(self, output: Tensor, value: Tensor, ctx: EditContext) -> Tensor:
+        """probs stage, fast form: the output (B, Hq, Lq, Dv) an edit of the probs would give, from the unedited
+        output and value (B, Hkv, Lk, Dv). Only called when ``fast`` is True for a probs-stage edit."""
+        raise NotImplementedError(f"edit {self.name!r} has no fast form")
+
+    def output_mod(self, output: Tensor, ctx: EditContext) -> Tensor:
+        """output stage: per-head output (B, Hq, n, Dv) → edited output."""
+        return output
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "+".join(str(v) for v in value)
+    return str(value)
+
+
+def check_int(edit: str, name: str, value: Any, low: int) -> int:
+    """Return ``int(value)``; raise ConfigError if it is not an integer ≥ low."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < low:
+        raise ConfigError(f"edit {edit!r}: {name} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def check_range(edit: str, name: str, value: float, low: float | None = None, high: float | None = None,
+                *, low_open: bool = False) -> float:
+    """Return ``float(value)``; raise ConfigError naming the edit and the allowed range if it is outside."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"edit {edit!r}: {name} must be a number, got {value!r}") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"edit {edit!r}: {name} must be a finite number, got {value}")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and value > high
+    if too_low or too_high:
+        bracket = "(" if low_open else "["
+        raise ConfigError(f"edit {edit!r}: {name} must be in {bracket}{low if low is not None else '-inf'}, "
+                          f"{high if high is not None else 'inf'}], got {value}")
+    return value
+
+
+def evaluate_mask_mod(mask_mod: Any, ctx: EditContext) -> Tensor:
+    """A FlexAttention-style ``mask_mod(batch_idx, head_idx, q_idx, kv_idx)`` evaluated on this call's token
+    positions (real-token positions, so left padding does not shift patterns) → bool (B, Hq|1, Lq, Lk)."""
+    B = ctx.query_positions.shape[0]
+    device = ctx.query_positions.device
+    batch_idx = torch.arange(B, device=device).view(B, 1, 1, 1)
+    head_idx = torch.arange(ctx.num_heads, device=device).view(1, -1, 1, 1)
+    q_idx = ctx.query_positions[:, None, :, None]
+    kv_idx = ctx.key_positions[:, None, None, :]
+    return mask_mod(batch_idx, head_idx, q_idx, kv_idx)
+
+

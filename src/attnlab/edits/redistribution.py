@@ -1,0 +1,79 @@
+"""``redistribution``: take a fraction of the attention on sink tokens and give it to a chosen token set (VAR)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attnlab.edits import EDITS
+from attnlab.edits._move import move_mass
+from attnlab.edits.base import Edit, EditContext, check_int, check_range
+from attnlab.errors import ConfigError
+
+
+@EDITS.register("redistribution")
+class Redistribution(Edit):
+    """Sink tokens keep (1 - fraction) of their attention; the freed mass goes to target tokens in proportion.
+
+    Kang et al. 2025, "See What You Are Told" (VAR), §4 (METHODS.md #8, high confidence), generalised from image
+    tokens to any token set: for each selected (head, query) row, ``A'_ij = p·A_ij`` on the sink tokens
+    (``p = 1 - fraction``; VAR's default p = 0.6 is ``fraction=0.4``), and ``(1-p)·Σ_sinks A_ij`` is added to the
+    target tokens in proportion to their attention. Rows are edited only when their target mass is at least
+    ``min_target_mass`` (VAR's ``summ`` = 0.2 for image tokens; default 0 = every row). Sink tokens are given by
+    position (default the first token); VAR finds them from massive-activation dimensions, which the
+    ``massive_activations`` probe reports. Targets: the token positions ``[target_start, target_end)`` (default
+    every non-sink token). fraction = 0 is the identity. Runs on the blocked eager path.
+
+    Args:
+        fraction: share of the sinks' attention moved, in [0, 1]. sink_positions: token positions of the sinks.
+        target_start, target_end: target span (positions; end exclusive, -1 = to the end).
+        min_target_mass: rows edited only when their target mass ≥ this, in [0, 1]. layers, heads: selection.
+
+    Raises:
+        ConfigError: parameters out of range, or an empty/negative sink list.
+    """
+
+    name = "redistribution"
+    stage = "probs"
+
+    def __init__(self, fraction: float = 0.4, sink_positions: Any = (0,), target_start: int = 0,
+                 target_end: int = -1, min_target_mass: float = 0.0, **selection: Any) -> None:
+        super().__init__(**selection)
+        self.fraction = check_range(self.name, "fraction", fraction, 0.0, 1.0)
+        if isinstance(sink_positions, int):
+            sink_positions = (sink_positions,)
+        positions = tuple(sorted({int(p) for p in sink_positions}))
+        if not positions or positions[0] < 0:
+            raise ConfigError(f"edit 'redistribution': sink_positions must be non-negative, got {sink_positions!r}")
+        self.sink_positions = positions
+        self.target_start = check_int(self.name, "target_start", target_start, 0)
+        self.target_end = check_int(self.name, "target_end", target_end, -1)
+        if self.target_end != -1 and self.target_end <= self.target_start:
+            raise ConfigError("edit 'redistribution': need target_start < target_end (or target_end=-1), "
+                              f"got {target_start}, {target_end}")
+        self.min_target_mass = check_range(self.name, "min_target_mass", min_target_mass, 0.0, 1.0)
+
+    def params(self) -> dict[str, Any]:
+        return {"fraction": self.fraction, "sink_positions": list(self.sink_positions),
+                "target_start": self.target_start, "target_end": self.target_end,
+                "min_target_mass": self.min_target_mass}
+
+    def is_identity(self) -> bool:
+        return self.fraction == 0.0
+
+    def probs_mod(self, probs: Tensor, q_index: Tensor, keep: Tensor | None, ctx: EditContext) -> Tensor:
+        width = probs.shape[-1]
+        positions = ctx.key_positions[:, :width].to(probs.device)  # (B, w)
+        sink_list = torch.tensor(self.sink_positions, device=probs.device)
+        sinks = torch.isin(positions, sink_list)
+        in_span = positions >= self.target_start
+        if self.target_end != -1:
+            in_span &= positions < self.target_end
+        targets = in_span & ~sinks & (positions >= 0)
+        visible = torch.ones_like(probs, dtype=torch.bool) if keep is None else keep.to(probs.device)
+        targets = visible & targets[:, None, None, :]
+        target_mass = (probs * targets).sum(dim=-1, keepdim=True)
+        active = ctx.head_column().to(probs.device) & (target_mass >= self.min_target_mass)
+        return move_mass(probs, sinks[:, None, None, :], targets, 1.0 - self.fraction, active)

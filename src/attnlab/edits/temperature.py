@@ -1,0 +1,71 @@
+"""``temperature``: divide logits by τ (TempScale), constant or growing with position (log-n)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from attnlab.edits import EDITS
+from attnlab.edits.base import Edit, EditContext, check_int, check_range
+from attnlab.errors import ConfigError
+
+
+@EDITS.register("temperature")
+class Temperature(Edit):
+    """Logits / τ (TempScale); variant ``constant`` or ``log_n`` (× log(pos+1)/log(train_len) past train_len).
+
+    ``constant`` (Zhou et al. 2025, "Length-Induced Embedding Collapse", §4, METHODS.md #6): logits become
+    ``(q·k·scale + mask) / tau`` — the mask is added before scaling, so masked keys stay masked. τ < 1 sharpens
+    attention (the paper's setting); τ = 1 is the identity. The paper sets one global τ per model and sweeps values
+    below 1; METHODS.md rates the default τ values low confidence, so there is no default other than 1.
+
+    ``log_n``: the query at position p (0-based) uses the factor ``max(1, log(p + 1) / log(train_len)) / tau``, the
+    widely used log-n length scaling (not from METHODS.md #6; offered as the per-position variant). The variant is
+    part of the edit's spec and so of the results.
+
+    Runs on the fast path (a per-row multiplier on the query, so SDPA applies it); bit-identical to the unedited
+    model at τ = 1 with the constant variant.
+
+    Args:
+        tau: temperature > 0. variant: ``constant`` | ``log_n``. train_len: for ``log_n``, the length (≥ 2) up to
+            which the factor is 1. layers, heads: selection (query heads).
+
+    Raises:
+        ConfigError: tau ≤ 0, unknown variant, train_len < 2.
+    """
+
+    name = "temperature"
+    stage = "logits"
+    fast = True
+
+    def __init__(self, tau: float = 1.0, variant: Literal["constant", "log_n"] = "constant", train_len: int = 512,
+                 **selection: Any) -> None:
+        super().__init__(**selection)
+        self.tau = check_range(self.name, "tau", tau, 0.0, low_open=True)
+        if variant not in ("constant", "log_n"):
+            raise ConfigError(f"edit 'temperature': variant must be 'constant' or 'log_n', got {variant!r}")
+        self.variant = variant
+        self.train_len = check_int(self.name, "train_len", train_len, 2)
+
+    def params(self) -> dict[str, Any]:
+        params: dict[str, Any] = {"tau": self.tau, "variant": self.variant}
+        if self.variant == "log_n":
+            params["train_len"] = self.train_len
+        return params
+
+    def is_identity(self) -> bool:
+        return self.tau == 1.0 and self.variant == "constant"
+
+    def query_scale(self, ctx: EditContext) -> Tensor:
+        """(B|1, Hq, Lq|1, 1) float32 multiplier: 1/τ (× the log-n factor) on selected heads, 1 elsewhere."""
+        heads = ctx.head_column()
+        if self.variant == "constant":
+            factor = torch.full((1, 1, 1, 1), 1.0 / self.tau, device=heads.device)
+        else:
+            positions = ctx.query_positions.clamp(min=0).to(torch.float32)  # (B, Lq)
+            growth = (torch.log(positions + 1.0) / math.log(self.train_len)).clamp(min=1.0)
+            factor = (growth / self.tau)[:, None, :, None]
+        return torch.where(heads, factor, torch.ones((), device=heads.device))

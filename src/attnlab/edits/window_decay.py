@@ -1,0 +1,51 @@
+"""``window_decay``: shrink positive logits of keys beyond the training window (UltraViCo)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attnlab.edits import EDITS
+from attnlab.edits.base import Edit, EditContext, check_int, check_range
+
+
+@EDITS.register("window_decay")
+class WindowDecay(Edit):
+    """Positive logits of keys farther than window/2 from the query are multiplied by α ∈ (0, 1] (UltraViCo).
+
+    Zhao et al. 2026, "UltraViCo", §3 (METHODS.md #12, high confidence for the code rule): for
+    ``|q - k| > window / 2``, ``s' = α·s`` if ``s > 0`` else ``s``, on the scaled logits; nearby keys are unchanged.
+    Distances are between token positions. Default α = 0.9 as in the released code; α = 1 is the identity. The
+    Wan-specific first-frame rule is not included (it depends on a video layout). Not expressible as an additive
+    bias (it depends on the logit's sign), so it runs on the blocked eager path.
+
+    Args:
+        window: the training-window length in tokens (≥ 1). alpha: α in (0, 1]. layers, heads: selection.
+
+    Raises:
+        ConfigError: window < 1 or alpha outside (0, 1].
+    """
+
+    name = "window_decay"
+    stage = "logits"
+
+    def __init__(self, window: int = 2048, alpha: float = 0.9, **selection: Any) -> None:
+        super().__init__(**selection)
+        self.window = check_int(self.name, "window", window, 1)
+        self.alpha = check_range(self.name, "alpha", alpha, 0.0, 1.0, low_open=True)
+
+    def params(self) -> dict[str, Any]:
+        return {"window": self.window, "alpha": self.alpha}
+
+    def is_identity(self) -> bool:
+        return self.alpha == 1.0
+
+    def score_mod(self, logits: Tensor, q_index: Tensor, ctx: EditContext) -> Tensor:
+        width = logits.shape[-1]
+        q_pos = ctx.query_positions[:, q_index.to(ctx.query_positions.device)].to(logits.device)  # (B, n)
+        k_pos = ctx.key_positions[:, :width].to(logits.device)  # (B, w)
+        far = (q_pos[:, :, None] - k_pos[:, None, :]).abs() * 2 > self.window  # (B, n, w): |q-k| > window/2
+        act = far[:, None] & (logits > 0) & ctx.head_column().to(logits.device)
+        return torch.where(act, logits * self.alpha, logits)
