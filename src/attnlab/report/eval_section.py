@@ -95,6 +95,29 @@ def eval_section(results: Mapping[str, Any]) -> dict[str, Any] | None:
         "settings": {key: info.get(key) for key in ("seq_len", "window_text_tokens", "stride", "num_windows")},
         "position_figure": position_figure,
         "passkey": _passkey_part(info, variants),
+        "search": _search_part(info.get("search")),
+    }
+
+
+def _search_part(record: Any) -> dict[str, Any] | None:
+    """Tables of a ZeroTuning γ search (the grid) or an ACT head search (kept heads), plus the held-out check."""
+    if not isinstance(record, Mapping):
+        return None
+    grid = [(f"{g['gamma']:g}", g.get("perplexity"), g.get("accuracy"), g.get("entropy"))
+            for g in record.get("grid") or []]
+    heads = record.get("heads") or []
+    kept = record.get("kept") or {}
+    return {
+        "kind": record.get("kind"),
+        "validation": record.get("validation_windows"), "test": record.get("test_windows"),
+        "grid": grid,
+        "supervised": (record.get("supervised") or {}).get("gamma"),
+        "unsupervised": (record.get("unsupervised") or {}).get("gamma"),
+        "criterion": record.get("criterion") or (record.get("supervised") or {}).get("criterion"),
+        "kept": [(layer, ", ".join(str(h) for h in kept[layer])) for layer in sorted(kept, key=int)],
+        "searched": len(heads), "kept_count": sum(bool(h.get("kept")) for h in heads),
+        "held_out": [(label, v.get("perplexity"), v.get("accuracy"), v.get("entropy"))
+                     for label, v in (record.get("test") or {}).items()],
     }
 
 
