@@ -1,0 +1,106 @@
+"""Edited variants in one eval run: identity edits change nothing, edit reports are kept, silent edits fail."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import tiny_llama
+
+from attnlab.edits import EDITS
+from attnlab.errors import ConfigError, EditNotFiredError, RegistryError
+from attnlab.evaluation.config import BASELINE, parse_variant, split_variant
+from attnlab.evaluation.lm_tasks import plan_windows
+from attnlab.evaluation.runner import evaluate_variants
+from attnlab.evaluation.search import act_head_search, measure, zerotuning_search
+
+IDS = torch.randint(3, 97, (64,), generator=torch.Generator().manual_seed(5)).tolist()
+PLANS = plan_windows(len(IDS), 24, 20, 3)
+
+
+def _run(model, specs, tasks=("perplexity", "next_token"), plans=PLANS):
+    variants = [(BASELINE, [])] + [(spec, parse_variant(spec)) for spec in specs]
+    return evaluate_variants(model, None, variants, tasks=tasks, ids=IDS, plans=plans, bos_id=None, seq_len=24,
+                             prompts=[])
+
+
+@pytest.mark.parametrize(("spec", "pieces"), [
+    ("temperature:tau=0.9", ["temperature:tau=0.9"]),
+    ("temperature:tau=0.9+sink_window:sinks=4,window=252", ["temperature:tau=0.9", "sink_window:sinks=4,window=252"]),
+    ("head_scale:scale=0,layers=0-3+7+sink_window:sinks=1,window=4",
+     ["head_scale:scale=0,layers=0-3+7", "sink_window:sinks=1,window=4"]),
+])
+def test_variant_specs_split_on_plus_before_a_name(spec, pieces):
+    assert split_variant(spec) == pieces
+    assert [edit.name for edit in parse_variant(spec)] == [p.split(":")[0] for p in pieces]
+
+
+@pytest.mark.parametrize("spec", ["", "+temperature:tau=1", "temperature:tau=1++head_scale:scale=0", "a b"])
+def test_bad_variant_specs_are_config_errors(spec):
+    with pytest.raises(ConfigError):
+        split_variant(spec)
+
+
+def test_unknown_edit_is_a_registry_error():
+    with pytest.raises(RegistryError, match="Did you mean: temperature"):
+        parse_variant("temprature:tau=0.9")
+
+
+def test_identity_edits_leave_the_scores_unchanged_and_report_themselves():
+    model = tiny_llama(seed=7)
+    _, records = _run(model, ["temperature:tau=1", "zerotuning:gamma=1+head_scale:scale=1"])
+    base = records[0]
+    for record in records[1:]:
+        assert record["nll"] == pytest.approx(base["nll"], rel=1e-6, abs=1e-6)
+        assert record["next_token_accuracy"] == base["next_token_accuracy"]
+        assert all(entry["max_change"] <= 1e-5 for entry in record["edit_report"])
+    assert [e["edit"] for e in records[2]["edit_report"]] == ["zerotuning", "head_scale"]
+    assert records[1]["edit_report"][0]["calls_touched"] == len(PLANS) * 2  # every window, both layers
+    assert base["edit_report"] == [] and base["attention_paths"] == {"0": "sdpa", "1": "sdpa"}
+
+
+def test_an_edit_that_changes_attention_changes_the_scores():
+    model = tiny_llama(seed=7)
+    rows, records = _run(model, ["head_scale:scale=0", "sink_window:sinks=1,window=3"])
+    assert records[1]["nll"] != pytest.approx(records[0]["nll"])
+    assert records[2]["nll"] != pytest.approx(records[0]["nll"])
+    assert {r["probe"] for r in rows} == {f"{task}@{label}" for task in ("perplexity", "next_token")
+                                          for label in ("baseline", "head_scale:scale=0", "sink_window:sinks=1,window=3")}
+
+
+def test_an_edit_that_never_fires_stops_the_run():
+    with pytest.raises(EditNotFiredError, match="never fired"):
+        _run(tiny_llama(), ["head_scale:scale=0"], plans=[])  # no window: no attention call passes through it
+
+
+def test_measure_without_edits_matches_the_baseline_record():
+    model = tiny_llama(seed=7)
+    _, records = _run(model, [])
+    got = measure(model, IDS, PLANS, [])
+    assert got["nll"] == pytest.approx(records[0]["nll"], rel=1e-9)
+    assert got["tokens"] == records[0]["tokens_scored"]
+
+
+def test_zerotuning_search_reports_the_grid_and_both_choices():
+    model = tiny_llama(seed=7)
+    found = zerotuning_search(model, IDS, PLANS[:2], gammas=(0.5, 2.0))
+    gammas = [point["gamma"] for point in found["grid"]]
+    assert gammas == [0.5, 1.0, 2.0]  # the identity is always a grid point
+    identity = found["grid"][1]
+    assert identity["nll"] == pytest.approx(measure(model, IDS, PLANS[:2], [])["nll"], rel=1e-9)
+    best = max(found["grid"], key=lambda p: (p["accuracy"], -p["nll"]))
+    assert found["supervised"]["gamma"] == best["gamma"]
+    assert found["unsupervised"]["gamma"] == min(found["grid"], key=lambda p: p["entropy"])["gamma"]
+    edited = measure(model, IDS, PLANS[:2], [EDITS.get("zerotuning")(gamma=2.0)])
+    assert found["grid"][2]["nll"] == pytest.approx(edited["nll"], rel=1e-9)
+
+
+def test_act_head_search_keeps_the_heads_that_do_not_hurt():
+    model = tiny_llama(seed=7)
+    found = act_head_search(model, IDS, PLANS[:1], beta=0.4, theta=0.05, layers=[1])
+    assert [(h["layer"], h["head"]) for h in found["heads"]] == [(1, h) for h in range(4)]
+    for head in found["heads"]:
+        assert head["kept"] == (head["nll"] <= found["baseline"]["nll"])
+        assert head["delta_nll"] == pytest.approx(head["nll"] - found["baseline"]["nll"])
+    assert found["kept"].get(1, []) == [h["head"] for h in found["heads"] if h["kept"]]
+    with pytest.raises(ConfigError, match="layers must be in 0..1"):
+        act_head_search(model, IDS, PLANS[:1], layers=[2])
