@@ -206,3 +206,61 @@ def test_length_collapse_pools_real_tokens_only(tmp_path):
     alone = runner.forward(runner.encode([[5, 6, 7]])).last_hidden[0]
     together = runner.forward(batch).last_hidden[0, :3]
     torch.testing.assert_close(alone, together, rtol=1e-5, atol=1e-5)
+
+
+# active_dormant, head_importance, head_overlap ---------------------------------------------------------------------
+
+def test_entropy_detector_flags_one_hot_on_the_first_key():
+    from attnlab.probes.active_dormant import entropy_detector
+
+    n = 6
+    keep = torch.tril(torch.ones(n, n, dtype=torch.bool))
+    sink = torch.zeros(2, n, n)
+    sink[..., 0] = 1.0
+    row, col = entropy_detector(sink, keep)
+    assert torch.allclose(row, torch.zeros(2, dtype=torch.float64))
+    assert torch.allclose(col, torch.ones(2, dtype=torch.float64))  # column 0 is uniform over all n queries
+    uniform = keep.double() / keep.sum(-1, keepdim=True)
+    row, _ = entropy_detector(uniform[None], keep)
+    assert row.item() == pytest.approx(1.0)
+
+
+def test_a_head_with_zero_output_weights_is_dormant_and_unimportant(llama):
+    from attnlab.probes.active_dormant import ActiveDormantProbe
+    from attnlab.probes.head_importance import HeadImportanceProbe
+
+    model = copy.deepcopy(llama)
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight[:, 2 * head_dim : 3 * head_dim] = 0  # head 2 of layer 0
+    runner = ModelRunner(model)
+    batch = _batch([[5, 9, 11, 3, 17, 21, 8, 30], [0, 0, 7, 7, 12, 40, 41, 2]], pad_left=0)
+    batch["attention_mask"][1, :2] = 0
+    dormant = ActiveDormantProbe(tolerance=1e-6)
+    importance = HeadImportanceProbe(top_k=3)
+    for probe in (dormant, importance):
+        probe.prepare(runner.info)
+        probe.observe(runner, batch)
+    rows = dormant.rows()
+    rate = {(r["layer"], r["head"]): r["value"] for r in rows if r["statistic"] == "dormant_rate"}
+    assert rate[(0, 2)] == 1.0
+    scores = importance.importance()
+    assert scores[0, 2].item() == pytest.approx(0.0, abs=1e-7)
+    # independent: ablate head 1 of layer 1 by zeroing its o_proj columns, loss difference per sequence, averaged
+    ablated = copy.deepcopy(model)
+    with torch.no_grad():
+        ablated.model.layers[1].self_attn.o_proj.weight[:, head_dim : 2 * head_dim] = 0
+    base, edited = runner.forward(batch).mean_loss(), ModelRunner(ablated).forward(batch).mean_loss()
+    assert scores[1, 1].item() == pytest.approx(float((edited - base).mean()), rel=1e-4, abs=1e-7)
+    assert (0, 2) not in [(x["layer"], x["head"]) for x in importance.extras()["top_heads"]]
+
+
+def test_head_overlap_of_two_halves(tiny_dirs):
+    a, _, text = tiny_dirs
+    results = _run(a, text, ["head_overlap", "active_dormant"], probe_args={"head_overlap": {"top_k": 3}},
+                   max_windows=2)
+    iou = _rows(results, "overlap_iou")[0]["value"]
+    of_a = _rows(results, "overlap_of_a")[0]["value"]
+    shared = len(results["extras"]["head_overlap"]["shared"])
+    assert of_a == pytest.approx(shared / 3) and iou == pytest.approx(shared / (6 - shared))
+    assert len(_rows(results, "dormant_fraction")) == 3

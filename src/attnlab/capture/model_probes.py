@@ -222,9 +222,10 @@ class ModelRunner:
                         value = value.view(B, L, Hkv, -1)
                         first = value[torch.arange(B, device=x.device), first_index.to(x.device)]  # (B, Hkv, Dv)
                         first = first.repeat_interleave(H // Hkv, dim=1)[:, None]  # (B, 1, H, Dv)
-                        heads = torch.where(replace.to(x.device)[None, None, :, None], first.expand_as(heads), heads)
+                        chosen = replace.to(x.device).view(-1, 1, H, 1)  # (1|B, 1, H, 1)
+                        heads = torch.where(chosen, first.expand_as(heads), heads)
                     if scale is not None:
-                        heads = heads * scale.to(x.device, x.dtype)[None, None, :, None]
+                        heads = heads * scale.to(x.device, x.dtype).view(-1, 1, H, 1)
                     if head_outputs:
                         record["heads"][layer] = heads.detach()
                     if replace is None and scale is None:
@@ -246,8 +247,9 @@ class ModelRunner:
             batch: ``input_ids`` (batch, seq_len) and optionally ``attention_mask`` (batch, seq_len), 1 = real.
             head_outputs: record every head's output before W_O.
             gradients: backpropagate the mean next-token loss over all real targets of the batch.
-            head_scale: {layer: (num_heads,) multipliers of the head outputs}.
-            first_key: {layer: (num_heads,) bool}: these heads attend one-hot to the first real key.
+            head_scale: {layer: (num_heads,) or (batch, num_heads) multipliers of the head outputs}.
+            first_key: {layer: (num_heads,) or (batch, num_heads) bool}: these heads attend one-hot to the first
+                real key (per sequence with a 2-D selection, so one pass can ablate a different head per row).
         Raises:
             UnsupportedModelError: a head-level option on a block whose projections are not found.
             ConfigError: ``gradients=True`` for a model without an LM head.

@@ -10,7 +10,8 @@ import importlib
 from attnlab.registry import Registry
 
 _BUILTIN_MODULES = ("entropy", "sink", "distance", "norms", "massive_activations", "magnets", "rope_decay",
-                    "spatial_decay", "inflection", "cka", "length_collapse", "head_divergence")
+                    "spatial_decay", "inflection", "cka", "length_collapse", "head_divergence",
+                    "active_dormant", "head_importance", "head_overlap")
 
 
 def _load_builtins() -> None:

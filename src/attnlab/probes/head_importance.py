@@ -1,0 +1,89 @@
+"""Head importance by ablation: the loss change when one head's output is zeroed (Merullo et al. 2024, METHODS.md #18).
+
+Merullo et al. rank heads by path patching; attnlab's stated, simpler score is zero ablation of one head at a time
+(its output before W_O × 0, the ``head_scale`` edit with scale 0, applied at the head's output): ``importance`` =
+mean next-token loss with the head ablated - without (nats, mean over windows), and ``kl_change`` = mean KL(p_base ‖
+p_ablated) per token. The top-k heads by importance form the head set of the text (extras ``top_heads``; rows
+``in_top_k`` = 1 for them). :mod:`attnlab.probes.head_overlap` compares the sets of two texts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attnlab.errors import ConfigError
+from attnlab.probes import PROBES
+from attnlab.probes._ablation import head_effects
+from attnlab.probes.base import Row, RowWriter, safe_div
+from attnlab.probes.model_base import ModelInfo, ModelProbe
+
+
+def top_heads(scores: Tensor, k: int) -> list[tuple[int, int]]:
+    """The k (layer, head) pairs with the highest finite scores, best first (ties broken by index)."""
+    flat = scores.flatten().nan_to_num(float("-inf"))
+    H = scores.shape[1]
+    order = torch.argsort(flat, descending=True, stable=True)[:k]
+    return [(int(i) // H, int(i) % H) for i in order if flat[i] > float("-inf")]
+
+
+@PROBES.register("head_importance")
+class HeadImportanceProbe(ModelProbe):
+    """Per head: loss change when its output is zeroed (ablation); the top-k head set.
+
+    Args:
+        top_k: size of the head set (default 10). layers: layers to ablate (default all).
+    """
+
+    name = "head_importance"
+
+    def __init__(self, top_k: int = 10, layers: list[int] | None = None) -> None:
+        if top_k < 1:
+            raise ConfigError(f"top_k must be >= 1, got {top_k}")
+        self.top_k = top_k
+        self.layers = None if layers is None else [int(x) for x in ([layers] if isinstance(layers, int) else layers)]
+
+    def prepare(self, info: ModelInfo) -> None:
+        super().prepare(info)
+        if not info.causal:
+            raise ConfigError(f"{self.name} measures the next-token loss; it needs a causal LM")
+        L, H = info.num_layers, info.num_heads
+        self.loss_sum = torch.zeros(L, H, dtype=torch.float64)
+        self.kl_sum = torch.zeros(L, H, dtype=torch.float64)
+        self.tested = torch.zeros(L, H, dtype=torch.float64)
+
+    def observe(self, runner: Any, batch: dict[str, Tensor]) -> None:
+        _, change, kl = head_effects(runner, batch, "zero", self.layers)
+        self.loss_sum += change.nan_to_num(0.0).sum(0)
+        self.kl_sum += kl.nan_to_num(0.0).sum(0)
+        self.tested += (~torch.isnan(change)).sum(0)
+
+    def state(self) -> dict[str, Tensor]:
+        return {"loss_sum": self.loss_sum, "kl_sum": self.kl_sum, "tested": self.tested}
+
+    def importance(self) -> Tensor:
+        """(num_layers, num_heads) mean loss change under ablation (NaN where untested)."""
+        return safe_div(self.loss_sum, self.tested)
+
+    def rows(self) -> list[Row]:
+        out = RowWriter(self.name)
+        if not hasattr(self, "tested"):
+            return out.rows
+        tested = self.tested > 0
+        out.add_grid("importance", self.importance(), valid=tested)
+        out.add_grid("kl_change", safe_div(self.kl_sum, self.tested), valid=tested)
+        chosen = torch.zeros_like(self.tested)
+        for layer, head in top_heads(self.importance(), self.top_k):
+            chosen[layer, head] = 1.0
+        out.add_grid("in_top_k", chosen, valid=tested)
+        return out.rows
+
+    def extras(self, decode: Any = None) -> dict[str, Any]:
+        if not hasattr(self, "tested"):
+            return {"top_heads": []}
+        scores = self.importance()
+        return {"top_k": self.top_k, "ablation": "head output x 0 (zero ablation)",
+                "top_heads": [{"layer": layer, "head": head, "importance": round(float(scores[layer, head]), 6)}
+                              for layer, head in top_heads(scores, self.top_k)]}

@@ -1,0 +1,101 @@
+"""Overlap of the most important heads of two texts (Merullo et al. 2024, METHODS.md #18).
+
+Importance is :mod:`attnlab.probes.head_importance`'s zero-ablation loss change, computed separately for text A
+(the run's windows) and text B (``other_text``: windows of the same length and number cut from that file; without
+it, A = the first half of the run's windows and B = the second half). With the top-k head sets S_A and S_B:
+``overlap_iou`` = |S_A ∩ S_B| / |S_A ∪ S_B| and ``overlap_of_a`` = |S_A ∩ S_B| / |S_A| (METHODS.md leaves the
+paper's normaliser open, so both are reported); ``importance_correlation`` is the Pearson correlation of the two
+importance grids over all tested heads. Rows ``importance_a``/``importance_b`` per (layer, head).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attnlab.errors import ConfigError
+from attnlab.probes import PROBES
+from attnlab.probes._ablation import head_effects
+from attnlab.probes.base import Row, RowWriter
+from attnlab.probes.head_importance import HeadImportanceProbe, top_heads
+
+
+@PROBES.register("head_overlap")
+class HeadOverlapProbe(HeadImportanceProbe):
+    """IoU and |A∩B|/|A| of the top-k ablation-importance head sets of two texts (or two halves of one).
+
+    Args:
+        other_text: UTF-8 file for text B (default: B = second half of the run's windows).
+        top_k: head-set size (default 10). layers: layers to ablate (default all).
+    """
+
+    name = "head_overlap"
+
+    def __init__(self, other_text: str | None = None, top_k: int = 10, layers: list[int] | None = None) -> None:
+        super().__init__(top_k=top_k, layers=layers)
+        self.other_text = other_text
+        self.per_window: list[Tensor] = []
+        self.group_b: list[Tensor] = []
+
+    def observe(self, runner: Any, batch: dict[str, Tensor]) -> None:
+        _, change, _ = head_effects(runner, batch, "zero", self.layers)
+        self.per_window.extend(change)
+        self._seq_len = batch["input_ids"].shape[1]
+
+    def finish(self, runner: Any) -> None:
+        if self.other_text is None:
+            if len(self.per_window) < 2:
+                raise ConfigError("head_overlap without other_text splits the windows in two; use --max-windows >= 2")
+            return
+        from attnlab.text import load_text
+
+        windows = load_text(runner.tokenizer, self.other_text, seq_len=self._seq_len,
+                            max_windows=len(self.per_window), bos="auto",
+                            device=next(runner.model.parameters()).device)
+        for batch in windows:
+            self.group_b.extend(head_effects(runner, batch, "zero", self.layers)[1])
+
+    def groups(self) -> tuple[Tensor, Tensor]:
+        """Mean importance (num_layers, num_heads) of text A and text B."""
+        if self.other_text is None:
+            half = len(self.per_window) // 2
+            a, b = self.per_window[:half], self.per_window[half:]
+        else:
+            a, b = self.per_window, self.group_b
+        return torch.stack(a).nanmean(0), torch.stack(b).nanmean(0)
+
+    def overlap(self) -> dict[str, Any]:
+        a, b = self.groups()
+        set_a, set_b = set(top_heads(a, self.top_k)), set(top_heads(b, self.top_k))
+        both = ~torch.isnan(a) & ~torch.isnan(b)
+        x, y = a[both].double(), b[both].double()
+        sx, sy = x - x.mean(), y - y.mean()
+        denom = math.sqrt(float((sx**2).sum() * (sy**2).sum()))
+        return {"a": a, "b": b, "set_a": sorted(set_a), "set_b": sorted(set_b),
+                "iou": len(set_a & set_b) / max(len(set_a | set_b), 1),
+                "of_a": len(set_a & set_b) / max(len(set_a), 1),
+                "correlation": float((sx * sy).sum()) / denom if denom > 0 else float("nan")}
+
+    def rows(self) -> list[Row]:
+        out = RowWriter(self.name)
+        if len(self.per_window) == 0:
+            return out.rows
+        result = self.overlap()
+        out.add_grid("importance_a", result["a"], valid=~torch.isnan(result["a"]))
+        out.add_grid("importance_b", result["b"], valid=~torch.isnan(result["b"]))
+        out.add("overlap_iou", result["iou"])
+        out.add("overlap_of_a", result["of_a"])
+        if result["correlation"] == result["correlation"]:
+            out.add("importance_correlation", result["correlation"])
+        return out.rows
+
+    def extras(self, decode: Any = None) -> dict[str, Any]:
+        if len(self.per_window) == 0:
+            return {}
+        result = self.overlap()
+        return {"top_k": self.top_k, "text_b": self.other_text or "second half of the run's windows",
+                "top_heads_a": [list(x) for x in result["set_a"]], "top_heads_b": [list(x) for x in result["set_b"]],
+                "shared": [list(x) for x in sorted(set(result["set_a"]) & set(result["set_b"]))]}
