@@ -64,6 +64,12 @@ def _make_edit(spec: str | Edit) -> Edit:
     raise TypeError(f"edits must be Edit instances or specs like 'temperature:tau=0.9', got {type(spec).__name__}")
 
 
+def _cache_argument(kwargs: dict) -> Any:
+    """The KV cache a forward call received (``cache`` in recent transformers, ``past_key_values`` before)."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
 def _sample_rows(q_len: int, fraction: float, device: torch.device) -> Tensor:
     """Evenly spread query rows covering ``fraction`` of q_len (always includes the first and last rows)."""
     count = min(q_len, max(2, math.ceil(fraction * q_len)))
@@ -133,6 +139,7 @@ class Session:
         self.calls_per_layer: dict[int, int] = {}
         self._sequence: SequenceInfo | None = None
         self._mask_length: int | None = None
+        self._token_cache: Any = None  # an attnlab KV-cache policy (SinkWindowCache) passed to this forward
         self._layer_of: dict[int, int] = {}
         self._hooks: list[Any] = []
         self._previous_impl: str | None = None
@@ -184,6 +191,8 @@ class Session:
             return
         batch, length = reference.shape[0], reference.shape[1]
         self._mask_length = mask.shape[1] if mask is not None and mask.dim() == 2 else None
+        cache = _cache_argument(kwargs)
+        self._token_cache = cache if hasattr(cache, "token_index") else None
         if mask is not None and mask.dim() == 2:
             valid = mask.bool()
         else:
@@ -197,7 +206,7 @@ class Session:
         """Apply positions-stage edits to ``position_ids`` (built as transformers would if absent)."""
         position_ids = kwargs.get("position_ids")
         if position_ids is None:
-            cache = kwargs.get("past_key_values")
+            cache = _cache_argument(kwargs)
             past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
             position_ids = torch.arange(past, past + length, device=device).expand(batch, length)
         edited = position_ids
@@ -211,7 +220,7 @@ class Session:
         if self._sequence is not None:
             self.num_sequences += self._sequence.valid.shape[0]
             self.shape.max_len = max(self.shape.max_len, self._sequence.valid.shape[1])
-        self._sequence, self._mask_length = None, None
+        self._sequence, self._mask_length, self._token_cache = None, None, None
 
     def _layer_hook(self, index: int) -> Any:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
@@ -246,7 +255,8 @@ class Session:
                     f"{SUPPORTED_FAMILIES} without learned sinks or position biases")
         softcap = kwargs.get("softcap")
         edits = [edit for edit in self.edits if edit.applies_to(layer)]
-        if not self.needs_calls and softcap is None and not edits:
+        h2o = self._token_cache is not None and self._token_cache.needs_attention
+        if not self.needs_calls and softcap is None and not edits and self._token_cache is None:
             self.paths[layer] = "sdpa"
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
         dropout = kwargs.get("dropout", 0.0)
@@ -269,18 +279,24 @@ class Session:
                 probe.begin_call(call)
         scale = kwargs.get("scaling")
 
+        needs_probs = self.needs_probs or h2o
+        received = torch.zeros(key.shape[0], key.shape[2], dtype=torch.float64, device=key.device) if h2o else None
+
         def observe(block: BlockView) -> None:
             detached = BlockView(probs=block.probs.detach(), logits=block.logits.detach(), keep=block.keep,
                                  q_index=block.q_index)
             with torch.no_grad():
+                if received is not None:  # H2O: attention each cached key received, over heads and real queries
+                    rows_valid = call.query_valid[:, block.q_index][:, None, :, None]
+                    received[:, : detached.probs.shape[-1]] += (detached.probs * rows_valid).sum(dim=(1, 2)).double()
                 for probe in self.probes:
                     if "probs" in probe.needs:
                         probe.update(call, detached)
 
         if edits:
             output = self._edited_attention(module, query, key, value, attention_mask, keep, call, edits, kwargs,
-                                            observe)
-        elif not self.needs_probs and softcap is None:
+                                            observe, needs_probs)
+        elif not needs_probs and softcap is None:
             self.paths[layer] = "sdpa"
             output = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)[0]
         elif self.query_fraction < 1 and softcap is None:
@@ -294,8 +310,10 @@ class Session:
             self.paths[layer] = "blocked_eager"
             output = blocked_attention(query, key, value, keep, scale=scale, softcap=softcap,
                                        block_size=self.block_size,
-                                       on_block=observe if self.needs_probs else None)
+                                       on_block=observe if needs_probs else None)
             output = output.transpose(1, 2).contiguous()  # (B, Lq, Hq, Dv)
+        if received is not None:
+            self._token_cache.layers[layer].accumulate(received)
         with torch.no_grad():
             for probe in self.probes:
                 probe.end_call(call)
@@ -303,7 +321,7 @@ class Session:
 
     def _edited_attention(self, module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                           attention_mask: Tensor | None, keep: Tensor | None, call: AttentionCall, edits: list[Edit],
-                          kwargs: dict, observe: Any) -> Tensor:
+                          kwargs: dict, observe: Any, needs_probs: bool) -> Tensor:
         """The attention call with this layer's edits; returns (B, Lq, Hq, Dv) and records the path."""
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -327,7 +345,7 @@ class Session:
             options = {**kwargs, "scaling": scale}
             return sdpa_attention_forward(module, query_, key_, value, mask, **options)[0].transpose(1, 2)
 
-        if edited.is_fast() and not self.needs_probs:
+        if edited.is_fast() and not needs_probs:
             self.paths[layer] = "sdpa+edits"
             output = edited.fast(sdpa)
         elif edited.is_fast() and self.query_fraction < 1:
@@ -337,7 +355,7 @@ class Session:
                 edited.eager(on_block=observe, rows=_sample_rows(query.shape[2], self.query_fraction, query.device))
         else:
             self.paths[layer] = "blocked_eager+edits"
-            output = edited.eager(on_block=observe if self.needs_probs else None)
+            output = edited.eager(on_block=observe if needs_probs else None)
         return output.transpose(1, 2).contiguous()  # (B, Lq, Hq, Dv)
 
     @staticmethod
@@ -374,9 +392,18 @@ class Session:
             sequence = SequenceInfo.from_mask(torch.ones(B, Lk, dtype=torch.bool, device=query.device), None,
                                               self.num_sequences)
             length = Lk
-        # The keys are the last Lk tokens (a cache cropped to a window keeps the most recent ones).
-        key_valid = sequence.valid[:, length - Lk :].to(query.device)
-        key_positions = sequence.positions[:, length - Lk :].to(query.device)
+        index = self._token_cache.token_index(layer) if self._token_cache is not None else None
+        if index is not None and index.shape[-1] == Lk:  # an attnlab cache policy says which tokens it kept
+            index = index.to(sequence.valid.device)
+            if length > int(index.max()):
+                key_valid = sequence.valid.gather(1, index).to(query.device)
+                key_positions = sequence.positions.gather(1, index).to(query.device)
+            else:  # only the new tokens' mask is known: kept tokens are real, positions are token indices
+                key_valid = torch.ones(B, Lk, dtype=torch.bool, device=query.device)
+                key_positions = index.to(query.device)
+        else:  # the keys are the last Lk tokens (a cache cropped to a window keeps the most recent ones)
+            key_valid = sequence.valid[:, length - Lk :].to(query.device)
+            key_positions = sequence.positions[:, length - Lk :].to(query.device)
         return AttentionCall(
             layer_idx=layer, num_heads=Hq, num_kv_heads=key.shape[1], q_len=Lq, kv_len=Lk, causal=causal,
             value=value.detach(), query_valid=key_valid[:, Lk - Lq:], key_valid=key_valid,

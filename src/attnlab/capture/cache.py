@@ -1,0 +1,173 @@
+"""KV-cache policies for generation: StreamingLLM's attention sinks + recent window, with optional H2O heavy hitters.
+
+    cache = SinkWindowCache(model, sinks=4, window=252)            # StreamingLLM
+    cache = SinkWindowCache(model, sinks=4, window=124, heavy=128)  # + H2O heavy hitters (run inside a Session)
+    model.generate(input_ids, cache=cache, max_new_tokens=64)   # past_key_values= before transformers 5.2x
+
+Xiao et al. 2024 (StreamingLLM), and H2O as SinkLoRA applies it (METHODS.md #30, medium confidence for H2O):
+- The cache keeps the first ``sinks`` tokens, the ``window - 1`` most recent ones (the next token makes ``window``)
+  and, with ``heavy > 0``, the ``heavy`` older tokens with the largest accumulated attention ("heavy hitters").
+  Everything else is evicted after each forward pass.
+- Keys are stored **before RoPE** (un-rotated from the position they were computed at) and re-rotated at every step
+  to their **in-cache** positions, shifted so the newest key sits at the current token's position: the query keeps
+  the model's own position and every query-key distance is the in-cache distance, as in StreamingLLM.
+- H2O scores: the attention each cached token received, summed over query heads and all queries so far, per
+  sequence; eviction is per layer and sequence (the original H2O evicts per head; summing over heads keeps one
+  token set per layer, so token positions stay well defined for probes and edits). Scores need probs, so a cache
+  with ``heavy > 0`` must be used inside a :class:`attnlab.Session`, which feeds it and runs the eager path.
+
+Prefill is not masked by the cache (all prompt tokens attend causally to each other); combine with the
+``sink_window`` edit to mask the prefill the same way. Only RoPE models whose rotary embedding has no attention
+scaling are supported (Llama, Mistral, Qwen2/3, SmolLM2 ...).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers.cache_utils import Cache, DynamicLayer
+
+from attnlab.capture.architectures import text_config
+from attnlab.errors import ConfigError, UnsupportedModelError
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def _find_rotary(model: nn.Module) -> nn.Module:
+    for name, module in model.named_modules():
+        if name.endswith("rotary_emb") and hasattr(module, "inv_freq"):
+            return module
+    raise UnsupportedModelError(f"{type(model).__name__} has no rotary embedding module (rotary_emb); "
+                                "SinkWindowCache re-rotates keys and needs a RoPE model such as Llama or Qwen2")
+
+
+class SinkWindowLayer(DynamicLayer):
+    """One layer's cache: pre-RoPE keys, values and the token index of each kept entry.
+
+    Attributes:
+        raw_keys: (B, Hkv, n, D) keys before RoPE. values: (B, Hkv, n, Dv).
+        token_index: (B, n) long, the absolute index (0-based, counting every token fed) of each kept entry.
+        scores: (B, n) float64 accumulated attention (H2O), or None when heavy = 0.
+    """
+
+    def __init__(self, rotate: Any, sinks: int, window: int, heavy: int) -> None:
+        super().__init__()
+        self.rotate, self.sinks, self.window, self.heavy = rotate, sinks, window, heavy
+        self.cumulative_length = 0
+        self.raw_keys: Tensor | None = None
+        self.token_index: Tensor | None = None
+        self.scores: Tensor | None = None
+        self._fed = False
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        B = key_states.shape[0]
+        self.raw_keys = key_states[:, :, :0]
+        self.values = value_states[:, :, :0]
+        self.token_index = torch.zeros(B, 0, dtype=torch.long, device=key_states.device)
+        self.scores = torch.zeros(B, 0, dtype=torch.float64, device=key_states.device) if self.heavy else None
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.heavy and self.cumulative_length and not self._fed:
+            raise ConfigError("SinkWindowCache with heavy > 0 (H2O) needs attention scores: run the model inside "
+                              "an attnlab Session (with Session(model): model.generate(..., cache=cache))")
+        self._fed = False
+        self._evict()  # the previous step's scores are complete now
+        B, _, L, _ = key_states.shape
+        new_index = torch.arange(self.cumulative_length, self.cumulative_length + L, device=key_states.device)
+        self.raw_keys = torch.cat([self.raw_keys, self.rotate(key_states, -new_index)], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.token_index = torch.cat([self.token_index, new_index.expand(B, L)], dim=-1)
+        if self.scores is not None:
+            self.scores = torch.cat([self.scores, self.scores.new_zeros(B, L)], dim=-1)
+        self.cumulative_length += L
+        n = self.raw_keys.shape[-2]
+        in_cache = torch.arange(n, device=key_states.device) + (self.cumulative_length - n)
+        self.keys = self.rotate(self.raw_keys, in_cache)
+        return self.keys, self.values
+
+    def accumulate(self, received: Tensor) -> None:
+        """H2O: add (B, n) attention received by each kept entry in the last call (summed over heads and queries)."""
+        if self.scores is not None:
+            self.scores += received.to(self.scores)
+            self._fed = True
+
+    def _evict(self) -> None:
+        n = self.raw_keys.shape[-2]
+        budget = self.sinks + self.heavy + self.window - 1
+        if n <= budget:
+            return
+        B = self.raw_keys.shape[0]
+        device = self.raw_keys.device
+        position = torch.arange(n, device=device).expand(B, n)
+        protected = (self.token_index < self.sinks) | (position >= n - (self.window - 1))
+        if self.heavy and self.scores is not None:
+            candidates = torch.where(protected, torch.full_like(self.scores, -1.0), self.scores)
+            heavy = candidates.topk(self.heavy, dim=-1).indices
+            protected = protected.clone()
+            protected.scatter_(-1, heavy, True)
+        order = torch.where(protected, position, position + n).argsort(dim=-1)[:, : int(protected.sum(-1).max())]
+        order = order.sort(dim=-1).values  # keep the kept entries in token order
+        gather = order[:, None, :, None]
+        self.raw_keys = self.raw_keys.gather(2, gather.expand(-1, self.raw_keys.shape[1], -1, self.raw_keys.shape[3]))
+        self.values = self.values.gather(2, gather.expand(-1, self.values.shape[1], -1, self.values.shape[3]))
+        self.token_index = self.token_index.gather(1, order)
+        if self.scores is not None:
+            self.scores = self.scores.gather(1, order)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        kept = 0 if self.raw_keys is None else self.raw_keys.shape[-2]
+        if kept > self.sinks + self.heavy + self.window - 1:
+            kept = self.sinks + self.heavy + self.window - 1  # what remains after the eviction update() will do
+        return kept + query_length, self.cumulative_length - kept
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+
+class SinkWindowCache(Cache):
+    """StreamingLLM KV cache (sinks + recent window, keys re-rotated to in-cache positions), optionally + H2O.
+
+    Args:
+        model: a transformers RoPE decoder (Llama, Mistral, Qwen2/3 ...).
+        sinks: initial tokens always kept (≥ 0). window: recent tokens attended, the current one included (≥ 1).
+        heavy: H2O heavy hitters kept besides sinks and window (≥ 0; > 0 needs a Session).
+
+    Raises:
+        ConfigError: bad sizes. UnsupportedModelError: no rotary embedding, or RoPE with attention scaling.
+    """
+
+    def __init__(self, model: nn.Module, sinks: int = 4, window: int = 252, heavy: int = 0) -> None:
+        if sinks < 0 or window < 1 or heavy < 0:
+            raise ConfigError(f"SinkWindowCache needs sinks >= 0, window >= 1, heavy >= 0; got {sinks}, {window}, {heavy}")
+        rotary = _find_rotary(model)
+        if float(getattr(rotary, "attention_scaling", 1.0)) != 1.0:
+            raise UnsupportedModelError(f"{type(model).__name__}'s RoPE scales attention "
+                                        f"({rotary.attention_scaling}); SinkWindowCache cannot un-rotate its keys")
+
+        def rotate(keys: Tensor, positions: Tensor) -> Tensor:
+            cos, sin = rotary(keys, positions[None].to(keys.device))  # (1, n, D)
+            return keys * cos[:, None] + _rotate_half(keys) * sin[:, None]
+
+        num_layers = text_config(model).num_hidden_layers
+        self.sinks, self.window, self.heavy = sinks, window, heavy
+        super().__init__(layers=[SinkWindowLayer(rotate, sinks, window, heavy) for _ in range(num_layers)])
+
+    @property
+    def needs_attention(self) -> bool:
+        """True when the Session must feed attention scores (H2O)."""
+        return self.heavy > 0
+
+    def token_index(self, layer_idx: int) -> Tensor | None:
+        """(B, n) absolute token index of each key the layer returned at its last update, or None before."""
+        layer = self.layers[layer_idx]
+        if layer.token_index is None:
+            return None
+        return layer.token_index
