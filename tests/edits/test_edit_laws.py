@@ -1,0 +1,43 @@
+"""Laws every edit obeys, on random shapes (hypothesis): identity settings change nothing, probs stay a
+distribution, masked keys get exactly zero."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from attnlab.edits import parse_edit_spec
+from edits.helpers import capture_probs, edited_call, qkv
+
+IDENTITY_SPECS = ["temperature:tau=1", "zerotuning:gamma=1", "calibration:beta=1", "redistribution:fraction=0",
+                  "window_decay:window=2,alpha=1", "identity_blend:alpha=0", "first_key:alpha=0", "head_scale:scale=1"]
+
+shapes = st.tuples(st.integers(1, 2), st.sampled_from([(1, 1), (2, 1), (4, 2), (3, 3)]), st.integers(1, 13),
+                   st.integers(1, 5), st.integers(0, 2**16))
+
+
+@given(shapes, st.sampled_from(IDENTITY_SPECS), st.integers(1, 6))
+def test_identity_settings_change_nothing(shape, spec, block_size):
+    B, (Hq, Hkv), L, D, seed = shape
+    query, key, value = qkv(B, Hq, Hkv, L, D, dtype=torch.float32, seed=seed)
+    plain = edited_call([], query, key, value, block_size=block_size)
+    edited = edited_call([parse_edit_spec(spec)], query, key, value, block_size=block_size)
+    assert torch.equal(edited.eager(), plain.eager())
+
+
+PROBS_SPECS = ["temperature:tau=0.3", "zerotuning:gamma=5", "zerotuning:gamma=0.2", "calibration:beta=0.2,theta=0.05",
+               "redistribution:fraction=0.7,target_start=1", "window_decay:window=2,alpha=0.3",
+               "identity_blend:alpha=0.6", "first_key:alpha=0.5", "sink_window:sinks=1,window=2"]
+
+
+@given(shapes, st.lists(st.sampled_from(PROBS_SPECS), min_size=1, max_size=3, unique=True))
+def test_edited_probs_are_distributions_and_masked_keys_get_zero(shape, specs):
+    B, (Hq, Hkv), L, D, seed = shape
+    query, key, value = qkv(B, Hq, Hkv, L, D, seed=seed)
+    call = edited_call([parse_edit_spec(spec) for spec in specs], query, key, value, block_size=4)
+    probs = capture_probs(call)
+    assert (probs >= 0).all()
+    torch.testing.assert_close(probs.sum(-1), torch.ones_like(probs.sum(-1)))
+    hidden = ~call.keep.expand_as(probs)
+    assert (probs[hidden] == 0).all()
