@@ -23,6 +23,7 @@ from attnlab.report import plots
 from attnlab.report.eval_section import eval_section
 from attnlab.report.plots import HeatmapPanel, LinePanel, Series
 from attnlab.report.schema import validate_results
+from attnlab.report.suite_section import suite_sections
 
 MAX_TOKENS_SHOWN = 16384
 """At most this many tokens (over all windows) are listed in the ``#tokens`` section."""
@@ -371,6 +372,7 @@ def render_html(results: Mapping[str, Any]) -> str:
         "norms": _norms_section(index, dims),
         "tokens": _tokens_section(results),
         "eval": eval_section(results),
+        "suite": suite_sections(results),
         "statistics": statistics,
     }
     return _environment().get_template("report.html.j2").render(**context)
