@@ -20,7 +20,7 @@ from attnlab.errors import ConfigError
 from attnlab.probes.inflection import inflection_band
 from attnlab.probes.length_collapse import highpass_gain
 from attnlab.stats.similarity import linear_cka, shared_pca_delta_cka
-from tests.tiny_models import WORDS, save_model_dir, tiny_bert, tiny_llama, tiny_tokenizer
+from tiny_models import WORDS, save_model_dir, tiny_bert, tiny_llama, tiny_tokenizer
 
 
 def _hsic_cka(x, y):
