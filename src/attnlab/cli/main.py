@@ -18,6 +18,7 @@ from attnlab.cli.options import (
     Seed, SeqLen, TextOpt, merge_config, run_guarded, stderr,
 )
 from attnlab.cli.eval_cmd import eval_command
+from attnlab.cli.mask_cmd import mask_command
 from attnlab.cli.probe_cmd import probe as probe_command
 
 EPILOG = """Quick start:
@@ -41,6 +42,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(ls_app, name="ls")
 app.command("eval")(eval_command)
 app.command("probe")(probe_command)
+app.command("mask")(mask_command)
 
 
 @app.command()
