@@ -11,7 +11,8 @@ to ``sdpa`` of the same repeats. Configurations:
   self-verification (16 sampled query rows per call), plus the same edit with ``verify_rows=0`` for the fast ones.
 
 Fast edits (temperature, zerotuning, head_scale, identity_blend, first_key, sink_window) run in SDPA with no probs
-materialised; window_decay and calibration run on the blocked eager kernel. The machine may be shared: the JSON
+materialised; window_decay and calibration run on the blocked eager kernel, and window_decay also with
+``flex=True`` (compiled FlexAttention; compiling happens in the warm-up forward). The machine may be shared: the JSON
 records the load average before and after.
 
     python benchmarks/edit_overhead.py                                # the run in docs/benchmarks.md, ~5 min
@@ -56,6 +57,8 @@ def measure(lengths: list[int], edits: list[str], repeats: int, model_name: str)
             configs.append((spec, dict(edits=[spec])))
             if parse_edit_spec(spec).fast:
                 configs.append((spec + " (verify_rows=0)", dict(edits=[spec], verify_rows=0)))
+            elif parse_edit_spec(spec).stage == "logits":
+                configs.append((spec + " (flex)", dict(edits=[spec], flex=True)))
 
         def run(options: Any) -> tuple[float, float]:
             model.set_attn_implementation("sdpa")

@@ -135,3 +135,19 @@ def test_bad_specs_give_one_line_errors(spec, error, message):
 def test_spec_round_trips(name):
     edit = EDITS.get(name)(**({"name": "sliding_window", "window": 3} if name == "mask" else {}))
     assert parse_edit_spec(edit.spec()).spec() == edit.spec()
+
+
+@pytest.mark.slow
+def test_flex_path_runs_score_mod_edits_without_probs(model):
+    # window_decay cannot run in SDPA; with flex=True it runs as a compiled FlexAttention score_mod.
+    specs = ["temperature:tau=0.8", "zerotuning:gamma=2,heads=1", "window_decay:window=6,alpha=0.5",
+             "sink_window:sinks=1,window=9", "first_key:alpha=0.5,heads=2"]
+    mask = torch.ones_like(IDS)
+    mask[1, :4] = 0  # left padding: positions come from the lookup tables, not the flex indices
+    with torch.no_grad(), Session(model, edits=specs, flex=True) as session:
+        flex = model(input_ids=IDS, attention_mask=mask).logits
+    assert set(session.paths.values()) == {"flex+edits"}
+    eager, eager_session = logits_with(model, specs, probes=["entropy"], mask=mask)
+    assert set(eager_session.paths.values()) == {"blocked_eager+edits"}
+    real = mask.bool()
+    torch.testing.assert_close(flex[real], eager[real], atol=MODEL_LOGITS_ATOL, rtol=0)

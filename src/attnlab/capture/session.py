@@ -90,6 +90,8 @@ class Session:
             list order within a stage. Probes observe the edited attention.
         verify_rows: query rows per call on which each edit's effect is measured (``edit_report()``); 0 turns
             the measurement off (calls and heads are still counted).
+        flex: run edits that SDPA cannot (``window_decay``) in compiled FlexAttention instead of the blocked
+            eager kernel when no probe needs probs (the first call per shape compiles, ~20 s on CPU).
 
     Raises:
         UnsupportedModelError: the model does not route attention through the AttentionInterface.
@@ -98,7 +100,8 @@ class Session:
     """
 
     def __init__(self, model: nn.Module, probes: Iterable[str | Probe] = (), *, block_size: int = 128,
-                 query_fraction: float = 1.0, edits: Iterable[str | Edit] = (), verify_rows: int = 16) -> None:
+                 query_fraction: float = 1.0, edits: Iterable[str | Edit] = (), verify_rows: int = 16,
+                 flex: bool = False) -> None:
         if not hasattr(model, "is_backend_compatible") or not hasattr(model, "set_attn_implementation"):
             raise UnsupportedModelError(
                 f"{type(model).__name__} is not a transformers PreTrainedModel; attnlab supports {SUPPORTED_FAMILIES}")
@@ -129,6 +132,7 @@ class Session:
         if verify_rows < 0:
             raise ConfigError(f"verify_rows must be >= 0, got {verify_rows}")
         self.verify_rows = verify_rows
+        self.flex = flex
         self.edit_records: dict[int, EditRecord] = {id(edit): EditRecord() for edit in self.edits}
         self._position_edits = [edit for edit in self.edits if edit.stage == "positions"]
         self.needs_probs = any("probs" in p.needs for p in self.probes)
@@ -353,6 +357,9 @@ class Session:
             output = edited.fast(sdpa)
             with torch.no_grad():
                 edited.eager(on_block=observe, rows=_sample_rows(query.shape[2], self.query_fraction, query.device))
+        elif self.flex and not needs_probs and edited.flex_ready():
+            self.paths[layer] = "flex+edits"
+            output = edited.flex()
         else:
             self.paths[layer] = "blocked_eager+edits"
             output = edited.eager(on_block=observe if needs_probs else None)

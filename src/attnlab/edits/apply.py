@@ -8,6 +8,9 @@ Paths:
   no probe needs probs: one SDPA call, no probs materialised. A key bias ``coef[h] * indicator[b, k]`` rides along
   as one extra query/key dimension (query column ``coef[h] / scale``, key column ``indicator``), so SDPA adds it to
   the logits exactly without a float mask.
+- ``flex+edits`` (opt-in, ``Session(..., flex=True)``): when SDPA cannot run an edit (``window_decay``) but every
+  logits edit has a Flex form, compiled FlexAttention with the edits as one score_mod and the mask as a block mask;
+  no probs materialised; the first call per shape compiles (about 20 s on CPU).
 - ``blocked_eager+edits``: the blocked kernel with the edits' ``score_mod``/``probs_mod`` hooks, one query block at a
   time (probes, when present, see the edited probs).
 
@@ -86,6 +89,13 @@ class EditedCall:
     def is_fast(self) -> bool:
         return self.softcap is None and all(edit.fast for edit in self.edits)
 
+    def flex_ready(self) -> bool:
+        """True if the call can run in FlexAttention: every logits edit has a Flex form, every probs edit a fast
+        form."""
+        return self.softcap is None and all(
+            (edit.stage != "logits" or edit.flex_score_mod(ctx) is not None) and (edit.stage != "probs" or edit.fast)
+            for edit, ctx in zip(self.edits, self.contexts))
+
     # the blocked (eager) form ------------------------------------------------------------------------------
     def hooks(self, count: int | None = None) -> tuple[Callable | None, Callable | None]:
         """score_mod / probs_mod chaining the first ``count`` edits (all by default)."""
@@ -145,6 +155,29 @@ class EditedCall:
         output = sdpa(query, key, keep)
         if keep is not None:  # rows with no visible key: zeros (SDPA may give NaN there)
             output = torch.where(keep.any(dim=-1, keepdim=True), output, torch.zeros((), dtype=output.dtype))
+        for edit, ctx in zip(self.edits, self.contexts):
+            if edit.stage == "probs":
+                output = edit.fast_output(output, self.value, ctx)
+            elif edit.stage == "output":
+                output = edit.output_mod(output, ctx)
+        return output
+
+    def flex(self) -> Tensor:
+        """Per-head output (B, Hq, Lq, Dv) from compiled FlexAttention with the logits edits as one score_mod and
+        the mask as a block mask; only when ``flex_ready()``. The first call per shape compiles (seconds)."""
+        from attnlab.functional.masked_attention import masked_attention
+        from attnlab.functional.masks import from_keep
+
+        mods = [edit.flex_score_mod(ctx) for edit, ctx in zip(self.edits, self.contexts) if edit.stage == "logits"]
+
+        def score_mod(logits: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            for mod in mods:
+                logits = mod(logits, b, h, q_idx, kv_idx)
+            return logits
+
+        mask_mod = None if self.keep is None else from_keep(self.keep.contiguous())
+        output = masked_attention(self.query, self.key, self.value, mask_mod, score_mod=score_mod if mods else None,
+                                  scale=self.scale, path="flex", compiled=True)
         for edit, ctx in zip(self.edits, self.contexts):
             if edit.stage == "probs":
                 output = edit.fast_output(output, self.value, ctx)

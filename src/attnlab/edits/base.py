@@ -169,6 +169,27 @@ class Edit:
             logits = logits + coef.view(1, -1, 1, 1) * indicator[:, None, None, :width].to(logits.dtype)
         return logits
 
+    def flex_score_mod(self, ctx: EditContext) -> Any:
+        """logits stage, Flex form: ``score_mod(logits, batch_idx, head_idx, q_idx, kv_idx) -> logits`` with
+        call-local indices (query row, key index), or None if the edit has none. The default derives it from
+        ``query_scale``/``key_bias``."""
+        scale = self.query_scale(ctx)
+        bias = self.key_bias(ctx)
+        if scale is None and bias is None:
+            return None
+        B = ctx.query_positions.shape[0]
+        table = None if scale is None else scale.expand(B, ctx.num_heads, ctx.q_len, 1)[..., 0].contiguous()
+        coef, indicator = (None, None) if bias is None else (bias[0], bias[1].to(torch.float32))
+
+        def score_mod(logits: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            if table is not None:
+                logits = logits * table[b, h, q_idx]
+            if coef is not None:
+                logits = logits + coef[h] * indicator[b, kv_idx]
+            return logits
+
+        return score_mod
+
     def mask_mod(self, keep: Tensor, ctx: EditContext) -> Tensor | None:
         """mask stage: the current keep (B|1, Hq|1, Lq, Lk) bool, True = attend → the new keep, or None (no change).
 

@@ -19,7 +19,8 @@ class WindowDecay(Edit):
     ``|q - k| > window / 2``, ``s' = α·s`` if ``s > 0`` else ``s``, on the scaled logits; nearby keys are unchanged.
     Distances are between token positions. Default α = 0.9 as in the released code; α = 1 is the identity. The
     Wan-specific first-frame rule is not included (it depends on a video layout). Not expressible as an additive
-    bias (it depends on the logit's sign), so it runs on the blocked eager path.
+    bias (it depends on the logit's sign), so SDPA cannot run it: it runs on the blocked eager path, or, with
+    ``Session(..., flex=True)``, as a score_mod in compiled FlexAttention (no probs materialised).
 
     Args:
         window: the training-window length in tokens (≥ 1). alpha: α in (0, 1]. layers, heads: selection.
@@ -49,3 +50,13 @@ class WindowDecay(Edit):
         far = (q_pos[:, :, None] - k_pos[:, None, :]).abs() * 2 > self.window  # (B, n, w): |q-k| > window/2
         act = far[:, None] & (logits > 0) & ctx.head_column().to(logits.device)
         return torch.where(act, logits * self.alpha, logits)
+
+    def flex_score_mod(self, ctx: EditContext) -> Any:
+        query_positions, key_positions = ctx.query_positions, ctx.key_positions
+        heads, window, alpha = ctx.heads, self.window, self.alpha
+
+        def score_mod(logits: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            far = (query_positions[b, q_idx] - key_positions[b, kv_idx]).abs() * 2 > window
+            return torch.where(far & (logits > 0) & heads[h], logits * alpha, logits)
+
+        return score_mod
