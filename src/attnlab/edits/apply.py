@@ -155,6 +155,10 @@ class EditedCall:
         output = sdpa(query, key, keep)
         if keep is not None:  # rows with no visible key: zeros (SDPA may give NaN there)
             output = torch.where(keep.any(dim=-1, keepdim=True), output, torch.zeros((), dtype=output.dtype))
+        return self._after_attention(output)
+
+    def _after_attention(self, output: Tensor) -> Tensor:
+        """The probs edits' fast forms and the output edits, in order, on a fused kernel's output."""
         for edit, ctx in zip(self.edits, self.contexts):
             if edit.stage == "probs":
                 output = edit.fast_output(output, self.value, ctx)
@@ -178,12 +182,7 @@ class EditedCall:
         mask_mod = None if self.keep is None else from_keep(self.keep.contiguous())
         output = masked_attention(self.query, self.key, self.value, mask_mod, score_mod=score_mod if mods else None,
                                   scale=self.scale, path="flex", compiled=True)
-        for edit, ctx in zip(self.edits, self.contexts):
-            if edit.stage == "probs":
-                output = edit.fast_output(output, self.value, ctx)
-            elif edit.stage == "output":
-                output = edit.output_mod(output, ctx)
-        return output
+        return self._after_attention(output)
 
     # verification ------------------------------------------------------------------------------------------
     def verify(self, records: dict[int, EditRecord], rows_wanted: int) -> None:
