@@ -16,6 +16,10 @@ acts on logits, FlexAttention's signature). Query row i is position ``i + q_offs
   per (mask, q_len, kv_len, q_offset, device, block size, batch, heads), never reused for another length).
   ``compiled=True`` uses ``torch.compile(flex_attention)`` (the fused block-sparse kernel; the first call per shape
   compiles, ~20 s on CPU); eager Flex materialises the scores and is for checking only. Inference only on CPU.
+  Each distinct mask function (its code and captured Python values) and shape is compiled once. torch's dynamo
+  stops recompiling a function after ``torch._dynamo.config.recompile_limit`` (8) variants and then runs eager Flex
+  (slow; it logs a ``recompile_limit`` warning). Raise that limit when using many masks or lengths in one process;
+  attnlab does not change this process-wide setting itself.
 
 Fully masked query rows give output 0 on both paths, never NaN.
 """
