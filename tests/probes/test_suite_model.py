@@ -257,10 +257,13 @@ def test_a_head_with_zero_output_weights_is_dormant_and_unimportant(llama):
 
 def test_head_overlap_of_two_halves(tiny_dirs):
     a, _, text = tiny_dirs
-    results = _run(a, text, ["head_overlap", "active_dormant"], probe_args={"head_overlap": {"top_k": 3}},
-                   max_windows=2)
+    results = _run(a, text, ["head_overlap", "active_dormant"], max_windows=2,
+                   probe_args={"head_overlap": {"top_k": 3}, "active_dormant": {"other_text": str(text)}})
     iou = _rows(results, "overlap_iou")[0]["value"]
     of_a = _rows(results, "overlap_of_a")[0]["value"]
     shared = len(results["extras"]["head_overlap"]["shared"])
     assert of_a == pytest.approx(shared / 3) and iou == pytest.approx(shared / (6 - shared))
     assert len(_rows(results, "dormant_fraction")) == 3
+    # text B = the same text: the same windows give the same dormant fractions
+    b = {r["layer"]: r["value"] for r in _rows(results, "dormant_fraction_b")}
+    assert b == {r["layer"]: r["value"] for r in _rows(results, "dormant_fraction")}

@@ -67,15 +67,19 @@ class ActiveDormantProbe(ModelProbe):
         tolerance: |loss change| (nats) below which a head is dormant on a window (default 0.01).
         tau_row, tau_col: entropy-detector thresholds (defaults 0.5 and 0.9).
         layers: layers to test (default all; each layer costs one pass per head).
+        other_text: a second UTF-8 text (e.g. verse when the run reads prose): as many windows of the same length
+            are cut from it and tested too; rows ``dormant_rate_b``/``dormant_fraction_b`` report them, and the
+            switching heads are listed across both texts (windows ``A0 …`` and ``B0 …``).
     """
 
     name = "active_dormant"
 
     def __init__(self, tolerance: float = 0.01, tau_row: float = 0.5, tau_col: float = 0.9,
-                 layers: list[int] | None = None) -> None:
+                 layers: list[int] | None = None, other_text: str | None = None) -> None:
         if tolerance <= 0:
             raise ConfigError(f"tolerance must be > 0, got {tolerance}")
         self.tolerance, self.tau_row, self.tau_col = float(tolerance), float(tau_row), float(tau_col)
+        self.other_text = other_text
         self.layers = None if layers is None else [int(layer) for layer in ([layers] if isinstance(layers, int)
                                                                            else layers)]
 
@@ -90,11 +94,28 @@ class ActiveDormantProbe(ModelProbe):
         zeros = lambda: torch.zeros(L, H, dtype=torch.float64)  # noqa: E731
         self.loss_sum, self.kl_sum, self.dormant_sum, self.tested = zeros(), zeros(), zeros(), zeros()
         self.row_sum, self.col_sum, self.sink_sum, self.entropy_seen = zeros(), zeros(), zeros(), zeros()
-        self.per_window: list[tuple[int, Tensor]] = []  # (window, loss_change (L, H))
+        self.per_window: list[tuple[str, Tensor]] = []  # (window label, loss_change (L, H))
         self.windows_seen = 0
+        self.dormant_b, self.tested_b = zeros(), zeros()
+
+    def finish(self, runner: Any) -> None:
+        if self.other_text is None or not self.per_window:
+            return
+        from attnlab.text import load_text
+
+        windows = load_text(runner.tokenizer, self.other_text, seq_len=self._seq_len, max_windows=self.windows_seen,
+                            device=next(runner.model.parameters()).device)
+        for number, batch in enumerate(windows):
+            _, change, _ = head_effects(runner, batch, "first_key", self.layers)
+            tested = ~torch.isnan(change)
+            self.dormant_b += ((change.abs() < self.tolerance) & tested).sum(0)
+            self.tested_b += tested.sum(0)
+            for b in range(change.shape[0]):
+                self.per_window.append((f"B{number * windows.batch_size + b}", change[b]))
 
     def observe(self, runner: Any, batch: dict[str, Tensor]) -> None:
         valid = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool().cpu()
+        self._seq_len = batch["input_ids"].shape[1]
         _, change, kl = head_effects(runner, batch, "first_key", self.layers)
         tested = ~torch.isnan(change)
         self.loss_sum += change.nan_to_num(0.0).sum(0)
@@ -102,7 +123,7 @@ class ActiveDormantProbe(ModelProbe):
         self.dormant_sum += ((change.abs() < self.tolerance) & tested).sum(0)
         self.tested += tested.sum(0)
         for b in range(change.shape[0]):
-            self.per_window.append((self.windows_seen + b, change[b]))
+            self.per_window.append((f"A{self.windows_seen + b}", change[b]))
         probs = runner.attention_probs(batch)
         for b in range(valid.shape[0]):
             real = valid[b]
@@ -135,6 +156,12 @@ class ActiveDormantProbe(ModelProbe):
         for layer in range(dormant.shape[0]):
             if bool(tested[layer].any()):
                 out.add("dormant_fraction", float(self.dormant_sum[layer].sum() / self.tested[layer].sum()), layer)
+        if bool((self.tested_b > 0).any()):
+            out.add_grid("dormant_rate_b", safe_div(self.dormant_b, self.tested_b), valid=self.tested_b > 0)
+            for layer in range(dormant.shape[0]):
+                if bool((self.tested_b[layer] > 0).any()):
+                    out.add("dormant_fraction_b", float(self.dormant_b[layer].sum() / self.tested_b[layer].sum()),
+                            layer)
         out.add_grid("row_entropy", safe_div(self.row_sum, self.entropy_seen), valid=seen)
         out.add_grid("col_entropy_max", safe_div(self.col_sum, self.entropy_seen), valid=seen)
         out.add_grid("sink_head_rate", safe_div(self.sink_sum, self.entropy_seen), valid=seen)
@@ -152,7 +179,7 @@ class ActiveDormantProbe(ModelProbe):
         for layer, head in switching.nonzero().tolist():
             values = stacked[:, layer, head]
             found.append({"layer": layer, "head": head, "spread": float(values.max() - values.min()),
-                          "loss_change": {str(w): round(float(values[i]), 6)
+                          "loss_change": {w: round(float(values[i]), 6)
                                           for i, (w, _) in enumerate(self.per_window)}})
         return sorted(found, key=lambda row: -row["spread"])[:30]
 
@@ -164,5 +191,5 @@ class ActiveDormantProbe(ModelProbe):
             ok = (self.tested > 0) & (self.entropy_seen > 0)
             agreement = float((dormant == sink)[ok].double().mean()) if bool(ok.any()) else math.nan
         return {"tolerance": self.tolerance, "tau_row": self.tau_row, "tau_col": self.tau_col,
-                "layers": self.layers if self.layers is not None else "all",
+                "layers": self.layers if self.layers is not None else "all", "other_text": self.other_text,
                 "detector_agreement": agreement, "switching_heads": self.switching_heads()}

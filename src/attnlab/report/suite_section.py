@@ -228,7 +228,7 @@ def _dormant(p: _Probe, extras: Mapping[str, Any]) -> dict[str, Any]:
     if heat:
         figures.insert(0, _fig(heat, "Heatmaps of loss change and dormant rate",
                                "Moving each head's attention to the first key, one head at a time."))
-    rows = [[h["layer"], h["head"], h["spread"], ", ".join(f"w{w}: {v:+.4f}" for w, v in h["loss_change"].items())]
+    rows = [[h["layer"], h["head"], h["spread"], ", ".join(f"{w}: {v:+.4f}" for w, v in h["loss_change"].items())]
             for h in extras.get("switching_heads", [])]
     return {"intro": f"Entropy detector agrees with the intervention on {extras.get('detector_agreement')} of heads.",
             "figures": figures,
