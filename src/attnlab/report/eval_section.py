@@ -40,9 +40,9 @@ def _edit_summary(report: list[Mapping[str, Any]]) -> str:
     for entry in report or []:
         change = entry.get("max_change")
         change = f"{change:.3g}" if isinstance(change, (int, float)) else "—"
+        where = f" ({entry['measured_on']})" if entry.get("measured_on") else ""
         parts.append(f"{entry.get('edit', '?')}: {entry.get('calls_touched', '—')} calls, "
-                     f"{entry.get('heads_touched', '—')} heads, max change {change} "
-                     f"({entry.get('measured_on', '—')})")
+                     f"{entry.get('heads_touched', '—')} heads, max change {change}{where}")
     return "; ".join(parts) or "—"
 
 
@@ -91,6 +91,8 @@ def eval_section(results: Mapping[str, Any]) -> dict[str, Any] | None:
         position_figure = plots.lines_figure(panels, height=3.4)
     return {
         "table": table,
+        "has_lm": any(r.get("perplexity") is not None for r in variants),
+        "has_passkey": any(r.get("passkey") for r in variants),
         "definitions": sorted((info.get("definitions") or {}).items()),
         "settings": {key: info.get(key) for key in ("seq_len", "window_text_tokens", "stride", "num_windows")},
         "position_figure": position_figure,
