@@ -267,3 +267,27 @@ def test_head_overlap_of_two_halves(tiny_dirs):
     # text B = the same text: the same windows give the same dormant fractions
     b = {r["layer"]: r["value"] for r in _rows(results, "dormant_fraction_b")}
     assert b == {r["layer"]: r["value"] for r in _rows(results, "dormant_fraction")}
+
+
+# contrast ------------------------------------------------------------------------------------------------------------
+
+def test_unigram_entropy_known_values():
+    from attnlab.probes.contrast import unigram_entropy
+
+    assert unigram_entropy([4, 4, 4]) == 0.0
+    assert unigram_entropy([1, 1, 2, 2]) == pytest.approx(math.log(2))
+    assert unigram_entropy([1, 2, 3, 5]) == pytest.approx(math.log(4))
+
+
+def test_contrast_of_a_query_with_itself_has_zero_kl(tiny_dirs):
+    a, _, text = tiny_dirs
+    same = _run(a, text, ["contrast"], max_windows=3,
+                probe_args={"contrast": {"task": " the cat sat", "generic": " the cat sat"}})
+    assert all(r["value"] == pytest.approx(0.0, abs=1e-9) for r in _rows(same, "kl_task_generic"))
+    results = _run(a, text, ["contrast"], max_windows=3,
+                   probe_args={"contrast": {"task": " the dog ran", "generic": " birds sang"}})
+    n = 31  # context tokens seen (32 minus the excluded key 0)
+    for statistic in ("context_entropy_generic", "context_entropy_task", "contrast_entropy"):
+        assert all(0 <= r["value"] <= math.log(n) + 1e-9 for r in _rows(results, statistic))
+    assert all(r["value"] >= 0 for r in _rows(results, "kl_task_generic"))
+    assert len(_rows(results, "complexity")) == 3 and len(_rows(results, "entropy_complexity_correlation")) == 1

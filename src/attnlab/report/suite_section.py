@@ -256,6 +256,27 @@ def _overlap(p: _Probe, extras: Mapping[str, Any]) -> dict[str, Any]:
             if heat else [], "tables": []}
 
 
+def _contrast(p: _Probe, extras: Mapping[str, Any]) -> dict[str, Any]:
+    x, generic = p.per_layer("context_entropy_generic")
+    series = [Series(x, generic, "generic query", _COLORS[0]),
+              Series(*p.per_layer("context_entropy_task"), "task query", _COLORS[1]),
+              Series(*p.per_layer("contrast_entropy"), "contrast map", _COLORS[2])]
+    figure = plots.lines_figure([LinePanel(series, "entropy of attention over the context", "layer", "nats"),
+                                 LinePanel([Series(*p.by_position("complexity"), "unigram entropy", _COLORS[3]),
+                                            Series(*p.by_position("window_entropy_generic"), "attention entropy",
+                                                   _COLORS[0])], "per window", "window", "nats")])
+    corr = p.scalar("entropy_complexity_correlation")
+    rows = [[w["window"], " ".join(t for _, t in w["tokens"])] for w in extras.get("top_contrast_tokens", [])]
+    return {"intro": f"Task query {extras.get('task')!r} vs generic query {extras.get('generic')!r}; "
+                     f"correlation of complexity and attention entropy over windows: "
+                     f"{'—' if corr is None else f'{corr:.3g}'}.",
+            "figures": [_fig(figure, "Attention entropy of the two queries and of their contrast per layer",
+                             "Left: entropy of the query tokens' attention over the context (renormalised, key 0 "
+                             "left out) and of the contrast map. Right: input complexity and attention entropy.")],
+            "tables": [_table(["window", "highest-contrast tokens"], rows[:TOP], "Context tokens the task query "
+                              "attends to more than the generic one (mean over layers).")]}
+
+
 SECTIONS: dict[str, tuple[str, Callable[[_Probe, Mapping[str, Any]], dict[str, Any]]]] = {
     "massive_activations": ("Massive activations", _massive),
     "magnets": ("Attention magnets", _magnets),
@@ -268,6 +289,7 @@ SECTIONS: dict[str, tuple[str, Callable[[_Probe, Mapping[str, Any]], dict[str, A
     "active_dormant": ("Active and dormant heads", _dormant),
     "head_importance": ("Head importance", _importance),
     "head_overlap": ("Head overlap", _overlap),
+    "contrast": ("Contrastive attention", _contrast),
 }
 
 
