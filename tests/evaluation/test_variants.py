@@ -63,8 +63,9 @@ def test_an_edit_that_changes_attention_changes_the_scores():
     rows, records = _run(model, ["head_scale:scale=0", "sink_window:sinks=1,window=3"])
     assert records[1]["nll"] != pytest.approx(records[0]["nll"])
     assert records[2]["nll"] != pytest.approx(records[0]["nll"])
-    assert {r["probe"] for r in rows} == {f"{task}@{label}" for task in ("perplexity", "next_token")
-                                          for label in ("baseline", "head_scale:scale=0", "sink_window:sinks=1,window=3")}
+    labels = ("baseline", "head_scale:scale=0", "sink_window:sinks=1,window=3")
+    tasks = ("perplexity", "next_token")
+    assert {r["probe"] for r in rows} == {f"{task}@{label}" for task in tasks for label in labels}
 
 
 def test_an_edit_that_never_fires_stops_the_run():

@@ -5,9 +5,10 @@ token count made exact). The text is tokenized once into ``x_0 … x_{N-1}`` (no
 the text tokens ``[b_k, e_k)`` with ``b_k = k·stride`` and ``e_k = b_k + W`` (``W`` = text tokens per window =
 ``seq_len``, or ``seq_len − 1`` when a BOS token is prepended to every window); only full windows are used, at most
 ``max_windows`` of them, and ``stride ≤ W``. Window ``k`` *scores* the tokens ``t ∈ [max(e_{k−1}, b_k + 1), e_k)``
-(``e_{−1} = 0``): the ones no earlier window scored. Token ``t`` is predicted from the context ``x_{b_k} … x_{t−1}``
-(after the BOS, if any). Every scored token is scored exactly once. ``x_0`` is never scored, and with
-``stride = W`` neither is the first token of each window (no context inside its window), as in the guide.
+(``e_{−1} = 0``): the ones no earlier window scored. Token ``t`` is predicted from the context
+``x_{b_k} … x_{t−1}`` (after the BOS, if any). Every scored token is scored exactly once. ``x_0`` is never
+scored, and with ``stride = W`` neither is the first token of each window (no context inside its window), as in
+the guide.
 
 - ``perplexity = exp( Σ_t −log p(x_t | context) / T )`` over the T scored tokens (natural log);
 - ``next_token`` accuracy = fraction of scored tokens whose arg-max prediction equals ``x_t`` (ties: lowest id).

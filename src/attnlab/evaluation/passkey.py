@@ -150,7 +150,7 @@ def is_correct(answer: str, key: str) -> bool:
 
 
 def summarise(trials: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Accuracy per (length, depth) cell, per length and per depth from per-trial records (keys length/depth/correct)."""
+    """Accuracy per (length, depth) cell, per length and per depth, from trial records (length, depth, correct)."""
 
     def group(keys: tuple[str, ...]) -> list[dict[str, Any]]:
         cells: dict[tuple, list[bool]] = {}
