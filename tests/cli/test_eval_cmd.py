@@ -76,8 +76,10 @@ def test_eval_reads_a_yaml_config(model_dir, text, tmp_path):
     (("--passkey-depths", "0,2", "--task", "passkey"), ("depth",)),
     (("--passkey-lengths", "abc", "--task", "passkey"), ("--passkey-lengths",)),
     (("--search", "grid"), ("--search",)),
+    (("--search", "zerotuning", "--max-windows", "1"), ("--search needs",)),
+    (("--search", "act", "--task", "passkey"), ("--search needs",)),
 ], ids=["short-text", "bad-task", "bad-edit", "empty-edit", "unknown-edit", "big-stride", "bad-depth", "bad-length",
-        "bad-search"])
+        "bad-search", "search-one-window", "search-no-lm-task"])
 def test_bad_input_is_one_line_and_exit_2(model_dir, tmp_path, args, fragments):
     short = tmp_path / "short.txt"
     short.write_text(" ".join(WORDS[:100]), encoding="utf-8")
@@ -92,3 +94,16 @@ def test_out_is_checked_before_the_run(model_dir, text, tmp_path):
     result = _run("--model", model_dir, "--text", text, "--seq-len", "16", "--out", str(blocker / "run"))
     assert_one_line_error(result, 2, "Cannot write results")
     assert "config:" not in result.output  # failed before the run started
+
+
+def test_search_zerotuning_splits_validation_and_held_out(model_dir, text, tmp_path):
+    out = tmp_path / "run"
+    result = _run("--model", model_dir, "--text", text, "--seq-len", "24", "--max-windows", "4", "--search",
+                  "zerotuning", "--task", "next_token", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    search = json.loads((out / "results.json").read_text())["eval"]["search"]
+    assert search["validation_windows"] == [0, 1] and search["test_windows"] == [2, 3]
+    assert 1.0 in [point["gamma"] for point in search["grid"]] and "baseline" in search["test"]
+    frame = pd.read_csv(out / "results.csv")
+    assert "search_zerotuning@baseline" in set(frame.probe)
+    assert "Search: zerotuning" in (out / "report.html").read_text()

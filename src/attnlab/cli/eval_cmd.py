@@ -98,6 +98,10 @@ def eval_command(
         search_kind = values["search"]
         if search_kind not in (None, "zerotuning", "act"):
             raise ConfigError(f"--search must be zerotuning or act, got {search_kind!r}")
+        if search_kind is not None and (eval_config.max_windows < 2
+                                        or not {"perplexity", "next_token"} & set(eval_config.tasks)):
+            raise ConfigError("--search needs --max-windows >= 2 and the perplexity or next_token task (it splits "
+                              "the windows into a validation and a held-out half)")
         for spec in eval_config.variants:
             parse_variant(spec)  # bad edit names/values fail here, before the model loads
         out_dir = Path(values["out"])
