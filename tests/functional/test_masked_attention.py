@@ -50,6 +50,7 @@ MASK_CASES = [
     pytest.param(lambda: M.MASKS.get("sink_window")(num_sink_tokens=2, window=4), id="sinks+window"),
     pytest.param(lambda: M.ls_heads(4, 2), id="ls_heads"),
     pytest.param(lambda: S.radial(6, 6, min_window=2, sink_frames=1, num_text_tokens=1), id="radial"),
+    pytest.param(lambda: S.radial(6, 6, block_size=8, num_text_tokens=1), id="radial-blocks"),
     pytest.param(lambda: S.shifted_groups(8, H, 2), id="shifted_groups"),
     pytest.param(_dma_mask, id="dma"),
     pytest.param(_sparsed_mask, id="sparsed"),

@@ -154,3 +154,20 @@ def test_sparsed_block_keep_matches_loop_oracle_and_schedule():
     first = _dense(schedule.mask_for_step(2, probs), 1, 2, 11, 11)
     later = _dense(schedule.mask_for_step(7), 1, 2, 11, 11)  # reused, no probs needed
     assert torch.equal(first, later)
+
+
+def test_radial_block_rule_matches_loop_oracle():
+    """A tile is on iff > 60% of its non-empty columns have density > 1/3 (counted by loops over the token mask)."""
+    frames, s, block = 5, 6, 4
+    L = frames * s
+    tokens = R.keep_from_rule(R.radial_rule(frames, s), 1, 1, L, L)[0, 0]
+    expected = torch.zeros(-(-L // block), -(-L // block), dtype=torch.bool)
+    for qb in range(expected.shape[0]):
+        rows = tokens[qb * block:(qb + 1) * block]
+        for kb in range(expected.shape[1]):
+            cols = [rows[:, j].double().mean().item() for j in range(kb * block, min(L, (kb + 1) * block))]
+            non_empty = [c for c in cols if c > 0]
+            expected[qb, kb] = bool(non_empty) and sum(c > 1 / 3 for c in non_empty) > 0.6 * len(non_empty)
+    assert torch.equal(S.coarsen_to_blocks(S.radial(frames, s), L, L, block)[0, 0], expected)
+    blocks = _dense(S.radial(frames, s, block_size=block), 1, 1, L, L)[0, 0]
+    assert torch.equal(blocks, expected.repeat_interleave(block, 0).repeat_interleave(block, 1)[:L, :L])

@@ -27,8 +27,8 @@ from attnlab.functional.masks import (
     from_keep,
 )
 
-__all__ = ["dma", "dma_bias", "dma_keep", "groups", "radial", "radial_window_table", "shifted_groups", "sparsed",
-           "sparsed_block_keep", "SparsedSchedule"]
+__all__ = ["SparsedSchedule", "coarsen_to_blocks", "dma", "dma_bias", "dma_keep", "groups", "radial",
+           "radial_window_table", "shifted_groups", "sparsed", "sparsed_block_keep"]
 
 
 # ----------------------------------------------------------------------------------------------------------- radial
@@ -66,16 +66,42 @@ def radial_window_table(num_frames: int, tokens_per_frame: int, decay_factor: fl
     return widths, on
 
 
+def coarsen_to_blocks(mask_mod: MaskMod, q_len: int, kv_len: int, block_size: int = 128, *,
+                      column_density: float = 1 / 3, column_fraction: float = 0.6,
+                      device: torch.device | str | None = None) -> Tensor:
+    """Radial attention's block rule: a (query block, key block) tile is on iff more than ``column_fraction`` of its
+    non-empty key columns have density above ``column_density`` (METHODS.md #10; ``shrinkMaskStrict``).
+
+    Evaluated for batch 0, head 0, one block row at a time. Returns bool (1, 1, nq, nk).
+    """
+    _check_positive("block_size", block_size)
+    nq, nk = -(-q_len // block_size), -(-kv_len // block_size)
+    table = torch.zeros(1, 1, nq, nk, dtype=torch.bool, device=device)
+    b = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
+    kv = torch.arange(nk * block_size, device=device)[None, None, None, :]
+    for row in range(nq):
+        q = torch.arange(row * block_size, min(q_len, (row + 1) * block_size), device=device)[None, None, :, None]
+        keep = torch.as_tensor(mask_mod(b, b, q, kv)).expand(1, 1, q.shape[2], kv.shape[3]) & (kv < kv_len)
+        col_density = keep[0, 0].sum(dim=0).view(nk, block_size).to(torch.float64) / q.shape[2]  # (nk, bs)
+        non_empty = (col_density > 0).sum(dim=-1)
+        dense_cols = (col_density > column_density).sum(dim=-1)
+        table[0, 0, row] = (non_empty > 0) & (dense_cols > column_fraction * non_empty)
+    return table
+
+
 @MASKS.register("radial")
 def radial(num_frames: int, tokens_per_frame: int, decay_factor: float = 1.0, min_window: int = 1,
-           sink_frames: int = 0, num_text_tokens: int = 0, device: torch.device | str | None = None) -> MaskMod:
+           sink_frames: int = 0, num_text_tokens: int = 0, block_size: int | None = None,
+           device: torch.device | str | None = None) -> MaskMod:
     """Radial attention: spatial window shrinking with temporal distance for a frames × tokens layout, O(n log n).
 
     Token t < num_frames · tokens_per_frame is (frame t // s, spatial index t % s); query token (fq, pq) sees key
     (fk, pk) iff d = |fq − fk| ≤ 1, or the distance-d diagonal is kept and |pq − pk| ≤ w(d)
     (:func:`radial_window_table`), or fk < ``sink_frames`` (the Wan "first frame visible" sink). The
     ``num_text_tokens`` tokens after the video are dense (see and are seen by everyone). Bidirectional; AND with
-    ``causal()`` for a causal variant. Token level (the paper's code then coarsens to 128-blocks; not reproduced).
+    ``causal()`` for a causal variant. ``block_size=None`` gives the token-level mask; ``block_size=b`` applies the
+    paper's block rule (:func:`coarsen_to_blocks`, b = 128 in its code) and returns whole b × b tiles, which a
+    block-sparse kernel runs without evaluating the mask inside them.
     Source: Li et al. 2025, Radial Attention (METHODS.md #10). ``device``: where the lookup tables live.
     """
     widths, on = radial_window_table(num_frames, tokens_per_frame, decay_factor, min_window)
@@ -93,7 +119,12 @@ def radial(num_frames: int, tokens_per_frame: int, decay_factor: float = 1.0, mi
         is_text = (q_idx >= video) | (kv_idx >= video)
         return keep_video | is_text
 
-    return _named(mask_mod, f"radial({num_frames}x{tokens_per_frame}, decay={decay_factor})")
+    name = f"radial({num_frames}x{tokens_per_frame}, decay={decay_factor})"
+    if block_size is None:
+        return _named(mask_mod, name)
+    length = video + num_text_tokens
+    table = coarsen_to_blocks(mask_mod, length, length, block_size, device=device)
+    return from_keep(table, block_size=block_size, name=f"{name}[block={block_size}]")
 
 
 # --------------------------------------------------------------------------------------------------- shifted groups
