@@ -291,3 +291,50 @@ def test_contrast_of_a_query_with_itself_has_zero_kl(tiny_dirs):
         assert all(0 <= r["value"] <= math.log(n) + 1e-9 for r in _rows(results, statistic))
     assert all(r["value"] >= 0 for r in _rows(results, "kl_task_generic"))
     assert len(_rows(results, "complexity")) == 3 and len(_rows(results, "entropy_complexity_correlation")) == 1
+
+
+# memory_fidelity -----------------------------------------------------------------------------------------------------
+
+def test_orthonormal_keys_are_read_back_with_the_decay_product():
+    from attnlab.stats.memory import horizontal_fidelity
+
+    T, K, gamma = 6, 6, 0.8
+    key = torch.eye(K)[None, None, :T]  # token t has key e_t: no interference
+    value = torch.randn(1, 1, T, 3, generator=torch.Generator().manual_seed(0))
+    retention, fidelity, pairs = horizontal_fidelity(key, value, torch.tensor([math.log(gamma)]), [0, 1, 3])
+    assert retention[0].tolist() == pytest.approx([1.0, gamma, gamma**3])
+    assert fidelity[0].tolist() == pytest.approx([1.0, 1.0, 1.0])
+    assert pairs.tolist() == [6, 5, 3]
+
+
+def test_memory_fidelity_on_a_retention_layer_and_skip_without_one(tiny_dirs):
+    from attnlab.layers import LAYERS
+    from attnlab.probes.memory_fidelity import MemoryFidelityProbe, recurrent_layers
+
+    layer = LAYERS.get("retention")(hidden_size=16, num_heads=2)
+    assert recurrent_layers(layer) == [layer]
+    from attnlab.probes.memory_fidelity import layer_keys_values
+
+    probe = MemoryFidelityProbe(lags=[0, 2])
+    hidden = torch.randn(2, 9, 16, generator=torch.Generator().manual_seed(1))
+    probe.observe_layer(layer, hidden)
+    rows = probe.rows()
+    retention = {(r["head"], r["position"]): r["value"] for r in rows if r["statistic"] == "retention"}
+    assert set(retention) == {(0, 0), (0, 2), (1, 0), (1, 2)}
+    # independent loop: state S_t = γ S_(t-1) + k_tᵀ v_t, read back token t at t + 2 with k_t / ‖k_t‖²
+    key, value = (x.double() for x in layer_keys_values(layer, hidden))
+    gamma = float(layer.log_decay[0].exp())
+    total, count = 0.0, 0
+    for b in range(2):
+        for t in range(9 - 2):
+            state = torch.zeros(key.shape[-1], value.shape[-1], dtype=torch.float64)
+            for s in range(t + 3):
+                state = gamma * state + torch.outer(key[b, 0, s], value[b, 0, s])
+            readout = key[b, 0, t] @ state / key[b, 0, t].dot(key[b, 0, t])
+            total += float(readout.dot(value[b, 0, t]) / value[b, 0, t].dot(value[b, 0, t]))
+            count += 1
+    assert retention[(0, 2)] == pytest.approx(total / count, rel=1e-6)
+    a, _, text = tiny_dirs
+    skipped = _run(a, text, ["memory_fidelity"])
+    assert [r for r in skipped["rows"] if r["probe"] == "memory_fidelity"] == []
+    assert "skipped" in skipped["extras"]["memory_fidelity"]["skipped"]

@@ -11,7 +11,8 @@ from attnlab.registry import Registry
 
 _BUILTIN_MODULES = ("entropy", "sink", "distance", "norms", "massive_activations", "magnets", "rope_decay",
                     "spatial_decay", "inflection", "cka", "length_collapse", "head_divergence",
-                    "active_dormant", "head_importance", "head_overlap", "contrast")
+                    "active_dormant", "head_importance", "head_overlap", "contrast",
+                    "memory_fidelity")
 
 
 def _load_builtins() -> None:

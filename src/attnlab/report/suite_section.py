@@ -277,6 +277,25 @@ def _contrast(p: _Probe, extras: Mapping[str, Any]) -> dict[str, Any]:
                               "attends to more than the generic one (mean over layers).")]}
 
 
+def _memory(p: _Probe, extras: Mapping[str, Any]) -> dict[str, Any]:
+    if extras.get("skipped") and not p.has("retention"):
+        return {"intro": extras["skipped"], "figures": [], "tables": []}
+    series = []
+    for layer in range(max(p.num_layers, 1)):
+        pairs = sorted((pos, v) for lay, _, pos, v in p.by_stat.get("retention", []) if lay == layer)
+        by_lag: dict[Any, list[float]] = defaultdict(list)
+        for pos, v in pairs:
+            by_lag[pos].append(v)
+        lags = sorted(by_lag)
+        series.append(Series(np.array(lags, float), np.array([np.mean(by_lag[k]) for k in lags]), f"layer {layer}",
+                             _COLORS[layer % 6]))
+    figure = plots.lines_figure([LinePanel(series, "state read-back vs lag", "lag k (steps)",
+                                           "retention ⟨r, v⟩/‖v‖²")], height=3.0)
+    return {"intro": f"Lags {extras.get('lags')}; {extras.get('layers_measured')} recurrent layer(s).",
+            "figures": [_fig(figure, "Retention against lag per recurrent layer", "Mean over heads and tokens.")],
+            "tables": []}
+
+
 SECTIONS: dict[str, tuple[str, Callable[[_Probe, Mapping[str, Any]], dict[str, Any]]]] = {
     "massive_activations": ("Massive activations", _massive),
     "magnets": ("Attention magnets", _magnets),
@@ -290,6 +309,7 @@ SECTIONS: dict[str, tuple[str, Callable[[_Probe, Mapping[str, Any]], dict[str, A
     "head_importance": ("Head importance", _importance),
     "head_overlap": ("Head overlap", _overlap),
     "contrast": ("Contrastive attention", _contrast),
+    "memory_fidelity": ("Memory fidelity", _memory),
 }
 
 
@@ -301,7 +321,7 @@ def suite_sections(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     extras = results.get("extras") or {}
     sections = []
     for name, (title, build) in SECTIONS.items():
-        if not by_probe.get(name):
+        if not by_probe.get(name) and not (extras.get(name) or {}).get("skipped"):
             continue
         section = build(_Probe(by_probe[name]), extras.get(name) or {})
         sections.append({"id": f"probe-{name.replace('_', '-')}", "title": title, "probe": name, **section})

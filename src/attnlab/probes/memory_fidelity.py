@@ -1,0 +1,135 @@
+"""Memory fidelity of recurrent (decaying linear-attention) layers (Wang et al. 2025, MemMamba, METHODS.md #15).
+
+Low confidence: MemMamba defines ETMF/ECLMF in words only; the estimators are those of :mod:`attnlab.stats.memory`
+(horizontal: a token's value read back from the state k steps later with its own key, as retention ⟨r, v⟩/‖v‖²
+and as cosine; vertical: cosine between a token's inputs to two recurrent layers). The probe looks for modules of
+the layer library (:data:`attnlab.layers.LAYERS`) with a per-head constant ``log_decay`` buffer and ``k_proj`` /
+``v_proj`` projections (RetNet retention, Lightning attention); keys are rotated as the layer does when it has a
+``rope_base``. A model without such a layer (every bundled model) is skipped with a warning and an explanation in
+the extras, and produces no rows. ``observe_layer(module, hidden_states)`` measures one layer directly.
+
+Rows: ``retention`` and ``fidelity`` (layer = index among the recurrent layers, head, position = lag k), and
+``vertical_fidelity`` (layer = l, position = l', l < l').
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from attnlab.errors import ConfigError
+from attnlab.probes import PROBES
+from attnlab.probes.base import Row, RowWriter
+from attnlab.probes.model_base import ModelInfo, ModelProbe
+from attnlab.stats.memory import horizontal_fidelity, vertical_fidelity
+
+logger = logging.getLogger(__name__)
+
+SKIP_MESSAGE = ("memory_fidelity skipped: the model has no recurrent layer from attnlab.layers (a module with "
+                "k_proj, v_proj and a per-head log_decay, e.g. retention or lightning)")
+
+
+def recurrent_layers(model: nn.Module) -> list[nn.Module]:
+    """Modules of ``model`` (itself included) that the probe can measure, in module order."""
+    from attnlab.layers import LAYERS
+
+    classes = tuple(LAYERS.get(name) for name in LAYERS.names())
+    found = []
+    for module in model.modules():
+        decay = getattr(module, "log_decay", None)
+        if isinstance(module, classes) and isinstance(decay, Tensor) and decay.dim() == 1 \
+                and isinstance(getattr(module, "k_proj", None), nn.Linear) and isinstance(getattr(module, "v_proj", None), nn.Linear):
+            found.append(module)
+    return found
+
+
+def layer_keys_values(module: nn.Module, hidden_states: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, H, T, K) keys (rotated when the layer rotates them) and (B, H, T, V) values, kv heads expanded."""
+    from attnlab.layers._common import rotary, split_heads
+
+    H = module.num_heads
+    Hkv = getattr(module, "num_kv_heads", H) or H
+    key = split_heads(module.k_proj(hidden_states), Hkv)
+    value = split_heads(module.v_proj(hidden_states), Hkv)
+    if hasattr(module, "rope_base"):
+        key = rotary(key, 0, module.rope_base)
+    return key.repeat_interleave(H // Hkv, dim=1), value.repeat_interleave(H // Hkv, dim=1)
+
+
+@PROBES.register("memory_fidelity")
+class MemoryFidelityProbe(ModelProbe):
+    """Horizontal (state read-back over k steps) and vertical (across layers) memory fidelity of recurrent layers.
+
+    Args:
+        lags: step distances k (default [1, 2, 4, 8, 16, 32]).
+    """
+
+    name = "memory_fidelity"
+
+    def __init__(self, lags: list[int] | tuple[int, ...] = (1, 2, 4, 8, 16, 32)) -> None:
+        lags = [lags] if isinstance(lags, int) else list(lags)
+        if not lags or any(not isinstance(k, int) or k < 0 for k in lags):
+            raise ConfigError(f"lags must be integers >= 0, got {lags}")
+        self.lags = sorted(set(lags))
+        self.results: dict[int, list[Tensor]] = {}
+        self.inputs: list[list[Tensor]] = []
+        self.skipped: str | None = None
+
+    def prepare(self, info: ModelInfo) -> None:
+        super().prepare(info)
+        self.results, self.inputs, self.skipped = {}, [], None
+
+    def observe_layer(self, module: nn.Module, hidden_states: Tensor, index: int = 0,
+                      valid: Tensor | None = None) -> None:
+        """Measure one recurrent layer on its input hidden_states (B, T, C) (right padding via ``valid``)."""
+        with torch.no_grad():
+            key, value = layer_keys_values(module, hidden_states)
+            retention, fidelity, pairs = horizontal_fidelity(key.cpu(), value.cpu(), module.log_decay.cpu(),
+                                                             self.lags, valid)
+        sums = self.results.setdefault(index, [torch.zeros_like(retention), torch.zeros_like(fidelity),
+                                               torch.zeros_like(pairs)])
+        sums[0] += retention * pairs
+        sums[1] += fidelity * pairs
+        sums[2] += pairs
+
+    def observe(self, runner: Any, batch: dict[str, Tensor]) -> None:
+        layers = recurrent_layers(runner.model)
+        if not layers:
+            if self.skipped is None:
+                logger.warning(SKIP_MESSAGE)
+                self.skipped = SKIP_MESSAGE
+            return
+        captured: dict[int, Tensor] = {}
+        hooks = [m.register_forward_pre_hook(lambda mod, args, kwargs, i=i: captured.__setitem__(
+            i, kwargs.get("hidden_states", args[0] if args else None)), with_kwargs=True) for i, m in enumerate(layers)]
+        try:
+            with torch.no_grad():
+                runner.model(**batch)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        valid = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool().cpu()
+        for i, module in enumerate(layers):
+            self.observe_layer(module, captured[i], i, valid)
+        self.inputs.append([captured[i].detach().cpu() for i in range(len(layers))] + [valid])
+
+    def rows(self) -> list[Row]:
+        out = RowWriter(self.name)
+        for index, (retention, fidelity, pairs) in sorted(self.results.items()):
+            for i, lag in enumerate(self.lags):
+                if float(pairs[i]) > 0:
+                    ok = torch.ones(retention.shape[0], dtype=torch.bool)
+                    out.add_indexed("retention", retention[:, i] / pairs[i], ok, ("head",), layer=index, position=lag)
+                    out.add_indexed("fidelity", fidelity[:, i] / pairs[i], ok, ("head",), layer=index, position=lag)
+        if self.inputs:
+            matrix = torch.stack([vertical_fidelity(b[:-1], b[-1]) for b in self.inputs]).mean(0)  # mean over batches
+            for i in range(matrix.shape[0]):
+                for j in range(i + 1, matrix.shape[0]):
+                    out.add("vertical_fidelity", float(matrix[i, j]), i, None, j)
+        return out.rows
+
+    def extras(self, decode: Any = None) -> dict[str, Any]:
+        return {"lags": self.lags, "layers_measured": len(self.results), "skipped": self.skipped}
