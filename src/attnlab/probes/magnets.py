@@ -114,7 +114,7 @@ class MagnetsProbe(Probe):
         return classes.to(call.key_valid.device)
 
     def begin_call(self, call: AttentionCall) -> None:
-        B, Lk, H = call.key_valid.shape[0], call.kv_len, call.num_heads
+        B, Lk = call.key_valid.shape[0], call.kv_len
         classes = self._classes(call)
         self._onehot = torch.nn.functional.one_hot(classes, len(CLASSES)).float() * call.key_valid[..., None]
         self._col_sum = torch.zeros(B, Lk, device=call.value.device)
