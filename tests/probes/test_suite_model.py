@@ -338,3 +338,33 @@ def test_memory_fidelity_on_a_retention_layer_and_skip_without_one(tiny_dirs):
     skipped = _run(a, text, ["memory_fidelity"])
     assert [r for r in skipped["rows"] if r["probe"] == "memory_fidelity"] == []
     assert "skipped" in skipped["extras"]["memory_fidelity"]["skipped"]
+
+
+def test_head_divergence_matches_eager_attention_times_values(llama):
+    """Layer 0 head outputs rebuilt from HF eager probs (output_attentions) and the v_proj output, by hand."""
+    from attnlab.probes.head_divergence import HeadDivergenceProbe
+
+    eager = copy.deepcopy(llama)
+    eager.set_attn_implementation("eager")
+    ids = torch.tensor([[5, 9, 11, 3, 17, 21, 8, 30, 12, 6]])
+    split = 4
+
+    def head_outputs(x):
+        captured = {}
+        hook = eager.model.layers[0].self_attn.v_proj.register_forward_hook(
+            lambda m, a, out: captured.__setitem__("v", out))
+        with torch.no_grad():
+            attn = eager(input_ids=x, output_attentions=True).attentions[0][0]  # (H, L, L)
+        hook.remove()
+        v = captured["v"][0].view(x.shape[1], 2, -1).transpose(0, 1).repeat_interleave(2, dim=0)  # (H, L, D)
+        return (attn.double() @ v.double()).transpose(0, 1)  # (L, H, D)
+
+    with_ctx, without = head_outputs(ids), head_outputs(ids[:, split:])
+    rest = ids.shape[1] - split
+    expected = (with_ctx[-rest:] - without[-rest:]).norm(dim=-1).mean(0)  # (H,)
+    probe = HeadDivergenceProbe(context=split)
+    runner = ModelRunner(llama)
+    probe.prepare(runner.info)
+    probe.observe(runner, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    got = [r["value"] for r in probe.rows() if r["statistic"] == "divergence" and r["layer"] == 0]
+    assert got == pytest.approx(expected.tolist(), rel=1e-4, abs=1e-6)
