@@ -1,0 +1,248 @@
+"""Chunk-form decaying linear attention against causal SDPA and flash-linear-attention's naive chunk reference.
+
+Shapes: batch 1, 8 heads, head_dim 64, float32, CPU; seq_len 1024 … 16384. Implementations:
+
+- ``chunk``: ``attnlab.functional.linear_attention.linear_attention_chunk`` with RetNet's per-head log decay
+  (chunk_size 64), heads-first inputs;
+- ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention(..., is_causal=True)``, heads-first;
+- ``fla_naive_chunk``: ``fla.ops.simple_gla.naive.naive_chunk_simple_gla`` (chunk 64) with the same decay as a
+  per-step ``g`` (B, T, H), seq-first inputs created contiguous (no layout cost timed); only with the dev extra;
+- ``chunk_gla`` (opt-in with ``--impls``): ``linear_attention_chunk`` with a data-dependent per-key-dim decay.
+
+Modes: ``fwd`` (under ``torch.no_grad()``) and ``fwdbwd`` (forward, then backward of a fixed random cotangent;
+query/key/value require grad). Every (impl, length, mode) runs in its own process (this script with ``--child``):
+inputs are made, one 256-token warm-up call runs, then ``--repeats`` timed calls (``--long-repeats`` at 16384).
+The child reports the wall times, their median, RSS after the warm-up and the peak RSS of the timed calls
+(``VmHWM`` reset through ``/proc/self/clear_refs`` after the warm-up): peak memory of a form = peak minus RSS
+before, in MiB (it includes the inputs' gradients in ``fwdbwd``). Threads: ``--threads`` (default 1: the machine is shared, and two
+OpenMP threads stall badly under foreign load; the same setting for every implementation). ``os.getloadavg()``
+is recorded before and after each child. Results go to ``--json`` after every child.
+
+    python benchmarks/linear_attention.py --markdown               # the run in docs/benchmarks.md (~8 min)
+    python benchmarks/linear_attention.py --lengths 1024 2048 --repeats 2   # smoke test
+    python benchmarks/linear_attention.py --render bench-results/linear_attention.json --markdown
+
+This file is not part of the attnlab package and is never imported by it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+IMPLS = ("chunk", "sdpa", "fla_naive_chunk", "chunk_gla")
+MODES = ("fwd", "fwdbwd")
+HEADS, HEAD_DIM, CHUNK, WARMUP_LEN = 8, 64, 64, 256
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM (Linux >= 4.0), so the peak excludes import-time transients; False if not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _make(impl: str, length: int):
+    """Inputs and a zero-argument callable returning the output for one implementation."""
+    import torch
+    import torch.nn.functional as F
+
+    from attnlab.functional.linear_attention import linear_attention_chunk
+
+    g = torch.Generator().manual_seed(length)
+    seq_first = impl == "fla_naive_chunk"
+    shape = (1, length, HEADS, HEAD_DIM) if seq_first else (1, HEADS, length, HEAD_DIM)
+    q, k, v = (torch.randn(shape, generator=g) for _ in range(3))
+    log_decay = torch.log1p(-torch.pow(2.0, -5.0 - torch.arange(HEADS, dtype=torch.float64))).float()
+    if impl == "chunk":
+        return (q, k, v), lambda q, k, v: linear_attention_chunk(q, k, v, log_decay, chunk_size=CHUNK)[0]
+    if impl == "chunk_gla":
+        gk = F.logsigmoid(torch.randn(1, HEADS, length, HEAD_DIM, generator=g) + 3) / 16
+        return (q, k, v), lambda q, k, v: linear_attention_chunk(q, k, v, gk, chunk_size=CHUNK)[0]
+    if impl == "sdpa":
+        return (q, k, v), lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    from fla.ops.simple_gla.naive import naive_chunk_simple_gla
+
+    g_steps = log_decay[None, None].expand(1, length, HEADS).contiguous()
+    return (q, k, v), lambda q, k, v: naive_chunk_simple_gla(q, k, v, g_steps, chunk_size=CHUNK)[0]
+
+
+def run_child(impl: str, length: int, mode: str, repeats: int, threads: int) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(threads)
+    warm_inputs, warm_fn = _make(impl, WARMUP_LEN)
+    inputs, fn = _make(impl, length)
+
+    def call(tensors, f):
+        if mode == "fwd":
+            with torch.no_grad():
+                f(*tensors)
+            return
+        leaves = [t.requires_grad_() for t in tensors]
+        out = f(*leaves)
+        out.backward(torch.ones_like(out).normal_(generator=torch.Generator().manual_seed(0)))
+
+    call(warm_inputs, warm_fn)  # first, so lazy one-off allocations are not counted as the form's memory
+    rss_before = _status_kib("VmRSS")
+    reset = _reset_peak_rss()
+    times = []
+    for _ in range(repeats):
+        for t in inputs:
+            t.grad = None
+        start = time.perf_counter()
+        call(inputs, fn)
+        times.append(time.perf_counter() - start)
+    peak = _status_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"times_s": times, "median_s": statistics.median(times), "rss_before_kib": rss_before,
+            "peak_rss_kib": peak, "peak_extra_mib": round((peak - rss_before) / 1024, 1), "peak_reset": reset}
+
+
+def run_one(impl: str, length: int, mode: str, args: argparse.Namespace) -> dict[str, Any]:
+    repeats = args.long_repeats if length >= 16384 and args.long_repeats else args.repeats
+    base = {"impl": impl, "seq_len": length, "mode": mode, "repeats": repeats, "loadavg_before": os.getloadavg()}
+    cmd = [sys.executable, __file__, "--child", impl, "--length", str(length), "--mode", mode,
+           "--repeats", str(repeats), "--threads", str(args.threads)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=REPO)
+    except subprocess.TimeoutExpired:
+        return {**base, "ok": False, "reason": f"timeout after {args.timeout} s", "loadavg_after": os.getloadavg()}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode or not lines:
+        return {**base, "ok": False, "reason": f"exit {done.returncode}: {done.stderr[-400:]}",
+                "loadavg_after": os.getloadavg()}
+    return {**json.loads(lines[-1]), **base, "ok": True, "loadavg_after": os.getloadavg()}
+
+
+def machine_header(threads: int) -> dict[str, Any]:
+    import torch
+
+    import attnlab
+
+    def git(*cmd: str) -> str | None:
+        try:
+            return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    try:
+        import fla
+        fla_version = getattr(fla, "__version__", "installed")
+    except Exception:  # noqa: BLE001 - fla missing or its triton import failing both mean "not available"
+        fla_version = None
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), None)
+    return {
+        "benchmark": "linear_attention", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": threads, "python": platform.python_version(),
+        "torch": torch.__version__, "fla": fla_version, "attnlab": attnlab.__version__,
+        "git_commit": git("rev-parse", "HEAD"), "hostname": platform.node(), "loadavg_start": os.getloadavg(),
+        "shape": {"batch": 1, "num_heads": HEADS, "head_dim": HEAD_DIM, "chunk_size": CHUNK, "dtype": "float32"},
+    }
+
+
+def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (seq_len, mode): median seconds and peak extra MiB per impl, ratios to chunk, chunk growth."""
+    cell = {(r["seq_len"], r["mode"], r["impl"]): r for r in results if r.get("ok")}
+    rows = []
+    for length, mode in sorted({(r["seq_len"], r["mode"]) for r in results}, key=lambda x: (x[1], x[0])):
+        row: dict[str, Any] = {"seq_len": length, "mode": mode}
+        for impl in IMPLS:
+            r = cell.get((length, mode, impl))
+            row[f"{impl}_s"] = r["median_s"] if r else None
+            row[f"{impl}_mib"] = r["peak_extra_mib"] if r else None
+        chunk = row["chunk_s"]
+        for impl in ("sdpa", "fla_naive_chunk"):
+            row[f"{impl}_over_chunk"] = row[f"{impl}_s"] / chunk if chunk and row[f"{impl}_s"] else None
+        half = cell.get((length // 2, mode, "chunk"))
+        row["chunk_growth"] = chunk / half["median_s"] if chunk and half else None
+        rows.append(row)
+    return rows
+
+
+def render(rows: list[dict[str, Any]], markdown: bool) -> str:
+    def fmt(value: Any, spec: str) -> str:
+        return "—" if value is None else format(value, spec)
+
+    head = ["mode", "seq_len", "chunk s", "sdpa s", "fla naive s", "sdpa/chunk", "fla/chunk", "chunk t(n)/t(n/2)",
+            "chunk MiB", "sdpa MiB", "fla MiB"]
+    body = [[r["mode"], str(r["seq_len"]), fmt(r["chunk_s"], ".3f"), fmt(r["sdpa_s"], ".3f"),
+             fmt(r["fla_naive_chunk_s"], ".3f"), fmt(r["sdpa_over_chunk"], ".2f"), fmt(r["fla_naive_chunk_over_chunk"],
+                                                                                     ".2f"),
+             fmt(r["chunk_growth"], ".2f"), fmt(r["chunk_mib"], ".0f"), fmt(r["sdpa_mib"], ".0f"),
+             fmt(r["fla_naive_chunk_mib"], ".0f")] for r in rows]
+    if any(r["chunk_gla_s"] is not None for r in rows):
+        head += ["chunk_gla s", "chunk_gla MiB"]
+        for line, r in zip(body, rows):
+            line += [fmt(r["chunk_gla_s"], ".3f"), fmt(r["chunk_gla_mib"], ".0f")]
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        return "\n".join(lines + ["| " + " | ".join(line) + " |" for line in body])
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    return "\n".join("  ".join(x.rjust(w) for x, w in zip(line, widths)) for line in [head, *body])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    p.add_argument("--impls", nargs="+", choices=IMPLS, default=["chunk", "sdpa", "fla_naive_chunk"])
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per child; the median is reported")
+    p.add_argument("--long-repeats", type=int, default=None, help="timed calls at 16384 (default: --repeats)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads in every child")
+    p.add_argument("--timeout", type=float, default=600, help="seconds before a child is killed")
+    p.add_argument("--json", type=Path, default=REPO / "bench-results" / "linear_attention.json")
+    p.add_argument("--markdown", action="store_true", help="print the table in markdown (for docs/benchmarks.md)")
+    p.add_argument("--render", type=Path, metavar="JSON", help="only print the table of an existing JSON file")
+    p.add_argument("--child", choices=IMPLS, help=argparse.SUPPRESS)
+    p.add_argument("--length", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(run_child(args.child, args.length, args.mode, args.repeats, args.threads)), flush=True)
+        return 0
+    if args.render:
+        print(render(summarise(json.loads(args.render.read_text())["results"]), args.markdown))
+        return 0
+    doc = {"machine": machine_header(args.threads), "results": []}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    for mode in args.modes:
+        for length in args.lengths:
+            for impl in args.impls:
+                result = run_one(impl, length, mode, args)
+                doc["results"].append(result)
+                args.json.write_text(json.dumps(doc, indent=1))
+                status = f"{result['median_s']:.3f} s" if result.get("ok") else result["reason"]
+                print(f"[{time.perf_counter() - started:6.0f} s] {mode} {length} {impl}: {status}", file=sys.stderr)
+    doc["machine"]["loadavg_end"] = os.getloadavg()
+    doc["machine"]["total_s"] = round(time.perf_counter() - started, 1)
+    args.json.write_text(json.dumps(doc, indent=1))
+    print(render(summarise(doc["results"]), args.markdown))
+    failed = [r for r in doc["results"] if not r.get("ok")]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
