@@ -227,3 +227,42 @@ def test_spatial_decay_rejects_bad_grids():
     for grid in ([], [0, 3], [1, 2, 3, 4], [1]):
         with pytest.raises(ConfigError):
             SpatialDecayProbe(grid=grid)
+
+
+# padding and batching on a tiny model -------------------------------------------------------------------------
+
+def test_batched_left_padded_sequences_give_the_same_rows_as_one_at_a_time():
+    from tiny_models import tiny_llama
+
+    from attnlab.capture.session import Session
+
+    model = tiny_llama(num_heads=4, num_kv_heads=2, layers=2)
+    short, long = [5, 9, 11, 3, 17, 21, 8, 30, 12, 6], [7, 7, 12, 40, 41, 2, 3, 9, 10, 11, 13, 50, 51, 52]
+    pad = len(long) - len(short)
+
+    def make():
+        return [MassiveActivationsProbe(abs_threshold=1.0, ratio_threshold=2.0),
+                MagnetsProbe(token_classes={5: 3, 7: 2, 9: 1}, bos_token_id=7),
+                RopeDecayProbe(rope_theta=10000.0, head_dim=8), SpatialDecayProbe(grid=[2, 4], start=1)]
+
+    def rows(probes):
+        out = {}
+        for probe in probes:
+            for r in probe.rows():
+                out[(r["probe"], r["statistic"], r["layer"], r["head"], r["position"])] = r["value"]
+        return out
+
+    one_at_a_time = make()
+    with Session(model, probes=one_at_a_time), torch.no_grad():
+        for ids in (short, long):
+            model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    batched = make()
+    ids = torch.tensor([[0] * pad + short, long])
+    mask = torch.ones_like(ids)
+    mask[0, :pad] = 0
+    with Session(model, probes=batched), torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    expected, got = rows(one_at_a_time), rows(batched)
+    assert len(expected) > 100 and expected.keys() == got.keys()
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
