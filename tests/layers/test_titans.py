@@ -77,3 +77,47 @@ def test_errors():
         LAYERS.get("titans")(C, num_heads=3)
     with pytest.raises(ShapeError):
         build()(torch.randn(1, 3, C + 1, dtype=torch.float64))
+
+
+def build_mac(form="chunk"):
+    torch.manual_seed(0)
+    return LAYERS.get("titans_mac")(C, num_heads=2, segment_size=CHUNK, num_persistent=2, memory_expansion=2,
+                                    form=form).double()
+
+
+def test_mac_forms_agree_and_segments_chain():
+    x = hidden(3 * CHUNK + 1, seed=4)
+    out, state = build_mac()(x)
+    out_r, state_r = build_mac("recurrent")(x)
+    torch.testing.assert_close(out_r, out)
+    for a, b in zip(state_r, state):
+        torch.testing.assert_close(a, b)
+    layer, outs, carried = build_mac(), [], None
+    for lo, hi in [(0, CHUNK), (CHUNK, 3 * CHUNK), (3 * CHUNK, 3 * CHUNK + 1)]:
+        o, carried = layer(x[:, lo:hi], carried)
+        outs.append(o)
+    torch.testing.assert_close(torch.cat(outs, 1), out)
+    for a, b in zip(carried, state):
+        torch.testing.assert_close(a, b)
+
+
+def test_mac_is_causal_and_short_input_writes_memory():
+    layer, x = build_mac(), hidden(2 * CHUNK, seed=5)
+    y = x.clone()
+    y[:, -1] += 1.0  # the last token cannot change earlier outputs (segment attention is causal, memory lags)
+    with torch.no_grad():
+        a, _ = layer(x)
+        b, _ = layer(y)
+    torch.testing.assert_close(a[:, :-1], b[:, :-1])
+    _, (w1, *_) = layer(hidden(CHUNK - 2))
+    assert not torch.allclose(w1, layer.memory_w1.expand_as(w1))
+
+
+def test_mag_is_causal():
+    layer, x = build(), hidden(2 * CHUNK + 1, seed=6)
+    y = x.clone()
+    y[:, CHUNK + 1] += 1.0
+    with torch.no_grad():
+        a, _ = layer(x)
+        b, _ = layer(y)
+    torch.testing.assert_close(a[:, :CHUNK + 1], b[:, :CHUNK + 1])

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnlab.errors import ConfigError
-from attnlab.functional.titans import MEMORY_FORMS, neural_memory
+from attnlab.functional.titans import MEMORY_FORMS, memory_read, neural_memory
 from attnlab.layers import LAYERS
 from attnlab.layers._common import GatedHeadNorm, check_hidden, merge_heads, rotary, split_heads
 
@@ -108,4 +108,85 @@ class TitansMAG(nn.Module):
         return self.o_proj(merge_heads(o)), TitansState(memory, keys, values)
 
 
-__all__ = ["TitansMAG", "TitansState"]
+@LAYERS.register("titans_mac")
+class TitansMAC(nn.Module):
+    """Titans MAC: memory as context. Per segment, attention over [persistent ∥ memory read ∥ segment].
+
+    For segment n of ``segment_size`` tokens: ``h = M_{n-1}(q)`` with q from the segment; ``y = Attn([p] ∥ h ∥ x)``
+    (persistent tokens visible to every query; a query sees retrieved token h_j and token x_j for j ≤ i, since
+    h_j is read with x_j's query); the memory is written
+    with y (one memory chunk per segment); ``o = W_O(RMSNorm(y) ⊙ σ(RMSNorm(M_{n-1}(y))))`` (Behrouz et al. 2025,
+    §4.1 (METHODS.md #31); medium confidence in the gate). Deviation: the paper's final read ``M_n(y)`` uses the
+    memory after the segment's write, which would let a token see later tokens of its segment; this layer reads
+    the memory from before the write, so it stays causal. Memory rule, gates and projections
+    as ``TitansMAG``. State: the memory (W1, W2, S1, S2); segments chain at multiples of segment_size.
+
+    Args:
+        hidden_size: C. num_heads: H. segment_size: tokens per segment (= memory chunk).
+        num_persistent: persistent tokens. memory_expansion: E / head_dim. max_lr: upper bound of θ.
+        form: memory form, "chunk" (default) or "recurrent". norm_eps: RMSNorm eps.
+
+    Raises ConfigError for bad sizes or form; ShapeError for bad inputs.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int = 4, *, segment_size: int = 64, num_persistent: int = 4,
+                 memory_expansion: int = 4, max_lr: float = 1.0, form: str = "chunk", norm_eps: float = 1e-5) -> None:
+        super().__init__()
+        if form not in MEMORY_FORMS:
+            raise ConfigError(f"expected form in {list(MEMORY_FORMS)}, got {form!r}")
+        if num_heads < 1 or hidden_size % num_heads or segment_size < 1 or num_persistent < 0:
+            raise ConfigError(f"expected num_heads dividing hidden_size and segment_size >= 1, got {num_heads}, "
+                              f"{hidden_size}, {segment_size}")
+        self.hidden_size, self.num_heads, self.segment_size = hidden_size, num_heads, segment_size
+        self.form, self.max_lr = form, max_lr
+        D = self.head_dim = hidden_size // num_heads
+        E = memory_expansion * D
+        self.qkv_proj = nn.Linear(hidden_size, 3 * hidden_size, bias=False)
+        self.retrieve_proj = nn.Linear(hidden_size, hidden_size, bias=False)  # x -> memory query for h
+        self.memory_qkv_proj = nn.Linear(hidden_size, 3 * hidden_size, bias=False)  # y -> memory q/k/v
+        self.gate_proj = nn.Linear(hidden_size, 3 * num_heads)
+        self.persistent = nn.Parameter(0.02 * torch.randn(num_persistent, hidden_size))
+        self.memory_w1 = nn.Parameter(torch.randn(num_heads, D, E) / D ** 0.5)
+        self.memory_w2 = nn.Parameter(torch.randn(num_heads, E, D) / E ** 0.5)
+        self.attention_norm = GatedHeadNorm(D, norm_eps)
+        self.memory_norm = GatedHeadNorm(D, norm_eps)
+        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+
+    def initial_state(self, batch_size: int, dtype: torch.dtype | None = None):
+        """Learned initial memory weights and zero momentum: (W1, W2, S1, S2)."""
+        dtype = dtype or self.memory_w1.dtype
+        w1 = self.memory_w1.to(dtype).expand(batch_size, -1, -1, -1)
+        w2 = self.memory_w2.to(dtype).expand(batch_size, -1, -1, -1)
+        return w1, w2, torch.zeros_like(w1), torch.zeros_like(w2)
+
+    def _segment(self, x: Tensor, memory):
+        B, T, C = x.shape
+        H, P = self.num_heads, self.persistent.shape[0]
+        h = merge_heads(memory_read(F.normalize(split_heads(F.silu(self.retrieve_proj(x)), H), dim=-1),
+                                    *memory[:2]).to(x.dtype))  # (B, T, C): retrieved tokens
+        context = torch.cat([self.persistent[None].to(x.dtype).expand(B, -1, -1), h, x], dim=1)  # (B, P+2T, C)
+        q, k, v = (split_heads(t, H) for t in self.qkv_proj(context).chunk(3, dim=-1))
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        keep = torch.cat([causal.new_ones(T, P), causal, causal], dim=1)  # h_j is read from x_j: causal too
+        y = F.scaled_dot_product_attention(q[:, :, P + T:], k, v, attn_mask=keep)  # (B, H, T, D)
+        mq, mk, mv = (split_heads(F.silu(t), H) for t in self.memory_qkv_proj(merge_heads(y)).chunk(3, dim=-1))
+        mq, mk = F.normalize(mq, dim=-1), F.normalize(mk, dim=-1)
+        theta, eta, alpha = (g.transpose(1, 2) for g in torch.sigmoid(self.gate_proj(x)).chunk(3, dim=-1))
+        recalled, memory = neural_memory(mq, mk, mv, self.max_lr * theta, eta, alpha, memory, chunk_size=T,
+                                         form=self.form)  # reads the memory as it was before this segment
+        return merge_heads(self.attention_norm(y) * torch.sigmoid(self.memory_norm(recalled.to(x.dtype)))), memory
+
+    def forward(self, hidden_states: Tensor, initial_state=None):
+        """hidden_states: (B, T, C); initial_state: (W1, W2, S1, S2) or None. Returns output (B, T, C) and the
+        memory state."""
+        check_hidden(hidden_states, self.hidden_size)
+        memory = initial_state if initial_state is not None else self.initial_state(hidden_states.shape[0],
+                                                                                    hidden_states.dtype)
+        outputs = []
+        for segment in hidden_states.split(self.segment_size, dim=1):
+            out, memory = self._segment(segment, memory)
+            outputs.append(out)
+        return self.o_proj(torch.cat(outputs, dim=1)), memory
+
+
+__all__ = ["TitansMAC", "TitansMAG", "TitansState"]
