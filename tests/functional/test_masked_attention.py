@@ -103,13 +103,16 @@ def test_score_mods_dense_and_flex_match_loop_oracle(make, bias, masked):
 
 @pytest.mark.parametrize("score", [False, True], ids=["sdpa", "explicit-logits"])
 def test_dense_path_gradients(score):
-    q, k, v = (t.requires_grad_() for t in _qkv(2, lq=9, lk=13, dtype=torch.float64))
-    mask_mod = M.and_masks(M.causal(), M.from_keep(torch.rand(1, 1, 13, 13,
-                                                                generator=torch.Generator().manual_seed(4)) > 0.5))
-    score_mod = SF.alibi(H) if score else None
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 2, 5, 3, generator=g, dtype=torch.float64, requires_grad=True)  # GQA 2:1, q_len < kv_len
+    k, v = (torch.randn(1, 1, 7, 3, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    keep = torch.rand(1, 1, 7, 7, generator=torch.Generator().manual_seed(4)) > 0.5
+    keep[0, 0, 3] = False  # position 3 (query row 1) sees nothing
+    mask_mod = M.and_masks(M.causal(), M.from_keep(keep))
+    score_mod = SF.alibi(2) if score else None
 
     def fn(q, k, v):
-        return masked_attention(q, k, v, mask_mod, score_mod=score_mod, q_offset=4)
+        return masked_attention(q, k, v, mask_mod, score_mod=score_mod, q_offset=2)
 
     assert torch.autograd.gradcheck(fn, (q, k, v))
     fn(q, k, v).sum().backward()
