@@ -18,6 +18,10 @@ before, in MiB (it includes the inputs' gradients in ``fwdbwd``). Threads: ``--t
 OpenMP threads stall badly under foreign load; the same setting for every implementation). ``os.getloadavg()``
 is recorded before and after each child. Results go to ``--json`` after every child.
 
+Growth check: separate processes at different moments see different foreign load on a shared machine, which can
+distort ``t(2n)/t(n)``. So afterwards one more child per mode times the chunk form at every length >= 2048 in one
+process, lengths interleaved within each of ``--growth-repeats`` repeats, and reports those medians and ratios.
+
     python benchmarks/linear_attention.py --markdown               # the run in docs/benchmarks.md (~8 min)
     python benchmarks/linear_attention.py --lengths 1024 2048 --repeats 2   # smoke test
     python benchmarks/linear_attention.py --render bench-results/linear_attention.json --markdown
@@ -118,6 +122,32 @@ def run_child(impl: str, length: int, mode: str, repeats: int, threads: int) -> 
             "peak_rss_kib": peak, "peak_extra_mib": round((peak - rss_before) / 1024, 1), "peak_reset": reset}
 
 
+def run_growth_child(mode: str, lengths: list[int], repeats: int, threads: int) -> dict[str, Any]:
+    """Chunk form at every length in one process, lengths interleaved within each repeat, so a change of the
+    machine's load hits all lengths alike: the growth ratios t(2n)/t(n) are then comparable."""
+    import torch
+
+    torch.set_num_threads(threads)
+    cases = {length: _make("chunk", length) for length in lengths}
+    times: dict[int, list[float]] = {length: [] for length in lengths}
+    for _ in range(repeats):
+        for length, (inputs, fn) in cases.items():
+            for t in inputs:
+                t.grad = None
+                t.requires_grad_(mode == "fwdbwd")
+            start = time.perf_counter()
+            if mode == "fwd":
+                with torch.no_grad():
+                    fn(*inputs)
+            else:
+                out = fn(*inputs)
+                out.backward(torch.ones_like(out))
+            times[length].append(time.perf_counter() - start)
+    medians = {length: statistics.median(ts) for length, ts in times.items()}
+    return {"mode": mode, "repeats": repeats, "median_s": {str(k): v for k, v in medians.items()},
+            "growth": {str(n): medians[n] / medians[n // 2] for n in lengths if n // 2 in medians}}
+
+
 def run_one(impl: str, length: int, mode: str, args: argparse.Namespace) -> dict[str, Any]:
     repeats = args.long_repeats if length >= 16384 and args.long_repeats else args.repeats
     base = {"impl": impl, "seq_len": length, "mode": mode, "repeats": repeats, "loadavg_before": os.getloadavg()}
@@ -202,6 +232,19 @@ def render(rows: list[dict[str, Any]], markdown: bool) -> str:
     return "\n".join("  ".join(x.rjust(w) for x, w in zip(line, widths)) for line in [head, *body])
 
 
+def render_growth(growth: list[dict[str, Any]], markdown: bool) -> str:
+    """The interleaved growth check: one row per (mode, seq_len) with the chunk form's median and t(n)/t(n/2)."""
+    rows = [[g["mode"], n, f"{t:.3f}", f"{g['growth'][n]:.2f}" if n in g["growth"] else "—"]
+            for g in growth if "median_s" in g for n, t in g["median_s"].items()]
+    if not rows:
+        return ""
+    head = ["mode", "seq_len", "chunk s (interleaved)", "t(n)/t(n/2)"]
+    if markdown:
+        return "\n".join(["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)] +
+                         ["| " + " | ".join(r) + " |" for r in rows])
+    return "\n".join(["", *("  ".join(r) for r in [head, *rows])])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -215,15 +258,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=REPO / "bench-results" / "linear_attention.json")
     p.add_argument("--markdown", action="store_true", help="print the table in markdown (for docs/benchmarks.md)")
     p.add_argument("--render", type=Path, metavar="JSON", help="only print the table of an existing JSON file")
+    p.add_argument("--growth-repeats", type=int, default=7,
+                   help="repeats of the interleaved growth check (chunk form, lengths >= 2048); 0 skips it")
     p.add_argument("--child", choices=IMPLS, help=argparse.SUPPRESS)
+    p.add_argument("--child-growth", choices=MODES, help=argparse.SUPPRESS)
     p.add_argument("--length", type=int, help=argparse.SUPPRESS)
     p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.child_growth:
+        lengths = [n for n in args.lengths if n >= 2048]
+        print(json.dumps(run_growth_child(args.child_growth, lengths, args.repeats, args.threads)), flush=True)
+        return 0
     if args.child:
         print(json.dumps(run_child(args.child, args.length, args.mode, args.repeats, args.threads)), flush=True)
         return 0
     if args.render:
-        print(render(summarise(json.loads(args.render.read_text())["results"]), args.markdown))
+        doc = json.loads(args.render.read_text())
+        print(render(summarise(doc["results"]), args.markdown))
+        print(render_growth(doc.get("growth", []), args.markdown))
         return 0
     doc = {"machine": machine_header(args.threads), "results": []}
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -236,10 +288,18 @@ def main(argv: list[str] | None = None) -> int:
                 args.json.write_text(json.dumps(doc, indent=1))
                 status = f"{result['median_s']:.3f} s" if result.get("ok") else result["reason"]
                 print(f"[{time.perf_counter() - started:6.0f} s] {mode} {length} {impl}: {status}", file=sys.stderr)
+    for mode in args.modes if args.growth_repeats else ():
+        cmd = [sys.executable, __file__, "--child-growth", mode, "--repeats", str(args.growth_repeats),
+               "--threads", str(args.threads), "--lengths", *map(str, args.lengths)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=REPO)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        doc.setdefault("growth", []).append(json.loads(lines[-1]) if lines else {"mode": mode, "error": done.stderr[-400:]})
+        args.json.write_text(json.dumps(doc, indent=1))
     doc["machine"]["loadavg_end"] = os.getloadavg()
     doc["machine"]["total_s"] = round(time.perf_counter() - started, 1)
     args.json.write_text(json.dumps(doc, indent=1))
     print(render(summarise(doc["results"]), args.markdown))
+    print(render_growth(doc.get("growth", []), args.markdown))
     failed = [r for r in doc["results"] if not r.get("ok")]
     return 1 if failed else 0
 
