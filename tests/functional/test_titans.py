@@ -18,8 +18,8 @@ def make_inputs(B, H, T, D, E, seed=0):
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
     q, k, v = r(B, H, T, D), r(B, H, T, D), r(B, H, T, D)
     k = k / k.norm(dim=-1, keepdim=True)
-    lr, momentum, forget = 0.3 * torch.rand(B, H, T, generator=g, dtype=torch.float64), \
-        torch.rand(B, H, T, generator=g, dtype=torch.float64), 0.2 * torch.rand(B, H, T, generator=g, dtype=torch.float64)
+    u = lambda: torch.rand(B, H, T, generator=g, dtype=torch.float64)  # noqa: E731
+    lr, momentum, forget = 0.3 * u(), u(), 0.2 * u()
     state = (0.5 * r(B, H, D, E), 0.5 * r(B, H, E, D), 0.1 * r(B, H, D, E), 0.1 * r(B, H, E, D))
     return [q, k, v, lr, momentum, forget, *state]
 
@@ -85,8 +85,8 @@ def test_memory_learns_an_association():
     q, k, v, *_ = make_inputs(1, 1, 1, 3, 8, seed=7)
     T = 200
     keys, values = k.expand(1, 1, T, 3), v.expand(1, 1, T, 3)
-    state = tuple(s for s in make_inputs(1, 1, 1, 3, 8, seed=8)[6:8]) + (torch.zeros(1, 1, 3, 8, dtype=torch.float64),
-                                                                            torch.zeros(1, 1, 8, 3, dtype=torch.float64))
+    w1, w2 = make_inputs(1, 1, 1, 3, 8, seed=8)[6:8]
+    state = (w1, w2, torch.zeros_like(w1), torch.zeros_like(w2))
     gate = torch.ones(1, 1, T, dtype=torch.float64)
     _, (w1, w2, _, _) = neural_memory(keys, keys, values, 0.05 * gate, 0.0 * gate + 1e-9, 0.0 * gate, state,
                                       chunk_size=1)
