@@ -322,7 +322,7 @@ def test_memory_fidelity_on_a_retention_layer_and_skip_without_one(tiny_dirs):
     retention = {(r["head"], r["position"]): r["value"] for r in rows if r["statistic"] == "retention"}
     assert set(retention) == {(0, 0), (0, 2), (1, 0), (1, 2)}
     # independent loop: state S_t = γ S_(t-1) + k_tᵀ v_t, read back token t at t + 2 with k_t / ‖k_t‖²
-    key, value = (x.double() for x in layer_keys_values(layer, hidden))
+    key, value = (x.detach().double() for x in layer_keys_values(layer, hidden))
     gamma = float(layer.log_decay[0].exp())
     total, count = 0.0, 0
     for b in range(2):
