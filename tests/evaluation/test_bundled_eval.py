@@ -20,12 +20,12 @@ def test_perplexity_passkey_and_an_edit_on_smollm2(smollm2):
     from attnlab.evaluation import EvalConfig, run_eval
 
     model, tokenizer = smollm2
-    config = EvalConfig(seq_len=128, max_windows=2, tasks=("perplexity", "next_token", "passkey"),
-                        variants=("sink_window:sinks=4,window=32",), passkey_lengths=(160,),
+    config = EvalConfig(seq_len=64, max_windows=2, tasks=("perplexity", "next_token", "passkey"),
+                        variants=("sink_window:sinks=4,window=16",), passkey_lengths=(96,),
                         passkey_depths=(0.5,), passkey_trials=1)
     results = run_eval(config, model=model, tokenizer=tokenizer)
     base, edited = results["eval"]["variants"]
-    assert base["tokens_scored"] == 2 * 127
+    assert base["tokens_scored"] == 2 * 63
     assert 2.0 < base["perplexity"] < 200.0  # an English-trained LM on English text, not a random one
     assert 0.1 < base["next_token_accuracy"] < 0.9
     assert math.isfinite(edited["perplexity"]) and edited["perplexity"] != base["perplexity"]
