@@ -136,7 +136,7 @@ def _passkey_part(info: Mapping[str, Any], variants: list[Mapping[str, Any]]) ->
             cells = sorted((c["depth"], c["accuracy"]) for c in passkey.get("cells", []) if c["length"] == length)
             if cells:
                 series.append(Series(np.array([100 * d for d, _ in cells]), np.array([a for _, a in cells]),
-                                     str(label), _COLORS[n % len(_COLORS)]))
+                                     str(label), _COLORS[n % len(_COLORS)], dashed=n % 2 == 1))
         panels.append(LinePanel(series, f"passkey, {length} tokens", "needle depth (% of haystack)",
                                 "accuracy", ylim=(-0.05, 1.05)))
     if len(lengths) > 1:
@@ -144,7 +144,7 @@ def _passkey_part(info: Mapping[str, Any], variants: list[Mapping[str, Any]]) ->
         for n, (label, passkey) in enumerate(records):
             cells = sorted((c["length"], c["accuracy"]) for c in passkey.get("by_length", []))
             series.append(Series(np.array([x for x, _ in cells], dtype=float), np.array([a for _, a in cells]),
-                                 str(label), _COLORS[n % len(_COLORS)]))
+                                 str(label), _COLORS[n % len(_COLORS)], dashed=n % 2 == 1))
         panels.append(LinePanel(series, "passkey vs length", "prompt length (tokens)", "accuracy",
                                 ylim=(-0.05, 1.05)))
     figures = [plots.lines_figure(panels[i:i + 3], height=3.0) for i in range(0, len(panels), 3)]
