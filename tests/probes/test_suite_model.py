@@ -45,9 +45,22 @@ def test_linear_cka_equals_the_hsic_form_and_is_rotation_and_scale_invariant(see
 
 
 def test_highpass_gain_of_uniform_and_identity_attention():
+    from attnlab.probes.length_collapse import highpass_ratio
+
     n = 7
     assert float(highpass_gain(torch.full((n, n), 1.0 / n))) == pytest.approx(0.0, abs=1e-12)
     assert float(highpass_gain(torch.eye(n))) == pytest.approx(1.0)
+    value = torch.randn(2, n, 3, generator=torch.Generator().manual_seed(0))
+    probs = torch.stack([torch.full((n, n), 1.0 / n), torch.eye(n)])
+    assert highpass_ratio(probs, value).tolist() == pytest.approx([0.0, 1.0], abs=1e-12)
+    # attention to the previous token (a shift) keeps all but the first row's high-frequency content
+    shift = torch.zeros(n, n)
+    shift[0, 0] = 1.0
+    shift[torch.arange(1, n), torch.arange(n - 1)] = 1.0
+    v = value[0].double()
+    out = shift.double() @ v
+    expected = (out - out.mean(0)).norm() / (v - v.mean(0)).norm()
+    assert highpass_ratio(shift[None], value[:1])[0].item() == pytest.approx(expected.item())
 
 
 def test_inflection_band_is_where_low_entropy_meets_the_steepest_drop():
@@ -202,6 +215,7 @@ def test_length_collapse_pools_real_tokens_only(tmp_path):
     cos = {r["position"]: r["value"] for r in rows if r["statistic"] == "mean_cosine"}
     assert set(cos) == {2, 4} and all(-1 <= v <= 1 for v in cos.values())
     assert sum(r["statistic"] == "highpass_gain" for r in rows) == 2 * 2
+    assert sum(r["statistic"] == "highpass_ratio" for r in rows) == 2 * 2
     # one text alone gives the same embedding as inside the padded batch (padding never enters)
     alone = runner.forward(runner.encode([[5, 6, 7]])).last_hidden[0]
     together = runner.forward(batch).last_hidden[0, :3]

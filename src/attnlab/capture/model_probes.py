@@ -93,10 +93,12 @@ class _ProbsCollector(Probe):
 
     def __init__(self) -> None:
         self.probs: dict[int, Tensor] = {}
+        self.values: dict[int, Tensor] = {}
 
     def begin_call(self, call: AttentionCall) -> None:
         B = call.query_valid.shape[0]
         self.probs[call.layer_idx] = torch.zeros(B, call.num_heads, call.q_len, call.kv_len)
+        self.values[call.layer_idx] = call.value.float().cpu()  # (B, Hkv, Lk, Dv)
 
     def update(self, call: AttentionCall, block: BlockView) -> None:
         width = block.probs.shape[-1]
@@ -293,11 +295,18 @@ class ModelRunner:
                              token_loss=token_loss.detach() if token_loss is not None else None,
                              target_valid=target_valid, activation_grad_norm=act_norm, param_grad_norm=param_norm)
 
-    def attention_probs(self, batch: dict[str, Tensor]) -> list[Tensor]:
-        """Full probs per layer, each (batch, num_heads, seq_len, seq_len) float32 on CPU; padding rows are 0."""
+    def attention_probs(self, batch: dict[str, Tensor], *, with_values: bool = False) -> Any:
+        """Full probs per layer, each (batch, num_heads, seq_len, seq_len) float32 on CPU; padding rows are 0.
+
+        With ``with_values=True`` returns ``(probs, values)``, values per layer (batch, num_kv_heads, seq_len,
+        head_dim) as the attention function received them.
+        """
         from attnlab.capture.session import Session
 
         collector = _ProbsCollector()
         with Session(self.model, probes=[collector]), torch.no_grad():
             self.model(**batch)
-        return [collector.probs[layer] for layer in sorted(collector.probs)]
+        probs = [collector.probs[layer] for layer in sorted(collector.probs)]
+        if with_values:
+            return probs, [collector.values[layer] for layer in sorted(collector.values)]
+        return probs

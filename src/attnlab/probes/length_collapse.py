@@ -9,7 +9,10 @@ as sentence-transformers does for MiniLM. Per bucket (``position`` = text length
 - ``norm_ratio``: ‖mean embedding‖ / mean ‖embedding‖ (1 = all embeddings point the same way);
 - ``highpass_gain`` (per layer): σ_max(P A P) with P = I - 11ᵀ/n over the n real tokens, the largest gain of the
   attention matrix A on zero-mean (high-frequency) signals, averaged over heads and texts. Attention is a low-pass
-  filter (A1 = 1); TempScale's argument is that this gain shrinks as n grows, so long texts keep mostly their mean.
+  filter (A1 = 1); TempScale's argument is that this gain shrinks as n grows, so long texts keep mostly their mean;
+- ``highpass_ratio`` (per layer): ‖P A V‖_F / ‖P V‖_F on the layer's actual value states V (n × head_dim, per
+  head), the share of the values' high-frequency energy that passes the attention, averaged over heads and texts
+  (σ_max is a worst case over all signals; this is the gain on the signal the model feeds it).
 """
 
 from __future__ import annotations
@@ -30,6 +33,17 @@ def highpass_gain(probs: Tensor) -> Tensor:
     n = probs.shape[-1]
     P = torch.eye(n, dtype=torch.float64) - 1.0 / n
     return torch.linalg.matrix_norm(P @ probs.double() @ P, ord=2)
+
+
+def highpass_ratio(probs: Tensor, value: Tensor) -> Tensor:
+    """‖P A V‖_F / ‖P V‖_F per head: probs (H, n, n), value (H, n, d); returns (H,) float64 (NaN if P V = 0)."""
+    v = value.double()
+    centred = v - v.mean(-2, keepdim=True)
+    out = probs.double() @ v
+    out = out - out.mean(-2, keepdim=True)
+    denominator = centred.flatten(-2).norm(dim=-1)
+    return torch.where(denominator > 0, out.flatten(-2).norm(dim=-1) / denominator.clamp_min(1e-300),
+                       torch.full_like(denominator, float("nan")))
 
 
 @PROBES.register("length_collapse")
@@ -74,23 +88,29 @@ class LengthCollapseProbe(ModelProbe):
             valid = batch["attention_mask"].bool()
             with torch.no_grad():
                 record = runner.forward(batch)
-                probs = runner.attention_probs(batch)
+                probs, values = runner.attention_probs(batch, with_values=True)
             hidden = record.last_hidden.double()
             mask = valid[..., None].double()
             embeddings = (hidden * mask).sum(1) / mask.sum(1)  # (count, D), mean pooling
             unit = embeddings / embeddings.norm(dim=-1, keepdim=True).clamp_min(1e-12)
             cosine = unit @ unit.T
             off = ~torch.eye(self.count, dtype=torch.bool)
-            gains = []
-            for layer_probs in probs:  # (count, H, L, L)
-                real = valid.cpu()
+            gains, ratios = [], []
+            real = valid.cpu()
+            for layer_probs, layer_values in zip(probs, values):  # (count, H, L, L), (count, Hkv, L, D)
+                groups = layer_probs.shape[1] // layer_values.shape[1]
                 per_text = [highpass_gain(layer_probs[i][:, real[i]][:, :, real[i]]).mean()
                             for i in range(self.count)]
                 gains.append(float(torch.stack(per_text).mean()))
+                per_text = [highpass_ratio(layer_probs[i][:, real[i]][:, :, real[i]],
+                                           layer_values[i].repeat_interleave(groups, dim=0)[:, real[i]]).nanmean()
+                            for i in range(self.count)]
+                ratios.append(float(torch.stack(per_text).nanmean()))
             self.results[n] = {
                 "mean_cosine": float(cosine[off].mean()),
                 "norm_ratio": float(embeddings.mean(0).norm() / embeddings.norm(dim=-1).mean()),
                 "highpass_gain": gains,
+                "highpass_ratio": ratios,
             }
 
     def rows(self) -> list[Row]:
@@ -101,6 +121,9 @@ class LengthCollapseProbe(ModelProbe):
             out.add("num_texts", self.count, position=n)
             for layer, gain in enumerate(result["highpass_gain"]):
                 out.add("highpass_gain", gain, layer, position=n)
+            for layer, ratio in enumerate(result["highpass_ratio"]):
+                if ratio == ratio:
+                    out.add("highpass_ratio", ratio, layer, position=n)
         return out.rows
 
     def extras(self, decode: Any = None) -> dict[str, Any]:

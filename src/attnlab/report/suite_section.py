@@ -188,17 +188,22 @@ def _length(p: _Probe, extras: Mapping[str, Any]) -> dict[str, Any]:
     _, ratio = p.by_position("norm_ratio")
     gains = []
     for k, layer in enumerate(_picked(p.num_layers)):
-        gains.append(Series(*p.by_position("highpass_gain", layer), f"layer {layer}", _COLORS[k % 6]))
+        gains.append(Series(*p.by_position("highpass_gain", layer), f"σmax, layer {layer}", _COLORS[k % 6]))
+        if p.has("highpass_ratio"):
+            gains.append(Series(*p.by_position("highpass_ratio", layer), f"on V, layer {layer}", _COLORS[k % 6],
+                                dashed=True))
     figure = plots.lines_figure([
         LinePanel([Series(n, cos, "mean pairwise cosine", _COLORS[0]), Series(n, ratio, "norm ratio", _COLORS[1])],
                   "embedding collapse vs length", "text length (tokens)", "0–1", logx=True),
-        LinePanel(gains, "attention high-pass gain", "text length (tokens)", "σmax(PAP)", logx=True),
+        LinePanel(gains, "attention high-pass gain", "text length (tokens)", "σmax(PAP); ‖PAV‖/‖PV‖ dashed",
+                  logx=True),
     ])
     rows = [[int(a), b, c] for a, b, c in zip(n, cos, ratio)]
     return {"intro": f"{extras.get('count')} texts per length, mean-pooled embeddings.",
             "figures": [_fig(figure, "Embedding similarity and attention high-pass gain against text length",
                              "Left: mean pairwise cosine similarity and ‖mean‖/mean‖e‖ of the embeddings per "
-                             "length bucket (collapse = rising). Right: σmax of attention on zero-mean signals.")],
+                             "length bucket (collapse = rising). Right: σmax of attention on zero-mean signals (solid) and "
+                             "the share of the value states' zero-mean energy that passes (dashed).")],
             "tables": [_table(["length", "mean cosine", "norm ratio"], rows, "Per length bucket.")]}
 
 
