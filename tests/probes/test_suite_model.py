@@ -134,6 +134,11 @@ def test_first_key_equals_one_hot_attention_on_the_first_real_token(llama):
         theirs = llama(**batch).logits
     real = batch["attention_mask"][0].bool()
     torch.testing.assert_close(mine[0, real], theirs[0, real], rtol=1e-4, atol=1e-4)
+    # and zero ablation equals the head_scale edit
+    mine = runner.forward(batch, head_scale={1: torch.tensor([1.0, 0.0, 1.0, 0.0])}).logits
+    with Session(llama, edits=[EDITS.get("head_scale")(scale=0.0, layers=[1], heads=[1, 3])]), torch.no_grad():
+        theirs = llama(**batch).logits
+    torch.testing.assert_close(mine[0, real], theirs[0, real], rtol=1e-4, atol=1e-4)
 
 
 def test_head_outputs_and_probs_ignore_left_padding(llama):
