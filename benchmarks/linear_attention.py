@@ -14,9 +14,9 @@ query/key/value require grad). Every (impl, length, mode) runs in its own proces
 inputs are made, one 256-token warm-up call runs, then ``--repeats`` timed calls (``--long-repeats`` at 16384).
 The child reports the wall times, their median, RSS after the warm-up and the peak RSS of the timed calls
 (``VmHWM`` reset through ``/proc/self/clear_refs`` after the warm-up): peak memory of a form = peak minus RSS
-before, in MiB (it includes the inputs' gradients in ``fwdbwd``). Threads: ``--threads`` (default 1: the machine is shared, and two
-OpenMP threads stall badly under foreign load; the same setting for every implementation). ``os.getloadavg()``
-is recorded before and after each child. Results go to ``--json`` after every child.
+before, in MiB (it includes the inputs' gradients in ``fwdbwd``). Threads: ``--threads`` (default 1: the machine
+is shared, and two OpenMP threads stall badly under foreign load; the same setting for every implementation).
+``os.getloadavg()`` is recorded before and after each child. Results go to ``--json`` after every child.
 
 Growth check: separate processes at different moments see different foreign load on a shared machine, which can
 distort ``t(2n)/t(n)``. So afterwards one more child per mode times the chunk form at every length >= 2048 in one
@@ -293,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
                "--threads", str(args.threads), "--lengths", *map(str, args.lengths)]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=REPO)
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-        doc.setdefault("growth", []).append(json.loads(lines[-1]) if lines else {"mode": mode, "error": done.stderr[-400:]})
+        growth = json.loads(lines[-1]) if lines else {"mode": mode, "error": done.stderr[-400:]}
+        doc.setdefault("growth", []).append(growth)
         args.json.write_text(json.dumps(doc, indent=1))
     doc["machine"]["loadavg_end"] = os.getloadavg()
     doc["machine"]["total_s"] = round(time.perf_counter() - started, 1)
