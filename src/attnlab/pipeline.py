@@ -110,6 +110,55 @@ def check_seq_len(model: Any, seq_len: int) -> None:
         raise ConfigError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings={limit}")
 
 
+def load_for_run(config: Any, notify: Progress, model: Any = None, tokenizer: Any = None, *,
+                 seq_len: int | None = None) -> tuple[Any, Any]:
+    """The start every command shares: seed, check the text file, load the model (unless given), check seq_len.
+
+    ``config`` needs ``seed``, ``text``, ``model``, ``dtype``, ``device`` and ``seq_len`` (RunConfig, EvalConfig).
+    Raises TextError/ConfigError before the model loads where it can.
+    """
+    import torch
+
+    from attnlab.capture.loading import load_model
+    from attnlab.text import read_text_file
+
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    if config.text is not None:
+        read_text_file(config.text)  # fail on a missing/empty/non-UTF-8 file before loading the model
+    if model is None or tokenizer is None:
+        notify(0, 0, f"loading model {config.model}")
+        model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
+    check_seq_len(model, seq_len if seq_len is not None else config.seq_len)
+    return model, tokenizer
+
+
+def results_envelope(command: str, config: Any, model: Any, tokenizer: Any, *, bos_policy: str, bos_added: bool,
+                     attention_paths: dict[Any, str], windows: list[dict[str, Any]], rows: list[dict[str, Any]],
+                     started: float, **sections: Any) -> dict[str, Any]:
+    """The results dict every command writes (docs/results.md): provenance, config, tokens fed, rows, timing;
+    ``sections`` adds command-specific keys (``extras``, ``eval``, ``probe_args`` ...)."""
+    from attnlab.capture.loading import model_info, tokenizer_info
+
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "attnlab_version": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "config": config.to_dict(),
+        "model": {**model_info(model), "requested": config.model},
+        "tokenizer": {**tokenizer_info(tokenizer), "class": type(tokenizer).__name__, "bos_policy": bos_policy,
+                      "bos_token": getattr(tokenizer, "bos_token", None), "bos_added": bos_added},
+        "seed": config.seed,
+        "versions": _versions(),
+        "attention_paths": {str(layer): path for layer, path in sorted(attention_paths.items())},
+        "windows": windows,
+        "rows": rows,
+        **sections,
+        "timing": {"seconds": round(time.perf_counter() - started, 3)},
+    }
+
+
 def run_probes(config: RunConfig, *, progress: Progress | None = None, model: Any = None,
                tokenizer: Any = None) -> dict[str, Any]:
     """Load model and text, run the probes over every window, and return the results dict (docs/results.md).
@@ -122,20 +171,12 @@ def run_probes(config: RunConfig, *, progress: Progress | None = None, model: An
     """
     import torch
 
-    from attnlab.capture.loading import load_model, model_info, tokenizer_info
     from attnlab.capture.session import Session
-    from attnlab.text import load_text, read_text_file
+    from attnlab.text import load_text
 
     started = time.perf_counter()
-    random.seed(config.seed)
-    torch.manual_seed(config.seed)
     notify = progress or (lambda done, total, message: None)
-    if config.text is not None:
-        read_text_file(config.text)  # fail on a missing/empty/non-UTF-8 file before loading the model
-    if model is None or tokenizer is None:
-        notify(0, 0, f"loading model {config.model}")
-        model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
-    check_seq_len(model, config.seq_len)
+    model, tokenizer = load_for_run(config, notify, model, tokenizer)
     notify(0, 0, "reading text")
     windows = load_text(tokenizer, config.text, seq_len=config.seq_len, max_windows=config.max_windows,
                         bos=config.bos, batch_size=config.batch_size, device=config.device)
@@ -151,21 +192,8 @@ def run_probes(config: RunConfig, *, progress: Progress | None = None, model: An
     def decode(token_id: int) -> str:
         return tokenizer.decode([token_id])
 
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "attnlab_version": __version__,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": "report",
-        "config": config.to_dict(),
-        "model": {**model_info(model), "requested": config.model},
-        "tokenizer": {**tokenizer_info(tokenizer), "class": type(tokenizer).__name__,
-                      "bos_policy": windows.bos_policy, "bos_token": getattr(tokenizer, "bos_token", None),
-                      "bos_added": windows.bos_added},
-        "seed": config.seed,
-        "versions": _versions(),
-        "attention_paths": {str(layer): path for layer, path in sorted(session.paths.items())},
-        "windows": windows.windows,
-        "rows": session.rows(),
-        "extras": session.extras(decode),
-        "timing": {"seconds": round(time.perf_counter() - started, 3)},
-    }
+    return results_envelope(
+        "report", config, model, tokenizer, bos_policy=windows.bos_policy, bos_added=windows.bos_added,
+        attention_paths=session.paths, windows=windows.windows, rows=session.rows(), started=started,
+        extras=session.extras(decode),
+    )

@@ -13,16 +13,12 @@ models (``cka``); it must use the same tokenizer. The results dict has the layou
 
 from __future__ import annotations
 
-import datetime as dt
-import random
 import time
 from collections.abc import Mapping
 from typing import Any
 
-from attnlab import __version__
-from attnlab.columns import SCHEMA_VERSION
 from attnlab.errors import ConfigError
-from attnlab.pipeline import Progress, RunConfig, _versions, check_seq_len
+from attnlab.pipeline import Progress, RunConfig, load_for_run, results_envelope
 from attnlab.probes import PROBES
 from attnlab.probes.base import Probe
 from attnlab.probes.model_base import is_model_probe
@@ -76,23 +72,16 @@ def run_probe_suite(config: RunConfig, *, probe_args: Mapping[str, Mapping[str, 
     """
     import torch
 
-    from attnlab.capture.loading import load_model, model_info, tokenizer_info
+    from attnlab.capture.loading import load_model, model_info
     from attnlab.capture.model_probes import ModelRunner
     from attnlab.capture.session import Session
-    from attnlab.text import load_text, read_text_file
+    from attnlab.text import load_text
 
     started = time.perf_counter()
-    random.seed(config.seed)
-    torch.manual_seed(config.seed)
     notify = progress or (lambda done, total, message: None)
     probe_args = {k: dict(v) for k, v in (probe_args or {}).items()}
     probes = build_probes(config.probes, probe_args)
-    if config.text is not None:
-        read_text_file(config.text)
-    if model is None or tokenizer is None:
-        notify(0, 0, f"loading model {config.model}")
-        model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
-    check_seq_len(model, config.seq_len)
+    model, tokenizer = load_for_run(config, notify, model, tokenizer)
     runner = ModelRunner(model, tokenizer)
     other_info = None
     if compare is not None:
@@ -138,25 +127,11 @@ def run_probe_suite(config: RunConfig, *, probe_args: Mapping[str, Mapping[str, 
     def decode(token_id: int) -> str:
         return tokenizer.decode([token_id])
 
-    results = {
-        "schema_version": SCHEMA_VERSION,
-        "attnlab_version": __version__,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": "probe",
-        "config": config.to_dict(),
-        "probe_args": probe_args,
-        "model": {**model_info(model), "requested": config.model},
-        "tokenizer": {**tokenizer_info(tokenizer), "class": type(tokenizer).__name__,
-                      "bos_policy": windows.bos_policy, "bos_token": getattr(tokenizer, "bos_token", None),
-                      "bos_added": windows.bos_added},
-        "seed": config.seed,
-        "versions": _versions(),
-        "attention_paths": {str(layer): path for layer, path in sorted(paths.items())},
-        "windows": windows.windows,
-        "rows": [row for probe in probes for row in probe.rows()],
-        "extras": {probe.name: probe.extras(decode) for probe in probes},
-        "timing": {"seconds": round(time.perf_counter() - started, 3)},
-    }
+    results = results_envelope(
+        "probe", config, model, tokenizer, bos_policy=windows.bos_policy, bos_added=windows.bos_added,
+        attention_paths=paths, windows=windows.windows, rows=[row for probe in probes for row in probe.rows()],
+        started=started, probe_args=probe_args, extras={probe.name: probe.extras(decode) for probe in probes},
+    )
     if other_info is not None:
         results["compare_model"] = other_info
     return results

@@ -10,15 +10,11 @@ that never fired raises ``EditNotFiredError`` (the run stops; nothing is written
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
-import random
 import time
 from collections.abc import Callable
 from typing import Any
 
-from attnlab import __version__
-from attnlab.columns import SCHEMA_VERSION
 from attnlab.evaluation.config import BASELINE, EvalConfig, parse_variant
 from attnlab.evaluation.lm_tasks import TokenScores, WindowPlan, plan_windows, score_tokens
 from attnlab.evaluation.passkey import PasskeyPrompt, answer_tokens, greedy_decode, is_correct, make_prompts, summarise
@@ -165,23 +161,14 @@ def run_eval(config: EvalConfig, *, progress: Progress | None = None, model: Any
         ConfigError, TextError, RegistryError: bad input (the CLI exits 2), before the model runs.
         EditNotFiredError: a requested edit never touched an attention call.
     """
-    import torch
-
-    from attnlab.capture.loading import load_model, model_info, tokenizer_info
-    from attnlab.pipeline import _versions, check_seq_len
-    from attnlab.text import read_text_file, start_token_id, tokenizer_adds_bos
+    from attnlab.pipeline import load_for_run
+    from attnlab.text import start_token_id, tokenizer_adds_bos
 
     started = time.perf_counter()
-    random.seed(config.seed)
-    torch.manual_seed(config.seed)
     notify = progress or (lambda done, total, message: None)
     variants: list[Variant] = [(BASELINE, [])] + [(spec, parse_variant(spec)) for spec in config.variants]
-    if config.text is not None:
-        read_text_file(config.text)
-    if model is None or tokenizer is None:
-        notify(0, 0, f"loading model {config.model}")
-        model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
-    check_seq_len(model, max((config.seq_len, *config.lengths)) if "passkey" in config.tasks else config.seq_len)
+    max_len = max((config.seq_len, *config.lengths)) if "passkey" in config.tasks else config.seq_len
+    model, tokenizer = load_for_run(config, notify, model, tokenizer, seq_len=max_len)
     add_bos = config.bos == "always" or (config.bos == "auto" and tokenizer_adds_bos(tokenizer))
     bos_id = start_token_id(tokenizer) if add_bos else None
     window_tokens = config.seq_len - (bos_id is not None)
@@ -211,21 +198,13 @@ def run_eval(config: EvalConfig, *, progress: Progress | None = None, model: Any
                                       bos_id=bos_id, seq_len=config.seq_len, prompts=prompts,
                                       device=config.device, progress=notify)
     baseline_paths = records[0]["attention_paths"]
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "attnlab_version": __version__,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": "eval",
-        "config": config.to_dict(),
-        "model": {**model_info(model), "requested": config.model},
-        "tokenizer": {**tokenizer_info(tokenizer), "class": type(tokenizer).__name__, "bos_policy": config.bos,
-                      "bos_token": getattr(tokenizer, "bos_token", None), "bos_added": bos_id is not None},
-        "seed": config.seed,
-        "versions": _versions(),
-        "attention_paths": baseline_paths,
-        "windows": windows_info,
-        "rows": rows,
-        "eval": {
+    from attnlab.pipeline import results_envelope
+
+    return results_envelope(
+        "eval", config, model, tokenizer, bos_policy=config.bos, bos_added=bos_id is not None,
+        attention_paths={int(layer): path for layer, path in baseline_paths.items()}, windows=windows_info,
+        rows=rows, started=started,
+        eval={
             "tasks": list(config.tasks),
             "definitions": {task: DEFINITIONS[task] for task in config.tasks},
             "seq_len": config.seq_len, "window_text_tokens": window_tokens, "stride": stride,
@@ -234,5 +213,4 @@ def run_eval(config: EvalConfig, *, progress: Progress | None = None, model: Any
                         "trials_per_cell": config.passkey_trials} if prompts else None,
             "variants": records,
         },
-        "timing": {"seconds": round(time.perf_counter() - started, 3)},
-    }
+    )
