@@ -95,13 +95,30 @@ def test_zerotuning_search_reports_the_grid_and_both_choices():
     assert found["grid"][2]["nll"] == pytest.approx(edited["nll"], rel=1e-9)
 
 
-def test_act_head_search_keeps_the_heads_that_do_not_hurt():
+def test_act_head_search_keeps_every_head_whose_calibration_moves_nothing():
+    # theta > 1: no column score can exceed it, so no head has a sink and every calibration is a no-op. Compared
+    # with calibration(beta=1) on the same eager path, every head must score exactly the reference: delta 0, kept.
     model = tiny_llama(seed=7)
-    found = act_head_search(model, IDS, PLANS[:1], beta=0.4, theta=0.05, layers=[1])
-    assert [(h["layer"], h["head"]) for h in found["heads"]] == [(1, h) for h in range(4)]
-    for head in found["heads"]:
-        assert head["kept"] == (head["nll"] <= found["baseline"]["nll"])
-        assert head["delta_nll"] == pytest.approx(head["nll"] - found["baseline"]["nll"])
-    assert found["kept"].get(1, []) == [h["head"] for h in found["heads"] if h["kept"]]
+    found = act_head_search(model, IDS, PLANS[:2], beta=0.4, theta=1.5, layers=[0, 1])
+    assert [(h["layer"], h["head"]) for h in found["heads"]] == [(layer, h) for layer in (0, 1) for h in range(4)]
+    assert all(h["delta_nll"] == 0.0 and h["delta_accuracy"] == 0.0 and h["kept"] for h in found["heads"])
+    assert found["kept"] == {0: [0, 1, 2, 3], 1: [0, 1, 2, 3]}
+    assert sorted(found["reference"]) == [0, 1]
     with pytest.raises(ConfigError, match="layers must be in 0..1"):
         act_head_search(model, IDS, PLANS[:1], layers=[2])
+
+
+def test_act_head_search_drops_a_head_whose_calibration_hurts(monkeypatch):
+    # A stand-in for measure: calibrating head 2 of layer 1 costs 0.5 nats, everything else scores 1.0 nats.
+    import attnlab.evaluation.search as search
+
+    def fake_measure(model, ids, plans, edits, **kwargs):
+        hurt = any(e.beta < 1 and e.layers == (1,) and e.heads == (2,) for e in edits)
+        return {"nll": 1.5 if hurt else 1.0, "perplexity": 0.0, "accuracy": 0.25 if hurt else 0.5, "entropy": 0.0,
+                "tokens": 1}
+
+    monkeypatch.setattr(search, "measure", fake_measure)
+    for criterion in ("loss", "accuracy"):
+        found = act_head_search(tiny_llama(), IDS, PLANS[:1], layers=[1], criterion=criterion)
+        assert found["kept"] == {1: [0, 1, 3]}
+        assert [h["delta_nll"] for h in found["heads"]] == [0.0, 0.0, 0.5, 0.0]

@@ -5,7 +5,10 @@
   lowest loss) or **unsupervised** (lowest mean entropy of the model's next-token distribution, no labels).
 - :func:`act_head_search` — Yu et al. 2024, ACT, "head selection" (METHODS.md #2, high confidence for the code
   path): calibrate one head at a time on a calibration set and keep the heads whose calibration does not hurt
-  (loss not above the baseline's, or accuracy not below it). ACT measures multiple-choice accuracy on 900 samples;
+  (loss not above the reference's, or accuracy not below it). The reference is not the SDPA baseline but
+  ``calibration(beta=1)`` on every head of the same layer: it runs the same blocked eager path and changes nothing,
+  so a head whose calibration moves no mass scores exactly the reference (delta 0, kept) instead of differing by
+  SDPA-vs-eager rounding (~1e-7 nats on SmolLM2), which decided keep/drop under the earlier rule. ACT measures multiple-choice accuracy on 900 samples;
   here the calibration set is windows of text and the metric is next-token loss or accuracy (our substitution).
 
 Both run the edit inside ``Session(model, edits=[...])`` (so an edit that never fires raises EditNotFiredError)
@@ -96,12 +99,16 @@ def act_head_search(model: Any, ids: list[int], plans: Sequence[WindowPlan], *, 
     Args:
         beta, theta: ACT's calibration parameters (defaults from its scripts: β = 0.4, θ = 0.1).
         layers: layers to search (None = all; ACT searched layers 2…31 of Llama-2-7B).
-        criterion: ``"loss"`` (keep if NLL ≤ baseline NLL) or ``"accuracy"`` (keep if accuracy ≥ baseline).
+        criterion: ``"loss"`` (keep if NLL ≤ the layer reference's) or ``"accuracy"`` (keep if accuracy ≥ it).
+
+    The reference of layer ``l`` is ``calibration(beta=1, layers=[l])`` (all heads): the identity, on the same
+    attention path as the calibrated head, so ``delta_*`` measure the calibration alone, not the path.
 
     Returns:
-        ``{"baseline": {...}, "heads": [{"layer", "head", "nll", "accuracy", "delta_nll", "delta_accuracy",
-        "kept"}, ...], "kept": {layer: [heads]}, "criterion", "beta", "theta"}``. Cost: one pass over ``plans``
-        per searched head.
+        ``{"baseline": {...} (no edit, the model's own path), "reference": {layer: {...}}, "heads": [{"layer",
+        "head", "nll", "accuracy", "delta_nll", "delta_accuracy", "kept"}, ...] (deltas vs the layer's
+        reference), "kept": {layer: [heads]}, "criterion", "beta", "theta"}``. Cost: one pass over ``plans`` per
+        searched head, plus one per searched layer and one for the baseline.
     """
     from attnlab.capture.architectures import attention_sizes
     from attnlab.edits import EDITS
@@ -113,23 +120,30 @@ def act_head_search(model: Any, ids: list[int], plans: Sequence[WindowPlan], *, 
     if any(not 0 <= layer < num_layers for layer in searched):
         raise ConfigError(f"layers must be in 0..{num_layers - 1}, got {searched}")
     notify = progress or (lambda done, total, message: None)
-    total = len(searched) * num_heads + 1
-    notify(0, total, "act search: baseline")
+    total = len(searched) * (num_heads + 1) + 1
+    done = 0
+    notify(done, total, "act search: baseline")
     base = measure(model, ids, plans, [], bos_id=bos_id, device=device)
-    heads, kept = [], {}
+    heads, kept, references = [], {}, {}
     for layer in searched:
+        done += 1
+        notify(done, total, f"act search: layer {layer} reference (beta=1)")
+        identity = EDITS.get("calibration")(beta=1.0, theta=theta, layers=[layer])
+        ref = references[layer] = measure(model, ids, plans, [identity], bos_id=bos_id, device=device)
         for head in range(num_heads):
-            notify(1 + len(heads), total, f"act search: layer {layer} head {head}")
+            done += 1
+            notify(done, total, f"act search: layer {layer} head {head}")
             edit = EDITS.get("calibration")(beta=beta, theta=theta, layers=[layer], heads=[head])
             got = measure(model, ids, plans, [edit], bos_id=bos_id, device=device)
-            ok = got["nll"] <= base["nll"] if criterion == "loss" else got["accuracy"] >= base["accuracy"]
+            ok = got["nll"] <= ref["nll"] if criterion == "loss" else got["accuracy"] >= ref["accuracy"]
             heads.append({"layer": layer, "head": head, "nll": got["nll"], "accuracy": got["accuracy"],
-                          "delta_nll": got["nll"] - base["nll"], "delta_accuracy": got["accuracy"] - base["accuracy"],
+                          "delta_nll": got["nll"] - ref["nll"], "delta_accuracy": got["accuracy"] - ref["accuracy"],
                           "kept": bool(ok)})
             if ok:
                 kept.setdefault(layer, []).append(head)
     notify(total, total, "act search: done")
-    return {"baseline": base, "heads": heads, "kept": kept, "criterion": criterion, "beta": beta, "theta": theta}
+    return {"baseline": base, "reference": references, "heads": heads, "kept": kept, "criterion": criterion,
+            "beta": beta, "theta": theta}
 
 
 def _split(plans: Sequence[WindowPlan]) -> tuple[list[WindowPlan], list[WindowPlan]]:
