@@ -176,11 +176,23 @@ def run_probes(config: RunConfig, *, progress: Progress | None = None, model: An
 
     started = time.perf_counter()
     notify = progress or (lambda done, total, message: None)
+    drives_model = [name for name in config.probes if "model" in PROBES.get(name).needs]
+    if drives_model:  # model-level probes (inflection, active_dormant ...) cannot run inside a Session
+        raise ConfigError(f"probe {', '.join(drives_model)} drives the model itself; run it with `attnlab probe` / "
+                          "attnlab.probe_run.run_probe_suite")
     model, tokenizer = load_for_run(config, notify, model, tokenizer)
+    probes = [PROBES.get(name)() for name in config.probes]
+    if any(hasattr(probe, "prepare") for probe in probes):  # magnets/rope_decay read tokenizer and rope settings
+        from attnlab.capture.model_probes import ModelRunner
+
+        info = ModelRunner(model, tokenizer).info
+        for probe in probes:
+            if hasattr(probe, "prepare"):
+                probe.prepare(info)
     notify(0, 0, "reading text")
     windows = load_text(tokenizer, config.text, seq_len=config.seq_len, max_windows=config.max_windows,
                         bos=config.bos, batch_size=config.batch_size, device=config.device)
-    session = Session(model, probes=list(config.probes), block_size=config.block_size,
+    session = Session(model, probes=probes, block_size=config.block_size,
                       query_fraction=config.query_fraction)
     total = len(windows)
     with session, torch.no_grad():

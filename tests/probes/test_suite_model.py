@@ -204,6 +204,27 @@ def test_cka_without_compare_and_bad_probe_args_are_config_errors(tiny_dirs):
         _run(a, text, ["inflection"], probe_args={"cka": {"max_tokens": 8}})
 
 
+def test_probes_that_need_prepare_or_drive_the_model_fail_loudly_in_a_session(tiny_dirs, llama):
+    from attnlab.capture.session import Session
+    from attnlab.pipeline import RunConfig, run_probes
+
+    for name in ("inflection", "active_dormant"):
+        with pytest.raises(ConfigError, match=f"probe {name} drives the model itself"):
+            Session(llama, probes=[name])
+    for name in ("magnets", "rope_decay"):
+        with pytest.raises(ConfigError, match="prepare"):
+            Session(llama, probes=[name])
+    a, _, text = tiny_dirs
+    with pytest.raises(ConfigError, match="drives the model itself"):
+        run_probes(RunConfig(model=str(a), text=str(text), seq_len=32, max_windows=1, probes=("inflection",)))
+    # `attnlab report` prepares magnets/rope_decay: the text is mostly stop words ("the", "a", "and", "on", ...)
+    results = run_probes(RunConfig(model=str(a), text=str(text), seq_len=32, max_windows=1,
+                                   probes=("magnets", "rope_decay"), bos="never"))
+    stop_share = [r["value"] for r in results["rows"] if r["statistic"] == "class_share" and r["position"] == 3]
+    assert stop_share and min(stop_share) > 0
+    assert _rows(results, "rope_bound")
+
+
 def test_length_collapse_pools_real_tokens_only(tmp_path):
     bert = tiny_bert()
     tok = tiny_tokenizer()

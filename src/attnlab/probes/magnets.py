@@ -59,7 +59,8 @@ class MagnetsProbe(Probe):
     Args:
         theta: global-sink threshold on the head-averaged column score (default 0.1).
         min_queries: keys seen by fewer real queries are not global-sink candidates (default 16).
-        token_classes: optional {token_id: class index 1–4}; filled from the tokenizer by ``prepare``.
+        token_classes: optional {token_id: class index 1–4}; filled from the tokenizer by ``prepare``. A Session
+            raises ConfigError when neither was given (every key would be "other").
     """
 
     name = "magnets"
@@ -73,6 +74,7 @@ class MagnetsProbe(Probe):
             raise ConfigError(f"min_queries must be >= 1, got {min_queries}")
         self.theta, self.min_queries = float(theta), min_queries
         self.token_classes = dict(token_classes or {})
+        self.classified = token_classes is not None  # prepare() fills the classes from the tokenizer
         self.bos_token_id = bos_token_id
         self._table: Tensor | None = None
 
@@ -80,11 +82,15 @@ class MagnetsProbe(Probe):
         """Classify every vocabulary entry from its decoded string (``info.vocab_strings()``)."""
         if not self.token_classes:
             self.token_classes = {i: token_class(s) for i, s in enumerate(info.vocab_strings())}
+        self.classified = True
         if self.bos_token_id is None:
             self.bos_token_id = info.bos_token_id
         self._table = None
 
     def bind(self, shape: ModelShape) -> None:
+        if not self.classified:
+            raise ConfigError("magnets needs token classes: pass token_classes, or call prepare(ModelInfo) before "
+                              "the Session (`attnlab report`/`attnlab probe` do); without them every key is 'other'")
         super().bind(shape)
         L, H, C = shape.num_layers, shape.num_heads, len(CLASSES)
         self.mass_sum = torch.zeros(L, H, C, dtype=torch.float64)

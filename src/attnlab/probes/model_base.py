@@ -22,6 +22,7 @@ from typing import Any, Callable, ClassVar
 
 from torch import Tensor
 
+from attnlab.errors import ConfigError
 from attnlab.probes.base import Probe
 
 
@@ -55,6 +56,11 @@ class ModelProbe(Probe):
     """Base class of probes that drive the model themselves (see the module docstring)."""
 
     needs: ClassVar[frozenset[str]] = frozenset({"model"})
+
+    def bind(self, shape: Any) -> None:
+        """A Session binds its probes; a model-level probe cannot run there, so this raises ConfigError."""
+        raise ConfigError(f"probe {self.name} drives the model itself; run it with `attnlab probe` / "
+                          "attnlab.probe_run.run_probe_suite")
 
     def prepare(self, info: ModelInfo) -> None:
         """Called once before the first batch."""

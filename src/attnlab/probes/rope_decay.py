@@ -55,6 +55,9 @@ class RopeDecayProbe(Probe):
         self.head_dim = self.head_dim or info.head_dim
 
     def bind(self, shape: ModelShape) -> None:
+        if self.rope_theta is None or self.head_dim is None:
+            raise ConfigError("rope_decay needs rope_theta and head_dim: pass them, or call prepare(ModelInfo) "
+                              "before the Session (`attnlab report`/`attnlab probe` do)")
         super().bind(shape)
         L, H, D = shape.num_layers, shape.num_heads, max(shape.max_len, 1)
         self.attention_sum = torch.zeros(L, H, D, dtype=torch.float64)
