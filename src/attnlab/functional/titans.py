@@ -51,6 +51,28 @@ def _loss_grads(k: Tensor, v: Tensor, w1: Tensor, w2: Tensor):
     return k, dh, a, dy
 
 
+# Floor of a gate's log in the chunk form: a saturated gate (η = 0, or α = 1 as σ(20) is in float32) has
+# log -inf, and -inf - (-inf) = NaN in the cumulative-log differences. The gate is raised to exp(LOG_FLOOR),
+# below the rounding of its dtype (exp(-30) ≈ 1e-13 < float32 eps, exp(-80) ≈ 2e-35 < float64 eps), so the
+# product equals the true 0 to working precision; the other exponents of that chunk keep an absolute rounding
+# of about (#saturated · |floor|) ulp.
+LOG_FLOOR = {torch.float32: -30.0, torch.float64: -80.0}
+
+
+def _log_gate(p: Tensor) -> Tensor:
+    """log max(p, exp(LOG_FLOOR)); zero gradient where p is below the floor (a straight-through gradient would
+    be multiplied by 1/floor and lose everything to cancellation in the cumulative-log differences)."""
+    floor = LOG_FLOOR[p.dtype]
+    above = p > torch.exp(torch.tensor(floor, dtype=p.dtype))
+    return torch.where(above, torch.where(above, p, torch.ones_like(p)).log(), torch.full_like(p, floor))
+
+
+def _log_keep(alpha: Tensor) -> Tensor:
+    """log(1 - α): log1p for α < 1/2 (accurate near 0), else log of 1 - α (exact there), floored as _log_gate."""
+    small = alpha < 0.5
+    return torch.where(small, torch.log1p(-torch.where(small, alpha, torch.zeros_like(alpha))), _log_gate(1 - alpha))
+
+
 def _check(query, key, value, lr, momentum, forget, state, chunk_size, form):
     if form not in MEMORY_FORMS:
         raise ConfigError(f"expected form in {list(MEMORY_FORMS)} (no parallel form for a nonlinear memory), "
@@ -77,7 +99,9 @@ def neural_memory(query: Tensor, key: Tensor, value: Tensor, lr: Tensor, momentu
 
     Args:
         query, key, value: (B, H, T, D); any float dtype, computed in float32 (float64 stays float64).
-        lr: θ (B, H, T) ≥ 0. momentum: η (B, H, T) in (0, 1]. forget: α (B, H, T) in [0, 1).
+        lr: θ (B, H, T) ≥ 0. momentum: η (B, H, T) in [0, 1]. forget: α (B, H, T) in [0, 1]. Saturated gates
+            (η = 0, α = 1) are exact in both forms, but the chunk form's gradient w.r.t. a gate that is exactly
+            saturated is 0 (its log is floored at ``LOG_FLOOR``); use form="recurrent" if that gradient matters.
         initial_state: (W1, W2, S1, S2) as in the module docstring (the weights must not all be zero).
         chunk_size: tokens per chunk (gradients at the chunk-start weights). form: "chunk" or "recurrent".
 
@@ -104,7 +128,7 @@ def neural_memory(query: Tensor, key: Tensor, value: Tensor, lr: Tensor, momentu
                 keep = 1 - alpha[:, :, t, None, None]
                 w1, w2 = keep * w1 + s1, keep * w2 + s2
     else:
-        log_eta, log_keep = eta.log(), torch.log1p(-alpha)  # (B, H, T), ≤ 0
+        log_eta, log_keep = _log_gate(eta), _log_keep(alpha)  # (B, H, T), ≤ 0, finite
         for start in range(0, T, chunk_size):
             sl = slice(start, min(start + chunk_size, T))
             c = sl.stop - start
