@@ -171,3 +171,29 @@ def test_radial_block_rule_matches_loop_oracle():
     assert torch.equal(S.coarsen_to_blocks(S.radial(frames, s), L, L, block)[0, 0], expected)
     blocks = _dense(S.radial(frames, s, block_size=block), 1, 1, L, L)[0, 0]
     assert torch.equal(blocks, expected.repeat_interleave(block, 0).repeat_interleave(block, 1)[:L, :L])
+
+
+def test_table_masks_refuse_lengths_they_were_not_built_for():
+    """A causal table for 4 tokens used at length 7 would let query 3 see keys 4-6 (its last column copied)."""
+    from attnlab.errors import ShapeError
+    from attnlab.functional.masked_attention import build_block_mask, masked_attention
+
+    table = M.from_keep(torch.ones(4, 4, dtype=torch.bool).tril()[None, None])
+    four_groups = S.groups(torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 1, dtype=torch.bool))
+    for call in (lambda: M.to_dense(table, 1, 1, 7, 7), lambda: M.density(table, 1, 1, 7, 7),
+                 lambda: M.to_string(table, 7), lambda: build_block_mask(table, 1, 1, 7, 7, block_size=4),
+                 lambda: M.to_dense(M.and_masks(M.causal(), table), 1, 1, 4, 4, q_offset=1),
+                 lambda: M.to_dense(four_groups, 1, 1, 5, 5)):
+        with pytest.raises(ShapeError, match="built for"):
+            call()
+    q = torch.randn(1, 1, 7, 2)
+    with pytest.raises(ShapeError, match="built for"):
+        masked_attention(q, q, q, table)
+    # the lengths it was built for (and a decoding step inside them) still work
+    assert M.to_dense(table, 1, 1, 4, 4)[0, 0].tolist() == torch.ones(4, 4, dtype=torch.bool).tril().tolist()
+    assert M.to_dense(table, 1, 1, 1, 4, q_offset=3)[0, 0, 0].tolist() == [True] * 4
+    # a block table covers whole blocks: 2 blocks of 3 cover 6 tokens, not 7
+    blocks = M.from_keep(torch.ones(1, 1, 2, 2, dtype=torch.bool), block_size=3)
+    assert M.density(blocks, 1, 1, 6, 6) == 1.0
+    with pytest.raises(ShapeError):
+        M.density(blocks, 1, 1, 7, 7)

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from attnlab.errors import ConfigError
 from attnlab.functional.attention import check_qkv
-from attnlab.functional.masks import MaskMod, shift_queries, to_dense
+from attnlab.functional.masks import MaskMod, check_lengths, shift_queries, to_dense
 
 __all__ = ["BlockMaskCache", "ScoreMod", "build_block_mask", "dense_score_mod", "masked_attention"]
 
@@ -66,9 +66,14 @@ def build_block_mask(mask_mod: MaskMod, batch: int, num_heads: int, q_len: int, 
     chunks of query blocks, so 16k × 16k × 8 heads needs ~64 MB at a time. Axes the mask does not depend on (its
     output has size 1 there under broadcast indices) stay size 1 and broadcast in the kernel. Tiles that are
     entirely kept are recorded as "full" blocks (no mask_mod evaluation inside them).
+
+    Raises:
+        ShapeError: if a table-backed mask was built for shorter lengths
+        (:func:`~attnlab.functional.masks.check_lengths`).
     """
     from torch.nn.attention.flex_attention import BlockMask
 
+    check_lengths(mask_mod, q_len, kv_len, q_offset)
     mask_mod = shift_queries(mask_mod, q_offset)
     nq, nk = -(-q_len // block_size), -(-kv_len // block_size)
     # which axes the mask depends on: its output keeps size 1 on the others under broadcast indices
@@ -200,7 +205,8 @@ def masked_attention(
         output (B, H, Lq, Dv) in value's dtype. Rows with no visible key are 0.
 
     Raises:
-        ShapeError: on inconsistent shapes or Hkv not dividing H. ConfigError: on an unknown path.
+        ShapeError: on inconsistent shapes, Hkv not dividing H, or a table-backed mask built for shorter lengths.
+        ConfigError: on an unknown path.
     """
     num_heads, groups = check_qkv(query, key, value)
     scale = query.shape[-1] ** -0.5 if scale is None else scale

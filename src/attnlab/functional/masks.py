@@ -30,7 +30,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from attnlab.errors import ConfigError
+from attnlab.errors import ConfigError, ShapeError
 from attnlab.registry import Registry
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "MaskMod",
     "and_masks",
     "causal",
+    "check_lengths",
     "density",
     "from_keep",
     "full",
@@ -70,6 +71,46 @@ def _named(fn: Callable, name: str) -> Callable:
     return fn
 
 
+def _with_cover(fn: Callable, q_cover: int | None, kv_cover: int | None) -> Callable:
+    """Record on a mask_mod the query / key positions it is defined for (tables built for one length).
+
+    ``covered_lengths = (q_cover, kv_cover)``: positions ``q < q_cover`` and ``kv < kv_cover`` (None = any).
+    :func:`check_lengths` refuses a call past them; masks without the attribute are defined everywhere.
+    """
+    if q_cover is not None or kv_cover is not None:
+        fn.covered_lengths = (q_cover, kv_cover)
+    return fn
+
+
+def _min_cover(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else min(a, b)
+
+
+def _combined_cover(mask_mods) -> tuple[int | None, int | None]:
+    q_cover = kv_cover = None
+    for part in mask_mods:
+        part_q, part_kv = getattr(part, "covered_lengths", (None, None))
+        q_cover, kv_cover = _min_cover(q_cover, part_q), _min_cover(kv_cover, part_kv)
+    return q_cover, kv_cover
+
+
+def check_lengths(mask_mod: MaskMod, q_len: int, kv_len: int, q_offset: int = 0) -> None:
+    """Refuse to evaluate a table-backed mask (``from_keep``, ``groups``, ...) past the lengths it was built for.
+
+    A mask built for one length must never be reused for another: reading a table past its end would copy its last
+    row/column (future keys would leak).
+
+    Raises:
+        ShapeError: if query positions ``q_offset … q_offset + q_len − 1`` or ``kv_len`` keys exceed the table.
+    """
+    q_cover, kv_cover = getattr(mask_mod, "covered_lengths", (None, None))
+    if (q_cover is not None and q_len > 0 and q_offset + q_len > q_cover) or (kv_cover is not None
+                                                                              and kv_len > kv_cover):
+        raise ShapeError(f"mask {getattr(mask_mod, '__name__', 'mask')!r} was built for {q_cover} query / "
+                         f"{kv_cover} key positions, got queries {q_offset}..{q_offset + q_len - 1} and "
+                         f"{kv_len} keys: rebuild it for this length")
+
+
 def _check_positive(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -99,6 +140,7 @@ def and_masks(*mask_mods: MaskMod) -> MaskMod:
             keep = keep & part(batch_idx, head_idx, q_idx, kv_idx)
         return keep
 
+    _with_cover(mask_mod, *_combined_cover(mask_mods))
     return _named(mask_mod, "and(" + ", ".join(getattr(m, "__name__", "mask") for m in mask_mods) + ")")
 
 
@@ -118,6 +160,7 @@ def or_masks(*mask_mods: MaskMod) -> MaskMod:
             keep = keep | part(batch_idx, head_idx, q_idx, kv_idx)
         return keep
 
+    _with_cover(mask_mod, *_combined_cover(mask_mods))
     return _named(mask_mod, "or(" + ", ".join(getattr(m, "__name__", "mask") for m in mask_mods) + ")")
 
 
@@ -129,6 +172,8 @@ def shift_queries(mask_mod: MaskMod, q_offset: int) -> MaskMod:
     def shifted(batch_idx: Tensor, head_idx: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return mask_mod(batch_idx, head_idx, q_idx + q_offset, kv_idx)
 
+    q_cover, kv_cover = getattr(mask_mod, "covered_lengths", (None, None))
+    _with_cover(shifted, None if q_cover is None else q_cover - q_offset, kv_cover)
     return _named(shifted, f"{getattr(mask_mod, '__name__', 'mask')}@{q_offset:+d}")
 
 
@@ -154,10 +199,12 @@ def to_dense(mask_mod: MaskMod, batch: int, num_heads: int, q_len: int, kv_len: 
     The result is the mask_mod's answer expanded to the full shape (a view where the mask ignored an axis).
 
     Raises:
-        ConfigError: if a size is negative.
+        ConfigError: if a size is negative. ShapeError: if a table-backed mask was built for shorter lengths
+        (:func:`check_lengths`).
     """
     for name, value in (("batch", batch), ("num_heads", num_heads), ("q_len", q_len), ("kv_len", kv_len)):
         _check_non_negative(name, value)
+    check_lengths(mask_mod, q_len, kv_len, q_offset)
     b, h, q, kv = _broadcast_indices(batch, num_heads, q_len, kv_len, q_offset, device)
     keep = mask_mod(b, h, q, kv)
     return torch.as_tensor(keep, device=q.device).to(torch.bool).expand(batch, num_heads, q_len, kv_len)
@@ -168,9 +215,13 @@ def density(mask_mod: MaskMod, batch: int, num_heads: int, q_len: int, kv_len: i
     """Fraction of the ``batch × num_heads × q_len × kv_len`` pairs the mask keeps, in [0, 1].
 
     Evaluated ``rows_per_chunk`` query rows at a time, so 16k × 16k masks fit in memory.
+
+    Raises:
+        ShapeError: if a table-backed mask was built for shorter lengths (:func:`check_lengths`).
     """
     if batch * num_heads * q_len * kv_len == 0:
         return 0.0
+    check_lengths(mask_mod, q_len, kv_len, q_offset)
     kept = 0
     for start in range(0, q_len, rows_per_chunk):
         stop = min(q_len, start + rows_per_chunk)
@@ -194,6 +245,7 @@ def to_string(mask_mod: MaskMod, q_len: int, kv_len: int | None = None, *, batch
         density 0.480 (12 of 25)
     """
     kv_len = q_len if kv_len is None else kv_len
+    check_lengths(mask_mod, q_len, kv_len, q_offset)
     b, h, q, kv = _broadcast_indices(batch_idx + 1, head_idx + 1, q_len, kv_len, q_offset, None)
     keep = torch.as_tensor(mask_mod(b, h, q, kv)).expand(batch_idx + 1, head_idx + 1, q_len, kv_len)
     grid = keep[batch_idx, head_idx]
@@ -211,6 +263,12 @@ def from_keep(keep: Tensor, *, block_size: int = 1, name: str = "from_keep") -> 
     ``keep[b, h, q // block_size, kv // block_size]``. Batch/head axes of size 1 broadcast. Used by the data-dependent
     masks (``dma``, ``sparsed``). ``keep`` must live on the device the attention runs on.
 
+    The mask is defined for ``nq · block_size`` query and ``nk · block_size`` key positions (recorded as
+    ``covered_lengths``); :func:`to_dense`, :func:`density`, the Flex block-mask builder and ``masked_attention``
+    raise ShapeError past them, so a table built for one length is never reused for a longer one. A query or key
+    axis of size 1 with ``block_size=1`` broadcasts (covers any length), like the batch and head axes. The index
+    clamp below only serves the padding positions a block-sparse kernel evaluates past the sequence end.
+
     Raises:
         ConfigError: if ``keep`` is not a 4-D bool tensor or block_size < 1.
     """
@@ -226,6 +284,9 @@ def from_keep(keep: Tensor, *, block_size: int = 1, name: str = "from_keep") -> 
         # clamped: block-sparse kernels may evaluate padding positions past the last block
         return keep[b, h, (q_idx // block_size).clamp(0, last_q), (kv_idx // block_size).clamp(0, last_kv)]
 
+    broadcast_q, broadcast_kv = block_size == 1 and last_q == 0, block_size == 1 and last_kv == 0
+    _with_cover(mask_mod, None if broadcast_q else (last_q + 1) * block_size,
+                None if broadcast_kv else (last_kv + 1) * block_size)
     return _named(mask_mod, name)
 
 

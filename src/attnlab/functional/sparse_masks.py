@@ -24,6 +24,7 @@ from attnlab.functional.masks import (
     _check_non_negative,
     _check_positive,
     _named,
+    _with_cover,
     from_keep,
 )
 
@@ -319,6 +320,7 @@ def groups(group_ids: Tensor, allowed: Tensor) -> MaskMod:
 
     Args:
         group_ids: (B, T) long, the group of each token (0 … G−1); absolute positions index its second axis.
+            The mask is defined for T positions only (longer calls raise ShapeError, see ``masks.check_lengths``).
         allowed: (G, G) bool. MODA's modality-adaptive masking (METHODS.md #32) is reconstructed as such a table
             (the masking itself was not in the released code; low confidence). AND with ``causal()`` for decoders.
     """
@@ -329,6 +331,8 @@ def groups(group_ids: Tensor, allowed: Tensor) -> MaskMod:
     last = ids.shape[1] - 1
 
     def mask_mod(batch_idx: Tensor, head_idx: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        # clamped only for a block-sparse kernel's padding positions: check_lengths refuses longer calls
         return allowed[ids[batch_idx, q_idx.clamp(0, last)], ids[batch_idx, kv_idx.clamp(0, last)]]
 
+    _with_cover(mask_mod, last + 1, last + 1)
     return _named(mask_mod, f"groups({allowed.shape[0]})")
