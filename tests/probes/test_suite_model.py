@@ -103,6 +103,32 @@ def test_gradient_norms_match_hf_hidden_states(llama):
     assert all(p.grad is None for p in llama.parameters())  # the runner leaves no .grad behind
 
 
+def test_inflection_gradient_norms_do_not_depend_on_the_batch_size(llama):
+    from attnlab.probes.inflection import InflectionProbe
+
+    runner = ModelRunner(llama)
+    batch = _batch([[5, 9, 11, 3, 17, 21, 8, 30], [7, 2, 19, 4, 4, 12, 25, 6]])
+    together, apart = InflectionProbe(), InflectionProbe()
+    together.prepare(runner.info)
+    apart.prepare(runner.info)
+    together.observe(runner, batch)
+    for b in range(2):
+        apart.observe(runner, {key: value[b : b + 1] for key, value in batch.items()})
+    # independent: per-sequence ‖∂L/∂h_0‖ through HF's hidden states, averaged over the two sequences
+    expected = 0.0
+    for b in range(2):
+        ids = batch["input_ids"][b : b + 1]
+        out = llama(input_ids=ids, output_hidden_states=True)
+        loss = torch.nn.functional.cross_entropy(out.logits[0, :-1], ids[0, 1:])
+        expected += torch.autograd.grad(loss, out.hidden_states[1])[0].norm().item() / 2
+    for statistic in ("activation_grad_norm", "param_grad_norm"):
+        a = {r["layer"]: r["value"] for r in together.rows() if r["statistic"] == statistic}
+        b = {r["layer"]: r["value"] for r in apart.rows() if r["statistic"] == statistic}
+        assert a.keys() == b.keys() == {0, 1} and all(a[k] == pytest.approx(b[k], rel=1e-5) for k in a)
+    act = {r["layer"]: r["value"] for r in together.rows() if r["statistic"] == "activation_grad_norm"}
+    assert act[0] == pytest.approx(expected, rel=1e-4)
+
+
 def test_head_scale_zero_equals_zeroed_output_projection_columns(llama):
     batch = _batch([[5, 9, 11, 3, 17, 21]])
     runner = ModelRunner(llama)

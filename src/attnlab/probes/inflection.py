@@ -1,10 +1,11 @@
 """Attention saturation and gradient suppression per layer, and the inflection band (Wang 2025, METHODS.md #5).
 
-Per layer l, from one forward pass for the attention and one backward pass of the mean next-token loss per batch:
+Per layer l, from one forward pass for the attention and one backward pass of the mean next-token loss per
+sequence (one sequence at a time, so the norms do not depend on the batch size):
 - ``attention_entropy``: H^(l), the mean over heads and real query rows of -Σ_j A_ij log A_ij (nats);
-- ``activation_grad_norm``: ‖∂L/∂h_l‖ (Frobenius norm over the batch, h_l = output of transformer block l);
+- ``activation_grad_norm``: ‖∂L/∂h_l‖ (Frobenius norm over the sequence, h_l = output of transformer block l);
 - ``param_grad_norm``: ‖∇_θ(l) L‖ over block l's parameters;
-each averaged over batches. The paper gives no thresholds (METHODS.md: medium confidence for the metrics), so
+each averaged over sequences. The paper gives no thresholds (METHODS.md: medium confidence for the metrics), so
 the band rule is ours and stated here:
 
 - ``gradient_drop`` at layer l ≥ 1 = log ‖∂L/∂h_l‖ - log ‖∂L/∂h_(l-1)‖, how much the activation gradient shrinks
@@ -79,7 +80,7 @@ class InflectionProbe(ModelProbe):
         self.entropy_rows = torch.zeros(L, dtype=torch.float64)
         self.act_sum = torch.zeros(L, dtype=torch.float64)
         self.param_sum = torch.zeros(L, dtype=torch.float64)
-        self.batches = torch.zeros((), dtype=torch.float64)
+        self.sequences = torch.zeros((), dtype=torch.float64)
 
     def observe(self, runner: Any, batch: dict[str, Tensor]) -> None:
         valid = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool().cpu()
@@ -89,25 +90,26 @@ class InflectionProbe(ModelProbe):
             rows = valid[:, None, :].expand_as(entropy)
             self.entropy_sum[layer] += float(entropy[rows].sum())
             self.entropy_rows[layer] += float(rows.sum())
-        record = runner.forward(batch, gradients=True)
-        self.act_sum += record.activation_grad_norm
-        self.param_sum += record.param_grad_norm
-        self.batches += 1
+        for b in range(batch["input_ids"].shape[0]):  # a batch-mean loss would shrink the norms with the batch size
+            record = runner.forward({key: value[b : b + 1] for key, value in batch.items()}, gradients=True)
+            self.act_sum += record.activation_grad_norm
+            self.param_sum += record.param_grad_norm
+            self.sequences += 1
 
     def state(self) -> dict[str, Tensor]:
         return {"entropy_sum": self.entropy_sum, "entropy_rows": self.entropy_rows, "act_sum": self.act_sum,
-                "param_sum": self.param_sum, "batches": self.batches}
+                "param_sum": self.param_sum, "sequences": self.sequences}
 
     def summary(self) -> dict[str, Any]:
         entropy = safe_div(self.entropy_sum, self.entropy_rows)
-        act = self.act_sum / self.batches.clamp_min(1)
-        param = self.param_sum / self.batches.clamp_min(1)
+        act = self.act_sum / self.sequences.clamp_min(1)
+        param = self.param_sum / self.sequences.clamp_min(1)
         drop, score, band = inflection_band(entropy, act, self.band_width)
         return {"entropy": entropy, "act": act, "param": param, "drop": drop, "score": score, "band": band}
 
     def rows(self) -> list[Row]:
         out = RowWriter(self.name)
-        if float(self.batches) == 0:
+        if float(self.sequences) == 0:
             return out.rows
         s = self.summary()
         for statistic, values in (("attention_entropy", s["entropy"]), ("activation_grad_norm", s["act"]),
@@ -119,7 +121,7 @@ class InflectionProbe(ModelProbe):
         return out.rows
 
     def extras(self, decode: Any = None) -> dict[str, Any]:
-        band = self.summary()["band"] if float(self.batches) > 0 else []
+        band = self.summary()["band"] if float(self.sequences) > 0 else []
         return {"band": band, "band_width": self.band_width,
                 "rule": "score = z(-entropy) + z(log-gradient drop through the layer); band = best layer and "
                         "contiguous neighbours within band_width of the best score"}
