@@ -15,7 +15,7 @@ from attnlab.functional.hedgehog import (attention_distillation_loss, attention_
 from attnlab.functional.lightning import alibi_slopes, lightning_attention, lightning_log_decay, lrpe, srms_norm
 from attnlab.functional.lightnet import lightnet_attention, toeplitz_mix
 from attnlab.functional.reference.linear import lightnet_reference
-from attnlab.testing import assert_matches_reference
+from attnlab.testing import TOLERANCES, assert_matches_reference
 
 CHUNK = 8
 FORMS = ["parallel", "chunk", "recurrent"]
@@ -152,6 +152,19 @@ def test_hedgehog_attention_is_normalised_quadratic(form):
     out, _ = hedgehog_attention(fq, fk, v, form=form, chunk_size=4)
     torch.testing.assert_close(out, (A / A.sum(-1, keepdim=True)) @ v)
     torch.testing.assert_close(linear_attention_probs(fq, fk), A / A.sum(-1, keepdim=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_hedgehog_attention_divides_before_casting(dtype):
+    """Uniform features: output t is the running mean of v. The normaliser reaches 2T = 66000 > float16 max."""
+    T = 33000
+    features = torch.ones(1, 1, T, 2, dtype=dtype)
+    v = randn(1, 1, T, 2, seed=5).to(dtype)
+    out, _ = hedgehog_attention(features, features, v, chunk_size=256)
+    expected = v.double().cumsum(2) / torch.arange(1, T + 1, dtype=torch.float64)[:, None]
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(out.double(), expected, rtol=tol["rtol"], atol=4 * tol["rtol"])
 
 
 @given(seed=st.integers(0, 2**16), T=st.integers(1, 12))

@@ -47,11 +47,14 @@ def hedgehog_attention(query_features: Tensor, key_features: Tensor, value: Tens
 
     Returns: output (B, H, T, V) in value's dtype; final state (B, H, F, V+1) or None.
     """
-    ones = torch.ones_like(value[..., :1])
-    out, state = linear_attention(query_features, key_features, torch.cat([value, ones], dim=-1), None, form=form,
+    # numerator and normaliser stay in float32 (float64 stays) until after the division: a float16 normaliser
+    # overflows past ~65k summed features, and dividing two rounded bf16 numbers doubles the rounding error
+    dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
+    augmented = torch.cat([value, torch.ones_like(value[..., :1])], dim=-1).to(dtype)
+    out, state = linear_attention(query_features, key_features, augmented, None, form=form,
                                   scale=1.0, chunk_size=chunk_size, initial_state=initial_state,
                                   output_final_state=output_final_state)
-    return out[..., :-1] / out[..., -1:].clamp_min(eps), state
+    return (out[..., :-1] / out[..., -1:].clamp_min(eps)).to(value.dtype), state
 
 
 def linear_attention_probs(query_features: Tensor, key_features: Tensor, eps: float = 1e-12) -> Tensor:
