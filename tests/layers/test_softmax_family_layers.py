@@ -55,8 +55,10 @@ def test_causal_layers_ignore_future_tokens(name):
     x = _x()
     y = x.clone()
     y[:, 7:] = torch.randn_like(y[:, 7:])
+    # MODA: both groups present, so the key alignment runs (gain is non-zero after build's perturbation)
+    extra = {"group_ids": (torch.arange(T) % 3 == 0).long().expand(2, T)} if name == "moda" else {}
     with torch.no_grad():
-        torch.testing.assert_close(layer(x)[0][:, :7], layer(y)[0][:, :7])
+        torch.testing.assert_close(layer(x, **extra)[0][:, :7], layer(y, **extra)[0][:, :7])
 
 
 def _oracle_heads(layer, x, rows):
@@ -211,6 +213,24 @@ def test_moda_align_keys_known_answer():
     out = align_keys(key, value, torch.tensor([[0, 1]]), gain, fuse)
     torch.testing.assert_close(out[0, 0], torch.tensor([[3.0, 4.0], [1.0, 1.0]], dtype=torch.float64), atol=1e-5,
                                rtol=0)
+
+
+def test_moda_causal_basis_uses_only_earlier_text_tokens():
+    from attnlab.layers.moda import align_keys
+
+    key = torch.tensor([[[[1.0, 0.0], [3.0, 4.0]]]], dtype=torch.float64)  # token 0 aligned group, token 1 text
+    value = torch.tensor([[[[5.0, 5.0], [0.0, 2.0]]]], dtype=torch.float64)
+    fuse = torch.nn.Linear(2, 2, bias=False).double()
+    with torch.no_grad():
+        fuse.weight.copy_(torch.eye(2))
+    gain, ids = torch.ones(2, dtype=torch.float64), torch.tensor([[1, 0]])
+    # no text token at or before position 0: the prefix basis is 0 and key 0 is unchanged
+    torch.testing.assert_close(align_keys(key, value, ids, gain, fuse, causal=True)[0, 0],
+                               key[0, 0], atol=1e-12, rtol=0)
+    # whole-sequence basis (released code): key 0 picks up the later text token, (1, 0) + (0, 1)
+    torch.testing.assert_close(align_keys(key, value, ids, gain, fuse)[0, 0, 0],
+                               torch.tensor([1.0, 1.0], dtype=torch.float64), atol=1e-5, rtol=0)
+    assert build("moda").causal_basis and not build("moda", mask_mod=M.full()).causal_basis
 
 
 @pytest.mark.parametrize("source", ["fixed_sequence", "static"])

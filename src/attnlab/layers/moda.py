@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnlab.errors import ShapeError
-from attnlab.functional.masks import MaskMod, and_masks
+from attnlab.functional.masks import MaskMod, and_masks, to_dense
 from attnlab.functional.sparse_masks import groups
 from attnlab.layers import LAYERS
 from attnlab.layers._common import merge_heads
@@ -22,7 +22,7 @@ from attnlab.layers._softmax_base import SoftmaxFamilyAttention
 
 
 def align_keys(key: Tensor, value: Tensor, group_ids: Tensor, gain: Tensor, fuse: nn.Linear,
-               eps: float = 1e-6) -> Tensor:
+               eps: float = 1e-6, *, causal: bool = False) -> Tensor:
     """MODA key alignment: group-1 keys ← W_fuse(K + r ⊙ K̂ G_t), with G_t = normalise_rows(K̂_tᵀ V_t).
 
     Args:
@@ -30,13 +30,21 @@ def align_keys(key: Tensor, value: Tensor, group_ids: Tensor, gain: Tensor, fuse
         gain: r (D,), zeros at init. fuse: W_fuse, a D × D linear map (identity at init).
 
     Returns:
-        key (B, Hkv, T, D) with only group-1 rows changed. K̂ = K / (‖K‖ + eps) per token; G_t sums over the
-        sample's group-0 tokens (all positions: not causal, as in the released code).
+        key (B, Hkv, T, D) with only group-1 rows changed. K̂ = K / (‖K‖ + eps) per token. ``causal=False``: G_t
+        sums over all of the sample's group-0 tokens (as in the released code; a key then depends on later tokens).
+        ``causal=True``: the key at position p uses the prefix basis over group-0 tokens ≤ p (memory B·Hkv·T·D²),
+        so a causal mask stays causal.
     """
     unit = key / (key.norm(dim=-1, keepdim=True) + eps)  # (B, Hkv, T, D)
     text = (group_ids == 0).to(key.dtype)[:, None, :, None]  # (B, 1, T, 1)
-    basis = F.normalize((unit * text).transpose(-1, -2) @ value, dim=-1, eps=eps)  # (B, Hkv, D, D)
-    fused = fuse(key + gain * (unit @ basis))
+    if causal:
+        outer = (unit * text)[..., :, None] * value[..., None, :]  # (B, Hkv, T, D, D): k̂_jᵀ v_j
+        basis = F.normalize(outer.cumsum(dim=2), dim=-1, eps=eps)  # (B, Hkv, T, D, D), prefix sums
+        aligned = (unit[..., None, :] @ basis).squeeze(-2)  # (B, Hkv, T, D)
+    else:
+        basis = F.normalize((unit * text).transpose(-1, -2) @ value, dim=-1, eps=eps)  # (B, Hkv, D, D)
+        aligned = unit @ basis
+    fused = fuse(key + gain * aligned)
     return torch.where((group_ids == 1)[:, None, :, None], fused, key)
 
 
@@ -46,13 +54,16 @@ class DuplexAttention(SoftmaxFamilyAttention):
 
     ``forward(hidden_states, group_ids=None)``: group_ids (B, T) in {0, 1}; None = all group 0 (plain attention).
     ``allowed`` (2, 2) bool says which groups see which (default all); it is ANDed with the layer mask.
+    ``causal_basis``: build the alignment basis from group-0 tokens up to each key's position (see
+    :func:`align_keys`); None (default) = True iff the layer mask hides every later key (checked on 16 positions),
+    so the default causal layer stays causal; False = the released code's whole-sequence basis (bidirectional).
     Args otherwise as in ``MaskedAttention``. Source: KwaiVGI/MODA ``modeling_llama_local_moda.py`` (METHODS.md #32).
     """
 
     def __init__(self, hidden_size: int, num_heads: int = 8, num_kv_heads: int | None = None, *,
                  head_dim: int | None = None, allowed: Tensor | None = None, mask_mod: MaskMod | None = None,
                  path: Literal["dense", "flex"] = "dense", compiled: bool = False,
-                 rope_base: float | None = 10000.0) -> None:
+                 rope_base: float | None = 10000.0, causal_basis: bool | None = None) -> None:
         super().__init__(hidden_size, num_heads, num_kv_heads, head_dim=head_dim, mask_mod=mask_mod, path=path,
                          compiled=compiled, rope_base=rope_base)
         self.gain = nn.Parameter(torch.zeros(self.head_dim))
@@ -63,6 +74,13 @@ class DuplexAttention(SoftmaxFamilyAttention):
         if allowed.shape != (2, 2) or allowed.dtype != torch.bool:
             raise ShapeError(f"expected allowed as a (2, 2) bool table, got {allowed.dtype} {tuple(allowed.shape)}")
         self.register_buffer("allowed", allowed, persistent=False)
+        if causal_basis is None:
+            try:
+                probe = to_dense(self.mask_mod, 1, num_heads, 16, 16)
+                causal_basis = not bool(probe.triu(1).any())
+            except ShapeError:  # a table built for another length: assume causal (the safe choice)
+                causal_basis = True
+        self.causal_basis = causal_basis
 
     def forward(self, hidden_states: Tensor, group_ids: Tensor | None = None,
                 position_offset: int = 0) -> tuple[Tensor, None]:
@@ -72,7 +90,7 @@ class DuplexAttention(SoftmaxFamilyAttention):
         if group_ids is not None:
             if group_ids.shape != hidden_states.shape[:2]:
                 raise ShapeError(f"expected group_ids {tuple(hidden_states.shape[:2])}, got {tuple(group_ids.shape)}")
-            k = align_keys(k, v, group_ids, self.gain, self.fuse)
+            k = align_keys(k, v, group_ids, self.gain, self.fuse, causal=self.causal_basis)
             mask_mod = and_masks(self.mask_mod, groups(group_ids, self.allowed))
         o = self.softmax_attend(q, k, v, mask_mod=mask_mod)
         return self.o_proj(merge_heads(o.to(hidden_states.dtype))), None
