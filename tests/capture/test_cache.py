@@ -99,3 +99,20 @@ def test_generate_accepts_the_cache():
     assert torch.equal(got, expected)
     short = model.generate(PROMPT, cache=SinkWindowCache(model, sinks=1, window=3), max_new_tokens=6, do_sample=False)
     assert short.shape == expected.shape
+
+
+def test_h2o_scores_use_every_query_row_even_with_sampled_probes():
+    model = tiny_llama(num_heads=4, num_kv_heads=2, layers=1)
+    cache = SinkWindowCache(model, sinks=1, window=4, heavy=2)
+    with torch.no_grad(), Session(model, probes=["entropy"], query_fraction=0.25):
+        model(input_ids=PROMPT, cache=cache, use_cache=True)
+    assert float(cache.layers[0].scores.sum()) == pytest.approx(PROMPT.shape[1] * 4)
+
+
+def test_padded_batches_are_refused_inside_a_session():
+    model = tiny_llama(layers=1)
+    ids = torch.cat([PROMPT, PROMPT])
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    with pytest.raises(ConfigError, match="padded batches"), Session(model):
+        model(input_ids=ids, attention_mask=mask, cache=SinkWindowCache(model, sinks=1, window=3), use_cache=True)

@@ -32,8 +32,10 @@ def edited_call(edits, query, key, value, *, valid=None, block_size=5):
     return EditedCall(query, key, value, keep, edits=edits, contexts=contexts, scale=scale, block_size=block_size)
 
 
-def sdpa_fn(value, scale):
-    def sdpa(query, key, keep):
+def sdpa_fn(scale):
+    def sdpa(query, key, value, keep):
+        # equal head dims keep SDPA on its fused kernels (unequal ones fall back to the O(L²) math kernel)
+        assert query.shape[-1] == key.shape[-1] == value.shape[-1], (query.shape, key.shape, value.shape)
         groups = query.shape[1] // key.shape[1]
         k = key.repeat_interleave(groups, dim=1)
         v = value.repeat_interleave(groups, dim=1)

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from attnlab.edits import parse_edit_spec
+from attnlab.edits import parse_edit_list, parse_edit_spec
 from edits.helpers import capture_probs, edited_call, qkv
 
 IDENTITY_SPECS = ["temperature:tau=1", "zerotuning:gamma=1", "calibration:beta=1", "redistribution:fraction=0",
@@ -26,18 +26,22 @@ def test_identity_settings_change_nothing(shape, spec, block_size):
     assert torch.equal(edited.eager(), plain.eager())
 
 
-PROBS_SPECS = ["temperature:tau=0.3", "zerotuning:gamma=5", "zerotuning:gamma=0.2", "calibration:beta=0.2,theta=0.05",
+PROBS_SPECS = ["first_key:alpha=1+sink_window:sinks=0,window=2", "temperature:tau=0.3", "zerotuning:gamma=5", "zerotuning:gamma=0.2", "calibration:beta=0.2,theta=0.05",
                "redistribution:fraction=0.7,target_start=1", "window_decay:window=2,alpha=0.3",
                "identity_blend:alpha=0.6", "first_key:alpha=0.5", "sink_window:sinks=1,window=2"]
 
 
-@given(shapes, st.lists(st.sampled_from(PROBS_SPECS), min_size=1, max_size=3, unique=True))
-def test_edited_probs_are_distributions_and_masked_keys_get_zero(shape, specs):
+@given(shapes, st.lists(st.sampled_from(PROBS_SPECS), min_size=1, max_size=3, unique=True), st.integers(0, 3))
+def test_edited_probs_are_distributions_and_masked_keys_get_zero(shape, specs, padding):
     B, (Hq, Hkv), L, D, seed = shape
     query, key, value = qkv(B, Hq, Hkv, L, D, seed=seed)
-    call = edited_call([parse_edit_spec(spec) for spec in specs], query, key, value, block_size=4)
+    valid = torch.ones(B, L, dtype=torch.bool)
+    valid[-1, : min(padding, L - 1)] = False  # left padding in the last sequence
+    edits = [edit for spec in specs for edit in parse_edit_list(spec)]
+    call = edited_call(edits, query, key, value, valid=valid, block_size=4)
     probs = capture_probs(call)
     assert (probs >= 0).all()
-    torch.testing.assert_close(probs.sum(-1), torch.ones_like(probs.sum(-1)))
+    has_key = call.keep.expand_as(probs).any(-1)
+    torch.testing.assert_close(probs.sum(-1), has_key.to(probs.dtype))  # 1 per row with a key, else 0
     hidden = ~call.keep.expand_as(probs)
     assert (probs[hidden] == 0).all()

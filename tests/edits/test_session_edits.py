@@ -151,3 +151,23 @@ def test_flex_path_runs_score_mod_edits_without_probs(model):
     assert set(eager_session.paths.values()) == {"blocked_eager+edits"}
     real = mask.bool()
     torch.testing.assert_close(flex[real], eager[real], atol=MODEL_LOGITS_ATOL, rtol=0)
+
+
+def test_heads_that_do_not_exist_fail_before_anything_runs(model):
+    with pytest.raises(ConfigError, match="num_heads=4"):
+        Session(model, edits=["first_key:heads=4"])
+
+
+def test_a_misspelled_second_edit_gets_the_registry_suggestion():
+    from attnlab.edits import parse_edit_list
+
+    with pytest.raises(RegistryError, match="Did you mean: temperature"):
+        parse_edit_list("temperature:tau=0.9+temprature:tau=1")
+    assert [e.spec() for e in parse_edit_list("head_scale:scale=0,heads=0+2+sink_window:sinks=1,window=3")] == [
+        "head_scale:scale=0.0,heads=0+2", "sink_window:sinks=1,window=3"]
+
+
+def test_concentric_positions_touch_every_head_of_every_layer(model):
+    _, session = logits_with(model, ["concentric_positions:start=2,height=3,width=3,layers=1,heads=0"])
+    report = session.edit_report()
+    assert report.heads_touched[0] == 2 * 4 and report.forward_passes_touched[0] == 1

@@ -16,6 +16,10 @@ Xiao et al. 2024 (StreamingLLM), and H2O as SinkLoRA applies it (METHODS.md #30,
   token set per layer, so token positions stay well defined for probes and edits). Scores need probs, so a cache
   with ``heavy > 0`` must be used inside a :class:`attnlab.Session`, which feeds it and runs the eager path.
 
+Padded batches are not supported: the sinks are the first cache slots, and after eviction transformers builds
+the padding mask from contiguous offsets; inside a Session a padded batch is refused with a ConfigError, outside
+one it is the caller's responsibility (generate one sequence at a time).
+
 Prefill is not masked by the cache (all prompt tokens attend causally to each other); combine with the
 ``sink_window`` edit to mask the prefill the same way. Only RoPE models whose rotary embedding has no attention
 scaling are supported (Llama, Mistral, Qwen2/3, SmolLM2 ...).

@@ -129,6 +129,7 @@ class Session:
             if edit.layers is not None and max(edit.layers) >= num_layers:
                 raise ConfigError(f"edit {edit.spec()!r}: layers={list(edit.layers)} but the model has "
                                   f"{num_layers} layers (0…{num_layers - 1})")
+            edit.head_selection(num_heads, torch.device("cpu"))  # ConfigError now if a head does not exist
         if verify_rows < 0:
             raise ConfigError(f"verify_rows must be >= 0, got {verify_rows}")
         self.verify_rows = verify_rows
@@ -201,6 +202,9 @@ class Session:
             valid = mask.bool()
         else:
             valid = torch.ones(batch, length, dtype=torch.bool, device=reference.device)
+        if self._token_cache is not None and not bool(valid.all()):
+            raise ConfigError("SinkWindowCache does not support padded batches yet (its sinks are the first cache "
+                              "slots, not each sequence's first real tokens); generate one sequence at a time")
         self._sequence = SequenceInfo.from_mask(valid, input_ids, self.num_sequences)
         if self._position_edits:
             return args, self._edit_positions(kwargs, batch, length, reference.device)
@@ -299,11 +303,11 @@ class Session:
 
         if edits:
             output = self._edited_attention(module, query, key, value, attention_mask, keep, call, edits, kwargs,
-                                            observe, needs_probs)
+                                            observe, needs_probs, sample=not h2o)
         elif not needs_probs and softcap is None:
             self.paths[layer] = "sdpa"
             output = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)[0]
-        elif self.query_fraction < 1 and softcap is None:
+        elif self.query_fraction < 1 and softcap is None and not h2o:  # H2O scores need every query row
             self.paths[layer] = "sdpa+sampled_probs"
             output = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)[0]
             rows = _sample_rows(query.shape[2], self.query_fraction, query.device)
@@ -325,7 +329,7 @@ class Session:
 
     def _edited_attention(self, module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                           attention_mask: Tensor | None, keep: Tensor | None, call: AttentionCall, edits: list[Edit],
-                          kwargs: dict, observe: Any, needs_probs: bool) -> Tensor:
+                          kwargs: dict, observe: Any, needs_probs: bool, sample: bool) -> Tensor:
         """The attention call with this layer's edits; returns (B, Lq, Hq, Dv) and records the path."""
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -344,15 +348,15 @@ class Session:
                 record.calls_touched += 1
                 record.heads_touched.update((layer, int(h)) for h in ctx.heads.nonzero().flatten().tolist())
 
-        def sdpa(query_: Tensor, key_: Tensor, keep_: Tensor | None) -> Tensor:
+        def sdpa(query_: Tensor, key_: Tensor, value_: Tensor, keep_: Tensor | None) -> Tensor:
             mask = attention_mask if keep_ is None else keep_
             options = {**kwargs, "scaling": scale}
-            return sdpa_attention_forward(module, query_, key_, value, mask, **options)[0].transpose(1, 2)
+            return sdpa_attention_forward(module, query_, key_, value_, mask, **options)[0].transpose(1, 2)
 
         if edited.is_fast() and not needs_probs:
             self.paths[layer] = "sdpa+edits"
             output = edited.fast(sdpa)
-        elif edited.is_fast() and self.query_fraction < 1:
+        elif edited.is_fast() and self.query_fraction < 1 and sample:
             self.paths[layer] = "sdpa+edits+sampled_probs"
             output = edited.fast(sdpa)
             with torch.no_grad():
@@ -452,17 +456,25 @@ class Session:
     def edit_report(self) -> Any:
         """A pandas DataFrame, one row per edit: edit (name), spec, stage, path, calls_touched, heads_touched,
         forward_passes_touched (positions edits), max_change (the largest change of a per-head output the edit
-        made on the sampled rows; NaN if not measured), identity (whether its parameters are the identity)."""
+        made on the sampled rows; NaN if not measured; for a positions edit only its mask part is measured, since
+        the position ids are already in the query/key the attention call receives), identity (whether its
+        parameters are the identity)."""
         import pandas as pd
 
         rows = []
         for edit in self.edits:
             record = self.edit_records[id(edit)]
             layers = sorted({layer for layer, _ in record.heads_touched})
+            if edit.stage == "positions" and record.forward_passes_touched:
+                # position ids feed RoPE in every layer: every (layer, head) is touched, not only the masked ones
+                layers = list(range(self.shape.num_layers))
+                touched = self.shape.num_layers * self.shape.num_heads
+            else:
+                touched = len(record.heads_touched)
             rows.append({
                 "edit": edit.name, "spec": edit.spec(), "stage": edit.stage,
                 "path": ",".join(sorted({self.paths[layer] for layer in layers if layer in self.paths})),
-                "calls_touched": record.calls_touched, "heads_touched": len(record.heads_touched),
+                "calls_touched": record.calls_touched, "heads_touched": touched,
                 "forward_passes_touched": record.forward_passes_touched,
                 "max_change": record.max_change if self.verify_rows and record.calls_touched else float("nan"),
                 "identity": edit.is_identity(),

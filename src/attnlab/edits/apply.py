@@ -6,8 +6,9 @@ bound to the model's own mask, and gets back the output and the path that ran.
 Paths:
 - ``sdpa+edits``: every edit has a fast form (query scaling, key bias, mask, closed-form output, output scaling) and
   no probe needs probs: one SDPA call, no probs materialised. A key bias ``coef[h] * indicator[b, k]`` rides along
-  as one extra query/key dimension (query column ``coef[h] / scale``, key column ``indicator``), so SDPA adds it to
-  the logits exactly without a float mask.
+  as one extra query/key dimension (query column ``coef[h] / scale``, key column ``indicator``; value gets a zero
+  column so all three head dims stay equal, which keeps SDPA on its fused kernels), so SDPA adds it to the logits
+  exactly without a float mask.
 - ``flex+edits`` (opt-in, ``Session(..., flex=True)``): when SDPA cannot run an edit (``window_decay``) but every
   logits edit has a Flex form, compiled FlexAttention with the edits as one score_mod and the mask as a block mask;
   no probs materialised; the first call per shape compiles (about 20 s on CPU).
@@ -31,7 +32,8 @@ from torch import Tensor
 from attnlab.edits.base import STAGES, Edit, EditContext
 from attnlab.functional.attention import BlockView, blocked_attention
 
-SdpaFn = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]  # (query, key, keep or None = model mask) → (B,Hq,Lq,Dv)
+# (query, key, value, keep or None = the model's own mask) → (B, Hq, Lq, Dv)
+SdpaFn = Callable[[Tensor, Tensor, Tensor, "Tensor | None"], Tensor]
 
 
 @dataclass
@@ -136,7 +138,7 @@ class EditedCall:
     # the fast form -----------------------------------------------------------------------------------------
     def fast(self, sdpa: SdpaFn) -> Tensor:
         """Per-head output (B, Hq, Lq, Dv) from one SDPA call; only when ``is_fast()``."""
-        query, key = self.query, self.key
+        query, key, value = self.query, self.key, self.value
         for edit, ctx in zip(self.edits, self.contexts):
             if edit.stage != "logits":
                 continue
@@ -151,8 +153,9 @@ class EditedCall:
                 key_column = indicator.to(key.dtype)[:, None, :, None].expand(-1, key.shape[1], -1, 1)
                 query = torch.cat([query, query_column], dim=-1)
                 key = torch.cat([key, key_column], dim=-1)
+                value = torch.cat([value, value.new_zeros(*value.shape[:3], 1)], dim=-1)
         keep = self.keep if self.mask_changed else None
-        output = sdpa(query, key, keep)
+        output = sdpa(query, key, value, keep)[..., : self.value.shape[-1]]
         if keep is not None:  # rows with no visible key: zeros (SDPA may give NaN there)
             output = torch.where(keep.any(dim=-1, keepdim=True), output, torch.zeros((), dtype=output.dtype))
         return self._after_attention(output)
@@ -161,7 +164,7 @@ class EditedCall:
         """The probs edits' fast forms and the output edits, in order, on a fused kernel's output."""
         for edit, ctx in zip(self.edits, self.contexts):
             if edit.stage == "probs":
-                output = edit.fast_output(output, self.value, ctx)
+                output = edit.fast_output(output, self.value, self.keep, ctx)
             elif edit.stage == "output":
                 output = edit.output_mod(output, ctx)
         return output

@@ -205,9 +205,10 @@ class Edit:
         """probs stage: probs (B, Hq, n, w) of query rows ``q_index`` → edited probs."""
         return probs
 
-    def fast_output(self, output: Tensor, value: Tensor, ctx: EditContext) -> Tensor:
+    def fast_output(self, output: Tensor, value: Tensor, keep: Tensor | None, ctx: EditContext) -> Tensor:
         """probs stage, fast form: the output (B, Hq, Lq, Dv) an edit of the probs would give, from the unedited
-        output and value (B, Hkv, Lk, Dv). Only called when ``fast`` is True for a probs-stage edit."""
+        output, value (B, Hkv, Lk, Dv) and the call's final keep mask. Only called when ``fast`` is True for a
+        probs-stage edit."""
         raise NotImplementedError(f"edit {self.name!r} has no fast form")
 
     def output_mod(self, output: Tensor, ctx: EditContext) -> Tensor:

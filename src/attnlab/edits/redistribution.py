@@ -20,8 +20,10 @@ class Redistribution(Edit):
     Kang et al. 2025, "See What You Are Told" (VAR), §4 (METHODS.md #8, high confidence), generalised from image
     tokens to any token set: for each selected (head, query) row, ``A'_ij = p·A_ij`` on the sink tokens
     (``p = 1 - fraction``; VAR's default p = 0.6 is ``fraction=0.4``), and ``(1-p)·Σ_sinks A_ij`` is added to the
-    target tokens in proportion to their attention. Rows are edited only when their target mass is at least
-    ``min_target_mass`` (VAR's ``summ`` = 0.2 for image tokens; default 0 = every row). Sink tokens are given by
+    target tokens in proportion to their attention. Rows are edited only when their target mass (the targets
+    that are not sinks) is at least ``min_target_mass`` (default 0 = every row). VAR's own row gate differs: it
+    measures the image budget *including* sink tokens (``summ`` = 0.2) and also requires the sinks' share of it to
+    be at most ρ = 0.5; that second condition is not implemented here. Sink tokens are given by
     position (default the first token); VAR finds them from massive-activation dimensions, which the
     ``massive_activations`` probe reports. Targets: the token positions ``[target_start, target_end)`` (default
     every non-sink token). fraction = 0 is the identity. Runs on the blocked eager path.

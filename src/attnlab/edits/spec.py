@@ -81,14 +81,13 @@ def build_edit(cls: type, kwargs: dict[str, Any]) -> Edit:
 def parse_edit_list(text: str) -> list[Edit]:
     """``"temperature:tau=0.9+sink_window:sinks=4,window=252"`` → edits composed in one variant.
 
-    A ``+`` starts a new edit when the text after it begins with a registered edit name followed by ``:`` or the end;
-    otherwise it belongs to a list value (``layers=0+3``).
+    A ``+`` starts a new edit when the text after it is a name followed by ``:`` or the end (``+head_scale``,
+    ``+sink_window:...``); otherwise it continues a list value (``layers=0+3``). Unknown names then reach the
+    registry's did-you-mean error.
     """
-    names = set(EDITS.names())
     pieces: list[str] = []
     for chunk in text.split("+"):
-        head = re.split(r"[:,]", chunk, maxsplit=1)[0].strip()
-        starts_edit = head in names and (chunk.strip() == head or chunk.strip().startswith(head + ":"))
+        starts_edit = re.fullmatch(r"\s*[A-Za-z_]\w*\s*(:.*)?", chunk, flags=re.DOTALL) is not None
         if pieces and not starts_edit:
             pieces[-1] += "+" + chunk
         else:

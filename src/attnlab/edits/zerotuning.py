@@ -19,10 +19,11 @@ class ZeroTuning(Edit):
     ``a0' = γ·a0 / D`` and ``aj' = aj / D`` for the other keys, ``D = (γ-1)·a0 + 1``, which is exactly adding
     ``log γ`` to the first key's logit before the softmax. The "first key" is the sequence's first real token
     (position 0 after any left padding). γ > 1 flattens the rest of the row, γ < 1 sharpens it; γ = 1 is the
-    identity. The γ search (supervised by validation accuracy or unsupervised by output entropy) and the choice
-    of heads are in :mod:`attnlab.evaluation.search`.
+    identity. The heads it acts on are chosen with ``layers``/``heads``; the γ search (supervised by validation
+    accuracy or unsupervised by output entropy) is in :mod:`attnlab.evaluation.search`.
 
-    Runs on the fast path: the bias rides in SDPA as one extra query/key dimension (no probs materialised).
+    Runs on the fast path: the bias rides in SDPA as one extra query/key dimension (value gets a zero column, so the
+    fused kernels still run; no probs materialised).
 
     Args:
         gamma: γ > 0. layers, heads: selection (query heads).
