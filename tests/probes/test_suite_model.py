@@ -373,6 +373,31 @@ def test_orthonormal_keys_are_read_back_with_the_decay_product():
     assert pairs.tolist() == [6, 5, 3]
 
 
+def test_memory_fidelity_rebuilds_each_accepted_layers_own_final_state():
+    from attnlab.layers import LAYERS
+    from attnlab.probes.memory_fidelity import MemoryFidelityProbe, layer_keys_values, recurrent_layers
+
+    torch.manual_seed(0)
+    layers = [LAYERS.get("retention")(hidden_size=16, num_heads=2),
+              LAYERS.get("lightning")(hidden_size=16, num_heads=2, use_lrpe=True),
+              LAYERS.get("lightning")(hidden_size=16, num_heads=2, use_lrpe=False)]
+    hidden = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(3))
+    for layer in layers:
+        assert recurrent_layers(layer) == [layer]
+        with torch.no_grad():
+            _, final_state = layer(hidden)
+            key, value = (x.double() for x in layer_keys_values(layer, hidden))
+        gamma = layer.log_decay.double().exp()[None, :, None, None]
+        state = torch.zeros(2, 2, key.shape[-1], value.shape[-1], dtype=torch.float64)
+        for t in range(7):  # S_t = γ_h S_(t-1) + k_tᵀ v_t
+            state = gamma * state + key[:, :, t, :, None] * value[:, :, t, None, :]
+        torch.testing.assert_close(state, final_state.double(), rtol=1e-4, atol=1e-5)
+    alibi = LAYERS.get("alibi")(hidden_size=16, num_heads=2)  # has a log_decay buffer but is softmax attention
+    assert recurrent_layers(alibi) == []
+    with pytest.raises(ConfigError, match="retention and lightning"):
+        MemoryFidelityProbe().observe_layer(alibi, hidden)
+
+
 def test_memory_fidelity_on_a_retention_layer_and_skip_without_one(tiny_dirs):
     from attnlab.layers import LAYERS
     from attnlab.probes.memory_fidelity import MemoryFidelityProbe, recurrent_layers

@@ -2,10 +2,11 @@
 
 Low confidence: MemMamba defines ETMF/ECLMF in words only; the estimators are those of :mod:`attnlab.stats.memory`
 (horizontal: a token's value read back from the state k steps later with its own key, as retention ⟨r, v⟩/‖v‖²
-and as cosine; vertical: cosine between a token's inputs to two recurrent layers). The probe looks for modules of
-the layer library (:data:`attnlab.layers.LAYERS`) with a per-head constant ``log_decay`` buffer and ``k_proj`` /
-``v_proj`` projections (RetNet retention, Lightning attention); keys are rotated as the layer does when it has a
-``rope_base``. A model without such a layer (every bundled model) is skipped with a warning and an explanation in
+and as cosine; vertical: cosine between a token's inputs to two recurrent layers). The probe measures the layers
+whose recurrence inputs :func:`layer_keys_values` rebuilds exactly (the state it builds equals the layer's own
+final state): RetNet retention (keys rotated by ``rope_base``) and Lightning attention (SiLU on keys and values,
+LRPE-d on keys when ``use_lrpe``). Other layers, even with a ``log_decay`` buffer (ALiBi is softmax attention),
+are not recurrent_layers, and ``observe_layer`` raises ConfigError on them. A model without such a layer (every bundled model) is skipped with a warning and an explanation in
 the extras, and produces no rows. ``observe_layer(module, hidden_states)`` measures one layer directly.
 
 Rows: ``retention`` and ``fidelity`` (layer = index among the recurrent layers, head, position = lag k), and
@@ -28,34 +29,44 @@ from attnlab.stats.memory import horizontal_fidelity, vertical_fidelity
 
 logger = logging.getLogger(__name__)
 
-SKIP_MESSAGE = ("memory_fidelity skipped: the model has no recurrent layer from attnlab.layers (a module with "
-                "k_proj, v_proj and a per-head log_decay, e.g. retention or lightning)")
+SKIP_MESSAGE = ("memory_fidelity skipped: the model has no recurrent layer from attnlab.layers (retention or "
+                "lightning)")
 
 
 def recurrent_layers(model: nn.Module) -> list[nn.Module]:
     """Modules of ``model`` (itself included) that the probe can measure, in module order."""
-    from attnlab.layers import LAYERS
+    return [module for module in model.modules() if isinstance(module, _measured_classes())]
 
-    classes = tuple(LAYERS.get(name) for name in LAYERS.names())
-    found = []
-    for module in model.modules():
-        decay = getattr(module, "log_decay", None)
-        if isinstance(module, classes) and isinstance(decay, Tensor) and decay.dim() == 1 \
-                and isinstance(getattr(module, "k_proj", None), nn.Linear) and isinstance(getattr(module, "v_proj", None), nn.Linear):
-            found.append(module)
-    return found
+
+def _measured_classes() -> tuple[type, ...]:
+    from attnlab.layers.lightning import LightningAttention
+    from attnlab.layers.retention import MultiScaleRetention
+
+    return (MultiScaleRetention, LightningAttention)
 
 
 def layer_keys_values(module: nn.Module, hidden_states: Tensor) -> tuple[Tensor, Tensor]:
-    """(B, H, T, K) keys (rotated when the layer rotates them) and (B, H, T, V) values, kv heads expanded."""
-    from attnlab.layers._common import rotary, split_heads
+    """(B, H, T, K) keys and (B, H, T, V) values exactly as the layer feeds its recurrence, kv heads expanded.
 
+    Raises ConfigError for a module that is not a retention or lightning layer.
+    """
+    from attnlab.functional.lightning import lrpe
+    from attnlab.layers._common import rotary, split_heads
+    from attnlab.layers.retention import MultiScaleRetention
+
+    if not isinstance(module, _measured_classes()):
+        raise ConfigError(f"memory_fidelity cannot rebuild the recurrence inputs of {type(module).__name__}; it "
+                          "measures retention and lightning layers")
     H = module.num_heads
     Hkv = getattr(module, "num_kv_heads", H) or H
     key = split_heads(module.k_proj(hidden_states), Hkv)
     value = split_heads(module.v_proj(hidden_states), Hkv)
-    if hasattr(module, "rope_base"):
+    if isinstance(module, MultiScaleRetention):
         key = rotary(key, 0, module.rope_base)
+    else:  # lightning
+        key, value = nn.functional.silu(key), nn.functional.silu(value)
+        if module.use_lrpe:
+            key = lrpe(key, 0)
     return key.repeat_interleave(H // Hkv, dim=1), value.repeat_interleave(H // Hkv, dim=1)
 
 
