@@ -138,6 +138,21 @@ def test_sigma_reparam_linear_starts_as_plain_linear_and_tracks_spectral_norm():
     assert layer.gamma.grad is not None and layer.weight.grad is not None and not layer.u.requires_grad
 
 
+def test_sigma_reparam_two_training_forwards_then_one_backward():
+    """The power-iteration buffers change in place on every training forward; backward must still work."""
+    layer = SigmaReparamLinear(5, 3).double().train()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    first = layer(x)
+    u_first, v_first = layer.u.clone(), layer.v.clone()
+    second = layer(x)
+    (first.sum() + second.sum()).backward()
+    assert torch.isfinite(layer.weight.grad).all() and layer.weight.grad.abs().sum() > 0
+    # the first output used the first step's u, v: γ/σ · W with σ = vᵀ W u from those buffers
+    with torch.no_grad():
+        expected = x @ (layer.weight * (layer.gamma / (v_first @ layer.weight @ u_first))).t()
+    torch.testing.assert_close(first.detach(), expected)
+
+
 def test_bad_configs():
     with pytest.raises(ConfigError):
         LAYERS.get("masked")(C, 4, 3)

@@ -44,7 +44,9 @@ class SigmaReparamLinear(nn.Module):
             with torch.no_grad():
                 self.v.copy_(F.normalize(self.weight @ self.u, dim=0, eps=self.eps))
                 self.u.copy_(F.normalize(self.weight.t() @ self.v, dim=0, eps=self.eps))
-        return self.v @ self.weight @ self.u
+        # clones: the graph keeps this step's u, v, so a later in-place update (a second training forward before
+        # backward) does not invalidate it
+        return self.v.clone() @ self.weight @ self.u.clone()
 
     def effective_weight(self) -> Tensor:
         """Ŵ = γ / σ · W (out_features, in_features)."""
