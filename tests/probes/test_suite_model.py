@@ -396,6 +396,12 @@ def test_memory_fidelity_rebuilds_each_accepted_layers_own_final_state():
     assert recurrent_layers(alibi) == []
     with pytest.raises(ConfigError, match="retention and lightning"):
         MemoryFidelityProbe().observe_layer(alibi, hidden)
+    left = torch.tensor([[False, True, True, True, True, True, True], [True] * 7])
+    with pytest.raises(ConfigError, match="left padding"):
+        MemoryFidelityProbe().observe_layer(layers[0], hidden, valid=left)
+    with pytest.raises(ConfigError, match="left padding"):
+        MemoryFidelityProbe().observe(None, {"input_ids": torch.zeros(2, 7, dtype=torch.long),
+                                             "attention_mask": left.long()})
 
 
 def test_memory_fidelity_on_a_retention_layer_and_skip_without_one(tiny_dirs):

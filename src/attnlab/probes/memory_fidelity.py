@@ -95,7 +95,12 @@ class MemoryFidelityProbe(ModelProbe):
 
     def observe_layer(self, module: nn.Module, hidden_states: Tensor, index: int = 0,
                       valid: Tensor | None = None) -> None:
-        """Measure one recurrent layer on its input hidden_states (B, T, C) (right padding via ``valid``)."""
+        """Measure one recurrent layer on its input hidden_states (B, T, C) (right padding via ``valid``).
+
+        Raises ConfigError on left padding (a padded step before a real one would sit inside the state).
+        """
+        if valid is not None and bool((valid[:, 1:].bool() & ~valid[:, :-1].bool()).any()):
+            raise ConfigError("memory_fidelity needs right padding (real tokens first); got left padding")
         with torch.no_grad():
             key, value = layer_keys_values(module, hidden_states)
             retention, fidelity, pairs = horizontal_fidelity(key.cpu(), value.cpu(), module.log_decay.cpu(),
@@ -107,6 +112,9 @@ class MemoryFidelityProbe(ModelProbe):
         sums[2] += pairs
 
     def observe(self, runner: Any, batch: dict[str, Tensor]) -> None:
+        mask = batch.get("attention_mask")
+        if mask is not None and bool((mask[:, 1:].bool() & ~mask[:, :-1].bool()).any()):
+            raise ConfigError("memory_fidelity needs right padding (real tokens first); got left padding")
         layers = recurrent_layers(runner.model)
         if not layers:
             if self.skipped is None:
