@@ -291,6 +291,17 @@ def test_entropy_detector_flags_one_hot_on_the_first_key():
     assert row.item() == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("name", ["active_dormant", "head_importance", "head_overlap"])
+@pytest.mark.parametrize("layers", [[-1], [5], [0, 2]])
+def test_ablation_probes_reject_layers_outside_the_model(name, layers):
+    from attnlab.probes import PROBES
+    from attnlab.probes.model_base import ModelInfo
+
+    info = ModelInfo(num_layers=2, num_heads=2, num_kv_heads=2, head_dim=4, hidden_size=8)
+    with pytest.raises(ConfigError, match=r"layers must lie in 0\.\.1"):
+        PROBES.get(name)(layers=layers).prepare(info)
+
+
 def test_a_head_with_zero_output_weights_is_dormant_and_unimportant(llama):
     from attnlab.probes.active_dormant import ActiveDormantProbe
     from attnlab.probes.head_importance import HeadImportanceProbe

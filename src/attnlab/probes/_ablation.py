@@ -11,6 +11,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from attnlab.errors import ConfigError
+
+
+def check_layers(name: str, layers: list[int] | None, num_layers: int) -> None:
+    """Raise ConfigError unless every layer index lies in 0 … num_layers - 1 (negative indices are rejected)."""
+    bad = [layer for layer in layers or [] if not 0 <= layer < num_layers]
+    if bad:
+        raise ConfigError(f"{name} layers must lie in 0..{num_layers - 1}, got {bad}")
+
 
 def head_effects(runner: Any, batch: dict[str, Tensor], mode: str, layers: list[int] | None = None
                  ) -> tuple[Tensor, Tensor, Tensor]:

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from attnlab.errors import ConfigError
 from attnlab.probes import PROBES
-from attnlab.probes._ablation import head_effects
+from attnlab.probes._ablation import check_layers, head_effects
 from attnlab.probes.base import Row, RowWriter, safe_div
 from attnlab.probes.model_base import ModelInfo, ModelProbe
 
@@ -87,9 +87,7 @@ class ActiveDormantProbe(ModelProbe):
         super().prepare(info)
         if not info.causal:
             raise ConfigError("active_dormant measures the next-token loss; it needs a causal LM")
-        bad = [layer for layer in self.layers or [] if not 0 <= layer < info.num_layers]
-        if bad:
-            raise ConfigError(f"active_dormant layers must lie in 0..{info.num_layers - 1}, got {bad}")
+        check_layers(self.name, self.layers, info.num_layers)
         L, H = info.num_layers, info.num_heads
         zeros = lambda: torch.zeros(L, H, dtype=torch.float64)  # noqa: E731
         self.loss_sum, self.kl_sum, self.dormant_sum, self.tested = zeros(), zeros(), zeros(), zeros()

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from attnlab.errors import ConfigError
 from attnlab.probes import PROBES
-from attnlab.probes._ablation import head_effects
+from attnlab.probes._ablation import check_layers, head_effects
 from attnlab.probes.base import Row, RowWriter, safe_div
 from attnlab.probes.model_base import ModelInfo, ModelProbe
 
@@ -49,6 +49,7 @@ class HeadImportanceProbe(ModelProbe):
         super().prepare(info)
         if not info.causal:
             raise ConfigError(f"{self.name} measures the next-token loss; it needs a causal LM")
+        check_layers(self.name, self.layers, info.num_layers)
         L, H = info.num_layers, info.num_heads
         self.loss_sum = torch.zeros(L, H, dtype=torch.float64)
         self.kl_sum = torch.zeros(L, H, dtype=torch.float64)
