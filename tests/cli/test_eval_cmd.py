@@ -6,7 +6,7 @@ import json
 
 import pandas as pd
 import pytest
-from tiny_models import WORDS, save_model_dir, tiny_llama
+from tiny_models import WORDS, save_model_dir, tiny_bert, tiny_llama
 from typer.testing import CliRunner
 
 from attnlab.cli.main import app
@@ -107,3 +107,10 @@ def test_search_zerotuning_splits_validation_and_held_out(model_dir, text, tmp_p
     frame = pd.read_csv(out / "results.csv")
     assert "search_zerotuning@baseline" in set(frame.probe)
     assert "Search: zerotuning" in (out / "report.html").read_text()
+
+
+def test_eval_of_an_encoder_is_a_one_line_config_error(text, tmp_path):
+    bert_dir = str(save_model_dir(tmp_path / "tiny-bert", tiny_bert()))
+    result = _run("--model", bert_dir, "--text", text, "--seq-len", "32", "--out", str(tmp_path / "run"))
+    assert_one_line_error(result, 2, "causal language model", "BertModel")
+    assert not (tmp_path / "run" / "results.json").exists()

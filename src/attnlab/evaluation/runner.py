@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from attnlab.errors import ConfigError
 from attnlab.evaluation.config import BASELINE, EvalConfig, parse_variant
 from attnlab.evaluation.lm_tasks import TokenScores, WindowPlan, plan_windows, score_tokens
 from attnlab.evaluation.passkey import PasskeyPrompt, answer_tokens, greedy_decode, is_correct, make_prompts, summarise
@@ -153,12 +154,21 @@ def evaluate_variants(model: Any, tokenizer: Any, variants: list[Variant], *, ta
     return rows, records
 
 
+def check_causal_lm(model: Any, requested: str) -> None:
+    """ConfigError (one line) unless ``model`` predicts next tokens: eval scores next-token logits and decodes."""
+    can_generate = getattr(model, "can_generate", None)
+    if not (callable(can_generate) and can_generate()):
+        raise ConfigError(f"attnlab eval needs a causal language model (next-token logits); {requested!r} loaded as "
+                          f"{type(model).__name__}, which has none; use a decoder model such as smollm2-135m")
+
+
 def run_eval(config: EvalConfig, *, progress: Progress | None = None, model: Any = None,
              tokenizer: Any = None) -> dict[str, Any]:
     """Load model and text, run every task for the baseline and each variant; return the results dict.
 
     Raises:
-        ConfigError, TextError, RegistryError: bad input (the CLI exits 2), before the model runs.
+        ConfigError, TextError, RegistryError: bad input (the CLI exits 2), before the model runs; ConfigError
+            also for a model without next-token logits (an encoder such as minilm-l6).
         EditNotFiredError: a requested edit never touched an attention call.
     """
     from attnlab.pipeline import load_for_run
@@ -169,6 +179,7 @@ def run_eval(config: EvalConfig, *, progress: Progress | None = None, model: Any
     variants: list[Variant] = [(BASELINE, [])] + [(spec, parse_variant(spec)) for spec in config.variants]
     max_len = max((config.seq_len, *config.lengths)) if "passkey" in config.tasks else config.seq_len
     model, tokenizer = load_for_run(config, notify, model, tokenizer, seq_len=max_len)
+    check_causal_lm(model, config.model)
     add_bos = config.bos == "always" or (config.bos == "auto" and tokenizer_adds_bos(tokenizer))
     bos_id = start_token_id(tokenizer) if add_bos else None
     window_tokens = config.seq_len - (bos_id is not None)
