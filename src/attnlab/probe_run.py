@@ -101,6 +101,7 @@ def run_probe_suite(config: RunConfig, *, probe_args: Mapping[str, Mapping[str, 
     notify(0, 0, "reading text")
     windows = load_text(tokenizer, config.text, seq_len=config.seq_len, max_windows=config.max_windows,
                         bos=config.bos, batch_size=config.batch_size, device=config.device)
+    runner.bos_policy = "always" if windows.bos_added else "never"  # text-B windows follow the run's windows
     attention_probes = [p for p in probes if not is_model_probe(p)]
     model_probes = [p for p in probes if is_model_probe(p)]
     total = len(windows) * (bool(attention_probes) + bool(model_probes))

@@ -302,6 +302,25 @@ def test_ablation_probes_reject_layers_outside_the_model(name, layers):
         PROBES.get(name)(layers=layers).prepare(info)
 
 
+@pytest.mark.parametrize("name", ["active_dormant", "head_overlap"])
+def test_text_b_windows_follow_the_runs_bos_policy(tiny_dirs, monkeypatch, name):
+    import importlib
+
+    from attnlab.pipeline import RunConfig
+    from attnlab.probe_run import run_probe_suite
+
+    a, _, text = tiny_dirs
+    module = importlib.import_module(f"attnlab.probes.{name}")
+    seen, real = [], module.head_effects
+    monkeypatch.setattr(module, "head_effects", lambda runner, batch, *args: (
+        seen.append(batch["input_ids"].cpu().clone()), real(runner, batch, *args))[1])
+    config = RunConfig(model=str(a), text=str(text), seq_len=16, max_windows=2, probes=(name,), bos="always")
+    run_probe_suite(config, probe_args={name: {"other_text": str(text), "layers": [0]}})
+    # text B is the same file, so its windows must be the run's windows, BOS included (the tokenizer adds none)
+    assert len(seen) == 4 and all(bool((ids[:, 0] == ids[0, 0]).all()) for ids in seen)
+    torch.testing.assert_close(torch.cat(seen[:2]), torch.cat(seen[2:]))
+
+
 def test_a_head_with_zero_output_weights_is_dormant_and_unimportant(llama):
     from attnlab.probes.active_dormant import ActiveDormantProbe
     from attnlab.probes.head_importance import HeadImportanceProbe

@@ -124,6 +124,8 @@ class ModelRunner:
     def __init__(self, model: nn.Module, tokenizer: Any = None) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.other: ModelRunner | None = None  # a second model (set by the probe suite for --compare)
+        # BOS policy for text the probes load themselves (text B); the probe suite sets the run's resolved one
+        self.bos_policy = "auto"
         self.blocks = transformer_blocks(model)
         if self.blocks is None:
             raise UnsupportedModelError(f"cannot find the transformer blocks of {type(model).__name__}")

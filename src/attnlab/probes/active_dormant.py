@@ -102,7 +102,7 @@ class ActiveDormantProbe(ModelProbe):
         from attnlab.text import load_text
 
         windows = load_text(runner.tokenizer, self.other_text, seq_len=self._seq_len, max_windows=self.windows_seen,
-                            device=next(runner.model.parameters()).device)
+                            bos=runner.bos_policy, device=next(runner.model.parameters()).device)
         for number, batch in enumerate(windows):
             _, change, _ = head_effects(runner, batch, "first_key", self.layers)
             tested = ~torch.isnan(change)

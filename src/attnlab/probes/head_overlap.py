@@ -53,7 +53,7 @@ class HeadOverlapProbe(HeadImportanceProbe):
         from attnlab.text import load_text
 
         windows = load_text(runner.tokenizer, self.other_text, seq_len=self._seq_len,
-                            max_windows=len(self.per_window), bos="auto",
+                            max_windows=len(self.per_window), bos=runner.bos_policy,
                             device=next(runner.model.parameters()).device)
         for batch in windows:
             self.group_b.extend(head_effects(runner, batch, "zero", self.layers)[1])
