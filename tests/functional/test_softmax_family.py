@@ -102,3 +102,24 @@ def test_bad_decays():
         SF.linear_decay(torch.tensor([0.1]))
     with pytest.raises(ConfigError):
         SF.decay_matrix(2, 2, torch.tensor([-0.1]), distance="euclid")
+
+
+def test_score_mods_and_mask_tables_follow_the_index_device():
+    """Tables built on CPU must be moved to the device of the logits / indices (meta stands in for an accelerator)."""
+    from attnlab.functional import masks as M
+    from attnlab.functional import sparse_masks as S
+    from attnlab.functional.softmax_family import alibi, grid_decay, linear_decay
+
+    meta = torch.device("meta")
+    logits = torch.zeros(1, 2, 3, 3, device=meta)
+    b = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=meta)
+    h = torch.arange(2, device=meta)[None, :, None, None]
+    q = torch.arange(3, device=meta)[None, None, :, None]
+    kv = torch.arange(3, device=meta)[None, None, None, :]
+    for score_mod in (linear_decay(torch.tensor([-0.1, -0.2])), alibi(2), grid_decay(3, 1, torch.tensor([-0.1, -0.2]))):
+        assert score_mod(logits, b, h, q, kv).device == meta
+    tables = (S.radial(3, 1), S.radial(3, 1, block_size=1),
+              M.from_keep(torch.ones(1, 1, 3, 3, dtype=torch.bool)),
+              S.groups(torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 1, dtype=torch.bool)))
+    for mask_mod in tables:
+        assert mask_mod(b, h, q, kv).device == meta

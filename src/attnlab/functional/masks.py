@@ -261,7 +261,8 @@ def from_keep(keep: Tensor, *, block_size: int = 1, name: str = "from_keep") -> 
 
     With ``block_size > 1`` the tensor holds one entry per (query block, key block): pair (q, kv) reads
     ``keep[b, h, q // block_size, kv // block_size]``. Batch/head axes of size 1 broadcast. Used by the data-dependent
-    masks (``dma``, ``sparsed``). ``keep`` must live on the device the attention runs on.
+    masks (``dma``, ``sparsed``). ``keep`` should live on the device the attention runs on (otherwise it is copied
+there on every evaluation).
 
     The mask is defined for ``nq · block_size`` query and ``nk · block_size`` key positions (recorded as
     ``covered_lengths``); :func:`to_dense`, :func:`density`, the Flex block-mask builder and ``masked_attention``
@@ -282,7 +283,8 @@ def from_keep(keep: Tensor, *, block_size: int = 1, name: str = "from_keep") -> 
         b = 0 if single_batch else batch_idx
         h = 0 if single_head else head_idx
         # clamped: block-sparse kernels may evaluate padding positions past the last block
-        return keep[b, h, (q_idx // block_size).clamp(0, last_q), (kv_idx // block_size).clamp(0, last_kv)]
+        return keep.to(q_idx.device)[b, h, (q_idx // block_size).clamp(0, last_q),
+                                     (kv_idx // block_size).clamp(0, last_kv)]
 
     broadcast_q, broadcast_kv = block_size == 1 and last_q == 0, block_size == 1 and last_kv == 0
     _with_cover(mask_mod, None if broadcast_q else (last_q + 1) * block_size,

@@ -142,7 +142,7 @@ def linear_decay(log_decay: Tensor, symmetric: bool = False):
         distance = q_idx - kv_idx
         if symmetric:
             distance = distance.abs()
-        return logits + log_decay.to(logits.dtype)[head_idx] * distance.to(logits.dtype)
+        return logits + log_decay.to(device=logits.device, dtype=logits.dtype)[head_idx] * distance.to(logits.dtype)
 
     return score_mod
 
@@ -183,6 +183,6 @@ def grid_decay(height: int, width: int, log_decay: Tensor, distance: str = "cheb
         dr = (q_idx // width - kv_idx // width).abs()
         dc = (q_idx % width - kv_idx % width).abs()
         dist = torch.maximum(dr, dc) if distance == "chebyshev" else dr + dc
-        return logits + log_decay.to(logits.dtype)[head_idx] * dist.to(logits.dtype)
+        return logits + log_decay.to(device=logits.device, dtype=logits.dtype)[head_idx] * dist.to(logits.dtype)
 
     return score_mod

@@ -103,7 +103,8 @@ def radial(num_frames: int, tokens_per_frame: int, decay_factor: float = 1.0, mi
     ``causal()`` for a causal variant. ``block_size=None`` gives the token-level mask; ``block_size=b`` applies the
     paper's block rule (:func:`coarsen_to_blocks`, b = 128 in its code) and returns whole b × b tiles, which a
     block-sparse kernel runs without evaluating the mask inside them.
-    Source: Li et al. 2025, Radial Attention (METHODS.md #10). ``device``: where the lookup tables live.
+    Source: Li et al. 2025, Radial Attention (METHODS.md #10). ``device``: where the lookup tables live (moved to
+    the indices' device if they differ).
     """
     widths, on = radial_window_table(num_frames, tokens_per_frame, decay_factor, min_window)
     _check_non_negative("sink_frames", sink_frames)
@@ -115,7 +116,9 @@ def radial(num_frames: int, tokens_per_frame: int, decay_factor: float = 1.0, mi
     def mask_mod(batch_idx: Tensor, head_idx: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         fq, fk = q_idx // s, kv_idx // s
         d = (fq - fk).abs().clamp(max=num_frames - 1)
-        near = on_table[d] & ((q_idx % s - kv_idx % s).abs().to(torch.float32) <= width_table[d])
+        # tables follow the indices' device (a mask built on CPU still runs on the accelerator)
+        on, width = on_table.to(q_idx.device), width_table.to(q_idx.device)
+        near = on[d] & ((q_idx % s - kv_idx % s).abs().to(torch.float32) <= width[d])
         keep_video = (d <= 1) | near | (fk < sink_frames)
         is_text = (q_idx >= video) | (kv_idx >= video)
         return keep_video | is_text
@@ -332,7 +335,8 @@ def groups(group_ids: Tensor, allowed: Tensor) -> MaskMod:
 
     def mask_mod(batch_idx: Tensor, head_idx: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         # clamped only for a block-sparse kernel's padding positions: check_lengths refuses longer calls
-        return allowed[ids[batch_idx, q_idx.clamp(0, last)], ids[batch_idx, kv_idx.clamp(0, last)]]
+        table, group_of = allowed.to(q_idx.device), ids.to(q_idx.device)
+        return table[group_of[batch_idx, q_idx.clamp(0, last)], group_of[batch_idx, kv_idx.clamp(0, last)]]
 
     _with_cover(mask_mod, last + 1, last + 1)
     return _named(mask_mod, f"groups({allowed.shape[0]})")

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from attnlab.errors import ConfigError
 from attnlab.functional.masks import MaskMod, to_dense
-from attnlab.functional.softmax_family import (alibi, decay_matrix, decayed_softmax_attention, linear_decay,
+from attnlab.functional.softmax_family import (alibi_slopes, decay_matrix, decayed_softmax_attention, linear_decay,
                                                retnet_log_decay)
 from attnlab.layers import LAYERS
 from attnlab.layers._softmax_base import SoftmaxFamilyAttention
@@ -31,7 +31,10 @@ class AlibiAttention(SoftmaxFamilyAttention):
                          compiled=compiled, rope_base=None)
         if log_decay is not None and log_decay.shape != (num_heads,):
             raise ConfigError(f"expected log_decay of shape ({num_heads},), got {tuple(log_decay.shape)}")
-        self.score_mod = alibi(num_heads) if log_decay is None else linear_decay(log_decay)
+        log_decay = -alibi_slopes(num_heads) if log_decay is None else log_decay
+        self.register_buffer("log_decay", log_decay, persistent=False)  # moves with .to(device)
+        # the score_mod moves its (H,) table to the logits' device on every call, so a CPU-built layer runs anywhere
+        self.score_mod = linear_decay(log_decay)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, extra: Tensor, hidden_states: Tensor) -> Tensor:
         return self.softmax_attend(q, k, v, self.score_mod)
