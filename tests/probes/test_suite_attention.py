@@ -74,6 +74,19 @@ def test_planted_massive_dimension_is_found_on_its_token_even_with_left_padding(
     assert {t["token_id"] for t in extras["carrier_tokens"]} == {3, 13}
 
 
+def test_a_dim_persists_only_when_massive_in_min_layers_layers_of_one_window():
+    B, L, D = 2, 6, 64
+    valid = torch.ones(B, L, dtype=torch.bool)
+    layers = [0.01 * torch.randn(B, L, D, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    layers[1][0, 2, 7] = 500.0  # dim 7: layer 1 of window 0 only ...
+    layers[2][1, 2, 7] = 500.0  # ... and layer 2 of window 1 only: two layers pooled, one per window
+    layers[1][1, 4, 9] = 500.0  # dim 9: layers 1 and 2 of window 1
+    layers[2][1, 4, 9] = 500.0
+    probe = MassiveActivationsProbe()
+    _feed_hidden(probe, layers, valid)
+    assert probe.extras()["persistent_dims"] == {9: [1, 2]}
+
+
 def test_ratio_rule_rejects_large_values_in_a_wide_distribution():
     torch.manual_seed(1)
     hidden = torch.randn(1, 16, 64)  # median |x| ≈ 0.67, so 1000 × median ≈ 670

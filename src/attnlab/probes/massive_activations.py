@@ -62,6 +62,7 @@ class MassiveActivationsProbe(Probe):
         self.token_hits = torch.zeros(L, P, dtype=torch.float64)  # sequences whose token at p carries one
         self.position_count = torch.zeros(L, P, dtype=torch.float64)  # sequences with a real token at p
         self.dim_hits: Counter[tuple[int, int]] = Counter()  # (layer, dim) -> sequences where massive
+        self.window_dims: dict[int, dict[int, set[int]]] = {}  # sequence -> dim -> layers where massive
         self.hits: list[tuple[int, int, int, int, int, float]] = []  # sequence, layer, position, token, dim, value
 
     def _grow(self, length: int) -> None:
@@ -91,8 +92,10 @@ class MassiveActivationsProbe(Probe):
             self.position_count[layer_idx, pos] += 1
             if massive_dims.numel() == 0:
                 continue
+            dims_of_window = self.window_dims.setdefault(sequence.sequence_offset + b, {})
             for d in massive_dims.tolist():
                 self.dim_hits[(layer_idx, d)] += 1
+                dims_of_window.setdefault(d, set()).add(layer_idx)
             sub = mag[:, massive_dims]  # (n, k)
             carries = (sub > limit).any(dim=1)  # (n,)
             self.token_hits[layer_idx, pos[carries.cpu()]] += 1
@@ -117,13 +120,22 @@ class MassiveActivationsProbe(Probe):
         super().merge(other)
         self.dim_hits.update(other.dim_hits)  # type: ignore[attr-defined]
         self.hits.extend(other.hits)  # type: ignore[attr-defined]
+        for window, dims in other.window_dims.items():  # type: ignore[attr-defined]
+            for dim, layers in dims.items():
+                self.window_dims.setdefault(window, {}).setdefault(dim, set()).update(layers)
 
     def persistent_dims(self) -> dict[int, list[int]]:
-        """dim -> sorted layers where it was massive in some window, for dims massive in ≥ min_layers layers."""
+        """dim -> sorted layers where it was massive, for dims massive in ≥ min_layers layers of one window.
+
+        Layers are counted per window (massive in layer 1 of one window and layer 2 of another is not
+        persistence); the listed layers are the union over the windows where the dim persists.
+        """
         layers: dict[int, set[int]] = defaultdict(set)
-        for layer, dim in self.dim_hits:
-            layers[dim].add(layer)
-        return {d: sorted(ls) for d, ls in sorted(layers.items()) if len(ls) >= self.min_layers}
+        for dims in self.window_dims.values():
+            for dim, found in dims.items():
+                if len(found) >= self.min_layers:
+                    layers[dim] |= found
+        return {d: sorted(ls) for d, ls in sorted(layers.items())}
 
     def rows(self) -> list[Row]:
         out = RowWriter(self.name)
