@@ -181,6 +181,22 @@ def test_dma_dense_and_flex_agree_with_small_window():
         assert_close(flex(_x())[0], dense(_x())[0])
 
 
+def test_data_dependent_flex_masks_are_not_kept_in_the_layer_cache():
+    """DMA's top-w and MODA's group masks change every call: caching them only pins (B, H, T, T) tables."""
+    ids = (torch.arange(T) % 3 == 0).long().expand(2, T)
+    for name, extra in (("dma", {}), ("moda", {"group_ids": ids})):
+        layer = build(name, path="flex")
+        with torch.no_grad():
+            layer(_x(), **extra)
+            layer(_x(2), **extra)
+        assert layer.block_masks.builds == 0 and len(layer.block_masks._entries) == 0
+    plain = build("masked", path="flex")
+    with torch.no_grad():
+        plain(_x())
+        plain(_x(2))
+    assert plain.block_masks.builds == 1  # the fixed mask is still built once and reused
+
+
 def test_alibi_dense_and_flex_agree():
     dense, flex = build("alibi"), build("alibi", path="flex")
     flex.load_state_dict(dense.state_dict())

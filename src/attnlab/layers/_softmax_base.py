@@ -67,12 +67,18 @@ class SoftmaxFamilyAttention(nn.Module):
 
     def softmax_attend(self, q: Tensor, k: Tensor, v: Tensor, score_mod: ScoreMod | None = None,
                        mask_mod: MaskMod | None = None) -> Tensor:
-        """Masked softmax attention on the layer's path (refuses Flex under autograd: no CPU backward)."""
+        """Masked softmax attention on the layer's path (refuses Flex under autograd: no CPU backward).
+
+        ``mask_mod`` given: a per-call (data-dependent) mask such as DMA's top-w or MODA's groups; its block mask is
+        built for this call only and not stored in ``self.block_masks`` (it would never be reused, and each entry
+        pins a (B, H, T, T) table). ``None``: the layer's fixed mask, cached per length.
+        """
         if self.path == "flex" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
             raise NotImplementedError("path='flex' is inference-only here (FlexAttention has no CPU backward); "
                                       "use path='dense' for training or run under torch.no_grad()")
-        return masked_attention(q, k, v, mask_mod or self.mask_mod, score_mod=score_mod, path=self.path,
-                                compiled=self.compiled, cache=self.block_masks)
+        per_call = mask_mod is not None
+        return masked_attention(q, k, v, mask_mod if per_call else self.mask_mod, score_mod=score_mod,
+                                path=self.path, compiled=self.compiled, cache=None if per_call else self.block_masks)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, extra: Tensor, hidden_states: Tensor) -> Tensor:
         """(B, H, T, D) heads out. Default: masked softmax attention."""
