@@ -13,7 +13,8 @@ acts on logits, FlexAttention's signature). Query row i is position ``i + q_offs
   the call is ``F.scaled_dot_product_attention`` with the bool mask; with one, logits are computed explicitly, the
   score_mod is applied with broadcast index tensors, and softmax runs in float32. Differentiable on CPU (training).
 * ``path="flex"``: ``torch.nn.attention.flex_attention`` with a block mask from :class:`BlockMaskCache` (built once
-  per (mask, q_len, kv_len, q_offset, device, block size, batch, heads), never reused for another length).
+  per (mask, q_len, kv_len, q_offset, device, block size, batch, heads), never reused for another length) when the
+  caller passes ``cache``; with ``cache=None`` (default) it is rebuilt on every call.
   ``compiled=True`` uses ``torch.compile(flex_attention)`` (the fused block-sparse kernel; the first call per shape
   compiles, ~20 s on CPU); eager Flex materialises the scores and is for checking only. Inference only on CPU.
   Each distinct mask function (its code and captured Python values) and shape is compiled once. torch's dynamo
@@ -199,7 +200,9 @@ def masked_attention(
         q_offset: query row i is position ``i + q_offset`` (``Lk - Lq`` when decoding with a cache).
         path: ``"dense"`` (SDPA / explicit logits; supports backward) or ``"flex"`` (block-sparse; inference).
         compiled: Flex path only — run ``torch.compile(flex_attention)`` instead of the eager (unfused) Flex.
-        cache: block masks for the Flex path; default: a fresh cache for this call (pass one to reuse masks).
+        cache: block masks for the Flex path. Default None: the block mask is built again on every call (cost
+            ~ one dense mask evaluation per call); pass one :class:`BlockMaskCache` across calls to build it once
+            per length. Not used by the dense path.
 
     Returns:
         output (B, H, Lq, Dv) in value's dtype. Rows with no visible key are 0.
