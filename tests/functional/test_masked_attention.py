@@ -171,3 +171,23 @@ def test_window_convention_identical_on_every_path(seed, window):
     for path in ("dense", "flex"):
         out = masked_attention(q, k, v, M.sliding_window(window), path=path)[0, 0]
         torch.testing.assert_close(out, expected)
+
+
+def test_sparse_benchmark_target_is_half_over_density():
+    """Issue 6's target is speedup ≥ 0.5 × 1/density (all L × L pairs), not 0.5 / (density vs the causal triangle)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "sparse_attention.py"
+    spec = importlib.util.spec_from_file_location("sparse_attention_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    results = [{"length": 8, "config": "sdpa_causal", "forward_s": [2.0]},
+               {"length": 8, "config": "sdpa_full", "forward_s": [4.0]},
+               {"length": 8, "config": "w", "causal": True, "density": 0.05, "density_vs_base": 0.1,
+                "block_density": 0.1, "build_dense_s": 0.0, "build_block_s": 0.0, "compile_s": 0.0,
+                "dense_masked_s": [3.0], "flex_s": [0.25]}]
+    (row,) = bench.summarise(results)
+    assert row["target_speedup"] == pytest.approx(10.0) and row["speedup_vs_baseline"] == pytest.approx(8.0)
+    assert not row["target_met"]
+    assert "SDPA+bool mask s" in bench.render([row], markdown=True)
