@@ -6,9 +6,9 @@ import pytest
 import torch
 from tiny_models import tiny_llama
 
-from attnlab.edits import EDITS
+from attnlab.edits import EDITS, parse_edit_spec
 from attnlab.errors import ConfigError, EditNotFiredError, RegistryError
-from attnlab.evaluation.config import BASELINE, parse_variant, split_variant
+from attnlab.evaluation.config import BASELINE, parse_variant
 from attnlab.evaluation.lm_tasks import plan_windows
 from attnlab.evaluation.runner import evaluate_variants
 from attnlab.evaluation.search import act_head_search, measure, zerotuning_search
@@ -23,26 +23,32 @@ def _run(model, specs, tasks=("perplexity", "next_token"), plans=PLANS):
                              prompts=[])
 
 
-@pytest.mark.parametrize(("spec", "pieces"), [
-    ("temperature:tau=0.9", ["temperature:tau=0.9"]),
-    ("temperature:tau=0.9+sink_window:sinks=4,window=252", ["temperature:tau=0.9", "sink_window:sinks=4,window=252"]),
-    ("head_scale:scale=0,layers=0-3+7+sink_window:sinks=1,window=4",
-     ["head_scale:scale=0,layers=0-3+7", "sink_window:sinks=1,window=4"]),
+@pytest.mark.parametrize(("spec", "names"), [
+    ("temperature:tau=0.9", ["temperature"]),
+    ("temperature:tau=0.9+sink_window:sinks=4,window=252", ["temperature", "sink_window"]),
+    ("head_scale:scale=0,layers=0-3+7+sink_window:sinks=1,window=4", ["head_scale", "sink_window"]),
 ])
-def test_variant_specs_split_on_plus_before_a_name(spec, pieces):
-    assert split_variant(spec) == pieces
-    assert [edit.name for edit in parse_variant(spec)] == [p.split(":")[0] for p in pieces]
+def test_variant_specs_split_on_plus_before_a_name(spec, names):
+    edits = parse_variant(spec)
+    assert [edit.name for edit in edits] == names
+    assert edits[0].spec().startswith(spec.split("+")[0].split(":")[0])
 
 
-@pytest.mark.parametrize("spec", ["", "+temperature:tau=1", "temperature:tau=1++head_scale:scale=0", "a b"])
+def test_a_list_value_joined_with_plus_stays_one_list():
+    (edit, _) = parse_variant("head_scale:scale=0,layers=0-3+7+sink_window:sinks=1,window=4")
+    assert edit.layers == (0, 1, 2, 3, 7)
+
+
+@pytest.mark.parametrize("spec", ["", "  ", "+temperature:tau=1", "temperature:tau=1++head_scale:scale=0"])
 def test_bad_variant_specs_are_config_errors(spec):
     with pytest.raises(ConfigError):
-        split_variant(spec)
+        parse_variant(spec)
 
 
-def test_unknown_edit_is_a_registry_error():
+@pytest.mark.parametrize("spec", ["temprature:tau=0.9", "temperature:tau=0.9+temprature:tau=1"])
+def test_unknown_edit_is_a_registry_error_wherever_it_stands(spec):
     with pytest.raises(RegistryError, match="Did you mean: temperature"):
-        parse_variant("temprature:tau=0.9")
+        parse_variant(spec)
 
 
 def test_identity_edits_leave_the_scores_unchanged_and_report_themselves():
@@ -56,6 +62,10 @@ def test_identity_edits_leave_the_scores_unchanged_and_report_themselves():
     assert [e["edit"] for e in records[2]["edit_report"]] == ["zerotuning", "head_scale"]
     assert records[1]["edit_report"][0]["calls_touched"] == len(PLANS) * 2  # every window, both layers
     assert base["edit_report"] == [] and base["attention_paths"] == {"0": "sdpa", "1": "sdpa"}
+    assert base["edits"] == []  # each variant records one spec per edit, in the form parse_edit_spec reads
+    assert [[parse_edit_spec(s).name for s in r["edits"]] for r in records[1:]] == [
+        ["temperature"], ["zerotuning", "head_scale"]]
+    assert records[1]["edits"][0].startswith("temperature:tau=1.0")
 
 
 def test_an_edit_that_changes_attention_changes_the_scores():

@@ -2,14 +2,13 @@
 
 A *variant* is one list of edits applied together, in list order, inside one ``Session``. The baseline is the
 empty list and always runs first. On the command line each ``--edit`` is one variant; edits composed within a
-variant are joined with ``+`` before a new ``NAME:`` (``temperature:tau=0.9+sink_window:sinks=4,window=252``).
-A ``+`` not followed by ``NAME:`` stays inside the edit's value (``layers=0-3+7`` is one list).
+variant are joined with ``+`` (``temperature:tau=0.9+sink_window:sinks=4,window=252``); the split is
+:func:`attnlab.edits.parse_edit_list`'s (a ``+`` before ``NAME:`` starts an edit; ``layers=0-3+7`` is one list).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,37 +17,18 @@ from attnlab.errors import ConfigError
 TASKS = ("perplexity", "next_token", "passkey")
 BASELINE = "baseline"
 DTYPES = ("float32", "float64", "bfloat16", "float16")
-_EDIT_START = re.compile(r"\+(?=[A-Za-z_][A-Za-z0-9_]*:)")
-_SPEC_SHAPE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(:.*)?$")
-
-
-def split_variant(spec: str) -> list[str]:
-    """``"a:x=1+b:y=2,layers=0-3+7"`` → ``["a:x=1", "b:y=2,layers=0-3+7"]`` (one string per edit, in order).
-
-    Raises ConfigError for an empty spec or an empty piece (``"a:x=1+"``).
-    """
-    if not isinstance(spec, str) or not spec.strip():
-        raise ConfigError(f"--edit expects NAME:key=value,... (join edits with +), got {spec!r}")
-    if spec.strip().endswith("+") or spec.strip().startswith("+") or "++" in spec:
-        raise ConfigError(f"--edit {spec!r}: empty edit around '+'; expected NAME:key=value,...+NAME:key=value,...")
-    pieces = [piece.strip() for piece in _EDIT_START.split(spec.strip())]
-    for piece in pieces:
-        if not piece or not _SPEC_SHAPE.match(piece):
-            raise ConfigError(f"--edit {spec!r}: cannot read edit {piece!r}; expected NAME:key=value,...")
-    return pieces
 
 
 def parse_variant(spec: str) -> list[Any]:
-    """Edit objects for one variant spec, built by :func:`attnlab.edits.parse_edit_spec` (edits compose in order).
+    """Edit objects for one variant spec, by :func:`attnlab.edits.parse_edit_list` (edits compose in order).
 
-    Raises ConfigError (bad syntax or values) or RegistryError (unknown edit name), both one line.
+    Raises ConfigError (bad syntax or values) or RegistryError (unknown edit name, also after a ``+``), one line.
     """
-    import attnlab.edits as edits
+    from attnlab.edits import parse_edit_list
 
-    pieces = split_variant(spec)
-    if hasattr(edits, "parse_edit_list"):  # the edits package's own splitter (knows the registered names)
-        return list(edits.parse_edit_list(spec.strip()))
-    return [edits.parse_edit_spec(piece) for piece in pieces]
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError(f"--edit expects NAME:key=value,... (join edits with +), got {spec!r}")
+    return list(parse_edit_list(spec.strip()))
 
 
 def parse_number_list(text: str | list[Any], kind: type, what: str) -> tuple[Any, ...]:
@@ -122,7 +102,8 @@ class EvalConfig:
         if len(set(self.variants)) != len(self.variants):
             raise ConfigError(f"each --edit variant may be given once, got {list(self.variants)}")
         for spec in self.variants:
-            split_variant(spec)
+            if not isinstance(spec, str) or not spec.strip():
+                raise ConfigError(f"--edit expects NAME:key=value,... (join edits with +), got {spec!r}")
         if any(not 0.0 <= d <= 1.0 for d in self.passkey_depths) or not self.passkey_depths:
             raise ConfigError(f"passkey depths must be fractions in [0, 1], got {list(self.passkey_depths)}")
         if any(length < 2 for length in self.passkey_lengths):

@@ -137,7 +137,7 @@ def evaluate_variants(model: Any, tokenizer: Any, variants: list[Variant], *, ta
                     done += 1
         notify(done, total, f"{label}: done")
         record: dict[str, Any] = {
-            "label": label, "edits": [] if label == BASELINE else [label], "edit_report": edit_report(session, edits),
+            "label": label, "edits": [edit.spec() for edit in edits], "edit_report": edit_report(session, edits),
             "attention_paths": {str(layer): path for layer, path in sorted(session.paths.items())},
             "seconds": round(time.perf_counter() - started, 3),
         }
