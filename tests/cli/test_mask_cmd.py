@@ -24,3 +24,14 @@ def test_mask_usage_errors_exit_2():
     assert runner.invoke(app, ["mask", "slidng_window"]).exit_code == 2
     assert runner.invoke(app, ["mask", "causal", "--set", "window=3"]).exit_code == 2
     assert runner.invoke(app, ["mask", "sliding_window", "--set", "window=0"]).exit_code == 2
+
+
+def test_mask_bad_head_and_data_dependent_masks_exit_2_with_one_line():
+    runner = CliRunner()
+    for args in (["mask", "causal", "--head", "-1"],
+                 ["mask", "shifted_groups", "--set", "group_size=2", "--set", "num_heads=2", "--head", "2"],
+                 ["mask", "dma", "--set", "keep=[[true]]"], ["mask", "sparsed"], ["mask", "groups"]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: ")
+    assert "model states" in runner.invoke(app, ["mask", "dma"]).stderr

@@ -15,6 +15,8 @@ MaskParams = Annotated[Optional[list[str]], typer.Option(
 QLen = Annotated[int, typer.Option("--q-len", help="Query rows to print (query positions kv_len - q_len ...).")]
 KvLen = Annotated[Optional[int], typer.Option("--kv-len", help="Keys to print (default: q-len).")]
 Head = Annotated[int, typer.Option("--head", help="Query head to print.")]
+# masks whose parameters are tensors computed from model states: nothing to print without a model
+DATA_DEPENDENT = {"dma": "dma_keep", "sparsed": "sparsed_block_keep", "groups": "group ids of real tokens"}
 
 
 def parse_params(items: list[str]) -> dict:
@@ -41,9 +43,18 @@ def mask_command(name: str, set_: MaskParams = None, q_len: QLen = 16, kv_len: K
         keys = q_len if kv_len is None else kv_len
         if q_len < 1 or keys < q_len:
             raise ConfigError(f"expected 1 <= q-len <= kv-len, got {q_len} and {keys}")
+        if head < 0:
+            raise ConfigError(f"expected --head >= 0, got {head}")
         factory = MASKS.get(name)
+        if name in DATA_DEPENDENT:
+            raise ConfigError(f"mask {name!r} is built from model states (a tensor from {DATA_DEPENDENT[name]}) and "
+                              "cannot be printed here; build it in Python (attnlab.functional.sparse_masks)")
+        params = parse_params(set_ or [])
+        heads = params.get("num_heads")
+        if isinstance(heads, int) and head >= heads:
+            raise ConfigError(f"expected --head < num_heads={heads}, got {head}")
         try:
-            mask_mod = factory(**parse_params(set_ or []))
+            mask_mod = factory(**params)
         except TypeError as error:
             raise ConfigError(f"bad parameters for mask {name!r}: {error}") from None
         typer.echo(to_string(mask_mod, q_len, keys, head_idx=head, q_offset=keys - q_len))
