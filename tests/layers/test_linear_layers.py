@@ -98,3 +98,15 @@ def test_bad_input_and_config(name):
         call(build(name), torch.randn(2, 5, C + 1, dtype=torch.float64))
     with pytest.raises(ConfigError):
         LAYERS.get(name)(**{**BUILD[name], "form": "fused"})
+
+
+@pytest.mark.parametrize("name", ["retention", "lightning"])
+def test_state_without_position_offset_raises(name):
+    """Positions are not in the state: continuing without position_offset would silently restart RoPE/LRPE at 0."""
+    layer, x = build(name), hidden()
+    _, state = layer(x[:, :6])
+    with pytest.raises(ConfigError, match="position_offset"):
+        layer(x[:, 6:], state)
+    whole, _ = layer(x[:, :12])
+    out, _ = layer(x[:, 6:12], state, position_offset=6)
+    torch.testing.assert_close(out, whole[:, 6:])

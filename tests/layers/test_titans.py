@@ -121,3 +121,10 @@ def test_mag_is_causal():
         a, _ = layer(x)
         b, _ = layer(y)
     torch.testing.assert_close(a[:, :CHUNK + 1], b[:, :CHUNK + 1])
+
+
+def test_state_without_position_offset_raises():
+    layer, x = build(), hidden(2 * CHUNK, seed=4)
+    _, state = layer(x[:, :CHUNK])
+    with pytest.raises(ConfigError, match="position_offset"):
+        layer(x[:, CHUNK:], state)

@@ -33,6 +33,17 @@ def check_hidden(hidden_states: Tensor, hidden_size: int) -> None:
         raise ShapeError(f"expected hidden_states (batch, seq_len, {hidden_size}), got {tuple(hidden_states.shape)}")
 
 
+def segment_offset(initial_state: object, position_offset: int | None) -> int:
+    """The absolute position of a segment's first token. Raises ConfigError when ``initial_state`` is given without
+    ``position_offset``: positions (RoPE, LRPE) are not stored in the state, and guessing 0 is silently wrong."""
+    if position_offset is not None:
+        return position_offset
+    if initial_state is not None:
+        raise ConfigError("pass position_offset (tokens before this segment) with initial_state: positions are "
+                          "not stored in the state")
+    return 0
+
+
 def split_heads(x: Tensor, num_heads: int) -> Tensor:
     """(B, T, H*D) -> (B, H, T, D)."""
     B, T, _ = x.shape

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from attnlab.functional.lightning import lightning_attention, lightning_log_decay, lrpe, srms_norm
 from attnlab.layers import LAYERS
-from attnlab.layers._common import check_form, check_heads, check_hidden, merge_heads, split_heads
+from attnlab.layers._common import check_form, check_heads, check_hidden, merge_heads, segment_offset, split_heads
 
 
 @LAYERS.register("lightning")
@@ -50,10 +50,12 @@ class LightningAttention(nn.Module):
                              persistent=False)
 
     def forward(self, hidden_states: Tensor, initial_state: Tensor | None = None,
-                position_offset: int = 0) -> tuple[Tensor, Tensor]:
+                position_offset: int | None = None) -> tuple[Tensor, Tensor]:
         """hidden_states: (B, T, C). initial_state: (B, H, d_k, d_v) after ``position_offset`` earlier tokens
-        (d_k = 2·head_dim with LRPE-d). Returns output (B, T, C) and the final state."""
+        (d_k = 2·head_dim with LRPE-d); position_offset is required with initial_state (ConfigError otherwise;
+        LRPE positions are not in the state). Returns output (B, T, C) and the final state."""
         check_hidden(hidden_states, self.hidden_size)
+        position_offset = segment_offset(initial_state, position_offset)
         q = F.silu(split_heads(self.q_proj(hidden_states), self.num_heads))
         k = F.silu(split_heads(self.k_proj(hidden_states), self.num_kv_heads))
         v = F.silu(split_heads(self.v_proj(hidden_states), self.num_kv_heads))

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from attnlab.functional.linear_attention import linear_attention
 from attnlab.layers import LAYERS
 from attnlab.layers._common import (GatedHeadNorm, check_form, check_heads, check_hidden, merge_heads, rotary,
-                                    split_heads)
+                                    segment_offset, split_heads)
 
 
 def retention_log_decay(num_heads: int) -> Tensor:
@@ -57,10 +57,12 @@ class MultiScaleRetention(nn.Module):
         self.register_buffer("log_decay", retention_log_decay(num_heads), persistent=False)
 
     def forward(self, hidden_states: Tensor, initial_state: Tensor | None = None,
-                position_offset: int = 0) -> tuple[Tensor, Tensor]:
-        """hidden_states: (B, T, C). initial_state: (B, H, d_k, d_v) from the previous segment, whose length is
-        ``position_offset``. Returns output (B, T, C) and the final state (B, H, d_k, d_v)."""
+                position_offset: int | None = None) -> tuple[Tensor, Tensor]:
+        """hidden_states: (B, T, C). initial_state: (B, H, d_k, d_v) from the previous segment(s), whose total length
+        ``position_offset`` must then be given (ConfigError otherwise; RoPE positions are not in the state).
+        Returns output (B, T, C) and the final state (B, H, d_k, d_v)."""
         check_hidden(hidden_states, self.hidden_size)
+        position_offset = segment_offset(initial_state, position_offset)
         q = rotary(split_heads(self.q_proj(hidden_states), self.num_heads), position_offset, self.rope_base)
         k = rotary(split_heads(self.k_proj(hidden_states), self.num_kv_heads), position_offset, self.rope_base)
         v = split_heads(self.v_proj(hidden_states), self.num_kv_heads)

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from attnlab.errors import ConfigError
 from attnlab.functional.titans import MEMORY_FORMS, memory_read, neural_memory
 from attnlab.layers import LAYERS
-from attnlab.layers._common import GatedHeadNorm, check_hidden, merge_heads, rotary, split_heads
+from attnlab.layers._common import GatedHeadNorm, check_hidden, merge_heads, rotary, segment_offset, split_heads
 
 
 class TitansState(NamedTuple):
@@ -92,10 +92,12 @@ class TitansMAG(nn.Module):
         return out, keys[:, :, keys.shape[2] - tail:], values[:, :, values.shape[2] - tail:]
 
     def forward(self, hidden_states: Tensor, initial_state: TitansState | None = None,
-                position_offset: int = 0) -> tuple[Tensor, TitansState]:
-        """hidden_states: (B, T, C); initial_state from the previous segment of ``position_offset`` tokens, or
-        None (``self.initial_state``). Returns output (B, T, C) and a ``TitansState``."""
+                position_offset: int | None = None) -> tuple[Tensor, TitansState]:
+        """hidden_states: (B, T, C); initial_state from the previous segment(s) of ``position_offset`` tokens in
+        all (required with initial_state, ConfigError otherwise: RoPE positions are not in the state), or None
+        (``self.initial_state``). Returns output (B, T, C) and a ``TitansState``."""
         check_hidden(hidden_states, self.hidden_size)
+        position_offset = segment_offset(initial_state, position_offset)
         x = hidden_states
         state = initial_state if initial_state is not None else self.initial_state(x.shape[0], x.dtype)
         attended, keys, values = self._attention(x, state, position_offset)
