@@ -123,3 +123,21 @@ def test_score_mods_and_mask_tables_follow_the_index_device():
               S.groups(torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 1, dtype=torch.bool)))
     for mask_mod in tables:
         assert mask_mod(b, h, q, kv).device == meta
+
+
+def test_early_errors_name_the_bad_value():
+    from attnlab.functional.softmax_family import decay_matrix, grid_decay, linear_decay
+    from attnlab.functional.sparse_masks import SparsedSchedule
+    from attnlab.layers.decay import DecayMatrixAttention
+
+    bad = torch.tensor([-0.1, 0.25])
+    for call in (lambda: linear_decay(bad), lambda: grid_decay(2, 2, bad), lambda: decay_matrix(2, 2, bad),
+                 lambda: DecayMatrixAttention(8, 2, grid_width=2, log_decay=bad)):
+        with pytest.raises(ConfigError, match=r"0\.25 at head 1"):
+            call()
+    with pytest.raises(ConfigError, match="distance"):
+        DecayMatrixAttention(8, 2, grid_width=2, distance="euclid")  # at construction, not at the first forward
+    with pytest.raises(ConfigError, match="select"):
+        SparsedSchedule(4, select=0.0)
+    with pytest.raises(ConfigError, match="block_size"):
+        SparsedSchedule(4, block_size=0)

@@ -34,6 +34,15 @@ def _logits(query: Tensor, key: Tensor, value: Tensor, scale: float | None) -> t
     return query.to(dtype) @ k.transpose(-1, -2) * scale, v
 
 
+def _check_log_decay(log_decay: Tensor) -> None:
+    """A (num_heads,) tensor of values ≤ 0; the error names the wrong shape or the largest (positive) value."""
+    if log_decay.dim() != 1:
+        raise ConfigError(f"log_decay must be a (num_heads,) tensor, got shape {tuple(log_decay.shape)}")
+    if bool((log_decay > 0).any()):
+        head = int(log_decay.argmax())
+        raise ConfigError(f"log_decay must be <= 0 (a decay in (0, 1]), got {float(log_decay[head]):.4g} at head {head}")
+
+
 def sigmoid_attention(query: Tensor, key: Tensor, value: Tensor, keep: Tensor | None = None, *,
                       scale: float | None = None, bias: float | None = None) -> tuple[Tensor, Tensor]:
     """Sigmoid attention: probs = σ(logits + b) on visible keys, 0 elsewhere, no row normalisation.
@@ -88,8 +97,7 @@ def decay_matrix(height: int, width: int, log_decay: Tensor, distance: str = "ch
     Returns:
         (H, N, N) with N = height · width, in log_decay's dtype.
     """
-    if log_decay.dim() != 1 or bool((log_decay > 0).any()):
-        raise ConfigError(f"log_decay must be a (num_heads,) tensor of values <= 0, got shape {tuple(log_decay.shape)}")
+    _check_log_decay(log_decay)
     if height < 1 or width < 1:
         raise ConfigError(f"height and width must be >= 1, got {height}, {width}")
     rows = torch.arange(height * width, device=log_decay.device) // width
@@ -135,8 +143,7 @@ def linear_decay(log_decay: Tensor, symmetric: bool = False):
     ``log_decay``: (H,) values ≤ 0 (a per-head log decay; :func:`retnet_log_decay` gives RetNet's schedule).
     ``symmetric=True`` uses |q − kv| (for bidirectional attention). With log_decay = −slope this is ALiBi.
     """
-    if log_decay.dim() != 1 or bool((log_decay > 0).any()):
-        raise ConfigError(f"log_decay must be a (num_heads,) tensor of values <= 0, got shape {tuple(log_decay.shape)}")
+    _check_log_decay(log_decay)
 
     def score_mod(logits: Tensor, batch_idx: Tensor, head_idx: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         distance = q_idx - kv_idx
@@ -174,8 +181,7 @@ def grid_decay(height: int, width: int, log_decay: Tensor, distance: str = "cheb
     Multiplies the unnormalised softmax weights by the CACE decay and then renormalises (unlike
     :func:`decayed_softmax_attention`, which does not renormalise). Tokens flattened row-major.
     """
-    if log_decay.dim() != 1 or bool((log_decay > 0).any()):
-        raise ConfigError(f"log_decay must be a (num_heads,) tensor of values <= 0, got shape {tuple(log_decay.shape)}")
+    _check_log_decay(log_decay)
     if distance not in ("chebyshev", "manhattan"):
         raise ConfigError(f"distance must be 'chebyshev' or 'manhattan', got {distance!r}")
 

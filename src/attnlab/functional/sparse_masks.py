@@ -291,6 +291,9 @@ class SparsedSchedule:
         _check_positive("num_steps", num_steps)
         if not 0 <= skip <= 1:
             raise ConfigError(f"skip must be in [0, 1], got {skip}")
+        if not 0 < select <= 1:  # checked here, not at the first sparse step
+            raise ConfigError(f"select must be in (0, 1], got {select}")
+        _check_positive("block_size", block_size)
         self.num_steps, self.skip, self.select, self.block_size = num_steps, skip, select, block_size
         self.first_sparse_step = int(math.floor(skip * num_steps))
         self.block_keep: Tensor | None = None

@@ -9,8 +9,8 @@ from torch import Tensor
 
 from attnlab.errors import ConfigError
 from attnlab.functional.masks import MaskMod, to_dense
-from attnlab.functional.softmax_family import (alibi_slopes, decay_matrix, decayed_softmax_attention, linear_decay,
-                                               retnet_log_decay)
+from attnlab.functional.softmax_family import (_check_log_decay, alibi_slopes, decay_matrix,
+                                               decayed_softmax_attention, linear_decay, retnet_log_decay)
 from attnlab.layers import LAYERS
 from attnlab.layers._softmax_base import SoftmaxFamilyAttention
 
@@ -57,9 +57,12 @@ class DecayMatrixAttention(SoftmaxFamilyAttention):
                          rope_base=rope_base)
         if grid_width < 1:
             raise ConfigError(f"expected grid_width >= 1, got {grid_width}")
+        if distance not in ("chebyshev", "manhattan"):
+            raise ConfigError(f"expected distance 'chebyshev' or 'manhattan', got {distance!r}")
         log_decay = retnet_log_decay(num_heads).float() if log_decay is None else log_decay
         if log_decay.shape != (num_heads,):
             raise ConfigError(f"expected log_decay of shape ({num_heads},), got {tuple(log_decay.shape)}")
+        _check_log_decay(log_decay)  # at construction, not at the first forward
         self.grid_width, self.distance = grid_width, distance
         self.register_buffer("log_decay", log_decay, persistent=False)
 
