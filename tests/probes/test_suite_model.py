@@ -72,6 +72,17 @@ def test_inflection_band_is_where_low_entropy_meets_the_steepest_drop():
     assert inflection_band(entropy[:2], log_grad[:2].exp())[2] == []
 
 
+def test_inflection_band_needs_both_low_entropy_and_a_steep_drop():
+    entropy = torch.tensor([1.62, 1.84, 0.26, 0.84, 0.93, 1.03], dtype=torch.float64)
+    log_grad = torch.tensor([0.98, 1.61, -0.56, -0.78, -0.29, 1.22], dtype=torch.float64)
+    drop, score, band = inflection_band(entropy, log_grad.exp())
+    # layers 1-5: mean entropy 0.98, so layer 5 (1.03) is not low-entropy, yet its drop (1.51, the largest) gives it
+    # the highest score; layer 4 is the only one below the mean entropy (0.93) and above the mean drop (0.49 > 0.05)
+    assert int(torch.argmax(score[1:])) + 1 == 5
+    assert band == [4]
+    assert inflection_band(torch.tensor([0.0, 1.0, 2.0, 3.0]), torch.tensor([1.0, 1.0, 1.0, 1.0]))[2] == []
+
+
 # the runner on a tiny Llama --------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,11 @@ the band rule is ours and stated here:
   when it passes backward through block l (the "cliff"; positive = suppression);
 - ``inflection_score`` = z(-H) + z(gradient_drop), z-scores across layers 1 … L-1 (low entropy and a steep drop
   both raise it);
-- the band (``inflection_band`` = 1) is the layer with the highest score plus its neighbours whose score is
-  within ``band_width`` (default 0.5) of that maximum, taken contiguously.
+- a layer is *eligible* when it is both low-entropy and steep: z(-H) > 0 and z(gradient_drop) > 0 (so one
+  extreme term cannot carry a high-entropy or flat layer);
+- the band (``inflection_band`` = 1) is the eligible layer with the highest score plus its eligible neighbours
+  whose score is within ``band_width`` (default 0.5) of that maximum, taken contiguously; empty when no layer is
+  eligible.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from attnlab.probes.model_base import ModelInfo, ModelProbe
 def inflection_band(entropy: Tensor, grad_norm: Tensor, band_width: float = 0.5) -> tuple[Tensor, Tensor, list[int]]:
     """(drop (L,), score (L,), band layers) from per-layer entropy and activation-gradient norm (rule above).
 
-    Layer 0 has no drop and no score (NaN). Returns an empty band with fewer than 3 layers.
+    Layer 0 has no drop and no score (NaN). Returns an empty band with fewer than 3 layers or no eligible layer.
     """
     L = entropy.shape[0]
     drop = torch.full((L,), float("nan"), dtype=torch.float64)
@@ -47,12 +50,17 @@ def inflection_band(entropy: Tensor, grad_norm: Tensor, band_width: float = 0.5)
         std = values.std()
         return (values - values.mean()) / std if float(std) > 0 else torch.zeros_like(values)
 
-    score[1:] = z(-entropy[1:].double()) + z(drop[1:])
-    best = int(torch.argmax(torch.nan_to_num(score, nan=-math.inf)))
+    low_entropy, steep = z(-entropy[1:].double()), z(drop[1:])
+    score[1:] = low_entropy + steep
+    eligible = torch.zeros(L, dtype=torch.bool)
+    eligible[1:] = (low_entropy > 0) & (steep > 0)
+    if not bool(eligible.any()):
+        return drop, score, []
+    best = int(torch.argmax(torch.where(eligible, score, torch.full_like(score, -math.inf))))
     band = [best]
     for step in (-1, 1):
         layer = best + step
-        while 1 <= layer < L and float(score[layer]) >= float(score[best]) - band_width:
+        while 1 <= layer < L and bool(eligible[layer]) and float(score[layer]) >= float(score[best]) - band_width:
             band.append(layer)
             layer += step
     return drop, score, sorted(band)
@@ -123,5 +131,5 @@ class InflectionProbe(ModelProbe):
     def extras(self, decode: Any = None) -> dict[str, Any]:
         band = self.summary()["band"] if float(self.sequences) > 0 else []
         return {"band": band, "band_width": self.band_width,
-                "rule": "score = z(-entropy) + z(log-gradient drop through the layer); band = best layer and "
-                        "contiguous neighbours within band_width of the best score"}
+                "rule": "score = z(-entropy) + z(log-gradient drop through the layer); eligible = both z > 0; "
+                        "band = best eligible layer and contiguous eligible neighbours within band_width of it"}
