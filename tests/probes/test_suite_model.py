@@ -43,6 +43,15 @@ def test_linear_cka_equals_the_hsic_form_and_is_rotation_and_scale_invariant(see
     assert 0.0 <= shared_pca_delta_cka(x, torch.randn(n, d1, generator=g, dtype=torch.float64)) <= 1.0
 
 
+def test_similarity_shape_mismatches_are_shape_errors():
+    from attnlab.errors import ShapeError
+
+    with pytest.raises(ShapeError, match="same number of samples"):
+        linear_cka(torch.zeros(3, 2), torch.zeros(4, 2))
+    with pytest.raises(ShapeError, match="same shape"):
+        shared_pca_delta_cka(torch.zeros(3, 2), torch.zeros(3, 5))
+
+
 def test_highpass_gain_of_uniform_and_identity_attention():
     from attnlab.probes.length_collapse import highpass_ratio
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from attnlab.errors import ShapeError
+
 
 def linear_cka(x: Tensor, y: Tensor) -> float:
     """Linear CKA of two representations of the same N samples (Kornblith et al. 2019).
@@ -18,9 +20,11 @@ def linear_cka(x: Tensor, y: Tensor) -> float:
         x: (N, D1) tensor. y: (N, D2) tensor (same N).
     Returns:
         CKA in [0, 1]; NaN when either representation is constant.
+    Raises:
+        ShapeError: x and y have different numbers of samples.
     """
     if x.shape[0] != y.shape[0]:
-        raise ValueError(f"x and y need the same number of samples, got {x.shape[0]} and {y.shape[0]}")
+        raise ShapeError(f"x and y need the same number of samples, got {x.shape[0]} and {y.shape[0]}")
     x = x.double() - x.double().mean(0, keepdim=True)
     y = y.double() - y.double().mean(0, keepdim=True)
     cross = (y.T @ x).pow(2).sum()
@@ -38,9 +42,11 @@ def shared_pca_delta_cka(x: Tensor, y: Tensor, num_components: int = 32) -> floa
         x, y: (N, D) tensors of the same shape. num_components: K (capped at min(2N, D)).
     Returns:
         ΔCKA in [0, 1] (0 = same representation up to the shared basis); NaN if undefined.
+    Raises:
+        ShapeError: x and y have different shapes.
     """
     if x.shape != y.shape:
-        raise ValueError(f"x and y need the same shape for a shared PCA basis, got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise ShapeError(f"x and y need the same shape for a shared PCA basis, got {tuple(x.shape)} and {tuple(y.shape)}")
     stacked = torch.cat([x, y]).double()
     mean = stacked.mean(0, keepdim=True)
     k = min(num_components, stacked.shape[0], stacked.shape[1])
