@@ -7,7 +7,8 @@ whose recurrence inputs :func:`layer_keys_values` rebuilds exactly (the state it
 final state): RetNet retention (keys rotated by ``rope_base``) and Lightning attention (SiLU on keys and values,
 LRPE-d on keys when ``use_lrpe``). Other layers, even with a ``log_decay`` buffer (ALiBi is softmax attention),
 are not recurrent_layers, and ``observe_layer`` raises ConfigError on them. A model without such a layer (every
-bundled model) is skipped with a warning and an explanation in the extras, and produces no rows. ``observe_layer(module, hidden_states)`` measures one layer directly.
+bundled model) is skipped with a warning and an explanation in the extras, and produces no rows.
+``observe_layer(module, hidden_states)`` measures one layer directly.
 
 Rows: ``retention`` and ``fidelity`` (layer = index among the recurrent layers, head, position = lag k), and
 ``vertical_fidelity`` (layer = l, position = l', l < l').
