@@ -39,7 +39,8 @@ from torch import Tensor
 
 from attnlab.errors import ConfigError
 from attnlab.functional.attention import check_qkv
-from attnlab.functional.masks import MaskMod, check_lengths, shift_queries, to_dense
+from attnlab.functional.masks import MaskMod, _broadcast_indices, check_lengths, shift_queries, to_dense
+from attnlab.functional.softmax_family import _logits
 
 __all__ = ["BlockMaskCache", "ScoreMod", "build_block_mask", "dense_score_mod", "masked_attention"]
 
@@ -51,11 +52,7 @@ _BUILD_CHUNK_ELEMENTS = 1 << 26
 def dense_score_mod(score_mod: ScoreMod, logits: Tensor, q_offset: int = 0) -> Tensor:
     """Apply a score_mod to dense logits (B, H, Lq, Lk) with broadcast index tensors; returns the new logits."""
     B, H, Lq, Lk = logits.shape
-    device = logits.device
-    b = torch.arange(B, device=device)[:, None, None, None]
-    h = torch.arange(H, device=device)[None, :, None, None]
-    q = torch.arange(Lq, device=device)[None, None, :, None] + q_offset
-    kv = torch.arange(Lk, device=device)[None, None, None, :]
+    b, h, q, kv = _broadcast_indices(B, H, Lq, Lk, q_offset, logits.device)
     return score_mod(logits, b, h, q, kv).expand(B, H, Lq, Lk)
 
 
@@ -164,11 +161,8 @@ def _dense_path(query: Tensor, key: Tensor, value: Tensor, mask_mod: MaskMod | N
         groups = H // key.shape[1]
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=keep, scale=scale, enable_gqa=groups > 1)
     else:
-        dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
-        groups = H // key.shape[1]
-        k = key.repeat_interleave(groups, dim=1).to(dtype)  # (B, H, Lk, D)
-        v = value.repeat_interleave(groups, dim=1).to(dtype)  # (B, H, Lk, Dv)
-        logits = dense_score_mod(score_mod, query.to(dtype) @ k.transpose(-1, -2) * scale, q_offset)
+        logits, v = _logits(query, key, value, scale)  # (B, H, Lq, Lk), (B, H, Lk, Dv) in the compute dtype
+        logits = dense_score_mod(score_mod, logits, q_offset)
         if keep is not None:
             logits = logits.masked_fill(~keep, float("-inf"))
         out = (torch.softmax(logits, dim=-1) @ v).to(value.dtype)

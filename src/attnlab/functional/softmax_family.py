@@ -18,16 +18,19 @@ import torch
 from torch import Tensor
 
 from attnlab.errors import ConfigError, ShapeError
-from attnlab.functional.attention import check_qkv
+from attnlab.functional.attention import _compute_dtype, check_qkv
 
 __all__ = ["alibi", "alibi_slopes", "decay_matrix", "decayed_softmax_attention", "grid_decay", "linear_decay",
            "relu_attention", "retnet_log_decay", "sigmoid_attention"]
 
 
 def _logits(query: Tensor, key: Tensor, value: Tensor, scale: float | None) -> tuple[Tensor, Tensor]:
-    """Scaled logits (B, H, Lq, Lk) and per-query-head values (B, H, Lk, Dv), both in the compute dtype."""
+    """Scaled logits (B, H, Lq, Lk) and per-query-head values (B, H, Lk, Dv), both in the compute dtype.
+
+    The explicit-logits GQA path shared with :func:`attnlab.functional.masked_attention.masked_attention`.
+    """
     _, groups = check_qkv(query, key, value)
-    dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    dtype = _compute_dtype(query)
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     k = key.repeat_interleave(groups, dim=1).to(dtype)  # (B, H, Lk, D)
     v = value.repeat_interleave(groups, dim=1).to(dtype)  # (B, H, Lk, Dv)
@@ -40,7 +43,8 @@ def _check_log_decay(log_decay: Tensor) -> None:
         raise ConfigError(f"log_decay must be a (num_heads,) tensor, got shape {tuple(log_decay.shape)}")
     if bool((log_decay > 0).any()):
         head = int(log_decay.argmax())
-        raise ConfigError(f"log_decay must be <= 0 (a decay in (0, 1]), got {float(log_decay[head]):.4g} at head {head}")
+        raise ConfigError(f"log_decay must be <= 0 (a decay in (0, 1]), got {float(log_decay[head]):.4g} "
+                          f"at head {head}")
 
 
 def sigmoid_attention(query: Tensor, key: Tensor, value: Tensor, keep: Tensor | None = None, *,
