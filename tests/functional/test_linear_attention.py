@@ -166,3 +166,12 @@ def test_subchunked_per_key_decay_never_builds_the_chunk_square():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
         FORMS["chunk"](q.requires_grad_(), k, v, log_decay, chunk_size=C)
     assert max(sizes) <= B * H * T * 16 * K < B * H * T * C * K
+
+
+@pytest.mark.parametrize("decay", ["none", "head", "scalar", "key"])
+@pytest.mark.parametrize("name", ["parallel", "chunk", "recurrent"])
+def test_empty_sequence_returns_initial_state(name, decay):
+    q, k, v, log_decay, state = make_inputs(2, 2, 1, 0, 4, 3, decay)
+    out, final = form(name)(q, k, v, log_decay, initial_state=state)
+    assert out.shape == (2, 2, 0, 3)
+    torch.testing.assert_close(final, state, rtol=0, atol=0)

@@ -94,6 +94,13 @@ def _finish(o: Tensor, state: Tensor, value: Tensor, output_final_state: bool):
     return o.to(value.dtype), (state if output_final_state else None)
 
 
+def _empty(q: Tensor, v: Tensor, state0: Tensor | None, value: Tensor, output_final_state: bool):
+    """T = 0: an empty (B, H, 0, V) output and the initial state (zeros if None) unchanged."""
+    B, H, _, K = q.shape
+    state = q.new_zeros(B, H, K, v.shape[-1]) if state0 is None else state0
+    return _finish(v.new_zeros(B, H, 0, v.shape[-1]), state, value, output_final_state)
+
+
 def linear_attention_parallel(query: Tensor, key: Tensor, value: Tensor, log_decay: Tensor | None = None, *,
                               scale: float | None = None, initial_state: Tensor | None = None,
                               output_final_state: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -104,6 +111,8 @@ def linear_attention_parallel(query: Tensor, key: Tensor, value: Tensor, log_dec
     """
     q, k, v, g, state0 = prepare_inputs(query, key, value, log_decay, initial_state, scale)
     T = q.shape[2]
+    if T == 0:
+        return _empty(q, v, state0, value, output_final_state)
     G = g.cumsum(dim=2)  # (B|1, H, T, 1|K)
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
     if g.shape[-1] == 1:
@@ -137,6 +146,8 @@ def linear_attention_recurrent(query: Tensor, key: Tensor, value: Tensor, log_de
     for t in range(T):
         state = decay[:, :, t, :, None] * state + k[:, :, t, :, None] * v[:, :, t, None, :]  # (B, H, K, V)
         outputs.append((q[:, :, t, None, :] @ state)[:, :, 0])  # (B, H, V)
+    if T == 0:
+        return _empty(q, v, state, value, output_final_state)
     return _finish(torch.stack(outputs, dim=2), state, value, output_final_state)
 
 
@@ -163,6 +174,8 @@ def linear_attention_chunk(query: Tensor, key: Tensor, value: Tensor, log_decay:
         raise ConfigError(f"expected chunk_size >= 1, got {chunk_size}")
     q, k, v, g, state, scale = prepare_inputs(query, key, value, log_decay, initial_state, scale, scale_query=False)
     B, H, T, K = q.shape
+    if T == 0:
+        return _empty(q, v, state, value, output_final_state)
     if state is None:
         state = q.new_zeros(B, H, K, v.shape[-1])
     constant = log_decay is None or log_decay.dim() == 1
@@ -267,7 +280,8 @@ def linear_attention(query: Tensor, key: Tensor, value: Tensor, log_decay: Tenso
         chunk_size: tokens per chunk (chunk form only).
 
     Returns:
-        output (B, H, T, V) in value's dtype; final_state (B, H, K, V) float32/float64, or None.
+        output (B, H, T, V) in value's dtype; final_state (B, H, K, V) float32/float64, or None. T = 0 gives an
+        empty output and the initial state (zeros if None) unchanged.
 
     Raises:
         ShapeError on inconsistent shapes; ConfigError for an unknown form or chunk_size < 1.
