@@ -246,6 +246,24 @@ def test_moda_align_keys_known_answer():
                                rtol=0)
 
 
+@pytest.mark.parametrize("name", ["masked", "relu", "dma"])
+def test_position_offset_reaches_absolute_position_masks(name):
+    """A chunk at positions 3…6 under "keys at positions < 3 are hidden" sees all its keys (causally)."""
+    def from_three(b, h, q, kv):
+        return (kv <= q) & (kv >= 3)
+
+    extra = {"window": 16} if name == "dma" else {}
+    shifted = build(name, mask_mod=from_three, rope_base=None, **extra)
+    plain = build(name, rope_base=None, **extra)  # causal, same weights (same seed)
+    x = _x(T=4)
+    with torch.no_grad():
+        assert_close(shifted(x, position_offset=3)[0], plain(x)[0])
+        assert shifted(x)[0][:, :3].abs().max() == 0  # at offset 0 rows 0-2 see nothing
+    table = M.from_keep(torch.ones(4, 4, dtype=torch.bool).tril()[None, None])
+    with pytest.raises(ShapeError, match="built for"):  # a 4-token table cannot serve positions 3…6
+        build(name, mask_mod=table, rope_base=None, **extra)(x, position_offset=3)
+
+
 def test_moda_causal_basis_uses_only_earlier_text_tokens():
     from attnlab.layers.moda import align_keys
 

@@ -44,6 +44,7 @@ __all__ = [
     "full",
     "ls_heads",
     "or_masks",
+    "shift_positions",
     "shift_queries",
     "sinks",
     "sliding_window",
@@ -175,6 +176,20 @@ def shift_queries(mask_mod: MaskMod, q_offset: int) -> MaskMod:
     q_cover, kv_cover = getattr(mask_mod, "covered_lengths", (None, None))
     _with_cover(shifted, None if q_cover is None else q_cover - q_offset, kv_cover)
     return _named(shifted, f"{getattr(mask_mod, '__name__', 'mask')}@{q_offset:+d}")
+
+
+def shift_positions(mask_mod: MaskMod, offset: int) -> MaskMod:
+    """The same mask on a chunk that starts at absolute position ``offset``: query i and key j are read as positions
+    ``i + offset`` and ``j + offset`` (a layer called with ``position_offset`` and no KV cache)."""
+    if offset == 0:
+        return mask_mod
+
+    def shifted(batch_idx: Tensor, head_idx: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return mask_mod(batch_idx, head_idx, q_idx + offset, kv_idx + offset)
+
+    q_cover, kv_cover = getattr(mask_mod, "covered_lengths", (None, None))
+    _with_cover(shifted, None if q_cover is None else q_cover - offset, None if kv_cover is None else kv_cover - offset)
+    return _named(shifted, f"{getattr(mask_mod, '__name__', 'mask')}@{offset:+d}/both")
 
 
 # ----------------------------------------------------------------------------------------------------- materialise

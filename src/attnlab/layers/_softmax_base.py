@@ -6,6 +6,10 @@ extra projections, ``__init__``). ``forward`` returns a tuple so that softmax-fa
 one calling convention (``output, final_state``); these layers keep no recurrent state, so ``final_state`` is None.
 
 Masks: ``mask_mod=None`` means causal; pass ``attnlab.functional.masks.full()`` for bidirectional attention.
+Positions: ``forward(..., position_offset=p)`` places the chunk at absolute positions p … p + T − 1 (no KV cache):
+RoPE, the layer's mask and the layer's own score_mod all see those positions on both axes (:meth:`layer_mask`,
+:meth:`at_positions`), so absolute-position masks (sinks, radial, tables) stay aligned. Per-call masks built from
+the chunk itself (DMA's top-w, MODA's groups) use chunk-local positions.
 Paths: ``path="dense"`` (SDPA with the materialised mask; trains on CPU) or ``path="flex"`` (FlexAttention with a
 block mask cached per length in the layer; inference only; ``compiled=True`` for the fused kernel).
 
@@ -22,7 +26,7 @@ from torch import Tensor, nn
 
 from attnlab.errors import ConfigError
 from attnlab.functional.masked_attention import BlockMaskCache, ScoreMod, masked_attention
-from attnlab.functional.masks import MaskMod, causal
+from attnlab.functional.masks import MaskMod, and_masks, causal, shift_positions, to_dense
 from attnlab.layers._common import check_heads, check_hidden, merge_heads, rotary, split_heads
 
 Linear = Callable[[int, int], nn.Module]
@@ -52,10 +56,13 @@ class SoftmaxFamilyAttention(nn.Module):
         self.v_proj = linear(hidden_size, self.num_kv_heads * self.head_dim)
         self.o_proj = linear(num_heads * self.head_dim, hidden_size)
         self.block_masks = BlockMaskCache()
+        self._offset = 0  # position_offset of the current call, set by project()
+        self._shifted: tuple[int, MaskMod, MaskMod] | None = None  # (offset, mask_mod, shifted mask) memo
 
     def project(self, hidden_states: Tensor, position_offset: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """query (B, H, T, D), key/value (B, Hkv, T, D) with RoPE applied, and the extra q_proj columns (B, T, q_extra)."""
         check_hidden(hidden_states, self.hidden_size)
+        self._offset = position_offset  # positions of this call for layer_mask / at_positions
         projected = self.q_proj(hidden_states)
         q_part, extra = projected[..., : self.num_heads * self.head_dim], projected[..., self.num_heads * self.head_dim:]
         q = split_heads(q_part, self.num_heads)
@@ -65,20 +72,46 @@ class SoftmaxFamilyAttention(nn.Module):
             q, k = rotary(q, position_offset, self.rope_base), rotary(k, position_offset, self.rope_base)
         return q, k, v, extra
 
+    def layer_mask(self) -> MaskMod:
+        """The layer's mask at this call's absolute positions (``position_offset`` from :meth:`project`)."""
+        if self._offset == 0:
+            return self.mask_mod
+        if self._shifted is None or self._shifted[:2] != (self._offset, self.mask_mod):
+            self._shifted = (self._offset, self.mask_mod, shift_positions(self.mask_mod, self._offset))
+        return self._shifted[2]
+
+    def at_positions(self, score_mod: ScoreMod | None) -> ScoreMod | None:
+        """A layer-level score_mod (absolute positions) evaluated at this call's positions."""
+        offset = self._offset
+        if score_mod is None or offset == 0:
+            return score_mod
+
+        def shifted(logits: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            return score_mod(logits, b, h, q_idx + offset, kv_idx + offset)
+
+        return shifted
+
+    def dense_keep(self, q: Tensor, k: Tensor) -> Tensor:
+        """The layer mask materialised: bool (B, H, Lq, Lk) for the dense-only normalisers."""
+        return to_dense(self.layer_mask(), q.shape[0], self.num_heads, q.shape[2], k.shape[2], device=q.device)
+
     def softmax_attend(self, q: Tensor, k: Tensor, v: Tensor, score_mod: ScoreMod | None = None,
                        mask_mod: MaskMod | None = None) -> Tensor:
         """Masked softmax attention on the layer's path (refuses Flex under autograd: no CPU backward).
 
-        ``mask_mod`` given: a per-call (data-dependent) mask such as DMA's top-w or MODA's groups; its block mask is
-        built for this call only and not stored in ``self.block_masks`` (it would never be reused, and each entry
-        pins a (B, H, T, T) table). ``None``: the layer's fixed mask, cached per length.
+        The layer mask (:meth:`layer_mask`) always applies. ``mask_mod`` given: a per-call (data-dependent) mask in
+        chunk-local positions, such as DMA's top-w or MODA's groups, ANDed with it; that block mask is built for this
+        call only and not stored in ``self.block_masks`` (it would never be reused, and each entry pins a
+        (B, H, T, T) table). ``None``: the layer mask alone, cached per length. ``score_mod`` is passed as given
+        (wrap layer-level ones with :meth:`at_positions`).
         """
         if self.path == "flex" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
             raise NotImplementedError("path='flex' is inference-only here (FlexAttention has no CPU backward); "
                                       "use path='dense' for training or run under torch.no_grad()")
         per_call = mask_mod is not None
-        return masked_attention(q, k, v, mask_mod if per_call else self.mask_mod, score_mod=score_mod,
-                                path=self.path, compiled=self.compiled, cache=None if per_call else self.block_masks)
+        mask = and_masks(self.layer_mask(), mask_mod) if per_call else self.layer_mask()
+        return masked_attention(q, k, v, mask, score_mod=score_mod, path=self.path, compiled=self.compiled,
+                                cache=None if per_call else self.block_masks)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, extra: Tensor, hidden_states: Tensor) -> Tensor:
         """(B, H, T, D) heads out. Default: masked softmax attention."""

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from attnlab.errors import ConfigError
-from attnlab.functional.masks import MaskMod, to_dense
+from attnlab.functional.masks import MaskMod
 from attnlab.functional.softmax_family import (_check_log_decay, alibi_slopes, decay_matrix,
                                                decayed_softmax_attention, linear_decay, retnet_log_decay)
 from attnlab.layers import LAYERS
@@ -37,7 +37,7 @@ class AlibiAttention(SoftmaxFamilyAttention):
         self.score_mod = linear_decay(log_decay)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, extra: Tensor, hidden_states: Tensor) -> Tensor:
-        return self.softmax_attend(q, k, v, self.score_mod)
+        return self.softmax_attend(q, k, v, self.at_positions(self.score_mod))
 
 
 @LAYERS.register("decay_matrix")
@@ -67,10 +67,11 @@ class DecayMatrixAttention(SoftmaxFamilyAttention):
         self.register_buffer("log_decay", log_decay, persistent=False)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, extra: Tensor, hidden_states: Tensor) -> Tensor:
-        T = k.shape[2]
-        height = -(-T // self.grid_width)
-        decay = decay_matrix(height, self.grid_width, self.log_decay.to(torch.float64), self.distance)[:, :T, :T]
-        keep = to_dense(self.mask_mod, q.shape[0], self.num_heads, q.shape[2], T, device=q.device)
+        T, start = k.shape[2], self._offset  # the chunk's tokens are grid positions start … start + T − 1
+        height = -(-(start + T) // self.grid_width)
+        decay = decay_matrix(height, self.grid_width, self.log_decay.to(torch.float64),
+                             self.distance)[:, start:start + T, start:start + T]
+        keep = self.dense_keep(q, k)
         return decayed_softmax_attention(q, k, v, decay.to(q.device), keep)[0]
 
 

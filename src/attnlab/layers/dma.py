@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from attnlab.errors import ConfigError
-from attnlab.functional.masks import MaskMod, and_masks, to_dense
+from attnlab.functional.masks import MaskMod
 from attnlab.functional.sparse_masks import dma, dma_bias, dma_keep
 from attnlab.layers import LAYERS
 from attnlab.layers._softmax_base import SoftmaxFamilyAttention
@@ -43,14 +43,14 @@ class DynamicMaskAttention(SoftmaxFamilyAttention):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, extra: Tensor, hidden_states: Tensor) -> Tensor:
         B, H, Lq, _ = q.shape
         bias = dma_bias(v, self.dt_weight, self.log_scale)  # (B, Hkv, Lk)
-        visible = to_dense(self.mask_mod, B, H, Lq, k.shape[2], device=q.device)
+        visible = self.dense_keep(q, k)
         keep = dma_keep(bias.detach(), self.window, H, Lq, visible=visible)
         per_head = bias.repeat_interleave(H // self.num_kv_heads, dim=1)  # (B, H, Lk)
 
         def score_mod(logits, batch_idx, head_idx, q_idx, kv_idx):
             return logits + per_head.to(logits.dtype)[batch_idx, head_idx, kv_idx]
 
-        return self.softmax_attend(q, k, v, score_mod, mask_mod=and_masks(self.mask_mod, dma(keep)))
+        return self.softmax_attend(q, k, v, score_mod, mask_mod=dma(keep))
 
 
 __all__ = ["DynamicMaskAttention"]

@@ -50,7 +50,7 @@ class MaskedAttention(SoftmaxFamilyAttention):
                    compiled=compiled)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, extra: Tensor, hidden_states: Tensor) -> Tensor:
-        return self.softmax_attend(q, k, v, self.score_mod)
+        return self.softmax_attend(q, k, v, self.at_positions(self.score_mod))
 
 
 __all__ = ["MaskedAttention"]

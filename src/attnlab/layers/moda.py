@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnlab.errors import ShapeError
-from attnlab.functional.masks import MaskMod, and_masks, to_dense
+from attnlab.functional.masks import MaskMod, to_dense
 from attnlab.functional.sparse_masks import groups
 from attnlab.layers import LAYERS
 from attnlab.layers._common import merge_heads
@@ -86,12 +86,12 @@ class DuplexAttention(SoftmaxFamilyAttention):
                 position_offset: int = 0) -> tuple[Tensor, None]:
         """hidden_states (B, T, C); group_ids (B, T) long or None. Returns (output (B, T, C), None)."""
         q, k, v, _ = self.project(hidden_states, position_offset)
-        mask_mod = self.mask_mod
+        mask_mod = None
         if group_ids is not None:
             if group_ids.shape != hidden_states.shape[:2]:
                 raise ShapeError(f"expected group_ids {tuple(hidden_states.shape[:2])}, got {tuple(group_ids.shape)}")
             k = align_keys(k, v, group_ids, self.gain, self.fuse, causal=self.causal_basis)
-            mask_mod = and_masks(self.mask_mod, groups(group_ids, self.allowed))
+            mask_mod = groups(group_ids, self.allowed)  # chunk-local; softmax_attend ANDs the layer mask
         o = self.softmax_attend(q, k, v, mask_mod=mask_mod)
         return self.o_proj(merge_heads(o.to(hidden_states.dtype))), None
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from attnlab.functional.masks import MaskMod, to_dense
+from attnlab.functional.masks import MaskMod
 from attnlab.functional.softmax_family import relu_attention, sigmoid_attention
 from attnlab.layers import LAYERS
 from attnlab.layers._softmax_base import SoftmaxFamilyAttention
@@ -31,7 +31,7 @@ class SigmoidAttention(SoftmaxFamilyAttention):
         self.bias = bias
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, extra: Tensor, hidden_states: Tensor) -> Tensor:
-        keep = to_dense(self.mask_mod, q.shape[0], self.num_heads, q.shape[2], k.shape[2], device=q.device)
+        keep = self.dense_keep(q, k)
         return sigmoid_attention(q, k, v, keep, bias=self.bias)[0]
 
 
@@ -50,7 +50,7 @@ class ReluAttention(SoftmaxFamilyAttention):
                          rope_base=rope_base)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, extra: Tensor, hidden_states: Tensor) -> Tensor:
-        keep = to_dense(self.mask_mod, q.shape[0], self.num_heads, q.shape[2], k.shape[2], device=q.device)
+        keep = self.dense_keep(q, k)
         return relu_attention(q, k, v, keep)[0]
 
 
