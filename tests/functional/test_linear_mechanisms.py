@@ -65,7 +65,7 @@ def test_lightning_attention_is_decayed_masked_product(form):
     log_decay = torch.tensor([-0.5, -0.01], dtype=torch.float64)
     t = torch.arange(11, dtype=torch.float64)
     D = torch.exp(log_decay[:, None, None] * (t[:, None] - t[None, :])) * (t[:, None] >= t[None, :])  # (H, T, T)
-    out, _ = lightning_attention(q, k, v, log_decay, form=form, block_size=4)
+    out, _ = lightning_attention(q, k, v, log_decay, form=form, chunk_size=4)
     torch.testing.assert_close(out, ((q @ k.transpose(-1, -2)) * D) @ v)
 
 

@@ -100,6 +100,13 @@ def test_bad_input_and_config(name):
         LAYERS.get(name)(**{**BUILD[name], "form": "fused"})
 
 
+@pytest.mark.parametrize("widths", [dict(expand_k=0.1), dict(expand_v=0.5), dict(expand_k=0.5)])
+def test_retention_bad_widths_raise(widths):
+    """hidden 12, 4 heads: 1.2 -> 1 key column, 6 and 6 value/key columns do not split into 4 heads."""
+    with pytest.raises(ConfigError, match="multiples of num_heads"):
+        LAYERS.get("retention")(hidden_size=C, num_heads=4, **widths)
+
+
 @pytest.mark.parametrize("name", ["retention", "lightning"])
 def test_state_without_position_offset_raises(name):
     """Positions are not in the state: continuing without position_offset would silently restart RoPE/LRPE at 0."""

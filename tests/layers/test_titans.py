@@ -75,6 +75,10 @@ def test_errors():
         LAYERS.get("titans")(C, form="parallel")
     with pytest.raises(ConfigError):
         LAYERS.get("titans")(C, num_heads=3)
+    with pytest.raises(ConfigError, match="num_persistent=-1"):
+        LAYERS.get("titans")(C, num_persistent=-1)
+    with pytest.raises(ConfigError, match="num_persistent=-1"):
+        LAYERS.get("titans_mac")(C, num_persistent=-1)
     with pytest.raises(ShapeError):
         build()(torch.randn(1, 3, C + 1, dtype=torch.float64))
 

@@ -78,10 +78,11 @@ def srms_norm(x: Tensor, eps: float = 1e-5) -> Tensor:
 
 
 def lightning_attention(query: Tensor, key: Tensor, value: Tensor, log_decay: Tensor, *, form: str = "chunk",
-                        block_size: int = 64, initial_state: Tensor | None = None,
+                        chunk_size: int = 64, initial_state: Tensor | None = None,
                         output_final_state: bool = False) -> tuple[Tensor, Tensor | None]:
     """Causal ``O = ((Q Kᵀ) ⊙ D) V`` with ``D_ts = exp(log_decay_h (t - s))`` for t ≥ s, unscaled (scale 1, as the
     lightning kernels). query (B, H, T, D), key (B, Hkv, T, D), value (B, Hkv, T, Dv), log_decay (H,).
+    chunk_size: the block of Lightning Attention-2 (tokens per chunk of the chunk form).
     Returns output (B, H, T, Dv) and final_state (B, H, D, Dv) or None. Raises as ``linear_attention``."""
-    return linear_attention(query, key, value, log_decay, form=form, scale=1.0, chunk_size=block_size,
+    return linear_attention(query, key, value, log_decay, form=form, scale=1.0, chunk_size=chunk_size,
                             initial_state=initial_state, output_final_state=output_final_state)

@@ -61,7 +61,7 @@ class LightningAttention(nn.Module):
         v = F.silu(split_heads(self.v_proj(hidden_states), self.num_kv_heads))
         if self.use_lrpe:
             q, k = lrpe(q, position_offset), lrpe(k, position_offset)
-        o, state = lightning_attention(q, k, v, self.log_decay, form=self.form, block_size=self.chunk_size,
+        o, state = lightning_attention(q, k, v, self.log_decay, form=self.form, chunk_size=self.chunk_size,
                                        initial_state=initial_state, output_final_state=True)
         o = srms_norm(merge_heads(o), self.norm_eps) * torch.sigmoid(self.u_proj(hidden_states))
         return self.o_proj(o), state

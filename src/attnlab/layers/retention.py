@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from attnlab.errors import ConfigError
 from attnlab.functional.linear_attention import linear_attention
 from attnlab.layers import LAYERS
 from attnlab.layers._common import (GatedHeadNorm, check_form, check_heads, check_hidden, merge_heads, rotary,
@@ -45,8 +46,11 @@ class MultiScaleRetention(nn.Module):
         self.hidden_size, self.num_heads = hidden_size, num_heads
         self.num_kv_heads = check_heads(hidden_size, num_heads, num_kv_heads)
         self.form, self.chunk_size, self.rope_base = check_form(form), chunk_size, rope_base
-        self.head_k_dim = int(hidden_size * expand_k) // num_heads
-        self.head_v_dim = int(hidden_size * expand_v) // num_heads
+        key_width, value_width = int(hidden_size * expand_k), int(hidden_size * expand_v)
+        if key_width < num_heads or value_width < num_heads or key_width % num_heads or value_width % num_heads:
+            raise ConfigError(f"expected hidden_size * expand_k and hidden_size * expand_v to be positive multiples "
+                              f"of num_heads={num_heads}, got {key_width} and {value_width}")
+        self.head_k_dim, self.head_v_dim = key_width // num_heads, value_width // num_heads
         kv_k, kv_v = self.num_kv_heads * self.head_k_dim, self.num_kv_heads * self.head_v_dim
         self.q_proj = nn.Linear(hidden_size, num_heads * self.head_k_dim, bias=False)
         self.k_proj = nn.Linear(hidden_size, kv_k, bias=False)

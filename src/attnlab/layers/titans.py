@@ -51,8 +51,9 @@ class TitansMAG(nn.Module):
         if form not in MEMORY_FORMS:
             raise ConfigError(f"expected form in {list(MEMORY_FORMS)}, got {form!r}")
         if num_heads < 1 or hidden_size % num_heads or window < 1 or num_persistent < 0 or chunk_size < 1:
-            raise ConfigError(f"expected num_heads dividing hidden_size, window >= 1, chunk_size >= 1, got "
-                              f"{num_heads}, {hidden_size}, {window}, {chunk_size}")
+            raise ConfigError(f"expected num_heads dividing hidden_size, window >= 1, num_persistent >= 0, "
+                              f"chunk_size >= 1, got num_heads={num_heads}, hidden_size={hidden_size}, "
+                              f"window={window}, num_persistent={num_persistent}, chunk_size={chunk_size}")
         self.hidden_size, self.num_heads, self.window = hidden_size, num_heads, window
         self.form, self.chunk_size, self.max_lr = form, chunk_size, max_lr
         D = self.head_dim = hidden_size // num_heads
@@ -137,8 +138,9 @@ class TitansMAC(nn.Module):
         if form not in MEMORY_FORMS:
             raise ConfigError(f"expected form in {list(MEMORY_FORMS)}, got {form!r}")
         if num_heads < 1 or hidden_size % num_heads or segment_size < 1 or num_persistent < 0:
-            raise ConfigError(f"expected num_heads dividing hidden_size and segment_size >= 1, got {num_heads}, "
-                              f"{hidden_size}, {segment_size}")
+            raise ConfigError(f"expected num_heads dividing hidden_size, segment_size >= 1 and num_persistent >= 0, "
+                              f"got num_heads={num_heads}, hidden_size={hidden_size}, segment_size={segment_size}, "
+                              f"num_persistent={num_persistent}")
         self.hidden_size, self.num_heads, self.segment_size = hidden_size, num_heads, segment_size
         self.form, self.max_lr = form, max_lr
         D = self.head_dim = hidden_size // num_heads
