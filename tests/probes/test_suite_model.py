@@ -338,6 +338,30 @@ def test_text_b_windows_follow_the_runs_bos_policy(tiny_dirs, monkeypatch, name)
     torch.testing.assert_close(torch.cat(seen[:2]), torch.cat(seen[2:]))
 
 
+@pytest.mark.parametrize("name", ["active_dormant", "head_overlap"])
+def test_ablation_probes_merge_like_one_probe_over_all_windows(llama, name):
+    from attnlab.probes import PROBES
+
+    runner = ModelRunner(llama)
+    windows = [_batch([[5, 9, 11, 3, 17, 21]]), _batch([[7, 2, 19, 4, 12, 25]]), _batch([[8, 8, 30, 1, 6, 14]])]
+    whole, first, rest = (PROBES.get(name)(layers=[1]) for _ in range(3))
+    for probe in (whole, first, rest):
+        probe.prepare(runner.info)
+    for i, batch in enumerate(windows):
+        whole.observe(runner, batch)
+        (first if i == 0 else rest).observe(runner, batch)
+    first.merge(rest)
+    expected = {(r["statistic"], r["layer"], r["head"]): r["value"] for r in whole.rows()}
+    merged = {(r["statistic"], r["layer"], r["head"]): r["value"] for r in first.rows()}
+    assert merged.keys() == expected.keys() and len(expected) > 4
+    assert all(merged[k] == pytest.approx(expected[k], rel=1e-9, abs=1e-12) for k in expected)
+    assert first.extras() == whole.extras()
+    assert len(first.per_window) == 3
+    if name == "active_dormant":  # windows keep distinct labels, text-B sums are part of the state
+        assert [label for label, _ in first.per_window] == ["A0", "A1", "A2"] and first.windows_seen == 3
+        assert {"dormant_b", "tested_b"} <= set(first.state())
+
+
 def test_a_head_with_zero_output_weights_is_dormant_and_unimportant(llama):
     from attnlab.probes.active_dormant import ActiveDormantProbe
     from attnlab.probes.head_importance import HeadImportanceProbe

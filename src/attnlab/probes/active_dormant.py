@@ -27,7 +27,7 @@ from torch import Tensor
 from attnlab.errors import ConfigError
 from attnlab.probes import PROBES
 from attnlab.probes._ablation import check_layers, head_effects
-from attnlab.probes.base import Row, RowWriter, safe_div
+from attnlab.probes.base import Probe, Row, RowWriter, safe_div
 from attnlab.probes.model_base import ModelInfo, ModelProbe
 
 
@@ -140,7 +140,18 @@ class ActiveDormantProbe(ModelProbe):
     def state(self) -> dict[str, Tensor]:
         return {"loss_sum": self.loss_sum, "kl_sum": self.kl_sum, "dormant_sum": self.dormant_sum,
                 "tested": self.tested, "row_sum": self.row_sum, "col_sum": self.col_sum,
-                "sink_sum": self.sink_sum, "entropy_seen": self.entropy_seen}
+                "sink_sum": self.sink_sum, "entropy_seen": self.entropy_seen, "dormant_b": self.dormant_b,
+                "tested_b": self.tested_b}
+
+    def merge(self, other: Probe) -> None:
+        """Add the other probe's sums and append its windows (relabelled after this probe's A and B windows)."""
+        super().merge(other)
+        offsets = {"A": self.windows_seen, "B": sum(label[0] == "B" for label, _ in self.per_window)}
+        theirs = [(f"{label[0]}{int(label[1:]) + offsets[label[0]]}", change)
+                  for label, change in other.per_window]  # type: ignore[attr-defined]
+        self.per_window = [w for w in self.per_window if w[0][0] == "A"] + [w for w in theirs if w[0][0] == "A"] \
+            + [w for w in self.per_window if w[0][0] == "B"] + [w for w in theirs if w[0][0] == "B"]
+        self.windows_seen += other.windows_seen  # type: ignore[attr-defined]
 
     def rows(self) -> list[Row]:
         out = RowWriter(self.name)

@@ -19,7 +19,7 @@ from torch import Tensor
 from attnlab.errors import ConfigError
 from attnlab.probes import PROBES
 from attnlab.probes._ablation import head_effects
-from attnlab.probes.base import Row, RowWriter
+from attnlab.probes.base import Probe, Row, RowWriter
 from attnlab.probes.head_importance import HeadImportanceProbe, top_heads
 
 
@@ -57,6 +57,12 @@ class HeadOverlapProbe(HeadImportanceProbe):
                             device=next(runner.model.parameters()).device)
         for batch in windows:
             self.group_b.extend(head_effects(runner, batch, "zero", self.layers)[1])
+
+    def merge(self, other: Probe) -> None:
+        """Add the other probe's sums and append its per-window importances (text A, then text B)."""
+        super().merge(other)
+        self.per_window.extend(other.per_window)  # type: ignore[attr-defined]
+        self.group_b.extend(other.group_b)  # type: ignore[attr-defined]
 
     def groups(self) -> tuple[Tensor, Tensor]:
         """Mean importance (num_layers, num_heads) of text A and text B."""
