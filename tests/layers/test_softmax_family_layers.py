@@ -264,6 +264,17 @@ def test_position_offset_reaches_absolute_position_masks(name):
         build(name, mask_mod=table, rope_base=None, **extra)(x, position_offset=3)
 
 
+def test_head_dependent_masks_must_match_the_layer_heads():
+    from attnlab.functional import sparse_masks as S
+
+    with pytest.raises(ConfigError, match="num_heads == 8"):  # split at 8 // 2 would make every head unshifted
+        build("masked", mask_mod=S.shifted_groups(4, 8))
+    with pytest.raises(ConfigError, match="num_heads >= 6"):  # every one of the 4 heads would be local
+        build("masked", mask_mod=M.and_masks(M.causal(), M.ls_heads(3, 6)))
+    build("masked", mask_mod=S.shifted_groups(4, H))
+    build("masked", mask_mod=M.ls_heads(3, H))
+
+
 def test_moda_causal_basis_uses_only_earlier_text_tokens():
     from attnlab.layers.moda import align_keys
 

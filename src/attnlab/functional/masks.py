@@ -39,6 +39,7 @@ __all__ = [
     "and_masks",
     "causal",
     "check_lengths",
+    "check_num_heads",
     "density",
     "from_keep",
     "full",
@@ -81,6 +82,23 @@ def _with_cover(fn: Callable, q_cover: int | None, kv_cover: int | None) -> Call
     if q_cover is not None or kv_cover is not None:
         fn.covered_lengths = (q_cover, kv_cover)
     return fn
+
+
+def check_num_heads(mask_mod: MaskMod, num_heads: int) -> None:
+    """Refuse a head-dependent mask built for another head count (``shifted_groups(num_heads=...)``, ``ls_heads``).
+
+    Raises:
+        ConfigError: if ``num_heads`` differs from a ``shifted_groups`` head count, or is smaller than
+            ``ls_heads``' ``num_local_heads``.
+    """
+    for rule, count in getattr(mask_mod, "head_rules", ()):
+        if (rule == "==" and num_heads != count) or (rule == ">=" and num_heads < count):
+            raise ConfigError(f"mask {getattr(mask_mod, '__name__', 'mask')!r} needs num_heads {rule} {count}, "
+                              f"got {num_heads}")
+
+
+def _combined_head_rules(mask_mods) -> tuple:
+    return tuple(rule for part in mask_mods for rule in getattr(part, "head_rules", ()))
 
 
 def _min_cover(a: int | None, b: int | None) -> int | None:
@@ -142,6 +160,7 @@ def and_masks(*mask_mods: MaskMod) -> MaskMod:
         return keep
 
     _with_cover(mask_mod, *_combined_cover(mask_mods))
+    mask_mod.head_rules = _combined_head_rules(mask_mods)
     return _named(mask_mod, "and(" + ", ".join(getattr(m, "__name__", "mask") for m in mask_mods) + ")")
 
 
@@ -162,6 +181,7 @@ def or_masks(*mask_mods: MaskMod) -> MaskMod:
         return keep
 
     _with_cover(mask_mod, *_combined_cover(mask_mods))
+    mask_mod.head_rules = _combined_head_rules(mask_mods)
     return _named(mask_mod, "or(" + ", ".join(getattr(m, "__name__", "mask") for m in mask_mods) + ")")
 
 
@@ -395,4 +415,5 @@ def ls_heads(window: int, num_local_heads: int) -> MaskMod:
         distance = q_idx - kv_idx
         return (distance >= 0) & ((distance < window) | (head_idx >= num_local_heads))
 
+    mask_mod.head_rules = ((">=", num_local_heads),)  # checked by the layers (check_num_heads)
     return _named(mask_mod, f"ls_heads({window}, {num_local_heads})")

@@ -158,6 +158,7 @@ def shifted_groups(group_size: int, num_heads: int, num_sink_tokens: int = 4, ca
         keep = ((q_idx + shift) // group_size == (kv_idx + shift) // group_size) | (kv_idx < num_sink_tokens)
         return keep & (kv_idx <= q_idx) if causal else keep
 
+    mask_mod.head_rules = (("==", num_heads),)  # checked by the layers (masks.check_num_heads)
     return _named(mask_mod, f"shifted_groups({group_size}, sinks={num_sink_tokens})")
 
 

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from attnlab.errors import ConfigError
 from attnlab.functional.masked_attention import BlockMaskCache, ScoreMod, masked_attention
-from attnlab.functional.masks import MaskMod, and_masks, causal, shift_positions, to_dense
+from attnlab.functional.masks import MaskMod, and_masks, causal, check_num_heads, shift_positions, to_dense
 from attnlab.layers._common import check_heads, check_hidden, merge_heads, rotary, split_heads
 
 Linear = Callable[[int, int], nn.Module]
@@ -48,6 +48,7 @@ class SoftmaxFamilyAttention(nn.Module):
         if path not in ("dense", "flex"):
             raise ConfigError(f"expected path 'dense' or 'flex', got {path!r}")
         self.mask_mod = causal() if mask_mod is None else mask_mod
+        check_num_heads(self.mask_mod, num_heads)
         self.path, self.compiled, self.rope_base = path, compiled, rope_base
         linear = linear or (lambda n_in, n_out: nn.Linear(n_in, n_out, bias=False))
         self.q_extra = q_extra
