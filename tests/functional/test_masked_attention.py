@@ -165,9 +165,10 @@ def test_window_convention_identical_on_every_path(seed, window):
     g = torch.Generator().manual_seed(seed)
     q = torch.zeros(1, 1, 12, 4, dtype=torch.float64)  # uniform attention over whatever is visible
     k = torch.zeros(1, 1, 12, 4, dtype=torch.float64)
-    v = torch.eye(12, dtype=torch.float64)[None, None] + 0 * torch.rand(1, generator=g, dtype=torch.float64)
-    expected = torch.stack([torch.tensor([1.0 / min(window, i + 1) if 0 <= i - j < window else 0.0
-                                          for j in range(12)], dtype=torch.float64) for i in range(12)])
+    v = torch.randn(1, 1, 12, 3, generator=g, dtype=torch.float64)  # the output is the mean of the visible values
+    weights = torch.stack([torch.tensor([1.0 / min(window, i + 1) if 0 <= i - j < window else 0.0
+                                         for j in range(12)], dtype=torch.float64) for i in range(12)])
+    expected = weights @ v[0, 0]
     for path in ("dense", "flex"):
         out = masked_attention(q, k, v, M.sliding_window(window), path=path)[0, 0]
         torch.testing.assert_close(out, expected)

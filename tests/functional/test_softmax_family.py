@@ -52,7 +52,8 @@ def test_relu_matches_oracle(keep):
 
 
 def test_relu_divides_by_visible_keys_known_answer():
-    """All logits equal to 1 (q = k = e0 · sqrt(D)): row i of causal ReLU attention has probs 1/(i+1) on keys ≤ i."""
+    """All logits equal to 1 (q = k = e0 · D^(1/4), scale D^(-1/2)): row i of causal ReLU attention has probs
+    1/(i+1) on keys ≤ i."""
     D = 4
     q = torch.zeros(1, 1, 5, D, dtype=torch.float64)
     q[..., 0] = math.sqrt(D) ** 0.5

@@ -241,9 +241,8 @@ def test_moda_align_keys_known_answer():
     gain = torch.tensor([1.0, 1.0], dtype=torch.float64)
     # unit text key (0.6, 0.8); basis = rows of outer((0.6, 0.8), (0, 2)) normalised = [[0, 1], [0, 1]]
     # unit aligned key (1, 0) @ basis = (0, 1); new key = (1, 0) + (0, 1)
-    out = align_keys(key, value, torch.tensor([[0, 1]]), gain, fuse)
-    torch.testing.assert_close(out[0, 0], torch.tensor([[3.0, 4.0], [1.0, 1.0]], dtype=torch.float64), atol=1e-5,
-                               rtol=0)
+    out = align_keys(key, value, torch.tensor([[0, 1]]), gain, fuse, eps=0.0)  # eps 0: exact unit vectors
+    assert_close(out[0, 0], torch.tensor([[3.0, 4.0], [1.0, 1.0]], dtype=torch.float64))
 
 
 @pytest.mark.parametrize("name", ["masked", "relu", "dma"])
@@ -285,11 +284,10 @@ def test_moda_causal_basis_uses_only_earlier_text_tokens():
         fuse.weight.copy_(torch.eye(2))
     gain, ids = torch.ones(2, dtype=torch.float64), torch.tensor([[1, 0]])
     # no text token at or before position 0: the prefix basis is 0 and key 0 is unchanged
-    torch.testing.assert_close(align_keys(key, value, ids, gain, fuse, causal=True)[0, 0],
-                               key[0, 0], atol=1e-12, rtol=0)
+    assert_close(align_keys(key, value, ids, gain, fuse, causal=True)[0, 0], key[0, 0])
     # whole-sequence basis (released code): key 0 picks up the later text token, (1, 0) + (0, 1)
-    torch.testing.assert_close(align_keys(key, value, ids, gain, fuse)[0, 0, 0],
-                               torch.tensor([1.0, 1.0], dtype=torch.float64), atol=1e-5, rtol=0)
+    assert_close(align_keys(key, value, ids, gain, fuse, eps=0.0)[0, 0, 0], torch.tensor([1.0, 1.0],
+                                                                                         dtype=torch.float64))
     assert build("moda").causal_basis and not build("moda", mask_mod=M.full()).causal_basis
 
 
