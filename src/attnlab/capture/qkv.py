@@ -16,6 +16,10 @@ from torch import Tensor
 from attnlab.capture.architectures import attention_sizes, transformer_blocks
 from attnlab.errors import ConfigError, UnsupportedModelError
 
+# model_type values whose attention is exactly q/k/v_proj -> Llama's rotate_half RoPE over the full head dim,
+# with nothing between the projection and the rotation (Qwen3/OLMo2 normalise q/k first; others differ further)
+LLAMA_LIKE = frozenset({"llama", "mistral", "mixtral", "qwen2"})
+
 
 def capture_qkv(model: Any, input_ids: Tensor, layer_idx: int) -> tuple[Tensor, Tensor, Tensor]:
     """Run ``model(input_ids)`` once and return layer ``layer_idx``'s attention inputs.
@@ -30,7 +34,8 @@ def capture_qkv(model: Any, input_ids: Tensor, layer_idx: int) -> tuple[Tensor, 
         to query and key, as the model's attention receives them.
 
     Raises:
-        ConfigError: layer_idx out of range. UnsupportedModelError: the model lacks the modules named above.
+        ConfigError: layer_idx out of range. UnsupportedModelError: the model lacks the modules named above, its
+        ``config.model_type`` is not in ``LLAMA_LIKE``, or its attention normalises q/k (``q_norm``/``k_norm``).
     """
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -38,11 +43,18 @@ def capture_qkv(model: Any, input_ids: Tensor, layer_idx: int) -> tuple[Tensor, 
     num_layers, num_heads, num_kv_heads = attention_sizes(model)
     if blocks is None or not hasattr(getattr(model, "model", None), "rotary_emb"):
         raise UnsupportedModelError(f"capture_qkv needs a Llama-family model, got {type(model).__name__}")
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in LLAMA_LIKE:
+        raise UnsupportedModelError(f"capture_qkv re-derives q/k with Llama's rotary; supported model types "
+                                    f"{sorted(LLAMA_LIKE)}, got {model_type!r}")
     if not 0 <= layer_idx < num_layers:
         raise ConfigError(f"expected 0 <= layer_idx < {num_layers}, got {layer_idx}")
     attention = blocks[layer_idx].self_attn
     if not all(hasattr(attention, name) for name in ("q_proj", "k_proj", "v_proj")):
         raise UnsupportedModelError(f"layer {layer_idx} attention has no q_proj/k_proj/v_proj")
+    if any(getattr(attention, name, None) is not None for name in ("q_norm", "k_norm")):
+        raise UnsupportedModelError(f"layer {layer_idx} attention normalises q/k (q_norm/k_norm) between the "
+                                    f"projection and the rotary: the captured states would be wrong")
     seen: dict[str, Tensor] = {}
     hooks = [getattr(attention, name).register_forward_hook(
         lambda _m, _i, out, name=name: seen.__setitem__(name, out.detach().float()))
