@@ -43,6 +43,30 @@ def test_linear_cka_equals_the_hsic_form_and_is_rotation_and_scale_invariant(see
     assert 0.0 <= shared_pca_delta_cka(x, torch.randn(n, d1, generator=g, dtype=torch.float64)) <= 1.0
 
 
+def test_pearson_r_and_the_power_law_fit_against_hand_values():
+    import statistics
+
+    from attnlab.stats.distance import fit_decay, fit_power_law
+    from attnlab.stats.similarity import pearson_r
+
+    x, y = [1.0, 2.0, 4.0, 7.0], [2.0, 1.0, 5.0, 6.0]
+    assert pearson_r(torch.tensor(x), torch.tensor(y)) == pytest.approx(statistics.correlation(x, y))
+    assert math.isnan(pearson_r(torch.ones(3), torch.tensor([1.0, 2.0, 3.0])))
+    r = torch.tensor([0.0, 1.0, 2.0, 3.0, 1.5, 4.0])
+    a = r.clamp_min(1) ** -1.3
+    for weighting in ("octave", "uniform"):
+        exponent, r2 = fit_power_law(a, torch.ones(6), r, weighting)
+        assert exponent == pytest.approx(1.3) and r2 == pytest.approx(1.0)
+    # off the exact law the weightings differ; uniform = ordinary least squares (hand formula)
+    noisy = a * torch.tensor([1.0, 1.2, 0.8, 1.1, 1.0, 0.7])
+    lx, ly = [math.log(v) for v in r[1:].tolist()], [math.log(v) for v in noisy[1:].tolist()]
+    ols = statistics.linear_regression(lx, ly).slope
+    assert fit_power_law(noisy, torch.ones(6), r, "uniform")[0] == pytest.approx(-ols)
+    counts = torch.ones(6)
+    assert fit_decay(noisy[:4], counts[:4])["power_law_exponent"] == pytest.approx(
+        fit_power_law(noisy[:4], counts[:4], torch.arange(4.0), "octave")[0])
+
+
 def test_similarity_shape_mismatches_are_shape_errors():
     from attnlab.errors import ShapeError
 

@@ -29,6 +29,7 @@ from attnlab.probes import PROBES
 from attnlab.probes._ablation import check_layers, head_effects
 from attnlab.probes.base import Probe, Row, RowWriter, safe_div
 from attnlab.probes.model_base import ModelInfo, ModelProbe
+from attnlab.stats.entropy import row_entropy
 
 
 def entropy_detector(probs: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
@@ -43,20 +44,19 @@ def entropy_detector(probs: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
     """
     H, n, _ = probs.shape
     p = probs.double()
-    logp = torch.log(p.clamp_min(1e-300))
     row_keys = keep.sum(-1).double()  # (n,)
-    row_h = -(p * logp * keep).sum(-1)  # (H, n)
+    row_h = row_entropy(p * keep)  # (H, n)
     rows_ok = row_keys >= 2
-    row_entropy = (row_h[:, rows_ok] / torch.log(row_keys[rows_ok])).mean(-1)
+    row_mean = (row_h[:, rows_ok] / torch.log(row_keys[rows_ok])).mean(-1)
     col = p * keep
     col_sum = col.sum(1, keepdim=True)  # (H, 1, n)
     q = col / col_sum.clamp_min(1e-300)
-    col_h = -(q * torch.log(q.clamp_min(1e-300)) * keep).sum(1)  # (H, n)
+    col_h = row_entropy((q * keep).transpose(1, 2))  # (H, n): entropy of each renormalised column
     col_queries = keep.sum(0).double()  # (n,)
     cols_ok = (col_queries >= 2) & (col_sum[:, 0] > 0).all(0)
     col_entropy = (col_h[:, cols_ok] / torch.log(col_queries[cols_ok])).max(-1).values if bool(cols_ok.any()) \
         else torch.full((H,), float("nan"), dtype=torch.float64)
-    return row_entropy, col_entropy
+    return row_mean, col_entropy
 
 
 @PROBES.register("active_dormant")

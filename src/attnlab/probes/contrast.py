@@ -29,12 +29,13 @@ from attnlab.errors import ConfigError
 from attnlab.probes import PROBES
 from attnlab.probes.base import Row, RowWriter
 from attnlab.probes.model_base import ModelInfo, ModelProbe
+from attnlab.stats.entropy import row_entropy
+from attnlab.stats.similarity import pearson_r
 
 
 def entropy(distribution: Tensor) -> float:
-    """Entropy (nats) of a non-negative (n,) tensor that sums to 1."""
-    p = distribution.double()
-    return float(-(p * torch.log(p.clamp_min(1e-300))).sum())
+    """Entropy (nats) of a non-negative (n,) tensor that sums to 1 (:func:`attnlab.stats.entropy.row_entropy`)."""
+    return float(row_entropy(distribution.double()))
 
 
 def unigram_entropy(ids: list[int]) -> float:
@@ -129,11 +130,9 @@ class ContrastProbe(ModelProbe):
             out.add("complexity", w["complexity"], position=w["index"])
             out.add("window_entropy_generic", mean, position=w["index"])
         if count >= 3:
-            x, y = torch.tensor(complexity, dtype=torch.float64), torch.tensor(mean_generic, dtype=torch.float64)
-            sx, sy = x - x.mean(), y - y.mean()
-            denom = math.sqrt(float((sx**2).sum() * (sy**2).sum()))
-            if denom > 0:
-                out.add("entropy_complexity_correlation", float((sx * sy).sum()) / denom)
+            r = pearson_r(torch.tensor(complexity), torch.tensor(mean_generic))
+            if r == r:
+                out.add("entropy_complexity_correlation", r)
         return out.rows
 
     def extras(self, decode: Any = None) -> dict[str, Any]:

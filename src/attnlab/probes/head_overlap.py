@@ -10,7 +10,6 @@ importance grids over all tested heads. Rows ``importance_a``/``importance_b`` p
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -21,6 +20,7 @@ from attnlab.probes import PROBES
 from attnlab.probes._ablation import head_effects
 from attnlab.probes.base import Probe, Row, RowWriter
 from attnlab.probes.head_importance import HeadImportanceProbe, top_heads
+from attnlab.stats.similarity import pearson_r
 
 
 @PROBES.register("head_overlap")
@@ -77,13 +77,10 @@ class HeadOverlapProbe(HeadImportanceProbe):
         a, b = self.groups()
         set_a, set_b = set(top_heads(a, self.top_k)), set(top_heads(b, self.top_k))
         both = ~torch.isnan(a) & ~torch.isnan(b)
-        x, y = a[both].double(), b[both].double()
-        sx, sy = x - x.mean(), y - y.mean()
-        denom = math.sqrt(float((sx**2).sum() * (sy**2).sum()))
         return {"a": a, "b": b, "set_a": sorted(set_a), "set_b": sorted(set_b),
                 "iou": len(set_a & set_b) / max(len(set_a | set_b), 1),
                 "of_a": len(set_a & set_b) / max(len(set_a), 1),
-                "correlation": float((sx * sy).sum()) / denom if denom > 0 else float("nan")}
+                "correlation": pearson_r(a[both], b[both])}
 
     def rows(self) -> list[Row]:
         out = RowWriter(self.name)

@@ -31,6 +31,7 @@ from attnlab.errors import ConfigError
 from attnlab.probes import PROBES
 from attnlab.probes.base import Row, RowWriter, safe_div
 from attnlab.probes.model_base import ModelInfo, ModelProbe
+from attnlab.stats.entropy import row_entropy
 
 
 def inflection_band(entropy: Tensor, grad_norm: Tensor, band_width: float = 0.5) -> tuple[Tensor, Tensor, list[int]]:
@@ -93,8 +94,7 @@ class InflectionProbe(ModelProbe):
     def observe(self, runner: Any, batch: dict[str, Tensor]) -> None:
         valid = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool().cpu()
         for layer, probs in enumerate(runner.attention_probs(batch)):  # (B, H, L, L)
-            p = probs.double()
-            entropy = -(p * torch.log(p.clamp_min(1e-300))).sum(-1)  # (B, H, L)
+            entropy = row_entropy(probs.double())  # (B, H, L)
             rows = valid[:, None, :].expand_as(entropy)
             self.entropy_sum[layer] += float(entropy[rows].sum())
             self.entropy_rows[layer] += float(rows.sum())

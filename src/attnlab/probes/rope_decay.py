@@ -12,7 +12,6 @@ log bound and log measured attention over distances 1 … n // 2 - 1: near 1 whe
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -24,6 +23,7 @@ from attnlab.probes import PROBES
 from attnlab.probes.base import AttentionCall, ModelShape, Probe, Row, RowWriter, pad_to_length, safe_div
 from attnlab.stats.decay_fits import rope_decay_bound
 from attnlab.stats.distance import sums_by_distance_scatter
+from attnlab.stats.similarity import pearson_r
 
 
 @PROBES.register("rope_decay")
@@ -117,11 +117,9 @@ class RopeDecayProbe(Probe):
             ok = torch.isfinite(y) & (y > 0)
             if int(ok.sum()) < 3:
                 continue
-            x, y = log_bound[ok], torch.log(y[ok])
-            sx, sy = x - x.mean(), y - y.mean()
-            denom = math.sqrt(float((sx**2).sum() * (sy**2).sum()))
-            if denom > 0:
-                out.add("bound_correlation", float((sx * sy).sum()) / denom, layer)
+            r = pearson_r(log_bound[ok], torch.log(y[ok]))
+            if r == r:
+                out.add("bound_correlation", r, layer)
         return out.rows
 
     def extras(self, decode: Any = None) -> dict[str, Any]:

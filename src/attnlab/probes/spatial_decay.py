@@ -14,7 +14,9 @@ Statistics:
 - ``mean_attention`` (layer, position = round(r)): mean A_qk per pair, averaged over heads.
 - per (layer, head): ``energy_alpha``, ``energy_beta`` and ``energy_r2`` from the least-squares fit of
   log(relative attention) = c - αΔt - βΔs over offset cells (:func:`attnlab.stats.decay_fits.fit_energy_decay`;
-  α is absent for a grid with one frame), and ``power_law_exponent``/``power_law_r2`` of mean attention vs r.
+  α is absent for a grid with one frame), and ``power_law_exponent``/``power_law_r2`` of mean attention vs r
+  (:func:`attnlab.stats.distance.fit_power_law` with uniform weights over offset cells; the ``distance`` probe
+  weights by octave, so the two exponents are not the same estimator).
 Sequences with fewer than ``start + prod(grid)`` real tokens are skipped.
 """
 
@@ -30,7 +32,8 @@ from attnlab.errors import ConfigError
 from attnlab.functional.attention import BlockView
 from attnlab.probes import PROBES
 from attnlab.probes.base import AttentionCall, ModelShape, Probe, Row, RowWriter, safe_div
-from attnlab.stats.decay_fits import fit_energy_decay, fit_power_law
+from attnlab.stats.decay_fits import fit_energy_decay
+from attnlab.stats.distance import fit_power_law
 
 
 @PROBES.register("spatial_decay")
@@ -126,7 +129,7 @@ class SpatialDecayProbe(Probe):
                 if not bool((counts > 0).any()):
                     continue
                 fit = fit_energy_decay(relative[layer, head], counts, self.temporal, self.spatial)
-                exponent, r2 = fit_power_law(attention[layer, head], counts, self.radius)
+                exponent, r2 = fit_power_law(attention[layer, head], counts, self.radius, "uniform")
                 for key, value in (*fit.items(), ("power_law_exponent", exponent), ("power_law_r2", r2)):
                     if value == value:
                         out.add(key, value, layer, head)

@@ -66,16 +66,3 @@ def fit_energy_decay(relative: Tensor, counts: Tensor, temporal: Tensor, spatial
     r2 = 1 - float((residual**2).sum() / total) if total > 0 else 1.0
     result["energy_r2"] = r2 if math.isfinite(r2) else nan
     return result
-
-
-def fit_power_law(values: Tensor, counts: Tensor, distance: Tensor) -> tuple[float, float]:
-    """Slope p and R² of ``log a = c - p log r`` over cells with r >= 1, counts > 0 and a > 0 (NaN if < 3)."""
-    ok = (counts > 0) & (values > 0) & (distance >= 1) & torch.isfinite(values)
-    if int(ok.sum()) < 3:
-        return float("nan"), float("nan")
-    x, y = torch.log(distance[ok].double()), torch.log(values[ok].double())
-    X = torch.stack([torch.ones_like(x), -x], dim=1)
-    solution = torch.linalg.lstsq(X, y[:, None]).solution[:, 0]
-    residual = y - X @ solution
-    total = ((y - y.mean()) ** 2).sum()
-    return float(solution[1]), (1 - float((residual**2).sum() / total)) if total > 0 else 1.0

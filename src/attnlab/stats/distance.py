@@ -10,6 +10,8 @@ import math
 import torch
 from torch import Tensor
 
+from attnlab.errors import ConfigError
+
 
 def log2_bin_starts(max_distance: int) -> list[int]:
     """Bin starts ``[0, 1, 2, 4, 8, …]`` covering distances 0 … max_distance (bin i = [start_i, start_{i+1}))."""
@@ -44,20 +46,52 @@ def fit_decay(mean_attention: Tensor, counts: Tensor) -> dict[str, float]:
     nan = float("nan")
     result = {"power_law_exponent": nan, "power_law_r2": nan, "exp_decay_rate": nan, "exp_decay_r2": nan}
     d = torch.arange(mean_attention.shape[-1], dtype=torch.float64)
-    a = mean_attention.double()
-    ok = (d >= 1) & (counts > 0) & (a > 0) & torch.isfinite(a)
-    if int(ok.sum()) < 3:
+    points = _fit_points(mean_attention, counts, d, "octave")
+    if points is None:
         return result
-    d, y = d[ok], torch.log(a[ok])
-    octave = torch.floor(torch.log2(d))
-    _, inverse, sizes = torch.unique(octave, return_inverse=True, return_counts=True)
-    w = 1.0 / sizes[inverse].double()
+    d, y, w = points
     for name, x in (("power_law", torch.log(d)), ("exp", d)):
         slope, r2 = _weighted_line(x, y, w)
         key = "power_law_exponent" if name == "power_law" else "exp_decay_rate"
         result[key] = -slope
         result[f"{name}_r2" if name == "power_law" else "exp_decay_r2"] = r2
     return result
+
+
+def fit_power_law(values: Tensor, counts: Tensor, distance: Tensor, weighting: str = "octave") -> tuple[float, float]:
+    """Exponent p and R² of ``log a = c - p log r`` over points with r >= 1, counts > 0 and a > 0.
+
+    The one power-law fit of attnlab: ``weighting="octave"`` weights each point by 1 / (points in its log2 bin of r)
+    (what :func:`fit_decay` and the ``distance`` probe use); ``"uniform"`` weights every point equally (the
+    ``spatial_decay`` probe, whose grid offsets are not one point per distance). R² is weighted the same way.
+
+    Args:
+        values: (N,) mean attention per point. counts: (N,) pairs per point. distance: (N,) r per point (any float).
+    Returns:
+        (p, R²), NaN with fewer than 3 usable points.
+    """
+    points = _fit_points(values, counts, distance, weighting)
+    if points is None:
+        return float("nan"), float("nan")
+    r, y, w = points
+    slope, r2 = _weighted_line(torch.log(r), y, w)
+    return -slope, r2
+
+
+def _fit_points(values: Tensor, counts: Tensor, distance: Tensor, weighting: str
+                ) -> tuple[Tensor, Tensor, Tensor] | None:
+    """(r, log a, weights) of the usable points (r >= 1, counts > 0, finite a > 0), or None with fewer than 3."""
+    if weighting not in ("octave", "uniform"):
+        raise ConfigError(f"weighting must be 'octave' or 'uniform', got {weighting!r}")
+    a, r = values.double(), distance.double()
+    ok = (r >= 1) & (counts > 0) & (a > 0) & torch.isfinite(a)
+    if int(ok.sum()) < 3:
+        return None
+    r, y = r[ok], torch.log(a[ok])
+    if weighting == "uniform":
+        return r, y, torch.ones_like(r)
+    _, inverse, sizes = torch.unique(torch.floor(torch.log2(r)), return_inverse=True, return_counts=True)
+    return r, y, 1.0 / sizes[inverse].double()
 
 
 def _weighted_line(x: Tensor, y: Tensor, w: Tensor) -> tuple[float, float]:

@@ -1,4 +1,4 @@
-"""Representation similarity: linear CKA and ΔCKA under a shared PCA basis.
+"""Representation similarity: linear CKA, ΔCKA under a shared PCA basis, and Pearson correlation.
 
 Shape legend: N samples (tokens), D1/D2 feature widths, K principal components.
 """
@@ -9,6 +9,19 @@ import torch
 from torch import Tensor
 
 from attnlab.errors import ShapeError
+
+
+def pearson_r(x: Tensor, y: Tensor) -> float:
+    """Pearson correlation of two (N,) tensors, in float64; NaN when either is constant.
+
+    Raises:
+        ShapeError: x and y have different shapes.
+    """
+    if x.shape != y.shape:
+        raise ShapeError(f"x and y need the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    sx, sy = x.double() - x.double().mean(), y.double() - y.double().mean()
+    denom = float(((sx**2).sum() * (sy**2).sum()).sqrt())
+    return float((sx * sy).sum()) / denom if denom > 0 else float("nan")
 
 
 def linear_cka(x: Tensor, y: Tensor) -> float:
