@@ -36,6 +36,25 @@ def test_lightnet_spatial_inputs(shape):
     assert out.shape == x.shape and torch.isfinite(out).all() and state.shape == (2, 2, 4, 4)
     with pytest.raises(ShapeError):
         layer(x, spatial_shape=(5, 5))
+    with pytest.raises(ShapeError, match="spatial_shape"):
+        layer(x)  # MD-TPE configured: silently skipping it is an error
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_lightnet_causal_tpe(causal):
+    """Changing the last pixel of a 3x4 grid changes earlier outputs only through the bidirectional MD-TPE."""
+    torch.manual_seed(0)
+    layer = LightNetAttention(8, num_heads=2, gate_low_rank_dim=4, num_spatial_dims=2, causal_tpe=causal,
+                              chunk_size=4).double()
+    with torch.no_grad():
+        for mlp in layer.tpe.kernels:
+            mlp[2].bias.fill_(0.5)  # a constant kernel: every position mixes its axis neighbours
+    x = torch.randn(1, 12, 8, dtype=torch.float64)
+    changed = x.clone()
+    changed[:, -1] += 1.0
+    a, _ = layer(x, spatial_shape=(3, 4))
+    b, _ = layer(changed, spatial_shape=(3, 4))
+    assert torch.equal(a[:, :-1], b[:, :-1]) == causal
 
 
 def test_mdtpe_starts_as_identity_and_mixes_along_each_axis():

@@ -55,18 +55,23 @@ class LightNetAttention(nn.Module):
     q = SiLU(X W_q); output ``W_O (RMSNorm_h(o) ⊙ swish(X W_g1 W_g2))`` (fla ``LightNetAttention`` defaults:
     head key dim 128, gate rank 128, eps 1e-5; METHODS.md #24). For 2-D/3-D data pass ``spatial_shape`` (its
     product is seq_len, row-major): MD-TPE mixes the input along each axis, then one scan runs in row-major order.
+    By default (``causal_tpe=False``) MD-TPE mixes in both directions along each axis, so a token's output depends
+    on tokens after it in the scan order: right for whole images/volumes, wrong for autoregressive use; with
+    ``causal_tpe=True`` it mixes only j ≤ i along every axis, which keeps the layer causal in row-major order.
 
     Args:
         hidden_size: C. num_heads: H. num_kv_heads: Hkv or None (= H).
         head_k_dim: key dim per head (default C // H). gate_low_rank_dim: gate rank.
-        num_spatial_dims: 0 (no MD-TPE), 1, 2 or 3. form, chunk_size, norm_eps: as the other layers.
+        num_spatial_dims: 0 (no MD-TPE), 1, 2 or 3; then every call needs ``spatial_shape``.
+        causal_tpe: MD-TPE mixes only earlier positions along each axis. form, chunk_size, norm_eps: as the other
+        layers.
 
-    Raises ConfigError for bad head counts or form; ShapeError for bad inputs.
+    Raises ConfigError for bad head counts or form; ShapeError for bad inputs or a missing spatial_shape.
     """
 
     def __init__(self, hidden_size: int, num_heads: int = 4, num_kv_heads: int | None = None, *,
                  head_k_dim: int | None = None, gate_low_rank_dim: int = 128, num_spatial_dims: int = 0,
-                 form: str = "chunk", chunk_size: int = 64, norm_eps: float = 1e-5) -> None:
+                 causal_tpe: bool = False, form: str = "chunk", chunk_size: int = 64, norm_eps: float = 1e-5) -> None:
         super().__init__()
         self.hidden_size, self.num_heads = hidden_size, num_heads
         self.num_kv_heads = check_heads(hidden_size, num_heads, num_kv_heads)
@@ -80,7 +85,7 @@ class LightNetAttention(nn.Module):
                                     nn.Linear(gate_low_rank_dim, num_heads * self.head_v_dim, bias=True))
         self.o_proj = nn.Linear(num_heads * self.head_v_dim, hidden_size, bias=False)
         self.norm = GatedHeadNorm(self.head_v_dim, norm_eps)
-        self.tpe = MDTPE(hidden_size, num_spatial_dims) if num_spatial_dims else None
+        self.tpe = MDTPE(hidden_size, num_spatial_dims, causal=causal_tpe) if num_spatial_dims else None
 
     def forward(self, hidden_states: Tensor, initial_state: tuple[Tensor, Tensor] | None = None,
                 spatial_shape: tuple[int, ...] | None = None):
@@ -89,6 +94,8 @@ class LightNetAttention(nn.Module):
         Returns output (B, T, C) and the final state tuple."""
         check_hidden(hidden_states, self.hidden_size)
         x = hidden_states
+        if spatial_shape is None and self.tpe is not None:
+            raise ShapeError(f"num_spatial_dims={self.tpe.num_dims} needs spatial_shape (MD-TPE would be skipped)")
         if spatial_shape is not None:
             if self.tpe is None or len(spatial_shape) != self.tpe.num_dims or math.prod(spatial_shape) != x.shape[1]:
                 raise ShapeError(f"spatial_shape {tuple(spatial_shape)} does not match seq_len {x.shape[1]} and "
