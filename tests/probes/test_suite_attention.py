@@ -190,7 +190,7 @@ def test_rope_decay_needs_a_theta():
 
 # spatial_decay ------------------------------------------------------------------------------------------------
 
-def _planted_grid(grid, alpha, beta, *, causal=False, pad=0):
+def _planted_grid(grid, alpha, beta, *, causal=False, pad=0, metric="euclidean"):
     F, Hh, W = [1] * (3 - len(grid)) + list(grid)
     N = F * Hh * W
     L = N + pad
@@ -203,7 +203,8 @@ def _planted_grid(grid, alpha, beta, *, causal=False, pad=0):
                 weights.append(0.0)
                 continue
             dt = abs(coords[q][0] - coords[k][0])
-            ds = math.hypot(coords[q][1] - coords[k][1], coords[q][2] - coords[k][2])
+            ds = math.hypot(coords[q][1] - coords[k][1], coords[q][2] - coords[k][2]) if metric == "euclidean" \
+                else abs((coords[q][1] - coords[k][1]) * W + coords[q][2] - coords[k][2])  # |s - k0|
             weights.append(math.exp(-alpha * dt - beta * ds))
         total = sum(weights)
         for k in range(N):
@@ -212,10 +213,11 @@ def _planted_grid(grid, alpha, beta, *, causal=False, pad=0):
     return probs.float(), valid
 
 
+@pytest.mark.parametrize("metric", ["euclidean", "index"])
 @pytest.mark.parametrize(("grid", "alpha", "beta"), [((4, 5), 0.0, 0.7), ((3, 3, 4), 0.4, 0.9), ((12,), 0.0, 0.3)])
-def test_energy_decay_fit_recovers_planted_rates(grid, alpha, beta):
-    probs, valid = _planted_grid(grid, alpha, beta)
-    probe = SpatialDecayProbe(grid=list(grid))
+def test_energy_decay_fit_recovers_planted_rates(grid, alpha, beta, metric):
+    probs, valid = _planted_grid(grid, alpha, beta, metric=metric)
+    probe = SpatialDecayProbe(grid=list(grid), spatial_metric=metric)
     feed_probs([probe], probs, causal=False)
     rows = probe.rows()
     assert _value(rows, "energy_beta", 0, 0) == pytest.approx(beta, abs=1e-4)
@@ -240,6 +242,9 @@ def test_spatial_decay_rejects_bad_grids():
     for grid in ([], [0, 3], [1, 2, 3, 4], [1]):
         with pytest.raises(ConfigError):
             SpatialDecayProbe(grid=grid)
+    with pytest.raises(ConfigError, match="spatial_metric"):
+        SpatialDecayProbe(grid=[4, 4], spatial_metric="manhattan")
+    assert SpatialDecayProbe(grid=[4, 4]).spatial_metric == "index"  # METHODS.md #10's |s - k0|
 
 
 # padding and batching on a tiny model -------------------------------------------------------------------------

@@ -4,8 +4,10 @@ Li et al. 2025 (Radial Attention, METHODS.md #10; fit protocol medium confidence
 C·exp(-α|Δframe| - β|Δspatial|); Kreiman et al. 2025 (METHODS.md #9; binning medium confidence) find attention
 decaying roughly as 1/r with spatial distance r. The user lays a grid over the sequence: ``grid`` = [n] (1-D),
 [height, width] or [frames, height, width], row-major, starting at real-token position ``start``; both the query
-and the key must be grid tokens. Per pair, Δt = |frame difference| and Δs = Euclidean distance within the frame
-(in cells); r = sqrt(Δt² + Δs²).
+and the key must be grid tokens. Per pair, Δt = |frame difference| and Δs = the spatial distance within the frame:
+``spatial_metric="index"`` (default) |s − k0|, the difference of the row-major in-frame token indices, as METHODS.md
+#10 (Radial Attention) writes it; ``"euclidean"`` the Euclidean distance in cells, sqrt(Δy² + Δx²) (the two agree
+on a 1-D grid). r = sqrt(Δt² + Δs²).
 
 Statistics:
 - ``relative_attention`` (layer, position = round(r)): mean over pairs of A_qk / A_qq (the query's attention to
@@ -43,12 +45,14 @@ class SpatialDecayProbe(Probe):
     Args:
         grid: [n], [height, width] or [frames, height, width] (default [64]: a 1-D grid of 64 tokens).
         start: real-token position of the first grid cell (default 0).
+        spatial_metric: "index" (default, |s − k0| as in METHODS.md #10) or "euclidean" (cells, sqrt(Δy² + Δx²)).
     """
 
     name = "spatial_decay"
     needs = frozenset({"probs"})
 
-    def __init__(self, grid: list[int] | tuple[int, ...] = (64,), start: int = 0) -> None:
+    def __init__(self, grid: list[int] | tuple[int, ...] = (64,), start: int = 0,
+                 spatial_metric: str = "index") -> None:
         grid = [grid] if isinstance(grid, int) else list(grid)
         if not 1 <= len(grid) <= 3 or not all(isinstance(g, int) and g >= 1 for g in grid):
             raise ConfigError(f"grid must be 1 to 3 positive integers ([n], [h, w] or [f, h, w]), got {grid}")
@@ -56,16 +60,24 @@ class SpatialDecayProbe(Probe):
             raise ConfigError(f"grid must hold at least 2 cells, got {grid}")
         if start < 0:
             raise ConfigError(f"start must be >= 0, got {start}")
-        self.grid, self.start = grid, start
+        if spatial_metric not in ("index", "euclidean"):
+            raise ConfigError(f"spatial_metric must be 'index' or 'euclidean', got {spatial_metric!r}")
+        self.grid, self.start, self.spatial_metric = grid, start, spatial_metric
         F, Hh, W = [1] * (3 - len(grid)) + grid
         self.dims = (F, Hh, W)
         cells = torch.arange(F * Hh * W)
         f, y, x = cells // (Hh * W), (cells // W) % Hh, cells % W
         dt, dy, dx = (f[:, None] - f[None]).abs(), (y[:, None] - y[None]).abs(), (x[:, None] - x[None]).abs()
-        self._offset = (dt * Hh + dy) * W + dx  # (N, N) flat index of the (Δt, Δy, Δx) offset cell
-        t_axis, y_axis, x_axis = torch.meshgrid(torch.arange(F), torch.arange(Hh), torch.arange(W), indexing="ij")
-        self.temporal = t_axis.reshape(-1).double()
-        self.spatial = torch.sqrt((y_axis**2 + x_axis**2).double()).reshape(-1)
+        if spatial_metric == "index":  # offset cell (Δt, |s − k0|), s = in-frame index y·W + x; also F·Hh·W cells
+            s = cells % (Hh * W)
+            self._offset = dt * (Hh * W) + (s[:, None] - s[None]).abs()
+            self.temporal = (cells // (Hh * W)).double()
+            self.spatial = (cells % (Hh * W)).double()
+        else:
+            self._offset = (dt * Hh + dy) * W + dx  # (N, N) flat index of the (Δt, Δy, Δx) offset cell
+            t_axis, y_axis, x_axis = torch.meshgrid(torch.arange(F), torch.arange(Hh), torch.arange(W), indexing="ij")
+            self.temporal = t_axis.reshape(-1).double()
+            self.spatial = torch.sqrt((y_axis**2 + x_axis**2).double()).reshape(-1)
         self.radius = torch.sqrt(self.temporal**2 + self.spatial**2)
 
     def bind(self, shape: ModelShape) -> None:
@@ -136,5 +148,7 @@ class SpatialDecayProbe(Probe):
         return out.rows
 
     def extras(self, decode: Any = None) -> dict[str, Any]:
+        spatial = "|s - k0| in-frame index" if self.spatial_metric == "index" else "Euclidean in cells"
         return {"grid": self.grid, "start": self.start, "layout": "row-major; frames × height × width",
-                "distance": "r = sqrt(dt^2 + ds^2) in cells; positions are round(r)"}
+                "spatial_metric": self.spatial_metric,
+                "distance": f"r = sqrt(dt^2 + ds^2), ds = {spatial}; positions are round(r)"}
