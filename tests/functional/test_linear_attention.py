@@ -95,8 +95,9 @@ def test_strong_decay_keeps_only_the_current_token(name, dtype):
     out, final = form(name)(q.to(dtype), k.to(dtype), v.to(dtype), log_decay.to(dtype), initial_state=state.to(dtype))
     expected = (q * k).sum(-1, keepdim=True) * 4 ** -0.5 * v  # o_t = scale (q_t · k_t) v_t
     tol = TOLERANCES[dtype]
-    torch.testing.assert_close(out.double(), expected, rtol=tol["rtol"] * 10, atol=tol["atol"])
-    torch.testing.assert_close(final.double(), k[:, :, -1, :, None] * v[:, :, -1, None, :], rtol=tol["rtol"] * 10,
+    rtol = tol["fudge"] * tol["rtol"]  # the table's allowance for a fast path over a same-dtype reference
+    torch.testing.assert_close(out.double(), expected, rtol=rtol, atol=tol["atol"])
+    torch.testing.assert_close(final.double(), k[:, :, -1, :, None] * v[:, :, -1, None, :], rtol=rtol,
                                atol=tol["atol"])
 
 

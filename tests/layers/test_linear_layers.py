@@ -9,6 +9,7 @@ import torch
 
 from attnlab.errors import ConfigError, ShapeError
 from attnlab.layers import LAYERS
+from attnlab.testing import TOLERANCES
 
 C, T, CHUNK = 12, 3 * 4 + 1, 4
 
@@ -89,7 +90,8 @@ def test_float32_close_to_float64(name):
     golden, _ = call(layer, x)
     out, _ = call(layer.float(), x.float())
     assert out.dtype == torch.float32
-    torch.testing.assert_close(out.double(), golden, rtol=1e-4, atol=1e-5)
+    tol = TOLERANCES[torch.float32]
+    torch.testing.assert_close(out.double(), golden, rtol=tol["fudge"] * tol["rtol"], atol=tol["atol"])
 
 
 @pytest.mark.parametrize("name", NAMES)
