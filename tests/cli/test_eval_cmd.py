@@ -70,7 +70,7 @@ def test_eval_reads_a_yaml_config(model_dir, text, tmp_path):
     (("--seq-len", "120"), ("tokens", "window")),  # the text is shorter than one window
     (("--task", "perplexiti"), ("Unknown task", "perplexity")),
     (("--edit", "not a spec"), ("--edit",)),
-    (("--edit", "temperature:tau=0.9+"), ("--edit", "empty edit")),
+    (("--edit", "temperature:tau=0.9+"), ("--edit", "0.9+")),
     (("--edit", "temprature:tau=0.9"), ("Unknown edit", "temperature")),
     (("--stride", "40"), ("stride",)),
     (("--passkey-depths", "0,2", "--task", "passkey"), ("depth",)),
@@ -114,3 +114,14 @@ def test_eval_of_an_encoder_is_a_one_line_config_error(text, tmp_path):
     result = _run("--model", bert_dir, "--text", text, "--seq-len", "32", "--out", str(tmp_path / "run"))
     assert_one_line_error(result, 2, "causal language model", "BertModel")
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+@pytest.mark.parametrize(("length", "words"), [("100000", 300), ("120", 30)])
+def test_a_passkey_length_too_long_for_the_model_or_the_text_names_passkey_lengths(model_dir, tmp_path, length,
+                                                                                   words):
+    short = tmp_path / "short.txt"
+    short.write_text(" ".join(WORDS[i % len(WORDS)] for i in range(words)), encoding="utf-8")
+    result = _run("--model", model_dir, "--text", str(short), "--seq-len", "16", "--max-windows", "1",
+                  "--task", "passkey", "--passkey-lengths", length, "--out", str(tmp_path / "run"))
+    assert_one_line_error(result, 2, f"--passkey-lengths {length}")
+    assert "--seq-len" not in result.output.split("error:")[1]

@@ -25,10 +25,14 @@ def parse_variant(spec: str) -> list[Any]:
     Raises ConfigError (bad syntax or values) or RegistryError (unknown edit name, also after a ``+``), one line.
     """
     from attnlab.edits import parse_edit_list
+    from attnlab.errors import RegistryError
 
     if not isinstance(spec, str) or not spec.strip():
         raise ConfigError(f"--edit expects NAME:key=value,... (join edits with +), got {spec!r}")
-    return list(parse_edit_list(spec.strip()))
+    try:
+        return list(parse_edit_list(spec.strip()))
+    except (ConfigError, RegistryError) as error:
+        raise type(error)(f"--edit {spec.strip()!r}: {error}") from None
 
 
 def parse_number_list(text: str | list[Any], kind: type, what: str) -> tuple[Any, ...]:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from attnlab.errors import ConfigError
+from attnlab.errors import ConfigError, TextError
 from attnlab.evaluation.config import BASELINE, EvalConfig, parse_variant
 from attnlab.evaluation.lm_tasks import TokenScores, WindowPlan, plan_windows, score_tokens
 from attnlab.evaluation.passkey import PasskeyPrompt, answer_tokens, greedy_decode, is_correct, make_prompts, summarise
@@ -162,6 +162,15 @@ def check_causal_lm(model: Any, requested: str) -> None:
                           f"{type(model).__name__}, which has none; use a decoder model such as smollm2-135m")
 
 
+def check_passkey_lengths(model: Any, lengths: tuple[int, ...]) -> None:
+    """ConfigError naming --passkey-lengths if the longest prompt exceeds the model's max_position_embeddings."""
+    from attnlab.capture.architectures import text_config
+
+    limit = getattr(text_config(model), "max_position_embeddings", None)
+    if limit is not None and max(lengths) > limit:
+        raise ConfigError(f"--passkey-lengths {max(lengths)} exceeds the model's max_position_embeddings={limit}")
+
+
 def run_eval(config: EvalConfig, *, progress: Progress | None = None, model: Any = None,
              tokenizer: Any = None) -> dict[str, Any]:
     """Load model and text, run every task for the baseline and each variant; return the results dict.
@@ -177,9 +186,10 @@ def run_eval(config: EvalConfig, *, progress: Progress | None = None, model: Any
     started = time.perf_counter()
     notify = progress or (lambda done, total, message: None)
     variants: list[Variant] = [(BASELINE, [])] + [(spec, parse_variant(spec)) for spec in config.variants]
-    max_len = max((config.seq_len, *config.lengths)) if "passkey" in config.tasks else config.seq_len
-    model, tokenizer = load_for_run(config, notify, model, tokenizer, seq_len=max_len)
+    model, tokenizer = load_for_run(config, notify, model, tokenizer, seq_len=config.seq_len)
     check_causal_lm(model, config.model)
+    if "passkey" in config.tasks:
+        check_passkey_lengths(model, config.lengths)
     add_bos = config.bos == "always" or (config.bos == "auto" and tokenizer_adds_bos(tokenizer))
     bos_id = start_token_id(tokenizer) if add_bos else None
     window_tokens = config.seq_len - (bos_id is not None)
@@ -201,8 +211,12 @@ def run_eval(config: EvalConfig, *, progress: Progress | None = None, model: Any
     prompts: list[PasskeyPrompt] = []
     if "passkey" in config.tasks:
         longest = max(config.lengths)
-        corpus, _ = text_ids(tokenizer, config.text, window_tokens=longest, stride=longest,
-                             max_windows=max(2, config.passkey_trials))
+        try:  # the text was read above, so a TextError here means it has fewer tokens than the longest prompt
+            corpus, _ = text_ids(tokenizer, config.text, window_tokens=longest, stride=longest,
+                                 max_windows=max(2, config.passkey_trials))
+        except TextError:
+            raise ConfigError(f"--passkey-lengths {longest} needs a text of at least {longest} tokens for the "
+                              "haystack; use a longer --text or shorter --passkey-lengths") from None
         prompts = make_prompts(tokenizer, corpus, lengths=config.lengths, depths=config.passkey_depths,
                                trials=config.passkey_trials, seed=config.seed, bos_id=bos_id)
     rows, records = evaluate_variants(model, tokenizer, variants, tasks=config.tasks, ids=ids, plans=plans,
