@@ -154,6 +154,42 @@ def test_hedgehog_attention_is_normalised_quadratic(form):
     torch.testing.assert_close(linear_attention_probs(fq, fk), A / A.sum(-1, keepdim=True))
 
 
+def hedgehog_quadratic(fq, fk, v, state0):
+    """Independent oracle: explicit causal weights φ(q_i)·φ(k_j), the initial state's numerator/normaliser added."""
+    group = fq.shape[1] // fk.shape[1]
+    fk, v = fk.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    A = (fq @ fk.transpose(-1, -2)).tril()  # (B, H, T, T)
+    numerator = A @ v + fq @ state0[..., :-1]
+    normaliser = A.sum(-1, keepdim=True) + fq @ state0[..., -1:]
+    state = state0 + fk.transpose(-1, -2) @ torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+    return numerator / normaliser, state
+
+
+@pytest.mark.parametrize("T", [1, 3, 4, 13], ids=["T1", "T=C-1", "T=C", "T=3C+1"])
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_hedgehog_attention_matches_quadratic(form, T, dtype):
+    """Outputs, final state and gradients (φ(q), φ(k), v, initial state), GQA 4/2, chunk_size C = 4."""
+    w, b = feature_maps(4, 3)
+    fq = hedgehog_feature_map(randn(2, 4, T, 3, seed=T), w, b)
+    fk = hedgehog_feature_map(randn(2, 2, T, 3, seed=T + 1), w[:2], b[:2])
+    v, state0 = randn(2, 2, T, 5, seed=T + 2), randn(2, 4, 6, 6, seed=T + 3).abs()
+
+    def run(fn, dt):
+        leaves = [x.detach().to(dt).requires_grad_() for x in (fq, fk, v, state0)]
+        out, state = fn(*leaves)
+        cotangents = randn(*out.shape, seed=9).to(dt), randn(*state.shape, seed=10).to(dt)
+        loss = (out * cotangents[0]).sum() + (state * cotangents[1]).sum()
+        return [out, state, *torch.autograd.grad(loss, leaves)]
+
+    fast_fn = lambda q, k, v, s: hedgehog_attention(q, k, v, form=form, chunk_size=4, initial_state=s,  # noqa: E731
+                                                     output_final_state=True)
+    golden = run(hedgehog_quadratic, torch.float64)
+    ref = run(hedgehog_quadratic, dtype) if dtype != torch.float64 else golden
+    for f, r, gold in zip(run(fast_fn, dtype), ref, golden):
+        assert_matches_reference(f, r, gold, dtype=dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_hedgehog_attention_divides_before_casting(dtype):
     """Uniform features: output t is the running mean of v. The normaliser reaches 2T = 66000 > float16 max."""
