@@ -68,3 +68,56 @@ def test_minilm_embeddings_collapse_with_length():
     probe.finish(runner)
     cosine = {r["position"]: r["value"] for r in _rows(probe, "mean_cosine")}
     assert cosine[48] > cosine[8]
+
+
+def test_magnets_rope_and_spatial_decay_on_smollm2(smollm2):
+    from attnlab.probes.magnets import MagnetsProbe
+    from attnlab.probes.rope_decay import RopeDecayProbe
+    from attnlab.probes.spatial_decay import SpatialDecayProbe
+
+    model, tokenizer, batch = smollm2
+    runner = ModelRunner(model, tokenizer)
+    magnets, rope, spatial = MagnetsProbe(), RopeDecayProbe(), SpatialDecayProbe(grid=[4, 8], start=1)
+    magnets.prepare(runner.info)
+    rope.prepare(runner.info)
+    with attnlab.Session(model, probes=[magnets, rope, spatial]), torch.no_grad():
+        model(**batch)
+    shares: dict[tuple[int, int], float] = {}
+    for r in _rows(magnets, "class_share"):  # each head's attention over the five classes sums to 1
+        shares[(r["layer"], r["head"])] = shares.get((r["layer"], r["head"]), 0.0) + r["value"]
+    assert len(shares) == 30 * 9 and all(v == pytest.approx(1.0, abs=1e-5) for v in shares.values())
+    assert any(r["value"] > 0 for r in _rows(magnets, "class_share") if r["position"] == 3)  # stop words
+    assert (rope.rope_theta, rope.head_dim) == (100000.0, 64)  # SmolLM2-135M's config
+    assert _rows(rope, "rope_bound")[0]["value"] == pytest.approx(1.0)
+    correlations = _rows(rope, "bound_correlation")
+    assert len(correlations) == 30 and all(-1 <= r["value"] <= 1 for r in correlations)
+    at_zero = [r["value"] for r in _rows(spatial, "relative_attention") if r["position"] == 0]
+    assert len(at_zero) == 30 and all(v == pytest.approx(1.0) for v in at_zero)  # A_qq / A_qq
+    assert _rows(spatial, "energy_beta") and all(0 <= r["value"] <= 1 + 1e-9 for r in _rows(spatial, "energy_r2"))
+
+
+def test_model_level_suite_probes_on_smollm2(smollm2):
+    from attnlab.probes import PROBES
+    from attnlab.probes.memory_fidelity import SKIP_MESSAGE
+
+    model, tokenizer, batch = smollm2
+    runner = ModelRunner(model, tokenizer)
+    runner.other = runner  # cka of the model with itself
+    probes = {"cka": {}, "head_divergence": {"context": 16}, "head_importance": {"layers": [0], "top_k": 3},
+              "head_overlap": {"layers": [0], "top_k": 3}, "contrast": {}, "memory_fidelity": {}}
+    made = {name: PROBES.get(name)(**args) for name, args in probes.items()}
+    for probe in made.values():
+        probe.prepare(runner.info)
+        probe.observe(runner, batch)
+    made["head_overlap"].observe(runner, batch)  # the same window twice: text A == text B
+    for probe in made.values():
+        probe.finish(runner)
+    assert [r["value"] for r in _rows(made["cka"], "cka")] == pytest.approx([1.0] * 30)
+    divergence = _rows(made["head_divergence"], "divergence")
+    assert len(divergence) == 30 * 9 and all(r["value"] >= 0 for r in divergence)
+    importance = _rows(made["head_importance"], "importance")
+    assert {(r["layer"], r["head"]) for r in importance} == {(0, h) for h in range(9)}
+    assert _rows(made["head_overlap"], "overlap_iou")[0]["value"] == 1.0
+    kl = _rows(made["contrast"], "kl_task_generic")
+    assert len(kl) == 30 and all(r["value"] >= 0 for r in kl)
+    assert made["memory_fidelity"].rows() == [] and made["memory_fidelity"].extras()["skipped"] == SKIP_MESSAGE
