@@ -132,3 +132,14 @@ def test_text_shorter_than_one_window_is_a_text_error(tmp_path):
     path.write_text("the cat sat", encoding="utf-8")
     with pytest.raises(TextError, match="3 tokens"):
         run_eval(EvalConfig(text=str(path), seq_len=16), model=tiny_llama(), tokenizer=tiny_tokenizer())
+
+
+def test_a_search_on_fewer_than_two_windows_fails_before_any_variant_runs(tmp_path, monkeypatch):
+    import attnlab.evaluation.runner as runner
+
+    path = tmp_path / "words.txt"
+    path.write_text(" ".join(WORDS[i % len(WORDS)] for i in range(20)), encoding="utf-8")  # one 16-token window
+    monkeypatch.setattr(runner, "evaluate_variants", lambda *a, **k: pytest.fail("variants ran before the check"))
+    with pytest.raises(ConfigError, match="--search needs >= 2 windows.*gives 1"):
+        run_eval(EvalConfig(text=str(path), seq_len=16, max_windows=4), model=tiny_llama(),
+                 tokenizer=tiny_tokenizer(), search="act")

@@ -121,11 +121,7 @@ def eval_command(
             started = time.perf_counter()
             progress(0, 0, f"loading model {eval_config.model}")
             loaded, tokenizer = load_model(eval_config.model, dtype=eval_config.dtype, device=eval_config.device)
-            results = run_eval(eval_config, progress=progress, model=loaded, tokenizer=tokenizer)
-            if search_kind is not None:
-                from attnlab.evaluation.search import search_for_results
-
-                search_for_results(results, search_kind, loaded, tokenizer, progress=progress)
+            results = run_eval(eval_config, progress=progress, model=loaded, tokenizer=tokenizer, search=search_kind)
             results["timing"]["seconds"] = round(time.perf_counter() - started, 3)  # load + eval + search
             return results
 

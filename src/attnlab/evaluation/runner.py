@@ -172,8 +172,11 @@ def check_passkey_lengths(model: Any, lengths: tuple[int, ...]) -> None:
 
 
 def run_eval(config: EvalConfig, *, progress: Progress | None = None, model: Any = None,
-             tokenizer: Any = None) -> dict[str, Any]:
+             tokenizer: Any = None, search: str | None = None) -> dict[str, Any]:
     """Load model and text, run every task for the baseline and each variant; return the results dict.
+
+    ``search`` (``"zerotuning"`` | ``"act"``) then runs :func:`attnlab.evaluation.search.search_for_results` on the
+    same windows; it needs >= 2 windows, checked before any variant runs.
 
     Raises:
         ConfigError, TextError, RegistryError: bad input (the CLI exits 2), before the model runs; ConfigError
@@ -184,6 +187,8 @@ def run_eval(config: EvalConfig, *, progress: Progress | None = None, model: Any
     from attnlab.text import start_token_id, tokenizer_adds_bos
 
     started = time.perf_counter()
+    if search not in (None, "zerotuning", "act"):
+        raise ConfigError(f"--search must be zerotuning or act, got {search!r}")
     notify = progress or (lambda done, total, message: None)
     variants: list[Variant] = [(BASELINE, [])] + [(spec, parse_variant(spec)) for spec in config.variants]
     model, tokenizer = load_for_run(config, notify, model, tokenizer, seq_len=config.seq_len)
@@ -208,6 +213,9 @@ def run_eval(config: EvalConfig, *, progress: Progress | None = None, model: Any
             windows_info.append({"index": plan.index, "source": window["source"], "start_token": plan.start,
                                  "first_scored": plan.first_scored, "ids": fed,
                                  "tokens": tokenizer.batch_decode([[i] for i in fed])})
+    if search is not None and len(plans) < 2:
+        raise ConfigError(f"--search needs >= 2 windows (a validation and a held-out half), but the text gives "
+                          f"{len(plans)}; use a longer text or a smaller --seq-len/--stride")
     prompts: list[PasskeyPrompt] = []
     if "passkey" in config.tasks:
         longest = max(config.lengths)
@@ -225,7 +233,7 @@ def run_eval(config: EvalConfig, *, progress: Progress | None = None, model: Any
     baseline_paths = records[0]["attention_paths"]
     from attnlab.pipeline import results_envelope
 
-    return results_envelope(
+    results = results_envelope(
         "eval", config, model, tokenizer, bos_policy=config.bos, bos_added=bos_id is not None,
         attention_paths={int(layer): path for layer, path in baseline_paths.items()}, windows=windows_info,
         rows=rows, started=started,
@@ -239,3 +247,8 @@ def run_eval(config: EvalConfig, *, progress: Progress | None = None, model: Any
             "variants": records,
         },
     )
+    if search is not None:
+        from attnlab.evaluation.search import search_for_results
+
+        search_for_results(results, search, model, tokenizer, progress=notify)
+    return results
