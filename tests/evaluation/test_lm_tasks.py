@@ -143,3 +143,12 @@ def test_a_search_on_fewer_than_two_windows_fails_before_any_variant_runs(tmp_pa
     with pytest.raises(ConfigError, match="--search needs >= 2 windows.*gives 1"):
         run_eval(EvalConfig(text=str(path), seq_len=16, max_windows=4), model=tiny_llama(),
                  tokenizer=tiny_tokenizer(), search="act")
+
+
+def test_a_passed_in_model_runs_where_its_weights_are(tmp_path):
+    # config.device names a device the CPU model is not on; the inputs must follow the model, not the config.
+    path = tmp_path / "words.txt"
+    path.write_text(" ".join(WORDS[i % len(WORDS)] for i in range(60)), encoding="utf-8")
+    config = EvalConfig(text=str(path), seq_len=16, max_windows=2, device="meta")
+    results = run_eval(config, model=tiny_llama(seed=1), tokenizer=tiny_tokenizer())
+    assert math.isfinite(results["eval"]["variants"][0]["perplexity"])

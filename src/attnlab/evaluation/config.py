@@ -63,7 +63,8 @@ class EvalConfig:
         passkey_lengths: prompt lengths in tokens; empty = ``(seq_len,)``.
         passkey_depths: needle depths as fractions of the haystack, each in [0, 1].
         passkey_trials: prompts per (length, depth) cell, each with its own random key and haystack offset.
-        dtype, device, seed: as for ``attnlab report``.
+        dtype, device, seed: as for ``attnlab report``; ``device`` is where the model is loaded (a model passed to
+            ``run_eval`` runs where its weights are). Passkey keys and offsets come from ``random.Random(seed)``.
     """
 
     model: str = "smollm2-135m"

@@ -154,6 +154,12 @@ def evaluate_variants(model: Any, tokenizer: Any, variants: list[Variant], *, ta
     return rows, records
 
 
+def model_device(model: Any) -> str:
+    """Where the model's weights are (a passed-in model may not be on ``config.device``); inputs go there."""
+    parameter = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    return str(parameter.device) if parameter is not None else "cpu"
+
+
 def check_causal_lm(model: Any, requested: str) -> None:
     """ConfigError (one line) unless ``model`` predicts next tokens: eval scores next-token logits and decodes."""
     can_generate = getattr(model, "can_generate", None)
@@ -229,7 +235,7 @@ def run_eval(config: EvalConfig, *, progress: Progress | None = None, model: Any
                                trials=config.passkey_trials, seed=config.seed, bos_id=bos_id)
     rows, records = evaluate_variants(model, tokenizer, variants, tasks=config.tasks, ids=ids, plans=plans,
                                       bos_id=bos_id, seq_len=config.seq_len, prompts=prompts,
-                                      device=config.device, progress=notify)
+                                      device=model_device(model), progress=notify)
     baseline_paths = records[0]["attention_paths"]
     from attnlab.pipeline import results_envelope
 

@@ -177,7 +177,9 @@ def search_for_results(results: dict[str, Any], kind: str, model: Any, tokenizer
         start = window["start_token"]
         ids.extend(text[len(ids) - start:])
         plans.append(WindowPlan(window["index"], start, start + len(text), window["first_scored"]))
-    device = str(results.get("config", {}).get("device", "cpu"))
+    from attnlab.evaluation.runner import model_device
+
+    device = model_device(model)
     validation, test = _split(plans)
     record: dict[str, Any] = {"kind": kind, "validation_windows": [p.index for p in validation],
                               "test_windows": [p.index for p in test]}
