@@ -123,3 +123,12 @@ def test_passkey_task_runs_end_to_end(tmp_path):
     stats = {(r["statistic"], r["position"]) for r in results["rows"] if r["probe"] == "passkey@baseline"}
     assert stats == {("accuracy", None), ("accuracy_by_length", 48), ("accuracy_by_length", 64),
                      ("accuracy_by_depth", 0), ("accuracy_by_depth", 100)}
+
+
+@pytest.mark.parametrize("depths", [(0.5, 0.504), (0.0, 0.25, 0.25)])
+def test_depths_that_share_a_whole_percent_are_refused(depths):
+    from attnlab.evaluation import EvalConfig
+
+    with pytest.raises(ConfigError, match="at least 1 %"):
+        EvalConfig(tasks=("passkey",), passkey_depths=depths)
+    EvalConfig(tasks=("passkey",), passkey_depths=(0.5, 0.51))  # one percent apart is fine

@@ -111,6 +111,10 @@ class EvalConfig:
                 raise ConfigError(f"--edit expects NAME:key=value,... (join edits with +), got {spec!r}")
         if any(not 0.0 <= d <= 1.0 for d in self.passkey_depths) or not self.passkey_depths:
             raise ConfigError(f"passkey depths must be fractions in [0, 1], got {list(self.passkey_depths)}")
+        percents = [round(100 * d) for d in self.passkey_depths]
+        if len(set(percents)) != len(percents):  # rows key a depth by its whole percent (accuracy_by_depth)
+            raise ConfigError(f"passkey depths must differ by at least 1 % (rows are keyed by whole percent), got "
+                              f"{list(self.passkey_depths)}")
         if any(length < 2 for length in self.passkey_lengths):
             raise ConfigError(f"passkey lengths must be >= 2 tokens, got {list(self.passkey_lengths)}")
         if self.dtype not in DTYPES:
