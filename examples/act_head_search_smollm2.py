@@ -25,5 +25,6 @@ every = [EDITS.get("calibration")(beta=0.4, theta=0.1, layers=[2, 15, 28])]
 held_out = {name: measure(model, ids, plans[1:], edits) for name, edits in
             (("baseline", []), ("kept heads", kept), ("all heads of layers 2, 15, 28", every))}
 print(json.dumps({"kept": found["kept"], "baseline_calibration": found["baseline"],
+                  "reference_beta_1": found["reference"],
                   "heads": [(h["layer"], h["head"], round(h["delta_nll"], 5)) for h in found["heads"]],
                   "held_out": held_out, "cpu_s": round(time.process_time() - started, 1)}))
