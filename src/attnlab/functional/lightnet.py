@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from attnlab.errors import ShapeError
+from attnlab.functional.attention import _compute_dtype
 from attnlab.functional.linear_attention import linear_attention
 
 __all__ = ["lightnet_attention", "toeplitz_mix"]
@@ -38,7 +39,7 @@ def lightnet_attention(query: Tensor, key: Tensor, value: Tensor, *, form: str =
     H = query.shape[1]
     if key.dim() != 4 or H % key.shape[1]:
         raise ShapeError(f"expected key (batch, num_kv_heads dividing {H}, seq_len, dim), got {tuple(key.shape)}")
-    dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    dtype = _compute_dtype(query)
     k = key.to(dtype).repeat_interleave(H // key.shape[1], dim=1)  # (B, H, T, K)
     value = value.repeat_interleave(H // value.shape[1], dim=1)
     Z = torch.logcumsumexp(k, dim=2)  # (B, H, T, K)

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.errors import ConfigError, ShapeError
-from attnlab.functional.attention import check_qkv
+from attnlab.functional.attention import _compute_dtype, check_qkv
 
 __all__ = [
     "FORMS",
@@ -49,10 +49,6 @@ __all__ = [
     "linear_attention_recurrent",
     "prepare_inputs",
 ]
-
-
-def _compute_dtype(tensor: Tensor) -> torch.dtype:
-    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
 def prepare_inputs(query: Tensor, key: Tensor, value: Tensor, log_decay: Tensor | None,

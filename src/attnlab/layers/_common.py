@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnlab.errors import ConfigError, ShapeError
+from attnlab.functional.lightning import srms_norm
 from attnlab.functional.linear_attention import FORMS
 
 
@@ -81,8 +82,7 @@ class GatedHeadNorm(nn.Module):
 
     def forward(self, x: Tensor, gate: Tensor | None = None) -> Tensor:
         """x: (B, H, T, D); gate: (B, H, T, D) or None (no gate); returns x's shape and dtype."""
-        upcast = x if x.dtype == torch.float64 else x.float()
-        out = F.rms_norm(upcast, (x.shape[-1],), None, self.eps).to(x.dtype)
+        out = srms_norm(x, self.eps)
         if self.weight is not None:
             out = out * self.weight
         return out if gate is None else out * F.silu(gate)

@@ -23,8 +23,47 @@ class TitansState(NamedTuple):
     values: Tensor
 
 
+class _NeuralMemoryLayer(nn.Module):
+    """What TitansMAG and TitansMAC share: the memory's projections, gates, learned initial weights, persistent
+    tokens, the two output norms and the output projection."""
+
+    def _build_memory(self, hidden_size: int, num_heads: int, num_persistent: int, memory_expansion: int,
+                      max_lr: float, form: str, norm_eps: float) -> None:
+        self.hidden_size, self.num_heads, self.form, self.max_lr = hidden_size, num_heads, form, max_lr
+        D = self.head_dim = hidden_size // num_heads
+        E = memory_expansion * D
+        self.memory_qkv_proj = nn.Linear(hidden_size, 3 * hidden_size, bias=False)
+        self.gate_proj = nn.Linear(hidden_size, 3 * num_heads)  # θ, η, α logits per head
+        self.persistent = nn.Parameter(0.02 * torch.randn(num_persistent, hidden_size))
+        self.memory_w1 = nn.Parameter(torch.randn(num_heads, D, E) / D ** 0.5)
+        self.memory_w2 = nn.Parameter(torch.randn(num_heads, E, D) / E ** 0.5)
+        self.attention_norm = GatedHeadNorm(D, norm_eps)
+        self.memory_norm = GatedHeadNorm(D, norm_eps)
+        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+
+    def _memory_weights(self, batch_size: int, dtype: torch.dtype | None):
+        """Learned initial memory weights and zero momentum: (W1, W2, S1, S2), each (B, H, ·, ·)."""
+        dtype = dtype or self.memory_w1.dtype
+        w1 = self.memory_w1.to(dtype).expand(batch_size, -1, -1, -1)
+        w2 = self.memory_w2.to(dtype).expand(batch_size, -1, -1, -1)
+        return w1, w2, torch.zeros_like(w1), torch.zeros_like(w2)
+
+    def _memory_branch(self, memory_input: Tensor, gate_input: Tensor, memory, chunk_size: int):
+        """Write memory_input (B, T, C) into the memory (gates from gate_input); return (recalled (B, H, T, D),
+        memory). q, k ℓ2-normalised; θ = max_lr·σ, η = σ, α = σ of gate_proj."""
+        mq, mk, mv = (split_heads(F.silu(t), self.num_heads) for t in self.memory_qkv_proj(memory_input).chunk(3, -1))
+        mq, mk = F.normalize(mq, dim=-1), F.normalize(mk, dim=-1)
+        theta, eta, alpha = (g.transpose(1, 2) for g in torch.sigmoid(self.gate_proj(gate_input)).chunk(3, dim=-1))
+        return neural_memory(mq, mk, mv, self.max_lr * theta, eta, alpha, memory, chunk_size=chunk_size,
+                             form=self.form)
+
+    def _gate(self, attended: Tensor, recalled: Tensor) -> Tensor:
+        """RMSNorm(attended) ⊙ σ(RMSNorm(recalled)), both (B, H, T, D), in attended's dtype."""
+        return self.attention_norm(attended) * torch.sigmoid(self.memory_norm(recalled.to(attended.dtype)))
+
+
 @LAYERS.register("titans")
-class TitansMAG(nn.Module):
+class TitansMAG(_NeuralMemoryLayer):
     """Titans MAG: sliding-window softmax attention with persistent tokens, gated by a neural memory read.
 
     Attention branch: ``y = SWA([p] ∥ x)`` (persistent tokens p are keys/values every query sees; window over
@@ -54,27 +93,15 @@ class TitansMAG(nn.Module):
             raise ConfigError(f"expected num_heads dividing hidden_size, window >= 1, num_persistent >= 0, "
                               f"chunk_size >= 1, got num_heads={num_heads}, hidden_size={hidden_size}, "
                               f"window={window}, num_persistent={num_persistent}, chunk_size={chunk_size}")
-        self.hidden_size, self.num_heads, self.window = hidden_size, num_heads, window
-        self.form, self.chunk_size, self.max_lr = form, chunk_size, max_lr
-        D = self.head_dim = hidden_size // num_heads
-        E = memory_expansion * D
+        self.window, self.chunk_size = window, chunk_size
         self.qkv_proj = nn.Linear(hidden_size, 3 * hidden_size, bias=False)
-        self.memory_qkv_proj = nn.Linear(hidden_size, 3 * hidden_size, bias=False)
-        self.gate_proj = nn.Linear(hidden_size, 3 * num_heads)  # θ, η, α logits per head
-        self.persistent = nn.Parameter(0.02 * torch.randn(num_persistent, hidden_size))
-        self.memory_w1 = nn.Parameter(torch.randn(num_heads, D, E) / D ** 0.5)
-        self.memory_w2 = nn.Parameter(torch.randn(num_heads, E, D) / E ** 0.5)
-        self.attention_norm = GatedHeadNorm(D, norm_eps)
-        self.memory_norm = GatedHeadNorm(D, norm_eps)
-        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self._build_memory(hidden_size, num_heads, num_persistent, memory_expansion, max_lr, form, norm_eps)
 
     def initial_state(self, batch_size: int, dtype: torch.dtype | None = None) -> TitansState:
         """Learned initial memory weights, zero momentum, empty window cache."""
-        dtype = dtype or self.memory_w1.dtype
-        w1 = self.memory_w1.to(dtype).expand(batch_size, -1, -1, -1)
-        w2 = self.memory_w2.to(dtype).expand(batch_size, -1, -1, -1)
-        empty = w1.new_zeros(batch_size, self.num_heads, 0, self.head_dim)
-        return TitansState((w1, w2, torch.zeros_like(w1), torch.zeros_like(w2)), empty, empty)
+        memory = self._memory_weights(batch_size, dtype)
+        empty = memory[0].new_zeros(batch_size, self.num_heads, 0, self.head_dim)
+        return TitansState(memory, empty, empty)
 
     def _attention(self, x: Tensor, state: TitansState, offset: int) -> tuple[Tensor, Tensor, Tensor]:
         q, k, v = (split_heads(t, self.num_heads) for t in self.qkv_proj(x).chunk(3, dim=-1))  # (B, H, T, D)
@@ -102,17 +129,12 @@ class TitansMAG(nn.Module):
         x = hidden_states
         state = initial_state if initial_state is not None else self.initial_state(x.shape[0], x.dtype)
         attended, keys, values = self._attention(x, state, position_offset)
-        mq, mk, mv = (split_heads(F.silu(t), self.num_heads) for t in self.memory_qkv_proj(x).chunk(3, dim=-1))
-        mq, mk = F.normalize(mq, dim=-1), F.normalize(mk, dim=-1)
-        theta, eta, alpha = (g.transpose(1, 2) for g in torch.sigmoid(self.gate_proj(x)).chunk(3, dim=-1))
-        recalled, memory = neural_memory(mq, mk, mv, self.max_lr * theta, eta, alpha, state.memory,
-                                         chunk_size=self.chunk_size, form=self.form)
-        o = self.attention_norm(attended) * torch.sigmoid(self.memory_norm(recalled.to(x.dtype)))
-        return self.o_proj(merge_heads(o)), TitansState(memory, keys, values)
+        recalled, memory = self._memory_branch(x, x, state.memory, self.chunk_size)
+        return self.o_proj(merge_heads(self._gate(attended, recalled))), TitansState(memory, keys, values)
 
 
 @LAYERS.register("titans_mac")
-class TitansMAC(nn.Module):
+class TitansMAC(_NeuralMemoryLayer):
     """Titans MAC: memory as context. Per segment, attention over [persistent ∥ memory read ∥ segment].
 
     For segment n of ``segment_size`` tokens: ``h = M_{n-1}(q)`` with q from the segment; ``y = Attn([p] ∥ h ∥ x)``
@@ -141,27 +163,14 @@ class TitansMAC(nn.Module):
             raise ConfigError(f"expected num_heads dividing hidden_size, segment_size >= 1 and num_persistent >= 0, "
                               f"got num_heads={num_heads}, hidden_size={hidden_size}, segment_size={segment_size}, "
                               f"num_persistent={num_persistent}")
-        self.hidden_size, self.num_heads, self.segment_size = hidden_size, num_heads, segment_size
-        self.form, self.max_lr = form, max_lr
-        D = self.head_dim = hidden_size // num_heads
-        E = memory_expansion * D
+        self.segment_size = segment_size
         self.qkv_proj = nn.Linear(hidden_size, 3 * hidden_size, bias=False)
         self.retrieve_proj = nn.Linear(hidden_size, hidden_size, bias=False)  # x -> memory query for h
-        self.memory_qkv_proj = nn.Linear(hidden_size, 3 * hidden_size, bias=False)  # y -> memory q/k/v
-        self.gate_proj = nn.Linear(hidden_size, 3 * num_heads)
-        self.persistent = nn.Parameter(0.02 * torch.randn(num_persistent, hidden_size))
-        self.memory_w1 = nn.Parameter(torch.randn(num_heads, D, E) / D ** 0.5)
-        self.memory_w2 = nn.Parameter(torch.randn(num_heads, E, D) / E ** 0.5)
-        self.attention_norm = GatedHeadNorm(D, norm_eps)
-        self.memory_norm = GatedHeadNorm(D, norm_eps)
-        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self._build_memory(hidden_size, num_heads, num_persistent, memory_expansion, max_lr, form, norm_eps)
 
     def initial_state(self, batch_size: int, dtype: torch.dtype | None = None):
         """Learned initial memory weights and zero momentum: (W1, W2, S1, S2)."""
-        dtype = dtype or self.memory_w1.dtype
-        w1 = self.memory_w1.to(dtype).expand(batch_size, -1, -1, -1)
-        w2 = self.memory_w2.to(dtype).expand(batch_size, -1, -1, -1)
-        return w1, w2, torch.zeros_like(w1), torch.zeros_like(w2)
+        return self._memory_weights(batch_size, dtype)
 
     def _segment(self, x: Tensor, memory):
         B, T, C = x.shape
@@ -173,12 +182,9 @@ class TitansMAC(nn.Module):
         causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
         keep = torch.cat([causal.new_ones(T, P), causal, causal], dim=1)  # h_j is read from x_j: causal too
         y = F.scaled_dot_product_attention(q[:, :, P + T:], k, v, attn_mask=keep)  # (B, H, T, D)
-        mq, mk, mv = (split_heads(F.silu(t), H) for t in self.memory_qkv_proj(merge_heads(y)).chunk(3, dim=-1))
-        mq, mk = F.normalize(mq, dim=-1), F.normalize(mk, dim=-1)
-        theta, eta, alpha = (g.transpose(1, 2) for g in torch.sigmoid(self.gate_proj(x)).chunk(3, dim=-1))
-        recalled, memory = neural_memory(mq, mk, mv, self.max_lr * theta, eta, alpha, memory, chunk_size=T,
-                                         form=self.form)  # reads the memory as it was before this segment
-        return merge_heads(self.attention_norm(y) * torch.sigmoid(self.memory_norm(recalled.to(x.dtype)))), memory
+        # one memory chunk per segment: reads the memory as it was before this segment
+        recalled, memory = self._memory_branch(merge_heads(y), x, memory, T)
+        return merge_heads(self._gate(y, recalled)), memory
 
     def forward(self, hidden_states: Tensor, initial_state=None):
         """hidden_states: (B, T, C); initial_state: (W1, W2, S1, S2) or None. Returns output (B, T, C) and the
