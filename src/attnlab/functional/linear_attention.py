@@ -166,8 +166,8 @@ def linear_attention_chunk(query: Tensor, key: Tensor, value: Tensor, log_decay:
     (Yang et al. 2024, §3.3 (METHODS.md #21)) without the overflow-prone ``K ⊘ B`` factor. Chunks are batched
     ``CHUNKS_PER_BLOCK`` at a time, blocks run one after another with the state carried (same result; better
     cache use). The last block is padded to a multiple of ``chunk_size`` (padding has k = v = 0 and
-    log_decay = 0, so it leaves the state unchanged). Args/returns as :func:`linear_attention`.
-    Raises ConfigError if chunk_size < 1.
+    log_decay = 0, so it leaves the state unchanged). A per-key-dim decay uses chunks of at most
+    ``PER_KEY_CHUNK`` tokens. Args/returns as :func:`linear_attention`. Raises ConfigError if chunk_size < 1.
     """
     if chunk_size < 1:
         raise ConfigError(f"expected chunk_size >= 1, got {chunk_size}")
