@@ -123,6 +123,7 @@ def test_passkey_task_runs_end_to_end(tmp_path):
     stats = {(r["statistic"], r["position"]) for r in results["rows"] if r["probe"] == "passkey@baseline"}
     assert stats == {("accuracy", None), ("accuracy_by_length", 48), ("accuracy_by_length", 64),
                      ("accuracy_by_depth", 0), ("accuracy_by_depth", 100)}
+    assert "acts per decode step" in results["eval"]["definitions"]["passkey"]
 
 
 @pytest.mark.parametrize("depths", [(0.5, 0.504), (0.0, 0.25, 0.25)])

@@ -67,3 +67,9 @@ def test_missing_values_show_a_dash():
     results = _results()
     results["eval"]["variants"][1]["perplexity"] = math.nan
     assert eval_section(results)["table"][1]["perplexity_delta"] == "—"
+
+
+def test_passkey_caption_says_edits_act_per_decode_step(tmp_path):
+    paths = write_results(tmp_path, _results())
+    html = paths["html"].read_text(encoding="utf-8")
+    assert "acts per decode step on that row only" in html

@@ -28,7 +28,10 @@ DEFINITIONS = {
     "perplexity": "exp(mean NLL, nats) over the scored tokens; window k covers text tokens [k*stride, "
                   "k*stride+W) and scores the tokens no earlier window scored (HF sliding-window perplexity)",
     "next_token": "fraction of the same scored tokens whose arg-max prediction is the true next token",
-    "passkey": "greedy answer's first digit run equals the hidden 5-digit key; needle at depth*haystack tokens",
+    "passkey": "greedy answer's first digit run equals the hidden 5-digit key; needle at depth*haystack tokens. "
+               "Decoding uses the KV cache: the prompt is one call, then each new token is a call with one query "
+               "row, so an edit with statistics over many rows (calibration's column scores) acts per decode step "
+               "on that one row",
 }
 Variant = tuple[str, list[Any]]  # (label, edits)
 
