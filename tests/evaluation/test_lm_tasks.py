@@ -13,7 +13,7 @@ from tiny_models import WORDS, tiny_llama, tiny_tokenizer
 
 from attnlab.errors import ConfigError, TextError
 from attnlab.evaluation.config import BASELINE, EvalConfig
-from attnlab.evaluation.lm_tasks import TokenScores, plan_windows, score_tokens
+from attnlab.evaluation.lm_tasks import TokenScores, plan_windows, score_tokens, stitch_windows
 from attnlab.evaluation.runner import evaluate_variants, run_eval
 from attnlab.testing import TOLERANCES
 
@@ -152,3 +152,9 @@ def test_a_passed_in_model_runs_where_its_weights_are(tmp_path):
     config = EvalConfig(text=str(path), seq_len=16, max_windows=2, device="meta")
     results = run_eval(config, model=tiny_llama(seed=1), tokenizer=tiny_tokenizer())
     assert math.isfinite(results["eval"]["variants"][0]["perplexity"])
+
+
+def test_stitch_windows_rebuilds_the_text_from_overlapping_windows():
+    text = list(range(100, 120))
+    windows = [(0, text[0:8]), (5, text[5:13]), (10, text[10:18])]  # stride 5, window 8
+    assert stitch_windows(windows) == text[:18]

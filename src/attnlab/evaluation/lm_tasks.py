@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -164,3 +165,31 @@ def score_tokens(model: Any, input_ids: torch.Tensor, num_scored: int) -> tuple[
     """``(nll, correct)`` of :func:`token_statistics`: (num_scored,) float64 nats and (num_scored,) bool."""
     stats = token_statistics(model, input_ids, num_scored)
     return stats["nll"], stats["correct"]
+
+
+def position_bin(seq_len: int) -> int:
+    """Width of the position bins of the by-position rows: 16 bins per window (at least 1 token each)."""
+    return max(1, -(-seq_len // 16))
+
+
+def stitch_windows(windows: Iterable[tuple[int, list[int]]]) -> list[int]:
+    """The text tokens under consecutive (possibly overlapping) windows ``(start_token, ids)`` of one tokenization."""
+    ids: list[int] = []
+    for start, window_ids in windows:
+        ids.extend(window_ids[len(ids) - start:])
+    return ids
+
+
+def score_windows(model: Any, ids: list[int], plans: Iterable[WindowPlan], *, bos_id: int | None,
+                  device: Any = "cpu") -> Iterator[tuple[WindowPlan, dict[str, np.ndarray], np.ndarray]]:
+    """Feed each planned window (``[bos_id] + ids[start:end]``) and yield ``(plan, token_statistics, positions)``.
+
+    ``positions`` (num_scored,) are the scored tokens' indices in the window fed (BOS included). Call inside
+    ``torch.no_grad()`` and the variant's Session.
+    """
+    for plan in plans:
+        window = ([bos_id] if bos_id is not None else []) + ids[plan.start:plan.end]
+        input_ids = torch.tensor([window], dtype=torch.long, device=device)  # (1, len(window))
+        stats = token_statistics(model, input_ids, plan.num_scored)
+        yield plan, stats, np.arange(len(window) - plan.num_scored, len(window))
+

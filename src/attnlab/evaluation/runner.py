@@ -17,7 +17,8 @@ from typing import Any
 
 from attnlab.errors import ConfigError, TextError
 from attnlab.evaluation.config import BASELINE, EvalConfig, parse_variant
-from attnlab.evaluation.lm_tasks import TokenScores, WindowPlan, plan_windows, score_tokens
+from attnlab.evaluation.lm_tasks import (TokenScores, WindowPlan, plan_windows, position_bin, score_windows,
+                                         stitch_windows)
 from attnlab.evaluation.passkey import PasskeyPrompt, answer_tokens, greedy_decode, is_correct, make_prompts, summarise
 
 logger = logging.getLogger(__name__)
@@ -57,11 +58,7 @@ def text_ids(tokenizer: Any, text: str | None, *, window_tokens: int, stride: in
     from attnlab.text import load_text
 
     windows = load_text(tokenizer, text, seq_len=window_tokens, max_windows=max_windows, stride=stride, bos="never")
-    ids: list[int] = []
-    for window in windows.windows:
-        start = window["start_token"]
-        ids.extend(window["ids"][len(ids) - start:])  # windows are consecutive pieces of one tokenization
-    return ids, windows
+    return stitch_windows((w["start_token"], w["ids"]) for w in windows.windows), windows
 
 
 def _lm_rows(label: str, scores: TokenScores, tasks: tuple[str, ...], bin_size: int) -> list[dict[str, Any]]:
@@ -86,10 +83,10 @@ def _lm_rows(label: str, scores: TokenScores, tasks: tuple[str, ...], bin_size: 
     return rows
 
 
-def _passkey_rows(label: str, summary: dict[str, list[dict[str, Any]]], trials: list[dict]) -> list[dict]:
+def _passkey_rows(label: str, summary: dict[str, list[dict[str, Any]]], accuracy: float) -> list[dict]:
     probe = f"passkey@{label}"
     rows = [{"probe": probe, "statistic": "accuracy", "layer": None, "head": None, "position": None,
-             "value": sum(t["correct"] for t in trials) / len(trials)}]
+             "value": accuracy}]
     rows += [{"probe": probe, "statistic": "accuracy_by_length", "layer": None, "head": None,
               "position": int(c["length"]), "value": c["accuracy"]} for c in summary["by_length"]]
     rows += [{"probe": probe, "statistic": "accuracy_by_depth", "layer": None, "head": None,
@@ -112,7 +109,7 @@ def evaluate_variants(model: Any, tokenizer: Any, variants: list[Variant], *, ta
     run_lm = any(task in tasks for task in LM_TASKS)
     units = (len(plans) if run_lm else 0) + (len(prompts) if "passkey" in tasks else 0)
     total, done = units * len(variants), 0
-    bin_size = max(1, -(-seq_len // 16))
+    bin_size = position_bin(seq_len)
     rows: list[dict[str, Any]] = []
     records: list[dict[str, Any]] = []
     for label, edits in variants:
@@ -121,14 +118,11 @@ def evaluate_variants(model: Any, tokenizer: Any, variants: list[Variant], *, ta
         session = make_session(model, edits)
         with session, torch.no_grad():
             if run_lm:
-                for plan in plans:
-                    notify(done, total, f"{label}: windows")
-                    window = ([bos_id] if bos_id is not None else []) + ids[plan.start:plan.end]
-                    input_ids = torch.tensor([window], dtype=torch.long, device=device)  # (1, seq_len)
-                    nll, correct = score_tokens(model, input_ids, plan.num_scored)
-                    positions = torch.arange(len(window) - plan.num_scored, len(window)).numpy()
-                    scores.add(plan.index, nll, correct, positions)
+                notify(done, total, f"{label}: windows")
+                for plan, stats, positions in score_windows(model, ids, plans, bos_id=bos_id, device=device):
+                    scores.add(plan.index, stats["nll"], stats["correct"], positions)
                     done += 1
+                    notify(done, total, f"{label}: windows")
             if "passkey" in tasks:
                 for prompt in prompts:
                     notify(done, total, f"{label}: passkey")
@@ -150,9 +144,9 @@ def evaluate_variants(model: Any, tokenizer: Any, variants: list[Variant], *, ta
                           tokens_scored=scores.count, windows=scores.windows)
         if "passkey" in tasks:
             summary = summarise(trials)
-            rows += _passkey_rows(label, summary, trials)
-            record["passkey"] = {**summary, "accuracy": sum(t["correct"] for t in trials) / len(trials),
-                                 "trials": trials}
+            accuracy = sum(t["correct"] for t in trials) / len(trials)
+            rows += _passkey_rows(label, summary, accuracy)
+            record["passkey"] = {**summary, "accuracy": accuracy, "trials": trials}
         records.append(record)
     return rows, records
 
@@ -250,7 +244,7 @@ def run_eval(config: EvalConfig, *, progress: Progress | None = None, model: Any
             "tasks": list(config.tasks),
             "definitions": {task: DEFINITIONS[task] for task in config.tasks},
             "seq_len": config.seq_len, "window_text_tokens": window_tokens, "stride": stride,
-            "num_windows": len(plans), "position_bin": max(1, -(-config.seq_len // 16)),
+            "num_windows": len(plans), "position_bin": position_bin(config.seq_len),
             "passkey": {"lengths": list(config.lengths), "depths": list(config.passkey_depths),
                         "trials_per_cell": config.passkey_trials} if prompts else None,
             "variants": records,

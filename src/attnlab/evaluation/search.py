@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from attnlab.errors import ConfigError
-from attnlab.evaluation.lm_tasks import WindowPlan, token_statistics
+from attnlab.evaluation.lm_tasks import WindowPlan, score_windows, stitch_windows
 
 Progress = Callable[[int, int, str], None]
 DEFAULT_GAMMAS = (0.5, 0.7, 0.85, 1.0, 1.2, 1.5, 2.0)
@@ -40,9 +40,7 @@ def measure(model: Any, ids: list[int], plans: Sequence[WindowPlan], edits: list
     nll = correct = entropy = 0.0
     count = 0
     with make_session(model, edits), torch.no_grad():
-        for plan in plans:
-            window = ([bos_id] if bos_id is not None else []) + ids[plan.start:plan.end]
-            stats = token_statistics(model, torch.tensor([window], device=device), plan.num_scored)
+        for _, stats, _ in score_windows(model, ids, plans, bos_id=bos_id, device=device):
             nll += float(stats["nll"].sum())
             correct += float(stats["correct"].sum())
             entropy += float(stats["entropy"].sum())
@@ -170,13 +168,10 @@ def search_for_results(results: dict[str, Any], kind: str, model: Any, tokenizer
     bos_added = bool(results.get("tokenizer", {}).get("bos_added"))
     offset = 1 if bos_added else 0
     bos_id = windows[0]["ids"][0] if bos_added and windows else None
-    ids: list[int] = []
-    plans = []
-    for window in windows:  # rebuild the text tokens and the window plans from the stored windows
-        text = window["ids"][offset:]
-        start = window["start_token"]
-        ids.extend(text[len(ids) - start:])
-        plans.append(WindowPlan(window["index"], start, start + len(text), window["first_scored"]))
+    # rebuild the text tokens and the window plans from the stored windows (their ids include the BOS fed)
+    ids = stitch_windows((w["start_token"], w["ids"][offset:]) for w in windows)
+    plans = [WindowPlan(w["index"], w["start_token"], w["start_token"] + len(w["ids"]) - offset, w["first_scored"])
+             for w in windows]
     from attnlab.evaluation.runner import model_device
 
     device = model_device(model)
