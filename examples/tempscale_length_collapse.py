@@ -7,8 +7,10 @@ attention logits by τ < 1 is meant to counter it. For each τ this script encod
 corpus at each length (bucket n holds the first n text tokens of passages starting at evenly spaced offsets, with
 [CLS] … [SEP] added), mean-pools the last hidden states over all tokens (as sentence-transformers does for MiniLM),
 and prints the mean pairwise cosine similarity per length: the ``mean_cosine`` statistic of the ``length_collapse``
-probe, recomputed here because that probe opens its own Session and cannot run inside an edited one. τ = 1 runs
-with no edit at all. Output: one JSON line per τ, then a table.
+probe, recomputed here because that probe opens its own Session and cannot run inside an edited one. The pooling
+and cosine are the probe's; the passages are not: here passage i starts at i · (max(lengths) + 16) tokens, while
+the probe spaces its passages evenly over all of its text (offset i · text tokens // count), so the two tables
+measure different passages. τ = 1 runs with no edit at all; τ < 1 is ``temperature:tau=τ,variant=constant``. Output: one JSON line per τ, then a table.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def main() -> None:
     starts = [w["ids"] for w in windows.windows]
     table = {}
     for tau in taus:
-        edits = [] if tau == 1.0 else [f"temperature:tau={tau}"]
+        edits = [] if tau == 1.0 else [f"temperature:tau={tau},variant=constant"]  # logits / tau at every length
         table[tau] = {n: mean_cosine(model, tokenizer, [ids[:n] for ids in starts], edits) for n in lengths}
         print(json.dumps({"tau": tau, "mean_cosine": table[tau]}))
     print("tau  " + "  ".join(f"n={n:<5d}" for n in lengths))
