@@ -167,3 +167,28 @@ def test_zerotuning_search_picks_the_known_best_gamma(monkeypatch):
     assert found["unsupervised"] == {"criterion": "entropy", "gamma": 2.0}
     by_loss = zerotuning_search(None, IDS, PLANS, gammas=(0.5, 0.7, 1.5, 2.0), supervised="loss")
     assert by_loss["supervised"]["gamma"] == 0.7
+
+
+def test_zerotuning_profile_sorts_heads_into_up_and_down_groups(monkeypatch):
+    # Stand-in measure: gamma > 1 on head (0, 1) and gamma < 1 on head (1, 2) lower the loss; nothing else changes.
+    import attnlab.evaluation.search as search
+
+    def fake_measure(model, ids, plans, edits, **kwargs):
+        nll = 2.0
+        for e in edits:
+            if (e.layers, e.heads, e.gamma > 1) in (((0,), (1,), True), ((1,), (2,), False)):
+                nll -= 0.1
+        return {"nll": nll, "perplexity": 0.0, "accuracy": 0.5, "entropy": 0.0, "tokens": 1}
+
+    monkeypatch.setattr(search, "measure", fake_measure)
+    profile = search.zerotuning_profile(tiny_llama(), IDS, PLANS)
+    assert profile["groups"] == {"up": {0: [1]}, "down": {1: [2]}}
+    assert sum(h["effective"] == "neither" for h in profile["heads"]) == 2 * 4 - 2
+
+    seen = []
+    monkeypatch.setattr(search, "measure", lambda model, ids, plans, edits, **k: seen.append(
+        [(e.layers, e.heads, e.gamma) for e in edits]) or fake_measure(model, ids, plans, edits))
+    search.zerotuning_search(tiny_llama(), IDS, PLANS, gammas=(1.5,), group={0: [1], 1: [2, 3]})
+    assert seen == [[], [((0,), (1,), 1.5), ((1,), (2, 3), 1.5)]]
+    with pytest.raises(ConfigError, match="not both"):
+        search.zerotuning_search(tiny_llama(), IDS, PLANS, group={0: [1]}, layers=[0])

@@ -3,6 +3,9 @@
 - :func:`zerotuning_search` — Han et al. 2026, ZeroTuning, §"Choose γ" (METHODS.md #13, medium confidence): a
   grid over γ on a validation split, picked **supervised** (highest next-token accuracy, ties → lower loss; or
   lowest loss) or **unsupervised** (lowest mean entropy of the model's next-token distribution, no labels).
+  :func:`zerotuning_profile` is the head profiling before it (steps 1-2: up-/down-effective heads); pass a group
+  as ``zerotuning_search(group=...)``. ``search_for_results`` (``--search zerotuning``) does not profile: γ acts on
+  every head.
 - :func:`act_head_search` — Yu et al. 2024, ACT, "head selection" (METHODS.md #2, high confidence for the code
   path): calibrate one head at a time on a calibration set and keep the heads whose calibration does not hurt
   (loss not above the reference's, or accuracy not below it). The reference is not the SDPA baseline but
@@ -53,8 +56,9 @@ def measure(model: Any, ids: list[int], plans: Sequence[WindowPlan], edits: list
 
 def zerotuning_search(model: Any, ids: list[int], plans: Sequence[WindowPlan], *,
                       gammas: Sequence[float] = DEFAULT_GAMMAS, layers: Any = None, heads: Any = None,
-                      supervised: str = "accuracy", bos_id: int | None = None, device: str = "cpu",
-                      progress: Progress | None = None) -> dict[str, Any]:
+                      supervised: str = "accuracy", group: dict[int, list[int]] | None = None,
+                      bos_id: int | None = None, device: str = "cpu", progress: Progress | None = None
+                      ) -> dict[str, Any]:
     """Grid over ZeroTuning's γ on ``plans`` (the validation windows); both selection rules applied.
 
     Args:
@@ -62,6 +66,8 @@ def zerotuning_search(model: Any, ids: list[int], plans: Sequence[WindowPlan], *
         gammas: the grid (γ = 1, the identity, is added if missing, as the reference point).
         layers, heads: which heads the edit acts on (None = all; query-head indices).
         supervised: ``"accuracy"`` (max next-token accuracy, ties → lower loss) or ``"loss"`` (min NLL).
+        group: ``{layer: [heads]}`` (a group of :func:`zerotuning_profile`); γ acts on those heads only, and
+            ``layers``/``heads`` must then be None.
 
     Returns:
         ``{"grid": [{"gamma", "nll", "perplexity", "accuracy", "entropy", "tokens"}, ...], "supervised":
@@ -71,12 +77,19 @@ def zerotuning_search(model: Any, ids: list[int], plans: Sequence[WindowPlan], *
 
     if supervised not in ("accuracy", "loss"):
         raise ConfigError(f"supervised must be 'accuracy' or 'loss', got {supervised!r}")
+    if group is not None and (layers is not None or heads is not None or not group):
+        raise ConfigError("give either a non-empty group {layer: [heads]} or layers/heads, not both")
     grid_values = sorted({float(g) for g in gammas} | {1.0})
     notify = progress or (lambda done, total, message: None)
     grid = []
     for index, gamma in enumerate(grid_values):
         notify(index, len(grid_values), f"zerotuning search: γ={gamma:g}")
-        edits = [] if gamma == 1.0 else [EDITS.get("zerotuning")(gamma=gamma, layers=layers, heads=heads)]
+        if gamma == 1.0:
+            edits = []
+        elif group is not None:
+            edits = [EDITS.get("zerotuning")(gamma=gamma, layers=[layer], heads=list(hs)) for layer, hs in group.items()]
+        else:
+            edits = [EDITS.get("zerotuning")(gamma=gamma, layers=layers, heads=heads)]
         grid.append({"gamma": gamma, **measure(model, ids, plans, edits, bos_id=bos_id, device=device)})
     notify(len(grid_values), len(grid_values), "zerotuning search: done")
     if supervised == "accuracy":
@@ -85,7 +98,56 @@ def zerotuning_search(model: Any, ids: list[int], plans: Sequence[WindowPlan], *
         best = min(grid, key=lambda g: g["nll"])
     return {"grid": grid, "supervised": {"criterion": supervised, "gamma": best["gamma"]},
             "unsupervised": {"criterion": "entropy", "gamma": min(grid, key=lambda g: g["entropy"])["gamma"]},
-            "layers": None if layers is None else list(layers), "heads": None if heads is None else list(heads)}
+            "layers": None if layers is None else list(layers), "heads": None if heads is None else list(heads),
+            "group": None if group is None else {layer: list(hs) for layer, hs in group.items()}}
+
+
+def zerotuning_profile(model: Any, ids: list[int], plans: Sequence[WindowPlan], *, up: float = 1.5,
+                       down: float = 0.5, layers: Sequence[int] | None = None, criterion: str = "loss",
+                       bos_id: int | None = None, device: str = "cpu", progress: Progress | None = None
+                       ) -> dict[str, Any]:
+    """ZeroTuning head profiling (METHODS.md #13, steps 1-2): per head, γ = ``up`` and γ = ``down`` alone on ``plans``.
+
+    A head is *up-effective* if γ = ``up`` improves on the unedited model (lower NLL, or higher accuracy with
+    ``criterion="accuracy"``) and improves more than γ = ``down``; *down-effective* symmetrically; otherwise
+    ``"neither"``. The paper's exact test set and rule are not public (medium confidence); this is our reading.
+    γ = 1 is bit-identical to no edit (the fused SDPA path), so the unedited model is the reference.
+
+    Returns:
+        ``{"baseline": {...}, "heads": [{"layer", "head", "up_nll", "down_nll", "up_accuracy", "down_accuracy",
+        "effective"}, ...], "groups": {"up": {layer: [heads]}, "down": {layer: [heads]}}, "up", "down",
+        "criterion"}``. Cost: two passes over ``plans`` per searched head. Pass a group to
+        :func:`zerotuning_search` (``group=``) to choose γ for it (step 3).
+    """
+    from attnlab.capture.architectures import attention_sizes
+    from attnlab.edits import EDITS
+
+    if criterion not in ("loss", "accuracy"):
+        raise ConfigError(f"criterion must be 'loss' or 'accuracy', got {criterion!r}")
+    num_layers, num_heads, _ = attention_sizes(model)
+    searched = list(range(num_layers)) if layers is None else list(layers)
+    notify = progress or (lambda done, total, message: None)
+    base = measure(model, ids, plans, [], bos_id=bos_id, device=device)
+
+    def gain(got: dict[str, float]) -> float:  # > 0: better than the unedited model
+        return base["nll"] - got["nll"] if criterion == "loss" else got["accuracy"] - base["accuracy"]
+
+    heads: list[dict[str, Any]] = []
+    groups: dict[str, dict[int, list[int]]] = {"up": {}, "down": {}}
+    for layer in searched:
+        for head in range(num_heads):
+            notify(len(heads), len(searched) * num_heads, f"zerotuning profile: layer {layer} head {head}")
+            got = {name: measure(model, ids, plans, [EDITS.get("zerotuning")(gamma=g, layers=[layer], heads=[head])],
+                                 bos_id=bos_id, device=device) for name, g in (("up", up), ("down", down))}
+            gains = {name: gain(values) for name, values in got.items()}
+            best = max(gains, key=lambda name: gains[name])
+            effective = best if gains[best] > 0 and gains[best] > min(gains.values()) else "neither"
+            if effective != "neither":
+                groups[effective].setdefault(layer, []).append(head)
+            heads.append({"layer": layer, "head": head, "up_nll": got["up"]["nll"], "down_nll": got["down"]["nll"],
+                          "up_accuracy": got["up"]["accuracy"], "down_accuracy": got["down"]["accuracy"],
+                          "effective": effective})
+    return {"baseline": base, "heads": heads, "groups": groups, "up": up, "down": down, "criterion": criterion}
 
 
 def act_head_search(model: Any, ids: list[int], plans: Sequence[WindowPlan], *, beta: float = 0.4,
