@@ -7,7 +7,10 @@ Shapes: batch 1, 8 heads, head_dim 64, float32, CPU; seq_len 1024 … 16384. Imp
 - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention(..., is_causal=True)``, heads-first;
 - ``fla_naive_chunk``: ``fla.ops.simple_gla.naive.naive_chunk_simple_gla`` (chunk 64) with the same decay as a
   per-step ``g`` (B, T, H), seq-first inputs created contiguous (no layout cost timed); only with the dev extra;
-- ``chunk_gla`` (opt-in with ``--impls``): ``linear_attention_chunk`` with a data-dependent per-key-dim decay.
+- ``chunk_step``: ``linear_attention_chunk`` with the same decay given per step (B, H, T): the like-for-like
+  comparison with ``fla_naive_chunk`` (``chunk`` uses the constant-decay shortcut, one (C, C) matrix for all chunks);
+- ``chunk_gla``: ``linear_attention_chunk`` with a data-dependent per-key-dim decay (B, H, T, K) (GLA, LightNet;
+  secondary chunking in 16-token sub-chunks).
 
 Modes: ``fwd`` (under ``torch.no_grad()``) and ``fwdbwd`` (forward, then backward of a fixed random cotangent;
 query/key/value require grad). Every (impl, length, mode) runs in its own process (this script with ``--child``):
@@ -22,7 +25,8 @@ Growth check: separate processes at different moments see different foreign load
 distort ``t(2n)/t(n)``. So afterwards one more child per mode times the chunk form at every length >= 2048 in one
 process, lengths interleaved within each of ``--growth-repeats`` repeats, and reports those medians and ratios.
 
-    python benchmarks/linear_attention.py --markdown               # the run in docs/benchmarks.md (~8 min)
+    python benchmarks/linear_attention.py --impls chunk sdpa fla_naive_chunk --markdown   # first table in docs
+    python benchmarks/linear_attention.py --lengths 1024 2048 4096 --repeats 3 --growth-repeats 0 --markdown
     python benchmarks/linear_attention.py --lengths 1024 2048 --repeats 2   # smoke test
     python benchmarks/linear_attention.py --render bench-results/linear_attention.json --markdown
 
@@ -44,7 +48,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-IMPLS = ("chunk", "sdpa", "fla_naive_chunk", "chunk_gla")
+IMPLS = ("chunk", "sdpa", "fla_naive_chunk", "chunk_step", "chunk_gla")
 MODES = ("fwd", "fwdbwd")
 HEADS, HEAD_DIM, CHUNK, WARMUP_LEN = 8, 64, 64, 256
 REPO = Path(__file__).resolve().parent.parent
@@ -80,6 +84,9 @@ def _make(impl: str, length: int):
     log_decay = torch.log1p(-torch.pow(2.0, -5.0 - torch.arange(HEADS, dtype=torch.float64))).float()
     if impl == "chunk":
         return (q, k, v), lambda q, k, v: linear_attention_chunk(q, k, v, log_decay, chunk_size=CHUNK)[0]
+    if impl == "chunk_step":
+        steps = log_decay[None, :, None].expand(1, HEADS, length).contiguous()  # (B, H, T)
+        return (q, k, v), lambda q, k, v: linear_attention_chunk(q, k, v, steps, chunk_size=CHUNK)[0]
     if impl == "chunk_gla":
         gk = F.logsigmoid(torch.randn(1, HEADS, length, HEAD_DIM, generator=g) + 3) / 16
         return (q, k, v), lambda q, k, v: linear_attention_chunk(q, k, v, gk, chunk_size=CHUNK)[0]
@@ -221,10 +228,11 @@ def render(rows: list[dict[str, Any]], markdown: bool) -> str:
                                                                                      ".2f"),
              fmt(r["chunk_growth"], ".2f"), fmt(r["chunk_mib"], ".0f"), fmt(r["sdpa_mib"], ".0f"),
              fmt(r["fla_naive_chunk_mib"], ".0f")] for r in rows]
-    if any(r["chunk_gla_s"] is not None for r in rows):
-        head += ["chunk_gla s", "chunk_gla MiB"]
-        for line, r in zip(body, rows):
-            line += [fmt(r["chunk_gla_s"], ".3f"), fmt(r["chunk_gla_mib"], ".0f")]
+    for impl in ("chunk_step", "chunk_gla"):
+        if any(r.get(f"{impl}_s") is not None for r in rows):
+            head += [f"{impl} s", f"{impl} MiB"]
+            for line, r in zip(body, rows):
+                line += [fmt(r[f"{impl}_s"], ".3f"), fmt(r[f"{impl}_mib"], ".0f")]
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         return "\n".join(lines + ["| " + " | ".join(line) + " |" for line in body])
@@ -249,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
-    p.add_argument("--impls", nargs="+", choices=IMPLS, default=["chunk", "sdpa", "fla_naive_chunk"])
+    p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--repeats", type=int, default=5, help="timed calls per child; the median is reported")
     p.add_argument("--long-repeats", type=int, default=None, help="timed calls at 16384 (default: --repeats)")
