@@ -110,6 +110,19 @@ def test_lightnet_segments_and_no_initial_state(form):
     torch.testing.assert_close(state[1], whole_state[1])
 
 
+@pytest.mark.parametrize("form", FORMS)
+def test_lightnet_empty_segment_keeps_state(form):
+    q, k, v = lightnet_inputs(5, seed=6, gqa=False)
+    _, state = lightnet_attention(q, k, v, form=form, output_final_state=True)
+    out, same = lightnet_attention(q[:, :, :0], k[:, :, :0], v[:, :, :0], form=form, initial_state=state,
+                                   output_final_state=True)
+    assert out.shape == (*q.shape[:2], 0, v.shape[-1])
+    torch.testing.assert_close(same[0], state[0], rtol=0, atol=0)
+    torch.testing.assert_close(same[1], state[1], rtol=0, atol=0)
+    with pytest.raises(ShapeError, match="seq_len"):
+        lightnet_attention(q[:, :, :0], k[:, :, :0], v[:, :, :0], form=form)
+
+
 def test_lightnet_large_keys_are_finite():
     q, k, v = lightnet_inputs(40, seed=6)
     out, _ = lightnet_attention(q.float(), 500 * k.float(), v.float(), chunk_size=CHUNK)

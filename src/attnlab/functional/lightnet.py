@@ -34,12 +34,18 @@ def lightnet_attention(query: Tensor, key: Tensor, value: Tensor, *, form: str =
     Returns:
         output (B, H, T, V) in value's dtype; final state tuple or None.
 
-    Raises ShapeError on inconsistent shapes (plus ``linear_attention``'s errors).
+    Raises ShapeError on inconsistent shapes or seq_len 0 without initial_state (plus ``linear_attention``'s
+    errors); seq_len 0 with initial_state returns an empty output and the state unchanged.
     """
     H = query.shape[1]
     if key.dim() != 4 or H % key.shape[1]:
         raise ShapeError(f"expected key (batch, num_kv_heads dividing {H}, seq_len, dim), got {tuple(key.shape)}")
     dtype = _compute_dtype(query)
+    if query.shape[2] == 0:  # nothing to add: the state is unchanged (and there is no normaliser to start one)
+        if initial_state is None:
+            raise ShapeError("lightnet_attention needs seq_len >= 1 when initial_state is None (empty normaliser)")
+        output, _ = linear_attention(query, key, value, None, form=form, scale=scale, chunk_size=chunk_size)
+        return output, (tuple(s.to(dtype) for s in initial_state) if output_final_state else None)
     k = key.to(dtype).repeat_interleave(H // key.shape[1], dim=1)  # (B, H, T, K)
     value = value.repeat_interleave(H // value.shape[1], dim=1)
     Z = torch.logcumsumexp(k, dim=2)  # (B, H, T, K)
