@@ -71,6 +71,12 @@ def probe(
         results = _with_progress(lambda progress: run_probe_suite(
             run_config, probe_args=probe_args, compare=compare, progress=progress))
         paths = write_results(out_dir, results)
+        produced = {row["probe"] for row in results["rows"]}
+        for name in run_config.probes:
+            if name not in produced:
+                stderr.print(f"warning: probe {name} produced no rows (are the windows long enough for its "
+                             f"settings? --seq-len is {run_config.seq_len}; see its docstring)", markup=False,
+                             style="yellow")
         stderr.print(f"done in {results['timing']['seconds']:.1f} s")
         typer.echo(f"report: {paths['html']}")
         typer.echo(f"files: {' '.join(str(p) for p in paths.values())}")

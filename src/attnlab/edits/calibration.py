@@ -16,8 +16,9 @@ from attnlab.functional.attention import BlockView
 
 @EDITS.register("calibration")
 class Calibration(Edit):
-    """ACT: per head, keys with column score above θ (not the first token) keep β of their attention; the rest
-    goes to the other keys in proportion.
+    """ACT: per head, hidden sinks (column score > θ, not the first token) keep β of their attention, rest moved.
+
+    The freed attention goes to the other keys in proportion to their attention.
 
     Yu et al. 2024, "Unveiling and Harnessing Hidden Attention Sinks" (ACT), §4 and the released code
     (METHODS.md #2, high confidence for the code path):
