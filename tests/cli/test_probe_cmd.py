@@ -60,3 +60,11 @@ def test_probe_writes_results_and_report_sections(setup, tmp_path):
     html = (out / "report.html").read_text()
     assert 'id="probe-magnets"' in html and 'id="probe-inflection"' in html
     assert (out / "results.csv").read_text().startswith("probe,statistic,layer,head,position,value")
+
+
+def test_a_probe_that_produced_nothing_is_warned_about(setup, tmp_path):
+    # a 16×16 grid needs 256 tokens; the windows have 24
+    result = _probe(setup, "--out", str(tmp_path / "run"), "--probe", "spatial_decay",
+                    "--probe-arg", "spatial_decay.grid=[16,16]")
+    assert result.exit_code == 0, result.output
+    assert "warning: probe spatial_decay produced no rows" in result.output
