@@ -35,16 +35,16 @@ This file is not part of the attnlab package and is never imported by it.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from probe_overhead import machine_header as shared_machine_header  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 HEADS, HEAD_DIM, BLOCK = 8, 64, 128
@@ -146,34 +146,9 @@ def run_length(length: int, repeats: int, masks: tuple[str, ...]) -> list[dict[s
 
 
 def machine_header() -> dict[str, Any]:
-    import torch
-
-    import attnlab
-
-    cpu = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-
-    def git(*cmd: str) -> str | None:
-        try:
-            return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
-
-    return {
-        "benchmark": "sparse_attention",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(), "torch": torch.__version__, "attnlab": attnlab.__version__,
-        "git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-        "heads": HEADS, "head_dim": HEAD_DIM, "block_size": BLOCK, "dtype": "float32", "batch": 1,
-        "dynamo_recompile_limit": RECOMPILE_LIMIT,
-    }
+    """The shared machine/version header (benchmarks/probe_overhead.py) plus this benchmark's settings."""
+    return {**shared_machine_header(), "benchmark": "sparse_attention", "heads": HEADS, "head_dim": HEAD_DIM,
+            "block_size": BLOCK, "dtype": "float32", "batch": 1, "dynamo_recompile_limit": RECOMPILE_LIMIT}
 
 
 def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
