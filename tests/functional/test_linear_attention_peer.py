@@ -24,7 +24,7 @@ TOL = TOLERANCES[torch.float32]
 CHUNK = 16
 
 
-def close(ours, peer):
+def assert_close_to_peer(ours, peer):
     """float32 peer vs our float64 result: the float32 table tolerances times the chunked-path fudge."""
     torch.testing.assert_close(peer.double(), ours.double(), rtol=TOL["rtol"] * TOL["fudge"],
                                atol=TOL["atol"] * TOL["fudge"])
@@ -52,8 +52,8 @@ def test_gla_matches_fla_naive_recurrent(form, T):
                                    **({"chunk_size": CHUNK} if form == "chunk" else {}))
     peer, peer_state = fla_gla.naive_recurrent_gla(*seq_first(q, k, v, gk), initial_state=state.float(),
                                                    output_final_state=True)
-    close(ours, peer.transpose(1, 2))
-    close(ours_state, peer_state)
+    assert_close_to_peer(ours, peer.transpose(1, 2))
+    assert_close_to_peer(ours_state, peer_state)
 
 
 @pytest.mark.parametrize("form", sorted(FORMS))
@@ -70,18 +70,18 @@ def test_simple_gla_matches_fla_naive(form):
     recurrent, recurrent_state = fla_simple.naive_recurrent_simple_gla(qs, ks, vs, gs, initial_state=state.float())
     parallel, _ = fla_simple.naive_parallel_simple_gla(qs, ks, vs, gs)
     for peer in (chunk, recurrent):
-        close(ours, peer.transpose(1, 2))
-    close(ours_state, chunk_state)
-    close(ours_state, recurrent_state)
+        assert_close_to_peer(ours, peer.transpose(1, 2))
+    assert_close_to_peer(ours_state, chunk_state)
+    assert_close_to_peer(ours_state, recurrent_state)
     no_state, _ = FORMS[form](q, k, v, g, **({"chunk_size": CHUNK} if form == "chunk" else {}))
-    close(no_state, parallel.transpose(1, 2))
+    assert_close_to_peer(no_state, parallel.transpose(1, 2))
 
 
 @pytest.mark.parametrize("form", sorted(FORMS))
 def test_retention_matches_fla_naive(form):
     q, k, v, _, _ = inputs(2 * CHUNK + 3, H=4, seed=2)
     ours, _ = FORMS[form](q, k, v, retention_log_decay(4), **({"chunk_size": CHUNK} if form == "chunk" else {}))
-    close(ours, fla_retention.naive_retention(q.float(), k.float(), v.float()))  # fla's retention is heads-first
+    assert_close_to_peer(ours, fla_retention.naive_retention(q.float(), k.float(), v.float()))  # fla's retention is heads-first
 
 
 @pytest.mark.parametrize("form", sorted(FORMS))
@@ -91,6 +91,6 @@ def test_plain_linear_attention_matches_fla_naive(form):
     qs, ks, vs = seq_first(q, k, v)
     peer, peer_state = fla_linear.naive_recurrent_linear_attn(qs, ks, vs, initial_state=state.float(),
                                                               output_final_state=True)
-    close(ours, peer.transpose(1, 2))
-    close(ours_state, peer_state)
-    close(FORMS[form](q, k, v)[0], fla_linear.naive_chunk_linear_attn(qs, ks, vs).transpose(1, 2))
+    assert_close_to_peer(ours, peer.transpose(1, 2))
+    assert_close_to_peer(ours_state, peer_state)
+    assert_close_to_peer(FORMS[form](q, k, v)[0], fla_linear.naive_chunk_linear_attn(qs, ks, vs).transpose(1, 2))
