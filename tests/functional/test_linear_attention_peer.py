@@ -81,7 +81,8 @@ def test_simple_gla_matches_fla_naive(form):
 def test_retention_matches_fla_naive(form):
     q, k, v, _, _ = inputs(2 * CHUNK + 3, H=4, seed=2)
     ours, _ = FORMS[form](q, k, v, retention_log_decay(4), **({"chunk_size": CHUNK} if form == "chunk" else {}))
-    assert_close_to_peer(ours, fla_retention.naive_retention(q.float(), k.float(), v.float()))  # fla's retention is heads-first
+    # fla's retention is heads-first
+    assert_close_to_peer(ours, fla_retention.naive_retention(q.float(), k.float(), v.float()))
 
 
 @pytest.mark.parametrize("form", sorted(FORMS))
