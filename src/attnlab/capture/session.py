@@ -18,6 +18,8 @@ Paths (recorded per layer in ``session.paths``):
   computes output and probs one query block at a time in float32.
 - ``sdpa+sampled_probs``: ``query_fraction < 1``; SDPA computes the output and the blocked kernel computes probs
   for an evenly spread sample of query rows only, which the probes see.
+- with edits (``edits=[...]``, see :mod:`attnlab.edits.apply`): ``sdpa+edits`` (every edit has a fast form and no
+  probe needs probs), ``sdpa+edits+sampled_probs``, ``flex+edits`` (``flex=True``) or ``blocked_eager+edits``.
 """
 
 from __future__ import annotations
