@@ -10,6 +10,7 @@ from tiny_models import WORDS, save_model_dir, tiny_llama
 from typer.testing import CliRunner
 
 from attnlab.cli.main import app
+from cli.helpers import assert_one_line_error
 
 runner = CliRunner()
 
@@ -28,15 +29,6 @@ def text(tmp_path):
 
 def _run(*args):
     return runner.invoke(app, list(args))
-
-
-def assert_one_line_error(result, code, *fragments):
-    assert result.exit_code == code, result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.output
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_report_on_local_model_writes_all_formats(model_dir, text, tmp_path):

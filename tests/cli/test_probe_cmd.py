@@ -9,6 +9,7 @@ from tiny_models import WORDS, save_model_dir, tiny_llama
 from typer.testing import CliRunner
 
 from attnlab.cli.main import app
+from cli.helpers import assert_one_line_error
 
 runner = CliRunner()
 
@@ -28,14 +29,6 @@ def _probe(setup, *args):
                                "--bos", "never", *args])
 
 
-def _one_line_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in result.output, result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
-
 @pytest.mark.parametrize(("args", "fragment"), [
     ((), "at least one --probe"),
     (("--probe", "magnet"), "Did you mean: magnets"),
@@ -45,7 +38,7 @@ def _one_line_error(result, *fragments):
     (("--probe", "spatial_decay", "--probe-arg", "spatial_decay.grid=[0,4]"), "grid"),
 ])
 def test_usage_errors_exit_2_with_one_line(setup, tmp_path, args, fragment):
-    _one_line_error(_probe(setup, "--out", str(tmp_path / "out"), *args), fragment)
+    assert_one_line_error(_probe(setup, "--out", str(tmp_path / "out"), *args), 2, fragment)
     assert not (tmp_path / "out").exists()
 
 

@@ -143,25 +143,32 @@ def _check_non_negative(name: str, value: int) -> None:
 # ----------------------------------------------------------------------------------------------------- composition
 
 
+def _combine(mask_mods: tuple[MaskMod, ...], kind: str) -> MaskMod:
+    """``and``: keep a pair iff every mask keeps it (no masks: keep all); ``or``: iff any does (no masks: none)."""
+    for mask_mod in mask_mods:
+        if not callable(mask_mod):
+            raise TypeError(f"{kind}_masks expects mask_mod callables, got {type(mask_mod).__name__}")
+    conjunction = kind == "and"
+
+    def mask_mod(batch_idx: Tensor, head_idx: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        keep = torch.full((), conjunction, dtype=torch.bool, device=q_idx.device)
+        for part in mask_mods:
+            value = part(batch_idx, head_idx, q_idx, kv_idx)
+            keep = keep & value if conjunction else keep | value
+        return keep
+
+    _with_cover(mask_mod, *_combined_cover(mask_mods))
+    mask_mod.head_rules = _combined_head_rules(mask_mods)
+    return _named(mask_mod, f"{kind}(" + ", ".join(getattr(m, "__name__", "mask") for m in mask_mods) + ")")
+
+
 def and_masks(*mask_mods: MaskMod) -> MaskMod:
     """A mask that keeps a pair iff every given mask keeps it (no masks: keep everything).
 
     Raises:
         TypeError: if an argument is not callable.
     """
-    for mask_mod in mask_mods:
-        if not callable(mask_mod):
-            raise TypeError(f"and_masks expects mask_mod callables, got {type(mask_mod).__name__}")
-
-    def mask_mod(batch_idx: Tensor, head_idx: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        keep = torch.ones((), dtype=torch.bool, device=q_idx.device)
-        for part in mask_mods:
-            keep = keep & part(batch_idx, head_idx, q_idx, kv_idx)
-        return keep
-
-    _with_cover(mask_mod, *_combined_cover(mask_mods))
-    mask_mod.head_rules = _combined_head_rules(mask_mods)
-    return _named(mask_mod, "and(" + ", ".join(getattr(m, "__name__", "mask") for m in mask_mods) + ")")
+    return _combine(mask_mods, "and")
 
 
 def or_masks(*mask_mods: MaskMod) -> MaskMod:
@@ -170,19 +177,7 @@ def or_masks(*mask_mods: MaskMod) -> MaskMod:
     Raises:
         TypeError: if an argument is not callable.
     """
-    for mask_mod in mask_mods:
-        if not callable(mask_mod):
-            raise TypeError(f"or_masks expects mask_mod callables, got {type(mask_mod).__name__}")
-
-    def mask_mod(batch_idx: Tensor, head_idx: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        keep = torch.zeros((), dtype=torch.bool, device=q_idx.device)
-        for part in mask_mods:
-            keep = keep | part(batch_idx, head_idx, q_idx, kv_idx)
-        return keep
-
-    _with_cover(mask_mod, *_combined_cover(mask_mods))
-    mask_mod.head_rules = _combined_head_rules(mask_mods)
-    return _named(mask_mod, "or(" + ", ".join(getattr(m, "__name__", "mask") for m in mask_mods) + ")")
+    return _combine(mask_mods, "or")
 
 
 def shift_queries(mask_mod: MaskMod, q_offset: int) -> MaskMod:
