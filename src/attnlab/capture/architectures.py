@@ -12,6 +12,9 @@ from typing import Any
 
 from torch import nn
 
+from attnlab.errors import UnsupportedModelError
+from attnlab.facts import ModelFacts
+
 logger = logging.getLogger(__name__)
 
 # Attribute paths (from the top model) of the ModuleList of transformer blocks, by family.
@@ -61,3 +64,54 @@ def transformer_blocks(model: nn.Module) -> nn.ModuleList | None:
         logger.warning("%s: %d module lists have %d entries; using the first as the transformer blocks",
                        type(model).__name__, len(candidates), num_layers)
     return candidates[0] if candidates else None
+
+
+def _rope(config: Any) -> tuple[float | None, str | None]:
+    """(rope_theta, rope_type) from the config's ``rope_theta`` / ``rope_parameters`` / ``rope_scaling``."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    params = params if isinstance(params, dict) else {}
+    theta = getattr(config, "rope_theta", None) or params.get("rope_theta")
+    rope_type = params.get("rope_type") or params.get("type")
+    if theta is None:
+        return None, None
+    return float(theta), str(rope_type or "default")
+
+
+def model_facts(model: Any, **provenance: Any) -> ModelFacts:
+    """The :class:`attnlab.facts.ModelFacts` of a transformers model (sizes from its text config).
+
+    ``provenance`` fills name/source/format/file_sha256 (what :func:`attnlab.capture.loading.load_model` knows);
+    without it, name is the config's ``_name_or_path``.
+
+    Raises:
+        UnsupportedModelError: the config does not give num_hidden_layers / num_attention_heads / hidden_size.
+    """
+    config = text_config(model)
+    try:
+        num_layers, num_heads, num_kv_heads = attention_sizes(model)
+        hidden = int(config.hidden_size)
+    except (AttributeError, TypeError) as error:
+        raise UnsupportedModelError(f"{type(model).__name__}: its config does not state the transformer's sizes "
+                                    f"({error})") from None
+    head_dim = getattr(config, "head_dim", None) or hidden // num_heads
+    theta, rope_type = _rope(config)
+    absolute = hasattr(model, "named_modules") and any(
+        name.rsplit(".", 1)[-1] in ("wpe", "position_embeddings", "embed_positions")
+        for name, _ in model.named_modules())  # learned positions the model adds itself (GPT-2, BERT, OPT)
+    position_embedding = "rope" if theta is not None else ("absolute" if absolute else "none")
+    causal = bool(getattr(config, "is_decoder", False) or hasattr(model, "lm_head")
+                  or type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")))
+    param = next(model.parameters(), None) if hasattr(model, "parameters") else None
+    values: dict[str, Any] = {
+        "name": getattr(config, "_name_or_path", None) or None, "source": None, "format": None, "file_sha256": None,
+    }
+    values.update({k: v for k, v in provenance.items() if k in values})
+    return ModelFacts(
+        num_layers=int(num_layers), num_heads=int(num_heads), num_kv_heads=int(num_kv_heads),
+        head_dim=int(head_dim), hidden_size=hidden, vocab_size=getattr(config, "vocab_size", None),
+        max_positions=getattr(config, "max_position_embeddings", None), causal=causal,
+        model_type=getattr(config, "model_type", None), rope_theta=theta, rope_type=rope_type,
+        position_embedding=position_embedding, class_name=type(model).__name__,
+        dtype=str(param.dtype).removeprefix("torch.") if param is not None else None,
+        device=str(param.device) if param is not None else None, **values,
+    )
