@@ -34,13 +34,14 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 from attnlab.assets import ASSETS, asset_dir, fetch_asset, sha256_file
 from attnlab.errors import AssetError, ConfigError, RegistryError, UsageError
 from attnlab.capture.architectures import model_facts
+from attnlab.config import DTYPE_NAMES
 from attnlab.facts import ModelFacts
 from attnlab.registry import unknown_name_message
 from attnlab.text import tokenizer_adds_bos
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # name -> torch dtype (names: attnlab.config)
 BUNDLED_MODELS = sorted(n for n, a in ASSETS.items() if a.kind == "model")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 MARKER = ".attnlab-complete"
