@@ -38,7 +38,7 @@ def parse_variant(spec: str) -> list[Any]:
 
 def parse_number_list(text: str | list[Any], kind: type, what: str) -> tuple[Any, ...]:
     """``"0,0.5,1"`` or ``[0, 0.5, 1]`` → a tuple of ``kind``; ConfigError (one line) if a value does not parse."""
-    items = text.split(",") if isinstance(text, str) else list(text)
+    items = text.split(",") if isinstance(text, str) else list(text) if isinstance(text, (list, tuple)) else [text]
     try:
         values = tuple(kind(str(item).strip()) for item in items if str(item).strip())
     except ValueError:
