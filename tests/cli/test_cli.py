@@ -204,3 +204,11 @@ def test_report_is_the_default_probes_form_of_probe(model_dir, text, tmp_path):
     assert (report["command"], probe["command"]) == ("report", "probe")
     assert report["rows"] == probe["rows"] and report["config"] == probe["config"]
     assert report["model"]["format"] == "safetensors" and report["model"]["requested"] == model_dir
+
+
+def test_report_help_has_probes_options_with_report_defaults():
+    import re
+
+    help_text = re.sub(r"[\s│]+", " ", _run("report", "--help").output)
+    assert "Probe or analysis to run" in help_text and "Tokens per window. [default: 512]" in help_text
+    assert "[default: attnlab-report]" in help_text

@@ -85,7 +85,7 @@ def make_probe_command(command: str, doc: str, **defaults: Any) -> Callable[...,
     def body(ctx: typer.Context, **options: Any) -> None:
         run_guarded(lambda: run_probe_command(ctx, command, options.get("config")), bool(options.get("debug")))
 
-    signature = inspect.signature(probe)
+    signature = inspect.signature(probe, eval_str=True)  # typer reads the Annotated help from it
     body.__signature__ = signature.replace(parameters=[  # type: ignore[attr-defined]
         parameter.replace(default=defaults.get(name, parameter.default))
         for name, parameter in signature.parameters.items()])
