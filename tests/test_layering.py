@@ -180,3 +180,13 @@ def test_no_module_imports_another_modules_private_names():
     offences = {why for module in MODULES for why in _private_import_offences(module)}
     assert not offences - PENDING, sorted(offences - PENDING)
     assert not PENDING - offences, f"fixed, remove from PENDING: {sorted(PENDING - offences)}"
+
+
+def test_cli_subcommands_do_not_import_main_and_configs_stay_pure():
+    """cli.main imports the subcommand modules, never the reverse (lazy imports included); the config and
+    progress modules import neither torch nor transformers (they are read by every tier)."""
+    for path in sorted((SRC / "cli").glob("*.py")):
+        if path.name != "main.py":
+            assert "attnlab.cli.main" not in _imports(path), path.name
+    for name in ("config.py", "progress.py", "facts.py"):
+        assert not any(n.split(".")[0] in ("torch", "transformers") for n in _imports(SRC / name)), name
