@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from attnlab import __version__
+from attnlab.analyses import ANALYSES, probe_or_analysis
 from attnlab.columns import SCHEMA_VERSION
 from attnlab.errors import ConfigError
 from attnlab.probes import DEFAULT_PROBES, PROBES
@@ -85,7 +86,7 @@ class RunConfig:
         if not self.probes:
             raise ConfigError("at least one probe is needed; see `attnlab ls probes`")
         for name in self.probes:
-            PROBES.get(name)  # raises RegistryError with a suggestion
+            probe_or_analysis(name)  # raises RegistryError with a suggestion
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -176,8 +177,8 @@ def run_probes(config: RunConfig, *, progress: Progress | None = None, model: An
 
     started = time.perf_counter()
     notify = progress or (lambda done, total, message: None)
-    drives_model = [name for name in config.probes if "model" in PROBES.get(name).needs]
-    if drives_model:  # model-level probes (inflection, active_dormant ...) cannot run inside a Session
+    drives_model = [name for name in config.probes if name not in PROBES and name in ANALYSES]
+    if drives_model:  # analyses (inflection, active_dormant ...) cannot run inside a Session
         raise ConfigError(f"probe {', '.join(drives_model)} drives the model itself; run it with `attnlab probe` / "
                           "attnlab.probe_run.run_probe_suite")
     model, tokenizer = load_for_run(config, notify, model, tokenizer)
@@ -185,10 +186,10 @@ def run_probes(config: RunConfig, *, progress: Progress | None = None, model: An
     if any(hasattr(probe, "prepare") for probe in probes):  # magnets/rope_decay read tokenizer and rope settings
         from attnlab.capture.model_probes import ModelRunner
 
-        info = ModelRunner(model, tokenizer).info
+        runner = ModelRunner(model, tokenizer)
         for probe in probes:
             if hasattr(probe, "prepare"):
-                probe.prepare(info)
+                probe.prepare(runner.facts, runner)
     notify(0, 0, "reading text")
     windows = load_text(tokenizer, config.text, seq_len=config.seq_len, max_windows=config.max_windows,
                         bos=config.bos, batch_size=config.batch_size, device=config.device)

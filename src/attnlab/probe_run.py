@@ -5,8 +5,8 @@
     results = run_probe_suite(RunConfig(seq_len=128, max_windows=2, probes=("massive_activations", "inflection")))
 
 Attention-level probes run inside one :class:`attnlab.Session` over the windows (as ``attnlab report`` does);
-model-level probes (:class:`attnlab.probes.model_base.ModelProbe`) then get every batch through a
-:class:`attnlab.capture.model_probes.ModelRunner`. ``compare`` loads a second model for probes that compare two
+analyses (names in :data:`attnlab.analyses.ANALYSES`) then get every batch through a
+:class:`attnlab.capture.model_probes.ModelRunner`. ``compare`` loads a second model for analyses that compare two
 models (``cka``); it must use the same tokenizer. The results dict has the layout of docs/results.md with
 ``command = "probe"``, ``probe_args`` and, with ``compare``, ``compare_model``.
 """
@@ -17,11 +17,11 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from attnlab.analyses import probe_or_analysis
+from attnlab.analyses.base import Analysis
 from attnlab.errors import ConfigError
 from attnlab.pipeline import Progress, RunConfig, load_for_run, results_envelope
-from attnlab.probes import PROBES
 from attnlab.probes.base import Probe
-from attnlab.probes.model_base import is_model_probe
 
 
 def parse_probe_args(items: list[str] | None) -> dict[str, dict[str, Any]]:
@@ -46,14 +46,14 @@ def parse_probe_args(items: list[str] | None) -> dict[str, dict[str, Any]]:
     return parsed
 
 
-def build_probes(names: tuple[str, ...], probe_args: Mapping[str, Mapping[str, Any]]) -> list[Probe]:
-    """Instantiate the named probes with their arguments; ConfigError on arguments a probe does not take."""
+def build_probes(names: tuple[str, ...], probe_args: Mapping[str, Mapping[str, Any]]) -> list[Probe | Analysis]:
+    """Instantiate the named probes and analyses with their arguments; ConfigError on arguments one does not take."""
     unused = sorted(set(probe_args) - set(names))
     if unused:
         raise ConfigError(f"--probe-arg given for probe(s) not selected: {', '.join(unused)}")
     probes = []
     for name in names:
-        cls = PROBES.get(name)
+        cls = probe_or_analysis(name)
         try:
             probes.append(cls(**dict(probe_args.get(name, {}))))
         except TypeError as error:
@@ -97,13 +97,13 @@ def run_probe_suite(config: RunConfig, *, probe_args: Mapping[str, Mapping[str, 
         raise ConfigError(f"probe(s) {', '.join(names)} compare two models; pass --compare OTHER_MODEL")
     for probe in probes:
         if hasattr(probe, "prepare"):
-            probe.prepare(runner.info)
+            probe.prepare(runner.facts, runner)
     notify(0, 0, "reading text")
     windows = load_text(tokenizer, config.text, seq_len=config.seq_len, max_windows=config.max_windows,
                         bos=config.bos, batch_size=config.batch_size, device=config.device)
     runner.bos_policy = "always" if windows.bos_added else "never"  # text-B windows follow the run's windows
-    attention_probes = [p for p in probes if not is_model_probe(p)]
-    model_probes = [p for p in probes if is_model_probe(p)]
+    attention_probes = [p for p in probes if not isinstance(p, Analysis)]
+    model_probes = [p for p in probes if isinstance(p, Analysis)]
     total = len(windows) * (bool(attention_probes) + bool(model_probes))
     done = 0
     paths: dict[int, str] = {}

@@ -158,21 +158,23 @@ def models_fetch(
     run_guarded(body, debug)
 
 
-def _list_registry(registry: Any) -> None:
-    """Print ``name  first docstring line`` for every entry of a registry."""
-    names = registry.names()
-    width = max((len(name) for name in names), default=0) + 2
-    for name in names:
-        doc = (registry.get(name).__doc__ or "").strip().splitlines()
-        typer.echo(f"{name:{width}s}{doc[0].replace('``', '') if doc else ''}")
+def _list_registry(registry: Any, marked: Any = None, mark: str = "(analysis) ") -> None:
+    """Print ``name  first docstring line`` for every entry of a registry (and of ``marked``, with ``mark``)."""
+    entries = [(name, registry.get(name), "") for name in registry.names()]
+    entries += [(name, marked.get(name), mark) for name in (marked.names() if marked is not None else [])]
+    width = max((len(name) for name, _, _ in entries), default=0) + 2
+    for name, obj, tag in sorted(entries, key=lambda entry: entry[0]):
+        doc = (obj.__doc__ or "").strip().splitlines()
+        typer.echo(f"{name:{width}s}{tag}{doc[0].replace('``', '') if doc else ''}")
 
 
 @ls_app.command("probes")
 def ls_probes() -> None:
-    """List the registered probes with their one-line summary."""
+    """List the registered probes and analyses (marked "(analysis)") with their one-line summary."""
+    from attnlab.analyses import ANALYSES
     from attnlab.probes import PROBES
 
-    _list_registry(PROBES)
+    _list_registry(PROBES, ANALYSES)
 
 
 @ls_app.command("edits")
