@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
@@ -59,6 +59,7 @@ class ForwardRecord:
         return (self.token_loss.double() * self.target_valid).sum(-1) / count
 
 
+@runtime_checkable
 class Runner(Protocol):
     """What an analysis may ask of the model: exactly the members the built-in analyses use.
 
