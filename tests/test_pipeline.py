@@ -51,7 +51,7 @@ def test_an_analysis_runs_beside_attention_probes(text, token_count):
     from attnlab.pipeline import run_probes
 
     assert probe_kind("token_count") == "analysis" and probe_kind("entropy") == "attention"
-    assert probe_kind("inflection") in ("model", "analysis")  # a ModelProbe today, an analysis once moved
+    assert probe_kind("inflection") == "analysis"
     loaded = LoadedModel.wrap(tiny_llama(), tiny_tokenizer(), name="tiny")
     config = RunConfig(text=text, seq_len=16, max_windows=2, bos="never", probes=("entropy", "token_count"),
                        probe_args={"token_count": {"scale": 3}})

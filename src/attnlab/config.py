@@ -160,18 +160,12 @@ class RunSpec:
 
 
 def probe_kind(name: str) -> str:
-    """``"analysis"`` (a name in :data:`attnlab.analyses.ANALYSES`), ``"model"`` (a probe whose ``needs`` has
-    ``"model"``: today's ModelProbe) or ``"attention"``. RegistryError (suggesting from both registries) if unknown."""
-    from attnlab.analyses import ANALYSES
-    from attnlab.errors import RegistryError
-    from attnlab.probes import PROBES
-    from attnlab.registry import unknown_name_message
+    """``"analysis"`` (a name in :data:`attnlab.analyses.ANALYSES`) or ``"attention"`` (a name in
+    :data:`attnlab.probes.PROBES`). RegistryError (suggesting from both registries) if unknown."""
+    from attnlab.analyses import probe_or_analysis
+    from attnlab.analyses.base import Analysis
 
-    if name in ANALYSES:
-        return "analysis"
-    if name not in PROBES:
-        raise RegistryError(unknown_name_message("probe", name, sorted({*PROBES.names(), *ANALYSES.names()})))
-    return "model" if "model" in PROBES.get(name).needs else "attention"
+    return "analysis" if issubclass(probe_or_analysis(name), Analysis) else "attention"
 
 
 def _coerce(spec_field: dataclasses.Field, value: Any) -> Any:

@@ -13,12 +13,11 @@ A name in ``config.run.probes`` is dispatched by :func:`attnlab.config.probe_kin
 - an attention probe (:data:`attnlab.probes.PROBES`) observes attention calls inside one :class:`attnlab.Session`
   over the windows;
 - an analysis (:data:`attnlab.analyses.ANALYSES`) is prepared with ``prepare(facts, runner)`` and then sees every
-  batch through a :class:`attnlab.capture.model_probes.ModelRunner` (``observe``), then ``finish``;
-- a probe whose ``needs`` contains ``"model"`` (a ModelProbe not yet moved to analyses) runs like an analysis but
-  is prepared with the runner's ``info``.
+  batch through a :class:`attnlab.capture.model_probes.ModelRunner` (``observe``), then ``finish``.
 
-The runner is built only when something needs it (an analysis, a model probe, or a probe with ``prepare``), so a
-report of attention probes never builds one.
+Attention probes with a ``prepare(facts, runner)`` method (magnets, rope_decay: token strings, RoPE settings) are
+prepared the same way. The runner is built only when something needs it, so a report of the default attention
+probes never builds one.
 """
 
 from __future__ import annotations
@@ -147,9 +146,7 @@ class _LazyRunner:
         if self.runner is None:
             from attnlab.capture.model_probes import ModelRunner
 
-            self.runner = ModelRunner(self.loaded.model, self.loaded.tokenizer)
-            if not hasattr(self.runner, "facts"):  # the analyses' Runner protocol reads runner.facts
-                self.runner.facts = self.loaded.facts
+            self.runner = ModelRunner(self.loaded.model, self.loaded.tokenizer, facts=self.loaded.facts)
             if self.compare is not None:
                 self.runner.other = self._other()
         return self.runner
@@ -194,11 +191,9 @@ def run_probes(config: RunConfig, *, progress: Progress | None = None, model: An
     runner = _LazyRunner(loaded, config.run.compare, config.load, notify)
     if config.run.compare is not None:
         runner.get()  # load and check the second model before the run
-    for kind, obj in observers:
-        if kind == "analysis":
+    for _, obj in observers:
+        if hasattr(obj, "prepare"):  # analyses; attention probes that read token strings or rope settings
             obj.prepare(loaded.facts, runner.get())
-        elif hasattr(obj, "prepare"):  # model probes; attention probes that read token strings or rope settings
-            obj.prepare(runner.get().info)
     notify(0, 0, "reading text")
     windows = load_text(loaded.tokenizer, config.data.text, seq_len=config.data.seq_len,
                         max_windows=config.data.max_windows, bos=config.data.bos,

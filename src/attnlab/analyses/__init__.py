@@ -10,7 +10,8 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from attnlab.registry import Registry
+from attnlab.errors import RegistryError
+from attnlab.registry import Registry, unknown_name_message
 
 
 def _load_builtins() -> None:
@@ -21,4 +22,20 @@ def _load_builtins() -> None:
 
 ANALYSES: Registry[type] = Registry("analysis", loader=_load_builtins)
 
-__all__ = ["ANALYSES"]
+
+def probe_or_analysis(name: str) -> type:
+    """The probe class named ``name``, else the analysis class (``attnlab probe --probe NAME`` takes either).
+
+    Raises:
+        RegistryError: neither registry has the name (the message suggests the nearest name of both).
+    """
+    from attnlab.probes import PROBES
+
+    if name in PROBES:
+        return PROBES.get(name)
+    if name in ANALYSES:
+        return ANALYSES.get(name)
+    raise RegistryError(unknown_name_message("probe or analysis", name, PROBES.names() + ANALYSES.names()))
+
+
+__all__ = ["ANALYSES", "probe_or_analysis"]

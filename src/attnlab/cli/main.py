@@ -121,11 +121,11 @@ def _list_registry(*registries: Any, marks: tuple[str, ...] = ()) -> None:
 
 @ls_app.command("probes")
 def ls_probes() -> None:
-    """List the registered probes and analyses (marked [analysis]) with their one-line summary."""
+    """List the registered probes and analyses (marked "(analysis)") with their one-line summary."""
     from attnlab.analyses import ANALYSES
     from attnlab.probes import PROBES
 
-    _list_registry(PROBES, ANALYSES, marks=("", "[analysis]"))
+    _list_registry(PROBES, ANALYSES, marks=("", "(analysis)"))
 
 
 @ls_app.command("edits")

@@ -1,4 +1,5 @@
-"""Probes: observers of attention. ``PROBES`` names them; ``attnlab ls probes`` lists them.
+"""Probes: observers of attention. ``PROBES`` names them; ``attnlab ls probes`` lists them with the analyses
+(:mod:`attnlab.analyses`, model-level diagnostics that drive the model themselves).
 
 Built-in probes are imported on the first lookup so ``import attnlab.probes`` stays cheap.
 """
@@ -10,9 +11,7 @@ import importlib
 from attnlab.registry import Registry
 
 _BUILTIN_MODULES = ("entropy", "sink", "distance", "norms", "massive_activations", "magnets", "rope_decay",
-                    "spatial_decay", "inflection", "cka", "length_collapse", "head_divergence",
-                    "active_dormant", "head_importance", "head_overlap", "contrast",
-                    "memory_fidelity")
+                    "spatial_decay")
 
 
 def _load_builtins() -> None:
