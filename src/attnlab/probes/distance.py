@@ -79,9 +79,6 @@ class DistanceProbe(Probe):
         rows = (positions >= R if call.causal else positions >= 0) & query_ok
         fit = keep & (rows[:, :, None] & (distance[None] < R[:, :, None]))[:, None]  # (B, 1|H, bq, width)
         no_sink = fit & (call.key_positions[:, :width] != 0)[:, None, None, :]
-        in_block = self._has_sink & (self._sink_index < width)
-        sink_column = self._sink_index.clamp(max=width - 1)[:, None, None, None].expand(B, H, bq, 1)
-        sink_share = probs.gather(-1, sink_column) * in_block[:, None, None, None]  # (B, H, bq, 1)
 
         contiguous = bq == 1 or int(block.q_index[-1] - block.q_index[0]) == bq - 1
         if contiguous:  # diagonal sums over a reused zero-padded buffer: no scatter, no copies
@@ -118,8 +115,13 @@ class DistanceProbe(Probe):
             fit_sums = by_distance(lambda out: torch.mul(probs, fit, out=out), per_head, H)
         self.fit_sum[layer, :, :Lk] += fit_sums
         self.fit_count[layer, :, :Lk] += by_distance(lambda out: out.copy_(fit), per_mask, G).expand(H, Lk)
+        # Renormalise over the keys off the sink: their mass summed directly in float64. ``1 - sink share`` (or the
+        # row sum minus the sink) cancels: in float32 it keeps only ~1e-7 / (1 - sink share) relative accuracy.
+        sink_cell = (torch.arange(width, device=device) == self._sink_index[:, None]) & self._has_sink[:, None]  # (B, w)
+        rest = probs.masked_fill(sink_cell[:, None, None, :], 0.0).sum(dim=-1, keepdim=True, dtype=torch.float64)
+        inverse = torch.where(rest > 0, rest.reciprocal(), torch.zeros((), dtype=rest.dtype, device=device))
         self.no_sink_sum[layer, :, :Lk] += by_distance(
-            lambda out: torch.mul(probs, no_sink, out=out).div_((1 - sink_share).clamp_min(1e-6)), per_head, H)
+            lambda out: torch.mul(probs, no_sink, out=out).mul_(inverse), per_head, H)
         self.no_sink_count[layer, :, :Lk] += by_distance(lambda out: out.copy_(no_sink), per_mask, G).expand(H, Lk)
 
     def state(self) -> dict[str, Tensor]:
