@@ -15,7 +15,11 @@ Two estimators, because pooling every row biases a causal decay curve:
   distances only, which fakes a decay. The first token sits at distance ≥ R from every fixed row, so the sink
   never enters these curves as a far-away spike.
 - The ``_no_sink`` variants drop the sink column (key position 0) and renormalise each row over the other keys,
-  so heads that park different amounts of mass on the sink are compared on their remaining attention.
+  so heads that park different amounts of mass on the sink are compared on their remaining attention. The mass
+  off the sink is summed directly in float64 (not taken as ``1 - sink``, which cancels when the sink holds nearly
+  everything), so a left-padded batch and its texts run one by one agree to ~1e-7.
+- Query rows whose attention became NaN inside the model are left out, like rows with no visible key; the
+  ``entropy`` probe counts them (``nan_rows``).
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ class DistanceProbe(Probe):
         self._storage = self._mask_storage = None
 
     def update(self, call: AttentionCall, block: BlockView) -> None:
+        block = block.without_nan_rows()  # NaN rows count as rows with no visible key (entropy counts them)
         probs = block.probs  # (B, H, bq, width); keys at width and beyond got no attention from this block
         B, H, bq, width = probs.shape
         Lk, device = call.kv_len, probs.device
