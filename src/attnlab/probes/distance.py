@@ -35,7 +35,7 @@ from attnlab.probes.base import (
     AttentionCall, ModelShape, Probe, Row, RowWriter, key_index_of_positions, pad_to_length, safe_div,
 )
 from attnlab.stats.distance import (
-    DiagonalSums, bin_sums, fit_decay, log2_bin_starts, sums_by_distance_scatter,
+    DiagonalSums, bin_sums, fit_decay, log2_bin_starts, mass_off_sink, sums_by_distance_scatter,
 )
 
 
@@ -62,7 +62,7 @@ class DistanceProbe(Probe):
     def begin_call(self, call: AttentionCall) -> None:
         self._grow(call.kv_len)
         index, present = key_index_of_positions(call.key_positions, 1)
-        self._sink_index, self._has_sink = index[:, 0], present[:, 0]  # (B,)
+        self._sink_columns = [i if p else None for i, p in zip(index[:, 0].tolist(), present[:, 0].tolist())]
         self._fit_range = call.key_valid.sum(dim=-1) // 2  # (B,) R per sequence
         self._storage: Tensor | None = None  # diagonal-sum buffers, reused across the call's blocks
 
@@ -120,10 +120,7 @@ class DistanceProbe(Probe):
             fit_sums = by_distance(lambda out: torch.mul(probs, fit, out=out), per_head, H)
         self.fit_sum[layer, :, :Lk] += fit_sums
         self.fit_count[layer, :, :Lk] += by_distance(lambda out: out.copy_(fit), per_mask, G).expand(H, Lk)
-        # Renormalise over the keys off the sink: their mass summed directly in float64. ``1 - sink share`` (or the
-        # row sum minus the sink) cancels: in float32 it keeps only ~1e-7 / (1 - sink share) relative accuracy.
-        sink_cell = (torch.arange(width, device=device) == self._sink_index[:, None]) & self._has_sink[:, None]  # (B, w)
-        rest = probs.masked_fill(sink_cell[:, None, None, :], 0.0).sum(dim=-1, keepdim=True, dtype=torch.float64)
+        rest = mass_off_sink(probs, self._sink_columns)  # (B, H, bq, 1) float64, renormalises the rows
         inverse = torch.where(rest > 0, rest.reciprocal(), torch.zeros((), dtype=rest.dtype, device=device))
         self.no_sink_sum[layer, :, :Lk] += by_distance(
             lambda out: torch.mul(probs, no_sink, out=out).mul_(inverse), per_head, H)
