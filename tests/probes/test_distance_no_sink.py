@@ -39,7 +39,7 @@ def test_no_sink_renormalisation_is_exact_when_the_sink_takes_almost_everything(
 
 
 def _sink_llama():
-    """A tiny Llama whose heads park 1 - 1e-3 … 1 - 1e-9 of each row on <s>, with a real decay over distance.
+    """A tiny Llama whose four heads leave from ~1e-1 down to below 1e-7 of a row off <s>, with a decay over distance.
 
     Only <s> (id 1) has hidden dimension 0, and only that dimension feeds key component 3 (the slowest RoPE pair,
     nearly unrotated over 100 tokens), which every query reads through its bias with a per-head weight: a sink
