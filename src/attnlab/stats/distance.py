@@ -113,7 +113,7 @@ def mass_off_sink(probs: Tensor, sink_columns: list[int | None]) -> Tensor:
 
     Summed directly, not as ``1 - probs[sink]``: that difference cancels when the sink holds nearly all the mass
     (float32 leaves ~6e-8 / (1 - sink) relative accuracy; float64 of the row sum minus the sink, ~1e-16 / (1 - sink)).
-    Two slices per sequence, so no copy of the block is made (on GPU the float64 cast happens inside the sum).
+    Two slices per sequence are summed, so no masked copy of the block is made.
 
     Args:
         probs: (B, H, n, w) attention rows, any float dtype.
@@ -122,6 +122,9 @@ def mass_off_sink(probs: Tensor, sink_columns: list[int | None]) -> Tensor:
 
     Returns:
         (B, H, n, 1) float64.
+
+    Raises:
+        ShapeError: if ``sink_columns`` does not have B entries.
     """
     B, H, n, w = probs.shape
     if len(sink_columns) != B:
