@@ -19,7 +19,9 @@ from torch import Tensor
 
 from attnlab.errors import ConfigError, ShapeError
 from attnlab.functional.attention import _compute_dtype, check_qkv
+from attnlab.functional.positions import alibi_slopes, retnet_log_decay
 
+# alibi_slopes and retnet_log_decay live in functional/positions.py; re-exported here for their callers
 __all__ = ["alibi", "alibi_slopes", "decay_matrix", "decayed_softmax_attention", "grid_decay", "linear_decay",
            "relu_attention", "retnet_log_decay", "sigmoid_attention"]
 
@@ -83,13 +85,6 @@ def relu_attention(query: Tensor, key: Tensor, value: Tensor, keep: Tensor | Non
     else:
         probs = probs * keep / keep.sum(dim=-1, keepdim=True).clamp_min(1).to(probs.dtype)
     return (probs @ v).to(value.dtype), probs
-
-
-def retnet_log_decay(num_heads: int) -> Tensor:
-    """Per-head log decay log(1 − 2^(−5−h)), h = 0 … H−1 (RetNet / CACE schedule, METHODS.md #35, #33); float64."""
-    if num_heads < 1:
-        raise ConfigError(f"num_heads must be >= 1, got {num_heads}")
-    return torch.log1p(-torch.pow(2.0, -5.0 - torch.arange(num_heads, dtype=torch.float64)))
 
 
 def decay_matrix(height: int, width: int, log_decay: Tensor, distance: str = "chebyshev") -> Tensor:
@@ -156,22 +151,6 @@ def linear_decay(log_decay: Tensor, symmetric: bool = False):
         return logits + log_decay.to(device=logits.device, dtype=logits.dtype)[head_idx] * distance.to(logits.dtype)
 
     return score_mod
-
-
-def alibi_slopes(num_heads: int) -> Tensor:
-    """ALiBi head slopes (Press et al. 2022): 2^(−8(h+1)/n) for n a power of two; otherwise the slopes of the next
-    lower power of two followed by every other slope of twice that many heads. float64 (H,)."""
-    if num_heads < 1:
-        raise ConfigError(f"num_heads must be >= 1, got {num_heads}")
-
-    def geometric(n: int) -> list[float]:
-        return [2.0 ** (-8.0 * (h + 1) / n) for h in range(n)]
-
-    lower = 2 ** int(math.floor(math.log2(num_heads)))
-    slopes = geometric(lower)
-    if lower < num_heads:
-        slopes += geometric(2 * lower)[0::2][: num_heads - lower]
-    return torch.tensor(slopes, dtype=torch.float64)
 
 
 def alibi(num_heads: int, symmetric: bool = False):
