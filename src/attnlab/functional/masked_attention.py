@@ -40,7 +40,7 @@ from torch import Tensor
 from attnlab.errors import ConfigError
 from attnlab.functional.attention import check_qkv
 from attnlab.functional.masks import MaskMod, _broadcast_indices, check_lengths, shift_queries, to_dense
-from attnlab.functional.softmax_family import _logits
+from attnlab.functional.softmax_family import scaled_logits
 
 __all__ = ["BlockMaskCache", "ScoreMod", "build_block_mask", "dense_score_mod", "masked_attention"]
 
@@ -161,7 +161,7 @@ def _dense_path(query: Tensor, key: Tensor, value: Tensor, mask_mod: MaskMod | N
         groups = H // key.shape[1]
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=keep, scale=scale, enable_gqa=groups > 1)
     else:
-        logits, v = _logits(query, key, value, scale)  # (B, H, Lq, Lk), (B, H, Lk, Dv) in the compute dtype
+        logits, v = scaled_logits(query, key, value, scale)  # (B, H, Lq, Lk), (B, H, Lk, Dv) in the compute dtype
         logits = dense_score_mod(score_mod, logits, q_offset)
         if keep is not None:
             logits = logits.masked_fill(~keep, float("-inf"))

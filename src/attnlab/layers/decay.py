@@ -10,7 +10,7 @@ from torch import Tensor
 from attnlab.errors import ConfigError
 from attnlab.functional.masks import MaskMod
 from attnlab.functional.positions import alibi_slopes, retnet_log_decay
-from attnlab.functional.softmax_family import (_check_log_decay, decay_matrix, decayed_softmax_attention,
+from attnlab.functional.softmax_family import (check_log_decay, decay_matrix, decayed_softmax_attention,
                                                linear_decay)
 from attnlab.layers import LAYERS
 from attnlab.layers._softmax_base import SoftmaxFamilyAttention
@@ -64,7 +64,7 @@ class DecayMatrixAttention(SoftmaxFamilyAttention):
         log_decay = retnet_log_decay(num_heads).float() if log_decay is None else log_decay
         if log_decay.shape != (num_heads,):
             raise ConfigError(f"expected log_decay of shape ({num_heads},), got {tuple(log_decay.shape)}")
-        _check_log_decay(log_decay)  # at construction, not at the first forward
+        check_log_decay(log_decay)  # at construction, not at the first forward
         self.grid_width, self.distance = grid_width, distance
         self.register_buffer("log_decay", log_decay, persistent=False)
 
