@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from attnlab.errors import ConfigError
-from attnlab.functional.masked_attention import BlockMaskCache, ScoreMod, masked_attention
+from attnlab.functional.masked_attention import BlockMaskCache, ScoreMod, masked_attention, shift_score_mod
 from attnlab.functional.masks import MaskMod, and_masks, causal, check_num_heads, shift_positions, to_dense
 from attnlab.functional.positions import rotary
 from attnlab.layers._common import check_heads, check_hidden, merge_heads, split_heads
@@ -86,14 +86,7 @@ class SoftmaxFamilyAttention(Layer):
 
     def at_positions(self, score_mod: ScoreMod | None) -> ScoreMod | None:
         """A layer-level score_mod (absolute positions) evaluated at this call's positions."""
-        offset = self._offset
-        if score_mod is None or offset == 0:
-            return score_mod
-
-        def shifted(logits: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-            return score_mod(logits, b, h, q_idx + offset, kv_idx + offset)
-
-        return shifted
+        return shift_score_mod(score_mod, self._offset)
 
     def dense_keep(self, q: Tensor, k: Tensor) -> Tensor:
         """The layer mask materialised: bool (B, H, Lq, Lk) for the dense-only normalisers."""
