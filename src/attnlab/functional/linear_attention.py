@@ -27,8 +27,8 @@ state is float32/float64. No form ever exponentiates a positive log decay sum: e
 log decay of -1e4 underflows to exact zeros instead of overflowing (the ``Q ⊙ B, K ⊘ B`` factorisation of the GLA
 paper is avoided for that reason). Decays between two steps are summed directly (:func:`segment_sums`, an exclusive
 reverse cumsum for "to the end of the chunk"), never as differences of cumulative sums, which cancel under an
-extreme gate (-1e4, -0.1 · float32 max) and used to break segment chaining in float32. The chunk form with a per-key-dim decay runs chunks of at most
-``PER_KEY_CHUNK`` (8) tokens whatever chunk_size says (each materialises an (8, 8, K) decay tensor: memory
+extreme gate (-1e4, -0.1 · float32 max) and used to break segment chaining in float32. The chunk form with a
+per-key-dim decay runs chunks of at most ``PER_KEY_CHUNK`` (8) tokens whatever chunk_size says (each materialises an (8, 8, K) decay tensor: memory
 O(T · 8 · K) per head); the state carried between those short chunks plays the role of GLA's secondary chunking.
 """
 

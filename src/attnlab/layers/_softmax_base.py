@@ -7,8 +7,8 @@ one calling convention, the layer protocol (``layers/base.py``); these layers ke
 so the returned state is None and a non-None ``state`` raises ConfigError.
 
 Masks: ``mask_mod=None`` means causal; pass ``attnlab.functional.masks.full()`` for bidirectional attention.
-Positions: ``forward(hidden_states, position_offset=p)`` places the chunk at absolute positions p … p + T − 1 (no KV cache):
-RoPE, the layer's mask and the layer's own score_mod all see those positions on both axes (:meth:`layer_mask`,
+Positions: ``forward(hidden_states, position_offset=p)`` places the chunk at absolute positions p … p + T − 1 (no KV
+cache): RoPE, the layer's mask and the layer's own score_mod all see those positions on both axes (:meth:`layer_mask`,
 :meth:`at_positions`), so absolute-position masks (sinks, radial, tables) stay aligned. Per-call masks built from
 the chunk itself (DMA's top-w, MODA's groups) use chunk-local positions.
 Paths: ``path="dense"`` (SDPA with the materialised mask; trains on CPU) or ``path="flex"`` (FlexAttention with a

@@ -51,8 +51,8 @@ class DecayMatrixAttention(SoftmaxFamilyAttention):
     bidirectional: pass ``mask_mod=masks.full()``. Source: Zhou et al. 2024, CFE/CACE (METHODS.md #33).
     """
 
-    def __init__(self, hidden_size: int, num_heads: int = DEFAULT_NUM_HEADS, num_kv_heads: int | None = None, *, grid_width: int,
-                 head_dim: int | None = None, distance: Literal["chebyshev", "manhattan"] = "chebyshev",
+    def __init__(self, hidden_size: int, num_heads: int = DEFAULT_NUM_HEADS, num_kv_heads: int | None = None, *,
+                 grid_width: int, head_dim: int | None = None, distance: Literal["chebyshev", "manhattan"] = "chebyshev",
                  log_decay: Tensor | None = None, mask_mod: MaskMod | None = None,
                  rope_base: float | None = 10000.0) -> None:
         super().__init__(hidden_size, num_heads, num_kv_heads, head_dim=head_dim, mask_mod=mask_mod,

@@ -30,8 +30,8 @@ class DeconstructedAttention(SoftmaxFamilyAttention):
     """Softmax attention whose queries/keys come from ``qk_source`` instead of the hidden states (METHODS.md #20).
 
     ``qk_source``: "hidden" (standard), "fixed_sequence" (a fixed random (max_len, C) sequence drawn from ``seed``,
-    input-independent pattern), "static" (``forward(hidden_states, static_states=...)``, keyword-only, with the layer-0 token
-    embeddings (B, T, C)). Values always come from the hidden states. Low confidence (see the module docstring).
+    input-independent pattern), "static" (``forward(hidden_states, static_states=...)``, keyword-only, with the
+    layer-0 token embeddings (B, T, C)). Values always come from the hidden states. Low confidence (see the module docstring).
     """
 
     def __init__(self, hidden_size: int, num_heads: int = DEFAULT_NUM_HEADS, num_kv_heads: int | None = None, *,

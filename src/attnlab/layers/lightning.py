@@ -33,8 +33,8 @@ class LightningAttention(Layer):
 
     carries_state, positional = True, True
 
-    def __init__(self, hidden_size: int, num_heads: int = DEFAULT_NUM_HEADS, num_kv_heads: int | None = None, *, layer_idx: int = 0,
-                 num_layers: int = 1, decay_schedule: str = "code", use_lrpe: bool = True,
+    def __init__(self, hidden_size: int, num_heads: int = DEFAULT_NUM_HEADS, num_kv_heads: int | None = None, *,
+                 layer_idx: int = 0, num_layers: int = 1, decay_schedule: str = "code", use_lrpe: bool = True,
                  gate_low_rank_dim: int = 16, form: str = "chunk", chunk_size: int = 64,
                  norm_eps: float = 1e-5) -> None:
         super().__init__()

@@ -29,8 +29,8 @@ class DuplexAttention(SoftmaxFamilyAttention):
     ``forward(hidden_states, *, group_ids=None)``: group_ids (B, T) in {0, 1}; None = all group 0 (plain attention).
     ``allowed`` (2, 2) bool says which groups see which (default all); it is ANDed with the layer mask.
     ``causal_basis``: build the alignment basis from group-0 tokens up to each key's position (see
-    :func:`attnlab.functional.moda.align_keys`); None (default) = True iff the layer mask hides every later key (checked on 16 positions),
-    so the default causal layer stays causal; False = the released code's whole-sequence basis (bidirectional).
+    :func:`attnlab.functional.moda.align_keys`); None (default) = True iff the layer mask hides every later key
+    (checked on 16 positions), so the default causal layer stays causal; False = the released code's whole-sequence basis (bidirectional).
     Args otherwise as in ``MaskedAttention``. Source: KwaiVGI/MODA ``modeling_llama_local_moda.py`` (METHODS.md #32).
     """
 

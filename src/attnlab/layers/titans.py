@@ -89,8 +89,8 @@ class TitansMAG(_NeuralMemoryLayer):
 
     positional = True
 
-    def __init__(self, hidden_size: int, num_heads: int = DEFAULT_NUM_HEADS, *, window: int = 64, num_persistent: int = 4,
-                 memory_expansion: int = 4, chunk_size: int = 16, max_lr: float = 1.0, form: str = "chunk",
+    def __init__(self, hidden_size: int, num_heads: int = DEFAULT_NUM_HEADS, *, window: int = 64,
+                 num_persistent: int = 4, memory_expansion: int = 4, chunk_size: int = 16, max_lr: float = 1.0, form: str = "chunk",
                  norm_eps: float = 1e-5) -> None:
         super().__init__()
         if form not in MEMORY_FORMS:
@@ -154,8 +154,9 @@ class TitansMAC(_NeuralMemoryLayer):
     Raises ConfigError for bad sizes or form; ShapeError for bad inputs.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int = DEFAULT_NUM_HEADS, *, segment_size: int = 64, num_persistent: int = 4,
-                 memory_expansion: int = 4, max_lr: float = 1.0, form: str = "chunk", norm_eps: float = 1e-5) -> None:
+    def __init__(self, hidden_size: int, num_heads: int = DEFAULT_NUM_HEADS, *, segment_size: int = 64,
+                 num_persistent: int = 4, memory_expansion: int = 4, max_lr: float = 1.0, form: str = "chunk",
+                 norm_eps: float = 1e-5) -> None:
         super().__init__()
         if form not in MEMORY_FORMS:
             raise ConfigError(f"expected form in {list(MEMORY_FORMS)}, got {form!r}")
