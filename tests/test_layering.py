@@ -157,11 +157,8 @@ PENDING = {
     *(f"attnlab.functional.{name} imports private name _compute_dtype from attnlab.functional.attention"
       for name in ("hedgehog", "lightnet", "lightning", "linear_attention", "softmax_family", "titans")),
     "attnlab.functional.masked_attention imports private name _broadcast_indices from attnlab.functional.masks",
-    "attnlab.functional.masked_attention imports private name _logits from attnlab.functional.softmax_family",
     *(f"attnlab.functional.sparse_masks imports private name {name} from attnlab.functional.masks"
       for name in ("_check_non_negative", "_check_positive", "_named", "_with_cover")),
-    "attnlab.layers.decay imports private name _check_log_decay from attnlab.functional.softmax_family",
-    "attnlab.probes.memory_fidelity imports attnlab.layers._common, a private module of attnlab.layers",
 }
 
 

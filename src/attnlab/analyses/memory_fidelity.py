@@ -57,7 +57,7 @@ def layer_keys_values(module: nn.Module, hidden_states: Tensor) -> tuple[Tensor,
     """
     from attnlab.functional.lightning import lrpe
     from attnlab.layers import LAYERS
-    from attnlab.layers._common import rotary
+    from attnlab.functional.positions import rotary
 
     if not isinstance(module, _measured_classes()):
         raise ConfigError(f"memory_fidelity cannot rebuild the recurrence inputs of {type(module).__name__}; it "
