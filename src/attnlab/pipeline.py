@@ -206,6 +206,6 @@ def run_probes(config: RunConfig, *, progress: Progress | None = None, model: An
 
     return results_envelope(
         "report", config, model, tokenizer, bos_policy=windows.bos_policy, bos_added=windows.bos_added,
-        attention_paths=session.paths, windows=windows.windows, rows=session.rows(), started=started,
+        attention_paths=session.attention_paths, windows=windows.windows, rows=session.rows(), started=started,
         extras=session.extras(decode),
     )

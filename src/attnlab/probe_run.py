@@ -115,7 +115,7 @@ def run_probe_suite(config: RunConfig, *, probe_args: Mapping[str, Mapping[str, 
                 notify(done, total, "running attention probes")
                 model(**batch)
                 done += 1
-        paths = session.paths
+        paths = session.attention_paths
     for batch in windows if model_probes else []:
         notify(done, total, "running model probes")
         for probe in model_probes:
