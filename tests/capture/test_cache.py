@@ -116,3 +116,11 @@ def test_padded_batches_are_refused_inside_a_session():
     mask[1, :2] = 0
     with pytest.raises(ConfigError, match="padded batches"), Session(model):
         model(input_ids=ids, attention_mask=mask, cache=SinkWindowCache(model, sinks=1, window=3), use_cache=True)
+
+
+def test_length_dependent_rope_is_refused():
+    # dynamic NTK rescales every frequency as the text grows: re-rotated cached keys drift from a fresh forward
+    dynamic = tiny_llama(layers=1, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    with pytest.raises(ConfigError, match="rope_type='dynamic'"):
+        SinkWindowCache(dynamic, sinks=2, window=4)
+    SinkWindowCache(tiny_llama(layers=1, rope_scaling={"rope_type": "linear", "factor": 2.0}), sinks=2, window=4)
