@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from attnlab.edits import EDITS
-from attnlab.edits.base import Edit, EditContext, check_range
+from attnlab.edits.base import AttentionCall, Edit, check_range
 
 
 @EDITS.register("head_scale")
@@ -42,6 +42,6 @@ class HeadScale(Edit):
     def is_identity(self) -> bool:
         return self.scale == 1.0
 
-    def output_mod(self, output: Tensor, ctx: EditContext) -> Tensor:
-        factor = torch.where(ctx.head_column(), self.scale, 1.0).to(output.dtype)
+    def output_mod(self, output: Tensor, call: AttentionCall) -> Tensor:
+        factor = torch.where(self.head_column(call), self.scale, 1.0).to(output.dtype)
         return output * factor

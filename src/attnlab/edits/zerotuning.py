@@ -8,7 +8,7 @@ from typing import Any
 from torch import Tensor
 
 from attnlab.edits import EDITS
-from attnlab.edits.base import Edit, EditContext, check_range
+from attnlab.edits.base import AttentionCall, Edit, check_range
 
 
 @EDITS.register("zerotuning")
@@ -46,6 +46,6 @@ class ZeroTuning(Edit):
     def is_identity(self) -> bool:
         return self.gamma == 1.0
 
-    def key_bias(self, ctx: EditContext) -> tuple[Tensor, Tensor]:
-        coef = ctx.heads.float() * math.log(self.gamma)  # (Hq,)
-        return coef, ctx.key_positions == 0  # (B, Lk): the first real token
+    def key_bias(self, call: AttentionCall) -> tuple[Tensor, Tensor]:
+        coef = self.head_mask(call).float() * math.log(self.gamma)  # (Hq,)
+        return coef, call.key_positions == 0  # (B, Lk): the first real token
