@@ -19,6 +19,7 @@ from attnlab.errors import ConfigError
 from attnlab.probes import PROBES
 from attnlab.probes.base import Probe, Row, RowWriter
 from attnlab.probes.model_base import ModelInfo, ModelProbe
+from attnlab.report.sections import LayerCurve, Section, Series, Text
 from attnlab.stats.similarity import linear_cka, shared_pca_delta_cka
 
 
@@ -32,6 +33,13 @@ class CkaProbe(ModelProbe):
 
     name = "cka"
     needs_compare = True
+
+    sections = (Section("probe-cka", "CKA between models", (
+        Text(template="{tokens} tokens, PCA basis of {num_components} components."),
+        LayerCurve((Series("cka", "linear CKA"), Series("delta_cka_pca", "ΔCKA (shared PCA)")),
+                   title="similarity to the --compare model", ylabel="0–1", ylim=(-0.02, 1.02), alt="CKA per layer",
+                   caption="Linear CKA and ΔCKA = 1 − CKA in a shared PCA basis."),
+    )),)
 
     def __init__(self, max_tokens: int = 2048, num_components: int = 32) -> None:
         if max_tokens < 4 or num_components < 1:

@@ -20,6 +20,7 @@ from attnlab.errors import ConfigError
 from attnlab.probes import PROBES
 from attnlab.probes.base import Row, RowWriter, safe_div
 from attnlab.probes.model_base import ModelInfo, ModelProbe
+from attnlab.report.sections import Column, Heatmap, Section, Series, Table, Text
 
 
 @PROBES.register("head_divergence")
@@ -32,6 +33,16 @@ class HeadDivergenceProbe(ModelProbe):
     """
 
     name = "head_divergence"
+
+    sections = (Section("probe-head-divergence", "Head divergence", (
+        Text(template="Context span: {context}."),
+        Heatmap((Series("relative_divergence", "relative divergence", "‖Δo‖/‖o‖"),
+                 Series("divergence", "divergence", "‖Δo‖")),
+                alt="Heatmaps of head-output divergence with vs without context",
+                caption="Per layer (rows) and head (columns), mean over the tokens after the span."),
+        Table((Column("layer", "layer"), Column("head", "head"), Column("relative_divergence", "relative"),
+               Column("divergence", "L2")), extras="top_heads", caption="Heads that depend most on the context."),
+    )),)
 
     def __init__(self, context: int | None = None, top_k: int = 10) -> None:
         if context is not None and context < 1:

@@ -19,6 +19,7 @@ from attnlab.probes import PROBES
 from attnlab.probes._ablation import check_layers, head_effects
 from attnlab.probes.base import Row, RowWriter, safe_div
 from attnlab.probes.model_base import ModelInfo, ModelProbe
+from attnlab.report.sections import Column, Heatmap, Section, Series, Table, Text
 
 
 def top_heads(scores: Tensor, k: int) -> list[tuple[int, int]]:
@@ -38,6 +39,14 @@ class HeadImportanceProbe(ModelProbe):
     """
 
     name = "head_importance"
+
+    sections = (Section("probe-head-importance", "Head importance", (
+        Text(template="Zero ablation of one head at a time."),
+        Heatmap((Series("importance", "ablation importance", "Δ loss (nats)"),), alt="Heatmap of head importance",
+                caption="Loss increase when the head is zeroed."),
+        Table((Column("layer", "layer"), Column("head", "head"), Column("importance", "Δ loss")), extras="top_heads",
+              caption="Top heads."),
+    )),)
 
     def __init__(self, top_k: int = 10, layers: list[int] | None = None) -> None:
         if top_k < 1:

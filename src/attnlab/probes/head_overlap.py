@@ -20,6 +20,7 @@ from attnlab.probes import PROBES
 from attnlab.probes._ablation import head_effects
 from attnlab.probes.base import Probe, Row, RowWriter
 from attnlab.probes.head_importance import HeadImportanceProbe, top_heads
+from attnlab.report.sections import Heatmap, Section, Series, Text
 from attnlab.stats.similarity import pearson_r
 
 
@@ -33,6 +34,14 @@ class HeadOverlapProbe(HeadImportanceProbe):
     """
 
     name = "head_overlap"
+
+    sections = (Section("probe-head-overlap", "Head overlap", (
+        Text(template="Top-{top_k} sets: IoU {value.overlap_iou}, |A∩B|/|A| {value.overlap_of_a}, importance "
+                      "correlation {value.importance_correlation}; text B = {text_b}; shared heads {shared}."),
+        Heatmap((Series("importance_a", "importance, text A", "Δ loss"), Series("importance_b", "importance, text B",
+                                                                              "Δ loss")),
+                alt="Heatmaps of head importance for two texts", caption="Zero-ablation loss change."),
+    )),)
 
     def __init__(self, other_text: str | None = None, top_k: int = 10, layers: list[int] | None = None) -> None:
         super().__init__(top_k=top_k, layers=layers)
