@@ -22,6 +22,7 @@ from attnlab import __version__
 from attnlab.columns import SCHEMA_VERSION
 from attnlab.errors import ConfigError
 from attnlab.probes import DEFAULT_PROBES, PROBES
+from attnlab.report.sections import section_specs
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 _FIELD_TYPES = {"model": str, "seq_len": int, "max_windows": int, "batch_size": int, "block_size": int,
@@ -207,5 +208,5 @@ def run_probes(config: RunConfig, *, progress: Progress | None = None, model: An
     return results_envelope(
         "report", config, model, tokenizer, bos_policy=windows.bos_policy, bos_added=windows.bos_added,
         attention_paths=session.paths, windows=windows.windows, rows=session.rows(), started=started,
-        extras=session.extras(decode),
+        extras=session.extras(decode), sections=section_specs(probes),
     )

@@ -22,6 +22,7 @@ from attnlab.pipeline import Progress, RunConfig, load_for_run, results_envelope
 from attnlab.probes import PROBES
 from attnlab.probes.base import Probe
 from attnlab.probes.model_base import is_model_probe
+from attnlab.report.sections import section_specs
 
 
 def parse_probe_args(items: list[str] | None) -> dict[str, dict[str, Any]]:
@@ -132,6 +133,7 @@ def run_probe_suite(config: RunConfig, *, probe_args: Mapping[str, Mapping[str, 
         "probe", config, model, tokenizer, bos_policy=windows.bos_policy, bos_added=windows.bos_added,
         attention_paths=paths, windows=windows.windows, rows=[row for probe in probes for row in probe.rows()],
         started=started, probe_args=probe_args, extras={probe.name: probe.extras(decode) for probe in probes},
+        sections=section_specs(probes),
     )
     if other_info is not None:
         results["compare_model"] = other_info

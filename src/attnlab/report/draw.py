@@ -113,7 +113,8 @@ class _Values(string.Formatter):
 
 
 def display(value: Any) -> str:
-    """A value as text: ``—`` for None/NaN, 3 significant digits, ``1–3, 7`` for integer lists, ``k (v); ...``."""
+    """A value as text: ``—`` for None/NaN, whole floats as integers, else 3 significant digits, ``1–3, 7`` for
+    integer lists, ``k (v); ...`` for mappings, ``yes``/``no`` for booleans."""
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, Mapping):
@@ -122,6 +123,8 @@ def display(value: Any) -> str:
         if value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             return layer_ranges(value)
         return ", ".join(display(v) for v in value) or "none"
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e9:
+        return str(int(value))  # rope_theta = 10000, not 1e+04
     return format_number(value)
 
 
@@ -250,6 +253,8 @@ def _table(part: Table, rows: ProbeRows, extras: Mapping[str, Any], values: _Val
             body.append(cells)
         headers, numeric = [part.index_header or part.index, *headers], [False, *numeric]
         total = len(body)
+    if not body and not part.empty:
+        return None
     counts = _Values(extras, rows, {"shown": len(body), "total": total})
     return {"kind": "table", "title": values.fill(part.title), "headers": list(zip(headers, numeric)), "rows": body,
             "caption": counts.fill(part.caption), "empty": values.fill(part.empty)}

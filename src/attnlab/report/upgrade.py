@@ -16,7 +16,14 @@ from attnlab.columns import RESULT_COLUMNS, SCHEMA_VERSION
 from attnlab.report.schema import validate_results
 from attnlab.report.sections import section_specs
 
-__all__ = ["declared_sections", "normalise_rows", "upgrade_results"]
+__all__ = ["declared_sections", "normalise_rows", "split_probe", "upgrade_results"]
+
+
+def split_probe(probe: str) -> tuple[str, str | None]:
+    """Schema 1's eval ``probe``: ``"perplexity@baseline"`` → ``("perplexity", "baseline")``; a probe without ``@``
+    → ``(probe, None)``. Edit specs never contain ``@``, so the first ``@`` separates the two."""
+    task, sep, variant = str(probe).partition("@")
+    return (task, variant) if sep else (task, None)
 
 
 def normalise_rows(rows: list[Mapping[str, Any]], *, split_variant: bool = False) -> list[dict[str, Any]]:
@@ -28,8 +35,7 @@ def normalise_rows(rows: list[Mapping[str, Any]], *, split_variant: bool = False
     for row in rows:
         probe, variant = row["probe"], row.get("variant")
         if split_variant and "variant" not in row:
-            task, sep, name = str(probe).partition("@")
-            probe, variant = (task, name) if sep else (probe, None)
+            probe, variant = split_probe(probe)
         fixed = {**row, "probe": probe, "variant": variant}
         out.append({**{column: fixed[column] for column in RESULT_COLUMNS}, **fixed})
     return out
