@@ -74,7 +74,6 @@ def zerotuning_search(model: Any, ids: list[int], plans: Sequence[WindowPlan], *
         {"criterion", "gamma"}, "unsupervised": {"criterion": "entropy", "gamma"}}``.
     """
     from attnlab.edits import EDITS
-    from attnlab.evaluation.runner import eval_row
 
     if supervised not in ("accuracy", "loss"):
         raise ConfigError(f"supervised must be 'accuracy' or 'loss', got {supervised!r}")
@@ -226,6 +225,7 @@ def search_for_results(results: dict[str, Any], kind: str, model: Any, tokenizer
     ``validation_*`` rows). Returns the search record.
     """
     from attnlab.edits import EDITS
+    from attnlab.evaluation.runner import eval_row
 
     windows = results.get("windows") or []
     info = results["eval"]

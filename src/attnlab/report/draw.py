@@ -179,8 +179,8 @@ def _layer_curve(part: LayerCurve, rows: ProbeRows, values: _Values) -> str | No
         if part.per_head:
             for head in sorted({e[1] for e in entries if e[1] is not None}):
                 x, y = _xy(_mean_by([e for e in entries if e[1] == head], 0), series.normalise)
-                lines.append(Line(x, y, series.label.format(head=head, layer=""), _line_color(series, head, None),
-                                  series.dashed))
+                label = values.fill(series.label.replace("{head}", str(head)))
+                lines.append(Line(x, y, label, _line_color(series, head, None), series.dashed))
         else:
             x, y = _xy(_mean_by(entries, 0), series.normalise)
             lines.append(Line(x, y, values.fill(series.label), _line_color(series, number, None), series.dashed))
