@@ -44,7 +44,8 @@ def test_eval_writes_all_formats(model_dir, text, tmp_path):
     assert set(frame.probe + "@" + frame.variant) == {"perplexity@baseline", "next_token@baseline", "passkey@baseline"}
     results = json.loads((out / "results.json").read_text())
     assert results["command"] == "eval" and results["eval"]["stride"] == 16 and results["eval"]["num_windows"] == 3
-    tokens = frame.query("probe == 'perplexity' and variant == 'baseline' and statistic == 'tokens_scored'").value.item()
+    tokens = frame.query("probe == 'perplexity' and variant == 'baseline' and statistic == 'tokens_scored'")
+    tokens = tokens.value.item()
     assert tokens == 31 + 16 + 16
     html = (out / "report.html").read_text()
     assert 'id="eval"' in html and "Passkey retrieval" in html

@@ -42,7 +42,9 @@ class ProbeRows:
         return any(not math.isnan(e[3]) for e in self.by_stat.get(stat, ()))
 
     def entries(self, series: Series) -> list[Entry]:
-        return [(layer, head, pos, value * series.scale) for layer, head, pos, value in self.by_stat.get(series.statistic, ())
+        """Finite rows of ``series.statistic`` (at ``series.position`` if set), values times ``series.scale``."""
+        return [(layer, head, pos, value * series.scale)
+                for layer, head, pos, value in self.by_stat.get(series.statistic, ())
                 if not math.isnan(value) and (series.position is None or pos == series.position)]
 
     def picked(self) -> list[int]:
