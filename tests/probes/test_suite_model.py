@@ -134,12 +134,12 @@ def tiny_dirs(tmp_path_factory):
 
 
 def _run(model_dir, text, probes, compare=None, probe_args=None, seq_len=32, max_windows=2):
-    from attnlab.pipeline import RunConfig
-    from attnlab.probe_run import run_probe_suite
+    from attnlab.pipeline import RunConfig, run_probes
 
     config = RunConfig(model=str(model_dir), text=str(text), seq_len=seq_len, max_windows=max_windows,
-                       probes=tuple(probes), bos="never")
-    return run_probe_suite(config, compare=str(compare) if compare else None, probe_args=probe_args or {})
+                       probes=tuple(probes), bos="never", compare=str(compare) if compare else None,
+                       probe_args=probe_args or {})
+    return run_probes(config)
 
 
 def _rows(results, statistic):
@@ -183,8 +183,10 @@ def test_probes_that_need_prepare_or_drive_the_model_fail_loudly_in_a_session(ti
         with pytest.raises(ConfigError, match="prepare"):
             Session(llama, probes=[name])
     a, _, text = tiny_dirs
-    with pytest.raises(ConfigError, match="drives the model itself"):
-        run_probes(RunConfig(model=str(a), text=str(text), seq_len=32, max_windows=1, probes=("inflection",)))
+    # one run path: report/probe run model-level probes too (outside the Session), no longer refused
+    ran = run_probes(RunConfig(model=str(a), text=str(text), seq_len=32, max_windows=1, probes=("inflection",)),
+                     command="report")
+    assert ran["command"] == "report" and {r["probe"] for r in ran["rows"]} == {"inflection"}
     # `attnlab report` prepares magnets/rope_decay: the text is mostly stop words ("the", "a", "and", "on", ...)
     results = run_probes(RunConfig(model=str(a), text=str(text), seq_len=32, max_windows=1,
                                    probes=("magnets", "rope_decay"), bos="never"))
@@ -248,16 +250,16 @@ def test_ablation_probes_reject_layers_outside_the_model(name, layers):
 def test_text_b_windows_follow_the_runs_bos_policy(tiny_dirs, monkeypatch, name):
     import importlib
 
-    from attnlab.pipeline import RunConfig
-    from attnlab.probe_run import run_probe_suite
+    from attnlab.pipeline import RunConfig, run_probes
 
     a, _, text = tiny_dirs
     module = importlib.import_module(f"attnlab.probes.{name}")
     seen, real = [], module.head_effects
     monkeypatch.setattr(module, "head_effects", lambda runner, batch, *args: (
         seen.append(batch["input_ids"].cpu().clone()), real(runner, batch, *args))[1])
-    config = RunConfig(model=str(a), text=str(text), seq_len=16, max_windows=2, probes=(name,), bos="always")
-    run_probe_suite(config, probe_args={name: {"other_text": str(text), "layers": [0]}})
+    config = RunConfig(model=str(a), text=str(text), seq_len=16, max_windows=2, probes=(name,), bos="always",
+                       probe_args={name: {"other_text": str(text), "layers": [0]}})
+    run_probes(config)
     # text B is the same file, so its windows must be the run's windows, BOS included (the tokenizer adds none)
     assert len(seen) == 4 and all(bool((ids[:, 0] == ids[0, 0]).all()) for ids in seen)
     torch.testing.assert_close(torch.cat(seen[:2]), torch.cat(seen[2:]))

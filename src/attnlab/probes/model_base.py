@@ -4,7 +4,7 @@ Some quantities of the seed papers are properties of a whole forward (or backwar
 (inflection layers), two models on the same tokens (CKA), sentence embeddings (length collapse), a pass with and
 without a context span (head divergence), or the loss with a head ablated (head importance). Such a probe
 subclasses :class:`ModelProbe` (``needs = {"model"}``); it is not run inside a :class:`attnlab.Session` but by
-:func:`attnlab.probe_run.run_probe_suite`, which calls
+:func:`attnlab.pipeline.run_probes`, which calls
 
 - ``prepare(info)`` once with a :class:`ModelInfo` (sizes, rope settings, tokenizer-backed helpers);
 - ``observe(runner, batch)`` for every batch of windows (``batch`` = ``input_ids``/``attention_mask``);
@@ -60,7 +60,7 @@ class ModelProbe(Probe):
     def bind(self, shape: Any) -> None:
         """A Session binds its probes; a model-level probe cannot run there, so this raises ConfigError."""
         raise ConfigError(f"probe {self.name} drives the model itself; run it with `attnlab probe` / "
-                          "attnlab.probe_run.run_probe_suite")
+                          "attnlab.pipeline.run_probes")
 
     def prepare(self, info: ModelInfo) -> None:
         """Called once before the first batch."""
