@@ -157,7 +157,7 @@ def _heatmap(part: Heatmap, rows: ProbeRows, values: _Values) -> str | None:
         return None
     side = None
     if part.side is not None and rows.has(part.side.statistic):
-        per_layer = _mean_by([e for e in rows.entries(part.side) if e[1] is None] or rows.entries(part.side), 0)
+        per_layer = _mean_by(rows.entries(part.side), 0)  # rows with an empty layer (overall values) are skipped
         bars = np.full(rows.num_layers, np.nan)
         for layer, value in per_layer.items():
             if 0 <= layer < rows.num_layers:
