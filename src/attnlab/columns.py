@@ -1,7 +1,11 @@
 """Names shared by every tier: the results schema version and the long-format result columns."""
 
-SCHEMA_VERSION = 1
-"""Version of ``results.json`` this attnlab writes and the newest it reads."""
+SCHEMA_VERSION = 2
+"""Version of ``results.json`` this attnlab writes and the newest it reads (1 is converted on load)."""
 
-RESULT_COLUMNS: tuple[str, ...] = ("probe", "statistic", "layer", "head", "position", "value")
-"""Columns of ``results.csv`` and of ``Session.results()``, in order (docs/results.md)."""
+RESULT_COLUMNS: tuple[str, ...] = ("probe", "variant", "statistic", "layer", "head", "position", "value")
+"""Columns of ``results.csv`` and of ``Session.results()``, in order (docs/results.md). ``variant`` names the eval
+variant (``baseline`` or the edit spec) of an eval row and is None (empty) for probe rows."""
+
+V1_COLUMNS: tuple[str, ...] = ("probe", "statistic", "layer", "head", "position", "value")
+"""Columns of schema version 1 (no ``variant``; eval rows named it in ``probe`` as ``task@variant``)."""

@@ -33,6 +33,7 @@ from attnlab.columns import SCHEMA_VERSION
 from attnlab.config import ModelSpec, RunConfig, TextSpec, probe_kind
 from attnlab.errors import ConfigError
 from attnlab.progress import Progress, silent
+from attnlab.report.sections import section_specs
 
 __all__ = ["RunConfig", "results_envelope", "run_probes", "start_run"]
 
@@ -231,6 +232,7 @@ def run_probes(config: RunConfig, *, progress: Progress | None = None, model: An
         attention_paths=paths, windows=windows.windows, rows=[row for _, obj in observers for row in obj.rows()],
         started=started, probe_args=dict(config.run.probe_args),
         extras={obj.name: obj.extras(decode) for _, obj in observers},
+        sections=section_specs([obj for _, obj in observers]),
     )
     if runner.compare_record is not None:
         results["compare_model"] = runner.compare_record

@@ -37,11 +37,12 @@ def test_report_on_local_model_writes_all_formats(model_dir, text, tmp_path):
                   "--out", str(out))
     assert result.exit_code == 0, result.output
     assert f"report: {out / 'report.html'}" in result.output
-    frame = pd.read_csv(out / "results.csv", dtype={"layer": "Int64", "head": "Int64", "position": "Int64"})
-    assert list(frame.columns) == ["probe", "statistic", "layer", "head", "position", "value"]
+    frame = pd.read_csv(out / "results.csv", dtype={"variant": str, "layer": "Int64", "head": "Int64",
+                                                    "position": "Int64"})
+    assert list(frame.columns) == ["probe", "variant", "statistic", "layer", "head", "position", "value"]
     assert set(frame.probe) == {"entropy", "sink", "distance", "norms"}
     results = json.loads((out / "results.json").read_text())
-    assert results["schema_version"] == 1
+    assert results["schema_version"] == 2
     assert results["attention_paths"] == {"0": "blocked_eager", "1": "blocked_eager"}
     assert len(results["windows"]) == 2 and len(results["windows"][0]["ids"]) == 32
     assert results["config"]["seq_len"] == 32 and results["model"]["num_kv_heads"] == 2

@@ -38,12 +38,14 @@ def test_eval_writes_all_formats(model_dir, text, tmp_path):
                   "--passkey-depths", "0,1", "--passkey-trials", "1", "--out", str(out))
     assert result.exit_code == 0, result.output
     assert "baseline: perplexity" in result.output and f"report: {out / 'report.html'}" in result.output
-    frame = pd.read_csv(out / "results.csv", dtype={"layer": "Int64", "head": "Int64", "position": "Int64"})
-    assert list(frame.columns) == ["probe", "statistic", "layer", "head", "position", "value"]
-    assert set(frame.probe) == {"perplexity@baseline", "next_token@baseline", "passkey@baseline"}
+    frame = pd.read_csv(out / "results.csv", dtype={"variant": str, "layer": "Int64", "head": "Int64",
+                                                    "position": "Int64"})
+    assert list(frame.columns) == ["probe", "variant", "statistic", "layer", "head", "position", "value"]
+    assert set(frame.probe + "@" + frame.variant) == {"perplexity@baseline", "next_token@baseline", "passkey@baseline"}
     results = json.loads((out / "results.json").read_text())
     assert results["command"] == "eval" and results["eval"]["stride"] == 16 and results["eval"]["num_windows"] == 3
-    tokens = frame.query("probe == 'perplexity@baseline' and statistic == 'tokens_scored'").value.item()
+    tokens = frame.query("probe == 'perplexity' and variant == 'baseline' and statistic == 'tokens_scored'")
+    tokens = tokens.value.item()
     assert tokens == 31 + 16 + 16
     html = (out / "report.html").read_text()
     assert 'id="eval"' in html and "Passkey retrieval" in html
@@ -97,7 +99,7 @@ def test_search_zerotuning_splits_validation_and_held_out(model_dir, text, tmp_p
     assert search["validation_windows"] == [0, 1] and search["test_windows"] == [2, 3]
     assert 1.0 in [point["gamma"] for point in search["grid"]] and "baseline" in search["test"]
     frame = pd.read_csv(out / "results.csv")
-    assert "search_zerotuning@baseline" in set(frame.probe)
+    assert "search_zerotuning@baseline" in set(frame.probe + "@" + frame.variant)
     assert "Search: zerotuning" in (out / "report.html").read_text()
 
 

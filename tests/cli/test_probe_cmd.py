@@ -52,7 +52,7 @@ def test_probe_writes_results_and_report_sections(setup, tmp_path):
     assert {row["probe"] for row in results["rows"]} == {"magnets", "inflection"}
     html = (out / "report.html").read_text()
     assert 'id="probe-magnets"' in html and 'id="probe-inflection"' in html
-    assert (out / "results.csv").read_text().startswith("probe,statistic,layer,head,position,value")
+    assert (out / "results.csv").read_text().startswith("probe,variant,statistic,layer,head,position,value")
 
 
 def test_a_probe_that_produced_nothing_is_warned_about(setup, tmp_path):

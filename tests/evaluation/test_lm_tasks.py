@@ -83,7 +83,7 @@ def test_scores_match_one_prefix_at_a_time(stride, bos_id):
     assert math.isclose(record["nll"], nll_sum / count, rel_tol=tol["rtol"] * 10, abs_tol=tol["atol"])
     assert math.isclose(record["perplexity"], math.exp(nll_sum / count), rel_tol=1e-6)
     assert record["next_token_accuracy"] == correct / count
-    values = {(r["probe"], r["statistic"]): r["value"] for r in rows if r["position"] is None}
+    values = {(f"{r['probe']}@{r['variant']}", r["statistic"]): r["value"] for r in rows if r["position"] is None}
     assert values[("perplexity@baseline", "tokens_scored")] == count
     assert values[("next_token@baseline", "accuracy")] == correct / count
 

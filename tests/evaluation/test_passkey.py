@@ -120,7 +120,8 @@ def test_passkey_task_runs_end_to_end(tmp_path):
     results = run_eval(config, model=tiny_llama(), tokenizer=tiny_tokenizer())
     record = results["eval"]["variants"][0]
     assert len(record["passkey"]["trials"]) == 8
-    stats = {(r["statistic"], r["position"]) for r in results["rows"] if r["probe"] == "passkey@baseline"}
+    stats = {(r["statistic"], r["position"]) for r in results["rows"]
+             if (r["probe"], r["variant"]) == ("passkey", "baseline")}
     assert stats == {("accuracy", None), ("accuracy_by_length", 48), ("accuracy_by_length", 64),
                      ("accuracy_by_depth", 0), ("accuracy_by_depth", 100)}
     assert "acts per decode step" in results["eval"]["definitions"]["passkey"]

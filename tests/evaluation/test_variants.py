@@ -94,7 +94,7 @@ def test_an_edit_that_changes_attention_changes_the_scores():
     assert records[2]["nll"] != pytest.approx(records[0]["nll"])
     labels = ("baseline", "head_scale:scale=0", "sink_window:sinks=1,window=3")
     tasks = ("perplexity", "next_token")
-    assert {r["probe"] for r in rows} == {f"{task}@{label}" for task in tasks for label in labels}
+    assert {f"{r['probe']}@{r['variant']}" for r in rows} == {f"{task}@{label}" for task in tasks for label in labels}
 
 
 def test_an_edit_that_never_fires_stops_the_run():

@@ -1,4 +1,4 @@
-"""Fixtures for the report tests: a realistic synthetic results dict (schema version 1, docs/results.md)."""
+"""Fixtures for the report tests: a realistic synthetic results dict (current schema, docs/results.md)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+
+from attnlab.columns import SCHEMA_VERSION
+from attnlab.report.upgrade import declared_sections
 
 MALICIOUS = "<script>alert(1)</script>"
 AWKWARD_TOKENS = [MALICIOUS, "&amp;", '"', "\n", "\t", " world", "\x07", "it's", "", "\u202e", "<img src=x>"]
@@ -19,14 +22,19 @@ def make_results(
     seq_len: int = 16,
     num_windows: int = 2,
     seed: int = 0,
+    version: int = SCHEMA_VERSION,
 ) -> dict[str, Any]:
-    """A results dict with every statistic of docs/results.md, plausible values, awkward tokens and one NaN."""
+    """A results dict with every statistic of docs/results.md, plausible values, awkward tokens and one NaN.
+
+    ``version=1`` gives the layout of schema version 1: no ``variant`` column, no ``sections``.
+    """
     rng = np.random.default_rng(seed)
     rows: list[dict[str, Any]] = []
 
     def add(probe: str, stat: str, layer: Any, head: Any, position: Any, value: float) -> None:
-        rows.append({"probe": probe, "statistic": stat, "layer": layer, "head": head, "position": position,
-                     "value": float(value)})
+        variant = {"variant": None} if version >= 2 else {}
+        rows.append({"probe": probe, **variant, "statistic": stat, "layer": layer, "head": head,
+                     "position": position, "value": float(value)})
 
     hist_edges = [round(i / 20, 2) for i in range(21)]
     bin_starts = [0] + [2**i for i in range(int(math.log2(seq_len)))]
@@ -86,8 +94,9 @@ def make_results(
         windows.append({"index": w, "source": "hamlet_gut.txt", "start_token": w * seq_len,
                         "ids": [int(x) for x in rng.integers(0, 49152, seq_len)], "tokens": tokens})
 
+    sections = {"sections": declared_sections(["entropy", "sink", "distance", "norms"])} if version >= 2 else {}
     return {
-        "schema_version": 1,
+        "schema_version": version,
         "attnlab_version": "0.1.0",
         "created": "2026-11-29T21:00:00+00:00",
         "command": "report",
@@ -112,6 +121,7 @@ def make_results(
             "norms": {},
         },
         "timing": {"seconds": 12.3},
+        **sections,
     }
 
 

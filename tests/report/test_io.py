@@ -16,7 +16,7 @@ from attnlab.report import render as report_render
 from attnlab.report.io import check_out_dir, load_results, rows_to_frame, write_results
 from attnlab.report.schema import CSV_COLUMNS, SCHEMA_VERSION, validate_results
 
-CSV_DTYPES = {"layer": "Int64", "head": "Int64", "position": "Int64"}
+CSV_DTYPES = {"variant": str, "layer": "Int64", "head": "Int64", "position": "Int64"}
 
 
 def _no_temp_files(directory) -> bool:

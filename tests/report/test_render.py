@@ -75,21 +75,34 @@ def test_captions_cite_methods(html):
     assert 'pd.read_csv("results.csv"' in _section(html, "tables").replace("&#34;", '"')
 
 
-def test_missing_probes_say_not_run(fake_results):
+def test_probes_that_did_not_run_have_no_section(fake_results):
     fake_results["rows"] = [row for row in fake_results["rows"] if row["probe"] not in ("distance", "sink")]
-    del fake_results["extras"]["sink"]
+    for probe in ("sink", "distance"):
+        del fake_results["extras"][probe]
+        del fake_results["sections"][probe]
     html = render_html(fake_results)
     for section_id in ("sinks", "distance", "extreme-tokens"):
-        assert "Not run" in _section(html, section_id), section_id
+        assert f'id="{section_id}"' not in html and f'href="#{section_id}"' not in html, section_id
     for section_id in ("entropy", "norms", "tokens"):
         assert "Not run" not in _section(html, section_id), section_id
+    assert "Not run" not in html
+
+
+def test_a_v1_file_renders_its_probes_sections(results_factory):
+    html = render_html(results_factory(version=1))
+    for section_id in SECTION_IDS:
+        assert html.count(f'id="{section_id}"') == 1, section_id
+        assert "Not run" not in _section(html, section_id), section_id
+    assert "results.json schema 2" in html
 
 
 def test_minimal_results_render():
     html = render_html({"schema_version": 1, "command": "report", "model": {}, "rows": []})
-    for section_id in SECTION_IDS:
+    for section_id in ("run", "tokens", "tables"):
         assert f'id="{section_id}"' in html
-    for section_id in ("sinks", "entropy", "distance", "extreme-tokens", "norms", "tokens", "tables"):
+    for section_id in ("sinks", "entropy", "distance", "extreme-tokens", "norms"):
+        assert f'id="{section_id}"' not in html, section_id
+    for section_id in ("tokens", "tables"):
         assert "Not run" in _section(html, section_id), section_id
 
 

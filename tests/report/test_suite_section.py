@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+from attnlab.report.draw import probe_sections
 from attnlab.report.render import render_html
-from attnlab.report.suite_section import SECTIONS, suite_sections
+from attnlab.report.upgrade import declared_sections
 
 
 def _results(rows, extras=None):
-    return {"schema_version": 1, "command": "probe", "model": {"name": "m", "num_layers": 2, "num_heads": 2},
-            "rows": rows, "extras": extras or {}}
+    probes = list(dict.fromkeys([row["probe"] for row in rows] + list(extras or {})))
+    return {"schema_version": 2, "command": "probe", "model": {"name": "m", "num_layers": 2, "num_heads": 2},
+            "rows": rows, "extras": extras or {}, "sections": declared_sections(probes)}
 
 
 def _row(probe, statistic, value, layer=None, head=None, position=None):
-    return {"probe": probe, "statistic": statistic, "layer": layer, "head": head, "position": position,
-            "value": value}
+    return {"probe": probe, "variant": None, "statistic": statistic, "layer": layer, "head": head,
+            "position": position, "value": value}
 
 
 def test_sections_only_for_probes_that_ran():
@@ -23,7 +25,7 @@ def test_sections_only_for_probes_that_ran():
              for head in range(2)]
     extras = {"inflection": {"band": [1], "rule": "stated"},
               "head_importance": {"top_heads": [{"layer": 1, "head": 1, "importance": 0.2}]}}
-    sections = suite_sections(_results(rows, extras))
+    sections = probe_sections(_results(rows, extras))
     assert [s["probe"] for s in sections] == ["inflection", "head_importance"]
     html = render_html(_results(rows, extras))
     assert 'id="probe-inflection"' in html and 'id="probe-head-importance"' in html
@@ -31,13 +33,15 @@ def test_sections_only_for_probes_that_ran():
     assert "Inflection band: layer(s) 1" in html
 
 
-def test_every_registered_suite_probe_has_a_section_builder():
+def test_every_registered_probe_and_analysis_declares_a_section():
     from attnlab.analyses import ANALYSES
     from attnlab.probes import PROBES
 
-    base = {"entropy", "sink", "distance", "norms"}  # the report's own sections; every other probe is a suite probe
-    assert (set(PROBES.names()) | set(ANALYSES.names())) - base == set(SECTIONS)
+    found = {name: registry.get(name).sections for registry in (PROBES, ANALYSES) for name in registry.names()}
+    assert found and all(found.values()), [name for name, sections in found.items() if not sections]
+    ids = [section.id for sections in found.values() for section in sections]
+    assert len(ids) == len(set(ids)), ids
 
 
 def test_no_suite_section_without_suite_rows():
-    assert suite_sections(_results([_row("entropy", "entropy", 1.0, 0, 0)])) == []
+    assert [s["probe"] for s in probe_sections(_results([_row("entropy", "entropy", 1.0, 0, 0)]))] == ["entropy"]

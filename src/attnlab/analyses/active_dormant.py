@@ -30,6 +30,7 @@ from attnlab.analyses.base import Analysis, Runner
 from attnlab.errors import ConfigError
 from attnlab.facts import ModelFacts
 from attnlab.probes.base import Row, RowWriter, safe_div
+from attnlab.report.sections import Column, Heatmap, LayerCurve, Section, Series, Table, Text
 from attnlab.stats.entropy import row_entropy
 
 
@@ -74,6 +75,20 @@ class ActiveDormantAnalysis(Analysis):
     """
 
     name = "active_dormant"
+
+    sections = (Section("probe-active-dormant", "Active and dormant heads", (
+        Text(template="Entropy detector agrees with the intervention on {detector_agreement} of heads."),
+        Heatmap((Series("loss_change", "loss change (first key)", "nats"),
+                 Series("dormant_rate", "dormant rate", "fraction of windows")),
+                alt="Heatmaps of loss change and dormant rate",
+                caption="Moving each head's attention to the first key, one head at a time."),
+        LayerCurve((Series("dormant_fraction", "dormant fraction"),), title="dormant heads per layer",
+                   ylabel="fraction", ylim=(-0.02, 1.02), alt="Dormant fraction per layer",
+                   caption="|loss change| < {tolerance} nats."),
+        Table((Column("layer", "layer"), Column("head", "head"), Column("spread", "spread"),
+               Column("loss_change", "loss change per window", "mapping")), extras="switching_heads", top=15,
+              caption="Heads active on some windows and dormant on others."),
+    )),)
 
     def __init__(self, tolerance: float = 0.01, tau_row: float = 0.5, tau_col: float = 0.9,
                  layers: list[int] | None = None, other_text: str | None = None) -> None:

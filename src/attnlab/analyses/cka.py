@@ -20,6 +20,7 @@ from attnlab.analyses.base import Analysis, Runner
 from attnlab.errors import ConfigError
 from attnlab.facts import ModelFacts
 from attnlab.probes.base import Row, RowWriter
+from attnlab.report.sections import LayerCurve, Section, Series, Text
 from attnlab.stats.similarity import linear_cka, shared_pca_delta_cka
 
 
@@ -33,6 +34,13 @@ class CkaAnalysis(Analysis):
 
     name = "cka"
     needs_compare = True
+
+    sections = (Section("probe-cka", "CKA between models", (
+        Text(template="{tokens} tokens, PCA basis of {num_components} components."),
+        LayerCurve((Series("cka", "linear CKA"), Series("delta_cka_pca", "ΔCKA (shared PCA)")),
+                   title="similarity to the --compare model", ylabel="0–1", ylim=(-0.02, 1.02), alt="CKA per layer",
+                   caption="Linear CKA and ΔCKA = 1 − CKA in a shared PCA basis."),
+    )),)
 
     def __init__(self, max_tokens: int = 2048, num_components: int = 32) -> None:
         if max_tokens < 4 or num_components < 1:

@@ -30,6 +30,7 @@ from attnlab.analyses.base import Analysis, Runner
 from attnlab.errors import ConfigError
 from attnlab.facts import ModelFacts
 from attnlab.probes.base import Row, RowWriter
+from attnlab.report.sections import Column, LayerCurve, PositionCurve, Section, Series, Table, Text
 from attnlab.stats.entropy import row_entropy
 from attnlab.stats.similarity import pearson_r
 
@@ -57,6 +58,23 @@ class ContrastAnalysis(Analysis):
     """
 
     name = "contrast"
+
+    sections = (Section("probe-contrast", "Contrastive attention", (
+        Text(template="Task query {task!r} vs generic query {generic!r}; correlation of complexity and attention "
+                      "entropy over windows: {value.entropy_complexity_correlation}."),
+        LayerCurve((Series("context_entropy_generic", "generic query"), Series("context_entropy_task", "task query"),
+                    Series("contrast_entropy", "contrast map")), title="entropy of attention over the context",
+                   ylabel="nats", alt="Attention entropy of the two queries and of their contrast per layer",
+                   caption="Entropy of the query tokens' attention over the context (renormalised, key 0 left out) "
+                           "and of the contrast map."),
+        PositionCurve((Series("complexity", "unigram entropy", layers="none"),
+                       Series("window_entropy_generic", "attention entropy", layers="none")),
+                      title="per window", xlabel="window", ylabel="nats", alt="Complexity and entropy per window",
+                      caption="Input complexity and attention entropy."),
+        Table((Column("window", "window"), Column("tokens", "highest-contrast tokens", "tokens")),
+              extras="top_contrast_tokens", top=15,
+              caption="Context tokens the task query attends to more than the generic one (mean over layers)."),
+    )),)
 
     def __init__(self, task: str = "\nWho is speaking here, and to whom?", generic: str = "\nDescribe the text above.",
                  lam: float = 1e-3, exclude_first: bool = True, top_tokens: int = 8) -> None:

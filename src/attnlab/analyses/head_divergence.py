@@ -21,6 +21,7 @@ from attnlab.analyses.base import Analysis, Runner
 from attnlab.errors import ConfigError
 from attnlab.facts import ModelFacts
 from attnlab.probes.base import Row, RowWriter, safe_div
+from attnlab.report.sections import Column, Heatmap, Section, Series, Table, Text
 
 
 @ANALYSES.register("head_divergence")
@@ -33,6 +34,16 @@ class HeadDivergenceAnalysis(Analysis):
     """
 
     name = "head_divergence"
+
+    sections = (Section("probe-head-divergence", "Head divergence", (
+        Text(template="Context span: {context}."),
+        Heatmap((Series("relative_divergence", "relative divergence", "‖Δo‖/‖o‖"),
+                 Series("divergence", "divergence", "‖Δo‖")),
+                alt="Heatmaps of head-output divergence with vs without context",
+                caption="Per layer (rows) and head (columns), mean over the tokens after the span."),
+        Table((Column("layer", "layer"), Column("head", "head"), Column("relative_divergence", "relative"),
+               Column("divergence", "L2")), extras="top_heads", caption="Heads that depend most on the context."),
+    )),)
 
     def __init__(self, context: int | None = None, top_k: int = 10) -> None:
         if context is not None and context < 1:

@@ -20,6 +20,7 @@ from attnlab.analyses.base import Analysis, Runner
 from attnlab.errors import ConfigError
 from attnlab.facts import ModelFacts
 from attnlab.probes.base import Row, RowWriter, safe_div
+from attnlab.report.sections import Column, Heatmap, Section, Series, Table, Text
 
 
 def top_heads(scores: Tensor, k: int) -> list[tuple[int, int]]:
@@ -39,6 +40,14 @@ class HeadImportanceAnalysis(Analysis):
     """
 
     name = "head_importance"
+
+    sections = (Section("probe-head-importance", "Head importance", (
+        Text(template="Zero ablation of one head at a time."),
+        Heatmap((Series("importance", "ablation importance", "Δ loss (nats)"),), alt="Heatmap of head importance",
+                caption="Loss increase when the head is zeroed."),
+        Table((Column("layer", "layer"), Column("head", "head"), Column("importance", "Δ loss")), extras="top_heads",
+              caption="Top heads."),
+    )),)
 
     def __init__(self, top_k: int = 10, layers: list[int] | None = None) -> None:
         if top_k < 1:

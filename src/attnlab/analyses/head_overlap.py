@@ -21,6 +21,7 @@ from attnlab.analyses.base import Analysis, Runner
 from attnlab.analyses.head_importance import HeadImportanceAnalysis, top_heads
 from attnlab.errors import ConfigError
 from attnlab.probes.base import Row, RowWriter
+from attnlab.report.sections import Heatmap, Section, Series, Text
 from attnlab.stats.similarity import pearson_r
 
 
@@ -34,6 +35,14 @@ class HeadOverlapAnalysis(HeadImportanceAnalysis):
     """
 
     name = "head_overlap"
+
+    sections = (Section("probe-head-overlap", "Head overlap", (
+        Text(template="Top-{top_k} sets: IoU {value.overlap_iou}, |A∩B|/|A| {value.overlap_of_a}, importance "
+                      "correlation {value.importance_correlation}; text B = {text_b}; shared heads {shared}."),
+        Heatmap((Series("importance_a", "importance, text A", "Δ loss"), Series("importance_b", "importance, text B",
+                                                                              "Δ loss")),
+                alt="Heatmaps of head importance for two texts", caption="Zero-ablation loss change."),
+    )),)
 
     def __init__(self, other_text: str | None = None, top_k: int = 10, layers: list[int] | None = None) -> None:
         super().__init__(top_k=top_k, layers=layers)

@@ -32,6 +32,7 @@ from attnlab.analyses.base import Analysis, Runner
 from attnlab.errors import ConfigError
 from attnlab.facts import ModelFacts
 from attnlab.probes.base import Row, RowWriter, safe_div
+from attnlab.report.sections import LayerCurve, Section, Series, Text
 from attnlab.stats.entropy import row_entropy
 
 
@@ -77,6 +78,16 @@ class InflectionAnalysis(Analysis):
     """
 
     name = "inflection"
+
+    sections = (Section("probe-inflection", "Inflection layers", (
+        Text(template="Inflection band: layer(s) {band}. Rule: {rule}."),
+        LayerCurve((Series("attention_entropy", "entropy"),), title="attention entropy", ylabel="nats",
+                   alt="Attention entropy per layer", caption="Mean attention entropy."),
+        LayerCurve((Series("activation_grad_norm", "‖∂L/∂h‖"), Series("param_grad_norm", "‖∇θ L‖")),
+                   title="gradient norms", ylabel="norm (log)", logy=True, alt="Gradient norms per layer",
+                   caption="Activation- and parameter-gradient norms of one backward pass of the mean next-token "
+                           "loss (mean over batches)."),
+    )),)
 
     def __init__(self, band_width: float = 0.5) -> None:
         if band_width < 0:

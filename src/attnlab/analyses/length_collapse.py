@@ -27,6 +27,7 @@ from attnlab.analyses.base import Analysis, Runner
 from attnlab.errors import ConfigError
 from attnlab.facts import ModelFacts
 from attnlab.probes.base import Row, RowWriter
+from attnlab.report.sections import Column, PositionCurve, Section, Series, Table, Text
 
 
 def highpass_gain(probs: Tensor) -> Tensor:
@@ -57,6 +58,25 @@ class LengthCollapseAnalysis(Analysis):
     """
 
     name = "length_collapse"
+
+    sections = (Section("probe-length-collapse", "Length collapse", (
+        Text(template="{count} texts per length, mean-pooled embeddings."),
+        PositionCurve((Series("mean_cosine", "mean pairwise cosine", layers="none"),
+                       Series("norm_ratio", "norm ratio", layers="none")),
+                      title="embedding collapse vs length", xlabel="text length (tokens)", ylabel="0–1", logx=True,
+                      alt="Embedding similarity against text length",
+                      caption="Mean pairwise cosine similarity and ‖mean‖/mean‖e‖ of the embeddings per length "
+                              "bucket (collapse = rising)."),
+        PositionCurve((Series("highpass_gain", "σmax, layer {layer}", layers="picked"),
+                       Series("highpass_ratio", "on V, layer {layer}", layers="picked", dashed=True)),
+                      title="attention high-pass gain", xlabel="text length (tokens)",
+                      ylabel="σmax(PAP); ‖PAV‖/‖PV‖ dashed", logx=True,
+                      alt="Attention high-pass gain against text length",
+                      caption="σmax of attention on zero-mean signals (solid) and the share of the value states' "
+                              "zero-mean energy that passes (dashed)."),
+        Table((Column("mean_cosine", "mean cosine"), Column("norm_ratio", "norm ratio")), index_header="length",
+              caption="Per length bucket."),
+    )),)
 
     def __init__(self, lengths: list[int] | tuple[int, ...] = (8, 16, 32, 64, 128, 256), count: int = 16) -> None:
         lengths = sorted({int(n) for n in ([lengths] if isinstance(lengths, int) else lengths)})

@@ -27,6 +27,7 @@ from attnlab.analyses.base import Analysis, Runner
 from attnlab.errors import ConfigError
 from attnlab.facts import ModelFacts
 from attnlab.probes.base import Row, RowWriter
+from attnlab.report.sections import PositionCurve, Section, Series, Text
 from attnlab.stats.memory import horizontal_fidelity, vertical_fidelity
 
 logger = logging.getLogger(__name__)
@@ -85,6 +86,14 @@ class MemoryFidelityAnalysis(Analysis):
     """
 
     name = "memory_fidelity"
+
+    sections = (Section("probe-memory-fidelity", "Memory fidelity", (
+        Text(template="{skipped}", when="skipped"),
+        Text(template="Lags {lags}; {layers_measured} recurrent layer(s).", when="retention"),
+        PositionCurve((Series("retention", "layer {layer}", layers="each"),), title="state read-back vs lag",
+                      xlabel="lag k (steps)", ylabel="retention ⟨r, v⟩/‖v‖²",
+                      alt="Retention against lag per recurrent layer", caption="Mean over heads and tokens."),
+    )),)
 
     def __init__(self, lags: list[int] | tuple[int, ...] = (1, 2, 4, 8, 16, 32)) -> None:
         lags = [lags] if isinstance(lags, int) else list(lags)

@@ -60,12 +60,17 @@ def text_ids(tokenizer: Any, text: str | None, *, window_tokens: int, stride: in
     return stitch_windows((w["start_token"], w["ids"]) for w in windows.windows), windows
 
 
+def eval_row(task: str, variant: str, statistic: str, value: float, position: int | None = None) -> dict[str, Any]:
+    """One row of an eval run (docs/results.md): ``probe`` is the task, ``variant`` the variant's label."""
+    return {"probe": task, "variant": variant, "statistic": statistic, "layer": None, "head": None,
+            "position": position, "value": value}
+
+
 def _lm_rows(label: str, scores: TokenScores, tasks: tuple[str, ...], bin_size: int) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
 
     def row(task: str, statistic: str, value: float, position: int | None = None) -> None:
-        rows.append({"probe": f"{task}@{label}", "statistic": statistic, "layer": None, "head": None,
-                     "position": position, "value": value})
+        rows.append(eval_row(task, label, statistic, value, position))
 
     bins = scores.binned(bin_size)
     if "perplexity" in tasks:
@@ -83,13 +88,11 @@ def _lm_rows(label: str, scores: TokenScores, tasks: tuple[str, ...], bin_size: 
 
 
 def _passkey_rows(label: str, summary: dict[str, list[dict[str, Any]]], accuracy: float) -> list[dict]:
-    probe = f"passkey@{label}"
-    rows = [{"probe": probe, "statistic": "accuracy", "layer": None, "head": None, "position": None,
-             "value": accuracy}]
-    rows += [{"probe": probe, "statistic": "accuracy_by_length", "layer": None, "head": None,
-              "position": int(c["length"]), "value": c["accuracy"]} for c in summary["by_length"]]
-    rows += [{"probe": probe, "statistic": "accuracy_by_depth", "layer": None, "head": None,
-              "position": round(100 * c["depth"]), "value": c["accuracy"]} for c in summary["by_depth"]]
+    rows = [eval_row("passkey", label, "accuracy", accuracy)]
+    rows += [eval_row("passkey", label, "accuracy_by_length", c["accuracy"], int(c["length"]))
+             for c in summary["by_length"]]
+    rows += [eval_row("passkey", label, "accuracy_by_depth", c["accuracy"], round(100 * c["depth"]))
+             for c in summary["by_depth"]]
     return rows
 
 

@@ -220,10 +220,12 @@ def search_for_results(results: dict[str, Any], kind: str, model: Any, tokenizer
 
     The windows of ``results["windows"]`` are split in half: the first half is the validation/calibration set the
     search sees, the second half is held out and measures the chosen setting against the baseline. Adds
-    ``results["eval"]["search"]`` and rows ``search_<kind>@<label>`` (statistics ``perplexity``, ``accuracy``
-    on the held-out half). Returns the search record.
+    ``results["eval"]["search"]`` and rows with probe ``search_<kind>`` and variant ``<label>`` (statistics
+    ``perplexity``, ``accuracy``, ``entropy`` on the held-out half; variant ``gamma=<γ>`` for the grid's
+    ``validation_*`` rows). Returns the search record.
     """
     from attnlab.edits import EDITS
+    from attnlab.evaluation.runner import eval_row
 
     windows = results.get("windows") or []
     info = results["eval"]
@@ -261,13 +263,11 @@ def search_for_results(results: dict[str, Any], kind: str, model: Any, tokenizer
     info["search"] = record
     for label, values in held_out.items():
         for statistic in ("perplexity", "accuracy", "entropy"):
-            results["rows"].append({"probe": f"search_{kind}@{label}", "statistic": statistic, "layer": None,
-                                    "head": None, "position": None, "value": values[statistic]})
+            results["rows"].append(eval_row(f"search_{kind}", label, statistic, values[statistic]))
     if kind == "zerotuning":
         for point in found["grid"]:
             for statistic in ("perplexity", "accuracy", "entropy"):
-                results["rows"].append({"probe": f"search_{kind}@gamma={point['gamma']:g}",
-                                        "statistic": f"validation_{statistic}", "layer": None, "head": None,
-                                        "position": None, "value": point[statistic]})
+                results["rows"].append(eval_row(f"search_{kind}", f"gamma={point['gamma']:g}",
+                                                f"validation_{statistic}", point[statistic]))
     return record
 

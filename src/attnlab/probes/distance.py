@@ -34,6 +34,7 @@ from attnlab.probes import PROBES
 from attnlab.probes.base import (
     AttentionCall, ModelFacts, Probe, Row, RowWriter, key_index_of_positions, pad_to_length, safe_div,
 )
+from attnlab.report.sections import Column, Heatmap, PositionCurve, Section, Series, Table
 from attnlab.stats.distance import (
     DiagonalSums, bin_sums, fit_decay, log2_bin_starts, mass_off_sink, sums_by_distance_scatter,
 )
@@ -45,6 +46,32 @@ class DistanceProbe(Probe):
 
     name = "distance"
     needs = frozenset({"probs"})
+
+    sections = (Section("distance", "Attention vs distance", (
+        PositionCurve((Series("mean_attention", "layer {layer}", layers="picked"),
+                       Series("mean_attention_no_sink", "layer {layer}, no sink", layers="picked", dashed=True),
+                       Series("mean_attention", "all layers", color="black"),
+                       Series("mean_attention_no_sink", "all layers, no sink", color="black", dashed=True)),
+                      title="attention vs distance (mean over heads)", xlabel="distance |i − j| (bin start, tokens)",
+                      ylabel="mean attention per (q, k) pair", logx=True, logy=True,
+                      alt="Log-log curves of mean attention against query-key distance",
+                      caption="Mean attention per visible (query, key) pair against distance |i − j| in tokens "
+                              "(distance bins, plotted at the bin start, distance ≥ 1), averaged over heads, for the "
+                              "first, middle and last layer and over all layers; log-log axes, so a power law is a "
+                              "straight line. Dashed: key position 0 excluded (no sink)."),
+        Table((Column("power_law_exponent", "power-law exponent"), Column("power_law_r2", "R²"),
+               Column("power_law_exponent_no_sink", "exponent, no sink"), Column("power_law_r2_no_sink", "R², no sink"),
+               Column("exp_decay_rate", "exp. decay rate")), index="picked_layers", index_header="layers",
+              caption="Fits of mean attention against distance (d ≥ 1), averaged over heads (and layers); per-head "
+                      "values are in results.csv."),
+        Heatmap((Series("power_law_exponent", "power-law exponent", "exponent of the power-law fit"),
+                 Series("power_law_exponent_no_sink", "power-law exponent, key 0 excluded",
+                        "exponent of the power-law fit")),
+                alt="Heatmaps of the power-law exponent by layer and head",
+                caption="Exponent of the power-law fit of mean attention against distance, per layer (rows) and "
+                        "query head (columns); right: the same fit with key position 0 excluded. Grey = fit not "
+                        "available."),
+    )),)
 
     def bind(self, facts: ModelFacts) -> None:
         super().bind(facts)

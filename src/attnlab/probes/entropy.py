@@ -23,6 +23,7 @@ from attnlab.errors import ConfigError
 from attnlab.functional.attention import BlockView
 from attnlab.probes import PROBES
 from attnlab.probes.base import AttentionCall, ModelFacts, Probe, Row, RowWriter, safe_div
+from attnlab.report.sections import Heatmap, Section, Series
 from attnlab.stats.entropy import normalised_entropy, row_entropy_from_logits
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,16 @@ class EntropyProbe(Probe):
 
     name = "entropy"
     needs = frozenset({"probs"})
+
+    sections = (Section("entropy", "Attention entropy", (
+        Heatmap((Series("normalised_entropy", "normalised entropy", "H / log(visible keys) (0–1)", vmin=0.0, vmax=1.0),
+                 Series("entropy", "entropy", "mean row entropy (nats)")),
+                alt="Heatmaps of attention entropy by layer and head",
+                caption="Mean entropy of each query's attention row, per layer (rows) and query head (columns). "
+                        "Normalised entropy divides each row's entropy by log(number of visible keys), so 0 = all "
+                        "attention on one key and 1 = uniform; rows with fewer than 2 visible keys are skipped. "
+                        "Raw entropy is in nats."),
+    )),)
 
     def __init__(self, num_bins: int = 20) -> None:
         if num_bins < 1:

@@ -29,6 +29,7 @@ from attnlab.errors import ConfigError
 from attnlab.functional.attention import BlockView
 from attnlab.probes import PROBES
 from attnlab.probes.base import AttentionCall, ModelFacts, Probe, Row, RowWriter, safe_div
+from attnlab.report.sections import Column, Heatmap, LayerCurve, Section, Series, Table, Text
 
 CLASSES = ("bos", "newline", "punctuation", "stop_word", "other")
 STOP_WORDS = frozenset("""a about above after again against all am an and any are as at be because been before being
@@ -65,6 +66,20 @@ class MagnetsProbe(Probe):
 
     name = "magnets"
     needs = frozenset({"probs"})
+
+    sections = (Section("probe-magnets", "Attention magnets", (
+        Text(template="Attention mass each token class receives (mean over heads and query rows) and keys that draw "
+                      "head-averaged attention > θ = {theta} from the queries that see them."),
+        Heatmap((Series("class_mass", "attention mass by token class", "mass (0–1)", vmin=0.0, vmax=1.0),),
+                columns="position", xlabel="token class: {classes}",
+                alt="Heatmap of attention mass by token class per layer",
+                caption="Rows: layers; columns: token classes in the order listed (see results.csv for per-head "
+                        "values and the enrichment over uniform attention)."),
+        LayerCurve((Series("global_sinks", "global sinks"),), title="global sinks per layer", ylabel="per window",
+                   alt="Global sinks per layer", caption="Non-initial keys above θ, per window."),
+        Table((Column("token", "token", "token"), Column("class", "class", "text"), Column("hits", "hits")),
+              extras="global_sink_tokens", top=15, caption="Global-sink tokens (hits = (window, layer))."),
+    )),)
 
     def __init__(self, theta: float = 0.1, min_queries: int = 16, token_classes: dict[int, int] | None = None,
                  bos_token_id: int | None = None) -> None:

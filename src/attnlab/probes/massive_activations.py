@@ -24,6 +24,7 @@ from torch import Tensor
 from attnlab.errors import ConfigError
 from attnlab.probes import PROBES
 from attnlab.probes.base import ModelFacts, Probe, Row, RowWriter, SequenceInfo, pad_to_length, safe_div
+from attnlab.report.sections import Column, LayerCurve, Section, Series, Table, Text
 
 MAX_LISTED = 200
 
@@ -41,6 +42,22 @@ class MassiveActivationsProbe(Probe):
 
     name = "massive_activations"
     needs = frozenset({"hidden_states"})
+
+    sections = (Section("probe-massive-activations", "Massive activations", (
+        Text(template="Massive: |h| > {abs_threshold} and > {ratio_threshold} × the layer's median |h|. Dimensions "
+                      "massive in ≥ {min_layers} layers (with their layers): {persistent_dims}."),
+        LayerCurve((Series("max_abs_activation", "max |h|"), Series("median_abs_activation", "median |h|")),
+                   title="residual magnitude per layer", ylabel="|h| (log scale)", logy=True,
+                   alt="Residual magnitude per layer",
+                   caption="Largest and median |h| of the residual stream after each block (mean over windows, log "
+                           "scale)."),
+        LayerCurve((Series("massive_dims", "massive dims per window"),), title="massive dimensions", ylabel="count",
+                   alt="Massive dimensions per layer", caption="Dimensions passing both thresholds, per window."),
+        Table((Column("token", "token", "token"), Column("hits", "hits"), Column("layers", "layers", "list"),
+               Column("positions", "positions", "list"), Column("dims", "dims", "list"),
+               Column("max_abs", "max |h|")), extras="carrier_tokens", top=15,
+              caption="Tokens carrying massive activations (hits = (window, layer) pairs)."),
+    )),)
 
     def __init__(self, abs_threshold: float = 100.0, ratio_threshold: float = 1000.0, min_layers: int = 2,
                  tau: float = 20.0) -> None:

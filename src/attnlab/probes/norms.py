@@ -22,6 +22,7 @@ from attnlab.probes import PROBES
 from attnlab.probes.base import (
     AttentionCall, ModelFacts, Probe, Row, RowWriter, SequenceInfo, pad_to_length, safe_div,
 )
+from attnlab.report.sections import LayerCurve, PositionCurve, Section, Series
 
 
 def _scatter_by_position(values: Tensor, positions: Tensor, length: int) -> tuple[Tensor, Tensor]:
@@ -51,6 +52,23 @@ class NormsProbe(Probe):
 
     name = "norms"
     needs = frozenset({"value", "hidden_states"})
+
+    sections = (Section("norms", "Residual and value norms", (
+        LayerCurve((Series("residual_peak_ratio", "‖h₀‖ / median ‖hₚ‖"),), title="residual peak ratio",
+                   ylabel="ratio (log scale)", logy=True, alt="Per-layer residual peak ratio",
+                   caption="Residual-state peak, ‖h₀‖ / median over p > 0 of ‖hₚ‖: the norm of decoder layer l's "
+                           "output at the first token relative to the others; a sink shows as a large peak ratio "
+                           "(Guo et al. 2024, Active-Dormant Attention Heads)."),
+        LayerCurve((Series("value_drain_ratio_kv", "kv head {head}"),), per_head=True, title="value drain ratio",
+                   ylabel="‖v₀‖ / median ‖vₚ‖ (log scale)", logy=True, alt="Per-layer value drain ratio",
+                   caption="Value-state drain, ‖v₀‖ / median ‖vₚ‖ per kv head; a sink's value drains to a ratio "
+                           "below 1 (Guo et al. 2024)."),
+        PositionCurve((Series("residual_norm", "layer {layer}", layers="picked"),), title="residual norm vs position",
+                      xlabel="position in window", ylabel="mean ‖hₚ‖ (log scale)", logy=True,
+                      alt="Residual norm against position for a few layers",
+                      caption="Mean L2 norm of decoder layer l's output at each position of the window (0 = first "
+                              "token fed), for the first, middle and last layer; log scale (Guo et al. 2024)."),
+    )),)
 
     def bind(self, facts: ModelFacts) -> None:
         super().bind(facts)

@@ -21,6 +21,7 @@ from attnlab.errors import ConfigError
 from attnlab.functional.attention import BlockView
 from attnlab.probes import PROBES
 from attnlab.probes.base import AttentionCall, ModelFacts, Probe, Row, RowWriter, pad_to_length, safe_div
+from attnlab.report.sections import LayerCurve, PositionCurve, Section, Series, Text
 from attnlab.stats.decay_fits import rope_decay_bound
 from attnlab.stats.distance import sums_by_distance_scatter
 from attnlab.stats.similarity import pearson_r
@@ -37,6 +38,19 @@ class RopeDecayProbe(Probe):
 
     name = "rope_decay"
     needs = frozenset({"probs"})
+
+    sections = (Section("probe-rope-decay", "RoPE long-term decay", (
+        Text(template="rope_theta = {rope_theta}, head_dim = {head_dim}; key 0 excluded: {exclude_first}."),
+        PositionCurve((Series("rope_bound", "RoPE bound (normalised)", layers="none", color="black"),
+                       Series("mean_attention", "layer {layer} (÷ max)", layers="picked", normalise=True)),
+                      title="bound vs measured attention", xlabel="distance (tokens)", ylabel="relative value",
+                      logx=True, logy=True, alt="RoPE decay bound next to measured attention against distance",
+                      caption="RoFormer's bound (1 at distance 0) and the measured mean attention per pair (fixed "
+                              "rows, mean over heads, scaled to its maximum) for three layers; log-log."),
+        LayerCurve((Series("bound_correlation", "corr(log bound, log attention)"),), title="agreement per layer",
+                   ylabel="Pearson r", ylim=(-1.05, 1.05), alt="Correlation of bound and attention per layer",
+                   caption="Correlation of the logs over distances ≥ 1."),
+    )),)
 
     def __init__(self, rope_theta: float | None = None, head_dim: int | None = None,
                  exclude_first: bool = True) -> None:

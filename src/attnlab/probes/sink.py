@@ -29,6 +29,7 @@ from attnlab.probes import PROBES
 from attnlab.probes.base import (
     AttentionCall, ModelFacts, Probe, Row, RowWriter, key_index_of_positions, safe_div, visible,
 )
+from attnlab.report.sections import Column, Heatmap, LayerCurve, Section, Series, Table, Text
 
 MAX_LISTED_HIDDEN_SINKS = 200
 
@@ -48,6 +49,42 @@ class SinkProbe(Probe):
 
     name = "sink"
     needs = frozenset({"probs"})
+
+    sections = (
+        Section("sinks", "Attention sinks", (
+            Text(when="sink_indicator",
+                 template="Sink rate over all layers and heads: {percent.sink_indicator} % (the share of (window, "
+                          "layer, head) triples whose α₀ exceeds ε = {epsilon}, Gu et al. 2025)."),
+            Heatmap((Series("alpha", "α₀: mean attention on key 0", "α₀ (fraction of attention, 0–1)", position=0,
+                            vmin=0.0, vmax=1.0),),
+                    side=Series("sink_rate", "sink rate (ε = {epsilon})", "% of heads × windows", scale=100.0),
+                    alt="Heatmap of alpha_0 by layer and head, with the sink rate per layer",
+                    caption="Left: α₀, the mean attention that queries pay to key position 0 (the first token fed), "
+                            "per layer (rows) and query head (columns); 0–1, grey = no data. Right: sink rate per "
+                            "layer, the percentage of (window, head) pairs with α₀ > ε. Metric and threshold follow "
+                            "Gu et al. 2025 (When Attention Sink Emerges in Language Models)."),
+            LayerCurve((Series("hidden_sinks", "hidden sinks"),), title="hidden sinks per layer",
+                       ylabel="per window and head", alt="Hidden sinks per layer",
+                       caption="Hidden sinks: non-initial keys whose column score (mean attention from the queries "
+                               "that see them) exceeds θ = {theta}, per window and head, by layer (Yu et al. 2024, "
+                               "ACT). The tokens are listed under Extreme tokens."),
+        )),
+        Section("extreme-tokens", "Extreme tokens", (
+            Table((Column("token", "token", "token"), Column("hits", "hits"), Column("max_score", "max score"),
+                   Column("mean_score", "mean score")),
+                  title="Tokens that attract attention", extras="extreme_tokens", sort_by="hits", top=25,
+                  empty="No token exceeded θ.",
+                  caption="Token strings that were hidden sinks most often (hits = number of (window, layer, head) "
+                          "sinks on that token; score = column score, the mean attention a key receives from the "
+                          "queries that see it). Top {shown} of {total}. Hidden sinks after Yu et al. 2024 (ACT)."),
+            Table((Column("window", "window"), Column("layer", "layer"), Column("head", "head"),
+                   Column("position", "position"), Column("token", "token", "token"), Column("score", "score")),
+                  title="Strongest hidden sinks", extras="hidden_sinks", sort_by="score", top=25,
+                  empty="No hidden sinks above θ.",
+                  caption="Non-initial keys whose column score exceeds θ = {theta} (Yu et al. 2024, ACT), highest "
+                          "first; top {shown} of {total}."),
+        )),
+    )
 
     def __init__(self, num_keys: int = 4, epsilon: float = 0.3, theta: float = 0.1, min_queries: int = 16) -> None:
         if num_keys < 1:

@@ -34,6 +34,7 @@ from attnlab.errors import ConfigError
 from attnlab.functional.attention import BlockView
 from attnlab.probes import PROBES
 from attnlab.probes.base import AttentionCall, ModelFacts, Probe, Row, RowWriter, safe_div
+from attnlab.report.sections import Heatmap, PositionCurve, Section, Series, Text
 from attnlab.stats.decay_fits import fit_energy_decay
 from attnlab.stats.distance import fit_power_law
 
@@ -50,6 +51,18 @@ class SpatialDecayProbe(Probe):
 
     name = "spatial_decay"
     needs = frozenset({"probs"})
+
+    sections = (Section("probe-spatial-decay", "Spatial decay on a grid", (
+        Text(template="Grid {grid} starting at real-token position {start} (row-major, frames × height × width)."),
+        PositionCurve((Series("relative_attention", "layer {layer}", layers="picked"),),
+                      title="relative attention vs grid distance", xlabel="r (cells)", ylabel="A_qk / A_qq (log)",
+                      logy=True, alt="Relative attention against grid distance",
+                      caption="Mean A_qk / A_qq per pair at rounded distance r, mean over heads."),
+        Heatmap((Series("energy_beta", "β (spatial)", "rate per cell"), Series("energy_alpha", "α (temporal)",
+                                                                             "rate per cell")),
+                alt="Heatmaps of fitted energy-decay rates",
+                caption="Fit of log(A_qk/A_qq) = c − αΔt − βΔs per layer (rows) and head (columns)."),
+    )),)
 
     def __init__(self, grid: list[int] | tuple[int, ...] = (64,), start: int = 0,
                  spatial_metric: str = "index") -> None:

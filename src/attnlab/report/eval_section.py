@@ -1,7 +1,8 @@
 """The report's "Eval" section: baseline vs edited variants side by side, from ``results["eval"]`` and the rows.
 
-Rows of an eval run name their task and variant in the ``probe`` column as ``"<task>@<variant>"`` (docs/results.md);
-this module reads them back, builds the comparison table, the NLL-by-position curves and the passkey plots.
+Rows of an eval run name their task in ``probe`` and their variant in ``variant`` (docs/results.md; schema 1 files
+joined them as ``"<task>@<variant>"`` in ``probe`` and are split on the way in); this module reads them back, builds
+the comparison table, the NLL-by-position curves and the passkey plots.
 """
 
 from __future__ import annotations
@@ -15,14 +16,11 @@ import numpy as np
 
 from attnlab.report import plots
 from attnlab.report.plots import LinePanel, Series
+from attnlab.report.upgrade import normalise_rows, split_probe
+
+__all__ = ["eval_section", "split_probe"]
 
 _COLORS = ["black", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
-
-
-def split_probe(probe: str) -> tuple[str, str | None]:
-    """``"perplexity@baseline"`` → ``("perplexity", "baseline")``; a probe without ``@`` → ``(probe, None)``."""
-    task, sep, variant = str(probe).partition("@")
-    return (task, variant) if sep else (task, None)
 
 
 def _delta(value: Any, base: Any, relative: bool = False) -> str:
@@ -69,8 +67,8 @@ def eval_section(results: Mapping[str, Any]) -> dict[str, Any] | None:
             "seconds": record.get("seconds"),
         })
     curves: dict[str, dict[str, tuple[list[float], list[float]]]] = defaultdict(dict)
-    for row in results.get("rows") or []:
-        task, variant = split_probe(row["probe"])
+    for row in normalise_rows(results.get("rows") or [], split_variant=results.get("schema_version", 2) < 2):
+        variant = row["variant"]
         if variant is None or row["statistic"] not in ("nll_by_position", "accuracy_by_position"):
             continue
         if row["position"] is None or row["value"] is None:

@@ -26,7 +26,8 @@ from typing import Any
 import pandas as pd
 
 from attnlab.errors import ConfigError
-from attnlab.report.schema import CSV_COLUMNS, INDEX_COLUMNS, validate_results
+from attnlab.report.schema import CSV_COLUMNS, INDEX_COLUMNS, REQUIRED_ROW_COLUMNS, validate_results
+from attnlab.report.upgrade import upgrade_results
 
 RESULTS_JSON = "results.json"
 RESULTS_CSV = "results.csv"
@@ -101,22 +102,25 @@ def results_to_json(results: Mapping[str, Any]) -> str:
 def rows_to_frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     """The long-format table of ``results["rows"]``.
 
-    Columns are exactly ``probe, statistic, layer, head, position, value`` in that order; ``layer``, ``head`` and
-    ``position`` are nullable ``Int64`` (``<NA>`` where not applicable), ``value`` is float64 (NaN for ``null``),
-    ``probe`` and ``statistic`` are strings. Keys other than the six columns are ignored.
+    Columns are exactly ``probe, variant, statistic, layer, head, position, value`` in that order; ``layer``,
+    ``head`` and ``position`` are nullable ``Int64`` (``<NA>`` where not applicable), ``value`` is float64 (NaN for
+    ``null``), ``probe``, ``variant`` and ``statistic`` are strings (``variant`` NaN for probe rows, also when the
+    row has no ``variant`` key). Keys other than the seven columns are ignored.
     """
     rows = list(rows)
     for index, row in enumerate(rows):
-        absent = [column for column in CSV_COLUMNS if column not in row]
+        absent = [column for column in REQUIRED_ROW_COLUMNS if column not in row]
         if absent:
             raise ConfigError(f"rows[{index}] is missing column(s): {', '.join(absent)}")
     data: dict[str, Any] = {}
     for column in CSV_COLUMNS:
-        values = [row[column] for row in rows]
+        values = [row.get(column) for row in rows]
         if column in INDEX_COLUMNS:
             data[column] = pd.array(values, dtype="Int64")
         elif column == "value":
             data[column] = pd.array([math.nan if v is None else float(v) for v in values], dtype="float64")
+        elif column == "variant":
+            data[column] = pd.Series([None if v is None else str(v) for v in values], dtype=str)
         else:
             data[column] = pd.Series([str(v) for v in values], dtype=str)  # pandas' default string dtype
     return pd.DataFrame(data, columns=list(CSV_COLUMNS))
@@ -125,7 +129,8 @@ def rows_to_frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
 def frame_to_csv(frame: pd.DataFrame) -> str:
     """CSV text of a :func:`rows_to_frame` table: empty cells for missing values, floats at full precision.
 
-    Read it back with ``pandas.read_csv(path, dtype={"layer": "Int64", "head": "Int64", "position": "Int64"})``.
+    Read it back with ``pandas.read_csv(path, dtype={"variant": str, "layer": "Int64", "head": "Int64",
+    "position": "Int64"})``.
     """
     return frame.to_csv(index=False, lineterminator="\n", na_rep="")
 
@@ -208,11 +213,12 @@ def write_results(
     JSON and as empty cells in the CSV.
 
     Returns ``{"json": path, "csv": path, "html": path}`` (no ``"html"`` when ``render=False``).
+    The files hold ``results`` at the current schema version (:func:`attnlab.report.upgrade.upgrade_results`).
     Raises ConfigError if ``results`` fails :func:`attnlab.report.schema.validate_results`, ``out_dir`` cannot
     be created or written, or a target name is taken by a directory (checked before anything is written; the
     message names the directory and the reason).
     """
-    validate_results(results)
+    results = upgrade_results(results)  # validates; rows get ``variant``, the probes' sections are filled in
     out_dir = Path(out_dir)
     prepare_out_dir(out_dir)
     check_targets(out_dir, RESULT_FILES if render else (RESULTS_JSON, RESULTS_CSV))
@@ -247,7 +253,8 @@ def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a ``results.json`` (or the one inside a run directory) and check its schema version.
 
     Raises ConfigError (one line, naming the file) if the file is missing, is not UTF-8 JSON, has no or a newer
-    ``schema_version``, or lacks a required key. ``null`` values stay ``None``.
+    ``schema_version``, or lacks a required key. ``null`` values stay ``None``. An older file is returned converted
+    to the current schema (:func:`attnlab.report.upgrade.upgrade_results`; ``upgraded_from`` names its version).
     """
     path = Path(path)
     if path.is_dir():
@@ -267,4 +274,4 @@ def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"{path} is not a results.json: invalid JSON ({error.msg} at line {error.lineno} column {error.colno})"
         ) from None
     validate_results(results, source=str(path))
-    return results
+    return upgrade_results(results)

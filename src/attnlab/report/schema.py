@@ -10,14 +10,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from attnlab.columns import RESULT_COLUMNS, SCHEMA_VERSION
+from attnlab.columns import RESULT_COLUMNS, SCHEMA_VERSION, V1_COLUMNS
 from attnlab.errors import ConfigError
 
-__all__ = ["CSV_COLUMNS", "INDEX_COLUMNS", "REQUIRED_KEYS", "SCHEMA_VERSION", "check_schema_version",
-           "validate_results"]
+__all__ = ["CSV_COLUMNS", "INDEX_COLUMNS", "REQUIRED_KEYS", "REQUIRED_ROW_COLUMNS", "SCHEMA_VERSION",
+           "check_schema_version", "validate_results"]
 
 CSV_COLUMNS = RESULT_COLUMNS
 """Columns of ``results.csv`` (and keys of each entry of ``results["rows"]``), in order."""
+
+REQUIRED_ROW_COLUMNS: tuple[str, ...] = V1_COLUMNS
+"""Keys every row must have; ``variant`` may be absent (read as None: a probe row)."""
 
 INDEX_COLUMNS: tuple[str, ...] = ("layer", "head", "position")
 """The nullable integer columns of ``results.csv``."""
@@ -48,7 +51,8 @@ def validate_results(results: Any, *, source: str = "results") -> None:
     """Check that ``results`` looks like a results dict of a readable schema version; raise ConfigError if not.
 
     Checks: it is a mapping; it has every key of :data:`REQUIRED_KEYS`; ``schema_version`` is readable;
-    ``model`` is a mapping; ``rows`` is a list of mappings that each have every column of :data:`CSV_COLUMNS`.
+    ``model`` is a mapping; ``rows`` is a list of mappings that each have every column of
+    :data:`REQUIRED_ROW_COLUMNS`; ``sections``, when present, is a mapping of lists.
     Messages are one line and name ``source``.
     """
     if not isinstance(results, Mapping):
@@ -67,6 +71,10 @@ def validate_results(results: Any, *, source: str = "results") -> None:
     for index, row in enumerate(rows):
         if not isinstance(row, Mapping):
             raise ConfigError(f"{source}: rows[{index}] is a {type(row).__name__}, expected an object")
-        absent = [column for column in CSV_COLUMNS if column not in row]
+        absent = [column for column in REQUIRED_ROW_COLUMNS if column not in row]
         if absent:
             raise ConfigError(f"{source}: rows[{index}] is missing column(s): {', '.join(absent)}")
+    sections = results.get("sections")
+    if sections is not None and not (isinstance(sections, Mapping)
+                                     and all(isinstance(specs, list) for specs in sections.values())):
+        raise ConfigError(f"{source}: 'sections' must be an object of lists (probe -> section specs)")

@@ -1,0 +1,261 @@
+"""Report sections as data: what a probe's section in ``report.html`` draws, declared next to the probe's code.
+
+A probe (or analysis) class declares ``sections: ClassVar[tuple[Section, ...]]`` built from five primitives:
+
+- :class:`Heatmap`: statistics over layer × head (one panel per :class:`Series`), optionally with per-layer bars;
+- :class:`LayerCurve`: statistics against the layer (mean over heads and positions, or one line per head);
+- :class:`PositionCurve`: statistics against the ``position`` column (a position, distance bin, length, lag ...),
+  mean over heads, for all layers together, the rows without a layer, three picked layers or every layer;
+- :class:`Table`: records of an extras list (e.g. the sink probe's extreme tokens) or statistics per position or
+  per picked layer;
+- :class:`Text`: a paragraph whose ``{placeholders}`` are filled from the probe's extras and its rows.
+
+Every primitive is a frozen dataclass with ``to_dict``/``from_dict`` (plain JSON), so a run writes the sections of
+the probes it ran into ``results.json`` (``results["sections"] = {probe: [section dicts]}``) and
+``attnlab render results.json`` needs only the JSON. The generic renderer is ``attnlab.report.draw``. This module
+is pure: it imports neither torch, transformers nor matplotlib, so probe modules can import it.
+
+Placeholders of :class:`Text` and of captions/titles: ``{key}`` is the probe's extras value ``key``;
+``{mean.STAT}``, ``{percent.STAT}`` (100 × mean), ``{value.STAT}`` (the first row's value) and ``{count.STAT}``
+read the probe's rows. Lists print as ``1–3, 7`` (integers) or ``a, b``, mappings as ``k (v); ...``, missing or
+None values as ``—``, floats with 3 significant digits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from attnlab.errors import ConfigError
+
+__all__ = ["Column", "Heatmap", "LayerCurve", "Part", "PositionCurve", "Section", "Series", "Table", "Text",
+           "LAYER_CHOICES", "section_specs", "sections_from_dicts"]
+
+LAYER_CHOICES = ("any", "none", "picked", "each")
+"""Which rows a curve :class:`Series` reads: ``any`` = every row, averaged into one line; ``none`` = only rows with
+an empty layer; ``picked`` = one line for each of the first, middle and last layer; ``each`` = one line per layer."""
+
+FORMATS = ("number", "text", "token", "list", "mapping", "tokens")
+"""Cell formats of a :class:`Column`: ``number`` (3 significant digits), ``text``, ``token`` (shown visibly, as in
+the tokens section), ``list`` (items joined by ``, ``), ``mapping`` (``k: v`` joined by ``, ``, numbers signed),
+``tokens`` (a list of tokens or ``[id, token]`` pairs, shown visibly and joined by spaces)."""
+
+
+@dataclass(frozen=True)
+class Series:
+    """One statistic as drawn in a figure: a heatmap panel, a line, or per-layer bars.
+
+    Attributes:
+        statistic: the ``statistic`` column of the probe's rows.
+        label: panel title (heatmaps) or legend label (curves); ``{layer}``/``{head}`` name the line's layer/head.
+        unit: colour-bar label of a heatmap panel, with units (curves put units on the figure's y label).
+        position: only rows with this ``position`` (e.g. 0 for the sink score of key 0); None = all rows.
+        layers: curves only, one of :data:`LAYER_CHOICES`.
+        dashed, color: line style; None picks the palette colour of the line's layer (or of the series).
+        vmin, vmax: colour range of a heatmap panel (None = the data's range).
+        scale: multiply the values (e.g. 100 for a percentage).
+        normalise: divide each line by its maximum (shapes compared on one axis).
+    """
+
+    statistic: str
+    label: str = ""
+    unit: str = ""
+    position: int | None = None
+    layers: str = "any"
+    dashed: bool = False
+    color: str | None = None
+    vmin: float | None = None
+    vmax: float | None = None
+    scale: float = 1.0
+    normalise: bool = False
+
+    def __post_init__(self) -> None:
+        if self.layers not in LAYER_CHOICES:
+            raise ConfigError(f"Series.layers must be one of {', '.join(LAYER_CHOICES)}, got {self.layers!r}")
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of a :class:`Table`: ``key`` is a record key (extras tables) or a statistic (row tables)."""
+
+    key: str
+    header: str
+    format: str = "number"
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ConfigError(f"Column.format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+
+
+@dataclass(frozen=True)
+class Part:
+    """Base of the primitives. ``when`` names an extras key or a statistic that must be present for the part to be
+    drawn (None = always, when it has data). ``caption`` and ``alt`` describe a figure or table."""
+
+    kind: ClassVar[str] = ""
+    when: str | None = field(default=None, kw_only=True)
+    caption: str = field(default="", kw_only=True)
+    alt: str = field(default="", kw_only=True)
+
+    def statistics(self) -> tuple[str, ...]:
+        """The statistics this part reads (empty for extras tables and text)."""
+        return tuple(s.statistic for s in getattr(self, "series", ()))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON: ``{"kind": ..., field: value}``; nested series/columns as dicts, tuples as lists."""
+        return {"kind": self.kind, **_plain(dataclasses.asdict(self))}
+
+
+@dataclass(frozen=True)
+class Heatmap(Part):
+    """Panels side by side over layer (rows) × head (columns), one per series, mean over the chosen positions.
+
+    ``columns="position"`` puts the position column on the x axis instead (mean over heads), e.g. token classes.
+    ``side`` draws that statistic per layer (mean over heads) as horizontal bars to the right, titled ``label``,
+    x axis ``unit``. ``xlabel`` defaults to the column name.
+    """
+
+    kind: ClassVar[str] = "heatmap"
+    series: tuple[Series, ...]
+    columns: str = "head"
+    xlabel: str = ""
+    side: Series | None = None
+
+    def statistics(self) -> tuple[str, ...]:
+        return tuple(s.statistic for s in self.series) + ((self.side.statistic,) if self.side else ())
+
+
+@dataclass(frozen=True)
+class LayerCurve(Part):
+    """Lines against the layer: each series is the mean over heads and positions per layer, or with
+    ``per_head=True`` one line per head (label ``{head}``)."""
+
+    kind: ClassVar[str] = "layer_curve"
+    series: tuple[Series, ...]
+    title: str = ""
+    ylabel: str = ""
+    logy: bool = False
+    ylim: tuple[float, float] | None = None
+    per_head: bool = False
+
+
+@dataclass(frozen=True)
+class PositionCurve(Part):
+    """Lines against the ``position`` column (position, distance bin, length, lag ...), mean over heads; each
+    series picks its layers (:data:`LAYER_CHOICES`)."""
+
+    kind: ClassVar[str] = "position_curve"
+    series: tuple[Series, ...]
+    title: str = ""
+    xlabel: str = "position"
+    ylabel: str = ""
+    logx: bool = False
+    logy: bool = False
+    ylim: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True)
+class Table(Part):
+    """A table with a heading ``title`` (optional).
+
+    With ``extras`` set, one row per record of that extras list (sorted by ``sort_by`` descending, at most ``top``),
+    cells from the records' ``Column.key``. Without, one row per ``index``: ``"position"`` (each position of the
+    statistics) or ``"picked_layers"`` (first, middle and last layer, then all layers; cells are means over heads),
+    cells from the statistics named by ``Column.key``. ``empty`` is shown instead of an empty table (nothing if
+    ""). ``{shown}`` and ``{total}`` in the caption count the records.
+    """
+
+    kind: ClassVar[str] = "table"
+    columns: tuple[Column, ...]
+    title: str = ""
+    extras: str | None = None
+    index: str = "position"
+    index_header: str = ""
+    sort_by: str | None = None
+    top: int | None = None
+    empty: str = ""
+
+    def statistics(self) -> tuple[str, ...]:
+        return () if self.extras else tuple(c.key for c in self.columns)
+
+
+@dataclass(frozen=True)
+class Text(Part):
+    """A paragraph; see the module docstring for the placeholders of ``template``."""
+
+    kind: ClassVar[str] = "text"
+    template: str
+
+
+PARTS: dict[str, type[Part]] = {cls.kind: cls for cls in (Heatmap, LayerCurve, PositionCurve, Table, Text)}
+
+
+@dataclass(frozen=True)
+class Section:
+    """One ``<section>`` of the report: HTML ``id``, heading ``title`` and its parts in order."""
+
+    id: str
+    title: str
+    parts: tuple[Part, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "title": self.title, "parts": [part.to_dict() for part in self.parts]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Section:
+        """Inverse of :meth:`to_dict`; ConfigError (one line) on an unknown kind or field."""
+        if not isinstance(data, Mapping) or not {"id", "title", "parts"} <= set(data):
+            raise ConfigError(f"a report section needs id, title and parts, got {_short(data)}")
+        return cls(str(data["id"]), str(data["title"]), tuple(_part_from_dict(p) for p in data["parts"]))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+def _short(data: Any) -> str:
+    text = repr(data)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _part_from_dict(data: Any) -> Part:
+    if not isinstance(data, Mapping) or data.get("kind") not in PARTS:
+        raise ConfigError(f"a report section part needs kind in {', '.join(PARTS)}, got {_short(data)}")
+    cls = PARTS[data["kind"]]
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names - {"kind"})
+    if unknown:
+        raise ConfigError(f"report section part {data['kind']!r} has unknown field(s): {', '.join(unknown)}")
+    kwargs = {key: value for key, value in data.items() if key != "kind"}
+    try:
+        if "series" in kwargs:
+            kwargs["series"] = tuple(Series(**s) for s in kwargs["series"])
+        if kwargs.get("side") is not None:
+            kwargs["side"] = Series(**kwargs["side"])
+        if "columns" in kwargs and cls is Table:
+            kwargs["columns"] = tuple(Column(**c) for c in kwargs["columns"])
+        if kwargs.get("ylim") is not None:
+            kwargs["ylim"] = tuple(kwargs["ylim"])
+        return cls(**kwargs)
+    except TypeError as error:
+        raise ConfigError(f"report section part {data['kind']!r}: {error}") from None
+
+
+def sections_from_dicts(data: Iterable[Mapping[str, Any]]) -> tuple[Section, ...]:
+    """Sections read back from ``results["sections"][probe]``."""
+    return tuple(Section.from_dict(item) for item in data)
+
+
+def section_specs(probes: Iterable[Any]) -> dict[str, list[dict[str, Any]]]:
+    """``{probe.name: [section dicts]}`` for ``results["sections"]``: the ``sections`` each probe class declares.
+
+    ``probes`` are probe or analysis instances (or classes) with ``name`` and ``sections``; one without sections
+    maps to ``[]`` (it ran, its rows are in the tables, it draws nothing).
+    """
+    return {str(p.name): [s.to_dict() for s in getattr(p, "sections", ())] for p in probes}
