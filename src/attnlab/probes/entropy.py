@@ -23,7 +23,7 @@ from attnlab.errors import ConfigError
 from attnlab.functional.attention import BlockView
 from attnlab.probes import PROBES
 from attnlab.probes.base import AttentionCall, ModelFacts, Probe, Row, RowWriter, safe_div
-from attnlab.report.sections import Heatmap, Section, Series
+from attnlab.report.sections import Heatmap, Section, Series, Text
 from attnlab.stats.entropy import normalised_entropy, row_entropy_from_logits
 
 logger = logging.getLogger(__name__)
@@ -51,6 +51,12 @@ class EntropyProbe(Probe):
                         "Normalised entropy divides each row's entropy by log(number of visible keys), so 0 = all "
                         "attention on one key and 1 = uniform; rows with fewer than 2 visible keys are skipped. "
                         "Raw entropy is in nats."),
+        Text("Warning: some query rows' attention became NaN inside the model (where: the heatmap below); those rows "
+             "are left out of every statistic.", when="nan_rows"),
+        Heatmap((Series("nan_rows", "NaN rows", "query rows whose attention was NaN"),), when="nan_rows",
+                alt="Heatmap of NaN attention rows by layer and head",
+                caption="Real query rows whose attention became NaN inside the model, per layer and query head, "
+                        "summed over the run; they are excluded from the entropy, sink and distance statistics."),
     )),)
 
     def __init__(self, num_bins: int = 20) -> None:
