@@ -40,7 +40,6 @@ class Calibration(Edit):
         ConfigError: parameters out of range or an unknown threshold mode.
     """
 
-    name = "calibration"
     stage = "probs"
     needs_prepare = True
 

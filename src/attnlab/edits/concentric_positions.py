@@ -35,7 +35,6 @@ class ConcentricPositions(Edit):
         ConfigError: start < 0, height or width < 1.
     """
 
-    name = "concentric_positions"
     stage = "positions"
     fast = True
 

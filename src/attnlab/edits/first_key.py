@@ -29,7 +29,6 @@ class FirstKey(OneHotBlend):
         ConfigError: alpha outside [0, 1].
     """
 
-    name = "first_key"
 
     def __init__(self, alpha: float = 1.0, **selection: Any) -> None:
         super().__init__(alpha, **selection)

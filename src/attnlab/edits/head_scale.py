@@ -28,7 +28,6 @@ class HeadScale(Edit):
         ConfigError: scale not a finite number.
     """
 
-    name = "head_scale"
     stage = "output"
     fast = True
 

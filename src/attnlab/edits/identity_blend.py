@@ -28,7 +28,6 @@ class IdentityBlend(OneHotBlend):
         ConfigError: alpha outside [0, 1].
     """
 
-    name = "identity_blend"
 
     def __init__(self, alpha: float = 1.0, **selection: Any) -> None:
         super().__init__(alpha, **selection)

@@ -27,7 +27,6 @@ class Mask(Edit):
         RegistryError: unknown mask name. ConfigError: bad mask parameters.
     """
 
-    name = "mask"
     stage = "mask"
     fast = True
 

@@ -37,7 +37,6 @@ class Redistribution(Edit):
         ConfigError: parameters out of range, or an empty/negative sink list.
     """
 
-    name = "redistribution"
     stage = "probs"
 
     def __init__(self, fraction: float = 0.4, sink_positions: Any = (0,), target_start: int = 0,

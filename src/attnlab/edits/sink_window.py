@@ -30,7 +30,6 @@ class SinkWindow(Edit):
         ConfigError: sinks < 0 or window < 1.
     """
 
-    name = "sink_window"
     stage = "mask"
     fast = True
 

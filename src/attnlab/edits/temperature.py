@@ -37,7 +37,6 @@ class Temperature(Edit):
         ConfigError: tau ≤ 0, unknown variant, train_len < 2.
     """
 
-    name = "temperature"
     stage = "logits"
     fast = True
 

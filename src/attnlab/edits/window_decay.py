@@ -29,7 +29,6 @@ class WindowDecay(Edit):
         ConfigError: window < 1 or alpha outside (0, 1].
     """
 
-    name = "window_decay"
     stage = "logits"
 
     def __init__(self, window: int = 2048, alpha: float = 0.9, **selection: Any) -> None:

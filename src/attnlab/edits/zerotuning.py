@@ -32,7 +32,6 @@ class ZeroTuning(Edit):
         ConfigError: gamma ≤ 0.
     """
 
-    name = "zerotuning"
     stage = "logits"
     fast = True
 

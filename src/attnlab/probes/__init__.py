@@ -1,26 +1,16 @@
 """Probes: observers of attention. ``PROBES`` names them; ``attnlab ls probes`` lists them.
 
-Built-in probes are imported on the first lookup so ``import attnlab.probes`` stays cheap.
+Every public module of this package except the infrastructure (``base``, ``model_base``) is imported on the first
+lookup, so ``import attnlab.probes`` stays cheap and adding a probe never edits this file (the recipe:
+:mod:`attnlab.registry`). Plug-ins register through the ``attnlab.probes`` entry-point group.
 """
 
 from __future__ import annotations
 
-import importlib
-
 from attnlab.registry import Registry
 
-_BUILTIN_MODULES = ("entropy", "sink", "distance", "norms", "massive_activations", "magnets", "rope_decay",
-                    "spatial_decay", "inflection", "cka", "length_collapse", "head_divergence",
-                    "active_dormant", "head_importance", "head_overlap", "contrast",
-                    "memory_fidelity")
-
-
-def _load_builtins() -> None:
-    for module in _BUILTIN_MODULES:
-        importlib.import_module(f"attnlab.probes.{module}")
-
-
-PROBES: Registry[type] = Registry("probe", loader=_load_builtins)
+PROBES: Registry[type] = Registry("probe", base="attnlab.probes.base.Probe", package=__name__,
+                                  infrastructure=("base", "model_base"), group="attnlab.probes")
 
 DEFAULT_PROBES = ("entropy", "sink", "distance", "norms")
 

@@ -72,7 +72,6 @@ class ActiveDormantProbe(ModelProbe):
             switching heads are listed across both texts (windows ``A0 …`` and ``B0 …``).
     """
 
-    name = "active_dormant"
 
     def __init__(self, tolerance: float = 0.01, tau_row: float = 0.5, tau_col: float = 0.9,
                  layers: list[int] | None = None, other_text: str | None = None) -> None:

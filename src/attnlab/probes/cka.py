@@ -30,7 +30,6 @@ class CkaProbe(ModelProbe):
         max_tokens: real tokens kept per model (default 2048). num_components: PCA basis size (default 32).
     """
 
-    name = "cka"
     needs_compare = True
 
     def __init__(self, max_tokens: int = 2048, num_components: int = 32) -> None:

@@ -55,7 +55,6 @@ class ContrastProbe(ModelProbe):
         lam: λ, the contrast regulariser (default 1e-3). exclude_first: leave key position 0 out (default True).
     """
 
-    name = "contrast"
 
     def __init__(self, task: str = "\nWho is speaking here, and to whom?", generic: str = "\nDescribe the text above.",
                  lam: float = 1e-3, exclude_first: bool = True, top_tokens: int = 8) -> None:

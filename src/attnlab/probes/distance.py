@@ -39,7 +39,6 @@ from attnlab.stats.distance import (
 class DistanceProbe(Probe):
     """Attention mass per distance bin, fixed-row mean attention per distance, and power-law/exponential fits."""
 
-    name = "distance"
     needs = frozenset({"probs"})
 
     def bind(self, shape: ModelShape) -> None:

@@ -27,7 +27,6 @@ class EntropyProbe(Probe):
         num_bins: histogram bins over [0, 1] of normalised entropy (default 20).
     """
 
-    name = "entropy"
     needs = frozenset({"probs"})
 
     def __init__(self, num_bins: int = 20) -> None:

@@ -31,7 +31,6 @@ class HeadDivergenceProbe(ModelProbe):
         top_k: heads listed in the extras (default 10).
     """
 
-    name = "head_divergence"
 
     def __init__(self, context: int | None = None, top_k: int = 10) -> None:
         if context is not None and context < 1:

@@ -37,7 +37,6 @@ class HeadImportanceProbe(ModelProbe):
         top_k: size of the head set (default 10). layers: layers to ablate (default all).
     """
 
-    name = "head_importance"
 
     def __init__(self, top_k: int = 10, layers: list[int] | None = None) -> None:
         if top_k < 1:

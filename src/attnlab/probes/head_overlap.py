@@ -32,7 +32,6 @@ class HeadOverlapProbe(HeadImportanceProbe):
         top_k: head-set size (default 10). layers: layers to ablate (default all).
     """
 
-    name = "head_overlap"
 
     def __init__(self, other_text: str | None = None, top_k: int = 10, layers: list[int] | None = None) -> None:
         super().__init__(top_k=top_k, layers=layers)

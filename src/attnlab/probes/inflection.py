@@ -75,7 +75,6 @@ class InflectionProbe(ModelProbe):
         band_width: layers next to the best one join the band while their score is within this of it (0.5).
     """
 
-    name = "inflection"
 
     def __init__(self, band_width: float = 0.5) -> None:
         if band_width < 0:

@@ -55,7 +55,6 @@ class LengthCollapseProbe(ModelProbe):
             are dropped). count: texts per bucket (default 16).
     """
 
-    name = "length_collapse"
 
     def __init__(self, lengths: list[int] | tuple[int, ...] = (8, 16, 32, 64, 128, 256), count: int = 16) -> None:
         lengths = sorted({int(n) for n in ([lengths] if isinstance(lengths, int) else lengths)})

@@ -63,7 +63,6 @@ class MagnetsProbe(Probe):
             raises ConfigError when neither was given (every key would be "other").
     """
 
-    name = "magnets"
     needs = frozenset({"probs"})
 
     def __init__(self, theta: float = 0.1, min_queries: int = 16, token_classes: dict[int, int] | None = None,

@@ -39,7 +39,6 @@ class MassiveActivationsProbe(Probe):
         tau: VAR's sink threshold on φ = |h / rms(h)| over the massive dims (default 20).
     """
 
-    name = "massive_activations"
     needs = frozenset({"hidden_states"})
 
     def __init__(self, abs_threshold: float = 100.0, ratio_threshold: float = 1000.0, min_layers: int = 2,

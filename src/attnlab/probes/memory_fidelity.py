@@ -79,7 +79,6 @@ class MemoryFidelityProbe(ModelProbe):
         lags: step distances k (default [1, 2, 4, 8, 16, 32]).
     """
 
-    name = "memory_fidelity"
 
     def __init__(self, lags: list[int] | tuple[int, ...] = (1, 2, 4, 8, 16, 32)) -> None:
         lags = [lags] if isinstance(lags, int) else list(lags)

@@ -49,7 +49,6 @@ def _peak_ratio(mean_norm: Tensor) -> Tensor:
 class NormsProbe(Probe):
     """Mean residual norm per (layer, position), mean value norm per (layer, kv head, position), and their ratios."""
 
-    name = "norms"
     needs = frozenset({"value", "hidden_states"})
 
     def bind(self, shape: ModelShape) -> None:

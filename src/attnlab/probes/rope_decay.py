@@ -35,7 +35,6 @@ class RopeDecayProbe(Probe):
         exclude_first: leave key position 0 (the sink) out of the measured curve (default True).
     """
 
-    name = "rope_decay"
     needs = frozenset({"probs"})
 
     def __init__(self, rope_theta: float | None = None, head_dim: int | None = None,

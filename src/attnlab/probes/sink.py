@@ -46,7 +46,6 @@ class SinkProbe(Probe):
             (diagonal) attention and would flag nearly every head; ``min_queries=1`` gives ACT's rule exactly.
     """
 
-    name = "sink"
     needs = frozenset({"probs"})
 
     def __init__(self, num_keys: int = 4, epsilon: float = 0.3, theta: float = 0.1, min_queries: int = 16) -> None:

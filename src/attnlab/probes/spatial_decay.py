@@ -48,7 +48,6 @@ class SpatialDecayProbe(Probe):
         spatial_metric: "index" (default, |s − k0| as in METHODS.md #10) or "euclidean" (cells, sqrt(Δy² + Δx²)).
     """
 
-    name = "spatial_decay"
     needs = frozenset({"probs"})
 
     def __init__(self, grid: list[int] | tuple[int, ...] = (64,), start: int = 0,
