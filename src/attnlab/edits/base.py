@@ -102,6 +102,9 @@ class Edit:
     stage: ClassVar[Stage] = "logits"
     fast: ClassVar[bool] = False  # True if the edit runs on the fast path (no probs materialised)
     needs_prepare: ClassVar[bool] = False  # True if the edit needs a pass over the call's probs first (ACT)
+    # params() values that make the edit the identity ({"tau": 1.0}), or None for an edit with no identity form.
+    # Every registered edit declares it (tests/edits/test_edit_laws.py checks it against the kernel).
+    identity: ClassVar[dict[str, Any] | None]
 
     def __init__(self, *, layers: Any = None, heads: Any = None) -> None:
         self.layers = _index_set(layers, "layers")
@@ -113,8 +116,9 @@ class Edit:
         return {}
 
     def is_identity(self) -> bool:
-        """True if these parameters leave attention unchanged (τ=1, γ=1, β=1, α=0, scale 1, ...)."""
-        return False
+        """True if ``params()`` matches the class's ``identity`` (τ=1, γ=1, β=1, α=0, scale 1, ...)."""
+        identity = getattr(type(self), "identity", None)
+        return identity is not None and all(self.params().get(key) == value for key, value in identity.items())
 
     def spec(self) -> str:
         """``name:key=value,...`` — the same form ``parse_edit_spec`` reads."""

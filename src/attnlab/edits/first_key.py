@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -29,9 +27,6 @@ class FirstKey(OneHotBlend):
         ConfigError: alpha outside [0, 1].
     """
 
-
-    def __init__(self, alpha: float = 1.0, **selection: Any) -> None:
-        super().__init__(alpha, **selection)
 
     def target_keys(self, ctx: EditContext) -> Tensor:
         is_first = ctx.key_positions == 0  # (B, Lk)
