@@ -292,7 +292,7 @@ def coerce_arguments(func: Callable[..., Any], values: Mapping[str, Any], *, own
     if not rest:
         return result
     if extra is None:
-        raise ConfigError(f"{owner} has no parameter {', '.join(sorted(rest))}; it takes: {', '.join(named)}")
+        raise ConfigError(f"{owner}: no parameter {', '.join(sorted(rest))}; it takes: {', '.join(named)}")
     forward = next((m for m in _split(hints.get(extra.name, Any))[1] if isinstance(m, Forward)), None)
     if forward is None:
         return {**result, **rest}

@@ -19,12 +19,13 @@ Positions count real tokens only; padding never enters (left padding: the first 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor
 
 from attnlab.errors import ConfigError
+from attnlab.params import IndexList, Range, validated
 from attnlab.probes import PROBES
 from attnlab.probes._ablation import check_layers, head_effects
 from attnlab.probes.base import Probe, Row, RowWriter, safe_div
@@ -73,14 +74,12 @@ class ActiveDormantProbe(ModelProbe):
     """
 
 
-    def __init__(self, tolerance: float = 0.01, tau_row: float = 0.5, tau_col: float = 0.9,
-                 layers: list[int] | None = None, other_text: str | None = None) -> None:
-        if tolerance <= 0:
-            raise ConfigError(f"tolerance must be > 0, got {tolerance}")
-        self.tolerance, self.tau_row, self.tau_col = float(tolerance), float(tau_row), float(tau_col)
+    @validated
+    def __init__(self, tolerance: Annotated[float, Range(gt=0.0)] = 0.01, tau_row: float = 0.5, tau_col: float = 0.9,
+                 layers: IndexList | None = None, other_text: str | None = None) -> None:
+        self.tolerance, self.tau_row, self.tau_col = tolerance, tau_row, tau_col
         self.other_text = other_text
-        self.layers = None if layers is None else [int(layer) for layer in ([layers] if isinstance(layers, int)
-                                                                           else layers)]
+        self.layers = None if layers is None else list(layers)
 
     def prepare(self, info: ModelInfo) -> None:
         super().prepare(info)

@@ -10,12 +10,13 @@ scale) and, when the widths agree, ``delta_cka_pca`` (:func:`attnlab.stats.simil
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor
 
 from attnlab.errors import ConfigError
+from attnlab.params import Range, validated
 from attnlab.probes import PROBES
 from attnlab.probes.base import Probe, Row, RowWriter
 from attnlab.probes.model_base import ModelInfo, ModelProbe
@@ -32,9 +33,9 @@ class CkaProbe(ModelProbe):
 
     needs_compare = True
 
-    def __init__(self, max_tokens: int = 2048, num_components: int = 32) -> None:
-        if max_tokens < 4 or num_components < 1:
-            raise ConfigError(f"max_tokens must be >= 4 and num_components >= 1, got {max_tokens}, {num_components}")
+    @validated
+    def __init__(self, max_tokens: Annotated[int, Range(ge=4)] = 2048,
+                 num_components: Annotated[int, Range(ge=1)] = 32) -> None:
         self.max_tokens, self.num_components = max_tokens, num_components
         self.mine: list[list[Tensor]] = []
         self.theirs: list[list[Tensor]] = []

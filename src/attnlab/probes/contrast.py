@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor
 
 from attnlab.errors import ConfigError
+from attnlab.params import Range, validated
 from attnlab.probes import PROBES
 from attnlab.probes.base import Row, RowWriter
 from attnlab.probes.model_base import ModelInfo, ModelProbe
@@ -56,14 +57,14 @@ class ContrastProbe(ModelProbe):
     """
 
 
+    @validated
     def __init__(self, task: str = "\nWho is speaking here, and to whom?", generic: str = "\nDescribe the text above.",
-                 lam: float = 1e-3, exclude_first: bool = True, top_tokens: int = 8) -> None:
+                 lam: Annotated[float, Range(gt=0.0)] = 1e-3, exclude_first: bool = True,
+                 top_tokens: Annotated[int, Range(ge=0)] = 8) -> None:
         if not task or not generic:
             raise ConfigError("contrast needs a non-empty task and generic query")
-        if lam <= 0:
-            raise ConfigError(f"lam must be > 0, got {lam}")
-        self.task, self.generic, self.lam = task, generic, float(lam)
-        self.exclude_first, self.top_tokens = bool(exclude_first), top_tokens
+        self.task, self.generic, self.lam = task, generic, lam
+        self.exclude_first, self.top_tokens = exclude_first, top_tokens
 
     def prepare(self, info: ModelInfo) -> None:
         super().prepare(info)

@@ -7,13 +7,13 @@ Rows of padding queries and rows with no visible key are skipped; normalised ent
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor
 
-from attnlab.errors import ConfigError
 from attnlab.functional.attention import BlockView
+from attnlab.params import Range, validated
 from attnlab.probes import PROBES
 from attnlab.probes.base import AttentionCall, ModelShape, Probe, Row, RowWriter, safe_div
 from attnlab.stats.entropy import normalised_entropy, row_entropy_from_logits
@@ -29,9 +29,8 @@ class EntropyProbe(Probe):
 
     needs = frozenset({"probs"})
 
-    def __init__(self, num_bins: int = 20) -> None:
-        if num_bins < 1:
-            raise ConfigError(f"num_bins must be >= 1, got {num_bins}")
+    @validated
+    def __init__(self, num_bins: Annotated[int, Range(ge=1, le=10_000)] = 20) -> None:
         self.num_bins = num_bins
 
     def bind(self, shape: ModelShape) -> None:

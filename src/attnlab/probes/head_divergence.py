@@ -11,12 +11,13 @@ see shifted positions: the divergence measures "this context span, at this offse
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor
 
 from attnlab.errors import ConfigError
+from attnlab.params import Range, validated
 from attnlab.probes import PROBES
 from attnlab.probes.base import Row, RowWriter, safe_div
 from attnlab.probes.model_base import ModelInfo, ModelProbe
@@ -32,9 +33,8 @@ class HeadDivergenceProbe(ModelProbe):
     """
 
 
-    def __init__(self, context: int | None = None, top_k: int = 10) -> None:
-        if context is not None and context < 1:
-            raise ConfigError(f"context must be >= 1 token, got {context}")
+    @validated
+    def __init__(self, context: Annotated[int, Range(ge=1)] | None = None, top_k: Annotated[int, Range(ge=1)] = 10) -> None:
         self.context, self.top_k = context, top_k
 
     def prepare(self, info: ModelInfo) -> None:

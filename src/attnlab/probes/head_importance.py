@@ -9,12 +9,13 @@ p_ablated) per token. The top-k heads by importance form the head set of the tex
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor
 
 from attnlab.errors import ConfigError
+from attnlab.params import IndexList, Range, validated
 from attnlab.probes import PROBES
 from attnlab.probes._ablation import check_layers, head_effects
 from attnlab.probes.base import Row, RowWriter, safe_div
@@ -38,11 +39,10 @@ class HeadImportanceProbe(ModelProbe):
     """
 
 
-    def __init__(self, top_k: int = 10, layers: list[int] | None = None) -> None:
-        if top_k < 1:
-            raise ConfigError(f"top_k must be >= 1, got {top_k}")
+    @validated
+    def __init__(self, top_k: Annotated[int, Range(ge=1)] = 10, layers: IndexList | None = None) -> None:
         self.top_k = top_k
-        self.layers = None if layers is None else [int(x) for x in ([layers] if isinstance(layers, int) else layers)]
+        self.layers = None if layers is None else list(layers)
 
     def prepare(self, info: ModelInfo) -> None:
         super().prepare(info)

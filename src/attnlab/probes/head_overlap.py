@@ -10,12 +10,13 @@ importance grids over all tested heads. Rows ``importance_a``/``importance_b`` p
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor
 
 from attnlab.errors import ConfigError
+from attnlab.params import IndexList, Range, validated
 from attnlab.probes import PROBES
 from attnlab.probes._ablation import head_effects
 from attnlab.probes.base import Probe, Row, RowWriter
@@ -33,7 +34,9 @@ class HeadOverlapProbe(HeadImportanceProbe):
     """
 
 
-    def __init__(self, other_text: str | None = None, top_k: int = 10, layers: list[int] | None = None) -> None:
+    @validated
+    def __init__(self, other_text: str | None = None, top_k: Annotated[int, Range(ge=1)] = 10,
+                 layers: IndexList | None = None) -> None:
         super().__init__(top_k=top_k, layers=layers)
         self.other_text = other_text
         self.per_window: list[Tensor] = []

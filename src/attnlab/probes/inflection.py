@@ -22,12 +22,12 @@ the band rule is ours and stated here:
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor
 
-from attnlab.errors import ConfigError
+from attnlab.params import Range, validated
 from attnlab.probes import PROBES
 from attnlab.probes.base import Row, RowWriter, safe_div
 from attnlab.probes.model_base import ModelInfo, ModelProbe
@@ -76,10 +76,9 @@ class InflectionProbe(ModelProbe):
     """
 
 
-    def __init__(self, band_width: float = 0.5) -> None:
-        if band_width < 0:
-            raise ConfigError(f"band_width must be >= 0, got {band_width}")
-        self.band_width = float(band_width)
+    @validated
+    def __init__(self, band_width: Annotated[float, Range(ge=0.0)] = 0.5) -> None:
+        self.band_width = band_width
 
     def prepare(self, info: ModelInfo) -> None:
         super().prepare(info)

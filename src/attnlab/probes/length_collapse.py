@@ -17,12 +17,13 @@ as sentence-transformers does for MiniLM. Per bucket (``position`` = text length
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor
 
 from attnlab.errors import ConfigError
+from attnlab.params import Range, validated
 from attnlab.probes import PROBES
 from attnlab.probes.base import Row, RowWriter
 from attnlab.probes.model_base import ModelInfo, ModelProbe
@@ -56,12 +57,12 @@ class LengthCollapseProbe(ModelProbe):
     """
 
 
-    def __init__(self, lengths: list[int] | tuple[int, ...] = (8, 16, 32, 64, 128, 256), count: int = 16) -> None:
-        lengths = sorted({int(n) for n in ([lengths] if isinstance(lengths, int) else lengths)})
-        if not lengths or lengths[0] < 2:
-            raise ConfigError(f"lengths must be integers >= 2, got {lengths}")
-        if count < 2:
-            raise ConfigError(f"count must be >= 2 (pairwise similarity), got {count}")
+    @validated
+    def __init__(self, lengths: tuple[Annotated[int, Range(ge=2)], ...] = (8, 16, 32, 64, 128, 256),
+                 count: Annotated[int, Range(ge=2)] = 16) -> None:
+        lengths = sorted(set(lengths))
+        if not lengths:
+            raise ConfigError(f"lengths must list integers >= 2, got {lengths}")
         self.lengths, self.count = lengths, count
         self.ids: list[int] = []
         self.results: dict[int, dict[str, Any]] = {}

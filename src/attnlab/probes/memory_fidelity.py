@@ -17,12 +17,13 @@ Rows: ``retention`` and ``fidelity`` (layer = index among the recurrent layers, 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor, nn
 
 from attnlab.errors import ConfigError
+from attnlab.params import Range, validated
 from attnlab.probes import PROBES
 from attnlab.probes.base import Row, RowWriter
 from attnlab.probes.model_base import ModelInfo, ModelProbe
@@ -80,10 +81,10 @@ class MemoryFidelityProbe(ModelProbe):
     """
 
 
-    def __init__(self, lags: list[int] | tuple[int, ...] = (1, 2, 4, 8, 16, 32)) -> None:
-        lags = [lags] if isinstance(lags, int) else list(lags)
-        if not lags or any(not isinstance(k, int) or k < 0 for k in lags):
-            raise ConfigError(f"lags must be integers >= 0, got {lags}")
+    @validated
+    def __init__(self, lags: tuple[Annotated[int, Range(ge=0)], ...] = (1, 2, 4, 8, 16, 32)) -> None:
+        if not lags:
+            raise ConfigError(f"lags must list integers >= 0, got {lags}")
         self.lags = sorted(set(lags))
         self.results: dict[int, list[Tensor]] = {}
         self.inputs: list[list[Tensor]] = []
