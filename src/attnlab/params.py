@@ -112,13 +112,16 @@ def _as_int(value: Any) -> int:
     if isinstance(value, str):
         if not re.fullmatch(r"\s*[+-]?[0-9]+\s*", value, flags=re.ASCII):
             raise _Refused(f"must be an integer, got {value!r}")
+        if len(value.strip().lstrip("+-").lstrip("0")) > 12:  # never parse thousands of digits
+            raise _Refused(f"must be an integer with |x| <= {INT_LIMIT}, got a {len(value.strip())}-digit number")
         value = int(value)
     elif isinstance(value, float) and math.isfinite(value) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise _Refused(f"must be an integer, got {value!r}")
     if abs(value) > INT_LIMIT:
-        raise _Refused(f"must be an integer with |x| <= {INT_LIMIT}, got {value if abs(value) < 10**30 else 'a huge number'}")
+        shown = value if abs(value) < 10**30 else "a larger number"
+        raise _Refused(f"must be an integer with |x| <= {INT_LIMIT}, got {shown}")
     return value
 
 
@@ -289,11 +292,14 @@ def coerce_arguments(func: Callable[..., Any], values: Mapping[str, Any], *, own
     result = {key: coerce(value, hints.get(key, Any), owner=owner, param=key)
               for key, value in values.items() if key in named}
     rest = {key: value for key, value in values.items() if key not in named}
-    if not rest:
-        return result
-    if extra is None:
+    missing = [p.name for p in signature.parameters.values()
+               if p.default is p.empty and p.name in named and p.name not in values]
+    if missing:
+        raise ConfigError(f"{owner}: needs {', '.join(missing)} (it takes: {', '.join(named)})")
+    forward = None if extra is None else next(
+        (m for m in _split(hints.get(extra.name, Any))[1] if isinstance(m, Forward)), None)
+    if rest and extra is None:
         raise ConfigError(f"{owner}: no parameter {', '.join(sorted(rest))}; it takes: {', '.join(named)}")
-    forward = next((m for m in _split(hints.get(extra.name, Any))[1] if isinstance(m, Forward)), None)
     if forward is None:
         return {**result, **rest}
     defaults = {p.name: p.default for p in signature.parameters.values() if p.default is not p.empty}
