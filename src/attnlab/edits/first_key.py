@@ -27,7 +27,6 @@ class FirstKey(OneHotBlend):
         ConfigError: alpha outside [0, 1].
     """
 
-
     def target_keys(self, ctx: EditContext) -> Tensor:
         is_first = ctx.key_positions == 0  # (B, Lk)
         index = torch.where(is_first.any(dim=-1), is_first.long().argmax(dim=-1), -1)  # (B,)

@@ -26,7 +26,6 @@ class IdentityBlend(OneHotBlend):
         ConfigError: alpha outside [0, 1].
     """
 
-
     def target_keys(self, ctx: EditContext) -> Tensor:
         # The queries are the last q_len keys: query row i is key kv_len - q_len + i.
         rows = torch.arange(ctx.q_len, device=ctx.query_positions.device) + (ctx.kv_len - ctx.q_len)

@@ -73,7 +73,6 @@ class ActiveDormantProbe(ModelProbe):
             switching heads are listed across both texts (windows ``A0 …`` and ``B0 …``).
     """
 
-
     @validated
     def __init__(self, tolerance: Annotated[float, Range(gt=0.0)] = 0.01, tau_row: float = 0.5, tau_col: float = 0.9,
                  layers: IndexList | None = None, other_text: str | None = None) -> None:

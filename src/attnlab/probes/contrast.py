@@ -56,7 +56,6 @@ class ContrastProbe(ModelProbe):
         lam: λ, the contrast regulariser (default 1e-3). exclude_first: leave key position 0 out (default True).
     """
 
-
     @validated
     def __init__(self, task: str = "\nWho is speaking here, and to whom?", generic: str = "\nDescribe the text above.",
                  lam: Annotated[float, Range(gt=0.0)] = 1e-3, exclude_first: bool = True,

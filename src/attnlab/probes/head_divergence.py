@@ -32,7 +32,6 @@ class HeadDivergenceProbe(ModelProbe):
         top_k: heads listed in the extras (default 10).
     """
 
-
     @validated
     def __init__(self, context: Annotated[int, Range(ge=1)] | None = None, top_k: Annotated[int, Range(ge=1)] = 10) -> None:
         self.context, self.top_k = context, top_k

@@ -38,7 +38,6 @@ class HeadImportanceProbe(ModelProbe):
         top_k: size of the head set (default 10). layers: layers to ablate (default all).
     """
 
-
     @validated
     def __init__(self, top_k: Annotated[int, Range(ge=1)] = 10, layers: IndexList | None = None) -> None:
         self.top_k = top_k

@@ -33,7 +33,6 @@ class HeadOverlapProbe(HeadImportanceProbe):
         top_k: head-set size (default 10). layers: layers to ablate (default all).
     """
 
-
     @validated
     def __init__(self, other_text: str | None = None, top_k: Annotated[int, Range(ge=1)] = 10,
                  layers: IndexList | None = None) -> None:

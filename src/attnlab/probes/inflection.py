@@ -75,7 +75,6 @@ class InflectionProbe(ModelProbe):
         band_width: layers next to the best one join the band while their score is within this of it (0.5).
     """
 
-
     @validated
     def __init__(self, band_width: Annotated[float, Range(ge=0.0)] = 0.5) -> None:
         self.band_width = band_width

@@ -56,7 +56,6 @@ class LengthCollapseProbe(ModelProbe):
             are dropped). count: texts per bucket (default 16).
     """
 
-
     @validated
     def __init__(self, lengths: tuple[Annotated[int, Range(ge=2)], ...] = (8, 16, 32, 64, 128, 256),
                  count: Annotated[int, Range(ge=2)] = 16) -> None:

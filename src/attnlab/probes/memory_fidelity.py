@@ -80,7 +80,6 @@ class MemoryFidelityProbe(ModelProbe):
         lags: step distances k (default [1, 2, 4, 8, 16, 32]).
     """
 
-
     @validated
     def __init__(self, lags: tuple[Annotated[int, Range(ge=0)], ...] = (1, 2, 4, 8, 16, 32)) -> None:
         if not lags:
