@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import math
 import re
 import sys
@@ -43,6 +44,8 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
 from attnlab.errors import ConfigError, RegistryError
+
+logger = logging.getLogger(__name__)
 
 INT_LIMIT = 2**31 - 1
 MAX_INDICES = 2**16
@@ -214,7 +217,7 @@ def _coerce(value: Any, hint: Any) -> Any:
     origin = typing.get_origin(hint)
     if origin is Literal:
         choices = typing.get_args(hint)
-        if value not in choices:
+        if not any(type(value) is type(choice) and value == choice for choice in choices):
             raise _Refused(f"must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
         return value
     if origin in (tuple, list):
@@ -257,16 +260,16 @@ def _hints(func: Callable[..., Any]) -> dict[str, Any]:
     target = inspect.unwrap(func)
     try:
         return typing.get_type_hints(target, include_extras=True)
-    except Exception:  # an annotation that does not evaluate (a forward reference) types nothing
+    except NameError as error:  # a plug-in annotating with names imported only under TYPE_CHECKING
+        logger.warning("annotations of %s do not evaluate (%s); its parameters are passed on unchecked",
+                       getattr(target, "__qualname__", target), error)
         return {}
 
 
 def signature_of(func: Callable[..., Any]) -> inspect.Signature:
-    """The parameters a class (its ``__init__``) or a function takes, without ``self``."""
-    target = func.__init__ if isinstance(func, type) else func
-    signature = inspect.signature(inspect.unwrap(target))
-    params = [p for name, p in signature.parameters.items() if name != "self"]
-    return signature.replace(parameters=params)
+    """The parameters a class (its ``__init__``; none without one) or a function takes, ``self`` left out."""
+    signature = inspect.signature(func)  # follows @validated's __wrapped__
+    return signature.replace(parameters=[p for name, p in signature.parameters.items() if name != "self"])
 
 
 def accepted_names(func: Callable[..., Any]) -> list[str]:
@@ -285,7 +288,7 @@ def coerce_arguments(func: Callable[..., Any], values: Mapping[str, Any], *, own
         ConfigError: an unknown key (the message lists the accepted ones) or a value that does not fit.
     """
     target = func.__init__ if isinstance(func, type) else func
-    hints = _hints(target)
+    hints = _hints(target) if inspect.isfunction(inspect.unwrap(target)) else {}
     signature = signature_of(func)
     named = accepted_names(func)
     extra = next((p for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
@@ -299,7 +302,8 @@ def coerce_arguments(func: Callable[..., Any], values: Mapping[str, Any], *, own
     forward = None if extra is None else next(
         (m for m in _split(hints.get(extra.name, Any))[1] if isinstance(m, Forward)), None)
     if rest and extra is None:
-        raise ConfigError(f"{owner}: no parameter {', '.join(sorted(rest))}; it takes: {', '.join(named)}")
+        takes = f"it takes: {', '.join(named)}" if named else "it takes no parameters"
+        raise ConfigError(f"{owner}: no parameter {', '.join(sorted(rest))}; {takes}")
     if forward is None:
         return {**result, **rest}
     defaults = {p.name: p.default for p in signature.parameters.values() if p.default is not p.empty}

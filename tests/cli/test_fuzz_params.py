@@ -39,9 +39,10 @@ values = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True).map(repr),
     st.lists(st.integers(-3, 2**33), min_size=1, max_size=4).map(lambda xs: "+".join(map(str, xs))),
 )
-EDIT_PARAMS = [(name, param) for name in EDITS.names() for param in accepted_names(EDITS.get(name))]
+# every parameter of every registered edit and probe, plus a key none of them takes
+EDIT_PARAMS = [(name, param) for name in EDITS.names() for param in [*accepted_names(EDITS.get(name)), "bogus"]]
 EDIT_PARAMS.append(("mask:name=sliding_window", "window"))  # a key the mask edit forwards to its factory
-PROBE_PARAMS = [(name, param) for name in PROBES.names() for param in accepted_names(PROBES.get(name))]
+PROBE_PARAMS = [(name, param) for name in PROBES.names() for param in [*accepted_names(PROBES.get(name)), "bogus"]]
 
 
 def _numbers(value):
@@ -65,7 +66,7 @@ def _assert_usage_error(error):
 
 def test_the_fuzz_covers_every_edit_and_probe():
     assert {name.split(":")[0] for name, _ in EDIT_PARAMS} == set(EDITS.names())
-    assert {name for name, _ in PROBE_PARAMS} >= {"entropy", "sink", "spatial_decay", "magnets"}
+    assert {name for name, _ in PROBE_PARAMS} == set(PROBES.names())
     assert ("temperature", "tau") in EDIT_PARAMS and ("redistribution", "sink_positions") in EDIT_PARAMS
 
 
