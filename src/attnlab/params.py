@@ -35,6 +35,8 @@ import functools
 import inspect
 import logging
 import math
+import numbers
+import operator
 import re
 import sys
 import types
@@ -120,12 +122,18 @@ def _as_int(value: Any) -> int:
         value = int(value)
     elif isinstance(value, float) and math.isfinite(value) and value.is_integer():
         value = int(value)
+    elif not isinstance(value, (bool, int)) and hasattr(value, "__index__"):  # numpy ints, 0-d int tensors
+        value = operator.index(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise _Refused(f"must be an integer, got {value!r}")
     if abs(value) > INT_LIMIT:
         shown = value if abs(value) < 10**30 else "a larger number"
         raise _Refused(f"must be an integer with |x| <= {INT_LIMIT}, got {shown}")
     return value
+
+
+def _is_scalar_tensor(value: Any) -> bool:
+    return hasattr(value, "numel") and hasattr(value, "__float__") and value.numel() == 1
 
 
 def _as_float(value: Any) -> float:
@@ -136,7 +144,7 @@ def _as_float(value: Any) -> float:
             value = float(value)
         except ValueError:
             raise _Refused(f"must be a number, got {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not (isinstance(value, numbers.Real) or _is_scalar_tensor(value)):
         raise _Refused(f"must be a number, got {value!r}")
     try:
         value = float(value)
