@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from attnlab.errors import ConfigError
-from attnlab.params import IndexList, Range, validated
+from attnlab.params import Range, validated
 from attnlab.probes import PROBES
 from attnlab.probes._ablation import check_layers, head_effects
 from attnlab.probes.base import Probe, Row, RowWriter, safe_div
@@ -75,7 +75,7 @@ class ActiveDormantProbe(ModelProbe):
 
     @validated
     def __init__(self, tolerance: Annotated[float, Range(gt=0.0)] = 0.01, tau_row: float = 0.5, tau_col: float = 0.9,
-                 layers: IndexList | None = None, other_text: str | None = None) -> None:
+                 layers: tuple[int, ...] | None = None, other_text: str | None = None) -> None:
         self.tolerance, self.tau_row, self.tau_col = tolerance, tau_row, tau_col
         self.other_text = other_text
         self.layers = None if layers is None else list(layers)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from attnlab.errors import ConfigError
-from attnlab.params import IndexList, Range, validated
+from attnlab.params import Range, validated
 from attnlab.probes import PROBES
 from attnlab.probes._ablation import check_layers, head_effects
 from attnlab.probes.base import Row, RowWriter, safe_div
@@ -39,7 +39,7 @@ class HeadImportanceProbe(ModelProbe):
     """
 
     @validated
-    def __init__(self, top_k: Annotated[int, Range(ge=1)] = 10, layers: IndexList | None = None) -> None:
+    def __init__(self, top_k: Annotated[int, Range(ge=1)] = 10, layers: tuple[int, ...] | None = None) -> None:
         self.top_k = top_k
         self.layers = None if layers is None else list(layers)
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from attnlab.errors import ConfigError
-from attnlab.params import IndexList, Range, validated
+from attnlab.params import Range, validated
 from attnlab.probes import PROBES
 from attnlab.probes._ablation import head_effects
 from attnlab.probes.base import Probe, Row, RowWriter
@@ -35,7 +35,7 @@ class HeadOverlapProbe(HeadImportanceProbe):
 
     @validated
     def __init__(self, other_text: str | None = None, top_k: Annotated[int, Range(ge=1)] = 10,
-                 layers: IndexList | None = None) -> None:
+                 layers: tuple[int, ...] | None = None) -> None:
         super().__init__(top_k=top_k, layers=layers)
         self.other_text = other_text
         self.per_window: list[Tensor] = []
