@@ -48,3 +48,142 @@ def test_text_and_assets_do_not_import_transformers():
 def test_no_module_over_600_lines():
     long = [f"{p.relative_to(SRC)}: {n}" for p in SRC.rglob("*.py") if (n := len(p.read_text().splitlines())) > 600]
     assert not long, long
+
+
+def _module_name(path: Path) -> str:
+    parts = ["attnlab", *path.relative_to(SRC).with_suffix("").parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(path): path for path in sorted(SRC.rglob("*.py"))}
+
+
+def _import_time_nodes(tree: ast.Module):
+    """Import statements run when the module is imported: not inside functions, not under ``if TYPE_CHECKING``."""
+    pending = list(tree.body)
+    while pending:
+        node = pending.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            pending.extend(node.orelse)
+            continue
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node
+        pending.extend(ast.iter_child_nodes(node))
+
+
+def _resolve(module: str, node: ast.ImportFrom) -> str:
+    """The absolute module an ImportFrom names (relative imports resolved against ``module``)."""
+    if not node.level:
+        return node.module or ""
+    package = module if MODULES[module].name == "__init__.py" else module.rpartition(".")[0]
+    base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+    return f"{base}.{node.module}" if node.module else base
+
+
+def _edges(module: str) -> set[str]:
+    """attnlab modules that ``module`` imports at import time (``from pkg import sub`` counts as ``pkg.sub``)."""
+    targets = set()
+    for node in _import_time_nodes(ast.parse(MODULES[module].read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            targets.update(alias.name for alias in node.names)
+            continue
+        source = _resolve(module, node)
+        targets.add(source)
+        targets.update(f"{source}.{alias.name}" for alias in node.names)
+    return {name for name in targets if name in MODULES and name != module}
+
+
+def test_no_import_cycles():
+    """No cycle among attnlab modules through their import-time (module-level) imports.
+
+    Imports inside functions are deliberate lazy imports and do not count; neither does a package ``__init__``
+    being run before its submodule (``import attnlab.x.y`` is an edge to ``attnlab.x.y`` only).
+    """
+    graph = {module: _edges(module) for module in MODULES}
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    cycles = []
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for target in sorted(graph[module]):
+            if state.get(target) == 1:
+                cycles.append(" -> ".join([*path[path.index(target):], target]))
+            elif target not in state:
+                visit(target, [*path, target])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert not cycles, cycles
+
+
+def _private_module_offence(importer: str, target: str) -> str | None:
+    """Why importing ``target`` from ``importer`` breaks the private-module rule, or None."""
+    parts = target.split(".")
+    package = importer if MODULES[importer].name == "__init__.py" else importer.rpartition(".")[0]
+    for index, part in enumerate(parts):
+        holder = ".".join(parts[:index])
+        if part.startswith("_") and not part.startswith("__") and not (package + ".").startswith(holder + "."):
+            return f"{importer} imports {target}, a private module of {holder}"
+    return None
+
+
+def _private_import_offences(module: str) -> list[str]:
+    offences = []
+    for node in ast.walk(ast.parse(MODULES[module].read_text(encoding="utf-8"))):  # lazy imports count too
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names if alias.name.startswith("attnlab")]
+        elif isinstance(node, ast.ImportFrom) and _resolve(module, node).startswith("attnlab"):
+            source = _resolve(module, node)
+            targets = [source]
+            for alias in node.names:
+                if f"{source}.{alias.name}" in MODULES:
+                    targets.append(f"{source}.{alias.name}")
+                elif alias.name.startswith("_") and not alias.name.startswith("__") and source != module:
+                    offences.append(f"{module} imports private name {alias.name} from {source}")
+        else:
+            continue
+        offences += [why for target in targets if (why := _private_module_offence(module, target))]
+    return offences
+
+
+# Offences on the tree when this rule was added (issue 10), in files other workers own; each is removed here when
+# its owner makes the name public. The test fails on any offence not listed and on a listed one that is gone.
+PENDING = {
+    "attnlab.evaluation.passkey imports private name _accepts_logits_to_keep from attnlab.evaluation.lm_tasks",
+    *(f"attnlab.functional.{name} imports private name _compute_dtype from attnlab.functional.attention"
+      for name in ("hedgehog", "lightnet", "lightning", "linear_attention", "softmax_family", "titans")),
+    "attnlab.functional.masked_attention imports private name _broadcast_indices from attnlab.functional.masks",
+    *(f"attnlab.functional.sparse_masks imports private name {name} from attnlab.functional.masks"
+      for name in ("_check_non_negative", "_check_positive", "_named", "_with_cover")),
+}
+
+
+def test_no_module_imports_another_modules_private_names():
+    """No attnlab module imports another module's private names. The rule:
+
+    - a private *name* (``_helper``) is used only in the module that defines it: ``from attnlab.x import _y`` is
+      an offence anywhere but in ``attnlab.x`` itself (make the name public, or move the code);
+    - a private *submodule* (``attnlab.edits._move``, ``attnlab.layers._common``) is an implementation detail of
+      its package: it may be imported (and its public names used) only by modules inside that package
+      (``attnlab.layers.*``), never from outside it (``attnlab.probes`` importing ``attnlab.layers._common`` is
+      an offence).
+
+    Lazy imports inside functions count as well.
+    """
+    offences = {why for module in MODULES for why in _private_import_offences(module)}
+    assert not offences - PENDING, sorted(offences - PENDING)
+    assert not PENDING - offences, f"fixed, remove from PENDING: {sorted(PENDING - offences)}"
+
+
+def test_cli_subcommands_do_not_import_main_and_configs_stay_pure():
+    """cli.main imports the subcommand modules, never the reverse (lazy imports included); the config and
+    progress modules import neither torch nor transformers (they are read by every tier)."""
+    for path in sorted((SRC / "cli").glob("*.py")):
+        if path.name != "main.py":
+            assert "attnlab.cli.main" not in _imports(path), path.name
+    for name in ("config.py", "progress.py", "facts.py"):
+        assert not any(n.split(".")[0] in ("torch", "transformers") for n in _imports(SRC / name)), name

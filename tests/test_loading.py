@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from attnlab.capture import loading
-from attnlab.capture.loading import load_model, model_info, parse_dtype, tokenizer_info
+from attnlab.capture.loading import LoadedModel, load_model, parse_dtype, tokenizer_info
 from attnlab.errors import AssetError, ConfigError, RegistryError, UsageError
 from tiny_models import tiny_tokenizer
 
@@ -40,33 +40,38 @@ def bert_dir(tmp_path):
 
 def test_local_safetensors_dir_loads_causal_lm(llama_dir):
     folder, reference = llama_dir
-    model, tok = load_model(folder)
+    loaded = load_model(folder)
+    model, tok = loaded  # a LoadedModel unpacks as (model, tokenizer)
+    assert isinstance(loaded, LoadedModel) and loaded.model is model and loaded.tokenizer is tok
+    assert not hasattr(model, "attnlab_info") and not hasattr(tok, "attnlab_info")  # nothing attached
     assert type(model).__name__ == "LlamaForCausalLM" and not model.training
     ids = torch.tensor([[3, 4, 5, 6]])
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reference(ids).logits)
-    info = model_info(model)
+    info = loaded.model_record()
     digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
     assert info["file_sha256"] == digest and info["format"] == "safetensors" and info["source"] == str(folder)
     assert (info["num_layers"], info["num_heads"], info["num_kv_heads"], info["head_dim"]) == (2, 4, 2, 8)
     assert info["max_positions"] == 128 and info["dtype"] == "float32" and info["class"] == "LlamaForCausalLM"
     json.dumps(info)
+    assert loaded.facts.to_dict().items() <= info.items() and info["requested"] == str(folder)
     tinfo = tokenizer_info(tok)
+    assert loaded.tokenizer_facts == {**tinfo, "name": str(folder)}
     assert tinfo["bos_token_id"] == 1 and tinfo["adds_bos"] is False and len(tinfo["vocab_sha256"]) == 64
     json.dumps(tinfo)
 
 
 def test_encoder_dir_loads_with_automodel(bert_dir):
-    model, _ = load_model(str(bert_dir))
-    assert type(model).__name__ == "BertModel"
-    assert model_info(model)["num_kv_heads"] == 4
+    loaded = load_model(str(bert_dir))
+    assert type(loaded.model).__name__ == "BertModel"
+    assert loaded.facts.to_dict()["num_kv_heads"] == 4 and loaded.facts.causal is False
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", torch.float16, "float64"])
 def test_dtype_option(llama_dir, dtype):
-    model, _ = load_model(llama_dir[0], dtype=dtype)
-    assert next(model.parameters()).dtype == parse_dtype(dtype)
-    assert model_info(model)["dtype"] == str(parse_dtype(dtype)).removeprefix("torch.")
+    loaded = load_model(llama_dir[0], dtype=dtype)
+    assert next(loaded.model.parameters()).dtype == parse_dtype(dtype)
+    assert loaded.facts.to_dict()["dtype"] == str(parse_dtype(dtype)).removeprefix("torch.")
 
 
 @pytest.mark.parametrize("bad", ["fp8", "int8", torch.int32, None])
@@ -134,7 +139,7 @@ def test_unreachable_hub_is_one_line(monkeypatch):
 def test_model_info_without_load_model():
     from tiny_models import tiny_llama
 
-    info = model_info(tiny_llama())
+    info = LoadedModel.wrap(tiny_llama(), tiny_tokenizer()).facts.to_dict()
     assert info["source"] is None and info["num_heads"] == 4 and info["num_kv_heads"] == 2
 
 
@@ -143,13 +148,15 @@ def test_bundled_smollm2_gguf_matches_cached_fp32_copy():
     """The cached fp32 safetensors copy gives the same logits as dequantising the GGUF again (<= 32 tokens)."""
     from attnlab.assets import fetch_asset
 
-    cached, tok = load_model("smollm2-135m")  # builds the cache on the very first run (~15 s), then ~1 s
-    info = model_info(cached)
+    loaded = load_model("smollm2-135m")  # builds the cache on the very first run (~15 s), then ~1 s
+    cached, tok = loaded
+    info = loaded.model_record()
     assert info["loaded_from"].endswith("hf-fp32") and info["format"] == "gguf"
     assert (info["num_layers"], info["num_heads"], info["num_kv_heads"], info["head_dim"]) == (30, 9, 3, 64)
     assert tokenizer_info(tok)["adds_bos"] is False and tok.bos_token_id == 1  # <|im_start|>, not auto-added
-    direct, direct_tok = load_model(fetch_asset("smollm2-135m"))  # the .gguf path itself: dequantised now
-    assert model_info(direct)["file_sha256"] == info["file_sha256"]
+    direct_loaded = load_model(fetch_asset("smollm2-135m"))  # the .gguf path itself: dequantised now
+    direct, direct_tok = direct_loaded
+    assert direct_loaded.facts.file_sha256 == info["file_sha256"]
     ids = tok("To be, or not to be, that is the question", return_tensors="pt")["input_ids"][:, :32]
     assert ids.tolist() == direct_tok("To be, or not to be, that is the question", return_tensors="pt")[
         "input_ids"][:, :32].tolist()  # fmt: skip
@@ -159,8 +166,9 @@ def test_bundled_smollm2_gguf_matches_cached_fp32_copy():
 
 @pytest.mark.slow
 def test_bundled_minilm_encoder():
-    model, tok = load_model("minilm-l6")
+    loaded = load_model("minilm-l6")
+    model, tok = loaded
     assert type(model).__name__ == "BertModel"
-    info = model_info(model)
+    info = loaded.facts.to_dict()
     assert (info["num_layers"], info["num_heads"], info["max_positions"]) == (6, 12, 512)
     assert tokenizer_info(tok)["adds_bos"] is True  # [CLS] is the start token

@@ -3,7 +3,7 @@
 The public API is re-exported lazily so ``import attnlab`` does not import torch or transformers::
 
     import attnlab
-    model, tokenizer = attnlab.load_model("smollm2-135m")
+    model, tokenizer = attnlab.load_model("smollm2-135m")  # a LoadedModel (model, tokenizer, facts) unpacks so
     windows = attnlab.load_text(tokenizer, seq_len=512, max_windows=4)
     with attnlab.Session(model, probes=["entropy", "sink", "distance", "norms"]) as session:
         for batch in windows:
@@ -20,6 +20,10 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "load_model": "attnlab.capture.loading",
+    "LoadedModel": "attnlab.capture.loading",
+    "ModelFacts": "attnlab.facts",
+    "RunConfig": "attnlab.config",
+    "run_probes": "attnlab.pipeline",
     "load_text": "attnlab.text",
     "Session": "attnlab.capture.session",
     "PROBES": "attnlab.probes",

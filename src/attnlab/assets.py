@@ -37,7 +37,7 @@ from attnlab.registry import unknown_name_message
 
 logger = logging.getLogger(__name__)
 
-Progress = Callable[[str], None]
+AssetProgress = Callable[[str], None]  # one message per step (download, verify, unpack)
 #: ``downloader(asset, dest_dir) -> path of the downloaded archive``; raises AssetError on failure.
 Downloader = Callable[["Asset", Path], Path]
 
@@ -221,7 +221,7 @@ def _verify(asset: Asset, archive: Path) -> None:
         )
 
 
-def fetch_asset(name: str, *, progress: Progress | None = None, downloader: Downloader | None = None) -> Path:
+def fetch_asset(name: str, *, progress: AssetProgress | None = None, downloader: Downloader | None = None) -> Path:
     """Make the asset ``name`` available locally and return its path.
 
     Returns the ``.gguf`` file for ``smollm2-135m``, the model folder for ``minilm-l6`` and the folder of ``.txt``

@@ -349,19 +349,10 @@ def validated(init: Callable[..., None]) -> Callable[..., None]:
 
 
 # --probe-arg -------------------------------------------------------------------------------------------------
-def observer_class(name: str) -> type:
-    """The probe or analysis class named ``name`` (``attnlab probe --probe NAME`` accepts both).
+def _probe_or_analysis(name: str) -> type:
+    from attnlab.analyses import probe_or_analysis  # the registries import this module: look them up late
 
-    Raises RegistryError naming the nearest of all probe and analysis names.
-    """
-    from attnlab.analyses import ANALYSES
-    from attnlab.probes import PROBES
-    from attnlab.registry import unknown_name_message
-
-    for registry in (PROBES, ANALYSES):
-        if name in registry:
-            return registry.get(name)
-    raise RegistryError(unknown_name_message("probe", name, PROBES.names() + ANALYSES.names()))
+    return probe_or_analysis(name)
 
 
 def parse_probe_args(items: list[str] | None) -> dict[str, dict[str, Any]]:
@@ -386,7 +377,7 @@ def parse_probe_args(items: list[str] | None) -> dict[str, dict[str, Any]]:
 def probe_arguments(name: str, values: Mapping[str, Any]) -> dict[str, Any]:
     """Coerce one probe's arguments by its constructor's annotations; ConfigError ``bad --probe-arg for NAME: ...``."""
     try:
-        return coerce_arguments(observer_class(name), values, owner=f"bad --probe-arg for {name}")
+        return coerce_arguments(_probe_or_analysis(name), values, owner=f"bad --probe-arg for {name}")
     except ConfigError as error:
         message = str(error)
         raise ConfigError(message if message.startswith("bad --probe-arg") else f"bad --probe-arg: {message}") from None
@@ -402,4 +393,4 @@ def build_probes(names: tuple[str, ...], probe_args: Mapping[str, Mapping[str, A
     unused = sorted(set(probe_args) - set(names))
     if unused:
         raise ConfigError(f"--probe-arg given for probe(s) not selected: {', '.join(unused)}")
-    return [observer_class(name)(**probe_arguments(name, probe_args.get(name, {}))) for name in names]
+    return [_probe_or_analysis(name)(**probe_arguments(name, probe_args.get(name, {}))) for name in names]

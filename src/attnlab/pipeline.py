@@ -1,96 +1,40 @@
-"""The main job as a function: model + text → probes → a results dict (docs/results.md), ready to write and render.
+"""The one run path: model + text → probes and analyses → a results dict (docs/results.md), ready to write.
 
-    from attnlab.pipeline import RunConfig, run_probes
-    results = run_probes(RunConfig(seq_len=256, max_windows=2))
+    from attnlab.config import RunConfig
+    from attnlab.pipeline import run_probes
+    results = run_probes(RunConfig(seq_len=256, max_windows=2, probes=("entropy", "inflection")))
 
-The CLI's ``attnlab report`` is a thin wrapper around :func:`run_probes` and
-:func:`attnlab.report.io.write_results`.
+``attnlab report`` (default probes) and ``attnlab probe`` both call :func:`run_probes`; ``attnlab eval``
+(:func:`attnlab.evaluation.runner.run_eval`) shares its start (:func:`start_run`: seed, text check, model load,
+seq_len check) and its envelope (:func:`results_envelope`).
+
+A name in ``config.run.probes`` is dispatched by :func:`attnlab.config.probe_kind`:
+
+- an attention probe (:data:`attnlab.probes.PROBES`) observes attention calls inside one :class:`attnlab.Session`
+  over the windows;
+- an analysis (:data:`attnlab.analyses.ANALYSES`) is prepared with ``prepare(facts, runner)`` and then sees every
+  batch through a :class:`attnlab.capture.model_probes.ModelRunner` (``observe``), then ``finish``.
+
+Attention probes with a ``prepare(facts, runner)`` method (magnets, rope_decay: token strings, RoPE settings) are
+prepared the same way. The runner is built only when something needs it, so a report of the default attention
+probes never builds one.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import platform
 import random
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from attnlab import __version__
 from attnlab.columns import SCHEMA_VERSION
+from attnlab.config import ModelSpec, RunConfig, TextSpec, probe_kind
 from attnlab.errors import ConfigError
-from attnlab.probes import DEFAULT_PROBES, PROBES
+from attnlab.progress import Progress, silent
 
-DTYPES = ("float32", "float64", "bfloat16", "float16")
-_FIELD_TYPES = {"model": str, "seq_len": int, "max_windows": int, "batch_size": int, "block_size": int,
-                "query_fraction": float, "bos": str, "dtype": str, "device": str, "seed": int}
-
-Progress = Callable[[int, int, str], None]  # (done, total, message)
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """Everything a probe run depends on; saved verbatim (resolved) in results.json.
-
-    Attributes:
-        model: bundled name (``attnlab models list``), local directory, ``.gguf`` file, or hub id.
-        text: path to a UTF-8 text file, or None for the bundled Shakespeare corpus.
-        seq_len: tokens per window (BOS included when one is prepended); at most the model's max positions.
-        max_windows: number of windows read from the text.
-        batch_size: windows per forward pass.
-        probes: probe names (``attnlab ls probes``).
-        block_size: query rows per block of the eager kernel.
-        query_fraction: fraction of query rows the probes see (1 = exact statistics).
-        bos: "auto" | "always" | "never" (see attnlab.text).
-        dtype: model dtype; probs are always computed in float32.
-        device: torch device string, e.g. "cpu" or "cuda".
-        seed: seeds python and torch RNGs (the forward pass is deterministic on CPU anyway).
-    """
-
-    model: str = "smollm2-135m"
-    text: str | None = None
-    seq_len: int = 512
-    max_windows: int = 4
-    batch_size: int = 1
-    probes: tuple[str, ...] = DEFAULT_PROBES
-    block_size: int = 128
-    query_fraction: float = 1.0
-    bos: str = "auto"
-    dtype: str = "float32"
-    device: str = "cpu"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name, kind in _FIELD_TYPES.items():
-            value = getattr(self, name)
-            ok = isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
-            if not ok or isinstance(value, bool):
-                raise ConfigError(f"{name} must be {kind.__name__}, got {value!r} ({type(value).__name__})")
-        if self.text is not None and not isinstance(self.text, str):
-            raise ConfigError(f"text must be a path string, got {self.text!r}")
-        if isinstance(self.probes, str) or not all(isinstance(p, str) for p in self.probes):
-            raise ConfigError(f"probes must be a list of probe names, got {self.probes!r}")
-        if self.seq_len < 2:
-            raise ConfigError(f"seq_len must be >= 2, got {self.seq_len}")
-        if self.max_windows < 1 or self.batch_size < 1:
-            raise ConfigError(f"max_windows and batch_size must be >= 1, got {self.max_windows}, {self.batch_size}")
-        if self.block_size < 1:
-            raise ConfigError(f"block_size must be >= 1, got {self.block_size}")
-        if not 0 < self.query_fraction <= 1:
-            raise ConfigError(f"query_fraction must be in (0, 1], got {self.query_fraction}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if not self.probes:
-            raise ConfigError("at least one probe is needed; see `attnlab ls probes`")
-        for name in self.probes:
-            PROBES.get(name)  # raises RegistryError with a suggestion
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["probes"] = list(self.probes)
-        return data
+__all__ = ["RunConfig", "results_envelope", "run_probes", "start_run"]
 
 
 def _versions() -> dict[str, str]:
@@ -101,55 +45,61 @@ def _versions() -> dict[str, str]:
             "transformers": transformers.__version__, "attnlab": __version__}
 
 
-def check_seq_len(model: Any, seq_len: int) -> None:
-    """Raise ConfigError if seq_len exceeds the model's maximum number of positions."""
-    from attnlab.capture.architectures import text_config
-
-    limit = getattr(text_config(model), "max_position_embeddings", None)
-    if limit is not None and seq_len > limit:
-        raise ConfigError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings={limit}")
+def check_seq_len(facts: Any, seq_len: int, option: str = "--seq-len") -> None:
+    """ConfigError if ``seq_len`` exceeds the model's maximum number of positions (``facts.max_positions``)."""
+    if facts.max_positions is not None and seq_len > facts.max_positions:
+        raise ConfigError(f"{option} {seq_len} exceeds the model's max_position_embeddings={facts.max_positions}")
 
 
-def load_for_run(config: Any, notify: Progress, model: Any = None, tokenizer: Any = None, *,
-                 seq_len: int | None = None) -> tuple[Any, Any]:
+def start_run(load: ModelSpec, data: TextSpec, seed: int, notify: Progress, model: Any = None,
+              tokenizer: Any = None) -> Any:
     """The start every command shares: seed, check the text file, load the model (unless given), check seq_len.
 
-    ``config`` needs ``seed``, ``text``, ``model``, ``dtype``, ``device`` and ``seq_len`` (RunConfig, EvalConfig).
-    Raises TextError/ConfigError before the model loads where it can.
+    Returns a :class:`attnlab.capture.loading.LoadedModel`; a ``model``/``tokenizer`` pair passed in (or a
+    LoadedModel as ``model``) is used as is (``load.model`` is then only recorded as requested). Raises
+    TextError/ConfigError before the model loads where it can.
     """
     import torch
 
-    from attnlab.capture.loading import load_model
+    from attnlab.capture.loading import LoadedModel, load_model
     from attnlab.text import read_text_file
 
-    random.seed(config.seed)
-    torch.manual_seed(config.seed)
-    if config.text is not None:
-        read_text_file(config.text)  # fail on a missing/empty/non-UTF-8 file before loading the model
-    if model is None or tokenizer is None:
-        notify(0, 0, f"loading model {config.model}")
-        model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
-    check_seq_len(model, seq_len if seq_len is not None else config.seq_len)
-    return model, tokenizer
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if data.text is not None:
+        read_text_file(data.text)  # fail on a missing/empty/non-UTF-8 file before loading the model
+    if isinstance(model, LoadedModel):
+        loaded = model
+    elif model is not None and tokenizer is not None:
+        loaded = LoadedModel.wrap(model, tokenizer)
+    else:
+        notify(0, 0, f"loading model {load.model}")
+        loaded = load_model(load.model, dtype=load.dtype, device=load.device)
+    check_seq_len(loaded.facts, data.seq_len)
+    return loaded
 
 
-def results_envelope(command: str, config: Any, model: Any, tokenizer: Any, *, bos_policy: str, bos_added: bool,
+def results_envelope(command: str, config: Any, loaded: Any, *, bos_policy: str, bos_added: bool,
                      attention_paths: dict[Any, str], windows: list[dict[str, Any]], rows: list[dict[str, Any]],
                      started: float, **sections: Any) -> dict[str, Any]:
     """The results dict every command writes (docs/results.md): provenance, config, tokens fed, rows, timing;
-    ``sections`` adds command-specific keys (``extras``, ``eval``, ``probe_args`` ...)."""
-    from attnlab.capture.loading import model_info, tokenizer_info
+    ``sections`` adds command-specific keys (``extras``, ``eval``, ``probe_args`` ...).
 
+    ``model`` is ``loaded.facts.to_dict()`` plus ``loaded_from`` and ``requested``; ``tokenizer`` is
+    ``loaded.tokenizer_facts`` plus the run's BOS policy.
+    """
+    tokenizer = loaded.tokenizer
+    seed = config.to_dict()["seed"]
     return {
         "schema_version": SCHEMA_VERSION,
         "attnlab_version": __version__,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
         "config": config.to_dict(),
-        "model": {**model_info(model), "requested": config.model},
-        "tokenizer": {**tokenizer_info(tokenizer), "class": type(tokenizer).__name__, "bos_policy": bos_policy,
+        "model": loaded.model_record(config.load.model),
+        "tokenizer": {**loaded.tokenizer_facts, "class": type(tokenizer).__name__, "bos_policy": bos_policy,
                       "bos_token": getattr(tokenizer, "bos_token", None), "bos_added": bos_added},
-        "seed": config.seed,
+        "seed": seed,
         "versions": _versions(),
         "attention_paths": {str(layer): path for layer, path in sorted(attention_paths.items())},
         "windows": windows,
@@ -159,11 +109,68 @@ def results_envelope(command: str, config: Any, model: Any, tokenizer: Any, *, b
     }
 
 
-def run_probes(config: RunConfig, *, progress: Progress | None = None, model: Any = None,
-               tokenizer: Any = None) -> dict[str, Any]:
-    """Load model and text, run the probes over every window, and return the results dict (docs/results.md).
+def build_observers(config: RunConfig) -> list[tuple[str, Any]]:
+    """``(kind, object)`` for every name of ``config.run.probes``, built with its ``probe_args``.
 
-    Pass ``model``/``tokenizer`` to reuse an already loaded pair (``config.model`` is then only recorded).
+    Raises ConfigError on arguments a probe or analysis does not take, RegistryError on an unknown name.
+    """
+    from attnlab.analyses import ANALYSES
+    from attnlab.probe_run import build_probes
+
+    names = config.run.probes
+    args = config.run.probe_args
+    kinds = [probe_kind(name) for name in names]
+    probe_names = tuple(name for name, kind in zip(names, kinds) if kind != "analysis")
+    probes = iter(build_probes(probe_names, {k: v for k, v in args.items() if k in probe_names}))
+    observers = []
+    for name, kind in zip(names, kinds):
+        if kind != "analysis":
+            observers.append((kind, next(probes)))
+            continue
+        try:
+            observers.append((kind, ANALYSES.get(name)(**dict(args.get(name, {})))))
+        except TypeError as error:
+            raise ConfigError(f"bad --probe-arg for {name}: {error}") from None
+    return observers
+
+
+class _LazyRunner:
+    """Builds the ModelRunner (and the --compare model's) on first use only."""
+
+    def __init__(self, loaded: Any, compare: str | None, load: ModelSpec, notify: Progress) -> None:
+        self.loaded, self.compare, self.load, self.notify = loaded, compare, load, notify
+        self.runner: Any = None
+        self.compare_record: dict[str, Any] | None = None
+
+    def get(self) -> Any:
+        if self.runner is None:
+            from attnlab.capture.model_probes import ModelRunner
+
+            self.runner = ModelRunner(self.loaded.model, self.loaded.tokenizer, facts=self.loaded.facts)
+            if self.compare is not None:
+                self.runner.other = self._other()
+        return self.runner
+
+    def _other(self) -> Any:
+        from attnlab.capture.loading import load_model
+        from attnlab.capture.model_probes import ModelRunner
+
+        self.notify(0, 0, f"loading model {self.compare}")
+        other = load_model(self.compare, dtype=self.load.dtype, device=self.load.device)
+        if other.tokenizer.get_vocab() != self.loaded.tokenizer.get_vocab():
+            raise ConfigError(f"--compare {self.compare} uses a different tokenizer than {self.load.model}; CKA "
+                              "needs the same tokens")
+        self.compare_record = other.model_record(self.compare)
+        return ModelRunner(other.model, other.tokenizer)
+
+
+def run_probes(config: RunConfig, *, progress: Progress | None = None, model: Any = None, tokenizer: Any = None,
+               command: str = "probe") -> dict[str, Any]:
+    """Load model and text, run every probe and analysis of ``config.run.probes``; return the results dict.
+
+    Pass ``model``/``tokenizer`` (or a LoadedModel as ``model``) to reuse a loaded model (``config.load.model`` is
+    then only recorded). ``command`` is recorded in the results (``"report"`` or ``"probe"``). With
+    ``config.run.compare`` a second model is loaded for analyses that compare two models.
 
     Raises:
         ConfigError, TextError, RegistryError, UnsupportedModelError: bad input (the CLI exits 2).
@@ -175,37 +182,56 @@ def run_probes(config: RunConfig, *, progress: Progress | None = None, model: An
     from attnlab.text import load_text
 
     started = time.perf_counter()
-    notify = progress or (lambda done, total, message: None)
-    drives_model = [name for name in config.probes if "model" in PROBES.get(name).needs]
-    if drives_model:  # model-level probes (inflection, active_dormant ...) cannot run inside a Session
-        raise ConfigError(f"probe {', '.join(drives_model)} drives the model itself; run it with `attnlab probe` / "
-                          "attnlab.probe_run.run_probe_suite")
-    model, tokenizer = load_for_run(config, notify, model, tokenizer)
-    probes = [PROBES.get(name)() for name in config.probes]
-    if any(hasattr(probe, "prepare") for probe in probes):  # magnets/rope_decay read tokenizer and rope settings
-        from attnlab.capture.model_probes import ModelRunner
-
-        info = ModelRunner(model, tokenizer).info
-        for probe in probes:
-            if hasattr(probe, "prepare"):
-                probe.prepare(info)
+    notify = progress or silent
+    observers = build_observers(config)
+    needs_compare = [obj.name for _, obj in observers if getattr(obj, "needs_compare", False)]
+    if config.run.compare is None and needs_compare:
+        raise ConfigError(f"probe(s) {', '.join(needs_compare)} compare two models; pass --compare OTHER_MODEL")
+    loaded = start_run(config.load, config.data, config.run.seed, notify, model, tokenizer)
+    runner = _LazyRunner(loaded, config.run.compare, config.load, notify)
+    if config.run.compare is not None:
+        runner.get()  # load and check the second model before the run
+    for _, obj in observers:
+        if hasattr(obj, "prepare"):  # analyses; attention probes that read token strings or rope settings
+            obj.prepare(loaded.facts, runner.get())
     notify(0, 0, "reading text")
-    windows = load_text(tokenizer, config.text, seq_len=config.seq_len, max_windows=config.max_windows,
-                        bos=config.bos, batch_size=config.batch_size, device=config.device)
-    session = Session(model, probes=probes, block_size=config.block_size,
-                      query_fraction=config.query_fraction)
-    total = len(windows)
-    with session, torch.no_grad():
-        for done, batch in enumerate(windows):
-            notify(done, total, "running probes")
-            model(**batch)
-        notify(total, total, "running probes")
+    windows = load_text(loaded.tokenizer, config.data.text, seq_len=config.data.seq_len,
+                        max_windows=config.data.max_windows, bos=config.data.bos,
+                        batch_size=config.data.batch_size, device=config.load.device)
+    if runner.runner is not None:  # text B windows of analyses follow the run's windows
+        runner.runner.bos_policy = "always" if windows.bos_added else "never"
+    attention = [obj for kind, obj in observers if kind == "attention"]
+    driving = [obj for kind, obj in observers if kind != "attention"]
+    total = len(windows) * (bool(attention) + bool(driving))
+    done = 0
+    paths: dict[int, str] = {}
+    if attention:
+        session = Session(loaded.model, probes=attention, block_size=config.run.block_size,
+                          query_fraction=config.run.query_fraction)
+        with session, torch.no_grad():
+            for batch in windows:
+                notify(done, total, "running attention probes")
+                loaded.model(**batch)
+                done += 1
+        paths = session.paths
+    for batch in windows if driving else []:
+        notify(done, total, "running analyses")
+        for obj in driving:
+            obj.observe(runner.get(), batch)
+        done += 1
+    for obj in driving:
+        obj.finish(runner.get())
+    notify(total, total, "done")
 
     def decode(token_id: int) -> str:
-        return tokenizer.decode([token_id])
+        return loaded.tokenizer.decode([token_id])
 
-    return results_envelope(
-        "report", config, model, tokenizer, bos_policy=windows.bos_policy, bos_added=windows.bos_added,
-        attention_paths=session.paths, windows=windows.windows, rows=session.rows(), started=started,
-        extras=session.extras(decode),
+    results = results_envelope(
+        command, config, loaded, bos_policy=windows.bos_policy, bos_added=windows.bos_added,
+        attention_paths=paths, windows=windows.windows, rows=[row for _, obj in observers for row in obj.rows()],
+        started=started, probe_args=dict(config.run.probe_args),
+        extras={obj.name: obj.extras(decode) for _, obj in observers},
     )
+    if runner.compare_record is not None:
+        results["compare_model"] = runner.compare_record
+    return results

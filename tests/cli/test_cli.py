@@ -177,3 +177,38 @@ def test_missing_text_fails_before_loading_the_model(tmp_path, monkeypatch):
     monkeypatch.setattr(loading, "load_model", never)
     result = _run("report", "--text", str(tmp_path / "nope[1].txt"), "--out", str(tmp_path / "o"))
     assert_one_line_error(result, 2, "does not exist")
+
+
+@pytest.mark.parametrize("taken", ["results.json", "results.csv", "report.html"])
+def test_out_with_a_directory_named_like_a_result_file_fails_before_the_run(model_dir, text, tmp_path, taken):
+    out = tmp_path / "run"
+    assert _run("report", "--model", model_dir, "--text", text, "--seq-len", "16", "--max-windows", "1",
+                "--out", str(out)).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != taken}
+    (out / taken).unlink()
+    (out / taken).mkdir()
+    result = _run("report", "--model", model_dir, "--text", text, "--seq-len", "24", "--max-windows", "1",
+                  "--out", str(out))
+    assert_one_line_error(result, 2, f"{taken} exists and is not a file")
+    assert "config:" not in result.output  # refused before the run started
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # no file of a second run
+
+
+def test_report_is_the_default_probes_form_of_probe(model_dir, text, tmp_path):
+    args = ("--model", model_dir, "--text", text, "--seq-len", "16", "--max-windows", "1", "--bos", "never")
+    assert _run("report", *args, "--out", str(tmp_path / "r")).exit_code == 0
+    result = _run("probe", *args, *[f for p in ("entropy", "sink", "distance", "norms") for f in ("--probe", p)],
+                  "--out", str(tmp_path / "p"))
+    assert result.exit_code == 0, result.output
+    report, probe = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("r", "p"))
+    assert (report["command"], probe["command"]) == ("report", "probe")
+    assert report["rows"] == probe["rows"] and report["config"] == probe["config"]
+    assert report["model"]["format"] == "safetensors" and report["model"]["requested"] == model_dir
+
+
+def test_report_help_has_probes_options_with_report_defaults():
+    import re
+
+    help_text = re.sub(r"[\s│]+", " ", _run("report", "--help").output)
+    assert "Probe or analysis to run" in help_text and "Tokens per window. [default: 512]" in help_text
+    assert "[default: attnlab-report]" in help_text

@@ -1,7 +1,7 @@
 """Hostile parameter values: every registered edit's and probe's parameters, fed through the CLI's own parsers.
 
 ``attnlab eval --edit SPEC`` parses each variant with :func:`attnlab.evaluation.config.parse_variant` and
-``attnlab probe --probe-arg P.K=V`` with :func:`attnlab.params.parse_probe_args` then
+``attnlab probe --probe-arg P.K=V`` (a probe or an analysis) with :func:`attnlab.params.parse_probe_args` then
 :func:`attnlab.params.build_probes`, all before a model loads; the CLI maps a UsageError to exit 2 with its first
 line. So the property is: either the value is accepted (and what was built holds no non-finite or denormal
 number), or a UsageError with a one-line message comes out. Anything else (TypeError, OverflowError, ...) would be
@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from attnlab.analyses import ANALYSES, probe_or_analysis
 from attnlab.cli.main import app
 from attnlab.edits import EDITS
 from attnlab.errors import UsageError
@@ -42,7 +43,8 @@ values = st.one_of(
 # every parameter of every registered edit and probe, plus a key none of them takes
 EDIT_PARAMS = [(name, param) for name in EDITS.names() for param in [*accepted_names(EDITS.get(name)), "bogus"]]
 EDIT_PARAMS.append(("mask:name=sliding_window", "window"))  # a key the mask edit forwards to its factory
-PROBE_PARAMS = [(name, param) for name in PROBES.names() for param in [*accepted_names(PROBES.get(name)), "bogus"]]
+OBSERVERS = [*PROBES.names(), *ANALYSES.names()]  # `--probe NAME` takes a probe or an analysis
+PROBE_PARAMS = [(name, param) for name in OBSERVERS for param in [*accepted_names(probe_or_analysis(name)), "bogus"]]
 
 
 def _numbers(value):
@@ -66,7 +68,7 @@ def _assert_usage_error(error):
 
 def test_the_fuzz_covers_every_edit_and_probe():
     assert {name.split(":")[0] for name, _ in EDIT_PARAMS} == set(EDITS.names())
-    assert {name for name, _ in PROBE_PARAMS} == set(PROBES.names())
+    assert {name for name, _ in PROBE_PARAMS} == set(OBSERVERS) and ("cka", "max_tokens") in PROBE_PARAMS
     assert ("temperature", "tau") in EDIT_PARAMS and ("redistribution", "sink_positions") in EDIT_PARAMS
 
 

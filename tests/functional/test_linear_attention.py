@@ -176,3 +176,51 @@ def test_empty_sequence_returns_initial_state(name, decay):
     out, final = form(name)(q, k, v, log_decay, initial_state=state)
     assert out.shape == (2, 2, 0, 3)
     torch.testing.assert_close(final, state, rtol=0, atol=0)
+
+
+EXTREME = [pytest.param(-1e4, id="-1e4"), pytest.param(-0.1 * torch.finfo(torch.float32).max, id="-0.1max")]
+
+
+def extreme_inputs(decay, extreme, T=3 * CHUNK + 2):
+    """Random inputs whose log decay is ``extreme`` on head 0 ("head") or at every third step ("scalar", "key")."""
+    q, k, v, log_decay, state = make_inputs(1, 2, 2, T, 4, 3, decay, seed=11)
+    log_decay = log_decay.clone()
+    if decay == "head":
+        log_decay[0] = extreme
+    else:
+        log_decay[:, :, ::3] = extreme
+    return q, k, v, log_decay, state
+
+
+@pytest.mark.parametrize("extreme", EXTREME)
+@pytest.mark.parametrize("decay", ["head", "scalar", "key"])
+@pytest.mark.parametrize("name", ["parallel", "chunk", "recurrent"])
+def test_extreme_gate_whole_equals_halves_in_float32(name, decay, extreme):
+    """An extreme gate must not break segment chaining: the fp32 parallel/chunk forms once subtracted cumulative
+    sums (G_t - G_s) and lost the small decays after an extreme step (errors 3e-3 to 1.5, or inf - inf = NaN)."""
+    q, k, v, log_decay, _ = (None if x is None else x.float() for x in extreme_inputs(decay, extreme))
+    T = q.shape[2]
+    whole, whole_state = form(name)(q, k, v, log_decay)
+    assert torch.isfinite(whole).all() and torch.isfinite(whole_state).all()
+    outs, state = [], None
+    for lo, hi in [(0, T // 2 + 1), (T // 2 + 1, T)]:  # a split inside a chunk
+        seg_decay = log_decay if decay == "head" else log_decay[:, :, lo:hi]
+        out, state = form(name)(q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], seg_decay, initial_state=state)
+        outs.append(out)
+    tol = TOLERANCES[torch.float32]
+    torch.testing.assert_close(torch.cat(outs, dim=2), whole, rtol=tol["fudge"] * tol["rtol"], atol=tol["atol"])
+    torch.testing.assert_close(state, whole_state, rtol=tol["fudge"] * tol["rtol"], atol=tol["atol"])
+
+
+@pytest.mark.parametrize("extreme", EXTREME)
+@pytest.mark.parametrize("decay", ["head", "scalar", "key"])
+@pytest.mark.parametrize("name", ["parallel", "chunk", "recurrent"])
+def test_extreme_gate_forms_match_reference_in_float32(name, decay, extreme):
+    """Outputs, final state and gradients of every form under an extreme gate, against the float64 loop."""
+    inputs = extreme_inputs(decay, extreme)
+    golden = run(linear_attention_reference, inputs, torch.float64)
+    ref = run(linear_attention_reference, inputs, torch.float32)
+    fast = run(form(name), inputs, torch.float32)
+    for f, r, gold in zip(fast, ref, golden):
+        assert torch.isfinite(f).all()
+        assert_matches_reference(f, r, gold, dtype=torch.float32)

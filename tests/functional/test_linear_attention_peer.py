@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from attnlab.functional.linear_attention import FORMS
-from attnlab.layers.retention import retention_log_decay
+from attnlab.functional.positions import retnet_log_decay
 from attnlab.testing import TOLERANCES
 
 pytestmark = pytest.mark.peer
@@ -80,7 +80,7 @@ def test_simple_gla_matches_fla_naive(form):
 @pytest.mark.parametrize("form", sorted(FORMS))
 def test_retention_matches_fla_naive(form):
     q, k, v, _, _ = inputs(2 * CHUNK + 3, H=4, seed=2)
-    ours, _ = FORMS[form](q, k, v, retention_log_decay(4), **({"chunk_size": CHUNK} if form == "chunk" else {}))
+    ours, _ = FORMS[form](q, k, v, retnet_log_decay(4).float(), **({"chunk_size": CHUNK} if form == "chunk" else {}))
     # fla's retention is heads-first
     assert_close_to_peer(ours, fla_retention.naive_retention(q.float(), k.float(), v.float()))
 

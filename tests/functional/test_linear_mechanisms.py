@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 from attnlab.errors import ConfigError, ShapeError
 from attnlab.functional.hedgehog import (attention_distillation_loss, attention_kl, causal_softmax_probs,
                                          hedgehog_attention, hedgehog_feature_map, linear_attention_probs)
-from attnlab.functional.lightning import alibi_slopes, lightning_attention, lightning_log_decay, lrpe, srms_norm
+from attnlab.functional.lightning import lightning_attention, lightning_log_decay, lrpe, srms_norm
 from attnlab.functional.lightnet import lightnet_attention, toeplitz_mix
+from attnlab.functional.positions import alibi_slopes
 from attnlab.functional.reference.linear import lightnet_reference
 from attnlab.testing import TOLERANCES, assert_matches_reference
 

@@ -192,3 +192,15 @@ def test_sparse_benchmark_target_is_half_over_density():
     assert row["target_speedup"] == pytest.approx(10.0) and row["speedup_vs_baseline"] == pytest.approx(8.0)
     assert not row["target_met"]
     assert "SDPA+bool mask s" in bench.render([row], markdown=True)
+
+
+def test_shift_score_mod_reads_absolute_positions():
+    from attnlab.functional.masked_attention import dense_score_mod, shift_score_mod
+
+    def position_bias(logits, b, h, q_idx, kv_idx):  # not translation invariant: the shift must show
+        return logits + 10 * q_idx + kv_idx
+
+    logits = torch.zeros(1, 1, 3, 3)
+    shifted = dense_score_mod(shift_score_mod(position_bias, 4), logits)
+    torch.testing.assert_close(shifted, dense_score_mod(position_bias, logits) + 44)
+    assert shift_score_mod(position_bias, 0) is position_bias and shift_score_mod(None, 4) is None

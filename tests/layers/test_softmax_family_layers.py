@@ -231,7 +231,7 @@ def test_moda_identity_at_init_and_group_mask():
 
 
 def test_moda_align_keys_known_answer():
-    from attnlab.layers.moda import align_keys
+    from attnlab.functional.moda import align_keys
 
     key = torch.tensor([[[[3.0, 4.0], [1.0, 0.0]]]], dtype=torch.float64)  # token 0 text, token 1 aligned group
     value = torch.tensor([[[[0.0, 2.0], [5.0, 5.0]]]], dtype=torch.float64)
@@ -275,7 +275,7 @@ def test_head_dependent_masks_must_match_the_layer_heads():
 
 
 def test_moda_causal_basis_uses_only_earlier_text_tokens():
-    from attnlab.layers.moda import align_keys
+    from attnlab.functional.moda import align_keys
 
     key = torch.tensor([[[[1.0, 0.0], [3.0, 4.0]]]], dtype=torch.float64)  # token 0 aligned group, token 1 text
     value = torch.tensor([[[[5.0, 5.0], [0.0, 2.0]]]], dtype=torch.float64)

@@ -44,7 +44,7 @@ def test_segments_equal_whole():
     whole, whole_state = layer(x)
     outs, state = [], None
     for lo, hi in [(0, CHUNK), (CHUNK, 3 * CHUNK), (3 * CHUNK, 3 * CHUNK + 1)]:
-        out, state = layer(x[:, lo:hi], state, position_offset=lo)
+        out, state = layer(x[:, lo:hi], state=state, position_offset=lo)
         outs.append(out)
     torch.testing.assert_close(torch.cat(outs, 1), whole)
     torch.testing.assert_close(flat(state), flat(whole_state))
@@ -98,7 +98,7 @@ def test_mac_forms_agree_and_segments_chain():
         torch.testing.assert_close(a, b)
     layer, outs, carried = build_mac(), [], None
     for lo, hi in [(0, CHUNK), (CHUNK, 3 * CHUNK), (3 * CHUNK, 3 * CHUNK + 1)]:
-        o, carried = layer(x[:, lo:hi], carried)
+        o, carried = layer(x[:, lo:hi], state=carried)
         outs.append(o)
     torch.testing.assert_close(torch.cat(outs, 1), out)
     for a, b in zip(carried, state):
@@ -131,4 +131,4 @@ def test_state_without_position_offset_raises():
     layer, x = build(), hidden(2 * CHUNK, seed=4)
     _, state = layer(x[:, :CHUNK])
     with pytest.raises(ConfigError, match="position_offset"):
-        layer(x[:, CHUNK:], state)
+        layer(x[:, CHUNK:], state=state)

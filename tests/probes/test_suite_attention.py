@@ -182,10 +182,11 @@ def test_rope_decay_measures_flat_curve_for_uniform_causal_attention():
 
 
 def test_rope_decay_needs_a_theta():
-    from attnlab.probes.model_base import ModelInfo
+    from attnlab.facts import ModelFacts
 
     with pytest.raises(ConfigError):
-        RopeDecayProbe().prepare(ModelInfo(num_layers=1, num_heads=1, num_kv_heads=1, head_dim=8, hidden_size=8))
+        RopeDecayProbe().prepare(ModelFacts(num_layers=1, num_heads=1, num_kv_heads=1, head_dim=8, hidden_size=8),
+                                 None)
 
 
 # spatial_decay ------------------------------------------------------------------------------------------------

@@ -39,14 +39,14 @@ def test_massive_activations_sit_on_the_first_token_padded_or_not(smollm2):
 
 
 def test_inflection_and_active_dormant_on_smollm2(smollm2):
-    from attnlab.probes.active_dormant import ActiveDormantProbe
-    from attnlab.probes.inflection import InflectionProbe
+    from attnlab.analyses.active_dormant import ActiveDormantAnalysis
+    from attnlab.analyses.inflection import InflectionAnalysis
 
     model, tokenizer, batch = smollm2
     runner = ModelRunner(model, tokenizer)
-    inflection, dormant = InflectionProbe(), ActiveDormantProbe(layers=[3])
+    inflection, dormant = InflectionAnalysis(), ActiveDormantAnalysis(layers=[3])
     for probe in (inflection, dormant):
-        probe.prepare(runner.info)
+        probe.prepare(runner.facts, runner)
         probe.observe(runner, batch)
     norms = [r["value"] for r in _rows(inflection, "activation_grad_norm")]
     assert len(norms) == 30 and all(0 < v < float("inf") for v in norms)
@@ -57,12 +57,12 @@ def test_inflection_and_active_dormant_on_smollm2(smollm2):
 
 
 def test_minilm_embeddings_collapse_with_length():
-    from attnlab.probes.length_collapse import LengthCollapseProbe
+    from attnlab.analyses.length_collapse import LengthCollapseAnalysis
 
     model, tokenizer = attnlab.load_model("minilm-l6")
     runner = ModelRunner(model, tokenizer)
-    probe = LengthCollapseProbe(lengths=[8, 48], count=8)
-    probe.prepare(runner.info)
+    probe = LengthCollapseAnalysis(lengths=[8, 48], count=8)
+    probe.prepare(runner.facts, runner)
     for batch in attnlab.load_text(tokenizer, seq_len=256, max_windows=2):
         probe.observe(runner, batch)
     probe.finish(runner)
@@ -78,8 +78,8 @@ def test_magnets_rope_and_spatial_decay_on_smollm2(smollm2):
     model, tokenizer, batch = smollm2
     runner = ModelRunner(model, tokenizer)
     magnets, rope, spatial = MagnetsProbe(), RopeDecayProbe(), SpatialDecayProbe(grid=[4, 8], start=1)
-    magnets.prepare(runner.info)
-    rope.prepare(runner.info)
+    magnets.prepare(runner.facts, runner)
+    rope.prepare(runner.facts, runner)
     with attnlab.Session(model, probes=[magnets, rope, spatial]), torch.no_grad():
         model(**batch)
     shares: dict[tuple[int, int], float] = {}
@@ -97,17 +97,17 @@ def test_magnets_rope_and_spatial_decay_on_smollm2(smollm2):
 
 
 def test_model_level_suite_probes_on_smollm2(smollm2):
-    from attnlab.probes import PROBES
-    from attnlab.probes.memory_fidelity import SKIP_MESSAGE
+    from attnlab.analyses import ANALYSES
+    from attnlab.analyses.memory_fidelity import SKIP_MESSAGE
 
     model, tokenizer, batch = smollm2
     runner = ModelRunner(model, tokenizer)
     runner.other = runner  # cka of the model with itself
     probes = {"cka": {}, "head_divergence": {"context": 16}, "head_importance": {"layers": [0], "top_k": 3},
               "head_overlap": {"layers": [0], "top_k": 3}, "contrast": {}, "memory_fidelity": {}}
-    made = {name: PROBES.get(name)(**args) for name, args in probes.items()}
+    made = {name: ANALYSES.get(name)(**args) for name, args in probes.items()}
     for probe in made.values():
-        probe.prepare(runner.info)
+        probe.prepare(runner.facts, runner)
         probe.observe(runner, batch)
     made["head_overlap"].observe(runner, batch)  # the same window twice: text A == text B
     for probe in made.values():

@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from attnlab.errors import ConfigError
-from attnlab.probes.inflection import inflection_band
-from attnlab.probes.length_collapse import highpass_gain
+from attnlab.analyses.inflection import inflection_band
+from attnlab.analyses.length_collapse import highpass_gain
 from attnlab.stats.similarity import linear_cka, shared_pca_delta_cka
 
 
@@ -74,7 +74,7 @@ def test_similarity_shape_mismatches_are_shape_errors():
 
 
 def test_highpass_gain_of_uniform_and_identity_attention():
-    from attnlab.probes.length_collapse import highpass_ratio
+    from attnlab.analyses.length_collapse import highpass_ratio
 
     n = 7
     assert float(highpass_gain(torch.full((n, n), 1.0 / n))) == pytest.approx(0.0, abs=1e-12)
@@ -114,7 +114,7 @@ def test_inflection_band_needs_both_low_entropy_and_a_steep_drop():
 
 
 def test_unigram_entropy_known_values():
-    from attnlab.probes.contrast import unigram_entropy
+    from attnlab.analyses.contrast import unigram_entropy
 
     assert unigram_entropy([4, 4, 4]) == 0.0
     assert unigram_entropy([1, 1, 2, 2]) == pytest.approx(math.log(2))
@@ -122,8 +122,8 @@ def test_unigram_entropy_known_values():
 
 
 def test_contrast_of_planted_attention_gives_hand_computed_values():
-    from attnlab.probes.contrast import ContrastProbe
-    from attnlab.probes.model_base import ModelInfo
+    from attnlab.analyses.contrast import ContrastAnalysis
+    from attnlab.facts import ModelFacts
 
     # context [5, 5, 6, 7] + one query token; the query row is planted (key 0 is dropped and the rest renormalised)
     planted = {90: [0.1, 0.3, 0.3, 0.3, 0.0], 91: [0.4, 0.3, 0.2, 0.1, 0.0]}  # generic, task
@@ -136,8 +136,8 @@ def test_contrast_of_planted_attention_gives_hand_computed_values():
             probs[0, :, 4] = torch.tensor(planted[int(batch["input_ids"][0, -1])])
             return [probs]
 
-    probe = ContrastProbe(task="q", generic="g")
-    probe.prepare(ModelInfo(num_layers=1, num_heads=2, num_kv_heads=2, head_dim=4, hidden_size=8))
+    probe = ContrastAnalysis(task="q", generic="g")
+    probe.prepare(ModelFacts(num_layers=1, num_heads=2, num_kv_heads=2, head_dim=4, hidden_size=8), Runner())
     probe.observe(Runner(), {"input_ids": torch.tensor([[5, 5, 6, 7]])})
     values = {r["statistic"]: r["value"] for r in probe.rows()}
     q = [0.5, 1 / 3, 1 / 6]  # task over keys 1..3; generic is uniform 1/3 there
@@ -163,7 +163,7 @@ def test_orthonormal_keys_are_read_back_with_the_decay_product():
 
 def test_memory_fidelity_rebuilds_each_accepted_layers_own_final_state():
     from attnlab.layers import LAYERS
-    from attnlab.probes.memory_fidelity import MemoryFidelityProbe, layer_keys_values, recurrent_layers
+    from attnlab.analyses.memory_fidelity import MemoryFidelityAnalysis, layer_keys_values, recurrent_layers
 
     torch.manual_seed(0)
     layers = [LAYERS.get("retention")(hidden_size=16, num_heads=2),
@@ -183,10 +183,10 @@ def test_memory_fidelity_rebuilds_each_accepted_layers_own_final_state():
     alibi = LAYERS.get("alibi")(hidden_size=16, num_heads=2)  # has a log_decay buffer but is softmax attention
     assert recurrent_layers(alibi) == []
     with pytest.raises(ConfigError, match="retention and lightning"):
-        MemoryFidelityProbe().observe_layer(alibi, hidden)
+        MemoryFidelityAnalysis().observe_layer(alibi, hidden)
     left = torch.tensor([[False, True, True, True, True, True, True], [True] * 7])
     with pytest.raises(ConfigError, match="left padding"):
-        MemoryFidelityProbe().observe_layer(layers[0], hidden, valid=left)
+        MemoryFidelityAnalysis().observe_layer(layers[0], hidden, valid=left)
     with pytest.raises(ConfigError, match="left padding"):
-        MemoryFidelityProbe().observe(None, {"input_ids": torch.zeros(2, 7, dtype=torch.long),
+        MemoryFidelityAnalysis().observe(None, {"input_ids": torch.zeros(2, 7, dtype=torch.long),
                                              "attention_mask": left.long()})

@@ -13,7 +13,7 @@ import pytest
 from attnlab.errors import ConfigError
 from attnlab.report import io as report_io
 from attnlab.report import render as report_render
-from attnlab.report.io import load_results, rows_to_frame, write_results
+from attnlab.report.io import check_out_dir, load_results, rows_to_frame, write_results
 from attnlab.report.schema import CSV_COLUMNS, SCHEMA_VERSION, validate_results
 
 CSV_DTYPES = {"layer": "Int64", "head": "Int64", "position": "Int64"}
@@ -241,3 +241,19 @@ def test_unwritable_out_dir_is_config_error_even_as_root(tmp_path, fake_results,
     with pytest.raises(ConfigError, match="Cannot write results to .*: Permission denied"):
         write_results(tmp_path, fake_results)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("taken", ["results.json", "results.csv", "report.html"])
+def test_directory_named_like_a_target_fails_before_writing(tmp_path, fake_results, taken):
+    write_results(tmp_path, fake_results)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    (tmp_path / taken).unlink()
+    (tmp_path / taken).mkdir()
+    del before[taken]
+    changed = {**fake_results, "rows": fake_results["rows"][:1]}
+    with pytest.raises(ConfigError, match=f"{taken} exists and is not a file"):
+        write_results(tmp_path, changed)
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert after == before  # the other two files are the previous run's, untouched; no temp files
+    with pytest.raises(ConfigError, match=f"{taken} exists and is not a file"):
+        check_out_dir(tmp_path)  # the pre-run check refuses it too

@@ -9,7 +9,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from attnlab.stats.distance import bin_sums, fit_decay, log2_bin_starts, sums_by_distance, sums_by_distance_scatter
+from attnlab.errors import ShapeError
+from attnlab.stats.distance import (
+    bin_sums, fit_decay, log2_bin_starts, mass_off_sink, sums_by_distance, sums_by_distance_scatter,
+)
 
 
 @given(bq=st.integers(1, 9), keys=st.integers(1, 30), q_start=st.integers(0, 30), causal=st.booleans(),
@@ -25,6 +28,26 @@ def test_diagonal_sums_match_scatter(bq, keys, q_start, causal, seed):
     length = int(distance.max()) + 1
     fast = sums_by_distance(values, q_start, length, causal=causal)
     torch.testing.assert_close(fast, sums_by_distance_scatter(values, distance, length), rtol=1e-12, atol=1e-12)
+
+
+@given(keys=st.integers(1, 20), seed=st.integers(0, 10_000))
+def test_mass_off_sink_is_the_row_sum_without_each_sequences_sink_column(keys, seed):
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.rand(3, 2, 4, keys, generator=g)
+    columns = [0, keys - 1, None]
+    expected = probs.double().clone()
+    expected[0, ..., 0] = 0
+    expected[1, ..., keys - 1] = 0
+    got = mass_off_sink(probs, columns)
+    assert got.dtype == torch.float64 and got.shape == (3, 2, 4, 1)
+    torch.testing.assert_close(got, expected.sum(-1, keepdim=True), rtol=1e-12, atol=1e-12)
+
+
+def test_mass_off_sink_keeps_full_precision_when_the_sink_holds_almost_everything():
+    probs = torch.tensor([[[[1.0, 3e-12, 4e-12]]]])  # float32: 1 - sink is exactly 0 here
+    assert float(mass_off_sink(probs, [0])) == pytest.approx(float(probs[..., 1:].double().sum()), rel=1e-12)
+    with pytest.raises(ShapeError, match="one entry per sequence"):
+        mass_off_sink(probs, [0, 1])
 
 
 def test_bins_are_powers_of_two_and_cover_everything():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -24,3 +27,11 @@ def test_fast_entropy_matches_reference(rows, keys, scale, seed):
     assert not torch.isnan(fast).any()
     assert fast[0, 0] == 0
     torch.testing.assert_close(fast.double(), golden, atol=1e-5 * max(1.0, scale), rtol=1e-5)
+
+
+def test_a_nan_row_has_nan_entropy_and_an_empty_row_zero():
+    """NaN must not read as entropy 0 (a perfectly peaked row); only a row with no visible key is 0."""
+    probs = torch.tensor([[0.5, 0.5], [float("nan")] * 2, [0.0, 0.0]])
+    logits = torch.tensor([[0.0, 0.0], [float("nan")] * 2, [torch.finfo(torch.float32).min] * 2])
+    for entropy in (row_entropy_from_logits(probs, logits), row_entropy(probs)):
+        assert entropy[0] == pytest.approx(math.log(2)) and torch.isnan(entropy[1]) and entropy[2] == 0

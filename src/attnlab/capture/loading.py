@@ -4,8 +4,11 @@ Only safetensors and GGUF weights are loaded; folders that hold only pickled wei
 refused. The bundled GGUF (``smollm2-135m``) is dequantised once (about 15 s) and saved as an fp32 safetensors
 copy under ``$ATTNLAB_HOME/smollm2-135m/hf-fp32/``; later loads read that copy (about 1 s).
 
-Every loaded model carries ``model.attnlab_info`` (see :func:`model_info`) and every tokenizer
-``tokenizer.attnlab_info`` (see :func:`tokenizer_info`), the provenance recorded in results.
+:func:`load_model` returns a :class:`LoadedModel`: the model, its tokenizer, the model's
+:class:`attnlab.facts.ModelFacts` (sizes + provenance) and the tokenizer's facts (:func:`tokenizer_info`), the
+provenance recorded in results. Nothing is attached to the transformers objects. A broken model folder or file
+(bad config.json, corrupt weights, missing tokenizer, not really GGUF) raises :class:`attnlab.errors.UsageError`
+with one line, never a transformers traceback.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -27,13 +33,15 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 
 from attnlab.assets import ASSETS, asset_dir, fetch_asset, sha256_file
 from attnlab.errors import AssetError, ConfigError, RegistryError, UsageError
-from attnlab.capture.architectures import text_config
+from attnlab.capture.architectures import model_facts
+from attnlab.config import DTYPE_NAMES
+from attnlab.facts import ModelFacts
 from attnlab.registry import unknown_name_message
 from attnlab.text import tokenizer_adds_bos
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # name -> torch dtype (names: attnlab.config)
 BUNDLED_MODELS = sorted(n for n, a in ASSETS.items() if a.kind == "model")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 MARKER = ".attnlab-complete"
@@ -74,45 +82,44 @@ def _weights_sha256(folder: Path) -> str | None:
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
-def _config_shapes(config: Any) -> dict[str, Any]:
-    cfg = text_config(config)
-    num_heads = getattr(cfg, "num_attention_heads", None)
-    hidden = getattr(cfg, "hidden_size", None)
-    head_dim = getattr(cfg, "head_dim", None) or (hidden // num_heads if hidden and num_heads else None)
-    return {
-        "model_type": getattr(cfg, "model_type", None),
-        "num_layers": getattr(cfg, "num_hidden_layers", None),
-        "num_heads": num_heads,
-        "num_kv_heads": getattr(cfg, "num_key_value_heads", None) or num_heads,
-        "head_dim": head_dim,
-        "max_positions": getattr(cfg, "max_position_embeddings", None),
-    }
+@dataclass(frozen=True)
+class LoadedModel:
+    """What :func:`load_model` returns.
 
+    Iterating yields ``(model, tokenizer)``, so ``model, tokenizer = load_model(...)`` keeps working; use
+    ``loaded.facts`` for sizes and provenance instead of attributes on the model.
 
-def model_info(model: Any) -> dict[str, Any]:
-    """Provenance and shape facts of a model, as a JSON-serialisable dict.
-
-    Keys: name, source (path or hub id), format ("gguf" | "safetensors" | "hub"), class, file_sha256 (of the
-    GGUF file or model.safetensors; None when unknown), model_type, num_layers, num_heads, num_kv_heads, head_dim,
-    max_positions (config.max_position_embeddings), dtype, device. Models not loaded by :func:`load_model` get
-    the config-derived keys and None for the provenance ones.
+    Attributes:
+        model: the transformers model, in eval mode on the requested device and dtype.
+        tokenizer: its tokenizer.
+        facts: :class:`attnlab.facts.ModelFacts` with name (as requested), source, format and file_sha256 filled.
+        tokenizer_facts: :func:`tokenizer_info` of the tokenizer, with ``name`` as requested (JSON-ready).
+        loaded_from: the folder or file the weights were read from (the cached fp32 copy for the bundled GGUF).
     """
-    info = dict(getattr(model, "attnlab_info", None) or {})
-    if not info:
-        info = {"name": getattr(model.config, "_name_or_path", None), "source": None, "format": None,
-                "file_sha256": None, **_config_shapes(model.config)}  # fmt: skip
-    param = next(model.parameters(), None)
-    info["class"] = type(model).__name__
-    info["dtype"] = str(param.dtype).removeprefix("torch.") if param is not None else None
-    info["device"] = str(param.device) if param is not None else None
-    return info
+
+    model: Any
+    tokenizer: Any
+    facts: ModelFacts
+    tokenizer_facts: dict[str, Any] = field(default_factory=dict)
+    loaded_from: str | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.model, self.tokenizer))
+
+    @classmethod
+    def wrap(cls, model: Any, tokenizer: Any, **provenance: Any) -> LoadedModel:
+        """A LoadedModel for a model loaded elsewhere (facts from its config; ``provenance`` as for model_facts)."""
+        return cls(model, tokenizer, model_facts(model, **provenance), tokenizer_info(tokenizer))
+
+    def model_record(self, requested: str | None = None) -> dict[str, Any]:
+        """results.json's ``"model"`` object: ``facts.to_dict()`` plus ``loaded_from`` and ``requested``."""
+        return {**self.facts.to_dict(), "loaded_from": self.loaded_from,
+                "requested": requested if requested is not None else self.facts.name}
 
 
 def tokenizer_info(tokenizer: Any) -> dict[str, Any]:
     """Provenance of a tokenizer: name, class, vocab_size (``len(tokenizer)``), bos/eos/pad tokens and ids,
     adds_bos (whether it prepends its BOS/CLS itself), vocab_sha256 (sha256 of the sorted ``token\\tid`` lines)."""
-    if getattr(tokenizer, "attnlab_info", None):
-        return dict(tokenizer.attnlab_info)
     vocab = tokenizer.get_vocab()
     lines = "".join(f"{tok}\t{idx}\n" for tok, idx in sorted(vocab.items(), key=lambda kv: kv[1]))
     return {
@@ -129,19 +136,72 @@ def tokenizer_info(tokenizer: Any) -> dict[str, Any]:
     }
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
+def _check_config_json(folder: Path) -> None:
+    """config.json must be a JSON object whose ``model_type`` transformers knows; UsageError (one line) if not."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    where = folder / "config.json"
+    try:
+        data = json.loads(where.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UsageError(f"cannot read {where}: {_one_line(error)}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{where} must hold a JSON object of model settings, got a JSON "
+                         f"{'array' if isinstance(data, list) else type(data).__name__}")
+    model_type = data.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise UsageError(f"{where} has no model_type; expected a transformers config such as \"llama\" or \"bert\"")
+    if model_type not in CONFIG_MAPPING:
+        import transformers
+
+        raise UsageError(f"{where}: model_type {model_type!r} is not known to transformers "
+                         f"{transformers.__version__}; expected one of its architectures, e.g. \"llama\"")
+
+
 def _check_folder(folder: Path) -> None:
-    """A model folder must have config.json and safetensors weights; pickled weights alone are refused."""
+    """A model folder must have a valid config.json, a tokenizer and safetensors weights (pickles are refused)."""
     if not (folder / "config.json").is_file():
         raise UsageError(f"{folder} has no config.json; expected a Hugging Face model folder or a .gguf file")
-    if any(folder.glob("*.safetensors")):
-        return
-    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if pickles:
-        raise UsageError(
-            f"{folder} has only pickled weights ({', '.join(pickles)}); attnlab loads safetensors only (pickle can "
-            f"run code). Convert them with model.save_pretrained(dir, safe_serialization=True)"
-        )
-    raise UsageError(f"{folder} has no *.safetensors weights; expected model.safetensors beside config.json")
+    _check_config_json(folder)
+    if not any(folder.glob("*.safetensors")):
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise UsageError(
+                f"{folder} has only pickled weights ({', '.join(pickles)}); attnlab loads safetensors only (pickle "
+                f"can run code). Convert them with model.save_pretrained(dir, safe_serialization=True)"
+            )
+        raise UsageError(f"{folder} has no *.safetensors weights; expected model.safetensors beside config.json")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise UsageError(f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:3])} …); save one beside "
+                         "config.json with tokenizer.save_pretrained(dir)")
+
+
+def _one_line(error: BaseException) -> str:
+    """The error's message on one line (whitespace collapsed, at most 300 characters)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+@contextmanager
+def _as_usage_error(what: str) -> Iterator[None]:
+    """Turn transformers/safetensors/gguf errors while reading user files into one-line UsageErrors.
+
+    Covers malformed configs (ValueError/KeyError/TypeError, huggingface_hub's strict-dataclass validation, e.g.
+    heads that do not divide the hidden size), corrupt safetensors (SafetensorError) and non-GGUF files.
+    """
+    from huggingface_hub.errors import StrictDataclassError
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except UsageError:
+        raise
+    except (ValueError, KeyError, TypeError, OSError, EOFError, StrictDataclassError, SafetensorError) as error:
+        raise UsageError(f"cannot load {what}: {_one_line(error)}") from None
 
 
 def _dequantised_copy(model: Any) -> Any:
@@ -252,8 +312,11 @@ def load_model(
     device: str | torch.device = "cpu",
     gguf_file: str | None = None,
     trust_remote_code: bool = False,
-) -> tuple[Any, Any]:
-    """Load ``(model, tokenizer)`` in eval mode on ``device`` with parameters in ``dtype``.
+) -> LoadedModel:
+    """Load a model and its tokenizer in eval mode on ``device`` with parameters in ``dtype``.
+
+    Returns a :class:`LoadedModel` (model, tokenizer, facts, tokenizer_facts, loaded_from); it unpacks as
+    ``model, tokenizer = load_model(...)``.
 
     ``name_or_path`` is one of:
 
@@ -268,7 +331,9 @@ def load_model(
     Raises:
         ConfigError: unknown dtype or unusable device.
         RegistryError: a bare name that is neither bundled nor a path (suggests the nearest bundled name).
-        UsageError: a missing path, a folder without config.json or with only pickled weights.
+        UsageError: a missing path; a folder without config.json, with a config.json that is not an object or
+            lacks a known ``model_type``, with only pickled weights or corrupt safetensors, or without a tokenizer;
+            a model whose sizes are inconsistent (heads not dividing the hidden size); a file that is not GGUF.
         AssetError: the bundled asset cannot be fetched, or the hub id cannot be loaded.
     """
     torch_dtype = parse_dtype(dtype)
@@ -289,27 +354,31 @@ def load_model(
         gguf = path if path.is_file() else path / gguf_file
         if gguf.suffix != ".gguf" or not gguf.is_file():
             raise UsageError(f"{gguf} is not a .gguf file; expected a .gguf file or a model folder")
-        model, tokenizer, extra = _load_gguf(gguf, torch_dtype)
+        with _as_usage_error(str(gguf)):
+            model, tokenizer, extra = _load_gguf(gguf, torch_dtype)
         fmt, source = "gguf", str(gguf.resolve())
     elif path.is_dir():
         _check_folder(path)
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        cls = AutoModelForCausalLM if _is_causal(config) else AutoModel
-        model = cls.from_pretrained(path, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with _as_usage_error(f"the model in {path}"):
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+            cls = AutoModelForCausalLM if _is_causal(config) else AutoModel
+            model = cls.from_pretrained(path, dtype=torch_dtype, use_safetensors=True,
+                                        trust_remote_code=trust_remote_code)
+        with _as_usage_error(f"the tokenizer in {path}"):
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         fmt, source = "safetensors", str(path.resolve())
         extra = {"file_sha256": _weights_sha256(path), "loaded_from": source}
     elif _looks_like_path(name):
         raise UsageError(f"Model path {name} does not exist; expected a model folder, a .gguf file or a bundled name")
     elif "/" in name:
-        model, tokenizer, extra = _load_hub(name, torch_dtype, trust_remote_code)
+        with _as_usage_error(name):
+            model, tokenizer, extra = _load_hub(name, torch_dtype, trust_remote_code)
         fmt, source = "hub", name
     else:
         raise RegistryError(unknown_name_message("model", name, BUNDLED_MODELS) + " (or a path or org/model hub id)")
 
     model.to(dev)
     model.eval()
-    model.attnlab_info = {"name": name, "source": source, "format": fmt, **extra, **_config_shapes(model.config)}
-    tokenizer.attnlab_info = {**tokenizer_info(tokenizer), "name": name}
+    facts = model_facts(model, name=name, source=source, format=fmt, file_sha256=extra["file_sha256"])
     logger.info("loaded %s (%s) as %s", name, fmt, type(model).__name__)
-    return model, tokenizer
+    return LoadedModel(model, tokenizer, facts, {**tokenizer_info(tokenizer), "name": name}, extra["loaded_from"])

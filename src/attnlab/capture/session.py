@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from attnlab.analyses import ANALYSES
 from attnlab.capture.architectures import attention_sizes, transformer_blocks
 from attnlab.capture.backend import ACTIVE_SESSION, BACKEND_NAME, ensure_registered
 from attnlab.columns import RESULT_COLUMNS
@@ -52,6 +53,9 @@ def _make_probe(spec: str | Probe) -> Probe:
     if isinstance(spec, Probe):
         return spec
     if isinstance(spec, str):
+        if spec not in PROBES and spec in ANALYSES:
+            raise ConfigError(f"probe {spec} drives the model itself (an analysis); run it with `attnlab probe` / "
+                              "attnlab.probe_run.run_probe_suite")
         return PROBES.get(spec)()
     raise TypeError(f"probes must be names or Probe instances, got {type(spec).__name__}")
 

@@ -13,13 +13,10 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from attnlab.cli.options import (
-    BlockSize, Bos, ConfigFile, Debug, Device, DType, MaxWindows, ModelOpt, OutDir, ProbeOpt, QueryFraction,
-    Seed, SeqLen, TextOpt, merge_config, run_guarded, stderr,
-)
 from attnlab.cli.eval_cmd import eval_command
 from attnlab.cli.mask_cmd import mask_command
-from attnlab.cli.probe_cmd import probe as probe_command
+from attnlab.cli.options import Debug, run_guarded, stderr
+from attnlab.cli.probe_cmd import make_probe_command, probe
 
 EPILOG = """Quick start:
 
@@ -41,60 +38,12 @@ ls_app = typer.Typer(help="List registered components.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(ls_app, name="ls")
 app.command("eval")(eval_command)
-app.command("probe")(probe_command)
+app.command("probe")(probe)
 app.command("mask")(mask_command)
-
-
-@app.command()
-def report(
-    ctx: typer.Context,
-    model: ModelOpt = "smollm2-135m",
-    text: TextOpt = None,
-    seq_len: SeqLen = 512,
-    max_windows: MaxWindows = 4,
-    probe: ProbeOpt = None,
-    out: OutDir = Path("attnlab-report"),
-    block_size: BlockSize = 128,
-    query_fraction: QueryFraction = 1.0,
-    bos: Bos = "auto",
-    dtype: DType = "float32",
-    device: Device = "cpu",
-    seed: Seed = 0,
-    config: ConfigFile = None,
-    debug: Debug = False,
-) -> None:
-    """Run probes on a model reading text; write report.html, results.json and results.csv into --out."""
-
-    def body() -> None:
-        from attnlab.pipeline import RunConfig, run_probes
-        from attnlab.probes import DEFAULT_PROBES
-        from attnlab.report.io import check_out_dir, write_results
-
-        values = merge_config(ctx, config, {
-            "model": model, "text": text, "seq_len": seq_len, "max_windows": max_windows,
-            "probe": probe, "block_size": block_size, "query_fraction": query_fraction, "bos": bos,
-            "dtype": dtype, "device": device, "seed": seed, "out": out,
-        })
-        run_config = RunConfig(
-            model=values["model"], text=str(values["text"]) if values["text"] else None,
-            seq_len=values["seq_len"], max_windows=values["max_windows"],
-            probes=tuple(values["probe"] or DEFAULT_PROBES), block_size=values["block_size"],
-            query_fraction=values["query_fraction"], bos=values["bos"], dtype=values["dtype"],
-            device=values["device"], seed=values["seed"],
-        )
-        out_dir = Path(values["out"])
-        check_out_dir(out_dir)  # fail before the long run, and leave nothing behind
-        settings = " ".join(f"{key}={value}" for key, value in run_config.to_dict().items())
-        stderr.print(f"config: {settings}", markup=False, style="dim")
-        results = _with_progress(lambda progress: run_probes(run_config, progress=progress))
-        paths = write_results(out_dir, results)
-        paths_line = " ".join(str(p) for p in paths.values())
-        stderr.print(f"done in {results['timing']['seconds']:.1f} s; attention path: "
-                     f"{', '.join(sorted(set(results['attention_paths'].values())))}")
-        typer.echo(f"report: {paths['html']}")
-        typer.echo(f"files: {paths_line}")
-
-    run_guarded(body, debug)
+app.command("report")(make_probe_command(
+    "report", "Run probes (default: entropy, sink, distance, norms) on a model reading text; write report.html, "
+    "results.json and results.csv into --out. The default-probes form of `attnlab probe`.",
+    seq_len=512, max_windows=4, out=Path("attnlab-report")))
 
 
 @app.command()
@@ -158,21 +107,25 @@ def models_fetch(
     run_guarded(body, debug)
 
 
-def _list_registry(registry: Any) -> None:
-    """Print ``name  first docstring line`` for every entry of a registry."""
-    names = registry.names()
-    width = max((len(name) for name in names), default=0) + 2
-    for name in names:
+def _list_registry(*registries: Any, marks: tuple[str, ...] = ()) -> None:
+    """Print ``name  first docstring line`` for every entry of the registries, sorted by name; entries of the
+    i-th registry get ``marks[i]`` before their summary (e.g. ``[analysis]``)."""
+    entries = sorted((name, registry, marks[i] if i < len(marks) else "")
+                     for i, registry in enumerate(registries) for name in registry.names())
+    width = max((len(name) for name, _, _ in entries), default=0) + 2
+    for name, registry, mark in entries:
         doc = (registry.get(name).__doc__ or "").strip().splitlines()
-        typer.echo(f"{name:{width}s}{doc[0].replace('``', '') if doc else ''}")
+        summary = doc[0].replace("``", "") if doc else ""
+        typer.echo(f"{name:{width}s}{mark + ' ' if mark else ''}{summary}")
 
 
 @ls_app.command("probes")
 def ls_probes() -> None:
-    """List the registered probes with their one-line summary."""
+    """List the registered probes and analyses (marked "(analysis)") with their one-line summary."""
+    from attnlab.analyses import ANALYSES
     from attnlab.probes import PROBES
 
-    _list_registry(PROBES)
+    _list_registry(PROBES, ANALYSES, marks=("", "(analysis)"))
 
 
 @ls_app.command("edits")
@@ -197,22 +150,6 @@ def ls_masks() -> None:
     from attnlab.functional.masks import MASKS
 
     _list_registry(MASKS)
-
-
-def _with_progress(work: Any) -> Any:
-    """Run ``work(progress)`` with a rich progress bar on stderr."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # one progress bar (ours), not transformers' per-step ones
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=stderr, transient=False, disable=not stderr.is_terminal) as bar:
-        task = bar.add_task("starting", total=None)
-
-        def progress(done: int, total: int, message: str) -> None:
-            bar.update(task, description=message, completed=done, total=total or None)
-
-        return work(progress)
 
 
 def main() -> None:  # pragma: no cover - python -m attnlab

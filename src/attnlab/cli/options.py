@@ -1,4 +1,8 @@
-"""Options shared by every subcommand, the --config merge, and the error guard (exit codes)."""
+"""The CLI helpers, in one module: options shared by every subcommand, the --config merge, building a config from
+the options by field name, the progress bar, writing the results, and the error guard (exit codes).
+
+Subcommand modules import this module only; :mod:`attnlab.cli.main` imports the subcommands (one way).
+"""
 
 from __future__ import annotations
 
@@ -26,8 +30,6 @@ TextOpt = Annotated[Optional[Path], typer.Option("--text", help="UTF-8 text file
 SeqLen = Annotated[int, typer.Option("--seq-len", help="Tokens per window.", rich_help_panel=_DATA)]
 MaxWindows = Annotated[int, typer.Option("--max-windows", help="Windows read from the text.", rich_help_panel=_DATA)]
 Bos = Annotated[str, typer.Option("--bos", help="BOS policy: auto | always | never.", rich_help_panel=_DATA)]
-ProbeOpt = Annotated[Optional[list[str]], typer.Option("--probe", help="Probe to run (repeatable; default: "
-                                                       "entropy, sink, distance, norms).", rich_help_panel=_RUN)]
 BlockSize = Annotated[int, typer.Option("--block-size", help="Query rows per block of the eager kernel.",
                                         rich_help_panel=_RUN)]
 QueryFraction = Annotated[float, typer.Option("--query-fraction", help="Fraction of query rows the probes see "
@@ -73,6 +75,51 @@ def merge_config(ctx: typer.Context, config_path: Path | None, values: dict[str,
         if source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):
             merged[key] = value
     return merged
+
+
+def command_values(ctx: typer.Context, config_path: Path | None) -> dict[str, Any]:
+    """Every option of the running command by its parameter name (``ctx.params``), merged with ``--config``.
+
+    ``config`` and ``debug`` are left out, and a repeatable option given no times (click passes ``()``) becomes
+    None, i.e. "use the default"; the result feeds a composed config's constructor, which routes each name to its
+    spec field (:mod:`attnlab.config`).
+    """
+    params = {key: None if isinstance(value, (list, tuple)) and not value else value
+              for key, value in ctx.params.items() if key not in ("config", "debug")}
+    return merge_config(ctx, config_path, params)
+
+
+def print_config(config: Any, **more: Any) -> None:
+    """The resolved config as one ``config: key=value ...`` line on stderr."""
+    settings = " ".join(f"{key}={value}" for key, value in {**config.to_dict(), **more}.items())
+    stderr.print(f"config: {settings}", markup=False, style="dim")
+
+
+def with_progress(work: Callable[[Any], Any]) -> Any:
+    """Run ``work(progress)`` with a rich progress bar on stderr (:data:`attnlab.progress.Progress`)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one progress bar (ours), not transformers' per-step ones
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=stderr, transient=False, disable=not stderr.is_terminal) as bar:
+        task = bar.add_task("starting", total=None)
+
+        def progress(done: int, total: int, message: str) -> None:
+            bar.update(task, description=message, completed=done, total=total or None)
+
+        return work(progress)
+
+
+def write_and_announce(out_dir: Path, results: dict[str, Any]) -> dict[str, Path]:
+    """Write the three result files (checked before anything is written); print their paths to stdout."""
+    from attnlab.report.io import write_results
+
+    paths = write_results(out_dir, results)
+    stderr.print(f"done in {results['timing']['seconds']:.1f} s")
+    typer.echo(f"report: {paths['html']}")
+    typer.echo(f"files: {' '.join(str(p) for p in paths.values())}")
+    return paths
 
 
 def run_guarded(body: Callable[[], None], debug: bool) -> None:

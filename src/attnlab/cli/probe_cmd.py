@@ -1,19 +1,26 @@
-"""``attnlab probe``: run any registered probes (attention-level and model-level) and write the results files."""
+"""``attnlab probe`` and ``attnlab report``: one command body, two sets of defaults.
+
+``attnlab report`` is the default-probes form of ``attnlab probe`` (default probes, 512-token windows, 4 windows,
+``--out attnlab-report``); both build a :class:`attnlab.config.RunConfig` from their options by field name and call
+:func:`attnlab.pipeline.run_probes`. :func:`make_probe_command` builds either one.
+"""
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
 from attnlab.cli.options import (
     BlockSize, Bos, ConfigFile, Debug, Device, DType, MaxWindows, ModelOpt, OutDir, QueryFraction, Seed, SeqLen,
-    TextOpt, merge_config, run_guarded, stderr,
+    TextOpt, command_values, print_config, run_guarded, stderr, with_progress, write_and_announce,
 )
 
 ProbeNames = Annotated[Optional[list[str]], typer.Option(
-    "--probe", help="Probe to run (repeatable; `attnlab ls probes`).", rich_help_panel="Run")]
+    "--probe", help="Probe or analysis to run (repeatable; `attnlab ls probes`).", rich_help_panel="Run")]
 ProbeArgs = Annotated[Optional[list[str]], typer.Option(
     "--probe-arg", help="Probe option PROBE.KEY=VALUE (repeatable), e.g. spatial_decay.grid=[16,16].",
     rich_help_panel="Run")]
@@ -42,43 +49,47 @@ def probe(
     debug: Debug = False,
 ) -> None:
     """Run probes (--probe NAME, repeatable) on a model reading text; write report.html, results.json/csv."""
+    run_guarded(lambda: run_probe_command(ctx, "probe", config), debug)
 
-    def body() -> None:
-        from attnlab.cli.main import _with_progress
-        from attnlab.errors import ConfigError
-        from attnlab.pipeline import RunConfig
-        from attnlab.probe_run import parse_probe_args, run_probe_suite
-        from attnlab.report.io import check_out_dir, write_results
 
-        values = merge_config(ctx, config, {
-            "model": model, "text": text, "seq_len": seq_len, "max_windows": max_windows, "probe": probe,
-            "block_size": block_size, "query_fraction": query_fraction, "bos": bos, "dtype": dtype,
-            "device": device, "seed": seed, "out": out,
-        })
-        if not values["probe"]:
-            raise ConfigError("attnlab probe needs at least one --probe NAME; see `attnlab ls probes`")
-        run_config = RunConfig(
-            model=values["model"], text=str(values["text"]) if values["text"] else None,
-            seq_len=values["seq_len"], max_windows=values["max_windows"], probes=tuple(values["probe"]),
-            block_size=values["block_size"], query_fraction=values["query_fraction"], bos=values["bos"],
-            dtype=values["dtype"], device=values["device"], seed=values["seed"],
-        )
-        probe_args = parse_probe_args(probe_arg)
-        out_dir = Path(values["out"])
-        check_out_dir(out_dir)
-        settings = " ".join(f"{key}={value}" for key, value in run_config.to_dict().items())
-        stderr.print(f"config: {settings} probe_args={probe_args} compare={compare}", markup=False, style="dim")
-        results = _with_progress(lambda progress: run_probe_suite(
-            run_config, probe_args=probe_args, compare=compare, progress=progress))
-        paths = write_results(out_dir, results)
-        produced = {row["probe"] for row in results["rows"]}
-        for name in run_config.probes:
-            if name not in produced:
-                stderr.print(f"warning: probe {name} produced no rows (are the windows long enough for its "
-                             f"settings? --seq-len is {run_config.seq_len}; see its docstring)", markup=False,
-                             style="yellow")
-        stderr.print(f"done in {results['timing']['seconds']:.1f} s")
-        typer.echo(f"report: {paths['html']}")
-        typer.echo(f"files: {' '.join(str(p) for p in paths.values())}")
+def run_probe_command(ctx: typer.Context, command: str, config_path: Path | None) -> None:
+    """The body of ``attnlab probe`` / ``attnlab report``: options → RunConfig → run_probes → files."""
+    from attnlab.config import RunConfig
+    from attnlab.errors import ConfigError
+    from attnlab.pipeline import run_probes
+    from attnlab.report.io import check_out_dir
 
-    run_guarded(body, debug)
+    values = command_values(ctx, config_path)
+    if command == "probe" and not values["probe"]:
+        raise ConfigError("attnlab probe needs at least one --probe NAME; see `attnlab ls probes`")
+    run_config = RunConfig(**values)
+    out_dir = Path(values["out"])
+    check_out_dir(out_dir)  # fail before the long run, and leave nothing behind
+    print_config(run_config)
+    results = with_progress(lambda progress: run_probes(run_config, progress=progress, command=command))
+    write_and_announce(out_dir, results)
+    produced = {row["probe"] for row in results["rows"]}
+    for name in run_config.run.probes:
+        if name not in produced:
+            stderr.print(f"warning: probe {name} produced no rows (are the windows long enough for its "
+                         f"settings? --seq-len is {run_config.data.seq_len}; see its docstring)", markup=False,
+                         style="yellow")
+
+
+def make_probe_command(command: str, doc: str, **defaults: Any) -> Callable[..., None]:
+    """A typer command function with :func:`probe`'s options, ``defaults`` replacing some of their defaults.
+
+    ``command`` is recorded in results.json; ``"report"`` runs the default probes when no ``--probe`` is given.
+    """
+
+    def body(ctx: typer.Context, **options: Any) -> None:
+        run_guarded(lambda: run_probe_command(ctx, command, options.get("config")), bool(options.get("debug")))
+
+    signature = inspect.signature(probe, eval_str=True)  # typer reads the Annotated help from it
+    body.__signature__ = signature.replace(parameters=[  # type: ignore[attr-defined]
+        parameter.replace(default=defaults.get(name, parameter.default))
+        for name, parameter in signature.parameters.items()])
+    body.__annotations__ = dict(probe.__annotations__)
+    body.__doc__ = doc
+    body.__name__ = command
+    return body

@@ -11,6 +11,7 @@ from typing import Any
 
 _EXPORTS = {
     "EvalConfig": "attnlab.evaluation.config",
+    "EvalSpec": "attnlab.evaluation.config",
     "TASKS": "attnlab.evaluation.config",
     "run_eval": "attnlab.evaluation.runner",
     "evaluate_variants": "attnlab.evaluation.runner",

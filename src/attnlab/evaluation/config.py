@@ -1,4 +1,5 @@
-"""What an ``attnlab eval`` run depends on: :class:`EvalConfig`, and the variant specs (lists of edits) it compares.
+"""What an ``attnlab eval`` run depends on: :class:`EvalConfig` (:class:`EvalSpec` composed with the shared model
+and text specs of :mod:`attnlab.config`), and the variant specs (lists of edits) it compares.
 
 A *variant* is one list of edits applied together, in list order, inside one ``Session``. The baseline is the
 empty list and always runs first. On the command line each ``--edit`` is one variant; edits composed within a
@@ -8,15 +9,15 @@ variant are joined with ``+`` (``temperature:tau=0.9+sink_window:sinks=4,window=
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from attnlab.config import ComposedConfig, ModelSpec, TextSpec, check_names, check_types
 from attnlab.errors import ConfigError
 
 TASKS = ("perplexity", "next_token", "passkey")
+SEARCHES = (None, "zerotuning", "act")
 BASELINE = "baseline"
-DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 
 def parse_variant(spec: str) -> list[Any]:
@@ -37,7 +38,7 @@ def parse_variant(spec: str) -> list[Any]:
 
 def parse_number_list(text: str | list[Any], kind: type, what: str) -> tuple[Any, ...]:
     """``"0,0.5,1"`` or ``[0, 0.5, 1]`` → a tuple of ``kind``; ConfigError (one line) if a value does not parse."""
-    items = text.split(",") if isinstance(text, str) else list(text)
+    items = text.split(",") if isinstance(text, str) else list(text) if isinstance(text, (list, tuple)) else [text]
     try:
         values = tuple(kind(str(item).strip()) for item in items if str(item).strip())
     except ValueError:
@@ -47,54 +48,47 @@ def parse_number_list(text: str | list[Any], kind: type, what: str) -> tuple[Any
     return values
 
 
+def _parse_lengths(value: Any) -> tuple[int, ...]:
+    return parse_number_list(value, int, "--passkey-lengths")
+
+
+def _parse_depths(value: Any) -> tuple[float, ...]:
+    return parse_number_list(value, float, "--passkey-depths")
+
+
 @dataclass(frozen=True)
-class EvalConfig:
-    """Everything an eval run depends on; saved (resolved) in ``results.json`` under ``config``.
+class EvalSpec:
+    """What an eval run measures (the eval-only part of :class:`EvalConfig`).
 
     Attributes:
-        model: bundled name, local directory, ``.gguf`` file or hub id.
-        text: UTF-8 text file, or None for the bundled Shakespeare corpus.
-        tasks: any of ``perplexity``, ``next_token``, ``passkey``.
-        variants: edit specs, one string per variant (baseline not listed; it always runs).
-        seq_len: tokens per window fed to the model (BOS included when one is prepended).
+        tasks: any of ``perplexity``, ``next_token``, ``passkey`` (CLI ``--task``).
+        variants: edit specs, one string per variant (baseline not listed; it always runs; CLI ``--edit``).
         stride: text tokens between window starts; None = the text tokens of one window (non-overlapping).
-        max_windows: most windows read for perplexity / next_token.
-        bos: ``auto`` | ``always`` | ``never`` (see :mod:`attnlab.text`).
         passkey_lengths: prompt lengths in tokens; empty = ``(seq_len,)``.
         passkey_depths: needle depths as fractions of the haystack, each in [0, 1].
         passkey_trials: prompts per (length, depth) cell, each with its own random key and haystack offset.
-        dtype, device, seed: as for ``attnlab report``; ``device`` is where the model is loaded (a model passed to
-            ``run_eval`` runs where its weights are). Passkey keys and offsets come from ``random.Random(seed)``.
+        search: None, ``"zerotuning"`` or ``"act"`` (:mod:`attnlab.evaluation.search`, on the same windows).
+        seed: seeds python and torch; passkey keys and offsets come from ``random.Random(seed)``.
     """
 
-    model: str = "smollm2-135m"
-    text: str | None = None
-    tasks: tuple[str, ...] = ("perplexity", "next_token")
-    variants: tuple[str, ...] = ()
-    seq_len: int = 512
+    tasks: tuple[str, ...] = field(default=("perplexity", "next_token"), metadata={"option": "task"})
+    variants: tuple[str, ...] = field(default=(), metadata={"option": "edit"})
     stride: int | None = None
-    max_windows: int = 4
-    bos: str = "auto"
-    passkey_lengths: tuple[int, ...] = ()
-    passkey_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    passkey_lengths: tuple[int, ...] = field(default=(), metadata={"parse": _parse_lengths})
+    passkey_depths: tuple[float, ...] = field(default=(0.0, 0.25, 0.5, 0.75, 1.0), metadata={"parse": _parse_depths})
     passkey_trials: int = 2
-    dtype: str = "float32"
-    device: str = "cpu"
+    search: str | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("seq_len", "max_windows", "passkey_trials", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(f"{name} must be an integer, got {value!r}")
-        if self.seq_len < 2:
-            raise ConfigError(f"seq_len must be >= 2, got {self.seq_len}")
+        check_types(self, {"passkey_trials": int, "seed": int})
+        check_names("tasks", self.tasks)
+        check_names("variants (--edit)", self.variants)
         if self.stride is not None and (isinstance(self.stride, bool) or not isinstance(self.stride, int)
                                         or self.stride < 1):
             raise ConfigError(f"stride must be an integer >= 1, got {self.stride!r}")
-        if self.max_windows < 1 or self.passkey_trials < 1:
-            raise ConfigError(f"max_windows and passkey_trials must be >= 1, got {self.max_windows}, "
-                              f"{self.passkey_trials}")
+        if self.passkey_trials < 1:
+            raise ConfigError(f"passkey_trials must be >= 1, got {self.passkey_trials}")
         if not self.tasks:
             raise ConfigError(f"at least one task is needed; choose from {', '.join(TASKS)}")
         for task in self.tasks:
@@ -107,7 +101,7 @@ class EvalConfig:
         if len(set(self.variants)) != len(self.variants):
             raise ConfigError(f"each --edit variant may be given once, got {list(self.variants)}")
         for spec in self.variants:
-            if not isinstance(spec, str) or not spec.strip():
+            if not spec.strip():
                 raise ConfigError(f"--edit expects NAME:key=value,... (join edits with +), got {spec!r}")
         if any(not 0.0 <= d <= 1.0 for d in self.passkey_depths) or not self.passkey_depths:
             raise ConfigError(f"passkey depths must be fractions in [0, 1], got {list(self.passkey_depths)}")
@@ -117,16 +111,36 @@ class EvalConfig:
                               f"{list(self.passkey_depths)}")
         if any(length < 2 for length in self.passkey_lengths):
             raise ConfigError(f"passkey lengths must be >= 2 tokens, got {list(self.passkey_lengths)}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.search not in SEARCHES:
+            raise ConfigError(f"--search must be zerotuning or act, got {self.search!r}")
+
+
+@dataclass(frozen=True, init=False)
+class EvalConfig(ComposedConfig):
+    """Everything an eval run depends on; saved (resolved, flat) in ``results.json`` under ``config``.
+
+    ``load`` (:class:`attnlab.config.ModelSpec`: model, dtype, device — ``device`` is where the model is loaded; a
+    model passed to ``run_eval`` runs where its weights are), ``data`` (:class:`attnlab.config.TextSpec`: text,
+    seq_len, max_windows, bos; ``max_windows`` bounds the perplexity / next_token windows) and ``eval``
+    (:class:`EvalSpec`). Build it from flat names: ``EvalConfig(seq_len=256, variants=("temperature:tau=0.9",))``.
+    """
+
+    load: ModelSpec = field(default_factory=ModelSpec)
+    data: TextSpec = field(default_factory=TextSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+
+    def __post_init__(self) -> None:
+        if self.eval.search is not None and (self.data.max_windows < 2
+                                             or not {"perplexity", "next_token"} & set(self.eval.tasks)):
+            raise ConfigError("--search needs --max-windows >= 2 and the perplexity or next_token task (it splits "
+                              "the windows into a validation and a held-out half)")
 
     @property
     def lengths(self) -> tuple[int, ...]:
-        return self.passkey_lengths or (self.seq_len,)
+        """The passkey prompt lengths: ``passkey_lengths``, or ``(seq_len,)`` when none are given."""
+        return self.eval.passkey_lengths or (self.data.seq_len,)
 
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        for key in ("tasks", "variants", "passkey_lengths", "passkey_depths"):
-            data[key] = list(data[key])
+        data = super().to_dict()
         data["passkey_lengths"] = list(self.lengths)
         return data

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 from attnlab.errors import ConfigError, TextError
@@ -20,10 +19,10 @@ from attnlab.evaluation.config import BASELINE, EvalConfig, parse_variant
 from attnlab.evaluation.lm_tasks import (TokenScores, WindowPlan, plan_windows, position_bin, score_windows,
                                          stitch_windows)
 from attnlab.evaluation.passkey import PasskeyPrompt, answer_tokens, greedy_decode, is_correct, make_prompts, summarise
+from attnlab.progress import Progress, silent
 
 logger = logging.getLogger(__name__)
 
-Progress = Callable[[int, int, str], None]  # (done, total, message)
 LM_TASKS = ("perplexity", "next_token")
 DEFINITIONS = {
     "perplexity": "exp(mean NLL, nats) over the scored tokens; window k covers text tokens [k*stride, "
@@ -105,7 +104,7 @@ def evaluate_variants(model: Any, tokenizer: Any, variants: list[Variant], *, ta
     """
     import torch
 
-    notify = progress or (lambda done, total, message: None)
+    notify = progress or silent
     run_lm = any(task in tasks for task in LM_TASKS)
     units = (len(plans) if run_lm else 0) + (len(prompts) if "passkey" in tasks else 0)
     total, done = units * len(variants), 0
@@ -165,52 +164,47 @@ def check_causal_lm(model: Any, requested: str) -> None:
                           f"{type(model).__name__}, which has none; use a decoder model such as smollm2-135m")
 
 
-def check_passkey_lengths(model: Any, lengths: tuple[int, ...]) -> None:
-    """ConfigError naming --passkey-lengths if the longest prompt exceeds the model's max_position_embeddings."""
-    from attnlab.capture.architectures import text_config
-
-    limit = getattr(text_config(model), "max_position_embeddings", None)
-    if limit is not None and max(lengths) > limit:
-        raise ConfigError(f"--passkey-lengths {max(lengths)} exceeds the model's max_position_embeddings={limit}")
-
-
 def run_eval(config: EvalConfig, *, progress: Progress | None = None, model: Any = None,
              tokenizer: Any = None, search: str | None = None) -> dict[str, Any]:
     """Load model and text, run every task for the baseline and each variant; return the results dict.
 
-    ``search`` (``"zerotuning"`` | ``"act"``) then runs :func:`attnlab.evaluation.search.search_for_results` on the
-    same windows; it needs >= 2 windows, checked before any variant runs.
+    ``search`` (``"zerotuning"`` | ``"act"``; default ``config.eval.search``) then runs
+    :func:`attnlab.evaluation.search.search_for_results` on the same windows; it needs >= 2 windows, checked
+    before any variant runs. ``model``/``tokenizer`` (or a LoadedModel as ``model``) reuse a loaded model.
 
     Raises:
         ConfigError, TextError, RegistryError: bad input (the CLI exits 2), before the model runs; ConfigError
             also for a model without next-token logits (an encoder such as minilm-l6).
         EditNotFiredError: a requested edit never touched an attention call.
     """
-    from attnlab.pipeline import load_for_run
+    from attnlab.pipeline import check_seq_len, results_envelope, start_run
     from attnlab.text import start_token_id, tokenizer_adds_bos
 
     started = time.perf_counter()
+    search = search if search is not None else config.eval.search
     if search not in (None, "zerotuning", "act"):
         raise ConfigError(f"--search must be zerotuning or act, got {search!r}")
-    notify = progress or (lambda done, total, message: None)
-    variants: list[Variant] = [(BASELINE, [])] + [(spec, parse_variant(spec)) for spec in config.variants]
-    model, tokenizer = load_for_run(config, notify, model, tokenizer, seq_len=config.seq_len)
-    check_causal_lm(model, config.model)
-    if "passkey" in config.tasks:
-        check_passkey_lengths(model, config.lengths)
-    add_bos = config.bos == "always" or (config.bos == "auto" and tokenizer_adds_bos(tokenizer))
+    notify = progress or silent
+    spec, data = config.eval, config.data
+    variants: list[Variant] = [(BASELINE, [])] + [(edits, parse_variant(edits)) for edits in spec.variants]
+    loaded = start_run(config.load, data, spec.seed, notify, model, tokenizer)
+    model, tokenizer = loaded
+    check_causal_lm(model, config.load.model)
+    if "passkey" in spec.tasks:
+        check_seq_len(loaded.facts, max(config.lengths), "--passkey-lengths")
+    add_bos = data.bos == "always" or (data.bos == "auto" and tokenizer_adds_bos(tokenizer))
     bos_id = start_token_id(tokenizer) if add_bos else None
-    window_tokens = config.seq_len - (bos_id is not None)
-    stride = config.stride or window_tokens
+    window_tokens = data.seq_len - (bos_id is not None)
+    stride = spec.stride or window_tokens
     notify(0, 0, "reading text")
     ids: list[int] = []
     plans: list[WindowPlan] = []
     windows_info: list[dict[str, Any]] = []
-    if any(task in config.tasks for task in LM_TASKS):
+    if any(task in spec.tasks for task in LM_TASKS):
         plan_windows(window_tokens, window_tokens, stride, 1)  # stride check before tokenizing
-        ids, windows = text_ids(tokenizer, config.text, window_tokens=window_tokens, stride=stride,
-                                max_windows=config.max_windows)
-        plans = plan_windows(len(ids), window_tokens, stride, config.max_windows)
+        ids, windows = text_ids(tokenizer, data.text, window_tokens=window_tokens, stride=stride,
+                                max_windows=data.max_windows)
+        plans = plan_windows(len(ids), window_tokens, stride, data.max_windows)
         for plan, window in zip(plans, windows.windows):
             fed = ([bos_id] if bos_id is not None else []) + ids[plan.start:plan.end]
             windows_info.append({"index": plan.index, "source": window["source"], "start_token": plan.start,
@@ -220,33 +214,31 @@ def run_eval(config: EvalConfig, *, progress: Progress | None = None, model: Any
         raise ConfigError(f"--search needs >= 2 windows (a validation and a held-out half), but the text gives "
                           f"{len(plans)}; use a longer text or a smaller --seq-len/--stride")
     prompts: list[PasskeyPrompt] = []
-    if "passkey" in config.tasks:
+    if "passkey" in spec.tasks:
         longest = max(config.lengths)
         try:  # the text was read above, so a TextError here means it has fewer tokens than the longest prompt
-            corpus, _ = text_ids(tokenizer, config.text, window_tokens=longest, stride=longest,
-                                 max_windows=max(2, config.passkey_trials))
+            corpus, _ = text_ids(tokenizer, data.text, window_tokens=longest, stride=longest,
+                                 max_windows=max(2, spec.passkey_trials))
         except TextError:
             raise ConfigError(f"--passkey-lengths {longest} needs a text of at least {longest} tokens for the "
                               "haystack; use a longer --text or shorter --passkey-lengths") from None
-        prompts = make_prompts(tokenizer, corpus, lengths=config.lengths, depths=config.passkey_depths,
-                               trials=config.passkey_trials, seed=config.seed, bos_id=bos_id)
-    rows, records = evaluate_variants(model, tokenizer, variants, tasks=config.tasks, ids=ids, plans=plans,
-                                      bos_id=bos_id, seq_len=config.seq_len, prompts=prompts,
+        prompts = make_prompts(tokenizer, corpus, lengths=config.lengths, depths=spec.passkey_depths,
+                               trials=spec.passkey_trials, seed=spec.seed, bos_id=bos_id)
+    rows, records = evaluate_variants(model, tokenizer, variants, tasks=spec.tasks, ids=ids, plans=plans,
+                                      bos_id=bos_id, seq_len=data.seq_len, prompts=prompts,
                                       device=model_device(model), progress=notify)
     baseline_paths = records[0]["attention_paths"]
-    from attnlab.pipeline import results_envelope
-
     results = results_envelope(
-        "eval", config, model, tokenizer, bos_policy=config.bos, bos_added=bos_id is not None,
+        "eval", config, loaded, bos_policy=data.bos, bos_added=bos_id is not None,
         attention_paths={int(layer): path for layer, path in baseline_paths.items()}, windows=windows_info,
         rows=rows, started=started,
         eval={
-            "tasks": list(config.tasks),
-            "definitions": {task: DEFINITIONS[task] for task in config.tasks},
-            "seq_len": config.seq_len, "window_text_tokens": window_tokens, "stride": stride,
-            "num_windows": len(plans), "position_bin": position_bin(config.seq_len),
-            "passkey": {"lengths": list(config.lengths), "depths": list(config.passkey_depths),
-                        "trials_per_cell": config.passkey_trials} if prompts else None,
+            "tasks": list(spec.tasks),
+            "definitions": {task: DEFINITIONS[task] for task in spec.tasks},
+            "seq_len": data.seq_len, "window_text_tokens": window_tokens, "stride": stride,
+            "num_windows": len(plans), "position_bin": position_bin(data.seq_len),
+            "passkey": {"lengths": list(config.lengths), "depths": list(spec.passkey_depths),
+                        "trials_per_cell": spec.passkey_trials} if prompts else None,
             "variants": records,
         },
     )

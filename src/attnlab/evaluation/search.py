@@ -23,13 +23,13 @@ baseline), and stores the outcome under ``results["eval"]["search"]`` and as row
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from attnlab.errors import ConfigError
 from attnlab.evaluation.lm_tasks import WindowPlan, score_windows, stitch_windows
+from attnlab.progress import Progress
 
-Progress = Callable[[int, int, str], None]
 DEFAULT_GAMMAS = (0.5, 0.7, 0.85, 1.0, 1.2, 1.5, 2.0)
 
 

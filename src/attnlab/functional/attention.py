@@ -13,13 +13,15 @@ Masks are boolean, True = attend (FlexAttention / transformers ``mask_function``
 
 Numerical policy: logits and probs are computed in float32 whatever the input dtype (float64 stays float64, so the
 reference can serve as a golden oracle); the output is cast back to ``value.dtype``. A query row with no visible
-key gets probs 0 and output 0, never NaN.
+key gets probs 0 and output 0, never NaN. A row whose logits hold a NaN or inf (from the query, a visible key or an
+overflow) stays NaN: observers find it in ``BlockView.nan_rows`` and must not count it as an ordinary row.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -115,7 +117,7 @@ def attention_reference(
         logits = score_mod(logits, torch.arange(logits.shape[-2], device=logits.device))
     if keep is not None:
         logits = logits.masked_fill(~keep, float("-inf"))
-    row_has_key = torch.isfinite(logits).any(dim=-1, keepdim=True)  # (B, Hq, Lq, 1)
+    row_has_key = ~torch.isneginf(logits).all(dim=-1, keepdim=True)  # (B, Hq, Lq, 1); NaN rows stay NaN
     safe_logits = torch.where(row_has_key, logits, torch.zeros((), dtype=dtype, device=logits.device))
     probs = torch.softmax(safe_logits, dim=-1) * row_has_key
     if keep is not None:
@@ -146,6 +148,30 @@ class BlockView:
     logits: Tensor
     keep: Tensor | None
     q_index: Tensor
+
+    @cached_property
+    def nan_rows(self) -> Tensor:
+        """(B, Hq, bq) bool: rows whose probs hold a NaN, because a NaN or inf reached their logits (in the query,
+        a visible key, or an overflow). Fully masked rows are all 0, never NaN. Computed once per block."""
+        return torch.isnan(self.probs.sum(dim=-1))
+
+    def without_nan_rows(self) -> BlockView:
+        """This block with its NaN rows turned into fully masked rows (probs 0, logits ``finfo.min``, keep False).
+
+        Observers that skip rows with no visible key then skip NaN rows too, instead of summing NaN (or counting
+        a NaN row as 0). Returns ``self`` when no row is NaN; the masked copy is made once per block.
+        """
+        return self if self._masked_nan_rows is None else self._masked_nan_rows
+
+    @cached_property
+    def _masked_nan_rows(self) -> BlockView | None:
+        nan = self.nan_rows[..., None]  # (B, Hq, bq, 1)
+        if not bool(nan.any()):
+            return None
+        keep = ~nan if self.keep is None else self.keep & ~nan
+        return BlockView(probs=self.probs.masked_fill(nan, 0.0),
+                         logits=self.logits.masked_fill(nan, torch.finfo(self.logits.dtype).min),
+                         keep=keep.expand(self.probs.shape), q_index=self.q_index)
 
 
 def blocked_attention(

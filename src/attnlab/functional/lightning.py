@@ -8,8 +8,6 @@ Shape legend: B batch, H num_heads, T seq_len, D head_dim.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -17,26 +15,9 @@ from torch import Tensor
 from attnlab.errors import ConfigError
 from attnlab.functional.attention import _compute_dtype
 from attnlab.functional.linear_attention import linear_attention
+from attnlab.functional.positions import alibi_slopes
 
-__all__ = ["alibi_slopes", "lightning_attention", "lightning_log_decay", "lrpe", "srms_norm"]
-
-
-def alibi_slopes(num_heads: int) -> Tensor:
-    """ALiBi geometric slopes m_h = 2^(-8(h+1)/H) for a power-of-two H; otherwise the slopes of the nearest lower
-    power of two followed by every other slope of the next one (lightning-attention's ``_build_slope_tensor``).
-    Returns (H,) float64."""
-    def power_of_two(n: int) -> list[float]:
-        start = 2.0 ** (-8.0 / n)
-        return [start ** (i + 1) for i in range(n)]
-
-    if num_heads < 1:
-        raise ConfigError(f"expected num_heads >= 1, got {num_heads}")
-    if math.log2(num_heads).is_integer():
-        slopes = power_of_two(num_heads)
-    else:
-        closest = 2 ** math.floor(math.log2(num_heads))
-        slopes = power_of_two(closest) + power_of_two(2 * closest)[0::2][: num_heads - closest]
-    return torch.tensor(slopes, dtype=torch.float64)
+__all__ = ["lightning_attention", "lightning_log_decay", "lrpe", "srms_norm"]
 
 
 def lightning_log_decay(num_heads: int, layer_idx: int, num_layers: int, schedule: str = "code") -> Tensor:

@@ -25,8 +25,10 @@ Numerical policy: everything is computed in float32 (float64 stays float64, so t
 float64 reference in ``functional/reference/linear.py``); the output is cast back to ``value.dtype`` and the final
 state is float32/float64. No form ever exponentiates a positive log decay sum: every factor is exp(≤ 0), so a
 log decay of -1e4 underflows to exact zeros instead of overflowing (the ``Q ⊙ B, K ⊘ B`` factorisation of the GLA
-paper is avoided for that reason). The chunk form with a per-key-dim decay runs chunks of at most
-``PER_KEY_CHUNK`` (8) tokens whatever chunk_size says (each materialises an (8, 8, K) decay tensor: memory
+paper is avoided for that reason). Decays between two steps are summed directly (:func:`segment_sums`, an exclusive
+reverse cumsum for "to the end of the chunk"), never as differences of cumulative sums, which cancel under an
+extreme gate (-1e4, -0.1 · float32 max) and used to break segment chaining in float32. The chunk form with a
+per-key-dim decay runs chunks of at most ``PER_KEY_CHUNK`` (8) tokens whatever chunk_size says (each materialises an (8, 8, K) decay tensor: memory
 O(T · 8 · K) per head); the state carried between those short chunks plays the role of GLA's secondary chunking.
 """
 
@@ -48,6 +50,7 @@ __all__ = [
     "linear_attention_parallel",
     "linear_attention_recurrent",
     "prepare_inputs",
+    "segment_sums",
 ]
 
 
@@ -97,10 +100,26 @@ def _empty(q: Tensor, v: Tensor, state0: Tensor | None, value: Tensor, output_fi
     return _finish(v.new_zeros(B, H, 0, v.shape[-1]), state, value, output_final_state)
 
 
+def segment_sums(g: Tensor) -> Tensor:
+    """Log decay between every pair of steps: (..., T, D) -> (..., T, T, D), ``out[..., t, s, :] = Σ_{s<r≤t} g_r``
+    for s ≤ t (0 on the diagonal) and -inf above it, so ``out.exp()`` is the causal decay matrix.
+
+    Summed directly (a masked cumsum over t), never as ``G_t - G_s`` of cumulative sums: with an extreme gate
+    (g = -1e4, or -0.1 · float32 max) those differences cancel catastrophically (or give inf - inf) and the
+    small decays after the extreme step are lost, so a sequence and the same sequence in two halves disagreed.
+    Memory: T · T · D per leading index (the quadratic forms need that tensor anyway).
+    """
+    T = g.shape[-2]
+    steps = torch.ones(T, T, dtype=torch.bool, device=g.device)
+    after = steps.tril(-1)[..., None]  # (T, T, 1): r > s, the steps that decay a key written at s
+    x = g[..., :, None, :].expand(*g.shape[:-1], T, g.shape[-1]).masked_fill(~after, 0.0)  # x[t, s] = g_t if t > s
+    return x.cumsum(dim=-3).masked_fill(~steps.tril()[..., None], float("-inf"))
+
+
 def linear_attention_parallel(query: Tensor, key: Tensor, value: Tensor, log_decay: Tensor | None = None, *,
                               scale: float | None = None, initial_state: Tensor | None = None,
                               output_final_state: bool = False) -> tuple[Tensor, Tensor | None]:
-    """Quadratic form ``O = ((Q Kᵀ) ⊙ D) V`` with ``D_ts = exp(G_t - G_s)`` for s ≤ t (G = cumsum of log_decay).
+    """Quadratic form ``O = ((Q Kᵀ) ⊙ D) V`` with ``D_ts = exp(Σ_{s<r≤t} g_r)`` for s ≤ t (:func:`segment_sums`).
 
     Memory O(T²) per head (O(T² K) for a per-key-dim decay): the oracle for short sequences.
     Args/returns as :func:`linear_attention`.
@@ -109,18 +128,14 @@ def linear_attention_parallel(query: Tensor, key: Tensor, value: Tensor, log_dec
     T = q.shape[2]
     if T == 0:
         return _empty(q, v, state0, value, output_final_state)
-    G = g.cumsum(dim=2)  # (B|1, H, T, 1|K)
-    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    G = g.cumsum(dim=2)  # (B|1, H, T, 1|K): inclusive sums from the start, only exponentiated, never subtracted
+    sums = segment_sums(g)  # (B|1, H, T, T, 1|K): Σ_{s<r≤t} g_r, -inf above the diagonal
     if g.shape[-1] == 1:
-        diff = G[:, :, :, None, 0] - G[:, :, None, :, 0]  # (B|1, H, T, T)
-        decay = torch.where(causal, diff, float("-inf")).exp()
-        logits = (q @ k.transpose(-1, -2)) * decay  # (B, H, T, T)
+        logits = (q @ k.transpose(-1, -2)) * sums[..., 0].exp()  # (B, H, T, T)
     else:
-        diff = G[:, :, :, None, :] - G[:, :, None, :, :]  # (B, H, T, T, K)
-        decay = torch.where(causal[..., None], diff, float("-inf")).exp()
-        logits = torch.einsum("bhtk,bhsk,bhtsk->bhts", q, k, decay)
+        logits = torch.einsum("bhtk,bhsk,bhtsk->bhts", q, k, sums.exp())
     o = logits @ v  # (B, H, T, V)
-    to_end = (G[:, :, -1:] - G).exp()  # (B|1, H, T, 1|K): decay from step s+1 to the end
+    to_end = sums[:, :, -1].exp()  # (B|1, H, T, 1|K): decay from step s+1 to the end (the last row)
     state = (k * to_end).transpose(-1, -2) @ v  # (B, H, K, V)
     if state0 is not None:
         o = o + (q * G.exp()) @ state0
@@ -200,22 +215,21 @@ def _chunk_block(q: Tensor, k: Tensor, v: Tensor, g: Tensor, state: Tensor, scal
     if pad:
         q, k, v, g = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v, g))
     q, k, v = (x.reshape(B, H, N, C, -1) for x in (q, k, v))  # (B, H, N, C, K|V)
-    b = g.reshape(g.shape[0], H, N, C, -1).cumsum(dim=3)  # (B|1, H, N, C, 1|K) local cumulative log decay
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    g = g.reshape(g.shape[0], H, N, C, -1)  # (B|1, H, N, C, 1|K)
+    b = g.cumsum(dim=3)  # local inclusive cumulative log decay (exponentiated only, never subtracted)
     if b.shape[-1] == 1:
         # a constant decay gives every chunk the same (C, C) matrix (padding rows/cols only meet k = v = 0)
-        pattern = b[:, :, :1] if constant else b
-        decay = torch.where(causal, pattern[..., :, None, 0] - pattern[..., None, :, 0], float("-inf")).exp()
-        o = ((q @ k.transpose(-1, -2)) * (decay * scale)) @ v  # (B, H, N, C, C) @ (B, H, N, C, V) intra-chunk
+        sums = segment_sums(g[:, :, :1] if constant else g)[..., 0]  # (B|1, H, N|1, C, C)
+        o = ((q @ k.transpose(-1, -2)) * (sums.exp() * scale)) @ v  # (B, H, N, C, C) @ (B, H, N, C, V) intra-chunk
     else:
         q = q * scale
-        diff = b[..., :, None, :] - b[..., None, :, :]  # (B, H, N, C, C, K)
-        logits = torch.einsum("bhnik,bhnjk,bhnijk->bhnij", q, k, torch.where(causal[..., None], diff,
-                                                                              float("-inf")).exp())
+        sums = segment_sums(g)  # (B, H, N, C, C, K)
+        logits = torch.einsum("bhnik,bhnjk,bhnijk->bhnij", q, k, sums.exp())
         o = logits @ v  # (B, H, N, C, V) intra-chunk part
-    last = b[:, :, :, -1:]  # (B|1, H, N, 1, 1|K)
-    chunk_states = (k * (last - b).exp()).transpose(-1, -2) @ v  # (B, H, N, K, V) each chunk's own contribution
-    chunk_decay = last[:, :, :, 0, :, None].exp()  # (B|1, H, N, 1|K, 1)
+    # decay from step s+1 to the chunk's end: an exclusive reverse cumsum (padding has g = 0), not last - b
+    to_end = F.pad(g[:, :, :, 1:].flip(3).cumsum(3).flip(3), (0, 0, 0, 1))  # (B|1, H, N, C, 1|K)
+    chunk_states = (k * to_end.exp()).transpose(-1, -2) @ v  # (B, H, N, K, V) each chunk's own contribution
+    chunk_decay = b[:, :, :, -1, :, None].exp()  # (B|1, H, N, 1|K, 1)
     entering = []
     for decay_n, state_n in zip(chunk_decay.unbind(2), chunk_states.unbind(2)):  # unbind: O(N) backward
         entering.append(state)

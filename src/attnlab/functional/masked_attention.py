@@ -40,9 +40,9 @@ from torch import Tensor
 from attnlab.errors import ConfigError
 from attnlab.functional.attention import check_qkv
 from attnlab.functional.masks import MaskMod, _broadcast_indices, check_lengths, shift_queries, to_dense
-from attnlab.functional.softmax_family import _logits
+from attnlab.functional.softmax_family import scaled_logits
 
-__all__ = ["BlockMaskCache", "ScoreMod", "build_block_mask", "dense_score_mod", "masked_attention"]
+__all__ = ["BlockMaskCache", "ScoreMod", "build_block_mask", "dense_score_mod", "masked_attention", "shift_score_mod"]
 
 ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 # Elements of the dense mask evaluated at once while building a block mask (bounds peak memory at 16k × 16k).
@@ -54,6 +54,18 @@ def dense_score_mod(score_mod: ScoreMod, logits: Tensor, q_offset: int = 0) -> T
     B, H, Lq, Lk = logits.shape
     b, h, q, kv = _broadcast_indices(B, H, Lq, Lk, q_offset, logits.device)
     return score_mod(logits, b, h, q, kv).expand(B, H, Lq, Lk)
+
+
+def shift_score_mod(score_mod: ScoreMod | None, offset: int) -> ScoreMod | None:
+    """The same score_mod on a chunk that starts at absolute position ``offset``: query i and key j are read as
+    positions ``i + offset`` and ``j + offset`` (the score_mod twin of ``masks.shift_positions``)."""
+    if score_mod is None or offset == 0:
+        return score_mod
+
+    def shifted(logits: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return score_mod(logits, b, h, q_idx + offset, kv_idx + offset)
+
+    return shifted
 
 
 def build_block_mask(mask_mod: MaskMod, batch: int, num_heads: int, q_len: int, kv_len: int, *,
@@ -161,7 +173,7 @@ def _dense_path(query: Tensor, key: Tensor, value: Tensor, mask_mod: MaskMod | N
         groups = H // key.shape[1]
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=keep, scale=scale, enable_gqa=groups > 1)
     else:
-        logits, v = _logits(query, key, value, scale)  # (B, H, Lq, Lk), (B, H, Lk, Dv) in the compute dtype
+        logits, v = scaled_logits(query, key, value, scale)  # (B, H, Lq, Lk), (B, H, Lk, Dv) in the compute dtype
         logits = dense_score_mod(score_mod, logits, q_offset)
         if keep is not None:
             logits = logits.masked_fill(~keep, float("-inf"))

@@ -19,12 +19,14 @@ from torch import Tensor
 
 from attnlab.errors import ConfigError, ShapeError
 from attnlab.functional.attention import _compute_dtype, check_qkv
+from attnlab.functional.positions import alibi_slopes, retnet_log_decay
 
-__all__ = ["alibi", "alibi_slopes", "decay_matrix", "decayed_softmax_attention", "grid_decay", "linear_decay",
-           "relu_attention", "retnet_log_decay", "sigmoid_attention"]
+# alibi_slopes and retnet_log_decay live in functional/positions.py; re-exported here for their callers
+__all__ = ["alibi", "alibi_slopes", "check_log_decay", "decay_matrix", "decayed_softmax_attention", "grid_decay",
+           "linear_decay", "relu_attention", "retnet_log_decay", "scaled_logits", "sigmoid_attention"]
 
 
-def _logits(query: Tensor, key: Tensor, value: Tensor, scale: float | None) -> tuple[Tensor, Tensor]:
+def scaled_logits(query: Tensor, key: Tensor, value: Tensor, scale: float | None) -> tuple[Tensor, Tensor]:
     """Scaled logits (B, H, Lq, Lk) and per-query-head values (B, H, Lk, Dv), both in the compute dtype.
 
     The explicit-logits GQA path shared with :func:`attnlab.functional.masked_attention.masked_attention`.
@@ -37,7 +39,7 @@ def _logits(query: Tensor, key: Tensor, value: Tensor, scale: float | None) -> t
     return query.to(dtype) @ k.transpose(-1, -2) * scale, v
 
 
-def _check_log_decay(log_decay: Tensor) -> None:
+def check_log_decay(log_decay: Tensor) -> None:
     """A (num_heads,) tensor of values ≤ 0; the error names the wrong shape or the largest (positive) value."""
     if log_decay.dim() != 1:
         raise ConfigError(f"log_decay must be a (num_heads,) tensor, got shape {tuple(log_decay.shape)}")
@@ -58,7 +60,7 @@ def sigmoid_attention(query: Tensor, key: Tensor, value: Tensor, keep: Tensor | 
     Returns:
         output (B, H, Lq, Dv) in value's dtype; probs (B, H, Lq, Lk) float32/float64 (masked entries exactly 0).
     """
-    logits, v = _logits(query, key, value, scale)
+    logits, v = scaled_logits(query, key, value, scale)
     bias = -math.log(key.shape[2]) if bias is None else bias
     probs = torch.sigmoid(logits + bias)
     if keep is not None:
@@ -76,20 +78,13 @@ def relu_attention(query: Tensor, key: Tensor, value: Tensor, keep: Tensor | Non
     Returns:
         output (B, H, Lq, Dv) in value's dtype; probs (B, H, Lq, Lk) float32/float64.
     """
-    logits, v = _logits(query, key, value, scale)
+    logits, v = scaled_logits(query, key, value, scale)
     probs = torch.relu(logits)
     if keep is None:
         probs = probs / key.shape[2]
     else:
         probs = probs * keep / keep.sum(dim=-1, keepdim=True).clamp_min(1).to(probs.dtype)
     return (probs @ v).to(value.dtype), probs
-
-
-def retnet_log_decay(num_heads: int) -> Tensor:
-    """Per-head log decay log(1 − 2^(−5−h)), h = 0 … H−1 (RetNet / CACE schedule, METHODS.md #35, #33); float64."""
-    if num_heads < 1:
-        raise ConfigError(f"num_heads must be >= 1, got {num_heads}")
-    return torch.log1p(-torch.pow(2.0, -5.0 - torch.arange(num_heads, dtype=torch.float64)))
 
 
 def decay_matrix(height: int, width: int, log_decay: Tensor, distance: str = "chebyshev") -> Tensor:
@@ -101,7 +96,7 @@ def decay_matrix(height: int, width: int, log_decay: Tensor, distance: str = "ch
     Returns:
         (H, N, N) with N = height · width, in log_decay's dtype.
     """
-    _check_log_decay(log_decay)
+    check_log_decay(log_decay)
     if height < 1 or width < 1:
         raise ConfigError(f"height and width must be >= 1, got {height}, {width}")
     rows = torch.arange(height * width, device=log_decay.device) // width
@@ -127,7 +122,7 @@ def decayed_softmax_attention(query: Tensor, key: Tensor, value: Tensor, decay: 
     Returns:
         output (B, H, Lq, Dv) in value's dtype; probs (B, H, Lq, Lk) float32/float64.
     """
-    logits, v = _logits(query, key, value, scale)
+    logits, v = scaled_logits(query, key, value, scale)
     if decay.dim() > 4 or decay.shape[-2:] not in ((logits.shape[-2], logits.shape[-1]), (1, 1)):
         raise ShapeError(f"decay must broadcast to {tuple(logits.shape)}, got {tuple(decay.shape)}")
     if keep is not None:
@@ -147,7 +142,7 @@ def linear_decay(log_decay: Tensor, symmetric: bool = False):
     ``log_decay``: (H,) values ≤ 0 (a per-head log decay; :func:`retnet_log_decay` gives RetNet's schedule).
     ``symmetric=True`` uses |q − kv| (for bidirectional attention). With log_decay = −slope this is ALiBi.
     """
-    _check_log_decay(log_decay)
+    check_log_decay(log_decay)
 
     def score_mod(logits: Tensor, batch_idx: Tensor, head_idx: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         distance = q_idx - kv_idx
@@ -156,22 +151,6 @@ def linear_decay(log_decay: Tensor, symmetric: bool = False):
         return logits + log_decay.to(device=logits.device, dtype=logits.dtype)[head_idx] * distance.to(logits.dtype)
 
     return score_mod
-
-
-def alibi_slopes(num_heads: int) -> Tensor:
-    """ALiBi head slopes (Press et al. 2022): 2^(−8(h+1)/n) for n a power of two; otherwise the slopes of the next
-    lower power of two followed by every other slope of twice that many heads. float64 (H,)."""
-    if num_heads < 1:
-        raise ConfigError(f"num_heads must be >= 1, got {num_heads}")
-
-    def geometric(n: int) -> list[float]:
-        return [2.0 ** (-8.0 * (h + 1) / n) for h in range(n)]
-
-    lower = 2 ** int(math.floor(math.log2(num_heads)))
-    slopes = geometric(lower)
-    if lower < num_heads:
-        slopes += geometric(2 * lower)[0::2][: num_heads - lower]
-    return torch.tensor(slopes, dtype=torch.float64)
 
 
 def alibi(num_heads: int, symmetric: bool = False):
@@ -185,7 +164,7 @@ def grid_decay(height: int, width: int, log_decay: Tensor, distance: str = "cheb
     Multiplies the unnormalised softmax weights by the CACE decay and then renormalises (unlike
     :func:`decayed_softmax_attention`, which does not renormalise). Tokens flattened row-major.
     """
-    _check_log_decay(log_decay)
+    check_log_decay(log_decay)
     if distance not in ("chebyshev", "manhattan"):
         raise ConfigError(f"distance must be 'chebyshev' or 'manhattan', got {distance!r}")
 

@@ -28,7 +28,7 @@ from attnlab.functional.masks import (
     from_keep,
 )
 
-__all__ = ["SparsedSchedule", "coarsen_to_blocks", "dma", "dma_bias", "dma_keep", "groups", "radial",
+__all__ = ["SparsedSchedule", "coarsen_to_blocks", "dma", "dma_bias", "dma_keep", "dma_score_mod", "groups", "radial",
            "radial_window_table", "shifted_groups", "sparsed", "sparsed_block_keep"]
 
 
@@ -224,6 +224,22 @@ def dma_keep(bias: Tensor, window: int, num_heads: int, q_len: int, *, causal: b
     keep = torch.zeros(B, num_heads, q_len, Lk, dtype=torch.bool, device=bias.device)
     keep.scatter_(-1, top, True)
     return keep & visible
+
+
+def dma_score_mod(bias: Tensor, num_heads: int):
+    """ScoreMod adding DMA's key bias: ``logits + bias[b, h // (H // Hkv), kv]``.
+
+    bias (B, Hkv, Lk) from :func:`dma_bias` (chunk-local key positions); num_heads: H, a multiple of Hkv.
+    Raises ShapeError when Hkv does not divide H.
+    """
+    if num_heads % bias.shape[1]:
+        raise ShapeError(f"bias has num_kv_heads={bias.shape[1]}, which does not divide num_heads={num_heads}")
+    per_head = bias.repeat_interleave(num_heads // bias.shape[1], dim=1)  # (B, H, Lk)
+
+    def score_mod(logits: Tensor, batch_idx: Tensor, head_idx: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return logits + per_head.to(logits.dtype)[batch_idx, head_idx, kv_idx]
+
+    return score_mod
 
 
 @MASKS.register("dma")

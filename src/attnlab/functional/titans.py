@@ -32,7 +32,7 @@ from torch import Tensor
 from attnlab.errors import ConfigError, ShapeError
 from attnlab.functional.attention import _compute_dtype
 
-__all__ = ["MEMORY_FORMS", "memory_read", "neural_memory"]
+__all__ = ["MEMORY_FORMS", "context_attention", "memory_read", "neural_memory", "window_attention"]
 
 MEMORY_FORMS = ("chunk", "recurrent")
 
@@ -150,3 +150,34 @@ def neural_memory(query: Tensor, key: Tensor, value: Tensor, lr: Tensor, momentu
             s2 = eta_all * s2 - a.transpose(-1, -2) @ (momentum_left[..., None] * dy)
     output = torch.cat(outputs, dim=2) if outputs else q.new_zeros(q.shape)
     return output.to(value.dtype), (w1, w2, s1, s2)
+
+
+def window_attention(query: Tensor, key: Tensor, value: Tensor, persistent_key: Tensor, persistent_value: Tensor,
+                     window: int) -> Tensor:
+    """Titans MAG's attention branch: causal sliding-window softmax attention plus persistent tokens.
+
+    query (B, H, T, D) holds the segment's last T positions; key/value (B, H, L, D), L ≥ T: the L − T cached
+    positions before the segment, then the segment's own. Query i (key index L − T + i) sees key j iff
+    ``L − T + i − window < j ≤ L − T + i`` (``window`` keys, itself included), and every persistent token
+    (B, H, P, D). Scale D^-1/2 (SDPA). Returns (B, H, T, D) in query's dtype.
+    """
+    T, L, P = query.shape[2], key.shape[2], persistent_key.shape[2]
+    q_pos = torch.arange(T, device=query.device)[:, None] + (L - T)
+    k_pos = torch.arange(L, device=query.device)[None, :]
+    keep = (k_pos <= q_pos) & (k_pos > q_pos - window)  # (T, L), True = attend
+    keep = torch.cat([keep.new_ones(T, P), keep], dim=1)
+    return F.scaled_dot_product_attention(query, torch.cat([persistent_key, key], 2),
+                                          torch.cat([persistent_value, value], 2), attn_mask=keep)
+
+
+def context_attention(query: Tensor, key: Tensor, value: Tensor, num_persistent: int) -> Tensor:
+    """Titans MAC's segment attention over ``[persistent ∥ retrieved ∥ segment]``.
+
+    query (B, H, T, D) from the segment; key/value (B, H, P + 2T, D): P persistent tokens (visible to every query),
+    T retrieved memory tokens h and the T segment tokens x. Query i sees h_j and x_j for j ≤ i (h_j is read with
+    x_j's query, so it is causal too). Scale D^-1/2 (SDPA). Returns (B, H, T, D).
+    """
+    T = query.shape[2]
+    causal = torch.ones(T, T, dtype=torch.bool, device=query.device).tril()
+    keep = torch.cat([causal.new_ones(T, num_persistent), causal, causal], dim=1)  # (T, P + 2T)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=keep)

@@ -1,4 +1,4 @@
-"""Pieces shared by the linear-attention layers: head split/merge, rotary positions, per-head gated RMSNorm.
+"""Pieces shared by the layers: argument checks, head split/merge, per-head gated RMSNorm (math: ``functional/``).
 
 Shape legend: B batch, T seq_len, C hidden_size, H num_heads, D a per-head dim.
 """
@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from attnlab.errors import ConfigError, ShapeError
 from attnlab.functional.lightning import srms_norm
 from attnlab.functional.linear_attention import FORMS
+from attnlab.functional.positions import rotary  # noqa: F401  (old home; probes/memory_fidelity imports it)
 
 
 def check_form(form: str) -> str:
@@ -34,17 +35,6 @@ def check_hidden(hidden_states: Tensor, hidden_size: int) -> None:
         raise ShapeError(f"expected hidden_states (batch, seq_len, {hidden_size}), got {tuple(hidden_states.shape)}")
 
 
-def segment_offset(initial_state: object, position_offset: int | None) -> int:
-    """The absolute position of a segment's first token. Raises ConfigError when ``initial_state`` is given without
-    ``position_offset``: positions (RoPE, LRPE) are not stored in the state, and guessing 0 is silently wrong."""
-    if position_offset is not None:
-        return position_offset
-    if initial_state is not None:
-        raise ConfigError("pass position_offset (tokens before this segment) with initial_state: positions are "
-                          "not stored in the state")
-    return 0
-
-
 def split_heads(x: Tensor, num_heads: int) -> Tensor:
     """(B, T, H*D) -> (B, H, T, D)."""
     B, T, _ = x.shape
@@ -55,18 +45,6 @@ def merge_heads(x: Tensor) -> Tensor:
     """(B, H, T, D) -> (B, T, H*D)."""
     B, H, T, D = x.shape
     return x.transpose(1, 2).reshape(B, T, H * D)
-
-
-def rotary(x: Tensor, offset: int = 0, base: float = 10000.0) -> Tensor:
-    """RoPE on (B, H, T, D) with absolute positions ``offset .. offset+T-1`` (half-split layout; odd D keeps the
-    last dim unrotated)."""
-    D = x.shape[-1]
-    half = D // 2
-    freq = base ** (-torch.arange(half, dtype=torch.float64, device=x.device) / max(half, 1))
-    angle = torch.arange(offset, offset + x.shape[2], dtype=torch.float64, device=x.device)[:, None] * freq  # (T, D/2)
-    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
-    x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], dim=-1)
 
 
 class GatedHeadNorm(nn.Module):

@@ -3,11 +3,12 @@
 A layer maps hidden_states (B, T, C) to (output (B, T, C), None): q/k/v projections, optional RoPE, an attention
 function over (B, H, T, D) heads, and an output projection. Subclasses override :meth:`attend` (and, if they need
 extra projections, ``__init__``). ``forward`` returns a tuple so that softmax-family and linear-attention layers share
-one calling convention (``output, final_state``); these layers keep no recurrent state, so ``final_state`` is None.
+one calling convention, the layer protocol (``layers/base.py``); these layers keep no recurrent state (no KV cache),
+so the returned state is None and a non-None ``state`` raises ConfigError.
 
 Masks: ``mask_mod=None`` means causal; pass ``attnlab.functional.masks.full()`` for bidirectional attention.
-Positions: ``forward(..., position_offset=p)`` places the chunk at absolute positions p … p + T − 1 (no KV cache):
-RoPE, the layer's mask and the layer's own score_mod all see those positions on both axes (:meth:`layer_mask`,
+Positions: ``forward(hidden_states, position_offset=p)`` places the chunk at absolute positions p … p + T − 1 (no KV
+cache): RoPE, the layer's mask and the layer's own score_mod all see those positions on both axes (:meth:`layer_mask`,
 :meth:`at_positions`), so absolute-position masks (sinks, radial, tables) stay aligned. Per-call masks built from
 the chunk itself (DMA's top-w, MODA's groups) use chunk-local positions.
 Paths: ``path="dense"`` (SDPA with the materialised mask; trains on CPU) or ``path="flex"`` (FlexAttention with a
@@ -25,17 +26,19 @@ import torch
 from torch import Tensor, nn
 
 from attnlab.errors import ConfigError
-from attnlab.functional.masked_attention import BlockMaskCache, ScoreMod, masked_attention
+from attnlab.functional.masked_attention import BlockMaskCache, ScoreMod, masked_attention, shift_score_mod
 from attnlab.functional.masks import MaskMod, and_masks, causal, check_num_heads, shift_positions, to_dense
-from attnlab.layers._common import check_heads, check_hidden, merge_heads, rotary, split_heads
+from attnlab.functional.positions import rotary
+from attnlab.layers._common import check_heads, check_hidden, merge_heads, split_heads
+from attnlab.layers.base import DEFAULT_NUM_HEADS, Layer
 
 Linear = Callable[[int, int], nn.Module]
 
 
-class SoftmaxFamilyAttention(nn.Module):
+class SoftmaxFamilyAttention(Layer):
     """Base: projections + RoPE + ``attend`` + output projection (see the module docstring)."""
 
-    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int | None = None, *,
+    def __init__(self, hidden_size: int, num_heads: int = DEFAULT_NUM_HEADS, num_kv_heads: int | None = None, *,
                  head_dim: int | None = None, mask_mod: MaskMod | None = None, path: Literal["dense", "flex"] = "dense",
                  compiled: bool = False, rope_base: float | None = 10000.0, q_extra: int = 0,
                  linear: Linear | None = None) -> None:
@@ -83,14 +86,7 @@ class SoftmaxFamilyAttention(nn.Module):
 
     def at_positions(self, score_mod: ScoreMod | None) -> ScoreMod | None:
         """A layer-level score_mod (absolute positions) evaluated at this call's positions."""
-        offset = self._offset
-        if score_mod is None or offset == 0:
-            return score_mod
-
-        def shifted(logits: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-            return score_mod(logits, b, h, q_idx + offset, kv_idx + offset)
-
-        return shifted
+        return shift_score_mod(score_mod, self._offset)
 
     def dense_keep(self, q: Tensor, k: Tensor) -> Tensor:
         """The layer mask materialised: bool (B, H, Lq, Lk) for the dense-only normalisers."""
@@ -118,8 +114,9 @@ class SoftmaxFamilyAttention(nn.Module):
         """(B, H, T, D) heads out. Default: masked softmax attention."""
         return self.softmax_attend(q, k, v)
 
-    def forward(self, hidden_states: Tensor, position_offset: int = 0) -> tuple[Tensor, None]:
-        """hidden_states: (B, T, C). Returns (output (B, T, C), None)."""
-        q, k, v, extra = self.project(hidden_states, position_offset)
+    def forward(self, hidden_states: Tensor, *, state: None = None, position_offset: int = 0) -> tuple[Tensor, None]:
+        """hidden_states: (B, T, C) at positions position_offset … (no KV cache: ``state`` must be None).
+        Returns (output (B, T, C), None)."""
+        q, k, v, extra = self.project(hidden_states, self.start_position(state, position_offset))
         o = self.attend(q, k, v, extra, hidden_states)  # (B, H, T, D)
         return self.o_proj(merge_heads(o.to(hidden_states.dtype))), None

@@ -9,10 +9,12 @@ from torch import Tensor
 
 from attnlab.errors import ConfigError
 from attnlab.functional.masks import MaskMod
-from attnlab.functional.softmax_family import (_check_log_decay, alibi_slopes, decay_matrix,
-                                               decayed_softmax_attention, linear_decay, retnet_log_decay)
+from attnlab.functional.positions import alibi_slopes, retnet_log_decay
+from attnlab.functional.softmax_family import (check_log_decay, decay_matrix, decayed_softmax_attention,
+                                               linear_decay)
 from attnlab.layers import LAYERS
 from attnlab.layers._softmax_base import SoftmaxFamilyAttention
+from attnlab.layers.base import DEFAULT_NUM_HEADS
 
 
 @LAYERS.register("alibi")
@@ -24,7 +26,7 @@ class AlibiAttention(SoftmaxFamilyAttention):
     METHODS.md #35). A score_mod, so it runs on both paths. Other arguments as in ``MaskedAttention``.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int = 8, num_kv_heads: int | None = None, *,
+    def __init__(self, hidden_size: int, num_heads: int = DEFAULT_NUM_HEADS, num_kv_heads: int | None = None, *,
                  head_dim: int | None = None, log_decay: Tensor | None = None, mask_mod: MaskMod | None = None,
                  path: Literal["dense", "flex"] = "dense", compiled: bool = False) -> None:
         super().__init__(hidden_size, num_heads, num_kv_heads, head_dim=head_dim, mask_mod=mask_mod, path=path,
@@ -49,8 +51,8 @@ class DecayMatrixAttention(SoftmaxFamilyAttention):
     bidirectional: pass ``mask_mod=masks.full()``. Source: Zhou et al. 2024, CFE/CACE (METHODS.md #33).
     """
 
-    def __init__(self, hidden_size: int, num_heads: int = 8, num_kv_heads: int | None = None, *, grid_width: int,
-                 head_dim: int | None = None, distance: Literal["chebyshev", "manhattan"] = "chebyshev",
+    def __init__(self, hidden_size: int, num_heads: int = DEFAULT_NUM_HEADS, num_kv_heads: int | None = None, *,
+                 grid_width: int, head_dim: int | None = None, distance: Literal["chebyshev", "manhattan"] = "chebyshev",
                  log_decay: Tensor | None = None, mask_mod: MaskMod | None = None,
                  rope_base: float | None = 10000.0) -> None:
         super().__init__(hidden_size, num_heads, num_kv_heads, head_dim=head_dim, mask_mod=mask_mod,
@@ -62,7 +64,7 @@ class DecayMatrixAttention(SoftmaxFamilyAttention):
         log_decay = retnet_log_decay(num_heads).float() if log_decay is None else log_decay
         if log_decay.shape != (num_heads,):
             raise ConfigError(f"expected log_decay of shape ({num_heads},), got {tuple(log_decay.shape)}")
-        _check_log_decay(log_decay)  # at construction, not at the first forward
+        check_log_decay(log_decay)  # at construction, not at the first forward
         self.grid_width, self.distance = grid_width, distance
         self.register_buffer("log_decay", log_decay, persistent=False)
 

@@ -17,8 +17,10 @@ from torch import Tensor
 from attnlab.errors import ConfigError, ShapeError
 from attnlab.functional.masks import MaskMod
 from attnlab.layers import LAYERS
-from attnlab.layers._common import merge_heads, rotary, split_heads
+from attnlab.functional.positions import rotary
+from attnlab.layers._common import merge_heads, split_heads
 from attnlab.layers._softmax_base import SoftmaxFamilyAttention
+from attnlab.layers.base import DEFAULT_NUM_HEADS
 
 SOURCES = ("hidden", "fixed_sequence", "static")
 
@@ -28,11 +30,11 @@ class DeconstructedAttention(SoftmaxFamilyAttention):
     """Softmax attention whose queries/keys come from ``qk_source`` instead of the hidden states (METHODS.md #20).
 
     ``qk_source``: "hidden" (standard), "fixed_sequence" (a fixed random (max_len, C) sequence drawn from ``seed``,
-    input-independent pattern), "static" (``forward(hidden_states, static_states=...)`` with the layer-0 token
-    embeddings (B, T, C)). Values always come from the hidden states. Low confidence (see the module docstring).
+    input-independent pattern), "static" (``forward(hidden_states, static_states=...)``, keyword-only, with the
+    layer-0 token embeddings (B, T, C)). Values always come from the hidden states. Low confidence (see the module docstring).
     """
 
-    def __init__(self, hidden_size: int, num_heads: int = 8, num_kv_heads: int | None = None, *,
+    def __init__(self, hidden_size: int, num_heads: int = DEFAULT_NUM_HEADS, num_kv_heads: int | None = None, *,
                  head_dim: int | None = None, qk_source: Literal["hidden", "fixed_sequence", "static"] = "hidden",
                  max_len: int = 4096, seed: int = 0, mask_mod: MaskMod | None = None,
                  path: Literal["dense", "flex"] = "dense", rope_base: float | None = 10000.0) -> None:
@@ -44,9 +46,11 @@ class DeconstructedAttention(SoftmaxFamilyAttention):
         fixed = torch.randn(max_len, hidden_size, generator=torch.Generator().manual_seed(seed))
         self.register_buffer("fixed_states", fixed if qk_source == "fixed_sequence" else None, persistent=False)
 
-    def forward(self, hidden_states: Tensor, static_states: Tensor | None = None,
-                position_offset: int = 0) -> tuple[Tensor, None]:
-        """hidden_states (B, T, C); static_states (B, T, C) for qk_source="static". Returns (output, None)."""
+    def forward(self, hidden_states: Tensor, *, state: None = None, position_offset: int = 0,
+                static_states: Tensor | None = None) -> tuple[Tensor, None]:
+        """hidden_states (B, T, C); static_states (B, T, C) for qk_source="static"; state must be None.
+        Returns (output, None)."""
+        position_offset = self.start_position(state, position_offset)
         _, _, v, _ = self.project(hidden_states, position_offset)
         B, T, _ = hidden_states.shape
         if self.qk_source == "hidden":

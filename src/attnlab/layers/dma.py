@@ -9,9 +9,10 @@ from torch import Tensor, nn
 
 from attnlab.errors import ConfigError
 from attnlab.functional.masks import MaskMod
-from attnlab.functional.sparse_masks import dma, dma_bias, dma_keep
+from attnlab.functional.sparse_masks import dma, dma_bias, dma_keep, dma_score_mod
 from attnlab.layers import LAYERS
 from attnlab.layers._softmax_base import SoftmaxFamilyAttention
+from attnlab.layers.base import DEFAULT_NUM_HEADS
 
 
 @LAYERS.register("dma")
@@ -27,7 +28,7 @@ class DynamicMaskAttention(SoftmaxFamilyAttention):
         window: keys kept per query (Doge default 2048). Other arguments as in ``MaskedAttention``.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int = 8, num_kv_heads: int | None = None, *,
+    def __init__(self, hidden_size: int, num_heads: int = DEFAULT_NUM_HEADS, num_kv_heads: int | None = None, *,
                  head_dim: int | None = None, window: int = 2048, mask_mod: MaskMod | None = None,
                  path: Literal["dense", "flex"] = "dense", compiled: bool = False,
                  rope_base: float | None = 10000.0) -> None:
@@ -41,16 +42,9 @@ class DynamicMaskAttention(SoftmaxFamilyAttention):
         self.log_scale = nn.Parameter(torch.zeros(self.num_kv_heads))  # A in the paper, zeros at init
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, extra: Tensor, hidden_states: Tensor) -> Tensor:
-        B, H, Lq, _ = q.shape
         bias = dma_bias(v, self.dt_weight, self.log_scale)  # (B, Hkv, Lk)
-        visible = self.dense_keep(q, k)
-        keep = dma_keep(bias.detach(), self.window, H, Lq, visible=visible)
-        per_head = bias.repeat_interleave(H // self.num_kv_heads, dim=1)  # (B, H, Lk)
-
-        def score_mod(logits, batch_idx, head_idx, q_idx, kv_idx):
-            return logits + per_head.to(logits.dtype)[batch_idx, head_idx, kv_idx]
-
-        return self.softmax_attend(q, k, v, score_mod, mask_mod=dma(keep))
+        keep = dma_keep(bias.detach(), self.window, self.num_heads, q.shape[2], visible=self.dense_keep(q, k))
+        return self.softmax_attend(q, k, v, dma_score_mod(bias, self.num_heads), mask_mod=dma(keep))
 
 
 __all__ = ["DynamicMaskAttention"]

@@ -12,6 +12,7 @@ from attnlab.functional.masks import MaskMod
 from attnlab.layers import LAYERS
 from attnlab.layers._common import split_heads
 from attnlab.layers._softmax_base import SoftmaxFamilyAttention
+from attnlab.layers.base import DEFAULT_NUM_HEADS
 
 
 @LAYERS.register("gated")
@@ -28,7 +29,7 @@ class GatedAttention(SoftmaxFamilyAttention):
         gate: "elementwise" (default; the paper's best) or "headwise". Other arguments as in ``MaskedAttention``.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int = 8, num_kv_heads: int | None = None, *,
+    def __init__(self, hidden_size: int, num_heads: int = DEFAULT_NUM_HEADS, num_kv_heads: int | None = None, *,
                  head_dim: int | None = None, gate: Literal["elementwise", "headwise"] = "elementwise",
                  mask_mod: MaskMod | None = None, path: Literal["dense", "flex"] = "dense", compiled: bool = False,
                  rope_base: float | None = 10000.0) -> None:

@@ -9,10 +9,11 @@ from attnlab.errors import ConfigError
 from attnlab.functional.linear_attention import linear_attention
 from attnlab.layers import LAYERS
 from attnlab.layers._common import GatedHeadNorm, check_form, check_heads, check_hidden, merge_heads, split_heads
+from attnlab.layers.base import DEFAULT_NUM_HEADS, Layer
 
 
 @LAYERS.register("gla")
-class GatedLinearAttention(nn.Module):
+class GatedLinearAttention(Layer):
     """GLA: data-dependent per-key-dim decay from a low-rank gate, per-head RMSNorm and swish output gate.
 
     ``log α_t = logsigmoid(x_t W_α1 W_α2 + b_α) / τ`` (rank 16, τ = 16, bias only on the second map, optional
@@ -30,7 +31,9 @@ class GatedLinearAttention(nn.Module):
     Raises ConfigError for bad head counts or form; ShapeError for bad inputs.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int = 4, num_kv_heads: int | None = None, *,
+    carries_state = True
+
+    def __init__(self, hidden_size: int, num_heads: int = DEFAULT_NUM_HEADS, num_kv_heads: int | None = None, *,
                  expand_k: float = 0.5, expand_v: float = 1.0, gate_low_rank_dim: int = 16,
                  gate_logit_normalizer: float = 16.0, clamp_min: float | None = None, form: str = "chunk",
                  chunk_size: int = 64, norm_eps: float = 1e-5) -> None:
@@ -60,15 +63,17 @@ class GatedLinearAttention(nn.Module):
             g = g.clamp_min(self.clamp_min)
         return split_heads(g, self.num_kv_heads).repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
 
-    def forward(self, hidden_states: Tensor, initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """hidden_states: (B, T, C); initial_state: (B, H, d_k, d_v) or None. Returns output (B, T, C) and the
-        final state (B, H, d_k, d_v)."""
+    def forward(self, hidden_states: Tensor, *, state: Tensor | None = None,
+                position_offset: int = 0) -> tuple[Tensor, Tensor]:
+        """hidden_states: (B, T, C); state: (B, H, d_k, d_v) or None; position_offset: accepted, unused (no
+        positions). Returns output (B, T, C) and the final state (B, H, d_k, d_v)."""
         check_hidden(hidden_states, self.hidden_size)
+        self.start_position(state, position_offset)
         q = split_heads(self.q_proj(hidden_states), self.num_heads)
         k = split_heads(self.k_proj(hidden_states), self.num_kv_heads)
         v = split_heads(self.v_proj(hidden_states), self.num_kv_heads)
         o, state = linear_attention(q, k, v, self.log_decay(hidden_states), form=self.form,
-                                    chunk_size=self.chunk_size, initial_state=initial_state, output_final_state=True)
+                                    chunk_size=self.chunk_size, initial_state=state, output_final_state=True)
         o = self.norm(o, split_heads(self.g_proj(hidden_states), self.num_heads))
         return self.o_proj(merge_heads(o)), state
 

@@ -12,6 +12,7 @@ from attnlab.functional.hedgehog import (attention_distillation_loss, attention_
                                          hedgehog_attention, hedgehog_feature_map, linear_attention_probs)
 from attnlab.layers import LAYERS
 from attnlab.layers._common import check_form, check_heads, check_hidden, merge_heads, split_heads
+from attnlab.layers.base import DEFAULT_NUM_HEADS, Layer
 
 
 class HedgehogFeatureMap(nn.Module):
@@ -30,7 +31,7 @@ class HedgehogFeatureMap(nn.Module):
 
 
 @LAYERS.register("hedgehog")
-class HedgehogAttention(nn.Module):
+class HedgehogAttention(Layer):
     """Hedgehog: normalised linear attention with trainable softmax-like feature maps on q and k.
 
     ``ŷ_i = Σ_{j≤i} φ_q(q_i)·φ_k(k_j) v_j / Σ_{j≤i} φ_q(q_i)·φ_k(k_j)``, φ as ``HedgehogFeatureMap`` (one per
@@ -41,7 +42,9 @@ class HedgehogAttention(nn.Module):
     Raises ConfigError for bad head counts or form; ShapeError for bad inputs.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int = 4, num_kv_heads: int | None = None, *,
+    carries_state = True
+
+    def __init__(self, hidden_size: int, num_heads: int = DEFAULT_NUM_HEADS, num_kv_heads: int | None = None, *,
                  form: str = "chunk", chunk_size: int = 64) -> None:
         super().__init__()
         self.hidden_size, self.num_heads = hidden_size, num_heads
@@ -55,15 +58,17 @@ class HedgehogAttention(nn.Module):
         self.query_map = HedgehogFeatureMap(num_heads, self.head_dim)
         self.key_map = HedgehogFeatureMap(self.num_kv_heads, self.head_dim)
 
-    def forward(self, hidden_states: Tensor, initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """hidden_states: (B, T, C); initial_state: (B, H, 2·head_dim, head_dim + 1) or None.
-        Returns output (B, T, C) and the final state."""
+    def forward(self, hidden_states: Tensor, *, state: Tensor | None = None,
+                position_offset: int = 0) -> tuple[Tensor, Tensor]:
+        """hidden_states: (B, T, C); state: (B, H, 2·head_dim, head_dim + 1) or None; position_offset: accepted,
+        unused (no positions). Returns output (B, T, C) and the final state."""
         check_hidden(hidden_states, self.hidden_size)
+        self.start_position(state, position_offset)
         q = self.query_map(split_heads(self.q_proj(hidden_states), self.num_heads))
         k = self.key_map(split_heads(self.k_proj(hidden_states), self.num_kv_heads))
         v = split_heads(self.v_proj(hidden_states), self.num_kv_heads)
         o, state = hedgehog_attention(q, k, v, form=self.form, chunk_size=self.chunk_size,
-                                      initial_state=initial_state, output_final_state=True)
+                                      initial_state=state, output_final_state=True)
         return self.o_proj(merge_heads(o.to(hidden_states.dtype))), state
 
 

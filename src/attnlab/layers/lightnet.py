@@ -12,6 +12,7 @@ from attnlab.errors import ConfigError, ShapeError
 from attnlab.functional.lightnet import lightnet_attention, toeplitz_mix
 from attnlab.layers import LAYERS
 from attnlab.layers._common import GatedHeadNorm, check_form, check_heads, check_hidden, merge_heads, split_heads
+from attnlab.layers.base import DEFAULT_NUM_HEADS, Layer
 
 
 class MDTPE(nn.Module):
@@ -48,7 +49,7 @@ class MDTPE(nn.Module):
 
 
 @LAYERS.register("lightnet")
-class LightNetAttention(nn.Module):
+class LightNetAttention(Layer):
     """LightNet: additive recurrence with key-derived decay (one scan for 1-D/2-D/3-D), MD-TPE, gated norm.
 
     ``s_t = s_{t-1} + exp(k_t)ᵀ v_t``, ``z_t = z_{t-1} + exp(k_t)``, ``o_t = q_t s_t / z_t`` (per key dim) with
@@ -69,7 +70,9 @@ class LightNetAttention(nn.Module):
     Raises ConfigError for bad head counts or form; ShapeError for bad inputs or a missing spatial_shape.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int = 4, num_kv_heads: int | None = None, *,
+    carries_state = True
+
+    def __init__(self, hidden_size: int, num_heads: int = DEFAULT_NUM_HEADS, num_kv_heads: int | None = None, *,
                  head_k_dim: int | None = None, gate_low_rank_dim: int = 128, num_spatial_dims: int = 0,
                  causal_tpe: bool = False, form: str = "chunk", chunk_size: int = 64, norm_eps: float = 1e-5) -> None:
         super().__init__()
@@ -87,12 +90,13 @@ class LightNetAttention(nn.Module):
         self.norm = GatedHeadNorm(self.head_v_dim, norm_eps)
         self.tpe = MDTPE(hidden_size, num_spatial_dims, causal=causal_tpe) if num_spatial_dims else None
 
-    def forward(self, hidden_states: Tensor, initial_state: tuple[Tensor, Tensor] | None = None,
-                spatial_shape: tuple[int, ...] | None = None):
-        """hidden_states: (B, T, C); initial_state: ``(state (B, H, d_k, d_v), log_normaliser (B, H, d_k))``;
-        spatial_shape: sizes with product T (needs ``num_spatial_dims == len(spatial_shape)``).
-        Returns output (B, T, C) and the final state tuple."""
+    def forward(self, hidden_states: Tensor, *, state: tuple[Tensor, Tensor] | None = None, position_offset: int = 0,
+                spatial_shape: tuple[int, ...] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """hidden_states: (B, T, C); state: ``(state (B, H, d_k, d_v), log_normaliser (B, H, d_k))`` or None;
+        position_offset: accepted, unused (no positions); spatial_shape: sizes with product T (needs
+        ``num_spatial_dims == len(spatial_shape)``). Returns output (B, T, C) and the final state tuple."""
         check_hidden(hidden_states, self.hidden_size)
+        self.start_position(state, position_offset)
         x = hidden_states
         if spatial_shape is None and self.tpe is not None:
             raise ShapeError(f"num_spatial_dims={self.tpe.num_dims} needs spatial_shape (MD-TPE would be skipped)")
@@ -105,7 +109,7 @@ class LightNetAttention(nn.Module):
         k = split_heads(self.k_proj(x), self.num_kv_heads)
         v = split_heads(self.v_proj(x), self.num_kv_heads)
         o, state = lightnet_attention(q, k, v, form=self.form, chunk_size=self.chunk_size,
-                                      initial_state=initial_state, output_final_state=True)
+                                      initial_state=state, output_final_state=True)
         o = self.norm(o, split_heads(self.g_proj(x), self.num_heads))
         return self.o_proj(merge_heads(o)), state
 

@@ -8,11 +8,12 @@ from torch import Tensor, nn
 
 from attnlab.functional.lightning import lightning_attention, lightning_log_decay, lrpe, srms_norm
 from attnlab.layers import LAYERS
-from attnlab.layers._common import check_form, check_heads, check_hidden, merge_heads, segment_offset, split_heads
+from attnlab.layers._common import check_form, check_heads, check_hidden, merge_heads, split_heads
+from attnlab.layers.base import DEFAULT_NUM_HEADS, Layer
 
 
 @LAYERS.register("lightning")
-class LightningAttention(nn.Module):
+class LightningAttention(Layer):
     """TransNormerLLM attention: SiLU q/k/v, LRPE-d, per-(layer, head) decay, SRMSNorm and a low-rank output gate.
 
     ``O = SRMSNorm(((Q Kᵀ) ⊙ D) V) ⊙ σ(X W_u1 W_u2)``, then W_O; ``D_ts = λ_h^(t-s)`` with the released schedule
@@ -30,8 +31,10 @@ class LightningAttention(nn.Module):
     Raises ConfigError for bad head counts, layer index, schedule or form; ShapeError for bad inputs.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int = 8, num_kv_heads: int | None = None, *, layer_idx: int = 0,
-                 num_layers: int = 1, decay_schedule: str = "code", use_lrpe: bool = True,
+    carries_state, positional = True, True
+
+    def __init__(self, hidden_size: int, num_heads: int = DEFAULT_NUM_HEADS, num_kv_heads: int | None = None, *,
+                 layer_idx: int = 0, num_layers: int = 1, decay_schedule: str = "code", use_lrpe: bool = True,
                  gate_low_rank_dim: int = 16, form: str = "chunk", chunk_size: int = 64,
                  norm_eps: float = 1e-5) -> None:
         super().__init__()
@@ -49,20 +52,20 @@ class LightningAttention(nn.Module):
         self.register_buffer("log_decay", lightning_log_decay(num_heads, layer_idx, num_layers, decay_schedule),
                              persistent=False)
 
-    def forward(self, hidden_states: Tensor, initial_state: Tensor | None = None,
+    def forward(self, hidden_states: Tensor, *, state: Tensor | None = None,
                 position_offset: int | None = None) -> tuple[Tensor, Tensor]:
-        """hidden_states: (B, T, C). initial_state: (B, H, d_k, d_v) after ``position_offset`` earlier tokens
-        (d_k = 2·head_dim with LRPE-d); position_offset is required with initial_state (ConfigError otherwise;
+        """hidden_states: (B, T, C). state: (B, H, d_k, d_v) after ``position_offset`` earlier tokens
+        (d_k = 2·head_dim with LRPE-d); position_offset is required with a state (ConfigError otherwise;
         LRPE positions are not in the state). Returns output (B, T, C) and the final state."""
         check_hidden(hidden_states, self.hidden_size)
-        position_offset = segment_offset(initial_state, position_offset)
+        position_offset = self.start_position(state, position_offset)
         q = F.silu(split_heads(self.q_proj(hidden_states), self.num_heads))
         k = F.silu(split_heads(self.k_proj(hidden_states), self.num_kv_heads))
         v = F.silu(split_heads(self.v_proj(hidden_states), self.num_kv_heads))
         if self.use_lrpe:
             q, k = lrpe(q, position_offset), lrpe(k, position_offset)
         o, state = lightning_attention(q, k, v, self.log_decay, form=self.form, chunk_size=self.chunk_size,
-                                       initial_state=initial_state, output_final_state=True)
+                                       initial_state=state, output_final_state=True)
         o = srms_norm(merge_heads(o), self.norm_eps) * torch.sigmoid(self.u_proj(hidden_states))
         return self.o_proj(o), state
 

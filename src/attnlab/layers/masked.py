@@ -10,6 +10,7 @@ from attnlab.functional.masked_attention import ScoreMod
 from attnlab.functional.masks import MASKS, MaskMod
 from attnlab.layers import LAYERS
 from attnlab.layers._softmax_base import SoftmaxFamilyAttention
+from attnlab.layers.base import DEFAULT_NUM_HEADS
 
 
 @LAYERS.register("masked")
@@ -30,7 +31,7 @@ class MaskedAttention(SoftmaxFamilyAttention):
     under autograd.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int = 8, num_kv_heads: int | None = None, *,
+    def __init__(self, hidden_size: int, num_heads: int = DEFAULT_NUM_HEADS, num_kv_heads: int | None = None, *,
                  head_dim: int | None = None, mask_mod: MaskMod | None = None, score_mod: ScoreMod | None = None,
                  path: Literal["dense", "flex"] = "dense", compiled: bool = False,
                  rope_base: float | None = 10000.0) -> None:
@@ -39,7 +40,7 @@ class MaskedAttention(SoftmaxFamilyAttention):
         self.score_mod = score_mod
 
     @classmethod
-    def from_mask(cls, name: str, mask_params: dict, hidden_size: int, num_heads: int = 8,
+    def from_mask(cls, name: str, mask_params: dict, hidden_size: int, num_heads: int = DEFAULT_NUM_HEADS,
                   num_kv_heads: int | None = None, *, path: Literal["dense", "flex"] = "dense",
                   compiled: bool = False) -> MaskedAttention:
         """``MaskedAttention.from_mask("sliding_window", {"window": 16}, 64, 4)``: mask from the MASKS registry.

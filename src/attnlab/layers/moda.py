@@ -10,57 +10,31 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnlab.errors import ShapeError
 from attnlab.functional.masks import MaskMod, to_dense
+from attnlab.functional.moda import align_keys
 from attnlab.functional.sparse_masks import groups
 from attnlab.layers import LAYERS
 from attnlab.layers._common import merge_heads
 from attnlab.layers._softmax_base import SoftmaxFamilyAttention
-
-
-def align_keys(key: Tensor, value: Tensor, group_ids: Tensor, gain: Tensor, fuse: nn.Linear,
-               eps: float = 1e-6, *, causal: bool = False) -> Tensor:
-    """MODA key alignment: group-1 keys ← W_fuse(K + r ⊙ K̂ G_t), with G_t = normalise_rows(K̂_tᵀ V_t).
-
-    Args:
-        key, value: (B, Hkv, T, D). group_ids: (B, T) long, 0 = text, 1 = aligned group.
-        gain: r (D,), zeros at init. fuse: W_fuse, a D × D linear map (identity at init).
-
-    Returns:
-        key (B, Hkv, T, D) with only group-1 rows changed. K̂ = K / (‖K‖ + eps) per token. ``causal=False``: G_t
-        sums over all of the sample's group-0 tokens (as in the released code; a key then depends on later tokens).
-        ``causal=True``: the key at position p uses the prefix basis over group-0 tokens ≤ p (memory B·Hkv·T·D²),
-        so a causal mask stays causal.
-    """
-    unit = key / (key.norm(dim=-1, keepdim=True) + eps)  # (B, Hkv, T, D)
-    text = (group_ids == 0).to(key.dtype)[:, None, :, None]  # (B, 1, T, 1)
-    if causal:
-        outer = (unit * text)[..., :, None] * value[..., None, :]  # (B, Hkv, T, D, D): k̂_jᵀ v_j
-        basis = F.normalize(outer.cumsum(dim=2), dim=-1, eps=eps)  # (B, Hkv, T, D, D), prefix sums
-        aligned = (unit[..., None, :] @ basis).squeeze(-2)  # (B, Hkv, T, D)
-    else:
-        basis = F.normalize((unit * text).transpose(-1, -2) @ value, dim=-1, eps=eps)  # (B, Hkv, D, D)
-        aligned = unit @ basis
-    fused = fuse(key + gain * aligned)
-    return torch.where((group_ids == 1)[:, None, :, None], fused, key)
+from attnlab.layers.base import DEFAULT_NUM_HEADS
 
 
 @LAYERS.register("moda")
 class DuplexAttention(SoftmaxFamilyAttention):
     """MODA duplex attention: align group-1 keys into group-0's key/value basis, then masked softmax attention.
 
-    ``forward(hidden_states, group_ids=None)``: group_ids (B, T) in {0, 1}; None = all group 0 (plain attention).
+    ``forward(hidden_states, *, group_ids=None)``: group_ids (B, T) in {0, 1}; None = all group 0 (plain attention).
     ``allowed`` (2, 2) bool says which groups see which (default all); it is ANDed with the layer mask.
     ``causal_basis``: build the alignment basis from group-0 tokens up to each key's position (see
-    :func:`align_keys`); None (default) = True iff the layer mask hides every later key (checked on 16 positions),
-    so the default causal layer stays causal; False = the released code's whole-sequence basis (bidirectional).
+    :func:`attnlab.functional.moda.align_keys`); None (default) = True iff the layer mask hides every later key
+    (checked on 16 positions), so the default causal layer stays causal; False = the released code's whole-sequence basis (bidirectional).
     Args otherwise as in ``MaskedAttention``. Source: KwaiVGI/MODA ``modeling_llama_local_moda.py`` (METHODS.md #32).
     """
 
-    def __init__(self, hidden_size: int, num_heads: int = 8, num_kv_heads: int | None = None, *,
+    def __init__(self, hidden_size: int, num_heads: int = DEFAULT_NUM_HEADS, num_kv_heads: int | None = None, *,
                  head_dim: int | None = None, allowed: Tensor | None = None, mask_mod: MaskMod | None = None,
                  path: Literal["dense", "flex"] = "dense", compiled: bool = False,
                  rope_base: float | None = 10000.0, causal_basis: bool | None = None) -> None:
@@ -82,10 +56,11 @@ class DuplexAttention(SoftmaxFamilyAttention):
                 causal_basis = True
         self.causal_basis = causal_basis
 
-    def forward(self, hidden_states: Tensor, group_ids: Tensor | None = None,
-                position_offset: int = 0) -> tuple[Tensor, None]:
-        """hidden_states (B, T, C); group_ids (B, T) long or None. Returns (output (B, T, C), None)."""
-        q, k, v, _ = self.project(hidden_states, position_offset)
+    def forward(self, hidden_states: Tensor, *, state: None = None, position_offset: int = 0,
+                group_ids: Tensor | None = None) -> tuple[Tensor, None]:
+        """hidden_states (B, T, C); group_ids (B, T) long or None; state must be None.
+        Returns (output (B, T, C), None)."""
+        q, k, v, _ = self.project(hidden_states, self.start_position(state, position_offset))
         mask_mod = None
         if group_ids is not None:
             if group_ids.shape != hidden_states.shape[:2]:
@@ -96,4 +71,4 @@ class DuplexAttention(SoftmaxFamilyAttention):
         return self.o_proj(merge_heads(o.to(hidden_states.dtype))), None
 
 
-__all__ = ["DuplexAttention", "align_keys"]
+__all__ = ["DuplexAttention"]

@@ -8,6 +8,7 @@ from attnlab.functional.masks import MaskMod
 from attnlab.functional.softmax_family import relu_attention, sigmoid_attention
 from attnlab.layers import LAYERS
 from attnlab.layers._softmax_base import SoftmaxFamilyAttention
+from attnlab.layers.base import DEFAULT_NUM_HEADS
 
 
 @LAYERS.register("sigmoid")
@@ -23,7 +24,7 @@ class SigmoidAttention(SoftmaxFamilyAttention):
         mask_mod: True = attend; None = causal (materialised densely). bias: float or None (−log T).
     """
 
-    def __init__(self, hidden_size: int, num_heads: int = 8, num_kv_heads: int | None = None, *,
+    def __init__(self, hidden_size: int, num_heads: int = DEFAULT_NUM_HEADS, num_kv_heads: int | None = None, *,
                  head_dim: int | None = None, mask_mod: MaskMod | None = None, bias: float | None = None,
                  rope_base: float | None = 10000.0) -> None:
         super().__init__(hidden_size, num_heads, num_kv_heads, head_dim=head_dim, mask_mod=mask_mod,
@@ -43,7 +44,7 @@ class ReluAttention(SoftmaxFamilyAttention):
     ``SigmoidAttention`` without ``bias``.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int = 8, num_kv_heads: int | None = None, *,
+    def __init__(self, hidden_size: int, num_heads: int = DEFAULT_NUM_HEADS, num_kv_heads: int | None = None, *,
                  head_dim: int | None = None, mask_mod: MaskMod | None = None,
                  rope_base: float | None = 10000.0) -> None:
         super().__init__(hidden_size, num_heads, num_kv_heads, head_dim=head_dim, mask_mod=mask_mod,

@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from attnlab.errors import ConfigError
 from attnlab.functional.linear_attention import linear_attention
+from attnlab.functional.positions import retnet_log_decay, rotary
 from attnlab.layers import LAYERS
-from attnlab.layers._common import (GatedHeadNorm, check_form, check_heads, check_hidden, merge_heads, rotary,
-                                    segment_offset, split_heads)
-
-
-def retention_log_decay(num_heads: int) -> Tensor:
-    """Per-head log decay ``log(1 - 2^(-5-h))``, h = 0..H-1 (RetNet multi-scale retention; ``decay = gamma``)."""
-    return torch.log1p(-torch.pow(2.0, -5.0 - torch.arange(num_heads, dtype=torch.float64))).float()
+from attnlab.layers._common import GatedHeadNorm, check_form, check_heads, check_hidden, merge_heads, split_heads
+from attnlab.layers.base import DEFAULT_NUM_HEADS, Layer
 
 
 @LAYERS.register("retention")
-class MultiScaleRetention(nn.Module):
+class MultiScaleRetention(Layer):
     """RetNet retention: fixed per-head decay γ_h = 1 − 2^(−5−h), RoPE on q/k, per-head norm and swish gate.
 
     ``o_n = (q_n / √d_k) S_n``, ``S_n = γ S_{n-1} + k_nᵀ v_n``; output ``W_O (RMSNorm_h(o) ⊙ swish(X W_G))``.
@@ -39,7 +34,9 @@ class MultiScaleRetention(nn.Module):
     Raises ConfigError for bad head counts, widths or form; ShapeError for bad inputs.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int = 8, num_kv_heads: int | None = None, *,
+    carries_state, positional = True, True
+
+    def __init__(self, hidden_size: int, num_heads: int = DEFAULT_NUM_HEADS, num_kv_heads: int | None = None, *,
                  expand_k: float = 1.0, expand_v: float = 2.0, form: str = "chunk", chunk_size: int = 64,
                  norm_eps: float = 1e-5, rope_base: float = 10000.0) -> None:
         super().__init__()
@@ -58,22 +55,22 @@ class MultiScaleRetention(nn.Module):
         self.g_proj = nn.Linear(hidden_size, num_heads * self.head_v_dim, bias=False)
         self.o_proj = nn.Linear(num_heads * self.head_v_dim, hidden_size, bias=False)
         self.norm = GatedHeadNorm(self.head_v_dim, norm_eps)
-        self.register_buffer("log_decay", retention_log_decay(num_heads), persistent=False)
+        self.register_buffer("log_decay", retnet_log_decay(num_heads).float(), persistent=False)
 
-    def forward(self, hidden_states: Tensor, initial_state: Tensor | None = None,
+    def forward(self, hidden_states: Tensor, *, state: Tensor | None = None,
                 position_offset: int | None = None) -> tuple[Tensor, Tensor]:
-        """hidden_states: (B, T, C). initial_state: (B, H, d_k, d_v) from the previous segment(s), whose total length
+        """hidden_states: (B, T, C). state: (B, H, d_k, d_v) from the previous segment(s), whose total length
         ``position_offset`` must then be given (ConfigError otherwise; RoPE positions are not in the state).
         Returns output (B, T, C) and the final state (B, H, d_k, d_v)."""
         check_hidden(hidden_states, self.hidden_size)
-        position_offset = segment_offset(initial_state, position_offset)
+        position_offset = self.start_position(state, position_offset)
         q = rotary(split_heads(self.q_proj(hidden_states), self.num_heads), position_offset, self.rope_base)
         k = rotary(split_heads(self.k_proj(hidden_states), self.num_kv_heads), position_offset, self.rope_base)
         v = split_heads(self.v_proj(hidden_states), self.num_kv_heads)
         o, state = linear_attention(q, k, v, self.log_decay, form=self.form, chunk_size=self.chunk_size,
-                                    initial_state=initial_state, output_final_state=True)
+                                    initial_state=state, output_final_state=True)
         o = self.norm(o, split_heads(self.g_proj(hidden_states), self.num_heads))
         return self.o_proj(merge_heads(o)), state
 
 
-__all__ = ["MultiScaleRetention", "retention_log_decay"]
+__all__ = ["MultiScaleRetention"]

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from attnlab.functional.masks import MaskMod
 from attnlab.layers import LAYERS
 from attnlab.layers._softmax_base import SoftmaxFamilyAttention
+from attnlab.layers.base import DEFAULT_NUM_HEADS
 
 
 class SigmaReparamLinear(nn.Module):
@@ -67,7 +68,7 @@ class SigmaReparamAttention(SoftmaxFamilyAttention):
     ``MaskedAttention``.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int = 8, num_kv_heads: int | None = None, *,
+    def __init__(self, hidden_size: int, num_heads: int = DEFAULT_NUM_HEADS, num_kv_heads: int | None = None, *,
                  head_dim: int | None = None, mask_mod: MaskMod | None = None,
                  path: Literal["dense", "flex"] = "dense", compiled: bool = False,
                  rope_base: float | None = 10000.0) -> None:

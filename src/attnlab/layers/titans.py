@@ -9,9 +9,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnlab.errors import ConfigError
-from attnlab.functional.titans import MEMORY_FORMS, memory_read, neural_memory
+from attnlab.functional.positions import rotary
+from attnlab.functional.titans import MEMORY_FORMS, context_attention, memory_read, neural_memory, window_attention
 from attnlab.layers import LAYERS
-from attnlab.layers._common import GatedHeadNorm, check_hidden, merge_heads, rotary, segment_offset, split_heads
+from attnlab.layers._common import GatedHeadNorm, check_hidden, merge_heads, split_heads
+from attnlab.layers.base import DEFAULT_NUM_HEADS, Layer
 
 
 class TitansState(NamedTuple):
@@ -23,9 +25,11 @@ class TitansState(NamedTuple):
     values: Tensor
 
 
-class _NeuralMemoryLayer(nn.Module):
+class _NeuralMemoryLayer(Layer):
     """What TitansMAG and TitansMAC share: the memory's projections, gates, learned initial weights, persistent
     tokens, the two output norms and the output projection."""
+
+    carries_state = True
 
     def _build_memory(self, hidden_size: int, num_heads: int, num_persistent: int, memory_expansion: int,
                       max_lr: float, form: str, norm_eps: float) -> None:
@@ -83,8 +87,10 @@ class TitansMAG(_NeuralMemoryLayer):
     Raises ConfigError for bad sizes or form; ShapeError for bad inputs.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int = 4, *, window: int = 64, num_persistent: int = 4,
-                 memory_expansion: int = 4, chunk_size: int = 16, max_lr: float = 1.0, form: str = "chunk",
+    positional = True
+
+    def __init__(self, hidden_size: int, num_heads: int = DEFAULT_NUM_HEADS, *, window: int = 64,
+                 num_persistent: int = 4, memory_expansion: int = 4, chunk_size: int = 16, max_lr: float = 1.0, form: str = "chunk",
                  norm_eps: float = 1e-5) -> None:
         super().__init__()
         if form not in MEMORY_FORMS:
@@ -107,27 +113,21 @@ class TitansMAG(_NeuralMemoryLayer):
         q, k, v = (split_heads(t, self.num_heads) for t in self.qkv_proj(x).chunk(3, dim=-1))  # (B, H, T, D)
         q, k = rotary(q, offset), rotary(k, offset)
         keys, values = torch.cat([state.keys, k], dim=2), torch.cat([state.values, v], dim=2)
-        B, T, P = x.shape[0], x.shape[1], self.persistent.shape[0]
-        _, pk, pv = (split_heads(t, self.num_heads).expand(B, -1, -1, -1)
+        _, pk, pv = (split_heads(t, self.num_heads).expand(x.shape[0], -1, -1, -1)
                      for t in self.qkv_proj(self.persistent[None].to(x.dtype)).chunk(3, dim=-1))
-        cached = state.keys.shape[2]
-        q_pos = torch.arange(T, device=x.device)[:, None] + cached
-        k_pos = torch.arange(cached + T, device=x.device)[None, :]
-        keep = (k_pos <= q_pos) & (k_pos > q_pos - self.window)  # (T, cached + T), True = attend
-        keep = torch.cat([keep.new_ones(T, P), keep], dim=1)
-        out = F.scaled_dot_product_attention(q, torch.cat([pk, keys], 2), torch.cat([pv, values], 2), attn_mask=keep)
+        out = window_attention(q, keys, values, pk, pv, self.window)
         tail = max(self.window - 1, 0)
         return out, keys[:, :, keys.shape[2] - tail:], values[:, :, values.shape[2] - tail:]
 
-    def forward(self, hidden_states: Tensor, initial_state: TitansState | None = None,
+    def forward(self, hidden_states: Tensor, *, state: TitansState | None = None,
                 position_offset: int | None = None) -> tuple[Tensor, TitansState]:
-        """hidden_states: (B, T, C); initial_state from the previous segment(s) of ``position_offset`` tokens in
-        all (required with initial_state, ConfigError otherwise: RoPE positions are not in the state), or None
+        """hidden_states: (B, T, C); state from the previous segment(s) of ``position_offset`` tokens in all
+        (required with a state, ConfigError otherwise: RoPE positions are not in the state), or None
         (``self.initial_state``). Returns output (B, T, C) and a ``TitansState``."""
         check_hidden(hidden_states, self.hidden_size)
-        position_offset = segment_offset(initial_state, position_offset)
+        position_offset = self.start_position(state, position_offset)
         x = hidden_states
-        state = initial_state if initial_state is not None else self.initial_state(x.shape[0], x.dtype)
+        state = state if state is not None else self.initial_state(x.shape[0], x.dtype)
         attended, keys, values = self._attention(x, state, position_offset)
         recalled, memory = self._memory_branch(x, x, state.memory, self.chunk_size)
         return self.o_proj(merge_heads(self._gate(attended, recalled))), TitansState(memory, keys, values)
@@ -154,8 +154,9 @@ class TitansMAC(_NeuralMemoryLayer):
     Raises ConfigError for bad sizes or form; ShapeError for bad inputs.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int = 4, *, segment_size: int = 64, num_persistent: int = 4,
-                 memory_expansion: int = 4, max_lr: float = 1.0, form: str = "chunk", norm_eps: float = 1e-5) -> None:
+    def __init__(self, hidden_size: int, num_heads: int = DEFAULT_NUM_HEADS, *, segment_size: int = 64,
+                 num_persistent: int = 4, memory_expansion: int = 4, max_lr: float = 1.0, form: str = "chunk",
+                 norm_eps: float = 1e-5) -> None:
         super().__init__()
         if form not in MEMORY_FORMS:
             raise ConfigError(f"expected form in {list(MEMORY_FORMS)}, got {form!r}")
@@ -173,25 +174,23 @@ class TitansMAC(_NeuralMemoryLayer):
         return self._memory_weights(batch_size, dtype)
 
     def _segment(self, x: Tensor, memory):
-        B, T, C = x.shape
-        H, P = self.num_heads, self.persistent.shape[0]
+        B, H, P = x.shape[0], self.num_heads, self.persistent.shape[0]
         h = merge_heads(memory_read(F.normalize(split_heads(F.silu(self.retrieve_proj(x)), H), dim=-1),
                                     *memory[:2]).to(x.dtype))  # (B, T, C): retrieved tokens
         context = torch.cat([self.persistent[None].to(x.dtype).expand(B, -1, -1), h, x], dim=1)  # (B, P+2T, C)
         q, k, v = (split_heads(t, H) for t in self.qkv_proj(context).chunk(3, dim=-1))
-        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-        keep = torch.cat([causal.new_ones(T, P), causal, causal], dim=1)  # h_j is read from x_j: causal too
-        y = F.scaled_dot_product_attention(q[:, :, P + T:], k, v, attn_mask=keep)  # (B, H, T, D)
+        y = context_attention(q[:, :, P + x.shape[1]:], k, v, P)  # (B, H, T, D)
         # one memory chunk per segment: reads the memory as it was before this segment
-        recalled, memory = self._memory_branch(merge_heads(y), x, memory, T)
+        recalled, memory = self._memory_branch(merge_heads(y), x, memory, x.shape[1])
         return merge_heads(self._gate(y, recalled)), memory
 
-    def forward(self, hidden_states: Tensor, initial_state=None):
-        """hidden_states: (B, T, C); initial_state: (W1, W2, S1, S2) or None. Returns output (B, T, C) and the
-        memory state."""
+    def forward(self, hidden_states: Tensor, *, state: tuple[Tensor, ...] | None = None,
+                position_offset: int = 0) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """hidden_states: (B, T, C); state: (W1, W2, S1, S2) or None; position_offset: accepted, unused (no
+        positions). Returns output (B, T, C) and the memory state."""
         check_hidden(hidden_states, self.hidden_size)
-        memory = initial_state if initial_state is not None else self.initial_state(hidden_states.shape[0],
-                                                                                    hidden_states.dtype)
+        self.start_position(state, position_offset)
+        memory = state if state is not None else self.initial_state(hidden_states.shape[0], hidden_states.dtype)
         outputs = []
         for segment in hidden_states.split(self.segment_size, dim=1):
             out, memory = self._segment(segment, memory)

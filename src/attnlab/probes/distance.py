@@ -15,7 +15,11 @@ Two estimators, because pooling every row biases a causal decay curve:
   distances only, which fakes a decay. The first token sits at distance ≥ R from every fixed row, so the sink
   never enters these curves as a far-away spike.
 - The ``_no_sink`` variants drop the sink column (key position 0) and renormalise each row over the other keys,
-  so heads that park different amounts of mass on the sink are compared on their remaining attention.
+  so heads that park different amounts of mass on the sink are compared on their remaining attention. The mass
+  off the sink is summed directly in float64 (not taken as ``1 - sink``, which cancels when the sink holds nearly
+  everything), so a left-padded batch and its texts run one by one agree to ~1e-7.
+- Query rows whose attention became NaN inside the model are left out, like rows with no visible key; the
+  ``entropy`` probe counts them (``nan_rows``).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from attnlab.probes.base import (
     AttentionCall, ModelShape, Probe, Row, RowWriter, key_index_of_positions, pad_to_length, safe_div,
 )
 from attnlab.stats.distance import (
-    DiagonalSums, bin_sums, fit_decay, log2_bin_starts, sums_by_distance_scatter,
+    DiagonalSums, bin_sums, fit_decay, log2_bin_starts, mass_off_sink, sums_by_distance_scatter,
 )
 
 
@@ -57,7 +61,7 @@ class DistanceProbe(Probe):
     def begin_call(self, call: AttentionCall) -> None:
         self._grow(call.kv_len)
         index, present = key_index_of_positions(call.key_positions, 1)
-        self._sink_index, self._has_sink = index[:, 0], present[:, 0]  # (B,)
+        self._sink_columns = [i if p else None for i, p in zip(index[:, 0].tolist(), present[:, 0].tolist())]
         self._fit_range = call.key_valid.sum(dim=-1) // 2  # (B,) R per sequence
         self._storage: Tensor | None = None  # diagonal-sum buffers, reused across the call's blocks
 
@@ -65,6 +69,7 @@ class DistanceProbe(Probe):
         self._storage = self._mask_storage = None
 
     def update(self, call: AttentionCall, block: BlockView) -> None:
+        block = block.without_nan_rows()  # NaN rows count as rows with no visible key (entropy counts them)
         probs = block.probs  # (B, H, bq, width); keys at width and beyond got no attention from this block
         B, H, bq, width = probs.shape
         Lk, device = call.kv_len, probs.device
@@ -78,9 +83,6 @@ class DistanceProbe(Probe):
         rows = (positions >= R if call.causal else positions >= 0) & query_ok
         fit = keep & (rows[:, :, None] & (distance[None] < R[:, :, None]))[:, None]  # (B, 1|H, bq, width)
         no_sink = fit & (call.key_positions[:, :width] != 0)[:, None, None, :]
-        in_block = self._has_sink & (self._sink_index < width)
-        sink_column = self._sink_index.clamp(max=width - 1)[:, None, None, None].expand(B, H, bq, 1)
-        sink_share = probs.gather(-1, sink_column) * in_block[:, None, None, None]  # (B, H, bq, 1)
 
         contiguous = bq == 1 or int(block.q_index[-1] - block.q_index[0]) == bq - 1
         if contiguous:  # diagonal sums over a reused zero-padded buffer: no scatter, no copies
@@ -117,8 +119,10 @@ class DistanceProbe(Probe):
             fit_sums = by_distance(lambda out: torch.mul(probs, fit, out=out), per_head, H)
         self.fit_sum[layer, :, :Lk] += fit_sums
         self.fit_count[layer, :, :Lk] += by_distance(lambda out: out.copy_(fit), per_mask, G).expand(H, Lk)
+        rest = mass_off_sink(probs, self._sink_columns)  # (B, H, bq, 1) float64, renormalises the rows
+        inverse = torch.where(rest > 0, rest.reciprocal(), torch.zeros((), dtype=rest.dtype, device=device))
         self.no_sink_sum[layer, :, :Lk] += by_distance(
-            lambda out: torch.mul(probs, no_sink, out=out).div_((1 - sink_share).clamp_min(1e-6)), per_head, H)
+            lambda out: torch.mul(probs, no_sink, out=out).mul_(inverse), per_head, H)
         self.no_sink_count[layer, :, :Lk] += by_distance(lambda out: out.copy_(no_sink), per_mask, G).expand(H, Lk)
 
     def state(self) -> dict[str, Tensor]:

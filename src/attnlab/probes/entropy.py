@@ -3,10 +3,17 @@
 Entropy collapse as a diagnostic follows Zhai et al. 2023 (σReparam, METHODS.md #4) and the row-normalised
 entropy of Guo et al. 2024 (Active-Dormant heads, METHODS.md #3): ``H_row(i) / log(number of keys row i sees)``.
 Rows of padding queries and rows with no visible key are skipped; normalised entropy uses rows with ≥ 2 keys.
+
+A query row whose attention became NaN inside the model (a NaN or inf in its query, in a key it sees, or an overflow
+of its logits) is not an entropy of 0: it is left out of every mean (here and in the ``sink`` and ``distance``
+probes) and counted in the statistic ``nan_rows`` (real query rows per (layer, head), summed over the run), with
+one warning per run. ``nan_rows`` appears only in runs that met a NaN row, then for every (layer, head), zeros
+included; a run without NaN rows has no ``nan_rows`` rows.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any
 
 import torch
@@ -18,10 +25,15 @@ from attnlab.probes import PROBES
 from attnlab.probes.base import AttentionCall, ModelShape, Probe, Row, RowWriter, safe_div
 from attnlab.stats.entropy import normalised_entropy, row_entropy_from_logits
 
+logger = logging.getLogger(__name__)
+
 
 @PROBES.register("entropy")
 class EntropyProbe(Probe):
     """Mean row entropy (nats), mean normalised entropy, and a histogram of normalised entropy per (layer, head).
+
+    Also ``nan_rows``: real query rows whose attention was NaN, per (layer, head), only when there were any (see
+    the module docstring).
 
     Args:
         num_bins: histogram bins over [0, 1] of normalised entropy (default 20).
@@ -40,8 +52,14 @@ class EntropyProbe(Probe):
         self.entropy_sum, self.rows_seen = zeros(L, H), zeros(L, H)
         self.norm_sum, self.norm_rows = zeros(L, H), zeros(L, H)
         self.hist = zeros(L, H, self.num_bins)
+        self.nan_rows = zeros(L, H)  # real query rows whose probs were NaN (left out of every mean)
+        self._warned = False
 
     def update(self, call: AttentionCall, block: BlockView) -> None:
+        finite = block.without_nan_rows()
+        if finite is not block:
+            self._count_nan_rows(call, block)
+            block = finite
         probs = block.probs  # (B, H, bq, Lk)
         B, H, bq, Lk = probs.shape
         if block.keep is None:
@@ -65,9 +83,19 @@ class EntropyProbe(Probe):
         hist.scatter_add_(1, bins.transpose(0, 1).reshape(H, -1), norm_weight.transpose(0, 1).reshape(H, -1))
         self.hist[layer] += hist.double().cpu()
 
+    def _count_nan_rows(self, call: AttentionCall, block: BlockView) -> None:
+        nan = block.nan_rows & call.query_valid[:, block.q_index][:, None, :]  # (B, H, bq) real rows only
+        count = nan.sum(dim=(0, 2)).double().cpu()  # (H,)
+        self.nan_rows[call.layer_idx] += count
+        if not self._warned and bool(count.any()):
+            self._warned = True
+            logger.warning("attention of %d query rows of layer %d became NaN inside the model (a NaN or inf in a "
+                           "query, key or logit); they are left out of the statistics and counted in entropy's "
+                           "nan_rows", int(nan.any(dim=1).sum()), call.layer_idx)
+
     def state(self) -> dict[str, Tensor]:
         return {"entropy_sum": self.entropy_sum, "rows_seen": self.rows_seen, "norm_sum": self.norm_sum,
-                "norm_rows": self.norm_rows, "hist": self.hist}
+                "norm_rows": self.norm_rows, "hist": self.hist, "nan_rows": self.nan_rows}
 
     def rows(self) -> list[Row]:
         out = RowWriter(self.name)
@@ -77,6 +105,8 @@ class EntropyProbe(Probe):
         fractions = safe_div(self.hist, self.norm_rows[..., None])
         for b in range(self.num_bins):
             out.add_grid("normalised_entropy_hist", fractions[..., b], position=b, valid=self.norm_rows > 0)
+        if bool((self.nan_rows > 0).any()):
+            out.add_grid("nan_rows", self.nan_rows)
         return out.rows
 
     def extras(self, decode: Any = None) -> dict[str, Any]:

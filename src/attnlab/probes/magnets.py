@@ -76,18 +76,18 @@ class MagnetsProbe(Probe):
         self.bos_token_id = bos_token_id
         self._table: Tensor | None = None
 
-    def prepare(self, info: Any) -> None:
-        """Classify every vocabulary entry from its decoded string (``info.vocab_strings()``)."""
+    def prepare(self, facts: Any, runner: Any) -> None:
+        """Classify every vocabulary entry from its decoded string (``runner.vocab_strings()``)."""
         if not self.token_classes:
-            self.token_classes = {i: token_class(s) for i, s in enumerate(info.vocab_strings())}
+            self.token_classes = {i: token_class(s) for i, s in enumerate(runner.vocab_strings())}
         self.classified = True
         if self.bos_token_id is None:
-            self.bos_token_id = info.bos_token_id
+            self.bos_token_id = runner.bos_token_id
         self._table = None
 
     def bind(self, shape: ModelShape) -> None:
         if not self.classified:
-            raise ConfigError("magnets needs token classes: pass token_classes, or call prepare(ModelInfo) before "
+            raise ConfigError("magnets needs token classes: pass token_classes, or call prepare(facts, runner) before "
                               "the Session (`attnlab report`/`attnlab probe` do); without them every key is 'other'")
         super().bind(shape)
         L, H, C = shape.num_layers, shape.num_heads, len(CLASSES)

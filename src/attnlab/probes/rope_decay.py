@@ -45,17 +45,18 @@ class RopeDecayProbe(Probe):
             raise ConfigError(f"head_dim must be an even integer >= 2, got {head_dim}")
         self.rope_theta, self.head_dim, self.exclude_first = rope_theta, head_dim, exclude_first
 
-    def prepare(self, info: Any) -> None:
+    def prepare(self, facts: Any, runner: Any = None) -> None:
+        """Read rope_theta and head_dim from the model's facts (:class:`attnlab.facts.ModelFacts`)."""
         if self.rope_theta is None:
-            if info.rope_theta is None:
+            if facts.rope_theta is None:
                 raise ConfigError("rope_decay: the model has no rope_theta (no rotary embedding); pass "
                                   "--probe-arg rope_decay.rope_theta=… to compare with a bound anyway")
-            self.rope_theta = info.rope_theta
-        self.head_dim = self.head_dim or info.head_dim
+            self.rope_theta = facts.rope_theta
+        self.head_dim = self.head_dim or facts.head_dim
 
     def bind(self, shape: ModelShape) -> None:
         if self.rope_theta is None or self.head_dim is None:
-            raise ConfigError("rope_decay needs rope_theta and head_dim: pass them, or call prepare(ModelInfo) "
+            raise ConfigError("rope_decay needs rope_theta and head_dim: pass them, or call prepare(facts, runner) "
                               "before the Session (`attnlab report`/`attnlab probe` do)")
         super().bind(shape)
         L, H, D = shape.num_layers, shape.num_heads, max(shape.max_len, 1)

@@ -76,6 +76,7 @@ class SinkProbe(Probe):
         self._rows = 0
 
     def update(self, call: AttentionCall, block: BlockView) -> None:
+        block = block.without_nan_rows()  # NaN rows count as rows with no visible key (entropy counts them)
         probs = block.probs  # (B, H, bq, width); keys at width and beyond got no attention from this block
         B, H, bq, width = probs.shape
         sees = visible(call, block)  # (B, H, bq, width) (an expanded view)

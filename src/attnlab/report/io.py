@@ -31,6 +31,19 @@ from attnlab.report.schema import CSV_COLUMNS, INDEX_COLUMNS, validate_results
 RESULTS_JSON = "results.json"
 RESULTS_CSV = "results.csv"
 REPORT_HTML = "report.html"
+RESULT_FILES = (RESULTS_JSON, RESULTS_CSV, REPORT_HTML)
+
+
+def check_targets(out_dir: str | os.PathLike[str], names: Iterable[str] = RESULT_FILES) -> None:
+    """ConfigError (one line) if a file to be written in ``out_dir`` exists as something other than a file.
+
+    A directory (or other non-file) named ``results.json`` would make the final rename fail after the other files
+    were already replaced, mixing two runs; every target is checked before anything is written.
+    """
+    for name in names:
+        target = Path(out_dir) / name
+        if (target.exists() or target.is_symlink()) and not target.is_file():
+            raise ConfigError(f"Cannot write results to {out_dir}: {target} exists and is not a file")
 
 
 def _jsonable(value: Any, where: str = "results") -> Any:
@@ -132,7 +145,8 @@ def prepare_out_dir(out_dir: Path) -> None:
 def check_out_dir(out_dir: str | os.PathLike[str]) -> None:
     """Check, without creating anything, that ``out_dir`` is or can become a writable directory.
 
-    Used before a long run so that a bad ``--out`` fails first and leaves nothing behind. Raises ConfigError
+    Used before a long run so that a bad ``--out`` fails first and leaves nothing behind; also refuses an
+    ``out_dir`` where a result file's name is taken by a directory (:func:`check_targets`). Raises ConfigError
     (one line) naming the directory and the reason.
     """
     path = Path(out_dir).absolute()
@@ -149,6 +163,7 @@ def check_out_dir(out_dir: str | os.PathLike[str]) -> None:
         os.rmdir(tempfile.mkdtemp(prefix=".attnlab-check-", dir=existing))
     except OSError as error:
         raise ConfigError(f"Cannot write results to {out_dir}: {existing}: {error.strerror or error}") from None
+    check_targets(path)
 
 
 def _write_temp(out_dir: Path, name: str, text: str) -> Path:
@@ -193,12 +208,14 @@ def write_results(
     JSON and as empty cells in the CSV.
 
     Returns ``{"json": path, "csv": path, "html": path}`` (no ``"html"`` when ``render=False``).
-    Raises ConfigError if ``results`` fails :func:`attnlab.report.schema.validate_results` or ``out_dir`` cannot
-    be created or written (the message names the directory and the OS reason).
+    Raises ConfigError if ``results`` fails :func:`attnlab.report.schema.validate_results`, ``out_dir`` cannot
+    be created or written, or a target name is taken by a directory (checked before anything is written; the
+    message names the directory and the reason).
     """
     validate_results(results)
     out_dir = Path(out_dir)
     prepare_out_dir(out_dir)
+    check_targets(out_dir, RESULT_FILES if render else (RESULTS_JSON, RESULTS_CSV))
 
     json_text = results_to_json(results)
     clean = json.loads(json_text)

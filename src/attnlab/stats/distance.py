@@ -10,7 +10,7 @@ import math
 import torch
 from torch import Tensor
 
-from attnlab.errors import ConfigError
+from attnlab.errors import ConfigError, ShapeError
 
 
 def log2_bin_starts(max_distance: int) -> list[int]:
@@ -106,6 +106,37 @@ def _weighted_line(x: Tensor, y: Tensor, w: Tensor) -> tuple[float, float]:
     syy = (w * (y - my) ** 2).sum()
     r2 = 1.0 - float((w * residual**2).sum() / syy) if syy > 0 else 1.0
     return float(slope), r2 if math.isfinite(r2) else float("nan")
+
+
+def mass_off_sink(probs: Tensor, sink_columns: list[int | None]) -> Tensor:
+    """Float64 row sums of attention without each sequence's sink column: the mass a row puts elsewhere.
+
+    Summed directly, not as ``1 - probs[sink]``: that difference cancels when the sink holds nearly all the mass
+    (float32 leaves ~6e-8 / (1 - sink) relative accuracy; float64 of the row sum minus the sink, ~1e-16 / (1 - sink)).
+    Two slices per sequence are summed, so no masked copy of the block is made.
+
+    Args:
+        probs: (B, H, n, w) attention rows, any float dtype.
+        sink_columns: B entries, the sink's key index in each sequence, or None where the sink is not among the
+            w keys (the whole row is then summed).
+
+    Returns:
+        (B, H, n, 1) float64.
+
+    Raises:
+        ShapeError: if ``sink_columns`` does not have B entries.
+    """
+    B, H, n, w = probs.shape
+    if len(sink_columns) != B:
+        raise ShapeError(f"sink_columns must have one entry per sequence ({B}), got {len(sink_columns)}")
+    rows = []
+    for b, column in enumerate(sink_columns):
+        if column is None or not 0 <= column < w:
+            rows.append(probs[b].sum(dim=-1, keepdim=True, dtype=torch.float64))
+        else:
+            rows.append(probs[b, ..., :column].sum(dim=-1, keepdim=True, dtype=torch.float64)
+                        + probs[b, ..., column + 1 :].sum(dim=-1, keepdim=True, dtype=torch.float64))
+    return torch.stack(rows)
 
 
 def sums_by_distance_scatter(values: Tensor, distance: Tensor, length: int) -> Tensor:

@@ -16,7 +16,8 @@ def row_entropy(probs: Tensor) -> Tensor:
         probs: (..., Lk) non-negative rows summing to 1 (or all-zero rows for queries with no visible key), any float.
 
     Returns:
-        (...,) entropy ``-sum_j p_j log p_j`` with ``0 log 0 = 0``; 0 for all-zero rows. Same dtype as probs.
+        (...,) entropy ``-sum_j p_j log p_j`` with ``0 log 0 = 0``; 0 for all-zero rows, NaN for rows holding a
+        NaN. Same dtype as probs.
     """
     return -torch.special.xlogy(probs, probs).sum(dim=-1)
 
@@ -26,7 +27,8 @@ def row_entropy_from_logits(probs: Tensor, logits: Tensor) -> Tensor:
 
     With ``m`` the logit of the most probable key, ``log p_j = (l_j - m) + log p_max``, so
     ``H = -log p_max - (sum_j p_j l_j - m)``; the sum is one fused dot product per row. Rows with no visible key
-    give 0. Agrees with :func:`row_entropy` to about 1e-6 · |logits| (float32 rounding; tested).
+    (all-zero probs) give 0; rows holding a NaN give NaN, never 0, so callers can tell them apart. Agrees with
+    :func:`row_entropy` to about 1e-6 · |logits| (float32 rounding; tested).
 
     Args:
         probs: (..., Lk) softmax of ``logits`` over the visible keys.
@@ -37,7 +39,7 @@ def row_entropy_from_logits(probs: Tensor, logits: Tensor) -> Tensor:
     m = logits.gather(-1, top.unsqueeze(-1)).squeeze(-1)
     dot = torch.einsum("...k,...k->...", probs, logits)
     entropy = -torch.log(p_max) - (dot - m)
-    return torch.where(p_max > 0, entropy, torch.zeros((), dtype=entropy.dtype, device=entropy.device))
+    return torch.where(p_max == 0, torch.zeros((), dtype=entropy.dtype, device=entropy.device), entropy)
 
 
 def normalised_entropy(entropy: Tensor, num_visible: Tensor) -> Tensor:

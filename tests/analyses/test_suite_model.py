@@ -48,13 +48,13 @@ def test_gradient_norms_match_hf_hidden_states(llama):
 
 
 def test_inflection_gradient_norms_do_not_depend_on_the_batch_size(llama):
-    from attnlab.probes.inflection import InflectionProbe
+    from attnlab.analyses.inflection import InflectionAnalysis
 
     runner = ModelRunner(llama)
     batch = _batch([[5, 9, 11, 3, 17, 21, 8, 30], [7, 2, 19, 4, 4, 12, 25, 6]])
-    together, apart = InflectionProbe(), InflectionProbe()
-    together.prepare(runner.info)
-    apart.prepare(runner.info)
+    together, apart = InflectionAnalysis(), InflectionAnalysis()
+    together.prepare(runner.facts, runner)
+    apart.prepare(runner.facts, runner)
     together.observe(runner, batch)
     for b in range(2):
         apart.observe(runner, {key: value[b : b + 1] for key, value in batch.items()})
@@ -134,12 +134,12 @@ def tiny_dirs(tmp_path_factory):
 
 
 def _run(model_dir, text, probes, compare=None, probe_args=None, seq_len=32, max_windows=2):
-    from attnlab.pipeline import RunConfig
-    from attnlab.probe_run import run_probe_suite
+    from attnlab.pipeline import RunConfig, run_probes
 
     config = RunConfig(model=str(model_dir), text=str(text), seq_len=seq_len, max_windows=max_windows,
-                       probes=tuple(probes), bos="never")
-    return run_probe_suite(config, compare=str(compare) if compare else None, probe_args=probe_args or {})
+                       probes=tuple(probes), bos="never", compare=str(compare) if compare else None,
+                       probe_args=probe_args or {})
+    return run_probes(config)
 
 
 def _rows(results, statistic):
@@ -183,8 +183,10 @@ def test_probes_that_need_prepare_or_drive_the_model_fail_loudly_in_a_session(ti
         with pytest.raises(ConfigError, match="prepare"):
             Session(llama, probes=[name])
     a, _, text = tiny_dirs
-    with pytest.raises(ConfigError, match="drives the model itself"):
-        run_probes(RunConfig(model=str(a), text=str(text), seq_len=32, max_windows=1, probes=("inflection",)))
+    # one run path: report/probe run model-level probes too (outside the Session), no longer refused
+    ran = run_probes(RunConfig(model=str(a), text=str(text), seq_len=32, max_windows=1, probes=("inflection",)),
+                     command="report")
+    assert ran["command"] == "report" and {r["probe"] for r in ran["rows"]} == {"inflection"}
     # `attnlab report` prepares magnets/rope_decay: the text is mostly stop words ("the", "a", "and", "on", ...)
     results = run_probes(RunConfig(model=str(a), text=str(text), seq_len=32, max_windows=1,
                                    probes=("magnets", "rope_decay"), bos="never"))
@@ -199,10 +201,10 @@ def test_length_collapse_pools_real_tokens_only(tmp_path):
     runner = ModelRunner(bert, tok)
     batch = runner.encode([[5, 6, 7], [5, 6, 7, 8, 9, 10]])
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]]
-    from attnlab.probes.length_collapse import LengthCollapseProbe
+    from attnlab.analyses.length_collapse import LengthCollapseAnalysis
 
-    probe = LengthCollapseProbe(lengths=[2, 4], count=3)
-    probe.prepare(runner.info)
+    probe = LengthCollapseAnalysis(lengths=[2, 4], count=3)
+    probe.prepare(runner.facts, runner)
     probe.observe(runner, {"input_ids": torch.arange(3, 21)[None], "attention_mask": torch.ones(1, 18)})
     probe.finish(runner)
     rows = probe.rows()
@@ -219,7 +221,7 @@ def test_length_collapse_pools_real_tokens_only(tmp_path):
 # active_dormant, head_importance, head_overlap ---------------------------------------------------------------------
 
 def test_entropy_detector_flags_one_hot_on_the_first_key():
-    from attnlab.probes.active_dormant import entropy_detector
+    from attnlab.analyses.active_dormant import entropy_detector
 
     n = 6
     keep = torch.tril(torch.ones(n, n, dtype=torch.bool))
@@ -236,28 +238,28 @@ def test_entropy_detector_flags_one_hot_on_the_first_key():
 @pytest.mark.parametrize("name", ["active_dormant", "head_importance", "head_overlap"])
 @pytest.mark.parametrize("layers", [[-1], [5], [0, 2]])
 def test_ablation_probes_reject_layers_outside_the_model(name, layers):
-    from attnlab.probes import PROBES
-    from attnlab.probes.model_base import ModelInfo
+    from attnlab.analyses import ANALYSES
+    from attnlab.facts import ModelFacts
 
-    info = ModelInfo(num_layers=2, num_heads=2, num_kv_heads=2, head_dim=4, hidden_size=8)
+    facts = ModelFacts(num_layers=2, num_heads=2, num_kv_heads=2, head_dim=4, hidden_size=8)
     with pytest.raises(ConfigError, match=r"layers must lie in 0\.\.1"):
-        PROBES.get(name)(layers=layers).prepare(info)
+        ANALYSES.get(name)(layers=layers).prepare(facts, None)
 
 
 @pytest.mark.parametrize("name", ["active_dormant", "head_overlap"])
 def test_text_b_windows_follow_the_runs_bos_policy(tiny_dirs, monkeypatch, name):
     import importlib
 
-    from attnlab.pipeline import RunConfig
-    from attnlab.probe_run import run_probe_suite
+    from attnlab.pipeline import RunConfig, run_probes
 
     a, _, text = tiny_dirs
-    module = importlib.import_module(f"attnlab.probes.{name}")
+    module = importlib.import_module(f"attnlab.analyses.{name}")
     seen, real = [], module.head_effects
     monkeypatch.setattr(module, "head_effects", lambda runner, batch, *args: (
         seen.append(batch["input_ids"].cpu().clone()), real(runner, batch, *args))[1])
-    config = RunConfig(model=str(a), text=str(text), seq_len=16, max_windows=2, probes=(name,), bos="always")
-    run_probe_suite(config, probe_args={name: {"other_text": str(text), "layers": [0]}})
+    config = RunConfig(model=str(a), text=str(text), seq_len=16, max_windows=2, probes=(name,), bos="always",
+                       probe_args={name: {"other_text": str(text), "layers": [0]}})
+    run_probes(config)
     # text B is the same file, so its windows must be the run's windows, BOS included (the tokenizer adds none)
     assert len(seen) == 4 and all(bool((ids[:, 0] == ids[0, 0]).all()) for ids in seen)
     torch.testing.assert_close(torch.cat(seen[:2]), torch.cat(seen[2:]))
@@ -265,13 +267,13 @@ def test_text_b_windows_follow_the_runs_bos_policy(tiny_dirs, monkeypatch, name)
 
 @pytest.mark.parametrize("name", ["active_dormant", "head_overlap"])
 def test_ablation_probes_merge_like_one_probe_over_all_windows(llama, name):
-    from attnlab.probes import PROBES
+    from attnlab.analyses import ANALYSES
 
     runner = ModelRunner(llama)
     windows = [_batch([[5, 9, 11, 3, 17, 21]]), _batch([[7, 2, 19, 4, 12, 25]]), _batch([[8, 8, 30, 1, 6, 14]])]
-    whole, first, rest = (PROBES.get(name)(layers=[1]) for _ in range(3))
+    whole, first, rest = (ANALYSES.get(name)(layers=[1]) for _ in range(3))
     for probe in (whole, first, rest):
-        probe.prepare(runner.info)
+        probe.prepare(runner.facts, runner)
     for i, batch in enumerate(windows):
         whole.observe(runner, batch)
         (first if i == 0 else rest).observe(runner, batch)
@@ -288,8 +290,8 @@ def test_ablation_probes_merge_like_one_probe_over_all_windows(llama, name):
 
 
 def test_a_head_with_zero_output_weights_is_dormant_and_unimportant(llama):
-    from attnlab.probes.active_dormant import ActiveDormantProbe
-    from attnlab.probes.head_importance import HeadImportanceProbe
+    from attnlab.analyses.active_dormant import ActiveDormantAnalysis
+    from attnlab.analyses.head_importance import HeadImportanceAnalysis
 
     model = copy.deepcopy(llama)
     head_dim = model.config.hidden_size // model.config.num_attention_heads
@@ -298,10 +300,10 @@ def test_a_head_with_zero_output_weights_is_dormant_and_unimportant(llama):
     runner = ModelRunner(model)
     batch = _batch([[5, 9, 11, 3, 17, 21, 8, 30], [0, 0, 7, 7, 12, 40, 41, 2]], pad_left=0)
     batch["attention_mask"][1, :2] = 0
-    dormant = ActiveDormantProbe(tolerance=1e-6)
-    importance = HeadImportanceProbe(top_k=3)
+    dormant = ActiveDormantAnalysis(tolerance=1e-6)
+    importance = HeadImportanceAnalysis(top_k=3)
     for probe in (dormant, importance):
-        probe.prepare(runner.info)
+        probe.prepare(runner.facts, runner)
         probe.observe(runner, batch)
     rows = dormant.rows()
     rate = {(r["layer"], r["head"]): r["value"] for r in rows if r["statistic"] == "dormant_rate"}
@@ -374,13 +376,13 @@ def test_contrast_of_a_query_with_itself_has_zero_kl(tiny_dirs):
 
 def test_memory_fidelity_on_a_retention_layer_and_skip_without_one(tiny_dirs):
     from attnlab.layers import LAYERS
-    from attnlab.probes.memory_fidelity import MemoryFidelityProbe, recurrent_layers
+    from attnlab.analyses.memory_fidelity import MemoryFidelityAnalysis, recurrent_layers
 
     layer = LAYERS.get("retention")(hidden_size=16, num_heads=2)
     assert recurrent_layers(layer) == [layer]
-    from attnlab.probes.memory_fidelity import layer_keys_values
+    from attnlab.analyses.memory_fidelity import layer_keys_values
 
-    probe = MemoryFidelityProbe(lags=[0, 2])
+    probe = MemoryFidelityAnalysis(lags=[0, 2])
     hidden = torch.randn(2, 9, 16, generator=torch.Generator().manual_seed(1))
     probe.observe_layer(layer, hidden)
     rows = probe.rows()
@@ -407,7 +409,7 @@ def test_memory_fidelity_on_a_retention_layer_and_skip_without_one(tiny_dirs):
 
 def test_head_divergence_matches_eager_attention_times_values(llama):
     """Layer 0 head outputs rebuilt from HF eager probs (output_attentions) and the v_proj output, by hand."""
-    from attnlab.probes.head_divergence import HeadDivergenceProbe
+    from attnlab.analyses.head_divergence import HeadDivergenceAnalysis
 
     eager = copy.deepcopy(llama)
     eager.set_attn_implementation("eager")
@@ -427,9 +429,9 @@ def test_head_divergence_matches_eager_attention_times_values(llama):
     with_ctx, without = head_outputs(ids), head_outputs(ids[:, split:])
     rest = ids.shape[1] - split
     expected = (with_ctx[-rest:] - without[-rest:]).norm(dim=-1).mean(0)  # (H,)
-    probe = HeadDivergenceProbe(context=split)
+    probe = HeadDivergenceAnalysis(context=split)
     runner = ModelRunner(llama)
-    probe.prepare(runner.info)
+    probe.prepare(runner.facts, runner)
     probe.observe(runner, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     got = [r["value"] for r in probe.rows() if r["statistic"] == "divergence" and r["layer"] == 0]
     assert got == pytest.approx(expected.tolist(), rel=1e-4, abs=1e-6)

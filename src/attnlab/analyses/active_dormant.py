@@ -24,12 +24,13 @@ from typing import Annotated, Any
 import torch
 from torch import Tensor
 
+from attnlab.analyses import ANALYSES
+from attnlab.analyses._ablation import check_layers, head_effects
+from attnlab.analyses.base import Analysis, Runner
 from attnlab.errors import ConfigError
+from attnlab.facts import ModelFacts
 from attnlab.params import Range, validated
-from attnlab.probes import PROBES
-from attnlab.probes._ablation import check_layers, head_effects
-from attnlab.probes.base import Probe, Row, RowWriter, safe_div
-from attnlab.probes.model_base import ModelInfo, ModelProbe
+from attnlab.probes.base import Row, RowWriter, safe_div
 from attnlab.stats.entropy import row_entropy
 
 
@@ -60,8 +61,8 @@ def entropy_detector(probs: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
     return row_mean, col_entropy
 
 
-@PROBES.register("active_dormant")
-class ActiveDormantProbe(ModelProbe):
+@ANALYSES.register("active_dormant")
+class ActiveDormantAnalysis(Analysis):
     """Per head: loss change when its attention moves to the first key; dormant below a tolerance; entropy detector.
 
     Args:
@@ -80,12 +81,12 @@ class ActiveDormantProbe(ModelProbe):
         self.other_text = other_text
         self.layers = None if layers is None else list(layers)
 
-    def prepare(self, info: ModelInfo) -> None:
-        super().prepare(info)
-        if not info.causal:
+    def prepare(self, facts: ModelFacts, runner: Runner) -> None:
+        super().prepare(facts, runner)
+        if not facts.causal:
             raise ConfigError("active_dormant measures the next-token loss; it needs a causal LM")
-        check_layers(self.name, self.layers, info.num_layers)
-        L, H = info.num_layers, info.num_heads
+        check_layers(self.name, self.layers, facts.num_layers)
+        L, H = facts.num_layers, facts.num_heads
         zeros = lambda: torch.zeros(L, H, dtype=torch.float64)  # noqa: E731
         self.loss_sum, self.kl_sum, self.dormant_sum, self.tested = zeros(), zeros(), zeros(), zeros()
         self.row_sum, self.col_sum, self.sink_sum, self.entropy_seen = zeros(), zeros(), zeros(), zeros()
@@ -93,13 +94,10 @@ class ActiveDormantProbe(ModelProbe):
         self.windows_seen = 0
         self.dormant_b, self.tested_b = zeros(), zeros()
 
-    def finish(self, runner: Any) -> None:
+    def finish(self, runner: Runner) -> None:
         if self.other_text is None or not self.per_window:
             return
-        from attnlab.text import load_text
-
-        windows = load_text(runner.tokenizer, self.other_text, seq_len=self._seq_len, max_windows=self.windows_seen,
-                            bos=runner.bos_policy, device=next(runner.model.parameters()).device)
+        windows = runner.load_windows(self.other_text, seq_len=self._seq_len, max_windows=self.windows_seen)
         for number, batch in enumerate(windows):
             _, change, _ = head_effects(runner, batch, "first_key", self.layers)
             tested = ~torch.isnan(change)
@@ -108,7 +106,7 @@ class ActiveDormantProbe(ModelProbe):
             for b in range(change.shape[0]):
                 self.per_window.append((f"B{number * windows.batch_size + b}", change[b]))
 
-    def observe(self, runner: Any, batch: dict[str, Tensor]) -> None:
+    def observe(self, runner: Runner, batch: dict[str, Tensor]) -> None:
         valid = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool().cpu()
         self._seq_len = batch["input_ids"].shape[1]
         _, change, kl = head_effects(runner, batch, "first_key", self.layers)
@@ -140,8 +138,8 @@ class ActiveDormantProbe(ModelProbe):
                 "sink_sum": self.sink_sum, "entropy_seen": self.entropy_seen, "dormant_b": self.dormant_b,
                 "tested_b": self.tested_b}
 
-    def merge(self, other: Probe) -> None:
-        """Add the other probe's sums and append its windows (relabelled after this probe's A and B windows)."""
+    def merge(self, other: Analysis) -> None:
+        """Add the other analysis's sums and append its windows (relabelled after this analysis's A and B windows)."""
         super().merge(other)
         offsets = {"A": self.windows_seen, "B": sum(label[0] == "B" for label, _ in self.per_window)}
         theirs = [(f"{label[0]}{int(label[1:]) + offsets[label[0]]}", change)

@@ -1,7 +1,7 @@
 """Contrastive attention: a task query vs a generic query over the same context (Ge et al. 2025, CARVE, METHODS.md #19).
 
 CARVE (low confidence: reconstructed from the abstract) contrasts the attention that a task question and a generic
-instruction pay to the same visual tokens; here the context is text. Each window is the context C; the probe
+instruction pay to the same visual tokens; here the context is text. Each window is the context C; the analysis
 appends the ``generic`` query g and, separately, the ``task`` query q, and per layer takes the attention of the
 query tokens to the context, averaged over heads and query tokens and renormalised over the context tokens (key
 position 0, the sink, is left out by default): distributions a_g and a_q over C. Rows:
@@ -25,11 +25,12 @@ from typing import Annotated, Any
 import torch
 from torch import Tensor
 
+from attnlab.analyses import ANALYSES
+from attnlab.analyses.base import Analysis, Runner
 from attnlab.errors import ConfigError
+from attnlab.facts import ModelFacts
 from attnlab.params import Range, validated
-from attnlab.probes import PROBES
 from attnlab.probes.base import Row, RowWriter
-from attnlab.probes.model_base import ModelInfo, ModelProbe
 from attnlab.stats.entropy import row_entropy
 from attnlab.stats.similarity import pearson_r
 
@@ -46,8 +47,8 @@ def unigram_entropy(ids: list[int]) -> float:
     return -sum(c / total * math.log(c / total) for c in counts.values())
 
 
-@PROBES.register("contrast")
-class ContrastProbe(ModelProbe):
+@ANALYSES.register("contrast")
+class ContrastAnalysis(Analysis):
     """Attention entropy vs input complexity, and the contrast of a task query's and a generic query's attention.
 
     Args:
@@ -65,14 +66,14 @@ class ContrastProbe(ModelProbe):
         self.task, self.generic, self.lam = task, generic, lam
         self.exclude_first, self.top_tokens = exclude_first, top_tokens
 
-    def prepare(self, info: ModelInfo) -> None:
-        super().prepare(info)
-        L = info.num_layers
+    def prepare(self, facts: ModelFacts, runner: Runner) -> None:
+        super().prepare(facts, runner)
+        L = facts.num_layers
         self.sums = {k: torch.zeros(L, dtype=torch.float64)
                      for k in ("generic", "task", "contrast", "kl")}
         self.windows: list[dict[str, Any]] = []
 
-    def _context_attention(self, runner: Any, context: Tensor, query: str) -> list[Tensor]:
+    def _context_attention(self, runner: Runner, context: Tensor, query: str) -> list[Tensor]:
         """Per layer: (n_context,) attention of the query tokens to the context, renormalised."""
         query_ids = runner.tokenizer(query, add_special_tokens=False)["input_ids"]
         ids = torch.cat([context, torch.tensor(query_ids, dtype=torch.long, device=context.device)])[None]
@@ -86,7 +87,7 @@ class ContrastProbe(ModelProbe):
             out.append(a / a.sum().clamp_min(1e-300))
         return out
 
-    def observe(self, runner: Any, batch: dict[str, Tensor]) -> None:
+    def observe(self, runner: Runner, batch: dict[str, Tensor]) -> None:
         valid = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
         for b in range(batch["input_ids"].shape[0]):
             context = batch["input_ids"][b][valid[b]]

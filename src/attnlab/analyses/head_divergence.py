@@ -16,15 +16,16 @@ from typing import Annotated, Any
 import torch
 from torch import Tensor
 
+from attnlab.analyses import ANALYSES
+from attnlab.analyses.base import Analysis, Runner
 from attnlab.errors import ConfigError
+from attnlab.facts import ModelFacts
 from attnlab.params import Range, validated
-from attnlab.probes import PROBES
 from attnlab.probes.base import Row, RowWriter, safe_div
-from attnlab.probes.model_base import ModelInfo, ModelProbe
 
 
-@PROBES.register("head_divergence")
-class HeadDivergenceProbe(ModelProbe):
+@ANALYSES.register("head_divergence")
+class HeadDivergenceAnalysis(Analysis):
     """Per (layer, head): L2 divergence of the head output with vs without a preceding context span.
 
     Args:
@@ -36,17 +37,17 @@ class HeadDivergenceProbe(ModelProbe):
     def __init__(self, context: Annotated[int, Range(ge=1)] | None = None, top_k: Annotated[int, Range(ge=1)] = 10) -> None:
         self.context, self.top_k = context, top_k
 
-    def prepare(self, info: ModelInfo) -> None:
-        super().prepare(info)
-        L, H = info.num_layers, info.num_heads
+    def prepare(self, facts: ModelFacts, runner: Runner) -> None:
+        super().prepare(facts, runner)
+        L, H = facts.num_layers, facts.num_heads
         self.divergence_sum = torch.zeros(L, H, dtype=torch.float64)
         self.relative_sum = torch.zeros(L, H, dtype=torch.float64)
         self.tokens = torch.zeros((), dtype=torch.float64)
 
-    def observe(self, runner: Any, batch: dict[str, Tensor]) -> None:
+    def observe(self, runner: Runner, batch: dict[str, Tensor]) -> None:
         ids = batch["input_ids"]
         valid = batch.get("attention_mask", torch.ones_like(ids)).bool()
-        bos = self.info.bos_token_id
+        bos = runner.bos_token_id
         for b in range(ids.shape[0]):
             real = ids[b][valid[b]]
             lead = 1 if bos is not None and int(real[0]) == bos else 0
@@ -62,7 +63,7 @@ class HeadDivergenceProbe(ModelProbe):
                                       head_outputs=True)
                 alone = runner.forward({"input_ids": without_ids, "attention_mask": torch.ones_like(without_ids)},
                                        head_outputs=True)
-            for layer in range(self.info.num_layers):
+            for layer in range(self.facts.num_layers):
                 o_with = full.head_outputs[layer][0, -rest:].double()  # (rest, H, Dv)
                 o_without = alone.head_outputs[layer][0, -rest:].double()
                 distance = (o_with - o_without).norm(dim=-1)  # (rest, H)

@@ -15,16 +15,17 @@ from typing import Annotated, Any
 import torch
 from torch import Tensor
 
+from attnlab.analyses import ANALYSES
+from attnlab.analyses.base import Analysis, Runner
 from attnlab.errors import ConfigError
+from attnlab.facts import ModelFacts
 from attnlab.params import Range, validated
-from attnlab.probes import PROBES
-from attnlab.probes.base import Probe, Row, RowWriter
-from attnlab.probes.model_base import ModelInfo, ModelProbe
+from attnlab.probes.base import Row, RowWriter
 from attnlab.stats.similarity import linear_cka, shared_pca_delta_cka
 
 
-@PROBES.register("cka")
-class CkaProbe(ModelProbe):
+@ANALYSES.register("cka")
+class CkaAnalysis(Analysis):
     """Linear CKA per layer between this model and --compare OTHER_MODEL, and ΔCKA under a shared PCA basis.
 
     Args:
@@ -40,13 +41,13 @@ class CkaProbe(ModelProbe):
         self.mine: list[list[Tensor]] = []
         self.theirs: list[list[Tensor]] = []
 
-    def prepare(self, info: ModelInfo) -> None:
-        super().prepare(info)
-        self.mine = [[] for _ in range(info.num_layers)]
-        self.theirs = [[] for _ in range(info.num_layers)]
+    def prepare(self, facts: ModelFacts, runner: Runner) -> None:
+        super().prepare(facts, runner)
+        self.mine = [[] for _ in range(facts.num_layers)]
+        self.theirs = [[] for _ in range(facts.num_layers)]
         self.kept = 0
 
-    def observe(self, runner: Any, batch: dict[str, Tensor]) -> None:
+    def observe(self, runner: Runner, batch: dict[str, Tensor]) -> None:
         if runner.other is None:
             raise ConfigError("cka compares two models; pass --compare OTHER_MODEL")
         if self.kept >= self.max_tokens:
@@ -63,7 +64,7 @@ class CkaProbe(ModelProbe):
             self.theirs[layer].append(y[valid][:room].float().cpu())
         self.kept += min(room, int(valid.sum()))
 
-    def merge(self, other: Probe) -> None:
+    def merge(self, other: Analysis) -> None:
         for layer in range(len(self.mine)):
             self.mine[layer].extend(other.mine[layer])  # type: ignore[attr-defined]
             self.theirs[layer].extend(other.theirs[layer])  # type: ignore[attr-defined]

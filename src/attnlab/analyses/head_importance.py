@@ -4,7 +4,7 @@ Merullo et al. rank heads by path patching; attnlab's stated, simpler score is z
 (its output before W_O × 0, the ``head_scale`` edit with scale 0, applied at the head's output): ``importance`` =
 mean next-token loss with the head ablated - without (nats, mean over windows), and ``kl_change`` = mean KL(p_base ‖
 p_ablated) per token. The top-k heads by importance form the head set of the text (extras ``top_heads``; rows
-``in_top_k`` = 1 for them). :mod:`attnlab.probes.head_overlap` compares the sets of two texts.
+``in_top_k`` = 1 for them). :mod:`attnlab.analyses.head_overlap` compares the sets of two texts.
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ from typing import Annotated, Any
 import torch
 from torch import Tensor
 
+from attnlab.analyses import ANALYSES
+from attnlab.analyses._ablation import check_layers, head_effects
+from attnlab.analyses.base import Analysis, Runner
 from attnlab.errors import ConfigError
+from attnlab.facts import ModelFacts
 from attnlab.params import Range, validated
-from attnlab.probes import PROBES
-from attnlab.probes._ablation import check_layers, head_effects
 from attnlab.probes.base import Row, RowWriter, safe_div
-from attnlab.probes.model_base import ModelInfo, ModelProbe
 
 
 def top_heads(scores: Tensor, k: int) -> list[tuple[int, int]]:
@@ -30,8 +31,8 @@ def top_heads(scores: Tensor, k: int) -> list[tuple[int, int]]:
     return [(int(i) // H, int(i) % H) for i in order if flat[i] > float("-inf")]
 
 
-@PROBES.register("head_importance")
-class HeadImportanceProbe(ModelProbe):
+@ANALYSES.register("head_importance")
+class HeadImportanceAnalysis(Analysis):
     """Per head: loss change when its output is zeroed (ablation); the top-k head set.
 
     Args:
@@ -43,17 +44,17 @@ class HeadImportanceProbe(ModelProbe):
         self.top_k = top_k
         self.layers = None if layers is None else list(layers)
 
-    def prepare(self, info: ModelInfo) -> None:
-        super().prepare(info)
-        if not info.causal:
+    def prepare(self, facts: ModelFacts, runner: Runner) -> None:
+        super().prepare(facts, runner)
+        if not facts.causal:
             raise ConfigError(f"{self.name} measures the next-token loss; it needs a causal LM")
-        check_layers(self.name, self.layers, info.num_layers)
-        L, H = info.num_layers, info.num_heads
+        check_layers(self.name, self.layers, facts.num_layers)
+        L, H = facts.num_layers, facts.num_heads
         self.loss_sum = torch.zeros(L, H, dtype=torch.float64)
         self.kl_sum = torch.zeros(L, H, dtype=torch.float64)
         self.tested = torch.zeros(L, H, dtype=torch.float64)
 
-    def observe(self, runner: Any, batch: dict[str, Tensor]) -> None:
+    def observe(self, runner: Runner, batch: dict[str, Tensor]) -> None:
         _, change, kl = head_effects(runner, batch, "zero", self.layers)
         self.loss_sum += change.nan_to_num(0.0).sum(0)
         self.kl_sum += kl.nan_to_num(0.0).sum(0)

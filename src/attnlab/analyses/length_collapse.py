@@ -22,11 +22,12 @@ from typing import Annotated, Any
 import torch
 from torch import Tensor
 
+from attnlab.analyses import ANALYSES
+from attnlab.analyses.base import Analysis, Runner
 from attnlab.errors import ConfigError
+from attnlab.facts import ModelFacts
 from attnlab.params import Range, validated
-from attnlab.probes import PROBES
 from attnlab.probes.base import Row, RowWriter
-from attnlab.probes.model_base import ModelInfo, ModelProbe
 
 
 def highpass_gain(probs: Tensor) -> Tensor:
@@ -47,8 +48,8 @@ def highpass_ratio(probs: Tensor, value: Tensor) -> Tensor:
                        torch.full_like(denominator, float("nan")))
 
 
-@PROBES.register("length_collapse")
-class LengthCollapseProbe(ModelProbe):
+@ANALYSES.register("length_collapse")
+class LengthCollapseAnalysis(Analysis):
     """Embedding similarity and norm ratio per text-length bucket, and attention's high-pass gain per layer.
 
     Args:
@@ -66,18 +67,18 @@ class LengthCollapseProbe(ModelProbe):
         self.ids: list[int] = []
         self.results: dict[int, dict[str, Any]] = {}
 
-    def prepare(self, info: ModelInfo) -> None:
-        super().prepare(info)
+    def prepare(self, facts: ModelFacts, runner: Runner) -> None:
+        super().prepare(facts, runner)
         self.ids, self.results = [], {}
 
-    def observe(self, runner: Any, batch: dict[str, Tensor]) -> None:
+    def observe(self, runner: Runner, batch: dict[str, Tensor]) -> None:
         specials = set(getattr(runner.tokenizer, "all_special_ids", []) or [])
         valid = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
         for row, ok in zip(batch["input_ids"].tolist(), valid.tolist()):
             self.ids.extend(t for t, real in zip(row, ok) if real and t not in specials)
 
-    def finish(self, runner: Any) -> None:
-        limit = getattr(runner.model.config, "max_position_embeddings", None) or 10**9
+    def finish(self, runner: Runner) -> None:
+        limit = self.facts.max_positions or 10**9
         spacing = len(self.ids) // self.count
         for n in self.lengths:
             if n > spacing or n + 2 > limit:

@@ -2,7 +2,7 @@
 
 Low confidence: MemMamba defines ETMF/ECLMF in words only; the estimators are those of :mod:`attnlab.stats.memory`
 (horizontal: a token's value read back from the state k steps later with its own key, as retention ⟨r, v⟩/‖v‖²
-and as cosine; vertical: cosine between a token's inputs to two recurrent layers). The probe measures the layers
+and as cosine; vertical: cosine between a token's inputs to two recurrent layers). The analysis measures the layers
 whose recurrence inputs :func:`layer_keys_values` rebuilds exactly (the state it builds equals the layer's own
 final state): RetNet retention (keys rotated by ``rope_base``) and Lightning attention (SiLU on keys and values,
 LRPE-d on keys when ``use_lrpe``). Other layers, even with a ``log_decay`` buffer (ALiBi is softmax attention),
@@ -22,11 +22,12 @@ from typing import Annotated, Any
 import torch
 from torch import Tensor, nn
 
+from attnlab.analyses import ANALYSES
+from attnlab.analyses.base import Analysis, Runner
 from attnlab.errors import ConfigError
+from attnlab.facts import ModelFacts
 from attnlab.params import Range, validated
-from attnlab.probes import PROBES
 from attnlab.probes.base import Row, RowWriter
-from attnlab.probes.model_base import ModelInfo, ModelProbe
 from attnlab.stats.memory import horizontal_fidelity, vertical_fidelity
 
 logger = logging.getLogger(__name__)
@@ -36,15 +37,18 @@ SKIP_MESSAGE = ("memory_fidelity skipped: the model has no recurrent layer from 
 
 
 def recurrent_layers(model: nn.Module) -> list[nn.Module]:
-    """Modules of ``model`` (itself included) that the probe can measure, in module order."""
+    """Modules of ``model`` (itself included) that the analysis can measure, in module order."""
     return [module for module in model.modules() if isinstance(module, _measured_classes())]
 
 
-def _measured_classes() -> tuple[type, ...]:
-    from attnlab.layers.lightning import LightningAttention
-    from attnlab.layers.retention import MultiScaleRetention
+# registered layer names (attnlab.layers.LAYERS) whose recurrence inputs layer_keys_values rebuilds
+MEASURED_LAYERS = ("retention", "lightning")
 
-    return (MultiScaleRetention, LightningAttention)
+
+def _measured_classes() -> tuple[type, ...]:
+    from attnlab.layers import LAYERS
+
+    return tuple(LAYERS.get(name) for name in MEASURED_LAYERS)
 
 
 def layer_keys_values(module: nn.Module, hidden_states: Tensor) -> tuple[Tensor, Tensor]:
@@ -53,17 +57,18 @@ def layer_keys_values(module: nn.Module, hidden_states: Tensor) -> tuple[Tensor,
     Raises ConfigError for a module that is not a retention or lightning layer.
     """
     from attnlab.functional.lightning import lrpe
-    from attnlab.layers._common import rotary, split_heads
-    from attnlab.layers.retention import MultiScaleRetention
+    from attnlab.layers import LAYERS
+    from attnlab.functional.positions import rotary
 
     if not isinstance(module, _measured_classes()):
         raise ConfigError(f"memory_fidelity cannot rebuild the recurrence inputs of {type(module).__name__}; it "
                           "measures retention and lightning layers")
     H = module.num_heads
     Hkv = getattr(module, "num_kv_heads", H) or H
-    key = split_heads(module.k_proj(hidden_states), Hkv)
-    value = split_heads(module.v_proj(hidden_states), Hkv)
-    if isinstance(module, MultiScaleRetention):
+    B, T, _ = hidden_states.shape
+    key = module.k_proj(hidden_states).view(B, T, Hkv, -1).transpose(1, 2)  # (B, Hkv, T, K)
+    value = module.v_proj(hidden_states).view(B, T, Hkv, -1).transpose(1, 2)
+    if isinstance(module, LAYERS.get("retention")):
         key = rotary(key, 0, module.rope_base)
     else:  # lightning
         key, value = nn.functional.silu(key), nn.functional.silu(value)
@@ -72,8 +77,8 @@ def layer_keys_values(module: nn.Module, hidden_states: Tensor) -> tuple[Tensor,
     return key.repeat_interleave(H // Hkv, dim=1), value.repeat_interleave(H // Hkv, dim=1)
 
 
-@PROBES.register("memory_fidelity")
-class MemoryFidelityProbe(ModelProbe):
+@ANALYSES.register("memory_fidelity")
+class MemoryFidelityAnalysis(Analysis):
     """Horizontal (state read-back over k steps) and vertical (across layers) memory fidelity of recurrent layers.
 
     Args:
@@ -89,8 +94,8 @@ class MemoryFidelityProbe(ModelProbe):
         self.inputs: list[list[Tensor]] = []
         self.skipped: str | None = None
 
-    def prepare(self, info: ModelInfo) -> None:
-        super().prepare(info)
+    def prepare(self, facts: ModelFacts, runner: Runner) -> None:
+        super().prepare(facts, runner)
         self.results, self.inputs, self.skipped = {}, [], None
 
     def observe_layer(self, module: nn.Module, hidden_states: Tensor, index: int = 0,
@@ -111,7 +116,7 @@ class MemoryFidelityProbe(ModelProbe):
         sums[1] += fidelity * pairs
         sums[2] += pairs
 
-    def observe(self, runner: Any, batch: dict[str, Tensor]) -> None:
+    def observe(self, runner: Runner, batch: dict[str, Tensor]) -> None:
         mask = batch.get("attention_mask")
         if mask is not None and bool((mask[:, 1:].bool() & ~mask[:, :-1].bool()).any()):
             raise ConfigError("memory_fidelity needs right padding (real tokens first); got left padding")

@@ -1,6 +1,6 @@
 """Overlap of the most important heads of two texts (Merullo et al. 2024, METHODS.md #18).
 
-Importance is :mod:`attnlab.probes.head_importance`'s zero-ablation loss change, computed separately for text A
+Importance is :mod:`attnlab.analyses.head_importance`'s zero-ablation loss change, computed separately for text A
 (the run's windows) and text B (``other_text``: windows of the same length and number cut from that file; without
 it, A = the first half of the run's windows and B = the second half). With the top-k head sets S_A and S_B:
 ``overlap_iou`` = |S_A ∩ S_B| / |S_A ∪ S_B| and ``overlap_of_a`` = |S_A ∩ S_B| / |S_A| (METHODS.md leaves the
@@ -15,17 +15,18 @@ from typing import Annotated, Any
 import torch
 from torch import Tensor
 
+from attnlab.analyses import ANALYSES
+from attnlab.analyses._ablation import head_effects
+from attnlab.analyses.base import Analysis, Runner
+from attnlab.analyses.head_importance import HeadImportanceAnalysis, top_heads
 from attnlab.errors import ConfigError
 from attnlab.params import Range, validated
-from attnlab.probes import PROBES
-from attnlab.probes._ablation import head_effects
-from attnlab.probes.base import Probe, Row, RowWriter
-from attnlab.probes.head_importance import HeadImportanceProbe, top_heads
+from attnlab.probes.base import Row, RowWriter
 from attnlab.stats.similarity import pearson_r
 
 
-@PROBES.register("head_overlap")
-class HeadOverlapProbe(HeadImportanceProbe):
+@ANALYSES.register("head_overlap")
+class HeadOverlapAnalysis(HeadImportanceAnalysis):
     """IoU and |A∩B|/|A| of the top-k ablation-importance head sets of two texts (or two halves of one).
 
     Args:
@@ -41,26 +42,22 @@ class HeadOverlapProbe(HeadImportanceProbe):
         self.per_window: list[Tensor] = []
         self.group_b: list[Tensor] = []
 
-    def observe(self, runner: Any, batch: dict[str, Tensor]) -> None:
+    def observe(self, runner: Runner, batch: dict[str, Tensor]) -> None:
         _, change, _ = head_effects(runner, batch, "zero", self.layers)
         self.per_window.extend(change)
         self._seq_len = batch["input_ids"].shape[1]
 
-    def finish(self, runner: Any) -> None:
+    def finish(self, runner: Runner) -> None:
         if self.other_text is None:
             if len(self.per_window) < 2:
                 raise ConfigError("head_overlap without other_text splits the windows in two; use --max-windows >= 2")
             return
-        from attnlab.text import load_text
-
-        windows = load_text(runner.tokenizer, self.other_text, seq_len=self._seq_len,
-                            max_windows=len(self.per_window), bos=runner.bos_policy,
-                            device=next(runner.model.parameters()).device)
+        windows = runner.load_windows(self.other_text, seq_len=self._seq_len, max_windows=len(self.per_window))
         for batch in windows:
             self.group_b.extend(head_effects(runner, batch, "zero", self.layers)[1])
 
-    def merge(self, other: Probe) -> None:
-        """Add the other probe's sums and append its per-window importances (text A, then text B)."""
+    def merge(self, other: Analysis) -> None:
+        """Add the other analysis's sums and append its per-window importances (text A, then text B)."""
         super().merge(other)
         self.per_window.extend(other.per_window)  # type: ignore[attr-defined]
         self.group_b.extend(other.group_b)  # type: ignore[attr-defined]

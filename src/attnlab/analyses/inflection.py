@@ -27,10 +27,11 @@ from typing import Annotated, Any
 import torch
 from torch import Tensor
 
+from attnlab.analyses import ANALYSES
+from attnlab.analyses.base import Analysis, Runner
+from attnlab.facts import ModelFacts
 from attnlab.params import Range, validated
-from attnlab.probes import PROBES
 from attnlab.probes.base import Row, RowWriter, safe_div
-from attnlab.probes.model_base import ModelInfo, ModelProbe
 from attnlab.stats.entropy import row_entropy
 
 
@@ -67,8 +68,8 @@ def inflection_band(entropy: Tensor, grad_norm: Tensor, band_width: float = 0.5)
     return drop, score, sorted(band)
 
 
-@PROBES.register("inflection")
-class InflectionProbe(ModelProbe):
+@ANALYSES.register("inflection")
+class InflectionAnalysis(Analysis):
     """Per-layer attention entropy, activation- and parameter-gradient norms, and the inflection band.
 
     Args:
@@ -79,16 +80,16 @@ class InflectionProbe(ModelProbe):
     def __init__(self, band_width: Annotated[float, Range(ge=0.0)] = 0.5) -> None:
         self.band_width = band_width
 
-    def prepare(self, info: ModelInfo) -> None:
-        super().prepare(info)
-        L = info.num_layers
+    def prepare(self, facts: ModelFacts, runner: Runner) -> None:
+        super().prepare(facts, runner)
+        L = facts.num_layers
         self.entropy_sum = torch.zeros(L, dtype=torch.float64)
         self.entropy_rows = torch.zeros(L, dtype=torch.float64)
         self.act_sum = torch.zeros(L, dtype=torch.float64)
         self.param_sum = torch.zeros(L, dtype=torch.float64)
         self.sequences = torch.zeros((), dtype=torch.float64)
 
-    def observe(self, runner: Any, batch: dict[str, Tensor]) -> None:
+    def observe(self, runner: Runner, batch: dict[str, Tensor]) -> None:
         valid = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool().cpu()
         for layer, probs in enumerate(runner.attention_probs(batch)):  # (B, H, L, L)
             entropy = row_entropy(probs.double())  # (B, H, L)

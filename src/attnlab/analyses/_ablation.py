@@ -1,0 +1,58 @@
+"""Per-head interventions measured on the loss: shared by active_dormant, head_importance and head_overlap.
+
+Each head is intervened on alone, through an edit (``first_key`` with α = 1, or ``head_scale`` with scale 0) that
+the runner applies inside a Session, so every intervention is checked to have fired: one pass of the whole batch
+per (layer, head).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from attnlab.analyses.base import Runner
+from attnlab.errors import ConfigError
+
+
+def check_layers(name: str, layers: list[int] | None, num_layers: int) -> None:
+    """Raise ConfigError unless every layer index lies in 0 … num_layers - 1 (negative indices are rejected)."""
+    bad = [layer for layer in layers or [] if not 0 <= layer < num_layers]
+    if bad:
+        raise ConfigError(f"{name} layers must lie in 0..{num_layers - 1}, got {bad}")
+
+
+def head_effects(runner: Runner, batch: dict[str, Tensor], mode: str, layers: list[int] | None = None
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """Loss change and KL of every single-head intervention, per sequence.
+
+    Args:
+        runner: the runner of a causal LM. batch: ``input_ids``/``attention_mask`` (batch, seq_len).
+        mode: ``"first_key"`` (one-hot attention on the first real key) or ``"zero"`` (head output × 0).
+        layers: layers to intervene on (default all); the others get NaN.
+    Returns:
+        base_loss (batch,) mean next-token loss (nats); loss_change (batch, num_layers, num_heads) = edited - base;
+        kl (batch, num_layers, num_heads) = mean over real targets of KL(p_base ‖ p_edited), float64 on CPU.
+    """
+    from attnlab.edits import EDITS
+
+    L, H = runner.facts.num_layers, runner.facts.num_heads
+    B = batch["input_ids"].shape[0]
+    loss_change = torch.full((B, L, H), float("nan"), dtype=torch.float64)
+    kl = torch.full((B, L, H), float("nan"), dtype=torch.float64)
+    with torch.no_grad():
+        base = runner.forward(batch)
+        base_loss = base.mean_loss().cpu()
+        base_logp = torch.log_softmax(base.logits[:, :-1].float(), dim=-1)  # (B, L-1, V)
+        count = base.target_valid.sum(-1).clamp(min=1).double()
+        for layer in layers if layers is not None else range(L):
+            for head in range(H):
+                if mode == "first_key":
+                    edit = EDITS.get("first_key")(alpha=1.0, layers=[layer], heads=[head])
+                else:
+                    edit = EDITS.get("head_scale")(scale=0.0, layers=[layer], heads=[head])
+                edited = runner.forward(batch, edits=[edit])
+                loss_change[:, layer, head] = (edited.mean_loss().cpu() - base_loss).double()
+                logp = torch.log_softmax(edited.logits[:, :-1].float(), dim=-1)
+                token_kl = (base_logp.exp() * (base_logp - logp)).sum(-1)  # (B, L-1)
+                kl[:, layer, head] = ((token_kl * base.target_valid).sum(-1).double() / count).cpu()
+    return base_loss.double(), loss_change, kl

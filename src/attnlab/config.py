@@ -1,0 +1,257 @@
+"""Composed, frozen run configurations: what a model, a text and a run each depend on, and their combinations.
+
+Three specs hold the settings every command shares, one job each:
+
+- :class:`ModelSpec`: which model and where (``model``, ``dtype``, ``device``);
+- :class:`TextSpec`: which text and how it is cut into windows (``text``, ``seq_len``, ``max_windows``,
+  ``batch_size``, ``bos``);
+- :class:`RunSpec`: what a probe run does (``probes``, ``probe_args``, ``compare``, ``block_size``,
+  ``query_fraction``, ``seed``).
+
+A command's config composes them: :class:`RunConfig` (``attnlab report`` / ``attnlab probe``) is
+``load: ModelSpec`` + ``data: TextSpec`` + ``run: RunSpec``; :class:`attnlab.evaluation.config.EvalConfig` is
+``load`` + ``data`` + ``eval: EvalSpec``. Every composed config is built by field name from flat values, so the
+CLI, a ``--config`` YAML and Python callers all use the same names::
+
+    RunConfig(model="smollm2-135m", seq_len=256, probes=("entropy",))        # flat names, routed to their spec
+    RunConfig(load=ModelSpec(dtype="float64"), data=TextSpec(seq_len=256))   # or whole specs
+
+:func:`spec_values` is that one mapping: each key goes to the spec that has a field of that name (or whose
+field's ``metadata["option"]`` is the CLI option's name, e.g. ``probe`` → ``probes``); ``None`` means "use the
+default"; strings become 1-tuples for tuple fields (or go through ``metadata["parse"]``); paths become strings.
+``to_dict()`` is flat (one key per field, the ``config`` object of results.json) and the constructor reads it back.
+This module imports neither torch nor transformers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from attnlab.errors import ConfigError
+
+DTYPE_NAMES = ("float32", "float64", "bfloat16", "float16")
+BOS_POLICIES = ("auto", "always", "never")
+
+
+def check_types(spec: Any, kinds: Mapping[str, type]) -> None:
+    """ConfigError (one line) unless each named field holds a value of its kind (bool is not an int or float)."""
+    for name, kind in kinds.items():
+        value = getattr(spec, name)
+        ok = isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
+        if not ok or isinstance(value, bool):
+            raise ConfigError(f"{name} must be {kind.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def check_names(name: str, values: Any) -> None:
+    """ConfigError unless ``values`` is a tuple/list of strings."""
+    if isinstance(values, str) or not isinstance(values, (tuple, list)) or not all(isinstance(v, str)
+                                                                                  for v in values):
+        raise ConfigError(f"{name} must be a list of names, got {values!r}")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model, in which dtype, on which device.
+
+    Attributes:
+        model: bundled name (``attnlab models list``), local directory, ``.gguf`` file, or hub id.
+        dtype: one of :data:`DTYPE_NAMES`; probs are always computed in float32.
+        device: torch device string, e.g. ``"cpu"`` or ``"cuda:0"``.
+    """
+
+    model: str = "smollm2-135m"
+    dtype: str = "float32"
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        check_types(self, {"model": str, "dtype": str, "device": str})
+        if self.dtype not in DTYPE_NAMES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    """Which text, cut into which windows.
+
+    Attributes:
+        text: path to a UTF-8 text file, or None for the bundled Shakespeare corpus.
+        seq_len: tokens per window (BOS included when one is prepended); at most the model's max positions.
+        max_windows: number of windows read from the text.
+        batch_size: windows per forward pass (probe runs).
+        bos: ``auto`` | ``always`` | ``never`` (see :mod:`attnlab.text`).
+    """
+
+    text: str | None = None
+    seq_len: int = 512
+    max_windows: int = 4
+    batch_size: int = 1
+    bos: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_types(self, {"seq_len": int, "max_windows": int, "batch_size": int, "bos": str})
+        if self.text is not None and not isinstance(self.text, str):
+            raise ConfigError(f"text must be a path string, got {self.text!r}")
+        if self.seq_len < 2:
+            raise ConfigError(f"seq_len must be >= 2, got {self.seq_len}")
+        if self.max_windows < 1 or self.batch_size < 1:
+            raise ConfigError(f"max_windows and batch_size must be >= 1, got {self.max_windows}, {self.batch_size}")
+
+
+def _default_probes() -> tuple[str, ...]:
+    from attnlab.probes import DEFAULT_PROBES
+
+    return tuple(DEFAULT_PROBES)
+
+
+def _parse_probe_args(value: Any) -> dict[str, dict[str, Any]]:
+    """``--probe-arg`` items (``["cka.max_tokens=8"]``) or an already nested mapping → ``{probe: {key: value}}``."""
+    if isinstance(value, Mapping):
+        if not all(isinstance(v, Mapping) for v in value.values()):
+            raise ConfigError(f"probe_args must map probe names to {{key: value}}, got {value!r}")
+        return {str(k): dict(v) for k, v in value.items()}
+    from attnlab.probe_run import parse_probe_args
+
+    return parse_probe_args([value] if isinstance(value, str) else list(value))
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What a probe run does.
+
+    Attributes:
+        probes: probe or analysis names (``attnlab ls probes``; CLI ``--probe``).
+        probe_args: ``{name: {key: value}}`` constructor arguments (CLI ``--probe-arg NAME.KEY=VALUE``).
+        compare: a second model (same tokenizer) for analyses that compare two models, or None.
+        block_size: query rows per block of the eager kernel.
+        query_fraction: fraction of query rows the probes see (1 = exact statistics).
+        seed: seeds python and torch RNGs (the forward pass is deterministic on CPU anyway).
+    """
+
+    probes: tuple[str, ...] = field(default_factory=_default_probes, metadata={"option": "probe"})
+    probe_args: dict[str, dict[str, Any]] = field(default_factory=dict,
+                                                  metadata={"option": "probe_arg", "parse": _parse_probe_args})
+    compare: str | None = None
+    block_size: int = 128
+    query_fraction: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_types(self, {"block_size": int, "query_fraction": float, "seed": int})
+        check_names("probes", self.probes)
+        if self.compare is not None and not isinstance(self.compare, str):
+            raise ConfigError(f"compare must be a model name or path, got {self.compare!r}")
+        if not isinstance(self.probe_args, dict):
+            raise ConfigError(f"probe_args must be a mapping, got {self.probe_args!r}")
+        if self.block_size < 1:
+            raise ConfigError(f"block_size must be >= 1, got {self.block_size}")
+        if not 0 < self.query_fraction <= 1:
+            raise ConfigError(f"query_fraction must be in (0, 1], got {self.query_fraction}")
+        if not self.probes:
+            raise ConfigError("at least one probe is needed; see `attnlab ls probes`")
+        for name in self.probes:
+            probe_kind(name)  # raises RegistryError with a suggestion
+        unused = sorted(set(self.probe_args) - set(self.probes))
+        if unused:
+            raise ConfigError(f"--probe-arg given for probe(s) not selected: {', '.join(unused)}")
+
+
+def probe_kind(name: str) -> str:
+    """``"analysis"`` (a name in :data:`attnlab.analyses.ANALYSES`) or ``"attention"`` (a name in
+    :data:`attnlab.probes.PROBES`). RegistryError (suggesting from both registries) if unknown."""
+    from attnlab.analyses import probe_or_analysis
+    from attnlab.analyses.base import Analysis
+
+    return "analysis" if issubclass(probe_or_analysis(name), Analysis) else "attention"
+
+
+def _coerce(spec_field: dataclasses.Field, value: Any) -> Any:
+    """One option value → the field's form: parse strings where the field says how, tuples, path strings."""
+    parse = spec_field.metadata.get("parse")
+    default = spec_field.default_factory() if callable(spec_field.default_factory) else spec_field.default
+    if parse is not None and (isinstance(value, (str, list, tuple)) or not isinstance(value, type(default))):
+        return parse(value)
+    if isinstance(default, tuple):
+        return (value,) if isinstance(value, str) else tuple(value) if isinstance(value, list) else value
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+def spec_values(spec_type: type, values: dict[str, Any]) -> dict[str, Any]:
+    """Pop from ``values`` the keys that name a field (or its CLI option) of ``spec_type``; return them coerced.
+
+    ``None`` values are dropped (the field's default applies); see the module docstring for the coercions.
+    """
+    taken = {}
+    for spec_field in dataclasses.fields(spec_type):
+        for key in (spec_field.name, spec_field.metadata.get("option")):
+            if key is not None and key in values:
+                value = values.pop(key)
+                if value is not None:
+                    taken[spec_field.name] = _coerce(spec_field, value)
+    return taken
+
+
+class ComposedConfig:
+    """Base of configs made of specs: build by field name, flat ``to_dict``, ``from_dict`` (see module docstring).
+
+    Subclasses are ``@dataclass(frozen=True, init=False)`` whose fields are specs with ``default_factory`` set to
+    the spec class. ``IGNORED`` names values the constructor accepts and drops (CLI-only options such as ``out``).
+    """
+
+    IGNORED: ClassVar[tuple[str, ...]] = ("out", "config", "debug")
+
+    def __init__(self, **values: Any) -> None:
+        values = {key: value for key, value in values.items() if key not in self.IGNORED}
+        for spec_field in dataclasses.fields(self):  # type: ignore[arg-type]
+            spec_type = spec_field.default_factory
+            spec = values.pop(spec_field.name, None)
+            if spec is None:
+                spec = spec_type(**spec_values(spec_type, values))  # type: ignore[operator]
+            elif not isinstance(spec, spec_type):  # type: ignore[arg-type]
+                raise ConfigError(f"{spec_field.name} must be a {spec_type.__name__}, got {spec!r}")  # type: ignore
+            object.__setattr__(self, spec_field.name, spec)
+        if values:
+            known = sorted(self.option_names())
+            raise ConfigError(f"unknown setting(s) {', '.join(sorted(values))}; known: {', '.join(known)}")
+        self.__post_init__()
+
+    def __post_init__(self) -> None:
+        """Checks across specs (override)."""
+
+    @classmethod
+    def option_names(cls) -> set[str]:
+        """Every flat name the constructor accepts (field names and their CLI option names)."""
+        names = set()
+        for spec_field in dataclasses.fields(cls):  # type: ignore[arg-type]
+            for inner in dataclasses.fields(spec_field.default_factory):  # type: ignore[arg-type]
+                names.update(n for n in (inner.name, inner.metadata.get("option")) if n)
+        return names
+
+    def to_dict(self) -> dict[str, Any]:
+        """One flat, JSON-ready dict of every spec's fields (tuples as lists): results.json's ``config``."""
+        data: dict[str, Any] = {}
+        for spec_field in dataclasses.fields(self):  # type: ignore[arg-type]
+            for key, value in dataclasses.asdict(getattr(self, spec_field.name)).items():
+                data[key] = list(value) if isinstance(value, tuple) else value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Any:
+        """Inverse of :meth:`to_dict` (flat keys); ConfigError on unknown keys."""
+        return cls(**dict(data))
+
+
+@dataclass(frozen=True, init=False)
+class RunConfig(ComposedConfig):
+    """Everything a probe run (``attnlab report`` / ``attnlab probe``) depends on; saved in results.json.
+
+    Build it from flat names (``RunConfig(model=..., seq_len=..., probes=(...))``) or from specs; read it as
+    ``config.load.model``, ``config.data.seq_len``, ``config.run.probes``.
+    """
+
+    load: ModelSpec = field(default_factory=ModelSpec)
+    data: TextSpec = field(default_factory=TextSpec)
+    run: RunSpec = field(default_factory=RunSpec)

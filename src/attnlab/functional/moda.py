@@ -1,0 +1,44 @@
+"""MODA key alignment (Zhang et al. 2025, METHODS.md #32): group-1 keys mapped into group 0's key/value basis.
+
+Reconstructed from the released code (KwaiVGI/MODA ``modeling_llama_local_moda.py``; medium confidence). The
+per-group mask is :func:`attnlab.functional.sparse_masks.groups`; the layer is ``attnlab.layers.moda``.
+
+Shape legend: B batch, Hkv num_kv_heads, T seq_len, D head_dim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["align_keys"]
+
+
+def align_keys(key: Tensor, value: Tensor, group_ids: Tensor, gain: Tensor, fuse: Callable[[Tensor], Tensor],
+               eps: float = 1e-6, *, causal: bool = False) -> Tensor:
+    """MODA key alignment: group-1 keys ← W_fuse(K + r ⊙ K̂ G_t), with G_t = normalise_rows(K̂_tᵀ V_t).
+
+    Args:
+        key, value: (B, Hkv, T, D). group_ids: (B, T) long, 0 = text, 1 = aligned group.
+        gain: r (D,), zeros at init. fuse: W_fuse, a D × D linear map (e.g. an ``nn.Linear``; identity at init).
+
+    Returns:
+        key (B, Hkv, T, D) with only group-1 rows changed. K̂ = K / (‖K‖ + eps) per token. ``causal=False``: G_t
+        sums over all of the sample's group-0 tokens (as in the released code; a key then depends on later tokens).
+        ``causal=True``: the key at position p uses the prefix basis over group-0 tokens ≤ p (memory B·Hkv·T·D²),
+        so a causal mask stays causal.
+    """
+    unit = key / (key.norm(dim=-1, keepdim=True) + eps)  # (B, Hkv, T, D)
+    text = (group_ids == 0).to(key.dtype)[:, None, :, None]  # (B, 1, T, 1)
+    if causal:
+        outer = (unit * text)[..., :, None] * value[..., None, :]  # (B, Hkv, T, D, D): k̂_jᵀ v_j
+        basis = F.normalize(outer.cumsum(dim=2), dim=-1, eps=eps)  # (B, Hkv, T, D, D), prefix sums
+        aligned = (unit[..., None, :] @ basis).squeeze(-2)  # (B, Hkv, T, D)
+    else:
+        basis = F.normalize((unit * text).transpose(-1, -2) @ value, dim=-1, eps=eps)  # (B, Hkv, D, D)
+        aligned = unit @ basis
+    fused = fuse(key + gain * aligned)
+    return torch.where((group_ids == 1)[:, None, :, None], fused, key)
