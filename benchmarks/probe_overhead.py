@@ -149,7 +149,7 @@ def run_child(config: str, length: int, model_name: str, with_error: bool) -> di
                 record["seconds"], record["cpu_seconds"] = time.perf_counter() - start, time.process_time() - cpu
             del out
             record["maxrss_kib"] = _maxrss_kib()  # before the untimed exact run below
-            record["paths"] = sorted(set(timed.paths.values()))
+            record["paths"] = sorted(set(timed.attention_paths.values()))
             start = time.perf_counter()
             sampled_frame = timed.results()
             record["results_seconds"] = time.perf_counter() - start

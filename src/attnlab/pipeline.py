@@ -213,7 +213,7 @@ def run_probes(config: RunConfig, *, progress: Progress | None = None, model: An
                 notify(done, total, "running attention probes")
                 loaded.model(**batch)
                 done += 1
-        paths = session.paths
+        paths = session.attention_paths
     for batch in windows if driving else []:
         notify(done, total, "running analyses")
         for obj in driving:

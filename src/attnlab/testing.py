@@ -54,7 +54,8 @@ def feed_probs(probes, probs: Tensor, keep: Tensor | None = None, *, value: Tens
         input_ids: (B, L) token ids, for token-level tables.
     """
     from attnlab.functional.attention import BlockView, causal_keep
-    from attnlab.probes.base import AttentionCall, ModelShape, SequenceInfo
+    from attnlab.facts import ModelFacts
+    from attnlab.probes.base import AttentionCall, SequenceInfo
 
     B, H, Lq, Lk = probs.shape
     if keep is None and causal:
@@ -63,14 +64,15 @@ def feed_probs(probes, probs: Tensor, keep: Tensor | None = None, *, value: Tens
     value = torch.ones(B, num_kv_heads or H, Lk, 4) if value is None else value
     sequence = SequenceInfo.from_mask(valid, input_ids, 0)
     call = AttentionCall(layer_idx=layer_idx, num_heads=H, num_kv_heads=value.shape[1], q_len=Lq, kv_len=Lk,
-                         causal=causal, value=value, query_valid=valid[:, Lk - Lq:], key_valid=valid,
+                         causal=causal, scale=1.0, value=value, query_valid=valid[:, Lk - Lq:], key_valid=valid,
                          query_positions=sequence.positions[:, Lk - Lq:], key_positions=sequence.positions,
                          sequence=sequence)
     logits = torch.log(probs).clamp_min(torch.finfo(probs.dtype).min)  # the kernel's finite masked logits
     block = BlockView(probs=probs, logits=logits, keep=keep, q_index=torch.arange(Lq))
     for probe in probes:
         if bind:
-            probe.bind(ModelShape(num_layers=num_layers, num_heads=H, num_kv_heads=value.shape[1], max_len=Lk))
+            probe.bind(ModelFacts(num_layers=num_layers, num_heads=H, num_kv_heads=value.shape[1],
+                                  head_dim=value.shape[-1], hidden_size=H * value.shape[-1]))
         probe.begin_call(call)
         probe.update(call, block)
         probe.end_call(call)

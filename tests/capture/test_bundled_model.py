@@ -29,7 +29,7 @@ def test_fast_path_is_bit_identical_to_sdpa(smollm2):
     expected = model(**batch).logits
     with attnlab.Session(model, probes=["norms"]) as session:
         actual = model(**batch).logits
-    assert set(session.paths.values()) == {"sdpa"} and len(session.paths) == 30
+    assert set(session.attention_paths.values()) == {"sdpa"} and len(session.attention_paths) == 30
     assert torch.equal(actual, expected)
 
 
@@ -42,7 +42,7 @@ def test_probes_leave_logits_within_bound(smollm2):
     real = batch["attention_mask"].bool()
     diff = (actual[real] - expected[real]).abs().max().item()
     assert diff <= REAL_MODEL_LOGITS_ATOL, diff
-    assert set(session.paths.values()) == {"blocked_eager"}
+    assert set(session.attention_paths.values()) == {"blocked_eager"}
     frame = session.results()
     assert not frame.value.isna().any()
     entropy = frame[frame.statistic == "normalised_entropy"]

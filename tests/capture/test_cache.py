@@ -50,7 +50,7 @@ def test_one_layer_decoding_equals_a_fresh_pass_over_the_kept_tokens_at_in_cache
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             ids = torch.cat([ids, token], dim=1)
             out = model(input_ids=token, cache=cache, use_cache=True)
-            kept = cache.token_index(0)[0]
+            kept = cache.key_index(0)[0]
             assert kept.numel() == 2 + 4  # sinks + window (the new token included)
             assert kept[:2].tolist() == [0, 1] and kept[2:].tolist() == list(range(ids.shape[1] - 4, ids.shape[1]))
             fresh = model(input_ids=ids[:, kept]).logits[:, -1]
@@ -77,7 +77,7 @@ def test_h2o_inside_a_session_receives_one_unit_of_attention_per_query_and_head(
         for layer in cache.layers:
             assert float(layer.scores.sum()) == pytest.approx(PROMPT.shape[1] * 4)
         ids, _ = decode(model, SinkWindowCache(model, sinks=1, window=4, heavy=2), steps=6)
-    assert set(session.paths.values()) == {"blocked_eager"}
+    assert set(session.attention_paths.values()) == {"blocked_eager"}
     assert ids.shape[1] == PROMPT.shape[1] + 6
 
 
@@ -116,3 +116,11 @@ def test_padded_batches_are_refused_inside_a_session():
     mask[1, :2] = 0
     with pytest.raises(ConfigError, match="padded batches"), Session(model):
         model(input_ids=ids, attention_mask=mask, cache=SinkWindowCache(model, sinks=1, window=3), use_cache=True)
+
+
+def test_length_dependent_rope_is_refused():
+    # dynamic NTK rescales every frequency as the text grows: re-rotated cached keys drift from a fresh forward
+    dynamic = tiny_llama(layers=1, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    with pytest.raises(ConfigError, match="rope_type='dynamic'"):
+        SinkWindowCache(dynamic, sinks=2, window=4)
+    SinkWindowCache(tiny_llama(layers=1, rope_scaling={"rope_type": "linear", "factor": 2.0}), sinks=2, window=4)

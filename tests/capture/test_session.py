@@ -28,7 +28,7 @@ def test_no_probes_is_bit_identical_to_sdpa_llama_gqa_left_padding():
     expected = model(input_ids=ids, attention_mask=mask).logits
     with attnlab.Session(model) as session:
         actual = model(input_ids=ids, attention_mask=mask).logits
-    assert set(session.paths.values()) == {"sdpa"}
+    assert set(session.attention_paths.values()) == {"sdpa"}
     assert torch.equal(actual, expected)
 
 
@@ -43,7 +43,7 @@ def test_probes_leave_logits_unchanged_llama_gqa_left_padding(query_fraction):
     real = mask.bool()
     torch.testing.assert_close(actual[real], expected[real], atol=MODEL_LOGITS_ATOL, rtol=0)
     expected_path = "blocked_eager" if query_fraction == 1 else "sdpa+sampled_probs"
-    assert session.paths == {0: expected_path, 1: expected_path}
+    assert session.attention_paths == {0: expected_path, 1: expected_path}
     assert not session.results()["value"].isna().any()
 
 
@@ -157,7 +157,7 @@ def test_layer_without_probs_needs_runs_fast_path_norms_only():
     expected = model(input_ids=ids).logits
     with attnlab.Session(model, probes=["norms"]) as session:
         actual = model(input_ids=ids).logits
-    assert set(session.paths.values()) == {"sdpa"}
+    assert set(session.attention_paths.values()) == {"sdpa"}
     assert torch.equal(actual, expected)
     frame = session.results()
     assert set(frame.statistic) == {"residual_norm", "value_norm_kv", "residual_peak_ratio", "value_drain_ratio_kv"}

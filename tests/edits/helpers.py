@@ -1,35 +1,35 @@
-"""Direct drivers for edit tests: contexts over constructed query/key/value, no model needed."""
+"""Direct drivers for edit tests: call records over constructed query/key/value, no model needed."""
 
 from __future__ import annotations
 
 import torch
 
 from attnlab.edits.apply import EditedCall, order_edits
-from attnlab.edits.base import EditContext
+from attnlab.edits.base import AttentionCall
 from attnlab.functional.attention import causal_keep
+from attnlab.probes.base import SequenceInfo
 
 
-def make_context(edit, B, Hq, Hkv, Lq, Lk, *, scale, valid=None, layer_idx=0):
-    """EditContext for a causal call whose queries are the last Lq of Lk tokens; ``valid`` (B, Lk) marks real
+def make_call(value, Hq, Lq, *, scale, valid=None, layer_idx=0):
+    """AttentionCall for a causal call whose queries are the last Lq of Lk tokens; ``valid`` (B, Lk) marks real
     tokens (left padding), positions count real tokens only."""
+    B, Hkv, Lk, _ = value.shape
     valid = torch.ones(B, Lk, dtype=torch.bool) if valid is None else valid
-    positions = torch.where(valid, valid.long().cumsum(-1) - 1, torch.full_like(valid, -1, dtype=torch.long))
-    return EditContext(layer_idx=layer_idx, num_heads=Hq, num_kv_heads=Hkv, q_len=Lq, kv_len=Lk,
-                       query_positions=positions[:, Lk - Lq:], key_positions=positions,
-                       query_valid=valid[:, Lk - Lq:], key_valid=valid,
-                       heads=edit.head_selection(Hq, torch.device("cpu")), scale=scale)
+    sequence = SequenceInfo.from_mask(valid, None, 0)
+    positions = sequence.positions
+    return AttentionCall(layer_idx=layer_idx, num_heads=Hq, num_kv_heads=Hkv, q_len=Lq, kv_len=Lk, causal=True,
+                         scale=scale, value=value, query_valid=valid[:, Lk - Lq:], key_valid=valid,
+                         query_positions=positions[:, Lk - Lq:], key_positions=positions, sequence=sequence)
 
 
 def edited_call(edits, query, key, value, *, valid=None, block_size=5):
     B, Hq, Lq, D = query.shape
-    Hkv, Lk = key.shape[1], key.shape[2]
+    Lk = key.shape[2]
     keep = causal_keep(Lq, Lk)[None, None]
     if valid is not None:
         keep = keep & valid[:, None, None, :]
-    edits = order_edits(edits)
-    scale = D ** -0.5
-    contexts = [make_context(e, B, Hq, Hkv, Lq, Lk, scale=scale, valid=valid) for e in edits]
-    return EditedCall(query, key, value, keep, edits=edits, contexts=contexts, scale=scale, block_size=block_size)
+    call = make_call(value, Hq, Lq, scale=D ** -0.5, valid=valid)
+    return EditedCall(query, key, value, keep, edits=order_edits(edits), call=call, block_size=block_size)
 
 
 def sdpa_fn(scale):

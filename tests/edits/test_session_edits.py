@@ -35,7 +35,7 @@ def sdpa_logits(model, ids=IDS, mask=None):
                                   "identity_blend:alpha=0", "first_key:alpha=0"])
 def test_identity_on_the_fast_path_is_bit_identical(model, spec):
     out, session = logits_with(model, [spec])
-    assert set(session.paths.values()) == {"sdpa+edits"}
+    assert set(session.attention_paths.values()) == {"sdpa+edits"}
     assert torch.equal(out, sdpa_logits(model))
     report = session.edit_report()
     assert bool(report.identity[0]) and report.max_change[0] == 0.0 and report.calls_touched[0] == 2
@@ -44,7 +44,7 @@ def test_identity_on_the_fast_path_is_bit_identical(model, spec):
 @pytest.mark.parametrize("spec", ["window_decay:window=4,alpha=1", "calibration:beta=1", "redistribution:fraction=0"])
 def test_identity_on_the_eager_path_within_the_eager_bound(model, spec):
     out, session = logits_with(model, [spec])
-    assert set(session.paths.values()) == {"blocked_eager+edits"}
+    assert set(session.attention_paths.values()) == {"blocked_eager+edits"}
     torch.testing.assert_close(out, sdpa_logits(model), atol=MODEL_LOGITS_ATOL, rtol=0)
 
 
@@ -54,8 +54,8 @@ def test_identity_on_the_eager_path_within_the_eager_bound(model, spec):
 def test_fast_path_agrees_with_the_eager_path(model, spec):
     fast, fast_session = logits_with(model, [spec])
     eager, eager_session = logits_with(model, [spec], probes=["entropy"])
-    assert set(fast_session.paths.values()) == {"sdpa+edits"} or "layers" in spec
-    assert "blocked_eager+edits" in set(eager_session.paths.values())
+    assert set(fast_session.attention_paths.values()) == {"sdpa+edits"} or "layers" in spec
+    assert "blocked_eager+edits" in set(eager_session.attention_paths.values())
     torch.testing.assert_close(fast, eager, atol=MODEL_LOGITS_ATOL, rtol=0)
     assert not torch.allclose(fast, sdpa_logits(model), atol=1e-4), "the edit must change the logits"
     assert fast_session.edit_report().max_change[0] > 0
@@ -146,9 +146,9 @@ def test_flex_path_runs_score_mod_edits_without_probs(model):
     mask[1, :4] = 0  # left padding: positions come from the lookup tables, not the flex indices
     with torch.no_grad(), Session(model, edits=specs, flex=True) as session:
         flex = model(input_ids=IDS, attention_mask=mask).logits
-    assert set(session.paths.values()) == {"flex+edits"}
+    assert set(session.attention_paths.values()) == {"flex+edits"}
     eager, eager_session = logits_with(model, specs, probes=["entropy"], mask=mask)
-    assert set(eager_session.paths.values()) == {"blocked_eager+edits"}
+    assert set(eager_session.attention_paths.values()) == {"blocked_eager+edits"}
     real = mask.bool()
     torch.testing.assert_close(flex[real], eager[real], atol=MODEL_LOGITS_ATOL, rtol=0)
 

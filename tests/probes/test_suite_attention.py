@@ -15,8 +15,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from attnlab.errors import ConfigError
+from attnlab.facts import ModelFacts
 from attnlab.functional.attention import causal_keep
-from attnlab.probes.base import ModelShape, SequenceInfo
+from attnlab.probes.base import SequenceInfo
 from attnlab.probes.magnets import CLASSES, MagnetsProbe, token_class
 from attnlab.probes.massive_activations import MassiveActivationsProbe
 from attnlab.probes.rope_decay import RopeDecayProbe
@@ -39,7 +40,9 @@ def _has(rows, statistic):
 # massive_activations ------------------------------------------------------------------------------------------
 
 def _feed_hidden(probe, hidden_by_layer, valid, ids=None):
-    probe.bind(ModelShape(num_layers=len(hidden_by_layer), num_heads=1, num_kv_heads=1, max_len=valid.shape[1]))
+    hidden_size = hidden_by_layer[0].shape[-1]
+    probe.bind(ModelFacts(num_layers=len(hidden_by_layer), num_heads=1, num_kv_heads=1, head_dim=hidden_size,
+                          hidden_size=hidden_size))
     sequence = SequenceInfo.from_mask(valid, ids, 0)
     for layer, hidden in enumerate(hidden_by_layer):
         probe.on_hidden_states(layer, hidden, sequence)

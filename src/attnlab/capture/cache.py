@@ -14,7 +14,13 @@ Xiao et al. 2024 (StreamingLLM), and H2O as SinkLoRA applies it (METHODS.md #30,
 - H2O scores: the attention each cached token received, summed over query heads and all queries so far, per
   sequence; eviction is per layer and sequence (the original H2O evicts per head; summing over heads keeps one
   token set per layer, so token positions stay well defined for probes and edits). Scores need probs, so a cache
-  with ``heavy > 0`` must be used inside a :class:`attnlab.Session`, which feeds it and runs the eager path.
+  with ``heavy > 0`` must be used inside a :class:`attnlab.Session`: the cache is a
+  :class:`attnlab.capture.calls.TokenPolicy`, and for each forward pass it hands the session a probe
+  (:class:`ReceivedAttention`) that reads the attention every kept key received, as any probe reads attention; the
+  session needs every query row for it, so it runs the blocked eager kernel.
+
+Inside a Session the cache also tells the probes which token each kept key is (``key_index``), so positions and
+padding come out right after eviction.
 
 Padded batches are not supported: the sinks are the first cache slots, and after eviction transformers builds
 the padding mask from contiguous offsets; inside a Session a padded batch is refused with a ConfigError, outside
@@ -22,7 +28,9 @@ one it is the caller's responsibility (generate one sequence at a time).
 
 Prefill is not masked by the cache (all prompt tokens attend causally to each other); combine with the
 ``sink_window`` edit to mask the prefill the same way. Only RoPE models whose rotary embedding has no attention
-scaling are supported (Llama, Mistral, Qwen2/3, SmolLM2 ...).
+scaling and whose frequencies do not depend on the sequence length are supported (Llama, Mistral, Qwen2/3,
+SmolLM2 ... with default, linear or YaRN RoPE; dynamic-NTK and LongRoPE change every key's rotation as the text
+grows, so re-rotated cached keys would drift from a fresh forward).
 """
 
 from __future__ import annotations
@@ -35,6 +43,8 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from attnlab.capture.architectures import text_config
 from attnlab.errors import ConfigError, UnsupportedModelError
+from attnlab.functional.attention import BlockView
+from attnlab.probes.base import AttentionCall, Probe, SequenceInfo
 
 
 def _rotate_half(x: Tensor) -> Tensor:
@@ -48,6 +58,16 @@ def _find_rotary(model: nn.Module) -> nn.Module:
             return module
     raise UnsupportedModelError(f"{type(model).__name__} has no rotary embedding module (rotary_emb); "
                                 "SinkWindowCache re-rotates keys and needs a RoPE model such as Llama or Qwen2")
+
+
+def _length_dependent_rope(rotary: nn.Module) -> str | None:
+    """The rope_type if its frequencies change with the sequence length (transformers' rule: "dynamic" in the
+    name, or "longrope"), else None."""
+    rope_type = getattr(rotary, "rope_type", "default")
+    for name in rope_type.values() if isinstance(rope_type, dict) else (rope_type,):
+        if "dynamic" in str(name) or name == "longrope":
+            return str(name)
+    return None
 
 
 class SinkWindowLayer(DynamicLayer):
@@ -152,6 +172,10 @@ class SinkWindowCache(Cache):
         if sinks < 0 or window < 1 or heavy < 0:
             raise ConfigError(f"SinkWindowCache needs sinks >= 0, window >= 1, heavy >= 0; got {sinks}, {window}, {heavy}")
         rotary = _find_rotary(model)
+        length_dependent = _length_dependent_rope(rotary)
+        if length_dependent is not None:
+            raise ConfigError(f"SinkWindowCache needs RoPE frequencies that do not depend on the sequence length; "
+                              f"{type(model).__name__} uses rope_type={length_dependent!r}")
         if float(getattr(rotary, "attention_scaling", 1.0)) != 1.0:
             raise UnsupportedModelError(f"{type(model).__name__}'s RoPE scales attention "
                                         f"({rotary.attention_scaling}); SinkWindowCache cannot un-rotate its keys")
@@ -164,14 +188,41 @@ class SinkWindowCache(Cache):
         self.sinks, self.window, self.heavy = sinks, window, heavy
         super().__init__(layers=[SinkWindowLayer(rotate, sinks, window, heavy) for _ in range(num_layers)])
 
-    @property
-    def needs_attention(self) -> bool:
-        """True when the Session must feed attention scores (H2O)."""
-        return self.heavy > 0
+    def bind_forward(self, sequence: SequenceInfo) -> Probe | None:
+        """TokenPolicy: called by a Session before each forward pass; the H2O probe when ``heavy > 0``.
 
-    def token_index(self, layer_idx: int) -> Tensor | None:
-        """(B, n) absolute token index of each key the layer returned at its last update, or None before."""
-        layer = self.layers[layer_idx]
-        if layer.token_index is None:
-            return None
-        return layer.token_index
+        Raises:
+            ConfigError: a padded batch (the sinks would be padding slots)."""
+        if not bool(sequence.valid.all()):
+            raise ConfigError("SinkWindowCache does not support padded batches yet (its sinks are the first cache "
+                              "slots, not each sequence's first real tokens); generate one sequence at a time")
+        return ReceivedAttention(self) if self.heavy else None
+
+    def key_index(self, layer_idx: int) -> Tensor | None:
+        """TokenPolicy: (B, n) absolute token index of each key the layer returned at its last update, or None
+        before the first one."""
+        return self.layers[layer_idx].token_index
+
+
+class ReceivedAttention(Probe):
+    """H2O scores for a :class:`SinkWindowCache`: the attention each kept key received in one attention call,
+    summed over query heads and real query rows, added to the layer's scores when the call ends.
+
+    Needs every query row (``"every_row"``): H2O sums over all queries, so ``query_fraction`` does not apply."""
+
+    name = "received_attention"
+    needs = frozenset({"probs", "every_row"})
+
+    def __init__(self, cache: SinkWindowCache) -> None:
+        self.cache = cache
+        self.received: Tensor | None = None
+
+    def begin_call(self, call: AttentionCall) -> None:
+        self.received = torch.zeros(call.batch, call.kv_len, dtype=torch.float64, device=call.device)
+
+    def update(self, call: AttentionCall, block: BlockView) -> None:
+        rows_valid = call.query_valid[:, block.q_index][:, None, :, None]  # (B, 1, n, 1)
+        self.received[:, : block.probs.shape[-1]] += (block.probs * rows_valid).sum(dim=(1, 2)).double()
+
+    def end_call(self, call: AttentionCall) -> None:
+        self.cache.layers[call.layer_idx].accumulate(self.received)

@@ -1,9 +1,10 @@
 """Run one attention call with a list of edits: choose the path, apply each stage, verify what each edit did.
 
-Pure torch (no transformers): the Session (capture/) hands in the call's tensors, its contexts and an SDPA function
-bound to the model's own mask, and gets back the output and the path that ran.
+Pure torch (no transformers): the session (capture/) hands in the call's tensors and its call record
+(:class:`~attnlab.probes.base.AttentionCall`, which every edit receives), and asks for the output in one of three
+forms; which form runs is the planner's choice (:mod:`attnlab.capture.planner`).
 
-Paths:
+Forms (the path names the planner records):
 - ``sdpa+edits``: every edit has a fast form (query scaling, key bias, mask, closed-form output, output scaling) and
   no probe needs probs: one SDPA call, no probs materialised. A key bias ``coef[h] * indicator[b, k]`` rides along
   as one extra query/key dimension (query column ``coef[h] / scale``, key column ``indicator``; value gets a zero
@@ -12,8 +13,8 @@ Paths:
 - ``flex+edits`` (opt-in, ``Session(..., flex=True)``): when SDPA cannot run an edit (``window_decay``) but every
   logits edit has a Flex form, compiled FlexAttention with the edits as one score_mod and the mask as a block mask;
   no probs materialised; the first call per shape compiles (about 20 s on CPU).
-- ``blocked_eager+edits``: the blocked kernel with the edits' ``score_mod``/``probs_mod`` hooks, one query block at a
-  time (probes, when present, see the edited probs).
+- ``blocked_eager+edits``: the blocked kernel with the edits' ``logits_mod``/``probs_mod`` hooks, one query block at
+  a time (probes, when present, see the edited probs).
 
 Self-verification (DESIGN.md, "Edits"): for each call, the head outputs of up to ``verify_rows`` query rows (evenly
 spread over the real queries) are recomputed with the blocked kernel with no edit, then with the first edit, the
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from attnlab.edits.base import STAGES, Edit, EditContext
+from attnlab.edits.base import STAGES, AttentionCall, Edit
 from attnlab.functional.attention import BlockView, blocked_attention
 
 # (query, key, value, keep or None = the model's own mask) → (B, Hq, Lq, Dv)
@@ -45,44 +46,56 @@ class EditRecord:
     max_change: float = 0.0
     forward_passes_touched: int = 0  # positions-stage edits count model forward passes here
 
+    def count_call(self, edit: Edit, call: AttentionCall) -> None:
+        """One attention call passed through ``edit``: count it and the (layer, head) pairs it acts on."""
+        self.calls_touched += 1
+        heads = edit.head_mask(call).nonzero().flatten().tolist()
+        self.heads_touched.update((call.layer_idx, int(h)) for h in heads)
+
 
 def order_edits(edits: Sequence[Edit]) -> list[Edit]:
     """Stage order (positions → logits → mask → probs → output), list order within a stage."""
     return sorted(edits, key=lambda edit: STAGES.index(edit.stage))
 
 
-def _apply_mask_edit(keep: Tensor | None, edit: Edit, ctx: EditContext, shape: tuple[int, int, int, int]
-                     ) -> Tensor | None:
-    """The keep mask after ``edit``'s mask stage, on the edit's heads only. shape = (B, Hq, Lq, Lk)."""
-    B, Hq, Lq, Lk = shape
-    current = keep if keep is not None else torch.ones(1, 1, Lq, Lk, dtype=torch.bool, device=ctx.heads.device)
-    edited = edit.mask_mod(current, ctx)
+def _apply_keep_mod(keep: Tensor | None, edit: Edit, call: AttentionCall) -> Tensor | None:
+    """The keep mask after ``edit``'s mask stage, on the edit's heads only."""
+    current = keep if keep is not None else torch.ones(1, 1, call.q_len, call.kv_len, dtype=torch.bool,
+                                                       device=call.device)
+    edited = edit.keep_mod(current, call)
     if edited is None:
         return keep
-    if bool(ctx.heads.all()):
+    if edit.heads is None:  # every head
         return edited
-    return torch.where(ctx.heads.view(1, Hq, 1, 1), edited, current)
+    return torch.where(edit.head_column(call), edited, current)
 
 
 class EditedCall:
-    """One attention call under a list of edits (already ordered and filtered to this layer)."""
+    """One attention call under a list of edits (already ordered and filtered to this layer).
+
+    Args:
+        query: (B, Hq, Lq, D). key: (B, Hkv, Lk, D). value: (B, Hkv, Lk, Dv).
+        keep: bool broadcastable to (B, Hq, Lq, Lk), the model's own mask (True = attend), or None.
+        edits: the edits, in composition order (:func:`order_edits`). call: the call record every edit receives
+            (its ``scale`` is the logit scale). block_size: query rows per block of the blocked kernel.
+        softcap: the model's logit soft-cap, or None.
+    """
 
     def __init__(self, query: Tensor, key: Tensor, value: Tensor, keep: Tensor | None, *, edits: Sequence[Edit],
-                 contexts: Sequence[EditContext], scale: float, block_size: int, softcap: float | None = None
-                 ) -> None:
+                 call: AttentionCall, block_size: int, softcap: float | None = None) -> None:
         self.query, self.key, self.value = query, key, value
-        self.edits, self.contexts = list(edits), list(contexts)
-        self.scale, self.block_size, self.softcap = scale, block_size, softcap
+        self.edits, self.call = list(edits), call
+        self.scale, self.block_size, self.softcap = call.scale, block_size, softcap
         B, Hq, Lq, _ = query.shape
         self.shape = (B, Hq, Lq, key.shape[2])
         # keeps[k] = the mask after the first k edits' mask stage
         self.keeps: list[Tensor | None] = [keep]
-        for edit, ctx in zip(self.edits, self.contexts):
-            self.keeps.append(_apply_mask_edit(self.keeps[-1], edit, ctx, self.shape))
+        for edit in self.edits:
+            self.keeps.append(_apply_keep_mod(self.keeps[-1], edit, call))
         self.mask_changed = self.keeps[-1] is not self.keeps[0]
-        for k, (edit, ctx) in enumerate(zip(self.edits, self.contexts)):
+        for k, edit in enumerate(self.edits):
             if edit.needs_prepare:
-                edit.prepare(ctx, lambda on_block, k=k: self._blocked(k, on_block=on_block))
+                edit.prepare(call, lambda on_block, k=k: self._blocked(k, on_block=on_block))
 
     @property
     def keep(self) -> Tensor | None:
@@ -95,40 +108,40 @@ class EditedCall:
         """True if the call can run in FlexAttention: every logits edit has a Flex form, every probs edit a fast
         form."""
         return self.softcap is None and all(
-            (edit.stage != "logits" or edit.flex_score_mod(ctx) is not None) and (edit.stage != "probs" or edit.fast)
-            for edit, ctx in zip(self.edits, self.contexts))
+            (edit.stage != "logits" or edit.as_score_mod(self.call) is not None)
+            and (edit.stage != "probs" or edit.fast) for edit in self.edits)
 
     # the blocked (eager) form ------------------------------------------------------------------------------
     def hooks(self, count: int | None = None) -> tuple[Callable | None, Callable | None]:
-        """score_mod / probs_mod chaining the first ``count`` edits (all by default)."""
-        pairs = list(zip(self.edits, self.contexts))[:count]
-        logits_pairs = [(e, c) for e, c in pairs if e.stage == "logits"]
-        probs_pairs = [(e, c) for e, c in pairs if e.stage == "probs"]
+        """The kernel's ``LogitsMod`` / ``ProbsMod`` chaining the first ``count`` edits (all by default)."""
+        chosen, call = self.edits[:count], self.call
+        logits_edits = [edit for edit in chosen if edit.stage == "logits"]
+        probs_edits = [edit for edit in chosen if edit.stage == "probs"]
 
-        def score_mod(logits: Tensor, rows: Tensor) -> Tensor:
-            for edit, ctx in logits_pairs:
-                logits = edit.score_mod(logits, rows, ctx)
+        def logits_mod(logits: Tensor, rows: Tensor) -> Tensor:
+            for edit in logits_edits:
+                logits = edit.logits_mod(logits, rows, call)
             return logits
 
         def probs_mod(probs: Tensor, rows: Tensor, keep: Tensor | None) -> Tensor:
-            for edit, ctx in probs_pairs:
-                probs = edit.probs_mod(probs, rows, keep, ctx)
+            for edit in probs_edits:
+                probs = edit.probs_mod(probs, rows, keep, call)
             return probs
 
-        return (score_mod if logits_pairs else None), (probs_mod if probs_pairs else None)
+        return (logits_mod if logits_edits else None), (probs_mod if probs_edits else None)
 
     def _output_mods(self, output: Tensor, count: int | None = None) -> Tensor:
-        for edit, ctx in list(zip(self.edits, self.contexts))[:count]:
+        for edit in self.edits[:count]:
             if edit.stage == "output":
-                output = edit.output_mod(output, ctx)
+                output = edit.output_mod(output, self.call)
         return output
 
     def _blocked(self, count: int, *, rows: Tensor | None = None, on_block: Callable[[BlockView], None] | None = None
                  ) -> Tensor:
-        score_mod, probs_mod = self.hooks(count)
+        logits_mod, probs_mod = self.hooks(count)
         output = blocked_attention(self.query, self.key, self.value, self.keeps[count], scale=self.scale,
                                    softcap=self.softcap, block_size=self.block_size, query_index=rows,
-                                   on_block=on_block, score_mod=score_mod, probs_mod=probs_mod)
+                                   on_block=on_block, logits_mod=logits_mod, probs_mod=probs_mod)
         return self._output_mods(output, count)
 
     def eager(self, on_block: Callable[[BlockView], None] | None = None, rows: Tensor | None = None) -> Tensor:
@@ -139,13 +152,13 @@ class EditedCall:
     def fast(self, sdpa: SdpaFn) -> Tensor:
         """Per-head output (B, Hq, Lq, Dv) from one SDPA call; only when ``is_fast()``."""
         query, key, value = self.query, self.key, self.value
-        for edit, ctx in zip(self.edits, self.contexts):
+        for edit in self.edits:
             if edit.stage != "logits":
                 continue
-            factor = edit.query_scale(ctx)
+            factor = edit.query_scale(self.call)
             if factor is not None:
                 query = query * factor.to(query.dtype)
-            bias = edit.key_bias(ctx)
+            bias = edit.key_bias(self.call)
             if bias is not None and bool(bias[0].any()):  # a zero bias is skipped: the identity stays bit-exact
                 coef, indicator = bias
                 B, Hq, Lq, _ = query.shape
@@ -162,11 +175,11 @@ class EditedCall:
 
     def _after_attention(self, output: Tensor) -> Tensor:
         """The probs edits' fast forms and the output edits, in order, on a fused kernel's output."""
-        for edit, ctx in zip(self.edits, self.contexts):
+        for edit in self.edits:
             if edit.stage == "probs":
-                output = edit.fast_output(output, self.value, self.keep, ctx)
+                output = edit.fast_output(output, self.value, self.keep, self.call)
             elif edit.stage == "output":
-                output = edit.output_mod(output, ctx)
+                output = edit.output_mod(output, self.call)
         return output
 
     def flex(self) -> Tensor:
@@ -175,7 +188,7 @@ class EditedCall:
         from attnlab.functional.masked_attention import masked_attention
         from attnlab.functional.masks import from_keep
 
-        mods = [edit.flex_score_mod(ctx) for edit, ctx in zip(self.edits, self.contexts) if edit.stage == "logits"]
+        mods = [edit.as_score_mod(self.call) for edit in self.edits if edit.stage == "logits"]
 
         def score_mod(logits: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
             for mod in mods:
@@ -190,17 +203,16 @@ class EditedCall:
     # verification ------------------------------------------------------------------------------------------
     def verify(self, records: dict[int, EditRecord], rows_wanted: int) -> None:
         """Update each edit's record: calls and heads touched, and the max output change on sampled rows."""
-        query_valid = self.contexts[0].query_valid if self.contexts else None
+        query_valid = self.call.query_valid
         rows = _spread_rows(query_valid, rows_wanted, self.query.device)
         valid = query_valid[:, rows].to(self.query.device)[:, None, :, None]  # (B, 1, n, 1)
         previous = self._blocked(0, rows=rows)
-        for k, (edit, ctx) in enumerate(zip(self.edits, self.contexts), start=1):
+        for k, edit in enumerate(self.edits, start=1):
             record = records.setdefault(id(edit), EditRecord())
-            record.calls_touched += 1
-            record.heads_touched.update((ctx.layer_idx, int(h)) for h in ctx.heads.nonzero().flatten().tolist())
+            record.count_call(edit, self.call)
             current = self._blocked(k, rows=rows)
             change = (current.double() - previous.double()).abs()
-            change = change.masked_fill(~(valid & ctx.head_column().to(valid.device)), 0.0)
+            change = change.masked_fill(~(valid & edit.head_column(self.call).to(valid.device)), 0.0)
             if change.numel():
                 record.max_change = max(record.max_change, float(change.max()))
             previous = current

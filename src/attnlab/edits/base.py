@@ -9,12 +9,17 @@ compose in the order given. Every edit is selectable per layer (``layers``) and 
 on a GQA model query head h reads kv head ``h // (num_heads // num_kv_heads)``, and an edit restricted to head h
 never touches the other query heads of h's kv group.
 
+Every hook receives the call record :class:`~attnlab.probes.base.AttentionCall` (the same one probes see) and
+computes its head selection from it: ``head_mask(call)`` (Hq,) bool, ``head_column(call)`` (1, Hq, 1, 1).
+
 Forms. Each hook has a default that does nothing; an edit overrides the ones of its stage:
-- ``logits``: ``score_mod`` (any edit of the logits, eager path only), or the fast forms ``query_scale`` (a
+- ``logits``: ``logits_mod`` (any edit of the logits, a ``LogitsMod`` of the blocked kernel; eager path only),
+  ``as_score_mod`` (the same edit as a FlexAttention ``ScoreMod``), or the fast forms ``query_scale`` (a
   multiplier on each query row's logits) and ``key_bias`` (an additive logit bias ``coef[h] * indicator[b, k]``),
   which run inside SDPA without materialising probs.
-- ``mask``: ``mask_mod`` maps the current boolean keep mask (True = attend; the model's own mask first) to a new
-  one; runs on every path.
+- ``mask``: ``keep_mod`` maps the current boolean keep mask (True = attend; the model's own mask first) to a new
+  one; runs on every path. (A ``MaskMod`` is FlexAttention's per-element ``mask_mod(b, h, q_idx, kv_idx)``;
+  ``evaluate_mask_mod`` turns one into a keep mask for a call.)
 - ``probs``: ``probs_mod`` (eager path); edits whose effect on the output has a closed form also offer
   ``fast_output`` (e.g. ``(1-α)·o + α·v_self``) and then run on the fast path.
 - ``output``: ``output_mod`` on the per-head output ``(batch, num_heads, q_len, head_dim)`` before ``o_proj``.
@@ -25,52 +30,23 @@ Shapes: B batch, Hq num_heads, Hkv num_kv_heads, Lq q_len, Lk kv_len, n rows of 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
 from attnlab.errors import ConfigError
 from attnlab.params import IndexList, validated
+from attnlab.probes.base import AttentionCall
+
+if TYPE_CHECKING:
+    from attnlab.functional.masked_attention import ScoreMod
+    from attnlab.functional.masks import MaskMod
+
+__all__ = ["STAGES", "AttentionCall", "Edit", "Stage", "evaluate_mask_mod"]
 
 Stage = Literal["positions", "logits", "mask", "probs", "output"]
 STAGES: tuple[str, ...] = ("positions", "logits", "mask", "probs", "output")
-
-
-@dataclass
-class EditContext:
-    """One attention call of one layer, as an edit sees it.
-
-    Attributes:
-        layer_idx: the layer. num_heads, num_kv_heads: Hq and Hkv.
-        q_len, kv_len: Lq and Lk of this call.
-        query_positions: (B, Lq) long, token positions counting real tokens only (0 = the sequence's first real
-            token; -1 on padding). key_positions: (B, Lk) long, the same for keys.
-        key_valid: (B, Lk) bool, real key tokens. query_valid: (B, Lq) bool.
-        heads: (Hq,) bool, the query heads this edit acts on.
-        scale: the logit scale the model uses (``head_dim ** -0.5`` unless the model says otherwise).
-    """
-
-    layer_idx: int
-    num_heads: int
-    num_kv_heads: int
-    q_len: int
-    kv_len: int
-    query_positions: Tensor
-    key_positions: Tensor
-    query_valid: Tensor
-    key_valid: Tensor
-    heads: Tensor
-    scale: float
-
-    @property
-    def groups(self) -> int:
-        return self.num_heads // self.num_kv_heads
-
-    def head_column(self) -> Tensor:
-        """(1, Hq, 1, 1) bool: the selected heads, shaped to broadcast over (B, Hq, rows, keys)."""
-        return self.heads.view(1, -1, 1, 1)
 
 
 class Edit:
@@ -124,53 +100,73 @@ class Edit:
     def applies_to(self, layer_idx: int) -> bool:
         return self.layers is None or layer_idx in self.layers
 
-    def head_selection(self, num_heads: int, device: torch.device) -> Tensor:
-        """(Hq,) bool: the query heads this edit acts on. Raises ConfigError if a head index is ≥ num_heads."""
-        selected = torch.ones(num_heads, dtype=torch.bool, device=device)
-        if self.heads is not None:
-            if max(self.heads) >= num_heads:
-                raise ConfigError(f"edit {self.name!r}: heads={list(self.heads)} but the model has "
-                                  f"num_heads={num_heads} query heads (0…{num_heads - 1})")
-            selected.zero_()
-            selected[list(self.heads)] = True
-        return selected
+    def check_model(self, num_layers: int, num_heads: int) -> None:
+        """Raise ConfigError if ``layers`` or ``heads`` name a layer or query head the model does not have."""
+        if self.layers is not None and max(self.layers) >= num_layers:
+            raise ConfigError(f"edit {self.spec()!r}: layers={list(self.layers)} but the model has "
+                              f"{num_layers} layers (0…{num_layers - 1})")
+        self._check_heads(num_heads)
+
+    def _check_heads(self, num_heads: int) -> None:
+        if self.heads is not None and max(self.heads) >= num_heads:
+            raise ConfigError(f"edit {self.name!r}: heads={list(self.heads)} but the model has "
+                              f"num_heads={num_heads} query heads (0…{num_heads - 1})")
+
+    def head_mask(self, call: AttentionCall) -> Tensor:
+        """(Hq,) bool on the call's device: the query heads this edit acts on (cached per num_heads and device).
+
+        Raises ConfigError if a head index is ≥ ``call.num_heads``."""
+        cache: dict[tuple, Tensor] = self.__dict__.setdefault("_head_masks", {})
+        key = (call.num_heads, call.device, self.heads)
+        if key not in cache:
+            self._check_heads(call.num_heads)
+            selected = torch.ones(call.num_heads, dtype=torch.bool)
+            if self.heads is not None:
+                selected.zero_()
+                selected[list(self.heads)] = True
+            cache[key] = selected.to(call.device)
+        return cache[key]
+
+    def head_column(self, call: AttentionCall) -> Tensor:
+        """(1, Hq, 1, 1) bool: ``head_mask(call)`` shaped to broadcast over (B, Hq, rows, keys)."""
+        return self.head_mask(call).view(1, -1, 1, 1)
 
     # hooks (defaults do nothing) -------------------------------------------------------------------------------
     def position_ids(self, position_ids: Tensor) -> Tensor:
         """positions stage: (B, L) long position ids → remapped ids."""
         return position_ids
 
-    def query_scale(self, ctx: EditContext) -> Tensor | None:
+    def query_scale(self, call: AttentionCall) -> Tensor | None:
         """logits stage, fast form: a multiplier on logits broadcastable to (B, Hq, Lq, 1), or None."""
         return None
 
-    def key_bias(self, ctx: EditContext) -> tuple[Tensor, Tensor] | None:
+    def key_bias(self, call: AttentionCall) -> tuple[Tensor, Tensor] | None:
         """logits stage, fast form: ``(coef (Hq,), indicator (B, Lk))``, adding ``coef[h] * indicator[b, k]``."""
         return None
 
-    def score_mod(self, logits: Tensor, q_index: Tensor, ctx: EditContext) -> Tensor:
-        """logits stage: logits (B, Hq, n, w) of query rows ``q_index`` (n,) over keys 0…w-1 → edited logits."""
-        scale = self.query_scale(ctx)
+    def logits_mod(self, logits: Tensor, q_index: Tensor, call: AttentionCall) -> Tensor:
+        """logits stage (a ``LogitsMod`` bound to the call): logits (B, Hq, n, w) of query rows ``q_index`` (n,)
+        over keys 0…w-1 → edited logits. The default applies ``query_scale``/``key_bias``."""
+        scale = self.query_scale(call)
         if scale is not None:
-            scale = scale.expand(-1, -1, ctx.q_len, -1)[:, :, q_index.to(scale.device)]
+            scale = scale.expand(-1, -1, call.q_len, -1)[:, :, q_index.to(scale.device)]
             logits = logits * scale
-        bias = self.key_bias(ctx)
+        bias = self.key_bias(call)
         if bias is not None:
             coef, indicator = bias
             width = logits.shape[-1]
             logits = logits + coef.view(1, -1, 1, 1) * indicator[:, None, None, :width].to(logits.dtype)
         return logits
 
-    def flex_score_mod(self, ctx: EditContext) -> Any:
-        """logits stage, Flex form: ``score_mod(logits, batch_idx, head_idx, q_idx, kv_idx) -> logits`` with
+    def as_score_mod(self, call: AttentionCall) -> ScoreMod | None:
+        """logits stage, Flex form: a ``ScoreMod`` ``(logits, batch_idx, head_idx, q_idx, kv_idx) -> logits`` with
         call-local indices (query row, key index), or None if the edit has none. The default derives it from
         ``query_scale``/``key_bias``."""
-        scale = self.query_scale(ctx)
-        bias = self.key_bias(ctx)
+        scale = self.query_scale(call)
+        bias = self.key_bias(call)
         if scale is None and bias is None:
             return None
-        B = ctx.query_positions.shape[0]
-        table = None if scale is None else scale.expand(B, ctx.num_heads, ctx.q_len, 1)[..., 0].contiguous()
+        table = None if scale is None else scale.expand(call.batch, call.num_heads, call.q_len, 1)[..., 0].contiguous()
         coef, indicator = (None, None) if bias is None else (bias[0], bias[1].to(torch.float32))
 
         def score_mod(logits: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
@@ -182,28 +178,28 @@ class Edit:
 
         return score_mod
 
-    def mask_mod(self, keep: Tensor, ctx: EditContext) -> Tensor | None:
+    def keep_mod(self, keep: Tensor, call: AttentionCall) -> Tensor | None:
         """mask stage: the current keep (B|1, Hq|1, Lq, Lk) bool, True = attend → the new keep, or None (no change).
 
         Most mask edits AND a pattern into ``keep``; an edit may also open keys (CCA's rings) but must keep padding
-        masked (``ctx.key_valid``)."""
+        masked (``call.key_valid``)."""
         return None
 
-    def prepare(self, ctx: EditContext, probs_pass: Any) -> None:
+    def prepare(self, call: AttentionCall, probs_pass: Any) -> None:
         """Called before the call's attention when ``needs_prepare``: ``probs_pass(on_block)`` runs the blocked
         kernel with the edits before this one and feeds each BlockView to ``on_block``."""
 
-    def probs_mod(self, probs: Tensor, q_index: Tensor, keep: Tensor | None, ctx: EditContext) -> Tensor:
+    def probs_mod(self, probs: Tensor, q_index: Tensor, keep: Tensor | None, call: AttentionCall) -> Tensor:
         """probs stage: probs (B, Hq, n, w) of query rows ``q_index`` → edited probs."""
         return probs
 
-    def fast_output(self, output: Tensor, value: Tensor, keep: Tensor | None, ctx: EditContext) -> Tensor:
+    def fast_output(self, output: Tensor, value: Tensor, keep: Tensor | None, call: AttentionCall) -> Tensor:
         """probs stage, fast form: the output (B, Hq, Lq, Dv) an edit of the probs would give, from the unedited
         output, value (B, Hkv, Lk, Dv) and the call's final keep mask. Only called when ``fast`` is True for a
         probs-stage edit."""
         raise NotImplementedError(f"edit {self.name!r} has no fast form")
 
-    def output_mod(self, output: Tensor, ctx: EditContext) -> Tensor:
+    def output_mod(self, output: Tensor, call: AttentionCall) -> Tensor:
         """output stage: per-head output (B, Hq, n, Dv) → edited output."""
         return output
 
@@ -216,15 +212,12 @@ def _format_value(value: Any) -> str:
     return str(value)
 
 
-def evaluate_mask_mod(mask_mod: Any, ctx: EditContext) -> Tensor:
-    """A FlexAttention-style ``mask_mod(batch_idx, head_idx, q_idx, kv_idx)`` evaluated on this call's token
+def evaluate_mask_mod(mask_mod: MaskMod, call: AttentionCall) -> Tensor:
+    """A ``MaskMod`` ``mask_mod(batch_idx, head_idx, q_idx, kv_idx) -> bool`` evaluated on this call's token
     positions (real-token positions, so left padding does not shift patterns) → bool (B, Hq|1, Lq, Lk)."""
-    B = ctx.query_positions.shape[0]
-    device = ctx.query_positions.device
-    batch_idx = torch.arange(B, device=device).view(B, 1, 1, 1)
-    head_idx = torch.arange(ctx.num_heads, device=device).view(1, -1, 1, 1)
-    q_idx = ctx.query_positions[:, None, :, None]
-    kv_idx = ctx.key_positions[:, None, None, :]
+    device = call.device
+    batch_idx = torch.arange(call.batch, device=device).view(-1, 1, 1, 1)
+    head_idx = torch.arange(call.num_heads, device=device).view(1, -1, 1, 1)
+    q_idx = call.query_positions[:, None, :, None]
+    kv_idx = call.key_positions[:, None, None, :]
     return mask_mod(batch_idx, head_idx, q_idx, kv_idx)
-
-

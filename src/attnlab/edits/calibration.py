@@ -9,7 +9,7 @@ from torch import Tensor
 
 from attnlab.edits import EDITS
 from attnlab.edits._move import move_mass
-from attnlab.edits.base import Edit, EditContext
+from attnlab.edits.base import AttentionCall, Edit
 from attnlab.functional.attention import BlockView
 from attnlab.params import IndexList, Range, validated
 
@@ -58,16 +58,16 @@ class Calibration(Edit):
         params.update({"theta": self.theta} if self.threshold == "absolute" else {"alpha": self.alpha})
         return params
 
-    def prepare(self, ctx: EditContext, probs_pass: Any) -> None:
+    def prepare(self, call: AttentionCall, probs_pass: Any) -> None:
         """Column scores over this call's real queries → the sink set (B, Hq, Lk) bool, kept for probs_mod."""
-        B, Hq, Lk = ctx.query_positions.shape[0], ctx.num_heads, ctx.kv_len
-        device = ctx.heads.device
+        B, Hq, Lk = call.query_positions.shape[0], call.num_heads, call.kv_len
+        device = call.device
         column_sum = torch.zeros(B, Hq, Lk, dtype=torch.float64, device=device)
         column_count = torch.zeros(B, Hq, Lk, dtype=torch.float64, device=device)
 
         def collect(block: BlockView) -> None:
             width = block.probs.shape[-1]
-            rows_valid = ctx.query_valid[:, block.q_index.to(device)][:, None, :, None]  # (B, 1, n, 1)
+            rows_valid = call.query_valid[:, block.q_index.to(device)][:, None, :, None]  # (B, 1, n, 1)
             visible = rows_valid if block.keep is None else block.keep & rows_valid
             visible = visible.expand(B, Hq, -1, width)
             column_sum[..., :width] += (block.probs * visible).sum(dim=2).double()
@@ -78,17 +78,17 @@ class Calibration(Edit):
         if self.threshold == "absolute":
             theta = torch.full((B, 1, 1), self.theta, dtype=torch.float64, device=device)
         else:
-            theta = (self.alpha / ctx.key_valid.sum(dim=-1).clamp(min=1).double()).view(B, 1, 1)
-        eligible = (ctx.key_valid & (ctx.key_positions != 0))[:, None, :]  # real keys, not the first token
+            theta = (self.alpha / call.key_valid.sum(dim=-1).clamp(min=1).double()).view(B, 1, 1)
+        eligible = (call.key_valid & (call.key_positions != 0))[:, None, :]  # real keys, not the first token
         self._sinks = (score > theta) & eligible & (column_count > 0)
 
-    def probs_mod(self, probs: Tensor, q_index: Tensor, keep: Tensor | None, ctx: EditContext) -> Tensor:
+    def probs_mod(self, probs: Tensor, q_index: Tensor, keep: Tensor | None, call: AttentionCall) -> Tensor:
         if self._sinks is None:
             raise RuntimeError("calibration.probs_mod called before prepare()")  # internal invariant
         width = probs.shape[-1]
         sinks = self._sinks[..., :width].to(probs.device)[:, :, None, :]  # (B, Hq, 1, w)
         visible = torch.ones_like(sinks) if keep is None else keep.to(probs.device)
-        active = ctx.head_column().to(probs.device)
+        active = self.head_column(call).to(probs.device)
         return move_mass(probs, sinks, visible & ~sinks, self.beta, active)
 
     def sink_table(self) -> Tensor | None:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from attnlab.edits import EDITS
-from attnlab.edits.base import Edit, EditContext
+from attnlab.edits.base import AttentionCall, Edit
 from attnlab.params import IndexList, Range, validated
 
 
@@ -78,9 +78,9 @@ class ConcentricPositions(Edit):
         ring = self.rings(positions.device)[offset.clamp(0, self.span_len - 1)]
         return torch.where(in_span, ring, -1)
 
-    def mask_mod(self, keep: Tensor, ctx: EditContext) -> Tensor:
-        q_ring = self._ring_of(ctx.query_positions)[:, None, :, None]  # (B, 1, Lq, 1)
-        k_ring = self._ring_of(ctx.key_positions)[:, None, None, :]  # (B, 1, 1, Lk)
+    def keep_mod(self, keep: Tensor, call: AttentionCall) -> Tensor:
+        q_ring = self._ring_of(call.query_positions)[:, None, :, None]  # (B, 1, Lq, 1)
+        k_ring = self._ring_of(call.key_positions)[:, None, None, :]  # (B, 1, 1, Lk)
         both = (q_ring >= 0) & (k_ring >= 0)
-        ring_rule = (k_ring <= q_ring) & ctx.key_valid[:, None, None, :]
+        ring_rule = (k_ring <= q_ring) & call.key_valid[:, None, None, :]
         return torch.where(both, ring_rule, keep)

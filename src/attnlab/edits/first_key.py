@@ -7,7 +7,7 @@ from torch import Tensor
 
 from attnlab.edits import EDITS
 from attnlab.edits._onehot import OneHotBlend
-from attnlab.edits.base import EditContext
+from attnlab.edits.base import AttentionCall
 
 
 @EDITS.register("first_key")
@@ -27,7 +27,7 @@ class FirstKey(OneHotBlend):
         ConfigError: alpha outside [0, 1].
     """
 
-    def target_keys(self, ctx: EditContext) -> Tensor:
-        is_first = ctx.key_positions == 0  # (B, Lk)
+    def target_keys(self, call: AttentionCall) -> Tensor:
+        is_first = call.key_positions == 0  # (B, Lk)
         index = torch.where(is_first.any(dim=-1), is_first.long().argmax(dim=-1), -1)  # (B,)
-        return index[:, None].expand(-1, ctx.q_len)
+        return index[:, None].expand(-1, call.q_len)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from attnlab.edits import EDITS
-from attnlab.edits.base import Edit, EditContext
+from attnlab.edits.base import AttentionCall, Edit
 from attnlab.params import IndexList, Range, validated
 
 
@@ -42,6 +42,6 @@ class HeadScale(Edit):
     def params(self) -> dict[str, Any]:
         return {"scale": self.scale}
 
-    def output_mod(self, output: Tensor, ctx: EditContext) -> Tensor:
-        factor = torch.where(ctx.head_column(), self.scale, 1.0).to(output.dtype)
+    def output_mod(self, output: Tensor, call: AttentionCall) -> Tensor:
+        factor = torch.where(self.head_column(call), self.scale, 1.0).to(output.dtype)
         return output * factor

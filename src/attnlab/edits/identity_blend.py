@@ -7,7 +7,7 @@ from torch import Tensor
 
 from attnlab.edits import EDITS
 from attnlab.edits._onehot import OneHotBlend
-from attnlab.edits.base import EditContext
+from attnlab.edits.base import AttentionCall
 
 
 @EDITS.register("identity_blend")
@@ -26,7 +26,7 @@ class IdentityBlend(OneHotBlend):
         ConfigError: alpha outside [0, 1].
     """
 
-    def target_keys(self, ctx: EditContext) -> Tensor:
+    def target_keys(self, call: AttentionCall) -> Tensor:
         # The queries are the last q_len keys: query row i is key kv_len - q_len + i.
-        rows = torch.arange(ctx.q_len, device=ctx.query_positions.device) + (ctx.kv_len - ctx.q_len)
-        return rows.expand(ctx.query_positions.shape[0], -1)
+        rows = torch.arange(call.q_len, device=call.query_positions.device) + (call.kv_len - call.q_len)
+        return rows.expand(call.query_positions.shape[0], -1)

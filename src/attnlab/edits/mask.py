@@ -8,7 +8,7 @@ from typing import Annotated, Any, ClassVar
 from torch import Tensor
 
 from attnlab.edits import EDITS
-from attnlab.edits.base import Edit, EditContext, evaluate_mask_mod
+from attnlab.edits.base import AttentionCall, Edit, evaluate_mask_mod
 from attnlab.functional.masks import MASKS
 from attnlab.params import Forward, IndexList, validated
 
@@ -49,5 +49,5 @@ class Mask(Edit):
     def params(self) -> dict[str, Any]:
         return {"name": self.mask_name, **self.mask_params}
 
-    def mask_mod(self, keep: Tensor, ctx: EditContext) -> Tensor:
-        return keep & evaluate_mask_mod(self._mask_mod, ctx)
+    def keep_mod(self, keep: Tensor, call: AttentionCall) -> Tensor:
+        return keep & evaluate_mask_mod(self._mask_mod, call)

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from attnlab.edits import EDITS
 from attnlab.edits._move import move_mass
-from attnlab.edits.base import Edit, EditContext
+from attnlab.edits.base import AttentionCall, Edit
 from attnlab.errors import ConfigError
 from attnlab.params import IndexList, Range, validated
 
@@ -58,9 +58,9 @@ class Redistribution(Edit):
                 "target_start": self.target_start, "target_end": self.target_end,
                 "min_target_mass": self.min_target_mass}
 
-    def probs_mod(self, probs: Tensor, q_index: Tensor, keep: Tensor | None, ctx: EditContext) -> Tensor:
+    def probs_mod(self, probs: Tensor, q_index: Tensor, keep: Tensor | None, call: AttentionCall) -> Tensor:
         width = probs.shape[-1]
-        positions = ctx.key_positions[:, :width].to(probs.device)  # (B, w)
+        positions = call.key_positions[:, :width].to(probs.device)  # (B, w)
         sink_list = torch.tensor(self.sink_positions, device=probs.device)
         sinks = torch.isin(positions, sink_list)
         in_span = positions >= self.target_start
@@ -70,5 +70,5 @@ class Redistribution(Edit):
         visible = torch.ones_like(probs, dtype=torch.bool) if keep is None else keep.to(probs.device)
         targets = visible & targets[:, None, None, :]
         target_mass = (probs * targets).sum(dim=-1, keepdim=True)
-        active = ctx.head_column().to(probs.device) & (target_mass >= self.min_target_mass)
+        active = self.head_column(call).to(probs.device) & (target_mass >= self.min_target_mass)
         return move_mass(probs, sinks[:, None, None, :], targets, 1.0 - self.fraction, active)

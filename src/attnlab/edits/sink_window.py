@@ -7,7 +7,7 @@ from typing import Annotated, Any, ClassVar
 from torch import Tensor
 
 from attnlab.edits import EDITS
-from attnlab.edits.base import Edit, EditContext, evaluate_mask_mod
+from attnlab.edits.base import AttentionCall, Edit, evaluate_mask_mod
 from attnlab.functional.masks import MASKS
 from attnlab.params import IndexList, Range, validated
 
@@ -46,5 +46,5 @@ class SinkWindow(Edit):
     def params(self) -> dict[str, Any]:
         return {"sinks": self.sinks, "window": self.window}
 
-    def mask_mod(self, keep: Tensor, ctx: EditContext) -> Tensor:
-        return keep & evaluate_mask_mod(self._mask_mod, ctx)
+    def keep_mod(self, keep: Tensor, call: AttentionCall) -> Tensor:
+        return keep & evaluate_mask_mod(self._mask_mod, call)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from attnlab.edits import EDITS
-from attnlab.edits.base import Edit, EditContext
+from attnlab.edits.base import AttentionCall, Edit
 from attnlab.params import IndexList, Range, validated
 
 
@@ -55,13 +55,13 @@ class Temperature(Edit):
             params["train_len"] = self.train_len
         return params
 
-    def query_scale(self, ctx: EditContext) -> Tensor:
+    def query_scale(self, call: AttentionCall) -> Tensor:
         """(B|1, Hq, Lq|1, 1) float32 multiplier: 1/τ (× the log-n factor) on selected heads, 1 elsewhere."""
-        heads = ctx.head_column()
+        heads = self.head_column(call)
         if self.variant == "constant":
             factor = torch.full((1, 1, 1, 1), 1.0 / self.tau, device=heads.device)
         else:
-            positions = ctx.query_positions.clamp(min=0).to(torch.float32)  # (B, Lq)
+            positions = call.query_positions.clamp(min=0).to(torch.float32)  # (B, Lq)
             growth = (torch.log(positions + 1.0) / math.log(self.train_len)).clamp(min=1.0)
             factor = (growth / self.tau)[:, None, :, None]
         return torch.where(heads, factor, torch.ones((), device=heads.device))

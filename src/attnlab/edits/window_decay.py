@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from attnlab.edits import EDITS
-from attnlab.edits.base import Edit, EditContext
+from attnlab.edits.base import AttentionCall, Edit
 from attnlab.params import IndexList, Range, validated
 
 
@@ -43,17 +43,17 @@ class WindowDecay(Edit):
     def params(self) -> dict[str, Any]:
         return {"window": self.window, "alpha": self.alpha}
 
-    def score_mod(self, logits: Tensor, q_index: Tensor, ctx: EditContext) -> Tensor:
+    def logits_mod(self, logits: Tensor, q_index: Tensor, call: AttentionCall) -> Tensor:
         width = logits.shape[-1]
-        q_pos = ctx.query_positions[:, q_index.to(ctx.query_positions.device)].to(logits.device)  # (B, n)
-        k_pos = ctx.key_positions[:, :width].to(logits.device)  # (B, w)
+        q_pos = call.query_positions[:, q_index.to(call.query_positions.device)].to(logits.device)  # (B, n)
+        k_pos = call.key_positions[:, :width].to(logits.device)  # (B, w)
         far = (q_pos[:, :, None] - k_pos[:, None, :]).abs() * 2 > self.window  # (B, n, w): |q-k| > window/2
-        act = far[:, None] & (logits > 0) & ctx.head_column().to(logits.device)
+        act = far[:, None] & (logits > 0) & self.head_column(call).to(logits.device)
         return torch.where(act, logits * self.alpha, logits)
 
-    def flex_score_mod(self, ctx: EditContext) -> Any:
-        query_positions, key_positions = ctx.query_positions, ctx.key_positions
-        heads, window, alpha = ctx.heads, self.window, self.alpha
+    def as_score_mod(self, call: AttentionCall) -> Any:
+        query_positions, key_positions = call.query_positions, call.key_positions
+        heads, window, alpha = self.head_mask(call), self.window, self.alpha
 
         def score_mod(logits: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
             far = (query_positions[b, q_idx] - key_positions[b, kv_idx]).abs() * 2 > window

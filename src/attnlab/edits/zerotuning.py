@@ -8,7 +8,7 @@ from typing import Annotated, Any, ClassVar
 from torch import Tensor
 
 from attnlab.edits import EDITS
-from attnlab.edits.base import Edit, EditContext
+from attnlab.edits.base import AttentionCall, Edit
 from attnlab.params import IndexList, Range, validated
 
 
@@ -46,6 +46,6 @@ class ZeroTuning(Edit):
     def params(self) -> dict[str, Any]:
         return {"gamma": self.gamma}
 
-    def key_bias(self, ctx: EditContext) -> tuple[Tensor, Tensor]:
-        coef = ctx.heads.float() * math.log(self.gamma)  # (Hq,)
-        return coef, ctx.key_positions == 0  # (B, Lk): the first real token
+    def key_bias(self, call: AttentionCall) -> tuple[Tensor, Tensor]:
+        coef = self.head_mask(call).float() * math.log(self.gamma)  # (Hq,)
+        return coef, call.key_positions == 0  # (B, Lk): the first real token

@@ -134,7 +134,7 @@ def evaluate_variants(model: Any, tokenizer: Any, variants: list[Variant], *, ta
         notify(done, total, f"{label}: done")
         record: dict[str, Any] = {
             "label": label, "edits": [edit.spec() for edit in edits], "edit_report": edit_report(session, edits),
-            "attention_paths": {str(layer): path for layer, path in sorted(session.paths.items())},
+            "attention_paths": {str(layer): path for layer, path in sorted(session.attention_paths.items())},
             "seconds": round(time.perf_counter() - started, 3),
         }
         if run_lm:

@@ -31,8 +31,9 @@ from attnlab.errors import ShapeError
 __all__ = ["BlockView", "LogitsMod", "ProbsMod", "attention_reference", "blocked_attention", "check_qkv",
            "causal_keep"]
 
-# A score_mod acts on logits: ``(logits (B, Hq, n, w), q_index (n,) long) -> logits``, where the n rows are the query
-# rows ``q_index`` and the w columns are keys ``0 … w-1``. It runs after soft-capping and before the mask.
+# A logits_mod acts on logits: ``(logits (B, Hq, n, w), q_index (n,) long) -> logits``, where the n rows are the query
+# rows ``q_index`` and the w columns are keys ``0 … w-1``. It runs after soft-capping and before the mask. (Not
+# FlexAttention's per-element ``score_mod(logits, b, h, q_idx, kv_idx)``; that one is ``ScoreMod``.)
 LogitsMod = Callable[[Tensor, Tensor], Tensor]
 # A probs_mod acts on probs after the softmax: ``(probs (B, Hq, n, w), q_index (n,), keep (bool, broadcastable) or
 # None) -> probs``; masked entries arrive as exact zeros.
@@ -82,7 +83,7 @@ def attention_reference(
     *,
     scale: float | None = None,
     softcap: float | None = None,
-    score_mod: LogitsMod | None = None,
+    logits_mod: LogitsMod | None = None,
     probs_mod: ProbsMod | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Quadratic softmax attention, written for reading. The oracle every fast path is tested against.
@@ -94,7 +95,7 @@ def attention_reference(
         keep: bool, broadcastable to (B, Hq, Lq, Lk), True = attend; None = all visible.
         scale: logit scale; default ``D ** -0.5``.
         softcap: if given, logits become ``softcap * tanh(logits / softcap)`` before masking (Gemma 2).
-        score_mod: optional edit of the logits (see ``LogitsMod``), applied after softcap, before the mask.
+        logits_mod: optional edit of the logits (see ``LogitsMod``), applied after softcap, before the mask.
         probs_mod: optional edit of the probs (see ``ProbsMod``), applied after the softmax.
 
     Returns:
@@ -113,8 +114,8 @@ def attention_reference(
     logits = query.to(dtype) @ key_per_head.transpose(-1, -2) * scale  # (B, Hq, Lq, Lk)
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
-    if score_mod is not None:
-        logits = score_mod(logits, torch.arange(logits.shape[-2], device=logits.device))
+    if logits_mod is not None:
+        logits = logits_mod(logits, torch.arange(logits.shape[-2], device=logits.device))
     if keep is not None:
         logits = logits.masked_fill(~keep, float("-inf"))
     row_has_key = ~torch.isneginf(logits).all(dim=-1, keepdim=True)  # (B, Hq, Lq, 1); NaN rows stay NaN
@@ -185,7 +186,7 @@ def blocked_attention(
     block_size: int = 128,
     query_index: Tensor | None = None,
     on_block: Callable[[BlockView], None] | None = None,
-    score_mod: LogitsMod | None = None,
+    logits_mod: LogitsMod | None = None,
     probs_mod: ProbsMod | None = None,
 ) -> Tensor:
     """Softmax attention computed one block of query rows at a time, GQA-aware, observers fed per block.
@@ -203,7 +204,7 @@ def blocked_attention(
         query_index: optional (n,) long tensor of query rows to compute (e.g. a sample of rows); the output then
             has n rows in that order. Default: all Lq rows.
         on_block: called once per block with a BlockView (after ``probs_mod``: observers see the edited probs).
-        score_mod: optional logits edit (``LogitsMod``), applied per block after softcap and before the mask.
+        logits_mod: optional logits edit (``LogitsMod``), applied per block after softcap and before the mask.
         probs_mod: optional probs edit (``ProbsMod``), applied per block after the softmax.
 
     Returns:
@@ -251,8 +252,8 @@ def blocked_attention(
         logits = (q_grouped @ key_c[:, :, :width].transpose(-1, -2)).view(B, num_heads, bq, width)
         if softcap is not None:
             logits = softcap * torch.tanh(logits / softcap)
-        if score_mod is not None:
-            logits = score_mod(logits, rows)
+        if logits_mod is not None:
+            logits = logits_mod(logits, rows)
         if keep_blk is not None:
             if first_masked < width:  # mask only the columns some row cannot see (the diagonal part if causal)
                 logits[..., first_masked:].masked_fill_(~keep_blk[..., first_masked:], torch.finfo(dtype).min)

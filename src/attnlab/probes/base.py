@@ -6,8 +6,15 @@ the fast path too), keeps its state as small float64 tensors indexed ``(layer, h
 (so windows, batches and ranks combine), and returns long-format rows
 ``{probe, statistic, layer, head, position, value}`` (see docs/results.md) plus optional extras.
 
+Needs: ``"probs"`` (the blocked kernel feeds ``update`` with each query block's probs and logits), ``"value"``
+(``begin_call``/``end_call`` with the call record on every path), ``"hidden_states"`` (``on_hidden_states`` per
+decoder layer) and ``"every_row"`` (with ``"probs"``: every query row, never a ``query_fraction`` sample).
+
 Call order per attention call of one layer: ``begin_call(call)``, ``update(call, block)`` for every query block,
 ``end_call(call)``. Per decoder layer: ``on_hidden_states(layer_idx, hidden_states, sequence)``.
+
+The call record :class:`AttentionCall` is the one record probes **and** edits receive
+(``attnlab.edits.base`` re-exports it).
 """
 
 from __future__ import annotations
@@ -18,12 +25,13 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from attnlab.facts import ModelFacts
 from attnlab.functional.attention import BlockView
 
 Row = dict[str, Any]
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class SequenceInfo:
     """Which tokens of the current forward pass are real (not padding), and where each sits.
 
@@ -46,19 +54,21 @@ class SequenceInfo:
         return cls(valid=valid, positions=positions, input_ids=input_ids, sequence_offset=sequence_offset)
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class AttentionCall:
-    """One attention call of one layer, as probes see it.
+    """One attention call of one layer: what probes observe and edits act on.
 
     Attributes:
         layer_idx: index of the attention layer.
-        num_heads, num_kv_heads: Hq and Hkv; query head h reads kv head ``h // (Hq // Hkv)``.
-        q_len, kv_len: Lq and Lk of this call.
+        num_heads, num_kv_heads: Hq and Hkv; query head h reads kv head ``h // (Hq // Hkv)``
+            (``num_kv_groups`` = Hq // Hkv).
+        q_len, kv_len: Lq and Lk of this call (the queries are the last Lq of the Lk keys' tokens).
         causal: whether the layer is causal (distances are ``q - k``) or bidirectional (``|q - k|``).
-        value: (B, Hkv, Lk, Dv) value states as the model passed them.
+        scale: the logit scale the model uses (``head_dim ** -0.5`` unless the model says otherwise).
+        value: (B, Hkv, Lk, Dv) value states as the model passed them (detached).
         query_valid: (B, Lq) bool, real query tokens. key_valid: (B, Lk) bool, real key tokens.
         query_positions: (B, Lq) long and key_positions: (B, Lk) long: token positions counting real tokens only
-            (0 = first real token; -1 on padding).
+            (0 = the sequence's first real token; -1 on padding).
         sequence: the SequenceInfo of the forward pass.
     """
 
@@ -68,6 +78,7 @@ class AttentionCall:
     q_len: int
     kv_len: int
     causal: bool
+    scale: float
     value: Tensor
     query_valid: Tensor
     key_valid: Tensor
@@ -75,15 +86,18 @@ class AttentionCall:
     key_positions: Tensor
     sequence: SequenceInfo
 
+    @property
+    def num_kv_groups(self) -> int:
+        """Query heads per kv head (``num_heads // num_kv_heads``)."""
+        return self.num_heads // self.num_kv_heads
 
-@dataclass
-class ModelShape:
-    """Sizes a probe needs to allocate its state."""
+    @property
+    def batch(self) -> int:
+        return self.query_positions.shape[0]
 
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    max_len: int = 0
+    @property
+    def device(self) -> torch.device:
+        return self.query_positions.device
 
 
 def visible(call: AttentionCall, block: BlockView) -> Tensor:
@@ -113,9 +127,12 @@ class Probe:
     name: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()
 
-    def bind(self, shape: ModelShape) -> None:
-        """Called once by the session before the first forward pass."""
-        self.shape = shape
+    def bind(self, facts: ModelFacts) -> None:
+        """Called once by the session before the first forward pass with the model's sizes.
+
+        State indexed by position or distance starts small and grows (``pad_to_length``) as longer sequences
+        arrive."""
+        self.facts = facts
 
     def begin_call(self, call: AttentionCall) -> None:  # noqa: B027 - optional hook
         pass

@@ -32,7 +32,7 @@ from torch import Tensor
 from attnlab.functional.attention import BlockView
 from attnlab.probes import PROBES
 from attnlab.probes.base import (
-    AttentionCall, ModelShape, Probe, Row, RowWriter, key_index_of_positions, pad_to_length, safe_div,
+    AttentionCall, ModelFacts, Probe, Row, RowWriter, key_index_of_positions, pad_to_length, safe_div,
 )
 from attnlab.stats.distance import (
     DiagonalSums, bin_sums, fit_decay, log2_bin_starts, mass_off_sink, sums_by_distance_scatter,
@@ -45,9 +45,9 @@ class DistanceProbe(Probe):
 
     needs = frozenset({"probs"})
 
-    def bind(self, shape: ModelShape) -> None:
-        super().bind(shape)
-        L, H, D = shape.num_layers, shape.num_heads, max(shape.max_len, 1)
+    def bind(self, facts: ModelFacts) -> None:
+        super().bind(facts)
+        L, H, D = facts.num_layers, facts.num_heads, 1
         zeros = lambda: torch.zeros(L, H, D, dtype=torch.float64)  # noqa: E731
         self.mass_sum = zeros()  # all real rows: attention at distance d
         self.fit_sum, self.fit_count = zeros(), zeros()  # fixed rows: attention and visible pairs at d

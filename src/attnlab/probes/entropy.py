@@ -22,7 +22,7 @@ from torch import Tensor
 from attnlab.functional.attention import BlockView
 from attnlab.params import Range, validated
 from attnlab.probes import PROBES
-from attnlab.probes.base import AttentionCall, ModelShape, Probe, Row, RowWriter, safe_div
+from attnlab.probes.base import AttentionCall, ModelFacts, Probe, Row, RowWriter, safe_div
 from attnlab.stats.entropy import normalised_entropy, row_entropy_from_logits
 
 logger = logging.getLogger(__name__)
@@ -45,9 +45,9 @@ class EntropyProbe(Probe):
     def __init__(self, num_bins: Annotated[int, Range(ge=1, le=10_000)] = 20) -> None:
         self.num_bins = num_bins
 
-    def bind(self, shape: ModelShape) -> None:
-        super().bind(shape)
-        L, H = shape.num_layers, shape.num_heads
+    def bind(self, facts: ModelFacts) -> None:
+        super().bind(facts)
+        L, H = facts.num_layers, facts.num_heads
         zeros = lambda *size: torch.zeros(*size, dtype=torch.float64)  # noqa: E731
         self.entropy_sum, self.rows_seen = zeros(L, H), zeros(L, H)
         self.norm_sum, self.norm_rows = zeros(L, H), zeros(L, H)

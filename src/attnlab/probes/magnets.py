@@ -29,7 +29,7 @@ from attnlab.errors import ConfigError
 from attnlab.functional.attention import BlockView
 from attnlab.params import Range, validated
 from attnlab.probes import PROBES
-from attnlab.probes.base import AttentionCall, ModelShape, Probe, Row, RowWriter, safe_div
+from attnlab.probes.base import AttentionCall, ModelFacts, Probe, Row, RowWriter, safe_div
 
 CLASSES = ("bos", "newline", "punctuation", "stop_word", "other")
 STOP_WORDS = frozenset("""a about above after again against all am an and any are as at be because been before being
@@ -85,12 +85,12 @@ class MagnetsProbe(Probe):
             self.bos_token_id = runner.bos_token_id
         self._table = None
 
-    def bind(self, shape: ModelShape) -> None:
+    def bind(self, facts: ModelFacts) -> None:
         if not self.classified:
             raise ConfigError("magnets needs token classes: pass token_classes, or call prepare(facts, runner) before "
                               "the Session (`attnlab report`/`attnlab probe` do); without them every key is 'other'")
-        super().bind(shape)
-        L, H, C = shape.num_layers, shape.num_heads, len(CLASSES)
+        super().bind(facts)
+        L, H, C = facts.num_layers, facts.num_heads, len(CLASSES)
         self.mass_sum = torch.zeros(L, H, C, dtype=torch.float64)
         self.share_sum = torch.zeros(L, H, C, dtype=torch.float64)
         self.rows_seen = torch.zeros(L, H, dtype=torch.float64)

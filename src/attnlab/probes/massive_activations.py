@@ -23,7 +23,7 @@ from torch import Tensor
 
 from attnlab.params import Range, validated
 from attnlab.probes import PROBES
-from attnlab.probes.base import ModelShape, Probe, Row, RowWriter, SequenceInfo, pad_to_length, safe_div
+from attnlab.probes.base import ModelFacts, Probe, Row, RowWriter, SequenceInfo, pad_to_length, safe_div
 
 MAX_LISTED = 200
 
@@ -48,9 +48,9 @@ class MassiveActivationsProbe(Probe):
         self.abs_threshold, self.ratio_threshold = abs_threshold, ratio_threshold
         self.min_layers, self.tau = min_layers, tau
 
-    def bind(self, shape: ModelShape) -> None:
-        super().bind(shape)
-        L, P = shape.num_layers, max(shape.max_len, 1)
+    def bind(self, facts: ModelFacts) -> None:
+        super().bind(facts)
+        L, P = facts.num_layers, 1
         self.windows = torch.zeros(L, dtype=torch.float64)  # sequences seen per layer
         self.max_abs_sum = torch.zeros(L, dtype=torch.float64)
         self.median_sum = torch.zeros(L, dtype=torch.float64)

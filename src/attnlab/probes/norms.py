@@ -20,7 +20,7 @@ from torch import Tensor
 
 from attnlab.probes import PROBES
 from attnlab.probes.base import (
-    AttentionCall, ModelShape, Probe, Row, RowWriter, SequenceInfo, pad_to_length, safe_div,
+    AttentionCall, ModelFacts, Probe, Row, RowWriter, SequenceInfo, pad_to_length, safe_div,
 )
 
 
@@ -51,9 +51,9 @@ class NormsProbe(Probe):
 
     needs = frozenset({"value", "hidden_states"})
 
-    def bind(self, shape: ModelShape) -> None:
-        super().bind(shape)
-        L, Hkv, P = shape.num_layers, shape.num_kv_heads, max(shape.max_len, 1)
+    def bind(self, facts: ModelFacts) -> None:
+        super().bind(facts)
+        L, Hkv, P = facts.num_layers, facts.num_kv_heads, 1
         self.residual_sum = torch.zeros(L, P, dtype=torch.float64)
         self.residual_count = torch.zeros(L, P, dtype=torch.float64)
         self.value_sum = torch.zeros(L, Hkv, P, dtype=torch.float64)

@@ -21,7 +21,7 @@ from attnlab.errors import ConfigError
 from attnlab.functional.attention import BlockView
 from attnlab.params import Range, validated
 from attnlab.probes import PROBES
-from attnlab.probes.base import AttentionCall, ModelShape, Probe, Row, RowWriter, pad_to_length, safe_div
+from attnlab.probes.base import AttentionCall, ModelFacts, Probe, Row, RowWriter, pad_to_length, safe_div
 from attnlab.stats.decay_fits import rope_decay_bound
 from attnlab.stats.distance import sums_by_distance_scatter
 from attnlab.stats.similarity import pearson_r
@@ -54,12 +54,12 @@ class RopeDecayProbe(Probe):
             self.rope_theta = facts.rope_theta
         self.head_dim = self.head_dim or facts.head_dim
 
-    def bind(self, shape: ModelShape) -> None:
+    def bind(self, facts: ModelFacts) -> None:
         if self.rope_theta is None or self.head_dim is None:
             raise ConfigError("rope_decay needs rope_theta and head_dim: pass them, or call prepare(facts, runner) "
                               "before the Session (`attnlab report`/`attnlab probe` do)")
-        super().bind(shape)
-        L, H, D = shape.num_layers, shape.num_heads, max(shape.max_len, 1)
+        super().bind(facts)
+        L, H, D = facts.num_layers, facts.num_heads, 1
         self.attention_sum = torch.zeros(L, H, D, dtype=torch.float64)
         self.pair_count = torch.zeros(L, H, D, dtype=torch.float64)
 

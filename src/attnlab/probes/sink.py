@@ -27,7 +27,7 @@ from attnlab.functional.attention import BlockView
 from attnlab.params import Range, validated
 from attnlab.probes import PROBES
 from attnlab.probes.base import (
-    AttentionCall, ModelShape, Probe, Row, RowWriter, key_index_of_positions, safe_div, visible,
+    AttentionCall, ModelFacts, Probe, Row, RowWriter, key_index_of_positions, safe_div, visible,
 )
 
 MAX_LISTED_HIDDEN_SINKS = 200
@@ -55,9 +55,9 @@ class SinkProbe(Probe):
                  min_queries: Annotated[int, Range(ge=1)] = 16) -> None:
         self.num_keys, self.epsilon, self.theta, self.min_queries = num_keys, epsilon, theta, min_queries
 
-    def bind(self, shape: ModelShape) -> None:
-        super().bind(shape)
-        L, H, K = shape.num_layers, shape.num_heads, self.num_keys
+    def bind(self, facts: ModelFacts) -> None:
+        super().bind(facts)
+        L, H, K = facts.num_layers, facts.num_heads, self.num_keys
         self.alpha_sum = torch.zeros(L, H, K, dtype=torch.float64)  # sum over sequences of per-sequence alpha_k
         self.alpha_count = torch.zeros(L, H, K, dtype=torch.float64)  # sequences where key k was seen
         self.indicator_sum = torch.zeros(L, H, dtype=torch.float64)  # sequences with alpha_0 > epsilon

@@ -34,7 +34,7 @@ from attnlab.errors import ConfigError
 from attnlab.functional.attention import BlockView
 from attnlab.params import Range, validated
 from attnlab.probes import PROBES
-from attnlab.probes.base import AttentionCall, ModelShape, Probe, Row, RowWriter, safe_div
+from attnlab.probes.base import AttentionCall, ModelFacts, Probe, Row, RowWriter, safe_div
 from attnlab.stats.decay_fits import fit_energy_decay
 from attnlab.stats.distance import fit_power_law
 
@@ -80,9 +80,9 @@ class SpatialDecayProbe(Probe):
             self.spatial = torch.sqrt((y_axis**2 + x_axis**2).double()).reshape(-1)
         self.radius = torch.sqrt(self.temporal**2 + self.spatial**2)
 
-    def bind(self, shape: ModelShape) -> None:
-        super().bind(shape)
-        L, H, C = shape.num_layers, shape.num_heads, math.prod(self.dims)
+    def bind(self, facts: ModelFacts) -> None:
+        super().bind(facts)
+        L, H, C = facts.num_layers, facts.num_heads, math.prod(self.dims)
         self.relative_sum = torch.zeros(L, H, C, dtype=torch.float64)
         self.attention_sum = torch.zeros(L, H, C, dtype=torch.float64)
         self.pair_count = torch.zeros(L, H, C, dtype=torch.float64)

@@ -1,0 +1,186 @@
+"""One attention call, made ready for the planner and the executors: its keep mask, its keys and its call record.
+
+Shapes: B batch, Hq num_heads, Hkv num_kv_heads, Lq q_len, Lk kv_len, D head_dim, Dv value head dim.
+
+Token bookkeeping. The session reads each forward's 2-D ``attention_mask`` into a
+:class:`~attnlab.probes.base.SequenceInfo` (which tokens are real, their real-token positions). An attention call's
+keys are the last Lk of those tokens, unless a forward argument is a :class:`TokenPolicy` (an attnlab KV-cache
+policy that keeps only some tokens, such as :class:`attnlab.capture.cache.SinkWindowCache`): then the policy says
+which token each key is. The policy may also hand the session a probe for that forward (H2O scores), so it reads
+attention the way every probe does; the session knows nothing else about caches.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from attnlab.errors import ConfigError, UnsupportedModelError
+from attnlab.functional.attention import causal_keep
+from attnlab.probes.base import AttentionCall, Probe, SequenceInfo
+
+SUPPORTED_FAMILIES = "Llama, Mistral, Qwen2/3, Gemma, Phi-3, OLMo, GPT-NeoX, BERT, RoBERTa and other models whose " \
+    "attention goes through transformers' AttentionInterface"
+
+
+@runtime_checkable
+class TokenPolicy(Protocol):
+    """A forward argument that decides which tokens stay as keys (a KV-cache policy).
+
+    ``bind_forward(sequence)`` is called once per forward pass with its tokens; it may raise ConfigError for
+    batches it cannot handle and returns a probe to run on that forward's attention calls (or None).
+    ``key_index(layer_idx)`` is the (B, Lk) long token index of each key the layer attends to, or None."""
+
+    def bind_forward(self, sequence: SequenceInfo) -> Probe | None: ...
+
+    def key_index(self, layer_idx: int) -> Tensor | None: ...
+
+
+@dataclass(frozen=True)
+class ForwardState:
+    """What the session knows about the forward pass in flight.
+
+    Attributes:
+        sequence: its tokens. mask_length: columns of its 2-D attention_mask (tokens so far), or None.
+        policy: a TokenPolicy among its arguments, or None. probes: probes the policy added for this forward.
+    """
+
+    sequence: SequenceInfo
+    mask_length: int | None
+    policy: TokenPolicy | None = None
+    probes: tuple[Probe, ...] = ()
+
+
+def find_policy(kwargs: dict[str, Any]) -> TokenPolicy | None:
+    """The first forward keyword argument that implements :class:`TokenPolicy`, or None."""
+    return next((value for value in kwargs.values() if isinstance(value, TokenPolicy)), None)
+
+
+def sample_rows(q_len: int, fraction: float, device: torch.device) -> Tensor:
+    """Evenly spread query rows covering ``fraction`` of q_len (always includes the first and last rows)."""
+    count = min(q_len, max(2, math.ceil(fraction * q_len)))
+    return torch.linspace(0, q_len - 1, count, device=device).round().long().unique()
+
+
+def keep_mask(attention_mask: Tensor | None, q_len: int, kv_len: int, causal: bool,
+              device: torch.device) -> Tensor | None:
+    """Boolean keep mask (B|1, 1, Lq, Lk) matching what SDPA would apply, or None (all visible)."""
+    if attention_mask is None:
+        if causal and q_len > 1:
+            # SDPA's is_causal is aligned top-left (HF crops keys to q_len in that case).
+            return causal_keep(q_len, kv_len, device, offset=0)[None, None]
+        return None
+    if attention_mask.dtype == torch.bool:
+        return attention_mask
+    return attention_mask > torch.finfo(attention_mask.dtype).min / 2  # additive 0 / -inf masks
+
+
+def drop_empty_slots(key: Tensor, value: Tensor, attention_mask: Tensor | None, q_len: int, causal: bool,
+                     mask_length: int | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Key, value and mask without the slots no token fills yet (a static cache holds more slots than tokens).
+
+    The tokens so far are known from an explicit 2-D attention_mask (``mask_length``) or, without a mask, from
+    SDPA's top-left causal alignment (keys after q_len are not attended). The output is unchanged (those slots are
+    masked or cropped anyway); the probes never count them as keys."""
+    seen = mask_length
+    if attention_mask is None and causal and 1 < q_len < key.shape[2]:
+        seen = q_len
+    if seen is not None and key.shape[2] > seen:
+        key, value = key[:, :, :seen], value[:, :, :seen]
+        attention_mask = None if attention_mask is None else attention_mask[..., :seen]
+    return key, value, attention_mask
+
+
+def build_call(layer: int, query: Tensor, key: Tensor, value: Tensor, *, causal: bool, scale: float,
+               forward: ForwardState | None, num_sequences: int) -> AttentionCall:
+    """The call record: which query/key tokens are real and their real-token positions.
+
+    Keys are the last Lk tokens of the forward (a cache cropped to a window keeps the most recent ones) unless the
+    forward's TokenPolicy names them. Without usable token info (no forward hook data, another batch size, or
+    inputs_embeds of another length) every key is real and positions count from 0."""
+    B, Hq, Lq, _ = query.shape
+    Lk = key.shape[2]
+    sequence = None if forward is None else forward.sequence
+    if sequence is None or sequence.valid.shape[0] != B or sequence.valid.shape[1] < Lk:
+        valid = torch.ones(B, Lk, dtype=torch.bool, device=query.device)
+        sequence = SequenceInfo.from_mask(valid, None, num_sequences)
+    length = sequence.valid.shape[1]
+    index = forward.policy.key_index(layer) if forward is not None and forward.policy is not None else None
+    if index is not None and index.shape[-1] == Lk:  # the policy says which tokens it kept
+        index = index.to(sequence.valid.device)
+        if length > int(index.max()):
+            key_valid = sequence.valid.gather(1, index).to(query.device)
+            key_positions = sequence.positions.gather(1, index).to(query.device)
+        else:  # only the new tokens' mask is known: kept tokens are real, positions are token indices
+            key_valid = torch.ones(B, Lk, dtype=torch.bool, device=query.device)
+            key_positions = index.to(query.device)
+    else:
+        key_valid = sequence.valid[:, length - Lk :].to(query.device)
+        key_positions = sequence.positions[:, length - Lk :].to(query.device)
+    return AttentionCall(
+        layer_idx=layer, num_heads=Hq, num_kv_heads=key.shape[1], q_len=Lq, kv_len=Lk, causal=causal, scale=scale,
+        value=value.detach(), query_valid=key_valid[:, Lk - Lq:], key_valid=key_valid,
+        query_positions=key_positions[:, Lk - Lq:], key_positions=key_positions, sequence=sequence,
+    )
+
+
+def prepare_call(module: Any, layer: int, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                 kwargs: dict[str, Any], forward: ForwardState | None, num_sequences: int
+                 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, AttentionCall]:
+    """``(key, value, attention_mask, keep, call)`` for one attention call as transformers passed it: empty cache
+    slots dropped, the keep mask SDPA would apply, and the call record.
+
+    Raises:
+        ConfigError: attention dropout is active (the model is in training mode).
+    """
+    if kwargs.get("dropout", 0.0) and getattr(module, "training", False):
+        raise ConfigError("attnlab probes need the model in eval mode (attention dropout is active); call model.eval()")
+    is_causal = kwargs.get("is_causal")
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    mask_length = None if forward is None else forward.mask_length
+    key, value, attention_mask = drop_empty_slots(key, value, attention_mask, query.shape[2], causal, mask_length)
+    keep = keep_mask(attention_mask, query.shape[2], key.shape[2], causal, query.device)
+    scale = kwargs.get("scaling")
+    scale = float(query.shape[-1] ** -0.5 if scale is None else scale)
+    call = build_call(layer, query, key, value, causal=causal, scale=scale, forward=forward, num_sequences=num_sequences)
+    return key, value, attention_mask, keep, call
+
+
+def make_probe(spec: str | Probe) -> Probe:
+    """A Probe instance, or a new one of the registered probe named ``spec``."""
+    if isinstance(spec, Probe):
+        return spec
+    if isinstance(spec, str):
+        from attnlab.analyses import ANALYSES
+        from attnlab.probes import PROBES
+
+        if spec not in PROBES and spec in ANALYSES:
+            raise ConfigError(f"probe {spec} drives the model itself (an analysis); run it with `attnlab probe` / "
+                              "attnlab.pipeline.run_probes")
+        return PROBES.get(spec)()
+    raise TypeError(f"probes must be names or Probe instances, got {type(spec).__name__}")
+
+
+def check_attention_kwargs(model_name: str, kwargs: dict[str, Any]) -> None:
+    """Refuse attention inputs attnlab does not model (learned sink logits, additive position biases)."""
+    for unsupported in ("s_aux", "position_bias"):
+        if kwargs.get(unsupported) is not None:
+            raise UnsupportedModelError(
+                f"{model_name} passes {unsupported!r} to its attention function (learned sink logits or an additive "
+                f"position bias), which attnlab does not model yet; supported: {SUPPORTED_FAMILIES} without learned "
+                "sinks or position biases")
+
+
+def check_model_supported(model: Any) -> None:
+    """Raise UnsupportedModelError unless ``model`` is a transformers model routing attention through the
+    AttentionInterface."""
+    name = type(model).__name__
+    if not hasattr(model, "is_backend_compatible") or not hasattr(model, "set_attn_implementation"):
+        raise UnsupportedModelError(f"{name} is not a transformers PreTrainedModel; attnlab supports {SUPPORTED_FAMILIES}")
+    if not model.is_backend_compatible():
+        raise UnsupportedModelError(f"{name} does not route attention through transformers' AttentionInterface, so "
+                                    f"attnlab cannot observe it; supported: {SUPPORTED_FAMILIES}")

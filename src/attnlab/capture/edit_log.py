@@ -1,0 +1,114 @@
+"""Edit bookkeeping for a session: what each edit touched, how much it changed, and whether it fired at all.
+
+DESIGN.md, "Edits": a session reports, per edit, how many attention calls it touched and the max change it made,
+and fails loudly if an edit that was asked for never fired.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attnlab.edits.apply import EditedCall, EditRecord, order_edits
+from attnlab.edits.base import AttentionCall, Edit
+from attnlab.errors import ConfigError, EditNotFiredError
+from attnlab.facts import ModelFacts
+
+REPORT_COLUMNS = ("edit", "spec", "stage", "path", "calls_touched", "heads_touched", "forward_passes_touched",
+                  "max_change", "identity")
+
+
+def make_edit(spec: str | Edit) -> Edit:
+    """An Edit instance, or one parsed from a spec like ``"temperature:tau=0.9"``."""
+    if isinstance(spec, Edit):
+        return spec
+    if isinstance(spec, str):
+        from attnlab.edits.spec import parse_edit_spec
+
+        return parse_edit_spec(spec)
+    raise TypeError(f"edits must be Edit instances or specs like 'temperature:tau=0.9', got {type(spec).__name__}")
+
+
+class EditLog:
+    """The edits of a session, in composition order, with one :class:`EditRecord` each.
+
+    Args:
+        edits: Edit instances or specs. facts: the model (layers and heads are checked against it).
+        verify_rows: query rows per call on which each edit's change is measured; 0 counts calls and heads only.
+
+    Raises:
+        ConfigError: an edit names a layer or head the model does not have, or verify_rows < 0.
+    """
+
+    def __init__(self, edits: Iterable[str | Edit], facts: ModelFacts, verify_rows: int) -> None:
+        self.edits: list[Edit] = order_edits([make_edit(e) for e in edits])
+        for edit in self.edits:
+            edit.check_model(facts.num_layers, facts.num_heads)
+        if verify_rows < 0:
+            raise ConfigError(f"verify_rows must be >= 0, got {verify_rows}")
+        self.facts, self.verify_rows = facts, verify_rows
+        self.records: dict[int, EditRecord] = {id(edit): EditRecord() for edit in self.edits}
+        self.position_edits = [edit for edit in self.edits if edit.stage == "positions"]
+
+    def for_layer(self, layer: int) -> list[Edit]:
+        return [edit for edit in self.edits if edit.applies_to(layer)]
+
+    def forward_pass(self, edit: Edit) -> None:
+        """A positions-stage edit remapped the position ids of one forward pass."""
+        self.records[id(edit)].forward_passes_touched += 1
+
+    def attention_call(self, query: Tensor, key: Tensor, value: Tensor, keep: Tensor | None, call: AttentionCall, *,
+                       block_size: int, softcap: float | None) -> EditedCall | None:
+        """The call under its layer's edits (None if no edit acts there), counted, and with each edit's change
+        measured on ``verify_rows`` rows. Tensors as :class:`attnlab.edits.apply.EditedCall` takes them."""
+        edits = self.for_layer(call.layer_idx)
+        if not edits:
+            return None
+        edited = EditedCall(query, key, value, keep, edits=edits, call=call, block_size=block_size, softcap=softcap)
+        with torch.no_grad():
+            if self.verify_rows:
+                edited.verify(self.records, self.verify_rows)
+            else:
+                for edit in edits:
+                    self.records[id(edit)].count_call(edit, call)
+        return edited
+
+    def report(self, attention_paths: Mapping[int, str]) -> Any:
+        """A pandas DataFrame, one row per edit: edit (name), spec, stage, path (the attention paths of the layers
+        it touched), calls_touched, heads_touched, forward_passes_touched (positions edits), max_change (the largest
+        change of a per-head output the edit made on the sampled rows; NaN if not measured; for a positions edit
+        only its mask part is measured, since the position ids are already in the query/key the attention call
+        receives), identity (whether its parameters are the identity)."""
+        import pandas as pd
+
+        num_layers, num_heads = self.facts.num_layers, self.facts.num_heads
+        rows = []
+        for edit in self.edits:
+            record = self.records[id(edit)]
+            layers = sorted({layer for layer, _ in record.heads_touched})
+            if edit.stage == "positions" and record.forward_passes_touched:
+                # position ids feed RoPE in every layer: every (layer, head) is touched, not only the masked ones
+                layers, touched = list(range(num_layers)), num_layers * num_heads
+            else:
+                touched = len(record.heads_touched)
+            rows.append({
+                "edit": edit.name, "spec": edit.spec(), "stage": edit.stage,
+                "path": ",".join(sorted({attention_paths[layer] for layer in layers if layer in attention_paths})),
+                "calls_touched": record.calls_touched, "heads_touched": touched,
+                "forward_passes_touched": record.forward_passes_touched,
+                "max_change": record.max_change if self.verify_rows and record.calls_touched else float("nan"),
+                "identity": edit.is_identity(),
+            })
+        return pd.DataFrame(rows, columns=list(REPORT_COLUMNS))
+
+    def check_fired(self) -> None:
+        """Raise EditNotFiredError naming every edit that acted on no attention call and no forward pass."""
+        silent = [edit.spec() for edit in self.edits if self.records[id(edit)].calls_touched == 0
+                  and self.records[id(edit)].forward_passes_touched == 0]
+        if silent:
+            raise EditNotFiredError(
+                f"edit(s) never fired: {', '.join(silent)} — no attention call passed through them (did the model "
+                "run inside the session, and do their layers exist?)")

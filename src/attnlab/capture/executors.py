@@ -1,0 +1,116 @@
+"""The executors: one function per :class:`~attnlab.capture.planner.Path`, each running one attention call.
+
+Every executor takes a :class:`Job` and returns the output (B, Lq, Hq, Dv) transformers expects. SDPA is
+transformers' own ``sdpa_attention_forward`` (so the plain path is bit-identical to ``attn_implementation="sdpa"``);
+the blocked kernel is :func:`attnlab.functional.attention.blocked_attention`; the edit forms are those of
+:class:`attnlab.edits.apply.EditedCall`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from attnlab.capture.calls import sample_rows
+from attnlab.capture.planner import Path
+from attnlab.edits.apply import EditedCall
+from attnlab.functional.attention import BlockView, blocked_attention
+from attnlab.probes.base import AttentionCall
+
+
+@dataclass
+class Job:
+    """One attention call, ready to run.
+
+    Attributes:
+        module: the attention module transformers passed. query (B, Hq, Lq, D), key (B, Hkv, Lk, D), value
+            (B, Hkv, Lk, Dv), attention_mask and kwargs: as transformers passed them (empty cache slots dropped).
+        keep: the bool keep mask SDPA would apply (None = all visible). call: the call record.
+        observe: feeds one BlockView to the probes that need probs, or None when none does.
+        block_size: query rows per block. query_fraction: share of query rows the sampled paths compute.
+        edited: the call under this layer's edits, or None without edits.
+    """
+
+    module: Any
+    query: Tensor
+    key: Tensor
+    value: Tensor
+    attention_mask: Tensor | None
+    kwargs: dict[str, Any]
+    keep: Tensor | None
+    call: AttentionCall
+    observe: Callable[[BlockView], None] | None
+    block_size: int
+    query_fraction: float
+    edited: EditedCall | None = None
+
+    def sdpa(self) -> Tensor:
+        """(B, Lq, Hq, Dv) from transformers' SDPA function with the model's own mask."""
+        return sdpa_attention_forward(self.module, self.query, self.key, self.value, self.attention_mask,
+                                      **self.kwargs)[0]
+
+    def sdpa_with(self, query: Tensor, key: Tensor, value: Tensor, keep: Tensor | None) -> Tensor:
+        """(B, Hq, Lq, Dv) from SDPA on edited tensors (``keep`` None = the model's own mask); EditedCall's SdpaFn."""
+        mask = self.attention_mask if keep is None else keep
+        options = {**self.kwargs, "scaling": self.call.scale}
+        return sdpa_attention_forward(self.module, query, key, value, mask, **options)[0].transpose(1, 2)
+
+    def rows(self) -> Tensor:
+        return sample_rows(self.query.shape[2], self.query_fraction, self.query.device)
+
+
+def _heads_last(output: Tensor) -> Tensor:
+    return output.transpose(1, 2).contiguous()  # (B, Hq, Lq, Dv) -> (B, Lq, Hq, Dv)
+
+
+def _sdpa_sampled(job: Job) -> Tensor:
+    output = job.sdpa()
+    with torch.no_grad():
+        blocked_attention(job.query, job.key, job.value, job.keep, scale=job.call.scale, block_size=job.block_size,
+                          query_index=job.rows(), on_block=job.observe)
+    return output
+
+
+def _blocked(job: Job) -> Tensor:
+    return _heads_last(blocked_attention(job.query, job.key, job.value, job.keep, scale=job.call.scale,
+                                         softcap=job.kwargs.get("softcap"), block_size=job.block_size,
+                                         on_block=job.observe))
+
+
+def _edits_sdpa_sampled(job: Job) -> Tensor:
+    output = job.edited.fast(job.sdpa_with)
+    with torch.no_grad():
+        job.edited.eager(on_block=job.observe, rows=job.rows())
+    return _heads_last(output)
+
+
+EXECUTORS: dict[Path, Callable[[Job], Tensor]] = {
+    Path.SDPA: Job.sdpa,
+    Path.SDPA_SAMPLED: _sdpa_sampled,
+    Path.BLOCKED_EAGER: _blocked,
+    Path.SDPA_EDITS: lambda job: _heads_last(job.edited.fast(job.sdpa_with)),
+    Path.SDPA_EDITS_SAMPLED: _edits_sdpa_sampled,
+    Path.FLEX_EDITS: lambda job: _heads_last(job.edited.flex()),
+    Path.BLOCKED_EAGER_EDITS: lambda job: _heads_last(job.edited.eager(on_block=job.observe)),
+}
+
+
+def probe_observer(call: AttentionCall, probes: list[Any]) -> Callable[[BlockView], None] | None:
+    """Feed each block (detached, without gradient) to the probes that need probs; None if none does."""
+    readers = [probe for probe in probes if "probs" in probe.needs]
+    if not readers:
+        return None
+
+    def observe(block: BlockView) -> None:
+        detached = BlockView(probs=block.probs.detach(), logits=block.logits.detach(), keep=block.keep,
+                             q_index=block.q_index)
+        with torch.no_grad():
+            for probe in readers:
+                probe.update(call, detached)
+
+    return observe
