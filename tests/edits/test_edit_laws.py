@@ -3,27 +3,52 @@ distribution, masked keys get exactly zero."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from attnlab.edits import parse_edit_list, parse_edit_spec
+from attnlab.edits import EDITS, parse_edit_list, parse_edit_spec
 from edits.helpers import capture_probs, edited_call, qkv
-
-IDENTITY_SPECS = ["temperature:tau=1", "zerotuning:gamma=1", "calibration:beta=1", "redistribution:fraction=0",
-                  "window_decay:window=2,alpha=1", "identity_blend:alpha=0", "first_key:alpha=0", "head_scale:scale=1"]
 
 shapes = st.tuples(st.integers(1, 2), st.sampled_from([(1, 1), (2, 1), (4, 2), (3, 3)]), st.integers(1, 13),
                    st.integers(1, 5), st.integers(0, 2**16))
 
 
-@given(shapes, st.sampled_from(IDENTITY_SPECS), st.integers(1, 6))
-def test_identity_settings_change_nothing(shape, spec, block_size):
+def _identity_spec(cls) -> str:
+    """``name:key=value,...`` of the class's declared identity parameters (``Edit.identity``)."""
+    return f"{cls.name}:" + ",".join(f"{key}={value}" for key, value in cls.identity.items())
+
+
+IDENTITY_EDITS = [name for name in EDITS.names() if EDITS.get(name).identity is not None]
+
+
+@pytest.mark.parametrize("name", EDITS.names())
+def test_every_edit_declares_its_identity_form(name):
+    cls = EDITS.get(name)
+    assert "identity" in dir(cls), f"edit {name!r} must declare identity (a dict of params, or None)"
+    if cls.identity is not None:  # the declared form parses, reports itself as the identity, and round-trips
+        edit = parse_edit_spec(_identity_spec(cls))
+        assert edit.is_identity() and parse_edit_spec(edit.spec()).is_identity()
+
+
+def test_identity_edits_cover_the_known_ones():
+    # every edit but the window mask has an identity form (sink_window drops keys at any window shorter than the text)
+    assert set(EDITS.names()) - set(IDENTITY_EDITS) == {"sink_window"}
+
+
+@given(shapes, st.sampled_from(IDENTITY_EDITS), st.integers(1, 6), st.integers(0, 2))
+def test_identity_settings_change_nothing(shape, name, block_size, padding):
     B, (Hq, Hkv), L, D, seed = shape
     query, key, value = qkv(B, Hq, Hkv, L, D, dtype=torch.float32, seed=seed)
-    plain = edited_call([], query, key, value, block_size=block_size)
-    edited = edited_call([parse_edit_spec(spec)], query, key, value, block_size=block_size)
+    valid = torch.ones(B, L, dtype=torch.bool)
+    valid[-1, : min(padding, L - 1)] = False  # left padding in the last sequence
+    edit = parse_edit_spec(_identity_spec(EDITS.get(name)))
+    plain = edited_call([], query, key, value, valid=valid, block_size=block_size)
+    edited = edited_call([edit], query, key, value, valid=valid, block_size=block_size)
     assert torch.equal(edited.eager(), plain.eager())
+    positions = torch.arange(L).expand(B, L)
+    assert torch.equal(edit.position_ids(positions), positions)
 
 
 PROBS_SPECS = ["first_key:alpha=1+sink_window:sinks=0,window=2", "temperature:tau=0.3", "zerotuning:gamma=5", "zerotuning:gamma=0.2", "calibration:beta=0.2,theta=0.05",

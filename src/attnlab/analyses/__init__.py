@@ -7,20 +7,11 @@ An attention *probe* (:mod:`attnlab.probes`) observes attention calls inside a :
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
 from attnlab.errors import RegistryError
 from attnlab.registry import Registry, unknown_name_message
 
-
-def _load_builtins() -> None:
-    for module in pkgutil.iter_modules(__path__):
-        if not module.name.startswith("_") and module.name != "base":
-            importlib.import_module(f"{__name__}.{module.name}")
-
-
-ANALYSES: Registry[type] = Registry("analysis", loader=_load_builtins)
+ANALYSES: Registry[type] = Registry("analysis", base="attnlab.analyses.base.Analysis", package=__name__,
+                                   infrastructure=("base",), group="attnlab.analyses")
 
 
 def probe_or_analysis(name: str) -> type:

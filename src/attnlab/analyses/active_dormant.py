@@ -19,7 +19,7 @@ Positions count real tokens only; padding never enters (left padding: the first 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor
@@ -29,6 +29,7 @@ from attnlab.analyses._ablation import check_layers, head_effects
 from attnlab.analyses.base import Analysis, Runner
 from attnlab.errors import ConfigError
 from attnlab.facts import ModelFacts
+from attnlab.params import Range, validated
 from attnlab.probes.base import Row, RowWriter, safe_div
 from attnlab.report.sections import Column, Heatmap, LayerCurve, Section, Series, Table, Text
 from attnlab.stats.entropy import row_entropy
@@ -74,8 +75,6 @@ class ActiveDormantAnalysis(Analysis):
             switching heads are listed across both texts (windows ``A0 …`` and ``B0 …``).
     """
 
-    name = "active_dormant"
-
     sections = (Section("probe-active-dormant", "Active and dormant heads", (
         Text(template="Entropy detector agrees with the intervention on {detector_agreement} of heads."),
         Heatmap((Series("loss_change", "loss change (first key)", "nats"),
@@ -90,14 +89,12 @@ class ActiveDormantAnalysis(Analysis):
               caption="Heads active on some windows and dormant on others."),
     )),)
 
-    def __init__(self, tolerance: float = 0.01, tau_row: float = 0.5, tau_col: float = 0.9,
-                 layers: list[int] | None = None, other_text: str | None = None) -> None:
-        if tolerance <= 0:
-            raise ConfigError(f"tolerance must be > 0, got {tolerance}")
-        self.tolerance, self.tau_row, self.tau_col = float(tolerance), float(tau_row), float(tau_col)
+    @validated
+    def __init__(self, tolerance: Annotated[float, Range(gt=0.0)] = 0.01, tau_row: float = 0.5, tau_col: float = 0.9,
+                 layers: tuple[int, ...] | None = None, other_text: str | None = None) -> None:
+        self.tolerance, self.tau_row, self.tau_col = tolerance, tau_row, tau_col
         self.other_text = other_text
-        self.layers = None if layers is None else [int(layer) for layer in ([layers] if isinstance(layers, int)
-                                                                           else layers)]
+        self.layers = None if layers is None else list(layers)
 
     def prepare(self, facts: ModelFacts, runner: Runner) -> None:
         super().prepare(facts, runner)

@@ -10,7 +10,7 @@ scale) and, when the widths agree, ``delta_cka_pca`` (:func:`attnlab.stats.simil
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor
@@ -19,6 +19,7 @@ from attnlab.analyses import ANALYSES
 from attnlab.analyses.base import Analysis, Runner
 from attnlab.errors import ConfigError
 from attnlab.facts import ModelFacts
+from attnlab.params import Range, validated
 from attnlab.probes.base import Row, RowWriter
 from attnlab.report.sections import LayerCurve, Section, Series, Text
 from attnlab.stats.similarity import linear_cka, shared_pca_delta_cka
@@ -32,7 +33,6 @@ class CkaAnalysis(Analysis):
         max_tokens: real tokens kept per model (default 2048). num_components: PCA basis size (default 32).
     """
 
-    name = "cka"
     needs_compare = True
 
     sections = (Section("probe-cka", "CKA between models", (
@@ -42,9 +42,9 @@ class CkaAnalysis(Analysis):
                    caption="Linear CKA and ΔCKA = 1 − CKA in a shared PCA basis."),
     )),)
 
-    def __init__(self, max_tokens: int = 2048, num_components: int = 32) -> None:
-        if max_tokens < 4 or num_components < 1:
-            raise ConfigError(f"max_tokens must be >= 4 and num_components >= 1, got {max_tokens}, {num_components}")
+    @validated
+    def __init__(self, max_tokens: Annotated[int, Range(ge=4)] = 2048,
+                 num_components: Annotated[int, Range(ge=1)] = 32) -> None:
         self.max_tokens, self.num_components = max_tokens, num_components
         self.mine: list[list[Tensor]] = []
         self.theirs: list[list[Tensor]] = []

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor
@@ -29,6 +29,7 @@ from attnlab.analyses import ANALYSES
 from attnlab.analyses.base import Analysis, Runner
 from attnlab.errors import ConfigError
 from attnlab.facts import ModelFacts
+from attnlab.params import Range, validated
 from attnlab.probes.base import Row, RowWriter
 from attnlab.report.sections import Column, LayerCurve, PositionCurve, Section, Series, Table, Text
 from attnlab.stats.entropy import row_entropy
@@ -57,8 +58,6 @@ class ContrastAnalysis(Analysis):
         lam: λ, the contrast regulariser (default 1e-3). exclude_first: leave key position 0 out (default True).
     """
 
-    name = "contrast"
-
     sections = (Section("probe-contrast", "Contrastive attention", (
         Text(template="Task query {task!r} vs generic query {generic!r}; correlation of complexity and attention "
                       "entropy over windows: {value.entropy_complexity_correlation}."),
@@ -76,14 +75,14 @@ class ContrastAnalysis(Analysis):
               caption="Context tokens the task query attends to more than the generic one (mean over layers)."),
     )),)
 
+    @validated
     def __init__(self, task: str = "\nWho is speaking here, and to whom?", generic: str = "\nDescribe the text above.",
-                 lam: float = 1e-3, exclude_first: bool = True, top_tokens: int = 8) -> None:
+                 lam: Annotated[float, Range(gt=0.0)] = 1e-3, exclude_first: bool = True,
+                 top_tokens: Annotated[int, Range(ge=0)] = 8) -> None:
         if not task or not generic:
             raise ConfigError("contrast needs a non-empty task and generic query")
-        if lam <= 0:
-            raise ConfigError(f"lam must be > 0, got {lam}")
-        self.task, self.generic, self.lam = task, generic, float(lam)
-        self.exclude_first, self.top_tokens = bool(exclude_first), top_tokens
+        self.task, self.generic, self.lam = task, generic, lam
+        self.exclude_first, self.top_tokens = exclude_first, top_tokens
 
     def prepare(self, facts: ModelFacts, runner: Runner) -> None:
         super().prepare(facts, runner)

@@ -11,7 +11,7 @@ see shifted positions: the divergence measures "this context span, at this offse
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor
@@ -20,6 +20,7 @@ from attnlab.analyses import ANALYSES
 from attnlab.analyses.base import Analysis, Runner
 from attnlab.errors import ConfigError
 from attnlab.facts import ModelFacts
+from attnlab.params import Range, validated
 from attnlab.probes.base import Row, RowWriter, safe_div
 from attnlab.report.sections import Column, Heatmap, Section, Series, Table, Text
 
@@ -33,8 +34,6 @@ class HeadDivergenceAnalysis(Analysis):
         top_k: heads listed in the extras (default 10).
     """
 
-    name = "head_divergence"
-
     sections = (Section("probe-head-divergence", "Head divergence", (
         Text(template="Context span: {context}."),
         Heatmap((Series("relative_divergence", "relative divergence", "‖Δo‖/‖o‖"),
@@ -45,9 +44,8 @@ class HeadDivergenceAnalysis(Analysis):
                Column("divergence", "L2")), extras="top_heads", caption="Heads that depend most on the context."),
     )),)
 
-    def __init__(self, context: int | None = None, top_k: int = 10) -> None:
-        if context is not None and context < 1:
-            raise ConfigError(f"context must be >= 1 token, got {context}")
+    @validated
+    def __init__(self, context: Annotated[int, Range(ge=1)] | None = None, top_k: Annotated[int, Range(ge=1)] = 10) -> None:
         self.context, self.top_k = context, top_k
 
     def prepare(self, facts: ModelFacts, runner: Runner) -> None:

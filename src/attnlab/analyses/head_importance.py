@@ -9,7 +9,7 @@ p_ablated) per token. The top-k heads by importance form the head set of the tex
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor
@@ -19,6 +19,7 @@ from attnlab.analyses._ablation import check_layers, head_effects
 from attnlab.analyses.base import Analysis, Runner
 from attnlab.errors import ConfigError
 from attnlab.facts import ModelFacts
+from attnlab.params import Range, validated
 from attnlab.probes.base import Row, RowWriter, safe_div
 from attnlab.report.sections import Column, Heatmap, Section, Series, Table, Text
 
@@ -39,8 +40,6 @@ class HeadImportanceAnalysis(Analysis):
         top_k: size of the head set (default 10). layers: layers to ablate (default all).
     """
 
-    name = "head_importance"
-
     sections = (Section("probe-head-importance", "Head importance", (
         Text(template="Zero ablation of one head at a time."),
         Heatmap((Series("importance", "ablation importance", "Δ loss (nats)"),), alt="Heatmap of head importance",
@@ -49,11 +48,10 @@ class HeadImportanceAnalysis(Analysis):
               caption="Top heads."),
     )),)
 
-    def __init__(self, top_k: int = 10, layers: list[int] | None = None) -> None:
-        if top_k < 1:
-            raise ConfigError(f"top_k must be >= 1, got {top_k}")
+    @validated
+    def __init__(self, top_k: Annotated[int, Range(ge=1)] = 10, layers: tuple[int, ...] | None = None) -> None:
         self.top_k = top_k
-        self.layers = None if layers is None else [int(x) for x in ([layers] if isinstance(layers, int) else layers)]
+        self.layers = None if layers is None else list(layers)
 
     def prepare(self, facts: ModelFacts, runner: Runner) -> None:
         super().prepare(facts, runner)

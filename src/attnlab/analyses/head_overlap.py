@@ -10,7 +10,7 @@ importance grids over all tested heads. Rows ``importance_a``/``importance_b`` p
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor
@@ -20,6 +20,7 @@ from attnlab.analyses._ablation import head_effects
 from attnlab.analyses.base import Analysis, Runner
 from attnlab.analyses.head_importance import HeadImportanceAnalysis, top_heads
 from attnlab.errors import ConfigError
+from attnlab.params import Range, validated
 from attnlab.probes.base import Row, RowWriter
 from attnlab.report.sections import Heatmap, Section, Series, Text
 from attnlab.stats.similarity import pearson_r
@@ -34,8 +35,6 @@ class HeadOverlapAnalysis(HeadImportanceAnalysis):
         top_k: head-set size (default 10). layers: layers to ablate (default all).
     """
 
-    name = "head_overlap"
-
     sections = (Section("probe-head-overlap", "Head overlap", (
         Text(template="Top-{top_k} sets: IoU {value.overlap_iou}, |A∩B|/|A| {value.overlap_of_a}, importance "
                       "correlation {value.importance_correlation}; text B = {text_b}; shared heads {shared}."),
@@ -44,7 +43,9 @@ class HeadOverlapAnalysis(HeadImportanceAnalysis):
                 alt="Heatmaps of head importance for two texts", caption="Zero-ablation loss change."),
     )),)
 
-    def __init__(self, other_text: str | None = None, top_k: int = 10, layers: list[int] | None = None) -> None:
+    @validated
+    def __init__(self, other_text: str | None = None, top_k: Annotated[int, Range(ge=1)] = 10,
+                 layers: tuple[int, ...] | None = None) -> None:
         super().__init__(top_k=top_k, layers=layers)
         self.other_text = other_text
         self.per_window: list[Tensor] = []

@@ -22,15 +22,15 @@ the band rule is ours and stated here:
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor
 
 from attnlab.analyses import ANALYSES
 from attnlab.analyses.base import Analysis, Runner
-from attnlab.errors import ConfigError
 from attnlab.facts import ModelFacts
+from attnlab.params import Range, validated
 from attnlab.probes.base import Row, RowWriter, safe_div
 from attnlab.report.sections import LayerCurve, Section, Series, Text
 from attnlab.stats.entropy import row_entropy
@@ -77,8 +77,6 @@ class InflectionAnalysis(Analysis):
         band_width: layers next to the best one join the band while their score is within this of it (0.5).
     """
 
-    name = "inflection"
-
     sections = (Section("probe-inflection", "Inflection layers", (
         Text(template="Inflection band: layer(s) {band}. Rule: {rule}."),
         LayerCurve((Series("attention_entropy", "entropy"),), title="attention entropy", ylabel="nats",
@@ -89,10 +87,9 @@ class InflectionAnalysis(Analysis):
                            "loss (mean over batches)."),
     )),)
 
-    def __init__(self, band_width: float = 0.5) -> None:
-        if band_width < 0:
-            raise ConfigError(f"band_width must be >= 0, got {band_width}")
-        self.band_width = float(band_width)
+    @validated
+    def __init__(self, band_width: Annotated[float, Range(ge=0.0)] = 0.5) -> None:
+        self.band_width = band_width
 
     def prepare(self, facts: ModelFacts, runner: Runner) -> None:
         super().prepare(facts, runner)

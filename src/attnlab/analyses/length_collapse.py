@@ -17,7 +17,7 @@ as sentence-transformers does for MiniLM. Per bucket (``position`` = text length
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor
@@ -26,6 +26,7 @@ from attnlab.analyses import ANALYSES
 from attnlab.analyses.base import Analysis, Runner
 from attnlab.errors import ConfigError
 from attnlab.facts import ModelFacts
+from attnlab.params import Range, validated
 from attnlab.probes.base import Row, RowWriter
 from attnlab.report.sections import Column, PositionCurve, Section, Series, Table, Text
 
@@ -57,8 +58,6 @@ class LengthCollapseAnalysis(Analysis):
             are dropped). count: texts per bucket (default 16).
     """
 
-    name = "length_collapse"
-
     sections = (Section("probe-length-collapse", "Length collapse", (
         Text(template="{count} texts per length, mean-pooled embeddings."),
         PositionCurve((Series("mean_cosine", "mean pairwise cosine", layers="none"),
@@ -78,12 +77,12 @@ class LengthCollapseAnalysis(Analysis):
               caption="Per length bucket."),
     )),)
 
-    def __init__(self, lengths: list[int] | tuple[int, ...] = (8, 16, 32, 64, 128, 256), count: int = 16) -> None:
-        lengths = sorted({int(n) for n in ([lengths] if isinstance(lengths, int) else lengths)})
-        if not lengths or lengths[0] < 2:
-            raise ConfigError(f"lengths must be integers >= 2, got {lengths}")
-        if count < 2:
-            raise ConfigError(f"count must be >= 2 (pairwise similarity), got {count}")
+    @validated
+    def __init__(self, lengths: tuple[Annotated[int, Range(ge=2)], ...] = (8, 16, 32, 64, 128, 256),
+                 count: Annotated[int, Range(ge=2)] = 16) -> None:
+        lengths = sorted(set(lengths))
+        if not lengths:
+            raise ConfigError(f"lengths must list integers >= 2, got {lengths}")
         self.lengths, self.count = lengths, count
         self.ids: list[int] = []
         self.results: dict[int, dict[str, Any]] = {}

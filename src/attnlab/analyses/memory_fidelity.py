@@ -17,7 +17,7 @@ Rows: ``retention`` and ``fidelity`` (layer = index among the recurrent layers, 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +26,7 @@ from attnlab.analyses import ANALYSES
 from attnlab.analyses.base import Analysis, Runner
 from attnlab.errors import ConfigError
 from attnlab.facts import ModelFacts
+from attnlab.params import Range, validated
 from attnlab.probes.base import Row, RowWriter
 from attnlab.report.sections import PositionCurve, Section, Series, Text
 from attnlab.stats.memory import horizontal_fidelity, vertical_fidelity
@@ -85,8 +86,6 @@ class MemoryFidelityAnalysis(Analysis):
         lags: step distances k (default [1, 2, 4, 8, 16, 32]).
     """
 
-    name = "memory_fidelity"
-
     sections = (Section("probe-memory-fidelity", "Memory fidelity", (
         Text(template="{skipped}", when="skipped"),
         Text(template="Lags {lags}; {layers_measured} recurrent layer(s).", when="retention"),
@@ -95,10 +94,10 @@ class MemoryFidelityAnalysis(Analysis):
                       alt="Retention against lag per recurrent layer", caption="Mean over heads and tokens."),
     )),)
 
-    def __init__(self, lags: list[int] | tuple[int, ...] = (1, 2, 4, 8, 16, 32)) -> None:
-        lags = [lags] if isinstance(lags, int) else list(lags)
-        if not lags or any(not isinstance(k, int) or k < 0 for k in lags):
-            raise ConfigError(f"lags must be integers >= 0, got {lags}")
+    @validated
+    def __init__(self, lags: tuple[Annotated[int, Range(ge=0)], ...] = (1, 2, 4, 8, 16, 32)) -> None:
+        if not lags:
+            raise ConfigError(f"lags must list integers >= 0, got {lags}")
         self.lags = sorted(set(lags))
         self.results: dict[int, list[Tensor]] = {}
         self.inputs: list[list[Tensor]] = []

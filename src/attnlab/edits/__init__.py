@@ -1,24 +1,16 @@
 """Edits: training-free changes to attention, one per file. ``EDITS`` names them; ``attnlab ls edits`` lists them.
 
-Every module in this package that registers with ``EDITS`` is imported on the first lookup, so
-``import attnlab.edits`` stays cheap and adding an edit never edits this file.
+Every public module of this package except the infrastructure (``base``, ``apply``, ``spec``) is imported on the
+first lookup, so ``import attnlab.edits`` stays cheap and adding an edit never edits this file (the recipe:
+:mod:`attnlab.registry`). Plug-ins register through the ``attnlab.edits`` entry-point group.
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
 from attnlab.registry import Registry
 
-
-def _load_builtins() -> None:
-    for module in pkgutil.iter_modules(__path__):
-        if not module.name.startswith("_") and module.name not in ("base", "apply", "spec"):
-            importlib.import_module(f"{__name__}.{module.name}")
-
-
-EDITS: Registry[type] = Registry("edit", loader=_load_builtins)
+EDITS: Registry[type] = Registry("edit", base="attnlab.edits.base.Edit", package=__name__,
+                                 infrastructure=("base", "apply", "spec"), group="attnlab.edits")
 
 
 def parse_edit_spec(spec: str):  # noqa: ANN201 - re-exported from attnlab.edits.spec

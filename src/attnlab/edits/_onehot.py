@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from attnlab.edits.base import AttentionCall, Edit, check_range
+from attnlab.edits.base import AttentionCall, Edit
+from attnlab.params import IndexList, Range, validated
 
 
 class OneHotBlend(Edit):
@@ -21,15 +22,15 @@ class OneHotBlend(Edit):
     stage = "probs"
     fast = True
 
-    def __init__(self, alpha: float, **selection: Any) -> None:
-        super().__init__(**selection)
-        self.alpha = check_range(self.name, "alpha", alpha, 0.0, 1.0)
+    identity: ClassVar[dict[str, Any]] = {"alpha": 0.0}
+
+    @validated
+    def __init__(self, alpha: Annotated[float, Range(ge=0.0, le=1.0)] = 1.0, layers: IndexList | None = None, heads: IndexList | None = None) -> None:
+        super().__init__(layers=layers, heads=heads)
+        self.alpha = alpha
 
     def params(self) -> dict[str, Any]:
         return {"alpha": self.alpha}
-
-    def is_identity(self) -> bool:
-        return self.alpha == 0.0
 
     def target_keys(self, call: AttentionCall) -> Tensor:
         raise NotImplementedError

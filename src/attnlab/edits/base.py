@@ -30,41 +30,29 @@ Shapes: B batch, Hq num_heads, Hkv num_kv_heads, Lq q_len, Lk kv_len, n rows of 
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
 from attnlab.errors import ConfigError
+from attnlab.params import IndexList, validated
 from attnlab.probes.base import AttentionCall
 
 if TYPE_CHECKING:
     from attnlab.functional.masked_attention import ScoreMod
     from attnlab.functional.masks import MaskMod
 
-__all__ = ["STAGES", "AttentionCall", "Edit", "Stage", "check_int", "check_range", "evaluate_mask_mod"]
+__all__ = ["STAGES", "AttentionCall", "Edit", "Stage", "evaluate_mask_mod"]
 
 Stage = Literal["positions", "logits", "mask", "probs", "output"]
 STAGES: tuple[str, ...] = ("positions", "logits", "mask", "probs", "output")
 
 
-def _index_set(values: Any, name: str) -> tuple[int, ...] | None:
-    if values is None:
-        return None
-    if isinstance(values, int):
-        values = (values,)
-    try:
-        result = tuple(sorted({int(v) for v in values}))
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a list of non-negative integers, got {values!r}") from None
-    if any(v < 0 for v in result) or not result:
-        raise ConfigError(f"{name} must be a non-empty list of non-negative integers, got {values!r}")
-    return result
-
-
 class Edit:
-    """Base class of every edit. Subclasses set ``name``, ``stage`` and ``fast`` and override their stage's hooks.
+    """Base class of every edit. ``@EDITS.register("name")`` names a subclass; it sets ``stage``, ``fast`` and
+    ``identity``, declares its parameters with typed, bounded annotations on a ``@validated`` ``__init__``
+    (:mod:`attnlab.params`) and overrides its stage's hooks.
 
     Args:
         layers: layer indices to act on (None = every layer).
@@ -78,10 +66,13 @@ class Edit:
     stage: ClassVar[Stage] = "logits"
     fast: ClassVar[bool] = False  # True if the edit runs on the fast path (no probs materialised)
     needs_prepare: ClassVar[bool] = False  # True if the edit needs a pass over the call's probs first (ACT)
+    # params() values that make the edit the identity ({"tau": 1.0}), or None for an edit with no identity form.
+    # Every registered edit declares it (tests/edits/test_edit_laws.py checks it against the kernel).
+    identity: ClassVar[dict[str, Any] | None]
 
-    def __init__(self, *, layers: Any = None, heads: Any = None) -> None:
-        self.layers = _index_set(layers, "layers")
-        self.heads = _index_set(heads, "heads")
+    @validated
+    def __init__(self, *, layers: IndexList | None = None, heads: IndexList | None = None) -> None:
+        self.layers, self.heads = layers, heads
 
     # identity and description -------------------------------------------------------------------------------
     def params(self) -> dict[str, Any]:
@@ -89,8 +80,9 @@ class Edit:
         return {}
 
     def is_identity(self) -> bool:
-        """True if these parameters leave attention unchanged (τ=1, γ=1, β=1, α=0, scale 1, ...)."""
-        return False
+        """True if ``params()`` matches the class's ``identity`` (τ=1, γ=1, β=1, α=0, scale 1, ...)."""
+        identity = getattr(type(self), "identity", None)
+        return identity is not None and all(self.params().get(key) == value for key, value in identity.items())
 
     def spec(self) -> str:
         """``name:key=value,...`` — the same form ``parse_edit_spec`` reads."""
@@ -218,31 +210,6 @@ def _format_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "+".join(str(v) for v in value)
     return str(value)
-
-
-def check_int(edit: str, name: str, value: Any, low: int) -> int:
-    """Return ``int(value)``; raise ConfigError if it is not an integer ≥ low."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < low:
-        raise ConfigError(f"edit {edit!r}: {name} must be an integer >= {low}, got {value!r}")
-    return int(value)
-
-
-def check_range(edit: str, name: str, value: float, low: float | None = None, high: float | None = None,
-                *, low_open: bool = False) -> float:
-    """Return ``float(value)``; raise ConfigError naming the edit and the allowed range if it is outside."""
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"edit {edit!r}: {name} must be a number, got {value!r}") from None
-    if not math.isfinite(value):
-        raise ConfigError(f"edit {edit!r}: {name} must be a finite number, got {value}")
-    too_low = low is not None and (value <= low if low_open else value < low)
-    too_high = high is not None and value > high
-    if too_low or too_high:
-        bracket = "(" if low_open else "["
-        raise ConfigError(f"edit {edit!r}: {name} must be in {bracket}{low if low is not None else '-inf'}, "
-                          f"{high if high is not None else 'inf'}], got {value}")
-    return value
 
 
 def evaluate_mask_mod(mask_mod: MaskMod, call: AttentionCall) -> Tensor:

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
 from attnlab.edits import EDITS
 from attnlab.edits._move import move_mass
-from attnlab.edits.base import AttentionCall, Edit, check_range
-from attnlab.errors import ConfigError
+from attnlab.edits.base import AttentionCall, Edit
 from attnlab.functional.attention import BlockView
+from attnlab.params import IndexList, Range, validated
 
 
 @EDITS.register("calibration")
@@ -40,29 +40,23 @@ class Calibration(Edit):
         ConfigError: parameters out of range or an unknown threshold mode.
     """
 
-    name = "calibration"
     stage = "probs"
     needs_prepare = True
 
-    def __init__(self, beta: float = 0.4, theta: float = 0.1,
-                 threshold: Literal["absolute", "alpha_over_n"] = "absolute", alpha: float = 5.0,
-                 **selection: Any) -> None:
-        super().__init__(**selection)
-        self.beta = check_range(self.name, "beta", beta, 0.0, 1.0)
-        self.theta = check_range(self.name, "theta", theta, 0.0)
-        if threshold not in ("absolute", "alpha_over_n"):
-            raise ConfigError(f"edit 'calibration': threshold must be 'absolute' or 'alpha_over_n', got {threshold!r}")
-        self.threshold = threshold
-        self.alpha = check_range(self.name, "alpha", alpha, 0.0, low_open=True)
+    identity: ClassVar[dict[str, Any]] = {"beta": 1.0}
+
+    @validated
+    def __init__(self, beta: Annotated[float, Range(ge=0.0, le=1.0)] = 0.4, theta: Annotated[float, Range(ge=0.0)] = 0.1,
+                 threshold: Literal["absolute", "alpha_over_n"] = "absolute",
+                 alpha: Annotated[float, Range(gt=0.0)] = 5.0, layers: IndexList | None = None, heads: IndexList | None = None) -> None:
+        super().__init__(layers=layers, heads=heads)
+        self.beta, self.theta, self.threshold, self.alpha = beta, theta, threshold, alpha
         self._sinks: Tensor | None = None
 
     def params(self) -> dict[str, Any]:
         params: dict[str, Any] = {"beta": self.beta, "threshold": self.threshold}
         params.update({"theta": self.theta} if self.threshold == "absolute" else {"alpha": self.alpha})
         return params
-
-    def is_identity(self) -> bool:
-        return self.beta == 1.0
 
     def prepare(self, call: AttentionCall, probs_pass: Any) -> None:
         """Column scores over this call's real queries → the sink set (B, Hq, Lk) bool, kept for probs_mod."""

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from attnlab.edits import EDITS
-from attnlab.edits.base import AttentionCall, Edit, check_int
+from attnlab.edits.base import AttentionCall, Edit
+from attnlab.params import IndexList, Range, validated
 
 
 @EDITS.register("concentric_positions")
@@ -28,22 +29,24 @@ class ConcentricPositions(Edit):
     with left padding); the mask uses real-token positions.
 
     Args:
-        start: position of the span's first token (≥ 0). height, width: grid size (≥ 1 each).
+        start: position of the span's first token (≥ 0). height, width: grid size (1…4096 each; 1×1 is the
+            identity).
         layers, heads: selection for the mask part (the position ids are model-wide).
 
     Raises:
-        ConfigError: start < 0, height or width < 1.
+        ConfigError: start < 0, height or width outside [1, 4096].
     """
 
-    name = "concentric_positions"
     stage = "positions"
     fast = True
 
-    def __init__(self, start: int = 0, height: int = 24, width: int = 24, **selection: Any) -> None:
-        super().__init__(**selection)
-        self.start = check_int(self.name, "start", start, 0)
-        self.height = check_int(self.name, "height", height, 1)
-        self.width = check_int(self.name, "width", width, 1)
+    identity: ClassVar[dict[str, Any]] = {"height": 1, "width": 1}  # one ring of one token moves nothing
+
+    @validated
+    def __init__(self, start: Annotated[int, Range(ge=0)] = 0, height: Annotated[int, Range(ge=1, le=4096)] = 24,
+                 width: Annotated[int, Range(ge=1, le=4096)] = 24, layers: IndexList | None = None, heads: IndexList | None = None) -> None:
+        super().__init__(layers=layers, heads=heads)
+        self.start, self.height, self.width = start, height, width
         self.num_rings = (min(self.height, self.width) + 1) // 2
 
     def params(self) -> dict[str, Any]:

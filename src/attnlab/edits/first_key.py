@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -28,11 +26,6 @@ class FirstKey(OneHotBlend):
     Raises:
         ConfigError: alpha outside [0, 1].
     """
-
-    name = "first_key"
-
-    def __init__(self, alpha: float = 1.0, **selection: Any) -> None:
-        super().__init__(alpha, **selection)
 
     def target_keys(self, call: AttentionCall) -> Tensor:
         is_first = call.key_positions == 0  # (B, Lk)

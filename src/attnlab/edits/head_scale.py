@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from attnlab.edits import EDITS
-from attnlab.edits.base import AttentionCall, Edit, check_range
+from attnlab.edits.base import AttentionCall, Edit
+from attnlab.params import IndexList, Range, validated
 
 
 @EDITS.register("head_scale")
@@ -22,25 +23,24 @@ class HeadScale(Edit):
     attention backends silently ignore). Scale 1 is the identity.
 
     Args:
-        scale: the factor (any finite float; 0 ablates). layers, heads: selection (query heads).
+        scale: the factor in [-1e6, 1e6] (0 ablates). layers, heads: selection (query heads).
 
     Raises:
-        ConfigError: scale not a finite number.
+        ConfigError: scale not a number in [-1e6, 1e6].
     """
 
-    name = "head_scale"
     stage = "output"
     fast = True
 
-    def __init__(self, scale: float = 0.0, **selection: Any) -> None:
-        super().__init__(**selection)
-        self.scale = check_range(self.name, "scale", scale, float("-inf"), float("inf"))
+    identity: ClassVar[dict[str, Any]] = {"scale": 1.0}
+
+    @validated
+    def __init__(self, scale: Annotated[float, Range(ge=-1e6, le=1e6)] = 0.0, layers: IndexList | None = None, heads: IndexList | None = None) -> None:
+        super().__init__(layers=layers, heads=heads)
+        self.scale = scale
 
     def params(self) -> dict[str, Any]:
         return {"scale": self.scale}
-
-    def is_identity(self) -> bool:
-        return self.scale == 1.0
 
     def output_mod(self, output: Tensor, call: AttentionCall) -> Tensor:
         factor = torch.where(self.head_column(call), self.scale, 1.0).to(output.dtype)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -27,11 +25,6 @@ class IdentityBlend(OneHotBlend):
     Raises:
         ConfigError: alpha outside [0, 1].
     """
-
-    name = "identity_blend"
-
-    def __init__(self, alpha: float = 1.0, **selection: Any) -> None:
-        super().__init__(alpha, **selection)
 
     def target_keys(self, call: AttentionCall) -> Tensor:
         # The queries are the last q_len keys: query row i is key kv_len - q_len + i.

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any, ClassVar
 
 from torch import Tensor
 
 from attnlab.edits import EDITS
 from attnlab.edits.base import AttentionCall, Edit, evaluate_mask_mod
-from attnlab.errors import ConfigError
 from attnlab.functional.masks import MASKS
+from attnlab.params import Forward, IndexList, validated
+
+
+def _factory(arguments: Mapping[str, Any]) -> Callable[..., Any]:
+    """The mask factory the ``name`` argument selects; its annotations type the edit's extra keys."""
+    return MASKS.get(arguments["name"])
 
 
 @EDITS.register("mask")
@@ -20,25 +26,25 @@ class Mask(Edit):
     and on query-head indices; see docs/masks.md for each mask's definition. Runs on the fast path.
 
     Args:
-        name: a name from ``attnlab ls masks``. Other keyword arguments go to that mask's factory.
+        name: a name from ``attnlab ls masks`` (``full`` is the identity). Other keyword arguments go to that mask's
+            factory, typed by its annotations (``mask:name=sliding_window,window=3``).
         layers, heads: selection (query heads).
 
     Raises:
-        RegistryError: unknown mask name. ConfigError: bad mask parameters.
+        RegistryError: unknown mask name. ConfigError: a parameter the factory does not take, or a bad value.
     """
 
-    name = "mask"
     stage = "mask"
     fast = True
 
-    def __init__(self, name: str = "causal", layers: Any = None, heads: Any = None, **mask_params: Any) -> None:
+    identity: ClassVar[dict[str, Any]] = {"name": "full"}
+
+    @validated
+    def __init__(self, name: str = "causal", layers: IndexList | None = None, heads: IndexList | None = None,
+                 **mask_params: Annotated[Any, Forward(_factory, "mask")]) -> None:
         super().__init__(layers=layers, heads=heads)
-        factory = MASKS.get(str(name))
-        try:
-            self._mask_mod = factory(**mask_params)
-        except TypeError as error:
-            raise ConfigError(f"edit 'mask': mask {name!r} does not take {sorted(mask_params)} ({error})") from None
-        self.mask_name, self.mask_params = str(name), dict(mask_params)
+        self._mask_mod = MASKS.get(name)(**mask_params)
+        self.mask_name, self.mask_params = name, dict(mask_params)
 
     def params(self) -> dict[str, Any]:
         return {"name": self.mask_name, **self.mask_params}

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from attnlab.edits import EDITS
 from attnlab.edits._move import move_mass
-from attnlab.edits.base import AttentionCall, Edit, check_int, check_range
+from attnlab.edits.base import AttentionCall, Edit
 from attnlab.errors import ConfigError
+from attnlab.params import IndexList, Range, validated
 
 
 @EDITS.register("redistribution")
@@ -37,33 +38,25 @@ class Redistribution(Edit):
         ConfigError: parameters out of range, or an empty/negative sink list.
     """
 
-    name = "redistribution"
     stage = "probs"
 
-    def __init__(self, fraction: float = 0.4, sink_positions: Any = (0,), target_start: int = 0,
-                 target_end: int = -1, min_target_mass: float = 0.0, **selection: Any) -> None:
-        super().__init__(**selection)
-        self.fraction = check_range(self.name, "fraction", fraction, 0.0, 1.0)
-        if isinstance(sink_positions, int):
-            sink_positions = (sink_positions,)
-        positions = tuple(sorted({int(p) for p in sink_positions}))
-        if not positions or positions[0] < 0:
-            raise ConfigError(f"edit 'redistribution': sink_positions must be non-negative, got {sink_positions!r}")
-        self.sink_positions = positions
-        self.target_start = check_int(self.name, "target_start", target_start, 0)
-        self.target_end = check_int(self.name, "target_end", target_end, -1)
-        if self.target_end != -1 and self.target_end <= self.target_start:
+    identity: ClassVar[dict[str, Any]] = {"fraction": 0.0}
+
+    @validated
+    def __init__(self, fraction: Annotated[float, Range(ge=0.0, le=1.0)] = 0.4, sink_positions: IndexList = (0,),
+                 target_start: Annotated[int, Range(ge=0)] = 0, target_end: Annotated[int, Range(ge=-1)] = -1,
+                 min_target_mass: Annotated[float, Range(ge=0.0, le=1.0)] = 0.0, layers: IndexList | None = None, heads: IndexList | None = None) -> None:
+        super().__init__(layers=layers, heads=heads)
+        if target_end != -1 and target_end <= target_start:
             raise ConfigError("edit 'redistribution': need target_start < target_end (or target_end=-1), "
                               f"got {target_start}, {target_end}")
-        self.min_target_mass = check_range(self.name, "min_target_mass", min_target_mass, 0.0, 1.0)
+        self.fraction, self.sink_positions, self.min_target_mass = fraction, sink_positions, min_target_mass
+        self.target_start, self.target_end = target_start, target_end
 
     def params(self) -> dict[str, Any]:
         return {"fraction": self.fraction, "sink_positions": list(self.sink_positions),
                 "target_start": self.target_start, "target_end": self.target_end,
                 "min_target_mass": self.min_target_mass}
-
-    def is_identity(self) -> bool:
-        return self.fraction == 0.0
 
     def probs_mod(self, probs: Tensor, q_index: Tensor, keep: Tensor | None, call: AttentionCall) -> Tensor:
         width = probs.shape[-1]

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
 from torch import Tensor
 
 from attnlab.edits import EDITS
-from attnlab.edits.base import AttentionCall, Edit, check_int, evaluate_mask_mod
+from attnlab.edits.base import AttentionCall, Edit, evaluate_mask_mod
 from attnlab.functional.masks import MASKS
+from attnlab.params import IndexList, Range, validated
 
 
 @EDITS.register("sink_window")
@@ -30,14 +31,16 @@ class SinkWindow(Edit):
         ConfigError: sinks < 0 or window < 1.
     """
 
-    name = "sink_window"
     stage = "mask"
     fast = True
 
-    def __init__(self, sinks: int = 4, window: int = 252, **selection: Any) -> None:
-        super().__init__(**selection)
-        self.sinks = check_int(self.name, "sinks", sinks, 0)
-        self.window = check_int(self.name, "window", window, 1)
+    identity: ClassVar[None] = None  # no identity form: any window shorter than the sequence drops keys
+
+    @validated
+    def __init__(self, sinks: Annotated[int, Range(ge=0)] = 4, window: Annotated[int, Range(ge=1)] = 252,
+                 layers: IndexList | None = None, heads: IndexList | None = None) -> None:
+        super().__init__(layers=layers, heads=heads)
+        self.sinks, self.window = sinks, window
         self._mask_mod = MASKS.get("sink_window")(num_sink_tokens=self.sinks, window=self.window)
 
     def params(self) -> dict[str, Any]:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
 from attnlab.edits import EDITS
-from attnlab.edits.base import AttentionCall, Edit, check_int, check_range
-from attnlab.errors import ConfigError
+from attnlab.edits.base import AttentionCall, Edit
+from attnlab.params import IndexList, Range, validated
 
 
 @EDITS.register("temperature")
@@ -30,34 +30,30 @@ class Temperature(Edit):
     model at τ = 1 with the constant variant.
 
     Args:
-        tau: temperature > 0. variant: ``constant`` | ``log_n``. train_len: for ``log_n``, the length (≥ 2) up to
+        tau: temperature in [1e-6, 1e6] (finite and normal; 1e-320 is refused). variant: ``constant`` | ``log_n``. train_len: for ``log_n``, the length (≥ 2) up to
             which the factor is 1. layers, heads: selection (query heads).
 
     Raises:
-        ConfigError: tau ≤ 0, unknown variant, train_len < 2.
+        ConfigError: tau outside [1e-6, 1e6], unknown variant, train_len < 2 (or not an integer).
     """
 
-    name = "temperature"
     stage = "logits"
     fast = True
 
-    def __init__(self, tau: float = 1.0, variant: Literal["constant", "log_n"] = "constant", train_len: int = 512,
-                 **selection: Any) -> None:
-        super().__init__(**selection)
-        self.tau = check_range(self.name, "tau", tau, 0.0, low_open=True)
-        if variant not in ("constant", "log_n"):
-            raise ConfigError(f"edit 'temperature': variant must be 'constant' or 'log_n', got {variant!r}")
-        self.variant = variant
-        self.train_len = check_int(self.name, "train_len", train_len, 2)
+    identity: ClassVar[dict[str, Any]] = {"tau": 1.0, "variant": "constant"}
+
+    @validated
+    def __init__(self, tau: Annotated[float, Range(ge=1e-6, le=1e6)] = 1.0,
+                 variant: Literal["constant", "log_n"] = "constant", train_len: Annotated[int, Range(ge=2)] = 512,
+                 layers: IndexList | None = None, heads: IndexList | None = None) -> None:
+        super().__init__(layers=layers, heads=heads)
+        self.tau, self.variant, self.train_len = tau, variant, train_len
 
     def params(self) -> dict[str, Any]:
         params: dict[str, Any] = {"tau": self.tau, "variant": self.variant}
         if self.variant == "log_n":
             params["train_len"] = self.train_len
         return params
-
-    def is_identity(self) -> bool:
-        return self.tau == 1.0 and self.variant == "constant"
 
     def query_scale(self, call: AttentionCall) -> Tensor:
         """(B|1, Hq, Lq|1, 1) float32 multiplier: 1/τ (× the log-n factor) on selected heads, 1 elsewhere."""

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from attnlab.edits import EDITS
-from attnlab.edits.base import AttentionCall, Edit, check_int, check_range
+from attnlab.edits.base import AttentionCall, Edit
+from attnlab.params import IndexList, Range, validated
 
 
 @EDITS.register("window_decay")
@@ -29,19 +30,18 @@ class WindowDecay(Edit):
         ConfigError: window < 1 or alpha outside (0, 1].
     """
 
-    name = "window_decay"
     stage = "logits"
 
-    def __init__(self, window: int = 2048, alpha: float = 0.9, **selection: Any) -> None:
-        super().__init__(**selection)
-        self.window = check_int(self.name, "window", window, 1)
-        self.alpha = check_range(self.name, "alpha", alpha, 0.0, 1.0, low_open=True)
+    identity: ClassVar[dict[str, Any]] = {"alpha": 1.0}
+
+    @validated
+    def __init__(self, window: Annotated[int, Range(ge=1)] = 2048, alpha: Annotated[float, Range(gt=0.0, le=1.0)] = 0.9,
+                 layers: IndexList | None = None, heads: IndexList | None = None) -> None:
+        super().__init__(layers=layers, heads=heads)
+        self.window, self.alpha = window, alpha
 
     def params(self) -> dict[str, Any]:
         return {"window": self.window, "alpha": self.alpha}
-
-    def is_identity(self) -> bool:
-        return self.alpha == 1.0
 
     def logits_mod(self, logits: Tensor, q_index: Tensor, call: AttentionCall) -> Tensor:
         width = logits.shape[-1]

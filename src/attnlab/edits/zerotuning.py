@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
 from torch import Tensor
 
 from attnlab.edits import EDITS
-from attnlab.edits.base import AttentionCall, Edit, check_range
+from attnlab.edits.base import AttentionCall, Edit
+from attnlab.params import IndexList, Range, validated
 
 
 @EDITS.register("zerotuning")
@@ -26,25 +27,24 @@ class ZeroTuning(Edit):
     fused kernels still run; no probs materialised).
 
     Args:
-        gamma: γ > 0. layers, heads: selection (query heads).
+        gamma: γ in [1e-6, 1e6]. layers, heads: selection (query heads).
 
     Raises:
-        ConfigError: gamma ≤ 0.
+        ConfigError: gamma outside [1e-6, 1e6].
     """
 
-    name = "zerotuning"
     stage = "logits"
     fast = True
 
-    def __init__(self, gamma: float = 1.0, **selection: Any) -> None:
-        super().__init__(**selection)
-        self.gamma = check_range(self.name, "gamma", gamma, 0.0, low_open=True)
+    identity: ClassVar[dict[str, Any]] = {"gamma": 1.0}
+
+    @validated
+    def __init__(self, gamma: Annotated[float, Range(ge=1e-6, le=1e6)] = 1.0, layers: IndexList | None = None, heads: IndexList | None = None) -> None:
+        super().__init__(layers=layers, heads=heads)
+        self.gamma = gamma
 
     def params(self) -> dict[str, Any]:
         return {"gamma": self.gamma}
-
-    def is_identity(self) -> bool:
-        return self.gamma == 1.0
 
     def key_bias(self, call: AttentionCall) -> tuple[Tensor, Tensor]:
         coef = self.head_mask(call).float() * math.log(self.gamma)  # (Hq,)

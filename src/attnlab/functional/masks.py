@@ -16,14 +16,14 @@ the queries being the last q_len tokens) wrap the mask with :func:`shift_queries
 
 Registry: ``MASKS`` holds factories, ``MASKS.get("sliding_window")(window=256)`` returns a mask_mod.
 ``attnlab ls masks`` lists them. Masks built from data (``dma``, ``sparsed``) and the video/group layouts live in
-:mod:`attnlab.functional.sparse_masks` and register into the same registry.
+:mod:`attnlab.functional.sparse_masks` and register into the same registry (every public module of
+``attnlab.functional`` is imported on the first lookup; plug-ins use the ``attnlab.masks`` entry-point group).
 
 Shape legend: B batch, H num_heads (query heads), Lq q_len, Lk kv_len.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from typing import Protocol
 
@@ -60,11 +60,8 @@ class MaskMod(Protocol):
     def __call__(self, batch_idx: Tensor, head_idx: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor: ...
 
 
-def _load_builtins() -> None:
-    importlib.import_module("attnlab.functional.sparse_masks")
-
-
-MASKS: Registry[Callable[..., MaskMod]] = Registry("mask", loader=_load_builtins)
+# Factories (functions, so no base class) registered by any public module of attnlab.functional.
+MASKS: Registry[Callable[..., MaskMod]] = Registry("mask", package="attnlab.functional", group="attnlab.masks")
 
 
 def _named(fn: Callable, name: str) -> Callable:

@@ -1,25 +1,17 @@
 """Probes: observers of attention. ``PROBES`` names them; ``attnlab ls probes`` lists them with the analyses
 (:mod:`attnlab.analyses`, model-level diagnostics that drive the model themselves).
 
-Built-in probes are imported on the first lookup so ``import attnlab.probes`` stays cheap.
+Every public module of this package except the infrastructure (``base``) is imported on the first
+lookup, so ``import attnlab.probes`` stays cheap and adding a probe never edits this file (the recipe:
+:mod:`attnlab.registry`). Plug-ins register through the ``attnlab.probes`` entry-point group.
 """
 
 from __future__ import annotations
 
-import importlib
-
 from attnlab.registry import Registry
 
-_BUILTIN_MODULES = ("entropy", "sink", "distance", "norms", "massive_activations", "magnets", "rope_decay",
-                    "spatial_decay")
-
-
-def _load_builtins() -> None:
-    for module in _BUILTIN_MODULES:
-        importlib.import_module(f"attnlab.probes.{module}")
-
-
-PROBES: Registry[type] = Registry("probe", loader=_load_builtins)
+PROBES: Registry[type] = Registry("probe", base="attnlab.probes.base.Probe", package=__name__,
+                                  infrastructure=("base",), group="attnlab.probes")
 
 DEFAULT_PROBES = ("entropy", "sink", "distance", "norms")
 

@@ -44,7 +44,6 @@ from attnlab.stats.distance import (
 class DistanceProbe(Probe):
     """Attention mass per distance bin, fixed-row mean attention per distance, and power-law/exponential fits."""
 
-    name = "distance"
     needs = frozenset({"probs"})
 
     sections = (Section("distance", "Attention vs distance", (

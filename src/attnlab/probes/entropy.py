@@ -14,13 +14,13 @@ included; a run without NaN rows has no ``nan_rows`` rows.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor
 
-from attnlab.errors import ConfigError
 from attnlab.functional.attention import BlockView
+from attnlab.params import Range, validated
 from attnlab.probes import PROBES
 from attnlab.probes.base import AttentionCall, ModelFacts, Probe, Row, RowWriter, safe_div
 from attnlab.report.sections import Heatmap, Section, Series, Text
@@ -40,7 +40,6 @@ class EntropyProbe(Probe):
         num_bins: histogram bins over [0, 1] of normalised entropy (default 20).
     """
 
-    name = "entropy"
     needs = frozenset({"probs"})
 
     sections = (Section("entropy", "Attention entropy", (
@@ -59,9 +58,8 @@ class EntropyProbe(Probe):
                         "summed over the run; they are excluded from the entropy, sink and distance statistics."),
     )),)
 
-    def __init__(self, num_bins: int = 20) -> None:
-        if num_bins < 1:
-            raise ConfigError(f"num_bins must be >= 1, got {num_bins}")
+    @validated
+    def __init__(self, num_bins: Annotated[int, Range(ge=1, le=10_000)] = 20) -> None:
         self.num_bins = num_bins
 
     def bind(self, facts: ModelFacts) -> None:

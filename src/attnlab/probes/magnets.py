@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import unicodedata
 from collections import Counter
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor
 
 from attnlab.errors import ConfigError
 from attnlab.functional.attention import BlockView
+from attnlab.params import Range, validated
 from attnlab.probes import PROBES
 from attnlab.probes.base import AttentionCall, ModelFacts, Probe, Row, RowWriter, safe_div
 from attnlab.report.sections import Column, Heatmap, LayerCurve, Section, Series, Table, Text
@@ -64,7 +65,6 @@ class MagnetsProbe(Probe):
             raises ConfigError when neither was given (every key would be "other").
     """
 
-    name = "magnets"
     needs = frozenset({"probs"})
 
     sections = (Section("probe-magnets", "Attention magnets", (
@@ -81,13 +81,11 @@ class MagnetsProbe(Probe):
               extras="global_sink_tokens", top=15, caption="Global-sink tokens (hits = (window, layer))."),
     )),)
 
-    def __init__(self, theta: float = 0.1, min_queries: int = 16, token_classes: dict[int, int] | None = None,
-                 bos_token_id: int | None = None) -> None:
-        if not 0 < theta < 1:
-            raise ConfigError(f"theta must lie in (0, 1), got {theta}")
-        if min_queries < 1:
-            raise ConfigError(f"min_queries must be >= 1, got {min_queries}")
-        self.theta, self.min_queries = float(theta), min_queries
+    @validated
+    def __init__(self, theta: Annotated[float, Range(gt=0.0, lt=1.0)] = 0.1, min_queries: Annotated[int, Range(ge=1)] = 16,
+                 token_classes: dict[int, int] | None = None,
+                 bos_token_id: Annotated[int, Range(ge=0)] | None = None) -> None:
+        self.theta, self.min_queries = theta, min_queries
         self.token_classes = dict(token_classes or {})
         self.classified = token_classes is not None  # prepare() fills the classes from the tokenizer
         self.bos_token_id = bos_token_id

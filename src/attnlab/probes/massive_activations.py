@@ -16,12 +16,12 @@ Positions count real tokens only (0 = first real token); padding never enters a 
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor
 
-from attnlab.errors import ConfigError
+from attnlab.params import Range, validated
 from attnlab.probes import PROBES
 from attnlab.probes.base import ModelFacts, Probe, Row, RowWriter, SequenceInfo, pad_to_length, safe_div
 from attnlab.report.sections import Column, LayerCurve, Section, Series, Table, Text
@@ -40,7 +40,6 @@ class MassiveActivationsProbe(Probe):
         tau: VAR's sink threshold on φ = |h / rms(h)| over the massive dims (default 20).
     """
 
-    name = "massive_activations"
     needs = frozenset({"hidden_states"})
 
     sections = (Section("probe-massive-activations", "Massive activations", (
@@ -59,14 +58,12 @@ class MassiveActivationsProbe(Probe):
               caption="Tokens carrying massive activations (hits = (window, layer) pairs)."),
     )),)
 
-    def __init__(self, abs_threshold: float = 100.0, ratio_threshold: float = 1000.0, min_layers: int = 2,
-                 tau: float = 20.0) -> None:
-        if abs_threshold <= 0 or ratio_threshold <= 0 or tau <= 0:
-            raise ConfigError(f"thresholds must be > 0, got abs={abs_threshold}, ratio={ratio_threshold}, tau={tau}")
-        if min_layers < 1:
-            raise ConfigError(f"min_layers must be >= 1, got {min_layers}")
-        self.abs_threshold, self.ratio_threshold = float(abs_threshold), float(ratio_threshold)
-        self.min_layers, self.tau = min_layers, float(tau)
+    @validated
+    def __init__(self, abs_threshold: Annotated[float, Range(gt=0.0)] = 100.0,
+                 ratio_threshold: Annotated[float, Range(gt=0.0)] = 1000.0, min_layers: Annotated[int, Range(ge=1)] = 2,
+                 tau: Annotated[float, Range(gt=0.0)] = 20.0) -> None:
+        self.abs_threshold, self.ratio_threshold = abs_threshold, ratio_threshold
+        self.min_layers, self.tau = min_layers, tau
 
     def bind(self, facts: ModelFacts) -> None:
         super().bind(facts)

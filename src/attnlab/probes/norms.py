@@ -50,7 +50,6 @@ def _peak_ratio(mean_norm: Tensor) -> Tensor:
 class NormsProbe(Probe):
     """Mean residual norm per (layer, position), mean value norm per (layer, kv head, position), and their ratios."""
 
-    name = "norms"
     needs = frozenset({"value", "hidden_states"})
 
     sections = (Section("norms", "Residual and value norms", (

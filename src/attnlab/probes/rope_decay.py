@@ -12,13 +12,14 @@ log bound and log measured attention over distances 1 … n // 2 - 1: near 1 whe
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor
 
 from attnlab.errors import ConfigError
 from attnlab.functional.attention import BlockView
+from attnlab.params import Range, validated
 from attnlab.probes import PROBES
 from attnlab.probes.base import AttentionCall, ModelFacts, Probe, Row, RowWriter, pad_to_length, safe_div
 from attnlab.report.sections import LayerCurve, PositionCurve, Section, Series, Text
@@ -36,7 +37,6 @@ class RopeDecayProbe(Probe):
         exclude_first: leave key position 0 (the sink) out of the measured curve (default True).
     """
 
-    name = "rope_decay"
     needs = frozenset({"probs"})
 
     sections = (Section("probe-rope-decay", "RoPE long-term decay", (
@@ -52,13 +52,12 @@ class RopeDecayProbe(Probe):
                    caption="Correlation of the logs over distances ≥ 1."),
     )),)
 
-    def __init__(self, rope_theta: float | None = None, head_dim: int | None = None,
-                 exclude_first: bool = True) -> None:
-        if rope_theta is not None and rope_theta <= 1:
-            raise ConfigError(f"rope_theta must be > 1, got {rope_theta}")
-        if head_dim is not None and (head_dim < 2 or head_dim % 2):
+    @validated
+    def __init__(self, rope_theta: Annotated[float, Range(gt=1.0)] | None = None,
+                 head_dim: Annotated[int, Range(ge=2)] | None = None, exclude_first: bool = True) -> None:
+        if head_dim is not None and head_dim % 2:
             raise ConfigError(f"head_dim must be an even integer >= 2, got {head_dim}")
-        self.rope_theta, self.head_dim, self.exclude_first = rope_theta, head_dim, bool(exclude_first)
+        self.rope_theta, self.head_dim, self.exclude_first = rope_theta, head_dim, exclude_first
 
     def prepare(self, facts: Any, runner: Any = None) -> None:
         """Read rope_theta and head_dim from the model's facts (:class:`attnlab.facts.ModelFacts`)."""

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor
 
-from attnlab.errors import ConfigError
 from attnlab.functional.attention import BlockView
+from attnlab.params import Range, validated
 from attnlab.probes import PROBES
 from attnlab.probes.base import (
     AttentionCall, ModelFacts, Probe, Row, RowWriter, key_index_of_positions, safe_div, visible,
@@ -47,7 +47,6 @@ class SinkProbe(Probe):
             (diagonal) attention and would flag nearly every head; ``min_queries=1`` gives ACT's rule exactly.
     """
 
-    name = "sink"
     needs = frozenset({"probs"})
 
     sections = (
@@ -86,13 +85,11 @@ class SinkProbe(Probe):
         )),
     )
 
-    def __init__(self, num_keys: int = 4, epsilon: float = 0.3, theta: float = 0.1, min_queries: int = 16) -> None:
-        if num_keys < 1:
-            raise ConfigError(f"num_keys must be >= 1, got {num_keys}")
-        if not (0 < epsilon < 1 and 0 < theta < 1):
-            raise ConfigError(f"epsilon and theta must lie in (0, 1), got epsilon={epsilon}, theta={theta}")
-        if min_queries < 1:
-            raise ConfigError(f"min_queries must be >= 1, got {min_queries}")
+    @validated
+    def __init__(self, num_keys: Annotated[int, Range(ge=1, le=1024)] = 4,
+                 epsilon: Annotated[float, Range(gt=0.0, lt=1.0)] = 0.3,
+                 theta: Annotated[float, Range(gt=0.0, lt=1.0)] = 0.1,
+                 min_queries: Annotated[int, Range(ge=1)] = 16) -> None:
         self.num_keys, self.epsilon, self.theta, self.min_queries = num_keys, epsilon, theta, min_queries
 
     def bind(self, facts: ModelFacts) -> None:

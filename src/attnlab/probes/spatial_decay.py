@@ -25,18 +25,22 @@ Sequences with fewer than ``start + prod(grid)`` real tokens are skipped.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 from torch import Tensor
 
 from attnlab.errors import ConfigError
 from attnlab.functional.attention import BlockView
+from attnlab.params import Range, validated
 from attnlab.probes import PROBES
 from attnlab.probes.base import AttentionCall, ModelFacts, Probe, Row, RowWriter, safe_div
 from attnlab.report.sections import Heatmap, PositionCurve, Section, Series, Text
 from attnlab.stats.decay_fits import fit_energy_decay
 from attnlab.stats.distance import fit_power_law
+
+
+MAX_CELLS = 4096  # a 64×64 grid; the (cells, cells) offset tables grow with its square
 
 
 @PROBES.register("spatial_decay")
@@ -49,7 +53,6 @@ class SpatialDecayProbe(Probe):
         spatial_metric: "index" (default, |s − k0| as in METHODS.md #10) or "euclidean" (cells, sqrt(Δy² + Δx²)).
     """
 
-    name = "spatial_decay"
     needs = frozenset({"probs"})
 
     sections = (Section("probe-spatial-decay", "Spatial decay on a grid", (
@@ -64,17 +67,14 @@ class SpatialDecayProbe(Probe):
                 caption="Fit of log(A_qk/A_qq) = c − αΔt − βΔs per layer (rows) and head (columns)."),
     )),)
 
-    def __init__(self, grid: list[int] | tuple[int, ...] = (64,), start: int = 0,
-                 spatial_metric: str = "index") -> None:
-        grid = [grid] if isinstance(grid, int) else list(grid)
-        if not 1 <= len(grid) <= 3 or not all(isinstance(g, int) and g >= 1 for g in grid):
+    @validated
+    def __init__(self, grid: tuple[Annotated[int, Range(ge=1)], ...] = (64,), start: Annotated[int, Range(ge=0)] = 0,
+                 spatial_metric: Literal["index", "euclidean"] = "index") -> None:
+        grid = list(grid)
+        if not 1 <= len(grid) <= 3:
             raise ConfigError(f"grid must be 1 to 3 positive integers ([n], [h, w] or [f, h, w]), got {grid}")
-        if math.prod(grid) < 2:
-            raise ConfigError(f"grid must hold at least 2 cells, got {grid}")
-        if start < 0:
-            raise ConfigError(f"start must be >= 0, got {start}")
-        if spatial_metric not in ("index", "euclidean"):
-            raise ConfigError(f"spatial_metric must be 'index' or 'euclidean', got {spatial_metric!r}")
+        if not 2 <= math.prod(grid) <= MAX_CELLS:
+            raise ConfigError(f"grid must hold 2 to {MAX_CELLS} cells (its offset tables are cells²), got {grid}")
         self.grid, self.start, self.spatial_metric = grid, start, spatial_metric
         F, Hh, W = [1] * (3 - len(grid)) + grid
         self.dims = (F, Hh, W)
