@@ -21,11 +21,11 @@ from attnlab.errors import ConfigError, ShapeError
 from attnlab.functional.masks import (
     MASKS,
     MaskMod,
-    _check_non_negative,
-    _check_positive,
-    _named,
-    _with_cover,
+    check_non_negative,
+    check_positive,
     from_keep,
+    with_covered_lengths,
+    with_name,
 )
 
 __all__ = ["SparsedSchedule", "coarsen_to_blocks", "dma", "dma_bias", "dma_keep", "dma_score_mod", "groups", "radial",
@@ -44,9 +44,9 @@ def radial_window_table(num_frames: int, tokens_per_frame: int, decay_factor: fl
     below ``min_window`` (the block size, 128 in the paper's code) the width becomes ``min_window`` and only every
     ``split = ⌊min_window / w(d)⌋``-th distance keeps its diagonal (``d mod split == 0``).
     """
-    _check_positive("num_frames", num_frames)
-    _check_positive("tokens_per_frame", tokens_per_frame)
-    _check_positive("min_window", min_window)
+    check_positive("num_frames", num_frames)
+    check_positive("tokens_per_frame", tokens_per_frame)
+    check_positive("min_window", min_window)
     if not decay_factor > 0:
         raise ConfigError(f"decay_factor must be > 0, got {decay_factor}")
     top = 2 ** math.ceil(math.log2(tokens_per_frame)) if tokens_per_frame > 1 else 1
@@ -75,7 +75,7 @@ def coarsen_to_blocks(mask_mod: MaskMod, q_len: int, kv_len: int, block_size: in
 
     Evaluated for batch 0, head 0, one block row at a time. Returns bool (1, 1, nq, nk).
     """
-    _check_positive("block_size", block_size)
+    check_positive("block_size", block_size)
     nq, nk = -(-q_len // block_size), -(-kv_len // block_size)
     table = torch.zeros(1, 1, nq, nk, dtype=torch.bool, device=device)
     b = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
@@ -107,8 +107,8 @@ def radial(num_frames: int, tokens_per_frame: int, decay_factor: float = 1.0, mi
     the indices' device if they differ).
     """
     widths, on = radial_window_table(num_frames, tokens_per_frame, decay_factor, min_window)
-    _check_non_negative("sink_frames", sink_frames)
-    _check_non_negative("num_text_tokens", num_text_tokens)
+    check_non_negative("sink_frames", sink_frames)
+    check_non_negative("num_text_tokens", num_text_tokens)
     width_table = torch.tensor(widths, dtype=torch.float32, device=device)
     on_table = torch.tensor(on, dtype=torch.bool, device=device)
     s, video = tokens_per_frame, num_frames * tokens_per_frame
@@ -125,7 +125,7 @@ def radial(num_frames: int, tokens_per_frame: int, decay_factor: float = 1.0, mi
 
     name = f"radial({num_frames}x{tokens_per_frame}, decay={decay_factor})"
     if block_size is None:
-        return _named(mask_mod, name)
+        return with_name(mask_mod, name)
     length = video + num_text_tokens
     table = coarsen_to_blocks(mask_mod, length, length, block_size, device=device)
     return from_keep(table, block_size=block_size, name=f"{name}[block={block_size}]")
@@ -149,8 +149,8 @@ def shifted_groups(group_size: int, num_heads: int, num_sink_tokens: int = 4, ca
     """
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
         raise ConfigError(f"group_size must be an integer >= 2, got {group_size!r}")
-    _check_positive("num_heads", num_heads)
-    _check_non_negative("num_sink_tokens", num_sink_tokens)
+    check_positive("num_heads", num_heads)
+    check_non_negative("num_sink_tokens", num_sink_tokens)
     half, first_shifted = group_size // 2, num_heads // 2
 
     def mask_mod(batch_idx: Tensor, head_idx: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
@@ -159,7 +159,7 @@ def shifted_groups(group_size: int, num_heads: int, num_sink_tokens: int = 4, ca
         return keep & (kv_idx <= q_idx) if causal else keep
 
     mask_mod.head_rules = (("==", num_heads),)  # checked by the layers (masks.check_num_heads)
-    return _named(mask_mod, f"shifted_groups({group_size}, sinks={num_sink_tokens})")
+    return with_name(mask_mod, f"shifted_groups({group_size}, sinks={num_sink_tokens})")
 
 
 # -------------------------------------------------------------------------------------------------------------- DMA
@@ -207,7 +207,7 @@ def dma_keep(bias: Tensor, window: int, num_heads: int, q_len: int, *, causal: b
     Returns:
         bool (B, H, Lq, Lk), True = attend.
     """
-    _check_positive("window", window)
+    check_positive("window", window)
     B, Hkv, Lk = bias.shape
     if num_heads % Hkv:
         raise ShapeError(f"bias has num_kv_heads={Hkv}, which does not divide num_heads={num_heads}")
@@ -270,7 +270,7 @@ def sparsed_block_keep(probs: Tensor, block_size: int, select: float) -> Tensor:
     Returns:
         bool (B, H, nq, nk), nq = ⌈Lq / b⌉, nk = ⌈Lk / b⌉.
     """
-    _check_positive("block_size", block_size)
+    check_positive("block_size", block_size)
     if not 0 < select <= 1:
         raise ConfigError(f"select must be in (0, 1], got {select}")
     B, H, Lq, Lk = probs.shape
@@ -305,12 +305,12 @@ class SparsedSchedule:
     """
 
     def __init__(self, num_steps: int, *, skip: float = 0.2, select: float = 0.5, block_size: int = 32) -> None:
-        _check_positive("num_steps", num_steps)
+        check_positive("num_steps", num_steps)
         if not 0 <= skip <= 1:
             raise ConfigError(f"skip must be in [0, 1], got {skip}")
         if not 0 < select <= 1:  # checked here, not at the first sparse step
             raise ConfigError(f"select must be in (0, 1], got {select}")
-        _check_positive("block_size", block_size)
+        check_positive("block_size", block_size)
         self.num_steps, self.skip, self.select, self.block_size = num_steps, skip, select, block_size
         self.first_sparse_step = int(math.floor(skip * num_steps))
         self.block_keep: Tensor | None = None
@@ -358,5 +358,5 @@ def groups(group_ids: Tensor, allowed: Tensor) -> MaskMod:
         table, group_of = allowed.to(q_idx.device), ids.to(q_idx.device)
         return table[group_of[batch_idx, q_idx.clamp(0, last)], group_of[batch_idx, kv_idx.clamp(0, last)]]
 
-    _with_cover(mask_mod, last + 1, last + 1)
-    return _named(mask_mod, f"groups({allowed.shape[0]})")
+    with_covered_lengths(mask_mod, last + 1, last + 1)
+    return with_name(mask_mod, f"groups({allowed.shape[0]})")
