@@ -215,7 +215,8 @@ def shift_positions(mask_mod: MaskMod, offset: int) -> MaskMod:
         return mask_mod(batch_idx, head_idx, q_idx + offset, kv_idx + offset)
 
     q_cover, kv_cover = getattr(mask_mod, "covered_lengths", (None, None))
-    with_covered_lengths(shifted, None if q_cover is None else q_cover - offset, None if kv_cover is None else kv_cover - offset)
+    with_covered_lengths(shifted, None if q_cover is None else q_cover - offset,
+                         None if kv_cover is None else kv_cover - offset)
     return with_name(shifted, f"{getattr(mask_mod, '__name__', 'mask')}@{offset:+d}/both")
 
 
