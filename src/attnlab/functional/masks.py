@@ -39,6 +39,8 @@ __all__ = [
     "and_masks",
     "broadcast_indices",
     "causal",
+    "check_at_most",
+    "check_device",
     "check_lengths",
     "check_non_negative",
     "check_num_heads",
@@ -150,6 +152,34 @@ def check_non_negative(name: str, value: int) -> None:
     """
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+
+
+def check_at_most(name: str, value: int, limit: int, why: str) -> None:
+    """Refuse a size above ``limit`` before anything of that size is allocated or looped over.
+
+    Raises:
+        ConfigError: one line naming the quantity, the limit, the reason and the value.
+    """
+    if value > limit:
+        raise ConfigError(f"{name} must be <= {limit} ({why}), got {value}")
+
+
+def check_device(device: torch.device | str | None) -> torch.device | None:
+    """``device`` as a ``torch.device`` (None stays None), after checking that a tensor can be made there.
+
+    Raises:
+        ConfigError: an unknown device string (``"gpu"``) or one this machine lacks (``"cuda"`` without CUDA).
+    """
+    if device is None:
+        return None
+    try:
+        parsed = torch.device(device)
+        torch.empty(0, device=parsed)
+    except (RuntimeError, AssertionError, TypeError, ValueError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ConfigError(f"device must be a torch device available here (cpu, cuda, cuda:0, ...), "
+                          f"got {device!r}: {reason}") from None
+    return parsed
 
 
 # ----------------------------------------------------------------------------------------------------- composition
@@ -265,8 +295,10 @@ def density(mask_mod: MaskMod, batch: int, num_heads: int, q_len: int, kv_len: i
     Evaluated ``rows_per_chunk`` query rows at a time, so 16k × 16k masks fit in memory.
 
     Raises:
-        ShapeError: if a table-backed mask was built for shorter lengths (:func:`check_lengths`).
+        ConfigError: if rows_per_chunk < 1. ShapeError: if a table-backed mask was built for shorter lengths
+        (:func:`check_lengths`).
     """
+    check_positive("rows_per_chunk", rows_per_chunk)
     if batch * num_heads * q_len * kv_len == 0:
         return 0.0
     check_lengths(mask_mod, q_len, kv_len, q_offset)
