@@ -40,9 +40,11 @@ __all__ = ["SparsedSchedule", "coarsen_to_blocks", "dma", "dma_bias", "dma_keep"
 # has one entry per frame, built by a Python loop (about 0.4 s at 2**20 frames).
 RADIAL_MAX_TOKENS = 2**20
 # The block rule (coarsen_to_blocks) evaluates the dense token mask, q_len × (key blocks · block_size) pairs: at most
-# 2**26 (64 Mi pairs, 64 MB as bool, a few seconds on a CPU; 8,192 × 8,192 tokens), in pieces of about 2**20 pairs.
-COARSEN_MAX_PAIRS = 2**26
+# 2**28 (16,384 × 16,384 tokens, the benchmark's longest; 256 MB were it held as bool, about 15 s on a CPU), in
+# pieces of about 2**20 pairs, so only the (nq, nk) table and one piece are ever held.
+COARSEN_MAX_PAIRS = 2**28
 COARSEN_MAX_BLOCK_ROWS = 2**14  # query blocks, one Python loop step each
+COARSEN_MAX_KEYS = 2**17  # padded key positions (8 × the longest block-rule length): one query row
 _PAIRS_PER_STEP = 2**20
 
 
@@ -95,7 +97,8 @@ def coarsen_to_blocks(mask_mod: MaskMod, q_len: int, kv_len: int, block_size: in
 
     Raises:
         ConfigError: block_size < 1, a negative length, an unknown device, more than :data:`COARSEN_MAX_PAIRS`
-            (query, padded key) pairs to evaluate or more than :data:`COARSEN_MAX_BLOCK_ROWS` query blocks.
+            (query, padded key) pairs to evaluate, more than :data:`COARSEN_MAX_BLOCK_ROWS` query blocks or more
+            than :data:`COARSEN_MAX_KEYS` padded key positions.
     """
     check_positive("block_size", block_size)
     check_non_negative("q_len", q_len)
@@ -105,6 +108,7 @@ def coarsen_to_blocks(mask_mod: MaskMod, q_len: int, kv_len: int, block_size: in
     check_at_most("q_len * padded kv_len", q_len * nk * block_size, COARSEN_MAX_PAIRS,
                   "token pairs the block rule evaluates")
     check_at_most("query blocks", nq, COARSEN_MAX_BLOCK_ROWS, "one loop step each")
+    check_at_most("padded kv_len", nk * block_size, COARSEN_MAX_KEYS, "key positions evaluated per query row")
     table = torch.zeros(1, 1, nq, nk, dtype=torch.bool, device=device)
     b = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
     kv = torch.arange(nk * block_size, device=device)[None, None, None, :]
@@ -141,7 +145,7 @@ def radial(num_frames: int, tokens_per_frame: int, decay_factor: float = 1.0, mi
 
     Raises:
         ConfigError: a size out of range: more than :data:`RADIAL_MAX_TOKENS` tokens (video and text), or with
-            ``block_size`` a dense token mask past :data:`COARSEN_MAX_PAIRS` pairs (8,192 tokens at block 128);
+            ``block_size`` a dense token mask past :data:`COARSEN_MAX_PAIRS` pairs (16,384 tokens at block 128);
             or an unknown ``device``.
     """
     check_positive("num_frames", num_frames)
