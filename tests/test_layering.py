@@ -152,18 +152,6 @@ def _private_import_offences(module: str) -> list[str]:
     return offences
 
 
-# Offences on the tree when this rule was added (issue 10), in files other workers own; each is removed here when
-# its owner makes the name public. The test fails on any offence not listed and on a listed one that is gone.
-PENDING = {
-    "attnlab.evaluation.passkey imports private name _accepts_logits_to_keep from attnlab.evaluation.lm_tasks",
-    *(f"attnlab.functional.{name} imports private name _compute_dtype from attnlab.functional.attention"
-      for name in ("hedgehog", "lightnet", "lightning", "linear_attention", "softmax_family", "titans")),
-    "attnlab.functional.masked_attention imports private name _broadcast_indices from attnlab.functional.masks",
-    *(f"attnlab.functional.sparse_masks imports private name {name} from attnlab.functional.masks"
-      for name in ("_check_non_negative", "_check_positive", "_named", "_with_cover")),
-}
-
-
 def test_no_module_imports_another_modules_private_names():
     """No attnlab module imports another module's private names. The rule:
 
@@ -176,9 +164,8 @@ def test_no_module_imports_another_modules_private_names():
 
     Lazy imports inside functions count as well.
     """
-    offences = {why for module in MODULES for why in _private_import_offences(module)}
-    assert not offences - PENDING, sorted(offences - PENDING)
-    assert not PENDING - offences, f"fixed, remove from PENDING: {sorted(PENDING - offences)}"
+    offences = sorted(why for module in MODULES for why in _private_import_offences(module))
+    assert not offences, offences
 
 
 def test_cli_subcommands_do_not_import_main_and_configs_stay_pure():

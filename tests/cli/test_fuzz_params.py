@@ -14,7 +14,7 @@ import math
 import sys
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
@@ -23,6 +23,7 @@ from attnlab.cli.main import app
 from attnlab.edits import EDITS
 from attnlab.errors import UsageError
 from attnlab.evaluation.config import parse_variant
+from attnlab.functional.masks import MASKS
 from attnlab.params import accepted_names, build_probes, parse_probe_args
 from attnlab.probes import PROBES
 from cli.helpers import assert_one_line_error
@@ -43,6 +44,11 @@ values = st.one_of(
 # every parameter of every registered edit and probe, plus a key none of them takes
 EDIT_PARAMS = [(name, param) for name in EDITS.names() for param in [*accepted_names(EDITS.get(name)), "bogus"]]
 EDIT_PARAMS.append(("mask:name=sliding_window", "window"))  # a key the mask edit forwards to its factory
+# every parameter of every registered mask through ``--edit mask:name=NAME,...``, the others at valid small values
+MASK_BASE = {"causal": {}, "full": {}, "sinks": {}, "sink_window": {}, "sliding_window": {"window": 4},
+             "ls_heads": {"window": 4, "num_local_heads": 1}, "radial": {"num_frames": 4, "tokens_per_frame": 4},
+             "shifted_groups": {"group_size": 4, "num_heads": 4}, "dma": {}, "sparsed": {}, "groups": {}}
+MASK_PARAMS = [(name, param) for name in MASKS.names() for param in [*accepted_names(MASKS.get(name)), "bogus"]]
 OBSERVERS = [*PROBES.names(), *ANALYSES.names()]  # `--probe NAME` takes a probe or an analysis
 PROBE_PARAMS = [(name, param) for name in OBSERVERS for param in [*accepted_names(probe_or_analysis(name)), "bogus"]]
 
@@ -85,6 +91,33 @@ def test_edit_parameters_are_accepted_sanely_or_refused_in_one_line(target, valu
     for edit in edits:
         _assert_sane(edit.params())
         _assert_sane({"layers": edit.layers, "heads": edit.heads})
+
+
+def test_the_mask_fuzz_covers_every_mask():
+    assert set(MASK_BASE) == set(MASKS.names()) and {name for name, _ in MASK_PARAMS} == set(MASKS.names())
+    assert ("radial", "device") in MASK_PARAMS and ("radial", "num_frames") in MASK_PARAMS
+    for name, base in MASK_BASE.items():  # the base values alone are accepted (tensor-built masks need Python)
+        spec = ",".join([f"name={name}", *(f"{key}={value}" for key, value in base.items())])
+        if not any(kind in name for kind in ("dma", "sparsed", "groups")):
+            assert parse_variant(f"mask:{spec}")
+
+
+@FUZZ
+@given(st.sampled_from(MASK_PARAMS), values)
+@example(("radial", "num_frames"), "1000000000")  # a 10**9-step table loop: the edit hung before the bound
+@example(("radial", "block_size"), "1")  # fine for 16 tokens
+@example(("radial", "device"), "gpu")  # RuntimeError from torch before the device was checked
+def test_mask_parameters_are_accepted_sanely_or_refused_in_one_line(target, value):
+    name, param = target
+    arguments = {**MASK_BASE[name], param: value}
+    spec = ",".join([f"name={name}", *(f"{key}={item}" for key, item in arguments.items())])
+    try:
+        edits = parse_variant(f"mask:{spec}")
+    except Exception as error:  # noqa: BLE001
+        _assert_usage_error(error)
+        return
+    for edit in edits:
+        _assert_sane(edit.params())
 
 
 @FUZZ

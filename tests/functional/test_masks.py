@@ -113,6 +113,34 @@ def test_bad_parameters_raise_config_error(bad):
         bad()
 
 
+@pytest.mark.parametrize(("bad", "fragment"), [
+    (lambda: S.radial(10**9, 4), "<= 1048576"),
+    (lambda: S.radial(4, 4, num_text_tokens=2**31 - 1), "<= 1048576"),
+    (lambda: S.radial_window_table(2**20, 2), "<= 1048576"),
+    (lambda: S.radial(64, 512, block_size=128), "<= 268435456"),
+    (lambda: S.radial(4, 4, block_size=2**31 - 1), "<= 268435456"),
+    (lambda: S.coarsen_to_blocks(M.causal(), 2**15, 1, 1), "query blocks must be <= 16384"),
+    (lambda: S.coarsen_to_blocks(M.causal(), 1, 2**17 + 1, 1), "padded kv_len must be <= 131072"),
+    (lambda: S.coarsen_to_blocks(M.causal(), -1, 4, 2), "q_len"),
+    (lambda: S.radial(4, 4, device="gpu"), "device"),
+    (lambda: S.radial(4, 4, device=""), "device"),
+    (lambda: S.groups(torch.tensor([[0, 2]]), torch.ones(2, 2, dtype=torch.bool)), "0..1"),
+    (lambda: S.groups(torch.zeros(1, 2), torch.ones(1, 1, dtype=torch.bool)), "integer group_ids"),
+    (lambda: S.groups(torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.bool)), "(groups, groups)"),
+    (lambda: M.density(M.causal(), 1, 1, 4, 4, rows_per_chunk=0), "rows_per_chunk"),
+])
+def test_oversized_or_malformed_mask_inputs_raise_one_line_config_error(bad, fragment):
+    """Sizes are bounded before anything that large is allocated or looped over; devices are checked up front."""
+    with pytest.raises(ConfigError) as error:
+        bad()
+    assert fragment in str(error.value) and "\n" not in str(error.value)
+
+
+def test_radial_tiny_decay_does_not_overflow_the_split():
+    widths, on = S.radial_window_table(6, 4, decay_factor=2.2e-308, min_window=2**31 - 1)
+    assert on == [True, True, False, False, False, False] and widths[2:] == [float(2**31 - 1)] * 4
+
+
 def test_registry_lists_and_suggests():
     assert {"causal", "sliding_window", "sinks", "ls_heads", "radial", "dma", "sparsed", "shifted_groups"} <= set(
         M.MASKS.names())

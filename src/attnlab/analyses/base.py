@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from attnlab.errors import ConfigError
 from attnlab.facts import ModelFacts
+from attnlab.probes.base import add_states
 
 Row = dict[str, Any]
 
@@ -145,11 +146,7 @@ class Analysis:
 
     def merge(self, other: Analysis) -> None:
         """Add another analysis's state (same type, same config) into this one; ValueError on different keys."""
-        mine, theirs = self.state(), other.state()
-        if mine.keys() != theirs.keys():
-            raise ValueError(f"cannot merge {self.name} states with keys {sorted(mine)} and {sorted(theirs)}")
-        for key in mine:
-            mine[key] += theirs[key]
+        add_states(self.name, self.state(), other.state())
 
     def rows(self) -> list[Row]:
         """Long-format rows for results.csv."""

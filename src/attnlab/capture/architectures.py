@@ -44,7 +44,11 @@ def attention_sizes(model_or_config: Any) -> tuple[int, int, int]:
     return config.num_hidden_layers, num_heads, getattr(config, "num_key_value_heads", None) or num_heads
 
 
-def _get_path(root: Any, path: str) -> Any:
+def get_submodule_or_none(root: Any, path: str) -> Any:
+    """The attribute at dotted ``path`` below ``root`` (``"model.layers"``), or None where a step is missing.
+
+    ``nn.Module.get_submodule`` without the AttributeError: used to try the known layouts of many families in turn.
+    """
     for name in path.split("."):
         root = getattr(root, name, None)
         if root is None:
@@ -56,7 +60,7 @@ def transformer_blocks(model: nn.Module) -> nn.ModuleList | None:
     """The ModuleList of the model's transformer blocks, or None if it cannot be found."""
     num_layers = attention_sizes(model)[0]
     for path in BLOCK_PATHS:
-        blocks = _get_path(model, path)
+        blocks = get_submodule_or_none(model, path)
         if isinstance(blocks, nn.ModuleList) and len(blocks) == num_layers:
             return blocks
     candidates = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == num_layers]

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from attnlab.analyses.base import ForwardRecord
-from attnlab.capture.architectures import model_facts, transformer_blocks
+from attnlab.capture.architectures import get_submodule_or_none, model_facts, transformer_blocks
 from attnlab.errors import ConfigError, UnsupportedModelError
 from attnlab.functional.attention import BlockView
 from attnlab.facts import ModelFacts
@@ -44,17 +44,9 @@ OUTPUT_PROJECTIONS = (
 )
 
 
-def _get(root: Any, path: str) -> Any:
-    for name in path.split("."):
-        root = getattr(root, name, None)
-        if root is None:
-            return None
-    return root
-
-
 def _output_projection(block: nn.Module) -> nn.Linear | None:
     for path in OUTPUT_PROJECTIONS:
-        out = _get(block, path)
+        out = get_submodule_or_none(block, path)
         if isinstance(out, nn.Linear):
             return out
     return None

@@ -125,7 +125,8 @@ class TokenScores:
         return out
 
 
-def _accepts_logits_to_keep(model: Any) -> bool:
+def accepts_logits_to_keep(model: Any) -> bool:
+    """Whether ``model.forward`` takes transformers' ``logits_to_keep`` (compute logits for the last positions only)."""
     try:
         return "logits_to_keep" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
@@ -149,7 +150,7 @@ def token_statistics(model: Any, input_ids: torch.Tensor, num_scored: int) -> di
     if not 1 <= num_scored < seq_len:
         raise ConfigError(f"num_scored must be in 1..{seq_len - 1}, got {num_scored}")
     kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-    if _accepts_logits_to_keep(model):
+    if accepts_logits_to_keep(model):
         kwargs["logits_to_keep"] = num_scored + 1  # the last num_scored + 1 positions; the very last predicts nothing
     logits = model(**kwargs).logits[:, -(num_scored + 1):-1].float()  # (1, num_scored, vocab)
     targets = input_ids[:, seq_len - num_scored:]  # (1, num_scored)

@@ -124,12 +124,12 @@ def _cache_argument(model: Any) -> str:
 @torch.no_grad()
 def greedy_decode(model: Any, ids: list[int], new_tokens: int, device: str | torch.device = "cpu") -> list[int]:
     """Arg-max decoding of ``new_tokens`` tokens after ``ids``, with the model's KV cache; returns the new ids."""
-    from attnlab.evaluation.lm_tasks import _accepts_logits_to_keep
+    from attnlab.evaluation.lm_tasks import accepts_logits_to_keep
 
     name = _cache_argument(model)
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)  # (1, length)
     mask = torch.ones_like(input_ids)
-    extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    extra = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
     output = model(input_ids=input_ids, attention_mask=mask, use_cache=True, **extra)
     generated: list[int] = []
     for step in range(new_tokens):

@@ -29,7 +29,7 @@ from torch import Tensor
 from attnlab.errors import ShapeError
 
 __all__ = ["BlockView", "LogitsMod", "ProbsMod", "attention_reference", "blocked_attention", "check_qkv",
-           "causal_keep"]
+           "causal_keep", "compute_dtype"]
 
 # A logits_mod acts on logits: ``(logits (B, Hq, n, w), q_index (n,) long) -> logits``, where the n rows are the query
 # rows ``q_index`` and the w columns are keys ``0 … w-1``. It runs after soft-capping and before the mask. (Not
@@ -71,7 +71,8 @@ def causal_keep(q_len: int, kv_len: int, device: torch.device | None = None, *, 
     return kv_idx <= q_idx + offset
 
 
-def _compute_dtype(tensor: Tensor) -> torch.dtype:
+def compute_dtype(tensor: Tensor) -> torch.dtype:
+    """The dtype the math runs in for this input (STYLE.md rule 18): float64 stays float64, anything else float32."""
     return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
@@ -107,7 +108,7 @@ def attention_reference(
         ShapeError: on inconsistent shapes or Hkv not dividing Hq.
     """
     _, groups = check_qkv(query, key, value)
-    dtype = _compute_dtype(query)
+    dtype = compute_dtype(query)
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     key_per_head = key.repeat_interleave(groups, dim=1).to(dtype)  # (B, Hq, Lk, D)
     value_per_head = value.repeat_interleave(groups, dim=1).to(dtype)  # (B, Hq, Lk, Dv)
@@ -218,7 +219,7 @@ def blocked_attention(
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     B, _, Lq, D = query.shape
     Hkv, Lk, Dv = key.shape[1], key.shape[2], value.shape[3]
-    dtype = _compute_dtype(query)
+    dtype = compute_dtype(query)
     scale = D ** -0.5 if scale is None else scale
     key_c, value_c = key.to(dtype), value.to(dtype)
     if keep is not None:

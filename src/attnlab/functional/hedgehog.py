@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from attnlab.errors import ShapeError
-from attnlab.functional.attention import _compute_dtype
+from attnlab.functional.attention import compute_dtype
 from attnlab.functional.linear_attention import linear_attention
 
 __all__ = ["attention_distillation_loss", "causal_softmax_probs", "hedgehog_attention", "hedgehog_feature_map",
@@ -31,7 +31,7 @@ def hedgehog_feature_map(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     if weight.shape[0] != H or weight.shape[1] != D or bias.shape != (H, weight.shape[2]):
         raise ShapeError(f"expected weight ({H}, {D}, F) and bias ({H}, F), got {tuple(weight.shape)} "
                          f"and {tuple(bias.shape)}")
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x)
     projected = torch.einsum("bhtd,hdf->bhtf", x.to(dtype), weight.to(dtype)) + bias.to(dtype)[:, None]
     return torch.cat([projected.softmax(-1), (-projected).softmax(-1)], dim=-1)
 
@@ -50,7 +50,7 @@ def hedgehog_attention(query_features: Tensor, key_features: Tensor, value: Tens
     """
     # numerator and normaliser stay in float32 (float64 stays) until after the division: a float16 normaliser
     # overflows past ~65k summed features, and dividing two rounded bf16 numbers doubles the rounding error
-    dtype = _compute_dtype(value)
+    dtype = compute_dtype(value)
     augmented = torch.cat([value, torch.ones_like(value[..., :1])], dim=-1).to(dtype)
     out, state = linear_attention(query_features, key_features, augmented, None, form=form,
                                   scale=1.0, chunk_size=chunk_size, initial_state=initial_state,
@@ -66,7 +66,7 @@ def linear_attention_probs(query_features: Tensor, key_features: Tensor, eps: fl
 
 def causal_softmax_probs(query: Tensor, key: Tensor, scale: float | None = None) -> Tensor:
     """Causal softmax attention probs (B, H, T, T) in float32/64 from query (B, H, T, D), key (B, H, T, D)."""
-    dtype = _compute_dtype(query)
+    dtype = compute_dtype(query)
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     logits = (query.to(dtype) @ key.to(dtype).transpose(-1, -2)) * scale
     T = logits.shape[-1]

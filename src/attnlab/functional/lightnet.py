@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from attnlab.errors import ShapeError
-from attnlab.functional.attention import _compute_dtype
+from attnlab.functional.attention import compute_dtype
 from attnlab.functional.linear_attention import linear_attention
 
 __all__ = ["lightnet_attention", "toeplitz_mix"]
@@ -40,7 +40,7 @@ def lightnet_attention(query: Tensor, key: Tensor, value: Tensor, *, form: str =
     H = query.shape[1]
     if key.dim() != 4 or H % key.shape[1]:
         raise ShapeError(f"expected key (batch, num_kv_heads dividing {H}, seq_len, dim), got {tuple(key.shape)}")
-    dtype = _compute_dtype(query)
+    dtype = compute_dtype(query)
     if query.shape[2] == 0:  # nothing to add: the state is unchanged (and there is no normaliser to start one)
         if initial_state is None:
             raise ShapeError("lightnet_attention needs seq_len >= 1 when initial_state is None (empty normaliser)")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.errors import ConfigError
-from attnlab.functional.attention import _compute_dtype
+from attnlab.functional.attention import compute_dtype
 from attnlab.functional.linear_attention import linear_attention
 from attnlab.functional.positions import alibi_slopes
 
@@ -55,7 +55,7 @@ def lrpe(x: Tensor, offset: int = 0, base: float = 10000.0) -> Tensor:
 def srms_norm(x: Tensor, eps: float = 1e-5) -> Tensor:
     """SRMSNorm ``x / (‖x‖₂ / √d)`` over the last dim, no gain (TransNormerLLM, METHODS.md #22); in float32
     (float64 stays float64)."""
-    return F.rms_norm(x.to(_compute_dtype(x)), (x.shape[-1],), None, eps).to(x.dtype)
+    return F.rms_norm(x.to(compute_dtype(x)), (x.shape[-1],), None, eps).to(x.dtype)
 
 
 def lightning_attention(query: Tensor, key: Tensor, value: Tensor, log_decay: Tensor, *, form: str = "chunk",

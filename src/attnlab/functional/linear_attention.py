@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.errors import ConfigError, ShapeError
-from attnlab.functional.attention import _compute_dtype, check_qkv
+from attnlab.functional.attention import check_qkv, compute_dtype
 
 __all__ = [
     "FORMS",
@@ -65,7 +65,7 @@ def prepare_inputs(query: Tensor, key: Tensor, value: Tensor, log_decay: Tensor 
     B, H, T, K = query.shape  # (B, H, T, K)
     if key.shape[2] != T:
         raise ShapeError(f"linear attention needs q_len == kv_len, got {T} and {key.shape[2]}")
-    dtype = _compute_dtype(query)
+    dtype = compute_dtype(query)
     V = value.shape[-1]
     if group > 1:  # (B, Hkv, T, K) -> (B, H, T, K), query head h reads kv head h // group
         key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from attnlab.errors import ConfigError
 from attnlab.functional.attention import check_qkv
-from attnlab.functional.masks import MaskMod, _broadcast_indices, check_lengths, shift_queries, to_dense
+from attnlab.functional.masks import MaskMod, broadcast_indices, check_lengths, shift_queries, to_dense
 from attnlab.functional.softmax_family import scaled_logits
 
 __all__ = ["BlockMaskCache", "ScoreMod", "build_block_mask", "dense_score_mod", "masked_attention", "shift_score_mod"]
@@ -52,7 +52,7 @@ _BUILD_CHUNK_ELEMENTS = 1 << 26
 def dense_score_mod(score_mod: ScoreMod, logits: Tensor, q_offset: int = 0) -> Tensor:
     """Apply a score_mod to dense logits (B, H, Lq, Lk) with broadcast index tensors; returns the new logits."""
     B, H, Lq, Lk = logits.shape
-    b, h, q, kv = _broadcast_indices(B, H, Lq, Lk, q_offset, logits.device)
+    b, h, q, kv = broadcast_indices(B, H, Lq, Lk, q_offset, logits.device)
     return score_mod(logits, b, h, q, kv).expand(B, H, Lq, Lk)
 
 

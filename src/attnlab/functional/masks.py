@@ -37,9 +37,14 @@ __all__ = [
     "MASKS",
     "MaskMod",
     "and_masks",
+    "broadcast_indices",
     "causal",
+    "check_at_most",
+    "check_device",
     "check_lengths",
+    "check_non_negative",
     "check_num_heads",
+    "check_positive",
     "density",
     "from_keep",
     "full",
@@ -51,6 +56,8 @@ __all__ = [
     "sliding_window",
     "to_dense",
     "to_string",
+    "with_covered_lengths",
+    "with_name",
 ]
 
 
@@ -64,13 +71,13 @@ class MaskMod(Protocol):
 MASKS: Registry[Callable[..., MaskMod]] = Registry("mask", package="attnlab.functional", group="attnlab.masks")
 
 
-def _named(fn: Callable, name: str) -> Callable:
+def with_name(fn: Callable, name: str) -> Callable:
     """Give a mask_mod a readable ``__name__`` (shown by ``repr``, error messages and the benchmark)."""
     fn.__name__ = fn.__qualname__ = name
     return fn
 
 
-def _with_cover(fn: Callable, q_cover: int | None, kv_cover: int | None) -> Callable:
+def with_covered_lengths(fn: Callable, q_cover: int | None, kv_cover: int | None) -> Callable:
     """Record on a mask_mod the query / key positions it is defined for (tables built for one length).
 
     ``covered_lengths = (q_cover, kv_cover)``: positions ``q < q_cover`` and ``kv < kv_cover`` (None = any).
@@ -127,14 +134,52 @@ def check_lengths(mask_mod: MaskMod, q_len: int, kv_len: int, q_offset: int = 0)
                          f"{kv_len} keys: rebuild it for this length")
 
 
-def _check_positive(name: str, value: int) -> None:
+def check_positive(name: str, value: int) -> None:
+    """Refuse a mask parameter that is not an integer ≥ 1 (bools refused too).
+
+    Raises:
+        ConfigError: naming the parameter and the value.
+    """
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _check_non_negative(name: str, value: int) -> None:
+def check_non_negative(name: str, value: int) -> None:
+    """Refuse a mask parameter that is not an integer ≥ 0 (bools refused too).
+
+    Raises:
+        ConfigError: naming the parameter and the value.
+    """
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+
+
+def check_at_most(name: str, value: int, limit: int, why: str) -> None:
+    """Refuse a size above ``limit`` before anything of that size is allocated or looped over.
+
+    Raises:
+        ConfigError: one line naming the quantity, the limit, the reason and the value.
+    """
+    if value > limit:
+        raise ConfigError(f"{name} must be <= {limit} ({why}), got {value}")
+
+
+def check_device(device: torch.device | str | None) -> torch.device | None:
+    """``device`` as a ``torch.device`` (None stays None), after checking that a tensor can be made there.
+
+    Raises:
+        ConfigError: an unknown device string (``"gpu"``) or one this machine lacks (``"cuda"`` without CUDA).
+    """
+    if device is None:
+        return None
+    try:
+        parsed = torch.device(device)
+        torch.empty(0, device=parsed)
+    except (RuntimeError, AssertionError, TypeError, ValueError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ConfigError(f"device must be a torch device available here (cpu, cuda, cuda:0, ...), "
+                          f"got {device!r}: {reason}") from None
+    return parsed
 
 
 # ----------------------------------------------------------------------------------------------------- composition
@@ -154,9 +199,9 @@ def _combine(mask_mods: tuple[MaskMod, ...], kind: str) -> MaskMod:
             keep = keep & value if conjunction else keep | value
         return keep
 
-    _with_cover(mask_mod, *_combined_cover(mask_mods))
+    with_covered_lengths(mask_mod, *_combined_cover(mask_mods))
     mask_mod.head_rules = _combined_head_rules(mask_mods)
-    return _named(mask_mod, f"{kind}(" + ", ".join(getattr(m, "__name__", "mask") for m in mask_mods) + ")")
+    return with_name(mask_mod, f"{kind}(" + ", ".join(getattr(m, "__name__", "mask") for m in mask_mods) + ")")
 
 
 def and_masks(*mask_mods: MaskMod) -> MaskMod:
@@ -186,8 +231,8 @@ def shift_queries(mask_mod: MaskMod, q_offset: int) -> MaskMod:
         return mask_mod(batch_idx, head_idx, q_idx + q_offset, kv_idx)
 
     q_cover, kv_cover = getattr(mask_mod, "covered_lengths", (None, None))
-    _with_cover(shifted, None if q_cover is None else q_cover - q_offset, kv_cover)
-    return _named(shifted, f"{getattr(mask_mod, '__name__', 'mask')}@{q_offset:+d}")
+    with_covered_lengths(shifted, None if q_cover is None else q_cover - q_offset, kv_cover)
+    return with_name(shifted, f"{getattr(mask_mod, '__name__', 'mask')}@{q_offset:+d}")
 
 
 def shift_positions(mask_mod: MaskMod, offset: int) -> MaskMod:
@@ -200,15 +245,21 @@ def shift_positions(mask_mod: MaskMod, offset: int) -> MaskMod:
         return mask_mod(batch_idx, head_idx, q_idx + offset, kv_idx + offset)
 
     q_cover, kv_cover = getattr(mask_mod, "covered_lengths", (None, None))
-    _with_cover(shifted, None if q_cover is None else q_cover - offset, None if kv_cover is None else kv_cover - offset)
-    return _named(shifted, f"{getattr(mask_mod, '__name__', 'mask')}@{offset:+d}/both")
+    with_covered_lengths(shifted, None if q_cover is None else q_cover - offset,
+                         None if kv_cover is None else kv_cover - offset)
+    return with_name(shifted, f"{getattr(mask_mod, '__name__', 'mask')}@{offset:+d}/both")
 
 
 # ----------------------------------------------------------------------------------------------------- materialise
 
 
-def _broadcast_indices(batch: int, num_heads: int, q_len: int, kv_len: int, q_offset: int,
+def broadcast_indices(batch: int, num_heads: int, q_len: int, kv_len: int, q_offset: int,
                        device: torch.device | str | None, q_start: int = 0, q_stop: int | None = None):
+    """Index tensors that broadcast to ``(batch, num_heads, q_stop - q_start, kv_len)``, for calling a mask_mod.
+
+    Returns ``(batch_idx (B, 1, 1, 1), head_idx (1, H, 1, 1), q_idx (1, 1, n, 1), kv_idx (1, 1, 1, Lk))``, int64 on
+    ``device``; the query rows are ``q_start … q_stop − 1`` (default: all ``q_len``) plus ``q_offset``.
+    """
     q_stop = q_len if q_stop is None else q_stop
     b = torch.arange(batch, device=device)[:, None, None, None]
     h = torch.arange(num_heads, device=device)[None, :, None, None]
@@ -230,9 +281,9 @@ def to_dense(mask_mod: MaskMod, batch: int, num_heads: int, q_len: int, kv_len: 
         (:func:`check_lengths`).
     """
     for name, value in (("batch", batch), ("num_heads", num_heads), ("q_len", q_len), ("kv_len", kv_len)):
-        _check_non_negative(name, value)
+        check_non_negative(name, value)
     check_lengths(mask_mod, q_len, kv_len, q_offset)
-    b, h, q, kv = _broadcast_indices(batch, num_heads, q_len, kv_len, q_offset, device)
+    b, h, q, kv = broadcast_indices(batch, num_heads, q_len, kv_len, q_offset, device)
     keep = mask_mod(b, h, q, kv)
     return torch.as_tensor(keep, device=q.device).to(torch.bool).expand(batch, num_heads, q_len, kv_len)
 
@@ -244,15 +295,17 @@ def density(mask_mod: MaskMod, batch: int, num_heads: int, q_len: int, kv_len: i
     Evaluated ``rows_per_chunk`` query rows at a time, so 16k × 16k masks fit in memory.
 
     Raises:
-        ShapeError: if a table-backed mask was built for shorter lengths (:func:`check_lengths`).
+        ConfigError: if rows_per_chunk < 1. ShapeError: if a table-backed mask was built for shorter lengths
+        (:func:`check_lengths`).
     """
+    check_positive("rows_per_chunk", rows_per_chunk)
     if batch * num_heads * q_len * kv_len == 0:
         return 0.0
     check_lengths(mask_mod, q_len, kv_len, q_offset)
     kept = 0
     for start in range(0, q_len, rows_per_chunk):
         stop = min(q_len, start + rows_per_chunk)
-        b, h, q, kv = _broadcast_indices(batch, num_heads, q_len, kv_len, q_offset, device, start, stop)
+        b, h, q, kv = broadcast_indices(batch, num_heads, q_len, kv_len, q_offset, device, start, stop)
         keep = torch.as_tensor(mask_mod(b, h, q, kv)).expand(batch, num_heads, stop - start, kv_len)
         kept += int(keep.sum())
     return kept / (batch * num_heads * q_len * kv_len)
@@ -273,7 +326,7 @@ def to_string(mask_mod: MaskMod, q_len: int, kv_len: int | None = None, *, batch
     """
     kv_len = q_len if kv_len is None else kv_len
     check_lengths(mask_mod, q_len, kv_len, q_offset)
-    b, h, q, kv = _broadcast_indices(batch_idx + 1, head_idx + 1, q_len, kv_len, q_offset, None)
+    b, h, q, kv = broadcast_indices(batch_idx + 1, head_idx + 1, q_len, kv_len, q_offset, None)
     keep = torch.as_tensor(mask_mod(b, h, q, kv)).expand(batch_idx + 1, head_idx + 1, q_len, kv_len)
     grid = keep[batch_idx, head_idx]
     lines = ["".join(keep_char if kept else drop_char for kept in row) for row in grid.tolist()]
@@ -302,7 +355,7 @@ there on every evaluation).
     """
     if keep.dtype != torch.bool or keep.dim() != 4:
         raise ConfigError(f"keep must be a 4-D bool tensor (batch, heads, q, kv), got {keep.dtype} {tuple(keep.shape)}")
-    _check_positive("block_size", block_size)
+    check_positive("block_size", block_size)
     single_batch, single_head = keep.shape[0] == 1, keep.shape[1] == 1
     last_q, last_kv = keep.shape[2] - 1, keep.shape[3] - 1
 
@@ -314,9 +367,9 @@ there on every evaluation).
                                      (kv_idx // block_size).clamp(0, last_kv)]
 
     broadcast_q, broadcast_kv = block_size == 1 and last_q == 0, block_size == 1 and last_kv == 0
-    _with_cover(mask_mod, None if broadcast_q else (last_q + 1) * block_size,
+    with_covered_lengths(mask_mod, None if broadcast_q else (last_q + 1) * block_size,
                 None if broadcast_kv else (last_kv + 1) * block_size)
-    return _named(mask_mod, name)
+    return with_name(mask_mod, name)
 
 
 # ----------------------------------------------------------------------------------------------------- basic masks
@@ -329,7 +382,7 @@ def full() -> MaskMod:
     def mask_mod(batch_idx: Tensor, head_idx: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return torch.ones_like(q_idx, dtype=torch.bool)
 
-    return _named(mask_mod, "full")
+    return with_name(mask_mod, "full")
 
 
 @MASKS.register("causal")
@@ -339,7 +392,7 @@ def causal() -> MaskMod:
     def mask_mod(batch_idx: Tensor, head_idx: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return kv_idx <= q_idx
 
-    return _named(mask_mod, "causal")
+    return with_name(mask_mod, "causal")
 
 
 @MASKS.register("sliding_window")
@@ -352,13 +405,13 @@ def sliding_window(window: int) -> MaskMod:
     Raises:
         ConfigError: if window < 1.
     """
-    _check_positive("window", window)
+    check_positive("window", window)
 
     def mask_mod(batch_idx: Tensor, head_idx: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         distance = q_idx - kv_idx
         return (distance >= 0) & (distance < window)
 
-    return _named(mask_mod, f"sliding_window({window})")
+    return with_name(mask_mod, f"sliding_window({window})")
 
 
 @MASKS.register("sinks")
@@ -371,12 +424,12 @@ def sinks(num_sink_tokens: int = 4) -> MaskMod:
     Raises:
         ConfigError: if num_sink_tokens < 0.
     """
-    _check_non_negative("num_sink_tokens", num_sink_tokens)
+    check_non_negative("num_sink_tokens", num_sink_tokens)
 
     def mask_mod(batch_idx: Tensor, head_idx: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return kv_idx < num_sink_tokens
 
-    return _named(mask_mod, f"sinks({num_sink_tokens})")
+    return with_name(mask_mod, f"sinks({num_sink_tokens})")
 
 
 @MASKS.register("sink_window")
@@ -385,7 +438,7 @@ def sink_window(num_sink_tokens: int = 4, window: int = 252) -> MaskMod:
 
     Defaults are the paper's 4 sinks + 252 window (at most 256 visible keys per query).
     """
-    return _named(and_masks(causal(), or_masks(sinks(num_sink_tokens), sliding_window(window))),
+    return with_name(and_masks(causal(), or_masks(sinks(num_sink_tokens), sliding_window(window))),
                   f"sink_window({num_sink_tokens}, {window})")
 
 
@@ -400,12 +453,12 @@ def ls_heads(window: int, num_local_heads: int) -> MaskMod:
     Raises:
         ConfigError: if window < 1 or num_local_heads < 0.
     """
-    _check_positive("window", window)
-    _check_non_negative("num_local_heads", num_local_heads)
+    check_positive("window", window)
+    check_non_negative("num_local_heads", num_local_heads)
 
     def mask_mod(batch_idx: Tensor, head_idx: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         distance = q_idx - kv_idx
         return (distance >= 0) & ((distance < window) | (head_idx >= num_local_heads))
 
     mask_mod.head_rules = ((">=", num_local_heads),)  # checked by the layers (check_num_heads)
-    return _named(mask_mod, f"ls_heads({window}, {num_local_heads})")
+    return with_name(mask_mod, f"ls_heads({window}, {num_local_heads})")

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from attnlab.errors import ConfigError, ShapeError
-from attnlab.functional.attention import _compute_dtype, check_qkv
+from attnlab.functional.attention import check_qkv, compute_dtype
 from attnlab.functional.positions import alibi_slopes, retnet_log_decay
 
 # alibi_slopes and retnet_log_decay live in functional/positions.py; re-exported here for their callers
@@ -32,7 +32,7 @@ def scaled_logits(query: Tensor, key: Tensor, value: Tensor, scale: float | None
     The explicit-logits GQA path shared with :func:`attnlab.functional.masked_attention.masked_attention`.
     """
     _, groups = check_qkv(query, key, value)
-    dtype = _compute_dtype(query)
+    dtype = compute_dtype(query)
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     k = key.repeat_interleave(groups, dim=1).to(dtype)  # (B, H, Lk, D)
     v = value.repeat_interleave(groups, dim=1).to(dtype)  # (B, H, Lk, Dv)

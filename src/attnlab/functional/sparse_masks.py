@@ -21,11 +21,13 @@ from attnlab.errors import ConfigError, ShapeError
 from attnlab.functional.masks import (
     MASKS,
     MaskMod,
-    _check_non_negative,
-    _check_positive,
-    _named,
-    _with_cover,
+    check_at_most,
+    check_device,
+    check_non_negative,
+    check_positive,
     from_keep,
+    with_covered_lengths,
+    with_name,
 )
 
 __all__ = ["SparsedSchedule", "coarsen_to_blocks", "dma", "dma_bias", "dma_keep", "dma_score_mod", "groups", "radial",
@@ -33,6 +35,17 @@ __all__ = ["SparsedSchedule", "coarsen_to_blocks", "dma", "dma_bias", "dma_keep"
 
 
 # ----------------------------------------------------------------------------------------------------------- radial
+
+# Token-level radial masks: frames · tokens per frame (+ text tokens) at most 2**20 (1 Mi tokens). The window table
+# has one entry per frame, built by a Python loop (about 0.4 s at 2**20 frames).
+RADIAL_MAX_TOKENS = 2**20
+# The block rule (coarsen_to_blocks) evaluates the dense token mask, q_len × (key blocks · block_size) pairs: at most
+# 2**28 (16,384 × 16,384 tokens, the benchmark's longest; 256 MB were it held as bool, about 15 s on a CPU), in
+# pieces of about 2**20 pairs, so only the (nq, nk) table and one piece are ever held.
+COARSEN_MAX_PAIRS = 2**28
+COARSEN_MAX_BLOCK_ROWS = 2**14  # query blocks, one Python loop step each
+COARSEN_MAX_KEYS = 2**17  # padded key positions (8 × the longest block-rule length): one query row
+_PAIRS_PER_STEP = 2**20
 
 
 def radial_window_table(num_frames: int, tokens_per_frame: int, decay_factor: float = 1.0,
@@ -43,10 +56,15 @@ def radial_window_table(num_frames: int, tokens_per_frame: int, decay_factor: fl
     w(d) = decay_factor · 2^⌈log₂ s⌉ / 2^g. Distances 0 and 1 keep the whole frame block (width ∞). When w(d) drops
     below ``min_window`` (the block size, 128 in the paper's code) the width becomes ``min_window`` and only every
     ``split = ⌊min_window / w(d)⌋``-th distance keeps its diagonal (``d mod split == 0``).
+
+    Raises:
+        ConfigError: a size < 1, decay_factor ≤ 0, or num_frames · tokens_per_frame > :data:`RADIAL_MAX_TOKENS`.
     """
-    _check_positive("num_frames", num_frames)
-    _check_positive("tokens_per_frame", tokens_per_frame)
-    _check_positive("min_window", min_window)
+    check_positive("num_frames", num_frames)
+    check_positive("tokens_per_frame", tokens_per_frame)
+    check_positive("min_window", min_window)
+    check_at_most("num_frames * tokens_per_frame", num_frames * tokens_per_frame, RADIAL_MAX_TOKENS,
+                  "tokens of a radial mask")
     if not decay_factor > 0:
         raise ConfigError(f"decay_factor must be > 0, got {decay_factor}")
     top = 2 ** math.ceil(math.log2(tokens_per_frame)) if tokens_per_frame > 1 else 1
@@ -61,7 +79,8 @@ def radial_window_table(num_frames: int, tokens_per_frame: int, decay_factor: fl
             widths.append(width)
             on.append(True)
         else:
-            split = max(1, int(min_window // width))
+            # a split past the last distance keeps no further diagonal (and a tiny width must not overflow int)
+            split = max(1, int(min(min_window // width, num_frames)))
             widths.append(float(min_window))
             on.append(d % split == 0)
     return widths, on
@@ -73,17 +92,35 @@ def coarsen_to_blocks(mask_mod: MaskMod, q_len: int, kv_len: int, block_size: in
     """Radial attention's block rule: a (query block, key block) tile is on iff more than ``column_fraction`` of its
     non-empty key columns have density above ``column_density`` (METHODS.md #10; ``shrinkMaskStrict``).
 
-    Evaluated for batch 0, head 0, one block row at a time. Returns bool (1, 1, nq, nk).
+    Evaluated for batch 0, head 0, one block row at a time (a few query rows at a time within it). Returns bool
+    (1, 1, nq, nk).
+
+    Raises:
+        ConfigError: block_size < 1, a negative length, an unknown device, more than :data:`COARSEN_MAX_PAIRS`
+            (query, padded key) pairs to evaluate, more than :data:`COARSEN_MAX_BLOCK_ROWS` query blocks or more
+            than :data:`COARSEN_MAX_KEYS` padded key positions.
     """
-    _check_positive("block_size", block_size)
+    check_positive("block_size", block_size)
+    check_non_negative("q_len", q_len)
+    check_non_negative("kv_len", kv_len)
+    device = check_device(device)
     nq, nk = -(-q_len // block_size), -(-kv_len // block_size)
+    check_at_most("q_len * padded kv_len", q_len * nk * block_size, COARSEN_MAX_PAIRS,
+                  "token pairs the block rule evaluates")
+    check_at_most("query blocks", nq, COARSEN_MAX_BLOCK_ROWS, "one loop step each")
+    check_at_most("padded kv_len", nk * block_size, COARSEN_MAX_KEYS, "key positions evaluated per query row")
     table = torch.zeros(1, 1, nq, nk, dtype=torch.bool, device=device)
     b = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
     kv = torch.arange(nk * block_size, device=device)[None, None, None, :]
+    rows_per_step = max(1, _PAIRS_PER_STEP // max(1, kv.shape[3]))
     for row in range(nq):
-        q = torch.arange(row * block_size, min(q_len, (row + 1) * block_size), device=device)[None, None, :, None]
-        keep = torch.as_tensor(mask_mod(b, b, q, kv)).expand(1, 1, q.shape[2], kv.shape[3]) & (kv < kv_len)
-        col_density = keep[0, 0].sum(dim=0).view(nk, block_size).to(torch.float64) / q.shape[2]  # (nk, bs)
+        start, stop = row * block_size, min(q_len, (row + 1) * block_size)
+        counts = torch.zeros(kv.shape[3], dtype=torch.long, device=device)  # kept entries per key column
+        for first in range(start, stop, rows_per_step):
+            q = torch.arange(first, min(stop, first + rows_per_step), device=device)[None, None, :, None]
+            keep = torch.as_tensor(mask_mod(b, b, q, kv)).expand(1, 1, q.shape[2], kv.shape[3]) & (kv < kv_len)
+            counts += keep[0, 0].sum(dim=0)
+        col_density = counts.view(nk, block_size).to(torch.float64) / (stop - start)  # (nk, bs)
         non_empty = (col_density > 0).sum(dim=-1)
         dense_cols = (col_density > column_density).sum(dim=-1)
         table[0, 0, row] = (non_empty > 0) & (dense_cols > column_fraction * non_empty)
@@ -105,10 +142,22 @@ def radial(num_frames: int, tokens_per_frame: int, decay_factor: float = 1.0, mi
     block-sparse kernel runs without evaluating the mask inside them.
     Source: Li et al. 2025, Radial Attention (METHODS.md #10). ``device``: where the lookup tables live (moved to
     the indices' device if they differ).
+
+    Raises:
+        ConfigError: a size out of range: more than :data:`RADIAL_MAX_TOKENS` tokens (video and text), or with
+            ``block_size`` a dense token mask past :data:`COARSEN_MAX_PAIRS` pairs (16,384 tokens at block 128);
+            or an unknown ``device``.
     """
+    check_positive("num_frames", num_frames)
+    check_positive("tokens_per_frame", tokens_per_frame)
+    check_non_negative("sink_frames", sink_frames)
+    check_non_negative("num_text_tokens", num_text_tokens)
+    check_at_most("num_frames * tokens_per_frame + num_text_tokens", num_frames * tokens_per_frame + num_text_tokens,
+                  RADIAL_MAX_TOKENS, "tokens of a radial mask")
+    if block_size is not None:
+        check_positive("block_size", block_size)
+    device = check_device(device)
     widths, on = radial_window_table(num_frames, tokens_per_frame, decay_factor, min_window)
-    _check_non_negative("sink_frames", sink_frames)
-    _check_non_negative("num_text_tokens", num_text_tokens)
     width_table = torch.tensor(widths, dtype=torch.float32, device=device)
     on_table = torch.tensor(on, dtype=torch.bool, device=device)
     s, video = tokens_per_frame, num_frames * tokens_per_frame
@@ -125,7 +174,7 @@ def radial(num_frames: int, tokens_per_frame: int, decay_factor: float = 1.0, mi
 
     name = f"radial({num_frames}x{tokens_per_frame}, decay={decay_factor})"
     if block_size is None:
-        return _named(mask_mod, name)
+        return with_name(mask_mod, name)
     length = video + num_text_tokens
     table = coarsen_to_blocks(mask_mod, length, length, block_size, device=device)
     return from_keep(table, block_size=block_size, name=f"{name}[block={block_size}]")
@@ -149,8 +198,8 @@ def shifted_groups(group_size: int, num_heads: int, num_sink_tokens: int = 4, ca
     """
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
         raise ConfigError(f"group_size must be an integer >= 2, got {group_size!r}")
-    _check_positive("num_heads", num_heads)
-    _check_non_negative("num_sink_tokens", num_sink_tokens)
+    check_positive("num_heads", num_heads)
+    check_non_negative("num_sink_tokens", num_sink_tokens)
     half, first_shifted = group_size // 2, num_heads // 2
 
     def mask_mod(batch_idx: Tensor, head_idx: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
@@ -159,7 +208,7 @@ def shifted_groups(group_size: int, num_heads: int, num_sink_tokens: int = 4, ca
         return keep & (kv_idx <= q_idx) if causal else keep
 
     mask_mod.head_rules = (("==", num_heads),)  # checked by the layers (masks.check_num_heads)
-    return _named(mask_mod, f"shifted_groups({group_size}, sinks={num_sink_tokens})")
+    return with_name(mask_mod, f"shifted_groups({group_size}, sinks={num_sink_tokens})")
 
 
 # -------------------------------------------------------------------------------------------------------------- DMA
@@ -207,7 +256,7 @@ def dma_keep(bias: Tensor, window: int, num_heads: int, q_len: int, *, causal: b
     Returns:
         bool (B, H, Lq, Lk), True = attend.
     """
-    _check_positive("window", window)
+    check_positive("window", window)
     B, Hkv, Lk = bias.shape
     if num_heads % Hkv:
         raise ShapeError(f"bias has num_kv_heads={Hkv}, which does not divide num_heads={num_heads}")
@@ -270,7 +319,7 @@ def sparsed_block_keep(probs: Tensor, block_size: int, select: float) -> Tensor:
     Returns:
         bool (B, H, nq, nk), nq = ⌈Lq / b⌉, nk = ⌈Lk / b⌉.
     """
-    _check_positive("block_size", block_size)
+    check_positive("block_size", block_size)
     if not 0 < select <= 1:
         raise ConfigError(f"select must be in (0, 1], got {select}")
     B, H, Lq, Lk = probs.shape
@@ -305,12 +354,12 @@ class SparsedSchedule:
     """
 
     def __init__(self, num_steps: int, *, skip: float = 0.2, select: float = 0.5, block_size: int = 32) -> None:
-        _check_positive("num_steps", num_steps)
+        check_positive("num_steps", num_steps)
         if not 0 <= skip <= 1:
             raise ConfigError(f"skip must be in [0, 1], got {skip}")
         if not 0 < select <= 1:  # checked here, not at the first sparse step
             raise ConfigError(f"select must be in (0, 1], got {select}")
-        _check_positive("block_size", block_size)
+        check_positive("block_size", block_size)
         self.num_steps, self.skip, self.select, self.block_size = num_steps, skip, select, block_size
         self.first_sparse_step = int(math.floor(skip * num_steps))
         self.block_keep: Tensor | None = None
@@ -346,11 +395,18 @@ def groups(group_ids: Tensor, allowed: Tensor) -> MaskMod:
             The mask is defined for T positions only (longer calls raise ShapeError, see ``masks.check_lengths``).
         allowed: (G, G) bool. MODA's modality-adaptive masking (METHODS.md #32) is reconstructed as such a table
             (the masking itself was not in the released code; low confidence). AND with ``causal()`` for decoders.
+
+    Raises:
+        ConfigError: wrong ranks or dtypes, a non-square ``allowed``, or a group id outside ``0 … G−1``.
     """
-    if group_ids.dim() != 2 or allowed.dim() != 2 or allowed.dtype != torch.bool:
-        raise ConfigError(f"expected group_ids (batch, seq_len) and a bool (groups, groups) table, "
-                          f"got {tuple(group_ids.shape)} and {allowed.dtype} {tuple(allowed.shape)}")
+    if (group_ids.dim() != 2 or group_ids.is_floating_point() or group_ids.is_complex() or allowed.dim() != 2
+            or allowed.dtype != torch.bool or allowed.shape[0] != allowed.shape[1]):
+        raise ConfigError(f"expected integer group_ids (batch, seq_len) and a bool (groups, groups) table, "
+                          f"got {group_ids.dtype} {tuple(group_ids.shape)} and {allowed.dtype} {tuple(allowed.shape)}")
     ids = group_ids.long()
+    if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < allowed.shape[0]:
+        raise ConfigError(f"group ids must be in 0..{allowed.shape[0] - 1} (the rows of allowed), "
+                          f"got {int(ids.min())}..{int(ids.max())}")
     last = ids.shape[1] - 1
 
     def mask_mod(batch_idx: Tensor, head_idx: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
@@ -358,5 +414,5 @@ def groups(group_ids: Tensor, allowed: Tensor) -> MaskMod:
         table, group_of = allowed.to(q_idx.device), ids.to(q_idx.device)
         return table[group_of[batch_idx, q_idx.clamp(0, last)], group_of[batch_idx, kv_idx.clamp(0, last)]]
 
-    _with_cover(mask_mod, last + 1, last + 1)
-    return _named(mask_mod, f"groups({allowed.shape[0]})")
+    with_covered_lengths(mask_mod, last + 1, last + 1)
+    return with_name(mask_mod, f"groups({allowed.shape[0]})")

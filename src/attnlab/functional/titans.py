@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.errors import ConfigError, ShapeError
-from attnlab.functional.attention import _compute_dtype
+from attnlab.functional.attention import compute_dtype
 
 __all__ = ["MEMORY_FORMS", "context_attention", "memory_read", "neural_memory", "window_attention"]
 
@@ -112,7 +112,7 @@ def neural_memory(query: Tensor, key: Tensor, value: Tensor, lr: Tensor, momentu
     Raises ConfigError for an unknown form or chunk_size < 1; ShapeError for inconsistent shapes.
     """
     _check(query, key, value, lr, momentum, forget, initial_state, chunk_size, form)
-    dtype = _compute_dtype(query)
+    dtype = compute_dtype(query)
     q, k, v, theta, eta, alpha = (x.to(dtype) for x in (query, key, value, lr, momentum, forget))
     w1, w2, s1, s2 = (s.to(dtype) for s in initial_state)
     T = q.shape[2]

@@ -151,12 +151,8 @@ class Probe:
         return {}
 
     def merge(self, other: Probe) -> None:
-        """Add another probe's state (same type, same config) into this one."""
-        mine, theirs = self.state(), other.state()
-        if mine.keys() != theirs.keys():
-            raise ValueError(f"cannot merge {self.name} states with keys {sorted(mine)} and {sorted(theirs)}")
-        for key, tensor in mine.items():
-            tensor += theirs[key]
+        """Add another probe's state (same type, same config) into this one; ValueError on different keys."""
+        add_states(self.name, self.state(), other.state())
 
     def rows(self) -> list[Row]:
         """Long-format rows for results.csv."""
@@ -198,6 +194,23 @@ class RowWriter:
             row.update(zip(columns, index))
             row["value"] = float(value)
             self.rows.append(row)
+
+
+def add_states(name: str, mine: dict[str, Tensor], theirs: dict[str, Tensor]) -> None:
+    """Add the additive state ``theirs`` into ``mine`` in place (``Probe.merge`` and ``Analysis.merge``).
+
+    Args:
+        name: the owner's registered name, for the error message.
+        mine: the owner's ``state()``: its own tensors, which are updated in place.
+        theirs: another instance's ``state()`` with the same keys and broadcastable shapes.
+
+    Raises:
+        ValueError: if the two states have different keys.
+    """
+    if mine.keys() != theirs.keys():
+        raise ValueError(f"cannot merge {name} states with keys {sorted(mine)} and {sorted(theirs)}")
+    for key, tensor in mine.items():
+        tensor += theirs[key]
 
 
 def safe_div(numerator: Tensor, denominator: Tensor) -> Tensor:
