@@ -17,6 +17,11 @@ FORBIDDEN = {
     "probes": ("transformers", "attnlab.capture", "attnlab.cli", "attnlab.report", "attnlab.pipeline"),
     "capture": ("attnlab.cli", "attnlab.report", "attnlab.pipeline"),
     "report": ("transformers", "torch", "attnlab.capture", "attnlab.cli", "attnlab.pipeline"),
+    "edits": ("transformers", "attnlab.capture", "attnlab.analyses", "attnlab.layers", "attnlab.cli",
+              "attnlab.report", "attnlab.pipeline"),
+    "layers": ("transformers", "attnlab.capture", "attnlab.probes", "attnlab.edits", "attnlab.analyses",
+               "attnlab.cli", "attnlab.report", "attnlab.pipeline"),
+    "analyses": ("transformers", "attnlab.capture", "attnlab.cli", "attnlab.report", "attnlab.pipeline"),
 }
 
 ALLOWED = {"attnlab.report.sections"}  # pure section specs that probes and analyses declare (no torch, no matplotlib)
