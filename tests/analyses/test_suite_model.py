@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from attnlab.capture.model_probes import ModelRunner
+from attnlab.capture.runner import ModelRunner
 from attnlab.errors import ConfigError
 from tiny_models import WORDS, save_model_dir, tiny_bert, tiny_llama, tiny_tokenizer
 
