@@ -68,13 +68,13 @@ def test_an_analysis_runs_beside_attention_probes(text, token_count):
 
 
 def test_attention_probes_alone_build_no_model_runner(text, monkeypatch):
-    import attnlab.capture.model_probes as model_probes
+    import attnlab.capture.runner as runner_module
     from attnlab.pipeline import run_probes
 
     def never(*args, **kwargs):
         raise AssertionError("a ModelRunner was built for attention probes")
 
-    monkeypatch.setattr(model_probes, "ModelRunner", never)
+    monkeypatch.setattr(runner_module, "ModelRunner", never)
     results = run_probes(RunConfig(text=text, seq_len=16, max_windows=1, bos="never"),
                          model=tiny_llama(), tokenizer=tiny_tokenizer(), command="report")
     assert results["command"] == "report" and {r["probe"] for r in results["rows"]} == {

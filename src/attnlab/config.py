@@ -34,6 +34,8 @@ from typing import Any, ClassVar
 from attnlab.errors import ConfigError
 
 DTYPE_NAMES = ("float32", "float64", "bfloat16", "float16")
+INT_LIMIT = 2**31 - 1  # lengths, counts, sizes: beyond this they would overflow index tensors
+SEED_LIMIT = 2**63 - 1  # torch.manual_seed takes a 64-bit seed
 BOS_POLICIES = ("auto", "always", "never")
 
 
@@ -44,6 +46,15 @@ def check_types(spec: Any, kinds: Mapping[str, type]) -> None:
         ok = isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
         if not ok or isinstance(value, bool):
             raise ConfigError(f"{name} must be {kind.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def check_range(spec: Any, bounds: Mapping[str, tuple[int, int]]) -> None:
+    """ConfigError (one line) unless each named int field (None skipped) lies in its inclusive ``(low, high)``."""
+    for name, (low, high) in bounds.items():
+        value = getattr(spec, name)
+        if value is not None and not low <= value <= high:
+            shown = value if abs(value) < 10**30 else "a larger number"
+            raise ConfigError(f"{name} must be in [{low}, {high}], got {shown}")
 
 
 def check_names(name: str, values: Any) -> None:
@@ -95,10 +106,7 @@ class TextSpec:
         check_types(self, {"seq_len": int, "max_windows": int, "batch_size": int, "bos": str})
         if self.text is not None and not isinstance(self.text, str):
             raise ConfigError(f"text must be a path string, got {self.text!r}")
-        if self.seq_len < 2:
-            raise ConfigError(f"seq_len must be >= 2, got {self.seq_len}")
-        if self.max_windows < 1 or self.batch_size < 1:
-            raise ConfigError(f"max_windows and batch_size must be >= 1, got {self.max_windows}, {self.batch_size}")
+        check_range(self, {"seq_len": (2, INT_LIMIT), "max_windows": (1, INT_LIMIT), "batch_size": (1, INT_LIMIT)})
 
 
 def _default_probes() -> tuple[str, ...]:
@@ -113,7 +121,7 @@ def _parse_probe_args(value: Any) -> dict[str, dict[str, Any]]:
         if not all(isinstance(v, Mapping) for v in value.values()):
             raise ConfigError(f"probe_args must map probe names to {{key: value}}, got {value!r}")
         return {str(k): dict(v) for k, v in value.items()}
-    from attnlab.probe_run import parse_probe_args
+    from attnlab.params import parse_probe_args
 
     return parse_probe_args([value] if isinstance(value, str) else list(value))
 
@@ -128,7 +136,7 @@ class RunSpec:
         compare: a second model (same tokenizer) for analyses that compare two models, or None.
         block_size: query rows per block of the eager kernel.
         query_fraction: fraction of query rows the probes see (1 = exact statistics).
-        seed: seeds python and torch RNGs (the forward pass is deterministic on CPU anyway).
+        seed: seeds python and torch RNGs, in [0, 2**63 - 1] (the forward pass is deterministic on CPU anyway).
     """
 
     probes: tuple[str, ...] = field(default_factory=_default_probes, metadata={"option": "probe"})
@@ -146,8 +154,7 @@ class RunSpec:
             raise ConfigError(f"compare must be a model name or path, got {self.compare!r}")
         if not isinstance(self.probe_args, dict):
             raise ConfigError(f"probe_args must be a mapping, got {self.probe_args!r}")
-        if self.block_size < 1:
-            raise ConfigError(f"block_size must be >= 1, got {self.block_size}")
+        check_range(self, {"block_size": (1, INT_LIMIT), "seed": (0, SEED_LIMIT)})
         if not 0 < self.query_fraction <= 1:
             raise ConfigError(f"query_fraction must be in (0, 1], got {self.query_fraction}")
         if not self.probes:
@@ -229,6 +236,13 @@ class ComposedConfig:
             for inner in dataclasses.fields(spec_field.default_factory):  # type: ignore[arg-type]
                 names.update(n for n in (inner.name, inner.metadata.get("option")) if n)
         return names
+
+    @classmethod
+    def option_of_field(cls) -> dict[str, str]:
+        """``{field name: CLI option name}`` where they differ (``probes`` → ``probe``, ``variants`` → ``edit``)."""
+        return {inner.name: inner.metadata["option"] for spec_field in dataclasses.fields(cls)  # type: ignore
+                for inner in dataclasses.fields(spec_field.default_factory)  # type: ignore[arg-type]
+                if inner.metadata.get("option")}
 
     def to_dict(self) -> dict[str, Any]:
         """One flat, JSON-ready dict of every spec's fields (tuples as lists): results.json's ``config``."""

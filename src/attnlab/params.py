@@ -361,7 +361,8 @@ def parse_probe_args(items: list[str] | None) -> dict[str, dict[str, Any]]:
     Each value is read by the probe constructor's annotation (rules in this module's docstring).
 
     Raises:
-        ConfigError: an item without ``PROBE.KEY=VALUE``, an unknown key or a value that does not fit.
+        ConfigError: an item without ``PROBE.KEY=VALUE``, a key given twice, an unknown key or a value that does
+            not fit.
         RegistryError: an unknown probe name.
     """
     raw: dict[str, dict[str, str]] = {}
@@ -370,7 +371,12 @@ def parse_probe_args(items: list[str] | None) -> dict[str, dict[str, Any]]:
         key, equals, text = rest.partition("=")
         if not (dot and equals and name and key):
             raise ConfigError(f"--probe-arg expects PROBE.KEY=VALUE, got {item!r}")
-        raw.setdefault(name.strip(), {})[key.strip().replace("-", "_")] = text.strip()
+        values = raw.setdefault(name.strip(), {})
+        key = key.strip().replace("-", "_")
+        if key in values:
+            raise ConfigError(f"--probe-arg {name.strip()}.{key} is given twice "
+                              f"({values[key]!r} and {text.strip()!r})")
+        values[key] = text.strip()
     return {name: probe_arguments(name, values) for name, values in raw.items()}
 
 

@@ -13,11 +13,12 @@ A name in ``config.run.probes`` is dispatched by :func:`attnlab.config.probe_kin
 - an attention probe (:data:`attnlab.probes.PROBES`) observes attention calls inside one :class:`attnlab.Session`
   over the windows;
 - an analysis (:data:`attnlab.analyses.ANALYSES`) is prepared with ``prepare(facts, runner)`` and then sees every
-  batch through a :class:`attnlab.capture.model_probes.ModelRunner` (``observe``), then ``finish``.
+  batch through a :class:`attnlab.capture.runner.ModelRunner` (``observe``), then ``finish``.
 
-Attention probes with a ``prepare(facts, runner)`` method (magnets, rope_decay: token strings, RoPE settings) are
-prepared the same way. The runner is built only when something needs it, so a report of the default attention
-probes never builds one.
+Attention probes are prepared too (:meth:`attnlab.probes.base.Probe.prepare`), with the runner only when they
+declare ``needs_runner`` (magnets: token strings, the BOS id) and with None otherwise; model settings such as
+rope_theta reach them in ``bind``. The runner is built only for an analysis or a probe with ``needs_runner``, so a
+report of the default attention probes never builds one.
 """
 
 from __future__ import annotations
@@ -113,26 +114,14 @@ def results_envelope(command: str, config: Any, loaded: Any, *, bos_policy: str,
 def build_observers(config: RunConfig) -> list[tuple[str, Any]]:
     """``(kind, object)`` for every name of ``config.run.probes``, built with its ``probe_args``.
 
-    Raises ConfigError on arguments a probe or analysis does not take, RegistryError on an unknown name.
+    Both kinds are built by :func:`attnlab.params.build_probes`. Raises ConfigError (``bad --probe-arg for NAME:
+    ...``) on arguments a probe or analysis does not take, RegistryError on an unknown name.
     """
-    from attnlab.analyses import ANALYSES
-    from attnlab.probe_run import build_probes
+    from attnlab.params import build_probes
 
     names = config.run.probes
-    args = config.run.probe_args
-    kinds = [probe_kind(name) for name in names]
-    probe_names = tuple(name for name, kind in zip(names, kinds) if kind != "analysis")
-    probes = iter(build_probes(probe_names, {k: v for k, v in args.items() if k in probe_names}))
-    observers = []
-    for name, kind in zip(names, kinds):
-        if kind != "analysis":
-            observers.append((kind, next(probes)))
-            continue
-        try:
-            observers.append((kind, ANALYSES.get(name)(**dict(args.get(name, {})))))
-        except TypeError as error:
-            raise ConfigError(f"bad --probe-arg for {name}: {error}") from None
-    return observers
+    built = build_probes(names, config.run.probe_args)
+    return [(probe_kind(name), obj) for name, obj in zip(names, built)]
 
 
 class _LazyRunner:
@@ -145,7 +134,7 @@ class _LazyRunner:
 
     def get(self) -> Any:
         if self.runner is None:
-            from attnlab.capture.model_probes import ModelRunner
+            from attnlab.capture.runner import ModelRunner
 
             self.runner = ModelRunner(self.loaded.model, self.loaded.tokenizer, facts=self.loaded.facts)
             if self.compare is not None:
@@ -154,7 +143,7 @@ class _LazyRunner:
 
     def _other(self) -> Any:
         from attnlab.capture.loading import load_model
-        from attnlab.capture.model_probes import ModelRunner
+        from attnlab.capture.runner import ModelRunner
 
         self.notify(0, 0, f"loading model {self.compare}")
         other = load_model(self.compare, dtype=self.load.dtype, device=self.load.device)
@@ -192,9 +181,10 @@ def run_probes(config: RunConfig, *, progress: Progress | None = None, model: An
     runner = _LazyRunner(loaded, config.run.compare, config.load, notify)
     if config.run.compare is not None:
         runner.get()  # load and check the second model before the run
-    for _, obj in observers:
-        if hasattr(obj, "prepare"):  # analyses; attention probes that read token strings or rope settings
-            obj.prepare(loaded.facts, runner.get())
+    for kind, obj in observers:
+        prepare = getattr(obj, "prepare", None)
+        if prepare is not None:  # analyses and magnets get the runner; other probes None (settings come in bind)
+            prepare(loaded.facts, runner.get() if kind == "analysis" or getattr(obj, "needs_runner", False) else None)
     notify(0, 0, "reading text")
     windows = load_text(loaded.tokenizer, config.data.text, seq_len=config.data.seq_len,
                         max_windows=config.data.max_windows, bos=config.data.bos,

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from attnlab.analyses import ANALYSES, probe_or_analysis
 from attnlab.analyses.base import Analysis, Runner
-from attnlab.capture.model_probes import ModelRunner, head_edits
+from attnlab.capture.runner import ModelRunner, head_edits
 from attnlab.errors import ConfigError, RegistryError
 from attnlab.probes import PROBES
 from attnlab.probes.base import Probe

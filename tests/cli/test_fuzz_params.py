@@ -146,3 +146,51 @@ def test_hostile_inputs_exit_2_with_one_line(tmp_path, args, fragments):
     result = runner.invoke(app, [*args, "--model", str(tmp_path / "never-loaded"), "--out", str(tmp_path / "out")])
     assert_one_line_error(result, 2, *fragments)
     assert not (tmp_path / "out").exists()
+
+
+HUGE = ["99999999999999999999999", str(2**63), str(2**64), str(2**31), "-1", "0", "-" + "9" * 40]
+RUN_OPTIONS = [("probe", "--seq-len"), ("probe", "--max-windows"), ("probe", "--block-size"), ("probe", "--seed"),
+               ("eval", "--seq-len"), ("eval", "--max-windows"), ("eval", "--stride"), ("eval", "--passkey-trials"),
+               ("eval", "--passkey-lengths"), ("eval", "--seed")]
+
+
+@pytest.mark.parametrize("value", HUGE)
+@pytest.mark.parametrize(("command", "option"), RUN_OPTIONS)
+def test_run_options_out_of_range_exit_2_with_one_line(tmp_path, command, option, value):
+    """Run-level numbers are bounded before a model loads (seed to [0, 2**63 - 1], sizes to 2**31 - 1)."""
+    args = [command, *(["--probe", "entropy"] if command == "probe" else ["--task", "passkey"]), option, value]
+    result = runner.invoke(app, [*args, "--model", str(tmp_path / "never-loaded"), "--out", str(tmp_path / "out")])
+    assert_one_line_error(result, 2)  # out of range: the option's bound; in range: the missing model
+
+
+@pytest.mark.parametrize(("command", "option", "value", "fragment"), [
+    ("probe", "--seed", "99999999999999999999999", "seed must be in [0, 9223372036854775807]"),
+    ("eval", "--seed", "99999999999999999999999", "seed must be in [0, 9223372036854775807]"),
+    ("probe", "--seed", "-1", "seed must be in [0, "),
+    ("probe", "--query-fraction", "1e400", "query_fraction must be in (0, 1]"),
+    ("probe", "--query-fraction", "nan", "query_fraction must be in (0, 1]"),
+    ("eval", "--passkey-depths", "1e400", "passkey depths must be fractions in [0, 1]"),
+    ("eval", "--passkey-lengths", "9" * 40, "passkey lengths must be >= 2 tokens and <= 2147483647"),
+])
+def test_named_run_option_refusals(tmp_path, command, option, value, fragment):
+    args = [command, *(["--probe", "entropy"] if command == "probe" else []), option, value]
+    result = runner.invoke(app, [*args, "--model", str(tmp_path / "never-loaded"), "--out", str(tmp_path / "out")])
+    assert_one_line_error(result, 2, fragment)
+
+
+def test_batch_size_from_a_config_file_is_bounded(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"batch_size: {2**64}\n", encoding="utf-8")
+    result = runner.invoke(app, ["probe", "--probe", "entropy", "--config", str(config), "--model",
+                                 str(tmp_path / "never-loaded"), "--out", str(tmp_path / "out")])
+    assert_one_line_error(result, 2, "batch_size must be in [1, 2147483647]")
+
+
+@pytest.mark.parametrize("device", ["meta", "xla", "cuda:x", "cpu:0:1"])
+def test_unsupported_devices_exit_2_with_one_line(tmp_path, device):
+    from tiny_models import save_model_dir, tiny_llama, tiny_tokenizer
+
+    folder = save_model_dir(tmp_path / "tiny", tiny_llama(), tiny_tokenizer())
+    result = runner.invoke(app, ["probe", "--probe", "entropy", "--model", str(folder), "--device", device,
+                                 "--seq-len", "8", "--max-windows", "1", "--out", str(tmp_path / "out")])
+    assert_one_line_error(result, 2, "device")

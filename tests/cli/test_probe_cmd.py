@@ -61,3 +61,42 @@ def test_a_probe_that_produced_nothing_is_warned_about(setup, tmp_path):
                     "--probe-arg", "spatial_decay.grid=[16,16]")
     assert result.exit_code == 0, result.output
     assert "warning: probe spatial_decay produced no rows" in result.output
+
+
+def test_the_done_line_names_the_attention_path(setup, tmp_path):
+    result = _probe(setup, "--out", str(tmp_path / "run"), "--probe", "entropy")
+    assert result.exit_code == 0, result.output
+    assert "; attention path: blocked_eager" in result.output
+
+
+def test_a_saved_config_replays_through_config(setup, tmp_path):
+    """results.json's ``config`` uses field names (probes, probe_args, batch_size, ...); --config accepts them."""
+    import yaml
+
+    first = tmp_path / "first"
+    result = _probe(setup, "--out", str(first), "--probe", "entropy", "--probe", "sink",
+                    "--probe-arg", "entropy.num_bins=3", "--block-size", "8", "--seed", "7")
+    assert result.exit_code == 0, result.output
+    saved = json.loads((first / "results.json").read_text())["config"]
+    assert {"probes", "probe_args", "batch_size"} <= set(saved)
+    config = tmp_path / "replay.yaml"
+    config.write_text(yaml.safe_dump(saved), encoding="utf-8")
+    second = tmp_path / "second"
+    result = runner.invoke(app, ["probe", "--config", str(config), "--out", str(second)])
+    assert result.exit_code == 0, result.output
+    replayed = json.loads((second / "results.json").read_text())
+    assert replayed["config"] == saved
+    assert {row["probe"] for row in replayed["rows"]} == {"entropy", "sink"}
+
+
+def test_a_config_may_not_set_one_option_twice(setup, tmp_path):
+    config = tmp_path / "twice.yaml"
+    config.write_text("probe: entropy\nprobes: [sink]\n", encoding="utf-8")
+    result = _probe(setup, "--config", str(config), "--out", str(tmp_path / "out"))
+    assert_one_line_error(result, 2, "sets probe twice")
+
+
+def test_a_repeated_probe_arg_is_refused(setup, tmp_path):
+    result = _probe(setup, "--out", str(tmp_path / "out"), "--probe", "entropy",
+                    "--probe-arg", "entropy.num_bins=3", "--probe-arg", "entropy.num_bins=4")
+    assert_one_line_error(result, 2, "entropy.num_bins is given twice")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import attnlab
-from attnlab.capture.model_probes import ModelRunner
+from attnlab.capture.runner import ModelRunner
 
 pytestmark = pytest.mark.slow
 

@@ -3,7 +3,7 @@
 An analysis is prepared once with the model's :class:`attnlab.facts.ModelFacts` and a :class:`Runner`
 (``prepare``), then sees every batch of windows through the runner (``observe``), is told when the windows end
 (``finish``), and returns long-format rows and extras like a probe does (docs/results.md). The runner is the only
-object that touches transformers (:class:`attnlab.capture.model_probes.ModelRunner` implements it); an analysis
+object that touches transformers (:class:`attnlab.capture.runner.ModelRunner` implements it); an analysis
 changes the model only through edits (:mod:`attnlab.edits`), which the runner applies inside an
 :class:`attnlab.Session` that checks every edit fired.
 

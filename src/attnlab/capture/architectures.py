@@ -81,6 +81,29 @@ def _rope(config: Any) -> tuple[float | None, str | None]:
     return float(theta), str(rope_type or "default")
 
 
+CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+PROVENANCE_KEYS = ("name", "source", "format", "file_sha256")
+
+
+def is_causal_lm(model_or_config: Any) -> bool:
+    """Whether a model (or its config) is a causal (decoder-only) language model.
+
+    True when the config says ``is_decoder``, or the model's class name or one of the config's ``architectures``
+    ends in ``ForCausalLM``/``LMHeadModel``; an encoder-decoder config is never causal. A masked LM (which also
+    has an ``lm_head``, e.g. RobertaForMaskedLM) and an encoder (BertModel) are not. The loader picks
+    AutoModelForCausalLM by it and :func:`model_facts` records it as ``causal``.
+    """
+    config = getattr(model_or_config, "config", model_or_config)
+    if getattr(config, "is_encoder_decoder", False):
+        return False
+    if getattr(config, "is_decoder", False):
+        return True
+    names = list(getattr(config, "architectures", None) or [])
+    if hasattr(model_or_config, "config"):
+        names.append(type(model_or_config).__name__)
+    return any(isinstance(n, str) and n.endswith(CAUSAL_LM_SUFFIXES) for n in names)
+
+
 def model_facts(model: Any, **provenance: Any) -> ModelFacts:
     """The :class:`attnlab.facts.ModelFacts` of a transformers model (sizes from its text config).
 
@@ -88,8 +111,13 @@ def model_facts(model: Any, **provenance: Any) -> ModelFacts:
     without it, name is the config's ``_name_or_path``.
 
     Raises:
+        TypeError: a ``provenance`` key other than name, source, format, file_sha256.
         UnsupportedModelError: the config does not give num_hidden_layers / num_attention_heads / hidden_size.
     """
+    unknown = sorted(set(provenance) - set(PROVENANCE_KEYS))
+    if unknown:
+        raise TypeError(f"model_facts() got unknown provenance key(s) {', '.join(unknown)}; it takes: "
+                        f"{', '.join(PROVENANCE_KEYS)}")
     config = text_config(model)
     try:
         num_layers, num_heads, num_kv_heads = attention_sizes(model)
@@ -103,13 +131,12 @@ def model_facts(model: Any, **provenance: Any) -> ModelFacts:
         name.rsplit(".", 1)[-1] in ("wpe", "position_embeddings", "embed_positions")
         for name, _ in model.named_modules())  # learned positions the model adds itself (GPT-2, BERT, OPT)
     position_embedding = "rope" if theta is not None else ("absolute" if absolute else "none")
-    causal = bool(getattr(config, "is_decoder", False) or hasattr(model, "lm_head")
-                  or type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")))
+    causal = is_causal_lm(model)
     param = next(model.parameters(), None) if hasattr(model, "parameters") else None
     values: dict[str, Any] = {
         "name": getattr(config, "_name_or_path", None) or None, "source": None, "format": None, "file_sha256": None,
     }
-    values.update({k: v for k, v in provenance.items() if k in values})
+    values.update(provenance)
     return ModelFacts(
         num_layers=int(num_layers), num_heads=int(num_heads), num_kv_heads=int(num_kv_heads),
         head_dim=int(head_dim), hidden_size=hidden, vocab_size=getattr(config, "vocab_size", None),

@@ -33,7 +33,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 
 from attnlab.assets import ASSETS, asset_dir, fetch_asset, sha256_file
 from attnlab.errors import AssetError, ConfigError, RegistryError, UsageError
-from attnlab.capture.architectures import model_facts
+from attnlab.capture.architectures import is_causal_lm, model_facts
 from attnlab.config import DTYPE_NAMES
 from attnlab.facts import ModelFacts
 from attnlab.registry import unknown_name_message
@@ -56,19 +56,20 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     raise ConfigError(f"dtype must be one of {', '.join(DTYPES)} (or that torch dtype), got {dtype!r}")
 
 
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
 def _parse_device(device: str | torch.device) -> torch.device:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (or that torch.device); ConfigError for anything else (``meta``...)."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ConfigError(f"device must be like 'cpu', 'cuda' or 'cuda:0', got {device!r}") from exc
+    if dev.type not in DEVICE_TYPES:
+        raise ConfigError(f"device must be cpu, cuda, cuda:N or mps, got {device!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} was requested but CUDA is not available here; use device='cpu'")
     return dev
-
-
-def _is_causal(config: Any) -> bool:
-    archs = getattr(config, "architectures", None) or []
-    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
 
 
 def _weights_sha256(folder: Path) -> str | None:
@@ -288,7 +289,7 @@ def _load_hub(name: str, dtype: torch.dtype, trust_remote_code: bool) -> tuple[A
             config = AutoConfig.from_pretrained(name, **kwargs)
         except OSError as exc:
             raise _hub_error(name, str(exc).splitlines()[0]) from None
-    cls = AutoModelForCausalLM if _is_causal(config) else AutoModel
+    cls = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
     try:
         model = cls.from_pretrained(name, dtype=dtype, use_safetensors=True, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
@@ -326,7 +327,8 @@ def load_model(
       or a local ``.gguf`` file;
     - a hub id such as ``org/model`` (only when the hub is reachable or the id is in the local hub cache).
 
-    Architectures ending in ``ForCausalLM``/``LMHeadModel`` load with AutoModelForCausalLM, others with AutoModel.
+    Causal LMs (:func:`attnlab.capture.architectures.is_causal_lm`) load with AutoModelForCausalLM, others with
+    AutoModel.
 
     Raises:
         ConfigError: unknown dtype or unusable device.
@@ -361,7 +363,7 @@ def load_model(
         _check_folder(path)
         with _as_usage_error(f"the model in {path}"):
             config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-            cls = AutoModelForCausalLM if _is_causal(config) else AutoModel
+            cls = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
             model = cls.from_pretrained(path, dtype=torch_dtype, use_safetensors=True,
                                         trust_remote_code=trust_remote_code)
         with _as_usage_error(f"the tokenizer in {path}"):

@@ -65,7 +65,7 @@ def eval_command(
         from attnlab.evaluation.runner import run_eval
         from attnlab.report.io import check_out_dir
 
-        values = command_values(ctx, config)
+        values = command_values(ctx, config, EvalConfig)
         eval_config = EvalConfig(**values)
         for spec in eval_config.eval.variants:
             parse_variant(spec)  # bad edit names/values fail here, before the model loads

@@ -43,11 +43,14 @@ ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="YAML file 
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.", rich_help_panel=_OUT)]
 
 
-def merge_config(ctx: typer.Context, config_path: Path | None, values: dict[str, Any]) -> dict[str, Any]:
+def merge_config(ctx: typer.Context, config_path: Path | None, values: dict[str, Any],
+                 config_type: Any = None) -> dict[str, Any]:
     """Precedence: CLI flag given > YAML --config > default, decided by whether the flag was given.
 
-    YAML keys use the option names with ``_`` (``seq_len``) or ``-`` (``seq-len``); ``probes`` is accepted for
-    ``probe``. Raises ConfigError on an unreadable file or unknown keys.
+    YAML keys are the option names with ``_`` (``seq_len``) or ``-`` (``seq-len``), or the field names of
+    ``config_type`` (a :class:`attnlab.config.ComposedConfig`; ``probes`` for ``probe``, ``probe_args`` for
+    ``probe_arg``, ``variants`` for ``edit``, ``batch_size``, ...), so the ``config`` object of a run's results.json
+    replays that run. Raises ConfigError on an unreadable file or unknown keys.
     """
     if config_path is None:
         return values
@@ -59,34 +62,41 @@ def merge_config(ctx: typer.Context, config_path: Path | None, values: dict[str,
         raise ConfigError(f"cannot read --config {config_path}: {error}") from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"--config {config_path} must hold a mapping of option: value, got {type(loaded).__name__}")
+    options = config_type.option_of_field() if config_type is not None else {"probes": "probe"}
+    fields_only = (config_type.option_names() - set(values)) if config_type is not None else set()
     merged = dict(values)
+    seen: dict[str, str] = {}
     for raw_key, value in loaded.items():
         key = str(raw_key).replace("-", "_")
-        key = "probe" if key == "probes" else key
-        if key not in values:
-            raise ConfigError(f"unknown key {raw_key!r} in {config_path}; known: {', '.join(sorted(values))}")
+        key = options.get(key, key) if options.get(key) in values else key
+        if key not in values and key not in fields_only:
+            known = sorted(set(values) | fields_only)
+            raise ConfigError(f"unknown key {raw_key!r} in {config_path}; known: {', '.join(known)}")
+        if key in seen:
+            raise ConfigError(f"{config_path} sets {key} twice ({seen[key]!r} and {raw_key!r})")
+        seen[key] = str(raw_key)
         if key == "probe":
             value = [value] if isinstance(value, str) else value
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"probes in {config_path} must be a name or a list of names, got {value!r}")
         if key in ("out", "text") and value is not None and not isinstance(value, str):
             raise ConfigError(f"{raw_key} in {config_path} must be a path string, got {value!r}")
-        source = ctx.get_parameter_source(key)
+        source = ctx.get_parameter_source(key) if key in values else None
         if source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):
             merged[key] = value
     return merged
 
 
-def command_values(ctx: typer.Context, config_path: Path | None) -> dict[str, Any]:
+def command_values(ctx: typer.Context, config_path: Path | None, config_type: Any = None) -> dict[str, Any]:
     """Every option of the running command by its parameter name (``ctx.params``), merged with ``--config``.
 
     ``config`` and ``debug`` are left out, and a repeatable option given no times (click passes ``()``) becomes
-    None, i.e. "use the default"; the result feeds a composed config's constructor, which routes each name to its
-    spec field (:mod:`attnlab.config`).
+    None, i.e. "use the default"; the result feeds a composed config's constructor (``config_type``), which routes
+    each name to its spec field (:mod:`attnlab.config`).
     """
     params = {key: None if isinstance(value, (list, tuple)) and not value else value
               for key, value in ctx.params.items() if key not in ("config", "debug")}
-    return merge_config(ctx, config_path, params)
+    return merge_config(ctx, config_path, params, config_type)
 
 
 def print_config(config: Any, **more: Any) -> None:
@@ -111,12 +121,18 @@ def with_progress(work: Callable[[Any], Any]) -> Any:
         return work(progress)
 
 
-def write_and_announce(out_dir: Path, results: dict[str, Any]) -> dict[str, Path]:
-    """Write the three result files (checked before anything is written); print their paths to stdout."""
+def write_and_announce(out_dir: Path, results: dict[str, Any], *, show_paths: bool = False) -> dict[str, Path]:
+    """Write the three result files (checked before anything is written); print their paths to stdout.
+
+    With ``show_paths`` the ``done`` line also names the attention paths the run took
+    (``done in 9.8 s; attention path: blocked_eager``).
+    """
     from attnlab.report.io import write_results
 
     paths = write_results(out_dir, results)
-    stderr.print(f"done in {results['timing']['seconds']:.1f} s")
+    taken = sorted(set(results.get("attention_paths", {}).values()))
+    suffix = f"; attention path: {', '.join(taken)}" if show_paths and taken else ""
+    stderr.print(f"done in {results['timing']['seconds']:.1f} s{suffix}", markup=False)
     typer.echo(f"report: {paths['html']}")
     typer.echo(f"files: {' '.join(str(p) for p in paths.values())}")
     return paths

@@ -59,7 +59,7 @@ def run_probe_command(ctx: typer.Context, command: str, config_path: Path | None
     from attnlab.pipeline import run_probes
     from attnlab.report.io import check_out_dir
 
-    values = command_values(ctx, config_path)
+    values = command_values(ctx, config_path, RunConfig)
     if command == "probe" and not values["probe"]:
         raise ConfigError("attnlab probe needs at least one --probe NAME; see `attnlab ls probes`")
     run_config = RunConfig(**values)
@@ -67,7 +67,7 @@ def run_probe_command(ctx: typer.Context, command: str, config_path: Path | None
     check_out_dir(out_dir)  # fail before the long run, and leave nothing behind
     print_config(run_config)
     results = with_progress(lambda progress: run_probes(run_config, progress=progress, command=command))
-    write_and_announce(out_dir, results)
+    write_and_announce(out_dir, results, show_paths=True)
     produced = {row["probe"] for row in results["rows"]}
     for name in run_config.run.probes:
         if name not in produced:

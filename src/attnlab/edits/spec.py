@@ -25,7 +25,8 @@ def parse_edit_spec(spec: str) -> Edit:
 
     Raises:
         RegistryError: unknown edit name (with a suggestion). ConfigError: malformed spec, unknown parameter
-            (the message lists the edit's parameters) or a value that does not fit its annotation.
+            (the message lists the edit's parameters), a key given twice, or a value that does not fit its
+            annotation.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ConfigError(f"an edit spec looks like NAME or NAME:key=value,...; got {spec!r}")
@@ -37,6 +38,8 @@ def parse_edit_spec(spec: str) -> Edit:
         key = key.strip()
         if not eq or not key:
             raise ConfigError(f"edit {name!r}: expected key=value, got {part!r} in {spec!r}")
+        if key in kwargs:
+            raise ConfigError(f"edit {name.strip()!r}: {key} is given twice in {spec!r}")
         kwargs[key] = text.strip()
     return build_edit(cls, kwargs)
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from attnlab.config import ComposedConfig, ModelSpec, TextSpec, check_names, check_types
+from attnlab.config import (INT_LIMIT, SEED_LIMIT, ComposedConfig, ModelSpec, TextSpec, check_names, check_range,
+                            check_types)
 from attnlab.errors import ConfigError
 
 TASKS = ("perplexity", "next_token", "passkey")
@@ -68,7 +69,7 @@ class EvalSpec:
         passkey_depths: needle depths as fractions of the haystack, each in [0, 1].
         passkey_trials: prompts per (length, depth) cell, each with its own random key and haystack offset.
         search: None, ``"zerotuning"`` or ``"act"`` (:mod:`attnlab.evaluation.search`, on the same windows).
-        seed: seeds python and torch; passkey keys and offsets come from ``random.Random(seed)``.
+        seed: seeds python and torch, in [0, 2**63 - 1]; passkey keys and offsets come from ``random.Random(seed)``.
     """
 
     tasks: tuple[str, ...] = field(default=("perplexity", "next_token"), metadata={"option": "task"})
@@ -87,8 +88,7 @@ class EvalSpec:
         if self.stride is not None and (isinstance(self.stride, bool) or not isinstance(self.stride, int)
                                         or self.stride < 1):
             raise ConfigError(f"stride must be an integer >= 1, got {self.stride!r}")
-        if self.passkey_trials < 1:
-            raise ConfigError(f"passkey_trials must be >= 1, got {self.passkey_trials}")
+        check_range(self, {"stride": (1, INT_LIMIT), "passkey_trials": (1, INT_LIMIT), "seed": (0, SEED_LIMIT)})
         if not self.tasks:
             raise ConfigError(f"at least one task is needed; choose from {', '.join(TASKS)}")
         for task in self.tasks:
@@ -109,8 +109,9 @@ class EvalSpec:
         if len(set(percents)) != len(percents):  # rows key a depth by its whole percent (accuracy_by_depth)
             raise ConfigError(f"passkey depths must differ by at least 1 % (rows are keyed by whole percent), got "
                               f"{list(self.passkey_depths)}")
-        if any(length < 2 for length in self.passkey_lengths):
-            raise ConfigError(f"passkey lengths must be >= 2 tokens, got {list(self.passkey_lengths)}")
+        if any(not 2 <= length <= INT_LIMIT for length in self.passkey_lengths):
+            shown = [n if abs(n) < 10**30 else "a larger number" for n in self.passkey_lengths]
+            raise ConfigError(f"passkey lengths must be >= 2 tokens and <= {INT_LIMIT}, got {shown}")
         if self.search not in SEARCHES:
             raise ConfigError(f"--search must be zerotuning or act, got {self.search!r}")
 

@@ -126,6 +126,7 @@ class Probe:
 
     name: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()
+    needs_runner: ClassVar[bool] = False  # True if prepare() reads the tokenizer through a ModelRunner (magnets)
 
     def bind(self, facts: ModelFacts) -> None:
         """Called once by the session before the first forward pass with the model's sizes.
@@ -133,6 +134,11 @@ class Probe:
         State indexed by position or distance starts small and grows (``pad_to_length``) as longer sequences
         arrive."""
         self.facts = facts
+
+    def prepare(self, facts: ModelFacts, runner: Any) -> None:  # noqa: B027 - optional hook
+        """Called by :func:`attnlab.pipeline.run_probes` before the Session, with a
+        :class:`attnlab.capture.runner.ModelRunner` when ``needs_runner`` (else None): what only the tokenizer
+        knows (token strings, the BOS id). Model sizes and settings arrive in :meth:`bind`."""
 
     def begin_call(self, call: AttentionCall) -> None:  # noqa: B027 - optional hook
         pass

@@ -66,6 +66,7 @@ class MagnetsProbe(Probe):
     """
 
     needs = frozenset({"probs"})
+    needs_runner = True  # prepare() classifies the tokenizer's vocabulary
 
     sections = (Section("probe-magnets", "Attention magnets", (
         Text(template="Attention mass each token class receives (mean over heads and query rows) and keys that draw "

@@ -33,7 +33,8 @@ class RopeDecayProbe(Probe):
     """RoPE's analytic long-term decay bound next to measured attention vs distance per layer.
 
     Args:
-        rope_theta, head_dim: RoPE base and query/key head size; read from the model by ``prepare`` when None.
+        rope_theta, head_dim: RoPE base and query/key head size; when None, read from the model's facts
+            (``facts.rope_theta``, ``facts.head_dim``) in ``bind``. Given values win over the model's.
         exclude_first: leave key position 0 (the sink) out of the measured curve (default True).
     """
 
@@ -58,20 +59,22 @@ class RopeDecayProbe(Probe):
         if head_dim is not None and head_dim % 2:
             raise ConfigError(f"head_dim must be an even integer >= 2, got {head_dim}")
         self.rope_theta, self.head_dim, self.exclude_first = rope_theta, head_dim, exclude_first
+        self.given = (rope_theta, head_dim)  # constructor values win over the model's
 
-    def prepare(self, facts: Any, runner: Any = None) -> None:
-        """Read rope_theta and head_dim from the model's facts (:class:`attnlab.facts.ModelFacts`)."""
-        if self.rope_theta is None:
-            if facts.rope_theta is None:
-                raise ConfigError("rope_decay: the model has no rope_theta (no rotary embedding); pass "
-                                  "--probe-arg rope_decay.rope_theta=… to compare with a bound anyway")
-            self.rope_theta = facts.rope_theta
-        self.head_dim = self.head_dim or facts.head_dim
+    def prepare(self, facts: ModelFacts, runner: Any = None) -> None:
+        """Read rope_theta and head_dim from the model's facts (``bind`` does the same)."""
+        self._read_rope(facts)
+
+    def _read_rope(self, facts: ModelFacts) -> None:
+        rope_theta, head_dim = self.given
+        if rope_theta is None and facts.rope_theta is None:
+            raise ConfigError("rope_decay: the model has no rope_theta (no rotary embedding); pass "
+                              "--probe-arg rope_decay.rope_theta=… to compare with a bound anyway")
+        self.rope_theta = rope_theta if rope_theta is not None else facts.rope_theta
+        self.head_dim = head_dim if head_dim is not None else facts.head_dim
 
     def bind(self, facts: ModelFacts) -> None:
-        if self.rope_theta is None or self.head_dim is None:
-            raise ConfigError("rope_decay needs rope_theta and head_dim: pass them, or call prepare(facts, runner) "
-                              "before the Session (`attnlab report`/`attnlab probe` do)")
+        self._read_rope(facts)
         super().bind(facts)
         L, H, D = facts.num_layers, facts.num_heads, 1
         self.attention_sum = torch.zeros(L, H, D, dtype=torch.float64)
