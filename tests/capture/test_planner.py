@@ -96,3 +96,12 @@ def test_each_fallback_is_logged_once(caplog):
     messages = [record.getMessage() for record in caplog.records]
     assert len(messages) == 2
     assert any("no FlexAttention form" in m for m in messages) and any("a probe needs probs" in m for m in messages)
+
+
+def test_the_session_machinery_methods_say_what_they_do():
+    from attnlab.capture.edit_log import EditLog
+    from attnlab.capture.executors import Job
+    from attnlab.edits.apply import EditedCall
+
+    for method in (Planner.choose, Job.rows, EditLog.for_layer, EditedCall.keep.fget, EditedCall.is_fast):
+        assert (method.__doc__ or "").strip(), method.__qualname__

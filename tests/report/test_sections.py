@@ -169,3 +169,16 @@ def test_integer_format_spec_on_a_float_falls_back_to_display():
     results = {"schema_version": 2, "command": "probe", "model": {"name": "m", "num_layers": 1}, "rows": rows,
                "sections": {"p": [{"id": "p", "title": "P", "parts": [{"kind": "text", "template": "m={mean.x:d}"}]}]}}
     assert "m=0.25" in render_html(results)
+
+
+def test_probe_and_analysis_bases_declare_no_sections():
+    from attnlab.analyses.base import Analysis
+    from attnlab.probes.base import Probe
+    from attnlab.report.sections import section_specs
+
+    assert Probe.sections == () and Analysis.sections == ()
+
+    class Quiet(Probe):
+        name = "quiet"
+
+    assert section_specs([Quiet(), Quiet]) == {"quiet": []}

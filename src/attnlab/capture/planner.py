@@ -141,6 +141,8 @@ class Planner:
     logged: set[str] = field(default_factory=set)
 
     def choose(self, needs: Needs, edits: EditFacts, call: CallFacts) -> Path:
+        """The path :func:`plan` picks for this call under the session's options; a fallback reason
+        (:func:`fallback_reason`) is logged at INFO the first time it occurs."""
         path = plan(needs, edits, call, self.options)
         reason = fallback_reason(needs, edits, call, self.options, path)
         if reason is not None and reason not in self.logged:

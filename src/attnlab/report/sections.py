@@ -360,7 +360,8 @@ def sections_from_dicts(data: Iterable[Mapping[str, Any]]) -> tuple[Section, ...
 def section_specs(probes: Iterable[Any]) -> dict[str, list[dict[str, Any]]]:
     """``{probe.name: [section dicts]}`` for ``results["sections"]``: the ``sections`` each probe class declares.
 
-    ``probes`` are probe or analysis instances (or classes) with ``name`` and ``sections``; one without sections
-    maps to ``[]`` (it ran, its rows are in the tables, it draws nothing).
+    ``probes`` are probe or analysis instances (or classes): :class:`attnlab.probes.base.Probe` and
+    :class:`attnlab.analyses.base.Analysis` declare ``sections = ()``, so one that declares none maps to ``[]`` (it
+    ran, its rows are in the tables, it draws nothing).
     """
-    return {str(p.name): [s.to_dict() for s in getattr(p, "sections", ())] for p in probes}
+    return {str(p.name): [s.to_dict() for s in p.sections] for p in probes}
