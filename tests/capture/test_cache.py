@@ -124,3 +124,12 @@ def test_length_dependent_rope_is_refused():
     with pytest.raises(ConfigError, match="rope_type='dynamic'"):
         SinkWindowCache(dynamic, sinks=2, window=4)
     SinkWindowCache(tiny_llama(layers=1, rope_scaling={"rope_type": "linear", "factor": 2.0}), sinks=2, window=4)
+
+
+def test_rope_with_attention_scaling_is_refused_with_the_same_error_type():
+    # YaRN multiplies cos/sin by 0.1·ln(factor) + 1 (≈ 1.069 for factor 2): the rotation cannot be undone
+    yarn = tiny_llama(layers=1, rope_scaling={"rope_type": "yarn", "factor": 2.0,
+                                              "original_max_position_embeddings": 64})
+    with pytest.raises(ConfigError, match=r"attention scaling.*1\.069.*rope_type='yarn'") as info:
+        SinkWindowCache(yarn, sinks=2, window=4)
+    assert "\n" not in str(info.value)

@@ -33,10 +33,13 @@ TABLE = [
     (PROBS, FAST, PLAIN, FULL, Path.BLOCKED_EAGER_EDITS, None),
     (PROBS, FAST, PLAIN, SAMPLED, Path.SDPA_EDITS_SAMPLED, None),
     (EVERY_ROW, FAST, PLAIN, SAMPLED, Path.BLOCKED_EAGER_EDITS, "every query row"),
-    (NONE, FAST, SOFTCAP, FULL, Path.BLOCKED_EAGER_EDITS, None),
+    (NONE, FAST, SOFTCAP, FULL, Path.BLOCKED_EAGER_EDITS, "soft-caps"),  # logged with edits as without
+    (NONE, FAST, SOFTCAP, SAMPLED, Path.BLOCKED_EAGER_EDITS, "soft-caps"),
+    (PROBS, FAST, SOFTCAP, FULL, Path.BLOCKED_EAGER_EDITS, None),  # probs need the blocked kernel anyway
     (PROBS, FAST, SOFTCAP, SAMPLED, Path.BLOCKED_EAGER_EDITS, "soft-caps"),
     # edits without a fast form
     (NONE, SLOW_FLEX, PLAIN, FULL, Path.BLOCKED_EAGER_EDITS, None),
+    (NONE, SLOW, SOFTCAP, FULL, Path.BLOCKED_EAGER_EDITS, None),  # no SDPA form: not the soft-cap's doing
     (NONE, SLOW_FLEX, PLAIN, FLEX, Path.FLEX_EDITS, None),
     (NONE, SLOW_FLEX, SOFTCAP, FLEX, Path.BLOCKED_EAGER_EDITS, "soft-caps"),
     (NONE, SLOW, PLAIN, FLEX, Path.BLOCKED_EAGER_EDITS, "no FlexAttention form"),
@@ -93,3 +96,12 @@ def test_each_fallback_is_logged_once(caplog):
     messages = [record.getMessage() for record in caplog.records]
     assert len(messages) == 2
     assert any("no FlexAttention form" in m for m in messages) and any("a probe needs probs" in m for m in messages)
+
+
+def test_the_session_machinery_methods_say_what_they_do():
+    from attnlab.capture.edit_log import EditLog
+    from attnlab.capture.executors import Job
+    from attnlab.edits.apply import EditedCall
+
+    for method in (Planner.choose, Job.rows, EditLog.for_layer, EditedCall.keep.fget, EditedCall.is_fast):
+        assert (method.__doc__ or "").strip(), method.__qualname__

@@ -219,3 +219,38 @@ def test_generation_without_attention_mask_is_unchanged_by_probes():
     with attnlab.Session(model, probes=ALL_PROBES):
         actual = model.generate(ids, max_new_tokens=5, do_sample=False)
     assert torch.equal(actual, expected)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(("probes", "edits", "path"), [
+    ((), (), "sdpa"),                             # the untouched SDPA shortcut asks the planner too
+    (("norms",), (), "sdpa"),
+    (("entropy",), (), "blocked_eager"),
+    ((), ("head_scale:layers=[0],heads=[1],scale=0.5",), "sdpa+edits"),
+])
+def test_the_planner_decides_every_attention_call(monkeypatch, probes, edits, path):
+    from attnlab.capture.planner import Planner
+
+    chosen = []
+    original = Planner.choose
+
+    def spy(self, needs, edit_facts, call):
+        chosen.append(original(self, needs, edit_facts, call))
+        return chosen[-1]
+
+    monkeypatch.setattr(Planner, "choose", spy)
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(3))
+    with attnlab.Session(model, probes=probes, edits=edits) as session:
+        model(input_ids=ids)
+        model(input_ids=ids[:1])
+    assert len(chosen) == sum(session.calls_per_layer.values()) == 4
+    assert session.attention_paths[0] == path and {p.value for p in chosen} >= {path}
+
+
+def test_session_probe_names_the_available_probes():
+    with attnlab.Session(tiny_llama(), probes=["entropy", "sink"]) as session:
+        assert session.probe("sink").name == "sink"
+        with pytest.raises(RegistryError, match="Did you mean: sink\\? Available: entropy, sink") as info:
+            session.probe("sinks")
+    assert isinstance(info.value, KeyError)

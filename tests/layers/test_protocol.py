@@ -45,6 +45,14 @@ def test_every_builtin_layer_is_registered():
             "sigmoid", "relu", "sigma_reparam", "alibi", "decay_matrix", "dma", "moda", "deconstructed"} <= set(NAMES)
 
 
+def test_the_registry_checks_entries_against_the_layer_base_class():
+    assert LAYERS.base == "attnlab.layers.base.Layer" and "base" in LAYERS.infrastructure
+    assert all(issubclass(LAYERS.get(name), Layer) for name in NAMES)
+    with pytest.raises(TypeError, match="subclass of attnlab.layers.base.Layer"):
+        LAYERS.register("test_plain_module")(torch.nn.Linear)  # an nn.Module outside the protocol is refused
+    assert "test_plain_module" not in LAYERS
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_signature_and_defaults(name):
     cls = LAYERS.get(name)

@@ -1,7 +1,9 @@
 """Adding a probe is one module: a probe defined here declares its section and it appears in report.html.
 
 Nothing under ``attnlab/report`` knows this probe; its section travels in results.json (``results["sections"]``),
-so the report is drawn from the JSON alone (the probe is never registered, so no registry can supply it).
+so the report is drawn from the JSON alone. The first tests run it in a Session without registering it (so no
+registry can supply its section); the last registers it with ``PROBES.register`` and runs ``attnlab probe
+--probe test_call_count`` end to end, the way a plug-in author would.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ import re
 from collections import Counter
 from typing import Any
 
+import pytest
 import torch
+from typer.testing import CliRunner
 
 from attnlab.capture.session import Session
 from attnlab.columns import SCHEMA_VERSION
@@ -19,7 +23,8 @@ from attnlab.probes.base import Probe
 from attnlab.report.io import load_results, write_results
 from attnlab.report.render import render_html
 from attnlab.report.sections import Column, Heatmap, Section, Series, Table, Text, section_specs
-from tests.tiny_models import tiny_llama
+from attnlab.cli.main import app
+from tests.tiny_models import WORDS, save_model_dir, tiny_llama
 
 
 class CallCountProbe(Probe):
@@ -97,3 +102,37 @@ def test_without_its_spec_the_probe_draws_nothing(tmp_path):
                "rows": probe.rows(), "extras": {probe.name: probe.extras()}}
     html = render_html(results)
     assert 'id="probe-test-call-count"' not in html and "test_call_count" in html  # still in the tables
+
+
+@pytest.fixture
+def registered():
+    """CallCountProbe registered as ``test_call_count`` for one test; always unregistered afterwards."""
+    assert "test_call_count" not in PROBES
+    PROBES.register("test_call_count")(CallCountProbe)
+    try:
+        yield CallCountProbe
+    finally:
+        PROBES.unregister("test_call_count")
+
+
+def test_a_registered_test_probe_runs_through_the_cli(registered, tmp_path):
+    model_dir = save_model_dir(tmp_path / "tiny-llama", tiny_llama(layers=2, num_heads=4, num_kv_heads=2))
+    text = tmp_path / "words.txt"
+    text.write_text(" ".join(WORDS[(i * 7) % len(WORDS)] for i in range(200)), encoding="utf-8")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["probe", "--model", str(model_dir), "--probe", "test_call_count",
+                                      "--seq-len", "16", "--max-windows", "1", "--text", str(text),
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert {row["probe"] for row in load_results(out)["rows"]} == {"test_call_count"}
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert html.count('id="probe-test-call-count"') == 1 and 'href="#probe-test-call-count"' in html
+    section = _section(html, "probe-test-call-count")
+    assert "Calls per head (test probe)" in section and "<code>test_call_count</code>" in section
+    assert "The model made 2 attention calls." in section  # 1 window × 2 layers
+    assert re.search(r'<img src="data:image/png;base64,[^"]+" alt="Heatmap of calls per layer and head">', section)
+    assert "<h3>Calls per layer</h3>" in section and "One row per layer, 2 of 2." in section
+
+
+def test_the_registration_fixture_cleaned_up():
+    assert "test_call_count" not in PROBES

@@ -147,3 +147,14 @@ def test_layer_ranges_and_paths():
     assert layer_ranges([]) == ""
     paths = {"0": "blocked_eager", "1": "blocked_eager", "2": "sdpa", "3": "blocked_eager"}
     assert summarise_paths(paths) == ["blocked_eager: layers 0–1, 3", "sdpa: layer 2"]
+
+
+def test_run_section_calls_them_attention_paths(fake_results):
+    from attnlab.report.render import _run_section
+
+    fake_results["attention_paths"] = {"0": "sdpa", "1": "sdpa", "2": "blocked_eager"}
+    run = _run_section(fake_results)
+    assert "paths" not in run and run["attention_paths"] == summarise_paths(fake_results["attention_paths"])
+    html = render_html(fake_results)
+    row = re.search(r'<th scope="row">attention path</th><td>(.*?)</td>', html)
+    assert row and "sdpa" in row.group(1) and "blocked_eager" in row.group(1)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from attnlab.errors import ConfigError
 from attnlab.facts import ModelFacts
 from attnlab.probes.base import add_states
+from attnlab.report.sections import Section
 
 Row = dict[str, Any]
 
@@ -127,6 +128,8 @@ class Analysis:
         needs_compare: True if the analysis compares two models (``attnlab probe --compare OTHER``).
     """
 
+    sections: ClassVar[tuple[Section, ...]] = ()
+    """The report sections this analysis draws (:mod:`attnlab.report.sections`); () = its rows only in the tables."""
     name: ClassVar[str] = ""
     needs_compare: ClassVar[bool] = False
 

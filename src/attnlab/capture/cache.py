@@ -29,8 +29,10 @@ one it is the caller's responsibility (generate one sequence at a time).
 Prefill is not masked by the cache (all prompt tokens attend causally to each other); combine with the
 ``sink_window`` edit to mask the prefill the same way. Only RoPE models whose rotary embedding has no attention
 scaling and whose frequencies do not depend on the sequence length are supported (Llama, Mistral, Qwen2/3,
-SmolLM2 ... with default, linear or YaRN RoPE; dynamic-NTK and LongRoPE change every key's rotation as the text
-grows, so re-rotated cached keys would drift from a fresh forward).
+SmolLM2 ... with default or linear RoPE). Refused with a ConfigError: YaRN, whose cos/sin carry an
+``attention_scaling`` (0.1·ln(factor) + 1, about 1.069 for factor 2) so its rotation cannot be undone, and
+dynamic-NTK and LongRoPE, which change every key's rotation as the text grows, so re-rotated cached keys would
+drift from a fresh forward.
 """
 
 from __future__ import annotations
@@ -165,7 +167,8 @@ class SinkWindowCache(Cache):
         heavy: H2O heavy hitters kept besides sinks and window (≥ 0; > 0 needs a Session).
 
     Raises:
-        ConfigError: bad sizes. UnsupportedModelError: no rotary embedding, or RoPE with attention scaling.
+        ConfigError: bad sizes, or a RoPE the cache cannot re-rotate: attention scaling (YaRN) or frequencies that
+            depend on the sequence length (dynamic NTK, LongRoPE). UnsupportedModelError: no rotary embedding.
     """
 
     def __init__(self, model: nn.Module, sinks: int = 4, window: int = 252, heavy: int = 0) -> None:
@@ -177,8 +180,10 @@ class SinkWindowCache(Cache):
             raise ConfigError(f"SinkWindowCache needs RoPE frequencies that do not depend on the sequence length; "
                               f"{type(model).__name__} uses rope_type={length_dependent!r}")
         if float(getattr(rotary, "attention_scaling", 1.0)) != 1.0:
-            raise UnsupportedModelError(f"{type(model).__name__}'s RoPE scales attention "
-                                        f"({rotary.attention_scaling}); SinkWindowCache cannot un-rotate its keys")
+            raise ConfigError(f"SinkWindowCache needs RoPE without attention scaling; {type(model).__name__}'s "
+                              f"RoPE scales attention by {float(rotary.attention_scaling):.4g} "
+                              f"(rope_type={getattr(rotary, 'rope_type', 'default')!r}), so its keys cannot be "
+                              "un-rotated")
 
         def rotate(keys: Tensor, positions: Tensor) -> Tensor:
             cos, sin = rotary(keys, positions[None].to(keys.device))  # (1, n, D)

@@ -54,6 +54,7 @@ class EditLog:
         self.position_edits = [edit for edit in self.edits if edit.stage == "positions"]
 
     def for_layer(self, layer: int) -> list[Edit]:
+        """The edits that act on ``layer`` (their ``layers`` include it), in composition order; [] if none."""
         return [edit for edit in self.edits if edit.applies_to(layer)]
 
     def forward_pass(self, edit: Edit) -> None:

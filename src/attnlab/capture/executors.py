@@ -61,6 +61,8 @@ class Job:
         return sdpa_attention_forward(self.module, query, key, value, mask, **options)[0].transpose(1, 2)
 
     def rows(self) -> Tensor:
+        """(n,) long: the query rows probes see on a sampled path, about ``query_fraction`` of the ``Lq`` rows (at
+        least 2), evenly spread with the first and last included (:func:`attnlab.capture.calls.sample_rows`)."""
         return sample_rows(self.query.shape[2], self.query_fraction, self.query.device)
 
 

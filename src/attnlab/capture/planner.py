@@ -128,7 +128,7 @@ def fallback_reason(needs: Needs, edits: EditFacts, call: CallFacts, options: Op
         why = ("the model soft-caps its logits" if call.softcap else "a probe needs every query row (H2O scores)"
                if needs.every_row else "an edit has no fast (SDPA) form")
         return f"query_fraction={options.query_fraction:g} but {why}; probes see every row of the blocked kernel"
-    if call.softcap and not needs.probs and not edits.present:
+    if call.softcap and not needs.probs and edits.fast:  # with or without edits, SDPA would have run
         return "the model soft-caps its logits, which SDPA does not; running the blocked eager kernel"
     return None
 
@@ -141,6 +141,8 @@ class Planner:
     logged: set[str] = field(default_factory=set)
 
     def choose(self, needs: Needs, edits: EditFacts, call: CallFacts) -> Path:
+        """The path :func:`plan` picks for this call under the session's options; a fallback reason
+        (:func:`fallback_reason`) is logged at INFO the first time it occurs."""
         path = plan(needs, edits, call, self.options)
         reason = fallback_reason(needs, edits, call, self.options, path)
         if reason is not None and reason not in self.logged:

@@ -37,8 +37,9 @@ from attnlab.capture.planner import CallFacts, EditFacts, Needs, Options, Path, 
 from attnlab.capture.positions import PositionIds
 from attnlab.columns import RESULT_COLUMNS
 from attnlab.edits.base import Edit
-from attnlab.errors import ConfigError
+from attnlab.errors import ConfigError, RegistryError
 from attnlab.probes.base import Probe, SequenceInfo
+from attnlab.registry import unknown_name_message
 
 logger = logging.getLogger(__name__)
 
@@ -170,9 +171,7 @@ class Session:
     # the attention call -------------------------------------------------------------------------------------
     def _layer_index(self, module: nn.Module) -> int:
         layer_idx = getattr(module, "layer_idx", None)
-        if isinstance(layer_idx, int):
-            return layer_idx
-        return self._layer_of.setdefault(id(module), len(self._layer_of))
+        return layer_idx if isinstance(layer_idx, int) else self._layer_of.setdefault(id(module), len(self._layer_of))
 
     def attention(self, module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                   attention_mask: Tensor | None, **kwargs: Any) -> tuple[Tensor, None]:
@@ -182,9 +181,10 @@ class Session:
         check_attention_kwargs(type(self.model).__name__, kwargs)
         forward, softcap = self._forward, kwargs.get("softcap")
         probes = self.probes + list(forward.probes) if forward is not None else self.probes
-        needs = Needs.of(p.needs for p in probes)
-        if not self.edit_log.for_layer(layer) and softcap is None and not needs.probs and not needs.value:
-            self.attention_paths[layer] = Path.SDPA.value  # nothing to observe: transformers' own SDPA, untouched
+        needs, facts = Needs.of(p.needs for p in probes), CallFacts(softcap=softcap is not None)
+        path = None if self.edit_log.for_layer(layer) else self.planner.choose(needs, EditFacts(), facts)
+        if path is Path.SDPA and not needs.value:  # no probe reads the record: transformers' own SDPA, untouched
+            self.attention_paths[layer] = path.value
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
         key, value, attention_mask, keep, call = prepare_call(module, layer, query, key, value, attention_mask, kwargs,
                                                               forward, self.num_sequences)
@@ -193,11 +193,11 @@ class Session:
                 probe.begin_call(call)
         edited = self.edit_log.attention_call(query, key, value, keep, call, block_size=self.block_size,
                                               softcap=softcap)
-        path = self.planner.choose(needs, EditFacts.of(edited, self.flex), CallFacts(softcap=softcap is not None))
+        path = path or self.planner.choose(needs, EditFacts.of(edited, self.flex), facts)
         self.attention_paths[layer] = path.value
-        job = Job(module, query, key, value, attention_mask, kwargs, keep, call, observe=probe_observer(call, probes),
-                  block_size=self.block_size, query_fraction=self.query_fraction, edited=edited)
-        output = EXECUTORS[path](job)
+        output = EXECUTORS[path](Job(module, query, key, value, attention_mask, kwargs, keep, call, edited=edited,
+                                     observe=probe_observer(call, probes), block_size=self.block_size,
+                                     query_fraction=self.query_fraction))
         with torch.no_grad():
             for probe in probes:
                 probe.end_call(call)
@@ -243,8 +243,8 @@ class Session:
         self.edit_log.check_fired()
 
     def probe(self, name: str) -> Probe:
-        """The probe instance named ``name`` in this session."""
-        for probe in self.probes:
-            if probe.name == name:
-                return probe
-        raise KeyError(f"no probe {name!r} in this session; it has {[p.name for p in self.probes]}")
+        """The probe instance named ``name`` in this session; RegistryError (a KeyError) naming the others."""
+        by_name = {probe.name: probe for probe in self.probes}
+        if name not in by_name:
+            raise RegistryError(unknown_name_message("probe in this session", name, list(by_name)))
+        return by_name[name]

@@ -109,7 +109,7 @@ def models_fetch(
 
 def _list_registry(*registries: Any, marks: tuple[str, ...] = ()) -> None:
     """Print ``name  first docstring line`` for every entry of the registries, sorted by name; entries of the
-    i-th registry get ``marks[i]`` before their summary (e.g. ``[analysis]``)."""
+    i-th registry get ``marks[i]`` before their summary (e.g. ``(analysis)``)."""
     entries = sorted((name, registry, marks[i] if i < len(marks) else "")
                      for i, registry in enumerate(registries) for name in registry.names())
     width = max((len(name) for name, _, _ in entries), default=0) + 2

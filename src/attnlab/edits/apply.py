@@ -99,9 +99,12 @@ class EditedCall:
 
     @property
     def keep(self) -> Tensor | None:
+        """The keep mask after every edit's mask stage (bool, broadcastable to (B, Hq, Lq, Lk)), or None if
+        neither the model nor an edit masks."""
         return self.keeps[-1]
 
     def is_fast(self) -> bool:
+        """True if SDPA can run the call: no logit soft-cap and every edit has a fast (SDPA) form."""
         return self.softcap is None and all(edit.fast for edit in self.edits)
 
     def flex_ready(self) -> bool:

@@ -44,7 +44,7 @@ L = TypeVar("L", bound="Layer")
 
 @runtime_checkable
 class LayerProtocol(Protocol):
-    """Structural type of a layer (for plug-ins that do not subclass :class:`Layer`)."""
+    """Structural type of a layer, for type hints (registered layers, plug-ins included, subclass :class:`Layer`)."""
 
     def forward(self, hidden_states: Tensor, *, state: Any = None,
                 position_offset: int = 0) -> tuple[Tensor, Any]: ...

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from attnlab.facts import ModelFacts
 from attnlab.functional.attention import BlockView
+from attnlab.report.sections import Section
 
 Row = dict[str, Any]
 
@@ -124,6 +125,8 @@ def key_index_of_positions(key_positions: Tensor, count: int) -> tuple[Tensor, T
 class Probe:
     """Base class of every probe. Subclasses set ``name`` and ``needs`` and override the hooks they use."""
 
+    sections: ClassVar[tuple[Section, ...]] = ()
+    """The report sections this probe draws (:mod:`attnlab.report.sections`); () = its rows only in the tables."""
     name: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()
     needs_runner: ClassVar[bool] = False  # True if prepare() reads the tokenizer through a ModelRunner (magnets)

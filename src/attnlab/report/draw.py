@@ -104,7 +104,10 @@ class _Values(string.Formatter):
 
     def format_field(self, value: Any, format_spec: str) -> str:
         if format_spec and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return format(value, format_spec)
+            try:
+                return format(value, format_spec)
+            except ValueError:  # e.g. ``:d`` on a mean; the spec was checked to suit some number
+                pass
         return display(value)
 
     def convert_field(self, value: Any, conversion: str | None) -> Any:

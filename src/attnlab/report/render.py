@@ -59,7 +59,7 @@ def _run_section(results: Mapping[str, Any]) -> dict[str, Any]:
     ]
     return {
         "items": [(label, "—" if value in (None, "") else str(value)) for label, value in items],
-        "paths": summarise_paths(results.get("attention_paths") or {}),
+        "attention_paths": summarise_paths(results.get("attention_paths") or {}),
         "config": [(key, value if isinstance(value, str) else repr(value)) for key, value in config.items()],
     }
 

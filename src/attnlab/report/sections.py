@@ -24,9 +24,12 @@ None values as ``—``, floats with 3 significant digits.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import string
+import types
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
 
 from attnlab.errors import ConfigError
 
@@ -71,7 +74,10 @@ class Series:
     scale: float = 1.0
     normalise: bool = False
 
+    templates: ClassVar[tuple[str, ...]] = ("label", "unit")
+
     def __post_init__(self) -> None:
+        _check_fields(self)
         if self.layers not in LAYER_CHOICES:
             raise ConfigError(f"Series.layers must be one of {', '.join(LAYER_CHOICES)}, got {self.layers!r}")
 
@@ -85,6 +91,7 @@ class Column:
     format: str = "number"
 
     def __post_init__(self) -> None:
+        _check_fields(self)
         if self.format not in FORMATS:
             raise ConfigError(f"Column.format must be one of {', '.join(FORMATS)}, got {self.format!r}")
 
@@ -95,9 +102,14 @@ class Part:
     drawn (None = always, when it has data). ``caption`` and ``alt`` describe a figure or table."""
 
     kind: ClassVar[str] = ""
+    templates: ClassVar[tuple[str, ...]] = ("caption", "alt")
+    """The fields filled with placeholders (checked for ``{``/``}`` syntax at construction)."""
     when: str | None = field(default=None, kw_only=True)
     caption: str = field(default="", kw_only=True)
     alt: str = field(default="", kw_only=True)
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
 
     def statistics(self) -> tuple[str, ...]:
         """The statistics this part reads (empty for extras tables and text)."""
@@ -118,6 +130,7 @@ class Heatmap(Part):
     """
 
     kind: ClassVar[str] = "heatmap"
+    templates: ClassVar[tuple[str, ...]] = ("caption", "alt", "xlabel")
     series: tuple[Series, ...]
     columns: str = "head"
     xlabel: str = ""
@@ -133,6 +146,7 @@ class LayerCurve(Part):
     ``per_head=True`` one line per head (label ``{head}``)."""
 
     kind: ClassVar[str] = "layer_curve"
+    templates: ClassVar[tuple[str, ...]] = ("caption", "alt", "title", "ylabel")
     series: tuple[Series, ...]
     title: str = ""
     ylabel: str = ""
@@ -147,6 +161,7 @@ class PositionCurve(Part):
     series picks its layers (:data:`LAYER_CHOICES`)."""
 
     kind: ClassVar[str] = "position_curve"
+    templates: ClassVar[tuple[str, ...]] = ("caption", "alt", "title", "xlabel", "ylabel")
     series: tuple[Series, ...]
     title: str = ""
     xlabel: str = "position"
@@ -168,6 +183,7 @@ class Table(Part):
     """
 
     kind: ClassVar[str] = "table"
+    templates: ClassVar[tuple[str, ...]] = ("caption", "alt", "title", "empty")
     columns: tuple[Column, ...]
     title: str = ""
     extras: str | None = None
@@ -186,6 +202,7 @@ class Text(Part):
     """A paragraph; see the module docstring for the placeholders of ``template``."""
 
     kind: ClassVar[str] = "text"
+    templates: ClassVar[tuple[str, ...]] = ("caption", "alt", "template")
     template: str
 
 
@@ -200,15 +217,103 @@ class Section:
     title: str
     parts: tuple[Part, ...]
 
+    def __post_init__(self) -> None:
+        _check_fields(self)
+
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "title": self.title, "parts": [part.to_dict() for part in self.parts]}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Section:
-        """Inverse of :meth:`to_dict`; ConfigError (one line) on an unknown kind or field."""
+        """Inverse of :meth:`to_dict`; ConfigError (one line) on any bad spec: an unknown kind or field, a value of
+        the wrong type, a template with unbalanced braces."""
         if not isinstance(data, Mapping) or not {"id", "title", "parts"} <= set(data):
             raise ConfigError(f"a report section needs id, title and parts, got {_short(data)}")
-        return cls(str(data["id"]), str(data["title"]), tuple(_part_from_dict(p) for p in data["parts"]))
+        if not isinstance(data["parts"], (list, tuple)):
+            raise ConfigError(f"report section {data['id']!r}: parts must be a list, got {_short(data['parts'])}")
+        try:
+            return cls(str(data["id"]), str(data["title"]), tuple(_part_from_dict(p) for p in data["parts"]))
+        except ConfigError as error:
+            raise ConfigError(f"report section {data['id']!r}: {_one_line(error)}") from None
+        except (TypeError, ValueError) as error:  # anything the checks above missed is still a bad spec
+            raise ConfigError(f"report section {data['id']!r}: {type(error).__name__}: {_one_line(error)}") from None
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether ``value`` fits the annotation ``hint`` (the few forms the primitives use; ints count as floats)."""
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, arg) for arg in get_args(hint))
+    if hint is type(None) or hint is None:
+        return value is None
+    if origin is tuple:
+        args = get_args(hint)
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_matches(item, args[0]) for item in value)
+        return len(value) == len(args) and all(_matches(item, arg) for item, arg in zip(value, args))
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return hint is Any or isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    if get_origin(hint) in (Union, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in get_args(hint))
+    if get_origin(hint) is tuple:
+        args = get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_type_name(args[0])}"
+        return f"a list of {len(args)} {_type_name(args[0])}"
+    return "None" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def _check_template(owner: str, text: str) -> None:
+    """ConfigError unless ``text`` is a valid ``str.format`` template whose format specs apply to numbers."""
+    try:
+        for _, name, spec, _ in string.Formatter().parse(text):
+            if name is not None and spec:
+                _check_spec(spec)
+    except ValueError as error:
+        raise ConfigError(f"{owner} is not a valid template ({error}): {_short(text)}") from None
+
+
+def _check_spec(spec: str) -> None:
+    for number in (0.5, 1):
+        try:
+            format(number, spec)
+            return
+        except (TypeError, ValueError):
+            continue
+    raise ValueError(f"format spec {spec!r} applies to no number")
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def _check_fields(obj: Any) -> None:
+    """ConfigError (one line) unless every field of the dataclass ``obj`` has its annotated type and every field
+    named in ``obj.templates`` is a valid template."""
+    cls = type(obj)
+    hints = _hints(cls)
+    for item in dataclasses.fields(cls):
+        value = getattr(obj, item.name)
+        if not _matches(value, hints[item.name]):
+            raise ConfigError(f"{cls.__name__}.{item.name} must be {_type_name(hints[item.name])}, "
+                              f"got {_short(value)}")
+    for name in getattr(cls, "templates", ()):
+        _check_template(f"{cls.__name__}.{name}", getattr(obj, name))
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
 
 
 def _plain(value: Any) -> Any:
@@ -240,7 +345,7 @@ def _part_from_dict(data: Any) -> Part:
             kwargs["side"] = Series(**kwargs["side"])
         if "columns" in kwargs and cls is Table:
             kwargs["columns"] = tuple(Column(**c) for c in kwargs["columns"])
-        if kwargs.get("ylim") is not None:
+        if isinstance(kwargs.get("ylim"), list):
             kwargs["ylim"] = tuple(kwargs["ylim"])
         return cls(**kwargs)
     except TypeError as error:
@@ -255,7 +360,8 @@ def sections_from_dicts(data: Iterable[Mapping[str, Any]]) -> tuple[Section, ...
 def section_specs(probes: Iterable[Any]) -> dict[str, list[dict[str, Any]]]:
     """``{probe.name: [section dicts]}`` for ``results["sections"]``: the ``sections`` each probe class declares.
 
-    ``probes`` are probe or analysis instances (or classes) with ``name`` and ``sections``; one without sections
-    maps to ``[]`` (it ran, its rows are in the tables, it draws nothing).
+    ``probes`` are probe or analysis instances (or classes): :class:`attnlab.probes.base.Probe` and
+    :class:`attnlab.analyses.base.Analysis` declare ``sections = ()``, so one that declares none maps to ``[]`` (it
+    ran, its rows are in the tables, it draws nothing).
     """
-    return {str(p.name): [s.to_dict() for s in getattr(p, "sections", ())] for p in probes}
+    return {str(p.name): [s.to_dict() for s in p.sections] for p in probes}
