@@ -20,8 +20,7 @@ from torch import Tensor, nn
 
 from attnlab.errors import ConfigError
 from attnlab.facts import ModelFacts
-from attnlab.probes.base import add_states
-from attnlab.report.sections import Section
+from attnlab.probes.base import Measurement
 
 Row = dict[str, Any]
 
@@ -121,16 +120,13 @@ class Runner(Protocol):
         ...
 
 
-class Analysis:
+class Analysis(Measurement):
     """Base class of every analysis. Subclasses override the hooks they use; ``@ANALYSES.register`` names them.
 
     Attributes:
         needs_compare: True if the analysis compares two models (``attnlab probe --compare OTHER``).
     """
 
-    sections: ClassVar[tuple[Section, ...]] = ()
-    """The report sections this analysis draws (:mod:`attnlab.report.sections`); () = its rows only in the tables."""
-    name: ClassVar[str] = ""
     needs_compare: ClassVar[bool] = False
 
     def prepare(self, facts: ModelFacts, runner: Runner) -> None:
@@ -142,20 +138,4 @@ class Analysis:
 
     def finish(self, runner: Runner) -> None:  # noqa: B027 - optional hook
         """Called once after the last batch."""
-
-    def state(self) -> dict[str, Tensor]:
-        """The additive state: tensors that can be summed across windows, batches and ranks."""
-        return {}
-
-    def merge(self, other: Analysis) -> None:
-        """Add another analysis's state (same type, same config) into this one; ValueError on different keys."""
-        add_states(self.name, self.state(), other.state())
-
-    def rows(self) -> list[Row]:
-        """Long-format rows for results.csv."""
-        return []
-
-    def extras(self, decode: Any = None) -> dict[str, Any]:
-        """JSON-serialisable extras; ``decode(token_id) -> str`` when a tokenizer is known."""
-        return {}
 

@@ -122,12 +122,35 @@ def key_index_of_positions(key_positions: Tensor, count: int) -> tuple[Tensor, T
     return match.long().argmax(dim=-1), match.any(dim=-1)
 
 
-class Probe:
-    """Base class of every probe. Subclasses set ``name`` and ``needs`` and override the hooks they use."""
+class Measurement:
+    """What probes and analyses share: a registered ``name``, the report ``sections`` they draw, an additive
+    ``state()`` that merges across windows, batches and ranks, long-format ``rows()`` and JSON ``extras()``."""
 
     sections: ClassVar[tuple[Section, ...]] = ()
-    """The report sections this probe draws (:mod:`attnlab.report.sections`); () = its rows only in the tables."""
+    """The report sections drawn from the rows (:mod:`attnlab.report.sections`); () = rows only in the tables."""
     name: ClassVar[str] = ""
+
+    def state(self) -> dict[str, Tensor]:
+        """The additive state: tensors that can be summed across windows, batches and ranks."""
+        return {}
+
+    def merge(self, other: Measurement) -> None:
+        """Add another instance's state (same type, same config) into this one; ValueError on different keys."""
+        add_states(self.name, self.state(), other.state())
+
+    def rows(self) -> list[Row]:
+        """Long-format rows for results.csv (docs/results.md)."""
+        return []
+
+    def extras(self, decode: Any = None) -> dict[str, Any]:
+        """JSON-serialisable extras (bin edges, token tables). ``decode(token_id) -> str`` when a tokenizer is known."""
+        return {}
+
+
+class Probe(Measurement):
+    """Base class of every probe. Subclasses set ``needs`` and override the hooks they use; ``@PROBES.register``
+    names them."""
+
     needs: ClassVar[frozenset[str]] = frozenset()
     needs_runner: ClassVar[bool] = False  # True if prepare() reads the tokenizer through a ModelRunner (magnets)
 
@@ -155,21 +178,6 @@ class Probe:
     def on_hidden_states(self, layer_idx: int, hidden_states: Tensor, sequence: SequenceInfo) -> None:  # noqa: B027
         pass
 
-    def state(self) -> dict[str, Tensor]:
-        """The additive state: tensors that can be summed across windows, batches and ranks."""
-        return {}
-
-    def merge(self, other: Probe) -> None:
-        """Add another probe's state (same type, same config) into this one; ValueError on different keys."""
-        add_states(self.name, self.state(), other.state())
-
-    def rows(self) -> list[Row]:
-        """Long-format rows for results.csv."""
-        return []
-
-    def extras(self, decode: Any = None) -> dict[str, Any]:
-        """JSON-serialisable extras (bin edges, token tables). ``decode(token_id) -> str`` when a tokenizer is known."""
-        return {}
 
 
 @dataclass
