@@ -6,6 +6,7 @@ import importlib.metadata
 import sys
 import textwrap
 import types
+import warnings
 
 import pytest
 
@@ -167,3 +168,20 @@ def test_no_hand_kept_module_lists_remain():
     import attnlab.probes
 
     assert not hasattr(attnlab.probes, "_BUILTIN_MODULES")
+
+
+def test_a_plugin_that_registers_itself_is_not_taken_for_a_built_in(package, monkeypatch):
+    """A plug-in module may use the decorator and also declare its entry point; when another registry's plug-in
+    loading imports it first, its entry must not be reported as shadowing a built-in."""
+    from regpkg import THINGS
+
+    class SelfRegistered(Base):
+        """A plug-in class defined outside the registry's package."""
+
+    SelfRegistered.__module__ = "myplugin"
+    THINGS.register("self_registered")(SelfRegistered)  # the side effect of importing the plug-in module
+    _entry_points(monkeypatch, "attnlab.test_things", [FakeEntryPoint("self_registered", SelfRegistered)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert THINGS.names() == ["alpha", "self_registered"]
+    assert THINGS.get("self_registered") is SelfRegistered

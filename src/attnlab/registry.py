@@ -128,7 +128,10 @@ class Registry(Generic[T]):
                 importlib.import_module(f"{self.package}.{module.name}")
 
     def _load_plugins(self) -> None:
-        builtins = set(self._items)
+        # built-ins are the entries defined inside the registry's package; a plug-in module that registered itself
+        # with the decorator as a side effect of another registry's plug-in loading is not one
+        builtins = {name for name, obj in self._items.items()
+                    if getattr(obj, "__module__", "").startswith(self.package + ".")}
         for entry in importlib.metadata.entry_points(group=self.group):
             where = f"{self.group} entry point {entry.name!r} ({entry.value}"
             dist = getattr(getattr(entry, "dist", None), "name", None)
