@@ -124,3 +124,13 @@ def test_an_analysis_name_in_a_session_is_a_config_error(llama):
 
     with pytest.raises(ConfigError, match="an analysis"):
         Session(llama, probes=["head_importance"])
+
+
+@pytest.mark.parametrize("name", ["active_dormant", "head_importance", "head_overlap"])
+def test_analysis_layers_read_index_lists_like_edits(name):
+    """``layers=0-3`` / ``1+2`` mean the same for an analysis's --probe-arg as for an edit spec."""
+    from attnlab.params import build_probes, parse_probe_args
+
+    for text, expected in (("0-3", [0, 1, 2, 3]), ("1+2", [1, 2])):
+        (analysis,) = build_probes((name,), parse_probe_args([f"{name}.layers={text}"]))
+        assert list(analysis.layers) == expected

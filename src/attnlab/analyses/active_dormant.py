@@ -29,7 +29,7 @@ from attnlab.analyses._ablation import check_layers, head_effects
 from attnlab.analyses.base import Analysis, Runner
 from attnlab.errors import ConfigError
 from attnlab.facts import ModelFacts
-from attnlab.params import Range, validated
+from attnlab.params import IndexList, Range, validated
 from attnlab.probes.base import Row, RowWriter, safe_div
 from attnlab.report.sections import Column, Heatmap, LayerCurve, Section, Series, Table, Text
 from attnlab.stats.entropy import row_entropy
@@ -91,7 +91,7 @@ class ActiveDormantAnalysis(Analysis):
 
     @validated
     def __init__(self, tolerance: Annotated[float, Range(gt=0.0)] = 0.01, tau_row: float = 0.5, tau_col: float = 0.9,
-                 layers: tuple[int, ...] | None = None, other_text: str | None = None) -> None:
+                 layers: IndexList | None = None, other_text: str | None = None) -> None:
         self.tolerance, self.tau_row, self.tau_col = tolerance, tau_row, tau_col
         self.other_text = other_text
         self.layers = None if layers is None else list(layers)

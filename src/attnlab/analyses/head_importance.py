@@ -19,7 +19,7 @@ from attnlab.analyses._ablation import check_layers, head_effects
 from attnlab.analyses.base import Analysis, Runner
 from attnlab.errors import ConfigError
 from attnlab.facts import ModelFacts
-from attnlab.params import Range, validated
+from attnlab.params import IndexList, Range, validated
 from attnlab.probes.base import Row, RowWriter, safe_div
 from attnlab.report.sections import Column, Heatmap, Section, Series, Table, Text
 
@@ -49,7 +49,7 @@ class HeadImportanceAnalysis(Analysis):
     )),)
 
     @validated
-    def __init__(self, top_k: Annotated[int, Range(ge=1)] = 10, layers: tuple[int, ...] | None = None) -> None:
+    def __init__(self, top_k: Annotated[int, Range(ge=1)] = 10, layers: IndexList | None = None) -> None:
         self.top_k = top_k
         self.layers = None if layers is None else list(layers)
 

@@ -20,7 +20,7 @@ from attnlab.analyses._ablation import head_effects
 from attnlab.analyses.base import Analysis, Runner
 from attnlab.analyses.head_importance import HeadImportanceAnalysis, top_heads
 from attnlab.errors import ConfigError
-from attnlab.params import Range, validated
+from attnlab.params import IndexList, Range, validated
 from attnlab.probes.base import Row, RowWriter
 from attnlab.report.sections import Heatmap, Section, Series, Text
 from attnlab.stats.similarity import pearson_r
@@ -45,7 +45,7 @@ class HeadOverlapAnalysis(HeadImportanceAnalysis):
 
     @validated
     def __init__(self, other_text: str | None = None, top_k: Annotated[int, Range(ge=1)] = 10,
-                 layers: tuple[int, ...] | None = None) -> None:
+                 layers: IndexList | None = None) -> None:
         super().__init__(top_k=top_k, layers=layers)
         self.other_text = other_text
         self.per_window: list[Tensor] = []

@@ -1,6 +1,6 @@
 """Edit bookkeeping for a session: what each edit touched, how much it changed, and whether it fired at all.
 
-DESIGN.md, "Edits": a session reports, per edit, how many attention calls it touched and the max change it made,
+docs/edits.md: a session reports, per edit, how many attention calls it touched and the max change it made,
 and fails loudly if an edit that was asked for never fired.
 """
 

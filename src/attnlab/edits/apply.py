@@ -16,7 +16,7 @@ Forms (the path names the planner records):
 - ``blocked_eager+edits``: the blocked kernel with the edits' ``logits_mod``/``probs_mod`` hooks, one query block at
   a time (probes, when present, see the edited probs).
 
-Self-verification (DESIGN.md, "Edits"): for each call, the head outputs of up to ``verify_rows`` query rows (evenly
+Self-verification (docs/edits.md): for each call, the head outputs of up to ``verify_rows`` query rows (evenly
 spread over the real queries) are recomputed with the blocked kernel with no edit, then with the first edit, the
 first two, ... in composition order; an edit's ``max_change`` is the largest absolute change of the per-head
 output it made on those rows (in the value's units), over the heads it acts on.

@@ -1,6 +1,6 @@
 """The edit contract: where an edit acts, what it sees, and the forms it offers.
 
-An edit changes one stage of attention (DESIGN.md, "Stages"), in this fixed order:
+An edit changes one stage of attention (docs/edits.md; docs/ARCHITECTURE.md, "The call record"), in this fixed order:
 
     positions → logits → mask → probs → output
 
