@@ -107,6 +107,17 @@ def test_edit_that_never_fires_fails_the_session(model):
             pass  # the model never ran
 
 
+def test_an_edit_that_changes_nothing_is_warned_about(model, caplog):
+    """sink_window with a window longer than the sequence fires on every call but is a no-op: say so."""
+    with caplog.at_level("WARNING", logger="attnlab.capture.edit_log"):
+        logits_with(model, edits=["sink_window:sinks=4,window=1000"])
+    assert any("sink_window" in r.message and "changed no output" in r.message for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="attnlab.capture.edit_log"):
+        logits_with(model, edits=["sink_window:sinks=1,window=4", "temperature:tau=1"])  # a real change; an identity
+    assert not [r for r in caplog.records if "changed no output" in r.message]
+
+
 def test_bad_layers_and_heads_are_config_errors(model):
     with pytest.raises(ConfigError, match="has 2 layers"):
         Session(model, edits=["head_scale:scale=0,layers=5"])

@@ -6,6 +6,7 @@ and fails loudly if an edit that was asked for never fired.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -16,6 +17,8 @@ from attnlab.edits.apply import EditedCall, EditRecord, order_edits
 from attnlab.edits.base import AttentionCall, Edit
 from attnlab.errors import ConfigError, EditNotFiredError
 from attnlab.facts import ModelFacts
+
+logger = logging.getLogger(__name__)
 
 REPORT_COLUMNS = ("edit", "spec", "stage", "path", "calls_touched", "heads_touched", "forward_passes_touched",
                   "max_change", "identity")
@@ -106,10 +109,21 @@ class EditLog:
         return pd.DataFrame(rows, columns=list(REPORT_COLUMNS))
 
     def check_fired(self) -> None:
-        """Raise EditNotFiredError naming every edit that acted on no attention call and no forward pass."""
+        """Raise EditNotFiredError naming every edit that acted on no attention call and no forward pass.
+
+        An edit that fired but changed no measured output (max change exactly 0 on the verified rows, parameters
+        not the identity: e.g. a ``sink_window`` whose window is longer than the sequence) is logged as a warning,
+        since its results will equal the baseline's."""
         silent = [edit.spec() for edit in self.edits if self.records[id(edit)].calls_touched == 0
                   and self.records[id(edit)].forward_passes_touched == 0]
         if silent:
             raise EditNotFiredError(
                 f"edit(s) never fired: {', '.join(silent)} — no attention call passed through them (did the model "
                 "run inside the session, and do their layers exist?)")
+        for edit in self.edits:
+            record = self.records[id(edit)]
+            if (self.verify_rows and record.calls_touched and record.max_change == 0 and edit.stage != "positions"
+                    and not edit.is_identity()):
+                logger.warning("edit %s acted on %d attention calls but changed no output on the measured rows (max "
+                               "change 0): its results equal the baseline's (is a window longer than the sequence?)",
+                               edit.spec(), record.calls_touched)
