@@ -103,3 +103,36 @@ def test_kernels_keep_a_nan_row_nan_and_a_fully_masked_row_zero():
     clean = blocks[1].without_nan_rows()  # rows 4, 5
     assert not torch.isnan(clean.probs).any() and not clean.keep[0, 1, 0].any() and clean.keep[0, 0, 0].any()
     assert blocks[0].without_nan_rows() is blocks[0]
+
+
+def test_probes_that_do_not_count_nan_rows_never_see_them(llama):
+    """Only a probe with ``counts_nan_rows`` (entropy) is handed NaN rows; every other probe gets them masked out."""
+    from attnlab.probes.base import Probe
+
+    class SeesProbs(Probe):
+        needs = frozenset({"probs"})
+
+        def __init__(self) -> None:
+            self.nan_seen = False
+            self.rows_seen = 0
+
+        def update(self, call, block):
+            self.nan_seen |= bool(torch.isnan(block.probs).any())
+            self.rows_seen += block.probs.shape[2]
+
+    probe = SeesProbs()
+    module = llama.model.layers[1].self_attn.k_proj
+
+    def hook(_module, _args, output):
+        output = output.clone()
+        output[:, 12] = float("nan")
+        return output
+
+    handle = module.register_forward_hook(hook)
+    try:
+        with attnlab.Session(llama, probes=[probe, "entropy"]) as session, torch.no_grad():
+            llama(input_ids=torch.tensor([IDS]))
+    finally:
+        handle.remove()
+    assert probe.rows_seen > 0 and not probe.nan_seen
+    assert any(r["statistic"] == "nan_rows" and r["value"] > 0 for r in session.rows())  # entropy still counts them

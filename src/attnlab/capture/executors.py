@@ -103,7 +103,8 @@ EXECUTORS: dict[Path, Callable[[Job], Tensor]] = {
 
 
 def probe_observer(call: AttentionCall, probes: list[Any]) -> Callable[[BlockView], None] | None:
-    """Feed each block (detached, without gradient) to the probes that need probs; None if none does."""
+    """Feed each block (detached, without gradient) to the probes that need probs; None if none does. NaN rows
+    (:attr:`attnlab.functional.attention.BlockView.nan_rows`) are masked out except for probes that count them."""
     readers = [probe for probe in probes if "probs" in probe.needs]
     if not readers:
         return None
@@ -113,6 +114,8 @@ def probe_observer(call: AttentionCall, probes: list[Any]) -> Callable[[BlockVie
                              q_index=block.q_index)
         with torch.no_grad():
             for probe in readers:
-                probe.update(call, detached)
+                # rows that became NaN reach only probes that count them (entropy's nan_rows); every other probe
+                # sees them as rows with no visible key, so a NaN row never enters a statistic as a value
+                probe.update(call, detached if probe.counts_nan_rows else detached.without_nan_rows())
 
     return observe

@@ -152,6 +152,7 @@ class Probe(Measurement):
     names them."""
 
     needs: ClassVar[frozenset[str]] = frozenset()
+    counts_nan_rows: ClassVar[bool] = False  # True: update() also sees query rows whose probs became NaN
     needs_runner: ClassVar[bool] = False  # True if prepare() reads the tokenizer through a ModelRunner (magnets)
 
     def bind(self, facts: ModelFacts) -> None:

@@ -41,6 +41,7 @@ class EntropyProbe(Probe):
     """
 
     needs = frozenset({"probs"})
+    counts_nan_rows = True
 
     sections = (Section("entropy", "Attention entropy", (
         Heatmap((Series("normalised_entropy", "normalised entropy", "H / log(visible keys) (0–1)", vmin=0.0, vmax=1.0),
