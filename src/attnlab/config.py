@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from attnlab.errors import ConfigError
+from attnlab.params import INT_LIMIT  # lengths, counts, sizes: beyond it they overflow index tensors
 
 DTYPE_NAMES = ("float32", "float64", "bfloat16", "float16")
-INT_LIMIT = 2**31 - 1  # lengths, counts, sizes: beyond this they would overflow index tensors
 SEED_LIMIT = 2**63 - 1  # torch.manual_seed takes a 64-bit seed
 BOS_POLICIES = ("auto", "always", "never")
 

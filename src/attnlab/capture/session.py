@@ -213,7 +213,7 @@ class Session:
         return {probe.name: probe.extras(decode) for probe in self.probes}
 
     def results(self) -> Any:
-        """A pandas DataFrame with columns probe, statistic, layer, head, position, value (nullable Int64 ints)."""
+        """A pandas DataFrame with the results.csv columns (variant empty outside eval; nullable Int64 ints)."""
         import pandas as pd
 
         frame = pd.DataFrame(self.rows(), columns=list(RESULT_COLUMNS))

@@ -8,7 +8,7 @@ A probe (or analysis) class declares ``sections: ClassVar[tuple[Section, ...]]``
   mean over heads, for all layers together, the rows without a layer, three picked layers or every layer;
 - :class:`Table`: records of an extras list (e.g. the sink probe's extreme tokens) or statistics per position or
   per picked layer;
-- :class:`Text`: a paragraph whose ``{placeholders}`` are filled from the probe's extras and its rows.
+- :class:`Text`: a paragraph whose ``{fields}`` are filled from the probe's extras and its rows.
 
 Every primitive is a frozen dataclass with ``to_dict``/``from_dict`` (plain JSON), so a run writes the sections of
 the probes it ran into ``results.json`` (``results["sections"] = {probe: [section dicts]}``) and
@@ -103,7 +103,7 @@ class Part:
 
     kind: ClassVar[str] = ""
     templates: ClassVar[tuple[str, ...]] = ("caption", "alt")
-    """The fields filled with placeholders (checked for ``{``/``}`` syntax at construction)."""
+    """The fields that are templates (checked for ``{``/``}`` syntax at construction)."""
     when: str | None = field(default=None, kw_only=True)
     caption: str = field(default="", kw_only=True)
     alt: str = field(default="", kw_only=True)
@@ -199,7 +199,7 @@ class Table(Part):
 
 @dataclass(frozen=True)
 class Text(Part):
-    """A paragraph; see the module docstring for the placeholders of ``template``."""
+    """A paragraph; see the module docstring for the fields ``template`` may use."""
 
     kind: ClassVar[str] = "text"
     templates: ClassVar[tuple[str, ...]] = ("caption", "alt", "template")
