@@ -95,6 +95,16 @@ class Layer(nn.Module):
 
     carries_state: ClassVar[bool] = False
     positional: ClassVar[bool] = False
+    attention_hook: Any = None
+    """Set by a host model (``attnlab.lab.modeling``) to route attention through it, else None. Softmax-family
+    layers hand it their softmax (``hook.softmax(query, key, value, keep, scale) -> (B, H, T, D)``); other layers
+    show it the attention map they imply (``hook.implied(attention_map)``, an
+    :class:`attnlab.functional.implied.ImpliedMap`) and keep computing their own output."""
+
+    def expose_map(self, attention_map: Any) -> None:
+        """Show the attention map this call implies to the host model's hook, if one is set (else do nothing)."""
+        if self.attention_hook is not None:
+            self.attention_hook.implied(attention_map)
 
     @classmethod
     def from_config(cls: type[L], config: Any, *, strict: bool = True) -> L:

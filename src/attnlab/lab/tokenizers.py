@@ -1,0 +1,66 @@
+"""Tokenizers for lab models, built with the ``tokenizers`` library and wrapped for transformers.
+
+A checkpoint saves its tokenizer beside the weights, so ``attnlab report --model runs/x/checkpoint`` can read
+text with it:
+
+- :func:`char_tokenizer`: one token per character of a fixed alphabet (the bundled corpus's characters for
+  ``bigram_backcopy`` and char-level language modelling), special tokens first.
+- :func:`number_tokenizer`: tokens ``"0" … "V-1"`` separated by spaces, for synthetic tasks over integer vocabularies
+  (``mqar``): the text ``"12 7 4099"`` is the id sequence [12, 7, 4099].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from attnlab.errors import ConfigError
+
+__all__ = ["char_tokenizer", "number_tokenizer"]
+
+
+def _wrap(tokenizer: Tokenizer, specials: dict[str, str]) -> PreTrainedTokenizerFast:
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, clean_up_tokenization_spaces=False, **specials)
+
+
+def char_tokenizer(alphabet: str | Sequence[str], specials: Sequence[str] = ("<bos>", "<unk>")
+                   ) -> PreTrainedTokenizerFast:
+    """One id per character: ``specials`` take ids 0 … len(specials)-1, then ``alphabet`` in the order given.
+
+    ``"<bos>"``, ``"<unk>"``, ``"<pad>"`` and ``"<eos>"`` among ``specials`` become the tokenizer's BOS/UNK/PAD/EOS
+    tokens; characters outside the alphabet map to ``<unk>`` (ConfigError if there is none and one is needed).
+    The tokenizer adds no special tokens by itself (the tasks place BOS where their definition says).
+
+    Raises ConfigError for an empty or repeated alphabet, or a special that is also a character.
+    """
+    chars = list(alphabet)
+    if not chars or len(set(chars)) != len(chars) or any(len(c) != 1 for c in chars):
+        raise ConfigError(f"expected an alphabet of distinct single characters, got {len(chars)} entries "
+                          f"({len(set(chars))} distinct)")
+    if set(specials) & set(chars) or len(set(specials)) != len(specials):
+        raise ConfigError(f"expected distinct special tokens that are not characters, got {list(specials)}")
+    vocab = {token: index for index, token in enumerate([*specials, *chars])}
+    unk = "<unk>" if "<unk>" in specials else None
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()  # characters join without separators
+    if specials:
+        tokenizer.add_special_tokens(list(specials))
+    names = {"<bos>": "bos_token", "<unk>": "unk_token", "<pad>": "pad_token", "<eos>": "eos_token"}
+    return _wrap(tokenizer, {names[s]: s for s in specials if s in names})
+
+
+def number_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """Tokens ``"0" … str(vocab_size-1)``, split on whitespace; id i is the token ``str(i)``.
+
+    No special tokens: synthetic tasks use plain ids (e.g. MQAR's 0 is its padding/noise token by definition).
+    Raises ConfigError for vocab_size < 1. ``decode`` joins tokens with spaces.
+    """
+    if vocab_size < 1:
+        raise ConfigError(f"expected vocab_size >= 1, got {vocab_size}")
+    vocab = {str(index): index for index in range(vocab_size)}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return _wrap(tokenizer, {})
