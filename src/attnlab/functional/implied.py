@@ -323,8 +323,8 @@ def linear_map(query: Tensor, key: Tensor, value: Tensor, log_decay: Tensor | No
             diff = cum[:, :, index] - cum.transpose(-1, -2)  # (B|1, H, n, T): G_i − G_j
             w = (q @ k.transpose(-1, -2)) * diff.masked_fill(~visible, float("-inf")).exp().to(dtype)
         else:  # per key dim: (B, H, n, T, K) of decays
-            diff = cum[:, :, index, None, :] - cum[:, :, None, :, :]
-            decay = diff.masked_fill(~visible[..., None], float("-inf")).exp().to(dtype)
+            diff = (cum[:, :, index, None, :] - cum[:, :, None, :, :]).to(dtype)  # subtract in float64, then cast
+            decay = diff.masked_fill_(~visible[..., None], float("-inf")).exp_()
             w = torch.einsum("bhnk,bhnjk,bhjk->bhnj", q, decay, k)
         return w * visible, None
 
