@@ -27,7 +27,9 @@ Attention routing. Each block's :class:`TinyLMAttention` wraps its layer and is 
 
 Padding: those other layers cannot mask keys, so a batch whose padding a real query could see (left padding on a
 causal model, any padding on a bidirectional one) raises ConfigError for them; right padding on a causal model
-is exact for every layer. No KV cache: ``use_cache=True`` and ``past_key_values`` raise ConfigError.
+is exact for every layer whose math does not depend on the sequence length (not for sigmoid's default bias
+−log T). No KV cache: ``use_cache=True`` and ``past_key_values`` raise ConfigError; ``generate`` reruns the
+whole sequence each step.
 
 Shape legend: B batch, T seq_len, C hidden_size, H num_heads, Hkv num_kv_heads, D head_dim, V vocab_size.
 """
@@ -44,7 +46,7 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import PreTrainedConfig, PreTrainedModel
+from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -299,13 +301,18 @@ class TinyLMAttention(nn.Module):
         output, _ = attention(self, query, key, value, mask, dropout=0.0, scaling=scale, is_causal=self.is_causal)
         return output.transpose(1, 2)
 
+    @property
+    def wants_maps(self) -> bool:
+        """Whether :meth:`implied` passes maps on: only under the "attnlab" implementation (a Session)."""
+        return self.config._attn_implementation == IMPLIED_BACKEND
+
     def implied(self, attention_map: Any) -> None:
         """Hand the map a layer implies to the "attnlab" attention function (attnlab's Session), else ignore it.
 
         Raises ConfigError when padding is visible to real queries (the map and the output would include it)."""
         if self._keys_exposed:
             self._refuse_padding()
-        if self.config._attn_implementation == IMPLIED_BACKEND:
+        if self.wants_maps:
             ALL_ATTENTION_FUNCTIONS[IMPLIED_BACKEND](self, None, None, attention_map.value, None,
                                                     implied_map=attention_map)
 
@@ -422,8 +429,11 @@ class TinyLMModel(TinyLMPreTrainedModel):
         return padding, exposed
 
 
-class TinyLMForCausalLM(TinyLMPreTrainedModel):
+class TinyLMForCausalLM(TinyLMPreTrainedModel, GenerationMixin):
     """TinyLM with its LM head: ``forward(...) -> CausalLMOutput(loss, logits, hidden_states)``.
+
+    ``generate`` works without a KV cache: every step runs the whole sequence again
+    (:meth:`prepare_inputs_for_generation`), so it costs O(T²) per token (fine for lab-sized models).
 
     ``labels`` are aligned to positions (``labels[t]`` is the target of position t; no internal shift), -100 = not
     scored; the loss is their mean cross-entropy (computed in float32; NaN when nothing is scored).
@@ -472,6 +482,12 @@ class TinyLMForCausalLM(TinyLMPreTrainedModel):
             full_logits = logits if not logits_to_keep else self.lm_head(hidden)
             loss = F.cross_entropy(full_logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
         return CausalLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+
+
+    def prepare_inputs_for_generation(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                                      **kwargs: Any) -> dict[str, Any]:
+        """The whole sequence so far at every step (no KV cache): input_ids (B, T) and its attention_mask."""
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
 def build_model(spec: TinyLMSpec, *, seed: int = 0) -> TinyLMForCausalLM:

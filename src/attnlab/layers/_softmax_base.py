@@ -117,7 +117,8 @@ class SoftmaxFamilyAttention(Layer):
             keep = self._hook_keep(mask, q, k)
             if score_mod is None:
                 return self.attention_hook.softmax(q, k, v, keep, q.shape[-1] ** -0.5)
-            self._expose_softmax_map(q, k, v, mask if keep is None else keep, score_mod)
+            if self.wants_map:
+                self._expose_softmax_map(q, k, v, mask if keep is None else keep, score_mod)
         return masked_attention(q, k, v, mask, score_mod=score_mod, path=self.path, compiled=self.compiled,
                                 cache=None if per_call else self.block_masks)
 
