@@ -141,7 +141,8 @@ class TinyLMConfig(PreTrainedConfig):
 
     Field names follow transformers (``num_hidden_layers``, ``num_attention_heads``, ``num_key_value_heads``,
     ``max_position_embeddings``, ``rope_theta``), so attnlab's ``model_facts`` and the Auto classes read it like
-    any other model config; ``rope_theta`` is 10000.0 with ``positions="rope"`` and None otherwise.
+    any other model config; ``rope_theta`` is 10000.0 with ``positions="rope"`` on a layer that takes ``rope_base``,
+and None otherwise.
     """
 
     model_type = MODEL_TYPE
@@ -165,7 +166,8 @@ class TinyLMConfig(PreTrainedConfig):
         self.layer_args = dict(self.layer_args or {})
         kv_heads = self.layer_args.get("num_kv_heads")
         self.num_key_value_heads = int(kv_heads) if kv_heads is not None else self.num_attention_heads
-        self.rope_theta = ROPE_BASE if self.positions == "rope" else None
+        takes_rope = "rope_base" in inspect.signature(LAYERS.get(self.layer).__init__).parameters
+        self.rope_theta = ROPE_BASE if self.positions == "rope" and takes_rope else None
         super().__post_init__(**kwargs)
 
     @classmethod
