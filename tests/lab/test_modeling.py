@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-import types
 
 import pytest
 import torch
@@ -14,7 +12,6 @@ from typer.testing import CliRunner
 
 from attnlab.capture.session import Session
 from attnlab.errors import ConfigError, RegistryError
-from attnlab.functional.attention import BlockView
 from attnlab.lab.modeling import TinyLMConfig, TinyLMSpec, build_model, register_auto
 from attnlab.lab.tokenizers import char_tokenizer
 from attnlab.layers import LAYERS
@@ -27,48 +24,6 @@ IDS = torch.tensor([[3, 7, 1, 9, 4, 4, 2, 8, 5, 6, 0, 7, 3, 1, 2, 9]])
 
 def _spec(layer="masked", layer_args=None, **overrides):
     return TinyLMSpec(layer=layer, layer_args=layer_args or NEEDS_ARGS.get(layer, {}), **{**SMALL, **overrides})
-
-
-# -- a stand-in for attnlab.functional.implied (worker W2's module) until it lands --------------------------------
-class _StandInMap:
-    """The ImpliedMap fields the Session reads, for a softmax map computed densely (the test's own code)."""
-
-    kind = "softmax"
-
-    def __init__(self, logits, keep, value):
-        self.logits, self.keep, self.value = logits, keep, value
-        self.batch, self.num_heads, self.q_len, self.kv_len = logits.shape
-        self.causal = not bool(keep.triu(1).any())
-
-    def blocks(self, block_size, rows=None):
-        for start in range(0, self.q_len, block_size):
-            index = torch.arange(start, min(start + block_size, self.q_len))
-            keep = self.keep[..., index, :]
-            logits = self.logits[:, :, index].masked_fill(~keep, torch.finfo(self.logits.dtype).min)
-            probs = torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=-1).nan_to_num(0.0)
-            yield BlockView(probs=probs, logits=logits, keep=keep, q_index=index)
-
-
-def _stand_in_softmax_map(query, key, value, keep=None, *, scale=None, score_mod=None):
-    from attnlab.functional.masked_attention import dense_score_mod
-
-    logits = (query.double() @ key.double().transpose(-1, -2)) * (scale or query.shape[-1] ** -0.5)
-    if score_mod is not None:
-        logits = dense_score_mod(score_mod, logits)
-    keep = torch.ones(logits.shape[-2:], dtype=torch.bool) if keep is None else keep
-    return _StandInMap(logits.float(), keep.expand(logits.shape), value)
-
-
-@pytest.fixture
-def implied_module(monkeypatch):
-    """The real attnlab.functional.implied when present, else the stand-in above."""
-    try:
-        import attnlab.functional.implied as module  # noqa: F401
-    except ImportError:
-        module = types.ModuleType("attnlab.functional.implied")
-        module.softmax_map = _stand_in_softmax_map
-        monkeypatch.setitem(sys.modules, "attnlab.functional.implied", module)
-    return module
 
 
 # -- spec, config, save/load --------------------------------------------------------------------------------------
@@ -337,7 +292,7 @@ def test_an_edit_acts_on_a_tinylm_softmax_layer():
     assert set(session.attention_paths.values()) == {"sdpa+edits"}
 
 
-def test_score_mod_layers_show_their_implied_map_to_the_session(implied_module):
+def test_score_mod_layers_show_their_implied_map_to_the_session():
     """alibi computes its own output; the session reads the map it implies (path "implied")."""
     model = build_model(_spec("alibi"), seed=0).eval()
     inputs = torch.randint(0, SMALL["vocab_size"], (2, 10), generator=torch.Generator().manual_seed(3))
@@ -365,19 +320,26 @@ def test_score_mod_layers_show_their_implied_map_to_the_session(implied_module):
         assert_close(entropy[layer], row_entropy.mean(dim=(0, 2)), dtype=torch.float32)
 
 
-def test_edits_on_layers_with_implied_maps_are_refused(implied_module):
+def test_edits_on_layers_with_implied_maps_are_refused():
     model = build_model(_spec("alibi"), seed=0).eval()
     with pytest.raises(ConfigError, match="computes its own attention"):
         with Session(model, edits=["temperature:tau=2"]), torch.no_grad():
             model(input_ids=IDS)
 
 
-def test_no_map_is_built_outside_a_session(monkeypatch):
-    """Training forwards of score_mod layers do not build implied maps (only a Session reads them)."""
-    broken = types.ModuleType("attnlab.functional.implied")
-    monkeypatch.setitem(sys.modules, "attnlab.functional.implied", broken)  # any use would raise ImportError
-    model = build_model(_spec("alibi"), seed=0)
+@pytest.mark.parametrize(("layer", "module", "builder"), [("alibi", "attnlab.layers._softmax_base", "softmax_map"),
+                                                        ("gla", "attnlab.layers.gla", "linear_map"),
+                                                        ("relu", "attnlab.layers.normaliser", "relu_map")])
+def test_no_map_is_built_outside_a_session(monkeypatch, layer, module, builder):
+    """Training forwards do not build implied maps (only a Session reads them)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{builder} called outside a Session")
+
+    monkeypatch.setattr(f"{module}.{builder}", refuse)
+    model = build_model(_spec(layer), seed=0)
     model(input_ids=IDS).logits.sum().backward()
+    with pytest.raises(AssertionError, match="outside a Session"), Session(model, probes=["sink"]), torch.no_grad():
+        model(input_ids=IDS)
 
 
 # -- the CLI on a saved checkpoint --------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from attnlab.errors import ConfigError
+from attnlab.functional.implied import softmax_map
 from attnlab.functional.masked_attention import BlockMaskCache, ScoreMod, masked_attention, shift_score_mod
 from attnlab.functional.masks import MaskMod, and_masks, causal, check_num_heads, shift_positions, to_dense
 from attnlab.functional.positions import rotary
@@ -131,8 +132,6 @@ class SoftmaxFamilyAttention(Layer):
     def _expose_softmax_map(self, q: Tensor, k: Tensor, v: Tensor, keep: Tensor | MaskMod,
                             score_mod: ScoreMod) -> None:
         """Show the hook the softmax map of a score_mod call (keys/values repeated per query head, detached)."""
-        from attnlab.functional.implied import softmax_map  # lazy: only host models read implied maps
-
         if not isinstance(keep, Tensor):  # the plain causal mask
             keep = to_dense(keep, 1, 1, q.shape[2], k.shape[2], device=q.device)
         groups = self.num_heads // k.shape[1]

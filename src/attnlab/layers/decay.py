@@ -79,7 +79,7 @@ class DecayMatrixAttention(SoftmaxFamilyAttention):
         decay = decay_matrix(height, self.grid_width, self.log_decay.to(torch.float64),
                              self.distance)[:, start:start + T, start:start + T]
         keep = self.dense_keep(q, k)
-        if self.attention_hook is not None:
+        if self.wants_map:
             self.expose_map(decayed_softmax_map(q, k, v, decay.to(q.device), keep))
         return decayed_softmax_attention(q, k, v, decay.to(q.device), keep)[0]
 

@@ -78,7 +78,7 @@ class GatedLinearAttention(Layer):
         k = split_heads(self.k_proj(hidden_states), self.num_kv_heads)
         v = split_heads(self.v_proj(hidden_states), self.num_kv_heads)
         log_decay = self.log_decay(hidden_states)
-        if self.attention_hook is not None:
+        if self.wants_map:
             self.expose_map(linear_map(q, k, v, log_decay))
         o, state = linear_attention(q, k, v, log_decay, form=self.form,
                                     chunk_size=self.chunk_size, initial_state=state, output_final_state=True)

@@ -73,7 +73,7 @@ class HedgehogAttention(Layer):
         q = self.query_map(split_heads(self.q_proj(hidden_states), self.num_heads))
         k = self.key_map(split_heads(self.k_proj(hidden_states), self.num_kv_heads))
         v = split_heads(self.v_proj(hidden_states), self.num_kv_heads)
-        if self.attention_hook is not None:
+        if self.wants_map:
             T = hidden_states.shape[1]
             self.expose_map(kernel_map(q, k, v, causal_keep(T, T, q.device)[None, None], normalised=True))
         o, state = hedgehog_attention(q, k, v, form=self.form, chunk_size=self.chunk_size,

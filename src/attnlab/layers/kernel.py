@@ -39,7 +39,7 @@ class EluAttention(SoftmaxFamilyAttention):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, extra: Tensor, hidden_states: Tensor) -> Tensor:
         keep = self.dense_keep(q, k)
-        if self.attention_hook is not None:
+        if self.wants_map:
             self.expose_map(elu_map(q, k, v, keep, normalised=self.normalise))
         return elu_attention(q, k, v, keep, normalise=self.normalise)[0]
 

@@ -114,7 +114,7 @@ class LightNetAttention(Layer):
         q = F.silu(split_heads(self.q_proj(x), self.num_heads))
         k = split_heads(self.k_proj(x), self.num_kv_heads)
         v = split_heads(self.v_proj(x), self.num_kv_heads)
-        if self.attention_hook is not None:
+        if self.wants_map:
             self.expose_map(lightnet_map(q, k, v, initial_log_normaliser=None if state is None else state[1]))
         o, state = lightnet_attention(q, k, v, form=self.form, chunk_size=self.chunk_size,
                                       initial_state=state, output_final_state=True)

@@ -69,7 +69,7 @@ class LightningAttention(Layer):
         v = F.silu(split_heads(self.v_proj(hidden_states), self.num_kv_heads))
         if self.use_lrpe:
             q, k = lrpe(q, position_offset), lrpe(k, position_offset)
-        if self.attention_hook is not None:
+        if self.wants_map:
             self.expose_map(linear_map(q, k, v, self.log_decay, scale=1.0))
         o, state = lightning_attention(q, k, v, self.log_decay, form=self.form, chunk_size=self.chunk_size,
                                        initial_state=state, output_final_state=True)

@@ -41,7 +41,7 @@ class SigmoidAttention(SoftmaxFamilyAttention):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, extra: Tensor, hidden_states: Tensor) -> Tensor:
         keep = self.dense_keep(q, k)
-        if self.attention_hook is not None:
+        if self.wants_map:
             bias = -math.log(k.shape[2]) if self.bias is None else self.bias
             self.expose_map(sigmoid_map(q, k, v, keep, bias=bias, normalised=self.normalise))
         return sigmoid_attention(q, k, v, keep, bias=self.bias, normalise=self.normalise)[0]
@@ -66,7 +66,7 @@ class ReluAttention(SoftmaxFamilyAttention):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, extra: Tensor, hidden_states: Tensor) -> Tensor:
         keep = self.dense_keep(q, k)
-        if self.attention_hook is not None:
+        if self.wants_map:
             self.expose_map(relu_map(q, k, v, keep))
         return relu_attention(q, k, v, keep)[0]
 

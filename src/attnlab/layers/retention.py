@@ -72,7 +72,7 @@ class MultiScaleRetention(Layer):
         q = rotary(split_heads(self.q_proj(hidden_states), self.num_heads), position_offset, self.rope_base)
         k = rotary(split_heads(self.k_proj(hidden_states), self.num_kv_heads), position_offset, self.rope_base)
         v = split_heads(self.v_proj(hidden_states), self.num_kv_heads)
-        if self.attention_hook is not None:
+        if self.wants_map:
             self.expose_map(linear_map(q, k, v, self.log_decay))
         o, state = linear_attention(q, k, v, self.log_decay, form=self.form, chunk_size=self.chunk_size,
                                     initial_state=state, output_final_state=True)

@@ -123,7 +123,7 @@ class TitansMAG(_NeuralMemoryLayer):
         _, pk, pv = (split_heads(t, self.num_heads).expand(x.shape[0], -1, -1, -1)
                      for t in self.qkv_proj(self.persistent[None].to(x.dtype)).chunk(3, dim=-1))
         out = window_attention(q, keys, values, pk, pv, self.window)
-        if self.attention_hook is not None:
+        if self.wants_map:
             keep = window_keep(q.shape[2], keys.shape[2], pk.shape[2], self.window, q.device)
             self.expose_map(softmax_map(q, torch.cat([pk, keys], 2), torch.cat([pv, values], 2), keep[None, None]))
         tail = max(self.window - 1, 0)
@@ -226,7 +226,7 @@ class TitansMAC(_NeuralMemoryLayer):
             out, memory, attention_inputs = self._segment(segment, memory)
             outputs.append(out)
             parts.append(attention_inputs)
-        if self.attention_hook is not None and parts:
+        if self.wants_map and parts:
             self._expose(parts)
         return self.o_proj(torch.cat(outputs, dim=1)), memory
 
