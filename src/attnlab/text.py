@@ -99,6 +99,16 @@ def corpus_files() -> list[Path]:
     return modern or files
 
 
+def corpus_text() -> str:
+    """The whole bundled corpus as one string: the :func:`corpus_files` in sorted order, Project Gutenberg
+    header/footer stripped, each stripped of surrounding whitespace and joined by blank lines (the text
+    :func:`load_text` reads with ``path=None``). About 5 million characters. Raises TextError if there is none."""
+    files = corpus_files()
+    if not files:
+        raise TextError(f"The bundled corpus '{BUNDLED_CORPUS}' has no .txt files; fetch it again")
+    return "\n\n".join(_strip_gutenberg(f.read_text(encoding="utf-8")).strip() for f in files)
+
+
 @dataclass
 class Windows:
     """Fixed-length token windows over one text, iterable as batches for ``model(**batch)``.
