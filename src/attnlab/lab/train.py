@@ -50,6 +50,8 @@ __all__ = ["TrainConfig", "TrainResult", "learning_rate", "load_train_config", "
 
 LOG_COLUMNS = ("step", "split", "statistic", "value")
 TRAIN_LOG = "train_log.csv"
+SET_BY_MODEL = ("hidden_size", "num_heads", "layer_idx", "num_layers", "mask_mod")
+"""Layer constructor arguments the TinyLM sets (from the run's sizes), so layer_args may not."""
 RESUME_MAY_DIFFER = ("out",)
 """TrainConfig fields a resumed run may change; every other field must match the checkpoint's."""
 
@@ -147,8 +149,9 @@ def _hints() -> dict[str, Any]:
 def typed_args(kind: Literal["layer", "task"], name: str, values: Mapping[str, Any]) -> dict[str, Any]:
     """``values`` (text or typed) coerced by the annotations of the layer's or task's constructor.
 
-    Raises RegistryError for an unknown name, ConfigError (``bad --layer-arg for NAME: ...``) for a key the
-    constructor does not take or a value that does not fit its annotation.
+    Layers also take ``mask`` (a mask spec, ``"sliding_window:window=32"``, resolved by the TinyLM); the sizes the
+    TinyLM sets itself (:data:`SET_BY_MODEL`) are refused. Raises RegistryError for an unknown name, ConfigError
+    (``bad --layer-arg for NAME: ...``) for a key the constructor does not take or a value that does not fit.
     """
     import inspect
 
@@ -160,12 +163,17 @@ def typed_args(kind: Literal["layer", "task"], name: str, values: Mapping[str, A
         from attnlab.lab.tasks import TASKS as registry
     cls = registry.get(name)
     owner = f"bad --{kind}-arg for {name}"
-    init = inspect.unwrap(cls.__init__)
     try:
-        hints = typing.get_type_hints(init, include_extras=True)
+        hints = typing.get_type_hints(inspect.unwrap(cls.__init__), include_extras=True)
     except NameError:  # annotations naming what only type checkers import: pass the values on unchecked
         hints = {}
     names = accepted_names(cls)
+    if kind == "layer":
+        names = [n for n in names if n not in SET_BY_MODEL] + ["mask"]
+        hints = {**hints, "mask": str}
+        taken = sorted(set(values) & set(SET_BY_MODEL))
+        if taken:
+            raise ConfigError(f"{owner}: {', '.join(taken)} is set by the model (--width, --heads, --layers)")
     unknown = sorted(set(values) - set(names))
     if unknown:
         raise ConfigError(f"{owner}: no parameter {', '.join(unknown)}; it takes: {', '.join(names)}")
