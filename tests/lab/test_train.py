@@ -15,7 +15,7 @@ import attnlab
 from attnlab.errors import ConfigError, RegistryError
 from attnlab.lab.train import TrainConfig, learning_rate, load_train_config, train
 
-TASK_ARGS = {"vocab_size": 16, "seq_len": 16, "num_kv_pairs": 2}
+TASK_ARGS = {"vocab_size": 24, "seq_len": 16, "num_kv_pairs": 2}
 
 
 def _config(out, **changes):

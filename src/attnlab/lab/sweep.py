@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from attnlab.errors import ConfigError
-from attnlab.lab.train import TrainConfig
+from attnlab.lab.train import TrainConfig, make_task
 from attnlab.lab.train_results import write_text
 from attnlab.progress import Progress, silent
 
@@ -146,6 +146,7 @@ def load_sweep(path: str | Path, out: str | Path) -> list[SweepJob]:
         config = TrainConfig.from_dict({**shared, "layer": layer, "layer_args": layer_args, "width": width,
                                         "lr": lr, "task": task, "task_args": task_args,
                                         "out": str(Path(out) / "jobs" / name)})
+        make_task(config)  # the task's own cross-parameter checks, before anything runs
         jobs.append(SweepJob(name, layer_label, task_label, config))
     return jobs
 
