@@ -143,7 +143,8 @@ def train_config(ctx: typer.Context, config_path: Path | None, *, resume: bool) 
     from attnlab.errors import ConfigError
     from attnlab.lab.train import load_train_config
 
-    values = {key: value for key, value in ctx.params.items() if key not in CLI_ONLY}
+    values = {key: None if isinstance(value, (list, tuple)) and not value else value  # () = not given
+              for key, value in ctx.params.items() if key not in CLI_ONLY}
     given = {key: (value if _given(ctx, key) else _UNSET) for key, value in values.items()}
     merged = merge_config(ctx, config_path, given, TrainOptions)
     out = merged.get("out", _UNSET)
