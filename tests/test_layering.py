@@ -22,6 +22,8 @@ FORBIDDEN = {
     "layers": ("transformers", "attnlab.capture", "attnlab.probes", "attnlab.edits", "attnlab.analyses",
                "attnlab.cli", "attnlab.report", "attnlab.pipeline"),
     "analyses": ("transformers", "attnlab.capture", "attnlab.cli", "attnlab.report", "attnlab.pipeline"),
+    # the lab builds transformers models from layers and runs them under capture; it sits below config/pipeline/cli
+    "lab": ("attnlab.cli", "attnlab.report", "attnlab.pipeline"),
 }
 
 ALLOWED = {"attnlab.report.sections"}  # pure section specs that probes and analyses declare (no torch, no matplotlib)

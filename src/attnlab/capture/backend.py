@@ -7,6 +7,9 @@ be (B, Lq, Hq, D). The paired mask function is transformers' own ``sdpa_mask`` (
 when the mask is plain causal/full), registered under the same name: without it transformers would silently pass
 ``attention_mask=None`` and padding or sliding windows would be ignored.
 
+A call with ``implied_map=`` (attnlab's own models, :mod:`attnlab.lab.modeling`, for layers that compute their own
+attention) carries no query/key: it shows the session the map the layer implies and returns ``(None, None)``.
+
 The active :class:`~attnlab.capture.session.Session` is found through a ``contextvars.ContextVar``; with no active
 session (which only happens if a model was left switched to "attnlab" by hand) the call runs plain SDPA.
 """
@@ -31,9 +34,11 @@ ACTIVE_SESSION: contextvars.ContextVar[Session | None] = contextvars.ContextVar(
 
 def attnlab_attention(
     module: Any, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, **kwargs: Any
-) -> tuple[Tensor, None]:
+) -> tuple[Tensor | None, None]:
     """The function registered in transformers' AttentionInterface under the name "attnlab"."""
     session = ACTIVE_SESSION.get()
+    if kwargs.get("implied_map") is not None:
+        return (None, None) if session is None else session.implied(module, kwargs["implied_map"])
     if session is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     return session.attention(module, query, key, value, attention_mask, **kwargs)

@@ -19,7 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from attnlab.errors import ConfigError, UnsupportedModelError
+from attnlab.errors import ConfigError, ShapeError, UnsupportedModelError
 from attnlab.functional.attention import causal_keep
 from attnlab.probes.base import AttentionCall, Probe, SequenceInfo
 
@@ -58,6 +58,25 @@ class ForwardState:
 def find_policy(kwargs: dict[str, Any]) -> TokenPolicy | None:
     """The first forward keyword argument that implements :class:`TokenPolicy`, or None."""
     return next((value for value in kwargs.values() if isinstance(value, TokenPolicy)), None)
+
+
+def read_forward(args: tuple, kwargs: dict[str, Any], num_sequences: int) -> tuple[ForwardState | None, int]:
+    """``(ForwardState, new tokens)`` of a forward pass from its arguments: ``input_ids`` (or ``inputs_embeds``),
+    a 2-D ``attention_mask`` (so padding never enters a statistic) and a TokenPolicy; ``(None, 0)`` without token
+    input. A policy is bound to the forward here (``bind_forward``) and may add a probe."""
+    input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], Tensor) else None)
+    reference = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+    if reference is None:
+        return None, 0
+    batch, length = reference.shape[0], reference.shape[1]
+    mask = kwargs.get("attention_mask")
+    mask = mask if mask is not None and mask.dim() == 2 else None
+    valid = torch.ones(batch, length, dtype=torch.bool, device=reference.device) if mask is None else mask.bool()
+    sequence = SequenceInfo.from_mask(valid, input_ids, num_sequences)
+    policy = find_policy(kwargs)
+    probe = None if policy is None else policy.bind_forward(sequence)
+    return ForwardState(sequence=sequence, mask_length=None if mask is None else mask.shape[1], policy=policy,
+                        probes=() if probe is None else (probe,)), length
 
 
 def sample_rows(q_len: int, fraction: float, device: torch.device) -> Tensor:
@@ -102,30 +121,56 @@ def build_call(layer: int, query: Tensor, key: Tensor, value: Tensor, *, causal:
     Keys are the last Lk tokens of the forward (a cache cropped to a window keeps the most recent ones) unless the
     forward's TokenPolicy names them. Without usable token info (no forward hook data, another batch size, or
     inputs_embeds of another length) every key is real and positions count from 0."""
-    B, Hq, Lq, _ = query.shape
-    Lk = key.shape[2]
+    return call_record(layer, num_heads=query.shape[1], num_kv_heads=key.shape[1], q_len=query.shape[2],
+                       value=value, causal=causal, scale=scale, forward=forward, num_sequences=num_sequences)
+
+
+def call_record(layer: int, *, num_heads: int, num_kv_heads: int, q_len: int, value: Tensor, causal: bool,
+                scale: float, forward: ForwardState | None, num_sequences: int) -> AttentionCall:
+    """:func:`build_call` from sizes: value (B, Hkv, Lk, Dv) gives batch, kv_len and device."""
+    B, Lq, Lk, device = value.shape[0], q_len, value.shape[2], value.device
     sequence = None if forward is None else forward.sequence
     if sequence is None or sequence.valid.shape[0] != B or sequence.valid.shape[1] < Lk:
-        valid = torch.ones(B, Lk, dtype=torch.bool, device=query.device)
+        valid = torch.ones(B, Lk, dtype=torch.bool, device=device)
         sequence = SequenceInfo.from_mask(valid, None, num_sequences)
     length = sequence.valid.shape[1]
     index = forward.policy.key_index(layer) if forward is not None and forward.policy is not None else None
     if index is not None and index.shape[-1] == Lk:  # the policy says which tokens it kept
         index = index.to(sequence.valid.device)
         if length > int(index.max()):
-            key_valid = sequence.valid.gather(1, index).to(query.device)
-            key_positions = sequence.positions.gather(1, index).to(query.device)
+            key_valid = sequence.valid.gather(1, index).to(device)
+            key_positions = sequence.positions.gather(1, index).to(device)
         else:  # only the new tokens' mask is known: kept tokens are real, positions are token indices
-            key_valid = torch.ones(B, Lk, dtype=torch.bool, device=query.device)
-            key_positions = index.to(query.device)
+            key_valid = torch.ones(B, Lk, dtype=torch.bool, device=device)
+            key_positions = index.to(device)
     else:
-        key_valid = sequence.valid[:, length - Lk :].to(query.device)
-        key_positions = sequence.positions[:, length - Lk :].to(query.device)
+        key_valid = sequence.valid[:, length - Lk :].to(device)
+        key_positions = sequence.positions[:, length - Lk :].to(device)
     return AttentionCall(
-        layer_idx=layer, num_heads=Hq, num_kv_heads=key.shape[1], q_len=Lq, kv_len=Lk, causal=causal, scale=scale,
-        value=value.detach(), query_valid=key_valid[:, Lk - Lq:], key_valid=key_valid,
+        layer_idx=layer, num_heads=num_heads, num_kv_heads=num_kv_heads, q_len=Lq, kv_len=Lk, causal=causal,
+        scale=scale, value=value.detach(), query_valid=key_valid[:, Lk - Lq:], key_valid=key_valid,
         query_positions=key_positions[:, Lk - Lq:], key_positions=key_positions, sequence=sequence,
     )
+
+
+def implied_call(layer: int, attention_map: Any, forward: ForwardState | None, num_sequences: int) -> AttentionCall:
+    """The call record of an implied attention map (:class:`attnlab.functional.implied.ImpliedMap`: batch,
+    num_heads, q_len, kv_len, value (B, H, Lk, Dv) per query head, causal).
+
+    ``num_kv_heads`` is num_heads (the map's value is per query head) and ``scale`` is 1.0: the map's weights
+    already hold whatever scale the layer uses, and no probe rescales them.
+
+    Raises:
+        ShapeError: the map's value does not match its sizes.
+    """
+    value = attention_map.value
+    expected = (attention_map.batch, attention_map.num_heads, attention_map.kv_len)
+    if value.dim() != 4 or tuple(value.shape[:3]) != expected:
+        raise ShapeError(f"expected the implied map's value as (batch, num_heads, kv_len, Dv) = {expected} + (Dv,), "
+                         f"got {tuple(value.shape)}")
+    return call_record(layer, num_heads=attention_map.num_heads, num_kv_heads=attention_map.num_heads,
+                       q_len=attention_map.q_len, value=value, causal=bool(attention_map.causal), scale=1.0,
+                       forward=forward, num_sequences=num_sequences)
 
 
 def prepare_call(module: Any, layer: int, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
@@ -163,6 +208,19 @@ def make_probe(spec: str | Probe) -> Probe:
                               "attnlab.pipeline.run_probes")
         return PROBES.get(spec)()
     raise TypeError(f"probes must be names or Probe instances, got {type(spec).__name__}")
+
+
+def bound_probes(specs: Any, facts: Any) -> list[Probe]:
+    """Probe instances for ``specs`` (names or Probes; :func:`make_probe`), each bound to ``facts``.
+
+    Raises ConfigError when a probe is given twice."""
+    probes = [make_probe(spec) for spec in specs]
+    names = [probe.name for probe in probes]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"each probe may be given once, got {names}")
+    for probe in probes:
+        probe.bind(facts)
+    return probes
 
 
 def check_attention_kwargs(model_name: str, kwargs: dict[str, Any]) -> None:

@@ -119,3 +119,17 @@ def probe_observer(call: AttentionCall, probes: list[Any]) -> Callable[[BlockVie
                 probe.update(call, detached if probe.counts_nan_rows else detached.without_nan_rows())
 
     return observe
+
+
+def observe_implied(attention_map: Any, call: AttentionCall, probes: list[Any], block_size: int) -> None:
+    """Run the probes over an implied attention map (an :class:`attnlab.functional.implied.ImpliedMap`):
+    ``begin_call``, each of ``attention_map.blocks(block_size)`` to the probes that need probs, ``end_call``."""
+    observe = probe_observer(call, probes)
+    with torch.no_grad():
+        for probe in probes:
+            probe.begin_call(call)
+        if observe is not None:
+            for block in attention_map.blocks(block_size):
+                observe(block)
+        for probe in probes:
+            probe.end_call(call)

@@ -328,7 +328,8 @@ def load_model(
     - a hub id such as ``org/model`` (only when the hub is reachable or the id is in the local hub cache).
 
     Causal LMs (:func:`attnlab.capture.architectures.is_causal_lm`) load with AutoModelForCausalLM, others with
-    AutoModel.
+    AutoModel. Folders saved from attnlab's own TinyLM (:mod:`attnlab.lab.modeling`, ``model_type``
+    ``"attnlab_tinylm"``) load too: its Auto classes are registered first.
 
     Raises:
         ConfigError: unknown dtype or unusable device.
@@ -338,6 +339,9 @@ def load_model(
             a model whose sizes are inconsistent (heads not dividing the hidden size); a file that is not GGUF.
         AssetError: the bundled asset cannot be fetched, or the hub id cannot be loaded.
     """
+    from attnlab.lab.modeling import register_auto  # attnlab's own TinyLM checkpoints load like any model
+
+    register_auto()
     torch_dtype = parse_dtype(dtype)
     dev = _parse_device(device)
     name = os.fspath(name_or_path)

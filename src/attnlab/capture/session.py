@@ -14,6 +14,7 @@ layers. On exit (also on exceptions) it removes the hooks and restores the previ
 Every attention call: the call record is built (:mod:`attnlab.capture.calls`), the planner picks a path
 (:mod:`attnlab.capture.planner`, recorded per layer in ``session.attention_paths``) and its executor runs it
 (:mod:`attnlab.capture.executors`); edits are counted and verified by :class:`attnlab.capture.edit_log.EditLog`.
+Layers that compute their own attention (attnlab.lab models) show their implied map instead (:meth:`Session.implied`).
 """
 
 from __future__ import annotations
@@ -29,16 +30,16 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from attnlab.capture.architectures import model_facts, transformer_blocks
 from attnlab.capture.backend import ACTIVE_SESSION, BACKEND_NAME, ensure_registered
 from attnlab.capture.calls import (
-    ForwardState, check_attention_kwargs, check_model_supported, find_policy, make_probe, prepare_call,
+    ForwardState, bound_probes, check_attention_kwargs, check_model_supported, implied_call, prepare_call, read_forward,
 )
 from attnlab.capture.edit_log import EditLog
-from attnlab.capture.executors import EXECUTORS, Job, probe_observer
+from attnlab.capture.executors import EXECUTORS, Job, observe_implied, probe_observer
 from attnlab.capture.planner import CallFacts, EditFacts, Needs, Options, Path, Planner
 from attnlab.capture.positions import PositionIds
 from attnlab.columns import RESULT_COLUMNS
 from attnlab.edits.base import Edit
 from attnlab.errors import ConfigError, RegistryError
-from attnlab.probes.base import Probe, SequenceInfo
+from attnlab.probes.base import Probe
 from attnlab.registry import unknown_name_message
 
 logger = logging.getLogger(__name__)
@@ -81,13 +82,8 @@ class Session:
         if not 0 < query_fraction <= 1:
             raise ConfigError(f"query_fraction must be in (0, 1], got {query_fraction}")
         self.model, self.block_size, self.query_fraction, self.flex = model, block_size, query_fraction, flex
-        self.probes: list[Probe] = [make_probe(p) for p in probes]
-        names = [p.name for p in self.probes]
-        if len(set(names)) != len(names):
-            raise ConfigError(f"each probe may be given once, got {names}")
         self.facts = model_facts(model)
-        for probe in self.probes:
-            probe.bind(self.facts)
+        self.probes: list[Probe] = bound_probes(probes, self.facts)
         self.edit_log = EditLog(edits, self.facts, verify_rows)
         self.edits, self.verify_rows = self.edit_log.edits, verify_rows
         self.planner = Planner(Options(query_fraction=query_fraction, flex=flex))
@@ -135,21 +131,10 @@ class Session:
 
     # hooks --------------------------------------------------------------------------------------------------
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], Tensor) else None)
-        reference = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
-        self._forward = None
-        if reference is None:
+        self._forward, length = read_forward(args, kwargs, self.num_sequences)
+        if self._forward is None:
             return None
-        batch, length = reference.shape[0], reference.shape[1]
-        mask = kwargs.get("attention_mask")
-        mask = mask if mask is not None and mask.dim() == 2 else None
-        valid = torch.ones(batch, length, dtype=torch.bool, device=reference.device) if mask is None else mask.bool()
-        sequence = SequenceInfo.from_mask(valid, input_ids, self.num_sequences)
-        policy = find_policy(kwargs)
-        probe = None if policy is None else policy.bind_forward(sequence)
-        self._forward = ForwardState(sequence=sequence, mask_length=None if mask is None else mask.shape[1],
-                                     policy=policy, probes=() if probe is None else (probe,))
-        position_ids = self.positions(kwargs, sequence, length)
+        position_ids = self.positions(kwargs, self._forward.sequence, length)
         return None if position_ids is None else (args, {**kwargs, "position_ids": position_ids})
 
     def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
@@ -169,15 +154,17 @@ class Session:
         return hook
 
     # the attention call -------------------------------------------------------------------------------------
-    def _layer_index(self, module: nn.Module) -> int:
+    def _count_call(self, module: nn.Module) -> int:
+        """The module's layer index (``layer_idx``, else order of first call), with its call counted."""
         layer_idx = getattr(module, "layer_idx", None)
-        return layer_idx if isinstance(layer_idx, int) else self._layer_of.setdefault(id(module), len(self._layer_of))
+        layer = layer_idx if isinstance(layer_idx, int) else self._layer_of.setdefault(id(module), len(self._layer_of))
+        self.calls_per_layer[layer] = self.calls_per_layer.get(layer, 0) + 1
+        return layer
 
     def attention(self, module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                   attention_mask: Tensor | None, **kwargs: Any) -> tuple[Tensor, None]:
         """Called by the backend for every attention call; returns (output (B, Lq, Hq, Dv), None)."""
-        layer = self._layer_index(module)
-        self.calls_per_layer[layer] = self.calls_per_layer.get(layer, 0) + 1
+        layer = self._count_call(module)
         check_attention_kwargs(type(self.model).__name__, kwargs)
         forward, softcap = self._forward, kwargs.get("softcap")
         probes = self.probes + list(forward.probes) if forward is not None else self.probes
@@ -202,6 +189,19 @@ class Session:
             for probe in probes:
                 probe.end_call(call)
         return output, None
+
+    def implied(self, module: nn.Module, attention_map: Any) -> tuple[None, None]:
+        """Called by the backend for a layer that computes its own attention (``implied_map=``, attnlab.lab):
+        probes read ``attention_map`` (an ImpliedMap); path "implied". ConfigError if an edit targets the layer."""
+        layer = self._count_call(module)
+        if self.edit_log.for_layer(layer):
+            raise ConfigError(f"layer {layer} computes its own attention (path implied); edits act only on "
+                              "softmax attention through the attention interface: pass layers= to skip it")
+        self.attention_paths[layer] = Path.IMPLIED.value
+        probes = self.probes + list(self._forward.probes) if self._forward is not None else self.probes
+        observe_implied(attention_map, implied_call(layer, attention_map, self._forward, self.num_sequences), probes,
+                        self.block_size)
+        return None, None
 
     # results ------------------------------------------------------------------------------------------------
     def rows(self) -> list[dict[str, Any]]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.errors import ConfigError, ShapeError
@@ -22,8 +23,12 @@ from attnlab.functional.attention import check_qkv, compute_dtype
 from attnlab.functional.positions import alibi_slopes, retnet_log_decay
 
 # alibi_slopes and retnet_log_decay live in functional/positions.py; re-exported here for their callers
-__all__ = ["alibi", "alibi_slopes", "check_log_decay", "decay_matrix", "decayed_softmax_attention", "grid_decay",
-           "linear_decay", "relu_attention", "retnet_log_decay", "scaled_logits", "sigmoid_attention"]
+__all__ = ["NORMALISER_EPS", "alibi", "alibi_slopes", "check_log_decay", "decay_matrix", "decayed_softmax_attention",
+           "elu_attention", "grid_decay", "linear_decay", "relu_attention", "retnet_log_decay", "scaled_logits",
+           "sigmoid_attention"]
+
+# Gu et al. 2025's row normalisation of sigmoid / elu+1 weights: w / (Σ_j w + 1e-8) (METHODS.md #34(a)).
+NORMALISER_EPS = 1e-8
 
 
 def scaled_logits(query: Tensor, key: Tensor, value: Tensor, scale: float | None) -> tuple[Tensor, Tensor]:
@@ -50,12 +55,14 @@ def check_log_decay(log_decay: Tensor) -> None:
 
 
 def sigmoid_attention(query: Tensor, key: Tensor, value: Tensor, keep: Tensor | None = None, *,
-                      scale: float | None = None, bias: float | None = None) -> tuple[Tensor, Tensor]:
-    """Sigmoid attention: probs = σ(logits + b) on visible keys, 0 elsewhere, no row normalisation.
+                      scale: float | None = None, bias: float | None = None,
+                      normalise: bool = False) -> tuple[Tensor, Tensor]:
+    """Sigmoid attention: probs = σ(logits + b) on visible keys, 0 elsewhere, no row normalisation by default.
 
     ``bias`` defaults to −log(Lk) (Ramapuram et al. 2025, Apple sigmoid attention, METHODS.md #34(b); the
     b = −log n value is medium confidence there). ``bias=0`` gives the Gu et al. 2025 ``sigmoid_no_norm`` variant
-    (METHODS.md #34(a), #1).
+    (METHODS.md #34(a), #1); ``normalise=True`` divides each row by its sum (+ ``NORMALISER_EPS``), Gu et al.'s
+    ``sigmoid_norm``.
 
     Returns:
         output (B, H, Lq, Dv) in value's dtype; probs (B, H, Lq, Lk) float32/float64 (masked entries exactly 0).
@@ -65,7 +72,31 @@ def sigmoid_attention(query: Tensor, key: Tensor, value: Tensor, keep: Tensor | 
     probs = torch.sigmoid(logits + bias)
     if keep is not None:
         probs = probs * keep
+    if normalise:
+        probs = probs / (probs.sum(dim=-1, keepdim=True) + NORMALISER_EPS)
     return (probs @ v).to(value.dtype), probs
+
+
+def elu_attention(query: Tensor, key: Tensor, value: Tensor, keep: Tensor | None = None, *,
+                  normalise: bool = True) -> tuple[Tensor, Tensor]:
+    """elu+1 kernel attention: w_ij = φ(q_i)·φ(k_j), φ(x) = elu(x) + 1 > 0, on visible keys (quadratic form).
+
+    Gu et al. 2025, Table 6 kernel variants (METHODS.md #34(a)): ``normalise=True`` divides each row by its sum
+    (+ ``NORMALISER_EPS``), ``False`` uses w as is. No logit scale (a kernel feature map, as linear attention).
+
+    Returns:
+        output (B, H, Lq, Dv) in value's dtype; probs (B, H, Lq, Lk) float32/float64 (masked entries exactly 0).
+    """
+    _, groups = check_qkv(query, key, value)
+    dtype = compute_dtype(query)
+    phi_q = F.elu(query.to(dtype)) + 1  # (B, H, Lq, D)
+    phi_k = F.elu(key.repeat_interleave(groups, dim=1).to(dtype)) + 1  # (B, H, Lk, D)
+    probs = phi_q @ phi_k.transpose(-1, -2)  # (B, H, Lq, Lk)
+    if keep is not None:
+        probs = probs * keep
+    if normalise:
+        probs = probs / (probs.sum(dim=-1, keepdim=True) + NORMALISER_EPS)
+    return (probs @ value.repeat_interleave(groups, dim=1).to(dtype)).to(value.dtype), probs
 
 
 def relu_attention(query: Tensor, key: Tensor, value: Tensor, keep: Tensor | None = None, *,

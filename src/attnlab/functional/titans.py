@@ -32,7 +32,8 @@ from torch import Tensor
 from attnlab.errors import ConfigError, ShapeError
 from attnlab.functional.attention import compute_dtype
 
-__all__ = ["MEMORY_FORMS", "context_attention", "memory_read", "neural_memory", "window_attention"]
+__all__ = ["MEMORY_FORMS", "context_attention", "context_keep", "memory_read", "neural_memory", "window_attention",
+           "window_keep"]
 
 MEMORY_FORMS = ("chunk", "recurrent")
 
@@ -161,11 +162,7 @@ def window_attention(query: Tensor, key: Tensor, value: Tensor, persistent_key: 
     ``L − T + i − window < j ≤ L − T + i`` (``window`` keys, itself included), and every persistent token
     (B, H, P, D). Scale D^-1/2 (SDPA). Returns (B, H, T, D) in query's dtype.
     """
-    T, L, P = query.shape[2], key.shape[2], persistent_key.shape[2]
-    q_pos = torch.arange(T, device=query.device)[:, None] + (L - T)
-    k_pos = torch.arange(L, device=query.device)[None, :]
-    keep = (k_pos <= q_pos) & (k_pos > q_pos - window)  # (T, L), True = attend
-    keep = torch.cat([keep.new_ones(T, P), keep], dim=1)
+    keep = window_keep(query.shape[2], key.shape[2], persistent_key.shape[2], window, query.device)
     return F.scaled_dot_product_attention(query, torch.cat([persistent_key, key], 2),
                                           torch.cat([persistent_value, value], 2), attn_mask=keep)
 
@@ -178,6 +175,23 @@ def context_attention(query: Tensor, key: Tensor, value: Tensor, num_persistent:
     x_j's query, so it is causal too). Scale D^-1/2 (SDPA). Returns (B, H, T, D).
     """
     T = query.shape[2]
-    causal = torch.ones(T, T, dtype=torch.bool, device=query.device).tril()
-    keep = torch.cat([causal.new_ones(T, num_persistent), causal, causal], dim=1)  # (T, P + 2T)
+    keep = context_keep(T, num_persistent, T, query.device)  # (T, P + 2T)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=keep)
+
+
+def window_keep(q_len: int, kv_len: int, num_persistent: int, window: int, device=None) -> Tensor:
+    """MAG's mask (q_len, P + kv_len), True = attend: every persistent key, then key j for query i iff
+    ``Lk − Lq + i − window < j ≤ Lk − Lq + i`` (the queries are the last q_len of the kv_len positions)."""
+    q_pos = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
+    k_pos = torch.arange(kv_len, device=device)[None, :]
+    keep = (k_pos <= q_pos) & (k_pos > q_pos - window)  # (Lq, Lk)
+    return torch.cat([keep.new_ones(q_len, num_persistent), keep], dim=1)
+
+
+def context_keep(seq_len: int, num_persistent: int, segment_size: int, device=None) -> Tensor:
+    """MAC's mask (T, P + 2T) over keys ``[persistent ∥ retrieved h ∥ tokens x]``, True = attend: every persistent
+    key, and h_j, x_j for j ≤ i in query i's segment (segments of ``segment_size`` tokens; one segment: causal)."""
+    pos = torch.arange(seq_len, device=device)
+    same = (pos[:, None] // segment_size) == (pos[None, :] // segment_size)
+    local = same & (pos[None, :] <= pos[:, None])  # (T, T)
+    return torch.cat([local.new_ones(seq_len, num_persistent), local, local], dim=1)

@@ -101,14 +101,45 @@ class SoftmaxFamilyAttention(Layer):
         call only and not stored in ``self.block_masks`` (it would never be reused, and each entry pins a
         (B, H, T, T) table). ``None``: the layer mask alone, cached per length. ``score_mod`` is passed as given
         (wrap layer-level ones with :meth:`at_positions`).
+
+        With a host model's ``attention_hook`` set (``attnlab.lab.modeling``): without a score_mod the softmax is
+        the host's (``hook.softmax(q, k, v, keep, scale)``, keep = the mask materialised as bool (B, H, Lq, Lk), or
+        None for the plain causal mask), so transformers' attention interface and attnlab's Session see it; with a
+        score_mod the layer computes its own output and shows the hook the map it implies
+        (:func:`attnlab.functional.implied.softmax_map`).
         """
         if self.path == "flex" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
             raise NotImplementedError("path='flex' is inference-only here (FlexAttention has no CPU backward); "
                                       "use path='dense' for training or run under torch.no_grad()")
         per_call = mask_mod is not None
         mask = and_masks(self.layer_mask(), mask_mod) if per_call else self.layer_mask()
+        if self.attention_hook is not None:
+            keep = self._hook_keep(mask, q, k)
+            if score_mod is None:
+                return self.attention_hook.softmax(q, k, v, keep, q.shape[-1] ** -0.5)
+            if self.wants_map:
+                self._expose_softmax_map(q, k, v, mask if keep is None else keep, score_mod)
         return masked_attention(q, k, v, mask, score_mod=score_mod, path=self.path, compiled=self.compiled,
                                 cache=None if per_call else self.block_masks)
+
+    def _hook_keep(self, mask: MaskMod, q: Tensor, k: Tensor) -> Tensor | None:
+        """The mask as bool (B, H, Lq, Lk) for the host hook, or None when it is the plain causal mask."""
+        if mask is self.mask_mod and getattr(mask, "__name__", None) == "causal":
+            return None
+        return to_dense(mask, q.shape[0], self.num_heads, q.shape[2], k.shape[2], device=q.device)
+
+    def _expose_softmax_map(self, q: Tensor, k: Tensor, v: Tensor, keep: Tensor | MaskMod,
+                            score_mod: ScoreMod) -> None:
+        """Show the hook the softmax map of a score_mod call (keys/values repeated per query head, detached)."""
+        from attnlab.functional.implied import softmax_map  # lazy: only host models read implied maps
+
+        if not isinstance(keep, Tensor):  # the plain causal mask
+            keep = to_dense(keep, 1, 1, q.shape[2], k.shape[2], device=q.device)
+        groups = self.num_heads // k.shape[1]
+        with torch.no_grad():
+            self.expose_map(softmax_map(q.detach(), k.detach().repeat_interleave(groups, dim=1),
+                                        v.detach().repeat_interleave(groups, dim=1), keep,
+                                        scale=q.shape[-1] ** -0.5, score_mod=score_mod))
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, extra: Tensor, hidden_states: Tensor) -> Tensor:
         """(B, H, T, D) heads out. Default: masked softmax attention."""

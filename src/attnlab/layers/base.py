@@ -101,6 +101,13 @@ class Layer(nn.Module):
     show it the attention map they imply (``hook.implied(attention_map)``, an
     :class:`attnlab.functional.implied.ImpliedMap`) and keep computing their own output."""
 
+    @property
+    def wants_map(self) -> bool:
+        """Whether a host hook reads implied maps now (its ``wants_maps``, e.g. only under attnlab's Session), so
+        a layer may skip building a map nobody reads. True for a hook without that attribute; False without a hook."""
+        hook = self.attention_hook
+        return hook is not None and bool(getattr(hook, "wants_maps", True))
+
     def expose_map(self, attention_map: Any) -> None:
         """Show the attention map this call implies to the host model's hook, if one is set (else do nothing)."""
         if self.attention_hook is not None:

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from attnlab.errors import ConfigError
+from attnlab.functional.implied import decayed_softmax_map
 from attnlab.functional.masks import MaskMod
 from attnlab.functional.positions import alibi_slopes, retnet_log_decay
 from attnlab.functional.softmax_family import (check_log_decay, decay_matrix, decayed_softmax_attention,
@@ -49,6 +50,10 @@ class DecayMatrixAttention(SoftmaxFamilyAttention):
     Tokens lie row-major on a grid ``grid_width`` wide (height = ⌈T / grid_width⌉); dist is Chebyshev (default,
     CFE's ``r2``) or Manhattan (``r1``); γ_h = 1 − 2^(−5−h) unless ``log_decay`` (H,) is given. The paper's encoder is
     bidirectional: pass ``mask_mod=masks.full()``. Source: Zhou et al. 2024, CFE/CACE (METHODS.md #33).
+
+    Implied map (``attention_hook``): ``decayed_softmax_map``, w = softmax(logits) ⊙ decay, kind "proxy" (probes
+    see w / Σ w; the layer itself does not renormalise). Covers the whole layer. (``AlibiAttention`` runs through
+    ``softmax_attend`` with a score_mod, which exposes its softmax map itself.)
     """
 
     def __init__(self, hidden_size: int, num_heads: int = DEFAULT_NUM_HEADS, num_kv_heads: int | None = None, *,
@@ -74,6 +79,8 @@ class DecayMatrixAttention(SoftmaxFamilyAttention):
         decay = decay_matrix(height, self.grid_width, self.log_decay.to(torch.float64),
                              self.distance)[:, start:start + T, start:start + T]
         keep = self.dense_keep(q, k)
+        if self.attention_hook is not None:
+            self.expose_map(decayed_softmax_map(q, k, v, decay.to(q.device), keep))
         return decayed_softmax_attention(q, k, v, decay.to(q.device), keep)[0]
 
 

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnlab.errors import ConfigError
+from attnlab.functional.implied import linear_map
 from attnlab.functional.linear_attention import linear_attention
 from attnlab.layers import LAYERS
 from attnlab.layers._common import GatedHeadNorm, check_form, check_heads, check_hidden, merge_heads, split_heads
@@ -21,6 +22,10 @@ class GatedLinearAttention(Layer):
     output ``W_O (RMSNorm_h(o) ⊙ swish(x W_r))``. Defaults follow fla's ``GatedLinearAttention``
     (expand_k 0.5, expand_v 1.0, 4 heads, no short conv). The gate is computed per kv head and shared by the
     query heads of a group, as fla does for GQA.
+
+    Implied map (``attention_hook``): ``linear_map`` with the per-key-dim log α, ``w_ij = Σ_d q_id k_jd
+    Π_{r=j+1..i} α_rd / √d_k``, kind "signed" (probes see |w| / Σ|w|); o before the norm and gate equals
+    ``dense() @ value``. Not covered: a carried-in state's contribution (the map spans this call's keys).
 
     Args:
         hidden_size: C. num_heads: H. num_kv_heads: Hkv or None (= H).
@@ -72,7 +77,10 @@ class GatedLinearAttention(Layer):
         q = split_heads(self.q_proj(hidden_states), self.num_heads)
         k = split_heads(self.k_proj(hidden_states), self.num_kv_heads)
         v = split_heads(self.v_proj(hidden_states), self.num_kv_heads)
-        o, state = linear_attention(q, k, v, self.log_decay(hidden_states), form=self.form,
+        log_decay = self.log_decay(hidden_states)
+        if self.attention_hook is not None:
+            self.expose_map(linear_map(q, k, v, log_decay))
+        o, state = linear_attention(q, k, v, log_decay, form=self.form,
                                     chunk_size=self.chunk_size, initial_state=state, output_final_state=True)
         o = self.norm(o, split_heads(self.g_proj(hidden_states), self.num_heads))
         return self.o_proj(merge_heads(o)), state

@@ -8,8 +8,10 @@ import torch
 from torch import Tensor, nn
 
 from attnlab.errors import ConfigError, ShapeError
+from attnlab.functional.attention import causal_keep
 from attnlab.functional.hedgehog import (attention_distillation_loss, attention_kl, causal_softmax_probs,
                                          hedgehog_attention, hedgehog_feature_map, linear_attention_probs)
+from attnlab.functional.implied import kernel_map
 from attnlab.layers import LAYERS
 from attnlab.layers._common import check_form, check_heads, check_hidden, merge_heads, split_heads
 from attnlab.layers.base import DEFAULT_NUM_HEADS, Layer
@@ -37,6 +39,10 @@ class HedgehogAttention(Layer):
     ``ŷ_i = Σ_{j≤i} φ_q(q_i)·φ_k(k_j) v_j / Σ_{j≤i} φ_q(q_i)·φ_k(k_j)``, φ as ``HedgehogFeatureMap`` (one per
     query head for q, one per kv head for k). State (B, H, 2·head_dim, head_dim + 1): the last column is the
     normaliser. ``distill_feature_maps`` trains the maps to mimic a softmax attention (METHODS.md #25).
+
+    Implied map (``attention_hook``): ``kernel_map``, w_ij = φ_q(q_i)·φ_k(k_j) on the causal mask, kind
+    "normalised" (the layer divides by Σ_j w); the attention before o_proj equals ``(w / Σ w) @ value``. Not
+    covered: a carried-in state's contribution (the map spans this call's keys).
 
     Args: hidden_size: C. num_heads: H. num_kv_heads: Hkv or None (= H). form, chunk_size: as the other layers.
     Raises ConfigError for bad head counts or form; ShapeError for bad inputs.
@@ -67,6 +73,9 @@ class HedgehogAttention(Layer):
         q = self.query_map(split_heads(self.q_proj(hidden_states), self.num_heads))
         k = self.key_map(split_heads(self.k_proj(hidden_states), self.num_kv_heads))
         v = split_heads(self.v_proj(hidden_states), self.num_kv_heads)
+        if self.attention_hook is not None:
+            T = hidden_states.shape[1]
+            self.expose_map(kernel_map(q, k, v, causal_keep(T, T, q.device)[None, None], normalised=True))
         o, state = hedgehog_attention(q, k, v, form=self.form, chunk_size=self.chunk_size,
                                       initial_state=state, output_final_state=True)
         return self.o_proj(merge_heads(o.to(hidden_states.dtype))), state

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnlab.errors import ConfigError, ShapeError
+from attnlab.functional.implied import lightnet_map
 from attnlab.functional.lightnet import lightnet_attention, toeplitz_mix
 from attnlab.layers import LAYERS
 from attnlab.layers._common import GatedHeadNorm, check_form, check_heads, check_hidden, merge_heads, split_heads
@@ -60,6 +61,11 @@ class LightNetAttention(Layer):
     on tokens after it in the scan order: right for whole images/volumes, wrong for autoregressive use; with
     ``causal_tpe=True`` it mixes only j ≤ i along every axis, which keeps the layer causal in row-major order.
 
+    Implied map (``attention_hook``): ``lightnet_map``, ``w_ij = Σ_d q_id exp(k_jd) / Σ_{s≤i} exp(k_sd) / √d_k``
+    for j ≤ i in scan order, kind "signed" (q = SiLU(·) can be negative; probes see |w| / Σ|w|); o before the norm
+    and gate equals ``dense() @ value``. MD-TPE's mixing happens before q/k/v and is not part of the map; a
+    carried-in state enters through its normaliser only (the previous segment's keys are not in the map).
+
     Args:
         hidden_size: C. num_heads: H. num_kv_heads: Hkv or None (= H).
         head_k_dim: key dim per head (default C // H). gate_low_rank_dim: gate rank.
@@ -108,6 +114,8 @@ class LightNetAttention(Layer):
         q = F.silu(split_heads(self.q_proj(x), self.num_heads))
         k = split_heads(self.k_proj(x), self.num_kv_heads)
         v = split_heads(self.v_proj(x), self.num_kv_heads)
+        if self.attention_hook is not None:
+            self.expose_map(lightnet_map(q, k, v, initial_log_normaliser=None if state is None else state[1]))
         o, state = lightnet_attention(q, k, v, form=self.form, chunk_size=self.chunk_size,
                                       initial_state=state, output_final_state=True)
         o = self.norm(o, split_heads(self.g_proj(x), self.num_heads))

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnlab.functional.implied import linear_map
 from attnlab.functional.lightning import lightning_attention, lightning_log_decay, lrpe, srms_norm
 from attnlab.layers import LAYERS
 from attnlab.layers._common import check_form, check_heads, check_hidden, merge_heads, split_heads
@@ -21,6 +22,10 @@ class LightningAttention(Layer):
     q = SiLU(X W_q), k = SiLU(X W_k), v = SiLU(X W_v) (Qin et al. 2023, §3 (METHODS.md #22)). The chunk form is
     Lightning Attention-2's intra-block exact / inter-block recurrent split (METHODS.md #23). LRPE-d doubles the
     query/key dim (``use_lrpe``); SRMSNorm acts on the merged heads, so q/k are unscaled (scale 1).
+
+    Implied map (``attention_hook``): ``linear_map`` with the per-head log λ and scale 1, ``w_ts = λ^(t−s) q_t·k_s``
+    (after LRPE-d), kind "signed" (probes see |w| / Σ|w|); the attention before SRMSNorm and the gate equals
+    ``dense() @ value``. Not covered: a carried-in state's contribution (the map spans this call's keys).
 
     Args:
         hidden_size: C. num_heads: H. num_kv_heads: Hkv or None (= H).
@@ -64,6 +69,8 @@ class LightningAttention(Layer):
         v = F.silu(split_heads(self.v_proj(hidden_states), self.num_kv_heads))
         if self.use_lrpe:
             q, k = lrpe(q, position_offset), lrpe(k, position_offset)
+        if self.attention_hook is not None:
+            self.expose_map(linear_map(q, k, v, self.log_decay, scale=1.0))
         o, state = lightning_attention(q, k, v, self.log_decay, form=self.form, chunk_size=self.chunk_size,
                                        initial_state=state, output_final_state=True)
         o = srms_norm(merge_heads(o), self.norm_eps) * torch.sigmoid(self.u_proj(hidden_states))

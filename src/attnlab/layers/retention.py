@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from attnlab.errors import ConfigError
+from attnlab.functional.implied import linear_map
 from attnlab.functional.linear_attention import linear_attention
 from attnlab.functional.positions import retnet_log_decay, rotary
 from attnlab.layers import LAYERS
@@ -24,6 +25,10 @@ class MultiScaleRetention(Layer):
     positive rescalings that the per-head RMSNorm (the paper's GroupNorm) removes up to its eps and the clamp at 1
     (Sun et al. 2023, §2.3 (METHODS.md #35)). The norm acts after the recurrence, so it cannot break form
     agreement or segment chaining.
+
+    Implied map (``attention_hook``): ``linear_map`` with the per-head log γ, ``w_nm = γ^(n−m) q_n·k_m / √d_k``
+    (after RoPE), kind "signed" (probes see |w| / Σ|w|); o before the norm and gate equals ``dense() @ value``.
+    Not covered: a carried-in state's contribution (the map spans this call's keys).
 
     Args:
         hidden_size: C. num_heads: H. num_kv_heads: Hkv (GQA) or None (= H).
@@ -67,6 +72,8 @@ class MultiScaleRetention(Layer):
         q = rotary(split_heads(self.q_proj(hidden_states), self.num_heads), position_offset, self.rope_base)
         k = rotary(split_heads(self.k_proj(hidden_states), self.num_kv_heads), position_offset, self.rope_base)
         v = split_heads(self.v_proj(hidden_states), self.num_kv_heads)
+        if self.attention_hook is not None:
+            self.expose_map(linear_map(q, k, v, self.log_decay))
         o, state = linear_attention(q, k, v, self.log_decay, form=self.form, chunk_size=self.chunk_size,
                                     initial_state=state, output_final_state=True)
         o = self.norm(o, split_heads(self.g_proj(hidden_states), self.num_heads))

@@ -9,8 +9,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnlab.errors import ConfigError
+from attnlab.functional.implied import softmax_map
 from attnlab.functional.positions import rotary
-from attnlab.functional.titans import MEMORY_FORMS, context_attention, memory_read, neural_memory, window_attention
+from attnlab.functional.titans import (MEMORY_FORMS, context_attention, context_keep, memory_read, neural_memory,
+                                       window_attention, window_keep)
 from attnlab.layers import LAYERS
 from attnlab.layers._common import GatedHeadNorm, check_hidden, merge_heads, split_heads
 from attnlab.layers.base import DEFAULT_NUM_HEADS, Layer
@@ -79,6 +81,11 @@ class TitansMAG(_NeuralMemoryLayer):
     and writes x only (persistent tokens feed attention, so each segment does not re-write them).
     Segments chain exactly when every boundary except the last is a multiple of chunk_size.
 
+    Implied map (``attention_hook``): ``softmax_map`` of the attention branch only, keys ``[persistent (P) ∥
+    window cache ∥ this call's tokens]`` (kv_len = P + cached + T; the persistent keys come first), kind "softmax";
+    the branch's output before its norm equals ``dense() @ value``. Not covered: the neural memory branch (an MLP
+    read, no q·k map) and its gate on the output.
+
     Args:
         hidden_size: C. num_heads: H. window: sliding-window length (keys per query, itself included).
         num_persistent: persistent tokens. memory_expansion: E / head_dim. chunk_size: memory chunk.
@@ -116,6 +123,9 @@ class TitansMAG(_NeuralMemoryLayer):
         _, pk, pv = (split_heads(t, self.num_heads).expand(x.shape[0], -1, -1, -1)
                      for t in self.qkv_proj(self.persistent[None].to(x.dtype)).chunk(3, dim=-1))
         out = window_attention(q, keys, values, pk, pv, self.window)
+        if self.attention_hook is not None:
+            keep = window_keep(q.shape[2], keys.shape[2], pk.shape[2], self.window, q.device)
+            self.expose_map(softmax_map(q, torch.cat([pk, keys], 2), torch.cat([pv, values], 2), keep[None, None]))
         tail = max(self.window - 1, 0)
         return out, keys[:, :, keys.shape[2] - tail:], values[:, :, values.shape[2] - tail:]
 
@@ -145,6 +155,12 @@ class TitansMAC(_NeuralMemoryLayer):
     memory after the segment's write, which would let a token see later tokens of its segment; this layer reads
     the memory from before the write, so it stays causal. Memory rule, gates and projections
     as ``TitansMAG``. State: the memory (W1, W2, S1, S2); segments chain at multiples of segment_size.
+
+    Implied map (``attention_hook``): one ``softmax_map`` per call over keys ``[persistent (P) ∥ retrieved h (T) ∥
+    tokens x (T)]`` (kv_len = P + 2T; the persistent keys come first, then every segment's h, then every x), with
+    each query seeing the persistent keys and h_j, x_j for j ≤ i in its own segment; kind "softmax"; the segment
+    attention y before its norm equals ``dense() @ value``. Not covered: the memory reads (h itself and the output
+    gate), which have no q·k map.
 
     Args:
         hidden_size: C. num_heads: H. segment_size: tokens per segment (= memory chunk).
@@ -182,7 +198,21 @@ class TitansMAC(_NeuralMemoryLayer):
         y = context_attention(q[:, :, P + x.shape[1]:], k, v, P)  # (B, H, T, D)
         # one memory chunk per segment: reads the memory as it was before this segment
         recalled, memory = self._memory_branch(merge_heads(y), x, memory, x.shape[1])
-        return merge_heads(self._gate(y, recalled)), memory
+        return merge_heads(self._gate(y, recalled)), memory, (q[:, :, P + x.shape[1]:], k, v)
+
+    def _expose(self, parts: list[tuple[Tensor, Tensor, Tensor]]) -> None:
+        """One softmax map for the call from the segments' (query, key, value) (see the class docstring)."""
+        P = self.persistent.shape[0]
+        sizes = [q.shape[2] for q, _, _ in parts]
+        query = torch.cat([q for q, _, _ in parts], dim=2)
+
+        def keys(index: int) -> Tensor:  # [persistent ∥ every h ∥ every x] of key (0) or value (1) tensors
+            tensors = [part[index + 1] for part in parts]
+            return torch.cat([tensors[0][:, :, :P]] + [t[:, :, P:P + n] for t, n in zip(tensors, sizes)]
+                             + [t[:, :, P + n:] for t, n in zip(tensors, sizes)], dim=2)
+
+        keep = context_keep(query.shape[2], P, self.segment_size, query.device)[None, None]
+        self.expose_map(softmax_map(query, keys(0), keys(1), keep))
 
     def forward(self, hidden_states: Tensor, *, state: tuple[Tensor, ...] | None = None,
                 position_offset: int = 0) -> tuple[Tensor, tuple[Tensor, ...]]:
@@ -191,10 +221,13 @@ class TitansMAC(_NeuralMemoryLayer):
         check_hidden(hidden_states, self.hidden_size)
         self.start_position(state, position_offset)
         memory = state if state is not None else self.initial_state(hidden_states.shape[0], hidden_states.dtype)
-        outputs = []
+        outputs, parts = [], []
         for segment in hidden_states.split(self.segment_size, dim=1):
-            out, memory = self._segment(segment, memory)
+            out, memory, attention_inputs = self._segment(segment, memory)
             outputs.append(out)
+            parts.append(attention_inputs)
+        if self.attention_hook is not None and parts:
+            self._expose(parts)
         return self.o_proj(torch.cat(outputs, dim=1)), memory
 
 

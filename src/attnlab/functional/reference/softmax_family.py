@@ -48,14 +48,31 @@ def softmax_rows(query: Tensor, key: Tensor, value: Tensor, keep: Tensor | None 
 
 
 def sigmoid_rows(query: Tensor, key: Tensor, value: Tensor, keep: Tensor | None = None, *, bias: float,
-                 scale: float | None = None) -> Tensor:
-    """Σ_j σ(scale·q·k_j + bias) v_j over visible keys (no normalisation)."""
+                 scale: float | None = None, normalise: bool = False, eps: float = 1e-8) -> Tensor:
+    """Σ_j σ(scale·q·k_j + bias) v_j over visible keys; ``normalise``: divided by Σ_j σ(·) + eps."""
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     out = torch.zeros(*query.shape[:3], value.shape[-1], dtype=query.dtype)
     for b, h, i, g, visible in _rows(query, key, keep):
-        for j in visible:
-            x = float(query[b, h, i] @ key[b, g, j]) * scale + bias
-            out[b, h, i] += value[b, g, j] / (1.0 + math.exp(-x))
+        weights = [1.0 / (1.0 + math.exp(-(float(query[b, h, i] @ key[b, g, j]) * scale + bias))) for j in visible]
+        total = sum(weights) + eps if normalise else 1.0
+        for w, j in zip(weights, visible):
+            out[b, h, i] += value[b, g, j] * w / total
+    return out
+
+
+def elu_rows(query: Tensor, key: Tensor, value: Tensor, keep: Tensor | None = None, *, normalise: bool,
+             eps: float = 1e-8) -> Tensor:
+    """Σ_j φ(q)·φ(k_j) v_j over visible keys with φ(x) = x + 1 (x > 0) or e^x; ``normalise``: over Σ_j φ·φ + eps."""
+    def phi(x: float) -> float:
+        return x + 1.0 if x > 0 else math.exp(x)
+
+    out = torch.zeros(*query.shape[:3], value.shape[-1], dtype=query.dtype)
+    for b, h, i, g, visible in _rows(query, key, keep):
+        weights = [sum(phi(float(query[b, h, i, d])) * phi(float(key[b, g, j, d])) for d in range(query.shape[-1]))
+                   for j in visible]
+        total = sum(weights) + eps if normalise else 1.0
+        for w, j in zip(weights, visible):
+            out[b, h, i] += value[b, g, j] * w / total
     return out
 
 
