@@ -9,3 +9,7 @@ variant (``baseline`` or the edit spec) of an eval row and is None (empty) for p
 
 V1_COLUMNS: tuple[str, ...] = ("probe", "statistic", "layer", "head", "position", "value")
 """Columns of schema version 1 (no ``variant``; eval rows named it in ``probe`` as ``task@variant``)."""
+
+STEP_COLUMN = "step"
+"""Optional last column of ``results.csv``: the training step of a row written by ``attnlab train`` (integer). It is
+present only when some row has a step; other runs' files keep exactly :data:`RESULT_COLUMNS`."""

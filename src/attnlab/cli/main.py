@@ -17,6 +17,7 @@ from attnlab.cli.eval_cmd import eval_command
 from attnlab.cli.mask_cmd import mask_command
 from attnlab.cli.options import Debug, run_guarded, stderr
 from attnlab.cli.probe_cmd import make_probe_command, probe
+from attnlab.cli.train_cmd import sweep_command, train_command
 
 EPILOG = """Quick start:
 
@@ -27,6 +28,8 @@ EPILOG = """Quick start:
   attnlab report --text my.txt --seq-len 512 --probe sink --probe entropy --out run1
 
   attnlab render run1/results.json     # re-render report.html offline
+
+  attnlab train --layer masked --task mqar --task-arg vocab_size=64 --width 32 --steps 200 --out runs/mqar
 """
 
 app = typer.Typer(
@@ -40,6 +43,8 @@ app.add_typer(ls_app, name="ls")
 app.command("eval")(eval_command)
 app.command("probe")(probe)
 app.command("mask")(mask_command)
+app.command("train")(train_command)
+app.command("sweep")(sweep_command)
 app.command("report")(make_probe_command(
     "report", "Run probes (default: entropy, sink, distance, norms) on a model reading text; write report.html, "
     "results.json and results.csv into --out. The default-probes form of `attnlab probe`.",

@@ -18,23 +18,29 @@ import numpy as np
 from attnlab.report import plots
 from attnlab.report.plots import HeatmapPanel, LinePanel
 from attnlab.report.plots import Series as Line
-from attnlab.report.sections import Heatmap, LayerCurve, Part, PositionCurve, Section, Series, Table, Text
+from attnlab.report.sections import Heatmap, LayerCurve, Part, PositionCurve, Section, Series, StepCurve, Table, Text
 from attnlab.report.sections import sections_from_dicts
 from attnlab.report.formatting import format_number, layer_ranges, visible_token
 
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
 
 Entry = tuple[Any, Any, Any, float]  # (layer, head, position, value)
+Stepped = tuple[Any, Any, Any, float, int]  # (layer, head, position, value, step)
 
 
 class ProbeRows:
-    """Rows of one probe indexed by statistic: ``(layer, head, position, value)`` with NaN for null values."""
+    """Rows of one probe indexed by statistic: ``(layer, head, position, value)`` with NaN for null values; rows
+    with a ``step`` (training runs) are also in ``stepped`` as ``(layer, head, position, value, step)``."""
 
     def __init__(self, rows: Sequence[Mapping[str, Any]], num_layers: int | None = None) -> None:
         self.by_stat: dict[str, list[Entry]] = defaultdict(list)
+        self.stepped: dict[str, list[Stepped]] = defaultdict(list)
         for row in rows:
             value = math.nan if row["value"] is None else float(row["value"])
             self.by_stat[str(row["statistic"])].append((row["layer"], row["head"], row["position"], value))
+            if row.get("step") is not None:
+                self.stepped[str(row["statistic"])].append(
+                    (row["layer"], row["head"], row["position"], value, int(row["step"])))
         layers = [e[0] for entries in self.by_stat.values() for e in entries if e[0] is not None]
         self.num_layers = max(int(num_layers or 0), max(layers, default=-1) + 1)
 
@@ -196,11 +202,14 @@ def _layer_curve(part: LayerCurve, rows: ProbeRows, values: _Values) -> str | No
     return plots.lines_figure([panel], height=3.0)
 
 
-def _position_curve(part: PositionCurve, rows: ProbeRows, values: _Values) -> str | None:
+def _curve_lines(part: PositionCurve | StepCurve, rows: ProbeRows, values: _Values,
+                 entries_of: Any) -> list[Line]:
+    """One line per (series, layer group): ``entries_of(series)`` gives ``(layer, head, x, value)`` entries; each
+    line is the mean of its entries per x, for the layers the series picks (:data:`LAYER_CHOICES`)."""
     lines = []
     picked = rows.picked()
     for number, series in enumerate(part.series):
-        entries = [e for e in rows.entries(series) if e[2] is not None]
+        entries = [e for e in entries_of(series) if e[2] is not None]
         if series.layers == "none":
             groups = [(None, [e for e in entries if e[0] is None])]
         elif series.layers == "any":
@@ -215,11 +224,30 @@ def _position_curve(part: PositionCurve, rows: ProbeRows, values: _Values) -> st
             rank = None if layer is None else (picked.index(layer) if layer in picked else layer)
             label = series.label.replace("{layer}", str(layer)) if layer is not None else series.label
             lines.append(Line(x, y, values.fill(label), _line_color(series, number, rank), series.dashed))
+    return lines
+
+
+def _position_curve(part: PositionCurve, rows: ProbeRows, values: _Values) -> str | None:
+    lines = _curve_lines(part, rows, values, rows.entries)
     if not lines:
         return None
     panel = LinePanel(lines, values.fill(part.title), values.fill(part.xlabel), values.fill(part.ylabel),
                       logx=part.logx, logy=part.logy, ylim=part.ylim)
     return plots.lines_figure([panel], height=3.4)
+
+
+def _step_curve(part: StepCurve, rows: ProbeRows, values: _Values) -> str | None:
+    def entries_of(series: Series) -> list[Entry]:  # the step takes the position's place on the x axis
+        return [(layer, head, step, value * series.scale)
+                for layer, head, position, value, step in rows.stepped.get(series.statistic, ())
+                if not math.isnan(value) and (series.position is None or position == series.position)]
+
+    lines = _curve_lines(part, rows, values, entries_of)
+    if not lines:
+        return None
+    panel = LinePanel(lines, values.fill(part.title), values.fill(part.xlabel), values.fill(part.ylabel),
+                      logy=part.logy, ylim=part.ylim)
+    return plots.lines_figure([panel], height=3.2)
 
 
 def _table(part: Table, rows: ProbeRows, extras: Mapping[str, Any], values: _Values) -> dict[str, Any] | None:
@@ -278,7 +306,8 @@ def draw_part(part: Part, rows: ProbeRows, extras: Mapping[str, Any]) -> dict[st
         return {"kind": "text", "text": values.fill(part.template)}
     if isinstance(part, Table):
         return _table(part, rows, extras, values)
-    draw = {Heatmap: _heatmap, LayerCurve: _layer_curve, PositionCurve: _position_curve}[type(part)]
+    draw = {Heatmap: _heatmap, LayerCurve: _layer_curve, PositionCurve: _position_curve,
+            StepCurve: _step_curve}[type(part)]
     src = draw(part, rows, values)
     if src is None:
         return None

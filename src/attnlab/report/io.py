@@ -25,6 +25,7 @@ from typing import Any
 
 import pandas as pd
 
+from attnlab.columns import STEP_COLUMN
 from attnlab.errors import ConfigError
 from attnlab.report.schema import CSV_COLUMNS, INDEX_COLUMNS, REQUIRED_ROW_COLUMNS, validate_results
 from attnlab.report.upgrade import upgrade_results
@@ -105,7 +106,8 @@ def rows_to_frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     Columns are exactly ``probe, variant, statistic, layer, head, position, value`` in that order; ``layer``,
     ``head`` and ``position`` are nullable ``Int64`` (``<NA>`` where not applicable), ``value`` is float64 (NaN for
     ``null``), ``probe``, ``variant`` and ``statistic`` are strings (``variant`` NaN for probe rows, also when the
-    row has no ``variant`` key). Keys other than the seven columns are ignored.
+    row has no ``variant`` key). When some row has a ``step`` (training runs), a nullable ``Int64`` ``step``
+    column follows them. Other keys are ignored.
     """
     rows = list(rows)
     for index, row in enumerate(rows):
@@ -123,14 +125,18 @@ def rows_to_frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
             data[column] = pd.Series([None if v is None else str(v) for v in values], dtype=str)
         else:
             data[column] = pd.Series([str(v) for v in values], dtype=str)  # pandas' default string dtype
-    return pd.DataFrame(data, columns=list(CSV_COLUMNS))
+    columns = list(CSV_COLUMNS)
+    if any(row.get(STEP_COLUMN) is not None for row in rows):
+        data[STEP_COLUMN] = pd.array([row.get(STEP_COLUMN) for row in rows], dtype="Int64")
+        columns.append(STEP_COLUMN)
+    return pd.DataFrame(data, columns=columns)
 
 
 def frame_to_csv(frame: pd.DataFrame) -> str:
     """CSV text of a :func:`rows_to_frame` table: empty cells for missing values, floats at full precision.
 
     Read it back with ``pandas.read_csv(path, dtype={"variant": str, "layer": "Int64", "head": "Int64",
-    "position": "Int64"})``.
+    "position": "Int64"})`` (add ``"step": "Int64"`` for a training run's file).
     """
     return frame.to_csv(index=False, lineterminator="\n", na_rep="")
 

@@ -1,11 +1,13 @@
 """Report sections as data: what a probe's section in ``report.html`` draws, declared next to the probe's code.
 
-A probe (or analysis) class declares ``sections: ClassVar[tuple[Section, ...]]`` built from five primitives:
+A probe (or analysis) class declares ``sections: ClassVar[tuple[Section, ...]]`` built from six primitives:
 
 - :class:`Heatmap`: statistics over layer × head (one panel per :class:`Series`), optionally with per-layer bars;
 - :class:`LayerCurve`: statistics against the layer (mean over heads and positions, or one line per head);
 - :class:`PositionCurve`: statistics against the ``position`` column (a position, distance bin, length, lag ...),
   mean over heads, for all layers together, the rows without a layer, three picked layers or every layer;
+- :class:`StepCurve`: statistics against the training step (the ``step`` key that ``attnlab train`` adds to its
+  rows), one overall line or one line per layer;
 - :class:`Table`: records of an extras list (e.g. the sink probe's extreme tokens) or statistics per position or
   per picked layer;
 - :class:`Text`: a paragraph whose ``{fields}`` are filled from the probe's extras and its rows.
@@ -33,8 +35,8 @@ from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
 
 from attnlab.errors import ConfigError
 
-__all__ = ["Column", "Heatmap", "LayerCurve", "Part", "PositionCurve", "Section", "Series", "Table", "Text",
-           "LAYER_CHOICES", "section_specs", "sections_from_dicts"]
+__all__ = ["Column", "Heatmap", "LayerCurve", "Part", "PositionCurve", "Section", "Series", "StepCurve", "Table",
+           "Text", "LAYER_CHOICES", "section_specs", "sections_from_dicts"]
 
 LAYER_CHOICES = ("any", "none", "picked", "each")
 """Which rows a curve :class:`Series` reads: ``any`` = every row, averaged into one line; ``none`` = only rows with
@@ -172,6 +174,26 @@ class PositionCurve(Part):
 
 
 @dataclass(frozen=True)
+class StepCurve(Part):
+    """Lines against the training step: the rows' ``step`` key (rows without one are skipped).
+
+    Each series is, at every step, the mean of its rows over heads and positions, for the rows its ``layers``
+    picks (:data:`LAYER_CHOICES`): ``any`` one overall line over every row, ``none`` one line over the rows with an
+    empty layer (an overall statistic such as the loss), ``picked``/``each`` one line per layer (label
+    ``{layer}``). ``logy`` draws the y axis on a log scale (non-positive values dropped).
+    """
+
+    kind: ClassVar[str] = "step_curve"
+    templates: ClassVar[tuple[str, ...]] = ("caption", "alt", "title", "xlabel", "ylabel")
+    series: tuple[Series, ...]
+    title: str = ""
+    xlabel: str = "step"
+    ylabel: str = ""
+    logy: bool = False
+    ylim: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True)
 class Table(Part):
     """A table with a heading ``title`` (optional).
 
@@ -206,7 +228,8 @@ class Text(Part):
     template: str
 
 
-PARTS: dict[str, type[Part]] = {cls.kind: cls for cls in (Heatmap, LayerCurve, PositionCurve, Table, Text)}
+PARTS: dict[str, type[Part]] = {cls.kind: cls for cls in (Heatmap, LayerCurve, PositionCurve, StepCurve, Table,
+                                                           Text)}
 
 
 @dataclass(frozen=True)

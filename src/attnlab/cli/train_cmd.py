@@ -1,0 +1,272 @@
+"""``attnlab train`` and ``attnlab sweep``: train a TinyLM on a task; run a grid of trainings.
+
+``attnlab train`` builds an :class:`attnlab.lab.train.TrainConfig` from its options (CLI > ``--config`` YAML >
+defaults; with ``--resume`` the checkpoint's config fills every option not given), calls
+:func:`attnlab.lab.train.train` and writes ``results.json``, ``results.csv`` and ``report.html`` beside the
+checkpoint and ``train_log.csv``. ``attnlab sweep`` runs :func:`attnlab.lab.sweep.run_sweep` and writes the sweep's
+report. See docs/lab.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from attnlab.cli.options import ConfigFile, Debug, Seed, merge_config, print_config, run_guarded, stderr
+from attnlab.lab.train import TrainConfig
+
+_MODEL = "Model"
+_TRAIN = "Training"
+_EVAL = "Evaluation"
+_OUT = "Output"
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+
+FIELD_OF_OPTION = {"layers": "num_layers", "heads": "num_heads", "layer_arg": "layer_args", "task_arg": "task_args",
+                   "probe": "probes"}
+"""CLI option name → TrainConfig field, where they differ; every other option is its field."""
+CLI_ONLY = ("resume", "force", "config", "debug")
+
+
+class TrainOptions:
+    """What :func:`attnlab.cli.options.merge_config` needs to accept TrainConfig field names in ``--config``."""
+
+    @staticmethod
+    def option_names() -> set[str]:
+        return {f.name for f in dataclasses.fields(TrainConfig)}
+
+    @staticmethod
+    def option_of_field() -> dict[str, str]:
+        return {field: option for option, field in FIELD_OF_OPTION.items()}
+
+
+Layer = Annotated[Optional[str], typer.Option("--layer", help="Attention mechanism (`attnlab ls layers`).",
+                                              rich_help_panel=_MODEL)]
+LayerArg = Annotated[Optional[list[str]], typer.Option(
+    "--layer-arg", help="Layer constructor argument KEY=VALUE (repeatable), e.g. normalise=true.",
+    rich_help_panel=_MODEL)]
+Task = Annotated[Optional[str], typer.Option("--task", help="Task: mqar, bigram_backcopy, passkey, lm.",
+                                             rich_help_panel=_MODEL)]
+TaskArg = Annotated[Optional[list[str]], typer.Option(
+    "--task-arg", help="Task argument KEY=VALUE (repeatable), e.g. vocab_size=64.", rich_help_panel=_MODEL)]
+Layers = Annotated[int, typer.Option("--layers", help="Number of blocks.", rich_help_panel=_MODEL)]
+Width = Annotated[int, typer.Option("--width", help="Hidden size.", rich_help_panel=_MODEL)]
+Heads = Annotated[int, typer.Option("--heads", help="Attention heads.", rich_help_panel=_MODEL)]
+Positions = Annotated[str, typer.Option("--positions", help="rope | learned | none.", rich_help_panel=_MODEL)]
+Steps = Annotated[int, typer.Option("--steps", help="Optimizer updates.", rich_help_panel=_TRAIN)]
+Lr = Annotated[float, typer.Option("--lr", help="Peak learning rate.", rich_help_panel=_TRAIN)]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="Sequences per update.", rich_help_panel=_TRAIN)]
+WeightDecay = Annotated[float, typer.Option("--weight-decay", help="Weight decay on matrices.",
+                                            rich_help_panel=_TRAIN)]
+Warmup = Annotated[int, typer.Option("--warmup-steps", help="Linear warmup updates.", rich_help_panel=_TRAIN)]
+MinLr = Annotated[float, typer.Option("--min-lr-ratio", help="Cosine ends at lr × this.", rich_help_panel=_TRAIN)]
+Optimizer = Annotated[str, typer.Option("--optimizer", help="adamw | sgd.", rich_help_panel=_TRAIN)]
+GradClip = Annotated[float, typer.Option("--grad-clip", help="Max gradient norm (0 = no clipping).",
+                                         rich_help_panel=_TRAIN)]
+EvalEvery = Annotated[int, typer.Option("--eval-every", help="Evaluate (and checkpoint) every N updates.",
+                                        rich_help_panel=_EVAL)]
+EvalBatches = Annotated[int, typer.Option("--eval-batches", help="Eval batches per evaluation.",
+                                          rich_help_panel=_EVAL)]
+ProbeNames = Annotated[Optional[list[str]], typer.Option(
+    "--probe", help="Probe run at each evaluation (repeatable; default sink, entropy; `none` for no probes).",
+    rich_help_panel=_EVAL)]
+Target = Annotated[Optional[float], typer.Option("--target-accuracy", help="Stop once eval accuracy reaches it.",
+                                                 rich_help_panel=_EVAL)]
+OutDir = Annotated[Path, typer.Option("--out", help="Output directory.", rich_help_panel=_OUT)]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its checkpoint.",
+                                      rich_help_panel=_OUT)]
+Force = Annotated[bool, typer.Option("--force", help="Start afresh in a non-empty --out (overwrites files).",
+                                     rich_help_panel=_OUT)]
+
+
+def train_command(
+    ctx: typer.Context,
+    layer: Layer = None,
+    task: Task = None,
+    layers: Layers = DEFAULTS["num_layers"],
+    width: Width = DEFAULTS["width"],
+    heads: Heads = DEFAULTS["num_heads"],
+    positions: Positions = DEFAULTS["positions"],
+    layer_arg: LayerArg = None,
+    task_arg: TaskArg = None,
+    steps: Steps = DEFAULTS["steps"],
+    lr: Lr = DEFAULTS["lr"],
+    batch_size: BatchSize = DEFAULTS["batch_size"],
+    weight_decay: WeightDecay = DEFAULTS["weight_decay"],
+    warmup_steps: Warmup = DEFAULTS["warmup_steps"],
+    min_lr_ratio: MinLr = DEFAULTS["min_lr_ratio"],
+    optimizer: Optimizer = DEFAULTS["optimizer"],
+    grad_clip: GradClip = DEFAULTS["grad_clip"],
+    eval_every: EvalEvery = DEFAULTS["eval_every"],
+    eval_batches: EvalBatches = DEFAULTS["eval_batches"],
+    probe: ProbeNames = None,
+    target_accuracy: Target = None,
+    seed: Seed = 0,
+    out: OutDir = Path("attnlab-train"),
+    resume: Resume = False,
+    force: Force = False,
+    config: ConfigFile = None,
+    debug: Debug = False,
+) -> None:
+    """Train a TinyLM (--layer) on a task (--task); write the checkpoint, train_log.csv, results and report.html."""
+    run_guarded(lambda: run_train(ctx, config, resume=resume, force=force), debug)
+
+
+_UNSET = object()
+
+
+def parse_pairs(items: Any, option: str) -> dict[str, Any]:
+    """``["k=v", ...]`` (CLI) or a mapping (YAML) → ``{k: v}``; ConfigError on an item without ``=`` or a repeat."""
+    from attnlab.errors import ConfigError
+
+    if items is None:
+        return {}
+    if isinstance(items, dict):
+        return dict(items)
+    pairs: dict[str, Any] = {}
+    for item in [items] if isinstance(items, str) else items:
+        key, equals, value = str(item).partition("=")
+        key = key.strip().replace("-", "_")
+        if not equals or not key:
+            raise ConfigError(f"{option} expects KEY=VALUE, got {item!r}")
+        if key in pairs:
+            raise ConfigError(f"{option} {key} is given twice ({pairs[key]!r} and {value.strip()!r})")
+        pairs[key] = value.strip()
+    return pairs
+
+
+def train_config(ctx: typer.Context, config_path: Path | None, *, resume: bool) -> TrainConfig:
+    """The TrainConfig of ``attnlab train``: options given on the command line, then ``--config``, then (with
+    ``--resume``) the checkpoint's config, then the defaults."""
+    from attnlab.errors import ConfigError
+    from attnlab.lab.train import load_train_config
+
+    values = {key: None if isinstance(value, (list, tuple)) and not value else value  # () = not given
+              for key, value in ctx.params.items() if key not in CLI_ONLY}
+    given = {key: (value if _given(ctx, key) else _UNSET) for key, value in values.items()}
+    merged = merge_config(ctx, config_path, given, TrainOptions)
+    out = merged.get("out", _UNSET)
+    out = Path(values["out"]) if out is _UNSET else Path(out)
+    base = load_train_config(out).to_dict() if resume else {}
+    fields: dict[str, Any] = {}
+    for key, value in merged.items():
+        name = FIELD_OF_OPTION.get(key, key)
+        if value is _UNSET:
+            value = base[name] if name in base else values.get(key)
+        elif key in ("layer_arg", "task_arg"):
+            value = parse_pairs(value, f"--{key.replace('_', '-')}")
+        fields[name] = value
+    for name in ("layer", "task"):
+        if fields.get(name) is None:
+            raise ConfigError(f"attnlab train needs --{name} NAME (see `attnlab ls {name}s`)"
+                              if name == "layer" else "attnlab train needs --task NAME (mqar, bigram_backcopy, "
+                              "passkey, lm)")
+    if fields.get("layer_args") is None:
+        fields["layer_args"] = {}
+    if fields.get("task_args") is None:
+        fields["task_args"] = {}
+    if fields.get("probes") is None:
+        fields["probes"] = DEFAULTS["probes"]
+    elif list(fields["probes"]) == ["none"]:
+        fields["probes"] = ()
+    if fields.get("grad_clip") in (0, 0.0):
+        fields["grad_clip"] = None
+    fields["out"] = str(out)
+    return TrainConfig.from_dict(fields)
+
+
+def _given(ctx: typer.Context, key: str) -> bool:
+    source = ctx.get_parameter_source(key)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def run_train(ctx: typer.Context, config_path: Path | None, *, resume: bool, force: bool) -> None:
+    """The body of ``attnlab train``: options → TrainConfig → train → result files."""
+    from attnlab.errors import ConfigError
+    from attnlab.lab.train import check_out, train
+    from attnlab.report.io import check_out_dir, write_results
+
+    if resume and force:
+        raise ConfigError("--resume and --force exclude each other")
+    config = train_config(ctx, config_path, resume=resume)
+    check_out(config, resume=resume, force=force)
+    check_out_dir(Path(config.out or "."))
+    print_config(config)
+    result = with_train_progress(lambda progress: train(config, resume=resume, force=force, progress=progress))
+    paths = write_results(Path(config.out or "."), result.results)
+    final = result.final
+    stop = " (stopped early: target accuracy reached)" if result.stopped_early else ""
+    stderr.print(f"done: {result.step} steps in {result.seconds:.1f} s{stop}; eval loss "
+                 f"{final.get('eval_loss', float('nan')):.4f}, eval accuracy "
+                 f"{100 * final.get('eval_accuracy', float('nan')):.1f} %", markup=False)
+    typer.echo(f"report: {paths['html']}")
+    typer.echo(f"checkpoint: {result.checkpoint}")
+    typer.echo(f"files: {' '.join(str(p) for p in paths.values())} {Path(config.out or '.') / 'train_log.csv'}")
+
+
+def with_train_progress(work: Any) -> Any:
+    """Run ``work(progress)``: a rich bar with the last loss and accuracy on a terminal; otherwise one stderr line
+    per evaluation (messages starting with ``eval``)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    if not stderr.is_terminal:
+        def lines(done: int, total: int, message: str) -> None:
+            if not message.startswith("step"):
+                stderr.print(message, markup=False)
+
+        return work(lines)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), console=stderr, transient=False) as bar:
+        task = bar.add_task("starting", total=None)
+
+        def progress(done: int, total: int, message: str) -> None:
+            if message.startswith("eval"):
+                bar.console.print(message, markup=False, style="dim")
+            bar.update(task, description=message, completed=done, total=total or None)
+
+        return work(progress)
+
+
+SweepFile = Annotated[Path, typer.Argument(help="Sweep YAML: grid (layers, widths, lrs, tasks) and train fields.")]
+Jobs = Annotated[int, typer.Option("--jobs", help="Training processes at a time.", rich_help_panel="Run")]
+
+
+def sweep_command(
+    sweep_file: SweepFile,
+    jobs: Jobs = 1,
+    out: OutDir = Path("attnlab-sweep"),
+    resume: Annotated[bool, typer.Option("--resume", help="Keep finished jobs, continue the others.",
+                                         rich_help_panel=_OUT)] = False,
+    force: Force = False,
+    debug: Debug = False,
+) -> None:
+    """Run a grid of trainings (one `attnlab train` process per job, --jobs at a time); write sweep.csv, best.csv
+    and one report."""
+
+    def body() -> None:
+        from attnlab.errors import ConfigError
+        from attnlab.lab.sweep import run_sweep
+        from attnlab.report.io import write_results
+
+        if resume and force:
+            raise ConfigError("--resume and --force exclude each other")
+
+        def progress(done: int, total: int, message: str) -> None:
+            stderr.print(f"[{done}/{total}] {message}", markup=False)
+
+        result = run_sweep(sweep_file, out, jobs=jobs, resume=resume, force=force, progress=progress)
+        paths = write_results(out, result.results)
+        typer.echo(f"report: {paths['html']}")
+        typer.echo(f"files: {result.files['sweep']} {result.files['best']} {paths['json']} {paths['csv']}")
+        if result.failed:
+            stderr.print(f"error: {len(result.failed)} of {len(result.rows)} job(s) failed: "
+                         f"{', '.join(result.failed)} (see {out / 'logs'})", markup=False)
+            raise typer.Exit(1)
+
+    run_guarded(body, debug)

@@ -1,0 +1,134 @@
+"""Training checkpoints without pickle: ``out/checkpoint/`` holds everything a run needs to continue bit for bit.
+
+Layout of a checkpoint directory::
+
+    config.json, model.safetensors        the TinyLM (``save_pretrained``); attnlab.load_model(dir) reads it
+    tokenizer.json, tokenizer_config.json the task's tokenizer (``save_pretrained``)
+    trainer_state.safetensors             the optimizer state, one named tensor per (parameter, state key):
+                                          ``state.{index}.{key}`` (index = position in ``model.parameters()``;
+                                          AdamW: ``step``, ``exp_avg``, ``exp_avg_sq``)
+    trainer_state.json                    step, stopped_early, the optimizer's param groups (hyperparameters and
+                                          parameter indices), the TrainConfig, the log and probe rows so far,
+                                          seconds trained; plain JSON
+
+A checkpoint is written to a temporary directory beside the target and renamed into place; the previous one is
+moved aside first and deleted after the rename, so a crash leaves either the old or the new checkpoint (and at
+worst a ``.checkpoint.*`` leftover), never a mixture. Read it back with :func:`read_state`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from attnlab.errors import ConfigError
+
+__all__ = ["CHECKPOINT", "STATE_JSON", "STATE_TENSORS", "optimizer_state", "read_state", "restore_optimizer",
+           "write_checkpoint"]
+
+CHECKPOINT = "checkpoint"
+STATE_JSON = "trainer_state.json"
+STATE_TENSORS = "trainer_state.safetensors"
+FORMAT = 1
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """The optimizer's ``state_dict()`` as ``({"state.{index}.{key}": tensor}, param_groups)``.
+
+    Non-tensor state values (none for AdamW/SGD in current torch) are stored as 0-d float64 tensors and marked in
+    the group list under ``"scalar_state"``, so nothing is lost or pickled.
+    """
+    state_dict = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: list[str] = []
+    for index, state in state_dict["state"].items():
+        for key, value in state.items():
+            name = f"state.{index}.{key}"
+            if isinstance(value, torch.Tensor):
+                tensors[name] = value.detach().contiguous().clone()
+            elif value is not None:
+                tensors[name] = torch.tensor(float(value), dtype=torch.float64)
+                scalars.append(name)
+    groups = [{**group, "params": list(group["params"])} for group in state_dict["param_groups"]]
+    if scalars:
+        groups[0] = {**groups[0], "scalar_state": scalars}
+    return tensors, groups
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                      groups: list[dict[str, Any]]) -> None:
+    """Load what :func:`optimizer_state` produced into ``optimizer`` (same parameters, same order).
+
+    Raises ConfigError when the groups do not match the optimizer's (another optimizer or model shape).
+    """
+    current = optimizer.state_dict()["param_groups"]
+    if [len(g["params"]) for g in current] != [len(g["params"]) for g in groups]:
+        raise ConfigError(f"checkpoint optimizer has parameter groups of sizes {[len(g['params']) for g in groups]}, "
+                          f"this model's has {[len(g['params']) for g in current]}")
+    scalars = set(groups[0].get("scalar_state", ())) if groups else set()
+    state: dict[int, dict[str, Any]] = {}
+    for name, tensor in tensors.items():
+        _, index, key = name.split(".", 2)
+        state.setdefault(int(index), {})[key] = tensor.item() if name in scalars else tensor
+    clean = []
+    for group in groups:
+        group = {key: value for key, value in group.items() if key != "scalar_state"}
+        if isinstance(group.get("betas"), list):
+            group["betas"] = tuple(group["betas"])
+        clean.append(group)
+    optimizer.load_state_dict({"state": state, "param_groups": clean})
+
+
+def write_checkpoint(out_dir: Path, model: Any, tokenizer: Any, optimizer: torch.optim.Optimizer,
+                     state: dict[str, Any]) -> Path:
+    """Write ``out_dir/checkpoint`` (layout in the module docstring) through a temporary directory; return it.
+
+    ``state`` is the JSON part (step, config, log ...); the optimizer's param groups are added to it.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / CHECKPOINT
+    temp = out_dir / f".{CHECKPOINT}.{secrets.token_hex(6)}.tmp"
+    try:
+        model.save_pretrained(temp, safe_serialization=True)
+        tokenizer.save_pretrained(temp)
+        tensors, groups = optimizer_state(optimizer)
+        save_file(tensors, str(temp / STATE_TENSORS), metadata={"format": str(FORMAT)})
+        text = json.dumps({"format": FORMAT, **state, "param_groups": groups}, indent=1, allow_nan=True)
+        (temp / STATE_JSON).write_text(text + "\n", encoding="utf-8")
+        old = None
+        if target.exists():
+            old = out_dir / f".{CHECKPOINT}.{secrets.token_hex(6)}.old"
+            os.replace(target, old)
+        os.replace(temp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if temp.exists():
+            shutil.rmtree(temp, ignore_errors=True)
+    return target
+
+
+def read_state(checkpoint: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(trainer_state.json as a dict, optimizer tensors)`` of a checkpoint directory.
+
+    Raises ConfigError (one line) when the directory or either file is missing or unreadable.
+    """
+    json_path, tensor_path = checkpoint / STATE_JSON, checkpoint / STATE_TENSORS
+    if not json_path.is_file() or not tensor_path.is_file():
+        raise ConfigError(f"no checkpoint to resume in {checkpoint} (expected {STATE_JSON} and {STATE_TENSORS}); "
+                          "run without --resume to start")
+    try:
+        state = json.loads(json_path.read_text(encoding="utf-8"))
+        tensors = load_file(str(tensor_path))
+    except (OSError, ValueError, RuntimeError) as error:
+        raise ConfigError(f"cannot read the checkpoint in {checkpoint}: {' '.join(str(error).split())}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ConfigError(f"{json_path} is not a trainer state of format {FORMAT}")
+    return state, tensors

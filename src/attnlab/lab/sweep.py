@@ -1,0 +1,299 @@
+"""Sweeps: a grid of training runs (layers × widths × lrs × tasks), one ``python -m attnlab train`` process per
+job, N at a time; one table of final results and a "best of the learning rates" table.
+
+The sweep file (YAML)::
+
+    grid:
+      layers: [masked, {name: sigmoid_norm, layer: sigmoid, layer_args: {normalise: true}}]
+      widths: [32, 64]
+      lrs: [1.0e-3, 3.0e-3]
+      tasks: [mqar, {name: mqar_long, task: mqar, task_args: {seq_len: 128}}]
+    train:                       # TrainConfig fields shared by every job (attnlab.lab.train.TrainConfig)
+      steps: 200
+      task_args: {vocab_size: 64, seq_len: 32}
+
+A grid entry is a name, or a mapping with ``layer``/``task``, its ``layer_args``/``task_args`` (merged over those of
+``train``) and an optional ``name`` (its label in job names and tables). Every job's TrainConfig is built and
+checked before any job starts (a bad sweep file fails with one line and runs nothing).
+
+Files in the sweep's directory: ``configs/JOB.yaml`` (each job's config, replayable with ``attnlab train --config``),
+``jobs/JOB/`` (each job's own ``--out``), ``logs/JOB.log`` (its stdout and stderr), ``sweep.csv`` (one row per
+job: settings, status, final eval loss/accuracy, steps, wall time, parameters; failed jobs keep their error) and
+``best.csv`` (per layer, width and task: the learning rate with the best eval accuracy, ties broken by eval
+loss). :func:`run_sweep` returns the results dict of the sweep's report; the CLI writes it. Failed jobs do not
+stop the others (STYLE rule 30): they are recorded with status ``failed`` and the CLI exits 1.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import io
+import itertools
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from attnlab.errors import ConfigError
+from attnlab.lab.train import TrainConfig, make_task
+from attnlab.lab.train_results import write_text
+from attnlab.progress import Progress, silent
+
+__all__ = ["BEST_COLUMNS", "SWEEP_COLUMNS", "SweepJob", "SweepResult", "best_of_lrs", "load_sweep", "run_sweep"]
+
+GRID_KEYS = {"layers": "layer", "widths": "width", "lrs": "lr", "tasks": "task"}
+SWEEP_COLUMNS = ("job", "layer", "layer_args", "width", "lr", "task", "task_args", "status", "steps",
+                 "stopped_early", "eval_loss", "eval_accuracy", "train_loss", "train_seconds", "wall_seconds",
+                 "num_parameters", "error", "out")
+BEST_COLUMNS = ("layer", "width", "task", "best_lr", "eval_accuracy", "eval_loss", "steps", "num_parameters",
+                "lrs_tried")
+
+
+@dataclass(frozen=True)
+class SweepJob:
+    """One grid point: its name, labels and TrainConfig (``out`` = ``jobs/NAME``)."""
+
+    name: str
+    layer: str
+    task: str
+    config: TrainConfig
+
+
+@dataclass
+class SweepResult:
+    """What :func:`run_sweep` returns: one row per job (:data:`SWEEP_COLUMNS`), the best-of-lrs rows
+    (:data:`BEST_COLUMNS`), the paths written, the failed jobs' names and the report's results dict."""
+
+    rows: list[dict[str, Any]]
+    best: list[dict[str, Any]]
+    files: dict[str, Path]
+    failed: list[str]
+    results: dict[str, Any]
+
+
+def _entries(grid: Mapping[str, Any], key: str) -> list[Any]:
+    singular = GRID_KEYS[key]
+    if key in grid and singular in grid:
+        raise ConfigError(f"sweep grid gives both {key} and {singular}")
+    values = grid.get(key, grid.get(singular))
+    if values is None:
+        raise ConfigError(f"sweep grid needs {key} (a list)")
+    values = values if isinstance(values, list) else [values]
+    if not values:
+        raise ConfigError(f"sweep grid: {key} is empty")
+    return values
+
+
+def _named(entry: Any, kind: str, shared: Mapping[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    """``(label, name, args)`` of a layer/task grid entry (a name or a mapping)."""
+    args_key = f"{kind}_args"
+    base = dict(shared.get(args_key) or {})
+    if isinstance(entry, str):
+        return entry, entry, base
+    if not isinstance(entry, Mapping) or not isinstance(entry.get(kind), str):
+        raise ConfigError(f"sweep grid: a {kind} entry is a name or a mapping with {kind}: NAME, got {entry!r}")
+    unknown = sorted(set(entry) - {kind, args_key, "name"})
+    if unknown:
+        raise ConfigError(f"sweep grid: {kind} entry {entry[kind]!r} has unknown key(s) {', '.join(unknown)}")
+    args = entry.get(args_key) or {}
+    if not isinstance(args, Mapping):
+        raise ConfigError(f"sweep grid: {args_key} of {entry[kind]!r} must be a mapping, got {args!r}")
+    return str(entry.get("name", entry[kind])), entry[kind], {**base, **args}
+
+
+def _job_name(layer: str, width: Any, lr: Any, task: str) -> str:
+    name = f"{layer}-w{width}-lr{float(lr):g}-{task}"
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", name)
+
+
+def load_sweep(path: str | Path, out: str | Path) -> list[SweepJob]:
+    """The jobs of a sweep file (module docstring), each config checked; ConfigError/RegistryError on bad input."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise ConfigError(f"cannot read sweep file {path}: {' '.join(str(error).split())}") from None
+    if not isinstance(data, Mapping) or not isinstance(data.get("grid"), Mapping):
+        raise ConfigError(f"sweep file {path} must be a mapping with a grid: mapping")
+    unknown = sorted(set(data) - {"grid", "train"})
+    if unknown:
+        raise ConfigError(f"sweep file {path}: unknown key(s) {', '.join(unknown)}; known: grid, train")
+    grid, shared = data["grid"], dict(data.get("train") or {})
+    bad = sorted(set(grid) - set(GRID_KEYS) - set(GRID_KEYS.values()))
+    if bad:
+        raise ConfigError(f"sweep grid: unknown key(s) {', '.join(bad)}; known: {', '.join(GRID_KEYS)}")
+    clash = sorted(set(shared) & {"layer", "width", "lr", "task", "out"})
+    if clash:
+        raise ConfigError(f"sweep file {path}: train sets {', '.join(clash)}, which the grid (or --out) decides")
+    layers = [_named(e, "layer", shared) for e in _entries(grid, "layers")]
+    tasks = [_named(e, "task", shared) for e in _entries(grid, "tasks")]
+    jobs, seen = [], set()
+    for (layer_label, layer, layer_args), width, lr, (task_label, task, task_args) in itertools.product(
+            layers, _entries(grid, "widths"), _entries(grid, "lrs"), tasks):
+        name = _job_name(layer_label, width, lr, task_label)
+        if name in seen:
+            raise ConfigError(f"sweep grid: two jobs are both named {name}; give the entries distinct names")
+        seen.add(name)
+        config = TrainConfig.from_dict({**shared, "layer": layer, "layer_args": layer_args, "width": width,
+                                        "lr": lr, "task": task, "task_args": task_args,
+                                        "out": str(Path(out) / "jobs" / name)})
+        make_task(config)  # the task's own cross-parameter checks, before anything runs
+        jobs.append(SweepJob(name, layer_label, task_label, config))
+    return jobs
+
+
+def _run_job(job: SweepJob, root: Path, threads: int, resume: bool) -> dict[str, Any]:
+    """Run one job as ``python -m attnlab train --config configs/JOB.yaml --out jobs/JOB``; its row."""
+    import yaml
+
+    config_path = root / "configs" / f"{job.name}.yaml"
+    settings = {k: v for k, v in job.config.to_dict().items() if k != "out"}
+    write_text(config_path, yaml.safe_dump(settings, sort_keys=False))
+    out = Path(job.config.out or "")
+    command = [sys.executable, "-m", "attnlab", "train", "--config", str(config_path), "--out", str(out)]
+    if resume and (out / "checkpoint").is_dir():
+        command.append("--resume")
+    elif out.exists():
+        command.append("--force")
+    env = {**os.environ}
+    env.setdefault("OMP_NUM_THREADS", str(threads))
+    row = _base_row(job)
+    log_path = root / "logs" / f"{job.name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with open(log_path, "w", encoding="utf-8") as log:
+        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
+    row["wall_seconds"] = round(time.perf_counter() - started, 3)
+    if done.returncode != 0:
+        lines = [line for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+        errors = [line for line in lines if line.startswith("error:")]
+        message = (errors or lines or [f"exit code {done.returncode}"])[-1]
+        return {**row, "status": "failed", "error": f"exit {done.returncode}: {message}"}
+    try:
+        extras = json.loads((out / "results.json").read_text(encoding="utf-8"))["extras"]["train"]
+    except (OSError, ValueError, KeyError) as error:
+        return {**row, "status": "failed", "error": f"no readable results.json: {error}"}
+    return {**row, **_finished(extras)}
+
+
+def _base_row(job: SweepJob) -> dict[str, Any]:
+    return {"job": job.name, "layer": job.layer, "layer_args": json.dumps(job.config.layer_args),
+            "width": job.config.width, "lr": job.config.lr, "task": job.task,
+            "task_args": json.dumps(job.config.task_args), "out": str(job.config.out)}
+
+
+def _finished(extras: Mapping[str, Any]) -> dict[str, Any]:
+    """The result columns of a finished job, from its results.json's ``extras["train"]``."""
+    return {"status": "ok", "error": "", "steps": extras.get("step"), "stopped_early": extras.get("stopped_early"),
+            "eval_loss": extras.get("eval_loss"), "eval_accuracy": extras.get("eval_accuracy"),
+            "train_loss": extras.get("train_loss"), "train_seconds": extras.get("seconds"),
+            "num_parameters": extras.get("num_parameters")}
+
+
+def _score(row: Mapping[str, Any]) -> tuple[float, float]:
+    accuracy, loss = row.get("eval_accuracy"), row.get("eval_loss")
+    accuracy = -math.inf if accuracy is None or math.isnan(accuracy) else accuracy
+    loss = math.inf if loss is None or math.isnan(loss) else loss
+    return accuracy, -loss
+
+
+def best_of_lrs(rows: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per (layer, width, task), in first-seen order: the finished job with the highest eval accuracy (ties: the
+    lowest eval loss, then the first); ``lrs_tried`` lists every learning rate of that group."""
+    groups: dict[tuple[Any, Any, Any], list[Mapping[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["layer"], row["width"], row["task"]), []).append(row)
+    best = []
+    for (layer, width, task), members in groups.items():
+        finished = [row for row in members if row.get("status") == "ok"]
+        lrs = " ".join(f"{float(row['lr']):g}" for row in members)
+        if not finished:
+            best.append({"layer": layer, "width": width, "task": task, "best_lr": None, "lrs_tried": lrs})
+            continue
+        top = max(finished, key=_score)  # max keeps the first of equals
+        best.append({"layer": layer, "width": width, "task": task, "best_lr": top["lr"],
+                     "eval_accuracy": top.get("eval_accuracy"), "eval_loss": top.get("eval_loss"),
+                     "steps": top.get("steps"), "num_parameters": top.get("num_parameters"), "lrs_tried": lrs})
+    return best
+
+
+def _csv(rows: list[Mapping[str, Any]], columns: tuple[str, ...]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow(["" if row.get(c) is None else repr(row[c]) if isinstance(row.get(c), float) else row[c]
+                         for c in columns])
+    return buffer.getvalue()
+
+
+def check_sweep_out(out: Path, *, resume: bool, force: bool) -> None:
+    """ConfigError when the sweep directory is not empty and neither resume nor force was asked for."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a directory")
+    if not resume and not force and out.is_dir() and any(out.iterdir()):
+        raise ConfigError(f"--out {out} is not empty; pass --resume to finish its jobs or --force to rerun them")
+
+
+def run_sweep(path: str | Path, out: str | Path, *, jobs: int = 1, resume: bool = False, force: bool = False,
+              progress: Progress | None = None) -> SweepResult:
+    """Run every job of the sweep file ``path`` into ``out`` (module docstring), ``jobs`` processes at a time.
+
+    With ``resume``, a job whose directory already holds a finished results.json is kept as it is and one with a
+    checkpoint continues (``--resume``). Each process gets ``OMP_NUM_THREADS = cpus // jobs`` unless the
+    environment sets it. Raises ConfigError/RegistryError before any job runs on a bad file or ``jobs < 1``.
+    """
+    from attnlab.lab.sweep_report import sweep_results
+
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {jobs}")
+    notify = progress or silent
+    root = Path(out)
+    check_sweep_out(root, resume=resume, force=force)
+    planned = load_sweep(path, root)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    started = time.perf_counter()
+    rows: dict[str, dict[str, Any]] = {}
+    pending = []
+    for job in planned:
+        finished = _finished_row(job) if resume else None
+        if finished is not None:
+            rows[job.name] = finished
+        else:
+            pending.append(job)
+    notify(len(rows), len(planned), f"{len(pending)} job(s) to run, {jobs} at a time")
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {pool.submit(_run_job, job, root, threads, resume): job for job in pending}
+        for future in concurrent.futures.as_completed(futures):
+            row = future.result()
+            rows[row["job"]] = row
+            status = "ok" if row["status"] == "ok" else f"FAILED ({row['error']})"
+            notify(len(rows), len(planned), f"job {row['job']}: {status}")
+    ordered = [rows[job.name] for job in planned]
+    best = best_of_lrs(ordered)
+    files = {"sweep": write_text(root / "sweep.csv", _csv(ordered, SWEEP_COLUMNS)),
+             "best": write_text(root / "best.csv", _csv(best, BEST_COLUMNS))}
+    failed = [row["job"] for row in ordered if row["status"] != "ok"]
+    results = sweep_results(path, ordered, best, jobs=jobs, seconds=time.perf_counter() - started)
+    return SweepResult(ordered, best, files, failed, results)
+
+
+def _finished_row(job: SweepJob) -> dict[str, Any] | None:
+    """The row of a job whose results.json says it finished (all steps or stopped early), else None."""
+    out = Path(job.config.out or "")
+    try:
+        extras = json.loads((out / "results.json").read_text(encoding="utf-8"))["extras"]["train"]
+    except (OSError, ValueError, KeyError):
+        return None
+    if not (extras.get("stopped_early") or extras.get("step") == job.config.steps):
+        return None
+    return {**_base_row(job), **_finished(extras), "wall_seconds": None}

@@ -1,0 +1,422 @@
+"""Train a TinyLM on a task: AdamW (or SGD), linear warmup + cosine decay, periodic evaluation with probes,
+checkpoints, bit-identical resume, early stop at a target accuracy.
+
+    from attnlab.lab.train import TrainConfig, train
+    result = train(TrainConfig(layer="masked", task="mqar", task_args={"vocab_size": 64, "seq_len": 32},
+                               width=32, steps=200, out="runs/mqar"))
+    result.final            # {"eval_loss": ..., "eval_accuracy": ..., "train_loss": ...}
+    result.results          # the results dict; attnlab.report.io.write_results(out, result.results) writes it
+
+What one run does (step = number of optimizer updates done):
+
+- the model is ``build_model(spec, seed=config.seed)``; the task gets ``seed=config.seed`` unless ``task_args``
+  sets its own; update ``s`` (1-based) trains on ``task.batch(s - 1, batch_size)``, so the data depend on the step
+  alone and a resumed run sees exactly the batches an uninterrupted one would;
+- learning rate at update ``s``: ``lr · s / warmup_steps`` while ``s <= warmup_steps``, then cosine from ``lr``
+  down to ``lr · min_lr_ratio`` at ``s = steps``; gradients clipped to ``grad_clip`` (global L2 norm);
+  AdamW decays only matrices (``p.dim() >= 2``: projections, embeddings), not norms and biases; SGD is plain
+  (no momentum) with the same weight-decay split;
+- evaluation at step 0, every ``eval_every`` steps and at the last step: loss (mean cross-entropy over labelled
+  positions) and the task's accuracy over ``eval_batches`` eval batches (``split="eval"``, batches 0 …), then the
+  probes in an :class:`attnlab.Session` over eval batch 0 (``model.eval()``, no grad), their rows stored with a
+  ``step`` key; after each evaluation a checkpoint (:mod:`attnlab.lab.checkpoint`) and ``train_log.csv``;
+- early stop when the eval accuracy reaches ``target_accuracy``.
+
+``train_log.csv`` has columns ``step, split, statistic, value``: every update logs ``train`` ``loss``,
+``accuracy``, ``lr`` and ``grad_norm`` (before clipping); every evaluation logs ``eval`` ``loss`` and ``accuracy``.
+Resuming (``resume=True``) reloads weights, optimizer state and logs from ``out/checkpoint`` and continues; on CPU
+the final weights and the log are bit-identical to an uninterrupted run (same torch, same thread count).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from attnlab.errors import ConfigError
+from attnlab.params import Range, coerce
+from attnlab.progress import Progress, silent
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TrainConfig", "TrainResult", "learning_rate", "load_train_config", "train"]
+
+LOG_COLUMNS = ("step", "split", "statistic", "value")
+TRAIN_LOG = "train_log.csv"
+SET_BY_MODEL = ("hidden_size", "num_heads", "layer_idx", "num_layers", "mask_mod")
+"""Layer constructor arguments the TinyLM sets (from the run's sizes), so layer_args may not."""
+RESUME_MAY_DIFFER = ("out",)
+"""TrainConfig fields a resumed run may change; every other field must match the checkpoint's."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on; saved in the checkpoint and in results.json's ``config``.
+
+    Attributes:
+        layer, layer_args: the mixer (``attnlab ls layers``) and its constructor arguments (JSON values or text).
+        task, task_args: the task (:data:`attnlab.lab.tasks.TASKS`) and its constructor arguments.
+        num_layers, width, num_heads, positions: TinyLM sizes (``width`` = hidden_size).
+        steps: optimizer updates in all; lr: peak learning rate; batch_size: sequences per update.
+        weight_decay: decoupled (AdamW) or L2 (SGD) decay on matrices. warmup_steps: linear warmup length.
+        min_lr_ratio: the cosine ends at ``lr · min_lr_ratio``. optimizer: ``adamw`` | ``sgd``.
+        grad_clip: max global gradient norm (None = no clipping).
+        eval_every, eval_batches: evaluation period (steps) and size (batches of ``batch_size``).
+        probes: probes run at each evaluation (``attnlab ls probes``).
+        target_accuracy: stop once the eval accuracy reaches it (None = run all steps).
+        seed: model initialisation (and the task's data unless task_args sets ``seed``).
+        out: output directory (checkpoint, train_log.csv); None = write nothing.
+
+    Values may be given as text (``"3e-4"``); each is coerced and bounded by its annotation (ConfigError, one line).
+    """
+
+    layer: str = "masked"
+    layer_args: Mapping[str, Any] = field(default_factory=dict)
+    task: str = "mqar"
+    task_args: Mapping[str, Any] = field(default_factory=dict)
+    num_layers: Annotated[int, Range(ge=1, le=256)] = 2
+    width: Annotated[int, Range(ge=1, le=65536)] = 64
+    num_heads: Annotated[int, Range(ge=1, le=1024)] = 4
+    positions: Literal["rope", "learned", "none"] = "rope"
+    steps: Annotated[int, Range(ge=1)] = 1000
+    lr: Annotated[float, Range(gt=0, le=10)] = 1e-3
+    batch_size: Annotated[int, Range(ge=1, le=65536)] = 32
+    weight_decay: Annotated[float, Range(ge=0, le=10)] = 0.1
+    warmup_steps: Annotated[int, Range(ge=0)] = 0
+    min_lr_ratio: Annotated[float, Range(ge=0, le=1)] = 0.1
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    grad_clip: Annotated[float, Range(gt=0)] | None = 1.0
+    eval_every: Annotated[int, Range(ge=1)] = 100
+    eval_batches: Annotated[int, Range(ge=1, le=65536)] = 4
+    probes: tuple[str, ...] = ("sink", "entropy")
+    target_accuracy: Annotated[float, Range(ge=0, le=1)] | None = None
+    seed: Annotated[int, Range(ge=0)] = 0
+    out: str | None = None
+
+    def __post_init__(self) -> None:
+        hints = _hints()
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if item.name in ("layer_args", "task_args"):
+                if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+                    raise ConfigError(f"train: {item.name} must map names to values, got {value!r}")
+                value = dict(value)
+            elif item.name == "out":
+                value = None if value is None else str(value)
+            else:
+                value = coerce(value, hints[item.name], owner="train", param=item.name)
+            object.__setattr__(self, item.name, value)
+        object.__setattr__(self, "layer_args", typed_args("layer", self.layer, self.layer_args))
+        object.__setattr__(self, "task_args", typed_args("task", self.task, self.task_args))
+        if self.width % self.num_heads:
+            raise ConfigError(f"train: width={self.width} must be a multiple of num_heads={self.num_heads}")
+        if self.warmup_steps > self.steps:
+            raise ConfigError(f"train: warmup_steps={self.warmup_steps} exceeds steps={self.steps}")
+        if len(set(self.probes)) != len(self.probes):
+            raise ConfigError(f"train: each probe may be given once, got {list(self.probes)}")
+        if self.probes:
+            from attnlab.probes import PROBES
+
+            for name in self.probes:
+                PROBES.get(name)  # RegistryError naming the known probes (analyses do not run in training)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: tuples as lists, mappings as dicts."""
+        return {key: list(value) if isinstance(value, tuple) else dict(value) if isinstance(value, Mapping)
+                else value for key, value in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        """Inverse of :meth:`to_dict`; ConfigError naming unknown keys."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"train: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        return cls(**dict(data))
+
+
+def _hints() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig, include_extras=True)
+
+
+def typed_args(kind: Literal["layer", "task"], name: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` (text or typed) coerced by the annotations of the layer's or task's constructor.
+
+    Layers also take ``mask`` (a mask spec, ``"sliding_window:window=32"``, resolved by the TinyLM); the sizes the
+    TinyLM sets itself (:data:`SET_BY_MODEL`) are refused. Raises RegistryError for an unknown name, ConfigError
+    (``bad --layer-arg for NAME: ...``) for a key the constructor does not take or a value that does not fit.
+    """
+    import inspect
+
+    from attnlab.params import accepted_names
+
+    if kind == "layer":
+        from attnlab.layers import LAYERS as registry
+    else:
+        from attnlab.lab.tasks import TASKS as registry
+    cls = registry.get(name)
+    owner = f"bad --{kind}-arg for {name}"
+    try:
+        hints = typing.get_type_hints(inspect.unwrap(cls.__init__), include_extras=True)
+    except NameError:  # annotations naming what only type checkers import: pass the values on unchecked
+        hints = {}
+    names = accepted_names(cls)
+    if kind == "layer":
+        names = [n for n in names if n not in SET_BY_MODEL] + ["mask"]
+        hints = {**hints, "mask": str}
+        taken = sorted(set(values) & set(SET_BY_MODEL))
+        if taken:
+            raise ConfigError(f"{owner}: {', '.join(taken)} is set by the model (--width, --heads, --layers)")
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ConfigError(f"{owner}: no parameter {', '.join(unknown)}; it takes: {', '.join(names)}")
+    return {key: coerce(value, hints.get(key, Any), owner=owner, param=key) for key, value in values.items()}
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns.
+
+    Attributes:
+        config: the run's TrainConfig. step: updates done. stopped_early: the target accuracy was reached.
+        final: the last evaluation's ``eval_loss``/``eval_accuracy`` and the last update's ``train_loss``.
+        num_parameters: distinct trainable parameters. seconds: wall time trained (summed over resumes).
+        log: the train_log rows (``step, split, statistic, value``). probe_rows: every probe row with its ``step``.
+        results: the results dict (docs/results.md; rows of probe ``train`` and of each probe, with ``step``).
+        checkpoint: ``out/checkpoint`` (None when ``config.out`` is None). model: the trained model.
+    """
+
+    config: TrainConfig
+    step: int
+    stopped_early: bool
+    final: dict[str, float]
+    num_parameters: int
+    seconds: float
+    log: list[dict[str, Any]]
+    probe_rows: list[dict[str, Any]]
+    results: dict[str, Any]
+    checkpoint: Path | None
+    model: Any = None
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """The learning rate of update ``step`` (1-based): linear warmup, then cosine to ``lr · min_lr_ratio``."""
+    if config.warmup_steps and step <= config.warmup_steps:
+        return config.lr * step / config.warmup_steps
+    span = max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, max(0.0, (step - config.warmup_steps) / span))
+    ratio = config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return config.lr * ratio
+
+
+def load_train_config(out: str | Path) -> TrainConfig:
+    """The TrainConfig saved in ``out/checkpoint`` (ConfigError if there is none)."""
+    from attnlab.lab.checkpoint import CHECKPOINT, read_state
+
+    state, _ = read_state(Path(out) / CHECKPOINT)
+    return TrainConfig.from_dict({**state["config"], "out": str(out)})
+
+
+# building -----------------------------------------------------------------------------------------------------
+def make_task(config: TrainConfig) -> Any:
+    """The task instance: ``TASKS.get(task)(**task_args)`` with ``seed=config.seed`` unless task_args has one."""
+    from attnlab.lab.tasks import TASKS
+
+    args = dict(config.task_args)
+    args.setdefault("seed", config.seed)
+    return TASKS.get(config.task)(**args)
+
+
+def model_spec(config: TrainConfig, task: Any) -> Any:
+    """The TinyLMSpec of a run: the config's sizes, the task's vocabulary; learned positions get the task's
+    seq_len as their table size, RoPE and none keep the spec's default maximum."""
+    from attnlab.lab.modeling import TinyLMSpec
+
+    extra = {"max_position_embeddings": int(task.seq_len)} if config.positions == "learned" else {}
+    return TinyLMSpec(layer=config.layer, layer_args=dict(config.layer_args), vocab_size=int(task.vocab_size),
+                      num_layers=config.num_layers, hidden_size=config.width, num_heads=config.num_heads,
+                      positions=config.positions, **extra)
+
+
+def make_optimizer(config: TrainConfig, model: Any) -> Any:
+    """AdamW or plain SGD over ``model.parameters()`` (order kept), weight decay on matrices only."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=0.0)
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def check_out(config: TrainConfig, *, resume: bool, force: bool) -> None:
+    """ConfigError when ``out`` exists, is not empty, and neither resume nor force was asked for."""
+    if config.out is None:
+        return
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a directory")
+    if not resume and not force and out.is_dir() and any(out.iterdir()):
+        raise ConfigError(f"--out {out} is not empty; pass --resume to continue its run or --force to overwrite")
+
+
+# one evaluation -------------------------------------------------------------------------------------------------
+def evaluate(model: Any, task: Any, config: TrainConfig, step: int) -> tuple[dict[str, float], list[dict]]:
+    """Eval loss and accuracy over ``eval_batches`` batches, and the probes' rows (with ``step``) over batch 0."""
+    import torch
+    import torch.nn.functional as F
+
+    from attnlab.capture.session import Session
+
+    was_training = model.training
+    model.eval()
+    total, count, correct, counted = 0.0, 0, 0, 0
+    with torch.no_grad():
+        for index in range(config.eval_batches):
+            batch = task.batch(index, config.batch_size, split="eval")
+            logits = model(input_ids=batch["input_ids"]).logits
+            labels = batch["labels"]
+            total += float(F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+                                           reduction="sum"))
+            count += int((labels != -100).sum())
+            good, seen = task.accuracy(logits, labels)
+            correct, counted = correct + int(good), counted + int(seen)
+        rows: list[dict[str, Any]] = []
+        if config.probes:
+            batch = task.batch(0, config.batch_size, split="eval")
+            with Session(model, probes=list(config.probes)) as session:
+                model(input_ids=batch["input_ids"])
+            rows = [{**row, "variant": None, "step": step} for row in session.rows()]
+    model.train(was_training)
+    metrics = {"loss": total / count if count else math.nan, "accuracy": correct / counted if counted else math.nan}
+    return metrics, rows
+
+
+# the loop -------------------------------------------------------------------------------------------------------
+def train(config: TrainConfig, *, resume: bool = False, progress: Progress | None = None, force: bool = False,
+          stop_at: int | None = None) -> TrainResult:
+    """Train (or, with ``resume``, continue) the run ``config`` describes; see the module docstring.
+
+    Args:
+        config: the run. ``config.out`` None writes nothing (no checkpoint, no resume).
+        resume: continue from ``out/checkpoint``; its config must equal ``config`` except ``out``.
+        progress: ``progress(done, total, message)`` after every update; messages of evaluations start with
+            ``"eval"`` (one line each, for logs).
+        force: start afresh even though ``out`` is not empty (files there are overwritten).
+        stop_at: stop after this many updates (the schedule still spans ``config.steps``), checkpointing there,
+            so a later ``resume`` continues the same run (a time-boxed run).
+
+    Returns: a :class:`TrainResult`. Raises ConfigError/RegistryError (one line) on bad settings, on a non-empty
+    ``out`` without resume/force, and on resuming with no checkpoint or a different config.
+    """
+    import torch
+
+    from attnlab.lab.checkpoint import CHECKPOINT, read_state, restore_optimizer, write_checkpoint
+    from attnlab.lab.modeling import TinyLMForCausalLM, build_model
+    from attnlab.lab.train_results import results_dict, write_log
+
+    notify = progress or silent
+    if resume and config.out is None:
+        raise ConfigError("resume needs an out directory holding a checkpoint")
+    check_out(config, resume=resume, force=force)
+    out = None if config.out is None else Path(config.out)
+    task = make_task(config)
+    spec = model_spec(config, task)
+    tokenizer = task.tokenizer()
+    log: list[dict[str, Any]] = []
+    probe_rows: list[dict[str, Any]] = []
+    start, stopped, seconds = 0, False, 0.0
+    if resume:
+        assert out is not None
+        state, tensors = read_state(out / CHECKPOINT)
+        _check_same_run(config, TrainConfig.from_dict({**state["config"], "out": config.out}))
+        model = TinyLMForCausalLM.from_pretrained(out / CHECKPOINT)
+        optimizer = make_optimizer(config, model)
+        restore_optimizer(optimizer, tensors, state["param_groups"])
+        start, stopped, seconds = int(state["step"]), bool(state["stopped_early"]), float(state["seconds"])
+        log, probe_rows = list(state["log"]), list(state["probe_rows"])
+    else:
+        torch.manual_seed(config.seed)
+        model = build_model(spec, seed=config.seed)
+        optimizer = make_optimizer(config, model)
+    model.train()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    num_parameters = sum(p.numel() for p in model.parameters())
+    end = config.steps if stop_at is None else min(config.steps, stop_at)
+    began = time.perf_counter()
+
+    def checkpoint(step: int) -> None:
+        if out is None:
+            return
+        state = {"step": step, "stopped_early": stopped, "config": config.to_dict(),
+                 "seconds": seconds + time.perf_counter() - began, "num_parameters": num_parameters,
+                 "log": log, "probe_rows": probe_rows}
+        write_checkpoint(out, model, tokenizer, optimizer, state)
+        write_log(out / TRAIN_LOG, log)
+
+    def run_eval(step: int) -> bool:
+        metrics, rows = evaluate(model, task, config, step)
+        log.extend({"step": step, "split": "eval", "statistic": key, "value": value} for key, value in metrics.items())
+        probe_rows.extend(rows)
+        message = (f"eval step {step}/{config.steps}: loss {metrics['loss']:.4f}, "
+                   f"accuracy {100 * metrics['accuracy']:.1f} %")
+        logger.info(message)
+        notify(step, config.steps, message)
+        return config.target_accuracy is not None and metrics["accuracy"] >= config.target_accuracy
+
+    if start == 0 and not stopped and not resume:
+        stopped = run_eval(0)
+        checkpoint(0)
+    step = start
+    while step < end and not stopped:
+        step += 1
+        lr = learning_rate(config, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = task.batch(step - 1, config.batch_size)
+        output = model(input_ids=batch["input_ids"], labels=batch["labels"])
+        output.loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip else math.inf)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            good, seen = task.accuracy(output.logits.detach(), batch["labels"])
+        values = {"loss": float(output.loss.detach()), "accuracy": int(good) / int(seen) if seen else math.nan,
+                  "lr": lr, "grad_norm": float(norm)}
+        log.extend({"step": step, "split": "train", "statistic": key, "value": value} for key, value in values.items())
+        notify(step, config.steps, f"step {step}/{config.steps}: loss {values['loss']:.4f}, "
+                                   f"accuracy {100 * values['accuracy']:.1f} %")
+        if step % config.eval_every == 0 or step == config.steps:
+            stopped = run_eval(step)
+            checkpoint(step)
+    if step == end and step % config.eval_every and step != config.steps:
+        checkpoint(step)  # stopped by stop_at between evaluations
+    seconds += time.perf_counter() - began
+    final = _final(log)
+    results = results_dict(config, model, tokenizer, task, log=log, probe_rows=probe_rows, step=step,
+                           stopped_early=stopped, num_parameters=num_parameters, seconds=seconds, final=final)
+    return TrainResult(config, step, stopped, final, num_parameters, seconds, log, probe_rows, results,
+                       None if out is None else out / CHECKPOINT, model)
+
+
+def _check_same_run(config: TrainConfig, saved: TrainConfig) -> None:
+    differ = [f"{f.name} ({getattr(config, f.name)!r} vs {getattr(saved, f.name)!r} in the checkpoint)"
+              for f in dataclasses.fields(TrainConfig)
+              if f.name not in RESUME_MAY_DIFFER and getattr(config, f.name) != getattr(saved, f.name)]
+    if differ:
+        raise ConfigError(f"resume continues the checkpoint's run, but these settings differ: {'; '.join(differ)}")
+
+
+def _final(log: list[dict[str, Any]]) -> dict[str, float]:
+    """The last logged ``train_loss``, ``eval_loss`` and ``eval_accuracy``."""
+    wanted = {("train", "loss"), ("eval", "loss"), ("eval", "accuracy")}
+    return {f"{row['split']}_{row['statistic']}": row["value"] for row in log
+            if (row["split"], row["statistic"]) in wanted}

@@ -1,0 +1,153 @@
+"""``attnlab train`` and ``attnlab sweep``: exit codes, one-line usage errors, the files written (tiny runs)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from attnlab.cli.main import app
+from cli.helpers import assert_one_line_error
+
+runner = CliRunner()
+TINY = ["--layer", "masked", "--task", "mqar", "--task-arg", "vocab_size=24", "--task-arg", "seq_len=16",
+        "--task-arg", "num_kv_pairs=2", "--layers", "1", "--width", "16", "--heads", "2", "--batch-size", "8",
+        "--eval-batches", "1"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train_cmd") / "run"
+    result = runner.invoke(app, ["train", *TINY, "--steps", "4", "--eval-every", "2", "--lr", "1e-2",
+                                 "--out", str(out)])
+    return result, out
+
+
+def test_train_writes_every_file(trained):
+    result, out = trained
+    assert result.exit_code == 0, result.output
+    for name in ("results.json", "results.csv", "report.html", "train_log.csv", "checkpoint/config.json",
+                 "checkpoint/model.safetensors", "checkpoint/trainer_state.json",
+                 "checkpoint/trainer_state.safetensors"):
+        assert (out / name).is_file(), name
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+    results = json.loads((out / "results.json").read_text())
+    assert results["command"] == "train" and results["config"]["width"] == 16
+    assert results["config"]["task_args"] == {"vocab_size": 24, "seq_len": 16, "num_kv_pairs": 2}
+    with open(out / "results.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["probe", "variant", "statistic", "layer", "head", "position", "value", "step"]
+    assert {row["step"] for row in rows if row["probe"] == "sink"} == {"0", "2", "4"}
+    html = (out / "report.html").read_text()
+    for section in ("training", "training-sinks", "training-entropy"):
+        assert f'id="{section}"' in html, section
+    assert html.count("data:image/png") >= 5  # loss, accuracy, lr, sink rate, entropy curves
+
+
+def test_without_a_terminal_one_line_per_evaluation(trained):
+    result, _ = trained
+    lines = [line for line in result.output.splitlines() if line.startswith("eval step")]
+    assert [line.split(":")[0] for line in lines] == ["eval step 0/4", "eval step 2/4", "eval step 4/4"]
+    assert not any(line.startswith("step ") for line in result.output.splitlines())
+
+
+def test_non_empty_out_needs_resume_or_force(trained, tmp_path):
+    _, out = trained
+    assert_one_line_error(runner.invoke(app, ["train", *TINY, "--steps", "4", "--out", str(out)]), 2,
+                          "not empty", "--resume")
+    assert_one_line_error(runner.invoke(app, ["train", "--out", str(out), "--resume", "--steps", "8"]), 2,
+                          "settings differ: steps")
+    again = runner.invoke(app, ["train", "--out", str(out), "--resume"])  # finished: the config comes from the
+    assert again.exit_code == 0, again.output                           # checkpoint, nothing left to train
+    assert "done: 4 steps" in again.output
+    forced = runner.invoke(app, ["train", *TINY, "--steps", "2", "--eval-every", "2", "--probe", "none",
+                                 "--out", str(tmp_path / "f")])
+    assert forced.exit_code == 0, forced.output
+    forced = runner.invoke(app, ["train", *TINY, "--steps", "2", "--probe", "none", "--force",
+                                 "--out", str(tmp_path / "f")])
+    assert forced.exit_code == 0, forced.output
+    assert json.loads((tmp_path / "f" / "results.json").read_text())["extras"]["train"]["step"] == 2
+
+
+@pytest.mark.parametrize(("args", "fragments"), [
+    (["--layer", "maskd", "--task", "mqar"], ("Did you mean: masked",)),
+    (["--layer", "masked", "--task", "mqr"], ("mqar",)),
+    (["--layer", "masked"], ("needs --task",)),
+    (["--task", "mqar"], ("needs --layer",)),
+    ([*TINY, "--task-arg", "vocab_size"], ("--task-arg expects KEY=VALUE",)),
+    ([*TINY, "--task-arg", "colour=red"], ("bad --task-arg for mqar", "colour")),
+    ([*TINY, "--layer-arg", "hidden_size=8"], ("set by the model",)),
+    ([*TINY, "--width", "15"], ("multiple of num_heads",)),
+    ([*TINY, "--optimizer", "adam"], ("optimizer",)),
+    ([*TINY, "--probe", "sinks"], ("Unknown probe",)),
+    (["--out", "nowhere-here", "--resume"], ("no checkpoint",)),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, args, fragments):
+    if "--out" in args:
+        args = [a if a != "nowhere-here" else str(tmp_path / "nowhere") for a in args]
+    else:
+        args = [*args, "--out", str(tmp_path / "out")]
+    assert_one_line_error(runner.invoke(app, ["train", *args]), 2, *fragments)
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_yaml_takes_field_names_and_flags_win(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"layer": "masked", "task": "mqar", "num_layers": 1, "width": 16,
+                                      "num_heads": 2, "steps": 2, "eval_every": 2, "batch_size": 4,
+                                      "eval_batches": 1, "probes": [],
+                                      "task_args": {"vocab_size": 24, "seq_len": 16, "num_kv_pairs": 2}}))
+    result = runner.invoke(app, ["train", "--config", str(config), "--steps", "1", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "o" / "results.json").read_text())["config"]
+    assert saved["steps"] == 1 and saved["num_layers"] == 1 and saved["probes"] == []
+
+
+def _sweep_file(tmp_path, **train):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({
+        "grid": {"layers": ["masked"], "widths": [16], "lrs": [1e-2, 3e-3], "tasks": ["mqar"]},
+        "train": {"num_layers": 1, "num_heads": 2, "steps": 2, "eval_every": 2, "batch_size": 4,
+                  "eval_batches": 1, "probes": ["sink"],
+                  "task_args": {"vocab_size": 24, "seq_len": 16, "num_kv_pairs": 2}, **train},
+    }))
+    return path
+
+
+def test_sweep_runs_two_jobs_in_parallel_and_writes_one_table(tmp_path):
+    out = tmp_path / "sweep"
+    result = runner.invoke(app, ["sweep", str(_sweep_file(tmp_path)), "--jobs", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    with open(out / "sweep.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["job"] for row in rows] == ["masked-w16-lr0.01-mqar", "masked-w16-lr0.003-mqar"]
+    assert all(row["status"] == "ok" and row["steps"] == "2" for row in rows)
+    for row in rows:  # each job's numbers are its own results.json's
+        extras = json.loads((out / "jobs" / row["job"] / "results.json").read_text())["extras"]["train"]
+        assert float(row["eval_loss"]) == extras["eval_loss"] and int(row["num_parameters"]) == extras[
+            "num_parameters"]
+    with open(out / "best.csv", newline="") as handle:
+        best = list(csv.DictReader(handle))
+    winner = max(rows, key=lambda r: (float(r["eval_accuracy"]), -float(r["eval_loss"])))
+    assert len(best) == 1 and best[0]["best_lr"] == winner["lr"]
+    html = (out / "report.html").read_text()
+    assert 'id="sweep"' in html and "Best of the learning rates" in html
+    assert (out / "configs" / f"{rows[0]['job']}.yaml").is_file() and (out / "logs" / f"{rows[0]['job']}.log").is_file()
+
+
+@pytest.mark.parametrize(("grid", "fragment"), [
+    ({"layers": ["masked"], "widths": [16], "lrs": [1e-2]}, "needs tasks"),
+    ({"layers": ["maskd"], "widths": [16], "lrs": [1e-2], "tasks": ["mqar"]}, "Did you mean: masked"),
+    ({"layers": ["masked"], "widths": [15], "lrs": [1e-2], "tasks": ["mqar"]}, "multiple of num_heads"),
+    ({"layers": ["masked"], "widths": [16], "lrs": [1e-2], "tasks": ["mqar"], "depth": [1]}, "unknown key"),
+])
+def test_bad_sweep_files_exit_2_and_run_nothing(tmp_path, grid, fragment):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"grid": grid, "train": {"num_heads": 2, "task_args": {"vocab_size": 24,
+                                                                                       "seq_len": 16}}}))
+    out = tmp_path / "out"
+    assert_one_line_error(runner.invoke(app, ["sweep", str(path), "--out", str(out)]), 2, fragment)
+    assert not (out / "jobs").exists()
