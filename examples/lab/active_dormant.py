@@ -37,7 +37,7 @@ RUNS = {  # name: extra `attnlab train` arguments (common ones in COMMON)
     "softmax-3L-sgd": ["--layer", "masked", "--layers", "3", "--optimizer", "sgd", "--lr", "0.1"],
 }
 COMMON = ["--task", "bigram_backcopy", "--width", "256", "--heads", "1", "--positions", "learned",
-          "--steps", "1500", "--lr", "1e-3", "--batch-size", "32", "--eval-every", "250", "--seed", "0"]
+          "--steps", "600", "--lr", "1e-3", "--batch-size", "32", "--eval-every", "250", "--seed", "0"]
 
 
 class ExtremeTokens(Probe):
