@@ -129,6 +129,15 @@ def test_ls_probes_lists_the_four():
     assert {"distance", "entropy", "norms", "sink"} <= set(names) and names == sorted(names)  # + the probe suite
 
 
+def test_ls_tasks_lists_the_registered_tasks():
+    from attnlab.lab.tasks import TASKS
+
+    result = _run("ls", "tasks")
+    assert result.exit_code == 0
+    assert [line.split()[0] for line in result.output.splitlines()] == sorted(TASKS.names())
+    assert {"mqar", "bigram_backcopy", "passkey", "lm"} <= set(TASKS.names())
+
+
 def test_corrupted_asset_is_reported_and_removed(tmp_path, monkeypatch):
     from attnlab.assets import ASSETS
 

@@ -157,6 +157,14 @@ def ls_masks() -> None:
     _list_registry(MASKS)
 
 
+@ls_app.command("tasks")
+def ls_tasks() -> None:
+    """List the lab's training tasks (``attnlab train --task NAME``) with their one-line summary."""
+    from attnlab.lab.tasks import TASKS
+
+    _list_registry(TASKS)
+
+
 def main() -> None:  # pragma: no cover - python -m attnlab
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     app()
