@@ -25,8 +25,10 @@ WIDTHS = [32, 64, 128]
 
 def sweep(config: Path, out: Path, jobs: int) -> list[dict[str, str]]:
     if not (out / "sweep.csv").exists():
-        subprocess.run([sys.executable, "-m", "attnlab", "sweep", str(config), "--jobs", str(jobs), "--out", str(out),
-                        *(["--resume"] if out.exists() else [])], check=False)
+        done = subprocess.run([sys.executable, "-m", "attnlab", "sweep", str(config), "--jobs", str(jobs), "--out",
+                               str(out), *(["--resume"] if out.exists() else [])], check=False)
+        if done.returncode not in (0, 1) or not (out / "sweep.csv").exists():  # 1 = some jobs failed, table written
+            raise SystemExit(f"sweep {config} failed with exit code {done.returncode}; see {out}")
     with open(out / "sweep.csv", newline="") as handle:
         return list(csv.DictReader(handle))
 
@@ -44,7 +46,7 @@ def main() -> None:
     print("learning rates:", best, flush=True)
     grid = dict(base)
     grid["grid"] = {"layers": [], "widths": WIDTHS, "lrs": [], "tasks": [
-        {"name": f"mqar{n}x{p}", "task": "mqar", "task_args": {"vocab_size": 256, "seq_len": n, "num_kv_pairs": p}}
+        {"name": f"mqar{n}x{p}", "task": "mqar", "task_args": {"vocab_size": 512, "seq_len": n, "num_kv_pairs": p}}
         for n, p in CELLS]}
     rows = []
     for entry in base["grid"]["layers"]:
