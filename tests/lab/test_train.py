@@ -163,3 +163,50 @@ def test_learning_rate_schedule_ends():
     assert learning_rate(config, 1) == pytest.approx(0.1) and learning_rate(config, 10) == pytest.approx(1.0)
     assert learning_rate(config, 100) == pytest.approx(0.25)
     assert learning_rate(config, 55) == pytest.approx(0.625)  # cosine half way: mean of the ends
+
+
+class _Saves:
+    def __init__(self, text):
+        self.text = text
+
+    def save_pretrained(self, path, **_):
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "weights.txt").write_text(self.text)
+
+
+def _write(out, text, step):
+    from attnlab.lab.checkpoint import write_checkpoint
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    return write_checkpoint(out, _Saves(text), _Saves(text), optimizer, {"step": step})
+
+
+def test_a_failed_checkpoint_rename_puts_the_old_one_back(tmp_path, monkeypatch):
+    from attnlab.lab import checkpoint
+
+    _write(tmp_path, "old", 1)
+    real = checkpoint.os.replace
+
+    def failing(source, target):
+        if str(source).endswith(".tmp"):
+            raise OSError("disk full")
+        real(source, target)
+
+    monkeypatch.setattr(checkpoint.os, "replace", failing)
+    with pytest.raises(OSError, match="disk full"):
+        _write(tmp_path, "new", 2)
+    assert (tmp_path / "checkpoint" / "weights.txt").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint"]
+    assert checkpoint.read_state(tmp_path / "checkpoint")[0]["step"] == 1
+
+
+def test_read_state_falls_back_to_the_copy_a_crash_between_the_renames_left(tmp_path):
+    from attnlab.lab import checkpoint
+
+    _write(tmp_path, "old", 1)
+    (tmp_path / "checkpoint").rename(tmp_path / ".checkpoint.abc.old")  # the state after the first rename
+    assert checkpoint.find_checkpoint(tmp_path / "checkpoint") == tmp_path / ".checkpoint.abc.old"
+    assert checkpoint.read_state(tmp_path / "checkpoint")[0]["step"] == 1
+    _write(tmp_path, "new", 2)  # the next checkpoint clears the leftover
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint"]
+    assert checkpoint.read_state(tmp_path / "checkpoint")[0]["step"] == 2
