@@ -143,6 +143,10 @@ def test_a_non_empty_out_is_refused_without_resume_or_force(run, tmp_path):
     ({"task_args": {"colour": 1}}, ConfigError, "colour"),
     ({"layer_args": {"hidden_size": 8}}, ConfigError, "set by the model"),
     ({"probes": ("sinks",)}, RegistryError, "sink"),
+    ({"probes": ("magnets",)}, ConfigError, "magnets cannot run during training"),
+    ({"probes": ("coordinate_decay",)}, ConfigError, "coordinate_decay cannot run during training"),
+    ({"probe_args": {"entropy": {"num_bins": 4}}, "probes": ("sink",)}, ConfigError, "not selected: entropy"),
+    ({"probe_args": {"sink": {"epsilon": "high"}}}, ConfigError, "bad --probe-arg for sink"),
 ])
 def test_bad_settings_are_one_line_errors(tmp_path, changes, error, fragment):
     with pytest.raises(error, match=fragment) as info:
@@ -156,6 +160,17 @@ def test_text_values_are_typed():
     assert config.lr == 3e-3 and config.steps == 5 and config.probes == ("sink",)
     assert config.task_args == {"vocab_size": 32, "seq_len": 16}
     assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_probes_are_prepared_and_take_arguments(tmp_path):
+    # rope_decay reads rope_theta in prepare(); sink's epsilon arrives typed from text
+    config = _config(tmp_path / "probes", steps=1, warmup_steps=0, eval_every=1, eval_batches=1, probes=("rope_decay", "sink"),
+                     probe_args={"sink": {"epsilon": "0.9"}})
+    assert config.probe_args == {"sink": {"epsilon": 0.9}}
+    assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    result = train(config)
+    assert {row["probe"] for row in result.probe_rows} >= {"rope_decay", "sink"}
+    assert {row["step"] for row in result.probe_rows} == {0, 1}
 
 
 def test_learning_rate_schedule_ends():

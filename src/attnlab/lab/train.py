@@ -52,6 +52,8 @@ LOG_COLUMNS = ("step", "split", "statistic", "value")
 TRAIN_LOG = "train_log.csv"
 SET_BY_MODEL = ("hidden_size", "num_heads", "layer_idx", "num_layers", "mask_mod")
 """Layer constructor arguments the TinyLM sets (from the run's sizes), so layer_args may not."""
+NOT_IN_TRAINING = {"coordinate_decay": "per-batch coordinates (set_coordinates)"}
+"""Probes training cannot feed, with what they need (probes with ``needs_runner`` are refused as well)."""
 RESUME_MAY_DIFFER = ("out",)
 """TrainConfig fields a resumed run may change; every other field must match the checkpoint's."""
 
@@ -69,7 +71,9 @@ class TrainConfig:
         min_lr_ratio: the cosine ends at ``lr · min_lr_ratio``. optimizer: ``adamw`` | ``sgd``.
         grad_clip: max global gradient norm (None = no clipping).
         eval_every, eval_batches: evaluation period (steps) and size (batches of ``batch_size``).
-        probes: probes run at each evaluation (``attnlab ls probes``).
+        probes, probe_args: probes run at each evaluation (``attnlab ls probes``) and their constructor arguments
+            (``{probe: {key: value}}``, as ``attnlab probe --probe-arg PROBE.KEY=VALUE``). Probes that need a
+            tokenizer runner (``magnets``) or per-batch inputs (``coordinate_decay``) are refused.
         target_accuracy: stop once the eval accuracy reaches it (None = run all steps).
         seed: model initialisation (and the task's data unless task_args sets ``seed``).
         out: output directory (checkpoint, train_log.csv); None = write nothing.
@@ -96,6 +100,7 @@ class TrainConfig:
     eval_every: Annotated[int, Range(ge=1)] = 100
     eval_batches: Annotated[int, Range(ge=1, le=65536)] = 4
     probes: tuple[str, ...] = ("sink", "entropy")
+    probe_args: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     target_accuracy: Annotated[float, Range(ge=0, le=1)] | None = None
     seed: Annotated[int, Range(ge=0)] = 0
     out: str | None = None
@@ -108,6 +113,11 @@ class TrainConfig:
                 if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
                     raise ConfigError(f"train: {item.name} must map names to values, got {value!r}")
                 value = dict(value)
+            elif item.name == "probe_args":
+                if not isinstance(value, Mapping) or not all(isinstance(k, str) and isinstance(v, Mapping)
+                                                             for k, v in value.items()):
+                    raise ConfigError(f"train: probe_args must map probe names to {{key: value}}, got {value!r}")
+                value = {name: dict(values) for name, values in value.items()}
             elif item.name == "out":
                 value = None if value is None else str(value)
             else:
@@ -125,7 +135,19 @@ class TrainConfig:
             from attnlab.probes import PROBES
 
             for name in self.probes:
-                PROBES.get(name)  # RegistryError naming the known probes (analyses do not run in training)
+                cls = PROBES.get(name)  # RegistryError naming the known probes (analyses do not run in training)
+                if getattr(cls, "needs_runner", False) or name in NOT_IN_TRAINING:
+                    raise ConfigError(f"train: probe {name} cannot run during training (it needs "
+                                      f"{NOT_IN_TRAINING.get(name, 'a tokenizer runner')}); use `attnlab probe` "
+                                      "on the checkpoint instead")
+        unused = sorted(set(self.probe_args) - set(self.probes))
+        if unused:
+            raise ConfigError(f"train: probe_args given for probe(s) not selected: {', '.join(unused)}")
+        if self.probe_args:
+            from attnlab.params import probe_arguments
+
+            object.__setattr__(self, "probe_args", {name: probe_arguments(name, values)
+                                                    for name, values in self.probe_args.items()})
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: tuples as lists, mappings as dicts."""
@@ -274,7 +296,9 @@ def evaluate(model: Any, task: Any, config: TrainConfig, step: int) -> tuple[dic
     import torch
     import torch.nn.functional as F
 
+    from attnlab.capture.architectures import model_facts
     from attnlab.capture.session import Session
+    from attnlab.params import build_probes
 
     was_training = model.training
     model.eval()
@@ -292,7 +316,11 @@ def evaluate(model: Any, task: Any, config: TrainConfig, step: int) -> tuple[dic
         rows: list[dict[str, Any]] = []
         if config.probes:
             batch = task.batch(0, config.batch_size, split="eval")
-            with Session(model, probes=list(config.probes)) as session:
+            probes = build_probes(config.probes, config.probe_args)
+            facts = model_facts(model)
+            for probe in probes:  # as attnlab.pipeline does before its Session (no runner: see TrainConfig)
+                probe.prepare(facts, None)
+            with Session(model, probes=probes) as session:
                 model(input_ids=batch["input_ids"])
             rows = [{**row, "variant": None, "step": step} for row in session.rows()]
     model.train(was_training)
