@@ -81,9 +81,7 @@ def test_results_rows_carry_steps_and_probe_rows(run):
 def test_checkpoint_loads_with_load_model_and_holds_the_trained_weights(run):
     result, out = run
     loaded = attnlab.load_model(str(out / "checkpoint"))
-    trained = dict(result.model.named_parameters())
-    for name, param in loaded.model.named_parameters():
-        assert torch.equal(param, trained[name]), name
+    _assert_same_state(loaded.model, result.model)
     batch = result.model.config  # the tokenizer was saved beside it
     assert len(loaded.tokenizer) == TASK_ARGS["vocab_size"] == batch.vocab_size
     state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
@@ -94,18 +92,33 @@ def test_checkpoint_loads_with_load_model_and_holds_the_trained_weights(run):
     assert load_train_config(out) == result.config
 
 
+def _assert_same_state(mine, theirs):
+    """Equal state_dict()s (parameters, persistent buffers) and equal non-persistent buffers (rebuilt on load)."""
+    mine, theirs = {**dict(mine.named_buffers()), **mine.state_dict()}, \
+        {**dict(theirs.named_buffers()), **theirs.state_dict()}
+    assert mine.keys() == theirs.keys()
+    for name in mine:
+        assert torch.equal(mine[name], theirs[name]), name
+
+
+@pytest.mark.parametrize(("layer", "optimizer"), [
+    ("masked", "adamw"),
+    pytest.param("retention", "adamw", marks=pytest.mark.xfail(
+        strict=True, reason="fixed by F1's from_pretrained (non-persistent buffers such as log_decay are garbage)")),
+    ("gla", "sgd"),
+])
 @pytest.mark.parametrize("stop_at", [3, 4], ids=["between-evals", "at-an-eval"])
-def test_resume_is_bit_identical(tmp_path, stop_at):
-    whole = train(_config(tmp_path / "whole", steps=6, eval_every=2, probes=("sink",)))
-    config = _config(tmp_path / "split", steps=6, eval_every=2, probes=("sink",))
+def test_resume_is_bit_identical(tmp_path, stop_at, layer, optimizer):
+    changes = dict(layer=layer, optimizer=optimizer, steps=6, eval_every=2, probes=("sink",))
+    if optimizer == "sgd":
+        changes["lr"] = 0.1
+    whole = train(_config(tmp_path / "whole", **changes))
+    config = _config(tmp_path / "split", **changes)
     first = train(config, stop_at=stop_at)
     assert first.step == stop_at
     resumed = train(config, resume=True)
     assert resumed.step == 6
-    mine, theirs = dict(resumed.model.named_parameters()), dict(whole.model.named_parameters())
-    assert mine.keys() == theirs.keys()
-    for name in mine:
-        assert torch.equal(mine[name], theirs[name]), name
+    _assert_same_state(resumed.model, whole.model)
     assert (tmp_path / "split" / "train_log.csv").read_bytes() == (tmp_path / "whole" / "train_log.csv").read_bytes()
     assert resumed.probe_rows == whole.probe_rows
 
@@ -225,3 +238,23 @@ def test_read_state_falls_back_to_the_copy_a_crash_between_the_renames_left(tmp_
     _write(tmp_path, "new", 2)  # the next checkpoint clears the leftover
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint"]
     assert checkpoint.read_state(tmp_path / "checkpoint")[0]["step"] == 2
+
+
+def test_arguments_whose_annotation_does_not_evaluate_are_refused_not_passed_on():
+    from attnlab.lab.tasks import TASKS
+    from attnlab.lab.tasks.base import Task
+    from attnlab.lab.train import typed_args
+
+    class Hinted(Task):
+        def __init__(self, flag: bool = False, tokenizer: OnlyForTypeCheckers | None = None,  # noqa: F821
+                     seed: int = 0) -> None:
+            pass
+
+    TASKS.register("hinted_for_test")(Hinted)
+    try:
+        assert typed_args("task", "hinted_for_test", {"flag": "false", "seed": "3"}) == {"flag": False, "seed": 3}
+        with pytest.raises(ConfigError, match="cannot check tokenizer") as info:
+            typed_args("task", "hinted_for_test", {"tokenizer": "gpt2"})
+        assert "\n" not in str(info.value)
+    finally:
+        TASKS.unregister("hinted_for_test")

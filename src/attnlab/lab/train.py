@@ -185,10 +185,7 @@ def typed_args(kind: Literal["layer", "task"], name: str, values: Mapping[str, A
         from attnlab.lab.tasks import TASKS as registry
     cls = registry.get(name)
     owner = f"bad --{kind}-arg for {name}"
-    try:
-        hints = typing.get_type_hints(inspect.unwrap(cls.__init__), include_extras=True)
-    except NameError:  # annotations naming what only type checkers import: pass the values on unchecked
-        hints = {}
+    hints, unresolved = _constructor_hints(cls.__init__)
     names = accepted_names(cls)
     if kind == "layer":
         names = [n for n in names if n not in SET_BY_MODEL] + ["mask"]
@@ -199,7 +196,31 @@ def typed_args(kind: Literal["layer", "task"], name: str, values: Mapping[str, A
     unknown = sorted(set(values) - set(names))
     if unknown:
         raise ConfigError(f"{owner}: no parameter {', '.join(unknown)}; it takes: {', '.join(names)}")
+    unchecked = sorted(set(values) & set(unresolved))
+    if unchecked:
+        key = unchecked[0]
+        raise ConfigError(f"{owner}: cannot check {key}: its annotation does not evaluate ({unresolved[key]})")
     return {key: coerce(value, hints.get(key, Any), owner=owner, param=key) for key, value in values.items()}
+
+
+def _constructor_hints(init: Any) -> tuple[dict[str, Any], dict[str, str]]:
+    """``(hints, unresolved)`` of a constructor: the annotations that evaluate in the function's module, and
+    ``{parameter: error}`` for those naming what only type checkers import (their values cannot be checked)."""
+    import inspect
+
+    target = inspect.unwrap(init)
+    try:
+        return typing.get_type_hints(target, include_extras=True), {}
+    except NameError:
+        pass
+    hints: dict[str, Any] = {}
+    unresolved: dict[str, str] = {}
+    for name, annotation in getattr(target, "__annotations__", {}).items():
+        try:
+            hints[name] = eval(annotation, target.__globals__) if isinstance(annotation, str) else annotation  # noqa: S307
+        except NameError as error:
+            unresolved[name] = str(error)
+    return hints, unresolved
 
 
 @dataclass
@@ -373,8 +394,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Progress | Non
         start, stopped, seconds = int(state["step"]), bool(state["stopped_early"]), float(state["seconds"])
         log, probe_rows = list(state["log"]), list(state["probe_rows"])
     else:
-        torch.manual_seed(config.seed)
-        model = build_model(spec, seed=config.seed)
+        model = build_model(spec, seed=config.seed)  # seeds a forked RNG: the global one is left alone
         optimizer = make_optimizer(config, model)
     model.train()
     params = [p for group in optimizer.param_groups for p in group["params"]]
