@@ -162,3 +162,22 @@ def test_bad_sweep_files_exit_2_and_run_nothing(tmp_path, grid, fragment):
     out = tmp_path / "out"
     assert_one_line_error(runner.invoke(app, ["sweep", str(path), "--out", str(out)]), 2, fragment)
     assert not (out / "jobs").exists()
+
+
+def test_sweep_resume_keeps_a_finished_job_only_when_its_saved_config_matches(tmp_path):
+    from attnlab.lab.sweep import _finished_row, load_sweep
+
+    job = load_sweep(_sweep_file(tmp_path), tmp_path / "sweep")[0]
+    out = tmp_path / "sweep" / "jobs" / job.name
+    out.mkdir(parents=True)
+
+    def saved(config):
+        extras = {"step": job.config.steps, "stopped_early": False, "eval_loss": 1.0, "eval_accuracy": 0.5}
+        (out / "results.json").write_text(json.dumps({"config": config, "extras": {"train": extras}}))
+
+    saved(job.config.to_dict())
+    assert _finished_row(job)["status"] == "ok"
+    saved({**job.config.to_dict(), "seed": 7})  # the sweep file changed since the job ran
+    assert _finished_row(job) is None
+    saved({**job.config.to_dict(), "out": "elsewhere"})  # out may differ
+    assert _finished_row(job)["status"] == "ok"

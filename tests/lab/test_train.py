@@ -258,3 +258,13 @@ def test_arguments_whose_annotation_does_not_evaluate_are_refused_not_passed_on(
         assert "\n" not in str(info.value)
     finally:
         TASKS.unregister("hinted_for_test")
+
+
+def test_force_deletes_the_previous_runs_results_first(tmp_path):
+    out = tmp_path / "forced"
+    out.mkdir()
+    for name in ("results.json", "results.csv", "report.html", "train_log.csv", "notes.txt"):
+        (out / name).write_text("old run")
+    train(_config(out, steps=1, warmup_steps=0, eval_every=1, eval_batches=1, probes=()), force=True)
+    assert not any((out / name).exists() for name in ("results.json", "results.csv", "report.html"))
+    assert (out / "train_log.csv").read_text() != "old run" and (out / "notes.txt").read_text() == "old run"

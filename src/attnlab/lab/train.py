@@ -54,6 +54,8 @@ SET_BY_MODEL = ("hidden_size", "num_heads", "layer_idx", "num_layers", "mask_mod
 """Layer constructor arguments the TinyLM sets (from the run's sizes), so layer_args may not."""
 NOT_IN_TRAINING = {"coordinate_decay": "per-batch coordinates (set_coordinates)"}
 """Probes training cannot feed, with what they need (probes with ``needs_runner`` are refused as well)."""
+STALE_ON_FORCE = ("results.json", "results.csv", "report.html", TRAIN_LOG)
+"""The previous run's result files, deleted when a forced run starts."""
 RESUME_MAY_DIFFER = ("out",)
 """TrainConfig fields a resumed run may change; every other field must match the checkpoint's."""
 
@@ -359,7 +361,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Progress | Non
         resume: continue from ``out/checkpoint``; its config must equal ``config`` except ``out``.
         progress: ``progress(done, total, message)`` after every update; messages of evaluations start with
             ``"eval"`` (one line each, for logs).
-        force: start afresh even though ``out`` is not empty (files there are overwritten).
+        force: start afresh even though ``out`` is not empty: the old :data:`STALE_ON_FORCE` files are deleted
+            first, the checkpoint is overwritten at step 0.
         stop_at: stop after this many updates (the schedule still spans ``config.steps``), checkpointing there,
             so a later ``resume`` continues the same run (a time-boxed run).
 
@@ -377,6 +380,9 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Progress | Non
         raise ConfigError("resume needs an out directory holding a checkpoint")
     check_out(config, resume=resume, force=force)
     out = None if config.out is None else Path(config.out)
+    if force and not resume and out is not None:  # a forced run that crashes must not leave the old run's results beside it
+        for name in STALE_ON_FORCE:
+            (out / name).unlink(missing_ok=True)
     task = make_task(config)
     spec = model_spec(config, task)
     tokenizer = task.tokenizer()
