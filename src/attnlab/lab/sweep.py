@@ -44,7 +44,7 @@ from typing import Any
 
 from attnlab.errors import ConfigError
 from attnlab.lab.train import TrainConfig, make_task
-from attnlab.lab.train_results import write_text
+from attnlab.io_utils import atomic_write_text as write_text
 from attnlab.progress import Progress, silent
 
 __all__ = ["BEST_COLUMNS", "SWEEP_COLUMNS", "SweepJob", "SweepResult", "best_of_lrs", "load_sweep", "run_sweep"]
