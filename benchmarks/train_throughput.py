@@ -65,13 +65,20 @@ def measure(layers: list[str], lengths: list[int], tokens: int, repeats: int, wi
                 built[layer] = build(layer, width, num_layers, seq_len)
                 step_seconds(*built[layer], input_ids)  # warm-up
             except Exception as error:  # noqa: BLE001 - recorded in the results, the run goes on
-                errors[layer] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+                errors[layer] = _message(error)
                 built.pop(layer, None)
         times: dict[str, list[float]] = {layer: [] for layer in built}
         order = list(built)
         for repeat in range(repeats):
-            for layer in order[repeat % len(order):] + order[: repeat % len(order)]:
-                times[layer].append(step_seconds(*built[layer], input_ids))
+            turn = repeat % len(order) if order else 0
+            for layer in order[turn:] + order[:turn]:
+                if layer in errors:
+                    continue
+                try:
+                    times[layer].append(step_seconds(*built[layer], input_ids))
+                except Exception as error:  # noqa: BLE001 - as in warm-up: recorded, the other layers go on
+                    errors[layer] = _message(error)
+                    built.pop(layer, None)
         base = statistics.median(times[BASELINE]) if BASELINE in times else None
         for layer in layers:
             row: dict[str, Any] = {"layer": layer, "seq_len": seq_len, "batch": batch}
@@ -86,6 +93,11 @@ def measure(layers: list[str], lengths: list[int], tokens: int, repeats: int, wi
     return rows
 
 
+def _message(error: Exception) -> str:
+    lines = str(error).splitlines() or [""]
+    return f"{type(error).__name__}: {lines[0][:160]}"
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     lengths = sorted({r["seq_len"] for r in rows})
     lines = ["| layer | " + " | ".join(f"{n} tok/s (× masked)" for n in lengths) + " |",
@@ -94,8 +106,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         cells = []
         for n in lengths:
             row = next(r for r in rows if r["layer"] == layer and r["seq_len"] == n)
+            speed = row.get("speed_vs_masked")
             cells.append(row["error"][:40] if "error" in row else
-                         f"{row['tokens_per_s']:,.0f} ({row['speed_vs_masked']:.2f}×)")
+                         f"{row['tokens_per_s']:,.0f} ({'–' if speed is None else f'{speed:.2f}'}×)")
         lines.append(f"| {layer} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

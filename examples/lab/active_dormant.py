@@ -30,14 +30,14 @@ from attnlab.functional.attention import BlockView
 from attnlab.lab.tasks import TASKS
 from attnlab.probes.base import AttentionCall, Probe, SequenceInfo
 
-RUNS = {  # name: extra `attnlab train` arguments (common ones in COMMON)
-    "softmax-1L": ["--layer", "masked", "--layers", "1"],
-    "softmax-3L": ["--layer", "masked", "--layers", "3"],
-    "relu-3L": ["--layer", "relu", "--layers", "3"],
+RUNS = {  # name: the run's own `attnlab train` arguments, learning rate included (shared ones in COMMON)
+    "softmax-1L": ["--layer", "masked", "--layers", "1", "--lr", "1e-3"],
+    "softmax-3L": ["--layer", "masked", "--layers", "3", "--lr", "1e-3"],
+    "relu-3L": ["--layer", "relu", "--layers", "3", "--lr", "1e-3"],
     "softmax-3L-sgd": ["--layer", "masked", "--layers", "3", "--optimizer", "sgd", "--lr", "0.1"],
 }
 COMMON = ["--task", "bigram_backcopy", "--width", "256", "--heads", "1", "--positions", "learned",
-          "--steps", "600", "--lr", "1e-3", "--batch-size", "32", "--eval-every", "250", "--seed", "0"]
+          "--steps", "600", "--batch-size", "32", "--eval-every", "250", "--seed", "0"]
 
 
 class ExtremeTokens(Probe):

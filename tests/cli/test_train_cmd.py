@@ -83,6 +83,9 @@ def test_non_empty_out_needs_resume_or_force(trained, tmp_path):
     ([*TINY, "--width", "15"], ("multiple of num_heads",)),
     ([*TINY, "--optimizer", "adam"], ("optimizer",)),
     ([*TINY, "--probe", "sinks"], ("Unknown probe",)),
+    ([*TINY, "--probe", "magnets"], ("magnets cannot run during training",)),
+    ([*TINY, "--probe", "sink", "--probe-arg", "sink.epsilon=high"], ("bad --probe-arg for sink",)),
+    ([*TINY, "--probe", "sink", "--probe-arg", "entropy.num_bins=4"], ("not selected: entropy",)),
     (["--out", "nowhere-here", "--resume"], ("no checkpoint",)),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, args, fragments):
@@ -104,6 +107,14 @@ def test_config_yaml_takes_field_names_and_flags_win(tmp_path):
     assert result.exit_code == 0, result.output
     saved = json.loads((tmp_path / "o" / "results.json").read_text())["config"]
     assert saved["steps"] == 1 and saved["num_layers"] == 1 and saved["probes"] == []
+
+
+def test_probe_args_reach_the_config(tmp_path):
+    result = runner.invoke(app, ["train", *TINY, "--steps", "1", "--eval-every", "1", "--probe", "sink",
+                                 "--probe-arg", "sink.epsilon=0.9", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "o" / "results.json").read_text())["config"]
+    assert saved["probes"] == ["sink"] and saved["probe_args"] == {"sink": {"epsilon": 0.9}}
 
 
 def _sweep_file(tmp_path, **train):
@@ -151,3 +162,22 @@ def test_bad_sweep_files_exit_2_and_run_nothing(tmp_path, grid, fragment):
     out = tmp_path / "out"
     assert_one_line_error(runner.invoke(app, ["sweep", str(path), "--out", str(out)]), 2, fragment)
     assert not (out / "jobs").exists()
+
+
+def test_sweep_resume_keeps_a_finished_job_only_when_its_saved_config_matches(tmp_path):
+    from attnlab.lab.sweep import _finished_row, load_sweep
+
+    job = load_sweep(_sweep_file(tmp_path), tmp_path / "sweep")[0]
+    out = tmp_path / "sweep" / "jobs" / job.name
+    out.mkdir(parents=True)
+
+    def saved(config):
+        extras = {"step": job.config.steps, "stopped_early": False, "eval_loss": 1.0, "eval_accuracy": 0.5}
+        (out / "results.json").write_text(json.dumps({"config": config, "extras": {"train": extras}}))
+
+    saved(job.config.to_dict())
+    assert _finished_row(job)["status"] == "ok"
+    saved({**job.config.to_dict(), "seed": 7})  # the sweep file changed since the job ran
+    assert _finished_row(job) is None
+    saved({**job.config.to_dict(), "out": "elsewhere"})  # out may differ
+    assert _finished_row(job)["status"] == "ok"

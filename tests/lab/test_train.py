@@ -81,9 +81,7 @@ def test_results_rows_carry_steps_and_probe_rows(run):
 def test_checkpoint_loads_with_load_model_and_holds_the_trained_weights(run):
     result, out = run
     loaded = attnlab.load_model(str(out / "checkpoint"))
-    trained = dict(result.model.named_parameters())
-    for name, param in loaded.model.named_parameters():
-        assert torch.equal(param, trained[name]), name
+    _assert_same_state(loaded.model, result.model)
     batch = result.model.config  # the tokenizer was saved beside it
     assert len(loaded.tokenizer) == TASK_ARGS["vocab_size"] == batch.vocab_size
     state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
@@ -94,18 +92,33 @@ def test_checkpoint_loads_with_load_model_and_holds_the_trained_weights(run):
     assert load_train_config(out) == result.config
 
 
+def _assert_same_state(mine, theirs):
+    """Equal state_dict()s (parameters, persistent buffers) and equal non-persistent buffers (rebuilt on load)."""
+    mine, theirs = {**dict(mine.named_buffers()), **mine.state_dict()}, \
+        {**dict(theirs.named_buffers()), **theirs.state_dict()}
+    assert mine.keys() == theirs.keys()
+    for name in mine:
+        assert torch.equal(mine[name], theirs[name]), name
+
+
+@pytest.mark.parametrize(("layer", "optimizer"), [
+    ("masked", "adamw"),
+    pytest.param("retention", "adamw", marks=pytest.mark.xfail(
+        strict=True, reason="fixed by F1's from_pretrained (non-persistent buffers such as log_decay are garbage)")),
+    ("gla", "sgd"),
+])
 @pytest.mark.parametrize("stop_at", [3, 4], ids=["between-evals", "at-an-eval"])
-def test_resume_is_bit_identical(tmp_path, stop_at):
-    whole = train(_config(tmp_path / "whole", steps=6, eval_every=2, probes=("sink",)))
-    config = _config(tmp_path / "split", steps=6, eval_every=2, probes=("sink",))
+def test_resume_is_bit_identical(tmp_path, stop_at, layer, optimizer):
+    changes = dict(layer=layer, optimizer=optimizer, steps=6, eval_every=2, probes=("sink",))
+    if optimizer == "sgd":
+        changes["lr"] = 0.1
+    whole = train(_config(tmp_path / "whole", **changes))
+    config = _config(tmp_path / "split", **changes)
     first = train(config, stop_at=stop_at)
     assert first.step == stop_at
     resumed = train(config, resume=True)
     assert resumed.step == 6
-    mine, theirs = dict(resumed.model.named_parameters()), dict(whole.model.named_parameters())
-    assert mine.keys() == theirs.keys()
-    for name in mine:
-        assert torch.equal(mine[name], theirs[name]), name
+    _assert_same_state(resumed.model, whole.model)
     assert (tmp_path / "split" / "train_log.csv").read_bytes() == (tmp_path / "whole" / "train_log.csv").read_bytes()
     assert resumed.probe_rows == whole.probe_rows
 
@@ -143,6 +156,10 @@ def test_a_non_empty_out_is_refused_without_resume_or_force(run, tmp_path):
     ({"task_args": {"colour": 1}}, ConfigError, "colour"),
     ({"layer_args": {"hidden_size": 8}}, ConfigError, "set by the model"),
     ({"probes": ("sinks",)}, RegistryError, "sink"),
+    ({"probes": ("magnets",)}, ConfigError, "magnets cannot run during training"),
+    ({"probes": ("coordinate_decay",)}, ConfigError, "coordinate_decay cannot run during training"),
+    ({"probe_args": {"entropy": {"num_bins": 4}}, "probes": ("sink",)}, ConfigError, "not selected: entropy"),
+    ({"probe_args": {"sink": {"epsilon": "high"}}}, ConfigError, "bad --probe-arg for sink"),
 ])
 def test_bad_settings_are_one_line_errors(tmp_path, changes, error, fragment):
     with pytest.raises(error, match=fragment) as info:
@@ -158,8 +175,96 @@ def test_text_values_are_typed():
     assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
 
+def test_probes_are_prepared_and_take_arguments(tmp_path):
+    # rope_decay reads rope_theta in prepare(); sink's epsilon arrives typed from text
+    config = _config(tmp_path / "probes", steps=1, warmup_steps=0, eval_every=1, eval_batches=1, probes=("rope_decay", "sink"),
+                     probe_args={"sink": {"epsilon": "0.9"}})
+    assert config.probe_args == {"sink": {"epsilon": 0.9}}
+    assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    result = train(config)
+    assert {row["probe"] for row in result.probe_rows} >= {"rope_decay", "sink"}
+    assert {row["step"] for row in result.probe_rows} == {0, 1}
+
+
 def test_learning_rate_schedule_ends():
     config = TrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.25)
     assert learning_rate(config, 1) == pytest.approx(0.1) and learning_rate(config, 10) == pytest.approx(1.0)
     assert learning_rate(config, 100) == pytest.approx(0.25)
     assert learning_rate(config, 55) == pytest.approx(0.625)  # cosine half way: mean of the ends
+
+
+class _Saves:
+    def __init__(self, text):
+        self.text = text
+
+    def save_pretrained(self, path, **_):
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "weights.txt").write_text(self.text)
+
+
+def _write(out, text, step):
+    from attnlab.lab.checkpoint import write_checkpoint
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    return write_checkpoint(out, _Saves(text), _Saves(text), optimizer, {"step": step})
+
+
+def test_a_failed_checkpoint_rename_puts_the_old_one_back(tmp_path, monkeypatch):
+    from attnlab.lab import checkpoint
+
+    _write(tmp_path, "old", 1)
+    real = checkpoint.os.replace
+
+    def failing(source, target):
+        if str(source).endswith(".tmp"):
+            raise OSError("disk full")
+        real(source, target)
+
+    monkeypatch.setattr(checkpoint.os, "replace", failing)
+    with pytest.raises(OSError, match="disk full"):
+        _write(tmp_path, "new", 2)
+    assert (tmp_path / "checkpoint" / "weights.txt").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint"]
+    assert checkpoint.read_state(tmp_path / "checkpoint")[0]["step"] == 1
+
+
+def test_read_state_falls_back_to_the_copy_a_crash_between_the_renames_left(tmp_path):
+    from attnlab.lab import checkpoint
+
+    _write(tmp_path, "old", 1)
+    (tmp_path / "checkpoint").rename(tmp_path / ".checkpoint.abc.old")  # the state after the first rename
+    assert checkpoint.find_checkpoint(tmp_path / "checkpoint") == tmp_path / ".checkpoint.abc.old"
+    assert checkpoint.read_state(tmp_path / "checkpoint")[0]["step"] == 1
+    _write(tmp_path, "new", 2)  # the next checkpoint clears the leftover
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint"]
+    assert checkpoint.read_state(tmp_path / "checkpoint")[0]["step"] == 2
+
+
+def test_arguments_whose_annotation_does_not_evaluate_are_refused_not_passed_on():
+    from attnlab.lab.tasks import TASKS
+    from attnlab.lab.tasks.base import Task
+    from attnlab.lab.train import typed_args
+
+    class Hinted(Task):
+        def __init__(self, flag: bool = False, tokenizer: OnlyForTypeCheckers | None = None,  # noqa: F821
+                     seed: int = 0) -> None:
+            pass
+
+    TASKS.register("hinted_for_test")(Hinted)
+    try:
+        assert typed_args("task", "hinted_for_test", {"flag": "false", "seed": "3"}) == {"flag": False, "seed": 3}
+        with pytest.raises(ConfigError, match="cannot check tokenizer") as info:
+            typed_args("task", "hinted_for_test", {"tokenizer": "gpt2"})
+        assert "\n" not in str(info.value)
+    finally:
+        TASKS.unregister("hinted_for_test")
+
+
+def test_force_deletes_the_previous_runs_results_first(tmp_path):
+    out = tmp_path / "forced"
+    out.mkdir()
+    for name in ("results.json", "results.csv", "report.html", "train_log.csv", "notes.txt"):
+        (out / name).write_text("old run")
+    train(_config(out, steps=1, warmup_steps=0, eval_every=1, eval_batches=1, probes=()), force=True)
+    assert not any((out / name).exists() for name in ("results.json", "results.csv", "report.html"))
+    assert (out / "train_log.csv").read_text() != "old run" and (out / "notes.txt").read_text() == "old run"

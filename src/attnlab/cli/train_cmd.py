@@ -25,7 +25,7 @@ _OUT = "Output"
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
 
 FIELD_OF_OPTION = {"layers": "num_layers", "heads": "num_heads", "layer_arg": "layer_args", "task_arg": "task_args",
-                   "probe": "probes"}
+                   "probe": "probes", "probe_arg": "probe_args"}
 """CLI option name → TrainConfig field, where they differ; every other option is its field."""
 CLI_ONLY = ("resume", "force", "config", "debug")
 
@@ -72,6 +72,8 @@ EvalBatches = Annotated[int, typer.Option("--eval-batches", help="Eval batches p
 ProbeNames = Annotated[Optional[list[str]], typer.Option(
     "--probe", help="Probe run at each evaluation (repeatable; default sink, entropy; `none` for no probes).",
     rich_help_panel=_EVAL)]
+ProbeArgs = Annotated[Optional[list[str]], typer.Option(
+    "--probe-arg", help="Probe option PROBE.KEY=VALUE (repeatable), e.g. sink.epsilon=0.5.", rich_help_panel=_EVAL)]
 Target = Annotated[Optional[float], typer.Option("--target-accuracy", help="Stop once eval accuracy reaches it.",
                                                  rich_help_panel=_EVAL)]
 OutDir = Annotated[Path, typer.Option("--out", help="Output directory.", rich_help_panel=_OUT)]
@@ -102,6 +104,7 @@ def train_command(
     eval_every: EvalEvery = DEFAULTS["eval_every"],
     eval_batches: EvalBatches = DEFAULTS["eval_batches"],
     probe: ProbeNames = None,
+    probe_arg: ProbeArgs = None,
     target_accuracy: Target = None,
     seed: Seed = 0,
     out: OutDir = Path("attnlab-train"),
@@ -157,6 +160,10 @@ def train_config(ctx: typer.Context, config_path: Path | None, *, resume: bool) 
             value = base[name] if name in base else values.get(key)
         elif key in ("layer_arg", "task_arg"):
             value = parse_pairs(value, f"--{key.replace('_', '-')}")
+        elif key == "probe_arg" and value is not None and not isinstance(value, dict):
+            from attnlab.params import parse_probe_args
+
+            value = parse_probe_args([value] if isinstance(value, str) else list(value))
         fields[name] = value
     for name in ("layer", "task"):
         if fields.get(name) is None:
@@ -167,6 +174,8 @@ def train_config(ctx: typer.Context, config_path: Path | None, *, resume: bool) 
         fields["layer_args"] = {}
     if fields.get("task_args") is None:
         fields["task_args"] = {}
+    if fields.get("probe_args") is None:
+        fields["probe_args"] = {}
     if fields.get("probes") is None:
         fields["probes"] = DEFAULTS["probes"]
     elif list(fields["probes"]) == ["none"]:

@@ -5,15 +5,18 @@ Layout of a checkpoint directory::
     config.json, model.safetensors        the TinyLM (``save_pretrained``); attnlab.load_model(dir) reads it
     tokenizer.json, tokenizer_config.json the task's tokenizer (``save_pretrained``)
     trainer_state.safetensors             the optimizer state, one named tensor per (parameter, state key):
-                                          ``state.{index}.{key}`` (index = position in ``model.parameters()``;
-                                          AdamW: ``step``, ``exp_avg``, ``exp_avg_sq``)
+                                          ``state.{index}.{key}`` (index = position across the optimizer's
+                                          param groups, as ``optimizer.state_dict()`` numbers them: the
+                                          matrices' group first, then norms and biases; AdamW: ``step``,
+                                          ``exp_avg``, ``exp_avg_sq``)
     trainer_state.json                    step, stopped_early, the optimizer's param groups (hyperparameters and
                                           parameter indices), the TrainConfig, the log and probe rows so far,
                                           seconds trained; plain JSON
 
 A checkpoint is written to a temporary directory beside the target and renamed into place; the previous one is
-moved aside first and deleted after the rename, so a crash leaves either the old or the new checkpoint (and at
-worst a ``.checkpoint.*`` leftover), never a mixture. Read it back with :func:`read_state`.
+moved aside to ``.checkpoint.*.old`` first (and moved back if the rename fails) and deleted after the rename. A crash
+between the two renames leaves only the ``.old`` directory, which :func:`read_state` (via :func:`find_checkpoint`)
+falls back to; so a resume sees either the old or the new checkpoint, never a mixture.
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ from safetensors.torch import load_file, save_file
 
 from attnlab.errors import ConfigError
 
-__all__ = ["CHECKPOINT", "STATE_JSON", "STATE_TENSORS", "optimizer_state", "read_state", "restore_optimizer",
-           "write_checkpoint"]
+__all__ = ["CHECKPOINT", "STATE_JSON", "STATE_TENSORS", "find_checkpoint", "optimizer_state", "read_state",
+           "restore_optimizer", "write_checkpoint"]
 
 CHECKPOINT = "checkpoint"
 STATE_JSON = "trainer_state.json"
@@ -106,20 +109,39 @@ def write_checkpoint(out_dir: Path, model: Any, tokenizer: Any, optimizer: torch
         if target.exists():
             old = out_dir / f".{CHECKPOINT}.{secrets.token_hex(6)}.old"
             os.replace(target, old)
-        os.replace(temp, target)
+        try:
+            os.replace(temp, target)
+        except BaseException:
+            if old is not None and not target.exists():
+                os.replace(old, target)  # put the previous checkpoint back
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        for leftover in out_dir.glob(f".{CHECKPOINT}.*.old"):  # from an earlier crash between the renames
+            shutil.rmtree(leftover, ignore_errors=True)
     finally:
         if temp.exists():
             shutil.rmtree(temp, ignore_errors=True)
     return target
 
 
+def find_checkpoint(checkpoint: Path) -> Path:
+    """``checkpoint`` if it exists, else the newest ``.checkpoint.*.old`` beside it (left by a crash between the two
+    renames of :func:`write_checkpoint`), else ``checkpoint`` (so the caller reports it missing)."""
+    if checkpoint.exists():
+        return checkpoint
+    leftovers = sorted(checkpoint.parent.glob(f".{checkpoint.name}.*.old"), key=lambda p: p.stat().st_mtime)
+    complete = [p for p in leftovers if (p / STATE_JSON).is_file() and (p / STATE_TENSORS).is_file()]
+    return complete[-1] if complete else checkpoint
+
+
 def read_state(checkpoint: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """``(trainer_state.json as a dict, optimizer tensors)`` of a checkpoint directory.
+    """``(trainer_state.json as a dict, optimizer tensors)`` of a checkpoint directory (or of the ``.old`` copy
+    :func:`find_checkpoint` falls back to when the directory itself is missing).
 
     Raises ConfigError (one line) when the directory or either file is missing or unreadable.
     """
+    checkpoint = find_checkpoint(checkpoint)
     json_path, tensor_path = checkpoint / STATE_JSON, checkpoint / STATE_TENSORS
     if not json_path.is_file() or not tensor_path.is_file():
         raise ConfigError(f"no checkpoint to resume in {checkpoint} (expected {STATE_JSON} and {STATE_TENSORS}); "

@@ -22,11 +22,11 @@ import torch
 from torch import Tensor
 
 from attnlab.errors import ConfigError, ShapeError
+from attnlab.lab.tasks.base import SPLIT_IDS
 from attnlab.params import Range, validated
 
 __all__ = ["LennardJonesClusters", "lennard_jones_energy"]
 
-SPLIT_IDS = {"train": 0, "eval": 1}
 MAX_TRIES = 10_000
 
 

@@ -44,7 +44,7 @@ from typing import Any
 
 from attnlab.errors import ConfigError
 from attnlab.lab.train import TrainConfig, make_task
-from attnlab.lab.train_results import write_text
+from attnlab.io_utils import atomic_write_text as write_text
 from attnlab.progress import Progress, silent
 
 __all__ = ["BEST_COLUMNS", "SWEEP_COLUMNS", "SweepJob", "SweepResult", "best_of_lrs", "load_sweep", "run_sweep"]
@@ -160,7 +160,7 @@ def _run_job(job: SweepJob, root: Path, threads: int, resume: bool) -> dict[str,
     write_text(config_path, yaml.safe_dump(settings, sort_keys=False))
     out = Path(job.config.out or "")
     command = [sys.executable, "-m", "attnlab", "train", "--config", str(config_path), "--out", str(out)]
-    if resume and (out / "checkpoint").is_dir():
+    if resume and (out / "checkpoint").is_dir() and _same_run(job, _checkpoint_config(out)):
         command.append("--resume")
     elif out.exists():
         command.append("--force")
@@ -248,8 +248,9 @@ def run_sweep(path: str | Path, out: str | Path, *, jobs: int = 1, resume: bool 
               progress: Progress | None = None) -> SweepResult:
     """Run every job of the sweep file ``path`` into ``out`` (module docstring), ``jobs`` processes at a time.
 
-    With ``resume``, a job whose directory already holds a finished results.json is kept as it is and one with a
-    checkpoint continues (``--resume``). Each process gets ``OMP_NUM_THREADS = cpus // jobs`` unless the
+    With ``resume``, a job whose directory already holds a finished results.json of the same config (``out``
+    aside) is kept as it is and one with a checkpoint of the same config continues (``--resume``); a job whose
+    saved config differs from the sweep file's (the file was edited) runs again from scratch (``--force``). Each process gets ``OMP_NUM_THREADS = cpus // jobs`` unless the
     environment sets it. Raises ConfigError/RegistryError before any job runs on a bad file or ``jobs < 1``.
     """
     from attnlab.lab.sweep_report import sweep_results
@@ -292,8 +293,31 @@ def _finished_row(job: SweepJob) -> dict[str, Any] | None:
     out = Path(job.config.out or "")
     try:
         extras = json.loads((out / "results.json").read_text(encoding="utf-8"))["extras"]["train"]
-    except (OSError, ValueError, KeyError):
+        saved = json.loads((out / "results.json").read_text(encoding="utf-8"))["config"]
+    except (OSError, ValueError, KeyError, TypeError):
         return None
+    if not _same_run(job, saved):
+        return None  # the sweep file changed this job: run it again
     if not (extras.get("stopped_early") or extras.get("step") == job.config.steps):
         return None
     return {**_base_row(job), **_finished(extras), "wall_seconds": None}
+
+
+def _checkpoint_config(out: Path) -> Any:
+    """The config saved in ``out/checkpoint`` as a dict (None when unreadable)."""
+    try:
+        return json.loads((out / "checkpoint" / "trainer_state.json").read_text(encoding="utf-8"))["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _same_run(job: SweepJob, saved: Any) -> bool:
+    """Whether a saved config (results.json's or the checkpoint's) is the job's, ``out`` aside."""
+    from attnlab.errors import RegistryError
+
+    if not isinstance(saved, Mapping):
+        return False
+    try:
+        return TrainConfig.from_dict({**saved, "out": job.config.out}) == job.config
+    except (ConfigError, RegistryError, TypeError):
+        return False

@@ -12,16 +12,21 @@ text with it:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from attnlab.errors import ConfigError
+
+if TYPE_CHECKING:  # annotations only; transformers loads when a tokenizer is built
+    from transformers import PreTrainedTokenizerFast
 
 __all__ = ["char_tokenizer", "number_tokenizer"]
 
 
 def _wrap(tokenizer: Tokenizer, specials: dict[str, str]) -> PreTrainedTokenizerFast:
+    from transformers import PreTrainedTokenizerFast
+
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, clean_up_tokenization_spaces=False, **specials)
 
 

@@ -52,6 +52,10 @@ LOG_COLUMNS = ("step", "split", "statistic", "value")
 TRAIN_LOG = "train_log.csv"
 SET_BY_MODEL = ("hidden_size", "num_heads", "layer_idx", "num_layers", "mask_mod")
 """Layer constructor arguments the TinyLM sets (from the run's sizes), so layer_args may not."""
+NOT_IN_TRAINING = {"coordinate_decay": "per-batch coordinates (set_coordinates)"}
+"""Probes training cannot feed, with what they need (probes with ``needs_runner`` are refused as well)."""
+STALE_ON_FORCE = ("results.json", "results.csv", "report.html", TRAIN_LOG)
+"""The previous run's result files, deleted when a forced run starts."""
 RESUME_MAY_DIFFER = ("out",)
 """TrainConfig fields a resumed run may change; every other field must match the checkpoint's."""
 
@@ -69,7 +73,9 @@ class TrainConfig:
         min_lr_ratio: the cosine ends at ``lr · min_lr_ratio``. optimizer: ``adamw`` | ``sgd``.
         grad_clip: max global gradient norm (None = no clipping).
         eval_every, eval_batches: evaluation period (steps) and size (batches of ``batch_size``).
-        probes: probes run at each evaluation (``attnlab ls probes``).
+        probes, probe_args: probes run at each evaluation (``attnlab ls probes``) and their constructor arguments
+            (``{probe: {key: value}}``, as ``attnlab probe --probe-arg PROBE.KEY=VALUE``). Probes that need a
+            tokenizer runner (``magnets``) or per-batch inputs (``coordinate_decay``) are refused.
         target_accuracy: stop once the eval accuracy reaches it (None = run all steps).
         seed: model initialisation (and the task's data unless task_args sets ``seed``).
         out: output directory (checkpoint, train_log.csv); None = write nothing.
@@ -96,6 +102,7 @@ class TrainConfig:
     eval_every: Annotated[int, Range(ge=1)] = 100
     eval_batches: Annotated[int, Range(ge=1, le=65536)] = 4
     probes: tuple[str, ...] = ("sink", "entropy")
+    probe_args: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     target_accuracy: Annotated[float, Range(ge=0, le=1)] | None = None
     seed: Annotated[int, Range(ge=0)] = 0
     out: str | None = None
@@ -108,6 +115,11 @@ class TrainConfig:
                 if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
                     raise ConfigError(f"train: {item.name} must map names to values, got {value!r}")
                 value = dict(value)
+            elif item.name == "probe_args":
+                if not isinstance(value, Mapping) or not all(isinstance(k, str) and isinstance(v, Mapping)
+                                                             for k, v in value.items()):
+                    raise ConfigError(f"train: probe_args must map probe names to {{key: value}}, got {value!r}")
+                value = {name: dict(values) for name, values in value.items()}
             elif item.name == "out":
                 value = None if value is None else str(value)
             else:
@@ -125,7 +137,19 @@ class TrainConfig:
             from attnlab.probes import PROBES
 
             for name in self.probes:
-                PROBES.get(name)  # RegistryError naming the known probes (analyses do not run in training)
+                cls = PROBES.get(name)  # RegistryError naming the known probes (analyses do not run in training)
+                if getattr(cls, "needs_runner", False) or name in NOT_IN_TRAINING:
+                    raise ConfigError(f"train: probe {name} cannot run during training (it needs "
+                                      f"{NOT_IN_TRAINING.get(name, 'a tokenizer runner')}); use `attnlab probe` "
+                                      "on the checkpoint instead")
+        unused = sorted(set(self.probe_args) - set(self.probes))
+        if unused:
+            raise ConfigError(f"train: probe_args given for probe(s) not selected: {', '.join(unused)}")
+        if self.probe_args:
+            from attnlab.params import probe_arguments
+
+            object.__setattr__(self, "probe_args", {name: probe_arguments(name, values)
+                                                    for name, values in self.probe_args.items()})
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: tuples as lists, mappings as dicts."""
@@ -163,10 +187,7 @@ def typed_args(kind: Literal["layer", "task"], name: str, values: Mapping[str, A
         from attnlab.lab.tasks import TASKS as registry
     cls = registry.get(name)
     owner = f"bad --{kind}-arg for {name}"
-    try:
-        hints = typing.get_type_hints(inspect.unwrap(cls.__init__), include_extras=True)
-    except NameError:  # annotations naming what only type checkers import: pass the values on unchecked
-        hints = {}
+    hints, unresolved = _constructor_hints(cls.__init__)
     names = accepted_names(cls)
     if kind == "layer":
         names = [n for n in names if n not in SET_BY_MODEL] + ["mask"]
@@ -177,7 +198,31 @@ def typed_args(kind: Literal["layer", "task"], name: str, values: Mapping[str, A
     unknown = sorted(set(values) - set(names))
     if unknown:
         raise ConfigError(f"{owner}: no parameter {', '.join(unknown)}; it takes: {', '.join(names)}")
+    unchecked = sorted(set(values) & set(unresolved))
+    if unchecked:
+        key = unchecked[0]
+        raise ConfigError(f"{owner}: cannot check {key}: its annotation does not evaluate ({unresolved[key]})")
     return {key: coerce(value, hints.get(key, Any), owner=owner, param=key) for key, value in values.items()}
+
+
+def _constructor_hints(init: Any) -> tuple[dict[str, Any], dict[str, str]]:
+    """``(hints, unresolved)`` of a constructor: the annotations that evaluate in the function's module, and
+    ``{parameter: error}`` for those naming what only type checkers import (their values cannot be checked)."""
+    import inspect
+
+    target = inspect.unwrap(init)
+    try:
+        return typing.get_type_hints(target, include_extras=True), {}
+    except NameError:
+        pass
+    hints: dict[str, Any] = {}
+    unresolved: dict[str, str] = {}
+    for name, annotation in getattr(target, "__annotations__", {}).items():
+        try:
+            hints[name] = eval(annotation, target.__globals__) if isinstance(annotation, str) else annotation  # noqa: S307
+        except NameError as error:
+            unresolved[name] = str(error)
+    return hints, unresolved
 
 
 @dataclass
@@ -274,7 +319,9 @@ def evaluate(model: Any, task: Any, config: TrainConfig, step: int) -> tuple[dic
     import torch
     import torch.nn.functional as F
 
+    from attnlab.capture.architectures import model_facts
     from attnlab.capture.session import Session
+    from attnlab.params import build_probes
 
     was_training = model.training
     model.eval()
@@ -292,7 +339,11 @@ def evaluate(model: Any, task: Any, config: TrainConfig, step: int) -> tuple[dic
         rows: list[dict[str, Any]] = []
         if config.probes:
             batch = task.batch(0, config.batch_size, split="eval")
-            with Session(model, probes=list(config.probes)) as session:
+            probes = build_probes(config.probes, config.probe_args)
+            facts = model_facts(model)
+            for probe in probes:  # as attnlab.pipeline does before its Session (no runner: see TrainConfig)
+                probe.prepare(facts, None)
+            with Session(model, probes=probes) as session:
                 model(input_ids=batch["input_ids"])
             rows = [{**row, "variant": None, "step": step} for row in session.rows()]
     model.train(was_training)
@@ -310,7 +361,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Progress | Non
         resume: continue from ``out/checkpoint``; its config must equal ``config`` except ``out``.
         progress: ``progress(done, total, message)`` after every update; messages of evaluations start with
             ``"eval"`` (one line each, for logs).
-        force: start afresh even though ``out`` is not empty (files there are overwritten).
+        force: start afresh even though ``out`` is not empty: the old :data:`STALE_ON_FORCE` files are deleted
+            first, the checkpoint is overwritten at step 0.
         stop_at: stop after this many updates (the schedule still spans ``config.steps``), checkpointing there,
             so a later ``resume`` continues the same run (a time-boxed run).
 
@@ -319,7 +371,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Progress | Non
     """
     import torch
 
-    from attnlab.lab.checkpoint import CHECKPOINT, read_state, restore_optimizer, write_checkpoint
+    from attnlab.lab.checkpoint import CHECKPOINT, find_checkpoint, read_state, restore_optimizer, write_checkpoint
     from attnlab.lab.modeling import TinyLMForCausalLM, build_model
     from attnlab.lab.train_results import results_dict, write_log
 
@@ -328,6 +380,9 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Progress | Non
         raise ConfigError("resume needs an out directory holding a checkpoint")
     check_out(config, resume=resume, force=force)
     out = None if config.out is None else Path(config.out)
+    if force and not resume and out is not None:  # a forced run that crashes must not leave the old run's results beside it
+        for name in STALE_ON_FORCE:
+            (out / name).unlink(missing_ok=True)
     task = make_task(config)
     spec = model_spec(config, task)
     tokenizer = task.tokenizer()
@@ -336,16 +391,16 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Progress | Non
     start, stopped, seconds = 0, False, 0.0
     if resume:
         assert out is not None
-        state, tensors = read_state(out / CHECKPOINT)
+        source = find_checkpoint(out / CHECKPOINT)  # or the copy a crash between two renames left
+        state, tensors = read_state(source)
         _check_same_run(config, TrainConfig.from_dict({**state["config"], "out": config.out}))
-        model = TinyLMForCausalLM.from_pretrained(out / CHECKPOINT)
+        model = TinyLMForCausalLM.from_pretrained(source)
         optimizer = make_optimizer(config, model)
         restore_optimizer(optimizer, tensors, state["param_groups"])
         start, stopped, seconds = int(state["step"]), bool(state["stopped_early"]), float(state["seconds"])
         log, probe_rows = list(state["log"]), list(state["probe_rows"])
     else:
-        torch.manual_seed(config.seed)
-        model = build_model(spec, seed=config.seed)
+        model = build_model(spec, seed=config.seed)  # seeds a forked RNG: the global one is left alone
         optimizer = make_optimizer(config, model)
     model.train()
     params = [p for group in optimizer.param_groups for p in group["params"]]

@@ -19,17 +19,16 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
-import os
 import platform
-import secrets
 from pathlib import Path
 from typing import Any
 
 from attnlab import __version__
 from attnlab.columns import SCHEMA_VERSION
+from attnlab.io_utils import atomic_write_text
 from attnlab.report.sections import Section, Series, StepCurve, Text
 
-__all__ = ["TRAINING_SECTIONS", "log_to_csv", "results_dict", "write_log", "write_text"]
+__all__ = ["TRAINING_SECTIONS", "log_to_csv", "results_dict", "write_log"]
 
 TRAINING_SECTIONS: dict[str, tuple[Section, ...]] = {
     "train": (Section("training", "Training", (
@@ -73,24 +72,9 @@ def log_to_csv(log: list[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def write_text(path: Path, text: str) -> Path:
-    """Write ``text`` to a temporary file beside ``path`` and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    try:
-        with open(temp, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-    return path
-
-
 def write_log(path: Path, log: list[dict[str, Any]]) -> Path:
     """``train_log.csv`` (see :func:`log_to_csv`), written through a temporary file."""
-    return write_text(path, log_to_csv(log))
+    return atomic_write_text(path, log_to_csv(log))
 
 
 def _versions() -> dict[str, str]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import secrets
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -27,6 +26,9 @@ import pandas as pd
 
 from attnlab.columns import STEP_COLUMN
 from attnlab.errors import ConfigError
+from attnlab.io_utils import atomic_write_text as atomic_write_text  # re-exported: the CLI writes report.html
+from attnlab.io_utils import prepare_out_dir
+from attnlab.io_utils import write_temp as _write_temp
 from attnlab.report.schema import CSV_COLUMNS, INDEX_COLUMNS, REQUIRED_ROW_COLUMNS, validate_results
 from attnlab.report.upgrade import upgrade_results
 
@@ -141,18 +143,6 @@ def frame_to_csv(frame: pd.DataFrame) -> str:
     return frame.to_csv(index=False, lineterminator="\n", na_rep="")
 
 
-def prepare_out_dir(out_dir: Path) -> None:
-    """Create ``out_dir`` and check it is a writable directory; ConfigError (one line) if not."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ConfigError(f"Cannot write results to {out_dir}: {error.strerror or error}") from None
-    if not out_dir.is_dir():
-        raise ConfigError(f"Cannot write results to {out_dir}: Not a directory")
-    if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise ConfigError(f"Cannot write results to {out_dir}: Permission denied")
-
-
 def check_out_dir(out_dir: str | os.PathLike[str]) -> None:
     """Check, without creating anything, that ``out_dir`` is or can become a writable directory.
 
@@ -175,37 +165,6 @@ def check_out_dir(out_dir: str | os.PathLike[str]) -> None:
     except OSError as error:
         raise ConfigError(f"Cannot write results to {out_dir}: {existing}: {error.strerror or error}") from None
     check_targets(path)
-
-
-def _write_temp(out_dir: Path, name: str, text: str) -> Path:
-    """Write ``text`` to a new temporary file next to ``out_dir / name``; return its path."""
-    temp = out_dir / f".{name}.{secrets.token_hex(6)}.tmp"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies, like a normal file
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    return temp
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same directory and a rename.
-
-    Raises ConfigError (one line) if the directory cannot be created or written.
-    """
-    path = Path(path)
-    prepare_out_dir(path.parent)
-    temp = _write_temp(path.parent, path.name, text)
-    try:
-        os.replace(temp, path)
-    except OSError as error:
-        temp.unlink(missing_ok=True)
-        raise ConfigError(f"Cannot write {path}: {error.strerror or error}") from None
-    return path
 
 
 def write_results(

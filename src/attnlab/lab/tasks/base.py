@@ -18,15 +18,17 @@ Contract (shared by every task and by ``attnlab.lab.train``):
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
-from transformers import PreTrainedTokenizerFast
 
 from attnlab.errors import ConfigError, ShapeError
 from attnlab.params import Range, accepted_names, coerce
+
+if TYPE_CHECKING:  # annotations only; transformers loads when a tokenizer is built
+    from transformers import PreTrainedTokenizerFast
 
 __all__ = ["IGNORE", "SPLIT_IDS", "Split", "Task", "check"]
 

@@ -30,15 +30,17 @@ successive draws proportional to ``p`` among the gaps not yet drawn) but not the
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import numpy as np
-from transformers import PreTrainedTokenizerFast
 
 from attnlab.lab.tasks import TASKS
 from attnlab.lab.tasks.base import IGNORE, Split, Task, check
 from attnlab.lab.tokenizers import number_tokenizer
 from attnlab.params import Range, validated
+
+if TYPE_CHECKING:  # annotations only; transformers loads when a tokenizer is built
+    from transformers import PreTrainedTokenizerFast
 
 __all__ = ["MQAR", "gap_probabilities", "mqar_sequences"]
 

@@ -24,15 +24,17 @@ Departures from the original: character level instead of a subword tokenizer, a 
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import numpy as np
-from transformers import PreTrainedTokenizerFast
 
 from attnlab.lab.tasks import TASKS
 from attnlab.lab.tasks.base import IGNORE, Split, Task, check
 from attnlab.lab.tokenizers import char_tokenizer
 from attnlab.params import Range, validated
+
+if TYPE_CHECKING:  # annotations only; transformers loads when a tokenizer is built
+    from transformers import PreTrainedTokenizerFast
 
 __all__ = ["FILLER", "NEEDLE", "QUESTION", "Passkey"]
 
