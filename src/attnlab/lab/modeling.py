@@ -80,12 +80,14 @@ def rope_argument(layer: str, positions: str) -> dict[str, float | None]:
     Raises ConfigError when the layer's rotation is mandatory (``rope_base: float``) and positions is not "rope".
     """
     cls = LAYERS.get(layer)
-    if "rope_base" not in inspect.signature(cls.__init__).parameters:
+    param = inspect.signature(cls.__init__).parameters.get("rope_base")
+    if param is None:
         return {}
     if positions == "rope":
         return {"rope_base": ROPE_BASE}
     hint = typing.get_type_hints(cls.__init__).get("rope_base")
-    if type(None) not in typing.get_args(hint):  # rope_base: float, not float | None
+    optional = type(None) in typing.get_args(hint) if hint is not None else param.default is None
+    if not optional:  # rope_base: float (unannotated: a default other than None)
         raise ConfigError(f"layer {layer!r} always rotates its queries and keys, so it needs positions='rope', "
                           f"got {positions!r}")
     return {"rope_base": None}
@@ -396,10 +398,8 @@ class TinyLMPreTrainedModel(PreTrainedModel):
             device_map: one device (``"cpu"``, ``"cuda:0"``, ``0``, a torch.device) to move the model to.
             attn_implementation: the attention implementation (default ``"sdpa"``).
 
-        Raises:
-            ConfigError: not a local folder (hub ids are not loaded here), no safetensors weights, missing or
-                unexpected weights, a config of another model type, an unusable dtype or device_map, or keyword
-                arguments this loader does not take.
+        Raises ConfigError for a path that is not a local folder (hub ids), no safetensors, missing or
+        unexpected weights, another config type, a bad dtype or device_map, or keywords it does not take.
         """
         from safetensors.torch import load_file
 
