@@ -58,8 +58,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from attnlab.capture.backend import BACKEND_NAME
 from attnlab.errors import ConfigError
 from attnlab.functional.masks import MASKS, MaskMod, full
-from attnlab.layers import LAYERS
 from attnlab.lab.weights import checkpoint_folder, load_state, resolve_device, resolve_dtype, safetensors_files
+from attnlab.layers import LAYERS
 from attnlab.layers.base import Layer
 from attnlab.params import coerce_arguments, parse_spec
 
