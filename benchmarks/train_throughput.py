@@ -43,7 +43,7 @@ def build(layer: str, width: int, num_layers: int, seq_len: int) -> Any:
 
 def step_seconds(model: Any, optimizer: Any, input_ids: Any) -> float:
     start = time.perf_counter()
-    loss = model(input_ids=input_ids[:, :-1], labels=input_ids[:, 1:]).loss
+    loss = model(input_ids=input_ids[:, :-1], targets=input_ids[:, 1:]).loss
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

@@ -90,7 +90,7 @@ def measure(checkpoint: Path, batches: int = 1, batch_size: int = 8) -> dict:
     with torch.no_grad(), attnlab.Session(model, probes=[probe]):
         for step in range(batches):
             batch = task.batch(step, batch_size, split="eval")
-            out = model(input_ids=batch["input_ids"], labels=batch["labels"])
+            out = model(input_ids=batch["input_ids"], targets=batch["labels"])
             losses.append(float(out.loss))
             c, n = task.accuracy(out.logits, batch["labels"])
             correct, counted = correct + c, counted + n

@@ -349,6 +349,28 @@ def validated(init: Callable[..., None]) -> Callable[..., None]:
 
 
 # --probe-arg -------------------------------------------------------------------------------------------------
+def parse_spec(spec: Any, kind: str) -> tuple[str, dict[str, str]]:
+    """``"NAME:key=value,..."`` → ``(NAME, {key: text})``: the one reader of edit and mask specs (values stay text;
+    :func:`coerce_arguments` types them).
+
+    Raises ConfigError (naming ``kind``) for an empty spec, a part without ``key=value`` or a key given twice.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError(f"expected {kind} spec NAME or NAME:key=value,..., got {spec!r}")
+    name, _, rest = spec.strip().partition(":")
+    name = name.strip()
+    values: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, text = part.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise ConfigError(f"{kind} {name!r}: expected key=value, got {part!r} in {spec!r}")
+        if key in values:
+            raise ConfigError(f"{kind} {name!r}: {key} is given twice in {spec!r}")
+        values[key] = text.strip()
+    return name, values
+
+
 def _probe_or_analysis(name: str) -> type:
     from attnlab.analyses import probe_or_analysis  # the registries import this module: look them up late
 

@@ -80,6 +80,68 @@ def test_save_and_auto_load_give_identical_logits(tmp_path, overrides):
     assert tied == model.config.tie_word_embeddings
 
 
+@pytest.mark.parametrize("layer", sorted(LAYERS))
+def test_every_layer_reloads_exactly(tmp_path, layer):
+    """from_pretrained builds the model for real: buffers computed in constructors (decays, ALiBi slopes,
+    sigma_reparam's spectral norm), persistent or not, come back equal, and so do the logits."""
+    from transformers import AutoModelForCausalLM
+
+    from attnlab.lab.modeling import TinyLMForCausalLM
+
+    model = build_model(_spec(layer), seed=3).eval()
+    model.save_pretrained(tmp_path)
+    register_auto()
+    for loaded in (TinyLMForCausalLM.from_pretrained(tmp_path), AutoModelForCausalLM.from_pretrained(tmp_path)):
+        assert type(loaded) is type(model) and not loaded.training
+        want, got = model.state_dict(), loaded.state_dict()
+        assert list(got) == list(want)
+        for name, value in want.items():
+            assert torch.equal(got[name], value), name
+        want, got = dict(model.named_buffers()), dict(loaded.named_buffers())
+        assert list(got) == list(want)
+        for name, value in want.items():
+            assert got[name].dtype == value.dtype and torch.equal(got[name], value), name
+        with torch.no_grad():
+            assert torch.equal(loaded(input_ids=IDS).logits, model(input_ids=IDS).logits)
+
+
+def test_from_pretrained_dtype_shards_and_refusals(tmp_path):
+    from attnlab.lab.modeling import TinyLMForCausalLM, TinyLMModel
+
+    model = build_model(_spec("retention", tie_word_embeddings=False), seed=0).eval()
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    loaded = TinyLMForCausalLM.from_pretrained(tmp_path / "sharded", dtype=torch.float64)
+    assert loaded.lm_head.weight.dtype == torch.float64
+    assert torch.equal(loaded.lm_head.weight.float(), model.lm_head.weight)
+    assert TinyLMForCausalLM.from_pretrained(tmp_path / "sharded", torch_dtype="bfloat16").dtype == torch.bfloat16
+    base = TinyLMModel.from_pretrained(tmp_path / "sharded")  # the head's checkpoint, loaded as the base model
+    assert torch.equal(base.embed_tokens.weight, model.model.embed_tokens.weight)
+    with pytest.raises(ConfigError, match="local folder"):
+        TinyLMForCausalLM.from_pretrained("someone/tinylm")
+    (tmp_path / "empty").mkdir()
+    model.config.save_pretrained(tmp_path / "empty")
+    with pytest.raises(ConfigError, match="model.safetensors"):
+        TinyLMForCausalLM.from_pretrained(tmp_path / "empty")
+    other = build_model(_spec("retention", hidden_size=8, tie_word_embeddings=False), seed=0)
+    other.save_pretrained(tmp_path / "other")
+    (tmp_path / "sharded" / "config.json").write_text((tmp_path / "other" / "config.json").read_text())
+    with pytest.raises(ConfigError, match="do not fit"):  # weights of another size
+        TinyLMForCausalLM.from_pretrained(tmp_path / "sharded")
+
+
+def test_a_layer_with_mandatory_rotation_refuses_other_positions():
+    with pytest.raises(ConfigError, match="positions='rope'"):
+        _spec("retention", positions="learned")
+    assert TinyLMConfig.from_spec(_spec("retention")).rope_theta == 10000.0
+    assert build_model(_spec("masked", positions="none")).model.layers[0].mixer.layer.rope_base is None
+
+
+def test_mask_spec_refuses_a_key_given_twice():
+    with pytest.raises(ConfigError, match="window is given twice"):
+        build_model(_spec(layer_args={"mask": "sliding_window:window=4,window=5"}))
+
+
 def test_same_seed_same_weights_and_global_rng_untouched():
     state = torch.random.get_rng_state()
     first, second = build_model(_spec(), seed=5), build_model(_spec(), seed=5)
@@ -96,7 +158,7 @@ def test_every_layer_trains_a_repeated_sequence(layer):
     optimiser = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
     for _ in range(8):
-        loss = model(input_ids=IDS, labels=labels).loss
+        loss = model(input_ids=IDS, targets=labels).loss
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
@@ -106,12 +168,28 @@ def test_every_layer_trains_a_repeated_sequence(layer):
 
 
 def test_loss_is_the_mean_cross_entropy_over_labelled_positions():
+    """targets are aligned (position t predicts targets[t]); labels are transformers' (shifted inside)."""
     model = build_model(_spec(), seed=1)
-    labels = torch.tensor([[5, -100, 2, 2, -100, 11, 0, 3, -100, 1, 1, 4, 6, -100, 8, 9]])
-    output = model(input_ids=IDS, labels=labels)
+    targets = torch.tensor([[5, -100, 2, 2, -100, 11, 0, 3, -100, 1, 1, 4, 6, -100, 8, 9]])
+    output = model(input_ids=IDS, targets=targets)
     log_probs = torch.log_softmax(output.logits.double(), dim=-1)[0]
-    picked = [-log_probs[t, int(label)] for t, label in enumerate(labels[0]) if label != -100]
+    picked = [-log_probs[t, int(label)] for t, label in enumerate(targets[0]) if label != -100]
     assert_close(output.loss.double(), torch.stack(picked).mean(), dtype=torch.float32)
+    shifted = model(input_ids=IDS, labels=torch.cat([torch.full((1, 1), 7), targets[:, :-1]], dim=1))
+    assert_close(shifted.loss.double(), torch.stack(picked[:-1]).mean(), dtype=torch.float32)  # last t unscored
+    next_token = model(input_ids=IDS, labels=IDS).loss  # transformers' idiom: next-token prediction
+    aligned = torch.cat([IDS[:, 1:], torch.full((1, 1), -100)], dim=1)
+    assert torch.equal(next_token, model(input_ids=IDS, targets=aligned).loss)
+
+
+def test_labels_and_targets_together_and_output_attentions_are_refused():
+    model = build_model(_spec(), seed=1)
+    with pytest.raises(ConfigError, match="not both"):
+        model(input_ids=IDS, labels=IDS, targets=IDS)
+    with pytest.raises(ConfigError, match="targets of shape"):
+        model(input_ids=IDS, targets=IDS[:, 1:])
+    with pytest.raises(ConfigError, match="attnlab.Session"):
+        model(input_ids=IDS, output_attentions=True)
 
 
 def test_generate_runs_the_whole_sequence_each_step():
@@ -124,6 +202,18 @@ def test_generate_runs_the_whole_sequence_each_step():
         for _ in range(4):
             sequence = torch.cat([sequence, model(input_ids=sequence).logits[:, -1:].argmax(-1)], dim=1)
     assert torch.equal(generated, sequence)
+
+
+def test_generate_under_left_padding_with_learned_positions():
+    """prepare_inputs_for_generation counts real tokens for position_ids, so left padding changes nothing."""
+    model = build_model(_spec(positions="learned", max_position_embeddings=32), seed=7).eval()
+    batch = _padded(SEQUENCES, "left")
+    with torch.no_grad():
+        padded = model.generate(**batch, max_new_tokens=3, do_sample=False)
+        for b, sequence in enumerate(SEQUENCES):
+            alone = model.generate(torch.tensor([sequence]), attention_mask=torch.ones(1, len(sequence),
+                                   dtype=torch.long), max_new_tokens=3, do_sample=False)
+            assert torch.equal(padded[b, -3:], alone[0, -3:])
 
 
 def test_hidden_states_and_no_cache():
@@ -293,11 +383,11 @@ def test_an_edit_acts_on_a_tinylm_softmax_layer():
 
 
 def test_score_mod_layers_show_their_implied_map_to_the_session():
-    """alibi computes its own output; the session reads the map it implies (path "implied")."""
+    """alibi computes its own output; the session reads the map it implies (path "implied:softmax")."""
     model = build_model(_spec("alibi"), seed=0).eval()
     inputs = torch.randint(0, SMALL["vocab_size"], (2, 10), generator=torch.Generator().manual_seed(3))
     alpha, entropy, session = _session_stats(model, [{"input_ids": inputs}])
-    assert set(session.attention_paths.values()) == {"implied"}
+    assert set(session.attention_paths.values()) == {"implied:softmax"}
     assert session.calls_per_layer == {0: 1, 1: 1}
     captured = {}
     hooks = [block.mixer.layer.register_forward_pre_hook(
@@ -318,6 +408,24 @@ def test_score_mod_layers_show_their_implied_map_to_the_session():
         assert_close(alpha[layer], probs[..., 0].mean(dim=(0, 2)), dtype=torch.float32)
         row_entropy = -(probs * torch.log(probs.clamp_min(1e-300))).sum(-1)
         assert_close(entropy[layer], row_entropy.mean(dim=(0, 2)), dtype=torch.float32)
+
+
+@pytest.mark.parametrize(("layer", "kind"), [("gla", "signed"), ("sigmoid", "proxy")])
+def test_default_probes_run_on_implied_maps_under_gqa(layer, kind):
+    """The record of a GQA layer's implied map has the model's num_kv_heads and its value de-expanded."""
+    from attnlab.capture import calls
+
+    model = build_model(_spec(layer, layer_args={"num_kv_heads": 1}), seed=0).eval()
+    seen = []
+    record = calls.implied_call
+    inputs = torch.randint(0, SMALL["vocab_size"], (2, 10), generator=torch.Generator().manual_seed(0))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("attnlab.capture.session.implied_call", lambda *a, **k: seen.append(record(*a, **k)) or seen[-1])
+        with Session(model, probes=["entropy", "sink", "distance", "norms"]) as session, torch.no_grad():
+            model(input_ids=inputs)
+    assert set(session.attention_paths.values()) == {f"implied:{kind}"}
+    assert {(c.num_heads, c.num_kv_heads, c.value.shape[1]) for c in seen} == {(2, 1, 1)}
+    assert set(session.results().probe) >= {"entropy", "sink", "distance", "norms"}
 
 
 def test_edits_on_layers_with_implied_maps_are_refused():

@@ -153,24 +153,32 @@ def call_record(layer: int, *, num_heads: int, num_kv_heads: int, q_len: int, va
     )
 
 
-def implied_call(layer: int, attention_map: Any, forward: ForwardState | None, num_sequences: int) -> AttentionCall:
+def implied_call(layer: int, attention_map: Any, forward: ForwardState | None, num_sequences: int,
+                 num_kv_heads: int | None = None) -> AttentionCall:
     """The call record of an implied attention map (:class:`attnlab.functional.implied.ImpliedMap`: batch,
     num_heads, q_len, kv_len, value (B, H, Lk, Dv) per query head, causal).
 
-    ``num_kv_heads`` is num_heads (the map's value is per query head) and ``scale`` is 1.0: the map's weights
-    already hold whatever scale the layer uses, and no probe rescales them.
+    The map's value is GQA-expanded (query head h reads kv head ``h // (H // Hkv)``). With ``num_kv_heads`` (the
+    model's Hkv) below num_heads the record holds the value de-expanded to (B, Hkv, Lk, Dv) and that Hkv, as a
+    softmax call's record does, so probes sized by ``facts.num_kv_heads`` fit; otherwise num_kv_heads is
+    num_heads. ``scale`` is 1.0: the map's weights already hold whatever scale the layer uses, and no probe
+    rescales them.
 
     Raises:
-        ShapeError: the map's value does not match its sizes.
+        ShapeError: the map's value does not match its sizes, or num_heads is not a multiple of num_kv_heads.
     """
     value = attention_map.value
-    expected = (attention_map.batch, attention_map.num_heads, attention_map.kv_len)
+    heads = attention_map.num_heads
+    expected = (attention_map.batch, heads, attention_map.kv_len)
     if value.dim() != 4 or tuple(value.shape[:3]) != expected:
         raise ShapeError(f"expected the implied map's value as (batch, num_heads, kv_len, Dv) = {expected} + (Dv,), "
                          f"got {tuple(value.shape)}")
-    return call_record(layer, num_heads=attention_map.num_heads, num_kv_heads=attention_map.num_heads,
-                       q_len=attention_map.q_len, value=value, causal=bool(attention_map.causal), scale=1.0,
-                       forward=forward, num_sequences=num_sequences)
+    kv_heads = heads if num_kv_heads is None or num_kv_heads >= heads else num_kv_heads
+    if heads % kv_heads:
+        raise ShapeError(f"expected the implied map's num_heads={heads} to be a multiple of num_kv_heads={kv_heads}")
+    value = value[:, :: heads // kv_heads]  # repeat_interleave'd per group: one head of each group
+    return call_record(layer, num_heads=heads, num_kv_heads=kv_heads, q_len=attention_map.q_len, value=value,
+                       causal=bool(attention_map.causal), scale=1.0, forward=forward, num_sequences=num_sequences)
 
 
 def prepare_call(module: Any, layer: int, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,

@@ -17,8 +17,9 @@ The table (first matching row wins; "sample" = ``query_fraction < 1`` and no pro
     yes    any             any           any      any     any                   blocked_eager+edits
 
 Layers of attnlab's own models (``attnlab.lab``) that compute their own attention (linear attention, sigmoid,
-score_mod layers) are not planned: they hand the session the map they imply and are recorded as ``implied``
-(:func:`attnlab.capture.executors.observe_implied`).
+score_mod layers) are not planned: they hand the session the map they imply and are recorded as
+``implied:<kind>`` (the map's kind: ``implied:softmax``, ``implied:normalised``, ``implied:proxy``,
+``implied:signed``; :func:`attnlab.capture.executors.observe_implied`).
 
 A fallback (the user asked for something the call cannot use: ``flex=True``, ``query_fraction < 1``, or a
 model that soft-caps its logits, which SDPA cannot apply) is explained by :func:`fallback_reason`; the
@@ -46,7 +47,7 @@ class Path(str, Enum):
     SDPA_EDITS_SAMPLED = "sdpa+edits+sampled_probs"
     FLEX_EDITS = "flex+edits"
     BLOCKED_EAGER_EDITS = "blocked_eager+edits"
-    IMPLIED = "implied"  # not planned: a layer that computes its own output and shows the map it implies
+    IMPLIED = "implied"  # not planned: a layer shows the map it implies; recorded as "implied:<map kind>"
 
 
     def __str__(self) -> str:

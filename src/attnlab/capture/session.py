@@ -192,15 +192,19 @@ class Session:
 
     def implied(self, module: nn.Module, attention_map: Any) -> tuple[None, None]:
         """Called by the backend for a layer that computes its own attention (``implied_map=``, attnlab.lab):
-        probes read ``attention_map`` (an ImpliedMap); path "implied". ConfigError if an edit targets the layer."""
+        probes read ``attention_map`` (an ImpliedMap); path ``"implied:<kind>"`` (the map's kind: softmax,
+        normalised, proxy or signed), so results say which map a statistic came from. Under GQA
+        (``facts.num_kv_heads`` < num_heads) the call record holds the de-expanded value (``implied_call``).
+        ConfigError if an edit targets the layer."""
         layer = self._count_call(module)
         if self.edit_log.for_layer(layer):
             raise ConfigError(f"layer {layer} computes its own attention (path implied); edits act only on "
                               "softmax attention through the attention interface: pass layers= to skip it")
-        self.attention_paths[layer] = Path.IMPLIED.value
+        self.attention_paths[layer] = f"{Path.IMPLIED.value}:{attention_map.kind}"
         probes = self.probes + list(self._forward.probes) if self._forward is not None else self.probes
-        observe_implied(attention_map, implied_call(layer, attention_map, self._forward, self.num_sequences), probes,
-                        self.block_size)
+        kv_heads = self.facts.num_kv_heads if attention_map.num_heads == self.facts.num_heads else None
+        call = implied_call(layer, attention_map, self._forward, self.num_sequences, num_kv_heads=kv_heads)
+        observe_implied(attention_map, call, probes, self.block_size)
         return None, None
 
     # results ------------------------------------------------------------------------------------------------

@@ -16,8 +16,7 @@ from typing import Any
 
 from attnlab.edits import EDITS
 from attnlab.edits.base import Edit
-from attnlab.errors import ConfigError
-from attnlab.params import coerce_arguments
+from attnlab.params import coerce_arguments, parse_spec
 
 
 def parse_edit_spec(spec: str) -> Edit:
@@ -28,19 +27,8 @@ def parse_edit_spec(spec: str) -> Edit:
             (the message lists the edit's parameters), a key given twice, or a value that does not fit its
             annotation.
     """
-    if not isinstance(spec, str) or not spec.strip():
-        raise ConfigError(f"an edit spec looks like NAME or NAME:key=value,...; got {spec!r}")
-    name, _, rest = spec.strip().partition(":")
-    cls = EDITS.get(name.strip())
-    kwargs: dict[str, str] = {}
-    for part in filter(None, (p.strip() for p in rest.split(","))):
-        key, eq, text = part.partition("=")
-        key = key.strip()
-        if not eq or not key:
-            raise ConfigError(f"edit {name!r}: expected key=value, got {part!r} in {spec!r}")
-        if key in kwargs:
-            raise ConfigError(f"edit {name.strip()!r}: {key} is given twice in {spec!r}")
-        kwargs[key] = text.strip()
+    name, kwargs = parse_spec(spec, "edit")
+    cls = EDITS.get(name)
     return build_edit(cls, kwargs)
 
 

@@ -10,7 +10,8 @@ Architecture (pre-norm): token embedding (+ learned positions when ``positions="
 ``x + mixer(norm(x))`` then ``x + mlp(norm(x))`` (GELU, width ``mlp_ratio · C``; no MLP when ``mlp_ratio == 0``)
 → final norm → LM head (tied to the embedding or not). The mixer is the registered layer
 ``LAYERS.get(spec.layer)`` built with ``hidden_size``, ``num_heads``, ``rope_base`` (10000.0 with
-``positions="rope"``, None otherwise, for layers that take one), ``layer_idx``/``num_layers`` (layers that take
+``positions="rope"``, None otherwise for layers that take an optional one; retention's rotation is mandatory, so
+it needs "rope"), ``layer_idx``/``num_layers`` (layers that take
 them, e.g. lightning) and ``spec.layer_args``; a ``"mask"`` entry there is a mask spec
 (``"sliding_window:window=32"``, names from ``attnlab ls masks``) resolved through ``MASKS`` into ``mask_mod``.
 
@@ -29,7 +30,8 @@ Padding: those other layers cannot mask keys, so a batch whose padding a real qu
 causal model, any padding on a bidirectional one) raises ConfigError for them; right padding on a causal model
 is exact for every layer whose math does not depend on the sequence length (not for sigmoid's default bias
 −log T). No KV cache: ``use_cache=True`` and ``past_key_values`` raise ConfigError; ``generate`` reruns the
-whole sequence each step.
+whole sequence each step. ``from_pretrained`` builds the model for real (constructors compute their buffers)
+and loads its safetensors strictly. Losses: ``labels`` shifted inside (transformers), ``targets`` aligned (tasks).
 
 Shape legend: B batch, T seq_len, C hidden_size, H num_heads, Hkv num_kv_heads, D head_dim, V vocab_size.
 """
@@ -39,6 +41,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import os
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -51,11 +55,13 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from attnlab.capture.backend import BACKEND_NAME
 from attnlab.errors import ConfigError
 from attnlab.functional.masks import MASKS, MaskMod, full
+from attnlab.lab.weights import checkpoint_folder, load_state, resolve_device, resolve_dtype, safetensors_files
 from attnlab.layers import LAYERS
 from attnlab.layers.base import Layer
-from attnlab.params import coerce_arguments
+from attnlab.params import coerce_arguments, parse_spec
 
 __all__ = ["TinyLMAttention", "TinyLMConfig", "TinyLMForCausalLM", "TinyLMModel", "TinyLMSpec", "build_model",
            "parse_mask_spec", "register_auto"]
@@ -64,7 +70,27 @@ MODEL_TYPE = "attnlab_tinylm"
 ROPE_BASE = 10000.0
 POSITIONS = ("rope", "learned", "none")
 NORMS = ("rmsnorm", "layernorm")
-IMPLIED_BACKEND = "attnlab"  # the Session's backend name (attnlab.capture.backend.BACKEND_NAME)
+
+
+def rope_argument(layer: str, positions: str) -> dict[str, float | None]:
+    """The ``rope_base`` argument layer ``layer`` gets under ``positions``: ``{"rope_base": 10000.0}`` with "rope",
+    ``{"rope_base": None}`` otherwise when its annotation admits None (optional rotation), ``{}`` for a layer
+    without ``rope_base``.
+
+    Raises ConfigError when the layer's rotation is mandatory (``rope_base: float``) and positions is not "rope".
+    """
+    cls = LAYERS.get(layer)
+    param = inspect.signature(cls.__init__).parameters.get("rope_base")
+    if param is None:
+        return {}
+    if positions == "rope":
+        return {"rope_base": ROPE_BASE}
+    hint = typing.get_type_hints(cls.__init__).get("rope_base")
+    optional = type(None) in typing.get_args(hint) if hint is not None else param.default is None
+    if not optional:  # rope_base: float (unannotated: a default other than None)
+        raise ConfigError(f"layer {layer!r} always rotates its queries and keys, so it needs positions='rope', "
+                          f"got {positions!r}")
+    return {"rope_base": None}
 
 
 @dataclass(frozen=True)
@@ -100,6 +126,8 @@ class TinyLMSpec:
 
     def __post_init__(self) -> None:
         LAYERS.get(self.layer)  # RegistryError with a suggestion
+        if self.positions in POSITIONS:
+            rope_argument(self.layer, self.positions)  # ConfigError: this layer's rotation is mandatory
         if not isinstance(self.layer_args, Mapping) or not all(isinstance(k, str) for k in self.layer_args):
             raise ConfigError(f"expected layer_args as a mapping of names to JSON values, got {self.layer_args!r}")
         try:
@@ -166,8 +194,7 @@ and None otherwise.
         self.layer_args = dict(self.layer_args or {})
         kv_heads = self.layer_args.get("num_kv_heads")
         self.num_key_value_heads = int(kv_heads) if kv_heads is not None else self.num_attention_heads
-        takes_rope = "rope_base" in inspect.signature(LAYERS.get(self.layer).__init__).parameters
-        self.rope_theta = ROPE_BASE if self.positions == "rope" and takes_rope else None
+        self.rope_theta = rope_argument(self.layer, self.positions).get("rope_base")
         super().__post_init__(**kwargs)
 
     @classmethod
@@ -192,37 +219,26 @@ and None otherwise.
 def parse_mask_spec(spec: str) -> MaskMod:
     """``"sliding_window:window=32"`` → that registered mask_mod (values typed by the factory's annotations).
 
-    Raises RegistryError for an unknown mask name; ConfigError for a malformed spec or a bad parameter.
+    Raises RegistryError for an unknown mask name; ConfigError for a malformed spec, a key given twice or a bad
+    parameter.
     """
-    if not isinstance(spec, str) or not spec.strip():
-        raise ConfigError(f"expected a mask spec NAME or NAME:key=value,..., got {spec!r}")
-    name, _, rest = spec.strip().partition(":")
-    factory = MASKS.get(name.strip())
-    values: dict[str, str] = {}
-    for part in filter(None, (p.strip() for p in rest.split(","))):
-        key, eq, text = part.partition("=")
-        if not eq or not key.strip():
-            raise ConfigError(f"mask {name!r}: expected key=value, got {part!r} in {spec!r}")
-        values[key.strip()] = text.strip()
-    return factory(**coerce_arguments(factory, values, owner=f"mask {name.strip()!r}"))
+    name, values = parse_spec(spec, "mask")
+    factory = MASKS.get(name)
+    return factory(**coerce_arguments(factory, values, owner=f"mask {name!r}"))
 
 
 def build_layer(config: TinyLMConfig, layer_idx: int) -> Layer:
     """The mixer layer of block ``layer_idx`` (see the module docstring for the arguments it gets).
 
-    Raises ConfigError for a layer_args key the layer does not take, a mask on a layer without ``mask_mod``, or a
-    bidirectional model with a layer that cannot take a mask.
+    Raises ConfigError for a layer_args key the layer does not take, a mask on a layer without ``mask_mod``, a
+    bidirectional model with a layer that cannot take a mask, or positions other than "rope" for a layer whose
+    rotation is mandatory (retention).
     """
     cls = LAYERS.get(config.layer)
     params = inspect.signature(cls.__init__).parameters
     args: dict[str, Any] = {"hidden_size": config.hidden_size, "num_heads": config.num_attention_heads,
-                            "layer_idx": layer_idx, "num_layers": config.num_hidden_layers}
-    if "rope_base" in params:
-        rope = params["rope_base"]
-        if config.positions == "rope":
-            args["rope_base"] = ROPE_BASE
-        elif "None" in str(rope.annotation):  # layers whose rotation is optional
-            args["rope_base"] = None
+                            "layer_idx": layer_idx, "num_layers": config.num_hidden_layers,
+                            **rope_argument(config.layer, config.positions)}
     layer_args = dict(config.layer_args)
     unknown = sorted(set(layer_args) - set(params) - {"mask", "self"})
     if unknown:
@@ -243,7 +259,8 @@ class TinyLMAttention(nn.Module):
     """One block's mixer: wraps the layer and is its ``attention_hook`` (see the module docstring).
 
     Attributes (as transformers' attention modules have them): ``layer_idx``, ``is_causal``, ``config``,
-    ``num_key_value_groups`` (H // Hkv, read by transformers' SDPA for GQA), ``scaling`` (D ** -0.5).
+    ``num_key_value_groups`` (H // Hkv, read by transformers' SDPA for GQA). There is no ``scaling``: every call
+    passes the layer's own scale (``scaling=``), which depends on its head (key) dim.
     """
 
     def __init__(self, config: TinyLMConfig, layer_idx: int) -> None:
@@ -251,7 +268,6 @@ class TinyLMAttention(nn.Module):
         self.config, self.layer_idx, self.is_causal = config, layer_idx, bool(config.causal)
         self.layer = build_layer(config, layer_idx)
         self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
-        self.scaling = (config.hidden_size // config.num_attention_heads) ** -0.5
         object.__setattr__(self.layer, "attention_hook", self)  # a plain reference, not a submodule (no cycle)
         self._padding: Tensor | None = None  # (B, T) bool of the forward in flight, None = nothing padded
         self._keys_exposed = False  # padding a real query could see (only the hooked softmax masks it)
@@ -306,7 +322,7 @@ class TinyLMAttention(nn.Module):
     @property
     def wants_maps(self) -> bool:
         """Whether :meth:`implied` passes maps on: only under the "attnlab" implementation (a Session)."""
-        return self.config._attn_implementation == IMPLIED_BACKEND
+        return self.config._attn_implementation == BACKEND_NAME
 
     def implied(self, attention_map: Any) -> None:
         """Hand the map a layer implies to the "attnlab" attention function (attnlab's Session), else ignore it.
@@ -315,7 +331,7 @@ class TinyLMAttention(nn.Module):
         if self._keys_exposed:
             self._refuse_padding()
         if self.wants_maps:
-            ALL_ATTENTION_FUNCTIONS[IMPLIED_BACKEND](self, None, None, attention_map.value, None,
+            ALL_ATTENTION_FUNCTIONS[BACKEND_NAME](self, None, None, attention_map.value, None,
                                                     implied_map=attention_map)
 
 
@@ -358,6 +374,54 @@ class TinyLMPreTrainedModel(PreTrainedModel):
         layers' own initialisations, e.g. MODA's identity fuse, are part of their definition)."""
         if isinstance(module, nn.Embedding) or module is getattr(self, "lm_head", None):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args: Any,
+                        config: TinyLMConfig | None = None, dtype: Any = None, torch_dtype: Any = None,
+                        device_map: Any = None, attn_implementation: str | None = None, subfolder: str = "",
+                        use_safetensors: bool | None = None, **kwargs: Any) -> TinyLMPreTrainedModel:
+        """A TinyLM saved by ``save_pretrained`` in a local folder, in eval mode.
+
+        transformers' own loader builds models on the meta device, which leaves the buffers a layer computes in
+        its constructor (retention's and lightning's decays, ALiBi slopes, sigma_reparam's spectral norm) unset
+        or makes the constructor fail. This one builds the model for real from its config (CPU, the global RNG
+        left as it was), then loads ``model.safetensors`` (or the shards of ``model.safetensors.index.json``)
+        strictly: only a tied ``lm_head.weight`` may be missing. ``AutoModelForCausalLM.from_pretrained(DIR)``
+        and ``attnlab.load_model(DIR)`` come here.
+
+        Args:
+            pretrained_model_name_or_path: the folder (``subfolder`` inside it, if given).
+            config: a :class:`TinyLMConfig` to use instead of the folder's ``config.json``.
+            dtype / torch_dtype: a torch dtype, its name (``"bfloat16"``) or ``"auto"`` (the default: the
+                config's saved ``dtype``, else the stored weights' dtype); applied to the tensors built in the
+                default dtype (float32), as transformers does, so a layer's float64 buffers stay float64.
+            device_map: one device (``"cpu"``, ``"cuda:0"``, ``0``, a torch.device) to move the model to.
+            attn_implementation: the attention implementation (default ``"sdpa"``).
+
+        Raises ConfigError for a path that is not a local folder (hub ids), no safetensors, missing or
+        unexpected weights, another config type, a bad dtype or device_map, or keywords it does not take.
+        """
+        from safetensors.torch import load_file
+
+        folder = checkpoint_folder(pretrained_model_name_or_path, subfolder, model_args, kwargs, use_safetensors)
+        config = TinyLMConfig.from_pretrained(folder) if config is None else config
+        if not isinstance(config, TinyLMConfig):
+            raise ConfigError(f"expected a TinyLMConfig (model_type {MODEL_TYPE!r}), got {type(config).__name__}")
+        state = {}
+        for file in safetensors_files(folder):
+            state.update(load_file(file))
+        with torch.random.fork_rng(devices=[]):
+            model = cls(config)
+        load_state(model, state, folder)
+        built, target = torch.get_default_dtype(), resolve_dtype(torch_dtype if dtype is None else dtype, config, state)
+        if target != built:  # tensors a layer keeps in another dtype on purpose (float64 decays) keep it
+            model._apply(lambda t: t.to(target) if t.dtype == built else t)
+        model.config.dtype = target
+        if device_map is not None:
+            model.to(resolve_device(device_map))
+        if attn_implementation is not None:
+            model.set_attn_implementation(attn_implementation)
+        return model.eval()
 
 
 def _check_no_cache(past_key_values: Any, use_cache: bool | None) -> None:
@@ -437,8 +501,13 @@ class TinyLMForCausalLM(TinyLMPreTrainedModel, GenerationMixin):
     ``generate`` works without a KV cache: every step runs the whole sequence again
     (:meth:`prepare_inputs_for_generation`), so it costs O(T²) per token (fine for lab-sized models).
 
-    ``labels`` are aligned to positions (``labels[t]`` is the target of position t; no internal shift), -100 = not
-    scored; the loss is their mean cross-entropy (computed in float32; NaN when nothing is scored).
+    Two ways to ask for a loss (mean cross-entropy in float32 over the scored tokens, -100 = not scored; NaN when
+    nothing is scored):
+
+    - ``labels`` (B, T): transformers' convention, shifted inside: position t is scored on ``labels[t + 1]``
+      (``model(input_ids=x, labels=x)`` is next-token prediction), as every transformers CausalLM does.
+    - ``targets`` (B, T): already aligned, ``targets[t]`` is the token position t predicts (no shift); the
+      lab's tasks produce these (``Task.batch``), and :mod:`attnlab.lab.train` passes them.
     """
 
     _tied_weights_keys: ClassVar[dict[str, str]] = {"lm_head.weight": "model.embed_tokens.weight"}
@@ -465,31 +534,48 @@ class TinyLMForCausalLM(TinyLMPreTrainedModel, GenerationMixin):
                 labels: Tensor | None = None, inputs_embeds: Tensor | None = None,
                 output_hidden_states: bool | None = None, position_ids: Tensor | None = None,
                 past_key_values: Any = None, use_cache: bool | None = None, logits_to_keep: int = 0,
+                targets: Tensor | None = None, output_attentions: bool | None = None,
                 **kwargs: Any) -> CausalLMOutput:
-        """As :meth:`TinyLMModel.forward`, plus ``labels`` (B, T) long aligned to positions (loss over
-        labels != -100) and ``logits_to_keep`` (0 = all; n = the last n positions). Returns loss (scalar or
-        None), logits (B, T or n, V) and hidden_states (with output_hidden_states).
+        """As :meth:`TinyLMModel.forward`, plus ``labels`` (B, T) long, shifted inside (position t is scored on
+        labels[t + 1]), or ``targets`` (B, T) long, aligned (position t is scored on targets[t]), -100 = not
+        scored (class docstring); and ``logits_to_keep`` (0 = all; n = the last n positions). Returns loss
+        (scalar or None), logits (B, T or n, V) and hidden_states (with output_hidden_states).
 
-        Raises ConfigError for labels of another shape than (B, T) and as :meth:`TinyLMModel.forward`."""
+        Raises ConfigError for both labels and targets, either of another shape than (B, T),
+        ``output_attentions=True`` (attention maps come from :class:`attnlab.Session` probes) and as
+        :meth:`TinyLMModel.forward`."""
+        if output_attentions:
+            raise ConfigError("TinyLM returns no attention weights (output_attentions=True); read attention "
+                              "through attnlab.Session probes")
+        if labels is not None and targets is not None:
+            raise ConfigError("expected labels (shifted inside, as in transformers) or targets (aligned to "
+                              "positions), not both")
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states,
                              past_key_values=past_key_values, use_cache=use_cache)
         hidden = outputs.last_hidden_state
         logits = self.lm_head(hidden if not logits_to_keep else hidden[:, -logits_to_keep:])
         loss = None
-        if labels is not None:
-            if labels.shape != hidden.shape[:2]:
-                raise ConfigError(f"expected labels of shape {tuple(hidden.shape[:2])} (aligned to positions), got "
-                                  f"{tuple(labels.shape)}")
+        scored = labels if labels is not None else targets
+        if scored is not None:
+            if scored.shape != hidden.shape[:2]:
+                name = "labels" if labels is not None else "targets"
+                raise ConfigError(f"expected {name} of shape {tuple(hidden.shape[:2])}, got {tuple(scored.shape)}")
             full_logits = logits if not logits_to_keep else self.lm_head(hidden)
-            loss = F.cross_entropy(full_logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+            if labels is not None:  # transformers' convention: position t predicts labels[t + 1]
+                full_logits, scored = full_logits[:, :-1], labels[:, 1:]
+            loss = F.cross_entropy(full_logits.float().flatten(0, 1), scored.flatten(), ignore_index=-100)
         return CausalLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
-
 
     def prepare_inputs_for_generation(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                                       **kwargs: Any) -> dict[str, Any]:
-        """The whole sequence so far at every step (no KV cache): input_ids (B, T) and its attention_mask."""
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        """The whole sequence so far at every step (no KV cache): input_ids (B, T), its attention_mask and, with
+        a mask, position_ids counting real tokens (``cumsum - 1``, 0 on padding, as GPT-2), so learned positions
+        stay right under left padding."""
+        inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if attention_mask is not None:
+            inputs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        return inputs
 
 
 def build_model(spec: TinyLMSpec, *, seed: int = 0) -> TinyLMForCausalLM:

@@ -437,7 +437,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Progress | Non
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = task.batch(step - 1, config.batch_size)
-        output = model(input_ids=batch["input_ids"], labels=batch["labels"])
+        output = model(input_ids=batch["input_ids"], targets=batch["labels"])
         output.loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip else math.inf)
         optimizer.step()
