@@ -251,8 +251,8 @@ def test_softmax_layers_route_and_others_do_not():
         assert bool(calls) is routed, layer
 
 
-def _explicit_stats(model, inputs, lengths, window=None):
-    """Sink alpha_0 and mean row entropy per (layer, head) from softmax(q kᵀ · scale) computed here."""
+def _layer_inputs(model, inputs):
+    """Each block's mixer input (B, T, C) for one forward pass, by layer index."""
     captured = {}
     hooks = [block.mixer.layer.register_forward_pre_hook(
         lambda module, args, index=index: captured.__setitem__(index, args[0]))
@@ -261,6 +261,12 @@ def _explicit_stats(model, inputs, lengths, window=None):
         model(input_ids=inputs)
     for hook in hooks:
         hook.remove()
+    return captured
+
+
+def _explicit_stats(model, inputs, lengths, window=None):
+    """Sink alpha_0 and mean row entropy per (layer, head) from softmax(q kᵀ · scale) computed here."""
+    captured = _layer_inputs(model, inputs)
     L, H = SMALL["num_layers"], SMALL["num_heads"]
     alpha, entropy = torch.zeros(L, H, dtype=torch.float64), torch.zeros(L, H, dtype=torch.float64)
     for layer in range(L):
@@ -389,14 +395,7 @@ def test_score_mod_layers_show_their_implied_map_to_the_session():
     alpha, entropy, session = _session_stats(model, [{"input_ids": inputs}])
     assert set(session.attention_paths.values()) == {"implied:softmax"}
     assert session.calls_per_layer == {0: 1, 1: 1}
-    captured = {}
-    hooks = [block.mixer.layer.register_forward_pre_hook(
-        lambda module, args, index=index: captured.__setitem__(index, args[0]))
-        for index, block in enumerate(model.model.layers)]
-    with torch.no_grad():
-        model(input_ids=inputs)
-    for hook in hooks:
-        hook.remove()
+    captured = _layer_inputs(model, inputs)
     for layer in range(SMALL["num_layers"]):
         attention = model.model.layers[layer].mixer.layer
         q, k, _, _ = attention.project(captured[layer])
