@@ -157,3 +157,12 @@ def test_run_section_calls_them_attention_paths(fake_results):
     html = render_html(fake_results)
     row = re.search(r'<th scope="row">attention path</th><td>(.*?)</td>', html)
     assert row and "sdpa" in row.group(1) and "blocked_eager" in row.group(1)
+
+
+def test_a_sweeps_run_table_shows_what_is_known_and_no_placeholders():
+    from attnlab.lab.sweep_report import sweep_results
+
+    html = render_html(sweep_results("sweep.toml", [], [], jobs=2, seconds=1.0))
+    run = _section(html, "run")
+    assert "sweep file sweep.toml" in run and "torch " in run and "attnlab " in run
+    assert "— × — (—)" not in run and "BOS policy" not in run and "attention path" not in run

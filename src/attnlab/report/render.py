@@ -57,8 +57,13 @@ def _run_section(results: Mapping[str, Any]) -> dict[str, Any]:
         ("created", results.get("created")),
         ("run time", f"{format_number(timing.get('seconds'))} s" if "seconds" in timing else None),
     ]
+    one_model = any(model.get(key) is not None for key in ("num_layers", "class")) or bool(tokenizer)
+    if not one_model:  # e.g. a sweep: show what is known, not placeholders for one model's facts
+        items = [(label, value) for label, value in items
+                 if label not in ("layers × heads (kv heads)", "BOS policy") and value not in (None, "")]
     return {
         "items": [(label, "—" if value in (None, "") else str(value)) for label, value in items],
+        "one_model": one_model,
         "attention_paths": summarise_paths(results.get("attention_paths") or {}),
         "config": [(key, value if isinstance(value, str) else repr(value)) for key, value in config.items()],
     }
