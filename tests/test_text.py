@@ -165,3 +165,31 @@ def test_bundled_corpus_with_real_tokenizer():
     assert w.bos_added and w.windows[0]["ids"][0] == tok.cls_token_id  # BERT prepends [CLS] itself
     assert all(len(x["ids"]) == 64 for x in w.windows)
     assert w.files == ["alls_well_that_ends_well_gut.txt"]  # modern spelling only
+
+
+def test_a_tokenizer_failure_is_one_line_text_error_with_a_hint(tmp_path, monkeypatch):
+    # the lab's mqar tokenizer reads only space-separated ids and has no unknown token: English text makes
+    # the tokenizers library raise "WordLevel error: Missing [UNK] token from the vocabulary"
+    from attnlab.lab.tokenizers import char_tokenizer, number_tokenizer
+
+    numbers = number_tokenizer(64)
+    english = tmp_path / "words.txt"
+    english.write_text(word_text(100))
+    with pytest.raises(TextError) as info:
+        load_text(numbers, english, seq_len=8)
+    message = str(info.value)
+    assert "\n" not in message and "cannot read" in message and str(english) in message
+    assert "space-separated token ids" in message and '"12 7 40 3"' in message and "--text" in message
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+    monkeypatch.setattr(text_mod, "corpus_files", lambda: [english])  # the default corpus says which text it is
+    with pytest.raises(TextError, match="bundled corpus 'shakespeare'.*space-separated token ids"):
+        load_text(numbers, None, seq_len=8)
+
+    ids = tmp_path / "ids.txt"
+    ids.write_text("12 7 40 3 " * 10)
+    assert load_text(numbers, ids, seq_len=8, max_windows=1).windows[0]["ids"] == [12, 7, 40, 3] * 2
+
+    no_unk = char_tokenizer("ab", specials=("<bos>",))  # not an id vocabulary: the generic hint
+    with pytest.raises(TextError, match=r"cannot read .*; pass a text it can read with --text$"):
+        load_text(no_unk, english, seq_len=8, bos="never")

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import torch
 
-from attnlab.errors import ConfigError, TextError
+from attnlab.errors import AttnlabError, ConfigError, TextError
 
 logger = logging.getLogger(__name__)
 
@@ -47,12 +47,38 @@ def start_token_id(tokenizer: Any) -> int | None:
 
 
 def tokenizer_adds_bos(tokenizer: Any) -> bool:
-    """True iff encoding ``"a"`` with special tokens puts :func:`start_token_id` first."""
+    """True iff encoding ``"a"`` with special tokens puts :func:`start_token_id` first (the empty text when the
+    tokenizer cannot read ``"a"``, e.g. one without an unknown token whose vocabulary lacks it)."""
     start = start_token_id(tokenizer)
     if start is None:
         return False
-    ids = tokenizer("a")["input_ids"]
+    try:
+        ids = tokenizer("a")["input_ids"]
+    except Exception:  # noqa: BLE001 - tokenizers raise plain Exception for text outside their vocabulary
+        ids = tokenizer("")["input_ids"]
     return len(ids) > 0 and int(ids[0]) == start
+
+
+def _numeric_vocabulary(tokenizer: Any) -> bool:
+    """True for a vocabulary of decimal numbers only (plus special tokens), like the lab's number_tokenizer."""
+    try:
+        vocab = tokenizer.get_vocab()
+    except Exception:  # noqa: BLE001 - any tokenizer-like object
+        return False
+    specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    words = [w for w in vocab if w not in specials]
+    return bool(words) and all(w.isdigit() for w in words)
+
+
+def unreadable_text_error(tokenizer: Any, source: str, exc: BaseException) -> TextError:
+    """The one-line TextError for a tokenizer that fails on ``source``, with a hint for id-only vocabularies."""
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if _numeric_vocabulary(tokenizer):
+        hint = ("its vocabulary is token ids (a lab checkpoint of a synthetic task such as mqar), so the text must "
+                "be space-separated token ids, e.g. a file containing \"12 7 40 3\"; pass it with --text")
+    else:
+        hint = "pass a text it can read with --text"
+    return TextError(f"The tokenizer cannot read {source} ({reason}); {hint}")
 
 
 def _strip_gutenberg(text: str) -> str:
@@ -220,7 +246,9 @@ def load_text(
     Raises:
         ConfigError: seq_len < 2, max_windows < 1, stride < 1, batch_size < 1 or an unknown bos policy.
         TextError: missing, non-UTF-8, empty or whitespace-only file; ``bos="always"`` with a tokenizer without a
-            BOS/CLS token; text shorter than one window (the message gives both token counts).
+            BOS/CLS token; text shorter than one window (the message gives both token counts); text the tokenizer
+            fails on (e.g. words outside a vocabulary without an unknown token: the lab's number_tokenizer reads
+            only space-separated ids).
     """
     _check_args(seq_len, max_windows, stride, bos, batch_size)
     start_id = start_token_id(tokenizer)
@@ -246,7 +274,13 @@ def load_text(
             return first
 
     needed = text_len + step * (max_windows - 1)
-    ids, complete, used = _tokenize_enough(tokenizer, read_part, len(files), needed)
+    try:
+        ids, complete, used = _tokenize_enough(tokenizer, read_part, len(files), needed)
+    except (AttnlabError, OSError, UnicodeError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - tokenizers raise plain Exception (e.g. a WordLevel without [UNK])
+        label = f"the bundled corpus '{source}'" if path is None else str(files[0])
+        raise unreadable_text_error(tokenizer, label, exc) from None
     if len(ids) < text_len:
         bos_note = " plus BOS" if add_bos else ""
         raise TextError(

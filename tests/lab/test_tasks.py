@@ -261,3 +261,40 @@ def test_accuracy_checks_shapes_and_counts_labelled_positions():
     assert task.accuracy(logits, labels) == (7, 8)
     with pytest.raises(ShapeError):
         task.accuracy(logits[:, :-1], labels)
+
+
+# saved tokenizers feed BOS the way the tasks train ------------------------------------------------------------
+def _reloaded(tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer.save_pretrained(tmp_path / "tok")
+    return AutoTokenizer.from_pretrained(tmp_path / "tok")
+
+
+@pytest.mark.parametrize("name", ["lm", "bigram_backcopy", "passkey"])
+def test_a_saved_task_tokenizer_feeds_bos_first_under_the_auto_policy(name, tmp_path, monkeypatch):
+    from attnlab.lab.tasks import lm
+    from attnlab.text import load_text
+
+    monkeypatch.setattr(lm, "_corpus_chars", lambda: "".join(sorted(set(SMALL_TEXT))))
+    if name == "lm":
+        task = TASKS.get("lm")(seq_len=16)
+    elif name == "bigram_backcopy":
+        task = BigramBackcopy(seq_len=16, counts=small_counts())
+    else:
+        task = Passkey(seq_len=120)
+    assert (task.batch(0, 2)["input_ids"][:, 0] == 0).all()  # the task trains with <bos> (id 0) first
+    tokenizer = _reloaded(task.tokenizer(), tmp_path)
+    text_chars = SMALL_TEXT if name != "passkey" else "".join(c for c in SMALL_TEXT if c in task.alphabet)
+    (tmp_path / "t.txt").write_text(text_chars * 4)
+    windows = load_text(tokenizer, tmp_path / "t.txt", seq_len=12, max_windows=2, bos="auto")
+    assert windows.bos_added and all(w["ids"][0] == tokenizer.bos_token_id == 0 for w in windows.windows)
+    assert all(0 not in w["ids"][1:] for w in windows.windows)
+
+
+def test_lm_without_bos_saves_a_tokenizer_that_adds_none(tmp_path, monkeypatch):
+    from attnlab.lab.tasks import lm
+    from attnlab.text import tokenizer_adds_bos
+
+    monkeypatch.setattr(lm, "_corpus_chars", lambda: "".join(sorted(set(SMALL_TEXT))))
+    assert not tokenizer_adds_bos(_reloaded(TASKS.get("lm")(seq_len=16, bos=False).tokenizer(), tmp_path))

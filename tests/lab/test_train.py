@@ -78,6 +78,25 @@ def test_results_rows_carry_steps_and_probe_rows(run):
     assert result.results["extras"]["train"]["num_parameters"] == result.num_parameters
 
 
+def test_the_training_reports_run_table_is_filled_and_has_no_tokens_section(run):
+    import re
+
+    from attnlab.report.render import render_html
+
+    result, out = run
+    results = result.results
+    assert results["model"]["source"] == f"trained by attnlab train in {out}"
+    assert results["model"]["device"] == "cpu"
+    assert set(results["attention_paths"]) == {"0"} and results["attention_paths"]["0"]  # 1 layer, with probes
+    html = render_html(results)
+    run_table = html[html.index('id="run"'):html.index("</section>", html.index('id="run"'))]
+    for label in ("device", "source", "attention path"):
+        value = re.search(rf'<th scope="row">{label}</th><td>(.*?)</td>', run_table).group(1)
+        assert value and value != "—", label
+    assert 'id="tokens"' not in html and 'href="#tokens"' not in html and "no windows were recorded" not in html
+    assert "heads × windows" in json.dumps(results["sections"]["sink"], ensure_ascii=False)  # not "of heads"
+
+
 def test_checkpoint_loads_with_load_model_and_holds_the_trained_weights(run):
     result, out = run
     loaded = attnlab.load_model(str(out / "checkpoint"))

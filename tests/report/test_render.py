@@ -98,12 +98,11 @@ def test_a_v1_file_renders_its_probes_sections(results_factory):
 
 def test_minimal_results_render():
     html = render_html({"schema_version": 1, "command": "report", "model": {}, "rows": []})
-    for section_id in ("run", "tokens", "tables"):
+    for section_id in ("run", "tables"):
         assert f'id="{section_id}"' in html
-    for section_id in ("sinks", "entropy", "distance", "extreme-tokens", "norms"):
-        assert f'id="{section_id}"' not in html, section_id
-    for section_id in ("tokens", "tables"):
-        assert "Not run" in _section(html, section_id), section_id
+    for section_id in ("sinks", "entropy", "distance", "extreme-tokens", "norms", "tokens"):  # no data, no section
+        assert f'id="{section_id}"' not in html and f'href="#{section_id}"' not in html, section_id
+    assert "Not run" in _section(html, "tables")
 
 
 def test_render_is_pure(fake_results):
@@ -158,3 +157,12 @@ def test_run_section_calls_them_attention_paths(fake_results):
     html = render_html(fake_results)
     row = re.search(r'<th scope="row">attention path</th><td>(.*?)</td>', html)
     assert row and "sdpa" in row.group(1) and "blocked_eager" in row.group(1)
+
+
+def test_a_sweeps_run_table_shows_what_is_known_and_no_placeholders():
+    from attnlab.lab.sweep_report import sweep_results
+
+    html = render_html(sweep_results("sweep.toml", [], [], jobs=2, seconds=1.0))
+    run = _section(html, "run")
+    assert "sweep file sweep.toml" in run and "torch " in run and "attnlab " in run
+    assert "— × — (—)" not in run and "BOS policy" not in run and "attention path" not in run

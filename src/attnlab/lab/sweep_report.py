@@ -34,6 +34,12 @@ SWEEP_SECTIONS = (Section("sweep", "Sweep", (
 )),)
 
 
+def _versions() -> dict[str, str]:
+    from attnlab.lab.train_results import _versions as versions
+
+    return versions()
+
+
 def _percent(row: Mapping[str, Any]) -> dict[str, Any]:
     accuracy = row.get("eval_accuracy")
     return {**row, "eval_accuracy_percent": None if accuracy is None else 100 * accuracy}
@@ -62,7 +68,8 @@ def sweep_results(path: str | Path, rows: list[dict[str, Any]], best: list[dict[
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": "sweep",
         "config": {"sweep": str(path), "jobs": jobs},
-        "model": {"name": f"sweep of {len(rows)} TinyLM job(s)"},
+        "model": {"name": f"sweep of {len(rows)} TinyLM job(s)", "source": f"sweep file {path}"},
+        "versions": _versions(),
         "rows": result_rows,
         "extras": {"sweep": extras},
         "sections": {"sweep": [section.to_dict() for section in SWEEP_SECTIONS]},

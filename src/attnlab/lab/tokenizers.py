@@ -5,23 +5,26 @@ text with it:
 
 - :func:`char_tokenizer`: one token per character of a fixed alphabet (the bundled corpus's characters for
   ``bigram_backcopy`` and char-level language modelling), special tokens first.
+- :func:`with_bos`: a copy of a tokenizer that puts BOS first when encoding with special tokens, for tasks whose
+  sequences start with BOS (so ``attnlab.text``'s ``bos="auto"`` feeds BOS first, as the task trained).
 - :func:`number_tokenizer`: tokens ``"0" … "V-1"`` separated by spaces, for synthetic tasks over integer vocabularies
   (``mqar``): the text ``"12 7 4099"`` is the id sequence [12, 7, 4099].
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
 from attnlab.errors import ConfigError
 
 if TYPE_CHECKING:  # annotations only; transformers loads when a tokenizer is built
     from transformers import PreTrainedTokenizerFast
 
-__all__ = ["char_tokenizer", "number_tokenizer"]
+__all__ = ["char_tokenizer", "number_tokenizer", "with_bos"]
 
 
 def _wrap(tokenizer: Tokenizer, specials: dict[str, str]) -> PreTrainedTokenizerFast:
@@ -30,15 +33,43 @@ def _wrap(tokenizer: Tokenizer, specials: dict[str, str]) -> PreTrainedTokenizer
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, clean_up_tokenization_spaces=False, **specials)
 
 
-def char_tokenizer(alphabet: str | Sequence[str], specials: Sequence[str] = ("<bos>", "<unk>")
-                   ) -> PreTrainedTokenizerFast:
+def with_bos(tokenizer: Any) -> Any:
+    """A copy of a fast tokenizer that puts its BOS token first when encoding with special tokens.
+
+    A ``<bos> $A`` template post-processor runs after the tokenizer's own one (if any), and ``add_bos_token`` is
+    True, so ``tokenizer("a").input_ids[0] == bos_token_id`` and :func:`attnlab.text.load_text` with
+    ``bos="auto"`` prepends BOS. The template is saved in ``tokenizer.json``. A tokenizer that already adds BOS
+    is copied unchanged. Raises ConfigError if the tokenizer has no BOS token.
+    """
+    from attnlab.text import tokenizer_adds_bos
+
+    bos, bos_id = tokenizer.bos_token, tokenizer.bos_token_id
+    if bos is None or bos_id is None:
+        raise ConfigError("cannot add BOS: the tokenizer has no bos_token")
+    result = copy.deepcopy(tokenizer)
+    if tokenizer_adds_bos(result):
+        return result
+    template = processors.TemplateProcessing(single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 $B:1",
+                                             special_tokens=[(bos, bos_id)])
+    backend = result.backend_tokenizer
+    existing = backend.post_processor
+    backend.post_processor = template if existing is None else processors.Sequence([existing, template])
+    object.__setattr__(result, "_add_bos_token", True)  # the property's setter would rebuild the post-processor
+    return result
+
+
+def char_tokenizer(alphabet: str | Sequence[str], specials: Sequence[str] = ("<bos>", "<unk>"), *,
+                   add_bos: bool = False) -> PreTrainedTokenizerFast:
     """One id per character: ``specials`` take ids 0 … len(specials)-1, then ``alphabet`` in the order given.
 
     ``"<bos>"``, ``"<unk>"``, ``"<pad>"`` and ``"<eos>"`` among ``specials`` become the tokenizer's BOS/UNK/PAD/EOS
     tokens; characters outside the alphabet map to ``<unk>`` (ConfigError if there is none and one is needed).
-    The tokenizer adds no special tokens by itself (the tasks place BOS where their definition says).
+    With ``add_bos`` (needs ``"<bos>"`` among ``specials``) encoding with special tokens puts ``<bos>`` first
+    (see :func:`with_bos`), as tasks whose sequences start with BOS train; otherwise the tokenizer adds no special
+    tokens by itself. The tasks place BOS in their sequences themselves and encode without special tokens.
 
-    Raises ConfigError for an empty or repeated alphabet, or a special that is also a character.
+    Raises ConfigError for an empty or repeated alphabet, a special that is also a character, or ``add_bos``
+    without ``"<bos>"``.
     """
     chars = list(alphabet)
     if not chars or len(set(chars)) != len(chars) or any(len(c) != 1 for c in chars):
@@ -54,7 +85,12 @@ def char_tokenizer(alphabet: str | Sequence[str], specials: Sequence[str] = ("<b
     if specials:
         tokenizer.add_special_tokens(list(specials))
     names = {"<bos>": "bos_token", "<unk>": "unk_token", "<pad>": "pad_token", "<eos>": "eos_token"}
-    return _wrap(tokenizer, {names[s]: s for s in specials if s in names})
+    wrapped = _wrap(tokenizer, {names[s]: s for s in specials if s in names})
+    if add_bos:
+        if "<bos>" not in specials:
+            raise ConfigError(f"add_bos=True needs '<bos>' among the special tokens, got {list(specials)}")
+        return with_bos(wrapped)
+    return wrapped
 
 
 def number_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:

@@ -7,6 +7,11 @@ Rows of the results dict:
   ``eval_loss``, ``eval_accuracy``) with an empty layer/head/position and the ``step`` key;
 - every probe run at each evaluation (``sink``, ``entropy`` ...): its usual rows plus ``step``.
 
+The Run table: device (the model's), source ("trained by attnlab train" and the out directory) and the
+attention paths of the probes' Session (``attention_paths``; recorded by :func:`attention_paths` over one eval
+sequence when the caller does not pass those of its last evaluation). There are no windows: the report has no
+"Tokens as fed" section.
+
 Sections (``results["sections"]``, drawn by the generic renderer as :class:`attnlab.report.sections.StepCurve`):
 ``train`` → loss (log scale), accuracy and learning rate against the step; ``sink`` → the sink rate against the
 step (all layers and each layer); ``entropy`` → mean attention entropy against the step. Other probes get no
@@ -20,6 +25,7 @@ import csv
 import datetime as dt
 import io
 import platform
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +34,7 @@ from attnlab.columns import SCHEMA_VERSION
 from attnlab.io_utils import atomic_write_text
 from attnlab.report.sections import Section, Series, StepCurve, Text
 
-__all__ = ["TRAINING_SECTIONS", "log_to_csv", "results_dict", "write_log"]
+__all__ = ["TRAINING_SECTIONS", "attention_paths", "log_to_csv", "results_dict", "write_log"]
 
 TRAINING_SECTIONS: dict[str, tuple[Section, ...]] = {
     "train": (Section("training", "Training", (
@@ -47,9 +53,9 @@ TRAINING_SECTIONS: dict[str, tuple[Section, ...]] = {
     "sink": (Section("training-sinks", "Attention sinks over training", (
         StepCurve((Series("sink_rate", "all layers", layers="none", scale=100.0, color="#000000"),
                    Series("sink_rate", "layer {layer}", layers="each", scale=100.0, dashed=True)),
-                  title="Sink rate", ylabel="% of heads with α₀ > ε",
-                  caption="Share of heads whose mean attention on the first token exceeds ε (Gu et al. 2025), "
-                          "measured on eval batch 0 at each evaluation."),
+                  title="Sink rate", ylabel="% of heads × windows with α₀ > ε",
+                  caption="Share of (head, sequence) pairs whose mean attention on the first token exceeds ε "
+                          "(Gu et al. 2025), measured on eval batch 0 at each evaluation."),
     )),),
     "entropy": (Section("training-entropy", "Attention entropy over training", (
         StepCurve((Series("entropy", "all layers", color="#000000"),
@@ -85,13 +91,47 @@ def _versions() -> dict[str, str]:
             "transformers": transformers.__version__, "attnlab": __version__}
 
 
+def attention_paths(model: Any, task: Any, config: Any) -> dict[int, str]:
+    """Layer → attention path of a Session running ``config.probes`` over eval sequence 0, as an evaluation's
+    Session plans it (the paths depend on the model and the probes, not on the batch size); {} without probes."""
+    import torch
+
+    from attnlab.capture.architectures import model_facts
+    from attnlab.capture.session import Session
+    from attnlab.params import build_probes
+
+    if not config.probes:
+        return {}
+    probes = build_probes(config.probes, config.probe_args)
+    facts = model_facts(model)
+    for probe in probes:
+        probe.prepare(facts, None)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), Session(model, probes=probes) as session:
+            model(input_ids=task.batch(0, 1, split="eval")["input_ids"])
+    finally:
+        model.train(was_training)
+    return dict(session.attention_paths)
+
+
 def results_dict(config: Any, model: Any, tokenizer: Any, task: Any, *, log: list[dict[str, Any]],
                  probe_rows: list[dict[str, Any]], step: int, stopped_early: bool, num_parameters: int,
-                 seconds: float, final: dict[str, float]) -> dict[str, Any]:
-    """The results dict of a training run (docs/results.md, command ``train``); see the module docstring."""
+                 seconds: float, final: dict[str, float],
+                 paths: Mapping[int, str] | None = None) -> dict[str, Any]:
+    """The results dict of a training run (docs/results.md, command ``train``); see the module docstring.
+
+    ``paths``: layer → attention path of the last evaluation's Session; None records them with
+    :func:`attention_paths`.
+    """
     from attnlab.capture.loading import LoadedModel
 
     loaded = LoadedModel.wrap(model, tokenizer, name=f"tinylm-{config.layer}")
+    if paths is None:
+        paths = attention_paths(model, task, config)
+    device = next((str(p.device) for p in model.parameters()), "cpu")
+    source = "trained by attnlab train" + (f" in {config.out}" if config.out is not None else " (not saved)")
     rows = [{"probe": "train", "variant": None, "statistic": f"{row['split']}_{row['statistic']}", "layer": None,
              "head": None, "position": None, "value": row["value"], "step": row["step"]} for row in log]
     accuracy = final.get("eval_accuracy")
@@ -110,11 +150,11 @@ def results_dict(config: Any, model: Any, tokenizer: Any, task: Any, *, log: lis
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": "train",
         "config": config.to_dict(),
-        "model": loaded.model_record(loaded.facts.name),
+        "model": {**loaded.model_record(loaded.facts.name), "source": source, "device": device},
         "tokenizer": {**loaded.tokenizer_facts, "class": type(tokenizer).__name__},
         "seed": config.seed,
         "versions": _versions(),
-        "attention_paths": {},
+        "attention_paths": {str(layer): path for layer, path in sorted(paths.items())},
         "windows": [],
         "rows": rows + [dict(row) for row in probe_rows],
         "extras": {"train": extras},

@@ -11,6 +11,7 @@ import base64
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -112,6 +113,9 @@ def heatmap_figure(panels: Sequence[HeatmapPanel], side: tuple[np.ndarray, str, 
         values, title, xlabel = side
         ax = axes[-1]
         ax.barh(np.arange(len(values)), np.nan_to_num(np.asarray(values, dtype=float)), color="#4c72b0")
+        if (flat := flat_limits(values)) is not None:
+            ax.set_xlim(*flat)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=3))  # a narrow panel: few tick labels, none overlapping
         ax.set_ylim(len(values) - 0.5, -0.5)
         ax.set_yticks(_tick_positions(len(values), 32))
         ax.tick_params(labelsize=7)
@@ -138,6 +142,18 @@ def _plain_log_ticks(axis, series: Sequence[Series] | None) -> None:
     lo, hi = axis.get_view_interval()
     if 0 < lo < hi and hi / lo < 30:  # less than about a decade and a half: label the minor ticks too
         axis.set_minor_formatter(plain)
+
+
+def flat_limits(values: Any) -> tuple[float, float] | None:
+    """Axis limits for values that are all equal (e.g. a sink rate of 0 throughout): ``(0, 1)`` for 0,
+    ``(0, 2v)`` for v > 0, ``(2v, 0)`` for v < 0, so a non-negative statistic keeps a non-negative axis with
+    readable ticks instead of matplotlib's ``v ± 0.05``. None when the values differ or none is finite."""
+    finite = np.asarray(values, dtype=float)
+    finite = finite[np.isfinite(finite)]
+    if finite.size == 0 or finite.min() != finite.max():
+        return None
+    value = float(finite[0])
+    return (0.0, 1.0) if value == 0 else (0.0, 2 * value) if value > 0 else (2 * value, 0.0)
 
 
 def lines_figure(panels: Sequence[LinePanel], height: float = 3.4) -> str:
@@ -167,6 +183,8 @@ def lines_figure(panels: Sequence[LinePanel], height: float = 3.4) -> str:
             _plain_log_ticks(ax.yaxis, None)
         if panel.ylim is not None:
             ax.set_ylim(*panel.ylim)
+        elif not panel.logy and (flat := flat_limits([v for line in panel.series for v in line.y])) is not None:
+            ax.set_ylim(*flat)
         ax.set_title(panel.title, fontsize=10)
         ax.set_xlabel(panel.xlabel)
         ax.set_ylabel(panel.ylabel)

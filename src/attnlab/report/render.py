@@ -50,15 +50,20 @@ def _run_section(results: Mapping[str, Any]) -> dict[str, Any]:
                        f"{visible_token(bos) if bos is not None else '—'}; "
                        f"{'added' if tokenizer.get('bos_added') else 'not added'}"),
         ("dtype", model.get("dtype") or config.get("dtype")),
-        ("device", config.get("device")),
+        ("device", config.get("device") or model.get("device")),
         ("seed", results.get("seed", config.get("seed"))),
         ("versions", ", ".join(f"{name} {version}" for name, version in versions.items()) or None),
         ("command", results.get("command")),
         ("created", results.get("created")),
         ("run time", f"{format_number(timing.get('seconds'))} s" if "seconds" in timing else None),
     ]
+    one_model = any(model.get(key) is not None for key in ("num_layers", "class")) or bool(tokenizer)
+    if not one_model:  # e.g. a sweep: show what is known, not placeholders for one model's facts
+        items = [(label, value) for label, value in items
+                 if label not in ("layers × heads (kv heads)", "BOS policy") and value not in (None, "")]
     return {
         "items": [(label, "—" if value in (None, "") else str(value)) for label, value in items],
+        "one_model": one_model,
         "attention_paths": summarise_paths(results.get("attention_paths") or {}),
         "config": [(key, value if isinstance(value, str) else repr(value)) for key, value in config.items()],
     }
@@ -109,7 +114,8 @@ def render_html(results: Mapping[str, Any]) -> str:
 
     Sections (each with an ``id``): ``run``, ``eval`` (eval runs only), then the sections each probe that ran
     declares (``results["sections"]``, drawn by :mod:`attnlab.report.draw`; e.g. ``sinks``, ``entropy``,
-    ``distance``, ``extreme-tokens``, ``norms``, ``probe-massive-activations``), ``tokens``, ``tables``. A schema
+    ``distance``, ``extreme-tokens``, ``norms``, ``probe-massive-activations``), ``tokens`` (only when windows were
+    recorded: train and sweep results have none), ``tables``. A schema
     v1 dict is converted first (:func:`attnlab.report.upgrade.upgrade_results`); ``results`` is not modified.
     Raises ConfigError if ``results`` fails :func:`attnlab.report.schema.validate_results`.
     """

@@ -159,4 +159,4 @@ class BigramBackcopy(Task):
 
     def tokenizer(self) -> PreTrainedTokenizerFast:
         """``char_tokenizer(corpus characters, specials=("<bos>", "<d>"))``: its ids are this task's ids."""
-        return char_tokenizer(self.counts.chars, specials=SPECIALS)
+        return char_tokenizer(self.counts.chars, specials=SPECIALS, add_bos=True)

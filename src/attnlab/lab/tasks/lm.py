@@ -25,7 +25,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from attnlab.lab.tasks import TASKS
 from attnlab.lab.tasks.base import Split, Task, check
-from attnlab.lab.tokenizers import char_tokenizer
+from attnlab.lab.tokenizers import char_tokenizer, with_bos
 from attnlab.params import Range, validated
 
 __all__ = ["LanguageModelling", "bundled_tokenizer"]
@@ -113,5 +113,9 @@ class LanguageModelling(Task):
         return windows[:, :-1], windows[:, 1:]
 
     def tokenizer(self) -> PreTrainedTokenizerFast:
-        """The char tokenizer over the corpus's characters (``<bos>``, ``<unk>`` first), or the bundled one."""
-        return _tokenizer(self.level)
+        """The char tokenizer over the corpus's characters (``<bos>``, ``<unk>`` first), or the bundled one.
+
+        With ``bos`` it puts BOS first when encoding with special tokens (:func:`with_bos`), as the task's sequences
+        start, so ``attnlab report`` on a checkpoint (BOS policy ``auto``) feeds ``<bos>`` first.
+        """
+        return with_bos(_tokenizer(self.level)) if self.bos else _tokenizer(self.level)

@@ -91,4 +91,4 @@ class Passkey(Task):
 
     def tokenizer(self) -> PreTrainedTokenizerFast:
         """``char_tokenizer(alphabet, specials=("<bos>", "<unk>"))`` over the filler, needle, question and digits."""
-        return char_tokenizer(self.alphabet, specials=SPECIALS)
+        return char_tokenizer(self.alphabet, specials=SPECIALS, add_bos=True)
