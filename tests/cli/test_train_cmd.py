@@ -109,6 +109,23 @@ def test_config_yaml_takes_field_names_and_flags_win(tmp_path):
     assert saved["steps"] == 1 and saved["num_layers"] == 1 and saved["probes"] == []
 
 
+def test_cli_args_merge_over_the_config_files_args(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"layer": "sigmoid", "task": "mqar", "num_layers": 1, "width": 16,
+                                      "num_heads": 2, "steps": 1, "eval_every": 1, "batch_size": 4,
+                                      "eval_batches": 1, "probes": ["sink"], "layer_args": {"bias": -2.0},
+                                      "probe_args": {"sink": {"epsilon": 0.5}},
+                                      "task_args": {"vocab_size": 24, "seq_len": 16, "num_kv_pairs": 2}}))
+    result = runner.invoke(app, ["train", "--config", str(config), "--task-arg", "num_kv_pairs=3",
+                                 "--layer-arg", "normalise=true", "--probe-arg", "sink.epsilon=0.9",
+                                 "--out", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "o" / "results.json").read_text())["config"]
+    assert saved["task_args"] == {"vocab_size": 24, "seq_len": 16, "num_kv_pairs": 3}
+    assert saved["layer_args"] == {"bias": -2.0, "normalise": True}
+    assert saved["probe_args"] == {"sink": {"epsilon": 0.9}}
+
+
 def test_probe_args_reach_the_config(tmp_path):
     result = runner.invoke(app, ["train", *TINY, "--steps", "1", "--eval-every", "1", "--probe", "sink",
                                  "--probe-arg", "sink.epsilon=0.9", "--out", str(tmp_path / "o")])

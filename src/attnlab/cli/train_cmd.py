@@ -1,7 +1,8 @@
 """``attnlab train`` and ``attnlab sweep``: train a TinyLM on a task; run a grid of trainings.
 
 ``attnlab train`` builds an :class:`attnlab.lab.train.TrainConfig` from its options (CLI > ``--config`` YAML >
-defaults; with ``--resume`` the checkpoint's config fills every option not given), calls
+defaults; ``--task-arg``/``--layer-arg``/``--probe-arg`` keys are merged over the YAML's, key by key; with
+``--resume`` the checkpoint's config fills every option not given), calls
 :func:`attnlab.lab.train.train` and writes ``results.json``, ``results.csv`` and ``report.html`` beside the
 checkpoint and ``train_log.csv``. ``attnlab sweep`` runs :func:`attnlab.lab.sweep.run_sweep` and writes the sweep's
 report. See docs/lab.md.
@@ -150,6 +151,7 @@ def train_config(ctx: typer.Context, config_path: Path | None, *, resume: bool) 
               for key, value in ctx.params.items() if key not in CLI_ONLY}
     given = {key: (value if _given(ctx, key) else _UNSET) for key, value in values.items()}
     merged = merge_config(ctx, config_path, given, TrainOptions)
+    from_file = merge_config(_NotGiven(), config_path, dict.fromkeys(given, _UNSET), TrainOptions)
     out = merged.get("out", _UNSET)
     out = Path(values["out"]) if out is _UNSET else Path(out)
     base = load_train_config(out).to_dict() if resume else {}
@@ -160,10 +162,13 @@ def train_config(ctx: typer.Context, config_path: Path | None, *, resume: bool) 
             value = base[name] if name in base else values.get(key)
         elif key in ("layer_arg", "task_arg"):
             value = parse_pairs(value, f"--{key.replace('_', '-')}")
-        elif key == "probe_arg" and value is not None and not isinstance(value, dict):
-            from attnlab.params import parse_probe_args
-
-            value = parse_probe_args([value] if isinstance(value, str) else list(value))
+            if from_file.get(key, _UNSET) is not _UNSET and _given(ctx, key):  # CLI keys over the file's keys
+                value = {**parse_pairs(from_file[key], key.replace("_arg", "_args")), **value}
+        elif key == "probe_arg" and value is not None:
+            value = _probe_args(value)
+            if from_file.get(key, _UNSET) is not _UNSET and _given(ctx, key):
+                saved = _probe_args(from_file[key]) or {}
+                value = {probe: {**saved.get(probe, {}), **value.get(probe, {})} for probe in {**saved, **value}}
         fields[name] = value
     for name in ("layer", "task"):
         if fields.get(name) is None:
@@ -184,6 +189,23 @@ def train_config(ctx: typer.Context, config_path: Path | None, *, resume: bool) 
         fields["grad_clip"] = None
     fields["out"] = str(out)
     return TrainConfig.from_dict(fields)
+
+
+class _NotGiven:
+    """A stand-in context for :func:`merge_config` that reports no option as given: it yields the file's values."""
+
+    @staticmethod
+    def get_parameter_source(key: str) -> None:
+        return None
+
+
+def _probe_args(value: Any) -> Any:
+    """``--probe-arg`` items (CLI) or a ``{probe: {key: value}}`` mapping (YAML) → the mapping (None stays)."""
+    if value is None or isinstance(value, dict):
+        return value
+    from attnlab.params import parse_probe_args
+
+    return parse_probe_args([value] if isinstance(value, str) else list(value))
 
 
 def _given(ctx: typer.Context, key: str) -> bool:
