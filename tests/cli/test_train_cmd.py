@@ -171,11 +171,15 @@ def test_sweep_runs_two_jobs_in_parallel_and_writes_one_table(tmp_path):
     ({"layers": ["maskd"], "widths": [16], "lrs": [1e-2], "tasks": ["mqar"]}, "Did you mean: masked"),
     ({"layers": ["masked"], "widths": [15], "lrs": [1e-2], "tasks": ["mqar"]}, "multiple of num_heads"),
     ({"layers": ["masked"], "widths": [16], "lrs": [1e-2], "tasks": ["mqar"], "depth": [1]}, "unknown key"),
+    ({"layers": ["decay_matrix"], "widths": [16], "lrs": [1e-2], "tasks": ["mqar"]},
+     "layer decay_matrix needs --layer-arg grid_width=N"),
+    ({"layers": [{"layer": "decay_matrix", "layer_args": {"grid_width": 0}}], "widths": [16], "lrs": [1e-2],
+      "tasks": ["mqar"]}, "grid_width >= 1"),
 ])
 def test_bad_sweep_files_exit_2_and_run_nothing(tmp_path, grid, fragment):
     path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump({"grid": grid, "train": {"num_heads": 2, "task_args": {"vocab_size": 24,
-                                                                                       "seq_len": 16}}}))
+    task_args = {"vocab_size": 24, "seq_len": 16, "num_kv_pairs": 2}
+    path.write_text(yaml.safe_dump({"grid": grid, "train": {"num_heads": 2, "task_args": task_args}}))
     out = tmp_path / "out"
     assert_one_line_error(runner.invoke(app, ["sweep", str(path), "--out", str(out)]), 2, fragment)
     assert not (out / "jobs").exists()
@@ -198,3 +202,32 @@ def test_sweep_resume_keeps_a_finished_job_only_when_its_saved_config_matches(tm
     assert _finished_row(job) is None
     saved({**job.config.to_dict(), "out": "elsewhere"})  # out may differ
     assert _finished_row(job)["status"] == "ok"
+
+
+def test_sweep_resume_reruns_a_job_whose_sweep_file_changed(tmp_path):
+    out = tmp_path / "sweep"
+    path = _sweep_file(tmp_path, probes=[])
+    assert runner.invoke(app, ["sweep", str(path), "--out", str(out)]).exit_code == 0
+    path.write_text(path.read_text().replace("steps: 2", "steps: 3"))
+    job = out / "jobs" / "masked-w16-lr0.01-mqar"
+    (job / "results.json").unlink()  # as if interrupted: only the old config's checkpoint is left
+    result = runner.invoke(app, ["sweep", str(path), "--out", str(out), "--resume"])
+    assert result.exit_code == 0, result.output
+    with open(out / "sweep.csv", newline="") as handle:
+        assert [row["steps"] for row in csv.DictReader(handle)] == ["3", "3"]
+
+
+def test_a_failed_exit_prints_no_second_error_line(capsys):
+    import typer
+
+    from attnlab.cli.options import run_guarded
+
+    with pytest.raises(typer.Exit) as raised:
+        run_guarded(lambda: (_ for _ in ()).throw(typer.Exit(1)), debug=False)
+    assert raised.value.exit_code == 1 and "error" not in capsys.readouterr().err
+
+
+def test_train_needs_a_required_layer_arg(tmp_path):
+    args = [a if a != "masked" else "decay_matrix" for a in TINY]
+    assert_one_line_error(runner.invoke(app, ["train", *args, "--out", str(tmp_path / "o")]), 2,
+                          "layer decay_matrix needs --layer-arg grid_width=N")

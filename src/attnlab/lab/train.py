@@ -175,7 +175,8 @@ def typed_args(kind: Literal["layer", "task"], name: str, values: Mapping[str, A
 
     Layers also take ``mask`` (a mask spec, ``"sliding_window:window=32"``, resolved by the TinyLM); the sizes the
     TinyLM sets itself (:data:`SET_BY_MODEL`) are refused. Raises RegistryError for an unknown name, ConfigError
-    (``bad --layer-arg for NAME: ...``) for a key the constructor does not take or a value that does not fit.
+    (``bad --layer-arg for NAME: ...``) for a key the constructor does not take or a value that does not fit, and
+    ConfigError (``layer decay_matrix needs --layer-arg grid_width=N``) for a required argument not given.
     """
     import inspect
 
@@ -198,6 +199,13 @@ def typed_args(kind: Literal["layer", "task"], name: str, values: Mapping[str, A
     unknown = sorted(set(values) - set(names))
     if unknown:
         raise ConfigError(f"{owner}: no parameter {', '.join(unknown)}; it takes: {', '.join(names)}")
+    missing = [key for key, param in inspect.signature(cls.__init__).parameters.items()
+               if key != "self" and param.default is param.empty and key not in values
+               and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD)
+               and not (kind == "layer" and key in SET_BY_MODEL)]
+    if missing:
+        raise ConfigError(f"{kind} {name} needs {' '.join(f'--{kind}-arg {key}=N' for key in missing)} "
+                          f"({kind}_args in a YAML file)")
     unchecked = sorted(set(values) & set(unresolved))
     if unchecked:
         key = unchecked[0]
