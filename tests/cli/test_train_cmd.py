@@ -231,3 +231,27 @@ def test_train_needs_a_required_layer_arg(tmp_path):
     args = [a if a != "masked" else "decay_matrix" for a in TINY]
     assert_one_line_error(runner.invoke(app, ["train", *args, "--out", str(tmp_path / "o")]), 2,
                           "layer decay_matrix needs --layer-arg grid_width=N")
+
+
+def test_ctrl_c_names_the_step_and_the_checkpoint_and_resume_says_where_it_starts(tmp_path, monkeypatch):
+    import attnlab.cli.train_cmd as train_cmd
+
+    real = train_cmd.with_train_progress
+
+    def interrupt_at_step_3(work):
+        def progress(done, total, message):
+            if message.startswith("step 3/"):
+                raise KeyboardInterrupt
+        return work(progress)
+
+    out = tmp_path / "o"
+    monkeypatch.setattr(train_cmd, "with_train_progress", interrupt_at_step_3)
+    stopped = runner.invoke(app, ["train", *TINY, "--steps", "4", "--eval-every", "2", "--probe", "none",
+                                  "--out", str(out)])
+    assert stopped.exit_code == 130, stopped.output
+    assert (f"interrupted at step 3; the last checkpoint is step 2; continue with: attnlab train --out {out} "
+            "--resume") in stopped.output
+    monkeypatch.setattr(train_cmd, "with_train_progress", real)
+    resumed = runner.invoke(app, ["train", "--out", str(out), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming from step 2 of 4" in resumed.output and "done: 4 steps" in resumed.output

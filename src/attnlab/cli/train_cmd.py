@@ -11,6 +11,7 @@ report. See docs/lab.md.
 from __future__ import annotations
 
 import dataclasses
+import shlex
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -216,7 +217,7 @@ def _given(ctx: typer.Context, key: str) -> bool:
 def run_train(ctx: typer.Context, config_path: Path | None, *, resume: bool, force: bool) -> None:
     """The body of ``attnlab train``: options → TrainConfig → train → result files."""
     from attnlab.errors import ConfigError
-    from attnlab.lab.train import check_out, train
+    from attnlab.lab.train import TrainingInterrupted, check_out, train
     from attnlab.report.io import check_out_dir, write_results
 
     if resume and force:
@@ -225,7 +226,16 @@ def run_train(ctx: typer.Context, config_path: Path | None, *, resume: bool, for
     check_out(config, resume=resume, force=force)
     check_out_dir(Path(config.out or "."))
     print_config(config)
-    result = with_train_progress(lambda progress: train(config, resume=resume, force=force, progress=progress))
+    try:
+        result = with_train_progress(lambda progress: train(config, resume=resume, force=force,
+                                                            progress=progress))
+    except TrainingInterrupted as stop:
+        saved = ("no checkpoint was written yet" if stop.checkpoint_step is None
+                 else f"the last checkpoint is step {stop.checkpoint_step}")
+        hint = (f"; continue with: attnlab train --out {shlex.quote(str(config.out))} --resume"
+                if stop.checkpoint_step is not None else "")
+        stderr.print(f"interrupted at step {stop.step}; {saved}{hint}", markup=False, highlight=False)
+        raise typer.Exit(130) from None
     paths = write_results(Path(config.out or "."), result.results)
     final = result.final
     stop = " (stopped early: target accuracy reached)" if result.stopped_early else ""
@@ -239,7 +249,8 @@ def run_train(ctx: typer.Context, config_path: Path | None, *, resume: bool, for
 
 def with_train_progress(work: Any) -> Any:
     """Run ``work(progress)``: a rich bar with the last loss and accuracy on a terminal; otherwise one stderr line
-    per evaluation (messages starting with ``eval``)."""
+    per evaluation. Messages other than the per-update ``step ...`` ones (evaluations, ``resuming from ...``) are
+    printed as lines in both cases."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -257,7 +268,7 @@ def with_train_progress(work: Any) -> Any:
         task = bar.add_task("starting", total=None)
 
         def progress(done: int, total: int, message: str) -> None:
-            if message.startswith("eval"):
+            if not message.startswith("step"):
                 bar.console.print(message, markup=False, style="dim")
             bar.update(task, description=message, completed=done, total=total or None)
 

@@ -46,7 +46,7 @@ from attnlab.progress import Progress, silent
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "TrainResult", "learning_rate", "load_train_config", "train"]
+__all__ = ["TrainConfig", "TrainResult", "TrainingInterrupted", "learning_rate", "load_train_config", "train"]
 
 LOG_COLUMNS = ("step", "split", "statistic", "value")
 TRAIN_LOG = "train_log.csv"
@@ -233,6 +233,18 @@ def _constructor_hints(init: Any) -> tuple[dict[str, Any], dict[str, str]]:
     return hints, unresolved
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`train`: a KeyboardInterrupt that knows how far the run got.
+
+    Attributes: step (updates done), checkpoint_step (the step of the last checkpoint written; None when none was),
+    steps (the run's total), out (its directory, None when it writes nothing).
+    """
+
+    def __init__(self, step: int, checkpoint_step: int | None, steps: int, out: Path | None) -> None:
+        super().__init__(f"interrupted at step {step}")
+        self.step, self.checkpoint_step, self.steps, self.out = step, checkpoint_step, steps, out
+
+
 @dataclass
 class TrainResult:
     """What :func:`train` returns.
@@ -375,7 +387,9 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Progress | Non
             so a later ``resume`` continues the same run (a time-boxed run).
 
     Returns: a :class:`TrainResult`. Raises ConfigError/RegistryError (one line) on bad settings, on a non-empty
-    ``out`` without resume/force, and on resuming with no checkpoint or a different config.
+    ``out`` without resume/force, and on resuming with no checkpoint or a different config; Ctrl-C raises
+    :class:`TrainingInterrupted` (a KeyboardInterrupt) with the step reached and the last checkpoint's step.
+    A resumed run first reports ``resuming from step M of N`` through ``progress``.
     """
     import torch
 
@@ -415,6 +429,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Progress | Non
     num_parameters = sum(p.numel() for p in model.parameters())
     end = config.steps if stop_at is None else min(config.steps, stop_at)
     began = time.perf_counter()
+    saved: list[int | None] = [start if resume else None]  # the step of the last checkpoint on disk
 
     def checkpoint(step: int) -> None:
         if out is None:
@@ -424,6 +439,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Progress | Non
                  "log": log, "probe_rows": probe_rows}
         write_checkpoint(out, model, tokenizer, optimizer, state)
         write_log(out / TRAIN_LOG, log)
+        saved[0] = step
 
     def run_eval(step: int) -> bool:
         metrics, rows = evaluate(model, task, config, step)
@@ -435,33 +451,40 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Progress | Non
         notify(step, config.steps, message)
         return config.target_accuracy is not None and metrics["accuracy"] >= config.target_accuracy
 
-    if start == 0 and not stopped and not resume:
-        stopped = run_eval(0)
-        checkpoint(0)
-    step = start
-    while step < end and not stopped:
-        step += 1
-        lr = learning_rate(config, step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batch = task.batch(step - 1, config.batch_size)
-        output = model(input_ids=batch["input_ids"], targets=batch["labels"])
-        output.loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip else math.inf)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            good, seen = task.accuracy(output.logits.detach(), batch["labels"])
-        values = {"loss": float(output.loss.detach()), "accuracy": int(good) / int(seen) if seen else math.nan,
-                  "lr": lr, "grad_norm": float(norm)}
-        log.extend({"step": step, "split": "train", "statistic": key, "value": value} for key, value in values.items())
-        notify(step, config.steps, f"step {step}/{config.steps}: loss {values['loss']:.4f}, "
-                                   f"accuracy {100 * values['accuracy']:.1f} %")
-        if step % config.eval_every == 0 or step == config.steps:
-            stopped = run_eval(step)
-            checkpoint(step)
-    if step == end and step % config.eval_every and step != config.steps:
-        checkpoint(step)  # stopped by stop_at between evaluations
+    if resume:
+        notify(start, config.steps, f"resuming from step {start} of {config.steps}")
+    step = done = start
+    try:
+        if start == 0 and not stopped and not resume:
+            stopped = run_eval(0)
+            checkpoint(0)
+        while step < end and not stopped:
+            step += 1
+            lr = learning_rate(config, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = task.batch(step - 1, config.batch_size)
+            output = model(input_ids=batch["input_ids"], targets=batch["labels"])
+            output.loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip else math.inf)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step
+            with torch.no_grad():
+                good, seen = task.accuracy(output.logits.detach(), batch["labels"])
+            values = {"loss": float(output.loss.detach()), "accuracy": int(good) / int(seen) if seen else math.nan,
+                      "lr": lr, "grad_norm": float(norm)}
+            log.extend({"step": step, "split": "train", "statistic": key, "value": value}
+                       for key, value in values.items())
+            notify(step, config.steps, f"step {step}/{config.steps}: loss {values['loss']:.4f}, "
+                                       f"accuracy {100 * values['accuracy']:.1f} %")
+            if step % config.eval_every == 0 or step == config.steps:
+                stopped = run_eval(step)
+                checkpoint(step)
+        if step == end and step % config.eval_every and step != config.steps:
+            checkpoint(step)  # stopped by stop_at between evaluations
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(done, saved[0], config.steps, out) from None
     seconds += time.perf_counter() - began
     final = _final(log)
     results = results_dict(config, model, tokenizer, task, log=log, probe_rows=probe_rows, step=step,
