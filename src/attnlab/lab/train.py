@@ -393,7 +393,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Progress | Non
     """
     import torch
 
-    from attnlab.lab.checkpoint import CHECKPOINT, find_checkpoint, read_state, restore_optimizer, write_checkpoint
+    from attnlab.lab.checkpoint import CHECKPOINT, find_checkpoint, no_hf_progress_bars, read_state, restore_optimizer
+    from attnlab.lab.checkpoint import write_checkpoint
     from attnlab.lab.modeling import TinyLMForCausalLM, build_model
     from attnlab.lab.train_results import results_dict, write_log
 
@@ -416,7 +417,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Progress | Non
         source = find_checkpoint(out / CHECKPOINT)  # or the copy a crash between two renames left
         state, tensors = read_state(source)
         _check_same_run(config, TrainConfig.from_dict({**state["config"], "out": config.out}))
-        model = TinyLMForCausalLM.from_pretrained(source)
+        with no_hf_progress_bars():
+            model = TinyLMForCausalLM.from_pretrained(source)
         optimizer = make_optimizer(config, model)
         restore_optimizer(optimizer, tensors, state["param_groups"])
         start, stopped, seconds = int(state["step"]), bool(state["stopped_early"]), float(state["seconds"])
