@@ -288,8 +288,10 @@ def sweep_command(
     force: Force = False,
     debug: Debug = False,
 ) -> None:
-    """Run a grid of trainings (one `attnlab train` process per job, --jobs at a time); write sweep.csv, best.csv
-    and one report."""
+    """Run a grid of trainings from a sweep YAML file.
+
+    One attnlab train process per job, --jobs at a time; writes sweep.csv, best.csv and one report (see
+    docs/lab.md)."""
 
     def body() -> None:
         from attnlab.errors import ConfigError
