@@ -138,6 +138,21 @@ def test_ls_tasks_lists_the_registered_tasks():
     assert {"mqar", "bigram_backcopy", "passkey", "lm"} <= set(TASKS.names())
 
 
+def test_ls_and_help_show_plain_text_not_rst():
+    from attnlab.cli.main import plain_text
+
+    assert plain_text("Uses :class:`SigmaReparamLinear` and :func:`~attnlab.lab.train.train` on ``x``.") == (
+        "Uses SigmaReparamLinear and train on x.")
+    layers = _run("ls", "layers")
+    assert layers.exit_code == 0 and "SigmaReparamLinear" in layers.output
+    tasks_help = _run("ls", "--help")
+    for output in (layers.output, _run("ls", "tasks").output, tasks_help.output):
+        assert ":class:" not in output and "``" not in output
+    top = runner.invoke(app, ["--help"], env={"COLUMNS": "200"})
+    sweep_line = next(line for line in top.output.splitlines() if "sweep " in line)
+    assert sweep_line.rstrip(" │").endswith(".")  # a whole sentence, not cut mid-way
+
+
 def test_corrupted_asset_is_reported_and_removed(tmp_path, monkeypatch):
     from attnlab.assets import ASSETS
 

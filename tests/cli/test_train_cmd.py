@@ -109,6 +109,23 @@ def test_config_yaml_takes_field_names_and_flags_win(tmp_path):
     assert saved["steps"] == 1 and saved["num_layers"] == 1 and saved["probes"] == []
 
 
+def test_cli_args_merge_over_the_config_files_args(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"layer": "sigmoid", "task": "mqar", "num_layers": 1, "width": 16,
+                                      "num_heads": 2, "steps": 1, "eval_every": 1, "batch_size": 4,
+                                      "eval_batches": 1, "probes": ["sink"], "layer_args": {"bias": -2.0},
+                                      "probe_args": {"sink": {"epsilon": 0.5}},
+                                      "task_args": {"vocab_size": 24, "seq_len": 16, "num_kv_pairs": 2}}))
+    result = runner.invoke(app, ["train", "--config", str(config), "--task-arg", "num_kv_pairs=3",
+                                 "--layer-arg", "normalise=true", "--probe-arg", "sink.epsilon=0.9",
+                                 "--out", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "o" / "results.json").read_text())["config"]
+    assert saved["task_args"] == {"vocab_size": 24, "seq_len": 16, "num_kv_pairs": 3}
+    assert saved["layer_args"] == {"bias": -2.0, "normalise": True}
+    assert saved["probe_args"] == {"sink": {"epsilon": 0.9}}
+
+
 def test_probe_args_reach_the_config(tmp_path):
     result = runner.invoke(app, ["train", *TINY, "--steps", "1", "--eval-every", "1", "--probe", "sink",
                                  "--probe-arg", "sink.epsilon=0.9", "--out", str(tmp_path / "o")])
@@ -154,11 +171,15 @@ def test_sweep_runs_two_jobs_in_parallel_and_writes_one_table(tmp_path):
     ({"layers": ["maskd"], "widths": [16], "lrs": [1e-2], "tasks": ["mqar"]}, "Did you mean: masked"),
     ({"layers": ["masked"], "widths": [15], "lrs": [1e-2], "tasks": ["mqar"]}, "multiple of num_heads"),
     ({"layers": ["masked"], "widths": [16], "lrs": [1e-2], "tasks": ["mqar"], "depth": [1]}, "unknown key"),
+    ({"layers": ["decay_matrix"], "widths": [16], "lrs": [1e-2], "tasks": ["mqar"]},
+     "layer decay_matrix needs --layer-arg grid_width=N"),
+    ({"layers": [{"layer": "decay_matrix", "layer_args": {"grid_width": 0}}], "widths": [16], "lrs": [1e-2],
+      "tasks": ["mqar"]}, "grid_width >= 1"),
 ])
 def test_bad_sweep_files_exit_2_and_run_nothing(tmp_path, grid, fragment):
     path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump({"grid": grid, "train": {"num_heads": 2, "task_args": {"vocab_size": 24,
-                                                                                       "seq_len": 16}}}))
+    task_args = {"vocab_size": 24, "seq_len": 16, "num_kv_pairs": 2}
+    path.write_text(yaml.safe_dump({"grid": grid, "train": {"num_heads": 2, "task_args": task_args}}))
     out = tmp_path / "out"
     assert_one_line_error(runner.invoke(app, ["sweep", str(path), "--out", str(out)]), 2, fragment)
     assert not (out / "jobs").exists()
@@ -181,3 +202,56 @@ def test_sweep_resume_keeps_a_finished_job_only_when_its_saved_config_matches(tm
     assert _finished_row(job) is None
     saved({**job.config.to_dict(), "out": "elsewhere"})  # out may differ
     assert _finished_row(job)["status"] == "ok"
+
+
+def test_sweep_resume_reruns_a_job_whose_sweep_file_changed(tmp_path):
+    out = tmp_path / "sweep"
+    path = _sweep_file(tmp_path, probes=[])
+    assert runner.invoke(app, ["sweep", str(path), "--out", str(out)]).exit_code == 0
+    path.write_text(path.read_text().replace("steps: 2", "steps: 3"))
+    job = out / "jobs" / "masked-w16-lr0.01-mqar"
+    (job / "results.json").unlink()  # as if interrupted: only the old config's checkpoint is left
+    result = runner.invoke(app, ["sweep", str(path), "--out", str(out), "--resume"])
+    assert result.exit_code == 0, result.output
+    with open(out / "sweep.csv", newline="") as handle:
+        assert [row["steps"] for row in csv.DictReader(handle)] == ["3", "3"]
+
+
+def test_a_failed_exit_prints_no_second_error_line(capsys):
+    import typer
+
+    from attnlab.cli.options import run_guarded
+
+    with pytest.raises(typer.Exit) as raised:
+        run_guarded(lambda: (_ for _ in ()).throw(typer.Exit(1)), debug=False)
+    assert raised.value.exit_code == 1 and "error" not in capsys.readouterr().err
+
+
+def test_train_needs_a_required_layer_arg(tmp_path):
+    args = [a if a != "masked" else "decay_matrix" for a in TINY]
+    assert_one_line_error(runner.invoke(app, ["train", *args, "--out", str(tmp_path / "o")]), 2,
+                          "layer decay_matrix needs --layer-arg grid_width=N")
+
+
+def test_ctrl_c_names_the_step_and_the_checkpoint_and_resume_says_where_it_starts(tmp_path, monkeypatch):
+    import attnlab.cli.train_cmd as train_cmd
+
+    real = train_cmd.with_train_progress
+
+    def interrupt_at_step_3(work):
+        def progress(done, total, message):
+            if message.startswith("step 3/"):
+                raise KeyboardInterrupt
+        return work(progress)
+
+    out = tmp_path / "o"
+    monkeypatch.setattr(train_cmd, "with_train_progress", interrupt_at_step_3)
+    stopped = runner.invoke(app, ["train", *TINY, "--steps", "4", "--eval-every", "2", "--probe", "none",
+                                  "--out", str(out)])
+    assert stopped.exit_code == 130, stopped.output
+    assert (f"interrupted at step 3; the last checkpoint is step 2; continue with: attnlab train --out {out} "
+            "--resume") in stopped.output
+    monkeypatch.setattr(train_cmd, "with_train_progress", real)
+    resumed = runner.invoke(app, ["train", "--out", str(out), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming from step 2 of 4" in resumed.output and "done: 4 steps" in resumed.output

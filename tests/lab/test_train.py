@@ -173,6 +173,7 @@ def test_a_non_empty_out_is_refused_without_resume_or_force(run, tmp_path):
     ({"task_args": {"vocab_size": "x"}}, ConfigError, "vocab_size"),
     ({"task_args": {"colour": 1}}, ConfigError, "colour"),
     ({"layer_args": {"hidden_size": 8}}, ConfigError, "set by the model"),
+    ({"layer": "decay_matrix"}, ConfigError, "layer decay_matrix needs --layer-arg grid_width=N"),
     ({"probes": ("sinks",)}, RegistryError, "sink"),
     ({"probes": ("magnets",)}, ConfigError, "magnets cannot run during training"),
     ({"probes": ("coordinate_decay",)}, ConfigError, "coordinate_decay cannot run during training"),
@@ -286,3 +287,30 @@ def test_force_deletes_the_previous_runs_results_first(tmp_path):
     train(_config(out, steps=1, warmup_steps=0, eval_every=1, eval_batches=1, probes=()), force=True)
     assert not any((out / name).exists() for name in ("results.json", "results.csv", "report.html"))
     assert (out / "train_log.csv").read_text() != "old run" and (out / "notes.txt").read_text() == "old run"
+
+
+def test_ctrl_c_raises_training_interrupted_with_the_last_checkpoint(tmp_path):
+    from attnlab.lab.train import TrainingInterrupted
+
+    def stop_at_step_7(done, total, message):
+        if message.startswith("step 7/"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(TrainingInterrupted) as info:
+        train(_config(tmp_path / "o", probes=()), progress=stop_at_step_7)
+    assert (info.value.step, info.value.checkpoint_step, info.value.steps) == (7, 5, 10)
+    assert isinstance(info.value, KeyboardInterrupt)
+
+
+def test_checkpoints_print_no_transformers_progress_bars(tmp_path, capfd):
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()  # the CLI tests switch them off for good
+    hf_logging.enable_progress_bar()
+    try:
+        train(_config(tmp_path / "o", steps=2, eval_every=1, warmup_steps=0, probes=()))
+        assert "Writing model shards" not in capfd.readouterr().err
+        assert hf_logging.is_progress_bar_enabled()  # switched back on afterwards
+    finally:
+        if not was_enabled:
+            hf_logging.disable_progress_bar()

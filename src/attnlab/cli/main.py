@@ -7,6 +7,7 @@ Results go to files (and their paths to stdout); progress and diagnostics go to 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -112,6 +113,14 @@ def models_fetch(
     run_guarded(body, debug)
 
 
+def plain_text(text: str) -> str:
+    """A docstring line without reST markup: roles (``:class:`X```, ``:func:`~a.b.f```) become their target
+    (``X``, ``f``), double backticks are dropped."""
+    text = re.sub(r":[a-z]+(?::[a-z]+)*:`(~?)([^`]*)`",
+                  lambda m: m.group(2).rsplit(".", 1)[-1] if m.group(1) else m.group(2), text)
+    return text.replace("``", "")
+
+
 def _list_registry(*registries: Any, marks: tuple[str, ...] = ()) -> None:
     """Print ``name  first docstring line`` for every entry of the registries, sorted by name; entries of the
     i-th registry get ``marks[i]`` before their summary (e.g. ``(analysis)``)."""
@@ -120,7 +129,7 @@ def _list_registry(*registries: Any, marks: tuple[str, ...] = ()) -> None:
     width = max((len(name) for name, _, _ in entries), default=0) + 2
     for name, registry, mark in entries:
         doc = (registry.get(name).__doc__ or "").strip().splitlines()
-        summary = doc[0].replace("``", "") if doc else ""
+        summary = plain_text(doc[0]) if doc else ""
         typer.echo(f"{name:{width}s}{mark + ' ' if mark else ''}{summary}")
 
 
@@ -159,7 +168,7 @@ def ls_masks() -> None:
 
 @ls_app.command("tasks")
 def ls_tasks() -> None:
-    """List the lab's training tasks (``attnlab train --task NAME``) with their one-line summary."""
+    """List the lab's training tasks (attnlab train --task NAME) with their one-line summary."""
     from attnlab.lab.tasks import TASKS
 
     _list_registry(TASKS)

@@ -142,6 +142,8 @@ def run_guarded(body: Callable[[], None], debug: bool) -> None:
     """Run a command body; map errors to exit codes (2 usage, 1 runtime) with one line on stderr."""
     try:
         body()
+    except typer.Exit:  # a RuntimeError subclass in click: the body has already said why
+        raise
     except (UsageError, typer.BadParameter) as error:
         _fail(error, debug, code=2)
     except (AttnlabError, OSError, RuntimeError) as error:

@@ -1,7 +1,8 @@
 """``attnlab train`` and ``attnlab sweep``: train a TinyLM on a task; run a grid of trainings.
 
 ``attnlab train`` builds an :class:`attnlab.lab.train.TrainConfig` from its options (CLI > ``--config`` YAML >
-defaults; with ``--resume`` the checkpoint's config fills every option not given), calls
+defaults; ``--task-arg``/``--layer-arg``/``--probe-arg`` keys are merged over the YAML's, key by key; with
+``--resume`` the checkpoint's config fills every option not given), calls
 :func:`attnlab.lab.train.train` and writes ``results.json``, ``results.csv`` and ``report.html`` beside the
 checkpoint and ``train_log.csv``. ``attnlab sweep`` runs :func:`attnlab.lab.sweep.run_sweep` and writes the sweep's
 report. See docs/lab.md.
@@ -10,6 +11,7 @@ report. See docs/lab.md.
 from __future__ import annotations
 
 import dataclasses
+import shlex
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -150,6 +152,7 @@ def train_config(ctx: typer.Context, config_path: Path | None, *, resume: bool) 
               for key, value in ctx.params.items() if key not in CLI_ONLY}
     given = {key: (value if _given(ctx, key) else _UNSET) for key, value in values.items()}
     merged = merge_config(ctx, config_path, given, TrainOptions)
+    from_file = merge_config(_NotGiven(), config_path, dict.fromkeys(given, _UNSET), TrainOptions)
     out = merged.get("out", _UNSET)
     out = Path(values["out"]) if out is _UNSET else Path(out)
     base = load_train_config(out).to_dict() if resume else {}
@@ -160,10 +163,13 @@ def train_config(ctx: typer.Context, config_path: Path | None, *, resume: bool) 
             value = base[name] if name in base else values.get(key)
         elif key in ("layer_arg", "task_arg"):
             value = parse_pairs(value, f"--{key.replace('_', '-')}")
-        elif key == "probe_arg" and value is not None and not isinstance(value, dict):
-            from attnlab.params import parse_probe_args
-
-            value = parse_probe_args([value] if isinstance(value, str) else list(value))
+            if from_file.get(key, _UNSET) is not _UNSET and _given(ctx, key):  # CLI keys over the file's keys
+                value = {**parse_pairs(from_file[key], key.replace("_arg", "_args")), **value}
+        elif key == "probe_arg" and value is not None:
+            value = _probe_args(value)
+            if from_file.get(key, _UNSET) is not _UNSET and _given(ctx, key):
+                saved = _probe_args(from_file[key]) or {}
+                value = {probe: {**saved.get(probe, {}), **value.get(probe, {})} for probe in {**saved, **value}}
         fields[name] = value
     for name in ("layer", "task"):
         if fields.get(name) is None:
@@ -186,6 +192,23 @@ def train_config(ctx: typer.Context, config_path: Path | None, *, resume: bool) 
     return TrainConfig.from_dict(fields)
 
 
+class _NotGiven:
+    """A stand-in context for :func:`merge_config` that reports no option as given: it yields the file's values."""
+
+    @staticmethod
+    def get_parameter_source(key: str) -> None:
+        return None
+
+
+def _probe_args(value: Any) -> Any:
+    """``--probe-arg`` items (CLI) or a ``{probe: {key: value}}`` mapping (YAML) → the mapping (None stays)."""
+    if value is None or isinstance(value, dict):
+        return value
+    from attnlab.params import parse_probe_args
+
+    return parse_probe_args([value] if isinstance(value, str) else list(value))
+
+
 def _given(ctx: typer.Context, key: str) -> bool:
     source = ctx.get_parameter_source(key)
     return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
@@ -194,7 +217,7 @@ def _given(ctx: typer.Context, key: str) -> bool:
 def run_train(ctx: typer.Context, config_path: Path | None, *, resume: bool, force: bool) -> None:
     """The body of ``attnlab train``: options → TrainConfig → train → result files."""
     from attnlab.errors import ConfigError
-    from attnlab.lab.train import check_out, train
+    from attnlab.lab.train import TrainingInterrupted, check_out, train
     from attnlab.report.io import check_out_dir, write_results
 
     if resume and force:
@@ -203,7 +226,16 @@ def run_train(ctx: typer.Context, config_path: Path | None, *, resume: bool, for
     check_out(config, resume=resume, force=force)
     check_out_dir(Path(config.out or "."))
     print_config(config)
-    result = with_train_progress(lambda progress: train(config, resume=resume, force=force, progress=progress))
+    try:
+        result = with_train_progress(lambda progress: train(config, resume=resume, force=force,
+                                                            progress=progress))
+    except TrainingInterrupted as stop:
+        saved = ("no checkpoint was written yet" if stop.checkpoint_step is None
+                 else f"the last checkpoint is step {stop.checkpoint_step}")
+        hint = (f"; continue with: attnlab train --out {shlex.quote(str(config.out))} --resume"
+                if stop.checkpoint_step is not None else "")
+        stderr.print(f"interrupted at step {stop.step}; {saved}{hint}", markup=False, highlight=False)
+        raise typer.Exit(130) from None
     paths = write_results(Path(config.out or "."), result.results)
     final = result.final
     stop = " (stopped early: target accuracy reached)" if result.stopped_early else ""
@@ -217,7 +249,8 @@ def run_train(ctx: typer.Context, config_path: Path | None, *, resume: bool, for
 
 def with_train_progress(work: Any) -> Any:
     """Run ``work(progress)``: a rich bar with the last loss and accuracy on a terminal; otherwise one stderr line
-    per evaluation (messages starting with ``eval``)."""
+    per evaluation. Messages other than the per-update ``step ...`` ones (evaluations, ``resuming from ...``) are
+    printed as lines in both cases."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -235,7 +268,7 @@ def with_train_progress(work: Any) -> Any:
         task = bar.add_task("starting", total=None)
 
         def progress(done: int, total: int, message: str) -> None:
-            if message.startswith("eval"):
+            if not message.startswith("step"):
                 bar.console.print(message, markup=False, style="dim")
             bar.update(task, description=message, completed=done, total=total or None)
 
@@ -255,8 +288,10 @@ def sweep_command(
     force: Force = False,
     debug: Debug = False,
 ) -> None:
-    """Run a grid of trainings (one `attnlab train` process per job, --jobs at a time); write sweep.csv, best.csv
-    and one report."""
+    """Run a grid of trainings from a sweep YAML file.
+
+    One attnlab train process per job, --jobs at a time; writes sweep.csv, best.csv and one report (see
+    docs/lab.md)."""
 
     def body() -> None:
         from attnlab.errors import ConfigError

@@ -21,10 +21,12 @@ falls back to; so a resume sees either the old or the new checkpoint, never a mi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +35,28 @@ from safetensors.torch import load_file, save_file
 
 from attnlab.errors import ConfigError
 
-__all__ = ["CHECKPOINT", "STATE_JSON", "STATE_TENSORS", "find_checkpoint", "optimizer_state", "read_state",
-           "restore_optimizer", "write_checkpoint"]
+__all__ = ["CHECKPOINT", "STATE_JSON", "STATE_TENSORS", "find_checkpoint", "no_hf_progress_bars", "optimizer_state",
+           "read_state", "restore_optimizer", "write_checkpoint"]
 
 CHECKPOINT = "checkpoint"
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
 FORMAT = 1
+
+
+@contextlib.contextmanager
+def no_hf_progress_bars() -> Iterator[None]:
+    """Turn transformers' tqdm bars (``Writing model shards``, ``Loading weights``) off inside the block; their
+    previous state is restored after it."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
@@ -99,8 +116,9 @@ def write_checkpoint(out_dir: Path, model: Any, tokenizer: Any, optimizer: torch
     target = out_dir / CHECKPOINT
     temp = out_dir / f".{CHECKPOINT}.{secrets.token_hex(6)}.tmp"
     try:
-        model.save_pretrained(temp, safe_serialization=True)
-        tokenizer.save_pretrained(temp)
+        with no_hf_progress_bars():  # no "Writing model shards" bar at every checkpoint
+            model.save_pretrained(temp, safe_serialization=True)
+            tokenizer.save_pretrained(temp)
         tensors, groups = optimizer_state(optimizer)
         save_file(tensors, str(temp / STATE_TENSORS), metadata={"format": str(FORMAT)})
         text = json.dumps({"format": FORMAT, **state, "param_groups": groups}, indent=1, allow_nan=True)

@@ -13,8 +13,8 @@ The sweep file (YAML)::
       task_args: {vocab_size: 64, seq_len: 32}
 
 A grid entry is a name, or a mapping with ``layer``/``task``, its ``layer_args``/``task_args`` (merged over those of
-``train``) and an optional ``name`` (its label in job names and tables). Every job's TrainConfig is built and
-checked before any job starts (a bad sweep file fails with one line and runs nothing).
+``train``) and an optional ``name`` (its label in job names and tables). Every job's TrainConfig, task and one layer of its model are built
+and checked before any job starts (a bad sweep file fails with one line and runs nothing).
 
 Files in the sweep's directory: ``configs/JOB.yaml`` (each job's config, replayable with ``attnlab train --config``),
 ``jobs/JOB/`` (each job's own ``--out``), ``logs/JOB.log`` (its stdout and stderr), ``sweep.csv`` (one row per
@@ -146,9 +146,19 @@ def load_sweep(path: str | Path, out: str | Path) -> list[SweepJob]:
         config = TrainConfig.from_dict({**shared, "layer": layer, "layer_args": layer_args, "width": width,
                                         "lr": lr, "task": task, "task_args": task_args,
                                         "out": str(Path(out) / "jobs" / name)})
-        make_task(config)  # the task's own cross-parameter checks, before anything runs
+        _check_buildable(config)
         jobs.append(SweepJob(name, layer_label, task_label, config))
     return jobs
+
+
+def _check_buildable(config: TrainConfig) -> None:
+    """Build the job's task and one layer of its model as the TinyLM would (its sizes, mask and positions), so the
+    constructors' own checks fail before any job starts, with one line."""
+    from attnlab.lab.modeling import TinyLMConfig, build_layer
+    from attnlab.lab.train import model_spec
+
+    task = make_task(config)  # the task's own cross-parameter checks
+    build_layer(TinyLMConfig.from_spec(model_spec(config, task)), 0)
 
 
 def _run_job(job: SweepJob, root: Path, threads: int, resume: bool) -> dict[str, Any]:

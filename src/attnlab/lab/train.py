@@ -46,7 +46,7 @@ from attnlab.progress import Progress, silent
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "TrainResult", "learning_rate", "load_train_config", "train"]
+__all__ = ["TrainConfig", "TrainResult", "TrainingInterrupted", "learning_rate", "load_train_config", "train"]
 
 LOG_COLUMNS = ("step", "split", "statistic", "value")
 TRAIN_LOG = "train_log.csv"
@@ -175,7 +175,8 @@ def typed_args(kind: Literal["layer", "task"], name: str, values: Mapping[str, A
 
     Layers also take ``mask`` (a mask spec, ``"sliding_window:window=32"``, resolved by the TinyLM); the sizes the
     TinyLM sets itself (:data:`SET_BY_MODEL`) are refused. Raises RegistryError for an unknown name, ConfigError
-    (``bad --layer-arg for NAME: ...``) for a key the constructor does not take or a value that does not fit.
+    (``bad --layer-arg for NAME: ...``) for a key the constructor does not take or a value that does not fit, and
+    ConfigError (``layer decay_matrix needs --layer-arg grid_width=N``) for a required argument not given.
     """
     import inspect
 
@@ -198,6 +199,13 @@ def typed_args(kind: Literal["layer", "task"], name: str, values: Mapping[str, A
     unknown = sorted(set(values) - set(names))
     if unknown:
         raise ConfigError(f"{owner}: no parameter {', '.join(unknown)}; it takes: {', '.join(names)}")
+    missing = [key for key, param in inspect.signature(cls.__init__).parameters.items()
+               if key != "self" and param.default is param.empty and key not in values
+               and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD)
+               and not (kind == "layer" and key in SET_BY_MODEL)]
+    if missing:
+        raise ConfigError(f"{kind} {name} needs {' '.join(f'--{kind}-arg {key}=N' for key in missing)} "
+                          f"({kind}_args in a YAML file)")
     unchecked = sorted(set(values) & set(unresolved))
     if unchecked:
         key = unchecked[0]
@@ -223,6 +231,18 @@ def _constructor_hints(init: Any) -> tuple[dict[str, Any], dict[str, str]]:
         except NameError as error:
             unresolved[name] = str(error)
     return hints, unresolved
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`train`: a KeyboardInterrupt that knows how far the run got.
+
+    Attributes: step (updates done), checkpoint_step (the step of the last checkpoint written; None when none was),
+    steps (the run's total), out (its directory, None when it writes nothing).
+    """
+
+    def __init__(self, step: int, checkpoint_step: int | None, steps: int, out: Path | None) -> None:
+        super().__init__(f"interrupted at step {step}")
+        self.step, self.checkpoint_step, self.steps, self.out = step, checkpoint_step, steps, out
 
 
 @dataclass
@@ -367,11 +387,14 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Progress | Non
             so a later ``resume`` continues the same run (a time-boxed run).
 
     Returns: a :class:`TrainResult`. Raises ConfigError/RegistryError (one line) on bad settings, on a non-empty
-    ``out`` without resume/force, and on resuming with no checkpoint or a different config.
+    ``out`` without resume/force, and on resuming with no checkpoint or a different config; Ctrl-C raises
+    :class:`TrainingInterrupted` (a KeyboardInterrupt) with the step reached and the last checkpoint's step.
+    A resumed run first reports ``resuming from step M of N`` through ``progress``.
     """
     import torch
 
-    from attnlab.lab.checkpoint import CHECKPOINT, find_checkpoint, read_state, restore_optimizer, write_checkpoint
+    from attnlab.lab.checkpoint import CHECKPOINT, find_checkpoint, no_hf_progress_bars, read_state, restore_optimizer
+    from attnlab.lab.checkpoint import write_checkpoint
     from attnlab.lab.modeling import TinyLMForCausalLM, build_model
     from attnlab.lab.train_results import results_dict, write_log
 
@@ -394,7 +417,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Progress | Non
         source = find_checkpoint(out / CHECKPOINT)  # or the copy a crash between two renames left
         state, tensors = read_state(source)
         _check_same_run(config, TrainConfig.from_dict({**state["config"], "out": config.out}))
-        model = TinyLMForCausalLM.from_pretrained(source)
+        with no_hf_progress_bars():
+            model = TinyLMForCausalLM.from_pretrained(source)
         optimizer = make_optimizer(config, model)
         restore_optimizer(optimizer, tensors, state["param_groups"])
         start, stopped, seconds = int(state["step"]), bool(state["stopped_early"]), float(state["seconds"])
@@ -407,6 +431,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Progress | Non
     num_parameters = sum(p.numel() for p in model.parameters())
     end = config.steps if stop_at is None else min(config.steps, stop_at)
     began = time.perf_counter()
+    saved: list[int | None] = [start if resume else None]  # the step of the last checkpoint on disk
 
     def checkpoint(step: int) -> None:
         if out is None:
@@ -416,6 +441,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Progress | Non
                  "log": log, "probe_rows": probe_rows}
         write_checkpoint(out, model, tokenizer, optimizer, state)
         write_log(out / TRAIN_LOG, log)
+        saved[0] = step
 
     def run_eval(step: int) -> bool:
         metrics, rows = evaluate(model, task, config, step)
@@ -427,33 +453,40 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Progress | Non
         notify(step, config.steps, message)
         return config.target_accuracy is not None and metrics["accuracy"] >= config.target_accuracy
 
-    if start == 0 and not stopped and not resume:
-        stopped = run_eval(0)
-        checkpoint(0)
-    step = start
-    while step < end and not stopped:
-        step += 1
-        lr = learning_rate(config, step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batch = task.batch(step - 1, config.batch_size)
-        output = model(input_ids=batch["input_ids"], targets=batch["labels"])
-        output.loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip else math.inf)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            good, seen = task.accuracy(output.logits.detach(), batch["labels"])
-        values = {"loss": float(output.loss.detach()), "accuracy": int(good) / int(seen) if seen else math.nan,
-                  "lr": lr, "grad_norm": float(norm)}
-        log.extend({"step": step, "split": "train", "statistic": key, "value": value} for key, value in values.items())
-        notify(step, config.steps, f"step {step}/{config.steps}: loss {values['loss']:.4f}, "
-                                   f"accuracy {100 * values['accuracy']:.1f} %")
-        if step % config.eval_every == 0 or step == config.steps:
-            stopped = run_eval(step)
-            checkpoint(step)
-    if step == end and step % config.eval_every and step != config.steps:
-        checkpoint(step)  # stopped by stop_at between evaluations
+    if resume:
+        notify(start, config.steps, f"resuming from step {start} of {config.steps}")
+    step = done = start
+    try:
+        if start == 0 and not stopped and not resume:
+            stopped = run_eval(0)
+            checkpoint(0)
+        while step < end and not stopped:
+            step += 1
+            lr = learning_rate(config, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = task.batch(step - 1, config.batch_size)
+            output = model(input_ids=batch["input_ids"], targets=batch["labels"])
+            output.loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip else math.inf)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step
+            with torch.no_grad():
+                good, seen = task.accuracy(output.logits.detach(), batch["labels"])
+            values = {"loss": float(output.loss.detach()), "accuracy": int(good) / int(seen) if seen else math.nan,
+                      "lr": lr, "grad_norm": float(norm)}
+            log.extend({"step": step, "split": "train", "statistic": key, "value": value}
+                       for key, value in values.items())
+            notify(step, config.steps, f"step {step}/{config.steps}: loss {values['loss']:.4f}, "
+                                       f"accuracy {100 * values['accuracy']:.1f} %")
+            if step % config.eval_every == 0 or step == config.steps:
+                stopped = run_eval(step)
+                checkpoint(step)
+        if step == end and step % config.eval_every and step != config.steps:
+            checkpoint(step)  # stopped by stop_at between evaluations
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(done, saved[0], config.steps, out) from None
     seconds += time.perf_counter() - began
     final = _final(log)
     results = results_dict(config, model, tokenizer, task, log=log, probe_rows=probe_rows, step=step,
