@@ -334,14 +334,14 @@ def check_out(config: TrainConfig, *, resume: bool, force: bool) -> None:
 
 
 # one evaluation -------------------------------------------------------------------------------------------------
-def evaluate(model: Any, task: Any, config: TrainConfig, step: int) -> tuple[dict[str, float], list[dict]]:
-    """Eval loss and accuracy over ``eval_batches`` batches, and the probes' rows (with ``step``) over batch 0."""
+def evaluate(model: Any, task: Any, config: TrainConfig, step: int
+             ) -> tuple[dict[str, float], list[dict], dict[int, str]]:
+    """Eval loss and accuracy over ``eval_batches`` batches, the probes' rows (with ``step``) over batch 0, and the
+    attention paths of the probes' Session (:func:`attnlab.lab.train_results.probe_pass`)."""
     import torch
     import torch.nn.functional as F
 
-    from attnlab.capture.architectures import model_facts
-    from attnlab.capture.session import Session
-    from attnlab.params import build_probes
+    from attnlab.lab.train_results import probe_pass
 
     was_training = model.training
     model.eval()
@@ -356,19 +356,10 @@ def evaluate(model: Any, task: Any, config: TrainConfig, step: int) -> tuple[dic
             count += int((labels != -100).sum())
             good, seen = task.accuracy(logits, labels)
             correct, counted = correct + int(good), counted + int(seen)
-        rows: list[dict[str, Any]] = []
-        if config.probes:
-            batch = task.batch(0, config.batch_size, split="eval")
-            probes = build_probes(config.probes, config.probe_args)
-            facts = model_facts(model)
-            for probe in probes:  # as attnlab.pipeline does before its Session (no runner: see TrainConfig)
-                probe.prepare(facts, None)
-            with Session(model, probes=probes) as session:
-                model(input_ids=batch["input_ids"])
-            rows = [{**row, "variant": None, "step": step} for row in session.rows()]
     model.train(was_training)
+    rows, paths = probe_pass(model, config, task.batch(0, config.batch_size, split="eval")["input_ids"], step)
     metrics = {"loss": total / count if count else math.nan, "accuracy": correct / counted if counted else math.nan}
-    return metrics, rows
+    return metrics, rows, paths
 
 
 # the loop -------------------------------------------------------------------------------------------------------
@@ -443,8 +434,12 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Progress | Non
         write_log(out / TRAIN_LOG, log)
         saved[0] = step
 
+    last_paths: dict[int, str] = {}  # the last evaluation's attention paths, for the results
+
     def run_eval(step: int) -> bool:
-        metrics, rows = evaluate(model, task, config, step)
+        metrics, rows, paths = evaluate(model, task, config, step)
+        last_paths.clear()
+        last_paths.update(paths)
         log.extend({"step": step, "split": "eval", "statistic": key, "value": value} for key, value in metrics.items())
         probe_rows.extend(rows)
         message = (f"eval step {step}/{config.steps}: loss {metrics['loss']:.4f}, "
@@ -490,7 +485,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Progress | Non
     seconds += time.perf_counter() - began
     final = _final(log)
     results = results_dict(config, model, tokenizer, task, log=log, probe_rows=probe_rows, step=step,
-                           stopped_early=stopped, num_parameters=num_parameters, seconds=seconds, final=final)
+                           stopped_early=stopped, num_parameters=num_parameters, seconds=seconds, final=final,
+                           paths=last_paths or None)
     return TrainResult(config, step, stopped, final, num_parameters, seconds, log, probe_rows, results,
                        None if out is None else out / CHECKPOINT, model)
 

@@ -8,7 +8,7 @@ Rows of the results dict:
 - every probe run at each evaluation (``sink``, ``entropy`` ...): its usual rows plus ``step``.
 
 The Run table: device (the model's), source ("trained by attnlab train" and the out directory) and the
-attention paths of the probes' Session (``attention_paths``; recorded by :func:`attention_paths` over one eval
+attention paths of the probes' Session (``attention_paths``; recorded by :func:`probe_pass` over one eval
 sequence when the caller does not pass those of its last evaluation). There are no windows: the report has no
 "Tokens as fed" section.
 
@@ -34,7 +34,7 @@ from attnlab.columns import SCHEMA_VERSION
 from attnlab.io_utils import atomic_write_text
 from attnlab.report.sections import Section, Series, StepCurve, Text
 
-__all__ = ["TRAINING_SECTIONS", "attention_paths", "log_to_csv", "results_dict", "write_log"]
+__all__ = ["TRAINING_SECTIONS", "log_to_csv", "probe_pass", "results_dict", "write_log"]
 
 TRAINING_SECTIONS: dict[str, tuple[Section, ...]] = {
     "train": (Section("training", "Training", (
@@ -91,9 +91,12 @@ def _versions() -> dict[str, str]:
             "transformers": transformers.__version__, "attnlab": __version__}
 
 
-def attention_paths(model: Any, task: Any, config: Any) -> dict[int, str]:
-    """Layer → attention path of a Session running ``config.probes`` over eval sequence 0, as an evaluation's
-    Session plans it (the paths depend on the model and the probes, not on the batch size); {} without probes."""
+def probe_pass(model: Any, config: Any, input_ids: Any, step: int | None = None
+               ) -> tuple[list[dict[str, Any]], dict[int, str]]:
+    """Run ``config.probes`` (with ``config.probe_args``) in a Session over ``input_ids`` (B, T) in eval mode, no
+    gradient; returns their rows (with ``step``) and the layer → attention path of that Session. ([], {}) without
+    probes. Probes are prepared as :func:`attnlab.pipeline.run_probes` does, without a runner (TrainConfig refuses
+    probes that need one)."""
     import torch
 
     from attnlab.capture.architectures import model_facts
@@ -101,7 +104,7 @@ def attention_paths(model: Any, task: Any, config: Any) -> dict[int, str]:
     from attnlab.params import build_probes
 
     if not config.probes:
-        return {}
+        return [], {}
     probes = build_probes(config.probes, config.probe_args)
     facts = model_facts(model)
     for probe in probes:
@@ -110,10 +113,11 @@ def attention_paths(model: Any, task: Any, config: Any) -> dict[int, str]:
     model.eval()
     try:
         with torch.no_grad(), Session(model, probes=probes) as session:
-            model(input_ids=task.batch(0, 1, split="eval")["input_ids"])
+            model(input_ids=input_ids)
     finally:
         model.train(was_training)
-    return dict(session.attention_paths)
+    rows = [{**row, "variant": None, "step": step} for row in session.rows()]
+    return rows, dict(session.attention_paths)
 
 
 def results_dict(config: Any, model: Any, tokenizer: Any, task: Any, *, log: list[dict[str, Any]],
@@ -122,14 +126,14 @@ def results_dict(config: Any, model: Any, tokenizer: Any, task: Any, *, log: lis
                  paths: Mapping[int, str] | None = None) -> dict[str, Any]:
     """The results dict of a training run (docs/results.md, command ``train``); see the module docstring.
 
-    ``paths``: layer → attention path of the last evaluation's Session; None records them with
-    :func:`attention_paths`.
+    ``paths``: layer → attention path of the last evaluation's Session; None records them with a
+    :func:`probe_pass` over eval sequence 0.
     """
     from attnlab.capture.loading import LoadedModel
 
     loaded = LoadedModel.wrap(model, tokenizer, name=f"tinylm-{config.layer}")
     if paths is None:
-        paths = attention_paths(model, task, config)
+        paths = probe_pass(model, config, task.batch(0, 1, split="eval")["input_ids"])[1]
     device = next((str(p.device) for p in model.parameters()), "cpu")
     source = "trained by attnlab train" + (f" in {config.out}" if config.out is not None else " (not saved)")
     rows = [{"probe": "train", "variant": None, "statistic": f"{row['split']}_{row['statistic']}", "layer": None,
