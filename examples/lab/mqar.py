@@ -2,7 +2,7 @@
 
 Step 1 (configs/mqar_lr.yaml): each mechanism's learning rate, best of {1e-3, 3e-3, 1e-2} by final eval accuracy
 on the smallest cell ((seq_len 64, 4 pairs), width 64). Step 2: every mechanism at its learning rate on
-(seq_len, pairs) ∈ {(64, 4), (128, 8), (256, 16)} × width ∈ {32, 64, 128}, same budget (configs/mqar_lr.yaml's
+(seq_len, pairs) ∈ {(64, 4), (128, 8), (256, 16)} × width ∈ {32, 128}, same budget (configs/mqar_lr.yaml's
 ``train`` block). Writes ``OUT/mqar_table.md`` and ``OUT/mqar.csv`` (one row per cell). Settings: PLAN.md item 3.
 
     python examples/lab/mqar.py --out runs/mqar --jobs 2
@@ -20,7 +20,7 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 CELLS = [(64, 4), (128, 8), (256, 16)]
-WIDTHS = [32, 64, 128]
+WIDTHS = [32, 128]
 
 
 def sweep(config: Path, out: Path, jobs: int) -> list[dict[str, str]]:
