@@ -18,8 +18,12 @@ import pandas as pd
 
 
 def load(run: Path) -> pd.DataFrame:
+    """A run's results.csv with a ``run`` column: the directory name without a sweep job's ``-wWIDTH-lrLR-TASK``
+    suffix when it has one, e.g. ``masked`` (lr kept: ``masked lr0.004``)."""
     frame = pd.read_csv(run / "results.csv")
-    frame["run"] = run.name
+    name, _, rest = run.name.partition("-w")
+    lr = rest.split("-")[1] if rest.count("-") >= 2 else ""
+    frame["run"] = f"{name} {lr}".strip() if rest else run.name
     return frame
 
 
