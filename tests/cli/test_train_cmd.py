@@ -154,9 +154,13 @@ def test_sweep_runs_two_jobs_in_parallel_and_writes_one_table(tmp_path):
     assert [row["job"] for row in rows] == ["masked-w16-lr0.01-mqar", "masked-w16-lr0.003-mqar"]
     assert all(row["status"] == "ok" and row["steps"] == "2" for row in rows)
     for row in rows:  # each job's numbers are its own results.json's
-        extras = json.loads((out / "jobs" / row["job"] / "results.json").read_text())["extras"]["train"]
+        results = json.loads((out / "jobs" / row["job"] / "results.json").read_text())
+        extras = results["extras"]["train"]
         assert float(row["eval_loss"]) == extras["eval_loss"] and int(row["num_parameters"]) == extras[
             "num_parameters"]
+        sinks = [r["value"] for r in results["rows"] if r["statistic"] == "sink_rate" and r["layer"] is None
+                 and r["step"] == 2]
+        assert len(sinks) == 1 and float(row["sink_rate"]) == sinks[0] and row["mean_entropy"] == ""
     with open(out / "best.csv", newline="") as handle:
         best = list(csv.DictReader(handle))
     winner = max(rows, key=lambda r: (float(r["eval_accuracy"]), -float(r["eval_loss"])))

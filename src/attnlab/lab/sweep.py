@@ -51,7 +51,7 @@ __all__ = ["BEST_COLUMNS", "SWEEP_COLUMNS", "SweepJob", "SweepResult", "best_of_
 
 GRID_KEYS = {"layers": "layer", "widths": "width", "lrs": "lr", "tasks": "task"}
 SWEEP_COLUMNS = ("job", "layer", "layer_args", "width", "lr", "task", "task_args", "status", "steps",
-                 "stopped_early", "eval_loss", "eval_accuracy", "train_loss", "train_seconds", "wall_seconds",
+                 "stopped_early", "eval_loss", "eval_accuracy", "sink_rate", "mean_entropy", "train_loss", "train_seconds", "wall_seconds",
                  "num_parameters", "error", "out")
 BEST_COLUMNS = ("layer", "width", "task", "best_lr", "eval_accuracy", "eval_loss", "steps", "num_parameters",
                 "lrs_tried")
@@ -189,10 +189,9 @@ def _run_job(job: SweepJob, root: Path, threads: int, resume: bool) -> dict[str,
         message = (errors or lines or [f"exit code {done.returncode}"])[-1]
         return {**row, "status": "failed", "error": f"exit {done.returncode}: {message}"}
     try:
-        extras = json.loads((out / "results.json").read_text(encoding="utf-8"))["extras"]["train"]
+        return {**row, **_finished(json.loads((out / "results.json").read_text(encoding="utf-8")))}
     except (OSError, ValueError, KeyError) as error:
         return {**row, "status": "failed", "error": f"no readable results.json: {error}"}
-    return {**row, **_finished(extras)}
 
 
 def _base_row(job: SweepJob) -> dict[str, Any]:
@@ -201,10 +200,22 @@ def _base_row(job: SweepJob) -> dict[str, Any]:
             "task_args": json.dumps(job.config.task_args), "out": str(job.config.out)}
 
 
-def _finished(extras: Mapping[str, Any]) -> dict[str, Any]:
-    """The result columns of a finished job, from its results.json's ``extras["train"]``."""
+def _finished(results: Mapping[str, Any]) -> dict[str, Any]:
+    """The result columns of a finished job from its results.json: ``extras["train"]``, and at the last evaluation
+    the overall sink rate and the mean attention entropy when those probes ran (else None)."""
+    extras = results["extras"]["train"]
+    rows = [row for row in results.get("rows", []) if row.get("step") is not None]
+    last = max((row["step"] for row in rows), default=None)
+
+    def at_last(probe: str, statistic: str, overall: bool) -> list[float]:
+        return [row["value"] for row in rows if row["step"] == last and row["probe"] == probe
+                and row["statistic"] == statistic and (not overall or row.get("layer") is None)]
+
+    sinks, entropies = at_last("sink", "sink_rate", True), at_last("entropy", "entropy", False)
     return {"status": "ok", "error": "", "steps": extras.get("step"), "stopped_early": extras.get("stopped_early"),
             "eval_loss": extras.get("eval_loss"), "eval_accuracy": extras.get("eval_accuracy"),
+            "sink_rate": sinks[0] if sinks else None,
+            "mean_entropy": sum(entropies) / len(entropies) if entropies else None,
             "train_loss": extras.get("train_loss"), "train_seconds": extras.get("seconds"),
             "num_parameters": extras.get("num_parameters")}
 
@@ -302,15 +313,15 @@ def _finished_row(job: SweepJob) -> dict[str, Any] | None:
     """The row of a job whose results.json says it finished (all steps or stopped early), else None."""
     out = Path(job.config.out or "")
     try:
-        extras = json.loads((out / "results.json").read_text(encoding="utf-8"))["extras"]["train"]
-        saved = json.loads((out / "results.json").read_text(encoding="utf-8"))["config"]
+        results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+        extras, saved = results["extras"]["train"], results["config"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
     if not _same_run(job, saved):
         return None  # the sweep file changed this job: run it again
     if not (extras.get("stopped_early") or extras.get("step") == job.config.steps):
         return None
-    return {**_base_row(job), **_finished(extras), "wall_seconds": None}
+    return {**_base_row(job), **_finished(results), "wall_seconds": None}
 
 
 def _checkpoint_config(out: Path) -> Any:

@@ -11,6 +11,7 @@ from typing import Any
 
 from attnlab import __version__
 from attnlab.columns import SCHEMA_VERSION
+from attnlab.lab.train_results import versions
 from attnlab.report.sections import Column, Section, Table, Text
 
 __all__ = ["SWEEP_SECTIONS", "sweep_results"]
@@ -28,21 +29,17 @@ SWEEP_SECTIONS = (Section("sweep", "Sweep", (
                   "(ties: lowest eval loss)."),
     Table((Column("job", "job", "text"), Column("status", "status", "text"),
            Column("eval_accuracy_percent", "eval accuracy %"), Column("eval_loss", "eval loss"),
+           Column("sink_rate_percent", "sink rate %"), Column("mean_entropy", "mean entropy (nats)"),
            Column("train_loss", "train loss"), Column("steps", "steps"), Column("num_parameters", "parameters"),
            Column("wall_seconds", "wall s"), Column("error", "error", "text")),
           extras="jobs", title="Every job", caption="{total} job(s); sweep.csv holds the same table."),
 )),)
 
 
-def _versions() -> dict[str, str]:
-    from attnlab.lab.train_results import _versions as versions
-
-    return versions()
-
-
 def _percent(row: Mapping[str, Any]) -> dict[str, Any]:
-    accuracy = row.get("eval_accuracy")
-    return {**row, "eval_accuracy_percent": None if accuracy is None else 100 * accuracy}
+    accuracy, sinks = row.get("eval_accuracy"), row.get("sink_rate")
+    return {**row, "eval_accuracy_percent": None if accuracy is None else 100 * accuracy,
+            "sink_rate_percent": None if sinks is None else 100 * sinks}
 
 
 def sweep_results(path: str | Path, rows: list[dict[str, Any]], best: list[dict[str, Any]], *, jobs: int,
@@ -69,7 +66,7 @@ def sweep_results(path: str | Path, rows: list[dict[str, Any]], best: list[dict[
         "command": "sweep",
         "config": {"sweep": str(path), "jobs": jobs},
         "model": {"name": f"sweep of {len(rows)} TinyLM job(s)", "source": f"sweep file {path}"},
-        "versions": _versions(),
+        "versions": versions(),
         "rows": result_rows,
         "extras": {"sweep": extras},
         "sections": {"sweep": [section.to_dict() for section in SWEEP_SECTIONS]},

@@ -34,7 +34,7 @@ from attnlab.columns import SCHEMA_VERSION
 from attnlab.io_utils import atomic_write_text
 from attnlab.report.sections import Section, Series, StepCurve, Text
 
-__all__ = ["TRAINING_SECTIONS", "log_to_csv", "probe_pass", "results_dict", "write_log"]
+__all__ = ["TRAINING_SECTIONS", "log_to_csv", "probe_pass", "results_dict", "versions", "write_log"]
 
 TRAINING_SECTIONS: dict[str, tuple[Section, ...]] = {
     "train": (Section("training", "Training", (
@@ -83,7 +83,7 @@ def write_log(path: Path, log: list[dict[str, Any]]) -> Path:
     return atomic_write_text(path, log_to_csv(log))
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
     import torch
     import transformers
 
@@ -157,7 +157,7 @@ def results_dict(config: Any, model: Any, tokenizer: Any, task: Any, *, log: lis
         "model": {**loaded.model_record(loaded.facts.name), "source": source, "device": device},
         "tokenizer": {**loaded.tokenizer_facts, "class": type(tokenizer).__name__},
         "seed": config.seed,
-        "versions": _versions(),
+        "versions": versions(),
         "attention_paths": {str(layer): path for layer, path in sorted(paths.items())},
         "windows": [],
         "rows": rows + [dict(row) for row in probe_rows],
