@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The five reproductions of issue 11 (settings: examples/lab/PLAN.md), in two lanes of one thread each.
-# Results land in ${OUT:-runs}/; docs/findings.md quotes them. About an hour on the reference 2-core CPU.
+# Results land in ${OUT:-runs}/; docs/findings.md quotes them. About 2.5 hours on the reference 2-core CPU.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-runs}
