@@ -58,7 +58,7 @@ def _run_section(results: Mapping[str, Any]) -> dict[str, Any]:
         ("run time", f"{format_number(timing.get('seconds'))} s" if "seconds" in timing else None),
     ]
     one_model = any(model.get(key) is not None for key in ("num_layers", "class")) or bool(tokenizer)
-    if not one_model:  # e.g. a sweep: show what is known, not placeholders for one model's facts
+    if not one_model:  # e.g. a sweep: only the rows that apply, no empty cells for one model's facts
         items = [(label, value) for label, value in items
                  if label not in ("layers × heads (kv heads)", "BOS policy") and value not in (None, "")]
     return {
