@@ -4,7 +4,6 @@ block), memory bounded to the chosen heads, bad input refused in one line, and t
 
 from __future__ import annotations
 
-import copy
 import functools
 from types import SimpleNamespace
 
@@ -33,10 +32,13 @@ def _tiny_gpt2(positions: int = 512):
 
 @torch.no_grad()
 def _eager_probs(model, **batch):
-    """transformers' own probs: the same config and weights with attn_implementation="eager"."""
-    eager = copy.deepcopy(model)
-    eager.set_attn_implementation("eager")
-    return eager(**batch, output_attentions=True).attentions  # per layer (B, H, L, L)
+    """transformers' own probs: the same config and weights with attn_implementation="eager" (switched back after)."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        return model(**batch, output_attentions=True).attentions  # per layer (B, H, L, L)
+    finally:
+        model.set_attn_implementation(previous)
 
 
 def _assert_equal_to_eager(pattern, expected, mask):
@@ -236,3 +238,15 @@ def test_report_patterns_explicit_none_and_bidirectional():
     assert [len(row) for row in data["heads"][0]["probs"]] == [10] * 10
     with pytest.raises(ConfigError, match="pattern_heads layers must be in 0..1, got 2"):
         report_patterns(loaded, _windows(ids), "2.0", 10)
+
+
+@pytest.mark.slow
+def test_bundled_smollm2_one_layer_equals_eager():
+    loaded = attnlab.load_model("smollm2-135m")
+    windows = attnlab.load_text(loaded.tokenizer, seq_len=64, max_windows=1)
+    batch = next(iter(windows))
+    pattern = attention_pattern(loaded, batch, layers=[5], heads=[0, 4, 8], block_size=16)
+    assert pattern.probs.shape == (1, 1, 3, 64, 64) and pattern.tokens[0] == windows.windows[0]["tokens"]
+    expected = _eager_probs(loaded.model, **batch)
+    for head in (0, 4, 8):
+        torch.testing.assert_close(pattern.get(5, head), expected[5][0, head], atol=ATOL, rtol=0)
