@@ -9,6 +9,8 @@ The public API is re-exported lazily so ``import attnlab`` does not import torch
         for batch in windows:
             model(**batch)
     table = session.results()
+    pattern = attnlab.attention_pattern(model, "To be, or not to be", layers=3, tokenizer=tokenizer)
+    figure = pattern.plot(3, 0)   # attnlab.plot_pattern: a matplotlib Figure
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ _EXPORTS = {
     "run_probes": "attnlab.pipeline",
     "load_text": "attnlab.text",
     "Session": "attnlab.capture.session",
+    "attention_pattern": "attnlab.capture.patterns",
+    "AttentionPattern": "attnlab.capture.patterns",
+    "PatternProbe": "attnlab.capture.patterns",
+    "plot_pattern": "attnlab.report.pattern_plot",
     "PROBES": "attnlab.probes",
     "fetch_asset": "attnlab.assets",
     "ASSETS": "attnlab.assets",

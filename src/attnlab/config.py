@@ -6,7 +6,7 @@ Three specs hold the settings every command shares, one job each:
 - :class:`TextSpec`: which text and how it is cut into windows (``text``, ``seq_len``, ``max_windows``,
   ``batch_size``, ``bos``);
 - :class:`RunSpec`: what a probe run does (``probes``, ``probe_args``, ``compare``, ``block_size``,
-  ``query_fraction``, ``seed``).
+  ``query_fraction``, ``seed``, and the report viewer's ``pattern_heads``/``pattern_tokens``).
 
 A command's config composes them: :class:`RunConfig` (``attnlab report`` / ``attnlab probe``) is
 ``load: ModelSpec`` + ``data: TextSpec`` + ``run: RunSpec``; :class:`attnlab.evaluation.config.EvalConfig` is
@@ -109,6 +109,35 @@ class TextSpec:
         check_range(self, {"seq_len": (2, INT_LIMIT), "max_windows": (1, INT_LIMIT), "batch_size": (1, INT_LIMIT)})
 
 
+PATTERN_TOKENS_RANGE = (2, 256)
+MAX_PATTERN_HEADS = 16
+
+
+def parse_pattern_heads(value: str) -> tuple[tuple[int, int], ...] | None:
+    """``--pattern-heads`` → None for ``"auto"`` and ``"none"``, else the ``(layer, head)`` pairs of ``"L.H,L.H"``.
+
+    Raises ConfigError (one line, expected vs received) for anything else, a repeated pair, or more than
+    :data:`MAX_PATTERN_HEADS` pairs. The layer/head ranges are checked against the model later
+    (:func:`attnlab.capture.patterns.check_pattern_heads`).
+    """
+    expected = "expected pattern_heads 'auto', 'none' or a comma list of LAYER.HEAD such as '3.1,5.0'"
+    if not isinstance(value, str):
+        raise ConfigError(f"{expected}, got {value!r} ({type(value).__name__})")
+    if value in ("auto", "none"):
+        return None
+    pairs = []
+    for item in value.split(","):
+        layer, dot, head = item.strip().partition(".")
+        if not (dot and layer.isascii() and layer.isdigit() and head.isascii() and head.isdigit()):
+            raise ConfigError(f"{expected}, got {value!r}")
+        pairs.append((int(layer), int(head)))
+    if len(set(pairs)) != len(pairs):
+        raise ConfigError(f"{expected} (each head once), got {value!r}")
+    if len(pairs) > MAX_PATTERN_HEADS:
+        raise ConfigError(f"expected at most {MAX_PATTERN_HEADS} pattern heads, got {len(pairs)} in {value!r}")
+    return tuple(pairs)
+
+
 def _default_probes() -> tuple[str, ...]:
     from attnlab.probes import DEFAULT_PROBES
 
@@ -137,6 +166,9 @@ class RunSpec:
         block_size: query rows per block of the eager kernel.
         query_fraction: fraction of query rows the probes see (1 = exact statistics).
         seed: seeds python and torch RNGs, in [0, 2**63 - 1] (the forward pass is deterministic on CPU anyway).
+        pattern_heads: heads whose per-token patterns the report's viewer shows (results.json ``"patterns"``):
+            ``"auto"`` (strongest sinks + lowest entropy), ``"none"`` (no viewer data) or ``"L.H,L.H"`` (≤ 16).
+        pattern_tokens: the viewer's tokens, the first of the first window, in [2, 256].
     """
 
     probes: tuple[str, ...] = field(default_factory=_default_probes, metadata={"option": "probe"})
@@ -146,9 +178,15 @@ class RunSpec:
     block_size: int = 128
     query_fraction: float = 1.0
     seed: int = 0
+    pattern_heads: str = "auto"
+    pattern_tokens: int = 64
 
     def __post_init__(self) -> None:
-        check_types(self, {"block_size": int, "query_fraction": float, "seed": int})
+        check_types(self, {"block_size": int, "query_fraction": float, "seed": int, "pattern_tokens": int})
+        parse_pattern_heads(self.pattern_heads)
+        low, high = PATTERN_TOKENS_RANGE
+        if not low <= self.pattern_tokens <= high:
+            raise ConfigError(f"expected pattern_tokens in {low}..{high}, got {self.pattern_tokens}")
         check_names("probes", self.probes)
         if self.compare is not None and not isinstance(self.compare, str):
             raise ConfigError(f"compare must be a model name or path, got {self.compare!r}")

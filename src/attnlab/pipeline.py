@@ -19,6 +19,9 @@ Attention probes are prepared too (:meth:`attnlab.probes.base.Probe.prepare`), w
 declare ``needs_runner`` (magnets: token strings, the BOS id) and with None otherwise; model settings such as
 rope_theta reach them in ``bind``. The runner is built only for an analysis or a probe with ``needs_runner``, so a
 report of the default attention probes never builds one.
+
+Unless ``config.run.pattern_heads`` is ``"none"``, one extra forward pass on the first window's first
+``pattern_tokens`` tokens gives ``results["patterns"]``, the report viewer's data (docs/patterns.md).
 """
 
 from __future__ import annotations
@@ -168,6 +171,7 @@ def run_probes(config: RunConfig, *, progress: Progress | None = None, model: An
     """
     import torch
 
+    from attnlab.capture.patterns import check_pattern_heads
     from attnlab.capture.session import Session
     from attnlab.text import load_text
 
@@ -178,6 +182,7 @@ def run_probes(config: RunConfig, *, progress: Progress | None = None, model: An
     if config.run.compare is None and needs_compare:
         raise ConfigError(f"probe(s) {', '.join(needs_compare)} compare two models; pass --compare OTHER_MODEL")
     loaded = start_run(config.load, config.data, config.run.seed, notify, model, tokenizer)
+    check_pattern_heads(loaded.facts, config.run.pattern_heads)  # an explicit head outside the model: fail now
     runner = _LazyRunner(loaded, config.run.compare, config.load, notify)
     if config.run.compare is not None:
         runner.get()  # load and check the second model before the run
@@ -212,6 +217,7 @@ def run_probes(config: RunConfig, *, progress: Progress | None = None, model: An
         done += 1
     for obj in driving:
         obj.finish(runner.get())
+    patterns = _viewer_patterns(loaded, windows, config, notify, done, total)
     notify(total, total, "done")
 
     def decode(token_id: int) -> str:
@@ -226,4 +232,19 @@ def run_probes(config: RunConfig, *, progress: Progress | None = None, model: An
     )
     if runner.compare_record is not None:
         results["compare_model"] = runner.compare_record
+    if patterns is not None:
+        results["patterns"] = patterns
     return results
+
+
+def _viewer_patterns(loaded: Any, windows: Any, config: RunConfig, notify: Progress, done: int,
+                     total: int) -> dict[str, Any] | None:
+    """The report viewer's ``"patterns"`` (:func:`attnlab.capture.patterns.report_patterns`): one extra forward
+    pass on the first window's first ``pattern_tokens`` tokens; None for ``pattern_heads="none"`` or a model the
+    Session cannot observe. It leaves every other result as it was."""
+    if config.run.pattern_heads == "none":
+        return None
+    from attnlab.capture.patterns import report_patterns
+
+    notify(done, total, "attention patterns")
+    return report_patterns(loaded, windows, config.run.pattern_heads, config.run.pattern_tokens)

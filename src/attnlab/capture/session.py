@@ -34,6 +34,7 @@ from attnlab.capture.calls import (
 )
 from attnlab.capture.edit_log import EditLog
 from attnlab.capture.executors import EXECUTORS, Job, observe_implied, probe_observer
+from attnlab.capture.patterns import PatternProbe
 from attnlab.capture.planner import CallFacts, EditFacts, Needs, Options, Path, Planner
 from attnlab.capture.positions import PositionIds
 from attnlab.columns import RESULT_COLUMNS
@@ -245,6 +246,16 @@ class Session:
     def check_edits_fired(self) -> None:
         """Raise EditNotFiredError naming every requested edit that acted on no attention call."""
         self.edit_log.check_fired()
+
+    def patterns(self, tokenizer: Any = None) -> list[Any]:
+        """The :class:`attnlab.capture.patterns.AttentionPattern` of every forward pass, in order, recorded by the
+        session's PatternProbe(s) (``Session(model, probes=[PatternProbe(layers=[3], heads=[0, 1])])``), each with
+        this session's attention paths; ``tokenizer`` decodes their tokens. ConfigError without a PatternProbe."""
+        recorders = [probe for probe in self.probes if isinstance(probe, PatternProbe)]
+        if not recorders:
+            raise ConfigError("this session has no PatternProbe; pass probes=[PatternProbe(layers=..., heads=...)] "
+                              "or use attnlab.attention_pattern")
+        return [pattern for probe in recorders for pattern in probe.patterns(self.attention_paths, tokenizer)]
 
     def probe(self, name: str) -> Probe:
         """The probe instance named ``name`` in this session; RegistryError (a KeyError) naming the others."""

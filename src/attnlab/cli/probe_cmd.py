@@ -24,6 +24,12 @@ ProbeNames = Annotated[Optional[list[str]], typer.Option(
 ProbeArgs = Annotated[Optional[list[str]], typer.Option(
     "--probe-arg", help="Probe option PROBE.KEY=VALUE (repeatable), e.g. spatial_decay.grid=[16,16].",
     rich_help_panel="Run")]
+PatternHeads = Annotated[str, typer.Option(
+    "--pattern-heads", help="Heads for the report's pattern viewer: auto (strongest sinks + lowest entropy), none, "
+    "or LAYER.HEAD list such as 3.1,5.0 (at most 16).", rich_help_panel="Output")]
+PatternTokens = Annotated[int, typer.Option(
+    "--pattern-tokens", help="Tokens the pattern viewer shows (first window's first N, 2..256).",
+    rich_help_panel="Output")]
 Compare = Annotated[Optional[str], typer.Option(
     "--compare", help="Second model (same tokenizer) for probes that compare two models (cka).",
     rich_help_panel="Model and data")]
@@ -45,6 +51,8 @@ def probe(
     dtype: DType = "float32",
     device: Device = "cpu",
     seed: Seed = 0,
+    pattern_heads: PatternHeads = "auto",
+    pattern_tokens: PatternTokens = 64,
     config: ConfigFile = None,
     debug: Debug = False,
 ) -> None:

@@ -1,0 +1,252 @@
+"""attention_pattern / PatternProbe / Session.patterns on tiny random models: equal to transformers' eager
+``output_attentions`` on the real tokens (GQA, left/right padding, sliding window, GPT-2, sequences longer than a
+block), memory bounded to the chosen heads, bad input refused in one line, and the report viewer's data."""
+
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from tiny_models import WORDS, tiny_bert, tiny_llama, tiny_qwen2_sliding, tiny_tokenizer
+
+import attnlab
+from attnlab.capture.loading import LoadedModel
+from attnlab.capture.patterns import PatternProbe, attention_pattern, report_patterns
+from attnlab.errors import ConfigError
+
+ATOL = 1e-5  # float32 eager softmax vs the blocked kernel's float32 softmax
+
+
+def _tiny_gpt2(positions: int = 512):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=97, n_positions=positions,
+                        attn_implementation="sdpa")
+    return GPT2LMHeadModel(config).eval()
+
+
+@torch.no_grad()
+def _eager_probs(model, **batch):
+    """transformers' own probs: the same config and weights with attn_implementation="eager" (switched back after)."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        return model(**batch, output_attentions=True).attentions  # per layer (B, H, L, L)
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def _assert_equal_to_eager(pattern, expected, mask):
+    for layer in pattern.layers:
+        for b in range(mask.shape[0]):
+            real = mask[b].bool()
+            reference = expected[layer][b][:, real][:, :, real]  # (H, n, n) on the real tokens
+            for head in pattern.heads:
+                torch.testing.assert_close(pattern.get(layer, head, b), reference[head].float(), atol=ATOL, rtol=0)
+
+
+@functools.cache
+def _model():
+    return tiny_llama(num_heads=4, num_kv_heads=1)
+
+
+def _ids(batch, length, seed=0, vocab=97):
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+# -- equal to HF eager ---------------------------------------------------------------------------------------------
+def test_llama_gqa_left_padding_past_the_block_width_equals_eager():
+    """Finding 1: 300 tokens in blocks of 64, whose key axis is narrower than kv_len (a causal block sees only
+    the keys up to its last query)."""
+    model = tiny_llama(num_heads=4, num_kv_heads=2)
+    ids = _ids(2, 300)
+    mask = torch.ones_like(ids)
+    mask[0, :37] = 0  # left padding
+    pattern = attention_pattern(model, {"input_ids": ids, "attention_mask": mask}, block_size=64)
+    assert pattern.probs.shape == (2, 2, 4, 300, 300) and pattern.probs.dtype == torch.float32
+    assert pattern.paths == {0: "blocked_eager", 1: "blocked_eager"} and pattern.causal
+    _assert_equal_to_eager(pattern, _eager_probs(model, input_ids=ids, attention_mask=mask), mask)
+    assert pattern.get(1, 3, 0).shape == (263, 263)
+    assert pattern.probs[0, :, :, :37].abs().max() == 0 and pattern.probs[0, ..., :37].abs().max() == 0
+
+
+def test_bert_right_padding_equals_eager():
+    model = tiny_bert()
+    ids = _ids(2, 40, seed=1)
+    mask = torch.ones_like(ids)
+    mask[1, 29:] = 0
+    pattern = attention_pattern(model, {"input_ids": ids, "attention_mask": mask}, block_size=16)
+    assert not pattern.causal
+    _assert_equal_to_eager(pattern, _eager_probs(model, input_ids=ids, attention_mask=mask), mask)
+
+
+def test_qwen2_sliding_window_equals_eager():
+    model = tiny_qwen2_sliding(window=4)
+    ids = _ids(1, 40, seed=2)
+    pattern = attention_pattern(model, ids[0], block_size=8)  # a 1-D input_ids tensor
+    mask = torch.ones_like(ids)
+    _assert_equal_to_eager(pattern, _eager_probs(model, input_ids=ids, attention_mask=mask), mask)
+    weights = pattern.get(0, 0)
+    assert weights[20, :17].abs().max() == 0 and weights[20, 17:21].sum() == pytest.approx(1, abs=1e-5)
+
+
+def test_gpt2_past_the_block_width_equals_eager():
+    model = _tiny_gpt2()
+    ids = _ids(1, 300, seed=3)
+    pattern = attention_pattern(model, ids, layers=1, heads=[2, 0], block_size=64)
+    assert pattern.layers == (1,) and pattern.heads == (2, 0)
+    _assert_equal_to_eager(pattern, _eager_probs(model, input_ids=ids), torch.ones_like(ids))
+
+
+def test_only_the_chosen_heads_are_stored():
+    model = tiny_llama(num_heads=4, num_kv_heads=2)
+    pattern = attention_pattern(model, _ids(3, 50), layers=[1], heads=[3, 1], block_size=16)
+    assert pattern.probs.shape == (3, 1, 2, 50, 50)
+    with pytest.raises(ConfigError, match="layer 0 was not recorded"):
+        pattern.get(0, 3)
+    with pytest.raises(ConfigError, match="head 0 was not recorded"):
+        pattern.get(1, 0)
+
+
+@given(length=st.integers(2, 40), pad=st.integers(0, 10), block_size=st.integers(1, 48), left=st.booleans())
+def test_rows_of_real_queries_sum_to_one(length, pad, block_size, left):
+    ids = _ids(2, length + pad, seed=length)
+    mask = torch.ones_like(ids)
+    if left:
+        mask[1, :pad] = 0
+    else:
+        mask[1, length:] = 0
+    pattern = attention_pattern(_model(), {"input_ids": ids, "attention_mask": mask}, block_size=block_size)
+    for b in range(2):
+        for layer in pattern.layers:
+            sums = torch.stack([pattern.get(layer, head, b).sum(-1) for head in pattern.heads])
+            torch.testing.assert_close(sums, torch.ones_like(sums), atol=1e-5, rtol=0)
+        assert pattern.get(0, 0, b).shape == (int(mask[b].sum()),) * 2
+
+
+# -- inputs and errors ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"layers": 40}, "layers must be in 0..1, got 40"),
+    ({"heads": [0, 4]}, "heads must be in 0..3, got 4"),
+    ({"layers": []}, "non-empty list"),
+    ({"heads": True}, "heads must be an int"),
+])
+def test_bad_layers_or_heads_give_one_line_config_errors(kwargs, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        attention_pattern(_model(), _ids(1, 5), **kwargs)
+
+
+@pytest.mark.parametrize(("inputs", "message"), [
+    ("the cat", "needs a tokenizer"),
+    (torch.zeros(1, 0, dtype=torch.long), "no tokens"),
+    (torch.zeros(2, 3), "integer tensor"),
+    ({"attention_mask": torch.ones(1, 3)}, "dict with input_ids"),
+    ([["a"]], "token ids"),
+])
+def test_bad_inputs_give_config_errors(inputs, message):
+    with pytest.raises(ConfigError, match=message):
+        attention_pattern(_model(), inputs)
+
+
+def test_text_with_a_loaded_model_gives_tokens_frame_and_plot():
+    from matplotlib.figure import Figure
+
+    loaded = LoadedModel.wrap(tiny_llama(), tiny_tokenizer(add_bos=True))
+    text = " ".join(WORDS[:6])
+    pattern = attention_pattern(loaded, text, layers=0, heads=[1])
+    assert pattern.tokens == [["<s>", *WORDS[:6]]] and pattern.tokens_of(0) == ["<s>", *WORDS[:6]]
+    frame = pattern.to_frame()
+    assert list(frame.columns) == ["batch", "layer", "head", "query", "key", "weight"] and len(frame) == 49
+    row = frame[(frame["query"] == 3) & (frame["key"] == 2)].iloc[0]
+    assert row["weight"] == pytest.approx(float(pattern.get(0, 1)[3, 2]))
+    assert frame[frame["key"] > frame["query"]]["weight"].abs().max() == 0  # causal
+    figure = pattern.plot(0, 1)
+    assert isinstance(figure, Figure)
+    ax = figure.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["<s>", *WORDS[:6]]
+    assert ax.get_title() == "layer 0 head 1 (blocked_eager)"
+    assert attnlab.attention_pattern is attention_pattern and attnlab.AttentionPattern is type(pattern)
+
+
+def test_session_patterns_one_per_forward_and_refused_without_the_probe():
+    model = tiny_llama()
+    with attnlab.Session(model, probes=[PatternProbe(layers=[1], heads=[0, 1])], query_fraction=0.3) as session:
+        with torch.no_grad():
+            model(input_ids=_ids(1, 12))
+            model(input_ids=_ids(2, 7, seed=5))
+    first, second = session.patterns()
+    assert first.probs.shape == (1, 1, 2, 12, 12) and second.probs.shape == (2, 1, 2, 7, 7)
+    assert first.paths == {1: "blocked_eager"}  # every_row: never the sampled path
+    with attnlab.Session(model, probes=["entropy"]) as plain, torch.no_grad():
+        model(input_ids=_ids(1, 5))
+    with pytest.raises(ConfigError, match="no PatternProbe"):
+        plain.patterns()
+
+
+def test_implied_map_of_a_linear_attention_layer():
+    from attnlab.lab.modeling import TinyLMSpec, build_model
+
+    spec = TinyLMSpec(layer="gla", vocab_size=50, num_layers=2, hidden_size=32, num_heads=2, mlp_ratio=1.0,
+                      positions="none")
+    model = build_model(spec, seed=0).eval()
+    pattern = attention_pattern(model, _ids(1, 20, vocab=50), block_size=8)
+    assert pattern.paths == {0: "implied:signed", 1: "implied:signed"}
+    assert pattern.probs.shape == (1, 2, 2, 20, 20)
+    sums = pattern.probs[0].sum(-1)
+    torch.testing.assert_close(sums, torch.ones_like(sums), atol=1e-5, rtol=0)  # |w| / Σ|w| per row
+
+
+# -- the report viewer's data --------------------------------------------------------------------------------------
+def _windows(ids):
+    return SimpleNamespace(windows=[{"ids": ids}, {"ids": ids[::-1]}])
+
+
+def test_report_patterns_auto_json_shape():
+    loaded = LoadedModel.wrap(tiny_llama(num_heads=8, num_kv_heads=2, layers=3), tiny_tokenizer())
+    ids = _ids(1, 40)[0].tolist()
+    data = report_patterns(loaded, _windows(ids), "auto", 24)
+    assert set(data) == {"window", "tokens", "causal", "selection", "heads"}
+    assert data["window"] == 0 and data["causal"] is True and data["selection"] == "auto"
+    assert data["tokens"] == [loaded.tokenizer.decode([i]) for i in ids[:24]]
+    heads = data["heads"]
+    assert 1 <= len(heads) <= 8 and len({(h["layer"], h["head"]) for h in heads}) == len(heads)
+    assert [h["label"].startswith("sink α₀=") for h in heads[:4]] == [True] * 4
+    assert all(h["label"].startswith("low entropy ") for h in heads[4:])
+    full = attention_pattern(loaded, torch.tensor([ids[:24]]))
+    for entry in heads:
+        assert [len(row) for row in entry["probs"]] == list(range(1, 25))
+        assert all(round(w, 4) == w for row in entry["probs"] for w in row)
+        expected = full.get(entry["layer"], entry["head"])
+        assert entry["probs"][23] == [round(float(w), 4) for w in expected[23]]
+    alpha = [float(full.get(h["layer"], h["head"])[1:, 0].mean()) for h in heads[:4]]
+    assert alpha == sorted(alpha, reverse=True)
+    assert float(heads[0]["label"].split("=")[1]) == pytest.approx(alpha[0], abs=0.006)
+
+
+def test_report_patterns_explicit_none_and_bidirectional():
+    loaded = LoadedModel.wrap(tiny_bert(), tiny_tokenizer())
+    ids = _ids(1, 30)[0].tolist()
+    assert report_patterns(loaded, _windows(ids), "none", 24) is None
+    data = report_patterns(loaded, _windows(ids), "1.3,0.0", 10)
+    assert data["selection"] == "explicit" and data["causal"] is False
+    assert [(h["layer"], h["head"], h["label"]) for h in data["heads"]] == [(1, 3, ""), (0, 0, "")]
+    assert [len(row) for row in data["heads"][0]["probs"]] == [10] * 10
+    with pytest.raises(ConfigError, match="pattern_heads layers must be in 0..1, got 2"):
+        report_patterns(loaded, _windows(ids), "2.0", 10)
+
+
+@pytest.mark.slow
+def test_bundled_smollm2_one_layer_equals_eager():
+    loaded = attnlab.load_model("smollm2-135m")
+    windows = attnlab.load_text(loaded.tokenizer, seq_len=64, max_windows=1)
+    batch = next(iter(windows))
+    pattern = attention_pattern(loaded, batch, layers=[5], heads=[0, 4, 8], block_size=16)
+    assert pattern.probs.shape == (1, 1, 3, 64, 64) and pattern.tokens[0] == windows.windows[0]["tokens"]
+    expected = _eager_probs(loaded.model, **batch)
+    for head in (0, 4, 8):
+        torch.testing.assert_close(pattern.get(5, head), expected[5][0, head], atol=ATOL, rtol=0)
