@@ -131,11 +131,11 @@ class AttentionPattern:
 
     def plot(self, layer: int, head: int, batch: int = 0, ax: Any = None) -> Any:
         """A heatmap of :meth:`get` with token labels: :func:`attnlab.plot_pattern` (returns its Figure)."""
-        import attnlab  # the public export (attnlab.report.pattern_plot); capture does not import report itself
+        from attnlab.report.pattern_plot import plot_pattern  # a leaf (numpy + matplotlib), see test_layering
 
         path = self.paths.get(layer)
         title = f"layer {layer} head {head}" + (f" ({path})" if path else "")
-        return attnlab.plot_pattern(self.get(layer, head, batch).numpy(), self.tokens_of(batch), ax=ax, title=title)
+        return plot_pattern(self.get(layer, head, batch).numpy(), self.tokens_of(batch), ax=ax, title=title)
 
 
 @dataclass
