@@ -41,8 +41,9 @@ class HeadOutputs:
 
 @EDITS.register("head_patch")
 class HeadPatch(Edit):
-    """Activation patching of heads: each selected head's output before o_proj, at every real query position,
-    becomes ``(1-fraction)·o + fraction·o_source``, where ``o_source`` is the same head's output at the same
+    """Selected heads' outputs → their outputs on a recorded source input (activation patching; Python API).
+
+    Each selected head's output before o_proj, at every real query position, becomes ``(1-fraction)·o + fraction·o_source``, where ``o_source`` is the same head's output at the same
     position index on a recorded source input (``fraction=1``, the default, replaces it).
 
     This is the head-level "patching from another input" of circuit analysis (run on a clean input with heads

@@ -19,7 +19,9 @@ Source = Literal["batch", "sequence", "recorded"]
 
 @EDITS.register("mean_ablation")
 class MeanAblation(Edit):
-    """Mean-ablate heads: each selected head's output before o_proj, at every real query position, becomes
+    """Selected heads' outputs → a mean head output (over the batch, each sequence, or recorded in Python).
+
+    Each selected head's output before o_proj, at every real query position, becomes
     ``(1-fraction)·o + fraction·mean`` (``fraction=1``, the default, replaces it by the mean).
 
     Mean-ablation, as in circuit analysis (e.g. Wang et al. 2022, IOI), removes what a head says about *this* input
