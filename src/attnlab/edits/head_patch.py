@@ -14,8 +14,8 @@ from attnlab.edits.base import AttentionCall, Edit
 from attnlab.errors import ConfigError
 from attnlab.params import IndexList, Range, validated
 
-PYTHON_ONLY = ("head_patch needs recorded head outputs; use the Python API: "
-               "EDITS.get('head_patch').from_source(record_head_outputs(model, source_batch, layers=[...], heads=[...]))")
+PYTHON_ONLY = ("head_patch needs recorded head outputs; use the Python API: EDITS.get('head_patch')"
+               ".from_source(record_head_outputs(model, source_batch, layers=[...], heads=[...]))")
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,9 @@ class HeadOutputs:
 class HeadPatch(Edit):
     """Selected heads' outputs → their outputs on a recorded source input (activation patching; Python API).
 
-    Each selected head's output before o_proj, at every real query position, becomes ``(1-fraction)·o + fraction·o_source``, where ``o_source`` is the same head's output at the same
-    position index on a recorded source input (``fraction=1``, the default, replaces it).
+    Each selected head's output before o_proj, at every real query position, becomes
+    ``(1-fraction)·o + fraction·o_source``, where ``o_source`` is the same head's output at the same position index
+    on a recorded source input (``fraction=1``, the default, replaces it).
 
     This is the head-level "patching from another input" of circuit analysis (run on a clean input with heads
     taken from a corrupted one, or the reverse). Positions are aligned by index: the source must have the same
@@ -105,7 +106,8 @@ class HeadPatch(Edit):
         if self.layers is not None:
             missing = sorted(set(self.layers) - set(source.outputs))
             if missing:
-                raise ConfigError(f"head_patch: layer(s) {missing} were not recorded; recorded: {sorted(source.outputs)}")
+                raise ConfigError(f"head_patch: layer(s) {missing} were not recorded; recorded: "
+                                  f"{sorted(source.outputs)}")
         if self.heads is not None:
             missing = sorted(set(self.heads) - set(source.heads))
             if missing:
@@ -155,7 +157,8 @@ class HeadPatch(Edit):
         try:
             index = [self.source.heads.index(h) for h in selected]
         except ValueError:
-            raise ConfigError(f"head_patch: heads {selected} are not all recorded ({list(self.source.heads)})") from None
+            raise ConfigError(f"head_patch: heads {selected} are not all recorded "
+                              f"({list(self.source.heads)})") from None
         picked = recorded[:, index] if q_index is None else recorded[:, index][:, :, rows.to(recorded.device)]
         return selected, picked
 
