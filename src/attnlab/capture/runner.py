@@ -5,7 +5,8 @@ cannot:
 
 - ``forward(batch, ...)`` runs the model once and returns a :class:`attnlab.analyses.base.ForwardRecord`: logits,
   each transformer block's output (the residual stream after block l), optionally every head's output before the
-  output projection (read by a forward pre-hook on the block's ``o_proj``; METHODS.md notation o^{l,h}), the
+  output projection (read by a forward pre-hook on the block's ``o_proj``, GPT-2's Conv1D ``c_proj``, ...:
+  ``OUTPUT_PROJECTIONS``; METHODS.md notation o^{l,h}), the
   per-token next-token loss and, with ``gradients=True``, one backward pass of the mean loss giving ‖∂L/∂h_l‖ and
   the parameter-gradient norm of every block.
 - head interventions in the same pass go through the edits, inside an :class:`attnlab.Session` (which raises
@@ -35,19 +36,32 @@ from attnlab.functional.attention import BlockView
 from attnlab.facts import ModelFacts
 from attnlab.probes.base import AttentionCall, Probe
 
-# the attention output projection inside a transformer block, by family (its input holds the per-head outputs)
+# the attention output projection inside a transformer block, by family: its input (batch, seq_len,
+# num_heads * head_dim) holds the per-head outputs, head-major
 OUTPUT_PROJECTIONS = (
     "self_attn.o_proj",  # Llama, Mistral, Qwen, Gemma, OLMo, Phi-3
     "attention.output.dense",  # BERT, RoBERTa
     "self_attn.out_proj",  # OPT
     "attention.dense",  # GPT-NeoX
+    "attn.c_proj",  # GPT-2 (a transformers Conv1D: y = x @ W + b with W (in, out))
+    "attn.out_proj",  # GPT-J, CodeGen
+    "attn.attention.out_proj",  # GPT-Neo
+    "self_attention.dense",  # Falcon, BLOOM
+    "self_attn.dense",  # Phi-1/2
 )
+FAMILIES = "Llama-, BERT-, OPT-, GPT-NeoX-, GPT-2-, GPT-J-, GPT-Neo-, Falcon-, BLOOM- and Phi-style"
 
 
-def _output_projection(block: nn.Module) -> nn.Linear | None:
+def _is_projection(module: object) -> bool:
+    """An nn.Linear, or transformers' Conv1D (GPT-2's projections: a Linear with its weight transposed)."""
+    return isinstance(module, nn.Linear) or (isinstance(module, nn.Module) and type(module).__name__ == "Conv1D"
+                                             and hasattr(module, "nf") and hasattr(module, "weight"))
+
+
+def _output_projection(block: nn.Module) -> nn.Module | None:
     for path in OUTPUT_PROJECTIONS:
         out = get_submodule_or_none(block, path)
-        if isinstance(out, nn.Linear):
+        if _is_projection(out):
             return out
     return None
 
@@ -191,7 +205,7 @@ class ModelRunner:
                 if out is None:
                     raise UnsupportedModelError(
                         f"cannot find the attention output projection of block {layer} in {type(self.model).__name__}"
-                        "; head outputs are read in Llama-, BERT-, OPT- and GPT-NeoX-style blocks")
+                        f"; head outputs are read in {FAMILIES} blocks")
 
                 def out_hook(module: nn.Module, args: tuple, layer: int = layer) -> None:
                     B, L, width = args[0].shape

@@ -133,10 +133,10 @@ class EditedCall:
 
         return (logits_mod if logits_edits else None), (probs_mod if probs_edits else None)
 
-    def _output_mods(self, output: Tensor, count: int | None = None) -> Tensor:
+    def _output_mods(self, output: Tensor, count: int | None = None, rows: Tensor | None = None) -> Tensor:
         for edit in self.edits[:count]:
             if edit.stage == "output":
-                output = edit.output_mod(output, self.call)
+                output = edit.output_mod_at(output, rows, self.call)
         return output
 
     def _blocked(self, count: int, *, rows: Tensor | None = None, on_block: Callable[[BlockView], None] | None = None
@@ -145,7 +145,7 @@ class EditedCall:
         output = blocked_attention(self.query, self.key, self.value, self.keeps[count], scale=self.scale,
                                    softcap=self.softcap, block_size=self.block_size, query_index=rows,
                                    on_block=on_block, logits_mod=logits_mod, probs_mod=probs_mod)
-        return self._output_mods(output, count)
+        return self._output_mods(output, count, rows)
 
     def eager(self, on_block: Callable[[BlockView], None] | None = None, rows: Tensor | None = None) -> Tensor:
         """Per-head output (B, Hq, Lq|n, Dv) from the blocked kernel with every edit."""
@@ -182,7 +182,7 @@ class EditedCall:
             if edit.stage == "probs":
                 output = edit.fast_output(output, self.value, self.keep, self.call)
             elif edit.stage == "output":
-                output = edit.output_mod(output, self.call)
+                output = edit.output_mod_at(output, None, self.call)
         return output
 
     def flex(self) -> Tensor:

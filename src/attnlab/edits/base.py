@@ -22,7 +22,8 @@ Forms. Each hook has a default that does nothing; an edit overrides the ones of 
   ``evaluate_mask_mod`` turns one into a keep mask for a call.)
 - ``probs``: ``probs_mod`` (eager path); edits whose effect on the output has a closed form also offer
   ``fast_output`` (e.g. ``(1-α)·o + α·v_self``) and then run on the fast path.
-- ``output``: ``output_mod`` on the per-head output ``(batch, num_heads, q_len, head_dim)`` before ``o_proj``.
+- ``output``: ``output_mod`` on the per-head output ``(batch, num_heads, q_len, head_dim)`` before ``o_proj``
+  (``output_mod_at`` when the edit needs to know which query rows it is given).
 - ``positions``: ``position_ids`` remaps the model's position ids (RoPE) before the forward pass.
 
 Shapes: B batch, Hq num_heads, Hkv num_kv_heads, Lq q_len, Lk kv_len, n rows of a block, w keys of a block.
@@ -200,8 +201,15 @@ class Edit:
         raise NotImplementedError(f"edit {self.name!r} has no fast form")
 
     def output_mod(self, output: Tensor, call: AttentionCall) -> Tensor:
-        """output stage: per-head output (B, Hq, n, Dv) → edited output."""
+        """output stage: per-head output (B, Hq, n, Dv) → edited output, for an edit that acts on each query row
+        alone (``head_scale``)."""
         return output
+
+    def output_mod_at(self, output: Tensor, q_index: Tensor | None, call: AttentionCall) -> Tensor:
+        """output stage, the form the edits machinery calls: per-head output (B, Hq, n, Dv) of query rows
+        ``q_index`` (n,) long, or of every row 0…Lq-1 when None → edited output. The default applies
+        ``output_mod``; an edit whose result depends on the row (``head_patch``) overrides this one."""
+        return self.output_mod(output, call)
 
 
 def _format_value(value: Any) -> str:
