@@ -32,6 +32,8 @@ _EXPORTS = {
     "AttentionPattern": "attnlab.capture.patterns",
     "PatternProbe": "attnlab.capture.patterns",
     "plot_pattern": "attnlab.report.pattern_plot",
+    "record_head_outputs": "attnlab.capture.head_record",
+    "record_head_means": "attnlab.capture.head_record",
     "PROBES": "attnlab.probes",
     "fetch_asset": "attnlab.assets",
     "ASSETS": "attnlab.assets",
