@@ -60,7 +60,7 @@ def plot_pattern(probs: Any, tokens: Sequence[str] | None = None, *, ax: Any = N
     labels = [_label(t) for t in tokens[:keys]] if tokens is not None else [str(j) for j in range(keys)]
     size = min(9.0, 2.5 + 0.16 * keys)
     if ax is None:
-        figure = Figure(figsize=(size + 1.2, size), dpi=110)
+        figure = Figure(figsize=(size + 1.2, size), dpi=110, layout="constrained")
         ax = figure.add_subplot()
     else:
         figure = ax.figure
