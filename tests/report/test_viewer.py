@@ -166,3 +166,10 @@ def test_attnlab_render_refuses_malformed_patterns_in_one_line(tmp_path, with_pa
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "probs[0] must be a list of 1 weights" in lines[0], result.output
+
+
+def test_a_report_with_the_viewer_still_loads_nothing_from_outside(with_patterns):
+    html = render_html(with_patterns)
+    assert "http://" not in html and "https://" not in html
+    assert not re.search(r'(?:src|href)\s*=\s*["\']?\s*(?!data:|#)[a-z]+:', html, re.I)
+    assert not re.search(r"\b(?:fetch|XMLHttpRequest|import\(|eval\(|innerHTML)\b", _executable(html)[0][1])
