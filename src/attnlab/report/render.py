@@ -2,9 +2,11 @@
 
 :func:`render_html` is a pure function of the dict: it reads nothing else, writes nothing, and touches no global
 matplotlib state (figures are drawn with ``matplotlib.figure.Figure`` on the Agg canvas, see ``plots.py``). The page
-needs no network and no JavaScript: CSS is inline, plots are base64 PNG ``data:`` images, and a
-Content-Security-Policy meta tag forbids scripts and any non-``data:`` resource. Jinja2 autoescaping is on, and
-token strings are additionally made visible (newline ``↵``, tab ``→``, other control characters ``\\xNN``).
+needs no network: CSS is inline, plots are base64 PNG ``data:`` images, and a Content-Security-Policy meta tag forbids
+any non-``data:`` resource and every script except the attention-pattern viewer's own inline script (allowed by its
+SHA-256 hash, only when ``results["patterns"]`` exists; see ``viewer.py``); without JavaScript nothing else changes.
+Jinja2 autoescaping is on, and token strings are additionally made visible (newline ``↵``, tab ``→``, other control
+characters ``\\xNN``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from attnlab.report.draw import probe_sections
 from attnlab.report.eval_section import eval_section
 from attnlab.report.formatting import format_number, layer_ranges, summarise_paths, token_segments, visible_token
 from attnlab.report.upgrade import upgrade_results
+from attnlab.report.viewer import viewer_section
 
 __all__ = ["MAX_TOKENS_SHOWN", "format_number", "layer_ranges", "render_html", "summarise_paths", "token_segments",
            "visible_token"]
@@ -114,10 +117,12 @@ def render_html(results: Mapping[str, Any]) -> str:
 
     Sections (each with an ``id``): ``run``, ``eval`` (eval runs only), then the sections each probe that ran
     declares (``results["sections"]``, drawn by :mod:`attnlab.report.draw`; e.g. ``sinks``, ``entropy``,
-    ``distance``, ``extreme-tokens``, ``norms``, ``probe-massive-activations``), ``tokens`` (only when windows were
-    recorded: train and sweep results have none), ``tables``. A schema
+    ``distance``, ``extreme-tokens``, ``norms``, ``probe-massive-activations``), ``patterns`` (the interactive
+    attention viewer, only when ``results["patterns"]`` exists), ``tokens`` (only when windows were recorded: train
+    and sweep results have none), ``tables``. A schema
     v1 dict is converted first (:func:`attnlab.report.upgrade.upgrade_results`); ``results`` is not modified.
-    Raises ConfigError if ``results`` fails :func:`attnlab.report.schema.validate_results`.
+    Raises ConfigError if ``results`` fails :func:`attnlab.report.schema.validate_results` or its ``patterns`` are
+    malformed (:func:`attnlab.report.viewer.check_patterns`).
     """
     results = upgrade_results(results)
     counts = Counter((str(row["probe"]), row.get("variant"), str(row["statistic"])) for row in results["rows"])
@@ -130,6 +135,7 @@ def render_html(results: Mapping[str, Any]) -> str:
         "tokens": _tokens_section(results),
         "eval": eval_section(results),
         "sections": probe_sections(results),
+        "patterns": viewer_section(results),
         "statistics": statistics,
     }
     return _environment().get_template("report.html.j2").render(**context)

@@ -1,0 +1,150 @@
+"""The interactive attention-pattern viewer of the report: ``results["patterns"]`` → the ``patterns`` section.
+
+The section lists the pattern tokens as spans and carries the weights in a ``<script type="application/json"
+id="pattern-data">`` block; ``templates/viewer.js`` (inline, allowed by the page's Content-Security-Policy through
+the SHA-256 hash of its exact text, see :func:`script_hash`) colours the tokens when one is clicked or hovered.
+Without JavaScript the tokens are still listed. Pure: reads only its arguments and the script file.
+
+Format of ``results["patterns"]`` (docs/results.md): ``window`` (int), ``tokens`` (n ≤ :data:`MAX_PATTERN_TOKENS`
+strings), ``causal`` (bool), ``selection`` (``"auto"``/``"explicit"``), ``heads`` (≤ :data:`MAX_PATTERN_HEADS`
+dicts ``{"layer", "head", "label", "probs"}``; ``probs`` row i = the weights query i puts on keys 0..len-1, of length
+i+1 when causal, n otherwise; floats (probabilities, rounded to 4 d.p.) or null).
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from attnlab.errors import ConfigError
+from attnlab.report.formatting import token_segments, visible_token
+
+__all__ = ["MAX_PATTERN_HEADS", "MAX_PATTERN_TOKENS", "SCALE", "check_patterns", "pattern_json", "script_hash",
+           "viewer_script", "viewer_section"]
+
+MAX_PATTERN_HEADS = 16
+"""At most this many heads in ``results["patterns"]["heads"]``."""
+MAX_PATTERN_TOKENS = 256
+"""At most this many tokens in ``results["patterns"]["tokens"]``."""
+SCALE = 10_000
+"""Weights travel to the page as integers in units of 1/SCALE (the 4 decimal places of results.json), which keeps
+the page about half the size of float text; the script divides them back."""
+
+_SCRIPT = Path(__file__).parent / "templates" / "viewer.js"
+
+
+@functools.lru_cache(maxsize=1)
+def viewer_script() -> str:
+    """The viewer's JavaScript, exactly as inlined into the page (the text its CSP hash is taken of)."""
+    text = _SCRIPT.read_text(encoding="utf-8")
+    if "</" in text or "<!--" in text:  # could end or confuse the <script> element it is inlined into
+        raise AssertionError(f"{_SCRIPT.name} must not contain '</' or '<!--'")
+    return text
+
+
+def script_hash(script: str) -> str:
+    """The CSP source of an inline script: ``'sha256-<base64 of SHA-256 of its UTF-8 text>'`` (quotes included)."""
+    digest = hashlib.sha256(script.encode("utf-8")).digest()
+    return f"'sha256-{base64.b64encode(digest).decode('ascii')}'"
+
+
+def _bad(message: str) -> ConfigError:
+    return ConfigError(f"results 'patterns': {message}")
+
+
+def check_patterns(patterns: Any) -> None:
+    """Raise ConfigError (one line) unless ``patterns`` has the format of the module docstring.
+
+    Checks the types, the bounds (:data:`MAX_PATTERN_HEADS` heads, 2..:data:`MAX_PATTERN_TOKENS` tokens) and every
+    row's length (i+1 for query i when causal, n otherwise); values must be finite numbers in [0, 1] or null.
+    """
+    if not isinstance(patterns, Mapping):
+        raise _bad(f"expected an object, got {type(patterns).__name__}")
+    tokens, heads = patterns.get("tokens"), patterns.get("heads")
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise _bad("'tokens' must be a list of strings")
+    if not 1 <= len(tokens) <= MAX_PATTERN_TOKENS:
+        raise _bad(f"{len(tokens)} tokens; expected 1..{MAX_PATTERN_TOKENS}")
+    if not isinstance(heads, list) or not 1 <= len(heads) <= MAX_PATTERN_HEADS:
+        raise _bad(f"'heads' must be a list of 1..{MAX_PATTERN_HEADS} heads")
+    causal = bool(patterns.get("causal", True))
+    n = len(tokens)
+    for number, head in enumerate(heads):
+        where = f"heads[{number}]"
+        if not isinstance(head, Mapping):
+            raise _bad(f"{where} is a {type(head).__name__}, expected an object")
+        for key in ("layer", "head"):
+            if isinstance(head.get(key), bool) or not isinstance(head.get(key), int) or head[key] < 0:
+                raise _bad(f"{where}.{key} must be a non-negative integer, got {head.get(key)!r}")
+        probs = head.get("probs")
+        if not isinstance(probs, list) or len(probs) != n:
+            raise _bad(f"{where}.probs must have one row per token ({n})")
+        for query, row in enumerate(probs):
+            width = query + 1 if causal else n
+            if not isinstance(row, list) or len(row) != width:
+                raise _bad(f"{where}.probs[{query}] must be a list of {width} weights "
+                           f"({'keys 0..query, causal' if causal else 'every key'})")
+            for value in row:
+                if value is None:
+                    continue
+                if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                        or not -1e-6 <= value <= 1 + 1e-6):
+                    raise _bad(f"{where}.probs[{query}] holds {value!r}; expected weights in [0, 1] or null")
+
+
+def pattern_json(patterns: Mapping[str, Any]) -> str:
+    """The page's data block: JSON safe to place between ``<script type="application/json">`` tags.
+
+    ``{"tokens": [visible token strings], "causal": bool, "scale": SCALE, "heads": [{"layer", "head", "label",
+    "w": rows of integer weights in 1/SCALE units or null}]}``. ``<``, ``>`` and ``&`` are written as ``\\u003c``,
+    ``\\u003e``, ``\\u0026`` so no token can close the element (JSON.parse reads them back unchanged).
+    """
+    data = {
+        "tokens": [visible_token(token) for token in patterns["tokens"]],
+        "causal": bool(patterns.get("causal", True)),
+        "scale": SCALE,
+        "heads": [{"layer": head["layer"], "head": head["head"], "label": str(head.get("label") or ""),
+                   "w": [[None if v is None else round(v * SCALE) for v in row] for row in head["probs"]]}
+                  for head in patterns["heads"]],
+    }
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    for char, escaped in (("&", "\\u0026"), ("<", "\\u003c"), (">", "\\u003e"),
+                          ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+        text = text.replace(char, escaped)
+    return text
+
+
+def viewer_section(results: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Template context of the ``patterns`` section, or None when ``results`` has no ``patterns``.
+
+    Keys: ``window``, ``causal``, ``selection``, ``count`` (tokens), ``heads`` (option labels), ``tokens`` (display
+    segments and titles of each span), ``data`` (:func:`pattern_json`), ``script`` (:func:`viewer_script`) and
+    ``hash`` (its CSP source). Raises ConfigError if ``patterns`` is malformed (:func:`check_patterns`).
+    """
+    patterns = results.get("patterns")
+    if patterns is None:
+        return None
+    check_patterns(patterns)
+    script = viewer_script()
+    heads = []
+    for head in patterns["heads"]:
+        text = f"layer {head['layer']} · head {head['head']}"
+        heads.append(f"{text} — {head['label']}" if head.get("label") else text)
+    return {
+        "window": patterns.get("window", 0),
+        "causal": bool(patterns.get("causal", True)),
+        "selection": str(patterns.get("selection") or ""),
+        "count": len(patterns["tokens"]),
+        "heads": heads,
+        "tokens": [{"segments": token_segments(token), "title": f"position {pos} · {token!r}"}
+                   for pos, token in enumerate(patterns["tokens"])],
+        "data": pattern_json(patterns),
+        "script": script,
+        "hash": script_hash(script),
+    }
