@@ -15,7 +15,7 @@ from tiny_models import WORDS, tiny_bert, tiny_llama, tiny_qwen2_sliding, tiny_t
 
 import attnlab
 from attnlab.capture.loading import LoadedModel
-from attnlab.capture.patterns import PatternProbe, attention_pattern, report_patterns
+from attnlab.capture.patterns import AttentionPattern, PatternProbe, attention_pattern, pick_heads, report_patterns
 from attnlab.errors import ConfigError
 
 ATOL = 1e-5  # float32 eager softmax vs the blocked kernel's float32 softmax
@@ -250,3 +250,21 @@ def test_bundled_smollm2_one_layer_equals_eager():
     expected = _eager_probs(loaded.model, **batch)
     for head in (0, 4, 8):
         torch.testing.assert_close(pattern.get(5, head), expected[5][0, head], atol=ATOL, rtol=0)
+
+
+def test_pick_heads_low_entropy_skips_sinks():
+    """Head 0 is a pure sink (entropy 0), head 1 attends to the previous token (entropy 0, α₀ 0 past row 1), head 2
+    is uniform: the sink is picked as a sink, the previous-token head as the sharpest non-sink, never the sink twice."""
+    n = 6
+    sink = torch.zeros(n, n)
+    sink[:, 0] = 1
+    previous = torch.zeros(n, n)
+    previous[0, 0] = 1
+    previous[torch.arange(1, n), torch.arange(0, n - 1)] = 1
+    uniform = torch.tril(torch.ones(n, n))
+    uniform = uniform / uniform.sum(-1, keepdim=True)
+    probs = torch.stack([sink, previous, uniform])[None, None]  # (1, 1, 3, n, n)
+    pattern = AttentionPattern(probs=probs, layers=(0,), heads=(0, 1, 2), valid=torch.ones(1, n, dtype=torch.bool))
+    picked = pick_heads(pattern, count=1)
+    assert [(layer, head) for layer, head, _ in picked] == [(0, 0), (0, 1)]
+    assert picked[0][2] == "sink α₀=1.00" and picked[1][2].startswith("low entropy ")

@@ -315,9 +315,15 @@ def head_scores(pattern: AttentionPattern) -> tuple[Tensor, Tensor]:
     return alpha0, entropy.mean(dim=-1)
 
 
+SINK_EPSILON = 0.3
+"""α₀ at or above which a head counts as a sink when picking low-entropy heads (the sink probe's ε)."""
+
+
 def pick_heads(pattern: AttentionPattern, count: int = 4) -> list[tuple[int, int, str]]:
     """``(layer, head, label)`` of up to ``count`` heads with the largest mean α₀ (``"sink α₀=0.93"``), then up to
-    ``count`` others with the lowest mean normalised entropy (``"low entropy 0.12"``)."""
+    ``count`` others with the lowest mean normalised entropy (``"low entropy 0.12"``) among the heads that are not
+    sinks (α₀ < SINK_EPSILON, Gu et al.'s ε = 0.3): on models with many dormant heads the sharpest heads are sinks
+    too, and the viewer would show the same all-on-key-0 pattern eight times."""
     alpha0, entropy = head_scores(pattern)
     num_heads = len(pattern.heads)
     picked: list[tuple[int, int, str]] = []
@@ -330,7 +336,8 @@ def pick_heads(pattern: AttentionPattern, count: int = 4) -> list[tuple[int, int
         layer, head = pattern.layers[flat // num_heads], pattern.heads[flat % num_heads]
         if added == count:
             break
-        if (layer, head) not in chosen and math.isfinite(float(entropy.reshape(-1)[flat])):
+        sink = float(alpha0.reshape(-1)[flat]) >= SINK_EPSILON
+        if (layer, head) not in chosen and not sink and math.isfinite(float(entropy.reshape(-1)[flat])):
             picked.append((layer, head, f"low entropy {entropy.reshape(-1)[flat]:.2f}"))
             added += 1
     return picked
