@@ -56,7 +56,7 @@ def test_local_safetensors_dir_loads_causal_lm(llama_dir):
     json.dumps(info)
     assert loaded.facts.to_dict().items() <= info.items() and info["requested"] == str(folder)
     tinfo = tokenizer_info(tok)
-    assert loaded.tokenizer_facts == {**tinfo, "name": str(folder)}
+    assert loaded.tokenizer_facts == {**tinfo, "name": str(folder), "source": str(folder), "from_model": True}
     assert tinfo["bos_token_id"] == 1 and tinfo["adds_bos"] is False and len(tinfo["vocab_sha256"]) == 64
     json.dumps(tinfo)
 

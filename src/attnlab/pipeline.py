@@ -76,7 +76,7 @@ def start_run(load: ModelSpec, data: TextSpec, seed: int, notify: Progress, mode
         loaded = LoadedModel.wrap(model, tokenizer)
     else:
         notify(0, 0, f"loading model {load.model}")
-        loaded = load_model(load.model, dtype=load.dtype, device=load.device)
+        loaded = load_model(load.model, dtype=load.dtype, device=load.device, tokenizer=load.tokenizer)
     check_seq_len(loaded.facts, data.seq_len)
     return loaded
 
