@@ -12,14 +12,16 @@ Every function that takes ``progress=`` accepts:
   ``[12:03:04] running attention probes 2/4 (50%) · 31 s elapsed · ETA 31 s``;
 - a callable ``(done, total, message) -> None``, called as is.
 
-Plain lines are printed when the message's stage (the part before its first `` · ``) changes and otherwise at
-most every ``ATTNLAB_PROGRESS_INTERVAL`` seconds (default 10; 0 prints every call). This module imports neither
+Plain lines are printed when the message's stage changes (:func:`stage`: the message before its first `` · ``,
+numbers masked, so ``step 3/200: loss 1.2`` and ``step 4/200: loss 1.1`` are one stage), when all work is done,
+and otherwise at most every ``ATTNLAB_PROGRESS_INTERVAL`` seconds (default 10; 0 prints every call). This module imports neither
 rich nor torch at import time.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -49,6 +51,11 @@ def progress_interval() -> float:
     return value if value >= 0 else DEFAULT_INTERVAL
 
 
+def stage(message: str) -> str:
+    """The part of a progress message that names the stage: before its first `` · ``, with numbers masked."""
+    return re.sub(r"\d+(?:\.\d+)?", "#", message.split(" · ", 1)[0])
+
+
 def _seconds(value: float) -> str:
     """``42 s``, ``3 min 05 s``, ``1 h 02 min``."""
     value = max(0, int(round(value)))
@@ -64,8 +71,8 @@ class PlainLines:
 
     Each line: ``[HH:MM:SS] message done/total (pct%) · N s elapsed · ETA M s`` (counts and ETA only when
     ``total > 0``; the ETA once some work is done, from the rate since the first known total). A line is written
-    when the stage (message before its first `` · ``) changes, when all work is done, and otherwise at most every
-    ``interval`` seconds (default :func:`progress_interval`).
+    when the :func:`stage` changes, when all work is done, and otherwise at most every ``interval`` seconds
+    (default :func:`progress_interval`).
     """
 
     def __init__(self, stream: TextIO | None = None, interval: float | None = None,
@@ -83,18 +90,22 @@ class PlainLines:
         now = self.clock()
         if total > 0 and self.rate_start is None:
             self.rate_start = (now, done)
-        stage = message.split(" · ", 1)[0]
+        current = stage(message)
         finished = total > 0 and done >= total and done != self.last_done
-        if stage == self.last_stage and not finished and now - self.last_line < self.interval:
+        if current == self.last_stage and not finished and now - self.last_line < self.interval:
             return
-        self.last_stage, self.last_line, self.last_done = stage, now, done
+        self.last_stage, self.last_line, self.last_done = current, now, done
         print(self.line(done, total, message, now), file=self.stream or sys.stderr, flush=True)
 
     def line(self, done: int, total: int, message: str, now: float) -> str:
         """The text of one progress line at time ``now`` (no newline)."""
         parts = [f"[{time.strftime('%H:%M:%S')}] {message}"]
-        if total > 0:
-            parts[0] += f" {done}/{total} ({100 * done // total}%)"
+        if total > 0:  # after a message with details (`` · ``) as a part of its own
+            counts = f"{done}/{total} ({100 * done // total}%)"
+            if " · " in message:
+                parts.append(counts)
+            else:
+                parts[0] += f" {counts}"
         parts.append(f"{_seconds(now - self.started)} elapsed")
         if total > 0 and self.rate_start is not None and done < total:
             since, done0 = self.rate_start

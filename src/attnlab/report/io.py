@@ -154,6 +154,7 @@ def check_out_dir(out_dir: str | os.PathLike[str], *, force: bool | None = None)
     """
     path = Path(out_dir).absolute()
     if force is False and path.is_dir():
+        check_targets(path)  # the more specific error first
         names = sorted(entry.name for entry in path.iterdir())
         if names:
             ours = (RESULTS_JSON, REPORT_HTML, RESULTS_CSV)
