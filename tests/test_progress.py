@@ -170,3 +170,16 @@ def test_cli_off_a_terminal_prints_periodic_lines(text, tmp_path):
     counted = [line for line in lines if "running attention probes" in line]
     assert [re.search(r"(\d)/3 \(", line).group(1) for line in counted] == ["0", "1", "2"]
     assert "ETA" in counted[-1] and "elapsed" in counted[-1]
+
+
+def test_progress_module_imports_nothing_heavy():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
+    code = "import sys, attnlab.progress; print(sorted(m for m in ('rich', 'torch', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert out.strip() == "[]"

@@ -148,7 +148,7 @@ class _LazyRunner:
         from attnlab.capture.runner import ModelRunner
 
         self.notify(0, 0, f"loading model {self.compare}")
-        other = load_model(self.compare, dtype=self.load.dtype, device=self.load.device)
+        other = load_model(self.compare, dtype=self.load.dtype, device=self.load.device, tokenizer=self.load.tokenizer)
         if other.tokenizer.get_vocab() != self.loaded.tokenizer.get_vocab():
             raise ConfigError(f"--compare {self.compare} uses a different tokenizer than {self.load.model}; CKA "
                               "needs the same tokens")

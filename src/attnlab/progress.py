@@ -14,8 +14,8 @@ Every function that takes ``progress=`` accepts:
 
 Plain lines are printed when the message's stage changes (:func:`stage`: the message before its first `` · ``,
 numbers masked, so ``step 3/200: loss 1.2`` and ``step 4/200: loss 1.1`` are one stage), when all work is done,
-and otherwise at most every ``ATTNLAB_PROGRESS_INTERVAL`` seconds (default 10; 0 prints every call). This module imports neither
-rich nor torch at import time.
+and otherwise at most every ``ATTNLAB_PROGRESS_INTERVAL`` seconds (default 10; 0 prints every call).
+This module imports neither rich nor torch at import time.
 """
 
 from __future__ import annotations

@@ -379,7 +379,8 @@ def load_tokenizer(name_or_path: str | os.PathLike[str], *, trust_remote_code: b
     if path.is_dir():
         if not _has_tokenizer(path):
             raise UsageError(f"tokenizer folder {name} has no tokenizer files (none of "
-                             f"{', '.join(TOKENIZER_FILES[:3])} …); save one there with tokenizer.save_pretrained(dir)")
+                             f"{', '.join(TOKENIZER_FILES[:3])} …); save one there with "
+                             "tokenizer.save_pretrained(dir)")
         with _as_usage_error(f"the tokenizer in {path}", any_error=True):
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         return tokenizer, str(path.resolve())
