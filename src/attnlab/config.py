@@ -2,7 +2,7 @@
 
 Three specs hold the settings every command shares, one job each:
 
-- :class:`ModelSpec`: which model and where (``model``, ``dtype``, ``device``);
+- :class:`ModelSpec`: which model and where (``model``, ``dtype``, ``device``, ``tokenizer``);
 - :class:`TextSpec`: which text and how it is cut into windows (``text``, ``seq_len``, ``max_windows``,
   ``batch_size``, ``bos``);
 - :class:`RunSpec`: what a probe run does (``probes``, ``probe_args``, ``compare``, ``block_size``,
@@ -72,14 +72,19 @@ class ModelSpec:
         model: bundled name (``attnlab models list``), local directory, ``.gguf`` file, or hub id.
         dtype: one of :data:`DTYPE_NAMES`; probs are always computed in float32.
         device: torch device string, e.g. ``"cpu"`` or ``"cuda:0"``.
+        tokenizer: where the tokenizer comes from when not from the model (CLI ``--tokenizer``): a bundled model
+            name, a local folder or ``.gguf`` file, or a hub id; None = the model's own.
     """
 
     model: str = "smollm2-135m"
     dtype: str = "float32"
     device: str = "cpu"
+    tokenizer: str | None = None
 
     def __post_init__(self) -> None:
         check_types(self, {"model": str, "dtype": str, "device": str})
+        if self.tokenizer is not None and (not isinstance(self.tokenizer, str) or not self.tokenizer):
+            raise ConfigError(f"tokenizer must be a bundled name, a path or a hub id, got {self.tokenizer!r}")
         if self.dtype not in DTYPE_NAMES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
 
@@ -246,7 +251,7 @@ class ComposedConfig:
     the spec class. ``IGNORED`` names values the constructor accepts and drops (CLI-only options such as ``out``).
     """
 
-    IGNORED: ClassVar[tuple[str, ...]] = ("out", "config", "debug")
+    IGNORED: ClassVar[tuple[str, ...]] = ("out", "force", "config", "debug")
 
     def __init__(self, **values: Any) -> None:
         values = {key: value for key, value in values.items() if key not in self.IGNORED}

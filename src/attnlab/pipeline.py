@@ -30,13 +30,15 @@ import datetime as dt
 import platform
 import random
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from attnlab import __version__
 from attnlab.columns import SCHEMA_VERSION
 from attnlab.config import ModelSpec, RunConfig, TextSpec, probe_kind
 from attnlab.errors import ConfigError
-from attnlab.progress import Progress, silent
+from attnlab.progress import Progress, ProgressArg, progress_to
 from attnlab.report.sections import section_specs
 
 __all__ = ["RunConfig", "results_envelope", "run_probes", "start_run"]
@@ -79,7 +81,7 @@ def start_run(load: ModelSpec, data: TextSpec, seed: int, notify: Progress, mode
         loaded = LoadedModel.wrap(model, tokenizer)
     else:
         notify(0, 0, f"loading model {load.model}")
-        loaded = load_model(load.model, dtype=load.dtype, device=load.device)
+        loaded = load_model(load.model, dtype=load.dtype, device=load.device, tokenizer=load.tokenizer)
     check_seq_len(loaded.facts, data.seq_len)
     return loaded
 
@@ -149,7 +151,7 @@ class _LazyRunner:
         from attnlab.capture.runner import ModelRunner
 
         self.notify(0, 0, f"loading model {self.compare}")
-        other = load_model(self.compare, dtype=self.load.dtype, device=self.load.device)
+        other = load_model(self.compare, dtype=self.load.dtype, device=self.load.device, tokenizer=self.load.tokenizer)
         if other.tokenizer.get_vocab() != self.loaded.tokenizer.get_vocab():
             raise ConfigError(f"--compare {self.compare} uses a different tokenizer than {self.load.model}; CKA "
                               "needs the same tokens")
@@ -157,7 +159,49 @@ class _LazyRunner:
         return ModelRunner(other.model, other.tokenizer)
 
 
-def run_probes(config: RunConfig, *, progress: Progress | None = None, model: Any = None, tokenizer: Any = None,
+class _Tally:
+    """Overall progress of a run, in passes: one per window of the attention probes, and per analysis and batch
+    one, or as many inner steps as the analysis reports (:meth:`attnlab.analyses.base.Analysis.report_progress`,
+    e.g. one pass per head); later batches of that analysis are expected to take as many. ``done`` never
+    decreases; ``total`` grows when an analysis reports finer steps."""
+
+    def __init__(self, notify: Progress, batches: int, attention: bool, analyses: list[Any]) -> None:
+        self.notify, self.batches, self.done = notify, batches, 0
+        self.attention = batches if attention else 0
+        self.size = {id(obj): 1 for obj in analyses}  # passes per observe call
+        self.finish_size = {id(obj): 0 for obj in analyses}  # passes in finish (0 until reported)
+
+    @property
+    def total(self) -> int:
+        planned = self.attention + sum(size * self.batches for size in self.size.values())
+        return max(self.done, planned + sum(self.finish_size.values()))
+
+    def step(self, message: str, advance: int = 0) -> None:
+        self.done += advance
+        self.notify(self.done, self.total, message)
+
+    @contextmanager
+    def call(self, obj: Any, label: str, *, finish: bool = False) -> Iterator[None]:
+        """Report around one ``observe``/``finish`` call of ``obj``, passing its inner steps on."""
+        sizes, key, base = self.finish_size if finish else self.size, id(obj), self.done
+
+        def inner(done: int, total: int, what: str) -> None:
+            if total > 0:
+                sizes[key] = total
+            self.done = max(self.done, base + min(max(done, 0), sizes[key]))
+            self.notify(self.done, self.total, f"{label} · {what} {done}/{total}")
+
+        set_progress = getattr(obj, "set_progress", lambda hook: None)
+        set_progress(inner)
+        self.notify(self.done, self.total, label)
+        try:
+            yield
+        finally:
+            set_progress(None)
+        self.done = max(self.done, base + sizes[key])
+
+
+def run_probes(config: RunConfig, *, progress: ProgressArg = None, model: Any = None, tokenizer: Any = None,
                command: str = "probe") -> dict[str, Any]:
     """Load model and text, run every probe and analysis of ``config.run.probes``; return the results dict.
 
@@ -168,7 +212,16 @@ def run_probes(config: RunConfig, *, progress: Progress | None = None, model: An
     Raises:
         ConfigError, TextError, RegistryError, UnsupportedModelError: bad input (the CLI exits 2).
         AssetError: a bundled asset cannot be fetched or verified.
+
+    ``progress``: None (silent), True (stderr: a bar with ETA in a terminal, else plain lines) or a callable
+    ``(done, total, message)`` (:mod:`attnlab.progress`). Counts are passes: windows of the attention probes, then
+    per analysis and batch one pass or its inner steps (``active_dormant: window 1/2 · head 37/270``).
     """
+    with progress_to(progress) as notify:
+        return _run_probes(config, notify, model, tokenizer, command)
+
+
+def _run_probes(config: RunConfig, notify: Progress, model: Any, tokenizer: Any, command: str) -> dict[str, Any]:
     import torch
 
     from attnlab.capture.patterns import check_pattern_heads
@@ -176,7 +229,6 @@ def run_probes(config: RunConfig, *, progress: Progress | None = None, model: An
     from attnlab.text import load_text
 
     started = time.perf_counter()
-    notify = progress or silent
     observers = build_observers(config)
     needs_compare = [obj.name for _, obj in observers if getattr(obj, "needs_compare", False)]
     if config.run.compare is None and needs_compare:
@@ -198,27 +250,27 @@ def run_probes(config: RunConfig, *, progress: Progress | None = None, model: An
         runner.runner.bos_policy = "always" if windows.bos_added else "never"
     attention = [obj for kind, obj in observers if kind == "attention"]
     driving = [obj for kind, obj in observers if kind != "attention"]
-    total = len(windows) * (bool(attention) + bool(driving))
-    done = 0
+    tally = _Tally(notify, len(windows), bool(attention), driving)
     paths: dict[int, str] = {}
     if attention:
         session = Session(loaded.model, probes=attention, block_size=config.run.block_size,
                           query_fraction=config.run.query_fraction)
         with session, torch.no_grad():
             for batch in windows:
-                notify(done, total, "running attention probes")
+                tally.step("running attention probes")
                 loaded.model(**batch)
-                done += 1
+                tally.done += 1
         paths = session.attention_paths
-    for batch in windows if driving else []:
-        notify(done, total, "running analyses")
+    unit = "window" if config.data.batch_size == 1 else "batch"
+    for number, batch in enumerate(windows if driving else [], 1):
         for obj in driving:
-            obj.observe(runner.get(), batch)
-        done += 1
+            with tally.call(obj, f"{obj.name}: {unit} {number}/{len(windows)}"):
+                obj.observe(runner.get(), batch)
     for obj in driving:
-        obj.finish(runner.get())
-    patterns = _viewer_patterns(loaded, windows, config, notify, done, total)
-    notify(total, total, "done")
+        with tally.call(obj, f"{obj.name}: finishing", finish=True):
+            obj.finish(runner.get())
+    patterns = _viewer_patterns(loaded, windows, config, tally)
+    notify(tally.done, tally.done, "done")
 
     def decode(token_id: int) -> str:
         return loaded.tokenizer.decode([token_id])
@@ -237,8 +289,7 @@ def run_probes(config: RunConfig, *, progress: Progress | None = None, model: An
     return results
 
 
-def _viewer_patterns(loaded: Any, windows: Any, config: RunConfig, notify: Progress, done: int,
-                     total: int) -> dict[str, Any] | None:
+def _viewer_patterns(loaded: Any, windows: Any, config: RunConfig, tally: _Tally) -> dict[str, Any] | None:
     """The report viewer's ``"patterns"`` (:func:`attnlab.capture.patterns.report_patterns`): one extra forward
     pass on the first window's first ``pattern_tokens`` tokens; None for ``pattern_heads="none"`` or a model the
     Session cannot observe. It leaves every other result as it was."""
@@ -246,5 +297,5 @@ def _viewer_patterns(loaded: Any, windows: Any, config: RunConfig, notify: Progr
         return None
     from attnlab.capture.patterns import report_patterns
 
-    notify(done, total, "attention patterns")
+    tally.step("attention patterns")
     return report_patterns(loaded, windows, config.run.pattern_heads, config.run.pattern_tokens)

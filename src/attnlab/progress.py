@@ -1,15 +1,165 @@
 """The progress callback every long-running function takes: ``progress(done, total, message)``.
 
-``done`` and ``total`` count units of work (windows, prompts …); ``total == 0`` means "unknown yet" (a spinner).
-The CLI draws it as a rich progress bar on stderr; library callers pass their own or None.
+``done`` and ``total`` count units of work (windows, forward passes, prompts …); ``total == 0`` means "unknown
+yet" (a spinner). ``done`` never decreases within one run; ``total`` may grow when a step reports finer work
+(an analysis's one pass per head).
+
+Every function that takes ``progress=`` accepts:
+
+- ``None`` or ``False``: report nothing (:func:`silent`);
+- ``True``: print to stderr (:func:`progress_to`): a rich bar with elapsed time and ETA when stderr is a terminal,
+  otherwise plain lines (:class:`PlainLines`) such as
+  ``[12:03:04] running attention probes 2/4 (50%) · 31 s elapsed · ETA 31 s``;
+- a callable ``(done, total, message) -> None``, called as is.
+
+Plain lines are printed when the message's stage changes (:func:`stage`: the message before its first `` · ``,
+numbers masked, so ``step 3/200: loss 1.2`` and ``step 4/200: loss 1.1`` are one stage), when all work is done,
+and otherwise at most every ``ATTNLAB_PROGRESS_INTERVAL`` seconds (default 10; 0 prints every call).
+This module imports neither rich nor torch at import time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TextIO, Union
+
+from attnlab.errors import ConfigError
 
 Progress = Callable[[int, int, str], None]  # (done, total, message)
+ProgressArg = Union[Progress, bool, None]  # what ``progress=`` accepts
+INTERVAL_ENV = "ATTNLAB_PROGRESS_INTERVAL"
+DEFAULT_INTERVAL = 10.0
 
 
 def silent(done: int, total: int, message: str) -> None:
     """A :data:`Progress` that reports nothing (the default of every function that takes one)."""
+
+
+def progress_interval() -> float:
+    """Seconds between plain progress lines with an unchanged stage: ``$ATTNLAB_PROGRESS_INTERVAL`` (a number
+    ≥ 0) or 10. A value that is not a number ≥ 0 is ignored (the default applies)."""
+    raw = os.environ.get(INTERVAL_ENV, "").strip()
+    try:
+        value = float(raw)
+    except ValueError:
+        return DEFAULT_INTERVAL
+    return value if value >= 0 else DEFAULT_INTERVAL
+
+
+def stage(message: str) -> str:
+    """The part of a progress message that names the stage: before its first `` · ``, with numbers masked."""
+    return re.sub(r"\d+(?:\.\d+)?", "#", message.split(" · ", 1)[0])
+
+
+def _seconds(value: float) -> str:
+    """``42 s``, ``3 min 05 s``, ``1 h 02 min``."""
+    value = max(0, int(round(value)))
+    if value < 60:
+        return f"{value} s"
+    if value < 3600:
+        return f"{value // 60} min {value % 60:02d} s"
+    return f"{value // 3600} h {value % 3600 // 60:02d} min"
+
+
+class PlainLines:
+    """A :data:`Progress` that writes plain timestamped lines (for logs, CI, pipes: no terminal control codes).
+
+    Each line: ``[HH:MM:SS] message done/total (pct%) · N s elapsed · ETA M s`` (counts and ETA only when
+    ``total > 0``; the ETA once some work is done, from the rate since the first known total). A line is written
+    when the :func:`stage` changes, when all work is done, and otherwise at most every ``interval`` seconds
+    (default :func:`progress_interval`).
+    """
+
+    def __init__(self, stream: TextIO | None = None, interval: float | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.stream = stream
+        self.interval = progress_interval() if interval is None else interval
+        self.clock = clock
+        self.started = clock()
+        self.rate_start: tuple[float, int] | None = None  # (time, done) when a total was first known
+        self.last_stage: str | None = None
+        self.last_line = float("-inf")
+        self.last_done = -1
+
+    def __call__(self, done: int, total: int, message: str) -> None:
+        now = self.clock()
+        if total > 0 and self.rate_start is None:
+            self.rate_start = (now, done)
+        current = stage(message)
+        finished = total > 0 and done >= total and done != self.last_done
+        if current == self.last_stage and not finished and now - self.last_line < self.interval:
+            return
+        self.last_stage, self.last_line, self.last_done = current, now, done
+        print(self.line(done, total, message, now), file=self.stream or sys.stderr, flush=True)
+
+    def line(self, done: int, total: int, message: str, now: float) -> str:
+        """The text of one progress line at time ``now`` (no newline)."""
+        parts = [f"[{time.strftime('%H:%M:%S')}] {message}"]
+        if total > 0:  # after a message with details (`` · ``) as a part of its own
+            counts = f"{done}/{total} ({100 * done // total}%)"
+            if " · " in message:
+                parts.append(counts)
+            else:
+                parts[0] += f" {counts}"
+        parts.append(f"{_seconds(now - self.started)} elapsed")
+        if total > 0 and self.rate_start is not None and done < total:
+            since, done0 = self.rate_start
+            if done > done0 and now > since:
+                parts.append(f"ETA {_seconds((now - since) / (done - done0) * (total - done))}")
+        return " · ".join(parts)
+
+
+@contextmanager
+def progress_to(progress: ProgressArg, *, console: Any = None) -> Iterator[Progress]:
+    """The :data:`Progress` that ``progress=`` asks for, open for the duration of the ``with`` block.
+
+    ``None``/``False`` → :func:`silent`; a callable → itself; ``True`` → stderr output: a rich bar (description,
+    bar, done/total, elapsed, ETA) when stderr (or ``console``, a rich Console) is a terminal, else
+    :class:`PlainLines`. Raises ConfigError for anything else.
+    """
+    if progress is None or progress is False:
+        yield silent
+        return
+    if callable(progress):
+        yield progress
+        return
+    if progress is not True:
+        raise ConfigError(f"progress must be None, True/False or a callable (done, total, message), got {progress!r}")
+    terminal = console.is_terminal if console is not None else sys.stderr.isatty()
+    if not terminal:
+        yield PlainLines(stream=getattr(console, "file", None))
+        return
+    from rich.progress import (
+        BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+    )
+    from rich.progress import Progress as Bar
+
+    if console is None:
+        from rich.console import Console
+
+        console = Console(stderr=True, highlight=False, soft_wrap=True)
+    with Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("elapsed"),
+             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False) as bar:
+        task = bar.add_task("starting", total=None)
+
+        def update(done: int, total: int, message: str) -> None:
+            bar.update(task, description=message, completed=done, total=total or None)
+
+        yield update
+
+
+def resolve_progress(progress: ProgressArg) -> Progress:
+    """A :data:`Progress` for ``progress=`` without a ``with`` block: None/False → silent, a callable → itself,
+    True → :class:`PlainLines` on stderr (for a rich bar in a terminal use :func:`progress_to`)."""
+    if progress is True:
+        return PlainLines()
+    if progress is None or progress is False:
+        return silent
+    if callable(progress):
+        return progress
+    raise ConfigError(f"progress must be None, True/False or a callable (done, total, message), got {progress!r}")

@@ -7,6 +7,8 @@ per (layer, head).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -21,14 +23,15 @@ def check_layers(name: str, layers: list[int] | None, num_layers: int) -> None:
         raise ConfigError(f"{name} layers must lie in 0..{num_layers - 1}, got {bad}")
 
 
-def head_effects(runner: Runner, batch: dict[str, Tensor], mode: str, layers: list[int] | None = None
-                 ) -> tuple[Tensor, Tensor, Tensor]:
+def head_effects(runner: Runner, batch: dict[str, Tensor], mode: str, layers: list[int] | None = None,
+                 progress: Callable[[int, int, str], None] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Loss change and KL of every single-head intervention, per sequence.
 
     Args:
         runner: the runner of a causal LM. batch: ``input_ids``/``attention_mask`` (batch, seq_len).
         mode: ``"first_key"`` (one-hot attention on the first real key) or ``"zero"`` (head output × 0).
         layers: layers to intervene on (default all); the others get NaN.
+        progress: called ``(done, total, "head")`` before the first and after every single-head pass.
     Returns:
         base_loss (batch,) mean next-token loss (nats); loss_change (batch, num_layers, num_heads) = edited - base;
         kl (batch, num_layers, num_heads) = mean over real targets of KL(p_base ‖ p_edited), float64 on CPU.
@@ -44,7 +47,10 @@ def head_effects(runner: Runner, batch: dict[str, Tensor], mode: str, layers: li
         base_loss = base.mean_loss().cpu()
         base_logp = torch.log_softmax(base.logits[:, :-1].float(), dim=-1)  # (B, L-1, V)
         count = base.target_valid.sum(-1).clamp(min=1).double()
-        for layer in layers if layers is not None else range(L):
+        chosen = list(layers) if layers is not None else list(range(L))
+        report = progress or (lambda done, total, what: None)
+        report(0, len(chosen) * H, "head")
+        for number, layer in enumerate(chosen):
             for head in range(H):
                 if mode == "first_key":
                     edit = EDITS.get("first_key")(alpha=1.0, layers=[layer], heads=[head])
@@ -55,4 +61,5 @@ def head_effects(runner: Runner, batch: dict[str, Tensor], mode: str, layers: li
                 logp = torch.log_softmax(edited.logits[:, :-1].float(), dim=-1)
                 token_kl = (base_logp.exp() * (base_logp - logp)).sum(-1)  # (B, L-1)
                 kl[:, layer, head] = ((token_kl * base.target_valid).sum(-1).double() / count).cpu()
+                report(number * H + head + 1, len(chosen) * H, "head")
     return base_loss.double(), loss_change, kl

@@ -114,7 +114,9 @@ class ActiveDormantAnalysis(Analysis):
             return
         windows = runner.load_windows(self.other_text, seq_len=self._seq_len, max_windows=self.windows_seen)
         for number, batch in enumerate(windows):
-            _, change, _ = head_effects(runner, batch, "first_key", self.layers)
+            report = lambda done, total, what, number=number: self.report_progress(  # noqa: E731
+                number * total + done, len(windows) * total, f"text B {what}")
+            _, change, _ = head_effects(runner, batch, "first_key", self.layers, progress=report)
             tested = ~torch.isnan(change)
             self.dormant_b += ((change.abs() < self.tolerance) & tested).sum(0)
             self.tested_b += tested.sum(0)
@@ -124,7 +126,7 @@ class ActiveDormantAnalysis(Analysis):
     def observe(self, runner: Runner, batch: dict[str, Tensor]) -> None:
         valid = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool().cpu()
         self._seq_len = batch["input_ids"].shape[1]
-        _, change, kl = head_effects(runner, batch, "first_key", self.layers)
+        _, change, kl = head_effects(runner, batch, "first_key", self.layers, progress=self.report_progress)
         tested = ~torch.isnan(change)
         self.loss_sum += change.nan_to_num(0.0).sum(0)
         self.kl_sum += kl.nan_to_num(0.0).sum(0)

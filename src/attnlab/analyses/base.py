@@ -12,7 +12,7 @@ Shapes: B batch, L seq_len, V vocab, D hidden_size, H num_heads, Hkv num_kv_head
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -123,11 +123,26 @@ class Runner(Protocol):
 class Analysis(Measurement):
     """Base class of every analysis. Subclasses override the hooks they use; ``@ANALYSES.register`` names them.
 
+    An analysis that makes many passes inside one ``observe`` or ``finish`` call (one per head) reports them with
+    :meth:`report_progress`; the pipeline turns that into overall progress (``active_dormant: window 1/2 · head
+    37/270``).
+
     Attributes:
         needs_compare: True if the analysis compares two models (``attnlab probe --compare OTHER``).
     """
 
     needs_compare: ClassVar[bool] = False
+    _progress_hook: Callable[[int, int, str], None] | None = None
+
+    def set_progress(self, hook: Callable[[int, int, str], None] | None) -> None:
+        """Set (or clear, with None) where :meth:`report_progress` goes; the pipeline sets it around each call."""
+        self._progress_hook = hook
+
+    def report_progress(self, done: int, total: int, what: str) -> None:
+        """Report ``done`` of ``total`` inner steps of the current ``observe``/``finish`` call; ``what`` names the
+        step (``"head"``). Counts restart at each call; nothing happens outside a pipeline run."""
+        if self._progress_hook is not None:
+            self._progress_hook(done, total, what)
 
     def prepare(self, facts: ModelFacts, runner: Runner) -> None:
         """Called once before the first batch."""

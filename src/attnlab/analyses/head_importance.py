@@ -64,7 +64,7 @@ class HeadImportanceAnalysis(Analysis):
         self.tested = torch.zeros(L, H, dtype=torch.float64)
 
     def observe(self, runner: Runner, batch: dict[str, Tensor]) -> None:
-        _, change, kl = head_effects(runner, batch, "zero", self.layers)
+        _, change, kl = head_effects(runner, batch, "zero", self.layers, progress=self.report_progress)
         self.loss_sum += change.nan_to_num(0.0).sum(0)
         self.kl_sum += kl.nan_to_num(0.0).sum(0)
         self.tested += (~torch.isnan(change)).sum(0)

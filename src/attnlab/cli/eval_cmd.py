@@ -8,8 +8,8 @@ from typing import Annotated, Any, Optional
 import typer
 
 from attnlab.cli.options import (
-    Bos, ConfigFile, Debug, Device, DType, MaxWindows, ModelOpt, Seed, SeqLen, TextOpt, command_values, print_config,
-    run_guarded, with_progress, write_and_announce,
+    Bos, ConfigFile, Debug, Device, DType, Force, MaxWindows, ModelOpt, Seed, SeqLen, TextOpt, TokenizerOpt,
+    command_values, print_config, run_guarded, with_progress, write_and_announce,
 )
 
 _EVAL = "Evaluation"
@@ -40,6 +40,7 @@ EvalOut = Annotated[Path, typer.Option("--out", help="Output directory.", rich_h
 def eval_command(
     ctx: typer.Context,
     model: ModelOpt = "smollm2-135m",
+    tokenizer: TokenizerOpt = None,
     text: TextOpt = None,
     seq_len: SeqLen = 512,
     max_windows: MaxWindows = 4,
@@ -51,6 +52,7 @@ def eval_command(
     passkey_trials: TrialsOpt = 2,
     search: SearchOpt = None,
     out: EvalOut = Path("attnlab-eval"),
+    force: Force = False,
     bos: Bos = "auto",
     dtype: DType = "float32",
     device: Device = "cpu",
@@ -70,7 +72,7 @@ def eval_command(
         for spec in eval_config.eval.variants:
             parse_variant(spec)  # bad edit names/values fail here, before the model loads
         out_dir = Path(values["out"])
-        check_out_dir(out_dir)
+        check_out_dir(out_dir, force=bool(values.get("force")))  # before the model loads
         print_config(eval_config)
         results = with_progress(lambda progress: run_eval(eval_config, progress=progress))
         write_and_announce(out_dir, results)

@@ -25,6 +25,9 @@ _OUT = "Output"
 
 ModelOpt = Annotated[str, typer.Option("--model", help="Bundled name, local HF directory, .gguf file, or hub id.",
                                        rich_help_panel=_DATA)]
+TokenizerOpt = Annotated[Optional[str], typer.Option(
+    "--tokenizer", help="Tokenizer to use instead of the model's own (needed for a model folder without one): a "
+    "bundled name, a local folder or .gguf file, or a hub id.", rich_help_panel=_DATA)]
 TextOpt = Annotated[Optional[Path], typer.Option("--text", help="UTF-8 text file (default: bundled Shakespeare).",
                                                  rich_help_panel=_DATA)]
 SeqLen = Annotated[int, typer.Option("--seq-len", help="Tokens per window.", rich_help_panel=_DATA)]
@@ -38,6 +41,8 @@ DType = Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 | float1
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, …", rich_help_panel=_RUN)]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed.", rich_help_panel=_RUN)]
 OutDir = Annotated[Path, typer.Option("--out", help="Output directory.", rich_help_panel=_OUT)]
+Force = Annotated[bool, typer.Option("--force", help="Write into a non-empty --out: replace its result files "
+                                     "(other files are left alone).", rich_help_panel=_OUT)]
 ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="YAML file of option values (CLI flags win).",
                                                     rich_help_panel=_RUN)]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.", rich_help_panel=_OUT)]
@@ -106,18 +111,15 @@ def print_config(config: Any, **more: Any) -> None:
 
 
 def with_progress(work: Callable[[Any], Any]) -> Any:
-    """Run ``work(progress)`` with a rich progress bar on stderr (:data:`attnlab.progress.Progress`)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    """Run ``work(progress)`` with progress on stderr (:func:`attnlab.progress.progress_to`): a rich bar with
+    elapsed time and ETA in a terminal, otherwise plain timestamped lines with counts and ETA (when the stage
+    changes, else at most every ``$ATTNLAB_PROGRESS_INTERVAL`` seconds, default 10)."""
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # one progress bar (ours), not transformers' per-step ones
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=stderr, transient=False, disable=not stderr.is_terminal) as bar:
-        task = bar.add_task("starting", total=None)
+    from attnlab.progress import progress_to
 
-        def progress(done: int, total: int, message: str) -> None:
-            bar.update(task, description=message, completed=done, total=total or None)
-
+    hf_logging.disable_progress_bar()  # one progress display (ours), not transformers' per-step ones
+    with progress_to(True, console=stderr) as progress:
         return work(progress)
 
 

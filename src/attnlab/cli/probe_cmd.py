@@ -15,8 +15,8 @@ from typing import Annotated, Any, Optional
 import typer
 
 from attnlab.cli.options import (
-    BlockSize, Bos, ConfigFile, Debug, Device, DType, MaxWindows, ModelOpt, OutDir, QueryFraction, Seed, SeqLen,
-    TextOpt, command_values, print_config, run_guarded, stderr, with_progress, write_and_announce,
+    BlockSize, Bos, ConfigFile, Debug, Device, DType, Force, MaxWindows, ModelOpt, OutDir, QueryFraction, Seed,
+    SeqLen, TextOpt, TokenizerOpt, command_values, print_config, run_guarded, stderr, with_progress, write_and_announce,
 )
 
 ProbeNames = Annotated[Optional[list[str]], typer.Option(
@@ -41,10 +41,12 @@ def probe(
     probe_arg: ProbeArgs = None,
     compare: Compare = None,
     model: ModelOpt = "smollm2-135m",
+    tokenizer: TokenizerOpt = None,
     text: TextOpt = None,
     seq_len: SeqLen = 256,
     max_windows: MaxWindows = 2,
     out: OutDir = Path("attnlab-probe"),
+    force: Force = False,
     block_size: BlockSize = 128,
     query_fraction: QueryFraction = 1.0,
     bos: Bos = "auto",
@@ -72,7 +74,7 @@ def run_probe_command(ctx: typer.Context, command: str, config_path: Path | None
         raise ConfigError("attnlab probe needs at least one --probe NAME; see `attnlab ls probes`")
     run_config = RunConfig(**values)
     out_dir = Path(values["out"])
-    check_out_dir(out_dir)  # fail before the long run, and leave nothing behind
+    check_out_dir(out_dir, force=bool(values.get("force")))  # fail before the model loads; leave nothing behind
     print_config(run_config)
     results = with_progress(lambda progress: run_probes(run_config, progress=progress, command=command))
     write_and_announce(out_dir, results, show_paths=True)

@@ -19,7 +19,7 @@ from attnlab.evaluation.config import BASELINE, EvalConfig, parse_variant
 from attnlab.evaluation.lm_tasks import (TokenScores, WindowPlan, plan_windows, position_bin, score_windows,
                                          stitch_windows)
 from attnlab.evaluation.passkey import PasskeyPrompt, answer_tokens, greedy_decode, is_correct, make_prompts, summarise
-from attnlab.progress import Progress, silent
+from attnlab.progress import Progress, ProgressArg, progress_to, resolve_progress
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def evaluate_variants(model: Any, tokenizer: Any, variants: list[Variant], *, ta
     """
     import torch
 
-    notify = progress or silent
+    notify = resolve_progress(progress)
     run_lm = any(task in tasks for task in LM_TASKS)
     units = (len(plans) if run_lm else 0) + (len(prompts) if "passkey" in tasks else 0)
     total, done = units * len(variants), 0
@@ -167,7 +167,7 @@ def check_causal_lm(model: Any, requested: str) -> None:
                           f"{type(model).__name__}, which has none; use a decoder model such as smollm2-135m")
 
 
-def run_eval(config: EvalConfig, *, progress: Progress | None = None, model: Any = None,
+def run_eval(config: EvalConfig, *, progress: ProgressArg = None, model: Any = None,
              tokenizer: Any = None, search: str | None = None) -> dict[str, Any]:
     """Load model and text, run every task for the baseline and each variant; return the results dict.
 
@@ -179,7 +179,16 @@ def run_eval(config: EvalConfig, *, progress: Progress | None = None, model: Any
         ConfigError, TextError, RegistryError: bad input (the CLI exits 2), before the model runs; ConfigError
             also for a model without next-token logits (an encoder such as minilm-l6).
         EditNotFiredError: a requested edit never touched an attention call.
+
+    ``progress``: None (silent), True (stderr: a bar with ETA in a terminal, else plain lines) or a callable
+    ``(done, total, message)`` (:mod:`attnlab.progress`).
     """
+    with progress_to(progress) as notify:
+        return _run_eval(config, notify, model, tokenizer, search)
+
+
+def _run_eval(config: EvalConfig, notify: Progress, model: Any, tokenizer: Any, search: str | None
+              ) -> dict[str, Any]:
     from attnlab.pipeline import check_seq_len, results_envelope, start_run
     from attnlab.text import start_token_id, tokenizer_adds_bos
 
@@ -187,7 +196,6 @@ def run_eval(config: EvalConfig, *, progress: Progress | None = None, model: Any
     search = search if search is not None else config.eval.search
     if search not in (None, "zerotuning", "act"):
         raise ConfigError(f"--search must be zerotuning or act, got {search!r}")
-    notify = progress or silent
     spec, data = config.eval, config.data
     variants: list[Variant] = [(BASELINE, [])] + [(edits, parse_variant(edits)) for edits in spec.variants]
     loaded = start_run(config.load, data, spec.seed, notify, model, tokenizer)

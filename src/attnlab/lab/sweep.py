@@ -45,7 +45,7 @@ from typing import Any
 from attnlab.errors import ConfigError
 from attnlab.lab.train import TrainConfig, make_task
 from attnlab.io_utils import atomic_write_text as write_text
-from attnlab.progress import Progress, silent
+from attnlab.progress import Progress, ProgressArg, progress_to
 
 __all__ = ["BEST_COLUMNS", "SWEEP_COLUMNS", "SweepJob", "SweepResult", "best_of_lrs", "load_sweep", "run_sweep"]
 
@@ -266,19 +266,25 @@ def check_sweep_out(out: Path, *, resume: bool, force: bool) -> None:
 
 
 def run_sweep(path: str | Path, out: str | Path, *, jobs: int = 1, resume: bool = False, force: bool = False,
-              progress: Progress | None = None) -> SweepResult:
+              progress: ProgressArg = None) -> SweepResult:
     """Run every job of the sweep file ``path`` into ``out`` (module docstring), ``jobs`` processes at a time.
 
     With ``resume``, a job whose directory already holds a finished results.json of the same config (``out``
     aside) is kept as it is and one with a checkpoint of the same config continues (``--resume``); a job whose
     saved config differs from the sweep file's (the file was edited) runs again from scratch (``--force``). Each process gets ``OMP_NUM_THREADS = cpus // jobs`` unless the
     environment sets it. Raises ConfigError/RegistryError before any job runs on a bad file or ``jobs < 1``.
+    ``progress``: None, True (stderr) or a callable ``(done, total, message)`` (:mod:`attnlab.progress`).
     """
+    with progress_to(progress) as notify:
+        return _run_sweep(path, out, jobs=jobs, resume=resume, force=force, notify=notify)
+
+
+def _run_sweep(path: str | Path, out: str | Path, *, jobs: int, resume: bool, force: bool, notify: Progress
+               ) -> SweepResult:
     from attnlab.lab.sweep_report import sweep_results
 
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
-    notify = progress or silent
     root = Path(out)
     check_sweep_out(root, resume=resume, force=force)
     planned = load_sweep(path, root)

@@ -42,7 +42,7 @@ from typing import Annotated, Any, Literal
 
 from attnlab.errors import ConfigError
 from attnlab.params import Range, coerce
-from attnlab.progress import Progress, silent
+from attnlab.progress import Progress, ProgressArg, progress_to
 
 logger = logging.getLogger(__name__)
 
@@ -363,7 +363,7 @@ def evaluate(model: Any, task: Any, config: TrainConfig, step: int
 
 
 # the loop -------------------------------------------------------------------------------------------------------
-def train(config: TrainConfig, *, resume: bool = False, progress: Progress | None = None, force: bool = False,
+def train(config: TrainConfig, *, resume: bool = False, progress: ProgressArg = None, force: bool = False,
           stop_at: int | None = None) -> TrainResult:
     """Train (or, with ``resume``, continue) the run ``config`` describes; see the module docstring.
 
@@ -371,7 +371,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Progress | Non
         config: the run. ``config.out`` None writes nothing (no checkpoint, no resume).
         resume: continue from ``out/checkpoint``; its config must equal ``config`` except ``out``.
         progress: ``progress(done, total, message)`` after every update; messages of evaluations start with
-            ``"eval"`` (one line each, for logs).
+            ``"eval"`` (one line each, for logs). None: silent; True: stderr (a bar with ETA in a terminal, else
+            plain lines; :mod:`attnlab.progress`).
         force: start afresh even though ``out`` is not empty: the old :data:`STALE_ON_FORCE` files are deleted
             first, the checkpoint is overwritten at step 0.
         stop_at: stop after this many updates (the schedule still spans ``config.steps``), checkpointing there,
@@ -382,6 +383,12 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Progress | Non
     :class:`TrainingInterrupted` (a KeyboardInterrupt) with the step reached and the last checkpoint's step.
     A resumed run first reports ``resuming from step M of N`` through ``progress``.
     """
+    with progress_to(progress) as notify:
+        return _train(config, resume=resume, notify=notify, force=force, stop_at=stop_at)
+
+
+def _train(config: TrainConfig, *, resume: bool, notify: Progress, force: bool, stop_at: int | None
+           ) -> TrainResult:
     import torch
 
     from attnlab.lab.checkpoint import CHECKPOINT, find_checkpoint, no_hf_progress_bars, read_state, restore_optimizer
@@ -389,7 +396,6 @@ def train(config: TrainConfig, *, resume: bool = False, progress: Progress | Non
     from attnlab.lab.modeling import TinyLMForCausalLM, build_model
     from attnlab.lab.train_results import results_dict, write_log
 
-    notify = progress or silent
     if resume and config.out is None:
         raise ConfigError("resume needs an out directory holding a checkpoint")
     check_out(config, resume=resume, force=force)

@@ -143,14 +143,25 @@ def frame_to_csv(frame: pd.DataFrame) -> str:
     return frame.to_csv(index=False, lineterminator="\n", na_rep="")
 
 
-def check_out_dir(out_dir: str | os.PathLike[str]) -> None:
+def check_out_dir(out_dir: str | os.PathLike[str], *, force: bool | None = None) -> None:
     """Check, without creating anything, that ``out_dir`` is or can become a writable directory.
 
     Used before a long run so that a bad ``--out`` fails first and leaves nothing behind; also refuses an
-    ``out_dir`` where a result file's name is taken by a directory (:func:`check_targets`). Raises ConfigError
-    (one line) naming the directory and the reason.
+    ``out_dir`` where a result file's name is taken by a directory (:func:`check_targets`). With ``force=False``
+    (the CLI's ``attnlab report/probe/eval`` without ``--force``) an existing, non-empty ``out_dir`` is refused
+    too; ``force=True`` allows it (the result files are then replaced, other files left alone); ``None`` skips
+    that check. Raises ConfigError (one line) naming the directory and the reason.
     """
     path = Path(out_dir).absolute()
+    if force is False and path.is_dir():
+        check_targets(path)  # the more specific error first
+        names = sorted(entry.name for entry in path.iterdir())
+        if names:
+            ours = (RESULTS_JSON, REPORT_HTML, RESULTS_CSV)
+            first = [n for n in ours if n in names] + [n for n in names if n not in ours]
+            shown = ", ".join(first[:2]) + (", …" if len(first) > 2 else "")
+            raise ConfigError(f"--out {out_dir} is not empty ({shown}); pass --force to replace its results or "
+                              "choose another --out")
     existing = path
     while not existing.exists():
         if existing.parent == existing:
