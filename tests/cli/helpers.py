@@ -11,3 +11,13 @@ def assert_one_line_error(result, code, *fragments):
     assert "Traceback" not in result.output
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+def tiny_model_and_text(root, *, name="model", words=200, stride=1):
+    """A tiny random Llama saved as the model folder ``root/name`` and ``root/words.txt`` holding ``words`` words
+    (word i is ``WORDS[i * stride]``); returns ``(model_folder, text_path)``."""
+    from tiny_models import WORDS, save_model_dir, tiny_llama
+
+    text = root / "words.txt"
+    text.write_text(" ".join(WORDS[(i * stride) % len(WORDS)] for i in range(words)), encoding="utf-8")
+    return save_model_dir(root / name, tiny_llama()), text

@@ -7,21 +7,17 @@ import os
 import shutil
 
 import pytest
-from tiny_models import WORDS, save_model_dir, tiny_llama
 from typer.testing import CliRunner
 
 from attnlab.cli.main import app
-from cli.helpers import assert_one_line_error
+from cli.helpers import assert_one_line_error, tiny_model_and_text
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
 def good(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bad_models")
-    text = root / "words.txt"
-    text.write_text(" ".join(WORDS[i % len(WORDS)] for i in range(200)), encoding="utf-8")
-    return save_model_dir(root / "good", tiny_llama()), text
+    return tiny_model_and_text(tmp_path_factory.mktemp("bad_models"), name="good")
 
 
 def _edit_config(folder, change):

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from tiny_models import WORDS, save_model_dir, tiny_llama
 from typer.testing import CliRunner
 
 from attnlab.cli.main import app
-from cli.helpers import assert_one_line_error
+from cli.helpers import assert_one_line_error, tiny_model_and_text
 
 runner = CliRunner()
 EXTRA = {"report": (), "probe": ("--probe", "entropy"), "eval": ()}
@@ -17,10 +16,7 @@ EXTRA = {"report": (), "probe": ("--probe", "entropy"), "eval": ()}
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("force")
-    text = root / "words.txt"
-    text.write_text(" ".join(WORDS[i % len(WORDS)] for i in range(200)), encoding="utf-8")
-    return save_model_dir(root / "model", tiny_llama()), text
+    return tiny_model_and_text(tmp_path_factory.mktemp("force"))
 
 
 def _run(command, setup, out, *extra, seed=0):

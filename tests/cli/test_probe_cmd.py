@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from tiny_models import WORDS, save_model_dir, tiny_llama
 from typer.testing import CliRunner
 
 from attnlab.cli.main import app
-from cli.helpers import assert_one_line_error
+from cli.helpers import assert_one_line_error, tiny_model_and_text
 
 runner = CliRunner()
 
@@ -17,9 +16,8 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("probe_cmd")
-    model = str(save_model_dir(root / "tiny", tiny_llama()))
-    text = root / "words.txt"
-    text.write_text(" ".join(WORDS[(i * 7) % len(WORDS)] for i in range(400)), encoding="utf-8")
+    model, text = tiny_model_and_text(root, name="tiny", words=400, stride=7)
+    model = str(model)
     return model, str(text), root
 
 

@@ -18,20 +18,19 @@ import json
 import re
 
 import pytest
-from tiny_models import WORDS, save_model_dir, tiny_llama
 from typer.testing import CliRunner
 
 from attnlab.cli.main import app
 from attnlab.report.render import render_html
+from cli.helpers import tiny_model_and_text
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """results.json and report.html of an eval with --search zerotuning and of a rope_decay probe run."""
     root = tmp_path_factory.mktemp("filing")
-    model = str(save_model_dir(root / "tiny", tiny_llama()))
-    text = root / "words.txt"
-    text.write_text(" ".join(WORDS[(i * 7) % len(WORDS)] for i in range(400)), encoding="utf-8")
+    model, text = tiny_model_and_text(root, name="tiny", words=400, stride=7)
+    model = str(model)
     common = ["--model", model, "--text", str(text), "--seq-len", "24"]
     commands = {
         "eval": ["eval", *common, "--max-windows", "4", "--search", "zerotuning", "--task", "next_token"],
