@@ -258,8 +258,8 @@ def test_text_b_windows_follow_the_runs_bos_policy(tiny_dirs, monkeypatch, name)
     a, _, text = tiny_dirs
     module = importlib.import_module(f"attnlab.analyses.{name}")
     seen, real = [], module.head_effects
-    monkeypatch.setattr(module, "head_effects", lambda runner, batch, *args: (
-        seen.append(batch["input_ids"].cpu().clone()), real(runner, batch, *args))[1])
+    monkeypatch.setattr(module, "head_effects", lambda runner, batch, *args, **kwargs: (
+        seen.append(batch["input_ids"].cpu().clone()), real(runner, batch, *args, **kwargs))[1])
     config = RunConfig(model=str(a), text=str(text), seq_len=16, max_windows=2, probes=(name,), bos="always",
                        probe_args={name: {"other_text": str(text), "layers": [0]}})
     run_probes(config)

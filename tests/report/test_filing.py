@@ -78,7 +78,7 @@ def test_a_rope_decay_report_draws_its_own_section_not_attention_vs_distance(run
     results, written = runs["probe"]
     assert {r["statistic"] for r in results["rows"]} >= {"mean_attention", "rope_bound"}
     html = written if how == "as-written" else render_html(_older(results, how))
-    assert _ids(html) == ["run", "probe-rope-decay", "tokens", "tables"]
+    assert _ids(html) == ["run", "probe-rope-decay", "patterns", "tokens", "tables"]
     assert "Attention vs distance" not in html and "power law" not in html.lower()
     section = re.search(r'<section id="probe-rope-decay">(.*?)</section>', html, re.S).group(1)
     assert section.count("<figure>") == 2 and "<table>" not in section  # figures drawn, no empty fit table
