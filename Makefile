@@ -25,7 +25,7 @@ fetch: $(STAMP)
 	$(BIN)/attnlab models fetch
 
 demo: fetch
-	$(BIN)/attnlab report --out attnlab-report
+	$(BIN)/attnlab report --out attnlab-report --force
 
 test: fetch
 	$(BIN)/python -m pytest -q

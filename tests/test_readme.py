@@ -85,8 +85,12 @@ def test_readme_has_blocks() -> None:
 def test_readme_has_no_placeholders() -> None:
     """Nothing a newcomer has to invent: no ``<this repo>``, ``path/to/…``, ``my.txt`` or YAML that is not shipped."""
     text = README.read_text(encoding="utf-8")
-    for placeholder in ("<this repo>", "path/to/", "my.txt", "prose.txt --", " run.yaml"):
+    for placeholder in ("<this repo>", "path/to/", "my.txt"):
         assert placeholder not in text, placeholder
+    for pattern in (r"(?<![\w/])(?:prose|verse)\.txt\b", r"(?<![\w/])run\.yaml\b"):  # only the shipped examples/ files
+        assert not re.search(pattern, text), pattern
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)  # outside code blocks: no template tokens left in
+    assert not re.findall(r"\b[A-Z]+_[A-Z_]+\b", re.sub(r"`[^`]*`", "", prose))
     for name in re.findall(r"(examples/[\w./-]+\.(?:txt|yaml|py))", text):
         assert (ROOT / name).is_file(), f"README names {name}, which is not in the repository"
 
