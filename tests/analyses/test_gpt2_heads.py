@@ -57,6 +57,24 @@ def test_the_runner_reads_gpt2_head_outputs_before_c_proj(gpt2):
         torch.testing.assert_close(record.head_outputs[layer].double(), expected, atol=1e-5, rtol=0)
 
 
+def test_a_subclass_of_transformers_conv1d_is_read_as_the_output_projection(gpt2):
+    """Conv1D is recognised by type, not by class name (a wrapped or quantised subclass keeps working)."""
+    from transformers.pytorch_utils import Conv1D
+
+    class WrappedConv1D(Conv1D):
+        pass
+
+    wrapped = copy.deepcopy(gpt2)
+    for block in wrapped.transformer.h:
+        old = block.attn.c_proj
+        block.attn.c_proj = WrappedConv1D(old.nf, old.weight.shape[0])
+        block.attn.c_proj.load_state_dict(old.state_dict())
+    got = ModelRunner(wrapped).forward(_batch(IDS), head_outputs=True).head_outputs
+    want = ModelRunner(gpt2).forward(_batch(IDS), head_outputs=True).head_outputs
+    for layer in range(2):
+        torch.testing.assert_close(got[layer], want[layer], atol=0, rtol=0)
+
+
 def test_head_importance_and_divergence_run_on_gpt2(gpt2):
     from attnlab.analyses.head_divergence import HeadDivergenceAnalysis
     from attnlab.analyses.head_importance import HeadImportanceAnalysis

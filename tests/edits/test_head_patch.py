@@ -102,14 +102,16 @@ def test_patching_from_another_input_equals_the_o_proj_oracle(model, probes):
 def test_a_head_of_a_gqa_group_is_patched_alone(model):
     source = record_head_outputs(model, OTHER, layers=[0], heads=[1])
     seen = {}
-    hook = o_proj(model, 0).register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0].detach().view(2, L, H, -1)))
+    hook = o_proj(model, 0).register_forward_pre_hook(
+        lambda m, a: seen.__setitem__("x", a[0].detach().view(2, L, H, -1)))
     try:
         patched_logits(model, [HeadPatch.from_source(source)], IDS)
     finally:
         hook.remove()
     plain, other = oracle_head_inputs(model, IDS)[0], oracle_head_inputs(model, OTHER)[0]
     torch.testing.assert_close(seen["x"][:, :, 1], other[:, :, 1], atol=1e-6, rtol=0)
-    torch.testing.assert_close(seen["x"][:, :, [0, 2, 3]], plain[:, :, [0, 2, 3]], atol=1e-6, rtol=0)  # head 0 shares kv
+    # head 0 shares head 1's kv head and is left alone
+    torch.testing.assert_close(seen["x"][:, :, [0, 2, 3]], plain[:, :, [0, 2, 3]], atol=1e-6, rtol=0)
 
 
 def test_fraction_mixes_and_zero_is_the_identity(model):

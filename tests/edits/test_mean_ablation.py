@@ -11,8 +11,9 @@ from attnlab.capture.head_record import record_head_means
 from attnlab.edits import EDITS
 from attnlab.edits.mean_ablation import MeanAblation
 from attnlab.errors import ConfigError
+from attnlab.evaluation.passkey import _cache_argument
 from attnlab.testing import MODEL_LOGITS_ATOL
-from edits.test_head_patch import H, oracle_head_inputs, oracle_logits, patched_logits
+from edits.test_head_patch import H, o_proj, oracle_head_inputs, oracle_logits, patched_logits
 from tiny_models import tiny_llama
 
 G = torch.Generator().manual_seed(9)
@@ -104,3 +105,50 @@ def test_recorded_without_means_and_bad_means_are_one_line_config_errors(model):
         EDITS.get("mean_ablation")(fraction=2.0)
     with pytest.raises(ConfigError, match="no real token"):
         record_head_means(model, [{"input_ids": IDS, "attention_mask": torch.zeros_like(IDS)}])
+
+
+def generate_logits(model, ids, steps=3):
+    """(steps, B, vocab) logits of greedy ``generate`` with the KV cache (prefill, then one-row decode calls)."""
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps,
+                             do_sample=False, use_cache=True, output_logits=True, return_dict_in_generate=True,
+                             pad_token_id=0)
+    return torch.stack(out.logits)
+
+
+@pytest.mark.parametrize("source", ["batch", "sequence"])
+def test_a_call_mean_under_a_kv_cache_reuses_the_prefill_mean_on_decode_steps(model, source):
+    """Decode steps (q_len 1 < kv_len) get the prompt's mean, like an o_proj hook writing the prompt mean into every
+    row of every step; before, a decode step's mean was its own single row, so the edit did nothing there."""
+    plain = oracle_head_inputs(model, IDS)[0][:, :, 3].double()  # (B, L, D): layer 0 sees no earlier edit
+    mean = plain.mean(dim=(0, 1)).expand(2, -1) if source == "batch" else plain.mean(dim=1)  # (B, D)
+    hook = o_proj(model, 0).register_forward_pre_hook(lambda m, args: write_head(args[0], 3, mean))
+    try:
+        want = generate_logits(model, IDS)
+    finally:
+        hook.remove()
+    with Session(model, edits=[f"mean_ablation:source={source},layers=0,heads=3"]) as session:
+        got = generate_logits(model, IDS)
+    torch.testing.assert_close(got, want, atol=MODEL_LOGITS_ATOL, rtol=0)
+    assert session.edit_report().calls_touched[0] == 3  # the prefill and two decode steps
+
+
+def test_a_decode_step_without_a_prefill_in_the_session_is_a_one_line_config_error(model):
+    edit = EDITS.get("mean_ablation")(layers=[0], heads=[3])
+    with Session(model, edits=[edit]):
+        generate_logits(model, IDS, steps=2)  # leaves a prefill mean in the edit
+    name = _cache_argument(model)  # "cache" or "past_key_values", by transformers version
+    with torch.no_grad():
+        cache = getattr(model(input_ids=IDS, use_cache=True), name)
+    with pytest.raises(ConfigError, match=r"q_len 1 < kv_len 13 \(a KV cache\).*use source=recorded") as info:
+        with torch.no_grad(), Session(model, edits=[edit]):  # a new session forgets the last one's prefill
+            model(input_ids=IDS[:, :1], attention_mask=torch.ones(2, 13, dtype=torch.long), use_cache=True,
+                  **{name: cache})
+    assert "\n" not in str(info.value)
+
+
+def write_head(x, head, mean):
+    """o_proj input (B, n, H·D) with head ``head``'s slice set to ``mean`` (B, D) on every row."""
+    x = x.clone().view(*x.shape[:2], H, -1)
+    x[:, :, head] = mean[:, None].to(x.dtype)
+    return (x.flatten(2),)

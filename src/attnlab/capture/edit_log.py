@@ -49,6 +49,7 @@ class EditLog:
     def __init__(self, edits: Iterable[str | Edit], facts: ModelFacts, verify_rows: int) -> None:
         self.edits: list[Edit] = order_edits([make_edit(e) for e in edits])
         for edit in self.edits:
+            edit.reset()  # a fresh session: nothing left over from calls of an earlier one
             edit.check_model(facts.num_layers, facts.num_heads)
         if verify_rows < 0:
             raise ConfigError(f"verify_rows must be >= 0, got {verify_rows}")

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
 
 from attnlab.analyses.base import ForwardRecord
 from attnlab.capture.architectures import get_submodule_or_none, model_facts, transformer_blocks
@@ -37,25 +38,26 @@ from attnlab.facts import ModelFacts
 from attnlab.probes.base import AttentionCall, Probe
 
 # the attention output projection inside a transformer block, by family: its input (batch, seq_len,
-# num_heads * head_dim) holds the per-head outputs, head-major
+# num_heads * head_dim) holds the per-head outputs, head-major. Each family here is tested on a tiny model
+# (tests/analyses/test_gpt2_heads.py, test_head_families.py). Head outputs are read by a hook, but head edits (and the
+# analyses that ablate or patch heads) also need a model that routes attention through transformers'
+# AttentionInterface (attnlab.Session); GPT-Neo, Falcon and BLOOM do not, so they are not listed.
 OUTPUT_PROJECTIONS = (
     "self_attn.o_proj",  # Llama, Mistral, Qwen, Gemma, OLMo, Phi-3
     "attention.output.dense",  # BERT, RoBERTa
     "self_attn.out_proj",  # OPT
     "attention.dense",  # GPT-NeoX
     "attn.c_proj",  # GPT-2 (a transformers Conv1D: y = x @ W + b with W (in, out))
-    "attn.out_proj",  # GPT-J, CodeGen
-    "attn.attention.out_proj",  # GPT-Neo
-    "self_attention.dense",  # Falcon, BLOOM
+    "attn.out_proj",  # GPT-J
     "self_attn.dense",  # Phi-1/2
 )
-FAMILIES = "Llama-, BERT-, OPT-, GPT-NeoX-, GPT-2-, GPT-J-, GPT-Neo-, Falcon-, BLOOM- and Phi-style"
+FAMILIES = "Llama-, BERT-, OPT-, GPT-NeoX-, GPT-2-, GPT-J- and Phi-style"
+HEAD_EDITS_NEED = "head edits also need a model that routes attention through transformers' AttentionInterface"
 
 
 def _is_projection(module: object) -> bool:
     """An nn.Linear, or transformers' Conv1D (GPT-2's projections: a Linear with its weight transposed)."""
-    return isinstance(module, nn.Linear) or (isinstance(module, nn.Module) and type(module).__name__ == "Conv1D"
-                                             and hasattr(module, "nf") and hasattr(module, "weight"))
+    return isinstance(module, (nn.Linear, Conv1D))
 
 
 def _output_projection(block: nn.Module) -> nn.Module | None:
@@ -205,7 +207,7 @@ class ModelRunner:
                 if out is None:
                     raise UnsupportedModelError(
                         f"cannot find the attention output projection of block {layer} in {type(self.model).__name__}"
-                        f"; head outputs are read in {FAMILIES} blocks")
+                        f"; head outputs are read in {FAMILIES} blocks ({HEAD_EDITS_NEED})")
 
                 def out_hook(module: nn.Module, args: tuple, layer: int = layer) -> None:
                     B, L, width = args[0].shape

@@ -97,6 +97,12 @@ class Edit:
     def __repr__(self) -> str:
         return f"<edit {self.spec()}>"
 
+    def reset(self) -> None:
+        """Forget what earlier attention calls left behind (the head-mask cache; subclasses add their own state,
+        e.g. ``mean_ablation``'s prefill means). A Session calls it when it starts; copies call it
+        (``head_patch.with_source``), so no cache of the original leaks into them."""
+        self.__dict__.pop("_head_masks", None)
+
     # selection ----------------------------------------------------------------------------------------------
     def applies_to(self, layer_idx: int) -> bool:
         return self.layers is None or layer_idx in self.layers

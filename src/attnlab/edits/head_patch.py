@@ -113,7 +113,7 @@ class HeadPatch(Edit):
             if missing:
                 raise ConfigError(f"head_patch: head(s) {missing} were not recorded; recorded: {list(source.heads)}")
         edit = copy.copy(self)
-        edit.__dict__.pop("_head_masks", None)
+        edit.reset()
         edit.source = source
         return edit
 

@@ -41,13 +41,19 @@ class MeanAblation(Edit):
     include later positions of the text, so at position t the mean carries (diluted) information about tokens
     after t: for a next-token evaluation prefer recorded means of other text.
 
+    Under a KV cache (``generate``, greedy decoding with ``use_cache=True``) a decode step's call holds only the new
+    query rows (q_len < kv_len), whose own mean would be the row itself: such a call reuses the mean of the last call
+    of the same layer that held the whole sequence (q_len = kv_len, the prefill), i.e. the mean over the prompt.
+    A cached call with no such call before it in the session is refused (ConfigError).
+
     Args:
         fraction: in [0, 1]; 0 is the identity. source: see above ("recorded" needs :meth:`from_means`).
         layers, heads: selection (query heads; on a GQA model only the query heads named).
 
     Raises:
         ConfigError: fraction outside [0, 1]; ``source=recorded`` without means (when the session starts); means
-            missing for a selected layer or of the wrong shape.
+            missing for a selected layer or of the wrong shape; a cached call (q_len < kv_len) of a call mean with
+            no prefill of the same layer and batch size before it in the session.
     """
 
     stage = "output"
@@ -62,6 +68,11 @@ class MeanAblation(Edit):
         self.fraction, self.source = fraction, source
         self.means: dict[int, Tensor] | None = None
         self._call_mean: Tensor | None = None
+        self._prefill_means: dict[int, Tensor] = {}  # layer -> the call mean of its last whole-sequence call
+
+    def reset(self) -> None:
+        super().reset()
+        self._call_mean, self._prefill_means = None, {}
 
     @property
     def needs_prepare(self) -> bool:  # type: ignore[override]  # the call means need one pass over the probs
@@ -117,8 +128,12 @@ class MeanAblation(Edit):
 
     # the call mean ----------------------------------------------------------------------------------------------
     def prepare(self, call: AttentionCall, probs_pass: Any) -> None:
-        """The mean head output over the call's real queries (per sequence or over the batch) → kept for output."""
+        """The mean head output over the call's real queries (per sequence or over the batch) → kept for output;
+        a cached call (q_len < kv_len) takes the mean of its layer's last whole-sequence call instead."""
         B, Hq, device = call.batch, call.num_heads, call.device
+        if call.q_len < call.kv_len:
+            self._call_mean = self._prefill_mean(call)
+            return
         value = call.value.repeat_interleave(call.num_kv_groups, dim=1).double()  # (B, Hq, Lk, Dv)
         total = torch.zeros(B, Hq, value.shape[-1], dtype=torch.float64, device=device)
 
@@ -133,6 +148,19 @@ class MeanAblation(Edit):
         if self.source == "batch":
             total, count = total.sum(dim=0, keepdim=True), count.sum(dim=0, keepdim=True)
         self._call_mean = (total / count.clamp(min=1.0))[:, :, None, :]  # (B|1, Hq, 1, Dv)
+        self._prefill_means[call.layer_idx] = self._call_mean
+
+    def _prefill_mean(self, call: AttentionCall) -> Tensor:
+        mean = self._prefill_means.get(call.layer_idx)
+        if mean is None:
+            raise ConfigError(f"mean_ablation:source={self.source} needs the whole sequence in one call first: layer "
+                              f"{call.layer_idx}'s call has q_len {call.q_len} < kv_len {call.kv_len} (a KV cache) "
+                              f"and no prefill of it ran in this session; run the prompt inside the session or use "
+                              f"source=recorded")
+        if self.source == "sequence" and mean.shape[0] != call.batch:
+            raise ConfigError(f"mean_ablation:source=sequence: layer {call.layer_idx}'s cached call has batch "
+                              f"{call.batch}, its prefill had batch {mean.shape[0]}")
+        return mean
 
     def _mean(self, call: AttentionCall) -> Tensor:
         if self.source != "recorded":
