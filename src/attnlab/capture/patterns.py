@@ -131,7 +131,7 @@ class AttentionPattern:
 
     def plot(self, layer: int, head: int, batch: int = 0, ax: Any = None) -> Any:
         """A heatmap of :meth:`get` with token labels: :func:`attnlab.plot_pattern` (returns its Figure)."""
-        from attnlab.report.pattern_plot import plot_pattern  # a leaf (numpy + matplotlib), see test_layering
+        from attnlab.plotting import plot_pattern  # a leaf (numpy + matplotlib), see test_layering
 
         path = self.paths.get(layer)
         title = f"layer {layer} head {head}" + (f" ({path})" if path else "")
