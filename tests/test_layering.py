@@ -28,7 +28,9 @@ FORBIDDEN = {
 
 ALLOWED = {"attnlab.report.sections"}  # pure section specs that probes and analyses declare (no torch, no matplotlib)
 # per package: leaf modules it may import although their package is forbidden to it
-ALLOWED_FOR = {"capture": {"attnlab.report.pattern_plot"}}  # AttentionPattern.plot draws with it (numpy + matplotlib)
+ALLOWED_FOR: dict[str, set[str]] = {}
+# top-level leaf modules any tier may import: of attnlab they import only the errors, and neither torch nor transformers
+LEAVES = {"attnlab.plotting"}  # plot_pattern (numpy + matplotlib): AttentionPattern.plot draws with it
 
 
 def _imports(path: Path) -> set[str]:
@@ -54,9 +56,15 @@ def test_package_imports_point_one_way(package):
 def test_allowed_leaf_modules_import_no_attnlab_module():
     """What ALLOWED/ALLOWED_FOR let through is a leaf: of attnlab it imports only the errors, so no forbidden tier
     comes in behind it."""
-    for name in ALLOWED | set().union(*ALLOWED_FOR.values()):
+    for name in ALLOWED | set().union(set(), *ALLOWED_FOR.values()) | LEAVES:
         path = SRC.parent / (name.replace(".", "/") + ".py")
         assert {n for n in _imports(path) if n.startswith("attnlab")} <= {"attnlab.errors"}, name
+
+
+@pytest.mark.parametrize("name", sorted(LEAVES))
+def test_leaf_modules_import_no_torch_or_transformers(name):
+    path = SRC.parent / (name.replace(".", "/") + ".py")
+    assert not {n for n in _imports(path) if n.split(".")[0] in ("torch", "transformers")}, name
 
 
 def test_text_and_assets_do_not_import_transformers():

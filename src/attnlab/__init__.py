@@ -31,7 +31,7 @@ _EXPORTS = {
     "attention_pattern": "attnlab.capture.patterns",
     "AttentionPattern": "attnlab.capture.patterns",
     "PatternProbe": "attnlab.capture.patterns",
-    "plot_pattern": "attnlab.report.pattern_plot",
+    "plot_pattern": "attnlab.plotting",
     "record_head_outputs": "attnlab.capture.head_record",
     "record_head_means": "attnlab.capture.head_record",
     "PROBES": "attnlab.probes",

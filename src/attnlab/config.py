@@ -123,7 +123,7 @@ def parse_pattern_heads(value: str) -> tuple[tuple[int, int], ...] | None:
 
     Raises ConfigError (one line, expected vs received) for anything else, a repeated pair, or more than
     :data:`MAX_PATTERN_HEADS` pairs. The layer/head ranges are checked against the model later
-    (:func:`attnlab.capture.patterns.check_pattern_heads`).
+    (:func:`attnlab.capture.pattern_report.check_pattern_heads`).
     """
     expected = "expected pattern_heads 'auto', 'none' or a comma list of LAYER.HEAD such as '3.1,5.0'"
     if not isinstance(value, str):

@@ -422,3 +422,35 @@ def build_probes(names: tuple[str, ...], probe_args: Mapping[str, Mapping[str, A
     if unused:
         raise ConfigError(f"--probe-arg given for probe(s) not selected: {', '.join(unused)}")
     return [_probe_or_analysis(name)(**probe_arguments(name, probe_args.get(name, {}))) for name in names]
+
+
+def check_indices(kind: str, values: Any, count: int) -> tuple[int, ...]:
+    """Layer or head indices checked against a model: ``values`` (an int, an iterable of ints, or None for all of
+    ``0..count-1``) → distinct indices in the given order. Python, numpy and torch integers are accepted
+    (``operator.index``); bools are not.
+
+    Raises ConfigError (one line, naming the first bad value): ``"layers must be in 0..N-1, got 40"`` for an index
+    out of range, or ``"layers must be an int, a non-empty list of ints or None, got 'x'"``.
+    """
+    if values is None:
+        return tuple(range(count))
+    shape = f"{kind} must be an int, a non-empty list of ints or None, got {values!r}"
+    if isinstance(values, bool):
+        raise ConfigError(shape)
+    try:
+        items = [operator.index(values)]  # one int (numpy/torch scalars too)
+    except TypeError:
+        try:
+            items = list(values)
+        except TypeError:
+            raise ConfigError(shape) from None
+    if not items or isinstance(values, (str, bytes)) or any(isinstance(item, bool) for item in items):
+        raise ConfigError(shape)
+    try:
+        items = [operator.index(item) for item in items]
+    except TypeError:
+        raise ConfigError(shape) from None
+    for item in items:
+        if not 0 <= item < count:
+            raise ConfigError(f"{kind} must be in 0..{count - 1}, got {item}")
+    return tuple(dict.fromkeys(items))

@@ -224,7 +224,7 @@ def run_probes(config: RunConfig, *, progress: ProgressArg = None, model: Any = 
 def _run_probes(config: RunConfig, notify: Progress, model: Any, tokenizer: Any, command: str) -> dict[str, Any]:
     import torch
 
-    from attnlab.capture.patterns import check_pattern_heads
+    from attnlab.capture.pattern_report import check_pattern_heads
     from attnlab.capture.session import Session
     from attnlab.text import load_text
 
@@ -290,12 +290,13 @@ def _run_probes(config: RunConfig, notify: Progress, model: Any, tokenizer: Any,
 
 
 def _viewer_patterns(loaded: Any, windows: Any, config: RunConfig, tally: _Tally) -> dict[str, Any] | None:
-    """The report viewer's ``"patterns"`` (:func:`attnlab.capture.patterns.report_patterns`): one extra forward
+    """The report viewer's ``"patterns"`` (:func:`attnlab.capture.pattern_report.report_patterns`): one extra forward
     pass on the first window's first ``pattern_tokens`` tokens; None for ``pattern_heads="none"`` or a model the
     Session cannot observe. It leaves every other result as it was."""
     if config.run.pattern_heads == "none":
         return None
-    from attnlab.capture.patterns import report_patterns
+    from attnlab.capture.pattern_report import report_patterns
 
     tally.step("attention patterns")
-    return report_patterns(loaded, windows, config.run.pattern_heads, config.run.pattern_tokens)
+    return report_patterns(loaded, windows, config.run.pattern_heads, config.run.pattern_tokens,
+                           block_size=config.run.block_size)

@@ -244,7 +244,7 @@ def test_ablation_probes_reject_layers_outside_the_model(name, layers):
     facts = ModelFacts(num_layers=2, num_heads=2, num_kv_heads=2, head_dim=4, hidden_size=8)
     # a negative index is refused by the constructor (an index list, as in edit specs), a too-large one once the
     # model's size is known
-    message = r"non-negative integers, got \[-1\]" if min(layers) < 0 else r"layers must lie in 0\.\.1"
+    message = r"non-negative integers, got \[-1\]" if min(layers) < 0 else r"layers must be in 0\.\.1, got [25]"
     with pytest.raises(ConfigError, match=message):
         ANALYSES.get(name)(layers=layers).prepare(facts, None)
 

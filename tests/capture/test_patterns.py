@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -15,7 +16,8 @@ from tiny_models import WORDS, tiny_bert, tiny_llama, tiny_qwen2_sliding, tiny_t
 
 import attnlab
 from attnlab.capture.loading import LoadedModel
-from attnlab.capture.patterns import AttentionPattern, PatternProbe, attention_pattern, pick_heads, report_patterns
+from attnlab.capture.pattern_report import SINK_EPSILON, pick_heads, report_patterns
+from attnlab.capture.patterns import AttentionPattern, PatternProbe, attention_pattern
 from attnlab.errors import ConfigError
 
 ATOL = 1e-5  # float32 eager softmax vs the blocked kernel's float32 softmax
@@ -135,6 +137,7 @@ def test_rows_of_real_queries_sum_to_one(length, pad, block_size, left):
     ({"heads": [0, 4]}, "heads must be in 0..3, got 4"),
     ({"layers": []}, "non-empty list"),
     ({"heads": True}, "heads must be an int"),
+    ({"layers": [0, 7, 9]}, "layers must be in 0..1, got 7"),
 ])
 def test_bad_layers_or_heads_give_one_line_config_errors(kwargs, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
@@ -188,6 +191,43 @@ def test_session_patterns_one_per_forward_and_refused_without_the_probe():
         plain.patterns()
 
 
+@pytest.mark.parametrize("layers, heads", [
+    (np.int64(1), np.array([3, 0])),
+    (torch.tensor(1), torch.tensor([3, 0])),
+    ([np.int64(1)], [torch.tensor(3), np.int32(0)]),
+])
+def test_numpy_and_torch_integers_select_layers_and_heads(layers, heads):
+    pattern = attention_pattern(_model(), _ids(1, 6), layers=layers, heads=heads)
+    assert pattern.layers == (1,) and pattern.heads == (3, 0)
+    assert all(type(i) is int for i in pattern.layers + pattern.heads)
+
+
+def test_a_probe_reused_in_a_new_session_forgets_the_old_passes():
+    model = tiny_llama()
+    probe = PatternProbe(layers=[0], heads=[0])
+    with attnlab.Session(model, probes=[probe]) as first, torch.no_grad():
+        model(input_ids=_ids(1, 9))
+    assert [p.probs.shape[-1] for p in first.patterns()] == [9]
+    with attnlab.Session(model, probes=[probe]) as second, torch.no_grad():
+        model(input_ids=_ids(1, 5))
+    assert [p.probs.shape[-1] for p in second.patterns()] == [5]
+
+
+def test_assembling_makes_no_second_copy_of_the_probs():
+    """The per-layer tensors move into the one (B, layers, heads, q, k) tensor (they become its views), so the
+    recorded weights are held once; asking again returns the same tensor."""
+    model = tiny_llama()
+    probe = PatternProbe(layers=[0, 1], heads=[1, 2])
+    with attnlab.Session(model, probes=[probe]) as session, torch.no_grad():
+        model(input_ids=_ids(2, 11))
+    (pattern,) = session.patterns()
+    (again,) = session.patterns()
+    assert again.probs is pattern.probs
+    base = pattern.probs.untyped_storage().data_ptr()
+    stored = [layer_probs for layer_probs, _ in probe._forwards[0].calls.values()]
+    assert len(stored) == 2 and all(t.untyped_storage().data_ptr() == base for t in stored)
+
+
 def test_implied_map_of_a_linear_attention_layer():
     from attnlab.lab.modeling import TinyLMSpec, build_model
 
@@ -214,18 +254,21 @@ def test_report_patterns_auto_json_shape():
     assert data["window"] == 0 and data["causal"] is True and data["selection"] == "auto"
     assert data["tokens"] == [loaded.tokenizer.decode([i]) for i in ids[:24]]
     heads = data["heads"]
-    assert 1 <= len(heads) <= 8 and len({(h["layer"], h["head"]) for h in heads}) == len(heads)
-    assert [h["label"].startswith("sink α₀=") for h in heads[:4]] == [True] * 4
-    assert all(h["label"].startswith("low entropy ") for h in heads[4:])
+    assert len(heads) == 8 and len({(h["layer"], h["head"]) for h in heads}) == len(heads)
+    sinks = [h for h in heads if h["label"].startswith("sink α₀=")]
+    assert len(sinks) <= 4 and heads[:len(sinks)] == sinks
+    assert all(h["label"].startswith("low entropy ") for h in heads[len(sinks):])
     full = attention_pattern(loaded, torch.tensor([ids[:24]]))
     for entry in heads:
         assert [len(row) for row in entry["probs"]] == list(range(1, 25))
         assert all(round(w, 4) == w for row in entry["probs"] for w in row)
         expected = full.get(entry["layer"], entry["head"])
         assert entry["probs"][23] == [round(float(w), 4) for w in expected[23]]
-    alpha = [float(full.get(h["layer"], h["head"])[1:, 0].mean()) for h in heads[:4]]
-    assert alpha == sorted(alpha, reverse=True)
-    assert float(heads[0]["label"].split("=")[1]) == pytest.approx(alpha[0], abs=0.006)
+    alpha = [float(full.get(h["layer"], h["head"])[1:, 0].mean()) for h in heads]
+    assert alpha[:len(sinks)] == sorted(alpha[:len(sinks)], reverse=True)
+    assert all(a >= SINK_EPSILON for a in alpha[:len(sinks)]) and all(a < SINK_EPSILON for a in alpha[len(sinks):])
+    for head, a in zip(sinks, alpha):
+        assert float(head["label"].split("=")[1]) == pytest.approx(a, abs=0.006)
 
 
 def test_report_patterns_explicit_none_and_bidirectional():
@@ -268,3 +311,36 @@ def test_pick_heads_low_entropy_skips_sinks():
     picked = pick_heads(pattern, count=1)
     assert [(layer, head) for layer, head, _ in picked] == [(0, 0), (0, 1)]
     assert picked[0][2] == "sink α₀=1.00" and picked[1][2].startswith("low entropy ")
+
+
+def test_pick_heads_takes_no_sinks_below_epsilon():
+    """A model without sinks (α₀ tiny everywhere, as BERT): no head is labelled a sink; all 2·count slots go to
+    the lowest-entropy heads."""
+    n = 6
+    previous = torch.zeros(n, n)
+    previous[0, 0] = 1
+    previous[torch.arange(1, n), torch.arange(0, n - 1)] = 1
+    uniform = torch.tril(torch.ones(n, n))
+    uniform = uniform / uniform.sum(-1, keepdim=True)
+    weak = 0.9 * previous + 0.1 * uniform  # α₀ ≈ 0.03 past row 1: not a sink
+    probs = torch.stack([uniform, previous, weak])[None, None]  # (1, 1, 3, n, n)
+    pattern = AttentionPattern(probs=probs, layers=(0,), heads=(0, 1, 2), valid=torch.ones(1, n, dtype=torch.bool))
+    picked = pick_heads(pattern, count=1)
+    assert [(layer, head) for layer, head, _ in picked] == [(0, 1), (0, 2)]
+    assert all(label.startswith("low entropy ") for _, _, label in picked)
+
+
+def test_report_patterns_runs_with_the_given_block_size(monkeypatch):
+    import attnlab.capture.pattern_report as pattern_report
+
+    seen = []
+    original = pattern_report.attention_pattern
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("block_size"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pattern_report, "attention_pattern", spy)
+    loaded = LoadedModel.wrap(tiny_llama(), tiny_tokenizer())
+    assert report_patterns(loaded, _windows(_ids(1, 20)[0].tolist()), "0.1", 12, block_size=4) is not None
+    assert seen == [4]

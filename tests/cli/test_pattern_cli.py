@@ -87,3 +87,19 @@ def test_run_config_accepts_pattern_heads(value):
 def test_run_config_refuses_bad_pattern_heads(value):
     with pytest.raises(ConfigError, match="expected pattern_heads"):
         RunConfig(pattern_heads=value)
+
+
+def test_the_pattern_pass_uses_the_runs_block_size(setup, tmp_path, monkeypatch):
+    import attnlab.capture.pattern_report as pattern_report
+
+    seen = []
+    original = pattern_report.attention_pattern
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("block_size"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pattern_report, "attention_pattern", spy)
+    result = _run(setup, tmp_path / "blocks", "--probe", "entropy", "--block-size", "5", "--pattern-tokens", "12")
+    assert result.exit_code == 0, result.output
+    assert seen == [5] and "patterns" in _results(tmp_path / "blocks")

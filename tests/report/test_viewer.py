@@ -7,15 +7,17 @@ import copy
 import hashlib
 import json
 import re
+from html import unescape
 
 import pytest
 from report.pattern_data import make_patterns
 from typer.testing import CliRunner
 
+from attnlab.config import MAX_PATTERN_HEADS, PATTERN_TOKENS_RANGE
 from attnlab.errors import ConfigError
 from attnlab.report.io import write_results
 from attnlab.report.render import render_html
-from attnlab.report.viewer import MAX_PATTERN_HEADS, MAX_PATTERN_TOKENS, SCALE, check_patterns
+from attnlab.report.viewer import SCALE, check_patterns
 
 CSP = re.compile(r'<meta http-equiv="Content-Security-Policy" content="([^"]*)">')
 SCRIPTS = re.compile(r"<script([^>]*)>(.*?)</script>", re.S)
@@ -123,11 +125,15 @@ def test_bidirectional_patterns_have_full_rows():
 
 @pytest.mark.parametrize(("change", "match"), [
     pytest.param(lambda p: p["heads"].extend([p["heads"][0]] * MAX_PATTERN_HEADS), "1..16 heads", id="heads"),
-    pytest.param(lambda p: p.update(make_patterns(num_tokens=MAX_PATTERN_TOKENS + 1)), "257 tokens", id="tokens"),
+    pytest.param(lambda p: p.update(make_patterns(num_tokens=PATTERN_TOKENS_RANGE[1] + 1)), "257 tokens", id="tokens"),
     pytest.param(lambda p: p["heads"][0]["probs"][3].append(0.0), r"probs\[3\] must be a list of 4", id="row"),
     pytest.param(lambda p: p["heads"][0]["probs"][2].__setitem__(0, 1.5), "weights in", id="value"),
     pytest.param(lambda p: p["heads"][1].update(layer="3"), "layer must be", id="layer"),
     pytest.param(lambda p: p.update(tokens=p["tokens"][:-1]), "one row per token", id="rows"),
+    # the same bounds as --pattern-tokens (2..256)
+    pytest.param(lambda p: p.update(make_patterns(num_tokens=1)), "1 tokens; expected 2..256", id="one-token"),
+    # "false" (a string) is not a bool: it must not be read as causal=True
+    pytest.param(lambda p: p.update(causal="false"), "'causal' must be true or false, got 'false'", id="causal"),
 ])
 def test_malformed_patterns_are_one_line_config_errors(change, match):
     patterns = make_patterns()
@@ -138,7 +144,7 @@ def test_malformed_patterns_are_one_line_config_errors(change, match):
 
 
 def test_bounds_are_accepted_at_the_limit():
-    patterns = make_patterns(num_tokens=MAX_PATTERN_TOKENS, heads=tuple((i // 4, i % 4) for i in range(16)))
+    patterns = make_patterns(num_tokens=PATTERN_TOKENS_RANGE[1], heads=tuple((i // 4, i % 4) for i in range(16)))
     html = render_html(_results(patterns))
     assert len(_data(html)["heads"]) == MAX_PATTERN_HEADS
     assert len(html.encode("utf-8")) < 2_500_000  # 16 heads × 256² / 2 weights as integers
@@ -173,3 +179,14 @@ def test_a_report_with_the_viewer_still_loads_nothing_from_outside(with_patterns
     assert "http://" not in html and "https://" not in html
     assert not re.search(r'(?:src|href)\s*=\s*["\']?\s*(?!data:|#)[a-z]+:', html, re.I)
     assert not re.search(r"\b(?:fetch|XMLHttpRequest|import\(|eval\(|innerHTML)\b", _executable(html)[0][1])
+
+
+def test_token_tooltips_are_the_ones_the_script_writes(with_patterns):
+    """The spans' titles before the script runs are the text viewer.js writes back when nothing is chosen
+    (``"position " + k + " · '" + data.tokens[k] + "'"``), also for tokens with quotes, spaces and newlines."""
+    patterns = make_patterns(num_tokens=4)
+    patterns["tokens"] = ["it's", " a", "\n", '"q"']
+    page = render_html(_results(patterns))
+    titles = re.findall(r'<span class="tok pt" data-pos="\d+"[^>]* title="([^"]*)"', page)
+    assert [unescape(t) for t in titles] == [
+        f"position {k} · '{token}'" for k, token in enumerate(_data(page)["tokens"])]

@@ -115,6 +115,18 @@ def test_without_a_click_nothing_is_shaded(tmp_path, report):
     assert _weights(viewer) == [None] * 12 and viewer.readout == "Click or hover a token."
 
 
+@pytest.mark.parametrize("fragment", ["pattern=0.3&token=", "token=x", "token=99"])
+def test_an_empty_or_unknown_token_in_the_link_pins_nothing(tmp_path, report, fragment):
+    """``#token=`` is not token 0 (``Number("")`` is 0 in JavaScript); nothing is pinned or shaded, and every
+    tooltip is the one the page was written with (the script writes the same text)."""
+    written = _Viewer()
+    written.feed(report.read_text(encoding="utf-8"))
+    viewer = _click(tmp_path, report, fragment)
+    assert _weights(viewer) == [None] * 12 and viewer.readout == "Click or hover a token."
+    assert not any("sel" in span["class"].split() for span in viewer.spans)
+    assert [span["title"] for span in viewer.spans] == [span["title"] for span in written.spans]
+
+
 def test_a_script_that_does_not_match_the_hash_is_blocked(tmp_path, report):
     """Negative control: the CSP is enforced, and only the hash lets the viewer run."""
     html = report.read_text(encoding="utf-8")

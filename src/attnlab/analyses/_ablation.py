@@ -13,14 +13,13 @@ import torch
 from torch import Tensor
 
 from attnlab.analyses.base import Runner
-from attnlab.errors import ConfigError
+from attnlab.params import check_indices
 
 
 def check_layers(name: str, layers: list[int] | None, num_layers: int) -> None:
-    """Raise ConfigError unless every layer index lies in 0 … num_layers - 1 (negative indices are rejected)."""
-    bad = [layer for layer in layers or [] if not 0 <= layer < num_layers]
-    if bad:
-        raise ConfigError(f"{name} layers must lie in 0..{num_layers - 1}, got {bad}")
+    """Raise ConfigError ``"<name> layers must be in 0..N-1, got 40"`` (:func:`attnlab.params.check_indices`)
+    unless every layer index lies in 0 … num_layers - 1 (None: all layers)."""
+    check_indices(f"{name} layers", layers, num_layers)
 
 
 def head_effects(runner: Runner, batch: dict[str, Tensor], mode: str, layers: list[int] | None = None,

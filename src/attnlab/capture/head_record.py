@@ -20,31 +20,15 @@ from torch import Tensor
 
 from attnlab.capture.runner import ModelRunner
 from attnlab.edits.head_patch import HeadOutputs
+from attnlab.capture.inputs import model_batch
 from attnlab.errors import ConfigError
-from attnlab.params import IndexList
+from attnlab.params import IndexList, check_indices
 
 
-def _as_batch(inputs: Any, device: torch.device) -> dict[str, Tensor]:
-    """A (batch, seq_len) id tensor or a tokenizer batch → ``input_ids`` and a long ``attention_mask``."""
-    if isinstance(inputs, Tensor):
-        inputs = {"input_ids": inputs}
-    if not hasattr(inputs, "get") or inputs.get("input_ids") is None:
-        raise ConfigError(f"expected input_ids (batch, seq_len) or a batch with input_ids, got {type(inputs).__name__}")
-    input_ids = torch.as_tensor(inputs["input_ids"])
-    if input_ids.dim() != 2:
-        raise ConfigError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
-    mask = inputs.get("attention_mask")
-    mask = torch.ones_like(input_ids) if mask is None else torch.as_tensor(mask)
-    return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device).long()}
-
-
-def _layers(runner: ModelRunner, layers: Sequence[int] | None) -> list[int]:
-    L = runner.facts.num_layers
-    chosen = list(range(L)) if layers is None else [int(layer) for layer in layers]
-    bad = [layer for layer in chosen if not 0 <= layer < L]
-    if bad:
-        raise ConfigError(f"layers {bad} not in the model's {L} layers (0…{L - 1})")
-    return chosen
+def _batch(inputs: Any, device: torch.device) -> dict[str, Tensor]:
+    """``input_ids`` and a long ``attention_mask`` of ``inputs`` (:func:`attnlab.capture.inputs.model_batch`)."""
+    batch = model_batch(inputs, device)
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
 def record_head_outputs(model: Any, source_inputs: Any, layers: IndexList | None = None,
@@ -54,8 +38,9 @@ def record_head_outputs(model: Any, source_inputs: Any, layers: IndexList | None
     Args:
         model: a transformers model whose blocks :class:`ModelRunner` reads (Llama-, BERT-, OPT-, GPT-NeoX-, GPT-2-
             style and the others listed in ``attnlab.capture.runner.OUTPUT_PROJECTIONS``).
-        source_inputs: input_ids (batch, seq_len) long, or a batch dict with ``input_ids`` and optionally
-            ``attention_mask`` (1 = real token).
+        source_inputs: input_ids (seq_len,) or (batch, seq_len) (a tensor or lists of ids), or a batch dict with
+            ``input_ids`` and optionally ``attention_mask`` (1 = real token); see
+            :func:`attnlab.capture.inputs.model_batch`.
         layers, heads: what to record (None = every layer / query head).
         edits: edits (instances or specs) to run the source pass under.
 
@@ -64,16 +49,14 @@ def record_head_outputs(model: Any, source_inputs: Any, layers: IndexList | None
         model's dtype, and the source's (batch, seq_len) bool valid mask.
 
     Raises:
-        ConfigError: a layer or head the model does not have; inputs that are not (batch, seq_len) ids.
+        ConfigError: a layer or head the model does not have (``"heads must be in 0..3, got 7"``); inputs that are
+            not token ids.
         UnsupportedModelError: the blocks' output projection is not found.
     """
     runner = ModelRunner(model)
-    chosen = _layers(runner, layers)
-    H = runner.facts.num_heads
-    head_list = list(range(H)) if heads is None else [int(h) for h in heads]
-    if any(not 0 <= h < H for h in head_list):
-        raise ConfigError(f"heads {head_list} not all in the model's num_heads={H} query heads (0…{H - 1})")
-    batch = _as_batch(source_inputs, next(model.parameters()).device)
+    chosen = check_indices("layers", layers, runner.facts.num_layers)
+    head_list = list(check_indices("heads", heads, runner.facts.num_heads))
+    batch = _batch(source_inputs, next(model.parameters()).device)
     record = runner.forward(batch, head_outputs=True, edits=edits)
     outputs = {layer: record.head_outputs[layer][:, :, head_list].transpose(1, 2).contiguous() for layer in chosen}
     return HeadOutputs(outputs=outputs, heads=tuple(head_list), valid=batch["attention_mask"].bool())
@@ -97,14 +80,14 @@ def record_head_means(model: Any, batches: Iterable[Any], layers: IndexList | No
         ConfigError: no real token in ``batches``; bad layers or inputs as in :func:`record_head_outputs`.
     """
     runner = ModelRunner(model)
-    chosen = _layers(runner, layers)
+    chosen = check_indices("layers", layers, runner.facts.num_layers)
     device = next(model.parameters()).device
     if isinstance(batches, (Tensor, dict)) or hasattr(batches, "keys"):
         batches = [batches]
     sums: dict[int, Tensor] = {}
     count = 0
     for inputs in batches:
-        batch = _as_batch(inputs, device)
+        batch = _batch(inputs, device)
         record = runner.forward(batch, head_outputs=True, edits=edits)
         real = batch["attention_mask"].bool()
         count += int(real.sum())

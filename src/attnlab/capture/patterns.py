@@ -16,14 +16,13 @@ Inside your own session (one :class:`AttentionPattern` per forward pass)::
 :class:`PatternProbe` needs ``{"probs", "every_row"}``, so the session runs the blocked eager kernel (or reads a lab
 layer's implied map, path ``implied:<kind>``) and hands it every query block; the probe assembles the blocks, whose
 key axis may be narrower than kv_len (keys past ``width`` are 0), into float32 CPU tensors of the chosen
-(layer, query head) pairs only: memory is batch · layers · heads · q_len · kv_len floats. Under GQA the heads
-are query heads. :func:`report_patterns` makes the report viewer's ``"patterns"`` object (docs/patterns.md).
+(layer, query head) pairs only: memory is batch · layers · heads · q_len · kv_len floats (assembling them into
+one tensor adds at most one layer's share). Under GQA the heads are query heads. The report viewer's
+``"patterns"`` object is made in :mod:`attnlab.capture.pattern_report` (docs/patterns.md).
 """
 
 from __future__ import annotations
 
-import logging
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,32 +30,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attnlab.config import MAX_PATTERN_HEADS, parse_pattern_heads
+from attnlab.capture.inputs import model_batch
 from attnlab.errors import ConfigError, UnsupportedModelError
 from attnlab.facts import ModelFacts
 from attnlab.functional.attention import BlockView
+from attnlab.params import check_indices
 from attnlab.probes.base import AttentionCall, Probe, SequenceInfo
 
-__all__ = ["AttentionPattern", "PatternProbe", "attention_pattern", "check_pattern_heads", "report_patterns"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["AttentionPattern", "PatternProbe", "attention_pattern"]
 
 Selection = int | Sequence[int] | None
-
-
-def select_indices(kind: str, value: Selection, count: int) -> tuple[int, ...]:
-    """``layers=``/``heads=`` (an int, a sequence of ints, or None for all) → distinct indices in given order.
-
-    Raises ConfigError ``"layers must be in 0..N-1, got 40"`` for an index out of range, or for a non-integer."""
-    if value is None:
-        return tuple(range(count))
-    items = [value] if isinstance(value, int) else list(value) if isinstance(value, Sequence) else None
-    if items is None or not items or not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
-        raise ConfigError(f"{kind} must be an int, a non-empty list of ints or None, got {value!r}")
-    bad = [i for i in items if not 0 <= i < count]
-    if bad:
-        raise ConfigError(f"{kind} must be in 0..{count - 1}, got {bad[0]}")
-    return tuple(dict.fromkeys(items))
 
 
 @dataclass(frozen=True, eq=False)
@@ -131,7 +114,7 @@ class AttentionPattern:
 
     def plot(self, layer: int, head: int, batch: int = 0, ax: Any = None) -> Any:
         """A heatmap of :meth:`get` with token labels: :func:`attnlab.plot_pattern` (returns its Figure)."""
-        from attnlab.report.pattern_plot import plot_pattern  # a leaf (numpy + matplotlib), see test_layering
+        from attnlab.plotting import plot_pattern  # a leaf (numpy + matplotlib), see test_layering
 
         path = self.paths.get(layer)
         title = f"layer {layer} head {head}" + (f" ({path})" if path else "")
@@ -140,10 +123,13 @@ class AttentionPattern:
 
 @dataclass
 class _Recorded:
-    """One forward pass's calls: layer → (probs (B, heads_sel, Lq, Lk) float32 CPU, call record)."""
+    """One forward pass's calls: layer → (probs (B, heads_sel, Lq, Lk) float32 CPU, call record); ``probs``: all
+    layers in one (B, layers_sel, heads_sel, q_len, kv_len) tensor once assembled (the per-layer tensors are then
+    views of it)."""
 
     sequence: SequenceInfo
     calls: dict[int, tuple[Tensor, AttentionCall]] = field(default_factory=dict)
+    probs: Tensor | None = None
 
 
 class PatternProbe(Probe):
@@ -169,14 +155,14 @@ class PatternProbe(Probe):
 
     def bind(self, facts: ModelFacts) -> None:
         super().bind(facts)
-        self.layers = select_indices("layers", self._requested[0], facts.num_layers)
-        self.heads = select_indices("heads", self._requested[1], facts.num_heads)
+        self.layers = check_indices("layers", self._requested[0], facts.num_layers)
+        self.heads = check_indices("heads", self._requested[1], facts.num_heads)
+        self._forwards = []  # a probe reused in a new session starts afresh
 
     def begin_call(self, call: AttentionCall) -> None:
         if call.layer_idx not in self.layers:
             return
-        if max(self.heads) >= call.num_heads:
-            raise ConfigError(f"heads must be in 0..{call.num_heads - 1}, got {max(self.heads)}")
+        check_indices("heads", self.heads, call.num_heads)
         last = self._forwards[-1] if self._forwards else None
         same = (last is not None and call.layer_idx not in last.calls
                 and last.sequence.sequence_offset == call.sequence.sequence_offset)
@@ -200,56 +186,32 @@ class PatternProbe(Probe):
 
     def patterns(self, paths: Mapping[int, str] | None = None, tokenizer: Any = None) -> list[AttentionPattern]:
         """One :class:`AttentionPattern` per recorded forward pass (in order). ``paths``: layer → attention path
-        (``session.attention_paths``); ``tokenizer`` fills ``tokens`` from the forward's input_ids."""
+        (``session.attention_paths``); ``tokenizer`` fills ``tokens`` from the forward's input_ids. A second call
+        returns the same ``probs`` tensors (no copy). Binding the probe to a new session forgets earlier passes."""
         return [self._assemble(recorded, paths or {}, tokenizer) for recorded in self._forwards]
 
     def _assemble(self, recorded: _Recorded, paths: Mapping[int, str], tokenizer: Any) -> AttentionPattern:
         layers = tuple(layer for layer in self.layers if layer in recorded.calls)
-        calls = [recorded.calls[layer] for layer in layers]
-        batch = calls[0][1].batch
-        q_len = max(call.q_len for _, call in calls)
-        kv_len = max(call.kv_len for _, call in calls)
-        probs = torch.zeros(batch, len(layers), len(self.heads), q_len, kv_len)
+        calls = [recorded.calls[layer][1] for layer in layers]
+        batch = calls[0].batch
+        q_len = max(call.q_len for call in calls)
+        kv_len = max(call.kv_len for call in calls)
         valid = torch.zeros(batch, kv_len, dtype=torch.bool)
-        for slot, (layer_probs, call) in enumerate(calls):  # keys (and queries) are the last tokens: right-align
-            probs[:, slot, :, q_len - call.q_len:, kv_len - call.kv_len:] = layer_probs
+        for call in calls:  # keys (and queries) are the last tokens: right-align
             valid[:, kv_len - call.kv_len:] |= call.key_valid.cpu()
+        if recorded.probs is None or recorded.probs.shape[1] != len(layers):  # peak memory: all layers + one layer
+            recorded.probs = torch.zeros(batch, len(layers), len(self.heads), q_len, kv_len)
+            for slot, (layer, call) in enumerate(zip(layers, calls)):  # each layer moves in, freeing its own tensor
+                view = recorded.probs[:, slot, :, q_len - call.q_len:, kv_len - call.kv_len:]
+                view.copy_(recorded.calls[layer][0])
+                recorded.calls[layer] = (view, call)
         ids = recorded.sequence.input_ids
         tokens = None
         if tokenizer is not None and ids is not None and ids.shape[-1] >= kv_len:
             tokens = [[tokenizer.decode([i]) for i in row] for row in ids[:, ids.shape[-1] - kv_len:].tolist()]
-        return AttentionPattern(probs=probs, layers=layers, heads=self.heads, valid=valid, tokens=tokens,
+        return AttentionPattern(probs=recorded.probs, layers=layers, heads=self.heads, valid=valid, tokens=tokens,
                                 paths={layer: paths[layer] for layer in layers if layer in paths},
-                                causal=all(call.causal for _, call in calls))
-
-
-def _as_batch(inputs: Any, tokenizer: Any, device: torch.device) -> dict[str, Tensor]:
-    """``inputs`` (str, 1-D/2-D input_ids tensor or list, or a dict batch) → ``model(**batch)`` keywords."""
-    if isinstance(inputs, str):
-        if tokenizer is None:
-            raise ConfigError("a text input needs a tokenizer: pass tokenizer= or a LoadedModel (attnlab.load_model)")
-        inputs = dict(tokenizer(inputs, return_tensors="pt"))
-    if isinstance(inputs, (list, tuple)):
-        try:
-            inputs = torch.tensor(inputs, dtype=torch.long)
-        except (TypeError, ValueError):
-            raise ConfigError("a list input must hold token ids (ints), one list per sequence") from None
-    if isinstance(inputs, Tensor):
-        inputs = {"input_ids": inputs}
-    if not isinstance(inputs, Mapping) or not isinstance(inputs.get("input_ids"), Tensor):
-        raise ConfigError(f"inputs must be a str, an input_ids tensor or a dict with input_ids, got "
-                          f"{type(inputs).__name__}")
-    batch = dict(inputs)
-    ids = batch["input_ids"]
-    if ids.dim() == 1:
-        batch = {key: value[None] if isinstance(value, Tensor) and value.dim() == 1 else value
-                 for key, value in batch.items()}
-        ids = batch["input_ids"]
-    if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        raise ConfigError(f"input_ids must be a 1-D or 2-D integer tensor, got {tuple(ids.shape)} {ids.dtype}")
-    if ids.numel() == 0:
-        raise ConfigError("inputs hold no tokens")
-    return {key: value.to(device) if isinstance(value, Tensor) else value for key, value in batch.items()}
+                                causal=all(call.causal for call in calls))
 
 
 def attention_pattern(model: Any, inputs: Any, *, layers: Selection = None, heads: Selection = None,
@@ -279,7 +241,7 @@ def attention_pattern(model: Any, inputs: Any, *, layers: Selection = None, head
         tokenizer = model.tokenizer if tokenizer is None else tokenizer
         model = model.model
     parameter = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
-    batch = _as_batch(inputs, tokenizer, parameter.device if parameter is not None else torch.device("cpu"))
+    batch = model_batch(inputs, parameter.device if parameter is not None else torch.device("cpu"), tokenizer)
     probe = PatternProbe(layers=layers, heads=heads)
     with Session(model, probes=[probe], block_size=block_size) as session, torch.no_grad():
         model(**batch)
@@ -287,99 +249,3 @@ def attention_pattern(model: Any, inputs: Any, *, layers: Selection = None, head
     if not found:
         raise UnsupportedModelError(f"{type(model).__name__} made no attention call the session could observe")
     return found[0]
-
-
-# the report viewer's data ---------------------------------------------------------------------------------------
-def check_pattern_heads(facts: ModelFacts, pattern_heads: str) -> tuple[tuple[int, int], ...] | None:
-    """The explicit ``(layer, head)`` pairs of ``pattern_heads`` checked against the model (None for auto/none).
-
-    Raises ConfigError ``"pattern_heads layers must be in 0..N-1, got 40"`` (or heads)."""
-    pairs = parse_pattern_heads(pattern_heads)
-    for layer, head in pairs or ():
-        select_indices("pattern_heads layers", layer, facts.num_layers)
-        select_indices("pattern_heads heads", head, facts.num_heads)
-    return pairs
-
-
-def head_scores(pattern: AttentionPattern) -> tuple[Tensor, Tensor]:
-    """``(alpha0, entropy)`` (layers_sel, heads_sel) float64 of batch row 0's real tokens: mean weight on key 0
-    over query rows ≥ 1, and mean normalised entropy (row entropy / log(keys the row may see)) over rows ≥ 1."""
-    query_valid, key_valid = pattern.real(0)
-    probs = pattern.probs[0][:, :, query_valid][..., key_valid].double()  # (L, H, n_q, n_k)
-    n_q, n_k = probs.shape[-2:]
-    rows = probs[:, :, 1:] if n_q > 1 else probs
-    alpha0 = rows[..., 0].mean(dim=-1)
-    first = n_k - n_q + (1 if n_q > 1 else 0)  # real-token position of the first row used
-    seen = torch.arange(first, n_k, dtype=torch.float64) + 1 if pattern.causal else torch.full((rows.shape[2],), n_k)
-    entropy = -(rows * rows.clamp_min(1e-300).log()).sum(dim=-1) / seen.double().clamp_min(2).log()
-    return alpha0, entropy.mean(dim=-1)
-
-
-SINK_EPSILON = 0.3
-"""α₀ at or above which a head counts as a sink when picking low-entropy heads (the sink probe's ε)."""
-
-
-def pick_heads(pattern: AttentionPattern, count: int = 4) -> list[tuple[int, int, str]]:
-    """``(layer, head, label)`` of up to ``count`` heads with the largest mean α₀ (``"sink α₀=0.93"``), then up to
-    ``count`` others with the lowest mean normalised entropy (``"low entropy 0.12"``) among the heads that are not
-    sinks (α₀ < SINK_EPSILON, Gu et al.'s ε = 0.3): on models with many dormant heads the sharpest heads are sinks
-    too, and the viewer would show the same all-on-key-0 pattern eight times."""
-    alpha0, entropy = head_scores(pattern)
-    num_heads = len(pattern.heads)
-    picked: list[tuple[int, int, str]] = []
-    for flat in torch.argsort(alpha0.reshape(-1), descending=True, stable=True)[:count].tolist():
-        layer, head = pattern.layers[flat // num_heads], pattern.heads[flat % num_heads]
-        picked.append((layer, head, f"sink α₀={alpha0.reshape(-1)[flat]:.2f}"))
-    chosen = {(layer, head) for layer, head, _ in picked}
-    added = 0
-    for flat in torch.argsort(entropy.reshape(-1), stable=True).tolist():
-        layer, head = pattern.layers[flat // num_heads], pattern.heads[flat % num_heads]
-        if added == count:
-            break
-        sink = float(alpha0.reshape(-1)[flat]) >= SINK_EPSILON
-        if (layer, head) not in chosen and not sink and math.isfinite(float(entropy.reshape(-1)[flat])):
-            picked.append((layer, head, f"low entropy {entropy.reshape(-1)[flat]:.2f}"))
-            added += 1
-    return picked
-
-
-def pattern_json(pattern: AttentionPattern, chosen: Sequence[tuple[int, int, str]], selection: str) -> dict[str, Any]:
-    """The results.json ``"patterns"`` object (docs/patterns.md) for batch row 0 of ``pattern``."""
-    heads = []
-    for layer, head, label in chosen[:MAX_PATTERN_HEADS]:
-        matrix = pattern.get(layer, head).tolist()
-        offset = len(matrix[0]) - len(matrix) if matrix else 0
-        rows = [[round(w, 4) for w in (row[: offset + i + 1] if pattern.causal else row)]
-                for i, row in enumerate(matrix)]
-        heads.append({"layer": layer, "head": head, "label": label, "probs": rows})
-    return {"window": 0, "tokens": pattern.tokens_of(0) or [], "causal": pattern.causal, "selection": selection,
-            "heads": heads}
-
-
-def report_patterns(loaded: Any, windows: Any, pattern_heads: str, pattern_tokens: int) -> dict[str, Any] | None:
-    """The report viewer's ``"patterns"`` object: the first ``pattern_tokens`` tokens of the first window, run
-    alone in one extra forward pass (all heads for ``"auto"``, then the chosen ones kept; only the named heads for
-    ``"L.H,..."``); None for ``"none"`` or a model the Session refuses (logged once).
-
-    Args:
-        loaded: a LoadedModel. windows: an :class:`attnlab.text.Windows` (``windows.windows[0]["ids"]``).
-        pattern_heads: ``"auto"`` | ``"none"`` | ``"L.H,L.H"``. pattern_tokens: at most this many tokens.
-
-    Raises:
-        ConfigError: an explicit head outside the model (checked first).
-    """
-    pairs = check_pattern_heads(loaded.facts, pattern_heads)
-    if pattern_heads == "none" or not windows.windows:
-        return None
-    ids = torch.tensor([windows.windows[0]["ids"][:pattern_tokens]], dtype=torch.long)
-    layers = None if pairs is None else sorted({layer for layer, _ in pairs})
-    heads = None if pairs is None else sorted({head for _, head in pairs})
-    try:
-        pattern = attention_pattern(loaded, ids, layers=layers, heads=heads)
-    except UnsupportedModelError as error:
-        logger.warning("no attention patterns for the report viewer: %s", error)
-        return None
-    if pairs is None:
-        return pattern_json(pattern, pick_heads(pattern), "auto")
-    return pattern_json(pattern, [(layer, head, "") for layer, head in pairs], "explicit")
-

@@ -5,8 +5,9 @@ id="pattern-data">`` block; ``templates/viewer.js`` (inline, allowed by the page
 the SHA-256 hash of its exact text, see :func:`script_hash`) colours the tokens when one is clicked or hovered.
 Without JavaScript the tokens are still listed. Pure: reads only its arguments and the script file.
 
-Format of ``results["patterns"]`` (docs/results.md): ``window`` (int), ``tokens`` (n ≤ :data:`MAX_PATTERN_TOKENS`
-strings), ``causal`` (bool), ``selection`` (``"auto"``/``"explicit"``), ``heads`` (≤ :data:`MAX_PATTERN_HEADS`
+Format of ``results["patterns"]`` (docs/results.md): ``window`` (int), ``tokens`` (2 ≤ n ≤ 256 strings, the bounds
+of ``--pattern-tokens``: :data:`attnlab.config.PATTERN_TOKENS_RANGE`), ``causal`` (bool), ``selection``
+(``"auto"``/``"explicit"``), ``heads`` (≤ :data:`attnlab.config.MAX_PATTERN_HEADS`
 dicts ``{"layer", "head", "label", "probs"}``; ``probs`` row i = the weights query i puts on keys 0..len-1, of length
 i+1 when causal, n otherwise; floats (probabilities, rounded to 4 d.p.) or null).
 """
@@ -22,16 +23,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from attnlab.config import MAX_PATTERN_HEADS, PATTERN_TOKENS_RANGE
 from attnlab.errors import ConfigError
 from attnlab.report.formatting import token_segments, visible_token
 
-__all__ = ["MAX_PATTERN_HEADS", "MAX_PATTERN_TOKENS", "SCALE", "check_patterns", "pattern_json", "script_hash",
-           "viewer_script", "viewer_section"]
+__all__ = ["SCALE", "check_patterns", "script_hash", "token_title", "viewer_payload", "viewer_script",
+           "viewer_section"]
 
-MAX_PATTERN_HEADS = 16
-"""At most this many heads in ``results["patterns"]["heads"]``."""
-MAX_PATTERN_TOKENS = 256
-"""At most this many tokens in ``results["patterns"]["tokens"]``."""
 SCALE = 10_000
 """Weights travel to the page as integers in units of 1/SCALE (the 4 decimal places of results.json), which keeps
 the page about half the size of float text; the script divides them back."""
@@ -61,19 +59,23 @@ def _bad(message: str) -> ConfigError:
 def check_patterns(patterns: Any) -> None:
     """Raise ConfigError (one line) unless ``patterns`` has the format of the module docstring.
 
-    Checks the types, the bounds (:data:`MAX_PATTERN_HEADS` heads, 2..:data:`MAX_PATTERN_TOKENS` tokens) and every
-    row's length (i+1 for query i when causal, n otherwise); values must be finite numbers in [0, 1] or null.
+    Checks the types (``causal`` a real bool when given, default true), the bounds (1..:data:`MAX_PATTERN_HEADS`
+    heads, :data:`PATTERN_TOKENS_RANGE` tokens) and every row's length (i+1 for query i when causal, n otherwise);
+    values must be finite numbers in [0, 1] or null.
     """
     if not isinstance(patterns, Mapping):
         raise _bad(f"expected an object, got {type(patterns).__name__}")
     tokens, heads = patterns.get("tokens"), patterns.get("heads")
     if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
         raise _bad("'tokens' must be a list of strings")
-    if not 1 <= len(tokens) <= MAX_PATTERN_TOKENS:
-        raise _bad(f"{len(tokens)} tokens; expected 1..{MAX_PATTERN_TOKENS}")
+    low, high = PATTERN_TOKENS_RANGE
+    if not low <= len(tokens) <= high:
+        raise _bad(f"{len(tokens)} tokens; expected {low}..{high}")
     if not isinstance(heads, list) or not 1 <= len(heads) <= MAX_PATTERN_HEADS:
         raise _bad(f"'heads' must be a list of 1..{MAX_PATTERN_HEADS} heads")
-    causal = bool(patterns.get("causal", True))
+    causal = patterns.get("causal", True)
+    if not isinstance(causal, bool):
+        raise _bad(f"'causal' must be true or false, got {causal!r}")
     n = len(tokens)
     for number, head in enumerate(heads):
         where = f"heads[{number}]"
@@ -98,7 +100,12 @@ def check_patterns(patterns: Any) -> None:
                     raise _bad(f"{where}.probs[{query}] holds {value!r}; expected weights in [0, 1] or null")
 
 
-def pattern_json(patterns: Mapping[str, Any]) -> str:
+def token_title(position: int, token: str) -> str:
+    """A token span's tooltip, ``position 3 · 'tok'`` (the text viewer.js restores when nothing is chosen)."""
+    return f"position {position} · '{visible_token(token)}'"
+
+
+def viewer_payload(patterns: Mapping[str, Any]) -> str:
     """The page's data block: JSON safe to place between ``<script type="application/json">`` tags.
 
     ``{"tokens": [visible token strings], "causal": bool, "scale": SCALE, "heads": [{"layer", "head", "label",
@@ -107,7 +114,7 @@ def pattern_json(patterns: Mapping[str, Any]) -> str:
     """
     data = {
         "tokens": [visible_token(token) for token in patterns["tokens"]],
-        "causal": bool(patterns.get("causal", True)),
+        "causal": patterns.get("causal", True),
         "scale": SCALE,
         "heads": [{"layer": head["layer"], "head": head["head"], "label": str(head.get("label") or ""),
                    "w": [[None if v is None else round(v * SCALE) for v in row] for row in head["probs"]]}
@@ -124,7 +131,7 @@ def viewer_section(results: Mapping[str, Any]) -> dict[str, Any] | None:
     """Template context of the ``patterns`` section, or None when ``results`` has no ``patterns``.
 
     Keys: ``window``, ``causal``, ``selection``, ``count`` (tokens), ``heads`` (option labels), ``tokens`` (display
-    segments and titles of each span), ``data`` (:func:`pattern_json`), ``script`` (:func:`viewer_script`) and
+    segments and titles of each span), ``data`` (:func:`viewer_payload`), ``script`` (:func:`viewer_script`) and
     ``hash`` (its CSP source). Raises ConfigError if ``patterns`` is malformed (:func:`check_patterns`).
     """
     patterns = results.get("patterns")
@@ -138,13 +145,13 @@ def viewer_section(results: Mapping[str, Any]) -> dict[str, Any] | None:
         heads.append(f"{text} — {head['label']}" if head.get("label") else text)
     return {
         "window": patterns.get("window", 0),
-        "causal": bool(patterns.get("causal", True)),
+        "causal": patterns.get("causal", True),
         "selection": str(patterns.get("selection") or ""),
         "count": len(patterns["tokens"]),
         "heads": heads,
-        "tokens": [{"segments": token_segments(token), "title": f"position {pos} · {token!r}"}
+        "tokens": [{"segments": token_segments(token), "title": token_title(pos, token)}
                    for pos, token in enumerate(patterns["tokens"])],
-        "data": pattern_json(patterns),
+        "data": viewer_payload(patterns),
         "script": script,
         "hash": script_hash(script),
     }

@@ -20,12 +20,14 @@
     return w === null ? null : w / data.scale;
   };
   const quoted = (pos) => "'" + data.tokens[pos] + "'";
+  const baseTitle = (pos) => "position " + pos + " · " + quoted(pos);  // as report/viewer.py token_title
 
   function clear() {
     for (const span of spans) {
       span.classList.remove("sel", "masked");
       span.removeAttribute("data-weight");
       span.style.background = span.style.color = "";
+      span.title = baseTitle(Number(span.dataset.pos));
     }
     readout.textContent = "Click or hover a token.";
   }
@@ -41,14 +43,14 @@
       if (w === null) {
         span.removeAttribute("data-weight");
         span.style.background = span.style.color = "";
-        span.title = "position " + k + " · " + quoted(k) + " · masked";
+        span.title = baseTitle(k) + " · masked";
         return;
       }
       const shade = w / max;
       span.dataset.weight = w.toFixed(4);
       span.style.background = "rgba(31, 95, 174, " + shade.toFixed(3) + ")";
       span.style.color = shade > 0.55 ? "#fff" : "";
-      span.title = "position " + k + " · " + quoted(k) + " · weight " + w.toFixed(4);
+      span.title = baseTitle(k) + " · weight " + w.toFixed(4);
     });
     const top = weights.map((w, k) => [w, k]).filter(([w]) => w !== null)
       .sort((a, b) => b[0] - a[0] || a[1] - b[1]).slice(0, 5)
@@ -109,8 +111,9 @@
     const index = data.heads.findIndex((h) => h.layer + "." + h.head === params.get("pattern"));
     if (index >= 0) { select.selectedIndex = state.head = index; }
     if (params.get("mode") === "row" || params.get("mode") === "column") setMode(params.get("mode"));
-    const token = spans[Number(params.get("token"))];
-    if (params.has("token") && token) token.dispatchEvent(new MouseEvent("click", { bubbles: true }));
+    const text = params.get("token");
+    const token = text !== null && /^[0-9]+$/.test(text) ? spans[Number(text)] : null;  // "" or junk: ignored
+    if (token) token.dispatchEvent(new MouseEvent("click", { bubbles: true }));
     update();
     root.scrollIntoView();
   }
