@@ -130,7 +130,10 @@ def build_observers(config: RunConfig) -> list[tuple[str, Any]]:
 
 
 class _LazyRunner:
-    """Builds the ModelRunner (and the --compare model's) on first use only."""
+    """Builds the ModelRunner (and the --compare model's) on first use only.
+
+    The compare model is loaded with its own tokenizer, or with ``--tokenizer`` when its folder has none; its
+    vocabulary must equal the run's (ConfigError otherwise)."""
 
     def __init__(self, loaded: Any, compare: str | None, load: ModelSpec, notify: Progress) -> None:
         self.loaded, self.compare, self.load, self.notify = loaded, compare, load, notify
@@ -147,11 +150,13 @@ class _LazyRunner:
         return self.runner
 
     def _other(self) -> Any:
-        from attnlab.capture.loading import load_model
+        from attnlab.capture.loading import lacks_tokenizer, load_model
         from attnlab.capture.runner import ModelRunner
 
         self.notify(0, 0, f"loading model {self.compare}")
-        other = load_model(self.compare, dtype=self.load.dtype, device=self.load.device, tokenizer=self.load.tokenizer)
+        # --tokenizer is the run's model's; the compare model keeps its own (checked below) unless it has none
+        tokenizer = self.load.tokenizer if lacks_tokenizer(self.compare) else None
+        other = load_model(self.compare, dtype=self.load.dtype, device=self.load.device, tokenizer=tokenizer)
         if other.tokenizer.get_vocab() != self.loaded.tokenizer.get_vocab():
             raise ConfigError(f"--compare {self.compare} uses a different tokenizer than {self.load.model}; CKA "
                               "needs the same tokens")
