@@ -141,8 +141,27 @@ def test_active_dormant_reports_each_head(text):
     assert "active_dormant: window 1/2 · head 3/8" in messages and "active_dormant: window 2/2 · head 8/8" in messages
     dones = [done for done, _, _ in seen]
     assert dones == sorted(dones)  # monotone
-    assert seen[-1][:2] == (2 + 2 * 8, 2 + 2 * 8)  # 2 attention windows + one pass per head per window
+    planned = 2 + 2 * 8 + 1  # 2 attention windows + one pass per head per window + the viewer's pattern pass
+    assert seen[-1][:2] == (planned, planned)
     assert all(done <= total for done, total, _ in seen if total)
+    # the total is planned from the start: the percentage never goes backwards (was 2/4 50% → 2/18 11%)
+    assert {total for _, total, _ in seen if total} == {planned}
+    percents = [100 * done // total for done, total, _ in seen if total]
+    assert percents == sorted(percents)
+
+
+def test_planned_steps_of_analyses_with_inner_steps():
+    from attnlab.analyses import ANALYSES
+    from attnlab.capture.architectures import model_facts
+
+    facts = model_facts(tiny_llama(num_heads=4, layers=3))
+    expected = [("active_dormant", {}, (12, 0)), ("active_dormant", {"layers": [1], "other_text": "b.txt"}, (4, 20)),
+                ("head_importance", {"layers": [0, 2]}, (8, 0)), ("head_overlap", {"other_text": "b.txt"}, (12, 60)),
+                ("length_collapse", {"lengths": (8, 16, 32)}, (1, 3)), ("inflection", {}, (1, 0))]
+    for name, args, steps in expected:  # 3 batches of 5 windows
+        analysis = ANALYSES.get(name)(**args)
+        analysis.facts = facts  # what prepare sets
+        assert analysis.planned_steps(3, 5) == steps, name
 
 
 def test_run_probes_progress_true_prints_lines(text, capsys, monkeypatch):
@@ -153,8 +172,10 @@ def test_run_probes_progress_true_prints_lines(text, capsys, monkeypatch):
     run_probes(RunConfig(text=text, seq_len=16, max_windows=2, bos="never", probes=("entropy",)), model=loaded,
                progress=True)
     err = capsys.readouterr().err.splitlines()
-    assert any(LINE.match(line) and "running attention probes 1/2 (50%)" in line and "ETA" in line for line in err)
-    assert LINE.match(err[-1]) and "done 2/2 (100%)" in err[-1]
+    # 2 windows and the viewer's pattern pass
+    assert any(LINE.match(line) and "running attention probes 1/3 (33%)" in line and "ETA" in line for line in err)
+    assert any(LINE.match(line) and "attention patterns 2/3 (66%)" in line for line in err)
+    assert LINE.match(err[-1]) and "done 3/3 (100%)" in err[-1]
 
 
 def test_cli_off_a_terminal_prints_periodic_lines(text, tmp_path):
@@ -168,7 +189,7 @@ def test_cli_off_a_terminal_prints_periodic_lines(text, tmp_path):
     lines = [line for line in result.output.splitlines() if LINE.match(line)]
     assert any(f"loading model {folder}" in line for line in lines)
     counted = [line for line in lines if "running attention probes" in line]
-    assert [re.search(r"(\d)/3 \(", line).group(1) for line in counted] == ["0", "1", "2"]
+    assert [re.search(r"(\d)/4 \(", line).group(1) for line in counted] == ["0", "1", "2"]  # + the pattern pass
     assert "ETA" in counted[-1] and "elapsed" in counted[-1]
 
 

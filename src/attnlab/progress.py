@@ -1,8 +1,9 @@
 """The progress callback every long-running function takes: ``progress(done, total, message)``.
 
 ``done`` and ``total`` count units of work (windows, forward passes, prompts …); ``total == 0`` means "unknown
-yet" (a spinner). ``done`` never decreases within one run; ``total`` may grow when a step reports finer work
-(an analysis's one pass per head).
+yet" (a spinner). ``done`` never decreases within one run; ``total`` is planned up front (an analysis's one pass
+per head included) so the percentage only grows, and changes only when a step reports a count that differs from
+the plan.
 
 Every function that takes ``progress=`` accepts:
 
