@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from attnlab.capture.loading import LoadedModel
 from attnlab.config import RunConfig
 from attnlab.errors import ConfigError
-from attnlab.progress import PlainLines, progress_interval, progress_to, resolve_progress, silent, stage
+from attnlab.progress import PlainLines, progress_interval, progress_to, silent, stage, takes_progress
 
 LINE = re.compile(r"^\[\d\d:\d\d:\d\d\] ")
 
@@ -82,15 +82,57 @@ def test_progress_arguments():
     def mine(done, total, message):
         pass
 
+    @takes_progress
+    def work(*, progress):
+        return progress
+
     for value, expected in ((None, silent), (False, silent), (mine, mine)):
         with progress_to(value) as notify:
             assert notify is expected
-        assert resolve_progress(value) is expected
+        assert work(progress=value) is expected
     with progress_to(True) as notify:  # pytest's stderr is not a terminal
         assert isinstance(notify, PlainLines)
-    assert isinstance(resolve_progress(True), PlainLines)
+    assert isinstance(work(progress=True), PlainLines)
     with pytest.raises(ConfigError, match="progress must be"), progress_to("yes"):
         pass
+
+
+def test_progress_true_is_a_bar_in_a_terminal_everywhere(monkeypatch):
+    """progress=True gives the same display in every API: a rich bar in a terminal (evaluate_variants and the
+    searches printed plain lines, or failed on True)."""
+    import rich.progress
+    from rich.console import Console
+
+    from attnlab.evaluation import runner, search
+
+    bars = []
+    real = rich.progress.Progress
+
+    def recording(*args, **kwargs):
+        bars.append(real(*args, **kwargs))
+        return bars[-1]
+
+    monkeypatch.setattr(rich.progress, "Progress", recording)
+    monkeypatch.setattr("rich.console.Console", lambda **kw: Console(file=io.StringIO(), force_terminal=True))
+    monkeypatch.setattr(search, "measure", lambda *args, **kwargs: {"nll": 1.0, "accuracy": 0.5, "entropy": 1.0})
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
+    found = search.zerotuning_search(None, [1, 2], [], gammas=(0.5,), progress=True)
+    assert [point["gamma"] for point in found["grid"]] == [0.5, 1.0] and len(bars) == 1
+    assert bars[0].tasks[0].completed == 2
+    rows, _ = runner.evaluate_variants(None, None, [], tasks=("perplexity",), ids=[], plans=[], bos_id=None,
+                                       seq_len=4, prompts=[], progress=True)
+    assert rows == [] and len(bars) == 2
+
+
+def test_events_get_a_line_of_their_own():
+    clock, stream = Clock(), io.StringIO()
+    lines = PlainLines(stream, interval=10, clock=clock, always=lambda message: message.startswith("eval"))
+    for step in range(1, 5):
+        lines(step, 8, f"step {step}/8: loss 1.0")
+        lines(step, 8, f"eval step {step}/8: loss 1.0")  # a new stage each time, and marked an event
+    lines(5, 8, "eval step 5/8: loss 0.5")  # same stage as the last line, printed as an event
+    out = stream.getvalue().splitlines()
+    assert sum("] eval step" in line for line in out) == 5
 
 
 class Fake:
