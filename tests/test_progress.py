@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from attnlab.capture.loading import LoadedModel
 from attnlab.config import RunConfig
 from attnlab.errors import ConfigError
-from attnlab.progress import PlainLines, progress_interval, progress_to, resolve_progress, silent, stage
+from attnlab.progress import PlainLines, progress_interval, progress_to, silent, stage, takes_progress
 
 LINE = re.compile(r"^\[\d\d:\d\d:\d\d\] ")
 
@@ -82,15 +82,57 @@ def test_progress_arguments():
     def mine(done, total, message):
         pass
 
+    @takes_progress
+    def work(*, progress):
+        return progress
+
     for value, expected in ((None, silent), (False, silent), (mine, mine)):
         with progress_to(value) as notify:
             assert notify is expected
-        assert resolve_progress(value) is expected
+        assert work(progress=value) is expected
     with progress_to(True) as notify:  # pytest's stderr is not a terminal
         assert isinstance(notify, PlainLines)
-    assert isinstance(resolve_progress(True), PlainLines)
+    assert isinstance(work(progress=True), PlainLines)
     with pytest.raises(ConfigError, match="progress must be"), progress_to("yes"):
         pass
+
+
+def test_progress_true_is_a_bar_in_a_terminal_everywhere(monkeypatch):
+    """progress=True gives the same display in every API: a rich bar in a terminal (evaluate_variants and the
+    searches printed plain lines, or failed on True)."""
+    import rich.progress
+    from rich.console import Console
+
+    from attnlab.evaluation import runner, search
+
+    bars = []
+    real = rich.progress.Progress
+
+    def recording(*args, **kwargs):
+        bars.append(real(*args, **kwargs))
+        return bars[-1]
+
+    monkeypatch.setattr(rich.progress, "Progress", recording)
+    monkeypatch.setattr("rich.console.Console", lambda **kw: Console(file=io.StringIO(), force_terminal=True))
+    monkeypatch.setattr(search, "measure", lambda *args, **kwargs: {"nll": 1.0, "accuracy": 0.5, "entropy": 1.0})
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
+    found = search.zerotuning_search(None, [1, 2], [], gammas=(0.5,), progress=True)
+    assert [point["gamma"] for point in found["grid"]] == [0.5, 1.0] and len(bars) == 1
+    assert bars[0].tasks[0].completed == 2
+    rows, _ = runner.evaluate_variants(None, None, [], tasks=("perplexity",), ids=[], plans=[], bos_id=None,
+                                       seq_len=4, prompts=[], progress=True)
+    assert rows == [] and len(bars) == 2
+
+
+def test_events_get_a_line_of_their_own():
+    clock, stream = Clock(), io.StringIO()
+    lines = PlainLines(stream, interval=10, clock=clock, always=lambda message: message.startswith("eval"))
+    for step in range(1, 5):
+        lines(step, 8, f"step {step}/8: loss 1.0")
+        lines(step, 8, f"eval step {step}/8: loss 1.0")  # a new stage each time, and marked an event
+    lines(5, 8, "eval step 5/8: loss 0.5")  # same stage as the last line, printed as an event
+    out = stream.getvalue().splitlines()
+    assert sum("] eval step" in line for line in out) == 5
 
 
 class Fake:
@@ -141,8 +183,27 @@ def test_active_dormant_reports_each_head(text):
     assert "active_dormant: window 1/2 · head 3/8" in messages and "active_dormant: window 2/2 · head 8/8" in messages
     dones = [done for done, _, _ in seen]
     assert dones == sorted(dones)  # monotone
-    assert seen[-1][:2] == (2 + 2 * 8, 2 + 2 * 8)  # 2 attention windows + one pass per head per window
+    planned = 2 + 2 * 8 + 1  # 2 attention windows + one pass per head per window + the viewer's pattern pass
+    assert seen[-1][:2] == (planned, planned)
     assert all(done <= total for done, total, _ in seen if total)
+    # the total is planned from the start: the percentage never goes backwards (was 2/4 50% → 2/18 11%)
+    assert {total for _, total, _ in seen if total} == {planned}
+    percents = [100 * done // total for done, total, _ in seen if total]
+    assert percents == sorted(percents)
+
+
+def test_planned_steps_of_analyses_with_inner_steps():
+    from attnlab.analyses import ANALYSES
+    from attnlab.capture.architectures import model_facts
+
+    facts = model_facts(tiny_llama(num_heads=4, layers=3))
+    expected = [("active_dormant", {}, (12, 0)), ("active_dormant", {"layers": [1], "other_text": "b.txt"}, (4, 20)),
+                ("head_importance", {"layers": [0, 2]}, (8, 0)), ("head_overlap", {"other_text": "b.txt"}, (12, 60)),
+                ("length_collapse", {"lengths": (8, 16, 32)}, (1, 3)), ("inflection", {}, (1, 0))]
+    for name, args, steps in expected:  # 3 batches of 5 windows
+        analysis = ANALYSES.get(name)(**args)
+        analysis.facts = facts  # what prepare sets
+        assert analysis.planned_steps(3, 5) == steps, name
 
 
 def test_run_probes_progress_true_prints_lines(text, capsys, monkeypatch):
@@ -153,8 +214,10 @@ def test_run_probes_progress_true_prints_lines(text, capsys, monkeypatch):
     run_probes(RunConfig(text=text, seq_len=16, max_windows=2, bos="never", probes=("entropy",)), model=loaded,
                progress=True)
     err = capsys.readouterr().err.splitlines()
-    assert any(LINE.match(line) and "running attention probes 1/2 (50%)" in line and "ETA" in line for line in err)
-    assert LINE.match(err[-1]) and "done 2/2 (100%)" in err[-1]
+    # 2 windows and the viewer's pattern pass
+    assert any(LINE.match(line) and "running attention probes 1/3 (33%)" in line and "ETA" in line for line in err)
+    assert any(LINE.match(line) and "attention patterns 2/3 (66%)" in line for line in err)
+    assert LINE.match(err[-1]) and "done 3/3 (100%)" in err[-1]
 
 
 def test_cli_off_a_terminal_prints_periodic_lines(text, tmp_path):
@@ -168,7 +231,7 @@ def test_cli_off_a_terminal_prints_periodic_lines(text, tmp_path):
     lines = [line for line in result.output.splitlines() if LINE.match(line)]
     assert any(f"loading model {folder}" in line for line in lines)
     counted = [line for line in lines if "running attention probes" in line]
-    assert [re.search(r"(\d)/3 \(", line).group(1) for line in counted] == ["0", "1", "2"]
+    assert [re.search(r"(\d)/4 \(", line).group(1) for line in counted] == ["0", "1", "2"]  # + the pattern pass
     assert "ETA" in counted[-1] and "elapsed" in counted[-1]
 
 

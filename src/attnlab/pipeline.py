@@ -130,7 +130,10 @@ def build_observers(config: RunConfig) -> list[tuple[str, Any]]:
 
 
 class _LazyRunner:
-    """Builds the ModelRunner (and the --compare model's) on first use only."""
+    """Builds the ModelRunner (and the --compare model's) on first use only.
+
+    The compare model is loaded with its own tokenizer, or with ``--tokenizer`` when its folder has none; its
+    vocabulary must equal the run's (ConfigError otherwise)."""
 
     def __init__(self, loaded: Any, compare: str | None, load: ModelSpec, notify: Progress) -> None:
         self.loaded, self.compare, self.load, self.notify = loaded, compare, load, notify
@@ -147,11 +150,13 @@ class _LazyRunner:
         return self.runner
 
     def _other(self) -> Any:
-        from attnlab.capture.loading import load_model
+        from attnlab.capture.loading import lacks_tokenizer, load_model
         from attnlab.capture.runner import ModelRunner
 
         self.notify(0, 0, f"loading model {self.compare}")
-        other = load_model(self.compare, dtype=self.load.dtype, device=self.load.device, tokenizer=self.load.tokenizer)
+        # --tokenizer is the run's model's; the compare model keeps its own (checked below) unless it has none
+        tokenizer = self.load.tokenizer if lacks_tokenizer(self.compare) else None
+        other = load_model(self.compare, dtype=self.load.dtype, device=self.load.device, tokenizer=tokenizer)
         if other.tokenizer.get_vocab() != self.loaded.tokenizer.get_vocab():
             raise ConfigError(f"--compare {self.compare} uses a different tokenizer than {self.load.model}; CKA "
                               "needs the same tokens")
@@ -160,21 +165,27 @@ class _LazyRunner:
 
 
 class _Tally:
-    """Overall progress of a run, in passes: one per window of the attention probes, and per analysis and batch
-    one, or as many inner steps as the analysis reports (:meth:`attnlab.analyses.base.Analysis.report_progress`,
-    e.g. one pass per head); later batches of that analysis are expected to take as many. ``done`` never
-    decreases; ``total`` grows when an analysis reports finer steps."""
+    """Overall progress of a run, in passes: one per window of the attention probes; per analysis and batch the
+    inner steps it plans (:meth:`attnlab.analyses.base.Analysis.planned_steps`, e.g. one pass per head; one for an
+    object without that method) and in its ``finish`` as many as it plans there; one for the viewer's pattern pass.
+    The total is known from the start, so the percentage only grows; an analysis that reports a different count
+    (:meth:`attnlab.analyses.base.Analysis.report_progress`) corrects it. ``done`` never decreases."""
 
-    def __init__(self, notify: Progress, batches: int, attention: bool, analyses: list[Any]) -> None:
-        self.notify, self.batches, self.done = notify, batches, 0
+    def __init__(self, notify: Progress, batches: int, attention: bool, analyses: list[Any], *,
+                 windows: int | None = None, extra: int = 0) -> None:
+        self.notify, self.batches, self.done, self.extra = notify, batches, 0, extra
         self.attention = batches if attention else 0
-        self.size = {id(obj): 1 for obj in analyses}  # passes per observe call
-        self.finish_size = {id(obj): 0 for obj in analyses}  # passes in finish (0 until reported)
+        self.size: dict[int, int] = {}  # passes per observe call
+        self.finish_size: dict[int, int] = {}  # passes in finish
+        for obj in analyses:
+            planned = getattr(obj, "planned_steps", None)
+            per_call, in_finish = planned(batches, batches if windows is None else windows) if planned else (1, 0)
+            self.size[id(obj)], self.finish_size[id(obj)] = per_call, in_finish
 
     @property
     def total(self) -> int:
         planned = self.attention + sum(size * self.batches for size in self.size.values())
-        return max(self.done, planned + sum(self.finish_size.values()))
+        return max(self.done, planned + sum(self.finish_size.values()) + self.extra)
 
     def step(self, message: str, advance: int = 0) -> None:
         self.done += advance
@@ -214,8 +225,9 @@ def run_probes(config: RunConfig, *, progress: ProgressArg = None, model: Any = 
         AssetError: a bundled asset cannot be fetched or verified.
 
     ``progress``: None (silent), True (stderr: a bar with ETA in a terminal, else plain lines) or a callable
-    ``(done, total, message)`` (:mod:`attnlab.progress`). Counts are passes: windows of the attention probes, then
-    per analysis and batch one pass or its inner steps (``active_dormant: window 1/2 · head 37/270``).
+    ``(done, total, message)`` (:mod:`attnlab.progress`). Counts are passes, all planned before the first: windows
+    of the attention probes, then per analysis and batch one pass or its inner steps (``active_dormant: window 1/2 ·
+    head 37/270``), then the viewer's pattern pass.
     """
     with progress_to(progress) as notify:
         return _run_probes(config, notify, model, tokenizer, command)
@@ -250,7 +262,8 @@ def _run_probes(config: RunConfig, notify: Progress, model: Any, tokenizer: Any,
         runner.runner.bos_policy = "always" if windows.bos_added else "never"
     attention = [obj for kind, obj in observers if kind == "attention"]
     driving = [obj for kind, obj in observers if kind != "attention"]
-    tally = _Tally(notify, len(windows), bool(attention), driving)
+    viewer = config.run.pattern_heads != "none"
+    tally = _Tally(notify, len(windows), bool(attention), driving, windows=len(windows.windows), extra=int(viewer))
     paths: dict[int, str] = {}
     if attention:
         session = Session(loaded.model, probes=attention, block_size=config.run.block_size,
@@ -270,6 +283,7 @@ def _run_probes(config: RunConfig, notify: Progress, model: Any, tokenizer: Any,
         with tally.call(obj, f"{obj.name}: finishing", finish=True):
             obj.finish(runner.get())
     patterns = _viewer_patterns(loaded, windows, config, tally)
+    tally.done += int(viewer)  # the pattern pass, planned as one
     notify(tally.done, tally.done, "done")
 
     def decode(token_id: int) -> str:

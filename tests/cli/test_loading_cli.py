@@ -125,3 +125,32 @@ def test_tokenizer_larger_than_embedding_is_refused(folders, tmp_path):
     _, bare, text = folders
     result = _run("report", bare, text, tmp_path / "out", "--tokenizer", "smollm2-135m")
     assert_one_line_error(result, 2, "tokens but the model embeds only 97")
+
+
+def _other_tokenizer():
+    """A word-level tokenizer whose ids differ from tiny_tokenizer's (the words in reverse order)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = list(dict.fromkeys(WORDS))[::-1]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def test_compare_with_its_own_tokenizer_is_checked_under_tokenizer_option(folders, tmp_path):
+    """--tokenizer is for the run's model; a --compare folder with its own, different tokenizer is still refused."""
+    good, bare, text = folders
+    other = save_model_dir(tmp_path / "other", tiny_llama(seed=1), _other_tokenizer())
+    result = _run("probe", bare, text, tmp_path / "out", "--tokenizer", str(good), "--probe", "cka",
+                  "--compare", str(other))
+    assert_one_line_error(result, 2, f"--compare {other} uses a different tokenizer")
+    assert not (tmp_path / "out").exists()
+
+
+def test_compare_folder_without_tokenizer_takes_tokenizer_option(folders, tmp_path):
+    good, bare, text = folders
+    result = _run("probe", bare, text, tmp_path / "out", "--tokenizer", str(good), "--probe", "cka",
+                  "--compare", str(bare))
+    assert result.exit_code == 0, result.output

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pytest
 import yaml
@@ -13,6 +14,8 @@ from attnlab.cli.main import app
 from cli.helpers import assert_one_line_error
 
 runner = CliRunner()
+LINE = re.compile(r"^\[\d\d:\d\d:\d\d\] ")  # a plain progress line (attnlab.progress.PlainLines)
+LINE_START = len("[00:00:00] ")
 TINY = ["--layer", "masked", "--task", "mqar", "--task-arg", "vocab_size=24", "--task-arg", "seq_len=16",
         "--task-arg", "num_kv_pairs=2", "--layers", "1", "--width", "16", "--heads", "2", "--batch-size", "8",
         "--eval-batches", "1"]
@@ -47,11 +50,14 @@ def test_train_writes_every_file(trained):
     assert html.count("data:image/png") >= 5  # loss, accuracy, lr, sink rate, entropy curves
 
 
-def test_without_a_terminal_one_line_per_evaluation(trained):
+def test_without_a_terminal_one_line_per_evaluation_and_step_lines_with_counts_and_eta(trained):
     result, _ = trained
-    lines = [line for line in result.output.splitlines() if line.startswith("eval step")]
-    assert [line.split(":")[0] for line in lines] == ["eval step 0/4", "eval step 2/4", "eval step 4/4"]
-    assert not any(line.startswith("step ") for line in result.output.splitlines())
+    lines = [line for line in result.output.splitlines() if LINE.match(line)]
+    evals = [line[LINE_START:].split(":")[0] for line in lines if line[LINE_START:].startswith("eval step")]
+    assert evals == ["eval step 0/4", "eval step 2/4", "eval step 4/4"]  # every evaluation, once
+    steps = [line for line in lines if line[LINE_START:].startswith("step ")]  # not every update: on a new stage
+    assert 0 < len(steps) < 4 and all("elapsed" in line for line in steps)
+    assert any(re.search(r" [1-3]/4 \(\d+%\) · .* · ETA \d", line) for line in steps), steps
 
 
 def test_non_empty_out_needs_resume_or_force(trained, tmp_path):
@@ -168,6 +174,9 @@ def test_sweep_runs_two_jobs_in_parallel_and_writes_one_table(tmp_path):
     html = (out / "report.html").read_text()
     assert 'id="sweep"' in html and "Best of the learning rates" in html
     assert (out / "configs" / f"{rows[0]['job']}.yaml").is_file() and (out / "logs" / f"{rows[0]['job']}.log").is_file()
+    jobs = [line for line in result.output.splitlines() if LINE.match(line) and " job " in line]
+    assert len(jobs) == 2 and all(re.search(r": ok · [12]/2 \(", line) for line in jobs), result.output
+    assert "ETA" in jobs[0] and "2/2 (100%)" in jobs[1]  # one job left after the first: an ETA for it
 
 
 @pytest.mark.parametrize(("grid", "fragment"), [

@@ -8,6 +8,7 @@ per (layer, head).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -62,3 +63,9 @@ def head_effects(runner: Runner, batch: dict[str, Tensor], mode: str, layers: li
                 kl[:, layer, head] = ((token_kl * base.target_valid).sum(-1).double() / count).cpu()
                 report(number * H + head + 1, len(chosen) * H, "head")
     return base_loss.double(), loss_change, kl
+
+
+def head_passes(facts: Any, layers: list[int] | None) -> int:
+    """How many single-head passes :func:`head_effects` makes per batch (its progress total):
+    ``len(layers)`` (default every layer) × num_heads."""
+    return (facts.num_layers if layers is None else len(layers)) * facts.num_heads

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from attnlab.analyses import ANALYSES
-from attnlab.analyses._ablation import check_layers, head_effects
+from attnlab.analyses._ablation import check_layers, head_effects, head_passes
 from attnlab.analyses.base import Analysis, Runner
 from attnlab.errors import ConfigError
 from attnlab.facts import ModelFacts
@@ -108,6 +108,11 @@ class ActiveDormantAnalysis(Analysis):
         self.per_window: list[tuple[str, Tensor]] = []  # (window label, loss_change (L, H))
         self.windows_seen = 0
         self.dormant_b, self.tested_b = zeros(), zeros()
+
+    def planned_steps(self, batches: int, windows: int) -> tuple[int, int]:
+        """One pass per tested head and batch; text B adds as many per window (at most the run's windows)."""
+        per_batch = head_passes(self.facts, self.layers)
+        return per_batch, (windows * per_batch if self.other_text is not None else 0)
 
     def finish(self, runner: Runner) -> None:
         if self.other_text is None or not self.per_window:

@@ -124,8 +124,8 @@ class Analysis(Measurement):
     """Base class of every analysis. Subclasses override the hooks they use; ``@ANALYSES.register`` names them.
 
     An analysis that makes many passes inside one ``observe`` or ``finish`` call (one per head) reports them with
-    :meth:`report_progress`; the pipeline turns that into overall progress (``active_dormant: window 1/2 · head
-    37/270``).
+    :meth:`report_progress` and declares their number after ``prepare`` (:meth:`planned_steps`); the pipeline turns
+    that into overall progress (``active_dormant: window 1/2 · head 37/270``) whose total is known from the start.
 
     Attributes:
         needs_compare: True if the analysis compares two models (``attnlab probe --compare OTHER``).
@@ -137,6 +137,12 @@ class Analysis(Measurement):
     def set_progress(self, hook: Callable[[int, int, str], None] | None) -> None:
         """Set (or clear, with None) where :meth:`report_progress` goes; the pipeline sets it around each call."""
         self._progress_hook = hook
+
+    def planned_steps(self, batches: int, windows: int) -> tuple[int, int]:
+        """The inner steps this analysis will report, for overall progress planned from the start: ``(per
+        observe call, in finish)`` for a run of ``batches`` batches holding ``windows`` windows; called after
+        :meth:`prepare`. The default ``(1, 0)``: each ``observe`` call is one step and ``finish`` reports none."""
+        return 1, 0
 
     def report_progress(self, done: int, total: int, what: str) -> None:
         """Report ``done`` of ``total`` inner steps of the current ``observe``/``finish`` call; ``what`` names the

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from attnlab.analyses import ANALYSES
-from attnlab.analyses._ablation import check_layers, head_effects
+from attnlab.analyses._ablation import check_layers, head_effects, head_passes
 from attnlab.analyses.base import Analysis, Runner
 from attnlab.errors import ConfigError
 from attnlab.facts import ModelFacts
@@ -62,6 +62,10 @@ class HeadImportanceAnalysis(Analysis):
         self.loss_sum = torch.zeros(L, H, dtype=torch.float64)
         self.kl_sum = torch.zeros(L, H, dtype=torch.float64)
         self.tested = torch.zeros(L, H, dtype=torch.float64)
+
+    def planned_steps(self, batches: int, windows: int) -> tuple[int, int]:
+        """One pass per ablated head and batch."""
+        return head_passes(self.facts, self.layers), 0
 
     def observe(self, runner: Runner, batch: dict[str, Tensor]) -> None:
         _, change, kl = head_effects(runner, batch, "zero", self.layers, progress=self.report_progress)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from attnlab.analyses import ANALYSES
-from attnlab.analyses._ablation import head_effects
+from attnlab.analyses._ablation import head_effects, head_passes
 from attnlab.analyses.base import Analysis, Runner
 from attnlab.analyses.head_importance import HeadImportanceAnalysis, top_heads
 from attnlab.errors import ConfigError
@@ -55,6 +55,11 @@ class HeadOverlapAnalysis(HeadImportanceAnalysis):
         _, change, _ = head_effects(runner, batch, "zero", self.layers, progress=self.report_progress)
         self.per_window.extend(change)
         self._seq_len = batch["input_ids"].shape[1]
+
+    def planned_steps(self, batches: int, windows: int) -> tuple[int, int]:
+        """One pass per ablated head and batch; text B adds as many per window (at most the run's windows)."""
+        per_batch = head_passes(self.facts, self.layers)
+        return per_batch, (windows * per_batch if self.other_text is not None else 0)
 
     def finish(self, runner: Runner) -> None:
         if self.other_text is None:

@@ -97,6 +97,10 @@ class LengthCollapseAnalysis(Analysis):
         for row, ok in zip(batch["input_ids"].tolist(), valid.tolist()):
             self.ids.extend(t for t, real in zip(row, ok) if real and t not in specials)
 
+    def planned_steps(self, batches: int, windows: int) -> tuple[int, int]:
+        """Each batch is one step (its tokens are only collected); ``finish`` has one step per length."""
+        return 1, len(self.lengths)
+
     def finish(self, runner: Runner) -> None:
         limit = self.facts.max_positions or 10**9
         spacing = len(self.ids) // self.count

@@ -167,6 +167,13 @@ def _has_tokenizer(folder: Path) -> bool:
     return any((folder / name).is_file() for name in TOKENIZER_FILES)
 
 
+def lacks_tokenizer(name_or_path: str | os.PathLike[str]) -> bool:
+    """True for a local model folder without tokenizer files (it needs ``tokenizer=``); False for anything else
+    (a folder with a tokenizer, a ``.gguf`` file, a bundled name, a hub id, a missing path)."""
+    path = Path(os.fspath(name_or_path)).expanduser()
+    return path.is_dir() and not _has_tokenizer(path)
+
+
 def _check_folder(folder: Path, *, need_tokenizer: bool = True) -> None:
     """A model folder must have a valid config.json, safetensors weights (pickles are refused) and, unless the
     tokenizer comes from elsewhere (``need_tokenizer=False``), a tokenizer."""

@@ -110,16 +110,17 @@ def print_config(config: Any, **more: Any) -> None:
     stderr.print(f"config: {settings}", markup=False, style="dim")
 
 
-def with_progress(work: Callable[[Any], Any]) -> Any:
+def with_progress(work: Callable[[Any], Any], *, always: Callable[[str], bool] | None = None) -> Any:
     """Run ``work(progress)`` with progress on stderr (:func:`attnlab.progress.progress_to`): a rich bar with
     elapsed time and ETA in a terminal, otherwise plain timestamped lines with counts and ETA (when the stage
-    changes, else at most every ``$ATTNLAB_PROGRESS_INTERVAL`` seconds, default 10)."""
+    changes, else at most every ``$ATTNLAB_PROGRESS_INTERVAL`` seconds, default 10). Messages ``always`` marks
+    (evaluations during training, finished sweep jobs) get a line of their own in both cases."""
     from transformers.utils import logging as hf_logging
 
     from attnlab.progress import progress_to
 
     hf_logging.disable_progress_bar()  # one progress display (ours), not transformers' per-step ones
-    with progress_to(True, console=stderr) as progress:
+    with progress_to(True, console=stderr, always=always) as progress:
         return work(progress)
 
 

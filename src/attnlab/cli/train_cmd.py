@@ -17,7 +17,9 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from attnlab.cli.options import ConfigFile, Debug, Seed, merge_config, print_config, run_guarded, stderr
+from attnlab.cli.options import (
+    ConfigFile, Debug, Seed, merge_config, print_config, run_guarded, stderr, with_progress,
+)
 from attnlab.lab.train import TrainConfig
 
 _MODEL = "Model"
@@ -248,31 +250,12 @@ def run_train(ctx: typer.Context, config_path: Path | None, *, resume: bool, for
 
 
 def with_train_progress(work: Any) -> Any:
-    """Run ``work(progress)``: a rich bar with the last loss and accuracy on a terminal; otherwise one stderr line
-    per evaluation. Messages other than the per-update ``step ...`` ones (evaluations, ``resuming from ...``) are
-    printed as lines in both cases."""
-    from transformers.utils import logging as hf_logging
+    """Run ``work(progress)`` with the training's progress on stderr (:func:`attnlab.cli.options.with_progress`):
+    a bar with ETA in a terminal, otherwise plain lines with counts and ETA; evaluations and ``resuming from ...``
+    get a line of their own in both cases (:func:`attnlab.lab.train.train_event`)."""
+    from attnlab.lab.train import train_event
 
-    hf_logging.disable_progress_bar()
-    if not stderr.is_terminal:
-        def lines(done: int, total: int, message: str) -> None:
-            if not message.startswith("step"):
-                stderr.print(message, markup=False)
-
-        return work(lines)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.progress import TimeRemainingColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), console=stderr, transient=False) as bar:
-        task = bar.add_task("starting", total=None)
-
-        def progress(done: int, total: int, message: str) -> None:
-            if not message.startswith("step"):
-                bar.console.print(message, markup=False, style="dim")
-            bar.update(task, description=message, completed=done, total=total or None)
-
-        return work(progress)
+    return with_progress(work, always=train_event)
 
 
 SweepFile = Annotated[Path, typer.Argument(help="Sweep YAML: grid (layers, widths, lrs, tasks) and train fields.")]
@@ -295,16 +278,14 @@ def sweep_command(
 
     def body() -> None:
         from attnlab.errors import ConfigError
-        from attnlab.lab.sweep import run_sweep
+        from attnlab.lab.sweep import run_sweep, sweep_event
         from attnlab.report.io import write_results
 
         if resume and force:
             raise ConfigError("--resume and --force exclude each other")
 
-        def progress(done: int, total: int, message: str) -> None:
-            stderr.print(f"[{done}/{total}] {message}", markup=False)
-
-        result = run_sweep(sweep_file, out, jobs=jobs, resume=resume, force=force, progress=progress)
+        result = with_progress(lambda progress: run_sweep(sweep_file, out, jobs=jobs, resume=resume, force=force,
+                                                          progress=progress), always=sweep_event)
         paths = write_results(out, result.results)
         typer.echo(f"report: {paths['html']}")
         typer.echo(f"files: {result.files['sweep']} {result.files['best']} {paths['json']} {paths['csv']}")

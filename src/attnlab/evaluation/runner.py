@@ -19,7 +19,7 @@ from attnlab.evaluation.config import BASELINE, EvalConfig, parse_variant
 from attnlab.evaluation.lm_tasks import (TokenScores, WindowPlan, plan_windows, position_bin, score_windows,
                                          stitch_windows)
 from attnlab.evaluation.passkey import PasskeyPrompt, answer_tokens, greedy_decode, is_correct, make_prompts, summarise
-from attnlab.progress import Progress, ProgressArg, progress_to, resolve_progress
+from attnlab.progress import Progress, ProgressArg, progress_to, takes_progress
 
 logger = logging.getLogger(__name__)
 
@@ -96,18 +96,20 @@ def _passkey_rows(label: str, summary: dict[str, list[dict[str, Any]]], accuracy
     return rows
 
 
+@takes_progress
 def evaluate_variants(model: Any, tokenizer: Any, variants: list[Variant], *, tasks: tuple[str, ...],
                       ids: list[int], plans: list[WindowPlan], bos_id: int | None, seq_len: int,
-                      prompts: list[PasskeyPrompt], device: str = "cpu", progress: Progress | None = None
+                      prompts: list[PasskeyPrompt], device: str = "cpu", progress: ProgressArg = None
                       ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Run every variant on the same windows and prompts; returns ``(rows, variant records)``.
 
     ``ids`` are the text tokens, ``plans`` the windows over them (:func:`plan_windows`), ``bos_id`` the token
     prepended to every window (None: none), ``prompts`` the passkey prompts (empty: no passkey task).
+    ``progress``: None, True (stderr: a bar in a terminal, else plain lines) or a callable (:mod:`attnlab.progress`).
     """
     import torch
 
-    notify = resolve_progress(progress)
+    notify: Progress = progress  # type: ignore[assignment]  # a Progress here (takes_progress)
     run_lm = any(task in tasks for task in LM_TASKS)
     units = (len(plans) if run_lm else 0) + (len(prompts) if "passkey" in tasks else 0)
     total, done = units * len(variants), 0

@@ -18,6 +18,8 @@ Both run the edit inside ``Session(model, edits=[...])`` (so an edit that never 
 and report every grid point, not only the winner. :func:`search_for_results` runs one of them on the run's own
 text, splitting the windows into a validation half (the search) and a test half (the chosen setting vs the
 baseline), and stores the outcome under ``results["eval"]["search"]`` and as rows ``search_<kind>@<variant>``.
+Each takes ``progress=``: None, True (stderr: a bar in a terminal, else plain lines) or a callable
+``(done, total, message)`` (:mod:`attnlab.progress`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any
 
 from attnlab.errors import ConfigError
 from attnlab.evaluation.lm_tasks import WindowPlan, score_windows, stitch_windows
-from attnlab.progress import Progress
+from attnlab.progress import Progress, ProgressArg, takes_progress
 
 DEFAULT_GAMMAS = (0.5, 0.7, 0.85, 1.0, 1.2, 1.5, 2.0)
 
@@ -54,10 +56,11 @@ def measure(model: Any, ids: list[int], plans: Sequence[WindowPlan], edits: list
             "entropy": entropy / count, "tokens": count}
 
 
+@takes_progress
 def zerotuning_search(model: Any, ids: list[int], plans: Sequence[WindowPlan], *,
                       gammas: Sequence[float] = DEFAULT_GAMMAS, layers: Any = None, heads: Any = None,
                       supervised: str = "accuracy", group: dict[int, list[int]] | None = None,
-                      bos_id: int | None = None, device: str = "cpu", progress: Progress | None = None
+                      bos_id: int | None = None, device: str = "cpu", progress: ProgressArg = None
                       ) -> dict[str, Any]:
     """Grid over ZeroTuning's γ on ``plans`` (the validation windows); both selection rules applied.
 
@@ -80,7 +83,7 @@ def zerotuning_search(model: Any, ids: list[int], plans: Sequence[WindowPlan], *
     if group is not None and (layers is not None or heads is not None or not group):
         raise ConfigError("give either a non-empty group {layer: [heads]} or layers/heads, not both")
     grid_values = sorted({float(g) for g in gammas} | {1.0})
-    notify = progress or (lambda done, total, message: None)
+    notify: Progress = progress  # type: ignore[assignment]  # a Progress here (takes_progress)
     grid = []
     for index, gamma in enumerate(grid_values):
         notify(index, len(grid_values), f"zerotuning search: γ={gamma:g}")
@@ -102,9 +105,10 @@ def zerotuning_search(model: Any, ids: list[int], plans: Sequence[WindowPlan], *
             "group": None if group is None else {layer: list(hs) for layer, hs in group.items()}}
 
 
+@takes_progress
 def zerotuning_profile(model: Any, ids: list[int], plans: Sequence[WindowPlan], *, up: float = 1.5,
                        down: float = 0.5, layers: Sequence[int] | None = None, criterion: str = "loss",
-                       bos_id: int | None = None, device: str = "cpu", progress: Progress | None = None
+                       bos_id: int | None = None, device: str = "cpu", progress: ProgressArg = None
                        ) -> dict[str, Any]:
     """ZeroTuning head profiling (METHODS.md #13, steps 1-2): per head, γ = ``up`` and γ = ``down`` alone on ``plans``.
 
@@ -126,7 +130,7 @@ def zerotuning_profile(model: Any, ids: list[int], plans: Sequence[WindowPlan], 
         raise ConfigError(f"criterion must be 'loss' or 'accuracy', got {criterion!r}")
     num_layers, num_heads, _ = attention_sizes(model)
     searched = list(range(num_layers)) if layers is None else list(layers)
-    notify = progress or (lambda done, total, message: None)
+    notify: Progress = progress  # type: ignore[assignment]  # a Progress here (takes_progress)
     base = measure(model, ids, plans, [], bos_id=bos_id, device=device)
 
     def gain(got: dict[str, float]) -> float:  # > 0: better than the unedited model
@@ -150,9 +154,10 @@ def zerotuning_profile(model: Any, ids: list[int], plans: Sequence[WindowPlan], 
     return {"baseline": base, "heads": heads, "groups": groups, "up": up, "down": down, "criterion": criterion}
 
 
+@takes_progress
 def act_head_search(model: Any, ids: list[int], plans: Sequence[WindowPlan], *, beta: float = 0.4,
                     theta: float = 0.1, layers: Sequence[int] | None = None, criterion: str = "loss",
-                    bos_id: int | None = None, device: str = "cpu", progress: Progress | None = None
+                    bos_id: int | None = None, device: str = "cpu", progress: ProgressArg = None
                     ) -> dict[str, Any]:
     """ACT head selection: calibrate one (layer, head) at a time on ``plans``; keep those that do not hurt.
 
@@ -179,7 +184,7 @@ def act_head_search(model: Any, ids: list[int], plans: Sequence[WindowPlan], *, 
     searched = list(range(num_layers)) if layers is None else list(layers)
     if any(not 0 <= layer < num_layers for layer in searched):
         raise ConfigError(f"layers must be in 0..{num_layers - 1}, got {searched}")
-    notify = progress or (lambda done, total, message: None)
+    notify: Progress = progress  # type: ignore[assignment]  # a Progress here (takes_progress)
     total = len(searched) * (num_heads + 1) + 1
     done = 0
     notify(done, total, "act search: baseline")
@@ -214,8 +219,9 @@ def _split(plans: Sequence[WindowPlan]) -> tuple[list[WindowPlan], list[WindowPl
     return list(plans[:half]), list(plans[half:])
 
 
+@takes_progress
 def search_for_results(results: dict[str, Any], kind: str, model: Any, tokenizer: Any, *,
-                       progress: Progress | None = None) -> dict[str, Any]:
+                       progress: ProgressArg = None) -> dict[str, Any]:
     """Run ``kind`` (``zerotuning`` or ``act``) on the windows of an eval run and add it to ``results``.
 
     The windows of ``results["windows"]`` are split in half: the first half is the validation/calibration set the

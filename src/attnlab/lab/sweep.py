@@ -47,7 +47,8 @@ from attnlab.lab.train import TrainConfig, make_task
 from attnlab.io_utils import atomic_write_text as write_text
 from attnlab.progress import Progress, ProgressArg, progress_to
 
-__all__ = ["BEST_COLUMNS", "SWEEP_COLUMNS", "SweepJob", "SweepResult", "best_of_lrs", "load_sweep", "run_sweep"]
+__all__ = ["BEST_COLUMNS", "SWEEP_COLUMNS", "SweepJob", "SweepResult", "best_of_lrs", "load_sweep", "run_sweep",
+           "sweep_event"]
 
 GRID_KEYS = {"layers": "layer", "widths": "width", "lrs": "lr", "tasks": "task"}
 SWEEP_COLUMNS = ("job", "layer", "layer_args", "width", "lr", "task", "task_args", "status", "steps",
@@ -273,10 +274,16 @@ def run_sweep(path: str | Path, out: str | Path, *, jobs: int = 1, resume: bool 
     aside) is kept as it is and one with a checkpoint of the same config continues (``--resume``); a job whose
     saved config differs from the sweep file's (the file was edited) runs again from scratch (``--force``). Each process gets ``OMP_NUM_THREADS = cpus // jobs`` unless the
     environment sets it. Raises ConfigError/RegistryError before any job runs on a bad file or ``jobs < 1``.
-    ``progress``: None, True (stderr) or a callable ``(done, total, message)`` (:mod:`attnlab.progress`).
+    ``progress``: None, True (stderr: a bar with ETA in a terminal, else plain lines with counts and ETA; each
+    finished job gets a line, :func:`sweep_event`) or a callable ``(done, total, message)`` (:mod:`attnlab.progress`).
     """
-    with progress_to(progress) as notify:
+    with progress_to(progress, always=sweep_event) as notify:
         return _run_sweep(path, out, jobs=jobs, resume=resume, force=force, notify=notify)
+
+
+def sweep_event(message: str) -> bool:
+    """True for a progress message of :func:`run_sweep` that gets a line of its own: a finished job."""
+    return message.startswith("job ")
 
 
 def _run_sweep(path: str | Path, out: str | Path, *, jobs: int, resume: bool, force: bool, notify: Progress

@@ -46,7 +46,8 @@ from attnlab.progress import Progress, ProgressArg, progress_to
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "TrainResult", "TrainingInterrupted", "learning_rate", "load_train_config", "train"]
+__all__ = ["TrainConfig", "TrainResult", "TrainingInterrupted", "learning_rate", "load_train_config", "train",
+           "train_event"]
 
 LOG_COLUMNS = ("step", "split", "statistic", "value")
 TRAIN_LOG = "train_log.csv"
@@ -371,8 +372,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: ProgressArg = 
         config: the run. ``config.out`` None writes nothing (no checkpoint, no resume).
         resume: continue from ``out/checkpoint``; its config must equal ``config`` except ``out``.
         progress: ``progress(done, total, message)`` after every update; messages of evaluations start with
-            ``"eval"`` (one line each, for logs). None: silent; True: stderr (a bar with ETA in a terminal, else
-            plain lines; :mod:`attnlab.progress`).
+            ``"eval"``. None: silent; True: stderr (a bar with ETA in a terminal, else plain lines with counts
+            and ETA; evaluations always get a line of their own, :func:`train_event`; :mod:`attnlab.progress`).
         force: start afresh even though ``out`` is not empty: the old :data:`STALE_ON_FORCE` files are deleted
             first, the checkpoint is overwritten at step 0.
         stop_at: stop after this many updates (the schedule still spans ``config.steps``), checkpointing there,
@@ -383,8 +384,14 @@ def train(config: TrainConfig, *, resume: bool = False, progress: ProgressArg = 
     :class:`TrainingInterrupted` (a KeyboardInterrupt) with the step reached and the last checkpoint's step.
     A resumed run first reports ``resuming from step M of N`` through ``progress``.
     """
-    with progress_to(progress) as notify:
+    with progress_to(progress, always=train_event) as notify:
         return _train(config, resume=resume, notify=notify, force=force, stop_at=stop_at)
+
+
+def train_event(message: str) -> bool:
+    """True for a progress message of :func:`train` that gets a line of its own (an evaluation, ``resuming from
+    ...``); False for the per-update ``step N/T: ...`` ones, which only move the bar (or a periodic plain line)."""
+    return not message.startswith("step ")
 
 
 def _train(config: TrainConfig, *, resume: bool, notify: Progress, force: bool, stop_at: int | None
