@@ -408,6 +408,21 @@ def _check_vocab(model: Any, tokenizer: Any, tokenizer_name: str) -> None:
                          "use the tokenizer the model was trained with")
 
 
+@contextmanager
+def no_hf_progress_bars() -> Iterator[None]:
+    """Turn transformers' tqdm bars (``Loading weights``, ``Writing model shards``) off inside the block; their
+    previous state is restored after it."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(
     name_or_path: str | os.PathLike[str] = "smollm2-135m",
     *,
@@ -452,6 +467,13 @@ def load_model(
             a model whose sizes are inconsistent (heads not dividing the hidden size); a file that is not GGUF.
         AssetError: the bundled asset cannot be fetched, or the hub id cannot be loaded.
     """
+    with no_hf_progress_bars():  # progress is attnlab's to report, not transformers' "Loading weights" bar
+        return _load_model(name_or_path, dtype, device, gguf_file, trust_remote_code, tokenizer)
+
+
+def _load_model(name_or_path: str | os.PathLike[str], dtype: str | torch.dtype, device: str | torch.device,
+                gguf_file: str | None, trust_remote_code: bool,
+                tokenizer: str | os.PathLike[str] | None) -> LoadedModel:
     from attnlab.lab.modeling import register_auto  # attnlab's own TinyLM checkpoints load like any model
 
     register_auto()

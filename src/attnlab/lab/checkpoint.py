@@ -21,42 +21,26 @@ falls back to; so a resume sees either the old or the new checkpoint, never a mi
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from attnlab.capture.loading import no_hf_progress_bars
 from attnlab.errors import ConfigError
 
-__all__ = ["CHECKPOINT", "STATE_JSON", "STATE_TENSORS", "find_checkpoint", "no_hf_progress_bars", "optimizer_state",
+__all__ = ["CHECKPOINT", "STATE_JSON", "STATE_TENSORS", "find_checkpoint", "optimizer_state",
            "read_state", "restore_optimizer", "write_checkpoint"]
 
 CHECKPOINT = "checkpoint"
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
 FORMAT = 1
-
-
-@contextlib.contextmanager
-def no_hf_progress_bars() -> Iterator[None]:
-    """Turn transformers' tqdm bars (``Writing model shards``, ``Loading weights``) off inside the block; their
-    previous state is restored after it."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:

@@ -398,7 +398,8 @@ def _train(config: TrainConfig, *, resume: bool, notify: Progress, force: bool, 
            ) -> TrainResult:
     import torch
 
-    from attnlab.lab.checkpoint import CHECKPOINT, find_checkpoint, no_hf_progress_bars, read_state, restore_optimizer
+    from attnlab.capture.loading import no_hf_progress_bars
+    from attnlab.lab.checkpoint import CHECKPOINT, find_checkpoint, read_state, restore_optimizer
     from attnlab.lab.checkpoint import write_checkpoint
     from attnlab.lab.modeling import TinyLMForCausalLM, build_model
     from attnlab.lab.train_results import results_dict, write_log
