@@ -220,8 +220,9 @@ def attention_pattern(model: Any, inputs: Any, *, layers: Selection = None, head
 
     Args:
         model: a transformers model (attention through the AttentionInterface) or a LoadedModel.
-        inputs: a str (needs a tokenizer: the LoadedModel's or ``tokenizer=``), an input_ids tensor (seq_len,) or
-            (batch, seq_len) (or nested lists of ids), or a dict batch (input_ids, optional attention_mask …).
+        inputs: a str or a list of str (one padded batch; needs a tokenizer: the LoadedModel's or ``tokenizer=``),
+            an input_ids tensor (seq_len,) or (batch, seq_len) (or nested lists of ids), or a dict batch
+            (input_ids, optional attention_mask …); see :func:`attnlab.capture.inputs.model_batch`.
         layers, heads: an int, a sequence of ints, or None for all (heads are query heads under GQA).
         tokenizer: decodes ``tokens`` (one id at a time); default the LoadedModel's.
         block_size: query rows per block of the eager kernel.
