@@ -22,8 +22,9 @@ def model_batch(inputs: Any, device: torch.device, tokenizer: Any = None) -> dic
         inputs: a str or a list of str (need ``tokenizer``; a list becomes one padded batch, padded on the
             tokenizer's ``padding_side`` with its pad id, else its eos id, else 0; padding has attention_mask 0 —
             with left padding, models with absolute positions see shifted positions); input_ids as a (seq_len,) or
-            (batch, seq_len) integer tensor or nested lists of ids; or a dict batch (``input_ids``, optional ``attention_mask`` with 1 = real token, and any
-            other keys, which pass through; lists become tensors). 1-D tensors get a batch axis.
+            (batch, seq_len) integer tensor or nested lists of ids; or a dict batch (``input_ids``, optional
+            ``attention_mask`` with 1 = real token, and any other keys, which pass through; lists become tensors).
+            1-D tensors get a batch axis.
         device: where the tensors go. tokenizer: a Hugging Face tokenizer for text.
 
     Returns:
