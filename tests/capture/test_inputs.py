@@ -89,3 +89,14 @@ def test_model_batch_refuses_a_mixed_list_or_text_without_a_tokenizer():
     for inputs, message in ((["the cat", 3], "all strings or all token ids"), (["the cat"], "needs a tokenizer")):
         with pytest.raises(ConfigError, match=message):
             model_batch(inputs, CPU, tiny_tokenizer() if message.startswith("all") else None)
+
+
+def test_reprs_are_short_summaries_not_tensor_dumps():
+    """Walkthrough: repr(AttentionPattern) and repr(HeadOutputs) printed whole tensors."""
+    model = tiny_llama(num_heads=4, num_kv_heads=2)
+    ids = {"input_ids": [[5, 6, 7, 8, 9]], "attention_mask": [[0, 1, 1, 1, 1]]}
+    pattern = attnlab.attention_pattern(model, ids, layers=[1], heads=[0, 2])
+    assert repr(pattern) == ("AttentionPattern(shape=(1, 1, 2, 5, 5), layers=[1], heads=[0, 2], tokens=[4], "
+                             "causal=True)")
+    source = record_head_outputs(model, ids, layers=[0, 1], heads=[3])
+    assert repr(source) == "HeadOutputs(batch=1, q_len=5, layers=[0, 1], heads=[3], real_tokens=4)"

@@ -64,6 +64,11 @@ class AttentionPattern:
     paths: dict[int, str] = field(default_factory=dict)
     causal: bool = True
 
+    def __repr__(self) -> str:
+        """A short summary (no tensor values): shape, layers, heads, real tokens per batch row, causal."""
+        return (f"AttentionPattern(shape={tuple(self.probs.shape)}, layers={list(self.layers)}, "
+                f"heads={list(self.heads)}, tokens={self.valid.sum(1).tolist()}, causal={self.causal})")
+
     def _slot(self, kind: str, value: int, chosen: tuple[int, ...]) -> int:
         if value not in chosen:
             raise ConfigError(f"{kind} {value!r} was not recorded; recorded {kind}s: {', '.join(map(str, chosen))}")
