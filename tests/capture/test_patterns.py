@@ -85,6 +85,8 @@ def test_bert_right_padding_equals_eager():
     pattern = attention_pattern(model, {"input_ids": ids, "attention_mask": mask}, block_size=16)
     assert not pattern.causal
     _assert_equal_to_eager(pattern, _eager_probs(model, input_ids=ids, attention_mask=mask), mask)
+    frame = pattern.to_frame()  # bidirectional: every real key of every real query
+    assert len(frame) == (40 * 40 + 29 * 29) * len(pattern.layers) * len(pattern.heads)
 
 
 def test_qwen2_sliding_window_equals_eager():
@@ -164,10 +166,11 @@ def test_text_with_a_loaded_model_gives_tokens_frame_and_plot():
     pattern = attention_pattern(loaded, text, layers=0, heads=[1])
     assert pattern.tokens == [["<s>", *WORDS[:6]]] and pattern.tokens_of(0) == ["<s>", *WORDS[:6]]
     frame = pattern.to_frame()
-    assert list(frame.columns) == ["batch", "layer", "head", "query", "key", "weight"] and len(frame) == 49
+    assert list(frame.columns) == ["batch", "layer", "head", "query", "key", "weight"]
+    assert len(frame) == 7 * 8 // 2 and (frame["key"] <= frame["query"]).all()  # causal: no masked future keys
     row = frame[(frame["query"] == 3) & (frame["key"] == 2)].iloc[0]
     assert row["weight"] == pytest.approx(float(pattern.get(0, 1)[3, 2]))
-    assert frame[frame["key"] > frame["query"]]["weight"].abs().max() == 0  # causal
+    assert frame.groupby("query")["weight"].sum().to_numpy() == pytest.approx(np.ones(7), abs=1e-5)
     figure = pattern.plot(0, 1)
     assert isinstance(figure, Figure)
     ax = figure.axes[0]

@@ -100,7 +100,8 @@ class AttentionPattern:
 
     def to_frame(self) -> Any:
         """A pandas DataFrame in long format, one row per (batch, layer, head, query, key) of real tokens:
-        columns batch, layer, head, query, key (real-token positions, 0 = first real token), weight (float)."""
+        columns batch, layer, head, query, key (real-token positions, 0 = first real token), weight (float).
+        For a causal pattern only keys ≤ query are listed (the masked future keys, weight 0, are left out)."""
         import numpy as np
         import pandas as pd
 
@@ -109,11 +110,12 @@ class AttentionPattern:
             query_valid, key_valid = self.real(b)
             n_q, n_k = int(query_valid.sum()), int(key_valid.sum())
             queries, keys = np.meshgrid(np.arange(n_k - n_q, n_k), np.arange(n_k), indexing="ij")
+            keep = keys <= queries if self.causal else np.ones_like(keys, dtype=bool)
             for layer in self.layers:
                 for head in self.heads:
-                    weight = self.get(layer, head, b).numpy().reshape(-1)
-                    parts.append(pd.DataFrame({"batch": b, "layer": layer, "head": head, "query": queries.reshape(-1),
-                                               "key": keys.reshape(-1), "weight": weight.astype(np.float64)}))
+                    weight = self.get(layer, head, b).numpy()[keep]
+                    parts.append(pd.DataFrame({"batch": b, "layer": layer, "head": head, "query": queries[keep],
+                                               "key": keys[keep], "weight": weight.astype(np.float64)}))
         columns = ["batch", "layer", "head", "query", "key", "weight"]
         return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
 
