@@ -260,7 +260,7 @@ def test_report_patterns_auto_json_shape():
     assert len(heads) == 8 and len({(h["layer"], h["head"]) for h in heads}) == len(heads)
     sinks = [h for h in heads if h["label"].startswith("sink α₀=")]
     assert len(sinks) <= 4 and heads[:len(sinks)] == sinks
-    assert all(h["label"].startswith("low entropy ") for h in heads[len(sinks):])
+    assert all(h["label"].startswith("entropy ") for h in heads[len(sinks):])
     full = attention_pattern(loaded, torch.tensor([ids[:24]]))
     for entry in heads:
         assert [len(row) for row in entry["probs"]] == list(range(1, 25))
@@ -313,7 +313,7 @@ def test_pick_heads_low_entropy_skips_sinks():
     pattern = AttentionPattern(probs=probs, layers=(0,), heads=(0, 1, 2), valid=torch.ones(1, n, dtype=torch.bool))
     picked = pick_heads(pattern, count=1)
     assert [(layer, head) for layer, head, _ in picked] == [(0, 0), (0, 1)]
-    assert picked[0][2] == "sink α₀=1.00" and picked[1][2].startswith("low entropy ")
+    assert picked[0][2] == "sink α₀=1.00" and picked[1][2].startswith("entropy ")
 
 
 def test_pick_heads_takes_no_sinks_below_epsilon():
@@ -330,7 +330,7 @@ def test_pick_heads_takes_no_sinks_below_epsilon():
     pattern = AttentionPattern(probs=probs, layers=(0,), heads=(0, 1, 2), valid=torch.ones(1, n, dtype=torch.bool))
     picked = pick_heads(pattern, count=1)
     assert [(layer, head) for layer, head, _ in picked] == [(0, 1), (0, 2)]
-    assert all(label.startswith("low entropy ") for _, _, label in picked)
+    assert all(label.startswith("entropy ") for _, _, label in picked)
 
 
 def test_report_patterns_runs_with_the_given_block_size(monkeypatch):

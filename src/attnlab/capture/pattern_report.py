@@ -57,9 +57,10 @@ def head_scores(pattern: AttentionPattern) -> tuple[Tensor, Tensor]:
 def pick_heads(pattern: AttentionPattern, count: int = 4) -> list[tuple[int, int, str]]:
     """``(layer, head, label)`` of at most ``2 · count`` heads: up to ``count`` sinks, the heads with the largest
     mean α₀ among those with α₀ ≥ :data:`SINK_EPSILON` (``"sink α₀=0.93"``), then the remaining slots filled
-    by the lowest mean normalised entropy among the other, non-sink heads (``"low entropy 0.12"``). A model without
-    sinks (BERT) gets only low-entropy heads; on models with many dormant heads the sharpest heads are sinks too,
-    and the viewer would otherwise show the same all-on-key-0 pattern eight times."""
+    by the lowest mean normalised entropy among the other, non-sink heads (``"entropy 0.12"``: 0 = all weight on
+    one key, 1 = uniform). A model without sinks (BERT) gets only low-entropy heads; on models with many dormant
+    heads the sharpest heads are sinks too, and the viewer would otherwise show the same all-on-key-0 pattern eight
+    times."""
     alpha0, entropy = (score.reshape(-1) for score in head_scores(pattern))
     num_heads = len(pattern.heads)
 
@@ -74,7 +75,7 @@ def pick_heads(pattern: AttentionPattern, count: int = 4) -> list[tuple[int, int
         if slots == 0:
             break
         if float(alpha0[flat]) < SINK_EPSILON and math.isfinite(float(entropy[flat])):
-            picked.append((*pair(flat), f"low entropy {entropy[flat]:.2f}"))
+            picked.append((*pair(flat), f"entropy {entropy[flat]:.2f}"))
             slots -= 1
     return picked
 
