@@ -286,6 +286,21 @@ def test_report_patterns_explicit_none_and_bidirectional():
         report_patterns(loaded, _windows(ids), "2.0", 10)
 
 
+def test_report_patterns_warns_when_the_window_caps_pattern_tokens(caplog):
+    """Walkthrough: --pattern-tokens above --seq-len was capped silently."""
+    loaded = LoadedModel.wrap(tiny_llama(), tiny_tokenizer())
+    ids = _ids(1, 12)[0].tolist()
+    with caplog.at_level("WARNING", logger="attnlab.capture.pattern_report"):
+        data = report_patterns(loaded, _windows(ids), "0.1", 64)
+    assert len(data["tokens"]) == 12
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["pattern_tokens 64 capped at 12: the first window has 12 tokens (--seq-len)"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="attnlab.capture.pattern_report"):
+        report_patterns(loaded, _windows(ids), "0.1", 12)
+    assert not caplog.records
+
+
 @pytest.mark.slow
 def test_bundled_smollm2_one_layer_equals_eager():
     loaded = attnlab.load_model("smollm2-135m")

@@ -98,6 +98,8 @@ def report_patterns(loaded: Any, windows: Any, pattern_heads: str, pattern_token
     """The report viewer's ``"patterns"`` object: the first ``pattern_tokens`` tokens of the first window, run
     alone in one extra forward pass (all heads for ``"auto"``, then the chosen ones kept; only the named heads for
     ``"L.H,..."``); None for ``"none"``, a window shorter than 2 tokens, or a model the Session refuses (logged).
+    A first window shorter than ``pattern_tokens`` (``--seq-len`` below ``--pattern-tokens``) caps it, with one
+    warning line.
 
     Args:
         loaded: a LoadedModel. windows: an :class:`attnlab.text.Windows` (``windows.windows[0]["ids"]``).
@@ -114,6 +116,9 @@ def report_patterns(loaded: Any, windows: Any, pattern_heads: str, pattern_token
     if len(ids) < PATTERN_TOKENS_RANGE[0]:
         logger.warning("no attention patterns for the report viewer: the first window has %d token(s)", len(ids))
         return None
+    if len(ids) < pattern_tokens:
+        logger.warning("pattern_tokens %d capped at %d: the first window has %d tokens (--seq-len)",
+                       pattern_tokens, len(ids), len(ids))
     layers = None if pairs is None else sorted({layer for layer, _ in pairs})
     heads = None if pairs is None else sorted({head for _, head in pairs})
     try:
