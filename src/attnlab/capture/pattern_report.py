@@ -80,16 +80,18 @@ def pick_heads(pattern: AttentionPattern, count: int = 4) -> list[tuple[int, int
     return picked
 
 
-def pattern_json(pattern: AttentionPattern, chosen: Sequence[tuple[int, int, str]], selection: str) -> dict[str, Any]:
-    """The results.json ``"patterns"`` object (docs/patterns.md) for batch row 0 of ``pattern``."""
+def pattern_json(pattern: AttentionPattern, chosen: Sequence[tuple[int, int, str]], selection: str,
+                 batch: int = 0) -> dict[str, Any]:
+    """The results.json ``"patterns"`` object (docs/patterns.md) for batch row ``batch`` of ``pattern`` (its real
+    tokens; ``tokens`` is [] without a tokenizer). ConfigError for a layer/head/batch that was not recorded."""
     heads = []
     for layer, head, label in chosen[:MAX_PATTERN_HEADS]:
-        matrix = pattern.get(layer, head).tolist()
+        matrix = pattern.get(layer, head, batch).tolist()
         offset = len(matrix[0]) - len(matrix) if matrix else 0
         rows = [[round(w, 4) for w in (row[: offset + i + 1] if pattern.causal else row)]
                 for i, row in enumerate(matrix)]
         heads.append({"layer": layer, "head": head, "label": label, "probs": rows})
-    return {"window": 0, "tokens": pattern.tokens_of(0) or [], "causal": pattern.causal, "selection": selection,
+    return {"window": 0, "tokens": pattern.tokens_of(batch) or [], "causal": pattern.causal, "selection": selection,
             "heads": heads}
 
 
