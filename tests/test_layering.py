@@ -9,21 +9,24 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "attnlab"
 
-# package -> module prefixes it must not import
+# package -> module prefixes it must not import (attnlab.pipeline and attnlab.views are top-tier modules: they join
+# capture and report, and only the CLI and users import them)
 FORBIDDEN = {
     "functional": ("transformers", "attnlab.capture", "attnlab.probes", "attnlab.cli", "attnlab.report",
-                   "attnlab.pipeline"),
-    "stats": ("transformers", "attnlab.capture", "attnlab.probes", "attnlab.cli", "attnlab.report", "attnlab.pipeline"),
-    "probes": ("transformers", "attnlab.capture", "attnlab.cli", "attnlab.report", "attnlab.pipeline"),
-    "capture": ("attnlab.cli", "attnlab.report", "attnlab.pipeline"),
-    "report": ("transformers", "torch", "attnlab.capture", "attnlab.cli", "attnlab.pipeline"),
+                   "attnlab.pipeline", "attnlab.views"),
+    "stats": ("transformers", "attnlab.capture", "attnlab.probes", "attnlab.cli", "attnlab.report", "attnlab.pipeline",
+              "attnlab.views"),
+    "probes": ("transformers", "attnlab.capture", "attnlab.cli", "attnlab.report", "attnlab.pipeline", "attnlab.views"),
+    "capture": ("attnlab.cli", "attnlab.report", "attnlab.pipeline", "attnlab.views"),
+    "report": ("transformers", "torch", "attnlab.capture", "attnlab.cli", "attnlab.pipeline", "attnlab.views"),
     "edits": ("transformers", "attnlab.capture", "attnlab.analyses", "attnlab.layers", "attnlab.cli",
-              "attnlab.report", "attnlab.pipeline"),
+              "attnlab.report", "attnlab.pipeline", "attnlab.views"),
     "layers": ("transformers", "attnlab.capture", "attnlab.probes", "attnlab.edits", "attnlab.analyses",
-               "attnlab.cli", "attnlab.report", "attnlab.pipeline"),
-    "analyses": ("transformers", "attnlab.capture", "attnlab.cli", "attnlab.report", "attnlab.pipeline"),
+               "attnlab.cli", "attnlab.report", "attnlab.pipeline", "attnlab.views"),
+    "analyses": ("transformers", "attnlab.capture", "attnlab.cli", "attnlab.report", "attnlab.pipeline",
+                 "attnlab.views"),
     # the lab builds transformers models from layers and runs them under capture; it sits below config/pipeline/cli
-    "lab": ("attnlab.cli", "attnlab.report", "attnlab.pipeline"),
+    "lab": ("attnlab.cli", "attnlab.report", "attnlab.pipeline", "attnlab.views"),
 }
 
 ALLOWED = {"attnlab.report.sections"}  # pure section specs that probes and analyses declare (no torch, no matplotlib)
@@ -191,6 +194,13 @@ def test_no_module_imports_another_modules_private_names():
     """
     offences = sorted(why for module in MODULES for why in _private_import_offences(module))
     assert not offences, offences
+
+
+def test_views_is_a_top_tier_module():
+    """attnlab.views joins capture and report (like the pipeline): nothing below the CLI imports it, lazily or not."""
+    importers = [name for name, path in MODULES.items() if "attnlab.views" in _imports(path)
+                 and name != "attnlab.views" and not name.startswith("attnlab.cli")]
+    assert importers == []
 
 
 def test_cli_subcommands_do_not_import_main_and_configs_stay_pure():

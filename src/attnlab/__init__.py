@@ -32,6 +32,7 @@ _EXPORTS = {
     "AttentionPattern": "attnlab.capture.patterns",
     "PatternProbe": "attnlab.capture.patterns",
     "plot_pattern": "attnlab.plotting",
+    "pattern_html": "attnlab.views",
     "record_head_outputs": "attnlab.capture.head_record",
     "record_head_means": "attnlab.capture.head_record",
     "PROBES": "attnlab.probes",

@@ -8,6 +8,7 @@ import pytest
 import torch
 from tiny_models import WORDS, tiny_llama, tiny_tokenizer
 
+import attnlab
 from attnlab.capture.head_record import record_head_means, record_head_outputs
 from attnlab.capture.inputs import model_batch
 from attnlab.errors import ConfigError
@@ -64,3 +65,38 @@ def test_record_head_outputs_names_the_bad_index(kwargs, message):
     if "layers" in kwargs:
         with pytest.raises(ConfigError, match=message.replace(".", r"\.") + "$"):
             record_head_means(model, [torch.tensor([[5, 6, 7]])], layers=kwargs["layers"])
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_attention_pattern_takes_a_list_of_strings_as_one_padded_batch(side):
+    """Walkthrough: a list of strings was refused ("input_ids must hold token ids"); now a padded batch on the
+    tokenizer's padding side whose per-row patterns equal each string alone on its real tokens."""
+    model, tokenizer = tiny_llama(num_heads=4, num_kv_heads=2), tiny_tokenizer()
+    tokenizer.padding_side = side
+    texts = [" ".join(WORDS[:3]), " ".join(WORDS[2:9])]
+    batch = model_batch(texts, CPU, tokenizer)
+    assert batch["attention_mask"].sum(1).tolist() == [3, 7]
+    assert batch["attention_mask"][0].tolist() == ([1] * 3 + [0] * 4 if side == "right" else [0] * 4 + [1] * 3)
+    together = attnlab.attention_pattern(model, texts, tokenizer=tokenizer)
+    for b, text in enumerate(texts):
+        alone = attnlab.attention_pattern(model, text, tokenizer=tokenizer)
+        assert together.tokens_of(b) == alone.tokens_of(0) == text.split()
+        for layer in (0, 1):
+            torch.testing.assert_close(together.get(layer, 3, b), alone.get(layer, 3), atol=1e-5, rtol=0)
+
+
+def test_model_batch_refuses_a_mixed_list_or_text_without_a_tokenizer():
+    for inputs, message in ((["the cat", 3], "all strings or all token ids"), (["the cat"], "needs a tokenizer")):
+        with pytest.raises(ConfigError, match=message):
+            model_batch(inputs, CPU, tiny_tokenizer() if message.startswith("all") else None)
+
+
+def test_reprs_are_short_summaries_not_tensor_dumps():
+    """Walkthrough: repr(AttentionPattern) and repr(HeadOutputs) printed whole tensors."""
+    model = tiny_llama(num_heads=4, num_kv_heads=2)
+    ids = {"input_ids": [[5, 6, 7, 8, 9]], "attention_mask": [[0, 1, 1, 1, 1]]}
+    pattern = attnlab.attention_pattern(model, ids, layers=[1], heads=[0, 2])
+    assert repr(pattern) == ("AttentionPattern(shape=(1, 1, 2, 5, 5), layers=[1], heads=[0, 2], tokens=[4], "
+                             "causal=True)")
+    source = record_head_outputs(model, ids, layers=[0, 1], heads=[3])
+    assert repr(source) == "HeadOutputs(batch=1, q_len=5, layers=[0, 1], heads=[3], real_tokens=4)"

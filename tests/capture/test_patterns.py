@@ -85,6 +85,8 @@ def test_bert_right_padding_equals_eager():
     pattern = attention_pattern(model, {"input_ids": ids, "attention_mask": mask}, block_size=16)
     assert not pattern.causal
     _assert_equal_to_eager(pattern, _eager_probs(model, input_ids=ids, attention_mask=mask), mask)
+    frame = pattern.to_frame()  # bidirectional: every real key of every real query
+    assert len(frame) == (40 * 40 + 29 * 29) * len(pattern.layers) * len(pattern.heads)
 
 
 def test_qwen2_sliding_window_equals_eager():
@@ -164,10 +166,11 @@ def test_text_with_a_loaded_model_gives_tokens_frame_and_plot():
     pattern = attention_pattern(loaded, text, layers=0, heads=[1])
     assert pattern.tokens == [["<s>", *WORDS[:6]]] and pattern.tokens_of(0) == ["<s>", *WORDS[:6]]
     frame = pattern.to_frame()
-    assert list(frame.columns) == ["batch", "layer", "head", "query", "key", "weight"] and len(frame) == 49
+    assert list(frame.columns) == ["batch", "layer", "head", "query", "key", "weight"]
+    assert len(frame) == 7 * 8 // 2 and (frame["key"] <= frame["query"]).all()  # causal: no masked future keys
     row = frame[(frame["query"] == 3) & (frame["key"] == 2)].iloc[0]
     assert row["weight"] == pytest.approx(float(pattern.get(0, 1)[3, 2]))
-    assert frame[frame["key"] > frame["query"]]["weight"].abs().max() == 0  # causal
+    assert frame.groupby("query")["weight"].sum().to_numpy() == pytest.approx(np.ones(7), abs=1e-5)
     figure = pattern.plot(0, 1)
     assert isinstance(figure, Figure)
     ax = figure.axes[0]
@@ -257,7 +260,7 @@ def test_report_patterns_auto_json_shape():
     assert len(heads) == 8 and len({(h["layer"], h["head"]) for h in heads}) == len(heads)
     sinks = [h for h in heads if h["label"].startswith("sink α₀=")]
     assert len(sinks) <= 4 and heads[:len(sinks)] == sinks
-    assert all(h["label"].startswith("low entropy ") for h in heads[len(sinks):])
+    assert all(h["label"].startswith("entropy ") for h in heads[len(sinks):])
     full = attention_pattern(loaded, torch.tensor([ids[:24]]))
     for entry in heads:
         assert [len(row) for row in entry["probs"]] == list(range(1, 25))
@@ -281,6 +284,21 @@ def test_report_patterns_explicit_none_and_bidirectional():
     assert [len(row) for row in data["heads"][0]["probs"]] == [10] * 10
     with pytest.raises(ConfigError, match="pattern_heads layers must be in 0..1, got 2"):
         report_patterns(loaded, _windows(ids), "2.0", 10)
+
+
+def test_report_patterns_warns_when_the_window_caps_pattern_tokens(caplog):
+    """Walkthrough: --pattern-tokens above --seq-len was capped silently."""
+    loaded = LoadedModel.wrap(tiny_llama(), tiny_tokenizer())
+    ids = _ids(1, 12)[0].tolist()
+    with caplog.at_level("WARNING", logger="attnlab.capture.pattern_report"):
+        data = report_patterns(loaded, _windows(ids), "0.1", 64)
+    assert len(data["tokens"]) == 12
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["pattern_tokens 64 capped at 12: the first window has 12 tokens (--seq-len)"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="attnlab.capture.pattern_report"):
+        report_patterns(loaded, _windows(ids), "0.1", 12)
+    assert not caplog.records
 
 
 @pytest.mark.slow
@@ -310,7 +328,7 @@ def test_pick_heads_low_entropy_skips_sinks():
     pattern = AttentionPattern(probs=probs, layers=(0,), heads=(0, 1, 2), valid=torch.ones(1, n, dtype=torch.bool))
     picked = pick_heads(pattern, count=1)
     assert [(layer, head) for layer, head, _ in picked] == [(0, 0), (0, 1)]
-    assert picked[0][2] == "sink α₀=1.00" and picked[1][2].startswith("low entropy ")
+    assert picked[0][2] == "sink α₀=1.00" and picked[1][2].startswith("entropy ")
 
 
 def test_pick_heads_takes_no_sinks_below_epsilon():
@@ -327,7 +345,7 @@ def test_pick_heads_takes_no_sinks_below_epsilon():
     pattern = AttentionPattern(probs=probs, layers=(0,), heads=(0, 1, 2), valid=torch.ones(1, n, dtype=torch.bool))
     picked = pick_heads(pattern, count=1)
     assert [(layer, head) for layer, head, _ in picked] == [(0, 1), (0, 2)]
-    assert all(label.startswith("low entropy ") for _, _, label in picked)
+    assert all(label.startswith("entropy ") for _, _, label in picked)
 
 
 def test_report_patterns_runs_with_the_given_block_size(monkeypatch):

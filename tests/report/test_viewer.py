@@ -190,3 +190,11 @@ def test_token_tooltips_are_the_ones_the_script_writes(with_patterns):
     titles = re.findall(r'<span class="tok pt" data-pos="\d+"[^>]* title="([^"]*)"', page)
     assert [unescape(t) for t in titles] == [
         f"position {k} · '{token}'" for k, token in enumerate(_data(page)["tokens"])]
+
+
+def test_viewer_has_a_colour_legend_and_white_glyphs_on_dark_shading(with_patterns):
+    """Walkthrough: no colour legend; control glyphs (magenta ↵) vanished on dark shading."""
+    html = render_html(with_patterns)
+    section = re.search(r'<section id="patterns">.*?</section>', html, re.S).group(0)
+    assert '<span class="pattern-legend-bar"></span> <span id="pattern-legend-max">max</span>' in section
+    assert ".pt.dark .ctl { color: inherit; }" in html

@@ -24,12 +24,13 @@ ACCENT = np.array([31, 95, 174])  # the viewer's shade at full weight: rgba(31, 
 
 
 class _Viewer(HTMLParser):
-    """Collects the token spans of the viewer (attributes) and the text of its readout."""
+    """Collects the token spans of the viewer (attributes), the text of its readout and the legend's maximum."""
 
     def __init__(self) -> None:
         super().__init__()
         self.spans: list[dict[str, str | None]] = []
         self.readout, self.controls_hidden, self._in_readout = "", None, False
+        self.legend_max, self._in_legend = "", False
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         attributes = dict(attrs)
@@ -38,16 +39,20 @@ class _Viewer(HTMLParser):
             self.spans.append(attributes)
         if attributes.get("id") == "pattern-readout":
             self._in_readout = True
+        self._in_legend = attributes.get("id") == "pattern-legend-max"
         if "pattern-controls" in classes:
             self.controls_hidden = "hidden" in attributes
 
     def handle_endtag(self, tag: str) -> None:
         if tag == "p":
             self._in_readout = False
+        self._in_legend = False
 
     def handle_data(self, data: str) -> None:
         if self._in_readout:
             self.readout += data
+        if self._in_legend:
+            self.legend_max += data
 
 
 @pytest.fixture
@@ -92,6 +97,29 @@ def test_clicking_a_token_shades_what_it_attends_to(tmp_path, report, patterns):
     assert viewer.readout.startswith("token ' Citizen' @5 attends to: ")
     assert re.findall(r"@(\d+) (\d\.\d{4})", viewer.readout.split("attends to:")[1]) == [
         (str(k), f"{probs[5][k]:.4f}") for k in top]
+    assert viewer.legend_max == f"{probs[5][best]:.4f}"  # the legend's full shade is the largest weight shown
+
+
+def test_readout_leaves_out_zero_weights_and_glyphs_stay_visible_when_shaded(tmp_path, patterns):
+    """Walkthrough: the top-5 readout listed zero weights; the magenta newline glyph vanished on dark shading."""
+    heads = patterns["heads"]
+    heads[1]["probs"][5] = [0.0, 0.0, 0.0, 0.1, 0.9, 0.0]  # head 0.3, query 5: key 4 is "\n" (a control glyph)
+    heads[0]["probs"][11][11] = 0.0  # head 1.2: nobody attends to the last token
+    results = {"schema_version": 2, "command": "report", "model": {"name": "m"}, "rows": [], "patterns": patterns}
+    report = write_results(tmp_path / "run", results)["html"].resolve()
+    viewer = _click(tmp_path, report, "pattern=0.3&token=5")
+    assert viewer.readout == "token ' Citizen' @5 attends to: '↵' @4 0.9000, ' &amp;' @3 0.1000"
+    assert "dark" in viewer.spans[4]["class"].split() and "dark" not in viewer.spans[3]["class"].split()
+    assert viewer.legend_max == "0.9000"
+    viewer = _click(tmp_path, report, "pattern=1.2&token=11&mode=column")
+    assert viewer.readout == "token ' further' @11 is attended to by: nothing else"
+
+
+def test_an_unknown_head_in_the_link_is_named_in_the_readout(tmp_path, report):
+    viewer = _click(tmp_path, report, "pattern=5.5&token=5")
+    assert viewer.readout.startswith("no head 5.5 in this report; showing 1.2. token ' Citizen' @5 attends to: ")
+    viewer = _click(tmp_path, report, "pattern=1.2&token=5")
+    assert viewer.readout.startswith("token ' Citizen' @5 attends to: ")
 
 
 def test_column_mode_shades_what_attends_to_the_token(tmp_path, report, patterns):

@@ -57,9 +57,10 @@ def head_scores(pattern: AttentionPattern) -> tuple[Tensor, Tensor]:
 def pick_heads(pattern: AttentionPattern, count: int = 4) -> list[tuple[int, int, str]]:
     """``(layer, head, label)`` of at most ``2 · count`` heads: up to ``count`` sinks, the heads with the largest
     mean α₀ among those with α₀ ≥ :data:`SINK_EPSILON` (``"sink α₀=0.93"``), then the remaining slots filled
-    by the lowest mean normalised entropy among the other, non-sink heads (``"low entropy 0.12"``). A model without
-    sinks (BERT) gets only low-entropy heads; on models with many dormant heads the sharpest heads are sinks too,
-    and the viewer would otherwise show the same all-on-key-0 pattern eight times."""
+    by the lowest mean normalised entropy among the other, non-sink heads (``"entropy 0.12"``: 0 = all weight on
+    one key, 1 = uniform). A model without sinks (BERT) gets only low-entropy heads; on models with many dormant
+    heads the sharpest heads are sinks too, and the viewer would otherwise show the same all-on-key-0 pattern eight
+    times."""
     alpha0, entropy = (score.reshape(-1) for score in head_scores(pattern))
     num_heads = len(pattern.heads)
 
@@ -74,21 +75,23 @@ def pick_heads(pattern: AttentionPattern, count: int = 4) -> list[tuple[int, int
         if slots == 0:
             break
         if float(alpha0[flat]) < SINK_EPSILON and math.isfinite(float(entropy[flat])):
-            picked.append((*pair(flat), f"low entropy {entropy[flat]:.2f}"))
+            picked.append((*pair(flat), f"entropy {entropy[flat]:.2f}"))
             slots -= 1
     return picked
 
 
-def pattern_json(pattern: AttentionPattern, chosen: Sequence[tuple[int, int, str]], selection: str) -> dict[str, Any]:
-    """The results.json ``"patterns"`` object (docs/patterns.md) for batch row 0 of ``pattern``."""
+def pattern_json(pattern: AttentionPattern, chosen: Sequence[tuple[int, int, str]], selection: str,
+                 batch: int = 0) -> dict[str, Any]:
+    """The results.json ``"patterns"`` object (docs/patterns.md) for batch row ``batch`` of ``pattern`` (its real
+    tokens; ``tokens`` is [] without a tokenizer). ConfigError for a layer/head/batch that was not recorded."""
     heads = []
     for layer, head, label in chosen[:MAX_PATTERN_HEADS]:
-        matrix = pattern.get(layer, head).tolist()
+        matrix = pattern.get(layer, head, batch).tolist()
         offset = len(matrix[0]) - len(matrix) if matrix else 0
         rows = [[round(w, 4) for w in (row[: offset + i + 1] if pattern.causal else row)]
                 for i, row in enumerate(matrix)]
         heads.append({"layer": layer, "head": head, "label": label, "probs": rows})
-    return {"window": 0, "tokens": pattern.tokens_of(0) or [], "causal": pattern.causal, "selection": selection,
+    return {"window": 0, "tokens": pattern.tokens_of(batch) or [], "causal": pattern.causal, "selection": selection,
             "heads": heads}
 
 
@@ -97,6 +100,8 @@ def report_patterns(loaded: Any, windows: Any, pattern_heads: str, pattern_token
     """The report viewer's ``"patterns"`` object: the first ``pattern_tokens`` tokens of the first window, run
     alone in one extra forward pass (all heads for ``"auto"``, then the chosen ones kept; only the named heads for
     ``"L.H,..."``); None for ``"none"``, a window shorter than 2 tokens, or a model the Session refuses (logged).
+    A first window shorter than ``pattern_tokens`` (``--seq-len`` below ``--pattern-tokens``) caps it, with one
+    warning line.
 
     Args:
         loaded: a LoadedModel. windows: an :class:`attnlab.text.Windows` (``windows.windows[0]["ids"]``).
@@ -113,6 +118,9 @@ def report_patterns(loaded: Any, windows: Any, pattern_heads: str, pattern_token
     if len(ids) < PATTERN_TOKENS_RANGE[0]:
         logger.warning("no attention patterns for the report viewer: the first window has %d token(s)", len(ids))
         return None
+    if len(ids) < pattern_tokens:
+        logger.warning("pattern_tokens %d capped at %d: the first window has %d tokens (--seq-len)",
+                       pattern_tokens, len(ids), len(ids))
     layers = None if pairs is None else sorted({layer for layer, _ in pairs})
     heads = None if pairs is None else sorted({head for _, head in pairs})
     try:

@@ -64,6 +64,11 @@ class AttentionPattern:
     paths: dict[int, str] = field(default_factory=dict)
     causal: bool = True
 
+    def __repr__(self) -> str:
+        """A short summary (no tensor values): shape, layers, heads, real tokens per batch row, causal."""
+        return (f"AttentionPattern(shape={tuple(self.probs.shape)}, layers={list(self.layers)}, "
+                f"heads={list(self.heads)}, tokens={self.valid.sum(1).tolist()}, causal={self.causal})")
+
     def _slot(self, kind: str, value: int, chosen: tuple[int, ...]) -> int:
         if value not in chosen:
             raise ConfigError(f"{kind} {value!r} was not recorded; recorded {kind}s: {', '.join(map(str, chosen))}")
@@ -95,7 +100,8 @@ class AttentionPattern:
 
     def to_frame(self) -> Any:
         """A pandas DataFrame in long format, one row per (batch, layer, head, query, key) of real tokens:
-        columns batch, layer, head, query, key (real-token positions, 0 = first real token), weight (float)."""
+        columns batch, layer, head, query, key (real-token positions, 0 = first real token), weight (float).
+        For a causal pattern only keys ≤ query are listed (the masked future keys, weight 0, are left out)."""
         import numpy as np
         import pandas as pd
 
@@ -104,11 +110,12 @@ class AttentionPattern:
             query_valid, key_valid = self.real(b)
             n_q, n_k = int(query_valid.sum()), int(key_valid.sum())
             queries, keys = np.meshgrid(np.arange(n_k - n_q, n_k), np.arange(n_k), indexing="ij")
+            keep = keys <= queries if self.causal else np.ones_like(keys, dtype=bool)
             for layer in self.layers:
                 for head in self.heads:
-                    weight = self.get(layer, head, b).numpy().reshape(-1)
-                    parts.append(pd.DataFrame({"batch": b, "layer": layer, "head": head, "query": queries.reshape(-1),
-                                               "key": keys.reshape(-1), "weight": weight.astype(np.float64)}))
+                    weight = self.get(layer, head, b).numpy()[keep]
+                    parts.append(pd.DataFrame({"batch": b, "layer": layer, "head": head, "query": queries[keep],
+                                               "key": keys[keep], "weight": weight.astype(np.float64)}))
         columns = ["batch", "layer", "head", "query", "key", "weight"]
         return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
 
@@ -220,8 +227,9 @@ def attention_pattern(model: Any, inputs: Any, *, layers: Selection = None, head
 
     Args:
         model: a transformers model (attention through the AttentionInterface) or a LoadedModel.
-        inputs: a str (needs a tokenizer: the LoadedModel's or ``tokenizer=``), an input_ids tensor (seq_len,) or
-            (batch, seq_len) (or nested lists of ids), or a dict batch (input_ids, optional attention_mask …).
+        inputs: a str or a list of str (one padded batch; needs a tokenizer: the LoadedModel's or ``tokenizer=``),
+            an input_ids tensor (seq_len,) or (batch, seq_len) (or nested lists of ids), or a dict batch
+            (input_ids, optional attention_mask …); see :func:`attnlab.capture.inputs.model_batch`.
         layers, heads: an int, a sequence of ints, or None for all (heads are query heads under GQA).
         tokenizer: decodes ``tokens`` (one id at a time); default the LoadedModel's.
         block_size: query rows per block of the eager kernel.

@@ -38,6 +38,12 @@ class HeadOutputs:
         """(batch, q_len) of the source."""
         return int(self.valid.shape[0]), int(self.valid.shape[1])
 
+    def __repr__(self) -> str:
+        """A short summary (no tensor values): batch, q_len, layers, heads, real tokens."""
+        batch, q_len = self.shape
+        return (f"HeadOutputs(batch={batch}, q_len={q_len}, layers={sorted(self.outputs)}, heads={list(self.heads)}, "
+                f"real_tokens={int(self.valid.sum())})")
+
 
 @EDITS.register("head_patch")
 class HeadPatch(Edit):

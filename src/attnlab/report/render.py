@@ -98,7 +98,8 @@ def _tokens_section(results: Mapping[str, Any]) -> dict[str, Any] | None:
 
 
 @functools.lru_cache(maxsize=1)
-def _environment():
+def template_environment():
+    """The jinja2 Environment of the report templates (autoescaped, strict; filter ``num``), built once."""
     import jinja2
 
     env = jinja2.Environment(
@@ -138,4 +139,4 @@ def render_html(results: Mapping[str, Any]) -> str:
         "patterns": viewer_section(results),
         "statistics": statistics,
     }
-    return _environment().get_template("report.html.j2").render(**context)
+    return template_environment().get_template("report.html.j2").render(**context)

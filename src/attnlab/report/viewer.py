@@ -27,7 +27,7 @@ from attnlab.config import MAX_PATTERN_HEADS, PATTERN_TOKENS_RANGE
 from attnlab.errors import ConfigError
 from attnlab.report.formatting import token_segments, visible_token
 
-__all__ = ["SCALE", "check_patterns", "script_hash", "token_title", "viewer_payload", "viewer_script",
+__all__ = ["SCALE", "check_patterns", "script_hash", "token_title", "viewer_page", "viewer_payload", "viewer_script",
            "viewer_section"]
 
 SCALE = 10_000
@@ -144,7 +144,7 @@ def viewer_section(results: Mapping[str, Any]) -> dict[str, Any] | None:
         text = f"layer {head['layer']} · head {head['head']}"
         heads.append(f"{text} — {head['label']}" if head.get("label") else text)
     return {
-        "window": patterns.get("window", 0),
+        "window": patterns.get("window", 0),  # None: not from a run's windows (a standalone page)
         "causal": patterns.get("causal", True),
         "selection": str(patterns.get("selection") or ""),
         "count": len(patterns["tokens"]),
@@ -155,3 +155,13 @@ def viewer_section(results: Mapping[str, Any]) -> dict[str, Any] | None:
         "script": script,
         "hash": script_hash(script),
     }
+
+
+def viewer_page(patterns: Mapping[str, Any], title: str = "attnlab attention pattern") -> str:
+    """A self-contained HTML page holding only the viewer (inline CSS and the viewer's script, allowed by the
+    page's Content-Security-Policy through its hash; no network): ``patterns`` in the format of the module
+    docstring (``window`` None: the caption names no window). Raises ConfigError as :func:`check_patterns`."""
+    from attnlab.report.render import template_environment  # render imports this module
+
+    section = viewer_section({"patterns": patterns})
+    return template_environment().get_template("viewer_page.html.j2").render(title=title, patterns=section)

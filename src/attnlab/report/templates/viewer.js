@@ -1,8 +1,10 @@
 // attnlab attention-pattern viewer (report section "patterns"; data format in report/viewer.py).
 // Pick a head; click (pin) or hover/focus (preview) a token: every token is shaded by the weight the chosen token
 // puts on it ("attends to", a row of the pattern) or by the weight it puts on the chosen token ("attended to by",
-// a column). Each token gets data-weight and a title with the weight; the readout lists the top 5.
-// Linkable views: report.html#pattern=LAYER.HEAD&token=POSITION&mode=row|column (applied as a real click).
+// a column). Each token gets data-weight and a title with the weight; the readout lists the top 5 non-zero
+// weights; the legend gives the weight of the full shade. Linkable views:
+// report.html#pattern=LAYER.HEAD&token=POSITION&mode=row|column (applied as a real click; an unknown head is named
+// in the readout).
 (() => {
   "use strict";
   const root = document.getElementById("pattern-viewer");
@@ -11,7 +13,9 @@
   const readout = document.getElementById("pattern-readout");
   const box = root.querySelector(".pattern-tokens");
   const spans = Array.from(box.querySelectorAll(".pt"));
-  const state = { head: 0, mode: "row", pinned: null, preview: null };
+  const legendMax = document.getElementById("pattern-legend-max");
+  const state = { head: 0, mode: "row", pinned: null, preview: null, notice: "" };
+  const say = (text) => { readout.textContent = state.notice ? state.notice + ". " + text : text; };
 
   // Weight query `q` puts on key `k` in the current head; null where masked (causal: k > q) or missing.
   const weight = (q, k) => {
@@ -24,22 +28,25 @@
 
   function clear() {
     for (const span of spans) {
-      span.classList.remove("sel", "masked");
+      span.classList.remove("sel", "masked", "dark");
       span.removeAttribute("data-weight");
       span.style.background = span.style.color = "";
       span.title = baseTitle(Number(span.dataset.pos));
     }
-    readout.textContent = "Click or hover a token.";
+    legendMax.textContent = "max";
+    say("Click or hover a token.");
   }
 
   function show(pos) {
     const column = state.mode === "column";
     const weights = spans.map((_, k) => (column ? weight(k, pos) : weight(pos, k)));
-    const max = Math.max(...weights.map((w) => w || 0)) || 1;  // shade relative to the largest weight shown
+    const largest = Math.max(...weights.map((w) => w || 0));
+    const max = largest || 1;  // shade relative to the largest weight shown
     spans.forEach((span, k) => {
       const w = weights[k];
       span.classList.toggle("sel", k === pos);
       span.classList.toggle("masked", w === null);
+      span.classList.remove("dark");
       if (w === null) {
         span.removeAttribute("data-weight");
         span.style.background = span.style.color = "";
@@ -50,13 +57,15 @@
       span.dataset.weight = w.toFixed(4);
       span.style.background = "rgba(31, 95, 174, " + shade.toFixed(3) + ")";
       span.style.color = shade > 0.55 ? "#fff" : "";
+      span.classList.toggle("dark", shade > 0.55);  // control glyphs (.ctl) turn white too
       span.title = baseTitle(k) + " · weight " + w.toFixed(4);
     });
-    const top = weights.map((w, k) => [w, k]).filter(([w]) => w !== null)
+    legendMax.textContent = largest.toFixed(4);
+    const top = weights.map((w, k) => [w, k]).filter(([w]) => w !== null && w > 0)
       .sort((a, b) => b[0] - a[0] || a[1] - b[1]).slice(0, 5)
       .map(([w, k]) => quoted(k) + " @" + k + " " + w.toFixed(4));
-    readout.textContent = "token " + quoted(pos) + " @" + pos + (column ? " is attended to by: " : " attends to: ")
-      + top.join(", ");
+    say("token " + quoted(pos) + " @" + pos + (column ? " is attended to by: " : " attends to: ")
+      + (top.length ? top.join(", ") : "nothing else"));
   }
 
   function update() {
@@ -95,7 +104,7 @@
     else return;
     event.preventDefault();
   });
-  select.addEventListener("change", () => { state.head = select.selectedIndex; update(); });
+  select.addEventListener("change", () => { state.head = select.selectedIndex; state.notice = ""; update(); });
   for (const radio of root.querySelectorAll("input[name=pattern-mode]")) {
     radio.addEventListener("change", () => { if (radio.checked) { state.mode = radio.value; update(); } });
   }
@@ -108,8 +117,12 @@
   function applyFragment() {
     const params = new URLSearchParams(location.hash.slice(1));
     if (!params.has("pattern") && !params.has("token")) return;
-    const index = data.heads.findIndex((h) => h.layer + "." + h.head === params.get("pattern"));
+    const wanted = params.get("pattern");
+    const index = data.heads.findIndex((h) => h.layer + "." + h.head === wanted);
     if (index >= 0) { select.selectedIndex = state.head = index; }
+    const shown = data.heads[state.head];
+    state.notice = wanted !== null && index < 0
+      ? "no head " + wanted + " in this report; showing " + shown.layer + "." + shown.head : "";
     if (params.get("mode") === "row" || params.get("mode") === "column") setMode(params.get("mode"));
     const text = params.get("token");
     const token = text !== null && /^[0-9]+$/.test(text) ? spans[Number(text)] : null;  // "" or junk: ignored
