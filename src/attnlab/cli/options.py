@@ -40,12 +40,14 @@ QueryFraction = Annotated[float, typer.Option("--query-fraction", help="Fraction
 DType = Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 | float16 | float64.", rich_help_panel=_RUN)]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, …", rich_help_panel=_RUN)]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed.", rich_help_panel=_RUN)]
+# A flag takes no value; metavar="" keeps typer's help from showing it as "<bool>" (as if it took one).
+FLAG = ""
 OutDir = Annotated[Path, typer.Option("--out", help="Output directory.", rich_help_panel=_OUT)]
 Force = Annotated[bool, typer.Option("--force", help="Write into a non-empty --out: replace its result files "
-                                     "(other files are left alone).", rich_help_panel=_OUT)]
+                                     "(other files are left alone).", rich_help_panel=_OUT, metavar=FLAG)]
 ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="YAML file of option values (CLI flags win).",
                                                     rich_help_panel=_RUN)]
-Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.", rich_help_panel=_OUT)]
+Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.", rich_help_panel=_OUT, metavar=FLAG)]
 
 
 def merge_config(ctx: typer.Context, config_path: Path | None, values: dict[str, Any],
