@@ -24,3 +24,39 @@ def test_help_shows_flags_without_a_value_type(command):
     assert any("--help" in line for line in flag_lines)
     for line in flag_lines:
         assert not re.search(r"--(help|force|debug|resume)\s+<", line), line
+
+
+def _non_empty(path):
+    path.mkdir()
+    (path / "old.txt").write_text("x", encoding="utf-8")
+    return path
+
+
+def test_python_train_names_its_arguments_and_the_cli_its_flags(tmp_path):
+    from attnlab.errors import ConfigError
+    from attnlab.lab.train import TrainConfig, train
+
+    out = _non_empty(tmp_path / "run")
+    with pytest.raises(ConfigError) as caught:
+        train(TrainConfig(out=str(out)))
+    assert "pass resume=True (CLI --resume)" in str(caught.value) and "force=True (CLI --force)" in str(caught.value)
+    result = runner.invoke(app, ["train", "--layer", "masked", "--task", "mqar", "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    line = next(line for line in result.output.splitlines() if line.startswith("error:"))
+    assert f"--out {out} is not empty; pass --resume" in line and "resume=True" not in line
+
+
+def test_python_sweep_names_its_arguments_and_the_cli_its_flags(tmp_path):
+    from attnlab.errors import ConfigError
+    from attnlab.lab.sweep import run_sweep
+
+    out = _non_empty(tmp_path / "sweep")
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text("base: {steps: 1}\ngrid: {lr: [0.1]}\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        run_sweep(sweep_file, out)
+    assert "pass resume=True (CLI --resume)" in str(caught.value)
+    result = runner.invoke(app, ["sweep", str(sweep_file), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    line = next(line for line in result.output.splitlines() if line.startswith("error:"))
+    assert "is not empty; pass --resume" in line and "resume=True" not in line

@@ -225,7 +225,7 @@ def run_train(ctx: typer.Context, config_path: Path | None, *, resume: bool, for
     if resume and force:
         raise ConfigError("--resume and --force exclude each other")
     config = train_config(ctx, config_path, resume=resume)
-    check_out(config, resume=resume, force=force)
+    check_out(config, resume=resume, force=force, cli=True)
     check_out_dir(Path(config.out or "."))
     print_config(config)
     try:
@@ -278,11 +278,12 @@ def sweep_command(
 
     def body() -> None:
         from attnlab.errors import ConfigError
-        from attnlab.lab.sweep import run_sweep, sweep_event
+        from attnlab.lab.sweep import check_sweep_out, run_sweep, sweep_event
         from attnlab.report.io import write_results
 
         if resume and force:
             raise ConfigError("--resume and --force exclude each other")
+        check_sweep_out(out, resume=resume, force=force, cli=True)
 
         result = with_progress(lambda progress: run_sweep(sweep_file, out, jobs=jobs, resume=resume, force=force,
                                                           progress=progress), always=sweep_event)
