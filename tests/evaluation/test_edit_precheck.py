@@ -40,3 +40,36 @@ def test_cli_eval_bad_edit_exits_2_with_one_line_and_no_baseline(tmp_path):
     assert_one_line_error(result, 2, "--edit 'mean_ablation:layers=50'", "layers=[50]")
     assert "baseline" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+def _resolve(dotted):
+    """The object a dotted ``attnlab....`` path names (importing its longest module prefix)."""
+    import importlib
+
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            target = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for name in parts[cut:]:
+            target = getattr(target, name)
+        return target
+    raise ImportError(dotted)
+
+
+@pytest.mark.parametrize(("spec", "calls"), [
+    ("head_patch:layers=1", ["attnlab.edits.head_patch.HeadPatch.from_source", "attnlab.record_head_outputs"]),
+    ("mean_ablation:source=recorded", ["attnlab.edits.mean_ablation.MeanAblation.from_means",
+                                        "attnlab.record_head_means"]),
+])
+def test_python_only_messages_name_importable_paths(spec, calls):
+    from attnlab.edits import parse_edit_spec
+
+    with pytest.raises(ConfigError) as caught:
+        parse_edit_spec(spec).check_model(2, 4)
+    message = str(caught.value)
+    named = re.findall(r"attnlab(?:\.\w+)+(?=\()", message)
+    assert named == calls, message
+    for dotted in named:
+        assert callable(_resolve(dotted)), dotted
