@@ -60,3 +60,22 @@ def test_python_sweep_names_its_arguments_and_the_cli_its_flags(tmp_path):
     assert result.exit_code == 2, result.output
     line = next(line for line in result.output.splitlines() if line.startswith("error:"))
     assert "is not empty; pass --resume" in line and "resume=True" not in line
+
+
+def test_done_line_counts_from_the_command_start_and_results_timing_is_the_run(tmp_path, monkeypatch):
+    import json
+    import time
+
+    from attnlab.cli import options
+    from cli.helpers import tiny_model_and_text
+
+    model, text = tiny_model_and_text(tmp_path)
+    # the command "started" 1000 s ago (as if imports and loading had taken that long)
+    monkeypatch.setattr(options, "start_command", lambda: options._command_starts.append(time.perf_counter() - 1000))
+    result = runner.invoke(app, ["eval", "--model", str(model), "--text", str(text), "--seq-len", "16",
+                                 "--max-windows", "1", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    done = [line for line in result.output.splitlines() if line.startswith("done in ")]
+    assert len(done) == 1 and float(done[0].split()[2]) >= 1000, done
+    results = json.loads((tmp_path / "out" / "results.json").read_text(encoding="utf-8"))
+    assert results["timing"]["seconds"] < 1000

@@ -16,6 +16,7 @@ import typer
 
 from attnlab.cli.eval_cmd import eval_command
 from attnlab.cli.mask_cmd import mask_command
+from attnlab.cli import options
 from attnlab.cli.options import FLAG, Debug, run_guarded, stderr
 from attnlab.cli.probe_cmd import make_probe_command, probe
 from attnlab.cli.train_cmd import sweep_command, train_command
@@ -49,7 +50,12 @@ class Command(typer.core.TyperCommand):
 
 
 class Group(typer.core.TyperGroup):
-    """A command group whose ``--help`` renders as a plain flag."""
+    """A command group whose ``--help`` renders as a plain flag; the top group notes each command's start (the
+    ``done in`` line counts from it)."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        options.start_command()
+        return super().main(*args, **kwargs)
 
     def get_help_option(self, ctx: Any) -> Any:
         return _plain_help_flag(super().get_help_option(ctx))
