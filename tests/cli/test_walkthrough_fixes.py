@@ -79,3 +79,35 @@ def test_done_line_counts_from_the_command_start_and_results_timing_is_the_run(t
     assert len(done) == 1 and float(done[0].split()[2]) >= 1000, done
     results = json.loads((tmp_path / "out" / "results.json").read_text(encoding="utf-8"))
     assert results["timing"]["seconds"] < 1000
+
+
+@pytest.mark.parametrize(("changes", "expected"), [
+    ({"vocab_size": 97}, "tokens vs 97 embedding rows"),       # the tokenizer covers a fifth of the embeddings
+    ({"bos_token_id": 5}, "bos_token_id 1 vs 5"),
+    ({"eos_token_id": [7, 8]}, "eos_token_id 2 vs [7, 8]"),
+    ({}, None),                                                # same vocab size and ids: no warning
+])
+def test_a_tokenizer_that_looks_like_another_models_logs_one_warning(tmp_path, caplog, changes, expected):
+    import logging
+
+    from tiny_models import tiny_llama, tiny_tokenizer
+
+    from attnlab.capture.loading import load_model
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.save_pretrained(tmp_path / "tok")
+    settings = {"vocab_size": len(tokenizer), "bos_token_id": 1, "eos_token_id": 2, **changes}
+    model = tiny_llama()
+    model.resize_token_embeddings(settings.pop("vocab_size"))
+    for key, value in settings.items():
+        setattr(model.config, key, value)
+    model.save_pretrained(tmp_path / "bare")  # no tokenizer files: --tokenizer supplies one
+    with caplog.at_level(logging.WARNING, logger="attnlab.capture.loading"):
+        load_model(tmp_path / "bare", tokenizer=tmp_path / "tok")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    if expected is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and "\n" not in warnings[0], warnings
+        assert f"tokenizer {tmp_path / 'tok'} may not belong to model {tmp_path / 'bare'}" in warnings[0]
+        assert expected in warnings[0]
