@@ -17,11 +17,11 @@ def prepare_out_dir(out_dir: Path) -> None:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise ConfigError(f"Cannot write results to {out_dir}: {error.strerror or error}") from None
+        raise ConfigError(f"cannot write results to {out_dir}: {error.strerror or error}") from None
     if not out_dir.is_dir():
-        raise ConfigError(f"Cannot write results to {out_dir}: Not a directory")
+        raise ConfigError(f"cannot write results to {out_dir}: Not a directory")
     if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise ConfigError(f"Cannot write results to {out_dir}: Permission denied")
+        raise ConfigError(f"cannot write results to {out_dir}: Permission denied")
 
 
 def write_temp(out_dir: Path, name: str, text: str) -> Path:
@@ -51,5 +51,5 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
         os.replace(temp, path)
     except OSError as error:
         temp.unlink(missing_ok=True)
-        raise ConfigError(f"Cannot write {path}: {error.strerror or error}") from None
+        raise ConfigError(f"cannot write {path}: {error.strerror or error}") from None
     return path

@@ -86,7 +86,7 @@ def test_out_is_checked_before_the_run(model_dir, text, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     result = _run("--model", model_dir, "--text", text, "--seq-len", "16", "--out", str(blocker / "run"))
-    assert_one_line_error(result, 2, "Cannot write results")
+    assert_one_line_error(result, 2, "error: cannot write results")
     assert "config:" not in result.output  # failed before the run started
 
 

@@ -156,7 +156,7 @@ def test_out_dir_under_a_file_is_config_error(tmp_path, fake_results):
 def test_out_dir_that_is_a_file_is_config_error(tmp_path, fake_results):
     blocker = tmp_path / "run"
     blocker.write_text("x")
-    with pytest.raises(ConfigError, match="Cannot write results to .*run"):
+    with pytest.raises(ConfigError, match="cannot write results to .*run"):
         write_results(blocker, fake_results)
     assert blocker.read_text() == "x"
 
@@ -238,7 +238,7 @@ def test_validate_results_checks_rows(fake_results):
 def test_unwritable_out_dir_is_config_error_even_as_root(tmp_path, fake_results, monkeypatch):
     """The same check as above, with the permission answer simulated (root bypasses real permissions)."""
     monkeypatch.setattr(report_io.os, "access", lambda path, mode: False)
-    with pytest.raises(ConfigError, match="Cannot write results to .*: Permission denied"):
+    with pytest.raises(ConfigError, match="cannot write results to .*: Permission denied"):
         write_results(tmp_path, fake_results)
     assert list(tmp_path.iterdir()) == []
 

@@ -35,6 +35,21 @@ def make_edit(spec: str | Edit) -> Edit:
     raise TypeError(f"edits must be Edit instances or specs like 'temperature:tau=0.9', got {type(spec).__name__}")
 
 
+def check_edits(edits: Iterable[str | Edit], facts: ModelFacts) -> list[Edit]:
+    """The edits in composition order, each checked against the model before anything runs.
+
+    Every edit's :meth:`~attnlab.edits.base.Edit.check_model` hook runs: layers/heads the model has, and state only
+    the Python API can give (``mean_ablation:source=recorded``'s means, ``head_patch``'s source).
+
+    Raises:
+        ConfigError: the first edit that cannot run on this model (one line).
+    """
+    ordered = order_edits([make_edit(e) for e in edits])
+    for edit in ordered:
+        edit.check_model(facts.num_layers, facts.num_heads)
+    return ordered
+
+
 class EditLog:
     """The edits of a session, in composition order, with one :class:`EditRecord` each.
 
@@ -47,10 +62,9 @@ class EditLog:
     """
 
     def __init__(self, edits: Iterable[str | Edit], facts: ModelFacts, verify_rows: int) -> None:
-        self.edits: list[Edit] = order_edits([make_edit(e) for e in edits])
+        self.edits: list[Edit] = check_edits(edits, facts)
         for edit in self.edits:
             edit.reset()  # a fresh session: nothing left over from calls of an earlier one
-            edit.check_model(facts.num_layers, facts.num_heads)
         if verify_rows < 0:
             raise ConfigError(f"verify_rows must be >= 0, got {verify_rows}")
         self.facts, self.verify_rows = facts, verify_rows

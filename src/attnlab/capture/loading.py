@@ -408,6 +408,24 @@ def _check_vocab(model: Any, tokenizer: Any, tokenizer_name: str) -> None:
                          "use the tokenizer the model was trained with")
 
 
+def _warn_mismatch(model: Any, tokenizer: Any, tokenizer_name: str, model_name: str) -> None:
+    """One warning line when a ``--tokenizer`` looks like another model's: far fewer tokens than the model embeds
+    (< 90 %), or bos/eos ids that differ from the model config's (both set)."""
+    config = getattr(model, "config", None)
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embeddings, "num_embeddings", None) or getattr(config, "vocab_size", None)
+    differ = []
+    if isinstance(rows, int) and len(tokenizer) < 0.9 * rows:
+        differ.append(f"{len(tokenizer)} tokens vs {rows} embedding rows")
+    for key in ("bos_token_id", "eos_token_id"):
+        ours, theirs = getattr(config, key, None), getattr(tokenizer, key, None)
+        allowed = ours if isinstance(ours, (list, tuple)) else [ours]
+        if ours is not None and theirs is not None and theirs not in allowed:
+            differ.append(f"{key} {theirs} vs {ours}")
+    if differ:
+        logger.warning("tokenizer %s may not belong to model %s: %s", tokenizer_name, model_name, "; ".join(differ))
+
+
 @contextmanager
 def no_hf_progress_bars() -> Iterator[None]:
     """Turn transformers' tqdm bars (``Loading weights``, ``Writing model shards``) off inside the block; their
@@ -451,7 +469,8 @@ def load_model(
 
     ``tokenizer`` (CLI ``--tokenizer``) loads the tokenizer from elsewhere (:func:`load_tokenizer`: a bundled
     name, a local folder or ``.gguf`` file, a hub id) instead of the model's own; a model folder without tokenizer
-    files needs it. ``tokenizer_facts`` records ``name`` (the tokenizer as requested, else the model's name),
+    files needs it; a tokenizer that looks like another model's (< 90 % of the model's embedding rows, or other
+    bos/eos ids than the model config's) logs one warning line. ``tokenizer_facts`` records ``name`` (the tokenizer as requested, else the model's name),
     ``source`` (where it was read from) and ``from_model``.
 
     Causal LMs (:func:`attnlab.capture.architectures.is_causal_lm`) load with AutoModelForCausalLM, others with
@@ -524,6 +543,7 @@ def _load_model(name_or_path: str | os.PathLike[str], dtype: str | torch.dtype, 
     if tokenizer_name is not None:
         own, tokenizer_source = load_tokenizer(tokenizer_name, trust_remote_code=trust_remote_code)
         _check_vocab(model, own, tokenizer_name)
+        _warn_mismatch(model, own, tokenizer_name, name)
     else:
         tokenizer_source = source
     model.to(dev)

@@ -16,7 +16,8 @@ import typer
 
 from attnlab.cli.eval_cmd import eval_command
 from attnlab.cli.mask_cmd import mask_command
-from attnlab.cli.options import Debug, run_guarded, stderr
+from attnlab.cli import options
+from attnlab.cli.options import FLAG, Debug, run_guarded, stderr
 from attnlab.cli.probe_cmd import make_probe_command, probe
 from attnlab.cli.train_cmd import sweep_command, train_command
 
@@ -33,12 +34,39 @@ EPILOG = """Quick start:
   attnlab train --layer masked --task mqar --task-arg vocab_size=64 --width 32 --steps 200 --out runs/mqar
 """
 
+
+
+def _plain_help_flag(option: Any) -> Any:
+    if option is not None:
+        option.metavar = FLAG  # typer's help shows "--help <bool>" otherwise, as if it took a value
+    return option
+
+
+class Command(typer.core.TyperCommand):
+    """A subcommand whose ``--help`` renders as a plain flag."""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        return _plain_help_flag(super().get_help_option(ctx))
+
+
+class Group(typer.core.TyperGroup):
+    """A command group whose ``--help`` renders as a plain flag; the top group notes each command's start (the
+    ``done in`` line counts from it)."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        options.start_command()
+        return super().main(*args, **kwargs)
+
+    def get_help_option(self, ctx: Any) -> Any:
+        return _plain_help_flag(super().get_help_option(ctx))
+
+
 app = typer.Typer(
-    name="attnlab", help="Study and change attention in transformer models.", epilog=EPILOG,
+    name="attnlab", help="Study and change attention in transformer models.", epilog=EPILOG, cls=Group,
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
-models_app = typer.Typer(help="Bundled models and corpus: list, fetch.", no_args_is_help=True)
-ls_app = typer.Typer(help="List registered components.", no_args_is_help=True)
+models_app = typer.Typer(help="Bundled models and corpus: list, fetch.", no_args_is_help=True, cls=Group)
+ls_app = typer.Typer(help="List registered components.", no_args_is_help=True, cls=Group)
 app.add_typer(models_app, name="models")
 app.add_typer(ls_app, name="ls")
 app.command("eval")(eval_command)
@@ -172,6 +200,11 @@ def ls_tasks() -> None:
     from attnlab.lab.tasks import TASKS
 
     _list_registry(TASKS)
+
+
+for _typer in (app, models_app, ls_app):
+    for _info in _typer.registered_commands:
+        _info.cls = Command  # app.command() fills in TyperCommand; none of ours names another class
 
 
 def main() -> None:  # pragma: no cover - python -m attnlab

@@ -7,6 +7,7 @@ Subcommand modules import this module only; :mod:`attnlab.cli.main` imports the 
 from __future__ import annotations
 
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,20 @@ from rich.console import Console
 from attnlab.errors import AttnlabError, ConfigError, UsageError
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+
+_IMPORTED = time.perf_counter()  # a process running `attnlab ...` starts its command here (the CLI's import)
+_command_starts: list[float] = []
+
+
+def start_command() -> None:
+    """Note that a command starts (called as the CLI parses its arguments): the first command of a process started
+    when this module was imported; a later one (``app()`` called again, as tests do) starts now."""
+    _command_starts.append(time.perf_counter() if _command_starts else _IMPORTED)
+
+
+def command_seconds() -> float:
+    """Seconds since the current command started (:func:`start_command`): imports, loading and the run."""
+    return time.perf_counter() - (_command_starts[-1] if _command_starts else _IMPORTED)
 
 _DATA = "Model and data"
 _RUN = "Run"
@@ -40,12 +55,14 @@ QueryFraction = Annotated[float, typer.Option("--query-fraction", help="Fraction
 DType = Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 | float16 | float64.", rich_help_panel=_RUN)]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, …", rich_help_panel=_RUN)]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed.", rich_help_panel=_RUN)]
+# A flag takes no value; metavar="" keeps typer's help from showing it as "<bool>" (as if it took one).
+FLAG = ""
 OutDir = Annotated[Path, typer.Option("--out", help="Output directory.", rich_help_panel=_OUT)]
 Force = Annotated[bool, typer.Option("--force", help="Write into a non-empty --out: replace its result files "
-                                     "(other files are left alone).", rich_help_panel=_OUT)]
+                                     "(other files are left alone).", rich_help_panel=_OUT, metavar=FLAG)]
 ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="YAML file of option values (CLI flags win).",
                                                     rich_help_panel=_RUN)]
-Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.", rich_help_panel=_OUT)]
+Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.", rich_help_panel=_OUT, metavar=FLAG)]
 
 
 def merge_config(ctx: typer.Context, config_path: Path | None, values: dict[str, Any],
@@ -127,15 +144,16 @@ def with_progress(work: Callable[[Any], Any], *, always: Callable[[str], bool] |
 def write_and_announce(out_dir: Path, results: dict[str, Any], *, show_paths: bool = False) -> dict[str, Path]:
     """Write the three result files (checked before anything is written); print their paths to stdout.
 
-    With ``show_paths`` the ``done`` line also names the attention paths the run took
-    (``done in 9.8 s; attention path: blocked_eager``).
+    The ``done in`` line counts from the command's start (:func:`command_seconds`: imports, model loading and the
+    run); results.json's ``timing.seconds`` is the run alone. With ``show_paths`` the line also names the attention
+    paths the run took (``done in 9.8 s; attention path: blocked_eager``).
     """
     from attnlab.report.io import write_results
 
     paths = write_results(out_dir, results)
     taken = sorted(set(results.get("attention_paths", {}).values()))
     suffix = f"; attention path: {', '.join(taken)}" if show_paths and taken else ""
-    stderr.print(f"done in {results['timing']['seconds']:.1f} s{suffix}", markup=False)
+    stderr.print(f"done in {command_seconds():.1f} s{suffix}", markup=False)
     typer.echo(f"report: {paths['html']}")
     typer.echo(f"files: {' '.join(str(p) for p in paths.values())}")
     return paths

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from attnlab.cli.options import (
-    ConfigFile, Debug, Seed, merge_config, print_config, run_guarded, stderr, with_progress,
+    FLAG, ConfigFile, Debug, Seed, merge_config, print_config, run_guarded, stderr, with_progress,
 )
 from attnlab.lab.train import TrainConfig
 
@@ -82,9 +82,9 @@ Target = Annotated[Optional[float], typer.Option("--target-accuracy", help="Stop
                                                  rich_help_panel=_EVAL)]
 OutDir = Annotated[Path, typer.Option("--out", help="Output directory.", rich_help_panel=_OUT)]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its checkpoint.",
-                                      rich_help_panel=_OUT)]
+                                      rich_help_panel=_OUT, metavar=FLAG)]
 Force = Annotated[bool, typer.Option("--force", help="Start afresh in a non-empty --out (overwrites files).",
-                                     rich_help_panel=_OUT)]
+                                     rich_help_panel=_OUT, metavar=FLAG)]
 
 
 def train_command(
@@ -225,7 +225,7 @@ def run_train(ctx: typer.Context, config_path: Path | None, *, resume: bool, for
     if resume and force:
         raise ConfigError("--resume and --force exclude each other")
     config = train_config(ctx, config_path, resume=resume)
-    check_out(config, resume=resume, force=force)
+    check_out(config, resume=resume, force=force, cli=True)
     check_out_dir(Path(config.out or "."))
     print_config(config)
     try:
@@ -267,7 +267,7 @@ def sweep_command(
     jobs: Jobs = 1,
     out: OutDir = Path("attnlab-sweep"),
     resume: Annotated[bool, typer.Option("--resume", help="Keep finished jobs, continue the others.",
-                                         rich_help_panel=_OUT)] = False,
+                                         rich_help_panel=_OUT, metavar=FLAG)] = False,
     force: Force = False,
     debug: Debug = False,
 ) -> None:
@@ -278,11 +278,12 @@ def sweep_command(
 
     def body() -> None:
         from attnlab.errors import ConfigError
-        from attnlab.lab.sweep import run_sweep, sweep_event
+        from attnlab.lab.sweep import check_sweep_out, run_sweep, sweep_event
         from attnlab.report.io import write_results
 
         if resume and force:
             raise ConfigError("--resume and --force exclude each other")
+        check_sweep_out(out, resume=resume, force=force, cli=True)
 
         result = with_progress(lambda progress: run_sweep(sweep_file, out, jobs=jobs, resume=resume, force=force,
                                                           progress=progress), always=sweep_event)

@@ -14,8 +14,9 @@ from attnlab.edits.base import AttentionCall, Edit
 from attnlab.errors import ConfigError
 from attnlab.params import IndexList, Range, validated
 
-PYTHON_ONLY = ("head_patch needs recorded head outputs; use the Python API: EDITS.get('head_patch')"
-               ".from_source(record_head_outputs(model, source_batch, layers=[...], heads=[...]))")
+PYTHON_ONLY = ("head_patch needs recorded head outputs; use the Python API: "
+               "attnlab.edits.head_patch.HeadPatch.from_source(attnlab.record_head_outputs(model, source_inputs, "
+               "layers=[...], heads=[...]))")
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ class HeadPatch(Edit):
                 session starts).
         """
         if not isinstance(source, HeadOutputs):
-            raise ConfigError(f"head_patch: the source must be HeadOutputs (record_head_outputs), got "
+            raise ConfigError(f"head_patch: the source must be HeadOutputs (attnlab.record_head_outputs), got "
                               f"{type(source).__name__}")
         if self.layers is not None:
             missing = sorted(set(self.layers) - set(source.outputs))

@@ -15,6 +15,9 @@ from attnlab.functional.attention import BlockView
 from attnlab.params import IndexList, Range, validated
 
 Source = Literal["batch", "sequence", "recorded"]
+PYTHON_ONLY = ("mean_ablation:source=recorded needs recorded means; use the Python API: "
+               "attnlab.edits.mean_ablation.MeanAblation.from_means(attnlab.record_head_means(model, batches), "
+               "heads=[...])")
 
 
 @EDITS.register("mean_ablation")
@@ -115,8 +118,7 @@ class MeanAblation(Edit):
         if self.source != "recorded" or self.fraction == 0.0:
             return
         if self.means is None:
-            raise ConfigError("mean_ablation:source=recorded needs recorded means; use the Python API: "
-                              "MeanAblation.from_means(record_head_means(model, batches), heads=[...])")
+            raise ConfigError(PYTHON_ONLY)
         layers = range(num_layers) if self.layers is None else self.layers
         missing = sorted(set(layers) - set(self.means))
         if missing:
@@ -168,7 +170,7 @@ class MeanAblation(Edit):
                 raise RuntimeError("mean_ablation.output_mod called before prepare()")  # internal invariant
             return self._call_mean
         if self.means is None:
-            raise ConfigError("mean_ablation:source=recorded needs recorded means; use MeanAblation.from_means")
+            raise ConfigError(PYTHON_ONLY)
         mean = self.means.get(call.layer_idx)
         if mean is None or mean.shape[0] != call.num_heads:
             raise ConfigError(f"mean_ablation: no recorded (num_heads={call.num_heads}, head_dim) mean for layer "

@@ -169,6 +169,18 @@ def check_causal_lm(model: Any, requested: str) -> None:
                           f"{type(model).__name__}, which has none; use a decoder model such as smollm2-135m")
 
 
+def check_variants(variants: list[Variant], facts: Any) -> None:
+    """ConfigError (one line, naming the ``--edit``) for the first variant with an edit that cannot run on the model
+    (a layer or head it lacks; state only the Python API gives), so a bad edit fails before the baseline runs."""
+    from attnlab.capture.edit_log import check_edits
+
+    for label, edits in variants:
+        try:
+            check_edits(edits, facts)
+        except ConfigError as error:
+            raise ConfigError(f"--edit {label!r}: {error}") from None
+
+
 def run_eval(config: EvalConfig, *, progress: ProgressArg = None, model: Any = None,
              tokenizer: Any = None, search: str | None = None) -> dict[str, Any]:
     """Load model and text, run every task for the baseline and each variant; return the results dict.
@@ -179,7 +191,9 @@ def run_eval(config: EvalConfig, *, progress: ProgressArg = None, model: Any = N
 
     Raises:
         ConfigError, TextError, RegistryError: bad input (the CLI exits 2), before the model runs; ConfigError
-            also for a model without next-token logits (an encoder such as minilm-l6).
+            also for a model without next-token logits (an encoder such as minilm-l6), and for an edit that cannot
+            run on the model (a layer or head it lacks, or Python-only state such as ``head_patch``'s source),
+            checked right after the model loads, before any window runs.
         EditNotFiredError: a requested edit never touched an attention call.
 
     ``progress``: None (silent), True (stderr: a bar with ETA in a terminal, else plain lines) or a callable
@@ -203,6 +217,7 @@ def _run_eval(config: EvalConfig, notify: Progress, model: Any, tokenizer: Any, 
     loaded = start_run(config.load, data, spec.seed, notify, model, tokenizer)
     model, tokenizer = loaded
     check_causal_lm(model, config.load.model)
+    check_variants(variants, loaded.facts)
     if "passkey" in spec.tasks:
         check_seq_len(loaded.facts, max(config.lengths), "--passkey-lengths")
     add_bos = data.bos == "always" or (data.bos == "auto" and tokenizer_adds_bos(tokenizer))

@@ -258,12 +258,16 @@ def _csv(rows: list[Mapping[str, Any]], columns: tuple[str, ...]) -> str:
     return buffer.getvalue()
 
 
-def check_sweep_out(out: Path, *, resume: bool, force: bool) -> None:
-    """ConfigError when the sweep directory is not empty and neither resume nor force was asked for."""
+def check_sweep_out(out: Path, *, resume: bool, force: bool, cli: bool = False) -> None:
+    """ConfigError when the sweep directory is not empty and neither resume nor force was asked for (the message
+    names the Python arguments, or the CLI flags when ``cli``)."""
+    name, resume_arg, force_arg = (("--out", "--resume", "--force") if cli else
+                                   ("out", "resume=True (CLI --resume)", "force=True (CLI --force)"))
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a directory")
+        raise ConfigError(f"{name} {out} exists and is not a directory")
     if not resume and not force and out.is_dir() and any(out.iterdir()):
-        raise ConfigError(f"--out {out} is not empty; pass --resume to finish its jobs or --force to rerun them")
+        raise ConfigError(f"{name} {out} is not empty; pass {resume_arg} to finish its jobs or {force_arg} to rerun "
+                          "them")
 
 
 def run_sweep(path: str | Path, out: str | Path, *, jobs: int = 1, resume: bool = False, force: bool = False,

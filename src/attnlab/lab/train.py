@@ -323,15 +323,20 @@ def make_optimizer(config: TrainConfig, model: Any) -> Any:
     return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), eps=1e-8)
 
 
-def check_out(config: TrainConfig, *, resume: bool, force: bool) -> None:
-    """ConfigError when ``out`` exists, is not empty, and neither resume nor force was asked for."""
+def check_out(config: TrainConfig, *, resume: bool, force: bool, cli: bool = False) -> None:
+    """ConfigError when ``out`` exists, is not empty, and neither resume nor force was asked for.
+
+    The message names the Python arguments (``resume=True``), or the CLI flags when ``cli`` (``attnlab train``)."""
     if config.out is None:
         return
     out = Path(config.out)
+    name, resume_arg, force_arg = (("--out", "--resume", "--force") if cli else
+                                   ("out", "resume=True (CLI --resume)", "force=True (CLI --force)"))
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a directory")
+        raise ConfigError(f"{name} {out} exists and is not a directory")
     if not resume and not force and out.is_dir() and any(out.iterdir()):
-        raise ConfigError(f"--out {out} is not empty; pass --resume to continue its run or --force to overwrite")
+        raise ConfigError(f"{name} {out} is not empty; pass {resume_arg} to continue its run or {force_arg} to "
+                          "overwrite")
 
 
 # one evaluation -------------------------------------------------------------------------------------------------

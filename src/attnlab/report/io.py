@@ -47,7 +47,7 @@ def check_targets(out_dir: str | os.PathLike[str], names: Iterable[str] = RESULT
     for name in names:
         target = Path(out_dir) / name
         if (target.exists() or target.is_symlink()) and not target.is_file():
-            raise ConfigError(f"Cannot write results to {out_dir}: {target} exists and is not a file")
+            raise ConfigError(f"cannot write results to {out_dir}: {target} exists and is not a file")
 
 
 def _jsonable(value: Any, where: str = "results") -> Any:
@@ -168,13 +168,13 @@ def check_out_dir(out_dir: str | os.PathLike[str], *, force: bool | None = None)
             break
         existing = existing.parent
     if not existing.is_dir():
-        raise ConfigError(f"Cannot write results to {out_dir}: {existing} is not a directory")
+        raise ConfigError(f"cannot write results to {out_dir}: {existing} is not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"Cannot write results to {out_dir}: {existing} is not writable")
+        raise ConfigError(f"cannot write results to {out_dir}: {existing} is not writable")
     try:  # permissions alone do not tell (root, read-only or virtual filesystems): try, then clean up
         os.rmdir(tempfile.mkdtemp(prefix=".attnlab-check-", dir=existing))
     except OSError as error:
-        raise ConfigError(f"Cannot write results to {out_dir}: {existing}: {error.strerror or error}") from None
+        raise ConfigError(f"cannot write results to {out_dir}: {existing}: {error.strerror or error}") from None
     check_targets(path)
 
 
@@ -218,7 +218,7 @@ def write_results(
             del temps[key]
             written[key] = out_dir / name
     except OSError as error:
-        raise ConfigError(f"Cannot write results to {out_dir}: {error.strerror or error}") from error
+        raise ConfigError(f"cannot write results to {out_dir}: {error.strerror or error}") from error
     finally:
         for temp in temps.values():
             temp.unlink(missing_ok=True)
