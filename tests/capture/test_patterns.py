@@ -282,7 +282,7 @@ def test_report_patterns_explicit_none_and_bidirectional():
     assert data["selection"] == "explicit" and data["causal"] is False
     assert [(h["layer"], h["head"], h["label"]) for h in data["heads"]] == [(1, 3, ""), (0, 0, "")]
     assert [len(row) for row in data["heads"][0]["probs"]] == [10] * 10
-    with pytest.raises(ConfigError, match="pattern_heads layers must be in 0..1, got 2"):
+    with pytest.raises(ConfigError, match="pattern_heads: layer must be in 0..1, got 2"):
         report_patterns(loaded, _windows(ids), "2.0", 10)
 
 

@@ -70,8 +70,8 @@ def test_explicit_heads_on_report(setup, tmp_path):
     (("--pattern-heads", ",".join(f"0.{h}" for h in range(17))), ("at most 16",)),
     (("--pattern-tokens", "1"), ("expected pattern_tokens in 2..256, got 1",)),
     (("--pattern-tokens", "257"), ("expected pattern_tokens in 2..256, got 257",)),
-    (("--pattern-heads", "2.0"), ("pattern_heads layers must be in 0..1, got 2",)),
-    (("--pattern-heads", "0.4"), ("pattern_heads heads must be in 0..3, got 4",)),
+    (("--pattern-heads", "2.0"), ("pattern_heads: layer must be in 0..1, got 2",)),
+    (("--pattern-heads", "0.4"), ("pattern_heads: head must be in 0..3, got 4",)),
 ])
 def test_bad_pattern_options_exit_2_with_one_line(setup, tmp_path, args, fragments):
     assert_one_line_error(_run(setup, tmp_path / "out", "--probe", "entropy", *args), 2, *fragments)

@@ -32,11 +32,11 @@ SINK_EPSILON = 0.3
 def check_pattern_heads(facts: ModelFacts, pattern_heads: str) -> tuple[tuple[int, int], ...] | None:
     """The explicit ``(layer, head)`` pairs of ``pattern_heads`` checked against the model (None for auto/none).
 
-    Raises ConfigError ``"pattern_heads layers must be in 0..N-1, got 40"`` (or heads)."""
+    Raises ConfigError ``"pattern_heads: layer must be in 0..N-1, got 40"`` (or head)."""
     pairs = parse_pattern_heads(pattern_heads)
     for layer, head in pairs or ():
-        check_indices("pattern_heads layers", layer, facts.num_layers)
-        check_indices("pattern_heads heads", head, facts.num_heads)
+        check_indices("pattern_heads: layer", layer, facts.num_layers)
+        check_indices("pattern_heads: head", head, facts.num_heads)
     return pairs
 
 
