@@ -346,19 +346,3 @@ def test_pick_heads_takes_no_sinks_below_epsilon():
     picked = pick_heads(pattern, count=1)
     assert [(layer, head) for layer, head, _ in picked] == [(0, 1), (0, 2)]
     assert all(label.startswith("entropy ") for _, _, label in picked)
-
-
-def test_report_patterns_runs_with_the_given_block_size(monkeypatch):
-    import attnlab.capture.pattern_report as pattern_report
-
-    seen = []
-    original = pattern_report.attention_pattern
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("block_size"))
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(pattern_report, "attention_pattern", spy)
-    loaded = LoadedModel.wrap(tiny_llama(), tiny_tokenizer())
-    assert report_patterns(loaded, _windows(_ids(1, 20)[0].tolist()), "0.1", 12, block_size=4) is not None
-    assert seen == [4]
