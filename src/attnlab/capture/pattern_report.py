@@ -20,6 +20,7 @@ from attnlab.config import MAX_PATTERN_HEADS, PATTERN_TOKENS_RANGE, parse_patter
 from attnlab.errors import UnsupportedModelError
 from attnlab.facts import ModelFacts
 from attnlab.params import check_indices
+from attnlab.stats.entropy import normalised_entropy, row_entropy
 
 __all__ = ["SINK_EPSILON", "check_pattern_heads", "head_scores", "pattern_json", "pick_heads", "report_patterns"]
 
@@ -49,8 +50,8 @@ def head_scores(pattern: AttentionPattern) -> tuple[Tensor, Tensor]:
     rows = probs[:, :, 1:] if n_q > 1 else probs
     alpha0 = rows[..., 0].mean(dim=-1)
     first = n_k - n_q + (1 if n_q > 1 else 0)  # real-token position of the first row used
-    seen = torch.arange(first, n_k, dtype=torch.float64) + 1 if pattern.causal else torch.full((rows.shape[2],), n_k)
-    entropy = -(rows * rows.clamp_min(1e-300).log()).sum(dim=-1) / seen.double().clamp_min(2).log()
+    seen = torch.arange(first, n_k) + 1 if pattern.causal else torch.full((rows.shape[2],), n_k)
+    entropy = normalised_entropy(row_entropy(rows), seen)  # NaN for a row that sees one key (a 1-token pattern)
     return alpha0, entropy.mean(dim=-1)
 
 
