@@ -33,9 +33,9 @@ from transformers.pytorch_utils import Conv1D
 from attnlab.analyses.base import ForwardRecord
 from attnlab.capture.architectures import get_submodule_or_none, model_facts, transformer_blocks
 from attnlab.errors import ConfigError, UnsupportedModelError
-from attnlab.functional.attention import BlockView
 from attnlab.facts import ModelFacts
-from attnlab.probes.base import AttentionCall, Probe
+from attnlab.capture.patterns import PatternProbe
+from attnlab.probes.base import AttentionCall
 
 # the attention output projection inside a transformer block, by family: its input (batch, seq_len,
 # num_heads * head_dim) holds the per-head outputs, head-major. Each family here is tested on a tiny model
@@ -96,25 +96,17 @@ def head_edits(head_scale: dict[int, Tensor] | None, first_key: dict[int, Tensor
     return edits
 
 
-class _ProbsCollector(Probe):
-    """Collects full probs (B, H, Lq, Lk) per layer; rows of padding queries are 0."""
-
-    name = "_probs"
-    needs = frozenset({"probs"})
+class _ProbsCollector(PatternProbe):
+    """Every head's probs (a :class:`attnlab.capture.patterns.PatternProbe` over all layers and heads), plus the value
+    states each layer's attention received."""
 
     def __init__(self) -> None:
-        self.probs: dict[int, Tensor] = {}
+        super().__init__()
         self.values: dict[int, Tensor] = {}
 
     def begin_call(self, call: AttentionCall) -> None:
-        B = call.query_valid.shape[0]
-        self.probs[call.layer_idx] = torch.zeros(B, call.num_heads, call.q_len, call.kv_len)
+        super().begin_call(call)
         self.values[call.layer_idx] = call.value.float().cpu()  # (B, Hkv, Lk, Dv)
-
-    def update(self, call: AttentionCall, block: BlockView) -> None:
-        width = block.probs.shape[-1]
-        real = call.query_valid[:, block.q_index][:, None, :, None]
-        self.probs[call.layer_idx][:, :, block.q_index, :width] = (block.probs * real).float().cpu()
 
 
 def next_token_loss(logits: Tensor, input_ids: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
@@ -292,7 +284,8 @@ class ModelRunner:
         collector = _ProbsCollector()
         with Session(self.model, probes=[collector]), torch.no_grad():
             self.model(**batch)
-        probs = [collector.probs[layer] for layer in sorted(collector.probs)]
+        pattern = collector.patterns()[0]
+        probs = [pattern.probs[:, slot] for slot in range(len(pattern.layers))]
         if with_values:
             return probs, [collector.values[layer] for layer in sorted(collector.values)]
         return probs
