@@ -399,10 +399,15 @@ def load_tokenizer(name_or_path: str | os.PathLike[str], *, trust_remote_code: b
     raise RegistryError(unknown_name_message("tokenizer", name, BUNDLED_MODELS) + " (or a path or org/name hub id)")
 
 
+def _embedding_rows(model: Any) -> int | None:
+    """Rows of the model's input embedding (its token ids), or None when it has none to read."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return getattr(embeddings, "num_embeddings", None)
+
+
 def _check_vocab(model: Any, tokenizer: Any, tokenizer_name: str) -> None:
     """UsageError if the tokenizer has ids beyond the model's embedding rows (a tokenizer from another model)."""
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    rows = getattr(embeddings, "num_embeddings", None)
+    rows = _embedding_rows(model)
     if isinstance(rows, int) and len(tokenizer) > rows:
         raise UsageError(f"tokenizer {tokenizer_name} has {len(tokenizer)} tokens but the model embeds only {rows}; "
                          "use the tokenizer the model was trained with")
@@ -412,8 +417,7 @@ def _warn_mismatch(model: Any, tokenizer: Any, tokenizer_name: str, model_name: 
     """One warning line when a ``--tokenizer`` looks like another model's: far fewer tokens than the model embeds
     (< 90 %), or bos/eos ids that differ from the model config's (both set)."""
     config = getattr(model, "config", None)
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    rows = getattr(embeddings, "num_embeddings", None) or getattr(config, "vocab_size", None)
+    rows = _embedding_rows(model) or getattr(config, "vocab_size", None)
     differ = []
     if isinstance(rows, int) and len(tokenizer) < 0.9 * rows:
         differ.append(f"{len(tokenizer)} tokens vs {rows} embedding rows")
