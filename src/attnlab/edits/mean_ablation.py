@@ -104,11 +104,15 @@ class MeanAblation(Edit):
                 raise ConfigError(f"mean_ablation: the mean of layer {layer} must be (num_heads, head_dim), got "
                                   f"shape {tuple(mean.shape)}")
             edit.means[int(layer)] = mean
-        missing = sorted(set(edit.layers or ()) - set(edit.means))
+        edit._check_recorded(edit.layers or ())
+        return edit
+
+    def _check_recorded(self, layers: Any) -> None:
+        """ConfigError naming the layers of ``layers`` that have no recorded mean."""
+        missing = sorted(set(layers) - set(self.means or {}))
         if missing:
             raise ConfigError(f"mean_ablation: no recorded mean for layer(s) {missing}; recorded: "
-                              f"{sorted(edit.means)}")
-        return edit
+                              f"{sorted(self.means or {})}")
 
     def params(self) -> dict[str, Any]:
         return {"fraction": self.fraction, "source": self.source}
@@ -120,10 +124,7 @@ class MeanAblation(Edit):
         if self.means is None:
             raise ConfigError(PYTHON_ONLY)
         layers = range(num_layers) if self.layers is None else self.layers
-        missing = sorted(set(layers) - set(self.means))
-        if missing:
-            raise ConfigError(f"mean_ablation: no recorded mean for layer(s) {missing}; recorded: "
-                              f"{sorted(self.means)}")
+        self._check_recorded(layers)
         wrong = {layer: tuple(self.means[layer].shape) for layer in layers if self.means[layer].shape[0] != num_heads}
         if wrong:
             raise ConfigError(f"mean_ablation: recorded means must have num_heads={num_heads} rows, got {wrong}")
