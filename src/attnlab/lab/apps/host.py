@@ -80,6 +80,12 @@ class AppModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         """Keep every module's constructor initialisation (the layers' own inits are part of their definition)."""
 
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        """True: every attention goes through a site, which reads the implementation at each call. (transformers
+        guesses this from the module's source, which fails for models defined in a notebook or a test file.)"""
+        return True
+
     def site(self, layer: Layer, *, is_causal: bool = False) -> AttentionSite:
         """Wrap ``layer`` as the next attention site (``layer_idx`` = sites so far). Assign the result to an
         attribute (or a ModuleList) so its parameters belong to the model.

@@ -99,7 +99,7 @@ class AppTrainConfig:
             object.__setattr__(self, item.name, value)
         if self.warmup_steps > self.steps:
             raise ConfigError(f"app: warmup_steps={self.warmup_steps} exceeds steps={self.steps}")
-        self.make_app()  # ConfigError for a bad variant, model argument or size
+        object.__setattr__(self, "variant", self.make_app().variant)  # ConfigError for a bad variant, argument, size
         build_probes(self.probes, self.probe_args)  # RegistryError / ConfigError now, not after training
 
     def make_app(self) -> Any:
