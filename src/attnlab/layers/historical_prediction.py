@@ -91,7 +91,7 @@ def time_differences(seq_len: int, *, times: Tensor | None = None, track_ids: Te
 @LAYERS.register("historical_prediction")
 class HistoricalPredictionAttention(SoftmaxFamilyAttention):
     """HPNet's historical prediction attention: look back over a track's earlier forecasts with a relative-time key
-    encoding (module docstring; Tang et al. 2024, §3 "Historical Prediction Attention", and the released code).
+    encoding (module docstring; Tang et al. 2024, abstract and released code).
 
     ``forward(hidden_states, *, times=None, track_ids=None)``: hidden_states (B, T, C); times (B|1, T) integer forecast
     times (None: positions); track_ids (B|1, T) integer track ids (None: one track). Returns (output (B, T, C), None).
