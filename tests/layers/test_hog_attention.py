@@ -218,3 +218,12 @@ def test_a_state_is_refused():
     x, guidance = inputs()
     with pytest.raises(ConfigError, match="state=None"):
         layer(x, state=torch.zeros(1), guidance=guidance)
+
+
+def test_dense_and_flex_paths_agree():
+    dense = build(num_groups=2)
+    flex = build(num_groups=2, path="flex")
+    x, guidance = inputs()
+    with torch.no_grad():
+        assert_close(flex.float()(x.float(), guidance=guidance.float())[0],
+                     dense.float()(x.float(), guidance=guidance.float())[0], dtype=torch.float32)

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from attnlab.errors import ConfigError, ShapeError
-from attnlab.functional.masks import MaskMod, from_keep
+from attnlab.functional.masks import MaskMod, with_covered_lengths, with_name
 from attnlab.layers import LAYERS
 from attnlab.layers._common import check_hidden, merge_heads
 from attnlab.layers._softmax_base import SoftmaxFamilyAttention
@@ -47,7 +47,7 @@ from attnlab.layers.base import DEFAULT_NUM_HEADS
 Grouping = Literal["both", "box", "interleaved"]
 GROUPINGS = ("both", "box", "interleaved")
 
-__all__ = ["GROUPINGS", "HOGAttention", "hog_group_ids", "hog_keep", "hog_key"]
+__all__ = ["GROUPINGS", "HOGAttention", "hog_group_ids", "hog_groups_mask", "hog_head_groups", "hog_keep", "hog_key"]
 
 
 def hog_key(guidance: Tensor) -> Tensor:
@@ -84,11 +84,11 @@ def hog_group_ids(key: Tensor, num_groups: int, rule: Literal["box", "interleave
     return ranks % num_groups
 
 
-def hog_keep(guidance: Tensor, num_heads: int, num_groups: int, grouping: Grouping = "both") -> Tensor:
-    """Which (query, key) pairs share a HOG group: bool (B, H, T, T).
+def hog_head_groups(guidance: Tensor, num_heads: int, num_groups: int, grouping: Grouping = "both") -> Tensor:
+    """The HOG group of each token for each head: long (B, H, T).
 
     ``grouping="both"``: heads 0 … ⌈H/2⌉−1 use box groups, the rest interleaved groups; otherwise one rule for all.
-    Computed without gradient (the ranking is not differentiated).
+    Computed without gradient (the ranking is not differentiated); the key is computed in at least float32.
     """
     with torch.no_grad():
         key = hog_key(guidance.to(torch.promote_types(guidance.dtype, torch.float32)))  # float64 stays float64
@@ -96,8 +96,28 @@ def hog_keep(guidance: Tensor, num_heads: int, num_groups: int, grouping: Groupi
                     if grouping in (rule, "both")}
         n_box = -(-num_heads // 2) if grouping == "both" else (num_heads if grouping == "box" else 0)
         rules = ["box"] * n_box + ["interleaved"] * (num_heads - n_box)
-        ids = torch.stack([per_rule[rule] for rule in rules], dim=1)  # (B, H, T)
-        return ids[..., :, None] == ids[..., None, :]
+        return torch.stack([per_rule[rule] for rule in rules], dim=1)
+
+
+def hog_keep(guidance: Tensor, num_heads: int, num_groups: int, grouping: Grouping = "both") -> Tensor:
+    """Which (query, key) pairs share a HOG group: bool (B, H, T, T) (:func:`hog_head_groups` materialised)."""
+    ids = hog_head_groups(guidance, num_heads, num_groups, grouping)
+    return ids[..., :, None] == ids[..., None, :]
+
+
+def hog_groups_mask(ids: Tensor) -> MaskMod:
+    """A mask_mod from per-head group ids (B, H, T): query i sees key j iff ``ids[b, h, i] == ids[b, h, j]``.
+
+    Chunk-local positions; defined for T query and key positions (longer calls raise ShapeError).
+    """
+    last = ids.shape[-1] - 1
+
+    def mask_mod(batch_idx: Tensor, head_idx: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        table = ids.to(q_idx.device)  # clamped only for a block-sparse kernel's padding positions
+        return table[batch_idx, head_idx, q_idx.clamp(0, last)] == table[batch_idx, head_idx, kv_idx.clamp(0, last)]
+
+    with_covered_lengths(mask_mod, last + 1, last + 1)
+    return with_name(mask_mod, "hog_groups")
 
 
 @LAYERS.register("hog_attention")
@@ -163,8 +183,8 @@ class HOGAttention(SoftmaxFamilyAttention):
             self.check_guidance(guidance, hidden_states)
             inputs = hidden_states + self.guide(guidance.to(hidden_states.dtype))  # (B, T, C)
             if self.num_groups > 1:
-                keep = hog_keep(guidance, self.num_heads, self.num_groups, self.grouping)  # (B, H, T, T)
-                mask_mod = from_keep(keep.to(hidden_states.device), name="hog_groups")
+                ids = hog_head_groups(guidance, self.num_heads, self.num_groups, self.grouping)  # (B, H, T)
+                mask_mod = hog_groups_mask(ids.to(hidden_states.device))
         q, k, v, _ = self.project(inputs, offset)
         o = self.softmax_attend(q, k, v, mask_mod=mask_mod)  # (B, H, T, D)
         return self.o_proj(merge_heads(o.to(hidden_states.dtype))), None
