@@ -302,7 +302,7 @@ class HOGformerApp(App):
                 "hog_input": "HOG into the q/k/v input only, no HOG-ranked groups"}
     headline = "psnr"
     higher_is_better = True
-    defaults = {"steps": 700, "lr": 3e-3, "batch_size": 32, "eval_every": 350, "eval_batches": 4}
+    defaults = {"steps": 700, "lr": 3e-3, "batch_size": 32, "eval_every": 350, "eval_batches": 8}
     model_defaults = {"patch_size": 4, "embed_channels": 8, "num_blocks": 2, "mlp_ratio": 2.0, "orientations": 9}
 
     def __init__(self, variant: str | None = None, **kwargs: Any) -> None:
