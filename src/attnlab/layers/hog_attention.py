@@ -23,6 +23,9 @@ This layer keeps both ideas on a token sequence, as ordinary (B, H, T, T) softma
   ``"interleaved"`` uses one rule on every head. Query i sees key j iff they share a group (and the layer mask,
   causal by default, allows it).
 
+The ranking uses the whole call's guidance: under a causal mask a token never reads later hidden states, but its
+group depends on later tokens' guidance (the mechanism is meant for bidirectional attention over an image).
+
 Without ``guidance`` the layer is plain multi-head softmax attention under its layer mask (no projection, no
 groups), so it works as a TinyLM mixer on (B, T, C). ``num_groups=1`` keeps the guidance input but drops the
 grouping. Departures from the released code are listed in the class docstring.
