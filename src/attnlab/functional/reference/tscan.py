@@ -65,8 +65,10 @@ def tscan_reference(query: Tensor, key: Tensor, value: Tensor, num_times: int, n
                 t, v = divmod(j, num_vars)
                 k = key[b, g, j]
                 if factorised:
-                    row = [key[b, g, t * num_vars + u, :time_dim] for u in range(num_vars) if seen[b][t * num_vars + u]]
-                    col = [key[b, g, s * num_vars + v, time_dim:] for s in range(num_times) if seen[b][s * num_vars + v]]
+                    row = [key[b, g, t * num_vars + u, :time_dim] for u in range(num_vars)
+                           if seen[b][t * num_vars + u]]
+                    col = [key[b, g, s * num_vars + v, time_dim:] for s in range(num_times)
+                           if seen[b][s * num_vars + v]]
                     item = _mean(col, k[time_dim:]) if num_vars > 1 else torch.zeros_like(k[time_dim:])
                     k = torch.cat([_mean(row, k[:time_dim]), item])
                 keys.append(_rotate(k, time_dim, time_offset + t, rope_base))
