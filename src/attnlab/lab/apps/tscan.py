@@ -31,7 +31,8 @@ Metrics: ``accuracy``, ``auc`` (rank AUC of the logits, per eval batch, averaged
 of the trained model read from the layers' probs (``record_probs``; observed queries only, averaged over sites,
 heads and queries): ``relevant_mass`` (on relevant cells), ``time_distractor_mass``, ``item_distractor_mass``
 (the three sum to 1), ``relevant_chance`` (the share of observed keys that are relevant, weighted like the
-queries: what uniform attention over the observed cells would give) and ``best_head_relevant_mass`` (the largest per-(site, head) mean relevant mass of the batch).
+queries: what uniform attention over the observed cells would give) and ``best_head_relevant_mass`` (the
+largest per-(site, head) mean relevant mass of the batch).
 """
 
 from __future__ import annotations
