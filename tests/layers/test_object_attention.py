@@ -121,7 +121,8 @@ def test_output_and_gradients_match_the_loop_oracle(causal, with_keep, with_boxe
     gen = torch.Generator().manual_seed(3)
     hidden = torch.randn(2, 5, C, generator=gen, dtype=f64, requires_grad=True)
     corner = torch.rand(2, 5, 2, generator=gen, dtype=f64) * 0.8
-    boxes = torch.cat([corner, corner + 0.2 * torch.rand(2, 5, 2, generator=gen, dtype=f64)], -1) if with_boxes else None
+    size = 0.2 * torch.rand(2, 5, 2, generator=gen, dtype=f64)
+    boxes = torch.cat([corner, corner + size], dim=-1) if with_boxes else None
     keep = torch.rand(2, 5, 5, generator=gen) > 0.4 if with_keep else None
     if keep is not None:
         keep |= torch.eye(5, dtype=torch.bool)  # every row sees a key
