@@ -49,7 +49,8 @@ from attnlab.layers._common import merge_heads
 from attnlab.layers._softmax_base import SoftmaxFamilyAttention
 from attnlab.layers.base import DEFAULT_NUM_HEADS
 
-__all__ = ["ENCODINGS", "ObjectAttention", "box_centres", "object_encoding", "relation", "sinusoidal_encoding"]
+__all__ = ["ENCODINGS", "ObjectAttention", "box_centres", "encode_boxes", "object_encoding", "relation",
+           "sinusoidal_encoding"]
 
 ENCODINGS = ("object", "sinusoidal")
 
@@ -99,6 +100,19 @@ def sinusoidal_encoding(centres: Tensor, *, encoding_dim: int = 32, scale: float
         return torch.cat([torch.sin(angle), torch.cos(angle)], dim=-1)
 
     return _axis_blocks(centres, features)
+
+
+def encode_boxes(boxes: Tensor, encoding: str = "object", *, sigma: float = 0.1, encoding_dim: int = 32,
+                 sinusoid_scale: float = 10.0) -> Tensor:
+    """(B, T, encoding_dim) encodings of (B, T, 4) boxes or (B, T, 2) centres: :func:`object_encoding` or
+    :func:`sinusoidal_encoding` of the centres. Raises ShapeError for other shapes, ConfigError for an unknown
+    encoding."""
+    centres = box_centres(boxes)
+    if encoding == "object":
+        return object_encoding(centres, sigma=sigma, encoding_dim=encoding_dim)
+    if encoding == "sinusoidal":
+        return sinusoidal_encoding(centres, encoding_dim=encoding_dim, scale=sinusoid_scale)
+    raise ConfigError(f"expected encoding in {ENCODINGS}, got {encoding!r}")
 
 
 def relation(encoded: Tensor) -> Tensor:
@@ -154,10 +168,8 @@ class ObjectAttention(SoftmaxFamilyAttention):
 
     def encode(self, boxes: Tensor) -> Tensor:
         """(B, T, P) encodings of the boxes' centres (module docstring)."""
-        centres = box_centres(boxes)
-        if self.encoding == "object":
-            return object_encoding(centres, sigma=self.sigma, encoding_dim=self.encoding_dim)
-        return sinusoidal_encoding(centres, encoding_dim=self.encoding_dim, scale=self.sinusoid_scale)
+        return encode_boxes(boxes, self.encoding, sigma=self.sigma, encoding_dim=self.encoding_dim,
+                            sinusoid_scale=self.sinusoid_scale)
 
     def relation_bias(self, boxes: Tensor) -> Tensor:
         """gain_h · ⟨e_i, e_j⟩: (B, H, T, T) in the boxes' dtype."""
@@ -178,13 +190,15 @@ class ObjectAttention(SoftmaxFamilyAttention):
         if boxes is not None:
             if boxes.shape[:2] != hidden_states.shape[:2]:
                 raise ShapeError(f"expected boxes ({B}, {T}, 4 or 2), got {tuple(boxes.shape)}")
-            bias = self.relation_bias(boxes.to(q.dtype))  # (B, H, T, T)
+            related = relation(self.encode(boxes.to(q.dtype)))  # (B, T, T), data only: gathered without H
+            gain = self.gain
 
             def score_mod(logits: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-                return logits + bias.to(logits.dtype)[b, h, q_idx, kv_idx]
+                return logits + gain.to(logits.dtype)[h] * related.to(logits.dtype)[b, q_idx, kv_idx]
 
             if self.record_probs:
-                self.last_probs = self._probs(q, k, bias, mask_mod)
+                self.last_probs = self._probs(q, k, gain.to(q.dtype)[None, :, None, None] * related[:, None],
+                                              mask_mod)
         o = self.softmax_attend(q, k, v, score_mod, mask_mod=mask_mod)  # (B, H, T, D)
         return self.o_proj(merge_heads(o.to(hidden_states.dtype))), None
 
