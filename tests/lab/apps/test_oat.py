@@ -11,7 +11,7 @@ import torch
 
 from attnlab.errors import ConfigError
 from attnlab.lab.apps import APPS
-from attnlab.lab.apps.oat import OATData, edit_distance, search_scanpaths, targets
+from attnlab.lab.apps.oat import OATData, search_scanpaths, sequence_score, targets
 from attnlab.lab.apps.train import AppTrainConfig, train_app
 
 SMALL = {"num_objects": 5, "grid": 3}
@@ -45,11 +45,13 @@ def test_search_noise_can_overturn_the_utility():
     assert path.tolist() == [[1, 0, 2]] and length.tolist() == [3]  # then A (0.41 away) before C (0.8 away)
 
 
-def test_edit_distance_hand_cases():
-    assert edit_distance([1, 2, 3], [1, 2, 3]) == 0
-    assert edit_distance([], [4, 5]) == 2
-    assert edit_distance(list("kitten"), list("sitting")) == 3
-    assert edit_distance([1, 2, 3, 4], [2, 3, 4, 1]) == 2
+def test_sequence_score_hand_cases():
+    """Longest common subsequence / longer length (Needleman–Wunsch with match 1, mismatch 0, gap 0)."""
+    assert sequence_score([1, 2, 3], [1, 2, 3]) == 1.0
+    assert sequence_score([], [4, 5]) == 0.0 and sequence_score([], []) == 0.0
+    assert sequence_score(list("kitten"), list("sitting")) == 4 / 7  # i t t n
+    assert sequence_score([1, 2, 3, 4], [2, 3, 4, 1]) == 3 / 4
+    assert sequence_score([5], [7, 5, 9]) == 1 / 3
 
 
 def test_targets_hand_case():

@@ -46,8 +46,8 @@ sinusoidal encoding); they differ only in the encoding, at the input and in the 
 
 Loss: cross-entropy of the next fixation (then stop) at every step of the scanpath (teacher forcing).
 Metrics: ``next_fix_acc`` (teacher forced, fixation steps), ``optimal_acc`` (the search model's own ceiling on the
-same steps), ``scanpath_sim`` (headline: 1 − Levenshtein distance / longer length between the greedy predicted
-scanpath and the generated one, the string-edit "sequence score"), ``length_error`` (|predicted − true| length),
+same steps), ``scanpath_sim`` (headline: the sequence score of the released code between the greedy predicted
+scanpath and the generated one, i.e. longest common subsequence / longer length), ``length_error`` (|predicted − true| length),
 ``attn_distance`` (mean display distance from the current fixation to the objects the first decoder site attends
 to, weighted by its probabilities and averaged over heads; the mean distance to all unvisited objects is
 ``object_distance``).
@@ -72,7 +72,7 @@ from attnlab.layers import LAYERS
 from attnlab.layers.object_attention import encode_boxes
 from attnlab.params import Range, validated
 
-__all__ = ["OAT", "OATData", "OATModel", "edit_distance", "search_scanpaths"]
+__all__ = ["OAT", "OATData", "OATModel", "search_scanpaths", "sequence_score"]
 
 MAX_APPEARANCE = 16  # embedding rows for colours and shapes (num_colours, num_shapes ≤ 16)
 CENTRE = (0.5, 0.5)
@@ -111,15 +111,16 @@ def search_scanpaths(centres: np.ndarray, sim: np.ndarray, target: np.ndarray, g
     return scanpath, (scanpath >= 0).sum(axis=1), optimal
 
 
-def edit_distance(a: list[int], b: list[int]) -> int:
-    """Levenshtein distance (insertions, deletions, substitutions cost 1) between two sequences."""
-    previous = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        current = [i]
-        for j, y in enumerate(b, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (x != y)))
+def sequence_score(predicted: list[int], wanted: list[int]) -> float:
+    """The released code's sequence score: Needleman–Wunsch alignment with match 1, mismatch 0 and gap 0 (so the
+    longest common subsequence) divided by the longer length; 0 for two empty sequences."""
+    previous = [0] * (len(wanted) + 1)
+    for x in predicted:
+        current = [0]
+        for j, y in enumerate(wanted, 1):
+            current.append(max(previous[j], current[j - 1], previous[j - 1] + (x == y)))
         previous = current
-    return previous[-1]
+    return previous[-1] / max(len(predicted), len(wanted), 1)
 
 
 class OATData(AppData):
@@ -359,7 +360,7 @@ class OAT(App):
         for row in range(B):
             want = batch["scanpath"][row, : int(length[row])].tolist()
             got = [i for i in predicted[row].tolist() if i >= 0]
-            similarity += 1.0 - edit_distance(got, want) / max(len(got), len(want), 1)
+            similarity += sequence_score(got, want)
             length_error += abs(len(got) - len(want))
         out["scanpath_sim"] = (similarity, float(B))
         out["length_error"] = (length_error, float(B))
