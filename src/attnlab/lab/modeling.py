@@ -51,13 +51,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from attnlab.capture.backend import BACKEND_NAME
 from attnlab.errors import ConfigError
 from attnlab.functional.masks import MASKS, MaskMod, full
+from attnlab.lab.hosting import AttentionSite
 from attnlab.lab.weights import checkpoint_folder, load_state, resolve_device, resolve_dtype, safetensors_files
 from attnlab.layers import LAYERS
 from attnlab.layers.base import Layer
@@ -255,8 +253,9 @@ def build_layer(config: TinyLMConfig, layer_idx: int) -> Layer:
     return cls.from_config({**args, **layer_args}, strict=False)
 
 
-class TinyLMAttention(nn.Module):
-    """One block's mixer: wraps the layer and is its ``attention_hook`` (see the module docstring).
+class TinyLMAttention(AttentionSite):
+    """One block's mixer: an :class:`attnlab.lab.hosting.AttentionSite` (the layer's ``attention_hook``) that also
+    masks the forward's padding (see the module docstring).
 
     Attributes (as transformers' attention modules have them): ``layer_idx``, ``is_causal``, ``config``,
     ``num_key_value_groups`` (H // Hkv, read by transformers' SDPA for GQA). There is no ``scaling``: every call
@@ -264,23 +263,19 @@ class TinyLMAttention(nn.Module):
     """
 
     def __init__(self, config: TinyLMConfig, layer_idx: int) -> None:
-        super().__init__()
-        self.config, self.layer_idx, self.is_causal = config, layer_idx, bool(config.causal)
-        self.layer = build_layer(config, layer_idx)
+        super().__init__(config, layer_idx, build_layer(config, layer_idx), is_causal=bool(config.causal))
         self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
-        object.__setattr__(self.layer, "attention_hook", self)  # a plain reference, not a submodule (no cycle)
         self._padding: Tensor | None = None  # (B, T) bool of the forward in flight, None = nothing padded
         self._keys_exposed = False  # padding a real query could see (only the hooked softmax masks it)
-        self._routed = False  # this call's softmax went through the hook
 
     def forward(self, hidden_states: Tensor, padding: Tensor | None = None, keys_exposed: bool = False) -> Tensor:
         """hidden_states (B, T, C); padding (B, T) bool (True = real token) or None; ``keys_exposed``: some
         padding is visible to a real query under the layer's own mask. Returns (B, T, C).
 
         Raises ConfigError when ``keys_exposed`` and the layer did not route its softmax through the hook."""
-        self._padding, self._keys_exposed, self._routed = padding, keys_exposed, False
+        self._padding, self._keys_exposed = padding, keys_exposed
         try:
-            output = self.layer(hidden_states)[0]
+            output = super().forward(hidden_states)
         finally:
             self._padding = None
         if keys_exposed and not self._routed:
@@ -291,7 +286,7 @@ class TinyLMAttention(nn.Module):
         raise ConfigError(f"layer {self.config.layer!r} computes its own attention and cannot mask padded keys; "
                           "use right padding (causal models) or unpadded batches")
 
-    def _mask(self, keep: Tensor | None, q_len: int, kv_len: int, device: torch.device) -> Tensor | None:
+    def keep_mask(self, keep: Tensor | None, q_len: int, kv_len: int, device: torch.device) -> Tensor | None:
         """keep ∧ padding as bool (B|1, H|1, Lq, Lk), or None for the plain causal fast path."""
         if self._padding is None:
             return keep
@@ -303,36 +298,12 @@ class TinyLMAttention(nn.Module):
         empty = ~mask.any(dim=-1, keepdim=True)
         return mask | (empty & torch.eye(q_len, kv_len, dtype=torch.bool, device=device))
 
-    def softmax(self, query: Tensor, key: Tensor, value: Tensor, keep: Tensor | None, scale: float) -> Tensor:
-        """Softmax attention through ``ALL_ATTENTION_FUNCTIONS[config._attn_implementation]``.
-
-        Args:
-            query: (B, H, Lq, D). key, value: (B, Hkv, Lk, D) (RoPE applied, not repeated for GQA).
-            keep: bool broadcastable to (B, H, Lq, Lk), True = attend, or None for the plain causal mask.
-            scale: the logit scale.
-
-        Returns: (B, H, Lq, D) in value's dtype ("eager" runs transformers' SDPA function).
-        """
-        self._routed = True
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, sdpa_attention_forward)
-        mask = self._mask(keep, query.shape[2], key.shape[2], query.device)
-        output, _ = attention(self, query, key, value, mask, dropout=0.0, scaling=scale, is_causal=self.is_causal)
-        return output.transpose(1, 2)
-
-    @property
-    def wants_maps(self) -> bool:
-        """Whether :meth:`implied` passes maps on: only under the "attnlab" implementation (a Session)."""
-        return self.config._attn_implementation == BACKEND_NAME
-
     def implied(self, attention_map: Any) -> None:
-        """Hand the map a layer implies to the "attnlab" attention function (attnlab's Session), else ignore it.
-
-        Raises ConfigError when padding is visible to real queries (the map and the output would include it)."""
+        """As :meth:`AttentionSite.implied`; raises ConfigError when padding is visible to real queries (the map
+        and the output would include it)."""
         if self._keys_exposed:
             self._refuse_padding()
-        if self.wants_maps:
-            ALL_ATTENTION_FUNCTIONS[BACKEND_NAME](self, None, None, attention_map.value, None,
-                                                    implied_map=attention_map)
+        super().implied(attention_map)
 
 
 def _norm(config: TinyLMConfig) -> nn.Module:
