@@ -193,3 +193,15 @@ def test_training_smoke_and_a_session_sees_every_site():
     rows = session.results()
     assert set(rows[rows.probe == "entropy"].layer.dropna().astype(int)) == {0, 1, 2, 3}
     assert set(session.attention_paths.values()) == {"implied:softmax"}
+
+
+def test_checkpoint_round_trip(tmp_path):
+    from attnlab.lab.apps.host import load_app
+
+    model = app("plain_pe", sigma=0.3).build_model(seed=2).eval()
+    model.save_pretrained(tmp_path)
+    loaded_app, loaded = load_app(tmp_path)
+    assert loaded_app.variant == "plain_pe" and loaded_app.model_args["sigma"] == 0.3
+    batch = OATData(**SMALL).batch(0, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch), model(**batch))
