@@ -316,8 +316,7 @@ class OAT(App):
                 "plain_pe": "the plain sinusoidal encoding of positions, in the same places"}
     headline = "scanpath_sim"
     higher_is_better = True
-    defaults = {"steps": 1000, "lr": 3e-3, "batch_size": 64, "eval_every": 500, "eval_batches": 8,
-                "warmup_steps": 30}
+    defaults = {"steps": 1200, "lr": 3e-3, "batch_size": 64, "eval_every": 400, "eval_batches": 8}
     model_defaults = {"encoder_layers": 2, "decoder_layers": 2, "mlp_ratio": 2.0, "sigma": 0.2,
                       "encoding_dim": 32, "sinusoid_scale": 10.0}
 
