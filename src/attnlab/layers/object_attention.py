@@ -122,7 +122,9 @@ def relation(encoded: Tensor) -> Tensor:
 
 @LAYERS.register("object_attention")
 class ObjectAttention(SoftmaxFamilyAttention):
-    """Softmax attention among objects whose logits carry the relation of their positions (module docstring).
+    """OAT object attention: softmax among objects, logits + gain_h · ⟨e_i, e_j⟩ of their position encodings.
+
+    The encodings e and their two kinds are described in the module docstring.
 
     ``forward(hidden_states, *, boxes=None, keep=None)``: with ``boxes`` each head h adds
     ``gain_h · ⟨e_i, e_j⟩`` to its logits (as a score_mod: the layer computes its own softmax and shows a host hook
