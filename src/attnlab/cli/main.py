@@ -14,6 +14,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from attnlab.cli.app_cmd import make_app_command
 from attnlab.cli.eval_cmd import eval_command
 from attnlab.cli.mask_cmd import mask_command
 from attnlab.cli import options
@@ -69,6 +70,11 @@ models_app = typer.Typer(help="Bundled models and corpus: list, fetch.", no_args
 ls_app = typer.Typer(help="List registered components.", no_args_is_help=True, cls=Group)
 app.add_typer(models_app, name="models")
 app.add_typer(ls_app, name="ls")
+apps_app = typer.Typer(help="Application attentions: train a variant or compare them all.", no_args_is_help=True,
+                        cls=Group)
+app.add_typer(apps_app, name="app")
+apps_app.command("train")(make_app_command(compare=False))
+apps_app.command("compare")(make_app_command(compare=True))
 app.command("eval")(eval_command)
 app.command("probe")(probe)
 app.command("mask")(mask_command)
@@ -192,6 +198,14 @@ def ls_masks() -> None:
     from attnlab.functional.masks import MASKS
 
     _list_registry(MASKS)
+
+
+@ls_app.command("apps")
+def ls_apps() -> None:
+    """List the application attentions (attnlab app train|compare NAME) with their one-line summary."""
+    from attnlab.lab.apps import APPS
+
+    _list_registry(APPS)
 
 
 @ls_app.command("tasks")

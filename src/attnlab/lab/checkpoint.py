@@ -25,6 +25,7 @@ import json
 import os
 import secrets
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from attnlab.capture.loading import no_hf_progress_bars
 from attnlab.errors import ConfigError
 
-__all__ = ["CHECKPOINT", "STATE_JSON", "STATE_TENSORS", "find_checkpoint", "optimizer_state",
+__all__ = ["CHECKPOINT", "STATE_JSON", "STATE_TENSORS", "find_checkpoint", "optimizer_state", "replace_dir",
            "read_state", "restore_optimizer", "write_checkpoint"]
 
 CHECKPOINT = "checkpoint"
@@ -96,10 +97,7 @@ def write_checkpoint(out_dir: Path, model: Any, tokenizer: Any, optimizer: torch
 
     ``state`` is the JSON part (step, config, log ...); the optimizer's param groups are added to it.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / CHECKPOINT
-    temp = out_dir / f".{CHECKPOINT}.{secrets.token_hex(6)}.tmp"
-    try:
+    def fill(temp: Path) -> None:
         with no_hf_progress_bars():  # no "Writing model shards" bar at every checkpoint
             model.save_pretrained(temp, safe_serialization=True)
             tokenizer.save_pretrained(temp)
@@ -107,19 +105,33 @@ def write_checkpoint(out_dir: Path, model: Any, tokenizer: Any, optimizer: torch
         save_file(tensors, str(temp / STATE_TENSORS), metadata={"format": str(FORMAT)})
         text = json.dumps({"format": FORMAT, **state, "param_groups": groups}, indent=1, allow_nan=True)
         (temp / STATE_JSON).write_text(text + "\n", encoding="utf-8")
+
+    return replace_dir(out_dir, CHECKPOINT, fill)
+
+
+def replace_dir(out_dir: Path, name: str, fill: Callable[[Path], None]) -> Path:
+    """Write the directory ``out_dir/name`` atomically: ``fill(temp)`` fills a temporary directory beside it, the
+    previous one is moved aside to ``.NAME.*.old`` (and moved back if the rename fails), the temporary one is
+    renamed into place and the old one deleted. Returns ``out_dir/name``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / name
+    temp = out_dir / f".{name}.{secrets.token_hex(6)}.tmp"
+    try:
+        temp.mkdir()
+        fill(temp)
         old = None
         if target.exists():
-            old = out_dir / f".{CHECKPOINT}.{secrets.token_hex(6)}.old"
+            old = out_dir / f".{name}.{secrets.token_hex(6)}.old"
             os.replace(target, old)
         try:
             os.replace(temp, target)
         except BaseException:
             if old is not None and not target.exists():
-                os.replace(old, target)  # put the previous checkpoint back
+                os.replace(old, target)  # put the previous directory back
             raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        for leftover in out_dir.glob(f".{CHECKPOINT}.*.old"):  # from an earlier crash between the renames
+        for leftover in out_dir.glob(f".{name}.*.old"):  # from an earlier crash between the renames
             shutil.rmtree(leftover, ignore_errors=True)
     finally:
         if temp.exists():

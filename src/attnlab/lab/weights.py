@@ -63,12 +63,12 @@ def load_state(model: nn.Module, state: dict[str, Tensor], folder: str) -> None:
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as error:  # a tensor of another shape
-        raise ConfigError(f"the weights in {folder!r} do not fit the TinyLM its config describes: "
+        raise ConfigError(f"the weights in {folder!r} do not fit the model its config describes: "
                           f"{str(error).splitlines()[-1].strip()}") from None
-    tied = {"lm_head.weight"} if model.config.tie_word_embeddings and not base else set()
+    tied = {"lm_head.weight"} if not base and model.config.tie_word_embeddings else set()
     missing = sorted(set(missing) - tied)
     if missing or unexpected:
-        raise ConfigError(f"the weights in {folder!r} do not fit the TinyLM its config describes: missing "
+        raise ConfigError(f"the weights in {folder!r} do not fit the model its config describes: missing "
                           f"{missing}, unexpected {sorted(unexpected)}")
 
 

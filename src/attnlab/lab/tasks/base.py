@@ -30,13 +30,22 @@ from attnlab.params import Range, accepted_names, coerce
 if TYPE_CHECKING:  # annotations only; transformers loads when a tokenizer is built
     from transformers import PreTrainedTokenizerFast
 
-__all__ = ["IGNORE", "SPLIT_IDS", "Split", "Task", "check"]
+__all__ = ["IGNORE", "SPLIT_IDS", "Split", "Task", "batch_rng", "check"]
 
 IGNORE = -100
 """The label of a position that is not scored (PyTorch's cross-entropy ``ignore_index``)."""
 
 Split = Literal["train", "eval"]
 SPLIT_IDS: dict[str, int] = {"train": 0, "eval": 1}
+
+
+def batch_rng(seed: int, step: int, split: Split, *, owner: str) -> np.random.Generator:
+    """``default_rng(SeedSequence([seed, split_id, step]))``: the generator of batch ``step`` of ``split``.
+
+    Raises ConfigError (naming ``owner``) for a negative step or an unknown split."""
+    step = coerce(step, Annotated[int, Range(ge=0)], owner=owner, param="step")
+    split = coerce(split, Split, owner=owner, param="split")
+    return np.random.default_rng(np.random.SeedSequence([seed, SPLIT_IDS[split], step]))
 
 
 class Task:
@@ -54,9 +63,7 @@ class Task:
     # data ------------------------------------------------------------------------------------------------------
     def rng(self, step: int, split: Split = "train") -> np.random.Generator:
         """The generator of batch ``step`` of ``split``: ``default_rng(SeedSequence([seed, split_id, step]))``."""
-        step = coerce(step, Annotated[int, Range(ge=0)], owner=self.name, param="step")
-        split = coerce(split, Split, owner=self.name, param="split")
-        return np.random.default_rng(np.random.SeedSequence([self.seed, SPLIT_IDS[split], step]))
+        return batch_rng(self.seed, step, split, owner=self.name)
 
     def batch(self, step: int, batch_size: int, *, split: Split = "train") -> dict[str, Tensor]:
         """``{"input_ids": (B, T) int64, "labels": (B, T) int64}`` for ``step`` of ``split`` (see the module doc).

@@ -1,0 +1,119 @@
+"""The results dicts of application runs (docs/results.md): one run (``command: "app train"``) and a comparison of
+variants (``command: "app compare"``).
+
+Rows: probe ``app`` holds the run's log, ``{split}_{statistic}`` (``train_loss``, ``train_lr``, ``eval_loss``,
+``eval_<metric>`` for every metric of the app) with the ``step`` key and an empty layer/head/position; every probe
+run at an evaluation keeps its usual rows with ``step`` and ``variant`` (a probe's "layer" is an attention site of
+the model). Sections: loss and the headline metric against the step, sinks and entropy over training (one run);
+the variants table (a comparison), from ``extras["compare"]["variants"]``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from attnlab import __version__
+from attnlab.columns import SCHEMA_VERSION
+from attnlab.lab.train_results import TRAINING_SECTIONS, versions
+from attnlab.report.sections import Column, Section, Series, StepCurve, Table, Text
+
+__all__ = ["app_results", "compare_results", "summary_row"]
+
+SUMMARY = {"entropy": "entropy", "sink": "sink_rate", "distance": "power_law_exponent"}
+"""Probe → the statistic a comparison shows: its mean over the rows with a site (layer), last evaluation."""
+
+
+def _run_sections(app: Any) -> dict[str, list[dict[str, Any]]]:
+    headline = app.headline
+    parts = (
+        Text(template="{app} ({variant}: {variant_description}), layer {layer}: {num_parameters} parameters, "
+                      "{steps} steps in {seconds} s; last evaluation: {final_text}."),
+        StepCurve((Series("train_loss", "train", layers="none"), Series("eval_loss", "eval", layers="none")),
+                  title="Loss", ylabel="training loss", logy=True),
+        StepCurve((Series(f"eval_{headline}", headline, layers="none"),), title=f"Headline metric: {headline}",
+                  ylabel=headline, caption="Averaged over the eval batches at each evaluation."),
+    )
+    sections = {"app": [Section("app-training", "Training", parts).to_dict()]}
+    for name in ("sink", "entropy"):
+        sections[name] = [s.to_dict() for s in TRAINING_SECTIONS[name]]
+    return sections
+
+
+def _model_record(model: Any, name: str, source: str) -> dict[str, Any]:
+    from attnlab.capture.architectures import model_facts
+
+    return {**model_facts(model, name=name, source=source).to_dict(), "loaded_from": source, "requested": name}
+
+
+def _envelope(command: str, config: Any, model: dict[str, Any], rows: list[dict[str, Any]],
+              paths: Mapping[int, str], extras: dict[str, Any], sections: dict[str, Any],
+              seconds: float) -> dict[str, Any]:
+    return {
+        "schema_version": SCHEMA_VERSION, "attnlab_version": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "command": command,
+        "config": config.to_dict(), "model": model, "tokenizer": None, "seed": config.seed, "versions": versions(),
+        "attention_paths": {str(layer): path for layer, path in sorted(paths.items())}, "windows": [],
+        "rows": rows, "extras": extras, "sections": sections, "timing": {"seconds": round(seconds, 3)},
+    }
+
+
+def _log_rows(log: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"probe": "app", "variant": None, "statistic": f"{row['split']}_{row['statistic']}", "layer": None,
+             "head": None, "position": None, "value": row["value"], "step": row["step"]} for row in log]
+
+
+def app_results(config: Any, app: Any, model: Any, data: Any, *, log: list[dict[str, Any]],
+                probe_rows: list[dict[str, Any]], paths: Mapping[int, str], num_parameters: int, seconds: float,
+                final: Mapping[str, float]) -> dict[str, Any]:
+    """The results dict of one :func:`attnlab.lab.apps.train.train_app` run."""
+    name = f"app-{app.name}-{app.variant}"
+    source = "trained by attnlab app train" + (f" in {config.out}" if config.out else " (not saved)")
+    shown = ", ".join(f"{key} {value:.4g}" for key, value in final.items())
+    extras = {"app": {**config.to_dict(), **app.describe(), "data": data.describe(), "final": dict(final),
+                      "final_text": shown, "num_parameters": num_parameters, "seconds": round(seconds, 1)}}
+    return _envelope("app train", config, _model_record(model, name, source), _log_rows(log) + list(probe_rows),
+                     paths, extras, _run_sections(app), seconds)
+
+
+def summary_row(run: Any) -> dict[str, Any]:
+    """One comparison row: variant, final metrics, each probe's :data:`SUMMARY` statistic at the last evaluation,
+    parameters and seconds."""
+    last = max((row["step"] for row in run.probe_rows), default=None)
+    row: dict[str, Any] = {"variant": run.config.variant, **run.final}
+    for probe, statistic in SUMMARY.items():
+        values = [r["value"] for r in run.probe_rows if r["probe"] == probe and r["statistic"] == statistic
+                  and r["step"] == last and r["layer"] is not None and r["value"] is not None
+                  and not math.isnan(r["value"])]
+        if probe in run.config.probes:
+            row[statistic] = sum(values) / len(values) if values else math.nan
+    row.update(num_parameters=run.num_parameters, seconds=round(run.seconds, 1))
+    return row
+
+
+def compare_results(config: Any, runs: Mapping[str, Any], table: list[dict[str, Any]]) -> dict[str, Any]:
+    """The results dict of :func:`attnlab.lab.apps.train.compare_variants`: every run's rows (log rows tagged with
+    their variant) and the variants table as a section."""
+    first = next(iter(runs.values()))
+    app = first.config.make_app()
+    rows: list[dict[str, Any]] = []
+    for variant, run in runs.items():
+        rows += [{**row, "variant": variant} for row in _log_rows(run.log)] + list(run.probe_rows)
+    keys = [key for key in table[0] if key != "variant"] if table else []
+    columns = (Column("variant", "variant", format="text"),) + tuple(Column(key, key) for key in keys)
+    better = "higher" if app.higher_is_better else "lower"
+    section = Section("app-compare", "Variants compared", (
+        Text(template=f"{app.name}: every variant trained with the same seed, data and settings; the headline "
+                      f"metric is {app.headline} ({better} is better). Probe columns are means over attention "
+                      "sites and heads at the last evaluation."),
+        Table(columns, extras="variants", title="Final evaluation"),
+    ))
+    extras = {"compare": {"app": app.name, "headline": app.headline, "higher_is_better": app.higher_is_better,
+                          "variants": table,
+                          "descriptions": {v: type(app).variants[v] for v in runs}}}
+    seconds = sum(run.seconds for run in runs.values())
+    model = _model_record(first.model, f"app-{app.name}", "trained by attnlab app compare")
+    paths = first.attention_paths
+    return _envelope("app compare", config, model, rows, paths, extras, {"compare": [section.to_dict()]}, seconds)

@@ -1,0 +1,247 @@
+"""The application machinery (attnlab.lab.apps: base, host, train, results; the `attnlab app` CLI) on a toy app.
+
+The toy app: each example is T random vectors, one of them marked; the target is the marked vector. A model that
+attends (one full-attention site reading the mark) can solve it; its loss is the squared error."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from attnlab.errors import ConfigError, RegistryError
+from attnlab.functional.masks import full
+from attnlab.lab.apps import APPS
+from attnlab.lab.apps.base import App, AppData
+from attnlab.lab.apps.host import AppModel, load_app
+from attnlab.lab.apps.train import AppTrainConfig, compare_variants, train_app
+from attnlab.layers import LAYERS
+from attnlab.params import Range, validated
+from typing import Annotated
+
+T, D = 6, 4
+
+
+class ToyData(AppData):
+    name = "toy_test"
+
+    @validated
+    def __init__(self, seq_len: Annotated[int, Range(ge=2, le=64)] = T, seed: int = 0) -> None:
+        self.seq_len, self.seed = seq_len, seed
+
+    def sample(self, rng, batch_size):
+        values = rng.normal(size=(batch_size, self.seq_len, D))
+        marked = rng.integers(0, self.seq_len, size=batch_size)
+        mark = np.zeros((batch_size, self.seq_len, 1))
+        mark[np.arange(batch_size), marked, 0] = 1.0
+        return {"inputs": np.concatenate([values, mark], axis=-1), "target": values[np.arange(batch_size), marked],
+                "marked": marked}
+
+
+class ToyModel(AppModel):
+    def __init__(self, config):
+        super().__init__(config)
+        width = config.hidden_size
+        self.embed = nn.Linear(D + 1, width)
+        self.sites = nn.ModuleList(self.site(LAYERS.get("masked")(width, config.num_attention_heads, mask_mod=full(),
+                                                                  rope_base=None))
+                                   for _ in range(config.model_args["depth"]))
+        self.head = nn.Linear(width, D)
+        self.finish_sites()
+
+    def forward(self, inputs):
+        hidden = self.embed(inputs)
+        for site in self.sites:
+            hidden = hidden + site(hidden)
+        return self.head(hidden.mean(dim=1))
+
+
+class ToyApp(App):
+    """A toy application (tests only): copy the marked vector."""
+
+    layer = "masked"
+    data_class = ToyData
+    model_class = ToyModel
+    variants = {"deep": "two attention sites", "shallow": "one attention site"}
+    headline = "error"
+    higher_is_better = False
+    defaults = {"steps": 4, "batch_size": 8, "eval_every": 2, "eval_batches": 2, "lr": 1e-2}
+    model_defaults = {"depth": 2}
+
+    def __init__(self, variant=None, **kwargs):
+        super().__init__(variant, **kwargs)
+        if self.variant == "shallow":
+            self.model_args["depth"] = 1
+
+    def loss(self, model, batch):
+        return ((model(batch["inputs"]) - batch["target"]) ** 2).mean()
+
+    def metrics(self, model, batch):
+        error = ((model(batch["inputs"]) - batch["target"]) ** 2).sum(dim=-1)
+        return {"error": (float(error.sum()), error.numel())}
+
+
+@pytest.fixture()
+def toy():
+    APPS.register("toy_test")(ToyApp)
+    yield ToyApp
+    APPS.unregister("toy_test")
+
+
+# -- data --------------------------------------------------------------------------------------------------------
+def test_batches_are_pure_in_seed_split_and_step():
+    data = ToyData(seed=3)
+    first, again = data.batch(2, 4), data.batch(2, 4)
+    assert all(torch.equal(first[key], again[key]) for key in first)
+    assert not torch.equal(first["inputs"], data.batch(2, 4, split="eval")["inputs"])
+    assert not torch.equal(first["inputs"], data.batch(3, 4)["inputs"])
+    assert first["inputs"].dtype == torch.float32 and first["marked"].dtype == torch.int64
+    assert data.describe() == {"name": "toy_test", "seq_len": T, "seed": 3}
+    with pytest.raises(ConfigError, match="batch_size"):
+        data.batch(0, 0)
+    with pytest.raises(ConfigError, match="split"):
+        data.batch(0, 2, split="test")
+    with pytest.raises(ConfigError, match="seq_len"):
+        ToyData(seq_len=1)
+
+
+# -- app and host --------------------------------------------------------------------------------------------------
+def test_app_checks_variant_sizes_and_model_args(toy):
+    assert toy().variant == "deep" and toy("shallow").model_args == {"depth": 1}
+    assert toy(depth="3").model_args == {"depth": 3}  # text is coerced to the default's type
+    with pytest.raises(ConfigError, match="expected a variant among deep, shallow, got 'wide'"):
+        toy("wide")
+    with pytest.raises(ConfigError, match="no model argument width; it takes: depth"):
+        toy(width=3)
+    with pytest.raises(ConfigError, match="multiple of num_heads"):
+        toy(hidden_size=30, num_heads=4)
+
+
+def test_sites_are_numbered_and_counted_and_the_model_is_seeded(toy):
+    state = torch.random.get_rng_state()
+    model = toy().build_model(seed=1)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global generator is left alone
+    assert [site.layer_idx for site in model.attention_sites] == [0, 1]
+    assert model.config.num_hidden_layers == 2 and model.config.head_dim == 8
+    again = toy().build_model(seed=1)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    with pytest.raises(ConfigError, match="4 heads of head_dim 8"):
+        model.site(LAYERS.get("masked")(32, 2))
+
+
+def test_the_site_routes_through_the_interface_without_changing_the_output(toy):
+    model = toy().build_model(seed=0).eval()
+    batch = ToyData().batch(0, 3)
+    with torch.no_grad():
+        hooked = model(batch["inputs"])
+        for site in model.attention_sites:
+            object.__setattr__(site.layer, "attention_hook", None)
+        own = model(batch["inputs"])
+    torch.testing.assert_close(hooked, own, rtol=1e-5, atol=1e-6)
+
+
+def test_a_session_probes_every_site(toy):
+    from attnlab import Session
+    from attnlab.capture.patterns import PatternProbe
+
+    model = toy().build_model(seed=0).eval()
+    batch = ToyData().batch(0, 2)
+    pattern = PatternProbe()
+    with torch.no_grad(), Session(model, probes=["entropy", "sink", pattern]) as session:
+        model(batch["inputs"])
+    rows = session.results()
+    assert set(rows[rows.probe == "entropy"].layer.dropna().astype(int)) == {0, 1}
+    probs = pattern.patterns(session.attention_paths)[0].probs  # (batch, sites, heads, q, k)
+    assert probs.shape == (2, 2, 4, T, T)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 2, 4, T))
+    entropy = rows[(rows.probe == "entropy") & (rows.statistic == "entropy")].value
+    assert (entropy <= math.log(T) + 1e-5).all()
+
+
+def test_save_and_load_app_round_trip(toy, tmp_path):
+    app = toy("shallow", depth=5)
+    model = app.build_model(seed=2).eval()
+    model.save_pretrained(tmp_path)
+    loaded_app, loaded = load_app(tmp_path)
+    assert loaded_app.variant == "shallow" and loaded_app.model_args == {"depth": 1}
+    batch = ToyData().batch(0, 2)
+    with torch.no_grad():
+        assert torch.equal(loaded(batch["inputs"]), model(batch["inputs"]))
+    with pytest.raises(ConfigError, match="config.json"):
+        load_app(tmp_path / "missing")
+
+
+# -- training -----------------------------------------------------------------------------------------------------
+def test_config_fills_the_apps_defaults_and_refuses_bad_values(toy):
+    config = AppTrainConfig(app="toy_test")
+    assert (config.steps, config.batch_size, config.eval_every, config.lr) == (4, 8, 2, 1e-2)
+    assert AppTrainConfig(app="toy_test", steps="7").steps == 7
+    with pytest.raises(RegistryError):
+        AppTrainConfig(app="toy_tset")
+    with pytest.raises(ConfigError, match="steps"):
+        AppTrainConfig(app="toy_test", steps=0)
+    with pytest.raises(ConfigError, match="variant"):
+        AppTrainConfig(app="toy_test", variant="wide")
+    with pytest.raises(RegistryError):
+        AppTrainConfig(app="toy_test", probes=("entropi",))
+
+
+def test_train_app_logs_evaluates_probes_and_checkpoints(toy, tmp_path):
+    result = train_app(AppTrainConfig(app="toy_test", out=str(tmp_path / "run")))
+    steps = sorted({row["step"] for row in result.log if row["split"] == "eval"})
+    assert steps == [0, 2, 4]
+    assert set(result.final) == {"loss", "error"} and result.final["error"] >= 0
+    train_losses = [row["value"] for row in result.log if row["statistic"] == "loss" and row["split"] == "train"]
+    assert len(train_losses) == 4
+    assert {row["probe"] for row in result.probe_rows} == {"sink", "entropy", "distance"}
+    assert {row["variant"] for row in result.probe_rows} == {"deep"}
+    assert result.attention_paths.keys() == {0, 1}
+    _, loaded = load_app(result.checkpoint)
+    batch = ToyData().batch(0, 2, split="eval")
+    with torch.no_grad():
+        assert torch.equal(loaded(batch["inputs"]), result.model.eval()(batch["inputs"]))
+    assert (tmp_path / "run" / "train_log.csv").is_file()
+    from attnlab.report.io import write_results
+
+    paths = write_results(tmp_path / "run", result.results)
+    saved = json.loads(paths["json"].read_text())
+    assert saved["command"] == "app train" and saved["extras"]["app"]["variant"] == "deep"
+
+
+def test_same_seed_same_run_and_compare_uses_the_same_data(toy):
+    first = train_app(AppTrainConfig(app="toy_test", probes=()))
+    second = train_app(AppTrainConfig(app="toy_test", probes=()))
+    assert first.final == second.final
+    compared = compare_variants(AppTrainConfig(app="toy_test", probes=("entropy",)))
+    assert [row["variant"] for row in compared.table] == ["deep", "shallow"]
+    assert compared.table[0]["loss"] == pytest.approx(first.final["loss"])  # same data, same seed, same run
+    assert "entropy" in compared.table[0] and "sink_rate" not in compared.table[0]
+    with pytest.raises(ConfigError, match="variants among deep, shallow"):
+        compare_variants(AppTrainConfig(app="toy_test"), ("wide",))
+
+
+# -- CLI ----------------------------------------------------------------------------------------------------------
+def test_cli_train_compare_and_bad_input(toy, tmp_path):
+    from attnlab.cli.main import app
+
+    runner = CliRunner()
+    out = tmp_path / "cmp"
+    done = runner.invoke(app, ["app", "compare", "toy_test", "--probe", "entropy", "--out", str(out)])
+    assert done.exit_code == 0, done.output
+    assert "variant" in done.stdout and "shallow" in done.stdout
+    assert (out / "report.html").is_file() and (out / "deep" / "checkpoint" / "model.safetensors").is_file()
+    again = runner.invoke(app, ["app", "compare", "toy_test", "--out", str(out)])
+    assert again.exit_code == 2 and "pass --force" in again.output
+    bad = runner.invoke(app, ["app", "train", "toy_test", "--model-arg", "width=2", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "no model argument width" in bad.output and "Traceback" not in bad.output
+    one = runner.invoke(app, ["app", "train", "toy_test", "--variant", "shallow", "--steps", "2", "--probe", "none",
+                              "--out", str(tmp_path / "one")])
+    assert one.exit_code == 0, one.output
+    assert json.loads((tmp_path / "one" / "results.json").read_text())["extras"]["app"]["variant"] == "shallow"
+    listed = runner.invoke(app, ["ls", "apps"])
+    assert listed.exit_code == 0 and "toy_test" in listed.stdout
