@@ -132,6 +132,30 @@ def test_search_stage_ignores_keys_outside_the_top_k_and_is_off_at_full_width():
     assert_close(full(hidden, attention_states=attention)[0], plain(hidden, attention_states=attention)[0])
 
 
+def test_a_keep_tensor_acts_like_the_same_layer_mask():
+    """The target layout passed per call (keep, ANDed with the causal mask it lies inside) = built into the layer."""
+    per_call = build(top_k=2, projections="none")
+    built_in = build(top_k=2, projections="none", mask_mod=target_mask(6))
+    keep = to_dense(target_mask(6), 1, 1, T, T)
+    hidden, attention = states(), states(seed=2)
+    assert_close(per_call(hidden, attention_states=attention, keep=keep)[0],
+                 built_in(hidden, attention_states=attention)[0])
+    assert torch.equal(per_call.search_scores(hidden, attention_states=attention, keep=keep),
+                       built_in.search_scores(hidden, attention_states=attention))
+
+
+def test_attention_probs_weight_the_values_into_the_output():
+    layer = build(top_k=3, projections="none", mask_mod=target_mask(6))
+    hidden, attention = states(), states(seed=2)
+    probs = layer.attention_probs(hidden, attention_states=attention)  # (B, H, T, T)
+    assert probs.shape == (2, H, T, T) and probs.dtype == torch.float32
+    assert_close(probs.sum(-1), torch.ones(2, H, T), dtype=torch.float32)
+    assert ((probs > 0).sum(-1)[:, :, 6:] == 3).all()  # each candidate row keeps exactly top_k = 3 behaviours
+    values = hidden.view(2, T, H, C // H).transpose(1, 2)  # no projections: head h reads slice h
+    mixed = (probs.double() @ values).transpose(1, 2).reshape(2, T, C)
+    assert_close(mixed, layer(hidden, attention_states=attention)[0], dtype=torch.float32)
+
+
 def test_target_mask_layout():
     dense = to_dense(target_mask(2), 1, 1, 4, 4)[0, 0]
     expected = torch.tensor([[1, 0, 0, 0], [0, 1, 0, 0], [1, 1, 0, 0], [1, 1, 0, 0]], dtype=torch.bool)
@@ -182,5 +206,11 @@ def test_bad_inputs_raise():
         layer(states(), attention_states=states(width=6).float())
     with pytest.raises(ShapeError, match="hidden_states"):
         layer(states(width=C + 1))
+    with pytest.raises(ShapeError, match="keep"):
+        layer(states(), attention_states=states(width=6), keep=torch.ones(T, T, dtype=torch.bool))
+    with pytest.raises(ShapeError, match="keep"):
+        layer(states(), attention_states=states(width=6), keep=torch.ones(1, 1, T, T))
+    with pytest.raises(ShapeError, match="keep"):
+        layer(states(), attention_states=states(width=6), keep=torch.ones(1, 1, T - 1, T, dtype=torch.bool))
     with pytest.raises(ConfigError, match="num_behaviours"):
         target_mask(0)

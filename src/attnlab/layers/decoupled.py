@@ -81,8 +81,9 @@ def search_keep(scores: Tensor, top_k: int) -> Tensor:
 class DecoupledAttention(SoftmaxFamilyAttention):
     """Softmax attention with queries/keys from ``attention_states`` and values from ``hidden_states`` (DARE).
 
-    ``forward(hidden_states, *, attention_states=None)``: ``attention_states`` (B, T, C_att), keyword-only, the
-    attention embeddings of the same T tokens (None: ``hidden_states``). Source: Feng et al. 2025, §4 (DARE) and
+    ``forward(hidden_states, *, attention_states=None, keep=None)``: ``attention_states`` (B, T, C_att),
+    keyword-only, the attention embeddings of the same T tokens (None: ``hidden_states``); ``keep`` a per-call bool
+    mask ANDed with the layer mask (e.g. ``to_dense(target_mask(T), 1, 1, L, L)``). Source: Feng et al. 2025, §4 (DARE) and
     the released code thuml/DARE (module docstring).
 
     Args:
@@ -145,32 +146,64 @@ class DecoupledAttention(SoftmaxFamilyAttention):
             key = rotary(key, position_offset, self.rope_base)
         return query, key, value
 
-    def head_summed_logits(self, query: Tensor, key: Tensor) -> Tensor:
-        """The search score: Σ_h q_h·k_h / √D over query heads, float32 (B, Lq, Lk), −inf where the layer mask
-        hides the key from every head."""
+    def _visible(self, query: Tensor, key: Tensor, keep: Tensor | None) -> Tensor:
+        """bool (B, H, Lq, Lk): the layer mask at this call's positions, AND ``keep`` when given."""
+        visible = self.dense_keep(query, key)
+        if keep is None:
+            return visible
+        if keep.dtype != torch.bool or keep.dim() != 4:
+            raise ShapeError(f"expected keep as a bool tensor (B|1, H|1, {query.shape[2]}, {key.shape[2]}), got "
+                             f"{keep.dtype} {tuple(keep.shape)}")
+        try:
+            return visible & keep.to(visible.device)
+        except RuntimeError:
+            raise ShapeError(f"expected keep broadcastable to {tuple(visible.shape)}, got {tuple(keep.shape)}") from None
+
+    def head_summed_logits(self, query: Tensor, key: Tensor, visible: Tensor) -> Tensor:
+        """The search score: Σ_h q_h·k_h / √D over query heads, float32 (B, Lq, Lk), −inf where ``visible``
+        (bool (B, H, Lq, Lk)) hides the key from every head."""
         key = key.repeat_interleave(self.num_heads // key.shape[1], dim=1)
         logits = torch.einsum("bhqd,bhkd->bqk", query.float(), key.float()) * query.shape[-1] ** -0.5
-        visible = self.dense_keep(query, key).any(dim=1)  # (B, Lq, Lk)
-        return logits.masked_fill(~visible, float("-inf"))
+        return logits.masked_fill(~visible.any(dim=1), float("-inf"))
+
+    def _kept(self, query: Tensor, key: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """(what each head attends: bool (B, H, Lq, Lk), the per-call keep to AND onto the layer mask or None)."""
+        visible = self._visible(query, key, keep)
+        if self.top_k is None:
+            return visible, keep
+        with torch.no_grad():  # the selection is discrete; the kept logits keep their gradient
+            search = search_keep(self.head_summed_logits(query, key, visible), self.top_k)[:, None]
+        return visible & search, search if keep is None else search & keep.to(search.device)
 
     def search_scores(self, hidden_states: Tensor, *, attention_states: Tensor | None = None,
-                      position_offset: int = 0) -> Tensor:
-        """(B, T, T) float32 search scores of one call (:meth:`head_summed_logits`), with gradient if enabled.
+                      keep: Tensor | None = None, position_offset: int = 0) -> Tensor:
+        """(B, T, T) float32 search scores of one call (:meth:`head_summed_logits`), −inf for hidden keys.
 
-        What the ``top_k`` search ranks; apps read it to measure which keys the search stage retrieves."""
+        What the ``top_k`` search ranks; apps read it to see which keys the search stage retrieves."""
         query, key, _ = self.project_decoupled(hidden_states, attention_states, position_offset)
-        return self.head_summed_logits(query, key)
+        return self.head_summed_logits(query, key, self._visible(query, key, keep))
+
+    def attention_probs(self, hidden_states: Tensor, *, attention_states: Tensor | None = None,
+                        keep: Tensor | None = None, position_offset: int = 0) -> Tensor:
+        """(B, H, T, T) float32 probs of one call as :meth:`forward` weights the values (layer mask, ``keep`` and
+        the search), computed here in float32 (not through the host's attention function). Rows with no key are 0."""
+        query, key, _ = self.project_decoupled(hidden_states, attention_states, position_offset)
+        attended, _ = self._kept(query, key, keep)
+        key = key.repeat_interleave(self.num_heads // key.shape[1], dim=1)
+        logits = (query.float() @ key.float().transpose(-1, -2)) * query.shape[-1] ** -0.5
+        probs = torch.softmax(logits.masked_fill(~attended, float("-inf")), dim=-1)
+        return probs.nan_to_num(0.0)
 
     def forward(self, hidden_states: Tensor, *, state: None = None, position_offset: int = 0,
-                attention_states: Tensor | None = None) -> tuple[Tensor, None]:
-        """hidden_states (B, T, C); attention_states (B, T, C_att) or None; state must be None.
-        Returns (output (B, T, C), None)."""
+                attention_states: Tensor | None = None, keep: Tensor | None = None) -> tuple[Tensor, None]:
+        """hidden_states (B, T, C); attention_states (B, T, C_att) or None; keep: bool broadcastable to
+        (B, H, T, T), True = may attend, ANDed with the layer mask (a per-call, data-dependent mask such as the
+        target layout of :func:`target_mask`), or None; state must be None. Returns (output (B, T, C), None).
+
+        Raises ShapeError for attention_states or keep of the wrong shape or dtype."""
         offset = self.start_position(state, position_offset)
         query, key, value = self.project_decoupled(hidden_states, attention_states, offset)
-        if self.top_k is None:
-            out = self.softmax_attend(query, key, value)
-        else:
-            with torch.no_grad():  # the selection is discrete; the kept logits keep their gradient
-                keep = search_keep(self.head_summed_logits(query, key), self.top_k)
-            out = self.softmax_attend(query, key, value, mask_mod=from_keep(keep[:, None], name="search"))
+        _, per_call = self._kept(query, key, keep)
+        mask_mod = None if per_call is None else from_keep(per_call, name="search" if self.top_k else "keep")
+        out = self.softmax_attend(query, key, value, mask_mod=mask_mod)
         return self.o_proj(merge_heads(out.to(hidden_states.dtype))), None
