@@ -82,9 +82,9 @@ class DecoupledAttention(SoftmaxFamilyAttention):
     """Softmax attention with queries/keys from ``attention_states`` and values from ``hidden_states`` (DARE).
 
     ``forward(hidden_states, *, attention_states=None, keep=None)``: ``attention_states`` (B, T, C_att),
-    keyword-only, the attention embeddings of the same T tokens (None: ``hidden_states``); ``keep`` a per-call bool
-    mask ANDed with the layer mask (e.g. ``to_dense(target_mask(T), 1, 1, L, L)``). Source: Feng et al. 2025, §4 (DARE) and
-    the released code thuml/DARE (module docstring).
+    keyword-only, the attention embeddings of the same T tokens (None: ``hidden_states``); ``keep`` a per-call
+    bool mask ANDed with the layer mask (e.g. ``to_dense(target_mask(T), 1, 1, L, L)``). Source: Feng et al. 2025
+    (abstract) and the released code thuml/DARE (module docstring).
 
     Args:
         attention_size: C_att, the width of ``attention_states`` (default hidden_size); the q/k projections read it.
