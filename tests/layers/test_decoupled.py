@@ -126,7 +126,8 @@ def test_search_stage_ignores_keys_outside_the_top_k_and_is_off_at_full_width():
     worst = scores[0, 7, :6].argmin()  # candidate 7's lowest-ranked behaviour
     changed = hidden.clone()
     changed[0, worst] += 5.0  # its value (what the representation embedding holds) changes
-    assert_close(layer(changed, attention_states=attention)[0][0, 7], layer(hidden, attention_states=attention)[0][0, 7])
+    before = layer(hidden, attention_states=attention)[0][0, 7]
+    assert_close(layer(changed, attention_states=attention)[0][0, 7], before)
     full = build(top_k=T, projections="none", mask_mod=target_mask(6))
     plain = build(projections="none", mask_mod=target_mask(6))
     assert_close(full(hidden, attention_states=attention)[0], plain(hidden, attention_states=attention)[0])

@@ -157,7 +157,8 @@ class DecoupledAttention(SoftmaxFamilyAttention):
         try:
             return visible & keep.to(visible.device)
         except RuntimeError:
-            raise ShapeError(f"expected keep broadcastable to {tuple(visible.shape)}, got {tuple(keep.shape)}") from None
+            raise ShapeError(f"expected keep broadcastable to {tuple(visible.shape)}, got "
+                             f"{tuple(keep.shape)}") from None
 
     def head_summed_logits(self, query: Tensor, key: Tensor, visible: Tensor) -> Tensor:
         """The search score: Σ_h q_h·k_h / √D over query heads, float32 (B, Lq, Lk), −inf where ``visible``
