@@ -191,6 +191,16 @@ def test_config_fills_the_apps_defaults_and_refuses_bad_values(toy):
         AppTrainConfig(app="toy_test", probes=("entropi",))
 
 
+def test_every_training_setting_takes_the_apps_default(toy, monkeypatch):
+    monkeypatch.setattr(toy, "defaults", {**toy.defaults, "warmup_steps": 2, "optimizer": "sgd", "min_lr_ratio": 0.5})
+    config = AppTrainConfig(app="toy_test")
+    assert (config.warmup_steps, config.optimizer, config.min_lr_ratio, config.weight_decay) == (2, "sgd", 0.5, 0.01)
+    assert AppTrainConfig(app="toy_test", optimizer="adamw").optimizer == "adamw"  # given beats the app's default
+    monkeypatch.setattr(toy, "defaults", {"grad_clipping": 1.0})
+    with pytest.raises(ConfigError, match="not grad_clipping"):
+        AppTrainConfig(app="toy_test")
+
+
 def test_train_app_logs_evaluates_probes_and_checkpoints(toy, tmp_path):
     result = train_app(AppTrainConfig(app="toy_test", out=str(tmp_path / "run")))
     steps = sorted({row["step"] for row in result.log if row["split"] == "eval"})

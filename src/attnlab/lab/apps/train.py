@@ -33,8 +33,10 @@ from attnlab.progress import ProgressArg, progress_to
 
 __all__ = ["FALLBACK", "AppTrainConfig", "AppTrainResult", "CompareResult", "compare_variants", "train_app"]
 
-FALLBACK: dict[str, Any] = {"steps": 300, "lr": 3e-3, "batch_size": 32, "eval_every": 100, "eval_batches": 4}
-"""Training settings for an app whose ``defaults`` do not give them."""
+FALLBACK: dict[str, Any] = {"steps": 300, "lr": 3e-3, "batch_size": 32, "eval_every": 100, "eval_batches": 4,
+                            "weight_decay": 0.01, "warmup_steps": 0, "min_lr_ratio": 0.1, "optimizer": "adamw"}
+"""Training settings for an app whose ``defaults`` do not give them (a setting left as None takes the app's
+default, then this one)."""
 
 
 @dataclass(frozen=True)
@@ -45,8 +47,9 @@ class AppTrainConfig:
         app, variant: ``attnlab ls apps`` and one of its variants (None: the first, the paper's mechanism).
         model_args, data_args: the app's model knobs and its generator's arguments (text or typed values).
         hidden_size, num_heads: every attention site's width and heads.
-        steps, lr, batch_size, eval_every, eval_batches: None = the app's ``defaults``, then :data:`FALLBACK`.
-        weight_decay, warmup_steps, min_lr_ratio, optimizer, grad_clip: as ``attnlab train``.
+        steps, lr, batch_size, eval_every, eval_batches, weight_decay, warmup_steps, min_lr_ratio, optimizer:
+            as ``attnlab train``; None = the app's ``defaults``, then :data:`FALLBACK`.
+        grad_clip: max global gradient norm (None = no clipping).
         probes, probe_args: probes run at each evaluation (``attnlab ls probes``) and their arguments.
         seed: model initialisation and (unless ``data_args`` has ``seed``) the data.
         out: directory for ``checkpoint/`` and ``train_log.csv`` (None: write nothing).
@@ -65,10 +68,10 @@ class AppTrainConfig:
     batch_size: Annotated[int, Range(ge=1, le=65536)] | None = None
     eval_every: Annotated[int, Range(ge=1)] | None = None
     eval_batches: Annotated[int, Range(ge=1, le=65536)] | None = None
-    weight_decay: Annotated[float, Range(ge=0, le=10)] = 0.01
-    warmup_steps: Annotated[int, Range(ge=0)] = 0
-    min_lr_ratio: Annotated[float, Range(ge=0, le=1)] = 0.1
-    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: Annotated[float, Range(ge=0, le=10)] | None = None
+    warmup_steps: Annotated[int, Range(ge=0)] | None = None
+    min_lr_ratio: Annotated[float, Range(ge=0, le=1)] | None = None
+    optimizer: Literal["adamw", "sgd"] | None = None
     grad_clip: Annotated[float, Range(gt=0)] | None = 1.0
     probes: tuple[str, ...] = ("sink", "entropy", "distance")
     probe_args: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -80,6 +83,9 @@ class AppTrainConfig:
         from attnlab.params import build_probes
 
         app = APPS.get(self.app)  # RegistryError with a suggestion
+        unknown = sorted(set(app.defaults) - set(FALLBACK))
+        if unknown:  # a bug in the app, not in the caller's input
+            raise ConfigError(f"app {self.app}: defaults may set {', '.join(FALLBACK)}, not {', '.join(unknown)}")
         hints = typing.get_type_hints(AppTrainConfig, include_extras=True)
         for item in dataclasses.fields(self):
             value = getattr(self, item.name)

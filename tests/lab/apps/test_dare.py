@@ -1,0 +1,211 @@
+"""The ``dare`` application: its generator on hand-checked cases, the model, the variants, metrics, training."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from attnlab.errors import ConfigError
+from attnlab.lab.apps import APPS
+from attnlab.lab.apps.dare import DareData, auc, click_labels, item_styles
+from attnlab.lab.apps.host import load_app
+from attnlab.lab.apps.train import AppTrainConfig, train_app
+
+SMALL = {"num_items": 64, "num_categories": 8, "seq_len": 12, "num_candidates": 3}
+MODEL = {"num_items": 64, "num_categories": 8, "top_k": 4}
+INPUTS = ("behaviours", "behaviour_categories", "candidates", "candidate_categories")
+
+
+def app(variant="decoupled", **model_args):
+    return APPS.get("dare")(variant, **{**MODEL, **model_args})
+
+
+def inputs(batch):
+    return [batch[key] for key in INPUTS]
+
+
+# -- generator -----------------------------------------------------------------------------------------------------
+def test_click_labels_by_hand():
+    """Items 0, 1 in category 0 and 2, 3 in category 1; styles +1, −1, +1, −1."""
+    styles = np.array([1, -1, 1, -1])
+    labels, relevant, agreement = click_labels(np.array([[0, 0, 1, 2]]), np.array([[0, 3, 1]]), styles, 2, 1)
+    # candidate 0 (cat 0, +1): behaviours 0, 0, 1 agree +1 +1 −1 = 1; candidate 3 (cat 1, −1): behaviour 2 → −1;
+    # candidate 1 (cat 0, −1): −1 −1 +1 = −1
+    assert agreement.tolist() == [[1, -1, -1]] and labels.tolist() == [[1.0, 0.0, 0.0]]
+    assert relevant.tolist() == [[[True, True, True, False], [False, False, False, True], [True, True, True, False]]]
+
+
+def test_item_styles_are_balanced_per_category_and_fixed_by_the_seed():
+    styles = item_styles(64, 8, seed=3)
+    assert set(styles.tolist()) == {-1, 1} and (styles.reshape(8, 8).sum(1) == 0).all()
+    assert np.array_equal(styles, item_styles(64, 8, seed=3))
+    assert not np.array_equal(styles, item_styles(64, 8, seed=4))
+    assert np.array_equal(DareData(**SMALL, seed=3).styles, styles)  # the same table for every split and step
+
+
+def test_one_faithful_interest_gives_one_category_one_style_and_labels_by_style():
+    data = DareData(**SMALL, interests_per_user=1, noise=0.0, style_fidelity=1.0, candidate_from_interest=1.0,
+                    threshold=12)
+    batch = data.batch(0, 16)
+    behaviours, candidates = batch["behaviours"].numpy(), batch["candidates"].numpy()
+    per = 64 // 8
+    category, style = behaviours // per, data.styles[behaviours]
+    assert (category == category[:, :1]).all() and (style == style[:, :1]).all()
+    assert (candidates // per == category[:, :1]).all()
+    expected = (data.styles[candidates] == style[:, :1]).astype(np.float32)  # agreement = ±12 = ±seq_len
+    assert np.array_equal(batch["labels"].numpy(), expected)
+    assert np.array_equal(batch["agreement"].numpy(), 12 * data.styles[candidates] * style[:, :1])
+    assert batch["relevant"].all()
+
+
+def test_batches_have_the_documented_fields_and_are_pure_in_seed_split_and_step():
+    data = DareData(**SMALL, seed=1)
+    batch = data.batch(2, 5)
+    shapes = {key: tuple(value.shape) for key, value in batch.items()}
+    assert shapes == {"behaviours": (5, 12), "behaviour_categories": (5, 12), "candidates": (5, 3),
+                      "candidate_categories": (5, 3), "labels": (5, 3), "relevant": (5, 3, 12), "agreement": (5, 3)}
+    assert batch["labels"].dtype == torch.float32 and batch["relevant"].dtype == torch.bool
+    assert torch.equal(batch["behaviour_categories"], batch["behaviours"] // 8)
+    assert torch.equal(batch["candidate_categories"], batch["candidates"] // 8)
+    again = data.batch(2, 5)
+    assert all(torch.equal(batch[key], again[key]) for key in batch)
+    assert not torch.equal(batch["behaviours"], data.batch(2, 5, split="eval")["behaviours"])
+    assert not torch.equal(batch["behaviours"], data.batch(3, 5)["behaviours"])
+    assert not torch.equal(batch["behaviours"], DareData(**SMALL, seed=2).batch(2, 5)["behaviours"])
+    assert data.describe()["name"] == "dare" and data.describe()["seq_len"] == 12
+
+
+def test_interest_behaviours_stay_in_the_users_categories():
+    data = DareData(**SMALL, interests_per_user=2, noise=0.0)
+    categories = data.batch(0, 32)["behaviour_categories"]
+    assert max(len(set(row.tolist())) for row in categories) <= 2
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"num_items": 60}, "multiple of num_categories"),
+    ({"num_items": 24}, "even number"),
+    ({"interests_per_user": 9}, "interests_per_user"),
+    ({"noise": 1.5}, "noise"),
+    ({"seq_len": 0}, "seq_len"),
+])
+def test_bad_generator_arguments_raise(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        DareData(**{**SMALL, **kwargs})
+
+
+# -- metrics -------------------------------------------------------------------------------------------------------
+def test_auc_by_hand():
+    assert auc(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0.0, 0.0, 1.0, 1.0])) == pytest.approx(0.75)
+    assert auc(torch.tensor([0.5, 0.5, 0.2]), torch.tensor([1.0, 0.0, 0.0])) == pytest.approx(0.75)  # a tie: ½
+    assert math.isnan(auc(torch.tensor([0.3, 0.1]), torch.tensor([1.0, 1.0])))
+
+
+# -- model ---------------------------------------------------------------------------------------------------------
+def test_forward_backward_shapes_and_gradients():
+    model = app().build_model(seed=0)
+    batch = DareData(**SMALL).batch(0, 4)
+    logits = model(*inputs(batch))
+    assert logits.shape == (4, 3)
+    loss = app().loss(model, batch)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert model.item_attention.weight.grad.abs().sum() > 0
+
+
+def test_variants_differ_only_in_the_attention_tables():
+    decoupled, shared = app().build_model(seed=5), app("shared").build_model(seed=5)
+    d_state, s_state = decoupled.state_dict(), shared.state_dict()
+    assert set(d_state) - set(s_state) == {"item_attention.weight", "category_attention.weight"}
+    assert set(s_state) <= set(d_state) and all(torch.equal(s_state[k], d_state[k]) for k in s_state)
+    with torch.no_grad():  # decoupled with attention tables equal to the representation tables = shared
+        decoupled.item_attention.weight.copy_(decoupled.item_representation.weight)
+        decoupled.category_attention.weight.copy_(decoupled.category_representation.weight)
+    batch = DareData(**SMALL).batch(1, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(decoupled(*inputs(batch)), shared(*inputs(batch)))
+
+
+def test_candidates_are_scored_independently():
+    model = app().build_model(seed=0).eval()
+    batch = DareData(**SMALL).batch(0, 2)
+    args = inputs(batch)
+    changed = [a.clone() for a in args]
+    changed[2][:, 0] = (changed[2][:, 0] + 9) % 64
+    changed[3][:, 0] = changed[2][:, 0] // 8
+    with torch.no_grad():
+        before, after = model(*args), model(*changed)
+    torch.testing.assert_close(before[:, 1:], after[:, 1:])
+    assert not torch.allclose(before[:, 0], after[:, 0])
+
+
+def test_search_metrics_of_a_category_oracle_and_of_uniform_attention():
+    """Category attention embeddings 10·one-hot (hidden 64: 32 category dims, one per category) and zero item
+    attention embeddings: the search ranks same-category behaviours first (recall 1). All-zero attention
+    embeddings: every candidate row is uniform over its top_k kept behaviours (entropy log k)."""
+    oracle = APPS.get("dare")("decoupled", hidden_size=64, **MODEL)
+    model = oracle.build_model(seed=0).eval()
+    with torch.no_grad():
+        model.item_attention.weight.zero_()
+        model.category_attention.weight.copy_(10 * torch.eye(8, 32))
+    batch = DareData(**SMALL, seed=4).batch(0, 16, split="eval")
+    with torch.no_grad():
+        metrics = oracle.metrics(model, batch)
+    total, rows = metrics["recall_at_k"]
+    assert rows == int(batch["relevant"].any(-1).sum()) and total == pytest.approx(rows)
+    with torch.no_grad():
+        model.category_attention.weight.zero_()
+        metrics = oracle.metrics(model, batch)
+    total, rows = metrics["candidate_entropy"]
+    assert total / rows == pytest.approx(math.log(4))
+    assert {"auc", "logloss", "accuracy", "positive_rate", "relevant_mass"} <= set(metrics)
+
+
+def test_bad_model_arguments_and_ids_raise():
+    with pytest.raises(ConfigError, match="projections"):
+        app(projections="bilinear")
+    with pytest.raises(ConfigError, match="top_k"):
+        app(top_k=-1)
+    with pytest.raises(ConfigError, match="variant"):
+        app("four_embedding")
+    model = app(num_items=32).build_model(seed=0)
+    with pytest.raises(ConfigError, match="num_items"):
+        model(*inputs(DareData(**SMALL).batch(0, 2)))
+
+
+# -- training and probes -------------------------------------------------------------------------------------------
+def test_train_app_smoke_and_checkpoint_round_trip(tmp_path):
+    config = AppTrainConfig(app="dare", steps=3, eval_every=3, batch_size=4, eval_batches=1, data_args=SMALL,
+                            model_args=MODEL, out=str(tmp_path / "run"))
+    result = train_app(config)
+    assert {"loss", "auc", "recall_at_k", "relevant_mass", "candidate_entropy"} <= set(result.final)
+    assert len([row for row in result.log if row["split"] == "train" and row["statistic"] == "loss"]) == 3
+    assert {row["probe"] for row in result.probe_rows} >= {"sink", "entropy", "distance"}
+    loaded_app, loaded = load_app(tmp_path / "run" / "checkpoint")
+    batch = DareData(**SMALL).batch(0, 2)
+    with torch.no_grad():
+        assert torch.equal(loaded(*inputs(batch)), result.model(*inputs(batch)))
+    assert loaded_app.model_args == {**loaded_app.model_defaults, **MODEL}
+
+
+def test_a_session_sees_the_site_with_the_layers_probs():
+    from attnlab import Session
+    from attnlab.capture.patterns import PatternProbe
+
+    application = app()
+    model = application.build_model(seed=0).eval()
+    batch = DareData(**SMALL).batch(0, 2)
+    pattern = PatternProbe()
+    with torch.no_grad(), Session(model, probes=["entropy", "sink", pattern]) as session:
+        application.loss(model, batch)
+    rows = session.results()
+    assert set(rows[rows.probe == "entropy"].layer.dropna().astype(int)) == {0}
+    probs = pattern.patterns(session.attention_paths)[0].probs  # (batch, sites, heads, q, k)
+    assert probs.shape == (2, 1, 4, 15, 15)
+    with torch.no_grad():
+        representation, attention, keep = model.encode(*inputs(batch))
+        own = model.target_attention.layer.attention_probs(representation, attention_states=attention, keep=keep)
+    torch.testing.assert_close(probs[:, 0].float(), own, rtol=1e-5, atol=1e-6)
+    assert ((probs[:, 0, :, 12:] > 0).sum(-1) == 4).all()  # each candidate keeps top_k = 4 behaviours
