@@ -235,6 +235,14 @@ def test_same_seed_same_run_and_compare_uses_the_same_data(toy):
         compare_variants(AppTrainConfig(app="toy_test"), ("wide",))
 
 
+def test_compare_progress_counts_over_every_variant(toy):
+    seen = []
+    compare_variants(AppTrainConfig(app="toy_test", probes=()), progress=lambda done, total, _: seen.append((done, total)))
+    assert {total for _, total in seen} == {8}  # 4 steps × 2 variants
+    done = [d for d, _ in seen]
+    assert done == sorted(done) and done[-1] == 8  # never restarts at the second variant
+
+
 # -- CLI ----------------------------------------------------------------------------------------------------------
 def test_cli_train_compare_and_bad_input(toy, tmp_path):
     from attnlab.cli.main import app

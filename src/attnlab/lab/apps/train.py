@@ -289,9 +289,15 @@ def compare_variants(config: AppTrainConfig, variants: tuple[str, ...] | None = 
         raise ConfigError(f"app {config.app}: expected variants among {', '.join(app_cls.variants)}, got "
                           f"{', '.join(unknown)}")
     runs: dict[str, AppTrainResult] = {}
+    total = config.steps * len(chosen)
     with progress_to(progress, always=lambda message: message.startswith("eval")) as notify:
-        for variant in chosen:
+        for index, variant in enumerate(chosen):
             out = None if config.out is None else str(Path(config.out) / variant)
-            runs[variant] = _train(dataclasses.replace(config, variant=variant, out=out), notify)
+            offset = index * config.steps  # one count over every variant, so the ETA covers the whole comparison
+
+            def counted(done: int, _total: int, message: str, offset: int = offset) -> None:
+                notify(offset + done, total, message)
+
+            runs[variant] = _train(dataclasses.replace(config, variant=variant, out=out), counted)
     table = [summary_row(run) for run in runs.values()]
     return CompareResult(runs, table, compare_results(config, runs, table))
