@@ -1,5 +1,5 @@
 """TSCAN's temporal-spatial attention on a (time, variable) grid of tokens: keys split into a time-node half and an
-item half, each pooled over its row or column, so the attention over grid cells factorises (METHODS: tscan).
+item half, each pooled over its row or column, so the attention over grid cells factorises (METHODS.md #37).
 
 Tokens lie row-major on a grid of ``num_times`` time slots × ``num_vars`` variables (clinical items): token
 ``j = t · num_vars + v`` is the cell (t, v). A head's query vector splits into a time part (its first ``time_dim``

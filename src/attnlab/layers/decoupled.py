@@ -1,5 +1,5 @@
 """DARE's decoupled attention (Feng et al., ICLR 2025, "Long-Sequence Recommendation Models Need Decoupled
-Embeddings"; METHODS.md, DARE entry): queries and keys from one embedding, values from another.
+Embeddings"; METHODS.md #39): queries and keys from one embedding, values from another.
 
 In DARE a long-sequence recommender keeps two embedding tables for the same items: an *attention* table, whose
 candidate-vs-behaviour dot products search the relevant behaviours and weight them, and a *representation*

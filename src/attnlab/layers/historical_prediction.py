@@ -1,4 +1,5 @@
-"""Historical Prediction Attention (HPNet; Tang et al., CVPR 2024): a forecast attends to the same track's earlier ones.
+"""Historical Prediction Attention (HPNet; Tang et al., CVPR 2024; METHODS.md #36): a forecast attends to the same
+track's earlier ones.
 
 HPNet forecasts at every time step t of a scene, not only at the last one. The embedding of agent a's mode-k forecast
 made at time t (its "prediction embedding") attends to the same agent's mode-k prediction embeddings made at the
@@ -90,8 +91,9 @@ def time_differences(seq_len: int, *, times: Tensor | None = None, track_ids: Te
 
 @LAYERS.register("historical_prediction")
 class HistoricalPredictionAttention(SoftmaxFamilyAttention):
-    """HPNet's historical prediction attention: look back over a track's earlier forecasts with a relative-time key
-    encoding (module docstring; Tang et al. 2024, abstract and released code).
+    """HPNet's historical prediction attention: a forecast attends to its track's earlier ones, keys timed by Δt.
+
+    A relative-time key encoding (module docstring; Tang et al. 2024, abstract and released code).
 
     ``forward(hidden_states, *, times=None, track_ids=None)``: hidden_states (B, T, C); times (B|1, T) integer forecast
     times (None: positions); track_ids (B|1, T) integer track ids (None: one track). Returns (output (B, T, C), None).

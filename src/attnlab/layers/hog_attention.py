@@ -1,4 +1,5 @@
-"""HOG-guided self-attention, after HOGformer's DHOGSA (Wu et al. 2025, arXiv 2504.09377; code Fire-friend/HOGformer).
+"""HOG-guided self-attention, after HOGformer's DHOGSA (Wu et al. 2025, arXiv 2504.09377; code Fire-friend/HOGformer;
+METHODS.md #40).
 
 HOGformer's Dynamic HOG-aware Self-Attention (``Attention_DHOGSA`` in the released ``hogformer_arch.py``) does two
 things with histograms of oriented gradients (HOG):

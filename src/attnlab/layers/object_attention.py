@@ -1,5 +1,5 @@
 """Object-level attention with an object positional encoding (OAT; Fang et al. 2024, ECCV, "OAT: Object-Level
-Attention Transformer for Gaze Scanpath Prediction").
+Attention Transformer for Gaze Scanpath Prediction"; METHODS.md #38).
 
 OAT's positional encoding gives every object a vector whose cosine similarity with another object's vector falls
 off as a Gaussian of their distance on the display (the released code fits such a table for grid cells, σ = 2

@@ -1,4 +1,4 @@
-"""TSCAN — temporal-spatial correlation attention (Yu et al. 2023, METHODS: tscan) over a (time, variable) grid.
+"""TSCAN — temporal-spatial correlation attention (Yu et al. 2023, METHODS.md #37) over a (time, variable) grid.
 
 Reconstruction, not a port: the released Keras code (yuyuheintju/TSCAN ``keras_models/split48_tandf.py``) runs two
 transformer branches, one whose tokens are time steps (all variables as features) and one whose tokens are the
@@ -55,7 +55,7 @@ class TemporalSpatialAttention(SoftmaxFamilyAttention):
 
     Raises ConfigError for bad head counts, head_dim < 2, a bad grid, a causal mask with a grid of several
     variables, or a position_offset that is not a multiple of num_vars; ShapeError for bad hidden_states/observed.
-    Source: Yu et al. 2023, arXiv:2306.01970 (abstract) and its released code (METHODS: tscan; medium-low
+    Source: Yu et al. 2023, arXiv:2306.01970 (abstract) and its released code (METHODS.md #37; medium-low
     confidence: the factorised form is attnlab's reading of the two branches, not the paper's equation).
     """
 

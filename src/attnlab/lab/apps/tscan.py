@@ -1,4 +1,4 @@
-"""TSCAN (Yu et al. 2023; METHODS: tscan): does attention that factorises into time nodes × clinical items put
+"""TSCAN (Yu et al. 2023; METHODS.md #37): does attention that factorises into time nodes × clinical items put
 less weight on irrelevant items and time points than plain attention over the same cells, and predict better?
 
 Task — irregularly sampled multivariate series with a sparse outcome (``TSCANData``; V = ``num_vars``,
