@@ -37,15 +37,20 @@ class AttentionSite(nn.Module):
         config: the host model's transformers config (its ``_attn_implementation`` picks the attention function).
         layer_idx: the site's index, 0 … ``config.num_hidden_layers`` − 1.
         layer: the registered layer (a plain reference is set on it as ``attention_hook``; no module cycle).
-        is_causal: what the attention function is told when the layer passes no keep mask.
+        is_causal: whether the layer's attention is causal (the call record's ``causal`` flag; a keep mask of None
+            always means the plain causal mask, whatever this says). None: causal when the layer's ``mask_mod`` is
+            the plain causal mask (or the layer has none).
 
     Attributes read by transformers' attention functions: ``layer_idx``, ``is_causal``, ``config``,
     ``num_key_value_groups`` (H // Hkv, for GQA in SDPA).
     """
 
-    def __init__(self, config: Any, layer_idx: int, layer: Layer, *, is_causal: bool) -> None:
+    def __init__(self, config: Any, layer_idx: int, layer: Layer, *, is_causal: bool | None = None) -> None:
         super().__init__()
-        self.config, self.layer_idx, self.is_causal = config, layer_idx, is_causal
+        if is_causal is None:
+            mask_mod = getattr(layer, "mask_mod", None)
+            is_causal = mask_mod is None or getattr(mask_mod, "__name__", None) == "causal"
+        self.config, self.layer_idx, self.is_causal = config, layer_idx, bool(is_causal)
         self.layer = layer
         heads, kv_heads = getattr(layer, "num_heads", 1), getattr(layer, "num_kv_heads", None)
         self.num_key_value_groups = heads // kv_heads if kv_heads else 1
@@ -67,7 +72,7 @@ class AttentionSite(nn.Module):
 
         Args:
             query: (B, H, Lq, D). key, value: (B, Hkv, Lk, D) (positions applied, not repeated for GQA).
-            keep: bool broadcastable to (B, H, Lq, Lk), True = attend, or None (causal when ``is_causal``).
+            keep: bool broadcastable to (B, H, Lq, Lk), True = attend, or None for the plain causal mask.
             scale: the logit scale.
 
         Returns: (B, H, Lq, D) in value's dtype.
@@ -75,7 +80,8 @@ class AttentionSite(nn.Module):
         self._routed = True
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, sdpa_attention_forward)
         mask = self.keep_mask(keep, query.shape[2], key.shape[2], query.device)
-        output, _ = attention(self, query, key, value, mask, dropout=0.0, scaling=scale, is_causal=self.is_causal)
+        causal = True if mask is None else self.is_causal  # no mask = the plain causal mask (layer protocol)
+        output, _ = attention(self, query, key, value, mask, dropout=0.0, scaling=scale, is_causal=causal)
         return output.transpose(1, 2)
 
     @property

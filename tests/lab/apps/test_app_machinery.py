@@ -145,6 +145,37 @@ def test_the_site_routes_through_the_interface_without_changing_the_output(toy):
     torch.testing.assert_close(hooked, own, rtol=1e-5, atol=1e-6)
 
 
+class CausalModel(AppModel):
+    def __init__(self, config):
+        super().__init__(config)
+        self.mixer = self.site(LAYERS.get("masked")(config.hidden_size, config.num_attention_heads))  # causal default
+        self.finish_sites()
+
+    def forward(self, hidden):
+        return self.mixer(hidden)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_a_causal_layer_stays_causal_through_its_site(implementation):
+    from attnlab.lab.apps.host import AppConfig
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = CausalModel(AppConfig(app="toy_test", hidden_size=16, num_attention_heads=4)).eval()
+    model.set_attn_implementation(implementation)
+    hidden = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(1))
+    changed = hidden.clone()
+    changed[:, 4:] += 5.0  # change the future of position 3
+    with torch.no_grad():
+        hooked, later = model(hidden), model(changed)
+        object.__setattr__(model.mixer.layer, "attention_hook", None)
+        own = model.mixer.layer(hidden)[0]
+    assert model.mixer.is_causal
+    torch.testing.assert_close(hooked, own, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(later[:, :4], hooked[:, :4], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(later[:, 4:], hooked[:, 4:])
+
+
 def test_a_session_probes_every_site(toy):
     from attnlab import Session
     from attnlab.capture.patterns import PatternProbe

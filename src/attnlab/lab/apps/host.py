@@ -86,9 +86,10 @@ class AppModel(PreTrainedModel):
         guesses this from the module's source, which fails for models defined in a notebook or a test file.)"""
         return True
 
-    def site(self, layer: Layer, *, is_causal: bool = False) -> AttentionSite:
+    def site(self, layer: Layer) -> AttentionSite:
         """Wrap ``layer`` as the next attention site (``layer_idx`` = sites so far). Assign the result to an
-        attribute (or a ModuleList) so its parameters belong to the model.
+        attribute (or a ModuleList) so its parameters belong to the model. The site attends as the layer does:
+        causal with the layer's default mask, bidirectional with ``mask_mod=masks.full()``.
 
         Raises ConfigError when the layer's heads or head_dim differ from the config's (probes size by them)."""
         heads, head_dim = getattr(layer, "num_heads", None), getattr(layer, "head_dim", None)
@@ -97,7 +98,7 @@ class AppModel(PreTrainedModel):
             raise ConfigError(f"{type(self).__name__}: expected every attention site with {want[0]} heads of "
                               f"head_dim {want[1]} and no GQA, got {type(layer).__name__} with {heads} heads of "
                               f"head_dim {head_dim}")
-        site = AttentionSite(self.config, len(self.attention_sites), layer, is_causal=is_causal)
+        site = AttentionSite(self.config, len(self.attention_sites), layer)
         self.attention_sites.append(site)
         return site
 
