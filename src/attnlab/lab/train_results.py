@@ -25,7 +25,7 @@ import csv
 import datetime as dt
 import io
 import platform
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -91,12 +91,14 @@ def versions() -> dict[str, str]:
             "transformers": transformers.__version__, "attnlab": __version__}
 
 
-def probe_pass(model: Any, config: Any, input_ids: Any, step: int | None = None
+def probe_pass(model: Any, config: Any, input_ids: Any = None, step: int | None = None, *,
+               forward: Callable[[Any], Any] | None = None, variant: str | None = None
                ) -> tuple[list[dict[str, Any]], dict[int, str]]:
-    """Run ``config.probes`` (with ``config.probe_args``) in a Session over ``input_ids`` (B, T) in eval mode, no
-    gradient; returns their rows (with ``step``) and the layer → attention path of that Session. ([], {}) without
-    probes. Probes are prepared as :func:`attnlab.pipeline.run_probes` does, without a runner (TrainConfig refuses
-    probes that need one)."""
+    """Run ``config.probes`` (with ``config.probe_args``) in a Session over one forward pass in eval mode, no
+    gradient; returns their rows (with ``step`` and ``variant``) and the layer → attention path of that Session.
+    ([], {}) without probes. The forward is ``forward(model)`` (an application's loss), else
+    ``model(input_ids=input_ids)`` with ``input_ids`` (B, T). Probes are prepared as
+    :func:`attnlab.pipeline.run_probes` does, without a runner (TrainConfig refuses probes that need one)."""
     import torch
 
     from attnlab.capture.architectures import model_facts
@@ -113,10 +115,13 @@ def probe_pass(model: Any, config: Any, input_ids: Any, step: int | None = None
     model.eval()
     try:
         with torch.no_grad(), Session(model, probes=probes) as session:
-            model(input_ids=input_ids)
+            if forward is not None:
+                forward(model)
+            else:
+                model(input_ids=input_ids)
     finally:
         model.train(was_training)
-    rows = [{**row, "variant": None, "step": step} for row in session.rows()]
+    rows = [{**row, "variant": variant, "step": step} for row in session.rows()]
     return rows, dict(session.attention_paths)
 
 

@@ -11,9 +11,9 @@ batches. AdamW (or SGD) with linear warmup and cosine decay, weight decay on mat
 as ``attnlab train`` (:func:`attnlab.lab.train.learning_rate`, :func:`~attnlab.lab.train.make_optimizer`).
 Evaluation at step 0, every ``eval_every`` steps and at the last step: the app's metrics averaged over
 ``eval_batches`` eval batches (``Σ sum / Σ count``) and the probes in an :class:`attnlab.Session` over eval batch 0
-(eval mode, no grad); probe rows carry ``step`` and ``variant``. Training settings left as None come from the
-app's ``defaults`` (its documented findings run), then from :data:`FALLBACK`. There is no resume: these runs take
-minutes.
+(eval mode, no grad; :func:`attnlab.lab.train_results.probe_pass`); probe rows carry ``step`` and ``variant``.
+Training settings left as None come from the app's ``defaults`` (its documented findings run), then from
+:data:`FALLBACK`. There is no resume: these runs take minutes.
 """
 
 from __future__ import annotations
@@ -159,33 +159,6 @@ def evaluate(app: Any, model: Any, data: Any, config: AppTrainConfig) -> dict[st
     return {key: total / count if count else math.nan for key, (total, count) in sums.items()}
 
 
-def probe_pass(app: Any, model: Any, batch: Mapping[str, Any], config: AppTrainConfig,
-               step: int) -> tuple[list[dict[str, Any]], dict[int, str]]:
-    """``config.probes`` in a Session over one forward of ``batch`` (``app.loss``), eval mode, no grad: their rows
-    (with ``step`` and ``variant``) and the site → attention path map. ([], {}) without probes."""
-    import torch
-
-    from attnlab.capture.architectures import model_facts
-    from attnlab.capture.session import Session
-    from attnlab.params import build_probes
-
-    if not config.probes:
-        return [], {}
-    probes = build_probes(config.probes, config.probe_args)
-    facts = model_facts(model)
-    for probe in probes:
-        probe.prepare(facts, None)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), Session(model, probes=probes) as session:
-            app.loss(model, batch)
-    finally:
-        model.train(was_training)
-    rows = [{**row, "variant": app.variant, "step": step} for row in session.rows()]
-    return rows, dict(session.attention_paths)
-
-
 def train_app(config: AppTrainConfig, *, progress: ProgressArg = None) -> AppTrainResult:
     """Train the run ``config`` describes (module docstring). ``progress``: None (silent), True (stderr: a bar in
     a terminal, plain lines otherwise) or ``progress(done, total, message)``; evaluations get lines of their own.
@@ -200,7 +173,7 @@ def _train(config: AppTrainConfig, notify: Any) -> AppTrainResult:
 
     from attnlab.lab.apps.results import app_results
     from attnlab.lab.train import learning_rate, make_optimizer
-    from attnlab.lab.train_results import write_log
+    from attnlab.lab.train_results import probe_pass, write_log
 
     app = config.make_app()
     data = app.data(**{"seed": config.seed, **config.data_args})
@@ -218,7 +191,8 @@ def _train(config: AppTrainConfig, notify: Any) -> AppTrainResult:
         final.clear()
         final.update(evaluate(app, model, data, config))
         log.extend({"step": step, "split": "eval", "statistic": key, "value": value} for key, value in final.items())
-        rows, seen = probe_pass(app, model, data.batch(0, config.batch_size, split="eval"), config, step)
+        batch = data.batch(0, config.batch_size, split="eval")
+        rows, seen = probe_pass(model, config, step=step, forward=lambda m: app.loss(m, batch), variant=app.variant)
         probe_rows.extend(rows)
         paths.clear()
         paths.update(seen)
