@@ -7,6 +7,7 @@ Training settings not given on the command line come from the application's docu
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
@@ -83,7 +84,10 @@ def run_app(options: dict[str, Any], variants: list[str], data_arg: Any, model_a
         data_args=parse_pairs(data_arg, "--data-arg"), model_args=parse_pairs(model_arg, "--model-arg"),
         probes=probes, probe_args=parse_probe_args(probe_arg) if probe_arg else {}, out=str(out))
     check_out_dir(out, force=force)
-    print_config(config)
+    if compare:
+        print_config(dataclasses.replace(config, variant=None), variants=",".join(variants) or "all")
+    else:
+        print_config(dataclasses.replace(config, variant=config.make_app().variant))
     if compare:
         result = with_progress(lambda progress: compare_variants(config, tuple(variants), progress=progress),
                                always=_event)

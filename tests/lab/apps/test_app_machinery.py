@@ -262,6 +262,9 @@ def test_same_seed_same_run_and_compare_uses_the_same_data(toy):
     assert [row["variant"] for row in compared.table] == ["deep", "shallow"]
     assert compared.table[0]["loss"] == pytest.approx(first.final["loss"])  # same data, same seed, same run
     assert "entropy" in compared.table[0] and "sink_rate" not in compared.table[0]
+    assert compared.results["config"]["variant"] is None  # a comparison ran every variant, not the first
+    assert compared.results["config"]["variants"] == ["deep", "shallow"]
+    assert first.config.variant == "deep" and first.results["config"]["variant"] == "deep"
     with pytest.raises(ConfigError, match="variants among deep, shallow"):
         compare_variants(AppTrainConfig(app="toy_test"), ("wide",))
 

@@ -48,13 +48,13 @@ def _model_record(model: Any, name: str, source: str) -> dict[str, Any]:
     return {**model_facts(model, name=name, source=source).to_dict(), "loaded_from": source, "requested": name}
 
 
-def _envelope(command: str, config: Any, model: dict[str, Any], rows: list[dict[str, Any]],
+def _envelope(command: str, config: dict[str, Any], model: dict[str, Any], rows: list[dict[str, Any]],
               paths: Mapping[int, str], extras: dict[str, Any], sections: dict[str, Any],
               seconds: float) -> dict[str, Any]:
     return {
         "schema_version": SCHEMA_VERSION, "attnlab_version": __version__,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "command": command,
-        "config": config.to_dict(), "model": model, "tokenizer": None, "seed": config.seed, "versions": versions(),
+        "config": config, "model": model, "tokenizer": None, "seed": config["seed"], "versions": versions(),
         "attention_paths": {str(layer): path for layer, path in sorted(paths.items())}, "windows": [],
         "rows": rows, "extras": extras, "sections": sections, "timing": {"seconds": round(seconds, 3)},
     }
@@ -74,7 +74,7 @@ def app_results(config: Any, app: Any, model: Any, data: Any, *, log: list[dict[
     shown = ", ".join(f"{key} {value:.4g}" for key, value in final.items())
     extras = {"app": {**config.to_dict(), **app.describe(), "data": data.describe(), "final": dict(final),
                       "final_text": shown, "num_parameters": num_parameters, "seconds": round(seconds, 1)}}
-    return _envelope("app train", config, _model_record(model, name, source), _log_rows(log) + list(probe_rows),
+    return _envelope("app train", config.to_dict(), _model_record(model, name, source), _log_rows(log) + list(probe_rows),
                      paths, extras, _run_sections(app), seconds)
 
 
@@ -116,4 +116,5 @@ def compare_results(config: Any, runs: Mapping[str, Any], table: list[dict[str, 
     seconds = sum(run.seconds for run in runs.values())
     model = _model_record(first.model, f"app-{app.name}", "trained by attnlab app compare")
     paths = first.attention_paths
-    return _envelope("app compare", config, model, rows, paths, extras, {"compare": [section.to_dict()]}, seconds)
+    settings = {**config.to_dict(), "variant": None, "variants": list(runs)}  # every variant ran with these settings
+    return _envelope("app compare", settings, model, rows, paths, extras, {"compare": [section.to_dict()]}, seconds)

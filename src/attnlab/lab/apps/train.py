@@ -44,7 +44,8 @@ class AppTrainConfig:
     """One application run (JSON-ready with :meth:`to_dict`).
 
     Attributes:
-        app, variant: ``attnlab ls apps`` and one of its variants (None: the first, the paper's mechanism).
+        app, variant: ``attnlab ls apps`` and one of its variants (None: the first, the paper's mechanism, for
+            :func:`train_app`; :func:`compare_variants` ignores it).
         model_args, data_args: the app's model knobs and its generator's arguments (text or typed values).
         hidden_size, num_heads: every attention site's width and heads.
         steps, lr, batch_size, eval_every, eval_batches, weight_decay, warmup_steps, min_lr_ratio, optimizer:
@@ -105,7 +106,7 @@ class AppTrainConfig:
             object.__setattr__(self, item.name, value)
         if self.warmup_steps > self.steps:
             raise ConfigError(f"app: warmup_steps={self.warmup_steps} exceeds steps={self.steps}")
-        object.__setattr__(self, "variant", self.make_app().variant)  # ConfigError for a bad variant, argument, size
+        self.make_app()  # ConfigError for a bad variant, model argument or size
         build_probes(self.probes, self.probe_args)  # RegistryError / ConfigError now, not after training
 
     def make_app(self) -> Any:
@@ -164,6 +165,7 @@ def train_app(config: AppTrainConfig, *, progress: ProgressArg = None) -> AppTra
     a terminal, plain lines otherwise) or ``progress(done, total, message)``; evaluations get lines of their own.
 
     Raises ConfigError/RegistryError on bad settings (before any training)."""
+    config = dataclasses.replace(config, variant=config.make_app().variant)  # None → the first, named in results
     with progress_to(progress, always=lambda message: message.startswith("eval")) as notify:
         return _train(config, notify)
 
