@@ -61,6 +61,8 @@ def _run_section(results: Mapping[str, Any]) -> dict[str, Any]:
         ("run time", f"{format_number(timing.get('seconds'))} s" if "seconds" in timing else None),
     ]
     one_model = any(model.get(key) is not None for key in ("num_layers", "class")) or bool(tokenizer)
+    if "tokenizer" in results and results["tokenizer"] is None:  # inputs that are not text (applications)
+        items = [(label, value) for label, value in items if label not in ("tokenizer", "BOS policy", "file SHA-256")]
     if not one_model:  # e.g. a sweep: only the rows that apply, no empty cells for one model's facts
         items = [(label, value) for label, value in items
                  if label not in ("layers × heads (kv heads)", "BOS policy") and value not in (None, "")]
@@ -138,5 +140,8 @@ def render_html(results: Mapping[str, Any]) -> str:
         "sections": probe_sections(results),
         "patterns": viewer_section(results),
         "statistics": statistics,
+        "has_steps": any(row.get("step") is not None for row in results["rows"]),
+        "has_variants": any(row.get("variant") not in (None, "") for row in results["rows"]  # alpha rows of
+                            if row["statistic"] == "alpha"),                               # several variants
     }
     return template_environment().get_template("report.html.j2").render(**context)

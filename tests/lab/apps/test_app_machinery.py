@@ -252,6 +252,10 @@ def test_train_app_logs_evaluates_probes_and_checkpoints(toy, tmp_path):
     paths = write_results(tmp_path / "run", result.results)
     saved = json.loads(paths["json"].read_text())
     assert saved["command"] == "app train" and saved["extras"]["app"]["variant"] == "deep"
+    assert {row["variant"] for row in saved["rows"]} == {"deep"}
+    assert saved["sections"]["distance"] == []  # its own figures would average the untrained steps in
+    html = paths["html"].read_text()
+    assert 'id="app-training"' in html and 'id="distance"' not in html and "BOS policy" not in html
 
 
 def test_same_seed_same_run_and_compare_uses_the_same_data(toy):

@@ -3,9 +3,10 @@ variants (``command: "app compare"``).
 
 Rows: probe ``app`` holds the run's log, ``{split}_{statistic}`` (``train_loss``, ``train_lr``, ``eval_loss``,
 ``eval_<metric>`` for every metric of the app) with the ``step`` key and an empty layer/head/position; every probe
-run at an evaluation keeps its usual rows with ``step`` and ``variant`` (a probe's "layer" is an attention site of
-the model). Sections: loss and the headline metric against the step, sinks and entropy over training (one run);
-the variants table (a comparison), from ``extras["compare"]["variants"]``.
+run at an evaluation keeps its usual rows; every row carries ``step`` and ``variant`` (a probe's "layer" is an
+attention site of the model). Sections: loss and the headline metric against the step, sinks and entropy over
+training (one run); the variants table (a comparison), from ``extras["compare"]["variants"]``. The probes' own
+sections are left out: they average over every row, so they would mix steps (and variants).
 """
 
 from __future__ import annotations
@@ -26,7 +27,13 @@ SUMMARY = {"entropy": "entropy", "sink": "sink_rate", "distance": "power_law_exp
 """Probe → the statistic a comparison shows: its mean over the rows with a site (layer), last evaluation."""
 
 
-def _run_sections(app: Any) -> dict[str, list[dict[str, Any]]]:
+def _no_probe_sections(probes: Any) -> dict[str, list[dict[str, Any]]]:
+    """An empty section list for every probe: their own sections average over every row, which here spans steps
+    (and variants), so a figure would mix the untrained model with the trained one."""
+    return {name: [] for name in probes}
+
+
+def _run_sections(app: Any, probes: Any) -> dict[str, list[dict[str, Any]]]:
     headline = app.headline
     parts = (
         Text(template="{app} ({variant}: {variant_description}), layer {layer}: {num_parameters} parameters, "
@@ -36,9 +43,10 @@ def _run_sections(app: Any) -> dict[str, list[dict[str, Any]]]:
         StepCurve((Series(f"eval_{headline}", headline, layers="none"),), title=f"Headline metric: {headline}",
                   ylabel=headline, caption="Averaged over the eval batches at each evaluation."),
     )
-    sections = {"app": [Section("app-training", "Training", parts).to_dict()]}
-    for name in ("sink", "entropy"):
-        sections[name] = [s.to_dict() for s in TRAINING_SECTIONS[name]]
+    sections = {**_no_probe_sections(probes), "app": [Section("app-training", "Training", parts).to_dict()]}
+    for name in ("sink", "entropy"):  # curves over steps, as in attnlab train
+        if name in probes:
+            sections[name] = [s.to_dict() for s in TRAINING_SECTIONS[name]]
     return sections
 
 
@@ -60,8 +68,8 @@ def _envelope(command: str, config: dict[str, Any], model: dict[str, Any], rows:
     }
 
 
-def _log_rows(log: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{"probe": "app", "variant": None, "statistic": f"{row['split']}_{row['statistic']}", "layer": None,
+def _log_rows(log: list[dict[str, Any]], variant: str) -> list[dict[str, Any]]:
+    return [{"probe": "app", "variant": variant, "statistic": f"{row['split']}_{row['statistic']}", "layer": None,
              "head": None, "position": None, "value": row["value"], "step": row["step"]} for row in log]
 
 
@@ -74,8 +82,9 @@ def app_results(config: Any, app: Any, model: Any, data: Any, *, log: list[dict[
     shown = ", ".join(f"{key} {value:.4g}" for key, value in final.items())
     extras = {"app": {**config.to_dict(), **app.describe(), "data": data.describe(), "final": dict(final),
                       "final_text": shown, "num_parameters": num_parameters, "seconds": round(seconds, 1)}}
-    return _envelope("app train", config.to_dict(), _model_record(model, name, source), _log_rows(log) + list(probe_rows),
-                     paths, extras, _run_sections(app), seconds)
+    rows = _log_rows(log, app.variant) + list(probe_rows)
+    return _envelope("app train", config.to_dict(), _model_record(model, name, source), rows, paths, extras,
+                     _run_sections(app, config.probes), seconds)
 
 
 def summary_row(run: Any) -> dict[str, Any]:
@@ -100,7 +109,7 @@ def compare_results(config: Any, runs: Mapping[str, Any], table: list[dict[str, 
     app = first.config.make_app()
     rows: list[dict[str, Any]] = []
     for variant, run in runs.items():
-        rows += [{**row, "variant": variant} for row in _log_rows(run.log)] + list(run.probe_rows)
+        rows += _log_rows(run.log, variant) + list(run.probe_rows)
     keys = [key for key in table[0] if key != "variant"] if table else []
     columns = (Column("variant", "variant", format="text"),) + tuple(Column(key, key) for key in keys)
     better = "higher" if app.higher_is_better else "lower"
@@ -117,4 +126,5 @@ def compare_results(config: Any, runs: Mapping[str, Any], table: list[dict[str, 
     model = _model_record(first.model, f"app-{app.name}", "trained by attnlab app compare")
     paths = first.attention_paths
     settings = {**config.to_dict(), "variant": None, "variants": list(runs)}  # every variant ran with these settings
-    return _envelope("app compare", settings, model, rows, paths, extras, {"compare": [section.to_dict()]}, seconds)
+    sections = {**_no_probe_sections(config.probes), "compare": [section.to_dict()]}
+    return _envelope("app compare", settings, model, rows, paths, extras, sections, seconds)
