@@ -45,3 +45,7 @@ class AssetError(AttnlabError, RuntimeError):
 
 class EditNotFiredError(AttnlabError, RuntimeError):
     """An edit was requested but no attention call passed through it."""
+
+
+class TrainingDivergedError(AttnlabError, RuntimeError):
+    """A training run's loss became NaN or infinite (a runtime failure: exit code 1 from the CLI)."""

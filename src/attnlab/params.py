@@ -331,14 +331,19 @@ def coerce_arguments(func: Callable[..., Any], values: Mapping[str, Any], *, own
 def validated(init: Callable[..., None]) -> Callable[..., None]:
     """Decorator of a constructor: coerce and bound-check every argument by its annotation before the body runs.
 
-    Raises ConfigError (see :func:`coerce_arguments`); the owner in messages is the class's registered ``name``.
+    Raises ConfigError (see :func:`coerce_arguments`; also for an unknown keyword or a missing argument); the owner
+    in messages is the class's registered ``name``.
     """
     signature = inspect.signature(init)
 
     @functools.wraps(init)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> None:
-        bound = signature.bind(self, *args, **kwargs)
         owner = getattr(type(self), "name", "") or type(self).__name__
+        try:
+            bound = signature.bind(self, *args, **kwargs)
+        except TypeError as error:  # an unknown keyword, a missing argument: the caller's input, in one line
+            known = ", ".join(name for name in signature.parameters if name != "self")
+            raise ConfigError(f"{owner}: {error}; it takes: {known}") from None
         arguments = {k: v for k, v in bound.arguments.items() if k != "self"}
         extra = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
         if extra is not None:

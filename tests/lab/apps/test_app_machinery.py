@@ -220,6 +220,10 @@ def test_config_fills_the_apps_defaults_and_refuses_bad_values(toy):
         AppTrainConfig(app="toy_test", variant="wide")
     with pytest.raises(RegistryError):
         AppTrainConfig(app="toy_test", probes=("entropi",))
+    with pytest.raises(ConfigError, match="unexpected keyword argument 'nosuch'; it takes: seq_len, seed"):
+        AppTrainConfig(app="toy_test", data_args={"nosuch": 1})
+    with pytest.raises(ConfigError, match="seq_len"):
+        AppTrainConfig(app="toy_test", data_args={"seq_len": 1})
 
 
 def test_every_training_setting_takes_the_apps_default(toy, monkeypatch):

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from attnlab.errors import ConfigError
+from attnlab.errors import ConfigError, TrainingDivergedError
 from attnlab.params import Range, coerce
 from attnlab.progress import ProgressArg, progress_to
 
@@ -106,7 +106,8 @@ class AppTrainConfig:
             object.__setattr__(self, item.name, value)
         if self.warmup_steps > self.steps:
             raise ConfigError(f"app: warmup_steps={self.warmup_steps} exceeds steps={self.steps}")
-        self.make_app()  # ConfigError for a bad variant, model argument or size
+        self.make_app().data(**{"seed": self.seed, **self.data_args})  # ConfigError for a bad variant, model or
+        # data argument, or size: now, not after the first variant has trained
         build_probes(self.probes, self.probe_args)  # RegistryError / ConfigError now, not after training
 
     def make_app(self) -> Any:
@@ -164,7 +165,8 @@ def train_app(config: AppTrainConfig, *, progress: ProgressArg = None) -> AppTra
     """Train the run ``config`` describes (module docstring). ``progress``: None (silent), True (stderr: a bar in
     a terminal, plain lines otherwise) or ``progress(done, total, message)``; evaluations get lines of their own.
 
-    Raises ConfigError/RegistryError on bad settings (before any training)."""
+    Raises ConfigError/RegistryError on bad settings (before any training), TrainingDivergedError when the loss
+    becomes NaN or infinite."""
     config = dataclasses.replace(config, variant=config.make_app().variant)  # None → the first, named in results
     with progress_to(progress, always=lambda message: message.startswith("eval")) as notify:
         return _train(config, notify)
@@ -209,8 +211,8 @@ def _train(config: AppTrainConfig, notify: Any) -> AppTrainResult:
             group["lr"] = lr
         loss = app.loss(model, data.batch(step - 1, config.batch_size))
         if not torch.isfinite(loss.detach()):
-            raise ConfigError(f"app {app.name} ({app.variant}): the loss became {float(loss.detach())} at step "
-                              f"{step}; lower --lr")
+            raise TrainingDivergedError(f"app {app.name} ({app.variant}): the loss became {float(loss.detach())} "
+                                        f"at step {step}; lower --lr")
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip else math.inf)
         optimizer.step()
