@@ -18,10 +18,11 @@ from attnlab.cli.options import FLAG, Debug, Seed, print_config, run_guarded, st
 _RUN = "Run"
 _TRAIN = "Training (default: the app's findings run)"
 
-AppName = Annotated[str, typer.Argument(help="Application (`attnlab ls apps`).")]
+AppName = Annotated[str, typer.Argument(help="Application (`attnlab ls apps` lists them and their variants).",
+                                        metavar="NAME")]
 Variant = Annotated[Optional[list[str]], typer.Option(
-    "--variant", help="Variant (repeatable with compare; default: train the first, compare all).",
-    rich_help_panel=_RUN)]
+    "--variant", help="Variant (`attnlab ls apps`): train one (default: the first, the paper's); compare: repeatable "
+                      "(default: all).", rich_help_panel=_RUN)]
 DataArg = Annotated[Optional[list[str]], typer.Option(
     "--data-arg", help="Generator argument KEY=VALUE (repeatable).", rich_help_panel=_RUN)]
 ModelArg = Annotated[Optional[list[str]], typer.Option(
@@ -112,9 +113,17 @@ def _print_table(table: list[dict[str, Any]]) -> None:
     if not table:
         return
     keys = list(table[0])
-    cells = [[str(row.get(key)) if isinstance(row.get(key), str) else f"{row.get(key, float('nan')):.4g}"
-              for key in keys] for row in table]
+    cells = [[_cell(row.get(key)) for key in keys] for row in table]
     widths = [max(len(key), *(len(row[i]) for row in cells)) for i, key in enumerate(keys)]
     typer.echo("  ".join(key.ljust(width) for key, width in zip(keys, widths)))
     for row in cells:
         typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
+
+
+def _cell(value: Any) -> str:
+    """A table cell: text as is, integers in full, other numbers to 4 significant digits."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return str(value)
+    return f"{float('nan') if value is None else value:.4g}"

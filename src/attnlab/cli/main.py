@@ -202,10 +202,17 @@ def ls_masks() -> None:
 
 @ls_app.command("apps")
 def ls_apps() -> None:
-    """List the application attentions (attnlab app train|compare NAME) with their one-line summary."""
+    """List the application attentions (attnlab app train|compare NAME): summary, layer, variants, headline."""
     from attnlab.lab.apps import APPS
 
-    _list_registry(APPS)
+    width = max((len(name) for name in APPS.names()), default=0) + 2
+    for name in sorted(APPS.names()):
+        app = APPS.get(name)
+        doc = (app.__doc__ or "").strip().splitlines()
+        better = "higher" if app.higher_is_better else "lower"
+        typer.echo(f"{name:{width}s}{plain_text(doc[0]) if doc else ''}")
+        typer.echo(f"{'':{width}s}layer {app.layer}; variants {', '.join(app.variants)} (the first is the paper's); "
+                   f"headline {app.headline} ({better} is better)")
 
 
 @ls_app.command("tasks")

@@ -72,6 +72,7 @@ class ToyApp(App):
     higher_is_better = False
     defaults = {"steps": 4, "batch_size": 8, "eval_every": 2, "eval_batches": 2, "lr": 1e-2}
     model_defaults = {"depth": 2}
+    model_hints = {"depth": Annotated[int, Range(ge=1, le=8)]}
 
     def __init__(self, variant=None, **kwargs):
         super().__init__(variant, **kwargs)
@@ -120,6 +121,8 @@ def test_app_checks_variant_sizes_and_model_args(toy):
         toy(width=3)
     with pytest.raises(ConfigError, match="multiple of num_heads"):
         toy(hidden_size=30, num_heads=4)
+    with pytest.raises(ConfigError, match="depth"):
+        toy(depth=0)  # model_hints bound it
 
 
 def test_sites_are_numbered_and_counted_and_the_model_is_seeded(toy):
@@ -246,8 +249,9 @@ def test_train_app_logs_evaluates_probes_and_checkpoints(toy, tmp_path):
     assert {row["probe"] for row in result.probe_rows} == {"sink", "entropy", "distance"}
     assert {row["variant"] for row in result.probe_rows} == {"deep"}
     assert result.attention_paths.keys() == {0, 1}
-    _, loaded = load_app(result.checkpoint)
-    batch = ToyData().batch(0, 2, split="eval")
+    app, loaded = load_app(result.checkpoint)
+    assert loaded.config.data_args == {"seq_len": T, "seed": 0}  # the run's data can be rebuilt from the checkpoint
+    batch = app.data(**loaded.config.data_args).batch(0, 2, split="eval")
     with torch.no_grad():
         assert torch.equal(loaded(batch["inputs"]), result.model.eval()(batch["inputs"]))
     assert (tmp_path / "run" / "train_log.csv").is_file()
@@ -304,4 +308,4 @@ def test_cli_train_compare_and_bad_input(toy, tmp_path):
     assert one.exit_code == 0, one.output
     assert json.loads((tmp_path / "one" / "results.json").read_text())["extras"]["app"]["variant"] == "shallow"
     listed = runner.invoke(app, ["ls", "apps"])
-    assert listed.exit_code == 0 and "toy_test" in listed.stdout
+    assert listed.exit_code == 0 and "toy_test" in listed.stdout and "variants deep, shallow" in listed.stdout

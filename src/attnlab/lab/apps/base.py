@@ -87,7 +87,8 @@ class App:
         variants: variant → one-line description; the first is the paper's mechanism, the others its ablations.
         headline: the metric a comparison is judged on; higher_is_better: its direction.
         defaults: training settings of the documented findings run (AppTrainConfig fields: steps, lr, ...).
-        model_defaults: the model knobs (``--model-arg``) and their defaults; a value is coerced to its default's type.
+        model_defaults: the model knobs (``--model-arg``) and their defaults; a value is coerced to its default's type,
+            or to its annotation in ``model_hints`` (e.g. ``{"depth": Annotated[int, Range(ge=1)]}``: bounds too).
 
     Args:
         variant: one of ``variants`` (None: the first).
@@ -107,6 +108,7 @@ class App:
     higher_is_better: ClassVar[bool] = True
     defaults: ClassVar[dict[str, Any]] = {}
     model_defaults: ClassVar[dict[str, Any]] = {}
+    model_hints: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, variant: str | None = None, *, hidden_size: int = 32, num_heads: int = 4,
                  **model_args: Any) -> None:
@@ -122,15 +124,16 @@ class App:
 
     @classmethod
     def check_model_args(cls, values: Mapping[str, Any]) -> dict[str, Any]:
-        """``model_defaults`` updated by ``values`` (each coerced to its default's type; text is parsed).
+        """``model_defaults`` updated by ``values``, each coerced (text is parsed) and bounded by its ``model_hints``
+        annotation, else by its default's type.
 
-        Raises ConfigError naming an unknown key and the known ones."""
+        Raises ConfigError naming an unknown key and the known ones, or a value out of its bounds."""
         unknown = sorted(set(values) - set(cls.model_defaults))
         if unknown:
             known = ", ".join(cls.model_defaults) or "none"
             raise ConfigError(f"app {cls.name}: no model argument {', '.join(unknown)}; it takes: {known}")
-        return {key: coerce(values[key], type(default), owner=f"app {cls.name}", param=key) if key in values
-                else default for key, default in cls.model_defaults.items()}
+        return {key: coerce(values[key], cls.model_hints.get(key, type(default)), owner=f"app {cls.name}", param=key)
+                if key in values else default for key, default in cls.model_defaults.items()}
 
     def data(self, **data_args: Any) -> AppData:
         """The generator ``data_class(**data_args)``; ConfigError for a bad argument (its ``@validated`` check)."""

@@ -43,7 +43,8 @@ class AppConfig(PreTrainedConfig):
 
     Fields: ``app`` and ``variant`` (registry names), ``model_args`` (the app's model knobs), ``hidden_size``,
     ``num_attention_heads`` (= ``num_key_value_heads``; every site), ``num_hidden_layers`` (the number of
-    attention sites, set by the model), ``head_dim``.
+    attention sites, set by the model), ``head_dim``, ``data_args`` (the generator's arguments, seed included, of
+    the run that trained the weights: ``app.data(**config.data_args)`` rebuilds its data; None when untrained).
     """
 
     model_type = MODEL_TYPE
@@ -56,6 +57,7 @@ class AppConfig(PreTrainedConfig):
     num_key_value_heads: int | None = None
     num_hidden_layers: int = 0
     head_dim: int | None = None
+    data_args: dict | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
         self.model_args = dict(self.model_args or {})

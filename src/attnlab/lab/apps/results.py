@@ -77,7 +77,7 @@ def app_results(config: Any, app: Any, model: Any, data: Any, *, log: list[dict[
                 probe_rows: list[dict[str, Any]], paths: Mapping[int, str], num_parameters: int, seconds: float,
                 final: Mapping[str, float]) -> dict[str, Any]:
     """The results dict of one :func:`attnlab.lab.apps.train.train_app` run."""
-    name = f"app-{app.name}-{app.variant}"
+    name = f"{app.name} (variant {app.variant})"
     source = "trained by attnlab app train" + (f" in {config.out}" if config.out else " (not saved)")
     shown = ", ".join(f"{key} {value:.4g}" for key, value in final.items())
     extras = {"app": {**config.to_dict(), **app.describe(), "data": data.describe(), "final": dict(final),
@@ -123,7 +123,7 @@ def compare_results(config: Any, runs: Mapping[str, Any], table: list[dict[str, 
                           "variants": table,
                           "descriptions": {v: type(app).variants[v] for v in runs}}}
     seconds = sum(run.seconds for run in runs.values())
-    model = _model_record(first.model, f"app-{app.name}", "trained by attnlab app compare")
+    model = _model_record(first.model, f"{app.name} (variants {', '.join(runs)})", "trained by attnlab app compare")
     paths = first.attention_paths
     settings = {**config.to_dict(), "variant": None, "variants": list(runs)}  # every variant ran with these settings
     sections = {**_no_probe_sections(config.probes), "compare": [section.to_dict()]}

@@ -225,6 +225,7 @@ def _train(config: AppTrainConfig, notify: Any) -> AppTrainResult:
             run_eval(step)
     seconds = time.perf_counter() - began
     model.eval()
+    model.config.data_args = {key: value for key, value in data.describe().items() if key != "name"}
     checkpoint = None
     if config.out is not None:
         from attnlab.capture.loading import no_hf_progress_bars
