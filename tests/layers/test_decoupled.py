@@ -145,6 +145,23 @@ def test_a_keep_tensor_acts_like_the_same_layer_mask():
                        built_in.search_scores(hidden, attention_states=attention))
 
 
+def test_keep_forms_follow_the_per_call_convention():
+    """(B, T, T) is one mask per sequence (each sequence alone with its (T, T) mask gives the same rows), and the
+    4-D form broadcast over heads is the same mask."""
+    layer = build(top_k=3)
+    hidden, attention = states(), states(seed=2)
+    keep = (torch.rand(2, T, T, generator=torch.Generator().manual_seed(6)) > 0.5) | torch.eye(T, dtype=torch.bool)
+    out = layer(hidden, attention_states=attention, keep=keep)[0]
+    probs = layer.attention_probs(hidden, attention_states=attention, keep=keep)
+    for b in range(2):
+        alone = dict(attention_states=attention[b:b + 1], keep=keep[b])
+        assert_close(out[b:b + 1], layer(hidden[b:b + 1], **alone)[0])
+        assert_close(probs[b:b + 1], layer.attention_probs(hidden[b:b + 1], **alone), dtype=torch.float32)
+    four = keep[:, None].expand(2, H, T, T)
+    assert_close(layer(hidden, attention_states=attention, keep=four)[0], out)
+    assert not torch.allclose(layer(hidden, attention_states=attention, keep=keep.flip(0))[0], out)
+
+
 def test_attention_probs_weight_the_values_into_the_output():
     layer = build(top_k=3, projections="none", mask_mod=target_mask(6))
     hidden, attention = states(), states(seed=2)
@@ -207,8 +224,10 @@ def test_bad_inputs_raise():
         layer(states(), attention_states=states(width=6).float())
     with pytest.raises(ShapeError, match="hidden_states"):
         layer(states(width=C + 1))
+    with pytest.raises(ShapeError, match=r"keep as bool \(9, 9\), \(2, 9, 9\) or broadcastable"):
+        layer(states(), attention_states=states(width=6), keep=torch.ones(2, 2, T, T, dtype=torch.bool))
     with pytest.raises(ShapeError, match="keep"):
-        layer(states(), attention_states=states(width=6), keep=torch.ones(T, T, dtype=torch.bool))
+        layer(states(), attention_states=states(width=6), keep=torch.ones(T, dtype=torch.bool))
     with pytest.raises(ShapeError, match="keep"):
         layer(states(), attention_states=states(width=6), keep=torch.ones(1, 1, T, T))
     with pytest.raises(ShapeError, match="keep"):

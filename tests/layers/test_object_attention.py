@@ -205,6 +205,33 @@ def test_hook_sees_the_implied_map_and_record_probs_match_it():
     assert bool((attention.last_probs.triu(1) == 0).all())  # the keep mask applies
 
 
+def test_keep_forms_follow_the_per_call_convention():
+    """(B, T, T) is one mask per sequence; (T, T) and a 4-D (B, 1, T, T) form mean the same mask."""
+    attention = layer(mask_mod=full())
+    gen = torch.Generator().manual_seed(6)
+    hidden = torch.randn(2, 5, C, generator=gen, dtype=f64)
+    boxes = torch.rand(2, 5, 2, generator=gen, dtype=f64)
+    keep = (torch.rand(2, 5, 5, generator=gen) > 0.5) | torch.eye(5, dtype=torch.bool)
+    out = attention(hidden, boxes=boxes, keep=keep)[0]
+    for b in range(2):
+        assert_close(out[b:b + 1], attention(hidden[b:b + 1], boxes=boxes[b:b + 1], keep=keep[b])[0])
+    assert_close(attention(hidden, boxes=boxes, keep=keep[:, None])[0], out)
+    assert not torch.allclose(attention(hidden, boxes=boxes, keep=keep.flip(0))[0], out)
+
+
+def test_recorded_probs_of_a_row_that_sees_no_key_are_zero_not_nan():
+    attention = layer(mask_mod=full())
+    attention.record_probs = True
+    keep = torch.ones(1, 4, 4, dtype=torch.bool)
+    keep[0, 2] = False  # query 2 sees nothing
+    hidden = torch.randn(1, 4, C, dtype=f64, generator=torch.Generator().manual_seed(7))
+    attention(hidden, boxes=torch.rand(1, 4, 2, dtype=f64), keep=keep)
+    probs = attention.last_probs
+    assert probs.dtype == torch.float32 and not probs.requires_grad
+    assert torch.equal(probs[0, :, 2], torch.zeros(H, 4))
+    assert_close(probs[0, :, [0, 1, 3]].sum(-1).double(), torch.ones(H, 3, dtype=f64), dtype=torch.float32)
+
+
 # -- bad inputs ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs", [{"encoding": "rope"}, {"sigma": 0.0}, {"encoding_dim": 6},
                                     {"encoding_dim": 0}, {"sinusoid_scale": -1.0}])
@@ -215,7 +242,8 @@ def test_bad_configs(kwargs):
 
 @pytest.mark.parametrize(("boxes", "keep"), [
     (torch.rand(2, 5, 3), None), (torch.rand(2, 4, 4), None), (torch.rand(5, 4), None),
-    (None, torch.ones(2, 5, 4, dtype=torch.bool)), (None, torch.ones(2, 5, 5))])
+    (None, torch.ones(2, 5, 4, dtype=torch.bool)), (None, torch.ones(2, 5, 5)),
+    (None, torch.ones(3, 5, 5, dtype=torch.bool)), (None, torch.ones(2, 3, 5, 5, dtype=torch.bool))])
 def test_bad_inputs(boxes, keep):
     attention = LAYERS.get("object_attention")(C, H)
     with pytest.raises(ShapeError):

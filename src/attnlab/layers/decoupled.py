@@ -36,7 +36,7 @@ from attnlab.functional.masks import MaskMod, from_keep, with_name
 from attnlab.functional.positions import rotary
 from attnlab.layers import LAYERS
 from attnlab.layers._common import check_hidden, merge_heads, split_heads
-from attnlab.layers._softmax_base import SoftmaxFamilyAttention
+from attnlab.layers._softmax_base import SoftmaxFamilyAttention, check_keep
 from attnlab.layers.base import DEFAULT_NUM_HEADS
 
 __all__ = ["DecoupledAttention", "search_keep", "target_mask"]
@@ -83,7 +83,8 @@ class DecoupledAttention(SoftmaxFamilyAttention):
 
     ``forward(hidden_states, *, attention_states=None, keep=None)``: ``attention_states`` (B, T, C_att),
     keyword-only, the attention embeddings of the same T tokens (None: ``hidden_states``); ``keep`` a per-call
-    bool mask ANDed with the layer mask (e.g. ``to_dense(target_mask(T), 1, 1, L, L)``). Source: Feng et al. 2025
+    bool mask ANDed with the layer mask, in the layers' one convention ((T, T), (B, T, T) or broadcastable to
+    (B, H, T, T); ``layers/_softmax_base.py``), e.g. ``to_dense(target_mask(n), 1, 1, T, T)``. Source: Feng et al. 2025
     (abstract) and the released code thuml/DARE (module docstring).
 
     Args:
@@ -146,19 +147,16 @@ class DecoupledAttention(SoftmaxFamilyAttention):
             key = rotary(key, position_offset, self.rope_base)
         return query, key, value
 
-    def _visible(self, query: Tensor, key: Tensor, keep: Tensor | None) -> Tensor:
-        """bool (B, H, Lq, Lk): the layer mask at this call's positions, AND ``keep`` when given."""
-        visible = self.dense_keep(query, key)
+    def _checked_keep(self, query: Tensor, key: Tensor, keep: Tensor | None) -> Tensor | None:
+        """keep in the per-call convention (``_softmax_base``), as bool (B|1, H|1, Lq|1, Lk|1), or None."""
         if keep is None:
-            return visible
-        if keep.dtype != torch.bool or keep.dim() != 4:
-            raise ShapeError(f"expected keep as a bool tensor (B|1, H|1, {query.shape[2]}, {key.shape[2]}), got "
-                             f"{keep.dtype} {tuple(keep.shape)}")
-        try:
-            return visible & keep.to(visible.device)
-        except RuntimeError:
-            raise ShapeError(f"expected keep broadcastable to {tuple(visible.shape)}, got "
-                             f"{tuple(keep.shape)}") from None
+            return None
+        return check_keep(keep, (query.shape[0], self.num_heads, query.shape[2], key.shape[2]), query.device)
+
+    def _visible(self, query: Tensor, key: Tensor, keep: Tensor | None) -> Tensor:
+        """bool (B, H, Lq, Lk): the layer mask at this call's positions, AND a checked ``keep`` when given."""
+        visible = self.dense_keep(query, key)
+        return visible if keep is None else visible & keep
 
     def head_summed_logits(self, query: Tensor, key: Tensor, visible: Tensor) -> Tensor:
         """The search score: Σ_h q_h·k_h / √D over query heads, float32 (B, Lq, Lk), −inf where ``visible``
@@ -167,14 +165,18 @@ class DecoupledAttention(SoftmaxFamilyAttention):
         logits = torch.einsum("bhqd,bhkd->bqk", query.float(), key.float()) * query.shape[-1] ** -0.5
         return logits.masked_fill(~visible.any(dim=1), float("-inf"))
 
-    def _kept(self, query: Tensor, key: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """(what each head attends: bool (B, H, Lq, Lk), the per-call keep to AND onto the layer mask or None)."""
-        visible = self._visible(query, key, keep)
-        if self.top_k is None:
-            return visible, keep
-        with torch.no_grad():  # the selection is discrete; the kept logits keep their gradient
-            search = search_keep(self.head_summed_logits(query, key, visible), self.top_k)[:, None]
-        return visible & search, search if keep is None else search & keep.to(search.device)
+    def per_call_mask(self, query: Tensor, key: Tensor, keep: Tensor | None) -> MaskMod | None:
+        """The per-call mask of one call (ANDed with the layer mask): ``keep`` and, with ``top_k``, the search's
+        selection (computed without gradient: it is discrete; the kept logits keep theirs). None when neither.
+
+        Raises ShapeError for a keep outside the per-call convention."""
+        keep = self._checked_keep(query, key, keep)
+        if self.top_k is not None:
+            with torch.no_grad():
+                logits = self.head_summed_logits(query, key, self._visible(query, key, keep))
+                search = search_keep(logits, self.top_k)[:, None]  # (B, 1, Lq, Lk)
+            keep = search if keep is None else search & keep
+        return None if keep is None else from_keep(keep, name="search" if self.top_k else "keep")
 
     def search_scores(self, hidden_states: Tensor, *, attention_states: Tensor | None = None,
                       keep: Tensor | None = None, position_offset: int = 0) -> Tensor:
@@ -182,29 +184,25 @@ class DecoupledAttention(SoftmaxFamilyAttention):
 
         What the ``top_k`` search ranks; apps read it to see which keys the search stage retrieves."""
         query, key, _ = self.project_decoupled(hidden_states, attention_states, position_offset)
-        return self.head_summed_logits(query, key, self._visible(query, key, keep))
+        return self.head_summed_logits(query, key, self._visible(query, key, self._checked_keep(query, key, keep)))
 
     def attention_probs(self, hidden_states: Tensor, *, attention_states: Tensor | None = None,
                         keep: Tensor | None = None, position_offset: int = 0) -> Tensor:
         """(B, H, T, T) float32 probs of one call as :meth:`forward` weights the values (layer mask, ``keep`` and
-        the search), computed here in float32 (not through the host's attention function). Rows with no key are 0."""
+        the search), detached, computed by :meth:`dense_probs` (not through the host's attention function). Rows
+        with no key are 0."""
         query, key, _ = self.project_decoupled(hidden_states, attention_states, position_offset)
-        attended, _ = self._kept(query, key, keep)
-        key = key.repeat_interleave(self.num_heads // key.shape[1], dim=1)
-        logits = (query.float() @ key.float().transpose(-1, -2)) * query.shape[-1] ** -0.5
-        probs = torch.softmax(logits.masked_fill(~attended, float("-inf")), dim=-1)
-        return probs.nan_to_num(0.0)
+        return self.dense_probs(query, key, mask_mod=self.per_call_mask(query, key, keep))
 
     def forward(self, hidden_states: Tensor, *, state: None = None, position_offset: int = 0,
                 attention_states: Tensor | None = None, keep: Tensor | None = None) -> tuple[Tensor, None]:
-        """hidden_states (B, T, C); attention_states (B, T, C_att) or None; keep: bool broadcastable to
-        (B, H, T, T), True = may attend, ANDed with the layer mask (a per-call, data-dependent mask such as the
-        target layout of :func:`target_mask`), or None; state must be None. Returns (output (B, T, C), None).
+        """hidden_states (B, T, C); attention_states (B, T, C_att) or None; keep: bool (T, T), (B, T, T) or
+        broadcastable to (B, H, T, T), True = may attend, ANDed with the layer mask (a per-call, data-dependent mask
+        such as the target layout of :func:`target_mask`), or None; state must be None. Returns (output (B, T, C),
+        None).
 
         Raises ShapeError for attention_states or keep of the wrong shape or dtype."""
         offset = self.start_position(state, position_offset)
         query, key, value = self.project_decoupled(hidden_states, attention_states, offset)
-        _, per_call = self._kept(query, key, keep)
-        mask_mod = None if per_call is None else from_keep(per_call, name="search" if self.top_k else "keep")
-        out = self.softmax_attend(query, key, value, mask_mod=mask_mod)
+        out = self.softmax_attend(query, key, value, mask_mod=self.per_call_mask(query, key, keep))
         return self.o_proj(merge_heads(out.to(hidden_states.dtype))), None

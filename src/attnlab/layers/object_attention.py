@@ -43,10 +43,10 @@ import torch
 from torch import Tensor, nn
 
 from attnlab.errors import ConfigError, ShapeError
-from attnlab.functional.masks import MaskMod, and_masks, from_keep, to_dense
+from attnlab.functional.masks import MaskMod, from_keep
 from attnlab.layers import LAYERS
 from attnlab.layers._common import merge_heads
-from attnlab.layers._softmax_base import SoftmaxFamilyAttention
+from attnlab.layers._softmax_base import SoftmaxFamilyAttention, check_keep
 from attnlab.layers.base import DEFAULT_NUM_HEADS
 
 __all__ = ["ENCODINGS", "ObjectAttention", "box_centres", "encode_boxes", "object_encoding", "relation",
@@ -128,8 +128,9 @@ class ObjectAttention(SoftmaxFamilyAttention):
 
     ``forward(hidden_states, *, boxes=None, keep=None)``: with ``boxes`` each head h adds
     ``gain_h · ⟨e_i, e_j⟩`` to its logits (as a score_mod: the layer computes its own softmax and shows a host hook
-    the map it implies); ``keep`` (B, T, T) bool is a per-call mask (True = attend, chunk-local), ANDed with the
-    layer mask (``mask_mod``; default causal, pass ``attnlab.functional.masks.full()`` for a set of objects).
+    the map it implies); ``keep`` is a per-call mask in the layers' one convention (bool (T, T), (B, T, T) or
+    broadcastable to (B, H, T, T), True = attend, chunk-local; ``layers/_softmax_base.py``), ANDed with the layer
+    mask (``mask_mod``; default causal, pass ``attnlab.functional.masks.full()`` for a set of objects).
 
     Args:
         encoding: ``"object"`` (OAT's, default) or ``"sinusoidal"`` (the plain encoding).
@@ -140,8 +141,8 @@ class ObjectAttention(SoftmaxFamilyAttention):
         Other arguments as in ``MaskedAttention`` (for objects pass ``rope_base=None``: their order means nothing).
 
     Attributes:
-        record_probs: when True, every call with ``boxes`` stores its attention probabilities (B, H, T, T),
-            detached, in ``last_probs`` (for app metrics; off by default).
+        record_probs: when True, every call stores its attention probabilities (B, H, T, T), float32, detached,
+            in ``last_probs`` (:meth:`dense_probs`; for app metrics; off by default).
 
     Raises ConfigError for a bad encoding, sigma, encoding_dim or scale; ShapeError for boxes or keep of the wrong
     shape. Source: Fang et al. 2024 (OAT), §positional encoding; released code HKUST-NISL/oat_eccv24.
@@ -179,38 +180,28 @@ class ObjectAttention(SoftmaxFamilyAttention):
 
     def forward(self, hidden_states: Tensor, *, state: None = None, position_offset: int = 0,
                 boxes: Tensor | None = None, keep: Tensor | None = None) -> tuple[Tensor, None]:
-        """hidden_states (B, T, C); boxes (B, T, 4) or (B, T, 2) or None; keep (B, T, T) bool or None; state must
-        be None. Returns (output (B, T, C), None)."""
+        """hidden_states (B, T, C); boxes (B, T, 4) or (B, T, 2) or None; keep a per-call bool mask ((T, T),
+        (B, T, T) or broadcastable to (B, H, T, T)) or None; state must be None. Returns (output (B, T, C), None).
+
+        Raises ShapeError for boxes or keep of the wrong shape or dtype."""
         q, k, v, _ = self.project(hidden_states, self.start_position(state, position_offset))
         B, T = hidden_states.shape[:2]
         mask_mod = None
         if keep is not None:
-            if keep.dtype != torch.bool or tuple(keep.shape) != (B, T, T):
-                raise ShapeError(f"expected keep as bool ({B}, {T}, {T}), got {keep.dtype} {tuple(keep.shape)}")
-            mask_mod = from_keep(keep[:, None], name="object_keep")
+            mask_mod = from_keep(check_keep(keep, (B, self.num_heads, T, T), q.device), name="object_keep")
         score_mod = None
         if boxes is not None:
             if boxes.shape[:2] != hidden_states.shape[:2]:
                 raise ShapeError(f"expected boxes ({B}, {T}, 4 or 2), got {tuple(boxes.shape)}")
             related = relation(self.encode(boxes.to(q.dtype)))  # (B, T, T), data only: gathered without H
-            gain = self.gain
+            gain, last = self.gain, T - 1
 
             def score_mod(logits: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-                return logits + gain.to(logits.dtype)[h] * related.to(logits.dtype)[b, q_idx, kv_idx]
+                # clamped only for a block-sparse kernel's padding positions (past T − 1)
+                pair = related.to(logits.dtype)[b, q_idx.clamp(0, last), kv_idx.clamp(0, last)]
+                return logits + gain.to(logits.dtype)[h] * pair
 
-            if self.record_probs:
-                self.last_probs = self._probs(q, k, gain.to(q.dtype)[None, :, None, None] * related[:, None],
-                                              mask_mod)
+        if self.record_probs:
+            self.last_probs = self.dense_probs(q, k, mask_mod=mask_mod, score_mod=score_mod)
         o = self.softmax_attend(q, k, v, score_mod, mask_mod=mask_mod)  # (B, H, T, D)
         return self.o_proj(merge_heads(o.to(hidden_states.dtype))), None
-
-    @torch.no_grad()
-    def _probs(self, q: Tensor, k: Tensor, bias: Tensor, mask_mod: MaskMod | None) -> Tensor:
-        """softmax(q kᵀ/√D + bias) over the visible keys, float32, (B, H, T, T); rows with no key are 0."""
-        k = k.repeat_interleave(self.num_heads // k.shape[1], dim=1)
-        logits = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5 + bias.float()
-        mask = self.layer_mask() if mask_mod is None else and_masks(self.layer_mask(), mask_mod)
-        visible = to_dense(mask, q.shape[0], self.num_heads, q.shape[2], k.shape[2], device=q.device)
-        probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
-        return torch.nan_to_num(probs, nan=0.0)
-
