@@ -174,6 +174,18 @@ def test_attention_probs_weight_the_values_into_the_output():
     assert_close(mixed, layer(hidden, attention_states=attention)[0], dtype=torch.float32)
 
 
+@pytest.mark.parametrize("length", [7, 130])
+def test_dense_and_flex_paths_agree(length):
+    """Eager Flex (CPU) against SDPA with the search stage and the target layout passed as keep, at lengths that are
+    not a multiple of the block size."""
+    keep = to_dense(target_mask(length - 3), 1, 1, length, length)
+    dense, flex = build(top_k=3).float(), build(top_k=3, path="flex").float()
+    hidden, attention = states(length=length).float(), states(seed=2, length=length).float()
+    with torch.no_grad():
+        assert_close(flex(hidden, attention_states=attention, keep=keep)[0],
+                     dense(hidden, attention_states=attention, keep=keep)[0], dtype=torch.float32)
+
+
 def test_target_mask_layout():
     dense = to_dense(target_mask(2), 1, 1, 4, 4)[0, 0]
     expected = torch.tensor([[1, 0, 0, 0], [0, 1, 0, 0], [1, 1, 0, 0], [1, 1, 0, 0]], dtype=torch.bool)

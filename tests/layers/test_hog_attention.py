@@ -85,10 +85,11 @@ def test_group_mean_when_logits_are_zero():
 
 # -- against a float64 plain-loop oracle ------------------------------------------------------------------------------
 def oracle(layer, x, guidance, causal):
-    """Independent float64 loop: groups from a Python sort, softmax over each query's allowed keys."""
+    """Independent float64 loop: groups from a Python sort, softmax over each query's allowed keys; query head h
+    reads kv head g = h // (H / Hkv)."""
     W = {name: p for name, p in layer.named_parameters()}
     B, T, _ = x.shape
-    D = layer.head_dim
+    D, per_kv = layer.head_dim, H // layer.num_kv_heads
     inp = x + guidance @ W["guide.weight"].T
     q, k, v = inp @ W["q_proj.weight"].T, inp @ W["k_proj.weight"].T, inp @ W["v_proj.weight"].T
     n_box = math.ceil(H / 2)
@@ -104,19 +105,20 @@ def oracle(layer, x, guidance, causal):
             for h in range(H):
                 group = (lambda t: rank[t] // size) if h < n_box else (lambda t: rank[t] % layer.num_groups)
                 js = [j for j in range(T) if group(j) == group(i) and (not causal or j <= i)]
-                cols = slice(h * D, (h + 1) * D)
-                logits = torch.stack([q[b, i, cols] @ k[b, j, cols] for j in js]) / math.sqrt(D)
+                cols, kv_cols = slice(h * D, (h + 1) * D), slice(h // per_kv * D, (h // per_kv + 1) * D)
+                logits = torch.stack([q[b, i, cols] @ k[b, j, kv_cols] for j in js]) / math.sqrt(D)
                 probs = torch.softmax(logits, dim=0)
-                heads.append(sum(p * v[b, j, cols] for p, j in zip(probs, js)))
+                heads.append(sum(p * v[b, j, kv_cols] for p, j in zip(probs, js)))
             tokens.append(torch.cat(heads))
         rows.append(torch.stack(tokens))
     return torch.stack(rows) @ W["o_proj.weight"].T
 
 
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-@pytest.mark.parametrize("num_groups", [2, 3], ids=["groups2", "groups3"])
-def test_matches_loop_oracle_outputs_and_gradients(causal, num_groups):
-    layer = build(num_groups=num_groups, mask_mod=None if causal else M.full())
+@pytest.mark.parametrize(("causal", "num_groups", "kv_heads"), [
+    (True, 2, None), (True, 3, None), (False, 2, None), (False, 3, None), (False, 3, 2), (True, 2, 1)],
+    ids=["causal-groups2", "causal-groups3", "full-groups2", "full-groups3", "full-groups3-gqa", "causal-groups2-mqa"])
+def test_matches_loop_oracle_outputs_and_gradients(causal, num_groups, kv_heads):
+    layer = build(num_groups=num_groups, mask_mod=None if causal else M.full(), num_kv_heads=kv_heads)
     x, guidance = inputs()
     x.requires_grad_(True)
     guidance.requires_grad_(True)

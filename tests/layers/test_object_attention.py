@@ -76,9 +76,10 @@ def test_nan_rows_are_unplaced():
 
 # -- the layer against a plain-loop oracle -------------------------------------------------------------------------
 def oracle(attention, hidden, boxes, keep, causal):
-    """float64 loops: q/k/v from the weights, encodings from their definition, softmax per row, o_proj."""
+    """float64 loops: q/k/v from the weights, encodings from their definition, softmax per row, o_proj. Query head
+    h reads kv head g = h // (H / Hkv)."""
     B, T, _ = hidden.shape
-    D = C // H
+    D, groups = C // H, H // attention.num_kv_heads
     q = hidden @ attention.q_proj.weight.T
     k = hidden @ attention.k_proj.weight.T
     v = hidden @ attention.v_proj.weight.T
@@ -98,26 +99,28 @@ def oracle(attention, hidden, boxes, keep, causal):
     for b in range(B):
         codes = [encode(b, i) for i in range(T)] if boxes is not None else None
         for h in range(H):
+            g = h // groups
             for i in range(T):
                 logits, values = [], []
                 for j in range(T):
                     if (causal and j > i) or (keep is not None and not keep[b, i, j]):
                         continue
-                    s = sum(q[b, i, h * D + d] * k[b, j, h * D + d] for d in range(D)) / math.sqrt(D)
+                    s = sum(q[b, i, h * D + d] * k[b, j, g * D + d] for d in range(D)) / math.sqrt(D)
                     if codes is not None:
                         s = s + attention.gain[h] * sum(x * y for x, y in zip(codes[i], codes[j], strict=True))
                     logits.append(s)
-                    values.append(v[b, j, h * D:(h + 1) * D])
+                    values.append(v[b, j, g * D:(g + 1) * D])
                 weights = torch.softmax(torch.stack(logits), dim=0)
                 out[b, i, h * D:(h + 1) * D] = sum(w * val for w, val in zip(weights, values, strict=True))
     return out @ attention.o_proj.weight.T
 
 
-@pytest.mark.parametrize(("causal", "with_keep", "with_boxes"), [
-    (True, False, True), (False, False, True), (False, True, True), (True, True, False)],
-    ids=["causal-boxes", "full-boxes", "full-keep-boxes", "causal-keep-plain"])
-def test_output_and_gradients_match_the_loop_oracle(causal, with_keep, with_boxes):
-    attention = layer(mask_mod=None if causal else full())
+@pytest.mark.parametrize(("causal", "with_keep", "with_boxes", "kv_heads"), [
+    (True, False, True, None), (False, False, True, None), (False, True, True, None), (True, True, False, None),
+    (False, True, True, 1)],
+    ids=["causal-boxes", "full-boxes", "full-keep-boxes", "causal-keep-plain", "full-keep-boxes-mqa"])
+def test_output_and_gradients_match_the_loop_oracle(causal, with_keep, with_boxes, kv_heads):
+    attention = layer(mask_mod=None if causal else full(), num_kv_heads=kv_heads)
     gen = torch.Generator().manual_seed(3)
     hidden = torch.randn(2, 5, C, generator=gen, dtype=f64, requires_grad=True)
     corner = torch.rand(2, 5, 2, generator=gen, dtype=f64) * 0.8
@@ -137,6 +140,22 @@ def test_output_and_gradients_match_the_loop_oracle(causal, with_keep, with_boxe
         assert_close(g, w)
     if with_boxes:
         assert grads[-1].abs().min() > 0  # the gain learns
+
+
+@pytest.mark.parametrize("length", [7, 130])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_dense_and_flex_paths_agree(length, causal):
+    """Eager Flex (CPU) against SDPA with the relation score_mod and a per-call keep, at lengths that are not a
+    multiple of the block size."""
+    gen = torch.Generator().manual_seed(8)
+    hidden = torch.randn(2, length, C, generator=gen)
+    boxes = torch.rand(2, length, 2, generator=gen)
+    keep = (torch.rand(2, length, length, generator=gen) > 0.3) | torch.eye(length, dtype=torch.bool)
+    mask_mod = None if causal else full()
+    dense, flex = layer(mask_mod=mask_mod).float(), layer(mask_mod=mask_mod, path="flex").float()
+    with torch.no_grad():
+        assert_close(flex(hidden, boxes=boxes, keep=keep)[0], dense(hidden, boxes=boxes, keep=keep)[0],
+                     dtype=torch.float32)
 
 
 def test_hand_case_relation_only():

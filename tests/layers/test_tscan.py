@@ -185,6 +185,16 @@ def test_a_window_at_a_position_offset_rotates_at_absolute_time_slots():
     assert_close(out, want)
 
 
+@pytest.mark.parametrize("grid", [(7, 1), (13, 10)], ids=["T7-sequence", "T130-grid"])
+def test_dense_and_flex_paths_agree(grid):
+    """Eager Flex (CPU) against SDPA at lengths that are not a multiple of the block size, with the observed mask."""
+    dense, flex = build().float(), build(path="flex").float()
+    x, observed = hidden(2, grid[0] * grid[1]).float(), observed_cells(2, grid[0] * grid[1])
+    with torch.no_grad():
+        assert_close(flex(x, grid=grid, observed=observed)[0], dense(x, grid=grid, observed=observed)[0],
+                     dtype=torch.float32)
+
+
 def test_bad_inputs_raise_one_line_errors():
     layer = build()
     x = hidden(2, 12)
