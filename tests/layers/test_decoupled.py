@@ -217,6 +217,7 @@ def test_the_search_reaches_the_host_softmax():
     ({"projections": "bilinear"}, "projections"),
     ({"top_k": 0}, "top_k"),
     ({"top_k": True}, "top_k"),
+    ({"top_k": 2.5}, r"^decoupled: top_k must be an integer, got 2.5$"),
     ({"attention_size": 0}, "attention_size"),
     ({"projections": "none", "attention_size": 8}, "attention_size == hidden_size"),
     ({"projections": "none", "num_kv_heads": 2}, "num_kv_heads == num_heads"),
@@ -246,3 +247,5 @@ def test_bad_inputs_raise():
         layer(states(), attention_states=states(width=6), keep=torch.ones(1, 1, T - 1, T, dtype=torch.bool))
     with pytest.raises(ConfigError, match="num_behaviours"):
         target_mask(0)
+    with pytest.raises(ConfigError, match=r"^target_mask: num_behaviours must be an integer, got 2.5$"):
+        target_mask(2.5)

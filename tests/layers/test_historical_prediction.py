@@ -155,7 +155,9 @@ def test_dense_and_flex_paths_agree():
 
 @pytest.mark.parametrize(("kwargs", "match"), [({"max_distance": -1}, "max_distance"),
                                                ({"max_distance": 1.5}, "max_distance"),
-                                               ({"num_distances": 0}, "num_distances")])
+                                               ({"num_distances": 0}, "num_distances"),
+                                               ({"num_distances": 2.5},
+                                                r"^historical_prediction: num_distances must be an integer, got 2.5$")])
 def test_bad_configs(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         LAYERS.get(NAME)(C, H, **kwargs)

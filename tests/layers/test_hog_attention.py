@@ -199,9 +199,12 @@ def test_gradients_reach_every_parameter_with_guidance():
 
 
 # -- bad input --------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs", [dict(guidance_dim=0), dict(num_groups=0), dict(grouping="rows")])
-def test_bad_configs(kwargs):
-    with pytest.raises(ConfigError):
+@pytest.mark.parametrize(("kwargs", "match"), [
+    (dict(guidance_dim=0), r"guidance_dim must be in \[1, inf\), got 0"), (dict(num_groups=0), "num_groups"),
+    (dict(num_groups=2.5), r"^hog_attention: num_groups must be an integer, got 2.5$"),
+    (dict(guidance_dim=2.5), "guidance_dim must be an integer"), (dict(grouping="rows"), "grouping")])
+def test_bad_configs(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
         HOGAttention(C, H, **kwargs)
 
 

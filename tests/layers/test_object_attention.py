@@ -252,10 +252,13 @@ def test_recorded_probs_of_a_row_that_sees_no_key_are_zero_not_nan():
 
 
 # -- bad inputs ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs", [{"encoding": "rope"}, {"sigma": 0.0}, {"encoding_dim": 6},
-                                    {"encoding_dim": 0}, {"sinusoid_scale": -1.0}])
-def test_bad_configs(kwargs):
-    with pytest.raises(ConfigError):
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"encoding": "rope"}, "encoding"), ({"sigma": 0.0}, "sigma"), ({"encoding_dim": 6}, "multiple of 4"),
+    ({"encoding_dim": 0}, r"encoding_dim must be in \[4, inf\), got 0"),
+    ({"encoding_dim": 8.5}, r"^object_attention: encoding_dim must be an integer, got 8.5$"),
+    ({"sigma": "wide"}, "sigma must be a number"), ({"sinusoid_scale": -1.0}, "sinusoid_scale")])
+def test_bad_configs(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
         LAYERS.get("object_attention")(C, H, **kwargs)
 
 

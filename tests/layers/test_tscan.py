@@ -214,6 +214,8 @@ def test_bad_inputs_raise_one_line_errors():
         build(mask_mod=None)(x, grid=(3, 4))
     with pytest.raises(ConfigError, match="head_dim >= 2"):
         LAYERS.get("tscan")(C, 8)
+    with pytest.raises(ConfigError, match=r"^tscan: head_dim must be an integer, got 2.5$"):
+        LAYERS.get("tscan")(C, 2, head_dim=2.5)
     with pytest.raises(ConfigError, match="factorised as a bool"):
         LAYERS.get("tscan")(C, 2, factorised="yes")
     with pytest.raises(ShapeError, match="hidden_states"):

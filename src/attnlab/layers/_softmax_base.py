@@ -37,7 +37,7 @@ from attnlab.functional.implied import softmax_map
 from attnlab.functional.masked_attention import BlockMaskCache, ScoreMod, masked_attention, shift_score_mod
 from attnlab.functional.masks import MaskMod, and_masks, causal, check_num_heads, shift_positions, to_dense
 from attnlab.functional.positions import rotary
-from attnlab.layers._common import check_heads, check_hidden, merge_heads, split_heads
+from attnlab.layers._common import PositiveInt, check_arg, check_heads, check_hidden, merge_heads, split_heads
 from attnlab.layers.base import DEFAULT_NUM_HEADS, Layer
 
 Linear = Callable[[int, int], nn.Module]
@@ -73,9 +73,8 @@ class SoftmaxFamilyAttention(Layer):
         super().__init__()
         self.hidden_size, self.num_heads = hidden_size, num_heads
         self.num_kv_heads = check_heads(hidden_size, num_heads, num_kv_heads)
-        self.head_dim = hidden_size // num_heads if head_dim is None else head_dim
-        if self.head_dim < 1:
-            raise ConfigError(f"expected head_dim >= 1, got {self.head_dim}")
+        self.head_dim = check_arg(self, "head_dim", hidden_size // num_heads if head_dim is None else head_dim,
+                                  PositiveInt)
         if path not in ("dense", "flex"):
             raise ConfigError(f"expected path 'dense' or 'flex', got {path!r}")
         self.mask_mod = causal() if mask_mod is None else mask_mod

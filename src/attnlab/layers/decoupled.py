@@ -35,7 +35,7 @@ from attnlab.errors import ConfigError, ShapeError
 from attnlab.functional.masks import MaskMod, from_keep, with_name
 from attnlab.functional.positions import rotary
 from attnlab.layers import LAYERS
-from attnlab.layers._common import check_hidden, merge_heads, split_heads
+from attnlab.layers._common import PositiveInt, check_arg, check_hidden, merge_heads, split_heads
 from attnlab.layers._softmax_base import SoftmaxFamilyAttention, check_keep
 from attnlab.layers.base import DEFAULT_NUM_HEADS
 
@@ -51,10 +51,9 @@ def target_mask(num_behaviours: int) -> MaskMod:
     behaviour row sees only itself, so no row is empty (an empty row would give NaN in SDPA) and the behaviours'
     outputs are their own values, which the app ignores.
 
-    Raises ConfigError for num_behaviours < 1.
+    Raises ConfigError unless num_behaviours is an int >= 1.
     """
-    if isinstance(num_behaviours, bool) or not isinstance(num_behaviours, int) or num_behaviours < 1:
-        raise ConfigError(f"expected num_behaviours as an int >= 1, got {num_behaviours!r}")
+    num_behaviours = check_arg("target_mask", "num_behaviours", num_behaviours, PositiveInt)
 
     def mask_mod(batch_idx: Tensor, head_idx: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return torch.where(q_idx < num_behaviours, kv_idx == q_idx, kv_idx < num_behaviours)
@@ -102,11 +101,9 @@ class DecoupledAttention(SoftmaxFamilyAttention):
                  rope_base: float | None = 10000.0) -> None:
         if projections not in PROJECTIONS:
             raise ConfigError(f"expected projections in {PROJECTIONS}, got {projections!r}")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise ConfigError(f"expected top_k as an int >= 1 or None, got {top_k!r}")
-        attention_size = hidden_size if attention_size is None else attention_size
-        if isinstance(attention_size, bool) or not isinstance(attention_size, int) or attention_size < 1:
-            raise ConfigError(f"expected attention_size as an int >= 1, got {attention_size!r}")
+        top_k = check_arg(self, "top_k", top_k, PositiveInt | None)
+        attention_size = check_arg(self, "attention_size", hidden_size if attention_size is None else attention_size,
+                                   PositiveInt)
         linear = None
         if projections == "none":
             width = hidden_size // num_heads if head_dim is None else head_dim

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from attnlab.errors import ConfigError, ShapeError
 from attnlab.functional.masks import MaskMod, with_covered_lengths, with_name
 from attnlab.layers import LAYERS
-from attnlab.layers._common import check_hidden, merge_heads
+from attnlab.layers._common import PositiveInt, check_arg, check_hidden, merge_heads
 from attnlab.layers._softmax_base import SoftmaxFamilyAttention
 from attnlab.layers.base import DEFAULT_NUM_HEADS
 
@@ -148,7 +148,8 @@ class HOGAttention(SoftmaxFamilyAttention):
         Other arguments as in ``MaskedAttention`` (``mask_mod=None`` is causal; pass ``masks.full()`` for images).
 
     Raises:
-        ConfigError: guidance_dim < 1, num_groups < 1, or an unknown grouping (and the base class's checks).
+        ConfigError: guidance_dim or num_groups not an int >= 1 (e.g. "hog_attention: num_groups must be an
+            integer, got 2.5"), or an unknown grouping (and the base class's checks).
     """
 
     def __init__(self, hidden_size: int, num_heads: int = DEFAULT_NUM_HEADS, num_kv_heads: int | None = None, *,
@@ -158,11 +159,8 @@ class HOGAttention(SoftmaxFamilyAttention):
                  rope_base: float | None = 10000.0) -> None:
         super().__init__(hidden_size, num_heads, num_kv_heads, head_dim=head_dim, mask_mod=mask_mod, path=path,
                          compiled=compiled, rope_base=rope_base)
-        if guidance_dim < 1:
-            raise ConfigError(f"expected guidance_dim >= 1, got {guidance_dim}")
-        num_groups = num_heads if num_groups is None else num_groups
-        if num_groups < 1:
-            raise ConfigError(f"expected num_groups >= 1 (or None for num_heads), got {num_groups}")
+        guidance_dim = check_arg(self, "guidance_dim", guidance_dim, PositiveInt)
+        num_groups = check_arg(self, "num_groups", num_heads if num_groups is None else num_groups, PositiveInt)
         if grouping not in GROUPINGS:
             raise ConfigError(f"expected grouping in {list(GROUPINGS)}, got {grouping!r}")
         self.guidance_dim, self.num_groups, self.grouping = guidance_dim, num_groups, grouping

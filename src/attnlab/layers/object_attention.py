@@ -37,15 +37,16 @@ Source: Fang, Yu, Zhang, van der Lans, Shi 2024 (ECCV); released code HKUST-NISL
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from torch import Tensor, nn
 
 from attnlab.errors import ConfigError, ShapeError
+from attnlab.params import Range
 from attnlab.functional.masks import MaskMod, from_keep
 from attnlab.layers import LAYERS
-from attnlab.layers._common import merge_heads
+from attnlab.layers._common import PositiveFloat, check_arg, merge_heads
 from attnlab.layers._softmax_base import SoftmaxFamilyAttention, check_keep
 from attnlab.layers.base import DEFAULT_NUM_HEADS
 
@@ -155,17 +156,17 @@ class ObjectAttention(SoftmaxFamilyAttention):
                  rope_base: float | None = 10000.0) -> None:
         if encoding not in ENCODINGS:
             raise ConfigError(f"expected encoding in {ENCODINGS}, got {encoding!r}")
-        if not sigma > 0:
-            raise ConfigError(f"expected sigma > 0, got {sigma}")
-        if encoding_dim < 4 or encoding_dim % 4:
+        sigma = check_arg(self, "sigma", sigma, PositiveFloat)
+        encoding_dim = check_arg(self, "encoding_dim", encoding_dim, Annotated[int, Range(ge=4)])
+        if encoding_dim % 4:
             raise ConfigError(f"expected encoding_dim a multiple of 4 (>= 4), got {encoding_dim}")
-        if not sinusoid_scale > 0:
-            raise ConfigError(f"expected sinusoid_scale > 0, got {sinusoid_scale}")
+        sinusoid_scale = check_arg(self, "sinusoid_scale", sinusoid_scale, PositiveFloat)
+        gain_init = check_arg(self, "gain_init", gain_init, float)
         super().__init__(hidden_size, num_heads, num_kv_heads, head_dim=head_dim, mask_mod=mask_mod, path=path,
                          compiled=compiled, rope_base=rope_base)
         self.encoding, self.sigma, self.encoding_dim = encoding, sigma, encoding_dim
         self.sinusoid_scale = sinusoid_scale
-        self.gain = nn.Parameter(torch.full((num_heads,), float(gain_init)))
+        self.gain = nn.Parameter(torch.full((num_heads,), gain_init))
         self.record_probs = False
         self.last_probs: Tensor | None = None
 
