@@ -219,8 +219,10 @@ def test_the_search_reaches_the_host_softmax():
     ({"top_k": True}, "top_k"),
     ({"top_k": 2.5}, r"^decoupled: top_k must be an integer, got 2.5$"),
     ({"attention_size": 0}, "attention_size"),
-    ({"projections": "none", "attention_size": 8}, "attention_size == hidden_size"),
-    ({"projections": "none", "num_kv_heads": 2}, "num_kv_heads == num_heads"),
+    ({"projections": "none", "attention_size": 8, "rope_base": None}, "attention_size == hidden_size"),
+    ({"projections": "none", "num_kv_heads": 2, "rope_base": None}, "num_kv_heads == num_heads"),
+    ({"projections": "none"}, r"^expected rope_base=None with projections='none' .*got rope_base=10000.0$"),
+    ({"projections": "none", "rope_base": 500.0}, "rope_base=500.0"),
 ])
 def test_bad_arguments_raise_config_error(kwargs, match):
     with pytest.raises(ConfigError, match=match):

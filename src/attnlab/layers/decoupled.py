@@ -13,7 +13,8 @@ Two options follow the released code (thuml/DARE ``model/attention_pytorch.py``,
 
 - ``projections="none"``: no q/k/v/o matrices. Head h compares slice h of the attention embeddings and averages
   slice h of the representation embeddings, so the summed head logits are DARE's single score
-  ``e_att(candidate)·e_att(behaviour)`` (up to the 1/√head_dim scale). ``"linear"`` (default) keeps the usual
+  ``e_att(candidate)·e_att(behaviour)`` (up to the 1/√head_dim scale). That score has no positions, so this mode
+  needs ``rope_base=None`` (a RoPE base is refused, not silently applied). ``"linear"`` (default) keeps the usual
   projections (the paper's "TWIN w/ proj" when both inputs are one table).
 - ``top_k``: the search stage. Each query keeps the ``top_k`` visible keys with the largest head-summed logit
   (the selection carries no gradient; the kept logits do) and softmaxes over those only, as DARE's soft search
@@ -89,7 +90,7 @@ class DecoupledAttention(SoftmaxFamilyAttention):
     Args:
         attention_size: C_att, the width of ``attention_states`` (default hidden_size); the q/k projections read it.
         projections: "linear" (q/k/v/o matrices) or "none" (identity; needs attention_size == hidden_size ==
-            num_heads·head_dim and num_kv_heads == num_heads, and the layer has no parameters).
+            num_heads·head_dim, num_kv_heads == num_heads and rope_base=None, and the layer has no parameters).
         top_k: keys each query keeps by head-summed logit before the softmax (the search stage), or None for all.
         Other arguments as in ``MaskedAttention`` (mask_mod None = causal).
     """
@@ -105,6 +106,9 @@ class DecoupledAttention(SoftmaxFamilyAttention):
         attention_size = check_arg(self, "attention_size", hidden_size if attention_size is None else attention_size,
                                    PositiveInt)
         linear = None
+        if projections == "none" and rope_base is not None:
+            raise ConfigError(f"expected rope_base=None with projections='none' (DARE's score e_att·e_att is "
+                              f"position-free), got rope_base={rope_base!r}")
         if projections == "none":
             width = hidden_size // num_heads if head_dim is None else head_dim
             if num_kv_heads not in (None, num_heads) or width * num_heads != hidden_size \
