@@ -163,6 +163,7 @@ def test_one_group_keeps_the_guidance_input_only():
 
 
 def test_causal_output_ignores_later_hidden_states():
+    """Only hidden states: under a causal mask the layer is NOT causal-safe in its guidance (next test)."""
     layer = build(num_groups=2)
     x, guidance = inputs()
     changed = x.clone()
@@ -170,6 +171,18 @@ def test_causal_output_ignores_later_hidden_states():
     a, b = layer(x, guidance=guidance)[0], layer(changed, guidance=guidance)[0]
     assert_close(a[:, :4], b[:, :4])
     assert not torch.allclose(a[:, 4:], b[:, 4:])
+
+
+def test_causal_mask_with_guidance_reads_later_guidance():
+    """The documented look-ahead: the HOG ranking uses the whole call's guidance, so changing only later tokens'
+    guidance (and the hidden states not at all) regroups, and changes, earlier outputs under a causal mask."""
+    layer = build(num_groups=2)
+    x, guidance = inputs()
+    changed = guidance.clone()
+    changed[:, 4:] = changed[:, 4:].flip(-1) * 3.0  # later keys move across the earlier tokens' ranks
+    assert not torch.equal(hog_keep(guidance, H, 2)[:, :, :4, :4], hog_keep(changed, H, 2)[:, :, :4, :4])
+    a, b = layer(x, guidance=guidance)[0], layer(x, guidance=changed)[0]
+    assert not torch.allclose(a[:, :4], b[:, :4])
 
 
 def test_the_host_hook_receives_the_group_mask():

@@ -93,6 +93,21 @@ class DecoupledAttention(SoftmaxFamilyAttention):
             num_heads·head_dim, num_kv_heads == num_heads and rope_base=None, and the layer has no parameters).
         top_k: keys each query keeps by head-summed logit before the softmax (the search stage), or None for all.
         Other arguments as in ``MaskedAttention`` (mask_mod None = causal).
+
+    Dtype: hidden_states and attention_states in the parameters' float dtype (float32, float64, bfloat16, float16;
+    one dtype for both); the softmax runs in that dtype on the chosen path; the search scores
+    (:meth:`head_summed_logits`), :meth:`search_scores` and :meth:`attention_probs` are float32.
+
+    Raises:
+        ConfigError: an unknown projections; top_k or attention_size not an int >= 1; projections="none" with
+            attention_size, hidden_size and num_heads·head_dim not all equal, with num_kv_heads != num_heads or with
+            a rope_base (and the base class's head-count checks).
+        ShapeError (forward, search_scores, attention_probs): hidden_states not (B, T, C); attention_states not
+            (B, T, C_att) in hidden_states' dtype; keep outside the per-call convention.
+
+    Confidence (METHODS.md #39): high for the mechanism (two tables, the projection-free score, the soft top-k
+    search), read in the released code; the multi-head split over slices is attnlab's layout, and the paper's
+    numbers are from the abstract only.
     """
 
     def __init__(self, hidden_size: int, num_heads: int = DEFAULT_NUM_HEADS, num_kv_heads: int | None = None, *,

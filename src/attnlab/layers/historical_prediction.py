@@ -105,6 +105,9 @@ class HistoricalPredictionAttention(SoftmaxFamilyAttention):
         rope_base: None (default; the table is the positional encoding) or a RoPE base applied on top.
         Other arguments as in ``MaskedAttention``.
 
+    Dtype: hidden_states in the parameters' float dtype (float32, float64, bfloat16, float16); times and track_ids
+    integer tensors; the softmax runs in that dtype on the chosen path.
+
     Raises ConfigError unless max_distance is an int >= 0 or None and num_distances an int >= 1 (one line, e.g.
     "historical_prediction: num_distances must be an integer, got 2.5"), and (forward) ShapeError/ConfigError for
     times or track_ids of the wrong shape or dtype.

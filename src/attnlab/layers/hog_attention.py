@@ -24,8 +24,10 @@ This layer keeps both ideas on a token sequence, as ordinary (B, H, T, T) softma
   ``"interleaved"`` uses one rule on every head. Query i sees key j iff they share a group (and the layer mask,
   causal by default, allows it).
 
-The ranking uses the whole call's guidance: under a causal mask a token never reads later hidden states, but its
-group depends on later tokens' guidance (the mechanism is meant for bidirectional attention over an image).
+Not causal-safe with guidance: the ranking uses the whole call's guidance, so under a causal mask a token never
+reads later hidden states, but its group (hence which earlier keys it sees) depends on later tokens' guidance. The
+mechanism is meant for bidirectional attention over an image (pass ``masks.full()``); a causal mask is allowed
+(and tested) but gives a look-ahead through the guidance. Without guidance the layer is causal as usual.
 
 Without ``guidance`` the layer is plain multi-head softmax attention under its layer mask (no projection, no
 groups), so it works as a TinyLM mixer on (B, T, C). ``num_groups=1`` keeps the guidance input but drops the
@@ -139,7 +141,17 @@ class HOGAttention(SoftmaxFamilyAttention):
     and mixed by o_proj, the HOG is given per token (the code computes it inside every block from half of the
     features with Sobel filters, and also sorts pixels inside each patch), and it is added to every channel of
     the q/k/v input (the code adds it to half the channels). The key uses the guidance histogram (the code's global
-    sort uses Sobel gradients of the value map).
+    sort uses Sobel gradients of the value map). The code bins *signed* orientations (atan2(gy, gx) over [−π, π]
+    in 9 bins); the layer ranks whatever histogram it is given, and the ``hogformer`` app gives scikit-image's
+    *unsigned* HOG (9 bins over 0–180°), where opposite gradients share a bin, so its keys and groups differ from
+    the code's for the same image.
+
+    Not causal-safe with guidance: under a causal ``mask_mod`` the groups read later tokens' guidance (module
+    docstring).
+
+    Dtype: hidden_states in the parameters' float dtype (float32, float64, bfloat16, float16); guidance any float
+    dtype (cast to hidden_states' dtype for ``guide``; the ranking key in at least float32); the softmax runs in
+    that dtype on the chosen path.
 
     Args:
         guidance_dim: G, the width of ``guidance`` (9 orientation bins, the code's ``n_bins``).

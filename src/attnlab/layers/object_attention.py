@@ -17,7 +17,8 @@ block scaled to norm 1/√2 (so ``‖e‖ = 1`` and ``⟨e_i, e_j⟩`` is the me
 * ``"object"`` (OAT's property, continuous form): Gaussian bumps on ``n`` anchors ``μ_k`` evenly spaced over
   ``[-2σ, 1 + 2σ]``, ``φ_k(x) = exp(-(x − μ_k)² / σ²)``. For centres in [0, 1] and anchor spacing below σ, the
   per-axis cosine is ``exp(-(x_i − x_j)² / (2σ²))`` to within 1e-2 at the defaults (σ = 0.1, 16 anchors per
-  axis; 1e-4 at σ = 0.15): the product of two bumps summed over the anchors is a Gaussian in the difference. It
+  axis) and 2e-4 at σ = 0.15 (16 anchors per axis); ⟨e_i, e_j⟩, the mean of the two axes, is within half that
+  when only one axis differs. The product of two bumps summed over the anchors is a Gaussian in the difference. It
   falls monotonically to 0 with distance.
 * ``"sinusoidal"`` (the plain transformer encoding the paper compares with): ``n / 2`` frequencies
   ``ω_k = base^(-2k/n)``, features ``sin(ω_k · s · x), cos(ω_k · s · x)`` with ``s = sinusoid_scale`` (coordinates
@@ -30,7 +31,8 @@ encoding is 0, so it has relation 0 with every token. Without ``boxes`` the laye
 (RoPE on by default), a sequence mixer like ``masked``.
 
 Shape legend: B batch, T seq_len (tokens = objects), C hidden_size, H num_heads, D head_dim, P encoding_dim.
-Source: Fang, Yu, Zhang, van der Lans, Shi 2024 (ECCV); released code HKUST-NISL/oat_eccv24
+Source: Fang, Yu, Zhang, van der Lans, Shi 2024 (ECCV), the abstract (via the repository README; the paper body was
+not read, METHODS.md #38); released code HKUST-NISL/oat_eccv24 at ``bf532ef``
 (``src/model/positionalEncodingLearned.py``: the Gaussian cosine target; ``models.py``: concatenation per axis).
 """
 
@@ -145,8 +147,14 @@ class ObjectAttention(SoftmaxFamilyAttention):
         record_probs: when True, every call stores its attention probabilities (B, H, T, T), float32, detached,
             in ``last_probs`` (:meth:`dense_probs`; for app metrics; off by default).
 
-    Raises ConfigError for a bad encoding, sigma, encoding_dim or scale; ShapeError for boxes or keep of the wrong
-    shape. Source: Fang et al. 2024 (OAT), §positional encoding; released code HKUST-NISL/oat_eccv24.
+    Dtype: hidden_states in the parameters' float dtype (float32, float64, bfloat16, float16); boxes any float
+    dtype, cast to it, and the encodings and relation computed in it; the softmax runs in that dtype on the chosen
+    path; ``last_probs`` is float32.
+
+    Raises ConfigError for a bad encoding, sigma, encoding_dim (an int >= 4, a multiple of 4) or scale; ShapeError
+    for boxes or keep of the wrong shape. Source: Fang et al. 2024 (OAT), the abstract (via the repository README)
+    and the released code HKUST-NISL/oat_eccv24 (module docstring; METHODS.md #38: high confidence in the encoding's
+    construction, read in the code; the relation term in the logits is attnlab's adaptation).
     """
 
     def __init__(self, hidden_size: int, num_heads: int = DEFAULT_NUM_HEADS, num_kv_heads: int | None = None, *,

@@ -4,9 +4,9 @@ Reconstruction, not a port: the released Keras code (yuyuheintju/TSCAN ``keras_m
 transformer branches, one whose tokens are time steps (all variables as features) and one whose tokens are the
 variables (their values in a 12-hour window as features), and concatenates them. This layer joins the two
 correlations in one attention over the grid cells: a key's time half is the mean over its time node (row), its item
-half the mean over its item (column), so the attention over cells factorises into a time-node softmax times an item
-softmax (:mod:`attnlab.functional.tscan`), and a time node or item the query scores low is suppressed on its whole
-row or column — the mechanism the abstract claims ("remove irrelevant items ... and irrelevant nodes in time").
+half the mean over its item (column), so a cell's logit splits into a time-node term plus an item term (on a fully
+observed grid the attention is a time-node softmax times an item softmax; :mod:`attnlab.functional.tscan`), and a
+time node or item the query scores low is suppressed on its whole row or column — the mechanism the abstract claims ("remove irrelevant items ... and irrelevant nodes in time").
 ``factorised=False`` keeps the per-token keys: plain joint attention over the same cells, the ablation.
 """
 
@@ -54,7 +54,10 @@ class TemporalSpatialAttention(SoftmaxFamilyAttention):
             (:meth:`dense_probs`, computed beside the softmax, which still runs through ``softmax_attend`` and any
             host hook).
 
-    Raises ConfigError for bad head counts, head_dim < 2, a bad grid, a causal mask with a grid of several
+    Dtype: hidden_states in the parameters' float dtype (float32, float64, bfloat16, float16); the softmax runs in
+    that dtype on the chosen path; ``last_probs`` is float32.
+
+    Raises ConfigError for bad head counts, head_dim not an int >= 2, a bad grid, a causal mask with a grid of several
     variables, or a position_offset that is not a multiple of num_vars; ShapeError for bad hidden_states/observed.
     Source: Yu et al. 2023, arXiv:2306.01970 (abstract) and its released code (METHODS.md #37; medium-low
     confidence: the factorised form is attnlab's reading of the two branches, not the paper's equation).
