@@ -6,8 +6,9 @@ variables (their values in a 12-hour window as features), and concatenates them.
 correlations in one attention over the grid cells: a key's time half is the mean over its time node (row), its item
 half the mean over its item (column), so a cell's logit splits into a time-node term plus an item term (on a fully
 observed grid the attention is a time-node softmax times an item softmax; :mod:`attnlab.functional.tscan`), and a
-time node or item the query scores low is suppressed on its whole row or column — the mechanism the abstract claims ("remove irrelevant items ... and irrelevant nodes in time").
-``factorised=False`` keeps the per-token keys: plain joint attention over the same cells, the ablation.
+time node or item the query scores low is suppressed on its whole row or column — the mechanism the abstract
+claims ("remove irrelevant items ... and irrelevant nodes in time"). ``factorised=False`` keeps the per-token
+keys: plain joint attention over the same cells, the ablation.
 """
 
 from __future__ import annotations
