@@ -145,6 +145,23 @@ def test_a_keep_tensor_acts_like_the_same_layer_mask():
                        built_in.search_scores(hidden, attention_states=attention))
 
 
+def test_keep_forms_follow_the_per_call_convention():
+    """(B, T, T) is one mask per sequence (each sequence alone with its (T, T) mask gives the same rows), and the
+    4-D form broadcast over heads is the same mask."""
+    layer = build(top_k=3)
+    hidden, attention = states(), states(seed=2)
+    keep = (torch.rand(2, T, T, generator=torch.Generator().manual_seed(6)) > 0.5) | torch.eye(T, dtype=torch.bool)
+    out = layer(hidden, attention_states=attention, keep=keep)[0]
+    probs = layer.attention_probs(hidden, attention_states=attention, keep=keep)
+    for b in range(2):
+        alone = dict(attention_states=attention[b:b + 1], keep=keep[b])
+        assert_close(out[b:b + 1], layer(hidden[b:b + 1], **alone)[0])
+        assert_close(probs[b:b + 1], layer.attention_probs(hidden[b:b + 1], **alone), dtype=torch.float32)
+    four = keep[:, None].expand(2, H, T, T)
+    assert_close(layer(hidden, attention_states=attention, keep=four)[0], out)
+    assert not torch.allclose(layer(hidden, attention_states=attention, keep=keep.flip(0))[0], out)
+
+
 def test_attention_probs_weight_the_values_into_the_output():
     layer = build(top_k=3, projections="none", mask_mod=target_mask(6))
     hidden, attention = states(), states(seed=2)
@@ -155,6 +172,18 @@ def test_attention_probs_weight_the_values_into_the_output():
     values = hidden.view(2, T, H, C // H).transpose(1, 2)  # no projections: head h reads slice h
     mixed = (probs.double() @ values).transpose(1, 2).reshape(2, T, C)
     assert_close(mixed, layer(hidden, attention_states=attention)[0], dtype=torch.float32)
+
+
+@pytest.mark.parametrize("length", [7, 130])
+def test_dense_and_flex_paths_agree(length):
+    """Eager Flex (CPU) against SDPA with the search stage and the target layout passed as keep, at lengths that are
+    not a multiple of the block size."""
+    keep = to_dense(target_mask(length - 3), 1, 1, length, length)
+    dense, flex = build(top_k=3).float(), build(top_k=3, path="flex").float()
+    hidden, attention = states(length=length).float(), states(seed=2, length=length).float()
+    with torch.no_grad():
+        assert_close(flex(hidden, attention_states=attention, keep=keep)[0],
+                     dense(hidden, attention_states=attention, keep=keep)[0], dtype=torch.float32)
 
 
 def test_target_mask_layout():
@@ -188,9 +217,12 @@ def test_the_search_reaches_the_host_softmax():
     ({"projections": "bilinear"}, "projections"),
     ({"top_k": 0}, "top_k"),
     ({"top_k": True}, "top_k"),
+    ({"top_k": 2.5}, r"^decoupled: top_k must be an integer, got 2.5$"),
     ({"attention_size": 0}, "attention_size"),
-    ({"projections": "none", "attention_size": 8}, "attention_size == hidden_size"),
-    ({"projections": "none", "num_kv_heads": 2}, "num_kv_heads == num_heads"),
+    ({"projections": "none", "attention_size": 8, "rope_base": None}, "attention_size == hidden_size"),
+    ({"projections": "none", "num_kv_heads": 2, "rope_base": None}, "num_kv_heads == num_heads"),
+    ({"projections": "none"}, r"^expected rope_base=None with projections='none' .*got rope_base=10000.0$"),
+    ({"projections": "none", "rope_base": 500.0}, "rope_base=500.0"),
 ])
 def test_bad_arguments_raise_config_error(kwargs, match):
     with pytest.raises(ConfigError, match=match):
@@ -207,11 +239,15 @@ def test_bad_inputs_raise():
         layer(states(), attention_states=states(width=6).float())
     with pytest.raises(ShapeError, match="hidden_states"):
         layer(states(width=C + 1))
+    with pytest.raises(ShapeError, match=r"keep as bool \(9, 9\), \(2, 9, 9\) or broadcastable"):
+        layer(states(), attention_states=states(width=6), keep=torch.ones(2, 2, T, T, dtype=torch.bool))
     with pytest.raises(ShapeError, match="keep"):
-        layer(states(), attention_states=states(width=6), keep=torch.ones(T, T, dtype=torch.bool))
+        layer(states(), attention_states=states(width=6), keep=torch.ones(T, dtype=torch.bool))
     with pytest.raises(ShapeError, match="keep"):
         layer(states(), attention_states=states(width=6), keep=torch.ones(1, 1, T, T))
     with pytest.raises(ShapeError, match="keep"):
         layer(states(), attention_states=states(width=6), keep=torch.ones(1, 1, T - 1, T, dtype=torch.bool))
     with pytest.raises(ConfigError, match="num_behaviours"):
         target_mask(0)
+    with pytest.raises(ConfigError, match=r"^target_mask: num_behaviours must be an integer, got 2.5$"):
+        target_mask(2.5)

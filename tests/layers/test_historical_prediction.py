@@ -31,12 +31,13 @@ def _x(seed=1, batch=2, length=T):
 
 def oracle(layer, x, times=None, track_ids=None):
     """Plain loops in float64 from the module docstring: logits_ij = q_i · (k_j + r[min(Δ, R − 1)]) / √D over the
-    keys with 0 ≤ Δ ≤ max_distance on the same track (and j ≤ i when the layer mask is causal)."""
+    keys with 0 ≤ Δ ≤ max_distance on the same track (and j ≤ i when the layer mask is causal). Query head h reads
+    kv head h // (H / Hkv)."""
     B, L, _ = x.shape
-    D, R = layer.head_dim, layer.num_distances
+    D, R, Hkv = layer.head_dim, layer.num_distances, layer.num_kv_heads
     q = (x @ layer.q_proj.weight.T).view(B, L, H, D)
-    k = (x @ layer.k_proj.weight.T).view(B, L, H, D)
-    v = (x @ layer.v_proj.weight.T).view(B, L, H, D)
+    k = (x @ layer.k_proj.weight.T).view(B, L, Hkv, D)
+    v = (x @ layer.v_proj.weight.T).view(B, L, Hkv, D)
     out = torch.zeros(B, L, H, D, dtype=x.dtype)
     for b in range(B):
         t = list(range(L)) if times is None else times[min(b, times.shape[0] - 1)].tolist()
@@ -50,11 +51,11 @@ def oracle(layer, x, times=None, track_ids=None):
                         continue
                     if layer.max_distance is not None and delta > layer.max_distance:
                         continue
-                    key = k[b, j, h] + layer.relative_key[min(delta, R - 1), h]
+                    key = k[b, j, h // (H // Hkv)] + layer.relative_key[min(delta, R - 1), h]
                     visible.append(j)
                     logits.append((q[b, i, h] * key).sum() / math.sqrt(D))
                 probs = torch.softmax(torch.stack(logits), dim=0)
-                out[b, i, h] = sum(p * v[b, j, h] for p, j in zip(probs, visible))
+                out[b, i, h] = sum(p * v[b, j, h // (H // Hkv)] for p, j in zip(probs, visible))
     return out.reshape(B, L, H * D) @ layer.o_proj.weight.T
 
 
@@ -65,8 +66,9 @@ def test_registered_with_defaults():
     assert layer.relative_key.shape == (16, 4, 4) and cls.__doc__.strip()
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"max_distance": 2}, {"max_distance": 0}, {"num_distances": 3}],
-                         ids=["causal", "window-2", "self-only", "clamped-table"])
+@pytest.mark.parametrize("kwargs", [{}, {"max_distance": 2}, {"max_distance": 0}, {"num_distances": 3},
+                                    {"num_kv_heads": 1, "max_distance": 3}],
+                         ids=["causal", "window-2", "self-only", "clamped-table", "mqa"])
 def test_layer_matches_loop_oracle_and_its_gradients(kwargs):
     layer, x = build(**kwargs), _x().requires_grad_()
     out = layer(x)[0]
@@ -79,8 +81,9 @@ def test_layer_matches_loop_oracle_and_its_gradients(kwargs):
         assert_close(g, e)
 
 
-def test_times_and_tracks_match_the_oracle():
-    layer, x = build(max_distance=3), _x(seed=4)
+@pytest.mark.parametrize("kv_heads", [None, 1], ids=["mha", "mqa"])
+def test_times_and_tracks_match_the_oracle(kv_heads):
+    layer, x = build(max_distance=3, num_kv_heads=kv_heads), _x(seed=4)
     times = torch.tensor([[0, 0, 1, 2, 2, 3, 5], [0, 1, 1, 2, 4, 4, 6]])
     tracks = torch.tensor([[0, 1, 0, 0, 1, 1, 0], [2, 2, 0, 2, 0, 2, 0]])
     with torch.no_grad():
@@ -152,7 +155,9 @@ def test_dense_and_flex_paths_agree():
 
 @pytest.mark.parametrize(("kwargs", "match"), [({"max_distance": -1}, "max_distance"),
                                                ({"max_distance": 1.5}, "max_distance"),
-                                               ({"num_distances": 0}, "num_distances")])
+                                               ({"num_distances": 0}, "num_distances"),
+                                               ({"num_distances": 2.5},
+                                                r"^historical_prediction: num_distances must be an integer, got 2.5$")])
 def test_bad_configs(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         LAYERS.get(NAME)(C, H, **kwargs)

@@ -85,10 +85,11 @@ def test_group_mean_when_logits_are_zero():
 
 # -- against a float64 plain-loop oracle ------------------------------------------------------------------------------
 def oracle(layer, x, guidance, causal):
-    """Independent float64 loop: groups from a Python sort, softmax over each query's allowed keys."""
+    """Independent float64 loop: groups from a Python sort, softmax over each query's allowed keys; query head h
+    reads kv head g = h // (H / Hkv)."""
     W = {name: p for name, p in layer.named_parameters()}
     B, T, _ = x.shape
-    D = layer.head_dim
+    D, per_kv = layer.head_dim, H // layer.num_kv_heads
     inp = x + guidance @ W["guide.weight"].T
     q, k, v = inp @ W["q_proj.weight"].T, inp @ W["k_proj.weight"].T, inp @ W["v_proj.weight"].T
     n_box = math.ceil(H / 2)
@@ -104,19 +105,20 @@ def oracle(layer, x, guidance, causal):
             for h in range(H):
                 group = (lambda t: rank[t] // size) if h < n_box else (lambda t: rank[t] % layer.num_groups)
                 js = [j for j in range(T) if group(j) == group(i) and (not causal or j <= i)]
-                cols = slice(h * D, (h + 1) * D)
-                logits = torch.stack([q[b, i, cols] @ k[b, j, cols] for j in js]) / math.sqrt(D)
+                cols, kv_cols = slice(h * D, (h + 1) * D), slice(h // per_kv * D, (h // per_kv + 1) * D)
+                logits = torch.stack([q[b, i, cols] @ k[b, j, kv_cols] for j in js]) / math.sqrt(D)
                 probs = torch.softmax(logits, dim=0)
-                heads.append(sum(p * v[b, j, cols] for p, j in zip(probs, js)))
+                heads.append(sum(p * v[b, j, kv_cols] for p, j in zip(probs, js)))
             tokens.append(torch.cat(heads))
         rows.append(torch.stack(tokens))
     return torch.stack(rows) @ W["o_proj.weight"].T
 
 
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-@pytest.mark.parametrize("num_groups", [2, 3], ids=["groups2", "groups3"])
-def test_matches_loop_oracle_outputs_and_gradients(causal, num_groups):
-    layer = build(num_groups=num_groups, mask_mod=None if causal else M.full())
+@pytest.mark.parametrize(("causal", "num_groups", "kv_heads"), [
+    (True, 2, None), (True, 3, None), (False, 2, None), (False, 3, None), (False, 3, 2), (True, 2, 1)],
+    ids=["causal-groups2", "causal-groups3", "full-groups2", "full-groups3", "full-groups3-gqa", "causal-groups2-mqa"])
+def test_matches_loop_oracle_outputs_and_gradients(causal, num_groups, kv_heads):
+    layer = build(num_groups=num_groups, mask_mod=None if causal else M.full(), num_kv_heads=kv_heads)
     x, guidance = inputs()
     x.requires_grad_(True)
     guidance.requires_grad_(True)
@@ -161,6 +163,7 @@ def test_one_group_keeps_the_guidance_input_only():
 
 
 def test_causal_output_ignores_later_hidden_states():
+    """Only hidden states: under a causal mask the layer is NOT causal-safe in its guidance (next test)."""
     layer = build(num_groups=2)
     x, guidance = inputs()
     changed = x.clone()
@@ -168,6 +171,18 @@ def test_causal_output_ignores_later_hidden_states():
     a, b = layer(x, guidance=guidance)[0], layer(changed, guidance=guidance)[0]
     assert_close(a[:, :4], b[:, :4])
     assert not torch.allclose(a[:, 4:], b[:, 4:])
+
+
+def test_causal_mask_with_guidance_reads_later_guidance():
+    """The documented look-ahead: the HOG ranking uses the whole call's guidance, so changing only later tokens'
+    guidance (and the hidden states not at all) regroups, and changes, earlier outputs under a causal mask."""
+    layer = build(num_groups=2)
+    x, guidance = inputs()
+    changed = guidance.clone()
+    changed[:, 4:] = changed[:, 4:].flip(-1) * 3.0  # later keys move across the earlier tokens' ranks
+    assert not torch.equal(hog_keep(guidance, H, 2)[:, :, :4, :4], hog_keep(changed, H, 2)[:, :, :4, :4])
+    a, b = layer(x, guidance=guidance)[0], layer(x, guidance=changed)[0]
+    assert not torch.allclose(a[:, :4], b[:, :4])
 
 
 def test_the_host_hook_receives_the_group_mask():
@@ -197,9 +212,12 @@ def test_gradients_reach_every_parameter_with_guidance():
 
 
 # -- bad input --------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs", [dict(guidance_dim=0), dict(num_groups=0), dict(grouping="rows")])
-def test_bad_configs(kwargs):
-    with pytest.raises(ConfigError):
+@pytest.mark.parametrize(("kwargs", "match"), [
+    (dict(guidance_dim=0), r"guidance_dim must be in \[1, inf\), got 0"), (dict(num_groups=0), "num_groups"),
+    (dict(num_groups=2.5), r"^hog_attention: num_groups must be an integer, got 2.5$"),
+    (dict(guidance_dim=2.5), "guidance_dim must be an integer"), (dict(grouping="rows"), "grouping")])
+def test_bad_configs(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
         HOGAttention(C, H, **kwargs)
 
 

@@ -10,7 +10,9 @@ import torch
 
 from attnlab.errors import ConfigError, ShapeError
 from attnlab.functional.masks import causal, full, to_dense
+from attnlab.functional.positions import rotary
 from attnlab.functional.reference.tscan import tscan_reference
+from attnlab.functional.tscan import rotate_time
 from attnlab.layers import LAYERS
 from attnlab.layers._common import merge_heads, split_heads
 from attnlab.testing import assert_close
@@ -142,14 +144,55 @@ def test_without_a_grid_the_layer_is_causal_attention_on_the_time_half():
     assert_close(layer(later)[0][:, :4], out[:, :4])  # no key mixes later tokens in
 
 
-def test_a_window_at_a_position_offset_matches_the_oracle():
-    """position_offset counts tokens; the grid's time slots start at offset // num_vars (RoPE is relative, so only
-    a wrong slot layout or a refused offset would show here)."""
+def test_rotate_time_rotates_each_variable_at_absolute_time_slots():
+    """Token (t, v)'s time half is RoPE at position offset + t: each variable's column is its own sequence."""
+    x = torch.randn(2, 3, 12, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)  # grid (3, 4)
+    got = rotate_time(x, 3, 4, 4, offset=5, base=100.0)
+    want = x.clone()
+    for v in range(4):
+        want[:, :, v::4, :4] = rotary(x[:, :, v::4, :4], 5, 100.0)  # positions 5, 6, 7
+    assert_close(got, want)
+    assert (got - rotate_time(x, 3, 4, 4, offset=0, base=100.0)).abs().max() > 1e-2  # the offset matters
+
+
+class _RecordingHook:
+    """A host hook that keeps the rotated q/k the layer hands to the softmax and returns the plain softmax."""
+
+    def __init__(self):
+        self.seen = {}
+
+    def softmax(self, q, k, v, keep, scale):
+        self.seen.update(q=q, k=k)
+        logits = (q @ k.repeat_interleave(q.shape[1] // k.shape[1], 1).transpose(-1, -2) * scale)
+        probs = torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=-1)
+        return probs @ v.repeat_interleave(q.shape[1] // v.shape[1], 1)
+
+
+def test_a_window_at_a_position_offset_rotates_at_absolute_time_slots():
+    """position_offset counts tokens: a (2, 3) window at offset 6 holds time slots 2 and 3. RoPE is relative, so the
+    output alone cannot show an ignored offset; the rotated queries the softmax receives can: they must equal
+    ``rotary`` of the projected queries at positions 2, 3 (per variable). The output still matches the oracle."""
     layer = build()
+    layer.attention_hook = hook = _RecordingHook()
     x = hidden(1, 6)
     out, _ = layer(x, grid=(2, 3), position_offset=6)
+    q = split_heads(x @ layer.q_proj.weight.T, layer.num_heads)  # (1, H, 6, D), before rotation
+    want_q = q.clone()
+    for v in range(3):
+        want_q[:, :, v::3, :layer.time_dim] = rotary(q[:, :, v::3, :layer.time_dim], 2, layer.rope_base)
+    assert_close(hook.seen["q"], want_q)
     want, _ = oracle(layer, x, (2, 3), time_offset=2)
     assert_close(out, want)
+
+
+@pytest.mark.parametrize("grid", [(7, 1), (13, 10)], ids=["T7-sequence", "T130-grid"])
+def test_dense_and_flex_paths_agree(grid):
+    """Eager Flex (CPU) against SDPA at lengths that are not a multiple of the block size, with the observed mask."""
+    dense, flex = build().float(), build(path="flex").float()
+    x, observed = hidden(2, grid[0] * grid[1]).float(), observed_cells(2, grid[0] * grid[1])
+    with torch.no_grad():
+        assert_close(flex(x, grid=grid, observed=observed)[0], dense(x, grid=grid, observed=observed)[0],
+                     dtype=torch.float32)
 
 
 def test_bad_inputs_raise_one_line_errors():
@@ -171,6 +214,8 @@ def test_bad_inputs_raise_one_line_errors():
         build(mask_mod=None)(x, grid=(3, 4))
     with pytest.raises(ConfigError, match="head_dim >= 2"):
         LAYERS.get("tscan")(C, 8)
+    with pytest.raises(ConfigError, match=r"^tscan: head_dim must be an integer, got 2.5$"):
+        LAYERS.get("tscan")(C, 2, head_dim=2.5)
     with pytest.raises(ConfigError, match="factorised as a bool"):
         LAYERS.get("tscan")(C, 2, factorised="yes")
     with pytest.raises(ShapeError, match="hidden_states"):

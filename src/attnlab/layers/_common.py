@@ -5,6 +5,8 @@ Shape legend: B batch, T seq_len, C hidden_size, H num_heads, D a per-head dim.
 
 from __future__ import annotations
 
+from typing import Annotated, Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -13,6 +15,25 @@ from attnlab.errors import ConfigError, ShapeError
 from attnlab.functional.lightning import srms_norm
 from attnlab.functional.linear_attention import FORMS
 from attnlab.functional.positions import rotary  # noqa: F401  (old home; probes/memory_fidelity imports it)
+from attnlab.params import Range, coerce
+
+PositiveInt = Annotated[int, Range(ge=1)]
+NonNegativeInt = Annotated[int, Range(ge=0)]
+PositiveFloat = Annotated[float, Range(gt=0)]
+
+
+def check_arg(owner: Any, param: str, value: Any, hint: Any) -> Any:
+    """``value`` checked against the type ``hint`` by :func:`attnlab.params.coerce` and returned as that type.
+
+    The one argument check of the layers: an int is an int (not a bool, not 2.5; an integral float such as 2.0
+    becomes 2), a float is finite, :class:`attnlab.params.Range` bounds hold, ``X | None`` allows None; e.g.
+    ``check_arg(self, "num_groups", num_groups, PositiveInt | None)``. ``owner``: the layer (its registered name
+    leads the message) or a name.
+
+    Raises ConfigError, one line: ``"{owner}: {param} must be in [1, inf), got 0"``.
+    """
+    name = owner if isinstance(owner, str) else getattr(type(owner), "name", None) or type(owner).__name__
+    return coerce(value, hint, owner=name, param=param)
 
 
 def check_form(form: str) -> str:

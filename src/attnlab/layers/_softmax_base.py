@@ -14,6 +14,13 @@ the chunk itself (DMA's top-w, MODA's groups) use chunk-local positions.
 Paths: ``path="dense"`` (SDPA with the materialised mask; trains on CPU) or ``path="flex"`` (FlexAttention with a
 block mask cached per length in the layer; inference only; ``compiled=True`` for the fused kernel).
 
+Per-call ``keep`` (the one convention of every layer whose ``forward`` takes ``keep=``, e.g. ``object_attention``
+and ``decoupled``): a bool tensor, True = may attend, in chunk-local positions, ANDed with the layer mask. Forms:
+(Lq, Lk) for every sequence and head, (B, Lq, Lk) per sequence, or 4-D broadcastable to (B, H, Lq, Lk) (each axis
+its full size or 1). :func:`check_keep` is its one validator (ShapeError otherwise).
+Recorded probs: :meth:`SoftmaxFamilyAttention.dense_probs` gives a call's probs as float32, detached, with rows that
+see no key 0 (never NaN); layers that keep probs for apps (``last_probs``, ``attention_probs``) use it.
+
 Shape legend: B batch, T seq_len, C hidden_size, H num_heads, Hkv num_kv_heads, D head_dim.
 """
 
@@ -25,15 +32,35 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from attnlab.errors import ConfigError
+from attnlab.errors import ConfigError, ShapeError
 from attnlab.functional.implied import softmax_map
 from attnlab.functional.masked_attention import BlockMaskCache, ScoreMod, masked_attention, shift_score_mod
 from attnlab.functional.masks import MaskMod, and_masks, causal, check_num_heads, shift_positions, to_dense
 from attnlab.functional.positions import rotary
-from attnlab.layers._common import check_heads, check_hidden, merge_heads, split_heads
+from attnlab.layers._common import PositiveInt, check_arg, check_heads, check_hidden, merge_heads, split_heads
 from attnlab.layers.base import DEFAULT_NUM_HEADS, Layer
 
 Linear = Callable[[int, int], nn.Module]
+
+
+def check_keep(keep: Tensor, shape: tuple[int, int, int, int], device: torch.device | None = None) -> Tensor:
+    """A per-call keep (module docstring) as bool (B|1, H|1, Lq|1, Lk|1) on ``device``; ``shape`` is (B, H, Lq, Lk).
+
+    (Lq, Lk) becomes (1, 1, Lq, Lk) and (B, Lq, Lk) becomes (B, 1, Lq, Lk); not expanded further (from_keep and
+    ``&`` broadcast). Raises ShapeError unless keep is a 2-, 3- or 4-D bool tensor whose axes are their full size
+    or 1.
+    """
+    B, H, Lq, Lk = shape
+    forms = f"bool ({Lq}, {Lk}), ({B}, {Lq}, {Lk}) or broadcastable to ({B}, {H}, {Lq}, {Lk})"
+    if not isinstance(keep, Tensor):
+        raise ShapeError(f"expected keep as a {forms} tensor, got {type(keep).__name__}")
+    got = f"{keep.dtype} {tuple(keep.shape)}"
+    if keep.dtype != torch.bool or keep.dim() not in (2, 3, 4):
+        raise ShapeError(f"expected keep as {forms}, got {got}")
+    full = keep[None, None] if keep.dim() == 2 else keep[:, None] if keep.dim() == 3 else keep
+    if any(n not in (1, size) for n, size in zip(full.shape, shape)):
+        raise ShapeError(f"expected keep as {forms}, got {got}")
+    return full.to(device) if device is not None else full
 
 
 class SoftmaxFamilyAttention(Layer):
@@ -46,9 +73,8 @@ class SoftmaxFamilyAttention(Layer):
         super().__init__()
         self.hidden_size, self.num_heads = hidden_size, num_heads
         self.num_kv_heads = check_heads(hidden_size, num_heads, num_kv_heads)
-        self.head_dim = hidden_size // num_heads if head_dim is None else head_dim
-        if self.head_dim < 1:
-            raise ConfigError(f"expected head_dim >= 1, got {self.head_dim}")
+        self.head_dim = check_arg(self, "head_dim", hidden_size // num_heads if head_dim is None else head_dim,
+                                  PositiveInt)
         if path not in ("dense", "flex"):
             raise ConfigError(f"expected path 'dense' or 'flex', got {path!r}")
         self.mask_mod = causal() if mask_mod is None else mask_mod
@@ -89,6 +115,27 @@ class SoftmaxFamilyAttention(Layer):
         """A layer-level score_mod (absolute positions) evaluated at this call's positions."""
         return shift_score_mod(score_mod, self._offset)
 
+    def call_mask(self, mask_mod: MaskMod | None = None) -> MaskMod:
+        """The mask of this call: the layer mask (:meth:`layer_mask`) ANDed with a per-call ``mask_mod`` if given."""
+        return self.layer_mask() if mask_mod is None else and_masks(self.layer_mask(), mask_mod)
+
+    def dense_probs(self, q: Tensor, k: Tensor, *, mask_mod: MaskMod | None = None,
+                    score_mod: ScoreMod | None = None) -> Tensor:
+        """The probs a :meth:`softmax_attend` call with these arguments weights the values by: float32
+        (B, H, Lq, Lk), detached (no graph is built).
+
+        q (B, H, Lq, D) and k (B, Hkv, Lk, D) as given to softmax_attend (rotated; any float dtype); ``mask_mod`` the
+        per-call mask (ANDed with the layer mask, :meth:`call_mask`); ``score_mod`` as passed there. Computed here
+        by :func:`attnlab.functional.implied.softmax_map`, not through a host hook. A row that sees no key is 0,
+        never NaN. Memory O(B · H · Lq · Lk).
+        """
+        keep = to_dense(self.call_mask(mask_mod), q.shape[0], self.num_heads, q.shape[2], k.shape[2], device=q.device)
+        with torch.no_grad():
+            query, key = q.detach().float(), k.detach().float()
+            # softmax_map expands GQA keys; the values are never read (only the probs), so one column is passed
+            implied = softmax_map(query, key, key[..., :1], keep, scale=q.shape[-1] ** -0.5, score_mod=score_mod)
+            return implied.dense()
+
     def dense_keep(self, q: Tensor, k: Tensor) -> Tensor:
         """The layer mask materialised: bool (B, H, Lq, Lk) for the dense-only normalisers."""
         return to_dense(self.layer_mask(), q.shape[0], self.num_heads, q.shape[2], k.shape[2], device=q.device)
@@ -113,7 +160,7 @@ class SoftmaxFamilyAttention(Layer):
             raise NotImplementedError("path='flex' is inference-only here (FlexAttention has no CPU backward); "
                                       "use path='dense' for training or run under torch.no_grad()")
         per_call = mask_mod is not None
-        mask = and_masks(self.layer_mask(), mask_mod) if per_call else self.layer_mask()
+        mask = self.call_mask(mask_mod)
         if self.attention_hook is not None:
             keep = self._hook_keep(mask, q, k)
             if score_mod is None:

@@ -13,7 +13,8 @@ Two options follow the released code (thuml/DARE ``model/attention_pytorch.py``,
 
 - ``projections="none"``: no q/k/v/o matrices. Head h compares slice h of the attention embeddings and averages
   slice h of the representation embeddings, so the summed head logits are DARE's single score
-  ``e_att(candidate)·e_att(behaviour)`` (up to the 1/√head_dim scale). ``"linear"`` (default) keeps the usual
+  ``e_att(candidate)·e_att(behaviour)`` (up to the 1/√head_dim scale). That score has no positions, so this mode
+  needs ``rope_base=None`` (a RoPE base is refused, not silently applied). ``"linear"`` (default) keeps the usual
   projections (the paper's "TWIN w/ proj" when both inputs are one table).
 - ``top_k``: the search stage. Each query keeps the ``top_k`` visible keys with the largest head-summed logit
   (the selection carries no gradient; the kept logits do) and softmaxes over those only, as DARE's soft search
@@ -35,8 +36,8 @@ from attnlab.errors import ConfigError, ShapeError
 from attnlab.functional.masks import MaskMod, from_keep, with_name
 from attnlab.functional.positions import rotary
 from attnlab.layers import LAYERS
-from attnlab.layers._common import check_hidden, merge_heads, split_heads
-from attnlab.layers._softmax_base import SoftmaxFamilyAttention
+from attnlab.layers._common import PositiveInt, check_arg, check_hidden, merge_heads, split_heads
+from attnlab.layers._softmax_base import SoftmaxFamilyAttention, check_keep
 from attnlab.layers.base import DEFAULT_NUM_HEADS
 
 __all__ = ["DecoupledAttention", "search_keep", "target_mask"]
@@ -51,10 +52,9 @@ def target_mask(num_behaviours: int) -> MaskMod:
     behaviour row sees only itself, so no row is empty (an empty row would give NaN in SDPA) and the behaviours'
     outputs are their own values, which the app ignores.
 
-    Raises ConfigError for num_behaviours < 1.
+    Raises ConfigError unless num_behaviours is an int >= 1.
     """
-    if isinstance(num_behaviours, bool) or not isinstance(num_behaviours, int) or num_behaviours < 1:
-        raise ConfigError(f"expected num_behaviours as an int >= 1, got {num_behaviours!r}")
+    num_behaviours = check_arg("target_mask", "num_behaviours", num_behaviours, PositiveInt)
 
     def mask_mod(batch_idx: Tensor, head_idx: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return torch.where(q_idx < num_behaviours, kv_idx == q_idx, kv_idx < num_behaviours)
@@ -83,15 +83,31 @@ class DecoupledAttention(SoftmaxFamilyAttention):
 
     ``forward(hidden_states, *, attention_states=None, keep=None)``: ``attention_states`` (B, T, C_att),
     keyword-only, the attention embeddings of the same T tokens (None: ``hidden_states``); ``keep`` a per-call
-    bool mask ANDed with the layer mask (e.g. ``to_dense(target_mask(T), 1, 1, L, L)``). Source: Feng et al. 2025
+    bool mask ANDed with the layer mask, in the layers' one convention ((T, T), (B, T, T) or broadcastable to
+    (B, H, T, T); ``layers/_softmax_base.py``), e.g. ``to_dense(target_mask(n), 1, 1, T, T)``. Source: Feng et al. 2025
     (abstract) and the released code thuml/DARE (module docstring).
 
     Args:
         attention_size: C_att, the width of ``attention_states`` (default hidden_size); the q/k projections read it.
         projections: "linear" (q/k/v/o matrices) or "none" (identity; needs attention_size == hidden_size ==
-            num_heads·head_dim and num_kv_heads == num_heads, and the layer has no parameters).
+            num_heads·head_dim, num_kv_heads == num_heads and rope_base=None, and the layer has no parameters).
         top_k: keys each query keeps by head-summed logit before the softmax (the search stage), or None for all.
         Other arguments as in ``MaskedAttention`` (mask_mod None = causal).
+
+    Dtype: hidden_states and attention_states in the parameters' float dtype (float32, float64, bfloat16, float16;
+    one dtype for both); the softmax runs in that dtype on the chosen path; the search scores
+    (:meth:`head_summed_logits`), :meth:`search_scores` and :meth:`attention_probs` are float32.
+
+    Raises:
+        ConfigError: an unknown projections; top_k or attention_size not an int >= 1; projections="none" with
+            attention_size, hidden_size and num_heads·head_dim not all equal, with num_kv_heads != num_heads or with
+            a rope_base (and the base class's head-count checks).
+        ShapeError (forward, search_scores, attention_probs): hidden_states not (B, T, C); attention_states not
+            (B, T, C_att) in hidden_states' dtype; keep outside the per-call convention.
+
+    Confidence (METHODS.md #39): high for the mechanism (two tables, the projection-free score, the soft top-k
+    search), read in the released code; the multi-head split over slices is attnlab's layout, and the paper's
+    numbers are from the abstract only.
     """
 
     def __init__(self, hidden_size: int, num_heads: int = DEFAULT_NUM_HEADS, num_kv_heads: int | None = None, *,
@@ -101,12 +117,13 @@ class DecoupledAttention(SoftmaxFamilyAttention):
                  rope_base: float | None = 10000.0) -> None:
         if projections not in PROJECTIONS:
             raise ConfigError(f"expected projections in {PROJECTIONS}, got {projections!r}")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise ConfigError(f"expected top_k as an int >= 1 or None, got {top_k!r}")
-        attention_size = hidden_size if attention_size is None else attention_size
-        if isinstance(attention_size, bool) or not isinstance(attention_size, int) or attention_size < 1:
-            raise ConfigError(f"expected attention_size as an int >= 1, got {attention_size!r}")
+        top_k = check_arg(self, "top_k", top_k, PositiveInt | None)
+        attention_size = check_arg(self, "attention_size", hidden_size if attention_size is None else attention_size,
+                                   PositiveInt)
         linear = None
+        if projections == "none" and rope_base is not None:
+            raise ConfigError(f"expected rope_base=None with projections='none' (DARE's score e_att·e_att is "
+                              f"position-free), got rope_base={rope_base!r}")
         if projections == "none":
             width = hidden_size // num_heads if head_dim is None else head_dim
             if num_kv_heads not in (None, num_heads) or width * num_heads != hidden_size \
@@ -146,19 +163,16 @@ class DecoupledAttention(SoftmaxFamilyAttention):
             key = rotary(key, position_offset, self.rope_base)
         return query, key, value
 
-    def _visible(self, query: Tensor, key: Tensor, keep: Tensor | None) -> Tensor:
-        """bool (B, H, Lq, Lk): the layer mask at this call's positions, AND ``keep`` when given."""
-        visible = self.dense_keep(query, key)
+    def _checked_keep(self, query: Tensor, key: Tensor, keep: Tensor | None) -> Tensor | None:
+        """keep in the per-call convention (``_softmax_base``), as bool (B|1, H|1, Lq|1, Lk|1), or None."""
         if keep is None:
-            return visible
-        if keep.dtype != torch.bool or keep.dim() != 4:
-            raise ShapeError(f"expected keep as a bool tensor (B|1, H|1, {query.shape[2]}, {key.shape[2]}), got "
-                             f"{keep.dtype} {tuple(keep.shape)}")
-        try:
-            return visible & keep.to(visible.device)
-        except RuntimeError:
-            raise ShapeError(f"expected keep broadcastable to {tuple(visible.shape)}, got "
-                             f"{tuple(keep.shape)}") from None
+            return None
+        return check_keep(keep, (query.shape[0], self.num_heads, query.shape[2], key.shape[2]), query.device)
+
+    def _visible(self, query: Tensor, key: Tensor, keep: Tensor | None) -> Tensor:
+        """bool (B, H, Lq, Lk): the layer mask at this call's positions, AND a checked ``keep`` when given."""
+        visible = self.dense_keep(query, key)
+        return visible if keep is None else visible & keep
 
     def head_summed_logits(self, query: Tensor, key: Tensor, visible: Tensor) -> Tensor:
         """The search score: Σ_h q_h·k_h / √D over query heads, float32 (B, Lq, Lk), −inf where ``visible``
@@ -167,14 +181,18 @@ class DecoupledAttention(SoftmaxFamilyAttention):
         logits = torch.einsum("bhqd,bhkd->bqk", query.float(), key.float()) * query.shape[-1] ** -0.5
         return logits.masked_fill(~visible.any(dim=1), float("-inf"))
 
-    def _kept(self, query: Tensor, key: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """(what each head attends: bool (B, H, Lq, Lk), the per-call keep to AND onto the layer mask or None)."""
-        visible = self._visible(query, key, keep)
-        if self.top_k is None:
-            return visible, keep
-        with torch.no_grad():  # the selection is discrete; the kept logits keep their gradient
-            search = search_keep(self.head_summed_logits(query, key, visible), self.top_k)[:, None]
-        return visible & search, search if keep is None else search & keep.to(search.device)
+    def per_call_mask(self, query: Tensor, key: Tensor, keep: Tensor | None) -> MaskMod | None:
+        """The per-call mask of one call (ANDed with the layer mask): ``keep`` and, with ``top_k``, the search's
+        selection (computed without gradient: it is discrete; the kept logits keep theirs). None when neither.
+
+        Raises ShapeError for a keep outside the per-call convention."""
+        keep = self._checked_keep(query, key, keep)
+        if self.top_k is not None:
+            with torch.no_grad():
+                logits = self.head_summed_logits(query, key, self._visible(query, key, keep))
+                search = search_keep(logits, self.top_k)[:, None]  # (B, 1, Lq, Lk)
+            keep = search if keep is None else search & keep
+        return None if keep is None else from_keep(keep, name="search" if self.top_k else "keep")
 
     def search_scores(self, hidden_states: Tensor, *, attention_states: Tensor | None = None,
                       keep: Tensor | None = None, position_offset: int = 0) -> Tensor:
@@ -182,29 +200,25 @@ class DecoupledAttention(SoftmaxFamilyAttention):
 
         What the ``top_k`` search ranks; apps read it to see which keys the search stage retrieves."""
         query, key, _ = self.project_decoupled(hidden_states, attention_states, position_offset)
-        return self.head_summed_logits(query, key, self._visible(query, key, keep))
+        return self.head_summed_logits(query, key, self._visible(query, key, self._checked_keep(query, key, keep)))
 
     def attention_probs(self, hidden_states: Tensor, *, attention_states: Tensor | None = None,
                         keep: Tensor | None = None, position_offset: int = 0) -> Tensor:
         """(B, H, T, T) float32 probs of one call as :meth:`forward` weights the values (layer mask, ``keep`` and
-        the search), computed here in float32 (not through the host's attention function). Rows with no key are 0."""
+        the search), detached, computed by :meth:`dense_probs` (not through the host's attention function). Rows
+        with no key are 0."""
         query, key, _ = self.project_decoupled(hidden_states, attention_states, position_offset)
-        attended, _ = self._kept(query, key, keep)
-        key = key.repeat_interleave(self.num_heads // key.shape[1], dim=1)
-        logits = (query.float() @ key.float().transpose(-1, -2)) * query.shape[-1] ** -0.5
-        probs = torch.softmax(logits.masked_fill(~attended, float("-inf")), dim=-1)
-        return probs.nan_to_num(0.0)
+        return self.dense_probs(query, key, mask_mod=self.per_call_mask(query, key, keep))
 
     def forward(self, hidden_states: Tensor, *, state: None = None, position_offset: int = 0,
                 attention_states: Tensor | None = None, keep: Tensor | None = None) -> tuple[Tensor, None]:
-        """hidden_states (B, T, C); attention_states (B, T, C_att) or None; keep: bool broadcastable to
-        (B, H, T, T), True = may attend, ANDed with the layer mask (a per-call, data-dependent mask such as the
-        target layout of :func:`target_mask`), or None; state must be None. Returns (output (B, T, C), None).
+        """hidden_states (B, T, C); attention_states (B, T, C_att) or None; keep: bool (T, T), (B, T, T) or
+        broadcastable to (B, H, T, T), True = may attend, ANDed with the layer mask (a per-call, data-dependent mask
+        such as the target layout of :func:`target_mask`), or None; state must be None. Returns (output (B, T, C),
+        None).
 
         Raises ShapeError for attention_states or keep of the wrong shape or dtype."""
         offset = self.start_position(state, position_offset)
         query, key, value = self.project_decoupled(hidden_states, attention_states, offset)
-        _, per_call = self._kept(query, key, keep)
-        mask_mod = None if per_call is None else from_keep(per_call, name="search" if self.top_k else "keep")
-        out = self.softmax_attend(query, key, value, mask_mod=mask_mod)
+        out = self.softmax_attend(query, key, value, mask_mod=self.per_call_mask(query, key, keep))
         return self.o_proj(merge_heads(out.to(hidden_states.dtype))), None

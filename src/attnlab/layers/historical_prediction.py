@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from attnlab.errors import ConfigError, ShapeError
 from attnlab.functional.masks import MaskMod, from_keep
 from attnlab.layers import LAYERS
-from attnlab.layers._common import merge_heads
+from attnlab.layers._common import NonNegativeInt, PositiveInt, check_arg, merge_heads
 from attnlab.layers._softmax_base import SoftmaxFamilyAttention
 from attnlab.layers.base import DEFAULT_NUM_HEADS
 
@@ -105,19 +105,20 @@ class HistoricalPredictionAttention(SoftmaxFamilyAttention):
         rope_base: None (default; the table is the positional encoding) or a RoPE base applied on top.
         Other arguments as in ``MaskedAttention``.
 
-    Raises ConfigError for max_distance < 0 or num_distances < 1, and (forward) ShapeError/ConfigError for times or
-    track_ids of the wrong shape or dtype.
+    Dtype: hidden_states in the parameters' float dtype (float32, float64, bfloat16, float16); times and track_ids
+    integer tensors; the softmax runs in that dtype on the chosen path.
+
+    Raises ConfigError unless max_distance is an int >= 0 or None and num_distances an int >= 1 (one line, e.g.
+    "historical_prediction: num_distances must be an integer, got 2.5"), and (forward) ShapeError/ConfigError for
+    times or track_ids of the wrong shape or dtype.
     """
 
     def __init__(self, hidden_size: int, num_heads: int = DEFAULT_NUM_HEADS, num_kv_heads: int | None = None, *,
                  head_dim: int | None = None, max_distance: int | None = None, num_distances: int = 16,
                  mask_mod: MaskMod | None = None, path: Literal["dense", "flex"] = "dense", compiled: bool = False,
                  rope_base: float | None = None) -> None:
-        if max_distance is not None and (isinstance(max_distance, bool) or not isinstance(max_distance, int)
-                                         or max_distance < 0):
-            raise ConfigError(f"expected max_distance as an int >= 0 or None, got {max_distance!r}")
-        if isinstance(num_distances, bool) or not isinstance(num_distances, int) or num_distances < 1:
-            raise ConfigError(f"expected num_distances as an int >= 1, got {num_distances!r}")
+        max_distance = check_arg(self, "max_distance", max_distance, NonNegativeInt | None)
+        num_distances = check_arg(self, "num_distances", num_distances, PositiveInt)
         super().__init__(hidden_size, num_heads, num_kv_heads, head_dim=head_dim, mask_mod=mask_mod, path=path,
                          compiled=compiled, rope_base=rope_base)
         self.max_distance, self.num_distances = max_distance, num_distances

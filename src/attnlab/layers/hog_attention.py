@@ -24,8 +24,10 @@ This layer keeps both ideas on a token sequence, as ordinary (B, H, T, T) softma
   ``"interleaved"`` uses one rule on every head. Query i sees key j iff they share a group (and the layer mask,
   causal by default, allows it).
 
-The ranking uses the whole call's guidance: under a causal mask a token never reads later hidden states, but its
-group depends on later tokens' guidance (the mechanism is meant for bidirectional attention over an image).
+Not causal-safe with guidance: the ranking uses the whole call's guidance, so under a causal mask a token never
+reads later hidden states, but its group (hence which earlier keys it sees) depends on later tokens' guidance. The
+mechanism is meant for bidirectional attention over an image (pass ``masks.full()``); a causal mask is allowed
+(and tested) but gives a look-ahead through the guidance. Without guidance the layer is causal as usual.
 
 Without ``guidance`` the layer is plain multi-head softmax attention under its layer mask (no projection, no
 groups), so it works as a TinyLM mixer on (B, T, C). ``num_groups=1`` keeps the guidance input but drops the
@@ -44,7 +46,7 @@ from torch import Tensor, nn
 from attnlab.errors import ConfigError, ShapeError
 from attnlab.functional.masks import MaskMod, with_covered_lengths, with_name
 from attnlab.layers import LAYERS
-from attnlab.layers._common import check_hidden, merge_heads
+from attnlab.layers._common import PositiveInt, check_arg, check_hidden, merge_heads
 from attnlab.layers._softmax_base import SoftmaxFamilyAttention
 from attnlab.layers.base import DEFAULT_NUM_HEADS
 
@@ -139,7 +141,17 @@ class HOGAttention(SoftmaxFamilyAttention):
     and mixed by o_proj, the HOG is given per token (the code computes it inside every block from half of the
     features with Sobel filters, and also sorts pixels inside each patch), and it is added to every channel of
     the q/k/v input (the code adds it to half the channels). The key uses the guidance histogram (the code's global
-    sort uses Sobel gradients of the value map).
+    sort uses Sobel gradients of the value map). The code bins *signed* orientations (atan2(gy, gx) over [−π, π]
+    in 9 bins); the layer ranks whatever histogram it is given, and the ``hogformer`` app gives scikit-image's
+    *unsigned* HOG (9 bins over 0–180°), where opposite gradients share a bin, so its keys and groups differ from
+    the code's for the same image.
+
+    Not causal-safe with guidance: under a causal ``mask_mod`` the groups read later tokens' guidance (module
+    docstring).
+
+    Dtype: hidden_states in the parameters' float dtype (float32, float64, bfloat16, float16); guidance any float
+    dtype (cast to hidden_states' dtype for ``guide``; the ranking key in at least float32); the softmax runs in
+    that dtype on the chosen path.
 
     Args:
         guidance_dim: G, the width of ``guidance`` (9 orientation bins, the code's ``n_bins``).
@@ -148,7 +160,8 @@ class HOGAttention(SoftmaxFamilyAttention):
         Other arguments as in ``MaskedAttention`` (``mask_mod=None`` is causal; pass ``masks.full()`` for images).
 
     Raises:
-        ConfigError: guidance_dim < 1, num_groups < 1, or an unknown grouping (and the base class's checks).
+        ConfigError: guidance_dim or num_groups not an int >= 1 (e.g. "hog_attention: num_groups must be an
+            integer, got 2.5"), or an unknown grouping (and the base class's checks).
     """
 
     def __init__(self, hidden_size: int, num_heads: int = DEFAULT_NUM_HEADS, num_kv_heads: int | None = None, *,
@@ -158,11 +171,8 @@ class HOGAttention(SoftmaxFamilyAttention):
                  rope_base: float | None = 10000.0) -> None:
         super().__init__(hidden_size, num_heads, num_kv_heads, head_dim=head_dim, mask_mod=mask_mod, path=path,
                          compiled=compiled, rope_base=rope_base)
-        if guidance_dim < 1:
-            raise ConfigError(f"expected guidance_dim >= 1, got {guidance_dim}")
-        num_groups = num_heads if num_groups is None else num_groups
-        if num_groups < 1:
-            raise ConfigError(f"expected num_groups >= 1 (or None for num_heads), got {num_groups}")
+        guidance_dim = check_arg(self, "guidance_dim", guidance_dim, PositiveInt)
+        num_groups = check_arg(self, "num_groups", num_heads if num_groups is None else num_groups, PositiveInt)
         if grouping not in GROUPINGS:
             raise ConfigError(f"expected grouping in {list(GROUPINGS)}, got {grouping!r}")
         self.guidance_dim, self.num_groups, self.grouping = guidance_dim, num_groups, grouping

@@ -17,7 +17,8 @@ block scaled to norm 1/√2 (so ``‖e‖ = 1`` and ``⟨e_i, e_j⟩`` is the me
 * ``"object"`` (OAT's property, continuous form): Gaussian bumps on ``n`` anchors ``μ_k`` evenly spaced over
   ``[-2σ, 1 + 2σ]``, ``φ_k(x) = exp(-(x − μ_k)² / σ²)``. For centres in [0, 1] and anchor spacing below σ, the
   per-axis cosine is ``exp(-(x_i − x_j)² / (2σ²))`` to within 1e-2 at the defaults (σ = 0.1, 16 anchors per
-  axis; 1e-4 at σ = 0.15): the product of two bumps summed over the anchors is a Gaussian in the difference. It
+  axis) and 2e-4 at σ = 0.15 (16 anchors per axis); ⟨e_i, e_j⟩, the mean of the two axes, is within half that
+  when only one axis differs. The product of two bumps summed over the anchors is a Gaussian in the difference. It
   falls monotonically to 0 with distance.
 * ``"sinusoidal"`` (the plain transformer encoding the paper compares with): ``n / 2`` frequencies
   ``ω_k = base^(-2k/n)``, features ``sin(ω_k · s · x), cos(ω_k · s · x)`` with ``s = sinusoid_scale`` (coordinates
@@ -30,23 +31,25 @@ encoding is 0, so it has relation 0 with every token. Without ``boxes`` the laye
 (RoPE on by default), a sequence mixer like ``masked``.
 
 Shape legend: B batch, T seq_len (tokens = objects), C hidden_size, H num_heads, D head_dim, P encoding_dim.
-Source: Fang, Yu, Zhang, van der Lans, Shi 2024 (ECCV); released code HKUST-NISL/oat_eccv24
+Source: Fang, Yu, Zhang, van der Lans, Shi 2024 (ECCV), the abstract (via the repository README; the paper body was
+not read, METHODS.md #38); released code HKUST-NISL/oat_eccv24 at ``bf532ef``
 (``src/model/positionalEncodingLearned.py``: the Gaussian cosine target; ``models.py``: concatenation per axis).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from torch import Tensor, nn
 
 from attnlab.errors import ConfigError, ShapeError
-from attnlab.functional.masks import MaskMod, and_masks, from_keep, to_dense
+from attnlab.params import Range
+from attnlab.functional.masks import MaskMod, from_keep
 from attnlab.layers import LAYERS
-from attnlab.layers._common import merge_heads
-from attnlab.layers._softmax_base import SoftmaxFamilyAttention
+from attnlab.layers._common import PositiveFloat, check_arg, merge_heads
+from attnlab.layers._softmax_base import SoftmaxFamilyAttention, check_keep
 from attnlab.layers.base import DEFAULT_NUM_HEADS
 
 __all__ = ["ENCODINGS", "ObjectAttention", "box_centres", "encode_boxes", "object_encoding", "relation",
@@ -128,8 +131,9 @@ class ObjectAttention(SoftmaxFamilyAttention):
 
     ``forward(hidden_states, *, boxes=None, keep=None)``: with ``boxes`` each head h adds
     ``gain_h · ⟨e_i, e_j⟩`` to its logits (as a score_mod: the layer computes its own softmax and shows a host hook
-    the map it implies); ``keep`` (B, T, T) bool is a per-call mask (True = attend, chunk-local), ANDed with the
-    layer mask (``mask_mod``; default causal, pass ``attnlab.functional.masks.full()`` for a set of objects).
+    the map it implies); ``keep`` is a per-call mask in the layers' one convention (bool (T, T), (B, T, T) or
+    broadcastable to (B, H, T, T), True = attend, chunk-local; ``layers/_softmax_base.py``), ANDed with the layer
+    mask (``mask_mod``; default causal, pass ``attnlab.functional.masks.full()`` for a set of objects).
 
     Args:
         encoding: ``"object"`` (OAT's, default) or ``"sinusoidal"`` (the plain encoding).
@@ -140,11 +144,17 @@ class ObjectAttention(SoftmaxFamilyAttention):
         Other arguments as in ``MaskedAttention`` (for objects pass ``rope_base=None``: their order means nothing).
 
     Attributes:
-        record_probs: when True, every call with ``boxes`` stores its attention probabilities (B, H, T, T),
-            detached, in ``last_probs`` (for app metrics; off by default).
+        record_probs: when True, every call stores its attention probabilities (B, H, T, T), float32, detached,
+            in ``last_probs`` (:meth:`dense_probs`; for app metrics; off by default).
 
-    Raises ConfigError for a bad encoding, sigma, encoding_dim or scale; ShapeError for boxes or keep of the wrong
-    shape. Source: Fang et al. 2024 (OAT), §positional encoding; released code HKUST-NISL/oat_eccv24.
+    Dtype: hidden_states in the parameters' float dtype (float32, float64, bfloat16, float16); boxes any float
+    dtype, cast to it, and the encodings and relation computed in it; the softmax runs in that dtype on the chosen
+    path; ``last_probs`` is float32.
+
+    Raises ConfigError for a bad encoding, sigma, encoding_dim (an int >= 4, a multiple of 4) or scale; ShapeError
+    for boxes or keep of the wrong shape. Source: Fang et al. 2024 (OAT), the abstract (via the repository README)
+    and the released code HKUST-NISL/oat_eccv24 (module docstring; METHODS.md #38: high confidence in the encoding's
+    construction, read in the code; the relation term in the logits is attnlab's adaptation).
     """
 
     def __init__(self, hidden_size: int, num_heads: int = DEFAULT_NUM_HEADS, num_kv_heads: int | None = None, *,
@@ -154,17 +164,17 @@ class ObjectAttention(SoftmaxFamilyAttention):
                  rope_base: float | None = 10000.0) -> None:
         if encoding not in ENCODINGS:
             raise ConfigError(f"expected encoding in {ENCODINGS}, got {encoding!r}")
-        if not sigma > 0:
-            raise ConfigError(f"expected sigma > 0, got {sigma}")
-        if encoding_dim < 4 or encoding_dim % 4:
+        sigma = check_arg(self, "sigma", sigma, PositiveFloat)
+        encoding_dim = check_arg(self, "encoding_dim", encoding_dim, Annotated[int, Range(ge=4)])
+        if encoding_dim % 4:
             raise ConfigError(f"expected encoding_dim a multiple of 4 (>= 4), got {encoding_dim}")
-        if not sinusoid_scale > 0:
-            raise ConfigError(f"expected sinusoid_scale > 0, got {sinusoid_scale}")
+        sinusoid_scale = check_arg(self, "sinusoid_scale", sinusoid_scale, PositiveFloat)
+        gain_init = check_arg(self, "gain_init", gain_init, float)
         super().__init__(hidden_size, num_heads, num_kv_heads, head_dim=head_dim, mask_mod=mask_mod, path=path,
                          compiled=compiled, rope_base=rope_base)
         self.encoding, self.sigma, self.encoding_dim = encoding, sigma, encoding_dim
         self.sinusoid_scale = sinusoid_scale
-        self.gain = nn.Parameter(torch.full((num_heads,), float(gain_init)))
+        self.gain = nn.Parameter(torch.full((num_heads,), gain_init))
         self.record_probs = False
         self.last_probs: Tensor | None = None
 
@@ -179,38 +189,28 @@ class ObjectAttention(SoftmaxFamilyAttention):
 
     def forward(self, hidden_states: Tensor, *, state: None = None, position_offset: int = 0,
                 boxes: Tensor | None = None, keep: Tensor | None = None) -> tuple[Tensor, None]:
-        """hidden_states (B, T, C); boxes (B, T, 4) or (B, T, 2) or None; keep (B, T, T) bool or None; state must
-        be None. Returns (output (B, T, C), None)."""
+        """hidden_states (B, T, C); boxes (B, T, 4) or (B, T, 2) or None; keep a per-call bool mask ((T, T),
+        (B, T, T) or broadcastable to (B, H, T, T)) or None; state must be None. Returns (output (B, T, C), None).
+
+        Raises ShapeError for boxes or keep of the wrong shape or dtype."""
         q, k, v, _ = self.project(hidden_states, self.start_position(state, position_offset))
         B, T = hidden_states.shape[:2]
         mask_mod = None
         if keep is not None:
-            if keep.dtype != torch.bool or tuple(keep.shape) != (B, T, T):
-                raise ShapeError(f"expected keep as bool ({B}, {T}, {T}), got {keep.dtype} {tuple(keep.shape)}")
-            mask_mod = from_keep(keep[:, None], name="object_keep")
+            mask_mod = from_keep(check_keep(keep, (B, self.num_heads, T, T), q.device), name="object_keep")
         score_mod = None
         if boxes is not None:
             if boxes.shape[:2] != hidden_states.shape[:2]:
                 raise ShapeError(f"expected boxes ({B}, {T}, 4 or 2), got {tuple(boxes.shape)}")
             related = relation(self.encode(boxes.to(q.dtype)))  # (B, T, T), data only: gathered without H
-            gain = self.gain
+            gain, last = self.gain, T - 1
 
             def score_mod(logits: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-                return logits + gain.to(logits.dtype)[h] * related.to(logits.dtype)[b, q_idx, kv_idx]
+                # clamped only for a block-sparse kernel's padding positions (past T − 1)
+                pair = related.to(logits.dtype)[b, q_idx.clamp(0, last), kv_idx.clamp(0, last)]
+                return logits + gain.to(logits.dtype)[h] * pair
 
-            if self.record_probs:
-                self.last_probs = self._probs(q, k, gain.to(q.dtype)[None, :, None, None] * related[:, None],
-                                              mask_mod)
+        if self.record_probs:
+            self.last_probs = self.dense_probs(q, k, mask_mod=mask_mod, score_mod=score_mod)
         o = self.softmax_attend(q, k, v, score_mod, mask_mod=mask_mod)  # (B, H, T, D)
         return self.o_proj(merge_heads(o.to(hidden_states.dtype))), None
-
-    @torch.no_grad()
-    def _probs(self, q: Tensor, k: Tensor, bias: Tensor, mask_mod: MaskMod | None) -> Tensor:
-        """softmax(q kᵀ/√D + bias) over the visible keys, float32, (B, H, T, T); rows with no key are 0."""
-        k = k.repeat_interleave(self.num_heads // k.shape[1], dim=1)
-        logits = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5 + bias.float()
-        mask = self.layer_mask() if mask_mod is None else and_masks(self.layer_mask(), mask_mod)
-        visible = to_dense(mask, q.shape[0], self.num_heads, q.shape[2], k.shape[2], device=q.device)
-        probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
-        return torch.nan_to_num(probs, nan=0.0)
-

@@ -4,10 +4,11 @@ Reconstruction, not a port: the released Keras code (yuyuheintju/TSCAN ``keras_m
 transformer branches, one whose tokens are time steps (all variables as features) and one whose tokens are the
 variables (their values in a 12-hour window as features), and concatenates them. This layer joins the two
 correlations in one attention over the grid cells: a key's time half is the mean over its time node (row), its item
-half the mean over its item (column), so the attention over cells factorises into a time-node softmax times an item
-softmax (:mod:`attnlab.functional.tscan`), and a time node or item the query scores low is suppressed on its whole
-row or column — the mechanism the abstract claims ("remove irrelevant items ... and irrelevant nodes in time").
-``factorised=False`` keeps the per-token keys: plain joint attention over the same cells, the ablation.
+half the mean over its item (column), so a cell's logit splits into a time-node term plus an item term (on a fully
+observed grid the attention is a time-node softmax times an item softmax; :mod:`attnlab.functional.tscan`), and a
+time node or item the query scores low is suppressed on its whole row or column — the mechanism the abstract
+claims ("remove irrelevant items ... and irrelevant nodes in time"). ``factorised=False`` keeps the per-token
+keys: plain joint attention over the same cells, the ablation.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor
 
 from attnlab.errors import ConfigError, ShapeError
-from attnlab.functional.masks import MaskMod, and_masks, from_keep, to_dense
+from attnlab.functional.masks import MaskMod, from_keep
 from attnlab.functional.tscan import check_grid, observed_keep, pool_grid_keys, rotate_time, time_head_dim
 from attnlab.layers import LAYERS
 from attnlab.layers._common import check_hidden, merge_heads, split_heads
@@ -50,10 +51,14 @@ class TemporalSpatialAttention(SoftmaxFamilyAttention):
             ``MaskedAttention`` (rope_base None = no rotation).
 
     Attributes:
-        record_probs: set True to keep the last call's probs as ``last_probs`` (B, H, N, N) float32, detached,
-            computed beside the softmax (which still runs through ``softmax_attend`` and any host hook).
+        record_probs: set True to keep the last call's probs as ``last_probs`` (B, H, N, N) float32, detached
+            (:meth:`dense_probs`, computed beside the softmax, which still runs through ``softmax_attend`` and any
+            host hook).
 
-    Raises ConfigError for bad head counts, head_dim < 2, a bad grid, a causal mask with a grid of several
+    Dtype: hidden_states in the parameters' float dtype (float32, float64, bfloat16, float16); the softmax runs in
+    that dtype on the chosen path; ``last_probs`` is float32.
+
+    Raises ConfigError for bad head counts, head_dim not an int >= 2, a bad grid, a causal mask with a grid of several
     variables, or a position_offset that is not a multiple of num_vars; ShapeError for bad hidden_states/observed.
     Source: Yu et al. 2023, arXiv:2306.01970 (abstract) and its released code (METHODS.md #37; medium-low
     confidence: the factorised form is attnlab's reading of the two branches, not the paper's equation).
@@ -105,18 +110,9 @@ class TemporalSpatialAttention(SoftmaxFamilyAttention):
             k = rotate_time(k, num_times, num_vars, self.time_dim, offset // num_vars, self.rope_base)
         mask_mod = None if observed is None else from_keep(observed_keep(observed), name="observed")
         if self.record_probs:
-            self.last_probs = self._probs(q, k, mask_mod)
+            self.last_probs = self.dense_probs(q, k, mask_mod=mask_mod)
         o = self.softmax_attend(q, k, v, mask_mod=mask_mod)  # (B, H, N, D)
         return self.o_proj(merge_heads(o.to(hidden_states.dtype))), None
-
-    def _probs(self, q: Tensor, k: Tensor, mask_mod: MaskMod | None) -> Tensor:
-        """(B, H, N, N) float32 probs of this call (the layer mask ANDed with the observed keep), detached."""
-        with torch.no_grad():
-            mask = self.layer_mask() if mask_mod is None else and_masks(self.layer_mask(), mask_mod)
-            keep = to_dense(mask, q.shape[0], self.num_heads, q.shape[2], k.shape[2], device=q.device)
-            key = k.float().repeat_interleave(self.num_heads // k.shape[1], dim=1)
-            logits = (q.float() @ key.transpose(-1, -2)) * q.shape[-1] ** -0.5
-            return torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=-1)
 
 
 __all__ = ["TemporalSpatialAttention"]
