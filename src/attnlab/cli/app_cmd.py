@@ -13,7 +13,8 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
-from attnlab.cli.options import FLAG, Debug, Seed, print_config, run_guarded, stderr, with_progress
+from attnlab.cli.options import Debug, Force, Seed, print_config, run_guarded, stderr, with_progress
+from attnlab.cli.train_cmd import ProbeArgs
 
 _RUN = "Run"
 _TRAIN = "Training (default: the app's findings run)"
@@ -39,12 +40,8 @@ EvalBatches = Annotated[Optional[int], typer.Option("--eval-batches", help="Eval
 Probe = Annotated[Optional[list[str]], typer.Option(
     "--probe", help="Probe at each evaluation (repeatable; default sink, entropy, distance; `none` for none).",
     rich_help_panel=_TRAIN)]
-ProbeArg = Annotated[Optional[list[str]], typer.Option(
-    "--probe-arg", help="Probe option PROBE.KEY=VALUE (repeatable).", rich_help_panel=_TRAIN)]
 Out = Annotated[Optional[Path], typer.Option("--out", help="Output directory (default attnlab-app-NAME).",
                                              rich_help_panel=_RUN)]
-Force = Annotated[bool, typer.Option("--force", help="Write into a non-empty --out (replaces result files).",
-                                     rich_help_panel=_RUN, metavar=FLAG)]
 
 
 def make_app_command(compare: bool) -> Callable[..., None]:
@@ -53,7 +50,7 @@ def make_app_command(compare: bool) -> Callable[..., None]:
     def command(name: AppName, variant: Variant = None, data_arg: DataArg = None, model_arg: ModelArg = None,
                 hidden_size: HiddenSize = 32, heads: Heads = 4, steps: Steps = None, lr: Lr = None,
                 batch_size: BatchSize = None, eval_every: EvalEvery = None, eval_batches: EvalBatches = None,
-                probe: Probe = None, probe_arg: ProbeArg = None, seed: Seed = 0, out: Out = None,
+                probe: Probe = None, probe_arg: ProbeArgs = None, seed: Seed = 0, out: Out = None,
                 force: Force = False, debug: Debug = False) -> None:
         options = dict(app=name, hidden_size=hidden_size, num_heads=heads, steps=steps, lr=lr,
                        batch_size=batch_size, eval_every=eval_every, eval_batches=eval_batches, seed=seed)
