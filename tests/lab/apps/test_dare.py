@@ -10,7 +10,7 @@ import torch
 
 from attnlab.errors import ConfigError
 from attnlab.lab.apps import APPS
-from attnlab.lab.apps.dare import DareData, auc, click_labels, item_styles
+from attnlab.lab.apps.dare import DareData, click_labels, item_styles
 from attnlab.lab.apps.host import load_app
 from attnlab.lab.apps.train import AppTrainConfig, train_app
 
@@ -94,13 +94,6 @@ def test_interest_behaviours_stay_in_the_users_categories():
 def test_bad_generator_arguments_raise(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         DareData(**{**SMALL, **kwargs})
-
-
-# -- metrics -------------------------------------------------------------------------------------------------------
-def test_auc_by_hand():
-    assert auc(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0.0, 0.0, 1.0, 1.0])) == pytest.approx(0.75)
-    assert auc(torch.tensor([0.5, 0.5, 0.2]), torch.tensor([1.0, 0.0, 0.0])) == pytest.approx(0.75)  # a tie: ½
-    assert math.isnan(auc(torch.tensor([0.3, 0.1]), torch.tensor([1.0, 1.0])))
 
 
 # -- model ---------------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import torch
 from attnlab.errors import ConfigError, ShapeError
 from attnlab.lab.apps import APPS
 from attnlab.lab.apps.train import AppTrainConfig, train_app
-from attnlab.lab.apps.tscan import TSCANData, cell_kinds, rank_auc
+from attnlab.lab.apps.tscan import TSCANData, cell_kinds
 
 SMALL = {"num_vars": 4, "num_times": 6, "num_relevant": 2, "window": 2}
 
@@ -92,12 +92,6 @@ def test_batches_are_pure_in_seed_split_and_step():
 def test_bad_generator_arguments(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         TSCANData(**kwargs)
-
-
-def test_rank_auc_by_hand():
-    assert rank_auc(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0.0, 0.0, 1.0, 1.0])) == 0.75
-    assert rank_auc(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 0.0])) == 0.5
-    assert np.isnan(rank_auc(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 1.0])))
 
 
 def test_model_shapes_loss_and_gradients():

@@ -39,7 +39,7 @@ dims, the rest category dims), ``top_k`` search and the per-call keep of :func:`
 3C → 64 → 32 → 1 with PReLU (the paper: 200 → 80 → 2 with batch norm). The loss is binary cross-entropy.
 
 Metrics (per eval batch; the trainer averages ``Σ sum / Σ count`` over eval batches): ``auc`` (of the batch's
-M·B candidates, ties averaged; each batch counts once), ``logloss``, ``accuracy`` (threshold 0.5),
+M·B candidates, ties ½; each batch holding both classes counts once: :func:`attnlab.lab.apps.metrics.auc_term`), ``logloss``, ``accuracy`` (threshold 0.5),
 ``positive_rate``; the search stage, read from the layer (:meth:`DecoupledAttention.search_scores`,
 :meth:`~DecoupledAttention.attention_probs`) on candidates with at least one relevant behaviour: ``recall_at_k``
 (``|top-k ∩ relevant| / min(k, |relevant|)``, k = ``top_k``, or 16 when ``top_k = 0``), ``relevant_mass``
@@ -63,10 +63,11 @@ from attnlab.functional.masks import full, to_dense
 from attnlab.lab.apps import APPS
 from attnlab.lab.apps.base import App, AppData
 from attnlab.lab.apps.host import AppConfig, AppModel
+from attnlab.lab.apps.metrics import auc_term
 from attnlab.layers.decoupled import PROJECTIONS, DecoupledAttention, target_mask
 from attnlab.params import Range, validated
 
-__all__ = ["DareApp", "DareData", "DareModel", "auc", "click_labels", "item_styles"]
+__all__ = ["DareApp", "DareData", "DareModel", "click_labels", "item_styles"]
 
 RECALL_K_WITHOUT_SEARCH = 16
 
@@ -208,22 +209,6 @@ class DareModel(AppModel):
         return self.predict(torch.cat([target, interest, target * interest], dim=-1)).squeeze(-1)
 
 
-def auc(scores: Tensor, labels: Tensor) -> float:
-    """ROC AUC of ``scores`` for binary ``labels`` (any shape, flattened), ties counted one half (Mann–Whitney
-    with averaged ranks). NaN when one class is absent."""
-    s, y = scores.detach().double().flatten(), labels.flatten() > 0.5
-    positives, negatives = int(y.sum()), int((~y).sum())
-    if positives == 0 or negatives == 0:
-        return float("nan")
-    order = s.argsort()
-    _, inverse, counts = torch.unique(s[order], return_inverse=True, return_counts=True)
-    ends = counts.cumsum(0).double()
-    average = ends - (counts.double() - 1) / 2  # mean 1-based rank of each tied group
-    ranks = torch.empty_like(s)
-    ranks[order] = average[inverse]
-    return float((ranks[y].sum() - positives * (positives + 1) / 2) / (positives * negatives))
-
-
 _INPUTS = ("behaviours", "behaviour_categories", "candidates", "candidate_categories")
 
 
@@ -263,8 +248,7 @@ class DareApp(App):
     def metrics(self, model: DareModel, batch: Mapping[str, Tensor]) -> dict[str, tuple[float, float]]:
         logits, labels = model(*(batch[key] for key in _INPUTS)), batch["labels"]
         n = labels.numel()
-        batch_auc = auc(logits, labels)
-        out = {"auc": (0.0, 0.0) if batch_auc != batch_auc else (batch_auc, 1.0),
+        out = {"auc": auc_term(logits, labels),
                "logloss": (float(F.binary_cross_entropy_with_logits(logits, labels, reduction="sum")), n),
                "accuracy": (float(((logits > 0) == (labels > 0.5)).sum()), n),
                "positive_rate": (float(labels.sum()), n)}

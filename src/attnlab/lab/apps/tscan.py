@@ -27,12 +27,13 @@ Variants (same parameters, same data): ``tscan`` — the layer's factorised keys
 query's attention over cells is a time-node softmax × an item softmax; ``plain`` — ``factorised=False``, each
 cell's own key: plain joint attention over the same cells.
 
-Metrics: ``accuracy``, ``auc`` (rank AUC of the logits, per eval batch, averaged over batches), and the attention
-of the trained model read from the layers' probs (``record_probs``; observed queries only, averaged over sites,
-heads and queries): ``relevant_mass`` (on relevant cells), ``time_distractor_mass``, ``item_distractor_mass``
-(the three sum to 1), ``relevant_chance`` (the share of observed keys that are relevant, weighted like the
-queries: what uniform attention over the observed cells would give) and ``best_head_relevant_mass`` (the
-largest per-(site, head) mean relevant mass of the batch).
+Metrics: ``accuracy``, ``auc`` (:func:`attnlab.lab.apps.metrics.auc_term`: the rank AUC of the logits per eval
+batch, averaged over the batches that hold both classes), and the attention of the trained model read from the
+layers' probs (``record_probs``; observed queries only, averaged over sites, heads and queries): ``relevant_mass``
+(on relevant cells), ``time_distractor_mass``, ``item_distractor_mass`` (the three sum to 1), ``relevant_chance``
+(the share of observed keys that are relevant, weighted like the queries: what uniform attention over the
+observed cells would give) and ``best_head_relevant_mass`` (the largest per-(site, head) mean relevant mass of the
+batch).
 """
 
 from __future__ import annotations
@@ -50,11 +51,12 @@ from attnlab.functional.masks import full
 from attnlab.lab.apps import APPS
 from attnlab.lab.apps.base import App, AppData
 from attnlab.lab.apps.host import AppConfig, AppModel
+from attnlab.lab.apps.metrics import auc_term
 from attnlab.lab.tasks.base import check
 from attnlab.layers import LAYERS
 from attnlab.params import Range, validated
 
-__all__ = ["TSCANApp", "TSCANData", "TSCANModel", "cell_kinds", "rank_auc"]
+__all__ = ["TSCANApp", "TSCANData", "TSCANModel", "cell_kinds"]
 
 RELEVANT, TIME_DISTRACTOR, ITEM_DISTRACTOR = 0, 1, 2
 
@@ -156,16 +158,6 @@ class TSCANModel(AppModel):
         return self.head(pooled).squeeze(-1)
 
 
-def rank_auc(scores: Tensor, labels: Tensor) -> float:
-    """ROC AUC as the Mann–Whitney statistic: P(score of a positive > score of a negative), ties count 1/2.
-    NaN when one class is absent. scores, labels: (B,)."""
-    positive, negative = scores[labels > 0.5], scores[labels <= 0.5]
-    if len(positive) == 0 or len(negative) == 0:
-        return float("nan")
-    diff = positive[:, None] - negative[None, :]
-    return float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean())
-
-
 @APPS.register("tscan")
 class TSCANApp(App):
     """TSCAN's factorised time × item attention vs plain joint attention on a sparse clinical-style outcome."""
@@ -206,7 +198,7 @@ class TSCANApp(App):
         seen = observed.to(probs.dtype).sum(1)  # (B,) observed cells = observed queries = observed keys
         chance = (kinds[..., RELEVANT] * observed).sum(1)  # (B,): seen · (share of observed keys that are relevant)
         return {"accuracy": (float(((logits > 0).float() == labels).sum()), float(B)),
-                "auc": (rank_auc(logits, labels), 1.0),
+                "auc": auc_term(logits, labels),
                 "relevant_mass": (float(totals[RELEVANT]), count),
                 "time_distractor_mass": (float(totals[TIME_DISTRACTOR]), count),
                 "item_distractor_mass": (float(totals[ITEM_DISTRACTOR]), count),
