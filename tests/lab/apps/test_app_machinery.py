@@ -210,6 +210,52 @@ def test_save_and_load_app_round_trip(toy, tmp_path):
         load_app(tmp_path / "missing")
 
 
+# -- shared pieces: AppBlock, recording_probs ----------------------------------------------------------------------
+class CumulativeSite(nn.Module):
+    """A stand-in site: row i of the output is the sum of input rows 0 … i (so it reads the memory rows)."""
+
+    def forward(self, x, scale=1.0):
+        return scale * x.cumsum(dim=1)
+
+
+def test_app_block_is_two_pre_norm_residuals_and_keeps_the_last_rows_after_a_memory():
+    from attnlab.lab.apps.host import AppBlock
+
+    torch.manual_seed(0)
+    block = AppBlock(CumulativeSite(), 4, 1.5)
+    assert [name for name, _ in block.named_children()] == ["site", "norm1", "norm2", "mlp"]
+    assert [tuple(m.weight.shape) for m in block.mlp if isinstance(m, nn.Linear)] == [(6, 4), (4, 6)]  # 1.5·4
+    h, memory = torch.randn(2, 3, 4), torch.randn(2, 2, 4)
+    with torch.no_grad():
+        block.mlp[2].weight.zero_()
+        block.mlp[2].bias.fill_(0.25)  # the MLP's output is the constant 0.25
+        normed = torch.nn.functional.layer_norm(torch.cat([memory, h], dim=1), (4,))  # LayerNorm at its init
+        want = h + 2.0 * normed.cumsum(dim=1)[:, 2:] + 0.25  # the site sees the memory; h's 3 rows are kept
+        torch.testing.assert_close(block(h, memory, scale=2.0), want)
+        alone = h + torch.nn.functional.layer_norm(h, (4,)).cumsum(dim=1) + 0.25
+        torch.testing.assert_close(block(h), alone)
+
+
+def test_recording_probs_switches_recording_on_for_the_block_only():
+    from attnlab.lab.apps.host import recording_probs
+
+    layers = [LAYERS.get("tscan")(8, 2, mask_mod=full()) for _ in range(2)]
+    layers[1].record_probs = True  # already on: stays on
+    hidden = torch.randn(1, 6, 8)
+    with torch.no_grad(), recording_probs(layers) as recorded:
+        assert recorded == layers
+        for layer in layers:
+            layer(hidden, grid=(3, 2))
+        probs = [layer.last_probs for layer in layers]
+    assert all(p.shape == (1, 2, 6, 6) for p in probs)
+    torch.testing.assert_close(probs[0].sum(-1), torch.ones(1, 2, 6))
+    assert (layers[0].record_probs, layers[0].last_probs) == (False, None)
+    assert layers[1].record_probs and layers[1].last_probs is probs[1]
+    with pytest.raises(ConfigError, match="record_probs"):
+        with recording_probs([LAYERS.get("masked")(8, 2)]):
+            pass
+
+
 # -- training -----------------------------------------------------------------------------------------------------
 def test_config_fills_the_apps_defaults_and_refuses_bad_values(toy):
     config = AppTrainConfig(app="toy_test")

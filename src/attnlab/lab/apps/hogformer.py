@@ -70,7 +70,7 @@ from attnlab.errors import ConfigError, ShapeError
 from attnlab.functional.masks import full
 from attnlab.lab.apps import APPS
 from attnlab.lab.apps.base import App, AppData
-from attnlab.lab.apps.host import AppConfig, AppModel
+from attnlab.lab.apps.host import AppBlock, AppConfig, AppModel
 from attnlab.layers import LAYERS
 from attnlab.params import Range, validated
 
@@ -243,18 +243,13 @@ class HOGformerNet(AppModel):
         patch_width = channels * self.patch**2
         self.pixel_embed = nn.Conv2d(1, channels, 3, padding=1)
         self.token_embed = nn.Linear(patch_width, width)
-        self.attn_norms = nn.ModuleList()
-        self.attentions = nn.ModuleList()
-        self.mlp_norms = nn.ModuleList()
-        self.mlps = nn.ModuleList()
-        for _ in range(int(args["num_blocks"])):
-            layer = LAYERS.get("hog_attention")(width, config.num_attention_heads, guidance_dim=int(args["orientations"]),
-                                                num_groups=num_groups, mask_mod=full(), rope_base=None)
-            self.attn_norms.append(nn.LayerNorm(width))
-            self.attentions.append(self.site(layer))
-            self.mlp_norms.append(nn.LayerNorm(width))
-            hidden = round(float(args["mlp_ratio"]) * width)
-            self.mlps.append(nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width)))
+        blocks = []
+        for _ in range(int(args["num_blocks"])):  # per block: the layer, then its norms and MLP (as before AppBlock)
+            layer = LAYERS.get("hog_attention")(width, config.num_attention_heads,
+                                                guidance_dim=int(args["orientations"]), num_groups=num_groups,
+                                                mask_mod=full(), rope_base=None)
+            blocks.append(AppBlock(self.site(layer), width, float(args["mlp_ratio"])))
+        self.blocks = nn.ModuleList(blocks)
         self.final_norm = nn.LayerNorm(width)
         self.token_out = nn.Linear(width, patch_width)
         self.pixel_out = nn.Sequential(nn.Conv2d(2 * channels, channels, 3, padding=1), nn.GELU(),
@@ -278,9 +273,8 @@ class HOGformerNet(AppModel):
         pixels = F.gelu(self.pixel_embed(degraded))  # (B, E, S, S)
         patches = F.unfold(pixels, self.patch, stride=self.patch).transpose(1, 2)  # (B, T, E·p²)
         x = self.token_embed(patches) + grid_positions(rows, cols, self.config.hidden_size).to(pixels)  # (B, T, C)
-        for attn_norm, attention, mlp_norm, mlp in zip(self.attn_norms, self.attentions, self.mlp_norms, self.mlps):
-            x = x + attention(attn_norm(x), guidance=guidance)  # (B, T, C)
-            x = x + mlp(mlp_norm(x))
+        for block in self.blocks:
+            x = block(x, guidance=guidance)  # (B, T, C)
         patches = self.token_out(self.final_norm(x)).transpose(1, 2)  # (B, E·p², T)
         maps = F.fold(patches, degraded.shape[2:], self.patch, stride=self.patch)  # (B, E, S, S)
         return degraded + self.pixel_out(torch.cat([maps, pixels], dim=1))

@@ -59,7 +59,7 @@ from attnlab.errors import ShapeError
 from attnlab.functional.masks import full
 from attnlab.lab.apps import APPS
 from attnlab.lab.apps.base import App, AppData
-from attnlab.lab.apps.host import AppConfig, AppModel
+from attnlab.lab.apps.host import AppBlock, AppConfig, AppModel
 from attnlab.lab.tasks.base import check
 from attnlab.layers import LAYERS
 from attnlab.params import Range, validated
@@ -123,20 +123,6 @@ class HPNetData(AppData):
         return {"observed": observed, "future": future, "path": path}
 
 
-class _Block(nn.Module):
-    """Pre-LayerNorm residual attention (one site) + pre-LayerNorm residual feed-forward, on (sequences, len, C)."""
-
-    def __init__(self, site: nn.Module, width: int) -> None:
-        super().__init__()
-        self.site = site
-        self.attention_norm, self.ffn_norm = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.ffn = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
-
-    def forward(self, hidden: Tensor) -> Tensor:
-        hidden = hidden + self.site(self.attention_norm(hidden))
-        return hidden + self.ffn(self.ffn_norm(hidden))
-
-
 class HPNetModel(AppModel):
     """Prediction embeddings (B, N, T, K, C) refined by agent / historical-prediction / mode attention sites
     (module docstring). ``forward(observed)``: observed (B, N, W − 1 + T, 2) with W = ``window`` of the model args.
@@ -154,7 +140,7 @@ class HPNetModel(AppModel):
             agent = LAYERS.get("masked")(width, heads, mask_mod=full(), rope_base=None)
             history = LAYERS.get("historical_prediction")(width, heads, max_distance=args["pred_duration"])
             mode = LAYERS.get("masked")(width, heads, mask_mod=full(), rope_base=None)
-            blocks.append(nn.ModuleList(_Block(self.site(layer), width) for layer in (agent, history, mode)))
+            blocks.append(nn.ModuleList(AppBlock(self.site(layer), width, 2.0) for layer in (agent, history, mode)))
         self.rounds = nn.ModuleList(blocks)
         self.decoder = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 2 * width), nn.GELU(),
                                      nn.Linear(2 * width, 2 * self.horizon))

@@ -50,7 +50,7 @@ from attnlab.errors import ShapeError
 from attnlab.functional.masks import full
 from attnlab.lab.apps import APPS
 from attnlab.lab.apps.base import App, AppData
-from attnlab.lab.apps.host import AppConfig, AppModel
+from attnlab.lab.apps.host import AppConfig, AppModel, recording_probs
 from attnlab.lab.apps.metrics import auc_term
 from attnlab.lab.tasks.base import check
 from attnlab.layers import LAYERS
@@ -127,6 +127,8 @@ class TSCANModel(AppModel):
         nn.init.normal_(self.var_embed.weight, std=0.5)
         nn.init.normal_(self.time_embed.weight, std=0.5)
         hidden = int(width * args["mlp_ratio"])
+        # not AppBlock: these modules are created norms, sites, MLPs (not per block), so folding would change the
+        # random initialisation and every documented number
         self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(2 * args["depth"]))
         self.sites = nn.ModuleList(
             self.site(LAYERS.get("tscan")(width, heads, factorised=factorised, mask_mod=full()))
@@ -177,15 +179,9 @@ class TSCANApp(App):
         return F.binary_cross_entropy_with_logits(logits, batch["label"])
 
     def metrics(self, model: AppModel, batch: Mapping[str, Tensor]) -> dict[str, tuple[float, float]]:
-        layers = [site.layer for site in model.attention_sites]
-        for layer in layers:
-            layer.record_probs = True
-        try:
+        with recording_probs(site.layer for site in model.attention_sites) as layers:
             logits = model(**batch)
             probs = torch.stack([layer.last_probs for layer in layers], dim=1)  # (B, S, H, N, N)
-        finally:
-            for layer in layers:
-                layer.record_probs, layer.last_probs = False, None
         labels = batch["label"]
         B = labels.shape[0]
         observed = batch["observed"].reshape(B, -1)  # (B, N)
