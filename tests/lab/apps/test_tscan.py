@@ -94,6 +94,13 @@ def test_bad_generator_arguments(kwargs, match):
         TSCANData(**kwargs)
 
 
+@pytest.mark.parametrize(("kwargs", "match"), [({"depth": 0}, "depth must be in \\[1, 32\\], got 0"),
+                                               ({"mlp_ratio": 0}, "mlp_ratio"), ({"max_vars": 0}, "max_vars")])
+def test_bad_model_arguments(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        APPS.get("tscan")(**kwargs)
+
+
 def test_model_shapes_loss_and_gradients():
     app = APPS.get("tscan")()
     model = app.build_model(seed=0)

@@ -39,11 +39,12 @@ dims, the rest category dims), ``top_k`` search and the per-call keep of :func:`
 3C → 64 → 32 → 1 with PReLU (the paper: 200 → 80 → 2 with batch norm). The loss is binary cross-entropy.
 
 Metrics (per eval batch; the trainer averages ``Σ sum / Σ count`` over eval batches): ``auc`` (of the batch's
-M·B candidates, ties ½; each batch holding both classes counts once: :func:`attnlab.lab.apps.metrics.auc_term`), ``logloss``, ``accuracy`` (threshold 0.5),
-``positive_rate``; the search stage, read from the layer (:meth:`DecoupledAttention.search_scores`,
-:meth:`~DecoupledAttention.attention_probs`) on candidates with at least one relevant behaviour: ``recall_at_k``
-(``|top-k ∩ relevant| / min(k, |relevant|)``, k = ``top_k``, or 16 when ``top_k = 0``), ``relevant_mass``
-(attention probability on relevant behaviours, mean over heads) and ``candidate_entropy`` (nats, candidate rows).
+M·B candidates, ties ½; each batch holding both classes counts once: :func:`attnlab.lab.apps.metrics.auc_term`),
+``logloss``, ``accuracy`` (threshold 0.5), ``positive_rate``; the search stage, read from the layer
+(:meth:`DecoupledAttention.search_scores`, :meth:`~DecoupledAttention.attention_probs`) on candidates with at
+least one relevant behaviour: ``recall_at_k`` (``|top-k ∩ relevant| / min(k, |relevant|)``, k = ``top_k``, or 16
+when ``top_k = 0``), ``relevant_mass`` (attention probability on relevant behaviours, mean over heads) and
+``candidate_entropy`` (nats, candidate rows).
 The default probes (``sink``, ``entropy``, ``distance``) see all T + M rows of the site, T of them the behaviours'
 one-key self rows (docs/apps/dare.md).
 """
@@ -51,7 +52,7 @@ one-key self rows (docs/apps/dare.md).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -227,17 +228,13 @@ class DareApp(App):
     higher_is_better = True
     defaults = {"steps": 900, "lr": 1e-2, "batch_size": 64, "eval_every": 150, "eval_batches": 4}
     model_defaults = {"top_k": 16, "projections": "none", "num_items": 512, "num_categories": 32}
+    model_hints = {"top_k": Annotated[int, Range(ge=0, le=4096)],  # 0 = no search
+                   "projections": Literal[PROJECTIONS],
+                   "num_items": Annotated[int, Range(ge=2, le=1 << 20)],  # num_items, num_categories: as the data's
+                   "num_categories": Annotated[int, Range(ge=1, le=1 << 16)]}
 
     def __init__(self, variant: str | None = None, **kwargs: Any) -> None:
         super().__init__(variant, **kwargs)
-        args = self.model_args
-        if args["projections"] not in PROJECTIONS:
-            raise ConfigError(f"app dare: expected projections in {PROJECTIONS}, got {args['projections']!r}")
-        if args["top_k"] < 0:
-            raise ConfigError(f"app dare: expected top_k >= 0 (0 = no search), got {args['top_k']}")
-        if args["num_items"] < 1 or args["num_categories"] < 1:
-            raise ConfigError(f"app dare: expected num_items and num_categories >= 1, got {args['num_items']} and "
-                              f"{args['num_categories']}")
         if self.hidden_size < 2:
             raise ConfigError(f"app dare: expected hidden_size >= 2 (item and category halves), got {self.hidden_size}")
 

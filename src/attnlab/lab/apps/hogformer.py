@@ -298,14 +298,14 @@ class HOGformerApp(App):
     higher_is_better = True
     defaults = {"steps": 700, "lr": 3e-3, "batch_size": 32, "eval_every": 350, "eval_batches": 8}
     model_defaults = {"patch_size": 4, "embed_channels": 8, "num_blocks": 2, "mlp_ratio": 2.0, "orientations": 9}
+    model_hints = {"patch_size": Annotated[int, Range(ge=2, le=64)],  # patch_size, orientations: as the data's
+                   "embed_channels": Annotated[int, Range(ge=1, le=1024)],
+                   "num_blocks": Annotated[int, Range(ge=1, le=32)],
+                   "mlp_ratio": Annotated[float, Range(gt=0.0, le=64.0)],
+                   "orientations": Annotated[int, Range(ge=2, le=36)]}
 
     def __init__(self, variant: str | None = None, **kwargs: Any) -> None:
         super().__init__(variant, **kwargs)
-        for key in ("patch_size", "embed_channels", "num_blocks", "orientations"):
-            if self.model_args[key] < 1:
-                raise ConfigError(f"app {self.name}: {key} must be >= 1, got {self.model_args[key]}")
-        if not self.model_args["mlp_ratio"] > 0:
-            raise ConfigError(f"app {self.name}: mlp_ratio must be > 0, got {self.model_args['mlp_ratio']}")
         if self.hidden_size % 4:
             raise ConfigError(f"app {self.name}: hidden_size={self.hidden_size} must be a multiple of 4 (2-D "
                               f"position code)")

@@ -198,15 +198,15 @@ class HPNetApp(App):
     higher_is_better = False
     defaults = {"steps": 1000, "lr": 3e-3, "batch_size": 32, "eval_every": 250, "eval_batches": 8}
     model_defaults = {"num_modes": 3, "num_rounds": 1, "pred_duration": 20, "window": 3, "horizon": 8}
+    model_hints = {"num_modes": Annotated[int, Range(ge=1, le=64)], "num_rounds": Annotated[int, Range(ge=1, le=8)],
+                   "pred_duration": Annotated[int, Range(ge=0, le=4096)],
+                   "window": Annotated[int, Range(ge=2, le=MAX_WINDOW)],
+                   "horizon": Annotated[int, Range(ge=2, le=MAX_HORIZON)]}
 
     def __init__(self, variant: str | None = None, **kwargs: Any) -> None:
         super().__init__(variant, **kwargs)
-        args = self.model_args
-        for key, low, high in (("num_modes", 1, 64), ("num_rounds", 1, 8), ("pred_duration", 0, 4096),
-                               ("window", 2, MAX_WINDOW), ("horizon", 2, MAX_HORIZON)):
-            check(low <= args[key] <= high, f"app {self.name}", f"{key} must be in {low}..{high}, got {args[key]}")
         if self.variant == "no_hpa":
-            args["pred_duration"] = 0
+            self.model_args["pred_duration"] = 0
 
     def data(self, **data_args: Any) -> HPNetData:
         """The generator, with the model's ``window`` and ``horizon`` unless given (then they must agree)."""

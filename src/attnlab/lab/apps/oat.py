@@ -305,19 +305,17 @@ class OAT(App):
     defaults = {"steps": 1200, "lr": 3e-3, "batch_size": 64, "eval_every": 400, "eval_batches": 8}
     model_defaults = {"encoder_layers": 2, "decoder_layers": 2, "mlp_ratio": 2.0, "sigma": 0.2,
                       "encoding_dim": 32, "sinusoid_scale": 10.0}
+    model_hints = {"encoder_layers": Annotated[int, Range(ge=1, le=8)],
+                   "decoder_layers": Annotated[int, Range(ge=1, le=8)], "mlp_ratio": Annotated[float, Range(gt=0.0, le=64.0)],
+                   "sigma": Annotated[float, Range(gt=0.0, le=100.0)],
+                   "encoding_dim": Annotated[int, Range(ge=4, le=1024)],
+                   "sinusoid_scale": Annotated[float, Range(gt=0.0, le=1e6)]}
 
-    def __init__(self, variant: str | None = None, *, hidden_size: int = 32, num_heads: int = 4,
-                 **model_args: Any) -> None:
-        super().__init__(variant, hidden_size=hidden_size, num_heads=num_heads, **model_args)
-        args = self.model_args
-        for key in ("encoder_layers", "decoder_layers"):
-            if not 1 <= args[key] <= 8:
-                raise ConfigError(f"app oat: expected {key} in [1, 8], got {args[key]}")
-        for key in ("sigma", "mlp_ratio", "sinusoid_scale"):
-            if not args[key] > 0:
-                raise ConfigError(f"app oat: expected {key} > 0, got {args[key]}")
-        if args["encoding_dim"] < 4 or args["encoding_dim"] % 4:
-            raise ConfigError(f"app oat: expected encoding_dim a multiple of 4, got {args['encoding_dim']}")
+    def __init__(self, variant: str | None = None, **kwargs: Any) -> None:
+        super().__init__(variant, **kwargs)
+        if self.model_args["encoding_dim"] % 4:
+            raise ConfigError(f"app oat: expected encoding_dim a multiple of 4, got "
+                              f"{self.model_args['encoding_dim']}")
 
     def loss(self, model: OATModel, batch: dict[str, Tensor]) -> Tensor:
         logits = model(**batch)
