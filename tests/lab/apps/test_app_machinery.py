@@ -210,6 +210,22 @@ def test_save_and_load_app_round_trip(toy, tmp_path):
         load_app(tmp_path / "missing")
 
 
+def test_a_shared_argument_given_on_either_side_sets_both():
+    """hpnet shares window and horizon between its model and its generator (App.shared_args)."""
+    from_data = AppTrainConfig(app="hpnet", data_args={"window": "5"})
+    assert from_data.model_args == {"window": 5} and from_data.data_args == {"window": 5}
+    assert from_data.make_app().model_args["window"] == 5
+    from_model = AppTrainConfig(app="hpnet", model_args={"horizon": 4})
+    assert from_model.data_args == {"horizon": 4}
+    assert AppTrainConfig(app="hpnet", model_args={"window": 4}, data_args={"window": "4"}).data_args["window"] == 4
+    with pytest.raises(ConfigError, match="window is given as 5 to the generator and as 4 to the model"):
+        AppTrainConfig(app="hpnet", model_args={"window": 4}, data_args={"window": 5})
+    app = APPS.get("hpnet")(window=4)
+    assert app.data().window == 4 and app.data(window=4).horizon == app.model_args["horizon"] == 8
+    with pytest.raises(ConfigError, match="generator's window=5 differs from the model's window=4"):
+        app.data(window=5)  # the app's model is fixed: only a config (or the CLI) sets both sides
+
+
 # -- shared pieces: AppBlock, recording_probs ----------------------------------------------------------------------
 class CumulativeSite(nn.Module):
     """A stand-in site: row i of the output is the sum of input rows 0 … i (so it reads the memory rows)."""

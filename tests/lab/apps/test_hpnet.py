@@ -75,11 +75,7 @@ def test_bad_generator_arguments(kwargs, match):
         HPNetData(**kwargs)
 
 
-def test_the_app_gives_the_generator_its_window_and_refuses_a_mismatch():
-    app = small_app()
-    assert (app.data().window, app.data().horizon) == (3, 3)
-    with pytest.raises(ConfigError, match="window=5 differs from the model's window=3"):
-        app.data(window=5)
+def test_bad_app_arguments():
     with pytest.raises(ConfigError, match="num_modes"):
         small_app(num_modes=0)
     with pytest.raises(ConfigError, match="variant"):

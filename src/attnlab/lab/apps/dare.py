@@ -215,7 +215,10 @@ _INPUTS = ("behaviours", "behaviour_categories", "candidates", "candidate_catego
 
 @APPS.register("dare")
 class DareApp(App):
-    """DARE's decoupled attention and representation embeddings for long-sequence CTR (Feng et al., ICLR 2025)."""
+    """DARE's decoupled attention and representation embeddings for long-sequence CTR (Feng et al., ICLR 2025).
+
+    Model arguments: ``top_k`` (16; 0 = no search), ``projections`` ("none" or "linear"), ``num_items`` and
+    ``num_categories`` (512 and 32; shared with the generator: a value given on either side sets both)."""
 
     layer = "decoupled"
     data_class = DareData
@@ -232,6 +235,7 @@ class DareApp(App):
                    "projections": Literal[PROJECTIONS],
                    "num_items": Annotated[int, Range(ge=2, le=1 << 20)],  # num_items, num_categories: as the data's
                    "num_categories": Annotated[int, Range(ge=1, le=1 << 16)]}
+    shared_args = ("num_items", "num_categories")
 
     def __init__(self, variant: str | None = None, **kwargs: Any) -> None:
         super().__init__(variant, **kwargs)

@@ -284,8 +284,9 @@ class HOGformerNet(AppModel):
 class HOGformerApp(App):
     """HOGformer (Wu et al. 2025): all-in-one restoration of synthetic grey images, with and without HOG guidance.
 
-    Model arguments (``--model-arg``): patch_size (4; must equal the data's), embed_channels (8), num_blocks (2
-    attention sites), mlp_ratio (2.0), orientations (9; the HOG bins, must equal the data's). See the module
+    Model arguments (``--model-arg``): patch_size (4; shared with the data), embed_channels (8), num_blocks (2
+    attention sites), mlp_ratio (2.0), orientations (9; the HOG bins, shared with the data). A shared argument
+    (``App.shared_args``) given on either side sets both. See the module
     docstring for the data, model, loss and metrics."""
 
     layer = "hog_attention"
@@ -303,6 +304,7 @@ class HOGformerApp(App):
                    "num_blocks": Annotated[int, Range(ge=1, le=32)],
                    "mlp_ratio": Annotated[float, Range(gt=0.0, le=64.0)],
                    "orientations": Annotated[int, Range(ge=2, le=36)]}
+    shared_args = ("patch_size", "orientations")
 
     def __init__(self, variant: str | None = None, **kwargs: Any) -> None:
         super().__init__(variant, **kwargs)

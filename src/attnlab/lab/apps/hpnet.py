@@ -186,7 +186,7 @@ class HPNetApp(App):
 
     Model arguments: ``num_modes`` K (3), ``num_rounds`` of triple attention (1), ``pred_duration`` (20, the
     released default: the largest Δ the HPA site sees in the ``hpa`` variant), ``window`` and ``horizon`` (3 and 8;
-    must equal the generator's, which get them by default).
+    shared with the generator: ``App.shared_args``, a value given on either side sets both).
     """
 
     layer = "historical_prediction"
@@ -202,21 +202,12 @@ class HPNetApp(App):
                    "pred_duration": Annotated[int, Range(ge=0, le=4096)],
                    "window": Annotated[int, Range(ge=2, le=MAX_WINDOW)],
                    "horizon": Annotated[int, Range(ge=2, le=MAX_HORIZON)]}
+    shared_args = ("window", "horizon")
 
     def __init__(self, variant: str | None = None, **kwargs: Any) -> None:
         super().__init__(variant, **kwargs)
         if self.variant == "no_hpa":
             self.model_args["pred_duration"] = 0
-
-    def data(self, **data_args: Any) -> HPNetData:
-        """The generator, with the model's ``window`` and ``horizon`` unless given (then they must agree)."""
-        data = HPNetData(**{"window": self.model_args["window"], "horizon": self.model_args["horizon"],
-                            **data_args})
-        for key in ("window", "horizon"):
-            check(getattr(data, key) == self.model_args[key], f"app {self.name}",
-                  f"the generator's {key}={getattr(data, key)} differs from the model's {key}="
-                  f"{self.model_args[key]}; set both (--data-arg and --model-arg)")
-        return data
 
     def loss(self, model: HPNetModel, batch: Mapping[str, Tensor]) -> Tensor:
         ade = forecast_errors(model(batch["observed"]), batch["future"]).mean(dim=-1)  # (B, N, T, K)

@@ -104,6 +104,9 @@ class AppTrainConfig:
             else:
                 value = coerce(value, hints[item.name], owner="app", param=item.name)
             object.__setattr__(self, item.name, value)
+        model_args, data_args = app.share_args(self.model_args, self.data_args)  # a shared value sets both sides
+        object.__setattr__(self, "model_args", model_args)
+        object.__setattr__(self, "data_args", data_args)
         if self.warmup_steps > self.steps:
             raise ConfigError(f"app: warmup_steps={self.warmup_steps} exceeds steps={self.steps}")
         self.make_app().data(**{"seed": self.seed, **self.data_args})  # ConfigError for a bad variant, model or

@@ -173,6 +173,8 @@ class TSCANApp(App):
     higher_is_better = True
     defaults = {"steps": 1000, "lr": 3e-3, "batch_size": 32, "eval_every": 250, "eval_batches": 16}
     model_defaults = {"depth": 2, "mlp_ratio": 2.0, "max_times": 64, "max_vars": 64}
+    # max_times, max_vars are table sizes (>= the data's num_times, num_vars), not shared values: the forward
+    # refuses a larger grid with a ShapeError naming them
     model_hints = {"depth": Annotated[int, Range(ge=1, le=32)], "mlp_ratio": Annotated[float, Range(gt=0.0, le=64.0)],
                    "max_times": Annotated[int, Range(ge=1, le=4096)], "max_vars": Annotated[int, Range(ge=1, le=4096)]}
 
