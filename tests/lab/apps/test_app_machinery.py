@@ -343,6 +343,18 @@ def test_same_seed_same_run_and_compare_uses_the_same_data(toy):
         compare_variants(AppTrainConfig(app="toy_test"), ("wide",))
 
 
+def test_the_compare_table_summarises_the_apps_summary_sites(toy, monkeypatch):
+    monkeypatch.setattr(toy, "summary_sites", lambda self: (1,))
+    compared = compare_variants(AppTrainConfig(app="toy_test", probes=("entropy",)), ("deep",))
+    rows = compared.runs["deep"].probe_rows
+    site_1 = [r["value"] for r in rows if r["statistic"] == "entropy" and r["step"] == 4 and r["layer"] == 1]
+    every = [r["value"] for r in rows if r["statistic"] == "entropy" and r["step"] == 4 and r["layer"] is not None]
+    assert len(site_1) == 4 and len(every) == 8  # 4 heads per site
+    assert compared.table[0]["entropy"] == pytest.approx(sum(site_1) / 4)
+    assert compared.table[0]["entropy"] != pytest.approx(sum(every) / 8)
+    assert compared.results["extras"]["compare"]["summary_sites"] == [1]
+
+
 def test_compare_progress_counts_over_every_variant(toy):
     seen = []
     compare_variants(AppTrainConfig(app="toy_test", probes=()), progress=lambda done, total, _: seen.append((done, total)))

@@ -75,6 +75,10 @@ def test_bad_generator_arguments(kwargs, match):
         HPNetData(**kwargs)
 
 
+def test_the_compare_table_summarises_the_hpa_sites():
+    assert small_app().summary_sites() == (1,) and small_app(num_rounds=2).summary_sites() == (1, 4)
+
+
 def test_bad_app_arguments():
     with pytest.raises(ConfigError, match="num_modes"):
         small_app(num_modes=0)

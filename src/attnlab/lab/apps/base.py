@@ -187,6 +187,12 @@ class App:
             model = self.model_class(self.config())
         return model.train()
 
+    def summary_sites(self) -> tuple[int, ...] | None:
+        """The attention sites whose probe rows the comparison table summarises (entropy, sink_rate,
+        power_law_exponent: :func:`attnlab.lab.apps.results.summary_row`); None = every site. An app overrides it
+        when other sites' statistics are set by their layout (e.g. 3 keys, below the sink threshold)."""
+        return None
+
     def loss(self, model: AppModel, batch: Mapping[str, Tensor]) -> Tensor:
         """The scalar training loss of ``batch`` (one forward pass of ``model``)."""
         raise NotImplementedError

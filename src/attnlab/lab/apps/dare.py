@@ -242,6 +242,10 @@ class DareApp(App):
         if self.hidden_size < 2:
             raise ConfigError(f"app dare: expected hidden_size >= 2 (item and category halves), got {self.hidden_size}")
 
+    # summary_sites: all (the one site). Its 136 query rows are 128 self-only behaviour rows and 8 candidate rows,
+    # so the compare table's entropy (≈ 0.15) and sink_rate (≈ 0.9) describe that layout; choosing sites cannot
+    # separate rows: the candidate-row statistics are the metrics candidate_entropy and relevant_mass.
+
     def loss(self, model: DareModel, batch: Mapping[str, Tensor]) -> Tensor:
         logits = model(*(batch[key] for key in _INPUTS))
         return F.binary_cross_entropy_with_logits(logits, batch["labels"])

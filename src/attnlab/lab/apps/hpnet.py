@@ -209,6 +209,11 @@ class HPNetApp(App):
         if self.variant == "no_hpa":
             self.model_args["pred_duration"] = 0
 
+    def summary_sites(self) -> tuple[int, ...]:
+        """The HPA sites (3r + 1): the agent and mode sites have 3 keys, so uniform attention (1/3) already exceeds
+        the sink threshold ε = 0.3 and their summaries are set by the layout."""
+        return tuple(3 * r + 1 for r in range(self.model_args["num_rounds"]))
+
     def loss(self, model: HPNetModel, batch: Mapping[str, Tensor]) -> Tensor:
         ade = forecast_errors(model(batch["observed"]), batch["future"]).mean(dim=-1)  # (B, N, T, K)
         return ade.min(dim=-1).values.mean()
