@@ -111,6 +111,12 @@ def test_batches_are_pure_in_seed_split_and_step():
         ToyData(seq_len=1)
 
 
+def test_a_generator_must_name_itself():
+    with pytest.raises(ConfigError, match="AppData subclass Nameless: expected its own name"):
+        class Nameless(AppData):
+            pass
+
+
 # -- app and host --------------------------------------------------------------------------------------------------
 def test_app_checks_variant_sizes_and_model_args(toy):
     assert toy().variant == "deep" and toy("shallow").model_args == {"depth": 1}

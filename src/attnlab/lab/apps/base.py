@@ -33,14 +33,20 @@ __all__ = ["App", "AppData"]
 class AppData:
     """Base class of an application's data generator; subclasses implement :meth:`sample`.
 
-    Subclasses set ``self.seed`` in a ``@validated`` constructor and keep every constructor parameter as an
-    attribute of the same name (:meth:`describe` reads them back). A batch is a pure function of
+    Subclasses set their own ``name`` (the app's: it names the generator in errors and in ``describe()``; a class
+    without one raises ConfigError when it is defined), set ``self.seed`` in a ``@validated`` constructor and keep
+    every constructor parameter as an attribute of the same name (:meth:`describe` reads them back). A batch is a pure function of
     ``(seed, split, step, batch_size)``: :meth:`rng` is ``default_rng(SeedSequence([seed, split_id, step]))`` with
     train = 0, eval = 1, as for the lab's tasks (:mod:`attnlab.lab.tasks.base`).
     """
 
-    name: ClassVar[str] = "data"
+    name: ClassVar[str] = ""
     seed: int
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.__dict__.get("name"):
+            raise ConfigError(f"AppData subclass {cls.__name__}: expected its own name (name = \"app\"), got none")
 
     def rng(self, step: int, split: Split = "train") -> np.random.Generator:
         """The generator of batch ``step`` of ``split``."""

@@ -77,6 +77,8 @@ class TSCANData(AppData):
     docstring). Raises ConfigError for a value out of range, ``num_relevant > num_vars`` or windows that do not fit
     (``num_times − window − (num_relevant − 1) · (num_times // num_relevant) < 0``)."""
 
+    name = "tscan"
+
     @validated
     def __init__(self, num_vars: Annotated[int, Range(ge=1, le=64)] = 8,
                  num_times: Annotated[int, Range(ge=1, le=64)] = 12,
