@@ -389,3 +389,84 @@ def test_cli_train_compare_and_bad_input(toy, tmp_path):
     assert json.loads((tmp_path / "one" / "results.json").read_text())["extras"]["app"]["variant"] == "shallow"
     listed = runner.invoke(app, ["ls", "apps"])
     assert listed.exit_code == 0 and "toy_test" in listed.stdout and "variants deep, shallow" in listed.stdout
+
+
+# -- every built-in application: the generic checks, each app's own cases are in test_<app>.py ---------------------
+SMALL = {  # each app's small generator arguments (shared ones set its model too): fast batches and models
+    "hpnet": {"num_agents": 2, "num_forecasts": 4, "horizon": 3},
+    "tscan": {"num_vars": 4, "num_times": 6, "num_relevant": 2, "window": 2},
+    "oat": {"num_objects": 5, "grid": 3},
+    "dare": {"num_items": 64, "num_categories": 8, "seq_len": 12, "num_candidates": 3},
+    "hogformer": {"image_size": 16, "patch_size": 4},
+}
+BUILT_IN = [name for name in APPS.names() if name != "toy_test"]
+
+
+def small(name, seed=0):
+    """(app, data) of ``name`` at its SMALL sizes: hidden 16, 2 heads."""
+    app_cls = APPS.get(name)
+    model_args, data_args = app_cls.share_args({}, SMALL[name])
+    app = app_cls(hidden_size=16, num_heads=2, **model_args)
+    return app, app.data(seed=seed, **data_args)
+
+
+def test_every_built_in_app_has_small_arguments_here():
+    assert sorted(BUILT_IN) == sorted(SMALL)
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_every_apps_batches_are_pure_in_seed_split_and_step(name):
+    _, data = small(name, seed=1)
+    first = data.batch(3, 4)
+    assert all(torch.equal(first[key], data.batch(3, 4)[key]) for key in first)
+    for other in (data.batch(4, 4), data.batch(3, 4, split="eval"), small(name, seed=2)[1].batch(3, 4)):
+        assert any(not torch.equal(first[key], other[key]) for key in first)
+    assert all(value.shape[0] == 4 and value.dtype in (torch.float32, torch.int64, torch.bool)
+               for value in first.values())
+    described = data.describe()
+    assert described["name"] == name and described["seed"] == 1
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_every_apps_model_knobs_are_consistent(name):
+    """Defaults within their model_hints bounds; shared arguments are knobs of both sides with equal defaults."""
+    import inspect
+
+    app_cls = APPS.get(name)
+    assert app_cls.check_model_args({}) == app_cls.model_defaults
+    assert set(app_cls.model_hints) <= set(app_cls.model_defaults)
+    data_defaults = {key: p.default for key, p in inspect.signature(app_cls.data_class).parameters.items()}
+    for key in app_cls.shared_args:
+        assert app_cls.model_defaults[key] == data_defaults[key], key
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_every_app_trains_a_few_steps_and_reloads_from_its_checkpoint(name, tmp_path):
+    result = train_app(AppTrainConfig(app=name, hidden_size=16, num_heads=2, steps=3, batch_size=4, eval_every=3,
+                                      eval_batches=1, data_args=SMALL[name], probes=("entropy",),
+                                      out=str(tmp_path / "run")))
+    app_cls = APPS.get(name)
+    assert {"loss", app_cls.headline} <= set(result.final)
+    losses = [(row["step"], row["value"]) for row in result.log if row["split"] == "train"
+              and row["statistic"] == "loss"]
+    assert [step for step, _ in losses] == [1, 2, 3] and all(math.isfinite(value) for _, value in losses)
+    assert {row["variant"] for row in result.probe_rows} == {next(iter(app_cls.variants))}
+    assert result.attention_paths.keys() == set(range(result.model.config.num_hidden_layers))
+    app, loaded = load_app(result.checkpoint)
+    batch = app.data(**loaded.config.data_args).batch(0, 2, split="eval")
+    with torch.no_grad():
+        assert float(app.loss(loaded, batch)) == float(app.loss(result.model.eval(), batch))
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_a_session_sees_every_site_of_every_app(name):
+    from attnlab import Session
+
+    app, data = small(name)
+    model = app.build_model(seed=0).eval()
+    with torch.no_grad(), Session(model, probes=["entropy"]) as session:
+        app.loss(model, data.batch(0, 2))
+    rows = session.results()
+    sites = set(range(model.config.num_hidden_layers))
+    assert set(rows[rows.probe == "entropy"].layer.dropna().astype(int)) == sites
+    assert set(session.attention_paths) == sites
