@@ -24,8 +24,9 @@ row-major (token t·V + v); ``depth`` pre-norm blocks of [tscan layer on (grid, 
 observed tokens (the released code's global average pooling) → a linear logit. Loss: binary cross-entropy.
 
 Variants (same parameters, same data): ``tscan`` — the layer's factorised keys (row and column means), so every
-query's attention over cells is a time-node softmax × an item softmax; ``plain`` — ``factorised=False``, each
-cell's own key: plain joint attention over the same cells.
+query's logits split into a time-node term plus an item term (a product of a time softmax and an item softmax only
+on a fully observed grid: with unobserved cells the softmax runs over the observed ones); ``plain`` —
+``factorised=False``, each cell's own key: plain joint attention over the same cells.
 
 Metrics: ``accuracy``, ``auc`` (:func:`attnlab.lab.apps.metrics.auc_term`: the rank AUC of the logits per eval
 batch, averaged over the batches that hold both classes), and the attention of the trained model read from the
@@ -169,7 +170,8 @@ class TSCANApp(App):
     layer = "tscan"
     data_class = TSCANData
     model_class = TSCANModel
-    variants = {"tscan": "TSCAN: keys pooled per time node and per item, attention = time softmax × item softmax",
+    variants = {"tscan": "TSCAN: keys pooled per time node and per item; logits = a time-node term + an item term "
+                         "(a product of softmaxes only on a fully observed grid)",
                 "plain": "plain joint softmax attention over the same cells (each cell's own key)"}
     headline = "accuracy"
     higher_is_better = True
