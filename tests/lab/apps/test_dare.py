@@ -73,6 +73,35 @@ def test_batches_have_the_documented_fields():
     assert data.describe()["seq_len"] == 12
 
 
+def test_the_documented_calls_reproduce_a_batch_bit_for_bit():
+    """The module docstring's calls, in its order, on default_rng(SeedSequence([seed, split = 1 (eval), step]))."""
+    data = DareData(**SMALL, seed=5)
+    got = data.batch(2, 3, split="eval")
+    B, K, n, T, M, V, P = 3, 8, 6, 12, 3, 64, 8
+    base = np.array([1] * (P // 2) + [-1] * (P // 2))
+    styles = np.random.default_rng(np.random.SeedSequence([5, 2])).permuted(np.tile(base, (K, 1)), axis=1).ravel()
+    rng = np.random.default_rng(np.random.SeedSequence([5, 1, 2]))
+    interests = np.argsort(rng.random((B, K)), axis=1)[:, :n]
+    preferred = rng.integers(0, 2, size=(B, n)) * 2 - 1
+    weights = rng.dirichlet(np.ones(n), size=B)
+    u = rng.random((B, T))
+    faithful = rng.random((B, T)) < 0.9
+    pick = rng.integers(0, P // 2, size=(B, T))
+    noisy, anything = rng.random((B, T)) < 0.3, rng.integers(0, V, size=(B, T))
+    from_interest, which_interest = rng.random((B, M)) < 0.5, rng.integers(0, n, size=(B, M))
+    any_category, offset = rng.integers(0, K, size=(B, M)), rng.integers(0, P, size=(B, M))
+    behaviours = np.zeros((B, T), dtype=np.int64)
+    for b in range(B):
+        for t in range(T):
+            j = min(int((np.cumsum(weights[b]) < u[b, t]).sum()), n - 1)
+            style = preferred[b, j] if faithful[b, t] else -preferred[b, j]
+            ids = [i for i in range(interests[b, j] * P, (interests[b, j] + 1) * P) if styles[i] == style]
+            behaviours[b, t] = anything[b, t] if noisy[b, t] else ids[pick[b, t]]
+    categories = np.where(from_interest, np.take_along_axis(interests, which_interest, axis=1), any_category)
+    assert np.array_equal(got["behaviours"].numpy(), behaviours)
+    assert np.array_equal(got["candidates"].numpy(), categories * P + offset)
+
+
 def test_interest_behaviours_stay_in_the_users_categories():
     data = DareData(**SMALL, interests_per_user=2, noise=0.0)
     categories = data.batch(0, 32)["behaviour_categories"]

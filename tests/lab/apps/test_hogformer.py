@@ -22,6 +22,7 @@ from attnlab.lab.apps.hogformer import (
     grid_positions,
     hog_cells,
     psnr,
+    rain_layer,
     render_clean,
 )
 from attnlab.layers.hog_attention import hog_keep
@@ -75,6 +76,27 @@ def test_degradations_change_the_image_as_described():
     assert (rainy >= 0.5).all() and 0.5 + 0.3 <= rainy.max() <= 0.5 + 0.6  # streak brightness 0.3 … 0.6 added
     with pytest.raises(ConfigError, match="degradation"):
         degrade(rng, clean, "snow", noise_sigma=0.1, blur_sigma=1.0, rain_streaks=4)
+
+
+def test_the_rain_layer_follows_the_documented_calls():
+    """Direction first, then the streak count, then per streak start, length, brightness; layer = max of
+    s·max(0, 1 − distance to the segment), recomputed here pixel by pixel."""
+    S, streaks = 12, 5
+    layer = rain_layer(np.random.default_rng(4), S, streaks)
+    rng = np.random.default_rng(4)
+    angle = math.pi / 2 + rng.uniform(-0.45, 0.45)
+    want = np.zeros((S, S))
+    for _ in range(int(rng.integers(3, streaks + 1))):  # ⌈5/2⌉ … 5
+        start, length, s = rng.uniform(0.0, S, 2), rng.uniform(6.0, 14.0), rng.uniform(0.3, 0.6)
+        end = start + length * np.array([math.cos(angle), math.sin(angle)])
+        for row in range(S):
+            for col in range(S):
+                p = np.array([col + 0.5, row + 0.5])
+                t = min(max(float((p - start) @ (end - start)) / length**2, 0.0), 1.0)
+                distance = float(np.linalg.norm(p - start - t * (end - start)))
+                want[row, col] = max(want[row, col], s * max(0.0, 1.0 - distance))
+    np.testing.assert_allclose(layer, want, atol=1e-12)
+    assert layer.max() > 0.29
 
 
 def test_clean_images_are_in_range_and_reproducible():

@@ -35,8 +35,8 @@ class AppData:
 
     Subclasses set their own ``name`` (the app's: it names the generator in errors and in ``describe()``; a class
     without one raises ConfigError when it is defined), set ``self.seed`` in a ``@validated`` constructor and keep
-    every constructor parameter as an attribute of the same name (:meth:`describe` reads them back). A batch is a pure function of
-    ``(seed, split, step, batch_size)``: :meth:`rng` is ``default_rng(SeedSequence([seed, split_id, step]))`` with
+    every constructor parameter as an attribute of the same name (:meth:`describe` reads them back). A batch is a
+    pure function of ``(seed, split, step, batch_size)``: :meth:`rng` is ``default_rng(SeedSequence([seed, split_id, step]))`` with
     train = 0, eval = 1, as for the lab's tasks (:mod:`attnlab.lab.tasks.base`).
     """
 

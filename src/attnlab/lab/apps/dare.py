@@ -8,22 +8,32 @@ behaviour's attention embedding (no projection matrices), the top-k behaviours b
 search), a softmax over their scores weights their *representation* embeddings, and an MLP reads
 ``[target representation, weighted behaviours, their product]``. TWIN uses one table for both roles; DARE two.
 
-Data (:class:`DareData`; every draw comes from the batch's generator, ``default_rng(SeedSequence([seed, split,
-step]))``, in this order, except the item table):
+Data (:class:`DareData`):
 
 - Items ``0 … V−1`` (``num_items``) fall into ``K = num_categories`` categories of ``P = V / K`` consecutive ids
-  (item i is in category ``i // P``). Each item has a style ±1: in each category exactly half the items have style
-  +1, chosen by ``default_rng(SeedSequence([seed, 2]))`` (the item table, fixed for a seed, shared by the splits).
-- A user has ``n = interests_per_user`` interests: (1) n distinct categories, uniform; (2) a preferred style ±1
-  for each, uniform; (3) interest weights ~ Dirichlet(1, …, 1).
-- Behaviours (``seq_len`` = T per user): (4) an interest per behaviour, by the weights; (5) its style: the
-  interest's preferred style with probability ``style_fidelity``, else the other; (6) an item uniform among the
-  P/2 items of that category and style; (7) with probability ``noise`` the behaviour is instead an item uniform
-  over all V (one uniform draw per behaviour and one item per behaviour are made for every position, then kept
-  only where the noise draw fell below ``noise``). The order of behaviours carries nothing.
-- Candidates (``num_candidates`` = M per user): (8) with probability ``candidate_from_interest`` the category of
-  one of the user's interests (uniform), else a category uniform over all K; (9) an item uniform in it (either
-  style).
+  (item i is in category ``i // P``). Each item has a style ±1, in each category exactly half +1: the item table
+  (:func:`item_styles`, fixed for a seed and shared by the splits) is
+  ``default_rng(SeedSequence([seed, 2])).permuted(tile(base, (K, 1)), axis=1)``, row k = category k, with
+  ``base`` = P/2 times +1 then P/2 times −1. ``by_style[k, 0]`` / ``by_style[k, 1]`` list the items of category k
+  with style +1 / −1 in increasing id order.
+- A batch of B users (``n = interests_per_user``, ``T = seq_len`` behaviours, ``M = num_candidates``) makes
+  these calls on its generator ``rng = default_rng(SeedSequence([seed, split, step]))``, in this order:
+
+  1. interests (n distinct categories, uniform): ``argsort(rng.random((B, K)), axis=1)[:, :n]``;
+  2. their preferred styles: ``rng.integers(0, 2, size=(B, n)) · 2 − 1``;
+  3. interest weights: ``rng.dirichlet(ones(n), size=B)``;
+  4. each behaviour's interest: ``u = rng.random((B, T))``; the interest is the number of cumulative weights
+     below u (at most n − 1);
+  5. its style: ``rng.random((B, T)) < style_fidelity`` keeps the interest's preferred style, else the other;
+  6. its item: ``by_style[category, style index, rng.integers(0, P // 2, size=(B, T))]``;
+  7. noise: where ``rng.random((B, T)) < noise`` the behaviour is instead ``rng.integers(0, V, size=(B, T))``
+     (both arrays are drawn for every position);
+  8. candidate categories: where ``rng.random((B, M)) < candidate_from_interest`` the category of interest
+     ``rng.integers(0, n, size=(B, M))``, else ``rng.integers(0, K, size=(B, M))`` (all three drawn, in this
+     order, for every candidate);
+  9. candidate items, either style: ``category · P + rng.integers(0, P, size=(B, M))``.
+
+  The order of behaviours carries nothing.
 - Label (10): a candidate c is clicked when it matches an interest strongly represented among the behaviours:
   ``agreement(c) = Σ_j style(b_j)·style(c)`` over the behaviours b_j of c's category must reach ``threshold``. The
   label is a function of the observed sequence (a model that retrieves every same-category behaviour and reads

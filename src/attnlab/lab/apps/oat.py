@@ -306,7 +306,8 @@ class OAT(App):
     model_defaults = {"encoder_layers": 2, "decoder_layers": 2, "mlp_ratio": 2.0, "sigma": 0.2,
                       "encoding_dim": 32, "sinusoid_scale": 10.0}
     model_hints = {"encoder_layers": Annotated[int, Range(ge=1, le=8)],
-                   "decoder_layers": Annotated[int, Range(ge=1, le=8)], "mlp_ratio": Annotated[float, Range(gt=0.0, le=64.0)],
+                   "decoder_layers": Annotated[int, Range(ge=1, le=8)],
+                   "mlp_ratio": Annotated[float, Range(gt=0.0, le=64.0)],
                    "sigma": Annotated[float, Range(gt=0.0, le=100.0)],
                    "encoding_dim": Annotated[int, Range(ge=4, le=1024)],
                    "sinusoid_scale": Annotated[float, Range(gt=0.0, le=1e6)]}
