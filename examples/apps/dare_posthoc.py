@@ -6,11 +6,11 @@
 
 On the run's eval batches (seed, data arguments, batch size and count read from RUN/results.json):
 
-1. Data-only reference AUCs (no model), each computed with the app's `auc` per eval batch and then averaged, as
-   the app's `auc` metric: the label's own score (the style agreement over every same-category behaviour); the
-   agreement over the first `top_k` behaviours (a search that ignores relevance); the count of same-category
-   behaviours; the style agreement over the whole history (no search). Then the chance `recall_at_k` of a search
-   that ignores relevance, top_k / seq_len.
+1. Data-only reference AUCs (no model), each computed with `attnlab.lab.apps.metrics.auc` per eval batch and
+   then averaged, as the app's `auc` metric: the label's own score (the style agreement over every same-category
+   behaviour); the agreement over the first `top_k` behaviours (a search that ignores relevance); the count of
+   same-category behaviours; the style agreement over the whole history (no search). Then the chance
+   `recall_at_k` of a search that ignores relevance, top_k / seq_len.
 2. Each saved checkpoint's `auc` on the same batches (it should equal the run's table: the batches are the same).
 """
 
@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
-from attnlab.lab.apps.dare import auc, click_labels
+from attnlab.lab.apps.dare import click_labels
 from attnlab.lab.apps.host import load_app
+from attnlab.lab.apps.metrics import auc
 
 
 def references(data, settings: dict, top_k: int) -> dict[str, float]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from attnlab.lab.apps.host import load_app
+from attnlab.lab.apps.host import load_app, recording_probs
 
 VARIANTS = ("tscan", "plain")
 
@@ -27,24 +27,22 @@ def per_head(run: Path, variant: str, settings: dict) -> tuple[torch.Tensor, tor
     """Masses (S, H, 3) and entropies (S, H), means over every observed query; accuracy and example count."""
     app, model = load_app(run / variant / "checkpoint")
     data = app.data(**{"seed": settings["seed"], **settings["data_args"]})
-    layers = [site.layer for site in model.attention_sites]
     mass = entropy = 0.0
     queries = correct = examples = 0
-    for layer in layers:
-        layer.record_probs = True
-    for index in range(settings["eval_batches"]):
-        batch = data.batch(index, settings["batch_size"], split="eval")
-        logits = model(**batch)
-        probs = torch.stack([layer.last_probs for layer in layers], dim=1).double()  # (B, S, H, N, N)
-        B = probs.shape[0]
-        observed = batch["observed"].reshape(B, 1, 1, -1).double()  # query weights (B, 1, 1, N)
-        kinds = F.one_hot(batch["kind"].reshape(B, -1), 3).double()  # (B, N, 3): relevant, time, item
-        mass = mass + ((probs @ kinds[:, None, None]) * observed[..., None]).sum(dim=(0, 3))
-        row_entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1)  # (B, S, H, N)
-        entropy = entropy + (row_entropy * observed).sum(dim=(0, 3))
-        queries += int(batch["observed"].sum())
-        correct += int(((logits > 0).float() == batch["label"]).sum())
-        examples += B
+    with recording_probs(site.layer for site in model.attention_sites) as layers:
+        for index in range(settings["eval_batches"]):
+            batch = data.batch(index, settings["batch_size"], split="eval")
+            logits = model(**batch)
+            probs = torch.stack([layer.last_probs for layer in layers], dim=1).double()  # (B, S, H, N, N)
+            B = probs.shape[0]
+            observed = batch["observed"].reshape(B, 1, 1, -1).double()  # query weights (B, 1, 1, N)
+            kinds = F.one_hot(batch["kind"].reshape(B, -1), 3).double()  # (B, N, 3): relevant, time, item
+            mass = mass + ((probs @ kinds[:, None, None]) * observed[..., None]).sum(dim=(0, 3))
+            row_entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1)  # (B, S, H, N)
+            entropy = entropy + (row_entropy * observed).sum(dim=(0, 3))
+            queries += int(batch["observed"].sum())
+            correct += int(((logits > 0).float() == batch["label"]).sum())
+            examples += B
     return mass / queries, entropy / queries, correct / examples, examples
 
 

@@ -111,6 +111,12 @@ def test_batches_are_pure_in_seed_split_and_step():
         ToyData(seq_len=1)
 
 
+def test_a_generator_must_name_itself():
+    with pytest.raises(ConfigError, match="AppData subclass Nameless: expected its own name"):
+        class Nameless(AppData):
+            pass
+
+
 # -- app and host --------------------------------------------------------------------------------------------------
 def test_app_checks_variant_sizes_and_model_args(toy):
     assert toy().variant == "deep" and toy("shallow").model_args == {"depth": 1}
@@ -210,6 +216,68 @@ def test_save_and_load_app_round_trip(toy, tmp_path):
         load_app(tmp_path / "missing")
 
 
+def test_a_shared_argument_given_on_either_side_sets_both():
+    """hpnet shares window and horizon between its model and its generator (App.shared_args)."""
+    from_data = AppTrainConfig(app="hpnet", data_args={"window": "5"})
+    assert from_data.model_args == {"window": 5} and from_data.data_args == {"window": 5}
+    assert from_data.make_app().model_args["window"] == 5
+    from_model = AppTrainConfig(app="hpnet", model_args={"horizon": 4})
+    assert from_model.data_args == {"horizon": 4}
+    assert AppTrainConfig(app="hpnet", model_args={"window": 4}, data_args={"window": "4"}).data_args["window"] == 4
+    with pytest.raises(ConfigError, match="window is given as 5 to the generator and as 4 to the model"):
+        AppTrainConfig(app="hpnet", model_args={"window": 4}, data_args={"window": 5})
+    app = APPS.get("hpnet")(window=4)
+    assert app.data().window == 4 and app.data(window=4).horizon == app.model_args["horizon"] == 8
+    with pytest.raises(ConfigError, match="generator's window=5 differs from the model's window=4"):
+        app.data(window=5)  # the app's model is fixed: only a config (or the CLI) sets both sides
+
+
+# -- shared pieces: AppBlock, recording_probs ----------------------------------------------------------------------
+class CumulativeSite(nn.Module):
+    """A stand-in site: row i of the output is the sum of input rows 0 … i (so it reads the memory rows)."""
+
+    def forward(self, x, scale=1.0):
+        return scale * x.cumsum(dim=1)
+
+
+def test_app_block_is_two_pre_norm_residuals_and_keeps_the_last_rows_after_a_memory():
+    from attnlab.lab.apps.host import AppBlock
+
+    torch.manual_seed(0)
+    block = AppBlock(CumulativeSite(), 4, 1.5)
+    assert [name for name, _ in block.named_children()] == ["site", "norm1", "norm2", "mlp"]
+    assert [tuple(m.weight.shape) for m in block.mlp if isinstance(m, nn.Linear)] == [(6, 4), (4, 6)]  # 1.5·4
+    h, memory = torch.randn(2, 3, 4), torch.randn(2, 2, 4)
+    with torch.no_grad():
+        block.mlp[2].weight.zero_()
+        block.mlp[2].bias.fill_(0.25)  # the MLP's output is the constant 0.25
+        normed = torch.nn.functional.layer_norm(torch.cat([memory, h], dim=1), (4,))  # LayerNorm at its init
+        want = h + 2.0 * normed.cumsum(dim=1)[:, 2:] + 0.25  # the site sees the memory; h's 3 rows are kept
+        torch.testing.assert_close(block(h, memory, scale=2.0), want)
+        alone = h + torch.nn.functional.layer_norm(h, (4,)).cumsum(dim=1) + 0.25
+        torch.testing.assert_close(block(h), alone)
+
+
+def test_recording_probs_switches_recording_on_for_the_block_only():
+    from attnlab.lab.apps.host import recording_probs
+
+    layers = [LAYERS.get("tscan")(8, 2, mask_mod=full()) for _ in range(2)]
+    layers[1].record_probs = True  # already on: stays on
+    hidden = torch.randn(1, 6, 8)
+    with torch.no_grad(), recording_probs(layers) as recorded:
+        assert recorded == layers
+        for layer in layers:
+            layer(hidden, grid=(3, 2))
+        probs = [layer.last_probs for layer in layers]
+    assert all(p.shape == (1, 2, 6, 6) for p in probs)
+    torch.testing.assert_close(probs[0].sum(-1), torch.ones(1, 2, 6))
+    assert (layers[0].record_probs, layers[0].last_probs) == (False, None)
+    assert layers[1].record_probs and layers[1].last_probs is probs[1]
+    with pytest.raises(ConfigError, match="record_probs"):
+        with recording_probs([LAYERS.get("masked")(8, 2)]):
+            pass
+
+
 # -- training -----------------------------------------------------------------------------------------------------
 def test_config_fills_the_apps_defaults_and_refuses_bad_values(toy):
     config = AppTrainConfig(app="toy_test")
@@ -281,6 +349,18 @@ def test_same_seed_same_run_and_compare_uses_the_same_data(toy):
         compare_variants(AppTrainConfig(app="toy_test"), ("wide",))
 
 
+def test_the_compare_table_summarises_the_apps_summary_sites(toy, monkeypatch):
+    monkeypatch.setattr(toy, "summary_sites", lambda self: (1,))
+    compared = compare_variants(AppTrainConfig(app="toy_test", probes=("entropy",)), ("deep",))
+    rows = compared.runs["deep"].probe_rows
+    site_1 = [r["value"] for r in rows if r["statistic"] == "entropy" and r["step"] == 4 and r["layer"] == 1]
+    every = [r["value"] for r in rows if r["statistic"] == "entropy" and r["step"] == 4 and r["layer"] is not None]
+    assert len(site_1) == 4 and len(every) == 8  # 4 heads per site
+    assert compared.table[0]["entropy"] == pytest.approx(sum(site_1) / 4)
+    assert compared.table[0]["entropy"] != pytest.approx(sum(every) / 8)
+    assert compared.results["extras"]["compare"]["summary_sites"] == [1]
+
+
 def test_compare_progress_counts_over_every_variant(toy):
     seen = []
     compare_variants(AppTrainConfig(app="toy_test", probes=()), progress=lambda done, total, _: seen.append((done, total)))
@@ -309,3 +389,84 @@ def test_cli_train_compare_and_bad_input(toy, tmp_path):
     assert json.loads((tmp_path / "one" / "results.json").read_text())["extras"]["app"]["variant"] == "shallow"
     listed = runner.invoke(app, ["ls", "apps"])
     assert listed.exit_code == 0 and "toy_test" in listed.stdout and "variants deep, shallow" in listed.stdout
+
+
+# -- every built-in application: the generic checks, each app's own cases are in test_<app>.py ---------------------
+SMALL = {  # each app's small generator arguments (shared ones set its model too): fast batches and models
+    "hpnet": {"num_agents": 2, "num_forecasts": 4, "horizon": 3},
+    "tscan": {"num_vars": 4, "num_times": 6, "num_relevant": 2, "window": 2},
+    "oat": {"num_objects": 5, "grid": 3},
+    "dare": {"num_items": 64, "num_categories": 8, "seq_len": 12, "num_candidates": 3},
+    "hogformer": {"image_size": 16, "patch_size": 4},
+}
+BUILT_IN = [name for name in APPS.names() if name != "toy_test"]
+
+
+def small(name, seed=0):
+    """(app, data) of ``name`` at its SMALL sizes: hidden 16, 2 heads."""
+    app_cls = APPS.get(name)
+    model_args, data_args = app_cls.share_args({}, SMALL[name])
+    app = app_cls(hidden_size=16, num_heads=2, **model_args)
+    return app, app.data(seed=seed, **data_args)
+
+
+def test_every_built_in_app_has_small_arguments_here():
+    assert sorted(BUILT_IN) == sorted(SMALL)
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_every_apps_batches_are_pure_in_seed_split_and_step(name):
+    _, data = small(name, seed=1)
+    first = data.batch(3, 4)
+    assert all(torch.equal(first[key], data.batch(3, 4)[key]) for key in first)
+    for other in (data.batch(4, 4), data.batch(3, 4, split="eval"), small(name, seed=2)[1].batch(3, 4)):
+        assert any(not torch.equal(first[key], other[key]) for key in first)
+    assert all(value.shape[0] == 4 and value.dtype in (torch.float32, torch.int64, torch.bool)
+               for value in first.values())
+    described = data.describe()
+    assert described["name"] == name and described["seed"] == 1
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_every_apps_model_knobs_are_consistent(name):
+    """Defaults within their model_hints bounds; shared arguments are knobs of both sides with equal defaults."""
+    import inspect
+
+    app_cls = APPS.get(name)
+    assert app_cls.check_model_args({}) == app_cls.model_defaults
+    assert set(app_cls.model_hints) <= set(app_cls.model_defaults)
+    data_defaults = {key: p.default for key, p in inspect.signature(app_cls.data_class).parameters.items()}
+    for key in app_cls.shared_args:
+        assert app_cls.model_defaults[key] == data_defaults[key], key
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_every_app_trains_a_few_steps_and_reloads_from_its_checkpoint(name, tmp_path):
+    result = train_app(AppTrainConfig(app=name, hidden_size=16, num_heads=2, steps=3, batch_size=4, eval_every=3,
+                                      eval_batches=1, data_args=SMALL[name], probes=("entropy",),
+                                      out=str(tmp_path / "run")))
+    app_cls = APPS.get(name)
+    assert {"loss", app_cls.headline} <= set(result.final)
+    losses = [(row["step"], row["value"]) for row in result.log if row["split"] == "train"
+              and row["statistic"] == "loss"]
+    assert [step for step, _ in losses] == [1, 2, 3] and all(math.isfinite(value) for _, value in losses)
+    assert {row["variant"] for row in result.probe_rows} == {next(iter(app_cls.variants))}
+    assert result.attention_paths.keys() == set(range(result.model.config.num_hidden_layers))
+    app, loaded = load_app(result.checkpoint)
+    batch = app.data(**loaded.config.data_args).batch(0, 2, split="eval")
+    with torch.no_grad():
+        assert float(app.loss(loaded, batch)) == float(app.loss(result.model.eval(), batch))
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_a_session_sees_every_site_of_every_app(name):
+    from attnlab import Session
+
+    app, data = small(name)
+    model = app.build_model(seed=0).eval()
+    with torch.no_grad(), Session(model, probes=["entropy"]) as session:
+        app.loss(model, data.batch(0, 2))
+    rows = session.results()
+    sites = set(range(model.config.num_hidden_layers))
+    assert set(rows[rows.probe == "entropy"].layer.dropna().astype(int)) == sites
+    assert set(session.attention_paths) == sites

@@ -1,5 +1,7 @@
-"""The hpnet application: the generator on hand-checked paths, determinism, bad arguments, the model's shapes and
-sites, what the variants change, the metrics on known forecasts, a short training run and a Session over every site."""
+"""The hpnet application: the generator on hand-checked paths, bad arguments, the model's shapes and sites, what the
+variants change, the metrics on known forecasts, a short run that lowers the loss and the HPA site's causal map.
+The checks every app shares (pure batches, a few training steps, a Session over every site) are in
+test_app_machinery.py."""
 
 from __future__ import annotations
 
@@ -57,16 +59,6 @@ def test_agents_of_a_scene_share_the_turn_rate():
     assert turn[:, 0, 0].std() > 0.01 and turn.abs().max() <= 0.12 + 1e-4
 
 
-def test_batches_are_pure_in_seed_split_and_step():
-    data = HPNetData(**SMALL, seed=1)
-    first = data.batch(3, 4)
-    assert all(torch.equal(first[k], data.batch(3, 4)[k]) for k in first)
-    assert not torch.equal(first["observed"], data.batch(4, 4)["observed"])
-    assert not torch.equal(first["observed"], data.batch(3, 4, split="eval")["observed"])
-    assert not torch.equal(first["observed"], HPNetData(**SMALL, seed=2).batch(3, 4)["observed"])
-    assert data.describe()["num_forecasts"] == 4 and data.describe()["name"] == "hpnet"
-
-
 @pytest.mark.parametrize(("kwargs", "match"), [({"window": 1}, "window"), ({"horizon": 1}, "horizon"),
                                                ({"num_forecasts": 1}, "num_forecasts"),
                                                ({"speed_min": 2.0}, "speed_min"), ({"noise": -0.1}, "noise")])
@@ -75,11 +67,11 @@ def test_bad_generator_arguments(kwargs, match):
         HPNetData(**kwargs)
 
 
-def test_the_app_gives_the_generator_its_window_and_refuses_a_mismatch():
-    app = small_app()
-    assert (app.data().window, app.data().horizon) == (3, 3)
-    with pytest.raises(ConfigError, match="window=5 differs from the model's window=3"):
-        app.data(window=5)
+def test_the_compare_table_summarises_the_hpa_sites():
+    assert small_app().summary_sites() == (1,) and small_app(num_rounds=2).summary_sites() == (1, 4)
+
+
+def test_bad_app_arguments():
     with pytest.raises(ConfigError, match="num_modes"):
         small_app(num_modes=0)
     with pytest.raises(ConfigError, match="variant"):
@@ -166,17 +158,18 @@ def test_app_metrics_by_hand(monkeypatch):
 
 
 # -- training and probes ------------------------------------------------------------------------------------------
-def test_training_smoke_runs_and_lowers_the_loss():
-    result = train_app(AppTrainConfig(app="hpnet", hidden_size=16, num_heads=2, steps=4, eval_every=4,
-                                      eval_batches=1, batch_size=4, lr=1e-2, data_args=SMALL,
-                                      model_args={"window": 3, "horizon": 3}, probes=()))
-    losses = [row["value"] for row in result.log if row["statistic"] == "loss" and row["split"] == "train"]
-    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+def test_ten_training_steps_lower_the_eval_loss():
+    """Seed 0, 10 steps at lr 1e-2: the eval loss on the same 2 eval batches falls from 2.06 to 1.11 (a margin
+    far above the 0.75 asked for); every metric is reported."""
+    result = train_app(AppTrainConfig(app="hpnet", hidden_size=16, num_heads=2, steps=10, eval_every=10,
+                                      eval_batches=2, batch_size=8, lr=1e-2, data_args=SMALL, probes=()))
+    start, end = [row["value"] for row in result.log if row["statistic"] == "loss" and row["split"] == "eval"]
+    assert end < 0.75 * start
     assert set(result.final) == {"loss", "min_ade", "min_fde", "min_ade_last", "min_fde_last", "min_ade_first",
                                  "consistency"}
 
 
-def test_a_session_sees_every_attention_site():
+def test_a_session_sees_the_hpa_sites_causal_map():
     from attnlab import Session
     from attnlab.capture.patterns import PatternProbe
 
@@ -184,12 +177,8 @@ def test_a_session_sees_every_attention_site():
     model = app.build_model(seed=0).eval()
     batch = app.data(**SMALL).batch(0, 2)
     pattern = PatternProbe(layers=[1])  # the sites' batches differ (B·T·K, B·N·K, B·N·T): one site at a time
-    with torch.no_grad(), Session(model, probes=["entropy", "sink", "distance", pattern]) as session:
+    with torch.no_grad(), Session(model, probes=[pattern]) as session:
         app.loss(model, batch)
-    rows = session.results()
-    for probe in ("entropy", "sink", "distance"):
-        assert set(rows[rows.probe == probe].layer.dropna().astype(int)) >= ({0, 1, 2} if probe != "distance"
-                                                                           else {1}), probe
     assert session.attention_paths[1] == "implied:softmax"  # HPA: a score_mod layer shows its map
     assert session.attention_paths[0] == session.attention_paths[2] == "blocked_eager"  # through the interface
     hpa = pattern.patterns(session.attention_paths)[0].probs[:, 0]  # (B · N · K, heads, T, T) of the HPA site

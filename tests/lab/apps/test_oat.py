@@ -1,5 +1,6 @@
-"""The OAT application (attnlab.lab.apps.oat): the search-model generator on hand-worked scenes, determinism,
-bad arguments, the model's shapes and masks, the variants, a training smoke test and a Session over every site."""
+"""The OAT application (attnlab.lab.apps.oat): the search-model generator on hand-worked scenes, bad arguments, the
+model's shapes and masks, the variants and the metrics. The checks every app shares (pure batches, a few training
+steps and a checkpoint, a Session over every site) are in test_app_machinery.py."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import torch
 from attnlab.errors import ConfigError
 from attnlab.lab.apps import APPS
 from attnlab.lab.apps.oat import OATData, search_scanpaths, sequence_score, targets
-from attnlab.lab.apps.train import AppTrainConfig, train_app
 
 SMALL = {"num_objects": 5, "grid": 3}
 
@@ -98,15 +98,6 @@ def test_near_noiseless_scanpaths_are_the_greedy_utility_order():
         assert batch["scanpath"][b, : len(path)].tolist() == path and batch["length"][b] == len(path)
 
 
-def test_batches_are_pure_in_seed_split_and_step():
-    data = OATData(**SMALL, seed=3)
-    first, again = data.batch(2, 8), OATData(**SMALL, seed=3).batch(2, 8)
-    assert all(torch.equal(first[k], again[k]) for k in first)
-    for other in (data.batch(3, 8), data.batch(2, 8, split="eval"), OATData(**SMALL, seed=4).batch(2, 8)):
-        assert not torch.equal(first["boxes"], other["boxes"])
-    assert data.describe()["num_objects"] == 5 and data.describe()["seed"] == 3
-
-
 @pytest.mark.parametrize("kwargs", [{"num_objects": 10, "grid": 3}, {"num_colours": 1, "num_shapes": 1},
                                     {"noise": 0.0}, {"jitter": 0.5}, {"num_objects": 1}, {"num_colours": 17}])
 def test_bad_generator_arguments(kwargs):
@@ -178,30 +169,3 @@ def test_metrics_are_in_range():
     assert 0 <= values["next_fix_acc"] <= 1 and 0 < values["optimal_acc"] <= 1 and 0 <= values["scanpath_sim"] <= 1
     assert 0 < values["attn_distance"] < math.sqrt(2) and 0 < values["object_distance"] < math.sqrt(2)
     assert model.decoder[0].site.layer.last_probs is None  # recording is switched off again
-
-
-def test_training_smoke_and_a_session_sees_every_site():
-    from attnlab import Session
-
-    result = train_app(AppTrainConfig(app="oat", hidden_size=16, num_heads=2, steps=3, batch_size=4, eval_every=3,
-                                      eval_batches=1, data_args=SMALL, probes=("entropy", "sink")))
-    assert math.isfinite(result.final["loss"]) and "scanpath_sim" in result.final
-    model = result.model.eval()
-    batch = OATData(**SMALL).batch(0, 2)
-    with torch.no_grad(), Session(model, probes=["entropy"]) as session:
-        APPS.get("oat")(hidden_size=16, num_heads=2).loss(model, batch)
-    rows = session.results()
-    assert set(rows[rows.probe == "entropy"].layer.dropna().astype(int)) == {0, 1, 2, 3}
-    assert set(session.attention_paths.values()) == {"implied:softmax"}
-
-
-def test_checkpoint_round_trip(tmp_path):
-    from attnlab.lab.apps.host import load_app
-
-    model = app("plain_pe", sigma=0.3).build_model(seed=2).eval()
-    model.save_pretrained(tmp_path)
-    loaded_app, loaded = load_app(tmp_path)
-    assert loaded_app.variant == "plain_pe" and loaded_app.model_args["sigma"] == 0.3
-    batch = OATData(**SMALL).batch(0, 3)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(**batch), model(**batch))

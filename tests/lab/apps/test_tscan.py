@@ -1,5 +1,6 @@
-"""The tscan application (lab/apps/tscan.py): the generator on hand-checked examples, determinism, bad arguments,
-the model's shapes, the two variants, the metrics, a training smoke test and a Session over every site."""
+"""The tscan application (lab/apps/tscan.py): the generator on hand-checked examples, bad arguments, the model's
+shapes, the two variants, the metrics and the recorded probs a Session also sees. The checks every app shares (pure
+batches, a few training steps, a Session over every site) are in test_app_machinery.py."""
 
 from __future__ import annotations
 
@@ -9,8 +10,7 @@ import torch
 
 from attnlab.errors import ConfigError, ShapeError
 from attnlab.lab.apps import APPS
-from attnlab.lab.apps.train import AppTrainConfig, train_app
-from attnlab.lab.apps.tscan import TSCANData, cell_kinds, rank_auc
+from attnlab.lab.apps.tscan import TSCANData, cell_kinds
 
 SMALL = {"num_vars": 4, "num_times": 6, "num_relevant": 2, "window": 2}
 
@@ -71,18 +71,6 @@ def test_labels_follow_the_definition_on_drawn_batches():
     assert (batch["kind"] == torch.from_numpy(cell_kinds(6, 4, 2, 2))).all()
 
 
-def test_batches_are_pure_in_seed_split_and_step():
-    data = TSCANData(**SMALL, seed=1)
-    first = data.batch(3, 5)
-    assert all(torch.equal(first[key], data.batch(3, 5)[key]) for key in first)
-    assert not torch.equal(first["values"], data.batch(4, 5)["values"])
-    assert not torch.equal(first["values"], data.batch(3, 5, split="eval")["values"])
-    assert not torch.equal(first["values"], TSCANData(**SMALL, seed=2).batch(3, 5)["values"])
-    assert first["values"].dtype == torch.float32 and first["observed"].dtype == torch.bool
-    assert first["kind"].dtype == torch.int64 and first["label"].shape == (5,)
-    assert data.describe()["num_vars"] == 4 and data.describe()["seed"] == 1
-
-
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"num_vars": 2, "num_relevant": 3}, "num_relevant=3 must be <= num_vars=2"),
     ({"num_times": 6, "window": 4, "num_relevant": 2}, "do not fit"),
@@ -94,10 +82,11 @@ def test_bad_generator_arguments(kwargs, match):
         TSCANData(**kwargs)
 
 
-def test_rank_auc_by_hand():
-    assert rank_auc(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0.0, 0.0, 1.0, 1.0])) == 0.75
-    assert rank_auc(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 0.0])) == 0.5
-    assert np.isnan(rank_auc(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 1.0])))
+@pytest.mark.parametrize(("kwargs", "match"), [({"depth": 0}, "depth must be in \\[1, 32\\], got 0"),
+                                               ({"mlp_ratio": 0}, "mlp_ratio"), ({"max_vars": 0}, "max_vars")])
+def test_bad_model_arguments(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        APPS.get("tscan")(**kwargs)
 
 
 def test_model_shapes_loss_and_gradients():
@@ -144,31 +133,20 @@ def test_metrics_add_up_and_uniform_attention_gives_the_chance_mass():
     assert all(site.layer.last_probs is None and not site.layer.record_probs for site in model.attention_sites)
 
 
-def test_a_session_sees_every_site_and_the_recorded_probs():
+def test_the_recorded_probs_the_metrics_read_equal_the_ones_a_session_sees():
     from attnlab import Session
     from attnlab.capture.patterns import PatternProbe
+    from attnlab.lab.apps.host import recording_probs
 
     app = APPS.get("tscan")()
     model = app.build_model(seed=0).eval()
     batch = TSCANData(**SMALL).batch(0, 2)
     pattern = PatternProbe()
-    for site in model.attention_sites:
-        site.layer.record_probs = True
-    with torch.no_grad(), Session(model, probes=["entropy", pattern]) as session:
+    layers = [site.layer for site in model.attention_sites]
+    with torch.no_grad(), recording_probs(layers), Session(model, probes=[pattern]) as session:
         app.loss(model, batch)
+        recorded = [layer.last_probs for layer in layers]
     probs = pattern.patterns(session.attention_paths)[0].probs  # (batch, sites, heads, q, k)
     assert probs.shape == (2, 2, 4, 24, 24)
-    for index, site in enumerate(model.attention_sites):
-        torch.testing.assert_close(probs[:, index], site.layer.last_probs, rtol=1e-4, atol=1e-5)
-    rows = session.results()
-    assert set(rows[rows.probe == "entropy"].layer.dropna().astype(int)) == {0, 1}
-
-
-def test_training_smoke_runs_both_variants():
-    for variant in ("tscan", "plain"):
-        result = train_app(AppTrainConfig(app="tscan", variant=variant, steps=3, batch_size=4, eval_every=3,
-                                          eval_batches=1, data_args=SMALL, probes=("entropy",)))
-        assert {"loss", "accuracy", "auc", "relevant_mass"} <= set(result.final)
-        assert [row["step"] for row in result.log if row["statistic"] == "loss" and row["split"] == "train"] \
-            == [1, 2, 3]
-        assert {row["variant"] for row in result.probe_rows} == {variant}
+    for index, own in enumerate(recorded):
+        torch.testing.assert_close(probs[:, index], own, rtol=1e-4, atol=1e-5)

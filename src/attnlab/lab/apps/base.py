@@ -22,7 +22,7 @@ from torch import Tensor
 
 from attnlab.errors import ConfigError
 from attnlab.lab.tasks.base import Split, batch_rng
-from attnlab.params import Range, accepted_names, coerce
+from attnlab.params import Range, accepted_names, coerce, coerce_arguments
 
 if TYPE_CHECKING:
     from attnlab.lab.apps.host import AppModel
@@ -33,14 +33,20 @@ __all__ = ["App", "AppData"]
 class AppData:
     """Base class of an application's data generator; subclasses implement :meth:`sample`.
 
-    Subclasses set ``self.seed`` in a ``@validated`` constructor and keep every constructor parameter as an
-    attribute of the same name (:meth:`describe` reads them back). A batch is a pure function of
-    ``(seed, split, step, batch_size)``: :meth:`rng` is ``default_rng(SeedSequence([seed, split_id, step]))`` with
+    Subclasses set their own ``name`` (the app's: it names the generator in errors and in ``describe()``; a class
+    without one raises ConfigError when it is defined), set ``self.seed`` in a ``@validated`` constructor and keep
+    every constructor parameter as an attribute of the same name (:meth:`describe` reads them back). A batch is a
+    pure function of ``(seed, split, step, batch_size)``: :meth:`rng` is ``default_rng(SeedSequence([seed, split_id, step]))`` with
     train = 0, eval = 1, as for the lab's tasks (:mod:`attnlab.lab.tasks.base`).
     """
 
-    name: ClassVar[str] = "data"
+    name: ClassVar[str] = ""
     seed: int
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.__dict__.get("name"):
+            raise ConfigError(f"AppData subclass {cls.__name__}: expected its own name (name = \"app\"), got none")
 
     def rng(self, step: int, split: Split = "train") -> np.random.Generator:
         """The generator of batch ``step`` of ``split``."""
@@ -89,6 +95,9 @@ class App:
         defaults: training settings of the documented findings run (AppTrainConfig fields: steps, lr, ...).
         model_defaults: the model knobs (``--model-arg``) and their defaults; a value is coerced to its default's type,
             or to its annotation in ``model_hints`` (e.g. ``{"depth": Annotated[int, Range(ge=1)]}``: bounds too).
+        shared_args: names that are both a model knob and a generator argument and must agree (hpnet's ``window``):
+            :meth:`data` gives the generator the model's value, and :meth:`share_args` (used by
+            :class:`~attnlab.lab.apps.train.AppTrainConfig`, so by the CLI) lets a value given on either side set both.
 
     Args:
         variant: one of ``variants`` (None: the first).
@@ -109,6 +118,7 @@ class App:
     defaults: ClassVar[dict[str, Any]] = {}
     model_defaults: ClassVar[dict[str, Any]] = {}
     model_hints: ClassVar[dict[str, Any]] = {}
+    shared_args: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, variant: str | None = None, *, hidden_size: int = 32, num_heads: int = 4,
                  **model_args: Any) -> None:
@@ -135,9 +145,38 @@ class App:
         return {key: coerce(values[key], cls.model_hints.get(key, type(default)), owner=f"app {cls.name}", param=key)
                 if key in values else default for key, default in cls.model_defaults.items()}
 
+    @classmethod
+    def share_args(cls, model_args: Mapping[str, Any], data_args: Mapping[str, Any]) -> tuple[dict[str, Any],
+                                                                                            dict[str, Any]]:
+        """``(model_args, data_args)`` with every :attr:`shared_args` name given on one side copied to the other.
+
+        Raises ConfigError when a name is given on both sides with different values (after coercion)."""
+        model_args, data_args = dict(model_args), dict(data_args)
+        for key in cls.shared_args:
+            given = {}  # side → the coerced value given there
+            if key in model_args:
+                given["model"] = cls.check_model_args({key: model_args[key]})[key]
+            if key in data_args:
+                given["generator"] = coerce_arguments(cls.data_class, {key: data_args[key]},
+                                                      owner=cls.data_class.name)[key]
+            if len(set(given.values())) > 1:
+                raise ConfigError(f"app {cls.name}: {key} is given as {given['generator']} to the generator and as "
+                                  f"{given['model']} to the model; give it once (--data-arg or --model-arg)")
+            if given:
+                model_args[key] = data_args[key] = next(iter(given.values()))
+        return model_args, data_args
+
     def data(self, **data_args: Any) -> AppData:
-        """The generator ``data_class(**data_args)``; ConfigError for a bad argument (its ``@validated`` check)."""
-        return self.data_class(**data_args)
+        """The generator ``data_class(**data_args)``, each :attr:`shared_args` name taken from the model unless given.
+
+        Raises ConfigError for a bad argument (its ``@validated`` check) or a shared one that differs from the
+        model's."""
+        data = self.data_class(**{**{key: self.model_args[key] for key in self.shared_args}, **data_args})
+        for key in self.shared_args:
+            if getattr(data, key) != self.model_args[key]:
+                raise ConfigError(f"app {self.name}: the generator's {key}={getattr(data, key)} differs from the "
+                                  f"model's {key}={self.model_args[key]}; give it once (--data-arg or --model-arg)")
+        return data
 
     def config(self) -> Any:
         """The :class:`~attnlab.lab.apps.host.AppConfig` of this variant (num_hidden_layers is set by the model)."""
@@ -153,6 +192,12 @@ class App:
             torch.manual_seed(seed)
             model = self.model_class(self.config())
         return model.train()
+
+    def summary_sites(self) -> tuple[int, ...] | None:
+        """The attention sites whose probe rows the comparison table summarises (entropy, sink_rate,
+        power_law_exponent: :func:`attnlab.lab.apps.results.summary_row`); None = every site. An app overrides it
+        when other sites' statistics are set by their layout (e.g. 3 keys, below the sink threshold)."""
+        return None
 
     def loss(self, model: AppModel, batch: Mapping[str, Tensor]) -> Tensor:
         """The scalar training loss of ``batch`` (one forward pass of ``model``)."""

@@ -8,22 +8,32 @@ behaviour's attention embedding (no projection matrices), the top-k behaviours b
 search), a softmax over their scores weights their *representation* embeddings, and an MLP reads
 ``[target representation, weighted behaviours, their product]``. TWIN uses one table for both roles; DARE two.
 
-Data (:class:`DareData`; every draw comes from the batch's generator, ``default_rng(SeedSequence([seed, split,
-step]))``, in this order, except the item table):
+Data (:class:`DareData`):
 
 - Items ``0 … V−1`` (``num_items``) fall into ``K = num_categories`` categories of ``P = V / K`` consecutive ids
-  (item i is in category ``i // P``). Each item has a style ±1: in each category exactly half the items have style
-  +1, chosen by ``default_rng(SeedSequence([seed, 2]))`` (the item table, fixed for a seed, shared by the splits).
-- A user has ``n = interests_per_user`` interests: (1) n distinct categories, uniform; (2) a preferred style ±1
-  for each, uniform; (3) interest weights ~ Dirichlet(1, …, 1).
-- Behaviours (``seq_len`` = T per user): (4) an interest per behaviour, by the weights; (5) its style: the
-  interest's preferred style with probability ``style_fidelity``, else the other; (6) an item uniform among the
-  P/2 items of that category and style; (7) with probability ``noise`` the behaviour is instead an item uniform
-  over all V (one uniform draw per behaviour and one item per behaviour are made for every position, then kept
-  only where the noise draw fell below ``noise``). The order of behaviours carries nothing.
-- Candidates (``num_candidates`` = M per user): (8) with probability ``candidate_from_interest`` the category of
-  one of the user's interests (uniform), else a category uniform over all K; (9) an item uniform in it (either
-  style).
+  (item i is in category ``i // P``). Each item has a style ±1, in each category exactly half +1: the item table
+  (:func:`item_styles`, fixed for a seed and shared by the splits) is
+  ``default_rng(SeedSequence([seed, 2])).permuted(tile(base, (K, 1)), axis=1)``, row k = category k, with
+  ``base`` = P/2 times +1 then P/2 times −1. ``by_style[k, 0]`` / ``by_style[k, 1]`` list the items of category k
+  with style +1 / −1 in increasing id order.
+- A batch of B users (``n = interests_per_user``, ``T = seq_len`` behaviours, ``M = num_candidates``) makes
+  these calls on its generator ``rng = default_rng(SeedSequence([seed, split, step]))``, in this order:
+
+  1. interests (n distinct categories, uniform): ``argsort(rng.random((B, K)), axis=1)[:, :n]``;
+  2. their preferred styles: ``rng.integers(0, 2, size=(B, n)) · 2 − 1``;
+  3. interest weights: ``rng.dirichlet(ones(n), size=B)``;
+  4. each behaviour's interest: ``u = rng.random((B, T))``; the interest is the number of cumulative weights
+     below u (at most n − 1);
+  5. its style: ``rng.random((B, T)) < style_fidelity`` keeps the interest's preferred style, else the other;
+  6. its item: ``by_style[category, style index, rng.integers(0, P // 2, size=(B, T))]``;
+  7. noise: where ``rng.random((B, T)) < noise`` the behaviour is instead ``rng.integers(0, V, size=(B, T))``
+     (both arrays are drawn for every position);
+  8. candidate categories: where ``rng.random((B, M)) < candidate_from_interest`` the category of interest
+     ``rng.integers(0, n, size=(B, M))``, else ``rng.integers(0, K, size=(B, M))`` (all three drawn, in this
+     order, for every candidate);
+  9. candidate items, either style: ``category · P + rng.integers(0, P, size=(B, M))``.
+
+  The order of behaviours carries nothing.
 - Label (10): a candidate c is clicked when it matches an interest strongly represented among the behaviours:
   ``agreement(c) = Σ_j style(b_j)·style(c)`` over the behaviours b_j of c's category must reach ``threshold``. The
   label is a function of the observed sequence (a model that retrieves every same-category behaviour and reads
@@ -39,11 +49,12 @@ dims, the rest category dims), ``top_k`` search and the per-call keep of :func:`
 3C → 64 → 32 → 1 with PReLU (the paper: 200 → 80 → 2 with batch norm). The loss is binary cross-entropy.
 
 Metrics (per eval batch; the trainer averages ``Σ sum / Σ count`` over eval batches): ``auc`` (of the batch's
-M·B candidates, ties averaged; each batch counts once), ``logloss``, ``accuracy`` (threshold 0.5),
-``positive_rate``; the search stage, read from the layer (:meth:`DecoupledAttention.search_scores`,
-:meth:`~DecoupledAttention.attention_probs`) on candidates with at least one relevant behaviour: ``recall_at_k``
-(``|top-k ∩ relevant| / min(k, |relevant|)``, k = ``top_k``, or 16 when ``top_k = 0``), ``relevant_mass``
-(attention probability on relevant behaviours, mean over heads) and ``candidate_entropy`` (nats, candidate rows).
+M·B candidates, ties ½; each batch holding both classes counts once: :func:`attnlab.lab.apps.metrics.auc_term`),
+``logloss``, ``accuracy`` (threshold 0.5), ``positive_rate``; the search stage, read from the layer
+(:meth:`DecoupledAttention.search_scores`, :meth:`~DecoupledAttention.attention_probs`) on candidates with at
+least one relevant behaviour: ``recall_at_k`` (``|top-k ∩ relevant| / min(k, |relevant|)``, k = ``top_k``, or 16
+when ``top_k = 0``), ``relevant_mass`` (attention probability on relevant behaviours, mean over heads) and
+``candidate_entropy`` (nats, candidate rows).
 The default probes (``sink``, ``entropy``, ``distance``) see all T + M rows of the site, T of them the behaviours'
 one-key self rows (docs/apps/dare.md).
 """
@@ -51,7 +62,7 @@ one-key self rows (docs/apps/dare.md).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -63,10 +74,11 @@ from attnlab.functional.masks import full, to_dense
 from attnlab.lab.apps import APPS
 from attnlab.lab.apps.base import App, AppData
 from attnlab.lab.apps.host import AppConfig, AppModel
+from attnlab.lab.apps.metrics import auc_term
 from attnlab.layers.decoupled import PROJECTIONS, DecoupledAttention, target_mask
 from attnlab.params import Range, validated
 
-__all__ = ["DareApp", "DareData", "DareModel", "auc", "click_labels", "item_styles"]
+__all__ = ["DareApp", "DareData", "DareModel", "click_labels", "item_styles"]
 
 RECALL_K_WITHOUT_SEARCH = 16
 
@@ -208,28 +220,15 @@ class DareModel(AppModel):
         return self.predict(torch.cat([target, interest, target * interest], dim=-1)).squeeze(-1)
 
 
-def auc(scores: Tensor, labels: Tensor) -> float:
-    """ROC AUC of ``scores`` for binary ``labels`` (any shape, flattened), ties counted one half (Mann–Whitney
-    with averaged ranks). NaN when one class is absent."""
-    s, y = scores.detach().double().flatten(), labels.flatten() > 0.5
-    positives, negatives = int(y.sum()), int((~y).sum())
-    if positives == 0 or negatives == 0:
-        return float("nan")
-    order = s.argsort()
-    _, inverse, counts = torch.unique(s[order], return_inverse=True, return_counts=True)
-    ends = counts.cumsum(0).double()
-    average = ends - (counts.double() - 1) / 2  # mean 1-based rank of each tied group
-    ranks = torch.empty_like(s)
-    ranks[order] = average[inverse]
-    return float((ranks[y].sum() - positives * (positives + 1) / 2) / (positives * negatives))
-
-
 _INPUTS = ("behaviours", "behaviour_categories", "candidates", "candidate_categories")
 
 
 @APPS.register("dare")
 class DareApp(App):
-    """DARE's decoupled attention and representation embeddings for long-sequence CTR (Feng et al., ICLR 2025)."""
+    """DARE's decoupled attention and representation embeddings for long-sequence CTR (Feng et al., ICLR 2025).
+
+    Model arguments: ``top_k`` (16; 0 = no search), ``projections`` ("none" or "linear"), ``num_items`` and
+    ``num_categories`` (512 and 32; shared with the generator: a value given on either side sets both)."""
 
     layer = "decoupled"
     data_class = DareData
@@ -242,19 +241,20 @@ class DareApp(App):
     higher_is_better = True
     defaults = {"steps": 900, "lr": 1e-2, "batch_size": 64, "eval_every": 150, "eval_batches": 4}
     model_defaults = {"top_k": 16, "projections": "none", "num_items": 512, "num_categories": 32}
+    model_hints = {"top_k": Annotated[int, Range(ge=0, le=4096)],  # 0 = no search
+                   "projections": Literal[PROJECTIONS],
+                   "num_items": Annotated[int, Range(ge=2, le=1 << 20)],  # num_items, num_categories: as the data's
+                   "num_categories": Annotated[int, Range(ge=1, le=1 << 16)]}
+    shared_args = ("num_items", "num_categories")
 
     def __init__(self, variant: str | None = None, **kwargs: Any) -> None:
         super().__init__(variant, **kwargs)
-        args = self.model_args
-        if args["projections"] not in PROJECTIONS:
-            raise ConfigError(f"app dare: expected projections in {PROJECTIONS}, got {args['projections']!r}")
-        if args["top_k"] < 0:
-            raise ConfigError(f"app dare: expected top_k >= 0 (0 = no search), got {args['top_k']}")
-        if args["num_items"] < 1 or args["num_categories"] < 1:
-            raise ConfigError(f"app dare: expected num_items and num_categories >= 1, got {args['num_items']} and "
-                              f"{args['num_categories']}")
         if self.hidden_size < 2:
             raise ConfigError(f"app dare: expected hidden_size >= 2 (item and category halves), got {self.hidden_size}")
+
+    # summary_sites: all (the one site). Its 136 query rows are 128 self-only behaviour rows and 8 candidate rows,
+    # so the compare table's entropy (≈ 0.15) and sink_rate (≈ 0.9) describe that layout; choosing sites cannot
+    # separate rows: the candidate-row statistics are the metrics candidate_entropy and relevant_mass.
 
     def loss(self, model: DareModel, batch: Mapping[str, Tensor]) -> Tensor:
         logits = model(*(batch[key] for key in _INPUTS))
@@ -263,8 +263,7 @@ class DareApp(App):
     def metrics(self, model: DareModel, batch: Mapping[str, Tensor]) -> dict[str, tuple[float, float]]:
         logits, labels = model(*(batch[key] for key in _INPUTS)), batch["labels"]
         n = labels.numel()
-        batch_auc = auc(logits, labels)
-        out = {"auc": (0.0, 0.0) if batch_auc != batch_auc else (batch_auc, 1.0),
+        out = {"auc": auc_term(logits, labels),
                "logloss": (float(F.binary_cross_entropy_with_logits(logits, labels, reduction="sum")), n),
                "accuracy": (float(((logits > 0) == (labels > 0.5)).sum()), n),
                "positive_rate": (float(labels.sum()), n)}

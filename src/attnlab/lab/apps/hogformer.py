@@ -5,34 +5,40 @@ under several degradations, with the degradation type unknown to the model, bett
 without HOG guidance. Layer: ``hog_attention`` (:mod:`attnlab.layers.hog_attention`).
 
 **Data** (:class:`RestorationData`). One example is a grey ``S × S`` image (``image_size``, values in [0, 1],
-pixel centres at ``(col + 0.5, row + 0.5)``) and one degraded copy. A batch draws, in this order:
+pixel centres at ``(col + 0.5, row + 0.5)``) and one degraded copy. A batch makes these calls on its generator
+``rng`` (:meth:`AppData.rng`), in this order:
 
 1. every clean image, one after the other (:func:`render_clean`):
-   - a ramp background ``a + b·((x cos θ + y sin θ) / S − 0.5)``, a ~ U(0.2, 0.6), b ~ U(−0.3, 0.3),
-     θ ~ U(0, 2π);
-   - then 1 … ``max_shapes`` shapes (count uniform), each painted over the image: kind uniform among
-     rectangle, disc, line, stripes; grey value v ~ U(0, 1).
-     Rectangle: columns x0 ~ U{0 … S−3}, x1 ~ U{x0+3 … S} (end excluded), rows the same, filled with v.
-     Disc: centre ~ U(0, S)², radius ~ U(3, S/3), filled with v.
-     Line: end points ~ U(0, S)² each, width w ~ U(1, 2.5); pixels whose centre lies within w/2 of the segment
-     get v. Stripes: a rectangle drawn as above, filled with ``0.5 + 0.4 sin(2π f (x cos φ + y sin φ) + ψ)``,
-     f ~ U(0.1, 0.3) cycles per pixel, φ ~ U(0, π), ψ ~ U(0, 2π) (v is drawn and unused);
+   - a ramp background ``a + b·((x cos θ + y sin θ) / S − 0.5)``: ``a = rng.uniform(0.2, 0.6)``,
+     ``b = rng.uniform(-0.3, 0.3)``, ``θ = rng.uniform(0, 2π)``;
+   - the shape count ``rng.integers(1, max_shapes + 1)``; then per shape, each painted over the image: its kind
+     ``rng.integers(0, 4)`` (rectangle, disc, line, stripes) and grey value ``v = rng.uniform(0, 1)``, then
+     - rectangle: ``x0 = rng.integers(0, S − 2)``, ``x1 = rng.integers(x0 + 3, S + 1)``, ``y0``, ``y1`` the
+       same (columns x0 … x1 − 1, rows y0 … y1 − 1), filled with v;
+     - disc: ``centre = rng.uniform(0, S, 2)``, ``radius = rng.uniform(3, S / 3)``, filled with v;
+     - line: ``start = rng.uniform(0, S, 2)``, ``end = rng.uniform(0, S, 2)``, ``w = rng.uniform(1, 2.5)``;
+       pixels whose centre lies within w/2 of the segment get v;
+     - stripes: a rectangle drawn as above, then ``f = rng.uniform(0.1, 0.3)`` cycles per pixel,
+       ``φ = rng.uniform(0, π)``, ``ψ = rng.uniform(0, 2π)``; filled with
+       ``0.5 + 0.4 sin(2π f (x cos φ + y sin φ) + ψ)`` (v is drawn and unused);
    - clipped to [0, 1];
-2. the degradation of every image, uniform over ``degradations`` (``rng.integers`` over its positions);
+2. the degradation of every image: ``rng.integers(0, len(degradations), size=B)``, a position in ``degradations``;
 3. each image's degradation, in image order (:func:`degrade`):
-   - ``noise``: add N(0, noise_sigma²) to each pixel;
-   - ``blur``: Gaussian blur of standard deviation ``blur_sigma``, kernel radius ⌈3σ⌉, reflected borders,
-     separable (rows then columns);
-   - ``rain``: n ~ U{⌈rain_streaks/2⌉ … rain_streaks} streaks sharing one direction at angle
-     π/2 + U(−0.45, 0.45) rad from the x axis; each starts at a point ~ U(0, S)², has length ~ U(6, 14) pixels
-     and brightness s ~ U(0.3, 0.6); the rain layer is the pixelwise max of ``s · max(0, 1 − d)`` (d: distance
-     of the pixel centre to the streak's segment), added to the image;
+   - ``noise``: ``rng.normal(0, noise_sigma, (S, S))`` added to the image;
+   - ``blur`` (no draw): Gaussian blur of standard deviation ``blur_sigma``, kernel radius ⌈3σ⌉, reflected
+     borders, separable (rows then columns);
+   - ``rain`` (:func:`rain_layer`): the direction ``π/2 + rng.uniform(-0.45, 0.45)`` rad from the x axis, shared
+     by every streak; the streak count ``rng.integers(⌈rain_streaks/2⌉, rain_streaks + 1)``; per streak
+     ``start = rng.uniform(0, S, 2)``, ``length = rng.uniform(6, 14)`` pixels, ``s = rng.uniform(0.3, 0.6)``.
+     The rain layer is the pixelwise max of ``s · max(0, 1 − d)`` (d: distance of the pixel centre to the
+     streak's segment), added to the image;
    - clipped to [0, 1];
-4. the HOG of each degraded image: ``skimage.feature.hog(image, orientations, pixels_per_cell=(p, p),
-   cells_per_block=(1, 1), block_norm="L1", feature_vector=False)`` with ``p = patch_size``: one histogram per
-   p × p cell (each pixel's gradient, central differences and 0 on the image border, votes its magnitude into the
-   one bin of its unsigned orientation: ``orientations`` bins over 0–180°), divided by its L1 norm + 1e-5 (sum 1 on edges, below 1 on faint gradients, 0 on a flat cell), cells in raster order
-   = the model's patch tokens.
+4. the HOG of each degraded image (no draw): ``skimage.feature.hog(image, orientations,
+   pixels_per_cell=(p, p), cells_per_block=(1, 1), block_norm="L1", feature_vector=False)`` with
+   ``p = patch_size``: one histogram per p × p cell (each pixel's gradient, central differences and 0 on the image
+   border, votes its magnitude into the one bin of its unsigned orientation: ``orientations`` bins over 0–180°),
+   divided by its L1 norm + 1e-5 (sum 1 on edges, below 1 on faint gradients, 0 on a flat cell), cells in raster
+   order = the model's patch tokens.
 
 Batch: ``degraded`` and ``clean`` (B, 1, S, S) float32, ``hog`` (B, T, orientations) float32 with
 T = (S / p)², ``degradation`` (B,) int64, the index in :data:`DEGRADATIONS` = (noise, blur, rain) whatever
@@ -70,7 +76,7 @@ from attnlab.errors import ConfigError, ShapeError
 from attnlab.functional.masks import full
 from attnlab.lab.apps import APPS
 from attnlab.lab.apps.base import App, AppData
-from attnlab.lab.apps.host import AppConfig, AppModel
+from attnlab.lab.apps.host import AppBlock, AppConfig, AppModel
 from attnlab.layers import LAYERS
 from attnlab.params import Range, validated
 
@@ -243,18 +249,13 @@ class HOGformerNet(AppModel):
         patch_width = channels * self.patch**2
         self.pixel_embed = nn.Conv2d(1, channels, 3, padding=1)
         self.token_embed = nn.Linear(patch_width, width)
-        self.attn_norms = nn.ModuleList()
-        self.attentions = nn.ModuleList()
-        self.mlp_norms = nn.ModuleList()
-        self.mlps = nn.ModuleList()
-        for _ in range(int(args["num_blocks"])):
-            layer = LAYERS.get("hog_attention")(width, config.num_attention_heads, guidance_dim=int(args["orientations"]),
-                                                num_groups=num_groups, mask_mod=full(), rope_base=None)
-            self.attn_norms.append(nn.LayerNorm(width))
-            self.attentions.append(self.site(layer))
-            self.mlp_norms.append(nn.LayerNorm(width))
-            hidden = round(float(args["mlp_ratio"]) * width)
-            self.mlps.append(nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width)))
+        blocks = []
+        for _ in range(int(args["num_blocks"])):  # per block: the layer, then its norms and MLP (as before AppBlock)
+            layer = LAYERS.get("hog_attention")(width, config.num_attention_heads,
+                                                guidance_dim=int(args["orientations"]), num_groups=num_groups,
+                                                mask_mod=full(), rope_base=None)
+            blocks.append(AppBlock(self.site(layer), width, float(args["mlp_ratio"])))
+        self.blocks = nn.ModuleList(blocks)
         self.final_norm = nn.LayerNorm(width)
         self.token_out = nn.Linear(width, patch_width)
         self.pixel_out = nn.Sequential(nn.Conv2d(2 * channels, channels, 3, padding=1), nn.GELU(),
@@ -278,9 +279,8 @@ class HOGformerNet(AppModel):
         pixels = F.gelu(self.pixel_embed(degraded))  # (B, E, S, S)
         patches = F.unfold(pixels, self.patch, stride=self.patch).transpose(1, 2)  # (B, T, E·p²)
         x = self.token_embed(patches) + grid_positions(rows, cols, self.config.hidden_size).to(pixels)  # (B, T, C)
-        for attn_norm, attention, mlp_norm, mlp in zip(self.attn_norms, self.attentions, self.mlp_norms, self.mlps):
-            x = x + attention(attn_norm(x), guidance=guidance)  # (B, T, C)
-            x = x + mlp(mlp_norm(x))
+        for block in self.blocks:
+            x = block(x, guidance=guidance)  # (B, T, C)
         patches = self.token_out(self.final_norm(x)).transpose(1, 2)  # (B, E·p², T)
         maps = F.fold(patches, degraded.shape[2:], self.patch, stride=self.patch)  # (B, E, S, S)
         return degraded + self.pixel_out(torch.cat([maps, pixels], dim=1))
@@ -290,8 +290,9 @@ class HOGformerNet(AppModel):
 class HOGformerApp(App):
     """HOGformer (Wu et al. 2025): all-in-one restoration of synthetic grey images, with and without HOG guidance.
 
-    Model arguments (``--model-arg``): patch_size (4; must equal the data's), embed_channels (8), num_blocks (2
-    attention sites), mlp_ratio (2.0), orientations (9; the HOG bins, must equal the data's). See the module
+    Model arguments (``--model-arg``): patch_size (4; shared with the data), embed_channels (8), num_blocks (2
+    attention sites), mlp_ratio (2.0), orientations (9; the HOG bins, shared with the data). A shared argument
+    (``App.shared_args``) given on either side sets both. See the module
     docstring for the data, model, loss and metrics."""
 
     layer = "hog_attention"
@@ -304,14 +305,15 @@ class HOGformerApp(App):
     higher_is_better = True
     defaults = {"steps": 700, "lr": 3e-3, "batch_size": 32, "eval_every": 350, "eval_batches": 8}
     model_defaults = {"patch_size": 4, "embed_channels": 8, "num_blocks": 2, "mlp_ratio": 2.0, "orientations": 9}
+    model_hints = {"patch_size": Annotated[int, Range(ge=2, le=64)],  # patch_size, orientations: as the data's
+                   "embed_channels": Annotated[int, Range(ge=1, le=1024)],
+                   "num_blocks": Annotated[int, Range(ge=1, le=32)],
+                   "mlp_ratio": Annotated[float, Range(gt=0.0, le=64.0)],
+                   "orientations": Annotated[int, Range(ge=2, le=36)]}
+    shared_args = ("patch_size", "orientations")
 
     def __init__(self, variant: str | None = None, **kwargs: Any) -> None:
         super().__init__(variant, **kwargs)
-        for key in ("patch_size", "embed_channels", "num_blocks", "orientations"):
-            if self.model_args[key] < 1:
-                raise ConfigError(f"app {self.name}: {key} must be >= 1, got {self.model_args[key]}")
-        if not self.model_args["mlp_ratio"] > 0:
-            raise ConfigError(f"app {self.name}: mlp_ratio must be > 0, got {self.model_args['mlp_ratio']}")
         if self.hidden_size % 4:
             raise ConfigError(f"app {self.name}: hidden_size={self.hidden_size} must be a multiple of 4 (2-D "
                               f"position code)")

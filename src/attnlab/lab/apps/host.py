@@ -15,6 +15,9 @@ probes sized by the model's facts fit each one. The forward's inputs are the app
 ``input_ids``): probes see every key of a call as real, at positions 0 … kv_len − 1 of that call, and the masks
 the layers build (per-call ``keep``) decide what is attended.
 
+Shared pieces: :class:`AppBlock` (a pre-norm residual block around one site) and :func:`recording_probs` (keep the
+probs of layers that offer ``record_probs`` for the length of a ``with`` block).
+
 Checkpoints: ``model.save_pretrained(DIR)`` writes ``model.safetensors`` + ``config.json`` (app, variant, model
 arguments, sizes); :func:`load_app` rebuilds the model from them (no pickle, strict loading).
 """
@@ -22,10 +25,12 @@ arguments, sizes); :func:`load_app` rebuilds the model from them (no pickle, str
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from transformers import PreTrainedConfig, PreTrainedModel
 
 from attnlab.errors import ConfigError
@@ -33,7 +38,7 @@ from attnlab.lab.hosting import AttentionSite
 from attnlab.lab.weights import load_state, safetensors_files
 from attnlab.layers.base import Layer
 
-__all__ = ["AppConfig", "AppModel", "load_app"]
+__all__ = ["AppBlock", "AppConfig", "AppModel", "load_app", "recording_probs"]
 
 MODEL_TYPE = "attnlab_app"
 
@@ -116,6 +121,59 @@ class AppModel(PreTrainedModel):
                               f"sites, the model has {count}")
         self.config.num_hidden_layers = count
         self.post_init()
+
+
+class AppBlock(nn.Module):
+    """Pre-LayerNorm residual block around one attention site: ``h + site(LN(h), **extras)``, then
+    ``h + MLP(LN(h))`` with a GELU MLP of width ``max(1, round(mlp_ratio · width))``.
+
+    Modules, created in this order (so a model's random initialisation is fixed by it): the given ``site``,
+    ``norm1``, ``norm2`` (LayerNorm(width)), ``mlp`` = Linear(width, hidden), GELU, Linear(hidden, width).
+
+    ``forward(h, memory=None, **extras)``: h (B, L, width); ``memory`` (B, M, width) or None: the site attends
+    over ``LN([memory, h])`` (a decoder reading an encoder's memory) and only h's last L rows are kept;
+    ``extras`` go to the site (per-call layer inputs). Returns (B, L, width), h's dtype.
+    """
+
+    def __init__(self, site: nn.Module, width: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.site, self.norm1, self.norm2 = site, nn.LayerNorm(width), nn.LayerNorm(width)
+        hidden = max(1, int(round(mlp_ratio * width)))
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+
+    def forward(self, h: Tensor, memory: Tensor | None = None, **extras: Any) -> Tensor:
+        x = self.norm1(h if memory is None else torch.cat([memory, h], dim=1))
+        h = h + self.site(x, **extras)[:, x.shape[1] - h.shape[1]:]
+        return h + self.mlp(self.norm2(h))
+
+
+@contextmanager
+def recording_probs(layers: Iterable[nn.Module]) -> Iterator[list[nn.Module]]:
+    """Within the ``with`` block every layer keeps its last call's attention probabilities in ``last_probs``
+    ((B, H, Lq, Lk) float32, detached; layers with a ``record_probs`` switch: ``tscan``, ``object_attention``).
+    Yields the layers as a list. On exit each switch is restored, and ``last_probs`` is cleared where the switch
+    was off before.
+
+        with recording_probs(site.layer for site in model.attention_sites) as layers:
+            logits = model(**batch)
+            probs = [layer.last_probs for layer in layers]
+
+    Raises ConfigError for a layer without ``record_probs``."""
+    layers = list(layers)
+    for layer in layers:
+        if not hasattr(layer, "record_probs"):
+            raise ConfigError(f"expected layers with record_probs (tscan, object_attention), got "
+                              f"{type(layer).__name__}")
+    before = [layer.record_probs for layer in layers]
+    for layer in layers:
+        layer.record_probs = True
+    try:
+        yield layers
+    finally:
+        for layer, was in zip(layers, before):
+            layer.record_probs = was
+            if not was:
+                layer.last_probs = None
 
 
 def load_app(folder: str | os.PathLike) -> tuple[Any, AppModel]:

@@ -59,7 +59,7 @@ from attnlab.errors import ShapeError
 from attnlab.functional.masks import full
 from attnlab.lab.apps import APPS
 from attnlab.lab.apps.base import App, AppData
-from attnlab.lab.apps.host import AppConfig, AppModel
+from attnlab.lab.apps.host import AppBlock, AppConfig, AppModel
 from attnlab.lab.tasks.base import check
 from attnlab.layers import LAYERS
 from attnlab.params import Range, validated
@@ -123,20 +123,6 @@ class HPNetData(AppData):
         return {"observed": observed, "future": future, "path": path}
 
 
-class _Block(nn.Module):
-    """Pre-LayerNorm residual attention (one site) + pre-LayerNorm residual feed-forward, on (sequences, len, C)."""
-
-    def __init__(self, site: nn.Module, width: int) -> None:
-        super().__init__()
-        self.site = site
-        self.attention_norm, self.ffn_norm = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.ffn = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
-
-    def forward(self, hidden: Tensor) -> Tensor:
-        hidden = hidden + self.site(self.attention_norm(hidden))
-        return hidden + self.ffn(self.ffn_norm(hidden))
-
-
 class HPNetModel(AppModel):
     """Prediction embeddings (B, N, T, K, C) refined by agent / historical-prediction / mode attention sites
     (module docstring). ``forward(observed)``: observed (B, N, W − 1 + T, 2) with W = ``window`` of the model args.
@@ -154,7 +140,7 @@ class HPNetModel(AppModel):
             agent = LAYERS.get("masked")(width, heads, mask_mod=full(), rope_base=None)
             history = LAYERS.get("historical_prediction")(width, heads, max_distance=args["pred_duration"])
             mode = LAYERS.get("masked")(width, heads, mask_mod=full(), rope_base=None)
-            blocks.append(nn.ModuleList(_Block(self.site(layer), width) for layer in (agent, history, mode)))
+            blocks.append(nn.ModuleList(AppBlock(self.site(layer), width, 2.0) for layer in (agent, history, mode)))
         self.rounds = nn.ModuleList(blocks)
         self.decoder = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 2 * width), nn.GELU(),
                                      nn.Linear(2 * width, 2 * self.horizon))
@@ -200,7 +186,7 @@ class HPNetApp(App):
 
     Model arguments: ``num_modes`` K (3), ``num_rounds`` of triple attention (1), ``pred_duration`` (20, the
     released default: the largest Δ the HPA site sees in the ``hpa`` variant), ``window`` and ``horizon`` (3 and 8;
-    must equal the generator's, which get them by default).
+    shared with the generator: ``App.shared_args``, a value given on either side sets both).
     """
 
     layer = "historical_prediction"
@@ -212,25 +198,21 @@ class HPNetApp(App):
     higher_is_better = False
     defaults = {"steps": 1000, "lr": 3e-3, "batch_size": 32, "eval_every": 250, "eval_batches": 8}
     model_defaults = {"num_modes": 3, "num_rounds": 1, "pred_duration": 20, "window": 3, "horizon": 8}
+    model_hints = {"num_modes": Annotated[int, Range(ge=1, le=64)], "num_rounds": Annotated[int, Range(ge=1, le=8)],
+                   "pred_duration": Annotated[int, Range(ge=0, le=4096)],
+                   "window": Annotated[int, Range(ge=2, le=MAX_WINDOW)],
+                   "horizon": Annotated[int, Range(ge=2, le=MAX_HORIZON)]}
+    shared_args = ("window", "horizon")
 
     def __init__(self, variant: str | None = None, **kwargs: Any) -> None:
         super().__init__(variant, **kwargs)
-        args = self.model_args
-        for key, low, high in (("num_modes", 1, 64), ("num_rounds", 1, 8), ("pred_duration", 0, 4096),
-                               ("window", 2, MAX_WINDOW), ("horizon", 2, MAX_HORIZON)):
-            check(low <= args[key] <= high, f"app {self.name}", f"{key} must be in {low}..{high}, got {args[key]}")
         if self.variant == "no_hpa":
-            args["pred_duration"] = 0
+            self.model_args["pred_duration"] = 0
 
-    def data(self, **data_args: Any) -> HPNetData:
-        """The generator, with the model's ``window`` and ``horizon`` unless given (then they must agree)."""
-        data = HPNetData(**{"window": self.model_args["window"], "horizon": self.model_args["horizon"],
-                            **data_args})
-        for key in ("window", "horizon"):
-            check(getattr(data, key) == self.model_args[key], f"app {self.name}",
-                  f"the generator's {key}={getattr(data, key)} differs from the model's {key}="
-                  f"{self.model_args[key]}; set both (--data-arg and --model-arg)")
-        return data
+    def summary_sites(self) -> tuple[int, ...]:
+        """The HPA sites (3r + 1): the agent and mode sites have 3 keys, so uniform attention (1/3) already exceeds
+        the sink threshold ε = 0.3 and their summaries are set by the layout."""
+        return tuple(3 * r + 1 for r in range(self.model_args["num_rounds"]))
 
     def loss(self, model: HPNetModel, batch: Mapping[str, Tensor]) -> Tensor:
         ade = forecast_errors(model(batch["observed"]), batch["future"]).mean(dim=-1)  # (B, N, T, K)

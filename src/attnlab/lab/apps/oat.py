@@ -67,7 +67,7 @@ from attnlab.errors import ConfigError
 from attnlab.functional.masks import full
 from attnlab.lab.apps import APPS
 from attnlab.lab.apps.base import App, AppData
-from attnlab.lab.apps.host import AppModel
+from attnlab.lab.apps.host import AppBlock, AppModel, recording_probs
 from attnlab.layers import LAYERS
 from attnlab.layers.object_attention import encode_boxes
 from attnlab.params import Range, validated
@@ -183,21 +183,6 @@ def step_encoding(steps: int, width: int) -> Tensor:
     return table
 
 
-class Block(nn.Module):
-    """Pre-norm block: ``h + site(LN(h), **extras)``, then ``h + MLP(LN(h))``; ``rows`` keeps the last rows only."""
-
-    def __init__(self, site: nn.Module, width: int, mlp_ratio: float) -> None:
-        super().__init__()
-        self.site, self.norm1, self.norm2 = site, nn.LayerNorm(width), nn.LayerNorm(width)
-        hidden = max(1, int(round(mlp_ratio * width)))
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
-
-    def forward(self, h: Tensor, memory: Tensor | None = None, **extras: Any) -> Tensor:
-        x = self.norm1(h if memory is None else torch.cat([memory, h], dim=1))
-        h = h + self.site(x, **extras)[:, x.shape[1] - h.shape[1]:]
-        return h + self.mlp(self.norm2(h))
-
-
 class OATModel(AppModel):
     """Encoder over the target and objects, decoder over the scanpath so far, pointer over objects (module doc)."""
 
@@ -216,9 +201,10 @@ class OATModel(AppModel):
         self.position = nn.Linear(args["encoding_dim"], width, bias=False)
         self.target_type = nn.Parameter(torch.randn(width) * 0.02)
         self.start = nn.Parameter(torch.randn(width) * 0.02)
-        self.encoder = nn.ModuleList(Block(self.site(make(width, heads, **layer_args)), width, args["mlp_ratio"])
+        ratio = args["mlp_ratio"]
+        self.encoder = nn.ModuleList(AppBlock(self.site(make(width, heads, **layer_args)), width, ratio)
                                      for _ in range(args["encoder_layers"]))
-        self.decoder = nn.ModuleList(Block(self.site(make(width, heads, **layer_args)), width, args["mlp_ratio"])
+        self.decoder = nn.ModuleList(AppBlock(self.site(make(width, heads, **layer_args)), width, ratio)
                                      for _ in range(args["decoder_layers"]))
         self.memory_norm, self.decoder_norm = nn.LayerNorm(width), nn.LayerNorm(width)
         self.query, self.key = nn.Linear(width, width), nn.Linear(width, width)
@@ -319,32 +305,27 @@ class OAT(App):
     defaults = {"steps": 1200, "lr": 3e-3, "batch_size": 64, "eval_every": 400, "eval_batches": 8}
     model_defaults = {"encoder_layers": 2, "decoder_layers": 2, "mlp_ratio": 2.0, "sigma": 0.2,
                       "encoding_dim": 32, "sinusoid_scale": 10.0}
+    model_hints = {"encoder_layers": Annotated[int, Range(ge=1, le=8)],
+                   "decoder_layers": Annotated[int, Range(ge=1, le=8)],
+                   "mlp_ratio": Annotated[float, Range(gt=0.0, le=64.0)],
+                   "sigma": Annotated[float, Range(gt=0.0, le=100.0)],
+                   "encoding_dim": Annotated[int, Range(ge=4, le=1024)],
+                   "sinusoid_scale": Annotated[float, Range(gt=0.0, le=1e6)]}
 
-    def __init__(self, variant: str | None = None, *, hidden_size: int = 32, num_heads: int = 4,
-                 **model_args: Any) -> None:
-        super().__init__(variant, hidden_size=hidden_size, num_heads=num_heads, **model_args)
-        args = self.model_args
-        for key in ("encoder_layers", "decoder_layers"):
-            if not 1 <= args[key] <= 8:
-                raise ConfigError(f"app oat: expected {key} in [1, 8], got {args[key]}")
-        for key in ("sigma", "mlp_ratio", "sinusoid_scale"):
-            if not args[key] > 0:
-                raise ConfigError(f"app oat: expected {key} > 0, got {args[key]}")
-        if args["encoding_dim"] < 4 or args["encoding_dim"] % 4:
-            raise ConfigError(f"app oat: expected encoding_dim a multiple of 4, got {args['encoding_dim']}")
+    def __init__(self, variant: str | None = None, **kwargs: Any) -> None:
+        super().__init__(variant, **kwargs)
+        if self.model_args["encoding_dim"] % 4:
+            raise ConfigError(f"app oat: expected encoding_dim a multiple of 4, got "
+                              f"{self.model_args['encoding_dim']}")
 
     def loss(self, model: OATModel, batch: dict[str, Tensor]) -> Tensor:
         logits = model(**batch)
         return F.cross_entropy(logits.flatten(0, 1), targets(batch).flatten(), ignore_index=-100)
 
     def metrics(self, model: OATModel, batch: dict[str, Tensor]) -> dict[str, tuple[float, float]]:
-        first = model.decoder[0].site.layer
-        first.record_probs = True
-        try:
+        with recording_probs([model.decoder[0].site.layer]) as (first,):
             logits = model(**batch)
             probs = first.last_probs  # (B, H, M + L, M + L)
-        finally:
-            first.record_probs, first.last_probs = False, None
         labels = targets(batch)
         length = batch["length"]
         B, N = batch["scanpath"].shape

@@ -24,7 +24,8 @@ from attnlab.report.sections import Column, Section, Series, StepCurve, Table, T
 __all__ = ["app_results", "compare_results", "summary_row"]
 
 SUMMARY = {"entropy": "entropy", "sink": "sink_rate", "distance": "power_law_exponent"}
-"""Probe → the statistic a comparison shows: its mean over the rows with a site (layer), last evaluation."""
+"""Probe → the statistic a comparison shows: its mean over the rows of the app's summary sites
+(:meth:`attnlab.lab.apps.base.App.summary_sites`; all by default) at the last evaluation."""
 
 
 def _no_probe_sections(probes: Any) -> dict[str, list[dict[str, Any]]]:
@@ -88,14 +89,15 @@ def app_results(config: Any, app: Any, model: Any, data: Any, *, log: list[dict[
 
 
 def summary_row(run: Any) -> dict[str, Any]:
-    """One comparison row: variant, final metrics, each probe's :data:`SUMMARY` statistic at the last evaluation,
-    parameters and seconds."""
+    """One comparison row: variant, final metrics, each probe's :data:`SUMMARY` statistic at the last evaluation
+    (mean over the app's summary sites and their heads), parameters and seconds."""
     last = max((row["step"] for row in run.probe_rows), default=None)
+    sites = run.config.make_app().summary_sites()
     row: dict[str, Any] = {"variant": run.config.variant, **run.final}
     for probe, statistic in SUMMARY.items():
         values = [r["value"] for r in run.probe_rows if r["probe"] == probe and r["statistic"] == statistic
-                  and r["step"] == last and r["layer"] is not None and r["value"] is not None
-                  and not math.isnan(r["value"])]
+                  and r["step"] == last and r["layer"] is not None and (sites is None or r["layer"] in sites)
+                  and r["value"] is not None and not math.isnan(r["value"])]
         if probe in run.config.probes:
             row[statistic] = sum(values) / len(values) if values else math.nan
     row.update(num_parameters=run.num_parameters, seconds=round(run.seconds, 1))
@@ -113,14 +115,16 @@ def compare_results(config: Any, runs: Mapping[str, Any], table: list[dict[str, 
     keys = [key for key in table[0] if key != "variant"] if table else []
     columns = (Column("variant", "variant", format="text"),) + tuple(Column(key, key) for key in keys)
     better = "higher" if app.higher_is_better else "lower"
+    sites = app.summary_sites()
+    over = "attention sites" if sites is None else f"the app's summary sites ({', '.join(map(str, sites))})"
     section = Section("app-compare", "Variants compared", (
         Text(template=f"{app.name}: every variant trained with the same seed, data and settings; the headline "
-                      f"metric is {app.headline} ({better} is better). Probe columns are means over attention "
-                      "sites and heads at the last evaluation."),
+                      f"metric is {app.headline} ({better} is better). Probe columns are means over {over} and "
+                      "their heads at the last evaluation."),
         Table(columns, extras="variants", title="Final evaluation"),
     ))
     extras = {"compare": {"app": app.name, "headline": app.headline, "higher_is_better": app.higher_is_better,
-                          "variants": table,
+                          "summary_sites": None if sites is None else list(sites), "variants": table,
                           "descriptions": {v: type(app).variants[v] for v in runs}}}
     seconds = sum(run.seconds for run in runs.values())
     model = _model_record(first.model, f"{app.name} (variants {', '.join(runs)})", "trained by attnlab app compare")

@@ -46,7 +46,8 @@ class AppTrainConfig:
     Attributes:
         app, variant: ``attnlab ls apps`` and one of its variants (None: the first, the paper's mechanism, for
             :func:`train_app`; :func:`compare_variants` ignores it).
-        model_args, data_args: the app's model knobs and its generator's arguments (text or typed values).
+        model_args, data_args: the app's model knobs and its generator's arguments (text or typed values); an
+            argument the app shares between them (``App.shared_args``) given on one side is set on both.
         hidden_size, num_heads: every attention site's width and heads.
         steps, lr, batch_size, eval_every, eval_batches, weight_decay, warmup_steps, min_lr_ratio, optimizer:
             as ``attnlab train``; None = the app's ``defaults``, then :data:`FALLBACK`.
@@ -55,7 +56,8 @@ class AppTrainConfig:
         seed: model initialisation and (unless ``data_args`` has ``seed``) the data.
         out: directory for ``checkpoint/`` and ``train_log.csv`` (None: write nothing).
 
-    Raises ConfigError (one line) for a value out of range, RegistryError for an unknown app or probe.
+    Raises ConfigError (one line) for a value out of range or a shared argument given differently on the two
+    sides, RegistryError for an unknown app or probe.
     """
 
     app: str
@@ -104,6 +106,9 @@ class AppTrainConfig:
             else:
                 value = coerce(value, hints[item.name], owner="app", param=item.name)
             object.__setattr__(self, item.name, value)
+        model_args, data_args = app.share_args(self.model_args, self.data_args)  # a shared value sets both sides
+        object.__setattr__(self, "model_args", model_args)
+        object.__setattr__(self, "data_args", data_args)
         if self.warmup_steps > self.steps:
             raise ConfigError(f"app: warmup_steps={self.warmup_steps} exceeds steps={self.steps}")
         self.make_app().data(**{"seed": self.seed, **self.data_args})  # ConfigError for a bad variant, model or

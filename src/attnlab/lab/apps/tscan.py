@@ -24,15 +24,17 @@ row-major (token t·V + v); ``depth`` pre-norm blocks of [tscan layer on (grid, 
 observed tokens (the released code's global average pooling) → a linear logit. Loss: binary cross-entropy.
 
 Variants (same parameters, same data): ``tscan`` — the layer's factorised keys (row and column means), so every
-query's attention over cells is a time-node softmax × an item softmax; ``plain`` — ``factorised=False``, each
-cell's own key: plain joint attention over the same cells.
+query's logits split into a time-node term plus an item term (a product of a time softmax and an item softmax only
+on a fully observed grid: with unobserved cells the softmax runs over the observed ones); ``plain`` —
+``factorised=False``, each cell's own key: plain joint attention over the same cells.
 
-Metrics: ``accuracy``, ``auc`` (rank AUC of the logits, per eval batch, averaged over batches), and the attention
-of the trained model read from the layers' probs (``record_probs``; observed queries only, averaged over sites,
-heads and queries): ``relevant_mass`` (on relevant cells), ``time_distractor_mass``, ``item_distractor_mass``
-(the three sum to 1), ``relevant_chance`` (the share of observed keys that are relevant, weighted like the
-queries: what uniform attention over the observed cells would give) and ``best_head_relevant_mass`` (the
-largest per-(site, head) mean relevant mass of the batch).
+Metrics: ``accuracy``, ``auc`` (:func:`attnlab.lab.apps.metrics.auc_term`: the rank AUC of the logits per eval
+batch, averaged over the batches that hold both classes), and the attention of the trained model read from the
+layers' probs (``record_probs``; observed queries only, averaged over sites, heads and queries): ``relevant_mass``
+(on relevant cells), ``time_distractor_mass``, ``item_distractor_mass`` (the three sum to 1), ``relevant_chance``
+(the share of observed keys that are relevant, weighted like the queries: what uniform attention over the
+observed cells would give) and ``best_head_relevant_mass`` (the largest per-(site, head) mean relevant mass of the
+batch).
 """
 
 from __future__ import annotations
@@ -49,12 +51,13 @@ from attnlab.errors import ShapeError
 from attnlab.functional.masks import full
 from attnlab.lab.apps import APPS
 from attnlab.lab.apps.base import App, AppData
-from attnlab.lab.apps.host import AppConfig, AppModel
+from attnlab.lab.apps.host import AppConfig, AppModel, recording_probs
+from attnlab.lab.apps.metrics import auc_term
 from attnlab.lab.tasks.base import check
 from attnlab.layers import LAYERS
 from attnlab.params import Range, validated
 
-__all__ = ["TSCANApp", "TSCANData", "TSCANModel", "cell_kinds", "rank_auc"]
+__all__ = ["TSCANApp", "TSCANData", "TSCANModel", "cell_kinds"]
 
 RELEVANT, TIME_DISTRACTOR, ITEM_DISTRACTOR = 0, 1, 2
 
@@ -74,6 +77,8 @@ class TSCANData(AppData):
     """Irregularly sampled series whose binary outcome depends on a few variables in a few windows (module
     docstring). Raises ConfigError for a value out of range, ``num_relevant > num_vars`` or windows that do not fit
     (``num_times − window − (num_relevant − 1) · (num_times // num_relevant) < 0``)."""
+
+    name = "tscan"
 
     @validated
     def __init__(self, num_vars: Annotated[int, Range(ge=1, le=64)] = 8,
@@ -125,6 +130,8 @@ class TSCANModel(AppModel):
         nn.init.normal_(self.var_embed.weight, std=0.5)
         nn.init.normal_(self.time_embed.weight, std=0.5)
         hidden = int(width * args["mlp_ratio"])
+        # not AppBlock: these modules are created norms, sites, MLPs (not per block), so folding would change the
+        # random initialisation and every documented number
         self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(2 * args["depth"]))
         self.sites = nn.ModuleList(
             self.site(LAYERS.get("tscan")(width, heads, factorised=factorised, mask_mod=full()))
@@ -156,16 +163,6 @@ class TSCANModel(AppModel):
         return self.head(pooled).squeeze(-1)
 
 
-def rank_auc(scores: Tensor, labels: Tensor) -> float:
-    """ROC AUC as the Mann–Whitney statistic: P(score of a positive > score of a negative), ties count 1/2.
-    NaN when one class is absent. scores, labels: (B,)."""
-    positive, negative = scores[labels > 0.5], scores[labels <= 0.5]
-    if len(positive) == 0 or len(negative) == 0:
-        return float("nan")
-    diff = positive[:, None] - negative[None, :]
-    return float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean())
-
-
 @APPS.register("tscan")
 class TSCANApp(App):
     """TSCAN's factorised time × item attention vs plain joint attention on a sparse clinical-style outcome."""
@@ -173,27 +170,26 @@ class TSCANApp(App):
     layer = "tscan"
     data_class = TSCANData
     model_class = TSCANModel
-    variants = {"tscan": "TSCAN: keys pooled per time node and per item, attention = time softmax × item softmax",
+    variants = {"tscan": "TSCAN: keys pooled per time node and per item; logits = a time-node term + an item term "
+                         "(a product of softmaxes only on a fully observed grid)",
                 "plain": "plain joint softmax attention over the same cells (each cell's own key)"}
     headline = "accuracy"
     higher_is_better = True
     defaults = {"steps": 1000, "lr": 3e-3, "batch_size": 32, "eval_every": 250, "eval_batches": 16}
     model_defaults = {"depth": 2, "mlp_ratio": 2.0, "max_times": 64, "max_vars": 64}
+    # max_times, max_vars are table sizes (>= the data's num_times, num_vars), not shared values: the forward
+    # refuses a larger grid with a ShapeError naming them
+    model_hints = {"depth": Annotated[int, Range(ge=1, le=32)], "mlp_ratio": Annotated[float, Range(gt=0.0, le=64.0)],
+                   "max_times": Annotated[int, Range(ge=1, le=4096)], "max_vars": Annotated[int, Range(ge=1, le=4096)]}
 
     def loss(self, model: AppModel, batch: Mapping[str, Tensor]) -> Tensor:
         logits = model(**batch)
         return F.binary_cross_entropy_with_logits(logits, batch["label"])
 
     def metrics(self, model: AppModel, batch: Mapping[str, Tensor]) -> dict[str, tuple[float, float]]:
-        layers = [site.layer for site in model.attention_sites]
-        for layer in layers:
-            layer.record_probs = True
-        try:
+        with recording_probs(site.layer for site in model.attention_sites) as layers:
             logits = model(**batch)
             probs = torch.stack([layer.last_probs for layer in layers], dim=1)  # (B, S, H, N, N)
-        finally:
-            for layer in layers:
-                layer.record_probs, layer.last_probs = False, None
         labels = batch["label"]
         B = labels.shape[0]
         observed = batch["observed"].reshape(B, -1)  # (B, N)
@@ -206,7 +202,7 @@ class TSCANApp(App):
         seen = observed.to(probs.dtype).sum(1)  # (B,) observed cells = observed queries = observed keys
         chance = (kinds[..., RELEVANT] * observed).sum(1)  # (B,): seen · (share of observed keys that are relevant)
         return {"accuracy": (float(((logits > 0).float() == labels).sum()), float(B)),
-                "auc": (rank_auc(logits, labels), 1.0),
+                "auc": auc_term(logits, labels),
                 "relevant_mass": (float(totals[RELEVANT]), count),
                 "time_distractor_mass": (float(totals[TIME_DISTRACTOR]), count),
                 "item_distractor_mass": (float(totals[ITEM_DISTRACTOR]), count),
