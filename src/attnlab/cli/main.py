@@ -15,6 +15,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from attnlab.cli.app_cmd import make_app_command
+from attnlab.cli.cost_cmd import cost_command
 from attnlab.cli.eval_cmd import eval_command
 from attnlab.cli.mask_cmd import mask_command
 from attnlab.cli import options
@@ -80,6 +81,7 @@ app.command("probe")(probe)
 app.command("mask")(mask_command)
 app.command("train")(train_command)
 app.command("sweep")(sweep_command)
+app.command("cost")(cost_command)
 app.command("report")(make_probe_command(
     "report", "Run probes (default: entropy, sink, distance, norms) on a model reading text; write report.html, "
     "results.json and results.csv into --out. The default-probes form of `attnlab probe`.",

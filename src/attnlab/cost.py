@@ -1,0 +1,175 @@
+"""The Kinetics cost model: compute and memory traffic of generation, and the time they predict.
+
+Source: Sadhukhan, Chen et al. 2025, "Kinetics: Rethinking Test-Time Scaling Laws" (arXiv 2506.05333), the cost
+model of its released code (``cost_model/utils.py``; METHODS.md #17, high confidence for the formulas). Notation:
+P parameters, L_in prompt tokens, L_out generated tokens per sample, N samples (best-of-N), n_q / n_kv query / key-
+value heads, d = head_dim × num_layers (the layers folded into the head dim), I = peak FLOP/s ÷ memory bandwidth.
+
+- **dense**: FLOPs ``N·[2·P·L_out + 2·(2·L_in + L_out)·L_out·n_q·d]`` (the weights, then QKᵀ and AV over the growing
+  context); bytes ``kv_bytes·(2·L_in + N·L_out)·L_out·n_kv·d`` (K and V of the shared prompt read once per decode
+  step for all samples, each sample's own K and V read by it alone).
+- **topk** (block top-k sparse attention, the paper's proposal): KV budget ``B = local + block_size·top_k`` and
+  effective KV factor ``K = B·L_out − ½·max(0, B − L_in)²``; FLOPs ``N·[2·P·L_out + 4·K·n_q·d + S]`` with the block
+  search ``S = ⌊(2·L_in + L_out)/block_size⌋·L_out·n_q·d``; bytes ``kv_bytes·2·K·n_kv·d·N`` (K and V of the kept
+  keys) plus the block representatives ``kv_bytes/2·⌊(2·L_in + N·L_out)/block_size⌋·L_out·n_kv·d`` (with bf16 these
+  are the code's ``4·K·n_kv·d·N`` and ``⌊…⌋·L_out·n_kv·d``).
+  (The code's "zero-overhead" variant adds ½·max(·)²; METHODS.md reads it as a sign slip and uses −, as here.)
+  ``B`` is capped at ``L_in + L_out``: past it the formula would go negative, and every key is kept anyway (then
+  ``K`` is the dense count ``(2·L_in + L_out)·L_out/2``).
+- **sliding_window** (attnlab's entry, no search): the topk formulas with ``B = window``, no search and no
+  representatives.
+- **linear** (attnlab's entry, not in Kinetics): a recurrent state of ``n_q·head_dim·head_dim`` per layer and
+  sample; each token updates and reads it: FLOPs ``N·[2·P·L_out + 4·L_out·n_q·head_dim·d]``, bytes
+  ``state_bytes·2·N·L_out·n_q·head_dim·d`` (read and write), plus the prompt's prefill scan ignored as in Kinetics.
+- Weight loads are left out, as in Kinetics (amortised by batching); ``weight_bytes`` adds ``bytes·P·L_out`` (one
+  read of every weight per decode step, the regime of batch-1 decoding on a CPU).
+
+``eFLOPs = FLOPs + I·bytes``; the predicted time is ``eFLOPs / peak = FLOPs/peak + bytes/bandwidth``.
+Every quantity here is a plain number (no torch); :func:`sizes_of` reads the sizes from :class:`ModelFacts`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from attnlab.errors import ConfigError
+
+__all__ = ["ACCELERATORS", "Accelerator", "Cost", "ModelSizes", "attention_cost", "cost_table", "sizes_of"]
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    """Peak compute (FLOP/s, dense, in the dtype the KV is stored in) and memory bandwidth (bytes/s) of a device."""
+
+    name: str
+    peak_flops: float
+    bandwidth: float
+    note: str = ""
+
+    @property
+    def intensity(self) -> float:
+        """I = peak_flops / bandwidth, in FLOPs per byte (Kinetics' arithmetic intensity)."""
+        return self.peak_flops / self.bandwidth
+
+
+ACCELERATORS: dict[str, Accelerator] = {
+    "b200": Accelerator("b200", 4.5e15, 8.0e12, "FP8 dense 4.5 PFLOP/s, HBM3e 8 TB/s: I = 562.5, Kinetics' setting"),
+    "h100": Accelerator("h100", 989.4e12, 3.35e12, "SXM, BF16 dense 989 TFLOP/s, HBM3 3.35 TB/s (datasheet)"),
+    "h200": Accelerator("h200", 989.4e12, 4.8e12, "SXM, BF16 dense 989 TFLOP/s, HBM3e 4.8 TB/s (datasheet)"),
+}
+"""Named accelerators (datasheet numbers). A CPU's numbers depend on the machine: measure them and pass an
+:class:`Accelerator` (docs/benchmarks.md)."""
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    """What the cost model reads of a model: parameters, layers, query and key-value heads, head_dim."""
+
+    num_parameters: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def folded_dim(self) -> int:
+        """d = head_dim × num_layers (Kinetics folds the layers into the head dim)."""
+        return self.head_dim * self.num_layers
+
+
+def sizes_of(facts: object, num_parameters: int) -> ModelSizes:
+    """:class:`ModelSizes` from a :class:`attnlab.facts.ModelFacts` and the model's parameter count."""
+    return ModelSizes(int(num_parameters), int(facts.num_layers), int(facts.num_heads),  # type: ignore[attr-defined]
+                      int(facts.num_kv_heads), int(facts.head_dim))  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Compute (FLOPs) and memory traffic (bytes) of one generation setting; ``efflops`` and ``seconds`` for an
+    accelerator."""
+
+    flops: float
+    bytes: float
+
+    def efflops(self, accelerator: Accelerator) -> float:
+        """FLOPs + I·bytes."""
+        return self.flops + accelerator.intensity * self.bytes
+
+    def seconds(self, accelerator: Accelerator) -> float:
+        """The predicted time: eFLOPs / peak = FLOPs/peak + bytes/bandwidth."""
+        return self.efflops(accelerator) / accelerator.peak_flops
+
+
+Attention = Literal["dense", "topk", "sliding_window", "linear"]
+
+
+def _positive(name: str, value: int, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"expected {name} as an int >= {minimum}, got {value!r}")
+    return value
+
+
+def attention_cost(sizes: ModelSizes, *, prompt_len: int, gen_len: int, samples: int = 1,
+                   attention: Attention = "dense", window: int = 4096, block_size: int = 16, top_k: int = 256,
+                   local: int = 128, kv_bytes: float = 2.0, weight_bytes: float = 0.0) -> Cost:
+    """FLOPs and bytes of generating ``gen_len`` tokens for each of ``samples`` samples after a ``prompt_len`` prompt.
+
+    Args:
+        sizes: the model's :class:`ModelSizes`.
+        prompt_len, gen_len, samples: L_in (>= 0), L_out (>= 1), N (>= 1).
+        attention: "dense", "topk" (block top-k: ``block_size``, ``top_k``, ``local``), "sliding_window"
+            (``window``) or "linear" (see the module docstring for each formula).
+        kv_bytes: bytes per stored K or V element (2 = bf16); the linear state uses the same width.
+        weight_bytes: bytes per parameter read at every decode step (0 = Kinetics' default, weights amortised).
+
+    Returns: a :class:`Cost`. Raises ConfigError for a size or length out of range or an unknown attention.
+    """
+    L_in, L_out, N = _positive("prompt_len", prompt_len, 0), _positive("gen_len", gen_len), _positive("samples", samples)
+    P, n_q, n_kv, d = sizes.num_parameters, sizes.num_heads, sizes.num_kv_heads, sizes.folded_dim
+    weights = 2.0 * P * L_out
+    extra_bytes = weight_bytes * P * L_out * N
+    if attention == "dense":
+        flops = N * (weights + 2.0 * (2 * L_in + L_out) * L_out * n_q * d)
+        return Cost(flops, kv_bytes * (2 * L_in + N * L_out) * L_out * n_kv * d + extra_bytes)
+    if attention in ("topk", "sliding_window"):
+        if attention == "topk":
+            budget = _positive("local", local, 0) + _positive("block_size", block_size) * _positive("top_k", top_k)
+            blocks_seen = math.floor((2 * L_in + L_out) / block_size)
+            search = blocks_seen * L_out * n_q * d
+            representatives = kv_bytes / 2 * math.floor((2 * L_in + N * L_out) / block_size) * L_out * n_kv * d
+        else:
+            budget, search, representatives = _positive("window", window), 0.0, 0.0
+        budget = min(budget, L_in + L_out)  # a budget past the whole context keeps every key: the dense count
+        factor = budget * L_out - 0.5 * max(0, budget - L_in) ** 2
+        flops = N * (weights + 4.0 * factor * n_q * d + search)
+        return Cost(flops, kv_bytes * 2.0 * factor * n_kv * d * N + representatives + extra_bytes)
+    if attention == "linear":
+        state = n_q * sizes.head_dim * d  # per sample: heads × head_dim × head_dim × layers
+        flops = N * (weights + 4.0 * L_out * state)
+        return Cost(flops, kv_bytes * 2.0 * N * L_out * state + extra_bytes)
+    raise ConfigError(f"expected attention among dense, topk, sliding_window, linear, got {attention!r}")
+
+
+def cost_table(sizes: ModelSizes, *, prompt_lens: tuple[int, ...], gen_lens: tuple[int, ...],
+               samples: tuple[int, ...] = (1,), attentions: tuple[str, ...] = ("dense",),
+               accelerators: tuple[Accelerator, ...] = (ACCELERATORS["h100"],), **options: float) -> list[dict]:
+    """One row per (attention, prompt_len, gen_len, samples, accelerator): flops, bytes, efflops, seconds and
+    ``memory_share`` (the part of eFLOPs that is memory traffic, I·bytes / eFLOPs). ``options`` go to
+    :func:`attention_cost` (window, block_size, top_k, local, kv_bytes, weight_bytes). Ready for
+    ``pandas.DataFrame``."""
+    rows = []
+    for attention in attentions:
+        for prompt_len in prompt_lens:
+            for gen_len in gen_lens:
+                for count in samples:
+                    cost = attention_cost(sizes, prompt_len=prompt_len, gen_len=gen_len, samples=count,
+                                          attention=attention, **options)  # type: ignore[arg-type]
+                    for device in accelerators:
+                        efflops = cost.efflops(device)
+                        rows.append({"attention": attention, "prompt_len": prompt_len, "gen_len": gen_len,
+                                     "samples": count, "accelerator": device.name, "flops": cost.flops,
+                                     "bytes": cost.bytes, "efflops": efflops, "seconds": cost.seconds(device),
+                                     "memory_share": device.intensity * cost.bytes / efflops})
+    return rows
