@@ -41,6 +41,8 @@ def test_dense_is_the_per_step_sum_up_to_the_halving_of_the_growing_context():
 
 def test_topk_and_sliding_window_by_hand():
     # B = 4 + 2·3 = 10 > L_in = 6: K = 10·5 − ½·(10 − 6)² = 42; search ⌊(12 + 5)/2⌋·5·4·16 = 8·320
+    kept = sum(min(10, 6 + t) for t in range(5))  # keys actually read per (layer, head), step by step: 40
+    assert kept == 42 - 0.5 * (10 - 6)  # the continuous closed form over-counts by ½·(B − L_in) keys
     cost = attention_cost(SIZES, prompt_len=6, gen_len=5, samples=2, attention="topk", block_size=2, top_k=3, local=4)
     assert cost.flops == 2 * (2 * 1000 * 5 + 4 * 42 * 4 * 16 + 8 * 5 * 4 * 16)
     assert cost.bytes == 2 * 2 * 42 * 2 * 16 * 2 + 1 * ((12 + 10) // 2) * 5 * 2 * 16
@@ -88,7 +90,8 @@ def test_long_generation_makes_kv_traffic_dominate():
 
 @pytest.mark.parametrize("kwargs, match", [({"gen_len": 0}, "gen_len"), ({"samples": 0}, "samples"),
                                            ({"prompt_len": -1}, "prompt_len"), ({"attention": "radial"}, "attention"),
-                                           ({"attention": "topk", "block_size": 0}, "block_size")])
+                                           ({"attention": "topk", "block_size": 0}, "block_size"),
+                                           ({"kv_bytes": -2}, "kv_bytes"), ({"weight_bytes": -1}, "weight_bytes")])
 def test_bad_input_is_one_line(kwargs, match):
     args = {"prompt_len": 4, "gen_len": 2, **kwargs}
     with pytest.raises(ConfigError, match=match):

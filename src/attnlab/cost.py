@@ -21,8 +21,8 @@ value heads, d = head_dim × num_layers (the layers folded into the head dim), I
 - **linear** (attnlab's entry, not in Kinetics): a recurrent state of ``n_q·head_dim·head_dim`` per layer and
   sample; each token updates and reads it: FLOPs ``N·[2·P·L_out + 4·L_out·n_q·head_dim·d]``, bytes
   ``state_bytes·2·N·L_out·n_q·head_dim·d`` (read and write), plus the prompt's prefill scan ignored as in Kinetics.
-- Weight loads are left out, as in Kinetics (amortised by batching); ``weight_bytes`` adds ``bytes·P·L_out`` (one
-  read of every weight per decode step, the regime of batch-1 decoding on a CPU).
+- Weight loads are left out, as in Kinetics (amortised by batching); ``weight_bytes`` adds ``weight_bytes·P·L_out·N``
+  (every sample decoded on its own, batch 1, reading every weight once per decode step: the regime of a CPU).
 
 ``eFLOPs = FLOPs + I·bytes``; the predicted time is ``eFLOPs / peak = FLOPs/peak + bytes/bandwidth``.
 Every quantity here is a plain number (no torch); :func:`sizes_of` reads the sizes from :class:`ModelFacts`.
@@ -122,11 +122,14 @@ def attention_cost(sizes: ModelSizes, *, prompt_len: int, gen_len: int, samples:
         attention: "dense", "topk" (block top-k: ``block_size``, ``top_k``, ``local``), "sliding_window"
             (``window``) or "linear" (see the module docstring for each formula).
         kv_bytes: bytes per stored K or V element (2 = bf16); the linear state uses the same width.
-        weight_bytes: bytes per parameter read at every decode step (0 = Kinetics' default, weights amortised).
+        weight_bytes: bytes per parameter read at every decode step of every sample (0 = Kinetics' default,
+            weights amortised; 4 = float32 batch-1 decoding).
 
     Returns: a :class:`Cost`. Raises ConfigError for a size or length out of range or an unknown attention.
     """
     L_in, L_out, N = _positive("prompt_len", prompt_len, 0), _positive("gen_len", gen_len), _positive("samples", samples)
+    if not kv_bytes > 0 or not weight_bytes >= 0:
+        raise ConfigError(f"expected kv_bytes > 0 and weight_bytes >= 0, got {kv_bytes!r} and {weight_bytes!r}")
     P, n_q, n_kv, d = sizes.num_parameters, sizes.num_heads, sizes.num_kv_heads, sizes.folded_dim
     weights = 2.0 * P * L_out
     extra_bytes = weight_bytes * P * L_out * N
