@@ -17,21 +17,19 @@ On the run's eval batches (seed, data arguments, batch size and count read from 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
 from attnlab.lab.apps.dare import click_labels
-from attnlab.lab.apps.host import load_app
 from attnlab.lab.apps.metrics import auc
+from _run import eval_batches, load_variant, run_settings  # examples/apps/_run.py, beside this script
 
 
 def references(data, settings: dict, top_k: int) -> dict[str, float]:
     """Mean over eval batches of each data-only score's AUC."""
     totals: dict[str, float] = {}
-    for index in range(settings["eval_batches"]):
-        batch = data.batch(index, settings["batch_size"], split="eval")
+    for batch in eval_batches(data, settings):
         behaviours, candidates, labels = batch["behaviours"].numpy(), batch["candidates"].numpy(), batch["labels"]
         _, _, first_k = click_labels(behaviours[:, :top_k], candidates, data.styles, data.per_category,
                                      data.threshold)
@@ -48,8 +46,7 @@ def references(data, settings: dict, top_k: int) -> dict[str, float]:
 def model_auc(app, model, data, settings: dict) -> float:
     total = 0.0
     with torch.no_grad():
-        for index in range(settings["eval_batches"]):
-            batch = data.batch(index, settings["batch_size"], split="eval")
+        for batch in eval_batches(data, settings):
             total += app.metrics(model, batch)["auc"][0]
     return total / settings["eval_batches"]
 
@@ -59,11 +56,10 @@ def main() -> None:
     parser.add_argument("run", nargs="?", default="runs/dare",
                         help="the folder of `attnlab app compare dare` (or of `attnlab app train dare`)")
     run = Path(parser.parse_args().run)
-    settings = json.loads((run / "results.json").read_text(encoding="utf-8"))["config"]
+    settings = run_settings(run)
     checkpoints = sorted(run.glob("*/checkpoint")) or [run / "checkpoint"]
-    loaded = [load_app(folder) for folder in checkpoints]
-    app = loaded[0][0]
-    data = app.data(**{"seed": settings["seed"], **settings["data_args"]})
+    loaded = [load_variant(folder, settings) for folder in checkpoints]
+    app, _, data = loaded[0]
     top_k = app.model_args["top_k"] or 16
     print(f"data-only references ({settings['eval_batches']} eval batches of {settings['batch_size']} users, "
           "auc per batch then averaged)")
@@ -71,7 +67,7 @@ def main() -> None:
         print(f"  {name:62} auc {value:.3f}")
     print(f"  chance recall_at_k of a search that ignores relevance: {top_k}/{data.seq_len} = "
           f"{top_k / data.seq_len:.3f}")
-    for folder, (app, model) in zip(checkpoints, loaded):
+    for folder, (app, model, _) in zip(checkpoints, loaded):
         print(f"checkpoint {folder}: {app.variant}, projections={app.model_args['projections']}, "
               f"auc {model_auc(app, model, data, settings):.4f}")
 

@@ -14,12 +14,11 @@ and each variant's gain over the degraded input per degradation. Values are list
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from attnlab.lab.apps.hogformer import DEGRADATIONS
-from attnlab.lab.apps.host import load_app
 from attnlab.lab.apps.train import AppTrainConfig, evaluate
+from _run import load_variant, run_settings  # examples/apps/_run.py, beside this script
 
 VARIANTS = ("hog", "no_hog", "hog_input")
 COMPARISONS = (("hog", "no_hog"), ("hog_input", "no_hog"), ("hog", "hog_input"))
@@ -28,13 +27,12 @@ RULE_DB = 0.2
 
 def run_metrics(run: Path) -> dict[str, dict[str, float]]:
     """variant → the final metrics of its checkpoint on the run's eval batches."""
-    settings = json.loads((run / "results.json").read_text(encoding="utf-8"))["config"]
+    settings = run_settings(run)
     out = {}
     for variant in VARIANTS:
-        app, model = load_app(run / variant / "checkpoint")
+        app, model, data = load_variant(run / variant / "checkpoint", settings)
         config = AppTrainConfig(app="hogformer", variant=variant, model_args=settings["model_args"],
                                 batch_size=settings["batch_size"], eval_batches=settings["eval_batches"])
-        data = app.data(**{"seed": settings["seed"], **settings["data_args"]})
         out[variant] = evaluate(app, model, data, config)
     return out
 

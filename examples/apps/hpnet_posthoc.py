@@ -14,27 +14,24 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
-from attnlab.lab.apps.host import load_app
 from attnlab.lab.apps.hpnet import forecast_errors
 from attnlab.lab.apps.train import AppTrainConfig
 from attnlab.lab.train_results import probe_pass
+from _run import eval_batches, load_variant, run_settings  # examples/apps/_run.py, beside this script
 
 HPA_SITE = 1
 
 
 def per_agent_ade(run: Path, variant: str, settings: dict) -> torch.Tensor:
     """(agents, T) min ADE over modes of every eval agent at every forecast time, float64."""
-    app, model = load_app(run / variant / "checkpoint")
-    data = app.data(**{"seed": settings["seed"], **settings["data_args"]})
+    app, model, data = load_variant(run / variant / "checkpoint", settings)
     rows = []
     with torch.no_grad():
-        for index in range(settings["eval_batches"]):
-            batch = data.batch(index, settings["batch_size"], split="eval")
+        for batch in eval_batches(data, settings):
             errors = forecast_errors(model(batch["observed"]), batch["future"])  # (B, N, T, K, F)
             rows.append(errors.mean(dim=-1).min(dim=-1).values.flatten(0, 1))  # (B·N, T)
     return torch.cat(rows).double()
@@ -53,8 +50,7 @@ def paired(run: Path, settings: dict) -> None:
 
 
 def hpa_distance(run: Path, settings: dict) -> None:
-    app, model = load_app(run / "hpa" / "checkpoint")
-    data = app.data(**{"seed": settings["seed"], **settings["data_args"]})
+    app, model, data = load_variant(run / "hpa" / "checkpoint", settings)
     config = AppTrainConfig(app="hpnet", variant="hpa", probes=("distance",),
                             probe_args=settings.get("probe_args", {}))
     batch = data.batch(0, settings["batch_size"], split="eval")
@@ -80,7 +76,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run", nargs="?", default="runs/hpnet", help="the folder of `attnlab app compare hpnet`")
     run = Path(parser.parse_args().run)
-    settings = json.loads((run / "results.json").read_text(encoding="utf-8"))["config"]
+    settings = run_settings(run)
     torch.set_grad_enabled(False)
     paired(run, settings)
     hpa_distance(run, settings)

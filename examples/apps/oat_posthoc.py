@@ -17,14 +17,13 @@ On the run's eval scenes (seed, batch size and count read from RUN/results.json)
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from attnlab.lab.apps.host import load_app
 from attnlab.lab.apps.oat import search_scanpaths, sequence_score
+from _run import eval_batches, load_variant, run_settings  # examples/apps/_run.py, beside this script
 
 VARIANTS = ("object_pe", "plain_pe")
 
@@ -38,18 +37,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run", nargs="?", default="runs/oat", help="the folder of `attnlab app compare oat`")
     run = Path(parser.parse_args().run)
-    settings = json.loads((run / "results.json").read_text(encoding="utf-8"))["config"]
-    loaded = {variant: load_app(run / variant / "checkpoint") for variant in VARIANTS}
-    app = loaded[VARIANTS[0]][0]
-    data = app.data(**{"seed": settings["seed"], **settings["data_args"]})
+    settings = run_settings(run)
+    loaded = {variant: load_variant(run / variant / "checkpoint", settings) for variant in VARIANTS}
+    app, _, data = loaded[VARIANTS[0]]
     scores: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
     paths: dict[str, list[list[int]]] = {variant: [] for variant in VARIANTS}
     ceiling, ceiling_length_error = [], []
     with torch.no_grad():
-        for index in range(settings["eval_batches"]):
-            batch = data.batch(index, settings["batch_size"], split="eval")
+        for index, batch in enumerate(eval_batches(data, settings)):
             wanted = [observed(row) for row in batch["scanpath"].numpy()]
-            for variant, (_, model) in loaded.items():
+            for variant, (_, model, _) in loaded.items():
                 for want, row in zip(wanted, model.predict(batch).numpy()):
                     paths[variant].append(observed(row))
                     scores[variant].append(sequence_score(paths[variant][-1], want))
@@ -75,7 +72,7 @@ def main() -> None:
     print(f"paired difference {VARIANTS[0]} − {VARIANTS[1]}: {diff.mean():+.4f} ± {se:.4f} (s.e.); "
           f"the greedy scanpaths differ on {100 * differ:.0f}% of the scenes, their scores on "
           f"{100 * score_differs:.0f}%")
-    for variant, (_, model) in loaded.items():
+    for variant, (_, model, _) in loaded.items():
         gains = torch.stack([site.layer.gain.detach() for site in model.attention_sites])  # (sites, heads)
         print(f"{variant}: relation gains {gains.min():.2f} … {gains.max():.2f} over {gains.numel()} (site, head)")
     print(f"search model's noiseless greedy scanpath: scanpath_sim {np.mean(ceiling):.4f}, "

@@ -12,26 +12,24 @@ variant's accuracy with its binomial standard error √(p(1 − p)/n).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from attnlab.lab.apps.host import load_app, recording_probs
+from attnlab.lab.apps.host import recording_probs
+from _run import eval_batches, load_variant, run_settings  # examples/apps/_run.py, beside this script
 
 VARIANTS = ("tscan", "plain")
 
 
 def per_head(run: Path, variant: str, settings: dict) -> tuple[torch.Tensor, torch.Tensor, float, int]:
     """Masses (S, H, 3) and entropies (S, H), means over every observed query; accuracy and example count."""
-    app, model = load_app(run / variant / "checkpoint")
-    data = app.data(**{"seed": settings["seed"], **settings["data_args"]})
+    app, model, data = load_variant(run / variant / "checkpoint", settings)
     mass = entropy = 0.0
     queries = correct = examples = 0
     with recording_probs(site.layer for site in model.attention_sites) as layers:
-        for index in range(settings["eval_batches"]):
-            batch = data.batch(index, settings["batch_size"], split="eval")
+        for batch in eval_batches(data, settings):
             logits = model(**batch)
             probs = torch.stack([layer.last_probs for layer in layers], dim=1).double()  # (B, S, H, N, N)
             B = probs.shape[0]
@@ -50,7 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run", nargs="?", default="runs/tscan", help="the folder of `attnlab app compare tscan`")
     run = Path(parser.parse_args().run)
-    settings = json.loads((run / "results.json").read_text(encoding="utf-8"))["config"]
+    settings = run_settings(run)
     torch.set_grad_enabled(False)
     results = {variant: per_head(run, variant, settings) for variant in VARIANTS}
     print("mass on relevant / time-distractor / item-distractor cells, entropy (nats); observed queries of "
