@@ -159,13 +159,14 @@ def test_per_key_decay_long_chunk_matches_reference(T, dtype):
         assert_matches_reference(f, r, gold, dtype=dtype)
 
 
-def test_per_key_decay_never_builds_the_chunk_square():
+@pytest.mark.parametrize("recompute", [True, False])
+def test_per_key_decay_never_builds_the_chunk_square(recompute):
     """No tensor saved for backward holds a (chunk, chunk, K) decay per chunk: at most T · 8 · K per head."""
     B, H, T, K, C = 1, 2, 128, 8, 64
     q, k, v, log_decay, _ = make_inputs(B, H, H, T, K, 4, "key", seed=2)
     sizes = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
-        FORMS["chunk"](q.requires_grad_(), k, v, log_decay, chunk_size=C)
+        FORMS["chunk"](q.requires_grad_(), k, v, log_decay, chunk_size=C, recompute=recompute)
     assert max(sizes) <= B * H * T * 8 * K < B * H * T * C * K
 
 

@@ -172,9 +172,16 @@ CHUNKS_PER_BLOCK = 16
 PER_KEY_CHUNK = 8
 
 
+# Tokens between two states kept by the memory-lean chunk form for its backward (rounded to whole chunks, at least
+# one chunk): backward recomputes one such segment at a time, so its working set is that of SEGMENT_TOKENS tokens.
+# At 16k tokens, 8 heads, dim 64: 8 MiB of kept states. Smaller segments save little memory and add Python overhead.
+SEGMENT_TOKENS = 256
+
+
 def linear_attention_chunk(query: Tensor, key: Tensor, value: Tensor, log_decay: Tensor | None = None, *,
                            scale: float | None = None, initial_state: Tensor | None = None,
-                           output_final_state: bool = False, chunk_size: int = 64) -> tuple[Tensor, Tensor | None]:
+                           output_final_state: bool = False, chunk_size: int = 64,
+                           recompute: bool = True) -> tuple[Tensor, Tensor | None]:
     """Chunkwise form: exact quadratic attention inside each chunk, the state carried between chunks.
 
     Lightning Attention's intra/inter split (Qin et al. 2024, §3 (METHODS.md #23)); the chunkwise form of GLA
@@ -182,7 +189,16 @@ def linear_attention_chunk(query: Tensor, key: Tensor, value: Tensor, log_decay:
     ``CHUNKS_PER_BLOCK`` at a time, blocks run one after another with the state carried (same result; better
     cache use). The last block is padded to a multiple of ``chunk_size`` (padding has k = v = 0 and
     log_decay = 0, so it leaves the state unchanged). A per-key-dim decay uses chunks of at most
-    ``PER_KEY_CHUNK`` tokens. Args/returns as :func:`linear_attention`. Raises ConfigError if chunk_size < 1.
+    ``PER_KEY_CHUNK`` tokens.
+
+    ``recompute=True`` (default) runs it as one autograd Function that keeps only its (prepared) inputs and the state
+    every ``SEGMENT_TOKENS`` tokens; backward recomputes one segment at a time, last to first, and back-propagates
+    through it (per-segment checkpointing: about one extra forward in time; memory: inputs, gradients and one
+    segment's intermediates). It is first-order only: a backward with ``create_graph=True`` raises
+    NotImplementedError. ``recompute=False`` is plain autograd through every op (it keeps every chunk's logits and
+    states: 691 MiB against SDPA's 194 MiB at 16k tokens forward+backward, docs/benchmarks.md); it is the oracle
+    the tests compare against, and supports higher-order gradients.
+    Args/returns as :func:`linear_attention`. Raises ConfigError if chunk_size < 1.
     """
     if chunk_size < 1:
         raise ConfigError(f"expected chunk_size >= 1, got {chunk_size}")
@@ -195,19 +211,23 @@ def linear_attention_chunk(query: Tensor, key: Tensor, value: Tensor, log_decay:
     constant = log_decay is None or log_decay.dim() == 1
     if g.shape[-1] != 1:  # per-key-dim decay: short chunks (see PER_KEY_CHUNK)
         chunk_size = min(chunk_size, PER_KEY_CHUNK)
+    if recompute:
+        o, state = _ChunkRecompute.apply(q, k, v, g, state, scale, chunk_size, constant)
+        return _finish(o, state, value, output_final_state)
     step = chunk_size * CHUNKS_PER_BLOCK
     outputs = []
     blocks = zip(*(x.split(step, dim=2) for x in (q, k, v, g)))  # split, not slicing: O(T) backward
     for q_blk, k_blk, v_blk, g_blk in blocks:
-        out, state = _chunk_block(q_blk, k_blk, v_blk, g_blk, state, scale, chunk_size, constant)
+        out, state, _ = _chunk_block(q_blk, k_blk, v_blk, g_blk, state, scale, chunk_size, constant)
         outputs.append(out)
     o = torch.cat(outputs, dim=2) if len(outputs) != 1 else outputs[0]
     return _finish(o, state, value, output_final_state)
 
 
 def _chunk_block(q: Tensor, k: Tensor, v: Tensor, g: Tensor, state: Tensor, scale: float, C: int,
-                 constant: bool) -> tuple[Tensor, Tensor]:
-    """One block of whole chunks, batched: (B, H, T, K|V) prepared inputs, state (B, H, K, V) in and out."""
+                 constant: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """One block of whole chunks, batched: (B, H, T, K|V) prepared inputs, state (B, H, K, V) in and out; also the
+    state entering each of its N chunks, (B, H, N, K, V)."""
     B, H, T, K = q.shape
     V = v.shape[-1]
     N = -(-T // C)
@@ -239,7 +259,62 @@ def _chunk_block(q: Tensor, k: Tensor, v: Tensor, g: Tensor, state: Tensor, scal
         o = o + (q @ entering) * (b.exp() * scale)
     else:
         o = o + (q * b.exp()) @ entering  # inter-chunk part: (B, H, N, C, K) @ (B, H, N, K, V)
-    return o.reshape(B, H, N * C, V)[:, :, :T], state
+    return o.reshape(B, H, N * C, V)[:, :, :T], state, entering
+
+
+class _ChunkRecompute(torch.autograd.Function):
+    """The chunk form with per-segment recomputation in backward (see :func:`linear_attention_chunk`).
+
+    Inputs are prepared tensors: q (B, H, T, K) unscaled, k (B, H, T, K), v (B, H, T, V), g (B|1, H, T, 1|K),
+    state (B, H, K, V); scale, chunk size C and ``constant`` as in :func:`_chunk_block`. Saves q, k, v, g and the
+    state entering every segment of ``C * max(1, SEGMENT_TOKENS // C)`` tokens, (num_segments, B, H, K, V).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, state, scale, C, constant):
+        B, H, T, _ = q.shape
+        segment = C * max(1, SEGMENT_TOKENS // C)
+        o = q.new_empty(B, H, T, v.shape[-1])  # written block by block: no list of outputs and no cat
+        kept = state.new_empty(-(-T // segment), *state.shape)  # (num_segments, B, H, K, V): state entering each
+        step = C * CHUNKS_PER_BLOCK
+        for lo in range(0, T, step):
+            hi = min(lo + step, T)
+            out, new_state, entering = _chunk_block(q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], g[:, :, lo:hi],
+                                                    state, scale, C, constant)
+            for n, start in enumerate(range(lo, hi, C)):  # entering[:, :, n]: the state before token start
+                if start % segment == 0:
+                    kept[start // segment] = entering[:, :, n]
+            o[:, :, lo:hi] = out
+            state = new_state
+        ctx.segment, ctx.scale, ctx.C, ctx.constant = segment, scale, C, constant
+        ctx.save_for_backward(q, k, v, g, kept)
+        return o, state
+
+    @staticmethod
+    def backward(ctx, d_o, d_state):
+        if torch.is_grad_enabled():  # create_graph=True: the recomputation below is not differentiable itself
+            raise NotImplementedError("linear_attention_chunk(recompute=True) has first-order gradients only, got a "
+                                      "backward with create_graph=True; use recompute=False for higher orders")
+        q, k, v, g, kept = ctx.saved_tensors
+        T = q.shape[2]
+        needs = ctx.needs_input_grad[:5]  # q, k, v, g, state
+        grads = [torch.empty_like(x) if need else None for x, need in zip((q, k, v, g), needs)]
+        if needs[3] and g.stride(2) == 0:  # an expanded constant decay: a real (B|1, H, T, 1) gradient buffer
+            grads[3] = torch.empty(g.shape, dtype=g.dtype, device=g.device)
+        d_carry = d_state  # gradient w.r.t. the state leaving the current segment
+        for i in reversed(range(kept.shape[0])):
+            lo, hi = i * ctx.segment, min((i + 1) * ctx.segment, T)
+            with torch.enable_grad():
+                inputs = [x[:, :, lo:hi].detach().requires_grad_(need) for x, need in zip((q, k, v, g), needs)]
+                state_in = kept[i].detach().requires_grad_()
+                out, state_out, _ = _chunk_block(*inputs, state_in, ctx.scale, ctx.C, ctx.constant)
+                wrt = [x for x in (*inputs, state_in) if x.requires_grad]
+                found = iter(torch.autograd.grad((out, state_out), wrt, (d_o[:, :, lo:hi], d_carry)))
+            for buffer, x in zip(grads, inputs):
+                if x.requires_grad:
+                    buffer[:, :, lo:hi] = next(found)
+            d_carry = next(found)
+        return (*grads, d_carry if needs[4] else None, None, None, None)
 
 
 FORMS: dict[str, Callable[..., tuple[Tensor, Tensor | None]]] = {
