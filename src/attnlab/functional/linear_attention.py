@@ -211,8 +211,12 @@ def linear_attention_chunk(query: Tensor, key: Tensor, value: Tensor, log_decay:
     constant = log_decay is None or log_decay.dim() == 1
     if g.shape[-1] != 1:  # per-key-dim decay: short chunks (see PER_KEY_CHUNK)
         chunk_size = min(chunk_size, PER_KEY_CHUNK)
-    if recompute:
+    if recompute and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, g, state)):
         o, state = _ChunkRecompute.apply(q, k, v, g, state, scale, chunk_size, constant)
+        return _finish(o, state, value, output_final_state)
+    if recompute:  # nothing to differentiate: the same blocks, each written straight into the output
+        with torch.no_grad():
+            o, state, _ = _chunk_forward(q, k, v, g, state, scale, chunk_size, constant, segment=None)
         return _finish(o, state, value, output_final_state)
     step = chunk_size * CHUNKS_PER_BLOCK
     outputs = []
@@ -225,9 +229,10 @@ def linear_attention_chunk(query: Tensor, key: Tensor, value: Tensor, log_decay:
 
 
 def _chunk_block(q: Tensor, k: Tensor, v: Tensor, g: Tensor, state: Tensor, scale: float, C: int,
-                 constant: bool) -> tuple[Tensor, Tensor, Tensor]:
+                 constant: bool, out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """One block of whole chunks, batched: (B, H, T, K|V) prepared inputs, state (B, H, K, V) in and out; also the
-    state entering each of its N chunks, (B, H, N, K, V)."""
+    state entering each of its N chunks, (B, H, N, K, V). ``out``: a (B, H, T, V) view the output is written into
+    (only without autograd, and only for a block of whole chunks); else a new tensor is returned."""
     B, H, T, K = q.shape
     V = v.shape[-1]
     N = -(-T // C)
@@ -255,11 +260,35 @@ def _chunk_block(q: Tensor, k: Tensor, v: Tensor, g: Tensor, state: Tensor, scal
         entering.append(state)
         state = torch.addcmul(state_n, decay_n, state)  # decay_n * state + state_n in one pass
     entering = torch.stack(entering, dim=2)  # (B, H, N, K, V): the state before each chunk
+    target = {} if out is None or pad else {"out": out.view(B, H, N, C, V)}
     if b.shape[-1] == 1:  # a scalar decay factors out of the readout: scale its V outputs, not its K inputs
-        o = o + (q @ entering) * (b.exp() * scale)
+        o = torch.add(o, (q @ entering) * (b.exp() * scale), **target)
     else:
-        o = o + (q * b.exp()) @ entering  # inter-chunk part: (B, H, N, C, K) @ (B, H, N, K, V)
-    return o.reshape(B, H, N * C, V)[:, :, :T], state, entering
+        o = torch.add(o, (q * b.exp()) @ entering, **target)  # inter-chunk part: (B, H, N, C, K) @ (B, H, N, K, V)
+    o = o.reshape(B, H, N * C, V)[:, :, :T]
+    if out is not None and not target:
+        out.copy_(o)
+    return o, state, entering
+
+
+def _chunk_forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, state: Tensor, scale: float, C: int,
+                   constant: bool, segment: int | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The chunk form without autograd (call under no_grad): blocks of ``CHUNKS_PER_BLOCK`` chunks written into one
+    preallocated (B, H, T, V) output (no list of block outputs, no cat). Returns ``(o, final_state, kept)``; kept is
+    the state entering every ``segment`` tokens, (num_segments, B, H, K, V), or None when segment is None."""
+    B, H, T, _ = q.shape
+    o = q.new_empty(B, H, T, v.shape[-1])
+    kept = None if segment is None else state.new_empty(-(-T // segment), *state.shape)
+    step = C * CHUNKS_PER_BLOCK
+    for lo in range(0, T, step):
+        hi = min(lo + step, T)
+        _, new_state, entering = _chunk_block(q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], g[:, :, lo:hi], state,
+                                              scale, C, constant, out=o[:, :, lo:hi])
+        for n, start in enumerate(range(lo, hi, C) if kept is not None else ()):
+            if start % segment == 0:  # entering[:, :, n]: the state before token start
+                kept[start // segment] = entering[:, :, n]
+        state = new_state
+    return o, state, kept
 
 
 class _ChunkRecompute(torch.autograd.Function):
@@ -272,20 +301,8 @@ class _ChunkRecompute(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, state, scale, C, constant):
-        B, H, T, _ = q.shape
         segment = C * max(1, SEGMENT_TOKENS // C)
-        o = q.new_empty(B, H, T, v.shape[-1])  # written block by block: no list of outputs and no cat
-        kept = state.new_empty(-(-T // segment), *state.shape)  # (num_segments, B, H, K, V): state entering each
-        step = C * CHUNKS_PER_BLOCK
-        for lo in range(0, T, step):
-            hi = min(lo + step, T)
-            out, new_state, entering = _chunk_block(q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], g[:, :, lo:hi],
-                                                    state, scale, C, constant)
-            for n, start in enumerate(range(lo, hi, C)):  # entering[:, :, n]: the state before token start
-                if start % segment == 0:
-                    kept[start // segment] = entering[:, :, n]
-            o[:, :, lo:hi] = out
-            state = new_state
+        o, state, kept = _chunk_forward(q, k, v, g, state, scale, C, constant, segment)
         ctx.segment, ctx.scale, ctx.C, ctx.constant = segment, scale, C, constant
         ctx.save_for_backward(q, k, v, g, kept)
         return o, state
