@@ -65,6 +65,11 @@ def _status_kib(field: str) -> int:
     return 0
 
 
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (first touches of fresh memory: one per 4 KiB page)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _reset_peak_rss() -> bool:
     """Reset VmHWM (Linux >= 4.0), so the peak excludes import-time transients; False if not possible."""
     try:
@@ -123,17 +128,19 @@ def run_child(impl: str, length: int, mode: str, repeats: int, threads: int) -> 
     call(warm_inputs, warm_fn)  # first, so lazy one-off allocations are not counted as the form's memory
     rss_before = _status_kib("VmRSS")
     reset = _reset_peak_rss()
-    times, cpu_times = [], []
+    times, cpu_times, faults = [], [], []
     for _ in range(repeats):
         for t in inputs:
             t.grad = None
-        start, cpu_start = time.perf_counter(), time.process_time()
+        start, cpu_start, faults_start = time.perf_counter(), time.process_time(), _minor_faults()
         call(inputs, fn)
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
+        faults.append(_minor_faults() - faults_start)
     peak = _status_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"times_s": times, "median_s": statistics.median(times), "cpu_times_s": cpu_times,
-            "median_cpu_s": statistics.median(cpu_times), "rss_before_kib": rss_before,
+            "median_cpu_s": statistics.median(cpu_times), "median_minor_faults": statistics.median(faults),
+            "rss_before_kib": rss_before,
             "peak_rss_kib": peak, "peak_extra_mib": round((peak - rss_before) / 1024, 1), "peak_reset": reset}
 
 
@@ -146,12 +153,13 @@ def run_growth_child(mode: str, lengths: list[int], repeats: int, threads: int) 
     cases = {length: _make("chunk", length) for length in lengths}
     times: dict[int, list[float]] = {length: [] for length in lengths}
     cpu_times: dict[int, list[float]] = {length: [] for length in lengths}
+    faults: dict[int, list[int]] = {length: [] for length in lengths}
     for _ in range(repeats):
         for length, (inputs, fn) in cases.items():
             for t in inputs:
                 t.grad = None
                 t.requires_grad_(mode == "fwdbwd")
-            start, cpu_start = time.perf_counter(), time.process_time()
+            start, cpu_start, faults_start = time.perf_counter(), time.process_time(), _minor_faults()
             if mode == "fwd":
                 with torch.no_grad():
                     fn(*inputs)
@@ -160,10 +168,12 @@ def run_growth_child(mode: str, lengths: list[int], repeats: int, threads: int) 
                 out.backward(torch.ones_like(out))
             times[length].append(time.perf_counter() - start)
             cpu_times[length].append(time.process_time() - cpu_start)
+            faults[length].append(_minor_faults() - faults_start)
     medians = {length: statistics.median(ts) for length, ts in times.items()}
     cpu = {length: statistics.median(ts) for length, ts in cpu_times.items()}
     return {"mode": mode, "repeats": repeats, "median_s": {str(k): v for k, v in medians.items()},
             "median_cpu_s": {str(k): v for k, v in cpu.items()},
+            "median_minor_faults": {str(k): statistics.median(v) for k, v in faults.items()},
             "growth": {str(n): medians[n] / medians[n // 2] for n in lengths if n // 2 in medians},
             "growth_cpu": {str(n): cpu[n] / cpu[n // 2] for n in lengths if n // 2 in cpu}}
 
@@ -254,11 +264,12 @@ def render_growth(growth: list[dict[str, Any]], markdown: bool) -> str:
         return f"{g[key][n]:.2f}" if n in g.get(key, {}) else "—"
 
     rows = [[g["mode"], n, f"{t:.3f}", f"{g['median_cpu_s'][n]:.3f}" if "median_cpu_s" in g else "—",
-             ratio(g, "growth", n), ratio(g, "growth_cpu", n)]
+             ratio(g, "growth", n), ratio(g, "growth_cpu", n), f"{g.get('median_minor_faults', {}).get(n, '—')}"]
             for g in growth if "median_s" in g for n, t in g["median_s"].items()]
     if not rows:
         return ""
-    head = ["mode", "seq_len", "chunk wall s (interleaved)", "chunk CPU s", "wall t(n)/t(n/2)", "CPU t(n)/t(n/2)"]
+    head = ["mode", "seq_len", "chunk wall s (interleaved)", "chunk CPU s", "wall t(n)/t(n/2)", "CPU t(n)/t(n/2)",
+            "minor faults"]
     if markdown:
         return "\n".join(["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)] +
                          ["| " + " | ".join(r) + " |" for r in rows])
