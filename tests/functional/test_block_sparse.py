@@ -136,6 +136,22 @@ def test_plan_uses_strided_windows_and_plain_sdpa_groups():
     assert all(bucket.mask is None or not bool(bucket.mask.all()) for bucket in whole[0].buckets)
 
 
+@pytest.mark.parametrize("length", [128, 130, 257])
+def test_causal_shortcut_only_for_exactly_causal_masks(length):
+    kinds = [group.kind for group in build_block_plan(M.causal(), 1, 4, 2, length, length,
+                                                      block_size=32).batch_rows[0]]
+    assert kinds == ["causal"]
+    for q, kv in ((40, 40), (length - 1, length - 2), (100, 70)):  # one kept pair dropped: no longer causal
+        keep = torch.ones(1, 1, length, length, dtype=torch.bool)
+        keep[0, 0, q, kv] = False
+        mask_mod = M.and_masks(M.causal(), M.from_keep(keep))
+        kinds = [group.kind for group in build_block_plan(mask_mod, 1, 4, 2, length, length,
+                                                          block_size=32).batch_rows[0]]
+        assert kinds == ["blocks"], (q, kv)
+    decoding = build_block_plan(M.causal(), 1, 4, 2, 7, length, block_size=32, q_offset=length - 7)
+    assert [group.kind for group in decoding.batch_rows[0]] == ["blocks"]  # is_causal would align top-left
+
+
 def test_cache_builds_a_plan_once_per_length_and_offset():
     cache = BlockMaskCache(block_size=16)
     window = M.sliding_window(5)

@@ -102,27 +102,49 @@ def _mask_axes(mask_mod: MaskMod, batch: int, num_heads: int, kv_len: int, devic
 
 
 def _classify(mask_mod: MaskMod, Bm: int, Hm: int, q_len: int, kv_len: int, bs: int, check_causal: bool, device):
-    """Tile counts (Bm, Hm, nq, nk), per-row "sees a key" (Bm, Hm, Lq), and per (b, h) "exactly causal/full"."""
+    """Kept tiles (Bm, Hm, nq, nk), per-row "sees a key" (Bm, Hm, Lq), and per (b, h) "exactly causal / full"."""
     nq, nk = -(-q_len // bs), -(-kv_len // bs)
     rows_per_chunk = max(1, _BUILD_CHUNK_ELEMENTS // max(1, Bm * Hm * nk * bs * bs)) * bs
     b = torch.arange(Bm, device=device)[:, None, None, None]
     h = torch.arange(Hm, device=device)[None, :, None, None]
     kv = torch.arange(nk * bs, device=device)[None, None, None, :]
-    counts, rows = [], []
-    causal_ok = torch.full((Bm, Hm), check_causal, dtype=torch.bool, device=device)
-    full_ok = torch.ones(Bm, Hm, dtype=torch.bool, device=device)
+    padded = bool(q_len % bs or kv_len % bs)
+    kept_parts, whole_parts, rows = [], [], []
     for start in range(0, nq * bs, rows_per_chunk):
         stop = min(nq * bs, start + rows_per_chunk)
         q = torch.arange(start, stop, device=device)[None, None, :, None]
         keep = torch.as_tensor(mask_mod(b, h, q, kv)).expand(Bm, Hm, stop - start, nk * bs)
-        valid = (q < q_len) & (kv < kv_len)
-        keep = keep & valid  # padding past the lengths is never kept
-        counts.append(keep.view(Bm, Hm, (stop - start) // bs, bs, nk, bs).sum(dim=(3, 5), dtype=torch.int32))
+        if padded:
+            keep = keep & (q < q_len) & (kv < kv_len)  # padding past the lengths is never kept
+        tiles = keep.view(Bm, Hm, (stop - start) // bs, bs, nk, bs)
+        kept_parts.append(tiles.any(5).any(3))
+        whole_parts.append(tiles.all(5).all(3))
         rows.append(keep.any(-1))
-        full_ok &= ~(valid & ~keep).flatten(2).any(-1)
-        if check_causal:
-            causal_ok &= ~(keep ^ (valid & (kv <= q))).flatten(2).any(-1)
-    return torch.cat(counts, dim=2), torch.cat(rows, dim=2)[:, :, :q_len], causal_ok, full_ok
+    kept, whole = torch.cat(kept_parts, dim=2), torch.cat(whole_parts, dim=2)
+    qi, kj = torch.arange(nq, device=device)[:, None], torch.arange(nk, device=device)[None, :]
+    edge = ((qi == nq - 1) & (q_len % bs != 0)) | ((kj == nk - 1) & (kv_len % bs != 0))  # tiles holding padding
+
+    def exactly(expected_kept: Tensor, interior_whole: Tensor, check: Tensor, causal: bool) -> Tensor:
+        """(Bm, Hm): the mask equals full (or causal) — tile pattern first, then the listed tiles element-wise."""
+        ok = (kept == expected_kept).flatten(2).all(-1) & (whole | ~interior_whole).flatten(2).all(-1)
+        tiles = torch.nonzero(check)
+        if not bool(ok.any()) or tiles.numel() == 0:
+            return ok
+        offsets = torch.arange(bs, device=device)
+        q_pos = (tiles[:, 0:1] * bs + offsets)[None, None, :, :, None]  # (1, 1, T, bs, 1)
+        kv_pos = (tiles[:, 1:2] * bs + offsets)[None, None, :, None, :]  # (1, 1, T, 1, bs)
+        got = torch.as_tensor(mask_mod(b[..., None], h[..., None], q_pos.clamp(max=q_len - 1),
+                                       kv_pos.clamp(max=kv_len - 1)))
+        valid = (q_pos < q_len) & (kv_pos < kv_len)
+        expected = valid & (kv_pos <= q_pos) if causal else valid
+        return ok & ((got & valid) == expected).expand(Bm, Hm, *expected.shape[2:]).flatten(2).all(-1)
+
+    full_ok = exactly(torch.ones_like(edge), ~edge, edge, causal=False)
+    if check_causal:
+        causal_ok = exactly(kj <= qi, (kj < qi) & ~edge, ((kj == qi) | edge) & (kj <= qi), causal=True)
+    else:
+        causal_ok = torch.zeros(Bm, Hm, dtype=torch.bool, device=device)
+    return kept, torch.cat(rows, dim=2)[:, :, :q_len], causal_ok, full_ok
 
 
 def _buckets(kept: Tensor) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
@@ -235,10 +257,9 @@ def build_block_plan(mask_mod: MaskMod, batch: int, num_heads: int, num_kv_heads
     check_lengths(mask_mod, q_len, kv_len, q_offset)
     shifted = shift_queries(mask_mod, q_offset)
     Bm, Hm = _mask_axes(shifted, batch, num_heads, kv_len, device)
-    counts, rows, causal_ok, full_ok = _classify(shifted, Bm, Hm, q_len, kv_len, block_size,
-                                                 shortcuts and q_offset == 0, device)
+    kept, rows, causal_ok, full_ok = _classify(shifted, Bm, Hm, q_len, kv_len, block_size,
+                                               shortcuts and q_offset == 0, device)  # kept: (Bm, Hm, nq, nk)
     full_ok &= shortcuts
-    kept = counts > 0  # (Bm, Hm, nq, nk)
     batch_rows = []
     for b in range(Bm):
         groups = []
