@@ -210,7 +210,7 @@ def _element_mask(mask_mod: MaskMod, batch_idx: int, heads: Tensor, group_size: 
 def _head_groups(cls: Tensor, causal_ok: Tensor, full_ok: Tensor, num_heads: int, num_kv_heads: int
                  ) -> list[tuple[str, Tensor, Tensor, int, Tensor]]:
     """[(kind, heads, kv_heads, group_size, tile pattern (nq, nk))]: heads with one pattern, split by heads per kv
-    head. ``cls`` is (Hm, nq, nk) int8 (0 empty, 1 kept); Hm is 1 (head-independent mask) or num_heads."""
+    head. ``cls`` is (Hm, nq, nk) bool (True = tile kept); Hm is 1 (head-independent mask) or num_heads."""
     G = num_heads // num_kv_heads
     Hm = cls.shape[0]
     if Hm == 1:
