@@ -25,7 +25,7 @@ acts on logits, FlexAttention's signature). Query row i is position ``i + q_offs
   the gathered key/value blocks the mask keeps (element mask only where a tile is partial), with a block plan
   cached in the same :class:`BlockMaskCache`. Differentiable; the fast path on CPUs (Flex stays the GPU path).
 
-Fully masked query rows give output 0 on both paths, never NaN.
+Fully masked query rows give output 0 on every path, never NaN.
 """
 
 from __future__ import annotations

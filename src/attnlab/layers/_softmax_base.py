@@ -69,9 +69,9 @@ class SoftmaxFamilyAttention(Layer):
     """Base: projections + RoPE + ``attend`` + output projection (see the module docstring)."""
 
     def __init__(self, hidden_size: int, num_heads: int = DEFAULT_NUM_HEADS, num_kv_heads: int | None = None, *,
-                 head_dim: int | None = None, mask_mod: MaskMod | None = None, path: Literal["dense", "flex", "block"] = "dense",
-                 compiled: bool = False, rope_base: float | None = 10000.0, q_extra: int = 0,
-                 linear: Linear | None = None) -> None:
+                 head_dim: int | None = None, mask_mod: MaskMod | None = None,
+                 path: Literal["dense", "flex", "block"] = "dense", compiled: bool = False,
+                 rope_base: float | None = 10000.0, q_extra: int = 0, linear: Linear | None = None) -> None:
         super().__init__()
         self.hidden_size, self.num_heads = hidden_size, num_heads
         self.num_kv_heads = check_heads(hidden_size, num_heads, num_kv_heads)
