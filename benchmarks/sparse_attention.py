@@ -1,33 +1,32 @@
-"""Forward time of sparse attention masks vs their density: dense masked SDPA vs compiled Flex vs dense SDPA.
+"""Forward time of sparse attention masks vs their density: attnlab's block-gather path vs dense SDPA baselines.
 
-Shapes: batch 1, 8 heads, head_dim 64, float32, CPU, lengths 4096 8192 16384 (``--lengths``). Masks
+Shapes: batch 1, 8 heads (8 kv heads), head_dim 64, float32, CPU, lengths 4096 8192 16384 (``--lengths``). Masks
 (``attnlab.functional.masks`` / ``sparse_masks``):
 
 - ``sliding_window(512)``, ``sliding_window(2048)``: causal window (q − kv < W);
 - ``sink_window(4, 1020)``: StreamingLLM, 4 sinks + 1020-token window;
-- ``ls_heads(512, 4)``: 4 local heads (window 512) + 4 global causal heads (head-dependent mask; its dense masked
-  SDPA is two calls, the local heads with the (L, L) window mask and the global heads with ``is_causal``);
-- ``radial(L/256 frames × 256 tokens)``: bidirectional video layout, O(n log n) density, token level;
+- ``ls_heads(512, 4)``: 4 local heads (window 512) + 4 global causal heads (head-dependent mask);
+- ``radial(L/256 frames × 256 tokens)``: bidirectional video layout, O(n log n) density, token level (not in the
+  default run);
 - ``radial(..., block_size=128)``: the same coarsened to whole 128 × 128 tiles by the paper's block rule.
 
-Per (length, mask): ``build_dense_s`` (the (1, H|1, L, L) bool mask for SDPA), ``build_block_s`` (attnlab's chunked
-block-mask builder, 128 × 128 tiles), ``compile_s`` (first compiled Flex call, compile included), and median forward
-seconds of ``dense_masked`` (``F.scaled_dot_product_attention`` with the bool mask) and ``flex`` (the compiled
-``flex_attention`` with the block mask). Per length the baselines ``sdpa_causal`` (``is_causal=True``) and
-``sdpa_full`` (no mask). ``density`` is the kept fraction of all L × L pairs (× heads); ``density_vs_base`` is the
-kept fraction of the pairs the matching dense baseline computes (the causal triangle for causal masks, the full
-square for ``radial``). Target (issue 6): speedup of flex over the dense baseline ≥ 0.5 / density at 16k (the
-issue's "0.5 × 1/density", density of all L × L pairs). ``dense_masked`` is raw SDPA with the bool mask (what
-``masked_attention(path="dense")`` calls, without its mask building and empty-row handling).
-Flex output is checked against dense masked SDPA (max abs difference) at every length.
+Per length the baselines ``sdpa_causal`` (``is_causal=True``) and ``sdpa_full`` (no mask). Per (length, mask):
+``density`` (kept fraction of all L × L pairs, × heads), ``tile_fraction`` (kept 128 × 128 tiles / all tiles),
+``build_plan_s`` (the block plan, built once per length and cached), and median wall and process-CPU seconds of the
+paths in ``--paths``: ``block`` (``masked_attention(path="block")`` with a warm plan cache), ``dense`` (raw
+``F.scaled_dot_product_attention`` with the materialised bool mask; ``ls_heads`` as two calls, local heads with the
+(L, L) window mask and global heads with ``is_causal``), ``flex`` (``torch.compile(flex_attention)`` with attnlab's
+block mask; compile time in ``compile_s``). Target (issue 13): speedup of the block path over the dense baseline
+(causal SDPA for causal masks, full SDPA for radial) ≥ 0.5 / density at 16k, in wall and CPU time. The block output
+is checked against ``masked_attention(path="dense")`` (max abs difference) at lengths ≤ ``--check-up-to``.
 
-Everything runs in one process (Flex needs its compiled kernels warm); repeats: ``--repeats`` at 4096,
-``--long-repeats`` above it. ``os.getloadavg()`` is recorded before and after (the machine is shared).
+Everything runs in one process; repeats: ``--repeats`` at 4096, ``--long-repeats`` above it (medians).
+``os.getloadavg()`` is recorded before and after (the machine is shared).
 
-    python benchmarks/sparse_attention.py                         # the run in docs/benchmarks.md (~8 min)
-    python benchmarks/sparse_attention.py --lengths 1024 --repeats 1        # smoke test (~1 min)
-    python benchmarks/sparse_attention.py --render bench-results/sparse_attention.json \
-        bench-results/sparse_attention_radial_block.json --markdown     # reprint (several runs: one table)
+    python benchmarks/sparse_attention.py --markdown                         # the run in docs/benchmarks.md
+    python benchmarks/sparse_attention.py --lengths 1024 --repeats 1        # smoke test (~10 s)
+    python benchmarks/sparse_attention.py --paths block flex --masks sliding_window_512   # with compiled Flex
+    python benchmarks/sparse_attention.py --render bench-results/sparse_attention.json --markdown   # reprint
 
 This file is not part of the attnlab package and is never imported by it.
 """
@@ -51,6 +50,8 @@ HEADS, HEAD_DIM, BLOCK = 8, 64, 128
 RECOMPILE_LIMIT = 64
 MASK_NAMES = ("sliding_window_512", "sliding_window_2048", "sink_window_4_1020", "ls_heads_512_4", "radial_256",
               "radial_256_block128")
+DEFAULT_MASKS = ("sliding_window_512", "sliding_window_2048", "sink_window_4_1020", "ls_heads_512_4",
+                 "radial_256_block128")
 
 
 def make_mask(name: str, length: int):
@@ -72,21 +73,24 @@ def make_mask(name: str, length: int):
     raise ValueError(f"unknown mask {name!r}")
 
 
-def _time(fn, repeats: int) -> list[float]:
-    out = []
+def _time(fn, repeats: int) -> tuple[list[float], list[float]]:
+    """(wall seconds, process CPU seconds) of ``repeats`` calls."""
+    wall, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn()
-        out.append(time.perf_counter() - start)
-    return out
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return wall, cpu
 
 
-def run_length(length: int, repeats: int, masks: tuple[str, ...]) -> list[dict[str, Any]]:
+def run_length(length: int, repeats: int, masks: tuple[str, ...], paths: tuple[str, ...],
+               check_up_to: int) -> list[dict[str, Any]]:
     import torch
     import torch.nn.functional as F
     from torch.nn.attention.flex_attention import flex_attention
 
-    from attnlab.functional.masked_attention import build_block_mask
+    from attnlab.functional.masked_attention import BlockMaskCache, build_block_mask, masked_attention
     from attnlab.functional.masks import density, to_dense
 
     # every (mask, length) is its own compiled kernel; dynamo's default limit (8 per function) would silently send
@@ -100,9 +104,9 @@ def run_length(length: int, repeats: int, masks: tuple[str, ...]) -> list[dict[s
         for base in ("sdpa_causal", "sdpa_full"):
             causal = base == "sdpa_causal"
             F.scaled_dot_product_attention(q[:, :, :256], k[:, :, :256], v[:, :, :256], is_causal=causal)  # warm
-            times = _time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), repeats)
-            rows.append({"length": length, "config": base, "forward_s": times})
-            print(f"  {length} {base}: {statistics.median(times):.3f} s", file=sys.stderr, flush=True)
+            wall, cpu = _time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), repeats)
+            rows.append({"length": length, "config": base, "forward_s": wall, "forward_cpu_s": cpu})
+            print(f"  {length} {base}: {statistics.median(wall):.3f} s", file=sys.stderr, flush=True)
         for name in masks:
             mask_mod, is_causal = make_mask(name, length)
             row: dict[str, Any] = {"length": length, "config": name, "causal": is_causal}
@@ -110,38 +114,50 @@ def run_length(length: int, repeats: int, masks: tuple[str, ...]) -> list[dict[s
             kept = density(mask_mod, 1, heads, length, length, rows_per_chunk=512)
             row["density"] = kept
             row["density_vs_base"] = kept * length / ((length + 1) / 2) if is_causal else kept
-            start = time.perf_counter()
-            # ls_heads: one (L, L) window mask for the 4 local heads + is_causal for the 4 global heads (two SDPA
-            # calls); a per-head (8, L, L) mask would need 8 GiB once SDPA turns it into a float bias at 16k
-            keep = to_dense(mask_mod, 1, 1, length, length).contiguous()
-            row["build_dense_s"] = time.perf_counter() - start
+            reference = None
+            if length <= check_up_to:  # the dense path (SDPA with the materialised mask) as the oracle
+                reference = masked_attention(q, k, v, mask_mod)
+            if "block" in paths:
+                cache = BlockMaskCache(block_size=BLOCK)
+                start = time.perf_counter()
+                plan = cache.plan(mask_mod, 1, HEADS, HEADS, length, length)
+                row["build_plan_s"] = time.perf_counter() - start
+                row["tile_fraction"] = plan.tile_fraction
+                row["plan_groups"] = [f"{group.kind}:{group.heads.numel()}h:{len(group.buckets)}b"
+                                      for group in plan.batch_rows[0]]
+                out = masked_attention(q, k, v, mask_mod, path="block", cache=cache)  # warm-up
+                row["block_s"], row["block_cpu_s"] = _time(
+                    lambda: masked_attention(q, k, v, mask_mod, path="block", cache=cache), repeats)
+                if reference is not None:
+                    row["block_max_abs_diff"] = float((out - reference).abs().max())
+            if "dense" in paths:
+                # ls_heads: one (L, L) window mask for the 4 local heads + is_causal for the 4 global heads (two SDPA
+                # calls); a per-head (8, L, L) mask would need 8 GiB once SDPA turns it into a float bias at 16k
+                keep = to_dense(mask_mod, 1, 1, length, length).contiguous()
 
-            def dense():
-                if heads == 1:
-                    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
-                local = F.scaled_dot_product_attention(q[:, :4], k[:, :4], v[:, :4], attn_mask=keep)
-                return torch.cat([local, F.scaled_dot_product_attention(q[:, 4:], k[:, 4:], v[:, 4:],
-                                                                        is_causal=True)], dim=1)
+                def dense():
+                    if heads == 1:
+                        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+                    local = F.scaled_dot_product_attention(q[:, :4], k[:, :4], v[:, :4], attn_mask=keep)
+                    return torch.cat([local, F.scaled_dot_product_attention(q[:, 4:], k[:, 4:], v[:, 4:],
+                                                                            is_causal=True)], dim=1)
 
-            row["dense_masked_s"] = _time(dense, repeats)
-            dense_out = dense() if length <= 8192 else None
-            del keep
-            start = time.perf_counter()
-            block_mask = build_block_mask(mask_mod, 1, HEADS, length, length, block_size=BLOCK)
-            row["build_block_s"] = time.perf_counter() - start
-            row["block_density"] = float(
-                (block_mask.kv_num_blocks.sum() + block_mask.full_kv_num_blocks.sum()).item()
-                / (block_mask.kv_num_blocks.shape[1] * (-(-length // BLOCK)) ** 2))
-            start = time.perf_counter()
-            out = flex(q, k, v, block_mask=block_mask)
-            row["compile_s"] = time.perf_counter() - start
-            row["flex_s"] = _time(lambda: flex(q, k, v, block_mask=block_mask), repeats)
-            if dense_out is not None:
-                row["max_abs_diff_vs_dense"] = float((out - dense_out).abs().max())
+                row["dense_masked_s"], row["dense_masked_cpu_s"] = _time(dense, repeats)
+                del keep
+            if "flex" in paths:
+                start = time.perf_counter()
+                block_mask = build_block_mask(mask_mod, 1, HEADS, length, length, block_size=BLOCK)
+                row["build_block_s"] = time.perf_counter() - start
+                start = time.perf_counter()
+                out = flex(q, k, v, block_mask=block_mask)
+                row["compile_s"] = time.perf_counter() - start
+                row["flex_s"], row["flex_cpu_s"] = _time(lambda: flex(q, k, v, block_mask=block_mask), repeats)
+                if reference is not None:
+                    row["flex_max_abs_diff"] = float((out - reference).abs().max())
             rows.append(row)
-            print(f"  {length} {name}: density {kept:.4f} dense {statistics.median(row['dense_masked_s']):.3f} s "
-                  f"flex {statistics.median(row['flex_s']):.3f} s (build {row['build_block_s']:.2f} s, compile "
-                  f"{row['compile_s']:.1f} s)", file=sys.stderr, flush=True)
+            done = {key: statistics.median(row[key]) for key in ("block_s", "dense_masked_s", "flex_s") if key in row}
+            print(f"  {length} {name}: density {kept:.4f} " + " ".join(f"{key} {value:.3f}" for key, value
+                                                                        in done.items()), file=sys.stderr, flush=True)
     return rows
 
 
@@ -152,36 +168,45 @@ def machine_header() -> dict[str, Any]:
 
 
 def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (length, mask) with medians, speedups over the baselines and the target check."""
-    base = {(r["length"], r["config"]): statistics.median(r["forward_s"]) for r in results if "forward_s" in r}
+    """One row per (length, mask) with medians, speedups of the block path over the baseline and the target check."""
+    base = {(r["length"], r["config"]): (statistics.median(r["forward_s"]), statistics.median(r["forward_cpu_s"]))
+            for r in results if "forward_s" in r}
     out = []
     for r in results:
-        if "flex_s" not in r:
+        if "forward_s" in r:
             continue
-        flex, dense = statistics.median(r["flex_s"]), statistics.median(r["dense_masked_s"])
-        baseline = base[(r["length"], "sdpa_causal" if r["causal"] else "sdpa_full")]
-        speedup = baseline / flex
-        target = 0.5 / r["density"]  # the issue's formula: 0.5 × 1/density
-        out.append({**{k: r[k] for k in ("length", "config", "density", "density_vs_base", "block_density",
-                                          "build_dense_s", "build_block_s", "compile_s")},
-                    "max_abs_diff_vs_dense": r.get("max_abs_diff_vs_dense"),
-                    "baseline": "sdpa_causal" if r["causal"] else "sdpa_full", "baseline_s": baseline,
-                    "sdpa_causal_s": base[(r["length"], "sdpa_causal")], "dense_masked_s": dense, "flex_s": flex,
-                    "speedup_vs_baseline": speedup, "target_speedup": target, "target_met": speedup >= target})
+        name = "sdpa_causal" if r["causal"] else "sdpa_full"
+        wall, cpu = base[(r["length"], name)]
+        row = {key: r.get(key) for key in ("length", "config", "density", "density_vs_base", "tile_fraction",
+                                           "build_plan_s", "block_max_abs_diff", "compile_s")}
+        row.update(baseline=name, baseline_s=wall, baseline_cpu_s=cpu, target_speedup=0.5 / r["density"])
+        for path in ("block", "dense_masked", "flex"):
+            if f"{path}_s" in r:
+                row[f"{path}_s"] = statistics.median(r[f"{path}_s"])
+                row[f"{path}_cpu_s"] = statistics.median(r[f"{path}_cpu_s"])
+        if "block_s" in row:
+            row["speedup"] = wall / row["block_s"]
+            row["speedup_cpu"] = cpu / row["block_cpu_s"]
+            row["target_met"] = row["speedup"] >= row["target_speedup"] and row["speedup_cpu"] >= row["target_speedup"]
+        out.append(row)
     return out
 
 
 def render(rows: list[dict[str, Any]], markdown: bool) -> str:
-    head = ["length", "mask", "density", "vs base", "causal SDPA s", "base", "SDPA+bool mask s", "flex s",
-            "speedup", "target", "met", "block build s", "dense build s", "compile s", "max |Δ|"]
+    head = ["length", "mask", "density", "tiles", "base", "base s", "block s", "speedup", "speedup (CPU)",
+            "target", "met", "plan build s", "SDPA+bool s", "flex s", "max |Δ|"]
+
+    def fmt(value, spec: str, suffix: str = "") -> str:
+        return "-" if value is None else f"{value:{spec}}{suffix}"
+
     body = []
     for r in rows:
-        diff = r["max_abs_diff_vs_dense"]
-        body.append([str(r["length"]), r["config"], f"{r['density']:.4f}", f"{r['density_vs_base']:.4f}",
-                     f"{r['sdpa_causal_s']:.2f}", r["baseline"].replace("sdpa_", ""), f"{r['dense_masked_s']:.2f}",
-                     f"{r['flex_s']:.2f}", f"{r['speedup_vs_baseline']:.1f}x", f"{r['target_speedup']:.1f}x",
-                     "yes" if r["target_met"] else "no", f"{r['build_block_s']:.2f}", f"{r['build_dense_s']:.2f}",
-                     f"{r['compile_s']:.1f}", "-" if diff is None else f"{diff:.1e}"])
+        body.append([str(r["length"]), r["config"], f"{r['density']:.4f}", fmt(r.get("tile_fraction"), ".4f"),
+                     r["baseline"].replace("sdpa_", ""), f"{r['baseline_s']:.2f}", fmt(r.get("block_s"), ".3f"),
+                     fmt(r.get("speedup"), ".1f", "x"), fmt(r.get("speedup_cpu"), ".1f", "x"),
+                     f"{r['target_speedup']:.1f}x", {True: "yes", False: "no", None: "-"}[r.get("target_met")],
+                     fmt(r.get("build_plan_s"), ".2f"), fmt(r.get("dense_masked_s"), ".2f"),
+                     fmt(r.get("flex_s"), ".2f"), fmt(r.get("block_max_abs_diff"), ".1e")])
     if markdown:
         lines = ["| " + " | ".join(h.replace("|", "\\|") for h in head) + " |",
                  "|" + "|".join("---" if i < 2 else "---:" for i in range(len(head))) + "|"]
@@ -194,9 +219,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384])
-    p.add_argument("--masks", nargs="+", default=list(MASK_NAMES), choices=MASK_NAMES)
+    p.add_argument("--masks", nargs="+", default=list(DEFAULT_MASKS), choices=MASK_NAMES)
+    p.add_argument("--paths", nargs="+", default=["block"], choices=["block", "dense", "flex"],
+                   help="attnlab's block path; raw SDPA with the bool mask; compiled Flex (slow to compile on CPU)")
+    p.add_argument("--check-up-to", type=int, default=4096,
+                   help="compare outputs with masked_attention(path='dense') at lengths up to this")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats at lengths <= 4096")
-    p.add_argument("--long-repeats", type=int, default=1, help="timed repeats above 4096")
+    p.add_argument("--long-repeats", type=int, default=3, help="timed repeats above 4096")
     p.add_argument("--json", type=Path, default=REPO / "bench-results" / "sparse_attention.json")
     p.add_argument("--render", type=Path, nargs="+", help="print the table of existing JSON runs and exit (each "
                    "run against its own baselines, rows ordered by length)")
@@ -213,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     for length in args.lengths:
         repeats = args.repeats if length <= 4096 else args.long_repeats
-        data["results"] += run_length(length, repeats, tuple(args.masks))
+        data["results"] += run_length(length, repeats, tuple(args.masks), tuple(args.paths), args.check_up_to)
         data["loadavg_after"] = os.getloadavg()
         data["total_s"] = time.perf_counter() - start
         tmp = args.json.with_suffix(".json.tmp")

@@ -1,4 +1,4 @@
-"""Softmax attention with a mask_mod and a score_mod, on two paths: dense (SDPA / explicit) and FlexAttention.
+"""Softmax attention with a mask_mod and a score_mod, on three paths: dense (SDPA / explicit), FlexAttention, block.
 
 Shape legend:
     B   batch
@@ -21,8 +21,11 @@ acts on logits, FlexAttention's signature). Query row i is position ``i + q_offs
   stops recompiling a function after ``torch._dynamo.config.recompile_limit`` (8) variants and then runs eager Flex
   (slow; it logs a ``recompile_limit`` warning). Raise that limit when using many masks or lengths in one process;
   attnlab does not change this process-wide setting itself.
+* ``path="block"``: :func:`attnlab.functional.block_sparse.block_sparse_attention`: per query block, SDPA over
+  the gathered key/value blocks the mask keeps (element mask only where a tile is partial), with a block plan
+  cached in the same :class:`BlockMaskCache`. Differentiable; the fast path on CPUs (Flex stays the GPU path).
 
-Fully masked query rows give output 0 on both paths, never NaN.
+Fully masked query rows give output 0 on every path, never NaN.
 """
 
 from __future__ import annotations
@@ -121,10 +124,12 @@ def build_block_mask(mask_mod: MaskMod, batch: int, num_heads: int, q_len: int, 
 
 
 class BlockMaskCache:
-    """Block masks built once per (mask, q_len, kv_len, q_offset, device, block_size, batch, heads); LRU-bounded.
+    """Block structures built once per (mask, q_len, kv_len, q_offset, device, block_size, batch, heads); LRU-bounded.
 
-    The key holds the mask_mod object itself (identity), so two different masks never share an entry and a mask
-    built for one length is never reused for another. ``builds`` counts how many masks were built (for tests).
+    One LRU for both block-sparse paths: :meth:`get` returns FlexAttention block masks (``path="flex"``),
+    :meth:`plan` returns :class:`~attnlab.functional.block_sparse.BlockPlan` s (``path="block"``); their keys never
+    collide. The key holds the mask_mod object itself (identity), so two different masks never share an entry and a
+    mask built for one length is never reused for another. ``builds`` counts how many entries were built (for tests).
     """
 
     def __init__(self, max_entries: int = 8, block_size: int = 128) -> None:
@@ -134,20 +139,36 @@ class BlockMaskCache:
         self._entries: OrderedDict[tuple, object] = OrderedDict()
         self.builds = 0
 
-    def get(self, mask_mod: MaskMod, batch: int, num_heads: int, q_len: int, kv_len: int, *, q_offset: int = 0,
-            device: torch.device | str | None = None):
-        key = (mask_mod, batch, num_heads, q_len, kv_len, q_offset, str(torch.device(device or "cpu")),
-               self.block_size)
+    def _lookup(self, key: tuple, build: Callable[[], object]):
         if key in self._entries:
             self._entries.move_to_end(key)
             return self._entries[key]
-        block_mask = build_block_mask(mask_mod, batch, num_heads, q_len, kv_len, block_size=self.block_size,
-                                      q_offset=q_offset, device=device)
+        value = build()
         self.builds += 1
-        self._entries[key] = block_mask
+        self._entries[key] = value
         if len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
-        return block_mask
+        return value
+
+    def get(self, mask_mod: MaskMod, batch: int, num_heads: int, q_len: int, kv_len: int, *, q_offset: int = 0,
+            device: torch.device | str | None = None):
+        """The Flex ``BlockMask`` (:func:`build_block_mask`) for these sizes."""
+        key = ("flex", mask_mod, batch, num_heads, q_len, kv_len, q_offset, str(torch.device(device or "cpu")),
+               self.block_size)
+        return self._lookup(key, lambda: build_block_mask(mask_mod, batch, num_heads, q_len, kv_len,
+                                                          block_size=self.block_size, q_offset=q_offset,
+                                                          device=device))
+
+    def plan(self, mask_mod: MaskMod, batch: int, num_heads: int, num_kv_heads: int, q_len: int, kv_len: int, *,
+             q_offset: int = 0, shortcuts: bool = True, device: torch.device | str | None = None):
+        """The block-gather plan (:func:`~attnlab.functional.block_sparse.build_block_plan`) for these sizes."""
+        from attnlab.functional.block_sparse import build_block_plan
+
+        key = ("block", mask_mod, batch, num_heads, num_kv_heads, q_len, kv_len, q_offset,
+               str(torch.device(device or "cpu")), self.block_size, shortcuts)
+        return self._lookup(key, lambda: build_block_plan(mask_mod, batch, num_heads, num_kv_heads, q_len, kv_len,
+                                                          block_size=self.block_size, q_offset=q_offset,
+                                                          shortcuts=shortcuts, device=device))
 
     def clear(self) -> None:
         self._entries.clear()
@@ -192,7 +213,7 @@ def masked_attention(
     score_mod: ScoreMod | None = None,
     scale: float | None = None,
     q_offset: int = 0,
-    path: Literal["dense", "flex"] = "dense",
+    path: Literal["dense", "flex", "block"] = "dense",
     compiled: bool = False,
     cache: BlockMaskCache | None = None,
 ) -> Tensor:
@@ -204,11 +225,13 @@ def masked_attention(
         score_mod: ``(logits, b, h, q, kv) -> logits``; None = plain scaled dot product.
         scale: logit scale, default ``D ** -0.5``.
         q_offset: query row i is position ``i + q_offset`` (``Lk - Lq`` when decoding with a cache).
-        path: ``"dense"`` (SDPA / explicit logits; supports backward) or ``"flex"`` (block-sparse; inference).
+        path: ``"dense"`` (SDPA / explicit logits; supports backward), ``"flex"`` (block-sparse; inference) or
+            ``"block"`` (block-gather SDPA on the kept tiles, :mod:`attnlab.functional.block_sparse`; supports
+            backward; the CPU fast path).
         compiled: Flex path only — run ``torch.compile(flex_attention)`` instead of the eager (unfused) Flex.
-        cache: block masks for the Flex path. Default None: the block mask is built again on every call (cost
+        cache: block masks (Flex path) or block plans (block path). Default None: built again on every call (cost
             ~ one dense mask evaluation per call); pass one :class:`BlockMaskCache` across calls to build it once
-            per length. Not used by the dense path.
+            per length (its ``block_size`` is the tile side of both paths). Not used by the dense path.
 
     Returns:
         output (B, H, Lq, Dv) in value's dtype. Rows with no visible key are 0.
@@ -221,8 +244,13 @@ def masked_attention(
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     if path == "dense":
         return _dense_path(query, key, value, mask_mod, score_mod, scale, q_offset)
+    if path == "block":
+        from attnlab.functional.block_sparse import block_sparse_attention
+
+        return block_sparse_attention(query, key, value, mask_mod, score_mod=score_mod, scale=scale,
+                                      q_offset=q_offset, cache=cache)
     if path != "flex":
-        raise ConfigError(f"path must be 'dense' or 'flex', got {path!r}")
+        raise ConfigError(f"path must be 'dense', 'flex' or 'block', got {path!r}")
     from torch.nn.attention.flex_attention import flex_attention
 
     B, _, Lq, _ = query.shape

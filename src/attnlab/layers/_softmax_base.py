@@ -11,8 +11,10 @@ Positions: ``forward(hidden_states, position_offset=p)`` places the chunk at abs
 cache): RoPE, the layer's mask and the layer's own score_mod all see those positions on both axes (:meth:`layer_mask`,
 :meth:`at_positions`), so absolute-position masks (sinks, radial, tables) stay aligned. Per-call masks built from
 the chunk itself (DMA's top-w, MODA's groups) use chunk-local positions.
-Paths: ``path="dense"`` (SDPA with the materialised mask; trains on CPU) or ``path="flex"`` (FlexAttention with a
-block mask cached per length in the layer; inference only; ``compiled=True`` for the fused kernel).
+Paths: ``path="dense"`` (SDPA with the materialised mask; trains on CPU; the default), ``path="flex"`` (FlexAttention
+with a block mask cached per length in the layer; inference only; ``compiled=True`` for the fused kernel) or
+``path="block"`` (block-gather SDPA on the kept tiles, :mod:`attnlab.functional.block_sparse`, with its plan cached
+per length in the same ``block_masks`` cache; differentiable; the fast path for sparse masks on CPU).
 
 Per-call ``keep`` (the one convention of every layer whose ``forward`` takes ``keep=``, e.g. ``object_attention``
 and ``decoupled``): a bool tensor, True = may attend, in chunk-local positions, ANDed with the layer mask. Forms:
@@ -67,16 +69,16 @@ class SoftmaxFamilyAttention(Layer):
     """Base: projections + RoPE + ``attend`` + output projection (see the module docstring)."""
 
     def __init__(self, hidden_size: int, num_heads: int = DEFAULT_NUM_HEADS, num_kv_heads: int | None = None, *,
-                 head_dim: int | None = None, mask_mod: MaskMod | None = None, path: Literal["dense", "flex"] = "dense",
-                 compiled: bool = False, rope_base: float | None = 10000.0, q_extra: int = 0,
-                 linear: Linear | None = None) -> None:
+                 head_dim: int | None = None, mask_mod: MaskMod | None = None,
+                 path: Literal["dense", "flex", "block"] = "dense", compiled: bool = False,
+                 rope_base: float | None = 10000.0, q_extra: int = 0, linear: Linear | None = None) -> None:
         super().__init__()
         self.hidden_size, self.num_heads = hidden_size, num_heads
         self.num_kv_heads = check_heads(hidden_size, num_heads, num_kv_heads)
         self.head_dim = check_arg(self, "head_dim", hidden_size // num_heads if head_dim is None else head_dim,
                                   PositiveInt)
-        if path not in ("dense", "flex"):
-            raise ConfigError(f"expected path 'dense' or 'flex', got {path!r}")
+        if path not in ("dense", "flex", "block"):
+            raise ConfigError(f"expected path 'dense', 'flex' or 'block', got {path!r}")
         self.mask_mod = causal() if mask_mod is None else mask_mod
         check_num_heads(self.mask_mod, num_heads)
         self.path, self.compiled, self.rope_base = path, compiled, rope_base

@@ -24,7 +24,9 @@ class MaskedAttention(SoftmaxFamilyAttention):
     Args:
         hidden_size: C. num_heads: H. num_kv_heads: Hkv (GQA) or None (= H). head_dim: default C // H.
         mask_mod: True = attend; None = causal. score_mod: ``(logits, b, h, q, kv) -> logits`` or None.
-        path: "dense" (trains on CPU) or "flex" (inference, block-sparse). compiled: torch.compile the Flex kernel.
+        path: "dense" (trains on CPU; default), "flex" (inference, block-sparse; the GPU path) or "block"
+            (block-gather SDPA over the kept tiles; differentiable; the fast CPU path for sparse masks,
+            :mod:`attnlab.functional.block_sparse`). compiled: torch.compile the Flex kernel.
         rope_base: RoPE base on q/k, or None for no positional rotation.
 
     Raises ConfigError for bad head counts or path; ShapeError for bad inputs; NotImplementedError for the Flex path
@@ -33,7 +35,7 @@ class MaskedAttention(SoftmaxFamilyAttention):
 
     def __init__(self, hidden_size: int, num_heads: int = DEFAULT_NUM_HEADS, num_kv_heads: int | None = None, *,
                  head_dim: int | None = None, mask_mod: MaskMod | None = None, score_mod: ScoreMod | None = None,
-                 path: Literal["dense", "flex"] = "dense", compiled: bool = False,
+                 path: Literal["dense", "flex", "block"] = "dense", compiled: bool = False,
                  rope_base: float | None = 10000.0) -> None:
         super().__init__(hidden_size, num_heads, num_kv_heads, head_dim=head_dim, mask_mod=mask_mod, path=path,
                          compiled=compiled, rope_base=rope_base)
@@ -41,7 +43,7 @@ class MaskedAttention(SoftmaxFamilyAttention):
 
     @classmethod
     def from_mask(cls, name: str, mask_params: dict, hidden_size: int, num_heads: int = DEFAULT_NUM_HEADS,
-                  num_kv_heads: int | None = None, *, path: Literal["dense", "flex"] = "dense",
+                  num_kv_heads: int | None = None, *, path: Literal["dense", "flex", "block"] = "dense",
                   compiled: bool = False) -> MaskedAttention:
         """``MaskedAttention.from_mask("sliding_window", {"window": 16}, 64, 4)``: mask from the MASKS registry.
 
