@@ -9,7 +9,7 @@ step (one forward of one new token per sample, plus generate's own bookkeeping).
 max_new_tokens`` forces ``gen_len`` tokens.
 
 What it predicts (``attnlab.cost``, kv_bytes = weight_bytes = 4 for float32), with this machine's peak FLOP/s and
-read bandwidth measured at the start of the same run (``measure_accelerator``):
+read bandwidth measured just before each cell (``measure_accelerator``; the machine is shared and both drift):
 
 - ``prefill``: :func:`attnlab.cost.prefill_cost` (the output head on the last position only);
 - decode per token, ``kinetics``: :func:`attnlab.cost.attention_cost` with ``weight_bytes = 0`` (the paper's
@@ -17,7 +17,10 @@ read bandwidth measured at the start of the same run (``measure_accelerator``):
 - decode per token, ``weights``: the same with ``weight_bytes = 4`` and ``batched=True`` (every float32 weight read
   once per decode step, shared by the batch's samples).
 
-``error = predicted / measured − 1`` per cell (wall time). A least-squares line through every batch-1 decode step,
+Decode per token is the median over the cell's steps (the mean is in the JSON; a neighbour's burst on the shared
+2-core machine can stall single steps 10×). ``error = predicted / measured − 1`` per cell (wall time). ``weight floor`` (before each cell): one 1-token
+``F.linear`` through every weight matrix of the model, nothing else: the weight reads of a decode step as this
+machine runs them. A least-squares line through the batch-1 decode steps (the median of each run of 64 steps),
 ``t(context) = fixed + per_key·context``, splits the measured step into a context-independent part (weights,
 per-op overhead) and the part that grows with the KV cache (attention, cache append); it is set against the model's
 KV slope ``kv_bytes·2·n_kv·d / bandwidth + 4·n_q·d / peak``.
@@ -27,6 +30,7 @@ One process (the model loads once); ``os.getloadavg()`` before and after (the ma
     python benchmarks/cost_validation.py                                   # the docs run (~4 min on 2 cores)
     python benchmarks/cost_validation.py --cells 128:16:1 256:16:1         # smoke test (~30 s)
     python benchmarks/cost_validation.py --render bench-results/cost_validation.json --markdown
+    python benchmarks/cost_validation.py --family qwen3        # the cost model over a model family (no timing)
 
 This file is not part of the attnlab package and is never imported by it.
 """
@@ -95,6 +99,24 @@ def measure_cell(model: Any, tokens: Any, prompt_len: int, gen_len: int, samples
             "tail_wall_s": end_wall - clock.wall[-1], "tail_cpu_s": end_cpu - clock.cpu[-1]}
 
 
+def weight_floor(model: Any, repeats: int = 5) -> float:
+    """Best-of-``repeats`` seconds of one 1-token ``F.linear`` through every 2-D weight of the model (the embedding
+    as the output head): the weight reads of one decode step with the model's own matrices and nothing else."""
+    import torch
+    import torch.nn.functional as F
+
+    mats = [p for p in model.parameters() if p.dim() == 2]
+    inputs = [torch.randn(1, m.shape[1]) for m in mats]
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            for m, x in zip(mats, inputs):
+                F.linear(x, m)
+            times.append(time.perf_counter() - start)
+    return min(times[1:])
+
+
 def predict(sizes: Any, device: Any, head_parameters: int, prompt_len: int, gen_len: int, samples: int) -> dict:
     """The cost model's prefill time and mean decode time per token (both weight settings) for one cell."""
     from attnlab.cost import attention_cost, prefill_cost
@@ -127,23 +149,32 @@ def summarise(data: dict[str, Any]) -> dict[str, Any]:
     rows = []
     for cell in data["cells"]:
         pred = cell["prediction"]
-        decode_wall = statistics.fmean(cell["decode_step_wall_s"])
-        decode_cpu = statistics.fmean(cell["decode_step_cpu_s"])
+        decode_wall = statistics.median(cell["decode_step_wall_s"])
+        decode_cpu = statistics.median(cell["decode_step_cpu_s"])
         rows.append({"prompt_len": cell["prompt_len"], "gen_len": cell["gen_len"], "samples": cell["samples"],
                      "prefill_s": cell["prefill_wall_s"], "prefill_cpu_s": cell["prefill_cpu_s"],
                      "prefill_pred_s": pred["prefill_pred_s"],
                      "prefill_error": pred["prefill_pred_s"] / cell["prefill_wall_s"] - 1,
+                     "peak_gflops": cell["accelerator"]["peak_flops"] / 1e9,
+                     "bandwidth_gbs": cell["accelerator"]["bandwidth"] / 1e9,
+                     "weight_floor_s": cell["weight_floor_s"], "weight_read_pred_s": pred["decode_weight_read_s"],
                      "decode_s": decode_wall, "decode_cpu_s": decode_cpu,
+                     "decode_mean_s": statistics.fmean(cell["decode_step_wall_s"]),
                      "decode_pred_kinetics_s": pred["decode_pred_kinetics_s"],
                      "decode_pred_weights_s": pred["decode_pred_weights_s"],
                      "error_kinetics": pred["decode_pred_kinetics_s"] / decode_wall - 1,
                      "error_weights": pred["decode_pred_weights_s"] / decode_wall - 1})
-    points = [(cell["prompt_len"] + step + 1, seconds) for cell in data["cells"] if cell["samples"] == 1
-              for step, seconds in enumerate(cell["decode_step_wall_s"])]
+    points = []  # (mean context, median step) per run of 64 decode steps: robust to a busy neighbour's spikes
+    for cell in data["cells"]:
+        steps = cell["decode_step_wall_s"]
+        for first in range(0, len(steps) - 31, 64) if cell["samples"] == 1 else ():
+            chunk = steps[first:first + 64]
+            points.append((cell["prompt_len"] + first + 1 + (len(chunk) - 1) / 2, statistics.median(chunk)))
     fit: dict[str, Any] = {}
     if len({x for x, _ in points}) > 1:
         fixed, per_key = fit_line(points)
-        model = data["model_kv_slope_s_per_key"]
+        model = (data["kv_bytes_per_key"] / statistics.median(c["accelerator"]["bandwidth"] for c in data["cells"])
+                 + data["flops_per_key"] / statistics.median(c["accelerator"]["peak_flops"] for c in data["cells"]))
         fit = {"fixed_s": fixed, "per_key_s": per_key, "model_per_key_s": model, "slope_ratio": per_key / model,
                "kv_share": {str(c): per_key * c / (fixed + per_key * c) for c in (128, 1024, 4096, 8192, 16384)}}
     return {"rows": rows, "fit": fit}
@@ -152,13 +183,15 @@ def summarise(data: dict[str, Any]) -> dict[str, Any]:
 def render(data: dict[str, Any], markdown: bool) -> str:
     summary = summarise(data)
     acc = data["accelerator"]
-    lines = [acc["note"], f"load before {data['loadavg_before']} after {data['loadavg_after']}"]
-    head = ["prompt", "gen", "N", "prefill s", "pred s", "err", "decode s/token", "cpu s/token", "pred kinetics",
-            "err", "pred +weights", "err"]
-    body = [[str(r["prompt_len"]), str(r["gen_len"]), str(r["samples"]), f"{r['prefill_s']:.3f}",
+    lines = [f"at the start: {acc['note']}", f"load before {data['loadavg_before']} after {data['loadavg_after']}"]
+    head = ["prompt", "gen", "N", "GFLOP/s", "GB/s", "prefill s", "pred s", "err", "decode s/token", "cpu s/token",
+            "pred kinetics", "err", "pred +weights", "err", "weight floor s"]
+    body = [[str(r["prompt_len"]), str(r["gen_len"]), str(r["samples"]), f"{r['peak_gflops']:.0f}",
+             f"{r['bandwidth_gbs']:.1f}", f"{r['prefill_s']:.3f}",
              f"{r['prefill_pred_s']:.3f}", f"{r['prefill_error']:+.0%}", f"{r['decode_s']:.4f}",
              f"{r['decode_cpu_s']:.4f}", f"{r['decode_pred_kinetics_s']:.5f}", f"{r['error_kinetics']:+.0%}",
-             f"{r['decode_pred_weights_s']:.4f}", f"{r['error_weights']:+.0%}"] for r in summary["rows"]]
+             f"{r['decode_pred_weights_s']:.4f}", f"{r['error_weights']:+.0%}", f"{r['weight_floor_s']:.4f}"]
+            for r in summary["rows"]]
     if markdown:
         lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(row) + " |" for row in body]
@@ -175,6 +208,52 @@ def render(data: dict[str, Any], markdown: bool) -> str:
     return "\n".join(lines)
 
 
+def family_table(family: str, *, prompt_len: int, gen_lens: tuple[int, ...], top_ks: tuple[int, ...],
+                 accelerator: str = "b200") -> str:
+    """The cost model over a model family (no timing): per size and generation length, eFLOPs per generated token
+    (dense and block top-k), the KV share of dense eFLOPs, cost relative to the family's smallest model, and the
+    tokens each size can generate for the eFLOPs the smallest spends on the longest generation (dense)."""
+    from attnlab.cost import ACCELERATORS, MODEL_FAMILIES, attention_cost
+
+    device, sizes = ACCELERATORS[accelerator], MODEL_FAMILIES[family]
+    smallest = next(iter(sizes.values()))
+
+    def per_token(s: Any, gen_len: int, attention: str = "dense", top_k: int = 256) -> float:
+        return attention_cost(s, prompt_len=prompt_len, gen_len=gen_len, attention=attention,  # type: ignore[arg-type]
+                              top_k=top_k).efflops(device) / gen_len
+
+    head = ["size", "params", "L_out", "dense eFLOP/token", "KV share", "× smallest"]
+    head += [h for k in top_ks for h in (f"top-k {k} eFLOP/token", "× smallest")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for gen_len in gen_lens:
+        for name, s in sizes.items():
+            dense = attention_cost(s, prompt_len=prompt_len, gen_len=gen_len)
+            cells = [name, f"{s.num_parameters / 1e9:.2f} B", str(gen_len), f"{dense.efflops(device) / gen_len:.3g}",
+                     f"{device.intensity * dense.bytes / dense.efflops(device):.2f}",
+                     f"{per_token(s, gen_len) / per_token(smallest, gen_len):.2f}"]
+            for k in top_ks:
+                sparse = per_token(s, gen_len, "topk", k)
+                cells += [f"{sparse:.3g}", f"{sparse / per_token(smallest, gen_len, 'topk', k):.2f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+    longest = max(gen_lens)
+    budget = per_token(smallest, longest) * longest
+    lines += ["", f"Tokens each size can generate for the eFLOPs {next(iter(sizes))} spends on {longest} dense tokens "
+              f"({budget:.3g} eFLOPs, prompt {prompt_len}, {accelerator}):", "",
+              "| size | dense | " + " | ".join(f"top-k {k}" for k in top_ks) + " |",
+              "|---|---|" + "---|" * len(top_ks)]
+    for name, s in sizes.items():
+        counts = []
+        for attention, k in [("dense", 256), *(("topk", k) for k in top_ks)]:
+            low, high = 1, 1 << 22  # largest gen_len whose total eFLOPs fit the budget (bisection)
+            while low < high:
+                mid = (low + high + 1) // 2
+                fits = per_token(s, mid, attention, k) * mid <= budget
+                low, high = (mid, high) if fits else (low, mid - 1)
+            counts.append(str(low))
+        lines.append(f"| {name} | " + " | ".join(counts) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cells", nargs="+", default=list(DEFAULT_CELLS), help="PROMPT:GEN:SAMPLES cells")
@@ -182,7 +261,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=REPO / "bench-results" / "cost_validation.json")
     parser.add_argument("--render", type=Path, help="reprint a saved JSON instead of running")
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--family", choices=("qwen3", "smollm2"),
+                        help="print the cost model over this model family instead (no timing; markdown)")
     args = parser.parse_args(argv)
+    if args.family:
+        print(family_table(args.family, prompt_len=1024, gen_lens=(1024, 8192, 32768), top_ks=(256, 32)))
+        return 0
     if args.render:
         print(render(json.loads(args.render.read_text()), args.markdown))
         return 0
@@ -207,8 +291,6 @@ def main(argv: list[str] | None = None) -> int:
     longest = max(c[0] for c in cells)
     tokens = next(iter(attnlab.load_text(tokenizer, None, seq_len=longest, max_windows=1)))["input_ids"]
     measure_cell(model, tokens, min(32, longest), 8, 1)  # warm-up
-    kv_slope = (BYTES * 2 * sizes.num_kv_heads * sizes.folded_dim / device.bandwidth
-                + 4 * sizes.num_heads * sizes.folded_dim / device.peak_flops)
     data: dict[str, Any] = {
         "machine": {**shared_machine_header(), "benchmark": "cost_validation"},
         "settings": {"model": args.model, "dtype": "float32", "attn_implementation": "sdpa", "cells": args.cells,
@@ -216,18 +298,24 @@ def main(argv: list[str] | None = None) -> int:
         "accelerator": {"name": device.name, "peak_flops": device.peak_flops, "bandwidth": device.bandwidth,
                         "note": device.note},
         "sizes": dataclasses.asdict(sizes),
-        "head_parameters": head_parameters, "model_kv_slope_s_per_key": kv_slope,
+        "head_parameters": head_parameters,
+        "kv_bytes_per_key": BYTES * 2 * sizes.num_kv_heads * sizes.folded_dim,
+        "flops_per_key": 4 * sizes.num_heads * sizes.folded_dim,
         "loadavg_before": loadavg_before, "cells": [],
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     for prompt_len, gen_len, samples in cells:
-        cell = measure_cell(model, tokens, prompt_len, gen_len, samples)
-        cell["prediction"] = predict(sizes, device, head_parameters, prompt_len, gen_len, samples)
+        here = measure_accelerator()  # just before the cell: the machine is shared, its bandwidth drifts
+        cell = {"accelerator": {"peak_flops": here.peak_flops, "bandwidth": here.bandwidth, "note": here.note},
+                "weight_floor_s": weight_floor(model),
+                **measure_cell(model, tokens, prompt_len, gen_len, samples)}
+        cell["prediction"] = predict(sizes, here, head_parameters, prompt_len, gen_len, samples)
         data["cells"].append(cell)
         data["loadavg_after"] = os.getloadavg()
         args.json.write_text(json.dumps(data, indent=1))
         print(f"  {prompt_len}:{gen_len}:{samples} prefill {cell['prefill_wall_s']:.2f} s, decode "
-              f"{statistics.fmean(cell['decode_step_wall_s']) * 1e3:.1f} ms/token", file=sys.stderr, flush=True)
+              f"{statistics.median(cell['decode_step_wall_s']) * 1e3:.1f} ms/token (median), load "
+              f"{os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
     print(render(data, args.markdown))
     print(f"json: {args.json}", file=sys.stderr)
     return 0
