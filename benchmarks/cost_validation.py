@@ -30,6 +30,9 @@ One process (the model loads once); ``os.getloadavg()`` before and after (the ma
     python benchmarks/cost_validation.py                                   # the docs run (~4 min on 2 cores)
     python benchmarks/cost_validation.py --cells 128:16:1 256:16:1         # smoke test (~30 s)
     python benchmarks/cost_validation.py --render bench-results/cost_validation.json --markdown
+    python benchmarks/cost_validation.py --cells 128:64:1 --json bench-results/cost_validation_rerun.json
+    python benchmarks/cost_validation.py --render bench-results/cost_validation.json \
+        bench-results/cost_validation_rerun.json --markdown       # the rerun cell replaces the first one (marked *)
     python benchmarks/cost_validation.py --family qwen3        # the cost model over a model family (no timing)
 
 This file is not part of the attnlab package and is never imported by it.
@@ -152,6 +155,7 @@ def summarise(data: dict[str, Any]) -> dict[str, Any]:
         decode_wall = statistics.median(cell["decode_step_wall_s"])
         decode_cpu = statistics.median(cell["decode_step_cpu_s"])
         rows.append({"prompt_len": cell["prompt_len"], "gen_len": cell["gen_len"], "samples": cell["samples"],
+                     "rerun": cell.get("rerun", False),
                      "prefill_s": cell["prefill_wall_s"], "prefill_cpu_s": cell["prefill_cpu_s"],
                      "prefill_pred_s": pred["prefill_pred_s"],
                      "prefill_error": pred["prefill_pred_s"] / cell["prefill_wall_s"] - 1,
@@ -180,13 +184,26 @@ def summarise(data: dict[str, Any]) -> dict[str, Any]:
     return {"rows": rows, "fit": fit}
 
 
+def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One run's data from several: the first run's header, each cell from the last run that has it (``rerun``)."""
+    cells: dict[tuple[int, int, int], dict[str, Any]] = {}
+    for index, run in enumerate(runs):
+        for cell in run["cells"]:
+            cells[(cell["prompt_len"], cell["gen_len"], cell["samples"])] = {**cell, "rerun": index > 0}
+    loads = [f"{tuple(round(x, 2) for x in run['loadavg_before'])} → "
+             f"{tuple(round(x, 2) for x in run['loadavg_after'])}" for run in runs]
+    return {**runs[0], "cells": list(cells.values()), "loads": loads}
+
+
 def render(data: dict[str, Any], markdown: bool) -> str:
     summary = summarise(data)
     acc = data["accelerator"]
-    lines = [f"at the start: {acc['note']}", f"load before {data['loadavg_before']} after {data['loadavg_after']}"]
+    loads = data.get("loads") or [f"{data['loadavg_before']} → {data['loadavg_after']}"]
+    lines = [f"at the start: {acc['note']}", "load (1, 5, 15 min) before → after: " + "; ".join(loads)]
     head = ["prompt", "gen", "N", "GFLOP/s", "GB/s", "prefill s", "pred s", "err", "decode s/token", "cpu s/token",
             "pred kinetics", "err", "pred +weights", "err", "weight floor s"]
-    body = [[str(r["prompt_len"]), str(r["gen_len"]), str(r["samples"]), f"{r['peak_gflops']:.0f}",
+    body = [[str(r["prompt_len"]) + ("*" if r["rerun"] else ""), str(r["gen_len"]), str(r["samples"]),
+             f"{r['peak_gflops']:.0f}",
              f"{r['bandwidth_gbs']:.1f}", f"{r['prefill_s']:.3f}",
              f"{r['prefill_pred_s']:.3f}", f"{r['prefill_error']:+.0%}", f"{r['decode_s']:.4f}",
              f"{r['decode_cpu_s']:.4f}", f"{r['decode_pred_kinetics_s']:.5f}", f"{r['error_kinetics']:+.0%}",
@@ -259,7 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cells", nargs="+", default=list(DEFAULT_CELLS), help="PROMPT:GEN:SAMPLES cells")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--json", type=Path, default=REPO / "bench-results" / "cost_validation.json")
-    parser.add_argument("--render", type=Path, help="reprint a saved JSON instead of running")
+    parser.add_argument("--render", type=Path, nargs="+",
+                        help="reprint saved JSONs instead of running (a later file's cell replaces the same cell "
+                             "of an earlier one: a rerun; marked *)")
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--family", choices=("qwen3", "smollm2"),
                         help="print the cost model over this model family instead (no timing; markdown)")
@@ -268,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         print(family_table(args.family, prompt_len=1024, gen_lens=(1024, 8192, 32768), top_ks=(256, 32)))
         return 0
     if args.render:
-        print(render(json.loads(args.render.read_text()), args.markdown))
+        print(render(merge([json.loads(path.read_text()) for path in args.render]), args.markdown))
         return 0
     cells = [parse_cell(text) for text in args.cells]
 
