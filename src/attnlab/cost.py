@@ -64,8 +64,9 @@ ACCELERATORS: dict[str, Accelerator] = {
     "b200": Accelerator("b200", 4.5e15, 8.0e12, "FP8 dense 4.5 PFLOP/s, HBM3e 8 TB/s: I = 562.5, Kinetics' setting"),
     "h100": Accelerator("h100", 989.4e12, 3.35e12, "SXM, BF16 dense 989 TFLOP/s, HBM3 3.35 TB/s (datasheet)"),
     "h200": Accelerator("h200", 989.4e12, 4.8e12, "SXM, BF16 dense 989 TFLOP/s, HBM3e 4.8 TB/s (datasheet)"),
-    "cpu2": Accelerator("cpu2", 105e9, 7.0e9, "the reference 2-core Xeon VM, float32, 2 threads: measured by "
-                        "measure_accelerator() (2048² matmul, 256 MiB matvec), docs/benchmarks.md"),
+    "cpu2": Accelerator("cpu2", 354e9, 27.4e9, "the reference 2-core Xeon VM, float32, 2 threads: median of the "
+                        "9 measure_accelerator() calls (2048² matmul, 256 MiB matvec) of the validation run, "
+                        "docs/benchmarks.md; a busy neighbour halves both"),
 }
 """Named accelerators: datasheet numbers for the GPUs; ``cpu2`` is the reference 2-core CPU of docs/benchmarks.md,
 measured by :func:`measure_accelerator` (another CPU: measure it, ``attnlab cost --measure``)."""
