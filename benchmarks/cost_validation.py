@@ -34,6 +34,7 @@ One process (the model loads once); ``os.getloadavg()`` before and after (the ma
     python benchmarks/cost_validation.py --render bench-results/cost_validation.json \
         bench-results/cost_validation_rerun.json --markdown       # the rerun cell replaces the first one (marked *)
     python benchmarks/cost_validation.py --family qwen3        # the cost model over a model family (no timing)
+    python benchmarks/cost_validation.py --profile-decode 4096  # operators of 5 decode steps at 4096 context
 
 This file is not part of the attnlab package and is never imported by it.
 """
@@ -271,6 +272,29 @@ def family_table(family: str, *, prompt_len: int, gen_lens: tuple[int, ...], top
     return "\n".join(lines)
 
 
+def profile_decode(model_name: str, context: int, steps: int = 5) -> str:
+    """The torch profiler's operator table (self CPU time) of ``steps`` decode steps after a ``context``-token
+    prompt, batch 1: where the part of a step that grows with context goes."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import attnlab
+
+    model, tokenizer = attnlab.load_model(model_name, dtype="float32", device="cpu")
+    model.eval()
+    model.set_attn_implementation("sdpa")
+    ids = next(iter(attnlab.load_text(tokenizer, None, seq_len=context, max_windows=1)))["input_ids"]
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True)
+        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        for warm in (False, True):
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(steps if warm else 2):
+                    out = model(input_ids=token, past_key_values=past, use_cache=True)
+                    token = out.logits[:, -1:].argmax(-1)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cells", nargs="+", default=list(DEFAULT_CELLS), help="PROMPT:GEN:SAMPLES cells")
@@ -282,7 +306,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--family", choices=("qwen3", "smollm2"),
                         help="print the cost model over this model family instead (no timing; markdown)")
+    parser.add_argument("--profile-decode", type=int, metavar="CONTEXT",
+                        help="print the profiler table of 5 decode steps after a CONTEXT-token prompt instead")
     args = parser.parse_args(argv)
+    if args.profile_decode:
+        print(profile_decode(args.model, args.profile_decode))
+        return 0
     if args.family:
         print(family_table(args.family, prompt_len=1024, gen_lens=(1024, 8192, 32768), top_ks=(256, 32)))
         return 0
