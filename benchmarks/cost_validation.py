@@ -27,7 +27,7 @@ KV slope ``kv_bytes·2·n_kv·d / bandwidth + 4·n_q·d / peak``.
 
 One process (the model loads once); ``os.getloadavg()`` before and after (the machine is shared).
 
-    python benchmarks/cost_validation.py                                   # the docs run (~4 min on 2 cores)
+    python benchmarks/cost_validation.py                                   # the docs run (~7 min on 2 cores)
     python benchmarks/cost_validation.py --cells 128:16:1 256:16:1         # smoke test (~30 s)
     python benchmarks/cost_validation.py --render bench-results/cost_validation.json --markdown
     python benchmarks/cost_validation.py --cells 128:64:1 --json bench-results/cost_validation_rerun.json
