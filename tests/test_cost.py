@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from attnlab.cost import ACCELERATORS, Accelerator, ModelSizes, attention_cost
+from attnlab.cost import (ACCELERATORS, MODEL_FAMILIES, Accelerator, ModelSizes, attention_cost, llama_parameters,
+                          measure_accelerator, prefill_cost)
 from attnlab.errors import ConfigError
 
 # P = 1000 parameters, 2 layers, 4 query heads, 2 kv heads, head_dim 8: d = 16
@@ -104,3 +105,52 @@ def test_a_budget_past_the_whole_context_is_dense_not_negative():
     assert huge.flops == dense.flops and huge.bytes == dense.bytes
     topk = attention_cost(SIZES, prompt_len=10, gen_len=6, attention="topk", block_size=16, top_k=256)
     assert topk.bytes > 0 and topk.flops > dense.flops  # every key, plus the block search
+
+
+def test_prefill_by_hand():
+    """Every weight but the head on each prompt token, the head on the last one, QKᵀ and AV over the causal
+    triangle; bytes: every weight once and the K and V written."""
+    pre = prefill_cost(SIZES, prompt_len=10, samples=2, kv_bytes=4, weight_bytes=4, head_parameters=100)
+    pairs = sum(range(1, 11))  # causal (query, key) pairs: 55; the closed form uses L²/2 = 50
+    assert pre.flops == 2 * (2 * 900 * 10 + 2 * 100 + 4 * (10**2 / 2) * 4 * 16)
+    assert pairs - 10**2 / 2 == 10 / 2  # the closed form leaves out the diagonal's half, as the decode form does
+    assert pre.bytes == 4 * 1000 + 4 * 2 * 2 * 10 * 2 * 16
+
+
+def test_batched_samples_share_the_weight_reads():
+    alone = attention_cost(SIZES, prompt_len=8, gen_len=4, samples=3, weight_bytes=4)
+    batched = attention_cost(SIZES, prompt_len=8, gen_len=4, samples=3, weight_bytes=4, batched=True)
+    assert alone.bytes - batched.bytes == 4 * 1000 * 4 * (3 - 1) and alone.flops == batched.flops
+    one = attention_cost(SIZES, prompt_len=8, gen_len=4, weight_bytes=4)
+    assert attention_cost(SIZES, prompt_len=8, gen_len=4, weight_bytes=4, batched=True) == one
+
+
+def test_model_families_from_their_configs():
+    smollm2 = MODEL_FAMILIES["smollm2"]
+    assert smollm2["135m"] == ModelSizes(134_515_008, 30, 9, 3, 64)  # the bundled model's loaded count
+    assert smollm2["360m"].num_parameters == 361_821_120 and smollm2["1.7b"].num_parameters == 1_711_376_384
+    assert smollm2["1.7b"].num_kv_heads == smollm2["1.7b"].num_heads  # 1.7B has no GQA: 10× the KV of 360M/token
+    assert llama_parameters(hidden_size=4, intermediate_size=6, num_layers=2, num_heads=2, num_kv_heads=1,
+                            head_dim=2, vocab_size=10, tied_embeddings=False) == (
+        2 * (4 * 2 * (4 + 2) + 3 * 4 * 6 + 2 * 4) + 4 + 2 * 10 * 4)
+    for family in MODEL_FAMILIES.values():
+        for sizes in family.values():
+            assert sizes.num_heads % sizes.num_kv_heads == 0
+
+
+def test_measured_accelerator_is_an_accelerator():
+    """Times a tiny matmul and matvec; checks the result's form only (tests never judge a timing)."""
+    device = measure_accelerator(matmul_size=16, stream_mib=1, repeats=1, name="here")
+    assert device.name == "here" and device.peak_flops > 0 and device.bandwidth > 0 and "matvec" in device.note
+    assert "cpu2" in ACCELERATORS and ACCELERATORS["cpu2"].intensity > 1  # a CPU is compute-rich per byte too
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: measure_accelerator(matmul_size=0), "matmul_size"),
+    (lambda: measure_accelerator(repeats=0), "repeats"),
+    (lambda: prefill_cost(SIZES, prompt_len=0), "prompt_len"),
+    (lambda: prefill_cost(SIZES, prompt_len=4, head_parameters=2000), "head_parameters"),
+])
+def test_bad_measure_and_prefill_input_is_one_line(call, match):
+    with pytest.raises(ConfigError, match=match):
+        call()

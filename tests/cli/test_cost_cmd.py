@@ -45,3 +45,19 @@ def test_cost_table_and_csv(tiny, tmp_path):
 def test_cost_bad_input_is_one_line(tiny, args, message):
     done = CliRunner().invoke(app, ["cost", "--model", str(tiny[0]), *args])
     assert done.exit_code == 2 and message in done.output and len(done.output.strip().splitlines()) == 1
+
+
+def test_cost_cpu2_and_measure(tiny, tmp_path, monkeypatch):
+    """``--accelerator cpu2`` is the reference CPU's entry; ``--measure`` adds this machine as 'measured' (the timing
+    itself is replaced here: tests never time anything)."""
+    import attnlab.cost as cost
+
+    fake = cost.Accelerator("measured", peak_flops=1e11, bandwidth=1e10, note="fake")
+    monkeypatch.setattr(cost, "measure_accelerator", lambda: fake)
+    out = tmp_path / "cost.csv"
+    done = CliRunner().invoke(app, ["cost", "--model", str(tiny[0]), "--prompt-len", "8", "--gen-len", "4",
+                                    "--attention", "dense", "--accelerator", "cpu2", "--measure", "--out", str(out)])
+    assert done.exit_code == 0, done.output
+    rows = list(csv.DictReader(out.open()))
+    assert [row["accelerator"] for row in rows] == ["cpu2", "measured"]
+    assert float(rows[1]["seconds"]) == pytest.approx(float(rows[1]["flops"]) / 1e11 + float(rows[1]["bytes"]) / 1e10)

@@ -20,8 +20,9 @@ GenLengths = Annotated[str, typer.Option("--gen-len", help="Generated tokens per
 Samples = Annotated[str, typer.Option("--samples", help="Samples per prompt N (best-of-N).", rich_help_panel=_GRID)]
 Attentions = Annotated[str, typer.Option("--attention", help="dense, topk, sliding_window, linear.",
                                          rich_help_panel=_GRID)]
-Accelerators = Annotated[str, typer.Option("--accelerator", help="b200, h100, h200 (datasheet peak and bandwidth).",
-                                           rich_help_panel=_GRID)]
+Accelerators = Annotated[str, typer.Option(
+    "--accelerator", help="b200, h100, h200 (datasheet peak and bandwidth), cpu2 (the reference 2-core CPU, measured).",
+    rich_help_panel=_GRID)]
 
 
 def cost_command(
@@ -38,12 +39,16 @@ def cost_command(
     kv_bytes: Annotated[float, typer.Option("--kv-bytes", help="Bytes per K/V element (2 = bf16).")] = 2.0,
     weight_bytes: Annotated[float, typer.Option(
         "--weight-bytes", help="Bytes per weight read at every decode step (0 = amortised, Kinetics).")] = 0.0,
+    measure: Annotated[bool, typer.Option(
+        "--measure", help="Also time this machine (float32 matmul and memory read, a few seconds) and add it as "
+        "accelerator 'measured'.", rich_help_panel=_GRID)] = False,
     out: Annotated[Optional[Path], typer.Option("--out", help="Also write the table as CSV here.")] = None,
     debug: Debug = False,
 ) -> None:
     """Kinetics cost model: FLOPs, KV memory traffic, eFLOPs and predicted time of generation (METHODS.md #17)."""
 
     def body() -> None:
+        from attnlab import cost as cost_model
         from attnlab.capture.loading import load_model
         from attnlab.cost import ACCELERATORS, ModelSizes, cost_table, sizes_of
         from attnlab.errors import ConfigError
@@ -62,14 +67,18 @@ def cost_command(
         unknown = [name for name in names if name not in ACCELERATORS]
         if unknown or not names:
             raise ConfigError(f"--accelerator expects names among {', '.join(ACCELERATORS)}, got {accelerator!r}")
+        devices = tuple(ACCELERATORS[name] for name in names)
         grid = dict(prompt_lens=ints(prompt_len, "--prompt-len"), gen_lens=ints(gen_len, "--gen-len"),
                     samples=ints(samples, "--samples"),
-                    attentions=tuple(a.strip() for a in attention.split(",") if a.strip()),
-                    accelerators=tuple(ACCELERATORS[name] for name in names))
+                    attentions=tuple(a.strip() for a in attention.split(",") if a.strip()), accelerators=devices)
         options = dict(window=window, block_size=block_size, top_k=top_k, local=local, kv_bytes=kv_bytes,
                        weight_bytes=weight_bytes)
         cost_table(ModelSizes(1, 1, 1, 1, 1), **{**grid, "prompt_lens": grid["prompt_lens"][:1],
                                                  "gen_lens": grid["gen_lens"][:1]}, **options)  # bad input first
+        if measure:
+            measured = cost_model.measure_accelerator()
+            typer.echo(f"this machine: {measured.note}", err=True)
+            grid["accelerators"] = (*devices, measured)
         loaded = load_model(model)
         sizes = sizes_of(loaded.facts, sum(p.numel() for p in loaded.model.parameters()))
         rows = cost_table(sizes, **grid, **options)
