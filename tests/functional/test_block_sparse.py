@@ -78,6 +78,47 @@ def test_block_sizes_and_head_layouts_equal_dense(name, block_size, heads, kv_he
     _check_against_dense(mask_mod, q, k, v, 0, block_size)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("heads,kv_heads", HEADS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"q{s[0]}-kv{s[1]}-off{s[2]}")
+@pytest.mark.parametrize("sinks,window,block_size", [(3, 29, 16), (20, 45, 16), (1, 64, 32), (4, 100, 128)])
+def test_no_grad_sink_window_merges_two_parts_like_dense(sinks, window, block_size, shape, heads, kv_heads, dtype):
+    """Without autograd a sink block + window bucket runs as two flash calls merged by log-sum-exp (no gather);
+    sinks spanning two blocks (20 > 16) included. Outputs equal the dense path."""
+    q_len, kv_len, q_offset = shape
+    mask_mod = M.MASKS.get("sink_window")(num_sink_tokens=sinks, window=window)
+    q, k, v = _qkv(2, heads, kv_heads, q_len, kv_len, seed=sinks + window, dtype=dtype)
+    v = torch.cat([v, v[..., :3]], dim=-1)  # Dv = D: the flash kernel's condition for the two-part path
+    dense = masked_attention(q, k, v, mask_mod, q_offset=q_offset)
+    with torch.no_grad():
+        block = masked_attention(q, k, v, mask_mod, q_offset=q_offset, path="block",
+                                 cache=BlockMaskCache(block_size=block_size))
+    assert_close(block, dense)
+
+
+def test_plan_runs_sink_block_and_window_as_two_parts(monkeypatch):
+    plan = build_block_plan(M.MASKS.get("sink_window")(num_sink_tokens=4, window=1020), 1, 8, 4, 4096, 4096)
+    buckets = plan.batch_rows[0][0].buckets
+    two_part = [bucket for bucket in buckets if bucket.prefix]
+    assert len(two_part) == 1 and two_part[0].prefix == 1 and two_part[0].kv_window == (1, 1)
+    assert bool((two_part[0].kv_blocks[:, 0] == 0).all())  # the sink block in every row, then the moving window
+    assert two_part[0].mask is not None and two_part[0].mask.shape[1] == 1  # one element mask for every row
+    # the no-grad path takes the two-part kernel; with autograd the same bucket is gathered
+    import attnlab.functional.block_sparse as BS
+
+    calls = []
+    original = BS._prefix_window_attention
+    monkeypatch.setattr(BS, "_prefix_window_attention", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    mask_mod = M.MASKS.get("sink_window")(num_sink_tokens=4, window=100)
+    q, k, v = _qkv(1, 4, 2, 512, 512, seed=9, head_dim=8, grad=True)
+    v = torch.cat([v, v[..., :3]], dim=-1)
+    block_sparse_attention(q, k, v, mask_mod, block_size=32)
+    assert not calls
+    with torch.no_grad():
+        block_sparse_attention(q, k, v, mask_mod, block_size=32)
+    assert calls
+
+
 @pytest.mark.parametrize("name", ["sliding_window", "ls_heads", "radial", "random_empty_rows"])
 def test_float32_golden_ref_fast(name):
     """Flex-style check: err(block, float64 golden) <= fudge × err(float32 reference, golden)."""

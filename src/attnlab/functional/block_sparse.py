@@ -55,8 +55,9 @@ class _Bucket:
     q_blocks: Tensor  # (n,) int64 query block indices
     q_start: int | None  # first block when the blocks are consecutive (a slice instead of index_select)
     kv_blocks: Tensor  # (n, c) int64 kept key blocks of each query block, ascending
-    kv_window: tuple[int, int] | None  # (first, step): slot t of row j is block first + j · step + t (strided view)
+    kv_window: tuple[int, int] | None  # (first, step): slot prefix + t of row j is block first + j · step + t
     mask: Tensor | None  # bool (S|1, n|1, g · bs, c · bs), True = attend; None = every kept tile is full
+    prefix: int = 0  # leading slots that hold the same blocks in every row (a sink block), before the window
 
 
 @dataclass(frozen=True)
@@ -164,20 +165,28 @@ def _buckets(kept: Tensor) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
     return out, empty
 
 
-def _window(q_blocks: Tensor, kv_blocks: Tensor) -> tuple[int | None, tuple[int, int] | None]:
-    """(first query block if consecutive, (first kv block, step) if the kept runs form one strided view)."""
+def _window(q_blocks: Tensor, kv_blocks: Tensor) -> tuple[int | None, tuple[int, int] | None, int]:
+    """(first query block if consecutive, (first kv block, step) if the kept runs form one strided view, prefix).
+
+    ``prefix`` > 0 when the first ``prefix`` slots hold the same blocks in every row (StreamingLLM's sink block) and
+    only the slots after them form the strided view; the no-grad path then runs the two parts separately and merges
+    them by log-sum-exp (:func:`_prefix_window_attention`), so the window is never copied."""
     n, c = kv_blocks.shape
     steps = torch.arange(max(n, c), device=kv_blocks.device)
     q_start = int(q_blocks[0]) if bool((q_blocks == q_blocks[0] + steps[:n]).all()) else None
     if q_start is None:
-        return q_start, None
-    first = kv_blocks[:, 0]
-    if not bool((kv_blocks == first[:, None] + steps[:c]).all()):
-        return q_start, None
-    step = int(first[1] - first[0]) if n > 1 else 0
-    if step < 0 or not bool((first == first[0] + step * steps[:n]).all()):
-        return q_start, None
-    return q_start, (int(first[0]), step)
+        return q_start, None, 0
+    for prefix in range(min(c, 3)):  # a run of the window alone, or after at most two shared (sink) blocks
+        if prefix and not bool((kv_blocks[:, :prefix] == kv_blocks[:1, :prefix]).all()):
+            break
+        run = kv_blocks[:, prefix:]
+        first = run[:, 0]
+        if not bool((run == first[:, None] + steps[:c - prefix]).all()):
+            continue
+        step = int(first[1] - first[0]) if n > 1 else 0
+        if step >= 0 and bool((first == first[0] + step * steps[:n]).all()):
+            return q_start, (int(first[0]), step), prefix
+    return q_start, None, 0
 
 
 def _element_mask(mask_mod: MaskMod, batch_idx: int, heads: Tensor, group_size: int, q_blocks: Tensor,
@@ -269,10 +278,10 @@ def build_block_plan(mask_mod: MaskMod, batch: int, num_heads: int, num_kv_heads
             if kind == "blocks":
                 found, empty = _buckets(pattern)
                 for q_blocks, kv_blocks in found:
-                    q_start, window = _window(q_blocks, kv_blocks)
+                    q_start, window, prefix = _window(q_blocks, kv_blocks)
                     mask = _element_mask(shifted, b, heads, size, q_blocks, kv_blocks, q_len, kv_len, block_size,
                                          Hm > 1)
-                    buckets.append(_Bucket(q_blocks, q_start, kv_blocks, window, mask))
+                    buckets.append(_Bucket(q_blocks, q_start, kv_blocks, window, mask, prefix))
             groups.append(_HeadGroup(heads, kv_heads, size, kind, tuple(buckets), empty))
         batch_rows.append(tuple(groups))
     row_has_key = None if bool(rows.all()) else rows[..., None]
@@ -285,12 +294,59 @@ def _gather_keys(keys: Tensor, bucket: _Bucket, bs: int) -> Tensor:
     """keys (N, nk · bs, D) contiguous -> (N, n, c · bs, D): a strided view for windows, else a block gather."""
     N, Lkp, D = keys.shape
     n, c = bucket.kv_blocks.shape
-    if bucket.kv_window is not None:
-        first, step = bucket.kv_window
-        return keys.as_strided((N, n, c * bs, D), (Lkp * D, step * bs * D, D, 1),
-                               keys.storage_offset() + first * bs * D)
+    if bucket.kv_window is not None and not bucket.prefix:
+        return _window_view(keys, bucket, bs)
     gathered = keys.view(N, Lkp // bs, bs * D).index_select(1, bucket.kv_blocks.flatten())
     return gathered.view(N, n, c * bs, D)
+
+
+def _window_view(keys: Tensor, bucket: _Bucket, bs: int) -> Tensor:
+    """(N, n, (c - prefix) · bs, D): the window slots of every row as one overlapping strided view (no copy)."""
+    N, Lkp, D = keys.shape
+    n, c = bucket.kv_blocks.shape
+    first, step = bucket.kv_window
+    return keys.as_strided((N, n, (c - bucket.prefix) * bs, D), (Lkp * D, step * bs * D, D, 1),
+                           keys.storage_offset() + first * bs * D)
+
+
+def _prefix_window_attention(q: Tensor, keys: Tensor, values: Tensor, bucket: _Bucket, mask: Tensor | None,
+                             scale: float, bs: int) -> Tensor:
+    """One prefix + window bucket without autograd: (N, n, R, D) queries -> (N, n, R, Dv).
+
+    Attention over the shared prefix blocks and over the window view run as two calls of torch's CPU flash kernel,
+    which also returns each row's log-sum-exp; the two normalised outputs are merged with weights
+    ``exp(lse_part - lse_total)``, the identity ``softmax over A ∪ B = w_A softmax_A + w_B softmax_B``. A row that
+    sees no key in one part gets weight 0 there (the kernel reports lse 0 and output 0 for such rows). Inference
+    only: the kernel's log-sum-exp carries no gradient, so the autograd path gathers the blocks instead.
+    """
+    N, n, R, _ = q.shape
+    width = bucket.prefix * bs
+    prefix_blocks = bucket.kv_blocks[0, :bucket.prefix]
+    parts = []
+    for part_keys, part_values, cols in (
+            (_shared_blocks(keys, prefix_blocks, bs, n), _shared_blocks(values, prefix_blocks, bs, n),
+             slice(0, width)),
+            (_window_view(keys, bucket, bs), _window_view(values, bucket, bs), slice(width, None))):
+        part_mask = None if mask is None else mask[..., cols]
+        float_mask = None
+        if part_mask is not None and not bool(part_mask.all()):
+            float_mask = torch.zeros(part_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~part_mask,
+                                                                                                  float("-inf"))
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, part_keys, part_values, 0.0, False, attn_mask=float_mask, scale=scale)
+        if part_mask is not None:
+            lse = lse.masked_fill(~part_mask.any(-1), float("-inf"))  # (N, n, R): no key here -> weight 0
+        parts.append((out, lse))
+    (out_a, lse_a), (out_b, lse_b) = parts
+    total = torch.logaddexp(lse_a, lse_b)
+    return out_a * (lse_a - total).exp()[..., None] + out_b * (lse_b - total).exp()[..., None]
+
+
+def _shared_blocks(keys: Tensor, blocks: Tensor, bs: int, n: int) -> Tensor:
+    """(N, n, len(blocks) · bs, D): the same key blocks for every row, one small copy broadcast over n."""
+    N, Lkp, D = keys.shape
+    shared = keys.view(N, Lkp // bs, bs * D).index_select(1, blocks).view(N, 1, -1, D)
+    return shared.expand(N, n, shared.shape[2], D)
 
 
 def _bucket_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, score_mod, positions
@@ -331,6 +387,9 @@ def _run_group(group: _HeadGroup, q: Tensor, k: Tensor, v: Tensor, plan: BlockPl
     q_flat = qb.reshape(Bq * S * g, nq, bs * D)
     outs, order = [], []
     heads_idx = group.heads.to(q.device).view(1, S, 1, g, 1, 1)
+    # the flash kernel that returns the log-sum-exp wants one head size for q, k and v
+    fast_prefix = score_mod is None and q.dtype in (torch.float32, torch.float64) and D == v.shape[-1] and not (
+        torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
     for bucket in group.buckets:
         n = bucket.q_blocks.numel()
         q_blocks = bucket.q_blocks.to(q.device)
@@ -351,8 +410,11 @@ def _run_group(group: _HeadGroup, q: Tensor, k: Tensor, v: Tensor, plan: BlockPl
                          heads_idx.expand(1, S, 1, g, bs, 1).reshape(1, S, 1, g * bs, 1),
                          q_pos[None, None, :, None, :].expand(1, 1, n, g, bs).reshape(1, 1, n, g * bs, 1),
                          kv_pos.clamp(max=plan.kv_len - 1)[None, None, :, None, :])
-        out = _bucket_attention(rows, _gather_keys(keys, bucket, bs), _gather_keys(values, bucket, bs), mask, scale,
-                                score_mod, positions)  # (B' · S, n, g · bs, Dv)
+        if bucket.prefix and fast_prefix:
+            out = _prefix_window_attention(rows, keys, values, bucket, mask, scale, bs)
+        else:
+            out = _bucket_attention(rows, _gather_keys(keys, bucket, bs), _gather_keys(values, bucket, bs), mask,
+                                    scale, score_mod, positions)  # (B' · S, n, g · bs, Dv)
         outs.append(out.view(Bq, S, n, g, bs, Dv).permute(0, 1, 3, 2, 4, 5))
         order.append(q_blocks)
     if group.empty_blocks.numel():
