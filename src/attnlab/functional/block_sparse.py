@@ -22,6 +22,10 @@ cached by :class:`~attnlab.functional.masked_attention.BlockMaskCache`):
    one query block to the next (sliding windows), an overlapping ``as_strided`` view of the keys (no copy).
    An element mask (bool, True = attend) is passed only to buckets that hold a partial tile (one (g · bs, c · bs)
    mask shared by all its query blocks when they agree, as in sliding windows); buckets of full tiles run unmasked.
+   When one or two leading kept blocks are the same for every query block and the rest is such a run (StreamingLLM's
+   sink block + window), inference (no autograd) runs the two parts as two calls of torch's CPU flash kernel and
+   merges them by their log-sum-exp (:func:`_prefix_window_attention`), so nothing is copied; with autograd (the
+   kernel's log-sum-exp has no gradient) the bucket is gathered.
 3. GQA: the query heads that share a kv head are stacked along the rows of one call (rows = g · bs), so keys and
    values are never repeated per query head.
 
