@@ -4,7 +4,10 @@ Model: the bundled SmolLM2-135M, float32, CPU, batch 1, one window of real corpu
 (``attnlab.load_text(tokenizer, None, seq_len=N, max_windows=1)``). Configurations:
 
 - ``sdpa``: plain ``model(**batch)`` with ``attn_implementation="sdpa"`` under ``torch.no_grad()``;
-- ``attnlab``: the same forward inside ``attnlab.Session(model, probes=["entropy", "sink", "distance", "norms"])``;
+- ``attnlab``: the same forward inside ``attnlab.Session(model, probes=["entropy", "sink", "distance", "norms"])``
+  (exact statistics from the fused probe kernel, the default);
+- ``attnlab_blocked``: the same with ``probe_kernel="blocked"`` (the blocked kernel with per-block probes, the
+  oracle the fused kernel is tested against; the default exact path before issue 13);
 - ``attnlab_sampled``: as ``attnlab`` with ``query_fraction=0.125``. In the first repeat, at lengths up to
   ``--error-max``, the child then also runs the exact session on the same tokens (untimed, after the timed forward
   and its RSS reading) and reports the max/median absolute error over (layer, head) of ``entropy``,
@@ -45,7 +48,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-CONFIGS = ("sdpa", "attnlab", "attnlab_sampled", "eager_attentions")
+CONFIGS = ("sdpa", "attnlab", "attnlab_blocked", "attnlab_sampled", "eager_attentions")
 PROBES = ["entropy", "sink", "distance", "norms"]
 SAMPLED_FRACTION = 0.125
 WARMUP_LEN = 64
@@ -123,8 +126,10 @@ def run_child(config: str, length: int, model_name: str, with_error: bool) -> di
         "rss_after_load_kib": _vm_rss_kib(), "maxrss_after_load_kib": _maxrss_kib(),
     }
 
+    kernel = "blocked" if config == "attnlab_blocked" else "fused"
+
     def session(fraction: float = 1.0) -> Any:
-        return attnlab.Session(model, probes=PROBES, query_fraction=fraction)
+        return attnlab.Session(model, probes=PROBES, query_fraction=fraction, probe_kernel=kernel)
 
     with torch.no_grad():
         if config in ("sdpa", "eager_attentions"):
@@ -134,6 +139,7 @@ def run_child(config: str, length: int, model_name: str, with_error: bool) -> di
             start, cpu = time.perf_counter(), time.process_time()
             out = model(**batch, **kwargs)
             record["seconds"], record["cpu_seconds"] = time.perf_counter() - start, time.process_time() - cpu
+            record["loadavg_after"] = os.getloadavg()
             if config == "eager_attentions":
                 record["attentions_bytes"] = sum(a.numel() * a.element_size() for a in out.attentions)
             del out
@@ -147,6 +153,7 @@ def run_child(config: str, length: int, model_name: str, with_error: bool) -> di
                 start, cpu = time.perf_counter(), time.process_time()
                 out = model(**batch)
                 record["seconds"], record["cpu_seconds"] = time.perf_counter() - start, time.process_time() - cpu
+                record["loadavg_after"] = os.getloadavg()
             del out
             record["maxrss_kib"] = _maxrss_kib()  # before the untimed exact run below
             record["paths"] = sorted(set(timed.attention_paths.values()))
@@ -261,7 +268,7 @@ def machine_header() -> dict[str, Any]:
         "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
         "attnlab": attnlab.__version__, "git_commit": git("rev-parse", "HEAD"),
         "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-        "hostname": platform.node(),
+        "hostname": platform.node(), "loadavg": os.getloadavg(),
     }
 
 
@@ -278,6 +285,8 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if ok:
             row["seconds"] = statistics.median(r["seconds"] for r in ok)
             row["cpu_seconds"] = statistics.median(r["cpu_seconds"] for r in ok)
+            loads = [r["loadavg_after"][0] for r in ok if r.get("loadavg_after")]
+            row["load_1min"] = (min(loads), max(loads)) if loads else None
             row["peak_rss_mib"] = statistics.median(r["maxrss_kib"] for r in ok) / 1024
             row["rss_after_load_mib"] = statistics.median(r["rss_after_load_kib"] for r in ok) / 1024
             row["rss_before_forward_mib"] = statistics.median(r["rss_before_forward_kib"] for r in ok) / 1024
@@ -310,7 +319,7 @@ def _fmt(value: Any, spec: str) -> str:
 
 def render(rows: list[dict[str, Any]], markdown: bool) -> str:
     head = ["length", "config", "ok/runs", "median s", "x sdpa", "CPU s", "x sdpa CPU", "peak RSS MiB",
-            "x sdpa RSS", "RSS before fwd MiB", "fwd +MiB"]
+            "x sdpa RSS", "RSS before fwd MiB", "fwd +MiB", "load (1 min)"]
     body = []
     for r in rows:
         before = r.get("rss_before_forward_mib")
@@ -318,7 +327,8 @@ def render(rows: list[dict[str, Any]], markdown: bool) -> str:
         body.append([str(r["length"]), r["config"], f"{r['ok']}/{r['runs']}", _fmt(r.get("seconds"), ".2f"),
                      _fmt(r.get("time_ratio"), ".2f"), _fmt(r.get("cpu_seconds"), ".1f"),
                      _fmt(r.get("cpu_ratio"), ".2f"), _fmt(r.get("peak_rss_mib"), ".0f"),
-                     _fmt(r.get("rss_ratio"), ".2f"), _fmt(before, ".0f"), _fmt(increment, ".0f")])
+                     _fmt(r.get("rss_ratio"), ".2f"), _fmt(before, ".0f"), _fmt(increment, ".0f"),
+                     "–".join(f"{x:.1f}" for x in sorted(set(r["load_1min"]))) if r.get("load_1min") else "—"])
     err_head = ["length", "statistic", "max abs error", "median abs error", "median exact value"]
     err_body = []
     for r in rows:
