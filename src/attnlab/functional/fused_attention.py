@@ -12,7 +12,7 @@ need, and returns them per call (:class:`FusedStats`):
   batched matrix-vector product per block;
 - **sums by distance** ``sum_i w_ki p_{i, i-d}`` for a few weight rows ``w_k`` (the distance probe's mass,
   fixed-row and sink-renormalised sums): one batched matrix product over a *skewed view* of the block. The block's
-  logits and probabilities live in buffers whose rows start with ``block_size - 1`` padding keys (zero keys, logits
+  logits and probabilities live in buffers whose rows start with ``bq - 1`` padding keys (zero keys, logits
   set to ``finfo.min``, so probability exactly 0); read with row stride ``row + 1``, each diagonal of the block is a
   column of that view, so the sums by distance need no copy and no scatter (compare
   :class:`attnlab.stats.distance.DiagonalSums`, the oracle's form, which copies the block into a padded buffer).
@@ -176,13 +176,14 @@ def fused_attention(
     scale = D ** -0.5 if scale is None else scale
     lowest = torch.finfo(dtype).min
     offset = Lk - Lq  # key index of query row 0
-    pad = block_size - 1  # padding keys in front of every row of a block (the skewed view reads them as zeros)
+    rows = max(1, min(block_size, Lq))  # query rows of the largest block
+    pad = rows - 1  # padding keys in front of every row of a block (the skewed view reads them as zeros)
     n = B * num_heads
     # keys and values with `pad` zero rows in front, once per call: (B*Hkv, pad + Lk, D | Dv)
     key_p = torch.cat([key.new_zeros(B, Hkv, pad, D), key], dim=2).to(dtype).reshape(B * Hkv, pad + Lk, D)
     value_p = torch.cat([value.new_zeros(B, Hkv, pad, Dv), value], dim=2).to(dtype).reshape(B * Hkv, pad + Lk, Dv)
-    logits_buf = torch.empty(n * block_size * (pad + Lk), dtype=dtype, device=device)
-    probs_buf = torch.empty(n * block_size * (pad + Lk) + block_size, dtype=dtype, device=device)
+    logits_buf = torch.empty(n * rows * (pad + Lk), dtype=dtype, device=device)
+    probs_buf = torch.empty(n * rows * (pad + Lk) + rows, dtype=dtype, device=device)
     keep_buf = None
     output = query.new_empty(B, num_heads, Lq, Dv, dtype=value.dtype)
 
@@ -219,7 +220,7 @@ def fused_attention(
         if keep_blk is not None and first_masked < width:  # only the columns some row cannot see
             logits4[..., pad + first_masked :].masked_fill_(~keep_blk[..., first_masked:], lowest)
         row_max = logits4.amax(dim=-1)  # (B, Hq, bq); NaN if the row holds a NaN, inf on overflow
-        probs_buf[size : size + block_size].zero_()  # the skewed view reads up to bq - 1 entries past the block
+        probs_buf[size : size + rows].zero_()  # the skewed view reads up to bq - 1 entries past the block
         probs = probs_buf[:size].view(B * Hkv, groups * bq, row)
         torch.softmax(logits, dim=-1, out=probs)
         probs4 = probs.view(B, num_heads, bq, row)
@@ -253,7 +254,7 @@ def fused_attention(
         # NaN row must be left out of one head's counts (then the count accumulators become per head)
         if any_nan:
             m = num_heads
-            mask_flat = torch.zeros(B * m * bq * row + block_size, dtype=dtype, device=device)
+            mask_flat = torch.zeros(B * m * bq * row + rows, dtype=dtype, device=device)
             keep_heads = has_key[..., None] if keep_blk is None else keep_blk
             mask_flat[: B * m * bq * row].view(B, m, bq, row)[..., pad:] = (keep_heads & ~nan[..., None]).to(dtype)
             if col_counts is not None and col_counts.shape[1] != m:
@@ -263,9 +264,9 @@ def fused_attention(
         else:
             m = kh
             if keep_buf is None:
-                keep_buf = torch.zeros(B * kh * block_size * (pad + Lk) + block_size, dtype=dtype, device=device)
+                keep_buf = torch.zeros(B * kh * rows * (pad + Lk) + rows, dtype=dtype, device=device)
             mask_flat = keep_buf
-            mask_flat[B * m * bq * row : B * m * bq * row + block_size].zero_()
+            mask_flat[B * m * bq * row : B * m * bq * row + rows].zero_()
             mask = mask_flat[: B * m * bq * row].view(B, m, bq, row)
             mask[..., :pad].zero_()
             if keep_blk is None:
