@@ -22,7 +22,8 @@ one JSON line with them, peak RSS (``ru_maxrss``, KiB on Linux; includes loading
 post-warm-up RSS), RSS right after loading and RSS just before the measured forward (after the warm-up, which
 faults in the memory-mapped weights). A child that fails, times out (``--timeout``) or is killed (OOM killer, or
 this script's ``--max-rss-gib`` guard) is recorded as failed with its reason and the RSS seen before the kill.
-Thread count is torch's default. Results go to ``--json`` after every child, so an interrupted run keeps them.
+Thread count is torch's default unless ``--threads`` sets it (recorded per child as ``threads``). Results go to
+``--json`` after every child, so an interrupted run keeps them.
 
     python benchmarks/probe_overhead.py --long-repeats 1             # the run in docs/benchmarks.md, ~30 min
     python benchmarks/probe_overhead.py --lengths 256 512 --repeats 1 --eager-max 512   # smoke test, ~3 min
@@ -102,7 +103,7 @@ def _sampling_error(exact: Any, sampled: Any) -> dict[str, Any]:
     return errors
 
 
-def run_child(config: str, length: int, model_name: str, with_error: bool) -> dict[str, Any]:
+def run_child(config: str, length: int, model_name: str, with_error: bool, threads: int = 0) -> dict[str, Any]:
     """Load the model, warm up, time one forward of ``length`` tokens in ``config``; returns the JSON record.
 
     ``seconds`` is wall time and ``cpu_seconds`` process CPU time (all threads) of the measured forward alone.
@@ -116,6 +117,8 @@ def run_child(config: str, length: int, model_name: str, with_error: bool) -> di
 
     import attnlab
 
+    if threads:
+        torch.set_num_threads(threads)
     model, tokenizer = attnlab.load_model(model_name, dtype="float32", device="cpu")
     model.eval()
     model.set_attn_implementation("eager" if config == "eager_attentions" else "sdpa")
@@ -190,7 +193,7 @@ def _tail(path: Path, chars: int = 600) -> str:
 def run_one(config: str, length: int, args: argparse.Namespace, with_error: bool) -> dict[str, Any]:
     """Run one child; a failure (exit code, signal, timeout, memory cap, bad output) becomes a failed record."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", config, "--length", str(length),
-           "--model", args.model, *(["--with-error"] if with_error else [])]
+           "--model", args.model, "--threads", str(args.threads), *(["--with-error"] if with_error else [])]
     env = {**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
            "TQDM_DISABLE": "1"}
     cap_kib = int(args.max_rss_gib * 1024 * 1024) if args.max_rss_gib else None
@@ -387,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-rss-gib", type=float, default=20.0,
                    help="kill a child whose RSS exceeds this (0 = no cap; the OOM killer then decides)")
     p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads per child (0: torch's default). On a shared machine 1 avoids measuring "
+                        "thread contention: an op's parallel region waits for a descheduled thread")
     p.add_argument("--json", type=Path, default=REPO / "bench-results" / "probe_overhead.json")
     p.add_argument("--markdown", action="store_true", help="print the tables in markdown (for docs/benchmarks.md)")
     p.add_argument("--render", type=Path, metavar="JSON", help="only print the tables of an existing JSON file")
@@ -396,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     if args.child:
-        print(json.dumps(run_child(args.child, args.length, args.model, args.with_error)), flush=True)
+        print(json.dumps(run_child(args.child, args.length, args.model, args.with_error, args.threads)), flush=True)
         return 0
     if args.render:
         data = json.loads(args.render.read_text())

@@ -24,7 +24,10 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=20, help="operators to list")
     parser.add_argument("--probe-kernel", choices=["fused", "blocked"], default="fused",
                         help="Session(probe_kernel=...): the fused kernel (default) or the blocked oracle")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, tokenizer = attnlab.load_model("smollm2-135m")
     batch = next(iter(attnlab.load_text(tokenizer, None, seq_len=args.length, max_windows=1)))
     with torch.no_grad():
