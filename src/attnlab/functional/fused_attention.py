@@ -17,8 +17,8 @@ need, and returns them per call (:class:`FusedStats`):
   column of that view, so the sums by distance need no copy and no scatter (compare
   :class:`attnlab.stats.distance.DiagonalSums`, the oracle's form, which copies the block into a padded buffer).
 
-Buffers are allocated once per call and reused by every block (a fresh multi-MiB allocation per block costs more
-than the matrix product that fills it). Counts (visible keys per row, rows that see each key, fixed-row pairs per
+Buffers are allocated once per call and reused by every block, and the elementwise products are written in place
+(on CPU a fresh multi-MiB tensor per block costs its page faults, which can exceed the cost of filling it). Counts (visible keys per row, rows that see each key, fixed-row pairs per
 distance) come from the keep mask, which is shared by the heads.
 
 Scope: every query row (no sampling), no soft-capping, no logits/probs edits. The session runs this kernel by
@@ -239,8 +239,9 @@ def fused_attention(
         torch.softmax(logits, dim=-1, out=probs)
         probs4 = probs.view(B, num_heads, bq, row)
         if keep_blk is not None:
-            has_key = keep_blk.any(dim=-1)  # (B|1, kh, bq)
-            num_visible[..., start : start + bq] = keep_blk.sum(dim=-1)
+            visible_blk = keep_blk.sum(dim=-1)  # (B|1, kh, bq)
+            num_visible[..., start : start + bq] = visible_blk
+            has_key = visible_blk > 0
             if not bool(has_key.all()):  # rows with no visible key: probs 0, output 0, never NaN
                 probs4.mul_(has_key[..., None])
         else:
@@ -256,7 +257,9 @@ def fused_attention(
             probs4.masked_fill_(nan[..., None], 0.0)
         if entropy is not None:
             p_max = probs4.amax(dim=-1)
-            dot = torch.linalg.vecdot(probs4, logits4)  # sum_j p_ij s_ij; padding and masked keys have p = 0
+            # sum_j p_ij s_ij (padding and masked keys have p = 0), in place in the logits buffer: a fresh block-sized
+            # temporary per block costs its page faults, more than the product itself
+            dot = logits4.mul_(probs4).sum(dim=-1)
             blk = -torch.log(p_max) - (dot - row_max)
             blk = torch.where(p_max == 0, torch.zeros((), dtype=dtype, device=device), blk)
             if any_nan:
