@@ -331,7 +331,7 @@ def render(rows: list[dict[str, Any]], markdown: bool) -> str:
                      _fmt(r.get("time_ratio"), ".2f"), _fmt(r.get("cpu_seconds"), ".1f"),
                      _fmt(r.get("cpu_ratio"), ".2f"), _fmt(r.get("peak_rss_mib"), ".0f"),
                      _fmt(r.get("rss_ratio"), ".2f"), _fmt(before, ".0f"), _fmt(increment, ".0f"),
-                     "–".join(f"{x:.1f}" for x in sorted(set(r["load_1min"]))) if r.get("load_1min") else "—"])
+                     "–".join(dict.fromkeys(f"{x:.1f}" for x in r["load_1min"])) if r.get("load_1min") else "—"])
     err_head = ["length", "statistic", "max abs error", "median abs error", "median exact value"]
     err_body = []
     for r in rows:
