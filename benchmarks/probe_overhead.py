@@ -25,7 +25,9 @@ this script's ``--max-rss-gib`` guard) is recorded as failed with its reason and
 Thread count is torch's default unless ``--threads`` sets it (recorded per child as ``threads``). Results go to
 ``--json`` after every child, so an interrupted run keeps them.
 
-    python benchmarks/probe_overhead.py --long-repeats 1             # the run in docs/benchmarks.md, ~30 min
+    python benchmarks/probe_overhead.py --lengths 4096 --repeats 2 --threads 1 \
+        --configs sdpa attnlab attnlab_blocked       # with the 16384 run below: docs/benchmarks.md, ~12 min
+    python benchmarks/probe_overhead.py --lengths 16384 --repeats 1 --threads 1 --configs sdpa attnlab
     python benchmarks/probe_overhead.py --lengths 256 512 --repeats 1 --eager-max 512   # smoke test, ~3 min
     python benchmarks/probe_overhead.py --render bench-results/probe_overhead.json --markdown
 
