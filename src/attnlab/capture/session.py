@@ -64,7 +64,8 @@ class Session:
             eager kernel when no probe needs probs (the first call per shape compiles, ~20 s on CPU).
         probe_kernel: ``"fused"`` (default): exact probes whose statistics the fused kernel can accumulate
             (``entropy``, ``sink``, ``distance``) get them from
-            :func:`attnlab.functional.fused_attention.fused_attention` in the pass that computes the output; calls it cannot serve (soft-capping, edits, sampled rows,
+            :func:`attnlab.functional.fused_attention.fused_attention` in the pass that computes the output;
+            calls it cannot serve (soft-capping, edits, sampled rows,
             bidirectional layers with ``distance``, gradients through the attention, or any other probe that reads
             probs) run the blocked kernel.
             ``"blocked"``: always the blocked kernel with per-block observers (the oracle the fused path is tested
