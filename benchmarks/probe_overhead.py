@@ -4,7 +4,10 @@ Model: the bundled SmolLM2-135M, float32, CPU, batch 1, one window of real corpu
 (``attnlab.load_text(tokenizer, None, seq_len=N, max_windows=1)``). Configurations:
 
 - ``sdpa``: plain ``model(**batch)`` with ``attn_implementation="sdpa"`` under ``torch.no_grad()``;
-- ``attnlab``: the same forward inside ``attnlab.Session(model, probes=["entropy", "sink", "distance", "norms"])``;
+- ``attnlab``: the same forward inside ``attnlab.Session(model, probes=["entropy", "sink", "distance", "norms"])``
+  (exact statistics from the fused probe kernel, the default);
+- ``attnlab_blocked``: the same with ``probe_kernel="blocked"`` (the blocked kernel with per-block probes, the
+  oracle the fused kernel is tested against; the default exact path before issue 13);
 - ``attnlab_sampled``: as ``attnlab`` with ``query_fraction=0.125``. In the first repeat, at lengths up to
   ``--error-max``, the child then also runs the exact session on the same tokens (untimed, after the timed forward
   and its RSS reading) and reports the max/median absolute error over (layer, head) of ``entropy``,
@@ -19,9 +22,12 @@ one JSON line with them, peak RSS (``ru_maxrss``, KiB on Linux; includes loading
 post-warm-up RSS), RSS right after loading and RSS just before the measured forward (after the warm-up, which
 faults in the memory-mapped weights). A child that fails, times out (``--timeout``) or is killed (OOM killer, or
 this script's ``--max-rss-gib`` guard) is recorded as failed with its reason and the RSS seen before the kill.
-Thread count is torch's default. Results go to ``--json`` after every child, so an interrupted run keeps them.
+Thread count is torch's default unless ``--threads`` sets it (recorded per child as ``threads``). Results go to
+``--json`` after every child, so an interrupted run keeps them.
 
-    python benchmarks/probe_overhead.py --long-repeats 1             # the run in docs/benchmarks.md, ~30 min
+    python benchmarks/probe_overhead.py --lengths 4096 --repeats 2 --threads 1 \
+        --configs sdpa attnlab attnlab_blocked       # with the 16384 run below: docs/benchmarks.md, ~12 min
+    python benchmarks/probe_overhead.py --lengths 16384 --repeats 1 --threads 1 --configs sdpa attnlab
     python benchmarks/probe_overhead.py --lengths 256 512 --repeats 1 --eager-max 512   # smoke test, ~3 min
     python benchmarks/probe_overhead.py --render bench-results/probe_overhead.json --markdown
 
@@ -45,7 +51,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-CONFIGS = ("sdpa", "attnlab", "attnlab_sampled", "eager_attentions")
+CONFIGS = ("sdpa", "attnlab", "attnlab_blocked", "attnlab_sampled", "eager_attentions")
 PROBES = ["entropy", "sink", "distance", "norms"]
 SAMPLED_FRACTION = 0.125
 WARMUP_LEN = 64
@@ -99,7 +105,7 @@ def _sampling_error(exact: Any, sampled: Any) -> dict[str, Any]:
     return errors
 
 
-def run_child(config: str, length: int, model_name: str, with_error: bool) -> dict[str, Any]:
+def run_child(config: str, length: int, model_name: str, with_error: bool, threads: int = 0) -> dict[str, Any]:
     """Load the model, warm up, time one forward of ``length`` tokens in ``config``; returns the JSON record.
 
     ``seconds`` is wall time and ``cpu_seconds`` process CPU time (all threads) of the measured forward alone.
@@ -113,6 +119,8 @@ def run_child(config: str, length: int, model_name: str, with_error: bool) -> di
 
     import attnlab
 
+    if threads:
+        torch.set_num_threads(threads)
     model, tokenizer = attnlab.load_model(model_name, dtype="float32", device="cpu")
     model.eval()
     model.set_attn_implementation("eager" if config == "eager_attentions" else "sdpa")
@@ -123,8 +131,10 @@ def run_child(config: str, length: int, model_name: str, with_error: bool) -> di
         "rss_after_load_kib": _vm_rss_kib(), "maxrss_after_load_kib": _maxrss_kib(),
     }
 
+    kernel = "blocked" if config == "attnlab_blocked" else "fused"
+
     def session(fraction: float = 1.0) -> Any:
-        return attnlab.Session(model, probes=PROBES, query_fraction=fraction)
+        return attnlab.Session(model, probes=PROBES, query_fraction=fraction, probe_kernel=kernel)
 
     with torch.no_grad():
         if config in ("sdpa", "eager_attentions"):
@@ -134,6 +144,7 @@ def run_child(config: str, length: int, model_name: str, with_error: bool) -> di
             start, cpu = time.perf_counter(), time.process_time()
             out = model(**batch, **kwargs)
             record["seconds"], record["cpu_seconds"] = time.perf_counter() - start, time.process_time() - cpu
+            record["loadavg_after"] = os.getloadavg()
             if config == "eager_attentions":
                 record["attentions_bytes"] = sum(a.numel() * a.element_size() for a in out.attentions)
             del out
@@ -147,6 +158,7 @@ def run_child(config: str, length: int, model_name: str, with_error: bool) -> di
                 start, cpu = time.perf_counter(), time.process_time()
                 out = model(**batch)
                 record["seconds"], record["cpu_seconds"] = time.perf_counter() - start, time.process_time() - cpu
+                record["loadavg_after"] = os.getloadavg()
             del out
             record["maxrss_kib"] = _maxrss_kib()  # before the untimed exact run below
             record["paths"] = sorted(set(timed.attention_paths.values()))
@@ -183,7 +195,7 @@ def _tail(path: Path, chars: int = 600) -> str:
 def run_one(config: str, length: int, args: argparse.Namespace, with_error: bool) -> dict[str, Any]:
     """Run one child; a failure (exit code, signal, timeout, memory cap, bad output) becomes a failed record."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", config, "--length", str(length),
-           "--model", args.model, *(["--with-error"] if with_error else [])]
+           "--model", args.model, "--threads", str(args.threads), *(["--with-error"] if with_error else [])]
     env = {**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
            "TQDM_DISABLE": "1"}
     cap_kib = int(args.max_rss_gib * 1024 * 1024) if args.max_rss_gib else None
@@ -261,7 +273,7 @@ def machine_header() -> dict[str, Any]:
         "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
         "attnlab": attnlab.__version__, "git_commit": git("rev-parse", "HEAD"),
         "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-        "hostname": platform.node(),
+        "hostname": platform.node(), "loadavg": os.getloadavg(),
     }
 
 
@@ -278,6 +290,8 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if ok:
             row["seconds"] = statistics.median(r["seconds"] for r in ok)
             row["cpu_seconds"] = statistics.median(r["cpu_seconds"] for r in ok)
+            loads = [r["loadavg_after"][0] for r in ok if r.get("loadavg_after")]
+            row["load_1min"] = (min(loads), max(loads)) if loads else None
             row["peak_rss_mib"] = statistics.median(r["maxrss_kib"] for r in ok) / 1024
             row["rss_after_load_mib"] = statistics.median(r["rss_after_load_kib"] for r in ok) / 1024
             row["rss_before_forward_mib"] = statistics.median(r["rss_before_forward_kib"] for r in ok) / 1024
@@ -310,7 +324,7 @@ def _fmt(value: Any, spec: str) -> str:
 
 def render(rows: list[dict[str, Any]], markdown: bool) -> str:
     head = ["length", "config", "ok/runs", "median s", "x sdpa", "CPU s", "x sdpa CPU", "peak RSS MiB",
-            "x sdpa RSS", "RSS before fwd MiB", "fwd +MiB"]
+            "x sdpa RSS", "RSS before fwd MiB", "fwd +MiB", "load (1 min)"]
     body = []
     for r in rows:
         before = r.get("rss_before_forward_mib")
@@ -318,7 +332,8 @@ def render(rows: list[dict[str, Any]], markdown: bool) -> str:
         body.append([str(r["length"]), r["config"], f"{r['ok']}/{r['runs']}", _fmt(r.get("seconds"), ".2f"),
                      _fmt(r.get("time_ratio"), ".2f"), _fmt(r.get("cpu_seconds"), ".1f"),
                      _fmt(r.get("cpu_ratio"), ".2f"), _fmt(r.get("peak_rss_mib"), ".0f"),
-                     _fmt(r.get("rss_ratio"), ".2f"), _fmt(before, ".0f"), _fmt(increment, ".0f")])
+                     _fmt(r.get("rss_ratio"), ".2f"), _fmt(before, ".0f"), _fmt(increment, ".0f"),
+                     "–".join(dict.fromkeys(f"{x:.1f}" for x in r["load_1min"])) if r.get("load_1min") else "—"])
     err_head = ["length", "statistic", "max abs error", "median abs error", "median exact value"]
     err_body = []
     for r in rows:
@@ -377,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-rss-gib", type=float, default=20.0,
                    help="kill a child whose RSS exceeds this (0 = no cap; the OOM killer then decides)")
     p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads per child (0: torch's default). On a shared machine 1 avoids measuring "
+                        "thread contention: an op's parallel region waits for a descheduled thread")
     p.add_argument("--json", type=Path, default=REPO / "bench-results" / "probe_overhead.json")
     p.add_argument("--markdown", action="store_true", help="print the tables in markdown (for docs/benchmarks.md)")
     p.add_argument("--render", type=Path, metavar="JSON", help="only print the tables of an existing JSON file")
@@ -386,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     if args.child:
-        print(json.dumps(run_child(args.child, args.length, args.model, args.with_error)), flush=True)
+        print(json.dumps(run_child(args.child, args.length, args.model, args.with_error, args.threads)), flush=True)
         return 0
     if args.render:
         data = json.loads(args.render.read_text())

@@ -2,7 +2,9 @@
 
 Every executor takes a :class:`Job` and returns the output (B, Lq, Hq, Dv) transformers expects. SDPA is
 transformers' own ``sdpa_attention_forward`` (so the plain path is bit-identical to ``attn_implementation="sdpa"``);
-the blocked kernel is :func:`attnlab.functional.attention.blocked_attention`; the edit forms are those of
+the blocked kernel is :func:`attnlab.functional.attention.blocked_attention`, or, when every probe that reads
+probabilities supports it, the fused kernel :func:`attnlab.functional.fused_attention.fused_attention` (the
+default; ``Session(probe_kernel="blocked")`` keeps the blocked kernel, the oracle); the edit forms are those of
 :class:`attnlab.edits.apply.EditedCall`.
 """
 
@@ -20,6 +22,7 @@ from attnlab.capture.calls import sample_rows
 from attnlab.capture.planner import Path
 from attnlab.edits.apply import EditedCall
 from attnlab.functional.attention import BlockView, blocked_attention
+from attnlab.functional.fused_attention import FusedRequest, FusedStats, fused_attention
 from attnlab.probes.base import AttentionCall
 
 
@@ -34,6 +37,7 @@ class Job:
         observe: feeds one BlockView to the probes that need probs, or None when none does.
         block_size: query rows per block. query_fraction: share of query rows the sampled paths compute.
         edited: the call under this layer's edits, or None without edits.
+        fused: the fused-kernel plan of the call (:func:`fused_plan`), or None to run the blocked kernel.
     """
 
     module: Any
@@ -48,6 +52,7 @@ class Job:
     block_size: int
     query_fraction: float
     edited: EditedCall | None = None
+    fused: FusedPlan | None = None
 
     def sdpa(self) -> Tensor:
         """(B, Lq, Hq, Dv) from transformers' SDPA function with the model's own mask."""
@@ -79,6 +84,12 @@ def _sdpa_sampled(job: Job) -> Tensor:
 
 
 def _blocked(job: Job) -> Tensor:
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (job.query, job.key, job.value))
+    if job.fused is not None and job.kwargs.get("softcap") is None and not needs_grad:  # fused: not differentiable
+        output, stats = fused_attention(job.query, job.key, job.value, job.keep, job.fused.request,
+                                        scale=job.call.scale, block_size=job.block_size)
+        job.fused.deliver(stats)
+        return _heads_last(output)
     return _heads_last(blocked_attention(job.query, job.key, job.value, job.keep, scale=job.call.scale,
                                          softcap=job.kwargs.get("softcap"), block_size=job.block_size,
                                          on_block=job.observe))
@@ -100,6 +111,43 @@ EXECUTORS: dict[Path, Callable[[Job], Tensor]] = {
     Path.FLEX_EDITS: lambda job: _heads_last(job.edited.flex()),
     Path.BLOCKED_EAGER_EDITS: lambda job: _heads_last(job.edited.eager(on_block=job.observe)),
 }
+
+
+@dataclass
+class FusedPlan:
+    """What the fused kernel computes for one call, and the probes that receive it.
+
+    Attributes:
+        request: the union of the probes' :class:`attnlab.functional.fused_attention.FusedRequest`.
+        call: the call record. readers: the probes that need probs (each has ``update_fused``).
+    """
+
+    request: FusedRequest
+    call: AttentionCall
+    readers: list[Any]
+
+    def deliver(self, stats: FusedStats) -> None:
+        """Hand the call's statistics to every reader (instead of their per-block ``update``)."""
+        with torch.no_grad():
+            for probe in self.readers:
+                probe.update_fused(self.call, stats)
+
+
+def fused_plan(call: AttentionCall, probes: list[Any]) -> FusedPlan | None:
+    """The fused-kernel plan of a call, or None when the blocked kernel (the oracle) must run: no probe needs probs,
+    a probe that does has no fused form (``fused_request``/``update_fused``) or declines this call (returns None),
+    or two probes ask for the same reduction with different weights. Soft-capped calls, edits and query sampling
+    never reach the fused kernel (their executors run the blocked kernel)."""
+    readers = [probe for probe in probes if "probs" in probe.needs]
+    if not readers or not all(hasattr(p, "fused_request") and hasattr(p, "update_fused") for p in readers):
+        return None
+    request: FusedRequest | None = FusedRequest()
+    for probe in readers:
+        mine = probe.fused_request(call)
+        request = None if mine is None or request is None else request.merged(mine)
+        if request is None:
+            return None
+    return FusedPlan(request=request, call=call, readers=readers)
 
 
 def probe_observer(call: AttentionCall, probes: list[Any]) -> Callable[[BlockView], None] | None:

@@ -33,7 +33,7 @@ from attnlab.capture.calls import (
     ForwardState, bound_probes, check_attention_kwargs, check_model_supported, implied_call, prepare_call, read_forward,
 )
 from attnlab.capture.edit_log import EditLog
-from attnlab.capture.executors import EXECUTORS, Job, observe_implied, probe_observer
+from attnlab.capture.executors import EXECUTORS, Job, fused_plan, observe_implied, probe_observer
 from attnlab.capture.patterns import PatternProbe
 from attnlab.capture.planner import CallFacts, EditFacts, Needs, Options, Path, Planner
 from attnlab.capture.positions import PositionIds
@@ -62,6 +62,14 @@ class Session:
             the measurement off (calls and heads are still counted).
         flex: run edits that SDPA cannot (``window_decay``) in compiled FlexAttention instead of the blocked
             eager kernel when no probe needs probs (the first call per shape compiles, ~20 s on CPU).
+        probe_kernel: ``"fused"`` (default): exact probes whose statistics the fused kernel can accumulate
+            (``entropy``, ``sink``, ``distance``) get them from
+            :func:`attnlab.functional.fused_attention.fused_attention` in the pass that computes the output;
+            calls it cannot serve (soft-capping, edits, sampled rows,
+            bidirectional layers with ``distance``, gradients through the attention, or any other probe that reads
+            probs) run the blocked kernel.
+            ``"blocked"``: always the blocked kernel with per-block observers (the oracle the fused path is tested
+            against).
 
     Attributes:
         facts: the model's :class:`attnlab.facts.ModelFacts`. attention_paths: layer → path value (the
@@ -70,14 +78,18 @@ class Session:
 
     Raises:
         UnsupportedModelError: the model does not route attention through the AttentionInterface.
-        ConfigError: bad block_size / query_fraction / edit layers. RegistryError: unknown probe or edit name.
+        ConfigError: bad block_size / query_fraction / probe_kernel / edit layers. RegistryError: unknown probe or
+            edit name.
         EditNotFiredError: on a clean exit, if an edit never acted on any attention call.
     """
 
     def __init__(self, model: nn.Module, probes: Iterable[str | Probe] = (), *, block_size: int = 128,
                  query_fraction: float = 1.0, edits: Iterable[str | Edit] = (), verify_rows: int = 16,
-                 flex: bool = False) -> None:
+                 flex: bool = False, probe_kernel: str = "fused") -> None:
         check_model_supported(model)
+        if probe_kernel not in ("fused", "blocked"):
+            raise ConfigError(f"probe_kernel must be 'fused' or 'blocked', got {probe_kernel!r}")
+        self.probe_kernel = probe_kernel
         if block_size < 1:
             raise ConfigError(f"block_size must be >= 1, got {block_size}")
         if not 0 < query_fraction <= 1:
@@ -185,6 +197,7 @@ class Session:
         self.attention_paths[layer] = path.value
         output = EXECUTORS[path](Job(module, query, key, value, attention_mask, kwargs, keep, call, edited=edited,
                                      observe=probe_observer(call, probes), block_size=self.block_size,
+                                     fused=fused_plan(call, probes) if self.probe_kernel == "fused" else None,
                                      query_fraction=self.query_fraction))
         with torch.no_grad():
             for probe in probes:

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from attnlab.functional.attention import BlockView
+from attnlab.functional.fused_attention import FusedRequest, FusedStats
 from attnlab.probes import PROBES
 from attnlab.probes.base import (
     AttentionCall, ModelFacts, Probe, Row, RowWriter, key_index_of_positions, pad_to_length, safe_div,
@@ -151,6 +152,34 @@ class DistanceProbe(Probe):
         self.no_sink_sum[layer, :, :Lk] += by_distance(
             lambda out: torch.mul(probs, no_sink, out=out).mul_(inverse), per_head, H)
         self.no_sink_count[layer, :, :Lk] += by_distance(lambda out: out.copy_(no_sink), per_mask, G).expand(H, Lk)
+
+    def fused_request(self, call: AttentionCall) -> FusedRequest | None:
+        """What the fused kernel computes for this probe (:mod:`attnlab.functional.fused_attention`): sums by
+        distance with three row weights (real rows: ``mass``; fixed rows: ``mean_attention``; fixed rows divided by
+        their mass off the sink: ``_no_sink``). Causal calls only (None otherwise: the call runs the oracle): for a
+        fixed row of a causal call the sink sits at distance ≥ R, outside the fitted range, so the sink-free sums
+        and counts need no separate mask."""
+        if not call.causal:
+            return None
+        query_ok = call.query_valid  # (B, Lq)
+        fixed = query_ok & (call.query_positions >= self._fit_range[:, None])
+        weights = torch.stack([query_ok, fixed, fixed], dim=1).float()  # (B, 3, Lq)
+        return FusedRequest(diagonal_weights=weights, renormalise=(False, False, True), off_column=self._sink_columns)
+
+    def update_fused(self, call: AttentionCall, stats: FusedStats) -> None:
+        """The same state as :meth:`update` over every block of the call, from the fused kernel's sums by distance
+        (distances ≥ R of each sequence are dropped from the fixed-row sums, as the oracle's mask does)."""
+        layer, Lk = call.layer_idx, call.kv_len
+        sums, counts = stats.diagonal_sums, stats.diagonal_counts  # (B, H, 3, Lk), (B, 1|H, 3, Lk) float64
+        H = sums.shape[1]
+        in_range = (torch.arange(Lk, device=sums.device)[None, :] < self._fit_range[:, None])[:, None, :]  # (B,1,Lk)
+        self.mass_sum[layer, :, :Lk] += sums[:, :, 0].sum(dim=0).cpu()
+        self.fit_sum[layer, :, :Lk] += (sums[:, :, 1] * in_range).sum(dim=0).cpu()
+        self.no_sink_sum[layer, :, :Lk] += (sums[:, :, 2] * in_range).sum(dim=0).cpu()
+        self.fit_count[layer, :, :Lk] += (counts[:, :, 1] * in_range).sum(dim=0).expand(H, Lk).cpu()
+        self.no_sink_count[layer, :, :Lk] += (counts[:, :, 2] * in_range).sum(dim=0).expand(H, Lk).cpu()
+        real = call.query_valid[:, None, :] & (stats.num_visible >= 1) & ~stats.nan_rows  # (B, H, Lq)
+        self.rows_seen[layer] += real.sum(dim=(0, 2)).double().cpu()
 
     def state(self) -> dict[str, Tensor]:
         return {"mass_sum": self.mass_sum, "fit_sum": self.fit_sum, "fit_count": self.fit_count,

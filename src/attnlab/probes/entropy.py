@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from attnlab.functional.attention import BlockView
+from attnlab.functional.fused_attention import FusedRequest, FusedStats
 from attnlab.params import Range, validated
 from attnlab.probes import PROBES
 from attnlab.probes.base import AttentionCall, ModelFacts, Probe, Row, RowWriter, safe_div
@@ -85,31 +86,54 @@ class EntropyProbe(Probe):
         else:
             num_visible = block.keep.sum(dim=-1)  # (B|1, H|1, bq)
         row_ok = call.query_valid[:, block.q_index][:, None, :] & (num_visible >= 1)  # (B, H|1, bq)
-        row_ok = row_ok.expand(B, H, bq)
-        entropy = row_entropy_from_logits(probs, block.logits)  # (B, H, bq)
-        norm = normalised_entropy(entropy, num_visible)  # (B, H, bq), NaN for < 2 keys
+        self._accumulate(call.layer_idx, row_entropy_from_logits(probs, block.logits), num_visible,
+                         row_ok.expand(B, H, bq))
+
+    def fused_request(self, call: AttentionCall) -> FusedRequest:
+        """What the fused kernel computes for this probe: every row's entropy
+        (:mod:`attnlab.functional.fused_attention`)."""
+        return FusedRequest(entropy=True)
+
+    def update_fused(self, call: AttentionCall, stats: FusedStats) -> None:
+        """The same state as :meth:`update` over every block of the call, from the fused kernel's row entropies."""
+        entropy = stats.entropy  # (B, H, Lq)
+        B, H, Lq = entropy.shape
+        nan = stats.nan_rows & call.query_valid[:, None, :]
+        if bool(nan.any()):
+            self._count_nan_rows_of(call.layer_idx, nan)
+        row_ok = call.query_valid[:, None, :] & (stats.num_visible >= 1) & ~stats.nan_rows
+        num_visible = torch.where(stats.nan_rows, 0, stats.num_visible)  # NaN rows: no visible key (as the oracle)
+        self._accumulate(call.layer_idx, torch.nan_to_num(entropy.double(), nan=0.0), num_visible, row_ok.expand(B, H, Lq))
+
+    def _accumulate(self, layer: int, entropy: Tensor, num_visible: Tensor, row_ok: Tensor) -> None:
+        """Add rows (B, H, n) of entropy to the layer's sums; ``row_ok`` (B, H, n) the rows that count, ``num_visible``
+        (broadcastable) their visible keys."""
+        H = entropy.shape[1]
+        norm = normalised_entropy(entropy, num_visible)  # (B, H, n), NaN for < 2 keys
         norm_ok = row_ok & ~torch.isnan(norm)
         weight, norm_weight = row_ok.to(entropy.dtype), norm_ok.to(entropy.dtype)
-        layer = call.layer_idx
         self.entropy_sum[layer] += (entropy * weight).sum(dim=(0, 2)).double().cpu()
         self.rows_seen[layer] += weight.sum(dim=(0, 2)).double().cpu()
         norm = torch.nan_to_num(norm, nan=0.0)
         self.norm_sum[layer] += (norm * norm_weight).sum(dim=(0, 2)).double().cpu()
         self.norm_rows[layer] += norm_weight.sum(dim=(0, 2)).double().cpu()
-        bins = (norm * self.num_bins).long().clamp_(0, self.num_bins - 1)  # (B, H, bq)
-        hist = torch.zeros(H, self.num_bins, dtype=entropy.dtype, device=probs.device)
+        bins = (norm * self.num_bins).long().clamp_(0, self.num_bins - 1)  # (B, H, n)
+        hist = torch.zeros(H, self.num_bins, dtype=entropy.dtype, device=entropy.device)
         hist.scatter_add_(1, bins.transpose(0, 1).reshape(H, -1), norm_weight.transpose(0, 1).reshape(H, -1))
         self.hist[layer] += hist.double().cpu()
 
     def _count_nan_rows(self, call: AttentionCall, block: BlockView) -> None:
-        nan = block.nan_rows & call.query_valid[:, block.q_index][:, None, :]  # (B, H, bq) real rows only
+        self._count_nan_rows_of(call.layer_idx, block.nan_rows & call.query_valid[:, block.q_index][:, None, :])
+
+    def _count_nan_rows_of(self, layer: int, nan: Tensor) -> None:
+        """Count (B, H, n) NaN rows (real query rows only) into ``nan_rows``; warn once per run."""
         count = nan.sum(dim=(0, 2)).double().cpu()  # (H,)
-        self.nan_rows[call.layer_idx] += count
+        self.nan_rows[layer] += count
         if not self._warned and bool(count.any()):
             self._warned = True
             logger.warning("attention of %d query rows of layer %d became NaN inside the model (a NaN or inf in a "
                            "query, key or logit); they are left out of the statistics and counted in entropy's "
-                           "nan_rows", int(nan.any(dim=1).sum()), call.layer_idx)
+                           "nan_rows", int(nan.any(dim=1).sum()), layer)
 
     def state(self) -> dict[str, Tensor]:
         return {"entropy_sum": self.entropy_sum, "rows_seen": self.rows_seen, "norm_sum": self.norm_sum,

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from attnlab.functional.attention import BlockView
+from attnlab.functional.fused_attention import FusedRequest, FusedStats
 from attnlab.params import Range, validated
 from attnlab.probes import PROBES
 from attnlab.probes.base import (
@@ -129,6 +130,24 @@ class SinkProbe(Probe):
         seen_by = (keep & call.query_valid[:, block.q_index][:, None, :, None]).sum(dim=2)  # (B|1, 1|H, width)
         self._col_count[..., :width] += seen_by
         self._rows += bq
+
+    def fused_request(self, call: AttentionCall) -> FusedRequest:
+        """What the fused kernel computes for this probe: column sums and counts over the real query rows
+        (:mod:`attnlab.functional.fused_attention`)."""
+        return FusedRequest(column_weights=call.query_valid.float())
+
+    def update_fused(self, call: AttentionCall, stats: FusedStats) -> None:
+        """The same per-call sums as :meth:`update` over every block, from the fused kernel's column sums: alpha_k
+        is the column sum at key position k (probs are 0 where a row cannot see the key), its count the column
+        count there."""
+        B, H, K = self._alpha_sum.shape
+        index = self._key_index[:, None, :]  # (B, 1, K)
+        present = self._key_present[:, None, :]  # (B, 1, K)
+        self._col_sum += stats.column_sums
+        self._col_count += stats.column_counts
+        self._alpha_sum += stats.column_sums.gather(-1, index.expand(B, H, K)) * present
+        self._alpha_count += stats.column_counts.expand(B, H, -1).gather(-1, index.expand(B, H, K)) * present
+        self._rows += call.q_len
 
     def end_call(self, call: AttentionCall) -> None:
         layer = call.layer_idx
