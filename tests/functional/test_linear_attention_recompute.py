@@ -123,6 +123,19 @@ def test_double_backward_raises_and_oracle_supports_it():
     assert k.grad is not None and torch.isfinite(k.grad).all()
 
 
+def test_linear_attention_passes_recompute_through():
+    q, k, v, log_decay, _ = make_inputs(1, 2, 2, 20, 4, 3, "head", seed=2)
+    q.requires_grad_(), k.requires_grad_()
+    out, _ = linear.linear_attention(q, k, v, log_decay, chunk_size=8)  # default: recompute=True
+    with pytest.raises(NotImplementedError, match="recompute=False"):
+        torch.autograd.grad(out.sum(), q, create_graph=True)
+    out, _ = linear.linear_attention(q, k, v, log_decay, chunk_size=8, recompute=False)
+    (grad,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+    assert grad.requires_grad  # depends on k: a second-order graph was built
+    oracle, _ = linear_attention_chunk(q, k, v, log_decay, chunk_size=8, recompute=False)
+    assert_close(out, oracle)
+
+
 def test_saves_only_inputs_and_segment_states():
     """Tensors kept for backward: the prepared inputs and one (B, H, K, V) state per SEGMENT_TOKENS tokens."""
     B, H, T, K, V = 1, 2, 1000, 8, 4

@@ -195,9 +195,10 @@ def linear_attention_chunk(query: Tensor, key: Tensor, value: Tensor, log_decay:
     every ``SEGMENT_TOKENS`` tokens; backward recomputes one segment at a time, last to first, and back-propagates
     through it (per-segment checkpointing: about one extra forward in time; memory: inputs, gradients and one
     segment's intermediates). It is first-order only: a backward with ``create_graph=True`` raises
-    NotImplementedError. ``recompute=False`` is plain autograd through every op (it keeps every chunk's logits and
-    states: 691 MiB against SDPA's 194 MiB at 16k tokens forward+backward, docs/benchmarks.md); it is the oracle
-    the tests compare against, and supports higher-order gradients.
+    NotImplementedError, and ``torch.func`` transforms (grad/vmap/jacrev) do not go through it (no ``setup_context``).
+    ``recompute=False`` is plain autograd through every op (it keeps every chunk's logits and states: 691 MiB
+    against SDPA's 194 MiB at 16k tokens forward+backward, docs/benchmarks.md); it is the oracle the tests compare
+    against, and supports higher-order gradients and torch.func.
     Args/returns as :func:`linear_attention`. Raises ConfigError if chunk_size < 1.
     """
     if chunk_size < 1:
@@ -343,7 +344,8 @@ FORMS: dict[str, Callable[..., tuple[Tensor, Tensor | None]]] = {
 
 def linear_attention(query: Tensor, key: Tensor, value: Tensor, log_decay: Tensor | None = None, *,
                      form: str = "chunk", scale: float | None = None, initial_state: Tensor | None = None,
-                     output_final_state: bool = False, chunk_size: int = 64) -> tuple[Tensor, Tensor | None]:
+                     output_final_state: bool = False, chunk_size: int = 64,
+                     recompute: bool = True) -> tuple[Tensor, Tensor | None]:
     """Causal decaying linear attention ``S_t = Diag(exp(g_t)) S_{t-1} + k_tᵀ v_t, o_t = scale · q_t S_t``.
 
     Args:
@@ -356,6 +358,10 @@ def linear_attention(query: Tensor, key: Tensor, value: Tensor, log_decay: Tenso
         initial_state: (B, H, K, V) state carried in from a previous segment, or None (zeros).
         output_final_state: return the state after the last token (else None).
         chunk_size: tokens per chunk (chunk form only; at most PER_KEY_CHUNK = 8 for a per-key-dim decay).
+        recompute: chunk form only. True (default): the memory-lean autograd Function of
+            :func:`linear_attention_chunk`, whose gradients are first-order only (``create_graph=True`` raises
+            NotImplementedError; it has no ``setup_context``, so ``torch.func`` grad/vmap/jacrev do not work through
+            it). False: plain autograd through every op (more memory; higher-order gradients and torch.func work).
 
     Returns:
         output (B, H, T, V) in value's dtype; final_state (B, H, K, V) float32/float64, or None. T = 0 gives an
@@ -366,6 +372,6 @@ def linear_attention(query: Tensor, key: Tensor, value: Tensor, log_decay: Tenso
     """
     if form not in FORMS:
         raise ConfigError(f"expected form in {sorted(FORMS)}, got {form!r}")
-    kwargs = {"chunk_size": chunk_size} if form == "chunk" else {}
+    kwargs = {"chunk_size": chunk_size, "recompute": recompute} if form == "chunk" else {}
     return FORMS[form](query, key, value, log_decay, scale=scale, initial_state=initial_state,
                        output_final_state=output_final_state, **kwargs)

@@ -33,6 +33,8 @@ class GatedLinearAttention(Layer):
         gate_low_rank_dim: rank of the gate projection. gate_logit_normalizer: τ. clamp_min: lower bound of log α.
         form: "chunk" (default), "parallel" or "recurrent". chunk_size: tokens per chunk. norm_eps: RMSNorm eps.
 
+    The chunk form has first-order gradients only (no ``create_graph=True``, no ``torch.func``: see
+    ``recompute`` in :func:`~attnlab.functional.linear_attention.linear_attention`); use another form for those.
     Raises ConfigError for bad head counts or form; ShapeError for bad inputs.
     """
 

@@ -45,6 +45,8 @@ class HedgehogAttention(Layer):
     covered: a carried-in state's contribution (the map spans this call's keys).
 
     Args: hidden_size: C. num_heads: H. num_kv_heads: Hkv or None (= H). form, chunk_size: as the other layers.
+    The chunk form has first-order gradients only (no ``create_graph=True``, no ``torch.func``: see
+    ``recompute`` in :func:`~attnlab.functional.linear_attention.linear_attention`); use another form for those.
     Raises ConfigError for bad head counts or form; ShapeError for bad inputs.
     """
 

@@ -73,6 +73,8 @@ class LightNetAttention(Layer):
         causal_tpe: MD-TPE mixes only earlier positions along each axis. form, chunk_size, norm_eps: as the other
         layers.
 
+    The chunk form has first-order gradients only (no ``create_graph=True``, no ``torch.func``: see
+    ``recompute`` in :func:`~attnlab.functional.linear_attention.linear_attention`); use another form for those.
     Raises ConfigError for bad head counts or form; ShapeError for bad inputs or a missing spatial_shape.
     """
 

@@ -33,6 +33,8 @@ class LightningAttention(Layer):
         decay_schedule: "code" (default) or "paper". use_lrpe: LRPE-d on q/k. gate_low_rank_dim: output gate rank.
         form: "chunk" (default), "parallel" or "recurrent". chunk_size: block size. norm_eps: SRMSNorm eps.
 
+    The chunk form has first-order gradients only (no ``create_graph=True``, no ``torch.func``: see
+    ``recompute`` in :func:`~attnlab.functional.linear_attention.linear_attention`); use another form for those.
     Raises ConfigError for bad head counts, layer index, schedule or form; ShapeError for bad inputs.
     """
 

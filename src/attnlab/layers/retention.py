@@ -36,6 +36,8 @@ class MultiScaleRetention(Layer):
         form: "chunk" (default), "parallel" or "recurrent". chunk_size: tokens per chunk.
         norm_eps: RMSNorm eps. rope_base: rotary base (q and k are rotated by absolute position).
 
+    The chunk form has first-order gradients only (no ``create_graph=True``, no ``torch.func``: see
+    ``recompute`` in :func:`~attnlab.functional.linear_attention.linear_attention`); use another form for those.
     Raises ConfigError for bad head counts, widths or form; ShapeError for bad inputs.
     """
 
