@@ -13,7 +13,7 @@ from attnlab.functional import masks as M
 from attnlab.functional import softmax_family as SF
 from attnlab.functional import sparse_masks as S
 from attnlab.functional.attention import attention_reference
-from attnlab.functional.block_sparse import block_sparse_attention, build_block_plan
+from attnlab.functional.block_sparse import block_sparse_attention, build_block_plan, tile_pattern
 from attnlab.functional.masked_attention import BlockMaskCache, masked_attention
 from attnlab.functional.reference.softmax_family import softmax_rows
 from attnlab.layers import LAYERS
@@ -57,7 +57,10 @@ def _check_against_dense(mask_mod, q, k, v, q_offset, block_size, score_mod=None
     grads_dense = torch.autograd.grad((dense * weights).sum(), (q, k, v))
     grads_block = torch.autograd.grad((block * weights).sum(), (q, k, v))
     for name, ours, theirs in zip("qkv", grads_block, grads_dense):
-        assert_close(ours, theirs), name
+        try:
+            assert_close(ours, theirs)
+        except AssertionError as error:
+            raise AssertionError(f"gradient of {name}: {error}") from None
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"q{s[0]}-kv{s[1]}-off{s[2]}")
@@ -173,8 +176,9 @@ def test_plan_uses_strided_windows_and_plain_sdpa_groups():
     assert windows[-1].mask.shape[1] == 1  # the same element mask for every query block
     full = build_block_plan(M.full(), 1, 8, 4, 300, 300, block_size=128).batch_rows[0]
     assert [group.kind for group in full] == ["full"]
-    whole = build_block_plan(S.radial(4, 64, block_size=64), 1, 2, 2, 256, 256, block_size=64).batch_rows[0]
-    assert all(bucket.mask is None or not bool(bucket.mask.all()) for bucket in whole[0].buckets)
+    whole = build_block_plan(S.radial(8, 32, block_size=32), 1, 2, 2, 256, 256, block_size=32).batch_rows[0]
+    assert [group.kind for group in whole] == ["blocks"]  # sparse: 44 of 64 tiles kept
+    assert whole[0].buckets and all(bucket.mask is None for bucket in whole[0].buckets)  # tile-aligned: no masks
 
 
 @pytest.mark.parametrize("length", [128, 130, 257])
@@ -221,6 +225,22 @@ def test_masked_layer_block_path_equals_dense():
     assert block.block_masks.builds == 2  # one plan per position offset, reused
 
 
+@pytest.mark.parametrize("name", ["sliding_window", "ls_heads", "radial_block", "random_empty_rows"])
+def test_tile_pattern_matches_the_dense_mask(name):
+    B, H, L, bs = 2, 6, 90, 16  # 90 = 5 · 16 + 10: padded edge tiles
+    mask_mod = MASKS[name](L)
+    Bm, Hm, kept, full, rows = tile_pattern(mask_mod, B, H, L, L, bs, rows=True)
+    expected_axes = {"sliding_window": (1, 1), "ls_heads": (1, H), "radial_block": (1, 1), "random_empty_rows": (B, H)}
+    assert (Bm, Hm) == expected_axes[name]
+    dense = M.to_dense(mask_mod, B, H, L, L)[:Bm, :Hm]  # the axes the mask does not depend on are all alike
+    padded = torch.zeros(Bm, Hm, 96, 96, dtype=torch.bool)
+    padded[:, :, :L, :L] = dense
+    tiles = padded.view(Bm, Hm, 6, bs, 6, bs)
+    assert torch.equal(kept, tiles.any(5).any(3))
+    assert torch.equal(full, tiles.all(5).all(3))
+    assert torch.equal(rows, dense.any(-1))
+
+
 def test_bad_inputs():
     q, k, v = _qkv(1, 4, 2, 9, 9)
     window = M.sliding_window(3)
@@ -234,5 +254,13 @@ def test_bad_inputs():
         block_sparse_attention(q, k, v, M.from_keep(torch.ones(1, 1, 4, 4, dtype=torch.bool)))
     with pytest.raises(ConfigError, match="'block'"):
         masked_attention(q, k, v, window, path="blocks")
+    for q_len, kv_len in ((0, 9), (9, 0)):
+        with pytest.raises(ConfigError, match="must be a positive integer, got 0"):
+            build_block_plan(window, 1, 4, 2, q_len, kv_len)
+    assert block_sparse_attention(q[:, :, :0], k, v, window).shape == (1, 4, 0, 5)  # empty lengths: no plan
+    with pytest.raises(ConfigError, match="max_entries must be a positive integer, got 0"):
+        BlockMaskCache(max_entries=0)
+    with pytest.raises(ConfigError, match="block_size must be a positive integer, got 0"):
+        BlockMaskCache(block_size=0)
     with pytest.raises(ConfigError, match="'block'"):
         LAYERS.get("masked")(24, 4, 2, path="sparse")

@@ -23,9 +23,10 @@ cached by :class:`~attnlab.functional.masked_attention.BlockMaskCache`):
    An element mask (bool, True = attend) is passed only to buckets that hold a partial tile (one (g · bs, c · bs)
    mask shared by all its query blocks when they agree, as in sliding windows); buckets of full tiles run unmasked.
    When one or two leading kept blocks are the same for every query block and the rest is such a run (StreamingLLM's
-   sink block + window), inference (no autograd) runs the two parts as two calls of torch's CPU flash kernel and
-   merges them by their log-sum-exp (:func:`_prefix_window_attention`), so nothing is copied; with autograd (the
-   kernel's log-sum-exp has no gradient) the bucket is gathered.
+   sink block + window), inference (no autograd) on a CPU runs the two parts as two calls of torch's CPU flash
+   kernel and merges them by their log-sum-exp (:func:`_prefix_window_attention`), so nothing is copied; this
+   two-part kernel is CPU-only (an ``aten`` op with no other backend). With autograd (the kernel's log-sum-exp has
+   no gradient) or on another device the bucket is gathered.
 3. GQA: the query heads that share a kv head are stacked along the rows of one call (rows = g · bs), so keys and
    values are never repeated per query head.
 
@@ -46,7 +47,7 @@ from torch import Tensor
 from attnlab.functional.attention import check_qkv, compute_dtype
 from attnlab.functional.masks import MaskMod, check_lengths, check_non_negative, check_positive, shift_queries
 
-__all__ = ["BlockPlan", "block_sparse_attention", "build_block_plan"]
+__all__ = ["BlockPlan", "block_sparse_attention", "build_block_plan", "tile_pattern"]
 
 # Elements of the mask evaluated at once while building a plan (bounds peak memory at 16k × 16k × heads).
 _BUILD_CHUNK_ELEMENTS = 1 << 26
@@ -96,25 +97,35 @@ class BlockPlan:
     tile_fraction: float
 
 
-def _mask_axes(mask_mod: MaskMod, batch: int, num_heads: int, kv_len: int, device) -> tuple[int, int]:
-    """(Bm, Hm): batch / head extents the mask depends on (its output keeps size 1 on the others)."""
+def tile_pattern(mask_mod: MaskMod, batch: int, num_heads: int, q_len: int, kv_len: int, block_size: int,
+                 device=None, *, rows: bool = False) -> tuple[int, int, Tensor, Tensor, Tensor | None]:
+    """The block structure of ``mask_mod`` (positions as given: shift q_offset in first), shared by the block plan
+    here and Flex's block mask (:func:`~attnlab.functional.masked_attention.build_block_mask`).
+
+    The mask is evaluated on every (padded) pair once, a few query blocks at a time (at most
+    ``_BUILD_CHUNK_ELEMENTS`` elements each, which bounds peak memory at 16k × 16k × heads); padding past the
+    lengths is never kept. Axes the mask does not depend on (its output keeps size 1 there under broadcast indices)
+    stay size 1.
+
+    Returns:
+        ``(Bm, Hm, kept, full, row_has_key)``: Bm ∈ {1, batch}, Hm ∈ {1, num_heads}; kept / full: bool
+        (Bm, Hm, nq, nk), a tile holds at least one kept pair / only kept pairs; row_has_key: bool (Bm, Hm, q_len),
+        a query row sees a key (only with ``rows=True``, else None).
+    """
     raw = torch.as_tensor(mask_mod(torch.arange(batch, device=device)[:, None, None, None],
                                    torch.arange(num_heads, device=device)[None, :, None, None],
                                    torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device),
                                    torch.arange(max(kv_len, 1), device=device)[None, None, None, :]))
     shape = (1,) * (4 - raw.dim()) + tuple(raw.shape)
-    return (batch if shape[0] > 1 else 1), (num_heads if shape[1] > 1 else 1)
-
-
-def _classify(mask_mod: MaskMod, Bm: int, Hm: int, q_len: int, kv_len: int, bs: int, check_causal: bool, device):
-    """Kept tiles (Bm, Hm, nq, nk), per-row "sees a key" (Bm, Hm, Lq), and per (b, h) "exactly causal / full"."""
+    Bm, Hm = (batch if shape[0] > 1 else 1), (num_heads if shape[1] > 1 else 1)
+    bs = block_size
     nq, nk = -(-q_len // bs), -(-kv_len // bs)
     rows_per_chunk = max(1, _BUILD_CHUNK_ELEMENTS // max(1, Bm * Hm * nk * bs * bs)) * bs
     b = torch.arange(Bm, device=device)[:, None, None, None]
     h = torch.arange(Hm, device=device)[None, :, None, None]
     kv = torch.arange(nk * bs, device=device)[None, None, None, :]
     padded = bool(q_len % bs or kv_len % bs)
-    kept_parts, whole_parts, rows = [], [], []
+    kept_parts, full_parts, row_parts = [], [], []
     for start in range(0, nq * bs, rows_per_chunk):
         stop = min(nq * bs, start + rows_per_chunk)
         q = torch.arange(start, stop, device=device)[None, None, :, None]
@@ -123,9 +134,21 @@ def _classify(mask_mod: MaskMod, Bm: int, Hm: int, q_len: int, kv_len: int, bs: 
             keep = keep & (q < q_len) & (kv < kv_len)  # padding past the lengths is never kept
         tiles = keep.view(Bm, Hm, (stop - start) // bs, bs, nk, bs)
         kept_parts.append(tiles.any(5).any(3))
-        whole_parts.append(tiles.all(5).all(3))
-        rows.append(keep.any(-1))
-    kept, whole = torch.cat(kept_parts, dim=2), torch.cat(whole_parts, dim=2)
+        full_parts.append(tiles.all(5).all(3))
+        if rows:
+            row_parts.append(keep.any(-1))
+    kept, full = torch.cat(kept_parts, dim=2), torch.cat(full_parts, dim=2)
+    row_has_key = torch.cat(row_parts, dim=2)[:, :, :q_len] if rows else None
+    return Bm, Hm, kept, full, row_has_key
+
+
+def _classify(mask_mod: MaskMod, Bm: int, Hm: int, kept: Tensor, whole: Tensor, q_len: int, kv_len: int, bs: int,
+              check_causal: bool, device) -> tuple[Tensor, Tensor]:
+    """Per (b, h) of the :func:`tile_pattern` (kept / whole tiles (Bm, Hm, nq, nk)): "exactly causal", "exactly
+    full" (Bm, Hm) bool."""
+    nq, nk = kept.shape[2], kept.shape[3]
+    b = torch.arange(Bm, device=device)[:, None, None, None]
+    h = torch.arange(Hm, device=device)[None, :, None, None]
     qi, kj = torch.arange(nq, device=device)[:, None], torch.arange(nk, device=device)[None, :]
     edge = ((qi == nq - 1) & (q_len % bs != 0)) | ((kj == nk - 1) & (kv_len % bs != 0))  # tiles holding padding
 
@@ -149,7 +172,7 @@ def _classify(mask_mod: MaskMod, Bm: int, Hm: int, q_len: int, kv_len: int, bs: 
         causal_ok = exactly(kj <= qi, (kj < qi) & ~edge, ((kj == qi) | edge) & (kj <= qi), causal=True)
     else:
         causal_ok = torch.zeros(Bm, Hm, dtype=torch.bool, device=device)
-    return kept, torch.cat(rows, dim=2)[:, :, :q_len], causal_ok, full_ok
+    return causal_ok, full_ok
 
 
 def _buckets(kept: Tensor) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
@@ -260,18 +283,21 @@ def build_block_plan(mask_mod: MaskMod, batch: int, num_heads: int, num_kv_heads
     every head's logits). Cost: one evaluation of the mask on all (padded) pairs, a few query blocks at a time.
 
     Raises:
-        ConfigError: block_size < 1, a negative size or q_offset.
+        ConfigError: block_size, q_len or kv_len < 1 (:func:`block_sparse_attention` returns empty lengths
+        before planning), a negative batch, head count or q_offset.
         ShapeError: a table-backed mask built for shorter lengths (:func:`~attnlab.functional.masks.check_lengths`).
     """
-    check_positive("block_size", block_size)
+    for name, value in (("block_size", block_size), ("q_len", q_len), ("kv_len", kv_len)):
+        check_positive(name, value)
     for name, value in (("batch", batch), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
-                        ("q_len", q_len), ("kv_len", kv_len), ("q_offset", q_offset)):
+                        ("q_offset", q_offset)):
         check_non_negative(name, value)
     check_lengths(mask_mod, q_len, kv_len, q_offset)
     shifted = shift_queries(mask_mod, q_offset)
-    Bm, Hm = _mask_axes(shifted, batch, num_heads, kv_len, device)
-    kept, rows, causal_ok, full_ok = _classify(shifted, Bm, Hm, q_len, kv_len, block_size,
-                                               shortcuts and q_offset == 0, device)  # kept: (Bm, Hm, nq, nk)
+    Bm, Hm, kept, whole, rows = tile_pattern(shifted, batch, num_heads, q_len, kv_len, block_size, device,
+                                             rows=True)  # kept, whole: (Bm, Hm, nq, nk)
+    causal_ok, full_ok = _classify(shifted, Bm, Hm, kept, whole, q_len, kv_len, block_size,
+                                   shortcuts and q_offset == 0, device)
     full_ok &= shortcuts
     batch_rows = []
     for b in range(Bm):
@@ -392,8 +418,9 @@ def _run_group(group: _HeadGroup, q: Tensor, k: Tensor, v: Tensor, plan: BlockPl
     outs, order = [], []
     heads_idx = group.heads.to(q.device).view(1, S, 1, g, 1, 1)
     # the flash kernel that returns the log-sum-exp wants one head size for q, k and v
-    fast_prefix = score_mod is None and q.dtype in (torch.float32, torch.float64) and D == v.shape[-1] and not (
-        torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
+    # (a CPU-only aten op: on other devices prefix buckets are gathered like any other)
+    fast_prefix = q.device.type == "cpu" and score_mod is None and q.dtype in (torch.float32, torch.float64) and (
+        D == v.shape[-1]) and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
     for bucket in group.buckets:
         n = bucket.q_blocks.numel()
         q_blocks = bucket.q_blocks.to(q.device)
@@ -456,6 +483,10 @@ def block_sparse_attention(query: Tensor, key: Tensor, value: Tensor, mask_mod: 
     Returns:
         output (B, H, Lq, Dv) in value's dtype. Rows with no visible key are 0.
 
+    Devices: everything is gathers, views and SDPA, except the two-part sink + window kernel of inference
+    (module docstring, step 2), which is CPU-only and used only for CPU tensors; elsewhere those buckets are
+    gathered. Flex (``masked_attention(path="flex")``) remains the GPU path.
+
     Raises:
         ShapeError: inconsistent shapes, Hkv not dividing H, or a table-backed mask built for shorter lengths.
         ConfigError: block_size < 1 or q_offset < 0.
@@ -502,6 +533,7 @@ def block_sparse_attention(query: Tensor, key: Tensor, value: Tensor, mask_mod: 
     if plan.row_has_key is not None:
         out = out * plan.row_has_key.to(out.dtype)
     if not out.requires_grad and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
-        # every tile empty: zeros that stay in the graph (zero gradients, as on the dense path)
+        # every tile empty: zeros that stay in the graph (zero gradients, as on the dense path). An inf or NaN in
+        # any input turns these zeros (and their gradients) into NaN, as it does on the dense path.
         out = out + 0 * (query.sum() + key.sum() + value.sum())
     return out.to(value.dtype)

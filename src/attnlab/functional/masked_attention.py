@@ -42,14 +42,14 @@ from torch import Tensor
 
 from attnlab.errors import ConfigError
 from attnlab.functional.attention import check_qkv
-from attnlab.functional.masks import MaskMod, broadcast_indices, check_lengths, shift_queries, to_dense
+from attnlab.functional.block_sparse import block_sparse_attention, build_block_plan, tile_pattern
+from attnlab.functional.masks import (MaskMod, broadcast_indices, check_lengths, check_positive, shift_queries,
+                                      to_dense)
 from attnlab.functional.softmax_family import scaled_logits
 
 __all__ = ["BlockMaskCache", "ScoreMod", "build_block_mask", "dense_score_mod", "masked_attention", "shift_score_mod"]
 
 ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
-# Elements of the dense mask evaluated at once while building a block mask (bounds peak memory at 16k × 16k).
-_BUILD_CHUNK_ELEMENTS = 1 << 26
 
 
 def dense_score_mod(score_mod: ScoreMod, logits: Tensor, q_offset: int = 0) -> Tensor:
@@ -76,41 +76,23 @@ def build_block_mask(mask_mod: MaskMod, batch: int, num_heads: int, q_len: int, 
     """A FlexAttention ``BlockMask`` for ``mask_mod``, evaluated a few query blocks at a time.
 
     Unlike ``create_block_mask`` (which materialises the whole (B, H, Lq, Lk) mask) the dense mask is built in
-    chunks of query blocks, so 16k × 16k × 8 heads needs ~64 MB at a time. Axes the mask does not depend on (its
-    output has size 1 there under broadcast indices) stay size 1 and broadcast in the kernel. Tiles that are
-    entirely kept are recorded as "full" blocks (no mask_mod evaluation inside them).
+    chunks of query blocks (:func:`~attnlab.functional.block_sparse.tile_pattern`, shared with the block path), so
+    16k × 16k × 8 heads needs ~64 MB at a time. Axes the mask does not depend on (its output has size 1 there under
+    broadcast indices) stay size 1 and broadcast in the kernel. Tiles that are entirely kept are recorded as "full"
+    blocks (no mask_mod evaluation inside them).
 
     Raises:
+        ConfigError: block_size < 1.
         ShapeError: if a table-backed mask was built for shorter lengths
         (:func:`~attnlab.functional.masks.check_lengths`).
     """
     from torch.nn.attention.flex_attention import BlockMask
 
+    check_positive("block_size", block_size)
     check_lengths(mask_mod, q_len, kv_len, q_offset)
     mask_mod = shift_queries(mask_mod, q_offset)
-    nq, nk = -(-q_len // block_size), -(-kv_len // block_size)
-    # which axes the mask depends on: its output keeps size 1 on the others under broadcast indices
-    raw = torch.as_tensor(mask_mod(torch.arange(batch, device=device)[:, None, None, None],
-                                   torch.arange(num_heads, device=device)[None, :, None, None],
-                                   torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device),
-                                   torch.arange(kv_len, device=device)[None, None, None, :]))
-    shape = (1,) * (4 - raw.dim()) + tuple(raw.shape)
-    Bm, Hm = (batch if shape[0] > 1 else 1), (num_heads if shape[1] > 1 else 1)
-    rows_per_chunk = max(1, _BUILD_CHUNK_ELEMENTS // max(1, Bm * Hm * kv_len * block_size)) * block_size
-    full_tile = block_size * block_size
-    partial_parts, full_parts = [], []
-    for start in range(0, nq * block_size, rows_per_chunk):
-        stop = min(nq * block_size, start + rows_per_chunk)
-        b = torch.arange(Bm, device=device)[:, None, None, None]
-        h = torch.arange(Hm, device=device)[None, :, None, None]
-        q = torch.arange(start, stop, device=device)[None, None, :, None]
-        kv = torch.arange(nk * block_size, device=device)[None, None, None, :]
-        keep = torch.as_tensor(mask_mod(b, h, q, kv)).expand(Bm, Hm, stop - start, nk * block_size)
-        keep = keep & (q < q_len) & (kv < kv_len)  # padding past the lengths is never kept
-        sums = keep.view(Bm, Hm, (stop - start) // block_size, block_size, nk, block_size).sum(dim=(3, 5))
-        partial_parts.append((sums > 0) & (sums < full_tile))
-        full_parts.append(sums == full_tile)
-    partial, full_blocks = torch.cat(partial_parts, dim=2), torch.cat(full_parts, dim=2)  # (Bm, Hm, nq, nk)
+    _, _, kept, full_blocks, _ = tile_pattern(mask_mod, batch, num_heads, q_len, kv_len, block_size, device)
+    partial = kept & ~full_blocks  # (Bm, Hm, nq, nk)
 
     def ordered(tiles: Tensor) -> tuple[Tensor, Tensor]:
         counts = tiles.sum(-1, dtype=torch.int32)
@@ -130,11 +112,15 @@ class BlockMaskCache:
     :meth:`plan` returns :class:`~attnlab.functional.block_sparse.BlockPlan` s (``path="block"``); their keys never
     collide. The key holds the mask_mod object itself (identity), so two different masks never share an entry and a
     mask built for one length is never reused for another. ``builds`` counts how many entries were built (for tests).
+
+    Memory: a cached ``BlockPlan`` holds the bool element masks of its partial tiles, up to
+    tile_fraction · Lq · Lk bytes per distinct head pattern (~35 MB for token-level radial at 16k with a
+    head-independent mask, × H when the mask depends on the head), and the LRU keeps ``max_entries`` entries.
     """
 
     def __init__(self, max_entries: int = 8, block_size: int = 128) -> None:
-        if max_entries < 1 or block_size < 1:
-            raise ConfigError(f"max_entries and block_size must be >= 1, got {max_entries}, {block_size}")
+        check_positive("max_entries", max_entries)
+        check_positive("block_size", block_size)
         self.max_entries, self.block_size = max_entries, block_size
         self._entries: OrderedDict[tuple, object] = OrderedDict()
         self.builds = 0
@@ -162,8 +148,6 @@ class BlockMaskCache:
     def plan(self, mask_mod: MaskMod, batch: int, num_heads: int, num_kv_heads: int, q_len: int, kv_len: int, *,
              q_offset: int = 0, shortcuts: bool = True, device: torch.device | str | None = None):
         """The block-gather plan (:func:`~attnlab.functional.block_sparse.build_block_plan`) for these sizes."""
-        from attnlab.functional.block_sparse import build_block_plan
-
         key = ("block", mask_mod, batch, num_heads, num_kv_heads, q_len, kv_len, q_offset,
                str(torch.device(device or "cpu")), self.block_size, shortcuts)
         return self._lookup(key, lambda: build_block_plan(mask_mod, batch, num_heads, num_kv_heads, q_len, kv_len,
@@ -229,6 +213,7 @@ def masked_attention(
             ``"block"`` (block-gather SDPA on the kept tiles, :mod:`attnlab.functional.block_sparse`; supports
             backward; the CPU fast path).
         compiled: Flex path only — run ``torch.compile(flex_attention)`` instead of the eager (unfused) Flex.
+            Ignored (no error) by the dense and block paths, so layers can pass one setting through to any path.
         cache: block masks (Flex path) or block plans (block path). Default None: built again on every call (cost
             ~ one dense mask evaluation per call); pass one :class:`BlockMaskCache` across calls to build it once
             per length (its ``block_size`` is the tile side of both paths). Not used by the dense path.
@@ -245,8 +230,6 @@ def masked_attention(
     if path == "dense":
         return _dense_path(query, key, value, mask_mod, score_mod, scale, q_offset)
     if path == "block":
-        from attnlab.functional.block_sparse import block_sparse_attention
-
         return block_sparse_attention(query, key, value, mask_mod, score_mod=score_mod, scale=scale,
                                       q_offset=q_offset, cache=cache)
     if path != "flex":
