@@ -193,8 +193,8 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def render(rows: list[dict[str, Any]], markdown: bool) -> str:
-    head = ["length", "mask", "density", "tiles", "base", "base s", "block s", "speedup", "speedup (CPU)",
-            "target", "met", "plan build s", "SDPA+bool s", "flex s", "max |Δ|"]
+    head = ["length", "mask", "density", "tiles", "base", "base s", "block s", "base CPU s", "block CPU s",
+            "speedup", "speedup (CPU)", "target", "met", "plan build s", "SDPA+bool s", "flex s", "max |Δ|"]
 
     def fmt(value, spec: str, suffix: str = "") -> str:
         return "-" if value is None else f"{value:{spec}}{suffix}"
@@ -203,6 +203,7 @@ def render(rows: list[dict[str, Any]], markdown: bool) -> str:
     for r in rows:
         body.append([str(r["length"]), r["config"], f"{r['density']:.4f}", fmt(r.get("tile_fraction"), ".4f"),
                      r["baseline"].replace("sdpa_", ""), f"{r['baseline_s']:.2f}", fmt(r.get("block_s"), ".3f"),
+                     f"{r['baseline_cpu_s']:.2f}", fmt(r.get("block_cpu_s"), ".3f"),
                      fmt(r.get("speedup"), ".1f", "x"), fmt(r.get("speedup_cpu"), ".1f", "x"),
                      f"{r['target_speedup']:.1f}x", {True: "yes", False: "no", None: "-"}[r.get("target_met")],
                      fmt(r.get("build_plan_s"), ".2f"), fmt(r.get("dense_masked_s"), ".2f"),
