@@ -111,9 +111,9 @@ def test_prefill_by_hand():
     """Every weight but the head on each prompt token, the head on the last one, QKᵀ and AV over the causal
     triangle; bytes: every weight once and the K and V written."""
     pre = prefill_cost(SIZES, prompt_len=10, samples=2, kv_bytes=4, weight_bytes=4, head_parameters=100)
-    pairs = sum(range(1, 11))  # causal (query, key) pairs: 55; the closed form uses L²/2 = 50
-    assert pre.flops == 2 * (2 * 900 * 10 + 2 * 100 + 4 * (10**2 / 2) * 4 * 16)
-    assert pairs - 10**2 / 2 == 10 / 2  # the closed form leaves out the diagonal's half, as the decode form does
+    pairs = sum(1 for q in range(10) for k in range(10) if k <= q)  # causal (query, key) pairs, counted: 55
+    attended = pairs - 10 / 2  # the cost model's L²/2 leaves out half the diagonal, as the decode form does
+    assert pre.flops == 2 * (2 * 900 * 10 + 2 * 100 + 4 * attended * 4 * 16)
     assert pre.bytes == 4 * 1000 + 4 * 2 * 2 * 10 * 2 * 16
 
 

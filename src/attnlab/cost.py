@@ -266,10 +266,11 @@ def prefill_cost(sizes: ModelSizes, *, prompt_len: int, samples: int = 1, kv_byt
 
 def cost_table(sizes: ModelSizes, *, prompt_lens: tuple[int, ...], gen_lens: tuple[int, ...],
                samples: tuple[int, ...] = (1,), attentions: tuple[str, ...] = ("dense",),
-               accelerators: tuple[Accelerator, ...] = (ACCELERATORS["h100"],), **options: float) -> list[dict]:
+               accelerators: tuple[Accelerator, ...] = (ACCELERATORS["h100"],), **options: float | bool
+               ) -> list[dict]:
     """One row per (attention, prompt_len, gen_len, samples, accelerator): flops, bytes, efflops, seconds and
     ``memory_share`` (the part of eFLOPs that is memory traffic, I·bytes / eFLOPs). ``options`` go to
-    :func:`attention_cost` (window, block_size, top_k, local, kv_bytes, weight_bytes). Ready for
+    :func:`attention_cost` (window, block_size, top_k, local, kv_bytes, weight_bytes, batched). Ready for
     ``pandas.DataFrame``."""
     rows = []
     for attention in attentions:

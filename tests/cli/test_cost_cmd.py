@@ -61,3 +61,21 @@ def test_cost_cpu2_and_measure(tiny, tmp_path, monkeypatch):
     rows = list(csv.DictReader(out.open()))
     assert [row["accelerator"] for row in rows] == ["cpu2", "measured"]
     assert float(rows[1]["seconds"]) == pytest.approx(float(rows[1]["flops"]) / 1e11 + float(rows[1]["bytes"]) / 1e10)
+
+
+def test_cost_batched_reads_weights_once_per_step(tiny, tmp_path):
+    """``--batched`` with ``--weight-bytes``: one weight read per decode step for all samples, not one per sample."""
+    folder, params = tiny
+    tables = {}
+    for flag in ([], ["--batched"]):
+        out = tmp_path / f"cost{len(flag)}.csv"
+        done = CliRunner().invoke(app, ["cost", "--model", str(folder), "--prompt-len", "8", "--gen-len", "4",
+                                        "--samples", "3", "--attention", "dense", "--weight-bytes", "4", *flag,
+                                        "--out", str(out)])
+        assert done.exit_code == 0, done.output
+        tables[bool(flag)] = float(next(csv.DictReader(out.open()))["bytes"])
+    sizes = ModelSizes(params, 2, 4, 4, 4)
+    for batched, got in tables.items():
+        want = attention_cost(sizes, prompt_len=8, gen_len=4, samples=3, weight_bytes=4, batched=batched)
+        assert got == want.bytes
+    assert tables[False] - tables[True] == 4 * params * 4 * (3 - 1)  # weight_bytes · P · L_out · (N − 1)

@@ -39,6 +39,9 @@ def cost_command(
     kv_bytes: Annotated[float, typer.Option("--kv-bytes", help="Bytes per K/V element (2 = bf16).")] = 2.0,
     weight_bytes: Annotated[float, typer.Option(
         "--weight-bytes", help="Bytes per weight read at every decode step (0 = amortised, Kinetics).")] = 0.0,
+    batched: Annotated[bool, typer.Option(
+        "--batched", help="With --weight-bytes: the samples decode as one batch, so each weight is read once per "
+        "step for all of them (default: once per sample).")] = False,
     measure: Annotated[bool, typer.Option(
         "--measure", help="Also time this machine (float32 matmul and memory read, a few seconds) and add it as "
         "accelerator 'measured'.", rich_help_panel=_GRID)] = False,
@@ -72,7 +75,7 @@ def cost_command(
                     samples=ints(samples, "--samples"),
                     attentions=tuple(a.strip() for a in attention.split(",") if a.strip()), accelerators=devices)
         options = dict(window=window, block_size=block_size, top_k=top_k, local=local, kv_bytes=kv_bytes,
-                       weight_bytes=weight_bytes)
+                       weight_bytes=weight_bytes, batched=batched)
         cost_table(ModelSizes(1, 1, 1, 1, 1), **{**grid, "prompt_lens": grid["prompt_lens"][:1],
                                                  "gen_lens": grid["gen_lens"][:1]}, **options)  # bad input first
         if measure:
