@@ -304,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_child(args.child, args.length, args.mode, args.repeats, args.threads)), flush=True)
         return 0
     if args.render:
+        if not args.render.is_file():
+            p.error(f"--render expects a saved JSON run of this script; not found: {args.render}")
         doc = json.loads(args.render.read_text())
         print(render(summarise(doc["results"]), args.markdown))
         print(render_growth(doc.get("growth", []), args.markdown))

@@ -66,10 +66,11 @@ def make_mask(name: str, length: int):
         return M.MASKS.get("sink_window")(num_sink_tokens=4, window=1020), True
     if name == "ls_heads_512_4":
         return M.ls_heads(512, 4), True
+    frames = -(-length // 256)  # whole 256-token frames covering the length (the mask is checked to cover it)
     if name == "radial_256":
-        return S.radial(length // 256, 256), False
+        return S.radial(frames, 256), False
     if name == "radial_256_block128":
-        return S.radial(length // 256, 256, block_size=BLOCK), False
+        return S.radial(frames, 256, block_size=BLOCK), False
     raise ValueError(f"unknown mask {name!r}")
 
 
@@ -204,8 +205,8 @@ def render(rows: list[dict[str, Any]], markdown: bool) -> str:
         body.append([str(r["length"]), r["config"], f"{r['density']:.4f}", fmt(r.get("tile_fraction"), ".4f"),
                      r["baseline"].replace("sdpa_", ""), f"{r['baseline_s']:.2f}", fmt(r.get("block_s"), ".3f"),
                      f"{r['baseline_cpu_s']:.2f}", fmt(r.get("block_cpu_s"), ".3f"),
-                     fmt(r.get("speedup"), ".1f", "x"), fmt(r.get("speedup_cpu"), ".1f", "x"),
-                     f"{r['target_speedup']:.1f}x", {True: "yes", False: "no", None: "-"}[r.get("target_met")],
+                     fmt(r.get("speedup"), ".2f", "x"), fmt(r.get("speedup_cpu"), ".2f", "x"),
+                     f"{r['target_speedup']:.2f}x", {True: "yes", False: "no", None: "-"}[r.get("target_met")],
                      fmt(r.get("build_plan_s"), ".2f"), fmt(r.get("dense_masked_s"), ".2f"),
                      fmt(r.get("flex_s"), ".2f"), fmt(r.get("block_max_abs_diff"), ".1e")])
     if markdown:
@@ -233,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", action="store_true", help="print the table in markdown (for docs/benchmarks.md)")
     args = p.parse_args(argv)
     if args.render:
+        missing = [str(path) for path in args.render if not path.is_file()]
+        if missing:
+            p.error(f"--render expects saved JSON runs of this script; not found: {', '.join(missing)}")
         rows = [row for path in args.render for row in summarise(json.loads(path.read_text())["results"])]
         print(render(sorted(rows, key=lambda row: row["length"]), args.markdown))
         return 0
