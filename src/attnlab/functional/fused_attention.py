@@ -167,9 +167,9 @@ def fused_attention(
         scale: logit scale, default ``D ** -0.5``. block_size: most query rows per block (≥ 1).
         head_block_bytes: long keys use fewer rows (at least 16): one head's block of logits
             (rows × Lk in the compute dtype) holds at most this many bytes. The default, 2 MiB (the reference
-            machine's L2 per core), keeps 128 rows up to Lk = 4096 float32 and uses 64 at 8192, 32 at 16384, where
-            it cut the kernel's time over SDPA by about a quarter (docs/benchmarks.md, "Probe overhead"). Neither
-            changes the results beyond float rounding.
+            machine's L2 per core), keeps 128 rows up to Lk = 4096 float32 and uses 64 at 8192, 32 at 16384,
+            where it cut the four default probes' CPU time over SDPA on SmolLM2 from 218 s to 183 s
+            (docs/benchmarks.md, "Probe overhead"). Neither changes the results beyond float rounding.
 
     Returns:
         output (B, Hq, Lq, Dv) in value's dtype (equal to ``blocked_attention``'s to float rounding; rows with
