@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from attnlab.errors import ConfigError, ShapeError
 from attnlab.functional.attention import attention_reference, blocked_attention, causal_keep
-from attnlab.functional.fused_attention import FusedRequest, fused_attention
+from attnlab.functional.fused_attention import FusedRequest, _block_rows, fused_attention
 from attnlab.stats.distance import sums_by_distance_scatter
 from attnlab.stats.entropy import row_entropy
 
@@ -126,6 +126,27 @@ def test_the_block_size_does_not_change_the_results(block, length, seed):
     request = _request(1, length, seed=seed)
     out_a, a = fused_attention(q, k, v, keep, request, block_size=block)
     out_b, b = fused_attention(q, k, v, keep, request, block_size=128)
+    torch.testing.assert_close(out_a, out_b)
+    for name in ("entropy", "diagonal_sums", "diagonal_counts", "num_visible"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(a.column_sums, b.column_sums, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(a.column_counts, b.column_counts)
+
+
+def test_long_keys_use_fewer_rows_per_block():
+    rows = [_block_rows(128, n, torch.float32, 2 * 2**20) for n in (1, 4096, 8192, 16384, 10**6)]
+    assert rows == [128, 128, 64, 32, 16]
+    assert _block_rows(128, 4096, torch.float64, 2 * 2**20) == 64
+    assert _block_rows(8, 10**6, torch.float32, 2 * 2**20) == 8  # never more rows than asked for
+
+
+@pytest.mark.parametrize("length", [130, 257])
+def test_the_byte_budget_does_not_change_the_results(length):
+    q, k, v = _inputs(1, 6, 2, length, length, 4, seed=length, dtype=torch.float64)
+    keep = _keep("causal", 1, length, length)
+    request = _request(1, length, seed=length)
+    out_a, a = fused_attention(q, k, v, keep, request, head_block_bytes=1)  # 16 rows per block
+    out_b, b = fused_attention(q, k, v, keep, request, head_block_bytes=2**30)  # 128 rows per block
     torch.testing.assert_close(out_a, out_b)
     for name in ("entropy", "diagonal_sums", "diagonal_counts", "num_visible"):
         torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-12, rtol=1e-10)

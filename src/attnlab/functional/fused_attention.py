@@ -127,6 +127,12 @@ def _mass_off(probs: Tensor, columns: list[int | None]) -> Tensor:
     return torch.stack(rows).double()
 
 
+def _block_rows(block_size: int, kv_len: int, dtype: torch.dtype, head_block_bytes: int) -> int:
+    """Query rows per block: ``block_size``, or fewer (at least 16) so that one head's (rows, kv_len) block of
+    ``dtype`` fits in ``head_block_bytes``."""
+    return min(block_size, max(16, head_block_bytes // (max(kv_len, 1) * torch.finfo(dtype).bits // 8)))
+
+
 def _add_by_distance(total: Tensor, sums: Tensor, top: int) -> None:
     """Add (..., row) sums over skewed columns into (..., Lk) sums by distance: column t holds distance
     ``top - t``; negative distances (keys after the query, probability 0 under a causal mask) count at 0."""
@@ -148,6 +154,7 @@ def fused_attention(
     *,
     scale: float | None = None,
     block_size: int = 128,
+    head_block_bytes: int = 2 * 2**20,
 ) -> tuple[Tensor, FusedStats]:
     """Blocked softmax attention that accumulates the requested statistics in the same pass.
 
@@ -157,7 +164,12 @@ def fused_attention(
         keep: bool broadcastable to (B, Hq, Lq, Lk), True = attend; None = all visible. Queries are the last Lq
             of the Lk positions (query i sits at key index ``i + Lk - Lq``).
         request: the statistics to accumulate (:class:`FusedRequest`).
-        scale: logit scale, default ``D ** -0.5``. block_size: query rows per block (≥ 1).
+        scale: logit scale, default ``D ** -0.5``. block_size: most query rows per block (≥ 1).
+        head_block_bytes: long keys use fewer rows (at least 16): one head's block of logits
+            (rows × Lk in the compute dtype) holds at most this many bytes. The default, 2 MiB (the reference
+            machine's L2 per core), keeps 128 rows up to Lk = 4096 float32 and uses 64 at 8192, 32 at 16384,
+            where it cut the four default probes' CPU time over SDPA on SmolLM2 from 218 s to 183 s
+            (docs/benchmarks.md, "Probe overhead"). Neither changes the results beyond float rounding.
 
     Returns:
         output (B, Hq, Lq, Dv) in value's dtype (equal to ``blocked_attention``'s to float rounding; rows with
@@ -187,6 +199,7 @@ def fused_attention(
             raise ShapeError(f"keep must broadcast to (batch, heads, q_len, kv_len={Lk}); got {tuple(keep.shape)}")
         keep = keep.expand(*keep.shape[:-1], Lk)
     dtype, device = compute_dtype(query), query.device
+    block_size = _block_rows(block_size, Lk, dtype, head_block_bytes)
     scale = D ** -0.5 if scale is None else scale
     lowest = torch.finfo(dtype).min
     offset = Lk - Lq  # key index of query row 0
