@@ -164,7 +164,7 @@ def test_only_what_is_requested_is_computed():
 def test_bad_input_is_a_one_line_error():
     q, k, v = _inputs(1, 4, 2, 10, 10, 8)
     keep = _keep("causal", 1, 10, 10)
-    with pytest.raises(ConfigError, match="block_size must be >= 1, got 0"):
+    with pytest.raises(ConfigError, match="block_size must be a positive integer, got 0"):
         fused_attention(q, k, v, keep, FusedRequest(), block_size=0)
     with pytest.raises(ShapeError, match=r"column_weights must be \(batch, q_len\) = \(1, 10\); got \(1, 9\)"):
         fused_attention(q, k, v, keep, FusedRequest(column_weights=torch.ones(1, 9)))
@@ -172,8 +172,15 @@ def test_bad_input_is_a_one_line_error():
         fused_attention(q, k, v, keep, FusedRequest(diagonal_weights=torch.ones(1, 10)))
     with pytest.raises(ConfigError, match=r"renormalise needs one flag per diagonal weight row \(2\); got 1"):
         fused_attention(q, k, v, keep, FusedRequest(diagonal_weights=torch.ones(1, 2, 10), renormalise=(True,)))
-    with pytest.raises(ShapeError, match="keep must broadcast"):
+    with pytest.raises(ShapeError, match="keep must be a bool mask broadcastable"):
         fused_attention(q, k, v, keep[..., :7], FusedRequest())
+    for bad in (keep[..., :9, :], keep.expand(1, 2, 10, 10), keep.float()):  # 9 query rows, Hkv heads, float
+        with pytest.raises(ShapeError, match=r"broadcastable to \(batch, heads, q_len, kv_len\) = \(1, 4, 10, 10\)"):
+            fused_attention(q, k, v, bad, FusedRequest())
+    with pytest.raises(ShapeError, match=r"off_column needs one entry per sequence \(2\); got 1"):
+        q2, k2, v2 = _inputs(2, 4, 2, 10, 10, 8)
+        fused_attention(q2, k2, v2, keep, FusedRequest(diagonal_weights=torch.ones(2, 1, 10), renormalise=(True,),
+                                                       off_column=[0]))
     with pytest.raises(ShapeError, match="num_kv_heads=3"):
         fused_attention(q, k[:, :1].expand(1, 3, 10, 8), v[:, :1].expand(1, 3, 10, 9), keep, FusedRequest())
 

@@ -38,6 +38,8 @@ from torch import Tensor
 
 from attnlab.errors import ConfigError, ShapeError
 from attnlab.functional.attention import check_qkv, compute_dtype
+from attnlab.functional.masks import check_positive
+from attnlab.stats.distance import mass_off_sink
 
 __all__ = ["FusedRequest", "FusedStats", "fused_attention"]
 
@@ -112,21 +114,6 @@ def _skewed(buffer: Tensor, n: int, bq: int, row: int) -> Tensor:
     return buffer.as_strided((n, bq, row), (bq * row, row + 1, 1))
 
 
-def _mass_off(probs: Tensor, columns: list[int | None]) -> Tensor:
-    """(B, H, n, 1) float64 row sums of (B, H, n, w) probs without each sequence's column ``columns[b]`` (None or
-    outside the block: the whole row), summed directly, never as ``1 - p``, which cancels when that column holds
-    nearly all the mass. Summed in float32 (relative error ~1e-7 for these positive terms) and returned as float64:
-    a float64 sum of a float32 slice converts element by element and costs ~80x more on CPU than this."""
-    rows = []
-    for b, column in enumerate(columns):
-        if column is None or not 0 <= column < probs.shape[-1]:
-            rows.append(probs[b].sum(dim=-1, keepdim=True))
-        else:
-            rows.append(probs[b, ..., :column].sum(dim=-1, keepdim=True)
-                        + probs[b, ..., column + 1 :].sum(dim=-1, keepdim=True))
-    return torch.stack(rows).double()
-
-
 def _block_rows(block_size: int, kv_len: int, dtype: torch.dtype, head_block_bytes: int) -> int:
     """Query rows per block: ``block_size``, or fewer (at least 16) so that one head's (rows, kv_len) block of
     ``dtype`` fits in ``head_block_bytes``."""
@@ -180,8 +167,7 @@ def fused_attention(
         ConfigError: block_size < 1, or ``renormalise`` not of length k.
     """
     num_heads, groups = check_qkv(query, key, value)
-    if block_size < 1:
-        raise ConfigError(f"block_size must be >= 1, got {block_size}")
+    check_positive("block_size", block_size)
     B, _, Lq, D = query.shape
     Hkv, Lk, Dv = key.shape[1], key.shape[2], value.shape[3]
     columns, diagonals = request.column_weights, request.diagonal_weights
@@ -194,9 +180,15 @@ def fused_attention(
     renormalise = torch.tensor(request.renormalise if k else (), dtype=torch.bool)
     if diagonals is not None and renormalise.numel() != k:
         raise ConfigError(f"renormalise needs one flag per diagonal weight row ({k}); got {len(request.renormalise)}")
+    off_column = request.off_column or [None] * B
+    if bool(renormalise.any()) and len(off_column) != B:
+        raise ShapeError(f"off_column needs one entry per sequence ({B}); got {len(off_column)}")
     if keep is not None:
-        if keep.dim() != 4 or keep.shape[-1] not in (1, Lk):
-            raise ShapeError(f"keep must broadcast to (batch, heads, q_len, kv_len={Lk}); got {tuple(keep.shape)}")
+        expected = (B, num_heads, Lq, Lk)
+        if keep.dtype != torch.bool or keep.dim() != 4 or any(
+                size not in (1, full) for size, full in zip(keep.shape, expected)):
+            raise ShapeError(f"keep must be a bool mask broadcastable to (batch, heads, q_len, kv_len) = {expected}; "
+                             f"got {keep.dtype} {tuple(keep.shape)}")
         keep = keep.expand(*keep.shape[:-1], Lk)
     dtype, device = compute_dtype(query), query.device
     block_size = _block_rows(block_size, Lk, dtype, head_block_bytes)
@@ -273,7 +265,7 @@ def fused_attention(
             # sum_j p_ij s_ij (padding and masked keys have p = 0), in place in the logits buffer: a fresh block-sized
             # temporary per block costs its page faults, more than the product itself
             dot = logits4.mul_(probs4).sum(dim=-1)
-            blk = -torch.log(p_max) - (dot - row_max)
+            blk = (-torch.log(p_max) - (dot - row_max)).clamp_(min=0.0)  # cancellation can dip below 0
             blk = torch.where(p_max == 0, torch.zeros((), dtype=dtype, device=device), blk)
             if any_nan:
                 blk = blk.masked_fill(nan, float("nan"))
@@ -316,7 +308,7 @@ def fused_attention(
             w = diagonals[..., start : start + bq].to(dtype)  # (B, k, bq)
             w_heads = w[:, None].expand(B, num_heads, k, bq)
             if bool(renormalise.any()) and bool(w[:, renormalise].any()):
-                rest = _mass_off(probs4[..., pad:], request.off_column or [None] * B)  # (B, Hq, bq, 1) float64
+                rest = mass_off_sink(probs4[..., pad:], off_column, dtype=dtype)  # (B, Hq, bq, 1) float64
                 inverse = torch.where(rest > 0, rest.reciprocal(), torch.zeros((), dtype=rest.dtype, device=device))
                 factor = torch.where(renormalise.to(device)[:, None], inverse.squeeze(-1)[:, :, None].to(dtype),
                                      torch.ones((), dtype=dtype, device=device))  # (B, Hq, k, bq)
