@@ -40,7 +40,7 @@ def test_cost_table_and_csv(tiny, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--accelerator", "tpu"], "--accelerator expects names among"),
     (["--gen-len", "abc"], "--gen-len expects comma-separated integers"),
-    (["--attention", "radial"], "expected attention among"),
+    (["--attention", "radial"], "--attention expects names among"),
 ])
 def test_cost_bad_input_is_one_line(tiny, args, message):
     done = CliRunner().invoke(app, ["cost", "--model", str(tiny[0]), *args])
