@@ -227,6 +227,7 @@ def model_from_config(config: Any) -> Any:
     knows, or a config transformers cannot build a model from.
     """
     import torch
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -257,8 +258,12 @@ def model_from_config(config: Any) -> Any:
             raise UsageError(f"cannot read the config {file}: {' '.join(str(error).split())[:300]}") from None
     cls = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
     try:
-        with torch.device("meta"):
-            return cls.from_config(config, trust_remote_code=False)
+        # torch's meta device allocates nothing; accelerate's init_empty_weights also moves parameters made by
+        # constructors the device context misses (e.g. a wrapped torch.empty)
+        with torch.device("meta"), init_empty_weights():
+            model = cls.from_config(config, trust_remote_code=False)
+        model.tie_weights()  # init_empty_weights replaces parameters, which unties a tied LM head
+        return model
     except Exception as error:  # noqa: BLE001 - any architecture's constructor: say which config, on one line
         raise UsageError(f"cannot build a {getattr(config, 'model_type', '?')} model from its config: "
                          f"{' '.join(str(error).split())[:300]}") from None
