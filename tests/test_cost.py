@@ -303,3 +303,20 @@ def test_model_from_config_counts_a_tied_head_once(tmp_path):
     assert sizes_of(model_from_config(config)).num_parameters == llama_parameters(
         hidden_size=24, intermediate_size=40, num_layers=2, num_heads=6, num_kv_heads=2, head_dim=4, vocab_size=50,
         tied_embeddings=True)
+
+
+def test_cost_validation_render_of_a_missing_or_foreign_file_is_one_line(tmp_path, capsys):
+    """``benchmarks/cost_validation.py --render`` with a bad file: one line on stderr, exit 2 (WALK13 #5)."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "cost_validation.py"
+    spec = importlib.util.spec_from_file_location("cost_validation", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text('{"a": 1}')
+    for path, message in ((tmp_path / "missing.json", "does not exist"), (foreign, "not a JSON written by")):
+        assert module.main(["--render", str(path)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0]
