@@ -28,7 +28,8 @@ value heads, d = head_dim × num_layers (the layers folded into the head dim), I
 ``eFLOPs = FLOPs + I·bytes``; the predicted time is ``eFLOPs / peak = FLOPs/peak + bytes/bandwidth``.
 :func:`prefill_cost` is attnlab's addition for the prompt pass (Kinetics leaves prefill out), used to validate the
 model on measured generation (``benchmarks/cost_validation.py``, docs/benchmarks.md).
-Every quantity here is a plain number (no torch, except :func:`measure_accelerator`, which times this machine);
+Every quantity here is a plain number (no torch, except :func:`measure_accelerator`, which times this machine, and
+:func:`model_from_config`);
 :func:`sizes_of` reads the sizes of a loaded model (or a :class:`ModelFacts` and a parameter count);
 :func:`model_from_config` builds a weightless model from a config.json for it; :data:`MODEL_FAMILIES` holds the sizes
 of two public model families (SmolLM2, Qwen3) typed from their configs (:func:`family_sizes`: ``"qwen3-8b"``).
@@ -47,7 +48,8 @@ from typing import Any, Literal
 from attnlab.errors import ConfigError, UsageError
 
 __all__ = ["ACCELERATORS", "MODEL_FAMILIES", "Accelerator", "Cost", "ModelSizes", "attention_cost", "cost_table",
-           "family_sizes", "llama_parameters", "measure_accelerator", "model_from_config", "prefill_cost", "sizes_of"]
+           "family_names", "family_sizes", "llama_parameters", "measure_accelerator", "model_from_config",
+           "prefill_cost", "sizes_of"]
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,8 @@ model, over prompt lengths, generation lengths, sample counts, attention kinds a
 
 from __future__ import annotations
 
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
@@ -148,10 +148,9 @@ def model_sizes(model: str) -> tuple[Any, list[str], bool]:
     anything else (a bundled name, a .gguf file) is loaded by :func:`attnlab.capture.loading.load_model`.
     """
     from attnlab.capture.architectures import is_causal_lm
+    from attnlab.capture.loading import _looks_like_path
     from attnlab.cost import MODEL_FAMILIES, family_sizes, model_from_config, sizes_of
     from attnlab.errors import ConfigError
-
-    from attnlab.capture.loading import _looks_like_path
 
     path = Path(model).expanduser()
     hub = not path.exists() and "/" in model and not _looks_like_path(model)
