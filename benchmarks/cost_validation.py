@@ -316,7 +316,24 @@ def main(argv: list[str] | None = None) -> int:
         print(family_table(args.family, prompt_len=1024, gen_lens=(1024, 8192, 32768), top_ks=(256, 32)))
         return 0
     if args.render:
-        print(render(merge([json.loads(path.read_text()) for path in args.render]), args.markdown))
+        runs = []
+        for path in args.render:
+            try:
+                runs.append(json.loads(path.read_text(encoding="utf-8")))
+            except FileNotFoundError:
+                print(f"error: --render {path} does not exist (bench-results/ is not in git: run the benchmark "
+                      "first, or pass a JSON it wrote)", file=sys.stderr)
+                return 2
+            except (OSError, UnicodeDecodeError, ValueError) as error:
+                print(f"error: --render {path}: {' '.join(str(error).split())}", file=sys.stderr)
+                return 2
+        try:
+            table = render(merge(runs), args.markdown)
+        except (KeyError, TypeError, IndexError) as error:
+            print(f"error: --render: not a JSON written by cost_validation.py ({type(error).__name__}: {error})",
+                  file=sys.stderr)
+            return 2
+        print(table)
         return 0
     cells = [parse_cell(text) for text in args.cells]
 

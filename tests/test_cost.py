@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
+import math
 
-from attnlab.cost import (ACCELERATORS, MODEL_FAMILIES, Accelerator, ModelSizes, attention_cost, llama_parameters,
-                          measure_accelerator, prefill_cost)
-from attnlab.errors import ConfigError
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from attnlab.cost import (ACCELERATORS, MODEL_FAMILIES, Accelerator, ModelSizes, attention_cost, family_sizes,
+                          llama_parameters, measure_accelerator, model_from_config, prefill_cost, sizes_of)
+from attnlab.errors import ConfigError, UsageError
 
 # P = 1000 parameters, 2 layers, 4 query heads, 2 kv heads, head_dim 8: d = 16
 SIZES = ModelSizes(num_parameters=1000, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
@@ -154,3 +158,165 @@ def test_measured_accelerator_is_an_accelerator():
 def test_bad_measure_and_prefill_input_is_one_line(call, match):
     with pytest.raises(ConfigError, match=match):
         call()
+
+
+# --- the Python API takes what users have at hand (WALK13 #9, #10, #11, #1) ---
+
+
+def test_integral_types_scalars_and_accelerator_names():
+    """numpy integers are ints; an axis can be one value; accelerators can be named; the rows are the same."""
+    np = pytest.importorskip("numpy")
+    from attnlab.cost import cost_table
+
+    assert attention_cost(SIZES, prompt_len=np.int64(10), gen_len=np.int32(6), samples=np.int64(3)) == (
+        attention_cost(SIZES, prompt_len=10, gen_len=6, samples=3))
+    scalar = cost_table(SIZES, prompt_lens=np.int64(10), gen_lens=6, samples=2, attentions="topk",
+                        accelerators="h100", batched=True)
+    tupled = cost_table(SIZES, prompt_lens=(10,), gen_lens=(6,), samples=(2,), attentions=("topk",),
+                        accelerators=(ACCELERATORS["h100"],), batched=True)
+    assert scalar == tupled and len(scalar) == 1 and type(scalar[0]["prompt_len"]) is int
+    both = cost_table(SIZES, prompt_lens=np.array([4, 10]), gen_lens=[6], accelerators=["cpu2", ACCELERATORS["b200"]])
+    assert [(row["prompt_len"], row["accelerator"]) for row in both] == [(4, "cpu2"), (4, "b200"), (10, "cpu2"),
+                                                                          (10, "b200")]
+
+
+@given(prompt_len=st.integers(0, 5000), gen_len=st.integers(1, 5000), samples=st.integers(1, 16),
+       attention=st.sampled_from(["dense", "topk", "sliding_window", "linear"]))
+@settings(max_examples=40, deadline=None)
+def test_a_table_row_is_the_attention_cost_of_its_cell(prompt_len, gen_len, samples, attention):
+    from attnlab.cost import cost_table
+
+    (row,) = cost_table(SIZES, prompt_lens=prompt_len, gen_lens=gen_len, samples=samples, attentions=attention,
+                        accelerators="h200", weight_bytes=4)
+    cost = attention_cost(SIZES, prompt_len=prompt_len, gen_len=gen_len, samples=samples, attention=attention,
+                          weight_bytes=4)
+    assert (row["flops"], row["bytes"]) == (cost.flops, cost.bytes)
+    assert row["seconds"] == cost.seconds(ACCELERATORS["h200"])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"prompt_lens": ()}, "at least one value in prompt_lens"),
+    ({"gen_lens": []}, "at least one value in gen_lens"),
+    ({"attentions": ()}, "at least one value in attentions"),
+    ({"accelerators": ()}, "at least one value in accelerators"),
+    ({"prompt_lens": 1.5}, "prompt_lens as one value or a sequence"),
+    ({"accelerators": ("tpu",)}, "accelerators among b200"),
+    ({"bogus": 3}, "unknown option.*bogus"),
+    ({"kv_bytes": math.inf}, r"^expected kv_bytes as a finite number > 0, got inf$"),
+    ({"weight_bytes": math.inf}, r"^expected weight_bytes as a finite number >= 0, got inf$"),
+    ({"kv_bytes": math.nan}, "kv_bytes"),
+    ({"samples": (0,)}, r"^expected samples as an int >= 1, got 0$"),
+])
+def test_bad_table_input_is_a_config_error(kwargs, match):
+    from attnlab.cost import cost_table
+
+    with pytest.raises(ConfigError, match=match):
+        cost_table(SIZES, **{"prompt_lens": (4,), "gen_lens": (2,), **kwargs})
+
+
+def test_prefill_names_the_one_bad_value():
+    with pytest.raises(ConfigError, match=r"^expected weight_bytes as a finite number >= 0, got inf$"):
+        prefill_cost(SIZES, prompt_len=4, weight_bytes=math.inf)
+
+
+def test_families_by_name():
+    assert family_sizes("qwen3-8b") == family_sizes("Qwen3-8B") == MODEL_FAMILIES["qwen3"]["8b"]
+    assert family_sizes("smollm2-1.7b") == MODEL_FAMILIES["smollm2"]["1.7b"]
+    with pytest.raises(ConfigError, match="family among smollm2-135m.*got 'qwen3-9b'"):
+        family_sizes("qwen3-9b")
+
+
+def test_sizes_of_a_loaded_model_a_model_and_facts(tmp_path):
+    """sizes_of counts the parameters itself for a LoadedModel or a model (tied weights once); a ModelFacts needs the
+    count; model_from_config builds the same model without weights (config.json alone: no tokenizer, no weights)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from attnlab.capture.architectures import model_facts
+    from attnlab.capture.loading import LoadedModel
+
+    config = LlamaConfig(hidden_size=24, intermediate_size=40, num_hidden_layers=3, num_attention_heads=6,
+                         num_key_value_heads=2, vocab_size=50, tie_word_embeddings=False,
+                         architectures=["LlamaForCausalLM"])
+    model = LlamaForCausalLM(config)
+    count = sum(p.numel() for p in model.parameters())
+    want = ModelSizes(count, 3, 6, 2, 4)
+    assert count == llama_parameters(hidden_size=24, intermediate_size=40, num_layers=3, num_heads=6,
+                                     num_kv_heads=2, head_dim=4, vocab_size=50, tied_embeddings=False)
+    loaded = LoadedModel(model, None, model_facts(model))
+    assert sizes_of(loaded) == sizes_of(model) == sizes_of(loaded.facts, count) == want
+    assert sizes_of(loaded, 7).num_parameters == 7
+    config.save_pretrained(tmp_path)  # config.json only
+    for where in (tmp_path, tmp_path / "config.json", config):
+        built = model_from_config(where)
+        assert sizes_of(built) == want and next(built.parameters()).is_meta
+    with pytest.raises(ConfigError, match="needs num_parameters"):
+        sizes_of(loaded.facts)
+    with pytest.raises(ConfigError, match="expected a LoadedModel, a transformers model or a ModelFacts, got str"):
+        sizes_of("smollm2-135m")
+
+
+def test_model_from_config_of_a_tinylm(tmp_path):
+    from attnlab.lab.modeling import TinyLMSpec, build_model
+
+    model = build_model(TinyLMSpec(layer="gla", vocab_size=32, num_layers=2, hidden_size=16, num_heads=4), seed=0)
+    model.save_pretrained(tmp_path)
+    built = model_from_config(tmp_path / "config.json")
+    assert sizes_of(built) == sizes_of(model) and built.config.layer == "gla"
+
+
+def test_model_from_config_errors_are_one_line(tmp_path):
+    (tmp_path / "run" / "checkpoint").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoint" / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(UsageError, match=r"has no config.json; did you mean .*run/checkpoint\?"):
+        model_from_config(tmp_path / "run")
+    with pytest.raises(UsageError, match="has no config.json; expected a model folder"):
+        model_from_config(tmp_path)
+    with pytest.raises(UsageError, match="does not exist"):
+        model_from_config(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    for text, match in (("{", "cannot read"), ("[1]", "not a transformers config"),
+                        ('{"model_type": "nonsense"}', "got model_type 'nonsense'")):
+        bad.write_text(text)
+        with pytest.raises(UsageError, match=match) as caught:
+            model_from_config(bad)
+        assert "\n" not in str(caught.value)
+
+
+def test_measured_note_says_1_thread():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        device = measure_accelerator(matmul_size=8, stream_mib=1, repeats=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert device.note.endswith("; 1 thread")
+
+
+def test_model_from_config_counts_a_tied_head_once(tmp_path):
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=6,
+                         num_key_value_heads=2, vocab_size=50, tie_word_embeddings=True,
+                         architectures=["LlamaForCausalLM"])
+    assert sizes_of(model_from_config(config)).num_parameters == llama_parameters(
+        hidden_size=24, intermediate_size=40, num_layers=2, num_heads=6, num_kv_heads=2, head_dim=4, vocab_size=50,
+        tied_embeddings=True)
+
+
+def test_cost_validation_render_of_a_missing_or_foreign_file_is_one_line(tmp_path, capsys):
+    """``benchmarks/cost_validation.py --render`` with a bad file: one line on stderr, exit 2 (WALK13 #5)."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "cost_validation.py"
+    spec = importlib.util.spec_from_file_location("cost_validation", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text('{"a": 1}')
+    for path, message in ((tmp_path / "missing.json", "does not exist"), (foreign, "not a JSON written by")):
+        assert module.main(["--render", str(path)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0]

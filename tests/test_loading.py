@@ -98,6 +98,13 @@ def test_pickle_only_dir_is_refused(llama_dir, tmp_path):
     assert "pytorch_model.bin" in str(err.value) and "safetensors" in str(err.value)
 
 
+def test_a_train_out_folder_points_to_its_checkpoint(tmp_path):
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "config.json").write_text("{}")
+    with pytest.raises(UsageError, match=f"has no config.json; did you mean {tmp_path / 'checkpoint'}\\?$"):
+        load_model(tmp_path)
+
+
 def test_dir_without_config_or_weights(tmp_path, llama_dir):
     with pytest.raises(UsageError, match="no config.json"):
         load_model(tmp_path)

@@ -28,21 +28,28 @@ value heads, d = head_dim × num_layers (the layers folded into the head dim), I
 ``eFLOPs = FLOPs + I·bytes``; the predicted time is ``eFLOPs / peak = FLOPs/peak + bytes/bandwidth``.
 :func:`prefill_cost` is attnlab's addition for the prompt pass (Kinetics leaves prefill out), used to validate the
 model on measured generation (``benchmarks/cost_validation.py``, docs/benchmarks.md).
-Every quantity here is a plain number (no torch, except :func:`measure_accelerator`, which times this machine);
-:func:`sizes_of` reads the sizes from :class:`ModelFacts`; :data:`MODEL_FAMILIES` holds the sizes of two public model
-families (SmolLM2, Qwen3) typed from their configs.
+Every quantity here is a plain number (no torch, except :func:`measure_accelerator`, which times this machine, and
+:func:`model_from_config`);
+:func:`sizes_of` reads the sizes of a loaded model (or a :class:`ModelFacts` and a parameter count);
+:func:`model_from_config` builds a weightless model from a config.json for it; :data:`MODEL_FAMILIES` holds the sizes
+of two public model families (SmolLM2, Qwen3) typed from their configs (:func:`family_sizes`: ``"qwen3-8b"``).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import numbers
+import os
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
-from attnlab.errors import ConfigError
+from attnlab.errors import ConfigError, UsageError
 
 __all__ = ["ACCELERATORS", "MODEL_FAMILIES", "Accelerator", "Cost", "ModelSizes", "attention_cost", "cost_table",
-           "llama_parameters", "measure_accelerator", "prefill_cost", "sizes_of"]
+           "family_names", "family_sizes", "llama_parameters", "measure_accelerator", "model_from_config",
+           "prefill_cost", "sizes_of"]
 
 
 @dataclass(frozen=True)
@@ -110,8 +117,9 @@ def measure_accelerator(*, matmul_size: int = 2048, stream_mib: int = 256, repea
     read = nbytes / best(lambda: F.linear(vector, matrix))
     summed = nbytes / best(matrix.sum)
     copy = 2 * nbytes / best(lambda: target.copy_(matrix))
+    threads = torch.get_num_threads()
     note = (f"measured: float32 {size}² matmul {peak / 1e9:.1f} GFLOP/s; {mib} MiB matvec read {read / 1e9:.2f} GB/s "
-            f"(sum {summed / 1e9:.2f}, copy {copy / 1e9:.2f} read + write); {torch.get_num_threads()} threads")
+            f"(sum {summed / 1e9:.2f}, copy {copy / 1e9:.2f} read + write); {threads} thread{'s' * (threads != 1)}")
     return Accelerator(name, peak, read, note)
 
 
@@ -164,10 +172,103 @@ MODEL_FAMILIES: dict[str, dict[str, ModelSizes]] = {
 model size (docs/findings.md, "Kinetics: where decoding time goes"). Weights are not shipped: costs only."""
 
 
-def sizes_of(facts: object, num_parameters: int) -> ModelSizes:
-    """:class:`ModelSizes` from a :class:`attnlab.facts.ModelFacts` and the model's parameter count."""
-    return ModelSizes(int(num_parameters), int(facts.num_layers), int(facts.num_heads),  # type: ignore[attr-defined]
-                      int(facts.num_kv_heads), int(facts.head_dim))  # type: ignore[attr-defined]
+def family_sizes(name: str) -> ModelSizes:
+    """The :data:`MODEL_FAMILIES` entry named ``"FAMILY-SIZE"`` (``"qwen3-8b"``, ``"smollm2-360m"``; any case).
+
+    Raises ConfigError for a name that is not one of them (the error lists them)."""
+    family, _, size = str(name).lower().partition("-")
+    if size not in MODEL_FAMILIES.get(family, {}):
+        raise ConfigError(f"expected a model family among {', '.join(family_names())}, got {name!r}")
+    return MODEL_FAMILIES[family][size]
+
+
+def family_names() -> list[str]:
+    """``"FAMILY-SIZE"`` for every :data:`MODEL_FAMILIES` entry, for :func:`family_sizes`."""
+    return [f"{family}-{size}" for family, sizes in MODEL_FAMILIES.items() for size in sizes]
+
+
+def sizes_of(model: Any, num_parameters: int | None = None) -> ModelSizes:
+    """:class:`ModelSizes` of a model.
+
+    ``model`` is a :class:`attnlab.capture.loading.LoadedModel` (what :func:`attnlab.load_model` returns), a
+    transformers model (a weightless one from :func:`model_from_config` too), or a
+    :class:`attnlab.facts.ModelFacts`. The parameter count is ``sum(p.numel() for p in model.parameters())`` (tied
+    weights once) unless ``num_parameters`` is given; a ModelFacts does not know it, so it needs ``num_parameters``.
+
+    Raises ConfigError for another kind of object, or a ModelFacts without ``num_parameters``.
+    """
+    facts, module = model, None
+    if hasattr(model, "facts") and hasattr(model, "model"):  # a LoadedModel
+        facts, module = model.facts, model.model
+    elif hasattr(model, "parameters") and hasattr(model, "config"):  # a transformers model
+        from attnlab.capture.architectures import model_facts
+
+        facts, module = model_facts(model), model
+    fields = ("num_layers", "num_heads", "num_kv_heads", "head_dim")
+    if not all(hasattr(facts, field) for field in fields):
+        raise ConfigError(f"expected a LoadedModel, a transformers model or a ModelFacts, got {type(model).__name__}")
+    if num_parameters is None:
+        if module is None:
+            raise ConfigError("sizes_of(facts) needs num_parameters: a ModelFacts does not count parameters (pass the "
+                              "LoadedModel or the model instead)")
+        num_parameters = sum(p.numel() for p in module.parameters())
+    return ModelSizes(_positive("num_parameters", num_parameters), *(int(getattr(facts, field)) for field in fields))
+
+
+def model_from_config(config: Any) -> Any:
+    """A transformers model built from ``config`` on torch's meta device: its sizes and parameter count without
+    reading, downloading or allocating any weight (for :func:`sizes_of`; ``attnlab cost --model``).
+
+    ``config`` is a ``transformers.PretrainedConfig``, a ``config.json`` path (any file name), or a folder holding
+    ``config.json`` (tokenizer and weights not needed). attnlab's TinyLM configs work; remote code is never run.
+    Causal LMs (:func:`attnlab.capture.architectures.is_causal_lm`) are built with AutoModelForCausalLM (so an
+    untied LM head counts), others with AutoModel.
+
+    Raises UsageError (one line) for a missing file, a folder without config.json (naming ``checkpoint/`` when the
+    folder is a ``attnlab train --out`` folder), a file that is not a JSON object with a ``model_type`` transformers
+    knows, or a config transformers cannot build a model from.
+    """
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from attnlab.capture.architectures import is_causal_lm
+    from attnlab.lab.modeling import register_auto
+
+    register_auto()  # TinyLM's model_type
+    if not isinstance(config, PretrainedConfig):
+        path = Path(os.fspath(config)).expanduser()
+        file = path / "config.json" if path.is_dir() else path
+        if path.is_dir() and not file.is_file():
+            hint = (f"; did you mean {path / 'checkpoint'}?" if (path / "checkpoint" / "config.json").is_file()
+                    else "; expected a model folder or a config.json file")
+            raise UsageError(f"{path} has no config.json{hint}")
+        if not file.is_file():
+            raise UsageError(f"{path} does not exist; expected a config.json file or a folder holding one")
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            raise UsageError(f"cannot read {file} as a JSON config: {' '.join(str(error).split())}") from None
+        model_type = data.get("model_type") if isinstance(data, dict) else None
+        if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+            raise UsageError(f"{file} is not a transformers config: expected a JSON object with a known model_type "
+                             f"such as \"llama\", got model_type {model_type!r}")
+        try:
+            config = AutoConfig.from_pretrained(str(file), trust_remote_code=False)
+        except Exception as error:  # noqa: BLE001 - transformers' config validation raises many kinds
+            raise UsageError(f"cannot read the config {file}: {' '.join(str(error).split())[:300]}") from None
+    cls = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
+    try:
+        # torch's meta device allocates nothing; accelerate's init_empty_weights also moves parameters made by
+        # constructors the device context misses (e.g. a wrapped torch.empty)
+        with torch.device("meta"), init_empty_weights():
+            model = cls.from_config(config, trust_remote_code=False)
+        model.tie_weights()  # init_empty_weights replaces parameters, which unties a tied LM head
+        return model
+    except Exception as error:  # noqa: BLE001 - any architecture's constructor: say which config, on one line
+        raise UsageError(f"cannot build a {getattr(config, 'model_type', '?')} model from its config: "
+                         f"{' '.join(str(error).split())[:300]}") from None
 
 
 @dataclass(frozen=True)
@@ -191,9 +292,19 @@ Attention = Literal["dense", "topk", "sliding_window", "linear"]
 
 
 def _positive(name: str, value: int, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    """``value`` as an int (any integral type: numpy and pandas integers too) >= ``minimum``; ConfigError if not."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ConfigError(f"expected {name} as an int >= {minimum}, got {value!r}")
-    return value
+    return int(value)
+
+
+def _width(name: str, value: float, *, zero: bool) -> float:
+    """``value`` as a finite float > 0 (>= 0 with ``zero``); ConfigError (naming ``name`` alone) if not."""
+    ok = (not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+          and (value >= 0 if zero else value > 0))
+    if not ok:
+        raise ConfigError(f"expected {name} as a finite number {'>=' if zero else '>'} 0, got {value!r}")
+    return float(value)
 
 
 def attention_cost(sizes: ModelSizes, *, prompt_len: int, gen_len: int, samples: int = 1,
@@ -215,8 +326,7 @@ def attention_cost(sizes: ModelSizes, *, prompt_len: int, gen_len: int, samples:
     Returns: a :class:`Cost`. Raises ConfigError for a size or length out of range or an unknown attention.
     """
     L_in, L_out, N = _positive("prompt_len", prompt_len, 0), _positive("gen_len", gen_len), _positive("samples", samples)
-    if not kv_bytes > 0 or not weight_bytes >= 0:
-        raise ConfigError(f"expected kv_bytes > 0 and weight_bytes >= 0, got {kv_bytes!r} and {weight_bytes!r}")
+    kv_bytes, weight_bytes = _width("kv_bytes", kv_bytes, zero=False), _width("weight_bytes", weight_bytes, zero=True)
     P, n_q, n_kv, d = sizes.num_parameters, sizes.num_heads, sizes.num_kv_heads, sizes.folded_dim
     weights = 2.0 * P * L_out
     extra_bytes = weight_bytes * P * L_out * (1 if batched else N)
@@ -225,7 +335,8 @@ def attention_cost(sizes: ModelSizes, *, prompt_len: int, gen_len: int, samples:
         return Cost(flops, kv_bytes * (2 * L_in + N * L_out) * L_out * n_kv * d + extra_bytes)
     if attention in ("topk", "sliding_window"):
         if attention == "topk":
-            budget = _positive("local", local, 0) + _positive("block_size", block_size) * _positive("top_k", top_k)
+            block_size = _positive("block_size", block_size)
+            budget = _positive("local", local, 0) + block_size * _positive("top_k", top_k)
             blocks_seen = math.floor((2 * L_in + L_out) / block_size)
             search = blocks_seen * L_out * n_q * d
             representatives = kv_bytes / 2 * math.floor((2 * L_in + N * L_out) / block_size) * L_out * n_kv * d
@@ -256,33 +367,69 @@ def prefill_cost(sizes: ModelSizes, *, prompt_len: int, samples: int = 1, kv_byt
     """
     L_in, N = _positive("prompt_len", prompt_len), _positive("samples", samples)
     head = _positive("head_parameters", head_parameters, 0)
-    if not kv_bytes > 0 or not weight_bytes >= 0 or head > sizes.num_parameters:
-        raise ConfigError(f"expected kv_bytes > 0, weight_bytes >= 0 and head_parameters <= "
-                          f"{sizes.num_parameters}, got {kv_bytes!r}, {weight_bytes!r} and {head_parameters!r}")
+    kv_bytes, weight_bytes = _width("kv_bytes", kv_bytes, zero=False), _width("weight_bytes", weight_bytes, zero=True)
+    if head > sizes.num_parameters:
+        raise ConfigError(f"expected head_parameters <= {sizes.num_parameters}, got {head_parameters!r}")
     n_q, n_kv, d = sizes.num_heads, sizes.num_kv_heads, sizes.folded_dim
     flops = N * (2.0 * (sizes.num_parameters - head) * L_in + 2.0 * head + 2.0 * L_in**2 * n_q * d)
     return Cost(flops, weight_bytes * sizes.num_parameters + kv_bytes * 2.0 * N * L_in * n_kv * d)
 
 
-def cost_table(sizes: ModelSizes, *, prompt_lens: tuple[int, ...], gen_lens: tuple[int, ...],
-               samples: tuple[int, ...] = (1,), attentions: tuple[str, ...] = ("dense",),
-               accelerators: tuple[Accelerator, ...] = (ACCELERATORS["h100"],), **options: float | bool
-               ) -> list[dict]:
+_OPTIONS = ("window", "block_size", "top_k", "local", "kv_bytes", "weight_bytes", "batched")
+
+
+def _axis(name: str, values: Any, scalar: tuple[type, ...]) -> tuple:
+    """A grid axis as a non-empty tuple: one value (an instance of ``scalar``) or an iterable of them."""
+    if isinstance(values, scalar):
+        return (values,)
+    try:
+        items = tuple(values)
+    except TypeError:
+        raise ConfigError(f"expected {name} as one value or a sequence of them, got {values!r}") from None
+    if not items:
+        raise ConfigError(f"expected at least one value in {name}, got {values!r}")
+    return items
+
+
+def _accelerator(value: Any) -> Accelerator:
+    if isinstance(value, Accelerator):
+        return value
+    if isinstance(value, str) and value in ACCELERATORS:
+        return ACCELERATORS[value]
+    raise ConfigError(f"expected accelerators among {', '.join(ACCELERATORS)} (or Accelerator objects), got {value!r}")
+
+
+def cost_table(sizes: ModelSizes, *, prompt_lens: Any, gen_lens: Any, samples: Any = (1,),
+               attentions: Any = ("dense",), accelerators: Any = (ACCELERATORS["h100"],), **options: Any) -> list[dict]:
     """One row per (attention, prompt_len, gen_len, samples, accelerator): flops, bytes, efflops, seconds and
     ``memory_share`` (the part of eFLOPs that is memory traffic, I·bytes / eFLOPs). ``options`` go to
     :func:`attention_cost` (window, block_size, top_k, local, kv_bytes, weight_bytes, batched). Ready for
-    ``pandas.DataFrame``."""
+    ``pandas.DataFrame``.
+
+    Each axis is one value or a sequence (``prompt_lens=1024`` or ``(1024, 8192)``; numpy integers work);
+    ``accelerators`` holds :class:`Accelerator` objects or names of :data:`ACCELERATORS` (``"h100"``).
+    Raises ConfigError for an empty axis, an unknown option or accelerator, or a value :func:`attention_cost`
+    refuses.
+    """
+    unknown = sorted(set(options) - set(_OPTIONS))
+    if unknown:
+        raise ConfigError(f"cost_table() got unknown option(s) {', '.join(unknown)}; expected among "
+                          f"{', '.join(_OPTIONS)}")
+    prompt_lens, gen_lens, samples = (_axis(name, values, (numbers.Integral, str)) for name, values in
+                                      (("prompt_lens", prompt_lens), ("gen_lens", gen_lens), ("samples", samples)))
+    attentions = _axis("attentions", attentions, (str,))
+    devices = tuple(_accelerator(device) for device in _axis("accelerators", accelerators, (str, Accelerator)))
     rows = []
     for attention in attentions:
         for prompt_len in prompt_lens:
             for gen_len in gen_lens:
                 for count in samples:
                     cost = attention_cost(sizes, prompt_len=prompt_len, gen_len=gen_len, samples=count,
-                                          attention=attention, **options)  # type: ignore[arg-type]
-                    for device in accelerators:
+                                          attention=attention, **options)
+                    for device in devices:
                         efflops = cost.efflops(device)
-                        rows.append({"attention": attention, "prompt_len": prompt_len, "gen_len": gen_len,
-                                     "samples": count, "accelerator": device.name, "flops": cost.flops,
+                        rows.append({"attention": attention, "prompt_len": int(prompt_len), "gen_len": int(gen_len),
+                                     "samples": int(count), "accelerator": device.name, "flops": cost.flops,
                                      "bytes": cost.bytes, "efflops": efflops, "seconds": cost.seconds(device),
                                      "memory_share": device.intensity * cost.bytes / efflops})
     return rows

@@ -40,7 +40,7 @@ def test_cost_table_and_csv(tiny, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--accelerator", "tpu"], "--accelerator expects names among"),
     (["--gen-len", "abc"], "--gen-len expects comma-separated integers"),
-    (["--attention", "radial"], "expected attention among"),
+    (["--attention", "radial"], "--attention expects names among"),
 ])
 def test_cost_bad_input_is_one_line(tiny, args, message):
     done = CliRunner().invoke(app, ["cost", "--model", str(tiny[0]), *args])
@@ -79,3 +79,118 @@ def test_cost_batched_reads_weights_once_per_step(tiny, tmp_path):
         want = attention_cost(sizes, prompt_len=8, gen_len=4, samples=3, weight_bytes=4, batched=batched)
         assert got == want.bytes
     assert tables[False] - tables[True] == 4 * params * 4 * (3 - 1)  # weight_bytes · P · L_out · (N − 1)
+
+
+def run_cost(*args):
+    done = CliRunner().invoke(app, ["cost", *args])
+    return done, done.output.strip().splitlines()
+
+
+def test_cost_reads_a_config_alone(tmp_path):
+    """A folder with config.json only (no tokenizer, no weights), or the config.json itself: sizes from the config,
+    parameters counted on the meta device (WALK13 #3)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=24, intermediate_size=40, num_hidden_layers=3, num_attention_heads=6,
+                         num_key_value_heads=2, vocab_size=50, tie_word_embeddings=True,
+                         architectures=["LlamaForCausalLM"])
+    params = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
+    config.save_pretrained(tmp_path)
+    for model in (tmp_path, tmp_path / "config.json"):
+        done = CliRunner().invoke(app, ["cost", "--model", str(model), "--gen-len", "4", "--attention", "dense"])
+        assert done.exit_code == 0, done.output
+        assert f"{params} parameters, 3 layers, 6 query heads, 2 kv heads, head_dim 4" in done.stdout
+
+
+def test_cost_of_a_family_size(monkeypatch):
+    """Family sizes need no weights: load_model is never called (WALK13 #7)."""
+    import attnlab.capture.loading as loading
+    from attnlab.cost import MODEL_FAMILIES
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("loaded weights"))
+    done = CliRunner().invoke(app, ["cost", "--model", "Qwen3-8B", "--gen-len", "4", "--attention", "dense"])
+    assert done.exit_code == 0, done.output
+    sizes = MODEL_FAMILIES["qwen3"]["8b"]
+    assert f"{sizes.num_parameters} parameters, 36 layers, 32 query heads, 8 kv heads" in done.stdout
+    assert "qwen3-32b" in CliRunner().invoke(app, ["cost", "--help"]).output
+
+
+def test_cost_defaults_to_linear_for_a_recurrent_tinylm(tmp_path):
+    """A TinyLM whose layer keeps a state gets the linear row by default, with a note (WALK13 #17)."""
+    model = build_model(TinyLMSpec(layer="gla", vocab_size=32, num_layers=2, hidden_size=16, num_heads=4), seed=0)
+    model.save_pretrained(tmp_path)
+    done = CliRunner().invoke(app, ["cost", "--model", str(tmp_path), "--gen-len", "4"])
+    assert done.exit_code == 0, done.output
+    rows = [line.split()[0] for line in done.stdout.splitlines()[2:]]
+    assert rows == ["linear"] and "defaults to linear" in done.stderr
+    done = CliRunner().invoke(app, ["cost", "--model", str(tmp_path), "--gen-len", "4", "--attention", "dense"])
+    assert done.exit_code == 0 and "--attention linear gives its cost" in done.stderr
+
+
+def test_cost_notes_a_model_that_is_not_causal(tmp_path):
+    from transformers import BertConfig
+
+    BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=4, intermediate_size=32,
+               vocab_size=40).save_pretrained(tmp_path)
+    done = CliRunner().invoke(app, ["cost", "--model", str(tmp_path), "--gen-len", "4", "--attention", "dense"])
+    assert done.exit_code == 0 and "not a causal language model" in done.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--attention", ""], "--attention expects names among dense, topk, sliding_window, linear, got ''"),
+    (["--attention", ","], "--attention expects names among"),
+    (["--accelerator", ""], "--accelerator expects names among"),
+    (["--kv-bytes", "inf"], "--kv-bytes expects a finite number > 0, got inf"),
+    (["--weight-bytes", "inf"], "--weight-bytes expects a finite number >= 0, got inf"),
+    (["--kv-bytes", "0"], "--kv-bytes expects a finite number > 0, got 0.0"),
+    (["--samples", "0"], "--samples expects comma-separated integers >= 1, got '0'"),
+    (["--prompt-len", "-1"], "--prompt-len expects comma-separated integers >= 0"),
+    (["--top-k", "-3"], "--top-k expects an integer >= 1, got -3"),
+    (["--block-size", "0"], "--block-size expects an integer >= 1"),
+    (["--window", "0"], "--window expects an integer >= 1"),
+    (["--local", "-1"], "--local expects an integer >= 0"),
+    (["--model", "qwen3-9b"], "--model expects a family size among"),
+])
+def test_cost_bad_values_name_the_flag(args, message, monkeypatch):
+    """Checked before any model is read (WALK13 #1, #11, #12)."""
+    import attnlab.capture.loading as loading
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    done, lines = run_cost("--model", "smollm2-135m", *args) if args[0] != "--model" else run_cost(*args)
+    assert done.exit_code == 2 and len(lines) == 1 and message in lines[0], done.output
+
+
+def test_cost_out_is_checked_first(tiny, tmp_path, monkeypatch):
+    """--out: a folder, a missing folder or an existing file (without --force) fails before the model is read
+    and writes nothing; --force overwrites (WALK13 #13)."""
+    import attnlab.cost as cost
+
+    monkeypatch.setattr(cost, "model_from_config", lambda *a: pytest.fail("read the model"))
+    existing = tmp_path / "old.csv"
+    existing.write_text("keep\n")
+    for out, message in ((tmp_path, "is a folder"), (tmp_path / "no" / "x.csv", "does not exist"),
+                         (existing, "exists; pass --force")):
+        done, lines = run_cost("--model", str(tiny[0]), "--out", str(out))
+        assert done.exit_code == 2 and len(lines) == 1 and message in lines[0] and "--out" in lines[0], done.output
+    assert existing.read_text() == "keep\n" and not (tmp_path / "no").exists()
+    monkeypatch.undo()
+    done, _ = run_cost("--model", str(tiny[0]), "--gen-len", "4", "--attention", "dense", "--out", str(existing),
+                       "--force")
+    assert done.exit_code == 0 and existing.read_text().startswith("attention,")
+
+
+def test_cost_points_a_train_folder_to_its_checkpoint(tmp_path):
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "config.json").write_text("{}")
+    done, lines = run_cost("--model", str(tmp_path))
+    assert done.exit_code == 2 and len(lines) == 1 and f"did you mean {tmp_path / 'checkpoint'}?" in lines[0]
+
+
+def test_cost_of_an_uncached_hub_id_reads_no_weights(monkeypatch):
+    """A hub id is read as a config (config.json only); offline and uncached, that is one line."""
+    import attnlab.capture.loading as loading
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("loaded weights"))
+    done, lines = run_cost("--model", "no-such-org/no-such-model")
+    assert done.exit_code == 1 and len(lines) == 1 and "no-such-org/no-such-model" in lines[0]

@@ -178,7 +178,8 @@ def _check_folder(folder: Path, *, need_tokenizer: bool = True) -> None:
     """A model folder must have a valid config.json, safetensors weights (pickles are refused) and, unless the
     tokenizer comes from elsewhere (``need_tokenizer=False``), a tokenizer."""
     if not (folder / "config.json").is_file():
-        raise UsageError(f"{folder} has no config.json; expected a Hugging Face model folder or a .gguf file")
+        raise UsageError(f"{folder} has no config.json; " + (f"did you mean {folder / 'checkpoint'}?" if (
+            folder / "checkpoint" / "config.json").is_file() else "expected a Hugging Face model folder or a .gguf file"))
     _check_config_json(folder)
     if not any(folder.glob("*.safetensors")):
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
