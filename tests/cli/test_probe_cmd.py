@@ -64,7 +64,7 @@ def test_a_probe_that_produced_nothing_is_warned_about(setup, tmp_path):
 def test_the_done_line_names_the_attention_path(setup, tmp_path):
     result = _probe(setup, "--out", str(tmp_path / "run"), "--probe", "entropy")
     assert result.exit_code == 0, result.output
-    assert "; attention path: blocked_eager" in result.output
+    assert "; attention path: fused" in result.output
 
 
 def test_a_saved_config_replays_through_config(setup, tmp_path):
