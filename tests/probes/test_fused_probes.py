@@ -249,3 +249,44 @@ def test_cached_decoding_steps_equal_the_oracle(fused_calls):
     assert set(session.attention_paths.values()) == {"fused"}
     blocked, _ = _decode(model, "blocked")
     _assert_same(fused, blocked)
+
+
+def test_the_fused_protocol_of_a_third_party_probe(fused_calls):
+    """Probe declares the protocol: a probs probe that keeps the defaults runs the blocked kernel; one that returns a
+    request gets the call's statistics in update_fused; a request without update_fused is a NotImplementedError."""
+    from attnlab.functional.fused_attention import FusedRequest
+    from attnlab.probes.base import Probe
+    from tiny_models import tiny_llama
+
+    class Blocks(Probe):
+        name, needs = "blocks", frozenset({"probs"})
+
+        def __init__(self):
+            self.blocks, self.fused = 0, []
+
+        def update(self, call, block):
+            self.blocks += 1
+
+    class Fused(Blocks):
+        def fused_request(self, call):
+            return FusedRequest(entropy=True)
+
+        def update_fused(self, call, stats):
+            self.fused.append(stats.entropy.shape)
+
+    model = tiny_llama()
+    probe = Blocks()
+    with attnlab.Session(model, probes=[probe]) as session, torch.no_grad():
+        model(**_text(20))
+    assert probe.blocks == 2 and not fused_calls and set(session.attention_paths.values()) == {"blocked_eager"}
+    probe = Fused()
+    with attnlab.Session(model, probes=[probe]) as session, torch.no_grad():
+        model(**_text(20))
+    assert probe.blocks == 0 and probe.fused == [(1, 4, 20)] * 2 and set(session.attention_paths.values()) == {"fused"}
+
+    class Incomplete(Blocks):
+        fused_request = Fused.fused_request
+
+    with pytest.raises(NotImplementedError, match="blocks returned a fused_request but does not implement"):
+        with attnlab.Session(model, probes=[Incomplete()]), torch.no_grad():
+            model(**_text(20))
