@@ -6,7 +6,7 @@ Three specs hold the settings every command shares, one job each:
 - :class:`TextSpec`: which text and how it is cut into windows (``text``, ``seq_len``, ``max_windows``,
   ``batch_size``, ``bos``);
 - :class:`RunSpec`: what a probe run does (``probes``, ``probe_args``, ``compare``, ``block_size``,
-  ``query_fraction``, ``seed``, and the report viewer's ``pattern_heads``/``pattern_tokens``).
+  ``query_fraction``, ``probe_kernel``, ``seed``, and the report viewer's ``pattern_heads``/``pattern_tokens``).
 
 A command's config composes them: :class:`RunConfig` (``attnlab report`` / ``attnlab probe``) is
 ``load: ModelSpec`` + ``data: TextSpec`` + ``run: RunSpec``; :class:`attnlab.evaluation.config.EvalConfig` is
@@ -37,6 +37,7 @@ from attnlab.params import INT_LIMIT  # lengths, counts, sizes: beyond it they o
 DTYPE_NAMES = ("float32", "float64", "bfloat16", "float16")
 SEED_LIMIT = 2**63 - 1  # torch.manual_seed takes a 64-bit seed
 BOS_POLICIES = ("auto", "always", "never")
+PROBE_KERNELS = ("fused", "blocked")  # Session(probe_kernel=...)
 
 
 def check_types(spec: Any, kinds: Mapping[str, type]) -> None:
@@ -170,6 +171,8 @@ class RunSpec:
         compare: a second model (same tokenizer) for analyses that compare two models, or None.
         block_size: query rows per block of the eager kernel.
         query_fraction: fraction of query rows the probes see (1 = exact statistics).
+        probe_kernel: ``"fused"`` (default) or ``"blocked"`` (the oracle), the Session's ``probe_kernel``
+            (:class:`attnlab.capture.session.Session`); results.json's ``attention_paths`` say which kernel ran.
         seed: seeds python and torch RNGs, in [0, 2**63 - 1] (the forward pass is deterministic on CPU anyway).
         pattern_heads: heads whose per-token patterns the report's viewer shows (results.json ``"patterns"``):
             ``"auto"`` (strongest sinks + lowest entropy), ``"none"`` (no viewer data) or ``"L.H,L.H"`` (≤ 16).
@@ -182,6 +185,7 @@ class RunSpec:
     compare: str | None = None
     block_size: int = 128
     query_fraction: float = 1.0
+    probe_kernel: str = "fused"
     seed: int = 0
     pattern_heads: str = "auto"
     pattern_tokens: int = 64
@@ -200,6 +204,8 @@ class RunSpec:
         check_range(self, {"block_size": (1, INT_LIMIT), "seed": (0, SEED_LIMIT)})
         if not 0 < self.query_fraction <= 1:
             raise ConfigError(f"query_fraction must be in (0, 1], got {self.query_fraction}")
+        if self.probe_kernel not in PROBE_KERNELS:
+            raise ConfigError(f"probe_kernel must be 'fused' or 'blocked', got {self.probe_kernel!r}")
         if not self.probes:
             raise ConfigError("at least one probe is needed; see `attnlab ls probes`")
         for name in self.probes:

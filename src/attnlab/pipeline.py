@@ -267,7 +267,7 @@ def _run_probes(config: RunConfig, notify: Progress, model: Any, tokenizer: Any,
     paths: dict[int, str] = {}
     if attention:
         session = Session(loaded.model, probes=attention, block_size=config.run.block_size,
-                          query_fraction=config.run.query_fraction)
+                          query_fraction=config.run.query_fraction, probe_kernel=config.run.probe_kernel)
         with session, torch.no_grad():
             for batch in windows:
                 tally.step("running attention probes")

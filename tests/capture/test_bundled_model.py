@@ -42,7 +42,7 @@ def test_probes_leave_logits_within_bound(smollm2):
     real = batch["attention_mask"].bool()
     diff = (actual[real] - expected[real]).abs().max().item()
     assert diff <= REAL_MODEL_LOGITS_ATOL, diff
-    assert set(session.attention_paths.values()) == {"blocked_eager"}
+    assert set(session.attention_paths.values()) == {"fused"}
     frame = session.results()
     assert not frame.value.isna().any()
     entropy = frame[frame.statistic == "normalised_entropy"]

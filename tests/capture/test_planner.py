@@ -61,12 +61,13 @@ def test_plan_table(needs, edits, call, options, path, reason):
 
 
 def test_the_table_reaches_every_path():
-    # "implied" is not planned: the session records it for layers that show their implied map (attnlab.lab)
-    assert {row[4] for row in TABLE} == set(Path) - {Path.IMPLIED}
+    # not planned: "implied" (the session records it for layers that show their implied map, attnlab.lab) and
+    # "fused" (the session's choice for a blocked_eager call the fused probe kernel serves; tests/probes)
+    assert {row[4] for row in TABLE} == set(Path) - {Path.IMPLIED, Path.FUSED}
 
 
 def test_path_values_are_the_results_json_strings():
-    assert [p.value for p in Path] == ["sdpa", "blocked_eager", "sdpa+sampled_probs", "sdpa+edits",
+    assert [p.value for p in Path] == ["sdpa", "blocked_eager", "fused", "sdpa+sampled_probs", "sdpa+edits",
                                        "sdpa+edits+sampled_probs", "flex+edits", "blocked_eager+edits", "implied"]
     assert Path("flex+edits") is Path.FLEX_EDITS and Path.SDPA == "sdpa"
 

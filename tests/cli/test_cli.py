@@ -43,7 +43,7 @@ def test_report_on_local_model_writes_all_formats(model_dir, text, tmp_path):
     assert set(frame.probe) == {"entropy", "sink", "distance", "norms"}
     results = json.loads((out / "results.json").read_text())
     assert results["schema_version"] == 2
-    assert results["attention_paths"] == {"0": "blocked_eager", "1": "blocked_eager"}
+    assert results["attention_paths"] == {"0": "fused", "1": "fused"}
     assert len(results["windows"]) == 2 and len(results["windows"][0]["ids"]) == 32
     assert results["config"]["seq_len"] == 32 and results["model"]["num_kv_heads"] == 2
     html = (out / "report.html").read_text()
@@ -174,7 +174,7 @@ def test_report_on_bundled_model_and_corpus(tmp_path):
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
     assert results["model"]["num_layers"] == 30 and results["model"]["num_kv_heads"] == 3
-    assert set(results["attention_paths"].values()) == {"blocked_eager"}
+    assert set(results["attention_paths"].values()) == {"fused"}
     frame = pd.read_csv(out / "results.csv")
     rate = frame[frame.statistic == "sink_rate"]
     assert rate.layer.notna().sum() == 30 and rate.layer.isna().sum() == 1  # per layer + all layers

@@ -34,6 +34,7 @@ def _probe(setup, *args):
     (("--probe", "inflection", "--probe-arg", "band_width=1"), "PROBE.KEY=VALUE"),
     (("--probe", "inflection", "--probe-arg", "inflection.nope=1"), "bad --probe-arg"),
     (("--probe", "spatial_decay", "--probe-arg", "spatial_decay.grid=[0,4]"), "grid"),
+    (("--probe", "entropy", "--probe-kernel", "fast"), "probe_kernel must be 'fused' or 'blocked', got 'fast'"),
 ])
 def test_usage_errors_exit_2_with_one_line(setup, tmp_path, args, fragment):
     assert_one_line_error(_probe(setup, "--out", str(tmp_path / "out"), *args), 2, fragment)
@@ -64,7 +65,27 @@ def test_a_probe_that_produced_nothing_is_warned_about(setup, tmp_path):
 def test_the_done_line_names_the_attention_path(setup, tmp_path):
     result = _probe(setup, "--out", str(tmp_path / "run"), "--probe", "entropy")
     assert result.exit_code == 0, result.output
-    assert "; attention path: blocked_eager" in result.output
+    assert "; attention path: fused" in result.output
+
+
+def test_probe_kernel_blocked_runs_the_oracle_and_results_say_so(setup, tmp_path):
+    """--probe-kernel blocked: the blocked kernel on every layer (attention_paths), probe_kernel in the config, and
+    the statistics of the default fused kernel within float32 rounding."""
+    runs = {}
+    for kernel in ("fused", "blocked"):
+        out = tmp_path / kernel
+        result = _probe(setup, "--out", str(out), "--probe", "entropy", "--probe", "sink", "--probe-kernel", kernel)
+        assert result.exit_code == 0, result.output
+        runs[kernel] = json.loads((out / "results.json").read_text())
+        path = "fused" if kernel == "fused" else "blocked_eager"
+        assert set(runs[kernel]["attention_paths"].values()) == {path}
+        assert runs[kernel]["config"]["probe_kernel"] == kernel
+        assert f"; attention path: {path}" in result.output
+    rows = [{(r["probe"], r["statistic"], r["layer"], r["head"], r["position"]): r["value"]
+             for r in runs[kernel]["rows"]} for kernel in ("fused", "blocked")]
+    assert rows[0].keys() == rows[1].keys()
+    for key, value in rows[1].items():
+        assert rows[0][key] == pytest.approx(value, rel=2e-5, abs=2e-6), key
 
 
 def test_a_saved_config_replays_through_config(setup, tmp_path):

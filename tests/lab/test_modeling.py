@@ -318,7 +318,7 @@ def test_session_statistics_equal_explicit_attention_maps(layer_args):
     want_alpha, want_entropy = _explicit_stats(model, inputs, [12, 12], window)
     assert_close(alpha, want_alpha, dtype=torch.float32)
     assert_close(entropy, want_entropy, dtype=torch.float32)
-    assert set(session.attention_paths.values()) == {"blocked_eager"}
+    assert set(session.attention_paths.values()) == {"fused"}  # the fused probe kernel (entropy, sink)
     assert model.config._attn_implementation == "sdpa"  # restored on exit
 
 

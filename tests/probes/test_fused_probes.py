@@ -58,8 +58,9 @@ def test_fused_probes_equal_the_oracle(num_heads, num_kv_heads, length):
     model = tiny_llama(num_heads=num_heads, num_kv_heads=num_kv_heads)
     batches = [_text(length), _text(max(1, length // 3), seed=2)]  # two windows of different lengths
     fused, fused_extras, session = _run(model, batches, "fused", block_size=32)
-    blocked, blocked_extras, _ = _run(model, batches, "blocked", block_size=32)
-    assert set(session.attention_paths.values()) == {"blocked_eager"}
+    blocked, blocked_extras, oracle = _run(model, batches, "blocked", block_size=32)
+    assert set(session.attention_paths.values()) == {"fused"}
+    assert set(oracle.attention_paths.values()) == {"blocked_eager"}
     _assert_same(fused, blocked)
     assert fused_extras["sink"]["num_hidden_sinks"] == blocked_extras["sink"]["num_hidden_sinks"]
 
@@ -91,30 +92,34 @@ def test_fused_probes_equal_the_oracle_in_float64():
     _assert_same({k: fused[k] for k in binned}, {k: blocked[k] for k in binned}, rel=1e-6, abs_=1e-12)
 
 
-def test_the_fused_kernel_is_the_default_and_is_used():
-    from tiny_models import tiny_llama
-
-    model = tiny_llama()
-    calls = []
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """A list that gets one entry per call of the fused kernel (the executors' ``fused_attention``)."""
     import attnlab.capture.executors as executors
 
+    calls = []
     real = executors.fused_attention
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    executors.fused_attention = counting
-    try:
-        _run(model, [_text(20)], "fused")
-        assert len(calls) == 2  # one per layer
-        calls.clear()
-        _run(model, [_text(20)], "blocked")
-        assert not calls
-        attnlab.Session(model, probes=PROBES)  # default: fused
-        assert attnlab.Session(model, probes=PROBES).probe_kernel == "fused"
-    finally:
-        executors.fused_attention = real
+    monkeypatch.setattr(executors, "fused_attention", counting)
+    return calls
+
+
+def test_the_fused_kernel_is_the_default_and_is_used(fused_calls):
+    from tiny_models import tiny_llama
+
+    model = tiny_llama()
+    _, _, session = _run(model, [_text(20)], "fused")
+    assert len(fused_calls) == 2  # one per layer
+    assert session.attention_paths == {0: "fused", 1: "fused"}
+    fused_calls.clear()
+    _, _, session = _run(model, [_text(20)], "blocked")
+    assert not fused_calls
+    assert session.attention_paths == {0: "blocked_eager", 1: "blocked_eager"}
+    assert attnlab.Session(model, probes=PROBES).probe_kernel == "fused"
 
 
 def test_bad_probe_kernel_is_a_one_line_config_error():
@@ -134,29 +139,34 @@ def test_each_probe_alone_equals_the_oracle(probes):
     _assert_same(fused, blocked)
 
 
-def test_sampled_rows_and_other_probs_probes_run_the_oracle():
-    """query_fraction < 1 and a probe without a fused form (spatial statistics) fall back: results are identical."""
+def test_sampled_rows_and_other_probs_probes_run_the_oracle(fused_calls):
+    """query_fraction < 1 and a probe without a fused form (spatial statistics) fall back: the fused kernel never
+    runs, the path says so, and the results are identical."""
     from tiny_models import tiny_llama
 
     model = tiny_llama()
-    fused, _, _ = _run(model, [_text(90)], "fused", query_fraction=0.25)
+    fused, _, session = _run(model, [_text(90)], "fused", query_fraction=0.25)
     blocked, _, _ = _run(model, [_text(90)], "blocked", query_fraction=0.25)
+    assert not fused_calls and set(session.attention_paths.values()) == {"sdpa+sampled_probs"}
     assert fused == blocked
-    fused, _, _ = _run(model, [_text(40)], "fused", probes=[*PROBES, "rope_decay"])
+    fused, _, session = _run(model, [_text(40)], "fused", probes=[*PROBES, "rope_decay"])
     blocked, _, _ = _run(model, [_text(40)], "blocked", probes=[*PROBES, "rope_decay"])
+    assert not fused_calls and set(session.attention_paths.values()) == {"blocked_eager"}
     assert fused == blocked
 
 
-def test_a_bidirectional_model_with_distance_runs_the_oracle_and_without_it_the_fused_kernel():
+def test_a_bidirectional_model_with_distance_runs_the_oracle_and_without_it_the_fused_kernel(fused_calls):
     from tiny_models import tiny_bert
 
     model = tiny_bert()
     batch = {"input_ids": _text(33)["input_ids"], "attention_mask": torch.ones(1, 33, dtype=torch.long)}
-    fused, _, _ = _run(model, [batch], "fused", block_size=8)
+    fused, _, session = _run(model, [batch], "fused", block_size=8)
     blocked, _, _ = _run(model, [batch], "blocked", block_size=8)
     assert fused == blocked  # distance declines bidirectional calls: the whole call runs the oracle
-    fused, _, _ = _run(model, [batch], "fused", probes=["entropy", "sink"], block_size=8)
+    assert not fused_calls and set(session.attention_paths.values()) == {"blocked_eager"}
+    fused, _, session = _run(model, [batch], "fused", probes=["entropy", "sink"], block_size=8)
     blocked, _, _ = _run(model, [batch], "blocked", probes=["entropy", "sink"], block_size=8)
+    assert len(fused_calls) == 2 and set(session.attention_paths.values()) == {"fused"}
     _assert_same(fused, blocked)
 
 
@@ -180,3 +190,103 @@ def test_nan_rows_are_counted_and_left_out_as_in_the_oracle(projection, token):
         handle.remove()
     assert any(key[1] == "nan_rows" and value > 0 for key, value in blocked.items())
     _assert_same(fused, blocked)
+
+
+def test_a_soft_capped_model_runs_the_blocked_kernel(fused_calls, caplog):
+    """Gemma 2 soft-caps its logits, which the fused kernel does not apply: every call falls back to the oracle,
+    the path says so, the reason is logged, and the statistics are those of probe_kernel="blocked"."""
+    import logging
+
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          head_dim=8, intermediate_size=64, vocab_size=97, max_position_embeddings=128,
+                          attn_logit_softcapping=5.0, sliding_window=16, attn_implementation="eager")
+    model = Gemma2ForCausalLM(config).eval()
+    with caplog.at_level(logging.INFO, logger="attnlab.capture.session"):
+        fused, _, session = _run(model, [_text(40)], "fused", block_size=16)
+    blocked, _, oracle = _run(model, [_text(40)], "blocked", block_size=16)
+    assert not fused_calls
+    assert set(session.attention_paths.values()) == set(oracle.attention_paths.values()) == {"blocked_eager"}
+    assert "instead of fused: the model soft-caps its logits" in caplog.text
+    assert fused == blocked
+
+
+def test_a_gradient_through_the_attention_runs_the_blocked_kernel(fused_calls):
+    from tiny_models import tiny_llama
+
+    model = tiny_llama()
+    with attnlab.Session(model, probes=PROBES) as session:
+        model(**_text(20)).logits.sum().backward()
+    assert not fused_calls and set(session.attention_paths.values()) == {"blocked_eager"}
+
+
+def _decode(model, probe_kernel, steps=3):
+    """Prefill a left-padded batch of two, then ``steps`` greedy tokens with a DynamicCache (q_len 1 < kv_len)."""
+    from transformers import DynamicCache
+
+    batch = _left_padded([23, 9], seed=5)
+    ids, mask, cache = batch["input_ids"], batch["attention_mask"], DynamicCache()
+    session = attnlab.Session(model, probes=["entropy", "sink", "distance"], probe_kernel=probe_kernel,
+                              block_size=8)
+    with session, torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
+        for _ in range(steps):
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+            out = model(input_ids=token, attention_mask=mask, cache=cache, use_cache=True)
+    rows = {(r["probe"], r["statistic"], r["layer"], r["head"], r["position"]): r["value"] for r in session.rows()}
+    return rows, session
+
+
+def test_cached_decoding_steps_equal_the_oracle(fused_calls):
+    from tiny_models import tiny_llama
+
+    model = tiny_llama(num_heads=6, num_kv_heads=2)
+    fused, session = _decode(model, "fused")
+    assert len(fused_calls) == 2 * 4  # two layers, prefill + 3 decoding steps
+    assert set(session.attention_paths.values()) == {"fused"}
+    blocked, _ = _decode(model, "blocked")
+    _assert_same(fused, blocked)
+
+
+def test_the_fused_protocol_of_a_third_party_probe(fused_calls):
+    """Probe declares the protocol: a probs probe that keeps the defaults runs the blocked kernel; one that returns a
+    request gets the call's statistics in update_fused; a request without update_fused is a NotImplementedError."""
+    from attnlab.functional.fused_attention import FusedRequest
+    from attnlab.probes.base import Probe
+    from tiny_models import tiny_llama
+
+    class Blocks(Probe):
+        name, needs = "blocks", frozenset({"probs"})
+
+        def __init__(self):
+            self.blocks, self.fused = 0, []
+
+        def update(self, call, block):
+            self.blocks += 1
+
+    class Fused(Blocks):
+        def fused_request(self, call):
+            return FusedRequest(entropy=True)
+
+        def update_fused(self, call, stats):
+            self.fused.append(stats.entropy.shape)
+
+    model = tiny_llama()
+    probe = Blocks()
+    with attnlab.Session(model, probes=[probe]) as session, torch.no_grad():
+        model(**_text(20))
+    assert probe.blocks == 2 and not fused_calls and set(session.attention_paths.values()) == {"blocked_eager"}
+    probe = Fused()
+    with attnlab.Session(model, probes=[probe]) as session, torch.no_grad():
+        model(**_text(20))
+    assert probe.blocks == 0 and probe.fused == [(1, 4, 20)] * 2 and set(session.attention_paths.values()) == {"fused"}
+
+    class Incomplete(Blocks):
+        fused_request = Fused.fused_request
+
+    with pytest.raises(NotImplementedError, match="blocks returned a fused_request but does not implement"):
+        with attnlab.Session(model, probes=[Incomplete()]), torch.no_grad():
+            model(**_text(20))

@@ -2,9 +2,10 @@
 
 Every executor takes a :class:`Job` and returns the output (B, Lq, Hq, Dv) transformers expects. SDPA is
 transformers' own ``sdpa_attention_forward`` (so the plain path is bit-identical to ``attn_implementation="sdpa"``);
-the blocked kernel is :func:`attnlab.functional.attention.blocked_attention`, or, when every probe that reads
-probabilities supports it, the fused kernel :func:`attnlab.functional.fused_attention.fused_attention` (the
-default; ``Session(probe_kernel="blocked")`` keeps the blocked kernel, the oracle); the edit forms are those of
+the blocked kernel is :func:`attnlab.functional.attention.blocked_attention` (``blocked_eager``), and the fused
+kernel :func:`attnlab.functional.fused_attention.fused_attention` (``fused``) runs instead when every probe that
+reads probabilities supports it (:func:`fused_plan`) and the call allows it (:func:`fused_fallback`): the default;
+``Session(probe_kernel="blocked")`` keeps the blocked kernel, the oracle. The edit forms are those of
 :class:`attnlab.edits.apply.EditedCall`.
 """
 
@@ -23,7 +24,7 @@ from attnlab.capture.planner import Path
 from attnlab.edits.apply import EditedCall
 from attnlab.functional.attention import BlockView, blocked_attention
 from attnlab.functional.fused_attention import FusedRequest, FusedStats, fused_attention
-from attnlab.probes.base import AttentionCall
+from attnlab.probes.base import AttentionCall, Probe
 
 
 @dataclass
@@ -83,16 +84,27 @@ def _sdpa_sampled(job: Job) -> Tensor:
     return output
 
 
+def _fused(job: Job) -> Tensor:
+    output, stats = fused_attention(job.query, job.key, job.value, job.keep, job.fused.request,
+                                    scale=job.call.scale, block_size=job.block_size)
+    job.fused.deliver(stats)
+    return _heads_last(output)
+
+
 def _blocked(job: Job) -> Tensor:
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (job.query, job.key, job.value))
-    if job.fused is not None and job.kwargs.get("softcap") is None and not needs_grad:  # fused: not differentiable
-        output, stats = fused_attention(job.query, job.key, job.value, job.keep, job.fused.request,
-                                        scale=job.call.scale, block_size=job.block_size)
-        job.fused.deliver(stats)
-        return _heads_last(output)
     return _heads_last(blocked_attention(job.query, job.key, job.value, job.keep, scale=job.call.scale,
                                          softcap=job.kwargs.get("softcap"), block_size=job.block_size,
                                          on_block=job.observe))
+
+
+def fused_fallback(job: Job) -> str | None:
+    """Why a ``blocked_eager`` call with a fused plan cannot run the fused kernel, or None if it can: the logits are
+    soft-capped, or a gradient flows through the attention (the fused kernel is not differentiable)."""
+    if job.kwargs.get("softcap") is not None:
+        return "the model soft-caps its logits"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (job.query, job.key, job.value)):
+        return "a gradient flows through the attention"
+    return None
 
 
 def _edits_sdpa_sampled(job: Job) -> Tensor:
@@ -106,6 +118,7 @@ EXECUTORS: dict[Path, Callable[[Job], Tensor]] = {
     Path.SDPA: Job.sdpa,
     Path.SDPA_SAMPLED: _sdpa_sampled,
     Path.BLOCKED_EAGER: _blocked,
+    Path.FUSED: _fused,
     Path.SDPA_EDITS: lambda job: _heads_last(job.edited.fast(job.sdpa_with)),
     Path.SDPA_EDITS_SAMPLED: _edits_sdpa_sampled,
     Path.FLEX_EDITS: lambda job: _heads_last(job.edited.flex()),
@@ -119,7 +132,8 @@ class FusedPlan:
 
     Attributes:
         request: the union of the probes' :class:`attnlab.functional.fused_attention.FusedRequest`.
-        call: the call record. readers: the probes that need probs (each has ``update_fused``).
+        call: the call record. readers: the probes that need probs (each returned a request and implements
+            :meth:`attnlab.probes.base.Probe.update_fused`).
     """
 
     request: FusedRequest
@@ -133,13 +147,14 @@ class FusedPlan:
                 probe.update_fused(self.call, stats)
 
 
-def fused_plan(call: AttentionCall, probes: list[Any]) -> FusedPlan | None:
+def fused_plan(call: AttentionCall, probes: list[Probe]) -> FusedPlan | None:
     """The fused-kernel plan of a call, or None when the blocked kernel (the oracle) must run: no probe needs probs,
-    a probe that does has no fused form (``fused_request``/``update_fused``) or declines this call (returns None),
-    or two probes ask for the same reduction with different weights. Soft-capped calls, edits and query sampling
-    never reach the fused kernel (their executors run the blocked kernel)."""
+    a probe that does has no fused form or declines this call (its :meth:`attnlab.probes.base.Probe.fused_request`
+    returns None, the default), or two probes ask for the same reduction with different weights. The session runs
+    the plan only on a ``blocked_eager`` call that :func:`fused_fallback` allows (recorded as path ``fused``);
+    edits and query sampling never reach the fused kernel."""
     readers = [probe for probe in probes if "probs" in probe.needs]
-    if not readers or not all(hasattr(p, "fused_request") and hasattr(p, "update_fused") for p in readers):
+    if not readers:
         return None
     request: FusedRequest | None = FusedRequest()
     for probe in readers:

@@ -16,6 +16,12 @@ The table (first matching row wins; "sample" = ``query_fraction < 1`` and no pro
     yes    any             no            no       –       yes                   flex+edits
     yes    any             any           any      any     any                   blocked_eager+edits
 
+A ``blocked_eager`` call runs the fused probe kernel instead (path ``fused``,
+:func:`attnlab.capture.executors.fused_plan`) when the session's ``probe_kernel`` is ``"fused"`` (the default),
+every probe that reads probs has a fused form for the call, and :func:`attnlab.capture.executors.fused_fallback`
+allows it (no soft-capping, no gradient through the attention); otherwise it stays ``blocked_eager``, so results
+say which kernel produced the statistics.
+
 Layers of attnlab's own models (``attnlab.lab``) that compute their own attention (linear attention, sigmoid,
 score_mod layers) are not planned: they hand the session the map they imply and are recorded as
 ``implied:<kind>`` (the map's kind: ``implied:softmax``, ``implied:normalised``, ``implied:proxy``,
@@ -42,6 +48,7 @@ class Path(str, Enum):
 
     SDPA = "sdpa"
     BLOCKED_EAGER = "blocked_eager"
+    FUSED = "fused"  # not planned: a blocked_eager call the fused probe kernel serves (set by the session)
     SDPA_SAMPLED = "sdpa+sampled_probs"
     SDPA_EDITS = "sdpa+edits"
     SDPA_EDITS_SAMPLED = "sdpa+edits+sampled_probs"

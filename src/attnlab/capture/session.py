@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -33,7 +33,7 @@ from attnlab.capture.calls import (
     ForwardState, bound_probes, check_attention_kwargs, check_model_supported, implied_call, prepare_call, read_forward,
 )
 from attnlab.capture.edit_log import EditLog
-from attnlab.capture.executors import EXECUTORS, Job, fused_plan, observe_implied, probe_observer
+from attnlab.capture.executors import EXECUTORS, Job, fused_fallback, fused_plan, observe_implied, probe_observer
 from attnlab.capture.patterns import PatternProbe
 from attnlab.capture.planner import CallFacts, EditFacts, Needs, Options, Path, Planner
 from attnlab.capture.positions import PositionIds
@@ -69,7 +69,8 @@ class Session:
             bidirectional layers with ``distance``, gradients through the attention, or any other probe that reads
             probs) run the blocked kernel.
             ``"blocked"``: always the blocked kernel with per-block observers (the oracle the fused path is tested
-            against).
+            against). ``attention_paths`` says which kernel ran on each layer (``"fused"`` or ``"blocked_eager"``);
+            a fallback's reason is logged once at INFO. CLI: ``--probe-kernel``.
 
     Attributes:
         facts: the model's :class:`attnlab.facts.ModelFacts`. attention_paths: layer → path value (the
@@ -85,7 +86,7 @@ class Session:
 
     def __init__(self, model: nn.Module, probes: Iterable[str | Probe] = (), *, block_size: int = 128,
                  query_fraction: float = 1.0, edits: Iterable[str | Edit] = (), verify_rows: int = 16,
-                 flex: bool = False, probe_kernel: str = "fused") -> None:
+                 flex: bool = False, probe_kernel: Literal["fused", "blocked"] = "fused") -> None:
         check_model_supported(model)
         if probe_kernel not in ("fused", "blocked"):
             raise ConfigError(f"probe_kernel must be 'fused' or 'blocked', got {probe_kernel!r}")
@@ -194,15 +195,31 @@ class Session:
         edited = self.edit_log.attention_call(query, key, value, keep, call, block_size=self.block_size,
                                               softcap=softcap)
         path = path or self.planner.choose(needs, EditFacts.of(edited, self.flex), facts)
+        job = Job(module, query, key, value, attention_mask, kwargs, keep, call, edited=edited,
+                  observe=probe_observer(call, probes), block_size=self.block_size, query_fraction=self.query_fraction)
+        if path is Path.BLOCKED_EAGER and self.probe_kernel == "fused":
+            path = self._fused_or_blocked(job, probes)
         self.attention_paths[layer] = path.value
-        output = EXECUTORS[path](Job(module, query, key, value, attention_mask, kwargs, keep, call, edited=edited,
-                                     observe=probe_observer(call, probes), block_size=self.block_size,
-                                     fused=fused_plan(call, probes) if self.probe_kernel == "fused" else None,
-                                     query_fraction=self.query_fraction))
+        output = EXECUTORS[path](job)
         with torch.no_grad():
             for probe in probes:
                 probe.end_call(call)
         return output, None
+
+    def _fused_or_blocked(self, job: Job, probes: list[Probe]) -> Path:
+        """``Path.FUSED`` (with ``job.fused`` set) when the fused kernel can serve this ``blocked_eager`` call, else
+        ``Path.BLOCKED_EAGER``; the reason a fused plan cannot run is logged once at INFO."""
+        plan = fused_plan(job.call, probes)
+        if plan is None:
+            return Path.BLOCKED_EAGER
+        reason = fused_fallback(job)
+        if reason is not None:
+            if reason not in self.planner.logged:
+                self.planner.logged.add(reason)
+                logger.info("attention path blocked_eager instead of fused: %s", reason)
+            return Path.BLOCKED_EAGER
+        job.fused = plan
+        return Path.FUSED
 
     def implied(self, module: nn.Module, attention_map: Any) -> tuple[None, None]:
         """Called by the backend for a layer that computes its own attention (``implied_map=``, attnlab.lab):

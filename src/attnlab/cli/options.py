@@ -52,6 +52,10 @@ BlockSize = Annotated[int, typer.Option("--block-size", help="Query rows per blo
                                         rich_help_panel=_RUN)]
 QueryFraction = Annotated[float, typer.Option("--query-fraction", help="Fraction of query rows the probes see "
                                               "(1 = exact).", rich_help_panel=_RUN)]
+ProbeKernel = Annotated[str, typer.Option(
+    "--probe-kernel", help="fused (default: the exact probes' statistics in the pass that computes the output) | "
+    "blocked (the blocked eager kernel, the oracle). results.json's attention_paths say which ran.",
+    rich_help_panel=_RUN)]
 DType = Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 | float16 | float64.", rich_help_panel=_RUN)]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, …", rich_help_panel=_RUN)]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed.", rich_help_panel=_RUN)]

@@ -15,8 +15,9 @@ from typing import Annotated, Any, Optional
 import typer
 
 from attnlab.cli.options import (
-    BlockSize, Bos, ConfigFile, Debug, Device, DType, Force, MaxWindows, ModelOpt, OutDir, QueryFraction, Seed,
-    SeqLen, TextOpt, TokenizerOpt, command_values, print_config, run_guarded, stderr, with_progress, write_and_announce,
+    BlockSize, Bos, ConfigFile, Debug, Device, DType, Force, MaxWindows, ModelOpt, OutDir, ProbeKernel,
+    QueryFraction, Seed, SeqLen, TextOpt, TokenizerOpt, command_values, print_config, run_guarded, stderr,
+    with_progress, write_and_announce,
 )
 
 ProbeNames = Annotated[Optional[list[str]], typer.Option(
@@ -49,6 +50,7 @@ def probe(
     force: Force = False,
     block_size: BlockSize = 128,
     query_fraction: QueryFraction = 1.0,
+    probe_kernel: ProbeKernel = "fused",
     bos: Bos = "auto",
     dtype: DType = "float32",
     device: Device = "cpu",

@@ -13,6 +13,14 @@ decoder layer) and ``"every_row"`` (with ``"probs"``: every query row, never a `
 Call order per attention call of one layer: ``begin_call(call)``, ``update(call, block)`` for every query block,
 ``end_call(call)``. Per decoder layer: ``on_hidden_states(layer_idx, hidden_states, sequence)``.
 
+The fused protocol (optional, for ``"probs"`` probes whose statistics are reductions the fused kernel
+:func:`attnlab.functional.fused_attention.fused_attention` computes in the pass that makes the output): a probe
+returns a :class:`~attnlab.functional.fused_attention.FusedRequest` from ``fused_request(call)`` and takes the
+call's :class:`~attnlab.functional.fused_attention.FusedStats` in ``update_fused(call, stats)``, which then
+replaces every ``update`` of that call. A call runs the fused kernel only when every probe that reads probs
+returns a request (the default ``fused_request`` returns None: the blocked kernel feeds ``update``); the session
+records the kernel that ran in ``attention_paths`` (``"fused"`` or ``"blocked_eager"``).
+
 The call record :class:`AttentionCall` is the one record probes **and** edits receive
 (``attnlab.edits.base`` re-exports it).
 """
@@ -20,7 +28,7 @@ The call record :class:`AttentionCall` is the one record probes **and** edits re
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -28,6 +36,9 @@ from torch import Tensor
 from attnlab.facts import ModelFacts
 from attnlab.functional.attention import BlockView
 from attnlab.report.sections import Section
+
+if TYPE_CHECKING:
+    from attnlab.functional.fused_attention import FusedRequest, FusedStats
 
 Row = dict[str, Any]
 
@@ -178,6 +189,25 @@ class Probe(Measurement):
 
     def on_hidden_states(self, layer_idx: int, hidden_states: Tensor, sequence: SequenceInfo) -> None:  # noqa: B027
         pass
+
+    def fused_request(self, call: AttentionCall) -> FusedRequest | None:
+        """What the fused kernel should compute for this probe on ``call``, or None (the default) to have the
+        blocked kernel feed :meth:`update` instead. Called once per call, after ``begin_call``; a probe may decline
+        some calls (``distance`` declines bidirectional ones). Only asked of probes that need ``"probs"``; a probe
+        that returns a request must implement :meth:`update_fused`."""
+        return None
+
+    def update_fused(self, call: AttentionCall, stats: FusedStats) -> None:
+        """Take the whole call's :class:`~attnlab.functional.fused_attention.FusedStats` (what the merged requests
+        of the call's probes asked for; shapes in its docstring) in place of every :meth:`update` of the call,
+        leaving the same state. Called between ``begin_call`` and ``end_call``, without gradient.
+
+        Raises:
+            NotImplementedError: on a probe whose :meth:`fused_request` returned a request but that does not
+                override this method.
+        """
+        raise NotImplementedError(f"probe {self.name or type(self).__name__} returned a fused_request but does not "
+                                  "implement update_fused")
 
 
 
