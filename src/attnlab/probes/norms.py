@@ -89,12 +89,16 @@ class NormsProbe(Probe):
         self.value_count[call.layer_idx, :, : call.kv_len] += counts.double().cpu()
 
     def on_hidden_states(self, layer_idx: int, hidden_states: Tensor, sequence: SequenceInfo) -> None:
-        length = hidden_states.shape[1]
+        # the forward's last L tokens; a cached decoding step feeds 1 token at a position beyond L
+        positions = sequence.positions[:, -hidden_states.shape[1]:]  # (B, L), -1 on padding
+        size = int(positions.max()) + 1 if positions.numel() else 0
+        if size <= 0:
+            return
         norms = hidden_states.float().norm(dim=-1)[:, None, :]  # (B, 1, L)
-        self._grow(length)
-        sums, counts = _scatter_by_position(norms, sequence.positions[:, -length:], length)
-        self.residual_sum[layer_idx, :length] += sums[0].double().cpu()
-        self.residual_count[layer_idx, :length] += counts[0].double().cpu()
+        self._grow(size)
+        sums, counts = _scatter_by_position(norms, positions, size)
+        self.residual_sum[layer_idx, :size] += sums[0].double().cpu()
+        self.residual_count[layer_idx, :size] += counts[0].double().cpu()
 
     def state(self) -> dict[str, Tensor]:
         return {"residual_sum": self.residual_sum, "residual_count": self.residual_count,
