@@ -135,7 +135,7 @@ def test_unknown_name_suggests_bundled():
 
 def test_unreachable_hub_is_one_line(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(loading, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(loading, "hub_reachable", lambda timeout=3.0: False)
     with pytest.raises(AssetError) as err:
         load_model("no-such-org/no-such-model-attnlab")
     msg = str(err.value)
@@ -199,7 +199,7 @@ def test_tokenizer_from_another_folder(llama_dir, tmp_path):
 def test_local_looking_names_are_never_hub_ids(tmp_path, monkeypatch):
     (tmp_path / "runs").mkdir()
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(loading, "_hub_reachable", lambda timeout=3.0: pytest.fail("asked the hub"))
+    monkeypatch.setattr(loading, "hub_reachable", lambda timeout=3.0: pytest.fail("asked the hub"))
     for name in ("runs/model", "./x/y", "~/no-such-attnlab-model", "/no/such/attnlab/model"):
         with pytest.raises(UsageError, match=f"path {name} does not exist"):
             load_model(name)

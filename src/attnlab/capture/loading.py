@@ -273,7 +273,7 @@ def _load_gguf(gguf: Path, dtype: torch.dtype, *, cache_dir: Path | None = None)
     return _load_gguf(gguf, dtype, cache_dir=cache_dir)
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the hub host accepts a TCP connection (avoids transformers' long retry loop when offline)."""
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
@@ -285,7 +285,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _looks_like_path(name: str) -> bool:
+def looks_like_path(name: str) -> bool:
     """Whether ``name`` can only mean a local path: it starts with ``/ ./ ../ ~``, ends with ``.gguf``, or its
     first component is a local folder (``runs/model`` while ``./runs`` exists), so it is never a hub id."""
     if name.startswith(("/", "./", "../", "~", ".\\")) or name.endswith(".gguf"):
@@ -302,7 +302,8 @@ def _missing_path(what: str, name: str, expected: str = "a model folder, a .gguf
     return UsageError(f"{what} path {name} does not exist{why}; expected {expected}")
 
 
-def _hub_error(name: str, why: str) -> AssetError:
+def hub_error(name: str, why: str) -> AssetError:
+    """The one-line error for a hub id that cannot be fetched (``why``: the reason, one line)."""
     return AssetError(
         f"Could not load {name!r} from the Hugging Face hub ({why}); a local model folder, a .gguf file or a "
         f"bundled name ({', '.join(BUNDLED_MODELS)}) works offline"
@@ -315,18 +316,18 @@ def _load_hub(name: str, dtype: torch.dtype, trust_remote_code: bool) -> tuple[A
         config = AutoConfig.from_pretrained(name, local_files_only=True, **kwargs)
         kwargs["local_files_only"] = True
     except OSError:
-        if not _hub_reachable():
-            raise _hub_error(name, "the hub is unreachable and it is not in the local hub cache") from None
+        if not hub_reachable():
+            raise hub_error(name, "the hub is unreachable and it is not in the local hub cache") from None
         try:
             config = AutoConfig.from_pretrained(name, **kwargs)
         except OSError as exc:
-            raise _hub_error(name, str(exc).splitlines()[0]) from None
+            raise hub_error(name, str(exc).splitlines()[0]) from None
     cls = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
     try:
         model = cls.from_pretrained(name, dtype=dtype, use_safetensors=True, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
     except OSError as exc:
-        raise _hub_error(name, str(exc).splitlines()[0]) from None
+        raise hub_error(name, str(exc).splitlines()[0]) from None
     digest = None
     try:
         from huggingface_hub import try_to_load_from_cache
@@ -342,12 +343,12 @@ def _hub_tokenizer(name: str, trust_remote_code: bool) -> Any:
     try:  # already in the local hub cache: no network needed
         return AutoTokenizer.from_pretrained(name, local_files_only=True, trust_remote_code=trust_remote_code)
     except OSError:
-        if not _hub_reachable():
-            raise _hub_error(name, "the hub is unreachable and it is not in the local hub cache") from None
+        if not hub_reachable():
+            raise hub_error(name, "the hub is unreachable and it is not in the local hub cache") from None
     try:
         return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except OSError as exc:
-        raise _hub_error(name, str(exc).splitlines()[0]) from None
+        raise hub_error(name, str(exc).splitlines()[0]) from None
 
 
 def load_tokenizer(name_or_path: str | os.PathLike[str], *, trust_remote_code: bool = False) -> tuple[Any, str]:
@@ -392,7 +393,7 @@ def load_tokenizer(name_or_path: str | os.PathLike[str], *, trust_remote_code: b
         with _as_usage_error(f"the tokenizer in {path}", any_error=True):
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         return tokenizer, str(path.resolve())
-    if _looks_like_path(name):
+    if looks_like_path(name):
         raise _missing_path("Tokenizer", name, "a folder with tokenizer files, a .gguf file or a bundled name")
     if "/" in name:
         with _as_usage_error(f"the tokenizer {name}", any_error=True):
@@ -536,7 +537,7 @@ def _load_model(name_or_path: str | os.PathLike[str], dtype: str | torch.dtype, 
                 own = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         fmt, source = "safetensors", str(path.resolve())
         extra = {"file_sha256": _weights_sha256(path), "loaded_from": source}
-    elif _looks_like_path(name):
+    elif looks_like_path(name):
         raise _missing_path("Model", name)
     elif "/" in name:
         with _as_usage_error(name):

@@ -151,12 +151,12 @@ def model_sizes(model: str) -> tuple[Any, list[str], bool]:
     anything else (a bundled name, a .gguf file) is loaded by :func:`attnlab.capture.loading.load_model`.
     """
     from attnlab.capture.architectures import is_causal_lm
-    from attnlab.capture.loading import _looks_like_path
+    from attnlab.capture.loading import looks_like_path
     from attnlab.cost import MODEL_FAMILIES, family_sizes, model_from_config, sizes_of
     from attnlab.errors import ConfigError
 
     path = Path(model).expanduser()
-    hub = not path.exists() and "/" in model and not _looks_like_path(model)
+    hub = not path.exists() and "/" in model and not looks_like_path(model)
     if (path.exists() and not (path.is_file() and path.suffix == ".gguf")) or hub:
         built = model_from_config(_hub_config(model) if hub else path)
         causal, layer = is_causal_lm(built), getattr(built.config, "layer", None)
@@ -183,17 +183,17 @@ def _hub_config(name: str) -> Any:
     AssetError (one line) when neither works, as :func:`attnlab.capture.loading.load_model` says it."""
     from transformers import AutoConfig
 
-    from attnlab.capture.loading import _hub_error, _hub_reachable
+    from attnlab.capture.loading import hub_error, hub_reachable
 
     try:
         return AutoConfig.from_pretrained(name, local_files_only=True, trust_remote_code=False)
     except Exception:  # noqa: BLE001 - not cached (OSError) or not a config: ask the hub
-        if not _hub_reachable():
-            raise _hub_error(name, "the hub is unreachable and it is not in the local hub cache") from None
+        if not hub_reachable():
+            raise hub_error(name, "the hub is unreachable and it is not in the local hub cache") from None
     try:
         return AutoConfig.from_pretrained(name, trust_remote_code=False)
     except Exception as error:  # noqa: BLE001 - any hub or config error, on one line
-        raise _hub_error(name, " ".join(str(error).split())[:300]) from None
+        raise hub_error(name, " ".join(str(error).split())[:300]) from None
 
 
 def _recurrent(layer: str) -> bool:
