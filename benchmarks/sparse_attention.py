@@ -86,7 +86,7 @@ def _time(fn, repeats: int) -> tuple[list[float], list[float]]:
 
 
 def run_length(length: int, repeats: int, masks: tuple[str, ...], paths: tuple[str, ...],
-               check_up_to: int) -> list[dict[str, Any]]:
+               check_up_to: int, block_size: int = BLOCK) -> list[dict[str, Any]]:
     import torch
     import torch.nn.functional as F
     from torch.nn.attention.flex_attention import flex_attention
@@ -119,7 +119,7 @@ def run_length(length: int, repeats: int, masks: tuple[str, ...], paths: tuple[s
             if length <= check_up_to:  # the dense path (SDPA with the materialised mask) as the oracle
                 reference = masked_attention(q, k, v, mask_mod)
             if "block" in paths:
-                cache = BlockMaskCache(block_size=BLOCK)
+                cache = BlockMaskCache(block_size=block_size)
                 start = time.perf_counter()
                 plan = cache.plan(mask_mod, 1, HEADS, HEADS, length, length)
                 row["build_plan_s"] = time.perf_counter() - start
@@ -224,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--masks", nargs="+", default=list(DEFAULT_MASKS), choices=MASK_NAMES)
     p.add_argument("--paths", nargs="+", default=["block"], choices=["block", "dense", "flex"],
                    help="attnlab's block path; raw SDPA with the bool mask; compiled Flex (slow to compile on CPU)")
+    p.add_argument("--block-size", type=int, default=BLOCK,
+                   help="tile side of the block path's plan (the radial block rule and Flex keep 128)")
     p.add_argument("--check-up-to", type=int, default=4096,
                    help="compare outputs with masked_attention(path='dense') at lengths up to this")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats at lengths <= 4096")
@@ -247,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     for length in args.lengths:
         repeats = args.repeats if length <= 4096 else args.long_repeats
-        data["results"] += run_length(length, repeats, tuple(args.masks), tuple(args.paths), args.check_up_to)
+        data["results"] += run_length(length, repeats, tuple(args.masks), tuple(args.paths), args.check_up_to,
+                                      args.block_size)
         data["loadavg_after"] = os.getloadavg()
         data["total_s"] = time.perf_counter() - start
         tmp = args.json.with_suffix(".json.tmp")
