@@ -56,6 +56,15 @@ def _oracle(q, k, v, keep, request):
     return (output, row_entropy(probs), columns, column_counts, torch.stack(sums, 2), torch.stack(counts, 2))
 
 
+def _assert_same_results(out_a, a, out_b, b):
+    """Two fused runs of the same float64 call agree: output and every statistic."""
+    torch.testing.assert_close(out_a, out_b)
+    for name in ("entropy", "diagonal_sums", "diagonal_counts", "num_visible"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(a.column_sums, b.column_sums, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(a.column_counts, b.column_counts)
+
+
 CASES = [
     pytest.param(1, 4, 2, 1, 1, 8, 64, "causal", id="one-token"),
     pytest.param(2, 6, 2, 7, 7, 5, 3, "causal", id="gqa3-odd-len-7"),
@@ -126,11 +135,7 @@ def test_the_block_size_does_not_change_the_results(block, length, seed):
     request = _request(1, length, seed=seed)
     out_a, a = fused_attention(q, k, v, keep, request, block_size=block)
     out_b, b = fused_attention(q, k, v, keep, request, block_size=128)
-    torch.testing.assert_close(out_a, out_b)
-    for name in ("entropy", "diagonal_sums", "diagonal_counts", "num_visible"):
-        torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-12, rtol=1e-10)
-    torch.testing.assert_close(a.column_sums, b.column_sums, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(a.column_counts, b.column_counts)
+    _assert_same_results(out_a, a, out_b, b)
 
 
 def test_long_keys_use_fewer_rows_per_block():
@@ -147,11 +152,7 @@ def test_the_byte_budget_does_not_change_the_results(length):
     request = _request(1, length, seed=length)
     out_a, a = fused_attention(q, k, v, keep, request, head_block_bytes=1)  # 16 rows per block
     out_b, b = fused_attention(q, k, v, keep, request, head_block_bytes=2**30)  # 128 rows per block
-    torch.testing.assert_close(out_a, out_b)
-    for name in ("entropy", "diagonal_sums", "diagonal_counts", "num_visible"):
-        torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-12, rtol=1e-10)
-    torch.testing.assert_close(a.column_sums, b.column_sums, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(a.column_counts, b.column_counts)
+    _assert_same_results(out_a, a, out_b, b)
 
 
 def test_only_what_is_requested_is_computed():
