@@ -27,6 +27,9 @@ FORBIDDEN = {
                  "attnlab.views"),
     # the lab builds transformers models from layers and runs them under capture; it sits below config/pipeline/cli
     "lab": ("attnlab.cli", "attnlab.report", "attnlab.pipeline", "attnlab.views"),
+    # protocols and circuits sit at the tier of evaluation: they run models through capture and the pipeline
+    "protocols": ("attnlab.cli", "attnlab.views"),
+    "circuits": ("attnlab.cli", "attnlab.views", "attnlab.protocols"),
 }
 
 ALLOWED = {"attnlab.report.sections"}  # pure section specs that probes and analyses declare (no torch, no matplotlib)

@@ -21,6 +21,7 @@ from attnlab.cli.mask_cmd import mask_command
 from attnlab.cli import options
 from attnlab.cli.options import FLAG, Debug, run_guarded, stderr
 from attnlab.cli.probe_cmd import make_probe_command, probe
+from attnlab.cli.protocol_cmd import PROTOCOL_COMMANDS
 from attnlab.cli.train_cmd import sweep_command, train_command
 
 EPILOG = """Quick start:
@@ -76,6 +77,12 @@ apps_app = typer.Typer(help="Application attentions: train a variant or compare 
 app.add_typer(apps_app, name="app")
 apps_app.command("train")(make_app_command(compare=False))
 apps_app.command("compare")(make_app_command(compare=True))
+protocol_app = typer.Typer(help="Protocols that fine-tune or score a model over many conditions (issue 15).",
+                           no_args_is_help=True, cls=Group)
+if PROTOCOL_COMMANDS:
+    app.add_typer(protocol_app, name="protocol")
+for _name, _command in PROTOCOL_COMMANDS.items():
+    protocol_app.command(_name)(_command)
 app.command("eval")(eval_command)
 app.command("probe")(probe)
 app.command("mask")(mask_command)

@@ -1,0 +1,12 @@
+"""``attnlab protocol <name>``: the protocols of :mod:`attnlab.protocols`, one subcommand each.
+
+Each protocol's command function lives in its own ``cli/protocol_<name>.py``; :data:`PROTOCOL_COMMANDS` lists
+them (subcommand name → function) and ``cli/main.py`` adds each to the ``protocol`` group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+PROTOCOL_COMMANDS: dict[str, Callable[..., Any]] = {}
