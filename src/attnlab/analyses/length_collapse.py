@@ -31,6 +31,13 @@ from attnlab.probes.base import Row, RowWriter
 from attnlab.report.sections import Column, PositionCurve, Section, Series, Table, Text
 
 
+def mean_pool(hidden: Tensor, valid: Tensor) -> Tensor:
+    """Mean of ``hidden`` (batch, seq_len, hidden_size) over the real tokens (``valid`` (batch, seq_len), True =
+    real; special tokens count), as sentence-transformers pools MiniLM; returns (batch, hidden_size) float64."""
+    mask = valid[..., None].double()
+    return (hidden.double() * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
 def highpass_gain(probs: Tensor) -> Tensor:
     """σ_max(P A P) per (..., n, n) attention matrix, P = I - 11ᵀ/n; returns (...,) float64."""
     n = probs.shape[-1]
@@ -114,9 +121,7 @@ class LengthCollapseAnalysis(Analysis):
             with torch.no_grad():
                 record = runner.forward(batch)
                 probs, values = runner.attention_probs(batch, with_values=True)
-            hidden = record.last_hidden.double()
-            mask = valid[..., None].double()
-            embeddings = (hidden * mask).sum(1) / mask.sum(1)  # (count, D), mean pooling
+            embeddings = mean_pool(record.last_hidden, valid)  # (count, D)
             unit = embeddings / embeddings.norm(dim=-1, keepdim=True).clamp_min(1e-12)
             cosine = unit @ unit.T
             off = ~torch.eye(self.count, dtype=torch.bool)
