@@ -36,8 +36,6 @@ queries and documents inside its own ``Session``; the edit report and attention 
 
 from __future__ import annotations
 
-import dataclasses
-import logging
 import math
 import random
 import time
@@ -53,8 +51,6 @@ from attnlab.config import (INT_LIMIT, SEED_LIMIT, ComposedConfig, ModelSpec, Te
                             check_types)
 from attnlab.errors import ConfigError
 from attnlab.progress import Progress, ProgressArg, progress_to
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["RetrievalConfig", "RetrievalSpec", "RetrievalTask", "build_task", "embed", "paired_top1",
            "positive_ranks", "rank_summary", "run_retrieval", "special_tokens"]
@@ -160,7 +156,7 @@ class RetrievalTask:
     depths: list[float]
     prefix: list[int]
     suffix: list[int]
-    sources: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    sources: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def num_distractors(self) -> int:
