@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from attnlab.cli.main import app
 from attnlab.errors import ConfigError
 from attnlab.protocols.retrieval import (RetrievalConfig, build_task, embed, paired_top1, positive_ranks,
-                                         rank_summary, run_retrieval, special_tokens)
+                                         rank_summary, run_retrieval, score_length, special_tokens)
 from cli.helpers import assert_one_line_error
 
 VOCAB = [f"w{i}" for i in range(60)] + ["aa", "bb", "q1", "q2", "q3", "q4"]
@@ -149,6 +149,20 @@ def test_ranks_on_planted_embeddings():
     #     and 3 have exactly 1/sqrt(2) (ties, which count against) → rank 4.
     assert ranks.tolist() == [3, 1, 4]
     assert cosine[2, 0] == pytest.approx(2.2 / (math.sqrt(2) * math.sqrt(4.04)))
+
+
+def test_accuracy_on_planted_embeddings():
+    """Queries e0, e1, e2 (one-hot); documents 0 and 1 point at their query, document 2 leans to e0, and a
+    distractor points at e2 more closely than document 2 does: top-1 = 2/3, ranks (1, 1, 2)."""
+    eye = torch.eye(4, dtype=torch.float64)
+    queries = eye[:3]
+    documents = torch.stack([eye[0] + 0.1 * eye[3], eye[1], eye[0] + 0.5 * eye[2], eye[2] + 0.1 * eye[3]])
+    ranks, stats = score_length(queries, documents)
+    # q0: own cos 1/sqrt(1.01) = 0.995 beats doc 2's 1/sqrt(1.25) = 0.894 → 1.  q1: own cos 1 → 1.
+    # q2: own cos 0.5/sqrt(1.25) = 0.447, beaten by doc 3's 1/sqrt(1.01) = 0.995 only → 2.
+    assert ranks.tolist() == [1, 1, 2]
+    assert stats["top1"] == pytest.approx(2 / 3) and stats["mrr"] == pytest.approx((1 + 1 + 1 / 2) / 3)
+    assert stats["positive_cosine"] == pytest.approx((1 / math.sqrt(1.01) + 1 + 0.5 / math.sqrt(1.25)) / 3)
 
 
 def test_rank_summary_against_hand_computed_values():

@@ -192,6 +192,15 @@ def build_task(tokenizer: Any, text: str, *, lengths: Sequence[int], num_queries
                min_query_tokens: int, max_query_tokens: int, seed: int = 0) -> RetrievalTask:
     """The queries and documents of a run (module docstring), drawn with ``random.Random(seed)`` from ``text``.
 
+    Args:
+        tokenizer: a Hugging Face tokenizer (lines are encoded without special tokens; :func:`special_tokens`
+            gives what the encoder input adds). text: the whole text; its non-blank lines are the units.
+        lengths: document lengths in tokens, special tokens included. num_queries, num_distractors: documents
+            per length are ``num_queries + num_distractors``. min_query_tokens, max_query_tokens: query sizes.
+
+    Returns:
+        a :class:`RetrievalTask`; every document of length ``L`` has exactly ``L - specials`` token ids.
+
     Raises:
         ConfigError: a length too short for the longest allowed query plus one filler token, or the text has too
             few suitable lines or too little text for the passages.
@@ -386,7 +395,8 @@ def _mean_pairwise_cosine(embeddings: Tensor) -> float:
 
 
 def score_length(query_embeddings: Tensor, document_embeddings: Tensor) -> tuple[Tensor, dict[str, float]]:
-    """Ranks and the per-length statistics of one variant (module docstring), without the paired ones."""
+    """Ranks (num_queries,) and the statistics of one variant at one length (module docstring; the paired ones
+    come from :func:`paired_top1`). Shapes as in :func:`positive_ranks`; cosines are float, in [-1, 1]."""
     ranks, cosine = positive_ranks(query_embeddings, document_embeddings)
     n = len(ranks)
     positive = cosine[torch.arange(n), torch.arange(n)]
