@@ -26,8 +26,8 @@ registry accepts entry points as lazy targets, but nothing scans an entry-point 
   ``model_args`` at every comma, so the commas *between the parameters of one edit* are written ``;``:
   ``edits=sink_window:sinks=4;window=252+temperature:tau=0.9``. (In a JSON ``--model_args`` object and in Python,
   commas work too; no edit parameter takes a ``;``.)
-- ``dtype`` (default ``float32``), ``device`` (default ``cpu``), ``batch_size`` (a whole number, default 1),
-  ``max_length`` (default: the model config's, as lm-eval's HFLM resolves it), ``max_gen_toks`` (default 256),
+- ``dtype`` (default ``float32``), ``device`` (default: CUDA if available, else CPU), ``batch_size`` (a whole
+  number, default 1), ``max_length`` (default: the model config's, as lm-eval's HFLM resolves it), ``max_gen_toks`` (default 256),
   ``add_bos_token`` (default: the tokenizer's own rule), ``tokenizer`` (load the tokenizer from elsewhere).
 
 The three request types follow lm-eval's HFLM definitions (natural-log probabilities):
@@ -100,13 +100,25 @@ def _whole_number(name: str, value: Any) -> int:
     return int(value)
 
 
+def _pick_device(device: str | None) -> str:
+    """``device``, except that None, or a CUDA device while CUDA is unavailable, means CUDA if available else CPU
+    (lm-eval's HFLM rule; lm-eval's CLI passes ``cuda:0`` unless told otherwise)."""
+    if device is not None and not (str(device).startswith("cuda") and not torch.cuda.is_available()):
+        return str(device)
+    chosen = "cuda" if torch.cuda.is_available() else "cpu"
+    if device is not None:
+        logger.warning("device %r is not available; using %r", device, chosen)
+    return chosen
+
+
 class AttnlabLM(TemplateLM):
     """lm-eval's ``LM`` over an attnlab-loaded causal LM, every request scored under the given edits.
 
     Args:
         pretrained: a bundled name, a local model folder or a ``.gguf`` file (:func:`load_model`).
         edits: attnlab edit text (module docstring), or None for the unedited model.
-        dtype, device, tokenizer: passed to :func:`load_model` (``device=None`` means ``"cpu"``).
+        dtype, device, tokenizer: passed to :func:`load_model`. ``device=None``, or a CUDA device while CUDA is
+            unavailable (lm-eval's CLI passes ``cuda:0`` by default), means CUDA if available else CPU (HFLM's rule).
         batch_size: sequences per forward pass of ``loglikelihood``/``loglikelihood_rolling`` (whole number ≥ 1;
             lm-eval's ``"auto"`` is not supported). max_batch_size: accepted for lm-eval's interface, unused.
         max_length: tokens per forward pass; default from the model config (lm-eval's ``resolve_max_length``).
@@ -137,7 +149,7 @@ class AttnlabLM(TemplateLM):
         if add_bos_token not in (None, True, False):
             raise ConfigError(f"add_bos_token must be true, false or omitted, got {add_bos_token!r}")
         self.add_bos_token, self.progress = add_bos_token, progress
-        self.loaded = load_model(pretrained, dtype=dtype, device=device or "cpu", tokenizer=tokenizer)
+        self.loaded = load_model(pretrained, dtype=dtype, device=_pick_device(device), tokenizer=tokenizer)
         self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
         if not is_causal_lm(self.model):
             raise ConfigError(f"lm-eval's attnlab model needs a causal LM, got {type(self.model).__name__} "
