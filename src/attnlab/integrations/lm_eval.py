@@ -27,8 +27,9 @@ registry accepts entry points as lazy targets, but nothing scans an entry-point 
   ``edits=sink_window:sinks=4;window=252+temperature:tau=0.9``. (In a JSON ``--model_args`` object and in Python,
   commas work too; no edit parameter takes a ``;``.)
 - ``dtype`` (default ``float32``), ``device`` (default: CUDA if available, else CPU), ``batch_size`` (a whole
-  number, default 1), ``max_length`` (default: the model config's, as lm-eval's HFLM resolves it), ``max_gen_toks`` (default 256),
-  ``add_bos_token`` (default: the tokenizer's own rule), ``tokenizer`` (load the tokenizer from elsewhere).
+  number, default 1), ``max_length`` (default: the model config's, as lm-eval's HFLM resolves it),
+  ``max_gen_toks`` (default 256), ``add_bos_token`` (default: the tokenizer's own rule), ``tokenizer`` (load the
+  tokenizer from elsewhere).
 
 The three request types follow lm-eval's HFLM definitions (natural-log probabilities):
 
