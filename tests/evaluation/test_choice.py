@@ -12,7 +12,7 @@ import torch
 from attnlab.errors import ConfigError, TextError
 from attnlab.evaluation.choice import (ChoiceItem, ChoiceScores, encode_choice, load_choice_items, score_choices,
                                        wilson_interval)
-from tests.tiny_models import WORDS, tiny_llama, tiny_tokenizer
+from tiny_models import WORDS, tiny_llama, tiny_tokenizer
 
 VOCAB = {w: i + 3 for i, w in enumerate(dict.fromkeys(WORDS))}  # tiny_tokenizer's word ids, built independently
 
