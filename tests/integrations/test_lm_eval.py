@@ -244,19 +244,31 @@ def _local_task(root: Path) -> Path:
         "dataset_path: json\n"
         f"dataset_kwargs:\n  data_files:\n    test: {root / 'items.jsonl'}\n  cache_dir: {root / 'hf_cache'}\n"
         "test_split: test\noutput_type: multiple_choice\n"
-        "doc_to_text: context\ndoc_to_choice: choices\ndoc_to_target: answer\ntarget_delimiter: \"\"\n"
+        "doc_to_text: context\ndoc_to_choice: \"{{choices | map('trim') | list}}\"\ndoc_to_target: answer\n"
+        "target_delimiter: \" \"\n"
         "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
     return root / "tasks"
 
 
 def _expected_accuracy(model, tokenizer, edits=()) -> tuple[list[list[float]], float, float]:
-    """Plain-loop logliks per item and choice; acc (arg-max) and acc_norm (loglik / choice characters)."""
+    """Plain-loop logliks per item and choice; acc (arg-max) and acc_norm (loglik / characters of the choice
+    without its leading space, lm-eval's acc_norm with target_delimiter " ")."""
     logliks = [[_plain_loglik(model, tokenizer, item["context"], choice, edits) for choice in item["choices"]]
                for item in ITEMS]
     acc = sum(max(range(len(s)), key=s.__getitem__) == item["answer"] for s, item in zip(logliks, ITEMS))
-    norm = sum(max(range(len(s)), key=lambda i: s[i] / len(item["choices"][i])) == item["answer"]
+    norm = sum(max(range(len(s)), key=lambda i: s[i] / len(item["choices"][i].lstrip())) == item["answer"]
                for s, item in zip(logliks, ITEMS))
     return logliks, acc / len(ITEMS), norm / len(ITEMS)
+
+
+def _score_choices(model, tokenizer, edits=()):
+    """attnlab's own multiple-choice scorer (evaluation.choice) on ITEMS under the same edits."""
+    from attnlab.capture.session import Session
+    from attnlab.evaluation.choice import ChoiceItem, score_choices
+
+    items = [ChoiceItem(item["context"], tuple(item["choices"]), item["answer"]) for item in ITEMS]
+    with Session(model, edits=list(edits)):
+        return score_choices(model, tokenizer, items, batch_size=3)
 
 
 @pytest.mark.parametrize("edits", ["", "temperature:tau=0.5;layers=0"], ids=["baseline", "edited"])
@@ -277,6 +289,11 @@ def test_local_yaml_task_through_simple_evaluate(saved, tmp_path, edits, monkeyp
     scores = results["results"]["attnlab_toy_choice"]
     assert scores["acc,none"] == pytest.approx(acc) and scores["acc_norm,none"] == pytest.approx(acc_norm)
     assert results["config"]["attnlab_edits"] == edits
+    ours = _score_choices(model, tokenizer, parse_edits_arg(edits))  # attnlab eval's scorer agrees item by item
+    for sample, expected in zip(samples, ours.logliks):
+        assert [r[0][0] for r in sample["resps"]] == pytest.approx(expected, abs=LOGLIK_ATOL)
+    assert (scores["acc,none"], scores["acc_norm,none"]) == pytest.approx((ours.accuracy("none"),
+                                                                          ours.accuracy("char")))
 
 
 def test_command_line_runs_the_local_task(saved, tmp_path):
