@@ -189,6 +189,19 @@ def test_temperature_edit_equals_scaled_queries_in_hflm(saved):
     assert [row["edit"] for row in report] == ["temperature"] and report[0]["calls_touched"] > 0
 
 
+def test_temperature_edit_applies_to_rolling_and_generation(saved):
+    """The same oracle for the other two request types (generation: every KV-cache decode step is edited)."""
+    folder, model, tokenizer = saved
+    edited = AttnlabLM(pretrained=str(folder), edits="temperature:tau=0.25", batch_size=2, max_length=5,
+                       progress=False)
+    ref = _hflm(_query_scaled(model, 4.0), tokenizer, max_length=5)
+    rolling = _requests("loglikelihood_rolling", [(TEXT,)])
+    assert edited.loglikelihood_rolling(rolling) == pytest.approx(ref.loglikelihood_rolling(rolling), abs=LOGLIK_ATOL)
+    generate = _requests("generate_until", [("the cat", {"max_gen_toks": 3}), ("birds", {"max_gen_toks": 3})])
+    assert edited.generate_until(generate) == ref.generate_until(generate)
+    assert set(edited.get_model_info()["attnlab_edit_report"]) == {"loglikelihood_rolling", "generate_until"}
+
+
 def test_identity_edit_equals_baseline(saved):
     folder, model, tokenizer = saved
     requests = _requests("loglikelihood", PAIRS)

@@ -150,6 +150,7 @@ class AttnlabLM(TemplateLM):
         if add_bos_token not in (None, True, False):
             raise ConfigError(f"add_bos_token must be true, false or omitted, got {add_bos_token!r}")
         self.add_bos_token, self.progress = add_bos_token, progress
+        self._warned_sampling = False  # generate_until warns once about ignored sampling settings
         self.loaded = load_model(pretrained, dtype=dtype, device=_pick_device(device), tokenizer=tokenizer)
         self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
         if not is_causal_lm(self.model):
@@ -195,7 +196,8 @@ class AttnlabLM(TemplateLM):
             options["add_special_tokens"] = add_special_tokens
         elif self.add_bos_token is not None:
             options["add_special_tokens"] = self.add_bos_token
-        if add_special_tokens is None and string.startswith(self.tokenizer.decode([self.prefix_token_id])):
+        bos_text = self.tokenizer.decode([self.prefix_token_id])
+        if add_special_tokens is None and bos_text and string.startswith(bos_text):
             options["add_special_tokens"] = False
         return list(self.tokenizer.encode(string, **options))
 
@@ -216,8 +218,9 @@ class AttnlabLM(TemplateLM):
 
     # loglikelihood ------------------------------------------------------------------------------------------
     def _loglikelihood_tokens(self, requests: list[tuple[Any, list[int], list[int]]], disable_tqdm: bool = False,
-                              **kwargs: Any) -> list[tuple[float, bool]]:
-        """``(log-likelihood, is_greedy)`` per ``(cache key, context ids, continuation ids)`` (module docstring)."""
+                              request_type: str = "loglikelihood", **kwargs: Any) -> list[tuple[float, bool]]:
+        """``(log-likelihood, is_greedy)`` per ``(cache key, context ids, continuation ids)`` (module docstring);
+        ``request_type`` names the edit report and the progress line."""
         rows = []
         for _, context_ids, continuation_ids in requests:
             if not continuation_ids:
@@ -237,7 +240,7 @@ class AttnlabLM(TemplateLM):
                     results[index] = score
                 report(min(start + self.batch_size, len(order)))
 
-        self._run("loglikelihood", work, len(order), disable_tqdm)
+        self._run(request_type, work, len(order), disable_tqdm)
         for (key, _, _), score in zip(requests, results):
             if key is not None:
                 self.cache_hook.add_partial("loglikelihood", key, score)
@@ -281,7 +284,9 @@ class AttnlabLM(TemplateLM):
                 owners.append(index)
         totals = [0.0] * len(requests)
         if windows:
-            for owner, (logprob, _) in zip(owners, self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)):
+            scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm,
+                                                request_type="loglikelihood_rolling")
+            for owner, (logprob, _) in zip(owners, scores):
                 totals[owner] += logprob
         for request, total in zip(requests, totals):
             self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
@@ -293,12 +298,12 @@ class AttnlabLM(TemplateLM):
         if not isinstance(gen_kwargs, dict):
             raise ConfigError(f"generate_until expects gen_kwargs as a dict, got {type(gen_kwargs).__name__}")
         until = gen_kwargs.get("until") or []
-        until = [until] if isinstance(until, str) else list(until)
+        until = [stop for stop in ([until] if isinstance(until, str) else list(until)) if stop]
         eos = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
-        if eos not in until:
+        if eos and eos not in until:
             until.append(eos)
         sampling = {k: gen_kwargs[k] for k in SAMPLING_KEYS if gen_kwargs.get(k) not in (None, False, 0, 0.0)}
-        if sampling and not getattr(self, "_warned_sampling", False):
+        if sampling and not self._warned_sampling:
             logger.warning("the attnlab model decodes greedily; ignoring %s", sampling)
             self._warned_sampling = True
         return until, _whole_number("max_gen_toks", gen_kwargs.get("max_gen_toks", self.max_gen_toks))
@@ -322,8 +327,7 @@ class AttnlabLM(TemplateLM):
                     pad_token_id=self.eot_token_id)
                 text = self.tok_decode(output[0, input_ids.shape[1]:].tolist())
                 for stop in until:
-                    if stop:
-                        text = text.split(stop)[0]
+                    text = text.split(stop)[0]
                 self.cache_hook.add_partial("generate_until", request.args, text)
                 texts.append(text)
                 report(len(texts))
