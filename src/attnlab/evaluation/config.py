@@ -69,7 +69,8 @@ class EvalSpec:
         passkey_depths: needle depths as fractions of the haystack, each in [0, 1].
         passkey_trials: prompts per (length, depth) cell, each with its own random key and haystack offset.
         choice_task: for the ``choice`` task: ``cloze``, ``ioi``, ``colored_objects``
-            (:mod:`attnlab.evaluation.choice_tasks`) or a JSONL file (:func:`attnlab.evaluation.choice.load_choice_items`).
+            (:mod:`attnlab.evaluation.choice_tasks`) or a JSONL file
+            (:func:`attnlab.evaluation.choice.load_choice_items`).
         choice_items: items generated (or the first items read from the file), >= 1.
         choice_batch_size: sequences (item × choice) per forward of the choice scorer, >= 1.
         search: None, ``"zerotuning"`` or ``"act"`` (:mod:`attnlab.evaluation.search`, on the same windows).
