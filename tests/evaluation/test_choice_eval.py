@@ -53,8 +53,9 @@ def test_run_eval_scores_every_variant_on_the_same_items(task_file):
 
 def test_unknown_choice_task_is_a_one_line_config_error():
     with pytest.raises(ConfigError, match="Did you mean: cloze"):
-        run_eval(EvalConfig(tasks=("choice",), choice_task="clozee", seq_len=64), model=tiny_llama(),
-                 tokenizer=tiny_tokenizer())
+        EvalConfig(tasks=("choice",), choice_task="clozee")
+    with pytest.raises(ConfigError, match="choice task 'missing.jsonl'"):
+        EvalConfig(tasks=("choice",), choice_task="missing.jsonl")
     with pytest.raises(ConfigError, match="choice_items must be in"):
         EvalConfig(tasks=("choice",), choice_items=0)
 
