@@ -30,6 +30,8 @@ FORBIDDEN = {
     # protocols and circuits sit at the tier of evaluation: they run models through capture and the pipeline
     "protocols": ("attnlab.cli", "attnlab.views"),
     "circuits": ("attnlab.cli", "attnlab.views", "attnlab.protocols"),
+    # adapters for other tools (lm-eval) sit at the tier of evaluation too
+    "integrations": ("attnlab.cli", "attnlab.views", "attnlab.protocols", "attnlab.circuits"),
 }
 
 ALLOWED = {"attnlab.report.sections"}  # pure section specs that probes and analyses declare (no torch, no matplotlib)
