@@ -317,3 +317,18 @@ def load_text(
         files=[f.name for f in files[:used]],
         device=device,
     )
+
+
+def special_tokens(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The ids a tokenizer adds before and after one sequence, e.g. ([101], [102]) for BERT ([CLS], [SEP]).
+
+    Found by encoding ``"a"`` with and without special tokens (transformers 5 tokenizers have no
+    ``build_inputs_with_special_tokens``). Raises ConfigError if the plain ids are not inside the full ones.
+    """
+    plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    full = list(tokenizer("a")["input_ids"])
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return full[:start], full[start + len(plain):]
+    raise ConfigError(f"cannot find where {type(tokenizer).__name__} puts its special tokens: 'a' encodes as "
+                      f"{plain} alone and {full} with them")

@@ -438,3 +438,19 @@ def test_head_divergence_matches_eager_attention_times_values(llama):
     probe.observe(runner, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     got = [r["value"] for r in probe.rows() if r["statistic"] == "divergence" and r["layer"] == 0]
     assert got == pytest.approx(expected.tolist(), rel=1e-4, abs=1e-6)
+
+
+def test_encode_puts_the_tokenizers_specials_around_each_sequence(tmp_path):
+    """transformers 5 tokenizers have no build_inputs_with_special_tokens: [CLS] … [SEP] come from special_tokens."""
+    from transformers import BertTokenizerFast
+
+    from attnlab.text import special_tokens
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b", "c"]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
+    assert special_tokens(tok) == ([2], [3])
+    runner = ModelRunner(tiny_bert(), tok)
+    batch = runner.encode([[5, 6], [7]])
+    assert batch["input_ids"].tolist() == [[2, 5, 6, 3], [2, 7, 3, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]

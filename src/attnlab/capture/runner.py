@@ -159,10 +159,14 @@ class ModelRunner:
         return self._vocab
 
     def encode(self, id_lists: Sequence[Sequence[int]], *, device: Any = None) -> dict[str, Tensor]:
-        """Right-padded batch (``input_ids``, ``attention_mask``) from token ids, with the tokenizer's specials."""
+        """Right-padded batch (``input_ids``, ``attention_mask``) from token ids, with the tokenizer's specials
+        around each sequence (:func:`attnlab.text.special_tokens`: [CLS] … [SEP] for BERT, none for most decoders)."""
+        from attnlab.text import special_tokens
+
         tok = self.tokenizer
-        if tok is not None and hasattr(tok, "build_inputs_with_special_tokens"):
-            id_lists = [tok.build_inputs_with_special_tokens(list(ids)) for ids in id_lists]
+        if tok is not None:
+            prefix, suffix = special_tokens(tok)
+            id_lists = [prefix + list(ids) + suffix for ids in id_lists]
         pad = (tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0)
         length = max(len(ids) for ids in id_lists)
         input_ids = torch.full((len(id_lists), length), pad, dtype=torch.long)

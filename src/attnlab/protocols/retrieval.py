@@ -51,6 +51,7 @@ from attnlab.config import (INT_LIMIT, SEED_LIMIT, ComposedConfig, ModelSpec, Te
                             check_types)
 from attnlab.errors import ConfigError
 from attnlab.progress import Progress, ProgressArg, progress_to
+from attnlab.text import special_tokens
 
 __all__ = ["RetrievalConfig", "RetrievalSpec", "RetrievalTask", "build_task", "embed", "paired_top1",
            "positive_ranks", "rank_summary", "run_retrieval", "special_tokens"]
@@ -162,21 +163,6 @@ class RetrievalTask:
     def num_distractors(self) -> int:
         first = next(iter(self.documents.values()))
         return len(first) - len(self.queries)
-
-
-def special_tokens(tokenizer: Any) -> tuple[list[int], list[int]]:
-    """The ids a tokenizer adds before and after one sequence, e.g. ([101], [102]) for BERT ([CLS], [SEP]).
-
-    Found by encoding ``"a"`` with and without special tokens (transformers 5 tokenizers have no
-    ``build_inputs_with_special_tokens``). Raises ConfigError if the plain ids are not inside the full ones.
-    """
-    plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
-    full = list(tokenizer("a")["input_ids"])
-    for start in range(len(full) - len(plain) + 1):
-        if full[start:start + len(plain)] == plain:
-            return full[:start], full[start + len(plain):]
-    raise ConfigError(f"cannot find where {type(tokenizer).__name__} puts its special tokens: 'a' encodes as "
-                      f"{plain} alone and {full} with them")
 
 
 def _key(ids: Sequence[int]) -> str:
