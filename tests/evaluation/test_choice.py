@@ -184,3 +184,25 @@ def test_missing_file_and_bad_arguments_are_one_line_errors(tmp_path):
     long_item = ChoiceItem(" ".join(["the"] * 130), (" cat", " dog"), 0)
     with pytest.raises(ConfigError, match="at most 128"):
         score_choices(model, tokenizer, [long_item])
+
+
+@pytest.mark.slow
+def test_smollm2_logliks_match_lm_evaluation_harness():
+    """The same items through lm-eval's own HFLM.loglikelihood (the rule this module follows), ≤ 64 tokens each."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from attnlab.capture.loading import load_model
+    from attnlab.evaluation.choice_tasks import cloze_items, colored_objects_items, ioi_items
+
+    model, tokenizer = load_model("smollm2-135m")
+    items = (ioi_items(tokenizer, count=2) + colored_objects_items(tokenizer, count=1)
+             + cloze_items(tokenizer, count=2, context_tokens=32)
+             + [ChoiceItem("To be, or not to be: ", ("that is the question", "this is the answer"), 0)])
+    ours = score_choices(model, tokenizer, items, batch_size=3)
+    harness = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=2)
+    requests = [Instance("loglikelihood", {}, (item.context, choice), 0) for item in items for choice in item.choices]
+    theirs = harness.loglikelihood(requests, disable_tqdm=True)
+    flat = [(value, greedy) for row, flags in zip(ours.logliks, ours.greedy) for value, greedy in zip(row, flags)]
+    for (value, greedy), (their_value, their_greedy) in zip(flat, theirs):
+        assert value == pytest.approx(their_value, abs=1e-4) and greedy == their_greedy
