@@ -10,3 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 PROTOCOL_COMMANDS: dict[str, Callable[..., Any]] = {}
+
+from attnlab.cli.protocol_data_quality import data_quality_command  # noqa: E402
+
+PROTOCOL_COMMANDS["data-quality"] = data_quality_command
