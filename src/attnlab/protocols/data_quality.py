@@ -370,8 +370,8 @@ def _run(config: DataQualityConfig, notify: Progress, model: Any, tokenizer: Any
     spec, measures = config.protocol, config.measures
     notify(0, 0, "reading corpora")
     junk_docs, control_docs, heldout_text, description = _corpora(spec)
-    longest = max((*measures.passkey_lengths, measures.window_tokens, measures.recall_context + measures.recall_cue
-                   + 8, spec.train_seq_len))
+    recall_tokens = measures.recall_context + measures.recall_cue + measures.recall_target + 2  # + "\n\n"
+    longest = max((*measures.passkey_lengths, measures.window_tokens, recall_tokens, spec.train_seq_len))
     loaded = start_run(config.load, TextSpec(text=spec.heldout, seq_len=longest), spec.seed, notify, model, tokenizer)
     model, tokenizer = loaded
     check_causal_lm(model, config.load.model)
