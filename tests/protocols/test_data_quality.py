@@ -258,7 +258,8 @@ def test_tiny_model_end_to_end(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # weights restored
     rows = {(r["variant"], r["statistic"]): r for r in results["rows"]}
     assert rows[("junk_50%", "perplexity")]["position"] == 50 and rows[("base", "perplexity")]["position"] is None
-    assert ("junk_100%", "g:nll") in rows
+    assert rows[("junk_100%", "decline_g:nll")]["value"] == pytest.approx(
+        next(r["decline_g"] for r in record["effect_sizes"] if r["label"] == "junk_100%" and r["metric"] == "nll"))
     paths = write_results(tmp_path / "out", results)
     assert json.loads(paths["json"].read_text())["command"] == "protocol data-quality"
     again = run_data_quality(config, model=model, tokenizer=tokenizer)

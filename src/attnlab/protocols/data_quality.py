@@ -470,16 +470,20 @@ def _results(config: DataQualityConfig, loaded: Any, suite: Any, mixtures: list[
     for record in records:
         if record["unit"] == "items":
             position = percent(next(m.fraction for m in mixtures if m.label == record["label"]))
-            row(record["label"], f"g:{record['metric']}", record["g"], position)
+            row(record["label"], f"decline_g:{record['metric']}", record["decline_g"], position)
     metrics = [m for m in METRICS if m.name in scores["base"][0]]
     shown = [("perplexity", "perplexity")] + [(m.name, m.name.replace("_", " ")) for m in metrics if m.name != "nll"]
+    rates = [(name, header) for name, header in shown if name.endswith(("accuracy", "exact"))]
     section = Section("data-quality", "Data-quality dose-response (junk vs control)", (
         Table(tuple(Column(name, header) for name, header in shown), index_header="junk %",
               title="Held-out measures by junk fraction (base = before training: not in this table)"),
-        PositionCurve(tuple(Series(name, header, layers="none") for name, header in shown if name != "perplexity"),
-                      title="accuracy-type measures", xlabel="junk %", ylabel="mean over items"),
         PositionCurve((Series("perplexity", "perplexity", layers="none"),), title="held-out perplexity",
                       xlabel="junk %", ylabel="perplexity"),
+        PositionCurve(tuple(Series(name, header, layers="none") for name, header in rates),
+                      title="accuracies", xlabel="junk %", ylabel="fraction of items", ylim=(0.0, 1.0)),
+        PositionCurve(tuple(Series(f"decline_g:{m.name}", m.name.replace("_", " "), layers="none") for m in metrics),
+                      title="Hedges' g vs 0 % junk, oriented so that > 0 is a decline (items)", xlabel="junk %",
+                      ylabel="decline g"),
         Table((Column("label", "condition", "text"), Column("metric", "metric", "text"),
                Column("unit", "unit", "text"), Column("g", "Hedges' g"), Column("low", "95 % low"),
                Column("high", "95 % high"), Column("decline_g", "decline g"), Column("mean_junk", "mean"),
