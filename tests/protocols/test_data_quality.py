@@ -19,7 +19,7 @@ from attnlab.protocols.data_quality import (
     run_data_quality,
 )
 from attnlab.protocols.decay_suite import SuiteSettings, build_suite, recall_items, score_suite
-from attnlab.stats.effect_size import hedges_correction, hedges_g
+from attnlab.stats.effect_size import hedges_correction, hedges_g, paired_g
 
 
 # --- corpora -----------------------------------------------------------------------------------------------------
@@ -141,6 +141,27 @@ def test_hedges_g_matches_scipy_t_statistic(sizes):
     assert result.d == pytest.approx(d, rel=1e-10) and result.g == pytest.approx(correction * d, rel=1e-10)
 
 
+def test_paired_g_matches_a_hand_computation_and_scipy():
+    from scipy import stats
+
+    # differences (2, 1, 3, 1): mean 1.75, variance ((.25)² + (.75)² + (1.25)² + (.75)²) / 3 = 2.75 / 3
+    # J(3) = Γ(3/2) / (sqrt(3/2) Γ(1)) = (sqrt(pi) / 2) / sqrt(1.5)
+    result = paired_g([3, 5, 8, 6], [1, 4, 5, 5])
+    d = 1.75 / math.sqrt(2.75 / 3)
+    correction = (math.sqrt(math.pi) / 2) / math.sqrt(1.5)
+    assert result.d == pytest.approx(d, rel=1e-12) and result.g == pytest.approx(correction * d, rel=1e-12)
+    half = 1.959963984540054 * correction * math.sqrt(1 / 4 + d * d / 8)
+    assert result.high - result.g == pytest.approx(half)
+    rng = np.random.default_rng(5)
+    a = rng.normal(size=17)
+    b = a - 0.3 + rng.normal(scale=0.5, size=17)
+    t = stats.ttest_rel(a, b).statistic  # paired t = d_z * sqrt(n)
+    assert paired_g(a, b).d == pytest.approx(t / math.sqrt(17), rel=1e-10)
+    assert math.isnan(paired_g([1, 2, 3], [0, 1, 2]).g)  # every difference the same: no spread
+    with pytest.raises(ConfigError, match="equally long groups of >= 3"):
+        paired_g([1, 2, 3], [1, 2])
+
+
 def test_hedges_g_edge_cases():
     assert math.isnan(hedges_g([1, 1], [1, 1]).g)  # no spread: no scale
     with pytest.raises(ConfigError, match="at least 2 values"):
@@ -151,9 +172,9 @@ def test_hedges_g_edge_cases():
 
 def test_effect_sizes_orient_decline_by_metric_direction():
     control = {"nll": [1.0, 1.2, 1.1], "cloze_accuracy": [1.0, 1.0, 0.0]}
-    junk = {"nll": [1.5, 1.7, 1.6], "cloze_accuracy": [0.0, 1.0, 0.0]}
+    junk = {"nll": [1.5, 1.6, 1.9], "cloze_accuracy": [0.0, 1.0, 0.0]}
     records = effect_sizes({"junk_0%": [control], "junk_100%": [junk]}, "junk_0%")
-    by_metric = {r["metric"]: r for r in records}
+    by_metric = {r["metric"]: r for r in records if r["unit"] == "items"}
     assert by_metric["nll"]["g"] == pytest.approx(hedges_g(junk["nll"], control["nll"]).g)
     assert by_metric["nll"]["decline_g"] > 0 and by_metric["cloze_accuracy"]["decline_g"] > 0  # both worse
     # two replicates: items averaged over replicates, and a second unit over the replicate means
@@ -161,7 +182,9 @@ def test_effect_sizes_orient_decline_by_metric_direction():
     items = next(r for r in records if r["metric"] == "nll" and r["unit"] == "items")
     mixed = [(x + y) / 2 for x, y in zip(junk["nll"], control["nll"])]
     assert items["g"] == pytest.approx(hedges_g(mixed, control["nll"]).g)
-    assert {r["unit"] for r in records} == {"items", "replicates"}
+    assert {r["unit"] for r in records} == {"items", "paired", "replicates"}
+    paired = next(r for r in records if r["metric"] == "nll" and r["unit"] == "paired")
+    assert paired["g"] == pytest.approx(paired_g(mixed, control["nll"]).g)
 
 
 # --- held-out items and scores ----------------------------------------------------------------------------------

@@ -34,10 +34,11 @@ pass over its sequences in batches of ``batch_size``, ordered by a generator see
 **Measures** (:mod:`attnlab.protocols.decay_suite`): held-out perplexity, passkey, cloze and recall, per item, on
 the model before training (``base``) and after each condition. **Effect sizes** (:func:`effect_sizes`): for every
 metric and junk fraction p > 0, Hedges' g of the condition's per-item scores (averaged over replicates) against the
-0 % (all-control) condition's, with its 95 % interval (:mod:`attnlab.stats.effect_size`); with ``replicates >= 2``
-also over the replicate means. ``g`` has the sign of junk − control in the metric's units; ``decline_g`` is
-oriented so that a positive value means the junk-trained model is worse (NLL up, accuracy down), as the paper
-reports g. Items are shared by both groups, but g is computed as for independent groups, as the paper does.
+0 % (all-control) condition's, with its 95 % interval (:mod:`attnlab.stats.effect_size`), as for independent
+groups (unit ``items``, the paper's g); the same scores paired item by item (g_z, unit ``paired``: each item is its
+own control); and with ``replicates >= 2`` over the replicate means (unit ``replicates``). ``g`` has the sign of
+junk − control in the metric's units; ``decline_g`` is oriented so that a positive value means the junk-trained
+model is worse (NLL up, accuracy down), as the paper reports g.
 """
 
 from __future__ import annotations
@@ -190,7 +191,7 @@ def plan_mixtures(num_junk: int, num_control: int, *, fractions: tuple[float, ..
 
 def effect_sizes(scores: dict[str, list[dict[str, list[float]]]], reference: str,
                  replicate_means: bool = False) -> list[dict[str, Any]]:
-    """Hedges' g of every condition against ``reference``, per metric.
+    """Hedges' g of every condition against ``reference``, per metric, in up to three units.
 
     Args:
         scores: condition label → per replicate, ``{metric: per-item values}`` (items in the same order in every
@@ -198,11 +199,16 @@ def effect_sizes(scores: dict[str, list[dict[str, list[float]]]], reference: str
         reference: the control condition's label (``junk_0%``).
         replicate_means: also compare the replicate means (unit ``replicates``; needs >= 2 replicates).
 
+    Units: ``items`` = :func:`attnlab.stats.effect_size.hedges_g` of the per-item scores (averaged over replicates),
+    as independent groups (the paper's g); ``paired`` = :func:`attnlab.stats.effect_size.paired_g` of the same
+    scores paired item by item (g_z: each item is its own control, so differences in item difficulty drop out);
+    ``replicates`` = ``hedges_g`` of the replicate means.
+
     Returns:
-        Records ``{label, metric, unit ("items" | "replicates"), g, low, high, d, decline_g, mean_junk,
-        mean_control, n_junk, n_control}`` (NaN g where both groups are constant or a group has < 2 values).
+        Records ``{label, metric, unit, g, low, high, d, decline_g, mean_junk, mean_control, n_junk, n_control}``
+        (NaN g where there is no spread or too few values: < 2 per group, < 3 pairs).
     """
-    from attnlab.stats.effect_size import EffectSize, hedges_g
+    from attnlab.stats.effect_size import EffectSize, hedges_g, paired_g
 
     better_high = {metric.name: metric.higher_is_better for metric in METRICS}
     records = []
@@ -216,15 +222,16 @@ def effect_sizes(scores: dict[str, list[dict[str, list[float]]]], reference: str
                 per_item = [sum(values) / len(values) for values in zip(*(run[metric] for run in group))]
                 means = [sum(run[metric]) / len(run[metric]) for run in group]
                 groups[name] = (per_item, means)
-            units = [("items", 0)] + ([("replicates", 1)] if replicate_means else [])
-            for unit, index in units:
+            units = [("items", 0, hedges_g, 2), ("paired", 0, paired_g, 3)]
+            units += [("replicates", 1, hedges_g, 2)] if replicate_means else []
+            for unit, index, effect, fewest in units:
                 junk, control = groups["junk"][index], groups["control"][index]
-                if min(len(junk), len(control)) < 2:  # no variance to scale by: recorded, left undefined
+                if min(len(junk), len(control)) < fewest:  # no variance to scale by: recorded, left undefined
                     nan = math.nan
                     result = EffectSize(nan, nan, nan, nan, nan, sum(junk) / len(junk), sum(control) / len(control),
                                         nan, len(junk), len(control))
                 else:
-                    result = hedges_g(junk, control)
+                    result = effect(junk, control)
                 sign = -1.0 if better_high.get(metric, True) else 1.0
                 records.append({"label": label, "metric": metric, "unit": unit, "g": result.g, "low": result.low,
                                 "high": result.high, "d": result.d, "decline_g": sign * result.g + 0.0,

@@ -16,6 +16,13 @@ J); the variance is Borenstein et al. (2009), *Introduction to Meta-Analysis*, e
 protocol (:mod:`attnlab.protocols.data_quality`) reports it as "LLMs Can Get Brain Rot!" (Xing et al. 2025) does,
 where g > 0.3 counts as a non-trivial decline.
 
+For paired values (the same items measured in both conditions), :func:`paired_g` standardises the differences
+``x_i = a_i - b_i`` instead (Cohen's d_z; Lakens 2013, "Calculating and reporting effect sizes", Front. Psychol.
+4:863, eq. 6)::
+
+    d_z = mean(x) / sd(x)          (sd with ddof = 1)
+    g_z = J(n - 1) · d_z,   var(g_z) = J² · (1 / n + d_z² / (2 n))
+
 The sign is that of ``m_a - m_b`` in the metric's own units: whether a positive g is a decline depends on whether
 the metric is better high (accuracy) or low (NLL). Stdlib and numpy only.
 """
@@ -30,7 +37,7 @@ import numpy as np
 
 from attnlab.errors import ConfigError
 
-__all__ = ["EffectSize", "hedges_correction", "hedges_g"]
+__all__ = ["EffectSize", "hedges_correction", "hedges_g", "paired_g"]
 
 Z_95 = 1.959963984540054  # the standard normal's 97.5 % quantile
 
@@ -70,6 +77,18 @@ def hedges_correction(df: int) -> float:
     return math.exp(math.lgamma(df / 2) - math.lgamma((df - 1) / 2)) / math.sqrt(df / 2)
 
 
+def _groups(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    arrays = []
+    for name, values in (("a", a), ("b", b)):
+        array = np.asarray(values, dtype=np.float64).reshape(-1)
+        if array.size < 2:
+            raise ConfigError(f"Hedges' g needs at least 2 values per group, got {array.size} in group {name}")
+        if not np.all(np.isfinite(array)):
+            raise ConfigError(f"Hedges' g needs finite values, got a NaN or infinity in group {name}")
+        arrays.append(array)
+    return arrays[0], arrays[1]
+
+
 def hedges_g(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> EffectSize:
     """Hedges' g of group ``a`` relative to group ``b`` (independent samples), with a 95 % interval.
 
@@ -83,15 +102,7 @@ def hedges_g(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -
     Raises:
         ConfigError: a group with fewer than 2 values, or a value that is not finite.
     """
-    arrays = []
-    for name, values in (("a", a), ("b", b)):
-        array = np.asarray(values, dtype=np.float64).reshape(-1)
-        if array.size < 2:
-            raise ConfigError(f"Hedges' g needs at least 2 values per group, got {array.size} in group {name}")
-        if not np.all(np.isfinite(array)):
-            raise ConfigError(f"Hedges' g needs finite values, got a NaN or infinity in group {name}")
-        arrays.append(array)
-    x, y = arrays
+    x, y = _groups(a, b)
     n_a, n_b = x.size, y.size
     df = n_a + n_b - 2
     pooled = math.sqrt(((n_a - 1) * x.var(ddof=1) + (n_b - 1) * y.var(ddof=1)) / df)
@@ -104,3 +115,33 @@ def hedges_g(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -
     g = correction * d
     half = Z_95 * correction * math.sqrt((n_a + n_b) / (n_a * n_b) + d * d / (2 * (n_a + n_b)))
     return EffectSize(g, d, correction, g - half, g + half, mean_a, mean_b, pooled, n_a, n_b)
+
+
+def paired_g(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> EffectSize:
+    """Hedges-corrected standardised mean of the paired differences ``a_i - b_i`` (g_z), with a 95 % interval.
+
+    Args:
+        a, b: (n,) finite numbers, n >= 3, item i of ``a`` paired with item i of ``b``.
+
+    Returns:
+        An :class:`EffectSize` whose ``d`` is d_z, ``pooled_sd`` the standard deviation of the differences and
+        ``n_a == n_b == n``; NaN g when every difference is the same (no spread).
+
+    Raises:
+        ConfigError: fewer than 3 pairs, unequal lengths, or a value that is not finite.
+    """
+    x, y = _groups(a, b)
+    if x.size != y.size or x.size < 3:
+        raise ConfigError(f"paired g needs two equally long groups of >= 3 values, got {x.size} and {y.size}")
+    diff = x - y
+    n = diff.size
+    spread = float(diff.std(ddof=1))
+    correction = hedges_correction(n - 1)
+    mean_a, mean_b = float(x.mean()), float(y.mean())
+    if spread == 0.0:
+        nan = math.nan
+        return EffectSize(nan, nan, correction, nan, nan, mean_a, mean_b, 0.0, n, n)
+    d = float(diff.mean()) / spread
+    g = correction * d
+    half = Z_95 * correction * math.sqrt(1 / n + d * d / (2 * n))
+    return EffectSize(g, d, correction, g - half, g + half, mean_a, mean_b, spread, n, n)
