@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from attnlab.errors import ConfigError, TextError
-from attnlab.evaluation.choice import (ChoiceItem, ChoiceScores, encode_choice, load_choice_items, score_choices,
-                                       wilson_interval)
+from attnlab.evaluation.choice import (ChoiceItem, ChoiceScores, encode_choice, load_choice_items, num_batches,
+                                       score_choices, wilson_interval)
 from tiny_models import WORDS, tiny_llama, tiny_tokenizer
 
 VOCAB = {w: i + 3 for i, w in enumerate(dict.fromkeys(WORDS))}  # tiny_tokenizer's word ids, built independently
@@ -55,6 +55,28 @@ def test_logliks_match_a_plain_loop(batch_size):
     assert scores.num_tokens == [[2, 2, 1], [1, 3], [1, 7]]
     assert scores.num_chars == [[5, 7, 2], [5, 14], [5, 24]]
     assert scores.answers == [0, 1, 0]
+
+
+class NoLogitsToKeep(torch.nn.Module):
+    """A model whose forward lacks ``logits_to_keep`` (every position's logits come back)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.config = model, model.config
+
+    def forward(self, input_ids, attention_mask):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def test_one_token_choices_share_a_forward_and_match_the_loop():
+    model, tokenizer = tiny_llama(seed=4), tiny_tokenizer()
+    items = [ChoiceItem("the cat sat on", (" a", " the", " it"), 1), ChoiceItem("the dog", (" ran", " sat on"), 0)]
+    assert num_batches(tokenizer, items, batch_size=1) == 3  # (the cat sat on), (the dog), (the dog sat)
+    want = expected(model, items)
+    for wrapped in (model, NoLogitsToKeep(model)):
+        got = score_choices(wrapped, tokenizer, items, batch_size=2)
+        for row, ref in zip(got.logliks, want):
+            assert row == pytest.approx(ref, abs=1e-4)
 
 
 def test_bos_always_prepends_the_start_token():
@@ -162,3 +184,25 @@ def test_missing_file_and_bad_arguments_are_one_line_errors(tmp_path):
     long_item = ChoiceItem(" ".join(["the"] * 130), (" cat", " dog"), 0)
     with pytest.raises(ConfigError, match="at most 128"):
         score_choices(model, tokenizer, [long_item])
+
+
+@pytest.mark.slow
+def test_smollm2_logliks_match_lm_evaluation_harness():
+    """The same items through lm-eval's own HFLM.loglikelihood (the rule this module follows), ≤ 64 tokens each."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from attnlab.capture.loading import load_model
+    from attnlab.evaluation.choice_tasks import cloze_items, colored_objects_items, ioi_items
+
+    model, tokenizer = load_model("smollm2-135m")
+    items = (ioi_items(tokenizer, count=2) + colored_objects_items(tokenizer, count=1)
+             + cloze_items(tokenizer, count=2, context_tokens=32)
+             + [ChoiceItem("To be, or not to be: ", ("that is the question", "this is the answer"), 0)])
+    ours = score_choices(model, tokenizer, items, batch_size=3)
+    harness = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=2)
+    requests = [Instance("loglikelihood", {}, (item.context, choice), 0) for item in items for choice in item.choices]
+    theirs = harness.loglikelihood(requests, disable_tqdm=True)
+    flat = [(value, greedy) for row, flags in zip(ours.logliks, ours.greedy) for value, greedy in zip(row, flags)]
+    for (value, greedy), (their_value, their_greedy) in zip(flat, theirs):
+        assert value == pytest.approx(their_value, abs=1e-4) and greedy == their_greedy

@@ -53,7 +53,9 @@ def test_run_eval_scores_every_variant_on_the_same_items(task_file):
 
 def test_unknown_choice_task_is_a_one_line_config_error():
     with pytest.raises(ConfigError, match="Did you mean: cloze"):
-        run_eval(EvalConfig(tasks=("choice",), choice_task="clozee", seq_len=64), model=tiny_llama(), tokenizer=tiny_tokenizer())
+        EvalConfig(tasks=("choice",), choice_task="clozee")
+    with pytest.raises(ConfigError, match="choice task 'missing.jsonl'"):
+        EvalConfig(tasks=("choice",), choice_task="missing.jsonl")
     with pytest.raises(ConfigError, match="choice_items must be in"):
         EvalConfig(tasks=("choice",), choice_items=0)
 
@@ -62,8 +64,8 @@ def test_cli_writes_choice_rows_and_exits_2_on_a_bad_file(task_file, tmp_path):
     model_dir = str(save_model_dir(tmp_path / "tiny", tiny_llama(seed=3)))
     out = tmp_path / "run"
     runner = CliRunner()
-    result = runner.invoke(app, ["eval", "--model", model_dir, "--task", "choice", "--choice-task", str(task_file),
-                                 "--choice-items", "4", "--seq-len", "64", "--out", str(out)])
+    result = runner.invoke(app, ["eval", "--model", model_dir, "--task", "choice", "--choice-task",
+                                 str(task_file), "--choice-items", "4", "--seq-len", "64", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "baseline: " + str(task_file) + " accuracy" in result.output
     frame = pd.read_csv(out / "results.csv")
@@ -71,7 +73,7 @@ def test_cli_writes_choice_rows_and_exits_2_on_a_bad_file(task_file, tmp_path):
     assert "Multiple choice" in (out / "report.html").read_text(encoding="utf-8")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"context": "the", "choices": [" cat"], "answer": 0}\n', encoding="utf-8")
-    result = runner.invoke(app, ["eval", "--model", model_dir, "--task", "choice", "--choice-task", str(bad), "--seq-len", "64",
-                                 "--out", str(tmp_path / "run2")])
+    result = runner.invoke(app, ["eval", "--model", model_dir, "--task", "choice", "--choice-task", str(bad),
+                                 "--seq-len", "64", "--out", str(tmp_path / "run2")])
     assert result.exit_code == 2
     assert "bad.jsonl:1: choices must be >= 2 non-empty strings" in result.output

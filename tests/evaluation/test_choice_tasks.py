@@ -116,7 +116,9 @@ def test_cloze_items_on_a_small_text(tmp_path):
 
 
 def test_choice_items_names_and_files(tmp_path):
-    assert set(CHOICE_TASKS) == {"cloze", "ioi", "colored_objects"}
+    from attnlab.evaluation.config import CHOICE_TASK_NAMES
+
+    assert tuple(CHOICE_TASKS) == CHOICE_TASK_NAMES == ("cloze", "ioi", "colored_objects")
     assert len(choice_items("ioi", SplitTokenizer(), count=3)) == 3
     path = tmp_path / "t.jsonl"
     path.write_text('{"context": "Q", "choices": [" a", " b"], "answer": 0}\n' * 5, encoding="utf-8")

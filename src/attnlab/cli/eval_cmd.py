@@ -82,6 +82,10 @@ def eval_command(
         eval_config = EvalConfig(**values)
         for spec in eval_config.eval.variants:
             parse_variant(spec)  # bad edit names/values fail here, before the model loads
+        if "choice" in eval_config.eval.tasks and Path(eval_config.eval.choice_task).is_file():
+            from attnlab.evaluation.choice import load_choice_items
+
+            load_choice_items(eval_config.eval.choice_task)  # a bad JSONL file fails before the model loads
         out_dir = Path(values["out"])
         check_out_dir(out_dir, force=bool(values.get("force")))  # before the model loads
         print_config(eval_config)

@@ -1,4 +1,4 @@
-"""Evaluation: perplexity, next-token accuracy and passkey retrieval for a model and its edited variants.
+"""Evaluation: perplexity, next-token accuracy, passkey retrieval and multiple choice for a model and its variants.
 
 ``attnlab eval`` is a thin wrapper around :func:`run_eval`; the searches (ZeroTuning's γ, ACT's heads) are in
 :mod:`attnlab.evaluation.search`. Names are re-exported lazily so importing this package stays cheap.
@@ -18,6 +18,10 @@ _EXPORTS = {
     "plan_windows": "attnlab.evaluation.lm_tasks",
     "score_tokens": "attnlab.evaluation.lm_tasks",
     "build_prompt": "attnlab.evaluation.passkey",
+    "ChoiceItem": "attnlab.evaluation.choice",
+    "load_choice_items": "attnlab.evaluation.choice",
+    "score_choices": "attnlab.evaluation.choice",
+    "CHOICE_TASKS": "attnlab.evaluation.choice_tasks",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -17,8 +17,12 @@ Accuracy counts an item correct when the arg-max choice (lowest index on ties) i
 ``acc_norm``: the characters of the choice without its leading whitespace, which lm-eval's ``target_delimiter``
 carries). The interval is Wilson's score interval at 95 % (z = 1.959964).
 
-Batches are right-padded with a 2-D ``attention_mask`` (the Session keeps padding out of every edit's statistics),
-so a causal model's scores do not depend on the batch (tested).
+As in lm-eval, the model is fed ``([BOS] + whole)[:-1]`` (the last token is only predicted), and choices whose fed
+sequences are equal (one-token choices of one context) share one forward (lm-eval's logits cache); only the
+scored positions go through the output head (``logits_to_keep``, where the model takes it). Batches are sorted by
+length and right-padded with a 2-D ``attention_mask`` (the Session keeps padding out of every edit's statistics),
+so a causal model's scores do not depend on the batch (tested). An edit whose statistics span all query rows
+(``calibration``'s column scores) sees the fed sequence, i.e. the context and all but the last choice token.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from attnlab.errors import ConfigError, TextError
+from attnlab.evaluation.lm_tasks import accepts_logits_to_keep
 from attnlab.progress import Progress, ProgressArg, takes_progress
 
 NORMS = ("none", "token", "char")
@@ -243,6 +248,30 @@ def encode_choice(tokenizer: Any, context: str, choice: str, bos_id: int | None 
     return prefix + whole, num
 
 
+Request = tuple[int, int, list[int], int]  # (item index, choice index, ids, number of choice tokens)
+
+
+def _plan(tokenizer: Any, items: Sequence[ChoiceItem], bos_id: int | None
+          ) -> tuple[list[Request], dict[tuple[int, ...], list[int]]]:
+    """Every (item, choice) request, and the fed sequences ``ids[:-1]`` → the requests they serve (lm-eval feeds
+    all but the last token; one-token choices of one context share a sequence, as lm-eval's logits cache)."""
+    requests: list[Request] = []
+    for i, item in enumerate(items):
+        for j, choice in enumerate(item.choices):
+            ids, num = encode_choice(tokenizer, item.context, choice, bos_id)
+            requests.append((i, j, ids, num))
+    fed: dict[tuple[int, ...], list[int]] = {}
+    for k, (_, _, ids, _) in enumerate(requests):
+        fed.setdefault(tuple(ids[:-1]), []).append(k)
+    return requests, fed
+
+
+def num_batches(tokenizer: Any, items: Sequence[ChoiceItem], *, batch_size: int = 8, bos: str = "auto") -> int:
+    """How many forwards :func:`score_choices` makes for ``items`` (for progress totals)."""
+    _, fed = _plan(tokenizer, items, _bos_policy(tokenizer, bos))
+    return -(-len(fed) // batch_size)
+
+
 def _model_limit(model: Any) -> int | None:
     config = getattr(model, "config", None)
     limit = getattr(config, "max_position_embeddings", None)
@@ -265,10 +294,10 @@ def score_choices(model: Any, tokenizer: Any, items: Sequence[ChoiceItem], *, ba
             (``with Session(model, edits=...): score_choices(...)``); gradients are off.
         tokenizer: its tokenizer (``encode(text, add_special_tokens=False)``).
         items: the items; every (item, choice) pair is one sequence.
-        batch_size: sequences per forward (>= 1); sequences are sorted by length and right-padded.
+        batch_size: fed sequences per forward (>= 1); sorted by length, right-padded.
         bos: ``"auto"`` | ``"always"`` | ``"never"``: whether to prepend the start token.
         device: where inputs go (default: the model's parameters' device).
-        progress: None, True or a callable ``(done, total, message)``; counts forwards.
+        progress: None, True or a callable ``(done, total, message)``; counts batches.
 
     Returns:
         :class:`ChoiceScores`.
@@ -286,42 +315,47 @@ def score_choices(model: Any, tokenizer: Any, items: Sequence[ChoiceItem], *, ba
         raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     bos_id = _bos_policy(tokenizer, bos)
     device = device if device is not None else _device_of(model)
-    requests = []  # (item index, choice index, ids, number of choice tokens)
-    for i, item in enumerate(items):
-        for j, choice in enumerate(item.choices):
-            ids, num = encode_choice(tokenizer, item.context, choice, bos_id)
-            requests.append((i, j, ids, num))
+    requests, fed = _plan(tokenizer, items, bos_id)
     limit = _model_limit(model)
-    longest = max(len(r[2]) for r in requests)
+    longest = max(len(seq) for seq in fed)
     if limit is not None and longest > limit:
-        raise ConfigError(f"the longest context + choice is {longest} tokens but the model takes at most {limit}; "
-                          "use shorter items")
-    order = sorted(range(len(requests)), key=lambda k: -len(requests[k][2]))
+        raise ConfigError(f"the longest context + choice is {longest + 1} tokens (fed: {longest}) but the model "
+                          f"takes at most {limit}; use shorter items")
+    sequences = sorted(fed, key=lambda seq: (-len(seq), seq))
     logliks = [[0.0] * len(item.choices) for item in items]
     num_tokens = [[0] * len(item.choices) for item in items]
     greedy = [[False] * len(item.choices) for item in items]
     pad = getattr(tokenizer, "pad_token_id", None)
     pad = int(pad) if pad is not None else 0
-    total = -(-len(order) // batch_size)
+    keep_some = accepts_logits_to_keep(model)
+    total = -(-len(sequences) // batch_size)
     notify(0, total, "scoring choices")
     with torch.no_grad():
-        for b, start in enumerate(range(0, len(order), batch_size)):
-            batch = [requests[k] for k in order[start:start + batch_size]]
-            width = max(len(r[2]) for r in batch)
+        for b, start in enumerate(range(0, len(sequences), batch_size)):
+            batch = sequences[start:start + batch_size]
+            width = max(len(seq) for seq in batch)
             input_ids = torch.full((len(batch), width), pad, dtype=torch.long)  # (B, L), right-padded
             mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, (_, _, ids, _) in enumerate(batch):
-                input_ids[row, :len(ids)] = torch.tensor(ids)
-                mask[row, :len(ids)] = 1
-            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits  # (B, L, V)
-            for row, (i, j, ids, num) in enumerate(batch):
-                length = len(ids)
-                scored = logits[row, length - num - 1:length - 1].float()  # (num, V): predicts ids[-num:]
-                targets = torch.tensor(ids[length - num:], device=scored.device)
-                log_probs = torch.log_softmax(scored, dim=-1)
-                logliks[i][j] = float(log_probs.gather(-1, targets[:, None]).double().sum())
-                num_tokens[i][j] = num
-                greedy[i][j] = bool((scored.argmax(-1) == targets).all())
+            for row, seq in enumerate(batch):
+                input_ids[row, :len(seq)] = torch.tensor(seq)
+                mask[row, :len(seq)] = 1
+            wanted = sorted({p for seq in batch for k in fed[seq]
+                             for p in range(len(seq) - requests[k][3], len(seq))})  # positions whose logits score
+            column = {p: c for c, p in enumerate(wanted)} if keep_some else {p: p for p in range(width)}
+            kwargs: dict[str, Any] = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
+            if keep_some:
+                kwargs["logits_to_keep"] = torch.tensor(wanted, device=device)
+            logits = model(**kwargs).logits  # (B, len(wanted) or L, V)
+            for row, seq in enumerate(batch):
+                for k in fed[seq]:
+                    i, j, ids, num = requests[k]
+                    cols = torch.tensor([column[p] for p in range(len(seq) - num, len(seq))], device=logits.device)
+                    scored = logits[row, cols].float()  # (num, V): row t predicts ids[len(seq) - num + t + 1]
+                    targets = torch.tensor(ids[len(ids) - num:], device=scored.device)
+                    log_probs = torch.log_softmax(scored, dim=-1)
+                    logliks[i][j] = float(log_probs.gather(-1, targets[:, None]).double().sum())
+                    num_tokens[i][j] = num
+                    greedy[i][j] = bool((scored.argmax(-1) == targets).all())
             notify(b + 1, total, "scoring choices")
     num_chars = [[max(1, len(c.lstrip())) for c in item.choices] for item in items]
     return ChoiceScores(logliks, num_tokens, num_chars, greedy, [item.answer for item in items])

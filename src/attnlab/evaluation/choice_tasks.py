@@ -127,8 +127,9 @@ def cloze_items(tokenizer: Any, *, text: str | Path | None = None, count: int = 
     """
     from attnlab.text import corpus_text, read_text_file
 
-    for name, value, low in (("count", count, 1), ("num_choices", num_choices, 2), ("context_tokens", context_tokens, 4),
-                             ("min_length", min_length, 1), ("min_count", min_count, 1)):
+    for name, value, low in (("count", count, 1), ("num_choices", num_choices, 2),
+                             ("context_tokens", context_tokens, 4), ("min_length", min_length, 1),
+                             ("min_count", min_count, 1)):
         _check_count(name, value, low)
     source = corpus_text() if text is None else read_text_file(text)
     counts = word_counts(source)

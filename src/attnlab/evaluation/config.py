@@ -10,6 +10,7 @@ variant are joined with ``+`` (``temperature:tau=0.9+sink_window:sinks=4,window=
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from attnlab.config import (INT_LIMIT, SEED_LIMIT, ComposedConfig, ModelSpec, TextSpec, check_names, check_range,
@@ -18,6 +19,7 @@ from attnlab.errors import ConfigError
 
 TASKS = ("perplexity", "next_token", "passkey", "choice")
 SEARCHES = (None, "zerotuning", "act")
+CHOICE_TASK_NAMES = ("cloze", "ioi", "colored_objects")  # attnlab.evaluation.choice_tasks.CHOICE_TASKS
 BASELINE = "baseline"
 
 
@@ -69,7 +71,8 @@ class EvalSpec:
         passkey_depths: needle depths as fractions of the haystack, each in [0, 1].
         passkey_trials: prompts per (length, depth) cell, each with its own random key and haystack offset.
         choice_task: for the ``choice`` task: ``cloze``, ``ioi``, ``colored_objects``
-            (:mod:`attnlab.evaluation.choice_tasks`) or a JSONL file (:func:`attnlab.evaluation.choice.load_choice_items`).
+            (:mod:`attnlab.evaluation.choice_tasks`) or a JSONL file
+            (:func:`attnlab.evaluation.choice.load_choice_items`).
         choice_items: items generated (or the first items read from the file), >= 1.
         choice_batch_size: sequences (item × choice) per forward of the choice scorer, >= 1.
         search: None, ``"zerotuning"`` or ``"act"`` (:mod:`attnlab.evaluation.search`, on the same windows).
@@ -98,8 +101,12 @@ class EvalSpec:
             raise ConfigError(f"stride must be an integer >= 1, got {self.stride!r}")
         check_range(self, {"stride": (1, INT_LIMIT), "passkey_trials": (1, INT_LIMIT), "seed": (0, SEED_LIMIT),
                            "choice_items": (1, INT_LIMIT), "choice_batch_size": (1, INT_LIMIT)})
-        if not self.choice_task.strip():
-            raise ConfigError("--choice-task expects cloze, ioi, colored_objects or a JSONL file, got ''")
+        if "choice" in self.tasks and self.choice_task not in CHOICE_TASK_NAMES \
+                and not Path(self.choice_task).is_file():
+            from attnlab.registry import unknown_name_message
+
+            raise ConfigError(unknown_name_message("choice task", self.choice_task, list(CHOICE_TASK_NAMES))
+                              + " (or an existing JSONL file)")
         if not self.tasks:
             raise ConfigError(f"at least one task is needed; choose from {', '.join(TASKS)}")
         for task in self.tasks:

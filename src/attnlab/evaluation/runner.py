@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from attnlab.errors import ConfigError, TextError
-from attnlab.evaluation.choice import NORMS, score_choices
+from attnlab.evaluation.choice import NORMS, num_batches, score_choices
 from attnlab.evaluation.config import BASELINE, EvalConfig, parse_variant
 from attnlab.evaluation.lm_tasks import (TokenScores, WindowPlan, plan_windows, position_bin, score_windows,
                                          stitch_windows)
@@ -150,7 +150,8 @@ def evaluate_variants(model: Any, tokenizer: Any, variants: list[Variant], *, ta
     notify: Progress = progress  # type: ignore[assignment]  # a Progress here (takes_progress)
     run_lm = any(task in tasks for task in LM_TASKS)
     run_choice = "choice" in tasks and choice is not None
-    choice_batches = -(-sum(len(item.choices) for item in choice.items) // choice.batch_size) if run_choice else 0
+    choice_batches = num_batches(tokenizer, choice.items, batch_size=choice.batch_size, bos=choice.bos) \
+        if run_choice else 0
     units = (len(plans) if run_lm else 0) + (len(prompts) if "passkey" in tasks else 0) + choice_batches
     total, done = units * len(variants), 0
     bin_size = position_bin(seq_len)
