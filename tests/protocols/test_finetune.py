@@ -143,3 +143,18 @@ def test_refuses_a_batch_without_targets_and_a_frozen_model():
     with pytest.raises(ConfigError, match="requires_grad"):
         Finetuner(model)
     assert math.isfinite(token_losses(model, batch).nll.sum().item())
+
+
+def test_load_state_returns_to_a_branch_point_exactly():
+    model = tiny_llama()
+    tuner = Finetuner(model, FinetuneConfig(lr=1e-2))
+    tuner.step(make_batch(SEQS))
+    saved = tuner.state()
+    straight = [tuner.step(make_batch(SEQS[:2])) for _ in range(2)]
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    tuner.load_state(saved)
+    tuner.step(make_batch(SEQS[1:]))  # a detour, then back to the branch point
+    tuner.load_state(saved)
+    assert tuner.steps_done == 1
+    assert [tuner.step(make_batch(SEQS[:2])) for _ in range(2)] == straight
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())

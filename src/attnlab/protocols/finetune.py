@@ -28,6 +28,7 @@ sequences by a ``torch.Generator`` seeded with its own ``seed``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import typing
@@ -272,6 +273,18 @@ class Finetuner:
             self.optimizer.zero_grad(set_to_none=True)
             self.model.train(was_training)
         return value
+
+    def state(self) -> dict[str, Any]:
+        """A copy of everything later updates depend on: the model's weights, the optimizer's state and the update
+        count (for branching a run: :meth:`load_state` returns to it exactly)."""
+        return {"model": {name: value.detach().clone() for name, value in self.model.state_dict().items()},
+                "optimizer": copy.deepcopy(self.optimizer.state_dict()), "steps_done": self.steps_done}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Return to a :meth:`state` of this Finetuner (the copy is not consumed)."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        self.steps_done = int(state["steps_done"])
 
     def run(self, batches: Iterable[TokenBatch], *, total: int = 0, label: str = "fine-tune",
             progress: ProgressArg = None) -> list[float]:
