@@ -59,14 +59,18 @@ def test_material_pairs_have_equal_length_and_are_disjoint():
 
 def test_material_bos_and_shuffled_words():
     tok = tiny_tokenizer()
-    spec = MemorySpec(items=4, retention_steps=(0,), min_tokens=6, max_tokens=10, bos="always", material="shuffled")
+    spec = MemorySpec(items=4, retention_steps=(0, 1), batch_size=3, min_tokens=6, max_tokens=10, bos="always",
+                      material="shuffled")
     sentences = random_sentences()
     material = build_material(tok, spec, sentences)
     item = material.items[0]
     assert item.studied_ids[0] == tok.bos_token_id and item.cue_len == 1 + (len(item.studied_ids) - 1) // 2
     assert list(item.studied_ids[1:]) == tok(item.studied, add_special_tokens=False)["input_ids"]
     assert any(sorted(s.split()) == sorted(item.studied.split()) for s in sentences)
-    assert all(ids[0] == tok.bos_token_id for ids in material.interference) or not material.interference
+    assert len(material.interference) == 3
+    natural = {tuple(tok(x, add_special_tokens=False)["input_ids"]) for x in sentences}
+    assert all(ids[0] == tok.bos_token_id and tuple(ids[1:]) in natural for ids in material.interference)
+    assert sum(item.studied in sentences for item in material.items) < 4  # shuffled, not as written
 
 
 def test_material_too_short_and_bad_settings():
