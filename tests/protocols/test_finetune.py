@@ -158,3 +158,14 @@ def test_load_state_returns_to_a_branch_point_exactly():
     assert tuner.steps_done == 1
     assert [tuner.step(make_batch(SEQS[:2])) for _ in range(2)] == straight
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+
+
+def test_token_batch_refuses_mismatched_shapes_and_targets_on_padding():
+    from attnlab.errors import ShapeError
+    from attnlab.protocols.finetune import TokenBatch
+
+    batch = make_batch(SEQS)
+    with pytest.raises(ShapeError, match="share one"):
+        TokenBatch(batch.input_ids, batch.attention_mask[:, :3], batch.loss_mask)
+    with pytest.raises(ConfigError, match="padding"):
+        TokenBatch(batch.input_ids, batch.attention_mask, torch.ones_like(batch.loss_mask))

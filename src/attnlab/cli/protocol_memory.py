@@ -18,8 +18,9 @@ TextFile = Annotated[Optional[Path], typer.Option(
     "--text", help="UTF-8 text the sentences come from (default: bundled Shakespeare).", rich_help_panel=_MEMORY)]
 Items = Annotated[int, typer.Option("--items", help="Studied sentences (each with a same-length foil).",
                                     rich_help_panel=_MEMORY)]
-Exposures = Annotated[str, typer.Option("--exposures", help="Exposure counts k (epochs over the studied sentences), "
-                                        "comma-separated, increasing; 0 = unexposed baseline.", rich_help_panel=_MEMORY)]
+Exposures = Annotated[str, typer.Option(
+    "--exposures", help="Exposure counts k (epochs over the studied sentences), comma-separated, increasing; 0 = "
+    "unexposed baseline.", rich_help_panel=_MEMORY)]
 RetentionSteps = Annotated[str, typer.Option(
     "--retention-steps", help="Updates on other text after which memory is tested again, comma-separated.",
     rich_help_panel=_MEMORY)]

@@ -62,10 +62,10 @@ class TokenBatch:
     loss_mask: torch.Tensor
 
     def __post_init__(self) -> None:
-        shapes = {tuple(self.input_ids.shape), tuple(self.attention_mask.shape), tuple(self.loss_mask.shape)}
-        if self.input_ids.dim() != 2 or len(shapes) != 1:
+        shapes = [tuple(t.shape) for t in (self.input_ids, self.attention_mask, self.loss_mask)]
+        if self.input_ids.dim() != 2 or len(set(shapes)) != 1:
             raise ShapeError("TokenBatch: input_ids, attention_mask and loss_mask must share one (batch, seq_len) "
-                             f"shape, got {[tuple(t.shape) for t in (self.input_ids, self.attention_mask, self.loss_mask)]}")
+                             f"shape, got {shapes}")
         if self.loss_mask.dtype != torch.bool:
             raise ConfigError(f"TokenBatch: loss_mask must be bool, got {self.loss_mask.dtype}")
         if bool(self.loss_mask[:, 0].any()) or bool((self.loss_mask & (self.attention_mask == 0)).any()):
