@@ -169,3 +169,16 @@ def test_token_batch_refuses_mismatched_shapes_and_targets_on_padding():
         TokenBatch(batch.input_ids, batch.attention_mask[:, :3], batch.loss_mask)
     with pytest.raises(ConfigError, match="padding"):
         TokenBatch(batch.input_ids, batch.attention_mask, torch.ones_like(batch.loss_mask))
+
+
+def test_reset_optimizer_steps_like_a_fresh_finetuner():
+    model, twin = tiny_llama(), tiny_llama()
+    tuner = Finetuner(model, FinetuneConfig(lr=1e-2))
+    tuner.step(make_batch(SEQS))
+    twin.load_state_dict(model.state_dict())
+    tuner.reset_optimizer()
+    fresh = Finetuner(twin, FinetuneConfig(lr=1e-2))
+    fresh.steps_done = tuner.steps_done
+    tuner.step(make_batch(SEQS[:2]))
+    fresh.step(make_batch(SEQS[:2]))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), twin.state_dict().values()))

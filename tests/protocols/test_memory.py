@@ -153,17 +153,26 @@ def test_one_branched_run_equals_separate_runs_per_k():
     got = {(r["exposures"], r["interference_steps"]): r for r in run_memory(tiny_llama(), tok, spec,
                                                                            material=material)["curves"]}
     studied = [item.studied_ids for item in material.items]
-    for k, steps in ((1, 0), (1, 2), (3, 0)):  # each from fresh weights, a plain loop of its own
+    reset = MemorySpec(**{**spec.to_dict(), "retention_optimizer": "reset"})
+    got_reset = {(r["exposures"], r["interference_steps"]): r for r in run_memory(tiny_llama(), tok, reset,
+                                                                                 material=material)["curves"]}
+    for k, steps, fresh in ((1, 0, False), (1, 2, False), (3, 0, False), (1, 2, True)):  # a plain loop each
         model = tiny_llama()
         tuner = Finetuner(model, FinetuneConfig(lr=spec.lr, seed=spec.seed))
         for epoch in range(k):
             for batch in shuffled_batches(studied, spec.batch_size, seed=spec.seed * 10_007 + epoch):
                 tuner.step(batch)
+        if fresh:  # the interference phase starts a new optimizer on the studied weights
+            steps_done, tuner = tuner.steps_done, Finetuner(model, FinetuneConfig(lr=spec.lr, seed=spec.seed))
+            tuner.steps_done = steps_done
         for step in range(steps):
             tuner.step(make_batch(material.interference[step * spec.batch_size:(step + 1) * spec.batch_size]))
         expected = score_memory(model, material.items)
         for name in ("recognition", "recall_exact", "recall_tokens", "nll_studied", "nll_foil"):
-            assert got[(k, steps)][name] == pytest.approx(expected[name], abs=1e-6), (k, steps, name)
+            value = (got_reset if fresh else got)[(k, steps)][name]
+            assert value == pytest.approx(expected[name], abs=1e-6), (k, steps, fresh, name)
+    assert got_reset[(1, 2)]["nll_studied"] != got[(1, 2)]["nll_studied"]
+    assert got_reset[(3, 0)] == got[(3, 0)]  # the study run itself is unchanged
 
 
 def test_memory_results_rows_and_written_files(tmp_path):

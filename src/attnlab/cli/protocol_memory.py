@@ -27,6 +27,9 @@ RetentionSteps = Annotated[str, typer.Option(
 RetentionExposures = Annotated[Optional[str], typer.Option(
     "--retention-exposures", help="The k values whose retention is followed (default: every k > 0).",
     rich_help_panel=_MEMORY)]
+RetentionOptimizer = Annotated[str, typer.Option(
+    "--retention-optimizer", help="continue (interference updates keep the study's AdamW moments) | reset (fresh "
+    "AdamW state when the interference text starts).", rich_help_panel=_MEMORY)]
 Material = Annotated[str, typer.Option("--material", help="sentences | shuffled (words of studied sentences and "
                                        "foils shuffled).", rich_help_panel=_MEMORY)]
 MinTokens = Annotated[int, typer.Option("--min-tokens", help="Shortest sentence used, in tokens.",
@@ -50,6 +53,7 @@ def memory_command(
     exposures: Exposures = "0,1,2,4",
     retention_steps: RetentionSteps = "0,1,2,5,10,20",
     retention_exposures: RetentionExposures = None,
+    retention_optimizer: RetentionOptimizer = "continue",
     material: Material = "sentences",
     min_tokens: MinTokens = 10,
     max_tokens: MaxTokens = 24,

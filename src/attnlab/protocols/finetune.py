@@ -236,13 +236,22 @@ class Finetuner:
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ConfigError("finetune: the model has no parameter with requires_grad=True")
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.config.weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.config.lr,
-                                           betas=(self.config.beta1, self.config.beta2), eps=self.config.eps)
         self.params = params
+        self.optimizer = self._new_optimizer()
         self.steps_done = 0
         self.device = params[0].device
+
+    def _new_optimizer(self) -> torch.optim.AdamW:
+        decay = [p for p in self.params if p.dim() >= 2]
+        groups = [{"params": decay, "weight_decay": self.config.weight_decay},
+                  {"params": [p for p in self.params if p.dim() < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.config.lr,
+                                 betas=(self.config.beta1, self.config.beta2), eps=self.config.eps)
+
+    def reset_optimizer(self) -> None:
+        """Forget AdamW's moments and step counts (as a fresh Finetuner would start); weights and the update count
+        (so the dropout seeds) are kept."""
+        self.optimizer = self._new_optimizer()
 
     def step(self, batch: TokenBatch) -> float:
         """One update on ``batch`` (moved to the model's device); returns its mean target NLL before the update

@@ -24,7 +24,10 @@ The protocol, step by step:
    (:mod:`attnlab.protocols.finetune`, AdamW, constant ``lr``); ``k = 0`` is the unexposed baseline. One run of
    ``max(exposures)`` epochs is tested after each epoch ``k`` in ``exposures``: since its first ``k`` epochs are
    exactly those of a run of ``k`` epochs, this equals separate runs per k. Retention branches off that run
-   (:meth:`attnlab.protocols.finetune.Finetuner.state`) and the run resumes from the branch point.
+   (:meth:`attnlab.protocols.finetune.Finetuner.state`) and the run resumes from the branch point. By default the
+   interference updates continue the study's AdamW state (``retention_optimizer="continue"``, one ongoing run, as
+   in the paper); ``"reset"`` starts them with fresh moments, which separates forgetting from the momentum the
+   study leaves behind.
 3. **Test** (:func:`score_memory`), right after study and again after ``s`` updates on interference text for every
    ``s`` in ``retention_steps`` (interference batch ``j`` is the same for every k):
 
@@ -82,6 +85,8 @@ class MemorySpec:
         items: studied sentences (each with a foil). exposures: the k values (epochs over the studied items).
         retention_steps: interference updates after which memory is tested again (0 = right after study).
         retention_exposures: the k values whose retention is followed (None = every k > 0 of ``exposures``).
+        retention_optimizer: ``continue`` (interference updates keep the study's AdamW moments, as one ongoing
+            training run does) or ``reset`` (fresh AdamW state when the interference text starts).
         material: ``sentences`` (as written) or ``shuffled`` (words of studied items and foils shuffled).
         text: a UTF-8 file of source text (None = the bundled corpus).
         min_tokens, max_tokens: token-count range of the sentences used.
@@ -94,6 +99,7 @@ class MemorySpec:
     exposures: tuple[Annotated[int, Range(ge=0, le=10000)], ...] = _listed((0, 1, 2, 4))
     retention_steps: tuple[Annotated[int, Range(ge=0, le=1000000)], ...] = _listed((0, 1, 2, 5, 10, 20))
     retention_exposures: tuple[Annotated[int, Range(ge=1, le=10000)], ...] | None = _listed(None)
+    retention_optimizer: Literal["continue", "reset"] = "continue"
     material: Literal["sentences", "shuffled"] = "sentences"
     text: str | None = None
     min_tokens: Annotated[int, Range(ge=2, le=4096)] = 10
@@ -352,6 +358,8 @@ def run_memory(model: Any, tokenizer: Any, spec: MemorySpec | None = None, *, ma
             if epoch not in spec.followed or last == 0:
                 continue
             branch = tuner.state()
+            if spec.retention_optimizer == "reset":
+                tuner.reset_optimizer()
             for step in range(1, last + 1):
                 rows = material.interference[(step - 1) * spec.batch_size:step * spec.batch_size]
                 loss = tuner.step(make_batch(rows))
