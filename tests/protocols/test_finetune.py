@@ -143,3 +143,42 @@ def test_refuses_a_batch_without_targets_and_a_frozen_model():
     with pytest.raises(ConfigError, match="requires_grad"):
         Finetuner(model)
     assert math.isfinite(token_losses(model, batch).nll.sum().item())
+
+
+def test_load_state_returns_to_a_branch_point_exactly():
+    model = tiny_llama()
+    tuner = Finetuner(model, FinetuneConfig(lr=1e-2))
+    tuner.step(make_batch(SEQS))
+    saved = tuner.state()
+    straight = [tuner.step(make_batch(SEQS[:2])) for _ in range(2)]
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    tuner.load_state(saved)
+    tuner.step(make_batch(SEQS[1:]))  # a detour, then back to the branch point
+    tuner.load_state(saved)
+    assert tuner.steps_done == 1
+    assert [tuner.step(make_batch(SEQS[:2])) for _ in range(2)] == straight
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+
+
+def test_token_batch_refuses_mismatched_shapes_and_targets_on_padding():
+    from attnlab.errors import ShapeError
+    from attnlab.protocols.finetune import TokenBatch
+
+    batch = make_batch(SEQS)
+    with pytest.raises(ShapeError, match="share one"):
+        TokenBatch(batch.input_ids, batch.attention_mask[:, :3], batch.loss_mask)
+    with pytest.raises(ConfigError, match="padding"):
+        TokenBatch(batch.input_ids, batch.attention_mask, torch.ones_like(batch.loss_mask))
+
+
+def test_reset_optimizer_steps_like_a_fresh_finetuner():
+    model, twin = tiny_llama(), tiny_llama()
+    tuner = Finetuner(model, FinetuneConfig(lr=1e-2))
+    tuner.step(make_batch(SEQS))
+    twin.load_state_dict(model.state_dict())
+    tuner.reset_optimizer()
+    fresh = Finetuner(twin, FinetuneConfig(lr=1e-2))
+    fresh.steps_done = tuner.steps_done
+    tuner.step(make_batch(SEQS[:2]))
+    fresh.step(make_batch(SEQS[:2]))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), twin.state_dict().values()))

@@ -9,8 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from attnlab.cli.protocol_data_quality import data_quality_command
+from attnlab.cli.protocol_memory import memory_command
+
 PROTOCOL_COMMANDS: dict[str, Callable[..., Any]] = {}
-
-from attnlab.cli.protocol_data_quality import data_quality_command  # noqa: E402
-
+PROTOCOL_COMMANDS["memory"] = memory_command
 PROTOCOL_COMMANDS["data-quality"] = data_quality_command

@@ -28,6 +28,7 @@ sequences by a ``torch.Generator`` seeded with its own ``seed``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import typing
@@ -61,10 +62,10 @@ class TokenBatch:
     loss_mask: torch.Tensor
 
     def __post_init__(self) -> None:
-        shapes = {tuple(self.input_ids.shape), tuple(self.attention_mask.shape), tuple(self.loss_mask.shape)}
-        if self.input_ids.dim() != 2 or len(shapes) != 1:
+        shapes = [tuple(t.shape) for t in (self.input_ids, self.attention_mask, self.loss_mask)]
+        if self.input_ids.dim() != 2 or len(set(shapes)) != 1:
             raise ShapeError("TokenBatch: input_ids, attention_mask and loss_mask must share one (batch, seq_len) "
-                             f"shape, got {[tuple(t.shape) for t in (self.input_ids, self.attention_mask, self.loss_mask)]}")
+                             f"shape, got {shapes}")
         if self.loss_mask.dtype != torch.bool:
             raise ConfigError(f"TokenBatch: loss_mask must be bool, got {self.loss_mask.dtype}")
         if bool(self.loss_mask[:, 0].any()) or bool((self.loss_mask & (self.attention_mask == 0)).any()):
@@ -235,13 +236,22 @@ class Finetuner:
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ConfigError("finetune: the model has no parameter with requires_grad=True")
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.config.weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.config.lr,
-                                           betas=(self.config.beta1, self.config.beta2), eps=self.config.eps)
         self.params = params
+        self.optimizer = self._new_optimizer()
         self.steps_done = 0
         self.device = params[0].device
+
+    def _new_optimizer(self) -> torch.optim.AdamW:
+        decay = [p for p in self.params if p.dim() >= 2]
+        groups = [{"params": decay, "weight_decay": self.config.weight_decay},
+                  {"params": [p for p in self.params if p.dim() < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.config.lr,
+                                 betas=(self.config.beta1, self.config.beta2), eps=self.config.eps)
+
+    def reset_optimizer(self) -> None:
+        """Forget AdamW's moments and step counts (as a fresh Finetuner would start); weights and the update count
+        (so the dropout seeds) are kept."""
+        self.optimizer = self._new_optimizer()
 
     def step(self, batch: TokenBatch) -> float:
         """One update on ``batch`` (moved to the model's device); returns its mean target NLL before the update
@@ -272,6 +282,18 @@ class Finetuner:
             self.optimizer.zero_grad(set_to_none=True)
             self.model.train(was_training)
         return value
+
+    def state(self) -> dict[str, Any]:
+        """A copy of everything later updates depend on: the model's weights, the optimizer's state and the update
+        count (for branching a run: :meth:`load_state` returns to it exactly)."""
+        return {"model": {name: value.detach().clone() for name, value in self.model.state_dict().items()},
+                "optimizer": copy.deepcopy(self.optimizer.state_dict()), "steps_done": self.steps_done}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Return to a :meth:`state` of this Finetuner (the copy is not consumed)."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        self.steps_done = int(state["steps_done"])
 
     def run(self, batches: Iterable[TokenBatch], *, total: int = 0, label: str = "fine-tune",
             progress: ProgressArg = None) -> list[float]:
