@@ -100,6 +100,8 @@ def test_mixtures_refuse_pools_too_small_and_fractions_out_of_range():
 def test_config_checks_corpora_pairs_and_fractions():
     with pytest.raises(ConfigError, match="give both --junk and --control"):
         DataQualityConfig(junk="junk.txt")
+    with pytest.raises(ConfigError, match="also give --heldout"):
+        DataQualityConfig(junk="junk.txt", control="control.txt")
     with pytest.raises(ConfigError, match="must include 0"):
         DataQualityConfig(fractions="0.2,1")
     with pytest.raises(ConfigError, match="--fractions must be a comma-separated list of float"):

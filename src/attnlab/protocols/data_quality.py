@@ -291,6 +291,8 @@ class DataQualitySpec:
         if (self.junk is None) != (self.control is None):
             raise ConfigError(f"give both --junk and --control (or neither, for the demonstration), got junk="
                               f"{self.junk!r} and control={self.control!r}")
+        if self.junk is not None and self.heldout is None:
+            raise ConfigError("with --junk and --control, also give --heldout (a text file for the measures)")
         if self.demo_junk not in JUNK_KINDS:
             raise ConfigError(f"--demo-junk must be one of {', '.join(JUNK_KINDS)}, got {self.demo_junk!r}")
         if 0.0 not in self.fractions or len(set(self.fractions)) != len(self.fractions):
@@ -343,8 +345,6 @@ def _corpora(spec: DataQualitySpec) -> tuple[list[str], list[str], str | None, d
 
     if spec.junk is not None and spec.control is not None:
         junk, control = documents(read_text_file(spec.junk)), documents(read_text_file(spec.control))
-        if spec.heldout is None:
-            raise ConfigError("with --junk and --control, also give --heldout (a text file for the measures)")
         return junk, control, None, {"junk": spec.junk, "control": spec.control, "heldout": spec.heldout}
     plays = {path.name: read_text_file(path) for path in corpus_files() if path.name.endswith("_gut.txt")}
     demo = demo_corpora(plays, junk=spec.demo_junk, heldout_every=spec.heldout_every, max_words=spec.max_words,
