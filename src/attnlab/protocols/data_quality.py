@@ -57,7 +57,7 @@ from attnlab.evaluation.config import parse_number_list
 from attnlab.progress import Progress, ProgressArg, progress_to
 from attnlab.protocols.decay_suite import METRICS, SuiteSettings
 
-__all__ = ["DataQualityConfig", "DataQualitySpec", "DemoCorpora", "Mixture", "demo_corpora", "documents",
+__all__ = ["DataQualityConfig", "DataQualitySpec", "DemoCorpora", "MeasureSpec", "Mixture", "demo_corpora", "documents",
            "effect_sizes", "pack_sequences", "plan_mixtures", "run_data_quality"]
 
 JUNK_KINDS = ("fragments", "shuffled")
