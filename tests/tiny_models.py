@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 
 
-def tiny_llama(num_heads: int = 4, num_kv_heads: int = 2, layers: int = 2, seed: int = 0, **extra):
+def tiny_llama(num_heads: int = 4, num_kv_heads: int = 2, layers: int = 2, seed: int = 0, vocab_size: int = 97,
+               max_positions: int = 128, **extra):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(hidden_size=num_heads * 8, num_hidden_layers=layers, num_attention_heads=num_heads,
-                         num_key_value_heads=num_kv_heads, intermediate_size=64, vocab_size=97,
-                         max_position_embeddings=128, attn_implementation="sdpa", **extra)
+                         num_key_value_heads=num_kv_heads, intermediate_size=64, vocab_size=vocab_size,
+                         max_position_embeddings=max_positions, attn_implementation="sdpa", **extra)
     return LlamaForCausalLM(config).eval()
 
 
@@ -49,6 +50,20 @@ def tiny_tokenizer(add_bos: bool = False, with_bos: bool = True):
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     specials = {"bos_token": "<s>", "eos_token": "</s>"} if with_bos else {}
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", **specials)
+
+
+def byte_tokenizer():
+    """One token per UTF-8 byte (ids 0..255, no special tokens): any text is readable; pair with
+    ``tiny_llama(vocab_size=256)``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {char: index for index, char in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
 
 
 def save_model_dir(folder, model, tokenizer=None):
