@@ -11,44 +11,13 @@ import torch
 from attnlab.circuits.pairs import collate_pairs
 from attnlab.circuits.patching import activation_patching, path_patching
 from attnlab.errors import ConfigError
-from tiny_models import tiny_llama, tiny_tokenizer
+from tiny_models import tiny_tokenizer
 
 PLANTED = (1, 2)
 
 
-def planted_model():
-    """A 2-layer Llama whose logits depend on the context only through head (1, 2): every other head's output
-    projection columns and every MLP's down projection are zero."""
-    model = tiny_llama(num_heads=4, num_kv_heads=2, layers=2, seed=3)
-    head_dim = model.config.hidden_size // 4
-    with torch.no_grad():
-        for index, layer in enumerate(model.model.layers):
-            layer.mlp.down_proj.weight.zero_()
-            for head in range(4):
-                if (index, head) != PLANTED:
-                    layer.self_attn.o_proj.weight[:, head * head_dim:(head + 1) * head_dim] = 0
-            if index == PLANTED[0]:
-                layer.self_attn.o_proj.weight.mul_(20)  # a strong effect, far from ties
-    return model
-
-
-def pairs(seed: int = 0, batch: int = 3, length: int = 7, vocab: int = 97, ragged: bool = True):
-    """Random clean prompts; corrupted = the same with two early tokens resampled; 3 choices, answer 0 (with
-    ``ragged``, the last row is shorter, so right-padded, and its answer is 1)."""
-    generator = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(batch):
-        clean = torch.randint(3, vocab, (length,), generator=generator).tolist()
-        corrupted = list(clean)
-        corrupted[1], corrupted[2] = (torch.randint(3, vocab, (2,), generator=generator) + 0).tolist()
-        rows.append((clean, corrupted, [5, 9, 11], 0))
-    if ragged:
-        rows[-1] = (rows[-1][0][:-2], rows[-1][1][:-2], [5, 9, 11], 1)
-    return [collate_pairs(rows[:2]), collate_pairs(rows[2:])]
-
-
-def test_planted_head_tops_the_ranking_and_heads_without_a_path_have_no_effect():
-    model = planted_model()
+def test_planted_head_tops_the_ranking_and_heads_without_a_path_have_no_effect(planted, pairs):
+    model = planted()
     for result in (activation_patching(model, pairs()), path_patching(model, pairs())):
         assert result.top(1) == [PLANTED]
         assert float(result.scores[PLANTED]) == pytest.approx(0.0, abs=1e-5)  # alone it carries the whole answer
@@ -57,20 +26,20 @@ def test_planted_head_tops_the_ranking_and_heads_without_a_path_have_no_effect()
         assert result.clean_logit_diff != pytest.approx(result.corrupted_logit_diff)
 
 
-def test_per_position_patching_finds_the_planted_head_at_the_last_position_only():
-    model = planted_model()
+def test_per_position_patching_finds_the_planted_head_at_the_last_position_only(planted, pairs):
+    model = planted()
     result = activation_patching(model, pairs(ragged=False), heads=[PLANTED, (0, 0)], per_position=True)
     assert result.scores.shape == (2, 4, 7)
-    planted = result.scores[PLANTED]
+    by_position = result.scores[PLANTED]
     # the planted head is in the last layer: only its output at the last position reaches the logits read there
-    assert float(planted[6]) == pytest.approx(0.0, abs=1e-5)
-    assert float(planted[:6].sub(1).abs().max()) < 1e-5
+    assert float(by_position[6]) == pytest.approx(0.0, abs=1e-5)
+    assert float(by_position[:6].sub(1).abs().max()) < 1e-5
     assert torch.isnan(result.scores[1, 0]).all()  # not asked for
     assert float(result.scores[0, 0].sub(1).abs().max()) < 1e-5
 
 
-def test_bad_inputs_are_one_line_config_errors():
-    model = planted_model()
+def test_bad_inputs_are_one_line_config_errors(planted, pairs):
+    model = planted()
     with pytest.raises(ConfigError, match="not a head"):
         activation_patching(model, pairs(), heads=[(2, 0)])
     with pytest.raises(ConfigError, match="at least one batch"):

@@ -9,7 +9,7 @@ Shape legend: B = pairs in a batch, S = the batch's longest context (right-padde
 
 Metric (Wang et al. 2022 §3; Merullo et al. 2024, METHODS.md #18): at the context's last token,
 ``logit_diff = logit[correct] - mean(logit[wrong choices])`` over the first token of each choice (the choices
-start with a space, as the generators write them, and are encoded on their own without special tokens).
+are split from the context by lm-eval's rule, :func:`attnlab.evaluation.choice.encode_choice`).
 Patching scores are normalised per run of pairs as ``(LD_patched - LD_corrupted) / (LD_clean - LD_corrupted)``
 on the means over pairs: 1 = the clean run's logit difference, 0 = the corrupted run's.
 """
@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from attnlab.errors import ConfigError
-from attnlab.text import BosPolicy, start_token_id
+from attnlab.evaluation.choice import encode_choice
+from attnlab.text import BOS_POLICIES, BosPolicy, start_token_id, tokenizer_adds_bos
 
 
 @dataclass(frozen=True)
@@ -72,8 +73,8 @@ def pair_batches(tokenizer: Any, items: Sequence[Any], *, batch_size: int = 8, b
         tokenizer: a transformers tokenizer. items: choice items with ``meta["corrupted"]`` (the IOI and Colored
             Objects generators of :mod:`attnlab.evaluation.choice_tasks` write it).
         batch_size: pairs per batch (>= 1); memory of a patching pass ∝ batch_size · S.
-        bos: ``"auto"``/``"always"`` put the tokenizer's BOS (else CLS) token first when it has one (``"always"``
-            refuses a tokenizer without one); ``"never"`` does not.
+        bos: ``"auto"`` (the start token first iff the tokenizer adds one itself), ``"always"`` or ``"never"``: the
+            rule of :func:`attnlab.evaluation.choice.score_choices`, so accuracies and patching see the same ids.
         num_choices: every item must have this many choices (default: the first item's count).
 
     Raises:
@@ -84,12 +85,13 @@ def pair_batches(tokenizer: Any, items: Sequence[Any], *, batch_size: int = 8, b
         raise ConfigError("pair_batches: expected at least one choice item, got none")
     if batch_size < 1:
         raise ConfigError(f"pair_batches: batch_size must be >= 1, got {batch_size}")
-    if bos not in ("auto", "always", "never"):
-        raise ConfigError(f"pair_batches: bos must be auto, always or never, got {bos!r}")
+    if bos not in BOS_POLICIES:
+        raise ConfigError(f"pair_batches: bos must be one of {', '.join(BOS_POLICIES)}, got {bos!r}")
     start = start_token_id(tokenizer)
     if bos == "always" and start is None:
-        raise ConfigError("pair_batches: bos=always, but the tokenizer has no BOS or CLS token")
-    prefix = [start] if start is not None and bos != "never" else []
+        raise ConfigError("pair_batches: bos='always' needs a tokenizer with a bos_token or cls_token")
+    wanted = bos == "always" or (bos == "auto" and tokenizer_adds_bos(tokenizer))
+    prefix = [start] if wanted and start is not None else []
     width = num_choices or len(items[0].choices)
     rows = []
     for index, item in enumerate(items):
@@ -104,8 +106,11 @@ def pair_batches(tokenizer: Any, items: Sequence[Any], *, batch_size: int = 8, b
         if len(item.choices) != width or not 0 <= item.answer < width:
             raise ConfigError(f"pair_batches: item {index} must have {width} choices and an answer in 0..{width - 1}"
                               f", got {len(item.choices)} choices and answer {item.answer}")
-        firsts = [(_encode(tokenizer, choice) or [-1])[0] for choice in item.choices]
-        if -1 in firsts or len(set(firsts)) != width:
+        firsts = []
+        for choice in item.choices:
+            ids, num = encode_choice(tokenizer, item.context, choice)
+            firsts.append(ids[-num])
+        if len(set(firsts)) != width:
             raise ConfigError(f"pair_batches: item {index}'s choices {list(item.choices)} must start with distinct "
                               f"tokens, got first tokens {firsts}")
         rows.append((clean_ids, corrupted_ids, firsts, int(item.answer)))
