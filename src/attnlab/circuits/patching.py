@@ -11,31 +11,31 @@ and score the result with the normalised logit difference of :mod:`attnlab.circu
 - **Path patching** (:func:`path_patching`; Wang et al. 2022 §3, as Merullo et al. 2024 use it, METHODS.md #18):
   the effect of a sender head on the logits, or on receiver heads, only along the direct paths. Sender → logits:
   the sender takes its corrupted output, every head of a later layer is frozen at its clean output, and the MLPs
-  and norms recompute (one pass). Sender → receivers: (1) for each receiver layer, the sender takes its corrupted
-  output, every head between the sender's layer and that layer is frozen at its clean output, and the receivers'
-  outputs are recorded (they see the sender's change through their query, key and value inputs at once, and
-  through the MLPs in between); (2) the clean run with only the receivers' outputs replaced by those records,
-  everything after them recomputing. Receivers take their q, k and v inputs together: the split by q/k/v input
+  and norms recompute (one pass). Sender → receivers: (1) the same pass, keeping what each receiver computes
+  before the freeze overwrites it (it sees the sender's change through its query, key and value inputs at once,
+  and through the MLPs in between; earlier receivers are frozen like every other head); (2) the clean run with
+  only the receivers' outputs replaced by those, everything after them recomputing. Receivers take their q, k and v inputs together: the split by q/k/v input
   (Wang et al. patch name movers' queries, S-inhibition heads' keys and values) is not implemented.
 
 Memory: per batch of pairs, the clean and corrupted head outputs of every layer are kept
 (2 · num_layers · B · num_heads · S · head_dim values in the model's dtype), nothing across batches; the score
 sums are (num_layers, num_heads[, S]) floats. Passes: activation patching runs 2 + heads (· positions) forwards per
-batch, path patching to the logits 2 + senders, to receivers 2 + senders · (receiver layers + 1).
+batch, path patching to the logits 2 + senders, to receivers 2 + 2 · senders.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from attnlab.capture.head_record import record_head_outputs
 from attnlab.capture.session import Session
-from attnlab.circuits.pairs import PairBatch, batch_logit_diff
+from attnlab.circuits.pairs import PairBatch, batch_logit_diff, choice_logits
+from attnlab.edits.base import AttentionCall, Edit
 from attnlab.edits.head_patch import HeadOutputs, HeadPatch
 from attnlab.errors import ConfigError
 from attnlab.facts import ModelFacts
@@ -126,7 +126,7 @@ def _baseline(model: Any, batch: PairBatch) -> _Baseline:
 
 def _patched_ld(model: Any, batch: PairBatch, edits: list[Any]) -> Tensor:
     """(B,) logit differences of the clean run under ``edits``."""
-    with Session(model, edits=edits):
+    with Session(model, edits=edits, verify_rows=0):
         return batch_logit_diff(model, batch, "clean")
 
 
@@ -285,6 +285,29 @@ def path_patching(model: Any, batches: Sequence[PairBatch], *, receivers: str | 
     return PatchingResult("path", label, scores, clean, corrupted, num_pairs)
 
 
+class _Receive(Edit):
+    """Keeps the selected heads' own outputs of a pass (before a later output edit, the freeze, overwrites them);
+    changes nothing. Internal to path patching (not registered)."""
+
+    name = "receive"
+    stage = "output"
+    fast = True
+    identity: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, heads: dict[int, list[int]]) -> None:
+        super().__init__(layers=sorted(heads))
+        self.by_layer = heads
+        self.outputs: dict[int, Tensor] = {}
+
+    def output_mod(self, output: Tensor, call: AttentionCall) -> Tensor:
+        return self.output_mod_at(output, None, call)
+
+    def output_mod_at(self, output: Tensor, q_index: Tensor | None, call: AttentionCall) -> Tensor:
+        if q_index is None:  # the whole call (the edit report's sampled rows are not kept)
+            self.outputs[call.layer_idx] = output[:, self.by_layer[call.layer_idx]].detach().clone()
+        return output
+
+
 def _to_receivers(model: Any, batch: PairBatch, base: _Baseline, sender: HeadPatch, sender_layer: int,
                   targets: list[Head], clean_sum: float) -> float:
     """Sum over the batch of the clean run's logit difference with the receivers fed the sender's path."""
@@ -294,9 +317,14 @@ def _to_receivers(model: Any, batch: PairBatch, base: _Baseline, sender: HeadPat
             by_layer.setdefault(layer, []).append(head)
     if not by_layer:
         return clean_sum  # no path from the sender to any receiver: the clean run itself
-    patches = []
-    for layer, heads in sorted(by_layer.items()):
-        edits = [sender.with_source(base.corrupted), *_freeze(base.clean, sender_layer + 1, layer)]
-        received = record_head_outputs(model, batch.inputs("clean"), layers=[layer], heads=heads, edits=edits)
-        patches.append(HeadPatch.from_source(received))
+    num_layers = len(base.clean.outputs)
+    receive = _Receive(by_layer)
+    # step 1: sender corrupted, every later head frozen clean; the receivers' own outputs are kept before the freeze
+    with Session(model, edits=[sender, receive, *_freeze(base.clean, sender_layer + 1, num_layers)],
+                 verify_rows=0):
+        choice_logits(model, batch, "clean")
+    # step 2: the clean run with only the receivers' outputs replaced
+    patches = [HeadPatch.from_source(HeadOutputs(outputs={layer: receive.outputs[layer]}, heads=tuple(heads),
+                                                 valid=base.clean.valid))
+               for layer, heads in sorted(by_layer.items())]
     return float(_patched_ld(model, batch, patches).double().sum())
