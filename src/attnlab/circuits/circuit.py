@@ -66,7 +66,7 @@ class Circuit:
 
     @classmethod
     def from_dict(cls, record: dict[str, Any]) -> Circuit:
-        """The heads and per-stage tops of a saved :meth:`to_dict` (scores stay in the record; ``stages`` empty).
+        """The circuit of a saved :meth:`to_dict` (each stage's per-head scores; per-position scores are not saved).
 
         Raises:
             ConfigError: a record without ``heads``.
@@ -75,7 +75,16 @@ class Circuit:
             raise ConfigError("a saved circuit must be a JSON object with 'heads' (attnlab circuit's circuit.json)")
         heads = [tuple(int(x) for x in h) for h in record["heads"]]
         tops = [[tuple(int(x) for x in h) for h in stage.get("top", [])] for stage in record.get("stages", [])]
-        return cls(heads=sorted(heads), per_stage=int(record.get("per_stage", 0)), tops=tops)  # type: ignore[arg-type]
+        stages = []
+        for stage in record.get("stages", []):
+            scores = torch.tensor([[torch.nan if x is None else float(x) for x in row] for row in stage["scores"]],
+                                  dtype=torch.float64)
+            receivers = stage["receivers"] if isinstance(stage["receivers"], str) else \
+                tuple(tuple(r) for r in stage["receivers"])
+            stages.append(PatchingResult(stage.get("kind", "path"), receivers, scores, stage["clean_logit_diff"],
+                                         stage["corrupted_logit_diff"], stage["num_pairs"]))
+        return cls(heads=sorted(heads), per_stage=int(record.get("per_stage", 0)),  # type: ignore[arg-type]
+                   stages=stages, tops=tops)  # type: ignore[arg-type]
 
 
 @takes_progress
