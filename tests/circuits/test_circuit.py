@@ -47,6 +47,11 @@ def test_bad_settings_and_controls(planted, pairs):
         find_circuit(model, pairs(), stages=0)
     with pytest.raises(ConfigError, match="fraction"):
         find_circuit(model, pairs(), fraction=1.5)
+    with pytest.raises(ConfigError, match="sender_layers"):
+        find_circuit(model, pairs(), sender_layers=[5])
+    only_last = find_circuit(model, pairs(), stages=2, fraction=1 / 8, sender_layers=[1])
+    assert only_last.tops == [[(1, 2)]]  # stage 2 would need layer-0 senders, which are left out
+    assert torch.isnan(only_last.stages[0].scores[0]).all()
     control = random_heads(model, 3, exclude=[(1, 2)], seed=1)
     assert len(set(control)) == 3 and (1, 2) not in control
     with pytest.raises(ConfigError, match="only 7"):

@@ -36,6 +36,7 @@ class CircuitConfig:
         intervene: with two circuits, task accuracy with the shared heads mean-ablated, with as many random
             non-circuit heads ablated (the control; seed ``seed``), and unedited.
         eval_items: items per task for the intervention (seed + 1000). bos: ``auto`` | ``always`` | ``never``.
+        sender_layers: score only senders in these layers (None = all; see ``find_circuit``).
     """
 
     tasks: tuple[str, ...] = ("ioi",)
@@ -48,6 +49,7 @@ class CircuitConfig:
     intervene: bool = False
     eval_items: int = 64
     bos: str = "auto"
+    sender_layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         for name in ("items", "batch_size", "eval_items", "stages"):
@@ -110,7 +112,9 @@ def run_circuits(loaded: Any, config: CircuitConfig, *, loaded_circuits: dict[st
                           f"{sorted(circuits) + found}")
     out: dict[str, Any] = {"command": "circuit", "attnlab_version": __version__,
                            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                           "config": {**asdict(config), "tasks": list(config.tasks)},
+                           "config": {**asdict(config), "tasks": list(config.tasks),
+                                      "sender_layers": None if config.sender_layers is None
+                                      else list(config.sender_layers)},
                            "model": loaded.model_record(), "circuits": {}, "activation": {}, "rows": []}
     for task in found:
         items = _items(task, tokenizer, config.items, config.seed)
@@ -120,7 +124,7 @@ def run_circuits(loaded: Any, config: CircuitConfig, *, loaded_circuits: dict[st
             notify(done, total, f"{task} · {message}")
 
         circuit = find_circuit(model, batches, stages=config.stages, fraction=config.fraction,
-                               progress=task_progress)
+                               sender_layers=config.sender_layers, progress=task_progress)
         circuits[task] = circuit
         out["circuits"][task] = circuit.to_dict()
         out["rows"] += [{"task": task, **row} for row in circuit.rows()]

@@ -33,6 +33,9 @@ InterveneOpt = Annotated[bool, typer.Option(
     "non-circuit heads vs none.", rich_help_panel=_CIRCUIT, metavar=FLAG)]
 EvalItemsOpt = Annotated[int, typer.Option("--eval-items", help="Items per task scored by --intervene.",
                                            rich_help_panel=_CIRCUIT)]
+SenderLayersOpt = Annotated[Optional[str], typer.Option(
+    "--sender-layers", help="Score only senders in these layers: 14-29 or 3,5,7 (default: all; one forward per "
+    "sender and stage, so this cuts the cost).", rich_help_panel=_CIRCUIT)]
 CircuitOut = Annotated[Path, typer.Option("--out", help="Output directory (circuit.json, circuit.csv).",
                                           rich_help_panel="Output")]
 
@@ -51,6 +54,7 @@ def circuit_command(
     load: LoadOpt = None,
     intervene: InterveneOpt = False,
     eval_items: EvalItemsOpt = 64,
+    sender_layers: SenderLayersOpt = None,
     out: CircuitOut = Path("attnlab-circuit"),
     force: Force = False,
     bos: Bos = "auto",
@@ -69,7 +73,7 @@ def circuit_command(
         tasks = check_tasks(task or ([] if load else ["ioi"]))
         config = CircuitConfig(tasks=tasks, items=items, seed=seed, stages=stages, fraction=fraction,
                                batch_size=batch_size, activation=activation, intervene=intervene,
-                               eval_items=eval_items, bos=bos)
+                               eval_items=eval_items, bos=bos, sender_layers=_layers(sender_layers))
         previous = {}
         for path in load or []:
             previous.update(load_circuits(path))
@@ -84,6 +88,21 @@ def circuit_command(
             typer.echo(line)
 
     run_guarded(body, debug)
+
+
+def _layers(text: str | None) -> tuple[int, ...] | None:
+    """``"14-29"`` or ``"3,5,7"`` as layer indices (None stays None)."""
+    from attnlab.errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        if "-" in text:
+            low, high = (int(x) for x in text.split("-"))
+            return tuple(range(low, high + 1))
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--sender-layers takes FIRST-LAST or comma-separated layers, got {text!r}") from None
 
 
 def _check_out(out: Path, force: bool) -> None:
