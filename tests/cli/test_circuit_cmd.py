@@ -54,7 +54,7 @@ def test_two_circuits_overlap_and_intervention(tmp_path):
     overlap = record["overlap"]
     assert 0 <= overlap["jaccard"] <= overlap["of_second"] <= 1 and "importance" in overlap
     tasks = record["intervention"]["tasks"]
-    assert set(tasks) == {one, two} and set(tasks[one]) == {"none", "shared", "control"}
+    assert set(tasks) == {one, two} and set(tasks[one]) == {"none", "circuit", "shared", "control"}
     assert "overlap:" in result.output
 
 

@@ -148,7 +148,8 @@ def run_circuits(loaded: Any, config: CircuitConfig, *, loaded_circuits: dict[st
 
 def _intervention(loaded: Any, circuits: dict[str, Circuit], config: CircuitConfig,
                   notify: Progress) -> dict[str, Any]:
-    """Accuracy per task: unedited, shared heads mean-ablated, as many random non-circuit heads ablated."""
+    """Accuracy per task: unedited (``none``), the task's own circuit mean-ablated (``circuit``), the shared heads
+    (``shared``), as many random heads outside both circuits (``control``)."""
     model, tokenizer = loaded.model, loaded.tokenizer
     device = next(model.parameters()).device
     shared = sorted(set.intersection(*(set(c.heads) for c in circuits.values())))
@@ -162,7 +163,8 @@ def _intervention(loaded: Any, circuits: dict[str, Circuit], config: CircuitConf
         batches = [b.to(device) for b in pair_batches(tokenizer, items, batch_size=config.batch_size, bos=config.bos)]
         out["tasks"][task] = {name: ablation_accuracy(model, tokenizer, items, batches, heads,
                                                       batch_size=config.batch_size, bos=config.bos)
-                              for name, heads in (("none", []), ("shared", shared), ("control", control))}
+                              for name, heads in (("none", []), ("circuit", circuits[task].heads),
+                                                  ("shared", shared), ("control", control))}
     notify(len(circuits), len(circuits), "intervention · done")
     return out
 

@@ -29,8 +29,8 @@ LoadOpt = Annotated[Optional[list[Path]], typer.Option(
     "--load", help="circuit.json of an earlier run: its circuits join this run's (overlap and --intervene "
     "across runs); repeatable.", rich_help_panel=_CIRCUIT)]
 InterveneOpt = Annotated[bool, typer.Option(
-    "--intervene", help="With two circuits: task accuracy with the shared heads mean-ablated vs as many random "
-    "non-circuit heads vs none.", rich_help_panel=_CIRCUIT, metavar=FLAG)]
+    "--intervene", help="With two circuits: task accuracy unedited, with the task's circuit, the shared heads, "
+    "or as many random non-circuit heads mean-ablated.", rich_help_panel=_CIRCUIT, metavar=FLAG)]
 EvalItemsOpt = Annotated[int, typer.Option("--eval-items", help="Items per task scored by --intervene.",
                                            rich_help_panel=_CIRCUIT)]
 SenderLayersOpt = Annotated[Optional[str], typer.Option(
