@@ -12,7 +12,8 @@ from tiny_models import save_model_dir, tiny_llama
 
 runner = CliRunner()
 ITEMS = [
-    {"context": "the cat sat on a", "choices": [" mat", " dog"], "answer": 0, "meta": {"corrupted": "the dog sat on a"}},
+    {"context": "the cat sat on a", "choices": [" mat", " dog"], "answer": 0,
+     "meta": {"corrupted": "the dog sat on a"}},
     {"context": "the dog ran to the", "choices": [" hills", " cat"], "answer": 1,
      "meta": {"corrupted": "the cat ran to the"}},
     {"context": "birds sang over green", "choices": [" hills", " mat"], "answer": 0,

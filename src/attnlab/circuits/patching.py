@@ -14,8 +14,9 @@ and score the result with the normalised logit difference of :mod:`attnlab.circu
   and norms recompute (one pass). Sender → receivers: (1) the same pass, keeping what each receiver computes
   before the freeze overwrites it (it sees the sender's change through its query, key and value inputs at once,
   and through the MLPs in between; earlier receivers are frozen like every other head); (2) the clean run with
-  only the receivers' outputs replaced by those, everything after them recomputing. Receivers take their q, k and v inputs together: the split by q/k/v input
-  (Wang et al. patch name movers' queries, S-inhibition heads' keys and values) is not implemented.
+  only the receivers' outputs replaced by those, everything after them recomputing. Receivers take their q, k
+  and v inputs together: the split by q/k/v input (Wang et al. patch name movers' queries, S-inhibition heads'
+  keys and values) is not implemented.
 
 Memory: per batch of pairs, the clean and corrupted head outputs of every layer are kept
 (2 · num_layers · B · num_heads · S · head_dim values in the model's dtype), nothing across batches; the score
