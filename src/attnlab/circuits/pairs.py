@@ -17,7 +17,7 @@ on the means over pairs: 1 = the clean run's logit difference, 0 = the corrupted
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -178,7 +178,3 @@ def batch_logit_diff(model: Any, batch: PairBatch, which: str = "clean") -> Tens
     """(B,) logit differences of one run of ``batch`` (:func:`choice_logits` then :func:`logit_diff`)."""
     return logit_diff(choice_logits(model, batch, which), batch.answer)
 
-
-def iterate(batches: Sequence[PairBatch], device: Any) -> Iterator[PairBatch]:
-    for batch in batches:
-        yield batch.to(device)

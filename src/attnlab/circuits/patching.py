@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from attnlab.capture.architectures import model_facts
 from attnlab.capture.head_record import record_head_outputs
 from attnlab.capture.session import Session
 from attnlab.circuits.pairs import PairBatch, batch_logit_diff, choice_logits
@@ -40,7 +41,6 @@ from attnlab.edits.base import AttentionCall, Edit
 from attnlab.edits.head_patch import HeadOutputs, HeadPatch
 from attnlab.errors import ConfigError
 from attnlab.facts import ModelFacts
-from attnlab.capture.architectures import model_facts
 from attnlab.progress import Progress, ProgressArg, takes_progress
 
 Head = tuple[int, int]  # (layer, head)
