@@ -59,8 +59,9 @@ def tiny_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(1)
+    # initializer_range 0.3 (not 0.02): attention logits far from 0, so queries and keys matter to the patterns
     config = GPT2Config(n_embd=32, n_layer=3, n_head=4, vocab_size=97, n_positions=64, bos_token_id=1,
-                        eos_token_id=2, attn_implementation="sdpa")
+                        eos_token_id=2, initializer_range=0.3, attn_implementation="sdpa")
     return GPT2LMHeadModel(config).eval()
 
 
@@ -121,7 +122,7 @@ def test_activation_patching_matches_transformer_lens(gpt2_and_bridge):
     torch.testing.assert_close(ours.scores.float(), theirs.float(), rtol=1e-4, atol=1e-4)
 
 
-def _path_oracle(bridge, batch, sender, receivers, metric):
+def _path_oracle(bridge, batch, sender, receivers, metric, inputs="qkv"):
     """Path patching written with TransformerLens hooks on hook_z (per-head outputs before W_O)."""
     layers, heads = bridge.cfg.n_layers, bridge.cfg.n_heads
     with torch.no_grad():
@@ -141,6 +142,8 @@ def _path_oracle(bridge, batch, sender, receivers, metric):
 
         if receivers == "logits":
             return float(metric(bridge.run_with_hooks(batch.clean, fwd_hooks=hooks(layers))))
+        if inputs != "qkv":
+            return _path_oracle_qkv(bridge, batch, sender, receivers, metric, inputs, hooks)
         received = {}
         for layer in sorted({r[0] for r in receivers if r[0] > sender[0]}):
             def keep(z, hook, layer=layer):
@@ -160,6 +163,47 @@ def _path_oracle(bridge, batch, sender, receivers, metric):
         return float(metric(bridge.run_with_hooks(batch.clean, fwd_hooks=names)))
 
 
+def _path_oracle_qkv(bridge, batch, sender, receivers, metric, inputs, hooks):
+    """Receivers' hook_q/hook_k/hook_v (per head) from the frozen run, written into the clean run."""
+    layers = sorted({r[0] for r in receivers if r[0] > sender[0]})
+    if not layers:
+        return 1.0
+    names = [f"blocks.{layer}.attn.hook_{c}" for layer in layers for c in inputs]
+    received = {}
+
+    def keep(x, hook):
+        received[hook.name] = x.clone()
+    bridge.run_with_hooks(batch.clean, fwd_hooks=[*hooks(bridge.cfg.n_layers), *[(n, keep) for n in names]])
+
+    def patch(x, hook):
+        layer = int(hook.name.split(".")[1])
+        x = x.clone()
+        for r_layer, r_head in receivers:
+            if r_layer == layer:
+                x[:, :, r_head] = received[hook.name][:, :, r_head]
+        return x
+    return float(metric(bridge.run_with_hooks(batch.clean, fwd_hooks=[(n, patch) for n in names])))
+
+
+@pytest.mark.parametrize("inputs", ["q", "k", "v", "kv"])
+def test_path_patching_to_receiver_q_k_v_matches_a_transformer_lens_oracle(gpt2_and_bridge, inputs):
+    model, bridge = gpt2_and_bridge
+    batch = one_batch()
+    raw = oracle_metric(batch, None, None)
+    with torch.no_grad():
+        clean_ld, corrupted_ld = float(raw(bridge(batch.clean))), float(raw(bridge(batch.corrupted)))
+    receivers = [(1, 0), (2, 2)]
+    senders = [(0, 0), (0, 3), (1, 1)]
+    ours = path_patching(model, [batch], receivers=receivers, senders=senders, receiver_inputs=inputs)
+    metric = oracle_metric(batch, clean_ld, corrupted_ld)
+    with torch.no_grad():
+        for sender in senders:
+            expected = _path_oracle(bridge, batch, sender, receivers, metric, inputs)
+            assert float(ours.scores[sender]) == pytest.approx(expected, abs=1e-4), sender
+    assert ours.meta["receiver_inputs"] == inputs
+    assert float((ours.scores[0, 3] - 1).abs()) > 1e-3  # not a vacuous match
+
+
 @pytest.mark.parametrize("receivers", ["logits", [(2, 1), (2, 3)], [(1, 0), (2, 2)]], ids=["logits", "layer2",
                                                                                              "layers1and2"])
 def test_path_patching_matches_a_transformer_lens_oracle(gpt2_and_bridge, receivers):
@@ -175,3 +219,20 @@ def test_path_patching_matches_a_transformer_lens_oracle(gpt2_and_bridge, receiv
         expected = _path_oracle(bridge, batch, sender, receivers, metric)
         assert float(ours.scores[sender]) == pytest.approx(expected, abs=1e-4), sender
     assert torch.isnan(ours.scores[1, 0])  # not a sender
+
+
+def test_projection_route_equals_output_route_when_whole_kv_groups_receive(planted, pairs, monkeypatch):
+    """On a GQA Llama, patching q, k and v at the input projections of every head of a layer (whole kv groups)
+    must give what replacing the receivers' outputs gives."""
+    from attnlab.circuits import patching
+
+    model = planted(alive=((0, 1), (0, 3), (1, 2)))
+    receivers = [(1, 0), (1, 1), (1, 2), (1, 3)]
+    senders = [(0, 1), (0, 3)]
+    by_output = path_patching(model, pairs(), receivers=receivers, senders=senders)
+    monkeypatch.setattr(patching, "COMPONENTS", ("forced",))  # qkv no longer matches: the projection route runs
+    by_projection = path_patching(model, pairs(), receivers=receivers, senders=senders)
+    torch.testing.assert_close(by_projection.scores, by_output.scores, rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert float((by_output.scores[0, 1] - 1).abs()) > 1e-3
+    only_q = path_patching(model, pairs(), receivers=receivers, senders=senders, receiver_inputs="q")
+    assert not torch.allclose(only_q.scores[0, 1], by_output.scores[0, 1])

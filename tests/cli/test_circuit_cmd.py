@@ -47,7 +47,8 @@ def test_two_circuits_overlap_and_intervention(tmp_path):
 
     both = tmp_path / "both"
     result = runner.invoke(app, ["circuit", "--model", model, "--task", two, "--load", str(out / "circuit.json"),
-                                 "--items", "3", "--stages", "1", "--fraction", "0.25", "--intervene",
+                                 "--items", "3", "--stages", "2", "--fraction", "0.25", "--intervene",
+                                 "--receiver-inputs", "kv", "--activation",
                                  "--eval-items", "3", "--out", str(both)])
     assert result.exit_code == 0, result.output
     record = json.loads((both / "circuit.json").read_text())
@@ -57,7 +58,8 @@ def test_two_circuits_overlap_and_intervention(tmp_path):
     tasks = record["intervention"]["tasks"]
     assert set(tasks) == {one, two} and set(tasks[one]) == {"none", "circuit", "shared", "control"}
     assert "overlap:" in result.output
-
+    assert record["circuits"][two]["stages"][1]["receiver_inputs"] == "kv" and record["activation"][two]["scores"]
+    assert (pd.read_csv(both / "circuit.csv")["stage"] == 0).sum() == 8  # activation patching rows
 
 def test_bad_options_exit_2(tmp_path):
     result = runner.invoke(app, ["circuit", "--task", "nonsense", "--out", str(tmp_path / "x")])
@@ -66,3 +68,7 @@ def test_bad_options_exit_2(tmp_path):
     assert result.exit_code == 2 and "items must be" in result.output
     result = runner.invoke(app, ["circuit", "--load", str(tmp_path / "missing.json"), "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "cannot read circuits" in result.output
+    result = runner.invoke(app, ["circuit", "--receiver-inputs", "qx", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "combination of q, k and v" in result.output
+    result = runner.invoke(app, ["circuit", "--sender-layers", "a-b", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "--sender-layers" in result.output

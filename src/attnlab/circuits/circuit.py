@@ -90,7 +90,8 @@ class Circuit:
 
 @takes_progress
 def find_circuit(model: Any, batches: Sequence[PairBatch], *, stages: int = 2, fraction: float = 0.02,
-                 sender_layers: Sequence[int] | None = None, progress: ProgressArg = None) -> Circuit:
+                 sender_layers: Sequence[int] | None = None, receiver_inputs: str = "qkv",
+                 progress: ProgressArg = None) -> Circuit:
     """The union over ``stages`` path-patching stages of each stage's top heads (module docstring).
 
     Args:
@@ -128,7 +129,8 @@ def find_circuit(model: Any, batches: Sequence[PairBatch], *, stages: int = 2, f
         def stage_progress(done: int, total: int, message: str, stage: int = stage) -> None:
             notify(done, total, f"stage {stage + 1}/{stages} · {message}")
 
-        result = path_patching(model, batches, receivers=receivers, senders=senders, progress=stage_progress)
+        result = path_patching(model, batches, receivers=receivers, senders=senders,
+                               receiver_inputs=receiver_inputs, progress=stage_progress)
         effects = result.head_effects()
         top = [head for head in result.top(keep) if abs(float(effects[head])) > NO_EFFECT]
         circuit.stages.append(result)

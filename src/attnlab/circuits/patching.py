@@ -14,9 +14,9 @@ and score the result with the normalised logit difference of :mod:`attnlab.circu
   and norms recompute (one pass). Sender → receivers: (1) the same pass, keeping what each receiver computes
   before the freeze overwrites it (it sees the sender's change through its query, key and value inputs at once,
   and through the MLPs in between; earlier receivers are frozen like every other head); (2) the clean run with
-  only the receivers' outputs replaced by those, everything after them recomputing. Receivers take their q, k
-  and v inputs together: the split by q/k/v input (Wang et al. patch name movers' queries, S-inhibition heads'
-  keys and values) is not implemented.
+  only the receivers' outputs replaced by those, everything after them recomputing. With ``receiver_inputs``
+  a part of q/k/v (Wang et al. patch name movers' queries, S-inhibition heads' keys and values), step (1) reads
+  and step (2) writes only those columns of the receivers' input projections (:mod:`.projections`).
 
 Memory: per batch of pairs, the clean and corrupted head outputs of every layer are kept
 (2 · num_layers · B · num_heads · S · head_dim values in the model's dtype), nothing across batches; the score
@@ -37,6 +37,7 @@ from attnlab.capture.architectures import model_facts
 from attnlab.capture.head_record import record_head_outputs
 from attnlab.capture.session import Session
 from attnlab.circuits.pairs import PairBatch, batch_logit_diff, choice_logits
+from attnlab.circuits.projections import COMPONENTS, check_components, projection_hooks
 from attnlab.edits.base import AttentionCall, Edit
 from attnlab.edits.head_patch import HeadOutputs, HeadPatch
 from attnlab.errors import ConfigError
@@ -230,7 +231,8 @@ def _one_position(base: _Baseline, layer: int, head: int, position: int) -> Head
 
 @takes_progress
 def path_patching(model: Any, batches: Sequence[PairBatch], *, receivers: str | Sequence[Head] = "logits",
-                  senders: Sequence[Head] | None = None, progress: ProgressArg = None) -> PatchingResult:
+                  senders: Sequence[Head] | None = None, receiver_inputs: str = "qkv",
+                  progress: ProgressArg = None) -> PatchingResult:
     """Path patching: each sender head's effect through the direct paths to the logits or to receiver heads.
 
     The procedure is in the module docstring (Wang et al. 2022 §3; Merullo et al. 2024, METHODS.md #18; the
@@ -241,10 +243,14 @@ def path_patching(model: Any, batches: Sequence[PairBatch], *, receivers: str | 
         model, batches: as :func:`activation_patching`.
         receivers: ``"logits"``, or (layer, head) pairs whose q/k/v inputs (together) receive the sender's change.
         senders: (layer, head) pairs to score (None = every head).
+        receiver_inputs: which inputs of the receiver heads take the sender's change: ``"qkv"`` (all three: the
+            receivers' outputs are replaced, any model) or a part such as ``"q"``, ``"k"``, ``"v"``, ``"kv"``
+            (their columns of the input projections, :mod:`attnlab.circuits.projections`; under GQA a k or v patch
+            acts on the head's kv group). Ignored for ``"logits"``.
         progress: see :mod:`attnlab.progress`.
 
     Returns:
-        :class:`PatchingResult` (``kind="path"``). Senders at or after the last receiver's layer score 1 (no path).
+        :class:`PatchingResult` (``kind="path"``, ``meta["receiver_inputs"]``). Senders at or after the last receiver's layer score 1 (no path).
 
     Raises:
         ConfigError: no batches; an empty receiver list or a receiver/sender the model does not have; equal clean
@@ -253,6 +259,7 @@ def path_patching(model: Any, batches: Sequence[PairBatch], *, receivers: str | 
     _check_batches(batches)
     facts = model_facts(model)
     chosen = _heads(facts, senders, "senders")
+    components = check_components(receiver_inputs)
     to_logits = isinstance(receivers, str)
     if to_logits and receivers != "logits":
         raise ConfigError(f"receivers must be 'logits' or (layer, head) pairs, got {receivers!r}")
@@ -276,14 +283,16 @@ def path_patching(model: Any, batches: Sequence[PairBatch], *, receivers: str | 
                 ld = _patched_ld(model, batch, [sender, *_freeze(base.clean, layer + 1, facts.num_layers)])
                 sums[layer, head] += float(ld.double().sum())
             else:
-                sums[layer, head] += _to_receivers(model, batch, base, sender, layer, targets, clean_sum)
+                sums[layer, head] += _to_receivers(model, batch, base, sender, layer, targets, clean_sum,
+                                                   components)
             done += 1
             notify(done, len(batches) * len(chosen), f"path patching · sender layer {layer} head {head}")
     num_pairs = sum(b.size for b in batches)
     clean, corrupted = clean_total / num_pairs, corrupted_total / num_pairs
     scores = _normalise(sums / num_pairs, clean, corrupted)
     label = "logits" if to_logits else tuple(targets)
-    return PatchingResult("path", label, scores, clean, corrupted, num_pairs)
+    return PatchingResult("path", label, scores, clean, corrupted, num_pairs,
+                          meta={"receiver_inputs": "".join(components)})
 
 
 class _Receive(Edit):
@@ -310,7 +319,7 @@ class _Receive(Edit):
 
 
 def _to_receivers(model: Any, batch: PairBatch, base: _Baseline, sender: HeadPatch, sender_layer: int,
-                  targets: list[Head], clean_sum: float) -> float:
+                  targets: list[Head], clean_sum: float, components: tuple[str, ...] = COMPONENTS) -> float:
     """Sum over the batch of the clean run's logit difference with the receivers fed the sender's path."""
     by_layer: dict[int, list[int]] = {}
     for layer, head in targets:
@@ -319,10 +328,17 @@ def _to_receivers(model: Any, batch: PairBatch, base: _Baseline, sender: HeadPat
     if not by_layer:
         return clean_sum  # no path from the sender to any receiver: the clean run itself
     num_layers = len(base.clean.outputs)
+    frozen = [sender, *_freeze(base.clean, sender_layer + 1, num_layers)]
+    if components != COMPONENTS:  # a part of q/k/v: read and write the receivers' input-projection columns
+        received: dict[Any, Tensor] = {}
+        with projection_hooks(model, by_layer, components, record=received), Session(model, edits=frozen,
+                                                                                     verify_rows=0):
+            choice_logits(model, batch, "clean")
+        with projection_hooks(model, by_layer, components, replace=received):
+            return float(batch_logit_diff(model, batch, "clean").double().sum())
     receive = _Receive(by_layer)
     # step 1: sender corrupted, every later head frozen clean; the receivers' own outputs are kept before the freeze
-    with Session(model, edits=[sender, receive, *_freeze(base.clean, sender_layer + 1, num_layers)],
-                 verify_rows=0):
+    with Session(model, edits=[frozen[0], receive, *frozen[1:]], verify_rows=0):
         choice_logits(model, batch, "clean")
     # step 2: the clean run with only the receivers' outputs replaced
     patches = [HeadPatch.from_source(HeadOutputs(outputs={layer: receive.outputs[layer]}, heads=tuple(heads),

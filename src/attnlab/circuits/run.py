@@ -18,6 +18,7 @@ from typing import Any
 from attnlab.circuits.circuit import (Circuit, ablation_accuracy, circuit_overlap, find_circuit, random_heads)
 from attnlab.circuits.pairs import pair_batches
 from attnlab.circuits.patching import activation_patching
+from attnlab.circuits.projections import check_components
 from attnlab.errors import ConfigError
 from attnlab.progress import Progress, ProgressArg, takes_progress
 
@@ -37,6 +38,7 @@ class CircuitConfig:
             non-circuit heads ablated (the control; seed ``seed``), and unedited.
         eval_items: items per task for the intervention (seed + 1000). bos: ``auto`` | ``always`` | ``never``.
         sender_layers: score only senders in these layers (None = all; see ``find_circuit``).
+        receiver_inputs: the receivers' inputs patched from stage 2 on: ``qkv`` or a part (``q``, ``kv`` …).
     """
 
     tasks: tuple[str, ...] = ("ioi",)
@@ -50,6 +52,7 @@ class CircuitConfig:
     eval_items: int = 64
     bos: str = "auto"
     sender_layers: tuple[int, ...] | None = None
+    receiver_inputs: str = "qkv"
 
     def __post_init__(self) -> None:
         for name in ("items", "batch_size", "eval_items", "stages"):
@@ -58,6 +61,7 @@ class CircuitConfig:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
         if not 0 < self.fraction <= 1:
             raise ConfigError(f"fraction must be in (0, 1], got {self.fraction}")
+        check_components(self.receiver_inputs)
 
 
 def load_circuits(path: str | Path) -> dict[str, Circuit]:
@@ -124,7 +128,8 @@ def run_circuits(loaded: Any, config: CircuitConfig, *, loaded_circuits: dict[st
             notify(done, total, f"{task} · {message}")
 
         circuit = find_circuit(model, batches, stages=config.stages, fraction=config.fraction,
-                               sender_layers=config.sender_layers, progress=task_progress)
+                               sender_layers=config.sender_layers, receiver_inputs=config.receiver_inputs,
+                               progress=task_progress)
         circuits[task] = circuit
         out["circuits"][task] = circuit.to_dict()
         out["rows"] += [{"task": task, **row} for row in circuit.rows()]

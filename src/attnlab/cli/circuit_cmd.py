@@ -36,6 +36,10 @@ EvalItemsOpt = Annotated[int, typer.Option("--eval-items", help="Items per task 
 SenderLayersOpt = Annotated[Optional[str], typer.Option(
     "--sender-layers", help="Score only senders in these layers: 14-29 or 3,5,7 (default: all; one forward per "
     "sender and stage, so this cuts the cost).", rich_help_panel=_CIRCUIT)]
+ReceiverInputsOpt = Annotated[str, typer.Option(
+    "--receiver-inputs", help="Receivers' inputs that take the sender's change from stage 2 on: qkv (all, any "
+    "model) or q, k, v, qk, kv … (their input-projection columns; Llama-style or GPT-2 attention).",
+    rich_help_panel=_CIRCUIT)]
 CircuitOut = Annotated[Path, typer.Option("--out", help="Output directory (circuit.json, circuit.csv).",
                                           rich_help_panel="Output")]
 
@@ -55,6 +59,7 @@ def circuit_command(
     intervene: InterveneOpt = False,
     eval_items: EvalItemsOpt = 64,
     sender_layers: SenderLayersOpt = None,
+    receiver_inputs: ReceiverInputsOpt = "qkv",
     out: CircuitOut = Path("attnlab-circuit"),
     force: Force = False,
     bos: Bos = "auto",
@@ -73,7 +78,8 @@ def circuit_command(
         tasks = check_tasks(task or ([] if load else ["ioi"]))
         config = CircuitConfig(tasks=tasks, items=items, seed=seed, stages=stages, fraction=fraction,
                                batch_size=batch_size, activation=activation, intervene=intervene,
-                               eval_items=eval_items, bos=bos, sender_layers=_layers(sender_layers))
+                               eval_items=eval_items, bos=bos, sender_layers=_layers(sender_layers),
+                               receiver_inputs=receiver_inputs)
         previous = {}
         for path in load or []:
             previous.update(load_circuits(path))
