@@ -15,6 +15,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from attnlab.cli.app_cmd import make_app_command
+from attnlab.cli.circuit_cmd import circuit_command
 from attnlab.cli.cost_cmd import cost_command
 from attnlab.cli.eval_cmd import eval_command
 from attnlab.cli.mask_cmd import mask_command
@@ -84,6 +85,7 @@ if PROTOCOL_COMMANDS:
 for _name, _command in PROTOCOL_COMMANDS.items():
     protocol_app.command(_name)(_command)
 app.command("eval")(eval_command)
+app.command("circuit")(circuit_command)
 app.command("probe")(probe)
 app.command("mask")(mask_command)
 app.command("train")(train_command)
