@@ -9,4 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from attnlab.cli.protocol_inflection_lora import inflection_lora_command
+
 PROTOCOL_COMMANDS: dict[str, Callable[..., Any]] = {}
+PROTOCOL_COMMANDS["inflection-lora"] = inflection_lora_command
