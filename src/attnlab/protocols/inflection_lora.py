@@ -90,21 +90,21 @@ class InflectionLoraSpec:
     target_plays: tuple[str, ...] = field(default=("tempest", "twelfth_night", "midsummer_nights_dream",
                                                    "much_ado_about_nothing"), metadata={"parse": _names})
     text_dir: str | None = None
-    train_lines: int = 96
-    test_lines: int = 48
+    train_lines: int = 64
+    test_lines: int = 40
     target_train_lines: int = 32
     min_words: int = 5
     max_tokens: int = 32
     under_steps: int = 6
-    over_steps: int = 120
-    source_lr: float = 1e-4
-    target_steps: int = 40
+    over_steps: int = 80
+    source_lr: float = 2e-4
+    target_steps: int = 30
     target_lr: float = 1e-3
     batch_size: int = 16
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_target: tuple[str, ...] = field(default=("query", "value"), metadata={"parse": _names})
-    diagnose_lines: int = 32
+    diagnose_lines: int = 24
     band_width: float = 0.5
     seed: int = 0
 
