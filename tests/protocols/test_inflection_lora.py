@@ -105,6 +105,11 @@ def test_build_tasks_draws_disjoint_balanced_lines(tmp_path):
     assert not pairs & set(zip(test.texts, test.labels))
     assert build_tasks(("a", "b"), train_per_play=4, test_per_play=2, min_words=3, seed=0, text_dir=str(folder)) \
         == build_tasks(("a", "b"), train_per_play=4, test_per_play=2, min_words=3, seed=0, text_dir=str(folder))
+    joined, _ = build_tasks(("a", "b"), train_per_play=6, test_per_play=2, min_words=3, seed=0,
+                            text_dir=str(folder), lines_per_item=3)
+    for text, label in zip(joined.texts, joined.labels):  # three consecutive lines of the file, joined by spaces
+        lines = (folder / f"{joined.classes[label]}.txt").read_text().splitlines()
+        assert any(" ".join(lines[i : i + 3]) == text for i in range(0, len(lines) - 2, 3))
     with pytest.raises(ConfigError, match="unknown play.*'zz'.*available: a, b, c, d"):
         build_tasks(("a", "zz"), train_per_play=4, test_per_play=2, min_words=3, seed=0, text_dir=str(folder))
     with pytest.raises(ConfigError, match="play 'a' has .* need 100"):

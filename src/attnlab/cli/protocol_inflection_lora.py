@@ -31,6 +31,7 @@ TrainLines = Annotated[int, _opt("--train-lines", "Source training lines per pla
 TestLines = Annotated[int, _opt("--test-lines", "Test lines per play (source and target).", _DATA)]
 TargetTrainLines = Annotated[int, _opt("--target-train-lines", "Target adaptation lines per play.", _DATA)]
 MinWords = Annotated[int, _opt("--min-words", "Fewest words of a line.", _DATA)]
+LinesPerItem = Annotated[int, _opt("--lines-per-item", "Consecutive lines per item (1 = single lines).", _DATA)]
 MaxTokens = Annotated[int, _opt("--max-tokens", "Lines are cut to this many tokens (special tokens included).",
                                 _DATA)]
 UnderSteps = Annotated[int, _opt("--under-steps", "Source fine-tuning steps of the UNDER regime.")]
@@ -60,6 +61,7 @@ def inflection_lora_command(
     test_lines: TestLines = 40,
     target_train_lines: TargetTrainLines = 32,
     min_words: MinWords = 5,
+    lines_per_item: LinesPerItem = 1,
     max_tokens: MaxTokens = 32,
     under_steps: UnderSteps = 6,
     over_steps: OverSteps = 80,

@@ -21,7 +21,8 @@ The paper's protocol, at CPU scale on local data:
 Lines: a play's lines are its text's lines (Project Gutenberg header and footer dropped) that have at least
 ``min_words`` words, with speaker tags (a line in capitals ending in ".") and stage directions (starting with "[",
 "Enter " or "Exit"/"Exeunt") removed; duplicates are dropped, then train and test lines are drawn without overlap
-by ``random.Random(seed)``, the same number per play.
+by ``random.Random(seed)``, the same number per play. With ``lines_per_item`` k > 1 an item is k consecutive kept
+lines joined by a space (the play's kept lines cut into non-overlapping runs of k), and the counts are items.
 
 Shape legend: batch = lines in a batch, seq_len = tokens of the longest line (at most ``max_tokens``, special
 tokens included), num_labels = plays of the task.
@@ -75,7 +76,8 @@ class InflectionLoraSpec:
         text_dir: a folder of UTF-8 ``.txt`` files, one class per file; None = the bundled corpus.
         train_lines, test_lines: source lines per play for training / testing.
         target_train_lines: target lines per play for adaptation (the target test uses ``test_lines``).
-        min_words: fewest words of a line. max_tokens: lines are cut to this many tokens (special tokens included).
+        min_words: fewest words of a line. lines_per_item: consecutive kept lines per item (1 = single lines).
+        max_tokens: items are cut to this many tokens (special tokens included).
         under_steps, over_steps: source fine-tuning steps of the UNDER and OVER regimes. source_lr: its AdamW rate.
         target_steps, target_lr: adaptation steps and AdamW rate (the same for every placement).
         batch_size: lines per step. lora_rank, lora_alpha: LoRA's r and alpha (scale alpha / r).
@@ -94,6 +96,7 @@ class InflectionLoraSpec:
     test_lines: int = 40
     target_train_lines: int = 32
     min_words: int = 5
+    lines_per_item: int = 1
     max_tokens: int = 32
     under_steps: int = 6
     over_steps: int = 80
@@ -109,7 +112,8 @@ class InflectionLoraSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        ints = ("train_lines", "test_lines", "target_train_lines", "min_words", "max_tokens", "under_steps",
+        ints = ("train_lines", "test_lines", "target_train_lines", "min_words", "lines_per_item", "max_tokens",
+                "under_steps",
                 "over_steps", "target_steps", "batch_size", "lora_rank", "diagnose_lines", "seed")
         check_types(self, {**dict.fromkeys(ints, int), "source_lr": float, "target_lr": float,
                            "lora_alpha": float, "band_width": float})
@@ -196,19 +200,23 @@ def _play_texts(names: Sequence[str], text_dir: str | None) -> dict[str, str]:
 
 
 def build_tasks(plays: Sequence[str], *, train_per_play: int, test_per_play: int, min_words: int, seed: int,
-                text_dir: str | None = None) -> tuple[LineTask, LineTask]:
-    """(train, test) tasks over ``plays``, ``train_per_play`` / ``test_per_play`` disjoint lines of each.
+                text_dir: str | None = None, lines_per_item: int = 1) -> tuple[LineTask, LineTask]:
+    """(train, test) tasks over ``plays``, ``train_per_play`` / ``test_per_play`` disjoint items of each (an item
+    is ``lines_per_item`` consecutive lines).
 
-    Raises ConfigError when a play is unknown or has fewer than ``train_per_play + test_per_play`` lines.
+    Raises ConfigError when a play is unknown or has fewer than ``train_per_play + test_per_play`` items.
     """
     rng = random.Random(seed)
     train: list[tuple[str, int]] = []
     test: list[tuple[str, int]] = []
     for label, (name, text) in enumerate(_play_texts(plays, text_dir).items()):
-        lines = play_lines(text, min_words=min_words)
+        kept = play_lines(text, min_words=min_words)
+        lines = [" ".join(kept[i : i + lines_per_item]) for i in range(0, len(kept) - lines_per_item + 1,
+                                                                     lines_per_item)]
         need = train_per_play + test_per_play
         if len(lines) < need:
-            raise ConfigError(f"play {name!r} has {len(lines)} lines of >= {min_words} words; need {need} "
+            raise ConfigError(f"play {name!r} has {len(lines)} items of {lines_per_item} line(s) of >= {min_words} "
+                              f"words; need {need} "
                               f"({train_per_play} train + {test_per_play} test)")
         drawn = rng.sample(lines, need)
         train += [(line, label) for line in drawn[:train_per_play]]
@@ -440,10 +448,11 @@ def _run(config: InflectionLoraConfig, notify: Progress, model: Any, tokenizer: 
     spec = config.protocol
     source_train, source_test = build_tasks(spec.source_plays, train_per_play=spec.train_lines,
                                             test_per_play=spec.test_lines, min_words=spec.min_words, seed=spec.seed,
-                                            text_dir=spec.text_dir)
+                                            text_dir=spec.text_dir, lines_per_item=spec.lines_per_item)
     target_train, target_test = build_tasks(spec.target_plays, train_per_play=spec.target_train_lines,
                                             test_per_play=spec.test_lines, min_words=spec.min_words,
-                                            seed=spec.seed + 1, text_dir=spec.text_dir)
+                                            seed=spec.seed + 1, text_dir=spec.text_dir,
+                                            lines_per_item=spec.lines_per_item)
     loaded = start_run(config.load, TextSpec(seq_len=2), spec.seed, notify, model, tokenizer)
     base, tokenizer = loaded
     base = getattr(base, "base_model", base)
