@@ -81,7 +81,7 @@ def unreadable_text_error(tokenizer: Any, source: str, exc: BaseException) -> Te
     return TextError(f"The tokenizer cannot read {source} ({reason}); {hint}")
 
 
-def _strip_gutenberg(text: str) -> str:
+def strip_gutenberg(text: str) -> str:
     """Keep the text between Project Gutenberg's ``*** START`` and ``*** END`` lines when both are present."""
     start, end = text.find("*** START"), text.find("*** END")
     if start == -1 or end == -1 or end < start:
@@ -132,7 +132,7 @@ def corpus_text() -> str:
     files = corpus_files()
     if not files:
         raise TextError(f"The bundled corpus '{BUNDLED_CORPUS}' has no .txt files; fetch it again")
-    return "\n\n".join(_strip_gutenberg(f.read_text(encoding="utf-8")).strip() for f in files)
+    return "\n\n".join(strip_gutenberg(f.read_text(encoding="utf-8")).strip() for f in files)
 
 
 @dataclass
@@ -264,7 +264,7 @@ def load_text(
             raise TextError(f"The bundled corpus '{BUNDLED_CORPUS}' has no .txt files; fetch it again")
 
         def read_part(i: int) -> str:
-            return _strip_gutenberg(files[i].read_text(encoding="utf-8")).strip()
+            return strip_gutenberg(files[i].read_text(encoding="utf-8")).strip()
 
     else:
         files, source = [Path(path).expanduser()], Path(path).name

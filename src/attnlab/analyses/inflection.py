@@ -10,13 +10,22 @@ the band rule is ours and stated here:
 
 - ``gradient_drop`` at layer l ≥ 1 = log ‖∂L/∂h_l‖ - log ‖∂L/∂h_(l-1)‖, how much the activation gradient shrinks
   when it passes backward through block l (the "cliff"; positive = suppression);
-- ``inflection_score`` = z(-H) + z(gradient_drop), z-scores across layers 1 … L-1 (low entropy and a steep drop
-  both raise it);
-- a layer is *eligible* when it is both low-entropy and steep: z(-H) > 0 and z(gradient_drop) > 0 (so one
-  extreme term cannot carry a high-entropy or flat layer);
+- ``inflection_score`` = r(-H) + r(gradient_drop) in [0, 2], where r is the percentile rank across layers 1 … L-1
+  (0 = the layer with the highest entropy / the smallest drop, 1 = the lowest entropy / the steepest drop; ties
+  share their mean rank);
+- a layer is *eligible* when it is both low-entropy and steep: r(-H) > 0.5 and r(gradient_drop) > 0.5 (strictly
+  in the lower half of entropy and the upper half of drop, so one extreme term cannot carry a high-entropy or flat
+  layer; a layer at a median, or a flat profile where all ranks tie at 0.5, is not eligible);
 - the band (``inflection_band`` = 1) is the eligible layer with the highest score plus its eligible neighbours
   whose score is within ``band_width`` (default 0.5) of that maximum, taken contiguously; empty when no layer is
   eligible.
+
+Why ranks (issue 15): the first rules used z-scores, and on SmolLM2-135M they chose the last layer alone. Every
+block of that pre-norm model *amplifies* the gradient going backward (drop -0.44 … -0.02) except the last one
+(+0.16), so that single edge value had z ≈ 4 and outweighed every layer's entropy term, while its entropy (1.52
+nats, 14th lowest of 29) passed the mean gate by a hair; and the band could not grow, since no neighbour came
+within ``band_width`` of an outlier's score. Ranks bound each term's weight, so the band is where both
+criteria rank high together (METHODS.md #5 gives no thresholds; this rule is ours).
 """
 
 from __future__ import annotations
@@ -36,9 +45,25 @@ from attnlab.report.sections import LayerCurve, Section, Series, Text
 from attnlab.stats.entropy import row_entropy
 
 
+def percentile_rank(values: Tensor) -> Tensor:
+    """Percentile rank of each entry of a 1-D tensor in [0, 1] (0 = smallest, 1 = largest; ties share their mean
+    rank; a single entry gets 0.5), float64."""
+    v = values.double()
+    n = v.shape[0]
+    if n < 2:
+        return torch.full_like(v, 0.5)
+    below = (v[None, :] < v[:, None]).sum(1).double()  # entries smaller than each value
+    equal = (v[None, :] == v[:, None]).sum(1).double()  # itself included
+    return (below + (equal - 1) / 2) / (n - 1)
+
+
 def inflection_band(entropy: Tensor, grad_norm: Tensor, band_width: float = 0.5) -> tuple[Tensor, Tensor, list[int]]:
     """(drop (L,), score (L,), band layers) from per-layer entropy and activation-gradient norm (rule above).
 
+    Args:
+        entropy: (num_layers,) mean attention entropy per layer, nats.
+        grad_norm: (num_layers,) activation-gradient norm ‖∂L/∂h_l‖ per layer (> 0; zeros are clamped).
+        band_width: neighbours join the band while their score is within this of the best one (score units, 0 … 2).
     Layer 0 has no drop and no score (NaN). Returns an empty band with fewer than 3 layers or no eligible layer.
     """
     L = entropy.shape[0]
@@ -48,15 +73,10 @@ def inflection_band(entropy: Tensor, grad_norm: Tensor, band_width: float = 0.5)
         return drop, score, []
     logs = torch.log(grad_norm.double().clamp_min(1e-300))
     drop[1:] = logs[1:] - logs[:-1]
-
-    def z(values: Tensor) -> Tensor:
-        std = values.std()
-        return (values - values.mean()) / std if float(std) > 0 else torch.zeros_like(values)
-
-    low_entropy, steep = z(-entropy[1:].double()), z(drop[1:])
+    low_entropy, steep = percentile_rank(-entropy[1:].double()), percentile_rank(drop[1:])
     score[1:] = low_entropy + steep
     eligible = torch.zeros(L, dtype=torch.bool)
-    eligible[1:] = (low_entropy > 0) & (steep > 0)
+    eligible[1:] = (low_entropy > 0.5) & (steep > 0.5)
     if not bool(eligible.any()):
         return drop, score, []
     best = int(torch.argmax(torch.where(eligible, score, torch.full_like(score, -math.inf))))
@@ -140,5 +160,6 @@ class InflectionAnalysis(Analysis):
     def extras(self, decode: Any = None) -> dict[str, Any]:
         band = self.summary()["band"] if float(self.sequences) > 0 else []
         return {"band": band, "band_width": self.band_width,
-                "rule": "score = z(-entropy) + z(log-gradient drop through the layer); eligible = both z > 0; "
+                "rule": "score = rank(-entropy) + rank(log-gradient drop through the layer), percentile ranks over layers "
+                        "1..L-1; eligible = both ranks > 0.5; "
                         "band = best eligible layer and contiguous eligible neighbours within band_width of it"}

@@ -10,11 +10,13 @@ from collections.abc import Callable
 from typing import Any
 
 from attnlab.cli.protocol_data_quality import data_quality_command
+from attnlab.cli.protocol_inflection_lora import inflection_lora_command
 from attnlab.cli.protocol_memory import memory_command
 from attnlab.cli.protocol_retrieval import retrieval_command
 
 PROTOCOL_COMMANDS: dict[str, Callable[..., Any]] = {
     "retrieval": retrieval_command,
+    "inflection-lora": inflection_lora_command,
     "memory": memory_command,
     "data-quality": data_quality_command,
 }
