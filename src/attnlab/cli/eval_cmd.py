@@ -1,4 +1,5 @@
-"""``attnlab eval``: perplexity, next-token accuracy and passkey retrieval, baseline vs edited variants, one run."""
+"""``attnlab eval``: perplexity, next-token accuracy, passkey retrieval and multiple choice, baseline vs edited
+variants, one run."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ EditOpt = Annotated[Optional[list[str]], typer.Option(
     "within a variant with +, e.g. temperature:tau=0.9+sink_window:sinks=4,window=252). See `attnlab ls edits`.",
     rich_help_panel=_EVAL)]
 TaskOpt = Annotated[Optional[list[str]], typer.Option(
-    "--task", help="perplexity | next_token | passkey (repeatable; default: perplexity and next_token).",
+    "--task", help="perplexity | next_token | passkey | choice (repeatable; default: perplexity and next_token).",
     rich_help_panel=_EVAL)]
 StrideOpt = Annotated[Optional[int], typer.Option(
     "--stride", help="Text tokens between window starts (default: one window, i.e. no overlap).",
@@ -31,6 +32,13 @@ DepthsOpt = Annotated[str, typer.Option(
     "--passkey-depths", help="Needle depths as fractions of the haystack, comma-separated.", rich_help_panel=_EVAL)]
 TrialsOpt = Annotated[int, typer.Option(
     "--passkey-trials", help="Prompts per (length, depth) cell, each with its own random key.", rich_help_panel=_EVAL)]
+ChoiceTaskOpt = Annotated[str, typer.Option(
+    "--choice-task", help="For --task choice: cloze | ioi | colored_objects (generated) or a JSONL file of "
+    '{"context", "choices", "answer"} lines. See docs/choice.md.', rich_help_panel=_EVAL)]
+ChoiceItemsOpt = Annotated[int, typer.Option(
+    "--choice-items", help="For --task choice: items generated (or read first from the file).", rich_help_panel=_EVAL)]
+ChoiceBatchOpt = Annotated[int, typer.Option(
+    "--choice-batch-size", help="For --task choice: sequences (item x choice) per forward.", rich_help_panel=_EVAL)]
 SearchOpt = Annotated[Optional[str], typer.Option(
     "--search", help="Also run a search: zerotuning (γ grid, supervised and by output entropy) or act (ACT head "
     "selection). See docs/results.md.", rich_help_panel=_EVAL)]
@@ -50,6 +58,9 @@ def eval_command(
     passkey_lengths: LengthsOpt = None,
     passkey_depths: DepthsOpt = "0,0.25,0.5,0.75,1",
     passkey_trials: TrialsOpt = 2,
+    choice_task: ChoiceTaskOpt = "cloze",
+    choice_items: ChoiceItemsOpt = 64,
+    choice_batch_size: ChoiceBatchOpt = 8,
     search: SearchOpt = None,
     out: EvalOut = Path("attnlab-eval"),
     force: Force = False,
@@ -60,7 +71,7 @@ def eval_command(
     config: ConfigFile = None,
     debug: Debug = False,
 ) -> None:
-    """Perplexity / next-token accuracy / passkey retrieval of a model and its edited variants, side by side."""
+    """Perplexity / next-token accuracy / passkey retrieval / multiple choice of a model and its edited variants."""
 
     def body() -> None:
         from attnlab.evaluation.config import EvalConfig, parse_variant
@@ -71,6 +82,10 @@ def eval_command(
         eval_config = EvalConfig(**values)
         for spec in eval_config.eval.variants:
             parse_variant(spec)  # bad edit names/values fail here, before the model loads
+        if "choice" in eval_config.eval.tasks and Path(eval_config.eval.choice_task).is_file():
+            from attnlab.evaluation.choice import load_choice_items
+
+            load_choice_items(eval_config.eval.choice_task)  # a bad JSONL file fails before the model loads
         out_dir = Path(values["out"])
         check_out_dir(out_dir, force=bool(values.get("force")))  # before the model loads
         print_config(eval_config)
@@ -94,6 +109,12 @@ def _print_summary(results: dict[str, Any], config: Any) -> None:
             parts.append(f"({record['tokens_scored']} tokens)")
         if record.get("passkey"):
             parts.append(f"passkey accuracy {record['passkey']['accuracy']:.3f}")
+        if record.get("choice"):
+            choice = record["choice"]
+            parts.append(f"{results['eval']['choice']['task']} accuracy {choice['none']['accuracy']:.3f} "
+                         f"[{choice['none']['low']:.3f}, {choice['none']['high']:.3f}] (per token "
+                         f"{choice['token']['accuracy']:.3f}, per char {choice['char']['accuracy']:.3f}; "
+                         f"{choice['num_items']} items)")
         typer.echo(" ".join(parts))
     search_record = results["eval"].get("search")
     if search_record:

@@ -10,14 +10,16 @@ variant are joined with ``+`` (``temperature:tau=0.9+sink_window:sinks=4,window=
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from attnlab.config import (INT_LIMIT, SEED_LIMIT, ComposedConfig, ModelSpec, TextSpec, check_names, check_range,
                             check_types)
 from attnlab.errors import ConfigError
 
-TASKS = ("perplexity", "next_token", "passkey")
+TASKS = ("perplexity", "next_token", "passkey", "choice")
 SEARCHES = (None, "zerotuning", "act")
+CHOICE_TASK_NAMES = ("cloze", "ioi", "colored_objects")  # attnlab.evaluation.choice_tasks.CHOICE_TASKS
 BASELINE = "baseline"
 
 
@@ -62,12 +64,17 @@ class EvalSpec:
     """What an eval run measures (the eval-only part of :class:`EvalConfig`).
 
     Attributes:
-        tasks: any of ``perplexity``, ``next_token``, ``passkey`` (CLI ``--task``).
+        tasks: any of ``perplexity``, ``next_token``, ``passkey``, ``choice`` (CLI ``--task``).
         variants: edit specs, one string per variant (baseline not listed; it always runs; CLI ``--edit``).
         stride: text tokens between window starts; None = the text tokens of one window (non-overlapping).
         passkey_lengths: prompt lengths in tokens; empty = ``(seq_len,)``.
         passkey_depths: needle depths as fractions of the haystack, each in [0, 1].
         passkey_trials: prompts per (length, depth) cell, each with its own random key and haystack offset.
+        choice_task: for the ``choice`` task: ``cloze``, ``ioi``, ``colored_objects``
+            (:mod:`attnlab.evaluation.choice_tasks`) or a JSONL file
+            (:func:`attnlab.evaluation.choice.load_choice_items`).
+        choice_items: items generated (or the first items read from the file), >= 1.
+        choice_batch_size: sequences (item × choice) per forward of the choice scorer, >= 1.
         search: None, ``"zerotuning"`` or ``"act"`` (:mod:`attnlab.evaluation.search`, on the same windows).
         seed: seeds python and torch, in [0, 2**63 - 1]; passkey keys and offsets come from ``random.Random(seed)``.
     """
@@ -78,17 +85,28 @@ class EvalSpec:
     passkey_lengths: tuple[int, ...] = field(default=(), metadata={"parse": _parse_lengths})
     passkey_depths: tuple[float, ...] = field(default=(0.0, 0.25, 0.5, 0.75, 1.0), metadata={"parse": _parse_depths})
     passkey_trials: int = 2
+    choice_task: str = "cloze"
+    choice_items: int = 64
+    choice_batch_size: int = 8
     search: str | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check_types(self, {"passkey_trials": int, "seed": int})
+        check_types(self, {"passkey_trials": int, "seed": int, "choice_task": str, "choice_items": int,
+                           "choice_batch_size": int})
         check_names("tasks", self.tasks)
         check_names("variants (--edit)", self.variants)
         if self.stride is not None and (isinstance(self.stride, bool) or not isinstance(self.stride, int)
                                         or self.stride < 1):
             raise ConfigError(f"stride must be an integer >= 1, got {self.stride!r}")
-        check_range(self, {"stride": (1, INT_LIMIT), "passkey_trials": (1, INT_LIMIT), "seed": (0, SEED_LIMIT)})
+        check_range(self, {"stride": (1, INT_LIMIT), "passkey_trials": (1, INT_LIMIT), "seed": (0, SEED_LIMIT),
+                           "choice_items": (1, INT_LIMIT), "choice_batch_size": (1, INT_LIMIT)})
+        if "choice" in self.tasks and self.choice_task not in CHOICE_TASK_NAMES \
+                and not Path(self.choice_task).is_file():
+            from attnlab.registry import unknown_name_message
+
+            raise ConfigError(unknown_name_message("choice task", self.choice_task, list(CHOICE_TASK_NAMES))
+                              + " (or an existing JSONL file)")
         if not self.tasks:
             raise ConfigError(f"at least one task is needed; choose from {', '.join(TASKS)}")
         for task in self.tasks:

@@ -3,7 +3,8 @@
     from attnlab.evaluation import EvalConfig, run_eval
     results = run_eval(EvalConfig(seq_len=256, variants=("sink_window:sinks=4,window=252",)))
 
-Every variant (the baseline first, then each edit list) runs the same windows and the same passkey prompts inside
+Every variant (the baseline first, then each edit list) runs the same windows, the same passkey prompts and the
+same multiple-choice items (``--task choice``: :mod:`attnlab.evaluation.choice`) inside
 its own ``Session(model, edits=[...])``; the session's ``edit_report()`` is stored with the variant, and an edit
 that never fired raises ``EditNotFiredError`` (the run stops; nothing is written).
 """
@@ -12,9 +13,11 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from attnlab.errors import ConfigError, TextError
+from attnlab.evaluation.choice import NORMS, num_batches, score_choices
 from attnlab.evaluation.config import BASELINE, EvalConfig, parse_variant
 from attnlab.evaluation.lm_tasks import (TokenScores, WindowPlan, plan_windows, position_bin, score_windows,
                                          stitch_windows)
@@ -33,7 +36,20 @@ DEFINITIONS = {
                "row, so an edit with statistics over many rows (calibration's column scores) acts per decode step "
                "on that one row",
 }
+DEFINITIONS["choice"] = (
+    "multiple choice by log-likelihood: each choice scored as the context's continuation (lm-eval's rule: "
+    "encode(context + choice) minus encode(context)), accuracy = arg-max choice is the answer, unnormalised, per "
+    "token and per character (lm-eval's acc_norm); Wilson 95 % intervals")
 Variant = tuple[str, list[Any]]  # (label, edits)
+
+
+@dataclass(frozen=True)
+class ChoiceRun:
+    """What the ``choice`` task scores: the items and the scorer's settings (:func:`score_choices`)."""
+
+    items: list[Any]
+    batch_size: int = 8
+    bos: str = "auto"
 
 
 def make_session(model: Any, edits: list[Any]) -> Any:
@@ -87,6 +103,27 @@ def _lm_rows(label: str, scores: TokenScores, tasks: tuple[str, ...], bin_size: 
     return rows
 
 
+def _choice_rows(label: str, summary: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = [eval_row("choice", label, "items", float(summary["num_items"])),
+            eval_row("choice", label, "answer_nll", summary["answer_nll"])]
+    for norm in NORMS:
+        name = "accuracy" if norm == "none" else f"accuracy_{norm}"
+        rows += [eval_row("choice", label, name, summary[norm]["accuracy"]),
+                 eval_row("choice", label, f"{name}_low", summary[norm]["low"]),
+                 eval_row("choice", label, f"{name}_high", summary[norm]["high"])]
+    return rows
+
+
+def choice_record(scores: Any) -> dict[str, Any]:
+    """A variant's ``choice`` record: :meth:`ChoiceScores.summary` plus per-item logliks and predictions."""
+    predictions = {norm: scores.predictions(norm) for norm in NORMS}
+    return {**scores.summary(), "per_item": [
+        {"index": i, "logliks": scores.logliks[i], "num_tokens": scores.num_tokens[i],
+         "greedy": scores.greedy[i], "answer": scores.answers[i],
+         "prediction": {norm: predictions[norm][i] for norm in NORMS}}
+        for i in range(len(scores.answers))]}
+
+
 def _passkey_rows(label: str, summary: dict[str, list[dict[str, Any]]], accuracy: float) -> list[dict]:
     rows = [eval_row("passkey", label, "accuracy", accuracy)]
     rows += [eval_row("passkey", label, "accuracy_by_length", c["accuracy"], int(c["length"]))
@@ -99,19 +136,23 @@ def _passkey_rows(label: str, summary: dict[str, list[dict[str, Any]]], accuracy
 @takes_progress
 def evaluate_variants(model: Any, tokenizer: Any, variants: list[Variant], *, tasks: tuple[str, ...],
                       ids: list[int], plans: list[WindowPlan], bos_id: int | None, seq_len: int,
-                      prompts: list[PasskeyPrompt], device: str = "cpu", progress: ProgressArg = None
-                      ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Run every variant on the same windows and prompts; returns ``(rows, variant records)``.
+                      prompts: list[PasskeyPrompt], device: str = "cpu", choice: ChoiceRun | None = None,
+                      progress: ProgressArg = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Run every variant on the same windows, prompts and items; returns ``(rows, variant records)``.
 
     ``ids`` are the text tokens, ``plans`` the windows over them (:func:`plan_windows`), ``bos_id`` the token
-    prepended to every window (None: none), ``prompts`` the passkey prompts (empty: no passkey task).
+    prepended to every window (None: none), ``prompts`` the passkey prompts (empty: no passkey task), ``choice``
+    the multiple-choice items and scorer settings (None: no choice task).
     ``progress``: None, True (stderr: a bar in a terminal, else plain lines) or a callable (:mod:`attnlab.progress`).
     """
     import torch
 
     notify: Progress = progress  # type: ignore[assignment]  # a Progress here (takes_progress)
     run_lm = any(task in tasks for task in LM_TASKS)
-    units = (len(plans) if run_lm else 0) + (len(prompts) if "passkey" in tasks else 0)
+    run_choice = "choice" in tasks and choice is not None
+    choice_batches = num_batches(tokenizer, choice.items, batch_size=choice.batch_size, bos=choice.bos) \
+        if run_choice else 0
+    units = (len(plans) if run_lm else 0) + (len(prompts) if "passkey" in tasks else 0) + choice_batches
     total, done = units * len(variants), 0
     bin_size = position_bin(seq_len)
     rows: list[dict[str, Any]] = []
@@ -136,6 +177,16 @@ def evaluate_variants(model: Any, tokenizer: Any, variants: list[Variant], *, ta
                                    "needle_start": prompt.needle_start, "answer": answer,
                                    "correct": is_correct(answer, prompt.key)})
                     done += 1
+            if run_choice:
+                offset = done
+
+                def choice_progress(step: int, _: int, message: str, offset: int = offset, label: str = label
+                                    ) -> None:
+                    notify(offset + step, total, f"{label}: {message}")
+
+                choice_scores = score_choices(model, tokenizer, choice.items, batch_size=choice.batch_size,
+                                              bos=choice.bos, device=device, progress=choice_progress)
+                done = offset + choice_batches
         notify(done, total, f"{label}: done")
         record: dict[str, Any] = {
             "label": label, "edits": [edit.spec() for edit in edits], "edit_report": edit_report(session, edits),
@@ -151,6 +202,9 @@ def evaluate_variants(model: Any, tokenizer: Any, variants: list[Variant], *, ta
             accuracy = sum(t["correct"] for t in trials) / len(trials)
             rows += _passkey_rows(label, summary, accuracy)
             record["passkey"] = {**summary, "accuracy": accuracy, "trials": trials}
+        if run_choice:
+            record["choice"] = choice_record(choice_scores)
+            rows += _choice_rows(label, record["choice"])
         records.append(record)
     return rows, records
 
@@ -252,9 +306,16 @@ def _run_eval(config: EvalConfig, notify: Progress, model: Any, tokenizer: Any, 
                               "haystack; use a longer --text or shorter --passkey-lengths") from None
         prompts = make_prompts(tokenizer, corpus, lengths=config.lengths, depths=spec.passkey_depths,
                                trials=spec.passkey_trials, seed=spec.seed, bos_id=bos_id)
+    choice = None
+    if "choice" in spec.tasks:
+        from attnlab.evaluation.choice_tasks import choice_items
+
+        notify(0, 0, "building choice items")
+        items = choice_items(spec.choice_task, tokenizer, count=spec.choice_items, seed=spec.seed, text=data.text)
+        choice = ChoiceRun(items, spec.choice_batch_size, data.bos)
     rows, records = evaluate_variants(model, tokenizer, variants, tasks=spec.tasks, ids=ids, plans=plans,
                                       bos_id=bos_id, seq_len=data.seq_len, prompts=prompts,
-                                      device=model_device(model), progress=notify)
+                                      device=model_device(model), choice=choice, progress=notify)
     baseline_paths = records[0]["attention_paths"]
     results = results_envelope(
         "eval", config, loaded, bos_policy=data.bos, bos_added=bos_id is not None,
@@ -267,6 +328,9 @@ def _run_eval(config: EvalConfig, notify: Progress, model: Any, tokenizer: Any, 
             "num_windows": len(plans), "position_bin": position_bin(data.seq_len),
             "passkey": {"lengths": list(config.lengths), "depths": list(spec.passkey_depths),
                         "trials_per_cell": spec.passkey_trials} if prompts else None,
+            "choice": {"task": spec.choice_task, "num_items": len(choice.items), "batch_size": choice.batch_size,
+                       "norms": list(NORMS), "interval": "Wilson score, 95 %",
+                       "items": [item.to_json() for item in choice.items]} if choice else None,
             "variants": records,
         },
     )

@@ -2,7 +2,7 @@
 
 Rows of an eval run name their task in ``probe`` and their variant in ``variant`` (docs/results.md; schema 1 files
 joined them as ``"<task>@<variant>"`` in ``probe`` and are split on the way in); this module reads them back, builds
-the comparison table, the NLL-by-position curves and the passkey plots.
+the comparison table, the NLL-by-position curves, the passkey plots and the multiple-choice table.
 """
 
 from __future__ import annotations
@@ -95,8 +95,31 @@ def eval_section(results: Mapping[str, Any]) -> dict[str, Any] | None:
         "settings": {key: info.get(key) for key in ("seq_len", "window_text_tokens", "stride", "num_windows")},
         "position_figure": position_figure,
         "passkey": _passkey_part(info, variants),
+        "choice": _choice_part(info, variants),
         "search": _search_part(info.get("search")),
     }
+
+
+def _interval(cell: Mapping[str, Any]) -> str:
+    low, high = cell.get("low"), cell.get("high")
+    if not isinstance(low, (int, float)) or not isinstance(high, (int, float)):
+        return "—"
+    return f"[{low:.3f}, {high:.3f}]"
+
+
+def _choice_part(info: Mapping[str, Any], variants: list[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The multiple-choice table: accuracy (3 norms, Wilson 95 %), Δ against the baseline, the answer's NLL."""
+    settings = info.get("choice")
+    records = [(r.get("label"), r.get("choice")) for r in variants if r.get("choice")]
+    if not isinstance(settings, Mapping) or not records:
+        return None
+    base = records[0][1].get("none", {}).get("accuracy")
+    table = [{"label": label,
+              **{norm: ((choice.get(norm) or {}).get("accuracy"), _interval(choice.get(norm) or {}))
+                 for norm in ("none", "token", "char")},
+              "delta": _delta((choice.get("none") or {}).get("accuracy"), base),
+              "nll": choice.get("answer_nll")} for label, choice in records]
+    return {"task": settings.get("task"), "num_items": settings.get("num_items"), "table": table}
 
 
 def _search_part(record: Any) -> dict[str, Any] | None:
