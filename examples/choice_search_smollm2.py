@@ -5,7 +5,7 @@
     python examples/choice_search_smollm2.py profile OUT               # profile layer 2, γ per head group
     python examples/choice_search_smollm2.py act OUT                   # ACT head search, layers 2 and 15
 
-Items: 128 cloze items from the bundled corpus (4 choices, 32-token contexts, seed 0), split 64 / 64 by seed 0.
+Items: 96 cloze items from the bundled corpus (4 choices, 32-token contexts, seed 0), split 48 / 48 by seed 0.
 """
 
 import json
@@ -27,11 +27,11 @@ RUNS = {
 
 run, out = sys.argv[1], Path(sys.argv[2])
 model, tokenizer = load_model("smollm2-135m")
-items = cloze_items(tokenizer, count=128, num_choices=4, seed=0, context_tokens=32)
+items = cloze_items(tokenizer, count=96, num_choices=4, seed=0, context_tokens=32)
 started = time.perf_counter()
 found = choice_search(model=model, tokenizer=tokenizer, items=items, seed=0, norm="none", batch_size=32,
                       progress=True, **RUNS[run])
-found["settings"] = {"run": run, **{k: v for k, v in RUNS[run].items()}, "items": "cloze count=128 num_choices=4 "
+found["settings"] = {"run": run, **{k: v for k, v in RUNS[run].items()}, "items": "cloze count=96 num_choices=4 "
                      "seed=0 context_tokens=32", "wall_s": round(time.perf_counter() - started, 1)}
 atomic_write_text(out / f"choice_search_{run}.json", json.dumps(found, indent=1, default=str))
 print(json.dumps({label: {k: v for k, v in got.items() if k != "edits"} for label, got in found["test"].items()}))
