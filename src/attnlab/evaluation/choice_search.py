@@ -221,3 +221,57 @@ def _held_out(model: Any, tokenizer: Any, items: list[Any], candidates: dict[str
             out[label]["mcnemar"] = mcnemar_exact(measured[()].correct(norm), scores.correct(norm))
     notify(len(settings), len(settings), "held-out: done")
     return out
+
+
+@takes_progress
+def choice_search_for_results(results: dict[str, Any], kind: str, model: Any, tokenizer: Any, items: Sequence[Any],
+                              *, layers: Sequence[int] | None = None, batch_size: int = 8, bos: str = "auto",
+                              seed: int = 0, progress: ProgressArg = None) -> dict[str, Any]:
+    """``attnlab eval --task choice --search KIND``: :func:`choice_search` on the run's items, added to ``results``.
+
+    ``kind``: ``"act"`` (keep rule: accuracy, as ACT), ``"zerotuning"`` (γ on every head) or
+    ``"zerotuning_profile"`` (profile the heads of ``layers`` by the correct choice's NLL, then γ per group).
+    Accuracy is unnormalised (``norm="none"``); the split is :func:`split_items` with ``seed``.
+
+    Adds ``results["eval"]["search"]`` (the :func:`choice_search` record with ``"scored_on": "choice"``, and the
+    search's own fields — ``grid``/``supervised``/``unsupervised`` or ``heads``/``kept``/``criterion`` — at the
+    top level as the window search stores them) and rows with probe ``search_<kind>``: per held-out setting
+    (variant = its label) ``accuracy``, ``accuracy_low``, ``accuracy_high``, ``answer_nll``, ``entropy`` and
+    ``mcnemar_p``; per validation point ``validation_accuracy``/``validation_answer_nll``/``validation_entropy``
+    (variant ``gamma=<γ>``, or ``<group> heads gamma=<γ>``); for ACT ``validation_delta_accuracy`` and
+    ``validation_delta_nll`` per searched head (variant ``act head``, ``layer``/``head`` set). Returns the record.
+    """
+    from attnlab.evaluation.runner import eval_row, model_device
+
+    if kind not in (*SEARCH_KINDS, "zerotuning_profile"):
+        raise ConfigError(f"--search must be zerotuning, act or zerotuning_profile, got {kind!r}")
+    profile = kind == "zerotuning_profile"
+    record = choice_search("zerotuning" if profile else kind, model, tokenizer, items, seed=seed, layers=layers,
+                           profile=profile, criterion="loss" if profile else "accuracy", batch_size=batch_size,
+                           bos=bos, device=model_device(model), progress=progress)
+    record["kind"], record["scored_on"] = kind, "choice"
+    if not profile:
+        record.update({key: value for key, value in record["search"].items() if key not in record})
+    results["eval"]["search"] = record
+    rows, probe = results["rows"], f"search_{kind}"
+    for label, values in record["test"].items():
+        for statistic, key in (("accuracy", "accuracy"), ("accuracy_low", "low"), ("accuracy_high", "high"),
+                               ("answer_nll", "nll"), ("entropy", "entropy")):
+            rows.append(eval_row(probe, label, statistic, values[key]))
+        if "mcnemar" in values:
+            rows.append(eval_row(probe, label, "mcnemar_p", values["mcnemar"]["p_value"]))
+    grids: dict[str, dict[str, Any]] = {}
+    if kind == "zerotuning":
+        grids[""] = record["search"]
+    elif profile:
+        grids.update((f"{name} heads ", found) for name, found in record["search"].items())
+    for prefix, found in grids.items():
+        for point in found["grid"]:
+            for statistic, key in (("validation_accuracy", "accuracy"), ("validation_answer_nll", "nll"),
+                                   ("validation_entropy", "entropy")):
+                rows.append(eval_row(probe, f"{prefix}gamma={point['gamma']:g}", statistic, point[key]))
+    for head in record["search"]["heads"] if kind == "act" else []:
+        for statistic, key in (("validation_delta_accuracy", "delta_accuracy"), ("validation_delta_nll", "delta_nll")):
+            rows.append({**eval_row(probe, "act head", statistic, head[key]), "layer": head["layer"],
+                         "head": head["head"]})
+    return record

@@ -276,9 +276,10 @@ def _split(plans: Sequence[WindowPlan]) -> tuple[list[WindowPlan], list[WindowPl
 
 @takes_progress
 def search_for_results(results: dict[str, Any], kind: str, model: Any, tokenizer: Any, *,
-                       progress: ProgressArg = None) -> dict[str, Any]:
+                       layers: Sequence[int] | None = None, progress: ProgressArg = None) -> dict[str, Any]:
     """Run ``kind`` (``zerotuning`` or ``act``) on the windows of an eval run and add it to ``results``.
 
+    ``layers``: the layers ACT searches (None = all; ZeroTuning's γ acts on every head).
     The windows of ``results["windows"]`` are split in half: the first half is the validation/calibration set the
     search sees, the second half is held out and measures the chosen setting against the baseline. Adds
     ``results["eval"]["search"]`` and rows with probe ``search_<kind>`` and variant ``<label>`` (statistics
@@ -301,7 +302,8 @@ def search_for_results(results: dict[str, Any], kind: str, model: Any, tokenizer
 
     device = model_device(model)
     validation, test = _split(plans)
-    record: dict[str, Any] = {"kind": kind, "validation_windows": [p.index for p in validation],
+    record: dict[str, Any] = {"kind": kind, "scored_on": "windows",
+                              "validation_windows": [p.index for p in validation],
                               "test_windows": [p.index for p in test]}
     if kind == "zerotuning":
         found = zerotuning_search(model, ids, validation, bos_id=bos_id, device=device, progress=progress)
@@ -309,7 +311,8 @@ def search_for_results(results: dict[str, Any], kind: str, model: Any, tokenizer
                   f"gamma={found['unsupervised']['gamma']:g} (entropy)": found["unsupervised"]["gamma"]}
         candidates = {label: ([] if g == 1.0 else [EDITS.get("zerotuning")(gamma=g)]) for label, g in chosen.items()}
     elif kind == "act":
-        found = act_head_search(model, ids, validation, device=device, bos_id=bos_id, progress=progress)
+        found = act_head_search(model, ids, validation, layers=layers, device=device, bos_id=bos_id,
+                                progress=progress)
         layers = sorted(found["kept"])
         candidates = {"kept heads": [EDITS.get("calibration")(beta=found["beta"], theta=found["theta"],
                                                               layers=[layer], heads=found["kept"][layer])
