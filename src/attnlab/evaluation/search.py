@@ -1,8 +1,8 @@
-"""Searches over edit parameters on held-out text: ZeroTuning's γ and ACT's head selection.
+"""Searches over edit parameters, checked on held-out data: ZeroTuning's γ and ACT's head selection.
 
 - :func:`zerotuning_search` — Han et al. 2026, ZeroTuning, §"Choose γ" (METHODS.md #13, medium confidence): a
-  grid over γ on a validation split, picked **supervised** (highest next-token accuracy, ties → lower loss; or
-  lowest loss) or **unsupervised** (lowest mean entropy of the model's next-token distribution, no labels).
+  grid over γ on a validation split, picked **supervised** (highest accuracy, ties → lower loss; or lowest loss)
+  or **unsupervised** (lowest mean entropy of the model's output distribution, no labels).
   :func:`zerotuning_profile` is the head profiling before it (steps 1-2: up-/down-effective heads); pass a group
   as ``zerotuning_search(group=...)``. ``search_for_results`` (``--search zerotuning``) does not profile: γ acts on
   every head.
@@ -11,8 +11,9 @@
   (loss not above the reference's, or accuracy not below it). The reference is not the SDPA baseline but
   ``calibration(beta=1)`` on every head of the same layer: it runs the same blocked eager path and changes nothing,
   so a head whose calibration moves no mass scores exactly the reference (delta 0, kept) instead of differing by
-  SDPA-vs-eager rounding (~1e-7 nats on SmolLM2), which decided keep/drop under the earlier rule. ACT measures multiple-choice accuracy on 900 samples;
-  here the calibration set is windows of text and the metric is next-token loss or accuracy (our substitution).
+  SDPA-vs-eager rounding (~1e-7 nats on SmolLM2), which decided keep/drop under the earlier rule. ACT measures
+  multiple-choice accuracy on 900 samples: :mod:`attnlab.evaluation.choice_search` does the same on multiple-choice
+  items; on text windows the metric is next-token loss or accuracy (our substitution).
 
 Each search scores a list of edits with a *metric*: a callable ``edits -> {"nll", "accuracy", "entropy", ...}``
 (:data:`Metric`). Give either text windows (``ids``, ``plans``: :func:`window_metric`, next-token NLL/accuracy and
