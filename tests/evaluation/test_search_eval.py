@@ -62,8 +62,11 @@ def test_a_profile_search_needs_the_choice_task():
         EvalConfig(tasks=("choice",), search="act", search_layers=(1, 1))
 
 
-def test_search_layers_beyond_the_model_fail_before_the_search(items_file):
-    with pytest.raises(ConfigError, match="layers must be in 0..1"):
+def test_search_layers_beyond_the_model_fail_before_any_variant_runs(items_file, monkeypatch):
+    import attnlab.evaluation.runner as runner
+
+    monkeypatch.setattr(runner, "evaluate_variants", lambda *a, **k: pytest.fail("variants ran before the check"))
+    with pytest.raises(ConfigError, match=r"--search-layers \[4\]: the model has layers 0..1"):
         _run(items_file, search="act", search_layers=(4,))
 
 

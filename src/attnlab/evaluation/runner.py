@@ -243,7 +243,8 @@ def run_eval(config: EvalConfig, *, progress: ProgressArg = None, model: Any = N
     on the ``choice`` items when that task is given
     (:func:`attnlab.evaluation.choice_search.choice_search_for_results`: a validation half of the items searched,
     the other half held out), else on the same windows (:func:`attnlab.evaluation.search.search_for_results`);
-    it needs >= 2 items or windows, checked before any variant runs. ``model``/``tokenizer`` (or a LoadedModel as ``model``) reuse a loaded model.
+    it needs >= 2 items or windows and ``search_layers`` the model has, checked before any variant runs.
+    ``model``/``tokenizer`` (or a LoadedModel as ``model``) reuse a loaded model.
 
     Raises:
         ConfigError, TextError, RegistryError: bad input (the CLI exits 2), before the model runs; ConfigError
@@ -277,6 +278,9 @@ def _run_eval(config: EvalConfig, notify: Progress, model: Any, tokenizer: Any, 
     model, tokenizer = loaded
     check_causal_lm(model, config.load.model)
     check_variants(variants, loaded.facts)
+    if search is not None and spec.search_layers and max(spec.search_layers) >= loaded.facts.num_layers:
+        raise ConfigError(f"--search-layers {list(spec.search_layers)}: the model has layers 0.."
+                          f"{loaded.facts.num_layers - 1}")
     if "passkey" in spec.tasks:
         check_seq_len(loaded.facts, max(config.lengths), "--passkey-lengths")
     add_bos = data.bos == "always" or (data.bos == "auto" and tokenizer_adds_bos(tokenizer))
