@@ -40,8 +40,13 @@ ChoiceItemsOpt = Annotated[int, typer.Option(
 ChoiceBatchOpt = Annotated[int, typer.Option(
     "--choice-batch-size", help="For --task choice: sequences (item x choice) per forward.", rich_help_panel=_EVAL)]
 SearchOpt = Annotated[Optional[str], typer.Option(
-    "--search", help="Also run a search: zerotuning (γ grid, supervised and by output entropy) or act (ACT head "
-    "selection). See docs/results.md.", rich_help_panel=_EVAL)]
+    "--search", help="Also run a search: zerotuning (γ grid, supervised and by output entropy), act (ACT head "
+    "selection) or zerotuning_profile (head profiling, then γ per group; needs --task choice). With --task choice "
+    "it is scored on the items (half searched, half held out), else on the windows. See docs/results.md.",
+    rich_help_panel=_EVAL)]
+SearchLayersOpt = Annotated[Optional[str], typer.Option(
+    "--search-layers", help="Layers ACT searches / ZeroTuning profiles, comma-separated (default: all).",
+    rich_help_panel=_EVAL)]
 EvalOut = Annotated[Path, typer.Option("--out", help="Output directory.", rich_help_panel="Output")]
 
 
@@ -62,6 +67,7 @@ def eval_command(
     choice_items: ChoiceItemsOpt = 64,
     choice_batch_size: ChoiceBatchOpt = 8,
     search: SearchOpt = None,
+    search_layers: SearchLayersOpt = None,
     out: EvalOut = Path("attnlab-eval"),
     force: Force = False,
     bos: Bos = "auto",
@@ -117,7 +123,12 @@ def _print_summary(results: dict[str, Any], config: Any) -> None:
                          f"{choice['num_items']} items)")
         typer.echo(" ".join(parts))
     search_record = results["eval"].get("search")
-    if search_record:
+    if search_record and search_record.get("scored_on") == "choice":
+        for label, values in search_record["test"].items():
+            mcnemar = f", McNemar p = {values['mcnemar']['p_value']:.3g}" if "mcnemar" in values else ""
+            typer.echo(f"search {config.eval.search}, held-out items, {label}: accuracy {values['accuracy']:.3f} "
+                       f"[{values['low']:.3f}, {values['high']:.3f}] ({values['items']} items{mcnemar})")
+    elif search_record:
         for label, values in search_record["test"].items():
             typer.echo(f"search {config.eval.search}, held-out windows, {label}: perplexity "
                        f"{values['perplexity']:.4g} next-token accuracy {values['accuracy']:.4f}")

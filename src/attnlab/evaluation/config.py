@@ -18,7 +18,7 @@ from attnlab.config import (INT_LIMIT, SEED_LIMIT, ComposedConfig, ModelSpec, Te
 from attnlab.errors import ConfigError
 
 TASKS = ("perplexity", "next_token", "passkey", "choice")
-SEARCHES = (None, "zerotuning", "act")
+SEARCHES = (None, "zerotuning", "act", "zerotuning_profile")
 CHOICE_TASK_NAMES = ("cloze", "ioi", "colored_objects")  # attnlab.evaluation.choice_tasks.CHOICE_TASKS
 BASELINE = "baseline"
 
@@ -59,6 +59,12 @@ def _parse_depths(value: Any) -> tuple[float, ...]:
     return parse_number_list(value, float, "--passkey-depths")
 
 
+def _parse_search_layers(value: Any) -> tuple[int, ...]:
+    if value in ("", [], ()):  # empty: every layer (a saved config writes the default as [])
+        return ()
+    return parse_number_list(value, int, "--search-layers")
+
+
 @dataclass(frozen=True)
 class EvalSpec:
     """What an eval run measures (the eval-only part of :class:`EvalConfig`).
@@ -75,7 +81,11 @@ class EvalSpec:
             (:func:`attnlab.evaluation.choice.load_choice_items`).
         choice_items: items generated (or the first items read from the file), >= 1.
         choice_batch_size: sequences (item × choice) per forward of the choice scorer, >= 1.
-        search: None, ``"zerotuning"`` or ``"act"`` (:mod:`attnlab.evaluation.search`, on the same windows).
+        search: None, ``"zerotuning"``, ``"act"`` or ``"zerotuning_profile"`` (:mod:`attnlab.evaluation.search`).
+            With the ``choice`` task it is scored on the items (a validation half searched, the other half held
+            out; :mod:`attnlab.evaluation.choice_search`); otherwise on the windows (same split by window).
+            ``zerotuning_profile`` (profile heads, then γ per head group) needs the ``choice`` task.
+        search_layers: layers ACT searches / ZeroTuning profiles (empty = all; CLI ``--search-layers 2,15``).
         seed: seeds python and torch, in [0, 2**63 - 1]; passkey keys and offsets come from ``random.Random(seed)``.
     """
 
@@ -89,6 +99,7 @@ class EvalSpec:
     choice_items: int = 64
     choice_batch_size: int = 8
     search: str | None = None
+    search_layers: tuple[int, ...] = field(default=(), metadata={"parse": _parse_search_layers})
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -131,7 +142,10 @@ class EvalSpec:
             shown = [n if abs(n) < 10**30 else "a larger number" for n in self.passkey_lengths]
             raise ConfigError(f"passkey lengths must be >= 2 tokens and <= {INT_LIMIT}, got {shown}")
         if self.search not in SEARCHES:
-            raise ConfigError(f"--search must be zerotuning or act, got {self.search!r}")
+            raise ConfigError(f"--search must be zerotuning, act or zerotuning_profile, got {self.search!r}")
+        if any(isinstance(layer, bool) or not isinstance(layer, int) or layer < 0 for layer in self.search_layers) \
+                or len(set(self.search_layers)) != len(self.search_layers):
+            raise ConfigError(f"--search-layers must be distinct layer indices >= 0, got {list(self.search_layers)}")
 
 
 @dataclass(frozen=True, init=False)
@@ -149,10 +163,19 @@ class EvalConfig(ComposedConfig):
     eval: EvalSpec = field(default_factory=EvalSpec)
 
     def __post_init__(self) -> None:
-        if self.eval.search is not None and (self.data.max_windows < 2
-                                             or not {"perplexity", "next_token"} & set(self.eval.tasks)):
-            raise ConfigError("--search needs --max-windows >= 2 and the perplexity or next_token task (it splits "
-                              "the windows into a validation and a held-out half)")
+        search, tasks = self.eval.search, set(self.eval.tasks)
+        if search is None:
+            return
+        if "choice" in tasks:
+            if self.eval.choice_items < 2:
+                raise ConfigError(f"--search on --task choice needs --choice-items >= 2 (a validation and a "
+                                  f"held-out half), got {self.eval.choice_items}")
+        elif search == "zerotuning_profile":
+            raise ConfigError("--search zerotuning_profile needs --task choice (it is scored on multiple choice)")
+        elif self.data.max_windows < 2 or not {"perplexity", "next_token"} & tasks:
+            raise ConfigError("--search needs --task choice, or --max-windows >= 2 and the perplexity or "
+                              "next_token task (it splits the items or windows into a validation and a held-out "
+                              "half)")
 
     @property
     def lengths(self) -> tuple[int, ...]:

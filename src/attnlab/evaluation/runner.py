@@ -239,9 +239,12 @@ def run_eval(config: EvalConfig, *, progress: ProgressArg = None, model: Any = N
              tokenizer: Any = None, search: str | None = None) -> dict[str, Any]:
     """Load model and text, run every task for the baseline and each variant; return the results dict.
 
-    ``search`` (``"zerotuning"`` | ``"act"``; default ``config.eval.search``) then runs
-    :func:`attnlab.evaluation.search.search_for_results` on the same windows; it needs >= 2 windows, checked
-    before any variant runs. ``model``/``tokenizer`` (or a LoadedModel as ``model``) reuse a loaded model.
+    ``search`` (``"zerotuning"`` | ``"act"`` | ``"zerotuning_profile"``; default ``config.eval.search``) then runs
+    on the ``choice`` items when that task is given
+    (:func:`attnlab.evaluation.choice_search.choice_search_for_results`: a validation half of the items searched,
+    the other half held out), else on the same windows (:func:`attnlab.evaluation.search.search_for_results`);
+    it needs >= 2 items or windows and ``search_layers`` the model has, checked before any variant runs.
+    ``model``/``tokenizer`` (or a LoadedModel as ``model``) reuse a loaded model.
 
     Raises:
         ConfigError, TextError, RegistryError: bad input (the CLI exits 2), before the model runs; ConfigError
@@ -264,14 +267,20 @@ def _run_eval(config: EvalConfig, notify: Progress, model: Any, tokenizer: Any, 
 
     started = time.perf_counter()
     search = search if search is not None else config.eval.search
-    if search not in (None, "zerotuning", "act"):
-        raise ConfigError(f"--search must be zerotuning or act, got {search!r}")
     spec, data = config.eval, config.data
+    search_on_choice = search is not None and "choice" in spec.tasks
+    if search not in (None, "zerotuning", "act", "zerotuning_profile"):
+        raise ConfigError(f"--search must be zerotuning, act or zerotuning_profile, got {search!r}")
+    if search == "zerotuning_profile" and not search_on_choice:
+        raise ConfigError("--search zerotuning_profile needs --task choice (it is scored on multiple choice)")
     variants: list[Variant] = [(BASELINE, [])] + [(edits, parse_variant(edits)) for edits in spec.variants]
     loaded = start_run(config.load, data, spec.seed, notify, model, tokenizer)
     model, tokenizer = loaded
     check_causal_lm(model, config.load.model)
     check_variants(variants, loaded.facts)
+    if search is not None and spec.search_layers and max(spec.search_layers) >= loaded.facts.num_layers:
+        raise ConfigError(f"--search-layers {list(spec.search_layers)}: the model has layers 0.."
+                          f"{loaded.facts.num_layers - 1}")
     if "passkey" in spec.tasks:
         check_seq_len(loaded.facts, max(config.lengths), "--passkey-lengths")
     add_bos = data.bos == "always" or (data.bos == "auto" and tokenizer_adds_bos(tokenizer))
@@ -292,7 +301,7 @@ def _run_eval(config: EvalConfig, notify: Progress, model: Any, tokenizer: Any, 
             windows_info.append({"index": plan.index, "source": window["source"], "start_token": plan.start,
                                  "first_scored": plan.first_scored, "ids": fed,
                                  "tokens": tokenizer.batch_decode([[i] for i in fed])})
-    if search is not None and len(plans) < 2:
+    if search is not None and not search_on_choice and len(plans) < 2:
         raise ConfigError(f"--search needs >= 2 windows (a validation and a held-out half), but the text gives "
                           f"{len(plans)}; use a longer text or a smaller --seq-len/--stride")
     prompts: list[PasskeyPrompt] = []
@@ -313,6 +322,9 @@ def _run_eval(config: EvalConfig, notify: Progress, model: Any, tokenizer: Any, 
         notify(0, 0, "building choice items")
         items = choice_items(spec.choice_task, tokenizer, count=spec.choice_items, seed=spec.seed, text=data.text)
         choice = ChoiceRun(items, spec.choice_batch_size, data.bos)
+        if search_on_choice and len(items) < 2:
+            raise ConfigError(f"--search needs >= 2 choice items (a validation and a held-out half), got "
+                              f"{len(items)}")
     rows, records = evaluate_variants(model, tokenizer, variants, tasks=spec.tasks, ids=ids, plans=plans,
                                       bos_id=bos_id, seq_len=data.seq_len, prompts=prompts,
                                       device=model_device(model), choice=choice, progress=notify)
@@ -334,8 +346,14 @@ def _run_eval(config: EvalConfig, notify: Progress, model: Any, tokenizer: Any, 
             "variants": records,
         },
     )
-    if search is not None:
+    layers = list(spec.search_layers) or None
+    if search_on_choice and choice is not None:
+        from attnlab.evaluation.choice_search import choice_search_for_results
+
+        choice_search_for_results(results, search, model, tokenizer, choice.items, layers=layers,
+                                  batch_size=choice.batch_size, bos=choice.bos, seed=spec.seed, progress=notify)
+    elif search is not None:
         from attnlab.evaluation.search import search_for_results
 
-        search_for_results(results, search, model, tokenizer, progress=notify)
+        search_for_results(results, search, model, tokenizer, layers=layers, progress=notify)
     return results

@@ -1,8 +1,8 @@
-"""Searches over edit parameters on held-out text: ZeroTuning's γ and ACT's head selection.
+"""Searches over edit parameters, checked on held-out data: ZeroTuning's γ and ACT's head selection.
 
 - :func:`zerotuning_search` — Han et al. 2026, ZeroTuning, §"Choose γ" (METHODS.md #13, medium confidence): a
-  grid over γ on a validation split, picked **supervised** (highest next-token accuracy, ties → lower loss; or
-  lowest loss) or **unsupervised** (lowest mean entropy of the model's next-token distribution, no labels).
+  grid over γ on a validation split, picked **supervised** (highest accuracy, ties → lower loss; or lowest loss)
+  or **unsupervised** (lowest mean entropy of the model's output distribution, no labels).
   :func:`zerotuning_profile` is the head profiling before it (steps 1-2: up-/down-effective heads); pass a group
   as ``zerotuning_search(group=...)``. ``search_for_results`` (``--search zerotuning``) does not profile: γ acts on
   every head.
@@ -11,11 +11,16 @@
   (loss not above the reference's, or accuracy not below it). The reference is not the SDPA baseline but
   ``calibration(beta=1)`` on every head of the same layer: it runs the same blocked eager path and changes nothing,
   so a head whose calibration moves no mass scores exactly the reference (delta 0, kept) instead of differing by
-  SDPA-vs-eager rounding (~1e-7 nats on SmolLM2), which decided keep/drop under the earlier rule. ACT measures multiple-choice accuracy on 900 samples;
-  here the calibration set is windows of text and the metric is next-token loss or accuracy (our substitution).
+  SDPA-vs-eager rounding (~1e-7 nats on SmolLM2), which decided keep/drop under the earlier rule. ACT measures
+  multiple-choice accuracy on 900 samples: :mod:`attnlab.evaluation.choice_search` does the same on multiple-choice
+  items; on text windows the metric is next-token loss or accuracy (our substitution).
 
-Both run the edit inside ``Session(model, edits=[...])`` (so an edit that never fires raises EditNotFiredError)
-and report every grid point, not only the winner. :func:`search_for_results` runs one of them on the run's own
+Each search scores a list of edits with a *metric*: a callable ``edits -> {"nll", "accuracy", "entropy", ...}``
+(:data:`Metric`). Give either text windows (``ids``, ``plans``: :func:`window_metric`, next-token NLL/accuracy and
+output entropy over the windows) or ``metric=`` (e.g. :func:`attnlab.evaluation.choice_search.choice_metric`,
+multiple-choice accuracy as ACT and ZeroTuning measure it). A metric runs the edit inside
+``Session(model, edits=[...])`` (so an edit that never fires raises EditNotFiredError). Every search reports every
+point it measured, not only the winner. :func:`search_for_results` runs one of them on the run's own
 text, splitting the windows into a validation half (the search) and a test half (the chosen setting vs the
 baseline), and stores the outcome under ``results["eval"]["search"]`` and as rows ``search_<kind>@<variant>``.
 Each takes ``progress=``: None, True (stderr: a bar in a terminal, else plain lines) or a callable
@@ -25,7 +30,7 @@ Each takes ``progress=``: None, True (stderr: a bar in a terminal, else plain li
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from attnlab.errors import ConfigError
@@ -33,6 +38,9 @@ from attnlab.evaluation.lm_tasks import WindowPlan, score_windows, stitch_window
 from attnlab.progress import Progress, ProgressArg, takes_progress
 
 DEFAULT_GAMMAS = (0.5, 0.7, 0.85, 1.0, 1.2, 1.5, 2.0)
+Metric = Callable[[list[Any]], dict[str, float]]
+"""``edits -> {"nll": float, "accuracy": float, "entropy": float (optional), ...}``: lower ``nll`` and higher
+``accuracy`` are better; ``entropy`` (the model's output entropy, nats) feeds ZeroTuning's unsupervised rule."""
 
 
 def measure(model: Any, ids: list[int], plans: Sequence[WindowPlan], edits: list[Any], *,
@@ -56,16 +64,47 @@ def measure(model: Any, ids: list[int], plans: Sequence[WindowPlan], edits: list
             "entropy": entropy / count, "tokens": count}
 
 
+def window_metric(model: Any, ids: list[int], plans: Sequence[WindowPlan], *, bos_id: int | None = None,
+                  device: str = "cpu") -> Metric:
+    """The text-window metric: ``edits -> measure(model, ids, plans, edits)`` (next-token NLL, accuracy, entropy)."""
+    return lambda edits: measure(model, ids, plans, edits, bos_id=bos_id, device=device)
+
+
+def resolve_metric(model: Any, ids: list[int] | None, plans: Sequence[WindowPlan] | None, metric: Metric | None, *,
+                   bos_id: int | None = None, device: str = "cpu") -> Metric:
+    """``metric`` if given, else :func:`window_metric` over ``ids``/``plans``; ConfigError unless exactly one form."""
+    if metric is not None:
+        if ids is not None or plans is not None:
+            raise ConfigError("give a search either text windows (ids, plans) or metric=, not both")
+        if not callable(metric):
+            raise ConfigError(f"metric must be a callable edits -> dict, got {type(metric).__name__}")
+        return metric
+    if ids is None or plans is None:
+        raise ConfigError("a search needs text windows (ids and plans) or metric=; got neither")
+    return window_metric(model, ids, plans, bos_id=bos_id, device=device)
+
+
+def score(metric: Metric, edits: list[Any]) -> dict[str, Any]:
+    """``metric(edits)`` checked: a dict with numeric ``nll`` and ``accuracy`` (ConfigError, one line, if not)."""
+    got = metric(edits)
+    if not isinstance(got, dict) or any(not isinstance(got.get(key), (int, float)) for key in ("nll", "accuracy")):
+        shown = sorted(got) if isinstance(got, dict) else type(got).__name__
+        raise ConfigError(f"a search metric must return a dict with numeric 'nll' and 'accuracy', got {shown}")
+    return dict(got)
+
+
 @takes_progress
-def zerotuning_search(model: Any, ids: list[int], plans: Sequence[WindowPlan], *,
-                      gammas: Sequence[float] = DEFAULT_GAMMAS, layers: Any = None, heads: Any = None,
-                      supervised: str = "accuracy", group: dict[int, list[int]] | None = None,
+def zerotuning_search(model: Any, ids: list[int] | None = None, plans: Sequence[WindowPlan] | None = None, *,
+                      metric: Metric | None = None, gammas: Sequence[float] = DEFAULT_GAMMAS, layers: Any = None,
+                      heads: Any = None, supervised: str = "accuracy", group: dict[int, list[int]] | None = None,
                       bos_id: int | None = None, device: str = "cpu", progress: ProgressArg = None
                       ) -> dict[str, Any]:
-    """Grid over ZeroTuning's γ on ``plans`` (the validation windows); both selection rules applied.
+    """Grid over ZeroTuning's γ on the validation set; both selection rules applied.
 
     Args:
-        ids, plans: text tokens and the validation windows over them (:func:`plan_windows`).
+        ids, plans: text tokens and the validation windows over them (:func:`plan_windows`); or
+        metric: any :data:`Metric` instead (e.g. multiple-choice accuracy on validation items); ``model`` may then
+            be None.
         gammas: the grid (γ = 1, the identity, is added if missing, as the reference point).
         layers, heads: which heads the edit acts on (None = all; query-head indices).
         supervised: ``"accuracy"`` (max next-token accuracy, ties → lower loss) or ``"loss"`` (min NLL).
@@ -73,8 +112,8 @@ def zerotuning_search(model: Any, ids: list[int], plans: Sequence[WindowPlan], *
             ``layers``/``heads`` must then be None.
 
     Returns:
-        ``{"grid": [{"gamma", "nll", "perplexity", "accuracy", "entropy", "tokens"}, ...], "supervised":
-        {"criterion", "gamma"}, "unsupervised": {"criterion": "entropy", "gamma"}}``.
+        ``{"grid": [{"gamma", **metric(edits)}, ...], "supervised": {"criterion", "gamma"}, "unsupervised":
+        {"criterion": "entropy", "gamma"}}`` (``"gamma": None`` when the metric reports no ``entropy``).
     """
     from attnlab.edits import EDITS
 
@@ -82,6 +121,7 @@ def zerotuning_search(model: Any, ids: list[int], plans: Sequence[WindowPlan], *
         raise ConfigError(f"supervised must be 'accuracy' or 'loss', got {supervised!r}")
     if group is not None and (layers is not None or heads is not None or not group):
         raise ConfigError("give either a non-empty group {layer: [heads]} or layers/heads, not both")
+    measure_edits = resolve_metric(model, ids, plans, metric, bos_id=bos_id, device=device)
     grid_values = sorted({float(g) for g in gammas} | {1.0})
     notify: Progress = progress  # type: ignore[assignment]  # a Progress here (takes_progress)
     grid = []
@@ -93,24 +133,29 @@ def zerotuning_search(model: Any, ids: list[int], plans: Sequence[WindowPlan], *
             edits = [EDITS.get("zerotuning")(gamma=gamma, layers=[layer], heads=list(hs)) for layer, hs in group.items()]
         else:
             edits = [EDITS.get("zerotuning")(gamma=gamma, layers=layers, heads=heads)]
-        grid.append({"gamma": gamma, **measure(model, ids, plans, edits, bos_id=bos_id, device=device)})
+        grid.append({"gamma": gamma, **score(measure_edits, edits)})
     notify(len(grid_values), len(grid_values), "zerotuning search: done")
     if supervised == "accuracy":
         best = max(grid, key=lambda g: (g["accuracy"], -g["nll"]))
     else:
         best = min(grid, key=lambda g: g["nll"])
+    has_entropy = all(isinstance(g.get("entropy"), (int, float)) for g in grid)
     return {"grid": grid, "supervised": {"criterion": supervised, "gamma": best["gamma"]},
-            "unsupervised": {"criterion": "entropy", "gamma": min(grid, key=lambda g: g["entropy"])["gamma"]},
+            "unsupervised": {"criterion": "entropy",
+                             "gamma": min(grid, key=lambda g: g["entropy"])["gamma"] if has_entropy else None},
             "layers": None if layers is None else list(layers), "heads": None if heads is None else list(heads),
             "group": None if group is None else {layer: list(hs) for layer, hs in group.items()}}
 
 
 @takes_progress
-def zerotuning_profile(model: Any, ids: list[int], plans: Sequence[WindowPlan], *, up: float = 1.5,
-                       down: float = 0.5, layers: Sequence[int] | None = None, criterion: str = "loss",
-                       bos_id: int | None = None, device: str = "cpu", progress: ProgressArg = None
-                       ) -> dict[str, Any]:
-    """ZeroTuning head profiling (METHODS.md #13, steps 1-2): per head, γ = ``up`` and γ = ``down`` alone on ``plans``.
+def zerotuning_profile(model: Any, ids: list[int] | None = None, plans: Sequence[WindowPlan] | None = None, *,
+                       metric: Metric | None = None, up: float = 1.5, down: float = 0.5,
+                       layers: Sequence[int] | None = None, criterion: str = "loss", bos_id: int | None = None,
+                       device: str = "cpu", progress: ProgressArg = None) -> dict[str, Any]:
+    """ZeroTuning head profiling (METHODS.md #13, steps 1-2): per head, γ = ``up`` and γ = ``down`` alone.
+
+    Scored on text windows (``ids``, ``plans``) or any ``metric`` (:data:`Metric`); ``layers`` restricts the
+    profiled layers (None = all).
 
     A head is *up-effective* if γ = ``up`` improves on the unedited model (lower NLL, or higher accuracy with
     ``criterion="accuracy"``) and improves more than γ = ``down``; *down-effective* symmetrically; otherwise
@@ -120,7 +165,7 @@ def zerotuning_profile(model: Any, ids: list[int], plans: Sequence[WindowPlan], 
     Returns:
         ``{"baseline": {...}, "heads": [{"layer", "head", "up_nll", "down_nll", "up_accuracy", "down_accuracy",
         "effective"}, ...], "groups": {"up": {layer: [heads]}, "down": {layer: [heads]}}, "up", "down",
-        "criterion"}``. Cost: two passes over ``plans`` per searched head. Pass a group to
+        "criterion"}``. Cost: two metric calls per profiled head, plus one for the baseline. Pass a group to
         :func:`zerotuning_search` (``group=``) to choose γ for it (step 3).
     """
     from attnlab.capture.architectures import attention_sizes
@@ -128,10 +173,11 @@ def zerotuning_profile(model: Any, ids: list[int], plans: Sequence[WindowPlan], 
 
     if criterion not in ("loss", "accuracy"):
         raise ConfigError(f"criterion must be 'loss' or 'accuracy', got {criterion!r}")
+    measure_edits = resolve_metric(model, ids, plans, metric, bos_id=bos_id, device=device)
     num_layers, num_heads, _ = attention_sizes(model)
-    searched = list(range(num_layers)) if layers is None else list(layers)
+    searched = _check_layers(layers, num_layers)
     notify: Progress = progress  # type: ignore[assignment]  # a Progress here (takes_progress)
-    base = measure(model, ids, plans, [], bos_id=bos_id, device=device)
+    base = score(measure_edits, [])
 
     def gain(got: dict[str, float]) -> float:  # > 0: better than the unedited model
         return base["nll"] - got["nll"] if criterion == "loss" else got["accuracy"] - base["accuracy"]
@@ -141,8 +187,8 @@ def zerotuning_profile(model: Any, ids: list[int], plans: Sequence[WindowPlan], 
     for layer in searched:
         for head in range(num_heads):
             notify(len(heads), len(searched) * num_heads, f"zerotuning profile: layer {layer} head {head}")
-            got = {name: measure(model, ids, plans, [EDITS.get("zerotuning")(gamma=g, layers=[layer], heads=[head])],
-                                 bos_id=bos_id, device=device) for name, g in (("up", up), ("down", down))}
+            got = {name: score(measure_edits, [EDITS.get("zerotuning")(gamma=g, layers=[layer], heads=[head])])
+                   for name, g in (("up", up), ("down", down))}
             gains = {name: gain(values) for name, values in got.items()}
             best = max(gains, key=lambda name: gains[name])
             effective = best if gains[best] > 0 and gains[best] > min(gains.values()) else "neither"
@@ -151,17 +197,20 @@ def zerotuning_profile(model: Any, ids: list[int], plans: Sequence[WindowPlan], 
             heads.append({"layer": layer, "head": head, "up_nll": got["up"]["nll"], "down_nll": got["down"]["nll"],
                           "up_accuracy": got["up"]["accuracy"], "down_accuracy": got["down"]["accuracy"],
                           "effective": effective})
+    notify(len(heads), len(heads), "zerotuning profile: done")
     return {"baseline": base, "heads": heads, "groups": groups, "up": up, "down": down, "criterion": criterion}
 
 
 @takes_progress
-def act_head_search(model: Any, ids: list[int], plans: Sequence[WindowPlan], *, beta: float = 0.4,
-                    theta: float = 0.1, layers: Sequence[int] | None = None, criterion: str = "loss",
-                    bos_id: int | None = None, device: str = "cpu", progress: ProgressArg = None
-                    ) -> dict[str, Any]:
-    """ACT head selection: calibrate one (layer, head) at a time on ``plans``; keep those that do not hurt.
+def act_head_search(model: Any, ids: list[int] | None = None, plans: Sequence[WindowPlan] | None = None, *,
+                    metric: Metric | None = None, beta: float = 0.4, theta: float = 0.1,
+                    layers: Sequence[int] | None = None, criterion: str = "loss", bos_id: int | None = None,
+                    device: str = "cpu", progress: ProgressArg = None) -> dict[str, Any]:
+    """ACT head selection: calibrate one (layer, head) at a time; keep those that do not hurt.
 
     Args:
+        ids, plans: the calibration set as text windows; or
+        metric: any :data:`Metric` (ACT's own: multiple-choice accuracy on calibration items).
         beta, theta: ACT's calibration parameters (defaults from its scripts: β = 0.4, θ = 0.1).
         layers: layers to search (None = all; ACT searched layers 2…31 of Llama-2-7B).
         criterion: ``"loss"`` (keep if NLL ≤ the layer reference's) or ``"accuracy"`` (keep if accuracy ≥ it).
@@ -172,34 +221,33 @@ def act_head_search(model: Any, ids: list[int], plans: Sequence[WindowPlan], *, 
     Returns:
         ``{"baseline": {...} (no edit, the model's own path), "reference": {layer: {...}}, "heads": [{"layer",
         "head", "nll", "accuracy", "delta_nll", "delta_accuracy", "kept"}, ...] (deltas vs the layer's
-        reference), "kept": {layer: [heads]}, "criterion", "beta", "theta"}``. Cost: one pass over ``plans`` per
-        searched head, plus one per searched layer and one for the baseline.
+        reference), "kept": {layer: [heads]}, "criterion", "beta", "theta"}``. Cost: one metric call per searched
+        head, plus one per searched layer and one for the baseline.
     """
     from attnlab.capture.architectures import attention_sizes
     from attnlab.edits import EDITS
 
     if criterion not in ("loss", "accuracy"):
         raise ConfigError(f"criterion must be 'loss' or 'accuracy', got {criterion!r}")
+    measure_edits = resolve_metric(model, ids, plans, metric, bos_id=bos_id, device=device)
     num_layers, num_heads, _ = attention_sizes(model)
-    searched = list(range(num_layers)) if layers is None else list(layers)
-    if any(not 0 <= layer < num_layers for layer in searched):
-        raise ConfigError(f"layers must be in 0..{num_layers - 1}, got {searched}")
+    searched = _check_layers(layers, num_layers)
     notify: Progress = progress  # type: ignore[assignment]  # a Progress here (takes_progress)
     total = len(searched) * (num_heads + 1) + 1
     done = 0
     notify(done, total, "act search: baseline")
-    base = measure(model, ids, plans, [], bos_id=bos_id, device=device)
+    base = score(measure_edits, [])
     heads, kept, references = [], {}, {}
     for layer in searched:
         done += 1
         notify(done, total, f"act search: layer {layer} reference (beta=1)")
         identity = EDITS.get("calibration")(beta=1.0, theta=theta, layers=[layer])
-        ref = references[layer] = measure(model, ids, plans, [identity], bos_id=bos_id, device=device)
+        ref = references[layer] = score(measure_edits, [identity])
         for head in range(num_heads):
             done += 1
             notify(done, total, f"act search: layer {layer} head {head}")
             edit = EDITS.get("calibration")(beta=beta, theta=theta, layers=[layer], heads=[head])
-            got = measure(model, ids, plans, [edit], bos_id=bos_id, device=device)
+            got = score(measure_edits, [edit])
             ok = got["nll"] <= ref["nll"] if criterion == "loss" else got["accuracy"] >= ref["accuracy"]
             heads.append({"layer": layer, "head": head, "nll": got["nll"], "accuracy": got["accuracy"],
                           "delta_nll": got["nll"] - ref["nll"], "delta_accuracy": got["accuracy"] - ref["accuracy"],
@@ -209,6 +257,14 @@ def act_head_search(model: Any, ids: list[int], plans: Sequence[WindowPlan], *, 
     notify(total, total, "act search: done")
     return {"baseline": base, "reference": references, "heads": heads, "kept": kept, "criterion": criterion,
             "beta": beta, "theta": theta}
+
+
+def _check_layers(layers: Sequence[int] | None, num_layers: int) -> list[int]:
+    searched = list(range(num_layers)) if layers is None else list(layers)
+    if not searched or any(isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_layers
+                           for layer in searched) or len(set(searched)) != len(searched):
+        raise ConfigError(f"layers must be in 0..{num_layers - 1}, each once, got {searched}")
+    return searched
 
 
 def _split(plans: Sequence[WindowPlan]) -> tuple[list[WindowPlan], list[WindowPlan]]:
@@ -221,9 +277,10 @@ def _split(plans: Sequence[WindowPlan]) -> tuple[list[WindowPlan], list[WindowPl
 
 @takes_progress
 def search_for_results(results: dict[str, Any], kind: str, model: Any, tokenizer: Any, *,
-                       progress: ProgressArg = None) -> dict[str, Any]:
+                       layers: Sequence[int] | None = None, progress: ProgressArg = None) -> dict[str, Any]:
     """Run ``kind`` (``zerotuning`` or ``act``) on the windows of an eval run and add it to ``results``.
 
+    ``layers``: the layers ACT searches (None = all; ZeroTuning's γ acts on every head).
     The windows of ``results["windows"]`` are split in half: the first half is the validation/calibration set the
     search sees, the second half is held out and measures the chosen setting against the baseline. Adds
     ``results["eval"]["search"]`` and rows with probe ``search_<kind>`` and variant ``<label>`` (statistics
@@ -246,7 +303,8 @@ def search_for_results(results: dict[str, Any], kind: str, model: Any, tokenizer
 
     device = model_device(model)
     validation, test = _split(plans)
-    record: dict[str, Any] = {"kind": kind, "validation_windows": [p.index for p in validation],
+    record: dict[str, Any] = {"kind": kind, "scored_on": "windows",
+                              "validation_windows": [p.index for p in validation],
                               "test_windows": [p.index for p in test]}
     if kind == "zerotuning":
         found = zerotuning_search(model, ids, validation, bos_id=bos_id, device=device, progress=progress)
@@ -254,7 +312,8 @@ def search_for_results(results: dict[str, Any], kind: str, model: Any, tokenizer
                   f"gamma={found['unsupervised']['gamma']:g} (entropy)": found["unsupervised"]["gamma"]}
         candidates = {label: ([] if g == 1.0 else [EDITS.get("zerotuning")(gamma=g)]) for label, g in chosen.items()}
     elif kind == "act":
-        found = act_head_search(model, ids, validation, device=device, bos_id=bos_id, progress=progress)
+        found = act_head_search(model, ids, validation, layers=layers, device=device, bos_id=bos_id,
+                                progress=progress)
         layers = sorted(found["kept"])
         candidates = {"kept heads": [EDITS.get("calibration")(beta=found["beta"], theta=found["theta"],
                                                               layers=[layer], heads=found["kept"][layer])

@@ -126,20 +126,27 @@ def _search_part(record: Any) -> dict[str, Any] | None:
     """Tables of a ZeroTuning γ search (the grid) or an ACT head search (kept heads), plus the held-out check."""
     if not isinstance(record, Mapping):
         return None
-    grid = [(f"{g['gamma']:g}", g.get("perplexity"), g.get("accuracy"), g.get("entropy"))
-            for g in record.get("grid") or []]
+    on_items = record.get("scored_on") == "choice"  # attnlab.evaluation.choice_search: items, not windows
+    first = "nll" if on_items else "perplexity"
+    grids = [("", record)] if record.get("kind") != "zerotuning_profile" else [  # one γ grid per head group
+        (f"{name} heads ", found) for name, found in (record.get("search") or {}).items()]
+    grid = [(f"{prefix}{g['gamma']:g}", g.get(first), g.get("accuracy"), g.get("entropy"))
+            for prefix, found in grids for g in found.get("grid") or []]
     heads = record.get("heads") or []
     kept = record.get("kept") or {}
     return {
-        "kind": record.get("kind"),
-        "validation": record.get("validation_windows"), "test": record.get("test_windows"),
+        "kind": record.get("kind"), "unit": "items" if on_items else "windows",
+        "columns": ("correct choice's NLL (nats)", "choice accuracy", "choice entropy (nats)") if on_items else
+        ("perplexity", "next-token acc.", "output entropy (nats)"),
+        "validation": record.get("validation_items" if on_items else "validation_windows") or [],
+        "test": record.get("test_items" if on_items else "test_windows") or [],
         "grid": grid,
         "supervised": (record.get("supervised") or {}).get("gamma"),
         "unsupervised": (record.get("unsupervised") or {}).get("gamma"),
         "criterion": record.get("criterion") or (record.get("supervised") or {}).get("criterion"),
         "kept": [(layer, ", ".join(str(h) for h in kept[layer])) for layer in sorted(kept, key=int)],
         "searched": len(heads), "kept_count": sum(bool(h.get("kept")) for h in heads),
-        "held_out": [(label, v.get("perplexity"), v.get("accuracy"), v.get("entropy"))
+        "held_out": [(label, v.get(first), v.get("accuracy"), v.get("entropy"))
                      for label, v in (record.get("test") or {}).items()],
     }
 
