@@ -146,6 +146,8 @@ def _heads(facts: ModelFacts, heads: Sequence[Head] | None, name: str) -> list[H
             raise ConfigError(f"{name}: ({layer}, {head}) is not a head of the model (layers 0..{facts.num_layers - 1}"
                               f", heads 0..{facts.num_heads - 1})")
         out.append((layer, head))
+    if not out:
+        raise ConfigError(f"{name}: expected at least one (layer, head) pair, got none")
     return sorted(set(out))
 
 
@@ -176,20 +178,26 @@ def activation_patching(model: Any, batches: Sequence[PairBatch], *, heads: Sequ
             blocks' output projection :func:`attnlab.capture.head_record.record_head_outputs` reads.
         batches: from :func:`attnlab.circuits.pairs.pair_batches` (on the model's device).
         heads: (layer, head) pairs to patch (None = every query head of every layer).
-        per_position: patch one (head, position) at a time (positions index the right-padded batch).
+        per_position: patch one (head, position) at a time; every pair must have the same token length (no
+            padding), so position t is the same token role in every pair.
         progress: see :mod:`attnlab.progress`.
 
     Returns:
         :class:`PatchingResult` (``kind="activation"``, ``receivers="logits"``).
 
     Raises:
-        ConfigError: no batches; a head the model does not have; clean and corrupted runs with equal mean logit
-            differences. UnsupportedModelError: a model attnlab cannot run or read head outputs from.
+        ConfigError: no batches; no heads; a head the model does not have; ``per_position`` with pairs of
+            different lengths; clean and corrupted runs with equal mean logit differences. UnsupportedModelError: a model attnlab cannot run or read head outputs from.
     """
     _check_batches(batches)
     facts = model_facts(model)
     chosen = _heads(facts, heads, "heads")
     length = max(int(b.clean.shape[1]) for b in batches)
+    if per_position:
+        lengths = sorted({int(n) for b in batches for n in b.valid.sum(dim=1).tolist()})
+        if len(lengths) > 1:
+            raise ConfigError(f"per_position patching needs pairs of one token length (positions are compared "
+                              f"across pairs), got lengths {lengths}")
     shape = (facts.num_layers, facts.num_heads) + ((length,) if per_position else ())
     sums, counts = torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64)
     clean_total = corrupted_total = 0.0
