@@ -239,7 +239,7 @@ def _one_position(base: _Baseline, layer: int, head: int, position: int) -> Head
 
 @takes_progress
 def path_patching(model: Any, batches: Sequence[PairBatch], *, receivers: str | Sequence[Head] = "logits",
-                  senders: Sequence[Head] | None = None, receiver_inputs: str = "qkv",
+                  senders: Sequence[Head] | None = None, receiver_inputs: str = "qkv", route: str = "auto",
                   progress: ProgressArg = None) -> PatchingResult:
     """Path patching: each sender head's effect through the direct paths to the logits or to receiver heads.
 
@@ -255,6 +255,9 @@ def path_patching(model: Any, batches: Sequence[PairBatch], *, receivers: str | 
             receivers' outputs are replaced, any model) or a part such as ``"q"``, ``"k"``, ``"v"``, ``"kv"``
             (their columns of the input projections, :mod:`attnlab.circuits.projections`; under GQA a k or v patch
             acts on the head's kv group). Ignored for ``"logits"``.
+        route: ``"auto"`` (``qkv`` replaces the receivers' outputs, a part patches projection columns) or
+            ``"projection"`` (projection columns even for ``qkv``: the two routes must agree where whole kv groups
+            receive; a check, Llama-style or GPT-2 attention only).
         progress: see :mod:`attnlab.progress`.
 
     Returns:
@@ -268,6 +271,8 @@ def path_patching(model: Any, batches: Sequence[PairBatch], *, receivers: str | 
     facts = model_facts(model)
     chosen = _heads(facts, senders, "senders")
     components = check_components(receiver_inputs)
+    if route not in ("auto", "projection"):
+        raise ConfigError(f"route must be 'auto' or 'projection', got {route!r}")
     to_logits = isinstance(receivers, str)
     if to_logits and receivers != "logits":
         raise ConfigError(f"receivers must be 'logits' or (layer, head) pairs, got {receivers!r}")
@@ -292,7 +297,7 @@ def path_patching(model: Any, batches: Sequence[PairBatch], *, receivers: str | 
                 sums[layer, head] += float(ld.double().sum())
             else:
                 sums[layer, head] += _to_receivers(model, batch, base, sender, layer, targets, clean_sum,
-                                                   components)
+                                                   components, projection=route == "projection")
             done += 1
             notify(done, len(batches) * len(chosen), f"path patching · sender layer {layer} head {head}")
     num_pairs = sum(b.size for b in batches)
@@ -327,7 +332,8 @@ class _Receive(Edit):
 
 
 def _to_receivers(model: Any, batch: PairBatch, base: _Baseline, sender: HeadPatch, sender_layer: int,
-                  targets: list[Head], clean_sum: float, components: tuple[str, ...] = COMPONENTS) -> float:
+                  targets: list[Head], clean_sum: float, components: tuple[str, ...] = COMPONENTS,
+                  projection: bool = False) -> float:
     """Sum over the batch of the clean run's logit difference with the receivers fed the sender's path."""
     by_layer: dict[int, list[int]] = {}
     for layer, head in targets:
@@ -337,7 +343,7 @@ def _to_receivers(model: Any, batch: PairBatch, base: _Baseline, sender: HeadPat
         return clean_sum  # no path from the sender to any receiver: the clean run itself
     num_layers = len(base.clean.outputs)
     frozen = [sender, *_freeze(base.clean, sender_layer + 1, num_layers)]
-    if components != COMPONENTS:  # a part of q/k/v: read and write the receivers' input-projection columns
+    if projection or components != COMPONENTS:  # a part of q/k/v: read and write the receivers' input-projection columns
         received: dict[Any, Tensor] = {}
         with projection_hooks(model, by_layer, components, record=received), Session(model, edits=frozen,
                                                                                      verify_rows=0):
