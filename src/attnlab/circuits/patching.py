@@ -18,10 +18,14 @@ and score the result with the normalised logit difference of :mod:`attnlab.circu
   a part of q/k/v (Wang et al. patch name movers' queries, S-inhibition heads' keys and values), step (1) reads
   and step (2) writes only those columns of the receivers' input projections (:mod:`.projections`).
 
-Memory: per batch of pairs, the clean and corrupted head outputs of every layer are kept
-(2 · num_layers · B · num_heads · S · head_dim values in the model's dtype), nothing across batches; the score
-sums are (num_layers, num_heads[, S]) floats. Passes: activation patching runs 2 + heads (· positions) forwards per
-batch, path patching to the logits 2 + senders, to receivers 2 + 2 · senders.
+Cost and memory, per batch of B pairs (S = its longest context): 2 baseline forwards (clean and corrupted, each
+keeping every head's output and the logit difference in the same pass), then activation patching 1 forward per
+head (· S positions with ``per_position``), path patching to the logits 1 per sender, to receivers 2 per sender.
+Every forward computes logits at the rows' last real tokens only (``logits_to_keep``: at most B · vocab floats,
+where the model takes it) and keeps no hidden states. Kept across a batch's passes: the clean and corrupted head
+outputs of every layer, 2 · num_layers · B · num_heads · S · head_dim values in the model's dtype (plus, for
+receivers, their outputs or q/k/v columns of one pass); nothing is kept across batches but the score sums,
+(num_layers, num_heads[, S]) float64. On top comes one forward's own working memory.
 """
 
 from __future__ import annotations
@@ -34,7 +38,6 @@ import torch
 from torch import Tensor
 
 from attnlab.capture.architectures import model_facts
-from attnlab.capture.head_record import record_head_outputs
 from attnlab.capture.session import Session
 from attnlab.circuits.pairs import PairBatch, batch_logit_diff, choice_logits
 from attnlab.circuits.projections import COMPONENTS, check_components, projection_hooks
@@ -120,10 +123,22 @@ class _Baseline:
 
 
 def _baseline(model: Any, batch: PairBatch) -> _Baseline:
-    return _Baseline(clean=record_head_outputs(model, batch.inputs("clean")),
-                     corrupted=record_head_outputs(model, batch.inputs("corrupted")),
-                     clean_ld=batch_logit_diff(model, batch, "clean"),
-                     corrupted_ld=batch_logit_diff(model, batch, "corrupted"))
+    """Two forwards (clean, corrupted), each keeping every head's output and the logit differences at once."""
+    clean, clean_ld = _recorded(model, batch, "clean")
+    corrupted, corrupted_ld = _recorded(model, batch, "corrupted")
+    return _Baseline(clean=clean, corrupted=corrupted, clean_ld=clean_ld, corrupted_ld=corrupted_ld)
+
+
+def _recorded(model: Any, batch: PairBatch, which: str) -> tuple[HeadOutputs, Tensor]:
+    """One run of ``batch``: every head's output before the output projection (B, num_heads, S, head_dim per
+    layer, through the edits machinery like the patched runs) and the (B,) logit differences (logits at the last
+    real tokens only)."""
+    facts = model_facts(model)
+    heads = list(range(facts.num_heads))
+    keep = _Receive({layer: heads for layer in range(facts.num_layers)})
+    with Session(model, edits=[keep], verify_rows=0):
+        ld = batch_logit_diff(model, batch, which)
+    return HeadOutputs(outputs=keep.outputs, heads=tuple(heads), valid=batch.valid), ld
 
 
 def _patched_ld(model: Any, batch: PairBatch, edits: list[Any]) -> Tensor:
