@@ -302,3 +302,19 @@ def test_projection_route_equals_output_route_when_whole_kv_groups_receive(plant
     assert float((by_output.scores[0, 1] - 1).abs()) > VISIBLE
     only_q = path_patching(model, pairs(), receivers=receivers, senders=senders, receiver_inputs="q")
     assert not torch.allclose(only_q.scores[0, 1], by_output.scores[0, 1])
+
+
+def test_k_or_v_receivers_under_gqa_must_cover_whole_kv_groups(planted, pairs):
+    """(1, 3) writes nothing; its kv group is shared with (1, 2): a v patch of (1, 3) alone would reach (1, 2)."""
+    from attnlab.circuits.circuit import find_circuit
+
+    model = planted(alive=((0, 1), (1, 2)))
+    for inputs in ("k", "v", "kv"):
+        with pytest.raises(ConfigError, match=r"without \[\(1, 2\)\]"):
+            path_patching(model, pairs(), receivers=[(1, 3)], senders=[(0, 1)], receiver_inputs=inputs)
+        with pytest.raises(ConfigError, match="GQA"):
+            find_circuit(model, pairs(), receiver_inputs=inputs)
+    alone = path_patching(model, pairs(), receivers=[(1, 3)], senders=[(0, 1)], receiver_inputs="q")
+    assert float(alone.scores[0, 1]) == pytest.approx(1.0, abs=EXACT)  # (1, 3) writes nothing: no effect
+    group = path_patching(model, pairs(), receivers=[(1, 2), (1, 3)], senders=[(0, 1)], receiver_inputs="v")
+    assert float((group.scores[0, 1] - 1).abs()) > VISIBLE

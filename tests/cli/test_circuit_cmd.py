@@ -56,7 +56,7 @@ def test_two_circuits_overlap_and_intervention(tmp_path):
     both = tmp_path / "both"
     result = runner.invoke(app, ["circuit", "--model", model, "--task", two, "--load", str(out / "circuit.json"),
                                  "--items", "3", "--stages", "2", "--fraction", "0.25", "--intervene",
-                                 "--receiver-inputs", "kv", "--activation",
+                                 "--receiver-inputs", "q", "--activation",
                                  "--eval-items", "3", "--out", str(both)])
     assert result.exit_code == 0, result.output
     record = json.loads((both / "circuit.json").read_text())
@@ -73,7 +73,7 @@ def test_two_circuits_overlap_and_intervention(tmp_path):
     tasks = record["intervention"]["tasks"]
     assert set(tasks) == {one, two} and set(tasks[one]) == {"none", "circuit", "shared", "control"}
     assert "overlap:" in result.output
-    assert record["circuits"][two]["stages"][1]["receiver_inputs"] == "kv" and record["activation"][two]["scores"]
+    assert record["circuits"][two]["stages"][1]["receiver_inputs"] == "q" and record["activation"][two]["scores"]
     assert (pd.read_csv(both / "circuit.csv")["stage"] == 0).sum() == 8  # activation patching rows
 
     other = str(save_model_dir(tmp_path / "other", tiny_llama(layers=3)))

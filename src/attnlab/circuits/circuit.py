@@ -30,6 +30,7 @@ from attnlab.capture.head_record import record_head_means
 from attnlab.capture.session import Session
 from attnlab.circuits.pairs import PairBatch
 from attnlab.circuits.patching import Head, PatchingResult, path_patching
+from attnlab.circuits.projections import COMPONENTS, check_components
 from attnlab.edits.mean_ablation import MeanAblation
 from attnlab.errors import ConfigError
 from attnlab.params import check_indices
@@ -145,13 +146,19 @@ def find_circuit(model: Any, batches: Sequence[PairBatch], *, stages: int = 2, f
         :class:`Circuit`.
 
     Raises:
-        ConfigError: ``stages < 1`` or ``fraction`` outside (0, 1]; the errors of ``path_patching``.
+        ConfigError: ``stages < 1`` or ``fraction`` outside (0, 1]; k or v receiver inputs (without the rest) on
+            a GQA model (the kept heads need not form whole kv groups); the errors of ``path_patching``.
     """
     if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
         raise ConfigError(f"stages must be an integer >= 1, got {stages!r}")
     if not 0 < fraction <= 1:
         raise ConfigError(f"fraction must be in (0, 1], got {fraction}")
     facts = model_facts(model)
+    parts = check_components(receiver_inputs)
+    if stages > 1 and parts != COMPONENTS and {"k", "v"} & set(parts) and facts.num_kv_heads < facts.num_heads:
+        raise ConfigError(f"receiver_inputs {receiver_inputs!r}: the model shares each kv head among "
+                          f"{facts.num_kv_groups} query heads (GQA), so a stage's receivers' k or v cannot be "
+                          f"patched alone; use q or qkv")
     keep = max(1, round(fraction * facts.num_layers * facts.num_heads))
     allowed = set(check_indices("sender_layers", sender_layers, facts.num_layers))
     notify: Progress = progress  # type: ignore[assignment]

@@ -268,8 +268,8 @@ def path_patching(model: Any, batches: Sequence[PairBatch], *, receivers: str | 
         senders: (layer, head) pairs to score (None = every head).
         receiver_inputs: which inputs of the receiver heads take the sender's change: ``"qkv"`` (all three: the
             receivers' outputs are replaced, any model) or a part such as ``"q"``, ``"k"``, ``"v"``, ``"kv"``
-            (their columns of the input projections, :mod:`attnlab.circuits.projections`; under GQA a k or v patch
-            acts on the head's kv group). Ignored for ``"logits"``.
+            (their columns of the input projections, :mod:`attnlab.circuits.projections`; under GQA k or v only
+            with whole kv groups as receivers, :func:`check_whole_kv_groups`). Ignored for ``"logits"``.
         route: ``"auto"`` (``qkv`` replaces the receivers' outputs, a part patches projection columns) or
             ``"projection"`` (projection columns even for ``qkv``: the two routes must agree where whole kv groups
             receive; a check, Llama-style or GPT-2 attention only).
@@ -279,8 +279,8 @@ def path_patching(model: Any, batches: Sequence[PairBatch], *, receivers: str | 
         :class:`PatchingResult` (``kind="path"``, ``meta["receiver_inputs"]``). Senders at or after the last receiver's layer score 1 (no path).
 
     Raises:
-        ConfigError: no batches; an empty receiver list or a receiver/sender the model does not have; equal clean
-            and corrupted mean logit differences.
+        ConfigError: no batches; an empty receiver list or a receiver/sender the model does not have; k or v
+            inputs of part of a kv group under GQA; equal clean and corrupted mean logit differences.
     """
     _check_batches(batches)
     facts = model_facts(model)
@@ -294,6 +294,8 @@ def path_patching(model: Any, batches: Sequence[PairBatch], *, receivers: str | 
     targets = [] if to_logits else _heads(facts, receivers, "receivers")
     if not to_logits and not targets:
         raise ConfigError("receivers: expected at least one (layer, head) pair or 'logits', got none")
+    if not to_logits and (route == "projection" or components != COMPONENTS):
+        check_whole_kv_groups(facts, targets, components)
     sums = torch.full((facts.num_layers, facts.num_heads), torch.nan, dtype=torch.float64)
     for layer, head in chosen:
         sums[layer, head] = 0.0
@@ -321,6 +323,26 @@ def path_patching(model: Any, batches: Sequence[PairBatch], *, receivers: str | 
     label = "logits" if to_logits else tuple(targets)
     return PatchingResult("path", label, scores, clean, corrupted, num_pairs,
                           meta={"receiver_inputs": "".join(components)})
+
+
+def check_whole_kv_groups(facts: ModelFacts, receivers: Sequence[Head], components: Sequence[str]) -> None:
+    """Under GQA a receiver's k or v columns are its whole kv group's, which every query head of the group reads:
+    patching them would credit the other heads' paths to the named receiver. Refuse that unless every query head
+    of each touched group is a receiver.
+
+    Raises:
+        ConfigError: k or v among ``components`` and a receiver whose kv group is only partly among ``receivers``.
+    """
+    if not {"k", "v"} & set(components) or facts.num_kv_heads == facts.num_heads:
+        return
+    size = facts.num_heads // facts.num_kv_heads
+    chosen = set(receivers)
+    for layer, head in receivers:
+        group = [(layer, h) for h in range(head // size * size, head // size * size + size)]
+        if not set(group) <= chosen:
+            raise ConfigError(f"receiver_inputs {''.join(components)!r}: under GQA ({size} query heads per kv head) "
+                              f"a k or v patch reaches every head of the kv group, but receiver ({layer}, {head}) "
+                              f"comes without {sorted(set(group) - chosen)}; use q or qkv, or name the whole group")
 
 
 class _Receive(Edit):
