@@ -61,6 +61,8 @@ def test_two_circuits_overlap_and_intervention(tmp_path):
     assert result.exit_code == 0, result.output
     record = json.loads((both / "circuit.json").read_text())
     assert set(record["circuits"]) == {one, two} and record["circuits"][one]["loaded"]
+    assert record["schema_version"] and record["tokenizer"]["bos_policy"] == "auto" and record["seed"] == 0
+    assert record["config"]["model"] == model and record["model"]["requested"] == model
     overlap = record["overlap"]
     heads_one = {tuple(h) for h in record["circuits"][one]["heads"]}
     heads_two = {tuple(h) for h in record["circuits"][two]["heads"]}

@@ -7,11 +7,10 @@ intervention can combine runs made separately.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from attnlab.circuits.circuit import (Circuit, ablation_accuracy, circuit_overla
 from attnlab.circuits.pairs import pair_batches
 from attnlab.circuits.patching import activation_patching
 from attnlab.circuits.projections import check_components
+from attnlab.config import ComposedConfig, ModelSpec
 from attnlab.errors import ConfigError
 from attnlab.progress import Progress, ProgressArg, takes_progress
 
@@ -62,6 +62,15 @@ class CircuitConfig:
         if not 0 < self.fraction <= 1:
             raise ConfigError(f"fraction must be in (0, 1], got {self.fraction}")
         check_components(self.receiver_inputs)
+
+
+@dataclass(frozen=True, init=False)
+class CircuitRun(ComposedConfig):
+    """A run's full settings for the results envelope: the model spec and :class:`CircuitConfig` (flat
+    ``to_dict``)."""
+
+    load: ModelSpec = field(default_factory=ModelSpec)
+    circuit: CircuitConfig = field(default_factory=CircuitConfig)
 
 
 @dataclass(frozen=True)
@@ -144,24 +153,29 @@ def _items(task: str, tokenizer: Any, count: int, seed: int, *, skip: int = 0) -
 
 @takes_progress
 def run_circuits(loaded: Any, config: CircuitConfig, *, saved: Sequence[SavedRun] = (),
-                 progress: ProgressArg = None) -> dict[str, Any]:
+                 load: ModelSpec | None = None, progress: ProgressArg = None) -> dict[str, Any]:
     """Find each task's circuit; with two circuits (found or loaded) their overlap and, if asked, the intervention.
 
     Args:
         loaded: a :class:`attnlab.capture.loading.LoadedModel`. config: :class:`CircuitConfig`.
         saved: earlier runs (:func:`load_circuits`) whose circuits join this run's, not recomputed; checked
             against this model (:func:`check_saved`).
+        load: how the model was loaded (recorded in ``config``; default: the model's name, float32, cpu).
         progress: see :mod:`attnlab.progress`.
 
     Returns:
-        A JSON-ready dict: ``config``, ``model``, ``circuits`` {task: circuit + metric baselines}, ``activation``
-        {task: scores} (if asked), ``overlap`` (two circuits), ``intervention`` (if asked), ``rows``, ``timing``.
+        A JSON-ready dict: the common envelope (:func:`attnlab.pipeline.results_envelope`: ``schema_version``,
+        ``config`` (model spec + :class:`CircuitConfig`), ``model``, ``tokenizer`` with the BOS policy and whether
+        the start token was added, ``seed``, ``versions``, ``rows``, ``timing`` …) plus ``circuits`` {task: circuit
+        + metric baselines}, ``activation`` {task: scores} (if asked), ``overlap`` (two circuits), ``intervention``
+        (if asked).
 
     Raises:
         ConfigError: more than two circuits in all, a task both found and loaded or loaded twice, a loaded run
             from another model, ``intervene`` without two, a bad task or setting.
     """
-    from attnlab import __version__
+    from attnlab.pipeline import results_envelope
+    from attnlab.text import start_token_id, tokenizer_adds_bos
 
     started = time.perf_counter()
     notify: Progress = progress  # type: ignore[assignment]
@@ -183,12 +197,8 @@ def run_circuits(loaded: Any, config: CircuitConfig, *, saved: Sequence[SavedRun
     if len(circuits) + len(found) > 2:
         raise ConfigError(f"attnlab circuit compares at most two circuits, got {len(circuits) + len(found)}: "
                           f"{sorted(circuits) + found}")
-    out: dict[str, Any] = {"command": "circuit", "attnlab_version": __version__,
-                           "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                           "config": {**asdict(config), "tasks": list(config.tasks),
-                                      "sender_layers": None if config.sender_layers is None
-                                      else list(config.sender_layers)},
-                           "model": record, "circuits": {}, "activation": {}, "rows": []}
+    settings = CircuitRun(load=load or ModelSpec(model=str(record.get("name") or "model")), circuit=config)
+    out: dict[str, Any] = {"config": settings.to_dict(), "circuits": {}, "activation": {}, "rows": []}
     if config.intervene:  # a task file too short for disjoint patching and evaluation items fails before the search
         for task in circuits.keys() | set(found):
             if not _is_named(task):
@@ -224,8 +234,12 @@ def run_circuits(loaded: Any, config: CircuitConfig, *, saved: Sequence[SavedRun
         if len(circuits) != 2:
             raise ConfigError(f"--intervene needs two circuits (two --task, or --load), got {len(circuits)}")
         out["intervention"] = _intervention(loaded, circuits, config, notify, patched_items)
-    out["timing"] = {"seconds": round(time.perf_counter() - started, 3)}
-    return out
+    bos_added = start_token_id(tokenizer) is not None and (
+        config.bos == "always" or (config.bos == "auto" and tokenizer_adds_bos(tokenizer)))
+    rows = out.pop("rows")
+    out.pop("config")
+    return results_envelope("circuit", settings, loaded, bos_policy=config.bos, bos_added=bos_added,
+                            attention_paths={}, windows=[], rows=rows, started=started, **out)
 
 
 def _intervention(loaded: Any, circuits: dict[str, Circuit], config: CircuitConfig,

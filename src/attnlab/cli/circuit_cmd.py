@@ -73,6 +73,7 @@ def circuit_command(
 
     def body() -> None:
         from attnlab.capture.loading import load_model
+        from attnlab.config import ModelSpec
         from attnlab.circuits.run import CircuitConfig, check_tasks, load_circuits, run_circuits, summary_lines
 
         tasks = check_tasks(task or ([] if load else ["ioi"]))
@@ -83,10 +84,10 @@ def circuit_command(
         saved = [load_circuits(path) for path in load or []]
         _check_out(out, force)
         stderr.print(f"config: model={model} {config}", markup=False, style="dim")
+        spec = ModelSpec(model=model, dtype=dtype, device=device, tokenizer=tokenizer)
         loaded = load_model(model, dtype=dtype, device=device, tokenizer=tokenizer)
         results = with_progress(lambda progress: run_circuits(loaded, config, saved=saved,
-                                                              progress=progress))
-        results["model"]["requested"] = model
+                                                              load=spec, progress=progress))
         _write(out, results)
         for line in summary_lines(results):
             typer.echo(line)
