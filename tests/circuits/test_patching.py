@@ -39,6 +39,9 @@ def test_per_position_patching_finds_the_planted_head_at_the_last_position_only(
     assert float(by_position[:6].sub(1).abs().max()) < EXACT
     assert torch.isnan(result.scores[1, 0]).all()  # not asked for
     assert float(result.scores[0, 0].sub(1).abs().max()) < EXACT
+    saved = result.to_dict()
+    assert "scores" not in saved and saved["summed_effect"][1][2] == pytest.approx(-1.0, abs=EXACT)
+    assert saved["summed_effect"][1][0] is None
 
 
 def test_bad_inputs_are_one_line_config_errors(planted, pairs):

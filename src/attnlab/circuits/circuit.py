@@ -7,8 +7,8 @@ procedure, low for the overlap's normaliser, so both are given).
   Each stage keeps its top ``fraction`` of all heads by |effect| (``max(1, round(fraction · num_layers ·
   num_heads))``; Merullo et al. keep the top 2 %), leaving out heads whose |effect| <= 1e-6; the circuit is the
   union over stages.
-- :func:`circuit_overlap`: |C1 ∩ C2| / |C1 ∪ C2| and |C1 ∩ C2| / |C2|, plus the agreement of the two tasks' stage-1
-  (head → logits) effects per head (Spearman ρ, mean |difference|).
+- :func:`circuit_overlap`: |C1 ∩ C2| / |C1 ∪ C2| and |C1 ∩ C2| / |C2|, plus the agreement of the two tasks'
+  stage-1 (head → logits) effects per head (Spearman ρ, mean |difference|).
 - :func:`ablation_accuracy`: task accuracy (:func:`attnlab.evaluation.choice.score_choices`, Wilson 95 %) with
   given heads mean-ablated (``mean_ablation`` edit, means recorded over the items' corrupted contexts, the
   reference distribution of Wang et al. 2022's ABC ablation). Merullo et al. instead force four inhibition heads'

@@ -105,10 +105,16 @@ class PatchingResult:
         return out
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``scores`` (num_layers, num_heads) normalised logit differences (null = not measured); for
+        per-position results ``summed_effect`` instead, each head's effects summed over positions (not a
+        normalised logit difference: per-position scores are kept only in :meth:`rows`)."""
         receivers = self.receivers if isinstance(self.receivers, str) else [list(r) for r in self.receivers]
+        per_position = self.scores.dim() == 3
+        values = self.head_effects() if per_position else self.scores
         return {"kind": self.kind, "receivers": receivers, "num_pairs": self.num_pairs,
                 "clean_logit_diff": self.clean_logit_diff, "corrupted_logit_diff": self.corrupted_logit_diff,
-                "scores": [[None if x != x else x for x in row] for row in self.head_effects().add(1).tolist()],
+                "summed_effect" if per_position else "scores": [[None if x != x else x for x in row]
+                                                                 for row in values.tolist()],
                 **self.meta}
 
 
@@ -202,7 +208,8 @@ def activation_patching(model: Any, batches: Sequence[PairBatch], *, heads: Sequ
 
     Raises:
         ConfigError: no batches; no heads; a head the model does not have; ``per_position`` with pairs of
-            different lengths; clean and corrupted runs with equal mean logit differences. UnsupportedModelError: a model attnlab cannot run or read head outputs from.
+            different lengths; clean and corrupted runs with equal mean logit differences.
+        UnsupportedModelError: a model attnlab cannot run or read head outputs from.
     """
     _check_batches(batches)
     facts = model_facts(model)
@@ -276,7 +283,8 @@ def path_patching(model: Any, batches: Sequence[PairBatch], *, receivers: str | 
         progress: see :mod:`attnlab.progress`.
 
     Returns:
-        :class:`PatchingResult` (``kind="path"``, ``meta["receiver_inputs"]``). Senders at or after the last receiver's layer score 1 (no path).
+        :class:`PatchingResult` (``kind="path"``, ``meta["receiver_inputs"]``). Senders at or after the last
+        receiver's layer score 1 (no path).
 
     Raises:
         ConfigError: no batches; an empty receiver list or a receiver/sender the model does not have; k or v
@@ -380,7 +388,7 @@ def _to_receivers(model: Any, batch: PairBatch, base: _Baseline, sender: HeadPat
         return clean_sum  # no path from the sender to any receiver: the clean run itself
     num_layers = len(base.clean.outputs)
     frozen = [sender, *_freeze(base.clean, sender_layer + 1, num_layers)]
-    if projection or components != COMPONENTS:  # a part of q/k/v: read and write the receivers' input-projection columns
+    if projection or components != COMPONENTS:  # read and write the receivers' input-projection columns
         received: dict[Any, Tensor] = {}
         with projection_hooks(model, by_layer, components, record=received), Session(model, edits=frozen,
                                                                                      verify_rows=0):

@@ -123,7 +123,8 @@ def check_saved(saved: SavedRun, model: dict[str, Any]) -> None:
         for layer, head in circuit.heads + [h for top in circuit.tops for h in top]:
             if layer >= model["num_layers"] or head >= model["num_heads"]:
                 raise ConfigError(f"--load {saved.path}: circuit {task!r} has head ({layer}, {head}), not a head of "
-                                  f"this model (layers 0..{model['num_layers'] - 1}, heads 0..{model['num_heads'] - 1})")
+                                  f"this model (layers 0..{model['num_layers'] - 1}, heads "
+                                  f"0..{model['num_heads'] - 1})")
 
 
 def _is_named(task: str) -> bool:
