@@ -108,6 +108,12 @@ def test_bad_options_exit_2(tmp_path):
     for layers in ("a-b", "5-3"):
         result = runner.invoke(app, ["circuit", "--sender-layers", layers, "--out", str(tmp_path / "x")])
         assert result.exit_code == 2 and "--sender-layers" in result.output
+    model = str(save_model_dir(tmp_path / "tiny", tiny_llama(layers=2)))
+    one = task_file(tmp_path, "one.jsonl", ITEMS)
+    result = runner.invoke(app, ["circuit", "--model", model, "--task", one, "--intervene",
+                                 "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "needs two circuits" in result.output
+    assert "path patching" not in result.output  # refused before the search
     for tasks, message in ((["cloze"], "unknown task"), (["ioi", "ioi"], "at most once")):
         args = [a for t in tasks for a in ("--task", t)]
         result = runner.invoke(app, ["circuit", *args, "--out", str(tmp_path / "x")])

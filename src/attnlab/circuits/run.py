@@ -200,6 +200,8 @@ def run_circuits(loaded: Any, config: CircuitConfig, *, saved: Sequence[SavedRun
                           f"{sorted(circuits) + found}")
     settings = CircuitRun(load=load or ModelSpec(model=str(record.get("name") or "model")), circuit=config)
     out: dict[str, Any] = {"config": settings.to_dict(), "circuits": {}, "activation": {}, "rows": []}
+    if config.intervene and len(circuits) + len(found) != 2:
+        raise ConfigError(f"--intervene needs two circuits (two --task, or --load), got {len(circuits) + len(found)}")
     if config.intervene:  # a task file too short for disjoint patching and evaluation items fails before the search
         for task in circuits.keys() | set(found):
             if not _is_named(task):
@@ -232,8 +234,6 @@ def run_circuits(loaded: Any, config: CircuitConfig, *, saved: Sequence[SavedRun
         out["overlap"] = {"tasks": [first, second], **circuit_overlap(one, two),
                           "configs": {first: configs[first], second: configs[second]}}
     if config.intervene:
-        if len(circuits) != 2:
-            raise ConfigError(f"--intervene needs two circuits (two --task, or --load), got {len(circuits)}")
         out["intervention"] = _intervention(loaded, circuits, config, notify, patched_items)
     bos_added = start_token_id(tokenizer) is not None and (
         config.bos == "always" or (config.bos == "auto" and tokenizer_adds_bos(tokenizer)))
