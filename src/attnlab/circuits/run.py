@@ -36,7 +36,8 @@ class CircuitConfig:
         activation: also run per-head activation patching (every head, all positions).
         intervene: with two circuits, task accuracy with the shared heads mean-ablated, with as many random
             non-circuit heads ablated (the control; seed ``seed``), and unedited.
-        eval_items: items per task for the intervention (seed + 1000). bos: ``auto`` | ``always`` | ``never``.
+        eval_items: items per task for the intervention (generators: seed + 1000; JSONL files: the next
+            ``eval_items`` after the patching items, disjoint). bos: ``auto`` | ``always`` | ``never``.
         sender_layers: score only senders in these layers (None = all; see ``find_circuit``).
         receiver_inputs: the receivers' inputs patched from stage 2 on: ``qkv`` or a part (``q``, ``kv`` …).
     """
