@@ -5,11 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnlab.circuits.circuit import (Circuit, ablation_accuracy, circuit_overlap, find_circuit, random_heads)
+from attnlab.circuits.circuit import (
+    NO_EFFECT, Circuit, ablation_accuracy, circuit_overlap, find_circuit, random_heads,
+)
 from attnlab.circuits.pairs import pair_batches
 from attnlab.errors import ConfigError
 from attnlab.evaluation.choice import ChoiceItem, score_choices
 from tiny_models import tiny_tokenizer
+
+EXACT = 1e-5  # float32 forwards: heads that write exactly zero change the answer NLL by rounding only
+VISIBLE = 1e-3  # an effect this large is not rounding
 
 
 def test_staged_search_finds_the_planted_chain(planted, pairs):
@@ -24,7 +29,7 @@ def test_staged_search_finds_the_planted_chain(planted, pairs):
     assert circuit.heads == [(0, 1), (1, 2)]
     stage2 = circuit.stages[1].scores
     assert torch.isnan(stage2[1]).all()  # layer-1 heads are not senders to a layer-1 receiver
-    assert float(stage2[0, 0].sub(1).abs()) < 1e-6 and float(stage2[0, 1].sub(1).abs()) > 1e-3
+    assert float(stage2[0, 0].sub(1).abs()) <= NO_EFFECT and float(stage2[0, 1].sub(1).abs()) > VISIBLE
     saved = Circuit.from_dict(circuit.to_dict())
     assert saved.heads == circuit.heads and saved.tops == circuit.tops
     assert {row["stage"] for row in circuit.rows()} == {1, 2}
@@ -71,7 +76,7 @@ def test_ablation_accuracy_leaves_heads_without_a_path_alone(planted):
     none = ablation_accuracy(model, tokenizer, items(), batches, [])
     silent = ablation_accuracy(model, tokenizer, items(), batches, [(0, 0), (1, 3)])  # write nothing
     live = ablation_accuracy(model, tokenizer, items(), batches, [(1, 2)])
-    assert none["accuracy"] == plain.accuracy("none") and none["answer_nll"] == pytest.approx(plain.answer_nll())
-    assert silent["answer_nll"] == pytest.approx(plain.answer_nll(), abs=1e-5)
-    assert live["answer_nll"] != pytest.approx(plain.answer_nll(), abs=1e-4)
+    assert none["num_items"] == 3 and none["heads"] == []
+    assert silent["answer_nll"] == pytest.approx(plain.answer_nll(), abs=EXACT)
+    assert live["answer_nll"] != pytest.approx(plain.answer_nll(), abs=VISIBLE)
     assert silent["heads"] == [[0, 0], [1, 3]] and 0 <= live["low"] <= live["accuracy"] <= live["high"] <= 1

@@ -46,3 +46,27 @@ def test_pair_errors():
 def test_logit_diff_is_correct_minus_mean_wrong():
     logits = torch.tensor([[2.0, -1.0, 0.5], [0.0, 3.0, 1.0]])
     assert logit_diff(logits, torch.tensor([0, 1])).tolist() == pytest.approx([2.0 - (-0.25), 3.0 - 0.5])
+
+
+def test_a_context_ending_in_whitespace_is_refused_by_name_when_the_choices_then_share_a_first_token():
+    from tiny_models import byte_tokenizer
+
+    # lm-eval's rule moves the trailing space into each choice, so with one token per byte both start with " "
+    with pytest.raises(ConfigError, match="ends in whitespace"):
+        pair_batches(byte_tokenizer(), [ChoiceItem("ab ", ("x", "y"), 0, {"corrupted": "cd "})], bos="never")
+    tok = byte_tokenizer()
+    (batch,) = pair_batches(tok, [ChoiceItem("ab", ("x", "y"), 0, {"corrupted": "cd"})], bos="never")
+    assert batch.clean.tolist() == [tok.encode("ab")] and batch.choice_ids.tolist() == [tok.encode("xy")]
+
+
+@pytest.mark.slow
+def test_smollm2_context_ending_in_a_space_reads_the_logits_before_it():
+    from attnlab.capture.loading import load_tokenizer
+
+    tok, _ = load_tokenizer("smollm2-135m")
+    item = ChoiceItem("The cat is red. The dog is blue. The cat is ", ("red", "blue"), 0,
+                      {"corrupted": "The dog is red. The cat is blue. The cat is "})
+    (batch,) = pair_batches(tok, [item])
+    plain = tok.encode("The cat is red. The dog is blue. The cat is", add_special_tokens=False)
+    assert batch.clean[0].tolist() == plain  # no trailing space token: it merged into " red" / " blue"
+    assert batch.choice_ids.tolist() == [[tok.encode(" red")[0], tok.encode(" blue")[0]]]

@@ -14,15 +14,18 @@ from attnlab.errors import ConfigError
 from tiny_models import tiny_tokenizer
 
 PLANTED = (1, 2)
+EXACT = 1e-5  # float32 forwards of a 2-layer model whose other heads write exactly zero: rounding only
+TOL = 1e-4  # attnlab's attention vs TransformerLens's own (different summation order, float32)
+VISIBLE = 1e-3  # an effect this large is not rounding: the comparison is not vacuous
 
 
 def test_planted_head_tops_the_ranking_and_heads_without_a_path_have_no_effect(planted, pairs):
     model = planted()
     for result in (activation_patching(model, pairs()), path_patching(model, pairs())):
         assert result.top(1) == [PLANTED]
-        assert float(result.scores[PLANTED]) == pytest.approx(0.0, abs=1e-5)  # alone it carries the whole answer
+        assert float(result.scores[PLANTED]) == pytest.approx(0.0, abs=EXACT)  # alone it carries the whole answer
         others = [result.scores[layer, head] for layer in range(2) for head in range(4) if (layer, head) != PLANTED]
-        assert torch.stack(others).sub(1).abs().max() < 1e-5
+        assert torch.stack(others).sub(1).abs().max() < EXACT
         assert result.clean_logit_diff != pytest.approx(result.corrupted_logit_diff)
 
 
@@ -32,10 +35,13 @@ def test_per_position_patching_finds_the_planted_head_at_the_last_position_only(
     assert result.scores.shape == (2, 4, 7)
     by_position = result.scores[PLANTED]
     # the planted head is in the last layer: only its output at the last position reaches the logits read there
-    assert float(by_position[6]) == pytest.approx(0.0, abs=1e-5)
-    assert float(by_position[:6].sub(1).abs().max()) < 1e-5
+    assert float(by_position[6]) == pytest.approx(0.0, abs=EXACT)
+    assert float(by_position[:6].sub(1).abs().max()) < EXACT
     assert torch.isnan(result.scores[1, 0]).all()  # not asked for
-    assert float(result.scores[0, 0].sub(1).abs().max()) < 1e-5
+    assert float(result.scores[0, 0].sub(1).abs().max()) < EXACT
+    saved = result.to_dict()
+    assert "scores" not in saved and saved["summed_effect"][1][2] == pytest.approx(-1.0, abs=EXACT)
+    assert saved["summed_effect"][1][0] is None
 
 
 def test_bad_inputs_are_one_line_config_errors(planted, pairs):
@@ -103,6 +109,68 @@ def one_batch():
         ([1, 23, 32, 41, 55, 66, 77], [1, 25, 36, 41, 55, 66, 77], [12, 6], 0)]])
 
 
+def ragged_batch():
+    """A second batch, right-padded: rows of 5 and 7 tokens."""
+    return collate_pairs([
+        ([1, 26, 34, 48, 57], [1, 28, 39, 48, 57], [6, 12], 1),
+        ([1, 27, 37, 42, 53, 64, 75], [1, 29, 38, 42, 53, 64, 75], [5, 12], 0)])
+
+
+def unpadded_rows(batch):
+    """(clean ids (1, n), corrupted ids (1, n), a one-row batch) for each row of ``batch``, padding dropped."""
+    out = []
+    for row in range(batch.size):
+        n = int(batch.valid[row].sum())
+        clean, corrupted = batch.clean[row:row + 1, :n], batch.corrupted[row:row + 1, :n]
+        out.append((clean, corrupted, collate_pairs([(clean[0].tolist(), corrupted[0].tolist(),
+                                                      batch.choice_ids[row].tolist(), int(batch.answer[row]))])))
+    return out
+
+
+def test_activation_patching_over_padded_batches_matches_transformer_lens_row_by_row(gpt2_and_bridge):
+    """Two batches, one right-padded: TL runs each pair unpadded; the normalisation is over the means of all pairs."""
+    from transformer_lens.patching import get_act_patch_attn_head_out_all_pos
+
+    model, bridge = gpt2_and_bridge
+    batches = [one_batch(), ragged_batch()]
+    ours = activation_patching(model, batches)
+    patched, clean, corrupted = [], [], []
+    with torch.no_grad():
+        for batch in batches:
+            for clean_ids, corrupted_ids, single in unpadded_rows(batch):
+                raw = oracle_metric(single, None, None)
+                clean.append(float(raw(bridge(clean_ids))))
+                corrupted.append(float(raw(bridge(corrupted_ids))))
+                _, cache = bridge.run_with_cache(corrupted_ids)
+                patched.append(get_act_patch_attn_head_out_all_pos(bridge, clean_ids, cache, raw).double())
+    clean_ld, corrupted_ld = sum(clean) / len(clean), sum(corrupted) / len(corrupted)
+    expected = (torch.stack(patched).mean(dim=0) - corrupted_ld) / (clean_ld - corrupted_ld)
+    assert ours.num_pairs == 5 and ours.clean_logit_diff == pytest.approx(clean_ld, abs=TOL)
+    torch.testing.assert_close(ours.scores, expected, rtol=TOL, atol=TOL)
+
+
+def test_per_position_patching_matches_transformer_lens_by_pos(gpt2_and_bridge):
+    from transformer_lens.patching import get_act_patch_attn_head_out_by_pos
+
+    model, bridge = gpt2_and_bridge
+    batch = one_batch()
+    ours = activation_patching(model, [batch], per_position=True)
+    raw = oracle_metric(batch, None, None)
+    with torch.no_grad():
+        clean_ld, corrupted_ld = float(raw(bridge(batch.clean))), float(raw(bridge(batch.corrupted)))
+        _, corrupted_cache = bridge.run_with_cache(batch.corrupted)
+        theirs = get_act_patch_attn_head_out_by_pos(bridge, batch.clean, corrupted_cache,
+                                                    oracle_metric(batch, clean_ld, corrupted_ld))  # (L, S, H)
+    torch.testing.assert_close(ours.scores.float(), theirs.permute(0, 2, 1).float(), rtol=TOL, atol=TOL)
+
+
+def test_per_position_patching_refuses_pairs_of_different_lengths(planted, pairs):
+    with pytest.raises(ConfigError, match="one token length"):
+        activation_patching(planted(), pairs(ragged=True), heads=[PLANTED], per_position=True)
+    with pytest.raises(ConfigError, match="at least one"):
+        activation_patching(planted(), pairs(), heads=[])
+
+
 def test_activation_patching_matches_transformer_lens(gpt2_and_bridge):
     from transformer_lens.patching import get_act_patch_attn_head_out_all_pos
 
@@ -117,13 +185,14 @@ def test_activation_patching_matches_transformer_lens(gpt2_and_bridge):
         # TransformerLens runs its "corrupted_tokens" and patches from the cache: here the clean run ← corrupted
         theirs = get_act_patch_attn_head_out_all_pos(bridge, batch.clean, corrupted_cache,
                                                      oracle_metric(batch, clean_ld, corrupted_ld))
-    assert ours.clean_logit_diff == pytest.approx(clean_ld, abs=1e-4)
-    assert ours.corrupted_logit_diff == pytest.approx(corrupted_ld, abs=1e-4)
-    torch.testing.assert_close(ours.scores.float(), theirs.float(), rtol=1e-4, atol=1e-4)
+    assert ours.clean_logit_diff == pytest.approx(clean_ld, abs=TOL)
+    assert ours.corrupted_logit_diff == pytest.approx(corrupted_ld, abs=TOL)
+    torch.testing.assert_close(ours.scores.float(), theirs.float(), rtol=TOL, atol=TOL)
 
 
-def _path_oracle(bridge, batch, sender, receivers, metric, inputs="qkv"):
-    """Path patching written with TransformerLens hooks on hook_z (per-head outputs before W_O)."""
+def _path_oracle(bridge, batch, sender, receivers, metric, inputs="qkv", definition=False):
+    """Path patching written with TransformerLens hooks on hook_z (per-head outputs before W_O); with
+    ``definition`` (or a part of q/k/v) the receivers' hook_q/k/v are patched instead (Wang et al.'s definition)."""
     layers, heads = bridge.cfg.n_layers, bridge.cfg.n_heads
     with torch.no_grad():
         _, clean = bridge.run_with_cache(batch.clean)
@@ -142,7 +211,7 @@ def _path_oracle(bridge, batch, sender, receivers, metric, inputs="qkv"):
 
         if receivers == "logits":
             return float(metric(bridge.run_with_hooks(batch.clean, fwd_hooks=hooks(layers))))
-        if inputs != "qkv":
+        if inputs != "qkv" or definition:
             return _path_oracle_qkv(bridge, batch, sender, receivers, metric, inputs, hooks)
         received = {}
         for layer in sorted({r[0] for r in receivers if r[0] > sender[0]}):
@@ -199,9 +268,9 @@ def test_path_patching_to_receiver_q_k_v_matches_a_transformer_lens_oracle(gpt2_
     with torch.no_grad():
         for sender in senders:
             expected = _path_oracle(bridge, batch, sender, receivers, metric, inputs)
-            assert float(ours.scores[sender]) == pytest.approx(expected, abs=1e-4), sender
+            assert float(ours.scores[sender]) == pytest.approx(expected, abs=TOL), sender
     assert ours.meta["receiver_inputs"] == inputs
-    assert float((ours.scores[0, 3] - 1).abs()) > 1e-3  # not a vacuous match
+    assert float((ours.scores[0, 3] - 1).abs()) > VISIBLE  # not a vacuous match
 
 
 @pytest.mark.parametrize("receivers", ["logits", [(2, 1), (2, 3)], [(1, 0), (2, 2)]], ids=["logits", "layer2",
@@ -217,22 +286,38 @@ def test_path_patching_matches_a_transformer_lens_oracle(gpt2_and_bridge, receiv
     metric = oracle_metric(batch, clean_ld, corrupted_ld)
     for sender in senders:
         expected = _path_oracle(bridge, batch, sender, receivers, metric)
-        assert float(ours.scores[sender]) == pytest.approx(expected, abs=1e-4), sender
+        assert float(ours.scores[sender]) == pytest.approx(expected, abs=TOL), sender
+        if receivers != "logits":  # the output route against the definition (receivers' q, k and v patched)
+            defined = _path_oracle(bridge, batch, sender, receivers, metric, definition=True)
+            assert float(ours.scores[sender]) == pytest.approx(defined, abs=TOL), sender
     assert torch.isnan(ours.scores[1, 0])  # not a sender
 
 
-def test_projection_route_equals_output_route_when_whole_kv_groups_receive(planted, pairs, monkeypatch):
+def test_projection_route_equals_output_route_when_whole_kv_groups_receive(planted, pairs):
     """On a GQA Llama, patching q, k and v at the input projections of every head of a layer (whole kv groups)
     must give what replacing the receivers' outputs gives."""
-    from attnlab.circuits import patching
-
     model = planted(alive=((0, 1), (0, 3), (1, 2)))
     receivers = [(1, 0), (1, 1), (1, 2), (1, 3)]
     senders = [(0, 1), (0, 3)]
     by_output = path_patching(model, pairs(), receivers=receivers, senders=senders)
-    monkeypatch.setattr(patching, "COMPONENTS", ("forced",))  # qkv no longer matches: the projection route runs
-    by_projection = path_patching(model, pairs(), receivers=receivers, senders=senders)
-    torch.testing.assert_close(by_projection.scores, by_output.scores, rtol=1e-5, atol=1e-5, equal_nan=True)
-    assert float((by_output.scores[0, 1] - 1).abs()) > 1e-3
+    by_projection = path_patching(model, pairs(), receivers=receivers, senders=senders, route="projection")
+    torch.testing.assert_close(by_projection.scores, by_output.scores, rtol=EXACT, atol=EXACT, equal_nan=True)
+    assert float((by_output.scores[0, 1] - 1).abs()) > VISIBLE
     only_q = path_patching(model, pairs(), receivers=receivers, senders=senders, receiver_inputs="q")
     assert not torch.allclose(only_q.scores[0, 1], by_output.scores[0, 1])
+
+
+def test_k_or_v_receivers_under_gqa_must_cover_whole_kv_groups(planted, pairs):
+    """(1, 3) writes nothing; its kv group is shared with (1, 2): a v patch of (1, 3) alone would reach (1, 2)."""
+    from attnlab.circuits.circuit import find_circuit
+
+    model = planted(alive=((0, 1), (1, 2)))
+    for inputs in ("k", "v", "kv"):
+        with pytest.raises(ConfigError, match=r"without \[\(1, 2\)\]"):
+            path_patching(model, pairs(), receivers=[(1, 3)], senders=[(0, 1)], receiver_inputs=inputs)
+        with pytest.raises(ConfigError, match="GQA"):
+            find_circuit(model, pairs(), receiver_inputs=inputs)
+    alone = path_patching(model, pairs(), receivers=[(1, 3)], senders=[(0, 1)], receiver_inputs="q")
+    assert float(alone.scores[0, 1]) == pytest.approx(1.0, abs=EXACT)  # (1, 3) writes nothing: no effect
+    group = path_patching(model, pairs(), receivers=[(1, 2), (1, 3)], senders=[(0, 1)], receiver_inputs="v")
+    assert float((group.scores[0, 1] - 1).abs()) > VISIBLE

@@ -7,8 +7,8 @@ procedure, low for the overlap's normaliser, so both are given).
   Each stage keeps its top ``fraction`` of all heads by |effect| (``max(1, round(fraction · num_layers ·
   num_heads))``; Merullo et al. keep the top 2 %), leaving out heads whose |effect| <= 1e-6; the circuit is the
   union over stages.
-- :func:`circuit_overlap`: |C1 ∩ C2| / |C1 ∪ C2| and |C1 ∩ C2| / |C2|, plus the agreement of the two tasks' stage-1
-  (head → logits) effects per head (Spearman ρ, mean |difference|).
+- :func:`circuit_overlap`: |C1 ∩ C2| / |C1 ∪ C2| and |C1 ∩ C2| / |C2|, plus the agreement of the two tasks'
+  stage-1 (head → logits) effects per head (Spearman ρ, mean |difference|).
 - :func:`ablation_accuracy`: task accuracy (:func:`attnlab.evaluation.choice.score_choices`, Wilson 95 %) with
   given heads mean-ablated (``mean_ablation`` edit, means recorded over the items' corrupted contexts, the
   reference distribution of Wang et al. 2022's ABC ablation). Merullo et al. instead force four inhibition heads'
@@ -30,6 +30,7 @@ from attnlab.capture.head_record import record_head_means
 from attnlab.capture.session import Session
 from attnlab.circuits.pairs import PairBatch
 from attnlab.circuits.patching import Head, PatchingResult, path_patching
+from attnlab.circuits.projections import COMPONENTS, check_components
 from attnlab.edits.mean_ablation import MeanAblation
 from attnlab.errors import ConfigError
 from attnlab.params import check_indices
@@ -66,26 +67,64 @@ class Circuit:
                 for i, result in enumerate(self.stages) for row in result.rows()]
 
     @classmethod
-    def from_dict(cls, record: dict[str, Any]) -> Circuit:
-        """The circuit of a saved :meth:`to_dict` (each stage's per-head scores; per-position scores are not saved).
+    def from_dict(cls, record: dict[str, Any], *, source: str = "a saved circuit") -> Circuit:
+        """The circuit of a saved :meth:`to_dict` (each stage's per-head scores and meta; per-position scores are
+        not saved).
 
         Raises:
-            ConfigError: a record without ``heads``.
+            ConfigError (one line, naming ``source`` and the key): a record that is not an object with ``heads``;
+                a head that is not a pair of non-negative ints; a stage without a list-of-lists ``scores``,
+                ``receivers``, ``clean_logit_diff``, ``corrupted_logit_diff`` or ``num_pairs``.
         """
         if not isinstance(record, dict) or "heads" not in record:
-            raise ConfigError("a saved circuit must be a JSON object with 'heads' (attnlab circuit's circuit.json)")
-        heads = [tuple(int(x) for x in h) for h in record["heads"]]
-        tops = [[tuple(int(x) for x in h) for h in stage.get("top", [])] for stage in record.get("stages", [])]
-        stages = []
-        for stage in record.get("stages", []):
-            scores = torch.tensor([[torch.nan if x is None else float(x) for x in row] for row in stage["scores"]],
-                                  dtype=torch.float64)
+            raise ConfigError(f"{source}: expected a JSON object with 'heads' (attnlab circuit's circuit.json)")
+        heads = _saved_heads(record["heads"], f"{source}: 'heads'")
+        saved_stages = record.get("stages", [])
+        if not isinstance(saved_stages, list):
+            raise ConfigError(f"{source}: 'stages' must be a list, got {type(saved_stages).__name__}")
+        stages, tops = [], []
+        for number, stage in enumerate(saved_stages, start=1):
+            where = f"{source}: stage {number}"
+            if not isinstance(stage, dict):
+                raise ConfigError(f"{where} must be an object, got {type(stage).__name__}")
+            missing = [key for key in _STAGE_KEYS if key not in stage]
+            if missing:
+                raise ConfigError(f"{where} lacks {', '.join(repr(k) for k in missing)}")
+            rows = stage["scores"]
+            try:
+                if not isinstance(rows, list) or not all(isinstance(row, list) for row in rows):
+                    raise TypeError
+                scores = torch.tensor([[torch.nan if x is None else float(x) for x in row] for row in rows],
+                                      dtype=torch.float64)
+                clean, corrupted = float(stage["clean_logit_diff"]), float(stage["corrupted_logit_diff"])
+                num_pairs = int(stage["num_pairs"])
+            except (TypeError, ValueError):
+                raise ConfigError(f"{where}: 'scores' must be a list of lists of numbers (null = not measured) and "
+                                  f"the logit differences and 'num_pairs' numbers") from None
             receivers = stage["receivers"] if isinstance(stage["receivers"], str) else \
-                tuple(tuple(r) for r in stage["receivers"])
-            stages.append(PatchingResult(stage.get("kind", "path"), receivers, scores, stage["clean_logit_diff"],
-                                         stage["corrupted_logit_diff"], stage["num_pairs"]))
-        return cls(heads=sorted(heads), per_stage=int(record.get("per_stage", 0)),  # type: ignore[arg-type]
-                   stages=stages, tops=tops)  # type: ignore[arg-type]
+                tuple(_saved_heads(stage["receivers"], f"{where}: 'receivers'"))
+            meta = {key: value for key, value in stage.items() if key not in _STAGE_KEYS + _STAGE_OWN}
+            stages.append(PatchingResult(stage.get("kind", "path"), receivers, scores, clean, corrupted, num_pairs,
+                                         meta=meta))
+            tops.append(_saved_heads(stage.get("top", []), f"{where}: 'top'"))
+        return cls(heads=sorted(heads), per_stage=int(record.get("per_stage", 0)), stages=stages, tops=tops)
+
+
+_STAGE_KEYS = ("scores", "receivers", "clean_logit_diff", "corrupted_logit_diff", "num_pairs")
+_STAGE_OWN = ("stage", "top", "kind")  # written by to_dict around a stage's PatchingResult fields
+
+
+def _saved_heads(value: Any, where: str) -> list[Head]:
+    """A saved list of [layer, head] pairs, checked: each a pair of non-negative ints."""
+    if not isinstance(value, list):
+        raise ConfigError(f"{where} must be a list of [layer, head] pairs, got {type(value).__name__}")
+    out = []
+    for pair in value:
+        if not (isinstance(pair, list) and len(pair) == 2
+                and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in pair)):
+            raise ConfigError(f"{where} must be [layer, head] pairs of non-negative ints, got {pair!r}")
+        out.append((pair[0], pair[1]))
+    return out
 
 
 @takes_progress
@@ -107,13 +146,19 @@ def find_circuit(model: Any, batches: Sequence[PairBatch], *, stages: int = 2, f
         :class:`Circuit`.
 
     Raises:
-        ConfigError: ``stages < 1`` or ``fraction`` outside (0, 1]; the errors of ``path_patching``.
+        ConfigError: ``stages < 1`` or ``fraction`` outside (0, 1]; k or v receiver inputs (without the rest) on
+            a GQA model (the kept heads need not form whole kv groups); the errors of ``path_patching``.
     """
     if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
         raise ConfigError(f"stages must be an integer >= 1, got {stages!r}")
     if not 0 < fraction <= 1:
         raise ConfigError(f"fraction must be in (0, 1], got {fraction}")
     facts = model_facts(model)
+    parts = check_components(receiver_inputs)
+    if stages > 1 and parts != COMPONENTS and {"k", "v"} & set(parts) and facts.num_kv_heads < facts.num_heads:
+        raise ConfigError(f"receiver_inputs {receiver_inputs!r}: the model shares each kv head among "
+                          f"{facts.num_kv_groups} query heads (GQA), so a stage's receivers' k or v cannot be "
+                          f"patched alone; use q or qkv")
     keep = max(1, round(fraction * facts.num_layers * facts.num_heads))
     allowed = set(check_indices("sender_layers", sender_layers, facts.num_layers))
     notify: Progress = progress  # type: ignore[assignment]

@@ -61,10 +61,6 @@ class PairBatch:
                                                   self.choice_ids, self.answer)))
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
 def pair_batches(tokenizer: Any, items: Sequence[Any], *, batch_size: int = 8, bos: BosPolicy = "auto",
                  num_choices: int | None = None) -> list[PairBatch]:
     """Token pairs of choice items, in order, ``batch_size`` per batch.
@@ -99,22 +95,37 @@ def pair_batches(tokenizer: Any, items: Sequence[Any], *, batch_size: int = 8, b
         if not isinstance(corrupted, str):
             raise ConfigError(f"pair_batches: item {index} has no meta['corrupted'] context (a string of the same "
                               f"token length), got {type(corrupted).__name__}")
-        clean_ids, corrupted_ids = prefix + _encode(tokenizer, item.context), prefix + _encode(tokenizer, corrupted)
+        clean_ids, firsts = _split(tokenizer, item, index, item.context)
+        corrupted_ids, _ = _split(tokenizer, item, index, corrupted)
+        clean_ids, corrupted_ids = prefix + clean_ids, prefix + corrupted_ids
         if len(clean_ids) != len(corrupted_ids):
             raise ConfigError(f"pair_batches: item {index}'s corrupted context has {len(corrupted_ids)} tokens, its "
                               f"clean context {len(clean_ids)}; patching pairs positions, so they must be equal")
         if len(item.choices) != width or not 0 <= item.answer < width:
             raise ConfigError(f"pair_batches: item {index} must have {width} choices and an answer in 0..{width - 1}"
                               f", got {len(item.choices)} choices and answer {item.answer}")
-        firsts = []
-        for choice in item.choices:
-            ids, num = encode_choice(tokenizer, item.context, choice)
-            firsts.append(ids[-num])
         if len(set(firsts)) != width:
+            spaces = " (its context ends in whitespace, which lm-eval's rule moves into every choice)" \
+                if item.context != item.context.rstrip() else ""
             raise ConfigError(f"pair_batches: item {index}'s choices {list(item.choices)} must start with distinct "
-                              f"tokens, got first tokens {firsts}")
+                              f"tokens, got first tokens {firsts}{spaces}")
         rows.append((clean_ids, corrupted_ids, firsts, int(item.answer)))
     return [collate_pairs(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+
+
+def _split(tokenizer: Any, item: Any, index: int, context: str) -> tuple[list[int], list[int]]:
+    """(context ids, each choice's first id) split as :func:`attnlab.evaluation.choice.encode_choice` splits them
+    (so the logits are read where ``score_choices`` reads them); every choice must leave the same context ids."""
+    contexts, firsts = set(), []
+    for choice in item.choices:
+        ids, num = encode_choice(tokenizer, context, choice)
+        contexts.add(tuple(ids[:-num]))
+        firsts.append(ids[-num])
+    if len(contexts) != 1:
+        raise ConfigError(f"pair_batches: item {index}'s choices {list(item.choices)} change how the context "
+                          f"...{context[-30:]!r} tokenizes (a token merges across the boundary); patching needs one "
+                          f"context for every choice")
+    return list(contexts.pop()), firsts
 
 
 def collate_pairs(rows: Sequence[tuple[Sequence[int], Sequence[int], Sequence[int], int]]) -> PairBatch:

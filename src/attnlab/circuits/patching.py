@@ -18,10 +18,14 @@ and score the result with the normalised logit difference of :mod:`attnlab.circu
   a part of q/k/v (Wang et al. patch name movers' queries, S-inhibition heads' keys and values), step (1) reads
   and step (2) writes only those columns of the receivers' input projections (:mod:`.projections`).
 
-Memory: per batch of pairs, the clean and corrupted head outputs of every layer are kept
-(2 · num_layers · B · num_heads · S · head_dim values in the model's dtype), nothing across batches; the score
-sums are (num_layers, num_heads[, S]) floats. Passes: activation patching runs 2 + heads (· positions) forwards per
-batch, path patching to the logits 2 + senders, to receivers 2 + 2 · senders.
+Cost and memory, per batch of B pairs (S = its longest context): 2 baseline forwards (clean and corrupted, each
+keeping every head's output and the logit difference in the same pass), then activation patching 1 forward per
+head (· S positions with ``per_position``), path patching to the logits 1 per sender, to receivers 2 per sender.
+Every forward computes logits at the rows' last real tokens only (``logits_to_keep``: at most B · vocab floats,
+where the model takes it) and keeps no hidden states. Kept across a batch's passes: the clean and corrupted head
+outputs of every layer, 2 · num_layers · B · num_heads · S · head_dim values in the model's dtype (plus, for
+receivers, their outputs or q/k/v columns of one pass); nothing is kept across batches but the score sums,
+(num_layers, num_heads[, S]) float64. On top comes one forward's own working memory.
 """
 
 from __future__ import annotations
@@ -34,7 +38,6 @@ import torch
 from torch import Tensor
 
 from attnlab.capture.architectures import model_facts
-from attnlab.capture.head_record import record_head_outputs
 from attnlab.capture.session import Session
 from attnlab.circuits.pairs import PairBatch, batch_logit_diff, choice_logits
 from attnlab.circuits.projections import COMPONENTS, check_components, projection_hooks
@@ -102,10 +105,16 @@ class PatchingResult:
         return out
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``scores`` (num_layers, num_heads) normalised logit differences (null = not measured); for
+        per-position results ``summed_effect`` instead, each head's effects summed over positions (not a
+        normalised logit difference: per-position scores are kept only in :meth:`rows`)."""
         receivers = self.receivers if isinstance(self.receivers, str) else [list(r) for r in self.receivers]
+        per_position = self.scores.dim() == 3
+        values = self.head_effects() if per_position else self.scores
         return {"kind": self.kind, "receivers": receivers, "num_pairs": self.num_pairs,
                 "clean_logit_diff": self.clean_logit_diff, "corrupted_logit_diff": self.corrupted_logit_diff,
-                "scores": [[None if x != x else x for x in row] for row in self.head_effects().add(1).tolist()],
+                "summed_effect" if per_position else "scores": [[None if x != x else x for x in row]
+                                                                 for row in values.tolist()],
                 **self.meta}
 
 
@@ -120,10 +129,22 @@ class _Baseline:
 
 
 def _baseline(model: Any, batch: PairBatch) -> _Baseline:
-    return _Baseline(clean=record_head_outputs(model, batch.inputs("clean")),
-                     corrupted=record_head_outputs(model, batch.inputs("corrupted")),
-                     clean_ld=batch_logit_diff(model, batch, "clean"),
-                     corrupted_ld=batch_logit_diff(model, batch, "corrupted"))
+    """Two forwards (clean, corrupted), each keeping every head's output and the logit differences at once."""
+    clean, clean_ld = _recorded(model, batch, "clean")
+    corrupted, corrupted_ld = _recorded(model, batch, "corrupted")
+    return _Baseline(clean=clean, corrupted=corrupted, clean_ld=clean_ld, corrupted_ld=corrupted_ld)
+
+
+def _recorded(model: Any, batch: PairBatch, which: str) -> tuple[HeadOutputs, Tensor]:
+    """One run of ``batch``: every head's output before the output projection (B, num_heads, S, head_dim per
+    layer, through the edits machinery like the patched runs) and the (B,) logit differences (logits at the last
+    real tokens only)."""
+    facts = model_facts(model)
+    heads = list(range(facts.num_heads))
+    keep = _Receive({layer: heads for layer in range(facts.num_layers)})
+    with Session(model, edits=[keep], verify_rows=0):
+        ld = batch_logit_diff(model, batch, which)
+    return HeadOutputs(outputs=keep.outputs, heads=tuple(heads), valid=batch.valid), ld
 
 
 def _patched_ld(model: Any, batch: PairBatch, edits: list[Any]) -> Tensor:
@@ -146,6 +167,8 @@ def _heads(facts: ModelFacts, heads: Sequence[Head] | None, name: str) -> list[H
             raise ConfigError(f"{name}: ({layer}, {head}) is not a head of the model (layers 0..{facts.num_layers - 1}"
                               f", heads 0..{facts.num_heads - 1})")
         out.append((layer, head))
+    if not out:
+        raise ConfigError(f"{name}: expected at least one (layer, head) pair, got none")
     return sorted(set(out))
 
 
@@ -176,20 +199,27 @@ def activation_patching(model: Any, batches: Sequence[PairBatch], *, heads: Sequ
             blocks' output projection :func:`attnlab.capture.head_record.record_head_outputs` reads.
         batches: from :func:`attnlab.circuits.pairs.pair_batches` (on the model's device).
         heads: (layer, head) pairs to patch (None = every query head of every layer).
-        per_position: patch one (head, position) at a time (positions index the right-padded batch).
+        per_position: patch one (head, position) at a time; every pair must have the same token length (no
+            padding), so position t is the same token role in every pair.
         progress: see :mod:`attnlab.progress`.
 
     Returns:
         :class:`PatchingResult` (``kind="activation"``, ``receivers="logits"``).
 
     Raises:
-        ConfigError: no batches; a head the model does not have; clean and corrupted runs with equal mean logit
-            differences. UnsupportedModelError: a model attnlab cannot run or read head outputs from.
+        ConfigError: no batches; no heads; a head the model does not have; ``per_position`` with pairs of
+            different lengths; clean and corrupted runs with equal mean logit differences.
+        UnsupportedModelError: a model attnlab cannot run or read head outputs from.
     """
     _check_batches(batches)
     facts = model_facts(model)
     chosen = _heads(facts, heads, "heads")
     length = max(int(b.clean.shape[1]) for b in batches)
+    if per_position:
+        lengths = sorted({int(n) for b in batches for n in b.valid.sum(dim=1).tolist()})
+        if len(lengths) > 1:
+            raise ConfigError(f"per_position patching needs pairs of one token length (positions are compared "
+                              f"across pairs), got lengths {lengths}")
     shape = (facts.num_layers, facts.num_heads) + ((length,) if per_position else ())
     sums, counts = torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64)
     clean_total = corrupted_total = 0.0
@@ -231,7 +261,7 @@ def _one_position(base: _Baseline, layer: int, head: int, position: int) -> Head
 
 @takes_progress
 def path_patching(model: Any, batches: Sequence[PairBatch], *, receivers: str | Sequence[Head] = "logits",
-                  senders: Sequence[Head] | None = None, receiver_inputs: str = "qkv",
+                  senders: Sequence[Head] | None = None, receiver_inputs: str = "qkv", route: str = "auto",
                   progress: ProgressArg = None) -> PatchingResult:
     """Path patching: each sender head's effect through the direct paths to the logits or to receiver heads.
 
@@ -245,27 +275,35 @@ def path_patching(model: Any, batches: Sequence[PairBatch], *, receivers: str | 
         senders: (layer, head) pairs to score (None = every head).
         receiver_inputs: which inputs of the receiver heads take the sender's change: ``"qkv"`` (all three: the
             receivers' outputs are replaced, any model) or a part such as ``"q"``, ``"k"``, ``"v"``, ``"kv"``
-            (their columns of the input projections, :mod:`attnlab.circuits.projections`; under GQA a k or v patch
-            acts on the head's kv group). Ignored for ``"logits"``.
+            (their columns of the input projections, :mod:`attnlab.circuits.projections`; under GQA k or v only
+            with whole kv groups as receivers, :func:`check_whole_kv_groups`). Ignored for ``"logits"``.
+        route: ``"auto"`` (``qkv`` replaces the receivers' outputs, a part patches projection columns) or
+            ``"projection"`` (projection columns even for ``qkv``: the two routes must agree where whole kv groups
+            receive; a check, Llama-style or GPT-2 attention only).
         progress: see :mod:`attnlab.progress`.
 
     Returns:
-        :class:`PatchingResult` (``kind="path"``, ``meta["receiver_inputs"]``). Senders at or after the last receiver's layer score 1 (no path).
+        :class:`PatchingResult` (``kind="path"``, ``meta["receiver_inputs"]``). Senders at or after the last
+        receiver's layer score 1 (no path).
 
     Raises:
-        ConfigError: no batches; an empty receiver list or a receiver/sender the model does not have; equal clean
-            and corrupted mean logit differences.
+        ConfigError: no batches; an empty receiver list or a receiver/sender the model does not have; k or v
+            inputs of part of a kv group under GQA; equal clean and corrupted mean logit differences.
     """
     _check_batches(batches)
     facts = model_facts(model)
     chosen = _heads(facts, senders, "senders")
     components = check_components(receiver_inputs)
+    if route not in ("auto", "projection"):
+        raise ConfigError(f"route must be 'auto' or 'projection', got {route!r}")
     to_logits = isinstance(receivers, str)
     if to_logits and receivers != "logits":
         raise ConfigError(f"receivers must be 'logits' or (layer, head) pairs, got {receivers!r}")
     targets = [] if to_logits else _heads(facts, receivers, "receivers")
     if not to_logits and not targets:
         raise ConfigError("receivers: expected at least one (layer, head) pair or 'logits', got none")
+    if not to_logits and (route == "projection" or components != COMPONENTS):
+        check_whole_kv_groups(facts, targets, components)
     sums = torch.full((facts.num_layers, facts.num_heads), torch.nan, dtype=torch.float64)
     for layer, head in chosen:
         sums[layer, head] = 0.0
@@ -284,7 +322,7 @@ def path_patching(model: Any, batches: Sequence[PairBatch], *, receivers: str | 
                 sums[layer, head] += float(ld.double().sum())
             else:
                 sums[layer, head] += _to_receivers(model, batch, base, sender, layer, targets, clean_sum,
-                                                   components)
+                                                   components, projection=route == "projection")
             done += 1
             notify(done, len(batches) * len(chosen), f"path patching · sender layer {layer} head {head}")
     num_pairs = sum(b.size for b in batches)
@@ -293,6 +331,26 @@ def path_patching(model: Any, batches: Sequence[PairBatch], *, receivers: str | 
     label = "logits" if to_logits else tuple(targets)
     return PatchingResult("path", label, scores, clean, corrupted, num_pairs,
                           meta={"receiver_inputs": "".join(components)})
+
+
+def check_whole_kv_groups(facts: ModelFacts, receivers: Sequence[Head], components: Sequence[str]) -> None:
+    """Under GQA a receiver's k or v columns are its whole kv group's, which every query head of the group reads:
+    patching them would credit the other heads' paths to the named receiver. Refuse that unless every query head
+    of each touched group is a receiver.
+
+    Raises:
+        ConfigError: k or v among ``components`` and a receiver whose kv group is only partly among ``receivers``.
+    """
+    if not {"k", "v"} & set(components) or facts.num_kv_heads == facts.num_heads:
+        return
+    size = facts.num_heads // facts.num_kv_heads
+    chosen = set(receivers)
+    for layer, head in receivers:
+        group = [(layer, h) for h in range(head // size * size, head // size * size + size)]
+        if not set(group) <= chosen:
+            raise ConfigError(f"receiver_inputs {''.join(components)!r}: under GQA ({size} query heads per kv head) "
+                              f"a k or v patch reaches every head of the kv group, but receiver ({layer}, {head}) "
+                              f"comes without {sorted(set(group) - chosen)}; use q or qkv, or name the whole group")
 
 
 class _Receive(Edit):
@@ -319,7 +377,8 @@ class _Receive(Edit):
 
 
 def _to_receivers(model: Any, batch: PairBatch, base: _Baseline, sender: HeadPatch, sender_layer: int,
-                  targets: list[Head], clean_sum: float, components: tuple[str, ...] = COMPONENTS) -> float:
+                  targets: list[Head], clean_sum: float, components: tuple[str, ...] = COMPONENTS,
+                  projection: bool = False) -> float:
     """Sum over the batch of the clean run's logit difference with the receivers fed the sender's path."""
     by_layer: dict[int, list[int]] = {}
     for layer, head in targets:
@@ -329,7 +388,7 @@ def _to_receivers(model: Any, batch: PairBatch, base: _Baseline, sender: HeadPat
         return clean_sum  # no path from the sender to any receiver: the clean run itself
     num_layers = len(base.clean.outputs)
     frozen = [sender, *_freeze(base.clean, sender_layer + 1, num_layers)]
-    if components != COMPONENTS:  # a part of q/k/v: read and write the receivers' input-projection columns
+    if projection or components != COMPONENTS:  # read and write the receivers' input-projection columns
         received: dict[Any, Tensor] = {}
         with projection_hooks(model, by_layer, components, record=received), Session(model, edits=frozen,
                                                                                      verify_rows=0):

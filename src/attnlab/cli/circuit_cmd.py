@@ -34,7 +34,7 @@ InterveneOpt = Annotated[bool, typer.Option(
 EvalItemsOpt = Annotated[int, typer.Option("--eval-items", help="Items per task scored by --intervene.",
                                            rich_help_panel=_CIRCUIT)]
 SenderLayersOpt = Annotated[Optional[str], typer.Option(
-    "--sender-layers", help="Score only senders in these layers: 14-29 or 3,5,7 (default: all; one forward per "
+    "--sender-layers", help="Score only senders in these layers: 14-29, 3,5,7 or 0-3+7 (default: all; one forward per "
     "sender and stage, so this cuts the cost).", rich_help_panel=_CIRCUIT)]
 ReceiverInputsOpt = Annotated[str, typer.Option(
     "--receiver-inputs", help="Receivers' inputs that take the sender's change from stage 2 on: qkv (all, any "
@@ -73,6 +73,7 @@ def circuit_command(
 
     def body() -> None:
         from attnlab.capture.loading import load_model
+        from attnlab.config import ModelSpec
         from attnlab.circuits.run import CircuitConfig, check_tasks, load_circuits, run_circuits, summary_lines
 
         tasks = check_tasks(task or ([] if load else ["ioi"]))
@@ -80,15 +81,13 @@ def circuit_command(
                                batch_size=batch_size, activation=activation, intervene=intervene,
                                eval_items=eval_items, bos=bos, sender_layers=_layers(sender_layers),
                                receiver_inputs=receiver_inputs)
-        previous = {}
-        for path in load or []:
-            previous.update(load_circuits(path))
+        saved = [load_circuits(path) for path in load or []]
         _check_out(out, force)
         stderr.print(f"config: model={model} {config}", markup=False, style="dim")
+        spec = ModelSpec(model=model, dtype=dtype, device=device, tokenizer=tokenizer)
         loaded = load_model(model, dtype=dtype, device=device, tokenizer=tokenizer)
-        results = with_progress(lambda progress: run_circuits(loaded, config, loaded_circuits=previous,
-                                                              progress=progress))
-        results["model"]["requested"] = model
+        results = with_progress(lambda progress: run_circuits(loaded, config, saved=saved,
+                                                              load=spec, progress=progress))
         _write(out, results)
         for line in summary_lines(results):
             typer.echo(line)
@@ -97,18 +96,11 @@ def circuit_command(
 
 
 def _layers(text: str | None) -> tuple[int, ...] | None:
-    """``"14-29"`` or ``"3,5,7"`` as layer indices (None stays None)."""
-    from attnlab.errors import ConfigError
+    """``"14-29"``, ``"14-20,25"`` or ``"0-3+7"`` as sorted layer indices (:data:`attnlab.params.IndexList`; None
+    stays None)."""
+    from attnlab.params import IndexList, coerce
 
-    if text is None:
-        return None
-    try:
-        if "-" in text:
-            low, high = (int(x) for x in text.split("-"))
-            return tuple(range(low, high + 1))
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise ConfigError(f"--sender-layers takes FIRST-LAST or comma-separated layers, got {text!r}") from None
+    return None if text is None else coerce(text, IndexList, owner="circuit", param="--sender-layers")
 
 
 def _check_out(out: Path, force: bool) -> None:
