@@ -11,7 +11,7 @@ import torch
 
 from attnlab.errors import ConfigError, TextError
 from attnlab.evaluation.choice import (ChoiceItem, ChoiceScores, encode_choice, load_choice_items, num_batches,
-                                       score_choices, wilson_interval)
+                                       score_choices)
 from tiny_models import WORDS, tiny_llama, tiny_tokenizer
 
 VOCAB = {w: i + 3 for i, w in enumerate(dict.fromkeys(WORDS))}  # tiny_tokenizer's word ids, built independently
@@ -131,15 +131,6 @@ def test_norms_predictions_accuracy_by_hand():
     assert scores.summary()["token"]["accuracy"] == pytest.approx(2 / 3)
     with pytest.raises(ConfigError, match="norm must be one of"):
         scores.accuracy("bytes")
-
-
-@pytest.mark.parametrize(("k", "n"), [(0, 10), (7, 10), (10, 10), (33, 64), (1, 1)])
-def test_wilson_interval_matches_scipy(k, n):
-    from scipy.stats import binomtest
-
-    low, high = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
-    assert wilson_interval(k, n) == pytest.approx((low, high), abs=1e-9)
-    assert all(math.isnan(v) for v in wilson_interval(0, 0))
 
 
 def test_jsonl_loader_reads_int_and_text_answers(tmp_path):

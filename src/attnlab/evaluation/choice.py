@@ -37,9 +37,9 @@ from typing import Any
 from attnlab.errors import ConfigError, TextError
 from attnlab.evaluation.lm_tasks import accepts_logits_to_keep
 from attnlab.progress import Progress, ProgressArg, takes_progress
+from attnlab.stats.intervals import wilson_interval
 
 NORMS = ("none", "token", "char")
-Z_95 = 1.959963984540054  # the 97.5 % quantile of the standard normal
 
 
 @dataclass(frozen=True)
@@ -135,21 +135,6 @@ def load_choice_items(path: str | Path) -> list[ChoiceItem]:
     if not items:
         raise ConfigError(f"{p}: no items; expected one JSON object per line with context, choices, answer")
     return items
-
-
-def wilson_interval(correct: int, total: int, z: float = Z_95) -> tuple[float, float]:
-    """Wilson score interval ``(low, high)`` for ``correct`` successes out of ``total`` (95 % by default).
-
-    ``(p + z²/2n ± z·sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n)`` with ``p = correct / total``; ``(nan, nan)`` if
-    ``total == 0``. Wilson 1927, "Probable inference, the law of succession, and statistical inference".
-    """
-    if total <= 0:
-        return math.nan, math.nan
-    p, n = correct / total, total
-    centre = p + z * z / (2 * n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    denominator = 1 + z * z / n
-    return max(0.0, (centre - half) / denominator), min(1.0, (centre + half) / denominator)
 
 
 @dataclass

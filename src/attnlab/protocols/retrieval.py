@@ -51,6 +51,7 @@ from attnlab.config import (INT_LIMIT, SEED_LIMIT, ComposedConfig, ModelSpec, Te
                             check_types)
 from attnlab.errors import ConfigError
 from attnlab.progress import Progress, ProgressArg, progress_to
+from attnlab.stats.intervals import paired_binary, wilson_interval
 from attnlab.text import special_tokens
 
 __all__ = ["RetrievalConfig", "RetrievalSpec", "RetrievalTask", "build_task", "embed", "paired_top1",
@@ -351,26 +352,20 @@ def positive_ranks(query_embeddings: Tensor, document_embeddings: Tensor) -> tup
 
 
 def rank_summary(ranks: Tensor) -> dict[str, float]:
-    """top1, its Wilson 95 % interval (top1_low, top1_high; scipy), mrr, mrr_se and n from ranks (1 = best)."""
-    from scipy.stats import binomtest
-
+    """top1, its Wilson 95 % interval (top1_low, top1_high), mrr, mrr_se and n from ranks (1 = best)."""
     n = int(ranks.numel())
     hits = int((ranks == 1).sum())
     reciprocal = 1.0 / ranks.double()
-    interval = binomtest(hits, n).proportion_ci(confidence_level=0.95, method="wilson")
+    low, high = wilson_interval(hits, n)
     se = float(reciprocal.std(unbiased=True)) / math.sqrt(n) if n > 1 else math.nan
-    return {"top1": hits / n, "top1_low": float(interval.low), "top1_high": float(interval.high),
+    return {"top1": hits / n, "top1_low": low, "top1_high": high,
             "mrr": float(reciprocal.mean()), "mrr_se": se, "n": n}
 
 
 def paired_top1(baseline_ranks: Tensor, ranks: Tensor) -> dict[str, float]:
-    """Queries gained and lost at top-1 against the baseline, and McNemar's exact two-sided p (scipy)."""
-    from scipy.stats import binomtest
-
-    base, now = baseline_ranks == 1, ranks == 1
-    gained, lost = int((now & ~base).sum()), int((base & ~now).sum())
-    p = binomtest(gained, gained + lost, 0.5).pvalue if gained + lost else 1.0
-    return {"gained": gained, "lost": lost, "mcnemar_p": float(p)}
+    """Queries gained and lost at top-1 against the baseline, and McNemar's exact two-sided p
+    (:func:`attnlab.stats.intervals.paired_binary`)."""
+    return paired_binary((baseline_ranks == 1).tolist(), (ranks == 1).tolist())
 
 
 def _mean_pairwise_cosine(embeddings: Tensor) -> float:
