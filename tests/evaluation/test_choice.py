@@ -125,12 +125,23 @@ def test_norms_predictions_accuracy_by_hand():
     assert scores.predictions("none") == [0, 1, 0]  # tie at item 3 → lowest index
     assert scores.predictions("token") == [1, 0, 0]  # -2/1 < -3/3; -6/3 > -4/1
     assert scores.predictions("char") == [1, 0, 0]  # -2 < -0.5; -0.75 > -2
+    assert scores.correct("none") == [False, False, False]  # item 3 ties: not correct although 0 is predicted…
+    assert scores.correct("token") == [True, True, False]  # …and 1/1 vs -3/1 at item 3: wrong
     assert scores.accuracy("none") == 0.0 and scores.accuracy("token") == pytest.approx(2 / 3)
     assert scores.answer_nll() == pytest.approx((3 + 6 + 3) / 3)
     assert scores.margins() == [-1.0, -2.0, 0.0]
     assert scores.summary()["token"]["accuracy"] == pytest.approx(2 / 3)
     with pytest.raises(ConfigError, match="norm must be one of"):
         scores.accuracy("bytes")
+
+
+def test_a_tie_is_never_correct_even_at_answer_zero():
+    scores = ChoiceScores(logliks=[[-1.5, -1.5], [-1.0, -1.0, -4.0], [-1.0, -2.0]],
+                          num_tokens=[[1, 1], [1, 1, 1], [1, 1]], num_chars=[[1, 1], [1, 1, 1], [1, 1]], greedy=[[False] * 2, [False] * 3, [False] * 2],
+                          answers=[0, 0, 0])
+    assert scores.predictions("none") == [0, 0, 0]  # the lowest tied index is still reported as the prediction
+    assert scores.correct("none") == [False, False, True]
+    assert scores.accuracy("none") == pytest.approx(1 / 3)
 
 
 def test_jsonl_loader_reads_int_and_text_answers(tmp_path):

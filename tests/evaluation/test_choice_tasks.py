@@ -40,7 +40,8 @@ def test_ioi_items_both_orders_abc_corruption_and_single_token_names():
     for item in items:
         io, s = item.meta["io"], item.meta["s"]
         words = item.context.replace(",", " ").replace(".", " ").split()
-        assert item.choices == (" " + io, " " + s) and item.answer == 0
+        assert item.answer == item.meta["io_index"] and item.choices[item.answer] == " " + io
+        assert item.choices[1 - item.answer] == " " + s
         assert words.count(io) == 1 and words.count(s) == 2
         first_io, first_s = words.index(io), words.index(s)
         assert (first_s < first_io) == (item.meta["order"] == "BABA")
@@ -50,6 +51,7 @@ def test_ioi_items_both_orders_abc_corruption_and_single_token_names():
         assert io not in corrupted and s not in corrupted
         assert len(tokenizer.encode(item.context)) == len(tokenizer.encode(item.meta["corrupted"]))
         assert item.context.endswith(" to")
+    assert {item.answer for item in items} == {0, 1}  # the IO's place is drawn, not fixed
     assert ioi_items(tokenizer, count=12, seed=3) == items
     assert ioi_items(tokenizer, count=12, seed=4) != items
 

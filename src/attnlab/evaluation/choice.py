@@ -12,7 +12,8 @@ Definition (lm-evaluation-harness's ``loglikelihood`` rule for causal models, ``
 4. ``loglik(x | c) = Σ_t log softmax(logits_{t-1})[whole_t]`` over the choice's tokens (natural log, float32
    logits upcast from the model's dtype).
 
-Accuracy counts an item correct when the arg-max choice (lowest index on ties) is the answer, with scores
+Accuracy counts an item correct when the answer's score is strictly the highest (a tie for the top counts as
+incorrect; :meth:`ChoiceScores.predictions` reports the lowest tied index), with scores
 ``loglik`` (``norm="none"``), ``loglik / num_tokens`` (``"token"``) or ``loglik / num_chars`` (``"char"``, lm-eval's
 ``acc_norm``: the characters of the choice without its leading whitespace, which lm-eval's ``target_delimiter``
 carries). The interval is Wilson's score interval at 95 % (z = 1.959964).
@@ -169,7 +170,13 @@ class ChoiceScores:
         return [max(range(len(row)), key=lambda i, r=row: (r[i], -i)) for row in self.normalised(norm)]
 
     def correct(self, norm: str = "none") -> list[bool]:
-        return [p == a for p, a in zip(self.predictions(norm), self.answers)]
+        """Per item (item order): True when the answer's score is strictly above every other choice's.
+
+        A tie for the top score counts as incorrect, whatever the answer's index, so a variant that flattens the
+        choices (equal logliks, or bf16 rounding of a shrunk margin) cannot score by choice order.
+        """
+        return [all(row[a] > v for i, v in enumerate(row) if i != a)
+                for row, a in zip(self.normalised(norm), self.answers)]
 
     def accuracy(self, norm: str = "none") -> float:
         """Fraction of items whose prediction is the answer (nan for no items)."""
