@@ -23,6 +23,7 @@ from attnlab.evaluation.lm_tasks import (TokenScores, WindowPlan, plan_windows, 
                                          stitch_windows)
 from attnlab.evaluation.passkey import PasskeyPrompt, answer_tokens, greedy_decode, is_correct, make_prompts, summarise
 from attnlab.progress import Progress, ProgressArg, progress_to, takes_progress
+from attnlab.stats.intervals import paired_binary
 
 logger = logging.getLogger(__name__)
 
@@ -111,17 +112,28 @@ def _choice_rows(label: str, summary: dict[str, Any]) -> list[dict[str, Any]]:
         rows += [eval_row("choice", label, name, summary[norm]["accuracy"]),
                  eval_row("choice", label, f"{name}_low", summary[norm]["low"]),
                  eval_row("choice", label, f"{name}_high", summary[norm]["high"])]
+        for statistic, value in summary.get("vs_baseline", {}).get(norm, {}).items():
+            suffix = "" if norm == "none" else f"_{norm}"
+            rows.append(eval_row("choice", label, f"{statistic}{suffix}", float(value)))
     return rows
 
 
-def choice_record(scores: Any) -> dict[str, Any]:
-    """A variant's ``choice`` record: :meth:`ChoiceScores.summary` plus per-item logliks and predictions."""
+def choice_record(scores: Any, baseline: Any = None) -> dict[str, Any]:
+    """A variant's ``choice`` record: :meth:`ChoiceScores.summary` plus per-item logliks, predictions and
+    correctness; with ``baseline`` (the baseline's ChoiceScores on the same items) also ``vs_baseline``:
+    ``{norm: {"gained", "lost", "mcnemar_p"}}`` (items right only now / only at baseline; McNemar's exact p,
+    :func:`attnlab.stats.intervals.paired_binary`)."""
     predictions = {norm: scores.predictions(norm) for norm in NORMS}
-    return {**scores.summary(), "per_item": [
+    correct = {norm: scores.correct(norm) for norm in NORMS}
+    record = {**scores.summary(), "per_item": [
         {"index": i, "logliks": scores.logliks[i], "num_tokens": scores.num_tokens[i],
          "greedy": scores.greedy[i], "answer": scores.answers[i],
-         "prediction": {norm: predictions[norm][i] for norm in NORMS}}
+         "prediction": {norm: predictions[norm][i] for norm in NORMS},
+         "correct": {norm: correct[norm][i] for norm in NORMS}}
         for i in range(len(scores.answers))]}
+    if baseline is not None:
+        record["vs_baseline"] = {norm: paired_binary(baseline.correct(norm), correct[norm]) for norm in NORMS}
+    return record
 
 
 def _passkey_rows(label: str, summary: dict[str, list[dict[str, Any]]], accuracy: float) -> list[dict]:
@@ -157,6 +169,7 @@ def evaluate_variants(model: Any, tokenizer: Any, variants: list[Variant], *, ta
     bin_size = position_bin(seq_len)
     rows: list[dict[str, Any]] = []
     records: list[dict[str, Any]] = []
+    baseline_choice = None  # the first variant's (the baseline's) ChoiceScores, for gained/lost/McNemar
     for label, edits in variants:
         started = time.perf_counter()
         scores, trials = TokenScores(seq_len), []
@@ -203,7 +216,8 @@ def evaluate_variants(model: Any, tokenizer: Any, variants: list[Variant], *, ta
             rows += _passkey_rows(label, summary, accuracy)
             record["passkey"] = {**summary, "accuracy": accuracy, "trials": trials}
         if run_choice:
-            record["choice"] = choice_record(choice_scores)
+            record["choice"] = choice_record(choice_scores, baseline_choice)
+            baseline_choice = baseline_choice if baseline_choice is not None else choice_scores
             rows += _choice_rows(label, record["choice"])
         records.append(record)
     return rows, records
