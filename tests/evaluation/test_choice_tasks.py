@@ -117,14 +117,18 @@ def test_cloze_items_on_a_small_text(tmp_path):
         cloze_items(tokenizer, text=path, num_choices=1)
 
 
-def test_choice_items_names_and_files(tmp_path):
+def test_choice_items_names_and_files(tmp_path, caplog):
     from attnlab.evaluation.config import CHOICE_TASK_NAMES
 
     assert tuple(CHOICE_TASKS) == CHOICE_TASK_NAMES == ("cloze", "ioi", "colored_objects")
     assert len(choice_items("ioi", SplitTokenizer(), count=3)) == 3
     path = tmp_path / "t.jsonl"
     path.write_text('{"context": "Q", "choices": [" a", " b"], "answer": 0}\n' * 5, encoding="utf-8")
-    assert len(choice_items(str(path), SplitTokenizer(), count=2)) == 2
+    assert len(choice_items(str(path), SplitTokenizer())) == 5  # a file is read whole by default…
+    assert not caplog.records
+    assert len(choice_items(str(path), SplitTokenizer(), count=2)) == 2  # …and a cut one says so
+    assert "has 5 items; scoring the first 2" in caplog.text
+    assert len(choice_items("ioi", SplitTokenizer())) == 64  # a generator's default count
     with pytest.raises(ConfigError, match="Did you mean: ioi"):
         choice_items("iio", SplitTokenizer())
 

@@ -35,8 +35,9 @@ TrialsOpt = Annotated[int, typer.Option(
 ChoiceTaskOpt = Annotated[str, typer.Option(
     "--choice-task", help="For --task choice: cloze | ioi | colored_objects (generated) or a JSONL file of "
     '{"context", "choices", "answer"} lines. See docs/choice.md.', rich_help_panel=_EVAL)]
-ChoiceItemsOpt = Annotated[int, typer.Option(
-    "--choice-items", help="For --task choice: items generated (or read first from the file).", rich_help_panel=_EVAL)]
+ChoiceItemsOpt = Annotated[Optional[int], typer.Option(
+    "--choice-items", help="For --task choice: items generated (default 64), or the first items read from the file "
+    "(default all).", rich_help_panel=_EVAL)]
 ChoiceBatchOpt = Annotated[int, typer.Option(
     "--choice-batch-size", help="For --task choice: sequences (item x choice) per forward.", rich_help_panel=_EVAL)]
 SearchOpt = Annotated[Optional[str], typer.Option(
@@ -59,7 +60,7 @@ def eval_command(
     passkey_depths: DepthsOpt = "0,0.25,0.5,0.75,1",
     passkey_trials: TrialsOpt = 2,
     choice_task: ChoiceTaskOpt = "cloze",
-    choice_items: ChoiceItemsOpt = 64,
+    choice_items: ChoiceItemsOpt = None,
     choice_batch_size: ChoiceBatchOpt = 8,
     search: SearchOpt = None,
     out: EvalOut = Path("attnlab-eval"),

@@ -21,6 +21,7 @@ Each generator is deterministic given its ``seed`` (``random.Random(seed)``) and
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 from collections import Counter
@@ -29,6 +30,10 @@ from typing import Any, Callable
 
 from attnlab.errors import ConfigError, TextError
 from attnlab.evaluation.choice import ChoiceItem
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_COUNT = 64  # items a generator makes when no count is given
 
 # Wang et al. 2022, ioi_dataset.py (Redwood's Easy-Transformer): the 100 names, places, objects, BABA templates.
 IOI_NAMES = (
@@ -281,10 +286,10 @@ CHOICE_TASKS: dict[str, Callable[..., list[ChoiceItem]]] = {
 }
 
 
-def choice_items(task: str, tokenizer: Any, *, count: int = 64, seed: int = 0, text: str | Path | None = None
-                 ) -> list[ChoiceItem]:
-    """Items of a named task (:data:`CHOICE_TASKS`; ``text`` only for cloze) or of a JSONL file (``task`` a path;
-    its first ``count`` items).
+def choice_items(task: str, tokenizer: Any, *, count: int | None = None, seed: int = 0,
+                 text: str | Path | None = None) -> list[ChoiceItem]:
+    """Items of a named task (:data:`CHOICE_TASKS`; ``count`` items, None = 64; ``text`` only for cloze) or of a
+    JSONL file (``task`` a path; its first ``count`` items, None = all; a cut file logs a warning).
 
     Raises:
         ConfigError: an unknown task name that is not an existing file, or a bad file (one line).
@@ -292,7 +297,7 @@ def choice_items(task: str, tokenizer: Any, *, count: int = 64, seed: int = 0, t
     from attnlab.evaluation.choice import load_choice_items
 
     if task in CHOICE_TASKS:
-        kwargs: dict[str, Any] = {"count": count, "seed": seed}
+        kwargs: dict[str, Any] = {"count": DEFAULT_COUNT if count is None else count, "seed": seed}
         if task == "cloze":
             kwargs["text"] = text
         return CHOICE_TASKS[task](tokenizer, **kwargs)
@@ -300,4 +305,8 @@ def choice_items(task: str, tokenizer: Any, *, count: int = 64, seed: int = 0, t
         from attnlab.registry import unknown_name_message
 
         raise ConfigError(unknown_name_message("choice task", task, list(CHOICE_TASKS)) + " (or a JSONL file)")
-    return load_choice_items(task)[:count]
+    items = load_choice_items(task)
+    if count is not None and count < len(items):
+        logger.warning("%s has %d items; scoring the first %d (--choice-items)", task, len(items), count)
+        items = items[:count]
+    return items

@@ -73,7 +73,8 @@ class EvalSpec:
         choice_task: for the ``choice`` task: ``cloze``, ``ioi``, ``colored_objects``
             (:mod:`attnlab.evaluation.choice_tasks`) or a JSONL file
             (:func:`attnlab.evaluation.choice.load_choice_items`).
-        choice_items: items generated (or the first items read from the file), >= 1.
+        choice_items: items generated, or the first items read from the file, >= 1; None = 64 generated items or
+            every item of the file.
         choice_batch_size: sequences (item × choice) per forward of the choice scorer, >= 1.
         search: None, ``"zerotuning"`` or ``"act"`` (:mod:`attnlab.evaluation.search`, on the same windows).
         seed: seeds python and torch, in [0, 2**63 - 1]; passkey keys and offsets come from ``random.Random(seed)``.
@@ -86,14 +87,15 @@ class EvalSpec:
     passkey_depths: tuple[float, ...] = field(default=(0.0, 0.25, 0.5, 0.75, 1.0), metadata={"parse": _parse_depths})
     passkey_trials: int = 2
     choice_task: str = "cloze"
-    choice_items: int = 64
+    choice_items: int | None = None
     choice_batch_size: int = 8
     search: str | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check_types(self, {"passkey_trials": int, "seed": int, "choice_task": str, "choice_items": int,
-                           "choice_batch_size": int})
+        check_types(self, {"passkey_trials": int, "seed": int, "choice_task": str, "choice_batch_size": int})
+        if self.choice_items is not None:
+            check_types(self, {"choice_items": int})
         check_names("tasks", self.tasks)
         check_names("variants (--edit)", self.variants)
         if self.stride is not None and (isinstance(self.stride, bool) or not isinstance(self.stride, int)
