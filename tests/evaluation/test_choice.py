@@ -11,7 +11,7 @@ import torch
 
 from attnlab.errors import ConfigError, TextError
 from attnlab.evaluation.choice import (ChoiceItem, ChoiceScores, encode_choice, load_choice_items, num_batches,
-                                       score_choices)
+                                       plan_choices, score_choices)
 from tiny_models import WORDS, tiny_llama, tiny_tokenizer
 
 VOCAB = {w: i + 3 for i, w in enumerate(dict.fromkeys(WORDS))}  # tiny_tokenizer's word ids, built independently
@@ -77,6 +77,13 @@ def test_one_token_choices_share_a_forward_and_match_the_loop():
         got = score_choices(wrapped, tokenizer, items, batch_size=2)
         for row, ref in zip(got.logliks, want):
             assert row == pytest.approx(ref, abs=1e-4)
+    plan = plan_choices(tokenizer, items)
+    assert plan.num_batches(2) == 2 and len(plan.requests) == 5
+    reused = score_choices(model, tokenizer, items, batch_size=2, plan=plan)  # a plan made once gives the same
+    for row, ref in zip(reused.logliks, want):
+        assert row == pytest.approx(ref, abs=1e-4)
+    with pytest.raises(ConfigError, match="the plan covers 2 items but 1 were given"):
+        score_choices(model, tokenizer, items[:1], plan=plan)
 
 
 def test_bos_always_prepends_the_start_token():

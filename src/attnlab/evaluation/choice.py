@@ -258,10 +258,37 @@ def _plan(tokenizer: Any, items: Sequence[ChoiceItem], bos_id: int | None
     return requests, fed
 
 
+@dataclass(frozen=True)
+class ChoicePlan:
+    """The tokenized requests of some items, made once by :func:`plan_choices` and reused by every
+    :func:`score_choices` call on them (one per variant in ``attnlab eval``).
+
+    Attributes:
+        requests: per (item, choice): ``(item index, choice index, ids fed + the last token, number of choice
+            tokens)``. fed: each fed sequence ``ids[:-1]`` → the request indices it serves. bos_id: the start
+            token prepended (None: none). num_items: how many items were planned.
+    """
+
+    requests: list[Request]
+    fed: dict[tuple[int, ...], list[int]]
+    bos_id: int | None
+    num_items: int
+
+    def num_batches(self, batch_size: int = 8) -> int:
+        """How many forwards :func:`score_choices` makes with ``batch_size`` (for progress totals)."""
+        return -(-len(self.fed) // batch_size)
+
+
+def plan_choices(tokenizer: Any, items: Sequence[ChoiceItem], *, bos: str = "auto") -> ChoicePlan:
+    """Tokenize every (item, choice) by lm-eval's rule once (module docstring). Raises as :func:`score_choices`."""
+    bos_id = _bos_policy(tokenizer, bos)
+    requests, fed = _plan(tokenizer, items, bos_id)
+    return ChoicePlan(requests, fed, bos_id, len(items))
+
+
 def num_batches(tokenizer: Any, items: Sequence[ChoiceItem], *, batch_size: int = 8, bos: str = "auto") -> int:
     """How many forwards :func:`score_choices` makes for ``items`` (for progress totals)."""
-    _, fed = _plan(tokenizer, items, _bos_policy(tokenizer, bos))
-    return -(-len(fed) // batch_size)
+    return plan_choices(tokenizer, items, bos=bos).num_batches(batch_size)
 
 
 def _model_limit(model: Any) -> int | None:
@@ -277,7 +304,8 @@ def _device_of(model: Any) -> Any:
 
 @takes_progress
 def score_choices(model: Any, tokenizer: Any, items: Sequence[ChoiceItem], *, batch_size: int = 8,
-                  bos: str = "auto", device: Any = None, progress: ProgressArg = None) -> ChoiceScores:
+                  bos: str = "auto", device: Any = None, plan: ChoicePlan | None = None,
+                  progress: ProgressArg = None) -> ChoiceScores:
     """Log-likelihood of every choice of every item, by lm-eval's rule (module docstring).
 
     Args:
@@ -289,6 +317,7 @@ def score_choices(model: Any, tokenizer: Any, items: Sequence[ChoiceItem], *, ba
         batch_size: fed sequences per forward (>= 1); sorted by length, right-padded.
         bos: ``"auto"`` | ``"always"`` | ``"never"``: whether to prepend the start token.
         device: where inputs go (default: the model's parameters' device).
+        plan: :func:`plan_choices` of the same ``items`` (skips tokenizing again; its BOS rule wins over ``bos``).
         progress: None, True or a callable ``(done, total, message)``; counts batches.
 
     Returns:
@@ -305,9 +334,12 @@ def score_choices(model: Any, tokenizer: Any, items: Sequence[ChoiceItem], *, ba
         raise ConfigError("score_choices needs at least one item, got none")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    bos_id = _bos_policy(tokenizer, bos)
+    if plan is None:
+        plan = plan_choices(tokenizer, items, bos=bos)
+    elif plan.num_items != len(items):
+        raise ConfigError(f"the plan covers {plan.num_items} items but {len(items)} were given; plan these items")
     device = device if device is not None else _device_of(model)
-    requests, fed = _plan(tokenizer, items, bos_id)
+    requests, fed = plan.requests, plan.fed
     limit = _model_limit(model)
     longest = max(len(seq) for seq in fed)
     if limit is not None and longest > limit:

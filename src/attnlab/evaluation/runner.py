@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from attnlab.errors import ConfigError, TextError
-from attnlab.evaluation.choice import NORMS, num_batches, score_choices
+from attnlab.evaluation.choice import NORMS, plan_choices, score_choices
 from attnlab.evaluation.config import BASELINE, EvalConfig, parse_variant
 from attnlab.evaluation.lm_tasks import (TokenScores, WindowPlan, plan_windows, position_bin, score_windows,
                                          stitch_windows)
@@ -162,8 +162,8 @@ def evaluate_variants(model: Any, tokenizer: Any, variants: list[Variant], *, ta
     notify: Progress = progress  # type: ignore[assignment]  # a Progress here (takes_progress)
     run_lm = any(task in tasks for task in LM_TASKS)
     run_choice = "choice" in tasks and choice is not None
-    choice_batches = num_batches(tokenizer, choice.items, batch_size=choice.batch_size, bos=choice.bos) \
-        if run_choice else 0
+    choice_plan = plan_choices(tokenizer, choice.items, bos=choice.bos) if run_choice else None  # once per run
+    choice_batches = choice_plan.num_batches(choice.batch_size) if choice_plan is not None else 0
     units = (len(plans) if run_lm else 0) + (len(prompts) if "passkey" in tasks else 0) + choice_batches
     total, done = units * len(variants), 0
     bin_size = position_bin(seq_len)
@@ -198,7 +198,8 @@ def evaluate_variants(model: Any, tokenizer: Any, variants: list[Variant], *, ta
                     notify(offset + step, total, f"{label}: {message}")
 
                 choice_scores = score_choices(model, tokenizer, choice.items, batch_size=choice.batch_size,
-                                              bos=choice.bos, device=device, progress=choice_progress)
+                                              bos=choice.bos, device=device, plan=choice_plan,
+                                              progress=choice_progress)
                 done = offset + choice_batches
         notify(done, total, f"{label}: done")
         record: dict[str, Any] = {
