@@ -53,7 +53,7 @@ from typing import Any
 
 from attnlab.config import SEED_LIMIT, ComposedConfig, ModelSpec, check_range, check_types
 from attnlab.errors import ConfigError
-from attnlab.evaluation.config import parse_number_list
+from attnlab.evaluation.config import number_list_parser, parse_depths, parse_lengths
 from attnlab.progress import Progress, ProgressArg, progress_to
 from attnlab.protocols.decay_suite import METRICS, SuiteSettings
 
@@ -240,16 +240,7 @@ def effect_sizes(scores: dict[str, list[dict[str, list[float]]]], reference: str
     return records
 
 
-def _parse_fractions(value: Any) -> tuple[float, ...]:
-    return parse_number_list(value, float, "--fractions")
-
-
-def _parse_lengths(value: Any) -> tuple[int, ...]:
-    return parse_number_list(value, int, "--passkey-lengths")
-
-
-def _parse_depths(value: Any) -> tuple[float, ...]:
-    return parse_number_list(value, float, "--passkey-depths")
+_parse_fractions = number_list_parser(float, "--fractions")
 
 
 @dataclass(frozen=True)
@@ -314,8 +305,8 @@ class DataQualitySpec:
 class MeasureSpec(SuiteSettings):
     """The held-out measures' sizes (:class:`attnlab.protocols.decay_suite.SuiteSettings`), as a config spec."""
 
-    passkey_lengths: tuple[int, ...] = field(default=(256,), metadata={"parse": _parse_lengths})
-    passkey_depths: tuple[float, ...] = field(default=(0.25, 0.5, 0.75), metadata={"parse": _parse_depths})
+    passkey_lengths: tuple[int, ...] = field(default=(256,), metadata={"parse": parse_lengths})
+    passkey_depths: tuple[float, ...] = field(default=(0.25, 0.5, 0.75), metadata={"parse": parse_depths})
 
     def __post_init__(self) -> None:
         names = ("windows", "window_tokens", "passkey_trials", "cloze_items", "cloze_context", "recall_items",

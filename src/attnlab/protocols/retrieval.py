@@ -50,6 +50,7 @@ from torch import Tensor
 from attnlab.config import (INT_LIMIT, SEED_LIMIT, ComposedConfig, ModelSpec, TextSpec, check_names, check_range,
                             check_types)
 from attnlab.errors import ConfigError
+from attnlab.evaluation.config import number_list_parser
 from attnlab.progress import Progress, ProgressArg, progress_to
 from attnlab.stats.intervals import paired_binary, wilson_interval
 from attnlab.text import special_tokens
@@ -70,10 +71,7 @@ DEFINITIONS = {
 }
 
 
-def _parse_ints(value: Any) -> tuple[int, ...]:
-    from attnlab.evaluation.config import parse_number_list
-
-    return parse_number_list(value, int, "--lengths")
+_parse_lengths = number_list_parser(int, "--lengths")
 
 
 @dataclass(frozen=True)
@@ -92,7 +90,7 @@ class RetrievalSpec:
     """
 
     text: str | None = None
-    lengths: tuple[int, ...] = field(default=(32, 64, 128, 256, 512), metadata={"parse": _parse_ints})
+    lengths: tuple[int, ...] = field(default=(32, 64, 128, 256, 512), metadata={"parse": _parse_lengths})
     queries: int = 32
     distractors: int = 32
     min_query_tokens: int = 8
@@ -118,6 +116,10 @@ class RetrievalSpec:
         if self.min_query_tokens > self.max_query_tokens:
             raise ConfigError(f"min_query_tokens must be <= max_query_tokens, got {self.min_query_tokens} > "
                               f"{self.max_query_tokens}")
+        if min(self.lengths) < self.max_query_tokens + 1:  # before any model loads; build_task counts specials
+            raise ConfigError(f"--lengths {min(self.lengths)} is too short: each length needs >= max_query_tokens + 1 "
+                              f"= {self.max_query_tokens + 1} tokens (plus the encoder's special tokens); use longer "
+                              "lengths or a smaller --max-query-tokens")
         if len(set(self.variants)) != len(self.variants):
             raise ConfigError(f"each --edit variant may be given once, got {list(self.variants)}")
 
