@@ -9,16 +9,12 @@ from typing import Annotated, Any, Optional
 import typer
 
 from attnlab.cli.options import (
-    Bos, ConfigFile, Debug, Device, DType, Force, MaxWindows, ModelOpt, Seed, SeqLen, TextOpt, TokenizerOpt,
-    command_values, print_config, run_guarded, with_progress, write_and_announce,
+    Bos, ConfigFile, Debug, Device, DType, EditOpt, Force, MaxWindows, ModelOpt, OutDir, Seed, SeqLen, TextOpt,
+    TokenizerOpt, command_values, print_config, run_guarded, with_progress, write_and_announce,
 )
 
 _EVAL = "Evaluation"
 
-EditOpt = Annotated[Optional[list[str]], typer.Option(
-    "--edit", help="One edited variant, NAME:key=value,... (repeatable: each --edit is one variant; compose edits "
-    "within a variant with +, e.g. temperature:tau=0.9+sink_window:sinks=4,window=252). See `attnlab ls edits`.",
-    rich_help_panel=_EVAL)]
 TaskOpt = Annotated[Optional[list[str]], typer.Option(
     "--task", help="perplexity | next_token | passkey | choice (repeatable; default: perplexity and next_token).",
     rich_help_panel=_EVAL)]
@@ -43,7 +39,6 @@ ChoiceBatchOpt = Annotated[int, typer.Option(
 SearchOpt = Annotated[Optional[str], typer.Option(
     "--search", help="Also run a search: zerotuning (γ grid, supervised and by output entropy) or act (ACT head "
     "selection). See docs/results.md.", rich_help_panel=_EVAL)]
-EvalOut = Annotated[Path, typer.Option("--out", help="Output directory.", rich_help_panel="Output")]
 
 
 def eval_command(
@@ -63,7 +58,7 @@ def eval_command(
     choice_items: ChoiceItemsOpt = None,
     choice_batch_size: ChoiceBatchOpt = 8,
     search: SearchOpt = None,
-    out: EvalOut = Path("attnlab-eval"),
+    out: OutDir = Path("attnlab-eval"),
     force: Force = False,
     bos: Bos = "auto",
     dtype: DType = "float32",
