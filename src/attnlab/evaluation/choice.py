@@ -220,8 +220,21 @@ def _bos_policy(tokenizer: Any, bos: str) -> int | None:
 
 
 def encode_choice(tokenizer: Any, context: str, choice: str, bos_id: int | None = None) -> tuple[list[int], int]:
-    """``(ids fed, number of choice tokens)`` by lm-eval's rule (module docstring); the choice's tokens are the last
-    ``number`` ids. Raises TextError if the choice adds no token."""
+    """``(ids, number of choice tokens)`` for one (context, choice) by lm-eval's rule (module docstring).
+
+    Args:
+        tokenizer: ``encode(text, add_special_tokens=False)`` gives the ids.
+        context, choice: the texts; the context's trailing whitespace moves to the front of the choice.
+        bos_id: a start token put first (None: none; see ``bos`` in :func:`score_choices`).
+
+    Returns:
+        ``ids`` = ``[bos_id]`` (if given) + ``encode(context + choice)``; with no ``bos_id`` and an empty context,
+        the tokenizer's BOS (else EOS) id comes first, so the first choice token has a position to be predicted
+        from. The choice's tokens are the last ``number`` ids (>= 1); the model is fed ``ids[:-1]``.
+
+    Raises:
+        TextError: the choice adds no token, or an empty context with neither BOS nor EOS in the tokenizer.
+    """
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, choice = context[:-spaces], context[-spaces:] + choice

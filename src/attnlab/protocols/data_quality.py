@@ -148,19 +148,22 @@ class Mixture:
 
     @property
     def num_sequences(self) -> int:
+        """Training sequences in this condition (junk + control; equal in every condition of a run)."""
         return len(self.junk) + len(self.control)
 
     @property
     def junk_fraction(self) -> float:
+        """The realised junk fraction, junk sequences / all sequences, in [0, 1]."""
         return len(self.junk) / self.num_sequences
 
     @property
     def label(self) -> str:
+        """``junk_<requested percent>%``, e.g. ``junk_20%`` (the condition's name in results and rows)."""
         return f"junk_{percent(self.fraction)}%"
 
 
 def percent(fraction: float) -> int:
-    """A junk fraction as a whole percent (the rows' ``position``)."""
+    """A junk fraction in [0, 1] as a whole percent, ``round(100 · fraction)`` (the rows' ``position``)."""
     return round(100 * fraction)
 
 
