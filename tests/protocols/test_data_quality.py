@@ -101,6 +101,8 @@ def test_config_checks_corpora_pairs_and_fractions():
         DataQualityConfig(junk="junk.txt")
     with pytest.raises(ConfigError, match="also give --heldout"):
         DataQualityConfig(junk="junk.txt", control="control.txt")
+    with pytest.raises(ConfigError, match=r"finetune: lr must be in \(0.0, 10.0\], got 0.0"):  # FinetuneConfig's check
+        DataQualityConfig(lr=0.0)
     with pytest.raises(ConfigError, match="must include 0"):
         DataQualityConfig(fractions="0.2,1")
     with pytest.raises(ConfigError, match="--fractions must be a comma-separated list of float"):
@@ -219,12 +221,14 @@ def test_tiny_model_end_to_end(tmp_path):
     base, control = record["conditions"][0], record["conditions"][1]
     assert control["nll"] != base["nll"]  # training moved the model
     assert control["perplexity"] == pytest.approx(math.exp(control["nll"]))
-    assert {(r["label"], r["metric"]) for r in record["effect_sizes"]} >= {("junk_100%", "nll"), ("junk_50%", "nll")}
+    sizes = results["extras"]["data_quality"]["effect_sizes"]
+    assert "effect_sizes" not in record  # stored once, where the report reads it
+    assert {(r["label"], r["metric"]) for r in sizes} >= {("junk_100%", "nll"), ("junk_50%", "nll")}
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # weights restored
     rows = {(r["variant"], r["statistic"]): r for r in results["rows"]}
     assert rows[("junk_50%", "perplexity")]["position"] == 50 and rows[("base", "perplexity")]["position"] is None
     assert rows[("junk_100%", "decline_g:nll")]["value"] == pytest.approx(
-        next(r["decline_g"] for r in record["effect_sizes"] if r["label"] == "junk_100%" and r["metric"] == "nll"))
+        next(r["decline_g"] for r in sizes if r["label"] == "junk_100%" and r["metric"] == "nll"))
     paths = write_results(tmp_path / "out", results)
     assert json.loads(paths["json"].read_text())["command"] == "protocol data-quality"
     again = run_data_quality(config, model=model, tokenizer=tokenizer)

@@ -105,6 +105,6 @@ def _print_summary(results: dict[str, Any]) -> None:
     labels = [c["label"] for c in record["conditions"] if c["label"] not in ("base", record["reference"])]
     if labels:
         top = labels[-1]
-        shown = [f"{r['metric']} {r['decline_g']:+.2f}" for r in record["effect_sizes"]
+        shown = [f"{r['metric']} {r['decline_g']:+.2f}" for r in results["extras"]["data_quality"]["effect_sizes"]
                  if r["label"] == top and r["unit"] == "items" and r["decline_g"] == r["decline_g"]]
         typer.echo(f"decline g, {top} vs {record['reference']} (items; > 0 = worse): " + ", ".join(shown))

