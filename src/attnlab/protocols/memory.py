@@ -37,7 +37,7 @@ The protocol, step by step:
      exactly (``recall_exact``); ``recall_tokens`` is the fraction of those tokens that are the arg-max
      prediction given the true prefix. Both come from one teacher-forced pass: greedy decoding reproduces the
      target iff every target token is the arg-max given the true prefix (ties: lowest id);
-   - 95 % Wilson intervals for recognition and exact recall (``scipy.stats.binomtest(...).proportion_ci``).
+   - 95 % Wilson intervals for recognition and exact recall (:func:`attnlab.stats.intervals.wilson_interval`).
 
 A start token is prepended to every sequence when ``bos`` asks for it (``auto``: iff the tokenizer adds one
 itself; then every sentence token is scored, else ``x_1`` is not). The model is restored to its original weights
