@@ -28,8 +28,9 @@ FORBIDDEN = {
     # the lab builds transformers models from layers and runs them under capture; it sits below config/pipeline/cli
     "lab": ("attnlab.cli", "attnlab.report", "attnlab.pipeline", "attnlab.views"),
     # protocols and circuits sit at the tier of evaluation: they run models through capture and the pipeline
-    "protocols": ("attnlab.cli", "attnlab.views"),
-    "circuits": ("attnlab.cli", "attnlab.views", "attnlab.protocols"),
+    "evaluation": ("attnlab.cli", "attnlab.views", "attnlab.protocols", "attnlab.circuits", "attnlab.integrations"),
+    "protocols": ("attnlab.cli", "attnlab.views", "attnlab.integrations"),
+    "circuits": ("attnlab.cli", "attnlab.views", "attnlab.protocols", "attnlab.integrations"),
     # adapters for other tools (lm-eval) sit at the tier of evaluation too
     "integrations": ("attnlab.cli", "attnlab.views", "attnlab.protocols", "attnlab.circuits"),
 }

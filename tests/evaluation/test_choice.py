@@ -11,7 +11,7 @@ import torch
 
 from attnlab.errors import ConfigError, TextError
 from attnlab.evaluation.choice import (ChoiceItem, ChoiceScores, encode_choice, load_choice_items, num_batches,
-                                       score_choices, wilson_interval)
+                                       plan_choices, score_choices)
 from tiny_models import WORDS, tiny_llama, tiny_tokenizer
 
 VOCAB = {w: i + 3 for i, w in enumerate(dict.fromkeys(WORDS))}  # tiny_tokenizer's word ids, built independently
@@ -77,6 +77,13 @@ def test_one_token_choices_share_a_forward_and_match_the_loop():
         got = score_choices(wrapped, tokenizer, items, batch_size=2)
         for row, ref in zip(got.logliks, want):
             assert row == pytest.approx(ref, abs=1e-4)
+    plan = plan_choices(tokenizer, items)
+    assert plan.num_batches(2) == 2 and len(plan.requests) == 5
+    reused = score_choices(model, tokenizer, items, batch_size=2, plan=plan)  # a plan made once gives the same
+    for row, ref in zip(reused.logliks, want):
+        assert row == pytest.approx(ref, abs=1e-4)
+    with pytest.raises(ConfigError, match="the plan covers 2 items but 1 were given"):
+        score_choices(model, tokenizer, items[:1], plan=plan)
 
 
 def test_bos_always_prepends_the_start_token():
@@ -125,6 +132,8 @@ def test_norms_predictions_accuracy_by_hand():
     assert scores.predictions("none") == [0, 1, 0]  # tie at item 3 → lowest index
     assert scores.predictions("token") == [1, 0, 0]  # -2/1 < -3/3; -6/3 > -4/1
     assert scores.predictions("char") == [1, 0, 0]  # -2 < -0.5; -0.75 > -2
+    assert scores.correct("none") == [False, False, False]  # item 3 ties: not correct although 0 is predicted…
+    assert scores.correct("token") == [True, True, False]  # …and 1/1 vs -3/1 at item 3: wrong
     assert scores.accuracy("none") == 0.0 and scores.accuracy("token") == pytest.approx(2 / 3)
     assert scores.answer_nll() == pytest.approx((3 + 6 + 3) / 3)
     assert scores.margins() == [-1.0, -2.0, 0.0]
@@ -133,13 +142,13 @@ def test_norms_predictions_accuracy_by_hand():
         scores.accuracy("bytes")
 
 
-@pytest.mark.parametrize(("k", "n"), [(0, 10), (7, 10), (10, 10), (33, 64), (1, 1)])
-def test_wilson_interval_matches_scipy(k, n):
-    from scipy.stats import binomtest
-
-    low, high = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
-    assert wilson_interval(k, n) == pytest.approx((low, high), abs=1e-9)
-    assert all(math.isnan(v) for v in wilson_interval(0, 0))
+def test_a_tie_is_never_correct_even_at_answer_zero():
+    scores = ChoiceScores(logliks=[[-1.5, -1.5], [-1.0, -1.0, -4.0], [-1.0, -2.0]],
+                          num_tokens=[[1, 1], [1, 1, 1], [1, 1]], num_chars=[[1, 1], [1, 1, 1], [1, 1]], greedy=[[False] * 2, [False] * 3, [False] * 2],
+                          answers=[0, 0, 0])
+    assert scores.predictions("none") == [0, 0, 0]  # the lowest tied index is still reported as the prediction
+    assert scores.correct("none") == [False, False, True]
+    assert scores.accuracy("none") == pytest.approx(1 / 3)
 
 
 def test_jsonl_loader_reads_int_and_text_answers(tmp_path):

@@ -49,6 +49,18 @@ def test_run_eval_scores_every_variant_on_the_same_items(task_file):
         assert got["items"] == 3
         for name in ("accuracy", "accuracy_token", "accuracy_char"):
             assert got[f"{name}_low"] <= got[name] <= got[f"{name}_high"]
+    assert "vs_baseline" not in base["choice"] and "gained" not in set(
+        rows[(rows.probe == "choice") & (rows.variant == "baseline")].statistic)
+    for norm in ("none", "token", "char"):  # gained/lost by a plain count over the per-item correctness
+        was = [item["correct"][norm] for item in base["choice"]["per_item"]]
+        now = [item["correct"][norm] for item in edited["choice"]["per_item"]]
+        paired = edited["choice"]["vs_baseline"][norm]
+        assert paired["gained"] == sum(n and not w for w, n in zip(was, now))
+        assert paired["lost"] == sum(w and not n for w, n in zip(was, now))
+        assert 0.0 <= paired["mcnemar_p"] <= 1.0
+    got = rows[(rows.probe == "choice") & (rows.variant == "temperature:tau=0.5")].set_index("statistic")["value"]
+    assert got["gained"] == edited["choice"]["vs_baseline"]["none"]["gained"]
+    assert got["lost_char"] == edited["choice"]["vs_baseline"]["char"]["lost"]
 
 
 def test_unknown_choice_task_is_a_one_line_config_error():

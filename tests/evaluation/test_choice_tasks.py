@@ -40,7 +40,8 @@ def test_ioi_items_both_orders_abc_corruption_and_single_token_names():
     for item in items:
         io, s = item.meta["io"], item.meta["s"]
         words = item.context.replace(",", " ").replace(".", " ").split()
-        assert item.choices == (" " + io, " " + s) and item.answer == 0
+        assert item.answer == item.meta["io_index"] and item.choices[item.answer] == " " + io
+        assert item.choices[1 - item.answer] == " " + s
         assert words.count(io) == 1 and words.count(s) == 2
         first_io, first_s = words.index(io), words.index(s)
         assert (first_s < first_io) == (item.meta["order"] == "BABA")
@@ -50,6 +51,7 @@ def test_ioi_items_both_orders_abc_corruption_and_single_token_names():
         assert io not in corrupted and s not in corrupted
         assert len(tokenizer.encode(item.context)) == len(tokenizer.encode(item.meta["corrupted"]))
         assert item.context.endswith(" to")
+    assert {item.answer for item in items} == {0, 1}  # the IO's place is drawn, not fixed
     assert ioi_items(tokenizer, count=12, seed=3) == items
     assert ioi_items(tokenizer, count=12, seed=4) != items
 
@@ -115,14 +117,18 @@ def test_cloze_items_on_a_small_text(tmp_path):
         cloze_items(tokenizer, text=path, num_choices=1)
 
 
-def test_choice_items_names_and_files(tmp_path):
+def test_choice_items_names_and_files(tmp_path, caplog):
     from attnlab.evaluation.config import CHOICE_TASK_NAMES
 
     assert tuple(CHOICE_TASKS) == CHOICE_TASK_NAMES == ("cloze", "ioi", "colored_objects")
     assert len(choice_items("ioi", SplitTokenizer(), count=3)) == 3
     path = tmp_path / "t.jsonl"
     path.write_text('{"context": "Q", "choices": [" a", " b"], "answer": 0}\n' * 5, encoding="utf-8")
-    assert len(choice_items(str(path), SplitTokenizer(), count=2)) == 2
+    assert len(choice_items(str(path), SplitTokenizer())) == 5  # a file is read whole by default…
+    assert not caplog.records
+    assert len(choice_items(str(path), SplitTokenizer(), count=2)) == 2  # …and a cut one says so
+    assert "has 5 items; scoring the first 2" in caplog.text
+    assert len(choice_items("ioi", SplitTokenizer())) == 64  # a generator's default count
     with pytest.raises(ConfigError, match="Did you mean: ioi"):
         choice_items("iio", SplitTokenizer())
 

@@ -336,6 +336,7 @@ def test_command_line_usage_error_is_one_line_exit_2(saved, tmp_path, monkeypatc
                  "--tasks", "attnlab_toy_choice", "--include_path", str(_local_task(tmp_path))])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("error:") and "temperature" in err[-1]
+    assert sys.argv == ["lm_eval"]  # main() puts sys.argv back
 
 
 def test_register_is_idempotent_and_keeps_lm_evals_models():

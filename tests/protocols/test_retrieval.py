@@ -243,11 +243,14 @@ def test_a_length_beyond_the_models_positions_names_lengths(text_file):
 def test_config_defaults_and_checks():
     config = RetrievalConfig()
     assert config.load.model == "minilm-l6" and config.retrieval.lengths == (32, 64, 128, 256, 512)
-    assert RetrievalConfig(lengths="16,32").retrieval.lengths == (16, 32)
+    assert RetrievalConfig(lengths="24,32").retrieval.lengths == (24, 32)
     with pytest.raises(ConfigError, match="min_query_tokens must be <= max_query_tokens"):
         RetrievalConfig(min_query_tokens=9, max_query_tokens=8)
     with pytest.raises(ConfigError, match="each length may be given once"):
         RetrievalConfig(lengths=(16, 16))
+    with pytest.raises(ConfigError, match="--lengths 8 is too short"):  # 8 < 8 + 1; 8 >= 7 + 1 passes
+        RetrievalConfig(lengths=(8, 32), max_query_tokens=8)
+    assert RetrievalConfig(lengths=(8, 32), min_query_tokens=3, max_query_tokens=7).retrieval.lengths == (8, 32)
 
 
 # --- the CLI -----------------------------------------------------------------------------------------------------
@@ -272,6 +275,7 @@ def test_cli_writes_results_and_a_loadable_table(tmp_path, text_file):
     (["--lengths", "32,abc"], "--lengths must be a comma-separated list of int"),
     (["--edit", "temperatur:tau=0.8"], "Did you mean"),
     (["--queries", "1"], "queries"),
+    (["--lengths", "8,64"], "--lengths 8 is too short: each length needs >= max_query_tokens + 1 = 21"),
 ])
 def test_cli_bad_input_is_a_one_line_error_before_loading(tmp_path, args, fragment):
     result = CliRunner().invoke(app, ["protocol", "retrieval", "--model", str(tmp_path / "missing"), *args,

@@ -9,16 +9,12 @@ from typing import Annotated, Any, Optional
 import typer
 
 from attnlab.cli.options import (
-    Bos, ConfigFile, Debug, Device, DType, Force, MaxWindows, ModelOpt, Seed, SeqLen, TextOpt, TokenizerOpt,
-    command_values, print_config, run_guarded, with_progress, write_and_announce,
+    Bos, ConfigFile, Debug, Device, DType, EditOpt, Force, MaxWindows, ModelOpt, OutDir, Seed, SeqLen, TextOpt,
+    TokenizerOpt, command_values, print_config, run_guarded, with_progress, write_and_announce,
 )
 
 _EVAL = "Evaluation"
 
-EditOpt = Annotated[Optional[list[str]], typer.Option(
-    "--edit", help="One edited variant, NAME:key=value,... (repeatable: each --edit is one variant; compose edits "
-    "within a variant with +, e.g. temperature:tau=0.9+sink_window:sinks=4,window=252). See `attnlab ls edits`.",
-    rich_help_panel=_EVAL)]
 TaskOpt = Annotated[Optional[list[str]], typer.Option(
     "--task", help="perplexity | next_token | passkey | choice (repeatable; default: perplexity and next_token).",
     rich_help_panel=_EVAL)]
@@ -35,8 +31,9 @@ TrialsOpt = Annotated[int, typer.Option(
 ChoiceTaskOpt = Annotated[str, typer.Option(
     "--choice-task", help="For --task choice: cloze | ioi | colored_objects (generated) or a JSONL file of "
     '{"context", "choices", "answer"} lines. See docs/choice.md.', rich_help_panel=_EVAL)]
-ChoiceItemsOpt = Annotated[int, typer.Option(
-    "--choice-items", help="For --task choice: items generated (or read first from the file).", rich_help_panel=_EVAL)]
+ChoiceItemsOpt = Annotated[Optional[int], typer.Option(
+    "--choice-items", help="For --task choice: items generated (default 64), or the first items read from the file "
+    "(default all).", rich_help_panel=_EVAL)]
 ChoiceBatchOpt = Annotated[int, typer.Option(
     "--choice-batch-size", help="For --task choice: sequences (item x choice) per forward.", rich_help_panel=_EVAL)]
 SearchOpt = Annotated[Optional[str], typer.Option(
@@ -47,7 +44,6 @@ SearchOpt = Annotated[Optional[str], typer.Option(
 SearchLayersOpt = Annotated[Optional[str], typer.Option(
     "--search-layers", help="Layers ACT searches / ZeroTuning profiles, comma-separated (default: all).",
     rich_help_panel=_EVAL)]
-EvalOut = Annotated[Path, typer.Option("--out", help="Output directory.", rich_help_panel="Output")]
 
 
 def eval_command(
@@ -64,11 +60,11 @@ def eval_command(
     passkey_depths: DepthsOpt = "0,0.25,0.5,0.75,1",
     passkey_trials: TrialsOpt = 2,
     choice_task: ChoiceTaskOpt = "cloze",
-    choice_items: ChoiceItemsOpt = 64,
+    choice_items: ChoiceItemsOpt = None,
     choice_batch_size: ChoiceBatchOpt = 8,
     search: SearchOpt = None,
     search_layers: SearchLayersOpt = None,
-    out: EvalOut = Path("attnlab-eval"),
+    out: OutDir = Path("attnlab-eval"),
     force: Force = False,
     bos: Bos = "auto",
     dtype: DType = "float32",

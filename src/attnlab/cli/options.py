@@ -62,6 +62,10 @@ Seed = Annotated[int, typer.Option("--seed", help="Random seed.", rich_help_pane
 # A flag takes no value; metavar="" keeps typer's help from showing it as "<bool>" (as if it took one).
 FLAG = ""
 OutDir = Annotated[Path, typer.Option("--out", help="Output directory.", rich_help_panel=_OUT)]
+EditOpt = Annotated[Optional[list[str]], typer.Option(
+    "--edit", help="One edited variant, NAME:key=value,... (repeatable: each --edit is one variant; compose edits "
+    "within a variant with +, e.g. temperature:tau=0.9+sink_window:sinks=4,window=252). See `attnlab ls edits`.",
+    rich_help_panel="Edits")]
 Force = Annotated[bool, typer.Option("--force", help="Write into a non-empty --out: replace its result files "
                                      "(other files are left alone).", rich_help_panel=_OUT, metavar=FLAG)]
 ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="YAML file of option values (CLI flags win).",
@@ -161,6 +165,31 @@ def write_and_announce(out_dir: Path, results: dict[str, Any], *, show_paths: bo
     typer.echo(f"report: {paths['html']}")
     typer.echo(f"files: {' '.join(str(p) for p in paths.values())}")
     return paths
+
+
+def run_protocol(ctx: typer.Context, config_path: Path | None, debug: bool, config_type: Any,
+                 run: Callable[..., dict[str, Any]], summary: Callable[[dict[str, Any]], None], *,
+                 pre_check: Callable[[Any], None] | None = None) -> None:
+    """The body every ``attnlab protocol NAME`` command shares, under :func:`run_guarded`: the options (and
+    ``--config``) → ``config_type(**values)`` → ``pre_check(config)`` (more checks before the model loads, e.g.
+    parsing each ``--edit``) → the ``--out`` check → the config line → ``run(config, progress=...)`` with a progress
+    bar → the three result files → ``summary(results)`` (stdout lines)."""
+
+    def body() -> None:
+        from attnlab.report.io import check_out_dir
+
+        values = command_values(ctx, config_path, config_type)
+        run_config = config_type(**values)
+        if pre_check is not None:
+            pre_check(run_config)
+        out_dir = Path(values["out"])
+        check_out_dir(out_dir, force=bool(values.get("force")))  # before the model loads
+        print_config(run_config)
+        results = with_progress(lambda progress: run(run_config, progress=progress))
+        write_and_announce(out_dir, results)
+        summary(results)
+
+    run_guarded(body, debug)
 
 
 def run_guarded(body: Callable[[], None], debug: bool) -> None:

@@ -9,8 +9,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from attnlab.cli.options import (
-    ConfigFile, Debug, Device, DType, Force, ModelOpt, Seed, TokenizerOpt, command_values, print_config, run_guarded,
-    with_progress, write_and_announce,
+    ConfigFile, Debug, Device, DType, Force, ModelOpt, OutDir, Seed, TokenizerOpt, run_protocol,
 )
 
 _DATA = "Corpora"
@@ -51,7 +50,6 @@ RecallItems = Annotated[int, _opt("--recall-items", "In-context recall items (0:
 RecallContext = Annotated[int, _opt("--recall-context", "Tokens of a recall passage.", _MEASURE)]
 RecallCue = Annotated[int, _opt("--recall-cue", "Cue tokens copied from the passage.", _MEASURE)]
 RecallTarget = Annotated[int, _opt("--recall-target", "Tokens to recall after the cue.", _MEASURE)]
-Out = Annotated[Path, typer.Option("--out", help="Output directory.", rich_help_panel="Output")]
 
 
 def data_quality_command(
@@ -81,7 +79,7 @@ def data_quality_command(
     recall_context: RecallContext = 128,
     recall_cue: RecallCue = 8,
     recall_target: RecallTarget = 8,
-    out: Out = Path("attnlab-data-quality"),
+    out: OutDir = Path("attnlab-data-quality"),
     force: Force = False,
     dtype: DType = "float32",
     device: Device = "cpu",
@@ -91,21 +89,9 @@ def data_quality_command(
 ) -> None:
     """Continually pretrain on junk/control mixtures (matched tokens), measure held-out perplexity, passkey, cloze
     and recall per condition, and report Hedges' g of each mixture vs the all-control condition."""
+    from attnlab.protocols.data_quality import DataQualityConfig, run_data_quality
 
-    def body() -> None:
-        from attnlab.protocols.data_quality import DataQualityConfig, run_data_quality
-        from attnlab.report.io import check_out_dir
-
-        values = command_values(ctx, config, DataQualityConfig)
-        run_config = DataQualityConfig(**values)
-        out_dir = Path(values["out"])
-        check_out_dir(out_dir, force=bool(values.get("force")))  # before the model loads
-        print_config(run_config)
-        results = with_progress(lambda progress: run_data_quality(run_config, progress=progress))
-        write_and_announce(out_dir, results)
-        _print_summary(results)
-
-    run_guarded(body, debug)
+    run_protocol(ctx, config, debug, DataQualityConfig, run_data_quality, _print_summary)
 
 
 def _print_summary(results: dict[str, Any]) -> None:
@@ -119,6 +105,6 @@ def _print_summary(results: dict[str, Any]) -> None:
     labels = [c["label"] for c in record["conditions"] if c["label"] not in ("base", record["reference"])]
     if labels:
         top = labels[-1]
-        shown = [f"{r['metric']} {r['decline_g']:+.2f}" for r in record["effect_sizes"]
+        shown = [f"{r['metric']} {r['decline_g']:+.2f}" for r in results["extras"]["data_quality"]["effect_sizes"]
                  if r["label"] == top and r["unit"] == "items" and r["decline_g"] == r["decline_g"]]
         typer.echo(f"decline g, {top} vs {record['reference']} (items; > 0 = worse): " + ", ".join(shown))

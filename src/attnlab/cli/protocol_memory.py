@@ -8,8 +8,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from attnlab.cli.options import (
-    ConfigFile, Debug, Device, DType, Force, ModelOpt, Seed, TokenizerOpt, command_values, print_config, run_guarded,
-    with_progress, write_and_announce,
+    ConfigFile, Debug, Device, DType, Force, ModelOpt, OutDir, Seed, TokenizerOpt, run_protocol,
 )
 
 _MEMORY = "Memory protocol"
@@ -41,7 +40,6 @@ BatchSize = Annotated[int, typer.Option("--batch-size", help="Sequences per upda
 EvalBatch = Annotated[int, typer.Option("--eval-batch-size", help="Sequences per forward pass when testing.",
                                         rich_help_panel=_MEMORY)]
 Bos = Annotated[str, typer.Option("--bos", help="Start token: auto | always | never.", rich_help_panel=_MEMORY)]
-MemoryOut = Annotated[Path, typer.Option("--out", help="Output directory.", rich_help_panel="Output")]
 
 
 def memory_command(
@@ -61,7 +59,7 @@ def memory_command(
     batch_size: BatchSize = 8,
     eval_batch_size: EvalBatch = 32,
     bos: Bos = "auto",
-    out: MemoryOut = Path("attnlab-memory"),
+    out: OutDir = Path("attnlab-memory"),
     force: Force = False,
     dtype: DType = "float32",
     device: Device = "cpu",
@@ -71,21 +69,9 @@ def memory_command(
 ) -> None:
     """Study sentences k times by fine-tuning, then test recognition (studied vs foil by loss), recall (greedy
     completion of the second half) and their retention under further training on other text."""
+    from attnlab.protocols.memory import MemoryConfig, memory_results
 
-    def body() -> None:
-        from attnlab.protocols.memory import MemoryConfig, memory_results
-        from attnlab.report.io import check_out_dir
-
-        values = command_values(ctx, config, MemoryConfig)
-        run_config = MemoryConfig(**values)
-        out_dir = Path(values["out"])
-        check_out_dir(out_dir, force=bool(values.get("force")))  # before the model loads
-        print_config(run_config)
-        results = with_progress(lambda progress: memory_results(run_config, progress=progress))
-        write_and_announce(out_dir, results)
-        _print_summary(results)
-
-    run_guarded(body, debug)
+    run_protocol(ctx, config, debug, MemoryConfig, memory_results, _print_summary)
 
 
 def _print_summary(results: dict[str, Any]) -> None:

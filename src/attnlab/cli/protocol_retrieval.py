@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
 from attnlab.cli.options import (
-    ConfigFile, Debug, Device, DType, Force, ModelOpt, Seed, TextOpt, TokenizerOpt, command_values, print_config,
-    run_guarded, with_progress, write_and_announce,
+    ConfigFile, Debug, Device, DType, EditOpt, Force, ModelOpt, OutDir, Seed, TextOpt, TokenizerOpt, run_protocol,
 )
 
 _TASK = "Retrieval task"
 
-EditOpt = Annotated[Optional[list[str]], typer.Option(
-    "--edit", help="One edited variant, NAME:key=value,... (repeatable: each --edit is one variant; compose edits "
-    "within a variant with +), e.g. temperature:tau=0.8. See `attnlab ls edits`.", rich_help_panel=_TASK)]
 LengthsOpt = Annotated[str, typer.Option(
     "--lengths", help="Document lengths in tokens as the encoder sees them (special tokens included), "
     "comma-separated.", rich_help_panel=_TASK)]
@@ -29,7 +25,6 @@ MinQueryOpt = Annotated[int, typer.Option(
 MaxQueryOpt = Annotated[int, typer.Option(
     "--max-query-tokens", help="Most tokens of a query line.", rich_help_panel=_TASK)]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Sequences per forward pass.", rich_help_panel=_TASK)]
-OutOpt = Annotated[Path, typer.Option("--out", help="Output directory.", rich_help_panel="Output")]
 
 
 def retrieval_command(
@@ -44,7 +39,7 @@ def retrieval_command(
     max_query_tokens: MaxQueryOpt = 20,
     batch_size: BatchOpt = 16,
     edit: EditOpt = None,
-    out: OutOpt = Path("attnlab-retrieval"),
+    out: OutDir = Path("attnlab-retrieval"),
     force: Force = False,
     dtype: DType = "float32",
     device: Device = "cpu",
@@ -54,24 +49,17 @@ def retrieval_command(
 ) -> None:
     """Top-1 accuracy and MRR of an encoder's mean-pooled embeddings by document length, baseline vs --edit
     variants (TempScale: --edit temperature:tau=0.8). Queries are text lines; each query's document holds it."""
+    from attnlab.protocols.retrieval import RetrievalConfig, run_retrieval
 
-    def body() -> None:
-        from attnlab.evaluation.config import parse_variant
-        from attnlab.protocols.retrieval import RetrievalConfig, run_retrieval
-        from attnlab.report.io import check_out_dir
+    run_protocol(ctx, config, debug, RetrievalConfig, run_retrieval, _print_summary, pre_check=_parse_variants)
 
-        values = command_values(ctx, config, RetrievalConfig)
-        run_config = RetrievalConfig(**values)
-        for spec in run_config.retrieval.variants:
-            parse_variant(spec)  # bad edit names/values fail here, before the model loads
-        out_dir = Path(values["out"])
-        check_out_dir(out_dir, force=bool(values.get("force")))
-        print_config(run_config)
-        results = with_progress(lambda progress: run_retrieval(run_config, progress=progress))
-        write_and_announce(out_dir, results)
-        _print_summary(results)
 
-    run_guarded(body, debug)
+def _parse_variants(run_config: Any) -> None:
+    """Bad edit names/values fail here, before the model loads."""
+    from attnlab.evaluation.config import parse_variant
+
+    for spec in run_config.retrieval.variants:
+        parse_variant(spec)
 
 
 def _print_summary(results: dict[str, Any]) -> None:

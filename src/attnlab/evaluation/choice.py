@@ -12,7 +12,8 @@ Definition (lm-evaluation-harness's ``loglikelihood`` rule for causal models, ``
 4. ``loglik(x | c) = Σ_t log softmax(logits_{t-1})[whole_t]`` over the choice's tokens (natural log, float32
    logits upcast from the model's dtype).
 
-Accuracy counts an item correct when the arg-max choice (lowest index on ties) is the answer, with scores
+Accuracy counts an item correct when the answer's score is strictly the highest (a tie for the top counts as
+incorrect; :meth:`ChoiceScores.predictions` reports the lowest tied index), with scores
 ``loglik`` (``norm="none"``), ``loglik / num_tokens`` (``"token"``) or ``loglik / num_chars`` (``"char"``, lm-eval's
 ``acc_norm``: the characters of the choice without its leading whitespace, which lm-eval's ``target_delimiter``
 carries). The interval is Wilson's score interval at 95 % (z = 1.959964).
@@ -37,9 +38,9 @@ from typing import Any
 from attnlab.errors import ConfigError, TextError
 from attnlab.evaluation.lm_tasks import accepts_logits_to_keep
 from attnlab.progress import Progress, ProgressArg, takes_progress
+from attnlab.stats.intervals import wilson_interval
 
 NORMS = ("none", "token", "char")
-Z_95 = 1.959963984540054  # the 97.5 % quantile of the standard normal
 
 
 @dataclass(frozen=True)
@@ -137,21 +138,6 @@ def load_choice_items(path: str | Path) -> list[ChoiceItem]:
     return items
 
 
-def wilson_interval(correct: int, total: int, z: float = Z_95) -> tuple[float, float]:
-    """Wilson score interval ``(low, high)`` for ``correct`` successes out of ``total`` (95 % by default).
-
-    ``(p + z²/2n ± z·sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n)`` with ``p = correct / total``; ``(nan, nan)`` if
-    ``total == 0``. Wilson 1927, "Probable inference, the law of succession, and statistical inference".
-    """
-    if total <= 0:
-        return math.nan, math.nan
-    p, n = correct / total, total
-    centre = p + z * z / (2 * n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    denominator = 1 + z * z / n
-    return max(0.0, (centre - half) / denominator), min(1.0, (centre + half) / denominator)
-
-
 @dataclass
 class ChoiceScores:
     """Per-item, per-choice scores from :func:`score_choices` (lists in item order, choices in choice order).
@@ -184,7 +170,13 @@ class ChoiceScores:
         return [max(range(len(row)), key=lambda i, r=row: (r[i], -i)) for row in self.normalised(norm)]
 
     def correct(self, norm: str = "none") -> list[bool]:
-        return [p == a for p, a in zip(self.predictions(norm), self.answers)]
+        """Per item (item order): True when the answer's score is strictly above every other choice's.
+
+        A tie for the top score counts as incorrect, whatever the answer's index, so a variant that flattens the
+        choices (equal logliks, or bf16 rounding of a shrunk margin) cannot score by choice order.
+        """
+        return [all(row[a] > v for i, v in enumerate(row) if i != a)
+                for row, a in zip(self.normalised(norm), self.answers)]
 
     def accuracy(self, norm: str = "none") -> float:
         """Fraction of items whose prediction is the answer (nan for no items)."""
@@ -228,8 +220,21 @@ def _bos_policy(tokenizer: Any, bos: str) -> int | None:
 
 
 def encode_choice(tokenizer: Any, context: str, choice: str, bos_id: int | None = None) -> tuple[list[int], int]:
-    """``(ids fed, number of choice tokens)`` by lm-eval's rule (module docstring); the choice's tokens are the last
-    ``number`` ids. Raises TextError if the choice adds no token."""
+    """``(ids, number of choice tokens)`` for one (context, choice) by lm-eval's rule (module docstring).
+
+    Args:
+        tokenizer: ``encode(text, add_special_tokens=False)`` gives the ids.
+        context, choice: the texts; the context's trailing whitespace moves to the front of the choice.
+        bos_id: a start token put first (None: none; see ``bos`` in :func:`score_choices`).
+
+    Returns:
+        ``ids`` = ``[bos_id]`` (if given) + ``encode(context + choice)``; with no ``bos_id`` and an empty context,
+        the tokenizer's BOS (else EOS) id comes first, so the first choice token has a position to be predicted
+        from. The choice's tokens are the last ``number`` ids (>= 1); the model is fed ``ids[:-1]``.
+
+    Raises:
+        TextError: the choice adds no token, or an empty context with neither BOS nor EOS in the tokenizer.
+    """
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, choice = context[:-spaces], context[-spaces:] + choice
@@ -266,10 +271,37 @@ def _plan(tokenizer: Any, items: Sequence[ChoiceItem], bos_id: int | None
     return requests, fed
 
 
+@dataclass(frozen=True)
+class ChoicePlan:
+    """The tokenized requests of some items, made once by :func:`plan_choices` and reused by every
+    :func:`score_choices` call on them (one per variant in ``attnlab eval``).
+
+    Attributes:
+        requests: per (item, choice): ``(item index, choice index, ids fed + the last token, number of choice
+            tokens)``. fed: each fed sequence ``ids[:-1]`` → the request indices it serves. bos_id: the start
+            token prepended (None: none). num_items: how many items were planned.
+    """
+
+    requests: list[Request]
+    fed: dict[tuple[int, ...], list[int]]
+    bos_id: int | None
+    num_items: int
+
+    def num_batches(self, batch_size: int = 8) -> int:
+        """How many forwards :func:`score_choices` makes with ``batch_size`` (for progress totals)."""
+        return -(-len(self.fed) // batch_size)
+
+
+def plan_choices(tokenizer: Any, items: Sequence[ChoiceItem], *, bos: str = "auto") -> ChoicePlan:
+    """Tokenize every (item, choice) by lm-eval's rule once (module docstring). Raises as :func:`score_choices`."""
+    bos_id = _bos_policy(tokenizer, bos)
+    requests, fed = _plan(tokenizer, items, bos_id)
+    return ChoicePlan(requests, fed, bos_id, len(items))
+
+
 def num_batches(tokenizer: Any, items: Sequence[ChoiceItem], *, batch_size: int = 8, bos: str = "auto") -> int:
     """How many forwards :func:`score_choices` makes for ``items`` (for progress totals)."""
-    _, fed = _plan(tokenizer, items, _bos_policy(tokenizer, bos))
-    return -(-len(fed) // batch_size)
+    return plan_choices(tokenizer, items, bos=bos).num_batches(batch_size)
 
 
 def _model_limit(model: Any) -> int | None:
@@ -285,7 +317,8 @@ def _device_of(model: Any) -> Any:
 
 @takes_progress
 def score_choices(model: Any, tokenizer: Any, items: Sequence[ChoiceItem], *, batch_size: int = 8,
-                  bos: str = "auto", device: Any = None, progress: ProgressArg = None) -> ChoiceScores:
+                  bos: str = "auto", device: Any = None, plan: ChoicePlan | None = None,
+                  progress: ProgressArg = None) -> ChoiceScores:
     """Log-likelihood of every choice of every item, by lm-eval's rule (module docstring).
 
     Args:
@@ -297,6 +330,7 @@ def score_choices(model: Any, tokenizer: Any, items: Sequence[ChoiceItem], *, ba
         batch_size: fed sequences per forward (>= 1); sorted by length, right-padded.
         bos: ``"auto"`` | ``"always"`` | ``"never"``: whether to prepend the start token.
         device: where inputs go (default: the model's parameters' device).
+        plan: :func:`plan_choices` of the same ``items`` (skips tokenizing again; its BOS rule wins over ``bos``).
         progress: None, True or a callable ``(done, total, message)``; counts batches.
 
     Returns:
@@ -313,9 +347,12 @@ def score_choices(model: Any, tokenizer: Any, items: Sequence[ChoiceItem], *, ba
         raise ConfigError("score_choices needs at least one item, got none")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    bos_id = _bos_policy(tokenizer, bos)
+    if plan is None:
+        plan = plan_choices(tokenizer, items, bos=bos)
+    elif plan.num_items != len(items):
+        raise ConfigError(f"the plan covers {plan.num_items} items but {len(items)} were given; plan these items")
     device = device if device is not None else _device_of(model)
-    requests, fed = _plan(tokenizer, items, bos_id)
+    requests, fed = plan.requests, plan.fed
     limit = _model_limit(model)
     longest = max(len(seq) for seq in fed)
     if limit is not None and longest > limit:

@@ -21,6 +21,7 @@ Each generator is deterministic given its ``seed`` (``random.Random(seed)``) and
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 from collections import Counter
@@ -29,6 +30,10 @@ from typing import Any, Callable
 
 from attnlab.errors import ConfigError, TextError
 from attnlab.evaluation.choice import ChoiceItem
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_COUNT = 64  # items a generator makes when no count is given
 
 # Wang et al. 2022, ioi_dataset.py (Redwood's Easy-Transformer): the 100 names, places, objects, BABA templates.
 IOI_NAMES = (
@@ -176,12 +181,29 @@ def _abba(template: str) -> str:
     return template.replace("[B]", "[X]", 1).replace("[A]", "[B]", 1).replace("[X]", "[A]", 1)
 
 
+def _draw_until(count: int, build: Callable[[int], ChoiceItem | None], what: str) -> list[ChoiceItem]:
+    """``count`` items from ``build(number of items so far)`` (None = rejected draw), at most ``50 * count`` draws.
+
+    Raises:
+        TextError: ``could not build <what>`` when the draws run out.
+    """
+    items: list[ChoiceItem] = []
+    for _ in range(50 * count):
+        item = build(len(items))
+        if item is not None:
+            items.append(item)
+            if len(items) == count:
+                return items
+    raise TextError(f"could not build {what}")
+
+
 def ioi_items(tokenizer: Any, *, count: int = 64, seed: int = 0) -> list[ChoiceItem]:
     """Indirect-object-identification items (Wang et al. 2022, §2 and Figure 14); BABA and ABBA alternate.
 
     Returns:
-        ``count`` items with choices ``(" IO", " S")`` and answer 0; ``meta``: ``{"template": index into
-        IOI_BABA_TEMPLATES, "order": "BABA" | "ABBA", "io", "s", "place", "object", "corrupted": ABC context,
+        ``count`` items with choices ``(" IO", " S")`` or ``(" S", " IO")`` (the order drawn per item from
+        ``seed``; ``answer`` = ``meta["io_index"]``, the IO's place); ``meta``: ``{"template": index into
+        IOI_BABA_TEMPLATES, "order": "BABA" | "ABBA", "io", "s", "io_index", "place", "object", "corrupted": ABC ctx,
         "corrupted_names": [first-clause names..., S2] as filled}``.
 
     Raises:
@@ -193,13 +215,9 @@ def ioi_items(tokenizer: Any, *, count: int = 64, seed: int = 0) -> list[ChoiceI
         raise ConfigError(f"ioi needs >= 5 names that are one token with a leading space; this tokenizer has "
                           f"{len(names)}")
     rng = random.Random(seed)
-    items: list[ChoiceItem] = []
-    attempts = 0
-    while len(items) < count:
-        attempts += 1
-        if attempts > 50 * count:
-            raise TextError("could not build IOI items whose corrupted context has the clean one's token count")
-        order = "BABA" if len(items) % 2 == 0 else "ABBA"
+
+    def build(index_in_list: int) -> ChoiceItem | None:
+        order = "BABA" if index_in_list % 2 == 0 else "ABBA"
         index = rng.randrange(len(IOI_BABA_TEMPLATES))
         template = IOI_BABA_TEMPLATES[index] if order == "BABA" else _abba(IOI_BABA_TEMPLATES[index])
         io, s, c1, c2, c3 = rng.sample(names, 5)
@@ -209,11 +227,15 @@ def ioi_items(tokenizer: Any, *, count: int = 64, seed: int = 0) -> list[ChoiceI
         context = _fill(template, fill, place, obj)
         corrupted = _fill(template, corrupted_names, place, obj)
         if _num_tokens(tokenizer, context) != _num_tokens(tokenizer, corrupted):
-            continue
-        items.append(ChoiceItem(context, (" " + io, " " + s), 0,
-                                {"template": index, "order": order, "io": io, "s": s, "place": place,
-                                 "object": obj, "corrupted": corrupted, "corrupted_names": corrupted_names}))
-    return items
+            return None
+        io_index = rng.randrange(2)  # the IO's place among the choices, so ties cannot favour the answer
+        choices = (" " + io, " " + s) if io_index == 0 else (" " + s, " " + io)
+        return ChoiceItem(context, choices, io_index,
+                          {"template": index, "order": order, "io": io, "s": s, "io_index": io_index,
+                           "place": place, "object": obj, "corrupted": corrupted,
+                           "corrupted_names": corrupted_names})
+
+    return _draw_until(count, build, "IOI items whose corrupted context has the clean one's token count")
 
 
 def _scene(surface: str, colors: list[str], objects: list[str], asked: str) -> str:
@@ -240,12 +262,8 @@ def colored_objects_items(tokenizer: Any, *, count: int = 64, seed: int = 0, num
         raise ConfigError(f"colored_objects needs >= {num_objects} colours that are one token with a leading "
                           f"space; this tokenizer has {len(colors)}")
     rng = random.Random(seed)
-    items: list[ChoiceItem] = []
-    attempts = 0
-    while len(items) < count:
-        attempts += 1
-        if attempts > 50 * count:
-            raise TextError("could not build Colored Objects items whose corrupted context keeps the token count")
+
+    def build(_: int) -> ChoiceItem | None:
         scene_colors = rng.sample(colors, num_objects)
         objects = rng.sample(CO_OBJECTS, num_objects)
         answer = rng.randrange(num_objects)
@@ -254,12 +272,13 @@ def colored_objects_items(tokenizer: Any, *, count: int = 64, seed: int = 0, num
         rotated = scene_colors[1:] + scene_colors[:1]
         corrupted = _scene(surface, rotated, objects, objects[answer])
         if _num_tokens(tokenizer, context) != _num_tokens(tokenizer, corrupted):
-            continue
-        items.append(ChoiceItem(context, tuple(" " + c for c in scene_colors), answer,
-                                {"surface": surface, "colors": scene_colors, "objects": objects,
-                                 "asked": objects[answer], "corrupted": corrupted,
-                                 "corrupted_answer": scene_colors.index(rotated[answer])}))
-    return items
+            return None
+        return ChoiceItem(context, tuple(" " + c for c in scene_colors), answer,
+                          {"surface": surface, "colors": scene_colors, "objects": objects,
+                           "asked": objects[answer], "corrupted": corrupted,
+                           "corrupted_answer": scene_colors.index(rotated[answer])})
+
+    return _draw_until(count, build, "Colored Objects items whose corrupted context keeps the token count")
 
 
 CHOICE_TASKS: dict[str, Callable[..., list[ChoiceItem]]] = {
@@ -267,10 +286,10 @@ CHOICE_TASKS: dict[str, Callable[..., list[ChoiceItem]]] = {
 }
 
 
-def choice_items(task: str, tokenizer: Any, *, count: int = 64, seed: int = 0, text: str | Path | None = None
-                 ) -> list[ChoiceItem]:
-    """Items of a named task (:data:`CHOICE_TASKS`; ``text`` only for cloze) or of a JSONL file (``task`` a path;
-    its first ``count`` items).
+def choice_items(task: str, tokenizer: Any, *, count: int | None = None, seed: int = 0,
+                 text: str | Path | None = None) -> list[ChoiceItem]:
+    """Items of a named task (:data:`CHOICE_TASKS`; ``count`` items, None = 64; ``text`` only for cloze) or of a
+    JSONL file (``task`` a path; its first ``count`` items, None = all; a cut file logs a warning).
 
     Raises:
         ConfigError: an unknown task name that is not an existing file, or a bad file (one line).
@@ -278,7 +297,7 @@ def choice_items(task: str, tokenizer: Any, *, count: int = 64, seed: int = 0, t
     from attnlab.evaluation.choice import load_choice_items
 
     if task in CHOICE_TASKS:
-        kwargs: dict[str, Any] = {"count": count, "seed": seed}
+        kwargs: dict[str, Any] = {"count": DEFAULT_COUNT if count is None else count, "seed": seed}
         if task == "cloze":
             kwargs["text"] = text
         return CHOICE_TASKS[task](tokenizer, **kwargs)
@@ -286,4 +305,8 @@ def choice_items(task: str, tokenizer: Any, *, count: int = 64, seed: int = 0, t
         from attnlab.registry import unknown_name_message
 
         raise ConfigError(unknown_name_message("choice task", task, list(CHOICE_TASKS)) + " (or a JSONL file)")
-    return load_choice_items(task)[:count]
+    items = load_choice_items(task)
+    if count is not None and count < len(items):
+        logger.warning("%s has %d items; scoring the first %d (--choice-items)", task, len(items), count)
+        items = items[:count]
+    return items

@@ -9,6 +9,8 @@ variant are joined with ``+`` (``temperature:tau=0.9+sink_window:sinks=4,window=
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,12 +53,14 @@ def parse_number_list(text: str | list[Any], kind: type, what: str) -> tuple[Any
     return values
 
 
-def _parse_lengths(value: Any) -> tuple[int, ...]:
-    return parse_number_list(value, int, "--passkey-lengths")
+def number_list_parser(kind: type, what: str) -> Callable[[Any], tuple[Any, ...]]:
+    """A one-argument :func:`parse_number_list` for a field's ``metadata={"parse": ...}`` (``what`` names the
+    option in its error)."""
+    return functools.partial(parse_number_list, kind=kind, what=what)
 
 
-def _parse_depths(value: Any) -> tuple[float, ...]:
-    return parse_number_list(value, float, "--passkey-depths")
+parse_lengths = number_list_parser(int, "--passkey-lengths")
+parse_depths = number_list_parser(float, "--passkey-depths")
 
 
 def _parse_search_layers(value: Any) -> tuple[int, ...]:
@@ -79,7 +83,8 @@ class EvalSpec:
         choice_task: for the ``choice`` task: ``cloze``, ``ioi``, ``colored_objects``
             (:mod:`attnlab.evaluation.choice_tasks`) or a JSONL file
             (:func:`attnlab.evaluation.choice.load_choice_items`).
-        choice_items: items generated (or the first items read from the file), >= 1.
+        choice_items: items generated, or the first items read from the file, >= 1; None = 64 generated items or
+            every item of the file.
         choice_batch_size: sequences (item × choice) per forward of the choice scorer, >= 1.
         search: None, ``"zerotuning"``, ``"act"`` or ``"zerotuning_profile"`` (:mod:`attnlab.evaluation.search`).
             With the ``choice`` task it is scored on the items (a validation half searched, the other half held
@@ -92,19 +97,20 @@ class EvalSpec:
     tasks: tuple[str, ...] = field(default=("perplexity", "next_token"), metadata={"option": "task"})
     variants: tuple[str, ...] = field(default=(), metadata={"option": "edit"})
     stride: int | None = None
-    passkey_lengths: tuple[int, ...] = field(default=(), metadata={"parse": _parse_lengths})
-    passkey_depths: tuple[float, ...] = field(default=(0.0, 0.25, 0.5, 0.75, 1.0), metadata={"parse": _parse_depths})
+    passkey_lengths: tuple[int, ...] = field(default=(), metadata={"parse": parse_lengths})
+    passkey_depths: tuple[float, ...] = field(default=(0.0, 0.25, 0.5, 0.75, 1.0), metadata={"parse": parse_depths})
     passkey_trials: int = 2
     choice_task: str = "cloze"
-    choice_items: int = 64
+    choice_items: int | None = None
     choice_batch_size: int = 8
     search: str | None = None
     search_layers: tuple[int, ...] = field(default=(), metadata={"parse": _parse_search_layers})
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check_types(self, {"passkey_trials": int, "seed": int, "choice_task": str, "choice_items": int,
-                           "choice_batch_size": int})
+        check_types(self, {"passkey_trials": int, "seed": int, "choice_task": str, "choice_batch_size": int})
+        if self.choice_items is not None:
+            check_types(self, {"choice_items": int})
         check_names("tasks", self.tasks)
         check_names("variants (--edit)", self.variants)
         if self.stride is not None and (isinstance(self.stride, bool) or not isinstance(self.stride, int)

@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from attnlab.errors import ConfigError, TextError
-from attnlab.evaluation.choice import NORMS, num_batches, score_choices
+from attnlab.evaluation.choice import NORMS, plan_choices, score_choices
 from attnlab.evaluation.config import BASELINE, EvalConfig, parse_variant
 from attnlab.evaluation.lm_tasks import (TokenScores, WindowPlan, plan_windows, position_bin, score_windows,
                                          stitch_windows)
 from attnlab.evaluation.passkey import PasskeyPrompt, answer_tokens, greedy_decode, is_correct, make_prompts, summarise
 from attnlab.progress import Progress, ProgressArg, progress_to, takes_progress
+from attnlab.stats.intervals import paired_binary
 
 logger = logging.getLogger(__name__)
 
@@ -111,17 +112,28 @@ def _choice_rows(label: str, summary: dict[str, Any]) -> list[dict[str, Any]]:
         rows += [eval_row("choice", label, name, summary[norm]["accuracy"]),
                  eval_row("choice", label, f"{name}_low", summary[norm]["low"]),
                  eval_row("choice", label, f"{name}_high", summary[norm]["high"])]
+        for statistic, value in summary.get("vs_baseline", {}).get(norm, {}).items():
+            suffix = "" if norm == "none" else f"_{norm}"
+            rows.append(eval_row("choice", label, f"{statistic}{suffix}", float(value)))
     return rows
 
 
-def choice_record(scores: Any) -> dict[str, Any]:
-    """A variant's ``choice`` record: :meth:`ChoiceScores.summary` plus per-item logliks and predictions."""
+def choice_record(scores: Any, baseline: Any = None) -> dict[str, Any]:
+    """A variant's ``choice`` record: :meth:`ChoiceScores.summary` plus per-item logliks, predictions and
+    correctness; with ``baseline`` (the baseline's ChoiceScores on the same items) also ``vs_baseline``:
+    ``{norm: {"gained", "lost", "mcnemar_p"}}`` (items right only now / only at baseline; McNemar's exact p,
+    :func:`attnlab.stats.intervals.paired_binary`)."""
     predictions = {norm: scores.predictions(norm) for norm in NORMS}
-    return {**scores.summary(), "per_item": [
+    correct = {norm: scores.correct(norm) for norm in NORMS}
+    record = {**scores.summary(), "per_item": [
         {"index": i, "logliks": scores.logliks[i], "num_tokens": scores.num_tokens[i],
          "greedy": scores.greedy[i], "answer": scores.answers[i],
-         "prediction": {norm: predictions[norm][i] for norm in NORMS}}
+         "prediction": {norm: predictions[norm][i] for norm in NORMS},
+         "correct": {norm: correct[norm][i] for norm in NORMS}}
         for i in range(len(scores.answers))]}
+    if baseline is not None:
+        record["vs_baseline"] = {norm: paired_binary(baseline.correct(norm), correct[norm]) for norm in NORMS}
+    return record
 
 
 def _passkey_rows(label: str, summary: dict[str, list[dict[str, Any]]], accuracy: float) -> list[dict]:
@@ -150,13 +162,14 @@ def evaluate_variants(model: Any, tokenizer: Any, variants: list[Variant], *, ta
     notify: Progress = progress  # type: ignore[assignment]  # a Progress here (takes_progress)
     run_lm = any(task in tasks for task in LM_TASKS)
     run_choice = "choice" in tasks and choice is not None
-    choice_batches = num_batches(tokenizer, choice.items, batch_size=choice.batch_size, bos=choice.bos) \
-        if run_choice else 0
+    choice_plan = plan_choices(tokenizer, choice.items, bos=choice.bos) if run_choice else None  # once per run
+    choice_batches = choice_plan.num_batches(choice.batch_size) if choice_plan is not None else 0
     units = (len(plans) if run_lm else 0) + (len(prompts) if "passkey" in tasks else 0) + choice_batches
     total, done = units * len(variants), 0
     bin_size = position_bin(seq_len)
     rows: list[dict[str, Any]] = []
     records: list[dict[str, Any]] = []
+    baseline_choice = None  # the first variant's (the baseline's) ChoiceScores, for gained/lost/McNemar
     for label, edits in variants:
         started = time.perf_counter()
         scores, trials = TokenScores(seq_len), []
@@ -185,7 +198,8 @@ def evaluate_variants(model: Any, tokenizer: Any, variants: list[Variant], *, ta
                     notify(offset + step, total, f"{label}: {message}")
 
                 choice_scores = score_choices(model, tokenizer, choice.items, batch_size=choice.batch_size,
-                                              bos=choice.bos, device=device, progress=choice_progress)
+                                              bos=choice.bos, device=device, plan=choice_plan,
+                                              progress=choice_progress)
                 done = offset + choice_batches
         notify(done, total, f"{label}: done")
         record: dict[str, Any] = {
@@ -203,7 +217,8 @@ def evaluate_variants(model: Any, tokenizer: Any, variants: list[Variant], *, ta
             rows += _passkey_rows(label, summary, accuracy)
             record["passkey"] = {**summary, "accuracy": accuracy, "trials": trials}
         if run_choice:
-            record["choice"] = choice_record(choice_scores)
+            record["choice"] = choice_record(choice_scores, baseline_choice)
+            baseline_choice = baseline_choice if baseline_choice is not None else choice_scores
             rows += _choice_rows(label, record["choice"])
         records.append(record)
     return rows, records

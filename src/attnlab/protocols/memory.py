@@ -37,7 +37,7 @@ The protocol, step by step:
      exactly (``recall_exact``); ``recall_tokens`` is the fraction of those tokens that are the arg-max
      prediction given the true prefix. Both come from one teacher-forced pass: greedy decoding reproduces the
      target iff every target token is the arg-max given the true prefix (ties: lowest id);
-   - 95 % Wilson intervals for recognition and exact recall (``scipy.stats.binomtest(...).proportion_ci``).
+   - 95 % Wilson intervals for recognition and exact recall (:func:`attnlab.stats.intervals.wilson_interval`).
 
 A start token is prepended to every sequence when ``bos`` asks for it (``auto``: iff the tokenizer adds one
 itself; then every sentence token is scored, else ``x_1`` is not). The model is restored to its original weights
@@ -63,6 +63,7 @@ from attnlab.params import Range, coerce
 from attnlab.progress import Progress, takes_progress
 from attnlab.protocols.finetune import FinetuneConfig, Finetuner, TokenLosses, make_batch, shuffled_batches
 from attnlab.protocols.finetune import token_losses
+from attnlab.stats.intervals import wilson_interval
 
 __all__ = ["MemoryConfig", "MemoryItem", "MemoryMaterial", "MemorySpec", "build_material", "corpus_sentences",
            "curve_rows", "memory_results", "run_memory", "score_memory"]
@@ -264,13 +265,6 @@ def _scores(model: Any, sequences: list[tuple[int, ...]], loss_start: int, batch
             for i in range(0, len(sequences), batch_size)]
 
 
-def _wilson(successes: int, total: int) -> tuple[float, float]:
-    from scipy.stats import binomtest
-
-    interval = binomtest(successes, total).proportion_ci(confidence_level=0.95, method="wilson")
-    return float(interval.low), float(interval.high)
-
-
 def score_memory(model: Any, items: Sequence[MemoryItem], *, batch_size: int = 32) -> dict[str, Any]:
     """Recognition and recall of ``items`` by ``model`` (see the module docstring, step 3); no weights change.
 
@@ -299,7 +293,7 @@ def score_memory(model: Any, items: Sequence[MemoryItem], *, batch_size: int = 3
         "recall_tokens": sum(token_hits) / count, "nll_studied": sum(nll_s) / count, "nll_foil": sum(nll_f) / count,
         "items": count}
     for name, successes in (("recognition", sum(recognised)), ("recall_exact", sum(recalled))):
-        result[f"{name}_low"], result[f"{name}_high"] = _wilson(int(successes), count)
+        result[f"{name}_low"], result[f"{name}_high"] = wilson_interval(int(successes), count)
     result["per_item"] = {"recognised": recognised, "recalled": recalled, "nll_studied": nll_s, "nll_foil": nll_f}
     return result
 

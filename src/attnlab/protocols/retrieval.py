@@ -50,7 +50,9 @@ from torch import Tensor
 from attnlab.config import (INT_LIMIT, SEED_LIMIT, ComposedConfig, ModelSpec, TextSpec, check_names, check_range,
                             check_types)
 from attnlab.errors import ConfigError
+from attnlab.evaluation.config import number_list_parser
 from attnlab.progress import Progress, ProgressArg, progress_to
+from attnlab.stats.intervals import paired_binary, wilson_interval
 from attnlab.text import special_tokens
 
 __all__ = ["RetrievalConfig", "RetrievalSpec", "RetrievalTask", "build_task", "embed", "paired_top1",
@@ -69,10 +71,7 @@ DEFINITIONS = {
 }
 
 
-def _parse_ints(value: Any) -> tuple[int, ...]:
-    from attnlab.evaluation.config import parse_number_list
-
-    return parse_number_list(value, int, "--lengths")
+_parse_lengths = number_list_parser(int, "--lengths")
 
 
 @dataclass(frozen=True)
@@ -91,7 +90,7 @@ class RetrievalSpec:
     """
 
     text: str | None = None
-    lengths: tuple[int, ...] = field(default=(32, 64, 128, 256, 512), metadata={"parse": _parse_ints})
+    lengths: tuple[int, ...] = field(default=(32, 64, 128, 256, 512), metadata={"parse": _parse_lengths})
     queries: int = 32
     distractors: int = 32
     min_query_tokens: int = 8
@@ -117,6 +116,10 @@ class RetrievalSpec:
         if self.min_query_tokens > self.max_query_tokens:
             raise ConfigError(f"min_query_tokens must be <= max_query_tokens, got {self.min_query_tokens} > "
                               f"{self.max_query_tokens}")
+        if min(self.lengths) < self.max_query_tokens + 1:  # before any model loads; build_task counts specials
+            raise ConfigError(f"--lengths {min(self.lengths)} is too short: each length needs >= max_query_tokens + 1 "
+                              f"= {self.max_query_tokens + 1} tokens (plus the encoder's special tokens); use longer "
+                              "lengths or a smaller --max-query-tokens")
         if len(set(self.variants)) != len(self.variants):
             raise ConfigError(f"each --edit variant may be given once, got {list(self.variants)}")
 
@@ -351,26 +354,20 @@ def positive_ranks(query_embeddings: Tensor, document_embeddings: Tensor) -> tup
 
 
 def rank_summary(ranks: Tensor) -> dict[str, float]:
-    """top1, its Wilson 95 % interval (top1_low, top1_high; scipy), mrr, mrr_se and n from ranks (1 = best)."""
-    from scipy.stats import binomtest
-
+    """top1, its Wilson 95 % interval (top1_low, top1_high), mrr, mrr_se and n from ranks (1 = best)."""
     n = int(ranks.numel())
     hits = int((ranks == 1).sum())
     reciprocal = 1.0 / ranks.double()
-    interval = binomtest(hits, n).proportion_ci(confidence_level=0.95, method="wilson")
+    low, high = wilson_interval(hits, n)
     se = float(reciprocal.std(unbiased=True)) / math.sqrt(n) if n > 1 else math.nan
-    return {"top1": hits / n, "top1_low": float(interval.low), "top1_high": float(interval.high),
+    return {"top1": hits / n, "top1_low": low, "top1_high": high,
             "mrr": float(reciprocal.mean()), "mrr_se": se, "n": n}
 
 
 def paired_top1(baseline_ranks: Tensor, ranks: Tensor) -> dict[str, float]:
-    """Queries gained and lost at top-1 against the baseline, and McNemar's exact two-sided p (scipy)."""
-    from scipy.stats import binomtest
-
-    base, now = baseline_ranks == 1, ranks == 1
-    gained, lost = int((now & ~base).sum()), int((base & ~now).sum())
-    p = binomtest(gained, gained + lost, 0.5).pvalue if gained + lost else 1.0
-    return {"gained": gained, "lost": lost, "mcnemar_p": float(p)}
+    """Queries gained and lost at top-1 against the baseline, and McNemar's exact two-sided p
+    (:func:`attnlab.stats.intervals.paired_binary`)."""
+    return paired_binary((baseline_ranks == 1).tolist(), (ranks == 1).tolist())
 
 
 def _mean_pairwise_cosine(embeddings: Tensor) -> float:

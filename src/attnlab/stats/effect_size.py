@@ -36,10 +36,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from attnlab.errors import ConfigError
+from attnlab.stats.intervals import Z_95
 
 __all__ = ["EffectSize", "hedges_correction", "hedges_g", "paired_g"]
 
-Z_95 = 1.959963984540054  # the standard normal's 97.5 % quantile
 
 
 @dataclass(frozen=True)
