@@ -9,8 +9,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from attnlab.cli.options import (
-    ConfigFile, Debug, Device, DType, Force, ModelOpt, Seed, TokenizerOpt, command_values, print_config,
-    run_guarded, with_progress, write_and_announce,
+    ConfigFile, Debug, Device, DType, Force, ModelOpt, OutDir, Seed, TokenizerOpt, run_protocol,
 )
 
 _DATA = "Source and target tasks"
@@ -47,7 +46,6 @@ LoraTarget = Annotated[str, _opt("--lora-target", "Comma-separated module names 
 DiagnoseLines = Annotated[int, _opt("--diagnose-lines", "Source training lines the diagnosis reads (one backward "
                                     "pass each).")]
 BandWidth = Annotated[float, _opt("--band-width", "Band rule width (attnlab.analyses.inflection).")]
-OutOpt = Annotated[Path, typer.Option("--out", help="Output directory.", rich_help_panel="Output")]
 
 
 def inflection_lora_command(
@@ -74,7 +72,7 @@ def inflection_lora_command(
     lora_target: LoraTarget = "query,value",
     diagnose_lines: DiagnoseLines = 24,
     band_width: BandWidth = 0.5,
-    out: OutOpt = Path("attnlab-inflection-lora"),
+    out: OutDir = Path("attnlab-inflection-lora"),
     force: Force = False,
     dtype: DType = "float32",
     device: Device = "cpu",
@@ -86,22 +84,9 @@ def inflection_lora_command(
     target plays with LoRA at the band vs at all layers vs none (head only); target accuracy and trainable
     parameters per regime x placement."""
 
-    def body() -> None:
-        from attnlab.protocols.inflection_lora import InflectionLoraConfig, run_inflection_lora
-        from attnlab.report.io import check_out_dir
+    from attnlab.protocols.inflection_lora import InflectionLoraConfig, run_inflection_lora
 
-        values = command_values(ctx, config, InflectionLoraConfig)
-        if values.get("text_dir") is not None:
-            values["text_dir"] = str(values["text_dir"])
-        run_config = InflectionLoraConfig(**values)
-        out_dir = Path(values["out"])
-        check_out_dir(out_dir, force=bool(values.get("force")))
-        print_config(run_config)
-        results = with_progress(lambda progress: run_inflection_lora(run_config, progress=progress))
-        write_and_announce(out_dir, results)
-        _print_summary(results)
-
-    run_guarded(body, debug)
+    run_protocol(ctx, config, debug, InflectionLoraConfig, run_inflection_lora, _print_summary)
 
 
 def _print_summary(results: dict[str, Any]) -> None:

@@ -140,6 +140,8 @@ class InflectionLoraSpec:
         shared = sorted(set(self.source_plays) & set(self.target_plays))
         if shared:
             raise ConfigError(f"a play cannot be both source and target, got {shared} on both sides")
+        if isinstance(self.text_dir, Path):  # the CLI's --text-dir
+            object.__setattr__(self, "text_dir", str(self.text_dir))
         if self.text_dir is not None and not isinstance(self.text_dir, str):
             raise ConfigError(f"text_dir must be a folder path, got {self.text_dir!r}")
 
