@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from tiny_models import tiny_llama, tiny_tokenizer
+from tiny_models import byte_tokenizer, tiny_llama, tiny_tokenizer
 
 from attnlab.errors import ConfigError
 from attnlab.evaluation.passkey import (
@@ -14,21 +14,9 @@ from attnlab.evaluation.passkey import (
 )
 
 
-def byte_tokenizer():
-    """One token per UTF-8 byte (ids 0..255), so every count below is a character count of ASCII text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {char: index for index, char in enumerate(sorted(alphabet))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
+    """One token per UTF-8 byte, so every count below is a character count of ASCII text."""
     return byte_tokenizer()
 
 
