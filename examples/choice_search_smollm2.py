@@ -1,5 +1,5 @@
 """ACT's head search and ZeroTuning's γ search / profiling on SmolLM2, scored on the cloze multiple-choice task
-(docs/findings15/search.md). Writes OUT/choice_search_<run>.json and prints a short summary.
+(docs/findings/edit_search.md). Writes OUT/choice_search_<run>.json and prints a short summary.
 
     python examples/choice_search_smollm2.py zerotuning OUT            # γ on every head
     python examples/choice_search_smollm2.py profile OUT               # profile layer 2, γ per head group

@@ -14,7 +14,7 @@ from attnlab.analyses.inflection import inflection_band, percentile_rank
 
 
 def _smollm2_like() -> tuple[torch.Tensor, torch.Tensor]:
-    """A pre-norm profile like SmolLM2-135M's (docs/findings15/lora.md): every block amplifies the gradient going
+    """A pre-norm profile like SmolLM2-135M's (docs/findings/inflection_lora.md): every block amplifies the gradient going
     backward (negative drop) except the last one (a large positive drop), entropy falls with depth to a trough at
     layers 5-7 (of 0-9) with middling entropy at the last layer; the drops are least negative in layers 5-7."""
     entropy = torch.tensor([3.2, 2.6, 2.4, 2.1, 1.9, 0.9, 0.8, 0.85, 1.6, 1.5], dtype=torch.float64)

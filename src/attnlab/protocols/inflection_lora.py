@@ -68,7 +68,7 @@ def _names(value: Any) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class InflectionLoraSpec:
-    """The protocol's settings (defaults: the findings run, docs/findings15/lora.md).
+    """The protocol's settings (defaults: the findings run, docs/findings/inflection_lora.md).
 
     Attributes:
         source_plays, target_plays: class names: corpus plays (file stems without ``_gut``, e.g. ``hamlet``) or,
