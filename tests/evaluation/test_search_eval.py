@@ -89,3 +89,22 @@ def test_the_cli_runs_a_search_on_choice_items_and_writes_a_report(items_file, t
     bad = CliRunner().invoke(app, ["eval", "--model", model_dir, "--search", "zerotuning_profile",
                                    "--out", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "zerotuning_profile needs --task choice" in bad.output
+
+
+@pytest.mark.parametrize("task", ["file", "ioi"])
+def test_the_cli_searches_without_choice_items(items_file, tmp_path, task):
+    """No --choice-items (the documented plain form): all items of a file, 64 generated items (review 15c #1)."""
+    from typer.testing import CliRunner
+
+    from attnlab.cli.main import app
+    from tiny_models import save_model_dir
+
+    model_dir = str(save_model_dir(tmp_path / "tiny-llama", tiny_llama(seed=3)))
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["eval", "--model", model_dir, "--seq-len", "32", "--task", "choice",
+                                      "--choice-task", items_file if task == "file" else task,
+                                      "--search", "act", "--search-layers", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    search = json.loads((out / "results.json").read_text())["eval"]["search"]
+    total = 10 if task == "file" else 64
+    assert sorted(search["validation_items"] + search["test_items"]) == list(range(total))

@@ -173,7 +173,7 @@ class EvalConfig(ComposedConfig):
         if search is None:
             return
         if "choice" in tasks:
-            if self.eval.choice_items < 2:
+            if self.eval.choice_items is not None and self.eval.choice_items < 2:  # None: 64 generated or all
                 raise ConfigError(f"--search on --task choice needs --choice-items >= 2 (a validation and a "
                                   f"held-out half), got {self.eval.choice_items}")
         elif search == "zerotuning_profile":
