@@ -87,3 +87,21 @@ def test_the_band_depends_only_on_the_orderings(entropies, seed, power):
     band = inflection_band(entropy, log_grad.exp())[2]
     rescaled_log_grad = torch.cat([torch.zeros(1, dtype=torch.float64), (power * drop + 0.3).cumsum(0)])
     assert inflection_band(entropy.pow(power), rescaled_log_grad.exp())[2] == band
+
+
+def test_the_analysis_says_where_the_gradient_really_shrinks():
+    """The drop rank is relative (review 15c #2): band 5-7 of the SmolLM2-like profile has negative drops only, so
+    the band is not a suppression band; the per-layer rows mark only layer 9 (drop +1.5) as suppressing."""
+    from attnlab.analyses.inflection import InflectionAnalysis
+
+    entropy, grad = _smollm2_like()
+    analysis = InflectionAnalysis()
+    analysis.entropy_sum, analysis.entropy_rows = entropy.clone(), torch.ones(10, dtype=torch.float64)
+    analysis.act_sum, analysis.param_sum = grad.clone(), torch.ones(10, dtype=torch.float64)
+    analysis.sequences = torch.ones((), dtype=torch.float64)
+    extras = analysis.extras()
+    assert extras["band"] == [5, 6, 7]
+    assert extras["band_drops"] == pytest.approx([-0.03, -0.02, -0.04])  # drop[l] = the (l-1)-th built step
+    assert extras["band_suppression"] is False and "relative" in extras["rule"]
+    rows = [r for r in analysis.rows() if r["statistic"] == "gradient_suppression"]
+    assert [(r["layer"], r["value"]) for r in rows] == [(layer, float(layer == 9)) for layer in range(1, 10)]

@@ -26,6 +26,14 @@ block of that pre-norm model *amplifies* the gradient going backward (drop -0.44
 nats, 14th lowest of 29) passed the mean gate by a hair; and the band could not grow, since no neighbour came
 within ``band_width`` of an outlier's score. Ranks bound each term's weight, so the band is where both
 criteria rank high together (METHODS.md #5 gives no thresholds; this rule is ours).
+
+The drop criterion is *relative*: r(gradient_drop) > 0.5 means "steeper than the median layer", not "the
+gradient shrinks here". A band layer can therefore have a negative drop (the gradient grows going backward
+through it): on SmolLM2-135M the band is layer 18, drop -0.056, and MiniLM's bands also contain layers with a
+negative drop. Such a band is the *least amplifying* low-entropy stretch, not the paper's suppression cliff. The
+rule is kept as it is (the issue-15 findings depend on which layers it picks); instead every layer gets a
+``gradient_suppression`` row (1 where drop > 0, the gradient does shrink there) and ``extras`` states whether
+the whole band suppresses (``band_suppression``) with the band's drops (``band_drops``).
 """
 
 from __future__ import annotations
@@ -155,11 +163,18 @@ class InflectionAnalysis(Analysis):
             out.add_indexed(statistic, values, ~torch.isnan(values), ("layer",))
         for layer in range(self.entropy_sum.shape[0]):
             out.add("inflection_band", float(layer in s["band"]), layer)
+        shrinks = ~torch.isnan(s["drop"])
+        out.add_indexed("gradient_suppression", (s["drop"] > 0).double(), shrinks, ("layer",))  # 1 = drop > 0
         return out.rows
 
     def extras(self, decode: Any = None) -> dict[str, Any]:
-        band = self.summary()["band"] if float(self.sequences) > 0 else []
-        return {"band": band, "band_width": self.band_width,
+        s = self.summary() if float(self.sequences) > 0 else {"band": [], "drop": None}
+        band = s["band"]
+        drops = [float(s["drop"][layer]) for layer in band]
+        return {"band": band, "band_width": self.band_width, "band_drops": drops,
+                "band_suppression": bool(band) and all(d > 0 for d in drops),
                 "rule": "score = rank(-entropy) + rank(log-gradient drop through the layer), percentile ranks over layers "
                         "1..L-1; eligible = both ranks > 0.5; "
-                        "band = best eligible layer and contiguous eligible neighbours within band_width of it"}
+                        "band = best eligible layer and contiguous eligible neighbours within band_width of it; "
+                        "the drop criterion is relative (steeper than the median layer), so a band layer may have a "
+                        "negative drop (the gradient grows there; see band_drops, band_suppression)"}
