@@ -62,6 +62,49 @@ def test_lora_lands_on_the_named_layers_only(layers):
     assert trainable_parameters(classifier) == 99 + 2 * 128 * len(expected_layers)
 
 
+@pytest.mark.parametrize("layers", [[1, 3], None], ids=["band-1-3", "all"])
+def test_lora_lands_on_the_named_llama_layers_only(layers):
+    """A bare Llama base model (keys ``layers.3.self_attn.q_proj``, no prefix: older peft placed nothing there)."""
+    from tests.tiny_models import tiny_llama
+
+    classifier = MeanPoolClassifier(tiny_llama(layers=4).model, num_labels=3)
+    add_lora(classifier, layers, target_modules=("q_proj", "v_proj"), rank=2, alpha=4.0)
+    found: dict[int, set[str]] = {}
+    for name, _ in classifier.named_parameters():
+        match = re.search(r"layers\.(\d+)\.self_attn\.(\w+)\.lora_A\.", name)
+        if match:
+            found.setdefault(int(match.group(1)), set()).add(match.group(2))
+    assert found == {layer: {"q_proj", "v_proj"} for layer in ({0, 1, 2, 3} if layers is None else {1, 3})}
+
+
+def test_lora_placement_that_peft_misses_is_a_config_error(monkeypatch):
+    """If peft puts the adapters elsewhere (here: it is told to use layer 0), the read-back refuses."""
+    import peft
+
+    real = peft.inject_adapter_in_model
+
+    def misplaced(config, model):
+        config.layers_to_transform = [0]
+        return real(config, model)
+
+    monkeypatch.setattr(peft, "inject_adapter_in_model", misplaced)
+    with pytest.raises(ConfigError, match=r"landed on \{0: \['query', 'value'\]\}, expected .* blocks \[2\]"):
+        add_lora(MeanPoolClassifier(_tiny_bert(), num_labels=3), [2], target_modules=("query", "value"), rank=2,
+                 alpha=4.0)
+
+
+def test_a_bad_lora_target_fails_before_any_training(tmp_path, monkeypatch):
+    import attnlab.protocols.inflection_lora as module
+    from tests.tiny_models import tiny_llama
+
+    monkeypatch.setattr(module, "fit", lambda *a, **k: pytest.fail("training ran before the target check"))
+    config = module.InflectionLoraConfig(source_plays="a,b", target_plays="c,d", text_dir=str(_text_dir(tmp_path)),
+                                         train_lines=8, test_lines=4, target_train_lines=4, min_words=3,
+                                         diagnose_lines=4, max_tokens=12)
+    with pytest.raises(ConfigError, match=r"LoRA target modules \['query', 'value'\] not found in every block"):
+        module.run_inflection_lora(config, model=tiny_llama(), tokenizer=tiny_tokenizer())
+
+
 def test_lora_starts_as_the_identity():
     """LoRA's B starts at zero, so the adapted classifier's logits equal the plain one's before training."""
     torch.manual_seed(1)

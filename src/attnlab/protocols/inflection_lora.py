@@ -389,6 +389,31 @@ def _blocks_name(classifier: MeanPoolClassifier) -> str:
     raise ConfigError(f"cannot find the transformer blocks of {type(classifier.encoder).__name__}")
 
 
+def _targets_per_block(encoder: nn.Module, target_modules: Sequence[str], *, lora_only: bool) -> list[set[str]]:
+    """Per transformer block, which of ``target_modules`` name a module in it (peft's rule: the module's name
+    inside the block equals the target or ends with ``.target``); with ``lora_only``, only modules peft has
+    wrapped (they have a ``lora_A``)."""
+    from attnlab.capture.architectures import transformer_blocks
+
+    found = []
+    for block in transformer_blocks(encoder):
+        names = [name for name, module in block.named_modules() if name and (not lora_only or hasattr(module, "lora_A"))]
+        found.append({t for t in target_modules if any(n == t or n.endswith(f".{t}") for n in names)})
+    return found
+
+
+def check_lora_targets(encoder: nn.Module, target_modules: Sequence[str]) -> None:
+    """Raise ConfigError unless every block of ``encoder`` has every module in ``target_modules`` (run before any
+    training, so a bad ``--lora-target`` fails at once)."""
+    found = _targets_per_block(encoder, target_modules, lora_only=False)
+    missing = sorted(set(target_modules) - set.intersection(*found)) if found else list(target_modules)
+    if missing:
+        linear = sorted({name.rsplit(".", 1)[-1] for name, module in encoder.named_modules()
+                         if isinstance(module, nn.Linear)})
+        raise ConfigError(f"LoRA target modules {missing} not found in every block of "
+                          f"{type(encoder).__name__}; linear modules: {', '.join(linear)}")
+
+
 def add_lora(classifier: MeanPoolClassifier, layers: Sequence[int] | None, *, target_modules: Sequence[str],
              rank: int, alpha: float) -> nn.Module:
     """Freeze the encoder; wrap ``target_modules`` of the blocks ``layers`` (None = every block, [] = none) in
@@ -396,7 +421,12 @@ def add_lora(classifier: MeanPoolClassifier, layers: Sequence[int] | None, *, ta
     target_modules=..., layers_to_transform=layers, layers_pattern=<the block list's name>)``); the head stays
     trainable. Returns the classifier (changed in place).
 
-    Raises ConfigError when ``target_modules`` names no module in the chosen blocks.
+    After injection the placement is read back (the blocks whose modules carry ``lora_A``), since it rests on
+    peft's ``layers_pattern`` matching (older peft needs a ``.`` before the pattern and places nothing on a bare
+    Llama base model).
+
+    Raises ConfigError when ``target_modules`` names no module in the chosen blocks, or when the adapters did not
+    land on exactly the chosen blocks, each with every target.
     """
     for parameter in classifier.encoder.parameters():
         parameter.requires_grad_(False)
@@ -417,6 +447,12 @@ def add_lora(classifier: MeanPoolClassifier, layers: Sequence[int] | None, *, ta
         raise ConfigError(f"LoRA target modules {list(target_modules)} not found in layers "
                           f"{'all' if layers is None else list(layers)}; linear modules: {', '.join(linear)} "
                           f"({str(error).splitlines()[0][:120]})") from None
+    placed = _targets_per_block(classifier.encoder, target_modules, lora_only=True)
+    wanted = set(range(len(placed))) if layers is None else {int(i) for i in layers}
+    landed = {i: sorted(t) for i, t in enumerate(placed) if t}
+    if landed != {i: sorted(set(target_modules)) for i in wanted}:
+        raise ConfigError(f"LoRA adapters landed on {landed or 'no block'}, expected {sorted(target_modules)} in "
+                          f"blocks {sorted(wanted)} (peft layers_pattern {config.layers_pattern!r}; try a newer peft)")
     for name, parameter in classifier.named_parameters():
         parameter.requires_grad_(name.startswith("head.") or "lora_" in name)
     return classifier
@@ -458,6 +494,7 @@ def _run(config: InflectionLoraConfig, notify: Progress, model: Any, tokenizer: 
     loaded = start_run(config.load, TextSpec(seq_len=2), spec.seed, notify, model, tokenizer)
     base, tokenizer = loaded
     base = getattr(base, "base_model", base)
+    check_lora_targets(base, spec.lora_target)  # before any training (review 15c #5)
     count = min(spec.diagnose_lines, len(source_train.texts))  # the training lines are shuffled across plays
     diagnose_task = LineTask(source_train.texts[:count], source_train.labels[:count], source_train.classes)
     total = (spec.under_steps + spec.over_steps + len(REGIMES) * (len(diagnose_task.texts)
