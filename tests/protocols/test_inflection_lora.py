@@ -248,3 +248,24 @@ def test_cli_runs_and_refuses_bad_input(tmp_path):
     assert 'id="inflection-lora"' in (tmp_path / "out" / "report.html").read_text()
     bad = runner.invoke(app, [*common, "--target-plays", "c,zz", "--out", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "unknown play" in bad.output
+
+
+def test_an_empty_band_is_named_in_the_table_and_the_summary(tmp_path, monkeypatch, capsys):
+    """No band (review 15c #6): the inflection row says it trained the head alone, and so does the summary line."""
+    import attnlab.protocols.inflection_lora as module
+    from attnlab.cli.protocol_inflection_lora import _print_summary
+
+    real = module.diagnose
+    monkeypatch.setattr(module, "diagnose", lambda *a, **k: {**real(*a, **k), "band": []})
+    config = InflectionLoraConfig(source_plays="a,b", target_plays="c,d", text_dir=str(_text_dir(tmp_path)),
+                                  train_lines=8, test_lines=4, target_train_lines=4, min_words=3, under_steps=0,
+                                  over_steps=1, target_steps=1, batch_size=8, diagnose_lines=4, max_tokens=12,
+                                  lora_rank=2)
+    results = run_inflection_lora(config, model=_tiny_bert(layers=3), tokenizer=tiny_tokenizer())
+    table = results["extras"]["inflection_lora"]["table"]
+    rows = {(r["regime"], r["placement"]): r for r in table}
+    for regime in ("under", "over"):
+        assert rows[regime, "inflection"]["layers"] == "no band: head only"
+        assert rows[regime, "inflection"]["trainable_params"] == rows[regime, "none"]["trainable_params"] == 32 * 2 + 2
+    _print_summary(results)
+    assert capsys.readouterr().out.count("band [none: inflection = head only]") == 2

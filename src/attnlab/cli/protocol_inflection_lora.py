@@ -95,5 +95,5 @@ def _print_summary(results: dict[str, Any]) -> None:
     for regime, diagnosis in extras["diagnosis"].items():
         cells = [f"{r['placement']}: {r['target_accuracy']:.3f} ({r['trainable_params']:,} params)"
                  for r in extras["table"] if r["regime"] == regime]
-        band = ",".join(map(str, diagnosis["band"])) or "none"
+        band = ",".join(map(str, diagnosis["band"])) or "none: inflection = head only"
         typer.echo(f"{regime}: source acc {diagnosis['source_accuracy']:.3f}, band [{band}]  " + "  ".join(cells))

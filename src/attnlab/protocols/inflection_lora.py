@@ -495,8 +495,8 @@ def _run(config: InflectionLoraConfig, notify: Progress, model: Any, tokenizer: 
     base, tokenizer = loaded
     base = getattr(base, "base_model", base)
     check_lora_targets(base, spec.lora_target)  # before any training (review 15c #5)
-    count = min(spec.diagnose_lines, len(source_train.texts))  # the training lines are shuffled across plays
-    diagnose_task = LineTask(source_train.texts[:count], source_train.labels[:count], source_train.classes)
+    n_diagnose = min(spec.diagnose_lines, len(source_train.texts))  # the training lines are shuffled across plays
+    diagnose_task = LineTask(source_train.texts[:n_diagnose], source_train.labels[:n_diagnose], source_train.classes)
     total = (spec.under_steps + spec.over_steps + len(REGIMES) * (len(diagnose_task.texts)
                                                                   + len(PLACEMENTS) * spec.target_steps))
     done = [0]
@@ -528,12 +528,12 @@ def _run(config: InflectionLoraConfig, notify: Progress, model: Any, tokenizer: 
             torch.manual_seed(spec.seed + 2)  # the same head (and LoRA) initialisation for every placement
             target = MeanPoolClassifier(copy.deepcopy(source.encoder), len(spec.target_plays))
             add_lora(target, layers, target_modules=spec.lora_target, rank=spec.lora_rank, alpha=spec.lora_alpha)
-            count = trainable_parameters(target)
+            params = trainable_parameters(target)
             fit(target, tokenizer, target_train, steps=spec.target_steps, lr=spec.target_lr, seed=spec.seed + 3,
                 notify=step, message=f"{regime}: target, LoRA {placement}", **shared)
             result = evaluate(target, tokenizer, target_test, **shared)
-            record = {"regime": regime, "placement": placement, "layers": "all" if layers is None else layers,
-                      "trainable_params": count, "target_accuracy": result["accuracy"],
+            shown = "all" if layers is None else layers or ("no band: head only" if placement == "inflection" else [])
+            record = {"regime": regime, "placement": placement, "layers": shown, "trainable_params": params, "target_accuracy": result["accuracy"],
                       "target_accuracy_low": result["accuracy_low"], "target_accuracy_high": result["accuracy_high"],
                       "target_loss": result["loss"], "n": result["n"]}
             table.append(record)
@@ -591,5 +591,6 @@ def _section() -> Any:
         Text(template="Source plays {source_plays}, target plays {target_plays} (chance {chance}). Inflection "
                       "band of the source model: {band}; source test accuracy: {source_accuracy}."),
         Table(columns, extras="table", title="Target accuracy by source regime and LoRA placement",
-              caption="inflection: LoRA only at the diagnosed band; all: at every layer; none: the head alone."),
+              caption="inflection: LoRA only at the diagnosed band (the head alone when no band is found); all: at every "
+                      "layer; none: the head alone."),
     ))
