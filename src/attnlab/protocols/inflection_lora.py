@@ -397,7 +397,8 @@ def _targets_per_block(encoder: nn.Module, target_modules: Sequence[str], *, lor
 
     found = []
     for block in transformer_blocks(encoder):
-        names = [name for name, module in block.named_modules() if name and (not lora_only or hasattr(module, "lora_A"))]
+        names = [name for name, module in block.named_modules()
+                 if name and (not lora_only or hasattr(module, "lora_A"))]
         found.append({t for t in target_modules if any(n == t or n.endswith(f".{t}") for n in names)})
     return found
 
@@ -533,7 +534,8 @@ def _run(config: InflectionLoraConfig, notify: Progress, model: Any, tokenizer: 
                 notify=step, message=f"{regime}: target, LoRA {placement}", **shared)
             result = evaluate(target, tokenizer, target_test, **shared)
             shown = "all" if layers is None else layers or ("no band: head only" if placement == "inflection" else [])
-            record = {"regime": regime, "placement": placement, "layers": shown, "trainable_params": params, "target_accuracy": result["accuracy"],
+            record = {"regime": regime, "placement": placement, "layers": shown, "trainable_params": params,
+                      "target_accuracy": result["accuracy"],
                       "target_accuracy_low": result["accuracy_low"], "target_accuracy_high": result["accuracy_high"],
                       "target_loss": result["loss"], "n": result["n"]}
             table.append(record)
@@ -591,6 +593,6 @@ def _section() -> Any:
         Text(template="Source plays {source_plays}, target plays {target_plays} (chance {chance}). Inflection "
                       "band of the source model: {band}; source test accuracy: {source_accuracy}."),
         Table(columns, extras="table", title="Target accuracy by source regime and LoRA placement",
-              caption="inflection: LoRA only at the diagnosed band (the head alone when no band is found); all: at every "
-                      "layer; none: the head alone."),
+              caption="inflection: LoRA only at the diagnosed band (the head alone when no band is found); all: "
+                      "at every layer; none: the head alone."),
     ))
