@@ -100,7 +100,7 @@ def test_act_drops_exactly_the_heads_whose_calibration_flips_an_answer():
     items = [ChoiceItem(item.context, item.choices, reference["predictions"][i]) for i, item in enumerate(candidates)]
     expected = [head for head in range(4) if _plain_metric(model, items, [EDITS.get("calibration")(
         beta=0.4, theta=0.2, layers=[1], heads=[head])])["accuracy"] == 1.0]
-    assert expected == [1, 3]  # a mixed set here: heads 0 and 2 flip an answer
+    assert 0 < len(expected) < 4  # a mixed set ([1, 3] with today's torch): some heads flip an answer, some not
     found = act_head_search(model, metric=choice_metric(model, TOKENIZER, items), beta=0.4, theta=0.2, layers=[1],
                             criterion="accuracy")
     assert found["reference"][1]["accuracy"] == 1.0
@@ -154,6 +154,12 @@ def test_choice_search_holds_out_the_other_half_and_compares_with_the_baseline()
     model, items = tiny_llama(seed=3), _items(12)
     record = choice_search("zerotuning", model, TOKENIZER, items, gammas=(0.5, 2.0), seed=4)
     assert (record["validation_items"], record["test_items"]) == split_items(12, seed=4)
+    validation = [items[i] for i in record["validation_items"]]
+    for point in record["search"]["grid"]:  # the search saw the validation half only (review 15c #7)
+        want = _plain_metric(model, validation, [EDITS.get("zerotuning")(gamma=point["gamma"])]
+                             if point["gamma"] != 1 else [])
+        assert point["accuracy"] == want["accuracy"] and point["items"] == 6
+        assert point["nll"] == pytest.approx(want["nll"], rel=1e-5)
     held_out = [items[i] for i in record["test_items"]]
     base = _plain_metric(model, held_out)
     assert record["test"]["baseline"]["accuracy"] == base["accuracy"]
