@@ -38,7 +38,8 @@ ChoiceBatchOpt = Annotated[int, typer.Option(
     "--choice-batch-size", help="For --task choice: sequences (item x choice) per forward.", rich_help_panel=_EVAL)]
 SearchOpt = Annotated[Optional[str], typer.Option(
     "--search", help="Also run a search: zerotuning (γ grid, supervised and by output entropy), act (ACT head "
-    "selection) or zerotuning_profile (head profiling, then γ per group; needs --task choice). With --task choice "
+    "selection) or zerotuning_profile (head profiling by correct-choice NLL, then γ per group; needs --task "
+    "choice; all layers by default: 1 + 2·layers·heads validation passes). With --task choice "
     "it is scored on the items (half searched, half held out), else on the windows. See docs/results.md.",
     rich_help_panel=_EVAL)]
 SearchLayersOpt = Annotated[Optional[str], typer.Option(
