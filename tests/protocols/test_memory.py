@@ -193,6 +193,15 @@ def test_memory_results_rows_and_written_files(tmp_path):
     assert len(saved["memory"]["items"]) == 8 and "memory" in saved["sections"]
 
 
+def test_memory_results_refuses_half_a_model():
+    """A model without its tokenizer (or the reverse) is an error, not a silent reload of config.load.model."""
+    config = MemoryConfig(model="not-a-model", **SPEC.to_dict())
+    with pytest.raises(ConfigError, match="needs both model and tokenizer.*got only the model"):
+        memory_results(config, model=tiny_llama())
+    with pytest.raises(ConfigError, match="got only the tokenizer"):
+        memory_results(config, tokenizer=tiny_tokenizer())
+
+
 def test_cli_runs_and_refuses_bad_values(tmp_path):
     from typer.testing import CliRunner
 

@@ -428,7 +428,10 @@ def memory_results(config: MemoryConfig, *, model: Any = None, tokenizer: Any = 
                    progress: Progress) -> dict[str, Any]:
     """Load the model (unless given), run :func:`run_memory`, return the results dict that
     :func:`attnlab.report.io.write_results` writes: the common envelope (:func:`attnlab.pipeline.results_envelope`),
-    ``rows`` (:func:`curve_rows`), ``sections`` and ``memory`` (:func:`run_memory`'s dict plus ``settings``)."""
+    ``rows`` (:func:`curve_rows`), ``sections`` and ``memory`` (:func:`run_memory`'s dict plus ``settings``).
+
+    ``model``/``tokenizer`` reuse a loaded model (both, or a LoadedModel as ``model``); ConfigError if only one
+    is given (it would otherwise be ignored and the model reloaded from ``config.load``)."""
     import random
     import time
 
@@ -439,7 +442,12 @@ def memory_results(config: MemoryConfig, *, model: Any = None, tokenizer: Any = 
     spec = config.memory
     random.seed(spec.seed)
     torch.manual_seed(spec.seed)
-    if model is not None and tokenizer is not None:
+    if isinstance(model, LoadedModel):
+        loaded = model
+    elif (model is None) != (tokenizer is None):
+        raise ConfigError(f"memory_results needs both model and tokenizer (or a LoadedModel as model), got only the "
+                          f"{'model' if tokenizer is None else 'tokenizer'}")
+    elif model is not None:
         loaded = LoadedModel.wrap(model, tokenizer)
     else:
         progress(0, 0, f"loading model {config.load.model}")
