@@ -59,12 +59,13 @@ def check_seq_len(facts: Any, seq_len: int, option: str = "--seq-len") -> None:
 
 
 def start_run(load: ModelSpec, data: TextSpec, seed: int, notify: Progress, model: Any = None,
-              tokenizer: Any = None) -> Any:
+              tokenizer: Any = None, *, check_len: bool = True) -> Any:
     """The start every command shares: seed, check the text file, load the model (unless given), check seq_len.
 
     Returns a :class:`attnlab.capture.loading.LoadedModel`; a ``model``/``tokenizer`` pair passed in (or a
-    LoadedModel as ``model``) is used as is (``load.model`` is then only recorded as requested). Raises
-    TextError/ConfigError before the model loads where it can.
+    LoadedModel as ``model``) is used as is (``load.model`` is then only recorded as requested). ``check_len``
+    False skips the seq_len check (a run that feeds no windows of seq_len). Raises TextError/ConfigError before
+    the model loads where it can.
     """
     import torch
 
@@ -82,7 +83,8 @@ def start_run(load: ModelSpec, data: TextSpec, seed: int, notify: Progress, mode
     else:
         notify(0, 0, f"loading model {load.model}")
         loaded = load_model(load.model, dtype=load.dtype, device=load.device, tokenizer=load.tokenizer)
-    check_seq_len(loaded.facts, data.seq_len)
+    if check_len:
+        check_seq_len(loaded.facts, data.seq_len)
     return loaded
 
 

@@ -108,3 +108,13 @@ def test_the_cli_searches_without_choice_items(items_file, tmp_path, task):
     search = json.loads((out / "results.json").read_text())["eval"]["search"]
     total = 10 if task == "file" else 64
     assert sorted(search["validation_items"] + search["test_items"]) == list(range(total))
+
+
+def test_a_choice_only_run_ignores_the_window_length(items_file):
+    """--task choice feeds no seq_len windows, so the default --seq-len 512 is not checked against a 128-position
+    model (review 15c #14); a window task still is."""
+    results = run_eval(EvalConfig(tasks=("choice",), choice_task=items_file, seq_len=512),
+                       model=tiny_llama(seed=3), tokenizer=tiny_tokenizer())
+    assert any(row["probe"] == "choice" and row["statistic"] == "accuracy" for row in results["rows"])
+    with pytest.raises(ConfigError, match="--seq-len 512 exceeds"):
+        run_eval(EvalConfig(tasks=("perplexity",), seq_len=512), model=tiny_llama(seed=3), tokenizer=tiny_tokenizer())

@@ -289,7 +289,8 @@ def _run_eval(config: EvalConfig, notify: Progress, model: Any, tokenizer: Any, 
     if search == "zerotuning_profile" and not search_on_choice:
         raise ConfigError("--search zerotuning_profile needs --task choice (it is scored on multiple choice)")
     variants: list[Variant] = [(BASELINE, [])] + [(edits, parse_variant(edits)) for edits in spec.variants]
-    loaded = start_run(config.load, data, spec.seed, notify, model, tokenizer)
+    loaded = start_run(config.load, data, spec.seed, notify, model, tokenizer,  # seq_len: windows only (passkey below)
+                       check_len=any(task in spec.tasks for task in LM_TASKS))
     model, tokenizer = loaded
     check_causal_lm(model, config.load.model)
     check_variants(variants, loaded.facts)
