@@ -55,7 +55,8 @@ from attnlab.stats.entropy import row_entropy
 
 def percentile_rank(values: Tensor) -> Tensor:
     """Percentile rank of each entry of a 1-D tensor in [0, 1] (0 = smallest, 1 = largest; ties share their mean
-    rank; a single entry gets 0.5), float64."""
+    rank; a single entry gets 0.5): ``values`` (n,) → (n,) float64. Pairwise comparison, O(n²) memory (fine for
+    the number of layers)."""
     v = values.double()
     n = v.shape[0]
     if n < 2:
