@@ -317,10 +317,19 @@ def check_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
     Raises:
         ConfigError: another name (e.g. ``cloze``, which has no corrupted contexts) or a task named twice.
     """
+    from attnlab.evaluation.choice_tasks import CHOICE_TASKS
+    from attnlab.registry import unknown_name_message
+
     for task in tasks:
-        if task not in PAIRED_TASKS and not Path(task).is_file():
-            raise ConfigError(f"unknown task {task!r}: expected {' or '.join(PAIRED_TASKS)} or a JSONL file of items "
-                              f"with meta.corrupted")
+        if task in PAIRED_TASKS or Path(task).is_file():
+            continue
+        if task in CHOICE_TASKS:
+            raise ConfigError(f"--task {task} has no corrupted contexts, so it cannot be patched; expected "
+                              f"{' or '.join(PAIRED_TASKS)} or a JSONL file of items with meta.corrupted")
+        if task.endswith((".jsonl", ".json")) or "/" in task:
+            raise ConfigError(f"--task: file {task} not found (a JSONL file of items with meta.corrupted)")
+        raise ConfigError(unknown_name_message("--task", task, list(PAIRED_TASKS))
+                          + " (or a JSONL file of items with meta.corrupted)")
     if len(set(tasks)) != len(tasks):
         raise ConfigError(f"--task: each task at most once (two different tasks to compare), got {list(tasks)}")
     return tuple(tasks)

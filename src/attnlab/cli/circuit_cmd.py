@@ -92,7 +92,22 @@ def circuit_command(
         for line in summary_lines(results):
             typer.echo(line)
 
-    run_guarded(body, debug)
+    def flagged() -> None:
+        from dataclasses import fields
+
+        from attnlab.circuits.run import CircuitConfig
+        from attnlab.errors import ConfigError
+
+        try:
+            body()
+        except ConfigError as error:  # "sender_layers must be …" → "--sender-layers must be …"
+            text = str(error)
+            for name in (f.name for f in fields(CircuitConfig)):
+                if text.startswith(f"{name} "):
+                    raise ConfigError("--" + name.replace("_", "-") + text[len(name):]) from None
+            raise
+
+    run_guarded(flagged, debug)
 
 
 def _layers(text: str | None) -> tuple[int, ...] | None:
