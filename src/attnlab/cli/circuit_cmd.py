@@ -8,8 +8,10 @@ from typing import Annotated, Optional
 import typer
 
 from attnlab.cli.options import (
-    FLAG, Bos, Debug, Device, DType, Force, ModelOpt, Seed, TokenizerOpt, run_guarded, stderr, with_progress,
+    FLAG, Bos, Debug, Device, DType, Force, ModelOpt, Seed, TokenizerOpt, as_flags, run_guarded, stderr,
+    with_progress,
 )
+from attnlab.errors import UsageError
 
 _CIRCUIT = "Circuit"
 
@@ -96,16 +98,11 @@ def circuit_command(
         from dataclasses import fields
 
         from attnlab.circuits.run import CircuitConfig
-        from attnlab.errors import ConfigError
 
         try:
             body()
-        except ConfigError as error:  # "sender_layers must be …" → "--sender-layers must be …"
-            text = str(error)
-            for name in (f.name for f in fields(CircuitConfig)):
-                if text.startswith(f"{name} "):
-                    raise ConfigError("--" + name.replace("_", "-") + text[len(name):]) from None
-            raise
+        except UsageError as error:  # "sender_layers must be …" → "--sender-layers must be …"
+            raise as_flags(error, [f.name for f in fields(CircuitConfig)]) from None
 
     run_guarded(flagged, debug)
 
