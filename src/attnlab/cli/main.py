@@ -234,7 +234,7 @@ def ls_tasks() -> None:
     _list_registry(TASKS)
 
 
-for _typer in (app, models_app, ls_app):
+for _typer in (app, models_app, ls_app, protocol_app, apps_app):
     for _info in _typer.registered_commands:
         _info.cls = Command  # app.command() fills in TyperCommand; none of ours names another class
 
