@@ -126,7 +126,7 @@ def _check_out(out: Path, force: bool) -> None:
 
 
 def _write(out: Path, results: dict) -> None:
-    """circuit.json and circuit.csv (long rows: task, stage, layer, head, score, effect, in_circuit), atomically."""
+    """circuit.json and circuit.csv (long rows: task, stage, kind, layer, head, score, effect, in_circuit), atomically."""
     import pandas as pd
 
     from attnlab.io_utils import atomic_write_text, prepare_out_dir
