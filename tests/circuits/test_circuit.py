@@ -80,3 +80,13 @@ def test_ablation_accuracy_leaves_heads_without_a_path_alone(planted):
     assert silent["answer_nll"] == pytest.approx(plain.answer_nll(), abs=EXACT)
     assert live["answer_nll"] != pytest.approx(plain.answer_nll(), abs=VISIBLE)
     assert silent["heads"] == [[0, 0], [1, 3]] and 0 <= live["low"] <= live["accuracy"] <= live["high"] <= 1
+
+
+def test_small_gap_warning_flags_inflated_scores():
+    from attnlab.circuits.run import small_gap_warning
+
+    # the walkthrough's run: clean 3.63, corrupted 3.19 → gap 0.44 < 0.25 × 3.63; amplification 3.63 / 0.44 ≈ 8
+    line = small_gap_warning("ioi", 3.63, 3.19)
+    assert line is not None and "\n" not in line and "~8x" in line and "clean 3.630" in line
+    assert small_gap_warning("ioi", 3.0, 0.5) is None  # gap 2.5 ≥ 0.75
+    assert "without bound" in small_gap_warning("ioi", 1.0, 1.0)

@@ -98,9 +98,15 @@ def test_file_tasks_split_patching_and_evaluation_items(tmp_path):
 
 def test_bad_options_exit_2(tmp_path):
     result = runner.invoke(app, ["circuit", "--task", "nonsense", "--out", str(tmp_path / "x")])
-    assert result.exit_code == 2 and "unknown task" in result.output
+    assert result.exit_code == 2 and "Unknown --task 'nonsense'" in result.output
+    result = runner.invoke(app, ["circuit", "--task", "ioii", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "Did you mean: ioi?" in result.output
+    result = runner.invoke(app, ["circuit", "--task", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "nope.jsonl not found" in result.output
     result = runner.invoke(app, ["circuit", "--items", "0", "--out", str(tmp_path / "x")])
-    assert result.exit_code == 2 and "items must be" in result.output
+    assert result.exit_code == 2 and "--items must be" in result.output
+    result = runner.invoke(app, ["circuit", "--fraction", "2", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "--fraction must be" in result.output
     result = runner.invoke(app, ["circuit", "--load", str(tmp_path / "missing.json"), "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "cannot read circuits" in result.output
     result = runner.invoke(app, ["circuit", "--receiver-inputs", "qx", "--out", str(tmp_path / "x")])
@@ -114,7 +120,7 @@ def test_bad_options_exit_2(tmp_path):
                                  "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "needs two circuits" in result.output
     assert "path patching" not in result.output  # refused before the search
-    for tasks, message in ((["cloze"], "unknown task"), (["ioi", "ioi"], "at most once")):
+    for tasks, message in ((["cloze"], "has no corrupted contexts"), (["ioi", "ioi"], "at most once")):
         args = [a for t in tasks for a in ("--task", t)]
         result = runner.invoke(app, ["circuit", *args, "--out", str(tmp_path / "x")])
         assert result.exit_code == 2 and message in result.output

@@ -237,3 +237,24 @@ def test_report_help_has_probes_options_with_report_defaults():
     help_text = re.sub(r"[\s│]+", " ", _run("report", "--help").output)
     assert "Probe or analysis to run" in help_text and "Tokens per window. [default: 512]" in help_text
     assert "[default: attnlab-report]" in help_text
+
+
+def test_as_flags_writes_field_names_as_flags():
+    from attnlab.cli.options import as_flags
+    from attnlab.errors import ConfigError
+
+    assert str(as_flags(ConfigError("choice_items must be in [1, 9], got -3"), ["choice_items", "items"])) \
+        == "--choice-items must be in [1, 9], got -3"
+    assert str(as_flags(ConfigError("memory: items must be in [1, 9], got 0"), ["items"])) \
+        == "memory: --items must be in [1, 9], got 0"
+    other = ConfigError("unknown thing")
+    assert as_flags(other, ["items"]) is other
+
+
+def test_missing_choice_task_file_is_named(tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    result = runner.invoke(app, ["eval", "--task", "choice", "--choice-task", str(missing),
+                                 "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and f"file {missing} not found" in result.output
+    result = runner.invoke(app, ["eval", "--task", "choice", "--choice-items", "-3", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "--choice-items must be" in result.output

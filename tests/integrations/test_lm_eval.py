@@ -238,6 +238,25 @@ def test_bad_model_args_are_one_line_errors(saved, kwargs, error):
     assert "\n" not in str(info.value)
 
 
+def test_model_args_batch_size_wins_over_lm_evals_own(saved):
+    """lm-eval's CLI always passes its --batch_size (default 1) beside model_args; model_args' key wins."""
+    folder, _, _ = saved
+    extra = {"batch_size": 1, "max_batch_size": None, "device": "cpu"}
+    lm = AttnlabLM.create_from_arg_string(f"pretrained={folder},batch_size=2,progress=False", extra)
+    assert lm.batch_size == 2
+    lm = AttnlabLM.create_from_arg_obj({"pretrained": str(folder), "progress": False}, {**extra, "batch_size": "3"})
+    assert lm.batch_size == 3
+
+
+def test_raw_comma_inside_edits_names_the_semicolon_rule(saved):
+    folder, _, _ = saved
+    with pytest.raises(ConfigError) as info:
+        AttnlabLM.create_from_arg_string(f"pretrained={folder},edits=sink_window:sinks=4,window=252",
+                                         {"batch_size": 1})
+    message = str(info.value)
+    assert "\n" not in message and "'window'" in message and "sinks=4;window=252" in message
+
+
 def test_an_encoder_is_refused(tmp_path):
     from tiny_models import save_model_dir, tiny_bert
 
@@ -337,6 +356,15 @@ def test_command_line_usage_error_is_one_line_exit_2(saved, tmp_path, monkeypatc
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("error:") and "temperature" in err[-1]
     assert sys.argv == ["lm_eval"]  # main() puts sys.argv back
+
+
+def test_command_line_raw_comma_in_edits_is_one_line_exit_2(saved, tmp_path, monkeypatch, capsys):
+    folder, _, _ = saved
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    code = main(["--model", "attnlab", "--model_args", f"pretrained={folder},edits=sink_window:sinks=1,window=4",
+                 "--tasks", "attnlab_toy_choice", "--include_path", str(_local_task(tmp_path))])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error:") and "sinks=4;window=252" in err[-1]
 
 
 def test_register_is_idempotent_and_keeps_lm_evals_models():

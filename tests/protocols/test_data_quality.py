@@ -254,3 +254,13 @@ def test_cli_runs_and_bad_input_exits_2(tmp_path):
     bad = CliRunner().invoke(app, ["protocol", "data-quality", "--junk", corpora["junk"], "--out",
                                    str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "give both --junk and --control" in bad.output
+
+
+def test_cli_without_corpora_says_it_runs_the_demonstration(tmp_path):
+    from typer.testing import CliRunner
+
+    from attnlab.cli.main import app
+
+    result = CliRunner().invoke(app, ["protocol", "data-quality", "--fractions", "0.5", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2  # the bad --fractions stops it before any model loads
+    assert "no corpora given (--junk FILE --control FILE" in result.output and "--demo-junk fragments" in result.output

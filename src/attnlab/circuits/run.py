@@ -8,6 +8,7 @@ intervention can combine runs made separately.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from attnlab.circuits.projections import check_components
 from attnlab.config import ComposedConfig, ModelSpec
 from attnlab.errors import ConfigError
 from attnlab.progress import Progress, ProgressArg, takes_progress
+
+logger = logging.getLogger(__name__)
 
 EVAL_SEED_OFFSET = 1000  # intervention items use seed + this, so they differ from the patching pairs
 
@@ -219,6 +222,9 @@ def run_circuits(loaded: Any, config: CircuitConfig, *, saved: Sequence[SavedRun
                                progress=task_progress)
         circuits[task] = circuit
         out["circuits"][task] = circuit.to_dict()
+        warning = small_gap_warning(task, circuit.stages[0].clean_logit_diff, circuit.stages[0].corrupted_logit_diff)
+        if warning:
+            logger.warning(warning)
         out["rows"] += [{"task": task, **row} for row in circuit.rows()]
         if config.activation:
             result = activation_patching(model, batches, progress=task_progress)
@@ -269,11 +275,31 @@ def _intervention(loaded: Any, circuits: dict[str, Circuit], config: CircuitConf
     return out
 
 
+SMALL_GAP = 0.25  # |clean − corrupted| below this fraction of |clean| flags the scores as inflated
+
+
+def small_gap_warning(task: str, clean: float, corrupted: float) -> str | None:
+    """One line when the clean−corrupted logit-difference gap is small relative to the clean one (below
+    ``SMALL_GAP`` × |clean|), else None. Scores are (patched − corrupted) / (clean − corrupted), so a small gap
+    amplifies every score (and its noise) by about |clean| / |gap|."""
+    gap = clean - corrupted
+    if abs(gap) >= SMALL_GAP * abs(clean):
+        return None
+    factor = f"~{abs(clean) / abs(gap):.0f}x" if gap else "without bound"
+    return (f"{task}: the corruption barely moves the logit difference (clean {clean:.3f}, corrupted {corrupted:.3f}, "
+            f"gap {gap:.3f}); scores are divided by the gap and inflated {factor} — use more --items or check "
+            f"the corrupted contexts")
+
+
 def summary_lines(results: dict[str, Any]) -> list[str]:
     """Short human-readable lines for the console."""
     lines = []
     for task, circuit in results.get("circuits", {}).items():
-        lines.append(f"{task}: {len(circuit['heads'])} heads " + " ".join(f"L{l}H{h}" for l, h in circuit["heads"]))
+        stage = (circuit.get("stages") or [{}])[0]
+        diffs = (f" (logit diff clean {stage['clean_logit_diff']:.3f}, corrupted {stage['corrupted_logit_diff']:.3f})"
+                 if "clean_logit_diff" in stage else "")
+        lines.append(f"{task}: {len(circuit['heads'])} heads " + " ".join(f"L{l}H{h}" for l, h in circuit["heads"])
+                     + diffs)
     overlap = results.get("overlap")
     if overlap:
         lines.append(f"overlap: {overlap['intersection']} shared; |∩|/|∪| = {overlap['jaccard']:.2f}, "
@@ -291,10 +317,19 @@ def check_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
     Raises:
         ConfigError: another name (e.g. ``cloze``, which has no corrupted contexts) or a task named twice.
     """
+    from attnlab.evaluation.choice_tasks import CHOICE_TASKS
+    from attnlab.registry import unknown_name_message
+
     for task in tasks:
-        if task not in PAIRED_TASKS and not Path(task).is_file():
-            raise ConfigError(f"unknown task {task!r}: expected {' or '.join(PAIRED_TASKS)} or a JSONL file of items "
-                              f"with meta.corrupted")
+        if task in PAIRED_TASKS or Path(task).is_file():
+            continue
+        if task in CHOICE_TASKS:
+            raise ConfigError(f"--task {task} has no corrupted contexts, so it cannot be patched; expected "
+                              f"{' or '.join(PAIRED_TASKS)} or a JSONL file of items with meta.corrupted")
+        if task.endswith((".jsonl", ".json")) or "/" in task:
+            raise ConfigError(f"--task: file {task} not found (a JSONL file of items with meta.corrupted)")
+        raise ConfigError(unknown_name_message("--task", task, list(PAIRED_TASKS))
+                          + " (or a JSONL file of items with meta.corrupted)")
     if len(set(tasks)) != len(tasks):
         raise ConfigError(f"--task: each task at most once (two different tasks to compare), got {list(tasks)}")
     return tuple(tasks)

@@ -8,8 +8,10 @@ from typing import Annotated, Optional
 import typer
 
 from attnlab.cli.options import (
-    FLAG, Bos, Debug, Device, DType, Force, ModelOpt, Seed, TokenizerOpt, run_guarded, stderr, with_progress,
+    FLAG, Bos, Debug, Device, DType, Force, ModelOpt, Seed, TokenizerOpt, as_flags, run_guarded, stderr,
+    with_progress,
 )
+from attnlab.errors import UsageError
 
 _CIRCUIT = "Circuit"
 
@@ -92,7 +94,17 @@ def circuit_command(
         for line in summary_lines(results):
             typer.echo(line)
 
-    run_guarded(body, debug)
+    def flagged() -> None:
+        from dataclasses import fields
+
+        from attnlab.circuits.run import CircuitConfig
+
+        try:
+            body()
+        except UsageError as error:  # "sender_layers must be …" → "--sender-layers must be …"
+            raise as_flags(error, [f.name for f in fields(CircuitConfig)]) from None
+
+    run_guarded(flagged, debug)
 
 
 def _layers(text: str | None) -> tuple[int, ...] | None:
@@ -114,7 +126,7 @@ def _check_out(out: Path, force: bool) -> None:
 
 
 def _write(out: Path, results: dict) -> None:
-    """circuit.json and circuit.csv (long rows: task, stage, layer, head, score, effect, in_circuit), atomically."""
+    """circuit.json and circuit.csv (long rows: task, stage, kind, layer, head, score, effect, in_circuit), atomically."""
     import pandas as pd
 
     from attnlab.io_utils import atomic_write_text, prepare_out_dir

@@ -10,8 +10,9 @@ import typer
 
 from attnlab.cli.options import (
     Bos, ConfigFile, Debug, Device, DType, EditOpt, Force, MaxWindows, ModelOpt, OutDir, Seed, SeqLen, TextOpt,
-    TokenizerOpt, command_values, print_config, run_guarded, with_progress, write_and_announce,
+    TokenizerOpt, as_flags, command_values, print_config, run_guarded, with_progress, write_and_announce,
 )
+from attnlab.errors import ConfigError, UsageError
 
 _EVAL = "Evaluation"
 
@@ -82,7 +83,14 @@ def eval_command(
         from attnlab.report.io import check_out_dir
 
         values = command_values(ctx, config, EvalConfig)
-        eval_config = EvalConfig(**values)
+        choice_task = str(values.get("choice_task") or "")
+        if choice_task.endswith((".jsonl", ".json")) and not Path(choice_task).is_file():
+            raise ConfigError(f"--choice-task: file {choice_task} not found (expected a JSONL file or one of the "
+                              f"generated tasks cloze, ioi, colored_objects)")
+        try:
+            eval_config = EvalConfig(**values)
+        except UsageError as error:
+            raise as_flags(error, values) from None
         for spec in eval_config.eval.variants:
             parse_variant(spec)  # bad edit names/values fail here, before the model loads
         if "choice" in eval_config.eval.tasks and Path(eval_config.eval.choice_task).is_file():

@@ -78,7 +78,7 @@ apps_app = typer.Typer(help="Application attentions: train a variant or compare 
 app.add_typer(apps_app, name="app")
 apps_app.command("train")(make_app_command(compare=False))
 apps_app.command("compare")(make_app_command(compare=True))
-protocol_app = typer.Typer(help="Protocols that fine-tune or score a model over many conditions (issue 15).",
+protocol_app = typer.Typer(help="Protocols that fine-tune or score a model over many conditions.",
                            no_args_is_help=True, cls=Group)
 if PROTOCOL_COMMANDS:
     app.add_typer(protocol_app, name="protocol")
@@ -234,7 +234,7 @@ def ls_tasks() -> None:
     _list_registry(TASKS)
 
 
-for _typer in (app, models_app, ls_app):
+for _typer in (app, models_app, ls_app, protocol_app, apps_app):
     for _info in _typer.registered_commands:
         _info.cls = Command  # app.command() fills in TyperCommand; none of ours names another class
 

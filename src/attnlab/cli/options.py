@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -179,7 +179,10 @@ def run_protocol(ctx: typer.Context, config_path: Path | None, debug: bool, conf
         from attnlab.report.io import check_out_dir
 
         values = command_values(ctx, config_path, config_type)
-        run_config = config_type(**values)
+        try:
+            run_config = config_type(**values)
+        except UsageError as error:
+            raise as_flags(error, values) from None
         if pre_check is not None:
             pre_check(run_config)
         out_dir = Path(values["out"])
@@ -190,6 +193,19 @@ def run_protocol(ctx: typer.Context, config_path: Path | None, debug: bool, conf
         summary(results)
 
     run_guarded(body, debug)
+
+
+def as_flags(error: UsageError, names: Iterable[str]) -> UsageError:
+    """``error`` with a leading option field name (``choice_items must be …``, ``memory: items must be …``) written
+    as its flag (``--choice-items must be …``); the same error when none leads. Same class, one line."""
+    text = str(error)
+    head, sep, tail = text.partition(": ")
+    prefix, rest = (head, tail) if sep and " " not in head else ("", text)
+    for name in sorted(names, key=len, reverse=True):
+        if rest.startswith(f"{name} "):
+            flagged = "--" + name.replace("_", "-") + rest[len(name):]
+            return type(error)(f"{prefix}: {flagged}" if prefix else flagged)
+    return error
 
 
 def run_guarded(body: Callable[[], None], debug: bool) -> None:

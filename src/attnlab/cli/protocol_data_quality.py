@@ -91,6 +91,9 @@ def data_quality_command(
     and recall per condition, and report Hedges' g of each mixture vs the all-control condition."""
     from attnlab.protocols.data_quality import DataQualityConfig, run_data_quality
 
+    if junk is None and control is None and config is None:
+        typer.echo(f"no corpora given (--junk FILE --control FILE [--heldout FILE]): running the --demo-junk "
+                   f"{demo_junk} demonstration on the bundled Shakespeare corpus", err=True)
     run_protocol(ctx, config, debug, DataQualityConfig, run_data_quality, _print_summary)
 
 

@@ -303,7 +303,9 @@ def _run_eval(config: EvalConfig, notify: Progress, model: Any, tokenizer: Any, 
     bos_id = start_token_id(tokenizer) if add_bos else None
     window_tokens = data.seq_len - (bos_id is not None)
     stride = spec.stride or window_tokens
-    notify(0, 0, "reading text")
+    if any(task in spec.tasks for task in LM_TASKS) or "passkey" in spec.tasks or (
+            "choice" in spec.tasks and spec.choice_task == "cloze"):  # ioi, colored_objects, files read no corpus
+        notify(0, 0, "reading text")
     ids: list[int] = []
     plans: list[WindowPlan] = []
     windows_info: list[dict[str, Any]] = []

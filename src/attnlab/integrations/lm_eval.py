@@ -165,6 +165,36 @@ class AttnlabLM(TemplateLM):
         make_session(self.model, self.edits)  # checks the edits against the model (layers, heads) before any request
         self.edit_reports: dict[str, list[dict[str, Any]]] = {}
 
+    # lm-eval's constructors -----------------------------------------------------------------------------------
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict[str, Any] | None = None) -> AttnlabLM:
+        """lm-eval's ``--model_args`` text → an instance; see :meth:`create_from_arg_obj`."""
+        return cls.create_from_arg_obj(lm_utils.simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict[str, Any],
+                            additional_config: dict[str, Any] | None = None) -> AttnlabLM:
+        """``model_args`` plus lm-eval's own ``batch_size``/``max_batch_size``/``device`` → an instance.
+
+        A key given in ``model_args`` wins over lm-eval's value for it (lm-eval's CLI always passes its
+        ``--batch_size``, default 1), so ``batch_size=8`` inside ``model_args`` works.
+
+        Raises:
+            ConfigError: a key that is not an argument of :class:`AttnlabLM` (one line; names the ``;`` rule,
+                since a raw comma inside ``edits=`` splits one edit's parameters into separate keys).
+        """
+        import inspect
+
+        known = [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+        unknown = [key for key in arg_dict if key not in known]
+        if unknown:
+            key = unknown[0]
+            raise ConfigError(f"model_args key {key!r} is not an attnlab argument (expected one of "
+                              f"{', '.join(known)}); inside edits= write the commas of one edit as "
+                              f"'{PARAM_SEPARATOR}' (edits=sink_window:sinks=4{PARAM_SEPARATOR}window=252)")
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
+
     # lm-eval's tokenizer interface ----------------------------------------------------------------------------
     @property
     def eot_token_id(self) -> int:

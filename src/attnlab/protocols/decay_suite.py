@@ -223,19 +223,23 @@ def score_suite(model: Any, tokenizer: Any, suite: Suite, *, device: Any = "cpu"
         with torch.no_grad():
             if suite.plans:
                 say("perplexity")
-                scores["nll"] = [float(stats["nll"].mean()) for _, stats, _ in
-                                 score_windows(model, suite.ids, suite.plans, bos_id=suite.bos_id, device=device)]
+                scores["nll"] = []
+                for _, stats, _ in score_windows(model, suite.ids, suite.plans, bos_id=suite.bos_id, device=device):
+                    scores["nll"].append(float(stats["nll"].mean()))
+                    say(f"perplexity window {len(scores['nll'])}/{len(suite.plans)}")
             if suite.prompts:
                 say("passkey")
                 scores["passkey_accuracy"] = []
-                for prompt in suite.prompts:
+                for number, prompt in enumerate(suite.prompts, start=1):
+                    say(f"passkey trial {number}/{len(suite.prompts)}")
                     answer = tokenizer.decode(greedy_decode(model, prompt.ids, answer_tokens(tokenizer, prompt.key),
                                                             device))
                     scores["passkey_accuracy"].append(float(is_correct(answer, prompt.key)))
             if suite.recall:
                 say("recall")
                 exact, tokens = [], []
-                for item in suite.recall:
+                for number, item in enumerate(suite.recall, start=1):
+                    say(f"recall item {number}/{len(suite.recall)}")
                     new = greedy_decode(model, item.ids, len(item.target), device)
                     hits = [a == b for a, b in zip(new, item.target)]
                     exact.append(float(all(hits)))
