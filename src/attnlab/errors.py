@@ -49,3 +49,7 @@ class EditNotFiredError(AttnlabError, RuntimeError):
 
 class TrainingDivergedError(AttnlabError, RuntimeError):
     """A training run's loss became NaN or infinite (a runtime failure: exit code 1 from the CLI)."""
+
+
+class DistributedError(AttnlabError, RuntimeError):
+    """A multi-process run failed: another rank died or timed out, or the process group could not start (exit 1)."""
