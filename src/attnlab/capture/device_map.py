@@ -60,16 +60,23 @@ def map_devices(device_map: Any, device: Any = "cpu") -> str | dict[str, int | s
 
 def check_map_modules(model: Any, device_map: dict[str, int | str]) -> None:
     """UsageError (one line) unless every key of ``device_map`` names a module of ``model`` (``""`` = the whole
-    model) and every weight (``state_dict`` key) falls under some key. ``model`` may be on ``meta``."""
+    model), no key lies inside another (``""`` alone, or siblings), and every weight (``state_dict`` key) falls
+    under some key. ``model`` may be on ``meta``."""
     modules = dict(model.named_modules())
     unknown = [key for key in device_map if key != "" and key not in modules]
     if unknown:
         top = [name for name in modules if name and "." not in name]
         raise UsageError(f"device map names module {unknown[0]!r}, which {type(model).__name__} does not have; its "
                          f"modules start with {', '.join(top)} (e.g. {_example(modules)})")
+    keys = tuple(device_map)
+    nested = [(outer, inner) for outer in keys for inner in keys
+              if inner != outer and (outer == "" or inner.startswith(outer + "."))]
+    if nested:  # accelerate hooks the outer module over all of its weights, offloaded ones included, and fails
+        outer, inner = nested[0]
+        raise UsageError(f"device map keys must not nest: {outer or chr(34) * 2} contains {inner!r}; give the other "
+                         "modules at the same depth instead (as accelerate's own maps do)")
     if "" in device_map:
         return
-    keys = tuple(device_map)
     missing = [name for name in model.state_dict() if not any(name == k or name.startswith(k + ".") for k in keys)]
     if missing:
         raise UsageError(f"device map places no device for {missing[0]}" + (f" and {len(missing) - 1} more weight(s)"

@@ -9,8 +9,8 @@ from typing import Annotated, Any, Optional
 import typer
 
 from attnlab.cli.options import (
-    Bos, ConfigFile, Debug, Device, DType, EditOpt, Force, MaxWindows, ModelOpt, OutDir, Seed, SeqLen, TextOpt,
-    TokenizerOpt, as_flags, command_values, print_config, run_guarded, with_progress, write_and_announce,
+    Bos, ConfigFile, Debug, Device, DeviceMap, DType, EditOpt, Force, MaxWindows, ModelOpt, OutDir, Seed, SeqLen,
+    TextOpt, TokenizerOpt, as_flags, command_values, print_config, run_guarded, with_progress, write_and_announce,
 )
 from attnlab.errors import ConfigError, UsageError
 
@@ -71,6 +71,7 @@ def eval_command(
     bos: Bos = "auto",
     dtype: DType = "float32",
     device: Device = "cpu",
+    device_map: DeviceMap = None,
     seed: Seed = 0,
     config: ConfigFile = None,
     debug: Debug = False,

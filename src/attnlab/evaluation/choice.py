@@ -311,8 +311,9 @@ def _model_limit(model: Any) -> int | None:
 
 
 def _device_of(model: Any) -> Any:
-    parameter = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
-    return parameter.device if parameter is not None else "cpu"
+    from attnlab.capture.device_map import input_device
+
+    return input_device(model)
 
 
 @takes_progress

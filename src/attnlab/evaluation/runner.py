@@ -225,9 +225,11 @@ def evaluate_variants(model: Any, tokenizer: Any, variants: list[Variant], *, ta
 
 
 def model_device(model: Any) -> str:
-    """Where the model's weights are (a passed-in model may not be on ``config.device``); inputs go there."""
-    parameter = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
-    return str(parameter.device) if parameter is not None else "cpu"
+    """Where inputs go: the device of the input embeddings (a passed-in model may not be on ``config.device``;
+    under a device map the first parameter may be offloaded): :func:`attnlab.capture.device_map.input_device`."""
+    from attnlab.capture.device_map import input_device
+
+    return str(input_device(model))
 
 
 def check_causal_lm(model: Any, requested: str) -> None:

@@ -1,0 +1,188 @@
+"""--device-map: a model placed across devices by accelerate (CPU and disk offload here) gives the plain load's results.
+
+CPU only: the map puts some decoder layers (and the input embeddings) on "disk" (accelerate disk offload: their
+weights are ``meta`` and read on use) and the rest on "cpu". Probe rows, an edit's effect and eval perplexity must
+be **bitwise equal** to the plain load (same weights, same kernels, same order of operations on one CPU). A true
+second device does not exist here: :func:`test_probe_states_take_statistics_from_another_device` stands one in
+with a tensor subclass (:class:`Elsewhere`) that fails whenever a probe adds it to its state unmoved.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from cli.helpers import assert_one_line_error, tiny_model_and_text
+from typer.testing import CliRunner
+
+from attnlab.capture.device_map import check_map_modules, dispatch, input_device, meta_model
+from attnlab.capture.loading import load_model
+from attnlab.cli.main import app
+from attnlab.config import ModelSpec, RunConfig, parse_device_map
+from attnlab.errors import ConfigError, UsageError
+
+LAYERS = 4
+OFFLOADED = {"model.embed_tokens": "disk", "model.layers.0": "cpu", "model.layers.1": "disk", "model.layers.2": "cpu",
+             "model.layers.3": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 4-layer tiny random Llama folder and a text of its words: ``(folder, text)``."""
+    from tiny_models import WORDS, save_model_dir, tiny_llama
+
+    root = tmp_path_factory.mktemp("device-map")
+    text = root / "words.txt"
+    text.write_text(" ".join(WORDS[(i * 5) % len(WORDS)] for i in range(200)), encoding="utf-8")
+    return save_model_dir(root / "model", tiny_llama(layers=LAYERS)), text
+
+
+def _offloaded(folder, tmp_path):
+    return load_model(folder, device_map=OFFLOADED, offload_dir=tmp_path / "offload")
+
+
+# the map as a setting -------------------------------------------------------------------------------------------
+def test_device_map_settings_parse(tmp_path):
+    assert parse_device_map(None) is None and parse_device_map(" auto ") == "auto"
+    assert parse_device_map('{"": "cpu", "lm_head": 1}') == {"": "cpu", "lm_head": 1}
+    path = tmp_path / "map.json"
+    path.write_text(json.dumps(OFFLOADED))
+    assert parse_device_map(str(path)) == OFFLOADED
+    for bad, fragment in [("autoo", "no such file"), ("{nope", "not valid JSON"), ("{}", "holds {}"),
+                          ('{"model": "gpu"}', "'model' -> 'gpu'"), ('{"model": -1}', "GPU index"),
+                          ('{"model": true}', "GPU index")]:
+        with pytest.raises(ConfigError, match=fragment):
+            parse_device_map(bad)
+    with pytest.raises(ConfigError, match="--device-map and --device cuda cannot be combined"):
+        ModelSpec(device_map="auto", device="cuda")
+    config = RunConfig(device_map=str(path))
+    assert config.load.device_map == str(path) and RunConfig.from_dict(config.to_dict()) == config
+
+
+def test_a_map_must_name_modules_the_model_has_and_cover_every_weight(tiny):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    empty = meta_model(AutoModelForCausalLM, AutoConfig.from_pretrained(tiny[0]))
+    check_map_modules(empty, OFFLOADED)
+    check_map_modules(empty, {"": "cpu"})
+    with pytest.raises(UsageError, match="names module 'model.layers.7', which LlamaForCausalLM does not have"):
+        check_map_modules(empty, {**OFFLOADED, "model.layers.7": "cpu"})
+    with pytest.raises(UsageError, match="keys must not nest: \"\" contains 'model.layers.1'"):
+        check_map_modules(empty, {"model.layers.1": "disk", "": "cpu"})
+    with pytest.raises(UsageError, match="places no device for lm_head.weight"):
+        check_map_modules(empty, {k: v for k, v in OFFLOADED.items() if k != "lm_head"})
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is present")
+        load_model(tiny[0], device_map={"": 0})
+
+
+# loading --------------------------------------------------------------------------------------------------------
+def test_offloaded_load_gives_the_plain_logits(tiny, tmp_path):
+    plain, mapped = load_model(tiny[0]), _offloaded(tiny[0], tmp_path)
+    layers = mapped.model.model.layers
+    assert layers[1].self_attn.q_proj.weight.device.type == "meta"  # really offloaded: read from disk on use
+    assert mapped.model.get_input_embeddings().weight.device.type == "meta"
+    assert layers[0].self_attn.q_proj.weight.device.type == "cpu"
+    assert input_device(mapped.model) == torch.device("cpu") and mapped.facts.device == "cpu"
+    record = mapped.model_record()
+    assert record["device_map"] == OFFLOADED and "device_map" not in plain.model_record()
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8], [9, 10, 11, 3, 4, 5]])
+    with torch.no_grad():
+        assert torch.equal(mapped.model(ids).logits, plain.model(ids).logits)
+
+
+def test_auto_map_on_a_cpu_machine_records_one_device(tiny):
+    loaded = load_model(tiny[0], device_map="auto")
+    expected = "cuda:0" if torch.cuda.is_available() else "cpu"
+    assert loaded.device_map is not None and set(map(str, loaded.device_map.values())) <= {expected, "0", "cpu"}
+
+
+def test_a_model_in_memory_is_dispatched_with_disk_offload(tmp_path):
+    """The path of a .gguf file dequantised in memory: accelerate's dispatch_model writes "disk" weights."""
+    from tiny_models import tiny_llama
+
+    reference, model = tiny_llama(layers=LAYERS), tiny_llama(layers=LAYERS)
+    dispatch(model, OFFLOADED, tmp_path / "offload")
+    assert (tmp_path / "offload" / "index.json").is_file() and model.hf_device_map == OFFLOADED
+    assert model.model.layers[3].mlp.up_proj.weight.device.type == "meta"
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+    with pytest.raises(UsageError, match="names module 'decoder'"):
+        dispatch(tiny_llama(), {"decoder": "cpu", "": "cpu"}, tmp_path / "other")
+
+
+# probes, edits, eval --------------------------------------------------------------------------------------------
+def test_probe_rows_edit_and_perplexity_equal_the_plain_load(tiny, tmp_path):
+    from attnlab.capture.session import Session
+    from attnlab.evaluation.config import EvalConfig
+    from attnlab.evaluation.runner import run_eval
+    from attnlab.pipeline import run_probes
+
+    folder, text = tiny
+    common = {"model": str(folder), "text": str(text), "seq_len": 24, "max_windows": 2, "bos": "never"}
+    probes = ("entropy", "sink", "distance", "norms", "massive_activations", "rope_decay")
+    results = [run_probes(RunConfig(**common, probes=probes, device_map=device_map))
+               for device_map in (None, OFFLOADED)]
+    assert results[0]["rows"] and results[1]["rows"] == results[0]["rows"]  # bitwise: same floats
+    assert results[1]["model"]["device_map"] == OFFLOADED and results[1]["patterns"] == results[0]["patterns"]
+
+    edit = "temperature:tau=0.8"
+    evals = [run_eval(EvalConfig(**common, variants=(edit,), device_map=device_map))
+             for device_map in (None, OFFLOADED)]
+    plain, mapped = (result["eval"]["variants"] for result in evals)
+    assert [v["perplexity"] for v in mapped] == [v["perplexity"] for v in plain]
+    assert plain[1]["perplexity"] != plain[0]["perplexity"]  # the edit acts
+
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8, 9, 10]])
+    logits = []
+    for loaded in (load_model(folder), _offloaded(folder, tmp_path)):
+        with Session(loaded.model, edits=[edit]) as session, torch.no_grad():
+            logits.append(loaded.model(ids).logits)
+        report = session.edit_report()
+        assert int(report["calls_touched"].sum()) == LAYERS and float(report["max_change"].max()) > 0
+    assert torch.equal(logits[0], logits[1])
+
+
+# CLI ------------------------------------------------------------------------------------------------------------
+def test_cli_report_with_a_device_map_file(tmp_path):
+    folder, text = tiny_model_and_text(tmp_path)
+    mapping = {"model.embed_tokens": "cpu", "model.layers.0": "disk", "model.layers.1": "cpu", "model.norm": "disk",
+               "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    map_file = tmp_path / "map.json"
+    map_file.write_text(json.dumps(mapping))
+    outputs = []
+    for name, extra in (("plain", []), ("mapped", ["--device-map", str(map_file)])):
+        out = tmp_path / name
+        result = CliRunner().invoke(app, ["report", "--model", str(folder), "--text", str(text), "--seq-len", "16",
+                                          "--max-windows", "2", "--out", str(out), *extra])
+        assert result.exit_code == 0, result.output
+        outputs.append(json.loads((out / "results.json").read_text()))
+    assert outputs[1]["config"]["device_map"] == str(map_file)
+    assert outputs[1]["model"]["device_map"] == mapping and outputs[1]["rows"] == outputs[0]["rows"]
+
+
+@pytest.mark.parametrize("device_map, fragment", [
+    ("everywhere", "expected device_map auto, balanced"),
+    ("{not json", "not valid JSON"),
+    ('{"model.layers.9": "cpu", "": "cpu"}', "names module 'model.layers.9'"),
+    ('{"model.layers.0": "cpu"}', "places no device for"),
+    ('{"model.layers.0": "disk", "": "cpu"}', "keys must not nest"),
+])
+def test_cli_bad_device_maps_are_one_line_usage_errors(tmp_path, device_map, fragment):
+    folder, text = tiny_model_and_text(tmp_path)
+    for command in ("report", "eval"):
+        result = CliRunner().invoke(app, [command, "--model", str(folder), "--text", str(text), "--seq-len", "16",
+                                          "--out", str(tmp_path / command), "--device-map", device_map])
+        assert_one_line_error(result, 2, fragment)
+        assert not (tmp_path / command / "results.json").exists()
+
+
+def test_cli_device_map_with_device_is_refused(tmp_path):
+    folder, text = tiny_model_and_text(tmp_path)
+    for command in ("report", "eval"):
+        result = CliRunner().invoke(app, [command, "--model", str(folder), "--text", str(text), "--out",
+                                          str(tmp_path / command), "--device-map", "auto", "--device", "cuda"])
+        assert_one_line_error(result, 2, "--device-map and --device cuda cannot be combined")
