@@ -186,3 +186,148 @@ def test_cli_device_map_with_device_is_refused(tmp_path):
         result = CliRunner().invoke(app, [command, "--model", str(folder), "--text", str(text), "--out",
                                           str(tmp_path / command), "--device-map", "auto", "--device", "cuda"])
         assert_one_line_error(result, 2, "--device-map and --device cuda cannot be combined")
+
+
+# a statistic from another device ---------------------------------------------------------------------------------
+class Elsewhere(torch.Tensor):
+    """A CPU tensor standing for one on another device (a GPU holding the layer), for machines without a second one.
+
+    Every result of an op on an Elsewhere tensor is Elsewhere; ``.cpu()`` and ``.to(device)`` bring it home (a
+    plain tensor). An op that takes an Elsewhere tensor together with a probe's state tensor (``Elsewhere.states``:
+    the storages of ``probe.state()``) raises, as adding a CUDA tensor into a CPU tensor (or indexing one with it)
+    does. Ops on temporaries (a buffer made with ``device=probs.device``) are allowed, as on a GPU, and a temporary
+    written in place (or through ``out=``) from an Elsewhere tensor becomes Elsewhere itself.
+    """
+
+    probes: list = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        from torch.utils._pytree import tree_flatten, tree_map_only
+
+        kwargs = kwargs or {}
+        leaves = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
+        away = any(isinstance(x, Elsewhere) for x in leaves)
+        home = func is torch.Tensor.cpu or (func is torch.Tensor.to and torch._C._nn._parse_to(
+            *args[1:], **kwargs)[0] is not None)
+        if away and not home:
+            states = {t.untyped_storage().data_ptr() for probe in cls.probes for t in probe.state().values()}
+            if any(not isinstance(x, Elsewhere) and x.untyped_storage().data_ptr() in states for x in leaves):
+                raise RuntimeError(f"Expected all tensors to be on the same device ({func.__name__}: a probe "
+                                   "state took a statistic that was not moved to the state's device)")
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **kwargs)
+        if away and not home:  # a buffer written in place or through out= now holds data from the other device
+            written = [kwargs.get("out")] + ([args[0]] if func.__name__.endswith("_") or func.__name__.startswith(
+                ("__i", "__setitem__")) else [])
+            for target in tree_flatten(written)[0]:
+                if isinstance(target, torch.Tensor) and not isinstance(target, Elsewhere):
+                    target.__class__ = Elsewhere
+        if home or not away:
+            return tree_map_only(Elsewhere, lambda t: t.as_subclass(torch.Tensor), out) if home else out
+        return tree_map_only(torch.Tensor, lambda t: t if isinstance(t, Elsewhere) else t.as_subclass(Elsewhere),
+                             out)
+
+
+def _run_probes(model, probes, monkeypatch=None, probe_kernel="fused"):
+    """Run ``probes`` over a batch of two sequences; with ``monkeypatch``, every attention call's query/key/value,
+    keep mask and call record, the forward's sequence (ids, masks, positions) and every decoder layer's output are
+    Elsewhere (the attention output comes home again, so the rest of the model runs as usual)."""
+    import dataclasses
+
+    from attnlab.capture import backend
+    from attnlab.capture import session as session_module
+    from attnlab.capture.architectures import transformer_blocks
+    from attnlab.capture.session import Session
+
+    original = backend.attnlab_attention
+
+    def away(module, query, key, value, attention_mask, **kwargs):
+        query, key, value = (t.as_subclass(Elsewhere) for t in (query, key, value))
+        output, probs = original(module, query, key, value, attention_mask, **kwargs)
+        return output.as_subclass(torch.Tensor), probs
+
+    def hook(kind):
+        def retag(module, args, output):
+            return (output[0].as_subclass(kind), *output[1:]) if isinstance(output, tuple) else output.as_subclass(kind)
+        return retag
+
+    def tagged(value):
+        return value.as_subclass(Elsewhere) if isinstance(value, torch.Tensor) else value
+
+    def read_forward(*args):  # the sequence (input ids, masks, positions) lives on the input device
+        forward, length = session_module.read_forward.__wrapped__(*args)
+        if forward is not None:
+            sequence = dataclasses.replace(forward.sequence, **{name: tagged(getattr(forward.sequence, name))
+                                                                for name in ("valid", "positions", "input_ids")})
+            forward = dataclasses.replace(forward, sequence=sequence)
+        return forward, length
+
+    def prepare_call(*args):  # the call record's tensors live on the layer's device
+        key, value, attention_mask, keep, call = session_module.prepare_call.__wrapped__(*args)
+        names = ("value", "query_valid", "key_valid", "query_positions", "key_positions")
+        return key, value, attention_mask, tagged(keep), dataclasses.replace(
+            call, **{name: tagged(getattr(call, name)) for name in names})
+
+    blocks = transformer_blocks(model) if monkeypatch is not None else []
+    if monkeypatch is not None:
+        monkeypatch.setattr(backend, "attnlab_attention", away)
+        monkeypatch.setattr(Elsewhere, "probes", probes)
+        read_forward.__wrapped__, prepare_call.__wrapped__ = session_module.read_forward, session_module.prepare_call
+        monkeypatch.setattr(session_module, "read_forward", read_forward)
+        monkeypatch.setattr(session_module, "prepare_call", prepare_call)
+    handles = [block.register_forward_hook(hook(Elsewhere)) for block in blocks]
+    ids = torch.tensor([[1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 3, 4, 5, 6, 7, 8],
+                        [1, 9, 3, 12, 4, 13, 5, 14, 6, 15, 7, 3, 4, 5, 6, 7]])
+    try:
+        with Session(model, probes=probes, probe_kernel=probe_kernel) as session, torch.no_grad():
+            handles += [block.register_forward_hook(hook(torch.Tensor)) for block in blocks]
+            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return session
+
+
+def _every_probe():
+    from attnlab.probes import PROBES
+
+    coordinate_decay = PROBES.get("coordinate_decay")(max_distance=4.0)
+    coordinate_decay.set_coordinates(torch.arange(32.0).view(2, 16, 1) % 5)
+    return [PROBES.get("entropy")(), PROBES.get("sink")(min_queries=2), PROBES.get("distance")(),
+            PROBES.get("norms")(), PROBES.get("massive_activations")(), PROBES.get("rope_decay")(),
+            PROBES.get("spatial_decay")(grid=(4, 4)), coordinate_decay,
+            PROBES.get("magnets")(token_classes={i: i % 3 for i in range(97)}, bos_token_id=1)]
+
+
+@pytest.mark.parametrize("probe_kernel", ["fused", "blocked"])
+def test_probe_states_take_statistics_from_another_device(monkeypatch, probe_kernel):
+    """Every probe's update (fused, blocked, per call, per hidden state) moves its statistics to its state's device
+    before adding them: the Elsewhere run gives the same rows as a plain run, and no state became Elsewhere."""
+    from tiny_models import tiny_llama
+
+    model = tiny_llama(layers=2)
+    plain = _run_probes(model, _every_probe(), probe_kernel=probe_kernel).rows()
+    elsewhere = _run_probes(model, _every_probe(), monkeypatch, probe_kernel)
+    rows = elsewhere.rows()
+    assert {row["probe"] for row in rows} == {probe.name for probe in elsewhere.probes}
+    assert [{k: v for k, v in row.items() if k != "value"} for row in rows] == [
+        {k: v for k, v in row.items() if k != "value"} for row in plain]
+    assert [row["value"] for row in rows] == pytest.approx([row["value"] for row in plain], rel=1e-9, abs=1e-15)
+    for probe in elsewhere.probes:
+        assert not any(isinstance(t, Elsewhere) for t in probe.state().values()), probe.name
+
+
+@pytest.mark.parametrize("probe_kernel", ["fused", "blocked"])
+def test_a_statistic_added_unmoved_is_caught(monkeypatch, probe_kernel):
+    """The check above can fail: a probe that adds a statistic without moving it raises under Elsewhere."""
+    from attnlab.probes import PROBES
+    from tiny_models import tiny_llama
+
+    class Unmoved(PROBES.get("entropy")):
+        def _accumulate(self, layer, entropy, num_visible, row_ok):
+            self.rows_seen[layer] += row_ok.to(entropy.dtype).sum(dim=(0, 2)).double()  # no .cpu()
+            self.entropy_sum[layer] += (entropy * row_ok).sum(dim=(0, 2)).double()
+
+    with pytest.raises(RuntimeError, match="not moved to the state's device"):
+        _run_probes(tiny_llama(layers=2), [Unmoved()], monkeypatch, probe_kernel)
