@@ -146,6 +146,21 @@ def test_probe_rows_edit_and_perplexity_equal_the_plain_load(tiny, tmp_path):
     assert torch.equal(logits[0], logits[1])
 
 
+def test_gradients_of_offloaded_weights_are_refused_not_zero(tiny, tmp_path):
+    """inflection's param_grad_norm would silently be 0 for a block whose weights are offloaded (on meta)."""
+    from attnlab.pipeline import run_probes
+
+    folder, text = tiny
+    common = {"model": str(folder), "text": str(text), "seq_len": 16, "max_windows": 1, "bos": "never",
+              "probes": ("inflection",), "pattern_heads": "none"}
+    with pytest.raises(ConfigError, match="parameter gradients need every weight in memory"):
+        run_probes(RunConfig(**common, device_map=OFFLOADED))
+    in_memory = {key: "cpu" if value == "disk" else value for key, value in OFFLOADED.items()}
+    results = [run_probes(RunConfig(**common, device_map=device_map)) for device_map in (None, in_memory)]
+    assert results[0]["rows"] and results[1]["rows"] == results[0]["rows"]
+    assert results[1]["model"]["device_map"] == in_memory  # one device: not dispatched, the map as given
+
+
 # CLI ------------------------------------------------------------------------------------------------------------
 def test_cli_report_with_a_device_map_file(tmp_path):
     folder, text = tiny_model_and_text(tmp_path)
@@ -162,6 +177,13 @@ def test_cli_report_with_a_device_map_file(tmp_path):
         outputs.append(json.loads((out / "results.json").read_text()))
     assert outputs[1]["config"]["device_map"] == str(map_file)
     assert outputs[1]["model"]["device_map"] == mapping and outputs[1]["rows"] == outputs[0]["rows"]
+    lines = []
+    for name, extra in (("eval-plain", []), ("eval-mapped", ["--device-map", json.dumps(mapping)])):
+        result = CliRunner().invoke(app, ["eval", "--model", str(folder), "--text", str(text), "--seq-len", "16",
+                                          "--max-windows", "2", "--out", str(tmp_path / name), *extra])
+        assert result.exit_code == 0, result.output
+        lines.append([line for line in result.stdout.splitlines() if "perplexity" in line])
+    assert lines[0] and lines[1] == lines[0]
 
 
 @pytest.mark.parametrize("device_map, fragment", [

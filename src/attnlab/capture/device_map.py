@@ -181,10 +181,12 @@ def _torch_device(where: int | str) -> torch.device:
     return torch.device("cpu" if where == "disk" else where)
 
 
-def resolved_map(model: Any) -> dict[str, int | str]:
+def resolved_map(model: Any, requested: Any = None) -> dict[str, int | str]:
     """The map a model was placed by, JSON-ready: ``model.hf_device_map`` (set by accelerate when the model spans
-    several devices or disk), else ``{"": device}`` of its first parameter (a map that resolved to one device)."""
+    several devices or disk), else the ``requested`` map when it was explicit, else ``{"": device}`` of the first
+    parameter (a map name that resolved to one device)."""
     mapping = getattr(model, "hf_device_map", None)
+    mapping = mapping if isinstance(mapping, dict) and mapping else requested
     if isinstance(mapping, dict) and mapping:
         return {str(k): v if isinstance(v, int) else str(v) for k, v in mapping.items()}
     parameter = next(iter(model.parameters()), None)

@@ -591,4 +591,4 @@ def _load_model(name_or_path: str | os.PathLike[str], dtype: str | torch.dtype, 
     tokenizer_facts = {**tokenizer_info(own), "name": tokenizer_name or name, "source": tokenizer_source,
                        "from_model": tokenizer_name is None}
     return LoadedModel(model, own, facts, tokenizer_facts, extra["loaded_from"],
-                       None if placement is None else resolved_map(model))
+                       None if placement is None else resolved_map(model, placement))

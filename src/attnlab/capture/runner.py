@@ -233,10 +233,15 @@ class ModelRunner:
 
         Raises:
             UnsupportedModelError: ``head_outputs`` on a block whose output projection is not found.
-            ConfigError: ``gradients=True`` for a model without an LM head; a selection that is not 1-D.
+            ConfigError: ``gradients=True`` for a model without an LM head, or whose device map offloads weights
+                (they sit on ``meta`` and would get no gradient); a selection that is not 1-D.
             EditNotFiredError: an edit acted on no attention call.
         """
         from attnlab.capture.session import Session
+
+        if gradients and any(parameter.device.type == "meta" for parameter in self.model.parameters()):
+            raise ConfigError("parameter gradients need every weight in memory, but the device map offloads some "
+                              "(\"disk\", or \"cpu\" beside a GPU); use a map without offload")
 
         input_ids = batch["input_ids"]
         valid = batch.get("attention_mask", torch.ones_like(input_ids)).bool()
