@@ -23,13 +23,13 @@ from tiny_models import WORDS, tiny_llama, tiny_tokenizer
 
 from attnlab.capture.session import Session
 from attnlab.distributed import World, shard_range
-from attnlab.errors import ConfigError, EditNotFiredError
+from attnlab.errors import ConfigError, DistributedError, EditNotFiredError
 from attnlab.evaluation import EvalConfig, run_eval
 from attnlab.evaluation.choice import (assemble_choice_scores, load_choice_items, plan_choices,
                                        score_choice_batches, score_choices)
 from attnlab.evaluation.lm_tasks import (WindowPart, decode_windows, encode_windows, plan_windows, replay_windows,
                                          score_windows)
-from attnlab.evaluation.runner import global_done
+from attnlab.evaluation.runner import evaluate_variants, global_done
 from cli.helpers import tiny_model_and_text
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -127,12 +127,15 @@ def test_progress_counts_all_ranks_when_they_keep_pace():
     assert [global_done(k, 4, World(0, 1)) for k in range(5)] == list(range(5))  # one process: its own count
 
 
-def test_search_is_refused_under_several_processes_before_the_model_runs(monkeypatch):
+def test_search_is_refused_and_no_shard_runs_without_a_group_under_several_processes(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     with pytest.raises(ConfigError, match=r"^--search runs in one process, but 2 were started"):
         run_eval(EvalConfig(seq_len=16, max_windows=4), model=tiny_llama(), tokenizer=tiny_tokenizer(),
                  search="act")
+    with pytest.raises(DistributedError, match="rank 1/2: WORLD_SIZE > 1 but no process group runs"):
+        evaluate_variants(tiny_llama(), tiny_tokenizer(), [("baseline", [])], tasks=("perplexity",), ids=[],
+                          plans=[], bos_id=None, seq_len=16, prompts=[])  # would score a shard and merge nothing
 
 
 # --- torchrun: 2 processes vs the same command in 1 -------------------------------------------------------------

@@ -16,8 +16,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from attnlab.errors import ConfigError, TextError
-from attnlab.distributed import World, all_gather_bytes, all_gather_json, fail_point, shard_range, world
+from attnlab.errors import ConfigError, DistributedError, TextError
+from attnlab.distributed import (World, all_gather_bytes, all_gather_json, distributed, fail_point, shard_range,
+                                 world)
 from attnlab.evaluation.choice import NORMS, assemble_choice_scores, plan_choices, score_choice_batches
 from attnlab.evaluation.config import BASELINE, EvalConfig, parse_variant
 from attnlab.evaluation.lm_tasks import (TokenScores, WindowPart, WindowPlan, decode_windows, encode_windows,
@@ -213,7 +214,11 @@ def evaluate_variants(model: Any, tokenizer: Any, variants: list[Variant], *, ta
     only (:func:`run_eval` does).
     """
     import torch
+    import torch.distributed as dist
 
+    if world().active and not dist.is_initialized():
+        raise DistributedError(f"{world().label()}: WORLD_SIZE > 1 but no process group runs; call "
+                               "evaluate_variants inside attnlab.distributed.distributed()")
     notify: Progress = progress  # type: ignore[assignment]  # a Progress here (takes_progress)
     run_lm = any(task in tasks for task in LM_TASKS)
     run_choice = "choice" in tasks and choice is not None
@@ -335,20 +340,37 @@ def run_eval(config: EvalConfig, *, progress: ProgressArg = None, model: Any = N
             also for a model without next-token logits (an encoder such as minilm-l6), and for an edit that cannot
             run on the model (a layer or head it lacks, or Python-only state such as ``head_patch``'s source),
             checked right after the model loads, before any window runs.
-        EditNotFiredError: a requested edit never touched an attention call.
+        EditNotFiredError: a requested edit never touched an attention call (on all ranks together).
+        DistributedError: under several processes, the group cannot start or another rank died.
 
     ``progress``: None (silent), True (stderr: a bar with ETA in a terminal, else plain lines) or a callable
     ``(done, total, message)`` (:mod:`attnlab.progress`); only rank 0 reports, with the global count.
 
-    Several processes (``torchrun --nproc-per-node N -m attnlab eval``, or any caller inside
-    :func:`attnlab.distributed.distributed`): every rank loads the model and plans the same windows, prompts and
+    Several processes (``torchrun --nproc-per-node N -m attnlab eval``, or a script calling ``run_eval`` under
+    ``torchrun``: it starts the process group itself unless one runs, :func:`attnlab.distributed.distributed`):
+    every rank loads the model and plans the same windows, prompts and
     items, scores its shard of each variant's work and gets the same merged results (:func:`evaluate_variants`:
     counts exact, sums as one process adds them, per-window scores up to the model's kernels). ``search`` is
     refused there (ConfigError on every rank, before the model loads): a search picks edits from sequential
     validation passes, so it runs in one process; its found edits then run data-parallel as ``--edit`` variants.
     """
-    with progress_to(progress if world().is_main else None) as notify:
+    search = check_search(config, search)
+    with distributed(config.load.device), progress_to(progress if world().is_main else None) as notify:
         return _run_eval(config, notify, model, tokenizer, search)
+
+
+def check_search(config: EvalConfig, search: str | None) -> str | None:
+    """The search to run (``search``, else ``config.eval.search``); ConfigError (one line, on every rank alike)
+    for an unknown one, ``zerotuning_profile`` without ``--task choice``, or any search under several processes."""
+    search = search if search is not None else config.eval.search
+    if search not in (None, "zerotuning", "act", "zerotuning_profile"):
+        raise ConfigError(f"--search must be zerotuning, act or zerotuning_profile, got {search!r}")
+    if search == "zerotuning_profile" and "choice" not in config.eval.tasks:
+        raise ConfigError("--search zerotuning_profile needs --task choice (it is scored on multiple choice)")
+    if search is not None and world().active:
+        raise ConfigError(f"--search runs in one process, but {world().size} were started (torchrun); run the "
+                          "search with plain 'attnlab eval', then the found edits as --edit under torchrun")
+    return search
 
 
 def _run_eval(config: EvalConfig, notify: Progress, model: Any, tokenizer: Any, search: str | None
@@ -357,16 +379,8 @@ def _run_eval(config: EvalConfig, notify: Progress, model: Any, tokenizer: Any, 
     from attnlab.text import start_token_id, tokenizer_adds_bos
 
     started = time.perf_counter()
-    search = search if search is not None else config.eval.search
     spec, data = config.eval, config.data
     search_on_choice = search is not None and "choice" in spec.tasks
-    if search not in (None, "zerotuning", "act", "zerotuning_profile"):
-        raise ConfigError(f"--search must be zerotuning, act or zerotuning_profile, got {search!r}")
-    if search == "zerotuning_profile" and not search_on_choice:
-        raise ConfigError("--search zerotuning_profile needs --task choice (it is scored on multiple choice)")
-    if search is not None and world().active:
-        raise ConfigError(f"--search runs in one process, but {world().size} were started (torchrun); run the "
-                          "search with plain 'attnlab eval', then the found edits as --edit under torchrun")
     variants: list[Variant] = [(BASELINE, [])] + [(edits, parse_variant(edits)) for edits in spec.variants]
     loaded = start_run(config.load, data, spec.seed, notify, model, tokenizer,  # seq_len: windows only (passkey below)
                        check_len=any(task in spec.tasks for task in LM_TASKS))
