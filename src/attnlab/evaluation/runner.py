@@ -7,6 +7,10 @@ Every variant (the baseline first, then each edit list) runs the same windows, t
 same multiple-choice items (``--task choice``: :mod:`attnlab.evaluation.choice`) inside
 its own ``Session(model, edits=[...])``; the session's ``edit_report()`` is stored with the variant, and an edit
 that never fired raises ``EditNotFiredError`` (the run stops; nothing is written).
+
+Under ``torchrun --nproc-per-node N -m attnlab eval ...`` the ranks split each variant's windows, prompts and
+choice batches and merge them in single-process order (:func:`evaluate_variants`); ``--search`` runs in one process
+only (:func:`check_search`).
 """
 
 from __future__ import annotations
