@@ -353,3 +353,15 @@ def test_a_statistic_added_unmoved_is_caught(monkeypatch, probe_kernel):
 
     with pytest.raises(RuntimeError, match="not moved to the state's device"):
         _run_probes(tiny_llama(layers=2), [Unmoved()], monkeypatch, probe_kernel)
+
+
+def test_a_device_map_is_refused_under_several_processes(monkeypatch):
+    from attnlab.capture.device_map import map_devices
+    from attnlab.errors import ConfigError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(ConfigError, match="2 processes were started"):
+        map_devices("auto")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert map_devices("auto") == "auto"

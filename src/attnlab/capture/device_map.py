@@ -39,10 +39,17 @@ def map_devices(device_map: Any, device: Any = "cpu") -> str | dict[str, int | s
 
     Raises:
         ConfigError: a bad map (see parse_device_map); a map together with a ``device`` other than ``"cpu"``; a map
-            that names a GPU (an int or ``cuda…``) where CUDA is not available, or ``mps`` where MPS is not.
+            that names a GPU (an int or ``cuda…``) where CUDA is not available, or ``mps`` where MPS is not; a map
+            under several processes (``torchrun``: every rank would place the whole model on the same devices).
     """
+    from attnlab.distributed import world
+
     parsed = parse_device_map(device_map)
     check_map_and_device(parsed, device)
+    if parsed is not None and world().active:
+        raise ConfigError(f"--device-map places one model across this machine's devices, but {world().size} "
+                          "processes were started (torchrun); run it in one process, or give each process a whole "
+                          "model with --device cuda")
     if isinstance(parsed, dict):
         for module, where in parsed.items():
             cuda = isinstance(where, int) or where.startswith("cuda")
