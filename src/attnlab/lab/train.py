@@ -26,6 +26,15 @@ What one run does (step = number of optimizer updates done):
 ``accuracy``, ``lr`` and ``grad_norm`` (before clipping); every evaluation logs ``eval`` ``loss`` and ``accuracy``.
 Resuming (``resume=True``) reloads weights, optimizer state and logs from ``out/checkpoint`` and continues; on CPU
 the final weights and the log are bit-identical to an uninterrupted run (same torch, same thread count).
+
+Several processes (``torchrun --nproc-per-node N -m attnlab train ...``, or :func:`train` inside a running process
+group): one model trained with DistributedDataParallel (gloo), ``batch_size`` is the GLOBAL batch and each rank
+trains on its contiguous slice of it, with the loss scaled so that the gradient is the global batch's
+(:mod:`attnlab.lab.data_parallel`); the logged train loss/accuracy are global. Each rank evaluates its shard of the
+eval batches (sums added over ranks); the probes run on rank 0. Rank 0 alone writes the checkpoint and the log
+(the others wait at a barrier), shows progress and builds the results (``TrainResult.results`` is ``{}`` on the
+other ranks). A checkpoint resumes on any number of processes. Two processes match one process within float
+tolerance (summation order only; measured ≤ 2e-7 on the weights after 6 AdamW steps, tests/test_distributed_train.py).
 """
 
 from __future__ import annotations
@@ -255,7 +264,8 @@ class TrainResult:
         final: the last evaluation's ``eval_loss``/``eval_accuracy`` and the last update's ``train_loss``.
         num_parameters: distinct trainable parameters. seconds: wall time trained (summed over resumes).
         log: the train_log rows (``step, split, statistic, value``). probe_rows: every probe row with its ``step``.
-        results: the results dict (docs/results.md; rows of probe ``train`` and of each probe, with ``step``).
+        results: the results dict (docs/results.md; rows of probe ``train`` and of each probe, with ``step``);
+            ``{}`` on ranks other than 0 (probe_rows is empty there too).
         checkpoint: ``out/checkpoint`` (None when ``config.out`` is None). model: the trained model.
     """
 
@@ -393,7 +403,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: ProgressArg = 
         stop_at: stop after this many updates (the schedule still spans ``config.steps``), checkpointing there,
             so a later ``resume`` continues the same run (a time-boxed run).
 
-    Returns: a :class:`TrainResult`. Raises ConfigError/RegistryError (one line) on bad settings, on a non-empty
+    Returns: a :class:`TrainResult`. Raises ConfigError/RegistryError (one line) on bad settings, on a batch size
+    that does not divide by the number of processes, on a non-empty
     ``out`` without resume/force, and on resuming with no checkpoint or a different config; Ctrl-C raises
     :class:`TrainingInterrupted` (a KeyboardInterrupt) with the step reached and the last checkpoint's step.
     A resumed run first reports ``resuming from step M of N`` through ``progress``.
