@@ -206,6 +206,8 @@ def _table(path):
 
 @pytest.mark.distributed
 def test_a_two_process_sweep_writes_the_one_process_summary_and_resumes(tmp_path):
+    from attnlab.lab.sweep import run_sweep
+
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(SWEEP))
     one, two = tmp_path / "one", tmp_path / "two"
@@ -219,7 +221,6 @@ def test_a_two_process_sweep_writes_the_one_process_summary_and_resumes(tmp_path
     assert (two / "best.csv").read_bytes() == (one / "best.csv").read_bytes()
     assert sorted(p.name for p in (two / "jobs").iterdir()) == sorted(p.name for p in (one / "jobs").iterdir())
     logs = {p.name: p.read_bytes() for p in (two / "logs").iterdir()}
-    again = _attnlab(["sweep", path, "--out", two, "--resume"])  # 1 process resumes what 2 processes ran
-    assert again.returncode == 0, again.stderr
-    assert _table(two / "sweep.csv") == _table(one / "sweep.csv")
+    again = run_sweep(path, two, resume=True)  # 1 process (this one) resumes what 2 processes ran
+    assert not again.failed and _table(two / "sweep.csv") == _table(one / "sweep.csv")
     assert {p.name: p.read_bytes() for p in (two / "logs").iterdir()} == logs  # no job ran again
