@@ -81,9 +81,12 @@ def global_step_stats(loss_sum: float, correct: int, counted: int, global_count:
 
 def _unused_parameters(model: Any, input_ids: Tensor) -> bool:
     """Whether a forward + backward over ``input_ids`` leaves a trainable parameter without a gradient (some
-    mixers own gates they do not use in every configuration); the gradients are cleared again."""
-    output = model(input_ids=input_ids)
-    output.logits.float().sum().backward()
+    mixers own gates they do not use in every configuration); the gradients are cleared again and the global
+    random state is left as it was (so a stochastic layer sees the same draws as in one process)."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        model(input_ids=input_ids).logits.float().sum().backward()
     unused = any(p.requires_grad and p.grad is None for p in model.parameters())
     model.zero_grad(set_to_none=True)
     return unused
