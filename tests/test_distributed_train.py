@@ -88,8 +88,8 @@ def test_unused_parameters_are_detected_before_wrapping():
     from attnlab.lab.train import TrainConfig, make_task, model_spec
 
     def unused(layer):
-        config = TrainConfig(layer=layer, task="mqar", task_args={"vocab_size": 24, "seq_len": 16, "num_kv_pairs": 2}, width=16,
-                             num_heads=2, num_layers=1, probes=())
+        config = TrainConfig(layer=layer, task="mqar", task_args={"vocab_size": 24, "seq_len": 16, "num_kv_pairs": 2},
+                             width=16, num_heads=2, num_layers=1, probes=())
         task = make_task(config)
         model = build_model(model_spec(config, task), seed=0)
         found = dp._unused_parameters(model, task.batch(0, 1)["input_ids"])
@@ -152,7 +152,7 @@ def test_two_processes_train_like_one_on_the_same_global_batch(tmp_path, referen
     assert done.returncode == 0, done.stderr
     _assert_same_run(out, reference)
     lines = done.stderr.splitlines()  # rank 0 alone prints: one config line, one done line, no warnings
-    assert sum(line.startswith("config:") for line in lines) == 1 and sum(line.startswith("done:") for line in lines) == 1
+    assert [line.split(":")[0] for line in lines if line.startswith(("config:", "done:"))] == ["config", "done"]
     assert "Warning" not in done.stderr
     results = json.loads((out / "results.json").read_text())
     expected = json.loads((reference / "results.json").read_text())
