@@ -31,7 +31,7 @@ DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.defa
 FIELD_OF_OPTION = {"layers": "num_layers", "heads": "num_heads", "layer_arg": "layer_args", "task_arg": "task_args",
                    "probe": "probes", "probe_arg": "probe_args"}
 """CLI option name → TrainConfig field, where they differ; every other option is its field."""
-CLI_ONLY = ("resume", "force", "config", "debug")
+CLI_ONLY = ("resume", "force", "stop_at", "config", "debug")
 
 
 class TrainOptions:
@@ -85,6 +85,9 @@ Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --ou
                                       rich_help_panel=_OUT, metavar=FLAG)]
 Force = Annotated[bool, typer.Option("--force", help="Start afresh in a non-empty --out (overwrites files).",
                                      rich_help_panel=_OUT, metavar=FLAG)]
+StopAt = Annotated[Optional[int], typer.Option(
+    "--stop-at", min=1, help="Stop after this many updates (the schedule still spans --steps) and checkpoint; "
+    "continue later with --resume.", rich_help_panel=_TRAIN)]
 
 
 def train_command(
@@ -114,11 +117,15 @@ def train_command(
     out: OutDir = Path("attnlab-train"),
     resume: Resume = False,
     force: Force = False,
+    stop_at: StopAt = None,
     config: ConfigFile = None,
     debug: Debug = False,
 ) -> None:
-    """Train a TinyLM (--layer) on a task (--task); write the checkpoint, train_log.csv, results and report.html."""
-    run_guarded(lambda: run_train(ctx, config, resume=resume, force=force), debug)
+    """Train a TinyLM (--layer) on a task (--task); write the checkpoint, train_log.csv, results and report.html.
+
+    Under torchrun (``torchrun --nproc-per-node N -m attnlab train ...``) the ranks train one model with
+    DistributedDataParallel on slices of the same global --batch-size (attnlab.lab.data_parallel)."""
+    run_guarded(lambda: run_train(ctx, config, resume=resume, force=force, stop_at=stop_at), debug)
 
 
 _UNSET = object()
@@ -216,8 +223,18 @@ def _given(ctx: typer.Context, key: str) -> bool:
     return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
-def run_train(ctx: typer.Context, config_path: Path | None, *, resume: bool, force: bool) -> None:
-    """The body of ``attnlab train``: options → TrainConfig → train → result files."""
+def run_train(ctx: typer.Context, config_path: Path | None, *, resume: bool, force: bool,
+              stop_at: int | None = None) -> None:
+    """The body of ``attnlab train``: options → TrainConfig → train → result files, inside the process group
+    ``torchrun`` asked for (:func:`attnlab.distributed.distributed`; rank 0 alone prints and writes)."""
+    from attnlab.distributed import distributed
+
+    with distributed("cpu") as current:  # training runs on the CPU: gloo
+        _run_train(ctx, config_path, resume=resume, force=force, stop_at=stop_at, main=current.is_main)
+
+
+def _run_train(ctx: typer.Context, config_path: Path | None, *, resume: bool, force: bool, stop_at: int | None,
+               main: bool) -> None:
     from attnlab.errors import ConfigError
     from attnlab.lab.train import TrainingInterrupted, check_out, train
     from attnlab.report.io import check_out_dir, write_results
@@ -227,10 +244,16 @@ def run_train(ctx: typer.Context, config_path: Path | None, *, resume: bool, for
     config = train_config(ctx, config_path, resume=resume)
     check_out(config, resume=resume, force=force, cli=True)
     check_out_dir(Path(config.out or "."))
+
+    def work(progress: Any) -> Any:
+        return train(config, resume=resume, force=force, progress=progress, stop_at=stop_at)
+
+    if not main:  # other ranks train silently; rank 0 prints and writes
+        work(None)
+        return
     print_config(config)
     try:
-        result = with_train_progress(lambda progress: train(config, resume=resume, force=force,
-                                                            progress=progress))
+        result = with_train_progress(work)
     except TrainingInterrupted as stop:
         saved = ("no checkpoint was written yet" if stop.checkpoint_step is None
                  else f"the last checkpoint is step {stop.checkpoint_step}")
@@ -241,6 +264,9 @@ def run_train(ctx: typer.Context, config_path: Path | None, *, resume: bool, for
     paths = write_results(Path(config.out or "."), result.results)
     final = result.final
     stop = " (stopped early: target accuracy reached)" if result.stopped_early else ""
+    if result.step < config.steps and not result.stopped_early:
+        stop = (f" (stopped at --stop-at {result.step} of {config.steps}; continue with: attnlab train --out "
+                f"{shlex.quote(str(config.out))} --resume)")
     stderr.print(f"done: {result.step} steps in {result.seconds:.1f} s{stop}; eval loss "
                  f"{final.get('eval_loss', float('nan')):.4f}, eval accuracy "
                  f"{100 * final.get('eval_accuracy', float('nan')):.1f} %", markup=False)
@@ -274,9 +300,10 @@ def sweep_command(
     """Run a grid of trainings from a sweep YAML file.
 
     One attnlab train process per job, --jobs at a time; writes sweep.csv, best.csv and one report (see
-    docs/lab.md)."""
+    docs/lab.md). Under torchrun each rank runs every N-th job (--jobs at a time) and rank 0 writes the summary."""
 
     def body() -> None:
+        from attnlab.distributed import distributed
         from attnlab.errors import ConfigError
         from attnlab.lab.sweep import check_sweep_out, run_sweep, sweep_event
         from attnlab.report.io import write_results
@@ -285,8 +312,15 @@ def sweep_command(
             raise ConfigError("--resume and --force exclude each other")
         check_sweep_out(out, resume=resume, force=force, cli=True)
 
-        result = with_progress(lambda progress: run_sweep(sweep_file, out, jobs=jobs, resume=resume, force=force,
-                                                          progress=progress), always=sweep_event)
+        def work(progress: Any) -> Any:
+            return run_sweep(sweep_file, out, jobs=jobs, resume=resume, force=force, progress=progress)
+
+        with distributed("cpu") as current:  # under torchrun the ranks share the jobs (attnlab.lab.sweep)
+            if not current.is_main:
+                if work(None).failed:
+                    raise typer.Exit(1)  # rank 0 says which jobs failed
+                return
+            result = with_progress(work, always=sweep_event)
         paths = write_results(out, result.results)
         typer.echo(f"report: {paths['html']}")
         typer.echo(f"files: {result.files['sweep']} {result.files['best']} {paths['json']} {paths['csv']}")

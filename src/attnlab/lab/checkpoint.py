@@ -16,7 +16,12 @@ Layout of a checkpoint directory::
 A checkpoint is written to a temporary directory beside the target and renamed into place; the previous one is
 moved aside to ``.checkpoint.*.old`` first (and moved back if the rename fails) and deleted after the rename. A crash
 between the two renames leaves only the ``.old`` directory, which :func:`read_state` (via :func:`find_checkpoint`)
-falls back to; so a resume sees either the old or the new checkpoint, never a mixture.
+falls back to; so a resume sees either the old or the new checkpoint, never a mixture. A process killed while
+filling the temporary directory leaves it (``.checkpoint.*.tmp``, never read); the next write removes it.
+
+Under several processes (``torchrun``) rank 0 alone writes the checkpoint while the other ranks wait at a barrier
+(:mod:`attnlab.lab.train`); the replicas are equal, and the batches depend on the step alone, so a checkpoint
+resumes on any number of processes (the global batch must divide by it).
 """
 
 from __future__ import annotations
@@ -131,8 +136,9 @@ def replace_dir(out_dir: Path, name: str, fill: Callable[[Path], None]) -> Path:
             raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        for leftover in out_dir.glob(f".{name}.*.old"):  # from an earlier crash between the renames
-            shutil.rmtree(leftover, ignore_errors=True)
+        for pattern in (f".{name}.*.old", f".{name}.*.tmp"):  # from an earlier crash (between the renames, or
+            for leftover in out_dir.glob(pattern):           # a process killed while filling its temp directory)
+                shutil.rmtree(leftover, ignore_errors=True)
     finally:
         if temp.exists():
             shutil.rmtree(temp, ignore_errors=True)

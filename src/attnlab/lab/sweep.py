@@ -54,6 +54,9 @@ GRID_KEYS = {"layers": "layer", "widths": "width", "lrs": "lr", "tasks": "task"}
 SWEEP_COLUMNS = ("job", "layer", "layer_args", "width", "lr", "task", "task_args", "status", "steps",
                  "stopped_early", "eval_loss", "eval_accuracy", "sink_rate", "mean_entropy", "train_loss", "train_seconds", "wall_seconds",
                  "num_parameters", "error", "out")
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                      "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+"""What ``torchrun`` sets for its ranks; removed from a job's environment (with ``TORCHELASTIC_*``)."""
 BEST_COLUMNS = ("layer", "width", "task", "best_lr", "eval_accuracy", "eval_loss", "steps", "num_parameters",
                 "lrs_tried")
 
@@ -175,7 +178,8 @@ def _run_job(job: SweepJob, root: Path, threads: int, resume: bool) -> dict[str,
         command.append("--resume")
     elif out.exists():
         command.append("--force")
-    env = {**os.environ}
+    env = {key: value for key, value in os.environ.items()  # a job is one plain process, not a torchrun rank
+           if key not in LAUNCHER_VARIABLES and not key.startswith("TORCHELASTIC_")}
     env.setdefault("OMP_NUM_THREADS", str(threads))
     row = _base_row(job)
     log_path = root / "logs" / f"{job.name}.log"
@@ -281,6 +285,10 @@ def run_sweep(path: str | Path, out: str | Path, *, jobs: int = 1, resume: bool 
     ``progress``: None, True (stderr: a bar with ETA in a terminal, else plain lines with counts and ETA; each
     finished job gets a line, :func:`sweep_event`) or a callable ``(done, total, message)`` (:mod:`attnlab.progress`).
     """
+    from attnlab.distributed import world
+
+    if not world().is_main:
+        progress = None  # rank 0 alone shows progress
     with progress_to(progress, always=sweep_event) as notify:
         return _run_sweep(path, out, jobs=jobs, resume=resume, force=force, notify=notify)
 
@@ -292,38 +300,57 @@ def sweep_event(message: str) -> bool:
 
 def _run_sweep(path: str | Path, out: str | Path, *, jobs: int, resume: bool, force: bool, notify: Progress
                ) -> SweepResult:
+    from attnlab.distributed import all_gather_json, barrier, world
     from attnlab.lab.sweep_report import sweep_results
 
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
+    current = world()
     root = Path(out)
     check_sweep_out(root, resume=resume, force=force)
     planned = load_sweep(path, root)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    barrier("checking the sweep's --out")  # every rank has looked at out before any rank writes there
+    mine = planned[current.rank::current.size]  # job i runs on rank i % size: each rank gets every size-th job
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or current.size)  # ranks sharing this machine's CPUs
+    threads = max(1, (os.cpu_count() or 1) // (jobs * local_ranks))
     started = time.perf_counter()
     rows: dict[str, dict[str, Any]] = {}
     pending = []
-    for job in planned:
+    for job in mine:
         finished = _finished_row(job) if resume else None
         if finished is not None:
             rows[job.name] = finished
         else:
             pending.append(job)
-    notify(len(rows), len(planned), f"{len(pending)} job(s) to run, {jobs} at a time")
+    shared = f" on each of {current.size} ranks" if current.active else ""
+    notify(len(rows), len(planned), f"{len(pending)} job(s) to run, {jobs} at a time{shared}")
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = {pool.submit(_run_job, job, root, threads, resume): job for job in pending}
         for future in concurrent.futures.as_completed(futures):
             row = future.result()
             rows[row["job"]] = row
-            status = "ok" if row["status"] == "ok" else f"FAILED ({row['error']})"
-            notify(len(rows), len(planned), f"job {row['job']}: {status}")
+            notify(len(rows), len(planned), f"job {row['job']}: {_status(row)}")
+    if current.active:  # every rank's rows, on every rank (so every rank knows whether a job failed)
+        theirs = all_gather_json(rows, "the sweep's job results")
+        for rank, part in enumerate(theirs):
+            if rank == current.rank:
+                continue
+            rows.update(part)
+            for name, row in part.items():
+                notify(len(rows), len(planned), f"job {name}: {_status(row)} (rank {rank})")
     ordered = [rows[job.name] for job in planned]
     best = best_of_lrs(ordered)
+    failed = [row["job"] for row in ordered if row["status"] != "ok"]
+    if not current.is_main:  # rank 0 writes the summary
+        return SweepResult(ordered, best, {}, failed, {})
     files = {"sweep": write_text(root / "sweep.csv", _csv(ordered, SWEEP_COLUMNS)),
              "best": write_text(root / "best.csv", _csv(best, BEST_COLUMNS))}
-    failed = [row["job"] for row in ordered if row["status"] != "ok"]
-    results = sweep_results(path, ordered, best, jobs=jobs, seconds=time.perf_counter() - started)
+    results = sweep_results(path, ordered, best, jobs=jobs * current.size, seconds=time.perf_counter() - started)
     return SweepResult(ordered, best, files, failed, results)
+
+
+def _status(row: Mapping[str, Any]) -> str:
+    return "ok" if row["status"] == "ok" else f"FAILED ({row['error']})"
 
 
 def _finished_row(job: SweepJob) -> dict[str, Any] | None:
