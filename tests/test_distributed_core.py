@@ -104,3 +104,17 @@ def test_a_rank_that_dies_fails_the_run_with_a_line_naming_the_survivor(tmp_path
     # rank 0 is either told by gloo (our one line) or stopped by torchrun first; torchrun names the dead rank
     assert all(x.startswith("ERROR rank 0/2: another rank failed during a sum") for x in errors), errors
     assert "rank" in done.stderr and ": 1 (local_rank: 1)" in done.stderr.replace("rank      ", "rank")
+
+
+def test_a_peer_error_keeps_only_the_useful_part_of_gloos_message():
+    from attnlab.distributed import collective
+
+    def fail():
+        raise RuntimeError("[/__w/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
+                           "[127.0.0.1]:28310: Connection reset by peer. This is typically caused by a remote worker "
+                           "hanging. GLHF!\nmore")
+
+    with pytest.raises(DistributedError) as caught:
+        collective("a sum", fail)
+    assert str(caught.value) == ("rank 0/1: another rank failed during a sum (Read error [127.0.0.1]:28310: "
+                                 "Connection reset by peer); no results were written")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -147,6 +148,13 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def _peer_error(error: BaseException) -> str:
+    """The useful part of a backend's message: gloo's ``[path/pair.cc:537] Read error [addr]: Connection reset by
+    peer. This is typically caused by ...`` becomes ``Read error [addr]: Connection reset by peer``."""
+    text = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", _first_line(error))
+    return text.split(". ", 1)[0].rstrip(".")
+
+
 def collective(what: str, call: Callable[[], T]) -> T:
     """Run one collective call; a failure (another rank died or timed out) becomes a one-line
     :class:`DistributedError` that names this rank and ``what`` was being exchanged."""
@@ -157,7 +165,7 @@ def collective(what: str, call: Callable[[], T]) -> T:
             raise
         current = world()
         raise DistributedError(f"{current.label()}: another rank failed during {what} "
-                               f"({_first_line(error)}); no results were written") from None
+                               f"({_peer_error(error)}); no results were written") from None
 
 
 def _comm_device() -> torch.device:
