@@ -33,12 +33,11 @@ from torch import Tensor
 
 from attnlab.distributed import barrier, read_state_file, world, write_state_file
 from attnlab.errors import ConfigError
+from attnlab.io_utils import SHARD_DIR
 
 __all__ = ["SHARD_DIR", "Bundle", "ShardStore", "bundle_of", "fingerprint", "load_bundle", "merge_bundles",
            "merge_paths"]
 
-SHARD_DIR = ".shards"
-"""The folder inside ``--out`` that holds a run's shard files until its results are written."""
 FINGERPRINT_VERSION = 1
 
 Bundle = tuple[dict[str, Tensor], dict[str, Any]]
@@ -173,5 +172,5 @@ def _header_meta(path: Path) -> dict[str, Any]:
     try:
         with safe_open(str(path), framework="pt") as handle:
             return json.loads((handle.metadata() or {}).get("attnlab", "{}"))
-    except (OSError, ValueError, RuntimeError) as error:
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own SafetensorError
         raise ConfigError(f"--resume: {path} is not a readable shard file ({error}); remove it") from None
