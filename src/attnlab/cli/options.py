@@ -149,10 +149,9 @@ def with_progress(work: Callable[[Any], Any], *, always: Callable[[str], bool] |
     from attnlab.distributed import world
     from attnlab.progress import progress_to
 
+    hf_logging.disable_progress_bar()  # one progress display (ours), not transformers' per-step ones
     if not world().is_main:
         return work(None)
-
-    hf_logging.disable_progress_bar()  # one progress display (ours), not transformers' per-step ones
     with progress_to(True, console=stderr, always=always) as progress:
         return work(progress)
 
