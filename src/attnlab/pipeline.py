@@ -40,7 +40,9 @@ whatever the number of processes, so every shard's state is the same; merging sh
 changes the order of float64 additions. Counts (rows seen, hits, windows) are equal exactly; every row of
 results.json is equal within ``rtol=1e-9, atol=1e-12`` (tests/test_distributed_probe.py; measured ≤ 3e-16 relative
 on a tiny Llama); hit lists, per-window records and extras are the same, with the same global window indices.
-(On GPUs, kernels that are not deterministic can add their own run-to-run differences.) Every probe and analysis is ``shardable`` (:class:`attnlab.probes.base.Measurement`); a
+(On GPUs, kernels that are not deterministic can add their own run-to-run differences.)
+
+Every probe and analysis is ``shardable`` (:class:`attnlab.probes.base.Measurement`); a
 plug-in that is not is refused under several processes (ConfigError naming it) and runs without shard files
 in one process.
 """
