@@ -2,7 +2,7 @@
 
 Three specs hold the settings every command shares, one job each:
 
-- :class:`ModelSpec`: which model and where (``model``, ``dtype``, ``device``, ``tokenizer``);
+- :class:`ModelSpec`: which model and where (``model``, ``dtype``, ``device``, ``tokenizer``, ``device_map``);
 - :class:`TextSpec`: which text and how it is cut into windows (``text``, ``seq_len``, ``max_windows``,
   ``batch_size``, ``bos``);
 - :class:`RunSpec`: what a probe run does (``probes``, ``probe_args``, ``compare``, ``block_size``,
@@ -26,9 +26,12 @@ This module imports neither torch nor transformers.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 from attnlab.errors import ConfigError
@@ -38,6 +41,10 @@ DTYPE_NAMES = ("float32", "float64", "bfloat16", "float16")
 SEED_LIMIT = 2**63 - 1  # torch.manual_seed takes a 64-bit seed
 BOS_POLICIES = ("auto", "always", "never")
 PROBE_KERNELS = ("fused", "blocked")  # Session(probe_kernel=...)
+DEVICE_MAP_NAMES = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate computes these maps
+_MAP_DEVICE = re.compile(r"(cpu|disk|mps|cuda(:\d+)?)")
+_MAP_EXPECTED = ("expected device_map auto, balanced, balanced_low_0, sequential, a JSON file or an inline JSON "
+                 "object of module name -> device such as '{\"model.embed_tokens\": 0, \"\": \"cpu\"}'")
 
 
 def check_types(spec: Any, kinds: Mapping[str, type]) -> None:
@@ -65,6 +72,49 @@ def check_names(name: str, values: Any) -> None:
         raise ConfigError(f"{name} must be a list of names, got {values!r}")
 
 
+def parse_device_map(value: Any) -> str | dict[str, int | str] | None:
+    """A ``device_map`` setting (CLI ``--device-map``) → None, a map name, or ``{module name: device}``.
+
+    ``value`` is None; one of :data:`DEVICE_MAP_NAMES` (accelerate computes the map from the free memory of every
+    GPU, then CPU, then disk); a mapping; an inline JSON object (text starting with ``{``); or the path of a JSON
+    file holding one. A map's keys are module names (``""`` = the whole model, ``"model.layers.3"`` …), its values
+    a GPU index (int >= 0) or ``"cuda"``, ``"cuda:N"``, ``"mps"``, ``"cpu"`` (CPU offload) or ``"disk"`` (disk
+    offload). Whether the modules exist is checked when the model loads
+    (:func:`attnlab.capture.device_map.check_map_modules`).
+
+    Raises:
+        ConfigError: anything else (an unknown name, a missing file, bad JSON, an empty map, a bad device), one line.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip() in DEVICE_MAP_NAMES:
+        return value.strip()
+    where = "device_map"
+    if isinstance(value, str):
+        text = value.strip()
+        if not text.startswith("{"):
+            if not os.path.isfile(text):
+                raise ConfigError(f"{_MAP_EXPECTED}; got {value!r} (not a map name, and no such file)")
+            where = f"device_map file {text}"
+            try:
+                text = Path(text).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as error:
+                raise ConfigError(f"cannot read {where}: {error}") from None
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{where} is not valid JSON ({error}); {_MAP_EXPECTED}") from None
+    if not isinstance(value, Mapping) or not value:
+        raise ConfigError(f"{_MAP_EXPECTED}; {where} holds {json.dumps(value)[:80]}")
+    for module, device in value.items():
+        ok = isinstance(device, int) and not isinstance(device, bool) and device >= 0 or (
+            isinstance(device, str) and _MAP_DEVICE.fullmatch(device) is not None)
+        if not isinstance(module, str) or not ok:
+            raise ConfigError(f"{where}: {module!r} -> {device!r}; expected module name -> GPU index (0, 1, ...), "
+                              "\"cuda:N\", \"mps\", \"cpu\" or \"disk\"")
+    return dict(value)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Which model, in which dtype, on which device.
@@ -75,12 +125,17 @@ class ModelSpec:
         device: torch device string, e.g. ``"cpu"`` or ``"cuda:0"``.
         tokenizer: where the tokenizer comes from when not from the model (CLI ``--tokenizer``): a bundled model
             name, a local folder or ``.gguf`` file, or a hub id; None = the model's own.
+        device_map: place the model's modules across devices with accelerate instead of on ``device`` (CLI
+            ``--device-map``): a map name (``auto`` …), a JSON file or inline JSON object, or a mapping, as
+            :func:`parse_device_map` reads it (kept as given; results.json's ``model.device_map`` records the map
+            that was used). Needs ``device`` left at ``"cpu"``.
     """
 
     model: str = "smollm2-135m"
     dtype: str = "float32"
     device: str = "cpu"
     tokenizer: str | None = None
+    device_map: str | dict[str, int | str] | None = None
 
     def __post_init__(self) -> None:
         check_types(self, {"model": str, "dtype": str, "device": str})
@@ -88,6 +143,16 @@ class ModelSpec:
             raise ConfigError(f"tokenizer must be a bundled name, a path or a hub id, got {self.tokenizer!r}")
         if self.dtype not in DTYPE_NAMES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
+        parse_device_map(self.device_map)
+        check_map_and_device(self.device_map, self.device)
+
+
+def check_map_and_device(device_map: Any, device: Any) -> None:
+    """ConfigError unless ``device`` is left at ``"cpu"`` when a ``device_map`` is given (the map places every
+    module; inputs go to the device of the input embeddings)."""
+    if device_map is not None and str(device) != "cpu":
+        raise ConfigError(f"--device-map and --device {device} cannot be combined: the map places every module "
+                          "(give a device in the map, e.g. '{\"\": \"cuda:1\"}', or drop --device-map)")
 
 
 @dataclass(frozen=True)

@@ -108,7 +108,8 @@ def start_run(load: ModelSpec, data: TextSpec, seed: int, notify: Progress, mode
         loaded = LoadedModel.wrap(model, tokenizer)
     else:
         notify(0, 0, f"loading model {load.model}")
-        loaded = load_model(load.model, dtype=load.dtype, device=load.device, tokenizer=load.tokenizer)
+        loaded = load_model(load.model, dtype=load.dtype, device=load.device, tokenizer=load.tokenizer,
+                            device_map=load.device_map)
     if check_len:
         check_seq_len(loaded.facts, data.seq_len)
     return loaded
@@ -308,6 +309,7 @@ def _check_shardable(observers: list[tuple[str, Any]], shards: ShardStore | None
 
 def _run_probes(config: RunConfig, notify: Progress, model: Any, tokenizer: Any, command: str,
                 shards: ShardStore | None) -> dict[str, Any] | None:
+    from attnlab.capture.device_map import input_device
     from attnlab.capture.pattern_report import check_pattern_heads
     from attnlab.capture.session import Session
     from attnlab.distributed import rank_device
@@ -332,7 +334,7 @@ def _run_probes(config: RunConfig, notify: Progress, model: Any, tokenizer: Any,
     notify(0, 0, "reading text")
     windows = load_text(loaded.tokenizer, config.data.text, seq_len=config.data.seq_len,
                         max_windows=config.data.max_windows, bos=config.data.bos,
-                        batch_size=config.data.batch_size, device=load.device)
+                        batch_size=config.data.batch_size, device=input_device(loaded.model))
     if runner.runner is not None:  # text B windows of analyses follow the run's windows
         runner.runner.bos_policy = "always" if windows.bos_added else "never"
     attention = [obj for kind, obj in observers if kind == "attention"]

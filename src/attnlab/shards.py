@@ -46,10 +46,10 @@ Bundle = tuple[dict[str, Tensor], dict[str, Any]]
 
 def fingerprint(config_dict: dict[str, Any], weights_sha256: str | None, window_ids: Sequence[Sequence[int]]) -> str:
     """sha256 of everything that determines a shard's state: the run's config (``RunConfig.to_dict()`` without
-    ``device`` and the viewer's ``pattern_heads``/``pattern_tokens``; ``out``/``force``/``resume`` are not part of
+    ``device``/``device_map`` (where the model runs changes floats only by rounding) and the viewer's ``pattern_heads``/``pattern_tokens``; ``out``/``force``/``resume`` are not part of
     the config), the weights' sha256 when known (None otherwise: then only the model name is compared), and the
     token ids of every window (so the text and the shard numbering are covered)."""
-    ignored = {"device", "pattern_heads", "pattern_tokens"}
+    ignored = {"device", "device_map", "pattern_heads", "pattern_tokens"}
     settings = {key: value for key, value in config_dict.items() if key not in ignored}
     ids = hashlib.sha256(json.dumps([list(map(int, window)) for window in window_ids]).encode()).hexdigest()
     record = {"version": FINGERPRINT_VERSION, "config": settings, "weights": weights_sha256, "windows": ids}

@@ -95,6 +95,41 @@ class EditLog:
                     self.records[id(edit)].count_call(edit, call)
         return edited
 
+    def record_states(self) -> list[dict[str, Any]]:
+        """Each edit's record as JSON (composition order): ``calls_touched``, ``heads_touched`` (sorted
+        ``[layer, head]`` pairs), ``forward_passes_touched``, ``max_change``; :meth:`combine` merges such lists."""
+        return [{"calls_touched": record.calls_touched, "heads_touched": sorted(map(list, record.heads_touched)),
+                 "forward_passes_touched": record.forward_passes_touched, "max_change": record.max_change}
+                for record in (self.records[id(edit)] for edit in self.edits)]
+
+    def combine(self, states: Iterable[list[dict[str, Any]]]) -> None:
+        """Replace the records by the merge of several :meth:`record_states` of this log's edits (one per rank, or
+        per part of a run): calls and forward passes touched add up, heads touched are the union, the max change
+        is the max. Counts are exact; so is the max (no arithmetic). Raises ConfigError for a list whose length
+        is not the number of edits."""
+        merged = {id(edit): EditRecord() for edit in self.edits}
+        for state in states:
+            if len(state) != len(self.edits):
+                raise ConfigError(f"an edit-record list has {len(state)} entries but the session has "
+                                  f"{len(self.edits)} edits")
+            for edit, part in zip(self.edits, state):
+                record = merged[id(edit)]
+                record.calls_touched += int(part["calls_touched"])
+                record.heads_touched.update((int(layer), int(head)) for layer, head in part["heads_touched"])
+                record.forward_passes_touched += int(part["forward_passes_touched"])
+                record.max_change = max(record.max_change, float(part["max_change"]))
+        self.records = merged
+
+    def gather(self) -> None:
+        """Merge every rank's records into this log, on every rank (:meth:`combine` of
+        :func:`attnlab.distributed.all_gather_json`; nothing when one process runs), so :meth:`report` and
+        :meth:`check_fired` decide on the global counts and every rank raises (or not) alike. A collective:
+        every rank must call it, in the same order as its other collectives."""
+        from attnlab.distributed import all_gather_json, world
+
+        if world().active:
+            self.combine(all_gather_json(self.record_states(), "the edit reports"))
+
     def report(self, attention_paths: Mapping[int, str]) -> Any:
         """A pandas DataFrame, one row per edit: edit (name), spec, stage, path (the attention paths of the layers
         it touched), calls_touched, heads_touched, forward_passes_touched (positions edits), max_change (the largest
@@ -135,7 +170,9 @@ class EditLog:
             raise EditNotFiredError(
                 f"edit(s) never fired: {', '.join(silent)} — no attention call passed through them (did the model "
                 "run inside the session, and do their layers exist?)")
-        for edit in self.edits:
+        from attnlab.distributed import world
+
+        for edit in self.edits if world().is_main else ():  # the warning once, from rank 0, when several run
             record = self.records[id(edit)]
             if (self.verify_rows and record.calls_touched and record.max_change == 0 and edit.stage != "positions"
                     and not edit.is_identity()):

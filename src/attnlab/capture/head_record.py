@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from attnlab.capture.device_map import input_device
 from attnlab.capture.runner import ModelRunner
 from attnlab.edits.head_patch import HeadOutputs
 from attnlab.capture.inputs import model_batch
@@ -56,7 +57,7 @@ def record_head_outputs(model: Any, source_inputs: Any, layers: IndexList | None
     runner = ModelRunner(model)
     chosen = check_indices("layers", layers, runner.facts.num_layers)
     head_list = list(check_indices("heads", heads, runner.facts.num_heads))
-    batch = _batch(source_inputs, next(model.parameters()).device)
+    batch = _batch(source_inputs, input_device(model))
     record = runner.forward(batch, head_outputs=True, edits=edits)
     outputs = {layer: record.head_outputs[layer][:, :, head_list].transpose(1, 2).contiguous() for layer in chosen}
     return HeadOutputs(outputs=outputs, heads=tuple(head_list), valid=batch["attention_mask"].bool())
@@ -81,7 +82,7 @@ def record_head_means(model: Any, batches: Iterable[Any], layers: IndexList | No
     """
     runner = ModelRunner(model)
     chosen = check_indices("layers", layers, runner.facts.num_layers)
-    device = next(model.parameters()).device
+    device = input_device(model)
     if isinstance(batches, (Tensor, dict)) or hasattr(batches, "keys"):
         batches = [batches]
     sums: dict[int, Tensor] = {}
@@ -92,7 +93,8 @@ def record_head_means(model: Any, batches: Iterable[Any], layers: IndexList | No
         real = batch["attention_mask"].bool()
         count += int(real.sum())
         for layer in chosen:
-            total = record.head_outputs[layer][real].double().sum(dim=0)  # (num_heads, head_dim)
+            outputs = record.head_outputs[layer]  # on the layer's device (layers may differ under a device map)
+            total = outputs[real.to(outputs.device)].double().sum(dim=0)  # (num_heads, head_dim)
             sums[layer] = total if layer not in sums else sums[layer] + total
     if count == 0:
         raise ConfigError("record_head_means: the batches hold no real token")

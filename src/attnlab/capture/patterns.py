@@ -248,8 +248,9 @@ def attention_pattern(model: Any, inputs: Any, *, layers: Selection = None, head
     if isinstance(model, LoadedModel):
         tokenizer = model.tokenizer if tokenizer is None else tokenizer
         model = model.model
-    parameter = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
-    batch = model_batch(inputs, parameter.device if parameter is not None else torch.device("cpu"), tokenizer)
+    from attnlab.capture.device_map import input_device
+
+    batch = model_batch(inputs, input_device(model), tokenizer)
     probe = PatternProbe(layers=layers, heads=heads)
     with Session(model, probes=[probe], block_size=block_size) as session, torch.no_grad():
         model(**batch)

@@ -32,6 +32,7 @@ from transformers.pytorch_utils import Conv1D
 
 from attnlab.analyses.base import ForwardRecord
 from attnlab.capture.architectures import get_submodule_or_none, model_facts, transformer_blocks
+from attnlab.capture.device_map import input_device
 from attnlab.errors import ConfigError, UnsupportedModelError
 from attnlab.facts import ModelFacts
 from attnlab.capture.patterns import PatternProbe
@@ -174,7 +175,7 @@ class ModelRunner:
         for i, ids in enumerate(id_lists):
             input_ids[i, : len(ids)] = torch.tensor(list(ids), dtype=torch.long)
             mask[i, : len(ids)] = 1
-        device = device or next(self.model.parameters()).device
+        device = device or input_device(self.model)
         return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
 
     def load_windows(self, text: str, *, seq_len: int, max_windows: int) -> Any:
@@ -182,7 +183,7 @@ class ModelRunner:
         from attnlab.text import load_text
 
         return load_text(self.tokenizer, text, seq_len=seq_len, max_windows=max_windows, bos=self.bos_policy,
-                         device=next(self.model.parameters()).device)
+                         device=input_device(self.model))
 
     # hooks (read only) --------------------------------------------------------------------------------------
     @contextmanager
@@ -232,10 +233,15 @@ class ModelRunner:
 
         Raises:
             UnsupportedModelError: ``head_outputs`` on a block whose output projection is not found.
-            ConfigError: ``gradients=True`` for a model without an LM head; a selection that is not 1-D.
+            ConfigError: ``gradients=True`` for a model without an LM head, or whose device map offloads weights
+                (they sit on ``meta`` and would get no gradient); a selection that is not 1-D.
             EditNotFiredError: an edit acted on no attention call.
         """
         from attnlab.capture.session import Session
+
+        if gradients and any(parameter.device.type == "meta" for parameter in self.model.parameters()):
+            raise ConfigError("parameter gradients need every weight in memory, but the device map offloads some "
+                              "(\"disk\", or \"cpu\" beside a GPU); use a map without offload")
 
         input_ids = batch["input_ids"]
         valid = batch.get("attention_mask", torch.ones_like(input_ids)).bool()

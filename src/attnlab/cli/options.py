@@ -58,6 +58,10 @@ ProbeKernel = Annotated[str, typer.Option(
     rich_help_panel=_RUN)]
 DType = Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 | float16 | float64.", rich_help_panel=_RUN)]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, …", rich_help_panel=_RUN)]
+DeviceMap = Annotated[Optional[str], typer.Option(
+    "--device-map", help="Place the model across devices with accelerate instead of --device: auto | balanced | "
+    "sequential (GPUs, then CPU, then disk), or a JSON file / inline JSON object of module -> device (0, cuda:1, cpu, "
+    "disk). Disk weights are written to $ATTNLAB_OFFLOAD_DIR (default: a temporary folder).", rich_help_panel=_RUN)]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed.", rich_help_panel=_RUN)]
 # A flag takes no value; metavar="" keeps typer's help from showing it as "<bool>" (as if it took one).
 FLAG = ""

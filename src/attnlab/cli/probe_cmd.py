@@ -15,7 +15,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from attnlab.cli.options import (
-    BlockSize, Bos, ConfigFile, Debug, Device, DType, Force, MaxWindows, ModelOpt, OutDir, ProbeKernel,
+    BlockSize, Bos, ConfigFile, Debug, Device, DeviceMap, DType, Force, MaxWindows, ModelOpt, OutDir, ProbeKernel,
     QueryFraction, Resume, Seed, SeqLen, TextOpt, TokenizerOpt, command_values, print_config, run_guarded, stderr,
     with_progress, write_and_announce,
 )
@@ -55,6 +55,7 @@ def probe(
     bos: Bos = "auto",
     dtype: DType = "float32",
     device: Device = "cpu",
+    device_map: DeviceMap = None,
     seed: Seed = 0,
     pattern_heads: PatternHeads = "auto",
     pattern_tokens: PatternTokens = 64,

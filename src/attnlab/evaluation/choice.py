@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -311,65 +311,65 @@ def _model_limit(model: Any) -> int | None:
 
 
 def _device_of(model: Any) -> Any:
-    parameter = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
-    return parameter.device if parameter is not None else "cpu"
+    from attnlab.capture.device_map import input_device
+
+    return input_device(model)
 
 
-@takes_progress
-def score_choices(model: Any, tokenizer: Any, items: Sequence[ChoiceItem], *, batch_size: int = 8,
-                  bos: str = "auto", device: Any = None, plan: ChoicePlan | None = None,
-                  progress: ProgressArg = None) -> ChoiceScores:
-    """Log-likelihood of every choice of every item, by lm-eval's rule (module docstring).
+ChoiceEntry = tuple[int, int, float, int, bool]  # (item, choice, loglik, number of choice tokens, greedy)
 
-    Args:
-        model: a causal LM whose ``model(input_ids=(B, L), attention_mask=(B, L))`` returns ``.logits``
-            (B, L, vocab). Runs under whatever Session is active, so the caller's edits apply
-            (``with Session(model, edits=...): score_choices(...)``); gradients are off.
-        tokenizer: its tokenizer (``encode(text, add_special_tokens=False)``).
-        items: the items; every (item, choice) pair is one sequence.
-        batch_size: fed sequences per forward (>= 1); sorted by length, right-padded.
-        bos: ``"auto"`` | ``"always"`` | ``"never"``: whether to prepend the start token.
-        device: where inputs go (default: the model's parameters' device).
-        plan: :func:`plan_choices` of the same ``items`` (skips tokenizing again; its BOS rule wins over ``bos``).
-        progress: None, True or a callable ``(done, total, message)``; counts batches.
 
-    Returns:
-        :class:`ChoiceScores`.
-
-    Raises:
-        ConfigError: no items, ``batch_size < 1``, a bad ``bos``, or a sequence longer than the model's
-            ``max_position_embeddings``. TextError: a choice that adds no token.
-    """
-    import torch
-
-    notify: Progress = progress  # type: ignore[assignment]  # a Progress here (takes_progress)
+def _check_arguments(items: Sequence[ChoiceItem], batch_size: Any) -> None:
     if not items:
         raise ConfigError("score_choices needs at least one item, got none")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if plan is None:
-        plan = plan_choices(tokenizer, items, bos=bos)
-    elif plan.num_items != len(items):
+
+
+def _check_plan(model: Any, items: Sequence[ChoiceItem], plan: ChoicePlan) -> None:
+    if plan.num_items != len(items):
         raise ConfigError(f"the plan covers {plan.num_items} items but {len(items)} were given; plan these items")
-    device = device if device is not None else _device_of(model)
-    requests, fed = plan.requests, plan.fed
     limit = _model_limit(model)
-    longest = max(len(seq) for seq in fed)
+    longest = max(len(seq) for seq in plan.fed)
     if limit is not None and longest > limit:
         raise ConfigError(f"the longest context + choice is {longest + 1} tokens (fed: {longest}) but the model "
                           f"takes at most {limit}; use shorter items")
+
+
+@takes_progress
+def score_choice_batches(model: Any, tokenizer: Any, items: Sequence[ChoiceItem], *, batch_size: int = 8,
+                         bos: str = "auto", device: Any = None, plan: ChoicePlan | None = None,
+                         batches: Iterable[int] | None = None, progress: ProgressArg = None) -> list[ChoiceEntry]:
+    """The scores of the (item, choice) pairs served by some of :func:`score_choices`'s forwards.
+
+    The fed sequences are sorted and batched exactly as :func:`score_choices` does (``plan.num_batches(batch_size)``
+    batches); ``batches`` picks which of them run (default: all), so the forwards of one call split over several
+    calls (or ranks) see the very inputs a single call feeds. Arguments as :func:`score_choices`; the checks
+    (items, batch size, the model's length limit) are on all the items, whichever batches run.
+
+    Returns:
+        One ``(item index, choice index, loglik, number of choice tokens, greedy)`` per pair served by the chosen
+        batches, in batch order; :func:`assemble_choice_scores` builds the :class:`ChoiceScores` of every pair.
+        ``progress`` counts the chosen batches.
+    """
+    import torch
+
+    notify: Progress = progress  # type: ignore[assignment]  # a Progress here (takes_progress)
+    _check_arguments(items, batch_size)
+    plan = plan if plan is not None else plan_choices(tokenizer, items, bos=bos)
+    _check_plan(model, items, plan)
+    device = device if device is not None else _device_of(model)
+    requests, fed = plan.requests, plan.fed
     sequences = sorted(fed, key=lambda seq: (-len(seq), seq))
-    logliks = [[0.0] * len(item.choices) for item in items]
-    num_tokens = [[0] * len(item.choices) for item in items]
-    greedy = [[False] * len(item.choices) for item in items]
+    chosen = list(batches) if batches is not None else list(range(plan.num_batches(batch_size)))
     pad = getattr(tokenizer, "pad_token_id", None)
     pad = int(pad) if pad is not None else 0
     keep_some = accepts_logits_to_keep(model)
-    total = -(-len(sequences) // batch_size)
-    notify(0, total, "scoring choices")
+    entries: list[ChoiceEntry] = []
+    notify(0, len(chosen), "scoring choices")
     with torch.no_grad():
-        for b, start in enumerate(range(0, len(sequences), batch_size)):
-            batch = sequences[start:start + batch_size]
+        for done, b in enumerate(chosen, start=1):
+            batch = sequences[b * batch_size:(b + 1) * batch_size]
             width = max(len(seq) for seq in batch)
             input_ids = torch.full((len(batch), width), pad, dtype=torch.long)  # (B, L), right-padded
             mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -390,9 +390,56 @@ def score_choices(model: Any, tokenizer: Any, items: Sequence[ChoiceItem], *, ba
                     scored = logits[row, cols].float()  # (num, V): row t predicts ids[len(seq) - num + t + 1]
                     targets = torch.tensor(ids[len(ids) - num:], device=scored.device)
                     log_probs = torch.log_softmax(scored, dim=-1)
-                    logliks[i][j] = float(log_probs.gather(-1, targets[:, None]).double().sum())
-                    num_tokens[i][j] = num
-                    greedy[i][j] = bool((scored.argmax(-1) == targets).all())
-            notify(b + 1, total, "scoring choices")
+                    entries.append((i, j, float(log_probs.gather(-1, targets[:, None]).double().sum()), num,
+                                    bool((scored.argmax(-1) == targets).all())))
+            notify(done, len(chosen), "scoring choices")
+    return entries
+
+
+def assemble_choice_scores(items: Sequence[ChoiceItem], entries: Iterable[Sequence[Any]]) -> ChoiceScores:
+    """The :class:`ChoiceScores` of ``items`` from :func:`score_choice_batches` entries (any order, e.g. the
+    concatenation of several calls' or ranks' entries; JSON lists are fine). Values are copied, not recomputed.
+
+    Raises:
+        ConfigError: a pair of ``items`` without an entry (the batches did not cover every forward).
+    """
+    logliks = [[math.nan] * len(item.choices) for item in items]
+    num_tokens = [[0] * len(item.choices) for item in items]
+    greedy = [[False] * len(item.choices) for item in items]
+    for i, j, loglik, num, is_greedy in entries:
+        logliks[i][j], num_tokens[i][j], greedy[i][j] = float(loglik), int(num), bool(is_greedy)
+    missing = sum(count == 0 for row in num_tokens for count in row)
+    if missing:
+        raise ConfigError(f"{missing} (item, choice) pairs have no score; expected entries for all "
+                          f"{sum(len(row) for row in num_tokens)} (were all batches scored?)")
     num_chars = [[max(1, len(c.lstrip())) for c in item.choices] for item in items]
     return ChoiceScores(logliks, num_tokens, num_chars, greedy, [item.answer for item in items])
+
+
+def score_choices(model: Any, tokenizer: Any, items: Sequence[ChoiceItem], *, batch_size: int = 8,
+                  bos: str = "auto", device: Any = None, plan: ChoicePlan | None = None,
+                  progress: ProgressArg = None) -> ChoiceScores:
+    """Log-likelihood of every choice of every item, by lm-eval's rule (module docstring).
+
+    Args:
+        model: a causal LM whose ``model(input_ids=(B, L), attention_mask=(B, L))`` returns ``.logits``
+            (B, L, vocab). Runs under whatever Session is active, so the caller's edits apply
+            (``with Session(model, edits=...): score_choices(...)``); gradients are off.
+        tokenizer: its tokenizer (``encode(text, add_special_tokens=False)``).
+        items: the items; every (item, choice) pair is one sequence.
+        batch_size: fed sequences per forward (>= 1); sorted by length, right-padded.
+        bos: ``"auto"`` | ``"always"`` | ``"never"``: whether to prepend the start token.
+        device: where inputs go (default: the model's parameters' device).
+        plan: :func:`plan_choices` of the same ``items`` (skips tokenizing again; its BOS rule wins over ``bos``).
+        progress: None, True or a callable ``(done, total, message)``; counts batches.
+
+    Returns:
+        :class:`ChoiceScores` (:func:`assemble_choice_scores` of :func:`score_choice_batches` over all batches).
+
+    Raises:
+        ConfigError: no items, ``batch_size < 1``, a bad ``bos``, or a sequence longer than the model's
+            ``max_position_embeddings``. TextError: a choice that adds no token.
+    """
+    entries = score_choice_batches(model, tokenizer, items, batch_size=batch_size, bos=bos, device=device,
+                                   plan=plan, progress=progress)
+    return assemble_choice_scores(items, entries)

@@ -125,6 +125,57 @@ class TokenScores:
         return out
 
 
+@dataclass(frozen=True)
+class WindowPart:
+    """One scored window, as :meth:`TokenScores.add` takes it: per scored token NLL (float64 nats), correctness
+    (bool) and position in the window fed (int), each shape (n,)."""
+
+    index: int
+    nll: np.ndarray
+    correct: np.ndarray
+    positions: np.ndarray
+
+
+def replay_windows(seq_len: int, parts: Iterable[WindowPart]) -> TokenScores:
+    """The :class:`TokenScores` of ``parts`` added in the order given (window order: as one process adds them).
+
+    Replaying the per-token values in window order makes every sum the very float a single process computes from
+    the same per-window values (no reordering of any addition), so merging the ranks' windows is exact."""
+    scores = TokenScores(seq_len)
+    for part in parts:
+        scores.add(part.index, part.nll, part.correct, part.positions)
+    return scores
+
+
+def encode_windows(parts: list[WindowPart]) -> bytes:
+    """A safetensors payload (:func:`attnlab.distributed.encode_state`) of ``parts``: the per-token arrays
+    concatenated (``nll`` float64, ``correct`` bool, ``positions`` int64, each (Σn,)) and ``[[index, n], ...]``
+    in the header; :func:`decode_windows` reads it back bit for bit."""
+    from attnlab.distributed import encode_state
+
+    def joined(name: str, dtype: torch.dtype) -> torch.Tensor:
+        arrays = [np.asarray(getattr(part, name)) for part in parts]
+        return torch.from_numpy(np.concatenate(arrays)).to(dtype) if arrays else torch.zeros(0, dtype=dtype)
+
+    tensors = {"nll": joined("nll", torch.float64), "correct": joined("correct", torch.bool),
+               "positions": joined("positions", torch.int64)}
+    return encode_state(tensors, {"windows": [[part.index, int(len(part.nll))] for part in parts]})
+
+
+def decode_windows(data: bytes) -> list[WindowPart]:
+    """The :class:`WindowPart` list of an :func:`encode_windows` payload."""
+    from attnlab.distributed import decode_state
+
+    tensors, meta = decode_state(data)
+    nll, correct, positions = (tensors[name].numpy() for name in ("nll", "correct", "positions"))
+    parts, start = [], 0
+    for index, count in meta["windows"]:
+        stop = start + count
+        parts.append(WindowPart(index, nll[start:stop], correct[start:stop], positions[start:stop]))
+        start = stop
+    return parts
+
+
 def accepts_logits_to_keep(model: Any) -> bool:
     """Whether ``model.forward`` takes transformers' ``logits_to_keep`` (compute logits for the last positions only)."""
     try:

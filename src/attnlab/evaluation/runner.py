@@ -7,6 +7,10 @@ Every variant (the baseline first, then each edit list) runs the same windows, t
 same multiple-choice items (``--task choice``: :mod:`attnlab.evaluation.choice`) inside
 its own ``Session(model, edits=[...])``; the session's ``edit_report()`` is stored with the variant, and an edit
 that never fired raises ``EditNotFiredError`` (the run stops; nothing is written).
+
+Under ``torchrun --nproc-per-node N -m attnlab eval ...`` the ranks split each variant's windows, prompts and
+choice batches and merge them in single-process order (:func:`evaluate_variants`); ``--search`` runs in one process
+only (:func:`check_search`).
 """
 
 from __future__ import annotations
@@ -16,11 +20,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from attnlab.errors import ConfigError, TextError
-from attnlab.evaluation.choice import NORMS, plan_choices, score_choices
+from attnlab.errors import ConfigError, DistributedError, TextError
+from attnlab.distributed import (World, all_gather_bytes, all_gather_json, distributed, fail_point, shard_range,
+                                 world)
+from attnlab.evaluation.choice import NORMS, assemble_choice_scores, plan_choices, score_choice_batches
 from attnlab.evaluation.config import BASELINE, EvalConfig, parse_variant
-from attnlab.evaluation.lm_tasks import (TokenScores, WindowPlan, plan_windows, position_bin, score_windows,
-                                         stitch_windows)
+from attnlab.evaluation.lm_tasks import (TokenScores, WindowPart, WindowPlan, decode_windows, encode_windows,
+                                         plan_windows, position_bin, replay_windows, score_windows, stitch_windows)
 from attnlab.evaluation.passkey import PasskeyPrompt, answer_tokens, greedy_decode, is_correct, make_prompts, summarise
 from attnlab.progress import Progress, ProgressArg, progress_to, takes_progress
 from attnlab.stats.intervals import paired_binary
@@ -145,6 +151,46 @@ def _passkey_rows(label: str, summary: dict[str, list[dict[str, Any]]], accuracy
     return rows
 
 
+def global_done(local: int, count: int, current: World | None = None) -> int:
+    """Units done over all ranks when this rank has done ``local`` units of its :func:`shard_range` of ``count``
+    and every rank keeps the same pace (rank 0 has the largest shard): ``Σ_r min(local, len(shard_r))``. Exact
+    (``count``) once ``local`` reaches rank 0's shard; equals ``local`` in one process."""
+    current = current or world()
+    return sum(min(local, len(shard_range(count, World(rank, current.size)))) for rank in range(current.size))
+
+
+def gather_windows(parts: list[WindowPart]) -> list[WindowPart]:
+    """Every rank's scored windows, in rank order (= window order, the shards being contiguous), on every rank;
+    ``parts`` itself in one process. A collective (safetensors payloads, :func:`encode_windows`)."""
+    if not world().active:
+        return parts
+    return [part for data in all_gather_bytes(encode_windows(parts), "eval windows") for part in decode_windows(data)]
+
+
+def gather_lists(values: list[Any], what: str) -> list[Any]:
+    """The concatenation, in rank order, of every rank's JSON-serialisable list ``values`` (passkey trials,
+    choice entries), on every rank; ``values`` itself in one process. A collective."""
+    if not world().active:
+        return values
+    return [value for part in all_gather_json(values, what) for value in part]
+
+
+def gather_session(session: Any) -> None:
+    """Make ``session``'s edit records and attention paths the merge over all ranks, on every rank (inside the
+    ``with``, so the session's exit decides ``EditNotFiredError`` on the global counts and every rank raises it,
+    or none does). Attention paths: a layer's path is the one seen last in rank order (a rank that ran no window
+    adds none). A collective; nothing when one process runs."""
+    if not world().active:
+        return
+    session.edit_log.gather()
+    merged: dict[int, str] = {}
+    for paths in all_gather_json({str(layer): path for layer, path in session.attention_paths.items()},
+                                 "attention paths"):
+        merged.update((int(layer), path) for layer, path in paths.items())
+    session.attention_paths.clear()
+    session.attention_paths.update(merged)
+
+
 @takes_progress
 def evaluate_variants(model: Any, tokenizer: Any, variants: list[Variant], *, tasks: tuple[str, ...],
                       ids: list[int], plans: list[WindowPlan], bos_id: int | None, seq_len: int,
@@ -156,51 +202,83 @@ def evaluate_variants(model: Any, tokenizer: Any, variants: list[Variant], *, ta
     prepended to every window (None: none), ``prompts`` the passkey prompts (empty: no passkey task), ``choice``
     the multiple-choice items and scorer settings (None: no choice task).
     ``progress``: None, True (stderr: a bar in a terminal, else plain lines) or a callable (:mod:`attnlab.progress`).
+
+    Under several processes (``torchrun``, inside :func:`attnlab.distributed.distributed`) every rank calls this
+    with the same arguments and each variant's work is split by :func:`attnlab.distributed.shard_range`: the
+    windows, the passkey prompts and the choice forwards (the batches :func:`score_choice_batches` makes, so every
+    sequence is fed in the same batch as in one process). Each rank scores its shard inside the variant's Session;
+    the per-window token arrays, the trials and the per-(item, choice) scores are gathered in rank order (=
+    single-process order) and the records are rebuilt as one process builds them (:func:`replay_windows`,
+    :func:`assemble_choice_scores`), so every rank returns the same rows and records. Counts are exact, and so
+    are the sums given the same per-window scores (no addition is reordered); the scores themselves match a
+    single process up to the model's kernels (thread count, device), about 1e-6 relative for float32 logits.
+    Edit reports are merged over ranks (:meth:`attnlab.capture.edit_log.EditLog.combine`) before the session
+    checks that every edit fired. Each phase gathers once on every rank, so ranks with fewer (or no) windows,
+    prompts or batches do not hang. ``progress`` shows the global count (:func:`global_done`); call it on rank 0
+    only (:func:`run_eval` does).
     """
     import torch
+    import torch.distributed as dist
 
+    if world().active and not dist.is_initialized():
+        raise DistributedError(f"{world().label()}: WORLD_SIZE > 1 but no process group runs; call "
+                               "evaluate_variants inside attnlab.distributed.distributed()")
     notify: Progress = progress  # type: ignore[assignment]  # a Progress here (takes_progress)
     run_lm = any(task in tasks for task in LM_TASKS)
     run_choice = "choice" in tasks and choice is not None
     choice_plan = plan_choices(tokenizer, choice.items, bos=choice.bos) if run_choice else None  # once per run
     choice_batches = choice_plan.num_batches(choice.batch_size) if choice_plan is not None else 0
     units = (len(plans) if run_lm else 0) + (len(prompts) if "passkey" in tasks else 0) + choice_batches
-    total, done = units * len(variants), 0
+    total, done, mine_done = units * len(variants), 0, 0
     bin_size = position_bin(seq_len)
     rows: list[dict[str, Any]] = []
     records: list[dict[str, Any]] = []
     baseline_choice = None  # the first variant's (the baseline's) ChoiceScores, for gained/lost/McNemar
+
+    def step(base: int, count: int, local: int, message: str) -> None:
+        nonlocal mine_done
+        notify(base + global_done(local, count), total, message)
+        if local:
+            mine_done += 1
+            fail_point(mine_done)
+
     for label, edits in variants:
         started = time.perf_counter()
-        scores, trials = TokenScores(seq_len), []
         session = make_session(model, edits)
         with session, torch.no_grad():
             if run_lm:
                 notify(done, total, f"{label}: windows")
-                for plan, stats, positions in score_windows(model, ids, plans, bos_id=bos_id, device=device):
-                    scores.add(plan.index, stats["nll"], stats["correct"], positions)
-                    done += 1
-                    notify(done, total, f"{label}: windows")
+                parts = []
+                mine = [plans[i] for i in shard_range(len(plans))]
+                for plan, stats, positions in score_windows(model, ids, mine, bos_id=bos_id, device=device):
+                    parts.append(WindowPart(plan.index, stats["nll"], stats["correct"], positions))
+                    step(done, len(plans), len(parts), f"{label}: windows")
+                scores = replay_windows(seq_len, gather_windows(parts))
+                done += len(plans)
             if "passkey" in tasks:
-                for prompt in prompts:
-                    notify(done, total, f"{label}: passkey")
+                trials: list[dict[str, Any]] = []
+                for number in shard_range(len(prompts)):
+                    notify(done + global_done(len(trials), len(prompts)), total, f"{label}: passkey")
+                    prompt = prompts[number]
                     new = greedy_decode(model, prompt.ids, answer_tokens(tokenizer, prompt.key), device)
                     answer = tokenizer.decode(new)
                     trials.append({"length": prompt.length, "depth": prompt.depth, "key": prompt.key,
                                    "needle_start": prompt.needle_start, "answer": answer,
                                    "correct": is_correct(answer, prompt.key)})
-                    done += 1
+                    step(done, len(prompts), len(trials), f"{label}: passkey")
+                trials = gather_lists(trials, "passkey trials")
+                done += len(prompts)
             if run_choice:
-                offset = done
 
-                def choice_progress(step: int, _: int, message: str, offset: int = offset, label: str = label
-                                    ) -> None:
-                    notify(offset + step, total, f"{label}: {message}")
+                def choice_progress(local: int, _: int, message: str, base: int = done, label: str = label) -> None:
+                    step(base, choice_batches, local, f"{label}: {message}")
 
-                choice_scores = score_choices(model, tokenizer, choice.items, batch_size=choice.batch_size,
-                                              bos=choice.bos, device=device, plan=choice_plan,
-                                              progress=choice_progress)
-                done = offset + choice_batches
+                entries = score_choice_batches(model, tokenizer, choice.items, batch_size=choice.batch_size,
+                                               bos=choice.bos, device=device, plan=choice_plan,
+                                               batches=shard_range(choice_batches), progress=choice_progress)
+                choice_scores = assemble_choice_scores(choice.items, gather_lists(entries, "choice scores"))
+                done += choice_batches
+            gather_session(session)
         notify(done, total, f"{label}: done")
         record: dict[str, Any] = {
             "label": label, "edits": [edit.spec() for edit in edits], "edit_report": edit_report(session, edits),
@@ -225,9 +303,11 @@ def evaluate_variants(model: Any, tokenizer: Any, variants: list[Variant], *, ta
 
 
 def model_device(model: Any) -> str:
-    """Where the model's weights are (a passed-in model may not be on ``config.device``); inputs go there."""
-    parameter = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
-    return str(parameter.device) if parameter is not None else "cpu"
+    """Where inputs go: the device of the input embeddings (a passed-in model may not be on ``config.device``;
+    under a device map the first parameter may be offloaded): :func:`attnlab.capture.device_map.input_device`."""
+    from attnlab.capture.device_map import input_device
+
+    return str(input_device(model))
 
 
 def check_causal_lm(model: Any, requested: str) -> None:
@@ -266,13 +346,37 @@ def run_eval(config: EvalConfig, *, progress: ProgressArg = None, model: Any = N
             also for a model without next-token logits (an encoder such as minilm-l6), and for an edit that cannot
             run on the model (a layer or head it lacks, or Python-only state such as ``head_patch``'s source),
             checked right after the model loads, before any window runs.
-        EditNotFiredError: a requested edit never touched an attention call.
+        EditNotFiredError: a requested edit never touched an attention call (on all ranks together).
+        DistributedError: under several processes, the group cannot start or another rank died.
 
     ``progress``: None (silent), True (stderr: a bar with ETA in a terminal, else plain lines) or a callable
-    ``(done, total, message)`` (:mod:`attnlab.progress`).
+    ``(done, total, message)`` (:mod:`attnlab.progress`); only rank 0 reports, with the global count.
+
+    Several processes (``torchrun --nproc-per-node N -m attnlab eval``, or a script calling ``run_eval`` under
+    ``torchrun``: it starts the process group itself unless one runs, :func:`attnlab.distributed.distributed`):
+    every rank loads the model and plans the same windows, prompts and
+    items, scores its shard of each variant's work and gets the same merged results (:func:`evaluate_variants`:
+    counts exact, sums as one process adds them, per-window scores up to the model's kernels). ``search`` is
+    refused there (ConfigError on every rank, before the model loads): a search picks edits from sequential
+    validation passes, so it runs in one process; its found edits then run data-parallel as ``--edit`` variants.
     """
-    with progress_to(progress) as notify:
+    search = check_search(config, search)
+    with distributed(config.load.device), progress_to(progress if world().is_main else None) as notify:
         return _run_eval(config, notify, model, tokenizer, search)
+
+
+def check_search(config: EvalConfig, search: str | None) -> str | None:
+    """The search to run (``search``, else ``config.eval.search``); ConfigError (one line, on every rank alike)
+    for an unknown one, ``zerotuning_profile`` without ``--task choice``, or any search under several processes."""
+    search = search if search is not None else config.eval.search
+    if search not in (None, "zerotuning", "act", "zerotuning_profile"):
+        raise ConfigError(f"--search must be zerotuning, act or zerotuning_profile, got {search!r}")
+    if search == "zerotuning_profile" and "choice" not in config.eval.tasks:
+        raise ConfigError("--search zerotuning_profile needs --task choice (it is scored on multiple choice)")
+    if search is not None and world().active:
+        raise ConfigError(f"--search runs in one process, but {world().size} were started (torchrun); run the "
+                          "search with plain 'attnlab eval', then the found edits as --edit under torchrun")
+    return search
 
 
 def _run_eval(config: EvalConfig, notify: Progress, model: Any, tokenizer: Any, search: str | None
@@ -281,13 +385,8 @@ def _run_eval(config: EvalConfig, notify: Progress, model: Any, tokenizer: Any, 
     from attnlab.text import start_token_id, tokenizer_adds_bos
 
     started = time.perf_counter()
-    search = search if search is not None else config.eval.search
     spec, data = config.eval, config.data
     search_on_choice = search is not None and "choice" in spec.tasks
-    if search not in (None, "zerotuning", "act", "zerotuning_profile"):
-        raise ConfigError(f"--search must be zerotuning, act or zerotuning_profile, got {search!r}")
-    if search == "zerotuning_profile" and not search_on_choice:
-        raise ConfigError("--search zerotuning_profile needs --task choice (it is scored on multiple choice)")
     variants: list[Variant] = [(BASELINE, [])] + [(edits, parse_variant(edits)) for edits in spec.variants]
     loaded = start_run(config.load, data, spec.seed, notify, model, tokenizer,  # seq_len: windows only (passkey below)
                        check_len=any(task in spec.tasks for task in LM_TASKS))
