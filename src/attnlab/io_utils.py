@@ -9,6 +9,10 @@ from pathlib import Path
 
 from attnlab.errors import ConfigError
 
+SHARD_DIR = ".shards"
+"""The folder inside a run's ``--out`` that holds its shard files until the results are written
+(:mod:`attnlab.shards`; ``check_out_dir`` lets ``--resume`` into a folder that holds only it)."""
+
 __all__ = ["atomic_write_text", "prepare_out_dir", "write_temp"]
 
 

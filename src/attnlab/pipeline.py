@@ -22,11 +22,36 @@ report of the default attention probes never builds one.
 
 Unless ``config.run.pattern_heads`` is ``"none"``, one extra forward pass on the first window's first
 ``pattern_tokens`` tokens gives ``results["patterns"]``, the report viewer's data (docs/patterns.md).
+
+Shards and processes (:mod:`attnlab.shards`, :mod:`attnlab.distributed`). The run is a loop over *shards*, one
+batch of windows each (shard ``i`` = windows ``i·batch_size …``). Per shard the probes and analyses start from
+their empty state, see the batch (the attention probes in the Session, then each analysis's ``observe``), and
+their exported states form the shard's bundle, merged into this process's running total in window order (and
+saved to ``OUT/.shards`` when a :class:`attnlab.shards.ShardStore` is given; with ``--resume`` saved shards are
+read instead of computed). Under ``torchrun`` with N processes every rank tokenizes the whole text (so rank 0
+knows every window for results.json), takes a contiguous range of the shards
+(:func:`attnlab.distributed.shard_range`), and joins one progress sum per step (ranks with fewer shards too, so
+uneven shards never deadlock); at the end the ranks' totals are gathered (safetensors payloads, never pickle)
+and rank 0 merges them in rank order, runs every analysis's ``finish`` on the merged state, makes the viewer's
+pattern pass and returns the results; the other ranks return None.
+
+Equality: N processes give the results of one process over the same windows. Each shard is the same batch
+whatever the number of processes, so every shard's state is the same; merging shards in another grouping only
+changes the order of float64 additions. Counts (rows seen, hits, windows) are equal exactly; every row of
+results.json is equal within ``rtol=1e-9, atol=1e-12`` (tests/test_distributed_probe.py; measured ≤ 3e-16 relative
+on a tiny Llama); hit lists, per-window records and extras are the same, with the same global window indices.
+(On GPUs, kernels that are not deterministic can add their own run-to-run differences.)
+
+Every probe and analysis is ``shardable`` (:class:`attnlab.probes.base.Measurement`); a
+plug-in that is not is refused under several processes (ConfigError naming it) and runs without shard files
+in one process.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import itertools
 import platform
 import random
 import time
@@ -40,6 +65,7 @@ from attnlab.config import ModelSpec, RunConfig, TextSpec, probe_kind
 from attnlab.errors import ConfigError
 from attnlab.progress import Progress, ProgressArg, progress_to
 from attnlab.report.sections import section_specs
+from attnlab.shards import Bundle, ShardStore, bundle_of, fingerprint, load_bundle, merge_bundles
 
 __all__ = ["RunConfig", "results_envelope", "run_probes", "start_run"]
 
@@ -177,6 +203,8 @@ class _Tally:
     def __init__(self, notify: Progress, batches: int, attention: bool, analyses: list[Any], *,
                  windows: int | None = None, extra: int = 0) -> None:
         self.notify, self.batches, self.done, self.extra = notify, batches, 0, extra
+        self.offset = 0  # the other ranks' passes, as of the last sync
+        self.message = ""
         self.attention = batches if attention else 0
         self.size: dict[int, int] = {}  # passes per observe call
         self.finish_size: dict[int, int] = {}  # passes in finish
@@ -188,11 +216,28 @@ class _Tally:
     @property
     def total(self) -> int:
         planned = self.attention + sum(size * self.batches for size in self.size.values())
-        return max(self.done, planned + sum(self.finish_size.values()) + self.extra)
+        return max(self.done + self.offset, planned + sum(self.finish_size.values()) + self.extra)
+
+    def show(self, message: str) -> None:
+        """Report the global count (this rank's passes plus the others' as of the last :meth:`sync`)."""
+        self.message = message
+        self.notify(self.done + self.offset, self.total, message)
 
     def step(self, message: str, advance: int = 0) -> None:
         self.done += advance
-        self.notify(self.done, self.total, message)
+        self.show(message)
+
+    def per_shard(self) -> int:
+        """The passes one shard makes (counted at once for a shard read from a file)."""
+        return int(self.attention > 0) + sum(self.size.values())
+
+    def sync(self) -> None:
+        """Every rank calls this once per step: the global count is the sum of every rank's ``done``."""
+        from attnlab.distributed import all_sum, world
+
+        if world().active:
+            self.offset = int(all_sum([float(self.done)], "the progress count")[0]) - self.done
+            self.show(self.message)
 
     @contextmanager
     def call(self, obj: Any, label: str, *, finish: bool = False) -> Iterator[None]:
@@ -203,11 +248,11 @@ class _Tally:
             if total > 0:
                 sizes[key] = total
             self.done = max(self.done, base + min(max(done, 0), sizes[key]))
-            self.notify(self.done, self.total, f"{label} · {what} {done}/{total}")
+            self.show(f"{label} · {what} {done}/{total}")
 
         set_progress = getattr(obj, "set_progress", lambda hook: None)
         set_progress(inner)
-        self.notify(self.done, self.total, label)
+        self.show(label)
         try:
             yield
         finally:
@@ -216,42 +261,70 @@ class _Tally:
 
 
 def run_probes(config: RunConfig, *, progress: ProgressArg = None, model: Any = None, tokenizer: Any = None,
-               command: str = "probe") -> dict[str, Any]:
+               command: str = "probe", shards: ShardStore | None = None) -> dict[str, Any] | None:
     """Load model and text, run every probe and analysis of ``config.run.probes``; return the results dict.
 
     Pass ``model``/``tokenizer`` (or a LoadedModel as ``model``) to reuse a loaded model (``config.load.model`` is
     then only recorded). ``command`` is recorded in the results (``"report"`` or ``"probe"``). With
-    ``config.run.compare`` a second model is loaded for analyses that compare two models.
+    ``config.run.compare`` a second model is loaded for analyses that compare two models. ``shards`` saves each
+    shard's state under ``--out`` and, when made with ``resume=True``, reuses the saved ones (module docstring).
+
+    Under several processes (``torchrun``; the caller runs this inside :func:`attnlab.distributed.distributed`)
+    every rank must call it with the same config; rank 0 returns the results of all windows, the others None.
 
     Raises:
-        ConfigError, TextError, RegistryError, UnsupportedModelError: bad input (the CLI exits 2).
+        ConfigError, TextError, RegistryError, UnsupportedModelError: bad input (the CLI exits 2); also a probe or
+            analysis that is not ``shardable`` under several processes or with ``--resume``, and a saved shard
+            of another run.
         AssetError: a bundled asset cannot be fetched or verified.
+        DistributedError: another rank died (the message names this rank); nothing is returned.
 
     ``progress``: None (silent), True (stderr: a bar with ETA in a terminal, else plain lines) or a callable
     ``(done, total, message)`` (:mod:`attnlab.progress`). Counts are passes, all planned before the first: windows
     of the attention probes, then per analysis and batch one pass or its inner steps (``active_dormant: window 1/2 ·
     head 37/270``), then the viewer's pattern pass.
     """
-    with progress_to(progress) as notify:
-        return _run_probes(config, notify, model, tokenizer, command)
+    from attnlab.distributed import world
+
+    with progress_to(progress if world().is_main else None) as notify:
+        return _run_probes(config, notify, model, tokenizer, command, shards)
 
 
-def _run_probes(config: RunConfig, notify: Progress, model: Any, tokenizer: Any, command: str) -> dict[str, Any]:
-    import torch
+def _check_shardable(observers: list[tuple[str, Any]], shards: ShardStore | None) -> ShardStore | None:
+    """The store to use: None when some probe cannot export its state (then ConfigError under several processes
+    or with ``--resume``, naming them)."""
+    from attnlab.distributed import world
 
+    unshardable = [obj.name for _, obj in observers if not getattr(obj, "shardable", False)]
+    if not unshardable:
+        return shards
+    names = ", ".join(unshardable)
+    if world().active:
+        raise ConfigError(f"{names} cannot run over several processes (its state does not merge across ranks); "
+                          "run it in one process")
+    if shards is not None and shards.resume:
+        raise ConfigError(f"--resume: {names} saves no shard state; run without --resume")
+    return None
+
+
+def _run_probes(config: RunConfig, notify: Progress, model: Any, tokenizer: Any, command: str,
+                shards: ShardStore | None) -> dict[str, Any] | None:
     from attnlab.capture.device_map import input_device
     from attnlab.capture.pattern_report import check_pattern_heads
     from attnlab.capture.session import Session
+    from attnlab.distributed import rank_device
     from attnlab.text import load_text
 
     started = time.perf_counter()
     observers = build_observers(config)
+    shards = _check_shardable(observers, shards)
     needs_compare = [obj.name for _, obj in observers if getattr(obj, "needs_compare", False)]
     if config.run.compare is None and needs_compare:
         raise ConfigError(f"probe(s) {', '.join(needs_compare)} compare two models; pass --compare OTHER_MODEL")
-    loaded = start_run(config.load, config.data, config.run.seed, notify, model, tokenizer)
+    load = dataclasses.replace(config.load, device=rank_device(config.load.device))  # cuda -> cuda:LOCAL_RANK
+    loaded = start_run(load, config.data, config.run.seed, notify, model, tokenizer)
     check_pattern_heads(loaded.facts, config.run.pattern_heads)  # an explicit head outside the model: fail now
-    runner = _LazyRunner(loaded, config.run.compare, config.load, notify)
+    runner = _LazyRunner(loaded, config.run.compare, load, notify)
     if config.run.compare is not None:
         runner.get()  # load and check the second model before the run
     for kind, obj in observers:
@@ -268,27 +341,24 @@ def _run_probes(config: RunConfig, notify: Progress, model: Any, tokenizer: Any,
     driving = [obj for kind, obj in observers if kind != "attention"]
     viewer = config.run.pattern_heads != "none"
     tally = _Tally(notify, len(windows), bool(attention), driving, windows=len(windows.windows), extra=int(viewer))
-    paths: dict[int, str] = {}
+    session = None
     if attention:
         session = Session(loaded.model, probes=attention, block_size=config.run.block_size,
                           query_fraction=config.run.query_fraction, probe_kernel=config.run.probe_kernel)
-        with session, torch.no_grad():
-            for batch in windows:
-                tally.step("running attention probes")
-                loaded.model(**batch)
-                tally.done += 1
-        paths = session.attention_paths
-    unit = "window" if config.data.batch_size == 1 else "batch"
-    for number, batch in enumerate(windows if driving else [], 1):
-        for obj in driving:
-            with tally.call(obj, f"{obj.name}: {unit} {number}/{len(windows)}"):
-                obj.observe(runner.get(), batch)
+    objects = [obj for _, obj in observers]
+    if shards is not None:
+        shards.open(fingerprint(config.to_dict(), loaded.facts.file_sha256, [w["ids"] for w in windows.windows]),
+                    len(windows))
+    merged = _run_shards(objects, windows, session, driving, runner, tally, shards)
+    if merged is None:  # not rank 0: rank 0 writes the results
+        return None
+    paths = load_bundle(objects, merged)
     for obj in driving:
         with tally.call(obj, f"{obj.name}: finishing", finish=True):
             obj.finish(runner.get())
     patterns = _viewer_patterns(loaded, windows, config, tally)
     tally.done += int(viewer)  # the pattern pass, planned as one
-    notify(tally.done, tally.done, "done")
+    notify(tally.done + tally.offset, tally.done + tally.offset, "done")
 
     def decode(token_id: int) -> str:
         return loaded.tokenizer.decode([token_id])
@@ -305,6 +375,64 @@ def _run_probes(config: RunConfig, notify: Progress, model: Any, tokenizer: Any,
     if patterns is not None:
         results["patterns"] = patterns
     return results
+
+
+def _run_shards(objects: list[Any], windows: Any, session: Any, driving: list[Any], runner: _LazyRunner,
+                tally: _Tally, shards: ShardStore | None) -> Bundle | None:
+    """Run this rank's shards (module docstring); returns the bundle of every window on rank 0, None elsewhere.
+
+    Each shard starts from the objects' empty state (exported once, after bind/prepare), sets the Session's
+    sequence counter to the shard's first global window (so hit lists name global windows), and is merged into
+    the running total in window order; every rank makes ``ceil(shards / ranks)`` steps with one progress sum
+    each, then the totals are gathered (:func:`attnlab.distributed.all_gather_bytes`) and merged in rank order.
+    ``fail_point`` (tests) fires after each completed shard.
+    """
+    import torch
+
+    from attnlab.distributed import World, all_gather_bytes, decode_state, encode_state, fail_point, shard_range, world
+
+    current = world()
+    count = len(windows)
+    mine = shard_range(count, current)
+    steps = len(shard_range(count, World(0, current.size)))  # rank 0 has the most shards
+    empty = bundle_of(objects, {})
+    batches = itertools.islice(iter(windows), mine.start, mine.stop)
+    unit = "window" if windows.batch_size == 1 else "batch"
+    total: Bundle | None = None
+    for step in range(steps):
+        if step < len(mine):
+            shard, batch = mine[step], next(batches)
+            if shards is not None and shards.has(shard):
+                bundle = shards.read(shard)
+                tally.step(f"{unit} {shard + 1}/{count} from {shards.folder}", tally.per_shard())
+            else:
+                load_bundle(objects, empty)
+                if session is not None:
+                    session.num_sequences = shard * windows.batch_size
+                    session.attention_paths.clear()
+                    tally.step("running attention probes")
+                    with session, torch.no_grad():
+                        session.model(**batch)
+                    tally.done += 1
+                for obj in driving:
+                    with tally.call(obj, f"{obj.name}: {unit} {shard + 1}/{count}"):
+                        obj.observe(runner.get(), batch)
+                bundle = bundle_of(objects, session.attention_paths if session is not None else {})
+                if shards is not None:
+                    shards.write(shard, bundle)
+            total = merge_bundles(objects, total, bundle)
+            fail_point(step + 1)
+        tally.sync()
+    if not current.active:
+        return total
+    payloads = all_gather_bytes(encode_state(*total) if total is not None else b"", "the probe states")
+    if not current.is_main:
+        return None
+    merged: Bundle | None = None
+    for payload in payloads:
+        if payload:
+            merged = merge_bundles(objects, merged, decode_state(payload))
+    return merged
 
 
 def _viewer_patterns(loaded: Any, windows: Any, config: RunConfig, tally: _Tally) -> dict[str, Any] | None:

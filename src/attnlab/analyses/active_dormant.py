@@ -75,6 +75,8 @@ class ActiveDormantAnalysis(Analysis):
             switching heads are listed across both texts (windows ``A0 …`` and ``B0 …``).
     """
 
+    shardable = True
+
     sections = (Section("probe-active-dormant", "Active and dormant heads", (
         Text(template="Entropy detector agrees with the intervention on {detector_agreement} of heads."),
         Heatmap((Series("loss_change", "loss change (first key)", "nats"),
@@ -169,6 +171,24 @@ class ActiveDormantAnalysis(Analysis):
         self.per_window = [w for w in self.per_window if w[0][0] == "A"] + [w for w in theirs if w[0][0] == "A"] \
             + [w for w in self.per_window if w[0][0] == "B"] + [w for w in theirs if w[0][0] == "B"]
         self.windows_seen += other.windows_seen  # type: ignore[attr-defined]
+
+    def export_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """``state()`` plus ``per_window`` (W, L, H) loss changes; side: their labels, ``windows_seen`` and the
+        window length text B is cut to."""
+        tensors, side = super().export_state()
+        empty = torch.zeros(0, *self.tested.shape, dtype=torch.float64)
+        tensors["per_window"] = torch.stack([change for _, change in self.per_window]) if self.per_window else empty
+        return tensors, {**side, "labels": [label for label, _ in self.per_window], "windows_seen": self.windows_seen,
+                         "seq_len": getattr(self, "_seq_len", None)}
+
+    def import_state(self, tensors: dict[str, Tensor], side: dict[str, Any]) -> None:
+        tensors = dict(tensors)
+        stacked = tensors.pop("per_window")
+        super().import_state(tensors, side)
+        self.per_window = list(zip(side["labels"], stacked.clone().unbind(0)))
+        self.windows_seen = side["windows_seen"]
+        if side["seq_len"] is not None:
+            self._seq_len = side["seq_len"]
 
     def rows(self) -> list[Row]:
         out = RowWriter(self.name)

@@ -129,9 +129,14 @@ class Analysis(Measurement):
 
     Attributes:
         needs_compare: True if the analysis compares two models (``attnlab probe --compare OTHER``).
+        shardable: True when :meth:`export_state`/:meth:`import_state` capture the whole state after any number
+            of ``observe`` calls and ``merge`` combines such states (the windows merged in order); ``finish`` then
+            runs once, on the merged state. False by default (a plug-in opts in): a run over several processes
+            refuses the analysis with a ConfigError naming it, and a one-process run writes no shard files.
     """
 
     needs_compare: ClassVar[bool] = False
+    shardable: ClassVar[bool] = False
     _progress_hook: Callable[[int, int, str], None] | None = None
 
     def set_progress(self, hook: Callable[[int, int, str], None] | None) -> None:

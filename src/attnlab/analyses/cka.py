@@ -34,6 +34,7 @@ class CkaAnalysis(Analysis):
     """
 
     needs_compare = True
+    shardable = True  # the kept tokens, concatenated in window order and capped at max_tokens
 
     sections = (Section("probe-cka", "CKA between models", (
         Text(template="{tokens} tokens, PCA basis of {num_components} components."),
@@ -73,9 +74,29 @@ class CkaAnalysis(Analysis):
         self.kept += min(room, int(valid.sum()))
 
     def merge(self, other: Analysis) -> None:
+        """Append the other analysis's tokens (later windows) and keep the first ``max_tokens``, as one run would."""
         for layer in range(len(self.mine)):
-            self.mine[layer].extend(other.mine[layer])  # type: ignore[attr-defined]
-            self.theirs[layer].extend(other.theirs[layer])  # type: ignore[attr-defined]
+            self.mine[layer] = self._capped(self.mine[layer] + other.mine[layer])  # type: ignore[attr-defined]
+            self.theirs[layer] = self._capped(self.theirs[layer] + other.theirs[layer])  # type: ignore[attr-defined]
+        self.kept = min(self.max_tokens, getattr(self, "kept", 0) + getattr(other, "kept", 0))
+
+    def _capped(self, parts: list[Tensor]) -> list[Tensor]:
+        return parts if sum(part.shape[0] for part in parts) <= self.max_tokens else \
+            [torch.cat(parts)[: self.max_tokens]]
+
+    def export_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Tensors ``mine.LAYER``/``theirs.LAYER`` (tokens, D) of the kept tokens; side: ``kept``."""
+        tensors = {}
+        for layer, (mine, theirs) in enumerate(zip(self.mine, self.theirs)):
+            if mine:
+                tensors[f"mine.{layer}"], tensors[f"theirs.{layer}"] = torch.cat(mine), torch.cat(theirs)
+        return tensors, {"kept": getattr(self, "kept", 0)}
+
+    def import_state(self, tensors: dict[str, Tensor], side: dict[str, Any]) -> None:
+        layers = range(len(self.mine))
+        self.mine = [[tensors[f"mine.{layer}"].clone()] if f"mine.{layer}" in tensors else [] for layer in layers]
+        self.theirs = [[tensors[f"theirs.{layer}"].clone()] if f"theirs.{layer}" in tensors else [] for layer in layers]
+        self.kept = side["kept"]
 
     def rows(self) -> list[Row]:
         out = RowWriter(self.name)

@@ -58,6 +58,8 @@ class ContrastAnalysis(Analysis):
         lam: λ, the contrast regulariser (default 1e-3). exclude_first: leave key position 0 out (default True).
     """
 
+    shardable = True
+
     sections = (Section("probe-contrast", "Contrastive attention", (
         Text(template="Task query {task!r} vs generic query {generic!r}; correlation of complexity and attention "
                       "entropy over windows: {value.entropy_complexity_correlation}."),
@@ -131,6 +133,22 @@ class ContrastAnalysis(Analysis):
             top = torch.argsort(record.pop("contrast_sum"), descending=True)[: self.top_tokens].tolist()
             record["top"] = [(int(i), int(context[i])) for i in top]
             self.windows.append(record)
+
+    def merge(self, other: Analysis) -> None:
+        """Add the other analysis's sums and append its windows (numbered after this one's)."""
+        for key, total in self.sums.items():
+            total += other.sums[key]  # type: ignore[attr-defined]
+        offset = len(self.windows)
+        self.windows.extend({**w, "index": w["index"] + offset} for w in other.windows)  # type: ignore[attr-defined]
+
+    def export_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Tensors ``sums.KEY`` (num_layers,); side: the per-window records (JSON)."""
+        windows = [{**w, "top": [list(pair) for pair in w["top"]]} for w in self.windows]
+        return {f"sums.{key}": total.clone() for key, total in self.sums.items()}, {"windows": windows}
+
+    def import_state(self, tensors: dict[str, Tensor], side: dict[str, Any]) -> None:
+        self.sums = {key: tensors[f"sums.{key}"].clone() for key in self.sums}
+        self.windows = [{**w, "top": [tuple(pair) for pair in w["top"]]} for w in side["windows"]]
 
     def rows(self) -> list[Row]:
         out = RowWriter(self.name)

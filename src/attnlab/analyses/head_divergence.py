@@ -34,6 +34,8 @@ class HeadDivergenceAnalysis(Analysis):
         top_k: heads listed in the extras (default 10).
     """
 
+    shardable = True  # state() is the whole state
+
     sections = (Section("probe-head-divergence", "Head divergence", (
         Text(template="Context span: {context}."),
         Heatmap((Series("relative_divergence", "relative divergence", "‖Δo‖/‖o‖"),

@@ -40,6 +40,8 @@ class HeadImportanceAnalysis(Analysis):
         top_k: size of the head set (default 10). layers: layers to ablate (default all).
     """
 
+    shardable = True  # state() is the whole state
+
     sections = (Section("probe-head-importance", "Head importance", (
         Text(template="Zero ablation of one head at a time."),
         Heatmap((Series("importance", "ablation importance", "Δ loss (nats)"),), alt="Heatmap of head importance",

@@ -78,6 +78,22 @@ class HeadOverlapAnalysis(HeadImportanceAnalysis):
         self.per_window.extend(other.per_window)  # type: ignore[attr-defined]
         self.group_b.extend(other.group_b)  # type: ignore[attr-defined]
 
+    def export_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """``state()`` plus the per-window importances of text A and B, (W, L, H) each; side: the window length."""
+        tensors, side = super().export_state()
+        empty = torch.zeros(0, *self.tested.shape, dtype=torch.float64)
+        for key, values in (("per_window", self.per_window), ("group_b", self.group_b)):
+            tensors[key] = torch.stack(list(values)) if values else empty
+        return tensors, {**side, "seq_len": getattr(self, "_seq_len", None)}
+
+    def import_state(self, tensors: dict[str, Tensor], side: dict[str, Any]) -> None:
+        tensors = dict(tensors)
+        per_window, group_b = tensors.pop("per_window"), tensors.pop("group_b")
+        super().import_state(tensors, side)
+        self.per_window, self.group_b = list(per_window.clone().unbind(0)), list(group_b.clone().unbind(0))
+        if side["seq_len"] is not None:
+            self._seq_len = side["seq_len"]
+
     def groups(self) -> tuple[Tensor, Tensor]:
         """Mean importance (num_layers, num_heads) of text A and text B."""
         if self.other_text is None:

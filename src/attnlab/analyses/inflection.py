@@ -106,6 +106,8 @@ class InflectionAnalysis(Analysis):
         band_width: layers next to the best one join the band while their score is within this of it (0.5).
     """
 
+    shardable = True  # state() is the whole state
+
     sections = (Section("probe-inflection", "Inflection layers", (
         Text(template="Inflection band: layer(s) {band}. Rule: {rule}."),
         LayerCurve((Series("attention_entropy", "entropy"),), title="attention entropy", ylabel="nats",

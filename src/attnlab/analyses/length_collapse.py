@@ -65,6 +65,8 @@ class LengthCollapseAnalysis(Analysis):
             are dropped). count: texts per bucket (default 16).
     """
 
+    shardable = True  # observe only collects token ids; finish runs once on all of them
+
     sections = (Section("probe-length-collapse", "Length collapse", (
         Text(template="{count} texts per length, mean-pooled embeddings."),
         PositionCurve((Series("mean_cosine", "mean pairwise cosine", layers="none"),
@@ -103,6 +105,17 @@ class LengthCollapseAnalysis(Analysis):
         valid = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
         for row, ok in zip(batch["input_ids"].tolist(), valid.tolist()):
             self.ids.extend(t for t, real in zip(row, ok) if real and t not in specials)
+
+    def merge(self, other: Analysis) -> None:
+        """Append the other analysis's token ids (later windows)."""
+        self.ids.extend(other.ids)  # type: ignore[attr-defined]
+
+    def export_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Tensor ``ids`` (the collected text token ids, int64); nothing else is known before ``finish``."""
+        return {"ids": torch.tensor(self.ids, dtype=torch.long)}, {}
+
+    def import_state(self, tensors: dict[str, Tensor], side: dict[str, Any]) -> None:
+        self.ids = tensors["ids"].tolist()
 
     def planned_steps(self, batches: int, windows: int) -> tuple[int, int]:
         """Each batch is one step (its tokens are only collected); ``finish`` has one step per length."""

@@ -86,6 +86,8 @@ class MemoryFidelityAnalysis(Analysis):
         lags: step distances k (default [1, 2, 4, 8, 16, 32]).
     """
 
+    shardable = True
+
     sections = (Section("probe-memory-fidelity", "Memory fidelity", (
         Text(template="{skipped}", when="skipped"),
         Text(template="Lags {lags}; {layers_measured} recurrent layer(s).", when="retention"),
@@ -148,6 +150,31 @@ class MemoryFidelityAnalysis(Analysis):
         for i, module in enumerate(layers):
             self.observe_layer(module, captured[i], i, valid)
         self.inputs.append([captured[i].detach().cpu() for i in range(len(layers))] + [valid])
+
+    def merge(self, other: Analysis) -> None:
+        """Add the other analysis's per-lag sums and append its batches' layer inputs."""
+        for index, sums in other.results.items():  # type: ignore[attr-defined]
+            mine = self.results.setdefault(index, [torch.zeros_like(s) for s in sums])
+            for total, part in zip(mine, sums):
+                total += part
+        self.inputs.extend(other.inputs)  # type: ignore[attr-defined]
+        self.skipped = self.skipped or other.skipped  # type: ignore[attr-defined]
+
+    def export_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Tensors ``results.INDEX.{0,1,2}`` (retention, fidelity and pair sums) and ``inputs.BATCH.I`` (the
+        captured layer inputs, then the valid mask); side: their indices and sizes, and ``skipped``."""
+        tensors = {f"results.{index}.{k}": total for index, sums in self.results.items()
+                   for k, total in enumerate(sums)}
+        tensors.update({f"inputs.{b}.{i}": t for b, batch in enumerate(self.inputs) for i, t in enumerate(batch)})
+        return tensors, {"results": sorted(self.results), "inputs": [len(batch) for batch in self.inputs],
+                         "skipped": self.skipped}
+
+    def import_state(self, tensors: dict[str, Tensor], side: dict[str, Any]) -> None:
+        self.results = {index: [tensors[f"results.{index}.{k}"].clone() for k in range(3)]
+                        for index in side["results"]}
+        self.inputs = [[tensors[f"inputs.{b}.{i}"].clone() for i in range(size)]
+                       for b, size in enumerate(side["inputs"])]
+        self.skipped = side["skipped"]
 
     def rows(self) -> list[Row]:
         out = RowWriter(self.name)

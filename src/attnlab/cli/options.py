@@ -72,6 +72,9 @@ EditOpt = Annotated[Optional[list[str]], typer.Option(
     rich_help_panel="Edits")]
 Force = Annotated[bool, typer.Option("--force", help="Write into a non-empty --out: replace its result files "
                                      "(other files are left alone).", rich_help_panel=_OUT, metavar=FLAG)]
+Resume = Annotated[bool, typer.Option(
+    "--resume", help="Continue an interrupted run in --out: reuse its saved shards (OUT/.shards), compute the rest "
+    "(any number of processes).", rich_help_panel=_OUT, metavar=FLAG)]
 ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="YAML file of option values (CLI flags win).",
                                                     rich_help_panel=_RUN)]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.", rich_help_panel=_OUT, metavar=FLAG)]
@@ -143,12 +146,16 @@ def with_progress(work: Callable[[Any], Any], *, always: Callable[[str], bool] |
     """Run ``work(progress)`` with progress on stderr (:func:`attnlab.progress.progress_to`): a rich bar with
     elapsed time and ETA in a terminal, otherwise plain timestamped lines with counts and ETA (when the stage
     changes, else at most every ``$ATTNLAB_PROGRESS_INTERVAL`` seconds, default 10). Messages ``always`` marks
-    (evaluations during training, finished sweep jobs) get a line of their own in both cases."""
+    (evaluations during training, finished sweep jobs) get a line of their own in both cases. Under several
+    processes only rank 0 shows progress; the other ranks get ``work(None)``."""
     from transformers.utils import logging as hf_logging
 
+    from attnlab.distributed import world
     from attnlab.progress import progress_to
 
     hf_logging.disable_progress_bar()  # one progress display (ours), not transformers' per-step ones
+    if not world().is_main:
+        return work(None)
     with progress_to(True, console=stderr, always=always) as progress:
         return work(progress)
 
@@ -213,7 +220,11 @@ def as_flags(error: UsageError, names: Iterable[str]) -> UsageError:
 
 
 def run_guarded(body: Callable[[], None], debug: bool) -> None:
-    """Run a command body; map errors to exit codes (2 usage, 1 runtime) with one line on stderr."""
+    """Run a command body; map errors to exit codes (2 usage, 1 runtime) with one line on stderr.
+
+    Under several processes (``torchrun``) every rank exits with the code, but a usage error (raised the same on
+    every rank) is printed by rank 0 only, and a runtime error by the rank that has it, prefixed with its
+    :meth:`attnlab.distributed.World.label` (``error: rank 1/2: ...``) unless the message already names it."""
     try:
         body()
     except typer.Exit:  # a RuntimeError subclass in click: the body has already said why
@@ -223,13 +234,28 @@ def run_guarded(body: Callable[[], None], debug: bool) -> None:
     except (AttnlabError, OSError, RuntimeError) as error:
         _fail(error, debug, code=1)
     except KeyboardInterrupt:
-        stderr.print("interrupted")
+        stderr.print(f"{_rank_prefix()}interrupted", markup=False)
         raise typer.Exit(130) from None
 
 
+def _rank_prefix() -> str:
+    """``"rank 1/2: "`` when several processes run, else ``""``."""
+    from attnlab.distributed import world
+
+    current = world()
+    return f"{current.label()}: " if current.active else ""
+
+
 def _fail(error: BaseException, debug: bool, code: int) -> None:
+    from attnlab.distributed import world
+
+    if code == 2 and not world().is_main:  # every rank raised the same usage error: rank 0 says it
+        raise typer.Exit(code)
     if debug:
         traceback.print_exception(error, file=sys.stderr)
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    stderr.print(f"error: {message}", markup=False, highlight=False)
+    prefix = _rank_prefix() if code != 2 else ""
+    if prefix and message.startswith(prefix):
+        prefix = ""
+    stderr.print(f"error: {prefix}{message}", markup=False, highlight=False)
     raise typer.Exit(code)

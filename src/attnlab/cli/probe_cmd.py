@@ -16,7 +16,7 @@ import typer
 
 from attnlab.cli.options import (
     BlockSize, Bos, ConfigFile, Debug, Device, DeviceMap, DType, Force, MaxWindows, ModelOpt, OutDir, ProbeKernel,
-    QueryFraction, Seed, SeqLen, TextOpt, TokenizerOpt, command_values, print_config, run_guarded, stderr,
+    QueryFraction, Resume, Seed, SeqLen, TextOpt, TokenizerOpt, command_values, print_config, run_guarded, stderr,
     with_progress, write_and_announce,
 )
 
@@ -48,6 +48,7 @@ def probe(
     max_windows: MaxWindows = 2,
     out: OutDir = Path("attnlab-probe"),
     force: Force = False,
+    resume: Resume = False,
     block_size: BlockSize = 128,
     query_fraction: QueryFraction = 1.0,
     probe_kernel: ProbeKernel = "fused",
@@ -66,21 +67,37 @@ def probe(
 
 
 def run_probe_command(ctx: typer.Context, command: str, config_path: Path | None) -> None:
-    """The body of ``attnlab probe`` / ``attnlab report``: options → RunConfig → run_probes → files."""
+    """The body of ``attnlab probe`` / ``attnlab report``: options → RunConfig → run_probes → files.
+
+    The whole body runs inside :func:`attnlab.distributed.distributed` (the process group when ``torchrun``
+    started several processes): every rank runs its shards, rank 0 alone prints the config line and progress
+    and writes the files, then removes the shard files (``OUT/.shards``). ``--resume`` reuses the shards an
+    interrupted run saved (:mod:`attnlab.shards`)."""
     from attnlab.config import RunConfig
+    from attnlab.distributed import distributed
     from attnlab.errors import ConfigError
     from attnlab.pipeline import run_probes
     from attnlab.report.io import check_out_dir
+    from attnlab.shards import ShardStore
 
     values = command_values(ctx, config_path, RunConfig)
+    resume = bool(values.pop("resume", False))
     if command == "probe" and not values["probe"]:
         raise ConfigError("attnlab probe needs at least one --probe NAME; see `attnlab ls probes`")
     run_config = RunConfig(**values)
     out_dir = Path(values["out"])
-    check_out_dir(out_dir, force=bool(values.get("force")))  # fail before the model loads; leave nothing behind
-    print_config(run_config)
-    results = with_progress(lambda progress: run_probes(run_config, progress=progress, command=command))
-    write_and_announce(out_dir, results, show_paths=True)
+    # fail before the model loads; leave nothing behind
+    check_out_dir(out_dir, force=bool(values.get("force")), resume=resume)
+    with distributed(run_config.load.device) as current:
+        if current.is_main:
+            print_config(run_config)
+        shards = ShardStore(out_dir, resume=resume)
+        results = with_progress(lambda progress: run_probes(run_config, progress=progress, command=command,
+                                                            shards=shards))
+        if results is None:  # another rank than 0: rank 0 writes the results
+            return
+        write_and_announce(out_dir, results, show_paths=True)
+        shards.remove()
     produced = {row["probe"] for row in results["rows"]}
     for name in run_config.run.probes:
         if name not in produced:

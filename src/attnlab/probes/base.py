@@ -135,11 +135,26 @@ def key_index_of_positions(key_positions: Tensor, count: int) -> tuple[Tensor, T
 
 class Measurement:
     """What probes and analyses share: a registered ``name``, the report ``sections`` they draw, an additive
-    ``state()`` that merges across windows, batches and ranks, long-format ``rows()`` and JSON ``extras()``."""
+    ``state()`` that merges across windows, batches and ranks, long-format ``rows()`` and JSON ``extras()``.
+
+    Export and import (runs over several processes, ``--resume``; :mod:`attnlab.shards`): :meth:`export_state`
+    gives the *whole* state as ``(tensors, side)``, tensors (safetensors) plus JSON-serialisable side parts (hit
+    lists, per-window records), and :meth:`import_state` puts such a pair back into an instance of the same type
+    and config that is already bound (probes) or prepared (analyses). The default exports ``state()``, whose keys
+    must then be the names of the attributes holding those tensors, and no side parts; a subclass with more state
+    (lists, dicts, counters) extends both methods. ``import_state`` replaces every state attribute by new objects
+    (never mutates the old ones in place), so a shallow copy of a live instance can hold an imported state.
+    ``merge`` must then give the same result whatever the grouping of the states merged in window order
+    (``(a + b) + c`` equals ``a + (b + c)`` up to float summation order). Set ``shardable = False`` on a class
+    whose export does not capture its whole state: a run over several processes refuses it, and a one-process
+    run writes no shard files for ``--resume``.
+    """
 
     sections: ClassVar[tuple[Section, ...]] = ()
     """The report sections drawn from the rows (:mod:`attnlab.report.sections`); () = rows only in the tables."""
     name: ClassVar[str] = ""
+    shardable: ClassVar[bool] = True
+    """True when :meth:`export_state`/:meth:`import_state` capture the whole state and ``merge`` combines it."""
 
     def state(self) -> dict[str, Tensor]:
         """The additive state: tensors that can be summed across windows, batches and ranks."""
@@ -148,6 +163,23 @@ class Measurement:
     def merge(self, other: Measurement) -> None:
         """Add another instance's state (same type, same config) into this one; ValueError on different keys."""
         add_states(self.name, self.state(), other.state())
+
+    def export_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """The whole state: ``(tensors, side)``, CPU tensors (``state()`` by default) and JSON side parts ({})."""
+        return {key: tensor.detach().cpu() for key, tensor in self.state().items()}, {}
+
+    def import_state(self, tensors: dict[str, Tensor], side: dict[str, Any]) -> None:
+        """Replace this instance's state by an exported one (``tensors`` keyed like ``state()``: attribute names).
+
+        Raises:
+            ValueError: the keys differ from this instance's ``state()`` keys (another probe or version).
+        """
+        expected = set(self.state())
+        if set(tensors) != expected:
+            raise ValueError(f"cannot import a {self.name} state with keys {sorted(tensors)}; expected "
+                             f"{sorted(expected)}")
+        for key, tensor in tensors.items():
+            setattr(self, key, tensor.clone())
 
     def rows(self) -> list[Row]:
         """Long-format rows for results.csv (docs/results.md)."""

@@ -184,6 +184,15 @@ class MagnetsProbe(Probe):
         super().merge(other)
         self.hits.extend(other.hits)  # type: ignore[attr-defined]
 
+    def export_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """``state()`` plus the hit list (JSON: one list per hit)."""
+        tensors, side = super().export_state()
+        return tensors, {**side, "hits": [list(hit) for hit in self.hits]}
+
+    def import_state(self, tensors: dict[str, Tensor], side: dict[str, Any]) -> None:
+        super().import_state(tensors, side)
+        self.hits = [tuple(hit) for hit in side["hits"]]
+
     def rows(self) -> list[Row]:
         out = RowWriter(self.name)
         seen = self.rows_seen > 0

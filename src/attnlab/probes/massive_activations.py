@@ -138,6 +138,23 @@ class MassiveActivationsProbe(Probe):
             for dim, layers in dims.items():
                 self.window_dims.setdefault(window, {}).setdefault(dim, set()).update(layers)
 
+    def export_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """``state()`` plus the JSON side parts: ``dim_hits`` [[layer, dim, count]], ``window_dims`` [[window,
+        dim, [layers]]] and ``hits`` (one list per hit)."""
+        tensors, side = super().export_state()
+        return tensors, {**side, "dim_hits": [[layer, dim, count] for (layer, dim), count in self.dim_hits.items()],
+                         "window_dims": [[window, dim, sorted(layers)] for window, dims in self.window_dims.items()
+                                         for dim, layers in dims.items()],
+                         "hits": [list(hit) for hit in self.hits]}
+
+    def import_state(self, tensors: dict[str, Tensor], side: dict[str, Any]) -> None:
+        super().import_state(tensors, side)
+        self.dim_hits = Counter({(layer, dim): count for layer, dim, count in side["dim_hits"]})
+        self.window_dims = {}
+        for window, dim, layers in side["window_dims"]:
+            self.window_dims.setdefault(window, {})[dim] = set(layers)
+        self.hits = [tuple(hit) for hit in side["hits"]]
+
     def persistent_dims(self) -> dict[int, list[int]]:
         """dim -> sorted layers where it was massive, for dims massive in ≥ min_layers layers of one window.
 

@@ -178,6 +178,15 @@ class SinkProbe(Probe):
         super().merge(other)
         self.hits.extend(other.hits)  # type: ignore[attr-defined]
 
+    def export_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """``state()`` plus the hit list (JSON: one list per hit)."""
+        tensors, side = super().export_state()
+        return tensors, {**side, "hits": [list(hit) for hit in self.hits]}
+
+    def import_state(self, tensors: dict[str, Tensor], side: dict[str, Any]) -> None:
+        super().import_state(tensors, side)
+        self.hits = [tuple(hit) for hit in side["hits"]]
+
     def alpha(self) -> Tensor:
         """(num_layers, num_heads, num_keys) alpha_k averaged over sequences; NaN where no query saw the key."""
         return safe_div(self.alpha_sum, self.alpha_count)

@@ -27,7 +27,7 @@ import pandas as pd
 from attnlab.columns import STEP_COLUMN
 from attnlab.errors import ConfigError
 from attnlab.io_utils import atomic_write_text as atomic_write_text  # re-exported: the CLI writes report.html
-from attnlab.io_utils import prepare_out_dir
+from attnlab.io_utils import SHARD_DIR, prepare_out_dir
 from attnlab.io_utils import write_temp as _write_temp
 from attnlab.report.schema import CSV_COLUMNS, INDEX_COLUMNS, REQUIRED_ROW_COLUMNS, validate_results
 from attnlab.report.upgrade import upgrade_results
@@ -143,23 +143,30 @@ def frame_to_csv(frame: pd.DataFrame) -> str:
     return frame.to_csv(index=False, lineterminator="\n", na_rep="")
 
 
-def check_out_dir(out_dir: str | os.PathLike[str], *, force: bool | None = None) -> None:
+def check_out_dir(out_dir: str | os.PathLike[str], *, force: bool | None = None, resume: bool = False) -> None:
     """Check, without creating anything, that ``out_dir`` is or can become a writable directory.
 
     Used before a long run so that a bad ``--out`` fails first and leaves nothing behind; also refuses an
     ``out_dir`` where a result file's name is taken by a directory (:func:`check_targets`). With ``force=False``
     (the CLI's ``attnlab report/probe/eval`` without ``--force``) an existing, non-empty ``out_dir`` is refused
     too; ``force=True`` allows it (the result files are then replaced, other files left alone); ``None`` skips
-    that check. Raises ConfigError (one line) naming the directory and the reason.
+    that check. ``resume=True`` (``--resume``) also allows an ``out_dir`` that holds nothing but the shard
+    folder of an interrupted run (:data:`attnlab.shards.SHARD_DIR`); without it, the "not empty" error of such a
+    folder says to pass --resume. Raises ConfigError (one line) naming the directory and the reason.
     """
     path = Path(out_dir).absolute()
     if force is False and path.is_dir():
         check_targets(path)  # the more specific error first
         names = sorted(entry.name for entry in path.iterdir())
+        if resume:
+            names = [name for name in names if name != SHARD_DIR]
         if names:
             ours = (RESULTS_JSON, REPORT_HTML, RESULTS_CSV)
             first = [n for n in ours if n in names] + [n for n in names if n not in ours]
             shown = ", ".join(first[:2]) + (", …" if len(first) > 2 else "")
+            if SHARD_DIR in names and not resume:
+                raise ConfigError(f"--out {out_dir} holds the shards of an interrupted run ({shown}); pass --resume "
+                                  "to continue it, --force to start over, or choose another --out")
             raise ConfigError(f"--out {out_dir} is not empty ({shown}); pass --force to replace its results or "
                               "choose another --out")
     existing = path
