@@ -14,7 +14,8 @@ marginal time per window, ``(T(24) − T(8)) / 16``, is the part data parallelis
     speedup = time(1p×1t) / time(2p×1t)        efficiency = speedup / 2
 
 (and the same against ``1p×2t``, the whole machine in one process). Every timing is the median of ``--repeats``
-runs. The 2-process results are checked against the 1-process results of the same windows: the largest absolute
+runs; each run also records the CPU seconds of every process it started and the load average just before it (the
+machine is shared: a run with a load above 0.5 before it shared the cores). The 2-process results are checked against the 1-process results of the same windows: the largest absolute
 difference of any row's value (the states merge in a different order, so it is not 0).
 
     python benchmarks/distributed_probe.py                                  # the docs run (~10 min on 2 cores)
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -52,15 +54,21 @@ def command(processes: int, windows: int, seq_len: int, out: Path) -> list[str]:
             *attnlab]
 
 
-def run_once(processes: int, threads: int, windows: int, seq_len: int, out: Path) -> tuple[float, list[dict]]:
+def run_once(processes: int, threads: int, windows: int, seq_len: int, out: Path
+             ) -> tuple[float, float, float, list[dict]]:
+    """``(wall seconds, CPU seconds of every process it started, the 1-minute load average before, rows)``."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    load = os.getloadavg()[0]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     done = subprocess.run(command(processes, windows, seq_len, out), env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if done.returncode != 0:
         raise SystemExit(f"{processes}p×{threads}t, {windows} windows failed:\n{done.stderr[-3000:]}")
     rows = json.loads((out / "results.json").read_text())["rows"]
-    return seconds, rows
+    return seconds, cpu, load, rows
 
 
 def max_difference(a: list[dict], b: list[dict]) -> float:
@@ -79,15 +87,19 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as scratch:
         for windows in args.windows:
             for processes, threads in configs:
-                times = []
+                times, cpus, loads = [], [], []
                 for repeat in range(args.repeats):
                     out = Path(scratch) / f"{processes}x{threads}-{windows}-{repeat}"
-                    seconds, rows = run_once(processes, threads, windows, args.seq_len, out)
+                    seconds, cpu, load, rows = run_once(processes, threads, windows, args.seq_len, out)
                     times.append(seconds)
+                    cpus.append(cpu)
+                    loads.append(load)
                     rows_by[(processes, threads, windows)] = rows
-                    print(f"{processes}p×{threads}t {windows:3d} windows: {seconds:7.2f} s", flush=True)
+                    print(f"{processes}p×{threads}t {windows:3d} windows: {seconds:7.2f} s wall, {cpu:7.2f} s CPU, "
+                          f"load before {load:.2f}", flush=True)
                 cells.append({"processes": processes, "threads": threads, "windows": windows,
-                              "seconds": times, "median": statistics.median(times)})
+                              "seconds": times, "cpu_seconds": cpus, "load_before": loads,
+                              "median": statistics.median(times)})
     largest = max(args.windows)
     check = max_difference(rows_by[(1, 1 if 1 in args.threads else args.threads[0], largest)],
                            rows_by[(2, 1, largest)])
