@@ -118,3 +118,27 @@ def test_a_peer_error_keeps_only_the_useful_part_of_gloos_message():
         collective("a sum", fail)
     assert str(caught.value) == ("rank 0/1: another rank failed during a sum (Read error [127.0.0.1]:28310: "
                                  "Connection reset by peer); no results were written")
+
+
+@pytest.mark.distributed
+def test_two_launchers_as_two_machines_meet_at_one_address(tmp_path):
+    """``--nnodes 2``: one torchrun per "machine" (both on localhost), ranks 0 and 1 meet at --master-addr."""
+    import json
+    import socket
+
+    script = tmp_path / "collectives.py"
+    script.write_text(SCRIPT)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launchers = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank",
+                                   str(node), "--nproc-per-node", "1", "--master-addr", "127.0.0.1",
+                                   "--master-port", str(port), str(script)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                 for node in (0, 1)]
+    outputs = [launcher.communicate(timeout=300) for launcher in launchers]
+    assert [launcher.returncode for launcher in launchers] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    line = [x for x in outputs[0][0].splitlines() if x.startswith("{")][0]
+    assert json.loads(line)["items"] == [{"rank": 0, "shard": [0, 1, 2]}, {"rank": 1, "shard": [3, 4]}]
+    assert not [x for x in outputs[1][0].splitlines() if x.startswith("{")]  # rank 1 prints nothing
