@@ -300,10 +300,11 @@ def sweep_command(
     """Run a grid of trainings from a sweep YAML file.
 
     One attnlab train process per job, --jobs at a time; writes sweep.csv, best.csv and one report (see
-    docs/lab.md). Under torchrun each rank runs every N-th job (--jobs at a time) and rank 0 writes the summary."""
+    docs/lab.md). Jobs train on CPUs only. Under torchrun each rank runs every N-th job still to run (--jobs at a
+    time), rank 0 writes the summary, and only rank 0 exits 1 when a job failed."""
 
     def body() -> None:
-        from attnlab.distributed import distributed
+        from attnlab.distributed import barrier, distributed
         from attnlab.errors import ConfigError
         from attnlab.lab.sweep import check_sweep_out, run_sweep, sweep_event
         from attnlab.report.io import write_results
@@ -316,17 +317,21 @@ def sweep_command(
             return run_sweep(sweep_file, out, jobs=jobs, resume=resume, force=force, progress=progress)
 
         with distributed("cpu") as current:  # under torchrun the ranks share the jobs (attnlab.lab.sweep)
-            if not current.is_main:
-                if work(None).failed:
-                    raise typer.Exit(1)  # rank 0 says which jobs failed
-                return
-            result = with_progress(work, always=sweep_event)
-        paths = write_results(out, result.results)
-        typer.echo(f"report: {paths['html']}")
-        typer.echo(f"files: {result.files['sweep']} {result.files['best']} {paths['json']} {paths['csv']}")
-        if result.failed:
-            stderr.print(f"error: {len(result.failed)} of {len(result.rows)} job(s) failed: "
-                         f"{', '.join(result.failed)} (see {out / 'logs'})", markup=False)
+            if current.is_main:
+                result = with_progress(work, always=sweep_event)
+                paths = write_results(out, result.results)
+                typer.echo(f"report: {paths['html']}")
+                typer.echo(f"files: {result.files['sweep']} {result.files['best']} {paths['json']} {paths['csv']}")
+                if result.failed:
+                    stderr.print(f"error: {len(result.failed)} of {len(result.rows)} job(s) failed: "
+                                 f"{', '.join(result.failed)} (see {out / 'logs'})", markup=False)
+            else:
+                work(None)
+            # torchrun stops every rank as soon as one exits non-zero: no rank leaves before rank 0 has written
+            # and printed the summary. The other ranks then exit 0 even when jobs failed: rank 0's exit 1 fails
+            # the torchrun run, names the rank that reported it, and cannot be cut short by theirs.
+            barrier("writing the sweep summary")
+        if current.is_main and result.failed:
             raise typer.Exit(1)
 
     run_guarded(body, debug)
