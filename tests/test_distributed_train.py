@@ -151,8 +151,9 @@ def test_evaluate_without_a_process_group_under_torchrun_is_a_one_line_error(lau
     config = TrainConfig(task_args={"vocab_size": 24, "seq_len": 16, "num_kv_pairs": 2}, width=16, num_heads=2,
                          num_layers=1, probes=())
     task = make_task(config)
-    with pytest.raises(DistributedError, match=r"^evaluate\(\) runs under WORLD_SIZE=2 but no process group "
-                                               r"runs; call it inside attnlab.distributed.distributed\(\)$"):
+    with pytest.raises(DistributedError, match=r"^rank 0/2: evaluate\(\) needs the process group, but "
+                                               r"WORLD_SIZE > 1 and none runs; run the work inside "
+                                               r"attnlab.distributed.distributed\(\)$"):
         evaluate(build_model(model_spec(config, task), seed=0), task, config, 0)
 
 

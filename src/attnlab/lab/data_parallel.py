@@ -161,14 +161,11 @@ def check_reduced(net: Any, step: int) -> None:
 
 def require_group(what: str) -> None:
     """DistributedError (one line) when a launcher set ``WORLD_SIZE`` > 1 but no process group runs: ``what``
-    would otherwise work on this rank's share alone and report it as the whole."""
-    import torch.distributed as dist
+    would otherwise work on this rank's share alone and report it as the whole (the check every collective of
+    :mod:`attnlab.distributed` makes, done before the work instead of after it)."""
+    from attnlab.distributed import _group_running
 
-    from attnlab.distributed import launched
-
-    if launched() and not (dist.is_available() and dist.is_initialized()):
-        raise DistributedError(f"{what} runs under WORLD_SIZE={world().size} but no process group runs; call it "
-                               "inside attnlab.distributed.distributed()")
+    _group_running(what)
 
 
 def backward(loss: Tensor, step: int) -> None:
