@@ -9,11 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +20,7 @@ from safetensors.torch import load_file
 from attnlab.distributed import World
 from attnlab.errors import ConfigError
 from attnlab.lab import data_parallel as dp
+from torchrun_helpers import run_attnlab
 
 TRAIN = ["train", "--layer", "masked", "--task", "mqar", "--task-arg", "vocab_size=24", "--task-arg", "seq_len=16",
          "--task-arg", "num_kv_pairs=2", "--layers", "1", "--width", "32", "--heads", "2", "--steps", "6",
@@ -190,18 +187,10 @@ def test_sweep_jobs_under_torchrun_get_the_computed_thread_count(monkeypatch):
 
 
 # torchrun -------------------------------------------------------------------------------------------------------
-def _env(**extra):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
-    return env
-
-
 def _attnlab(args, *, procs=1, **env):
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs),
-                 "-m", "attnlab"] if procs > 1 else [sys.executable, "-m", "attnlab"])
-    return subprocess.run(launcher + [str(a) for a in args], capture_output=True, text=True, env=_env(**env),
-                          timeout=150, check=False)
+    """``attnlab ARGS`` on ``procs`` processes (:func:`torchrun_helpers.run_attnlab`: a timed-out run is stopped
+    with all its ranks)."""
+    return run_attnlab([str(a) for a in args], nproc=procs, env=env, timeout=150)
 
 
 def _log(out):
