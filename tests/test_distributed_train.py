@@ -9,11 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +20,7 @@ from safetensors.torch import load_file
 from attnlab.distributed import World
 from attnlab.errors import ConfigError
 from attnlab.lab import data_parallel as dp
+from torchrun_helpers import run_attnlab
 
 TRAIN = ["train", "--layer", "masked", "--task", "mqar", "--task-arg", "vocab_size=24", "--task-arg", "seq_len=16",
          "--task-arg", "num_kv_pairs=2", "--layers", "1", "--width", "32", "--heads", "2", "--steps", "6",
@@ -99,19 +96,101 @@ def test_unused_parameters_are_detected_before_wrapping():
     assert not unused("masked") and unused("moda")  # moda owns a gain its default path does not use
 
 
+def test_a_layer_class_that_may_skip_parameters_always_gets_the_unused_search():
+    class Skips(torch.nn.Linear):
+        may_skip_parameters = True
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), Skips(2, 2))
+    assert dp.find_unused(model, torch.zeros(1, 2, dtype=torch.long))  # no trial pass needed (it would fail here)
+
+
+def test_a_parameter_ddp_could_not_average_stops_the_step_with_one_line(tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from attnlab.errors import DistributedError
+
+    class Gated(torch.nn.Module):  # uses its gate only for some inputs (here: never)
+        def __init__(self):
+            super().__init__()
+            self.body, self.gate = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.body(x)
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        net = DistributedDataParallel(Gated(), find_unused_parameters=False)
+        net(torch.randn(3, 2)).sum().backward()
+        with pytest.raises(DistributedError, match=r"^rank 0/1: training step 5 left gate.weight and 1 more "
+                                                   r"without a gradient.*may_skip_parameters = True") as info:
+            dp.check_reduced(net, 5)
+        assert "\n" not in str(info.value)
+        dp.check_reduced(torch.nn.Linear(2, 2), 5)  # one process: nothing to check
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture
+def launched_without_group(monkeypatch):
+    """The environment torchrun gives rank 0 of 2, with no process group running and no rendezvous address."""
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+
+
+def test_evaluate_without_a_process_group_under_torchrun_is_a_one_line_error(launched_without_group):
+    from attnlab.errors import DistributedError
+    from attnlab.lab.modeling import build_model
+    from attnlab.lab.train import TrainConfig, evaluate, make_task, model_spec
+
+    config = TrainConfig(task_args={"vocab_size": 24, "seq_len": 16, "num_kv_pairs": 2}, width=16, num_heads=2,
+                         num_layers=1, probes=())
+    task = make_task(config)
+    with pytest.raises(DistributedError, match=r"^rank 0/2: evaluate\(\) needs the process group, but "
+                                               r"WORLD_SIZE > 1 and none runs; run the work inside "
+                                               r"attnlab.distributed.distributed\(\)$"):
+        evaluate(build_model(model_spec(config, task), seed=0), task, config, 0)
+
+
+def test_train_and_run_sweep_start_the_process_group_themselves(launched_without_group, tmp_path):
+    """They enter distributed("cpu"): here it cannot start (no MASTER_ADDR), a one-line DistributedError before
+    any work (not a bare ValueError after the --force clean-up, nor a KeyError after each rank's share)."""
+    from attnlab.errors import DistributedError
+    from attnlab.lab.sweep import run_sweep
+    from attnlab.lab.train import TrainConfig, train
+
+    config = TrainConfig(task_args={"vocab_size": 24, "seq_len": 16, "num_kv_pairs": 2}, width=16, num_heads=2,
+                         num_layers=1, steps=1, probes=(), out=str(tmp_path / "run"))
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(SWEEP))
+    for call in (lambda: train(config), lambda: run_sweep(path, tmp_path / "sweep")):
+        with pytest.raises(DistributedError, match=r"^rank 0: cannot start the process group: .*MASTER_ADDR") as info:
+            call()
+        assert "\n" not in str(info.value)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()
+
+
+def test_sweep_jobs_under_torchrun_get_the_computed_thread_count(monkeypatch):
+    from attnlab.lab.sweep import _job_env
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what torchrun sets for every rank
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    env = _job_env(3)
+    assert env["OMP_NUM_THREADS"] == "3"
+    assert not {"RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID"} & set(env)  # a job is one plain process
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    assert _job_env(3)["OMP_NUM_THREADS"] == "1"  # outside torchrun the user's setting wins
+
+
 # torchrun -------------------------------------------------------------------------------------------------------
-def _env(**extra):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
-    return env
-
-
 def _attnlab(args, *, procs=1, **env):
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs),
-                 "-m", "attnlab"] if procs > 1 else [sys.executable, "-m", "attnlab"])
-    return subprocess.run(launcher + [str(a) for a in args], capture_output=True, text=True, env=_env(**env),
-                          timeout=150, check=False)
+    """``attnlab ARGS`` on ``procs`` processes (:func:`torchrun_helpers.run_attnlab`: a timed-out run is stopped
+    with all its ranks)."""
+    return run_attnlab([str(a) for a in args], nproc=procs, env=env, timeout=150)
 
 
 def _log(out):
@@ -183,7 +262,9 @@ def test_a_rank_that_dies_fails_the_run_and_leaves_the_last_checkpoint(tmp_path,
     assert done.returncode != 0
     assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)\s+exitcode\s*:\s*17", done.stderr), done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert all(line.startswith("error: rank 0/2: another rank failed during training step 4") for line in errors)
+    assert len(errors) <= 1, errors  # rank 0 may be stopped by torchrun before its collective fails
+    assert all(re.fullmatch(r"error: rank 0/2: another rank failed during training step 4 \(.+\); no results were "
+                            r"written", line) for line in errors), errors
     state, _ = read_state(out / "checkpoint")  # the checkpoint of the evaluation at step 2, whole
     assert state["step"] == 2
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "train_log.csv"]  # no results, no temp files
@@ -196,7 +277,7 @@ SWEEP = {"grid": {"layers": ["masked"], "widths": [16], "lrs": [1e-2, 3e-3], "ta
          "train": {"num_layers": 1, "num_heads": 2, "steps": 2, "eval_every": 2, "batch_size": 4,
                    "eval_batches": 1, "probes": ["sink"],
                    "task_args": {"vocab_size": 24, "seq_len": 16, "num_kv_pairs": 2}}}
-TIMING = ("wall_seconds", "train_seconds", "out")
+TIMING = ("wall_seconds", "train_seconds", "out", "error")  # error: names the job's own --out
 
 
 def _table(path):
@@ -205,22 +286,37 @@ def _table(path):
 
 
 @pytest.mark.distributed
-def test_a_two_process_sweep_writes_the_one_process_summary_and_resumes(tmp_path):
-    from attnlab.lab.sweep import run_sweep
+def test_a_two_process_sweep_with_a_failed_job_writes_the_one_process_summary_and_resumes(tmp_path):
+    """Rank 1's job fails (its --out is a file); rank 1 must not exit before rank 0 has written the summary."""
+    from attnlab.lab.sweep import load_sweep, run_sweep
 
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(SWEEP))
     one, two = tmp_path / "one", tmp_path / "two"
-    done = _attnlab(["sweep", path, "--out", one, "--jobs", "2"])  # 1 process, its 2 jobs side by side
-    assert done.returncode == 0, done.stderr
-    done = _attnlab(["sweep", path, "--out", two], procs=2)
-    assert done.returncode == 0, done.stderr
-    assert "(rank 1)" in done.stderr  # rank 0 reports the jobs rank 1 ran once it has their rows
+    ok, bad = [job.name for job in load_sweep(path, one)]  # job i of the pending ones runs on rank i % 2
+    for root in (one, two):
+        (root / "jobs").mkdir(parents=True)
+        (root / "jobs" / bad).write_text("not a directory")
+    done = _attnlab(["sweep", path, "--out", one, "--jobs", "2", "--resume"])  # 1 process, 2 jobs side by side
+    assert done.returncode == 1, done.stderr
+    done = _attnlab(["sweep", path, "--out", two, "--resume"], procs=2)
+    assert done.returncode == 1, done.stderr
+    assert f"error: 1 of 2 job(s) failed: {bad}" in done.stderr
+    assert re.search(r"rank\s*:\s*0 \(local_rank: 0\)\s+exitcode\s*:\s*1\b", done.stderr), done.stderr
+    assert "SIGTERM" not in done.stderr  # rank 0 was not stopped part-way through its summary
+    assert set(re.findall(r"job (\S+): .*\(rank 1\)", done.stderr)) == {bad}  # rank 0 reports rank 1's job
     assert _table(two / "sweep.csv") == _table(one / "sweep.csv")
-    assert [row["status"] for row in _table(two / "sweep.csv")] == ["ok", "ok"]
+    with open(two / "sweep.csv", newline="", encoding="utf-8") as handle:
+        rows = {row["job"]: row for row in csv.DictReader(handle)}
+    assert rows[ok]["status"] == "ok" and rows[bad]["status"] == "failed"
+    assert re.fullmatch(r"exit 2: error: --out .* exists and is not a directory", rows[bad]["error"])
     assert (two / "best.csv").read_bytes() == (one / "best.csv").read_bytes()
-    assert sorted(p.name for p in (two / "jobs").iterdir()) == sorted(p.name for p in (one / "jobs").iterdir())
-    logs = {p.name: p.read_bytes() for p in (two / "logs").iterdir()}
-    again = run_sweep(path, two, resume=True)  # 1 process (this one) resumes what 2 processes ran
-    assert not again.failed and _table(two / "sweep.csv") == _table(one / "sweep.csv")
-    assert {p.name: p.read_bytes() for p in (two / "logs").iterdir()} == logs  # no job ran again
+    assert (two / "report.html").is_file() and (two / "results.json").is_file()
+    logs = {p.name: p.read_text() for p in (two / "logs").iterdir()}  # each job ran exactly once
+    assert len([line for line in logs[f"{ok}.log"].splitlines() if line.startswith("config:")]) == 1
+    assert len([line for line in logs[f"{bad}.log"].splitlines() if line.startswith("error:")]) == 1
+    (two / "jobs" / bad).unlink()
+    again = run_sweep(path, two, resume=True)  # 1 process (this one) finishes what 2 processes left
+    assert not again.failed
+    assert _table(two / "sweep.csv")[0] == _table(one / "sweep.csv")[0]
+    assert (two / "logs" / f"{ok}.log").read_text() == logs[f"{ok}.log"]  # the finished job did not run again

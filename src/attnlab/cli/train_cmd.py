@@ -300,13 +300,13 @@ def sweep_command(
     """Run a grid of trainings from a sweep YAML file.
 
     One attnlab train process per job, --jobs at a time; writes sweep.csv, best.csv and one report (see
-    docs/lab.md). Under torchrun each rank runs every N-th job (--jobs at a time) and rank 0 writes the summary."""
+    docs/lab.md). Jobs train on CPUs only. Under torchrun each rank runs every N-th job still to run (--jobs at a
+    time), rank 0 writes the summary, and only rank 0 exits 1 when a job failed."""
 
     def body() -> None:
-        from attnlab.distributed import distributed
+        from attnlab.distributed import agree, distributed
         from attnlab.errors import ConfigError
         from attnlab.lab.sweep import check_sweep_out, run_sweep, sweep_event
-        from attnlab.report.io import write_results
 
         if resume and force:
             raise ConfigError("--resume and --force exclude each other")
@@ -316,17 +316,26 @@ def sweep_command(
             return run_sweep(sweep_file, out, jobs=jobs, resume=resume, force=force, progress=progress)
 
         with distributed("cpu") as current:  # under torchrun the ranks share the jobs (attnlab.lab.sweep)
-            if not current.is_main:
-                if work(None).failed:
-                    raise typer.Exit(1)  # rank 0 says which jobs failed
-                return
-            result = with_progress(work, always=sweep_event)
-        paths = write_results(out, result.results)
-        typer.echo(f"report: {paths['html']}")
-        typer.echo(f"files: {result.files['sweep']} {result.files['best']} {paths['json']} {paths['csv']}")
-        if result.failed:
-            stderr.print(f"error: {len(result.failed)} of {len(result.rows)} job(s) failed: "
-                         f"{', '.join(result.failed)} (see {out / 'logs'})", markup=False)
+            result = with_progress(work, always=sweep_event) if current.is_main else work(None)
+            # torchrun stops every rank as soon as one exits non-zero: no rank leaves before rank 0 has written and
+            # printed the summary (agree: a barrier that also hands a failed write to every rank). The other ranks
+            # then exit 0 even when jobs failed: rank 0's exit 1 fails the torchrun run and names the rank that
+            # reported it, and cannot be cut short by theirs.
+            agree("writing the sweep summary", lambda: _sweep_summary(out, result) if current.is_main else None)
+        if current.is_main and result.failed:
             raise typer.Exit(1)
 
     run_guarded(body, debug)
+
+
+def _sweep_summary(out: Path, result: Any) -> None:
+    """Rank 0's part of ``attnlab sweep``: the report files, their paths on stdout, and one ``error:`` line on
+    stderr naming the failed jobs (the exit code is the caller's)."""
+    from attnlab.report.io import write_results
+
+    paths = write_results(out, result.results)
+    typer.echo(f"report: {paths['html']}")
+    typer.echo(f"files: {result.files['sweep']} {result.files['best']} {paths['json']} {paths['csv']}")
+    if result.failed:
+        stderr.print(f"error: {len(result.failed)} of {len(result.rows)} job(s) failed: "
+                     f"{', '.join(result.failed)} (see {out / 'logs'})", markup=False)

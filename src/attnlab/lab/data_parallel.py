@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.distributed import World, all_sum, collective, world
-from attnlab.errors import ConfigError
+from attnlab.errors import ConfigError, DistributedError
 
-__all__ = ["IGNORE", "backward", "batch_slice", "eval_sums", "global_step_stats", "labelled", "scaled_loss",
-           "token_loss_sum", "wrap_model"]
+__all__ = ["IGNORE", "SKIPS_PARAMETERS", "backward", "batch_slice", "check_reduced", "eval_sums", "find_unused",
+           "global_step_stats", "labelled", "require_group", "scaled_loss", "token_loss_sum", "wrap_model"]
 
 IGNORE = -100
 """The label of a position that is not scored (cross-entropy's ``ignore_index``)."""
@@ -56,7 +56,10 @@ def labelled(labels: Tensor) -> int:
 
 
 def token_loss_sum(logits: Tensor, labels: Tensor) -> Tensor:
-    """Sum of the cross-entropies (float32) of the scored positions: logits (B, T, V), labels (B, T) aligned."""
+    """Sum of the cross-entropies (float32) of the scored positions: logits (B, T, V), labels (B, T) aligned.
+
+    The same loss as ``TinyLMForCausalLM.forward``'s (:mod:`attnlab.lab.modeling`), summed instead of averaged so
+    that ranks can add their parts; keep the two in step."""
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten().to(logits.device), ignore_index=IGNORE,
                            reduction="sum")
 
@@ -66,7 +69,12 @@ def scaled_loss(loss_sum: Tensor, global_count: int, size: int) -> Tensor:
 
     DDP averages the gradients of the ``size`` ranks, so the ranks' scaled losses sum (over ranks, divided by
     ``size``) to ``Σ loss_sum / global_count``, the global batch's mean loss; NaN when nothing is scored (as a
-    mean over no position)."""
+    mean over no position).
+
+    In one process this is ``loss_sum · (1 / count)``, not ``cross_entropy(reduction="mean")`` (``sum / count``)
+    as before issue 14: the last bit of a gradient may differ from older attnlab versions, so a checkpoint written
+    by an older version resumes to within float rounding, not bit-identically. Kept as it is: every run since
+    computes it the same way, and resume stays bit-identical among them."""
     return loss_sum * (size / global_count if global_count else math.nan)
 
 
@@ -77,6 +85,11 @@ def global_step_stats(loss_sum: float, correct: int, counted: int, global_count:
     total = all_sum([loss_sum, float(correct), float(counted)], "the training step's loss")
     loss = float(total[0]) / global_count if global_count else math.nan
     return {"loss": loss, "accuracy": float(total[1]) / float(total[2]) if total[2] else math.nan}
+
+
+SKIPS_PARAMETERS = "may_skip_parameters"
+"""A class attribute a layer (or any module) sets to True when some inputs leave one of its parameters unused
+(data-dependent routing, a length threshold): :func:`wrap_model` then always walks the graph for unused ones."""
 
 
 def _unused_parameters(model: Any, input_ids: Tensor) -> bool:
@@ -92,13 +105,27 @@ def _unused_parameters(model: Any, input_ids: Tensor) -> bool:
     return unused
 
 
+def find_unused(model: Any, sample_ids: Tensor) -> bool:
+    """DDP's ``find_unused_parameters`` for ``model``: True when a module declares :data:`SKIPS_PARAMETERS` or a
+    trial pass over ``sample_ids`` (1, T) leaves a parameter without a gradient (a configuration-dependent gate).
+
+    Not simply always True: DDP then prints a C++ warning on every rank for models that use every parameter
+    (``reducer.cpp``: "find_unused_parameters=True was specified ... but did not find any"), which Python's
+    ``warnings`` filters cannot silence, and ranks other than 0 must print nothing. A data-dependent skip the trial
+    cannot see is not silent either: :func:`check_reduced` stops the step with a one-line error naming the
+    parameter before the optimizer uses a gradient DDP did not average."""
+    if any(getattr(type(module), SKIPS_PARAMETERS, False) for module in model.modules()):
+        return True
+    return _unused_parameters(model, sample_ids)
+
+
 def wrap_model(model: Any, sample_ids: Tensor) -> Any:
     """``model`` in DistributedDataParallel when several processes run, else ``model`` itself.
 
     Buffers are not broadcast (the replicas are built or loaded identically and hold no running statistics);
-    ``find_unused_parameters`` is set only when a trial pass over ``sample_ids`` (1, T) finds parameters without
-    a gradient, so models that use every parameter skip its per-step graph walk. CUDA models get
-    ``device_ids=[their device]``. Raises DistributedError when another rank is gone."""
+    ``find_unused_parameters`` comes from :func:`find_unused`, so models that use every parameter skip its
+    per-step graph walk. CUDA models get ``device_ids=[their device]``. Raises DistributedError when another rank
+    is gone."""
     if not world().active:
         return model
     from inspect import signature
@@ -106,12 +133,39 @@ def wrap_model(model: Any, sample_ids: Tensor) -> Any:
     from torch.nn.parallel import DistributedDataParallel
 
     device = next(model.parameters()).device
-    find = _unused_parameters(model, sample_ids.to(device))
+    find = find_unused(model, sample_ids.to(device))
     ids = [device.index] if device.type == "cuda" else None
-    renamed = "forward_sync_buffers" in signature(DistributedDataParallel).parameters  # torch >= 2.13 (warns on
-    no_sync = {"forward_sync_buffers": False} if renamed else {"broadcast_buffers": False}  # the old name)
+    # torch 2.13 renamed broadcast_buffers to forward_sync_buffers (the old name warns); older torch has only the
+    # old one. Seen: torch 2.13.0 (forward_sync_buffers); the branch for older versions follows their docs.
+    renamed = "forward_sync_buffers" in signature(DistributedDataParallel).parameters
+    no_sync = {"forward_sync_buffers": False} if renamed else {"broadcast_buffers": False}
     return collective("setting up DistributedDataParallel", lambda: DistributedDataParallel(
         model, device_ids=ids, find_unused_parameters=find, **no_sync))
+
+
+def check_reduced(net: Any, step: int) -> None:
+    """After the backward of a DDP model set up without ``find_unused_parameters``: raise DistributedError (one
+    line) when a trainable parameter got no gradient at ``step`` (DDP could not average its bucket, so the
+    replicas would drift apart); nothing in one process or when DDP looks for unused parameters itself."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not isinstance(net, DistributedDataParallel) or net.find_unused_parameters:
+        return
+    missing = [name for name, p in net.module.named_parameters() if p.requires_grad and p.grad is None]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise DistributedError(f"{world().label()}: training step {step} left {missing[0]}{more} without a "
+                               f"gradient, but the trial pass before training saw every parameter used; set "
+                               f"{SKIPS_PARAMETERS} = True on that layer's class")
+
+
+def require_group(what: str) -> None:
+    """DistributedError (one line) when a launcher set ``WORLD_SIZE`` > 1 but no process group runs: ``what``
+    would otherwise work on this rank's share alone and report it as the whole (the check every collective of
+    :mod:`attnlab.distributed` makes, done before the work instead of after it)."""
+    from attnlab.distributed import _group_running
+
+    _group_running(what)
 
 
 def backward(loss: Tensor, step: int) -> None:

@@ -535,6 +535,7 @@ class TinyLMForCausalLM(TinyLMPreTrainedModel, GenerationMixin):
             full_logits = logits if not logits_to_keep else self.lm_head(hidden)
             if labels is not None:  # transformers' convention: position t predicts labels[t + 1]
                 full_logits, scored = full_logits[:, :-1], labels[:, 1:]
+            # training sums this loss instead (attnlab.lab.data_parallel.token_loss_sum): keep the two in step
             loss = F.cross_entropy(full_logits.float().flatten(0, 1), scored.flatten(), ignore_index=-100)
         return CausalLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
 

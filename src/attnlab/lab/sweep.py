@@ -22,6 +22,11 @@ job: settings, status, final eval loss/accuracy, steps, wall time, parameters; f
 ``best.csv`` (per layer, width and task: the learning rate with the best eval accuracy, ties broken by eval
 loss). :func:`run_sweep` returns the results dict of the sweep's report; the CLI writes it. Failed jobs do not
 stop the others (STYLE rule 30): they are recorded with status ``failed`` and the CLI exits 1.
+
+Sweeps use CPUs only: a job is a plain ``attnlab train`` process (training has no device option), so jobs get no
+GPU and no ``CUDA_VISIBLE_DEVICES``, under ``torchrun`` too. Under ``torchrun --nproc-per-node N`` (or several
+nodes) the ranks share the jobs still to run (job ``i`` of them on rank ``i % size``), each running ``jobs`` at a
+time; they meet once at the end (every rank's rows go to every rank), and rank 0 writes the summary.
 """
 
 from __future__ import annotations
@@ -165,6 +170,20 @@ def _check_buildable(config: TrainConfig) -> None:
     build_layer(TinyLMConfig.from_spec(model_spec(config, task)), 0)
 
 
+def _job_env(threads: int) -> dict[str, str]:
+    """A job's environment: this one without what ``torchrun`` sets for its ranks (a job is one plain process),
+    and ``OMP_NUM_THREADS = threads`` unless the environment sets it. Under ``torchrun``
+    (``TORCHELASTIC_RUN_ID`` set) ``threads`` replaces it: torchrun sets ``OMP_NUM_THREADS=1`` for every rank
+    (when unset), which would make every job single-threaded."""
+    env = {key: value for key, value in os.environ.items()
+           if key not in LAUNCHER_VARIABLES and not key.startswith("TORCHELASTIC_")}
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        env["OMP_NUM_THREADS"] = str(threads)
+    else:
+        env.setdefault("OMP_NUM_THREADS", str(threads))
+    return env
+
+
 def _run_job(job: SweepJob, root: Path, threads: int, resume: bool) -> dict[str, Any]:
     """Run one job as ``python -m attnlab train --config configs/JOB.yaml --out jobs/JOB``; its row."""
     import yaml
@@ -178,9 +197,7 @@ def _run_job(job: SweepJob, root: Path, threads: int, resume: bool) -> dict[str,
         command.append("--resume")
     elif out.exists():
         command.append("--force")
-    env = {key: value for key, value in os.environ.items()  # a job is one plain process, not a torchrun rank
-           if key not in LAUNCHER_VARIABLES and not key.startswith("TORCHELASTIC_")}
-    env.setdefault("OMP_NUM_THREADS", str(threads))
+    env = _job_env(threads)
     row = _base_row(job)
     log_path = root / "logs" / f"{job.name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -280,17 +297,26 @@ def run_sweep(path: str | Path, out: str | Path, *, jobs: int = 1, resume: bool 
 
     With ``resume``, a job whose directory already holds a finished results.json of the same config (``out``
     aside) is kept as it is and one with a checkpoint of the same config continues (``--resume``); a job whose
-    saved config differs from the sweep file's (the file was edited) runs again from scratch (``--force``). Each process gets ``OMP_NUM_THREADS = cpus // jobs`` unless the
-    environment sets it. Raises ConfigError/RegistryError before any job runs on a bad file or ``jobs < 1``.
+    saved config differs from the sweep file's (the file was edited) runs again from scratch (``--force``). Each
+    process gets ``OMP_NUM_THREADS = cpus // (jobs · ranks on this machine)`` unless the environment sets it (under
+    torchrun it always gets it: :func:`_job_env`). Jobs train on CPUs only (module docstring). Raises
+    ConfigError/RegistryError before any job runs on a bad file or ``jobs < 1``.
     ``progress``: None, True (stderr: a bar with ETA in a terminal, else plain lines with counts and ETA; each
     finished job gets a line, :func:`sweep_event`) or a callable ``(done, total, message)`` (:mod:`attnlab.progress`).
-    """
-    from attnlab.distributed import world
 
-    if not world().is_main:
-        progress = None  # rank 0 alone shows progress
-    with progress_to(progress, always=sweep_event) as notify:
-        return _run_sweep(path, out, jobs=jobs, resume=resume, force=force, notify=notify)
+    Under ``torchrun`` it runs inside :func:`attnlab.distributed.distributed` (gloo; started here when no group
+    runs, else the running one); every rank returns the same rows and failed jobs, rank 0 alone writes the summary
+    (other ranks' ``files`` and ``results`` are empty). A caller that writes more (the CLI's report) keeps the
+    group open around its writes and meets the other ranks at a barrier afterwards, so that no rank exits first
+    (torchrun stops every rank once one exits non-zero).
+    """
+    from attnlab.distributed import distributed
+
+    with distributed("cpu") as current:  # a no-op in one process or inside a running group
+        if not current.is_main:
+            progress = None  # rank 0 alone shows progress
+        with progress_to(progress, always=sweep_event) as notify:
+            return _run_sweep(path, out, jobs=jobs, resume=resume, force=force, notify=notify)
 
 
 def sweep_event(message: str) -> bool:
@@ -309,29 +335,31 @@ def _run_sweep(path: str | Path, out: str | Path, *, jobs: int, resume: bool, fo
     root = Path(out)
     check_sweep_out(root, resume=resume, force=force)
     planned = load_sweep(path, root)
+    rows: dict[str, dict[str, Any]] = {}  # every rank reads the finished jobs before any rank writes
+    for job in planned if resume else ():
+        finished = _finished_row(job)
+        if finished is not None:
+            rows[job.name] = finished
+    pending = [job for job in planned if job.name not in rows]
     barrier("checking the sweep's --out")  # every rank has looked at out before any rank writes there
-    mine = planned[current.rank::current.size]  # job i runs on rank i % size: each rank gets every size-th job
+    mine = pending[current.rank::current.size]  # pending job i runs on rank i % size
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or current.size)  # ranks sharing this machine's CPUs
     threads = max(1, (os.cpu_count() or 1) // (jobs * local_ranks))
     started = time.perf_counter()
-    rows: dict[str, dict[str, Any]] = {}
-    pending = []
-    for job in mine:
-        finished = _finished_row(job) if resume else None
-        if finished is not None:
-            rows[job.name] = finished
-        else:
-            pending.append(job)
-    shared = f" on each of {current.size} ranks" if current.active else ""
-    notify(len(rows), len(planned), f"{len(pending)} job(s) to run, {jobs} at a time{shared}")
+    shared = f" over {current.size} ranks, {jobs} at a time on each" if current.active else f", {jobs} at a time"
+    notify(len(rows), len(planned), f"{len(pending)} job(s) to run{shared}")
+    ran: dict[str, dict[str, Any]] = {}
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(_run_job, job, root, threads, resume): job for job in pending}
+        futures = {pool.submit(_run_job, job, root, threads, resume): job for job in mine}
         for future in concurrent.futures.as_completed(futures):
             row = future.result()
-            rows[row["job"]] = row
+            ran[row["job"]] = rows[row["job"]] = row
             notify(len(rows), len(planned), f"job {row['job']}: {_status(row)}")
-    if current.active:  # every rank's rows, on every rank (so every rank knows whether a job failed)
-        theirs = all_gather_json(rows, "the sweep's job results")
+    # Every rank's rows, on every rank, in one collective at the end (a few hundred bytes per job). A rank that
+    # finishes early waits here for the others: the process group's timeout must exceed the longest job
+    # (attnlab.distributed); the rows of finished jobs are on disk anyway (jobs/JOB/results.json, read by --resume).
+    if current.active:
+        theirs = all_gather_json(ran, "the sweep's job results")
         for rank, part in enumerate(theirs):
             if rank == current.rank:
                 continue

@@ -358,13 +358,17 @@ def evaluate(model: Any, task: Any, config: TrainConfig, step: int
     Under several processes each rank evaluates its contiguous shard of the eval batches
     (:func:`attnlab.distributed.shard_range`) and the sums are added over ranks (counts exactly), so every rank
     gets the same metrics (and takes the same early-stop decision); the probe pass runs on rank 0 alone (its rows
-    go only to the results and the checkpoint, which rank 0 writes): other ranks return ``[]`` and ``{}``."""
+    go only to the results and the checkpoint, which rank 0 writes): other ranks return ``[]`` and ``{}``.
+
+    Raises DistributedError (one line) when ``WORLD_SIZE`` > 1 but no process group runs (it would otherwise
+    evaluate this rank's shard and report it as the whole); :func:`train` starts the group itself."""
     import torch
 
     from attnlab.distributed import shard_range, world
-    from attnlab.lab.data_parallel import eval_sums, labelled, token_loss_sum
+    from attnlab.lab.data_parallel import eval_sums, labelled, require_group, token_loss_sum
     from attnlab.lab.train_results import probe_pass
 
+    require_group("evaluate()")
     was_training = model.training
     model.eval()
     total, count, correct, counted = 0.0, 0, 0, 0
@@ -408,13 +412,18 @@ def train(config: TrainConfig, *, resume: bool = False, progress: ProgressArg = 
     ``out`` without resume/force, and on resuming with no checkpoint or a different config; Ctrl-C raises
     :class:`TrainingInterrupted` (a KeyboardInterrupt) with the step reached and the last checkpoint's step.
     A resumed run first reports ``resuming from step M of N`` through ``progress``.
-    """
-    from attnlab.distributed import world
 
-    if not world().is_main:
-        progress = None  # rank 0 alone shows progress
-    with progress_to(progress, always=train_event) as notify:
-        return _train(config, resume=resume, notify=notify, force=force, stop_at=stop_at)
+    Under ``torchrun`` it runs inside :func:`attnlab.distributed.distributed` (gloo): the process group is started
+    here when none runs (and destroyed on return), or the running one is used; DistributedError (one line) when
+    it cannot start.
+    """
+    from attnlab.distributed import distributed
+
+    with distributed("cpu") as current:  # training runs on the CPU: gloo; a no-op in one process or a group
+        if not current.is_main:
+            progress = None  # rank 0 alone shows progress
+        with progress_to(progress, always=train_event) as notify:
+            return _train(config, resume=resume, notify=notify, force=force, stop_at=stop_at)
 
 
 def train_event(message: str) -> bool:
@@ -518,12 +527,15 @@ def _train(config: TrainConfig, *, resume: bool, notify: Progress, force: bool, 
             logits = net(input_ids=batch["input_ids"][part]).logits
             loss_sum = dp.token_loss_sum(logits, labels)
             dp.backward(dp.scaled_loss(loss_sum, count, current.size), step)
+            dp.check_reduced(net, step)  # a parameter DDP could not average stops the run before the update
             norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip else math.inf)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             done = step
             with torch.no_grad():
                 good, seen = task.accuracy(logits.detach(), labels)
+            # one more all-reduce per step, only for the log (REVIEW14b 30: cheap on gloo next to DDP's; fold it
+            # into DDP's communication hook, or run it on logging steps only, if those ever become sparse)
             values = {**dp.global_step_stats(float(loss_sum.detach()), int(good), int(seen), count),
                       "lr": lr, "grad_norm": float(norm)}
             log.extend({"step": step, "split": "train", "statistic": key, "value": value}
