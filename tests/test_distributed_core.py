@@ -149,7 +149,7 @@ def test_the_timeout_and_the_fault_hook_are_read_from_the_environment(monkeypatc
 
 
 SCRIPT = textwrap.dedent("""
-    import json, sys, torch
+    import json, pathlib, sys, torch
     from attnlab.distributed import (agree, all_gather_bytes, all_gather_json, all_sum, broadcast_json,
                                      distributed, fail_point, gather_to_main, shard_range, sync_step)
     from attnlab.errors import AgreedDistributedError, AgreedUsageError, ConfigError, DistributedError
@@ -172,7 +172,7 @@ SCRIPT = textwrap.dedent("""
             except AgreedUsageError as error:
                 agreed.append([str(error), type(error.__cause__).__name__])
             try:
-                sync_step(1.0, RuntimeError("boom\\\\nmore") if w.is_main else None)
+                sync_step(1.0, RuntimeError("boom\\nmore") if w.is_main else None)
             except AgreedDistributedError as error:
                 agreed.append([str(error), type(error.__cause__).__name__])
             fail_point(1)
@@ -180,9 +180,10 @@ SCRIPT = textwrap.dedent("""
         except DistributedError as error:
             print("ERROR " + str(error), flush=True)
             sys.exit(1)
-        print(json.dumps({"rank": w.rank, "total": total.tolist(), "parts": [len(p) for p in parts],
-                          "items": items, "chosen": chosen, "mains": mains and [len(p) for p in mains],
-                          "count": count, "agreed": agreed}), flush=True)
+        result = {"rank": w.rank, "total": total.tolist(), "parts": [len(p) for p in parts],
+                  "items": items, "chosen": chosen, "mains": mains and [len(p) for p in mains],
+                  "count": count, "agreed": agreed}
+        pathlib.Path(sys.argv[1], f"rank{w.rank}.json").write_text(json.dumps(result))
 """)
 
 
@@ -192,15 +193,15 @@ def _script(tmp_path):
     return script
 
 
-def _results(stdout):
-    return {result["rank"]: result for result in map(json.loads, (x for x in stdout.splitlines() if x[:1] == "{"))}
+def _results(tmp_path):
+    return {int(p.stem[4:]): json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))}
 
 
 @pytest.mark.distributed
 def test_collectives_on_two_gloo_processes(tmp_path):
-    done = run_torchrun([_script(tmp_path)])
+    done = run_torchrun([_script(tmp_path), tmp_path])
     assert done.returncode == 0, done.stderr[-2000:]
-    results = _results(done.stdout)
+    results = _results(tmp_path)
     assert results[0]["total"] == results[1]["total"] == [3.0, 2.0]
     assert results[0]["parts"] == [1, 2]
     assert results[0]["items"] == [{"rank": 0, "shard": [0, 1, 2]}, {"rank": 1, "shard": [3, 4]}]
@@ -214,7 +215,7 @@ def test_collectives_on_two_gloo_processes(tmp_path):
 
 @pytest.mark.distributed
 def test_a_rank_that_dies_fails_the_run_with_a_line_naming_the_survivor(tmp_path):
-    done = run_torchrun([_script(tmp_path)], env={"ATTNLAB_TEST_KILL_RANK": "1:1"})
+    done = run_torchrun([_script(tmp_path), tmp_path], env={"ATTNLAB_TEST_KILL_RANK": "1:1"})
     assert done.returncode != 0
     errors = [x for x in done.stdout.splitlines() if x.startswith("ERROR ")]
     # rank 0 is either told by gloo (our one line) or stopped by torchrun first; torchrun names the dead rank
@@ -315,14 +316,17 @@ def test_two_launchers_as_two_machines_meet_at_one_address(tmp_path):
     import socket
 
     script = _script(tmp_path)
+    for node in (0, 1):
+        (tmp_path / f"node{node}").mkdir()
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     launchers = [start([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
                         "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
-                        str(script)])
+                        str(script), str(tmp_path / f"node{node}")])
                  for node in (0, 1)]
     done = [finish(launcher) for launcher in launchers]
     assert [d.returncode for d in done] == [0, 0], done[0].stderr[-2000:] + done[1].stderr[-2000:]
-    assert _results(done[0].stdout)[0]["items"] == [{"rank": 0, "shard": [0, 1, 2]}, {"rank": 1, "shard": [3, 4]}]
-    assert list(_results(done[1].stdout)) == [1]  # each machine prints its own rank's line
+    items = [{"rank": 0, "shard": [0, 1, 2]}, {"rank": 1, "shard": [3, 4]}]
+    assert _results(tmp_path / "node0")[0]["items"] == items
+    assert list(_results(tmp_path / "node1")) == [1]  # each machine runs its own rank
