@@ -46,8 +46,8 @@ from attnlab.errors import (AgreedDistributedError, AgreedUsageError, ConfigErro
 
 __all__ = [
     "World", "agree", "all_gather_bytes", "all_gather_json", "all_sum", "barrier", "broadcast_json", "collective",
-    "decode_state", "dist_timeout", "distributed", "encode_state", "fail_point", "gather_to_main", "rank_device",
-    "read_state_file", "shard_range", "sync_step", "world", "write_state_file",
+    "decode_state", "dist_timeout", "distributed", "encode_state", "fail_point", "gather_to_main", "group_running",
+    "rank_device", "read_state_file", "shard_range", "sync_step", "world", "write_state_file",
 ]
 
 T = TypeVar("T")
@@ -247,7 +247,7 @@ def collective(what: str, call: Callable[[], T]) -> T:
         raise DistributedError(f"{current.label()}: {what} failed: {_first_line(error)}") from error
 
 
-def _group_running(what: str) -> bool:
+def group_running(what: str) -> bool:
     """True when a process group of several ranks runs; False for one process.
 
     Raises:
@@ -282,7 +282,7 @@ def all_sum(values: Tensor | list[float], what: str = "a sum") -> Tensor:
     import torch.distributed as dist
 
     tensor = torch.as_tensor(values, dtype=torch.float64).detach().clone()
-    if not _group_running(what):
+    if not group_running(what):
         return tensor.cpu()
     moved = tensor.to(_comm_device())
     collective(what, lambda: dist.all_reduce(moved, op=dist.ReduceOp.SUM))
@@ -311,7 +311,7 @@ def all_gather_bytes(data: bytes, what: str = "results") -> list[bytes]:
     is ``size × longest``: use :func:`gather_to_main` when only rank 0 needs them."""
     import torch.distributed as dist
 
-    if not _group_running(what):
+    if not group_running(what):
         return [data]
     lengths, mine = _padded(data, what)
     gathered = [torch.zeros_like(mine) for _ in lengths]
@@ -330,7 +330,7 @@ def gather_to_main(data: bytes, what: str = "results") -> list[bytes] | None:
     """
     import torch.distributed as dist
 
-    if not _group_running(what):
+    if not group_running(what):
         return [data]
     lengths, mine = _padded(data, what)
     main = world().is_main
@@ -352,7 +352,7 @@ def broadcast_json(value: Any, what: str = "settings") -> Any:
     import torch.distributed as dist
 
     data = json.dumps(value).encode() if world().is_main else b""
-    if not _group_running(what):
+    if not group_running(what):
         return json.loads(data)
     device = _comm_device()
     size = torch.tensor([len(data)], dtype=torch.int64, device=device)
@@ -372,7 +372,7 @@ def barrier(what: str = "a barrier") -> None:
     """
     import torch.distributed as dist
 
-    if _group_running(what):
+    if group_running(what):
         collective(what, dist.barrier)
 
 
@@ -420,7 +420,7 @@ def agree(what: str, work: Callable[[], T]) -> T:
     """
     if not world().active:
         return work()
-    _group_running(what)
+    group_running(what)
     try:
         result, error = work(), None
     except Exception as caught:  # noqa: BLE001 - every failure is told to the other ranks, then raised

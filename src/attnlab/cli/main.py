@@ -54,9 +54,9 @@ class Command(typer.core.TyperCommand):
         return _plain_help_flag(super().get_help_option(ctx))
 
 
-DISTRIBUTED_COMMANDS = ("report", "probe", "eval", "train", "sweep", "ls", "models")
+DISTRIBUTED_COMMANDS = ("report", "probe", "eval", "train", "sweep", "ls")
 """The top-level commands that may run under ``torchrun`` with several processes (the first five share their
-work; ``ls`` and ``models`` only read or fetch). Every other command is refused there (:func:`refuse_launch`)."""
+work; ``ls`` only reads). ``models fetch`` is refused: every rank would download into the same cache at once. Every other command is refused there (:func:`refuse_launch`)."""
 
 
 def refuse_launch(name: str | None) -> None:

@@ -163,9 +163,9 @@ def require_group(what: str) -> None:
     """DistributedError (one line) when a launcher set ``WORLD_SIZE`` > 1 but no process group runs: ``what``
     would otherwise work on this rank's share alone and report it as the whole (the check every collective of
     :mod:`attnlab.distributed` makes, done before the work instead of after it)."""
-    from attnlab.distributed import _group_running
+    from attnlab.distributed import group_running
 
-    _group_running(what)
+    group_running(what)
 
 
 def backward(loss: Tensor, step: int) -> None:
