@@ -337,9 +337,9 @@ PROBES_RUN = ["--probe", "entropy", "--probe", "sink", "--probe", "distance", "-
               "head_importance", "--probe-arg", "head_importance.layers=[1]", "--probe-arg", "sink.min_queries=2"]
 
 
-def _attnlab(tmp, out, *, processes=1, extra=(), env=None):
+def _attnlab(tmp, out, *, processes=1, extra=(), env=None, probes=PROBES_RUN):
     args = ["report", "--model", str(tmp / "model"), "--text", str(tmp / "text.txt"), "--seq-len", "16",
-            "--max-windows", "5", *PROBES_RUN, "--pattern-heads", "none", "--out", str(tmp / out), *extra]
+            "--max-windows", "5", *probes, "--pattern-heads", "none", "--out", str(tmp / out), *extra]
     launcher = [] if processes == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                                           str(processes)]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
@@ -395,3 +395,25 @@ def test_a_dead_rank_fails_the_run_and_resume_in_one_process_finishes_it(one_pro
     assert "window 4/5 from" in resumed.stderr
     _same_results(expected, json.loads((tmp / "dead" / "results.json").read_text()))
     assert not (tmp / "dead" / SHARD_DIR).exists()
+
+
+GROWING = ["--probe", "sink", "--probe", "massive_activations", "--probe", "rope_decay", "--probe", "contrast",
+           "--probe-arg", "sink.min_queries=2", "--probe-arg", "sink.theta=0.05",
+           "--probe-arg", "massive_activations.abs_threshold=0.001", "--probe-arg",
+           "massive_activations.ratio_threshold=1.0", "--probe-arg", "massive_activations.min_layers=1",
+           "--batch-size", "2"]
+
+
+@pytest.mark.distributed
+def test_two_processes_with_batches_of_two_and_growing_states_equal_one_process(one_process):
+    """5 windows in batches of 2: shards [0,1] [2,3] [4]; rank 0 takes two, rank 1 one. Hit lists name the same
+    global windows, growing states (massive_activations, rope_decay) and contrast's per-window parts merge."""
+    tmp, _ = one_process
+    one = _attnlab(tmp, "grow1", probes=GROWING)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = _attnlab(tmp, "grow2", processes=2, probes=GROWING)
+    assert two.returncode == 0, two.stderr[-2000:]
+    expected, actual = (json.loads((tmp / out / "results.json").read_text()) for out in ("grow1", "grow2"))
+    _same_results(expected, actual)
+    assert expected["extras"]["sink"] and {r["probe"] for r in expected["rows"]} == {
+        "sink", "massive_activations", "rope_decay", "contrast"}
