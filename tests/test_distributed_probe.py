@@ -328,7 +328,7 @@ def test_cli_errors_are_printed_by_the_right_rank(monkeypatch, capsys):
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(typer.Exit):
         run_guarded(fails(ConfigError("--seq-len 9000 exceeds 128")), False)
-    assert capsys.readouterr().err == "error: --seq-len 9000 exceeds 128\n"
+    assert capsys.readouterr().err == "error: rank 0/2: --seq-len 9000 exceeds 128\n"
 
 
 # ---- two processes (torchrun, gloo on localhost) ------------------------------------------------------------------
