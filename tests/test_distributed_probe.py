@@ -400,8 +400,7 @@ def test_a_dead_rank_fails_the_run_and_resume_in_one_process_finishes_it(one_pro
 GROWING = ["--probe", "sink", "--probe", "massive_activations", "--probe", "rope_decay", "--probe", "contrast",
            "--probe-arg", "sink.min_queries=2", "--probe-arg", "sink.theta=0.05",
            "--probe-arg", "massive_activations.abs_threshold=0.001", "--probe-arg",
-           "massive_activations.ratio_threshold=1.0", "--probe-arg", "massive_activations.min_layers=1",
-           "--batch-size", "2"]
+           "massive_activations.ratio_threshold=1.0", "--probe-arg", "massive_activations.min_layers=1"]
 
 
 @pytest.mark.distributed
@@ -409,11 +408,14 @@ def test_two_processes_with_batches_of_two_and_growing_states_equal_one_process(
     """5 windows in batches of 2: shards [0,1] [2,3] [4]; rank 0 takes two, rank 1 one. Hit lists name the same
     global windows, growing states (massive_activations, rope_decay) and contrast's per-window parts merge."""
     tmp, _ = one_process
-    one = _attnlab(tmp, "grow1", probes=GROWING)
+    (tmp / "batch2.yaml").write_text("batch_size: 2\n")  # no --batch-size flag: the config file sets it
+    probes = [*GROWING, "--config", str(tmp / "batch2.yaml")]
+    one = _attnlab(tmp, "grow1", probes=probes)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = _attnlab(tmp, "grow2", processes=2, probes=GROWING)
+    two = _attnlab(tmp, "grow2", processes=2, probes=probes)
     assert two.returncode == 0, two.stderr[-2000:]
     expected, actual = (json.loads((tmp / out / "results.json").read_text()) for out in ("grow1", "grow2"))
     _same_results(expected, actual)
+    assert expected["config"]["batch_size"] == 2
     assert expected["extras"]["sink"] and {r["probe"] for r in expected["rows"]} == {
         "sink", "massive_activations", "rope_decay", "contrast"}
