@@ -31,9 +31,10 @@ saved to ``OUT/.shards`` when a :class:`attnlab.shards.ShardStore` is given; wit
 read instead of computed). Under ``torchrun`` with N processes every rank tokenizes the whole text (so rank 0
 knows every window for results.json), takes a contiguous range of the shards
 (:func:`attnlab.distributed.shard_range`), and joins one progress sum per step (ranks with fewer shards too, so
-uneven shards never deadlock); at the end the ranks' totals are gathered (safetensors payloads, never pickle)
-and rank 0 merges them in rank order, runs every analysis's ``finish`` on the merged state, makes the viewer's
-pattern pass and returns the results; the other ranks return None.
+uneven shards never deadlock); at the end the ranks' totals are gathered to rank 0 alone (safetensors
+payloads, never pickle; :func:`attnlab.shards.gather_bundles`), which merges them in rank order, runs every
+analysis's ``finish`` on the merged state, makes the viewer's pattern pass and returns the results; the other
+ranks return None.
 
 Equality: N processes give the results of one process over the same windows. Each shard is the same batch
 whatever the number of processes, so every shard's state is the same; merging shards in another grouping only
@@ -42,9 +43,14 @@ results.json is equal within ``rtol=1e-9, atol=1e-12`` (tests/test_distributed_p
 on a tiny Llama); hit lists, per-window records and extras are the same, with the same global window indices.
 (On GPUs, kernels that are not deterministic can add their own run-to-run differences.)
 
-Every probe and analysis is ``shardable`` (:class:`attnlab.probes.base.Measurement`); a
-plug-in that is not is refused under several processes (ConfigError naming it) and runs without shard files
-in one process.
+Every built-in probe and analysis is ``shardable`` (:class:`attnlab.probes.base.Measurement`; False by default);
+a plug-in that is not is refused under several processes and with ``--resume`` (ConfigError naming it), and in
+one process the run makes one plain pass (:func:`_single_pass`: one Session over every window, then each
+analysis's ``observe`` per batch; no reset, export, merge or shard files). Errors: the set-up (model, text,
+prepare, shard check) runs under :func:`attnlab.distributed.agree` and each step's work is caught and passed to
+the step's one collective (:func:`attnlab.distributed.sync_step`), so a failure on one rank stops every rank with
+one agreed line instead of leaving the others waiting. ``finish`` (and text B of active_dormant/head_overlap)
+runs on rank 0 alone, on the merged state.
 """
 
 from __future__ import annotations
