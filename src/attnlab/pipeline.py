@@ -31,9 +31,10 @@ saved to ``OUT/.shards`` when a :class:`attnlab.shards.ShardStore` is given; wit
 read instead of computed). Under ``torchrun`` with N processes every rank tokenizes the whole text (so rank 0
 knows every window for results.json), takes a contiguous range of the shards
 (:func:`attnlab.distributed.shard_range`), and joins one progress sum per step (ranks with fewer shards too, so
-uneven shards never deadlock); at the end the ranks' totals are gathered (safetensors payloads, never pickle)
-and rank 0 merges them in rank order, runs every analysis's ``finish`` on the merged state, makes the viewer's
-pattern pass and returns the results; the other ranks return None.
+uneven shards never deadlock); at the end the ranks' totals are gathered to rank 0 alone (safetensors
+payloads, never pickle; :func:`attnlab.shards.gather_bundles`), which merges them in rank order, runs every
+analysis's ``finish`` on the merged state, makes the viewer's pattern pass and returns the results; the other
+ranks return None.
 
 Equality: N processes give the results of one process over the same windows. Each shard is the same batch
 whatever the number of processes, so every shard's state is the same; merging shards in another grouping only
@@ -42,16 +43,20 @@ results.json is equal within ``rtol=1e-9, atol=1e-12`` (tests/test_distributed_p
 on a tiny Llama); hit lists, per-window records and extras are the same, with the same global window indices.
 (On GPUs, kernels that are not deterministic can add their own run-to-run differences.)
 
-Every probe and analysis is ``shardable`` (:class:`attnlab.probes.base.Measurement`); a
-plug-in that is not is refused under several processes (ConfigError naming it) and runs without shard files
-in one process.
+Every built-in probe and analysis is ``shardable`` (:class:`attnlab.probes.base.Measurement`; False by default);
+a plug-in that is not is refused under several processes and with ``--resume`` (ConfigError naming it), and in
+one process the run makes one plain pass (:func:`_single_pass`: one Session over every window, then each
+analysis's ``observe`` per batch; no reset, export, merge or shard files). Errors: the set-up (model, text,
+prepare, shard check) runs under :func:`attnlab.distributed.agree` and each step's work is caught and passed to
+the step's one collective (:func:`attnlab.distributed.sync_step`), so a failure on one rank stops every rank with
+one agreed line instead of leaving the others waiting. ``finish`` (and text B of active_dormant/head_overlap)
+runs on rank 0 alone, on the merged state.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import itertools
 import platform
 import random
 import time
@@ -65,7 +70,7 @@ from attnlab.config import ModelSpec, RunConfig, TextSpec, probe_kind
 from attnlab.errors import ConfigError
 from attnlab.progress import Progress, ProgressArg, progress_to
 from attnlab.report.sections import section_specs
-from attnlab.shards import Bundle, ShardStore, bundle_of, fingerprint, load_bundle, merge_bundles
+from attnlab.shards import Accumulator, Bundle, ShardStore, bundle_of, gather_bundles, load_bundle
 
 __all__ = ["RunConfig", "results_envelope", "run_probes", "start_run"]
 
@@ -231,13 +236,18 @@ class _Tally:
         """The passes one shard makes (counted at once for a shard read from a file)."""
         return int(self.attention > 0) + sum(self.size.values())
 
-    def sync(self) -> None:
-        """Every rank calls this once per step: the global count is the sum of every rank's ``done``."""
-        from attnlab.distributed import all_sum, world
+    def sync(self, error: Exception | None = None) -> None:
+        """Every rank calls this once per step (:func:`attnlab.distributed.sync_step`, one collective): the global
+        count is the sum of every rank's ``done``; ``error`` (this rank's step failed) stops every rank with one
+        agreed line. In one process ``error`` is raised as is."""
+        from attnlab.distributed import sync_step, world
 
-        if world().active:
-            self.offset = int(all_sum([float(self.done)], "the progress count")[0]) - self.done
-            self.show(self.message)
+        if not world().active:
+            if error is not None:
+                raise error
+            return
+        self.offset = int(sync_step(float(self.done), error, what="the progress count")) - self.done
+        self.show(self.message)
 
     @contextmanager
     def call(self, obj: Any, label: str, *, finish: bool = False) -> Iterator[None]:
@@ -284,40 +294,60 @@ def run_probes(config: RunConfig, *, progress: ProgressArg = None, model: Any = 
     of the attention probes, then per analysis and batch one pass or its inner steps (``active_dormant: window 1/2 ·
     head 37/270``), then the viewer's pattern pass.
     """
-    from attnlab.distributed import world
-
-    with progress_to(progress if world().is_main else None) as notify:
+    with progress_to(progress) as notify:  # the CLI passes progress on rank 0 only (cli.options.with_progress)
         return _run_probes(config, notify, model, tokenizer, command, shards)
 
 
-def _check_shardable(observers: list[tuple[str, Any]], shards: ShardStore | None) -> ShardStore | None:
-    """The store to use: None when some probe cannot export its state (then ConfigError under several processes
-    or with ``--resume``, naming them)."""
+def _check_shardable(observers: list[tuple[str, Any]], shards: ShardStore | None) -> bool:
+    """True when every probe and analysis is ``shardable``; False (one plain pass) for a plug-in that is not in
+    one process. Raises ConfigError naming them under several processes or with ``--resume``."""
     from attnlab.distributed import world
 
     unshardable = [obj.name for _, obj in observers if not getattr(obj, "shardable", False)]
     if not unshardable:
-        return shards
+        return True
     names = ", ".join(unshardable)
     if world().active:
         raise ConfigError(f"{names} cannot run over several processes (its state does not merge across ranks); "
                           "run it in one process")
     if shards is not None and shards.resume:
         raise ConfigError(f"--resume: {names} saves no shard state; run without --resume")
-    return None
+    return False
 
 
-def _run_probes(config: RunConfig, notify: Progress, model: Any, tokenizer: Any, command: str,
-                shards: ShardStore | None) -> dict[str, Any] | None:
+@dataclasses.dataclass
+class _Run:
+    """What the set-up phase (:func:`_set_up`) gives the loop."""
+
+    observers: list[tuple[str, Any]]
+    loaded: Any
+    runner: _LazyRunner
+    windows: Any
+    session: Any
+    tally: _Tally
+    shards: ShardStore | None
+    sharded: bool
+
+    @property
+    def objects(self) -> list[Any]:
+        return [obj for _, obj in self.observers]
+
+    @property
+    def driving(self) -> list[Any]:
+        return [obj for kind, obj in self.observers if kind != "attention"]
+
+
+def _set_up(config: RunConfig, notify: Progress, model: Any, tokenizer: Any, shards: ShardStore | None) -> _Run:
+    """Build the probes, load model and text, prepare everything and open the shard store (no collective inside:
+    :func:`_run_probes` agrees on its errors across ranks)."""
     from attnlab.capture.device_map import input_device
     from attnlab.capture.pattern_report import check_pattern_heads
     from attnlab.capture.session import Session
     from attnlab.distributed import rank_device
     from attnlab.text import load_text
 
-    started = time.perf_counter()
     observers = build_observers(config)
-    shards = _check_shardable(observers, shards)
+    sharded = _check_shardable(observers, shards)
     needs_compare = [obj.name for _, obj in observers if getattr(obj, "needs_compare", False)]
     if config.run.compare is None and needs_compare:
         raise ConfigError(f"probe(s) {', '.join(needs_compare)} compare two models; pass --compare OTHER_MODEL")
@@ -345,19 +375,42 @@ def _run_probes(config: RunConfig, notify: Progress, model: Any, tokenizer: Any,
     if attention:
         session = Session(loaded.model, probes=attention, block_size=config.run.block_size,
                           query_fraction=config.run.query_fraction, probe_kernel=config.run.probe_kernel)
-    objects = [obj for _, obj in observers]
+    if not sharded:
+        shards = None
     if shards is not None:
-        shards.open(fingerprint(config.to_dict(), loaded.facts.file_sha256, [w["ids"] for w in windows.windows]),
-                    len(windows))
-    merged = _run_shards(objects, windows, session, driving, runner, tally, shards)
-    if merged is None:  # not rank 0: rank 0 writes the results
-        return None
-    paths = load_bundle(objects, merged)
-    for obj in driving:
+        from attnlab.shards import run_settings, weights_id, windows_id
+
+        size = windows.batch_size
+        compare = None if runner.compare_record is None else runner.compare_record.get("file_sha256")
+        shards.open(run_settings(config.to_dict(), weights_id(loaded), compare),
+                    [windows_id([w["ids"] for w in windows.windows[i * size : (i + 1) * size]])
+                     for i in range(len(windows))])
+    return _Run(observers, loaded, runner, windows, session, tally, shards, sharded)
+
+
+def _run_probes(config: RunConfig, notify: Progress, model: Any, tokenizer: Any, command: str,
+                shards: ShardStore | None) -> dict[str, Any] | None:
+    from attnlab.distributed import agree
+
+    started = time.perf_counter()
+    run = agree("the set-up", lambda: _set_up(config, notify, model, tokenizer, shards))
+    loaded, windows, tally, runner, observers = run.loaded, run.windows, run.tally, run.runner, run.observers
+    if run.shards is not None:
+        run.shards.clear()
+    if run.sharded:
+        merged = gather_bundles(run.objects, _run_shards(run))
+        if run.shards is not None:
+            run.shards.remove()  # the states are gathered: no machine keeps shard files
+        if merged is None:  # not rank 0: rank 0 writes the results
+            return None
+        paths = load_bundle(run.objects, merged)
+    else:
+        paths = _single_pass(run)
+    for obj in run.driving:
         with tally.call(obj, f"{obj.name}: finishing", finish=True):
             obj.finish(runner.get())
     patterns = _viewer_patterns(loaded, windows, config, tally)
-    tally.done += int(viewer)  # the pattern pass, planned as one
+    tally.done += int(patterns is not None or config.run.pattern_heads != "none")  # the pattern pass, planned as one
     notify(tally.done + tally.offset, tally.done + tally.offset, "done")
 
     def decode(token_id: int) -> str:
@@ -377,62 +430,83 @@ def _run_probes(config: RunConfig, notify: Progress, model: Any, tokenizer: Any,
     return results
 
 
-def _run_shards(objects: list[Any], windows: Any, session: Any, driving: list[Any], runner: _LazyRunner,
-                tally: _Tally, shards: ShardStore | None) -> Bundle | None:
-    """Run this rank's shards (module docstring); returns the bundle of every window on rank 0, None elsewhere.
-
-    Each shard starts from the objects' empty state (exported once, after bind/prepare), sets the Session's
-    sequence counter to the shard's first global window (so hit lists name global windows), and is merged into
-    the running total in window order; every rank makes ``ceil(shards / ranks)`` steps with one progress sum
-    each, then the totals are gathered (:func:`attnlab.distributed.all_gather_bytes`) and merged in rank order.
-    ``fail_point`` (tests) fires after each completed shard.
-    """
+def _single_pass(run: _Run) -> dict[int, str]:
+    """One process with a plug-in that is not ``shardable``: the attention probes see every window in one
+    Session, then each analysis observes every batch (no per-shard reset, export or merge); returns the paths."""
     import torch
 
-    from attnlab.distributed import World, all_gather_bytes, decode_state, encode_state, fail_point, shard_range, world
+    count = len(run.windows)
+    if run.session is not None:
+        with run.session, torch.no_grad():
+            for number, batch in enumerate(run.windows):
+                run.tally.step(f"running attention probes · batch {number + 1}/{count}")
+                run.session.model(**batch)
+                run.tally.done += 1
+    for number, batch in enumerate(run.windows):
+        for obj in run.driving:
+            with run.tally.call(obj, f"{obj.name}: batch {number + 1}/{count}"):
+                obj.observe(run.runner.get(), batch)
+    return dict(run.session.attention_paths) if run.session is not None else {}
 
-    current = world()
-    count = len(windows)
+
+def _compute_shard(run: _Run, shard: int, empty: Bundle, unit: str) -> Bundle:
+    """One shard from the objects' empty state: the attention probes in the Session (its sequence counter set to
+    the shard's first global window, so hit lists name global windows), then each analysis's ``observe``; returns
+    its bundle (saved when the run keeps shard files)."""
+    import torch
+
+    load_bundle(run.objects, empty, "the empty state")
+    size, count = run.windows.batch_size, len(run.windows)
+    # this shard's batch alone (iterating the Windows would build every earlier batch's tensors)
+    (batch,) = dataclasses.replace(run.windows, windows=run.windows.windows[shard * size : (shard + 1) * size])
+    if run.session is not None:
+        run.session.num_sequences = shard * run.windows.batch_size
+        run.session.attention_paths.clear()
+        run.tally.step("running attention probes")
+        with run.session, torch.no_grad():
+            run.session.model(**batch)
+        run.tally.done += 1
+    for obj in run.driving:
+        with run.tally.call(obj, f"{obj.name}: {unit} {shard + 1}/{count}"):
+            obj.observe(run.runner.get(), batch)
+    bundle = bundle_of(run.objects, run.session.attention_paths if run.session is not None else {})
+    if run.shards is not None:
+        run.shards.write(shard, bundle)
+    return bundle
+
+
+def _run_shards(run: _Run) -> Bundle | None:
+    """Run this rank's shards (module docstring); returns the bundle of its windows (None if it had none).
+
+    Every rank makes ``ceil(shards / ranks)`` steps with one collective each (:meth:`_Tally.sync`: the progress
+    sum and the error agreement); a shard that fails on one rank stops every rank at that step with one agreed
+    line. Each shard is merged into this rank's :class:`attnlab.shards.Accumulator` in window order.
+    ``fail_point`` (tests) fires after each completed shard.
+    """
+    from attnlab.distributed import World, fail_point, shard_range, world
+
+    current, count, store = world(), len(run.windows), run.shards
     mine = shard_range(count, current)
     steps = len(shard_range(count, World(0, current.size)))  # rank 0 has the most shards
-    empty = bundle_of(objects, {})
-    batches = itertools.islice(iter(windows), mine.start, mine.stop)
-    unit = "window" if windows.batch_size == 1 else "batch"
-    total: Bundle | None = None
+    empty = bundle_of(run.objects, {})
+    unit = "window" if run.windows.batch_size == 1 else "batch"
+    total = Accumulator(run.objects)
     for step in range(steps):
+        error: Exception | None = None
         if step < len(mine):
-            shard, batch = mine[step], next(batches)
-            if shards is not None and shards.has(shard):
-                bundle = shards.read(shard)
-                tally.step(f"{unit} {shard + 1}/{count} from {shards.folder}", tally.per_shard())
+            shard = mine[step]
+            try:
+                if store is not None and store.has(shard):
+                    total.add(store.read(shard), str(store.path(shard)))
+                    run.tally.step(f"{unit} {shard + 1}/{count} from {store.folder}", run.tally.per_shard())
+                else:
+                    total.add(_compute_shard(run, shard, empty, unit))
+            except Exception as exc:  # noqa: BLE001 - agreed across ranks in sync (raised as is in one process)
+                error = exc
             else:
-                load_bundle(objects, empty)
-                if session is not None:
-                    session.num_sequences = shard * windows.batch_size
-                    session.attention_paths.clear()
-                    tally.step("running attention probes")
-                    with session, torch.no_grad():
-                        session.model(**batch)
-                    tally.done += 1
-                for obj in driving:
-                    with tally.call(obj, f"{obj.name}: {unit} {shard + 1}/{count}"):
-                        obj.observe(runner.get(), batch)
-                bundle = bundle_of(objects, session.attention_paths if session is not None else {})
-                if shards is not None:
-                    shards.write(shard, bundle)
-            total = merge_bundles(objects, total, bundle)
-            fail_point(step + 1)
-        tally.sync()
-    if not current.active:
-        return total
-    payloads = all_gather_bytes(encode_state(*total) if total is not None else b"", "the probe states")
-    if not current.is_main:
-        return None
-    merged: Bundle | None = None
-    for payload in payloads:
-        if payload:
-            merged = merge_bundles(objects, merged, decode_state(payload))
-    return merged
+                fail_point(step + 1)
+        run.tally.sync(error)
+    return total.bundle()
 
 
 def _viewer_patterns(loaded: Any, windows: Any, config: RunConfig, tally: _Tally) -> dict[str, Any] | None:

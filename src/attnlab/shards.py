@@ -11,11 +11,18 @@ object's place in ``--probe`` order), plus JSON ``meta`` (each object's side par
 Bundles merge in window order with the objects' own ``merge`` (:func:`merge_bundles`); nothing is pickled.
 
 After each shard the rank writes the bundle atomically to ``OUT/.shards/shard-NNNNN.safetensors``
-(:class:`ShardStore`), with the run's :func:`fingerprint`. A run with ``--resume`` reads the shard files already
-there (every one must carry this run's fingerprint, else a one-line ConfigError) and computes only the missing
-shards, with any number of processes; a run without ``--resume`` removes stale shard files first. Rank 0 removes
-the folder after the result files are written. With several machines, ``OUT`` must be a shared folder for
-``--resume`` to see every rank's shards.
+(:class:`ShardStore`) with the run settings (:func:`run_settings`: attnlab version, config, weights) and the
+shard's own window ids (:func:`windows_id`). A run with ``--resume`` reads the shard files already there and
+computes only the missing shards, with any number of processes: a file written under other settings is refused
+with a one-line ConfigError naming what differs (config field, weights, attnlab version); a file whose windows
+differ (the last shard after ``--max-windows`` grew) is computed again, so a grown run reuses every full shard. A
+run without ``--resume`` first removes old shard files (``LOCAL_RANK`` 0 of every machine).
+
+Cleaning up: once the run succeeded (the states gathered on rank 0), every rank removes the shard files it wrote
+or read, and ``LOCAL_RANK`` 0 of every machine removes the folder on its machine. So no machine keeps shard files
+after a successful run, whether or not ``--out`` is shared. For ``--resume`` across *several machines*, ``OUT``
+must be a folder every machine mounts (otherwise each machine sees only its own ranks' shards, and the missing
+ones are computed again).
 """
 
 from __future__ import annotations
@@ -24,36 +31,89 @@ import copy
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
+from attnlab import __version__
 from attnlab.distributed import barrier, read_state_file, world, write_state_file
 from attnlab.errors import ConfigError
 from attnlab.io_utils import SHARD_DIR
 
-__all__ = ["SHARD_DIR", "Bundle", "ShardStore", "bundle_of", "fingerprint", "load_bundle", "merge_bundles",
-           "merge_paths"]
+__all__ = ["SHARD_DIR", "Accumulator", "Bundle", "ShardStore", "bundle_of", "fresh_copy", "gather_bundles",
+           "load_bundle", "merge_bundles", "merge_paths", "run_settings", "weights_id", "windows_id"]
 
-FINGERPRINT_VERSION = 1
+FINGERPRINT_VERSION = 2
 
 Bundle = tuple[dict[str, Tensor], dict[str, Any]]
 """``(tensors, meta)``: the exported states of a run's probes and analyses (module docstring)."""
 
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}
 
-def fingerprint(config_dict: dict[str, Any], weights_sha256: str | None, window_ids: Sequence[Sequence[int]]) -> str:
-    """sha256 of everything that determines a shard's state: the run's config (``RunConfig.to_dict()`` without
-    ``device``/``device_map`` (where the model runs changes floats only by rounding) and the viewer's ``pattern_heads``/``pattern_tokens``; ``out``/``force``/``resume`` are not part of
-    the config), the weights' sha256 when known (None otherwise: then only the model name is compared), and the
-    token ids of every window (so the text and the shard numbering are covered)."""
-    ignored = {"device", "device_map", "pattern_heads", "pattern_tokens"}
+
+def _file_sha256(path: Path) -> str:
+    """sha256 of a file, cached by ``(path, size, mtime_ns)`` for this process."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        _FILE_HASHES[key] = digest.hexdigest()
+    return _FILE_HASHES[key]
+
+
+def weights_id(loaded: Any) -> dict[str, Any]:
+    """What identifies a loaded model's weights (:class:`attnlab.capture.loading.LoadedModel`): its name, the
+    weights' sha256 when the loader computed it (GGUF, safetensors folders), for a local folder the sha256 of its
+    ``config.json`` and weight files (``*.safetensors``, ``*.bin``; cached by path, size and mtime), and for a hub
+    model the commit (``config._commit_hash``)."""
+    record: dict[str, Any] = {"name": loaded.facts.name, "sha256": loaded.facts.file_sha256,
+                              "commit": getattr(getattr(loaded.model, "config", None), "_commit_hash", None)}
+    folder = Path(loaded.loaded_from) if loaded.loaded_from else None
+    if folder is not None and folder.is_dir():
+        weights = () if loaded.facts.file_sha256 else (".safetensors", ".bin")
+        record["files"] = {f.name: _file_sha256(f) for f in sorted(folder.iterdir())
+                           if f.is_file() and (f.name == "config.json" or f.suffix in weights)}
+    return record
+
+
+def run_settings(config_dict: dict[str, Any], weights: dict[str, Any], compare: dict[str, Any] | None = None
+                 ) -> dict[str, Any]:
+    """Everything but the windows that determines a shard's state: the attnlab version, the run's config
+    (``RunConfig.to_dict()`` without ``device``/``device_map``, where the model runs changes floats only by
+    rounding, the viewer's ``pattern_heads``/``pattern_tokens``, and ``max_windows``, which only adds or drops
+    shards (each shard's windows are compared on their own); ``out``/``force``/``resume`` are not part of the
+    config) and the weights (:func:`weights_id`; ``compare`` for the ``--compare`` model's)."""
+    ignored = {"device", "device_map", "pattern_heads", "pattern_tokens", "max_windows"}
     settings = {key: value for key, value in config_dict.items() if key not in ignored}
-    ids = hashlib.sha256(json.dumps([list(map(int, window)) for window in window_ids]).encode()).hexdigest()
-    record = {"version": FINGERPRINT_VERSION, "config": settings, "weights": weights_sha256, "windows": ids}
-    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+    return json.loads(json.dumps({"format": FINGERPRINT_VERSION, "attnlab": __version__, "config": settings,
+                                  "weights": {"model": weights, "compare": compare}}, sort_keys=True, default=str))
+
+
+def windows_id(window_ids: Sequence[Sequence[int]]) -> str:
+    """sha256 of the token ids of one shard's windows (so text, ``--seq-len`` and numbering are covered)."""
+    return hashlib.sha256(json.dumps([list(map(int, window)) for window in window_ids]).encode()).hexdigest()
+
+
+def _difference(saved: dict[str, Any], settings: dict[str, Any]) -> str | None:
+    """Which part of the run settings differs, in words (None: the same)."""
+    if saved.get("format") != settings["format"] or saved.get("attnlab") != settings["attnlab"]:
+        return f"another attnlab ({saved.get('attnlab')}, this is {settings['attnlab']})"
+    if saved.get("config") != settings["config"]:
+        old, new = saved.get("config") or {}, settings["config"]
+        changed = [f"{key} {old.get(key)!r} → {new.get(key)!r}" for key in sorted(set(old) | set(new))
+                   if old.get(key) != new.get(key)]
+        return f"another config ({', '.join(changed)})"
+    if saved.get("weights") != settings["weights"]:
+        return "other weights (the model files changed)"
+    return None
 
 
 def bundle_of(objects: Sequence[Any], paths: dict[int, str]) -> Bundle:
@@ -68,20 +128,25 @@ def bundle_of(objects: Sequence[Any], paths: dict[int, str]) -> Bundle:
                      "attention_paths": {str(layer): path for layer, path in paths.items()}}
 
 
-def load_bundle(objects: Sequence[Any], bundle: Bundle) -> dict[int, str]:
+def load_bundle(objects: Sequence[Any], bundle: Bundle, source: str = "a saved shard") -> dict[int, str]:
     """Import ``bundle`` into ``objects`` (bound/prepared, same names in the same order); returns its paths.
 
     Raises:
-        ConfigError: the bundle holds other probes (a shard of another run).
+        ConfigError: the bundle holds other probes, or states that do not fit them (``source``, e.g. a shard file
+            of another run or attnlab version, is named).
     """
     tensors, meta = bundle
     names = [obj.name for obj in objects]
     if meta.get("names") != names:
-        raise ConfigError(f"a saved shard holds probes {meta.get('names')}, this run {names}")
+        raise ConfigError(f"{source} holds probes {meta.get('names')}, this run {names}; pass --force to start over")
     for index, obj in enumerate(objects):
         prefix = f"{index}/"
-        obj.import_state({key[len(prefix):]: t for key, t in tensors.items() if key.startswith(prefix)},
-                         meta["sides"][index])
+        try:
+            obj.import_state({key[len(prefix):]: t for key, t in tensors.items() if key.startswith(prefix)},
+                             meta["sides"][index])
+        except (ValueError, KeyError, TypeError) as error:
+            raise ConfigError(f"{source} does not fit this run's {obj.name} ({str(error).splitlines()[0]}); pass "
+                              "--force to start over") from None
     return {int(layer): path for layer, path in meta["attention_paths"].items()}
 
 
@@ -95,16 +160,68 @@ def merge_paths(mine: dict[int, str], theirs: dict[int, str]) -> dict[int, str]:
     return dict(sorted(merged.items()))
 
 
+def fresh_copy(obj: Any) -> Any:
+    """A deep copy of a probe or analysis (its own containers, so a merge never aliases the original's lists),
+    sharing only the modules it refers to (a model is never copied)."""
+    memo = {id(value): value for value in vars(obj).values() if isinstance(value, torch.nn.Module)}
+    return copy.deepcopy(obj, memo)
+
+
+class Accumulator:
+    """This rank's running total: fresh copies of the run's objects into which each shard's bundle is merged in
+    window order (one import per shard; the total is exported once, by :meth:`bundle`)."""
+
+    def __init__(self, objects: Sequence[Any]) -> None:
+        self.objects = list(objects)
+        self.total: list[Any] | None = None
+        self.paths: dict[int, str] = {}
+
+    def add(self, bundle: Bundle, source: str = "a shard") -> None:
+        """Merge one shard's bundle (the next in window order) into the total."""
+        part = [fresh_copy(obj) for obj in self.objects]
+        paths = load_bundle(part, bundle, source)
+        if self.total is None:
+            self.total, self.paths = part, paths
+            return
+        self.paths = merge_paths(self.paths, paths)
+        for total, other in zip(self.total, part):
+            total.merge(other)
+
+    def bundle(self) -> Bundle | None:
+        """The total as one bundle; None when no shard was added."""
+        return None if self.total is None else bundle_of(self.total, self.paths)
+
+
 def merge_bundles(objects: Sequence[Any], first: Bundle | None, second: Bundle | None) -> Bundle | None:
     """The bundle of ``first``'s windows followed by ``second``'s, merged with each object's own ``merge`` on
-    shallow copies of ``objects`` (the live objects keep their state). None stands for "no windows"."""
-    if first is None or second is None:
-        return second if first is None else first
-    mine, theirs = [copy.copy(obj) for obj in objects], [copy.copy(obj) for obj in objects]
-    paths = merge_paths(load_bundle(mine, first), load_bundle(theirs, second))
-    for a, b in zip(mine, theirs):
-        a.merge(b)
-    return bundle_of(mine, paths)
+    fresh copies of ``objects`` (the live objects keep their state). None stands for "no windows"."""
+    total = Accumulator(objects)
+    for bundle in (first, second):
+        if bundle is not None:
+            total.add(bundle)
+    return total.bundle()
+
+
+def gather_bundles(objects: Sequence[Any], total: Bundle | None) -> Bundle | None:
+    """Every rank's total (``total``: its windows' bundle, None if it had none), gathered to rank 0
+    (:func:`attnlab.distributed.gather_to_main`) and merged there in rank order, which is window order because
+    ranks take contiguous shard ranges. Rank 0 gets the bundle of all windows, the others None; in one process
+    ``total`` is returned as is."""
+    from attnlab.distributed import decode_state, encode_state, gather_to_main
+
+    if not world().active:
+        return total
+    payloads = gather_to_main(encode_state(*total) if total is not None else b"", "the probe states")
+    if payloads is None:
+        return None
+    merged = Accumulator(objects)
+    for rank, payload in enumerate(payloads):
+        if payload:
+            merged.add(decode_state(payload), f"the states of rank {rank}")
+    return merged.bundle()
+
+
+SHARD_NAME = re.compile(r"^shard-(\d{5,})\.safetensors$")
 
 
 class ShardStore:
@@ -117,30 +234,47 @@ class ShardStore:
     def __init__(self, out_dir: str | os.PathLike[str], *, resume: bool = False) -> None:
         self.folder = Path(out_dir) / SHARD_DIR
         self.resume = resume
-        self.fingerprint: str | None = None
+        self.settings: dict[str, Any] | None = None
+        self.windows: list[str] = []
         self.saved: set[int] = set()
+        self.touched: set[int] = set()  # the shards this rank wrote or read (it removes them at the end)
 
     def path(self, shard: int) -> Path:
+        """The file of shard ``shard``: ``OUT/.shards/shard-NNNNN.safetensors``."""
         return self.folder / f"shard-{shard:05d}.safetensors"
 
-    def open(self, run_fingerprint: str, count: int) -> None:
-        """Start a run of ``count`` shards, on every rank: with ``resume``, note the shard files of this run (their
-        headers checked); without, rank 0 removes any old shard files. Ends with a barrier.
+    def open(self, settings: dict[str, Any], shard_windows: Sequence[str]) -> None:
+        """Start a run whose shards hold the windows ``shard_windows`` (:func:`windows_id` of each shard), with
+        the run settings ``settings`` (:func:`run_settings`). With ``resume``, note the shard files that hold the
+        same windows under the same settings (a file whose windows differ, e.g. the last shard after
+        ``--max-windows`` grew, is computed again; other files are ignored). No collective: every rank checks on
+        its own (the caller agrees on errors); :meth:`clear` then removes old files when not resuming.
 
         Raises:
-            ConfigError: with ``resume``, a shard file written by a different run (config, model or text) or
-                numbered beyond this run's shards.
+            ConfigError: with ``resume``, a shard file written under other settings (which part differs is
+                named) or a file in the folder that is not a shard file.
         """
-        self.fingerprint = run_fingerprint
-        if self.resume:
-            for path in sorted(self.folder.glob("shard-*.safetensors")) if self.folder.is_dir() else []:
-                number = int(path.stem.split("-")[1])
-                meta = _header_meta(path)
-                if meta.get("fingerprint") != run_fingerprint or meta.get("shard") != number or number >= count:
-                    raise ConfigError(f"--resume: {path} was written by a different run (config, model or text "
-                                      f"differ); remove {self.folder} or run without --resume")
+        self.settings, self.windows = settings, list(shard_windows)
+        if not self.resume or not self.folder.is_dir():
+            return
+        for path in sorted(self.folder.glob("shard-*")):
+            found = SHARD_NAME.match(path.name)
+            if found is None:
+                raise ConfigError(f"--resume: {path} is not a shard file (expected shard-NNNNN.safetensors); "
+                                  "remove it")
+            number, meta = int(found.group(1)), _header_meta(path)
+            differs = _difference(meta.get("run") or {}, settings)
+            if differs is not None:
+                raise ConfigError(f"--resume: {path.name} was written with {differs}; pass --force to start over "
+                                  "(the saved shards are discarded)")
+            same = number < len(self.windows) and meta.get("windows") == self.windows[number]
+            if same and meta.get("shard") == number:
                 self.saved.add(number)
-        elif world().is_main and self.folder.exists():
+
+    def clear(self) -> None:
+        """Without ``resume``: every machine's first process (``LOCAL_RANK`` 0) removes old shard files on its
+        machine; then a barrier (every rank calls it)."""
+        if not self.resume and world().local_rank == 0 and self.folder.exists():
             shutil.rmtree(self.folder)
         barrier("the shard files")
 
@@ -151,17 +285,23 @@ class ShardStore:
     def read(self, shard: int) -> Bundle:
         """The bundle of a saved shard (DistributedError if the file is not a readable state file)."""
         tensors, meta = read_state_file(self.path(shard))
+        self.touched.add(shard)
         return tensors, meta["bundle"]
 
     def write(self, shard: int, bundle: Bundle) -> Path:
-        """Save one shard's bundle atomically with the run's fingerprint."""
+        """Save one shard's bundle atomically with the run settings and the shard's windows."""
         tensors, meta = bundle
-        return write_state_file(self.path(shard), tensors,
-                                {"fingerprint": self.fingerprint, "shard": shard, "bundle": meta})
+        self.touched.add(shard)
+        return write_state_file(self.path(shard), tensors, {"run": self.settings, "shard": shard,
+                                                            "windows": self.windows[shard], "bundle": meta})
 
     def remove(self) -> None:
-        """Remove the shard folder (rank 0, after the result files are written)."""
-        if world().is_main:
+        """After a run succeeded (its states gathered), on every rank: remove the shard files this rank wrote or
+        read, then every machine's first process (``LOCAL_RANK`` 0) removes the folder on its machine, so no
+        machine keeps shard files whether or not ``--out`` is shared."""
+        for shard in sorted(self.touched):
+            self.path(shard).unlink(missing_ok=True)
+        if world().local_rank == 0:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 

@@ -117,6 +117,8 @@ class ActiveDormantAnalysis(Analysis):
         return per_batch, (windows * per_batch if self.other_text is not None else 0)
 
     def finish(self, runner: Runner) -> None:
+        """Text B's windows run here, once, on the merged state: under several processes on rank 0 alone (the
+        other ranks have finished), so text B gains no speed-up from more processes."""
         if self.other_text is None or not self.per_window:
             return
         windows = runner.load_windows(self.other_text, seq_len=self._seq_len, max_windows=self.windows_seen)

@@ -57,11 +57,20 @@ class HeadOverlapAnalysis(HeadImportanceAnalysis):
         self._seq_len = batch["input_ids"].shape[1]
 
     def planned_steps(self, batches: int, windows: int) -> tuple[int, int]:
-        """One pass per ablated head and batch; text B adds as many per window (at most the run's windows)."""
+        """One pass per ablated head and batch; text B adds as many per window (at most the run's windows).
+
+        Raises:
+            ConfigError: no ``other_text`` and fewer than 2 windows (known before the run, so said before it).
+        """
+        if self.other_text is None and windows < 2:
+            raise ConfigError(f"head_overlap without other_text splits the windows in two; use --max-windows >= 2 "
+                              f"(the run has {windows} window)")
         per_batch = head_passes(self.facts, self.layers)
         return per_batch, (windows * per_batch if self.other_text is not None else 0)
 
     def finish(self, runner: Runner) -> None:
+        """Text B's windows run here, once, on the merged state: under several processes on rank 0 alone (the
+        other ranks have finished), so text B gains no speed-up from more processes."""
         if self.other_text is None:
             if len(self.per_window) < 2:
                 raise ConfigError("head_overlap without other_text splits the windows in two; use --max-windows >= 2")

@@ -70,11 +70,12 @@ def run_probe_command(ctx: typer.Context, command: str, config_path: Path | None
     """The body of ``attnlab probe`` / ``attnlab report``: options → RunConfig → run_probes → files.
 
     The whole body runs inside :func:`attnlab.distributed.distributed` (the process group when ``torchrun``
-    started several processes): every rank runs its shards, rank 0 alone prints the config line and progress
-    and writes the files, then removes the shard files (``OUT/.shards``). ``--resume`` reuses the shards an
+    started several processes): ``--out`` is checked on every rank (errors agreed across ranks), every rank runs
+    its shards and removes the shard files it wrote once the states are gathered (:mod:`attnlab.shards`), and
+    rank 0 alone prints the config line and progress and writes the files. ``--resume`` reuses the shards an
     interrupted run saved (:mod:`attnlab.shards`)."""
     from attnlab.config import RunConfig
-    from attnlab.distributed import distributed
+    from attnlab.distributed import agree, distributed
     from attnlab.errors import ConfigError
     from attnlab.pipeline import run_probes
     from attnlab.report.io import check_out_dir
@@ -86,9 +87,9 @@ def run_probe_command(ctx: typer.Context, command: str, config_path: Path | None
         raise ConfigError("attnlab probe needs at least one --probe NAME; see `attnlab ls probes`")
     run_config = RunConfig(**values)
     out_dir = Path(values["out"])
-    # fail before the model loads; leave nothing behind
-    check_out_dir(out_dir, force=bool(values.get("force")), resume=resume)
     with distributed(run_config.load.device) as current:
+        # fail before the model loads, on every rank alike (each machine may see its own --out); leave nothing behind
+        agree("checking --out", lambda: check_out_dir(out_dir, force=bool(values.get("force")), resume=resume))
         if current.is_main:
             print_config(run_config)
         shards = ShardStore(out_dir, resume=resume)
@@ -97,7 +98,6 @@ def run_probe_command(ctx: typer.Context, command: str, config_path: Path | None
         if results is None:  # another rank than 0: rank 0 writes the results
             return
         write_and_announce(out_dir, results, show_paths=True)
-        shards.remove()
     produced = {row["probe"] for row in results["rows"]}
     for name in run_config.run.probes:
         if name not in produced:

@@ -143,18 +143,22 @@ class Measurement:
     and config that is already bound (probes) or prepared (analyses). The default exports ``state()``, whose keys
     must then be the names of the attributes holding those tensors, and no side parts; a subclass with more state
     (lists, dicts, counters) extends both methods. ``import_state`` replaces every state attribute by new objects
-    (never mutates the old ones in place), so a shallow copy of a live instance can hold an imported state.
+    (never mutates the old ones in place); the pipeline imports into deep copies of a live instance
+    (:func:`attnlab.shards.fresh_copy`), so merges never share containers with it.
     ``merge`` must then give the same result whatever the grouping of the states merged in window order
-    (``(a + b) + c`` equals ``a + (b + c)`` up to float summation order). Set ``shardable = False`` on a class
-    whose export does not capture its whole state: a run over several processes refuses it, and a one-process
-    run writes no shard files for ``--resume``.
+    (``(a + b) + c`` equals ``a + (b + c)`` up to float summation order). Set ``shardable = True`` only on a
+    class whose export captures its whole state; otherwise (the default) a run over several processes refuses it,
+    and a one-process run makes one plain pass over every window (no per-shard reset, export or merge, no shard
+    files).
     """
 
     sections: ClassVar[tuple[Section, ...]] = ()
     """The report sections drawn from the rows (:mod:`attnlab.report.sections`); () = rows only in the tables."""
     name: ClassVar[str] = ""
-    shardable: ClassVar[bool] = True
-    """True when :meth:`export_state`/:meth:`import_state` capture the whole state and ``merge`` combines it."""
+    shardable: ClassVar[bool] = False
+    """True when :meth:`export_state`/:meth:`import_state` capture the whole state and ``merge`` combines it.
+    False by default (a plug-in opts in; every built-in probe and analysis sets True): such an object is refused
+    under several processes and with ``--resume``, and a one-process run makes one plain pass (no shards)."""
 
     def state(self) -> dict[str, Tensor]:
         """The additive state: tensors that can be summed across windows, batches and ranks."""

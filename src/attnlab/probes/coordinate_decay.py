@@ -45,6 +45,8 @@ class CoordinateDecayProbe(Probe):
     Call :meth:`set_coordinates` with the batch's (B, T, dims) coordinates before each forward pass.
     """
 
+    shardable = True  # export_state/import_state carry the whole state
+
     needs = frozenset({"probs"})
 
     sections = (Section("probe-coordinate-decay", "Attention vs Euclidean distance", (

@@ -45,6 +45,8 @@ from attnlab.stats.distance import (
 class DistanceProbe(Probe):
     """Attention mass per distance bin, fixed-row mean attention per distance, and power-law/exponential fits."""
 
+    shardable = True  # export_state/import_state carry the whole state
+
     needs = frozenset({"probs"})
 
     sections = (Section("distance", "Attention vs distance", (

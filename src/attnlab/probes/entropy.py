@@ -41,6 +41,8 @@ class EntropyProbe(Probe):
         num_bins: histogram bins over [0, 1] of normalised entropy (default 20).
     """
 
+    shardable = True  # export_state/import_state carry the whole state
+
     needs = frozenset({"probs"})
     counts_nan_rows = True
 

@@ -65,6 +65,8 @@ class MagnetsProbe(Probe):
             raises ConfigError when neither was given (every key would be "other").
     """
 
+    shardable = True  # export_state/import_state carry the whole state
+
     needs = frozenset({"probs"})
     needs_runner = True  # prepare() classifies the tokenizer's vocabulary
 

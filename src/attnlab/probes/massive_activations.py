@@ -40,6 +40,8 @@ class MassiveActivationsProbe(Probe):
         tau: VAR's sink threshold on φ = |h / rms(h)| over the massive dims (default 20).
     """
 
+    shardable = True  # export_state/import_state carry the whole state
+
     needs = frozenset({"hidden_states"})
 
     sections = (Section("probe-massive-activations", "Massive activations", (

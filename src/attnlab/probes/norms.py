@@ -50,6 +50,8 @@ def _peak_ratio(mean_norm: Tensor) -> Tensor:
 class NormsProbe(Probe):
     """Mean residual norm per (layer, position), mean value norm per (layer, kv head, position), and their ratios."""
 
+    shardable = True  # export_state/import_state carry the whole state
+
     needs = frozenset({"value", "hidden_states"})
 
     sections = (Section("norms", "Residual and value norms", (

@@ -38,6 +38,8 @@ class RopeDecayProbe(Probe):
         exclude_first: leave key position 0 (the sink) out of the measured curve (default True).
     """
 
+    shardable = True  # export_state/import_state carry the whole state
+
     needs = frozenset({"probs"})
 
     sections = (Section("probe-rope-decay", "RoPE long-term decay", (

@@ -48,6 +48,8 @@ class SinkProbe(Probe):
             (diagonal) attention and would flag nearly every head; ``min_queries=1`` gives ACT's rule exactly.
     """
 
+    shardable = True  # export_state/import_state carry the whole state
+
     needs = frozenset({"probs"})
 
     sections = (

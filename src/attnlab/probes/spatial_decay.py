@@ -53,6 +53,8 @@ class SpatialDecayProbe(Probe):
         spatial_metric: "index" (default, |s − k0| as in METHODS.md #10) or "euclidean" (cells, sqrt(Δy² + Δx²)).
     """
 
+    shardable = True  # export_state/import_state carry the whole state
+
     needs = frozenset({"probs"})
 
     sections = (Section("probe-spatial-decay", "Spatial decay on a grid", (
