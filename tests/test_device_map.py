@@ -137,8 +137,8 @@ def test_a_temporary_offload_folder_exists_only_for_disk_weights_and_goes_with_t
         assert not folders[0].exists()  # removed with its model, not at exit
 
 
-@pytest.mark.parametrize("execution, expected", [(torch.device("meta"), torch.device("meta")), (1, torch.device("cuda", 1)),
-                                                 ("cuda:1", torch.device("cuda", 1))])
+@pytest.mark.parametrize("execution, expected", [(torch.device("meta"), torch.device("meta")),
+                                                 (1, torch.device("cuda", 1)), ("cuda:1", torch.device("cuda", 1))])
 def test_input_device_follows_the_hook_not_the_weights(execution, expected):
     """Under a map, accelerate's hook on the embeddings says where inputs go, whatever device their weights are on
     (CPU here): the hook wins, and its int or string device is read as a torch device."""

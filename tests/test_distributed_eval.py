@@ -103,7 +103,7 @@ def test_choice_batches_split_over_ranks_assemble_to_score_choices_exactly(tmp_p
     assert merged == whole  # logliks, token counts, greedy flags, answers: equal, not close
     for norm in ("none", "token", "char"):
         assert merged.correct(norm) == whole.correct(norm) and merged.interval(norm) == whole.interval(norm)
-    with pytest.raises(DistributedError, match="1 \\(item, choice\\) pairs have no score"):  # exit 1: not the user's input
+    with pytest.raises(DistributedError, match="1 \\(item, choice\\) pairs have no score"):  # exit 1: not a usage error
         assemble_choice_scores(items, entries[:-1])
     i, j = entries[0][:2]
     with pytest.raises(DistributedError, match=rf"^\(item {i}, choice {j}\) was scored twice"):  # overlapping shards
