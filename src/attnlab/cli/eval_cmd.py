@@ -9,8 +9,9 @@ from typing import Annotated, Any, Optional
 import typer
 
 from attnlab.cli.options import (
-    Bos, ConfigFile, Debug, Device, DeviceMap, DType, EditOpt, Force, MaxWindows, ModelOpt, OutDir, Seed, SeqLen,
-    TextOpt, TokenizerOpt, as_flags, command_values, print_config, run_guarded, with_progress, write_and_announce,
+    Bos, ConfigFile, Debug, Device, DeviceMap, DType, EditOpt, Force, MaxWindows, ModelOpt, OutDir, Resume, Seed,
+    SeqLen, TextOpt, TokenizerOpt, as_flags, command_values, print_config, run_guarded, with_progress,
+    write_and_announce,
 )
 from attnlab.errors import ConfigError, UsageError
 
@@ -68,6 +69,7 @@ def eval_command(
     search_layers: SearchLayersOpt = None,
     out: OutDir = Path("attnlab-eval"),
     force: Force = False,
+    resume: Resume = False,
     bos: Bos = "auto",
     dtype: DType = "float32",
     device: Device = "cpu",
@@ -81,15 +83,19 @@ def eval_command(
     Under ``torchrun --nproc-per-node N -m attnlab eval ...`` every rank checks the options alike, loads the model
     on its device (``cuda`` → ``cuda:LOCAL_RANK``) and scores its shard of each variant
     (:func:`attnlab.evaluation.runner.evaluate_variants`); rank 0 alone prints the config and progress, writes
-    the results and prints the summary. ``--search`` is refused there (one process runs it)."""
+    the results and prints the summary. ``--search`` is refused there (one process runs it). Each finished variant
+    is saved under ``OUT/.shards`` (:mod:`attnlab.evaluation.resume`); ``--resume`` reuses them after a failure,
+    with any number of processes; the folder is removed once the results are written."""
 
     def body() -> None:
         from attnlab.distributed import distributed, rank_device
         from attnlab.evaluation.config import EvalConfig, parse_variant
+        from attnlab.evaluation.resume import VariantStore
         from attnlab.evaluation.runner import run_eval
         from attnlab.report.io import check_out_dir
 
         values = command_values(ctx, config, EvalConfig)
+        resume = bool(values.pop("resume", False))
         values["device"] = rank_device(str(values.get("device") or "cpu"))  # one GPU per rank under torchrun
         choice_task = str(values.get("choice_task") or "")
         if choice_task.endswith((".jsonl", ".json")) and not Path(choice_task).is_file():
@@ -106,14 +112,17 @@ def eval_command(
 
             load_choice_items(eval_config.eval.choice_task)  # a bad JSONL file fails before the model loads
         out_dir = Path(values["out"])
-        check_out_dir(out_dir, force=bool(values.get("force")))  # before the model loads, on every rank alike
+        # before the model loads, on every rank alike
+        check_out_dir(out_dir, force=bool(values.get("force")), resume=resume)
         with distributed(eval_config.load.device) as current:  # load → run → write, inside the process group
+            store = VariantStore(out_dir, resume=resume)
             if not current.is_main:
-                run_eval(eval_config)  # this rank's shards; the merged results are rank 0's to write
+                run_eval(eval_config, shards=store)  # this rank's shards; the merged results are rank 0's to write
                 return
             print_config(eval_config)
-            results = with_progress(lambda progress: run_eval(eval_config, progress=progress))
+            results = with_progress(lambda progress: run_eval(eval_config, progress=progress, shards=store))
             write_and_announce(out_dir, results)
+            store.remove()
             _print_summary(results, eval_config)
 
     run_guarded(body, debug)

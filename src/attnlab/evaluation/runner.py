@@ -28,6 +28,7 @@ from attnlab.evaluation.config import BASELINE, EvalConfig, parse_variant
 from attnlab.evaluation.lm_tasks import (TokenScores, WindowPart, WindowPlan, decode_windows, encode_windows,
                                          plan_windows, position_bin, replay_windows, score_windows, stitch_windows)
 from attnlab.evaluation.passkey import PasskeyPrompt, answer_tokens, greedy_decode, is_correct, make_prompts, summarise
+from attnlab.evaluation.resume import VariantStore
 from attnlab.progress import Progress, ProgressArg, progress_to, takes_progress
 from attnlab.stats.intervals import paired_binary
 
@@ -57,6 +58,7 @@ class ChoiceRun:
     items: list[Any]
     batch_size: int = 8
     bos: str = "auto"
+    plan: Any = None  # a ChoicePlan of ``items`` made already (:func:`plan_choices`); None: planned when run
 
 
 def make_session(model: Any, edits: list[Any]) -> Any:
@@ -195,7 +197,8 @@ def gather_session(session: Any) -> None:
 def evaluate_variants(model: Any, tokenizer: Any, variants: list[Variant], *, tasks: tuple[str, ...],
                       ids: list[int], plans: list[WindowPlan], bos_id: int | None, seq_len: int,
                       prompts: list[PasskeyPrompt], device: str = "cpu", choice: ChoiceRun | None = None,
-                      progress: ProgressArg = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+                      store: VariantStore | None = None, progress: ProgressArg = None
+                      ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Run every variant on the same windows, prompts and items; returns ``(rows, variant records)``.
 
     ``ids`` are the text tokens, ``plans`` the windows over them (:func:`plan_windows`), ``bos_id`` the token
@@ -216,6 +219,10 @@ def evaluate_variants(model: Any, tokenizer: Any, variants: list[Variant], *, ta
     checks that every edit fired. Each phase gathers once on every rank, so ranks with fewer (or no) windows,
     prompts or batches do not hang. ``progress`` shows the global count (:func:`global_done`); call it on rank 0
     only (:func:`run_eval` does).
+
+    ``store`` (opened, :meth:`VariantStore.open`, on every rank): each finished variant is saved there, and the
+    variants it holds already (``--resume``) are not run: their saved rows and records are used, and the
+    baseline's saved choice entries give the later variants' gained/lost (:mod:`attnlab.evaluation.resume`).
     """
     import torch
     import torch.distributed as dist
@@ -226,7 +233,7 @@ def evaluate_variants(model: Any, tokenizer: Any, variants: list[Variant], *, ta
     notify: Progress = progress  # type: ignore[assignment]  # a Progress here (takes_progress)
     run_lm = any(task in tasks for task in LM_TASKS)
     run_choice = "choice" in tasks and choice is not None
-    choice_plan = plan_choices(tokenizer, choice.items, bos=choice.bos) if run_choice else None  # once per run
+    choice_plan = (choice.plan or plan_choices(tokenizer, choice.items, bos=choice.bos)) if run_choice else None
     choice_batches = choice_plan.num_batches(choice.batch_size) if choice_plan is not None else 0
     units = (len(plans) if run_lm else 0) + (len(prompts) if "passkey" in tasks else 0) + choice_batches
     total, done, mine_done = units * len(variants), 0, 0
@@ -242,7 +249,16 @@ def evaluate_variants(model: Any, tokenizer: Any, variants: list[Variant], *, ta
             mine_done += 1
             fail_point(mine_done)
 
-    for label, edits in variants:
+    for place, (label, edits) in enumerate(variants):
+        saved = store.saved.get(place) if store is not None else None
+        if saved is not None:  # finished by an earlier try (--resume)
+            done += units
+            notify(done, total, f"{label}: from {store.folder}")
+            rows += saved["rows"]
+            records.append(saved["record"])
+            if run_choice and baseline_choice is None:
+                baseline_choice = assemble_choice_scores(choice.items, saved["choice_entries"])
+            continue
         started = time.perf_counter()
         session = make_session(model, edits)
         with session, torch.no_grad():
@@ -276,7 +292,8 @@ def evaluate_variants(model: Any, tokenizer: Any, variants: list[Variant], *, ta
                 entries = score_choice_batches(model, tokenizer, choice.items, batch_size=choice.batch_size,
                                                bos=choice.bos, device=device, plan=choice_plan,
                                                batches=shard_range(choice_batches), progress=choice_progress)
-                choice_scores = assemble_choice_scores(choice.items, gather_lists(entries, "choice scores"))
+                entries = gather_lists(entries, "choice scores")
+                choice_scores = assemble_choice_scores(choice.items, entries)
                 done += choice_batches
             gather_session(session)
         notify(done, total, f"{label}: done")
@@ -285,19 +302,25 @@ def evaluate_variants(model: Any, tokenizer: Any, variants: list[Variant], *, ta
             "attention_paths": {str(layer): path for layer, path in sorted(session.attention_paths.items())},
             "seconds": round(time.perf_counter() - started, 3),
         }
+        mine_rows: list[dict[str, Any]] = []
         if run_lm:
-            rows += _lm_rows(label, scores, tasks, bin_size)
+            mine_rows += _lm_rows(label, scores, tasks, bin_size)
             record.update(perplexity=scores.perplexity, nll=scores.mean_nll, next_token_accuracy=scores.accuracy,
                           tokens_scored=scores.count, windows=scores.windows)
         if "passkey" in tasks:
             summary = summarise(trials)
             accuracy = sum(t["correct"] for t in trials) / len(trials)
-            rows += _passkey_rows(label, summary, accuracy)
+            mine_rows += _passkey_rows(label, summary, accuracy)
             record["passkey"] = {**summary, "accuracy": accuracy, "trials": trials}
         if run_choice:
             record["choice"] = choice_record(choice_scores, baseline_choice)
-            baseline_choice = baseline_choice if baseline_choice is not None else choice_scores
-            rows += _choice_rows(label, record["choice"])
+            mine_rows += _choice_rows(label, record["choice"])
+        if store is not None:  # the first variant's choice entries: what the later ones compare with
+            store.write(place, label, mine_rows, record,
+                        entries if run_choice and baseline_choice is None else None)
+        if run_choice and baseline_choice is None:
+            baseline_choice = choice_scores
+        rows += mine_rows
         records.append(record)
     return rows, records
 
@@ -331,7 +354,8 @@ def check_variants(variants: list[Variant], facts: Any) -> None:
 
 
 def run_eval(config: EvalConfig, *, progress: ProgressArg = None, model: Any = None,
-             tokenizer: Any = None, search: str | None = None) -> dict[str, Any]:
+             tokenizer: Any = None, search: str | None = None, shards: VariantStore | None = None
+             ) -> dict[str, Any]:
     """Load model and text, run every task for the baseline and each variant; return the results dict.
 
     ``search`` (``"zerotuning"`` | ``"act"`` | ``"zerotuning_profile"``; default ``config.eval.search``) then runs
@@ -339,13 +363,17 @@ def run_eval(config: EvalConfig, *, progress: ProgressArg = None, model: Any = N
     (:func:`attnlab.evaluation.choice_search.choice_search_for_results`: a validation half of the items searched,
     the other half held out), else on the same windows (:func:`attnlab.evaluation.search.search_for_results`);
     it needs >= 2 items or windows and ``search_layers`` the model has, checked before any variant runs.
-    ``model``/``tokenizer`` (or a LoadedModel as ``model``) reuse a loaded model.
+    ``model``/``tokenizer`` (or a LoadedModel as ``model``) reuse a loaded model. ``shards``
+    (``VariantStore(out_dir, resume=...)``, :mod:`attnlab.evaluation.resume`) saves each finished variant under
+    ``out_dir/.shards`` and, with ``resume``, reuses the variants an interrupted run of the same config, model and
+    text finished (a search is not saved: it reruns); the caller removes the folder once results are written.
 
     Raises:
         ConfigError, TextError, RegistryError: bad input (the CLI exits 2), before the model runs; ConfigError
             also for a model without next-token logits (an encoder such as minilm-l6), and for an edit that cannot
             run on the model (a layer or head it lacks, or Python-only state such as ``head_patch``'s source),
-            checked right after the model loads, before any window runs.
+            checked right after the model loads, before any window runs; and for a saved variant of another run
+            (``shards`` with ``resume``).
         EditNotFiredError: a requested edit never touched an attention call (on all ranks together).
         DistributedError: under several processes, the group cannot start or another rank died.
 
@@ -362,7 +390,7 @@ def run_eval(config: EvalConfig, *, progress: ProgressArg = None, model: Any = N
     """
     search = check_search(config, search)
     with distributed(config.load.device), progress_to(progress if world().is_main else None) as notify:
-        return _run_eval(config, notify, model, tokenizer, search)
+        return _run_eval(config, notify, model, tokenizer, search, shards)
 
 
 def check_search(config: EvalConfig, search: str | None) -> str | None:
@@ -379,8 +407,22 @@ def check_search(config: EvalConfig, search: str | None) -> str | None:
     return search
 
 
-def _run_eval(config: EvalConfig, notify: Progress, model: Any, tokenizer: Any, search: str | None
-              ) -> dict[str, Any]:
+def run_fingerprint(config: EvalConfig, loaded: Any, windows: list[dict[str, Any]], prompts: list[PasskeyPrompt],
+                    choice: ChoiceRun | None) -> str:
+    """:func:`attnlab.shards.fingerprint` of an eval run: its config (with the choice items' text and answers),
+    the weights' sha256 when known, and the token ids of every window, passkey prompt and choice request."""
+    from attnlab.shards import fingerprint
+
+    settings = config.to_dict()
+    sequences = [window["ids"] for window in windows] + [prompt.ids for prompt in prompts]
+    if choice is not None:
+        settings["choice_items_json"] = [item.to_json() for item in choice.items]
+        sequences += [request[2] for request in choice.plan.requests]
+    return fingerprint(settings, getattr(getattr(loaded, "facts", None), "file_sha256", None), sequences)
+
+
+def _run_eval(config: EvalConfig, notify: Progress, model: Any, tokenizer: Any, search: str | None,
+              shards: VariantStore | None = None) -> dict[str, Any]:
     from attnlab.pipeline import check_seq_len, results_envelope, start_run
     from attnlab.text import start_token_id, tokenizer_adds_bos
 
@@ -438,13 +480,15 @@ def _run_eval(config: EvalConfig, notify: Progress, model: Any, tokenizer: Any, 
 
         notify(0, 0, "building choice items")
         items = choice_items(spec.choice_task, tokenizer, count=spec.choice_items, seed=spec.seed, text=data.text)
-        choice = ChoiceRun(items, spec.choice_batch_size, data.bos)
+        choice = ChoiceRun(items, spec.choice_batch_size, data.bos, plan_choices(tokenizer, items, bos=data.bos))
         if search_on_choice and len(items) < 2:
             raise ConfigError(f"--search needs >= 2 choice items (a validation and a held-out half), got "
                               f"{len(items)}")
+    if shards is not None:
+        shards.open(run_fingerprint(config, loaded, windows_info, prompts, choice), [label for label, _ in variants])
     rows, records = evaluate_variants(model, tokenizer, variants, tasks=spec.tasks, ids=ids, plans=plans,
                                       bos_id=bos_id, seq_len=data.seq_len, prompts=prompts,
-                                      device=model_device(model), choice=choice, progress=notify)
+                                      device=model_device(model), choice=choice, store=shards, progress=notify)
     baseline_paths = records[0]["attention_paths"]
     results = results_envelope(
         "eval", config, loaded, bos_policy=data.bos, bos_added=bos_id is not None,
