@@ -11,12 +11,22 @@ the windows (or items, or jobs); the ranks' additive states come together on eve
 writes the results. Nothing here pickles: payloads are safetensors tensors plus a JSON header, the same format as
 the per-shard state files a ``--resume`` reads (:func:`write_state_file`).
 
-A collective that fails because another rank died raises :class:`attnlab.errors.DistributedError` with a one-line
-message naming this rank (:func:`collective`); ``torchrun`` then stops the remaining ranks and exits non-zero.
+Errors. A collective that fails because another rank died raises :class:`attnlab.errors.DistributedError` with a
+one-line message naming this rank (:func:`collective`); ``torchrun`` then stops the remaining ranks and exits
+non-zero. An error that one rank raises while the others are well is made known to every rank by :func:`agree`
+(around a phase: set-up, writing) or :func:`sync_step` (folded into the per-step count), so every rank stops with
+the same one-line message naming the failing rank instead of waiting in the next collective.
+
+Timeout. A collective waits ``ATTNLAB_DIST_TIMEOUT`` seconds (default 6 hours: :data:`TIMEOUT`) for a rank that
+is alive but slower (uneven work is normal: the last shard, the longest sweep job). A *dead* peer does not need the
+timeout: on gloo its closed socket fails the collective at once, and on one machine ``torchrun`` stops the
+surviving ranks as soon as one exits non-zero. Only a rank that hangs, or a dead NCCL peer on another machine
+(no agent stops the other machines' workers), waits for the whole timeout; lower it for such runs.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -31,17 +41,20 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-from attnlab.errors import DistributedError
+from attnlab.errors import (AgreedDistributedError, AgreedUsageError, ConfigError, DistributedError,
+                            UsageError)
 
 __all__ = [
-    "World", "all_gather_bytes", "all_gather_json", "all_sum", "barrier", "broadcast_json", "collective",
-    "decode_state", "distributed", "encode_state", "fail_point", "rank_device", "read_state_file", "shard_range",
-    "world", "write_state_file",
+    "World", "agree", "all_gather_bytes", "all_gather_json", "all_sum", "barrier", "broadcast_json", "collective",
+    "decode_state", "dist_timeout", "distributed", "encode_state", "fail_point", "gather_to_main", "rank_device",
+    "read_state_file", "shard_range", "sync_step", "world", "write_state_file",
 ]
 
 T = TypeVar("T")
-TIMEOUT = timedelta(minutes=30)
-"""How long a collective waits for a rank that is alive but slow (a dead rank's closed socket fails it at once)."""
+TIMEOUT = timedelta(hours=6)
+"""How long a collective waits for a rank that is alive but slow, unless ``ATTNLAB_DIST_TIMEOUT`` (seconds) says
+otherwise (:func:`dist_timeout`); a dead gloo peer's closed socket fails a collective at once."""
+TIMEOUT_ENV = "ATTNLAB_DIST_TIMEOUT"
 
 
 @dataclass(frozen=True)
@@ -86,6 +99,24 @@ def world() -> World:
     return World(_env_int("RANK", 0), _env_int("WORLD_SIZE", 1), local)
 
 
+def dist_timeout() -> timedelta:
+    """The process group's timeout: ``ATTNLAB_DIST_TIMEOUT`` seconds (a positive number) or :data:`TIMEOUT`.
+
+    Raises:
+        ConfigError: the variable is set but not a positive number of seconds.
+    """
+    value = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not value:
+        return TIMEOUT
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise ConfigError(f"{TIMEOUT_ENV} must be a positive number of seconds, got {value!r}")
+    return timedelta(seconds=seconds)
+
+
 def launched() -> bool:
     """True when a launcher asked for more than one process (``WORLD_SIZE`` > 1)."""
     return _env_int("WORLD_SIZE", 1) > 1
@@ -96,10 +127,12 @@ def distributed(device: str | torch.device = "cpu") -> Iterator[World]:
     """Run the body inside the process group ``torchrun`` asked for; yields this process's :class:`World`.
 
     Starts the group when ``WORLD_SIZE`` > 1 and none is running (backend ``nccl`` for a CUDA ``device``, with this
-    rank's GPU ``cuda:LOCAL_RANK`` made current; ``gloo`` otherwise) and destroys it on the way out. A single
-    process, or a group someone else started (a test, an outer command), is used as it is. Nested use is a no-op.
+    rank's GPU ``cuda:LOCAL_RANK`` made current; ``gloo`` otherwise; timeout :func:`dist_timeout`) and destroys it
+    on the way out. A single process, or a group someone else started (a test, an outer command), is used as it
+    is. Nested use is a no-op.
 
     Raises:
+        ConfigError: a bad ``ATTNLAB_DIST_TIMEOUT``, or a CUDA ``device`` this rank cannot take (:func:`rank_device`).
         DistributedError: the group cannot start (a missing ``MASTER_ADDR``, an unreachable rendezvous).
     """
     import torch.distributed as dist
@@ -110,10 +143,11 @@ def distributed(device: str | torch.device = "cpu") -> Iterator[World]:
     if not dist.is_available():
         raise DistributedError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
     cuda = torch.device(device).type == "cuda"
+    timeout = dist_timeout()
     if cuda:
-        torch.cuda.set_device(_env_int("LOCAL_RANK", 0))
+        torch.cuda.set_device(torch.device(rank_device(str(device))))
     try:
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
     except (RuntimeError, ValueError) as error:
         raise DistributedError(f"rank {_env_int('RANK', 0)}: cannot start the process group: "
                                f"{_first_line(error)}") from None
@@ -124,12 +158,28 @@ def distributed(device: str | torch.device = "cpu") -> Iterator[World]:
 
 
 def rank_device(device: str) -> str:
-    """The device this rank computes on: a bare ``"cuda"`` becomes ``cuda:LOCAL_RANK`` when several processes run
-    (one GPU each); anything else is returned as given."""
+    """The device this rank computes on: under several processes a bare ``"cuda"`` becomes ``cuda:LOCAL_RANK``
+    (one GPU each); anything else (and everything in one process) is returned as given.
+
+    Raises:
+        ConfigError: under several processes, an explicit ``cuda:K`` (every rank would use GPU K), or a
+            ``LOCAL_RANK`` with no GPU of that number on this machine.
+    """
     current = world()
-    if device == "cuda" and current.active:
-        return f"cuda:{current.local_rank}"
-    return device
+    try:
+        kind = torch.device(device)
+    except (RuntimeError, ValueError):
+        return device  # not a device name: the loader says so
+    if not current.active or kind.type != "cuda":
+        return device
+    if kind.index is not None:
+        raise ConfigError(f"--device {device} under {current.size} processes would put every rank on GPU "
+                          f"{kind.index}; pass --device cuda (each rank takes cuda:LOCAL_RANK)")
+    count = torch.cuda.device_count()
+    if current.local_rank >= count:
+        raise ConfigError(f"{current.label()} needs cuda:{current.local_rank} (LOCAL_RANK {current.local_rank}) "
+                          f"but this machine has {count} GPU(s); start at most {count} processes per machine")
+    return f"cuda:{current.local_rank}"
 
 
 def shard_range(count: int, current: World | None = None) -> range:
@@ -155,17 +205,63 @@ def _peer_error(error: BaseException) -> str:
     return text.split(". ", 1)[0].rstrip(".")
 
 
+_PEER_SIGNS = re.compile(r"connection (?:reset|closed|refused)|broken pipe|timed out|remote process exited|"
+                         r"communicator was aborted|socket closed|end of file|no route to host", re.IGNORECASE)
+_LOCAL_SIGNS = re.compile(r"invalid usage|invalid argument|out of memory", re.IGNORECASE)
+
+
+def _is_peer_failure(error: BaseException) -> bool:
+    """True for a transport failure (another rank died, hung or cut the connection): a ``ConnectionError``, a
+    ``torch.distributed.DistError`` (backend, network, store) that is not a local NCCL usage or memory error, or
+    a message with a gloo/NCCL peer signature (``Connection reset by peer``, ``Timed out``, ``remote process
+    exited``)."""
+    import torch.distributed as dist
+
+    text = str(error)
+    if isinstance(error, ConnectionError):
+        return True
+    dist_error = getattr(dist, "DistError", None)
+    if dist_error is not None and isinstance(error, dist_error) and not _LOCAL_SIGNS.search(text):
+        return True
+    return bool(_PEER_SIGNS.search(text))
+
+
 def collective(what: str, call: Callable[[], T]) -> T:
-    """Run one collective call; a failure (another rank died or timed out) becomes a one-line
-    :class:`DistributedError` that names this rank and ``what`` was being exchanged."""
+    """Run one collective call (or a call that contains one, such as DDP's ``backward``).
+
+    Raises:
+        DistributedError: a transport failure (:func:`_is_peer_failure`) becomes ``rank 0/2: another rank failed
+            during WHAT (<the backend's line>); no results were written``; any other ``RuntimeError`` (a CUDA
+            out-of-memory, an autograd error, an NCCL usage error) becomes ``rank 0/2: WHAT failed: <its first
+            line>``, chained to it. attnlab's own errors pass unchanged.
+    """
     try:
         return call()
     except (RuntimeError, ConnectionError) as error:
         if isinstance(error, DistributedError):
             raise
         current = world()
-        raise DistributedError(f"{current.label()}: another rank failed during {what} "
-                               f"({_peer_error(error)}); no results were written") from None
+        if _is_peer_failure(error):
+            raise DistributedError(f"{current.label()}: another rank failed during {what} "
+                                   f"({_peer_error(error)}); no results were written") from None
+        raise DistributedError(f"{current.label()}: {what} failed: {_first_line(error)}") from error
+
+
+def _group_running(what: str) -> bool:
+    """True when a process group of several ranks runs; False for one process.
+
+    Raises:
+        DistributedError: ``WORLD_SIZE`` > 1 but no process group runs (the results would be this rank's alone).
+    """
+    import torch.distributed as dist
+
+    current = world()
+    if not current.active:
+        return False
+    if dist.is_available() and dist.is_initialized():
+        return True
+    raise DistributedError(f"{current.label()}: {what} needs the process group, but WORLD_SIZE > 1 and none runs; "
+                           "run the work inside attnlab.distributed.distributed()")
 
 
 def _comm_device() -> torch.device:
@@ -178,37 +274,71 @@ def _comm_device() -> torch.device:
 
 def all_sum(values: Tensor | list[float], what: str = "a sum") -> Tensor:
     """The elementwise sum of ``values`` over all ranks (float64, on the CPU); ``values`` itself when one process
-    runs. Every rank must call it with the same shape."""
+    runs. Every rank must call it with the same shape.
+
+    Raises:
+        DistributedError: a peer failed (:func:`collective`), or several processes but no group (:func:`distributed`).
+    """
     import torch.distributed as dist
 
     tensor = torch.as_tensor(values, dtype=torch.float64).detach().clone()
-    if not world().active or not dist.is_initialized():
+    if not _group_running(what):
         return tensor.cpu()
     moved = tensor.to(_comm_device())
     collective(what, lambda: dist.all_reduce(moved, op=dist.ReduceOp.SUM))
     return moved.cpu()
 
 
+def _padded(data: bytes, what: str) -> tuple[list[int], Tensor]:
+    """Every rank's payload length (rank order) and this rank's ``data`` as a uint8 tensor padded to the longest."""
+    import torch.distributed as dist
+
+    device = _comm_device()
+    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(world().size)]
+    collective(what, lambda: dist.all_gather(sizes, size))
+    lengths = [int(s.item()) for s in sizes]
+    mine = torch.zeros(max(lengths), dtype=torch.uint8, device=device)
+    if data:
+        mine[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+    return lengths, mine
+
+
 def all_gather_bytes(data: bytes, what: str = "results") -> list[bytes]:
     """Every rank's ``data``, in rank order, on every rank (``[data]`` when one process runs).
 
-    Sizes may differ: the lengths are exchanged first, then the payloads padded to the longest."""
+    Sizes may differ: the lengths are exchanged first, then the payloads padded to the longest. Memory per rank
+    is ``size × longest``: use :func:`gather_to_main` when only rank 0 needs them."""
     import torch.distributed as dist
 
-    current = world()
-    if not current.active or not dist.is_initialized():
+    if not _group_running(what):
         return [data]
-    device = _comm_device()
-    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
-    sizes = [torch.zeros_like(size) for _ in range(current.size)]
-    collective(what, lambda: dist.all_gather(sizes, size))
-    longest = max(int(s.item()) for s in sizes)
-    mine = torch.zeros(longest, dtype=torch.uint8, device=device)
-    if data:
-        mine[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
-    gathered = [torch.zeros_like(mine) for _ in range(current.size)]
+    lengths, mine = _padded(data, what)
+    gathered = [torch.zeros_like(mine) for _ in lengths]
     collective(what, lambda: dist.all_gather(gathered, mine))
-    return [bytes(t[:int(s.item())].cpu().numpy().tobytes()) for t, s in zip(gathered, sizes)]
+    return [bytes(t[:n].cpu().numpy().tobytes()) for t, n in zip(gathered, lengths)]
+
+
+def gather_to_main(data: bytes, what: str = "results") -> list[bytes] | None:
+    """Every rank's ``data`` in rank order on rank 0 (``None`` on the other ranks); ``[data]`` in one process.
+
+    The lengths are exchanged, then one ``dist.gather`` of the padded payloads to rank 0 (gloo and NCCL): only rank
+    0 holds ``size × longest`` bytes.
+
+    Raises:
+        DistributedError: a peer failed (:func:`collective`), or several processes but no group.
+    """
+    import torch.distributed as dist
+
+    if not _group_running(what):
+        return [data]
+    lengths, mine = _padded(data, what)
+    main = world().is_main
+    gathered = [torch.zeros_like(mine) for _ in lengths] if main else None
+    collective(what, lambda: dist.gather(mine, gather_list=gathered, dst=0))
+    if gathered is None:
+        return None
+    return [bytes(t[:n].cpu().numpy().tobytes()) for t, n in zip(gathered, lengths)]
 
 
 def all_gather_json(value: Any, what: str = "results") -> list[Any]:
@@ -217,16 +347,104 @@ def all_gather_json(value: Any, what: str = "results") -> list[Any]:
 
 
 def broadcast_json(value: Any, what: str = "settings") -> Any:
-    """Rank 0's JSON-serialisable ``value`` on every rank (other ranks' ``value`` is ignored)."""
-    return all_gather_json(value if world().is_main else None, what)[0]
+    """Rank 0's JSON-serialisable ``value`` on every rank (other ranks' ``value`` is ignored): its length, then its
+    bytes, by ``dist.broadcast``. One process gets ``value`` back through JSON (tuples become lists)."""
+    import torch.distributed as dist
+
+    data = json.dumps(value).encode() if world().is_main else b""
+    if not _group_running(what):
+        return json.loads(data)
+    device = _comm_device()
+    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    collective(what, lambda: dist.broadcast(size, src=0))
+    payload = torch.zeros(int(size.item()), dtype=torch.uint8, device=device)
+    if data:
+        payload[:] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+    collective(what, lambda: dist.broadcast(payload, src=0))
+    return json.loads(bytes(payload.cpu().numpy().tobytes()))
 
 
 def barrier(what: str = "a barrier") -> None:
-    """Wait until every rank gets here (nothing when one process runs)."""
+    """Wait until every rank gets here (nothing when one process runs).
+
+    Raises:
+        DistributedError: a peer failed, or several processes but no group.
+    """
     import torch.distributed as dist
 
-    if world().active and dist.is_initialized():
+    if _group_running(what):
         collective(what, dist.barrier)
+
+
+def _outcome(error: BaseException) -> dict[str, Any]:
+    """What a rank tells the others about its failure: its rank (the failing rank's, for an already agreed
+    error), whether it is a usage error, and its one-line message."""
+    if getattr(error, "agreed", False):
+        return {"rank": error.failed_rank, "usage": isinstance(error, UsageError),  # type: ignore[attr-defined]
+                "message": error.detail}  # type: ignore[attr-defined]
+    return {"rank": world().rank, "usage": isinstance(error, UsageError), "message": _first_line(error)}
+
+
+def _raise_agreed(outcomes: list[dict[str, Any] | None], local: BaseException | None) -> None:
+    """Raise on every rank the first failing rank's outcome (lowest rank) as an agreed error; nothing if none
+    failed. Usage errors stay usage errors (exit 2), the rest become :class:`AgreedDistributedError` (exit 1)."""
+    failed = [outcome for outcome in outcomes if outcome is not None]
+    if not failed:
+        return
+    first = min(failed, key=lambda outcome: outcome["rank"])
+    label = f"rank {first['rank']}/{len(outcomes)}: "
+    detail = first["message"][len(label):] if first["message"].startswith(label) else first["message"]
+    kind = AgreedUsageError if first["usage"] else AgreedDistributedError
+    agreed = kind(label + detail)
+    agreed.failed_rank, agreed.detail = first["rank"], detail  # type: ignore[attr-defined]
+    if local is not None:
+        raise agreed from local
+    raise agreed
+
+
+def agree(what: str, work: Callable[[], T]) -> T:
+    """``work()`` on every rank, then one exchange of the outcomes: if any rank raised, every rank raises.
+
+    One process: ``work()`` as it is (its exceptions unchanged). Several: each rank runs ``work()`` (catching
+    ``Exception`` only: Ctrl-C and ``SystemExit`` pass through), then one :func:`all_gather_json` of
+    ``{"rank", "usage", "message"}`` (or ``None``). When a rank failed, every rank raises the *first* failing
+    rank's message as ``rank R/N: <its first line>``: an :class:`attnlab.errors.AgreedUsageError` (exit 2) when it
+    was a usage error, else an :class:`attnlab.errors.AgreedDistributedError` (exit 1); both have ``agreed =
+    True`` (the CLI prints them on rank 0 only), and the failing rank chains its own exception (``from``).
+
+        out_dir = agree("checking --out", lambda: check_out_dir(out, force=force))
+
+    Raises:
+        AgreedUsageError, AgreedDistributedError: as above.
+        DistributedError: the exchange itself failed (a peer died: :func:`collective`).
+    """
+    if not world().active:
+        return work()
+    _group_running(what)
+    try:
+        result, error = work(), None
+    except Exception as caught:  # noqa: BLE001 - every failure is told to the other ranks, then raised
+        result, error = None, caught
+    _raise_agreed(all_gather_json(_outcome(error) if error is not None else None, what), error)
+    return result  # type: ignore[return-value]
+
+
+def sync_step(done: float, error: BaseException | None = None, what: str = "the progress count") -> float:
+    """The per-step exchange: the sum of ``done`` over all ranks, and any rank's error raised on every rank.
+
+    Call it once per step on every rank (the same number of steps everywhere), passing the exception this rank's
+    step raised, if any. One process: returns ``done``, or raises ``error`` itself. Several: one
+    :func:`all_gather_json` of ``{"done", "error"}``; if any rank passed an error, every rank (that one included)
+    raises as :func:`agree` does; else the sum over ranks (in rank order, so the same float everywhere).
+    """
+    if not world().active:
+        if error is not None:
+            raise error
+        return float(done)
+    sent = {"done": float(done), "error": _outcome(error) if error is not None else None}
+    received = all_gather_json(sent, what)
+    _raise_agreed([part["error"] for part in received], error)
+    return float(sum(part["done"] for part in received))
 
 
 def encode_state(tensors: dict[str, Tensor], meta: dict[str, Any] | None = None) -> bytes:
@@ -254,14 +472,15 @@ def decode_state(data: bytes) -> tuple[dict[str, Tensor], dict[str, Any]]:
 
 
 def write_state_file(path: str | os.PathLike[str], tensors: dict[str, Tensor], meta: dict[str, Any]) -> Path:
-    """Write an :func:`encode_state` payload to ``path`` atomically (a temp file beside it, then a rename): a
-    reader sees the whole file or none."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    temp.write_bytes(encode_state(tensors, meta))
-    os.replace(temp, target)
-    return target
+    """Write an :func:`encode_state` payload to ``path`` atomically (:func:`attnlab.io_utils.atomic_write_bytes`:
+    a temp file beside it, fsync, rename): a reader sees the old file or the whole new one, never a part.
+
+    Raises:
+        ConfigError: the folder cannot be created or written.
+    """
+    from attnlab.io_utils import atomic_write_bytes
+
+    return atomic_write_bytes(path, encode_state(tensors, meta))
 
 
 def read_state_file(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -281,11 +500,25 @@ FAIL_ENV = "ATTNLAB_TEST_KILL_RANK"
 clean-up: as if it were killed) once ``AFTER`` units of work are done (:func:`fail_point`)."""
 
 
+@functools.lru_cache(maxsize=8)
+def _fail_spec(spec: str) -> tuple[int, int]:
+    """``(rank, after)`` from a :data:`FAIL_ENV` value (parsed once per value); ConfigError if malformed."""
+    rank, sep, after = spec.partition(":")
+    try:
+        return int(rank), int(after) if sep else 0
+    except ValueError:
+        raise ConfigError(f"{FAIL_ENV} must be RANK:AFTER (two integers, e.g. 1:3), got {spec!r}") from None
+
+
 def fail_point(done: int) -> None:
-    """Die here if :data:`FAIL_ENV` names this rank and ``done`` units of work are complete (tests only)."""
+    """Die here if :data:`FAIL_ENV` names this rank and ``done`` units of work are complete (tests only).
+
+    Raises:
+        ConfigError: :data:`FAIL_ENV` is set but not ``RANK:AFTER``.
+    """
     spec = os.environ.get(FAIL_ENV)
     if not spec:
         return
-    rank, _, after = spec.partition(":")
-    if int(rank) == world().rank and done >= int(after or 0):
+    rank, after = _fail_spec(spec)
+    if rank == world().rank and done >= after:
         os._exit(17)

@@ -53,3 +53,19 @@ class TrainingDivergedError(AttnlabError, RuntimeError):
 
 class DistributedError(AttnlabError, RuntimeError):
     """A multi-process run failed: another rank died or timed out, or the process group could not start (exit 1)."""
+
+
+class AgreedUsageError(UsageError, ValueError):
+    """A usage error one rank of a multi-process run raised, made known to every rank
+    (:func:`attnlab.distributed.agree`): every rank raises it (exit 2), its message names the failing rank, and
+    the CLI prints it on rank 0 only (``agreed`` is True)."""
+
+    agreed = True
+
+
+class AgreedDistributedError(DistributedError):
+    """A runtime error one rank of a multi-process run raised, made known to every rank
+    (:func:`attnlab.distributed.agree`): every rank raises it (exit 1), its message names the failing rank, and
+    the CLI prints it on rank 0 only (``agreed`` is True)."""
+
+    agreed = True

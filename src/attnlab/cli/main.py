@@ -24,6 +24,7 @@ from attnlab.cli.options import FLAG, Debug, run_guarded, stderr
 from attnlab.cli.probe_cmd import make_probe_command, probe
 from attnlab.cli.protocol_cmd import PROTOCOL_COMMANDS
 from attnlab.cli.train_cmd import sweep_command, train_command
+from attnlab.errors import ConfigError
 
 EPILOG = """Quick start:
 
@@ -53,13 +54,40 @@ class Command(typer.core.TyperCommand):
         return _plain_help_flag(super().get_help_option(ctx))
 
 
+DISTRIBUTED_COMMANDS = ("report", "probe", "eval", "train", "sweep", "ls", "models")
+"""The top-level commands that may run under ``torchrun`` with several processes (the first five share their
+work; ``ls`` and ``models`` only read or fetch). Every other command is refused there (:func:`refuse_launch`)."""
+
+
+def refuse_launch(name: str | None) -> None:
+    """Exit 2 with one line when a launcher started several processes (``WORLD_SIZE`` > 1) for a command that runs
+    in one process only (every rank would do the whole job and write the same files)."""
+
+    def body() -> None:
+        from attnlab.distributed import launched, world
+
+        if name is not None and name not in DISTRIBUTED_COMMANDS and launched():
+            raise ConfigError(f"attnlab {name} runs in one process, but torchrun started {world().size}; "
+                              f"commands that run on several processes: {', '.join(DISTRIBUTED_COMMANDS[:5])} "
+                              f"(and {', '.join(DISTRIBUTED_COMMANDS[5:])})")
+
+    run_guarded(body, False)
+
+
 class Group(typer.core.TyperGroup):
     """A command group whose ``--help`` renders as a plain flag; the top group notes each command's start (the
-    ``done in`` line counts from it)."""
+    ``done in`` line counts from it) and refuses, under several processes, a command that runs in one
+    (:func:`refuse_launch`)."""
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         options.start_command()
         return super().main(*args, **kwargs)
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        name, command, rest = super().resolve_command(ctx, args)
+        if ctx.parent is None:
+            refuse_launch(name)
+        return name, command, rest
 
     def get_help_option(self, ctx: Any) -> Any:
         return _plain_help_flag(super().get_help_option(ctx))

@@ -222,9 +222,11 @@ def as_flags(error: UsageError, names: Iterable[str]) -> UsageError:
 def run_guarded(body: Callable[[], None], debug: bool) -> None:
     """Run a command body; map errors to exit codes (2 usage, 1 runtime) with one line on stderr.
 
-    Under several processes (``torchrun``) every rank exits with the code, but a usage error (raised the same on
-    every rank) is printed by rank 0 only, and a runtime error by the rank that has it, prefixed with its
-    :meth:`attnlab.distributed.World.label` (``error: rank 1/2: ...``) unless the message already names it."""
+    Under several processes (``torchrun``) every rank exits with the code. An error the ranks agreed on
+    (:func:`attnlab.distributed.agree`: ``agreed`` is True, its message already names the failing rank) is printed
+    by rank 0 only; any other error is printed by the rank that has it, prefixed with its
+    :meth:`attnlab.distributed.World.label` (``error: rank 1/2: ...``) unless the message already starts with
+    ``rank ``."""
     try:
         body()
     except typer.Exit:  # a RuntimeError subclass in click: the body has already said why
@@ -247,15 +249,14 @@ def _rank_prefix() -> str:
 
 
 def _fail(error: BaseException, debug: bool, code: int) -> None:
+    """Print ``error`` as one ``error: ...`` line (see :func:`run_guarded` for which rank prints it) and exit."""
     from attnlab.distributed import world
 
-    if code == 2 and not world().is_main:  # every rank raised the same usage error: rank 0 says it
+    if getattr(error, "agreed", False) and not world().is_main:  # every rank raised it: rank 0 says it
         raise typer.Exit(code)
     if debug:
         traceback.print_exception(error, file=sys.stderr)
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    prefix = _rank_prefix() if code != 2 else ""
-    if prefix and message.startswith(prefix):
-        prefix = ""
+    prefix = "" if message.startswith("rank ") else _rank_prefix()
     stderr.print(f"error: {prefix}{message}", markup=False, highlight=False)
     raise typer.Exit(code)
