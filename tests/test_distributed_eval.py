@@ -9,11 +9,7 @@ the torchrun tests compare values within 1e-6 relative.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -31,8 +27,8 @@ from attnlab.evaluation.lm_tasks import (WindowPart, decode_windows, encode_wind
                                          score_windows)
 from attnlab.evaluation.runner import evaluate_variants, global_done
 from cli.helpers import tiny_model_and_text
+from torchrun_helpers import run_attnlab
 
-SRC = Path(__file__).resolve().parents[1] / "src"
 REL = 1e-6  # between processes: the model's kernels (thread count); the merges themselves are exact
 LINES = [
     {"context": "the cat sat on", "choices": [" a mat", " the dog", " it"], "answer": 0},
@@ -175,15 +171,6 @@ def test_search_is_refused_and_no_shard_runs_without_a_group_under_several_proce
 
 # --- torchrun: 2 processes vs the same command in 1 -------------------------------------------------------------
 
-def _attnlab(args: list[str], processes: int, env_extra: dict[str, str] | None = None):
-    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)] \
-        if processes > 1 else []
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
-    return subprocess.run([sys.executable, *launcher, "-m", "attnlab", *args], env=env, capture_output=True,
-                          text=True, timeout=120)
-
-
 def _eval_args(tmp_path, *extra: str) -> list[str]:
     model, text = tiny_model_and_text(tmp_path, stride=7)
     return ["eval", "--model", str(model), "--text", str(text), "--seq-len", "16", "--task", "perplexity",
@@ -215,8 +202,8 @@ def _assert_same_results(one_dir, two_dir):
 def test_two_processes_give_the_one_process_results_on_uneven_shards(tmp_path):
     args = _eval_args(tmp_path, "--max-windows", "5", "--choice-batch-size", "2", "--task", "passkey",
                       "--passkey-lengths", "64", "--passkey-depths", "0,0.5,1", "--passkey-trials", "1")
-    one = _attnlab([*args, "--out", str(tmp_path / "one")], 1)
-    two = _attnlab([*args, "--out", str(tmp_path / "two")], 2)
+    one = run_attnlab([*args, "--out", str(tmp_path / "one")], 1)
+    two = run_attnlab([*args, "--out", str(tmp_path / "two")], 2)
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
     runs = _assert_same_results(tmp_path / "one", tmp_path / "two")
     assert runs[1]["num_windows"] == 5 and len(runs[1]["variants"][1]["passkey"]["trials"]) == 3
@@ -231,8 +218,8 @@ def test_two_processes_give_the_one_process_results_on_uneven_shards(tmp_path):
 def test_an_idle_rank_neither_hangs_nor_fails_an_edit_that_fired_elsewhere(tmp_path):
     # one window and one choice item on 2 ranks: rank 1 scores nothing; its edit fired only on rank 0
     args = _eval_args(tmp_path, "--max-windows", "1", "--choice-items", "1")
-    one = _attnlab([*args, "--out", str(tmp_path / "one")], 1)
-    two = _attnlab([*args, "--out", str(tmp_path / "two")], 2)
+    one = run_attnlab([*args, "--out", str(tmp_path / "one")], 1)
+    two = run_attnlab([*args, "--out", str(tmp_path / "two")], 2)
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
     runs = _assert_same_results(tmp_path / "one", tmp_path / "two")
     assert runs[1]["variants"][1]["edit_report"][0]["calls_touched"] > 0
@@ -241,7 +228,7 @@ def test_an_idle_rank_neither_hangs_nor_fails_an_edit_that_fired_elsewhere(tmp_p
 @pytest.mark.distributed
 def test_a_rank_that_dies_fails_the_run_and_nothing_is_written(tmp_path):
     args = _eval_args(tmp_path, "--max-windows", "5")
-    two = _attnlab([*args, "--out", str(tmp_path / "two")], 2, {"ATTNLAB_TEST_KILL_RANK": "1:2"})
+    two = run_attnlab([*args, "--out", str(tmp_path / "two")], 2, env={"ATTNLAB_TEST_KILL_RANK": "1:2"})
     assert two.returncode != 0 and not (tmp_path / "two").exists()
     # torchrun's summary names the dead rank and its exit code (os._exit(17) of fail_point), deterministically
     assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)\s+exitcode\s*:\s*17", two.stderr), two.stderr[-3000:]
