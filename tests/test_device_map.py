@@ -9,7 +9,10 @@ with a tensor subclass (:class:`Elsewhere`) that fails whenever a probe adds it 
 
 from __future__ import annotations
 
+import gc
 import json
+import tempfile
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -60,6 +63,18 @@ def test_device_map_settings_parse(tmp_path):
     assert config.load.device_map == str(path) and RunConfig.from_dict(config.to_dict()) == config
 
 
+def test_a_map_file_is_read_when_the_model_loads_an_inline_map_at_once(tmp_path):
+    """A config may be built where the map file is absent (another node); the file is read once, at load."""
+    missing = str(tmp_path / "elsewhere.json")
+    assert ModelSpec(device_map=missing).device_map == missing
+    with pytest.raises(ConfigError, match="no such file"):
+        load_model(tmp_path / "no-model", device_map=missing)  # the map is checked before the model is looked for
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        ModelSpec(device_map="{nope")
+    with pytest.raises(ConfigError, match="'model' -> 'gpu'"):
+        RunConfig(device_map='{"model": "gpu"}')
+
+
 def test_a_map_must_name_modules_the_model_has_and_cover_every_weight(tiny):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -72,9 +87,11 @@ def test_a_map_must_name_modules_the_model_has_and_cover_every_weight(tiny):
         check_map_modules(empty, {"model.layers.1": "disk", "": "cpu"})
     with pytest.raises(UsageError, match="places no device for lm_head.weight"):
         check_map_modules(empty, {k: v for k, v in OFFLOADED.items() if k != "lm_head"})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_a_map_naming_a_gpu_is_refused_without_cuda(tiny):
     with pytest.raises(ConfigError, match="CUDA is not available"):
-        if torch.cuda.is_available():
-            pytest.skip("a GPU is present")
         load_model(tiny[0], device_map={"": 0})
 
 
@@ -93,10 +110,47 @@ def test_offloaded_load_gives_the_plain_logits(tiny, tmp_path):
         assert torch.equal(mapped.model(ids).logits, plain.model(ids).logits)
 
 
-def test_auto_map_on_a_cpu_machine_records_one_device(tiny):
+def test_auto_map_records_the_one_device_it_resolved_to_and_makes_no_offload_folder(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where a temporary offload folder would be made
+    monkeypatch.delenv("ATTNLAB_OFFLOAD_DIR", raising=False)
     loaded = load_model(tiny[0], device_map="auto")
-    expected = "cuda:0" if torch.cuda.is_available() else "cpu"
-    assert loaded.device_map is not None and set(map(str, loaded.device_map.values())) <= {expected, "0", "cpu"}
+    assert loaded.device_map == ({"": 0} if torch.cuda.is_available() else {"": "cpu"})  # the tiny model fits
+    assert list(tmp_path.iterdir()) == []  # no "disk" weights: no folder
+
+
+def test_a_temporary_offload_folder_exists_only_for_disk_weights_and_goes_with_the_model(tiny, tmp_path,
+                                                                                          monkeypatch):
+    from tiny_models import tiny_llama
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.delenv("ATTNLAB_OFFLOAD_DIR", raising=False)
+    in_memory = {key: "cpu" if value == "disk" else value for key, value in OFFLOADED.items()}
+    loaded = load_model(tiny[0], device_map=in_memory)
+    assert list(tmp_path.iterdir()) == [] and loaded.device_map == in_memory
+    for place in (lambda: load_model(tiny[0], device_map=OFFLOADED).model,  # from_pretrained (transformers makes it)
+                  lambda: dispatch(tiny_llama(layers=LAYERS), OFFLOADED)):  # in memory (dispatch_model writes it)
+        model = place()
+        folders = list(tmp_path.glob("attnlab-offload-*"))
+        assert len(folders) == 1 and folders[0].is_dir()
+        del model
+        gc.collect()
+        assert not folders[0].exists()  # removed with its model, not at exit
+
+
+@pytest.mark.parametrize("execution, expected", [(torch.device("meta"), torch.device("meta")),
+                                                 (1, torch.device("cuda", 1)), ("cuda:1", torch.device("cuda", 1))])
+def test_input_device_follows_the_hook_not_the_weights(execution, expected):
+    """Under a map, accelerate's hook on the embeddings says where inputs go, whatever device their weights are on
+    (CPU here): the hook wins, and its int or string device is read as a torch device."""
+    from tiny_models import tiny_llama
+
+    model = tiny_llama()
+    assert input_device(model) == torch.device("cpu")  # no hook: the weights' device
+    model.get_input_embeddings()._hf_hook = SimpleNamespace(execution_device=execution)
+    assert input_device(model) == expected
+    del model.get_input_embeddings()._hf_hook
+    model._hf_hook = SimpleNamespace(execution_device=execution)  # a hook on the whole model only
+    assert input_device(model) == expected
 
 
 def test_a_model_in_memory_is_dispatched_with_disk_offload(tmp_path):

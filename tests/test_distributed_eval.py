@@ -9,11 +9,7 @@ the torchrun tests compare values within 1e-6 relative.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -31,8 +27,8 @@ from attnlab.evaluation.lm_tasks import (WindowPart, decode_windows, encode_wind
                                          score_windows)
 from attnlab.evaluation.runner import evaluate_variants, global_done
 from cli.helpers import tiny_model_and_text
+from torchrun_helpers import run_attnlab
 
-SRC = Path(__file__).resolve().parents[1] / "src"
 REL = 1e-6  # between processes: the model's kernels (thread count); the merges themselves are exact
 LINES = [
     {"context": "the cat sat on", "choices": [" a mat", " the dog", " it"], "answer": 0},
@@ -79,6 +75,16 @@ def test_windows_split_over_ranks_replay_to_the_whole_run_exactly(tmp_path, size
     assert merged.windows == whole.windows and [w["index"] for w in merged.windows] == list(range(5))
 
 
+def test_a_window_scored_twice_or_by_nobody_is_an_internal_error(tmp_path):
+    parts = _window_parts(tiny_llama(seed=1), tiny_tokenizer(), tmp_path)
+    overlapping = [parts[i] for i in [*range(0, 3), *range(2, 5)]]  # shards [0, 3) and [2, 5): window 2 twice
+    with pytest.raises(DistributedError, match=r"^window 2 was scored twice or out of order"):
+        replay_windows(16, overlapping)
+    with pytest.raises(DistributedError, match=r"^the scored windows are \[0, 1, 3, 4\] but \[0, 1, 2, 3, 4\]"):
+        replay_windows(16, [parts[i] for i in (0, 1, 3, 4)], expected=range(5))
+    assert replay_windows(16, parts, expected=range(5)).count == replay_windows(16, parts).count
+
+
 @pytest.mark.parametrize("size", [1, 2, 3, 5])
 def test_choice_batches_split_over_ranks_assemble_to_score_choices_exactly(tmp_path, size):
     model, tokenizer = tiny_llama(seed=2), tiny_tokenizer()
@@ -93,8 +99,21 @@ def test_choice_batches_split_over_ranks_assemble_to_score_choices_exactly(tmp_p
     assert merged == whole  # logliks, token counts, greedy flags, answers: equal, not close
     for norm in ("none", "token", "char"):
         assert merged.correct(norm) == whole.correct(norm) and merged.interval(norm) == whole.interval(norm)
-    with pytest.raises(ConfigError, match="pairs have no score"):
+    with pytest.raises(DistributedError, match="1 \\(item, choice\\) pairs have no score"):  # exit 1: not a usage error
         assemble_choice_scores(items, entries[:-1])
+    i, j = entries[0][:2]
+    with pytest.raises(DistributedError, match=rf"^\(item {i}, choice {j}\) was scored twice"):  # overlapping shards
+        assemble_choice_scores(items, entries + entries[:1])
+
+
+def test_choice_batches_are_checked(tmp_path):
+    model, tokenizer = tiny_llama(seed=2), tiny_tokenizer()
+    items = load_choice_items(_task_file(tmp_path))
+    count = plan_choices(tokenizer, items).num_batches(2)
+    for bad, shown in [([count], count), ([0, 1, 0], 0), ([-1], -1), (["0"], "'0'"), ([True], True)]:
+        with pytest.raises(ConfigError, match=rf"^batches must be in 0\.\.{count - 1} without repeats, got {shown}$"):
+            score_choice_batches(model, tokenizer, items, batch_size=2, batches=bad)
+    assert score_choice_batches(model, tokenizer, items, batch_size=2, batches=[]) == []
 
 
 def test_edit_records_of_split_sessions_combine_to_the_whole_session(tmp_path):
@@ -117,8 +136,20 @@ def test_edit_records_of_split_sessions_combine_to_the_whole_session(tmp_path):
     with pytest.raises(EditNotFiredError, match="never fired: temperature"):  # no rank fired it: every rank raises
         with Session(model, edits=edits) as nobody:
             nobody.edit_log.combine([nobody.edit_log.record_states()] * 2)
-    with pytest.raises(ConfigError, match="1 entries but the session has 2 edits"):
+    with pytest.raises(DistributedError, match="1 entries but the session has 2 edits"):  # an internal error: exit 1
         idle.edit_log.combine([states[0][:1]])
+
+
+def test_an_edit_record_round_trips_through_json_and_merges():
+    from attnlab.edits.apply import EditRecord
+
+    one = EditRecord(calls_touched=3, heads_touched={(0, 1), (1, 0)}, max_change=0.25, forward_passes_touched=2)
+    two = EditRecord(calls_touched=1, heads_touched={(1, 0), (2, 3)}, max_change=0.5, forward_passes_touched=1)
+    for record in (one, two, EditRecord()):  # every field set: a field to_json forgot would fail from_json
+        assert EditRecord.from_json(json.loads(json.dumps(record.to_json()))) == record
+    assert one.merge(two) == EditRecord(4, {(0, 1), (1, 0), (2, 3)}, 0.5, 3) == two.merge(one)
+    with pytest.raises(DistributedError, match="expected \\['calls_touched', 'forward_passes_touched'"):
+        EditRecord.from_json({"calls_touched": 1})
 
 
 def test_progress_counts_all_ranks_when_they_keep_pace():
@@ -139,15 +170,6 @@ def test_search_is_refused_and_no_shard_runs_without_a_group_under_several_proce
 
 
 # --- torchrun: 2 processes vs the same command in 1 -------------------------------------------------------------
-
-def _attnlab(args: list[str], processes: int, env_extra: dict[str, str] | None = None):
-    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)] \
-        if processes > 1 else []
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
-    return subprocess.run([sys.executable, *launcher, "-m", "attnlab", *args], env=env, capture_output=True,
-                          text=True, timeout=120)
-
 
 def _eval_args(tmp_path, *extra: str) -> list[str]:
     model, text = tiny_model_and_text(tmp_path, stride=7)
@@ -180,8 +202,8 @@ def _assert_same_results(one_dir, two_dir):
 def test_two_processes_give_the_one_process_results_on_uneven_shards(tmp_path):
     args = _eval_args(tmp_path, "--max-windows", "5", "--choice-batch-size", "2", "--task", "passkey",
                       "--passkey-lengths", "64", "--passkey-depths", "0,0.5,1", "--passkey-trials", "1")
-    one = _attnlab([*args, "--out", str(tmp_path / "one")], 1)
-    two = _attnlab([*args, "--out", str(tmp_path / "two")], 2)
+    one = run_attnlab([*args, "--out", str(tmp_path / "one")], 1)
+    two = run_attnlab([*args, "--out", str(tmp_path / "two")], 2)
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
     runs = _assert_same_results(tmp_path / "one", tmp_path / "two")
     assert runs[1]["num_windows"] == 5 and len(runs[1]["variants"][1]["passkey"]["trials"]) == 3
@@ -196,8 +218,8 @@ def test_two_processes_give_the_one_process_results_on_uneven_shards(tmp_path):
 def test_an_idle_rank_neither_hangs_nor_fails_an_edit_that_fired_elsewhere(tmp_path):
     # one window and one choice item on 2 ranks: rank 1 scores nothing; its edit fired only on rank 0
     args = _eval_args(tmp_path, "--max-windows", "1", "--choice-items", "1")
-    one = _attnlab([*args, "--out", str(tmp_path / "one")], 1)
-    two = _attnlab([*args, "--out", str(tmp_path / "two")], 2)
+    one = run_attnlab([*args, "--out", str(tmp_path / "one")], 1)
+    two = run_attnlab([*args, "--out", str(tmp_path / "two")], 2)
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
     runs = _assert_same_results(tmp_path / "one", tmp_path / "two")
     assert runs[1]["variants"][1]["edit_report"][0]["calls_touched"] > 0
@@ -206,5 +228,12 @@ def test_an_idle_rank_neither_hangs_nor_fails_an_edit_that_fired_elsewhere(tmp_p
 @pytest.mark.distributed
 def test_a_rank_that_dies_fails_the_run_and_nothing_is_written(tmp_path):
     args = _eval_args(tmp_path, "--max-windows", "5")
-    two = _attnlab([*args, "--out", str(tmp_path / "two")], 2, {"ATTNLAB_TEST_KILL_RANK": "1:2"})
+    two = run_attnlab([*args, "--out", str(tmp_path / "two")], 2, env={"ATTNLAB_TEST_KILL_RANK": "1:2"})
     assert two.returncode != 0 and not (tmp_path / "two").exists()
+    # torchrun's summary names the dead rank and its exit code (os._exit(17) of fail_point), deterministically
+    assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)\s+exitcode\s*:\s*17", two.stderr), two.stderr[-3000:]
+    # rank 0 may be stopped by torchrun before it reaches a collective; if it reports, it is one well-formed line
+    errors = [line for line in two.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) <= 1, errors
+    assert all(re.fullmatch(r"error: rank 0/2: another rank failed during .+; no results were written", line)
+               for line in errors), errors

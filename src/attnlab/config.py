@@ -72,7 +72,7 @@ def check_names(name: str, values: Any) -> None:
         raise ConfigError(f"{name} must be a list of names, got {values!r}")
 
 
-def parse_device_map(value: Any) -> str | dict[str, int | str] | None:
+def parse_device_map(value: Any, *, read_file: bool = True) -> str | dict[str, int | str] | None:
     """A ``device_map`` setting (CLI ``--device-map``) → None, a map name, or ``{module name: device}``.
 
     ``value`` is None; one of :data:`DEVICE_MAP_NAMES` (accelerate computes the map from the free memory of every
@@ -80,7 +80,9 @@ def parse_device_map(value: Any) -> str | dict[str, int | str] | None:
     file holding one. A map's keys are module names (``""`` = the whole model, ``"model.layers.3"`` …), its values
     a GPU index (int >= 0) or ``"cuda"``, ``"cuda:N"``, ``"mps"``, ``"cpu"`` (CPU offload) or ``"disk"`` (disk
     offload). Whether the modules exist is checked when the model loads
-    (:func:`attnlab.capture.device_map.check_map_modules`).
+    (:func:`attnlab.capture.device_map.check_map_modules`). With ``read_file=False`` (a config being built, which
+    may be built where the file is absent, e.g. on another node) a path is returned as given, unread; the file is
+    read once, when the model loads.
 
     Raises:
         ConfigError: anything else (an unknown name, a missing file, bad JSON, an empty map, a bad device), one line.
@@ -93,6 +95,8 @@ def parse_device_map(value: Any) -> str | dict[str, int | str] | None:
     if isinstance(value, str):
         text = value.strip()
         if not text.startswith("{"):
+            if not read_file:
+                return value
             if not os.path.isfile(text):
                 raise ConfigError(f"{_MAP_EXPECTED}; got {value!r} (not a map name, and no such file)")
             where = f"device_map file {text}"
@@ -128,7 +132,8 @@ class ModelSpec:
         device_map: place the model's modules across devices with accelerate instead of on ``device`` (CLI
             ``--device-map``): a map name (``auto`` …), a JSON file or inline JSON object, or a mapping, as
             :func:`parse_device_map` reads it (kept as given; results.json's ``model.device_map`` records the map
-            that was used). Needs ``device`` left at ``"cpu"``.
+            that was used). Needs ``device`` left at ``"cpu"``. An inline map is checked here (ConfigError); a
+            map file only when the model loads.
     """
 
     model: str = "smollm2-135m"
@@ -143,7 +148,7 @@ class ModelSpec:
             raise ConfigError(f"tokenizer must be a bundled name, a path or a hub id, got {self.tokenizer!r}")
         if self.dtype not in DTYPE_NAMES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
-        parse_device_map(self.device_map)
+        parse_device_map(self.device_map, read_file=False)  # inline maps now; a map file when the model loads
         check_map_and_device(self.device_map, self.device)
 
 

@@ -10,16 +10,30 @@ are written to the offload folder). Either way accelerate's ``AlignDevicesHook``
 its execution device and loads offloaded weights there on the fly, so a module's parameters may sit on ``meta``:
 ask :func:`input_device` where inputs go, never the first parameter.
 
-The offload folder is ``offload_dir=`` when given, else ``$ATTNLAB_OFFLOAD_DIR``, else a fresh temporary folder
-removed when the process exits (:func:`offload_folder`).
+:class:`Placement` is the whole placement step of :func:`attnlab.capture.loading.load_model`: the map checked
+before anything loads, the keywords ``from_pretrained`` takes, the dispatch of a model already in memory, and the
+map that was used. ``"disk"`` weights go to ``offload_dir=`` when given, else ``$ATTNLAB_OFFLOAD_DIR``, else a
+temporary folder that exists only when the map used has ``"disk"`` weights and that belongs to the model: it is
+removed when the model is garbage-collected or the process exits (``weakref.finalize``), never by a module-level
+list.
+
+Not tested without GPUs. The CPU suite places weights on ``"cpu"`` and ``"disk"`` only, so these paths run on no
+test machine without a GPU: a map that spreads the model over two GPUs (inputs on the embeddings' GPU, logits on
+the last one, ``token_loss_sum``'s ``labels.to(…)``); ``"cpu"`` offload *beside* a GPU (weights on ``meta``, hence
+the gradient refusal of :mod:`attnlab.capture.runner`, which CPU tests reach through ``"disk"`` only); the GPU
+checks of :func:`map_devices` (an index beyond ``torch.cuda.device_count()``, ``cuda:N``; only "CUDA is not
+available" is tested); a map name (``"auto"`` …) that resolves to GPUs or to disk (on a CPU machine it resolves to
+``{"": "cpu"}``); and the branch of :func:`input_device` whose accelerate hook executes on a GPU, which is tested
+with a stub hook (``test_input_device_follows_the_hook_not_the_weights``), not with a real GPU.
 """
 
 from __future__ import annotations
 
-import atexit
 import os
+import secrets
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +42,8 @@ import torch
 from attnlab.config import DEVICE_MAP_NAMES, check_map_and_device, parse_device_map
 from attnlab.errors import ConfigError, UsageError
 
-__all__ = ["check_map_modules", "dispatch", "from_pretrained_placed", "input_device", "map_devices", "offload_folder",
-           "placed", "pretrained_kwargs", "resolved_map"]
+__all__ = ["Placement", "check_map_modules", "dispatch", "input_device", "map_devices", "offload_folder",
+           "resolved_map"]
 
 OFFLOAD_ENV = "ATTNLAB_OFFLOAD_DIR"
 
@@ -104,23 +118,13 @@ def meta_model(cls: Any, config: Any, trust_remote_code: bool = False) -> Any:
         return cls.from_config(config, trust_remote_code=trust_remote_code)
 
 
-_TEMPORARY: list[str] = []
-
-
-def _remove_temporary() -> None:
-    for folder in _TEMPORARY:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def offload_folder(offload_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Where ``"disk"`` weights go: ``offload_dir``, else ``$ATTNLAB_OFFLOAD_DIR``, else a temporary folder that is
-    removed when the process exits. Created if missing; UsageError (one line) if it cannot be."""
+def offload_folder(offload_dir: str | os.PathLike[str] | None = None) -> Path | None:
+    """The folder the user chose for ``"disk"`` weights: ``offload_dir``, else ``$ATTNLAB_OFFLOAD_DIR``; created if
+    missing. None when neither is set (a temporary folder is then made only if a map needs one, see
+    :class:`Placement`). UsageError (one line) if it cannot be created."""
     chosen = offload_dir if offload_dir is not None else os.environ.get(OFFLOAD_ENV) or None
     if chosen is None:
-        if not _TEMPORARY:
-            atexit.register(_remove_temporary)
-        _TEMPORARY.append(tempfile.mkdtemp(prefix="attnlab-offload-"))
-        return Path(_TEMPORARY[-1])
+        return None
     folder = Path(chosen).expanduser()
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -129,39 +133,77 @@ def offload_folder(offload_dir: str | os.PathLike[str] | None = None) -> Path:
     return folder
 
 
-def pretrained_kwargs(device_map: str | dict[str, int | str] | None, offload_dir: Path | None) -> dict[str, Any]:
-    """The ``from_pretrained`` keywords that place a model by ``device_map`` ({} without one)."""
-    if device_map is None:
-        return {}
-    return {"device_map": device_map, "offload_folder": str(offload_dir) if offload_dir is not None else None}
+def _owned_by(model: Any, folder: Path) -> None:
+    """Remove ``folder`` when ``model`` is garbage-collected or the process exits, whichever comes first."""
+    weakref.finalize(model, shutil.rmtree, str(folder), True)
 
 
-def from_pretrained_placed(cls: Any, where: Any, place: dict[str, Any], config: Any = None, **kwargs: Any) -> Any:
-    """``cls.from_pretrained(where, **kwargs)`` placed by ``place`` (:func:`pretrained_kwargs`); an explicit map is
-    first checked against an empty model of the same ``config`` (read from ``where`` when not given)."""
-    if isinstance(place.get("device_map"), dict):
-        from transformers import AutoConfig
+class Placement:
+    """Where :func:`attnlab.capture.loading.load_model` puts a model: on one ``device``, or by a device map.
 
-        options = {key: kwargs[key] for key in ("trust_remote_code", "local_files_only") if key in kwargs}
-        config = config if config is not None else AutoConfig.from_pretrained(where, **options)
-        check_map_modules(meta_model(cls, config, bool(kwargs.get("trust_remote_code"))), place["device_map"])
-    return cls.from_pretrained(where, **kwargs, **place)
+    ``Placement(device_map, device, offload_dir)`` checks the map at once (:func:`map_devices`: ConfigError; a
+    user's offload folder that cannot be created: UsageError), before any weight is read. ``Placement()`` places
+    nothing (the loader moves the model to its device in :meth:`finish`).
 
+    Attributes:
+        device_map: the parsed map (a name or ``{module: device}``), or None: no map.
+        offload_dir: the user's folder for ``"disk"`` weights (:func:`offload_folder`), or None: a temporary one,
+            made only if the map used has ``"disk"`` weights and removed with the model.
+    """
 
-def placed(model: Any, place: dict[str, Any]) -> Any:
-    """A model loaded into memory (CPU), placed by ``place`` (:func:`pretrained_kwargs`; {} = left as it is)."""
-    if not place:
+    def __init__(self, device_map: Any = None, device: Any = "cpu",
+                 offload_dir: str | os.PathLike[str] | None = None) -> None:
+        self.device_map = map_devices(device_map, device)
+        may_use_disk = is_map_name(self.device_map) or (
+            isinstance(self.device_map, dict) and "disk" in self.device_map.values())
+        self.offload_dir = offload_folder(offload_dir) if may_use_disk else None
+
+    def from_pretrained(self, cls: Any, where: Any, config: Any = None, **kwargs: Any) -> Any:
+        """``cls.from_pretrained(where, **kwargs)`` placed by the map (as it is without one). An explicit map is
+        first checked against an empty model of the same ``config`` (read from ``where`` when not given:
+        :func:`check_map_modules`). Without a user's folder, transformers is handed the name of a temporary
+        folder that does not exist yet: it creates it only when the map it resolves has ``"disk"`` weights,
+        and the folder then belongs to the model."""
+        if self.device_map is None:
+            return cls.from_pretrained(where, **kwargs)
+        if isinstance(self.device_map, dict):
+            from transformers import AutoConfig
+
+            options = {key: kwargs[key] for key in ("trust_remote_code", "local_files_only") if key in kwargs}
+            config = config if config is not None else AutoConfig.from_pretrained(where, **options)
+            check_map_modules(meta_model(cls, config, bool(kwargs.get("trust_remote_code"))), self.device_map)
+        pending = self.offload_dir or Path(tempfile.gettempdir()) / f"attnlab-offload-{secrets.token_hex(8)}"
+        try:
+            model = cls.from_pretrained(where, **kwargs, device_map=self.device_map, offload_folder=str(pending))
+        except BaseException:
+            if self.offload_dir is None:
+                shutil.rmtree(pending, ignore_errors=True)
+            raise
+        if self.offload_dir is None and pending.exists():
+            _owned_by(model, pending)
         return model
-    return dispatch(model, place["device_map"], Path(place["offload_folder"] or offload_folder()))
+
+    def dispatch(self, model: Any) -> Any:
+        """A model already in memory (on CPU) placed by the map (:func:`dispatch`); as it is without a map."""
+        return model if self.device_map is None else dispatch(model, self.device_map, self.offload_dir)
+
+    def finish(self, model: Any, device: torch.device) -> dict[str, int | str] | None:
+        """The last step of a load: without a map, move ``model`` to ``device`` and return None; with one, return
+        the map used (:func:`resolved_map`, JSON-ready)."""
+        if self.device_map is None:
+            model.to(device)
+            return None
+        return resolved_map(model, self.device_map)
 
 
-def dispatch(model: Any, device_map: str | dict[str, int | str], offload_dir: Path) -> Any:
+def dispatch(model: Any, device_map: str | dict[str, int | str], offload_dir: Path | None = None) -> Any:
     """Place a model that is already in memory (on CPU) by ``device_map`` with accelerate; returns it.
 
     A map name is resolved by ``infer_auto_device_map`` over the free memory of the GPUs, CPU and disk
     (``get_balanced_memory`` first for every name but ``"sequential"``), never splitting the model's
     ``_no_split_modules``; the model is then dispatched (``dispatch_model``), ``"disk"`` weights written to
-    ``offload_dir``. The map used is left in ``model.hf_device_map`` as ``from_pretrained`` does.
+    ``offload_dir`` (None: a temporary folder, made only when the map has ``"disk"`` weights and removed with the
+    model). The map used is left in ``model.hf_device_map`` as ``from_pretrained`` does.
     """
     from accelerate import dispatch_model, infer_auto_device_map
     from accelerate.utils import get_balanced_memory, get_max_memory
@@ -173,8 +215,11 @@ def dispatch(model: Any, device_map: str | dict[str, int | str], offload_dir: Pa
         device_map = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split)
     else:
         check_map_modules(model, device_map)
+    if "disk" in device_map.values() and offload_dir is None:
+        offload_dir = Path(tempfile.mkdtemp(prefix="attnlab-offload-"))
+        _owned_by(model, offload_dir)
     if len(set(device_map.values())) > 1 or "disk" in device_map.values():
-        dispatch_model(model, device_map=device_map, offload_dir=str(offload_dir))
+        dispatch_model(model, device_map=device_map, offload_dir=str(offload_dir) if offload_dir else None)
     else:
         model.to(_torch_device(next(iter(device_map.values()))))
     model.hf_device_map = dict(device_map)

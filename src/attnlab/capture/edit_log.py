@@ -15,7 +15,7 @@ from torch import Tensor
 
 from attnlab.edits.apply import EditedCall, EditRecord, order_edits
 from attnlab.edits.base import AttentionCall, Edit
-from attnlab.errors import ConfigError, EditNotFiredError
+from attnlab.errors import ConfigError, DistributedError, EditNotFiredError
 from attnlab.facts import ModelFacts
 
 logger = logging.getLogger(__name__)
@@ -96,28 +96,26 @@ class EditLog:
         return edited
 
     def record_states(self) -> list[dict[str, Any]]:
-        """Each edit's record as JSON (composition order): ``calls_touched``, ``heads_touched`` (sorted
-        ``[layer, head]`` pairs), ``forward_passes_touched``, ``max_change``; :meth:`combine` merges such lists."""
-        return [{"calls_touched": record.calls_touched, "heads_touched": sorted(map(list, record.heads_touched)),
-                 "forward_passes_touched": record.forward_passes_touched, "max_change": record.max_change}
-                for record in (self.records[id(edit)] for edit in self.edits)]
+        """Each edit's record as JSON (composition order, :meth:`EditRecord.to_json`); :meth:`combine` merges
+        such lists."""
+        return [self.records[id(edit)].to_json() for edit in self.edits]
 
     def combine(self, states: Iterable[list[dict[str, Any]]]) -> None:
         """Replace the records by the merge of several :meth:`record_states` of this log's edits (one per rank, or
-        per part of a run): calls and forward passes touched add up, heads touched are the union, the max change
-        is the max. Counts are exact; so is the max (no arithmetic). Raises ConfigError for a list whose length
-        is not the number of edits."""
+        per part of a run; :meth:`EditRecord.merge`: calls and forward passes touched add up, heads touched are
+        the union, the max change is the max). Counts are exact; so is the max (no arithmetic).
+
+        Raises:
+            DistributedError: a list whose length is not the number of edits, or a malformed record (an internal
+                invariant: the lists come from attnlab's own ranks; exit 1, not a usage error).
+        """
         merged = {id(edit): EditRecord() for edit in self.edits}
         for state in states:
             if len(state) != len(self.edits):
-                raise ConfigError(f"an edit-record list has {len(state)} entries but the session has "
-                                  f"{len(self.edits)} edits")
+                raise DistributedError(f"an edit-record list has {len(state)} entries but the session has "
+                                       f"{len(self.edits)} edits")
             for edit, part in zip(self.edits, state):
-                record = merged[id(edit)]
-                record.calls_touched += int(part["calls_touched"])
-                record.heads_touched.update((int(layer), int(head)) for layer, head in part["heads_touched"])
-                record.forward_passes_touched += int(part["forward_passes_touched"])
-                record.max_change = max(record.max_change, float(part["max_change"]))
+                merged[id(edit)] = merged[id(edit)].merge(EditRecord.from_json(part))
         self.records = merged
 
     def gather(self) -> None:

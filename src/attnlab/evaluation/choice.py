@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from attnlab.errors import ConfigError, TextError
+from attnlab.errors import ConfigError, DistributedError, TextError
 from attnlab.evaluation.lm_tasks import accepts_logits_to_keep
 from attnlab.progress import Progress, ProgressArg, takes_progress
 from attnlab.stats.intervals import wilson_interval
@@ -310,12 +310,6 @@ def _model_limit(model: Any) -> int | None:
     return int(limit) if isinstance(limit, int) and limit > 0 else None
 
 
-def _device_of(model: Any) -> Any:
-    from attnlab.capture.device_map import input_device
-
-    return input_device(model)
-
-
 ChoiceEntry = tuple[int, int, float, int, bool]  # (item, choice, loglik, number of choice tokens, greedy)
 
 
@@ -324,6 +318,22 @@ def _check_arguments(items: Sequence[ChoiceItem], batch_size: Any) -> None:
         raise ConfigError("score_choices needs at least one item, got none")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+
+
+def _check_batches(batches: Iterable[int] | None, count: int) -> list[int]:
+    """``batches`` as a list (default: all ``count``); ConfigError unless each is an int in ``0..count-1``, once."""
+    if batches is None:
+        return list(range(count))
+    chosen, seen, bad = list(batches), set(), []
+    for b in chosen:
+        if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < count or b in seen:
+            bad.append(b)
+        else:
+            seen.add(b)
+    if bad:
+        raise ConfigError(f"batches must be in 0..{count - 1} without repeats, got {bad[0]!r}"
+                          + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
+    return chosen
 
 
 def _check_plan(model: Any, items: Sequence[ChoiceItem], plan: ChoicePlan) -> None:
@@ -345,7 +355,8 @@ def score_choice_batches(model: Any, tokenizer: Any, items: Sequence[ChoiceItem]
     The fed sequences are sorted and batched exactly as :func:`score_choices` does (``plan.num_batches(batch_size)``
     batches); ``batches`` picks which of them run (default: all), so the forwards of one call split over several
     calls (or ranks) see the very inputs a single call feeds. Arguments as :func:`score_choices`; the checks
-    (items, batch size, the model's length limit) are on all the items, whichever batches run.
+    (items, batch size, the model's length limit) are on all the items, whichever batches run. ConfigError (one
+    line) for a batch index outside ``0..num_batches-1`` or given twice.
 
     Returns:
         One ``(item index, choice index, loglik, number of choice tokens, greedy)`` per pair served by the chosen
@@ -358,10 +369,13 @@ def score_choice_batches(model: Any, tokenizer: Any, items: Sequence[ChoiceItem]
     _check_arguments(items, batch_size)
     plan = plan if plan is not None else plan_choices(tokenizer, items, bos=bos)
     _check_plan(model, items, plan)
-    device = device if device is not None else _device_of(model)
+    chosen = _check_batches(batches, plan.num_batches(batch_size))
+    if device is None:
+        from attnlab.capture.device_map import input_device
+
+        device = input_device(model)
     requests, fed = plan.requests, plan.fed
     sequences = sorted(fed, key=lambda seq: (-len(seq), seq))
-    chosen = list(batches) if batches is not None else list(range(plan.num_batches(batch_size)))
     pad = getattr(tokenizer, "pad_token_id", None)
     pad = int(pad) if pad is not None else 0
     keep_some = accepts_logits_to_keep(model)
@@ -401,17 +415,22 @@ def assemble_choice_scores(items: Sequence[ChoiceItem], entries: Iterable[Sequen
     concatenation of several calls' or ranks' entries; JSON lists are fine). Values are copied, not recomputed.
 
     Raises:
-        ConfigError: a pair of ``items`` without an entry (the batches did not cover every forward).
+        DistributedError: an internal invariant broke (exit 1, not a usage error): a pair of ``items`` without an
+            entry (the batches did not cover every forward), or with two (a batch scored twice, e.g. overlapping
+            shards).
     """
     logliks = [[math.nan] * len(item.choices) for item in items]
     num_tokens = [[0] * len(item.choices) for item in items]
     greedy = [[False] * len(item.choices) for item in items]
     for i, j, loglik, num, is_greedy in entries:
+        if num_tokens[i][j]:
+            raise DistributedError(f"(item {i}, choice {j}) was scored twice; expected each of the "
+                                   f"{sum(len(row) for row in num_tokens)} pairs once (were batches repeated?)")
         logliks[i][j], num_tokens[i][j], greedy[i][j] = float(loglik), int(num), bool(is_greedy)
     missing = sum(count == 0 for row in num_tokens for count in row)
     if missing:
-        raise ConfigError(f"{missing} (item, choice) pairs have no score; expected entries for all "
-                          f"{sum(len(row) for row in num_tokens)} (were all batches scored?)")
+        raise DistributedError(f"{missing} (item, choice) pairs have no score; expected entries for all "
+                               f"{sum(len(row) for row in num_tokens)} (were all batches scored?)")
     num_chars = [[max(1, len(c.lstrip())) for c in item.choices] for item in items]
     return ChoiceScores(logliks, num_tokens, num_chars, greedy, [item.answer for item in items])
 
@@ -429,7 +448,8 @@ def score_choices(model: Any, tokenizer: Any, items: Sequence[ChoiceItem], *, ba
         items: the items; every (item, choice) pair is one sequence.
         batch_size: fed sequences per forward (>= 1); sorted by length, right-padded.
         bos: ``"auto"`` | ``"always"`` | ``"never"``: whether to prepend the start token.
-        device: where inputs go (default: the model's parameters' device).
+        device: where inputs go (default: where the input embeddings execute,
+            :func:`attnlab.capture.device_map.input_device`).
         plan: :func:`plan_choices` of the same ``items`` (skips tokenizing again; its BOS rule wins over ``bos``).
         progress: None, True or a callable ``(done, total, message)``; counts batches.
 

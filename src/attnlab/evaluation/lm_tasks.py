@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from attnlab.errors import ConfigError, TextError
+from attnlab.errors import ConfigError, DistributedError, TextError
 
 
 @dataclass(frozen=True)
@@ -136,15 +136,35 @@ class WindowPart:
     positions: np.ndarray
 
 
-def replay_windows(seq_len: int, parts: Iterable[WindowPart]) -> TokenScores:
+def replay_windows(seq_len: int, parts: Iterable[WindowPart], expected: Sequence[int] | None = None) -> TokenScores:
     """The :class:`TokenScores` of ``parts`` added in the order given (window order: as one process adds them).
 
     Replaying the per-token values in window order makes every sum the very float a single process computes from
-    the same per-window values (no reordering of any addition), so merging the ranks' windows is exact."""
+    the same per-window values (no reordering of any addition), so merging the ranks' windows is exact.
+
+    Raises:
+        DistributedError: an internal invariant broke (exit 1, not a usage error): the window indices are not
+            strictly increasing (a window scored twice, e.g. by overlapping shards, or out of window order), or,
+            with ``expected`` (the planned windows' indices), not exactly those (a window nobody scored).
+    """
+    parts = list(parts)
+    indices = [part.index for part in parts]
+    repeated = next((b for a, b in zip(indices, indices[1:]) if b <= a), None)
+    if repeated is not None:
+        raise DistributedError(f"window {repeated} was scored twice or out of order; expected each window once, in "
+                               f"increasing order, got indices {_abridged(indices)}")
+    if expected is not None and indices != list(expected):
+        raise DistributedError(f"the scored windows are {_abridged(indices)} but {_abridged(list(expected))} were "
+                               "planned; expected each planned window scored once")
     scores = TokenScores(seq_len)
     for part in parts:
         scores.add(part.index, part.nll, part.correct, part.positions)
     return scores
+
+
+def _abridged(values: list[int], shown: int = 8) -> str:
+    """``values`` for a one-line message: the list, or its first ``shown`` and a count of the rest."""
+    return str(values) if len(values) <= shown else f"{str(values[:shown])[:-1]}, … ({len(values)} in all)]"
 
 
 def encode_windows(parts: list[WindowPart]) -> bytes:

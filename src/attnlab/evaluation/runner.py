@@ -269,7 +269,7 @@ def evaluate_variants(model: Any, tokenizer: Any, variants: list[Variant], *, ta
                 for plan, stats, positions in score_windows(model, ids, mine, bos_id=bos_id, device=device):
                     parts.append(WindowPart(plan.index, stats["nll"], stats["correct"], positions))
                     step(done, len(plans), len(parts), f"{label}: windows")
-                scores = replay_windows(seq_len, gather_windows(parts))
+                scores = replay_windows(seq_len, gather_windows(parts), expected=[plan.index for plan in plans])
                 done += len(plans)
             if "passkey" in tasks:
                 trials: list[dict[str, Any]] = []
