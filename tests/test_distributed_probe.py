@@ -244,11 +244,11 @@ def test_resume_reuses_saved_shards_and_refuses_another_runs_shards(tmp_path, mo
                        pattern_heads="none")
     store = ShardStore(tmp_path / "out")
     first = run_probes(config, model=model, tokenizer=tiny_tokenizer(), shards=store)
-    assert not store.folder.exists()  # a finished run keeps no shard files
-    monkeypatch.setattr(ShardStore, "remove", lambda self: None)  # as if the run stopped before its end
-    run_probes(config, model=model, tokenizer=tiny_tokenizer(), shards=store)
-    saved = sorted(p.name for p in store.folder.iterdir())
+    saved = sorted(p.name for p in store.folder.iterdir())  # kept until the caller has written the results
     assert saved == [f"shard-{i:05d}.safetensors" for i in range(5)]
+    store.remove()
+    assert not store.folder.exists()
+    run_probes(config, model=model, tokenizer=tiny_tokenizer(), shards=store)  # as if it stopped before writing
     for i in (1, 3):
         store.path(i).unlink()
     messages = []

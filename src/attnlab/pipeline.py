@@ -277,7 +277,8 @@ def run_probes(config: RunConfig, *, progress: ProgressArg = None, model: Any = 
     Pass ``model``/``tokenizer`` (or a LoadedModel as ``model``) to reuse a loaded model (``config.load.model`` is
     then only recorded). ``command`` is recorded in the results (``"report"`` or ``"probe"``). With
     ``config.run.compare`` a second model is loaded for analyses that compare two models. ``shards`` saves each
-    shard's state under ``--out`` and, when made with ``resume=True``, reuses the saved ones (module docstring).
+    shard's state under ``--out`` and, when made with ``resume=True``, reuses the saved ones (module docstring); the
+    files stay until the caller, having written the results, calls ``shards.remove()`` on every rank.
 
     Under several processes (``torchrun``; the caller runs this inside :func:`attnlab.distributed.distributed`)
     every rank must call it with the same config; rank 0 returns the results of all windows, the others None.
@@ -398,9 +399,7 @@ def _run_probes(config: RunConfig, notify: Progress, model: Any, tokenizer: Any,
     if run.shards is not None:
         run.shards.clear()
     if run.sharded:
-        merged = gather_bundles(run.objects, _run_shards(run))
-        if run.shards is not None:
-            run.shards.remove()  # the states are gathered: no machine keeps shard files
+        merged = gather_bundles(run.objects, _run_shards(run))  # the shard files stay until the results are written
         if merged is None:  # not rank 0: rank 0 writes the results
             return None
         paths = load_bundle(run.objects, merged)

@@ -296,8 +296,8 @@ class ShardStore:
                                                             "windows": self.windows[shard], "bundle": meta})
 
     def remove(self) -> None:
-        """After a run succeeded (its states gathered), on every rank: remove the shard files this rank wrote or
-        read, then every machine's first process (``LOCAL_RANK`` 0) removes the folder on its machine, so no
+        """After a run's results are written (``attnlab probe``/``report`` call it then), on every rank: remove the
+        shard files this rank wrote or read, then every machine's first process (``LOCAL_RANK`` 0) removes the folder on its machine, so no
         machine keeps shard files whether or not ``--out`` is shared."""
         for shard in sorted(self.touched):
             self.path(shard).unlink(missing_ok=True)

@@ -95,9 +95,12 @@ def run_probe_command(ctx: typer.Context, command: str, config_path: Path | None
         shards = ShardStore(out_dir, resume=resume)
         results = with_progress(lambda progress: run_probes(run_config, progress=progress, command=command,
                                                             shards=shards))
-        if results is None:  # another rank than 0: rank 0 writes the results
+        # rank 0 writes; a failure there stops every rank and keeps the shard files for --resume
+        agree("writing the results",
+              lambda: None if results is None else write_and_announce(out_dir, results, show_paths=True))
+        shards.remove()  # every rank, once the results are on disk: no machine keeps shard files
+        if results is None:  # another rank than 0
             return
-        write_and_announce(out_dir, results, show_paths=True)
     produced = {row["probe"] for row in results["rows"]}
     for name in run_config.run.probes:
         if name not in produced:
