@@ -370,7 +370,9 @@ def test_two_processes_equal_one_process_on_uneven_shards(one_process):
     tmp, expected = one_process
     done = _attnlab(tmp, "two", processes=2)
     assert done.returncode == 0, done.stderr[-2000:]
-    _same_results(expected, json.loads((tmp / "two" / "results.json").read_text()))
+    two = json.loads((tmp / "two" / "results.json").read_text())
+    _same_results(expected, two)
+    assert (expected["timing"]["processes"], two["timing"]["processes"]) == (1, 2)
     assert sorted(p.name for p in (tmp / "two").iterdir()) == ["report.html", "results.csv", "results.json"]
     assert done.stderr.count("config: ") == 1 and done.stdout.count("report: ") == 1  # rank 0 alone
     total = 5 * (1 + 4)  # per window: the attention pass and 4 head ablations of layer 1

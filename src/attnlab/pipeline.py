@@ -129,6 +129,8 @@ def results_envelope(command: str, config: Any, loaded: Any, *, bos_policy: str,
     ``model`` is ``loaded.facts.to_dict()`` plus ``loaded_from`` and ``requested``; ``tokenizer`` is
     ``loaded.tokenizer_facts`` plus the run's BOS policy.
     """
+    from attnlab.distributed import world
+
     tokenizer = loaded.tokenizer
     seed = config.to_dict()["seed"]
     return {
@@ -146,7 +148,7 @@ def results_envelope(command: str, config: Any, loaded: Any, *, bos_policy: str,
         "windows": windows,
         "rows": rows,
         **sections,
-        "timing": {"seconds": round(time.perf_counter() - started, 3)},
+        "timing": {"seconds": round(time.perf_counter() - started, 3), "processes": world().size},
     }
 
 
