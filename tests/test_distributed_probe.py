@@ -298,6 +298,10 @@ def test_out_dir_rules_for_shard_folders(tmp_path):
     (out / "results.json").write_text("{}")
     with pytest.raises(ConfigError, match=r"is not empty \(results.json\); pass --force"):
         check_out_dir(out, force=False, resume=True)
+    (out / SHARD_DIR).rmdir()
+    with pytest.raises(ConfigError, match=r"^--resume: --out .* holds a finished run \(results.json, no shards to "
+                       r"continue\); pass --force to run it again"):
+        check_out_dir(out, force=False, resume=True)
 
 
 def test_cli_errors_are_printed_by_the_right_rank(monkeypatch, capsys):

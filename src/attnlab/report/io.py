@@ -167,6 +167,9 @@ def check_out_dir(out_dir: str | os.PathLike[str], *, force: bool | None = None,
             if SHARD_DIR in names and not resume:
                 raise ConfigError(f"--out {out_dir} holds the shards of an interrupted run ({shown}); pass --resume "
                                   "to continue it, --force to start over, or choose another --out")
+            if resume and RESULTS_JSON in names and not (path / SHARD_DIR).exists():
+                raise ConfigError(f"--resume: --out {out_dir} holds a finished run ({RESULTS_JSON}, no shards to "
+                                  "continue); pass --force to run it again, or choose another --out")
             raise ConfigError(f"--out {out_dir} is not empty ({shown}); pass --force to replace its results or "
                               "choose another --out")
     existing = path
