@@ -160,17 +160,26 @@ class Measurement:
     False by default (a plug-in opts in; every built-in probe and analysis sets True): such an object is refused
     under several processes and with ``--resume``, and a one-process run makes one plain pass (no shards)."""
 
+    hit_lists: ClassVar[tuple[str, ...]] = ()
+    """Names of list attributes holding tuples (e.g. ``"hits"``: one tuple per sink/magnet found) that belong to the
+    state: :meth:`merge` appends the other's, :meth:`export_state` carries them as JSON lists."""
+
     def state(self) -> dict[str, Tensor]:
         """The additive state: tensors that can be summed across windows, batches and ranks."""
         return {}
 
     def merge(self, other: Measurement) -> None:
-        """Add another instance's state (same type, same config) into this one; ValueError on different keys."""
+        """Add another instance's state (same type, same config) into this one, and append its :attr:`hit_lists`;
+        ValueError on different keys."""
         add_states(self.name, self.state(), other.state())
+        for name in self.hit_lists:
+            getattr(self, name).extend(getattr(other, name))
 
     def export_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """The whole state: ``(tensors, side)``, CPU tensors (``state()`` by default) and JSON side parts ({})."""
-        return {key: tensor.detach().cpu() for key, tensor in self.state().items()}, {}
+        """The whole state: ``(tensors, side)``, CPU tensors (``state()`` by default) and JSON side parts (the
+        :attr:`hit_lists` by default)."""
+        tensors = {key: tensor.detach().cpu() for key, tensor in self.state().items()}
+        return tensors, {name: [list(hit) for hit in getattr(self, name)] for name in self.hit_lists}
 
     def import_state(self, tensors: dict[str, Tensor], side: dict[str, Any]) -> None:
         """Replace this instance's state by an exported one (``tensors`` keyed like ``state()``: attribute names).
@@ -184,6 +193,8 @@ class Measurement:
                              f"{sorted(expected)}")
         for key, tensor in tensors.items():
             setattr(self, key, tensor.clone())
+        for name in self.hit_lists:
+            setattr(self, name, [tuple(hit) for hit in side[name]])
 
     def rows(self) -> list[Row]:
         """Long-format rows for results.csv (docs/results.md)."""

@@ -66,6 +66,7 @@ class MagnetsProbe(Probe):
     """
 
     shardable = True  # export_state/import_state carry the whole state
+    hit_lists = ("hits",)
 
     needs = frozenset({"probs"})
     needs_runner = True  # prepare() classifies the tokenizer's vocabulary
@@ -181,19 +182,6 @@ class MagnetsProbe(Probe):
     def state(self) -> dict[str, Tensor]:
         return {"mass_sum": self.mass_sum, "share_sum": self.share_sum, "rows_seen": self.rows_seen,
                 "global_count": self.global_count, "sequences": self.sequences}
-
-    def merge(self, other: Probe) -> None:
-        super().merge(other)
-        self.hits.extend(other.hits)  # type: ignore[attr-defined]
-
-    def export_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """``state()`` plus the hit list (JSON: one list per hit)."""
-        tensors, side = super().export_state()
-        return tensors, {**side, "hits": [list(hit) for hit in self.hits]}
-
-    def import_state(self, tensors: dict[str, Tensor], side: dict[str, Any]) -> None:
-        super().import_state(tensors, side)
-        self.hits = [tuple(hit) for hit in side["hits"]]
 
     def rows(self) -> list[Row]:
         out = RowWriter(self.name)

@@ -49,6 +49,7 @@ class SinkProbe(Probe):
     """
 
     shardable = True  # export_state/import_state carry the whole state
+    hit_lists = ("hits",)
 
     needs = frozenset({"probs"})
 
@@ -175,19 +176,6 @@ class SinkProbe(Probe):
     def state(self) -> dict[str, Tensor]:
         return {"alpha_sum": self.alpha_sum, "alpha_count": self.alpha_count, "indicator_sum": self.indicator_sum,
                 "hidden_count": self.hidden_count, "sequences": self.sequences}
-
-    def merge(self, other: Probe) -> None:
-        super().merge(other)
-        self.hits.extend(other.hits)  # type: ignore[attr-defined]
-
-    def export_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """``state()`` plus the hit list (JSON: one list per hit)."""
-        tensors, side = super().export_state()
-        return tensors, {**side, "hits": [list(hit) for hit in self.hits]}
-
-    def import_state(self, tensors: dict[str, Tensor], side: dict[str, Any]) -> None:
-        super().import_state(tensors, side)
-        self.hits = [tuple(hit) for hit in side["hits"]]
 
     def alpha(self) -> Tensor:
         """(num_layers, num_heads, num_keys) alpha_k averaged over sequences; NaN where no query saw the key."""
