@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_distributed_eval import _assert_same_results, _attnlab, _eval_args, _task_file, _words
+from test_distributed_eval import _assert_same_results, _eval_args, _task_file, _words
+from torchrun_helpers import run_attnlab
 from tiny_models import tiny_llama, tiny_tokenizer
 from typer.testing import CliRunner
 
@@ -119,7 +120,7 @@ def test_out_dir_rules_and_the_folder_is_removed_after_the_results(tmp_path):
     done = runner.invoke(app, [*args, "--force"])
     assert done.exit_code == 0, done.output
     assert sorted(p.name for p in out.iterdir()) == ["report.html", "results.csv", "results.json"]
-    assert_one_line_error(runner.invoke(app, [*args, "--resume"]), 2, "is not empty", "--force")
+    assert_one_line_error(runner.invoke(app, [*args, "--resume"]), 2, "holds a finished run", "--force")
     again = runner.invoke(app, [*args, "--resume", "--out", str(tmp_path / "new")])  # nothing saved: a whole run
     assert again.exit_code == 0, again.output
 
@@ -129,12 +130,12 @@ def test_a_rank_dying_in_the_second_variant_leaves_the_first_and_resume_in_one_p
     # 5 windows and 4 choice batches per variant; rank 1 scores 2 + 2 of them, and dies after its first window of
     # the second variant
     args = _eval_args(tmp_path, "--max-windows", "5", "--choice-batch-size", "2")
-    one = _attnlab([*args, "--out", str(tmp_path / "one")], 1)
+    one = run_attnlab([*args, "--out", str(tmp_path / "one")], 1)
     assert one.returncode == 0, one.stderr[-3000:]
-    dead = _attnlab([*args, "--out", str(tmp_path / "two")], 2, {"ATTNLAB_TEST_KILL_RANK": "1:5"})
+    dead = run_attnlab([*args, "--out", str(tmp_path / "two")], 2, env={"ATTNLAB_TEST_KILL_RANK": "1:5"})
     assert dead.returncode != 0 and not (tmp_path / "two" / "results.json").exists()
     assert sorted(p.name for p in (tmp_path / "two" / ".shards").iterdir()) == ["variant-000.json"]
-    resumed = _attnlab([*args, "--out", str(tmp_path / "two"), "--resume"], 1)
+    resumed = run_attnlab([*args, "--out", str(tmp_path / "two"), "--resume"], 1)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "baseline: from" in resumed.stderr and "baseline: windows" not in resumed.stderr
     assert not (tmp_path / "two" / ".shards").exists()

@@ -397,16 +397,22 @@ def _run_probes(config: RunConfig, notify: Progress, model: Any, tokenizer: Any,
 
     started = time.perf_counter()
     run = agree("the set-up", lambda: _set_up(config, notify, model, tokenizer, shards))
-    loaded, windows, tally, runner, observers = run.loaded, run.windows, run.tally, run.runner, run.observers
     if run.shards is not None:
         run.shards.clear()
-    if run.sharded:
-        merged = gather_bundles(run.objects, _run_shards(run))  # the shard files stay until the results are written
-        if merged is None:  # not rank 0: rank 0 writes the results
-            return None
-        paths = load_bundle(run.objects, merged)
-    else:
-        paths = _single_pass(run)
+    if not run.sharded:
+        return _finish(run, config, command, started, _single_pass(run))
+    merged = gather_bundles(run.objects, _run_shards(run))  # the shard files stay until the results are written
+    # rank 0 alone finishes (analyses' finish, the viewer pass, the results); the others wait in the same agreement,
+    # so an error there stops every rank with one line instead of leaving them in the next collective
+    return agree("finishing the run", lambda: None if merged is None else
+                 _finish(run, config, command, started, load_bundle(run.objects, merged)))
+
+
+def _finish(run: _Run, config: RunConfig, command: str, started: float, paths: dict[int, str]) -> dict[str, Any]:
+    """Rank 0 (or the one process), once every state is merged: the analyses' ``finish``, the viewer's pattern
+    pass, and the results dict."""
+    loaded, windows, tally, runner, observers = run.loaded, run.windows, run.tally, run.runner, run.observers
+    notify = tally.notify
     for obj in run.driving:
         with tally.call(obj, f"{obj.name}: finishing", finish=True):
             obj.finish(runner.get())

@@ -88,7 +88,7 @@ def eval_command(
     with any number of processes; the folder is removed once the results are written."""
 
     def body() -> None:
-        from attnlab.distributed import distributed, rank_device
+        from attnlab.distributed import distributed
         from attnlab.evaluation.config import EvalConfig, parse_variant
         from attnlab.evaluation.resume import VariantStore
         from attnlab.evaluation.runner import run_eval
@@ -96,7 +96,6 @@ def eval_command(
 
         values = command_values(ctx, config, EvalConfig)
         resume = bool(values.pop("resume", False))
-        values["device"] = rank_device(str(values.get("device") or "cpu"))  # one GPU per rank under torchrun
         choice_task = str(values.get("choice_task") or "")
         if choice_task.endswith((".jsonl", ".json")) and not Path(choice_task).is_file():
             raise ConfigError(f"--choice-task: file {choice_task} not found (expected a JSONL file or one of the "

@@ -15,14 +15,15 @@ only (:func:`check_search`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from attnlab.errors import ConfigError, DistributedError, TextError
-from attnlab.distributed import (World, all_gather_bytes, all_gather_json, distributed, fail_point, shard_range,
-                                 world)
+from attnlab.distributed import (World, all_gather_bytes, all_gather_json, distributed, fail_point, rank_device,
+                                 shard_range, world)
 from attnlab.evaluation.choice import NORMS, assemble_choice_scores, plan_choices, score_choice_batches
 from attnlab.evaluation.config import BASELINE, EvalConfig, parse_variant
 from attnlab.evaluation.lm_tasks import (TokenScores, WindowPart, WindowPlan, decode_windows, encode_windows,
@@ -409,16 +410,21 @@ def check_search(config: EvalConfig, search: str | None) -> str | None:
 
 def run_fingerprint(config: EvalConfig, loaded: Any, windows: list[dict[str, Any]], prompts: list[PasskeyPrompt],
                     choice: ChoiceRun | None) -> str:
-    """:func:`attnlab.shards.fingerprint` of an eval run: its config (with the choice items' text and answers),
-    the weights' sha256 when known, and the token ids of every window, passkey prompt and choice request."""
-    from attnlab.shards import fingerprint
+    """sha256 of what determines an eval run's variants: the run settings (:func:`attnlab.shards.run_settings`:
+    the attnlab version, the config with the choice items' text and answers, the weights by
+    :func:`attnlab.shards.weights_id`) and the token ids of every window, passkey prompt and choice request."""
+    import hashlib
+    import json
+
+    from attnlab.shards import run_settings, weights_id, windows_id
 
     settings = config.to_dict()
     sequences = [window["ids"] for window in windows] + [prompt.ids for prompt in prompts]
     if choice is not None:
         settings["choice_items_json"] = [item.to_json() for item in choice.items]
         sequences += [request[2] for request in choice.plan.requests]
-    return fingerprint(settings, getattr(getattr(loaded, "facts", None), "file_sha256", None), sequences)
+    record = {"settings": run_settings(settings, weights_id(loaded)), "sequences": windows_id(sequences)}
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
 def _run_eval(config: EvalConfig, notify: Progress, model: Any, tokenizer: Any, search: str | None,
@@ -430,7 +436,8 @@ def _run_eval(config: EvalConfig, notify: Progress, model: Any, tokenizer: Any, 
     spec, data = config.eval, config.data
     search_on_choice = search is not None and "choice" in spec.tasks
     variants: list[Variant] = [(BASELINE, [])] + [(edits, parse_variant(edits)) for edits in spec.variants]
-    loaded = start_run(config.load, data, spec.seed, notify, model, tokenizer,  # seq_len: windows only (passkey below)
+    load = dataclasses.replace(config.load, device=rank_device(config.load.device))  # cuda -> cuda:LOCAL_RANK
+    loaded = start_run(load, data, spec.seed, notify, model, tokenizer,  # seq_len: windows only (passkey below)
                        check_len=any(task in spec.tasks for task in LM_TASKS))
     model, tokenizer = loaded
     check_causal_lm(model, config.load.model)
