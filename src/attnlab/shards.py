@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from attnlab import __version__
-from attnlab.distributed import barrier, read_state_file, world, write_state_file
+from attnlab.distributed import read_state_file, world, write_state_file
 from attnlab.errors import ConfigError
 from attnlab.io_utils import SHARD_DIR
 
@@ -273,10 +273,15 @@ class ShardStore:
 
     def clear(self) -> None:
         """Without ``resume``: every machine's first process (``LOCAL_RANK`` 0) removes old shard files on its
-        machine; then a barrier (every rank calls it)."""
-        if not self.resume and world().local_rank == 0 and self.folder.exists():
-            shutil.rmtree(self.folder)
-        barrier("the shard files")
+        machine (on a shared ``--out`` several machines remove the same files, so what another one removed first is
+        not an error); then one agreement (every rank calls it), so an error there stops every rank."""
+        from attnlab.distributed import agree
+
+        def remove_old() -> None:
+            if not self.resume and world().local_rank == 0 and self.folder.exists():
+                shutil.rmtree(self.folder, onerror=_unless_gone)
+
+        agree("clearing the shard files", remove_old)
 
     def has(self, shard: int) -> bool:
         """True when shard ``shard`` was saved by an earlier try of this run (``--resume``)."""
@@ -303,6 +308,12 @@ class ShardStore:
             self.path(shard).unlink(missing_ok=True)
         if world().local_rank == 0:
             shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _unless_gone(function: Any, path: str, error: Any) -> None:
+    """``shutil.rmtree``'s error handler: a file or folder another process removed first is fine; re-raise the rest."""
+    if not isinstance(error[1], FileNotFoundError):
+        raise error[1]
 
 
 def _header_meta(path: Path) -> dict[str, Any]:
