@@ -41,6 +41,7 @@ class MassiveActivationsProbe(Probe):
     """
 
     shardable = True  # export_state/import_state carry the whole state
+    hit_lists = ("hits",)
 
     needs = frozenset({"hidden_states"})
 
@@ -135,19 +136,17 @@ class MassiveActivationsProbe(Probe):
         other._grow(self.token_hits.shape[-1])  # type: ignore[attr-defined]
         super().merge(other)
         self.dim_hits.update(other.dim_hits)  # type: ignore[attr-defined]
-        self.hits.extend(other.hits)  # type: ignore[attr-defined]
         for window, dims in other.window_dims.items():  # type: ignore[attr-defined]
             for dim, layers in dims.items():
                 self.window_dims.setdefault(window, {}).setdefault(dim, set()).update(layers)
 
     def export_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """``state()`` plus the JSON side parts: ``dim_hits`` [[layer, dim, count]], ``window_dims`` [[window,
-        dim, [layers]]] and ``hits`` (one list per hit)."""
+        dim, [layers]]] and ``hits`` (one list per hit, :attr:`hit_lists`)."""
         tensors, side = super().export_state()
         return tensors, {**side, "dim_hits": [[layer, dim, count] for (layer, dim), count in self.dim_hits.items()],
                          "window_dims": [[window, dim, sorted(layers)] for window, dims in self.window_dims.items()
-                                         for dim, layers in dims.items()],
-                         "hits": [list(hit) for hit in self.hits]}
+                                         for dim, layers in dims.items()]}
 
     def import_state(self, tensors: dict[str, Tensor], side: dict[str, Any]) -> None:
         super().import_state(tensors, side)
@@ -155,7 +154,6 @@ class MassiveActivationsProbe(Probe):
         self.window_dims = {}
         for window, dim, layers in side["window_dims"]:
             self.window_dims.setdefault(window, {})[dim] = set(layers)
-        self.hits = [tuple(hit) for hit in side["hits"]]
 
     def persistent_dims(self) -> dict[int, list[int]]:
         """dim -> sorted layers where it was massive, for dims massive in ≥ min_layers layers of one window.
