@@ -21,7 +21,8 @@ logger = logging.getLogger(__name__)
 BLOCK_PATHS = (
     "model.layers",  # Llama, Mistral, Qwen2/3, Gemma, Phi-3, OLMo (ForCausalLM)
     "layers",  # the same families' base models
-    "model.language_model.layers",  # multimodal wrappers with a text decoder
+    "model.language_model.layers",  # multimodal wrappers with a text decoder (LLaVA, Qwen2-VL, Gemma 3 …)
+    "model.text_model.layers",  # Idefics3 / SmolVLM
     "gpt_neox.layers",
     "transformer.h",  # GPT-2, GPT-J, CodeGen
     "bert.encoder.layer",
@@ -85,10 +86,23 @@ CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 PROVENANCE_KEYS = ("name", "source", "format", "file_sha256")
 
 
+def is_vision_language(model_or_config: Any) -> bool:
+    """Whether a model (or its config) is a vision-language model: an image-text-to-text architecture of
+    transformers (its ``model_type`` in ``MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES``: llava, qwen2_vl,
+    qwen2_5_vl, idefics3, smolvlm, paligemma, gemma3 …) whose config has a ``vision_config``. A text-only
+    checkpoint of such a family (``gemma3_text``) is not."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    config = getattr(model_or_config, "config", model_or_config)
+    return (getattr(config, "vision_config", None) is not None
+            and getattr(config, "model_type", None) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+
+
 def is_causal_lm(model_or_config: Any) -> bool:
     """Whether a model (or its config) is a causal (decoder-only) language model.
 
-    True when the config says ``is_decoder``, or the model's class name or one of the config's ``architectures``
+    True for a vision-language model (:func:`is_vision_language`; its text decoder is causal, although classes
+    such as LlavaForConditionalGeneration do not end in ForCausalLM), when the config says ``is_decoder``, or the model's class name or one of the config's ``architectures``
     ends in ``ForCausalLM``/``LMHeadModel``; an encoder-decoder config is never causal. A masked LM (which also
     has an ``lm_head``, e.g. RobertaForMaskedLM) and an encoder (BertModel) are not. The loader picks
     AutoModelForCausalLM by it and :func:`model_facts` records it as ``causal``.
@@ -96,7 +110,7 @@ def is_causal_lm(model_or_config: Any) -> bool:
     config = getattr(model_or_config, "config", model_or_config)
     if getattr(config, "is_encoder_decoder", False):
         return False
-    if getattr(config, "is_decoder", False):
+    if is_vision_language(config) or getattr(config, "is_decoder", False):
         return True
     names = list(getattr(config, "architectures", None) or [])
     if hasattr(model_or_config, "config"):
@@ -104,8 +118,57 @@ def is_causal_lm(model_or_config: Any) -> bool:
     return any(isinstance(n, str) and n.endswith(CAUSAL_LM_SUFFIXES) for n in names)
 
 
+IMAGE_TOKEN_KEYS = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
+
+
+def image_token_ids(model_or_config: Any) -> tuple[int, ...]:
+    """The token ids a vision-language model's processor puts where image (and video) features go: the config's
+    ``image_token_id`` / ``image_token_index`` and ``video_token_id`` / ``video_token_index`` (sorted, unique);
+    () for a text-only model."""
+    config = getattr(model_or_config, "config", model_or_config)
+    if not is_vision_language(config):
+        return ()
+    found = {getattr(config, key, None) for key in IMAGE_TOKEN_KEYS}
+    return tuple(sorted(int(i) for i in found if isinstance(i, int) and not isinstance(i, bool) and i >= 0))
+
+
+def vision_facts(model_or_config: Any) -> dict[str, Any] | None:
+    """The vision tower's facts of a vision-language model (None for a text-only one), JSON-ready:
+
+    ``model_type`` (of the vision config), ``image_size`` (pixels the tower sees per image or tile; None when it
+    takes any size, as Qwen2-VL), ``patch_size``, ``merge`` (patches merged per image token along each side:
+    Qwen2-VL's ``spatial_merge_size``, Idefics3's ``scale_factor``, 1 otherwise), ``num_layers``, ``hidden_size``
+    and ``tokens_per_image`` (image tokens per image or tile when fixed: LLaVA ``(image_size/patch_size)²`` (+1
+    with the CLS kept, ``vision_feature_select_strategy="full"``), Idefics3 ``(image_size/patch_size/merge)²``,
+    Gemma 3 ``mm_tokens_per_image``, PaliGemma ``num_image_tokens``; None when it depends on the image).
+    """
+    config = getattr(model_or_config, "config", model_or_config)
+    if not is_vision_language(config):
+        return None
+    vision = config.vision_config
+
+    def number(value: Any) -> int | None:
+        value = value[0] if isinstance(value, (list, tuple)) and value else value
+        return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    image_size, patch = number(getattr(vision, "image_size", None)), number(getattr(vision, "patch_size", None))
+    merge = number(getattr(vision, "spatial_merge_size", None)) or number(getattr(config, "scale_factor", None)) or 1
+    tokens = number(getattr(config, "mm_tokens_per_image", None)) or number(
+        getattr(text_config(config), "num_image_tokens", None))
+    if tokens is None and image_size and patch and not hasattr(vision, "spatial_merge_size"):
+        tokens = (image_size // patch // merge) ** 2
+        if getattr(config, "vision_feature_select_strategy", None) == "full":
+            tokens += 1  # LLaVA keeps CLIP's CLS token
+    return {"model_type": getattr(vision, "model_type", None), "image_size": image_size, "patch_size": patch,
+            "merge": merge, "num_layers": number(getattr(vision, "num_hidden_layers", None)),
+            "hidden_size": number(getattr(vision, "hidden_size", None)), "tokens_per_image": tokens}
+
+
 def model_facts(model: Any, **provenance: Any) -> ModelFacts:
     """The :class:`attnlab.facts.ModelFacts` of a transformers model (sizes from its text config).
+
+    A vision-language model (:func:`is_vision_language`) gets ``modality="vision-language"``, its
+    :func:`image_token_ids` and :func:`vision_facts`; its sizes are the text decoder's and it is causal.
 
     ``provenance`` fills name/source/format/file_sha256 (what :func:`attnlab.capture.loading.load_model` knows);
     without it, name is the config's ``_name_or_path``.
@@ -144,5 +207,13 @@ def model_facts(model: Any, **provenance: Any) -> ModelFacts:
         model_type=getattr(config, "model_type", None), rope_theta=theta, rope_type=rope_type,
         position_embedding=position_embedding, class_name=type(model).__name__,
         dtype=str(param.dtype).removeprefix("torch.") if param is not None else None,
-        device=str(param.device) if param is not None else None, **values,
+        device=str(param.device) if param is not None else None, **values, **_TEMP_VLM(
+            modality="vision-language" if is_vision_language(model) else "text",
+            image_token_ids=image_token_ids(model), vision=vision_facts(model)),
     )
+
+
+def _TEMP_VLM(**kw):  # TEMPORARY until core16 adds the fields  # noqa: N802
+    import dataclasses
+    names = {f.name for f in dataclasses.fields(ModelFacts)}
+    return {k: v for k, v in kw.items() if k in names}
