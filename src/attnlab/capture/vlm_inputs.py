@@ -246,8 +246,6 @@ def build_batch(processor: Any, items: Sequence[ImageTextItem], *, chat_template
             ``chat_template=True`` with a processor without one, or a processor that rejects the inputs (its
             message, one line).
     """
-    from attnlab.roles import TokenRoles
-
     if not items:
         raise ConfigError("build_batch needs at least one item")
     chat = bool(getattr(processor, "chat_template", None)) if chat_template is None else chat_template
@@ -260,6 +258,8 @@ def build_batch(processor: Any, items: Sequence[ImageTextItem], *, chat_template
     except (ValueError, TypeError, IndexError, KeyError, RuntimeError) as error:
         raise ConfigError(f"{type(processor).__name__} rejected the inputs: {' '.join(str(error).split())[:240]}"
                           ) from None
+    from attnlab.roles import TokenRoles
+
     kwargs = {key: value for key, value in encoded.items()}
     ids, valid = kwargs["input_ids"], kwargs["attention_mask"].bool()
     grids = kwargs.get("image_grid_thw")
