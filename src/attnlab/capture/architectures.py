@@ -89,13 +89,16 @@ PROVENANCE_KEYS = ("name", "source", "format", "file_sha256")
 def is_vision_language(model_or_config: Any) -> bool:
     """Whether a model (or its config) is a vision-language model: an image-text-to-text architecture of
     transformers (its ``model_type`` in ``MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES``: llava, qwen2_vl,
-    qwen2_5_vl, idefics3, smolvlm, paligemma, gemma3 …) whose config has a ``vision_config``. A text-only
-    checkpoint of such a family (``gemma3_text``) is not."""
+    qwen2_5_vl, idefics3, smolvlm, paligemma, gemma3 …) or a config with an image token id, whose config has a
+    ``vision_config``. A text-only checkpoint of such a family (``gemma3_text``) is not."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
+    from attnlab.capture.vlm import image_token_ids as config_token_ids
+
     config = getattr(model_or_config, "config", model_or_config)
-    return (getattr(config, "vision_config", None) is not None
-            and getattr(config, "model_type", None) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+    return getattr(config, "vision_config", None) is not None and (
+        getattr(config, "model_type", None) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+        or bool(config_token_ids(config)))
 
 
 def is_causal_lm(model_or_config: Any) -> bool:
@@ -118,29 +121,26 @@ def is_causal_lm(model_or_config: Any) -> bool:
     return any(isinstance(n, str) and n.endswith(CAUSAL_LM_SUFFIXES) for n in names)
 
 
-IMAGE_TOKEN_KEYS = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
-
-
 def image_token_ids(model_or_config: Any) -> tuple[int, ...]:
-    """The token ids a vision-language model's processor puts where image (and video) features go: the config's
-    ``image_token_id`` / ``image_token_index`` and ``video_token_id`` / ``video_token_index`` (sorted, unique);
+    """The token ids a vision-language model's processor puts where image (and video) features go
+    (:func:`attnlab.capture.vlm.image_token_ids`: ``image_token_id`` / ``image_token_index`` / ``video_token_id``);
     () for a text-only model."""
+    from attnlab.capture.vlm import image_token_ids as config_token_ids
+
     config = getattr(model_or_config, "config", model_or_config)
-    if not is_vision_language(config):
-        return ()
-    found = {getattr(config, key, None) for key in IMAGE_TOKEN_KEYS}
-    return tuple(sorted(int(i) for i in found if isinstance(i, int) and not isinstance(i, bool) and i >= 0))
+    return config_token_ids(config) if is_vision_language(config) else ()
 
 
 def vision_facts(model_or_config: Any) -> dict[str, Any] | None:
     """The vision tower's facts of a vision-language model (None for a text-only one), JSON-ready:
 
-    ``model_type`` (of the vision config), ``image_size`` (pixels the tower sees per image or tile; None when it
+    ``model_type`` (of the vision config), ``image_size`` (pixels the tower sees per image or tile; absent when it
     takes any size, as Qwen2-VL), ``patch_size``, ``merge`` (patches merged per image token along each side:
     Qwen2-VL's ``spatial_merge_size``, Idefics3's ``scale_factor``, 1 otherwise), ``num_layers``, ``hidden_size``
     and ``tokens_per_image`` (image tokens per image or tile when fixed: LLaVA ``(image_size/patch_size)²`` (+1
     with the CLS kept, ``vision_feature_select_strategy="full"``), Idefics3 ``(image_size/patch_size/merge)²``,
-    Gemma 3 ``mm_tokens_per_image``, PaliGemma ``num_image_tokens``; None when it depends on the image).
+    Gemma 3 ``mm_tokens_per_image``, PaliGemma ``num_image_tokens``; absent when it depends on the image).
+    Keys whose value is unknown are left out.
     """
     config = getattr(model_or_config, "config", model_or_config)
     if not is_vision_language(config):
@@ -159,9 +159,10 @@ def vision_facts(model_or_config: Any) -> dict[str, Any] | None:
         tokens = (image_size // patch // merge) ** 2
         if getattr(config, "vision_feature_select_strategy", None) == "full":
             tokens += 1  # LLaVA keeps CLIP's CLS token
-    return {"model_type": getattr(vision, "model_type", None), "image_size": image_size, "patch_size": patch,
-            "merge": merge, "num_layers": number(getattr(vision, "num_hidden_layers", None)),
-            "hidden_size": number(getattr(vision, "hidden_size", None)), "tokens_per_image": tokens}
+    facts = {"model_type": getattr(vision, "model_type", None), "image_size": image_size, "patch_size": patch,
+             "merge": merge, "num_layers": number(getattr(vision, "num_hidden_layers", None)),
+             "hidden_size": number(getattr(vision, "hidden_size", None)), "tokens_per_image": tokens}
+    return {key: value for key, value in facts.items() if value is not None}
 
 
 def model_facts(model: Any, **provenance: Any) -> ModelFacts:
@@ -194,7 +195,8 @@ def model_facts(model: Any, **provenance: Any) -> ModelFacts:
         name.rsplit(".", 1)[-1] in ("wpe", "position_embeddings", "embed_positions")
         for name, _ in model.named_modules())  # learned positions the model adds itself (GPT-2, BERT, OPT)
     position_embedding = "rope" if theta is not None else ("absolute" if absolute else "none")
-    causal = is_causal_lm(model)
+    causal = is_causal_lm(model)  # vision-language models included
+    vision = vision_facts(model)
     param = next(model.parameters(), None) if hasattr(model, "parameters") else None
     values: dict[str, Any] = {
         "name": getattr(config, "_name_or_path", None) or None, "source": None, "format": None, "file_sha256": None,
@@ -207,13 +209,7 @@ def model_facts(model: Any, **provenance: Any) -> ModelFacts:
         model_type=getattr(config, "model_type", None), rope_theta=theta, rope_type=rope_type,
         position_embedding=position_embedding, class_name=type(model).__name__,
         dtype=str(param.dtype).removeprefix("torch.") if param is not None else None,
-        device=str(param.device) if param is not None else None, **values, **_TEMP_VLM(
-            modality="vision-language" if is_vision_language(model) else "text",
-            image_token_ids=image_token_ids(model), vision=vision_facts(model)),
+        device=str(param.device) if param is not None else None, **values,
+        modality="vision-language" if vision is not None else "text", image_token_ids=image_token_ids(model),
+        vision=vision,
     )
-
-
-def _TEMP_VLM(**kw):  # TEMPORARY until core16 adds the fields  # noqa: N802
-    import dataclasses
-    names = {f.name for f in dataclasses.fields(ModelFacts)}
-    return {k: v for k, v in kw.items() if k in names}
