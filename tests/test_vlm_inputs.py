@@ -12,6 +12,7 @@ from attnlab.capture.vlm_inputs import (
 )
 from attnlab.config import ImageTextSpec, RunConfig
 from attnlab.errors import ConfigError
+from attnlab.probes.base import Probe
 from attnlab.testing import tiny_vlm
 
 
@@ -196,3 +197,40 @@ def test_image_text_batches_record_inputs(vlms, images):
     assert batch.roles.codes.shape == batch["input_ids"].shape
     assert batches.windows[1]["ids"] == batch["input_ids"][1][batch["attention_mask"][1].bool()].tolist()
     json.dumps(batches.windows) and json.dumps(batches.inputs)
+
+
+class Recorder(Probe):
+    """A probe that keeps each layer's call record."""
+
+    name = "recorder"
+    needs = ("value",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = {}
+
+    def begin_call(self, call):
+        self.calls[call.layer_idx] = call
+
+
+@pytest.mark.parametrize("kind", ["llava", "qwen2_vl", "idefics3"])
+def test_session_sees_the_batch_roles(vlms, images, kind):
+    """The session derives the same image spans from the ids as build_batch (grids, merge, padding, two images),
+    and given_roles adds the system prompt; the language model alone runs through attnlab."""
+    from attnlab import Session
+    from attnlab.capture.architectures import model_facts
+    from attnlab.roles import given_roles
+
+    model, processor = vlms[kind]
+    kwargs, roles = build_batch(processor, _items(images), image_token_ids=model_facts(model).image_token_ids)
+    derived, told = Recorder(), Recorder()
+    with torch.no_grad():
+        with Session(model, probes=[derived]):
+            model(**kwargs)
+        with Session(model, probes=[told]), given_roles(roles):
+            model(**kwargs)
+    assert set(derived.calls) == {0, 1}  # the text decoder's 2 layers, not the vision tower's
+    assert derived.calls[0].images == roles.images == told.calls[1].images
+    assert torch.equal(told.calls[0].key_roles, roles.codes)
+    system = roles.mask("system")
+    assert torch.equal(derived.calls[0].key_roles[~system], roles.codes[~system])

@@ -72,6 +72,7 @@ def test_text_only_model_has_text_facts():
     from attnlab.capture.architectures import model_facts
 
     model = tiny_llama()
+    model.config.architectures = ["LlamaForCausalLM"]  # as saved folders record it
     facts = model_facts(model)
     assert not is_vision_language(model) and facts.modality == "text"
     assert facts.image_token_ids == () and facts.vision is None
