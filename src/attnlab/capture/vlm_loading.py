@@ -18,6 +18,7 @@ from functools import cache
 from typing import Any
 
 from attnlab.capture.architectures import is_causal_lm, is_vision_language
+from attnlab.errors import ConfigError, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,19 @@ def model_class(config: Any) -> Any:
     if is_vision_language(config):
         return AutoModelForImageTextToText
     return AutoModelForCausalLM if is_causal_lm(config) else AutoModel
+
+
+class NoVideoProcessor:
+    """Stands in for the video processor of an :func:`image_only_processor`: the settings some processors read
+    even for images (SmolVLM's ``apply_chat_template`` reads ``num_frames`` and ``fps``) are None; anything else
+    is a ConfigError (videos need torchvision)."""
+
+    num_frames = None
+    fps = None
+
+    def __getattr__(self, name: str) -> Any:
+        raise ConfigError("videos need transformers' video processor, which needs torchvision (pip install "
+                          f"torchvision); this processor was loaded without one (asked for {name!r})")
 
 
 @cache
@@ -50,6 +64,7 @@ def image_only_processor(cls: type) -> type:
         cls.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
     return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__,
+                                       "video_processor": NoVideoProcessor(),
                                        "__doc__": f"{cls.__name__} without its video processor (attnlab)."})
 
 
@@ -66,8 +81,9 @@ def load_processor(name_or_path: Any, config: Any, *, trust_remote_code: bool = 
     """The processor of a vision-language model folder or hub id (``kwargs``: ``local_files_only`` …).
 
     ``AutoProcessor.from_pretrained`` first; if that fails on the video processor (no torchvision), the model
-    type's processor class without it (:func:`image_only_processor`). Errors propagate (the loader turns them
-    into one-line UsageErrors).
+    type's processor class without it (:func:`image_only_processor`). A package the processor needs and lacks
+    (SmolVLM's ``num2words``) is a one-line UsageError; other errors propagate (the loader turns them into
+    one-line UsageErrors).
     """
     from transformers import AutoProcessor
 
@@ -76,11 +92,15 @@ def load_processor(name_or_path: Any, config: Any, *, trust_remote_code: bool = 
     except (OSError, ValueError, ImportError, AttributeError, TypeError) as error:
         cls = _processor_class(config)
         if cls is None or image_only_processor(cls) is cls:
+            if isinstance(error, ImportError):  # a package the processor needs (SmolVLM: num2words)
+                raise UsageError(f"cannot load the processor of {name_or_path}: {' '.join(str(error).split())[:300]}") from None
             raise
         logger.info("%s: loading its processor without the video processor (%s)", name_or_path,
                     " ".join(str(error).split())[:120])
         try:
             return image_only_processor(cls).from_pretrained(name_or_path, **kwargs)
+        except ImportError as second:
+            raise UsageError(f"cannot load the processor of {name_or_path}: {' '.join(str(second).split())[:300]}") from None
         except Exception:  # noqa: BLE001 - the first error is the one to report
             raise error from None
 
