@@ -18,7 +18,7 @@ from functools import cache
 from typing import Any
 
 from attnlab.capture.architectures import is_causal_lm, is_vision_language
-from attnlab.errors import ConfigError, UsageError
+from attnlab.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -36,13 +36,14 @@ def model_class(config: Any) -> Any:
 class NoVideoProcessor:
     """Stands in for the video processor of an :func:`image_only_processor`: the settings some processors read
     even for images (SmolVLM's ``apply_chat_template`` reads ``num_frames`` and ``fps``) are None; anything else
-    is a ConfigError (videos need torchvision)."""
+    is an AttributeError saying that videos need torchvision (transformers probes attributes with ``getattr(…,
+    default)``, which needs AttributeError)."""
 
     num_frames = None
     fps = None
 
     def __getattr__(self, name: str) -> Any:
-        raise ConfigError("videos need transformers' video processor, which needs torchvision (pip install "
+        raise AttributeError("videos need transformers' video processor, which needs torchvision (pip install "
                           f"torchvision); this processor was loaded without one (asked for {name!r})")
 
 
