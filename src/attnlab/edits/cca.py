@@ -1,4 +1,4 @@
-"""``cca``: Concentric Causal Attention on the real image grids — ring position ids and a concentric mask per image."""
+"""``cca``: Concentric Causal Attention on the real image grids: ring position ids, a concentric mask per image."""
 
 from __future__ import annotations
 

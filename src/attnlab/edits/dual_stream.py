@@ -1,4 +1,4 @@
-"""``dual_stream``: the "imbalanced attention" fix — amplify selected image tokens, more in visually sensitive heads."""
+"""``dual_stream``: the "imbalanced attention" fix: amplify selected image tokens, more in visual heads."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from torch import Tensor
 from attnlab.edits import EDITS
 from attnlab.edits._vlm import PrefillStore, answer_rows, image_keys, instruction_rows
 from attnlab.edits.base import AttentionCall, Edit
+from attnlab.edits.cca import ImageLayout
 from attnlab.functional.attention import BlockView
 from attnlab.params import IndexList, Range, validated
 
@@ -105,34 +106,38 @@ class DualStream(Edit):
         the sink-like tokens and the heads' visual sensitivity."""
         B, Hq, Lk, device = call.batch, call.num_heads, call.kv_len, call.device
         image = image_keys(call)
-        image_rows = image[:, Lk - call.q_len:] & call.query_valid
-        from_text, text_seen = torch.zeros(B, Lk, dtype=torch.float64, device=device), torch.zeros(B, Lk, device=device)
-        from_image, image_seen = torch.zeros(B, Lk, dtype=torch.float64, device=device), torch.zeros(B, Lk, device=device)
+        span = self._spans(call)  # (B, Lk) image index of each column, -1 off images
+        q_span = span[:, Lk - call.q_len:].masked_fill(~call.query_valid, -1)
+        from_text, from_image = (torch.zeros(B, Lk, dtype=torch.float64, device=device) for _ in range(2))
+        text_seen, image_seen = (torch.zeros(B, Lk, device=device) for _ in range(2))  # visible queries per key
         head_mass = torch.zeros(B, Hq, dtype=torch.float64, device=device)
 
         def collect(block: BlockView) -> None:
             width, rows = block.probs.shape[-1], block.q_index.to(device)
             probs = block.probs.double().to(device)  # (B, Hq, n, w)
-            visible = torch.ones_like(probs, dtype=torch.bool) if block.keep is None else block.keep.to(device)
-            visible = visible.expand(B, -1, -1, -1)[:, 0]  # (B, n, w): the model's mask is the same for every head
-            for table, seen, chosen in ((from_text, text_seen, instruction), (from_image, image_seen, image_rows)):
-                pick = chosen[:, rows][:, None, :, None]  # (B, 1, n, 1)
-                table[:, :width] += (probs * pick).sum(dim=(1, 2)) / Hq
-                seen[:, :width] += (visible & pick[:, 0]).sum(dim=1)
-            on_image = probs * image[:, None, None, :width]
-            head_mass.add_((on_image * instruction[:, rows][:, None, :, None]).sum(dim=(2, 3)))
+            mean = probs.mean(dim=1)  # (B, n, w), heads averaged
+            visible = torch.ones_like(mean, dtype=torch.bool) if block.keep is None else block.keep.to(device)[:, 0]
+            reads = instruction[:, rows][:, :, None]  # (B, n, 1)
+            from_text[:, :width] += (mean * reads).sum(dim=1)
+            text_seen[:, :width] += (visible & reads).sum(dim=1)
+            rows_span = q_span[:, rows][:, :, None]  # (B, n, 1)
+            own_image = (rows_span >= 0) & (rows_span == span[:, None, :width])  # (B, n, w)
+            from_image[:, :width] += (mean * own_image).sum(dim=1)
+            image_seen[:, :width] += (visible & own_image).sum(dim=1)
+            on_image = probs * image[:, None, None, :width] * reads[:, None]
+            head_mass.add_(on_image.sum(dim=(2, 3)))
 
         probs_pass(collect)
         local = from_text / text_seen.clamp(min=1)  # per-query attention from the instruction
         spatial = from_image / image_seen.clamp(min=1)  # per-query attention from the image's own tokens
         top = torch.zeros(B, Lk, dtype=torch.bool, device=device)
         bottom = torch.zeros_like(top)
-        for span in call.images:
-            columns = torch.arange(span.start, span.end, device=device) - (_columns_of(call) - Lk)
-            columns = columns[(columns >= 0) & (columns < Lk)]
+        for index, image_span in enumerate(call.images):
+            b = image_span.sequence
+            columns = (span[b] == index).nonzero().flatten()
             if columns.numel() == 0:
                 continue
-            b, count = span.sequence, columns.numel()
+            count = columns.numel()
             scores = local[b, columns]
             streams = [(spatial[b, columns], self.spatial_ratio)]
             if bool(instruction[b].any()):  # the instruction-driven stream and the outliers need an instruction
@@ -162,9 +167,11 @@ class DualStream(Edit):
         act = rows & self.head_column(call).to(device)
         return torch.where(act, logits + gain * logits.abs(), logits)
 
-
-def _columns_of(call: AttentionCall) -> int:
-    """The number of columns the roles (and ImageSpan.start) count: the forward's 2-D mask, which the call's keys
-    end with."""
-    roles = getattr(call.sequence, "roles", None)
-    return call.kv_len if roles is None else roles.codes.shape[1]
+    @staticmethod
+    def _spans(call: AttentionCall) -> Tensor:
+        """(B, Lk) long: index of the image (in ``call.images``) holding each key column, -1 elsewhere."""
+        roles = getattr(call.sequence, "roles", None)
+        if roles is None or not roles.images:
+            return torch.full((call.batch, call.kv_len), -1, dtype=torch.long, device=call.device)
+        span = ImageLayout(roles, call.device).span
+        return span[:, span.shape[1] - call.kv_len:]

@@ -21,8 +21,8 @@ class Gift(Edit):
 
     Qi, Shang, Spiliopoulou, Pappas 2025, "Capturing Gaze Shifts for Guidance: Cross-Modal Fusion Enhancement for
     VLM Hallucination Mitigation", arXiv 2510.22067 (METHODS.md #42; **low confidence, from the abstract only**: no
-    released code was found and the paper body was not read; the formulas below are attnlab's reconstruction of
-    the abstract's words). Per layer, on the call that holds the prompt:
+    released code was found and the paper body was not read; the formulas below are attnlab's reconstruction
+    of the abstract's words). Per layer, on the call that holds the prompt:
 
     1. Gaze shifts: for the instruction rows i_1 < … < i_m of a sequence (text query rows after its last image),
        ``a_k(j)`` = the head-averaged attention of row i_k on image token j (every image of the sequence);
