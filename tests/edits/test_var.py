@@ -173,3 +173,65 @@ def test_default_layers_are_two_to_the_one_before_last():
     assert [layer for layer in range(6) if Var(layers=(0, 5)).applies_to(layer)] == [0, 5]
     assert parse_edit_spec(Var(dims=(1, 2)).spec()).spec() == "var:p=0.6,tau=20.0,rho=0.5,summ=0.2,dims=1+2," \
                                                                "except_last_layer=true"
+
+
+# inside a tiny LLaVA ------------------------------------------------------------------------------------------
+MODEL_LAYOUTS = [["t", (4, 4), "t", "t", "t"], ["t", "t", (4, 4), "t", (4, 4), "t", "t"], ["t", "t", "t"]]
+
+
+@pytest.fixture(scope="module")
+def llava():
+    from edits.vlm_helpers import tiny_llava
+
+    return tiny_llava(layers=4)
+
+
+def session_logits(model, batch, edits):
+    from attnlab import Session
+
+    with torch.no_grad(), Session(model, edits=edits, probes=["entropy"]) as session:  # eager path for all
+        return model(**batch).logits, session
+
+
+def test_in_the_model_identity_is_exact_and_only_rows_after_the_image_change(llava):
+    from edits.vlm_helpers import llava_inputs
+
+    batch = llava_inputs(MODEL_LAYOUTS)
+    plain, _ = session_logits(llava, batch, [])
+    same, _ = session_logits(llava, batch, ["var:p=1"])
+    assert torch.equal(same, plain)
+    edit = Var(tau=2.0, summ=0.05)  # a 32-wide hidden state has |φ| ≤ √32 ≈ 5.7: τ = 20 finds nothing here
+    edited, session = session_logits(llava, batch, [edit])
+    changed = (edited != plain).any(dim=-1)  # (B, L)
+    roles = layout_roles([[(item if item == "t" else (4, 4)) for item in layout] for layout in MODEL_LAYOUTS])
+    after = after_last_image(roles)
+    assert changed[:2].any() and not changed[~after].any() and not changed[2].any()
+    assert session.edit_report().calls_touched[0] == 1  # layers 2 … L-2 of 4: layer 2 only
+    # the sinks came from layer 2's input hidden states
+    with torch.no_grad():
+        hidden = llava(**batch, output_hidden_states=True).hidden_states[2].double()
+    valid = batch["attention_mask"].bool()
+    from attnlab.functional.sink_dims import sink_dimensions
+
+    dims = sink_dimensions(hidden, valid=valid).tolist()
+    assert torch.equal(edit._prompt_sinks[2].cpu(), phi_sinks(hidden, valid, dims, 2.0))
+
+
+@pytest.mark.parametrize("spec", ["var:tau=2,summ=0.05", "cca", "dual_stream:alpha=2", "gift:alpha=2,beta=0.5"])
+def test_generate_runs_and_identity_keeps_the_tokens(llava, spec):
+    from attnlab import Session
+    from edits.vlm_helpers import llava_inputs
+
+    batch = llava_inputs(MODEL_LAYOUTS[:2])
+    identity = parse_edit_spec(spec)
+    identity = type(identity)(**{**identity.params(), **type(identity).identity})
+
+    def generate(edits):
+        with torch.no_grad(), Session(llava, edits=edits, probes=["entropy"]) as session:
+            return llava.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=3), session
+
+    plain, _ = generate([])
+    same, _ = generate([identity])
+    assert torch.equal(same, plain)
+    _, session = generate([spec])
+    assert session.edit_report().calls_touched[0] > 0

@@ -15,9 +15,7 @@ from torch import Tensor
 
 from attnlab.edits.base import AttentionCall
 from attnlab.errors import ConfigError
-from attnlab.roles import ROLES
-
-IMAGE, TEXT, GENERATED, PAD = (ROLES.index(name) for name in ("image", "text", "generated", "pad"))
+from attnlab.roles import GENERATED, IMAGE, TEXT
 
 
 def query_columns(call: AttentionCall) -> Tensor:
@@ -27,8 +25,7 @@ def query_columns(call: AttentionCall) -> Tensor:
 
 def key_roles(call: AttentionCall) -> Tensor | None:
     """(B, Lk) int8 role codes of the keys, or None without roles."""
-    roles = getattr(call, "key_roles", None)
-    return None if roles is None else roles.to(call.device)
+    return None if call.key_roles is None else call.key_roles.to(call.device)
 
 
 def image_keys(call: AttentionCall) -> Tensor:

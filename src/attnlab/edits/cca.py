@@ -13,6 +13,7 @@ from attnlab.edits.base import AttentionCall, Edit
 from attnlab.edits.concentric_positions import ConcentricPositions
 from attnlab.errors import ConfigError
 from attnlab.params import IndexList, validated
+from attnlab.probes.base import SequenceInfo
 
 
 @lru_cache(maxsize=64)
@@ -112,8 +113,8 @@ class Cca(Edit):
             self._layout = (roles, device, ImageLayout(roles, device))
         return self._layout[2]
 
-    def position_ids(self, position_ids: Tensor, sequence: Any = None) -> Tensor:
-        roles = getattr(sequence, "roles", None)
+    def position_ids(self, position_ids: Tensor, sequence: SequenceInfo | None = None) -> Tensor:
+        roles = None if sequence is None else sequence.roles
         if not self.positions or roles is None or not roles.images:
             return position_ids
         if position_ids.dim() != 2:
@@ -126,7 +127,7 @@ class Cca(Edit):
         return position_ids - shift[:, shift.shape[1] - length:]
 
     def keep_mod(self, keep: Tensor, call: AttentionCall) -> Tensor | None:
-        roles = getattr(call.sequence, "roles", None)
+        roles = call.sequence.roles
         if not self.mask or roles is None or not roles.images:
             return None
         layout = self.layout(roles, call.device)

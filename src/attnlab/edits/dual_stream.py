@@ -14,6 +14,7 @@ from attnlab.edits.base import AttentionCall, Edit
 from attnlab.edits.cca import ImageLayout
 from attnlab.functional.attention import BlockView
 from attnlab.params import IndexList, Range, validated
+from attnlab.roles import RoleList
 
 FIRST_LAYER = 2  # the released scripts' --start-layer
 
@@ -51,7 +52,7 @@ class DualStream(Edit):
     Args:
         alpha: α ≥ 0 for the selected tokens. beta: β ≥ 0 for the sink-like tokens. local_ratio, spatial_ratio:
         stream sizes as fractions of each image's tokens, in [0, 1]. head_modulation: weight α and β by w_h.
-        layers: default every layer from 2 on. heads: selection (query heads).
+        layers: default every layer from 2 on. heads, queries, keys: selection (query heads, token roles).
 
     Raises:
         ConfigError: a parameter out of range; a decode call with no prompt call of its layer before it.
@@ -66,8 +67,9 @@ class DualStream(Edit):
                  beta: Annotated[float, Range(ge=0.0, le=1e3)] = 0.3,
                  local_ratio: Annotated[float, Range(ge=0.0, le=1.0)] = 0.25,
                  spatial_ratio: Annotated[float, Range(ge=0.0, le=1.0)] = 0.25, head_modulation: bool = True,
-                 layers: IndexList | None = None, heads: IndexList | None = None) -> None:
-        super().__init__(layers=layers, heads=heads)
+                 layers: IndexList | None = None, heads: IndexList | None = None,
+                 queries: RoleList | None = None, keys: RoleList | None = None) -> None:
+        super().__init__(layers=layers, heads=heads, queries=queries, keys=keys)
         self.alpha, self.beta = alpha, beta
         self.local_ratio, self.spatial_ratio, self.head_modulation = local_ratio, spatial_ratio, head_modulation
         self._store = PrefillStore("dual_stream")
@@ -170,7 +172,7 @@ class DualStream(Edit):
     @staticmethod
     def _spans(call: AttentionCall) -> Tensor:
         """(B, Lk) long: index of the image (in ``call.images``) holding each key column, -1 elsewhere."""
-        roles = getattr(call.sequence, "roles", None)
+        roles = call.sequence.roles
         if roles is None or not roles.images:
             return torch.full((call.batch, call.kv_len), -1, dtype=torch.long, device=call.device)
         span = ImageLayout(roles, call.device).span

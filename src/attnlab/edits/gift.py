@@ -12,6 +12,7 @@ from attnlab.edits._vlm import PrefillStore, answer_rows, image_keys, instructio
 from attnlab.edits.base import AttentionCall, Edit
 from attnlab.functional.attention import BlockView
 from attnlab.params import IndexList, Range, validated
+from attnlab.roles import RoleList
 
 
 @EDITS.register("gift")
@@ -38,7 +39,7 @@ class Gift(Edit):
 
     Args:
         alpha: α ≥ 0, the image amplification at saliency 1. beta: β ≥ 0, the query amplification.
-        layers, heads: selection (query heads).
+        layers, heads, queries: selection (query heads, query roles; ``keys=`` is refused).
 
     Raises:
         ConfigError: a parameter out of range; a decode call with no prompt call of its layer before it.
@@ -51,8 +52,9 @@ class Gift(Edit):
     @validated
     def __init__(self, alpha: Annotated[float, Range(ge=0.0, le=1e3)] = 0.5,
                  beta: Annotated[float, Range(ge=0.0, le=1e3)] = 0.1, layers: IndexList | None = None,
-                 heads: IndexList | None = None) -> None:
-        super().__init__(layers=layers, heads=heads)
+                 heads: IndexList | None = None, queries: RoleList | None = None,
+                 keys: RoleList | None = None) -> None:
+        super().__init__(layers=layers, heads=heads, queries=queries, keys=keys)
         self.alpha, self.beta = alpha, beta
         self._store = PrefillStore("gift")
         self._saliency: Tensor | None = None

@@ -13,6 +13,7 @@ from attnlab.edits._vlm import after_image_rows, image_keys, pad_columns
 from attnlab.edits.base import AttentionCall, Edit
 from attnlab.errors import ConfigError
 from attnlab.params import IndexList, Range, validated
+from attnlab.roles import RoleList
 
 FIRST_LAYER = 2  # the released code detects sinks from layer 2 on (``sink_select_layers = layers[2:]``)
 
@@ -51,7 +52,8 @@ class Var(Edit):
         p: share of the sinks' attention they keep, in [0, 1]. tau: φ threshold τ > 0. rho: ρ in [0, 1].
         summ: minimum image budget in [0, 1]. dims: D_sink (hidden dimensions), or None for the data-driven
         ``top_dims``. top_dims: how many dimensions the data-driven D_sink takes (1 … 64).
-        except_last_layer: leave the last layer alone (default layers only). layers, heads: selection.
+        except_last_layer: leave the last layer alone (default layers only). layers, heads, queries: selection
+        (``keys=`` is refused: the keys VAR moves attention between come from the roles).
 
     Raises:
         ConfigError: a parameter out of range; when it runs, a dimension of ``dims`` the model does not have, no
@@ -69,8 +71,9 @@ class Var(Edit):
                  rho: Annotated[float, Range(ge=0.0, le=1.0)] = 0.5,
                  summ: Annotated[float, Range(ge=0.0, le=1.0)] = 0.2, dims: IndexList | None = None,
                  top_dims: Annotated[int, Range(ge=1, le=64)] = 2, except_last_layer: bool = True,
-                 layers: IndexList | None = None, heads: IndexList | None = None) -> None:
-        super().__init__(layers=layers, heads=heads)
+                 layers: IndexList | None = None, heads: IndexList | None = None,
+                 queries: RoleList | None = None, keys: RoleList | None = None) -> None:
+        super().__init__(layers=layers, heads=heads, queries=queries, keys=keys)
         self.p, self.tau, self.rho, self.summ = p, tau, rho, summ
         self.dims, self.top_dims, self.except_last_layer = dims, top_dims, except_last_layer
         self._num_layers: int | None = None
@@ -106,7 +109,7 @@ class Var(Edit):
         if self._call_sinks is not None and self._call_sinks[0] is call:
             return self._call_sinks[1]
         if call.q_len == call.kv_len:  # the prompt call: every token's hidden state is here
-            hidden = getattr(call, "hidden_states", None)
+            hidden = call.hidden_states
             if hidden is None:
                 raise ConfigError(f"edit 'var': layer {call.layer_idx}'s call has no hidden states (the Session "
                                   "fills call.hidden_states for edits with needs_hidden_states)")
