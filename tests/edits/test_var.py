@@ -235,3 +235,19 @@ def test_generate_runs_and_identity_keeps_the_tokens(llava, spec):
     assert torch.equal(same, plain)
     _, session = generate([spec])
     assert session.edit_report().calls_touched[0] > 0
+
+
+def test_keys_name_the_tokens_that_receive_the_budget():
+    roles, query, key, value, hidden = setup()
+    plain = full_probs(role_edited_call([], query, key, value, roles=roles))
+    image_only = full_probs(role_edited_call([Var(p=0.2, tau=3.0, dims=DIMS, summ=0.05)], query, key, value,
+                                             roles=roles, hidden=hidden))
+    spec = parse_edit_spec("var:p=0.2,tau=3,summ=0.05,dims=3+7,keys=image")
+    assert torch.equal(full_probs(role_edited_call([spec], query, key, value, roles=roles, hidden=hidden)), image_only)
+    wide = full_probs(role_edited_call([Var(p=0.2, tau=3.0, dims=DIMS, summ=0.05, keys=("image", "text"))], query,
+                                       key, value, roles=roles, hidden=hidden))
+    sinks = phi_sinks(hidden, roles.mask("text", "image"), DIMS, 3.0)
+    text_non_sink = (roles.mask("text") & ~sinks)[:, None, None, :]
+    gained = (wide - plain) * text_non_sink
+    assert (gained >= 0).all() and gained.sum() > 0  # text tokens now receive part of the budget
+    assert torch.equal(((image_only - plain) * text_non_sink).abs().sum(), torch.zeros((), dtype=torch.float64))

@@ -21,8 +21,9 @@ FIRST_LAYER = 2  # the released scripts' --start-layer
 
 @EDITS.register("dual_stream")
 class DualStream(Edit):
-    """Dual-stream token selection + head-specific modulation: at the answer rows, the logits of selected image
-    tokens grow by ``α_h·|logit|`` (and of the sink-like image tokens by ``β_h·|logit|``).
+    """Image tokens picked by two streams get logit + α_h·|logit| at the answer rows, α_h by head visual sensitivity.
+
+    Dual-stream token selection and head-specific modulation; the sink-like image tokens get ``β_h·|logit|``.
 
     Arif et al. 2025, "Fixing Imbalanced Attention to Mitigate In-Context Hallucination of Large Vision-Language
     Model", arXiv 2501.12206, with the released code hasanar1f/llava-hallunication-fix (METHODS.md #41; low

@@ -17,8 +17,10 @@ from attnlab.roles import RoleList
 
 @EDITS.register("gift")
 class Gift(Edit):
-    """GIFT: a saliency map from the positive changes of image attention while the model reads the query ("gaze
-    shifts"), then, at every answer row, attention to salient image tokens and to the query tokens amplified.
+    """GIFT: answer rows amplify salient image tokens (gaze shifts while reading the query) and the query tokens.
+
+    The saliency map comes from the positive changes of image attention while the model reads the query ("gaze
+    shifts"); at every answer row, attention to salient image tokens and to the query tokens is amplified.
 
     Qi, Shang, Spiliopoulou, Pappas 2025, "Capturing Gaze Shifts for Guidance: Cross-Modal Fusion Enhancement for
     VLM Hallucination Mitigation", arXiv 2510.22067 (METHODS.md #42; **low confidence, from the abstract only**: no

@@ -39,7 +39,8 @@ class Var(Edit):
        without one). I = the image tokens of every image of the sequence (``call.key_roles``).
     3. **Redistribution** in selected rows: ``A'_ij = p·A_ij`` on every sink j (visual and text); the freed
        ``(1-p)·Σ_{j∈S} A_ij`` goes to the non-sink image tokens in proportion to their attention (the shared
-       :func:`attnlab.edits._move.move_mass`). Rows keep their sum.
+       :func:`attnlab.edits._move.move_mass`). Rows keep their sum. ``keys=`` (roles) widens or moves the
+       receiving set: the non-sink keys of those roles (``keys=image+text``); the selection still reads the image.
 
     Layers: by default 2 … L-1, without the last layer when ``except_last_layer`` (the released defaults: layers
     2 … L-2); ``layers=`` picks them explicitly instead. ``heads`` restricts the automatic selection further.
@@ -52,8 +53,8 @@ class Var(Edit):
         p: share of the sinks' attention they keep, in [0, 1]. tau: φ threshold τ > 0. rho: ρ in [0, 1].
         summ: minimum image budget in [0, 1]. dims: D_sink (hidden dimensions), or None for the data-driven
         ``top_dims``. top_dims: how many dimensions the data-driven D_sink takes (1 … 64).
-        except_last_layer: leave the last layer alone (default layers only). layers, heads, queries: selection
-        (``keys=`` is refused: the keys VAR moves attention between come from the roles).
+        except_last_layer: leave the last layer alone (default layers only). layers, heads, queries: selection.
+        keys: roles of the keys that receive the budget (default: the image tokens).
 
     Raises:
         ConfigError: a parameter out of range; when it runs, a dimension of ``dims`` the model does not have, no
@@ -62,6 +63,7 @@ class Var(Edit):
 
     stage = "probs"
     needs_hidden_states: ClassVar[bool] = True
+    uses_key_roles: ClassVar[bool] = True  # keys= names the tokens that receive the budget (default: the image)
 
     identity: ClassVar[dict[str, Any]] = {"p": 1.0}
 
@@ -158,4 +160,5 @@ class Var(Edit):
         sink_share = (probs * (image & sinks)).sum(dim=-1, keepdim=True) / torch.where(budget > 0, budget, 1.0)
         selected = (budget >= self.summ) & (budget > 0) & (sink_share <= self.rho)
         selected = selected & rows.to(device)[:, None, :, None] & self.head_column(call).to(device)
-        return move_mass(probs, sinks, image & ~sinks, self.p, selected)
+        receivers = image if self.keys is None else self.key_role_mask(call)[:, :width].to(device)[:, None, None, :]
+        return move_mass(probs, sinks, receivers & ~sinks, self.p, selected)
