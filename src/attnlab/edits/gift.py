@@ -88,21 +88,23 @@ class Gift(Edit):
     def saliency(self, call: AttentionCall, probs_pass: Any, instruction: Tensor) -> Tensor:
         """(B, Lk) float in [0, 1]: normalised accumulated positive changes of image attention over the
         instruction rows, 0 off the image."""
-        B, Lq, Lk, device = call.batch, call.q_len, call.kv_len, call.device
+        B, Lk, device = call.batch, call.kv_len, call.device
         image = image_keys(call)
-        rows_attention = torch.zeros(B, Lq, Lk, dtype=torch.float64, device=device)  # head-mean probs per row
+        slot = instruction.long().cumsum(dim=1) - 1  # (B, Lq): each instruction row's rank in its sequence
+        readers = torch.zeros(B, max(int(instruction.sum(dim=1).max()), 1), Lk, dtype=torch.float64, device=device)
 
-        def collect(block: BlockView) -> None:
-            width = block.probs.shape[-1]
-            rows_attention[:, block.q_index.to(device), :width] = block.probs.double().to(device).mean(dim=1)
+        def collect(block: BlockView) -> None:  # head-mean attention of the instruction rows only
+            width, rows = block.probs.shape[-1], block.q_index.to(device)
+            mean = block.probs.double().to(device).mean(dim=1)  # (B, n, w)
+            chosen = instruction[:, rows]
+            batch_index = torch.arange(B, device=device)[:, None].expand_as(chosen)[chosen]
+            readers[batch_index, slot[:, rows][chosen], :width] = mean[chosen]
 
         probs_pass(collect)
-        shifts = torch.zeros(B, Lk, dtype=torch.float64, device=device)
-        for b in range(B):
-            rows = instruction[b].nonzero().flatten()  # increasing columns
-            if rows.numel() > 1:
-                visual = rows_attention[b, rows] * image[b]  # (m, Lk)
-                shifts[b] = (visual[1:] - visual[:-1]).clamp(min=0).sum(dim=0)
+        visual = readers * image[:, None, :]  # (B, m, Lk): a_k(j) on the image, rows in column order
+        steps = (visual[:, 1:] - visual[:, :-1]).clamp(min=0)  # (B, m-1, Lk)
+        pairs = (torch.arange(1, readers.shape[1], device=device)[None, :] < instruction.sum(dim=1)[:, None])
+        shifts = (steps * pairs[:, :, None]).sum(dim=1)  # only consecutive pairs of real instruction rows
         peak = shifts.amax(dim=-1, keepdim=True)
         return torch.where(peak > 0, shifts / torch.where(peak > 0, peak, 1.0), 0.0).float()
 
