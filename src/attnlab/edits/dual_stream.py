@@ -142,7 +142,7 @@ class DualStream(Edit):
                 continue
             count = columns.numel()
             scores = local[b, columns]
-            streams = [(spatial[b, columns], self.spatial_ratio)]
+            streams = [(spatial[b, columns], self.spatial_ratio)] if bool(image_seen[b, columns].any()) else []
             if bool(instruction[b].any()):  # the instruction-driven stream and the outliers need an instruction
                 streams.append((scores, self.local_ratio))
                 q1, q3 = torch.quantile(scores, torch.tensor([0.25, 0.75], dtype=scores.dtype, device=device))
