@@ -21,7 +21,8 @@ logger = logging.getLogger(__name__)
 BLOCK_PATHS = (
     "model.layers",  # Llama, Mistral, Qwen2/3, Gemma, Phi-3, OLMo (ForCausalLM)
     "layers",  # the same families' base models
-    "model.language_model.layers",  # multimodal wrappers with a text decoder
+    "model.language_model.layers",  # multimodal wrappers with a text decoder (LLaVA, Qwen2-VL, PaliGemma, Gemma 3)
+    "model.text_model.layers",  # Idefics3 / SmolVLM
     "gpt_neox.layers",
     "transformer.h",  # GPT-2, GPT-J, CodeGen
     "bert.encoder.layer",
@@ -149,6 +150,9 @@ def model_facts(model: Any, **provenance: Any) -> ModelFacts:
     )
 
 
+TOKENS_PER_IMAGE_KEYS = ("image_seq_length", "mm_tokens_per_image", "image_seq_len")  # LLaVA/PaliGemma, Gemma 3, Idefics3
+
+
 def vision_facts(model: Any) -> dict[str, Any]:
     """``modality``, ``image_token_ids`` and ``vision`` (image_size, patch_size, merge, num_layers) of a
     vision-language model (a config with a vision sub-config and an image token id); text facts otherwise."""
@@ -162,6 +166,8 @@ def vision_facts(model: Any) -> dict[str, Any]:
     merge = getattr(vision, "spatial_merge_size", None) or getattr(config, "scale_factor", None) or 1
     facts = {"image_size": getattr(vision, "image_size", None), "patch_size": getattr(vision, "patch_size", None),
              "merge": int(merge),
-             "num_layers": getattr(vision, "num_hidden_layers", None) or getattr(vision, "depth", None)}
+             "num_layers": getattr(vision, "num_hidden_layers", None) or getattr(vision, "depth", None),
+             "tokens_per_image": next((getattr(config, key) for key in TOKENS_PER_IMAGE_KEYS
+                                       if isinstance(getattr(config, key, None), int)), None)}
     return {"modality": "vision-language", "image_token_ids": ids,
             "vision": {key: value for key, value in facts.items() if value is not None}}
