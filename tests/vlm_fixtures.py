@@ -77,7 +77,7 @@ def llava_batch(model, sequences: Sequence[Sequence[int]], *, seed: int = 0, pad
     if count:
         size = model.config.vision_config.image_size
         if pixel_values is None:
-            generator = torch.Generator().manual_seed(seed)
+            generator = torch.Generator().manual_seed(10_007 + seed)  # not the noise counterfactual's seed
             pixel_values = torch.randn(count, 3, size, size, generator=generator)
         batch["pixel_values"] = pixel_values
     return batch
