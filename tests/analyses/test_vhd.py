@@ -136,9 +136,9 @@ def test_text_only_models_are_refused():
 # VHR -------------------------------------------------------------------------------------------------------------
 def test_vhr_specs_round_trip_and_bad_pairs_are_one_line_errors():
     edit = parse_edit_spec("vhr:alpha=2,pairs=1.3+0.1+0.2")
-    assert edit.selection == {0: (1, 2), 1: (3,)} and edit.layers == (0, 1)
+    assert edit.chosen == {0: (1, 2), 1: (3,)} and edit.layers == (0, 1)
     assert edit.spec() == "vhr:alpha=2.0,pairs=0.1+0.2+1.3"
-    assert parse_edit_spec(edit.spec()).selection == edit.selection
+    assert parse_edit_spec(edit.spec()).chosen == edit.chosen
     assert [e.name for e in parse_edit_list("vhr:pairs=0.1+1.2+head_scale:scale=0,heads=1")] == ["vhr", "head_scale"]
     assert parse_pairs(format_pairs({2: [3, 1]})) == {2: (1, 3)}
     assert parse_edit_spec("vhr:alpha=1").is_identity() and VHR.from_selection({}).is_identity()
@@ -159,10 +159,10 @@ def test_fraction_zero_and_alpha_one_leave_logits_bit_identical(llava, runner):
     with torch.no_grad():
         plain = llava(**batch).logits
     none = select_vhr(runner, [batch], fraction=0.0)
-    assert none.selection == {} and none.is_identity()
+    assert none.chosen == {} and none.is_identity()
     assert torch.equal(_session_logits(llava, batch, [none]), plain)
     ones = select_vhr(runner, [batch], fraction=0.5, alpha=1.0)
-    assert sum(map(len, ones.selection.values())) == 4 and ones.is_identity()
+    assert sum(map(len, ones.chosen.values())) == 4 and ones.is_identity()
     assert torch.equal(_session_logits(llava, batch, [ones]), plain)
 
 
@@ -188,13 +188,13 @@ def test_vhr_scales_only_the_selected_heads(llava):
 def test_select_vhr_goes_layer_by_layer_with_earlier_layers_reinforced(llava, runner):
     batch = llava_batch(llava, [[1, 5, IMAGE, 6, 7], [1, IMAGE, 8, 9]])
     edit = select_vhr(runner, [batch], fraction=0.5, alpha=3.0, counterfactual="drop", at="after_image")
-    assert set(edit.selection) == {0, 1} and all(len(h) == 2 for h in edit.selection.values())
+    assert set(edit.chosen) == {0, 1} and all(len(h) == 2 for h in edit.chosen.values())
     distance, _, _ = vhd_of_batch(runner, batch, ids=IDS, counterfactual="drop", at="after_image")
     first = distance[:, 0].mean(0)
     torch.testing.assert_close(edit.scores[0], first)
-    assert list(edit.selection[0]) == top_fraction(first, 0.5)
+    assert list(edit.chosen[0]) == top_fraction(first, 0.5)
     reinforced, _, _ = vhd_of_batch(runner, batch, ids=IDS, counterfactual="drop", at="after_image",
-                                    edits=[VHR.from_selection({0: edit.selection[0]}, alpha=3.0)])
+                                    edits=[VHR.from_selection({0: edit.chosen[0]}, alpha=3.0)])
     torch.testing.assert_close(edit.scores[1], reinforced[:, 1].mean(0))
     assert not torch.allclose(edit.scores[1], distance[:, 1].mean(0))
     with pytest.raises(ConfigError, match="fraction"):

@@ -20,6 +20,7 @@ from attnlab.edits import EDITS
 from attnlab.edits.base import AttentionCall, Edit
 from attnlab.errors import ConfigError
 from attnlab.params import Range, validated
+from attnlab.roles import RoleList
 
 _PAIR = re.compile(r"(\d{1,6})\.(\d{1,6})")
 
@@ -54,6 +55,11 @@ class VHR(Edit):
         alpha: the factor in [-1e6, 1e6] (default 2.0).
         pairs: the selected heads as ``layer.head`` items joined by ``+`` (``"0.1+0.3+1.2"``), or None / "" for
             none. From Python, :meth:`from_selection` takes ``{layer: [heads]}``.
+        queries: token roles of the query rows to reinforce (``text+generated``), None = every row.
+
+    Attributes:
+        chosen: ``{layer: (heads, …)}``, the selection. scores: (num_layers, H) VHD measured by ``select_vhr``
+            (only on an edit it returned).
 
     Raises:
         ConfigError: alpha out of range; pairs not in the ``layer.head+…`` form.
@@ -65,35 +71,38 @@ class VHR(Edit):
     identity: ClassVar[dict[str, Any]] = {"alpha": 1.0}
 
     @validated
-    def __init__(self, alpha: Annotated[float, Range(ge=-1e6, le=1e6)] = 2.0, pairs: str | None = None) -> None:
-        self.selection = parse_pairs(pairs or "")
-        layers = tuple(self.selection) if self.selection else None
-        super().__init__(layers=layers, heads=None)
+    def __init__(self, alpha: Annotated[float, Range(ge=-1e6, le=1e6)] = 2.0, pairs: str | None = None,
+                 queries: RoleList | None = None) -> None:
+        self.chosen = parse_pairs(pairs or "")
+        layers = tuple(self.chosen) if self.chosen else None
+        super().__init__(layers=layers, heads=None, queries=queries)
         self.alpha = alpha
 
     @classmethod
-    def from_selection(cls, selection: Mapping[int, Sequence[int]], alpha: float = 2.0) -> VHR:
-        """The edit scaling ``selection`` {layer: [query heads]} by ``alpha``."""
-        return cls(alpha=alpha, pairs=format_pairs(selection))
+    def from_selection(cls, selection: Mapping[int, Sequence[int]], alpha: float = 2.0,
+                       queries: RoleList | None = None) -> VHR:
+        """The edit scaling ``selection`` {layer: [query heads]} by ``alpha`` (on query rows of ``queries`` roles)."""
+        return cls(alpha=alpha, pairs=format_pairs(selection), queries=queries)
 
     def params(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "pairs": format_pairs(self.selection)}
+        return {"alpha": self.alpha, "pairs": format_pairs(self.chosen)}
 
     def spec(self) -> str:
-        """``vhr:alpha=A,pairs=L.H+…`` (the layers are the pairs' own, so they are not repeated)."""
-        pairs = format_pairs(self.selection)
-        return f"{self.name}:alpha={self.alpha}" + (f",pairs={pairs}" if pairs else "")
+        """``vhr:alpha=A,pairs=L.H+…[,queries=R+…]`` (the layers are the pairs' own, so they are not repeated)."""
+        pairs = format_pairs(self.chosen)
+        queries = f",queries={'+'.join(self.queries)}" if self.queries is not None else ""
+        return f"{self.name}:alpha={self.alpha}" + (f",pairs={pairs}" if pairs else "") + queries
 
     def is_identity(self) -> bool:
         """α = 1 or no head selected."""
-        return self.alpha == 1.0 or not self.selection
+        return self.alpha == 1.0 or not self.chosen
 
     def applies_to(self, layer_idx: int) -> bool:
-        return layer_idx in self.selection if self.selection else True
+        return layer_idx in self.chosen if self.chosen else True
 
     def check_model(self, num_layers: int, num_heads: int) -> None:
         """ConfigError naming the first pair outside the model."""
-        for layer, heads in self.selection.items():
+        for layer, heads in self.chosen.items():
             if layer >= num_layers or max(heads) >= num_heads:
                 raise ConfigError(f"edit {self.spec()!r}: pair {layer}.{max(heads)} is outside the model "
                                   f"({num_layers} layers, {num_heads} heads)")
@@ -101,8 +110,8 @@ class VHR(Edit):
     def head_mask(self, call: AttentionCall) -> Tensor:
         """(Hq,) bool: the heads selected on this call's layer (none on other layers)."""
         selected = torch.zeros(call.num_heads, dtype=torch.bool, device=call.device)
-        heads = [h for h in self.selection.get(call.layer_idx, ()) if h < call.num_heads]
-        if len(heads) != len(self.selection.get(call.layer_idx, ())):
+        heads = [h for h in self.chosen.get(call.layer_idx, ()) if h < call.num_heads]
+        if len(heads) != len(self.chosen.get(call.layer_idx, ())):
             raise ConfigError(f"edit {self.spec()!r}: layer {call.layer_idx} has {call.num_heads} heads")
         if heads:
             selected[heads] = True

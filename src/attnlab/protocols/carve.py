@@ -54,9 +54,9 @@ class CarveResult:
 
 def _unpack(model: Any, processor: Any) -> tuple[Any, Any]:
     """(model, processor) from a LoadedModel (``.model``, ``.processor``) or the two given."""
-    if processor is None:
-        processor = getattr(model, "processor", None)
-    model = getattr(model, "model", model)
+    if not isinstance(model, torch.nn.Module):  # a LoadedModel
+        processor = processor if processor is not None else getattr(model, "processor", None)
+        model = model.model
     if processor is None:
         raise ConfigError("carve needs the model's processor (load_model gives it as loaded.processor)")
     return model, processor

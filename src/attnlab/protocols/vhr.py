@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from attnlab.analyses.vhd import Counterfactual, Measured, select_vhr
 from attnlab.capture.vlm_runner import VisionRunner
@@ -34,9 +34,10 @@ def calibrate_vhr(model: Any, batches: Iterable[dict[str, Tensor]], *, tokenizer
     Raises:
         ConfigError: see :func:`attnlab.analyses.vhd.select_vhr`.
     """
-    facts = getattr(model, "facts", None)
-    tokenizer = getattr(model, "tokenizer", tokenizer)
-    runner = VisionRunner(getattr(model, "model", model), tokenizer, facts)
+    facts = None
+    if not isinstance(model, nn.Module):  # a LoadedModel
+        model, tokenizer, facts = model.model, model.tokenizer, model.facts
+    runner = VisionRunner(model, tokenizer, facts)
     with progress_to(progress) as report:
         return select_vhr(runner, batches, fraction=fraction, alpha=alpha, counterfactual=counterfactual, at=at,
                           layers=layers, seed=seed, progress=report)
