@@ -199,3 +199,16 @@ def test_select_vhr_goes_layer_by_layer_with_earlier_layers_reinforced(llava, ru
     assert not torch.allclose(edit.scores[1], distance[:, 1].mean(0))
     with pytest.raises(ConfigError, match="fraction"):
         select_vhr(runner, [batch], fraction=1.5)
+
+
+def test_a_runner_that_drops_the_pixels_is_refused(llava):
+    from attnlab.capture.runner import ModelRunner
+
+    plain = ModelRunner(llava)  # passes only input_ids and attention_mask to the model
+    batch = llava_batch(llava, [[1, 5, IMAGE, 6]])
+    analysis = ANALYSES.get("vhd")()
+    analysis.prepare(plain.facts, plain)
+    with pytest.raises(ConfigError, match="does not pass pixel_values"):
+        analysis.observe(plain, batch)
+    with pytest.raises(ConfigError, match="does not pass pixel_values"):
+        select_vhr(plain, [batch])

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from attnlab.analyses import ANALYSES
 from attnlab.analyses.base import Analysis, Runner
-from attnlab.analyses.vhd import image_mask, image_token_ids, model_inputs
+from attnlab.analyses.vhd import check_images_reach_model, image_mask, image_token_ids, model_inputs
 from attnlab.errors import ConfigError, ShapeError
 from attnlab.facts import ModelFacts
 from attnlab.params import IndexList, Range, validated
@@ -240,6 +240,9 @@ class CarveAnalysis(Analysis):
         self.maps: list[tuple[int, int, list[list[float]], list[list[int]]]] = []
 
     def observe(self, runner: Runner, batch: dict[str, Tensor]) -> None:
+        if not getattr(self, "_runner_checked", False):
+            check_images_reach_model(runner, batch)
+            self._runner_checked = True
         generic = generic_batch(batch, self.ids, self.generic_ids)
         maps, task_entropy, generic_entropy = carve_maps(runner, batch, generic, ids=self.ids, layers=self.chosen,
                                                          lam=self.lam, keep=self.keep)

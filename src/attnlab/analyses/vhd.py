@@ -74,6 +74,24 @@ def model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
     return {key: value for key, value in batch.items() if key not in NOT_MODEL_INPUTS}
 
 
+def check_images_reach_model(runner: Runner, batch: dict[str, Tensor]) -> None:
+    """ConfigError if ``runner.forward`` does not give the batch's ``pixel_values`` to the model: the final hidden
+    states do not change when the pixels do (a runner that passes only ``input_ids``/``attention_mask`` would
+    measure every image method on the image tokens' placeholder embeddings). Two forward passes; no-op without
+    pixel values."""
+    inputs = model_inputs(batch)
+    pixels = inputs.get("pixel_values")
+    if pixels is None:
+        return
+    other = torch.ones_like(pixels) if bool((pixels == 0).all()) else torch.zeros_like(pixels)
+    with torch.no_grad():
+        first = runner.forward(inputs).last_hidden
+        second = runner.forward({**inputs, "pixel_values": other}).last_hidden
+    if torch.equal(first, second):
+        raise ConfigError("the runner does not pass pixel_values to the model (the output ignores the image); "
+                          "run image analyses through attnlab.capture.vlm_runner.VisionRunner")
+
+
 def _left_padded(batch: dict[str, Tensor]) -> bool:
     valid = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
     return bool((~valid[:, 0]).any())
@@ -220,6 +238,7 @@ def select_vhr(runner: Runner, batches: Iterable[dict[str, Tensor]], *, fraction
     if order and (order[0] < 0 or order[-1] >= facts.num_layers):
         raise ConfigError(f"select_vhr: layers must be in 0…{facts.num_layers - 1}, got {order}")
     ids = image_token_ids(facts, runner.model)
+    check_images_reach_model(runner, batches[0])
     scores = torch.full((facts.num_layers, facts.num_heads), float("nan"), dtype=torch.float64)
     selection: dict[int, list[int]] = {}
     for step, layer in enumerate(order):
@@ -285,6 +304,9 @@ class VHDAnalysis(HeadDivergenceAnalysis):
         self.sequences = torch.zeros((), dtype=torch.float64)
 
     def observe(self, runner: Runner, batch: dict[str, Tensor]) -> None:
+        if not getattr(self, "_runner_checked", False):
+            check_images_reach_model(runner, batch)
+            self._runner_checked = True
         distance, norm, where = vhd_of_batch(runner, batch, ids=self.ids, counterfactual=self.counterfactual,
                                              at=self.at, seed=self.seed)
         self.divergence_sum += distance.sum(0)
@@ -315,5 +337,5 @@ class VHDAnalysis(HeadDivergenceAnalysis):
                            for b, c, t, s in self.token_scores]}
 
 
-__all__ = ["VHDAnalysis", "counterfactual_batch", "image_token_ids", "measured_tokens", "select_vhr", "t_vhd",
+__all__ = ["VHDAnalysis", "check_images_reach_model", "counterfactual_batch", "image_token_ids", "measured_tokens", "select_vhr", "t_vhd",
            "top_fraction", "vhd_of_batch"]
