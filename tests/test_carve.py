@@ -130,7 +130,7 @@ def test_carve_analysis_rows_extras_and_requery(llava, runner):
     assert 0 < rows[("image_entropy", 1)] <= np.log(16) + 1e-9 and rows[("requery_kl", None)] > 0
     extras = analysis.extras()
     assert len(extras["maps"]) == 2 and np.array(extras["maps"][0]["grid"]).shape == (4, 4)
-    assert len(extras["maps"][0]["kept"]) == 8
+    assert len(extras["maps"][0]["markers"]) == 8 and extras["maps"][1]["sequence"] == 1
     with pytest.raises(ConfigError, match="pixel_values"):
         analysis.observe(runner, {k: v for k, v in batch.items() if k != "pixel_values"})
 

@@ -18,7 +18,8 @@ The per-layer entropy of the task map, H = -Σ ā_v log ā_v, is the paper's vis
 ``carve`` (analysis): per batch, the generic batch is built by replacing each sequence's text after its last image
 by the tokenised ``generic`` instruction; rows ``image_entropy`` (task) and ``generic_image_entropy`` per layer,
 ``requery_kl`` (KL(p_orig ‖ p_masked) of the last token's next-token distribution) and ``answer_changed`` (argmax
-differs), extras ``maps`` (per image: grid rows × cols of the contrast, the kept tokens). The full pipeline from a
+differs), extras ``maps`` (per image, in the report's ImageOverlay record form: ``sequence``, ``image_index``,
+``grid`` rows × cols of the contrast, ``markers`` the kept tokens [row, col], ``title``). The full pipeline from a
 PIL image and a question (masking the original image, generation) is :func:`attnlab.protocols.carve.carve`.
 
 Shapes: B batch, L tokens, H heads, P = rows · cols tokens of one image.
@@ -209,7 +210,8 @@ class CarveAnalysis(Analysis):
                     Series("generic_image_entropy", "generic instruction", "nats")),
                    alt="Entropy of the attention over image tokens per layer",
                    caption="Entropy of text queries' attention over the image (renormalised), per layer."),
-        Table((Column("sequence", "sequence"), Column("image", "image"), Column("kept", "kept tokens (row, col)")),
+        Table((Column("sequence", "sequence"), Column("image_index", "image"),
+               Column("markers", "kept tokens (row, col)")),
               extras="maps", caption="Kept image tokens (top contrast)."),
     )),)
 
@@ -294,7 +296,8 @@ class CarveAnalysis(Analysis):
         seen = float(self.sequences) or float("nan")
         return {"generic": self.generic, "layers": self.chosen, "lam": self.lam, "keep": self.keep,
                 "requery_kl": round(float(self.kl_sum) / seen, 6), "answer_changed": round(float(self.changed) / seen, 6),
-                "maps": [{"sequence": s, "image": i, "grid": grid, "kept": kept} for s, i, grid, kept in self.maps]}
+                "maps": [{"sequence": s, "image_index": i, "grid": grid, "markers": kept,
+                          "title": f"CARVE contrast, sequence {s} image {i}"} for s, i, grid, kept in self.maps]}
 
 
 __all__ = ["CarveAnalysis", "CarveMap", "after_image", "carve_maps", "contrast", "entropy", "generic_batch",
