@@ -20,7 +20,9 @@ by the tokenised ``generic`` instruction; rows ``image_entropy`` (task) and ``ge
 ``requery_kl`` (KL(p_orig ‖ p_masked) of the last token's next-token distribution) and ``answer_changed`` (argmax
 differs), extras ``maps`` (per image, in the report's ImageOverlay record form: ``sequence``, ``image_index``,
 ``grid`` rows × cols of the contrast, ``markers`` the kept tokens [row, col], ``title``). The full pipeline from a
-PIL image and a question (masking the original image, generation) is :func:`attnlab.protocols.carve.carve`.
+PIL image and a question (masking the original image, generation) is :func:`attnlab.protocols.carve.carve`; the
+analysis masks the processed ``pixel_values`` (LLaVA's (N, C, H, W), Idefics3's (B, n, C, H, W)); Qwen2-VL's
+flattened patches are refused (use ``attnlab.carve``).
 
 Shapes: B batch, L tokens, H heads, P = rows · cols tokens of one image.
 """
@@ -123,6 +125,29 @@ def mask_pixels(pixels: Tensor, keep: Tensor, fill: float = 0.0) -> Tensor:
     return torch.where(upsampled.to(pixels.device), pixels, torch.full_like(pixels, fill))
 
 
+def mask_images(pixels: Tensor, keeps: Sequence[Tensor], fill: float = 0.0) -> Tensor:
+    """``pixel_values`` with image i masked outside ``keeps[i]`` (:func:`mask_pixels`), images in batch order.
+
+    Args:
+        pixels: (N, C, H, W) one entry per image (LLaVA), or (B, n, C, H, W) with all-zero padding images (Idefics3:
+            every tile and the global image are entries, each its own token run).
+        keeps: one (rows, cols) bool grid per image token run, in batch order.
+    Raises:
+        ConfigError: the number of (real) images differs from the number of grids.
+    """
+    real = ~(pixels == 0).flatten(2).all(-1) if pixels.dim() == 5 else None
+    flat = pixels[real] if real is not None else pixels
+    if flat.shape[0] != len(keeps):
+        raise ConfigError(f"pixel_values hold {flat.shape[0]} images but the tokens hold {len(keeps)} image runs; "
+                          "use attnlab.carve with the image file")
+    masked = torch.stack([mask_pixels(image, keep, fill) for image, keep in zip(flat, keeps)]) if keeps else flat
+    if real is None:
+        return masked
+    out = pixels.clone()
+    out[real] = masked
+    return out
+
+
 def entropy(distribution: Tensor) -> float:
     """-Σ p log p (nats) of a distribution (any shape, summing to 1; zeros contribute 0)."""
     p = distribution.double().flatten()
@@ -155,8 +180,11 @@ def generic_batch(batch: dict[str, Tensor], ids: Sequence[int], generic_ids: Seq
 
 
 def carve_maps(runner: Runner, batch: dict[str, Tensor], generic: dict[str, Tensor], *, ids: Sequence[int],
-               layers: Sequence[int], lam: float, keep: float) -> tuple[list[CarveMap], Tensor, Tensor]:
+               layers: Sequence[int], lam: float, keep: float, merge: int = 1) -> tuple[list[CarveMap], Tensor, Tensor]:
     """CARVE maps of every image of ``batch`` (task) against ``generic`` (the same images, generic instruction).
+
+    Each image's grid comes from the batch's ``image_grid_thw`` (Qwen2-VL; its h, w divided by ``merge``, the
+    model's ``facts.vision["merge"]``) or is the square of its token run (LLaVA, Idefics3 tiles, Gemma 3).
 
     Returns:
         ``(maps, task_entropy, generic_entropy)``: one :class:`CarveMap` per image (batch order) and the per-layer
@@ -169,7 +197,9 @@ def carve_maps(runner: Runner, batch: dict[str, Tensor], generic: dict[str, Tens
     for source in (batch, generic):
         inputs = model_inputs(source)
         valid = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])).bool()
-        roles = TokenRoles.from_input_ids(inputs["input_ids"], valid, ids)
+        grids = inputs.get("image_grid_thw")
+        roles = TokenRoles.from_input_ids(inputs["input_ids"], valid, ids, grids=grids,
+                                          merge=merge if grids is not None else 1)
         queries = after_image(inputs["input_ids"], valid, ids)
         with torch.no_grad():
             probs = runner.attention_probs(inputs)
@@ -226,6 +256,7 @@ class CarveAnalysis(Analysis):
     def prepare(self, facts: ModelFacts, runner: Runner) -> None:
         super().prepare(facts, runner)
         self.ids = image_token_ids(facts, runner.model)
+        self.merge = int((getattr(facts, "vision", None) or {}).get("merge") or 1)
         L = facts.num_layers
         self.chosen = list(self.layers) if self.layers is not None else list(range(L // 2, L))
         if max(self.chosen) >= L:
@@ -245,18 +276,18 @@ class CarveAnalysis(Analysis):
         if not getattr(self, "_runner_checked", False):
             check_images_reach_model(runner, batch)
             self._runner_checked = True
+        pixels = batch.get("pixel_values")
+        if pixels is None or pixels.dim() not in (4, 5):
+            raise ConfigError("carve masks images in pixel space and needs pixel_values (num_images, channels, "
+                              "height, width) (LLaVA-style) or (batch, images, channels, height, width) (Idefics3); "
+                              "for other processors use attnlab.carve with the image file")
         generic = generic_batch(batch, self.ids, self.generic_ids)
         maps, task_entropy, generic_entropy = carve_maps(runner, batch, generic, ids=self.ids, layers=self.chosen,
-                                                         lam=self.lam, keep=self.keep)
+                                                         lam=self.lam, keep=self.keep, merge=self.merge)
         self.entropy_sum += task_entropy.sum(1)
         self.generic_entropy_sum += generic_entropy.sum(1)
         self.images += len(maps)
-        pixels = batch.get("pixel_values")
-        if pixels is None or pixels.dim() != 4 or pixels.shape[0] != len(maps):
-            raise ConfigError("carve masks images in pixel space and needs pixel_values (num_images, channels, "
-                              "height, width), one per image token run (LLaVA-style); for other processors use "
-                              "attnlab.carve with the image file")
-        masked = torch.stack([mask_pixels(pixels[i], m.keep, self.fill) for i, m in enumerate(maps)])
+        masked = mask_images(pixels, [m.keep for m in maps], self.fill)
         inputs = model_inputs(batch)
         with torch.no_grad():
             before = runner.forward(inputs).logits
@@ -301,4 +332,4 @@ class CarveAnalysis(Analysis):
 
 
 __all__ = ["CarveAnalysis", "CarveMap", "after_image", "carve_maps", "contrast", "entropy", "generic_batch",
-           "image_attention", "keep_top", "mask_pixels"]
+           "image_attention", "keep_top", "mask_images", "mask_pixels"]

@@ -12,7 +12,8 @@ with o the head output before W_O (the runner's ``head_outputs``). The counterfa
   paper's definition. Later tokens shift to earlier positions (as in ``head_divergence``, which measures the same
   distance for a text span; this analysis generalises it to images and shares its state and rows).
 - ``noise``: the image replaced by Gaussian noise N(0, 1) in the processor's normalised pixel space (seeded).
-- ``blank``: the image replaced by zeros in normalised pixel space (the dataset-mean colour everywhere).
+- ``blank``: the image replaced by a constant 1e-4 in normalised pixel space, the dataset-mean colour everywhere
+  (not exactly 0: Idefics3 treats an all-zero image as padding and drops it).
 
 Measured tokens (``at=``): ``last`` (each sequence's last real token: the next-token prediction, one generation
 step), ``after_image`` (every text token after the sequence's last image token: the instruction and any answer
@@ -48,7 +49,8 @@ from attnlab.report.sections import Column, Heatmap, Section, Series, Table, Tex
 
 Counterfactual = Literal["drop", "noise", "blank"]
 Measured = Literal["last", "after_image", "answer"]
-NOT_MODEL_INPUTS = ("answer_mask",)  # batch keys the analyses read and never pass to the model
+NOT_MODEL_INPUTS = ("answer_mask",)
+BLANK = 1e-4  # the blank image's value in normalised pixel space: ~the mean colour, not exactly 0 (see module doc)  # batch keys the analyses read and never pass to the model
 
 
 def image_token_ids(facts: ModelFacts, model: Any = None) -> tuple[int, ...]:
@@ -83,7 +85,7 @@ def check_images_reach_model(runner: Runner, batch: dict[str, Tensor]) -> None:
     pixels = inputs.get("pixel_values")
     if pixels is None:
         return
-    other = torch.ones_like(pixels) if bool((pixels == 0).all()) else torch.zeros_like(pixels)
+    other = pixels + 1.0  # never all zero (Idefics3 takes an all-zero image for padding)
     with torch.no_grad():
         first = runner.forward(inputs).last_hidden
         second = runner.forward({**inputs, "pixel_values": other}).last_hidden
@@ -120,7 +122,7 @@ def counterfactual_batch(batch: dict[str, Tensor], ids: Sequence[int], kind: Cou
         if pixels is None:
             raise ConfigError(f"counterfactual={kind!r} replaces the image, but the batch has no pixel_values")
         if kind == "blank":
-            replaced = torch.zeros_like(pixels)
+            replaced = torch.full_like(pixels, BLANK)
         else:
             generator = torch.Generator().manual_seed(seed)
             replaced = torch.randn(pixels.shape, generator=generator, dtype=torch.float32).to(pixels)

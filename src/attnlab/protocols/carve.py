@@ -123,7 +123,8 @@ def carve(model: Any, image: Any, question: str, *, processor: Any = None, gener
     task, plain = encode(processor, image, question), encode(processor, image, generic)
     device = next(model.parameters()).device
     maps, _, _ = carve_maps(runner, {k: v.to(device) for k, v in task.items()},
-                            {k: v.to(device) for k, v in plain.items()}, ids=ids, layers=chosen, lam=lam, keep=keep)
+                            {k: v.to(device) for k, v in plain.items()}, ids=ids, layers=chosen, lam=lam, keep=keep,
+                            merge=int((facts.vision or {}).get("merge") or 1))
     if len(maps) != 1:
         raise ConfigError(f"carve takes one image; the encoded prompt holds {len(maps)} image token runs")
     masked = mask_image(image, maps[0].keep, fill)
