@@ -238,3 +238,38 @@ def test_other_families_measure_and_select(kind):
                                       at="after_image")
         assert distance.shape[1:] == (2, 4) and (distance > 0).any()
     assert sum(map(len, select_vhr(runner, [batch], fraction=0.5).chosen.values())) == 4
+
+
+def test_t_vhd_of_each_generated_token(llava):
+    from attnlab.protocols.vhr import generation_t_vhd
+
+    batch = llava_batch(llava, [[1, 5, IMAGE, 6, 7], [1, IMAGE, 8]], padding="left")
+    per_sequence = generation_t_vhd(llava, batch, max_new_tokens=3)
+    assert [len(row) for row in per_sequence] == [3, 3]
+    llava.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        generated = llava.generate(**batch, max_new_tokens=3, do_sample=False)[:, batch["input_ids"].shape[1]:]
+    assert [[token for token, _ in row] for row in per_sequence] == [[str(int(t)) for t in g] for g in generated]
+    # step 0 is the prompt's last token: the same as at="last" on the prompt alone
+    distance, _, _ = vhd_of_batch(VisionRunner(llava), batch, ids=IDS, counterfactual="drop", at="last")
+    assert [row[0][1] for row in per_sequence] == pytest.approx(t_vhd(distance).tolist())
+    with pytest.raises(ConfigError, match="left-padded"):
+        generation_t_vhd(llava, llava_batch(llava, [[1, 5, IMAGE, 6, 7], [1, IMAGE, 8]], padding="right"))
+
+
+def test_vhr_restricted_to_text_queries_leaves_image_rows(llava):
+    batch = llava_batch(llava, [[1, 5, IMAGE, 6, 7]])
+    captured = {}
+    o_proj = llava.model.language_model.layers[0].self_attn.o_proj
+    handle = o_proj.register_forward_pre_hook(lambda m, args: captured.__setitem__("x", args[0].detach().view(1, -1, 4, 8)))
+    try:
+        _session_logits(llava, batch, ["vhr:alpha=1,pairs=0.1,queries=text"])  # the same (eager) path
+        base = captured["x"]
+        _session_logits(llava, batch, ["vhr:alpha=2,pairs=0.1,queries=text"])
+        edited = captured["x"]
+    finally:
+        handle.remove()
+    image = batch["input_ids"][0] == IMAGE_TOKEN_ID
+    assert torch.equal(edited[0, image], base[0, image])
+    torch.testing.assert_close(edited[0, ~image, 1], 2 * base[0, ~image, 1], rtol=1e-6, atol=1e-6)
+    assert parse_edit_spec("vhr:alpha=2,pairs=0.1,queries=text").spec() == "vhr:alpha=2.0,pairs=0.1,queries=text"
