@@ -170,3 +170,25 @@ def test_other_families_get_maps_on_their_own_grids(kind, tmp_path):
     result = carve(model, random_image(4, 48, 40), "what colour is the shape", processor=processor, max_new_tokens=0)
     rows, cols = result.map.contrast.shape
     assert result.map.task.sum() == pytest.approx(1.0) and rows * cols >= 4 and result.answer == ""
+
+
+@pytest.mark.parametrize("name", ["vhd", "carve"])
+def test_states_split_over_processes_merge_like_one_run(llava, runner, name):
+    """Exported, encoded, decoded and merged states (a run over shards) give the rows and extras of one pass."""
+    from attnlab.distributed import decode_state, encode_state
+    from attnlab.shards import bundle_of, load_bundle, merge_bundles
+
+    batches = [llava_batch(llava, [[1, 5, IMAGE, 6, 7]], seed=s) for s in range(3)]
+    whole, first, second, fresh = (ANALYSES.get(name)() for _ in range(4))
+    for obj in (whole, first, second, fresh):
+        obj.prepare(runner.facts, runner)
+    assert whole.shardable
+    for i, batch in enumerate(batches):
+        whole.observe(runner, batch)
+        (first if i < 2 else second).observe(runner, batch)
+    parts = [decode_state(encode_state(*bundle_of([obj], {}))) for obj in (first, second)]
+    load_bundle([fresh], merge_bundles([fresh], *parts))
+    rows = {(r["statistic"], r["layer"], r["head"]): r["value"] for r in whole.rows()}
+    assert {(r["statistic"], r["layer"], r["head"]): r["value"] for r in fresh.rows()} == pytest.approx(rows)
+    key = "maps" if name == "carve" else "tokens"
+    assert len(fresh.extras()[key]) == len(whole.extras()[key])

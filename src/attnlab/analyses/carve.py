@@ -256,7 +256,7 @@ class CarveAnalysis(Analysis):
     def prepare(self, facts: ModelFacts, runner: Runner) -> None:
         super().prepare(facts, runner)
         self.ids = image_token_ids(facts, runner.model)
-        self.merge = int((getattr(facts, "vision", None) or {}).get("merge") or 1)
+        self.merge_size = int((getattr(facts, "vision", None) or {}).get("merge") or 1)
         L = facts.num_layers
         self.chosen = list(self.layers) if self.layers is not None else list(range(L // 2, L))
         if max(self.chosen) >= L:
@@ -283,7 +283,7 @@ class CarveAnalysis(Analysis):
                               "for other processors use attnlab.carve with the image file")
         generic = generic_batch(batch, self.ids, self.generic_ids)
         maps, task_entropy, generic_entropy = carve_maps(runner, batch, generic, ids=self.ids, layers=self.chosen,
-                                                         lam=self.lam, keep=self.keep, merge=self.merge)
+                                                         lam=self.lam, keep=self.keep, merge=self.merge_size)
         self.entropy_sum += task_entropy.sum(1)
         self.generic_entropy_sum += generic_entropy.sum(1)
         self.images += len(maps)
