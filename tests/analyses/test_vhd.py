@@ -261,7 +261,8 @@ def test_vhr_restricted_to_text_queries_leaves_image_rows(llava):
     batch = llava_batch(llava, [[1, 5, IMAGE, 6, 7]])
     captured = {}
     o_proj = llava.model.language_model.layers[0].self_attn.o_proj
-    handle = o_proj.register_forward_pre_hook(lambda m, args: captured.__setitem__("x", args[0].detach().view(1, -1, 4, 8)))
+    handle = o_proj.register_forward_pre_hook(
+        lambda module, args: captured.__setitem__("x", args[0].detach().view(1, -1, 4, 8)))
     try:
         _session_logits(llava, batch, ["vhr:alpha=1,pairs=0.1,queries=text"])  # the same (eager) path
         base = captured["x"]

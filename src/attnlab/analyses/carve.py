@@ -43,7 +43,7 @@ from attnlab.errors import ConfigError, ShapeError
 from attnlab.facts import ModelFacts
 from attnlab.params import IndexList, Range, validated
 from attnlab.probes.base import Row, RowWriter
-from attnlab.report.sections import LayerCurve, Section, Series, Table, Column, Text
+from attnlab.report.sections import Column, LayerCurve, Section, Series, Table, Text
 from attnlab.roles import ImageSpan, TokenRoles
 
 
@@ -248,7 +248,8 @@ class CarveAnalysis(Analysis):
     @validated
     def __init__(self, generic: str = "Describe this image.", layers: IndexList | None = None,
                  lam: Annotated[float, Range(ge=0.0, le=1e6)] = 1e-3,
-                 keep: Annotated[float, Range(gt=0.0, le=1.0)] = 0.3, fill: Annotated[float, Range(ge=-1e6, le=1e6)] = 0.0,
+                 keep: Annotated[float, Range(gt=0.0, le=1.0)] = 0.3,
+                 fill: Annotated[float, Range(ge=-1e6, le=1e6)] = 0.0,
                  max_maps: Annotated[int, Range(ge=0)] = 8) -> None:
         self.generic, self.layers, self.lam, self.keep, self.fill = generic, layers, lam, keep, fill
         self.max_maps = max_maps
@@ -326,7 +327,8 @@ class CarveAnalysis(Analysis):
             return {"maps": []}
         seen = float(self.sequences) or float("nan")
         return {"generic": self.generic, "layers": self.chosen, "lam": self.lam, "keep": self.keep,
-                "requery_kl": round(float(self.kl_sum) / seen, 6), "answer_changed": round(float(self.changed) / seen, 6),
+                "requery_kl": round(float(self.kl_sum) / seen, 6),
+                "answer_changed": round(float(self.changed) / seen, 6),
                 "maps": [{"sequence": s, "image_index": i, "grid": grid, "markers": kept,
                           "title": f"CARVE contrast, sequence {s} image {i}"} for s, i, grid, kept in self.maps]}
 

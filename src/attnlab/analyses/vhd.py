@@ -49,8 +49,8 @@ from attnlab.report.sections import Column, Heatmap, Section, Series, Table, Tex
 
 Counterfactual = Literal["drop", "noise", "blank"]
 Measured = Literal["last", "after_image", "answer"]
-NOT_MODEL_INPUTS = ("answer_mask",)
-BLANK = 1e-4  # the blank image's value in normalised pixel space: ~the mean colour, not exactly 0 (see module doc)  # batch keys the analyses read and never pass to the model
+NOT_MODEL_INPUTS = ("answer_mask",)  # batch keys the analyses read and never pass to the model
+BLANK = 1e-4  # the blank image's value in normalised pixel space: ~the mean colour, not exactly 0 (module doc)
 
 
 def image_token_ids(facts: ModelFacts, model: Any = None) -> tuple[int, ...]:
@@ -293,8 +293,9 @@ class VHDAnalysis(HeadDivergenceAnalysis):
     )),)
 
     @validated
-    def __init__(self, counterfactual: Counterfactual = "drop", at: Measured = "last", seed: Annotated[int, Range(ge=0)] = 0,
-                 top_k: Annotated[int, Range(ge=1)] = 10, max_tokens: Annotated[int, Range(ge=0)] = 20) -> None:
+    def __init__(self, counterfactual: Counterfactual = "drop", at: Measured = "last",
+                 seed: Annotated[int, Range(ge=0)] = 0, top_k: Annotated[int, Range(ge=1)] = 10,
+                 max_tokens: Annotated[int, Range(ge=0)] = 20) -> None:
         super().__init__(top_k=top_k)
         self.counterfactual, self.at, self.seed, self.max_tokens = counterfactual, at, seed, max_tokens
 
@@ -339,5 +340,5 @@ class VHDAnalysis(HeadDivergenceAnalysis):
                            for b, c, t, s in self.token_scores]}
 
 
-__all__ = ["VHDAnalysis", "check_images_reach_model", "counterfactual_batch", "image_token_ids", "measured_tokens", "select_vhr", "t_vhd",
-           "top_fraction", "vhd_of_batch"]
+__all__ = ["VHDAnalysis", "check_images_reach_model", "counterfactual_batch", "image_token_ids", "measured_tokens",
+           "select_vhr", "t_vhd", "top_fraction", "vhd_of_batch"]
