@@ -13,7 +13,8 @@ tokens, #32; CARVE's attention over image tokens, #19).
 Per image it also keeps the attention each image token receives from the ``queries`` roles (default text) of its
 sequence, averaged over layers, heads and those queries (queries that cannot see the image count with 0): a
 rows × cols grid drawn on the image (``ImageOverlay``, frames averaged for a video); its sum is that image's share
-of the mean query's attention. Only the first ``overlays`` sequences keep grids (global sequence order, so
+of the mean query's attention. Grids come from the forward pass that holds the image (the prefill); decoding steps
+add to the role shares only. Only the first ``overlays`` sequences keep grids (global sequence order, so
 the grids do not depend on how windows were split over batches or processes).
 
 Roles come from ``call.query_roles`` / ``call.key_roles`` (set by the Session on a vision-language model); without
@@ -60,7 +61,7 @@ class RoleAttentionProbe(Probe):
 
     Args:
         queries: the query roles whose attention makes the per-image-token grids (default ``text``; text joins
-            roles with ``+``, e.g. ``text+generated``).
+            roles with ``+``, e.g. ``text+system``).
         overlays: how many sequences (the first ones, in global order) keep per-image-token grids (default 4).
     """
 
@@ -111,8 +112,10 @@ class RoleAttentionProbe(Probe):
         R = len(ROLES)
         self._mass = torch.zeros(call.num_heads, R, R, dtype=torch.float32, device=call.device)
         self._count = torch.zeros(call.num_heads, R, dtype=torch.float32, device=call.device)
-        first = call.sequence.sequence_offset
-        self._spans = [span for span in call.images if first + span.sequence < self.overlays]
+        first, q_offset = call.sequence.sequence_offset, call.sequence.valid.shape[1] - call.q_len
+        # grids come from the forward pass whose queries hold the image (a decoding step is numbered as a new
+        # sequence: its attention counts in the role shares, not in the grids)
+        self._spans = [span for span in call.images if first + span.sequence < self.overlays and span.start >= q_offset]
         self._received = {span: torch.zeros(span.length, dtype=torch.float32, device=call.device)
                           for span in self._spans}
         self._received_rows = {span: 0.0 for span in self._spans}
