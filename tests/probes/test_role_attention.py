@@ -3,6 +3,7 @@ loops over the probabilities; under padding, two images in one sequence, GQA, me
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -128,6 +129,7 @@ def test_split_batches_merge_and_export_round_trip():
         _feed(probe, part_roles, valid[b:b + 1], [p[b:b + 1] for p in probs], offset=b)
         parts.append(probe)
     tensors, side = parts[1].export_state()
+    side = json.loads(json.dumps(side))  # the side parts travel as JSON (shard files)
     copy = _probe()
     copy.import_state(tensors, side)
     parts[0].merge(copy)
@@ -197,3 +199,22 @@ def test_report_draws_the_role_section_and_the_overlay(tmp_path):
     assert section.count("<img") == 3  # heatmap, layer curve, overlay
     assert "attention to image tokens" in section or "to image tokens" in section
     assert "image not found" not in section
+
+
+def test_generation_adds_generated_rows_and_keeps_grids_to_the_prompt():
+    from attnlab.capture.session import Session
+
+    model = tiny_llava(layers=LAYERS, heads=HEADS, kv_heads=KV)
+    batch = vlm_batch(4)
+    probe = PROBES.get("role_attention")()
+    with Session(model, probes=[probe]), torch.no_grad():
+        model.generate(**batch, max_new_tokens=3, do_sample=False)
+    rows = probe.rows()
+    generated = [r for r in rows if r["statistic"] == "generated_to_image"]
+    assert len(generated) == LAYERS * HEADS and all(0 < r["value"] < 1 for r in generated)
+    shares = {}
+    for r in rows:
+        if r["statistic"].startswith("generated_to_"):
+            shares[(r["layer"], r["head"])] = shares.get((r["layer"], r["head"]), 0.0) + r["value"]
+    assert all(total == pytest.approx(1.0, abs=1e-5) for total in shares.values())
+    assert [(g["sequence"], g["image_index"]) for g in probe.image_grids()] == [(0, 0), (0, 1), (1, 0)]

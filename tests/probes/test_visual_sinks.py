@@ -3,6 +3,7 @@ plain loop; padding, two images in one sequence, given and found dims, the fallb
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -139,6 +140,7 @@ def test_split_batches_merge_and_export_round_trip():
         _feed(probe, part_roles, valid[b:b + 1], [h[b:b + 1] for h in hiddens], offset=b)
         parts.append(probe)
     tensors, side = parts[1].export_state()
+    side = json.loads(json.dumps(side))  # the side parts travel as JSON (shard files)
     copy = _probe()
     copy.import_state(tensors, side)
     parts[0].merge(copy)
