@@ -218,3 +218,53 @@ def test_generation_adds_generated_rows_and_keeps_grids_to_the_prompt():
             shares[(r["layer"], r["head"])] = shares.get((r["layer"], r["head"]), 0.0) + r["value"]
     assert all(total == pytest.approx(1.0, abs=1e-5) for total in shares.values())
     assert [(g["sequence"], g["image_index"]) for g in probe.image_grids()] == [(0, 0), (0, 1), (1, 0)]
+
+
+def _tiny_qwen2_vl():
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    vocab = 120
+    text = dict(hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV,
+                intermediate_size=64, vocab_size=vocab, max_position_embeddings=512,
+                rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, bos_token_id=1, eos_token_id=2)
+    vision = dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, patch_size=2, spatial_merge_size=2,
+                  temporal_patch_size=2, in_channels=3, mlp_ratio=2)
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=vocab - 1, video_token_id=vocab - 2,
+                           vision_start_token_id=vocab - 3, vision_end_token_id=vocab - 4, vocab_size=vocab,
+                           bos_token_id=1, eos_token_id=2)
+    return Qwen2VLForConditionalGeneration(config).eval(), vocab - 1
+
+
+def test_qwen2_vl_grids_are_not_square():
+    """Qwen2-VL: grids from image_grid_thw (merge 2) give 2 × 3 and 1 × 2 token grids; the numbers match loops over
+    the eager attentions (left padding)."""
+    from attnlab.capture.session import Session
+    from attnlab.roles import TokenRoles
+
+    model, image_id = _tiny_qwen2_vl()
+    grid = torch.tensor([[1, 4, 6], [1, 2, 4]])
+    ids = torch.randint(1, image_id - 4, (2, 20), generator=torch.Generator().manual_seed(0))
+    ids[0, 2:8] = image_id
+    ids[1, 5:7] = image_id
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "image_grid_thw": grid,
+             "pixel_values": torch.randn(32, 24, generator=torch.Generator().manual_seed(1)),
+             "mm_token_type_ids": (ids == image_id).long()}
+    roles = TokenRoles.from_input_ids(ids, mask.bool(), [image_id], grids=grid, merge=2)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        attentions = model(**batch, output_attentions=True).attentions
+    mass, count, received = _oracle([a * mask.bool()[:, None, :, None] for a in attentions], roles, mask.bool())
+    probe = PROBES.get("role_attention")()
+    with Session(model, probes=[probe]), torch.no_grad():
+        model(**batch)
+    seen = count > 0
+    torch.testing.assert_close(probe.mass()[seen], mass[seen], atol=1e-5, rtol=1e-4)
+    grids = probe.image_grids()
+    assert [(g["rows"], g["cols"]) for g in grids] == [(2, 3), (1, 2)]
+    for g in grids:
+        expected = received[(g["sequence"], g["image_index"])]
+        torch.testing.assert_close(torch.tensor(g["grid"], dtype=torch.float64).flatten(), expected, atol=1e-5,
+                                   rtol=1e-4)
