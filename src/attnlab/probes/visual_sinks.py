@@ -72,8 +72,8 @@ class VisualSinksProbe(Probe):
               title="Sink counts", caption="First, middle and last layer, then the mean over every layer."),
         ImageOverlay(extras="sink_grids", label="share of layers where the token is a sink", vmin=0.0, vmax=1.0,
                      when="sink_grids",
-                     caption="Each image token's share of layers in which it is a visual sink (φ > τ = {tau}), on the "
-                             "image; circles mark tokens that are sinks in at least half of the layers."),
+                     caption="Each image token's share of layers in which it is a visual sink (φ > τ = {tau}), on "
+                             "the image; circles mark tokens that are sinks in at least half of the layers."),
     )),)
 
     @validated
