@@ -39,8 +39,7 @@ from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
 from attnlab.errors import ConfigError
 
 __all__ = ["Column", "Heatmap", "ImageOverlay", "LayerCurve", "Part", "PositionCurve", "Section", "Series", "StepCurve",
-           "Table",
-           "Text", "LAYER_CHOICES", "section_specs", "sections_from_dicts"]
+           "Table", "Text", "LAYER_CHOICES", "section_specs", "sections_from_dicts"]
 
 LAYER_CHOICES = ("any", "none", "picked", "each")
 """Which rows a curve :class:`Series` reads: ``any`` = every row, averaged into one line; ``none`` = only rows with
