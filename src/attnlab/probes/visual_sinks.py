@@ -100,7 +100,8 @@ class VisualSinksProbe(Probe):
     # the layer inputs -----------------------------------------------------------------------------------------
     def on_hidden_states(self, layer_idx: int, hidden_states: Tensor, sequence: SequenceInfo) -> None:
         """Keep block ``layer_idx``'s output: the next layer's input, used when the call has no hidden_states."""
-        self._pending = {layer_idx + 1: hidden_states}
+        last = layer_idx + 1 >= self.dim_count.shape[0]  # the last block's output feeds no layer: keep nothing
+        self._pending = {} if last else {layer_idx + 1: hidden_states}
 
     def _inputs(self, call: AttentionCall) -> Tensor | None:
         hidden = call.hidden_states
