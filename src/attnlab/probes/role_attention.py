@@ -85,6 +85,7 @@ class RoleAttentionProbe(Probe):
               index_header="layer", title="Attention share by role",
               caption="Mean over heads; first, middle and last layer, then every layer."),
         ImageOverlay(extras="image_grids", label="mean attention per image token", when="image_grids",
+                     alt="Attention each image token receives, drawn on each input image",
                      caption="Attention each image token receives from {overlay_queries} queries, averaged over "
                              "layers, heads and those queries, drawn on the image; circles mark the "
                              f"{MARKED_CELLS} tokens with the most."),

@@ -71,7 +71,7 @@ class VisualSinksProbe(Probe):
                Column("image_sink_fraction", "share of image tokens")), index="picked_layers", index_header="layer",
               title="Sink counts", caption="First, middle and last layer, then the mean over every layer."),
         ImageOverlay(extras="sink_grids", label="share of layers where the token is a sink", vmin=0.0, vmax=1.0,
-                     when="sink_grids",
+                     when="sink_grids", alt="Visual sink tokens drawn on each input image",
                      caption="Each image token's share of layers in which it is a visual sink (φ > τ = {tau}), on "
                              "the image; circles mark tokens that are sinks in at least half of the layers."),
     )),)
