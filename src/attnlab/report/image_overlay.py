@@ -7,7 +7,7 @@ grid is drawn on a grey canvas of the recorded size and the caption says which f
 SHA-256 differs from the recorded one is drawn, and the caption says it changed.
 
 The grid (rows × cols, one cell per image token of the model's grid) is stretched over the whole image with
-nearest-neighbour cells, so a cell covers the part of the picture its token saw only when the processor resized the
+nearest-neighbour cells, coloured by value with an opacity that rises with it (the picture shows through low cells), so a cell covers the part of the picture its token saw only when the processor resized the
 whole image to the vision tower's square (LLaVA's "pad" and plain resizing do, a centre crop does not: the grid
 then covers the crop, stretched). Markers are circles at the cell centres.
 """
@@ -25,6 +25,8 @@ from typing import Any
 import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Colormap, Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Circle
 
@@ -96,6 +98,15 @@ def _grid(values: Any) -> np.ndarray:
     return np.asarray(rows, dtype=float) if rows and rows[0] else np.full((1, 1), math.nan)
 
 
+def _heat(grid: np.ndarray, cmap: Colormap, norm: Normalize) -> np.ndarray:
+    """(rows, cols, 4) RGBA heat layer: the colour map's colour, opacity rising with the value (0.1 at vmin, 0.75
+    at vmax), so the picture shows through low cells; NaN cells are transparent."""
+    scaled = np.clip(norm(np.nan_to_num(grid, nan=norm.vmin)), 0.0, 1.0)
+    rgba = cmap(scaled)
+    rgba[..., 3] = np.where(np.isfinite(grid), 0.1 + 0.65 * scaled, 0.0)
+    return rgba
+
+
 def draw_overlays(part: ImageOverlay, extras: Mapping[str, Any], inputs: Sequence[Mapping[str, Any]],
                   fill: Any = str) -> tuple[str, list[str]] | None:
     """One PNG data URI with a panel per overlay of ``part`` and the notes for the caption, or None when there is
@@ -114,8 +125,9 @@ def draw_overlays(part: ImageOverlay, extras: Mapping[str, Any], inputs: Sequenc
     width = min(MAX_WIDTH_IN, 3.2 * columns + 0.8)
     fig = Figure(figsize=(width, 3.1 * lines + 0.3), layout="constrained")
     axes = fig.subplots(lines, columns, squeeze=False).ravel()
-    cmap = matplotlib.colormaps["inferno"].with_extremes(bad=(0, 0, 0, 0))
-    notes, shown = [], None
+    cmap = matplotlib.colormaps["inferno"]
+    norm = Normalize(vmin, vmax)
+    notes = []
     for ax, record, grid in zip(axes, records, grids):
         sequence, image_index = int(record.get("sequence", 0)), int(record.get("image_index", 0))
         meta = find_image(inputs, sequence, image_index)
@@ -129,8 +141,7 @@ def draw_overlays(part: ImageOverlay, extras: Mapping[str, Any], inputs: Sequenc
             height = int((meta or {}).get("height") or grid.shape[0] * 16)
             width_px = int((meta or {}).get("width") or grid.shape[1] * 16)
             ax.imshow(np.full((2, 2, 3), 0.85), extent=(0, width_px, height, 0))
-        shown = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=vmin, vmax=vmax, alpha=0.55,
-                          extent=(0, width_px, height, 0), interpolation="nearest")
+        ax.imshow(_heat(grid, cmap, norm), extent=(0, width_px, height, 0), interpolation="nearest")
         rows, cols = grid.shape
         cell = min(width_px / cols, height / rows)
         for marker in record.get("markers") or ():
@@ -145,6 +156,6 @@ def draw_overlays(part: ImageOverlay, extras: Mapping[str, Any], inputs: Sequenc
         ax.set_title(fill(str(title)), fontsize=9)
     for ax in axes[len(records):]:
         ax.set_axis_off()
-    if shown is not None:
-        fig.colorbar(shown, ax=list(axes[: len(records)]), label=fill(part.label), shrink=0.85, pad=0.02)
+    fig.colorbar(ScalarMappable(norm, cmap), ax=list(axes[: len(records)]), label=fill(part.label), shrink=0.85,
+                 pad=0.02)
     return _png(fig), notes
