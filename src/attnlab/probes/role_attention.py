@@ -101,6 +101,7 @@ class RoleAttentionProbe(Probe):
         L, H, R = facts.num_layers, facts.num_heads, len(ROLES)
         self.mass_sum = torch.zeros(L, H, R, R, dtype=torch.float64)  # Σ over query rows of role r of mass to s
         self.query_count = torch.zeros(L, H, R, dtype=torch.float64)  # query rows of role r that saw a key
+        self.key_count = torch.zeros(L, R, dtype=torch.float64)  # real keys of role s (rows only for roles present)
         # (global sequence, image index) -> [sum (length,) float64, rows counted, rows, cols, frames]
         self.grids: dict[tuple[int, int], list[Any]] = {}
 
@@ -110,6 +111,8 @@ class RoleAttentionProbe(Probe):
                               f"{call.num_heads}")
         self._qroles, self._kroles = call_roles(call)
         self._offset = call.sequence.valid.shape[1] - call.kv_len  # key index j is mask column offset + j
+        present = torch.bincount(self._kroles[call.key_valid.to(self._kroles.device)], minlength=len(ROLES))
+        self.key_count[call.layer_idx] += present.double().cpu()
         R = len(ROLES)
         self._mass = torch.zeros(call.num_heads, R, R, dtype=torch.float32, device=call.device)
         self._count = torch.zeros(call.num_heads, R, dtype=torch.float32, device=call.device)
@@ -164,7 +167,7 @@ class RoleAttentionProbe(Probe):
         del self._mass, self._count, self._received, self._received_rows, self._spans
 
     def state(self) -> dict[str, Tensor]:
-        return {"mass_sum": self.mass_sum, "query_count": self.query_count}
+        return {"mass_sum": self.mass_sum, "query_count": self.query_count, "key_count": self.key_count}
 
     def merge(self, other: Probe) -> None:
         super().merge(other)
@@ -197,8 +200,9 @@ class RoleAttentionProbe(Probe):
             if r == PAD or not bool(seen[..., r].any()):
                 continue
             for s, key_role in enumerate(ROLES):
-                if s != PAD:
-                    out.add_grid(f"{query_role}_to_{key_role}", mass[..., r, s], valid=seen[..., r])
+                keys = self.key_count[:, s, None] > 0  # (L, 1): layers where keys of role s existed
+                if s != PAD and bool(keys.any()):
+                    out.add_grid(f"{query_role}_to_{key_role}", mass[..., r, s], valid=seen[..., r] & keys)
         return out.rows
 
     def image_grids(self) -> list[dict[str, Any]]:
