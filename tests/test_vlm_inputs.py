@@ -170,6 +170,9 @@ def test_prompt_may_place_its_images(vlms, images):
     assert text.startswith("Look:") and len(roles.images) == 1
     with pytest.raises(ConfigError, match="places 1 image token"):
         build_batch(processor, [ImageTextItem([images / "red.png"] * 2, "<image> x")])
+    adjacent = ImageTextItem([images / "red.png", images / "green.png"], "<image><image> x")
+    _, roles = build_batch(processor, [adjacent], chat_template=False, tokens_per_image=16)
+    assert [(span.start, span.rows, span.cols) for span in roles.images] == [(0, 4, 4), (16, 4, 4)]
 
 
 def test_batch_errors(vlms, images):
@@ -222,7 +225,9 @@ def test_session_sees_the_batch_roles(vlms, images, kind):
     from attnlab.roles import given_roles
 
     model, processor = vlms[kind]
-    kwargs, roles = build_batch(processor, _items(images), image_token_ids=model_facts(model).image_token_ids)
+    facts = model_facts(model)
+    kwargs, roles = build_batch(processor, _items(images), image_token_ids=facts.image_token_ids,
+                                tokens_per_image=facts.vision.get("tokens_per_image"))
     derived, told = Recorder(), Recorder()
     with torch.no_grad():
         with Session(model, probes=[derived]):

@@ -417,7 +417,8 @@ def _image_batches(config: RunConfig, loaded: Any, items: list[Any], notify: Pro
     notify(0, 0, "reading images")
     return image_text_batches(loaded.processor, items, batch_size=config.data.batch_size,
                               chat_template=config.inputs.use_chat_template,
-                              image_token_ids=getattr(loaded.facts, "image_token_ids", ()),
+                              image_token_ids=loaded.facts.image_token_ids,
+                              tokens_per_image=(loaded.facts.vision or {}).get("tokens_per_image"),
                               device=input_device(loaded.model), dtype=parse_dtype(config.load.dtype))
 
 

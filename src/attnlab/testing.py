@@ -154,7 +154,7 @@ def tiny_vlm(kind: str = "llava", seed: int = 0):
                                   image_size=size, patch_size=8, projection_dim=16)
         config = LlavaConfig(vision_config=vision, text_config=LlamaConfig(**_text_config(tokenizer)),
                              image_token_id=ids("<image>"), vision_feature_select_strategy="default",
-                             vision_feature_layer=-1, projector_hidden_act="gelu")
+                             vision_feature_layer=-1, projector_hidden_act="gelu", image_seq_length=16)
         model = LlavaForConditionalGeneration(config)
         images = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
         processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8,

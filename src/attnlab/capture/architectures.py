@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 BLOCK_PATHS = (
     "model.layers",  # Llama, Mistral, Qwen2/3, Gemma, Phi-3, OLMo (ForCausalLM)
     "layers",  # the same families' base models
-    "model.language_model.layers",  # multimodal wrappers with a text decoder (LLaVA, Qwen2-VL, Gemma 3 …)
+    "model.language_model.layers",  # multimodal wrappers with a text decoder (LLaVA, Qwen2-VL, PaliGemma, Gemma 3)
     "model.text_model.layers",  # Idefics3 / SmolVLM
     "gpt_neox.layers",
     "transformer.h",  # GPT-2, GPT-J, CodeGen
@@ -105,8 +105,8 @@ def is_causal_lm(model_or_config: Any) -> bool:
     """Whether a model (or its config) is a causal (decoder-only) language model.
 
     True for a vision-language model (:func:`is_vision_language`; its text decoder is causal, although classes
-    such as LlavaForConditionalGeneration do not end in ForCausalLM), when the config says ``is_decoder``, or the model's class name or one of the config's ``architectures``
-    ends in ``ForCausalLM``/``LMHeadModel``; an encoder-decoder config is never causal. A masked LM (which also
+    such as LlavaForConditionalGeneration do not end in ForCausalLM), when the config says ``is_decoder``, or
+    when the model's class name or one of the config's ``architectures`` ends in ``ForCausalLM``/``LMHeadModel``; an encoder-decoder config is never causal. A masked LM (which also
     has an ``lm_head``, e.g. RobertaForMaskedLM) and an encoder (BertModel) are not. The loader picks
     AutoModelForCausalLM by it and :func:`model_facts` records it as ``causal``.
     """
@@ -131,6 +131,9 @@ def image_token_ids(model_or_config: Any) -> tuple[int, ...]:
     return config_token_ids(config) if is_vision_language(config) else ()
 
 
+TOKENS_PER_IMAGE_KEYS = ("image_seq_length", "image_seq_len")  # LLaVA / PaliGemma, Idefics3
+
+
 def vision_facts(model_or_config: Any) -> dict[str, Any] | None:
     """The vision tower's facts of a vision-language model (None for a text-only one), JSON-ready:
 
@@ -139,7 +142,8 @@ def vision_facts(model_or_config: Any) -> dict[str, Any] | None:
     Qwen2-VL's ``spatial_merge_size``, Idefics3's ``scale_factor``, 1 otherwise), ``num_layers``, ``hidden_size``
     and ``tokens_per_image`` (image tokens per image or tile when fixed: LLaVA ``(image_size/patch_size)²`` (+1
     with the CLS kept, ``vision_feature_select_strategy="full"``), Idefics3 ``(image_size/patch_size/merge)²``,
-    Gemma 3 ``mm_tokens_per_image``, PaliGemma ``num_image_tokens``; absent when it depends on the image).
+    Gemma 3 ``mm_tokens_per_image``, else the config's ``image_seq_length`` / ``image_seq_len`` / text
+    ``num_image_tokens``; absent when it depends on the image, as Qwen2-VL's).
     Keys whose value is unknown are left out.
     """
     config = getattr(model_or_config, "config", model_or_config)
@@ -153,12 +157,14 @@ def vision_facts(model_or_config: Any) -> dict[str, Any] | None:
 
     image_size, patch = number(getattr(vision, "image_size", None)), number(getattr(vision, "patch_size", None))
     merge = number(getattr(vision, "spatial_merge_size", None)) or number(getattr(config, "scale_factor", None)) or 1
-    tokens = number(getattr(config, "mm_tokens_per_image", None)) or number(
-        getattr(text_config(config), "num_image_tokens", None))
+    tokens = number(getattr(config, "mm_tokens_per_image", None))  # Gemma 3 pools the tower's patches
     if tokens is None and image_size and patch and not hasattr(vision, "spatial_merge_size"):
         tokens = (image_size // patch // merge) ** 2
         if getattr(config, "vision_feature_select_strategy", None) == "full":
             tokens += 1  # LLaVA keeps CLIP's CLS token
+    for key in TOKENS_PER_IMAGE_KEYS:  # else what the config states
+        tokens = tokens or number(getattr(config, key, None))
+    tokens = tokens or number(getattr(text_config(config), "num_image_tokens", None))
     facts = {"model_type": getattr(vision, "model_type", None), "image_size": image_size, "patch_size": patch,
              "merge": merge, "num_layers": number(getattr(vision, "num_hidden_layers", None)),
              "hidden_size": number(getattr(vision, "hidden_size", None)), "tokens_per_image": tokens}

@@ -167,8 +167,8 @@ def image_token(processor: Any) -> str:
 
 def processor_image_ids(processor: Any) -> tuple[int, ...]:
     """The token id(s) that stand for image (and video) features in the processor's output."""
-    found = {getattr(processor, key, None) for key in ("image_token_id", "video_token_id")}
-    ids = tuple(sorted(i for i in found if isinstance(i, int)))
+    found = [getattr(processor, key, None) for key in ("image_token_id", "video_token_id")]
+    ids = tuple(dict.fromkeys(i for i in found if isinstance(i, int)))  # the image id first
     return ids or (processor.tokenizer.convert_tokens_to_ids(image_token(processor)),)
 
 
@@ -219,8 +219,9 @@ def _system_mask(processor: Any, prefixes: list[str | None], ids: torch.Tensor, 
 
 
 def build_batch(processor: Any, items: Sequence[ImageTextItem], *, chat_template: bool | None = None,
-                image_token_ids: Sequence[int] | None = None, device: str | torch.device | None = None,
-                dtype: torch.dtype | None = None) -> tuple[dict[str, Any], Any]:
+                image_token_ids: Sequence[int] | None = None, tokens_per_image: int | None = None,
+                device: str | torch.device | None = None, dtype: torch.dtype | None = None
+                ) -> tuple[dict[str, Any], Any]:
     """The model kwargs for ``items`` (one sequence each, padded) and their token roles.
 
     Args:
@@ -232,14 +233,16 @@ def build_batch(processor: Any, items: Sequence[ImageTextItem], *, chat_template
             template when the processor has one.
         image_token_ids: ids of image tokens (default: the processor's ``image_token_id``/``video_token_id``;
             pass ``facts.image_token_ids``).
+        tokens_per_image: image tokens of one image when the model fixes it (``facts.vision["tokens_per_image"]``):
+            a run of k times as many image tokens is k adjacent images (as the session reads them).
         device, dtype: move tensors to ``device``; cast floating ones (pixel values) to ``dtype``.
 
     Returns:
         ``(kwargs, roles)``: ``kwargs`` is the processor's output as a dict (``input_ids`` (B, L) long,
         ``attention_mask`` (B, L), ``pixel_values`` …, Qwen2-VL's ``image_grid_thw`` (num_images, 3)), ready
         for ``model(**kwargs)``; ``roles`` is a :class:`attnlab.roles.TokenRoles` over the same (B, L) columns:
-        each run of image tokens one image (tile), its grid from ``image_grid_thw`` (merged by the image
-        processor's ``merge_size``) or square; the system prompt's tokens ``system``; padding ``pad``.
+        each run of image tokens one image (tile), or k images with ``tokens_per_image``; its grid from
+        ``image_grid_thw`` (merged by the image processor's ``merge_size``) or square; the system prompt's tokens ``system``; padding ``pad``.
 
     Raises:
         ConfigError: no items, a missing or unreadable image, prompt image tokens that do not match the images,
@@ -262,11 +265,14 @@ def build_batch(processor: Any, items: Sequence[ImageTextItem], *, chat_template
 
     kwargs = {key: value for key, value in encoded.items()}
     ids, valid = kwargs["input_ids"], kwargs["attention_mask"].bool()
-    grids = kwargs.get("image_grid_thw")
+    grids, image_id = kwargs.get("image_grid_thw"), getattr(processor, "image_token_id", None)
     merge = int(getattr(getattr(processor, "image_processor", None), "merge_size", 1) or 1) if grids is not None else 1
+    if grids is not None and isinstance(image_id, int):
+        grids = {image_id: grids}  # the image token's grids (videos would have their own)
     system = _system_mask(processor, [prefix for _, prefix in rendered], ids, valid)
     roles = TokenRoles.from_input_ids(ids, valid, tuple(image_token_ids or processor_image_ids(processor)),
-                                      grids=grids, merge=merge, system=system if system.any() else None)
+                                      grids=grids, merge=merge, system=system if system.any() else None,
+                                      tokens_per_image=tokens_per_image)
     for key, value in kwargs.items():
         if isinstance(value, torch.Tensor):
             value = value.to(dtype) if dtype is not None and value.is_floating_point() else value
@@ -307,6 +313,7 @@ class ImageTextBatches:
     batch_size: int = 1
     chat_template: bool | None = None
     image_token_ids: tuple[int, ...] = ()
+    tokens_per_image: int | None = None
     device: Any = None
     dtype: Any = None
     bos_policy: str = "processor"
@@ -324,8 +331,8 @@ class ImageTextBatches:
         for start in range(0, len(self.windows), self.batch_size):
             chunk = [self.items[w["index"]] for w in self.windows[start : start + self.batch_size]]
             kwargs, roles = build_batch(self.processor, chunk, chat_template=self.chat_template,
-                                        image_token_ids=self.image_token_ids or None, device=self.device,
-                                        dtype=self.dtype)
+                                        image_token_ids=self.image_token_ids or None,
+                                        tokens_per_image=self.tokens_per_image, device=self.device, dtype=self.dtype)
             batch = RoleBatch(kwargs)
             batch.roles = roles
             yield batch
@@ -333,14 +340,15 @@ class ImageTextBatches:
 
 def image_text_batches(processor: Any, items: Sequence[ImageTextItem], *, batch_size: int = 1,
                        chat_template: bool | None = None, image_token_ids: Sequence[int] = (),
-                       device: Any = None, dtype: Any = None) -> ImageTextBatches:
+                       tokens_per_image: int | None = None, device: Any = None, dtype: Any = None
+                       ) -> ImageTextBatches:
     """:class:`ImageTextBatches` for ``items``: every image read and hashed and every item encoded once up
     front, so a bad image or prompt fails before any probe runs (ConfigError, one line)."""
     windows, inputs = [], []
     tokenizer = processor.tokenizer
     for index, item in enumerate(items):
         kwargs, _ = build_batch(processor, [item], chat_template=chat_template,
-                                image_token_ids=tuple(image_token_ids) or None)
+                                image_token_ids=tuple(image_token_ids) or None, tokens_per_image=tokens_per_image)
         ids = kwargs["input_ids"][0][kwargs["attention_mask"][0].bool()].tolist()
         records = [image_record(path, open_image(path)) for path in item.images]
         windows.append({"index": index, "source": [str(p) for p in item.images], "start_token": 0, "ids": ids,
@@ -348,6 +356,6 @@ def image_text_batches(processor: Any, items: Sequence[ImageTextItem], *, batch_
                         "pieces": tokenizer.convert_ids_to_tokens(ids)})
         inputs.append({"sequence": index, "prompt": item.prompt, "answer": item.answer, "images": records})
     return ImageTextBatches(processor, list(items), windows, inputs, batch_size, chat_template,
-                            tuple(image_token_ids), device, dtype,
+                            tuple(image_token_ids), tokens_per_image, device, dtype,
                             files=sorted({str(p) for item in items for p in item.images}))
 
