@@ -154,7 +154,7 @@ def open_image(path: str | os.PathLike[str]) -> Any:
 def image_record(path: str | os.PathLike[str], image: Any) -> dict[str, Any]:
     """``{"path", "sha256", "width", "height"}`` of one image (results.json ``inputs[i]["images"]``)."""
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    return {"path": str(path), "sha256": digest, "width": int(image.width), "height": int(image.height)}
+    return {"path": str(Path(path).resolve()), "sha256": digest, "width": int(image.width), "height": int(image.height)}
 
 
 def image_token(processor: Any) -> str:
