@@ -272,10 +272,14 @@ def test_cached_continuation_reads_new_images_and_role_edits_refuse_unknown_role
     call = recorder.calls[0]
     assert call.query_roles[0].tolist() == [TEXT] + [IMAGE] * 16 + [TEXT, TEXT]
     assert [(span.start, span.index) for span in call.images] == [(2, 0), (20, 1)]
-    with pytest.raises(ConfigError, match="roles of this forward are unknown"):
+    recorder = Recorder()  # a decoding step without a mask (generate drops an all-ones one) continues the roles
+    with Session(model, probes=[recorder]), torch.no_grad():
+        out = model(input_ids=first["input_ids"], pixel_values=first["pixel_values"], use_cache=True)
+        model(input_ids=torch.tensor([[3]]), past_key_values=out.past_key_values, use_cache=True)
+    assert recorder.calls[0].key_roles[0].tolist() == [TEXT, TEXT] + [IMAGE] * 16 + [TEXT, GENERATED]
+    with pytest.raises(ConfigError, match="roles of this forward are unknown"):  # embeddings only: no ids to read
         with Session(model, edits=["temperature:tau=0.5,keys=image"]), torch.no_grad():
-            out = model(**first, use_cache=True)
-            model(input_ids=torch.tensor([[3]]), past_key_values=out.past_key_values, use_cache=True)
+            model(inputs_embeds=model.get_input_embeddings()(first["input_ids"]))
 
 
 def test_role_edit_that_selects_nothing_never_fires_on_a_text_model():

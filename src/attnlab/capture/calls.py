@@ -63,6 +63,13 @@ class ForwardState:
         return hidden[:, hidden.shape[1] - q_len:]
 
 
+def past_length(kwargs: dict[str, Any]) -> int:
+    """Tokens already in the forward's KV cache (``cache`` in recent transformers, ``past_key_values`` before)."""
+    cache = kwargs.get("cache")
+    cache = cache if cache is not None else kwargs.get("past_key_values")
+    return cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+
+
 def find_policy(kwargs: dict[str, Any]) -> TokenPolicy | None:
     """The first forward keyword argument that implements :class:`TokenPolicy`, or None."""
     return next((value for value in kwargs.values() if isinstance(value, TokenPolicy)), None)
@@ -81,7 +88,11 @@ def read_forward(args: tuple, kwargs: dict[str, Any], num_sequences: int, roles:
     batch, length = reference.shape[0], reference.shape[1]
     mask = kwargs.get("attention_mask")
     mask = mask if mask is not None and mask.dim() == 2 else None
-    valid = torch.ones(batch, length, dtype=torch.bool, device=reference.device) if mask is None else mask.bool()
+    if mask is None:  # no padding; a decoding step without a mask (generate drops an all-ones one) adds its cache
+        past = past_length(kwargs)
+        valid = torch.ones(batch, past + length, dtype=torch.bool, device=reference.device)
+    else:
+        valid = mask.bool()
     token_roles = None if roles is None else roles(input_ids, valid, kwargs)
     sequence = SequenceInfo.from_mask(valid, input_ids, num_sequences, token_roles)
     policy = find_policy(kwargs)

@@ -20,19 +20,13 @@ import torch
 from torch import Tensor, nn
 
 from attnlab.capture.architectures import text_config
+from attnlab.capture.calls import past_length
 from attnlab.capture.edit_log import EditLog
 from attnlab.errors import ConfigError
 from attnlab.facts import ModelFacts
 from attnlab.probes.base import SequenceInfo
 
 logger = logging.getLogger(__name__)
-
-
-def past_length(kwargs: dict[str, Any]) -> int:
-    """Tokens already in the forward's KV cache (``cache`` in recent transformers, ``past_key_values`` before)."""
-    cache = kwargs.get("cache")
-    cache = cache if cache is not None else kwargs.get("past_key_values")
-    return cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
 
 
 class PositionIds:
