@@ -26,9 +26,10 @@ from attnlab.lab.tasks.base import IGNORE, Split, batch_rng
 from attnlab.lab.vlm.questions import Question, draw_question
 from attnlab.lab.vlm.scenes import Scene, draw_scene
 
-__all__ = ["Item", "cca_inputs", "draw_items", "encode", "rings"]
+__all__ = ["Group", "Item", "cca_inputs", "draw_groups", "draw_items", "encode", "encode_groups", "rings"]
 
 Item = tuple[Scene, Question]
+Group = tuple[Scene, tuple[Question, ...]]
 
 
 def draw_items(seed: int, step: int, size: int, *, split: Split = "train",
@@ -40,6 +41,46 @@ def draw_items(seed: int, step: int, size: int, *, split: Split = "train",
         scene = draw_scene(rng)
         items.append((scene, draw_question(scene, rng, kinds)))
     return items
+
+
+def draw_groups(seed: int, step: int, size: int, questions: int, *, split: Split = "train") -> list[Group]:
+    """``size`` scenes of batch ``step`` of ``split``, each with ``questions`` distinct questions (fewer when the
+    scene allows fewer distinct ones within 20 draws per question)."""
+    rng = batch_rng(seed, step, split, owner="vlm")
+    groups = []
+    for _ in range(size):
+        scene = draw_scene(rng)
+        asked: dict[str, Question] = {}
+        for _ in range(20 * questions):
+            question = draw_question(scene, rng)
+            asked.setdefault(question.text, question)
+            if len(asked) == questions:
+                break
+        groups.append((scene, tuple(asked.values())))
+    return groups
+
+
+def encode_groups(groups: Sequence[Group], processor: Any) -> dict[str, Tensor]:
+    """Training inputs with several question–answer pairs per image: ``<bos> <image>×N q1 ? a1 q2 ? a2 …``
+    (right-padded); ``labels`` (B, L) int64 are -100 but at each answer word, so one forward scores every answer
+    (each question sees the image and the earlier pairs). Keys as :func:`encode` with ``answers=True``.
+
+    Relies on the word-level tokenizer (one token per word), checked: ShapeError if the token count differs."""
+    texts = ["<image> " + " ".join(f"{q.text} {q.answer}" for q in questions) for _, questions in groups]
+    batch = processor(images=[scene.image() for scene, _ in groups], text=texts, padding=True, return_tensors="pt")
+    input_ids, mask = batch["input_ids"], batch["attention_mask"]
+    image_tokens = int((input_ids[0] == processor.image_token_id).sum())
+    labels = torch.full_like(input_ids, IGNORE)
+    for row, (_, questions) in enumerate(groups):
+        column = 1 + image_tokens  # after <bos> and the image
+        if int(mask[row].sum()) != column + sum(len(q.text.split()) + 1 for q in questions):
+            raise ShapeError("encode_groups expects one token per word (the lab's word-level tokenizer)")
+        for question in questions:
+            column += len(question.text.split())
+            labels[row, column] = input_ids[row, column]
+            column += 1
+    return {"input_ids": input_ids, "attention_mask": mask, "pixel_values": batch["pixel_values"],
+            "labels": labels}
 
 
 def encode(items: Sequence[Item], processor: Any, *, answers: bool) -> dict[str, Tensor]:

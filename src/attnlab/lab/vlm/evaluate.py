@@ -1,6 +1,6 @@
 """Evaluate the small VLM on a fixed seeded test set: accuracy per question kind and the hallucination rate.
 
-- Test set (:func:`test_items`): ``per_kind`` questions of each kind (presence, colour, count, position); question
+- Test set (:func:`eval_items`): ``per_kind`` questions of each kind (presence, colour, count, position); question
   ``i`` of kind ``k`` comes from ``batch_rng(TEST_SEED, i, "eval")`` offset by the kind, drawing scenes until one
   allows the kind. It does not depend on the training seed, so every model and variant sees the same questions.
 - Prediction: the argmax over the whole vocabulary of the logits at the last prompt token (``<bos> <image>×N
@@ -28,13 +28,13 @@ from attnlab.lab.vlm.questions import KINDS, draw_question, possible_kinds
 from attnlab.lab.vlm.scenes import draw_scene
 from attnlab.progress import ProgressArg, progress_to
 
-__all__ = ["TEST_SEED", "evaluate", "evaluate_dir", "evaluate_variants", "predict", "test_items"]
+__all__ = ["TEST_SEED", "evaluate", "evaluate_dir", "evaluate_variants", "eval_items", "predict"]
 
 TEST_SEED = 160_000_016
 """The test set's seed (fixed; independent of training seeds)."""
 
 
-def test_items(per_kind: int = 500, *, seed: int = TEST_SEED) -> list[Item]:
+def eval_items(per_kind: int = 500, *, seed: int = TEST_SEED) -> list[Item]:
     """``per_kind`` (scene, question) pairs of each kind in :data:`KINDS` order (see the module doc)."""
     if per_kind < 1:
         raise ConfigError(f"expected per_kind >= 1, got {per_kind}")
@@ -90,11 +90,11 @@ def _session(model: Any, edits: Sequence[Any]) -> Any:
 
 def evaluate(model: Any, processor: Any, lab: dict[str, Any], *, per_kind: int = 500, edits: Sequence[Any] = (),
              seed: int = TEST_SEED, progress: ProgressArg = None) -> dict[str, Any]:
-    """Score ``model`` on :func:`test_items` ``(per_kind, seed=seed)``.
+    """Score ``model`` on :func:`eval_items` ``(per_kind, seed=seed)``.
 
     Returns ``{"accuracy", "per_kind": {kind: accuracy}, "hallucination_rate", "yes_rate_present",
     "num_questions", "positions", "edits": [spec strings]}`` (floats in [0, 1])."""
-    items = test_items(per_kind, seed=seed)
+    items = eval_items(per_kind, seed=seed)
     positions = str(lab.get("positions", "rope"))
     words = predict(model, processor, items, positions=positions, edits=edits, progress=progress)
     right = [word == question.answer for word, (_, question) in zip(words, items)]

@@ -8,9 +8,11 @@ What one run does:
 
 - model: :func:`attnlab.lab.vlm.model.build_model` of ``spec`` (seeded with ``seed``); everything trains (vision
   tower, projector, language model) from scratch;
-- data: update ``s`` (1-based) trains on :func:`attnlab.lab.vlm.data.draw_items` ``(seed, s - 1, batch_size)``,
-  one new scene per question, question kinds uniform among those the scene allows;
-- loss: cross-entropy on the answer word only (labels -100 elsewhere); AdamW (betas 0.9, 0.95; weight decay on
+- data: update ``s`` (1-based) trains on :func:`attnlab.lab.vlm.data.draw_groups` ``(seed, s - 1, batch_size,
+  questions_per_image)``: ``batch_size`` new scenes, each followed by ``questions_per_image`` distinct questions
+  and their answers in one sequence (question kinds uniform among those the scene allows); several answers per
+  image make each forward of the vision tower count several times (the test prompts hold one question);
+- loss: cross-entropy on the answer words only (labels -100 elsewhere); AdamW (betas 0.9, 0.95; weight decay on
   matrices only), linear warmup over ``warmup_steps`` then cosine to ``lr · min_lr_ratio``, gradients clipped to
   ``grad_clip``;
 - ``positions="cca"``: every forward gets CCA's ring position ids and concentric causal mask
@@ -51,6 +53,7 @@ class VlmTrainConfig:
     Attributes:
         steps, batch_size, lr, warmup_steps, min_lr_ratio, weight_decay, grad_clip: the optimisation.
         positions: ``rope`` (raster order) | ``cca`` (concentric ids and mask, METHODS.md #11).
+        questions_per_image: question–answer pairs per training sequence.
         seed: initialisation and training data. spec: :class:`attnlab.lab.vlm.model.VlmSpec` fields to change.
         eval_per_kind: test questions per kind at the end (the fixed test set). out: output directory (None =
             write nothing).
@@ -64,6 +67,7 @@ class VlmTrainConfig:
     weight_decay: Annotated[float, Range(ge=0, le=10)] = 0.05
     grad_clip: Annotated[float, Range(gt=0)] = 1.0
     positions: Literal["rope", "cca"] = "rope"
+    questions_per_image: Annotated[int, Range(ge=1, le=16)] = 4
     seed: Annotated[int, Range(ge=0)] = 0
     spec: dict[str, Any] = field(default_factory=dict)
     eval_per_kind: Annotated[int, Range(ge=1, le=100000)] = 500
@@ -131,7 +135,7 @@ def train_vlm(config: VlmTrainConfig, *, force: bool = False, progress: Progress
 def _train(config: VlmTrainConfig, notify: Any) -> dict[str, Any]:
     import torch
 
-    from attnlab.lab.vlm.data import cca_inputs, draw_items, encode
+    from attnlab.lab.vlm.data import cca_inputs, draw_groups, encode_groups
     from attnlab.lab.vlm.evaluate import evaluate
     from attnlab.lab.vlm.model import VlmSpec, build_model, build_processor, build_tokenizer
 
@@ -150,7 +154,8 @@ def _train(config: VlmTrainConfig, notify: Any) -> dict[str, Any]:
     notify(0, config.steps, f"training a {sum(p.numel() for p in model.parameters()):,}-parameter VLM "
                             f"({config.positions} positions)")
     for step in range(1, config.steps + 1):
-        batch = encode(draw_items(config.seed, step - 1, config.batch_size), processor, answers=True)
+        groups = draw_groups(config.seed, step - 1, config.batch_size, config.questions_per_image)
+        batch = encode_groups(groups, processor)
         if config.positions == "cca":
             batch.update(cca_inputs(batch["input_ids"], batch["attention_mask"], image_token_id, spec.grid))
         for group in optimizer.param_groups:
@@ -160,9 +165,9 @@ def _train(config: VlmTrainConfig, notify: Any) -> dict[str, Any]:
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
-        log += [(step, "train", "loss", float(loss)), (step, "train", "grad_norm", float(grad_norm)),
+        log += [(step, "train", "loss", loss.item()), (step, "train", "grad_norm", float(grad_norm)),
                 (step, "train", "lr", learning_rate(config, step))]
-        notify(step, config.steps, f"step {step}/{config.steps}: loss {float(loss):.4f}")
+        notify(step, config.steps, f"step {step}/{config.steps}: loss {log[-3][3]:.4f}")
     seconds = time.monotonic() - started
     model.eval()
     notify(config.steps, config.steps, f"evaluating on {4 * config.eval_per_kind} test questions")
