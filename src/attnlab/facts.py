@@ -36,6 +36,11 @@ class ModelFacts:
         name, source, format, file_sha256: provenance (bundled name / path / hub id; where the weights were read;
             ``"gguf"`` | ``"safetensors"`` | ``"hub"``; sha256 of the weights file), None when unknown.
         class_name: the model's Python class. dtype, device: of its first parameter.
+        modality: ``"text"``, or ``"vision-language"`` for a model whose decoder reads image tokens (LLaVA, Qwen2-VL,
+            Idefics3, PaliGemma, Gemma 3); then the sizes above are its language model's.
+        image_token_ids: the token ids that mark image (and video) positions in ``input_ids`` (empty for text).
+        vision: the vision tower's facts (``image_size``, ``patch_size``, ``merge`` = patches merged per token side,
+            ``num_layers``), or None for text models.
     """
 
     num_layers: int
@@ -57,6 +62,9 @@ class ModelFacts:
     class_name: str | None = None
     dtype: str | None = None
     device: str | None = None
+    modality: str = "text"
+    image_token_ids: tuple[int, ...] = ()
+    vision: dict[str, Any] | None = dataclasses.field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         for field in ("num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size"):
@@ -84,4 +92,6 @@ class ModelFacts:
         values = {key: value for key, value in data.items() if key in known}
         if "class" in data and "class_name" not in values:
             values["class_name"] = data["class"]
+        if "image_token_ids" in values:
+            values["image_token_ids"] = tuple(values["image_token_ids"])
         return cls(**values)

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from attnlab.edits import EDITS, parse_edit_list, parse_edit_spec
+from attnlab.probes.base import SequenceInfo
 from edits.helpers import capture_probs, edited_call, qkv
 
 shapes = st.tuples(st.integers(1, 2), st.sampled_from([(1, 1), (2, 1), (4, 2), (3, 3)]), st.integers(1, 13),
@@ -48,7 +49,7 @@ def test_identity_settings_change_nothing(shape, name, block_size, padding):
     edited = edited_call([edit], query, key, value, valid=valid, block_size=block_size)
     assert torch.equal(edited.eager(), plain.eager())
     positions = torch.arange(L).expand(B, L)
-    assert torch.equal(edit.position_ids(positions), positions)
+    assert torch.equal(edit.position_ids(positions, SequenceInfo.from_mask(valid, None, 0)), positions)
 
 
 PROBS_SPECS = ["first_key:alpha=1+sink_window:sinks=0,window=2", "temperature:tau=0.3", "zerotuning:gamma=5", "zerotuning:gamma=0.2", "calibration:beta=0.2,theta=0.05",

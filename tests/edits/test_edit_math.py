@@ -9,6 +9,7 @@ import torch
 
 from attnlab.edits import EDITS, parse_edit_spec
 from attnlab.functional.attention import attention_reference, causal_keep
+from attnlab.probes.base import SequenceInfo
 from edits.helpers import capture_probs, edited_call, qkv, sdpa_fn
 
 
@@ -147,7 +148,7 @@ def test_concentric_positions_rings_and_mask():
     ids = torch.arange(20)[None]
     rings = [0, 0, 0, 0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 0, 0, 0]
     expected = [0] + [1 + r for r in rings] + [1 + 2 + t for t in range(3)]
-    assert edit.position_ids(ids)[0].tolist() == expected
+    assert edit.position_ids(ids, SequenceInfo.from_mask(torch.ones(1, 20, dtype=torch.bool), None, 0))[0].tolist() == expected
     query, key, value = qkv(B=1, L=20)
     got = capture_probs(edited_call([edit], query, key, value))
     for i in range(20):

@@ -131,7 +131,8 @@ def model_facts(model: Any, **provenance: Any) -> ModelFacts:
         name.rsplit(".", 1)[-1] in ("wpe", "position_embeddings", "embed_positions")
         for name, _ in model.named_modules())  # learned positions the model adds itself (GPT-2, BERT, OPT)
     position_embedding = "rope" if theta is not None else ("absolute" if absolute else "none")
-    causal = is_causal_lm(model)
+    modality_facts = vision_facts(model)
+    causal = is_causal_lm(model) or modality_facts["modality"] == "vision-language"
     param = next(model.parameters(), None) if hasattr(model, "parameters") else None
     values: dict[str, Any] = {
         "name": getattr(config, "_name_or_path", None) or None, "source": None, "format": None, "file_sha256": None,
@@ -144,5 +145,23 @@ def model_facts(model: Any, **provenance: Any) -> ModelFacts:
         model_type=getattr(config, "model_type", None), rope_theta=theta, rope_type=rope_type,
         position_embedding=position_embedding, class_name=type(model).__name__,
         dtype=str(param.dtype).removeprefix("torch.") if param is not None else None,
-        device=str(param.device) if param is not None else None, **values,
+        device=str(param.device) if param is not None else None, **modality_facts, **values,
     )
+
+
+def vision_facts(model: Any) -> dict[str, Any]:
+    """``modality``, ``image_token_ids`` and ``vision`` (image_size, patch_size, merge, num_layers) of a
+    vision-language model (a config with a vision sub-config and an image token id); text facts otherwise."""
+    from attnlab.capture.vlm import image_token_ids
+
+    config = getattr(model, "config", model)
+    vision = getattr(config, "vision_config", None)
+    ids = image_token_ids(config)
+    if vision is None or not ids:
+        return {"modality": "text", "image_token_ids": (), "vision": None}
+    merge = getattr(vision, "spatial_merge_size", None) or getattr(config, "scale_factor", None) or 1
+    facts = {"image_size": getattr(vision, "image_size", None), "patch_size": getattr(vision, "patch_size", None),
+             "merge": int(merge),
+             "num_layers": getattr(vision, "num_hidden_layers", None) or getattr(vision, "depth", None)}
+    return {"modality": "vision-language", "image_token_ids": ids,
+            "vision": {key: value for key, value in facts.items() if value is not None}}

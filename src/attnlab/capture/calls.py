@@ -13,7 +13,7 @@ attention the way every probe does; the session knows nothing else about caches.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -53,6 +53,14 @@ class ForwardState:
     mask_length: int | None
     policy: TokenPolicy | None = None
     probes: tuple[Probe, ...] = ()
+    hidden: dict[int, Tensor] = field(default_factory=dict)  # layer → its input hidden states (edits that need them)
+
+    def hidden_at(self, layer: int, batch: int, q_len: int) -> Tensor | None:
+        """(B, Lq, hidden) input hidden states of ``layer`` at the call's queries, or None if not recorded."""
+        hidden = self.hidden.get(layer)
+        if hidden is None or hidden.shape[0] != batch or hidden.shape[1] < q_len:
+            return None
+        return hidden[:, hidden.shape[1] - q_len:]
 
 
 def find_policy(kwargs: dict[str, Any]) -> TokenPolicy | None:
@@ -60,10 +68,12 @@ def find_policy(kwargs: dict[str, Any]) -> TokenPolicy | None:
     return next((value for value in kwargs.values() if isinstance(value, TokenPolicy)), None)
 
 
-def read_forward(args: tuple, kwargs: dict[str, Any], num_sequences: int) -> tuple[ForwardState | None, int]:
+def read_forward(args: tuple, kwargs: dict[str, Any], num_sequences: int, roles: Any = None
+                 ) -> tuple[ForwardState | None, int]:
     """``(ForwardState, new tokens)`` of a forward pass from its arguments: ``input_ids`` (or ``inputs_embeds``),
     a 2-D ``attention_mask`` (so padding never enters a statistic) and a TokenPolicy; ``(None, 0)`` without token
-    input. A policy is bound to the forward here (``bind_forward``) and may add a probe."""
+    input. A policy is bound to the forward here (``bind_forward``) and may add a probe. ``roles(input_ids, valid,
+    kwargs)`` gives the forward's :class:`attnlab.roles.TokenRoles` (a vision-language model), or None."""
     input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], Tensor) else None)
     reference = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
     if reference is None:
@@ -72,7 +82,8 @@ def read_forward(args: tuple, kwargs: dict[str, Any], num_sequences: int) -> tup
     mask = kwargs.get("attention_mask")
     mask = mask if mask is not None and mask.dim() == 2 else None
     valid = torch.ones(batch, length, dtype=torch.bool, device=reference.device) if mask is None else mask.bool()
-    sequence = SequenceInfo.from_mask(valid, input_ids, num_sequences)
+    token_roles = None if roles is None else roles(input_ids, valid, kwargs)
+    sequence = SequenceInfo.from_mask(valid, input_ids, num_sequences, token_roles)
     policy = find_policy(kwargs)
     probe = None if policy is None else policy.bind_forward(sequence)
     return ForwardState(sequence=sequence, mask_length=None if mask is None else mask.shape[1], policy=policy,
@@ -146,10 +157,17 @@ def call_record(layer: int, *, num_heads: int, num_kv_heads: int, q_len: int, va
     else:
         key_valid = sequence.valid[:, length - Lk :].to(device)
         key_positions = sequence.positions[:, length - Lk :].to(device)
+    key_roles = None
+    if sequence.roles is not None:
+        codes = sequence.roles.codes
+        key_roles = (codes.gather(1, index.to(codes.device)) if index is not None and index.shape[-1] == Lk
+                     and length > int(index.max()) else codes[:, length - Lk:]).to(device)
     return AttentionCall(
         layer_idx=layer, num_heads=num_heads, num_kv_heads=num_kv_heads, q_len=Lq, kv_len=Lk, causal=causal,
         scale=scale, value=value.detach(), query_valid=key_valid[:, Lk - Lq:], key_valid=key_valid,
         query_positions=key_positions[:, Lk - Lq:], key_positions=key_positions, sequence=sequence,
+        query_roles=None if key_roles is None else key_roles[:, Lk - Lq:], key_roles=key_roles,
+        hidden_states=None if forward is None else forward.hidden_at(layer, B, Lq),
     )
 
 

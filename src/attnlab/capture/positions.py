@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from attnlab.capture.edit_log import EditLog
+from attnlab.errors import ConfigError
 from attnlab.facts import ModelFacts
 from attnlab.probes.base import SequenceInfo
 
@@ -59,8 +60,11 @@ class PositionIds:
             past = past_length(kwargs)
             position_ids = torch.arange(past, past + length, device=sequence.valid.device)
             position_ids = position_ids.expand(sequence.valid.shape[0], length)
+        if position_ids.dim() != 2:
+            raise ConfigError(f"{self.model_name} passes position ids of shape {tuple(position_ids.shape)} "
+                              "(multi-axis RoPE, e.g. Qwen2-VL's M-RoPE); positions edits take (batch, seq_len) ids")
         for edit in edits:
-            position_ids = edit.position_ids(position_ids)
+            position_ids = edit.position_ids(position_ids, sequence)
             self.edit_log.forward_pass(edit)
         return position_ids
 

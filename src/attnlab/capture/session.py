@@ -37,6 +37,7 @@ from attnlab.capture.executors import EXECUTORS, Job, fused_fallback, fused_plan
 from attnlab.capture.patterns import PatternProbe
 from attnlab.capture.planner import CallFacts, EditFacts, Needs, Options, Path, Planner
 from attnlab.capture.positions import PositionIds
+from attnlab.capture.vlm import AttentionSwitch, RoleReader
 from attnlab.columns import RESULT_COLUMNS
 from attnlab.edits.base import Edit
 from attnlab.errors import ConfigError, RegistryError
@@ -108,7 +109,8 @@ class Session:
         self._forward: ForwardState | None = None  # the forward pass in flight
         self._layer_of: dict[int, int] = {}  # id(attention module) -> layer, for modules without layer_idx
         self._hooks: list[Any] = []
-        self._previous_impl: str | None = None
+        self._switch = AttentionSwitch(model)
+        self._roles = RoleReader(self.facts)
         self._token: Any = None
 
     # context management -------------------------------------------------------------------------------------
@@ -116,19 +118,24 @@ class Session:
         if ACTIVE_SESSION.get() is not None:
             raise ConfigError("another attnlab Session is already active in this context; sessions do not nest")
         ensure_registered()
-        self._previous_impl = self.model.config._attn_implementation
-        self.model.set_attn_implementation(BACKEND_NAME)
+        self._switch.enter(BACKEND_NAME)
         self._token = ACTIVE_SESSION.set(self)
         self._hooks.append(self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
         self._hooks.append(self.model.register_forward_hook(self._after_forward))
-        if any("hidden_states" in p.needs for p in self.probes):
+        probes_read = any("hidden_states" in p.needs for p in self.probes)
+        edits_read = any(edit.needs_hidden_states for edit in self.edits)
+        if probes_read or edits_read:
             layers = transformer_blocks(self.model)
             if layers is None:
-                logger.warning("could not find the decoder layers of %s; hidden-state probes will see nothing",
-                               type(self.model).__name__)
+                logger.warning("could not find the decoder layers of %s; hidden-state probes and edits will see "
+                               "nothing", type(self.model).__name__)
             else:
                 for index, layer in enumerate(layers):
-                    self._hooks.append(layer.register_forward_hook(self._layer_hook(index)))
+                    if probes_read:
+                        self._hooks.append(layer.register_forward_hook(self._layer_hook(index)))
+                    if edits_read:
+                        self._hooks.append(layer.register_forward_pre_hook(self._layer_input_hook(index),
+                                                                           with_kwargs=True))
         return self
 
     def __exit__(self, exc_type: Any, *exc: Any) -> None:
@@ -138,14 +145,13 @@ class Session:
         if self._token is not None:
             ACTIVE_SESSION.reset(self._token)
             self._token = None
-        if self._previous_impl is not None:
-            self.model.set_attn_implementation(self._previous_impl)
+        self._switch.exit()
         if exc_type is None:
             self.check_edits_fired()
 
     # hooks --------------------------------------------------------------------------------------------------
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        self._forward, length = read_forward(args, kwargs, self.num_sequences)
+        self._forward, length = read_forward(args, kwargs, self.num_sequences, roles=self._roles)
         if self._forward is None:
             return None
         position_ids = self.positions(kwargs, self._forward.sequence, length)
@@ -165,6 +171,14 @@ class Session:
                 for probe in self.probes:
                     if "hidden_states" in probe.needs:
                         probe.on_hidden_states(index, hidden.detach(), self._forward.sequence)
+        return hook
+
+    def _layer_input_hook(self, index: int) -> Any:
+        """Record decoder layer ``index``'s input hidden states for edits that read them (``call.hidden_states``)."""
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            if self._forward is not None and isinstance(hidden, Tensor) and hidden.dim() == 3:
+                self._forward.hidden[index] = hidden.detach()
         return hook
 
     # the attention call -------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from attnlab.edits.base import AttentionCall, Edit
+from attnlab.roles import RoleList
 from attnlab.params import IndexList, Range, validated
 
 
@@ -25,8 +26,9 @@ class OneHotBlend(Edit):
     identity: ClassVar[dict[str, Any]] = {"alpha": 0.0}
 
     @validated
-    def __init__(self, alpha: Annotated[float, Range(ge=0.0, le=1.0)] = 1.0, layers: IndexList | None = None, heads: IndexList | None = None) -> None:
-        super().__init__(layers=layers, heads=heads)
+    def __init__(self, alpha: Annotated[float, Range(ge=0.0, le=1.0)] = 1.0, layers: IndexList | None = None, heads: IndexList | None = None,
+                 queries: RoleList | None = None, keys: RoleList | None = None) -> None:
+        super().__init__(layers=layers, heads=heads, queries=queries, keys=keys)
         self.alpha = alpha
 
     def params(self) -> dict[str, Any]:

@@ -89,9 +89,19 @@ def _apply_keep_mod(keep: Tensor | None, edit: Edit, call: AttentionCall) -> Ten
     edited = edit.keep_mod(current, call)
     if edited is None:
         return keep
-    if edit.heads is None:  # every head
+    if edit.heads is None and not edit.role_restricted:  # every head, every token
         return edited
-    return torch.where(edit.head_column(call), edited, current)
+    return torch.where(edit.selection(call), edited, current)
+
+
+def _rows_only(edit: Edit, call: AttentionCall, rows: Tensor | None, new: Tensor, old: Tensor) -> Tensor:
+    """``new`` on the edit's ``queries=`` rows, ``old`` elsewhere (probs and output edits; keys are the edit's own
+    business there). ``rows``: the query rows of the block (all when None)."""
+    if edit.queries is None:
+        return new
+    selected = edit.query_role_mask(call)
+    selected = selected if rows is None else selected[:, rows.to(selected.device)]
+    return torch.where(selected[:, None, :, None].to(new.device), new, old)
 
 
 class EditedCall:
@@ -129,12 +139,12 @@ class EditedCall:
 
     def is_fast(self) -> bool:
         """True if SDPA can run the call: no logit soft-cap and every edit has a fast (SDPA) form."""
-        return self.softcap is None and all(edit.fast for edit in self.edits)
+        return self.softcap is None and all(edit.fast and not edit.role_restricted for edit in self.edits)
 
     def flex_ready(self) -> bool:
         """True if the call can run in FlexAttention: every logits edit has a Flex form, every probs edit a fast
         form."""
-        return self.softcap is None and all(
+        return self.softcap is None and not any(edit.role_restricted for edit in self.edits) and all(
             (edit.stage != "logits" or edit.as_score_mod(self.call) is not None)
             and (edit.stage != "probs" or edit.fast) for edit in self.edits)
 
@@ -147,12 +157,16 @@ class EditedCall:
 
         def logits_mod(logits: Tensor, rows: Tensor) -> Tensor:
             for edit in logits_edits:
-                logits = edit.logits_mod(logits, rows, call)
+                edited = edit.logits_mod(logits, rows, call)
+                if edit.role_restricted:
+                    edited = torch.where(edit.selection(call, rows, logits.shape[-1]).to(logits.device), edited,
+                                         logits)
+                logits = edited
             return logits
 
         def probs_mod(probs: Tensor, rows: Tensor, keep: Tensor | None) -> Tensor:
             for edit in probs_edits:
-                probs = edit.probs_mod(probs, rows, keep, call)
+                probs = _rows_only(edit, call, rows, edit.probs_mod(probs, rows, keep, call), probs)
             return probs
 
         return (logits_mod if logits_edits else None), (probs_mod if probs_edits else None)
@@ -160,7 +174,7 @@ class EditedCall:
     def _output_mods(self, output: Tensor, count: int | None = None, rows: Tensor | None = None) -> Tensor:
         for edit in self.edits[:count]:
             if edit.stage == "output":
-                output = edit.output_mod_at(output, rows, self.call)
+                output = _rows_only(edit, self.call, rows, edit.output_mod_at(output, rows, self.call), output)
         return output
 
     def _blocked(self, count: int, *, rows: Tensor | None = None, on_block: Callable[[BlockView], None] | None = None

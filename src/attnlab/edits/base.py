@@ -38,7 +38,8 @@ from torch import Tensor
 
 from attnlab.errors import ConfigError
 from attnlab.params import IndexList, validated
-from attnlab.probes.base import AttentionCall
+from attnlab.probes.base import AttentionCall, SequenceInfo
+from attnlab.roles import RoleList, codes_in, role_codes
 
 if TYPE_CHECKING:
     from attnlab.functional.masked_attention import ScoreMod
@@ -58,22 +59,51 @@ class Edit:
     Args:
         layers: layer indices to act on (None = every layer).
         heads: query-head indices to act on (None = every head).
+        queries: token roles (:data:`attnlab.roles.ROLES`: text, image, system, generated) of the query rows to act
+            on (None = every row), e.g. ``("text",)``; on a model without roles (text-only) every real token is
+            ``text``. Spec text joins roles with ``+``.
+        keys: token roles of the keys to act on (None = every key): logits and mask edits change only those keys;
+            a probs edit takes ``keys=`` only when it reads them itself (``uses_key_roles``); positions and output
+            edits refuse it.
 
     Raises:
-        ConfigError: bad layers/heads (negative, empty) or a parameter out of range (in subclasses).
+        ConfigError: bad layers/heads (negative, empty), an unknown or empty role list, ``keys=`` on a stage that
+            cannot take it, or a parameter out of range (in subclasses).
     """
 
     name: ClassVar[str] = "edit"
     stage: ClassVar[Stage] = "logits"
     fast: ClassVar[bool] = False  # True if the edit runs on the fast path (no probs materialised)
     needs_prepare: ClassVar[bool] = False  # True if the edit needs a pass over the call's probs first (ACT)
+    needs_hidden_states: ClassVar[bool] = False  # True if it reads call.hidden_states (VAR's sink detection)
+    uses_key_roles: ClassVar[bool] = False  # a probs edit that applies its own keys= selection (VAR's image keys)
     # params() values that make the edit the identity ({"tau": 1.0}), or None for an edit with no identity form.
     # Every registered edit declares it (tests/edits/test_edit_laws.py checks it against the kernel).
     identity: ClassVar[dict[str, Any] | None]
 
     @validated
-    def __init__(self, *, layers: IndexList | None = None, heads: IndexList | None = None) -> None:
+    def __init__(self, *, layers: IndexList | None = None, heads: IndexList | None = None,
+                 queries: RoleList | None = None, keys: RoleList | None = None) -> None:
         self.layers, self.heads = layers, heads
+        self.queries = None if queries is None else tuple(dict.fromkeys(queries))
+        self.keys = None if keys is None else tuple(dict.fromkeys(keys))
+        for label, chosen in (("queries", self.queries), ("keys", self.keys)):
+            if chosen is not None:
+                role_codes(chosen)  # refuses an empty selection
+        stage = type(self).stage
+        if self.queries is not None and stage == "positions":
+            raise ConfigError(f"edit {self.name!r}: queries= selects query rows, but a positions edit changes the "
+                              "model's position ids for every token")
+        if self.keys is not None and (stage in ("positions", "output") or
+                                      (stage == "probs" and not type(self).uses_key_roles)):
+            raise ConfigError(f"edit {self.name!r}: keys= selects keys, which a {stage}-stage edit "
+                              f"{'cannot restrict' if stage != 'probs' else 'does not read'}; use queries= or a "
+                              "logits/mask edit")
+
+    @property
+    def role_restricted(self) -> bool:
+        """True if ``queries=`` or ``keys=`` narrows the edit to some token roles (it then runs on the eager path)."""
+        return self.queries is not None or self.keys is not None
 
     # identity and description -------------------------------------------------------------------------------
     def params(self) -> dict[str, Any]:
@@ -88,7 +118,7 @@ class Edit:
     def spec(self) -> str:
         """``name:key=value,...`` — the same form ``parse_edit_spec`` reads."""
         parts = [f"{key}={_format_value(value)}" for key, value in self.params().items()]
-        for key in ("layers", "heads"):
+        for key in ("layers", "heads", "queries", "keys"):
             chosen = getattr(self, key)
             if chosen is not None:
                 parts.append(f"{key}={'+'.join(str(v) for v in chosen)}")
@@ -138,9 +168,33 @@ class Edit:
         """(1, Hq, 1, 1) bool: ``head_mask(call)`` shaped to broadcast over (B, Hq, rows, keys)."""
         return self.head_mask(call).view(1, -1, 1, 1)
 
+    def query_role_mask(self, call: AttentionCall) -> Tensor:
+        """(B, Lq) bool: query rows whose role is in ``queries`` (all True when unset). Without roles on the call
+        (a text-only model) every real token counts as ``text``."""
+        return _role_mask(self.queries, call.query_roles, call.query_valid)
+
+    def key_role_mask(self, call: AttentionCall) -> Tensor:
+        """(B, Lk) bool: keys whose role is in ``keys`` (all True when unset; text-only models: real tokens are
+        ``text``)."""
+        return _role_mask(self.keys, call.key_roles, call.key_valid)
+
+    def selection(self, call: AttentionCall, q_index: Tensor | None = None, width: int | None = None) -> Tensor:
+        """(B, Hq, n, w) bool — or broadcastable — where the edit acts: its heads × query rows of its ``queries``
+        roles (rows ``q_index``, all when None) × keys of its ``keys`` roles (the first ``width``)."""
+        selected = self.head_column(call)
+        if self.queries is not None:
+            rows = self.query_role_mask(call)
+            rows = rows if q_index is None else rows[:, q_index.to(rows.device)]
+            selected = selected & rows[:, None, :, None]
+        if self.keys is not None:
+            keys = self.key_role_mask(call)
+            selected = selected & keys[:, None, None, : width or keys.shape[1]]
+        return selected
+
     # hooks (defaults do nothing) -------------------------------------------------------------------------------
-    def position_ids(self, position_ids: Tensor) -> Tensor:
-        """positions stage: (B, L) long position ids → remapped ids."""
+    def position_ids(self, position_ids: Tensor, sequence: SequenceInfo) -> Tensor:
+        """positions stage: (B, L) long position ids of the forward's new tokens → remapped ids. ``sequence`` is
+        the forward's tokens (its roles hold the image grids on a vision-language model)."""
         return position_ids
 
     def query_scale(self, call: AttentionCall) -> Tensor | None:
@@ -216,6 +270,14 @@ class Edit:
         ``q_index`` (n,) long, or of every row 0…Lq-1 when None → edited output. The default applies
         ``output_mod``; an edit whose result depends on the row (``head_patch``) overrides this one."""
         return self.output_mod(output, call)
+
+
+def _role_mask(chosen: tuple[str, ...] | None, codes: Tensor | None, valid: Tensor) -> Tensor:
+    if chosen is None:
+        return torch.ones_like(valid, dtype=torch.bool)
+    if codes is None:  # a text-only model: every real token is text
+        return valid.bool() if "text" in chosen else torch.zeros_like(valid, dtype=torch.bool)
+    return codes_in(codes, role_codes(chosen))
 
 
 def _format_value(value: Any) -> str:

@@ -11,6 +11,7 @@ from attnlab.edits import EDITS
 from attnlab.edits._move import move_mass
 from attnlab.edits.base import AttentionCall, Edit
 from attnlab.functional.attention import BlockView
+from attnlab.roles import RoleList
 from attnlab.params import IndexList, Range, validated
 
 
@@ -48,8 +49,9 @@ class Calibration(Edit):
     @validated
     def __init__(self, beta: Annotated[float, Range(ge=0.0, le=1.0)] = 0.4, theta: Annotated[float, Range(ge=0.0)] = 0.1,
                  threshold: Literal["absolute", "alpha_over_n"] = "absolute",
-                 alpha: Annotated[float, Range(gt=0.0)] = 5.0, layers: IndexList | None = None, heads: IndexList | None = None) -> None:
-        super().__init__(layers=layers, heads=heads)
+                 alpha: Annotated[float, Range(gt=0.0)] = 5.0, layers: IndexList | None = None, heads: IndexList | None = None,
+                 queries: RoleList | None = None, keys: RoleList | None = None) -> None:
+        super().__init__(layers=layers, heads=heads, queries=queries, keys=keys)
         self.beta, self.theta, self.threshold, self.alpha = beta, theta, threshold, alpha
         self._sinks: Tensor | None = None
 

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from attnlab.edits import EDITS
 from attnlab.edits.base import AttentionCall, Edit
+from attnlab.probes.base import SequenceInfo
 from attnlab.params import IndexList, Range, validated
 
 
@@ -63,7 +64,7 @@ class ConcentricPositions(Edit):
         ring = torch.minimum(torch.minimum(r, c), torch.minimum(self.height - 1 - r, self.width - 1 - c))
         return ring.flatten()
 
-    def position_ids(self, position_ids: Tensor) -> Tensor:
+    def position_ids(self, position_ids: Tensor, sequence: SequenceInfo) -> Tensor:
         rings = self.rings(position_ids.device)
         offset = position_ids - self.start
         in_span = (offset >= 0) & (offset < self.span_len)

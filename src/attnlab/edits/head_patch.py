@@ -12,6 +12,7 @@ from torch import Tensor
 from attnlab.edits import EDITS
 from attnlab.edits.base import AttentionCall, Edit
 from attnlab.errors import ConfigError
+from attnlab.roles import RoleList
 from attnlab.params import IndexList, Range, validated
 
 PYTHON_ONLY = ("head_patch needs recorded head outputs; use the Python API: "
@@ -79,8 +80,9 @@ class HeadPatch(Edit):
 
     @validated
     def __init__(self, fraction: Annotated[float, Range(ge=0.0, le=1.0)] = 1.0, layers: IndexList | None = None,
-                 heads: IndexList | None = None) -> None:
-        super().__init__(layers=layers, heads=heads)
+                 heads: IndexList | None = None,
+                 queries: RoleList | None = None, keys: RoleList | None = None) -> None:
+        super().__init__(layers=layers, heads=heads, queries=queries, keys=keys)
         self.fraction = fraction
         self.source: HeadOutputs | None = None
 

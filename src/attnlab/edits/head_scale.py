@@ -9,6 +9,7 @@ from torch import Tensor
 
 from attnlab.edits import EDITS
 from attnlab.edits.base import AttentionCall, Edit
+from attnlab.roles import RoleList
 from attnlab.params import IndexList, Range, validated
 
 
@@ -35,8 +36,9 @@ class HeadScale(Edit):
     identity: ClassVar[dict[str, Any]] = {"scale": 1.0}
 
     @validated
-    def __init__(self, scale: Annotated[float, Range(ge=-1e6, le=1e6)] = 0.0, layers: IndexList | None = None, heads: IndexList | None = None) -> None:
-        super().__init__(layers=layers, heads=heads)
+    def __init__(self, scale: Annotated[float, Range(ge=-1e6, le=1e6)] = 0.0, layers: IndexList | None = None, heads: IndexList | None = None,
+                 queries: RoleList | None = None, keys: RoleList | None = None) -> None:
+        super().__init__(layers=layers, heads=heads, queries=queries, keys=keys)
         self.scale = scale
 
     def params(self) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from torch import Tensor
 from attnlab.edits import EDITS
 from attnlab.edits.base import AttentionCall, Edit, evaluate_mask_mod
 from attnlab.functional.masks import MASKS
+from attnlab.roles import RoleList
 from attnlab.params import Forward, IndexList, validated
 
 
@@ -41,8 +42,9 @@ class Mask(Edit):
 
     @validated
     def __init__(self, name: str = "causal", layers: IndexList | None = None, heads: IndexList | None = None,
+                 queries: RoleList | None = None, keys: RoleList | None = None,
                  **mask_params: Annotated[Any, Forward(_factory, "mask")]) -> None:
-        super().__init__(layers=layers, heads=heads)
+        super().__init__(layers=layers, heads=heads, queries=queries, keys=keys)
         self._mask_mod = MASKS.get(name)(**mask_params)
         self.mask_name, self.mask_params = name, dict(mask_params)
 

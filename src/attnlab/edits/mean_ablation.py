@@ -12,6 +12,7 @@ from attnlab.edits import EDITS
 from attnlab.edits.base import AttentionCall, Edit
 from attnlab.errors import ConfigError
 from attnlab.functional.attention import BlockView
+from attnlab.roles import RoleList
 from attnlab.params import IndexList, Range, validated
 
 Source = Literal["batch", "sequence", "recorded"]
@@ -66,8 +67,9 @@ class MeanAblation(Edit):
 
     @validated
     def __init__(self, fraction: Annotated[float, Range(ge=0.0, le=1.0)] = 1.0, source: Source = "batch",
-                 layers: IndexList | None = None, heads: IndexList | None = None) -> None:
-        super().__init__(layers=layers, heads=heads)
+                 layers: IndexList | None = None, heads: IndexList | None = None,
+                 queries: RoleList | None = None, keys: RoleList | None = None) -> None:
+        super().__init__(layers=layers, heads=heads, queries=queries, keys=keys)
         self.fraction, self.source = fraction, source
         self.means: dict[int, Tensor] | None = None
         self._call_mean: Tensor | None = None

@@ -11,6 +11,7 @@ from attnlab.edits import EDITS
 from attnlab.edits._move import move_mass
 from attnlab.edits.base import AttentionCall, Edit
 from attnlab.errors import ConfigError
+from attnlab.roles import RoleList
 from attnlab.params import IndexList, Range, validated
 
 
@@ -45,8 +46,9 @@ class Redistribution(Edit):
     @validated
     def __init__(self, fraction: Annotated[float, Range(ge=0.0, le=1.0)] = 0.4, sink_positions: IndexList = (0,),
                  target_start: Annotated[int, Range(ge=0)] = 0, target_end: Annotated[int, Range(ge=-1)] = -1,
-                 min_target_mass: Annotated[float, Range(ge=0.0, le=1.0)] = 0.0, layers: IndexList | None = None, heads: IndexList | None = None) -> None:
-        super().__init__(layers=layers, heads=heads)
+                 min_target_mass: Annotated[float, Range(ge=0.0, le=1.0)] = 0.0, layers: IndexList | None = None, heads: IndexList | None = None,
+                 queries: RoleList | None = None, keys: RoleList | None = None) -> None:
+        super().__init__(layers=layers, heads=heads, queries=queries, keys=keys)
         if target_end != -1 and target_end <= target_start:
             raise ConfigError("edit 'redistribution': need target_start < target_end (or target_end=-1), "
                               f"got {target_start}, {target_end}")

@@ -9,6 +9,7 @@ from torch import Tensor
 from attnlab.edits import EDITS
 from attnlab.edits.base import AttentionCall, Edit, evaluate_mask_mod
 from attnlab.functional.masks import MASKS
+from attnlab.roles import RoleList
 from attnlab.params import IndexList, Range, validated
 
 
@@ -38,8 +39,9 @@ class SinkWindow(Edit):
 
     @validated
     def __init__(self, sinks: Annotated[int, Range(ge=0)] = 4, window: Annotated[int, Range(ge=1)] = 252,
-                 layers: IndexList | None = None, heads: IndexList | None = None) -> None:
-        super().__init__(layers=layers, heads=heads)
+                 layers: IndexList | None = None, heads: IndexList | None = None,
+                 queries: RoleList | None = None, keys: RoleList | None = None) -> None:
+        super().__init__(layers=layers, heads=heads, queries=queries, keys=keys)
         self.sinks, self.window = sinks, window
         self._mask_mod = MASKS.get("sink_window")(num_sink_tokens=self.sinks, window=self.window)
 

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from attnlab.edits import EDITS
 from attnlab.edits.base import AttentionCall, Edit
+from attnlab.roles import RoleList
 from attnlab.params import IndexList, Range, validated
 
 
@@ -45,8 +46,9 @@ class Temperature(Edit):
     @validated
     def __init__(self, tau: Annotated[float, Range(ge=1e-6, le=1e6)] = 1.0,
                  variant: Literal["constant", "log_n"] = "constant", train_len: Annotated[int, Range(ge=2)] = 512,
-                 layers: IndexList | None = None, heads: IndexList | None = None) -> None:
-        super().__init__(layers=layers, heads=heads)
+                 layers: IndexList | None = None, heads: IndexList | None = None,
+                 queries: RoleList | None = None, keys: RoleList | None = None) -> None:
+        super().__init__(layers=layers, heads=heads, queries=queries, keys=keys)
         self.tau, self.variant, self.train_len = tau, variant, train_len
 
     def params(self) -> dict[str, Any]:

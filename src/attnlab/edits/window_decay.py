@@ -9,6 +9,7 @@ from torch import Tensor
 
 from attnlab.edits import EDITS
 from attnlab.edits.base import AttentionCall, Edit
+from attnlab.roles import RoleList
 from attnlab.params import IndexList, Range, validated
 
 
@@ -36,8 +37,9 @@ class WindowDecay(Edit):
 
     @validated
     def __init__(self, window: Annotated[int, Range(ge=1)] = 2048, alpha: Annotated[float, Range(gt=0.0, le=1.0)] = 0.9,
-                 layers: IndexList | None = None, heads: IndexList | None = None) -> None:
-        super().__init__(layers=layers, heads=heads)
+                 layers: IndexList | None = None, heads: IndexList | None = None,
+                 queries: RoleList | None = None, keys: RoleList | None = None) -> None:
+        super().__init__(layers=layers, heads=heads, queries=queries, keys=keys)
         self.window, self.alpha = window, alpha
 
     def params(self) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from attnlab.edits import EDITS
 from attnlab.edits.base import AttentionCall, Edit
+from attnlab.roles import RoleList
 from attnlab.params import IndexList, Range, validated
 
 
@@ -39,8 +40,9 @@ class ZeroTuning(Edit):
     identity: ClassVar[dict[str, Any]] = {"gamma": 1.0}
 
     @validated
-    def __init__(self, gamma: Annotated[float, Range(ge=1e-6, le=1e6)] = 1.0, layers: IndexList | None = None, heads: IndexList | None = None) -> None:
-        super().__init__(layers=layers, heads=heads)
+    def __init__(self, gamma: Annotated[float, Range(ge=1e-6, le=1e6)] = 1.0, layers: IndexList | None = None, heads: IndexList | None = None,
+                 queries: RoleList | None = None, keys: RoleList | None = None) -> None:
+        super().__init__(layers=layers, heads=heads, queries=queries, keys=keys)
         self.gamma = gamma
 
     def params(self) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from torch import Tensor
 from attnlab.facts import ModelFacts
 from attnlab.functional.attention import BlockView
 from attnlab.report.sections import Section
+from attnlab.roles import ImageSpan, TokenRoles
 
 if TYPE_CHECKING:
     from attnlab.functional.fused_attention import FusedRequest, FusedStats
@@ -52,18 +53,23 @@ class SequenceInfo:
         positions: (B, L) long, 0 for each sequence's first real token, counting real tokens only (-1 on padding).
         input_ids: (B, L) long or None.
         sequence_offset: global index of this batch's first sequence among all sequences the session has seen.
+        roles: the :class:`attnlab.roles.TokenRoles` of the L columns (image / text / system / generated / pad and
+            the image grids) on a vision-language model, else None.
     """
 
     valid: Tensor
     positions: Tensor
     input_ids: Tensor | None
     sequence_offset: int
+    roles: TokenRoles | None = None
 
     @classmethod
-    def from_mask(cls, valid: Tensor, input_ids: Tensor | None, sequence_offset: int) -> SequenceInfo:
+    def from_mask(cls, valid: Tensor, input_ids: Tensor | None, sequence_offset: int,
+                  roles: TokenRoles | None = None) -> SequenceInfo:
         valid = valid.bool()
         positions = torch.where(valid, valid.long().cumsum(-1) - 1, torch.full_like(valid, -1, dtype=torch.long))
-        return cls(valid=valid, positions=positions, input_ids=input_ids, sequence_offset=sequence_offset)
+        return cls(valid=valid, positions=positions, input_ids=input_ids, sequence_offset=sequence_offset,
+                   roles=roles)
 
 
 @dataclass(frozen=True, eq=False)
@@ -82,6 +88,10 @@ class AttentionCall:
         query_positions: (B, Lq) long and key_positions: (B, Lk) long: token positions counting real tokens only
             (0 = the sequence's first real token; -1 on padding).
         sequence: the SequenceInfo of the forward pass.
+        query_roles: (B, Lq) int8 and key_roles: (B, Lk) int8: role codes (:data:`attnlab.roles.ROLES`) of the
+            query and key tokens on a vision-language model, else None.
+        hidden_states: (B, Lq, hidden) the decoder layer's input residual stream at the query tokens (detached),
+            only when an edit on the layer sets ``needs_hidden_states`` (VAR's sink detection); else None.
     """
 
     layer_idx: int
@@ -97,6 +107,15 @@ class AttentionCall:
     query_positions: Tensor
     key_positions: Tensor
     sequence: SequenceInfo
+    query_roles: Tensor | None = None
+    key_roles: Tensor | None = None
+    hidden_states: Tensor | None = None
+
+    @property
+    def images(self) -> tuple[ImageSpan, ...]:
+        """Every image span of the forward pass (columns of ``sequence``; empty without roles)."""
+        roles = self.sequence.roles
+        return () if roles is None else roles.images
 
     @property
     def num_kv_groups(self) -> int:

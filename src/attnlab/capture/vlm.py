@@ -1,0 +1,114 @@
+"""Vision-language models inside a session: which attention attnlab takes over, and each forward's token roles.
+
+A transformers VLM (LLaVA, Qwen2-VL, Idefics3/SmolVLM, PaliGemma, Gemma 3) is one model with a vision tower and a
+language model, each with its own sub-config. attnlab's methods act on the language model's attention over image
+and text tokens, so the session switches only the text sub-config to the attnlab backend
+(``set_attn_implementation({"text_config": "attnlab"})``) and the vision tower keeps its own implementation.
+
+Roles per forward (:class:`attnlab.roles.TokenRoles`): image where ``input_ids`` holds one of the model's image
+token ids (``facts.image_token_ids``), each image's grid from ``image_grid_thw`` / ``video_grid_thw`` when the
+processor gives them (Qwen2-VL) or a square otherwise; a decoding step appends ``generated`` tokens to the roles of
+the forward before it; :func:`attnlab.roles.given_roles` overrides the derivation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from attnlab.errors import ConfigError
+from attnlab.facts import ModelFacts
+from attnlab.roles import PAD, TokenRoles, current_given_roles
+
+TOKEN_ID_KEYS = ("image_token_id", "image_token_index", "video_token_id")
+
+
+def text_config_key(model: nn.Module) -> str | None:
+    """The name of the model's text sub-config (``"text_config"``) when it has a vision one too, else None."""
+    config = model.config
+    sub = getattr(config, "sub_configs", None) or {}
+    if "vision_config" not in sub and getattr(config, "vision_config", None) is None:
+        return None
+    for key in ("text_config", "language_config"):
+        if key in sub or getattr(config, key, None) is not None:
+            return key
+    return None
+
+
+def image_token_ids(config: Any) -> tuple[int, ...]:
+    """The ids that mark image/video tokens, from ``image_token_id`` / ``image_token_index`` / ``video_token_id``."""
+    ids = []
+    for key in TOKEN_ID_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value >= 0 and value not in ids:
+            ids.append(value)
+    return tuple(ids)
+
+
+class AttentionSwitch:
+    """Switch a model's (language model's) attention to a backend and back."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.key = text_config_key(model)
+        self.previous: Any = None
+
+    def enter(self, backend: str) -> None:
+        config = self.model.config
+        if self.key is None:
+            self.previous = config._attn_implementation
+            self.model.set_attn_implementation(backend)
+            return
+        self.previous = {name: getattr(config, name)._attn_implementation
+                         for name in config.sub_configs if getattr(config, name, None) is not None}
+        self.model.set_attn_implementation({self.key: backend})
+
+    def exit(self) -> None:
+        if self.previous is not None:
+            self.model.set_attn_implementation(self.previous)
+            self.previous = None
+
+
+class RoleReader:
+    """``reader(input_ids, valid, kwargs) -> TokenRoles | None`` for each forward pass of one session.
+
+    None for text-only models (no image token ids) unless :func:`attnlab.roles.given_roles` is active."""
+
+    def __init__(self, facts: ModelFacts) -> None:
+        self.token_ids = facts.image_token_ids
+        self.merge = int((facts.vision or {}).get("merge", 1) or 1)
+        self.last: TokenRoles | None = None
+
+    def __call__(self, input_ids: Tensor | None, valid: Tensor, kwargs: dict[str, Any]) -> TokenRoles | None:
+        roles = self._read(input_ids, valid, kwargs)
+        if roles is not None:
+            roles = roles.to(valid.device)
+            codes = roles.codes.masked_fill(~valid.bool(), PAD)
+            roles = TokenRoles(codes, roles.images)
+        self.last = roles
+        return roles
+
+    def _read(self, input_ids: Tensor | None, valid: Tensor, kwargs: dict[str, Any]) -> TokenRoles | None:
+        batch, columns = valid.shape
+        new = columns if input_ids is None else input_ids.shape[1]
+        given = current_given_roles()
+        if new < columns:  # a decoding step: the columns before it are the previous forward's
+            previous = self.last
+            if previous is not None and tuple(previous.codes.shape) == (batch, columns - new):
+                return previous.extend_generated(new)
+            return given.extend_generated(columns - given.codes.shape[1]) if (
+                given is not None and given.codes.shape[0] == batch and given.codes.shape[1] <= columns) else None
+        if given is not None:
+            if tuple(given.codes.shape) != (batch, columns):
+                raise ConfigError(f"given_roles has codes of shape {tuple(given.codes.shape)} but the forward has "
+                                  f"{batch} sequences of {columns} tokens")
+            return given
+        if input_ids is None or not self.token_ids:
+            return None
+        image_grids, video_grids = kwargs.get("image_grid_thw"), kwargs.get("video_grid_thw")
+        if image_grids is not None and video_grids is not None:
+            raise ConfigError("a batch with both images and videos: attnlab reads the grids of one kind per batch")
+        grids = image_grids if image_grids is not None else video_grids
+        return TokenRoles.from_input_ids(input_ids, valid, self.token_ids, grids=grids,
+                                         merge=self.merge if grids is not None else 1)

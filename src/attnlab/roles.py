@@ -1,0 +1,201 @@
+"""Token roles: which tokens of a sequence are image, text, system prompt, generated or padding.
+
+A vision-language model's decoder reads one sequence in which some positions hold image tokens (the vision
+tower's patch features after the projector) and the rest text. Probes split their statistics by role (attention
+mass from text queries to image keys), edits select queries and keys by role (``keys=image``), and the image
+methods (VAR, CCA, CARVE, …) need each image's grid: which token is row r, column c of which image.
+
+The session derives a :class:`TokenRoles` per forward pass from ``input_ids`` (the model's image token id marks
+image positions, as every transformers VLM processor writes them) and, for Qwen2-VL-style models, the
+``image_grid_thw`` the processor returns. An input builder that knows more (a system prompt's span) passes its
+roles explicitly with :func:`given_roles`.
+
+Shapes: B batch, L token columns of the forward's 2-D attention mask (past + new tokens).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from attnlab.errors import ConfigError, ShapeError
+
+ROLES: tuple[str, ...] = ("pad", "text", "image", "system", "generated")
+RoleName = Literal["text", "image", "system", "generated"]
+RoleList = tuple[RoleName, ...]  # an edit's ``queries=`` / ``keys=``: text joins names with "+" ("image+text")
+
+PAD, TEXT, IMAGE, SYSTEM, GENERATED = range(len(ROLES))
+
+
+def role_codes(names: str | Sequence[str]) -> tuple[int, ...]:
+    """Role names (``"image"``, ``"image+text"``, ``("image", "text")``) → their codes (indices into ROLES).
+
+    Raises ConfigError on an unknown name or an empty selection."""
+    items = [part.strip() for part in names.split("+")] if isinstance(names, str) else list(names)
+    unknown = [name for name in items if name not in ROLES]
+    if unknown or not items:
+        raise ConfigError(f"roles must be among {', '.join(ROLES[1:])} (joined with '+'), got {names!r}")
+    return tuple(ROLES.index(name) for name in items)
+
+
+def codes_in(codes: Tensor, selected: Sequence[int]) -> Tensor:
+    """(…) bool: where ``codes`` (int8 role codes) is one of ``selected``."""
+    return torch.isin(codes, torch.tensor(list(selected), dtype=codes.dtype, device=codes.device))
+
+
+@dataclass(frozen=True)
+class ImageSpan:
+    """One image (or one tile of a split image, or one video) inside one sequence.
+
+    Attributes:
+        sequence: the batch row. start: its first token column. rows, cols, frames: its token grid (raster order,
+            frame after frame). index: the image's number within its sequence (0, 1, …).
+    """
+
+    sequence: int
+    start: int
+    rows: int
+    cols: int
+    frames: int = 1
+    index: int = 0
+
+    @property
+    def length(self) -> int:
+        """Tokens in the span (rows · cols · frames)."""
+        return self.rows * self.cols * self.frames
+
+    @property
+    def end(self) -> int:
+        """The column after the span's last token."""
+        return self.start + self.length
+
+    def grid_of(self, column: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(frame, row, col) long tensors of token columns inside the span (raster order within each frame).
+
+        Raises ShapeError if a column lies outside the span."""
+        offset = column.long() - self.start
+        if bool(((offset < 0) | (offset >= self.length)).any()):
+            raise ShapeError(f"columns must lie in the image span [{self.start}, {self.end}), got "
+                             f"{column.min().item()}…{column.max().item()}")
+        per_frame = self.rows * self.cols
+        within = offset % per_frame
+        return offset // per_frame, within // self.cols, within % self.cols
+
+
+@dataclass(frozen=True, eq=False)
+class TokenRoles:
+    """The role of every token column of one forward pass, and the images' grids.
+
+    Attributes:
+        codes: (B, L) int8, indices into :data:`ROLES` (``pad`` where the attention mask is 0).
+        images: every image span, sorted by (sequence, start).
+    """
+
+    codes: Tensor
+    images: tuple[ImageSpan, ...] = ()
+
+    def mask(self, *names: str) -> Tensor:
+        """(B, L) bool: tokens whose role is one of ``names`` (``mask("image")``, ``mask("text", "system")``)."""
+        return codes_in(self.codes, role_codes(names))
+
+    def spans(self, sequence: int) -> list[ImageSpan]:
+        """The image spans of batch row ``sequence``, in order."""
+        return [span for span in self.images if span.sequence == sequence]
+
+    def extend_generated(self, new: int) -> TokenRoles:
+        """These roles followed by ``new`` generated columns (a decoding step appends tokens after the prompt)."""
+        extra = torch.full((self.codes.shape[0], new), GENERATED, dtype=self.codes.dtype, device=self.codes.device)
+        return TokenRoles(torch.cat([self.codes, extra], dim=1), self.images)
+
+    def to(self, device: torch.device | str) -> TokenRoles:
+        return TokenRoles(self.codes.to(device), self.images)
+
+    @classmethod
+    def from_input_ids(cls, input_ids: Tensor, valid: Tensor, image_token_ids: Sequence[int],
+                       grids: Tensor | None = None, merge: int = 1, system: Tensor | None = None) -> TokenRoles:
+        """Roles from token ids: image where the id is an image token id, text elsewhere, pad where not ``valid``.
+
+        Each maximal run of image tokens in a row is one image (a tile, for processors that split images). Its
+        grid is the next row of ``grids`` (``image_grid_thw``: frames, height, width in vision patches, whose
+        height and width shrink by ``merge`` when the model merges patches, Qwen2-VL's spatial_merge_size 2);
+        without ``grids`` it is a square (LLaVA, PaliGemma, Gemma 3, Idefics3 tiles).
+
+        Args:
+            input_ids: (B, L) long. valid: (B, L) bool, real tokens. image_token_ids: ids that mark image tokens.
+            grids: (num_images, 3) long (t, h, w) in batch order, or None. merge: patch merge factor (≥ 1).
+            system: (B, L) bool, tokens of a system prompt, or None.
+        Raises:
+            ShapeError: shapes disagree. ConfigError: a run's length is not a square (without ``grids``), or does
+                not match its grid, or ``grids`` has another number of images than the runs.
+        """
+        if input_ids.shape != valid.shape or input_ids.dim() != 2:
+            raise ShapeError(f"input_ids and valid must both be (batch, seq_len); got {tuple(input_ids.shape)} and "
+                             f"{tuple(valid.shape)}")
+        image = codes_in(input_ids, list(image_token_ids)) & valid.bool() if image_token_ids else \
+            torch.zeros_like(valid, dtype=torch.bool)
+        codes = torch.full(input_ids.shape, TEXT, dtype=torch.int8, device=input_ids.device)
+        if system is not None:
+            codes[system.bool()] = SYSTEM
+        codes[image] = IMAGE
+        codes[~valid.bool()] = PAD
+        runs = _runs(image)
+        if grids is not None and len(grids) != len(runs):
+            raise ConfigError(f"the processor gave {len(grids)} image grids but the tokens hold {len(runs)} images")
+        spans, per_row = [], {}
+        for number, (row, start, length) in enumerate(runs):
+            index = per_row.get(row, 0)
+            per_row[row] = index + 1
+            if grids is not None:
+                frames, height, width = (int(v) for v in grids[number])
+                shape = (height // merge, width // merge, frames)
+            else:
+                side = math.isqrt(length)
+                if side * side != length:
+                    raise ConfigError(f"image {index} of sequence {row} has {length} tokens, not a square grid; "
+                                      "pass its grid (image_grid_thw)")
+                shape = (side, side, 1)
+            span = ImageSpan(row, start, shape[0], shape[1], shape[2], index)
+            if span.length != length:
+                raise ConfigError(f"image {index} of sequence {row} has {length} tokens but its grid "
+                                  f"{shape[2]}×{shape[0]}×{shape[1]} holds {span.length}")
+            spans.append(span)
+        return cls(codes, tuple(spans))
+
+
+def _runs(flags: Tensor) -> list[tuple[int, int, int]]:
+    """(row, start, length) of every maximal run of True in a (B, L) bool tensor, row by row."""
+    runs = []
+    padded = torch.nn.functional.pad(flags.int(), (1, 1))
+    edges = padded[:, 1:] - padded[:, :-1]  # +1 where a run starts, -1 after it ends
+    for row in range(flags.shape[0]):
+        starts = (edges[row] == 1).nonzero().flatten().tolist()
+        ends = (edges[row] == -1).nonzero().flatten().tolist()
+        runs.extend((row, start, end - start) for start, end in zip(starts, ends))
+    return runs
+
+
+_GIVEN: contextvars.ContextVar[TokenRoles | None] = contextvars.ContextVar("attnlab_given_roles", default=None)
+
+
+@contextlib.contextmanager
+def given_roles(roles: TokenRoles) -> Iterator[TokenRoles]:
+    """Use ``roles`` for the next forward passes inside the block instead of deriving them from the token ids
+    (an input builder that marks a system prompt). Decoding steps inside the block extend them with generated
+    tokens."""
+    token = _GIVEN.set(roles)
+    try:
+        yield roles
+    finally:
+        _GIVEN.reset(token)
+
+
+def current_given_roles() -> TokenRoles | None:
+    """The roles set by the innermost :func:`given_roles` block, or None."""
+    return _GIVEN.get()

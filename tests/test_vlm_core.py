@@ -1,0 +1,221 @@
+"""Token roles and the session on a vision-language model (tiny random LLaVA built from configs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from attnlab import Session
+from attnlab.edits import parse_edit_spec
+from attnlab.errors import ConfigError, ShapeError
+from attnlab.functional.sink_dims import rms_normalised, sink_dimensions, sink_tokens
+from attnlab.probes.base import Probe
+from attnlab.roles import GENERATED, IMAGE, PAD, SYSTEM, TEXT, ImageSpan, TokenRoles, given_roles, role_codes
+
+IMAGE_ID = 99
+
+
+def tiny_llava(seed: int = 0) -> LlavaForConditionalGeneration:
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=8, projection_dim=32)
+    text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=100)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_ID,
+                         vision_feature_select_strategy="default", vision_feature_layer=-1, image_seq_length=16)
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(config).eval()
+
+
+def batch_two_images():
+    """Row 0: text, image, text, image, text. Row 1: left padding, text, image, text, image."""
+    row0 = [1, 5] + [IMAGE_ID] * 16 + [7] + [IMAGE_ID] * 16 + [8, 9]
+    row1 = [0, 0, 6] + [IMAGE_ID] * 16 + [7] + [IMAGE_ID] * 16 + [9]
+    ids = torch.tensor([row0, row1])
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    torch.manual_seed(1)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(4, 3, 32, 32)}
+
+
+class Recorder(Probe):
+    name = "recorder"
+    needs = ("value",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = {}
+
+    def begin_call(self, call):
+        self.calls[call.layer_idx] = call
+
+
+# roles ------------------------------------------------------------------------------------------------------
+def test_roles_from_ids_runs_grids_and_padding():
+    batch = batch_two_images()
+    roles = TokenRoles.from_input_ids(batch["input_ids"], batch["attention_mask"].bool(), [IMAGE_ID])
+    assert roles.images == (ImageSpan(0, 2, 4, 4, 1, 0), ImageSpan(0, 19, 4, 4, 1, 1),
+                            ImageSpan(1, 3, 4, 4, 1, 0), ImageSpan(1, 20, 4, 4, 1, 1))
+    assert roles.codes[1, :2].tolist() == [PAD, PAD] and roles.codes[1, 2] == TEXT
+    assert int(roles.mask("image").sum()) == 64
+    frame, row, col = roles.images[1].grid_of(torch.tensor([19, 24, 34]))
+    assert frame.tolist() == [0, 0, 0] and row.tolist() == [0, 1, 3] and col.tolist() == [0, 1, 3]
+    with pytest.raises(ShapeError):
+        roles.images[1].grid_of(torch.tensor([18]))
+
+
+def test_roles_with_grids_and_errors():
+    ids = torch.tensor([[1] + [IMAGE_ID] * 6 + [2]])
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    roles = TokenRoles.from_input_ids(ids, valid, [IMAGE_ID], grids=torch.tensor([[1, 4, 6]]), merge=2)
+    assert roles.images == (ImageSpan(0, 1, 2, 3, 1, 0),)
+    with pytest.raises(ConfigError, match="not a square"):
+        TokenRoles.from_input_ids(ids, valid, [IMAGE_ID])
+    with pytest.raises(ConfigError, match="grid"):
+        TokenRoles.from_input_ids(ids, valid, [IMAGE_ID], grids=torch.tensor([[1, 4, 4]]), merge=2)
+    with pytest.raises(ConfigError, match="2 image grids"):
+        TokenRoles.from_input_ids(ids, valid, [IMAGE_ID], grids=torch.tensor([[1, 4, 6], [1, 2, 2]]), merge=2)
+    system = torch.zeros_like(valid)
+    system[0, 0] = True
+    assert TokenRoles.from_input_ids(ids, valid, [IMAGE_ID], grids=torch.tensor([[1, 2, 3]]),
+                                     system=system).codes[0, 0] == SYSTEM
+    assert role_codes("image+text") == (IMAGE, TEXT)
+    with pytest.raises(ConfigError, match="roles must be among"):
+        role_codes("pixels")
+
+
+# the session on a VLM ------------------------------------------------------------------------------------------
+def test_session_roles_padding_two_images_and_vision_tower_untouched():
+    model, batch = tiny_llava(), batch_two_images()
+    with torch.no_grad():
+        reference = model(**batch).logits
+    recorder = Recorder()
+    with Session(model, probes=[recorder, "entropy", "sink"]) as session, torch.no_grad():
+        logits = model(**batch).logits
+        assert model.config.vision_config._attn_implementation != "attnlab"
+    assert session.facts.modality == "vision-language" and session.facts.image_token_ids == (IMAGE_ID,)
+    assert sorted(session.calls_per_layer) == [0, 1]  # only the language model's two layers, not the vision tower
+    torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
+    call = recorder.calls[0]
+    assert call.query_roles.shape == (2, batch["input_ids"].shape[1])
+    assert torch.equal(call.query_roles == PAD, ~batch["attention_mask"].bool())
+    assert [span.start for span in call.images] == [2, 19, 3, 20]
+    assert model.config.text_config._attn_implementation == "sdpa"  # restored
+
+
+def test_decoding_steps_get_generated_roles():
+    model = tiny_llava()
+    batch = batch_two_images()
+    recorder = Recorder()
+    with Session(model, probes=[recorder]), torch.no_grad():
+        model.generate(**batch, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    call = recorder.calls[1]
+    assert call.q_len == 1 and call.key_roles.shape[1] == batch["input_ids"].shape[1] + 2
+    assert call.query_roles[:, -1].tolist() == [GENERATED, GENERATED]
+    assert int((call.key_roles == IMAGE).sum()) == 64
+
+
+def test_given_roles_override_and_shape_error():
+    model, batch = tiny_llava(), batch_two_images()
+    roles = TokenRoles.from_input_ids(batch["input_ids"], batch["attention_mask"].bool(), [IMAGE_ID])
+    codes = roles.codes.clone()
+    codes[0, :2] = SYSTEM
+    recorder = Recorder()
+    with Session(model, probes=[recorder]), torch.no_grad(), given_roles(TokenRoles(codes, roles.images)):
+        model(**batch)
+    assert recorder.calls[0].query_roles[0, :2].tolist() == [SYSTEM, SYSTEM]
+    with pytest.raises(ConfigError, match="given_roles"):
+        with Session(model, probes=[Recorder()]), torch.no_grad(), given_roles(TokenRoles(codes[:, 1:])):
+            model(**batch)
+
+
+# edits by role -------------------------------------------------------------------------------------------------
+def _probs(model, batch, edits):
+    from attnlab.capture.patterns import PatternProbe
+
+    recorder = PatternProbe(layers=[0], heads=[0, 1, 2, 3])
+    with Session(model, probes=[recorder], edits=edits) as session, torch.no_grad():
+        model(**batch)
+    return session.patterns()[0].probs[:, 0]  # layer 0: (B, H, L, L)
+
+
+def test_role_selected_edit_changes_only_text_rows_over_image_keys():
+    model, batch = tiny_llava(), batch_two_images()
+    plain = _probs(model, batch, [])
+    edited = _probs(model, batch, ["temperature:tau=0.3,queries=text,keys=image"])
+    roles = TokenRoles.from_input_ids(batch["input_ids"], batch["attention_mask"].bool(), [IMAGE_ID])
+    text_rows = roles.mask("text")
+    changed = (edited - plain).abs().amax(dim=(1, 3)) > 1e-6  # (B, L) rows that changed
+    assert not changed[~text_rows].any()  # image rows and padding untouched
+    text_after_image = text_rows.clone()
+    text_after_image[0, :2] = False
+    text_after_image[1, :3] = False  # text before the first image sees no image key
+    assert changed[text_after_image].all()
+    identity = _probs(model, batch, ["temperature:tau=1,queries=text,keys=image"])
+    assert torch.equal(identity, plain)
+
+
+def test_role_selection_refused_where_it_has_no_meaning():
+    with pytest.raises(ConfigError, match="keys= selects keys"):
+        parse_edit_spec("head_scale:scale=2,keys=image")
+    with pytest.raises(ConfigError, match="keys= selects keys"):
+        parse_edit_spec("redistribution:fraction=0.5,keys=image")
+    with pytest.raises(ConfigError, match="no parameter queries"):
+        parse_edit_spec("concentric_positions:queries=text")
+    with pytest.raises(ConfigError, match="must be one of"):
+        parse_edit_spec("head_scale:scale=2,queries=pixels")
+    assert parse_edit_spec("head_scale:scale=2,queries=text+generated").spec() == \
+        "head_scale:scale=2.0,queries=text+generated"
+
+
+def test_output_edit_by_query_role_acts_from_the_image_on():
+    model, batch = tiny_llava(), batch_two_images()
+    recorder_plain, recorder_edit = Recorder(), Recorder()
+    with Session(model, probes=[recorder_plain]), torch.no_grad():
+        plain = model(**batch).logits
+    with Session(model, probes=[recorder_edit], edits=["head_scale:scale=0,queries=image"]), torch.no_grad():
+        edited = model(**batch).logits
+    roles = TokenRoles.from_input_ids(batch["input_ids"], batch["attention_mask"].bool(), [IMAGE_ID])
+    first_image = roles.images[0]
+    # rows before the first image are upstream of every image token: unchanged up to the kernel (eager vs SDPA)
+    torch.testing.assert_close(edited[0, : first_image.start], plain[0, : first_image.start], rtol=0, atol=1e-6)
+    assert (edited[0, first_image.start:] - plain[0, first_image.start:]).abs().max() > 1e-4
+
+
+# hidden states for edits ---------------------------------------------------------------------------------------
+def test_hidden_states_reach_edits_that_need_them():
+    from attnlab.edits.base import Edit
+
+    seen = {}
+
+    class NeedsHidden(Edit):
+        name = "needs_hidden"
+        stage = "output"
+        needs_hidden_states = True
+        identity = None
+
+        def output_mod(self, output, call):
+            seen[call.layer_idx] = call.hidden_states
+            return output
+
+    model, batch = tiny_llava(), batch_two_images()
+    with Session(model, edits=[NeedsHidden()]), torch.no_grad():
+        model(**batch)
+    assert seen[0].shape == (2, batch["input_ids"].shape[1], 32) and seen[1] is not None
+    assert not torch.equal(seen[0], seen[1])
+
+
+# sink dimensions (VAR's detector) ------------------------------------------------------------------------------
+def test_sink_dimensions_find_massive_activations():
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 10, 1024, dtype=torch.float64)  # φ ≤ sqrt(D): τ = 20 needs D > 400
+    hidden[0, 3, 7] = 500.0
+    hidden[1, 5, 40] = -400.0
+    dims = sink_dimensions(hidden, top=2)
+    assert sorted(dims.tolist()) == [7, 40]
+    flags = sink_tokens(hidden, dims, tau=20.0)
+    assert flags.nonzero().tolist() == [[0, 3], [1, 5]]
+    x = hidden[0, 3]
+    torch.testing.assert_close(rms_normalised(x), x / torch.sqrt(x.pow(2).mean() + 1e-6))
+    with pytest.raises(ShapeError):
+        sink_dimensions(hidden, top=0)
