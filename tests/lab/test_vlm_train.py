@@ -146,3 +146,21 @@ def test_cli_train_and_eval(tmp_path: Path, trained: tuple[Path, dict]) -> None:
     assert runner.invoke(vlm_app, ["train", "--out", str(out), "--steps", "1"]).exit_code == 2  # not empty
     assert runner.invoke(vlm_app, ["train", "--out", str(tmp_path / "b"), "--positions", "x"]).exit_code == 2
     assert runner.invoke(vlm_app, ["eval", str(tmp_path / "missing")]).exit_code == 2
+
+
+def test_cca_inputs_equal_the_concentric_positions_edit_in_a_session() -> None:
+    from attnlab import Session
+
+    spec = VlmSpec(**{**TINY, "text_layers": 2})
+    tokenizer = build_tokenizer()
+    processor, model = build_processor(spec, tokenizer), build_model(spec, tokenizer).eval()
+    batch = encode(draw_items(0, 0, 3), processor, answers=False)
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    valid = batch["attention_mask"].bool()
+    with torch.no_grad():
+        reference = model(**batch, **cca_inputs(batch["input_ids"], batch["attention_mask"], image_id, 3)).logits
+        with Session(model, edits=["concentric_positions:start=1,height=3,width=3"]):
+            edited = model(**batch).logits
+        plain = model(**batch).logits
+    torch.testing.assert_close(edited[valid], reference[valid], rtol=0, atol=0)
+    assert not torch.allclose(plain[valid], reference[valid])

@@ -31,6 +31,8 @@ Steps = Annotated[int, typer.Option("--steps", help="Optimizer updates.", rich_h
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Questions per update.", rich_help_panel=_TRAIN)]
 Lr = Annotated[float, typer.Option("--lr", help="Peak learning rate.", rich_help_panel=_TRAIN)]
 Warmup = Annotated[int, typer.Option("--warmup-steps", help="Linear warmup updates.", rich_help_panel=_TRAIN)]
+Questions = Annotated[int, typer.Option("--questions-per-image", help="Question-answer pairs per training sequence.",
+                                        rich_help_panel=_TRAIN)]
 Positions = Annotated[str, typer.Option(
     "--positions", help="rope (raster order) | cca (concentric position ids + concentric causal mask, as CCA "
     "retrains).", rich_help_panel=_MODEL)]
@@ -51,6 +53,7 @@ def vlm_train(
     batch_size: BatchSize = 64,
     lr: Lr = 2e-3,
     warmup_steps: Warmup = 100,
+    questions_per_image: Questions = 4,
     positions: Positions = "rope",
     spec: SpecArg = None,
     eval_per_kind: PerKind = 500,
@@ -66,7 +69,8 @@ def vlm_train(
         from attnlab.lab.vlm.train import VlmTrainConfig, check_out, train_vlm
 
         config = VlmTrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
-                                positions=positions, seed=seed, spec=_typed(parse_pairs(spec, "--spec")),
+                                positions=positions, questions_per_image=questions_per_image, seed=seed,
+                                spec=_typed(parse_pairs(spec, "--spec")),
                                 eval_per_kind=eval_per_kind, out=str(out))
         check_out(config, force=force)
         stderr.print("config: " + " ".join(f"{k}={v}" for k, v in config.to_dict().items()), markup=False,

@@ -120,8 +120,13 @@ def build_processor(spec: VlmSpec, tokenizer: Any | None = None) -> Any:
 
 
 def build_model(spec: VlmSpec, tokenizer: Any, *, seed: int = 0) -> Any:
-    """A randomly initialised LlavaForConditionalGeneration of ``spec`` (``torch.manual_seed(seed)`` first), in
-    float32, eager-free (SDPA attention), ``eval()`` mode off (the caller trains or evaluates)."""
+    """A randomly initialised LlavaForConditionalGeneration of ``spec`` (``torch.manual_seed(seed)`` first), float32,
+    SDPA attention, in training mode.
+
+    The projector's two linear layers are re-initialised with std ``in_features ** -0.5`` (biases 0) instead of
+    transformers' 0.02: with 0.02 the image features reach the language model about 40 times smaller than at
+    unit gain, and in a pilot (one-object colour questions, batch 32, lr 3e-3) the model had not learnt to read
+    the colour after 180 updates (loss 0.79); with the re-initialisation it had (loss 0.006)."""
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -140,7 +145,12 @@ def build_model(spec: VlmSpec, tokenizer: Any, *, seed: int = 0) -> Any:
                          vision_feature_select_strategy="default", projector_hidden_act="gelu")
     config.pad_token_id = tokenizer.pad_token_id
     torch.manual_seed(seed)
-    return LlavaForConditionalGeneration(config)
+    model = LlavaForConditionalGeneration(config)
+    projector = model.model.multi_modal_projector
+    for linear in (projector.linear_1, projector.linear_2):  # see the docstring
+        torch.nn.init.normal_(linear.weight, std=linear.in_features ** -0.5)
+        torch.nn.init.zeros_(linear.bias)
+    return model
 
 
 def save_model_dir(path: Path, model: Any, processor: Any, lab: dict[str, Any]) -> None:
