@@ -158,7 +158,8 @@ def test_cca_inputs_equal_the_concentric_positions_edit_in_a_session() -> None:
     image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
     valid = batch["attention_mask"].bool()
     with torch.no_grad():
-        reference = model(**batch, **cca_inputs(batch["input_ids"], batch["attention_mask"], image_id, 3)).logits
+        cca = cca_inputs(batch["input_ids"], batch["attention_mask"], image_id, 3)
+        reference = model(**{**batch, **cca}).logits
         with Session(model, edits=["concentric_positions:start=1,height=3,width=3"]):
             edited = model(**batch).logits
         plain = model(**batch).logits
