@@ -44,7 +44,7 @@ from attnlab.lab.vlm.train import VlmTrainConfig, train_vlm
 PER_KIND = 500
 CALIBRATION_PER_KIND = 50  # VHR's head selection and CARVE's settings: questions from another seed
 CALIBRATION_SEED = 7
-TRAIN = dict(steps=1500, batch_size=32, lr=2e-3, warmup_steps=100, questions_per_image=4, seed=0,
+TRAIN = dict(steps=2500, batch_size=32, lr=2e-3, warmup_steps=100, questions_per_image=4, seed=0,
              eval_per_kind=PER_KIND)
 BASE = VlmTrainConfig(positions="rope", **TRAIN)
 CCA = VlmTrainConfig(positions="cca", **TRAIN)

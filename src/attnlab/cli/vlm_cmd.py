@@ -49,8 +49,8 @@ Force = Annotated[bool, typer.Option("--force", help="Overwrite the results and 
 @vlm_app.command("train")
 def vlm_train(
     out: OutDir = Path("attnlab-vlm"),
-    steps: Steps = 1500,
-    batch_size: BatchSize = 64,
+    steps: Steps = 2500,
+    batch_size: BatchSize = 32,
     lr: Lr = 2e-3,
     warmup_steps: Warmup = 100,
     questions_per_image: Questions = 4,

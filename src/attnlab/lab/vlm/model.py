@@ -44,15 +44,16 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 @dataclass(frozen=True)
 class VlmSpec:
     """The model's sizes. Defaults: 96-px images, 16-px patches (36 image tokens), a 2-layer CLIP tower of width
-    64, a 3-layer Llama of width 128 with 4 heads. Raises ConfigError (one line) for bad values."""
+    64, a 4-layer Llama of width 96 with 4 heads (4 layers so that layer-selective methods such as VAR, which skips
+    the first two and the last layer, have a layer to act on). Raises ConfigError (one line) for bad values."""
 
     image_size: Annotated[int, Range(ge=16, le=1024)] = 96
     patch_size: Annotated[int, Range(ge=2, le=64)] = 16
     vision_width: Annotated[int, Range(ge=8, le=4096)] = 64
     vision_layers: Annotated[int, Range(ge=1, le=48)] = 2
     vision_heads: Annotated[int, Range(ge=1, le=64)] = 4
-    text_width: Annotated[int, Range(ge=8, le=8192)] = 128
-    text_layers: Annotated[int, Range(ge=1, le=64)] = 3
+    text_width: Annotated[int, Range(ge=8, le=8192)] = 96
+    text_layers: Annotated[int, Range(ge=1, le=64)] = 4
     text_heads: Annotated[int, Range(ge=1, le=128)] = 4
     text_kv_heads: Annotated[int, Range(ge=1, le=128)] = 4
     max_positions: Annotated[int, Range(ge=16, le=65536)] = 256

@@ -1,7 +1,7 @@
 """Train the small VLM on synthetic scene questions: ``attnlab vlm train --out DIR``.
 
     from attnlab.lab.vlm.train import VlmTrainConfig, train_vlm
-    result = train_vlm(VlmTrainConfig(steps=1500, out="/work/runs/vlm16/base"), progress=True)
+    result = train_vlm(VlmTrainConfig(out="runs/vlm"), progress=True)
     result["eval"]["accuracy"]          # overall accuracy on the fixed test set
 
 What one run does:
@@ -59,8 +59,8 @@ class VlmTrainConfig:
             write nothing).
     """
 
-    steps: Annotated[int, Range(ge=1)] = 1500
-    batch_size: Annotated[int, Range(ge=1, le=4096)] = 64
+    steps: Annotated[int, Range(ge=1)] = 2500
+    batch_size: Annotated[int, Range(ge=1, le=4096)] = 32
     lr: Annotated[float, Range(gt=0, le=1)] = 2e-3
     warmup_steps: Annotated[int, Range(ge=0)] = 100
     min_lr_ratio: Annotated[float, Range(ge=0, le=1)] = 0.1
