@@ -163,5 +163,11 @@ def test_cca_inputs_equal_the_concentric_positions_edit_in_a_session() -> None:
         with Session(model, edits=["concentric_positions:start=1,height=3,width=3"]):
             edited = model(**batch).logits
         plain = model(**batch).logits
+        with Session(model):  # a CCA-trained model's inputs (4-D mask, position ids) inside a Session
+            observed = model(**{**batch, **cca}).logits
+        with Session(model, edits=["temperature:tau=0.5,keys=image,queries=text"]):
+            tempered = model(**{**batch, **cca}).logits
     torch.testing.assert_close(edited[valid], reference[valid], rtol=0, atol=0)
+    torch.testing.assert_close(observed[valid], reference[valid], rtol=0, atol=0)
     assert not torch.allclose(plain[valid], reference[valid])
+    assert not torch.allclose(tempered[valid], reference[valid])
