@@ -149,8 +149,3 @@ def cca_inputs(input_ids: Tensor, attention_mask: Tensor, image_token_id: int, g
     keep = torch.where(inside, concentric, keep)
     return {"position_ids": positions, "attention_mask": keep[:, None]}
 
-
-def check_items(items: Sequence[Item]) -> None:
-    """Raise ShapeError for an empty item list (a caller's bug would otherwise fail deep in the processor)."""
-    if not items:
-        raise ShapeError("expected at least one (scene, question) item")

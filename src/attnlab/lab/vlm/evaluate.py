@@ -67,12 +67,10 @@ def predict(model: Any, processor: Any, items: Sequence[Item], *, positions: str
         for begin in range(0, len(items), batch_size):
             chunk = items[begin:begin + batch_size]
             batch = encode(chunk, processor, answers=False)
+            last = batch["attention_mask"].sum(dim=1) - 1  # (B,) the last prompt token (right padding)
             if positions == "cca":
                 batch.update(cca_inputs(batch["input_ids"], batch["attention_mask"], model.config.image_token_id,
                                         grid))
-                last = batch["attention_mask"].diagonal(dim1=-2, dim2=-1)[:, 0].sum(dim=1) - 1
-            else:
-                last = batch["attention_mask"].sum(dim=1) - 1
             logits = model(**batch).logits  # (B, L, V)
             ids = logits[torch.arange(len(chunk)), last].argmax(dim=-1)
             words += tokenizer.convert_ids_to_tokens(ids.tolist())
