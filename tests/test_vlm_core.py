@@ -69,12 +69,29 @@ def test_roles_with_grids_and_errors():
     valid = torch.ones_like(ids, dtype=torch.bool)
     roles = TokenRoles.from_input_ids(ids, valid, [IMAGE_ID], grids=torch.tensor([[1, 4, 6]]), merge=2)
     assert roles.images == (ImageSpan(0, 1, 2, 3, 1, 0),)
-    with pytest.raises(ConfigError, match="not a square"):
-        TokenRoles.from_input_ids(ids, valid, [IMAGE_ID])
+    strip = TokenRoles.from_input_ids(ids, valid, [IMAGE_ID])  # 6 tokens, no grid given: layout unknown
+    assert strip.images == (ImageSpan(0, 1, 1, 6, 1, 0, grid_known=False),)
     with pytest.raises(ConfigError, match="grid"):
         TokenRoles.from_input_ids(ids, valid, [IMAGE_ID], grids=torch.tensor([[1, 4, 4]]), merge=2)
-    with pytest.raises(ConfigError, match="2 image grids"):
-        TokenRoles.from_input_ids(ids, valid, [IMAGE_ID], grids=torch.tensor([[1, 4, 6], [1, 2, 2]]), merge=2)
+    with pytest.raises(ConfigError, match="more images"):
+        two = torch.tensor([[1] + [IMAGE_ID] * 6 + [2] + [IMAGE_ID] * 6])
+        TokenRoles.from_input_ids(two, torch.ones_like(two, dtype=torch.bool), [IMAGE_ID],
+                                  grids=torch.tensor([[1, 4, 6]]), merge=2)
+    # multi-axis RoPE positions (t, h, w) give the grid when the processor's grids are not passed (generate)
+    axes = torch.zeros(3, 1, 8, dtype=torch.long)
+    axes[1, 0, 1:7] = torch.tensor([0, 0, 0, 1, 1, 1])
+    axes[2, 0, 1:7] = torch.tensor([0, 1, 2, 0, 1, 2])
+    assert TokenRoles.from_input_ids(ids, valid, [IMAGE_ID], position_ids=axes).images == (ImageSpan(0, 1, 2, 3),)
+    # adjacent images split by the model's tokens per image; images and videos take their own grids
+    adjacent = torch.tensor([[1] + [IMAGE_ID] * 8 + [2]])
+    split = TokenRoles.from_input_ids(adjacent, torch.ones_like(adjacent, dtype=torch.bool), [IMAGE_ID],
+                                      tokens_per_image=4)
+    assert split.images == (ImageSpan(0, 1, 2, 2, 1, 0), ImageSpan(0, 5, 2, 2, 1, 1))
+    mixed = torch.tensor([[1] + [IMAGE_ID] * 2 + [2] + [98] * 4])
+    both = TokenRoles.from_input_ids(mixed, torch.ones_like(mixed, dtype=torch.bool), [IMAGE_ID, 98],
+                                     grids={IMAGE_ID: torch.tensor([[1, 2, 4]]), 98: torch.tensor([[2, 2, 4]])},
+                                     merge=2)
+    assert both.images == (ImageSpan(0, 1, 1, 2, 1, 0), ImageSpan(0, 4, 1, 2, 2, 1))
     system = torch.zeros_like(valid)
     system[0, 0] = True
     assert TokenRoles.from_input_ids(ids, valid, [IMAGE_ID], grids=torch.tensor([[1, 2, 3]]),
@@ -139,20 +156,53 @@ def _probs(model, batch, edits):
     return session.patterns()[0].probs[:, 0]  # layer 0: (B, H, L, L)
 
 
-def test_role_selected_edit_changes_only_text_rows_over_image_keys():
+def _layer0_qkv(model, batch):
+    """Layer 0's query/key/value states (B, H, L, D) and logit scale, recorded from the model's own attention."""
+    record = {}
+    attention = model.model.language_model.layers[0].self_attn
+    original = attention.forward
+
+    def forward(*args, **kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        cos, sin = kwargs["position_embeddings"]
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        shape = (*hidden.shape[:-1], -1, attention.head_dim)
+        query = attention.q_proj(hidden).view(shape).transpose(1, 2)
+        key = attention.k_proj(hidden).view(shape).transpose(1, 2)
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        record["query"], record["key"] = query, key
+        return original(*args, **kwargs)
+
+    attention.forward = forward
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        attention.forward = original
+    groups = attention.num_key_value_groups
+    return record["query"], record["key"].repeat_interleave(groups, dim=1), attention.scaling
+
+
+def test_role_selected_edit_matches_a_reference_with_padding_and_two_images():
+    """temperature τ on text-query × image-key logits only, against softmax of logits edited by hand."""
     model, batch = tiny_llava(), batch_two_images()
-    plain = _probs(model, batch, [])
     edited = _probs(model, batch, ["temperature:tau=0.3,queries=text,keys=image"])
+    query, key, scale = _layer0_qkv(model, batch)
     roles = TokenRoles.from_input_ids(batch["input_ids"], batch["attention_mask"].bool(), [IMAGE_ID])
-    text_rows = roles.mask("text")
-    changed = (edited - plain).abs().amax(dim=(1, 3)) > 1e-6  # (B, L) rows that changed
-    assert not changed[~text_rows].any()  # image rows and padding untouched
-    text_after_image = text_rows.clone()
-    text_after_image[0, :2] = False
-    text_after_image[1, :3] = False  # text before the first image sees no image key
-    assert changed[text_after_image].all()
-    identity = _probs(model, batch, ["temperature:tau=1,queries=text,keys=image"])
-    assert torch.equal(identity, plain)
+    valid = batch["attention_mask"].bool()
+    logits = (query.double() @ key.double().transpose(-1, -2)) * scale  # (B, H, L, L)
+    chosen = roles.mask("text")[:, None, :, None] & roles.mask("image")[:, None, None, :]
+    logits = torch.where(chosen, logits / 0.3, logits)
+    L = logits.shape[-1]
+    keep = torch.ones(L, L, dtype=torch.bool).tril()[None, None] & valid[:, None, None, :]
+    expected = torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=-1)
+    real_rows = valid[:, None, :, None].expand_as(expected)
+    torch.testing.assert_close(edited.double()[real_rows], expected[real_rows], rtol=1e-4, atol=1e-5)
+    plain = _probs(model, batch, [])
+    torch.testing.assert_close(edited[:, :, roles.mask("image")[0]][0], plain[:, :, roles.mask("image")[0]][0])
+    assert (edited - plain).abs().max() > 1e-3
+    assert torch.equal(_probs(model, batch, ["temperature:tau=1,queries=text,keys=image"]), plain)
 
 
 def test_role_selection_refused_where_it_has_no_meaning():
@@ -199,10 +249,46 @@ def test_hidden_states_reach_edits_that_need_them():
             return output
 
     model, batch = tiny_llava(), batch_two_images()
+    with torch.no_grad():
+        expected = model(**batch, output_hidden_states=True).hidden_states  # [embeddings, layer 0 out, …]
     with Session(model, edits=[NeedsHidden()]), torch.no_grad():
         model(**batch)
-    assert seen[0].shape == (2, batch["input_ids"].shape[1], 32) and seen[1] is not None
-    assert not torch.equal(seen[0], seen[1])
+    for layer in (0, 1):  # each layer's input: the embeddings, then layer 0's output
+        torch.testing.assert_close(seen[layer], expected[layer], rtol=1e-5, atol=1e-5)
+
+
+def test_cached_continuation_reads_new_images_and_role_edits_refuse_unknown_roles():
+    model = tiny_llava()
+    first = {"input_ids": torch.tensor([[1, 5] + [IMAGE_ID] * 16 + [7]]), "attention_mask": torch.ones(1, 19,
+                                                                                                      dtype=torch.long)}
+    torch.manual_seed(2)
+    first["pixel_values"] = torch.randn(1, 3, 32, 32)
+    chunk = torch.tensor([[8] + [IMAGE_ID] * 16 + [9, 10]])
+    recorder = Recorder()
+    with Session(model, probes=[recorder]), torch.no_grad():
+        out = model(**first, use_cache=True)
+        model(input_ids=chunk, attention_mask=torch.ones(1, 38, dtype=torch.long), pixel_values=first["pixel_values"],
+              past_key_values=out.past_key_values, use_cache=True)
+    call = recorder.calls[0]
+    assert call.query_roles[0].tolist() == [TEXT] + [IMAGE] * 16 + [TEXT, TEXT]
+    assert [(span.start, span.index) for span in call.images] == [(2, 0), (20, 1)]
+    with pytest.raises(ConfigError, match="roles of this forward are unknown"):
+        with Session(model, edits=["temperature:tau=0.5,keys=image"]), torch.no_grad():
+            out = model(**first, use_cache=True)
+            model(input_ids=torch.tensor([[3]]), past_key_values=out.past_key_values, use_cache=True)
+
+
+def test_role_edit_that_selects_nothing_never_fires_on_a_text_model():
+    from transformers import LlamaForCausalLM
+
+    from attnlab.errors import EditNotFiredError
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=100)).eval()
+    with pytest.raises(EditNotFiredError, match="roles occur"):
+        with Session(model, edits=["head_scale:scale=0,queries=image"]), torch.no_grad():
+            model(input_ids=torch.tensor([[1, 2, 3]]))
 
 
 # sink dimensions (VAR's detector) ------------------------------------------------------------------------------

@@ -38,6 +38,11 @@ _EXPORTS = {
     "PROBES": "attnlab.probes",
     "fetch_asset": "attnlab.assets",
     "ASSETS": "attnlab.assets",
+    "TokenRoles": "attnlab.roles",
+    "given_roles": "attnlab.roles",
+    "carve": "attnlab.protocols.carve",
+    "CarveResult": "attnlab.protocols.carve",
+    "calibrate_vhr": "attnlab.protocols.vhr",
 }
 
 __all__ = [*sorted(_EXPORTS), "__version__"]

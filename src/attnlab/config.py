@@ -9,7 +9,8 @@ Three specs hold the settings every command shares, one job each:
   ``query_fraction``, ``probe_kernel``, ``seed``, and the report viewer's ``pattern_heads``/``pattern_tokens``).
 
 A command's config composes them: :class:`RunConfig` (``attnlab report`` / ``attnlab probe``) is
-``load: ModelSpec`` + ``data: TextSpec`` + ``run: RunSpec``; :class:`attnlab.evaluation.config.EvalConfig` is
+``load: ModelSpec`` + ``data: TextSpec`` + ``run: RunSpec`` + ``inputs: ImageTextSpec`` (images + prompts for a
+vision-language model, instead of text windows); :class:`attnlab.evaluation.config.EvalConfig` is
 ``load`` + ``data`` + ``eval: EvalSpec``. Every composed config is built by field name from flat values, so the
 CLI, a ``--config`` YAML and Python callers all use the same names::
 
@@ -285,6 +286,91 @@ class RunSpec:
             raise ConfigError(f"--probe-arg given for probe(s) not selected: {', '.join(unused)}")
 
 
+CHAT_TEMPLATE_CHOICES = ("auto", "on", "off")
+VLM_PROBES = ("role_attention", "visual_sinks")  # added to the default probes of a report on image inputs
+
+
+@dataclass(frozen=True)
+class ImageTextSpec:
+    """Image + prompt inputs for a vision-language model (instead of text windows).
+
+    Attributes:
+        image: image files of one sequence (CLI ``--image``, repeatable), in order; needs ``prompt``.
+        prompt: its prompt (CLI ``--prompt``). answer: text teacher-forced after it (``--answer``), or None.
+        system: a system prompt (``--system``), or None.
+        manifest: a JSONL file of items instead (CLI ``--manifest``;
+            :func:`attnlab.capture.vlm_inputs.read_manifest`).
+        chat_template: ``"auto"`` (the processor's chat template when it has one), ``"on"`` or ``"off"`` (plain
+            ``<image>`` + prompt text).
+    """
+
+    image: tuple[str, ...] = ()
+    prompt: str | None = None
+    answer: str | None = None
+    system: str | None = None
+    manifest: str | None = None
+    chat_template: str = "auto"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.image, (tuple, list)):  # CLI paths -> strings
+            object.__setattr__(self, "image", tuple(os.fspath(p) if isinstance(p, os.PathLike) else p
+                                                    for p in self.image))
+        check_names("image", self.image)
+        if self.manifest is not None and isinstance(self.manifest, os.PathLike):
+            object.__setattr__(self, "manifest", os.fspath(self.manifest))
+        for name in ("prompt", "answer", "system", "manifest"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name} must be a string, got {getattr(self, name)!r}")
+        if self.chat_template not in CHAT_TEMPLATE_CHOICES:
+            raise ConfigError(f"chat_template must be one of {', '.join(CHAT_TEMPLATE_CHOICES)}, "
+                              f"got {self.chat_template!r}")
+        if self.manifest is not None and (self.image or self.prompt is not None):
+            raise ConfigError("--manifest and --image/--prompt cannot be combined; put every item in the manifest")
+        if self.image and self.prompt is None:
+            raise ConfigError("--image needs --prompt TEXT (the question asked about the image)")
+        if not self.image and self.manifest is None:
+            given = [name for name in ("prompt", "answer", "system") if getattr(self, name) is not None]
+            if given:
+                raise ConfigError(f"--{given[0]} needs --image PATH (or use --manifest FILE)")
+
+    @property
+    def active(self) -> bool:
+        """Whether the run reads images (``image`` or ``manifest`` given)."""
+        return bool(self.image) or self.manifest is not None
+
+    def items(self) -> list[Any]:
+        """The :class:`attnlab.capture.vlm_inputs.ImageTextItem` list (the manifest's, or the one item of
+        image/prompt/answer/system). ConfigError for a bad manifest or a missing image file."""
+        from attnlab.capture.vlm_inputs import ImageTextItem, read_manifest
+
+        if self.manifest is not None:
+            return read_manifest(self.manifest)
+        for path in self.image:
+            if not os.path.isfile(path):
+                raise ConfigError(f"image file {path} does not exist")
+        return [ImageTextItem(list(self.image), self.prompt or "", self.answer, self.system)]
+
+    @property
+    def use_chat_template(self) -> bool | None:
+        """``chat_template`` as build_batch takes it: None (auto), True or False."""
+        return {"auto": None, "on": True, "off": False}[self.chat_template]
+
+
+def default_probes(images: bool) -> tuple[str, ...]:
+    """The report's default probes; on image inputs also :data:`VLM_PROBES` (those registered)."""
+    from attnlab.analyses import probe_or_analysis
+    from attnlab.errors import RegistryError
+
+    names = _default_probes()
+    for name in VLM_PROBES if images else ():
+        try:
+            probe_or_analysis(name)
+        except RegistryError:  # not in this build (yet)
+            continue
+        names += (name,)
+    return names
+
+
 def probe_kind(name: str) -> str:
     """``"analysis"`` (a name in :data:`attnlab.analyses.ANALYSES`) or ``"attention"`` (a name in
     :data:`attnlab.probes.PROBES`). RegistryError (suggesting from both registries) if unknown."""
@@ -388,3 +474,8 @@ class RunConfig(ComposedConfig):
     load: ModelSpec = field(default_factory=ModelSpec)
     data: TextSpec = field(default_factory=TextSpec)
     run: RunSpec = field(default_factory=RunSpec)
+    inputs: ImageTextSpec = field(default_factory=ImageTextSpec)
+
+    def __post_init__(self) -> None:
+        if self.inputs.active and self.data.text is not None:
+            raise ConfigError("--text and --image/--manifest cannot be combined; a run reads text or images")

@@ -37,10 +37,13 @@ class ModelFacts:
             ``"gguf"`` | ``"safetensors"`` | ``"hub"``; sha256 of the weights file), None when unknown.
         class_name: the model's Python class. dtype, device: of its first parameter.
         modality: ``"text"``, or ``"vision-language"`` for a model whose decoder reads image tokens (LLaVA, Qwen2-VL,
-            Idefics3, PaliGemma, Gemma 3); then the sizes above are its language model's.
+            Idefics3, PaliGemma, Gemma 3); then the sizes above are its language model's, and ``causal`` is True
+            (its decoder is causal on text; PaliGemma's prefix and Gemma 3's image blocks are bidirectional, which
+            the call records say per call).
         image_token_ids: the token ids that mark image (and video) positions in ``input_ids`` (empty for text).
-        vision: the vision tower's facts (``image_size``, ``patch_size``, ``merge`` = patches merged per token side,
-            ``num_layers``), or None for text models.
+        vision: the vision tower's facts (``image_size``, ``patch_size``, ``merge`` = the factor the processor's
+            ``image_grid_thw`` height and width are divided by to count tokens (Qwen2-VL 2, else 1), ``num_layers``,
+            ``tokens_per_image`` when the config fixes it), or None for text models.
     """
 
     num_layers: int

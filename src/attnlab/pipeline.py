@@ -20,6 +20,11 @@ declare ``needs_runner`` (magnets: token strings, the BOS id) and with None othe
 rope_theta reach them in ``bind``. The runner is built only for an analysis or a probe with ``needs_runner``, so a
 report of the default attention probes never builds one.
 
+Image inputs (``config.inputs``: ``--image``/``--prompt`` or ``--manifest``, :mod:`attnlab.capture.vlm_inputs`)
+replace the text windows on a vision-language model: each item is one sequence, batched by ``batch_size``, each
+batch run under its token roles (:func:`attnlab.roles.given_roles`), and ``results["inputs"]`` records every
+item's prompt, answer and images (path, sha256, width, height); the viewer's pattern pass is skipped.
+
 Unless ``config.run.pattern_heads`` is ``"none"``, one extra forward pass on the first window's first
 ``pattern_tokens`` tokens gives ``results["patterns"]``, the report viewer's data (docs/patterns.md).
 
@@ -57,6 +62,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import logging
 import platform
 import random
 import time
@@ -71,6 +77,8 @@ from attnlab.errors import ConfigError
 from attnlab.progress import Progress, ProgressArg, progress_to
 from attnlab.report.sections import section_specs
 from attnlab.shards import Accumulator, Bundle, ShardStore, bundle_of, gather_bundles, load_bundle
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["RunConfig", "results_envelope", "run_probes", "start_run"]
 
@@ -355,7 +363,8 @@ def _set_up(config: RunConfig, notify: Progress, model: Any, tokenizer: Any, sha
     if config.run.compare is None and needs_compare:
         raise ConfigError(f"probe(s) {', '.join(needs_compare)} compare two models; pass --compare OTHER_MODEL")
     load = dataclasses.replace(config.load, device=rank_device(config.load.device))  # cuda -> cuda:LOCAL_RANK
-    loaded = start_run(load, config.data, config.run.seed, notify, model, tokenizer)
+    images = config.inputs.items() if config.inputs.active else None  # a bad manifest/image fails before loading
+    loaded = start_run(load, config.data, config.run.seed, notify, model, tokenizer, check_len=images is None)
     check_pattern_heads(loaded.facts, config.run.pattern_heads)  # an explicit head outside the model: fail now
     runner = _LazyRunner(loaded, config.run.compare, load, notify)
     if config.run.compare is not None:
@@ -364,10 +373,13 @@ def _set_up(config: RunConfig, notify: Progress, model: Any, tokenizer: Any, sha
         prepare = getattr(obj, "prepare", None)
         if prepare is not None:  # analyses and magnets get the runner; other probes None (settings come in bind)
             prepare(loaded.facts, runner.get() if kind == "analysis" or getattr(obj, "needs_runner", False) else None)
-    notify(0, 0, "reading text")
-    windows = load_text(loaded.tokenizer, config.data.text, seq_len=config.data.seq_len,
-                        max_windows=config.data.max_windows, bos=config.data.bos,
-                        batch_size=config.data.batch_size, device=input_device(loaded.model))
+    if images is not None:
+        windows = _image_batches(config, loaded, images, notify)
+    else:
+        notify(0, 0, "reading text")
+        windows = load_text(loaded.tokenizer, config.data.text, seq_len=config.data.seq_len,
+                            max_windows=config.data.max_windows, bos=config.data.bos,
+                            batch_size=config.data.batch_size, device=input_device(loaded.model))
     if runner.runner is not None:  # text B windows of analyses follow the run's windows
         runner.runner.bos_policy = "always" if windows.bos_added else "never"
     attention = [obj for kind, obj in observers if kind == "attention"]
@@ -389,6 +401,25 @@ def _set_up(config: RunConfig, notify: Progress, model: Any, tokenizer: Any, sha
                     [windows_id([w["ids"] for w in windows.windows[i * size : (i + 1) * size]])
                      for i in range(len(windows))])
     return _Run(observers, loaded, runner, windows, session, tally, shards, sharded)
+
+
+def _image_batches(config: RunConfig, loaded: Any, items: list[Any], notify: Progress) -> Any:
+    """The image-text items as batches (:class:`attnlab.capture.vlm_inputs.ImageTextBatches`): every image read
+    and every item encoded once here, so bad inputs fail before any probe runs. ConfigError for a text-only
+    model."""
+    from attnlab.capture.device_map import input_device
+    from attnlab.capture.loading import parse_dtype
+    from attnlab.capture.vlm_inputs import image_text_batches
+
+    if loaded.processor is None:
+        raise ConfigError(f"--image/--manifest need a vision-language model; {config.load.model} is text-only "
+                          f"({loaded.facts.class_name})")
+    notify(0, 0, "reading images")
+    return image_text_batches(loaded.processor, items, batch_size=config.data.batch_size,
+                              chat_template=config.inputs.use_chat_template,
+                              image_token_ids=loaded.facts.image_token_ids,
+                              tokens_per_image=(loaded.facts.vision or {}).get("tokens_per_image"),
+                              device=input_device(loaded.model), dtype=parse_dtype(config.load.dtype))
 
 
 def _run_probes(config: RunConfig, notify: Progress, model: Any, tokenizer: Any, command: str,
@@ -432,6 +463,8 @@ def _finish(run: _Run, config: RunConfig, command: str, started: float, paths: d
     )
     if runner.compare_record is not None:
         results["compare_model"] = runner.compare_record
+    if getattr(windows, "inputs", None) is not None:  # image-text items (docs/vlm.md)
+        results["inputs"] = windows.inputs
     if patterns is not None:
         results["patterns"] = patterns
     return results
@@ -442,12 +475,15 @@ def _single_pass(run: _Run) -> dict[int, str]:
     Session, then each analysis observes every batch (no per-shard reset, export or merge); returns the paths."""
     import torch
 
+    from attnlab.capture.vlm_inputs import batch_roles
+
     count = len(run.windows)
     if run.session is not None:
         with run.session, torch.no_grad():
             for number, batch in enumerate(run.windows):
                 run.tally.step(f"running attention probes · batch {number + 1}/{count}")
-                run.session.model(**batch)
+                with batch_roles(batch):
+                    run.session.model(**batch)
                 run.tally.done += 1
     for number, batch in enumerate(run.windows):
         for obj in run.driving:
@@ -462,6 +498,8 @@ def _compute_shard(run: _Run, shard: int, empty: Bundle, unit: str) -> Bundle:
     its bundle (saved when the run keeps shard files)."""
     import torch
 
+    from attnlab.capture.vlm_inputs import batch_roles
+
     load_bundle(run.objects, empty, "the empty state")
     size, count = run.windows.batch_size, len(run.windows)
     # this shard's batch alone (iterating the Windows would build every earlier batch's tensors)
@@ -470,7 +508,7 @@ def _compute_shard(run: _Run, shard: int, empty: Bundle, unit: str) -> Bundle:
         run.session.num_sequences = shard * run.windows.batch_size
         run.session.attention_paths.clear()
         run.tally.step("running attention probes")
-        with run.session, torch.no_grad():
+        with run.session, torch.no_grad(), batch_roles(batch):
             run.session.model(**batch)
         run.tally.done += 1
     for obj in run.driving:
@@ -521,6 +559,9 @@ def _viewer_patterns(loaded: Any, windows: Any, config: RunConfig, tally: _Tally
     pass on the first window's first ``pattern_tokens`` tokens; None for ``pattern_heads="none"`` or a model the
     Session cannot observe. It leaves every other result as it was."""
     if config.run.pattern_heads == "none":
+        return None
+    if getattr(windows, "inputs", None) is not None:  # the viewer's pass reads token ids alone, without images
+        logger.info("no attention patterns for the report viewer on image inputs")
         return None
     from attnlab.capture.pattern_report import report_patterns
 

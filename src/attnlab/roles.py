@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -55,8 +56,12 @@ class ImageSpan:
     """One image (or one tile of a split image, or one video) inside one sequence.
 
     Attributes:
-        sequence: the batch row. start: its first token column. rows, cols, frames: its token grid (raster order,
-            frame after frame). index: the image's number within its sequence (0, 1, …).
+        sequence: the batch row. start: its first token column (a column of the forward's 2-D attention mask, so
+            under a cropped KV cache key index = column - (columns - kv_len)). rows, cols, frames: its token grid
+            (raster order, frame after frame). index: the image's number within its sequence (0, 1, …).
+        grid_known: False when the layout could not be read (a run of image tokens that is not a square, with no
+            grid from the processor, e.g. LLaVA-NeXT's newline tokens); then rows = 1 and cols = its length, and
+            methods that need the 2-D grid (CCA, overlays) refuse it or treat it as a strip.
     """
 
     sequence: int
@@ -65,6 +70,7 @@ class ImageSpan:
     cols: int
     frames: int = 1
     index: int = 0
+    grid_known: bool = True
 
     @property
     def length(self) -> int:
@@ -75,6 +81,10 @@ class ImageSpan:
     def end(self) -> int:
         """The column after the span's last token."""
         return self.start + self.length
+
+    def shifted(self, offset: int) -> ImageSpan:
+        """The same span ``offset`` columns later (roles of a chunk appended after ``offset`` cached tokens)."""
+        return dataclasses.replace(self, start=self.start + offset)
 
     def grid_of(self, column: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(frame, row, col) long tensors of token columns inside the span (raster order within each frame).
@@ -114,59 +124,109 @@ class TokenRoles:
         extra = torch.full((self.codes.shape[0], new), GENERATED, dtype=self.codes.dtype, device=self.codes.device)
         return TokenRoles(torch.cat([self.codes, extra], dim=1), self.images)
 
+    def then(self, chunk: TokenRoles) -> TokenRoles:
+        """These roles followed by ``chunk``'s columns (a prompt continued over a KV cache: a new turn, chunked
+        prefill); ``chunk``'s images are renumbered after these."""
+        past = self.codes.shape[1]
+        counts = {row: len(self.spans(row)) for row in range(self.codes.shape[0])}
+        later = tuple(dataclasses.replace(span.shifted(past), index=span.index + counts.get(span.sequence, 0))
+                      for span in chunk.images)
+        return TokenRoles(torch.cat([self.codes, chunk.codes.to(self.codes.device)], dim=1), self.images + later)
+
     def to(self, device: torch.device | str) -> TokenRoles:
+        """The same roles with ``codes`` on ``device``."""
         return TokenRoles(self.codes.to(device), self.images)
 
     @classmethod
     def from_input_ids(cls, input_ids: Tensor, valid: Tensor, image_token_ids: Sequence[int],
-                       grids: Tensor | None = None, merge: int = 1, system: Tensor | None = None) -> TokenRoles:
+                       grids: Tensor | Mapping[int, Tensor] | None = None, merge: int = 1,
+                       system: Tensor | None = None, tokens_per_image: int | None = None,
+                       position_ids: Tensor | None = None) -> TokenRoles:
         """Roles from token ids: image where the id is an image token id, text elsewhere, pad where not ``valid``.
 
-        Each maximal run of image tokens in a row is one image (a tile, for processors that split images). Its
-        grid is the next row of ``grids`` (``image_grid_thw``: frames, height, width in vision patches, whose
-        height and width shrink by ``merge`` when the model merges patches, Qwen2-VL's spatial_merge_size 2);
-        without ``grids`` it is a square (LLaVA, PaliGemma, Gemma 3, Idefics3 tiles).
+        Each maximal run of one image token id in a row is one image (a tile, for processors that split images),
+        or ``k`` images when ``tokens_per_image`` is given and the run holds k·tokens_per_image tokens (adjacent
+        images). Its grid, in this order of preference:
+        - the next row of ``grids`` for its token id (``image_grid_thw`` / ``video_grid_thw``: frames, height,
+          width in vision patches; height and width shrink by ``merge`` when the model merges patches, Qwen2-VL's
+          spatial_merge_size 2); a mapping {token id: grids} keeps images and videos apart;
+        - multi-axis RoPE ``position_ids`` (A, B, L) whose last three axes are (t, h, w) (Qwen2-VL, when generate
+          passes no grids): the span of each axis over the run;
+        - a square (LLaVA, PaliGemma, Gemma 3, Idefics3 tiles); otherwise the grid is unknown (``grid_known=False``).
 
         Args:
             input_ids: (B, L) long. valid: (B, L) bool, real tokens. image_token_ids: ids that mark image tokens.
-            grids: (num_images, 3) long (t, h, w) in batch order, or None. merge: patch merge factor (≥ 1).
-            system: (B, L) bool, tokens of a system prompt, or None.
+            grids: (num_images, 3) long in batch order, a {token id: grids} mapping, or None. merge: patch merge
+                factor (≥ 1). system: (B, L) bool, tokens of a system prompt, or None. tokens_per_image: tokens of
+                one image when the model fixes it (LLaVA's image_seq_length), or None.
+            position_ids: (A, B, L) long multi-axis positions, or None.
         Raises:
-            ShapeError: shapes disagree. ConfigError: a run's length is not a square (without ``grids``), or does
-                not match its grid, or ``grids`` has another number of images than the runs.
+            ShapeError: shapes disagree. ConfigError: a run does not match its grid, or there are more runs of a
+                token id than grids for it.
         """
         if input_ids.shape != valid.shape or input_ids.dim() != 2:
             raise ShapeError(f"input_ids and valid must both be (batch, seq_len); got {tuple(input_ids.shape)} and "
                              f"{tuple(valid.shape)}")
-        image = codes_in(input_ids, list(image_token_ids)) & valid.bool() if image_token_ids else \
-            torch.zeros_like(valid, dtype=torch.bool)
+        valid = valid.bool()
+        image = (codes_in(input_ids, list(image_token_ids)) & valid) if image_token_ids else torch.zeros_like(valid)
         codes = torch.full(input_ids.shape, TEXT, dtype=torch.int8, device=input_ids.device)
         if system is not None:
             codes[system.bool()] = SYSTEM
         codes[image] = IMAGE
-        codes[~valid.bool()] = PAD
-        runs = _runs(image)
-        if grids is not None and len(grids) != len(runs):
-            raise ConfigError(f"the processor gave {len(grids)} image grids but the tokens hold {len(runs)} images")
+        codes[~valid] = PAD
+        by_id = _grids_by_id(grids, image_token_ids)
+        used = dict.fromkeys(by_id, 0)
+        runs = sorted((row, start, length, token) for token in image_token_ids
+                      for row, start, length in _runs((input_ids == token) & valid))
         spans, per_row = [], {}
-        for number, (row, start, length) in enumerate(runs):
-            index = per_row.get(row, 0)
-            per_row[row] = index + 1
-            if grids is not None:
-                frames, height, width = (int(v) for v in grids[number])
-                shape = (height // merge, width // merge, frames)
-            else:
-                side = math.isqrt(length)
-                if side * side != length:
-                    raise ConfigError(f"image {index} of sequence {row} has {length} tokens, not a square grid; "
-                                      "pass its grid (image_grid_thw)")
-                shape = (side, side, 1)
-            span = ImageSpan(row, start, shape[0], shape[1], shape[2], index)
-            if span.length != length:
-                raise ConfigError(f"image {index} of sequence {row} has {length} tokens but its grid "
-                                  f"{shape[2]}×{shape[0]}×{shape[1]} holds {span.length}")
-            spans.append(span)
+        for row, start, length, token in runs:
+            pieces = [(start, length)]
+            if tokens_per_image and token not in by_id and length % tokens_per_image == 0:
+                pieces = [(start + k * tokens_per_image, tokens_per_image) for k in range(length // tokens_per_image)]
+            for piece_start, piece_length in pieces:
+                index = per_row.get(row, 0)
+                per_row[row] = index + 1
+                if token in by_id:
+                    table = by_id[token]
+                    if used[token] >= len(table):
+                        raise ConfigError(f"the processor gave {len(table)} grids for token id {token} but the "
+                                          f"tokens hold more images (sequence {row}, column {piece_start})")
+                    frames, height, width = (int(v) for v in table[used[token]])
+                    used[token] += 1
+                    shape = (height // merge, width // merge, frames, True)
+                else:
+                    shape = _grid_from_positions(position_ids, row, piece_start, piece_length) or \
+                        _square(piece_length)
+                span = ImageSpan(row, piece_start, shape[0], shape[1], shape[2], index, shape[3])
+                if span.length != piece_length:
+                    raise ConfigError(f"image {index} of sequence {row} has {piece_length} tokens but its grid "
+                                      f"{shape[2]}×{shape[0]}×{shape[1]} holds {span.length}")
+                spans.append(span)
         return cls(codes, tuple(spans))
+
+
+def _grids_by_id(grids: Tensor | Mapping[int, Tensor] | None, token_ids: Sequence[int]) -> dict[int, Tensor]:
+    if grids is None:
+        return {}
+    if isinstance(grids, Mapping):
+        return {int(token): table for token, table in grids.items() if table is not None}
+    return {int(token): grids for token in token_ids[:1]}  # one table: the first (image) token id's
+
+
+def _square(length: int) -> tuple[int, int, int, bool]:
+    side = math.isqrt(length)
+    return (side, side, 1, True) if side * side == length else (1, length, 1, False)
+
+
+def _grid_from_positions(position_ids: Tensor | None, row: int, start: int, length: int
+                         ) -> tuple[int, int, int, bool] | None:
+    """(rows, cols, frames, True) from multi-axis positions whose last three axes are (t, h, w), or None."""
+    if position_ids is None or position_ids.dim() != 3 or position_ids.shape[0] < 3 \
+            or position_ids.shape[-1] < start + length:
+        return None
+    t, h, w = (position_ids[axis, row, start:start + length] for axis in range(-3, 0))
+    frames, rows, cols = (int(axis.max() - axis.min()) + 1 for axis in (t, h, w))
+    return (rows, cols, frames, True) if rows * cols * frames == length else None
 
 
 def _runs(flags: Tensor) -> list[tuple[int, int, int]]:

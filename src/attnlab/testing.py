@@ -76,3 +76,133 @@ def feed_probs(probes, probs: Tensor, keep: Tensor | None = None, *, value: Tens
         probe.begin_call(call)
         probe.update(call, block)
         probe.end_call(call)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tiny random vision-language models (issue 16): configs + an offline processor, so tests and users can try VLM
+# code paths without the hub. The text side reads the bundled SmolLM2 tokenizer (attnlab.capture.loading.
+# load_tokenizer("smollm2-135m"), fetched once like the bundled model) with each family's image tokens added.
+
+VLM_KINDS = ("llava", "qwen2_vl", "idefics3")
+TINY_VLM_IMAGE = 32  # pixels: the side every tiny processor resizes an image to (Idefics3: its longest edge)
+# A processor chat template that takes list contents ({"type": "image"} / {"type": "text"}) as hub VLMs do.
+_TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{{ image_placeholder }}\n{% elif part['type'] == 'text' %}{{ part['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+_PLACEHOLDER = {"llava": "<image>", "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>", "idefics3": "<image>"}
+
+
+def _tiny_vlm_tokenizer(kind: str):
+    """The bundled SmolLM2 tokenizer with ``kind``'s image tokens added as special tokens (left padding)."""
+    from attnlab.capture.loading import load_tokenizer
+
+    tokenizer, _ = load_tokenizer("smollm2-135m")
+    extra = {"llava": ["<image>"], "qwen2_vl": ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>",
+                                                "<|video_pad|>"],
+             "idefics3": ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"]
+             + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]}[kind]
+    tokenizer.add_special_tokens({"additional_special_tokens": extra})
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def _text_config(tokenizer) -> dict:
+    """A 2-layer Llama-style text decoder (4 heads, 2 kv heads, head_dim 8) over ``tokenizer``'s ids."""
+    return {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "vocab_size": len(tokenizer), "max_position_embeddings": 512,
+            "tie_word_embeddings": True, "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+
+
+def tiny_vlm(kind: str = "llava", seed: int = 0):
+    """A tiny random vision-language model and its offline processor: ``(model, processor)``.
+
+    ``kind``:
+
+    - ``"llava"``: LlavaForConditionalGeneration, CLIP vision tower (image 32 px, patch 8, 2 layers) + Llama text
+      (2 layers, 4 heads, 2 kv heads); ``vision_feature_select_strategy="default"`` (CLIP's CLS dropped), so
+      one image is (32/8)² = 16 ``<image>`` tokens, a 4 × 4 grid.
+    - ``"qwen2_vl"``: Qwen2VLForConditionalGeneration (mrope text, vision patch 4, merge 2); a 32 × 32 image is
+      ``image_grid_thw`` (1, 8, 8), i.e. 16 ``<|image_pad|>`` tokens in a 4 × 4 grid.
+    - ``"idefics3"``: Idefics3ForConditionalGeneration (SigLIP-style vision 32 px, patch 8, pixel shuffle 2) +
+      Llama text; one image (no splitting) is 4 ``<image>`` tokens, a 2 × 2 grid, between
+      ``<fake_token_around_image><global-img>`` and ``<fake_token_around_image>``.
+
+    The processor is the family's transformers processor around the bundled SmolLM2 tokenizer (image tokens
+    added) and the family's PIL image processor (no torchvision needed), with a chat template that accepts image
+    parts. Weights are random (seeded); the model is in eval mode, float32, ``attn_implementation="sdpa"``.
+
+    Raises:
+        ValueError: unknown ``kind`` (one of :data:`VLM_KINDS`).
+        AssetError: the bundled tokenizer cannot be fetched (first use, offline).
+    """
+    if kind not in VLM_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(VLM_KINDS)}, got {kind!r}")
+    tokenizer = _tiny_vlm_tokenizer(kind)
+    ids = tokenizer.convert_tokens_to_ids
+    torch.manual_seed(seed)
+    template = _TINY_CHAT_TEMPLATE.replace("{{ image_placeholder }}", _PLACEHOLDER[kind])
+    size = TINY_VLM_IMAGE
+    if kind == "llava":
+        from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                                  LlavaForConditionalGeneration, LlavaProcessor)
+
+        vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=size, patch_size=8, projection_dim=16)
+        config = LlavaConfig(vision_config=vision, text_config=LlamaConfig(**_text_config(tokenizer)),
+                             image_token_id=ids("<image>"), vision_feature_select_strategy="default",
+                             vision_feature_layer=-1, projector_hidden_act="gelu", image_seq_length=16)
+        model = LlavaForConditionalGeneration(config)
+        images = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+        processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                   chat_template=template)
+    elif kind == "qwen2_vl":
+        from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil,
+                                  Qwen2VLProcessor)
+
+        text = {**_text_config(tokenizer), "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                           "mrope_section": [1, 1, 2]}}
+        vision = {"depth": 2, "embed_dim": 16, "hidden_size": 32, "num_heads": 2, "patch_size": 4,
+                  "spatial_merge_size": 2, "temporal_patch_size": 2}
+        config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
+                               video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
+                               vision_end_token_id=ids("<|vision_end|>"), tie_word_embeddings=True)
+        model = Qwen2VLForConditionalGeneration(config)
+        pixels = size * size
+        images = Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2,
+                                          min_pixels=pixels, max_pixels=pixels)
+        from attnlab.capture.vlm_loading import image_only_processor
+
+        # without a video processor: transformers builds those only with torchvision
+        processor = image_only_processor(Qwen2VLProcessor)(image_processor=images, tokenizer=tokenizer,
+                                                           chat_template=template)
+    else:
+        from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil,
+                                  Idefics3Processor, Idefics3VisionConfig, LlamaConfig)
+
+        vision = Idefics3VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, image_size=size, patch_size=8)
+        config = Idefics3Config(vision_config=vision, text_config=LlamaConfig(**_text_config(tokenizer)),
+                                image_token_id=ids("<image>"), scale_factor=2, tie_word_embeddings=True)
+        model = Idefics3ForConditionalGeneration(config)
+        images = Idefics3ImageProcessorPil(size={"longest_edge": size}, max_image_size={"longest_edge": size},
+                                           do_image_splitting=False)
+        processor = Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=4,
+                                      chat_template=template)
+    return model.eval(), processor
+
+
+def save_tiny_vlm(folder, kind: str = "llava", seed: int = 0):
+    """Save :func:`tiny_vlm` (safetensors weights, config, processor and tokenizer) in ``folder`` and return it,
+    so ``attnlab.load_model(folder)`` loads it offline like a hub VLM folder."""
+    from attnlab.capture.loading import no_hf_progress_bars
+
+    model, processor = tiny_vlm(kind, seed)
+    with no_hf_progress_bars():
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+    return folder

@@ -21,7 +21,7 @@ from attnlab.probes.base import Probe
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "attnlab"
 BUILT_IN = {"inflection", "cka", "length_collapse", "head_divergence", "active_dormant", "head_importance",
-            "head_overlap", "memory_fidelity", "contrast"}
+            "head_overlap", "memory_fidelity", "contrast", "vhd", "carve"}
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,8 @@ logger = logging.getLogger(__name__)
 BLOCK_PATHS = (
     "model.layers",  # Llama, Mistral, Qwen2/3, Gemma, Phi-3, OLMo (ForCausalLM)
     "layers",  # the same families' base models
-    "model.language_model.layers",  # multimodal wrappers with a text decoder
+    "model.language_model.layers",  # multimodal wrappers with a text decoder (LLaVA, Qwen2-VL, PaliGemma, Gemma 3)
+    "model.text_model.layers",  # Idefics3 / SmolVLM
     "gpt_neox.layers",
     "transformer.h",  # GPT-2, GPT-J, CodeGen
     "bert.encoder.layer",
@@ -85,18 +86,34 @@ CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 PROVENANCE_KEYS = ("name", "source", "format", "file_sha256")
 
 
+def is_vision_language(model_or_config: Any) -> bool:
+    """Whether a model (or its config) is a vision-language model: an image-text-to-text architecture of
+    transformers (its ``model_type`` in ``MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES``: llava, qwen2_vl,
+    qwen2_5_vl, idefics3, smolvlm, paligemma, gemma3 …) or a config with an image token id, whose config has a
+    ``vision_config``. A text-only checkpoint of such a family (``gemma3_text``) is not."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    from attnlab.capture.vlm import image_token_ids as config_token_ids
+
+    config = getattr(model_or_config, "config", model_or_config)
+    return getattr(config, "vision_config", None) is not None and (
+        getattr(config, "model_type", None) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+        or bool(config_token_ids(config)))
+
+
 def is_causal_lm(model_or_config: Any) -> bool:
     """Whether a model (or its config) is a causal (decoder-only) language model.
 
-    True when the config says ``is_decoder``, or the model's class name or one of the config's ``architectures``
-    ends in ``ForCausalLM``/``LMHeadModel``; an encoder-decoder config is never causal. A masked LM (which also
+    True for a vision-language model (:func:`is_vision_language`; its text decoder is causal, although classes
+    such as LlavaForConditionalGeneration do not end in ForCausalLM), when the config says ``is_decoder``, or
+    when the model's class name or one of the config's ``architectures`` ends in ``ForCausalLM``/``LMHeadModel``; an encoder-decoder config is never causal. A masked LM (which also
     has an ``lm_head``, e.g. RobertaForMaskedLM) and an encoder (BertModel) are not. The loader picks
     AutoModelForCausalLM by it and :func:`model_facts` records it as ``causal``.
     """
     config = getattr(model_or_config, "config", model_or_config)
     if getattr(config, "is_encoder_decoder", False):
         return False
-    if getattr(config, "is_decoder", False):
+    if is_vision_language(config) or getattr(config, "is_decoder", False):
         return True
     names = list(getattr(config, "architectures", None) or [])
     if hasattr(model_or_config, "config"):
@@ -104,8 +121,61 @@ def is_causal_lm(model_or_config: Any) -> bool:
     return any(isinstance(n, str) and n.endswith(CAUSAL_LM_SUFFIXES) for n in names)
 
 
+def image_token_ids(model_or_config: Any) -> tuple[int, ...]:
+    """The token ids a vision-language model's processor puts where image (and video) features go
+    (:func:`attnlab.capture.vlm.image_token_ids`: ``image_token_id`` / ``image_token_index`` / ``video_token_id``);
+    () for a text-only model."""
+    from attnlab.capture.vlm import image_token_ids as config_token_ids
+
+    config = getattr(model_or_config, "config", model_or_config)
+    return config_token_ids(config) if is_vision_language(config) else ()
+
+
+TOKENS_PER_IMAGE_KEYS = ("image_seq_length", "image_seq_len")  # LLaVA / PaliGemma, Idefics3
+
+
+def vision_facts(model_or_config: Any) -> dict[str, Any] | None:
+    """The vision tower's facts of a vision-language model (None for a text-only one), JSON-ready:
+
+    ``model_type`` (of the vision config), ``image_size`` (pixels the tower sees per image or tile; absent when it
+    takes any size, as Qwen2-VL), ``patch_size``, ``merge`` (patches merged per image token along each side:
+    Qwen2-VL's ``spatial_merge_size``, Idefics3's ``scale_factor``, 1 otherwise), ``num_layers``, ``hidden_size``
+    and ``tokens_per_image`` (image tokens per image or tile when fixed: LLaVA ``(image_size/patch_size)²`` (+1
+    with the CLS kept, ``vision_feature_select_strategy="full"``), Idefics3 ``(image_size/patch_size/merge)²``,
+    Gemma 3 ``mm_tokens_per_image``, else the config's ``image_seq_length`` / ``image_seq_len`` / text
+    ``num_image_tokens``; absent when it depends on the image, as Qwen2-VL's).
+    Keys whose value is unknown are left out.
+    """
+    config = getattr(model_or_config, "config", model_or_config)
+    if not is_vision_language(config):
+        return None
+    vision = config.vision_config
+
+    def number(value: Any) -> int | None:
+        value = value[0] if isinstance(value, (list, tuple)) and value else value
+        return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    image_size, patch = number(getattr(vision, "image_size", None)), number(getattr(vision, "patch_size", None))
+    merge = number(getattr(vision, "spatial_merge_size", None)) or number(getattr(config, "scale_factor", None)) or 1
+    tokens = number(getattr(config, "mm_tokens_per_image", None))  # Gemma 3 pools the tower's patches
+    if tokens is None and image_size and patch and not hasattr(vision, "spatial_merge_size"):
+        tokens = (image_size // patch // merge) ** 2
+        if getattr(config, "vision_feature_select_strategy", None) == "full":
+            tokens += 1  # LLaVA keeps CLIP's CLS token
+    for key in TOKENS_PER_IMAGE_KEYS:  # else what the config states
+        tokens = tokens or number(getattr(config, key, None))
+    tokens = tokens or number(getattr(text_config(config), "num_image_tokens", None))
+    facts = {"model_type": getattr(vision, "model_type", None), "image_size": image_size, "patch_size": patch,
+             "merge": merge, "num_layers": number(getattr(vision, "num_hidden_layers", None)),
+             "hidden_size": number(getattr(vision, "hidden_size", None)), "tokens_per_image": tokens}
+    return {key: value for key, value in facts.items() if value is not None}
+
+
 def model_facts(model: Any, **provenance: Any) -> ModelFacts:
     """The :class:`attnlab.facts.ModelFacts` of a transformers model (sizes from its text config).
+
+    A vision-language model (:func:`is_vision_language`) gets ``modality="vision-language"``, its
+    :func:`image_token_ids` and :func:`vision_facts`; its sizes are the text decoder's and it is causal.
 
     ``provenance`` fills name/source/format/file_sha256 (what :func:`attnlab.capture.loading.load_model` knows);
     without it, name is the config's ``_name_or_path``.
@@ -131,8 +201,8 @@ def model_facts(model: Any, **provenance: Any) -> ModelFacts:
         name.rsplit(".", 1)[-1] in ("wpe", "position_embeddings", "embed_positions")
         for name, _ in model.named_modules())  # learned positions the model adds itself (GPT-2, BERT, OPT)
     position_embedding = "rope" if theta is not None else ("absolute" if absolute else "none")
-    modality_facts = vision_facts(model)
-    causal = is_causal_lm(model) or modality_facts["modality"] == "vision-language"
+    causal = is_causal_lm(model)  # vision-language models included
+    vision = vision_facts(model)
     param = next(model.parameters(), None) if hasattr(model, "parameters") else None
     values: dict[str, Any] = {
         "name": getattr(config, "_name_or_path", None) or None, "source": None, "format": None, "file_sha256": None,
@@ -145,23 +215,7 @@ def model_facts(model: Any, **provenance: Any) -> ModelFacts:
         model_type=getattr(config, "model_type", None), rope_theta=theta, rope_type=rope_type,
         position_embedding=position_embedding, class_name=type(model).__name__,
         dtype=str(param.dtype).removeprefix("torch.") if param is not None else None,
-        device=str(param.device) if param is not None else None, **modality_facts, **values,
+        device=str(param.device) if param is not None else None, **values,
+        modality="vision-language" if vision is not None else "text", image_token_ids=image_token_ids(model),
+        vision=vision,
     )
-
-
-def vision_facts(model: Any) -> dict[str, Any]:
-    """``modality``, ``image_token_ids`` and ``vision`` (image_size, patch_size, merge, num_layers) of a
-    vision-language model (a config with a vision sub-config and an image token id); text facts otherwise."""
-    from attnlab.capture.vlm import image_token_ids
-
-    config = getattr(model, "config", model)
-    vision = getattr(config, "vision_config", None)
-    ids = image_token_ids(config)
-    if vision is None or not ids:
-        return {"modality": "text", "image_token_ids": (), "vision": None}
-    merge = getattr(vision, "spatial_merge_size", None) or getattr(config, "scale_factor", None) or 1
-    facts = {"image_size": getattr(vision, "image_size", None), "patch_size": getattr(vision, "patch_size", None),
-             "merge": int(merge),
-             "num_layers": getattr(vision, "num_hidden_layers", None) or getattr(vision, "depth", None)}
-    return {"modality": "vision-language", "image_token_ids": ids,
-            "vision": {key: value for key, value in facts.items() if value is not None}}

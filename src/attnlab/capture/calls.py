@@ -57,7 +57,7 @@ class ForwardState:
 
     def hidden_at(self, layer: int, batch: int, q_len: int) -> Tensor | None:
         """(B, Lq, hidden) input hidden states of ``layer`` at the call's queries, or None if not recorded."""
-        hidden = self.hidden.get(layer)
+        hidden = self.hidden.pop(layer, None)  # one call per layer and forward: free it once read
         if hidden is None or hidden.shape[0] != batch or hidden.shape[1] < q_len:
             return None
         return hidden[:, hidden.shape[1] - q_len:]
@@ -160,8 +160,10 @@ def call_record(layer: int, *, num_heads: int, num_kv_heads: int, q_len: int, va
     key_roles = None
     if sequence.roles is not None:
         codes = sequence.roles.codes
-        key_roles = (codes.gather(1, index.to(codes.device)) if index is not None and index.shape[-1] == Lk
-                     and length > int(index.max()) else codes[:, length - Lk:]).to(device)
+        if index is not None and index.shape[-1] == Lk:  # the policy's kept tokens (unknown roles past the mask)
+            key_roles = codes.gather(1, index.to(codes.device)).to(device) if length > int(index.max()) else None
+        else:
+            key_roles = codes[:, length - Lk:].to(device)
     return AttentionCall(
         layer_idx=layer, num_heads=num_heads, num_kv_heads=num_kv_heads, q_len=Lq, kv_len=Lk, causal=causal,
         scale=scale, value=value.detach(), query_valid=key_valid[:, Lk - Lq:], key_valid=key_valid,

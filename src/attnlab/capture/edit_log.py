@@ -167,7 +167,8 @@ class EditLog:
         if silent:
             raise EditNotFiredError(
                 f"edit(s) never fired: {', '.join(silent)} — no attention call passed through them (did the model "
-                "run inside the session, and do their layers exist?)")
+                "run inside the session, do their layers exist, and do their queries=/keys= roles occur in the "
+                "input? a text-only model has only text tokens)")
         from attnlab.distributed import world
 
         for edit in self.edits if world().is_main else ():  # the warning once, from rank 0, when several run

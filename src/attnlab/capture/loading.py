@@ -34,8 +34,9 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 
 from attnlab.assets import ASSETS, asset_dir, fetch_asset, sha256_file
 from attnlab.errors import AssetError, AttnlabError, ConfigError, RegistryError, UsageError
-from attnlab.capture.architectures import is_causal_lm, model_facts
+from attnlab.capture.architectures import is_vision_language, model_facts
 from attnlab.capture.device_map import Placement, input_device
+from attnlab.capture.vlm_loading import load_processor, model_class, processor_tokenizer
 from attnlab.config import DTYPE_NAMES
 from attnlab.facts import ModelFacts
 from attnlab.registry import unknown_name_message
@@ -100,6 +101,8 @@ class LoadedModel:
         loaded_from: the folder or file the weights were read from (the cached fp32 copy for the bundled GGUF).
         device_map: with ``load_model(device_map=...)``, the map the model was placed by ({module: device},
             ``"disk"``/``"cpu"`` = offloaded; :func:`attnlab.capture.device_map.resolved_map`); None otherwise.
+        processor: a vision-language model's processor (images + text → model inputs; its ``tokenizer`` is
+            ``tokenizer``), None for text-only models (:mod:`attnlab.capture.vlm_loading`).
     """
 
     model: Any
@@ -108,6 +111,7 @@ class LoadedModel:
     tokenizer_facts: dict[str, Any] = field(default_factory=dict)
     loaded_from: str | None = None
     device_map: dict[str, Any] | None = None
+    processor: Any = None
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.model, self.tokenizer))
@@ -332,10 +336,10 @@ def _load_hub(name: str, dtype: torch.dtype, trust_remote_code: bool, place: Pla
             config = AutoConfig.from_pretrained(name, **kwargs)
         except OSError as exc:
             raise hub_error(name, str(exc).splitlines()[0]) from None
-    cls = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
     try:
-        model = place.from_pretrained(cls, name, config, dtype=dtype, use_safetensors=True, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+        model = place.from_pretrained(model_class(config), name, config, dtype=dtype, use_safetensors=True, **kwargs)
+        tokenizer = (load_processor(name, config, **kwargs) if is_vision_language(config)
+                     else AutoTokenizer.from_pretrained(name, **kwargs))
     except OSError as exc:
         raise hub_error(name, str(exc).splitlines()[0]) from None
     digest = None
@@ -498,9 +502,11 @@ def load_model(
     (:class:`attnlab.capture.device_map.Placement`). The map used is ``LoadedModel.device_map`` (results.json
     ``model.device_map``), ``facts.device`` is where inputs go (:func:`attnlab.capture.device_map.input_device`).
 
-    Causal LMs (:func:`attnlab.capture.architectures.is_causal_lm`) load with AutoModelForCausalLM, others with
-    AutoModel. Folders saved from attnlab's own TinyLM (:mod:`attnlab.lab.modeling`, ``model_type``
-    ``"attnlab_tinylm"``) load too: its Auto classes are registered first.
+    Vision-language models (:func:`attnlab.capture.architectures.is_vision_language`) load with
+    AutoModelForImageTextToText and their processor (``LoadedModel.processor``; the tokenizer is the
+    processor's, so ``tokenizer`` is refused; :mod:`attnlab.capture.vlm_loading`), causal LMs with
+    AutoModelForCausalLM, others with AutoModel. Folders saved from attnlab's own TinyLM
+    (:mod:`attnlab.lab.modeling`, ``"attnlab_tinylm"``) load too: its Auto classes are registered first.
 
     Raises:
         ConfigError: unknown dtype or unusable device; a bad device map (a device this machine lacks, or a map
@@ -551,11 +557,13 @@ def _load_model(name_or_path: str | os.PathLike[str], dtype: str | torch.dtype, 
         _check_folder(path, need_tokenizer=tokenizer_name is None)
         with _as_usage_error(f"the model in {path}"):
             config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-            cls = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
-            model = place.from_pretrained(cls, path, config, dtype=torch_dtype, use_safetensors=True,
+            model = place.from_pretrained(model_class(config), path, config, dtype=torch_dtype, use_safetensors=True,
                                           trust_remote_code=trust_remote_code)
-        own = None
-        if tokenizer_name is None:
+        own, vlm = None, is_vision_language(config)
+        if vlm:  # a VLM's tokenizer comes with its processor
+            with _as_usage_error(f"the processor in {path}", any_error=True):
+                own = load_processor(path, config, trust_remote_code=trust_remote_code)
+        elif tokenizer_name is None:
             with _as_usage_error(f"the tokenizer in {path}", any_error=True):
                 own = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         fmt, source = "safetensors", str(path.resolve())
@@ -569,6 +577,10 @@ def _load_model(name_or_path: str | os.PathLike[str], dtype: str | torch.dtype, 
     else:
         raise RegistryError(unknown_name_message("model", name, BUNDLED_MODELS) + " (or a path or org/model hub id)")
 
+    processor, own = (own, processor_tokenizer(own)) if is_vision_language(model) else (None, own)
+    if tokenizer_name is not None and processor is not None:
+        raise UsageError(f"{name} is a vision-language model: its tokenizer comes with its processor; drop "
+                         f"--tokenizer {tokenizer_name}")
     if tokenizer_name is not None:
         own, tokenizer_source = load_tokenizer(tokenizer_name, trust_remote_code=trust_remote_code)
         _check_vocab(model, own, tokenizer_name)
@@ -583,4 +595,4 @@ def _load_model(name_or_path: str | os.PathLike[str], dtype: str | torch.dtype, 
     logger.info("loaded %s (%s) as %s", name, fmt, type(model).__name__)
     tokenizer_facts = {**tokenizer_info(own), "name": tokenizer_name or name, "source": tokenizer_source,
                        "from_model": tokenizer_name is None}
-    return LoadedModel(model, own, facts, tokenizer_facts, extra["loaded_from"], used_map)
+    return LoadedModel(model, own, facts, tokenizer_facts, extra["loaded_from"], used_map, processor)

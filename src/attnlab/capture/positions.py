@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from attnlab.capture.architectures import text_config
 from attnlab.capture.edit_log import EditLog
 from attnlab.errors import ConfigError
 from attnlab.facts import ModelFacts
@@ -45,6 +46,11 @@ class PositionIds:
         self.absolute = facts.position_embedding == "absolute"
         self.model_name = type(model).__name__
         self.edit_log = edit_log
+        rope = getattr(text_config(model), "rope_parameters", None) or getattr(text_config(model), "rope_scaling", None)
+        if edit_log.position_edits and isinstance(rope, dict) and rope.get("mrope_section"):
+            raise ConfigError(f"{self.model_name} uses multi-axis RoPE (M-RoPE: time, height, width per image token); "
+                              f"positions edits ({', '.join(e.name for e in edit_log.position_edits)}) remap 1-D "
+                              "position ids and would flatten it")
         self.warned = False
 
     def __call__(self, kwargs: dict[str, Any], sequence: SequenceInfo, length: int) -> Tensor | None:

@@ -222,7 +222,9 @@ class ModelRunner:
         """One forward pass (and one backward pass of the mean next-token loss with ``gradients=True``).
 
         Args:
-            batch: ``input_ids`` (batch, seq_len) and optionally ``attention_mask`` (batch, seq_len), 1 = real.
+            batch: ``input_ids`` (batch, seq_len) and optionally ``attention_mask`` (batch, seq_len), 1 = real; a
+                vision-language batch adds its image inputs (``pixel_values``, ``image_grid_thw``, …), passed on
+                to the model, and may carry an ``answer_mask`` (not passed on).
             head_outputs: record every head's output before W_O (after the edits).
             gradients: backpropagate the mean next-token loss over all real targets of the batch.
             head_scale: {layer: (num_heads,) multipliers of the head outputs} (the ``head_scale`` edit).
@@ -247,7 +249,9 @@ class ModelRunner:
         valid = batch.get("attention_mask", torch.ones_like(input_ids)).bool()
         all_edits = [*head_edits(head_scale, first_key), *edits]
         record: dict[str, Any] = {"layers": {}, "heads": {}}
-        kwargs = {"input_ids": input_ids, "attention_mask": valid.long()}
+        # image inputs (pixel_values, image_grid_thw, …) ride along; answer_mask marks scored tokens, not an input
+        extra = {key: value for key, value in batch.items() if key not in ("input_ids", "attention_mask", "answer_mask")}
+        kwargs = {**extra, "input_ids": input_ids, "attention_mask": valid.long()}
         session = Session(self.model, edits=all_edits) if all_edits else nullcontext()
         with self._hooks(record, head_outputs=head_outputs, gradients=gradients), session:
             with torch.set_grad_enabled(gradients):

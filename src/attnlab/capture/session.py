@@ -110,7 +110,7 @@ class Session:
         self._layer_of: dict[int, int] = {}  # id(attention module) -> layer, for modules without layer_idx
         self._hooks: list[Any] = []
         self._switch = AttentionSwitch(model)
-        self._roles = RoleReader(self.facts)
+        self._roles = RoleReader(model, self.facts)
         self._token: Any = None
 
     # context management -------------------------------------------------------------------------------------
@@ -133,7 +133,7 @@ class Session:
                 for index, layer in enumerate(layers):
                     if probes_read:
                         self._hooks.append(layer.register_forward_hook(self._layer_hook(index)))
-                    if edits_read:
+                    if probes_read or any(edit.needs_hidden_states and edit.applies_to(index) for edit in self.edits):
                         self._hooks.append(layer.register_forward_pre_hook(self._layer_input_hook(index),
                                                                            with_kwargs=True))
         return self
@@ -203,6 +203,11 @@ class Session:
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
         key, value, attention_mask, keep, call = prepare_call(module, layer, query, key, value, attention_mask, kwargs,
                                                               forward, self.num_sequences)
+        if call.key_roles is None and self.facts.modality != "text" and any(
+                edit.role_restricted for edit in self.edit_log.for_layer(layer)):
+            raise ConfigError(f"layer {layer}: the token roles of this forward are unknown (a decoding step without a "
+                              "2-D attention_mask covering the cached tokens?), so queries=/keys= cannot be applied; "
+                              "pass attention_mask or use attnlab.roles.given_roles")
         with torch.no_grad():
             for probe in probes:
                 probe.begin_call(call)

@@ -73,19 +73,32 @@ class AttentionSwitch:
 class RoleReader:
     """``reader(input_ids, valid, kwargs) -> TokenRoles | None`` for each forward pass of one session.
 
-    None for text-only models (no image token ids) unless :func:`attnlab.roles.given_roles` is active."""
+    - A forward whose 2-D mask covers only its own tokens: roles from ``input_ids`` (image ids, grids from
+      ``image_grid_thw`` / ``video_grid_thw`` or multi-axis ``position_ids``, adjacent images split by the
+      model's tokens per image).
+    - A forward over cached tokens (mask columns > new tokens) continues the previous forward's roles: one new
+      token is ``generated`` (a decoding step); several are read from their ids (a new turn, chunked prefill).
+    - :func:`attnlab.roles.given_roles` overrides the derivation for prompts.
+    None for text-only models unless roles are given, and where the columns cannot be matched to the previous
+    forward (the session then refuses role-restricted edits on that call).
+    """
 
-    def __init__(self, facts: ModelFacts) -> None:
+    def __init__(self, model: nn.Module, facts: ModelFacts) -> None:
+        config = model.config
         self.token_ids = facts.image_token_ids
-        self.merge = int((facts.vision or {}).get("merge", 1) or 1)
+        vision = facts.vision or {}
+        self.merge = int(vision.get("merge", 1) or 1)
+        self.tokens_per_image = vision.get("tokens_per_image")
+        video = getattr(config, "video_token_id", None)
+        self.video_id = video if isinstance(video, int) and video in self.token_ids else None
+        self.image_ids = tuple(token for token in self.token_ids if token != self.video_id)
         self.last: TokenRoles | None = None
 
     def __call__(self, input_ids: Tensor | None, valid: Tensor, kwargs: dict[str, Any]) -> TokenRoles | None:
         roles = self._read(input_ids, valid, kwargs)
         if roles is not None:
             roles = roles.to(valid.device)
-            codes = roles.codes.masked_fill(~valid.bool(), PAD)
-            roles = TokenRoles(codes, roles.images)
+            roles = TokenRoles(roles.codes.masked_fill(~valid.bool(), PAD), roles.images)
         self.last = roles
         return roles
 
@@ -93,12 +106,16 @@ class RoleReader:
         batch, columns = valid.shape
         new = columns if input_ids is None else input_ids.shape[1]
         given = current_given_roles()
-        if new < columns:  # a decoding step: the columns before it are the previous forward's
+        if new < columns:  # over cached tokens: continue the previous forward's roles
             previous = self.last
-            if previous is not None and tuple(previous.codes.shape) == (batch, columns - new):
+            if previous is None or tuple(previous.codes.shape) != (batch, columns - new):
+                previous = given if given is not None and tuple(given.codes.shape) == (batch, columns - new) \
+                    else None
+            if previous is None:
+                return None
+            if new == 1 or input_ids is None:
                 return previous.extend_generated(new)
-            return given.extend_generated(columns - given.codes.shape[1]) if (
-                given is not None and given.codes.shape[0] == batch and given.codes.shape[1] <= columns) else None
+            return previous.then(self._derive(input_ids, valid[:, columns - new:], kwargs))
         if given is not None:
             if tuple(given.codes.shape) != (batch, columns):
                 raise ConfigError(f"given_roles has codes of shape {tuple(given.codes.shape)} but the forward has "
@@ -106,9 +123,15 @@ class RoleReader:
             return given
         if input_ids is None or not self.token_ids:
             return None
-        image_grids, video_grids = kwargs.get("image_grid_thw"), kwargs.get("video_grid_thw")
-        if image_grids is not None and video_grids is not None:
-            raise ConfigError("a batch with both images and videos: attnlab reads the grids of one kind per batch")
-        grids = image_grids if image_grids is not None else video_grids
-        return TokenRoles.from_input_ids(input_ids, valid, self.token_ids, grids=grids,
-                                         merge=self.merge if grids is not None else 1)
+        return self._derive(input_ids, valid, kwargs)
+
+    def _derive(self, input_ids: Tensor, valid: Tensor, kwargs: dict[str, Any]) -> TokenRoles:
+        grids = {}
+        for token, key in ((self.image_ids[0] if self.image_ids else None, "image_grid_thw"),
+                           (self.video_id, "video_grid_thw")):
+            if token is not None and kwargs.get(key) is not None:
+                grids[token] = kwargs[key]
+        position_ids = kwargs.get("position_ids")
+        position_ids = position_ids if isinstance(position_ids, Tensor) and position_ids.dim() == 3 else None
+        return TokenRoles.from_input_ids(input_ids, valid, self.token_ids, grids=grids or None, merge=self.merge,
+                                         tokens_per_image=self.tokens_per_image, position_ids=position_ids)

@@ -31,6 +31,21 @@ PatternHeads = Annotated[str, typer.Option(
 PatternTokens = Annotated[int, typer.Option(
     "--pattern-tokens", help="Tokens the pattern viewer shows (first window's first N, 2..256).",
     rich_help_panel="Output")]
+ImageOpt = Annotated[Optional[list[Path]], typer.Option(
+    "--image", help="Image file for a vision-language model (repeatable: several images in one sequence); needs "
+    "--prompt. Replaces --text.", rich_help_panel="Images")]
+PromptOpt = Annotated[Optional[str], typer.Option(
+    "--prompt", help="The prompt asked about the --image(s).", rich_help_panel="Images")]
+AnswerOpt = Annotated[Optional[str], typer.Option(
+    "--answer", help="Answer text read after the prompt (teacher-forced), optional.", rich_help_panel="Images")]
+SystemOpt = Annotated[Optional[str], typer.Option(
+    "--system", help="System prompt before the image and prompt, optional.", rich_help_panel="Images")]
+ManifestOpt = Annotated[Optional[Path], typer.Option(
+    "--manifest", help="JSONL file, one item per line: {\"image\"|\"images\", \"prompt\", \"answer\"?, "
+    "\"system\"?} (paths relative to the file; docs/vlm.md).", rich_help_panel="Images")]
+ChatTemplateOpt = Annotated[str, typer.Option(
+    "--chat-template", help="Render items with the processor's chat template: auto | on | off.",
+    rich_help_panel="Images")]
 Compare = Annotated[Optional[str], typer.Option(
     "--compare", help="Second model (same tokenizer) for probes that compare two models (cka).",
     rich_help_panel="Model and data")]
@@ -44,6 +59,12 @@ def probe(
     model: ModelOpt = "smollm2-135m",
     tokenizer: TokenizerOpt = None,
     text: TextOpt = None,
+    image: ImageOpt = None,
+    prompt: PromptOpt = None,
+    answer: AnswerOpt = None,
+    system: SystemOpt = None,
+    manifest: ManifestOpt = None,
+    chat_template: ChatTemplateOpt = "auto",
     seq_len: SeqLen = 256,
     max_windows: MaxWindows = 2,
     out: OutDir = Path("attnlab-probe"),
@@ -62,7 +83,8 @@ def probe(
     config: ConfigFile = None,
     debug: Debug = False,
 ) -> None:
-    """Run probes (--probe NAME, repeatable) on a model reading text; write report.html, results.json/csv."""
+    """Run probes (--probe NAME, repeatable) on a model reading text (or images: --image/--prompt, --manifest);
+    write report.html, results.json/csv."""
     run_guarded(lambda: run_probe_command(ctx, "probe", config), debug)
 
 
@@ -85,6 +107,10 @@ def run_probe_command(ctx: typer.Context, command: str, config_path: Path | None
     resume = bool(values.pop("resume", False))
     if command == "probe" and not values["probe"]:
         raise ConfigError("attnlab probe needs at least one --probe NAME; see `attnlab ls probes`")
+    if not values.get("probe") and (values.get("image") or values.get("manifest")):
+        from attnlab.config import default_probes
+
+        values["probe"] = list(default_probes(images=True))  # the report on images adds the role probes
     run_config = RunConfig(**values)
     out_dir = Path(values["out"])
     with distributed(run_config.load.device) as current:

@@ -49,7 +49,10 @@ class EditRecord:
     forward_passes_touched: int = 0  # positions-stage edits count model forward passes here
 
     def count_call(self, edit: Edit, call: AttentionCall) -> None:
-        """One attention call passed through ``edit``: count it and the (layer, head) pairs it acts on."""
+        """One attention call passed through ``edit``: count it and the (layer, head) pairs it acts on (none when
+        its ``queries=``/``keys=`` roles select no token of the call)."""
+        if edit.role_restricted and not bool(edit.selection(call).any()):
+            return
         self.calls_touched += 1
         heads = edit.head_mask(call).nonzero().flatten().tolist()
         self.heads_touched.update((call.layer_idx, int(h)) for h in heads)

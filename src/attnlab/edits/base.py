@@ -87,9 +87,9 @@ class Edit:
         self.layers, self.heads = layers, heads
         self.queries = None if queries is None else tuple(dict.fromkeys(queries))
         self.keys = None if keys is None else tuple(dict.fromkeys(keys))
-        for label, chosen in (("queries", self.queries), ("keys", self.keys)):
+        for chosen in (self.queries, self.keys):
             if chosen is not None:
-                role_codes(chosen)  # refuses an empty selection
+                role_codes(chosen)  # refuses an empty selection given from Python
         stage = type(self).stage
         if self.queries is not None and stage == "positions":
             raise ConfigError(f"edit {self.name!r}: queries= selects query rows, but a positions edit changes the "
@@ -132,6 +132,7 @@ class Edit:
         e.g. ``mean_ablation``'s prefill means). A Session calls it when it starts; copies call it
         (``head_patch.with_source``), so no cache of the original leaks into them."""
         self.__dict__.pop("_head_masks", None)
+        self.__dict__.pop("_role_cache", None)
 
     # selection ----------------------------------------------------------------------------------------------
     def applies_to(self, layer_idx: int) -> bool:
@@ -170,13 +171,21 @@ class Edit:
 
     def query_role_mask(self, call: AttentionCall) -> Tensor:
         """(B, Lq) bool: query rows whose role is in ``queries`` (all True when unset). Without roles on the call
-        (a text-only model) every real token counts as ``text``."""
-        return _role_mask(self.queries, call.query_roles, call.query_valid)
+        (a text-only model) every real token counts as ``text``. Cached for the call (the blocks of one call)."""
+        return self._role_masks(call)[0]
 
     def key_role_mask(self, call: AttentionCall) -> Tensor:
         """(B, Lk) bool: keys whose role is in ``keys`` (all True when unset; text-only models: real tokens are
-        ``text``)."""
-        return _role_mask(self.keys, call.key_roles, call.key_valid)
+        ``text``). Cached for the call."""
+        return self._role_masks(call)[1]
+
+    def _role_masks(self, call: AttentionCall) -> tuple[Tensor, Tensor]:
+        cached = self.__dict__.get("_role_cache")
+        if cached is None or cached[0] is not call:
+            cached = (call, _role_mask(self.queries, call.query_roles, call.query_valid),
+                      _role_mask(self.keys, call.key_roles, call.key_valid))
+            self.__dict__["_role_cache"] = cached
+        return cached[1], cached[2]
 
     def selection(self, call: AttentionCall, q_index: Tensor | None = None, width: int | None = None) -> Tensor:
         """(B, Hq, n, w) bool — or broadcastable — where the edit acts: its heads × query rows of its ``queries``

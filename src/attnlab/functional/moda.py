@@ -14,11 +14,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["align_keys"]
+__all__ = ["align_keys", "groups_of_roles"]
+
+
+def groups_of_roles(codes: Tensor, aligned: tuple[int, ...], pad: int = 0) -> tuple[Tensor, Tensor]:
+    """MODA's modality flags from token role codes (:data:`attnlab.roles.ROLES`).
+
+    Args:
+        codes: (B, T) integer role codes. aligned: the codes of the aligned group (the image role for MODA's
+            visual tokens). pad: the padding code.
+    Returns:
+        group_ids (B, T) long (1 = aligned, 0 = the rest, padding included) and basis (B, T) bool: the real
+        group-0 tokens (text, system, generated), whose keys and values build the text basis.
+    """
+    in_aligned = torch.isin(codes, torch.tensor(aligned, dtype=codes.dtype, device=codes.device))
+    return in_aligned.long(), ~in_aligned & (codes != pad)
 
 
 def align_keys(key: Tensor, value: Tensor, group_ids: Tensor, gain: Tensor, fuse: Callable[[Tensor], Tensor],
-               eps: float = 1e-6, *, causal: bool = False) -> Tensor:
+               eps: float = 1e-6, *, causal: bool = False, basis: Tensor | None = None) -> Tensor:
     """MODA key alignment: group-1 keys ← W_fuse(K + r ⊙ K̂ G_t), with G_t = normalise_rows(K̂_tᵀ V_t).
 
     Args:
@@ -26,13 +40,15 @@ def align_keys(key: Tensor, value: Tensor, group_ids: Tensor, gain: Tensor, fuse
         gain: r (D,), zeros at init. fuse: W_fuse, a D × D linear map (e.g. an ``nn.Linear``; identity at init).
 
     Returns:
-        key (B, Hkv, T, D) with only group-1 rows changed. K̂ = K / (‖K‖ + eps) per token. ``causal=False``: G_t
+        key (B, Hkv, T, D) with only group-1 rows changed. K̂ = K / (‖K‖ + eps) per token. ``basis``: (B, T)
+        bool, the tokens whose keys and values build G_t (default ``group_ids == 0``; pass the real group-0 tokens
+        to keep padding out of it). ``causal=False``: G_t
         sums over all of the sample's group-0 tokens (as in the released code; a key then depends on later tokens).
         ``causal=True``: the key at position p uses the prefix basis over group-0 tokens ≤ p (memory B·Hkv·T·D²),
         so a causal mask stays causal.
     """
     unit = key / (key.norm(dim=-1, keepdim=True) + eps)  # (B, Hkv, T, D)
-    text = (group_ids == 0).to(key.dtype)[:, None, :, None]  # (B, 1, T, 1)
+    text = ((group_ids == 0) if basis is None else basis.bool()).to(key.dtype)[:, None, :, None]  # (B, 1, T, 1)
     if causal:
         outer = (unit * text)[..., :, None] * value[..., None, :]  # (B, Hkv, T, D, D): k̂_jᵀ v_j
         basis = F.normalize(outer.cumsum(dim=2), dim=-1, eps=eps)  # (B, Hkv, T, D, D), prefix sums

@@ -91,7 +91,8 @@ class AttentionCall:
         query_roles: (B, Lq) int8 and key_roles: (B, Lk) int8: role codes (:data:`attnlab.roles.ROLES`) of the
             query and key tokens on a vision-language model, else None.
         hidden_states: (B, Lq, hidden) the decoder layer's input residual stream at the query tokens (detached),
-            only when an edit on the layer sets ``needs_hidden_states`` (VAR's sink detection); else None.
+            only when an edit on the layer sets ``needs_hidden_states`` (VAR's sink detection) or a probe needs
+            ``"hidden_states"``; else None.
     """
 
     layer_idx: int

@@ -18,7 +18,9 @@ import numpy as np
 from attnlab.report import plots
 from attnlab.report.plots import HeatmapPanel, LinePanel
 from attnlab.report.plots import Series as Line
-from attnlab.report.sections import Heatmap, LayerCurve, Part, PositionCurve, Section, Series, StepCurve, Table, Text
+from attnlab.report.image_overlay import draw_overlays
+from attnlab.report.sections import Heatmap, ImageOverlay, LayerCurve, Part, PositionCurve, Section, Series, StepCurve
+from attnlab.report.sections import Table, Text
 from attnlab.report.sections import sections_from_dicts
 from attnlab.report.formatting import format_number, layer_ranges, visible_token
 
@@ -297,13 +299,22 @@ def _shown(part: Part, rows: ProbeRows, extras: Mapping[str, Any]) -> bool:
     return part.when is None or bool(extras.get(part.when)) or rows.has(part.when)
 
 
-def draw_part(part: Part, rows: ProbeRows, extras: Mapping[str, Any]) -> dict[str, Any] | None:
-    """Template context of one part, or None when it has nothing to show."""
+def draw_part(part: Part, rows: ProbeRows, extras: Mapping[str, Any],
+              inputs: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any] | None:
+    """Template context of one part, or None when it has nothing to show. ``inputs`` is ``results["inputs"]``
+    (the images an :class:`ImageOverlay` is drawn on)."""
     if not _shown(part, rows, extras):
         return None
     values = _Values(extras, rows)
     if isinstance(part, Text):
         return {"kind": "text", "text": values.fill(part.template)}
+    if isinstance(part, ImageOverlay):
+        drawn = draw_overlays(part, extras, inputs, values.fill)
+        if drawn is None:
+            return None
+        caption = " ".join([values.fill(part.caption), *(f"({note})" for note in drawn[1])]).strip()
+        return {"kind": "figure", "src": drawn[0], "alt": values.fill(part.alt) or values.fill(part.title),
+                "caption": caption}
     if isinstance(part, Table):
         return _table(part, rows, extras, values)
     draw = {Heatmap: _heatmap, LayerCurve: _layer_curve, PositionCurve: _position_curve,
@@ -315,9 +326,10 @@ def draw_part(part: Part, rows: ProbeRows, extras: Mapping[str, Any]) -> dict[st
             "caption": values.fill(part.caption)}
 
 
-def draw_section(section: Section, probe: str, rows: ProbeRows, extras: Mapping[str, Any]) -> dict[str, Any]:
+def draw_section(section: Section, probe: str, rows: ProbeRows, extras: Mapping[str, Any],
+                 inputs: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
     """Template context of one section: id, title, probe, parts (figures, tables, text)."""
-    parts = [drawn for part in section.parts if (drawn := draw_part(part, rows, extras)) is not None]
+    parts = [drawn for part in section.parts if (drawn := draw_part(part, rows, extras, inputs)) is not None]
     return {"id": section.id, "title": section.title, "probe": probe, "parts": parts}
 
 
@@ -328,10 +340,11 @@ def probe_sections(results: Mapping[str, Any]) -> list[dict[str, Any]]:
         by_probe[str(row["probe"])].append(row)
     extras = results.get("extras") or {}
     num_layers = (results.get("model") or {}).get("num_layers")
+    inputs = results.get("inputs") if isinstance(results.get("inputs"), list) else []
     drawn = []
     for probe, specs in (results.get("sections") or {}).items():
         rows = ProbeRows(by_probe.get(probe, []), num_layers)
         probe_extras = extras.get(probe) if isinstance(extras.get(probe), Mapping) else {}
         for section in sections_from_dicts(specs):
-            drawn.append(draw_section(section, probe, rows, probe_extras))
+            drawn.append(draw_section(section, probe, rows, probe_extras, inputs))
     return drawn

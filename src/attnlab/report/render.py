@@ -1,12 +1,13 @@
 """Render a results dict (the content of ``results.json``) into one self-contained HTML page.
 
-:func:`render_html` is a pure function of the dict: it reads nothing else, writes nothing, and touches no global
-matplotlib state (figures are drawn with ``matplotlib.figure.Figure`` on the Agg canvas, see ``plots.py``). The page
-needs no network: CSS is inline, plots are base64 PNG ``data:`` images, and a Content-Security-Policy meta tag forbids
-any non-``data:`` resource and every script except the attention-pattern viewer's own inline script (allowed by its
-SHA-256 hash, only when ``results["patterns"]`` exists; see ``viewer.py``); without JavaScript nothing else changes.
-Jinja2 autoescaping is on, and token strings are additionally made visible (newline ``↵``, tab ``→``, other control
-characters ``\\xNN``).
+:func:`render_html` is a pure function of the dict: it reads nothing else (except the input images that image
+overlays are drawn on, ``results["inputs"]``; a missing one is drawn as a grey panel), writes nothing, and touches
+no global matplotlib state (figures are drawn with ``matplotlib.figure.Figure`` on the Agg canvas, see
+``plots.py``). The page needs no network: CSS is inline, plots are base64 PNG ``data:`` images, and a
+Content-Security-Policy meta tag forbids any non-``data:`` resource and every script except the attention-pattern
+viewer's own inline script (allowed by its SHA-256 hash, only when ``results["patterns"]`` exists; see ``viewer.py``);
+without JavaScript nothing else changes. Jinja2 autoescaping is on, and token strings are additionally made visible
+(newline ``↵``, tab ``→``, other control characters ``\\xNN``).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Report sections as data: what a probe's section in ``report.html`` draws, declared next to the probe's code.
 
-A probe (or analysis) class declares ``sections: ClassVar[tuple[Section, ...]]`` built from six primitives:
+A probe (or analysis) class declares ``sections: ClassVar[tuple[Section, ...]]`` built from seven primitives:
 
 - :class:`Heatmap`: statistics over layer × head (one panel per :class:`Series`), optionally with per-layer bars;
 - :class:`LayerCurve`: statistics against the layer (mean over heads and positions, or one line per head);
@@ -10,7 +10,10 @@ A probe (or analysis) class declares ``sections: ClassVar[tuple[Section, ...]]``
   rows), one overall line or one line per layer;
 - :class:`Table`: records of an extras list (e.g. the sink probe's extreme tokens) or statistics per position or
   per picked layer;
-- :class:`Text`: a paragraph whose ``{fields}`` are filled from the probe's extras and its rows.
+- :class:`Text`: a paragraph whose ``{fields}`` are filled from the probe's extras and its rows;
+- :class:`ImageOverlay`: a grid of values over one input image's tokens (rows × cols), drawn as a translucent heat
+  layer on the actual image (found in ``results["inputs"]``), with markers as circles; the grid is given in the
+  spec, or read from an extras list of overlay records (one panel per image).
 
 Every primitive is a frozen dataclass with ``to_dict``/``from_dict`` (plain JSON), so a run writes the sections of
 the probes it ran into ``results.json`` (``results["sections"] = {probe: [section dicts]}``) and
@@ -35,8 +38,8 @@ from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
 
 from attnlab.errors import ConfigError
 
-__all__ = ["Column", "Heatmap", "LayerCurve", "Part", "PositionCurve", "Section", "Series", "StepCurve", "Table",
-           "Text", "LAYER_CHOICES", "section_specs", "sections_from_dicts"]
+__all__ = ["Column", "Heatmap", "ImageOverlay", "LayerCurve", "Part", "PositionCurve", "Section", "Series", "StepCurve",
+           "Table", "Text", "LAYER_CHOICES", "section_specs", "sections_from_dicts"]
 
 LAYER_CHOICES = ("any", "none", "picked", "each")
 """Which rows a curve :class:`Series` reads: ``any`` = every row, averaged into one line; ``none`` = only rows with
@@ -228,8 +231,55 @@ class Text(Part):
     template: str
 
 
+@dataclass(frozen=True)
+class ImageOverlay(Part):
+    """Values over the token grid of one input image, drawn on the image itself.
+
+    Either the spec holds one overlay (``grid`` non-empty) or ``extras`` names a list in the probe's extras whose
+    records each hold one: ``{"sequence", "image_index", "grid", "markers"?, "title"?}``; one panel per record, at
+    most ``top``. The renderer looks the image up in ``results["inputs"]`` (the entry whose ``"sequence"`` is
+    ``sequence``, its ``images[image_index]``), stretches the grid over the whole image as a translucent heat
+    layer (nearest-neighbour upsampling: one cell per image token) and circles the ``markers``. Without the image
+    file (moved, other machine) the grid is drawn on a grey background and the caption says so.
+
+    Attributes:
+        title: panel title (a template). sequence: the global sequence index (``results["inputs"][i]["sequence"]``).
+        image_index: the image's number within its sequence (0, 1, …).
+        grid: rows × cols values (lists of floats; NaN/None cells are not drawn). markers: ``[row, col]`` cells.
+        extras: the extras list of overlay records (then sequence/image_index/grid/markers are unused).
+        top: at most this many records drawn (None = every record). label: colour-bar label, with units.
+        vmin, vmax: colour range (None = the data's range over the panels drawn).
+    """
+
+    kind: ClassVar[str] = "image_overlay"
+    templates: ClassVar[tuple[str, ...]] = ("caption", "alt", "title", "label")
+    title: str = ""
+    sequence: int = 0
+    image_index: int = 0
+    grid: tuple[tuple[float | None, ...], ...] = ()
+    markers: tuple[tuple[int, int], ...] = ()
+    extras: str | None = None
+    top: int | None = 4
+    label: str = ""
+    vmin: float | None = None
+    vmax: float | None = None
+
+    def __post_init__(self) -> None:
+        # JSON and callers give lists: store tuples (the fields are typed as tuples, and frozen specs hash)
+        if isinstance(self.grid, list) and all(isinstance(row, (list, tuple)) for row in self.grid):
+            object.__setattr__(self, "grid", tuple(tuple(row) for row in self.grid))
+        if isinstance(self.markers, list) and all(isinstance(cell, (list, tuple)) for cell in self.markers):
+            object.__setattr__(self, "markers", tuple(tuple(cell) for cell in self.markers))
+        super().__post_init__()
+        if len({len(row) for row in self.grid}) > 1:
+            raise ConfigError(f"ImageOverlay.grid must be rows of equal length, got lengths "
+                              f"{sorted({len(row) for row in self.grid})}")
+        if self.top is not None and self.top < 1:
+            raise ConfigError(f"ImageOverlay.top must be at least 1 or None, got {self.top}")
+
+
 PARTS: dict[str, type[Part]] = {cls.kind: cls for cls in (Heatmap, LayerCurve, PositionCurve, StepCurve, Table,
-                                                           Text)}
+                                                           Text, ImageOverlay)}
 
 
 @dataclass(frozen=True)

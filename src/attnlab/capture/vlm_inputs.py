@@ -1,0 +1,361 @@
+"""Image + prompt inputs for vision-language models: items, a JSONL manifest, and the model's batches.
+
+    items = read_manifest("items.jsonl")                  # or [ImageTextItem("cat.png", "What is on the mat?")]
+    kwargs, roles = build_batch(loaded.processor, items[:4])
+    with attnlab.roles.given_roles(roles):
+        loaded.model(**kwargs)
+
+An item is one sequence: one or more images, a prompt, optionally the answer (teacher-forced after the prompt, so
+probes see the answer tokens read with the image) and a system prompt. :func:`build_batch` renders each item as
+text (the processor's chat template, or plain ``system\\n<image…>prompt answer``), lets the processor expand the
+image placeholders and pad the batch, and returns the model kwargs with the :class:`attnlab.roles.TokenRoles` of
+every column: image tokens (one :class:`attnlab.roles.ImageSpan` per image or tile, with its grid), text, system
+and pad. :class:`ImageTextBatches` is the pipeline's form (``attnlab report --image … --prompt …``,
+``--manifest``): batches of items, iterable like :class:`attnlab.text.Windows`, each batch a dict of model
+kwargs that carries its roles (:func:`batch_roles`).
+
+Manifest format (JSON Lines, one object per line, blank lines skipped; image paths relative to the manifest's
+folder)::
+
+    {"image": "cat.png", "prompt": "What is on the mat?", "answer": "A cat.", "system": "Answer briefly."}
+    {"images": ["a.png", "b.png"], "prompt": "Which picture is brighter?"}
+
+Errors are one-line :class:`attnlab.errors.ConfigError`s naming the file (and the manifest line).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from attnlab.errors import ConfigError
+
+MANIFEST_KEYS = ("image", "images", "prompt", "answer", "system")
+QWEN_VISION_START, QWEN_VISION_END = "<|vision_start|>", "<|vision_end|>"
+
+
+@dataclass(frozen=True)
+class ImageTextItem:
+    """One sequence: images + prompt (+ answer, + system prompt).
+
+    Attributes:
+        image: one image path or a list of them (in the order they appear in the sequence).
+        prompt: the user's text. An image placeholder already in the prompt (the processor's image token, e.g.
+            ``<image>``) places the images itself; then there must be one per image.
+        answer: text teacher-forced after the prompt (the assistant's turn with a chat template), or None.
+        system: a system prompt before everything (role ``system``), or None.
+
+    Raises:
+        ConfigError: no image, a path that is not a string/Path, or a prompt/answer/system that is not a string.
+    """
+
+    image: Path | tuple[Path, ...]
+    prompt: str
+    answer: str | None = None
+    system: str | None = None
+
+    def __post_init__(self) -> None:
+        raw = self.image if isinstance(self.image, (list, tuple)) else [self.image]
+        if not raw or not all(isinstance(p, (str, os.PathLike)) for p in raw):
+            raise ConfigError(f"image must be a path or a non-empty list of paths, got {self.image!r}")
+        object.__setattr__(self, "image", Path(raw[0]) if len(raw) == 1 and not isinstance(
+            self.image, (list, tuple)) else tuple(Path(p) for p in raw))
+        if not isinstance(self.prompt, str):
+            raise ConfigError(f"prompt must be a string, got {self.prompt!r}")
+        for name in ("answer", "system"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"{name} must be a string or None, got {value!r}")
+
+    @property
+    def images(self) -> tuple[Path, ...]:
+        """The image paths as a tuple."""
+        return self.image if isinstance(self.image, tuple) else (self.image,)
+
+
+def _manifest_item(data: Any, folder: Path, where: str) -> ImageTextItem:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a JSON object with image/images and prompt, got {json.dumps(data)[:60]}")
+    unknown = sorted(set(data) - set(MANIFEST_KEYS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; expected {', '.join(MANIFEST_KEYS)}")
+    if ("image" in data) == ("images" in data):
+        raise ConfigError(f"{where}: give exactly one of \"image\" (a path) or \"images\" (a list of paths)")
+    paths = [data["image"]] if "image" in data else data["images"]
+    if not isinstance(paths, list) or not paths or not all(isinstance(p, str) and p for p in paths):
+        raise ConfigError(f"{where}: \"image\" must be a path string and \"images\" a non-empty list of them")
+    if not isinstance(data.get("prompt"), str):
+        raise ConfigError(f"{where}: \"prompt\" (a string) is required")
+    for key in ("answer", "system"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise ConfigError(f"{where}: \"{key}\" must be a string")
+    resolved = [Path(p).expanduser() if Path(p).expanduser().is_absolute() else folder / p for p in paths]
+    for path in resolved:
+        if not path.is_file():
+            raise ConfigError(f"{where}: image file {path} does not exist")
+    image = resolved[0] if "image" in data else tuple(resolved)
+    return ImageTextItem(image, data["prompt"], data.get("answer"), data.get("system"))
+
+
+def read_manifest(path: str | os.PathLike[str]) -> list[ImageTextItem]:
+    """The items of a JSONL manifest (module docstring); image paths resolved against the manifest's folder.
+
+    Raises:
+        ConfigError: a missing/unreadable/non-UTF-8 file, no items, or a bad line (``FILE:LINE: what is wrong``):
+            not JSON, not an object, unknown keys, neither or both of image/images, no prompt, a missing image
+            file.
+    """
+    path = Path(path).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"manifest {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read manifest {path}: {' '.join(str(error).split())}") from None
+    items = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
+        items.append(_manifest_item(data, path.parent, where))
+    if not items:
+        raise ConfigError(f"manifest {path} has no items; expected one JSON object per line with image and prompt")
+    return items
+
+
+def open_image(path: str | os.PathLike[str]) -> Any:
+    """The image at ``path`` as an RGB ``PIL.Image`` (fully read). ConfigError (one line) if it is missing or
+    not an image PIL can read."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"image file {path} does not exist")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
+        raise ConfigError(f"cannot read image {path}: {' '.join(str(error).split())[:200]}") from None
+
+
+def image_record(path: str | os.PathLike[str], image: Any) -> dict[str, Any]:
+    """``{"path", "sha256", "width", "height"}`` of one image (results.json ``inputs[i]["images"]``)."""
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return {"path": str(Path(path).resolve()), "sha256": digest, "width": int(image.width), "height": int(image.height)}
+
+
+def image_token(processor: Any) -> str:
+    """The processor's image placeholder token (``<image>``, ``<|image_pad|>``, ``<start_of_image>`` …)."""
+    token = getattr(processor, "image_token", None) or getattr(processor, "boi_token", None)
+    if not isinstance(token, str):
+        raise ConfigError(f"{type(processor).__name__} names no image token; is this a vision-language processor?")
+    return token
+
+
+def processor_image_ids(processor: Any) -> tuple[int, ...]:
+    """The token id(s) that stand for image (and video) features in the processor's output."""
+    found = [getattr(processor, key, None) for key in ("image_token_id", "video_token_id")]
+    ids = tuple(dict.fromkeys(i for i in found if isinstance(i, int)))  # the image id first
+    return ids or (processor.tokenizer.convert_tokens_to_ids(image_token(processor)),)
+
+
+def _placeholder(processor: Any) -> str:
+    """What stands for one image in a plain (template-free) text: the image token, wrapped in Qwen2-VL's
+    ``<|vision_start|> … <|vision_end|>`` where the tokenizer has those (its rope index finds images by them)."""
+    token = image_token(processor)
+    vocab = processor.tokenizer.get_vocab()
+    if QWEN_VISION_START in vocab and QWEN_VISION_END in vocab and token != QWEN_VISION_START:
+        return QWEN_VISION_START + token + QWEN_VISION_END
+    return token
+
+
+def _render(processor: Any, item: ImageTextItem, chat: bool) -> tuple[str, str | None]:
+    """``(text, system prefix)`` of one item; the prefix is the start of ``text`` that is the system prompt."""
+    count = len(item.images)
+    placed = item.prompt.count(image_token(processor))
+    if placed and placed != count:
+        raise ConfigError(f"the prompt places {placed} image token(s) {image_token(processor)} but the item has "
+                          f"{count} image(s)")
+    if chat:
+        system = [{"role": "system", "content": [{"type": "text", "text": item.system}]}] if item.system else []
+        user = [{"type": "image"}] * (0 if placed else count) + [{"type": "text", "text": item.prompt}]
+        messages = system + [{"role": "user", "content": user}]
+        if item.answer is not None:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": item.answer}]})
+        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=item.answer is None)
+        prefix = processor.apply_chat_template(system, tokenize=False) if system else None
+        return text, prefix if prefix and text.startswith(prefix) else None
+    prefix = f"{item.system}\n" if item.system else None
+    # one line per image: adjacent placeholders would make one run of image tokens, read as one image
+    body = ("" if placed else (_placeholder(processor) + "\n") * count) + item.prompt
+    answer = "" if item.answer is None else " " + item.answer
+    return (prefix or "") + body + answer, prefix
+
+
+def _system_mask(processor: Any, prefixes: list[str | None], ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool: the first tokens of each sequence's real tokens that spell its system prefix."""
+    mask = torch.zeros_like(valid)
+    for row, prefix in enumerate(prefixes):
+        if not prefix:
+            continue
+        # as the processor tokenizes the whole text (a BOS it adds counts with the system prompt)
+        count = len(processor.tokenizer(prefix)["input_ids"])
+        columns = valid[row].nonzero().flatten()[:count]
+        mask[row, columns] = True
+    return mask
+
+
+def build_batch(processor: Any, items: Sequence[ImageTextItem], *, chat_template: bool | None = None,
+                image_token_ids: Sequence[int] | None = None, tokens_per_image: int | None = None,
+                device: str | torch.device | None = None, dtype: torch.dtype | None = None
+                ) -> tuple[dict[str, Any], Any]:
+    """The model kwargs for ``items`` (one sequence each, padded) and their token roles.
+
+    Args:
+        processor: a VLM processor (``LoadedModel.processor``).
+        items: the sequences; each may hold several images.
+        chat_template: True renders each item with the processor's chat template (system / user with the image
+            parts then the prompt / assistant with the answer, or the generation prompt without one); False
+            writes ``system\\n`` + one placeholder line per image + prompt + `` answer``; None (default) uses the
+            template when the processor has one.
+        image_token_ids: ids of image tokens (default: the processor's ``image_token_id``/``video_token_id``;
+            pass ``facts.image_token_ids``).
+        tokens_per_image: image tokens of one image when the model fixes it (``facts.vision["tokens_per_image"]``):
+            a run of k times as many image tokens is k adjacent images (as the session reads them).
+        device, dtype: move tensors to ``device``; cast floating ones (pixel values) to ``dtype``.
+
+    Returns:
+        ``(kwargs, roles)``: ``kwargs`` is the processor's output as a dict (``input_ids`` (B, L) long,
+        ``attention_mask`` (B, L), ``pixel_values`` …, Qwen2-VL's ``image_grid_thw`` (num_images, 3)), ready
+        for ``model(**kwargs)``; ``roles`` is a :class:`attnlab.roles.TokenRoles` over the same (B, L) columns:
+        each run of image tokens one image (tile), or k images with ``tokens_per_image``; its grid from
+        ``image_grid_thw`` (merged by the image processor's ``merge_size``) or square; the system prompt's tokens ``system``; padding ``pad``.
+
+    Raises:
+        ConfigError: no items, a missing or unreadable image, prompt image tokens that do not match the images,
+            ``chat_template=True`` with a processor without one, or a processor that rejects the inputs (its
+            message, one line).
+    """
+    if not items:
+        raise ConfigError("build_batch needs at least one item")
+    chat = bool(getattr(processor, "chat_template", None)) if chat_template is None else chat_template
+    if chat and not getattr(processor, "chat_template", None):
+        raise ConfigError(f"{type(processor).__name__} has no chat template; use chat_template=False")
+    rendered = [_render(processor, item, chat) for item in items]
+    images = [[open_image(path) for path in item.images] for item in items]
+    try:
+        encoded = processor(images=images, text=[text for text, _ in rendered], return_tensors="pt", padding=True)
+    except (ValueError, TypeError, IndexError, KeyError, RuntimeError) as error:
+        raise ConfigError(f"{type(processor).__name__} rejected the inputs: {' '.join(str(error).split())[:240]}"
+                          ) from None
+    from attnlab.roles import TokenRoles
+
+    kwargs = {key: value for key, value in encoded.items()}
+    ids, valid = kwargs["input_ids"], kwargs["attention_mask"].bool()
+    grids, image_id = kwargs.get("image_grid_thw"), getattr(processor, "image_token_id", None)
+    merge = int(getattr(getattr(processor, "image_processor", None), "merge_size", 1) or 1) if grids is not None else 1
+    if grids is not None and isinstance(image_id, int):
+        grids = {image_id: grids}  # the image token's grids (videos would have their own)
+    system = _system_mask(processor, [prefix for _, prefix in rendered], ids, valid)
+    roles = TokenRoles.from_input_ids(ids, valid, tuple(image_token_ids or processor_image_ids(processor)),
+                                      grids=grids, merge=merge, system=system if system.any() else None,
+                                      tokens_per_image=tokens_per_image)
+    for key, value in kwargs.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(dtype) if dtype is not None and value.is_floating_point() else value
+            kwargs[key] = value.to(device) if device is not None else value
+    return kwargs, roles
+
+
+class RoleBatch(dict):
+    """A batch of model kwargs (a dict, so ``model(**batch)`` works) that carries its ``roles``."""
+
+    roles: Any = None
+
+
+def batch_roles(batch: Any) -> contextlib.AbstractContextManager:
+    """``attnlab.roles.given_roles(batch.roles)`` for a :class:`RoleBatch`, else a no-op context."""
+    roles = getattr(batch, "roles", None)
+    if roles is None:
+        return contextlib.nullcontext()
+    from attnlab.roles import given_roles
+
+    return given_roles(roles)
+
+
+@dataclass
+class ImageTextBatches:
+    """Image-text items as batches for a probe run, shaped like :class:`attnlab.text.Windows`.
+
+    ``windows`` has one JSON-ready dict per item (index, source = the image paths, ids, tokens, pieces of the
+    unpadded sequence; as Windows'), ``inputs`` the results.json ``"inputs"`` records (sequence, prompt, answer,
+    images with path, sha256, width, height). Iterating yields :class:`RoleBatch` dicts of ``batch_size`` items
+    (:func:`build_batch`) on ``device`` in ``dtype``.
+    """
+
+    processor: Any
+    items: list[ImageTextItem]
+    windows: list[dict[str, Any]]
+    inputs: list[dict[str, Any]]
+    batch_size: int = 1
+    chat_template: bool | None = None
+    image_token_ids: tuple[int, ...] = ()
+    tokens_per_image: int | None = None
+    device: Any = None
+    dtype: Any = None
+    bos_policy: str = "processor"
+    bos_added: bool = False
+    files: list[str] = field(default_factory=list)
+
+    @property
+    def num_windows(self) -> int:
+        return len(self.windows)
+
+    def __len__(self) -> int:
+        return -(-len(self.windows) // self.batch_size)
+
+    def __iter__(self) -> Iterator[RoleBatch]:
+        for start in range(0, len(self.windows), self.batch_size):
+            chunk = [self.items[w["index"]] for w in self.windows[start : start + self.batch_size]]
+            kwargs, roles = build_batch(self.processor, chunk, chat_template=self.chat_template,
+                                        image_token_ids=self.image_token_ids or None,
+                                        tokens_per_image=self.tokens_per_image, device=self.device, dtype=self.dtype)
+            batch = RoleBatch(kwargs)
+            batch.roles = roles
+            yield batch
+
+
+def image_text_batches(processor: Any, items: Sequence[ImageTextItem], *, batch_size: int = 1,
+                       chat_template: bool | None = None, image_token_ids: Sequence[int] = (),
+                       tokens_per_image: int | None = None, device: Any = None, dtype: Any = None
+                       ) -> ImageTextBatches:
+    """:class:`ImageTextBatches` for ``items``: every image read and hashed and every item encoded once up
+    front, so a bad image or prompt fails before any probe runs (ConfigError, one line)."""
+    windows, inputs = [], []
+    tokenizer = processor.tokenizer
+    for index, item in enumerate(items):
+        kwargs, _ = build_batch(processor, [item], chat_template=chat_template,
+                                image_token_ids=tuple(image_token_ids) or None, tokens_per_image=tokens_per_image)
+        ids = kwargs["input_ids"][0][kwargs["attention_mask"][0].bool()].tolist()
+        records = [image_record(path, open_image(path)) for path in item.images]
+        windows.append({"index": index, "source": [str(p) for p in item.images], "start_token": 0, "ids": ids,
+                        "tokens": [tokenizer.decode([i]) for i in ids],
+                        "pieces": tokenizer.convert_ids_to_tokens(ids)})
+        inputs.append({"sequence": index, "prompt": item.prompt, "answer": item.answer, "images": records})
+    return ImageTextBatches(processor, list(items), windows, inputs, batch_size, chat_template,
+                            tuple(image_token_ids), tokens_per_image, device, dtype,
+                            files=sorted({str(p) for item in items for p in item.images}))
+

@@ -1,0 +1,67 @@
+"""``attnlab vhr`` and ``attnlab carve`` on a saved tiny LLaVA (offline): exit codes, the files written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import typer
+from typer.testing import CliRunner
+from vlm_fixtures import random_image
+
+from attnlab.cli.vlm_methods_cmd import carve_command, vhr_command
+from attnlab.edits import parse_edit_spec
+
+runner = CliRunner()
+app = typer.Typer()
+app.command("vhr")(vhr_command)
+app.command("carve")(carve_command)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    import attnlab.testing
+
+    if not hasattr(attnlab.testing, "save_tiny_vlm"):  # the loading helper's part of issue 16 (VLM folders)
+        pytest.skip("attnlab.testing.save_tiny_vlm is not available")
+    return attnlab.testing.save_tiny_vlm(tmp_path_factory.mktemp("llava"), "llava")
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "scene.png"
+    random_image(3, 32, 32).save(path)
+    return path
+
+
+def test_vhr_prints_and_writes_a_replayable_spec(model_dir, image, tmp_path):
+    out = tmp_path / "vhr.json"
+    result = runner.invoke(app, ["vhr", "--model", str(model_dir), "--image", str(image), "--prompt",
+                                 "what colour is the shape", "--fraction", "0.5", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    record = json.loads(out.read_text())
+    edit = parse_edit_spec(record["spec"])
+    assert edit.name == "vhr" and sum(map(len, edit.chosen.values())) == 4 and len(record["vhd"]) == 2
+    assert record["spec"] in result.stdout
+    again = runner.invoke(app, ["vhr", "--model", str(model_dir), "--image", str(image), "--prompt", "x",
+                                "--out", str(out)])
+    assert again.exit_code == 2 and "--force" in again.output
+
+
+def test_carve_writes_the_map_and_the_masked_image(model_dir, image, tmp_path):
+    result = runner.invoke(app, ["carve", "--model", str(model_dir), "--image", str(image), "--prompt",
+                                 "what colour is the shape", "--keep", "0.25", "--max-new-tokens", "2",
+                                 "--out", str(tmp_path / "c")])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "c" / "carve.json").read_text())
+    assert len(record["contrast"]) == 4 and len(record["kept"]) == 4 and (tmp_path / "c" / "masked.png").is_file()
+    assert "CARVE-masked" in result.stdout
+
+
+@pytest.mark.parametrize("args", [["vhr", "--image", "x.png"], ["vhr", "--model", "m", "--fraction", "0.1"],
+                                  ["carve", "--model", "m", "--prompt", "q", "--image", "missing.png"],
+                                  ["vhr", "--model", "m", "--image", "a.png", "--prompt", "q", "--at", "middle"]])
+def test_bad_usage_exits_2_with_one_line(args):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert len(result.output.strip().splitlines()) == 1
