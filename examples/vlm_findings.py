@@ -19,10 +19,11 @@ Variants (each one Session on the unedited weights; none tuned on the test set):
 | CCA (trained) | CCA | the CCA-trained model in its own layout |
 | CCA (edit) | BASE | `cca` applied to the baseline without retraining (an intervention, not the paper's model) |
 | CARVE | BASE | contrastive attention mask, re-query on the masked image (Ge et al. 2025, METHODS.md #19) |
-| imbalanced-attention fix | BASE | the Jan 2025 method's registered edit (METHODS.md, entry added in issue 16) |
+| imbalanced-attention fix | BASE | `dual_stream` (the Jan 2025 method, METHODS.md entry added in issue 16), defaults |
+| GIFT | BASE | `gift` (METHODS.md entry added in issue 16), defaults |
 
-HOOKS: each method other helpers build enters through one function or constant below (`VAR_EDITS`, `CCA_EDITS`,
-`IMBALANCE_EDITS`, `vhr_edits`, `carve_answers`). A method that is not available yet (its edit not registered,
+HOOKS: each method enters through one constant or function below (`VAR_EDITS`, `CCA_EDITS`, `IMBALANCE_EDITS`,
+`GIFT_EDITS`, `vhr_edits`, `carve_answers`). A method that is not available yet (its edit not registered,
 its module missing) is reported as `pending` with the reason, and the other rows still run.
 """
 
@@ -50,22 +51,48 @@ BASE = VlmTrainConfig(positions="rope", **TRAIN)
 CCA = VlmTrainConfig(positions="cca", **TRAIN)
 
 # ---- hooks for the methods other helpers build ------------------------------------------------------------------
-VAR_EDITS = ["var"]  # edits helper: edits/var.py, paper defaults (tau=20, rho=0.5, summ=0.2, p=0.6)
-CCA_EDITS = ["cca"]  # edits helper: edits/cca.py on the real image grid
-IMBALANCE_EDITS: list[str] = []  # edits helper: the registered name(s) of the Jan 2025 imbalanced-attention fix
+VAR_EDITS = ["var"]  # edits/var.py, paper defaults (p=0.6, tau=20, rho=0.5, summ=0.2, except_last_layer)
+CCA_EDITS = ["cca"]  # edits/cca.py: ring ids + concentric mask on the real image grid, without retraining
+IMBALANCE_EDITS = ["dual_stream"]  # edits/dual_stream.py: the Jan 2025 imbalanced-attention fix, its defaults
+GIFT_EDITS = ["gift"]  # edits/gift.py, its defaults
+VHR_FRACTION, VHR_ALPHA = 0.25, 2.0  # select_vhr's defaults (counterfactual "drop", measured at the last token)
+CARVE_SETTINGS = dict(layers=None, lam=1e-3, keep=0.3)  # protocols/carve.py defaults (second half of the layers)
 
 
 def vhr_edits(model: Any, processor: Any, calibration: list) -> list:
-    """VHR's edits (vhr helper): heads chosen layer by layer by VHD on ``calibration`` items, scaled by α = 2.
+    """VHR's edit: heads chosen layer by layer by VHD (:func:`attnlab.analyses.vhd.select_vhr`) on ``calibration``
+    items (one prompt per batch, so "the last token" is the question's last token), scaled by α."""
+    try:
+        from attnlab.analyses.vhd import select_vhr
+        from attnlab.capture.architectures import model_facts
+        from attnlab.capture.vlm_runner import VisionRunner
+    except ImportError as error:
+        raise Pending(f"VHR not in this checkout ({error})") from None
+    from attnlab.lab.vlm.data import encode
 
-    Fill in at integration with the vhr helper's selection procedure (``select_vhr``); raise ``Pending`` until then."""
-    raise Pending("VHR selection not wired yet (vhr helper: analyses/vhd.py select_vhr)")
+    runner = VisionRunner(model, processor.tokenizer, model_facts(model))
+    batches = [encode([item], processor, answers=False) for item in calibration]
+    edit = select_vhr(runner, batches, fraction=VHR_FRACTION, alpha=VHR_ALPHA)
+    print(f"VHR selection: {edit.spec()}", file=sys.stderr)
+    return [edit]
 
 
 def carve_answers(model: Any, processor: Any, items: list) -> list[str]:
-    """CARVE's answers (vhr helper): contrast map from the question vs a generic instruction, image masked in pixel
-    space, re-query. Returns one predicted word per item. Raise ``Pending`` until wired."""
-    raise Pending("CARVE not wired yet (vhr helper: protocols/carve.py or analyses/carve.py)")
+    """CARVE's answers (:func:`attnlab.protocols.carve.carve`, its defaults): the contrast map of the question
+    against the generic instruction, the image masked outside the kept tokens, the question asked again; the first
+    word of the one generated token."""
+    try:
+        from attnlab.protocols.carve import carve
+    except ImportError as error:
+        raise Pending(f"CARVE not in this checkout ({error})") from None
+    from PIL import Image
+
+    answers = []
+    for scene, question in items:
+        result = carve(model, Image.fromarray(scene.image()), question.text, processor=processor, max_new_tokens=1,
+                       **CARVE_SETTINGS)
+        answers.append((result.answer.split() or [""])[0])
+    return answers
 
 
 class Pending(Exception):
@@ -152,10 +179,12 @@ def main() -> None:
     run("CCA (edit)", lambda: edited(CCA_EDITS))
     run("CARVE", lambda: carve_report(base, processor, base_lab))
     run("imbalanced-attention fix", lambda: edited(IMBALANCE_EDITS))
+    run("GIFT", lambda: edited(GIFT_EDITS))
 
     results = {"settings": {"train": BASE.to_dict(), "per_kind": PER_KIND, "calibration_per_kind":
                             CALIBRATION_PER_KIND, "calibration_seed": CALIBRATION_SEED,
-                            "edits": {"var": VAR_EDITS, "cca": CCA_EDITS, "imbalance": IMBALANCE_EDITS}},
+                            "edits": {"var": VAR_EDITS, "cca": CCA_EDITS, "imbalance": IMBALANCE_EDITS, "gift": GIFT_EDITS},
+                            "vhr": {"fraction": VHR_FRACTION, "alpha": VHR_ALPHA}, "carve": CARVE_SETTINGS},
                "models": {"base": base_lab, "cca": cca_lab}, "variants": rows}
     (out / "vlm_findings.json").write_text(json.dumps(results, indent=1, allow_nan=True) + "\n")
     table = markdown(rows)
