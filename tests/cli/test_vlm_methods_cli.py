@@ -1,29 +1,23 @@
-"""``attnlab vhr`` and ``attnlab carve`` on a saved tiny LLaVA (offline): exit codes, the files written."""
+"""``attnlab vlm vhr`` and ``attnlab vlm carve`` on a saved tiny LLaVA (offline): exit codes, the files written."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-import typer
 from typer.testing import CliRunner
 from vlm_fixtures import random_image
 
-from attnlab.cli.vlm_methods_cmd import carve_command, vhr_command
+from attnlab.cli.main import app
 from attnlab.edits import parse_edit_spec
 
 runner = CliRunner()
-app = typer.Typer()
-app.command("vhr")(vhr_command)
-app.command("carve")(carve_command)
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     import attnlab.testing
 
-    if not hasattr(attnlab.testing, "save_tiny_vlm"):  # the loading helper's part of issue 16 (VLM folders)
-        pytest.skip("attnlab.testing.save_tiny_vlm is not available")
     return attnlab.testing.save_tiny_vlm(tmp_path_factory.mktemp("llava"), "llava")
 
 
@@ -36,20 +30,20 @@ def image(tmp_path_factory):
 
 def test_vhr_prints_and_writes_a_replayable_spec(model_dir, image, tmp_path):
     out = tmp_path / "vhr.json"
-    result = runner.invoke(app, ["vhr", "--model", str(model_dir), "--image", str(image), "--prompt",
+    result = runner.invoke(app, ["vlm", "vhr", "--model", str(model_dir), "--image", str(image), "--prompt",
                                  "what colour is the shape", "--fraction", "0.5", "--out", str(out)])
     assert result.exit_code == 0, result.output
     record = json.loads(out.read_text())
     edit = parse_edit_spec(record["spec"])
     assert edit.name == "vhr" and sum(map(len, edit.chosen.values())) == 4 and len(record["vhd"]) == 2
     assert record["spec"] in result.stdout
-    again = runner.invoke(app, ["vhr", "--model", str(model_dir), "--image", str(image), "--prompt", "x",
+    again = runner.invoke(app, ["vlm", "vhr", "--model", str(model_dir), "--image", str(image), "--prompt", "x",
                                 "--out", str(out)])
     assert again.exit_code == 2 and "--force" in again.output
 
 
 def test_carve_writes_the_map_and_the_masked_image(model_dir, image, tmp_path):
-    result = runner.invoke(app, ["carve", "--model", str(model_dir), "--image", str(image), "--prompt",
+    result = runner.invoke(app, ["vlm", "carve", "--model", str(model_dir), "--image", str(image), "--prompt",
                                  "what colour is the shape", "--keep", "0.25", "--max-new-tokens", "2",
                                  "--out", str(tmp_path / "c")])
     assert result.exit_code == 0, result.output
@@ -62,6 +56,6 @@ def test_carve_writes_the_map_and_the_masked_image(model_dir, image, tmp_path):
                                   ["carve", "--model", "m", "--prompt", "q", "--image", "missing.png"],
                                   ["vhr", "--model", "m", "--image", "a.png", "--prompt", "q", "--at", "middle"]])
 def test_bad_usage_exits_2_with_one_line(args):
-    result = runner.invoke(app, args)
+    result = runner.invoke(app, ["vlm", *args])
     assert result.exit_code == 2, result.output
     assert len(result.output.strip().splitlines()) == 1

@@ -24,8 +24,8 @@ __all__ = ["vlm_app"]
 
 _TRAIN, _MODEL, _OUT = "Training", "Model", "Output"
 
-vlm_app = typer.Typer(help="A small VLM on synthetic scenes: train it, evaluate it (with edits).",
-                      no_args_is_help=True)
+vlm_app = typer.Typer(help="Vision-language models: train and evaluate the small synthetic-scene VLM (with edits); "
+                      "VHR head selection; CARVE contrastive masking.", no_args_is_help=True)
 
 Steps = Annotated[int, typer.Option("--steps", help="Optimizer updates.", rich_help_panel=_TRAIN)]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Questions per update.", rich_help_panel=_TRAIN)]
