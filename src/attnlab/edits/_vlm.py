@@ -15,7 +15,8 @@ from torch import Tensor
 
 from attnlab.edits.base import AttentionCall
 from attnlab.errors import ConfigError
-from attnlab.roles import GENERATED, IMAGE, TEXT
+from attnlab.roles import GENERATED, IMAGE, TEXT, after_last_image
+from attnlab.roles import last_image_column as last_image_of
 
 
 def query_columns(call: AttentionCall) -> Tensor:
@@ -38,15 +39,12 @@ def image_keys(call: AttentionCall) -> Tensor:
 
 def last_image_column(call: AttentionCall) -> Tensor:
     """(B,) long: each sequence's last image-token column (-1 where the sequence has no image)."""
-    image = image_keys(call)
-    columns = torch.arange(call.kv_len, device=call.device).expand_as(image)
-    return torch.where(image, columns, -1).amax(dim=-1)
+    return last_image_of(image_keys(call))
 
 
 def after_image_rows(call: AttentionCall) -> Tensor:
     """(B, Lq) bool: real query rows after their sequence's last image token (False in a sequence with no image)."""
-    last = last_image_column(call)
-    return (query_columns(call)[None, :] > last[:, None]) & (last[:, None] >= 0) & call.query_valid
+    return after_last_image(image_keys(call), call.key_valid)[:, call.kv_len - call.q_len:] & call.query_valid
 
 
 def instruction_keys(call: AttentionCall) -> Tensor:
@@ -54,9 +52,7 @@ def instruction_keys(call: AttentionCall) -> Tensor:
     roles = key_roles(call)
     if roles is None:
         return torch.zeros(call.batch, call.kv_len, dtype=torch.bool, device=call.device)
-    last = last_image_column(call)
-    columns = torch.arange(call.kv_len, device=call.device)[None, :]
-    return (roles == TEXT) & call.key_valid & (columns > last[:, None]) & (last[:, None] >= 0)
+    return (roles == TEXT) & after_last_image(image_keys(call), call.key_valid)
 
 
 def instruction_rows(call: AttentionCall) -> Tensor:
