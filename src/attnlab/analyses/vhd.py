@@ -1,8 +1,8 @@
 """VHD: how much each head's output depends on the image (He et al. 2025, METHODS.md #7), and VHR's head selection.
 
 He et al., "Cracking the Code of Hallucination in LVLMs with Vision-aware Head Divergence" (ACL 2025, arXiv
-2412.13949; low–medium confidence: abstract + a secondary summary, the code was not available). For head h of
-layer l and a measured token t:
+2412.13949; low–medium confidence: abstract + a secondary summary, § not available (abstract only), the code was
+not available). For head h of layer l and a measured token t:
 
     VHD^{l,h}(t) = ‖ o^{l,h}(image, prompt)[t] - o^{l,h}(counterfactual)[t] ‖₂
 

@@ -5,6 +5,19 @@ Columns: key column k of a call is column k of the forward's 2-D attention mask 
 column ``kv_len - q_len + r``. Roles come from ``call.key_roles`` / ``call.query_roles`` (:mod:`attnlab.roles`); a
 call without roles (a text-only model) has no image keys, and these edits then change nothing.
 
+Teacher forcing vs cached generation: the session marks the tokens a decoding step appends as role ``generated``,
+but tokens fed in one forward pass (an answer teacher-forced after the prompt, as
+:func:`attnlab.protocols.vhr.generation_t_vhd` and ``--answer`` do) are read from the ids, so they are ``text``. A
+teacher-forced answer therefore counts as part of the instruction: :func:`instruction_keys` /
+:func:`instruction_rows` include it, :func:`answer_rows` keeps only its last column (the last non-generated one),
+and the state a decode call would reuse from the prompt call (:class:`PrefillStore`, var's sink dimensions) is
+measured over prompt + answer instead. So ``var`` (sink dimensions and flags), ``dual_stream`` (its selection from
+the instruction rows; the rows it modulates) and ``gift`` (the saliency from the instruction's gaze) give different
+results on a teacher-forced answer than on the same answer from cached ``generate``: about 1e-3 in the probs on
+the tiny test models. ``cca`` and ``vhr`` read no text roles and agree. :func:`attnlab.roles.given_roles` with the
+answer's columns marked ``generated`` makes the roles agree, but not the prompt-call state; measure role-based
+edits on generation with ``generate``.
+
 Shapes: B batch, Hq query heads, Lq query rows, Lk key columns.
 """
 
