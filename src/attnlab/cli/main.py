@@ -24,6 +24,7 @@ from attnlab.cli.options import FLAG, Debug, run_guarded, stderr
 from attnlab.cli.probe_cmd import make_probe_command, probe
 from attnlab.cli.protocol_cmd import PROTOCOL_COMMANDS
 from attnlab.cli.train_cmd import sweep_command, train_command
+from attnlab.cli.vlm_methods_cmd import carve_command, vhr_command
 from attnlab.errors import ConfigError
 
 EPILOG = """Quick start:
@@ -119,6 +120,8 @@ app.command("mask")(mask_command)
 app.command("train")(train_command)
 app.command("sweep")(sweep_command)
 app.command("cost")(cost_command)
+app.command("vhr")(vhr_command)
+app.command("carve")(carve_command)
 app.command("report")(make_probe_command(
     "report", "Run probes (default: entropy, sink, distance, norms) on a model reading text; write report.html, "
     "results.json and results.csv into --out. The default-probes form of `attnlab probe`.",
