@@ -143,6 +143,11 @@ def test_generic_prompt_is_the_templated_prompt_with_g_in_place_of_q(kind):
     maps, _, _ = carve_maps(runner, batch, generic, ids=ids, queries=(asked, plain), layers=[1], lam=1e-3, keep=0.5,
                             merge=merge)
     assert len(maps) == 2 and all(m.task.sum() == pytest.approx(1.0) for m in maps)
+    if kind != "qwen2_vl":  # the analysis masks pixel_values; Qwen2-VL's flattened patches are refused
+        analysis = ANALYSES.get("carve")(generic="Describe this image.", layers=[1])
+        analysis.prepare(runner.facts, runner)
+        analysis.observe(runner, batch)
+        assert {r["statistic"] for r in analysis.rows()} >= {"image_entropy", "requery_kl"}
 
 
 def test_carve_maps_match_eager_attention_and_have_the_image_grid(llava, runner):
