@@ -9,7 +9,7 @@ from vlm_fixtures import IMAGE, IMAGE_TOKEN_ID, llava_batch, random_image, tiny_
 
 from attnlab.analyses import ANALYSES
 from attnlab.analyses.carve import (
-    after_image, carve_maps, contrast, entropy, generic_batch, image_attention, keep_top, mask_images, mask_pixels,
+    carve_maps, contrast, entropy, generic_batch, image_attention, keep_top, mask_images, mask_pixels,
 )
 from attnlab.capture.vlm_runner import VisionRunner
 from attnlab.errors import ConfigError
@@ -79,26 +79,82 @@ def test_image_attention_is_renormalised_over_the_image_grid():
     manual = probs[0][:, 8:, 2:8] / probs[0][:, 8:, 2:8].sum(-1, keepdim=True)
     torch.testing.assert_close(grid, manual.mean((0, 1)).double().view(2, 3))
     assert entropy(grid) <= np.log(6) + 1e-9
-    with pytest.raises(ConfigError, match="no text token"):
+    with pytest.raises(ConfigError, match="no query token"):
         image_attention(probs, torch.zeros(1, 10, dtype=torch.bool), span)
 
 
 def test_generic_batch_replaces_the_text_after_the_image(llava):
     batch = llava_batch(llava, [[1, 5, IMAGE, 6, 7, 8], [1, IMAGE, 9]], padding="left")
-    valid = batch["attention_mask"].bool()
-    assert after_image(batch["input_ids"], valid, IDS).sum(-1).tolist() == [3, 1]
-    generic = generic_batch(batch, IDS, [20, 21])
+    generic, asked, plain = generic_batch(batch, IDS, [20, 21])
     rows = [ids[mask.bool()].tolist() for ids, mask in zip(generic["input_ids"], generic["attention_mask"])]
     assert rows == [[1, 5] + [IMAGE_TOKEN_ID] * 16 + [20, 21], [1] + [IMAGE_TOKEN_ID] * 16 + [20, 21]]
+    assert asked.sum(-1).tolist() == [3, 1] and asked[:, -1].all()  # no template: the question runs to the end
+    assert generic["input_ids"][plain].view(2, 2).tolist() == [[20, 21]] * 2
     assert generic["pixel_values"] is batch["pixel_values"]
-    with pytest.raises(ConfigError, match="no image"):
+    with pytest.raises(ConfigError, match="sequence 0: no image"):
         generic_batch(llava_batch(llava, [[1, 5, 6]]), IDS, [20])
+
+
+def test_generic_batch_keeps_markers_and_the_turn_end_and_pads_like_the_batch(llava):
+    """Only the question span is replaced: closing markers (40) and the template suffix (41 = end, 42, 43) stay."""
+    batch = llava_batch(llava, [[1, IMAGE, 40, 6, 7, 8, 41, 42, 43], [1, IMAGE, 40, 9, 41, 42, 43]], padding="right")
+    generic, asked, plain = generic_batch(batch, IDS, [20, 21, 22], markers={40, 41}, ends={41})
+    valid = generic["attention_mask"].bool()
+    rows = [ids[mask].tolist() for ids, mask in zip(generic["input_ids"], valid)]
+    image = [IMAGE_TOKEN_ID] * 16
+    assert rows == [[1, *image, 40, 20, 21, 22, 41, 42, 43]] * 2
+    assert not valid[:, -1].all() or valid.all()  # right padding kept (here both rows are equally long)
+    assert batch["input_ids"][asked].tolist() == [6, 7, 8, 9]
+    assert plain.nonzero()[:, 1].tolist() == [18, 19, 20] * 2
+    with pytest.raises(ConfigError, match="sequence 1: no question"):
+        generic_batch(llava_batch(llava, [[1, IMAGE, 40, 6, 41], [1, IMAGE, 40, 40]]), IDS, [20],
+                      markers={40, 41}, ends={41})
+
+
+@pytest.mark.parametrize("kind", ["qwen2_vl", "idefics3", "llava"])
+def test_generic_prompt_is_the_templated_prompt_with_g_in_place_of_q(kind):
+    """The generic batch equals the processor's own encoding of the generic instruction (closing marker, end of turn
+    and assistant prompt kept), also with left padding, and the query rows are exactly the two instructions."""
+    import attnlab.testing
+    from attnlab.analyses.vlm_batches import prompt_markers
+
+    if not hasattr(attnlab.testing, "tiny_vlm"):
+        pytest.skip("attnlab.testing.tiny_vlm is not available")
+    model, processor = attnlab.testing.tiny_vlm(kind)
+    tokenizer, image = processor.tokenizer, random_image(3, 32, 32)
+
+    def prompt(text):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True)
+
+    batch = dict(processor(images=[image, image], text=[prompt("what colour is it"), prompt("hi")],
+                           return_tensors="pt", padding=True))
+    wanted = dict(processor(images=[image], text=[prompt("Describe this image.")], return_tensors="pt"))
+    ids = (model.config.image_token_id,)
+    g = tokenizer("Describe this image.", add_special_tokens=False)["input_ids"]
+    generic, asked, plain = generic_batch(batch, ids, g, **dict(zip(("markers", "ends"), prompt_markers(tokenizer))))
+    expected = wanted["input_ids"][0].tolist()
+    for b in range(2):
+        assert generic["input_ids"][b][generic["attention_mask"][b].bool()].tolist() == expected
+        assert generic["input_ids"][b][plain[b]].tolist() == g
+    assert [tokenizer.decode(batch["input_ids"][b][asked[b]]) for b in range(2)] == ["what colour is it", "hi"]
+    runner = VisionRunner(model, tokenizer)
+    merge = int((runner.facts.vision or {}).get("merge") or 1)
+    maps, _, _ = carve_maps(runner, batch, generic, ids=ids, queries=(asked, plain), layers=[1], lam=1e-3, keep=0.5,
+                            merge=merge)
+    assert len(maps) == 2 and all(m.task.sum() == pytest.approx(1.0) for m in maps)
+    if kind != "qwen2_vl":  # the analysis masks pixel_values; Qwen2-VL's flattened patches are refused
+        analysis = ANALYSES.get("carve")(generic="Describe this image.", layers=[1])
+        analysis.prepare(runner.facts, runner)
+        analysis.observe(runner, batch)
+        assert {r["statistic"] for r in analysis.rows()} >= {"image_entropy", "requery_kl"}
 
 
 def test_carve_maps_match_eager_attention_and_have_the_image_grid(llava, runner):
     batch = llava_batch(llava, [[1, 5, IMAGE, 6, 7], [1, IMAGE, 8, IMAGE, 9, 10]], padding="right")
-    generic = generic_batch(batch, IDS, [20, 21, 22])
-    maps, task_entropy, _ = carve_maps(runner, batch, generic, ids=IDS, layers=[1], lam=1e-3, keep=0.25)
+    generic, asked, plain = generic_batch(batch, IDS, [20, 21, 22])
+    maps, task_entropy, _ = carve_maps(runner, batch, generic, ids=IDS, queries=(asked, plain), layers=[1], lam=1e-3,
+                                       keep=0.25)
     assert [(m.span.sequence, m.span.index, m.contrast.shape) for m in maps] == \
         [(0, 0, (4, 4)), (1, 0, (4, 4)), (1, 1, (4, 4))]
     assert task_entropy.shape == (2, 3)

@@ -259,3 +259,27 @@ def given_roles(roles: TokenRoles) -> Iterator[TokenRoles]:
 def current_given_roles() -> TokenRoles | None:
     """The roles set by the innermost :func:`given_roles` block, or None."""
     return _GIVEN.get()
+
+
+# "after the last image": one rule for the edits (key columns of a call) and the analyses (columns of a batch) ---------
+
+def last_image_column(image: Tensor) -> Tensor:
+    """(B,) long: each row's last image column, -1 in a row without one.
+
+    Args:
+        image: (B, L) bool, the real image tokens (role ``image`` and valid: ``codes == IMAGE``, or the image
+            token ids of ``input_ids`` masked by the attention mask).
+    """
+    columns = torch.arange(image.shape[-1], device=image.device).expand_as(image)
+    return torch.where(image, columns, -1).amax(dim=-1)
+
+
+def after_last_image(image: Tensor, valid: Tensor) -> Tensor:
+    """(B, L) bool: the ``valid`` columns after their row's last image column (none in a row without an image).
+
+    Args:
+        image: (B, L) bool, the real image tokens. valid: (B, L) bool, the real tokens.
+    """
+    last = last_image_column(image)
+    columns = torch.arange(image.shape[-1], device=image.device)[None, :]
+    return (columns > last[:, None]) & (last[:, None] >= 0) & valid.bool()

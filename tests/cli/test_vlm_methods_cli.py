@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 from vlm_fixtures import random_image
 
-from attnlab.cli.main import app
+from attnlab.cli.main import app  # the real CLI: both commands must be registered there
 from attnlab.edits import parse_edit_spec
 
 runner = CliRunner()
@@ -48,8 +48,19 @@ def test_carve_writes_the_map_and_the_masked_image(model_dir, image, tmp_path):
                                  "--out", str(tmp_path / "c")])
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "c" / "carve.json").read_text())
-    assert len(record["contrast"]) == 4 and len(record["kept"]) == 4 and (tmp_path / "c" / "masked.png").is_file()
+    assert len(record["contrast"]) == 4 and len(record["kept"]) == 4
+    from PIL import Image
+
+    with Image.open(tmp_path / "c" / "masked.png") as masked:  # written whole (atomically) as a PNG
+        assert masked.format == "PNG" and masked.size == (32, 32)
+    assert not [p for p in (tmp_path / "c").iterdir() if p.name not in ("carve.json", "masked.png")]
     assert "CARVE-masked" in result.stdout
+
+
+@pytest.mark.parametrize("name", ["vhr", "carve"])
+def test_the_commands_are_registered_on_the_cli(name):
+    result = runner.invoke(app, ["vlm", name, "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
+    assert result.exit_code == 0 and "--model" in result.output
 
 
 @pytest.mark.parametrize("args", [["vhr", "--image", "x.png"], ["vhr", "--model", "m", "--fraction", "0.1"],

@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 from attnlab.cli.main import app
 
 runner = CliRunner()
-COMMANDS = [[], ["report"], ["probe"], ["eval"], ["train"], ["sweep"], ["mask"], ["models", "list"], ["ls", "edits"]]
+COMMANDS = [[], ["report"], ["probe"], ["eval"], ["train"], ["sweep"], ["mask"], ["models", "list"], ["ls", "edits"],
+            ["vlm", "vhr"], ["vlm", "carve"], ["vlm", "train"], ["vlm", "eval"]]
 FLAGS = ("--help", "--force", "--debug", "--resume")
 
 

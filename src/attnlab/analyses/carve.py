@@ -1,35 +1,44 @@
 """CARVE: contrast the task query's attention over image tokens with a generic instruction's, keep the top regions.
 
 Ge et al., "Focusing by Contrastive Attention: Enhancing VLMs' Visual Reasoning" (arXiv 2509.06461; METHODS.md
-#19, low confidence: abstract + a topic page; the exact formula, λ, layers and mask ratio are not recovered). The
-attention of text queries over the visual tokens factors roughly as A(x, q) ≈ N(x) ⊙ S(x, q): a question-independent
-"visual noise" N and the question's semantic signal S. A generic instruction g ("Describe this image.") gives
-A(x, g) ≈ N(x), so per image token v
+#19, low confidence: abstract + a topic page, § not available (abstract only); the exact formula, λ, layers and
+mask ratio are not recovered). The attention of text queries over the visual tokens factors roughly as
+A(x, q) ≈ N(x) ⊙ S(x, q): a question-independent "visual noise" N and the question's semantic signal S. A
+generic instruction g ("Describe this image.") gives A(x, g) ≈ N(x), so per image token v
 
     Â_v = A_v(x, q) / (A_v(x, g) + λ)
 
-keeps the signal. attnlab's reading: A_v is the attention of the text tokens after the image (the question, or
-the generic instruction in its place) to image token v, renormalised over the image's tokens per (head, query),
+keeps the signal. attnlab's reading: A_v is the attention of the question's tokens (in the generic map: of the
+generic instruction's tokens in its place) to image token v, renormalised over the image's tokens per (head, query),
 averaged over heads, those queries and the selected layers (default: the second half of the layers, where the
 paper finds attention focused; our choice). The top ``keep`` fraction of image tokens by Â (default 0.3, our
 choice) is kept; the image outside them is masked in pixel space (:func:`mask_pixels`) and the model re-queried.
 The per-layer entropy of the task map, H = -Σ ā_v log ā_v, is the paper's visual-complexity diagnostic.
 
-``carve`` (analysis): per batch, the generic batch is built by replacing each sequence's text after its last image
-by the tokenised ``generic`` instruction; rows ``image_entropy`` (task) and ``generic_image_entropy`` per layer,
-``requery_kl`` (KL(p_orig ‖ p_masked) of the last token's next-token distribution) and ``answer_changed`` (argmax
-differs), extras ``maps`` (per image, in the report's ImageOverlay record form: ``sequence``, ``image_index``,
-``grid`` rows × cols of the contrast, ``markers`` the kept tokens [row, col], ``title``). The full pipeline from a
-PIL image and a question (masking the original image, generation) is :func:`attnlab.protocols.carve.carve`; the
-analysis masks the processed ``pixel_values`` (LLaVA's (N, C, H, W), Idefics3's (B, n, C, H, W)); Qwen2-VL's
-flattened patches are refused (use ``attnlab.carve``).
+Query tokens (our choice; the paper's are not recovered): the two prompts differ only in the user's text, q or g
+(:func:`generic_batch` replaces the question span, keeping the image's closing marker before it and the end of the
+turn and the assistant prompt after it). Each map is read from the tokens of its own instruction, the question span
+in the task prompt and the generic span in the generic prompt: the tokens that carry q and g. The tokens after the
+span (the template's suffix, the last of which predicts the answer) are the same in both prompts but are left out;
+what counts as the question is :mod:`attnlab.analyses.vlm_batches`' rule (text after the image's closing markers
+up to the next special token, the end of the turn). A template that closes the turn with plain text (LLaVA-1.5's
+`` ASSISTANT:``) has that text taken for part of the question: replaced by g in the generic prompt, and a query of
+the task map only.
+
+``carve`` (analysis): per batch, the generic batch is built with :func:`generic_batch`; rows ``image_entropy``
+(task) and ``generic_image_entropy`` per layer, ``requery_kl`` (KL(p_orig ‖ p_masked) of the last token's next-token
+distribution) and ``answer_changed`` (argmax differs), extras ``maps`` (per image, in the report's ImageOverlay
+record form: ``sequence``, ``image_index``, ``grid`` rows × cols of the contrast, ``markers`` the kept tokens [row,
+col], ``title``). The full pipeline from a PIL image and a question (masking the original image, generation) is
+:func:`attnlab.protocols.carve.carve`; the analysis masks the processed ``pixel_values`` (LLaVA's (N, C, H, W),
+Idefics3's (B, n, C, H, W)); Qwen2-VL's flattened patches are refused (use ``attnlab.carve``).
 
 Shapes: B batch, L tokens, H heads, P = rows · cols tokens of one image.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -37,6 +46,7 @@ import torch
 from torch import Tensor
 
 from attnlab.analyses import ANALYSES
+from attnlab.analyses.vlm_batches import prompt_markers, question_mask, repack_rows
 from attnlab.analyses.base import Analysis, Runner
 from attnlab.analyses.vhd import check_images_reach_model, image_mask, image_token_ids, model_inputs
 from attnlab.errors import ConfigError, ShapeError
@@ -64,14 +74,6 @@ class CarveMap:
     keep: Tensor
 
 
-def after_image(input_ids: Tensor, valid: Tensor, ids: Sequence[int]) -> Tensor:
-    """(B, L) bool: real text tokens after each row's last image token (none in a row without an image)."""
-    image = image_mask(input_ids, ids) & valid.bool()
-    columns = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-    last = torch.where(image.any(-1), torch.where(image, columns, -1).max(-1).values, input_ids.shape[1])
-    return (columns > last[:, None]) & valid.bool()
-
-
 def image_attention(probs: Tensor, queries: Tensor, span: ImageSpan) -> Tensor:
     """(rows, cols) float64: the attention of ``queries`` to ``span``'s tokens, renormalised over the span per
     (head, query), averaged over heads, queries and frames.
@@ -83,7 +85,7 @@ def image_attention(probs: Tensor, queries: Tensor, span: ImageSpan) -> Tensor:
     """
     rows = queries[span.sequence].nonzero().flatten()
     if rows.numel() == 0:
-        raise ConfigError(f"sequence {span.sequence} has no text token after its image to take as the query")
+        raise ConfigError(f"sequence {span.sequence} has no query token (question text after its image)")
     mass = probs[span.sequence][:, rows.to(probs.device), span.start: span.end].double()  # (H, nq, P)
     mass = mass / mass.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
     return mass.mean((0, 1)).cpu().view(span.frames, span.rows, span.cols).mean(0)
@@ -154,34 +156,51 @@ def entropy(distribution: Tensor) -> float:
     return float(-(p * p.clamp_min(torch.finfo(torch.float64).tiny).log()).sum())
 
 
-def generic_batch(batch: dict[str, Tensor], ids: Sequence[int], generic_ids: Sequence[int]) -> dict[str, Tensor]:
-    """The batch with each row's text after its last image replaced by ``generic_ids`` (same padding side, same
-    image inputs). ConfigError when a row has no image or ``generic_ids`` is empty."""
+def generic_batch(batch: dict[str, Tensor], ids: Sequence[int], generic_ids: Sequence[int], *,
+                  markers: Collection[int] = (), ends: Collection[int] = ()
+                  ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """The batch with each row's question replaced by ``generic_ids``: "the same prompt with g in place of q".
+
+    The question is found by :func:`attnlab.analyses.vlm_batches.question_mask` (``markers``, ``ends`` from
+    :func:`~attnlab.analyses.vlm_batches.prompt_markers`): the tokens before it (the image and its closing
+    markers) and after it (the end of the user's turn, the assistant prompt) are kept; same padding side and pad
+    id, same image inputs.
+
+    Returns:
+        ``(generic batch, task queries (B, L) bool, generic queries (B, L') bool)``: the question's tokens in
+        ``batch`` and the generic instruction's tokens in the generic batch, the query rows of the two maps.
+    Raises:
+        ConfigError: ``generic_ids`` is empty, a row has no image or no question text after it.
+    """
     if not generic_ids:
         raise ConfigError("the generic instruction tokenises to no token")
     input_ids = batch["input_ids"]
     valid = batch.get("attention_mask", torch.ones_like(input_ids)).bool()
-    rest = after_image(input_ids, valid, ids)
-    rows = []
+    question = question_mask(input_ids, valid, image_mask(input_ids, ids) & valid, markers, ends)
+    generic = torch.tensor(list(generic_ids), dtype=input_ids.dtype, device=input_ids.device)
+    rows, spans = [], []
     for b in range(input_ids.shape[0]):
-        if not bool(image_mask(input_ids[b], ids).any()):
-            raise ConfigError(f"sequence {b} has no image token")
-        kept = input_ids[b][valid[b] & ~rest[b]]
-        rows.append(torch.cat([kept, torch.tensor(list(generic_ids), dtype=input_ids.dtype, device=kept.device)]))
-    width = max(len(r) for r in rows)
-    left = bool((~valid[:, 0]).any())
-    pad = int(input_ids[~valid][0]) if bool((~valid).any()) else 0
-    new_ids = torch.full((len(rows), width), pad, dtype=input_ids.dtype, device=input_ids.device)
-    new_mask = torch.zeros(len(rows), width, dtype=torch.long, device=input_ids.device)
-    for b, row in enumerate(rows):
-        span = slice(width - len(row), width) if left else slice(0, len(row))
-        new_ids[b, span], new_mask[b, span] = row, 1
-    return {**batch, "input_ids": new_ids, "attention_mask": new_mask}
+        real = valid[b].nonzero().flatten()
+        asked = question[b, real].nonzero().flatten()
+        start, end = int(asked[0]), int(asked[-1]) + 1
+        row = input_ids[b, real]
+        rows.append(torch.cat([row[:start], generic, row[end:]]))
+        spans.append(start)
+    new_ids, new_mask, offsets = repack_rows(rows, input_ids, valid)
+    queries = torch.zeros_like(new_mask, dtype=torch.bool)
+    for b, start in enumerate(spans):
+        begin = int(offsets[b]) + start
+        queries[b, begin: begin + len(generic)] = True
+    return {**batch, "input_ids": new_ids, "attention_mask": new_mask}, question, queries
 
 
 def carve_maps(runner: Runner, batch: dict[str, Tensor], generic: dict[str, Tensor], *, ids: Sequence[int],
-               layers: Sequence[int], lam: float, keep: float, merge: int = 1) -> tuple[list[CarveMap], Tensor, Tensor]:
+               queries: tuple[Tensor, Tensor], layers: Sequence[int], lam: float, keep: float, merge: int = 1
+               ) -> tuple[list[CarveMap], Tensor, Tensor]:
     """CARVE maps of every image of ``batch`` (task) against ``generic`` (the same images, generic instruction).
+
+    ``queries`` are the query tokens of the two maps, ((B, L) bool in ``batch``, (B, L') bool in ``generic``):
+    the question's and the generic instruction's tokens (:func:`generic_batch` returns both).
 
     Each image's grid comes from the batch's ``image_grid_thw`` (Qwen2-VL; its h, w divided by ``merge``, the
     model's ``facts.vision["merge"]``) or is the square of its token run (LLaVA, Idefics3 tiles, Gemma 3).
@@ -194,16 +213,15 @@ def carve_maps(runner: Runner, batch: dict[str, Tensor], generic: dict[str, Tens
     """
     maps, entropies = [], []
     per_layer: list[list[Tensor]] = []
-    for source in (batch, generic):
+    for source, asked in zip((batch, generic), queries):
         inputs = model_inputs(source)
         valid = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])).bool()
         grids = inputs.get("image_grid_thw")
         roles = TokenRoles.from_input_ids(inputs["input_ids"], valid, ids, grids=grids,
                                           merge=merge if grids is not None else 1)
-        queries = after_image(inputs["input_ids"], valid, ids)
         with torch.no_grad():
             probs = runner.attention_probs(inputs)
-        grids = [[image_attention(p, queries, span) for span in roles.images] for p in probs]  # [layer][image]
+        grids = [[image_attention(p, asked, span) for span in roles.images] for p in probs]  # [layer][image]
         per_layer.append(grids)
         entropies.append(torch.tensor([[entropy(g) for g in layer] for layer in grids], dtype=torch.float64))
         maps.append(roles.images)
@@ -265,6 +283,7 @@ class CarveAnalysis(Analysis):
         if runner.tokenizer is None:
             raise ConfigError("carve tokenises the generic instruction; the model has no tokenizer")
         self.generic_ids = list(runner.tokenizer(self.generic, add_special_tokens=False)["input_ids"])
+        self.markers, self.ends = prompt_markers(runner.tokenizer)
         self.entropy_sum = torch.zeros(L, dtype=torch.float64)
         self.generic_entropy_sum = torch.zeros(L, dtype=torch.float64)
         self.images = torch.zeros((), dtype=torch.float64)
@@ -282,9 +301,10 @@ class CarveAnalysis(Analysis):
             raise ConfigError("carve masks images in pixel space and needs pixel_values (num_images, channels, "
                               "height, width) (LLaVA-style) or (batch, images, channels, height, width) (Idefics3); "
                               "for other processors use attnlab.carve with the image file")
-        generic = generic_batch(batch, self.ids, self.generic_ids)
-        maps, task_entropy, generic_entropy = carve_maps(runner, batch, generic, ids=self.ids, layers=self.chosen,
-                                                         lam=self.lam, keep=self.keep, merge=self.merge_size)
+        generic, asked, plain = generic_batch(batch, self.ids, self.generic_ids, markers=self.markers, ends=self.ends)
+        maps, task_entropy, generic_entropy = carve_maps(runner, batch, generic, ids=self.ids, queries=(asked, plain),
+                                                         layers=self.chosen, lam=self.lam, keep=self.keep,
+                                                         merge=self.merge_size)
         self.entropy_sum += task_entropy.sum(1)
         self.generic_entropy_sum += generic_entropy.sum(1)
         self.images += len(maps)
@@ -333,5 +353,5 @@ class CarveAnalysis(Analysis):
                           "title": f"CARVE contrast, sequence {s} image {i}"} for s, i, grid, kept in self.maps]}
 
 
-__all__ = ["CarveAnalysis", "CarveMap", "after_image", "carve_maps", "contrast", "entropy", "generic_batch",
+__all__ = ["CarveAnalysis", "CarveMap", "carve_maps", "contrast", "entropy", "generic_batch",
            "image_attention", "keep_top", "mask_images", "mask_pixels"]

@@ -1,8 +1,8 @@
 """VHD: how much each head's output depends on the image (He et al. 2025, METHODS.md #7), and VHR's head selection.
 
 He et al., "Cracking the Code of Hallucination in LVLMs with Vision-aware Head Divergence" (ACL 2025, arXiv
-2412.13949; low–medium confidence: abstract + a secondary summary, the code was not available). For head h of
-layer l and a measured token t:
+2412.13949; low–medium confidence: abstract + a secondary summary, § not available (abstract only), the code was
+not available). For head h of layer l and a measured token t:
 
     VHD^{l,h}(t) = ‖ o^{l,h}(image, prompt)[t] - o^{l,h}(counterfactual)[t] ‖₂
 
@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from attnlab.analyses import ANALYSES
+from attnlab.analyses.vlm_batches import repack_rows
 from attnlab.analyses.base import Runner
 from attnlab.analyses.head_divergence import HeadDivergenceAnalysis
 from attnlab.edits.vhr import VHR
@@ -46,6 +47,7 @@ from attnlab.facts import ModelFacts
 from attnlab.params import Range, validated
 from attnlab.probes.base import safe_div
 from attnlab.report.sections import Column, Heatmap, Section, Series, Table, Text
+from attnlab.roles import after_last_image
 
 Counterfactual = Literal["drop", "noise", "blank"]
 Measured = Literal["last", "after_image", "answer"]
@@ -94,11 +96,6 @@ def check_images_reach_model(runner: Runner, batch: dict[str, Tensor]) -> None:
                           "run image analyses through attnlab.capture.vlm_runner.VisionRunner")
 
 
-def _left_padded(batch: dict[str, Tensor]) -> bool:
-    valid = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
-    return bool((~valid[:, 0]).any())
-
-
 def counterfactual_batch(batch: dict[str, Tensor], ids: Sequence[int], kind: Counterfactual,
                          seed: int = 0) -> tuple[dict[str, Tensor], Tensor]:
     """The batch without the image (``drop``) or with a corrupted one (``noise``/``blank``).
@@ -129,18 +126,12 @@ def counterfactual_batch(batch: dict[str, Tensor], ids: Sequence[int], kind: Cou
         column = torch.where(valid, torch.arange(L, device=input_ids.device).expand(B, L), -1)
         return {**batch, "pixel_values": replaced}, column
     keep = valid & ~image_mask(input_ids, ids)
-    width = int(keep.sum(-1).max())
-    left = _left_padded(batch)
-    pad = int(input_ids[~valid][0]) if bool((~valid).any()) else 0
-    new_ids = torch.full((B, width), pad, dtype=input_ids.dtype, device=input_ids.device)
-    new_mask = torch.zeros(B, width, dtype=torch.long, device=input_ids.device)
+    rows = [input_ids[b, keep[b]] for b in range(B)]
+    new_ids, new_mask, offsets = repack_rows(rows, input_ids, valid)
     column = torch.full((B, L), -1, dtype=torch.long, device=input_ids.device)
     for b in range(B):
         kept = keep[b].nonzero().flatten()
-        offset = width - len(kept) if left else 0
-        new_ids[b, offset: offset + len(kept)] = input_ids[b, kept]
-        new_mask[b, offset: offset + len(kept)] = 1
-        column[b, kept] = torch.arange(offset, offset + len(kept), device=input_ids.device)
+        column[b, kept] = torch.arange(len(kept), device=input_ids.device) + int(offsets[b])
     others = {key: value for key, value in batch.items() if key not in ("input_ids", "attention_mask")
               and not key.startswith(("pixel_values", "image_"))}
     return {**others, "input_ids": new_ids, "attention_mask": new_mask}, column
@@ -153,15 +144,12 @@ def measured_tokens(batch: dict[str, Tensor], ids: Sequence[int], at: Measured) 
     input_ids = batch["input_ids"]
     valid = batch.get("attention_mask", torch.ones_like(input_ids)).bool()
     image = image_mask(input_ids, ids)
-    L = input_ids.shape[1]
-    columns = torch.arange(L, device=input_ids.device).expand_as(input_ids)
+    columns = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
     if at == "last":
         last = torch.where(valid, columns, -1).max(-1).values
         chosen = columns == last[:, None]
-    elif at == "after_image":
-        # a row without an image keeps nothing (its "last image column" is past the end)
-        last_image = torch.where(image.any(-1), torch.where(image, columns, -1).max(-1).values, L)
-        chosen = columns > last_image[:, None]
+    elif at == "after_image":  # a row without an image keeps nothing
+        chosen = after_last_image(image & valid, valid)
     else:
         if "answer_mask" not in batch:
             raise ConfigError("at='answer' needs an answer_mask (batch, seq_len) entry in the batch marking the "

@@ -1,9 +1,9 @@
-"""``attnlab vhr`` (VHR's calibration: choose the heads, print the ``vhr`` edit spec) and ``attnlab carve`` (CARVE on
+"""``attnlab vlm vhr`` (VHR's calibration: choose the heads, print the ``vhr`` edit spec) and ``attnlab vlm carve`` (CARVE on
 one image and question: contrast map, masked image, both answers). METHODS.md #7 and #19; docs/vlm.md.
 
-    attnlab vhr --model DIR --manifest calib.jsonl --fraction 0.25 --alpha 2 --out vhr.json
+    attnlab vlm vhr --model DIR --manifest calib.jsonl --fraction 0.25 --alpha 2 --out vhr.json
     attnlab eval --model DIR ... --edit "$(jq -r .spec vhr.json)"
-    attnlab carve --model DIR --image scene.png --prompt "What colour is the square?" --out carve/
+    attnlab vlm carve --model DIR --image scene.png --prompt "What colour is the square?" --out carve/
 """
 
 from __future__ import annotations
@@ -108,15 +108,17 @@ def _load_items(model: str, image: list[Path] | None, prompt: str | None, manife
     if image and not prompt:
         raise ConfigError("--image needs --prompt")
     from attnlab import load_model
-    from attnlab.capture.vlm_inputs import ImageTextItem, build_batch, read_manifest
+    from attnlab.capture.vlm_inputs import ImageTextItem, image_text_batches, read_manifest
 
     items = read_manifest(manifest) if manifest is not None else [ImageTextItem(image=list(image), prompt=prompt)]
     loaded = load_model(model, device=device)
     if getattr(loaded, "processor", None) is None or not loaded.facts.image_token_ids:
         raise ConfigError(f"{model} is not a vision-language model (no processor or image tokens)")
-    batches = [build_batch(loaded.processor, items[i: i + batch_size], image_token_ids=loaded.facts.image_token_ids,
-                           device=device)[0] for i in range(0, len(items), batch_size)]
-    return loaded, batches
+    # as `attnlab probe --manifest` batches them (the model's tokens_per_image; the roles ride along)
+    batches = image_text_batches(loaded.processor, items, batch_size=batch_size,
+                                 image_token_ids=loaded.facts.image_token_ids,
+                                 tokens_per_image=(loaded.facts.vision or {}).get("tokens_per_image"), device=device)
+    return loaded, list(batches)
 
 
 def carve_command(
@@ -139,11 +141,12 @@ def carve_command(
     """CARVE: contrast the question's attention over the image with a generic instruction's, mask the rest, re-ask."""
 
     def body() -> None:
+        import io
         import json
 
         from attnlab import load_model
         from attnlab.errors import ConfigError
-        from attnlab.io_utils import atomic_write_text
+        from attnlab.io_utils import atomic_write_bytes, atomic_write_text
         from attnlab.protocols.carve import carve
 
         if not model:
@@ -159,7 +162,9 @@ def carve_command(
         result = carve(loaded, image, prompt, generic=generic, layers=chosen, lam=lam, keep=keep,
                        max_new_tokens=max_new_tokens)
         out.mkdir(parents=True, exist_ok=True)
-        result.masked_image.save(out / "masked.png")
+        png = io.BytesIO()
+        result.masked_image.save(png, format="PNG")
+        atomic_write_bytes(out / "masked.png", png.getvalue())
         record = {"image": str(image), "prompt": prompt, "generic": generic, "lam": lam, "keep": keep,
                   "layers": None if chosen is None else list(chosen), **result.to_json()}
         atomic_write_text(out / "carve.json", json.dumps(record, indent=1) + "\n")

@@ -5,6 +5,19 @@ Columns: key column k of a call is column k of the forward's 2-D attention mask 
 column ``kv_len - q_len + r``. Roles come from ``call.key_roles`` / ``call.query_roles`` (:mod:`attnlab.roles`); a
 call without roles (a text-only model) has no image keys, and these edits then change nothing.
 
+Teacher forcing vs cached generation: the session marks the tokens a decoding step appends as role ``generated``,
+but tokens fed in one forward pass (an answer teacher-forced after the prompt, as
+:func:`attnlab.protocols.vhr.generation_t_vhd` and ``--answer`` do) are read from the ids, so they are ``text``. A
+teacher-forced answer therefore counts as part of the instruction: :func:`instruction_keys` /
+:func:`instruction_rows` include it, :func:`answer_rows` keeps only its last column (the last non-generated one),
+and the state a decode call would reuse from the prompt call (:class:`PrefillStore`, var's sink dimensions) is
+measured over prompt + answer instead. So ``var`` (sink dimensions and flags), ``dual_stream`` (its selection from
+the instruction rows; the rows it modulates) and ``gift`` (the saliency from the instruction's gaze) give different
+results on a teacher-forced answer than on the same answer from cached ``generate``: about 1e-3 in the probs on
+the tiny test models. ``cca`` and ``vhr`` read no text roles and agree. :func:`attnlab.roles.given_roles` with the
+answer's columns marked ``generated`` makes the roles agree, but not the prompt-call state; measure role-based
+edits on generation with ``generate``.
+
 Shapes: B batch, Hq query heads, Lq query rows, Lk key columns.
 """
 
@@ -15,7 +28,8 @@ from torch import Tensor
 
 from attnlab.edits.base import AttentionCall
 from attnlab.errors import ConfigError
-from attnlab.roles import GENERATED, IMAGE, TEXT
+from attnlab.roles import GENERATED, IMAGE, TEXT, after_last_image
+from attnlab.roles import last_image_column as last_image_of
 
 
 def query_columns(call: AttentionCall) -> Tensor:
@@ -38,15 +52,12 @@ def image_keys(call: AttentionCall) -> Tensor:
 
 def last_image_column(call: AttentionCall) -> Tensor:
     """(B,) long: each sequence's last image-token column (-1 where the sequence has no image)."""
-    image = image_keys(call)
-    columns = torch.arange(call.kv_len, device=call.device).expand_as(image)
-    return torch.where(image, columns, -1).amax(dim=-1)
+    return last_image_of(image_keys(call))
 
 
 def after_image_rows(call: AttentionCall) -> Tensor:
     """(B, Lq) bool: real query rows after their sequence's last image token (False in a sequence with no image)."""
-    last = last_image_column(call)
-    return (query_columns(call)[None, :] > last[:, None]) & (last[:, None] >= 0) & call.query_valid
+    return after_last_image(image_keys(call), call.key_valid)[:, call.kv_len - call.q_len:] & call.query_valid
 
 
 def instruction_keys(call: AttentionCall) -> Tensor:
@@ -54,9 +65,7 @@ def instruction_keys(call: AttentionCall) -> Tensor:
     roles = key_roles(call)
     if roles is None:
         return torch.zeros(call.batch, call.kv_len, dtype=torch.bool, device=call.device)
-    last = last_image_column(call)
-    columns = torch.arange(call.kv_len, device=call.device)[None, :]
-    return (roles == TEXT) & call.key_valid & (columns > last[:, None]) & (last[:, None] >= 0)
+    return (roles == TEXT) & after_last_image(image_keys(call), call.key_valid)
 
 
 def instruction_rows(call: AttentionCall) -> Tensor:

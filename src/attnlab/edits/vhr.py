@@ -1,10 +1,11 @@
 """``vhr``: Vision-aware Head Reinforcement, the head selection VHD's layer-by-layer procedure chose, scaled by α.
 
 He et al. 2025, "Cracking the Code of Hallucination in LVLMs with Vision-aware Head Divergence" (ACL 2025, arXiv
-2412.13949; METHODS.md #7, low–medium confidence: abstract + a secondary summary). VHR multiplies the outputs of the
-vision-aware heads (high VHD, :mod:`attnlab.analyses.vhd`) by α before W_O. Which heads is decided by a calibration
-pass, :func:`attnlab.analyses.vhd.select_vhr` (``attnlab vhr select`` on the CLI), which returns this edit; its spec
-(``vhr:alpha=2.0,pairs=0.1+0.3+1.2``) replays the same selection anywhere an edit spec is taken (``--edit``).
+2412.13949; METHODS.md #7, low–medium confidence: abstract + a secondary summary, § not available (abstract
+only)). VHR multiplies the outputs of the vision-aware heads (high VHD, :mod:`attnlab.analyses.vhd`) by α before
+W_O. Which heads is decided by a calibration pass, :func:`attnlab.analyses.vhd.select_vhr` (``attnlab vlm vhr`` on the
+CLI), which returns this edit; its spec (``vhr:alpha=2.0,pairs=0.1+0.3+1.2``) replays the same selection anywhere
+an edit spec is taken (``--edit``).
 """
 
 from __future__ import annotations

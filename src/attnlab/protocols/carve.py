@@ -1,10 +1,11 @@
 """``attnlab.carve``: CARVE end to end on one image and question (Ge et al., arXiv 2509.06461; METHODS.md #19, low
-confidence; the math is :mod:`attnlab.analyses.carve`).
+confidence, § not available (abstract only); the math is :mod:`attnlab.analyses.carve`).
 
 1. The question q and the generic instruction g are encoded with the same image by the model's processor (its chat
    template when it has one, else ``"<image token>\\n{text}"``).
-2. The contrast map Â = A(x, q) / (A(x, g) + λ) over the image's token grid (text queries after the image,
-   ``layers`` averaged), and the top ``keep`` fraction of tokens.
+2. The contrast map Â = A(x, q) / (A(x, g) + λ) over the image's token grid (queries: the question's tokens in
+   the task prompt, the generic instruction's in the generic one; ``layers`` averaged), and the top ``keep``
+   fraction of tokens.
 3. The original image is masked outside the kept tokens: the token grid is stretched over the whole image
    (nearest); exact for square images and processors that resize without cropping, approximate under a centre
    crop (CLIP's processor crops the longer side).
@@ -22,8 +23,9 @@ from typing import Any
 
 import torch
 
+from attnlab.analyses.vlm_batches import prompt_markers, question_mask
 from attnlab.analyses.carve import CarveMap, carve_maps
-from attnlab.analyses.vhd import image_token_ids
+from attnlab.analyses.vhd import image_mask, image_token_ids
 from attnlab.capture.architectures import model_facts
 from attnlab.capture.vlm_runner import VisionRunner
 from attnlab.errors import ConfigError
@@ -105,8 +107,8 @@ def carve(model: Any, image: Any, question: str, *, processor: Any = None, gener
         layers: layers averaged (default the second half). lam: λ ≥ 0. keep: fraction of image tokens kept.
         fill: RGB of masked pixels. max_new_tokens: tokens generated per answer (0: no generation, answers "").
     Raises:
-        ConfigError: no processor, not a vision-language model, the prompt holds not exactly one image, bad
-            lam / keep / layers.
+        ConfigError: no processor, not a vision-language model, the prompt holds not exactly one image or no
+            question text after it, bad lam / keep / layers.
     """
     from PIL import Image
 
@@ -120,11 +122,13 @@ def carve(model: Any, image: Any, question: str, *, processor: Any = None, gener
     if not chosen or min(chosen) < 0 or max(chosen) >= facts.num_layers:
         raise ConfigError(f"carve: layers must be in 0…{facts.num_layers - 1}, got {chosen}")
     runner = VisionRunner(model, processor.tokenizer, facts)
-    task, plain = encode(processor, image, question), encode(processor, image, generic)
     device = next(model.parameters()).device
-    maps, _, _ = carve_maps(runner, {k: v.to(device) for k, v in task.items()},
-                            {k: v.to(device) for k, v in plain.items()}, ids=ids, layers=chosen, lam=lam, keep=keep,
-                            merge=int((facts.vision or {}).get("merge") or 1))
+    task, plain = ({k: v.to(device) for k, v in encode(processor, image, text).items()} for text in (question, generic))
+    markers, ends = prompt_markers(processor.tokenizer)
+    asked = [question_mask(b["input_ids"], b["attention_mask"].bool(), image_mask(b["input_ids"], ids), markers, ends)
+             for b in (task, plain)]
+    maps, _, _ = carve_maps(runner, task, plain, ids=ids, queries=(asked[0], asked[1]), layers=chosen, lam=lam,
+                            keep=keep, merge=int((facts.vision or {}).get("merge") or 1))
     if len(maps) != 1:
         raise ConfigError(f"carve takes one image; the encoded prompt holds {len(maps)} image token runs")
     masked = mask_image(image, maps[0].keep, fill)

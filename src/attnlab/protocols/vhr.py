@@ -1,4 +1,5 @@
-"""``attnlab.calibrate_vhr``: VHR's calibrate-then-edit flow on a loaded vision-language model (METHODS.md #7).
+"""``attnlab.calibrate_vhr``: VHR's calibrate-then-edit flow on a loaded vision-language model (METHODS.md #7; He et
+al. 2025, arXiv 2412.13949, § not available (abstract only)).
 
     edit = attnlab.calibrate_vhr(loaded, batches, fraction=0.25, alpha=2.0)   # a `vhr` edit
     with attnlab.Session(loaded.model, edits=[edit]):
@@ -6,7 +7,7 @@
     edit.spec()   # "vhr:alpha=2.0,pairs=0.1+1.3": replays the selection (--edit, eval variants, YAML)
 
 The selection is :func:`attnlab.analyses.vhd.select_vhr` (layer by layer, earlier layers reinforced); this wrapper
-only builds the runner that passes the image inputs to the model. CLI: ``attnlab vhr``.
+only builds the runner that passes the image inputs to the model. CLI: ``attnlab vlm vhr``.
 :func:`generation_t_vhd` gives the token-level T-VHD of a generated answer (one VHD per generation step).
 """
 
@@ -44,8 +45,6 @@ def calibrate_vhr(model: Any, batches: Iterable[dict[str, Tensor]], *, tokenizer
                           layers=layers, seed=seed, progress=report)
 
 
-
-
 def generation_t_vhd(model: Any, batch: dict[str, Tensor], *, tokenizer: Any = None, max_new_tokens: int = 20,
                      counterfactual: Counterfactual = "drop", seed: int = 0) -> list[list[tuple[str, float]]]:
     """T-VHD of every generated token: greedy generation, then VHD at each generation step (METHODS.md #7).
@@ -53,6 +52,8 @@ def generation_t_vhd(model: Any, batch: dict[str, Tensor], *, tokenizer: Any = N
     The answer is generated greedily with the image; then prompt + answer are teacher-forced with and without the
     visual context (``counterfactual``), so the step that produced token y_t compares o(image, prompt, y_<t) with
     o(counterfactual, y_<t), the paper's definition. A low T-VHD marks a token produced from language priors.
+    The teacher-forced answer tokens have role ``text``, not ``generated`` (see :mod:`attnlab.edits._vlm`): VHD
+    itself reads no roles, but role-based edits passed in would act as on an instruction, not on generated tokens.
 
     Args:
         model: a LoadedModel or a transformers VLM (then ``tokenizer`` decodes the tokens, else ids are shown).
