@@ -78,14 +78,14 @@ class Cca(Edit):
     position ids are the ones the model would use (the Session passes real-token positions under left padding)
     minus the shift, so they stay right under padding and with a KV cache. Runs on every path (a fast mask edit);
     the mask part honours ``layers``/``heads``, the position ids are model-wide. Needs token roles (a VLM under a
-    Session); without them it changes nothing. Models with multi-axis position ids (Qwen2-VL's M-RoPE, (3, B, L))
-    are refused.
+    Session); without them it changes nothing. On models with multi-axis position ids (Qwen2-VL's M-RoPE, (3, B, L))
+    only the positions part is refused: ``cca:positions=false`` (the mask alone) runs there.
 
     Args:
         positions: remap the position ids. mask: the concentric mask. layers, heads: selection of the mask part.
 
     Raises:
-        ConfigError: multi-axis position ids; token roles shorter than the position ids.
+        ConfigError: multi-axis position ids with ``positions`` on; token roles shorter than the position ids.
     """
 
     stage = "positions"
@@ -106,6 +106,10 @@ class Cca(Edit):
     def reset(self) -> None:
         super().reset()
         self._layout = None
+
+    def remaps_positions(self) -> bool:
+        """True only with ``positions`` on (the mask part leaves the position ids alone)."""
+        return self.positions
 
     def layout(self, roles: Any, device: torch.device) -> ImageLayout:
         """The per-column tables of ``roles`` (cached for the last roles object seen)."""
