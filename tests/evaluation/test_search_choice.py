@@ -92,7 +92,7 @@ def test_the_supervised_search_picks_the_planted_gamma():
 
 
 def test_act_drops_exactly_the_heads_whose_calibration_flips_an_answer():
-    # Answers are the reference's predictions (calibration theta=2 on layer 1: no sink, the eager path), so the reference
+    # Answers are the reference's predictions (calibration theta=2 on layer 1: no sink, eager path), so the reference
     # scores 100 % and a head is kept iff calibrating it alone changes no prediction (checked by a plain loop).
     model = tiny_llama(seed=3)
     candidates = _items(16, seed=2)
