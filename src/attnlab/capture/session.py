@@ -204,10 +204,9 @@ class Session:
         if path is Path.SDPA and not needs.value:  # no probe reads the record: transformers' own SDPA, untouched
             self.attention_paths[layer] = path.value
             if edits:  # only identity edits here: count them on the call record
-                _, _, _, keep, call = prepare_call(module, layer, query, key, value, attention_mask, kwargs, forward,
+                k, v, _, keep, call = prepare_call(module, layer, query, key, value, attention_mask, kwargs, forward,
                                                    self.num_sequences)
-                self.edit_log.attention_call(query, key, value, keep, call, block_size=self.block_size,
-                                             softcap=softcap)
+                self.edit_log.attention_call(query, k, v, keep, call, block_size=self.block_size, softcap=softcap)
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
         key, value, attention_mask, keep, call = prepare_call(module, layer, query, key, value, attention_mask, kwargs,
                                                               forward, self.num_sequences)
