@@ -64,6 +64,15 @@ def test_roles_from_ids_runs_grids_and_padding():
         roles.images[1].grid_of(torch.tensor([18]))
 
 
+def test_span_index_numbers_each_image_column_and_is_cached():
+    batch = batch_two_images()
+    roles = TokenRoles.from_input_ids(batch["input_ids"], batch["attention_mask"].bool(), [IMAGE_ID])
+    expected = torch.full((2, 37), -1)
+    expected[0, 2:18], expected[0, 19:35], expected[1, 3:19], expected[1, 20:36] = 0, 1, 2, 3  # written out by hand
+    assert torch.equal(roles.span_index(), expected) and roles.span_index() is roles.span_index()
+    assert torch.equal(TokenRoles(roles.codes).span_index(), torch.full((2, 37), -1))  # no image
+
+
 def test_roles_with_grids_and_errors():
     ids = torch.tensor([[1] + [IMAGE_ID] * 6 + [2]])
     valid = torch.ones_like(ids, dtype=torch.bool)

@@ -119,6 +119,18 @@ class TokenRoles:
         """The image spans of batch row ``sequence``, in order."""
         return [span for span in self.images if span.sequence == sequence]
 
+    def span_index(self) -> Tensor:
+        """(B, L) long on ``codes``' device: the index in :attr:`images` of the image span holding each column, -1
+        outside every image. Computed once per TokenRoles (cached; the roles are immutable)."""
+        cached = self.__dict__.get("_span_index")
+        if cached is None:
+            cached = torch.full(self.codes.shape, -1, dtype=torch.long)
+            for index, span in enumerate(self.images):
+                cached[span.sequence, span.start:span.end] = index
+            cached = cached.to(self.codes.device)
+            self.__dict__["_span_index"] = cached  # frozen dataclass: bypass __setattr__ for the cache only
+        return cached
+
     def extend_generated(self, new: int) -> TokenRoles:
         """These roles followed by ``new`` generated columns (a decoding step appends tokens after the prompt)."""
         extra = torch.full((self.codes.shape[0], new), GENERATED, dtype=self.codes.dtype, device=self.codes.device)

@@ -135,6 +135,9 @@ def tiny_vlm(kind: str = "llava", seed: int = 0):
     added) and the family's PIL image processor (no torchvision needed), with a chat template that accepts image
     parts. Weights are random (seeded); the model is in eval mode, float32, ``attn_implementation="sdpa"``.
 
+    The text models have 2 layers, so the default layers of ``var`` (2 … L-2) and ``dual_stream`` (from layer 2
+    on) are empty there and a session raises EditNotFiredError; pass ``layers=`` (e.g. ``var:layers=1``).
+
     Raises:
         ValueError: unknown ``kind`` (one of :data:`VLM_KINDS`).
         AssetError: the bundled tokenizer cannot be fetched (first use, offline).

@@ -264,9 +264,10 @@ def test_vhr_restricted_to_text_queries_leaves_image_rows(llava):
     handle = o_proj.register_forward_pre_hook(
         lambda module, args: captured.__setitem__("x", args[0].detach().view(1, -1, 4, 8)))
     try:
-        _session_logits(llava, batch, ["vhr:alpha=1,pairs=0.1,queries=text"])  # the same (eager) path
+        # the base reinforces head 2 only: the same (eager) path as the edited run, head 1 untouched
+        _session_logits(llava, batch, ["vhr:alpha=2,pairs=0.2,queries=text"])
         base = captured["x"]
-        _session_logits(llava, batch, ["vhr:alpha=2,pairs=0.1,queries=text"])
+        _session_logits(llava, batch, ["vhr:alpha=2,pairs=0.1+0.2,queries=text"])
         edited = captured["x"]
     finally:
         handle.remove()

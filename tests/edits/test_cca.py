@@ -185,3 +185,27 @@ def test_positions_equal_passing_the_ring_ids_and_padding_changes_nothing(llava)
     alone_batch["attention_mask"] = batch["attention_mask"][:1, real[0]]
     alone, _ = run(llava, alone_batch, ["cca"])
     torch.testing.assert_close(both[0, real[0]], alone[0], atol=MODEL_LOGITS_ATOL, rtol=0)
+
+
+def test_mask_only_runs_on_mrope_and_positions_are_refused():
+    # Qwen2-VL's M-RoPE: cca remaps 1-D ids and is refused; cca:positions=false leaves the ids alone and runs
+    from attnlab import Session
+    from tests.probes.test_role_attention import _tiny_qwen2_vl
+
+    model, image_id = _tiny_qwen2_vl()
+    ids = torch.randint(1, image_id - 4, (1, 16), generator=torch.Generator().manual_seed(0))
+    ids[0, 3:9] = image_id  # one 2 × 3 image (grid 1 × 4 × 6 patches, merge 2)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "image_grid_thw": torch.tensor([[1, 4, 6]]),
+             "pixel_values": torch.randn(24, 24, generator=torch.Generator().manual_seed(1)),
+             "mm_token_type_ids": (ids == image_id).long()}
+    with pytest.raises(ConfigError, match="multi-axis"):
+        with Session(model, edits=["cca"]):
+            pass
+    with torch.no_grad():
+        plain = model(**batch).logits
+        with Session(model, edits=["cca:positions=false"]) as session:
+            masked = model(**batch).logits
+    changed = (masked != plain).any(dim=-1)[0]  # (L,)
+    # one ring (2 rows): every image token sees the whole image, so rows change from the image's first token on
+    assert not changed[:3].any() and changed[3:9].all()
+    assert session.edit_report().calls_touched[0] > 0

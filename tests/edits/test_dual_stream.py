@@ -111,9 +111,23 @@ def test_only_answer_rows_and_named_heads_change_and_identity_is_exact():
     _, _, answer = roles_tables(roles)
     assert changed[:, 1].any() and not changed[:, [0, 2, 3]].any()
     assert not changed.permute(0, 2, 1)[~answer].any()
-    uniform = DualStream(alpha=2.0, head_modulation=False)
-    full_probs(role_edited_call([uniform], query, key, value, roles=roles))
-    assert uniform._store.tables[2]["weight"].max() <= 1.0  # the weights are measured either way; unused here
+
+
+def test_without_head_modulation_every_head_gets_alpha_and_beta():
+    # head_modulation=false: z + α|z| on selected tokens and z + β|z| on sink-like ones with weight 1 on all heads
+    roles, query, key, value = setup()
+    plain_call = role_edited_call([], query, key, value, roles=roles)
+    plain_probs, plain_logits = full_probs(plain_call), full_logits(plain_call)
+    edited_call = role_edited_call([DualStream(alpha=2.0, beta=0.5, head_modulation=False)], query, key, value,
+                                   roles=roles)
+    edited = full_logits(edited_call)
+    top, bottom, weight = selection_oracle(plain_probs, roles, local_ratio=0.25, spatial_ratio=0.25)
+    assert bottom.any() and (weight < 0.999).any()  # the check below could see a modulated head
+    _, _, answer = roles_tables(roles)
+    gain = (2.0 * top + 0.5 * bottom).double()[:, None, None, :]  # (B, 1, 1, L): the same on every head
+    expected = torch.where(answer[:, None, :, None], plain_logits + gain * plain_logits.abs(), plain_logits)
+    visible = edited_call.keep.expand_as(expected)
+    torch.testing.assert_close(edited[visible], expected[visible], rtol=1e-6, atol=1e-6)
 
 
 def test_decode_reuses_the_prompt_selection():

@@ -104,6 +104,11 @@ def test_decode_reuses_the_prompt_saliency():
         full_probs(role_edited_call([Gift()], step, key2, value2, roles=decoded))
 
 
+def test_keys_is_not_a_parameter():  # gift picks its own keys (image and instruction)
+    with pytest.raises(ConfigError, match="no parameter keys"):
+        parse_edit_spec("gift:keys=image")
+
+
 def test_in_the_model_identity_is_exact_and_only_answer_positions_change():
     from attnlab import Session
     from edits.vlm_helpers import llava_inputs, tiny_llava

@@ -87,9 +87,9 @@ def test_the_sequence_mean_gives_each_sequence_its_own_result(model):
 
 
 def test_fraction_zero_is_the_identity_on_the_fast_path(model):
-    plain, _ = patched_logits(model, ["head_scale:scale=1"], IDS)
+    plain, _ = patched_logits(model, [], IDS)
     got, session = patched_logits(model, ["mean_ablation:fraction=0"], IDS)
-    assert torch.equal(got, plain) and set(session.attention_paths.values()) == {"sdpa+edits"}
+    assert torch.equal(got, plain) and set(session.attention_paths.values()) == {"sdpa"}  # the no-edit path
     assert bool(session.edit_report().identity[0])
 
 

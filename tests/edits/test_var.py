@@ -110,6 +110,31 @@ def test_data_driven_dims_find_the_planted_dimensions():
     assert torch.equal(auto, given)
 
 
+def test_a_sequence_sinks_and_edit_do_not_depend_on_its_batch_mates():
+    # sequence 1 gets two extra massive dims (11, 12) that sequence 0 lacks: sequence 0's D_sink, sinks and edited
+    # probs must be what it gets alone, and each sequence's sinks what a per-sequence plain loop finds
+    roles, query, key, value, hidden = setup()
+    hidden[1, 4, 11] = hidden[1, 5, 12] = 80.0
+    batched = full_probs(role_edited_call([Var(tau=3.0, summ=0.05)], query, key, value, roles=roles, hidden=hidden))
+    alone_roles = layout_roles(LAYOUTS[:1])
+    L, L0 = roles.codes.shape[1], alone_roles.codes.shape[1]
+    cut = slice(L - L0, L)  # sequence 0 is the longer one: alone it loses the batch's leading columns (none here)
+    alone = full_probs(role_edited_call([Var(tau=3.0, summ=0.05)], query[:1, :, cut], key[:1, :, cut],
+                                        value[:1, :, cut], roles=alone_roles, hidden=hidden[:1, cut]))
+    assert torch.equal(batched[0, :, :, cut], alone[0])
+    from attnlab.functional.sink_dims import sink_flags
+
+    valid = roles.mask("text", "image")
+    flags, dims = sink_flags(hidden, valid, top=2, tau=3.0)
+    assert 3 in dims[0].tolist() and not {11, 12} & set(dims[0].tolist())  # its planted dim, not its mate's
+    for b in range(2):  # the oracle: the top-2 dims by max φ over this sequence's real tokens only
+        x = hidden[b][valid[b]]
+        phi = x.abs() / (x.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
+        own = sorted(range(16), key=lambda d: -float(phi[:, d].max()))[:2]
+        assert sorted(dims[b].tolist()) == sorted(own)
+        assert torch.equal(flags[b], phi_sinks(hidden[b:b + 1], valid[b:b + 1], own, 3.0)[0])
+
+
 def test_identity_and_rows_heads_and_sequences_that_must_not_change():
     roles, query, key, value, hidden = setup()
     plain = full_probs(role_edited_call([], query, key, value, roles=roles))
@@ -197,24 +222,36 @@ def test_in_the_model_identity_is_exact_and_only_rows_after_the_image_change(lla
     from edits.vlm_helpers import llava_inputs
 
     batch = llava_inputs(MODEL_LAYOUTS)
-    plain, _ = session_logits(llava, batch, [])
-    same, _ = session_logits(llava, batch, ["var:p=1"])
-    assert torch.equal(same, plain)
-    edit = Var(tau=2.0, summ=0.05)  # a 32-wide hidden state has |φ| ≤ √32 ≈ 5.7: τ = 20 finds nothing here
-    edited, session = session_logits(llava, batch, [edit])
-    changed = (edited != plain).any(dim=-1)  # (B, L)
     roles = layout_roles([[(item if item == "t" else (4, 4)) for item in layout] for layout in MODEL_LAYOUTS])
+    # plant massive activations in dims 5 / 9 of layer 2's input on chosen tokens (a BOS-like text token and image
+    # tokens), so the expected sinks are known without the library's detector
+    planted = torch.zeros(roles.codes.shape, dtype=torch.bool)
+    image = roles.mask("image")
+    for b in range(2):
+        first, on_image = int(roles.mask("text")[b].nonzero()[0]), image[b].nonzero().flatten()
+        planted[b, first] = planted[b, on_image[0]] = planted[b, on_image[-1]] = True
+    planted[2, int(roles.mask("text")[2].nonzero()[0])] = True
+
+    def plant(module, args, kwargs):
+        hidden = (args[0] if args else kwargs["hidden_states"]).clone()
+        hidden[..., 5] = torch.where(planted, 400.0, hidden[..., 5])
+        hidden[..., 9] = torch.where(planted & image, -300.0, hidden[..., 9])
+        return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
+
+    handle = llava.model.language_model.layers[2].register_forward_pre_hook(plant, with_kwargs=True)
+    try:
+        plain, _ = session_logits(llava, batch, [])
+        same, _ = session_logits(llava, batch, ["var:p=1"])
+        edit = Var(tau=4.0, summ=0.05)  # φ ≤ √32 ≈ 5.7 on a 32-wide state: the planted tokens reach ≈ 5.5
+        edited, session = session_logits(llava, batch, [edit])
+    finally:
+        handle.remove()
+    assert torch.equal(same, plain)
+    changed = (edited != plain).any(dim=-1)  # (B, L)
     after = after_last_image(roles)
     assert changed[:2].any() and not changed[~after].any() and not changed[2].any()
     assert session.edit_report().calls_touched[0] == 1  # layers 2 … L-2 of 4: layer 2 only
-    # the sinks came from layer 2's input hidden states
-    with torch.no_grad():
-        hidden = llava(**batch, output_hidden_states=True).hidden_states[2].double()
-    valid = batch["attention_mask"].bool()
-    from attnlab.functional.sink_dims import sink_dimensions
-
-    dims = sink_dimensions(hidden, valid=valid).tolist()
-    assert torch.equal(edit._prompt_sinks[2].cpu(), phi_sinks(hidden, valid, dims, 2.0))
+    assert torch.equal(edit._prompt_sinks[2].cpu(), planted)  # the sinks are the planted tokens
 
 
 @pytest.mark.parametrize("spec", ["var:tau=2,summ=0.05", "cca", "dual_stream:alpha=2", "gift:alpha=2,beta=0.5"])

@@ -92,11 +92,11 @@ def test_the_supervised_search_picks_the_planted_gamma():
 
 
 def test_act_drops_exactly_the_heads_whose_calibration_flips_an_answer():
-    # Answers are the reference's predictions (calibration beta=1 on layer 1, the identity), so the reference
+    # Answers are the reference's predictions (calibration theta=2 on layer 1: no sink, eager path), so the reference
     # scores 100 % and a head is kept iff calibrating it alone changes no prediction (checked by a plain loop).
     model = tiny_llama(seed=3)
     candidates = _items(16, seed=2)
-    reference = _plain_metric(model, candidates, [EDITS.get("calibration")(beta=1.0, theta=0.2, layers=[1])])
+    reference = _plain_metric(model, candidates, [EDITS.get("calibration")(beta=0.4, theta=2.0, layers=[1])])
     items = [ChoiceItem(item.context, item.choices, reference["predictions"][i]) for i, item in enumerate(candidates)]
     expected = [head for head in range(4) if _plain_metric(model, items, [EDITS.get("calibration")(
         beta=0.4, theta=0.2, layers=[1], heads=[head])])["accuracy"] == 1.0]

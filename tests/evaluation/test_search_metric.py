@@ -39,9 +39,9 @@ def test_act_drops_the_planted_head_and_keeps_the_rest(criterion):
     assert found["kept"] == {0: [0, 1, 2], 1: [0, 1, 2, 3]}
     dropped = [h for h in found["heads"] if not h["kept"]]
     assert [(h["layer"], h["head"], h["delta_accuracy"]) for h in dropped] == [(0, 3, pytest.approx(-0.1))]
-    # one call for the baseline, one reference per layer (beta=1, all heads), one per head: 1 + 2 * (1 + 4)
+    # one call for the baseline, one reference per layer (theta=2: no sink, all heads), one per head: 1 + 2 * (1 + 4)
     assert len(metric.calls) == 11 and metric.calls[0] == []
-    assert len(metric.calls[1]) == 1 and "beta=1.0" in metric.calls[1][0]  # the layer reference
+    assert len(metric.calls[1]) == 1 and "theta=2.0" in metric.calls[1][0]  # the layer reference
 
 
 def test_act_keeps_a_head_that_helps_and_one_that_ties():

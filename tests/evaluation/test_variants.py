@@ -55,12 +55,12 @@ def test_unknown_edit_is_a_registry_error_wherever_it_stands(spec):
 @pytest.mark.parametrize("spec", ["temperature:tau=1", "zerotuning:gamma=1", "head_scale:scale=1",
                                   "identity_blend:alpha=0"])
 def test_fast_path_identity_edits_leave_the_scores_exactly_unchanged(spec):
-    # These identities stay on the model's SDPA call (no eager pass), so the scores are bit-identical.
+    # Identity edits do not choose the path: the model's own SDPA call, so the scores are bit-identical.
     _, records = _run(tiny_llama(seed=7), [spec])
     base, edited = records
     assert edited["nll"] == base["nll"]
     assert edited["windows"] == base["windows"]
-    assert set(edited["attention_paths"].values()) == {"sdpa+edits"}  # SDPA with the edit folded in
+    assert set(edited["attention_paths"].values()) == {"sdpa"}  # the no-edit path
 
 
 def test_calibration_at_beta_1_stays_within_the_eager_bound():

@@ -51,6 +51,27 @@ def test_padding_stays_out_of_the_text_basis(causal):
     assert not torch.allclose(with_pad[1:, :, 2:], alone)
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "whole"])
+def test_with_roles_padding_content_never_reaches_real_tokens(causal):
+    """Garbage in the padding positions leaves every real row of the layer's output unchanged (padding keys are
+    hidden and out of the basis); without roles (group ids only) it leaks in."""
+    torch.manual_seed(0)
+    layer = LAYERS.get("moda")(C, H, HKV, causal_basis=causal).double()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    layer.eval()
+    x = torch.randn(2, 8, C, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    garbage = x.clone()
+    garbage[1, :2] = 100.0 * torch.randn(2, C, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    codes, real = _codes(), _codes() != PAD
+    group_ids, _ = groups_of_roles(codes, (IMAGE,), PAD)
+    with torch.no_grad():
+        assert torch.equal(layer(x, roles=codes)[0][real], layer(garbage, roles=codes)[0][real])
+        leaked = layer(x, group_ids=group_ids)[0][real] - layer(garbage, group_ids=group_ids)[0][real]
+    assert leaked.abs().max() > 1e-3
+
+
 def test_layer_takes_roles_explicitly_or_from_given_roles():
     layer = _layer().eval()
     x = torch.randn(2, 8, C, generator=torch.Generator().manual_seed(1), dtype=torch.float64)

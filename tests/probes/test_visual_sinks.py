@@ -149,6 +149,34 @@ def test_split_batches_merge_and_export_round_trip():
     assert parts[0].sink_grids() == whole.sink_grids()
 
 
+def test_decode_calls_reuse_the_prompt_dims_and_count_no_sequence():
+    # the decode token's own largest dim (20) is not a prompt D_sink: judged on the prompt's dims (5, 11) it is no
+    # sink, though alone it would be (its φ on dim 20 is ≈ √D); a token with 400 on dim 5 is one
+    from attnlab.probes.base import AttentionCall, SequenceInfo
+
+    roles, valid, hiddens = _setup()
+    probe = _probe()
+    _feed(probe, roles, valid, hiddens)
+    before = {name: getattr(probe, name).clone() for name in ("sequences", "text_sinks", "text_tokens", "dim_count")}
+    B, L = valid.shape
+    step_roles, step_valid = roles.extend_generated(1), torch.cat([valid, torch.ones(B, 1, dtype=torch.bool)], 1)
+    new = torch.randn(B, 1, D, generator=torch.Generator().manual_seed(9))
+    new[0, 0, 20] = 400.0
+    new[1, 0, 5] = 400.0
+    sequence = SequenceInfo.from_mask(step_valid, None, 2, roles=step_roles)
+    for layer in range(LAYERS):
+        call = AttentionCall(layer_idx=layer, num_heads=HEADS, num_kv_heads=KV, q_len=1, kv_len=L + 1, causal=True,
+                             scale=8 ** -0.5, value=torch.zeros(B, KV, L + 1, 8), query_valid=step_valid[:, -1:],
+                             key_valid=step_valid, query_positions=sequence.positions[:, -1:],
+                             key_positions=sequence.positions, sequence=sequence,
+                             query_roles=step_roles.codes[:, -1:], key_roles=step_roles.codes, hidden_states=new)
+        probe.begin_call(call)
+        probe.end_call(call)
+    assert torch.equal(probe.sequences, before["sequences"]) and torch.equal(probe.dim_count, before["dim_count"])
+    assert torch.equal(probe.text_tokens, before["text_tokens"] + 2)
+    assert torch.equal(probe.text_sinks, before["text_sinks"] + 1)  # sequence 1's token only
+
+
 def test_bad_dims_are_config_errors():
     with pytest.raises(ConfigError, match="hidden size"):
         _probe(dims=(5, D))

@@ -79,20 +79,28 @@ class EditLog:
         """A positions-stage edit remapped the position ids of one forward pass."""
         self.records[id(edit)].forward_passes_touched += 1
 
+    def acting(self, layer: int) -> list[Edit]:
+        """The edits of ``layer`` (:meth:`for_layer`) whose parameters are not the identity: only these choose the
+        attention path and run, so an identity edit leaves the logits bit-identical to a session without it."""
+        return [edit for edit in self.for_layer(layer) if not edit.is_identity()]
+
     def attention_call(self, query: Tensor, key: Tensor, value: Tensor, keep: Tensor | None, call: AttentionCall, *,
                        block_size: int, softcap: float | None) -> EditedCall | None:
-        """The call under its layer's edits (None if no edit acts there), counted, and with each edit's change
+        """The call under its layer's acting edits (None if none acts there: no edit, or only identity edits), with
+        every edit of the layer counted (identity edits too, with max change 0) and each acting edit's change
         measured on ``verify_rows`` rows. Tensors as :class:`attnlab.edits.apply.EditedCall` takes them."""
-        edits = self.for_layer(call.layer_idx)
-        if not edits:
-            return None
-        edited = EditedCall(query, key, value, keep, edits=edits, call=call, block_size=block_size, softcap=softcap)
+        edits, acting = self.for_layer(call.layer_idx), self.acting(call.layer_idx)
+        running = {id(edit) for edit in acting}
         with torch.no_grad():
-            if self.verify_rows:
-                edited.verify(self.records, self.verify_rows)
-            else:
-                for edit in edits:
+            for edit in edits:
+                if id(edit) not in running or not self.verify_rows:  # verify() counts the acting ones
                     self.records[id(edit)].count_call(edit, call)
+        if not acting:
+            return None
+        edited = EditedCall(query, key, value, keep, edits=acting, call=call, block_size=block_size, softcap=softcap)
+        if self.verify_rows:
+            with torch.no_grad():
+                edited.verify(self.records, self.verify_rows)
         return edited
 
     def record_states(self) -> list[dict[str, Any]]:

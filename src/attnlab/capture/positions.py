@@ -7,7 +7,10 @@ Two jobs, both in the session's forward pre-hook:
   ``position_ids``, the session passes ``cumsum(attention_mask) - 1`` (clamped at 0) for such batches, as
   transformers' own ``generate`` does; otherwise it logs a warning once. RoPE models are left alone (their
   attention depends only on position differences, and their logits stay bit-identical to a run without attnlab).
-- positions-stage edits (``concentric_positions``) remap the ids (built as transformers would if absent).
+- positions-stage edits (``concentric_positions``) remap the ids (built as transformers would if absent). Only edits
+  whose :meth:`~attnlab.edits.base.Edit.remaps_positions` is True take part: on a multi-axis RoPE model (M-RoPE,
+  Qwen2-VL) those are refused, while a positions-stage edit that leaves the ids alone (``cca:positions=false``, the
+  mask only) runs.
 """
 
 from __future__ import annotations
@@ -41,10 +44,11 @@ class PositionIds:
         self.model_name = type(model).__name__
         self.edit_log = edit_log
         rope = getattr(text_config(model), "rope_parameters", None) or getattr(text_config(model), "rope_scaling", None)
-        if edit_log.position_edits and isinstance(rope, dict) and rope.get("mrope_section"):
+        self.edits = [edit for edit in edit_log.position_edits if edit.remaps_positions()]
+        if self.edits and isinstance(rope, dict) and rope.get("mrope_section"):
             raise ConfigError(f"{self.model_name} uses multi-axis RoPE (M-RoPE: time, height, width per image token); "
-                              f"positions edits ({', '.join(e.name for e in edit_log.position_edits)}) remap 1-D "
-                              "position ids and would flatten it")
+                              f"positions edits ({', '.join(e.spec() for e in self.edits)}) remap 1-D position ids and "
+                              "would flatten it")
         self.warned = False
 
     def __call__(self, kwargs: dict[str, Any], sequence: SequenceInfo, length: int) -> Tensor | None:
@@ -53,7 +57,7 @@ class PositionIds:
         ``sequence`` covers the forward's 2-D attention mask (past and new tokens); ``length`` new tokens."""
         given = kwargs.get("position_ids")
         position_ids = self._from_mask(kwargs, sequence, length) if given is None and self.absolute else given
-        edits = self.edit_log.position_edits
+        edits = self.edits
         if not edits:
             return None if position_ids is given else position_ids
         if position_ids is None:

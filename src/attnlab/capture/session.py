@@ -123,7 +123,7 @@ class Session:
         self._hooks.append(self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
         self._hooks.append(self.model.register_forward_hook(self._after_forward))
         probes_read = any("hidden_states" in p.needs for p in self.probes)
-        edits_read = any(edit.needs_hidden_states for edit in self.edits)
+        edits_read = any(edit.needs_hidden_states and not edit.is_identity() for edit in self.edits)
         if probes_read or edits_read:
             layers = transformer_blocks(self.model)
             if layers is None:
@@ -133,7 +133,8 @@ class Session:
                 for index, layer in enumerate(layers):
                     if probes_read:
                         self._hooks.append(layer.register_forward_hook(self._layer_hook(index)))
-                    if probes_read or any(edit.needs_hidden_states and edit.applies_to(index) for edit in self.edits):
+                    if probes_read or any(edit.needs_hidden_states and edit.applies_to(index)
+                                          and not edit.is_identity() for edit in self.edits):
                         self._hooks.append(layer.register_forward_pre_hook(self._layer_input_hook(index),
                                                                            with_kwargs=True))
         return self
@@ -197,14 +198,20 @@ class Session:
         forward, softcap = self._forward, kwargs.get("softcap")
         probes = self.probes + list(forward.probes) if forward is not None else self.probes
         needs, facts = Needs.of(p.needs for p in probes), CallFacts(softcap=softcap is not None)
-        path = None if self.edit_log.for_layer(layer) else self.planner.choose(needs, EditFacts(), facts)
+        edits = self.edit_log.for_layer(layer)
+        # identity edits do not choose the path (they are counted, not run): logits stay bit-identical to no edit
+        path = None if self.edit_log.acting(layer) else self.planner.choose(needs, EditFacts(), facts)
         if path is Path.SDPA and not needs.value:  # no probe reads the record: transformers' own SDPA, untouched
             self.attention_paths[layer] = path.value
+            if edits:  # only identity edits here: count them on the call record
+                k, v, _, keep, call = prepare_call(module, layer, query, key, value, attention_mask, kwargs, forward,
+                                                   self.num_sequences)
+                self.edit_log.attention_call(query, k, v, keep, call, block_size=self.block_size, softcap=softcap)
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
         key, value, attention_mask, keep, call = prepare_call(module, layer, query, key, value, attention_mask, kwargs,
                                                               forward, self.num_sequences)
         if call.key_roles is None and self.facts.modality != "text" and any(
-                edit.role_restricted for edit in self.edit_log.for_layer(layer)):
+                edit.role_restricted for edit in edits):
             raise ConfigError(f"layer {layer}: the token roles of this forward are unknown (a decoding step without a "
                               "2-D attention_mask covering the cached tokens?), so queries=/keys= cannot be applied; "
                               "pass attention_mask or use attnlab.roles.given_roles")

@@ -360,7 +360,8 @@ class _Receive(Edit):
     name = "receive"
     stage = "output"
     fast = True
-    identity: ClassVar[dict[str, Any]] = {}
+    # no identity form declared: it changes nothing but must run (the session skips identity edits)
+    identity: ClassVar[dict[str, Any] | None] = None
 
     def __init__(self, heads: dict[int, list[int]]) -> None:
         super().__init__(layers=sorted(heads))

@@ -115,6 +115,12 @@ class Edit:
         identity = getattr(type(self), "identity", None)
         return identity is not None and all(self.params().get(key) == value for key, value in identity.items())
 
+    def remaps_positions(self) -> bool:
+        """True if the edit changes the model's position ids: every positions-stage edit unless it says otherwise
+        (``cca:positions=false`` only masks). The session refuses such edits on multi-axis RoPE models (M-RoPE) and
+        calls ``position_ids`` only for them."""
+        return type(self).stage == "positions"
+
     def spec(self) -> str:
         """``name:key=value,...`` — the same form ``parse_edit_spec`` reads."""
         parts = [f"{key}={_format_value(value)}" for key, value in self.params().items()]

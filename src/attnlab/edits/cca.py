@@ -28,7 +28,8 @@ class ImageLayout:
     """Per-column CCA tables of one forward's token roles.
 
     Attributes (each (B, L) long over the columns of the forward's 2-D attention mask, past + new tokens):
-        span: index of the image span holding the column in ``roles.images`` (-1 outside every image).
+        span: index of the image span holding the column in ``roles.images`` (-1 outside every image;
+            :meth:`attnlab.roles.TokenRoles.span_index`).
         ring: the column's concentric id inside its image, ``frame·R + ring(row, col)`` (R rings per frame;
             -1 outside).
         shift: how much the column's position id drops: inside image s, ``offset − ring + dropped(s)``, after it
@@ -37,23 +38,21 @@ class ImageLayout:
 
     def __init__(self, roles: Any, device: torch.device) -> None:
         B, L = roles.codes.shape
-        self.span = torch.full((B, L), -1, dtype=torch.long)
         self.ring = torch.full((B, L), -1, dtype=torch.long)
         self.shift = torch.zeros(B, L, dtype=torch.long)
         for b in range(B):
             dropped = 0
-            for index, image in sorted(((i, s) for i, s in enumerate(roles.images) if s.sequence == b),
-                                       key=lambda item: item[1].start):
+            for image in sorted((s for s in roles.images if s.sequence == b), key=lambda s: s.start):
                 rings, count = _grid_rings(image.rows, image.cols)
                 per_frame = torch.tensor(rings, dtype=torch.long)
                 ring = (torch.arange(image.frames)[:, None] * count + per_frame[None, :]).flatten()  # (length,)
                 columns = slice(image.start, image.start + image.length)
-                self.span[b, columns] = index
                 self.ring[b, columns] = ring
                 self.shift[b, columns] = torch.arange(image.length) - ring + dropped
                 dropped += image.length - image.frames * count
                 self.shift[b, image.start + image.length:] = dropped
-        self.span, self.ring, self.shift = self.span.to(device), self.ring.to(device), self.shift.to(device)
+        self.span = roles.span_index().to(device)  # shared with dual_stream (TokenRoles caches it)
+        self.ring, self.shift = self.ring.to(device), self.shift.to(device)
 
 
 @EDITS.register("cca")
@@ -78,14 +77,14 @@ class Cca(Edit):
     position ids are the ones the model would use (the Session passes real-token positions under left padding)
     minus the shift, so they stay right under padding and with a KV cache. Runs on every path (a fast mask edit);
     the mask part honours ``layers``/``heads``, the position ids are model-wide. Needs token roles (a VLM under a
-    Session); without them it changes nothing. Models with multi-axis position ids (Qwen2-VL's M-RoPE, (3, B, L))
-    are refused.
+    Session); without them it changes nothing. On models with multi-axis position ids (Qwen2-VL's M-RoPE, (3, B, L))
+    only the positions part is refused: ``cca:positions=false`` (the mask alone) runs there.
 
     Args:
         positions: remap the position ids. mask: the concentric mask. layers, heads: selection of the mask part.
 
     Raises:
-        ConfigError: multi-axis position ids; token roles shorter than the position ids.
+        ConfigError: multi-axis position ids with ``positions`` on; token roles shorter than the position ids.
     """
 
     stage = "positions"
@@ -106,6 +105,10 @@ class Cca(Edit):
     def reset(self) -> None:
         super().reset()
         self._layout = None
+
+    def remaps_positions(self) -> bool:
+        """True only with ``positions`` on (the mask part leaves the position ids alone)."""
+        return self.positions
 
     def layout(self, roles: Any, device: torch.device) -> ImageLayout:
         """The per-column tables of ``roles`` (cached for the last roles object seen)."""

@@ -11,7 +11,6 @@ from torch import Tensor
 from attnlab.edits import EDITS
 from attnlab.edits._vlm import PrefillStore, answer_rows, image_keys, instruction_rows
 from attnlab.edits.base import AttentionCall, Edit
-from attnlab.edits.cca import ImageLayout
 from attnlab.functional.attention import BlockView
 from attnlab.params import IndexList, Range, validated
 from attnlab.roles import RoleList
@@ -172,9 +171,10 @@ class DualStream(Edit):
 
     @staticmethod
     def _spans(call: AttentionCall) -> Tensor:
-        """(B, Lk) long: index of the image (in ``call.images``) holding each key column, -1 elsewhere."""
+        """(B, Lk) long: index of the image (in ``call.images``) holding each key column, -1 elsewhere
+        (:meth:`attnlab.roles.TokenRoles.span_index` over the call's key columns)."""
         roles = call.sequence.roles
         if roles is None or not roles.images:
             return torch.full((call.batch, call.kv_len), -1, dtype=torch.long, device=call.device)
-        span = ImageLayout(roles, call.device).span
+        span = roles.span_index().to(call.device)
         return span[:, span.shape[1] - call.kv_len:]

@@ -41,10 +41,12 @@ class Gift(Edit):
 
     Args:
         alpha: α ≥ 0, the image amplification at saliency 1. beta: β ≥ 0, the query amplification.
-        layers, heads, queries: selection (query heads, query roles; ``keys=`` is refused).
+        layers, heads, queries: selection (query heads, query roles). There is no ``keys=``: the edit picks its
+        own keys (the image and the instruction).
 
     Raises:
-        ConfigError: a parameter out of range; a decode call with no prompt call of its layer before it.
+        ConfigError: a parameter out of range or unknown (``keys=``); a decode call with no prompt call of its layer
+            before it.
     """
 
     stage = "probs"
@@ -54,9 +56,8 @@ class Gift(Edit):
     @validated
     def __init__(self, alpha: Annotated[float, Range(ge=0.0, le=1e3)] = 0.5,
                  beta: Annotated[float, Range(ge=0.0, le=1e3)] = 0.1, layers: IndexList | None = None,
-                 heads: IndexList | None = None, queries: RoleList | None = None,
-                 keys: RoleList | None = None) -> None:
-        super().__init__(layers=layers, heads=heads, queries=queries, keys=keys)
+                 heads: IndexList | None = None, queries: RoleList | None = None) -> None:
+        super().__init__(layers=layers, heads=heads, queries=queries)
         self.alpha, self.beta = alpha, beta
         self._store = PrefillStore("gift")
         self._saliency: Tensor | None = None

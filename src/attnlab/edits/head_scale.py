@@ -13,6 +13,12 @@ from attnlab.roles import RoleList
 from attnlab.params import IndexList, Range, validated
 
 
+def scale_heads(output: Tensor, heads: Tensor, factor: float) -> Tensor:
+    """``output`` (B, Hq, n, Dv) with the heads where ``heads`` ((1, Hq, 1, 1) bool) is True multiplied by
+    ``factor`` (in the output's dtype); the other heads unchanged. Shared by ``head_scale`` and ``vhr``."""
+    return output * torch.where(heads, factor, 1.0).to(output.dtype)
+
+
 @EDITS.register("head_scale")
 class HeadScale(Edit):
     """Scale selected heads' outputs before o_proj: 0 ablates (circuits), > 1 reinforces (VHR).
@@ -45,5 +51,4 @@ class HeadScale(Edit):
         return {"scale": self.scale}
 
     def output_mod(self, output: Tensor, call: AttentionCall) -> Tensor:
-        factor = torch.where(self.head_column(call), self.scale, 1.0).to(output.dtype)
-        return output * factor
+        return scale_heads(output, self.head_column(call), self.scale)

@@ -29,8 +29,9 @@ class Var(Edit):
        φ(x) = |x / sqrt(mean(x²) + ε)| (RMSNorm without its gain); a token is a sink if
        ``max_{d ∈ D_sink} φ(x)[d] > τ`` (:func:`attnlab.functional.sink_dims.sink_tokens`). Sinks inside an image
        are visual sinks, the others text sinks (e.g. BOS). D_sink: ``dims`` (the paper's {1415, 2533} for
-       LLaMA-2-7B); by default the ``top_dims`` dimensions with the largest max φ over the layer's real tokens
-       (:func:`~attnlab.functional.sink_dims.sink_dimensions`). Decode calls (q_len < kv_len) reuse the prompt
+       LLaMA-2-7B); by default, per sequence, the ``top_dims`` dimensions with the largest max φ over the
+       sequence's real tokens (:func:`~attnlab.functional.sink_dims.sink_flags`, shared with the ``visual_sinks``
+       probe; a sequence's sinks never depend on its batch mates). Decode calls (q_len < kv_len) reuse the prompt
        call's sinks, as the released code does (it detects them during prefill only).
     2. **Image-centric selection**, per (sequence b, head h, query i): the image budget ``Σ_{j∈I} A_ij ≥ summ``
        and the visual sinks' share of it ``Σ_{j∈I∩S} A_ij / Σ_{j∈I} A_ij ≤ ρ``; only query rows after the
@@ -128,20 +129,16 @@ class Var(Edit):
         return sinks
 
     def _detect(self, hidden: Tensor, call: AttentionCall) -> Tensor:
-        from attnlab.functional.sink_dims import sink_dimensions, sink_tokens
+        """(B, Lk) bool sinks of a prompt call: D_sink per sequence (:func:`~attnlab.functional.sink_dims.sink_flags`,
+        so a sequence's sinks do not depend on its batch mates)."""
+        from attnlab.functional.sink_dims import sink_flags
 
         width = hidden.shape[-1]
-        if self.dims is not None:
-            if max(self.dims) >= width:
-                raise ConfigError(f"edit 'var': dims={list(self.dims)} but the hidden states have {width} "
-                                  f"dimensions (0…{width - 1})")
-            dims = torch.tensor(self.dims, dtype=torch.long, device=hidden.device)
-        else:
-            real = hidden[call.query_valid.to(hidden.device)].float()  # (N, D) real tokens
-            if real.shape[0] == 0:
-                return torch.zeros(call.batch, call.kv_len, dtype=torch.bool, device=call.device)
-            dims = sink_dimensions(real, top=min(self.top_dims, width))
-        return sink_tokens(hidden, dims, self.tau).to(call.device) & call.key_valid
+        if self.dims is not None and max(self.dims) >= width:
+            raise ConfigError(f"edit 'var': dims={list(self.dims)} but the hidden states have {width} "
+                              f"dimensions (0…{width - 1})")
+        flags, _ = sink_flags(hidden, call.query_valid, self.dims, top=min(self.top_dims, width), tau=self.tau)
+        return flags.to(call.device) & call.key_valid
 
     # the edit -------------------------------------------------------------------------------------------------
     def probs_mod(self, probs: Tensor, q_index: Tensor, keep: Tensor | None, call: AttentionCall) -> Tensor:

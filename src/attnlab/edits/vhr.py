@@ -19,6 +19,7 @@ from torch import Tensor
 
 from attnlab.edits import EDITS
 from attnlab.edits.base import AttentionCall, Edit
+from attnlab.edits.head_scale import scale_heads
 from attnlab.errors import ConfigError
 from attnlab.params import Range, validated
 from attnlab.roles import RoleList
@@ -48,7 +49,8 @@ def format_pairs(selection: Mapping[int, Sequence[int]]) -> str:
 class VHR(Edit):
     """Scale the selected (layer, head) outputs by α before o_proj (VHR; α = 2 in the summarised paper).
 
-    The same operation as ``head_scale`` with a different head set per layer. The set comes from
+    The same operation as ``head_scale`` (its :func:`~attnlab.edits.head_scale.scale_heads`) with a different head
+    set per layer. The set comes from
     :func:`attnlab.analyses.vhd.select_vhr` (calibrated on image-text inputs, layer by layer); an edit without
     pairs selects no head (what ``fraction=0`` selects) and changes nothing. α = 1 is the identity.
 
@@ -119,5 +121,4 @@ class VHR(Edit):
         return selected
 
     def output_mod(self, output: Tensor, call: AttentionCall) -> Tensor:
-        factor = torch.where(self.head_column(call), self.alpha, 1.0).to(output.dtype)
-        return output * factor
+        return scale_heads(output, self.head_column(call), self.alpha)  # head_scale's code, this layer's heads

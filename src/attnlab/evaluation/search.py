@@ -9,9 +9,11 @@
 - :func:`act_head_search` — Yu et al. 2024, ACT, "head selection" (METHODS.md #2, high confidence for the code
   path): calibrate one head at a time on a calibration set and keep the heads whose calibration does not hurt
   (loss not above the reference's, or accuracy not below it). The reference is not the SDPA baseline but
-  ``calibration(beta=1)`` on every head of the same layer: it runs the same blocked eager path and changes nothing,
-  so a head whose calibration moves no mass scores exactly the reference (delta 0, kept) instead of differing by
-  SDPA-vs-eager rounding (~1e-7 nats on SmolLM2), which decided keep/drop under the earlier rule. ACT measures
+  ``calibration(beta=β, theta=2)`` on every head of the same layer: no column score (a mean of probabilities, ≤ 1)
+  exceeds θ = 2, so it moves nothing, yet it runs the same blocked eager path (an identity edit, ``beta=1``, would
+  not: identity edits leave the model's own path alone). A head whose calibration moves no mass scores exactly the
+  reference (delta 0, kept) instead of differing by SDPA-vs-eager rounding (~1e-7 nats on SmolLM2), which decided
+  keep/drop under the earlier rule. ACT measures
   multiple-choice accuracy on 900 samples: :mod:`attnlab.evaluation.choice_search` does the same on multiple-choice
   items; on text windows the metric is next-token loss or accuracy (our substitution).
 
@@ -38,6 +40,7 @@ from attnlab.evaluation.lm_tasks import WindowPlan, score_windows, stitch_window
 from attnlab.progress import Progress, ProgressArg, takes_progress
 
 DEFAULT_GAMMAS = (0.5, 0.7, 0.85, 1.0, 1.2, 1.5, 2.0)
+NO_SINK_THETA = 2.0  # ACT reference: no column score (a mean of probabilities, <= 1) exceeds it
 Metric = Callable[[list[Any]], dict[str, float]]
 """``edits -> {"nll": float, "accuracy": float, "entropy": float (optional), ...}``: lower ``nll`` and higher
 ``accuracy`` are better; ``entropy`` (the model's output entropy, nats) feeds ZeroTuning's unsupervised rule."""
@@ -215,8 +218,9 @@ def act_head_search(model: Any, ids: list[int] | None = None, plans: Sequence[Wi
         layers: layers to search (None = all; ACT searched layers 2…31 of Llama-2-7B).
         criterion: ``"loss"`` (keep if NLL ≤ the layer reference's) or ``"accuracy"`` (keep if accuracy ≥ it).
 
-    The reference of layer ``l`` is ``calibration(beta=1, layers=[l])`` (all heads): the identity, on the same
-    attention path as the calibrated head, so ``delta_*`` measure the calibration alone, not the path.
+    The reference of layer ``l`` is ``calibration(beta=beta, theta=2, layers=[l])`` (all heads): θ = 2 finds no
+    sink, so it changes nothing, on the same attention path as the calibrated head, so ``delta_*`` measure the
+    calibration alone, not the path.
 
     Returns:
         ``{"baseline": {...} (no edit, the model's own path), "reference": {layer: {...}}, "heads": [{"layer",
@@ -240,9 +244,9 @@ def act_head_search(model: Any, ids: list[int] | None = None, plans: Sequence[Wi
     heads, kept, references = [], {}, {}
     for layer in searched:
         done += 1
-        notify(done, total, f"act search: layer {layer} reference (beta=1)")
-        identity = EDITS.get("calibration")(beta=1.0, theta=theta, layers=[layer])
-        ref = references[layer] = score(measure_edits, [identity])
+        notify(done, total, f"act search: layer {layer} reference (no sink)")
+        no_sink = EDITS.get("calibration")(beta=beta, theta=NO_SINK_THETA, layers=[layer])
+        ref = references[layer] = score(measure_edits, [no_sink])
         for head in range(num_heads):
             done += 1
             notify(done, total, f"act search: layer {layer} head {head}")

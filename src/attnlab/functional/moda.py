@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["align_keys", "groups_of_roles"]
+from attnlab.functional.masks import MaskMod, with_covered_lengths, with_name
+
+__all__ = ["align_keys", "groups_of_roles", "real_keys"]
 
 
 def groups_of_roles(codes: Tensor, aligned: tuple[int, ...], pad: int = 0) -> tuple[Tensor, Tensor]:
@@ -29,6 +31,24 @@ def groups_of_roles(codes: Tensor, aligned: tuple[int, ...], pad: int = 0) -> tu
     """
     in_aligned = torch.isin(codes, torch.tensor(aligned, dtype=codes.dtype, device=codes.device))
     return in_aligned.long(), ~in_aligned & (codes != pad)
+
+
+def real_keys(valid: Tensor) -> MaskMod:
+    """A mask_mod that hides padding keys: keep (b, q, kv) iff token kv of sequence b is real, or query q is padding
+    (a padded row keeps its keys, so no row is empty; its output is never used).
+
+    Args:
+        valid: (B, T) bool, the real tokens; absolute positions index its second axis (calls past T raise
+            ShapeError through ``masks.check_lengths``).
+    """
+    real, last = valid.bool(), valid.shape[1] - 1
+
+    def mask_mod(batch_idx: Tensor, head_idx: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        table = real.to(q_idx.device)
+        return table[batch_idx, kv_idx.clamp(0, last)] | ~table[batch_idx, q_idx.clamp(0, last)]
+
+    with_covered_lengths(mask_mod, last + 1, last + 1)
+    return with_name(mask_mod, "real_keys")
 
 
 def align_keys(key: Tensor, value: Tensor, group_ids: Tensor, gain: Tensor, fuse: Callable[[Tensor], Tensor],

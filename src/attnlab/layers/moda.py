@@ -13,8 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from attnlab.errors import ConfigError, ShapeError
-from attnlab.functional.masks import MaskMod, to_dense
-from attnlab.functional.moda import align_keys, groups_of_roles
+from attnlab.functional.masks import MaskMod, and_masks, to_dense
+from attnlab.functional.moda import align_keys, groups_of_roles, real_keys
 from attnlab.functional.sparse_masks import groups
 from attnlab.layers import LAYERS
 from attnlab.layers._common import merge_heads
@@ -29,9 +29,13 @@ class DuplexAttention(SoftmaxFamilyAttention):
 
     ``forward(hidden_states, *, group_ids=None, roles=None)``: group_ids (B, T) in {0, 1}; or ``roles``, the token
     roles (a :class:`attnlab.roles.TokenRoles` or its (B, T) codes), whose ``aligned_roles`` (default image) form
-    group 1 and whose other real tokens form the text basis (padding stays out of it); with neither, the roles of
-    an enclosing :func:`attnlab.roles.given_roles` block when their shape is (B, T); else all group 0 (plain
-    attention).
+    group 1 and whose other real tokens form the text basis; with neither, the roles of an enclosing
+    :func:`attnlab.roles.given_roles` block when their shape is (B, T); else all group 0 (plain attention).
+    Padding: with roles, padding stays out of the text basis and no query attends a padding key
+    (:func:`attnlab.functional.moda.real_keys`), so the padding's content never reaches a real token. The RoPE
+    positions still count the padding (the layer has one position offset per call, not per row), and the aligned
+    term ``r ⊙ K̂ G_t`` carries no rotation, so a left-padded row is **not** the same tokens alone: it matches them
+    only without padding. With ``group_ids`` the layer knows no padding at all.
     ``allowed`` (2, 2) bool says which groups see which (default all); it is ANDed with the layer mask.
     ``causal_basis``: build the alignment basis from group-0 tokens up to each key's position (see
     :func:`attnlab.functional.moda.align_keys`); None (default) = True iff the layer mask hides every later key
@@ -93,6 +97,8 @@ class DuplexAttention(SoftmaxFamilyAttention):
                 raise ShapeError(f"expected group_ids {tuple(hidden_states.shape[:2])}, got {tuple(group_ids.shape)}")
             k = align_keys(k, v, group_ids, self.gain, self.fuse, causal=self.causal_basis, basis=basis)
             mask_mod = groups(group_ids, self.allowed)  # chunk-local; softmax_attend ANDs the layer mask
+            if basis is not None:  # roles: padding keys hidden too (real = the text basis + the aligned group)
+                mask_mod = and_masks(mask_mod, real_keys(basis | (group_ids == 1)))
         o = self.softmax_attend(q, k, v, mask_mod=mask_mod)
         return self.o_proj(merge_heads(o.to(hidden_states.dtype))), None
 

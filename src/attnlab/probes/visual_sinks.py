@@ -4,8 +4,9 @@ Kang et al. 2025, "See What You Are Told: Visual Attention Sink in Large Multimo
 #8, high confidence; code seilk/VisAttnSink ``src/logic/logic.py``): with φ(x) = |x / √(mean(x²) + ε)| (RMSNorm
 without its gain) of the residual stream x entering a decoder layer, a token is a *sink* at that layer when
 ``max_{d ∈ D_sink} φ(x)[d] > τ`` (τ = 20). VAR fixes D_sink per base model ({1415, 2533} for LLaMA-2-7B, i.e.
-LLaVA-1.5-7B); pass them as ``dims``. Without ``dims`` the probe finds them per sequence and layer as the ``top``
-dimensions with the largest φ over the sequence's real tokens (:func:`attnlab.functional.sink_dims.sink_dimensions`),
+LLaVA-1.5-7B); pass them as ``dims``. Without ``dims`` the probe finds them per sequence and layer as the
+``top_dims`` dimensions with the largest φ over the sequence's real tokens (:func:`attnlab.functional.sink_dims.
+sink_flags`, the detector the ``var`` edit uses too),
 and reports how often each dimension was chosen (``sink_dim_rate``): in layers without massive activations the
 chosen dimensions are arbitrary, and τ keeps such layers free of sinks.
 
@@ -15,8 +16,9 @@ image token and layer, whether the token was a sink, drawn as the fraction of la
 
 The hidden states are the decoder layer's input at the call's query tokens (``call.hidden_states``). When the
 session does not fill them, the previous layer's output (``on_hidden_states``; the same tensor in a plain decoder)
-stands in, so layer 0 then has no data. Padding never counts; decoding steps add their new tokens (role
-``generated``: text sinks). No head enters (GQA does not matter).
+stands in, so layer 0 then has no data. Padding never counts. Decoding steps (q_len < kv_len) add their new
+tokens (role ``generated``: text sinks), judged on the D_sink of the layer's prompt call (as VAR does), and count no
+new sequence (sequences, ``sink_dim_rate`` and max φ come from prompt calls). No head enters (GQA does not matter).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 from torch import Tensor
 
 from attnlab.errors import ConfigError
-from attnlab.functional.sink_dims import rms_normalised, sink_dimensions, sink_tokens
+from attnlab.functional.sink_dims import sink_flags, sink_peak
 from attnlab.params import IndexList, Range, validated
 from attnlab.probes import PROBES
 from attnlab.probes.base import AttentionCall, ModelFacts, Probe, Row, RowWriter, SequenceInfo, safe_div
@@ -44,8 +46,9 @@ class VisualSinksProbe(Probe):
 
     Args:
         dims: the sink dimensions D_sink (indices into the hidden size); None (default) = found per sequence and
-            layer (the ``top`` dimensions with the largest φ over its real tokens).
-        top: how many dimensions are found when ``dims`` is None (default 2, as VAR's D_sink).
+            layer (the ``top_dims`` dimensions with the largest φ over its real tokens, on its prompt call).
+        top_dims: how many dimensions are found when ``dims`` is None (default 2, as VAR's D_sink; the ``var``
+            edit's parameter of the same name).
         tau: the sink threshold on φ (default 20, VAR's τ).
         overlays: how many sequences (the first ones, in global order) keep per-image-token flags (default 4).
     """
@@ -77,18 +80,18 @@ class VisualSinksProbe(Probe):
     )),)
 
     @validated
-    def __init__(self, dims: IndexList | None = None, top: Annotated[int, Range(ge=1, le=64)] = 2,
+    def __init__(self, dims: IndexList | None = None, top_dims: Annotated[int, Range(ge=1, le=64)] = 2,
                  tau: Annotated[float, Range(gt=0.0)] = 20.0,
                  overlays: Annotated[int, Range(ge=0, le=4096)] = 4) -> None:
-        self.dims, self.top, self.tau, self.overlays = dims, top, tau, overlays
+        self.dims, self.top_dims, self.tau, self.overlays = dims, top_dims, tau, overlays
 
     def bind(self, facts: ModelFacts) -> None:
         super().bind(facts)
         D = facts.hidden_size
         if self.dims is not None and max(self.dims) >= D:
             raise ConfigError(f"visual_sinks dims must be below the hidden size {D}, got {max(self.dims)}")
-        if self.dims is None and self.top > D:
-            raise ConfigError(f"visual_sinks top={self.top} exceeds the hidden size {D}")
+        if self.dims is None and self.top_dims > D:
+            raise ConfigError(f"visual_sinks top_dims={self.top_dims} exceeds the hidden size {D}")
         L = facts.num_layers
         for name in _COUNTS:
             setattr(self, name, torch.zeros(L, dtype=torch.float64))
@@ -96,6 +99,7 @@ class VisualSinksProbe(Probe):
         # (global sequence, image index) -> [flags (L, length) float64 (1 = sink), layers seen (L,), rows, cols, frames]
         self.flags: dict[tuple[int, int], list[Any]] = {}
         self._pending: dict[int, Tensor] = {}
+        self._dims: dict[int, Tensor] = {}  # layer -> (B, k) D_sink of its last prompt call, for decode calls
 
     # the layer inputs -----------------------------------------------------------------------------------------
     def on_hidden_states(self, layer_idx: int, hidden_states: Tensor, sequence: SequenceInfo) -> None:
@@ -112,6 +116,9 @@ class VisualSinksProbe(Probe):
         return hidden
 
     def begin_call(self, call: AttentionCall) -> None:
+        """Count the call's sinks: D_sink per sequence on a prompt call (q_len = kv_len), the prompt call's D_sink
+        of the same layer on a decode call (q_len < kv_len; found on the call's own tokens only when no prompt call
+        of this batch size ran before). Sequences, D_sink counts and max φ count on prompt calls only."""
         hidden = self._inputs(call)
         if hidden is None:
             return
@@ -121,24 +128,30 @@ class VisualSinksProbe(Probe):
             else torch.zeros_like(valid)
         other = valid & ~image
         q_offset = call.sequence.valid.shape[1] - Lq  # query row i is mask column q_offset + i
-        given = None if self.dims is None else torch.tensor(self.dims, device=hidden.device)
-        phi = rms_normalised(hidden).abs()  # (B, Lq, D)
+        prompt = q_offset == 0
+        stored = self._dims.get(layer)
+        dims = self.dims if self.dims is not None else \
+            None if prompt or stored is None or stored.shape[0] != B else stored
+        flags, dims = sink_flags(hidden, valid, dims, top=self.top_dims, tau=self.tau)  # (B, Lq), (B, k)
+        if prompt and self.dims is None:
+            self._dims[layer] = dims
+        peak = sink_peak(hidden, dims)  # (B, Lq)
         for b in range(B):
             if not bool(valid[b].any()):
                 continue
-            dims = given if given is not None else sink_dimensions(hidden[b][valid[b]], self.top)
-            flags = sink_tokens(hidden[b:b + 1], dims, self.tau)[0] & valid[b]  # (Lq,)
-            peak = phi[b][:, dims].amax(dim=-1)  # (Lq,)
+            for mask, sinks, tokens in ((image[b], self.image_sinks, self.image_tokens),
+                                        (other[b], self.text_sinks, self.text_tokens)):
+                sinks[layer] += float((flags[b] & mask).sum())
+                tokens[layer] += float(mask.sum())
+            if not prompt:
+                continue
             self.sequences[layer] += 1
-            if given is None:
-                self.dim_count[layer, dims.cpu()] += 1
-            for mask, sinks, tokens, phi_sum, phi_count in (
-                    (image[b], self.image_sinks, self.image_tokens, self.phi_image_sum, self.phi_image_count),
-                    (other[b], self.text_sinks, self.text_tokens, self.phi_text_sum, self.phi_text_count)):
+            if self.dims is None:
+                self.dim_count[layer, dims[b].cpu()] += 1
+            for mask, phi_sum, phi_count in ((image[b], self.phi_image_sum, self.phi_image_count),
+                                             (other[b], self.phi_text_sum, self.phi_text_count)):
                 if bool(mask.any()):
-                    sinks[layer] += float((flags & mask).sum())
-                    tokens[layer] += float(mask.sum())
-                    phi_sum[layer] += float(peak[mask].max())
+                    phi_sum[layer] += float(peak[b][mask].max())
                     phi_count[layer] += 1
             spans = [span for span in call.images if span.sequence == b and span.start >= q_offset
                      and span.end - q_offset <= Lq]  # images whose tokens are queries of this call
@@ -151,7 +164,7 @@ class VisualSinksProbe(Probe):
                 entry = self.flags.setdefault((sequence, span.index), [
                     torch.zeros(L, span.length, dtype=torch.float64), torch.zeros(L, dtype=torch.float64),
                     span.rows, span.cols, span.frames])
-                entry[0][layer] += flags[span.start - q_offset:span.end - q_offset].double().cpu()
+                entry[0][layer] += flags[b, span.start - q_offset:span.end - q_offset].double().cpu()
                 entry[1][layer] += 1
 
     # state ---------------------------------------------------------------------------------------------------
@@ -176,7 +189,7 @@ class VisualSinksProbe(Probe):
         super().import_state(tensors, side)
         self.flags = {(s, i): [torch.tensor(flag, dtype=torch.float64), torch.tensor(seen, dtype=torch.float64),
                                r, c, f] for s, i, r, c, f, flag, seen in side["flags"]}
-        self._pending = {}
+        self._pending, self._dims = {}, {}
 
     # results -------------------------------------------------------------------------------------------------
     def rows(self) -> list[Row]:
@@ -195,12 +208,12 @@ class VisualSinksProbe(Probe):
         return out.rows
 
     def dims_used(self) -> list[int]:
-        """The given dims, or the ``top`` dims found most often (sequences × layers), most frequent first."""
+        """The given dims, or the ``top_dims`` dims found most often (sequences × layers), most frequent first."""
         if self.dims is not None:
             return list(self.dims)
         total = self.dim_count.sum(dim=0)
         found = int((total > 0).sum())
-        return total.topk(min(self.top, found)).indices.tolist() if found else []
+        return total.topk(min(self.top_dims, found)).indices.tolist() if found else []
 
     def sink_grids(self) -> list[dict[str, Any]]:
         """One record per image: sequence, image_index, rows, cols, frames, ``grid`` (share of the layers seen in
@@ -228,7 +241,7 @@ class VisualSinksProbe(Probe):
     def extras(self, decode: Any = None) -> dict[str, Any]:
         dims = self.dims_used()
         described = ", ".join(map(str, dims)) if dims else "none found"
-        return {"tau": self.tau, "dims": list(self.dims) if self.dims is not None else None, "top": self.top,
+        return {"tau": self.tau, "dims": list(self.dims) if self.dims is not None else None, "top_dims": self.top_dims,
                 "dims_used": described + ("" if self.dims is not None else " (found per sequence and layer; most "
                                                                              "frequent shown)"),
                 "overlays": self.overlays, "sink_grids": self.sink_grids()}
