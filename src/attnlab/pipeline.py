@@ -364,6 +364,10 @@ def _set_up(config: RunConfig, notify: Progress, model: Any, tokenizer: Any, sha
         raise ConfigError(f"probe(s) {', '.join(needs_compare)} compare two models; pass --compare OTHER_MODEL")
     load = dataclasses.replace(config.load, device=rank_device(config.load.device))  # cuda -> cuda:LOCAL_RANK
     images = config.inputs.items() if config.inputs.active else None  # a bad manifest/image fails before loading
+    if model is None:  # --image on a text model: from its config, before the weights load
+        from attnlab.capture.vlm_loading import check_model_kind
+
+        check_model_kind(config.load.model, images=images is not None)
     loaded = start_run(load, config.data, config.run.seed, notify, model, tokenizer, check_len=images is None)
     check_pattern_heads(loaded.facts, config.run.pattern_heads)  # an explicit head outside the model: fail now
     runner = _LazyRunner(loaded, config.run.compare, load, notify)

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from attnlab.errors import ConfigError
+from attnlab.errors import ConfigError, one_line
 
 MANIFEST_KEYS = ("image", "images", "prompt", "answer", "system")
 QWEN_VISION_START, QWEN_VISION_END = "<|vision_start|>", "<|vision_end|>"
@@ -120,7 +120,7 @@ def read_manifest(path: str | os.PathLike[str]) -> list[ImageTextItem]:
     except FileNotFoundError:
         raise ConfigError(f"manifest {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"cannot read manifest {path}: {' '.join(str(error).split())}") from None
+        raise ConfigError(f"cannot read manifest {path}: {one_line(error)}") from None
     items = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -148,7 +148,7 @@ def open_image(path: str | os.PathLike[str]) -> Any:
         with Image.open(path) as image:
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
-        raise ConfigError(f"cannot read image {path}: {' '.join(str(error).split())[:200]}") from None
+        raise ConfigError(f"cannot read image {path}: {one_line(error, 200)}") from None
 
 
 def image_record(path: str | os.PathLike[str], image: Any) -> dict[str, Any]:
@@ -259,7 +259,7 @@ def build_batch(processor: Any, items: Sequence[ImageTextItem], *, chat_template
     try:
         encoded = processor(images=images, text=[text for text, _ in rendered], return_tensors="pt", padding=True)
     except (ValueError, TypeError, IndexError, KeyError, RuntimeError) as error:
-        raise ConfigError(f"{type(processor).__name__} rejected the inputs: {' '.join(str(error).split())[:240]}"
+        raise ConfigError(f"{type(processor).__name__} rejected the inputs: {one_line(error, 240)}"
                           ) from None
     from attnlab.roles import TokenRoles
 
