@@ -147,7 +147,8 @@ def check_model_kind(name_or_path: Any, *, images: bool = False, tokenizer: Any 
         return
     vision = reads_images(name_or_path)
     if images and vision is False:
-        raise ConfigError(f"--image/--manifest need a vision-language model; {name_or_path} is a text model")
+        raise ConfigError(f"--image/--manifest need a vision-language model; {name_or_path} is text-only "
+                          "(by its config; nothing loaded)")
     if tokenizer is not None and vision:
         raise ConfigError(f"{name_or_path} is a vision-language model: its tokenizer comes with its processor; "
                           f"drop --tokenizer {tokenizer}")
