@@ -124,3 +124,8 @@ def test_pattern_heads_with_an_image_is_refused(setup, tmp_path):
     result = _invoke("report", setup["vlm"], tmp_path / "out", "--image", str(setup["root"] / "red.png"),
                      "--prompt", "x", "--pattern-heads", "0.0")
     assert_one_line_error(result, 2, "--pattern-heads")
+
+
+def test_report_help_names_the_image_inputs():
+    result = runner.invoke(app, ["report", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "--image PATH --prompt TEXT, or --manifest FILE" in result.output
