@@ -295,7 +295,8 @@ class ImageTextSpec:
     """Image + prompt inputs for a vision-language model (instead of text windows).
 
     Attributes:
-        image: image files of one sequence (CLI ``--image``, repeatable), in order; needs ``prompt``.
+        image: image files of one sequence (CLI ``--image``, repeatable), in order; needs ``prompt``. Image and
+            manifest paths are made absolute (from the current directory), so a saved config replays anywhere.
         prompt: its prompt (CLI ``--prompt``). answer: text teacher-forced after it (``--answer``), or None.
         system: a system prompt (``--system``), or None.
         manifest: a JSONL file of items instead (CLI ``--manifest``;
@@ -318,6 +319,10 @@ class ImageTextSpec:
         check_names("image", self.image)
         if self.manifest is not None and isinstance(self.manifest, os.PathLike):
             object.__setattr__(self, "manifest", os.fspath(self.manifest))
+        # absolute paths, so results.json's config replays from any directory
+        object.__setattr__(self, "image", tuple(os.path.abspath(os.path.expanduser(p)) for p in self.image))
+        if isinstance(self.manifest, str):
+            object.__setattr__(self, "manifest", os.path.abspath(os.path.expanduser(self.manifest)))
         for name in ("prompt", "answer", "system", "manifest"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise ConfigError(f"{name} must be a string, got {getattr(self, name)!r}")
@@ -340,15 +345,17 @@ class ImageTextSpec:
 
     def items(self) -> list[Any]:
         """The :class:`attnlab.capture.vlm_inputs.ImageTextItem` list (the manifest's, or the one item of
-        image/prompt/answer/system). ConfigError for a bad manifest or a missing image file."""
-        from attnlab.capture.vlm_inputs import ImageTextItem, read_manifest
+        image/prompt/answer/system). ConfigError for a bad manifest, or an image file that is missing or whose
+        header is not an image's."""
+        from attnlab.capture.vlm_inputs import ImageTextItem, check_image, read_manifest
 
         if self.manifest is not None:
-            return read_manifest(self.manifest)
-        for path in self.image:
-            if not os.path.isfile(path):
-                raise ConfigError(f"image file {path} does not exist")
-        return [ImageTextItem(list(self.image), self.prompt or "", self.answer, self.system)]
+            items = read_manifest(self.manifest)
+        else:
+            items = [ImageTextItem(list(self.image), self.prompt or "", self.answer, self.system)]
+        for path in dict.fromkeys(p for item in items for p in item.images):
+            check_image(path)  # missing or not an image: fail before the model loads (reads the header only)
+        return items
 
     @property
     def use_chat_template(self) -> bool | None:
@@ -479,3 +486,6 @@ class RunConfig(ComposedConfig):
     def __post_init__(self) -> None:
         if self.inputs.active and self.data.text is not None:
             raise ConfigError("--text and --image/--manifest cannot be combined; a run reads text or images")
+        if self.inputs.active and self.run.pattern_heads not in ("auto", "none"):
+            raise ConfigError("--pattern-heads needs text inputs: the report viewer's patterns are not drawn for "
+                              "--image/--manifest runs; drop it")

@@ -69,3 +69,10 @@ class AgreedDistributedError(DistributedError):
     the CLI prints it on rank 0 only (``agreed`` is True)."""
 
     agreed = True
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """The error's message on one line: whitespace collapsed, the class name when empty, at most ``limit``
+    characters (the one-line errors of the CLI)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -21,9 +21,10 @@ rope_theta reach them in ``bind``. The runner is built only for an analysis or a
 report of the default attention probes never builds one.
 
 Image inputs (``config.inputs``: ``--image``/``--prompt`` or ``--manifest``, :mod:`attnlab.capture.vlm_inputs`)
-replace the text windows on a vision-language model: each item is one sequence, batched by ``batch_size``, each
-batch run under its token roles (:func:`attnlab.roles.given_roles`), and ``results["inputs"]`` records every
-item's prompt, answer and images (path, sha256, width, height); the viewer's pattern pass is skipped.
+replace the text windows on a vision-language model: each item is one sequence (the first ``max_windows``
+items), batched by ``batch_size``, each batch run under its token roles (:func:`attnlab.roles.given_roles`), and
+``results["inputs"]`` records every item's prompt, answer, system prompt, images (path, sha256, width, height,
+fed) and the file and tile of each image span; the viewer's pattern pass is skipped.
 
 Unless ``config.run.pattern_heads`` is ``"none"``, one extra forward pass on the first window's first
 ``pattern_tokens`` tokens gives ``results["patterns"]``, the report viewer's data (docs/patterns.md).
@@ -364,6 +365,10 @@ def _set_up(config: RunConfig, notify: Progress, model: Any, tokenizer: Any, sha
         raise ConfigError(f"probe(s) {', '.join(needs_compare)} compare two models; pass --compare OTHER_MODEL")
     load = dataclasses.replace(config.load, device=rank_device(config.load.device))  # cuda -> cuda:LOCAL_RANK
     images = config.inputs.items() if config.inputs.active else None  # a bad manifest/image fails before loading
+    if model is None:  # --image on a text model: from its config, before the weights load
+        from attnlab.capture.vlm_loading import check_model_kind
+
+        check_model_kind(config.load.model, images=images is not None)
     loaded = start_run(load, config.data, config.run.seed, notify, model, tokenizer, check_len=images is None)
     check_pattern_heads(loaded.facts, config.run.pattern_heads)  # an explicit head outside the model: fail now
     runner = _LazyRunner(loaded, config.run.compare, load, notify)
@@ -414,6 +419,10 @@ def _image_batches(config: RunConfig, loaded: Any, items: list[Any], notify: Pro
     if loaded.processor is None:
         raise ConfigError(f"--image/--manifest need a vision-language model; {config.load.model} is text-only "
                           f"({loaded.facts.class_name})")
+    if len(items) > config.data.max_windows:  # --max-windows limits the items as it limits text windows
+        logger.warning("reading the first %d of %d image-text items (--max-windows %d)", config.data.max_windows,
+                       len(items), config.data.max_windows)
+        items = items[: config.data.max_windows]
     notify(0, 0, "reading images")
     return image_text_batches(loaded.processor, items, batch_size=config.data.batch_size,
                               chat_template=config.inputs.use_chat_template,
@@ -561,7 +570,7 @@ def _viewer_patterns(loaded: Any, windows: Any, config: RunConfig, tally: _Tally
     if config.run.pattern_heads == "none":
         return None
     if getattr(windows, "inputs", None) is not None:  # the viewer's pass reads token ids alone, without images
-        logger.info("no attention patterns for the report viewer on image inputs")
+        logger.info("no attention patterns for the report viewer on image inputs")  # explicit heads: ConfigError
         return None
     from attnlab.capture.pattern_report import report_patterns
 

@@ -105,3 +105,27 @@ def test_image_with_text_is_refused(setup, tmp_path):
     result = _invoke("probe", setup["vlm"], tmp_path / "out", "--image", str(setup["root"] / "red.png"),
                      "--prompt", "x", "--text", str(text), "--probe", "entropy")
     assert_one_line_error(result, 2, "--text and --image/--manifest cannot be combined")
+
+
+def test_max_windows_limits_the_items_and_inputs_replay_from_elsewhere(setup, tmp_path, monkeypatch):
+    monkeypatch.chdir(setup["root"])
+    result = _invoke("probe", setup["vlm"], tmp_path / "out", "--manifest", "items.jsonl", "--probe", "entropy",
+                     "--max-windows", "1")
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert len(results["inputs"]) == 1 and len(results["windows"]) == 1
+    assert results["config"]["manifest"] == str(setup["manifest"])  # absolute: replays from any directory
+    (item,) = results["inputs"]
+    assert item["system"] is None and item["spans"] == [{"image": 0, "tile": 0}]
+    assert item["images"][0]["fed"] == "center-crop" and len(item["images"][0]["crop"]) == 4
+
+
+def test_pattern_heads_with_an_image_is_refused(setup, tmp_path):
+    result = _invoke("report", setup["vlm"], tmp_path / "out", "--image", str(setup["root"] / "red.png"),
+                     "--prompt", "x", "--pattern-heads", "0.0")
+    assert_one_line_error(result, 2, "--pattern-heads")
+
+
+def test_report_help_names_the_image_inputs():
+    result = runner.invoke(app, ["report", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "--image PATH --prompt TEXT, or --manifest FILE" in result.output

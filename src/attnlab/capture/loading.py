@@ -33,10 +33,10 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from attnlab.assets import ASSETS, asset_dir, fetch_asset, sha256_file
-from attnlab.errors import AssetError, AttnlabError, ConfigError, RegistryError, UsageError
+from attnlab.errors import AssetError, AttnlabError, ConfigError, RegistryError, UsageError, one_line
 from attnlab.capture.architectures import is_vision_language, model_facts
 from attnlab.capture.device_map import Placement, input_device
-from attnlab.capture.vlm_loading import load_processor, model_class, processor_tokenizer
+from attnlab.capture.vlm_loading import check_model_kind, load_processor, model_class, processor_tokenizer
 from attnlab.config import DTYPE_NAMES
 from attnlab.facts import ModelFacts
 from attnlab.registry import unknown_name_message
@@ -160,7 +160,7 @@ def _check_config_json(folder: Path) -> None:
     try:
         data = json.loads(where.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UsageError(f"cannot read {where}: {_one_line(error)}") from None
+        raise UsageError(f"cannot read {where}: {one_line(error)}") from None
     if not isinstance(data, dict):
         raise UsageError(f"{where} must hold a JSON object of model settings, got a JSON "
                          f"{'array' if isinstance(data, list) else type(data).__name__}")
@@ -205,12 +205,6 @@ def _check_folder(folder: Path, *, need_tokenizer: bool = True) -> None:
                          "NAME_OR_PATH (e.g. the base model's folder or hub id), or save one beside config.json")
 
 
-def _one_line(error: BaseException) -> str:
-    """The error's message on one line (whitespace collapsed, at most 300 characters)."""
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
 @contextmanager
 def _as_usage_error(what: str, *, any_error: bool = False) -> Iterator[None]:
     """Turn transformers/safetensors/gguf errors while reading user files into one-line UsageErrors.
@@ -232,7 +226,7 @@ def _as_usage_error(what: str, *, any_error: bool = False) -> Iterator[None]:
     except Exception as error:  # noqa: BLE001 - filtered just below
         if not any_error and not isinstance(error, known):
             raise
-        raise UsageError(f"cannot load {what}: {_one_line(error)}") from None
+        raise UsageError(f"cannot load {what}: {one_line(error)}") from None
 
 
 def _dequantised_copy(model: Any) -> Any:
@@ -536,6 +530,7 @@ def _load_model(name_or_path: str | os.PathLike[str], dtype: str | torch.dtype, 
     name = os.fspath(name_or_path)
     tokenizer_name = None if tokenizer is None else os.fspath(tokenizer)
     path = Path(name).expanduser()
+    check_model_kind(name, tokenizer=tokenizer_name)  # --tokenizer on a VLM: from its config, before the weights
     if name in ASSETS and ASSETS[name].kind == "model" and not path.exists():
         asset = ASSETS[name]
         location = fetch_asset(name)

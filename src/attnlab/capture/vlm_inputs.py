@@ -28,7 +28,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import io
 import json
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +39,9 @@ from typing import Any
 
 import torch
 
-from attnlab.errors import ConfigError
+from attnlab.errors import ConfigError, one_line
+
+logger = logging.getLogger(__name__)
 
 MANIFEST_KEYS = ("image", "images", "prompt", "answer", "system")
 QWEN_VISION_START, QWEN_VISION_END = "<|vision_start|>", "<|vision_end|>"
@@ -120,7 +124,7 @@ def read_manifest(path: str | os.PathLike[str]) -> list[ImageTextItem]:
     except FileNotFoundError:
         raise ConfigError(f"manifest {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"cannot read manifest {path}: {' '.join(str(error).split())}") from None
+        raise ConfigError(f"cannot read manifest {path}: {one_line(error)}") from None
     items = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -136,25 +140,53 @@ def read_manifest(path: str | os.PathLike[str]) -> list[ImageTextItem]:
     return items
 
 
-def open_image(path: str | os.PathLike[str]) -> Any:
-    """The image at ``path`` as an RGB ``PIL.Image`` (fully read). ConfigError (one line) if it is missing or
-    not an image PIL can read."""
+def check_image(path: str | os.PathLike[str]) -> None:
+    """ConfigError (one line) if ``path`` is missing or its header is not an image PIL knows (reads the header
+    only: a corrupt file fails before the model loads)."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"image file {path} does not exist")
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
+        with Image.open(path):
+            pass
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
-        raise ConfigError(f"cannot read image {path}: {' '.join(str(error).split())[:200]}") from None
+        raise ConfigError(f"cannot read image {path}: {one_line(error, 200)}") from None
 
 
-def image_record(path: str | os.PathLike[str], image: Any) -> dict[str, Any]:
+def read_image(path: str | os.PathLike[str]) -> tuple[Any, dict[str, Any]]:
+    """``(RGB PIL.Image, record)`` of the image at ``path``, read once: the record (results.json
+    ``inputs[i]["images"]``: ``path`` absolute, ``sha256`` of the bytes read, ``width``, ``height``) describes
+    exactly the bytes decoded. ConfigError (one line) if it is missing or not an image PIL can read."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"image file {path} does not exist") from None
+    except OSError as error:
+        raise ConfigError(f"cannot read image {path}: {one_line(error, 200)}") from None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image = image.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
+        raise ConfigError(f"cannot read image {path}: {one_line(error, 200)}") from None
+    record = {"path": str(path.resolve()), "sha256": hashlib.sha256(data).hexdigest(), "width": int(image.width),
+              "height": int(image.height)}
+    return image, record
+
+
+def open_image(path: str | os.PathLike[str]) -> Any:
+    """The image at ``path`` as an RGB ``PIL.Image`` (fully read). ConfigError (one line) if it is missing or
+    not an image PIL can read."""
+    return read_image(path)[0]
+
+
+def image_record(path: str | os.PathLike[str], image: Any = None) -> dict[str, Any]:
     """``{"path", "sha256", "width", "height"}`` of one image (results.json ``inputs[i]["images"]``)."""
-    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    return {"path": str(Path(path).resolve()), "sha256": digest, "width": int(image.width), "height": int(image.height)}
+    return read_image(path)[1]
 
 
 def image_token(processor: Any) -> str:
@@ -170,6 +202,54 @@ def processor_image_ids(processor: Any) -> tuple[int, ...]:
     found = [getattr(processor, key, None) for key in ("image_token_id", "video_token_id")]
     ids = tuple(dict.fromkeys(i for i in found if isinstance(i, int)))  # the image id first
     return ids or (processor.tokenizer.convert_tokens_to_ids(image_token(processor)),)
+
+
+def _number(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _size(size: Any) -> tuple[int, int] | None:
+    """(height, width) of an image processor's ``size``/``crop_size`` (a dict or SizeDict), or None."""
+    height, width = (size.get(k) if isinstance(size, dict) else getattr(size, k, None) for k in ("height", "width"))
+    return (height, width) if _number(height) and _number(width) else None
+
+
+def processor_tokens_per_image(processor: Any) -> int | None:
+    """Image tokens of one image (or tile) when the processor fixes it, else None (Qwen2-VL's vary with the image):
+    its ``image_seq_length`` / ``image_seq_len`` / ``num_image_tokens`` (PaliGemma, Gemma 3, Idefics3), or
+    LLaVA's ``(crop height / patch) · (crop width / patch)`` plus its extra tokens (the CLS token, dropped by the
+    ``"default"`` feature strategy). The same number the session reads from the config
+    (``facts.vision["tokens_per_image"]``)."""
+    for key in ("image_seq_length", "image_seq_len", "num_image_tokens"):
+        if _number(getattr(processor, key, None)):
+            return getattr(processor, key)
+    patch, images = _number(getattr(processor, "patch_size", None)), getattr(processor, "image_processor", None)
+    crop = getattr(images, "do_center_crop", False)
+    shape = _size(getattr(images, "crop_size" if crop else "size", None))
+    if patch is None or shape is None:
+        return None
+    extra = int(getattr(processor, "num_additional_image_tokens", 0) or 0)
+    default = getattr(processor, "vision_feature_select_strategy", None) == "default"
+    return (shape[0] // patch) * (shape[1] // patch) + extra - (1 if default else 0)  # as LlavaProcessor counts
+
+
+def fed_region(processor: Any, width: int, height: int) -> dict[str, Any]:
+    """How the image processor fed a ``width`` × ``height`` image to the vision tower (results.json
+    ``inputs[i]["images"][k]["fed"]`` and ``"crop"``): ``"center-crop"`` when it crops the centre after resizing
+    the shorter side (CLIP's, LLaVA's), with ``crop`` = [left, top, right, bottom] in the file's pixels (the part
+    the token grid covers); ``"resize"`` otherwise (the whole picture, possibly padded or tiled)."""
+    images = getattr(processor, "image_processor", None)
+    if not getattr(images, "do_center_crop", False):
+        return {"fed": "resize"}
+    record: dict[str, Any] = {"fed": "center-crop"}
+    crop, size = _size(getattr(images, "crop_size", None)), getattr(images, "size", None)
+    shortest = size.get("shortest_edge") if isinstance(size, dict) else getattr(size, "shortest_edge", None)
+    if crop and _number(shortest):
+        scale = shortest / min(width, height)
+        box_w, box_h = min(width, crop[1] / scale), min(height, crop[0] / scale)
+        left, top = (width - box_w) / 2, (height - box_h) / 2
+        record["crop"] = [round(left, 2), round(top, 2), round(left + box_w, 2), round(top + box_h, 2)]
+    return record
 
 
 def _placeholder(processor: Any) -> str:
@@ -205,17 +285,94 @@ def _render(processor: Any, item: ImageTextItem, chat: bool) -> tuple[str, str |
     return (prefix or "") + body + answer, prefix
 
 
-def _system_mask(processor: Any, prefixes: list[str | None], ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """(B, L) bool: the first tokens of each sequence's real tokens that spell its system prefix."""
-    mask = torch.zeros_like(valid)
-    for row, prefix in enumerate(prefixes):
-        if not prefix:
+def _system_columns(processor: Any, item: ImageTextItem, text: str, prefix: str | None) -> list[int] | None:
+    """Indices (among the sequence's real tokens) of the system prompt's tokens; [] without one; None when it
+    cannot be located (logged). A rendered system turn that starts the text marks the whole turn (a BOS the
+    tokenizer adds counts with it); a template that folds the system prompt into the user turn (Gemma 3) marks
+    the tokens that spell ``item.system``, found in the text with the tokenizer's offsets, when they come before
+    any image (whose tokens the processor expands)."""
+    if not item.system:
+        return []
+    tokenizer = processor.tokenizer
+    if prefix and item.system in prefix:  # a rendered system turn that holds the prompt starts the text
+        return list(range(len(tokenizer(prefix)["input_ids"])))
+    start = text.find(item.system)
+    images = [i for i in (text.find(image_token(processor)), text.find(QWEN_VISION_START)) if i >= 0]
+    end = start + len(item.system)
+    if start < 0 or (images and end > min(images)):
+        logger.warning("system prompt not located in the rendered text before the images; its tokens are marked "
+                       "text, not system")
+        return None
+    try:
+        offsets = tokenizer(text[:end], return_offsets_mapping=True)["offset_mapping"]
+    except (NotImplementedError, ValueError, TypeError, KeyError) as error:
+        logger.warning("system prompt tokens unknown (the tokenizer gives no offsets: %s); marked text",
+                       one_line(error, 120))
+        return None
+    return [index for index, (a, b) in enumerate(offsets) if b > a and b > start and a < end]
+
+
+def _roles(processor: Any, kwargs: dict[str, Any], image_token_ids: Sequence[int] | None,
+           tokens_per_image: int | None, system: torch.Tensor | None = None) -> Any:
+    """The :class:`attnlab.roles.TokenRoles` of a processor output (see :func:`build_batch`)."""
+    from attnlab.roles import TokenRoles
+
+    ids, valid = kwargs["input_ids"], kwargs["attention_mask"].bool()
+    grids, image_id = kwargs.get("image_grid_thw"), getattr(processor, "image_token_id", None)
+    merge = int(getattr(getattr(processor, "image_processor", None), "merge_size", 1) or 1) if grids is not None else 1
+    if grids is not None and isinstance(image_id, int):
+        grids = {image_id: grids}  # the image token's grids (videos would have their own)
+    if tokens_per_image is None:
+        tokens_per_image = processor_tokens_per_image(processor)
+    return TokenRoles.from_input_ids(ids, valid, tuple(image_token_ids or processor_image_ids(processor)),
+                                     grids=grids, merge=merge, system=system if system is not None and system.any()
+                                     else None, tokens_per_image=tokens_per_image)
+
+
+def _encode(processor: Any, items: Sequence[ImageTextItem], images: list[list[Any]], chat: bool,
+            image_token_ids: Sequence[int] | None, tokens_per_image: int | None) -> tuple[dict[str, Any], Any]:
+    """(kwargs on the CPU, roles) of ``items`` with their opened ``images``: one processor call."""
+    rendered = [_render(processor, item, chat) for item in items]
+    try:
+        encoded = processor(images=images, text=[text for text, _ in rendered], return_tensors="pt", padding=True)
+    except (ValueError, TypeError, IndexError, KeyError, RuntimeError) as error:
+        raise ConfigError(f"{type(processor).__name__} rejected the inputs: {one_line(error, 240)}") from None
+    kwargs = dict(encoded.items())
+    valid = kwargs["attention_mask"].bool()
+    system = torch.zeros_like(valid)
+    for row, (item, (text, prefix)) in enumerate(zip(items, rendered)):
+        columns = _system_columns(processor, item, text, prefix)
+        real = valid[row].nonzero().flatten()
+        system[row, real[[c for c in columns or () if c < len(real)]]] = True
+    return kwargs, _roles(processor, kwargs, image_token_ids, tokens_per_image, system)
+
+
+def span_sources(processor: Any, items: Sequence[ImageTextItem], images: list[list[Any]], roles: Any, *,
+                 image_token_ids: Sequence[int] | None = None, tokens_per_image: int | None = None
+                 ) -> list[list[dict[str, int | None]]]:
+    """Which input file (and tile) each image span of each sequence came from (results.json
+    ``inputs[i]["spans"]``): per sequence one ``{"image": file index, "tile": t}`` per span, in span order.
+
+    A sequence with as many spans as files maps span k to file k. Where the processor splits images into tiles
+    (Idefics3/SmolVLM image splitting, LLaVA-NeXT anyres, Gemma 3 pan & scan) each file is encoded alone once to
+    count its spans, and the spans are given out file after file; when those counts do not add up to the
+    sequence's spans, every entry is ``{"image": None, "tile": None}`` (unknown: the report draws no file)."""
+    sources = []
+    for row, (item, opened) in enumerate(zip(items, images)):
+        count = len(roles.spans(row))
+        if count == len(opened):
+            sources.append([{"image": k, "tile": 0} for k in range(count)])
             continue
-        # as the processor tokenizes the whole text (a BOS it adds counts with the system prompt)
-        count = len(processor.tokenizer(prefix)["input_ids"])
-        columns = valid[row].nonzero().flatten()[:count]
-        mask[row, columns] = True
-    return mask
+        alone = [ImageTextItem(path, "") for path in item.images]
+        tiles = [len(_encode(processor, [one], [[image]], False, image_token_ids, tokens_per_image)[1].spans(0))
+                 for one, image in zip(alone, opened)]
+        if sum(tiles) != count:
+            logger.warning("sequence %d: %d image spans but its %d file(s) give %s alone; spans not mapped to files",
+                           row, count, len(opened), tiles)
+            sources.append([{"image": None, "tile": None}] * count)
+            continue
+        sources.append([{"image": k, "tile": t} for k, n in enumerate(tiles) for t in range(n)])
+    return sources
 
 
 def build_batch(processor: Any, items: Sequence[ImageTextItem], *, chat_template: bool | None = None,
@@ -233,8 +390,9 @@ def build_batch(processor: Any, items: Sequence[ImageTextItem], *, chat_template
             template when the processor has one.
         image_token_ids: ids of image tokens (default: the processor's ``image_token_id``/``video_token_id``;
             pass ``facts.image_token_ids``).
-        tokens_per_image: image tokens of one image when the model fixes it (``facts.vision["tokens_per_image"]``):
-            a run of k times as many image tokens is k adjacent images (as the session reads them).
+        tokens_per_image: image tokens of one image when the model fixes it: a run of k times as many image
+            tokens is k adjacent images, as the session reads them. Default: the processor's
+            (:func:`processor_tokens_per_image`, equal to ``facts.vision["tokens_per_image"]``).
         device, dtype: move tensors to ``device``; cast floating ones (pixel values) to ``dtype``.
 
     Returns:
@@ -242,42 +400,38 @@ def build_batch(processor: Any, items: Sequence[ImageTextItem], *, chat_template
         ``attention_mask`` (B, L), ``pixel_values`` …, Qwen2-VL's ``image_grid_thw`` (num_images, 3)), ready
         for ``model(**kwargs)``; ``roles`` is a :class:`attnlab.roles.TokenRoles` over the same (B, L) columns:
         each run of image tokens one image (tile), or k images with ``tokens_per_image``; its grid from
-        ``image_grid_thw`` (merged by the image processor's ``merge_size``) or square; the system prompt's tokens ``system``; padding ``pad``.
+        ``image_grid_thw`` (merged by the image processor's ``merge_size``) or square; the system prompt's tokens
+        ``system`` (:func:`_system_columns`; a prompt that cannot be located is logged and stays ``text``);
+        padding ``pad``. :func:`span_sources` maps its spans to the input files.
 
     Raises:
         ConfigError: no items, a missing or unreadable image, prompt image tokens that do not match the images,
             ``chat_template=True`` with a processor without one, or a processor that rejects the inputs (its
             message, one line).
     """
+    chat = _chat(processor, items, chat_template)
+    images = [[open_image(path) for path in item.images] for item in items]
+    kwargs, roles = _encode(processor, items, images, chat, image_token_ids, tokens_per_image)
+    return _moved(kwargs, device, dtype), roles
+
+
+def _chat(processor: Any, items: Sequence[ImageTextItem], chat_template: bool | None) -> bool:
     if not items:
         raise ConfigError("build_batch needs at least one item")
     chat = bool(getattr(processor, "chat_template", None)) if chat_template is None else chat_template
     if chat and not getattr(processor, "chat_template", None):
         raise ConfigError(f"{type(processor).__name__} has no chat template; use chat_template=False")
-    rendered = [_render(processor, item, chat) for item in items]
-    images = [[open_image(path) for path in item.images] for item in items]
-    try:
-        encoded = processor(images=images, text=[text for text, _ in rendered], return_tensors="pt", padding=True)
-    except (ValueError, TypeError, IndexError, KeyError, RuntimeError) as error:
-        raise ConfigError(f"{type(processor).__name__} rejected the inputs: {' '.join(str(error).split())[:240]}"
-                          ) from None
-    from attnlab.roles import TokenRoles
+    return chat
 
-    kwargs = {key: value for key, value in encoded.items()}
-    ids, valid = kwargs["input_ids"], kwargs["attention_mask"].bool()
-    grids, image_id = kwargs.get("image_grid_thw"), getattr(processor, "image_token_id", None)
-    merge = int(getattr(getattr(processor, "image_processor", None), "merge_size", 1) or 1) if grids is not None else 1
-    if grids is not None and isinstance(image_id, int):
-        grids = {image_id: grids}  # the image token's grids (videos would have their own)
-    system = _system_mask(processor, [prefix for _, prefix in rendered], ids, valid)
-    roles = TokenRoles.from_input_ids(ids, valid, tuple(image_token_ids or processor_image_ids(processor)),
-                                      grids=grids, merge=merge, system=system if system.any() else None,
-                                      tokens_per_image=tokens_per_image)
+
+def _moved(kwargs: dict[str, Any], device: Any, dtype: Any) -> dict[str, Any]:
+    moved = {}
     for key, value in kwargs.items():
         if isinstance(value, torch.Tensor):
             value = value.to(dtype) if dtype is not None and value.is_floating_point() else value
-            kwargs[key] = value.to(device) if device is not None else value
-    return kwargs, roles
+            value = value.to(device) if device is not None else value
+        moved[key] = value
+    return moved
 
 
 class RoleBatch(dict):
@@ -302,18 +456,16 @@ class ImageTextBatches:
 
     ``windows`` has one JSON-ready dict per item (index, source = the image paths, ids, tokens, pieces of the
     unpadded sequence; as Windows'), ``inputs`` the results.json ``"inputs"`` records (sequence, prompt, answer,
-    images with path, sha256, width, height). Iterating yields :class:`RoleBatch` dicts of ``batch_size`` items
-    (:func:`build_batch`) on ``device`` in ``dtype``.
+    system, images with path, sha256, width, height, fed (+ crop), and spans: the file and tile of each image
+    span). ``encoded`` holds each batch's processor output (CPU) and roles, made once by
+    :func:`image_text_batches`; iterating yields them as :class:`RoleBatch` dicts on ``device`` in ``dtype``.
     """
 
-    processor: Any
     items: list[ImageTextItem]
     windows: list[dict[str, Any]]
     inputs: list[dict[str, Any]]
+    encoded: list[tuple[dict[str, Any], Any]]
     batch_size: int = 1
-    chat_template: bool | None = None
-    image_token_ids: tuple[int, ...] = ()
-    tokens_per_image: int | None = None
     device: Any = None
     dtype: Any = None
     bos_policy: str = "processor"
@@ -325,15 +477,11 @@ class ImageTextBatches:
         return len(self.windows)
 
     def __len__(self) -> int:
-        return -(-len(self.windows) // self.batch_size)
+        return len(self.encoded)
 
     def __iter__(self) -> Iterator[RoleBatch]:
-        for start in range(0, len(self.windows), self.batch_size):
-            chunk = [self.items[w["index"]] for w in self.windows[start : start + self.batch_size]]
-            kwargs, roles = build_batch(self.processor, chunk, chat_template=self.chat_template,
-                                        image_token_ids=self.image_token_ids or None,
-                                        tokens_per_image=self.tokens_per_image, device=self.device, dtype=self.dtype)
-            batch = RoleBatch(kwargs)
+        for kwargs, roles in self.encoded:
+            batch = RoleBatch(_moved(kwargs, self.device, self.dtype))
             batch.roles = roles
             yield batch
 
@@ -342,20 +490,31 @@ def image_text_batches(processor: Any, items: Sequence[ImageTextItem], *, batch_
                        chat_template: bool | None = None, image_token_ids: Sequence[int] = (),
                        tokens_per_image: int | None = None, device: Any = None, dtype: Any = None
                        ) -> ImageTextBatches:
-    """:class:`ImageTextBatches` for ``items``: every image read and hashed and every item encoded once up
-    front, so a bad image or prompt fails before any probe runs (ConfigError, one line)."""
-    windows, inputs = [], []
+    """:class:`ImageTextBatches` for ``items``, built up front so a bad image or prompt fails before any probe
+    runs (ConfigError, one line): each image file is read once (its record hashes the bytes decoded) and each
+    batch of ``batch_size`` items is encoded once (:func:`build_batch`'s rendering and roles) and kept on the CPU
+    with its pixel values until the run feeds it (mind the memory of a very large manifest: split it)."""
+    chat = _chat(processor, items, chat_template)
+    ids_of = tuple(image_token_ids) or None
+    windows, inputs, encoded = [], [], []
     tokenizer = processor.tokenizer
-    for index, item in enumerate(items):
-        kwargs, _ = build_batch(processor, [item], chat_template=chat_template,
-                                image_token_ids=tuple(image_token_ids) or None, tokens_per_image=tokens_per_image)
-        ids = kwargs["input_ids"][0][kwargs["attention_mask"][0].bool()].tolist()
-        records = [image_record(path, open_image(path)) for path in item.images]
-        windows.append({"index": index, "source": [str(p) for p in item.images], "start_token": 0, "ids": ids,
-                        "tokens": [tokenizer.decode([i]) for i in ids],
-                        "pieces": tokenizer.convert_ids_to_tokens(ids)})
-        inputs.append({"sequence": index, "prompt": item.prompt, "answer": item.answer, "images": records})
-    return ImageTextBatches(processor, list(items), windows, inputs, batch_size, chat_template,
-                            tuple(image_token_ids), tokens_per_image, device, dtype,
+    for first in range(0, len(items), batch_size):
+        chunk = list(items[first : first + batch_size])
+        read = [[read_image(path) for path in item.images] for item in chunk]
+        images = [[image for image, _ in pairs] for pairs in read]
+        kwargs, roles = _encode(processor, chunk, images, chat, ids_of, tokens_per_image)
+        sources = span_sources(processor, chunk, images, roles, image_token_ids=ids_of,
+                               tokens_per_image=tokens_per_image)
+        for row, (item, pairs) in enumerate(zip(chunk, read)):
+            index = first + row
+            ids = kwargs["input_ids"][row][kwargs["attention_mask"][row].bool()].tolist()
+            windows.append({"index": index, "source": [str(p) for p in item.images], "start_token": 0, "ids": ids,
+                            "tokens": [tokenizer.decode([i]) for i in ids],
+                            "pieces": tokenizer.convert_ids_to_tokens(ids)})
+            records = [{**record, **fed_region(processor, record["width"], record["height"])}
+                       for _, record in pairs]
+            inputs.append({"sequence": index, "prompt": item.prompt, "answer": item.answer, "system": item.system,
+                           "images": records, "spans": sources[row]})
+        encoded.append((kwargs, roles))
+    return ImageTextBatches(list(items), windows, inputs, encoded, batch_size, device, dtype,
                             files=sorted({str(p) for item in items for p in item.images}))
-

@@ -18,7 +18,7 @@ from functools import cache
 from typing import Any
 
 from attnlab.capture.architectures import is_causal_lm, is_vision_language
-from attnlab.errors import UsageError
+from attnlab.errors import UsageError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -94,18 +94,61 @@ def load_processor(name_or_path: Any, config: Any, *, trust_remote_code: bool = 
         cls = _processor_class(config)
         if cls is None or image_only_processor(cls) is cls:
             if isinstance(error, ImportError):  # a package the processor needs (SmolVLM: num2words)
-                raise UsageError(f"cannot load the processor of {name_or_path}: {' '.join(str(error).split())[:300]}") from None
+                raise UsageError(f"cannot load the processor of {name_or_path}: {one_line(error)}") from None
             raise
         logger.info("%s: loading its processor without the video processor (%s)", name_or_path,
-                    " ".join(str(error).split())[:120])
+                    one_line(error, 120))
         try:
             return image_only_processor(cls).from_pretrained(name_or_path, **kwargs)
         except ImportError as second:
-            raise UsageError(f"cannot load the processor of {name_or_path}: {' '.join(str(second).split())[:300]}") from None
-        except Exception:  # noqa: BLE001 - the first error is the one to report
+            raise UsageError(f"cannot load the processor of {name_or_path}: {one_line(second)}") from None
+        except Exception as second:  # noqa: BLE001 - the first error is the one to report
+            logger.debug("%s: the image-only processor failed too: %s", name_or_path, one_line(second))
             raise error from None
 
 
 def processor_tokenizer(processor: Any) -> Any:
     """The tokenizer inside a processor (``processor.tokenizer``)."""
     return getattr(processor, "tokenizer", processor)
+
+
+def reads_images(name_or_path: Any) -> bool | None:
+    """Whether the model at ``name_or_path`` is a vision-language model, read from its config alone (no weights):
+    True or False for a local folder with a readable config.json, a ``.gguf`` file or a bundled name (text
+    models), or a hub id in the local hub cache; None when that cannot be told without loading (the loader's own
+    checks then apply)."""
+    import os
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    from attnlab.assets import ASSETS
+
+    name = os.fspath(name_or_path)
+    path = Path(name).expanduser()
+    if (name in ASSETS and not path.exists()) or (path.is_file() and path.suffix == ".gguf"):
+        return False
+    source, kwargs = (path, {}) if (path / "config.json").is_file() else (name, {"local_files_only": True})
+    if source is name and ("/" not in name or path.exists()):
+        return None
+    try:
+        return is_vision_language(AutoConfig.from_pretrained(source, **kwargs))
+    except Exception as error:  # noqa: BLE001 - unreadable here: the loader reports it
+        logger.debug("%s: config not read ahead of loading (%s)", name, one_line(error))
+        return None
+
+
+def check_model_kind(name_or_path: Any, *, images: bool = False, tokenizer: Any = None) -> None:
+    """ConfigError (one line) before any weight loads: images (``--image``/``--manifest``) for a text model, or a
+    separate ``--tokenizer`` for a vision-language model (its tokenizer comes with its processor)."""
+    from attnlab.errors import ConfigError
+
+    if not images and tokenizer is None:
+        return
+    vision = reads_images(name_or_path)
+    if images and vision is False:
+        raise ConfigError(f"--image/--manifest need a vision-language model; {name_or_path} is text-only "
+                          "(by its config; nothing loaded)")
+    if tokenizer is not None and vision:
+        raise ConfigError(f"{name_or_path} is a vision-language model: its tokenizer comes with its processor; "
+                          f"drop --tokenizer {tokenizer}")

@@ -135,8 +135,13 @@ def run_probe_command(ctx: typer.Context, command: str, config_path: Path | None
                          style="yellow")
 
 
+IMAGES_HELP = (" On a vision-language model the inputs can be images instead of text: --image PATH --prompt TEXT, "
+               "or --manifest FILE (docs/vlm.md).")
+
+
 def make_probe_command(command: str, doc: str, **defaults: Any) -> Callable[..., None]:
-    """A typer command function with :func:`probe`'s options, ``defaults`` replacing some of their defaults.
+    """A typer command function with :func:`probe`'s options, ``defaults`` replacing some of their defaults; a
+    ``doc`` that does not mention ``--image`` gets :data:`IMAGES_HELP` appended.
 
     ``command`` is recorded in results.json; ``"report"`` runs the default probes when no ``--probe`` is given.
     """
@@ -149,6 +154,6 @@ def make_probe_command(command: str, doc: str, **defaults: Any) -> Callable[...,
         parameter.replace(default=defaults.get(name, parameter.default))
         for name, parameter in signature.parameters.items()])
     body.__annotations__ = dict(probe.__annotations__)
-    body.__doc__ = doc
+    body.__doc__ = doc if "--image" in doc else doc + IMAGES_HELP
     body.__name__ = command
     return body

@@ -72,7 +72,7 @@ class RoleAttentionProbe(Probe):
         Text(when="text_to_image",
              template="Text tokens give {percent.text_to_image} % of their attention to image tokens and "
                       "{percent.text_to_text} % to text tokens (mean over layers, heads and text queries)."),
-        Heatmap((Series("text_to_image", "text → image", "share of each text query's attention (0–1)", vmin=0.0),),
+        Heatmap((Series("text_to_image", "text → image", "share of attention (0–1)", vmin=0.0),),
                 when="text_to_image", alt="Heatmap of attention from text to image tokens by layer and head",
                 caption="Share of each text query's attention that lands on image tokens, per layer (rows) and query "
                         "head (columns), averaged over the text queries of every sequence; grey = no data. Each "

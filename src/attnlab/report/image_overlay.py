@@ -1,15 +1,21 @@
 """Drawing of :class:`attnlab.report.sections.ImageOverlay`: a token-grid heat layer on the run's input image.
 
 The image comes from ``results["inputs"]`` (written by the pipeline for image-text runs; docs/results.md):
-``[{"sequence": i, "prompt": ..., "images": [{"path", "sha256", "width", "height"}]}]``. The file is read with
-Pillow when it exists (a relative path is taken from the current directory); when it is missing or unreadable the
-grid is drawn on a grey canvas of the recorded size and the caption says which file was not found. A file whose
-SHA-256 differs from the recorded one is drawn, and the caption says it changed.
+``[{"sequence": i, "prompt": ..., "images": [{"path", "sha256", "width", "height", "fed", "crop"?}],
+"spans": [{"image": file index, "tile": t}, ...]}]``. An overlay record's ``image_index`` is the number of the
+image *span* (a tile of a split image counts as one); ``spans`` names the file it came from. Without that
+mapping, or when it names no recorded file, the grid is drawn on a grey canvas and the caption says so, never
+on another file. The file is read with Pillow when it exists (a relative path is taken from the current
+directory); when it is missing or unreadable the grid is drawn on a grey canvas of the recorded size and the
+caption says which file was not found. A file whose SHA-256 differs from the recorded one is drawn, and the
+caption says it changed.
 
-The grid (rows × cols, one cell per image token of the model's grid) is stretched over the whole image with
-nearest-neighbour cells, coloured by value with an opacity that rises with it (the picture shows through low cells), so a cell covers the part of the picture its token saw only when the processor resized the
-whole image to the vision tower's square (LLaVA's "pad" and plain resizing do, a centre crop does not: the grid
-then covers the crop, stretched). Markers are circles at the cell centres.
+The grid (rows × cols, one cell per image token of the model's grid) is stretched over the part of the picture
+the vision tower saw, with nearest-neighbour cells, coloured by value with an opacity that rises with it (the
+picture shows through low cells): the whole picture when the processor resized it (LLaVA's "pad", plain
+resizing), the recorded crop box (outlined, and named in the caption) when it centre-cropped (``"fed":
+"center-crop"``). A tile of a split image is drawn over its whole file (the caption names the tile). Markers are
+circles at the cell centres.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Colormap, Normalize
 from matplotlib.figure import Figure
-from matplotlib.patches import Circle
+from matplotlib.patches import Circle, Rectangle
 
 from attnlab.report.plots import DPI, MAX_WIDTH_IN
 from attnlab.report.sections import ImageOverlay
@@ -57,23 +63,29 @@ def overlay_records(part: ImageOverlay, extras: Mapping[str, Any]) -> list[dict[
     return records[: part.top] if part.top else records
 
 
-def find_image(inputs: Sequence[Mapping[str, Any]], sequence: int, image_index: int) -> Mapping[str, Any] | None:
-    """The ``images[image_index]`` record of the input whose ``"sequence"`` is ``sequence`` (else its position in
-    the list), or None."""
+def find_image(inputs: Sequence[Mapping[str, Any]], sequence: int, image_index: int
+               ) -> tuple[Mapping[str, Any] | None, str]:
+    """``(image record, note)`` for image span ``image_index`` of the input whose ``"sequence"`` is ``sequence``
+    (else its position in the list): the span's file is ``images[spans[image_index]["image"]]``. The record is
+    None, and the note says why, when that input, its ``spans`` entry or the file it names is missing: the panel
+    is then drawn grey, never on another file."""
     for number, item in enumerate(inputs or ()):
         if not isinstance(item, Mapping) or item.get("sequence", number) != sequence:
             continue
-        images = item.get("images") or []
-        if 0 <= image_index < len(images) and isinstance(images[image_index], Mapping):
-            return images[image_index]
-        return None
-    return None
+        spans, images = item.get("spans"), item.get("images") or []
+        if not isinstance(spans, list):
+            return None, "no span→file mapping recorded (results.json written before attnlab recorded spans)"
+        source = spans[image_index] if 0 <= image_index < len(spans) else None
+        file = source.get("image") if isinstance(source, Mapping) else None
+        if not isinstance(file, int) or not 0 <= file < len(images) or not isinstance(images[file], Mapping):
+            return None, "the span's input file is unknown (spans do not map it to a recorded image)"
+        tile = source.get("tile")
+        return images[file], (f"tile {tile} of file {file}" if isinstance(tile, int) and tile > 0 else "")
+    return None, "no input image recorded"
 
 
-def _load(record: Mapping[str, Any] | None) -> tuple[np.ndarray | None, str]:
+def _load(record: Mapping[str, Any]) -> tuple[np.ndarray | None, str]:
     """(RGB array or None, note for the caption)."""
-    if record is None:
-        return None, "no input image recorded"
     path = Path(str(record.get("path", "")))
     try:
         data = path.read_bytes()
@@ -91,6 +103,32 @@ def _load(record: Mapping[str, Any] | None) -> tuple[np.ndarray | None, str]:
             return np.asarray(image), note
     except Exception as error:  # noqa: BLE001 - any unreadable file: draw without it, say why
         return None, f"could not read {path.name} ({type(error).__name__})"
+
+
+def _fed_note(meta: Mapping[str, Any] | None) -> str:
+    """The caption note for an image the processor centre-cropped (``"fed": "center-crop"``)."""
+    if meta is None or meta.get("fed") != "center-crop":
+        return ""
+    if _crop(meta) is None:
+        return "centre-cropped by the processor; the grid is stretched over the whole picture"
+    return "centre-cropped by the processor; the grid covers the crop (outlined area)"
+
+
+def _crop(meta: Mapping[str, Any] | None) -> tuple[float, float, float, float] | None:
+    box = (meta or {}).get("crop")
+    if isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box):
+        return tuple(float(v) for v in box)  # type: ignore[return-value]
+    return None
+
+
+def _box(meta: Mapping[str, Any] | None, width_px: int, height: int) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) the grid covers, in the drawn picture's pixels: the processor's crop scaled
+    from the file's size, else the whole picture."""
+    box = _crop(meta)
+    if box is None or not (meta or {}).get("width") or not (meta or {}).get("height"):
+        return 0.0, 0.0, float(width_px), float(height)
+    sx, sy = width_px / float(meta["width"]), height / float(meta["height"])  # type: ignore[index]
+    return box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy
 
 
 def _grid(values: Any) -> np.ndarray:
@@ -130,10 +168,12 @@ def draw_overlays(part: ImageOverlay, extras: Mapping[str, Any], inputs: Sequenc
     notes = []
     for ax, record, grid in zip(axes, records, grids):
         sequence, image_index = int(record.get("sequence", 0)), int(record.get("image_index", 0))
-        meta = find_image(inputs, sequence, image_index)
-        picture, note = _load(meta)
-        if note:
-            notes.append(f"sequence {sequence}, image {image_index}: {note}")
+        meta, note = find_image(inputs, sequence, image_index)
+        picture, load_note = _load(meta) if meta is not None else (None, "")
+        fed = _fed_note(meta)
+        for text in (note, load_note, fed):
+            if text:
+                notes.append(f"sequence {sequence}, image {image_index}: {text}")
         if picture is not None:
             height, width_px = picture.shape[:2]
             ax.imshow(picture, extent=(0, width_px, height, 0), interpolation="bilinear")
@@ -141,13 +181,17 @@ def draw_overlays(part: ImageOverlay, extras: Mapping[str, Any], inputs: Sequenc
             height = int((meta or {}).get("height") or grid.shape[0] * 16)
             width_px = int((meta or {}).get("width") or grid.shape[1] * 16)
             ax.imshow(np.full((2, 2, 3), 0.85), extent=(0, width_px, height, 0))
-        ax.imshow(_heat(grid, cmap, norm), extent=(0, width_px, height, 0), interpolation="nearest")
+        left, top, right, bottom = _box(meta, width_px, height)
+        ax.imshow(_heat(grid, cmap, norm), extent=(left, right, bottom, top), interpolation="nearest")
+        if _crop(meta) is not None:
+            ax.add_patch(Rectangle((left, top), right - left, bottom - top, fill=False, edgecolor="white",
+                                   linestyle="--", linewidth=1.0))
         rows, cols = grid.shape
-        cell = min(width_px / cols, height / rows)
+        cell_w, cell_h = (right - left) / cols, (bottom - top) / rows
         for marker in record.get("markers") or ():
             r, c = int(marker[0]), int(marker[1])
-            ax.add_patch(Circle(((c + 0.5) * width_px / cols, (r + 0.5) * height / rows), radius=0.42 * cell,
-                                fill=False, edgecolor="#00e5ff", linewidth=1.4))
+            ax.add_patch(Circle((left + (c + 0.5) * cell_w, top + (r + 0.5) * cell_h),
+                                radius=0.42 * min(cell_w, cell_h), fill=False, edgecolor="#00e5ff", linewidth=1.4))
         ax.set_xlim(0, width_px)
         ax.set_ylim(height, 0)
         ax.set_xticks([])
