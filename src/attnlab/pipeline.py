@@ -21,8 +21,8 @@ rope_theta reach them in ``bind``. The runner is built only for an analysis or a
 report of the default attention probes never builds one.
 
 Image inputs (``config.inputs``: ``--image``/``--prompt`` or ``--manifest``, :mod:`attnlab.capture.vlm_inputs`)
-replace the text windows on a vision-language model: each item is one sequence (the first ``max_windows``
-items), batched by ``batch_size``, each batch run under its token roles (:func:`attnlab.roles.given_roles`), and
+replace the text windows on a vision-language model: each item is one sequence (every item: ``max_windows``
+counts text windows only), batched by ``batch_size``, each batch run under its token roles (:func:`attnlab.roles.given_roles`), and
 ``results["inputs"]`` records every item's prompt, answer, system prompt, images (path, sha256, width, height,
 fed) and the file and tile of each image span; the viewer's pattern pass is skipped.
 
@@ -419,10 +419,6 @@ def _image_batches(config: RunConfig, loaded: Any, items: list[Any], notify: Pro
     if loaded.processor is None:
         raise ConfigError(f"--image/--manifest need a vision-language model; {config.load.model} is text-only "
                           f"({loaded.facts.class_name})")
-    if len(items) > config.data.max_windows:  # --max-windows limits the items as it limits text windows
-        logger.warning("reading the first %d of %d image-text items (--max-windows %d)", config.data.max_windows,
-                       len(items), config.data.max_windows)
-        items = items[: config.data.max_windows]
     notify(0, 0, "reading images")
     return image_text_batches(loaded.processor, items, batch_size=config.data.batch_size,
                               chat_template=config.inputs.use_chat_template,

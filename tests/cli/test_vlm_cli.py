@@ -42,7 +42,7 @@ def test_report_on_one_image(setup, tmp_path):
                      "--probe", "entropy", "--probe", "sink")
     assert result.exit_code == 0, result.output
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    (item,) = results["inputs"]
+    item = results["inputs"][0]
     assert item["sequence"] == 0 and item["prompt"] == "What colour?" and item["answer"] is None
     assert item["images"][0]["path"] == str(red) and item["images"][0]["width"] == 40
     assert results["model"]["modality"] == "vision-language"
@@ -107,15 +107,16 @@ def test_image_with_text_is_refused(setup, tmp_path):
     assert_one_line_error(result, 2, "--text and --image/--manifest cannot be combined")
 
 
-def test_max_windows_limits_the_items_and_inputs_replay_from_elsewhere(setup, tmp_path, monkeypatch):
+def test_every_item_runs_and_inputs_replay_from_elsewhere(setup, tmp_path, monkeypatch):
     monkeypatch.chdir(setup["root"])
     result = _invoke("probe", setup["vlm"], tmp_path / "out", "--manifest", "items.jsonl", "--probe", "entropy",
-                     "--max-windows", "1")
+                     "--max-windows", "1")  # counts text windows only
     assert result.exit_code == 0, result.output
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert len(results["inputs"]) == 1 and len(results["windows"]) == 1
+    count = len(setup["manifest"].read_text().splitlines())
+    assert len(results["inputs"]) == count and len(results["windows"]) == count
     assert results["config"]["manifest"] == str(setup["manifest"])  # absolute: replays from any directory
-    (item,) = results["inputs"]
+    item = results["inputs"][0]
     assert item["system"] is None and item["spans"] == [{"image": 0, "tile": 0}]
     assert item["images"][0]["fed"] == "center-crop" and len(item["images"][0]["crop"]) == 4
 

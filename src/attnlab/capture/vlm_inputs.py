@@ -476,11 +476,17 @@ class ImageTextBatches:
     def num_windows(self) -> int:
         return len(self.windows)
 
+    def _chosen(self) -> list[tuple[dict[str, Any], Any]]:
+        """The encoded batches of ``windows`` (a copy with a slice of them, as the pipeline makes per shard, keeps
+        only the batches holding those items)."""
+        first = {int(window["index"]) for window in self.windows}
+        return [pair for number, pair in enumerate(self.encoded) if number * self.batch_size in first]
+
     def __len__(self) -> int:
-        return len(self.encoded)
+        return len(self._chosen())
 
     def __iter__(self) -> Iterator[RoleBatch]:
-        for kwargs, roles in self.encoded:
+        for kwargs, roles in self._chosen():
             batch = RoleBatch(_moved(kwargs, self.device, self.dtype))
             batch.roles = roles
             yield batch
