@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from vlm_fixtures import Recorder
 
 from attnlab import Session
 from attnlab.edits import parse_edit_spec
 from attnlab.errors import ConfigError, ShapeError
 from attnlab.functional.sink_dims import rms_normalised, sink_dimensions, sink_tokens
-from attnlab.probes.base import Probe
 from attnlab.roles import GENERATED, IMAGE, PAD, SYSTEM, TEXT, ImageSpan, TokenRoles, given_roles, role_codes
 
 IMAGE_ID = 99
@@ -36,18 +36,6 @@ def batch_two_images():
     mask[1, :2] = 0
     torch.manual_seed(1)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(4, 3, 32, 32)}
-
-
-class Recorder(Probe):
-    name = "recorder"
-    needs = ("value",)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls = {}
-
-    def begin_call(self, call):
-        self.calls[call.layer_idx] = call
 
 
 # roles ------------------------------------------------------------------------------------------------------

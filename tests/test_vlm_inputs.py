@@ -6,13 +6,13 @@ import json
 
 import pytest
 import torch
+from vlm_fixtures import Recorder
 
 from attnlab.capture.vlm_inputs import (
     ImageTextItem, build_batch, image_text_batches, open_image, read_manifest,
 )
 from attnlab.config import ImageTextSpec, RunConfig
 from attnlab.errors import ConfigError
-from attnlab.probes.base import Probe
 from attnlab.testing import tiny_vlm
 
 
@@ -200,20 +200,6 @@ def test_image_text_batches_record_inputs(vlms, images):
     assert batch.roles.codes.shape == batch["input_ids"].shape
     assert batches.windows[1]["ids"] == batch["input_ids"][1][batch["attention_mask"][1].bool()].tolist()
     json.dumps(batches.windows) and json.dumps(batches.inputs)
-
-
-class Recorder(Probe):
-    """A probe that keeps each layer's call record."""
-
-    name = "recorder"
-    needs = ("value",)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls = {}
-
-    def begin_call(self, call):
-        self.calls[call.layer_idx] = call
 
 
 @pytest.mark.parametrize("kind", ["llava", "qwen2_vl", "idefics3"])

@@ -14,9 +14,13 @@ Shapes: B batch, L tokens, P = 16 image tokens per image.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
+
+from attnlab.probes.base import Probe
+from attnlab.roles import TokenRoles
 
 IMAGE_TOKEN_ID = 99
 IMAGE = -1  # marker inside a token id list: one image goes here (expanded to image_tokens(model) ids)
@@ -110,3 +114,23 @@ def random_image(seed: int = 0, width: int = 32, height: int = 32):
 
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8), "RGB")
+
+
+class Recorder(Probe):
+    """A probe that keeps each layer's last call record (``calls[layer]``)."""
+
+    name = "recorder"
+    needs = ("value",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = {}
+
+    def begin_call(self, call):
+        self.calls[call.layer_idx] = call
+
+
+def row_roles(roles: TokenRoles, row: int) -> TokenRoles:
+    """The roles of batch row ``row`` alone, as a one-sequence forward would have them."""
+    return TokenRoles(roles.codes[row:row + 1], tuple(dataclasses.replace(span, sequence=0)
+                                                      for span in roles.spans(row)))

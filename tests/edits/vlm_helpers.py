@@ -15,6 +15,7 @@ from attnlab.edits.base import AttentionCall
 from attnlab.functional.attention import causal_keep
 from attnlab.probes.base import SequenceInfo
 from attnlab.roles import ROLES, TokenRoles
+from edits.helpers import capture_probs
 
 IMAGE_ID, TEXT_ID = 99, 5
 
@@ -68,16 +69,7 @@ def role_edited_call(edits, query, key, value, *, roles, hidden=None, block_size
     return EditedCall(query, key, value, keep, edits=order_edits(edits), call=call, block_size=block_size)
 
 
-def full_probs(call):
-    """The eager form's probs (B, Hq, Lq, Lk) float64."""
-    B, Hq, Lq, Lk = call.shape
-    probs = torch.zeros(B, Hq, Lq, Lk, dtype=torch.float64)
-
-    def grab(block):
-        probs[:, :, block.q_index, : block.probs.shape[-1]] = block.probs.double()
-
-    call.eager(on_block=grab)
-    return probs
+full_probs = capture_probs  # the eager form's probs (B, Hq, Lq, Lk) float64
 
 
 def full_logits(call):

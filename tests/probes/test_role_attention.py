@@ -8,6 +8,7 @@ import re
 
 import pytest
 import torch
+from vlm_fixtures import row_roles
 
 from attnlab.columns import SCHEMA_VERSION
 from attnlab.probes import PROBES
@@ -123,8 +124,7 @@ def test_split_batches_merge_and_export_round_trip():
     _feed(whole, roles, valid, probs)
     parts = []
     for b in range(2):
-        part_roles = type(roles)(roles.codes[b:b + 1], tuple(type(s)(0, s.start, s.rows, s.cols, s.frames, s.index)
-                                                                 for s in roles.spans(b)))
+        part_roles = row_roles(roles, b)
         probe = _probe()
         _feed(probe, part_roles, valid[b:b + 1], [p[b:b + 1] for p in probs], offset=b)
         parts.append(probe)

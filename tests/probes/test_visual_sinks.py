@@ -8,6 +8,7 @@ import re
 
 import pytest
 import torch
+from vlm_fixtures import row_roles
 
 from attnlab.columns import SCHEMA_VERSION
 from attnlab.errors import ConfigError
@@ -134,8 +135,7 @@ def test_split_batches_merge_and_export_round_trip():
     _feed(whole, roles, valid, hiddens)
     parts = []
     for b in range(2):
-        part_roles = type(roles)(roles.codes[b:b + 1], tuple(type(s)(0, s.start, s.rows, s.cols, s.frames, s.index)
-                                                                 for s in roles.spans(b)))
+        part_roles = row_roles(roles, b)
         probe = _probe()
         _feed(probe, part_roles, valid[b:b + 1], [h[b:b + 1] for h in hiddens], offset=b)
         parts.append(probe)
