@@ -331,8 +331,8 @@ def _run_probes(model, probes, monkeypatch=None, probe_kernel="fused"):
     def tagged(value):
         return value.as_subclass(Elsewhere) if isinstance(value, torch.Tensor) else value
 
-    def read_forward(*args):  # the sequence (input ids, masks, positions) lives on the input device
-        forward, length = session_module.read_forward.__wrapped__(*args)
+    def read_forward(*args, **kwargs):  # the sequence (input ids, masks, positions) lives on the input device
+        forward, length = session_module.read_forward.__wrapped__(*args, **kwargs)
         if forward is not None:
             sequence = dataclasses.replace(forward.sequence, **{name: tagged(getattr(forward.sequence, name))
                                                                 for name in ("valid", "positions", "input_ids")})
