@@ -50,6 +50,8 @@ def test_report_on_one_image(setup, tmp_path):
     assert {row["probe"] for row in results["rows"]} == {"entropy", "sink"}
     assert "<image>" in results["windows"][0]["tokens"]
     assert (tmp_path / "out" / "report.html").is_file()
+    config_line = next(line for line in result.output.splitlines() if line.startswith("config:"))
+    assert "image=" in config_line and not any(f" {key}=" in config_line for key in ("seq_len", "max_windows", "bos"))
 
 
 def test_probe_over_a_manifest(setup, tmp_path):
