@@ -278,7 +278,8 @@ def test_a_near_uniform_grid_gets_no_markers():
     """Circling the "most attended" tokens of a map flat to within 1 % would suggest a contrast that is not there."""
     probe = _probe()
     flat = torch.tensor([1.0, 1.001, 1.002, 0.999], dtype=torch.float64)
-    probe.grids = {(0, 0): (flat.clone(), 1, 2, 2, 1), (0, 1): (torch.tensor([1.0, 2.0, 1.0, 1.0]).double(), 1, 2, 2, 1)}
+    peaked = torch.tensor([1.0, 2.0, 1.0, 1.0], dtype=torch.float64)
+    probe.grids = {(0, 0): (flat, 1, 2, 2, 1), (0, 1): (peaked, 1, 2, 2, 1)}
     grids = {g["image_index"]: g for g in probe.image_grids()}
     assert grids[0]["markers"] == [] and "near-uniform" in grids[0]["title"]
     assert grids[1]["markers"][0] == [0, 1] and "near-uniform" not in grids[1]["title"]
