@@ -215,7 +215,8 @@ def test_run_probes_progress_true_prints_lines(text, capsys, monkeypatch):
                progress=True)
     err = capsys.readouterr().err.splitlines()
     # 2 windows and the viewer's pattern pass
-    assert any(LINE.match(line) and "running attention probes 1/3 (33%)" in line and "ETA" in line for line in err)
+    assert any(LINE.match(line) and "running attention probes on window 2/2, forward passes 1/3 (33%)" in line
+               and "ETA" in line for line in err)
     assert any(LINE.match(line) and "attention patterns 2/3 (66%)" in line for line in err)
     assert LINE.match(err[-1]) and "done 3/3 (100%)" in err[-1]
 

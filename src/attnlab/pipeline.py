@@ -486,7 +486,7 @@ def _single_pass(run: _Run) -> dict[int, str]:
     if run.session is not None:
         with run.session, torch.no_grad():
             for number, batch in enumerate(run.windows):
-                run.tally.step(f"running attention probes · batch {number + 1}/{count}")
+                run.tally.step(f"running attention probes · batch {number + 1}/{count} · forward passes")
                 with batch_roles(batch):
                     run.session.model(**batch)
                 run.tally.done += 1
@@ -512,7 +512,7 @@ def _compute_shard(run: _Run, shard: int, empty: Bundle, unit: str) -> Bundle:
     if run.session is not None:
         run.session.num_sequences = shard * run.windows.batch_size
         run.session.attention_paths.clear()
-        run.tally.step("running attention probes")
+        run.tally.step(f"running attention probes on {unit} {shard + 1}/{count}, forward passes")
         with run.session, torch.no_grad(), batch_roles(batch):
             run.session.model(**batch)
         run.tally.done += 1

@@ -10,7 +10,7 @@ Every function that takes ``progress=`` accepts:
 - ``None`` or ``False``: report nothing (:func:`silent`);
 - ``True``: print to stderr (:func:`progress_to`): a rich bar with elapsed time and ETA when stderr is a terminal,
   otherwise plain lines (:class:`PlainLines`) such as
-  ``[12:03:04] running attention probes 2/4 (50%) · 31 s elapsed · ETA 31 s``;
+  ``[12:03:04] running attention probes on window 3/3, forward passes 2/4 (50%) · 31 s elapsed · ETA 31 s``;
 - a callable ``(done, total, message) -> None``, called as is.
 
 Plain lines are printed when the message's stage changes (:func:`stage`: the message before its first `` · ``,

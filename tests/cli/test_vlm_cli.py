@@ -50,6 +50,8 @@ def test_report_on_one_image(setup, tmp_path):
     assert {row["probe"] for row in results["rows"]} == {"entropy", "sink"}
     assert "<image>" in results["windows"][0]["tokens"]
     assert (tmp_path / "out" / "report.html").is_file()
+    config_line = next(line for line in result.output.splitlines() if line.startswith("config:"))
+    assert "image=" in config_line and not any(f" {key}=" in config_line for key in ("seq_len", "max_windows", "bos"))
 
 
 def test_probe_over_a_manifest(setup, tmp_path):
@@ -130,3 +132,12 @@ def test_pattern_heads_with_an_image_is_refused(setup, tmp_path):
 def test_report_help_names_the_image_inputs():
     result = runner.invoke(app, ["report", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0 and "--image PATH --prompt TEXT, or --manifest FILE" in result.output
+
+
+def test_carve_on_qwen2_vl_names_the_probe_to_drop(setup, tmp_path):
+    """Qwen2-VL's flattened pixel_values cannot be masked by the analysis: one line that says what to do."""
+    qwen = save_tiny_vlm(tmp_path / "qwen", "qwen2_vl")
+    result = _invoke("probe", qwen, tmp_path / "out", "--image", str(setup["root"] / "red.png"), "--prompt", "Red?",
+                     "--probe", "entropy", "--probe", "carve")
+    assert result.exit_code == 2, result.output
+    assert "drop --probe carve" in result.output and "attnlab vlm carve" in result.output

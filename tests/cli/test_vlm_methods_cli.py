@@ -49,6 +49,11 @@ def test_carve_writes_the_map_and_the_masked_image(model_dir, image, tmp_path):
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "c" / "carve.json").read_text())
     assert len(record["contrast"]) == 4 and len(record["kept"]) == 4
+    assert record["layers"] == [1] and record["generic_text"] == "Describe this image."  # 2 layers: the second half
+    assert len(record["generic_map"]) == 4
+    printed = [line for line in result.stdout.splitlines() if line.startswith("answer (")]
+    assert len(printed) == 2 and all(line.endswith("(empty: generation stopped at once)") or "'" in line
+                                     for line in printed)  # repr() or "(empty)": never a bare blank
     from PIL import Image
 
     with Image.open(tmp_path / "c" / "masked.png") as masked:  # written whole (atomically) as a PNG
@@ -61,10 +66,12 @@ def test_carve_writes_the_map_and_the_masked_image(model_dir, image, tmp_path):
 def test_the_commands_are_registered_on_the_cli(name):
     result = runner.invoke(app, ["vlm", name, "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
     assert result.exit_code == 0 and "--model" in result.output
+    assert "Model and inputs" not in result.output and "[default: .]" not in result.output  # one panel; no bogus path
 
 
 @pytest.mark.parametrize("args", [["vhr", "--image", "x.png"], ["vhr", "--model", "m", "--fraction", "0.1"],
                                   ["carve", "--model", "m", "--prompt", "q", "--image", "missing.png"],
+                                  ["carve", "--model", "m", "--prompt", "q"],
                                   ["vhr", "--model", "m", "--image", "a.png", "--prompt", "q", "--at", "middle"]])
 def test_bad_usage_exits_2_with_one_line(args):
     result = runner.invoke(app, ["vlm", *args])

@@ -112,3 +112,18 @@ def test_a_tokenizer_that_looks_like_another_models_logs_one_warning(tmp_path, c
         assert len(warnings) == 1 and "\n" not in warnings[0], warnings
         assert f"tokenizer {tmp_path / 'tok'} may not belong to model {tmp_path / 'bare'}" in warnings[0]
         assert expected in warnings[0]
+
+
+def test_help_texts_show_no_raw_rst():
+    """--help prints the command's docstring as is: no ``double backticks`` or :func: roles there."""
+    result = runner.invoke(app, ["eval", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
+    assert result.exit_code == 0 and "torchrun" in result.output
+    assert "``" not in result.output and ":func:" not in result.output and ":mod:" not in result.output
+
+
+def test_pillow_is_listed_once():
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert [dep for dep in project["dependencies"] if dep.lower().startswith("pillow")] == ["pillow>=10"]

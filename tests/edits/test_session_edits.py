@@ -177,3 +177,18 @@ def test_concentric_positions_touch_every_head_of_every_layer(model):
     _, session = logits_with(model, ["concentric_positions:start=2,height=3,width=3,layers=1,heads=0"])
     report = session.edit_report()
     assert report.heads_touched[0] == 2 * 4 and report.forward_passes_touched[0] == 1
+
+
+def test_the_no_change_hint_fits_the_edit():
+    """The window hint only for edits with a window; var gets its own; others none."""
+    from attnlab.capture.edit_log import _no_change_hint
+
+    assert "window" in _no_change_hint(parse_edit_spec("sink_window:sinks=4,window=1000"))
+    var_hint = _no_change_hint(parse_edit_spec("var:tau=3"))
+    assert "window" not in var_hint and "tau=3" in var_hint
+    assert _no_change_hint(parse_edit_spec("temperature:tau=2")) == ""
+
+
+def test_keys_on_an_output_edit_reads_an_output_stage():
+    with pytest.raises(ConfigError, match="which an output-stage edit"):
+        parse_edit_spec("head_scale:scale=0,keys=image")

@@ -139,10 +139,18 @@ def test_cli_train_and_eval(tmp_path: Path, trained: tuple[Path, dict]) -> None:
     assert (out / "checkpoint" / "vlm_lab.json").is_file() and (out / "results.json").is_file()
     report = tmp_path / "eval.json"
     result = runner.invoke(vlm_app, ["eval", str(trained[0]), "--eval-per-kind", "2", "--out", str(report),
-                                     "--edit", "temperature:tau=2.0"])
+                                     "--edit", "temperature:tau=2.0", "--edit", "head_scale:scale=0,layers=0",
+                                     "--edit", "temperature:tau=0.8,keys=image,queries=text"])
     assert result.exit_code == 0, result.output
+    assert "yes on present" in result.output
     variants = json.loads(report.read_text())["variants"]
-    assert set(variants) == {"baseline", "temperature:tau=2.0"}
+    assert set(variants) == {"baseline", "temperature:tau=2.0", "head_scale:scale=0,layers=0",
+                             "temperature:tau=0.8,keys=image,queries=text"}
+    from attnlab.edits import parse_edit_list, parse_edit_spec
+
+    for name, variant in list(variants.items())[1:]:  # the recorded spec replays the variant (layers=/keys= kept)
+        assert [parse_edit_spec(text).spec() for text in variant["edits"]] == [e.spec() for e in parse_edit_list(name)]
+    assert variants["head_scale:scale=0,layers=0"]["edits"] == ["head_scale:scale=0.0,layers=0"]
     assert runner.invoke(vlm_app, ["train", "--out", str(out), "--steps", "1"]).exit_code == 2  # not empty
     assert runner.invoke(vlm_app, ["train", "--out", str(tmp_path / "b"), "--positions", "x"]).exit_code == 2
     assert runner.invoke(vlm_app, ["eval", str(tmp_path / "missing")]).exit_code == 2

@@ -199,6 +199,10 @@ def test_report_draws_the_role_section_and_the_overlay(tmp_path):
     assert section.count("<img") == 3  # heatmap, layer curve, overlay
     assert "attention to image tokens" in section or "to image tokens" in section
     assert "image not found" not in section
+    table = re.search(r"Attention share by role.*?</table>", section, re.S).group(0)
+    present = {row["statistic"].replace("_to_", " → ") for row in probe.rows()}
+    assert "image → text" in present and "image → text" in table  # every pair present is a column ...
+    assert "generated → image" not in present and "generated → image" not in table  # ... and only those
 
 
 def test_generation_adds_generated_rows_and_keeps_grids_to_the_prompt():
@@ -268,3 +272,14 @@ def test_qwen2_vl_grids_are_not_square():
         expected = received[(g["sequence"], g["image_index"])]
         torch.testing.assert_close(torch.tensor(g["grid"], dtype=torch.float64).flatten(), expected, atol=1e-5,
                                    rtol=1e-4)
+
+
+def test_a_near_uniform_grid_gets_no_markers():
+    """Circling the "most attended" tokens of a map flat to within 1 % would suggest a contrast that is not there."""
+    probe = _probe()
+    flat = torch.tensor([1.0, 1.001, 1.002, 0.999], dtype=torch.float64)
+    peaked = torch.tensor([1.0, 2.0, 1.0, 1.0], dtype=torch.float64)
+    probe.grids = {(0, 0): (flat, 1, 2, 2, 1), (0, 1): (peaked, 1, 2, 2, 1)}
+    grids = {g["image_index"]: g for g in probe.image_grids()}
+    assert grids[0]["markers"] == [] and "near-uniform" in grids[0]["title"]
+    assert grids[1]["markers"][0] == [0, 1] and "near-uniform" not in grids[1]["title"]

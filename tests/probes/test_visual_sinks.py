@@ -229,3 +229,16 @@ def test_report_draws_the_section_with_the_overlay(tmp_path):
     section = re.search(r'<section id="visual-sinks">(.*?)</section>', render_html(results), re.S).group(1)
     assert "τ = 20" in section and "5, 11" in section
     assert section.count("<img") == 3  # two layer curves and the overlay
+
+
+def test_a_tau_above_root_d_is_named(caplog):
+    """φ ≤ √D, so τ ≥ √D flags nothing: a logged warning and a note in the section; none when τ can be exceeded."""
+    small = PROBES.get("visual_sinks")(tau=20.0)
+    with caplog.at_level("WARNING", logger="attnlab.probes.visual_sinks"):
+        small.bind(facts_for(LAYERS, HEADS, KV, hidden=32))
+    assert any("cannot be exceeded" in r.message and "5.7" in r.message for r in caplog.records)
+    assert "visual_sinks.tau=" in small.extras()["tau_note"]
+    results = {"schema_version": SCHEMA_VERSION, "command": "probe", "model": {"name": "tiny", "num_layers": LAYERS},
+               "rows": small.rows(), "extras": {small.name: small.extras()}, "sections": section_specs([small])}
+    assert "cannot be exceeded" in render_html(results)
+    assert _probe(dims=(5, 11)).extras()["tau_note"] == ""  # D = 1024: √D = 32 > 20

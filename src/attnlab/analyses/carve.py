@@ -299,8 +299,9 @@ class CarveAnalysis(Analysis):
         pixels = batch.get("pixel_values")
         if pixels is None or pixels.dim() not in (4, 5):
             raise ConfigError("carve masks images in pixel space and needs pixel_values (num_images, channels, "
-                              "height, width) (LLaVA-style) or (batch, images, channels, height, width) (Idefics3); "
-                              "for other processors use attnlab.carve with the image file")
+                              "height, width) (LLaVA-style) or (batch, images, channels, height, width) (Idefics3), "
+                              "which this processor does not give (Qwen2-VL flattens patches): drop --probe carve to "
+                              "run the other probes, or use attnlab vlm carve (attnlab.carve) on the image file")
         generic, asked, plain = generic_batch(batch, self.ids, self.generic_ids, markers=self.markers, ends=self.ends)
         maps, task_entropy, generic_entropy = carve_maps(runner, batch, generic, ids=self.ids, queries=(asked, plain),
                                                          layers=self.chosen, lam=self.lam, keep=self.keep,

@@ -183,6 +183,18 @@ class EditLog:
             record = self.records[id(edit)]
             if (self.verify_rows and record.calls_touched and record.max_change == 0 and edit.stage != "positions"
                     and not edit.is_identity()):
-                logger.warning("edit %s acted on %d attention calls but changed no output on the measured rows (max "
-                               "change 0): its results equal the baseline's (is a window longer than the sequence?)",
-                               edit.spec(), record.calls_touched)
+                calls = record.calls_touched
+                logger.warning("edit %s acted on %d attention call%s but changed no output on the measured rows (max "
+                               "change 0): its results equal the baseline's%s", edit.spec(), calls,
+                               "" if calls == 1 else "s", _no_change_hint(edit))
+
+
+def _no_change_hint(edit: Any) -> str:
+    """A likely cause of an edit that fired but changed nothing, for the edits that have one."""
+    params = edit.params()
+    if "window" in params:
+        return " (is a window longer than the sequence?)"
+    if edit.name == "var":
+        return (f" (did any token pass the sink threshold tau={params.get('tau')}, and any head the summ/rho test? "
+                "a small model may need a lower tau=)")
+    return ""

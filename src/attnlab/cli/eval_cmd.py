@@ -80,12 +80,12 @@ def eval_command(
 ) -> None:
     """Perplexity / next-token accuracy / passkey retrieval / multiple choice of a model and its edited variants.
 
-    Under ``torchrun --nproc-per-node N -m attnlab eval ...`` every rank checks the options alike, loads the model
-    on its device (``cuda`` → ``cuda:LOCAL_RANK``) and scores its shard of each variant
-    (:func:`attnlab.evaluation.runner.evaluate_variants`); rank 0 alone prints the config and progress, writes
-    the results and prints the summary. ``--search`` is refused there (one process runs it). Each finished variant
-    is saved under ``OUT/.shards`` (:mod:`attnlab.evaluation.resume`); ``--resume`` reuses them after a failure,
-    with any number of processes; the folder is removed once the results are written."""
+    Under 'torchrun --nproc-per-node N -m attnlab eval ...' every rank checks the options alike, loads the model
+    on its device (cuda becomes cuda:LOCAL_RANK) and scores its shard of each variant
+    (attnlab.evaluation.runner.evaluate_variants); rank 0 alone prints the config and progress, writes the
+    results and prints the summary. --search is refused there (one process runs it). Each finished variant is
+    saved under OUT/.shards (attnlab.evaluation.resume); --resume reuses them after a failure, with any number of
+    processes; the folder is removed once the results are written."""  # plain text: it is the --help text
 
     def body() -> None:
         from attnlab.distributed import distributed

@@ -136,9 +136,16 @@ def command_values(ctx: typer.Context, config_path: Path | None, config_type: An
     return merge_config(ctx, config_path, params, config_type)
 
 
+_TEXT_ONLY = ("text", "seq_len", "max_windows", "bos")  # TextSpec fields that image inputs ignore
+
+
 def print_config(config: Any, **more: Any) -> None:
-    """The resolved config as one ``config: key=value ...`` line on stderr."""
-    settings = " ".join(f"{key}={value}" for key, value in {**config.to_dict(), **more}.items())
+    """The resolved config as one ``config: key=value ...`` line on stderr; a run on images (``image`` or
+    ``manifest`` set) leaves out the text-only settings, which do not apply to it (docs/vlm.md)."""
+    values = {**config.to_dict(), **more}
+    if values.get("image") or values.get("manifest"):
+        values = {key: value for key, value in values.items() if key not in _TEXT_ONLY}
+    settings = " ".join(f"{key}={value}" for key, value in values.items())
     stderr.print(f"config: {settings}", markup=False, style="dim")
 
 

@@ -137,4 +137,5 @@ def _typed(pairs: dict[str, Any]) -> dict[str, Any]:
 def _summary(report: dict[str, Any], name: str = "") -> None:
     kinds = ", ".join(f"{kind} {100 * value:.1f} %" for kind, value in report["per_kind"].items())
     stderr.print(f"{name + ': ' if name else ''}accuracy {100 * report['accuracy']:.1f} % ({kinds}); hallucination rate "
-                 f"{100 * report['hallucination_rate']:.1f} %", markup=False)
+                 f"{100 * report['hallucination_rate']:.1f} % (yes on present "
+                 f"{100 * report['yes_rate_present']:.1f} %)", markup=False)

@@ -15,7 +15,7 @@ import typer
 
 from attnlab.cli.options import FLAG, Debug, Device, ModelOpt, run_guarded
 
-_IN = "Model and inputs"
+_IN = "Model and data"  # the panel of --model (cli/options.py): model and inputs in one panel
 _METHOD = "Method"
 
 Images = Annotated[Optional[list[Path]], typer.Option("--image", help="Image file (repeat for several images in one "
@@ -123,8 +123,10 @@ def _load_items(model: str, image: list[Path] | None, prompt: str | None, manife
 
 def carve_command(
     model: ModelOpt = "",
-    image: Annotated[Path, typer.Option("--image", help="The image file.", rich_help_panel=_IN)] = Path(""),
-    prompt: Annotated[str, typer.Option("--prompt", help="The question.", rich_help_panel=_IN)] = "",
+    image: Annotated[Optional[Path], typer.Option("--image", help="The image file (required).", rich_help_panel=_IN,
+                                                  show_default=False)] = None,
+    prompt: Annotated[str, typer.Option("--prompt", help="The question (required).", rich_help_panel=_IN,
+                                        show_default=False)] = "",
     generic: Annotated[str, typer.Option("--generic", help="The generic instruction g.",
                                          rich_help_panel=_METHOD)] = "Describe this image.",
     layers: Layers = None,
@@ -151,8 +153,10 @@ def carve_command(
 
         if not model:
             raise ConfigError("give --model DIR (a vision-language model folder or hub id)")
-        if not prompt or not str(image) or not image.is_file():
-            raise ConfigError(f"give --image FILE (an existing image) and --prompt TEXT; got --image {str(image)!r}")
+        if image is None or not prompt or not image.is_file():
+            got = "no --image" if image is None else f"--image {str(image)!r}"
+            raise ConfigError(f"give --image FILE (an existing image) and --prompt TEXT; got {got}"
+                              f"{'' if prompt else ' and no --prompt'}")
         if max_new_tokens < 0 or not 0 < keep <= 1 or not lam >= 0:
             raise ConfigError("--max-new-tokens must be >= 0, --keep in (0, 1] and --lam >= 0")
         chosen = _layers(layers)
@@ -165,11 +169,16 @@ def carve_command(
         png = io.BytesIO()
         result.masked_image.save(png, format="PNG")
         atomic_write_bytes(out / "masked.png", png.getvalue())
-        record = {"image": str(image), "prompt": prompt, "generic": generic, "lam": lam, "keep": keep,
-                  "layers": None if chosen is None else list(chosen), **result.to_json()}
+        record = {"image": str(image), "prompt": prompt, "generic_text": generic, "lam": lam, "keep": keep,
+                  **result.to_json()}  # layers: the ones used (the default resolved)
         atomic_write_text(out / "carve.json", json.dumps(record, indent=1) + "\n")
-        typer.echo(f"answer (original image): {result.original_answer}")
-        typer.echo(f"answer (CARVE-masked):   {result.answer}")
+        typer.echo(f"answer (original image): {_shown(result.original_answer)}")
+        typer.echo(f"answer (CARVE-masked):   {_shown(result.answer)}")
         typer.echo(f"map and masked image: {out}", err=True)
 
     run_guarded(body, debug)
+
+
+def _shown(answer: str) -> str:
+    """An answer as printed: repr() so blanks and repeats show, "(empty)" when generation stopped at once."""
+    return repr(answer) if answer else "(empty: generation stopped at once)"

@@ -96,7 +96,8 @@ class Edit:
                               "model's position ids for every token")
         if self.keys is not None and (stage in ("positions", "output") or
                                       (stage == "probs" and not type(self).uses_key_roles)):
-            raise ConfigError(f"edit {self.name!r}: keys= selects keys, which a {stage}-stage edit "
+            article = "an" if stage[0] in "aeiou" else "a"
+            raise ConfigError(f"edit {self.name!r}: keys= selects keys, which {article} {stage}-stage edit "
                               f"{'cannot restrict' if stage != 'probs' else 'does not read'}; use queries= or a "
                               "logits/mask edit")
 

@@ -39,8 +39,10 @@ from attnlab.report.sections import Column, Heatmap, ImageOverlay, LayerCurve, S
 from attnlab.roles import PAD, ROLES, TEXT, RoleList, role_codes
 
 MARKED_CELLS = 5
+FLAT_RANGE = 0.01  # a grid whose (max - min) / max is below this gets no markers: nothing stands out
 """The overlay circles this many image tokens with the most attention."""
 
+_PAIRS = tuple(f"{q}_to_{k}" for q in ROLES for k in ROLES if PAD not in (ROLES.index(q), ROLES.index(k)))
 _LINES = ("text_to_image", "text_to_text", "text_to_system", "generated_to_image", "image_to_image")
 
 
@@ -81,14 +83,16 @@ class RoleAttentionProbe(Probe):
                    ylabel="share of the query's attention", ylim=(0.0, 1.0), alt="Attention share by role per layer",
                    caption="Share of a query's attention that goes to keys of a role, by layer (mean over heads "
                            "and the queries of the first role)."),
-        Table(tuple(Column(stat, stat.replace("_to_", " → ")) for stat in _LINES), index="picked_layers",
-              index_header="layer", title="Attention share by role",
-              caption="Mean over heads; first, middle and last layer, then every layer."),
+        Table(tuple(Column(stat, stat.replace("_to_", " → ")) for stat in _PAIRS), index="picked_layers",
+              index_header="layer", title="Attention share by role", present_only=True,
+              caption="Mean over heads and the queries of the first role, for each pair of roles present; first, "
+                      "middle and last layer, then every layer."),
         ImageOverlay(extras="image_grids", label="mean attention per image token", when="image_grids",
                      alt="Attention each image token receives, drawn on each input image",
                      caption="Attention each image token receives from {overlay_queries} queries, averaged over "
                              "layers, heads and those queries, drawn on the image; circles mark the "
-                             f"{MARKED_CELLS} tokens with the most."),
+                             f"{MARKED_CELLS} tokens with the most (no circles where the grid's values differ "
+                             f"by under {100 * FLAT_RANGE:g} % of its largest: a near-uniform map)."),
     )),)
 
     @validated
@@ -211,12 +215,14 @@ class RoleAttentionProbe(Probe):
         records = []
         for (sequence, index), (sums, rows, r, c, f) in sorted(self.grids.items()):
             grid = (sums / rows).reshape(f, r, c).mean(dim=0)  # (rows, cols)
-            top = grid.flatten().topk(min(MARKED_CELLS, grid.numel())).indices.tolist()
+            high, low = float(grid.max()), float(grid.min())
+            flat = not high > 0 or (high - low) / high < FLAT_RANGE
+            top = [] if flat else grid.flatten().topk(min(MARKED_CELLS, grid.numel())).indices.tolist()
             records.append({"sequence": sequence, "image_index": index, "rows": r, "cols": c, "frames": f,
                             "grid": [[round(v, 8) for v in line] for line in grid.tolist()],
                             "markers": [[t // c, t % c] for t in top],
                             "share": round(float(sums.sum() / rows), 6),
-                            "title": f"sequence {sequence}, image {index}"})
+                            "title": f"sequence {sequence}, image {index}" + (" (near-uniform)" if flat else "")})
         return records
 
     def extras(self, decode: Any = None) -> dict[str, Any]:

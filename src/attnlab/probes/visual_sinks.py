@@ -23,6 +23,7 @@ new sequence (sequences, ``sink_dim_rate`` and max φ come from prompt calls). N
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any
 
 import torch
@@ -38,6 +39,7 @@ from attnlab.roles import IMAGE
 
 _COUNTS = ("image_sinks", "image_tokens", "images", "text_sinks", "text_tokens", "sequences", "phi_image_sum",
            "phi_image_count", "phi_text_sum", "phi_text_count")
+logger = logging.getLogger(__name__)
 
 
 @PROBES.register("visual_sinks")
@@ -57,6 +59,7 @@ class VisualSinksProbe(Probe):
     needs = frozenset({"value", "hidden_states"})  # begin_call on every path; the layer inputs
 
     sections = (Section("visual-sinks", "Visual attention sinks (VAR)", (
+        Text(template="Warning: {tau_note}", when="tau_note"),
         Text(template="A token is a sink at a layer when the largest φ(x) = |x / rms(x)| of its residual stream over "
                       "the sink dimensions exceeds τ = {tau} (Kang et al. 2025, VAR). Sink dimensions: {dims_used}. "
                       "Image tokens that are sinks: {percent.image_sink_fraction} % (mean over layers)."),
@@ -92,6 +95,8 @@ class VisualSinksProbe(Probe):
             raise ConfigError(f"visual_sinks dims must be below the hidden size {D}, got {max(self.dims)}")
         if self.dims is None and self.top_dims > D:
             raise ConfigError(f"visual_sinks top_dims={self.top_dims} exceeds the hidden size {D}")
+        if self.tau_note():
+            logger.warning("visual_sinks: %s", self.tau_note())
         L = facts.num_layers
         for name in _COUNTS:
             setattr(self, name, torch.zeros(L, dtype=torch.float64))
@@ -238,10 +243,19 @@ class VisualSinksProbe(Probe):
                             "title": f"sequence {sequence}, image {index}"})
         return records
 
+    def tau_note(self) -> str:
+        """Non-empty when no token can be a sink: φ ≤ √D (all of x's RMS in one dimension), so τ ≥ √D is never
+        exceeded."""
+        bound = self.facts.hidden_size ** 0.5
+        if self.tau < bound:
+            return ""
+        return (f"τ = {self.tau:g} cannot be exceeded on this model (φ ≤ √D = √{self.facts.hidden_size} ≈ "
+                f"{bound:.1f}), so no token is a sink; pass --probe-arg visual_sinks.tau=… below {bound:.1f}")
+
     def extras(self, decode: Any = None) -> dict[str, Any]:
         dims = self.dims_used()
         described = ", ".join(map(str, dims)) if dims else "none found"
         return {"tau": self.tau, "dims": list(self.dims) if self.dims is not None else None, "top_dims": self.top_dims,
                 "dims_used": described + ("" if self.dims is not None else " (found per sequence and layer; most "
                                                                              "frequent shown)"),
-                "overlays": self.overlays, "sink_grids": self.sink_grids()}
+                "overlays": self.overlays, "sink_grids": self.sink_grids(), "tau_note": self.tau_note()}

@@ -39,18 +39,21 @@ class CarveResult:
         map: the :class:`attnlab.analyses.carve.CarveMap` (task, generic and contrast grids, kept tokens).
         masked_image: the PIL image with everything outside the kept tokens filled.
         answer: the model's answer on the masked image. original_answer: on the original image.
+        layers: the layers averaged (the default resolved).
     """
 
     map: CarveMap
     masked_image: Any
     answer: str
     original_answer: str
+    layers: tuple[int, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        """Grids as nested lists, kept tokens as [row, col] pairs, the answers."""
-        return {"rows": self.map.span.rows, "cols": self.map.span.cols,
+        """Grids as nested lists (``generic_map``: the generic instruction's), kept tokens as [row, col] pairs, the
+        layers used, the answers."""
+        return {"rows": self.map.span.rows, "cols": self.map.span.cols, "layers": list(self.layers),
                 "contrast": self.map.contrast.tolist(), "task": self.map.task.tolist(),
-                "generic": self.map.generic.tolist(), "kept": self.map.keep.nonzero().tolist(),
+                "generic_map": self.map.generic.tolist(), "kept": self.map.keep.nonzero().tolist(),
                 "answer": self.answer, "original_answer": self.original_answer}
 
 
@@ -136,7 +139,7 @@ def carve(model: Any, image: Any, question: str, *, processor: Any = None, gener
     if max_new_tokens > 0:
         answers = [_answer(model, processor, encode(processor, picture, question), max_new_tokens)
                    for picture in (masked, image)]
-    return CarveResult(maps[0], masked, answers[0], answers[1])
+    return CarveResult(maps[0], masked, answers[0], answers[1], tuple(chosen))
 
 
 __all__ = ["CarveResult", "carve", "encode", "mask_image"]

@@ -265,7 +265,9 @@ def _table(part: Table, rows: ProbeRows, extras: Mapping[str, Any], values: _Val
         body = [[_cell(record.get(c.key), c.format) for c in part.columns] for record in shown]
         total = len(records)
     else:
-        stats = [c.key for c in part.columns]
+        columns = [c for c in part.columns if rows.has(c.key)] if part.present_only else list(part.columns)
+        headers, numeric = [c.header for c in columns], [c.format == "number" for c in columns]
+        stats = [c.key for c in columns]
         if not any(rows.has(s) for s in stats):
             return None
         if part.index == "picked_layers":

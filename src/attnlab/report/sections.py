@@ -204,7 +204,8 @@ class Table(Part):
     cells from the records' ``Column.key``. Without, one row per ``index``: ``"position"`` (each position of the
     statistics) or ``"picked_layers"`` (first, middle and last layer, then all layers; cells are means over heads),
     cells from the statistics named by ``Column.key``. ``empty`` is shown instead of an empty table (nothing if
-    ""). ``{shown}`` and ``{total}`` in the caption count the records.
+    ""). ``{shown}`` and ``{total}`` in the caption count the records. ``present_only`` drops the columns whose
+    statistic has no rows (statistics tables only).
     """
 
     kind: ClassVar[str] = "table"
@@ -217,6 +218,7 @@ class Table(Part):
     sort_by: str | None = None
     top: int | None = None
     empty: str = ""
+    present_only: bool = False
 
     def statistics(self) -> tuple[str, ...]:
         return () if self.extras else tuple(c.key for c in self.columns)

@@ -111,6 +111,8 @@ def _mean(values: Sequence[bool]) -> float:
 def _spec_text(edit: Any) -> str:
     if isinstance(edit, str):
         return edit
+    if hasattr(edit, "spec"):  # the full spec (layers=, heads=, queries=, keys=), replayable by parse_edit_spec
+        return edit.spec()
     params = ",".join(f"{k}={v}" for k, v in edit.params().items()) if hasattr(edit, "params") else ""
     return f"{getattr(edit, 'name', type(edit).__name__)}{':' + params if params else ''}"
 
