@@ -134,3 +134,23 @@ def row_roles(roles: TokenRoles, row: int) -> TokenRoles:
     """The roles of batch row ``row`` alone, as a one-sequence forward would have them."""
     return TokenRoles(roles.codes[row:row + 1], tuple(dataclasses.replace(span, sequence=0)
                                                       for span in roles.spans(row)))
+
+
+def merged_rows(make_probe, feed, roles: TokenRoles, valid: torch.Tensor, per_layer: list) -> object:
+    """Rows 0 and 1 fed as separate batches (sequence offsets 0 and 1), row 1's state shipped through
+    export/import with its side parts as JSON (as shard files carry them), merged into row 0's probe.
+
+    ``feed(probe, roles, valid, per_layer, offset=...)`` runs the probe on one batch; ``per_layer`` holds one
+    (B, …) tensor per layer."""
+    import json
+
+    parts = []
+    for row in range(2):
+        probe = make_probe()
+        feed(probe, row_roles(roles, row), valid[row:row + 1], [t[row:row + 1] for t in per_layer], offset=row)
+        parts.append(probe)
+    tensors, side = parts[1].export_state()
+    copy = make_probe()
+    copy.import_state(tensors, json.loads(json.dumps(side)))
+    parts[0].merge(copy)
+    return parts[0]

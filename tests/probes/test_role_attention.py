@@ -3,12 +3,11 @@ loops over the probabilities; under padding, two images in one sequence, GQA, me
 
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
 import torch
-from vlm_fixtures import row_roles
+from vlm_fixtures import merged_rows
 
 from attnlab.columns import SCHEMA_VERSION
 from attnlab.probes import PROBES
@@ -122,19 +121,9 @@ def test_split_batches_merge_and_export_round_trip():
     roles, valid, probs = _setup()
     whole = _probe()
     _feed(whole, roles, valid, probs)
-    parts = []
-    for b in range(2):
-        part_roles = row_roles(roles, b)
-        probe = _probe()
-        _feed(probe, part_roles, valid[b:b + 1], [p[b:b + 1] for p in probs], offset=b)
-        parts.append(probe)
-    tensors, side = parts[1].export_state()
-    side = json.loads(json.dumps(side))  # the side parts travel as JSON (shard files)
-    copy = _probe()
-    copy.import_state(tensors, side)
-    parts[0].merge(copy)
-    torch.testing.assert_close(parts[0].mass_sum, whole.mass_sum, rtol=1e-6, atol=1e-6)  # float32 sum order
-    merged, expected = parts[0].image_grids(), whole.image_grids()
+    merged_probe = merged_rows(_probe, _feed, roles, valid, probs)
+    torch.testing.assert_close(merged_probe.mass_sum, whole.mass_sum, rtol=1e-6, atol=1e-6)  # float32 sum order
+    merged, expected = merged_probe.image_grids(), whole.image_grids()
     assert [(g["sequence"], g["image_index"], g["markers"]) for g in merged] == \
         [(g["sequence"], g["image_index"], g["markers"]) for g in expected]
     for got, want in zip(merged, expected):

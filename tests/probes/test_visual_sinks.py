@@ -3,12 +3,11 @@ plain loop; padding, two images in one sequence, given and found dims, the fallb
 
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
 import torch
-from vlm_fixtures import row_roles
+from vlm_fixtures import merged_rows
 
 from attnlab.columns import SCHEMA_VERSION
 from attnlab.errors import ConfigError
@@ -133,20 +132,10 @@ def test_split_batches_merge_and_export_round_trip():
     roles, valid, hiddens = _setup()
     whole = _probe()
     _feed(whole, roles, valid, hiddens)
-    parts = []
-    for b in range(2):
-        part_roles = row_roles(roles, b)
-        probe = _probe()
-        _feed(probe, part_roles, valid[b:b + 1], [h[b:b + 1] for h in hiddens], offset=b)
-        parts.append(probe)
-    tensors, side = parts[1].export_state()
-    side = json.loads(json.dumps(side))  # the side parts travel as JSON (shard files)
-    copy = _probe()
-    copy.import_state(tensors, side)
-    parts[0].merge(copy)
+    merged = merged_rows(_probe, _feed, roles, valid, hiddens)
     for key, tensor in whole.state().items():
-        torch.testing.assert_close(parts[0].state()[key], tensor)
-    assert parts[0].sink_grids() == whole.sink_grids()
+        torch.testing.assert_close(merged.state()[key], tensor)
+    assert merged.sink_grids() == whole.sink_grids()
 
 
 def test_decode_calls_reuse_the_prompt_dims_and_count_no_sequence():
