@@ -248,3 +248,20 @@ def test_states_split_over_processes_merge_like_one_run(llava, runner, name):
     assert {(r["statistic"], r["layer"], r["head"]): r["value"] for r in fresh.rows()} == pytest.approx(rows)
     key = "maps" if name == "carve" else "tokens"
     assert len(fresh.extras()[key]) == len(whole.extras()[key])
+
+
+def test_a_word_outside_a_small_vocabulary_stays_in_the_question():
+    """The lab VLM's word-level tokenizer maps unknown words to <unk>, which must not end the question (the generic
+    instruction "Describe this image." is all <unk> there)."""
+    from attnlab.analyses.vlm_batches import prompt_markers, question_columns
+    from attnlab.lab.vlm.model import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    markers, ends = prompt_markers(tokenizer)
+    assert tokenizer.unk_token_id not in ends
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    words = tokenizer("is there a purple circle ?", add_special_tokens=False)["input_ids"]
+    assert tokenizer.unk_token_id in words  # "purple" is not a word of the lab's vocabulary
+    ids = torch.tensor([tokenizer.bos_token_id] + [image_id] * 4 + words)
+    start, end = question_columns(ids, ids == image_id, markers, ends)
+    assert ids[start:end].tolist() == words

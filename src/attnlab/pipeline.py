@@ -539,7 +539,8 @@ def _run_shards(run: _Run) -> Bundle | None:
     mine = shard_range(count, current)
     steps = len(shard_range(count, World(0, current.size)))  # rank 0 has the most shards
     empty = bundle_of(run.objects, {})
-    unit = "window" if run.windows.batch_size == 1 else "batch"
+    items = hasattr(run.windows, "inputs")  # ImageTextBatches: image-text items, not text windows
+    unit = ("item" if items else "window") if run.windows.batch_size == 1 else "batch"
     total = Accumulator(run.objects)
     for step in range(steps):
         error: Exception | None = None

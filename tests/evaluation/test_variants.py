@@ -123,7 +123,7 @@ def test_zerotuning_search_reports_the_measured_grid():
 
 def test_act_head_search_keeps_every_head_whose_calibration_moves_nothing():
     # theta > 1: no column score can exceed it, so no head has a sink and every calibration is a no-op. Compared
-    # with calibration(beta=1) on the same eager path, every head must score exactly the reference: delta 0, kept.
+    # with the search's reference calibration(theta=2) (moves nothing, runs eager) on the same eager path, every head must score exactly the reference: delta 0, kept.
     model = tiny_llama(seed=7)
     found = act_head_search(model, IDS, PLANS[:2], beta=0.4, theta=1.5, layers=[0, 1])
     assert [(h["layer"], h["head"]) for h in found["heads"]] == [(layer, h) for layer in (0, 1) for h in range(4)]

@@ -61,13 +61,14 @@ def repack_rows(rows: Sequence[Tensor], input_ids: Tensor, valid: Tensor) -> tup
 
 def prompt_markers(tokenizer: Any) -> tuple[frozenset[int], frozenset[int]]:
     """``(markers, ends)`` of a tokenizer for :func:`question_mask`: ``ends`` its special tokens (all_special_ids
-    and added tokens marked special), ``markers`` those and the tokens of whitespace-only texts. Empty sets for
-    None."""
+    and added tokens marked special) except the unknown token (a word outside a small vocabulary is still part
+    of the question), ``markers`` those and the tokens of whitespace-only texts. Empty sets for None."""
     if tokenizer is None:
         return frozenset(), frozenset()
     special = set(getattr(tokenizer, "all_special_ids", ()) or ())
     decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
     special.update(int(i) for i, token in decoder.items() if getattr(token, "special", False))
+    special.discard(getattr(tokenizer, "unk_token_id", None))
     blank = {int(i) for text in WHITESPACE for i in tokenizer(text, add_special_tokens=False)["input_ids"]
              if not tokenizer.decode([i]).strip()}
     return frozenset(special | blank), frozenset(special)

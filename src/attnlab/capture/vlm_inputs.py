@@ -26,7 +26,6 @@ Errors are one-line :class:`attnlab.errors.ConfigError`s naming the file (and th
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import io
 import json

@@ -2,7 +2,7 @@
 one image and question: contrast map, masked image, both answers). METHODS.md #7 and #19; docs/vlm.md.
 
     attnlab vlm vhr --model DIR --manifest calib.jsonl --fraction 0.25 --alpha 2 --out vhr.json
-    attnlab eval --model DIR ... --edit "$(jq -r .spec vhr.json)"
+    attnlab vlm eval DIR --edit "$(jq -r .spec vhr.json)"     # the lab VLM; attnlab eval is text-only
     attnlab vlm carve --model DIR --image scene.png --prompt "What colour is the square?" --out carve/
 """
 
