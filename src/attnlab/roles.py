@@ -21,7 +21,7 @@ import dataclasses
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -44,6 +44,20 @@ def role_codes(names: str | Sequence[str]) -> tuple[int, ...]:
     if unknown or not items:
         raise ConfigError(f"roles must be among {', '.join(ROLES[1:])} (joined with '+'), got {names!r}")
     return tuple(ROLES.index(name) for name in items)
+
+
+TOKEN_ID_KEYS = ("image_token_id", "image_token_index", "video_token_id")  # where VLM configs name their image ids
+
+
+def config_image_token_ids(config: Any) -> tuple[int, ...]:
+    """The ids a VLM config names for image/video tokens (``image_token_id`` / ``image_token_index`` /
+    ``video_token_id``, each once, in that order); () when it names none."""
+    ids: list[int] = []
+    for key in TOKEN_ID_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0 and value not in ids:
+            ids.append(value)
+    return tuple(ids)
 
 
 def codes_in(codes: Tensor, selected: Sequence[int]) -> Tensor:

@@ -47,7 +47,7 @@ from attnlab.facts import ModelFacts
 from attnlab.params import Range, validated
 from attnlab.probes.base import safe_div
 from attnlab.report.sections import Column, Heatmap, Section, Series, Table, Text
-from attnlab.roles import after_last_image
+from attnlab.roles import after_last_image, codes_in, config_image_token_ids
 
 Counterfactual = Literal["drop", "noise", "blank"]
 Measured = Literal["last", "after_image", "answer"]
@@ -60,9 +60,7 @@ def image_token_ids(facts: ModelFacts, model: Any = None) -> tuple[int, ...]:
     ``image_token_index`` / ``video_token_id``. ConfigError when there are none (not a vision-language model)."""
     ids = tuple(getattr(facts, "image_token_ids", ()) or ())
     if not ids and model is not None:
-        config = getattr(model, "config", None)
-        ids = tuple(int(v) for key in ("image_token_id", "image_token_index", "video_token_id")
-                    if isinstance(v := getattr(config, key, None), int))
+        ids = config_image_token_ids(getattr(model, "config", None))
     if not ids:
         raise ConfigError("this measurement needs a vision-language model (image token ids); the model has none")
     return ids
@@ -70,7 +68,7 @@ def image_token_ids(facts: ModelFacts, model: Any = None) -> tuple[int, ...]:
 
 def image_mask(input_ids: Tensor, ids: Sequence[int]) -> Tensor:
     """(B, L) bool: the image tokens."""
-    return torch.isin(input_ids, torch.tensor(list(ids), device=input_ids.device))
+    return codes_in(input_ids, ids)
 
 
 def model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:

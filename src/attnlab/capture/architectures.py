@@ -14,6 +14,7 @@ from torch import nn
 
 from attnlab.errors import UnsupportedModelError
 from attnlab.facts import ModelFacts
+from attnlab.roles import config_image_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -93,12 +94,10 @@ def is_vision_language(model_or_config: Any) -> bool:
     ``vision_config``. A text-only checkpoint of such a family (``gemma3_text``) is not."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
-    from attnlab.capture.vlm import image_token_ids as config_token_ids
-
     config = getattr(model_or_config, "config", model_or_config)
     return getattr(config, "vision_config", None) is not None and (
         getattr(config, "model_type", None) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-        or bool(config_token_ids(config)))
+        or bool(config_image_token_ids(config)))
 
 
 def is_causal_lm(model_or_config: Any) -> bool:
@@ -123,12 +122,10 @@ def is_causal_lm(model_or_config: Any) -> bool:
 
 def image_token_ids(model_or_config: Any) -> tuple[int, ...]:
     """The token ids a vision-language model's processor puts where image (and video) features go
-    (:func:`attnlab.capture.vlm.image_token_ids`: ``image_token_id`` / ``image_token_index`` / ``video_token_id``);
+    (:func:`attnlab.roles.config_image_token_ids`: ``image_token_id`` / ``image_token_index`` / ``video_token_id``);
     () for a text-only model."""
-    from attnlab.capture.vlm import image_token_ids as config_token_ids
-
     config = getattr(model_or_config, "config", model_or_config)
-    return config_token_ids(config) if is_vision_language(config) else ()
+    return config_image_token_ids(config) if is_vision_language(config) else ()
 
 
 TOKENS_PER_IMAGE_KEYS = ("image_seq_length", "image_seq_len")  # LLaVA / PaliGemma, Idefics3

@@ -21,9 +21,6 @@ from attnlab.errors import ConfigError
 from attnlab.facts import ModelFacts
 from attnlab.roles import PAD, TokenRoles, current_given_roles
 
-TOKEN_ID_KEYS = ("image_token_id", "image_token_index", "video_token_id")
-
-
 def text_config_key(model: nn.Module) -> str | None:
     """The name of the model's text sub-config (``"text_config"``) when it has a vision one too, else None."""
     config = model.config
@@ -34,16 +31,6 @@ def text_config_key(model: nn.Module) -> str | None:
         if key in sub or getattr(config, key, None) is not None:
             return key
     return None
-
-
-def image_token_ids(config: Any) -> tuple[int, ...]:
-    """The ids that mark image/video tokens, from ``image_token_id`` / ``image_token_index`` / ``video_token_id``."""
-    ids = []
-    for key in TOKEN_ID_KEYS:
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value >= 0 and value not in ids:
-            ids.append(value)
-    return tuple(ids)
 
 
 class AttentionSwitch:
