@@ -1,0 +1,89 @@
+"""The block_sparse+edits path: a block-rule radial call run on its kept tiles equals the dense masked path (outputs
+and gradients), on awkward layouts; and it is chosen only when nothing else must run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnlab.capture.block_sparse_path import BLOCK_SPARSE_EDITS, block_form, block_sparse_edits
+from attnlab.capture.executors import Job
+from attnlab.edits.radial import Radial
+from attnlab.edits.temperature import Temperature
+from diffusion.mech_calls import diffusion_call, edited
+
+CASES = [
+    pytest.param((3, 2, 3), 0, False, 4, id="3-frames-6-per-frame-bs4"),
+    pytest.param((5, 3, 3), 7, True, 4, id="5-frames-text-first-bs4"),
+    pytest.param((7, 2, 3), 5, False, 8, id="7-frames-text-last-bs8"),
+    pytest.param((6, 1, 5), 3, True, 3, id="6-frames-5-per-frame-bs3"),
+]
+
+
+def job_for(edits, call, q, k, v, observe=None):
+    return Job(module=None, query=q, key=k, value=v, attention_mask=None, kwargs={}, keep=None, call=call,
+               observe=observe, block_size=5, query_fraction=1.0, edited=edited(edits, call, q, k, v))
+
+
+def dense_masked(job):
+    """The oracle: dense SDPA with the edit's keep mask, (B, Lq, Hq, Dv)."""
+    out = torch.nn.functional.scaled_dot_product_attention(job.query, job.key, job.value, attn_mask=job.edited.keep,
+                                                           scale=job.call.scale)
+    return out.transpose(1, 2)
+
+
+@pytest.mark.parametrize("grid, text, text_first, bs", CASES)
+def test_block_sparse_equals_dense_masked_outputs_and_gradients(grid, text, text_first, bs):
+    kind = "joint" if text else "self"
+    call, q, k, v = diffusion_call(grid, kind=kind, text=text, text_first=text_first, step=20, block=3, heads=3,
+                                   head_dim=5, batch=2)
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    edit = Radial(decay_factor=0.3, sink_frames=1, block_size=bs)
+    job = job_for([edit], call, q, k, v)
+    assert not bool(job.edited.keep.all())  # the mask drops tiles
+    form = block_form(job)
+    assert form is not None and form.block_size == bs and (form.order is not None) == text_first
+    fast, oracle = block_sparse_edits(job, form), dense_masked(job)
+    torch.testing.assert_close(fast, oracle, rtol=1e-10, atol=1e-12)
+    # the eager kernel (what probes would see) agrees too
+    torch.testing.assert_close(fast, job.edited.eager().transpose(1, 2), rtol=1e-10, atol=1e-12)
+    cotangent = torch.randn_like(oracle)
+    grads_fast = torch.autograd.grad(fast, (q, k, v), cotangent)
+    grads_dense = torch.autograd.grad(oracle, (q, k, v), cotangent)
+    for name, a, b in zip("qkv", grads_fast, grads_dense):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=f"d{name}")
+
+
+def test_float32_block_sparse_is_as_close_as_the_dense_path():
+    call, q, k, v = diffusion_call((5, 3, 3), kind="joint", text=4, text_first=True, step=20, block=3,
+                                   dtype=torch.float32)
+    job = job_for([Radial(decay_factor=0.3, block_size=4)], call, q, k, v)
+    golden = dense_masked(job_for([Radial(decay_factor=0.3, block_size=4)], call, *(t.double() for t in (q, k, v))))
+    err_fast = (block_sparse_edits(job).double() - golden).abs().max()
+    err_dense = (dense_masked(job).double() - golden).abs().max()
+    assert err_fast <= 10 * err_dense + 1e-6
+
+
+def test_the_block_plan_is_built_once_per_shape():
+    call, q, k, v = diffusion_call((4, 2, 3), step=20, block=3)
+    edit = Radial(block_size=4)
+    for _ in range(3):
+        job = job_for([edit], call, q, k, v)
+        block_sparse_edits(job)
+    assert block_form(job).cache.builds == 1
+
+
+@pytest.mark.parametrize("why", ["probe", "two edits", "token level", "cross", "dense step", "heads", "own mask"])
+def test_no_block_form_when_something_else_must_run(why):
+    kind, text = ("cross", 4) if why == "cross" else ("self", 0)
+    call, q, k, v = diffusion_call((4, 2, 3), kind=kind, text=text, step=0 if why == "dense step" else 20, block=3)
+    radial = Radial(block_size=None if why == "token level" else 4, heads=(0,) if why == "heads" else None)
+    edits = [radial, Temperature(tau=0.5)] if why == "two edits" else [radial]
+    job = job_for(edits, call, q, k, v, observe=(lambda block: None) if why == "probe" else None)
+    if why == "own mask":
+        job.edited.keeps[0] = torch.ones(1, 1, call.q_len, call.kv_len, dtype=torch.bool).tril()
+    assert block_form(job) is None
+
+
+def test_path_value():
+    assert BLOCK_SPARSE_EDITS == "block_sparse+edits"
