@@ -1,30 +1,17 @@
 """Hand-built diffusion attention calls for the mechanism tests (radial, ultravico, sparsed, block-sparse path).
 
 ``diffusion_call`` builds an AttentionCall with the diffusion fields (``grid``, ``kind``, ``step``, ``block``) for a
-self, joint (text first or last) or cross call. Before the diffusion core records these fields on AttentionCall,
-a test-only subclass carries them.
+self, joint (text first or last) or cross call.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from attnlab.edits.apply import EditedCall, order_edits
-from attnlab.probes.base import AttentionCall, SequenceInfo
+from attnlab.probes.base import AttentionCall, Probe, SequenceInfo
 from attnlab.roles import IMAGE, TEXT
 
-_FIELDS = {field.name for field in dataclasses.fields(AttentionCall)}
-if {"grid", "kind", "step"} <= _FIELDS and "block" in _FIELDS:
-    CallType = AttentionCall
-else:
-    @dataclasses.dataclass(frozen=True, eq=False)
-    class CallType(AttentionCall):  # type: ignore[no-redef]
-        step: int | None = None
-        kind: str | None = None
-        grid: tuple[int, int, int] | None = None
-        block: int | None = None
 
 
 def roles(grid, text=0, text_first=False, batch=1):
@@ -50,7 +37,7 @@ def diffusion_call(grid, *, heads=2, head_dim=4, text=0, text_first=False, kind=
     q_valid, k_valid = torch.ones(batch, Lq, dtype=torch.bool), torch.ones(batch, Lk, dtype=torch.bool)
     sequence = SequenceInfo.from_mask(q_valid, None, 0)
     k_positions = torch.arange(Lk).expand(batch, Lk)
-    call = CallType(layer_idx=layer_idx, num_heads=heads, num_kv_heads=heads, q_len=Lq, kv_len=Lk, causal=False,
+    call = AttentionCall(layer_idx=layer_idx, num_heads=heads, num_kv_heads=heads, q_len=Lq, kv_len=Lk, causal=False,
                     scale=head_dim ** -0.5, value=value, query_valid=q_valid, key_valid=k_valid,
                     query_positions=sequence.positions, key_positions=k_positions, sequence=sequence,
                     query_roles=q_roles, key_roles=k_roles, step=step, kind=kind, grid=tuple(grid), block=block)
@@ -77,3 +64,27 @@ def captured_logits(edited_call):
 
     edited_call.eager(on_block=grab)
     return out
+
+
+class BlockRecorder(Probe):
+    """Keeps, per layer, the last call record and its full keep mask and (edited) logits from the blocked kernel."""
+
+    name = "block_recorder"
+    needs = frozenset({"probs"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls, self.keeps, self.logits = {}, {}, {}
+
+    def begin_call(self, call):
+        B, H, Lq, Lk = call.batch, call.num_heads, call.q_len, call.kv_len
+        self.calls[call.layer_idx] = call
+        self.keeps[call.layer_idx] = torch.ones(B, H, Lq, Lk, dtype=torch.bool)
+        self.logits[call.layer_idx] = torch.full((B, H, Lq, Lk), float("nan"), dtype=torch.float64)
+
+    def update(self, call, block):
+        width = block.probs.shape[-1]
+        keep = torch.ones_like(block.probs, dtype=torch.bool) if block.keep is None else block.keep
+        self.keeps[call.layer_idx][:, :, block.q_index, :width] = keep.expand_as(block.probs)
+        self.keeps[call.layer_idx][:, :, block.q_index, width:] = False
+        self.logits[call.layer_idx][:, :, block.q_index, :width] = block.logits.double()

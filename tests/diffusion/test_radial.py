@@ -101,18 +101,19 @@ def test_schedule_skips_dense_steps_and_dense_blocks():
 
 
 def test_calls_without_a_grid_are_skipped():
-    from attnlab.probes.base import AttentionCall
+    import dataclasses
 
     call, q, k, v = diffusion_call((4, 2, 2), step=20, block=3)
-    plain = AttentionCall(**{f: getattr(call, f) for f in AttentionCall.__dataclass_fields__})
     edit = Radial(block_size=None)
-    if getattr(plain, "grid", None) is None:
-        assert edited([edit], plain, q, k, v).keep is None and edit.skipped == {"no grid": 1}
+    assert edited([edit], dataclasses.replace(call, grid=None), q, k, v).keep is None
+    assert edit.skipped == {"no grid": 1}
 
 
 def test_a_grid_that_does_not_match_the_patch_tokens_is_refused():
+    import dataclasses
+
     call, q, k, v = diffusion_call((4, 2, 2), step=20, block=3)
-    bad = type(call)(**{**{f: getattr(call, f) for f in call.__dataclass_fields__}, "grid": (3, 2, 2)})
+    bad = dataclasses.replace(call, grid=(3, 2, 2))
     with pytest.raises(ShapeError, match="12 patch tokens"):
         edited([Radial(block_size=None)], bad, q, k, v)
 
@@ -131,3 +132,44 @@ def test_spec_defaults_are_the_wan_script_and_parameters_are_checked():
     assert parse_edit_spec(edit.spec()).spec() == edit.spec()
     with pytest.raises(ConfigError, match="decay_factor"):
         parse_edit_spec("radial:decay_factor=0")
+
+
+# ------------------------------------------------------------------------------------- on a tiny random Wan model
+
+
+def wan_run(edits, frames=6, probes=()):
+    from attnlab.diffusion import DiffusionSession
+    from attnlab.testing import tiny_diffusers
+
+    model, inputs = tiny_diffusers("wan")
+    x = inputs(frames=frames)
+    with torch.no_grad():
+        reference = model(**x)[0]
+        with DiffusionSession(model, edits=edits, probes=list(probes), per_step=False) as session:
+            output = model(**x)[0]
+    return reference, output, session
+
+
+def test_on_wan_the_mask_acts_on_exactly_the_self_calls_of_the_sparse_blocks():
+    from diffusion.mech_calls import BlockRecorder
+
+    recorder = BlockRecorder()
+    edit = Radial(decay_factor=1.0, sink_frames=1, dense_steps=0, dense_layers=1, block_size=None)
+    reference, output, session = wan_run([edit], probes=[recorder])
+    assert list(session.layer_table()["kind"]) == ["self", "cross", "self", "cross"]
+    assert list(session.layer_table()["block"]) == [0, 0, 1, 1]
+    assert recorder.calls[2].grid == (6, 4, 4)
+    expected = oracle_keep(6, 4, 4, 1.0, 1)
+    assert not bool(expected.all())
+    assert torch.equal(recorder.keeps[2][0, 0], expected) and torch.equal(recorder.keeps[2][0, 1], expected)
+    for layer in (0, 1, 3):  # block 0 (a dense layer) and the cross calls: every key visible
+        assert recorder.keeps[layer].all()
+    assert edit.skipped == {"cross": 2, "dense layer": 1}
+    assert not torch.equal(output, reference)
+
+
+def test_on_wan_dense_steps_leave_the_forward_untouched():
+    edit = Radial(decay_factor=1.0, dense_steps=5, dense_layers=0, block_size=None)
+    reference, output, _ = wan_run([edit])  # one forward = step 0
+    torch.testing.assert_close(output, reference, rtol=1e-5, atol=1e-6)
+    assert edit.skipped == {"cross": 2, "dense step": 2}

@@ -90,12 +90,12 @@ def video_layout(call: AttentionCall) -> tuple[VideoLayout | None, str | None]:
         ShapeError: a batch row whose patch-token count is not frames · rows · cols, or whose query and key
             patch counts differ in a self/joint call.
     """
-    grid = getattr(call, "grid", None)
+    grid = call.grid
     if grid is None or call.query_roles is None or call.key_roles is None:
         return None, "no grid"
     frames, rows, cols = (int(v) for v in grid)
     q_patch, k_patch = call.query_roles == IMAGE, call.key_roles == IMAGE
-    if getattr(call, "kind", None) == "cross" or not bool(k_patch.any()):
+    if call.kind == "cross" or not bool(k_patch.any()):
         return None, "cross"
     video = frames * rows * cols
     for name, patch in (("query", q_patch), ("key", k_patch)):
@@ -111,7 +111,7 @@ def video_layout(call: AttentionCall) -> tuple[VideoLayout | None, str | None]:
 def call_block(call: AttentionCall) -> int:
     """The transformer block holding this call's attention module: ``call.block`` when the session records it,
     else ``call.layer_idx`` (one attention module per block, as on a text model)."""
-    block = getattr(call, "block", None)
+    block = call.block
     return call.layer_idx if block is None else int(block)
 
 

@@ -108,18 +108,26 @@ class Radial(Edit):
         """The calls this edit passed through unchanged, by reason (``"cross: 4, dense step: 8"``)."""
         return self.skipped.describe()
 
-    # which calls --------------------------------------------------------------------------------------------
-    def layout(self, call: AttentionCall) -> VideoLayout | None:
-        """The call's patch layout when the edit acts on it, else None (the skip is counted by reason)."""
+    # which calls ---------------------------------------------------------------------------------------------
+    def _classify(self, call: AttentionCall) -> tuple[VideoLayout | None, str | None]:
         layout, reason = video_layout(call)
-        step = getattr(call, "step", None)
+        step = call.step
         if reason is None and step is not None and step < self.dense_steps:
             reason = "dense step"
         if reason is None and call_block(call) < self.dense_layers:
             reason = "dense layer"
+        return (None, reason) if reason is not None else (layout, None)
+
+    def skip_reason(self, call: AttentionCall) -> str | None:
+        """Why the edit passes ``call`` through unchanged (``cross``, ``no grid``, ``dense step``, ``dense layer``),
+        or None when it acts on it. Pure (counts nothing)."""
+        return self._classify(call)[1]
+
+    def layout(self, call: AttentionCall) -> VideoLayout | None:
+        """The call's patch layout when the edit acts on it, else None (the skip is counted by reason)."""
+        layout, reason = self._classify(call)
         if reason is not None:
             self.skipped[reason] += 1
-            return None
         return layout
 
     def mask_mod(self, layout: VideoLayout, device: torch.device | None = None) -> MaskMod:
@@ -164,11 +172,8 @@ class Radial(Edit):
         does, once per call)."""
         if self.block_size is None or self.heads is not None:
             return None
-        layout, reason = video_layout(call)
-        step = getattr(call, "step", None)
-        if (reason is not None or (step is not None and step < self.dense_steps)
-                or call_block(call) < self.dense_layers or not layout.same_tokens()
-                or not bool((layout.q_local == layout.q_local[:1]).all())):
+        layout, reason = self._classify(call)
+        if reason is not None or not layout.same_tokens() or not bool((layout.q_local == layout.q_local[:1]).all()):
             return None
         mask_mod, cache = self._mask(layout, call.device)
         return BlockForm(layout.order(), mask_mod, cache)

@@ -104,7 +104,7 @@ class SparseD(Edit):
         return pattern
 
     def _step(self, call: AttentionCall) -> int:
-        step = getattr(call, "step", None)
+        step = call.step
         if step is None:
             raise ConfigError("sparsed needs the denoising step of every call: run a diffusion session, or call "
                               "session.set_step(i) before each denoising step of a text Session")

@@ -74,6 +74,11 @@ class UltraViCo(Edit):
         """W: the training window in patch tokens."""
         return self.window if self.window is not None else self.train_frames * layout.tokens_per_frame
 
+    def skip_reason(self, call: AttentionCall) -> str | None:
+        """Why the edit passes ``call`` through unchanged (``cross``, ``no grid``), or None when it acts on it. Pure
+        (counts nothing)."""
+        return video_layout(call)[1]
+
     def _layout(self, call: AttentionCall) -> VideoLayout | None:
         """The call's layout (None = skipped, counted once per call although every query block asks)."""
         cached = self.__dict__.get("_layout_cache")
