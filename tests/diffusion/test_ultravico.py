@@ -99,3 +99,46 @@ def test_spec_round_trip_and_defaults():
     edit = parse_edit_spec("ultravico")
     assert edit.params() == {"alpha": 0.9, "train_frames": 21, "window": None, "first_frame": True}
     assert parse_edit_spec(edit.spec()).spec() == edit.spec()
+
+
+# ------------------------------------------------------------------------------------- on a tiny random Wan model
+
+
+def wan_logits(edits, frames=4, layers=None):
+    """(recorder, output, reference, session) of one forward of the tiny Wan model under ``edits``."""
+    from attnlab.diffusion import DiffusionSession
+    from attnlab.testing import tiny_diffusers
+    from diffusion.mech_calls import BlockRecorder
+
+    model, inputs = tiny_diffusers("wan")
+    x = inputs(frames=frames)
+    recorder = BlockRecorder()
+    with torch.no_grad():
+        reference = model(**x)[0]
+        with DiffusionSession(model, edits=edits, probes=[recorder], per_step=False) as session:
+            output = model(**x)[0]
+    return recorder, output, reference, session
+
+
+def test_on_wan_exactly_the_intended_pairs_of_the_first_self_call_change_by_alpha():
+    plain, _, _, _ = wan_logits([])
+    edit = UltraViCo(alpha=0.8, train_frames=2)
+    recorder, output, reference, _ = wan_logits([edit])
+    call = recorder.calls[0]
+    assert call.kind == "self" and call.grid == (4, 4, 4)
+    base, got = plain.logits[0], recorder.logits[0]  # layer 0: the same query/key states in both runs
+    far, hidden = expected_sets(call, W=32, s=16)
+    scaled = far & ~hidden & (base > 0)
+    assert bool(scaled.any()) and bool(hidden.any())
+    # α·s in the model's dtype (float32), exactly
+    torch.testing.assert_close(got[scaled], (base[scaled].float() * 0.8).double(), rtol=0, atol=0)
+    assert bool((got[hidden.expand_as(got)] == -1e4).all())
+    torch.testing.assert_close(got[~scaled & ~hidden], base[~scaled & ~hidden], rtol=0, atol=0)
+    assert edit.skipped == {"cross": 2} and not torch.equal(output, reference)
+
+
+def test_on_wan_cross_calls_are_left_alone():
+    edit = UltraViCo(alpha=0.5, train_frames=1, layers=(1, 3))  # the cross-attention modules only
+    _, output, reference, _ = wan_logits([edit])
+    torch.testing.assert_close(output, reference, rtol=1e-5, atol=1e-6)
+    assert edit.skipped == {"cross": 2}
