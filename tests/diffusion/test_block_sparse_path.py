@@ -87,3 +87,26 @@ def test_no_block_form_when_something_else_must_run(why):
 
 def test_path_value():
     assert BLOCK_SPARSE_EDITS == "block_sparse+edits"
+
+
+def test_a_diffusion_session_runs_block_rule_radial_on_the_block_sparse_path():
+    from attnlab.capture.planner import Path
+    from attnlab.diffusion import DiffusionSession
+    from attnlab.testing import tiny_diffusers
+
+    if not hasattr(Path, "BLOCK_SPARSE_EDITS"):
+        pytest.skip("the session hook for block_sparse+edits is not wired yet")
+    model, inputs = tiny_diffusers("wan")
+    x = inputs(frames=6, batch=2)  # 96 patches per frame stack, tiles of 16 tokens: one frame each
+    spec = "radial:decay_factor=0.5,sink_frames=1,dense_steps=0,dense_layers=0,block_size=16"
+    with torch.no_grad():
+        with DiffusionSession(model, edits=[spec]) as fast_session:
+            fast = model(**x)[0]
+        with DiffusionSession(model, edits=[spec], probes=["entropy"], probe_kernel="blocked") as dense_session:
+            dense = model(**x)[0]  # a probe reads probs: the dense masked (blocked eager) path, the oracle
+    assert fast_session.attention_paths == {0: "block_sparse+edits", 1: "sdpa+edits", 2: "block_sparse+edits",
+                                            3: "sdpa+edits"}
+    assert set(dense_session.attention_paths.values()) == {"blocked_eager+edits"}
+    torch.testing.assert_close(fast, dense, rtol=1e-5, atol=1e-5)
+    report = fast_session.edit_report()
+    assert report["calls_touched"][0] in (2, 4)  # 2 once skipped cross calls are not counted as touched

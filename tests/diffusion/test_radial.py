@@ -169,7 +169,19 @@ def test_on_wan_the_mask_acts_on_exactly_the_self_calls_of_the_sparse_blocks():
 
 
 def test_on_wan_dense_steps_leave_the_forward_untouched():
+    from attnlab.diffusion import DiffusionSession
+    from attnlab.testing import tiny_diffusers
+
+    model, inputs = tiny_diffusers("wan")
+    x = inputs(frames=6)
     edit = Radial(decay_factor=1.0, dense_steps=5, dense_layers=0, block_size=None)
-    reference, output, _ = wan_run([edit])  # one forward = step 0
-    torch.testing.assert_close(output, reference, rtol=1e-5, atol=1e-6)
-    assert edit.skipped == {"cross": 2, "dense step": 2}
+    with torch.no_grad():
+        reference = model(**x)[0]
+        with DiffusionSession(model, edits=[edit]) as session:
+            session.set_step(4)
+            dense = model(**x)[0]
+            session.set_step(5)
+            sparse = model(**x)[0]
+    torch.testing.assert_close(dense, reference, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(sparse, reference, rtol=1e-5, atol=1e-6)
+    assert edit.skipped == {"cross": 4, "dense step": 2}

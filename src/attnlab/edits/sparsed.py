@@ -103,6 +103,12 @@ class SparseD(Edit):
             pattern[..., state["last"]:] |= selection
         return pattern
 
+    def skip_reason(self, call: AttentionCall) -> str | None:
+        """``"dense step"`` on the full-attention steps (``call.step ≤ t*``), else None. Pure (counts nothing)."""
+        if self.is_identity() or call.step is None:
+            return None
+        return "dense step" if call.step <= self.selection_step else None
+
     def _step(self, call: AttentionCall) -> int:
         step = call.step
         if step is None:
