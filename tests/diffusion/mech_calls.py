@@ -49,11 +49,6 @@ def edited(edits, call, query, key, value, block_size=5):
     return EditedCall(query, key, value, None, edits=order_edits(edits), call=call, block_size=block_size)
 
 
-def dense_logits(call, query, key):
-    """(B, H, Lq, Lk) scaled logits q·k · scale (the oracle the logits edits are checked against)."""
-    return query @ key.transpose(-1, -2) * call.scale
-
-
 def captured_logits(edited_call):
     """(B, H, Lq, Lk) logits after the edits' logits stage, from the blocked kernel's block views."""
     B, H, Lq, Lk = edited_call.shape
