@@ -83,6 +83,32 @@ def test_block_rule_keeps_every_tile_from_the_text_border_on(text_first):
     assert not bool(local.all())
 
 
+@pytest.mark.parametrize("frames, s, bs, decay, sink", [(7, 8, 4, 1.0, 0), (9, 16, 8, 0.5, 1), (6, 12, 6, 0.25, 2)])
+def test_block_table_equals_whole_tile_coarsening_when_tiles_align_with_frames(frames, s, bs, decay, sink):
+    # frames a multiple of the tile: every tile lies in one frame pair, so the repo's per-pair shrink and the
+    # whole-tile rule (functional.sparse_masks.coarsen_to_blocks, an independent implementation) must agree
+    from attnlab.edits.radial import radial_block_table
+    from attnlab.functional.sparse_masks import coarsen_to_blocks, radial
+
+    table = radial_block_table(frames, s, decay, bs, sink)
+    token_mask = radial(frames, s, decay_factor=decay, min_window=bs, sink_frames=sink)
+    assert torch.equal(table, coarsen_to_blocks(token_mask, frames * s, frames * s, bs)[0, 0])
+    assert not bool(table.all())
+
+
+def test_block_table_shrinks_each_frame_pair_on_its_own():
+    # 3 frames of 6 tokens, tiles of 4: tile 1 (tokens 4-7) straddles frames 0 and 1, tile 4 (16-17) is frame 2's
+    # tail. Distance 2 is split away (width 0.5 · 8 / 4 = 1 < 4, split min(4, 3) = 3, 2 % 3 != 0), so pair (0, 2)
+    # is empty and tile (0, 3) (rows 0-3 = frame 0, keys 12-15 = frame 2) is off, while tile (1, 3) holds frame 1
+    # -> frame 2 (distance 1, full) in rows 6-7 only: 2 of 4 rows, density 1/2 > 1/3 on every column: on.
+    from attnlab.edits.radial import radial_block_table
+
+    table = radial_block_table(3, 6, 0.5, 4)
+    assert table.shape == (5, 5)
+    assert not table[0, 3] and table[1, 3] and not table[3, 0] and table[3, 1]
+    assert table[0, 0] and table[2, 2] and table[4, 4] and not table[0, 4]
+
+
 def test_cross_calls_are_skipped_and_counted():
     edit = Radial(block_size=None, dense_steps=0, dense_layers=0)
     call, q, k, v = diffusion_call((4, 2, 2), kind="cross", text=6, step=20)

@@ -12,11 +12,77 @@ from attnlab.edits import EDITS
 from attnlab.edits._video import SkipCounter, VideoLayout, call_block, video_layout
 from attnlab.edits.base import AttentionCall, Edit
 from attnlab.functional.masked_attention import BlockMaskCache
-from attnlab.functional.masks import MaskMod, from_keep, with_name
-from attnlab.functional.sparse_masks import coarsen_to_blocks, radial
+from attnlab.functional.masks import MaskMod, check_at_most, check_device, check_positive, from_keep, with_name
+from attnlab.functional.sparse_masks import radial, radial_window_table
 from attnlab.params import IndexList, Range, validated
 
-__all__ = ["BlockForm", "Radial"]
+__all__ = ["BlockForm", "Radial", "radial_block_table"]
+
+# The block rule runs one frame pair at a time: frames² pairs (a Python loop, cached by the pair's shape) of
+# tokens_per_frame² pairs each (one local mask held at a time).
+RADIAL_BLOCK_MAX_FRAME_PAIRS = 2**16  # 256 frames
+RADIAL_BLOCK_MAX_FRAME_TOKENS = 2**13  # 8,192 tokens per frame: a 64 MB local mask
+
+
+def _shrink(local: Tensor, row_offset: int, col_offset: int, block_size: int) -> Tensor:
+    """The block rule on one frame pair's (s, s) local mask placed at ``(row_offset, col_offset)`` within its first
+    tile: bool (tile rows, tile cols); a tile is on iff more than 60 % of its non-empty key columns have density
+    (kept rows / block_size) above 1/3 (``shrinkMaskStrict``)."""
+    s = local.shape[0]
+    rows, cols = -(-(row_offset + s) // block_size), -(-(col_offset + s) // block_size)
+    padded = torch.zeros(rows * block_size, cols * block_size, dtype=torch.bool, device=local.device)
+    padded[row_offset:row_offset + s, col_offset:col_offset + s] = local
+    density = padded.view(rows, block_size, cols, block_size).sum(dim=1).to(torch.float64) / block_size
+    non_empty = (density > 0).sum(dim=-1)  # (rows, cols): non-empty key columns per tile
+    dense = (density > 1 / 3).sum(dim=-1)
+    return (non_empty > 0) & (dense > 0.6 * non_empty)
+
+
+def radial_block_table(frames: int, tokens_per_frame: int, decay_factor: float, block_size: int,
+                       sink_frames: int = 0, extra: int = 0, device: torch.device | str | None = None) -> Tensor:
+    """Radial attention's block mask the way the released code builds it (``gen_log_mask_shrinked``): each frame
+    pair's local mask (full for distance ≤ 1 and for sink key frames, else the distance-d window and diagonal of
+    :func:`attnlab.functional.sparse_masks.radial_window_table` with minimum window ``block_size``) is shrunk to
+    ``block_size`` tiles on its own (:func:`_shrink`, the frame placed at its offset in the tile grid) and OR-ed into
+    the table; every tile from the one holding token ``frames · tokens_per_frame`` on (the ``extra`` text tokens) is
+    kept. Li et al. 2025 (METHODS.md #10).
+
+    Returns:
+        bool (nb, nb), nb = ⌈(frames · tokens_per_frame + extra) / block_size⌉: tile (a, b) kept.
+
+    Raises:
+        ConfigError: a size < 1, more than :data:`RADIAL_BLOCK_MAX_FRAME_PAIRS` frame pairs or
+            :data:`RADIAL_BLOCK_MAX_FRAME_TOKENS` tokens per frame, or an unknown device.
+    """
+    check_positive("block_size", block_size)
+    check_at_most("frames ** 2", frames * frames, RADIAL_BLOCK_MAX_FRAME_PAIRS, "frame pairs the block rule visits")
+    check_at_most("tokens_per_frame", tokens_per_frame, RADIAL_BLOCK_MAX_FRAME_TOKENS, "one local mask per pair")
+    device = check_device(device)
+    widths, on = radial_window_table(frames, tokens_per_frame, decay_factor, min_window=block_size)
+    s, bs = tokens_per_frame, block_size
+    spatial = (torch.arange(s, device=device)[:, None] - torch.arange(s, device=device)[None, :]).abs()
+    video = frames * s
+    blocks = -(-(video + extra) // bs)
+    table = torch.zeros(blocks, blocks, dtype=torch.bool, device=device)
+    shrunk: dict[tuple, Tensor] = {}
+    for i in range(frames):
+        for j in range(frames):
+            d = abs(i - j)
+            kind = "full" if d <= 1 or j < sink_frames else d
+            if kind != "full" and not on[d]:
+                continue  # the distance-d diagonal is split away: an empty local mask keeps no tile
+            key = (kind, (i * s) % bs, (j * s) % bs)
+            if key not in shrunk:
+                local = (torch.ones(s, s, dtype=torch.bool, device=device) if kind == "full"
+                         else spatial.to(torch.float64) <= widths[d])
+                shrunk[key] = _shrink(local, key[1], key[2], bs)
+            tiles = shrunk[key]
+            row, col = (i * s) // bs, (j * s) // bs
+            table[row:row + tiles.shape[0], col:col + tiles.shape[1]] |= tiles
+    if extra:
+        table[video // bs:] = True
+        table[:, video // bs:] = True
+    return table
 
 
 @dataclass(frozen=True, eq=False)
@@ -49,10 +115,11 @@ class Radial(Edit):
     (:func:`attnlab.functional.sparse_masks.radial_window_table`, widths scaled by ``decay_factor``), or
     ``fk < sink_frames`` (Wan: the first frame is visible to every query). Text tokens (role ``text``) stay dense:
     they see, and are seen by, every token, wherever they sit in the sequence. ``block_size=b`` applies the paper's
-    block rule (``shrinkMaskStrict``: a b × b tile is on iff more than 60 % of its non-empty key columns have density
-    above 1/3, :func:`attnlab.functional.sparse_masks.coarsen_to_blocks`; the minimum window is b) on the patch
-    tokens in raster order, and every tile from the one holding the first text token on is kept (the repo's
-    ``final_log_mask[video_text_border:] = True``); ``block_size=None`` gives the token-level mask (minimum window 1).
+    block rule as the released code does (:func:`radial_block_table`: each frame pair's local mask, minimum window b,
+    is shrunk to b × b tiles, a tile on iff more than 60 % of its non-empty key columns have density above 1/3, and
+    the pairs' tiles are OR-ed) on the patch tokens in raster order, and every tile from the one holding the first
+    text token on is kept (the repo's ``final_log_mask[video_text_border:] = True``); ``block_size=None`` gives the
+    token-level mask (minimum window 1).
 
     Schedule (the repo's ``dense_timesteps`` / ``dense_layers``): full attention on denoising steps
     ``call.step < dense_steps`` and in transformer blocks ``< dense_layers`` (the block holding the attention module,
@@ -75,7 +142,8 @@ class Radial(Edit):
 
     Raises:
         ConfigError: a parameter out of range; at a call, a layout past the mask's size limits
-            (:data:`attnlab.functional.sparse_masks.COARSEN_MAX_PAIRS` with a block size).
+            (:data:`attnlab.functional.sparse_masks.RADIAL_MAX_TOKENS` tokens; with a block size
+            :data:`RADIAL_BLOCK_MAX_FRAME_PAIRS` frame pairs, :data:`RADIAL_BLOCK_MAX_FRAME_TOKENS` tokens per frame).
         ShapeError: a call whose patch-token count does not match its grid.
     """
 
@@ -137,19 +205,15 @@ class Radial(Edit):
     def _mask(self, layout: VideoLayout, device: torch.device | None) -> tuple[MaskMod, BlockMaskCache | None]:
         key = (layout.frames, layout.tokens_per_frame, layout.extra, str(device))
         if key not in self._masks:
-            token_mask = radial(layout.frames, layout.tokens_per_frame, decay_factor=self.decay_factor,
-                                min_window=self.block_size or 1, sink_frames=self.sink_frames,
-                                num_text_tokens=layout.extra, device=device)
             if self.block_size is None:
-                self._masks[key] = (token_mask, None)
+                self._masks[key] = (radial(layout.frames, layout.tokens_per_frame, decay_factor=self.decay_factor,
+                                           sink_frames=self.sink_frames, num_text_tokens=layout.extra,
+                                           device=device), None)
             else:
-                bs, length = self.block_size, layout.video + layout.extra
-                table = coarsen_to_blocks(token_mask, length, length, bs, device=device)
-                border = layout.video // bs  # the tile holding the first text token, and every tile after it
-                if layout.extra:
-                    table[:, :, border:] = True
-                    table[:, :, :, border:] = True
-                mask = with_name(from_keep(table, block_size=bs),
+                bs = self.block_size
+                table = radial_block_table(layout.frames, layout.tokens_per_frame, self.decay_factor, bs,
+                                           self.sink_frames, layout.extra, device=device)
+                mask = with_name(from_keep(table[None, None], block_size=bs),
                                  f"radial({layout.frames}x{layout.tokens_per_frame}+{layout.extra}, "
                                  f"decay={self.decay_factor})[block={bs}]")
                 self._masks[key] = (mask, BlockMaskCache(max_entries=4, block_size=bs))
