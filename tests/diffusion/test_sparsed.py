@@ -12,6 +12,7 @@ from attnlab.edits import parse_edit_spec
 from attnlab.edits.sparsed import SparseD, generation_block
 from attnlab.errors import ConfigError, ShapeError
 from attnlab.lab.diffusion_lm import sample, tokens_per_step
+from attnlab.probes.base import Probe
 from diffusion.mech_calls import diffusion_call, edited
 
 L, BS, HEADS = 22, 4, 3  # 6 blocks, the last one partial
@@ -188,3 +189,50 @@ def test_sparsed_in_a_session_is_dense_until_t_star_and_select_one_equals_dense(
     assert torch.equal(sparse.tokens[:, 9:][early], dense.tokens[:, 9:][early])
     assert edit.pattern(0) is not None and edit.pattern(1) is not None
     assert not bool(edit.pattern(0).all())
+
+
+class StepKeeps(Probe):
+    """Records (step, layer) → the keep mask (B, H, Lq, Lk) the blocked kernel applied."""
+
+    name = "step_keeps"
+    needs = frozenset({"probs"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.keeps = {}
+
+    def begin_call(self, call):
+        self.keeps[(call.step, call.layer_idx)] = torch.ones(call.batch, call.num_heads, call.q_len, call.kv_len,
+                                                             dtype=torch.bool)
+
+    def update(self, call, block):
+        width = block.probs.shape[-1]
+        keep = torch.ones_like(block.probs, dtype=torch.bool) if block.keep is None else block.keep
+        self.keeps[(call.step, call.layer_idx)][:, :, block.q_index, :width] = keep.expand_as(block.probs)
+        self.keeps[(call.step, call.layer_idx)][:, :, block.q_index, width:] = False
+
+
+@pytest.mark.parametrize("reselect", [False, True])
+def test_on_a_tiny_bert_the_schedule_pattern_and_reselection_land_on_the_intended_steps_and_keys(reselect):
+    Session = _session_with_steps()
+    model = tiny_bert()
+    prompt = torch.randint(0, 48, (1, 9), generator=torch.Generator().manual_seed(3))
+    edit = SparseD(num_steps=6, skip=0.2, select=0.3, block_size=4, gen_len=15, reselect=reselect)  # t* = 2
+    recorder = StepKeeps()
+    with Session(model, edits=[edit], probes=[recorder]) as session:
+        sample(model, prompt, answer_len=15, num_steps=6, mask_token_id=49, session=session)
+    last = generation_block(24, 4, 15)
+    assert last == 3
+    for layer in (0, 1):
+        keeps = [recorder.keeps[(step, layer)] for step in range(6)]
+        assert all(bool(keep.all()) for keep in keeps[:3])  # steps 0, 1, t* = 2: full attention
+        assert not bool(keeps[3].all())  # the first sparse step
+        tiles = keeps[3][..., ::4, ::4]  # whole 4 × 4 tiles: one entry each
+        assert torch.equal(keeps[3], tiles.repeat_interleave(4, 2).repeat_interleave(4, 3)[..., :24, :24])
+        for later in keeps[4:]:
+            assert torch.equal(later[..., : last * 4], keeps[3][..., : last * 4])  # the prompt keys: reused
+            if not reselect:
+                assert torch.equal(later, keeps[3])
+            assert bool((later >= keeps[3]).all())  # re-selection only adds generated-region blocks
+        if reselect:
+            assert any(not torch.equal(later, keeps[3]) for later in keeps[4:])
