@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from attnlab.capture.block_sparse_path import BLOCK_SPARSE_EDITS, block_form, block_sparse_edits
 from attnlab.capture.executors import Job
@@ -52,6 +54,19 @@ def test_block_sparse_equals_dense_masked_outputs_and_gradients(grid, text, text
     grads_dense = torch.autograd.grad(oracle, (q, k, v), cotangent)
     for name, a, b in zip("qkv", grads_fast, grads_dense):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=f"d{name}")
+
+
+@given(st.integers(1, 7), st.integers(1, 3), st.integers(1, 4), st.integers(0, 5), st.booleans(), st.integers(1, 9),
+       st.sampled_from([0.1, 0.3, 1.0]), st.integers(0, 2), st.integers(0, 2**16))
+def test_block_sparse_equals_dense_masked_on_random_layouts(frames, rows, cols, text, text_first, bs, decay, sink,
+                                                            seed):
+    kind = "joint" if text else "self"
+    call, q, k, v = diffusion_call((frames, rows, cols), kind=kind, text=text, text_first=text_first, step=20,
+                                   block=3, heads=2, head_dim=3, seed=seed)
+    job = job_for([Radial(decay_factor=decay, sink_frames=sink, block_size=bs)], call, q, k, v)
+    form = block_form(job)
+    assert form is not None
+    torch.testing.assert_close(block_sparse_edits(job, form), dense_masked(job), rtol=1e-10, atol=1e-12)
 
 
 def test_float32_block_sparse_is_as_close_as_the_dense_path():
