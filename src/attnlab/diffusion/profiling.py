@@ -28,6 +28,7 @@ blocks. attnlab's pieces:
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -251,6 +252,11 @@ class BlockCache:
             self._pass += 1
             return
         t = kwargs.get("timestep")
+        if t is None and args:  # passed by position: find it through the forward's signature
+            try:
+                t = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments.get("timestep")
+            except TypeError:
+                t = None
         value = float(t.reshape(-1)[0]) if isinstance(t, Tensor) else (float(t) if t is not None else None)
         if value is None or self._timestep is None:
             self.step, self._pass = (0, 0) if self._timestep is None else (self.step + 1, 0)
