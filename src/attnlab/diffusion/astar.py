@@ -170,7 +170,8 @@ class CrossMapRecorder(Edit):
 
     Args:
         layers: attention layers to record (None = every layer with a text→image block).
-        tokens: text token indices to keep (None = all text tokens); keeping only the concepts saves memory.
+        tokens: text token indices to keep, in ascending order (None = all text tokens); keeping only the
+            concepts saves memory (concept indices then count among the kept tokens).
         detach: store detached maps (measurement only) instead of keeping the graph.
 
     Attributes:
