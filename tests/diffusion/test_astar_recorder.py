@@ -32,6 +32,21 @@ def test_recorder_assembles_the_cross_block_from_query_blocks():
     assert torch.allclose(kept.maps(0).reshape(2, 2, -1), expected[:, [0, 2]])
 
 
+def test_a_second_pass_over_some_rows_is_overwritten_by_the_main_pass():
+    logits = torch.randn(1, 2, 9, 9, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    probs = torch.softmax(logits, dim=-1)
+    recorder = CrossMapRecorder()
+    call = call_record(ROLES, ROLES, kind="joint", step=0, grid=(1, 2, 3))
+    with torch.no_grad():  # the session's verification pass: a few rows, no graph
+        recorder.probs_mod(probs[:, :, [1, 4]].detach(), torch.tensor([1, 4]), None, call)
+    for block in blocks(probs, 4):
+        recorder.probs_mod(block.probs, block.q_index, None, call)
+    maps = recorder.maps(0)
+    assert len(recorder.records[(0, 0)]) == 1 and maps.requires_grad
+    maps.sum().backward()
+    assert (logits.grad[:, :, :6].abs().sum(dim=(0, 1, 3)) > 0).all()  # every patch row is in the graph
+
+
 def test_recorder_keeps_the_graph_to_the_probs():
     logits = torch.randn(1, 2, 9, 9, generator=torch.Generator().manual_seed(1), requires_grad=True)
     recorder = CrossMapRecorder()
@@ -50,9 +65,7 @@ def test_astar_trace_reports_both_losses_per_step():
     still[..., 3:6, 7] = 1.0
     still[..., 6:, 8] = 1.0
     for step in (0, 1):
-        call = _record(recorder, still, step=step)
-        if getattr(call, "step", None) is None:  # before the diffusion core, the record has no step: file by hand
-            recorder.records[(step, 0)] = recorder.records.pop((0, 0))
+        _record(recorder, still, step=step)
     rows = astar_trace(recorder, [0, 1])
     assert [r["denoising_step"] for r in rows] == [0, 1]
     assert rows[0]["segregation"] == 0.0 and rows[1]["retention"] == 0.0

@@ -187,20 +187,20 @@ class CrossMapRecorder(Edit):
     def __init__(self, layers: IndexList | None = None, tokens: IndexList | None = None, detach: bool = False) -> None:
         super().__init__(layers=layers)
         self.tokens, self.detach = tokens, detach
-        self.records: dict[tuple[int, int], list[Tensor]] = {}
+        self._records: dict[tuple[int, int], list[Tensor]] = {}
         self.grids: dict[int, tuple[int, int, int]] = {}
-        self._open: dict[int, list[tuple[Tensor, Tensor]]] = {}
+        self._open: dict[int, list[Any]] = {}  # layer → [call, (B, P, T') rows so far, (P,) rows filled]
 
     def params(self) -> dict[str, Any]:
         return {"tokens": self.tokens, "detach": self.detach} if self.tokens else {"detach": self.detach}
 
     def reset(self) -> None:
         super().reset()
-        self.records, self.grids, self._open = {}, {}, {}
+        self._records, self.grids, self._open = {}, {}, {}
 
     def probs_mod(self, probs: Tensor, q_index: Tensor, keep: Tensor | None, call: AttentionCall) -> Tensor:
         qroles, kroles = call.query_roles, call.key_roles
-        if qroles is None or kroles is None or getattr(call, "kind", None) == "self":
+        if qroles is None or kroles is None or call.kind == "self":
             return probs
         q_index = q_index.to(qroles.device)
         rows = token_positions(qroles[:, q_index], IMAGE)  # image query rows of this block
@@ -212,23 +212,36 @@ class CrossMapRecorder(Edit):
         part = probs.index_select(2, rows.to(probs.device)).index_select(3, cols.to(probs.device)).mean(dim=1)
         part = part.detach() if self.detach else part  # (B, n_img, T')
         patches = token_positions(qroles, IMAGE)  # every image query column of the call, ascending
-        parts = self._open.setdefault(call.layer_idx, [])
-        parts.append((torch.searchsorted(patches, q_index[rows]), part))
-        if sum(r.numel() for r, _ in parts) >= patches.numel():
-            self._close(call, patches.numel())
+        ranks = torch.searchsorted(patches, q_index[rows]).to(part.device)
+        entry = self._open.get(call.layer_idx)
+        if entry is None or entry[0] is not call:  # a new call of this layer: file the previous one
+            self._flush(call.layer_idx)
+            entry = [call, part.new_zeros(part.shape[0], patches.numel(), part.shape[2]),
+                     torch.zeros(patches.numel(), dtype=torch.bool, device=part.device)]
+            self._open[call.layer_idx] = entry
+        # out of place, so the graph reaches every row; a later pass over the same rows (the session measures an
+        # edit's effect on a few rows under no_grad before the main pass) is overwritten by the main pass
+        entry[1] = entry[1].index_copy(1, ranks, part.to(entry[1].dtype))
+        entry[2][ranks] = True
         return probs
 
-    def _close(self, call: AttentionCall, num_patches: int) -> None:
-        parts = self._open.pop(call.layer_idx)
-        ranks = torch.cat([r for r, _ in parts])
-        full = torch.cat([p for _, p in parts], dim=1)  # (B, P, T') in block order
-        order = torch.argsort(ranks.to(full.device))
-        grid = getattr(call, "grid", None) or (1, 1, num_patches)
-        self.grids[call.layer_idx] = tuple(grid)  # type: ignore[assignment]
-        step = getattr(call, "step", None)
-        self.records.setdefault((0 if step is None else step, call.layer_idx), []).append(full[:, order])
+    def _flush(self, layer: int) -> None:
+        """File the open call of ``layer`` under (step, layer) if every patch row arrived (else drop it)."""
+        entry = self._open.pop(layer, None)
+        if entry is None or not bool(entry[2].all()):
+            return
+        call, full = entry[0], entry[1]
+        self.grids[layer] = tuple(call.grid or (1, 1, full.shape[1]))  # type: ignore[assignment]
+        self._records.setdefault((0 if call.step is None else call.step, layer), []).append(full)
 
-    def steps(self) -> list[int]:
+    @property
+    def records(self) -> dict[tuple[int, int], list[Tensor]]:
+        """{(step, layer): [(B, P, T') per forward]}, every completed call filed."""
+        for layer in list(self._open):
+            self._flush(layer)
+        return self._records
+
+    def recorded_steps(self) -> list[int]:
         """The denoising steps recorded, ascending."""
         return sorted({step for step, _ in self.records})
 
@@ -258,7 +271,7 @@ def astar_trace(recorder: CrossMapRecorder, concepts: Sequence[int], layers: Seq
     tokens (all text tokens unless it was given ``tokens=``)."""
     rows: list[dict[str, Any]] = []
     masks = None
-    for step in recorder.steps():
+    for step in recorder.recorded_steps():
         maps = recorder.maps(step, layers, forward).detach().double()
         seg = segregation_loss(maps, concepts) if len(concepts) >= 2 else torch.full((maps.shape[0],), float("nan"))
         ret = retention_loss(maps, concepts, masks) if masks is not None and masks.shape[0] == maps.shape[0] \
