@@ -252,7 +252,8 @@ class CrossMapRecorder(Edit):
         Raises:
             ConfigError: nothing recorded for that step/layers. ShapeError: the layers' grids differ.
         """
-        chosen = [(s, layer) for (s, layer) in sorted(self.records) if s == step and (layers is None or layer in layers)]
+        chosen = [(s, layer) for (s, layer) in sorted(self.records)
+                  if s == step and (layers is None or layer in layers)]
         if not chosen:
             raise ConfigError(f"no cross maps recorded for step {step} and layers {layers}; recorded: "
                               f"{sorted(self.records)}")

@@ -1,4 +1,4 @@
-"""Text→image cross-attention maps of a diffusion transformer: pure functions shared by RefAM, A-STAR and ProfilingDiT.
+"""Text→image cross-attention maps of a diffusion transformer: pure functions for RefAM, A-STAR and ProfilingDiT.
 
 A *cross map* is the attention that patch (image) queries pay to text (encoder) keys. It comes from a cross call
 (PixArt: patches are the queries, the caption the keys) or from the image-query × text-key block of a joint call

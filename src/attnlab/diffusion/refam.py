@@ -64,7 +64,8 @@ def append_stop_words(caption: str, words: Sequence[str] = DEFAULT_EXTRA_STOP_WO
     extra = [w.strip() for w in words]
     bad = [w for w in extra if w.lower() not in STOP_WORDS]
     if bad or not extra:
-        raise ConfigError(f"append_stop_words appends stop words (attnlab.probes.magnets.STOP_WORDS), got {bad or words}")
+        raise ConfigError(f"append_stop_words appends stop words (attnlab.probes.magnets.STOP_WORDS), got "
+                          f"{bad or words}")
     return " ".join([caption.rstrip(), *extra])
 
 
