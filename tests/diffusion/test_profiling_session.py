@@ -32,8 +32,15 @@ def test_fg_profile_matches_the_recomputed_self_attention_and_classifies_blocks(
         assert shares[layer] == pytest.approx(float(mean[..., fg].sum() / mean.sum()), abs=1e-6)
     prefs = {int(r.layer): r.value for r in frame[frame.statistic == "fg_preference"].itertuples()}
     table = s.layer_table()
-    blocks = block_preference(prefs, dict(zip(table.layer, table.block)))
+    layer_block = dict(zip(table.layer, table.block))
+    assert s.extras()["fg_profile"]["layer_block"] == {"0": 0, "2": 1} and layer_block[2] == 1
+    blocks = block_preference(prefs, layer_block)
     assert set(blocks) == {0, 1} and set(classify_blocks(blocks).values()) <= {"foreground", "background"}
+    tensors, side = s.probe("fg_profile").export_state()
+    copy = PROBES.get("fg_profile")(foreground=FOREGROUND)
+    copy.bind(s.facts)
+    copy.import_state(tensors, side)
+    assert copy.rows() == s.probe("fg_profile").rows() and copy.layer_block == {0: 0, 2: 1}
 
 
 def _plain_and_cached(kind, cached, step_start=1, interval=2, **extra):

@@ -7,6 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 from diffusion.maps_calls import blocks, call_record
+from hypothesis import given
+from hypothesis import strategies as st
 
 from attnlab.edits import parse_edit_spec
 from attnlab.errors import ConfigError
@@ -50,6 +52,28 @@ def test_refam_probe_scores_the_sink_and_grounds_the_content_tokens():
     expected = [1.0] * 10 + [0.0] * 6  # tokens 1, 2 cover patches 0–9
     assert [v for plane in grounding["grounding"] for row in plane for v in row] == expected
     assert grounding["peak"] == [0, 0, 0]
+
+
+@given(st.permutations(list(range(T))))
+def test_permuting_text_tokens_permutes_their_scores(order):
+    probs = _joint_probs()
+    permuted = probs.clone()
+    permuted[..., :T] = probs[..., order]  # key column t of the new call is old token order[t]
+    scores = []
+    for p in (probs, permuted):
+        probe = PROBES.get("refam")()
+        probe.bind(SimpleNamespace(num_layers=1))
+        _run(probe, p)
+        scores.append(probe.scores())
+    for before, after in zip(scores[0], scores[1]):
+        assert torch.equal(after[0], before[0][order])
+
+
+def test_map_sequence_must_be_a_batch_row():
+    probe = PROBES.get("refam")(map_sequence=3)
+    probe.bind(SimpleNamespace(num_layers=1))
+    with pytest.raises(ConfigError, match="map_sequence=3 but the call has batch 1"):
+        _run(probe, _joint_probs())
 
 
 def test_refam_states_merge_by_addition_across_steps():

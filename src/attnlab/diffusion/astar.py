@@ -182,6 +182,7 @@ class CrossMapRecorder(Edit):
     name = "record_cross_maps"
     stage = "probs"
     identity: ClassVar[dict[str, Any] | None] = None
+    observes_only: ClassVar[bool] = True  # changes no output by design (the session's "changed no output" note)
 
     @validated
     def __init__(self, layers: IndexList | None = None, tokens: IndexList | None = None, detach: bool = False) -> None:

@@ -55,7 +55,7 @@ class ForegroundProfileProbe(Probe):
                    ylabel="share (0–1)", ylim=(0.0, 1.0), alt="Attention share on the foreground per layer",
                    caption="Share of image-to-image attention that lands on foreground patches (mean over heads)."),
     )),)
-    shardable = True  # the state is three additive tensors
+    shardable = True  # three additive tensors; the layer → block map travels as a side part
 
     @validated
     def __init__(self, foreground: Tensor) -> None:
@@ -72,6 +72,7 @@ class ForegroundProfileProbe(Probe):
         self.fg_mass = torch.zeros(L, dtype=torch.float64)
         self.image_mass = torch.zeros(L, dtype=torch.float64)
         self.calls = torch.zeros(L, dtype=torch.float64)
+        self.layer_block: dict[int, int] = {}  # layer → transformer block (call.block), for block_preference
 
     def begin_call(self, call: AttentionCall) -> None:
         self._active = False
@@ -87,6 +88,8 @@ class ForegroundProfileProbe(Probe):
         self._active = True
         self._mask = self.foreground.to(call.device)
         self.calls[call.layer_idx] += 1
+        if call.block is not None:
+            self.layer_block[call.layer_idx] = call.block
 
     def update(self, call: AttentionCall, block: BlockView) -> None:
         if not self._active:
@@ -119,4 +122,17 @@ class ForegroundProfileProbe(Probe):
         return out.rows
 
     def extras(self, decode: Any = None) -> dict[str, Any]:
-        return {"fg_area": self.area, "fg_patches": int(self.foreground.sum()), "patches": self.foreground.numel()}
+        return {"fg_area": self.area, "fg_patches": int(self.foreground.sum()), "patches": self.foreground.numel(),
+                "layer_block": {str(k): v for k, v in sorted(self.layer_block.items())}}
+
+    def merge(self, other: Probe) -> None:
+        super().merge(other)
+        self.layer_block.update(getattr(other, "layer_block", {}))
+
+    def export_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        tensors, side = super().export_state()
+        return tensors, {**side, "layer_block": {str(k): v for k, v in self.layer_block.items()}}
+
+    def import_state(self, tensors: dict[str, Tensor], side: dict[str, Any]) -> None:
+        super().import_state(tensors, side)
+        self.layer_block = {int(k): int(v) for k, v in side.get("layer_block", {}).items()}

@@ -105,6 +105,9 @@ class RefAMProbe(Probe):
         self._texts = token_positions(call.key_roles, TEXT).to(call.device)
         if self._images.numel() == 0 or self._texts.numel() == 0:
             return
+        if not -call.batch <= self.map_sequence < call.batch:
+            raise ConfigError(f"refam map_sequence={self.map_sequence} but the call has batch {call.batch} "
+                              f"(valid: {-call.batch}…{call.batch - 1})")
         self._active = True
         T, P = self._texts.numel(), self._images.numel()
         self._text_ok = call.key_valid[:, self._texts].to(torch.float64)  # (B, T)
