@@ -136,7 +136,7 @@ class RefAMProbe(Probe):
         layer = call.layer_idx
         self.mass[layer, :T] += a.sum(dim=(0, 1)).cpu()
         self.covered[layer, :T] += (((a >= fair) & (fair > 0)).double() * ok).sum(dim=(0, 1)).cpu()
-        self.patches[layer] += float(ok[..., 0].sum()) if T else 0.0
+        self.patches[layer] += float(call.query_valid[:, q_index[is_image]].sum())  # (sequence, patch) pairs
         if self._in_map:
             ranks = torch.searchsorted(self._images, q_index[is_image])
             self.token_map[:T, ranks.cpu()] += a[self.map_sequence].T.cpu()
