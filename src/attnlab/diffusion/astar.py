@@ -174,6 +174,8 @@ class CrossMapRecorder(Edit):
             concepts saves memory (concept indices then count among the kept tokens).
         detach: store detached maps (measurement only) instead of keeping the graph.
 
+    A Session clears the records when it starts (``Edit.reset``): read them before reusing the recorder.
+
     Attributes:
         records: {(step, layer): [(B, P, T') per forward]} (CFG as two forwards gives two entries per step).
         grids: {layer: (frames, rows, cols)} as the calls reported them.

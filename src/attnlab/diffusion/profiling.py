@@ -193,8 +193,8 @@ class BlockCache:
         evaluated, skipped: Counters {block: count} of block calls run and reused.
 
     Raises:
-        ConfigError: a block index the model does not have, interval < 1, step_start < 1 (the first step must fill
-            the cache), or a block output that cannot be paired with its inputs (``mode="delta"``).
+        ConfigError: a block index the model does not have, interval < 1, step_start < 0, or a block output that
+            cannot be paired with its inputs (``mode="delta"``).
     """
 
     def __init__(self, model: nn.Module, cached_blocks: Sequence[int], step_start: int = 6, interval: int = 6,
@@ -203,8 +203,8 @@ class BlockCache:
         self.cached = frozenset(int(b) for b in cached_blocks)
         if any(b < 0 or b >= len(self.blocks) for b in self.cached):
             raise ConfigError(f"cached_blocks {sorted(self.cached)} outside the model's {len(self.blocks)} blocks")
-        if interval < 1 or step_start < 1 or mode not in ("delta", "output"):
-            raise ConfigError(f"BlockCache needs interval >= 1, step_start >= 1 and mode delta|output, got "
+        if interval < 1 or step_start < 0 or mode not in ("delta", "output"):
+            raise ConfigError(f"BlockCache needs interval >= 1, step_start >= 0 and mode delta|output, got "
                               f"{interval}, {step_start}, {mode!r}")
         self.step_start, self.interval, self.mode = step_start, interval, mode
         self.evaluated: Counter[int] = Counter()
