@@ -8,7 +8,7 @@ import torch
 from diffusion.maps_calls import blocks, call_record
 
 from attnlab.diffusion.astar import CrossMapRecorder, astar_trace, segregation_loss
-from attnlab.diffusion.cross_maps import image_text_block, spatial_maps
+from attnlab.functional.cross_maps import image_text_block, spatial_maps
 from attnlab.roles import IMAGE, TEXT
 
 ROLES = torch.tensor([[IMAGE] * 6 + [TEXT] * 3])  # SD3 layout: patches first, then the caption

@@ -9,7 +9,7 @@ from diffusion.maps_oracle import captured_probs
 
 from attnlab.diffusion import DiffusionSession
 from attnlab.diffusion.astar import CrossMapRecorder, astar_loss, astar_trace, latent_gradient
-from attnlab.diffusion.cross_maps import spatial_maps
+from attnlab.functional.cross_maps import spatial_maps
 from attnlab.testing import tiny_diffusers
 
 CROSS = (1, 3)  # PixArt: each block holds self (even layers) then cross attention (odd layers)

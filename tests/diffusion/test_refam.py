@@ -7,8 +7,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from attnlab.diffusion.cross_maps import image_text_block, normalise_maps, spatial_maps
-from attnlab.diffusion.refam import (
+from attnlab.functional.cross_maps import image_text_block, normalise_maps, spatial_maps
+from attnlab.probes.refam_maps import (
     append_stop_words, content_indices, detect_gas, gas_scores, grounding_map, magnet_indices, peak_point,
     threshold_mask,
 )

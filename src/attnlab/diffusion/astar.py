@@ -3,7 +3,7 @@
 Agarwal et al., ICCV 2023, "A-STAR: Test-time Attention Segregation and Retention for Text-to-image Synthesis"
 (arXiv 2306.14544; METHODS.md #43, medium/low confidence: the equations below are attnlab's reading of the paper's
 Eq. 2 and 3, not checked against released code). For concept tokens c_1 … c_K (text token indices) with spatial maps
-A_k at denoising step t (:mod:`attnlab.diffusion.cross_maps`; each map divided by its maximum first, **our choice**,
+A_k at denoising step t (:mod:`attnlab.functional.cross_maps`; each map divided by its maximum first, **our choice**,
 so overlaps compare shapes, not total mass), and the soft IoU ``IoU(X, Y) = Σ_p min(X, Y) / Σ_p max(X, Y)``:
 
 - segregation (Eq. 2): ``L_seg = Σ_{m<n} IoU(A_m, A_n)``: 0 for disjoint maps, K(K-1)/2 for identical ones;
@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from attnlab.diffusion.cross_maps import check_indices, normalise_maps, spatial_maps, token_positions
+from attnlab.functional.cross_maps import check_indices, normalise_maps, spatial_maps, token_positions
 from attnlab.edits.base import AttentionCall, Edit
 from attnlab.errors import ConfigError, ShapeError
 from attnlab.params import IndexList, validated

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from attnlab.errors import ConfigError, ShapeError
+from attnlab.functional.cross_maps import foreground_share, preference
 
 __all__ = ["BlockCache", "block_preference", "choose_step_start", "classify_blocks", "find_blocks",
            "foreground_share", "preference", "step_similarity"]
@@ -45,36 +46,6 @@ __all__ = ["BlockCache", "block_preference", "choose_step_start", "classify_bloc
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks")
 """Attribute names of the block lists :func:`find_blocks` looks for, in this order (diffusers' DiT/PixArt/SD3/Flux:
 ``transformer_blocks`` then Flux's ``single_transformer_blocks``; Wan: ``blocks``)."""
-
-
-def _logit(p: Tensor) -> Tensor:
-    p = p.clamp(1e-12, 1 - 1e-12)
-    return torch.log(p) - torch.log1p(-p)
-
-
-def preference(fg_share: Tensor, fg_area: Tensor | float) -> Tensor:
-    """``logit(fg_share) - logit(fg_area)`` (module docstring); NaN stays NaN."""
-    area = torch.as_tensor(fg_area, dtype=fg_share.dtype, device=fg_share.device)
-    return _logit(fg_share) - _logit(area)
-
-
-def foreground_share(probs: Tensor, foreground: Tensor) -> tuple[Tensor, Tensor]:
-    """Attention mass image queries put on foreground patches, and on all patches, pooled.
-
-    Args:
-        probs: (B, H, Q, P): Q image queries over the P image keys (patches in raster order).
-        foreground: (P,) or (F, R, C) bool mask over the patches.
-    Returns:
-        ``(fg_mass, image_mass)``: float64 scalars, sums over batch and queries of the head-averaged attention to
-        foreground keys and to all image keys (``fg_share = fg_mass / image_mass``).
-    Raises:
-        ShapeError: the mask does not have P entries.
-    """
-    fg = foreground.reshape(-1).bool().to(probs.device)
-    if probs.dim() != 4 or fg.numel() != probs.shape[-1]:
-        raise ShapeError(f"foreground mask has {fg.numel()} patches, probs (B, H, Q, P) are {tuple(probs.shape)}")
-    mean = probs.double().mean(dim=1)  # (B, Q, P)
-    return (mean * fg).sum(), mean.sum()
 
 
 def block_preference(layer_preference: dict[int, float], layer_block: dict[int, int]) -> dict[int, float]:

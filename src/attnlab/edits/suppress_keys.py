@@ -19,7 +19,7 @@ class SuppressKeys(Edit):
     """Add ``bias`` to the pre-softmax logits of chosen text keys (None = −∞: those keys get probability 0).
 
     Kukleva et al. 2025, RefAM (METHODS.md #16, low confidence): global attention sinks (text tokens that draw high
-    attention from every image token) "can be safely suppressed"; with :func:`attnlab.diffusion.refam.detect_gas`
+    attention from every image token) "can be safely suppressed"; with :func:`attnlab.probes.refam_maps.detect_gas`
     picking the tokens, this edit is that suppression (and ``bias < 0`` a softer form). Keys are chosen **by index
     among the text tokens** of each call (``tokens=0+5``: the first and sixth text token, in caption order), found
     with the call's key roles; on a model without roles every real key counts as text. Acts on calls that have

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attnlab.diffusion.cross_maps import token_positions
-from attnlab.diffusion.profiling import foreground_share, preference
+from attnlab.functional.cross_maps import token_positions
+from attnlab.functional.cross_maps import foreground_share, preference
 from attnlab.errors import ConfigError, ShapeError
 from attnlab.functional.attention import BlockView
 from attnlab.params import validated
@@ -38,7 +38,7 @@ class ForegroundProfileProbe(Probe):
 
     Args:
         foreground: bool mask over the patches, (frames, rows, cols) or (P,) in raster order (e.g. a lab scene's
-            object mask at patch resolution, or :func:`attnlab.diffusion.refam.threshold_mask` of a grounding map).
+            object mask at patch resolution, or :func:`attnlab.probes.refam_maps.threshold_mask` of a grounding map).
             From Python only. It must mark some patches and leave some out.
 
     Raises:

@@ -1,6 +1,6 @@
 """RefAM in a diffusion Session: per-layer global-attention-sink scores of the text tokens, and the grounding map.
 
-Kukleva et al. 2025, RefAM (METHODS.md #16, low confidence; the rules are :mod:`attnlab.diffusion.refam`'s). On every
+Kukleva et al. 2025, RefAM (METHODS.md #16, low confidence; the rules are :mod:`attnlab.probes.refam_maps`'s). On every
 attention call with image queries and text keys (cross calls; the image×text block of joint calls), per layer l and
 text token t (its index among the call's text keys), pooled over sequences and patches of every call seen:
 
@@ -12,7 +12,7 @@ text token t (its index among the call's text keys), pooled over sequences and p
 The grounding map (extras) sums the per-token maps of batch row ``map_sequence`` (default -1, the last row: the
 conditional half of diffusers' CFG batches) over the layers in ``layers`` (None = every layer with a text→image
 block), drops the ``magnets`` and the tokens that are a GAS in any of those layers, and averages the rest
-(:func:`attnlab.diffusion.refam.grounding_map`). A Session that clones probes per denoising step gives one map per
+(:func:`attnlab.probes.refam_maps.grounding_map`). A Session that clones probes per denoising step gives one map per
 step; merged states (``per_step=False``) sum the steps. Rows use ``position`` for the text token index.
 """
 
@@ -23,8 +23,8 @@ from typing import Annotated, Any
 import torch
 from torch import Tensor
 
-from attnlab.diffusion.cross_maps import check_grid, token_positions
-from attnlab.diffusion.refam import content_indices, grounding_map, peak_point, threshold_mask
+from attnlab.functional.cross_maps import check_grid, token_positions
+from attnlab.probes.refam_maps import content_indices, grounding_map, peak_point, threshold_mask
 from attnlab.errors import ConfigError, ShapeError
 from attnlab.functional.attention import BlockView
 from attnlab.params import IndexList, Range, validated
@@ -42,7 +42,7 @@ class RefAMProbe(Probe):
 
     Args:
         magnets: text token indices to leave out of the grounding map (e.g. from
-            :func:`attnlab.diffusion.refam.magnet_indices` on the caption's tokens); None = none.
+            :func:`attnlab.probes.refam_maps.magnet_indices` on the caption's tokens); None = none.
         layers: layers summed into the grounding map (None = every layer with a text→image block).
         min_enrichment, min_coverage: the GAS thresholds (defaults 2.0 and 0.9; our choice).
         map_sequence: the batch row whose maps make the grounding map (default -1: the last row).

@@ -20,7 +20,7 @@ confidence: abstract, project page and introduction). The paper's ideas, as attn
   (:func:`append_stop_words`; a prompt-level operation, the words are our choice).
 - Suppressing GAS/magnets inside the model: the ``suppress_keys`` edit (:mod:`attnlab.edits.suppress_keys`).
 
-Shapes follow :mod:`attnlab.diffusion.cross_maps`: ``maps`` (B, T, F, R, C) or (T, F, R, C).
+Shapes follow :mod:`attnlab.functional.cross_maps`: ``maps`` (B, T, F, R, C) or (T, F, R, C).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from attnlab.diffusion.cross_maps import check_indices, normalise_maps
+from attnlab.functional.cross_maps import check_indices, normalise_maps
 from attnlab.errors import ConfigError, ShapeError
 from attnlab.probes.magnets import STOP_WORDS, token_class
 
@@ -149,7 +149,7 @@ def grounding_map(maps: Tensor, content: Sequence[int]) -> Tensor:
 
     Args:
         maps: (B, T, F, R, C) or (T, F, R, C), already aggregated over the chosen layers and steps (e.g. the mean of
-            :func:`attnlab.diffusion.cross_maps.spatial_maps` over them). content: text token indices
+            :func:`attnlab.functional.cross_maps.spatial_maps` over them). content: text token indices
             (:func:`content_indices`).
     Returns:
         (B, F, R, C), or (F, R, C) for an unbatched input; maps' dtype; a flat map becomes all 0.

@@ -27,7 +27,8 @@ from attnlab.roles import IMAGE, TEXT
 Grid = tuple[int, int, int]
 Normalisation = Literal["sum", "max", "minmax"]
 
-__all__ = ["check_grid", "image_text_block", "normalise_maps", "spatial_maps", "token_positions"]
+__all__ = ["check_grid", "foreground_share", "image_text_block", "normalise_maps", "preference", "spatial_maps",
+           "token_positions"]
 
 
 def check_grid(grid: Grid | tuple[int, ...], num_patches: int) -> Grid:
@@ -137,3 +138,36 @@ def check_indices(name: str, indices: tuple[int, ...] | list[int], count: int) -
     if len(set(chosen)) != len(chosen) or any(i < 0 or i >= count for i in chosen):
         raise ConfigError(f"{name} must be distinct token indices in 0…{count - 1}, got {list(indices)}")
     return chosen
+
+
+# ----------------------------------------------------------------- foreground share (ProfilingDiT, METHODS.md #44)
+
+def _logit(p: Tensor) -> Tensor:
+    p = p.clamp(1e-12, 1 - 1e-12)
+    return torch.log(p) - torch.log1p(-p)
+
+
+def preference(fg_share: Tensor, fg_area: Tensor | float) -> Tensor:
+    """``logit(fg_share) - logit(fg_area)``: how much more a block attends to the foreground than its area would
+    give (0 = in proportion; our profile, :mod:`attnlab.diffusion.profiling`); NaN stays NaN."""
+    area = torch.as_tensor(fg_area, dtype=fg_share.dtype, device=fg_share.device)
+    return _logit(fg_share) - _logit(area)
+
+
+def foreground_share(probs: Tensor, foreground: Tensor) -> tuple[Tensor, Tensor]:
+    """Attention mass image queries put on foreground patches, and on all patches, pooled.
+
+    Args:
+        probs: (B, H, Q, P): Q image queries over the P image keys (patches in raster order).
+        foreground: (P,) or (F, R, C) bool mask over the patches.
+    Returns:
+        ``(fg_mass, image_mass)``: float64 scalars, sums over batch and queries of the head-averaged attention to
+        foreground keys and to all image keys (``fg_share = fg_mass / image_mass``).
+    Raises:
+        ShapeError: the mask does not have P entries.
+    """
+    fg = foreground.reshape(-1).bool().to(probs.device)
+    if probs.dim() != 4 or fg.numel() != probs.shape[-1]:
+        raise ShapeError(f"foreground mask has {fg.numel()} patches, probs (B, H, Q, P) are {tuple(probs.shape)}")
+    mean = probs.double().mean(dim=1)  # (B, Q, P)
+    return (mean * fg).sum(), mean.sum()
