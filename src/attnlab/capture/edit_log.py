@@ -184,7 +184,7 @@ class EditLog:
         for edit in self.edits if world().is_main else ():  # the warning once, from rank 0, when several run
             record = self.records[id(edit)]
             if (self.verify_rows and record.calls_touched and record.max_change == 0 and edit.stage != "positions"
-                    and not edit.is_identity()):
+                    and not edit.is_identity() and not getattr(edit, "observes_only", False)):  # e.g. a recorder
                 calls = record.calls_touched
                 logger.warning("edit %s acted on %d attention call%s but changed no output on the measured rows (max "
                                "change 0): its results equal the baseline's%s", edit.spec(), calls,
