@@ -21,7 +21,7 @@ from attnlab.facts import ModelFacts
 logger = logging.getLogger(__name__)
 
 REPORT_COLUMNS = ("edit", "spec", "stage", "path", "calls_touched", "heads_touched", "forward_passes_touched",
-                  "max_change", "identity")
+                  "max_change", "identity", "skipped")
 
 
 def make_edit(spec: str | Edit) -> Edit:
@@ -143,7 +143,9 @@ class EditLog:
         it touched), calls_touched, heads_touched, forward_passes_touched (positions edits), max_change (the largest
         change of a per-head output the edit made on the sampled rows; NaN if not measured; for a positions edit
         only its mask part is measured, since the position ids are already in the query/key the attention call
-        receives), identity (whether its parameters are the identity)."""
+        receives), identity (whether its parameters are the identity), skipped (the calls it passed through
+        unchanged, by reason: radial and ultravico on cross calls, radial's dense steps and blocks;
+        :meth:`Edit.skip_summary`)."""
         import pandas as pd
 
         num_layers, num_heads = self.facts.num_layers, self.facts.num_heads
@@ -162,7 +164,7 @@ class EditLog:
                 "calls_touched": record.calls_touched, "heads_touched": touched,
                 "forward_passes_touched": record.forward_passes_touched,
                 "max_change": record.max_change if self.verify_rows and record.calls_touched else float("nan"),
-                "identity": edit.is_identity(),
+                "identity": edit.is_identity(), "skipped": edit.skip_summary(),
             })
         return pd.DataFrame(rows, columns=list(REPORT_COLUMNS))
 
