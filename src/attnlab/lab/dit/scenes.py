@@ -102,19 +102,24 @@ def _choice(rng: np.random.Generator, names: tuple[str, ...] | list[str]) -> str
 def draw_image_scene(rng: np.random.Generator, *, objects: int = 1) -> Drawn:
     """One image scene: ``objects`` (1 or 2) objects of uniform shape and colour (two objects differ in at least one
     of them), radius uniform in 5 … 10 px (one object) or 4 … 7 px (two), centres uniform where the object fits,
-    two objects at least 2 px apart; article ``a`` or ``the`` (one object) uniformly.
+    two objects' bounding circles (radius·√2) at least 2 px apart (a failed
+    placement draws the second object again, and every tenth failure both); article ``a`` or ``the`` (one object) uniformly.
 
     Raises ConfigError for ``objects`` not 1 or 2."""
     if objects not in (1, 2):
         raise ConfigError(f"expected objects 1 or 2, got {objects!r}")
     low, high = (5.0, 10.0) if objects == 1 else (4.0, 7.0)
     placed: list[SceneObject] = []
+    tries = 0
     while len(placed) < objects:
         radius = float(rng.uniform(low, high))
         x, y = (float(v) for v in rng.uniform(radius, SIZE - 1 - radius, size=2))
         obj = SceneObject(_choice(rng, SHAPES), _choice(rng, list(COLOURS)), x, y, radius)
-        if placed and ((obj.shape, obj.colour) == (placed[0].shape, placed[0].colour) or _distance(obj, placed[0])
-                       < obj.radius * 1.5 + placed[0].radius * 1.5 + 2):  # 1.5: the corners of squares
+        if placed and ((obj.shape, obj.colour) == (placed[0].shape, placed[0].colour)
+                       or _distance(obj, placed[0]) < (obj.radius + placed[0].radius) * 2 ** 0.5 + 2):
+            tries += 1
+            if tries % 10 == 0:  # the first object may leave no room (a large one in the middle): start again
+                placed.clear()
             continue
         placed.append(obj)
     article = _choice(rng, ("a", "the")) if objects == 1 else "a"
