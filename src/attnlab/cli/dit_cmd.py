@@ -129,7 +129,7 @@ def dit_sample(
 def dit_eval(
     model: ModelArg,
     samples: Annotated[int, typer.Option("--samples", help="Test captions per kind (one-object and two-object "
-                                         "images; videos).", rich_help_panel="Evaluation")] = 200,
+                                         "images; videos).", rich_help_panel="Evaluation")] = 100,
     steps: SampleSteps = 20,
     guidance: Guidance = 3.0,
     seed: Seed = 0,

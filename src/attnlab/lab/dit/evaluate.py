@@ -116,8 +116,9 @@ def _as_tensor(images: np.ndarray) -> Tensor:
 
 def classify(images: Tensor, *, seed: int = 0) -> Tensor:
     """The classifier's logits of (N, 3, 32, 32) images in [0, 1]: (N, 12) float32."""
+    model = train_classifier(seed)  # outside no_grad: the first call trains it
     with torch.no_grad():
-        return train_classifier(seed)(images)
+        return model(images)
 
 
 def test_scenes(kind: str, samples: int, *, frames: int = 8, seed: int = TEST_SEED) -> list[Drawn]:
@@ -247,7 +248,7 @@ def video_scores(videos: Tensor, items: Sequence[Drawn], trained: int, masks: Te
     return scores
 
 
-def evaluate_pipeline(pipe: Any, *, samples: int = 200, steps: int = 20, guidance: float = 3.0, seed: int = 0,
+def evaluate_pipeline(pipe: Any, *, samples: int = 100, steps: int = 20, guidance: float = 3.0, seed: int = 0,
                       predict: Any = None, batch_size: int = 50, progress: ProgressArg = None) -> dict[str, Any]:
     """Sample the test captions with ``pipe`` (a :class:`~attnlab.lab.dit.pipeline.LabPipeline`; ``predict`` as in
     its ``sample``; chunk ``k`` of ``batch_size`` captions uses noise seed ``seed + k``) and score them; the same
