@@ -17,12 +17,13 @@ Settings, fixed before any run on the reference model (nothing below was tuned o
   against the dense (unedited) sample of the same F, noise and captions.
 - Radial attention (Li et al. 2025, METHODS.md #10), the Wan2.1 1× defaults with the dense steps scaled from 12 of
   50 to 5 of 20 (``dense_steps`` = a quarter of the steps, rounded):
-  ``radial:decay_factor=0.2,dense_steps=5,dense_layers=1,sink_frames=1,block_size=none``, at F = 4 (the trained length) and F = 8, against dense. Its cost: the mask
-  density (kept (query, key) patch pairs / all pairs of one self-attention call, counted from the mask the edit
-  builds, :func:`attnlab.functional.sparse_masks.radial` with the edit's arguments), the density averaged over a
-  sample's self-attention calls (dense steps and the dense block at 1), and the time of one transformer forward
-  (batch 48, the conditional forward; median of 5 after one warm-up; dense = the model's own SDPA without a
-  session, radial = the masked path inside a DiffusionSession at a step past the dense steps), both in this run.
+  ``radial:decay_factor=0.2,dense_steps=5,dense_layers=1,sink_frames=1,block_size=none``, at F = 4 (the trained
+  length) and F = 8, against dense. Its cost: the mask density (kept (query, key) patch pairs / all pairs of one
+  self-attention call, counted from the mask the edit builds, :func:`attnlab.functional.sparse_masks.radial` with
+  the edit's arguments), the density averaged over a sample's self-attention calls (dense steps and the dense block
+  at 1), and the time of one transformer forward (batch 48, the conditional forward; median of 5 after one warm-up;
+  dense = the model's own SDPA without a session, radial = the masked path inside a DiffusionSession at a step past
+  the dense steps), both in this run.
 - UltraViCo (Zhao et al. 2026, METHODS.md #12): ``ultravico:alpha=0.9,train_frames=4`` (the first-frame rule on,
   its default) against plain sampling at F = 8 and F = 12 (2× and 3× the trained length); ``alpha=0.7`` at F = 8 as
   the one sensitivity point.
