@@ -43,6 +43,9 @@ rectified-flow convention: `x_t = 0.5·x0 + 0.5·noise` (x0 in [-1, 1]), `timest
    default list that the lab's vocabulary has, `the and a`), magnets and GAS excluded as in the main variant.
    Chance references: a uniformly random peak hits with probability = the mean patch-mask area.
 
+Control: the same command with ``--model`` an untrained model of the same size (``save_pipeline(LabPipeline.build(
+DitSpec(), seed=0), dir)``) separates what training put into the attention from what the architecture gives.
+
 `--quick`: 4 items per kind and 3 sampling steps, with the cache schedule scaled to step_start 1, interval 2 so the
 cache path runs (a smoke test, not a measurement). The script writes JSON to --out and prints markdown tables.
 """
@@ -309,6 +312,7 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     p, a, r = result["profiling"], result["astar"], result["refam"]
+    cache = p["cache_report"]
     parts = ["### ProfilingDiT: block profile (t = 0.5, one-object test scenes)",
              table(["block", "fg preference (mean)", "std over scenes", "share of scenes < 0", "class"],
                    [[b["block"], b["preference"], b["std"], b["share_background"], b["class"]] for b in p["profile"]]),
@@ -320,8 +324,7 @@ def markdown(result: dict[str, Any]) -> str:
                     [f"cached (blocks {p['background_blocks']})",
                      *[p["sampling"]["cached"][k] for k in ("accuracy", "colour_accuracy", "shape_accuracy",
                                                              "colour_fidelity", "seconds_median")],
-                     f"{p['cache_report'].get('skipped', 0)}/{p['cache_report'].get('skipped', 0) + p['cache_report'].get('evaluated', 0)}"
-                     f" ({p['cache_report'].get('skipped_fraction', 0.0):.3f})"]]),
+                     f"{cache['skipped']}/{cache['skipped'] + cache['evaluated']} ({cache['skipped_fraction']:.3f})"]]),
              f"\nSpeed-up (plain / cached median): {p['speedup']:.3f}; mean |pixel diff| cached vs plain: "
              f"{p['sampling']['cached']['mean_abs_pixel_diff_to_plain']:.4f}",
              "", "### A-STAR: two-object captions",
