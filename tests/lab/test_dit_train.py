@@ -189,7 +189,8 @@ def test_cli_train_sample_eval(tmp_path: Path, quick_classifier: None) -> None:
         result = runner.invoke(dit_app, ["eval", str(out), "--samples", "2", "--steps", "2", "--out", str(report)])
         assert result.exit_code == 0, result.output
         assert json.loads(report.read_text())["kind"] == ("video" if video else "image")
-    not_empty = runner.invoke(dit_app, ["train", "--out", str(tmp_path / "run0"), "--steps", "1", "--warmup-steps", "0"])
+    not_empty = runner.invoke(dit_app, ["train", "--out", str(tmp_path / "run0"), "--steps", "1",
+                                        "--warmup-steps", "0"])
     assert not_empty.exit_code == 2 and "not empty" in not_empty.output
     bad = runner.invoke(dit_app, ["sample", str(tmp_path / "run0"), "--caption", "a pink circle"])
     assert bad.exit_code == 2 and "unknown caption word 'pink'" in bad.output
