@@ -18,6 +18,8 @@ FORBIDDEN = {
               "attnlab.views"),
     "probes": ("transformers", "attnlab.capture", "attnlab.cli", "attnlab.report", "attnlab.pipeline", "attnlab.views"),
     "capture": ("attnlab.cli", "attnlab.report", "attnlab.pipeline", "attnlab.views"),
+    # diffusers models under the session: the tier of capture (probes, edits and analyses they use sit below)
+    "diffusion": ("attnlab.cli", "attnlab.report", "attnlab.pipeline", "attnlab.views"),
     "report": ("transformers", "torch", "attnlab.capture", "attnlab.cli", "attnlab.pipeline", "attnlab.views"),
     "edits": ("transformers", "attnlab.capture", "attnlab.analyses", "attnlab.layers", "attnlab.cli",
               "attnlab.report", "attnlab.pipeline", "attnlab.views"),
@@ -34,6 +36,8 @@ FORBIDDEN = {
     # adapters for other tools (lm-eval) sit at the tier of evaluation too
     "integrations": ("attnlab.cli", "attnlab.views", "attnlab.protocols", "attnlab.circuits"),
 }
+for _below in ("functional", "stats", "probes", "edits", "layers", "analyses"):  # the tiers under diffusion/
+    FORBIDDEN[_below] += ("attnlab.diffusion",)
 
 ALLOWED = {"attnlab.report.sections"}  # pure section specs that probes and analyses declare (no torch, no matplotlib)
 # per package: leaf modules it may import although their package is forbidden to it

@@ -21,7 +21,7 @@ from attnlab.facts import ModelFacts
 logger = logging.getLogger(__name__)
 
 REPORT_COLUMNS = ("edit", "spec", "stage", "path", "calls_touched", "heads_touched", "forward_passes_touched",
-                  "max_change", "identity")
+                  "max_change", "identity", "skipped")
 
 
 def make_edit(spec: str | Edit) -> Edit:
@@ -70,10 +70,12 @@ class EditLog:
         self.facts, self.verify_rows = facts, verify_rows
         self.records: dict[int, EditRecord] = {id(edit): EditRecord() for edit in self.edits}
         self.position_edits = [edit for edit in self.edits if edit.stage == "positions"]
+        self.step: int | None = None  # the denoising step of the calls in flight (Session.set_step), or None
 
     def for_layer(self, layer: int) -> list[Edit]:
-        """The edits that act on ``layer`` (their ``layers`` include it), in composition order; [] if none."""
-        return [edit for edit in self.edits if edit.applies_to(layer)]
+        """The edits that act on ``layer`` (their ``layers`` include it) at the current denoising ``step`` (their
+        ``steps`` include it, :meth:`Edit.applies_at`), in composition order; [] if none."""
+        return [edit for edit in self.edits if edit.applies_to(layer) and edit.applies_at(self.step)]
 
     def forward_pass(self, edit: Edit) -> None:
         """A positions-stage edit remapped the position ids of one forward pass."""
@@ -141,7 +143,9 @@ class EditLog:
         it touched), calls_touched, heads_touched, forward_passes_touched (positions edits), max_change (the largest
         change of a per-head output the edit made on the sampled rows; NaN if not measured; for a positions edit
         only its mask part is measured, since the position ids are already in the query/key the attention call
-        receives), identity (whether its parameters are the identity)."""
+        receives), identity (whether its parameters are the identity), skipped (the calls it passed through
+        unchanged, by reason: radial and ultravico on cross calls, radial's dense steps and blocks;
+        :meth:`Edit.skip_summary`)."""
         import pandas as pd
 
         num_layers, num_heads = self.facts.num_layers, self.facts.num_heads
@@ -160,7 +164,7 @@ class EditLog:
                 "calls_touched": record.calls_touched, "heads_touched": touched,
                 "forward_passes_touched": record.forward_passes_touched,
                 "max_change": record.max_change if self.verify_rows and record.calls_touched else float("nan"),
-                "identity": edit.is_identity(),
+                "identity": edit.is_identity(), "skipped": edit.skip_summary(),
             })
         return pd.DataFrame(rows, columns=list(REPORT_COLUMNS))
 
@@ -172,6 +176,11 @@ class EditLog:
         since its results will equal the baseline's."""
         silent = [edit.spec() for edit in self.edits if self.records[id(edit)].calls_touched == 0
                   and self.records[id(edit)].forward_passes_touched == 0]
+        skipped = [f"{edit.spec()} ({edit.skip_summary()})" for edit in self.edits
+                   if edit.spec() in silent and edit.skip_summary()]
+        if skipped and len(skipped) == len(silent):
+            raise EditNotFiredError(f"edit(s) never acted: every call they saw was one they skip by definition: "
+                                    f"{'; '.join(skipped)} (more denoising steps or layers than dense_steps/dense_layers?)")
         if silent:
             raise EditNotFiredError(
                 f"edit(s) never fired: {', '.join(silent)} — no attention call passed through them (did the model "
@@ -182,7 +191,7 @@ class EditLog:
         for edit in self.edits if world().is_main else ():  # the warning once, from rank 0, when several run
             record = self.records[id(edit)]
             if (self.verify_rows and record.calls_touched and record.max_change == 0 and edit.stage != "positions"
-                    and not edit.is_identity()):
+                    and not edit.is_identity() and not getattr(edit, "observes_only", False)):  # e.g. a recorder
                 calls = record.calls_touched
                 logger.warning("edit %s acted on %d attention call%s but changed no output on the measured rows (max "
                                "change 0): its results equal the baseline's%s", edit.spec(), calls,
