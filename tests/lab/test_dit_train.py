@@ -198,3 +198,17 @@ def test_cli_train_sample_eval(tmp_path: Path, quick_classifier: None) -> None:
                                    "--frames", "4"]).exit_code == 2
     assert runner.invoke(dit_app, ["eval", str(tmp_path / "missing")]).exit_code == 2
     assert runner.invoke(dit_app, ["train", "--out", str(tmp_path / "b"), "--spec", "layers=x"]).exit_code == 2
+
+
+def test_diffusion_session_counts_the_samplers_steps_and_leaves_it_unchanged(trained: tuple[Path, dict]) -> None:
+    from attnlab.diffusion import DiffusionSession
+
+    pipe = load_pipeline(trained[0])
+    frames = 2 if pipe.kind == "video" else None
+    plain = pipe.sample(["a red circle"], steps=3, guidance=2.0, seed=4, frames=frames)
+    with DiffusionSession(pipe.transformer, probes=["entropy"]) as session:
+        observed = pipe.sample(["a red circle"], steps=3, guidance=2.0, seed=4, frames=frames)
+    torch.testing.assert_close(observed, plain, rtol=1e-5, atol=1e-5)
+    results = session.results()
+    assert sorted(set(results["denoising_step"])) == [0, 1, 2]
+    assert set(session.layer_table()["kind"]) == {"self", "cross"}

@@ -29,7 +29,7 @@ dit_app = typer.Typer(help="Diffusion transformers: train, sample and evaluate t
 
 Video = Annotated[bool, typer.Option("--video", help="The Wan video model (moving shapes) instead of the PixArt "
                                      "image model.", rich_help_panel=_MODEL, metavar=FLAG)]
-Steps = Annotated[Optional[int], typer.Option("--steps", help="Optimizer updates [default: 1200 image, 600 video].",
+Steps = Annotated[Optional[int], typer.Option("--steps", help="Optimizer updates [default: 600 image, 500 video].",
                                               rich_help_panel=_TRAIN)]
 BatchSize = Annotated[Optional[int], typer.Option("--batch-size", help="Images (videos) per update [default: 64 "
                                                   "images, 16 videos].", rich_help_panel=_TRAIN)]

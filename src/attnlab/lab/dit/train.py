@@ -41,10 +41,10 @@ __all__ = ["RESULTS", "TRAIN_LOG", "DitTrainConfig", "draw_batch", "train_dit"]
 
 RESULTS = "results.json"
 TRAIN_LOG = "train_log.csv"
-DEFAULT_STEPS = {"image": 1200, "video": 600}
+DEFAULT_STEPS = {"image": 600, "video": 500}
 DEFAULT_BATCH = {"image": 64, "video": 16}
-"""The defaults per kind: 1200 updates of 64 images or 600 of 16 four-frame videos (about 0.3 s per update on two
-idle CPU cores, 1 s or more on shared ones)."""
+"""The defaults per kind: 600 updates of 64 images or 500 of 16 four-frame videos (about 0.3 s per update on two idle
+CPU cores, so 3 minutes; 1 … 2 s per update on busy shared cores, so within the lab's 8 … 15 minutes)."""
 
 
 @dataclass(frozen=True)
