@@ -155,7 +155,8 @@ def check_out(config: DitTrainConfig, *, force: bool) -> None:
 def train_dit(config: DitTrainConfig, *, force: bool = False, progress: ProgressArg = None) -> dict[str, Any]:
     """Train and (with ``config.out``) write the pipeline folder and results; return the record ``{"kind":
     "dit_train", "config", "train": {"losses": [per update], "final_loss", "loss_first_50", "loss_last_50",
-    "seconds", "num_parameters", "threads"}, "checkpoint"}`` (``results.json`` holds the same without the
+    "seconds", "num_parameters", "threads"}, "checkpoint", "pipeline"}`` (``pipeline``: the trained
+    :class:`~attnlab.lab.dit.pipeline.LabPipeline` in eval mode; ``results.json`` holds the rest without the
     per-update losses, which go to ``train_log.csv``).
 
     Raises ConfigError for a non-empty ``out`` without ``force``."""
