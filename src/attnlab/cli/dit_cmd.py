@@ -70,12 +70,12 @@ def dit_train(
     --out/checkpoint, train_log.csv and results.json (loss curve summary, seconds)."""
 
     def body() -> None:
-        from attnlab.cli.train_cmd import parse_pairs
+        from attnlab.cli.train_cmd import parse_int_pairs
         from attnlab.lab.dit.train import DitTrainConfig, check_out, train_dit
 
         config = DitTrainConfig(kind="video" if video else "image", steps=steps, batch_size=batch_size, lr=lr,
                                 warmup_steps=warmup_steps, caption_dropout=caption_dropout, seed=seed,
-                                spec=_typed(parse_pairs(spec, "--spec")), device=device, out=str(out))
+                                spec=parse_int_pairs(spec, "--spec"), device=device, out=str(out))
         check_out(config, force=force)
         stderr.print("config: " + " ".join(f"{k}={v}" for k, v in config.to_dict().items()), markup=False,
                      style="dim")
@@ -179,16 +179,3 @@ def _png(array: Any) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def _typed(pairs: dict[str, Any]) -> dict[str, Any]:
-    """``--spec`` values are integers; one-line ConfigError otherwise."""
-    from attnlab.errors import ConfigError
-
-    typed = {}
-    for key, value in pairs.items():
-        try:
-            typed[key] = int(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"--spec {key} expects an integer, got {value!r}") from None
-    return typed

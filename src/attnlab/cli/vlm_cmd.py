@@ -65,12 +65,12 @@ def vlm_train(
     --out/checkpoint, train_log.csv and results.json (accuracy per question kind, hallucination rate)."""
 
     def body() -> None:
-        from attnlab.cli.train_cmd import parse_pairs
+        from attnlab.cli.train_cmd import parse_int_pairs
         from attnlab.lab.vlm.train import VlmTrainConfig, check_out, train_vlm
 
         config = VlmTrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
                                 positions=positions, questions_per_image=questions_per_image, seed=seed,
-                                spec=_typed(parse_pairs(spec, "--spec")),
+                                spec=parse_int_pairs(spec, "--spec"),
                                 eval_per_kind=eval_per_kind, out=str(out))
         check_out(config, force=force)
         stderr.print("config: " + " ".join(f"{k}={v}" for k, v in config.to_dict().items()), markup=False,
@@ -120,18 +120,6 @@ def vlm_eval(
 
     run_guarded(body, debug)
 
-
-def _typed(pairs: dict[str, Any]) -> dict[str, Any]:
-    """``--spec`` values are integers; one-line ConfigError otherwise."""
-    from attnlab.errors import ConfigError
-
-    typed = {}
-    for key, value in pairs.items():
-        try:
-            typed[key] = int(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"--spec {key} expects an integer, got {value!r}") from None
-    return typed
 
 
 def _summary(report: dict[str, Any], name: str = "") -> None:

@@ -28,13 +28,12 @@ import dataclasses
 import json
 import math
 import time
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from attnlab.errors import ConfigError
-from attnlab.params import Range, coerce
+from attnlab.params import Range, coerce_fields
 from attnlab.progress import ProgressArg, progress_to
 
 __all__ = ["RESULTS", "TRAIN_LOG", "DitTrainConfig", "draw_batch", "train_dit"]
@@ -45,6 +44,10 @@ DEFAULT_STEPS = {"image": 600, "video": 500}
 DEFAULT_BATCH = {"image": 64, "video": 16}
 """The defaults per kind: 600 updates of 64 images or 500 of 16 four-frame videos (about 0.3 s per update on two idle
 CPU cores, so 3 minutes; 1 … 2 s per update on busy shared cores, so within the lab's 8 … 15 minutes)."""
+
+
+def _optional_text(value: Any) -> str | None:
+    return None if value is None else str(value)
 
 
 @dataclass(frozen=True)
@@ -76,19 +79,13 @@ class DitTrainConfig:
     device: str = "cpu"
     out: str | None = None
 
+    def _spec_dict(self, value: Any) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise ConfigError(f"dit train: spec must map DitSpec fields to values, got {value!r}")
+        return self.model_spec_of(value).to_dict()
+
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self), include_extras=True)
-        for item in dataclasses.fields(self):
-            value = getattr(self, item.name)
-            if item.name == "spec":
-                if not isinstance(value, dict):
-                    raise ConfigError(f"dit train: spec must map DitSpec fields to values, got {value!r}")
-                value = self.model_spec_of(value).to_dict()
-            elif item.name == "out":
-                value = None if value is None else str(value)
-            else:
-                value = coerce(value, hints[item.name], owner="dit train", param=item.name)
-            object.__setattr__(self, item.name, value)
+        coerce_fields(self, "dit train", {"spec": self._spec_dict, "out": _optional_text})
         if self.steps is None:
             object.__setattr__(self, "steps", DEFAULT_STEPS[self.kind])
         if self.batch_size is None:
