@@ -18,7 +18,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from attnlab.cli.options import FLAG, Debug, Device, Seed, run_guarded, stderr, with_progress
+from attnlab.cli.options import FLAG, Debug, Device, Seed, emit_json, run_guarded, stderr, with_progress
 
 __all__ = ["dit_app"]
 
@@ -144,7 +144,6 @@ def dit_eval(
     frames (docs/dit_lab.md)."""
 
     def body() -> None:
-        from attnlab.io_utils import atomic_write_text
         from attnlab.lab.dit.evaluate import evaluate_pipeline
 
         pipe = _load(model, device)
@@ -152,12 +151,7 @@ def dit_eval(
                                                                   guidance=guidance, seed=seed, progress=progress))
         report = {"model": str(model), **report}
         stderr.print(" ".join(f"{k}={v:.3f}" for k, v in report.items() if isinstance(v, float)), markup=False)
-        text = json.dumps(report, indent=1, allow_nan=True)
-        if out is not None:
-            atomic_write_text(out, text + "\n")
-            typer.echo(f"results: {out}")
-        else:
-            typer.echo(text)
+        emit_json(report, out)
 
     run_guarded(body, debug)
 

@@ -12,13 +12,12 @@ Wiring (cli/main.py): ``app.add_typer(vlm_app, name="vlm")`` with ``from attnlab
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
-from attnlab.cli.options import FLAG, Debug, EditOpt, Seed, run_guarded, stderr, with_progress
+from attnlab.cli.options import FLAG, Debug, EditOpt, Seed, emit_json, run_guarded, stderr, with_progress
 
 __all__ = ["vlm_app"]
 
@@ -99,7 +98,6 @@ def vlm_eval(
     def body() -> None:
         from attnlab.edits import parse_edit_list
         from attnlab.errors import ConfigError
-        from attnlab.io_utils import atomic_write_text
         from attnlab.lab.vlm.evaluate import evaluate_variants
 
         if not model.exists():
@@ -111,12 +109,7 @@ def vlm_eval(
                                                                   progress=progress))
         for name, result in report["variants"].items():
             _summary(result, name)
-        text = json.dumps(report, indent=1, allow_nan=True)
-        if out is not None:
-            atomic_write_text(out, text + "\n")
-            typer.echo(f"results: {out}")
-        else:
-            typer.echo(text)
+        emit_json(report, out)
 
     run_guarded(body, debug)
 
