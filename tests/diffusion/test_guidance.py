@@ -65,3 +65,132 @@ def test_combination_is_the_same_in_eps_and_velocity():
 def test_bad_inputs(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+# the SoftPAG predictor on a tiny random PixArt (2 blocks: layers 0 self, 1 cross, 2 self, 3 cross; 2 heads) -------
+@pytest.fixture(scope="module")
+def pixart():
+    from attnlab.testing import tiny_diffusers
+
+    model, inputs = tiny_diffusers("pixart", seed=0)
+    kwargs = inputs(batch=2)
+    null = torch.zeros_like(kwargs["encoder_hidden_states"])
+
+    def forward(x, t, cond):
+        with torch.no_grad():
+            return model(**{**kwargs, "hidden_states": x, "timestep": t, "encoder_hidden_states": cond},
+                         return_dict=False)[0]
+
+    return model, forward, kwargs, null
+
+
+def plain(pixart):
+    model, forward, kwargs, null = pixart
+    return forward(kwargs["hidden_states"], kwargs["timestep"], kwargs["encoder_hidden_states"])
+
+
+def guided(pixart, heads, **options):
+    from attnlab.diffusion.guidance import softpag_predictor
+
+    model, forward, kwargs, null = pixart
+    predict = softpag_predictor(model, heads, forward=forward, null_cond=null, **options)
+    return predict(kwargs["hidden_states"], kwargs["timestep"], kwargs["encoder_hidden_states"])
+
+
+def test_perturbable_heads_are_the_self_attention_heads(pixart):
+    from attnlab.diffusion.guidance import perturbable_heads
+
+    assert perturbable_heads(pixart[0]) == [(0, 0), (0, 1), (2, 0), (2, 1)]
+
+
+@pytest.mark.parametrize("options", [{"alpha": 0.0, "scale": 3.0}, {"alpha": 1.0, "scale": 0.0}])
+def test_alpha_zero_or_w_zero_is_bit_identical_to_the_plain_prediction(pixart, options):
+    assert torch.equal(guided(pixart, [(0, 1), (2, 0)], **options), plain(pixart))
+    assert torch.equal(guided(pixart, [], alpha=1.0, scale=3.0), plain(pixart))
+
+
+def test_alpha_zero_with_cfg_is_exactly_cfg(pixart):
+    model, forward, kwargs, null = pixart
+    cond = plain(pixart)
+    uncond = forward(kwargs["hidden_states"], kwargs["timestep"], null)
+    expected = uncond + 2.5 * (cond - uncond)
+    assert torch.equal(guided(pixart, [(0, 0)], alpha=0.0, scale=3.0, cfg_scale=2.5), expected)
+    assert not torch.equal(expected, cond)
+
+
+def pag_reference(pixart, layer_module):
+    """The perturbed prediction from diffusers' own PAG processor (identity attention on every head of one layer):
+    it runs the normal path on the first half of the batch and the identity path on the second half."""
+    from diffusers.models.attention_processor import PAGIdentitySelfAttnProcessor2_0
+
+    model, forward, kwargs, null = pixart
+    module = model.get_submodule(layer_module)
+    original = module.processor
+    module.set_processor(PAGIdentitySelfAttnProcessor2_0())
+    try:
+        doubled = {key: torch.cat([value, value]) if torch.is_tensor(value) and value.dim() > 0 else value
+                   for key, value in kwargs.items()}
+        with torch.no_grad():
+            out = model(**doubled, return_dict=False)[0]
+    finally:
+        module.set_processor(original)
+    return out[kwargs["hidden_states"].shape[0]:]
+
+
+def test_alpha_one_on_a_whole_layer_is_diffusers_pag(pixart):
+    cond = plain(pixart)
+    perturbed = pag_reference(pixart, "transformer_blocks.1.attn1")  # layer 2
+    out = guided(pixart, [(2, 0), (2, 1)], alpha=1.0, scale=2.0)
+    torch.testing.assert_close(out, cond + 2.0 * (cond - perturbed), atol=1e-5, rtol=1e-5)
+    assert (out - cond).abs().max() > 1e-3
+
+
+def test_alpha_one_on_one_head_changes_the_prediction_by_that_head_only(pixart):
+    cond = plain(pixart)
+    one = guided(pixart, [(0, 1)], alpha=1.0, scale=2.0)
+    both = guided(pixart, [(0, 0), (0, 1)], alpha=1.0, scale=2.0)
+    assert (one - cond).abs().max() > 1e-4 and (both - one).abs().max() > 1e-4
+
+
+def test_soft_alpha_mixes_the_attention_output_linearly(pixart):
+    # at the first perturbed module (inputs upstream unchanged), SoftPAG's output is (1-α)·plain + α·identity,
+    # and to_out is affine, so the module output is the same mix of diffusers' plain and PAG outputs
+    from attnlab.diffusion import DiffusionSession
+    from attnlab.diffusion.guidance import softpag_edits
+
+    model, forward, kwargs, null = pixart
+    module = model.get_submodule("transformer_blocks.0.attn1")
+    seen = []
+    hook = module.register_forward_hook(lambda mod, args, out: seen.append(out))
+    try:
+        plain(pixart)
+        pag_reference(pixart, "transformer_blocks.0.attn1")
+        with DiffusionSession(model, edits=softpag_edits([(0, 0), (0, 1)], 0.3)):
+            plain(pixart)
+    finally:
+        hook.remove()
+    plain_out, pag_out, soft_out = seen[0], seen[1][kwargs["hidden_states"].shape[0]:], seen[2]
+    torch.testing.assert_close(soft_out, 0.7 * plain_out + 0.3 * pag_out, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("heads, message", [
+    ([(0, 2)], r"^head \(0, 2\): layer 0 has 2 heads \(0…1\), got head 2$"),
+    ([(4, 0)], r"^head \(4, 0\): the model has 4 attention layers \(0…3\), got layer 4$"),
+    ([(1, 0)], r"^head \(1, 0\): layer 1 is cross attention; SoftPAG perturbs self or joint attention only"),
+    ([(0, 0), (0, 0)], r"^head \(0, 0\) is given twice$"),
+    ([(0,)], r"^a head must be a \(layer, head\) pair of non-negative ints, got \(0,\)$"),
+])
+def test_unknown_heads_are_refused_before_any_forward(pixart, heads, message):
+    from attnlab.diffusion.guidance import softpag_predictor
+
+    calls = []
+    with pytest.raises(ConfigError, match=message):
+        softpag_predictor(pixart[0], heads, forward=lambda *args: calls.append(args))
+    assert calls == []
+
+
+def test_alpha_out_of_range_is_refused(pixart):
+    from attnlab.diffusion.guidance import softpag_predictor
+
+    with pytest.raises(ConfigError, match=r"alpha must be in \[0.0, 1.0\]"):
+        softpag_predictor(pixart[0], [], alpha=1.5, forward=pixart[1])
