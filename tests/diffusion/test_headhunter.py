@@ -111,3 +111,35 @@ def test_the_objectives_check_runs_before_any_scoring():
     with pytest.raises(ConfigError, match=r"unknown head \(2, 1\)"):
         headhunter(Checked(), HEADS, rounds=1)
     assert scored == []
+
+
+def test_guidance_objective_on_a_tiny_pixart_checks_heads_first_and_scores_guided_samples():
+    import torch
+
+    from attnlab.diffusion.guidance import perturbable_heads
+    from attnlab.diffusion.headhunter import guidance_objective
+    from attnlab.testing import tiny_diffusers
+
+    model, inputs = tiny_diffusers("pixart", seed=0)
+    kwargs = inputs(batch=1)
+
+    def forward(x, t, cond):
+        with torch.no_grad():
+            return model(**{**kwargs, "hidden_states": x, "timestep": t, "encoder_hidden_states": cond},
+                         return_dict=False)[0]
+
+    sampled = []
+
+    def sample(predict):
+        sampled.append(predict)
+        return predict(kwargs["hidden_states"], kwargs["timestep"], kwargs["encoder_hidden_states"])
+
+    plain = forward(kwargs["hidden_states"], kwargs["timestep"], kwargs["encoder_hidden_states"])
+    # score: how far guidance moves the prediction; the empty set moves it by exactly 0
+    objective = guidance_objective(model, forward=forward, sample=sample, alpha=1.0, scale=2.0,
+                                   score=lambda out: float((out - plain).abs().mean()))
+    with pytest.raises(ConfigError, match=r"layer 1 is cross attention"):
+        headhunter(objective, [(0, 0), (1, 0)], rounds=1)
+    assert sampled == []
+    found = headhunter(objective, perturbable_heads(model), rounds=2)
+    assert found.baseline == 0.0 and len(found.chosen) == 2 and found.scores[0] > 0
