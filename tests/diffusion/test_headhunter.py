@@ -142,4 +142,4 @@ def test_guidance_objective_on_a_tiny_pixart_checks_heads_first_and_scores_guide
         headhunter(objective, [(0, 0), (1, 0)], rounds=1)
     assert sampled == []
     found = headhunter(objective, perturbable_heads(model), rounds=2)
-    assert found.baseline == 0.0 and len(found.chosen) == 2 and found.scores[0] > 0
+    assert found.baseline == 0.0 and 1 <= len(found.chosen) <= 2 and found.scores[0] > 0
