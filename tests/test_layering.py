@@ -18,6 +18,8 @@ FORBIDDEN = {
               "attnlab.views"),
     "probes": ("transformers", "attnlab.capture", "attnlab.cli", "attnlab.report", "attnlab.pipeline", "attnlab.views"),
     "capture": ("attnlab.cli", "attnlab.report", "attnlab.pipeline", "attnlab.views"),
+    # diffusers models under the session: the tier of capture (probes, edits and analyses they use sit below)
+    "diffusion": ("attnlab.cli", "attnlab.report", "attnlab.pipeline", "attnlab.views"),
     "report": ("transformers", "torch", "attnlab.capture", "attnlab.cli", "attnlab.pipeline", "attnlab.views"),
     "edits": ("transformers", "attnlab.capture", "attnlab.analyses", "attnlab.layers", "attnlab.cli",
               "attnlab.report", "attnlab.pipeline", "attnlab.views"),

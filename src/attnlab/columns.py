@@ -13,3 +13,7 @@ V1_COLUMNS: tuple[str, ...] = ("probe", "statistic", "layer", "head", "position"
 STEP_COLUMN = "step"
 """Optional last column of ``results.csv``: the training step of a row written by ``attnlab train`` (integer). It is
 present only when some row has a step; other runs' files keep exactly :data:`RESULT_COLUMNS`."""
+
+DENOISING_STEP_COLUMN = "denoising_step"
+"""Optional column of ``results.csv``: the denoising step (0-based) of a row measured inside a diffusion model
+(:class:`attnlab.diffusion.DiffusionSession`); present only when some row has one. ``step`` stays the training step."""

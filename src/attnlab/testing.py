@@ -209,3 +209,80 @@ def save_tiny_vlm(folder, kind: str = "llava", seed: int = 0):
         model.save_pretrained(folder)
         processor.save_pretrained(folder)
     return folder
+
+
+DIFFUSERS_KINDS = ("dit", "pixart", "sd3", "flux", "wan")
+
+
+def tiny_diffusers(kind: str = "pixart", seed: int = 0):
+    """A tiny random diffusers transformer (2 blocks, 2 heads, head_dim 8; no hub) and an input builder.
+
+    Returns ``(model, inputs)``; ``inputs(batch=1, frames=None, text=5, timestep=500.0, seed=0)`` gives the forward
+    keyword arguments of one call: ``dit`` (class-conditional, self-attention only, 4×4 patches of an 8×8 latent),
+    ``pixart`` (self + cross attention to ``text`` caption tokens), ``sd3`` (joint attention, patches then text),
+    ``flux`` (joint attention with text first, 2 double + 1 single block, 4×4 packed latent) and ``wan`` (video:
+    ``frames`` latent frames (default 2) of 4×4 patches, 3-D RoPE, self + cross attention).
+
+    Raises:
+        ValueError: unknown ``kind`` (one of :data:`DIFFUSERS_KINDS`).
+    """
+    import diffusers
+
+    torch.manual_seed(seed)
+    heads, head_dim = 2, 8
+    width = heads * head_dim
+    if kind == "dit":
+        model = diffusers.DiTTransformer2DModel(num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4,
+                                                num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10,
+                                                norm_num_groups=1)
+    elif kind == "pixart":
+        model = diffusers.PixArtTransformer2DModel(num_attention_heads=heads, attention_head_dim=head_dim,
+                                                   in_channels=4, out_channels=4, num_layers=2, cross_attention_dim=width,
+                                                   sample_size=8, patch_size=2, caption_channels=12,
+                                                   norm_num_groups=1)
+    elif kind == "sd3":
+        model = diffusers.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2,
+                                                attention_head_dim=head_dim, num_attention_heads=heads,
+                                                joint_attention_dim=12, caption_projection_dim=width,
+                                                pooled_projection_dim=6, out_channels=4, pos_embed_max_size=8)
+    elif kind == "flux":
+        model = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=2, num_single_layers=1,
+                                                 attention_head_dim=head_dim, num_attention_heads=heads,
+                                                 joint_attention_dim=12, pooled_projection_dim=6,
+                                                 axes_dims_rope=(2, 2, 4))
+    elif kind == "wan":
+        model = diffusers.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=heads,
+                                                attention_head_dim=head_dim, in_channels=4, out_channels=4, text_dim=12,
+                                                freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32)
+    else:
+        raise ValueError(f"expected kind in {DIFFUSERS_KINDS}, got {kind!r}")
+    model.eval()
+
+    def inputs(batch: int = 1, frames: int | None = None, text: int = 5, timestep: float = 500.0,
+               seed: int = 0) -> dict:
+        generator = torch.Generator().manual_seed(seed)
+
+        def noise(*shape: int) -> Tensor:
+            return torch.randn(*shape, generator=generator)
+
+        step = torch.full((batch,), float(timestep))
+        if kind == "dit":
+            return {"hidden_states": noise(batch, 4, 8, 8), "timestep": step.long(),
+                    "class_labels": torch.zeros(batch, dtype=torch.long)}
+        if kind == "pixart":
+            return {"hidden_states": noise(batch, 4, 8, 8), "timestep": step, "encoder_hidden_states": noise(batch, text, 12),
+                    "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+        if kind == "sd3":
+            return {"hidden_states": noise(batch, 4, 8, 8), "timestep": step, "encoder_hidden_states": noise(batch, text, 12),
+                    "pooled_projections": noise(batch, 6)}
+        if kind == "flux":
+            rows = cols = 4
+            axes = (torch.zeros(1), torch.arange(rows, dtype=torch.float32), torch.arange(cols, dtype=torch.float32))
+            ids = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1)
+            return {"hidden_states": noise(batch, rows * cols, 4), "timestep": step / 1000,
+                    "encoder_hidden_states": noise(batch, text, 12), "pooled_projections": noise(batch, 6),
+                    "img_ids": ids.reshape(-1, 3).float(), "txt_ids": torch.zeros(text, 3)}
+        return {"hidden_states": noise(batch, 4, frames or 2, 8, 8), "timestep": step,
+                "encoder_hidden_states": noise(batch, text, 12)}
+
+    return model, inputs

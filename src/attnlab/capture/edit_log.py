@@ -70,10 +70,12 @@ class EditLog:
         self.facts, self.verify_rows = facts, verify_rows
         self.records: dict[int, EditRecord] = {id(edit): EditRecord() for edit in self.edits}
         self.position_edits = [edit for edit in self.edits if edit.stage == "positions"]
+        self.step: int | None = None  # the denoising step of the calls in flight (Session.set_step), or None
 
     def for_layer(self, layer: int) -> list[Edit]:
-        """The edits that act on ``layer`` (their ``layers`` include it), in composition order; [] if none."""
-        return [edit for edit in self.edits if edit.applies_to(layer)]
+        """The edits that act on ``layer`` (their ``layers`` include it) at the current denoising ``step`` (their
+        ``steps`` include it, :meth:`Edit.applies_at`), in composition order; [] if none."""
+        return [edit for edit in self.edits if edit.applies_to(layer) and edit.applies_at(self.step)]
 
     def forward_pass(self, edit: Edit) -> None:
         """A positions-stage edit remapped the position ids of one forward pass."""

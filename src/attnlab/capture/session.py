@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any, Literal
 
 import torch
@@ -89,6 +90,19 @@ class Session:
                  query_fraction: float = 1.0, edits: Iterable[str | Edit] = (), verify_rows: int = 16,
                  flex: bool = False, probe_kernel: Literal["fused", "blocked"] = "fused") -> None:
         check_model_supported(model)
+        self._setup(model, model_facts(model), probes, edits, block_size=block_size, query_fraction=query_fraction,
+                    verify_rows=verify_rows, flex=flex, probe_kernel=probe_kernel)
+        self.positions = PositionIds(model, self.facts, self.edit_log)
+        self._forward: ForwardState | None = None  # the forward pass in flight
+        self._layer_of: dict[int, int] = {}  # id(attention module) -> layer, for modules without layer_idx
+        self._hooks: list[Any] = []
+        self._switch = AttentionSwitch(model)
+        self._roles = RoleReader(model, self.facts)
+        self._token: Any = None
+
+    def _setup(self, model: nn.Module, facts: Any, probes: Iterable[str | Probe], edits: Iterable[str | Edit], *,
+               block_size: int, query_fraction: float, verify_rows: int, flex: bool, probe_kernel: str) -> None:
+        """What every session holds: options checked, probes bound to ``facts``, edits checked and logged."""
         if probe_kernel not in ("fused", "blocked"):
             raise ConfigError(f"probe_kernel must be 'fused' or 'blocked', got {probe_kernel!r}")
         self.probe_kernel = probe_kernel
@@ -97,21 +111,24 @@ class Session:
         if not 0 < query_fraction <= 1:
             raise ConfigError(f"query_fraction must be in (0, 1], got {query_fraction}")
         self.model, self.block_size, self.query_fraction, self.flex = model, block_size, query_fraction, flex
-        self.facts = model_facts(model)
+        self.facts = facts
         self.probes: list[Probe] = bound_probes(probes, self.facts)
         self.edit_log = EditLog(edits, self.facts, verify_rows)
         self.edits, self.verify_rows = self.edit_log.edits, verify_rows
         self.planner = Planner(Options(query_fraction=query_fraction, flex=flex))
-        self.positions = PositionIds(model, self.facts, self.edit_log)
         self.attention_paths: dict[int, str] = {}
         self.calls_per_layer: dict[int, int] = {}
         self.num_sequences = 0
-        self._forward: ForwardState | None = None  # the forward pass in flight
-        self._layer_of: dict[int, int] = {}  # id(attention module) -> layer, for modules without layer_idx
-        self._hooks: list[Any] = []
-        self._switch = AttentionSwitch(model)
-        self._roles = RoleReader(model, self.facts)
-        self._token: Any = None
+        self.step: int | None = None  # the denoising step of the calls in flight (set_step), or None
+
+    def set_step(self, step: int | None) -> None:
+        """Tell the session which denoising step the next forward passes belong to (a diffusion language model's
+        sampler calls it before each step); every call record then carries ``step`` and edits scheduled with
+        ``steps=`` act only on their steps. None clears it. Raises ConfigError for a negative or non-int step."""
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+            raise ConfigError(f"step must be a non-negative int or None, got {step!r}")
+        self.step = step
+        self.edit_log.step = step
 
     # context management -------------------------------------------------------------------------------------
     def __enter__(self) -> Session:
@@ -215,11 +232,22 @@ class Session:
             raise ConfigError(f"layer {layer}: the token roles of this forward are unknown (a decoding step without a "
                               "2-D attention_mask covering the cached tokens?), so queries=/keys= cannot be applied; "
                               "pass attention_mask or use attnlab.roles.given_roles")
+        if self.step is not None:
+            call = replace(call, step=self.step)
+        return self._execute(module, query, key, value, attention_mask, kwargs, keep, call, probes, needs, facts,
+                             path), None
+
+    def _execute(self, module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                 kwargs: dict[str, Any], keep: Tensor | None, call: Any, probes: list[Probe], needs: Needs,
+                 facts: CallFacts, path: Path | None) -> Tensor:
+        """Run one prepared call: probes begin, edits apply (counted and verified), the planned executor runs
+        (``path``, or the planner's choice under the edits when None), probes end. Returns (B, Lq, Hq, Dv)."""
+        layer = call.layer_idx
         with torch.no_grad():
             for probe in probes:
                 probe.begin_call(call)
         edited = self.edit_log.attention_call(query, key, value, keep, call, block_size=self.block_size,
-                                              softcap=softcap)
+                                              softcap=kwargs.get("softcap"))
         path = path or self.planner.choose(needs, EditFacts.of(edited, self.flex), facts)
         job = Job(module, query, key, value, attention_mask, kwargs, keep, call, edited=edited,
                   observe=probe_observer(call, probes), block_size=self.block_size, query_fraction=self.query_fraction)
@@ -230,7 +258,7 @@ class Session:
         with torch.no_grad():
             for probe in probes:
                 probe.end_call(call)
-        return output, None
+        return output
 
     def _fused_or_blocked(self, job: Job, probes: list[Probe]) -> Path:
         """``Path.FUSED`` (with ``job.fused`` set) when the fused kernel can serve this ``blocked_eager`` call, else

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from attnlab.errors import ConfigError
-from attnlab.params import IndexList, validated
+from attnlab.params import IndexList, coerce, validated
 from attnlab.probes.base import AttentionCall, SequenceInfo
 from attnlab.roles import RoleList, codes_in, role_codes
 
@@ -66,6 +66,10 @@ class Edit:
             a probs edit takes ``keys=`` only when it reads them itself (``uses_key_roles``); positions and output
             edits refuse it.
 
+    Every edit also has ``steps`` (None = every call): the denoising steps it acts on, 0-based, set from spec text
+    (``steps=0-11``) or :meth:`at_steps`. A call acts on it only when its ``call.step`` is known (a
+    :class:`attnlab.diffusion.DiffusionSession`, or a text Session after ``set_step``) and in ``steps``.
+
     Raises:
         ConfigError: bad layers/heads (negative, empty), an unknown or empty role list, ``keys=`` on a stage that
             cannot take it, or a parameter out of range (in subclasses).
@@ -80,6 +84,7 @@ class Edit:
     # params() values that make the edit the identity ({"tau": 1.0}), or None for an edit with no identity form.
     # Every registered edit declares it (tests/edits/test_edit_laws.py checks it against the kernel).
     identity: ClassVar[dict[str, Any] | None]
+    steps: tuple[int, ...] | None = None  # denoising steps to act on (None = every call); see at_steps
 
     @validated
     def __init__(self, *, layers: IndexList | None = None, heads: IndexList | None = None,
@@ -122,10 +127,23 @@ class Edit:
         calls ``position_ids`` only for them."""
         return type(self).stage == "positions"
 
+    def at_steps(self, steps: Any) -> Edit:
+        """Schedule the edit on denoising steps ``steps`` (an IndexList: ints, ``"0-11"``, ``"12-49"``; None =
+        every step) and return it. Radial attention's "dense for the first steps" is ``at_steps("12-49")``.
+
+        Raises ConfigError on a malformed or negative step list."""
+        self.steps = None if steps is None else coerce(steps, IndexList, owner=f"edit {self.name!r}", param="steps")
+        return self
+
+    def applies_at(self, step: int | None) -> bool:
+        """True if the edit acts on a call of denoising step ``step`` (None: a call with no step, e.g. plain
+        text; a step-scheduled edit never acts there)."""
+        return self.steps is None or (step is not None and step in self.steps)
+
     def spec(self) -> str:
         """``name:key=value,...`` — the same form ``parse_edit_spec`` reads."""
         parts = [f"{key}={_format_value(value)}" for key, value in self.params().items()]
-        for key in ("layers", "heads", "queries", "keys"):
+        for key in ("layers", "heads", "queries", "keys", "steps"):
             chosen = getattr(self, key)
             if chosen is not None:
                 parts.append(f"{key}={'+'.join(str(v) for v in chosen)}")

@@ -35,9 +35,13 @@ def parse_edit_spec(spec: str) -> Edit:
 def build_edit(cls: type, kwargs: dict[str, Any]) -> Edit:
     """``cls(**kwargs)`` with text or typed values coerced by the constructor's annotations.
 
+    ``steps`` (every edit's denoising-step schedule, :meth:`Edit.at_steps`) is set after construction.
+
     Raises ConfigError (one line) naming the accepted parameters on an unknown one, or the bounds on a bad value.
     """
-    return cls(**coerce_arguments(cls, kwargs, owner=f"edit {cls.name!r}"))
+    kwargs = dict(kwargs)
+    steps = kwargs.pop("steps", None)  # every edit's schedule (Edit.at_steps), not a constructor parameter
+    return cls(**coerce_arguments(cls, kwargs, owner=f"edit {cls.name!r}")).at_steps(steps)
 
 
 def parse_edit_list(text: str) -> list[Edit]:

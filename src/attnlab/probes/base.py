@@ -93,6 +93,15 @@ class AttentionCall:
         hidden_states: (B, Lq, hidden) the decoder layer's input residual stream at the query tokens (detached),
             only when an edit on the layer sets ``needs_hidden_states`` (VAR's sink detection) or a probe needs
             ``"hidden_states"``; else None.
+        step: the denoising step (0-based) of the forward pass: set by a
+            :class:`attnlab.diffusion.DiffusionSession`, or by ``Session.set_step`` (diffusion LMs); else None.
+        kind: on a diffusion transformer, ``"self"`` (patch tokens attend to patch tokens), ``"cross"`` (patch
+            queries, text keys) or ``"joint"`` (one sequence of text and patch tokens, as SD3 and Flux); else None.
+            There patch tokens have role ``image`` and text (conditioning) tokens role ``text``.
+        grid: (frames, rows, cols) of a diffusion call's patch tokens (frames = 1 for images), which appear in
+            raster order (frame, then row, then column) wherever they sit in the query/key sequence; else None.
+        block: on a diffusion transformer, the index of the transformer block that holds the attention module
+            (``DiffusionSession.layer_table()``); else None.
     """
 
     layer_idx: int
@@ -111,6 +120,10 @@ class AttentionCall:
     query_roles: Tensor | None = None
     key_roles: Tensor | None = None
     hidden_states: Tensor | None = None
+    step: int | None = None
+    kind: str | None = None
+    grid: tuple[int, int, int] | None = None
+    block: int | None = None
 
     @property
     def images(self) -> tuple[ImageSpan, ...]:
