@@ -194,3 +194,28 @@ def test_alpha_out_of_range_is_refused(pixart):
 
     with pytest.raises(ConfigError, match=r"alpha must be in \[0.0, 1.0\]"):
         softpag_predictor(pixart[0], [], alpha=1.5, forward=pixart[1])
+
+
+@pytest.mark.parametrize("kind, heads", [("dit", [(0, 0), (0, 1), (1, 0), (1, 1)]),
+                                         ("sd3", [(0, 0), (0, 1), (1, 0), (1, 1)]),
+                                         ("flux", [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]),
+                                         ("wan", [(0, 0), (0, 1), (2, 0), (2, 1)])])
+def test_other_architectures_identity_is_exact_and_alpha_one_acts(kind, heads):
+    # dit: self only; sd3: joint; flux: 2 joint + 1 single-stream; wan: self + cross (cross refused)
+    from attnlab.diffusion.guidance import perturbable_heads, softpag_predictor
+    from attnlab.testing import tiny_diffusers
+
+    model, inputs = tiny_diffusers(kind, seed=0)
+    kwargs = inputs(batch=1)
+
+    def forward(x, t, cond):
+        with torch.no_grad():
+            return model(**{**kwargs, "hidden_states": x, "timestep": t}, return_dict=False)[0]
+
+    assert perturbable_heads(model) == heads
+    x, t = kwargs["hidden_states"], kwargs["timestep"]
+    reference = forward(x, t, None)
+    identity = softpag_predictor(model, heads, alpha=0.0, scale=2.0, forward=forward)(x, t, None)
+    assert torch.equal(identity, reference)
+    acting = softpag_predictor(model, heads[-1:], alpha=1.0, scale=2.0, forward=forward)(x, t, None)
+    assert (acting - reference).abs().max() > 1e-4

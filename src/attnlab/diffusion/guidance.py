@@ -28,10 +28,11 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from attnlab.diffusion.session import DiffusionSession, attention_modules
 from attnlab.edits.identity_blend import IdentityBlend
 from attnlab.errors import ConfigError, ShapeError
 
-__all__ = ["Forward", "Head", "cfg", "cfg_perturbation_guidance", "check_heads", "perturbable_heads",
+__all__ = ["Forward", "Head", "attention_kind", "cfg", "cfg_perturbation_guidance", "check_heads", "perturbable_heads",
            "perturbation_guidance", "softpag_edits", "softpag_predictor"]
 
 Head = tuple[int, int]  # (attnlab layer = attention module index, head index)
@@ -134,13 +135,18 @@ def cfg_perturbation_guidance(uncond: Tensor | None, cond: Tensor, perturbed: Te
 
 
 # heads ------------------------------------------------------------------------------------------------------
+def attention_kind(module: nn.Module) -> str:
+    """``"cross"``, ``"joint"`` or ``"self"``, read from a diffusers attention module's own attributes before any call:
+    cross if it says so (``is_cross_attention``: PixArt/Wan ``attn2``), joint if it projects a second stream
+    (``added_kv_proj_dim``: SD3, Flux double blocks), else self (DiT, Flux single blocks: queries = keys)."""
+    if getattr(module, "is_cross_attention", False):
+        return "cross"
+    return "joint" if getattr(module, "added_kv_proj_dim", None) is not None else "self"
+
+
 def _layer_heads(transformer: nn.Module) -> list[tuple[str, int]]:
     """(kind, num_heads) of each attnlab layer (attention module, ``named_modules`` order) of ``transformer``."""
-    from attnlab.diffusion import DiffusionSession
-
-    table = DiffusionSession(transformer).layer_table()
-    modules = dict(transformer.named_modules())
-    return [(str(row.kind), int(modules[row.module].heads)) for row in table.itertuples()]
+    return [(attention_kind(module), int(module.heads)) for _, module in attention_modules(transformer)]
 
 
 def perturbable_heads(transformer: nn.Module) -> list[Head]:
@@ -234,13 +240,11 @@ def softpag_predictor(transformer: nn.Module, heads: Iterable[Sequence[int]], *,
     perturb = scale != 0 and bool(edits)
 
     def predict(x: Tensor, t: Tensor, cond: Any) -> Tensor:
-        from attnlab.diffusion import DiffusionSession
-
         conditional = forward(x, t, cond)
         unconditional = None if cfg_scale == 1 else forward(x, t, null_cond)
         perturbed = None
         if perturb:
-            with DiffusionSession(transformer, edits=edits):
+            with DiffusionSession(transformer, edits=edits, verify_rows=0):
                 perturbed = forward(x, t, cond)
         return cfg_perturbation_guidance(unconditional, conditional, perturbed, cfg_scale, scale if perturb else 0)
 

@@ -104,7 +104,8 @@ def headhunter(objective: Objective, candidates: Iterable[Sequence[int]], rounds
             :func:`guidance_objective` do), it is called on the candidates first, so an unknown head fails before
             any scoring.
         candidates: (layer, head) pairs to choose from (e.g. ``perturbable_heads(transformer)``).
-        rounds: at most this many heads are chosen (≥ 1; capped at the number of candidates). min_gain: the least improvement that counts (≥ 0).
+        rounds: at most this many heads are chosen (≥ 1; capped at the number of candidates).
+        min_gain: the least improvement that counts (≥ 0).
         progress: ``True`` for a progress bar (rich on a terminal) over the candidate evaluations, a callable
             ``(done, total, message)``, or None.
 
@@ -160,7 +161,8 @@ def headhunter(objective: Objective, candidates: Iterable[Sequence[int]], rounds
 
 @dataclass
 class GuidanceObjective:
-    """``objective(heads) = score(sample(softpag_predictor(transformer, heads, ...)))``; see :func:`guidance_objective`."""
+    """``objective(heads) = score(sample(softpag_predictor(transformer, heads, ...)))``; see
+    :func:`guidance_objective`."""
 
     transformer: nn.Module
     forward: Forward
