@@ -32,7 +32,8 @@ from attnlab.diffusion.session import DiffusionSession, attention_modules
 from attnlab.edits.identity_blend import IdentityBlend
 from attnlab.errors import ConfigError, ShapeError
 
-__all__ = ["Forward", "Head", "attention_kind", "cfg", "cfg_perturbation_guidance", "check_heads", "perturbable_heads",
+__all__ = ["Forward", "Head", "attention_kind", "cfg", "cfg_perturbation_guidance", "check_heads", "head_pairs",
+           "perturbable_heads",
            "perturbation_guidance", "softpag_edits", "softpag_predictor"]
 
 Head = tuple[int, int]  # (attnlab layer = attention module index, head index)
@@ -162,6 +163,23 @@ def perturbable_heads(transformer: nn.Module) -> list[Head]:
             if kind in PERTURBABLE_KINDS for head in range(count)]
 
 
+def head_pairs(items: Iterable[Sequence[int]], noun: str = "head") -> list[Head]:
+    """``items`` as a list of (layer, head) int pairs, in order, without looking at any model.
+
+    Raises:
+        ConfigError: an item that is not a pair of non-negative ints, or a repeated pair (``noun`` names them).
+    """
+    pairs: list[Head] = []
+    for item in items:
+        pair = tuple(item) if isinstance(item, (tuple, list)) else (item,)
+        if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in pair):
+            raise ConfigError(f"a {noun} must be a (layer, head) pair of non-negative ints, got {item!r}")
+        if pair in pairs:
+            raise ConfigError(f"{noun} {pair} is given twice")
+        pairs.append(pair)
+    return pairs
+
+
 def check_heads(transformer: nn.Module, heads: Iterable[Sequence[int]]) -> list[Head]:
     """``heads`` as a list of (layer, head) int pairs, checked against ``transformer``.
 
@@ -170,11 +188,8 @@ def check_heads(transformer: nn.Module, heads: Iterable[Sequence[int]]) -> list[
             does not have, or a head of a cross-attention layer.
     """
     layers = _layer_heads(transformer)
-    checked: list[Head] = []
-    for item in heads:
-        pair = tuple(item) if isinstance(item, (tuple, list)) else (item,)
-        if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in pair):
-            raise ConfigError(f"a head must be a (layer, head) pair of non-negative ints, got {item!r}")
+    checked = head_pairs(heads)
+    for pair in checked:
         layer, head = pair
         if layer >= len(layers):
             raise ConfigError(f"head {pair}: the model has {len(layers)} attention layers (0…{len(layers) - 1}), "
@@ -185,9 +200,6 @@ def check_heads(transformer: nn.Module, heads: Iterable[Sequence[int]]) -> list[
                               "attention only (its identity map needs queries = keys)")
         if head >= count:
             raise ConfigError(f"head {pair}: layer {layer} has {count} heads (0…{count - 1}), got head {head}")
-        if pair in checked:
-            raise ConfigError(f"head {pair} is given twice")
-        checked.append(pair)
     return checked
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from torch import nn
 
-from attnlab.diffusion.guidance import Forward, Head, check_heads, softpag_predictor
+from attnlab.diffusion.guidance import Forward, Head, check_heads, head_pairs, softpag_predictor
 from attnlab.errors import ConfigError
 from attnlab.progress import ProgressArg, progress_to
 
@@ -68,17 +68,10 @@ class HeadHunterResult:
 
 
 def _candidates(candidates: Iterable[Sequence[int]]) -> list[Head]:
-    out: list[Head] = []
-    for item in candidates:
-        pair = tuple(item) if isinstance(item, (tuple, list)) else (item,)
-        if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in pair):
-            raise ConfigError(f"a candidate must be a (layer, head) pair of non-negative ints, got {item!r}")
-        if pair in out:
-            raise ConfigError(f"candidate {pair} is given twice")
-        out.append(pair)
-    if not out:
+    pairs = head_pairs(candidates, noun="candidate")
+    if not pairs:
         raise ConfigError("headhunter needs at least one candidate head, got none")
-    return out
+    return pairs
 
 
 def _score(objective: Objective, heads: list[Head]) -> float:
