@@ -154,26 +154,25 @@ def headhunter(objective: Objective, candidates: Iterable[Sequence[int]], rounds
 
 @dataclass
 class GuidanceObjective:
-    """``objective(heads) = score(sample(softpag_predictor(transformer, heads, ...)))``; see
-    :func:`guidance_objective`."""
+    """``objective(heads) = score(sample(predictor(heads)))``, with ``check(heads)`` against ``transformer``; built
+    by :func:`guidance_objective` (and the lab's ``lab_objective``).
+
+    Attributes:
+        transformer: the diffusers model whose heads are chosen. predictor: ``heads -> predict(x, t, cond)``.
+        sample: ``predict -> samples`` (the same noise and conditions on every call). score: ``samples -> float``.
+    """
 
     transformer: nn.Module
-    forward: Forward
-    sample: Callable[[Forward], Any]
+    predictor: Callable[[list[Head]], Callable[..., Any]]
+    sample: Callable[[Callable[..., Any]], Any]
     score: Callable[[Any], float]
-    alpha: float = 1.0
-    scale: float = 3.0
-    cfg_scale: float = 1.0
-    null_cond: Any = None
 
     def check(self, heads: Iterable[Sequence[int]]) -> list[Head]:
         """The heads, checked against the transformer (:func:`attnlab.diffusion.guidance.check_heads`)."""
         return check_heads(self.transformer, heads)
 
     def __call__(self, heads: list[Head]) -> float:
-        predict = softpag_predictor(self.transformer, heads, alpha=self.alpha, scale=self.scale,
-                                    cfg_scale=self.cfg_scale, forward=self.forward, null_cond=self.null_cond)
-        return float(self.score(self.sample(predict)))
+        return float(self.score(self.sample(self.predictor(list(heads)))))
 
 
 def guidance_objective(transformer: nn.Module, *, forward: Forward, sample: Callable[[Forward], Any],
@@ -190,7 +189,14 @@ def guidance_objective(transformer: nn.Module, *, forward: Forward, sample: Call
 
     Returns:
         A :class:`GuidanceObjective` (callable on a list of (layer, head) pairs, with ``check``).
+
+    Raises:
+        ConfigError: as :func:`~attnlab.diffusion.guidance.softpag_predictor` (checked here, before any sampling).
     """
-    objective = GuidanceObjective(transformer, forward, sample, score, alpha, scale, cfg_scale, null_cond)
-    softpag_predictor(transformer, [], alpha=alpha, scale=scale, cfg_scale=cfg_scale, forward=forward)  # checks
-    return objective
+    options = {"alpha": alpha, "scale": scale, "cfg_scale": cfg_scale, "forward": forward, "null_cond": null_cond}
+    softpag_predictor(transformer, [], **options)  # refuses bad options now
+
+    def predictor(heads: list[Head]) -> Forward:
+        return softpag_predictor(transformer, heads, **options)
+
+    return GuidanceObjective(transformer, predictor, sample, score)
