@@ -233,7 +233,8 @@ def tiny_diffusers(kind: str = "pixart", seed: int = 0):
     width = heads * head_dim
     if kind == "dit":
         model = diffusers.DiTTransformer2DModel(num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4,
-                                                num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10,
+                                                out_channels=4,
+                                                num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=1000,
                                                 norm_num_groups=1)
     elif kind == "pixart":
         model = diffusers.PixArtTransformer2DModel(num_attention_heads=heads, attention_head_dim=head_dim,
@@ -286,3 +287,26 @@ def tiny_diffusers(kind: str = "pixart", seed: int = 0):
                 "encoder_hidden_states": noise(batch, text, 12)}
 
     return model, inputs
+
+
+def save_tiny_dit_pipeline(folder, labels: tuple[str, ...] = ("red", "blue"), seed: int = 0):
+    """Save a tiny random diffusers ``DiTPipeline`` (the :func:`tiny_diffusers` ``"dit"`` transformer, a one-block
+    AutoencoderKL, a DDIM scheduler, class names ``labels``) in ``folder`` and return it: a pipeline folder
+    (model_index.json) that ``attnlab probe --model FOLDER --prompt red`` runs offline."""
+    import json
+    from pathlib import Path
+
+    import diffusers
+
+    transformer, _ = tiny_diffusers("dit", seed)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                                  up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), latent_channels=4,
+                                  norm_num_groups=4, sample_size=8)
+    pipe = diffusers.DiTPipeline(transformer=transformer, vae=vae, scheduler=diffusers.DDIMScheduler(),
+                                 id2label=dict(enumerate(labels)))
+    pipe.save_pretrained(folder)
+    index = Path(folder) / "model_index.json"
+    config = json.loads(index.read_text(encoding="utf-8"))
+    config["id2label"] = {str(key): value for key, value in enumerate(labels)}  # DiTPipeline does not save it
+    index.write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return folder

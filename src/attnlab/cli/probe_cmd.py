@@ -46,6 +46,19 @@ ManifestOpt = Annotated[Optional[Path], typer.Option(
 ChatTemplateOpt = Annotated[str, typer.Option(
     "--chat-template", help="Render items with the processor's chat template: auto | on | off.",
     rich_help_panel="Images")]
+StepsOpt = Annotated[int, typer.Option(
+    "--steps", help="Denoising steps of a diffusion model (a diffusers pipeline folder or a lab DiT folder).",
+    rich_help_panel="Diffusion")]
+GuidanceOpt = Annotated[Optional[float], typer.Option(
+    "--guidance", help="Classifier-free guidance scale of a diffusion model (default: the pipeline's).",
+    rich_help_panel="Diffusion")]
+EditOpt = Annotated[Optional[list[str]], typer.Option(
+    "--edit", help="Edit applied while a diffusion model generates (repeatable), e.g. "
+    "'radial:decay_factor=0.2,steps=12-49' (`attnlab ls edits`; steps= schedules it). Language models: attnlab eval.",
+    rich_help_panel="Diffusion")]
+PipeArgOpt = Annotated[Optional[list[str]], typer.Option(
+    "--pipe-arg", help="Extra pipeline argument KEY=VALUE (repeatable), e.g. height=256, num_frames=17.",
+    rich_help_panel="Diffusion")]
 Compare = Annotated[Optional[str], typer.Option(
     "--compare", help="Second model (same tokenizer) for probes that compare two models (cka).",
     rich_help_panel="Model and data")]
@@ -65,6 +78,10 @@ def probe(
     system: SystemOpt = None,
     manifest: ManifestOpt = None,
     chat_template: ChatTemplateOpt = "auto",
+    steps: StepsOpt = 20,
+    guidance: GuidanceOpt = None,
+    edit: EditOpt = None,
+    pipe_arg: PipeArgOpt = None,
     seq_len: SeqLen = 256,
     max_windows: MaxWindows = 2,
     out: OutDir = Path("attnlab-probe"),
@@ -83,8 +100,9 @@ def probe(
     config: ConfigFile = None,
     debug: Debug = False,
 ) -> None:
-    """Run probes (--probe NAME, repeatable) on a model reading text (or images: --image/--prompt, --manifest);
-    write report.html, results.json/csv."""
+    """Run probes (--probe NAME, repeatable) on a model reading text (or images: --image/--prompt, --manifest), or
+    inside a diffusion model generating from --prompt (a diffusers pipeline folder; docs/diffusion.md); write
+    report.html, results.json/csv."""
     run_guarded(lambda: run_probe_command(ctx, "probe", config), debug)
 
 
@@ -97,6 +115,7 @@ def run_probe_command(ctx: typer.Context, command: str, config_path: Path | None
     rank 0 alone prints the config line and progress and writes the files. ``--resume`` reuses the shards an
     interrupted run saved (:mod:`attnlab.shards`)."""
     from attnlab.config import RunConfig
+    from attnlab.diffusion_pipeline import diffusion_source
     from attnlab.distributed import agree, distributed
     from attnlab.errors import ConfigError
     from attnlab.pipeline import run_probes
@@ -104,6 +123,13 @@ def run_probe_command(ctx: typer.Context, command: str, config_path: Path | None
     from attnlab.shards import ShardStore
 
     values = command_values(ctx, config_path, RunConfig)
+    diffusion = {key: values.pop(key, None) for key in DIFFUSION_OPTIONS}
+    if diffusion_source(values["model"]) is not None:
+        run_diffusion_command(values, diffusion, command)
+        return
+    if diffusion["edit"] or diffusion["pipe_arg"] or diffusion["guidance"] is not None:
+        raise ConfigError("--edit, --guidance and --pipe-arg apply to diffusion models (a diffusers pipeline "
+                          f"folder); {values['model']} is not one (language models: attnlab eval --edit)")
     resume = bool(values.pop("resume", False))
     if command == "probe" and not values["probe"]:
         raise ConfigError("attnlab probe needs at least one --probe NAME; see `attnlab ls probes`")
@@ -133,6 +159,61 @@ def run_probe_command(ctx: typer.Context, command: str, config_path: Path | None
             stderr.print(f"warning: probe {name} produced no rows (are the windows long enough for its "
                          f"settings? --seq-len is {run_config.data.seq_len}; see its docstring)", markup=False,
                          style="yellow")
+
+
+DIFFUSION_OPTIONS = ("steps", "guidance", "edit", "pipe_arg")
+"""Options only a diffusion run reads (not fields of RunConfig)."""
+
+
+def run_diffusion_command(values: dict[str, Any], diffusion: dict[str, Any], command: str) -> None:
+    """``attnlab probe|report --model <diffusion folder>``: prompts from --prompt or --manifest lines
+    (``{"prompt": …}``), one sample each, under a DiffusionSession; the three result files under --out."""
+    import json
+
+    import yaml
+
+    from attnlab.config import default_probes
+    from attnlab.diffusion_pipeline import DiffusionRun, run_diffusion_probes
+    from attnlab.errors import ConfigError
+    from attnlab.params import parse_probe_args
+    from attnlab.report.io import check_out_dir
+
+    prompts = [values["prompt"]] if values.get("prompt") else []
+    if values.get("manifest"):
+        lines = Path(values["manifest"]).read_text(encoding="utf-8").splitlines()
+        try:
+            prompts += [str(json.loads(line)["prompt"]) for line in lines if line.strip()]
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(f"--manifest {values['manifest']}: expected one JSON object with a \"prompt\" per "
+                              "line") from None
+    if values.get("image") or values.get("text"):
+        raise ConfigError("a diffusion model takes --prompt (or --manifest of prompts), not --image or --text")
+    pipe_args = {}
+    for item in diffusion["pipe_arg"] or ():
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--pipe-arg expects KEY=VALUE, got {item!r}")
+        pipe_args[key.strip()] = yaml.safe_load(text)
+    probes = list(values.get("probe") or ())
+    if not probes and command == "report":
+        from attnlab.probes import PROBES
+
+        # the report's defaults that read attention (a diffusion session feeds no hidden states), plus roles
+        probes = [name for name in (*default_probes(images=False), "role_attention")
+                  if "hidden_states" not in PROBES.get(name).needs]
+    run = DiffusionRun(model=str(values["model"]), prompts=prompts, probes=probes,
+                       probe_args=parse_probe_args(values.get("probe_arg")), edits=list(diffusion["edit"] or ()),
+                       steps=20 if diffusion["steps"] is None else int(diffusion["steps"]), guidance=diffusion["guidance"], seed=int(values["seed"]),
+                       device=str(values["device"]), dtype=str(values["dtype"]), block_size=int(values["block_size"]),
+                       query_fraction=float(values["query_fraction"]), probe_kernel=str(values["probe_kernel"]),
+                       pipe_args=pipe_args)
+    run.check()
+    out_dir = Path(values["out"])
+    check_out_dir(out_dir, force=bool(values.get("force")), resume=False)
+    stderr.print("config: " + " ".join(f"{key}={value}" for key, value in run.to_dict().items()), markup=False,
+                 style="dim")
+    results = with_progress(lambda progress: run_diffusion_probes(run, progress=progress, command=command))
+    write_and_announce(out_dir, results, show_paths=True)
 
 
 IMAGES_HELP = (" On a vision-language model the inputs can be images instead of text: --image PATH --prompt TEXT, "

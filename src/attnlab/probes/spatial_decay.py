@@ -19,7 +19,9 @@ Statistics:
   α is absent for a grid with one frame), and ``power_law_exponent``/``power_law_r2`` of mean attention vs r
   (:func:`attnlab.stats.distance.fit_power_law` with uniform weights over offset cells; the ``distance`` probe
   weights by octave, so the two exponents are not the same estimator).
-Sequences with fewer than ``start + prod(grid)`` real tokens are skipped.
+Sequences with fewer than ``start + prod(grid)`` real tokens are skipped. On a diffusion transformer
+(:class:`attnlab.diffusion.DiffusionSession`) give the patch grid (``grid=[frames, rows, cols]``, and ``start`` = the
+text tokens before the patches in a joint call, e.g. Flux); cross-attention calls (text keys) are skipped.
 """
 
 from __future__ import annotations
@@ -103,6 +105,8 @@ class SpatialDecayProbe(Probe):
         self.pair_count = torch.zeros(L, H, C, dtype=torch.float64)
 
     def update(self, call: AttentionCall, block: BlockView) -> None:
+        if call.kind == "cross":  # a diffusion cross-attention call: its keys are text tokens, not grid cells
+            return
         probs = block.probs  # (B, H, bq, width)
         B, H, bq, width = probs.shape
         N, device = self._offset.shape[0], probs.device

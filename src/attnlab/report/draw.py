@@ -32,12 +32,16 @@ Stepped = tuple[Any, Any, Any, float, int]  # (layer, head, position, value, ste
 
 class ProbeRows:
     """Rows of one probe indexed by statistic: ``(layer, head, position, value)`` with NaN for null values; rows
-    with a ``step`` (training runs) are also in ``stepped`` as ``(layer, head, position, value, step)``."""
+    with a ``step`` (training runs) are also in ``stepped`` as ``(layer, head, position, value, step)``. Rows of
+    one denoising step (``denoising_step`` set; diffusion runs also write the rows summed over steps) are left to
+    the per-step sections (:mod:`attnlab.report.diffusion_section`)."""
 
     def __init__(self, rows: Sequence[Mapping[str, Any]], num_layers: int | None = None) -> None:
         self.by_stat: dict[str, list[Entry]] = defaultdict(list)
         self.stepped: dict[str, list[Stepped]] = defaultdict(list)
         for row in rows:
+            if row.get("denoising_step") is not None:
+                continue
             value = math.nan if row["value"] is None else float(row["value"])
             self.by_stat[str(row["statistic"])].append((row["layer"], row["head"], row["position"], value))
             if row.get("step") is not None:

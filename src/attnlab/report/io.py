@@ -24,7 +24,7 @@ from typing import Any
 
 import pandas as pd
 
-from attnlab.columns import STEP_COLUMN
+from attnlab.columns import DENOISING_STEP_COLUMN, STEP_COLUMN
 from attnlab.errors import ConfigError
 from attnlab.io_utils import atomic_write_text as atomic_write_text  # re-exported: the CLI writes report.html
 from attnlab.io_utils import SHARD_DIR, prepare_out_dir
@@ -128,9 +128,10 @@ def rows_to_frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
         else:
             data[column] = pd.Series([str(v) for v in values], dtype=str)  # pandas' default string dtype
     columns = list(CSV_COLUMNS)
-    if any(row.get(STEP_COLUMN) is not None for row in rows):
-        data[STEP_COLUMN] = pd.array([row.get(STEP_COLUMN) for row in rows], dtype="Int64")
-        columns.append(STEP_COLUMN)
+    for optional in (STEP_COLUMN, DENOISING_STEP_COLUMN):
+        if any(row.get(optional) is not None for row in rows):
+            data[optional] = pd.array([row.get(optional) for row in rows], dtype="Int64")
+            columns.append(optional)
     return pd.DataFrame(data, columns=columns)
 
 

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from attnlab.report.diffusion_section import diffusion_sections
 from attnlab.report.draw import probe_sections
 from attnlab.report.eval_section import eval_section
 from attnlab.report.formatting import format_number, layer_ranges, summarise_paths, token_segments, visible_token
@@ -119,7 +120,8 @@ def template_environment():
 def render_html(results: Mapping[str, Any]) -> str:
     """The HTML report of ``results`` (a dict as in ``docs/results.md``), as one self-contained page.
 
-    Sections (each with an ``id``): ``run``, ``eval`` (eval runs only), then the sections each probe that ran
+    Sections (each with an ``id``): ``run``, ``eval`` (eval runs only), ``diffusion-steps`` and
+    ``diffusion-blocks`` (diffusion runs only, :mod:`attnlab.report.diffusion_section`), then the sections each probe that ran
     declares (``results["sections"]``, drawn by :mod:`attnlab.report.draw`; e.g. ``sinks``, ``entropy``,
     ``distance``, ``extreme-tokens``, ``norms``, ``probe-massive-activations``), ``patterns`` (the interactive
     attention viewer, only when ``results["patterns"]`` exists), ``tokens`` (only when windows were recorded: train
@@ -138,7 +140,7 @@ def render_html(results: Mapping[str, Any]) -> str:
         "run": _run_section(results),
         "tokens": _tokens_section(results),
         "eval": eval_section(results),
-        "sections": probe_sections(results),
+        "sections": diffusion_sections(results) + probe_sections(results),
         "patterns": viewer_section(results),
         "statistics": statistics,
         "has_steps": any(row.get("step") is not None for row in results["rows"]),
