@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -92,7 +94,10 @@ def test_bad_inputs_are_one_line_config_errors(kwargs, message):
     assert "\n" not in str(error.value)
 
 
-def test_a_score_that_is_not_finite_is_refused():
+def test_numpy_scores_count_and_a_score_that_is_not_finite_is_refused():
+    assert headhunter(lambda heads: np.float32(len(heads)), HEADS[:2], rounds=1).chosen == [(0, 0)]
+    with pytest.raises(ConfigError, match=r"finite number, got tensor\(1.\) for heads \[\(0, 0\)\]"):
+        headhunter(lambda heads: torch.tensor(1.0) if heads else 0.0, HEADS, rounds=1)
     with pytest.raises(ConfigError, match=r"finite number, got nan for heads \[\(0, 0\)\]"):
         headhunter(lambda heads: float("nan") if heads else 0.0, HEADS, rounds=1)
 
@@ -114,8 +119,6 @@ def test_the_objectives_check_runs_before_any_scoring():
 
 
 def test_guidance_objective_on_a_tiny_pixart_checks_heads_first_and_scores_guided_samples():
-    import torch
-
     from attnlab.diffusion.guidance import perturbable_heads
     from attnlab.diffusion.headhunter import guidance_objective
     from attnlab.testing import tiny_diffusers

@@ -19,6 +19,7 @@ builds the usual one: sample with SoftPAG guidance on the heads, score the sampl
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,7 +77,7 @@ def _candidates(candidates: Iterable[Sequence[int]]) -> list[Head]:
 
 def _score(objective: Objective, heads: list[Head]) -> float:
     value = objective(list(heads))
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ConfigError(f"the objective must return a finite number, got {value!r} for heads {heads}")
     return float(value)
 
