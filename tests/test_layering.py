@@ -36,6 +36,8 @@ FORBIDDEN = {
     # adapters for other tools (lm-eval) sit at the tier of evaluation too
     "integrations": ("attnlab.cli", "attnlab.views", "attnlab.protocols", "attnlab.circuits"),
 }
+for _below in ("functional", "stats", "probes", "edits", "layers", "analyses"):  # the tiers under diffusion/
+    FORBIDDEN[_below] += ("attnlab.diffusion",)
 
 ALLOWED = {"attnlab.report.sections"}  # pure section specs that probes and analyses declare (no torch, no matplotlib)
 # per package: leaf modules it may import although their package is forbidden to it

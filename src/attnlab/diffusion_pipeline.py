@@ -238,6 +238,6 @@ def run_diffusion_probes(run: DiffusionRun, *, progress: ProgressArg = None, com
 def _versions() -> dict[str, str]:
     import diffusers
 
-    from attnlab.pipeline import _versions as base
+    from attnlab.pipeline import versions as base
 
     return {**base(), "diffusers": diffusers.__version__}

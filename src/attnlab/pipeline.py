@@ -84,7 +84,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["RunConfig", "results_envelope", "run_probes", "start_run"]
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
+    """Versions of python, torch, transformers and attnlab (results.json's ``versions``)."""
     import torch
     import transformers
 
@@ -152,7 +153,7 @@ def results_envelope(command: str, config: Any, loaded: Any, *, bos_policy: str,
         "tokenizer": {**loaded.tokenizer_facts, "class": type(tokenizer).__name__, "bos_policy": bos_policy,
                       "bos_token": getattr(tokenizer, "bos_token", None), "bos_added": bos_added},
         "seed": seed,
-        "versions": _versions(),
+        "versions": versions(),
         "attention_paths": {str(layer): path for layer, path in sorted(attention_paths.items())},
         "windows": windows,
         "rows": rows,

@@ -62,13 +62,15 @@ def test_plan_table(needs, edits, call, options, path, reason):
 
 def test_the_table_reaches_every_path():
     # not planned: "implied" (the session records it for layers that show their implied map, attnlab.lab) and
-    # "fused" (the session's choice for a blocked_eager call the fused probe kernel serves; tests/probes)
-    assert {row[4] for row in TABLE} == set(Path) - {Path.IMPLIED, Path.FUSED}
+    # "fused" (the session's choice for a blocked_eager call the fused probe kernel serves; tests/probes) and
+    # "block_sparse+edits" (the session's choice for an edited call with a block form; tests/diffusion)
+    assert {row[4] for row in TABLE} == set(Path) - {Path.IMPLIED, Path.FUSED, Path.BLOCK_SPARSE_EDITS}
 
 
 def test_path_values_are_the_results_json_strings():
     assert [p.value for p in Path] == ["sdpa", "blocked_eager", "fused", "sdpa+sampled_probs", "sdpa+edits",
-                                       "sdpa+edits+sampled_probs", "flex+edits", "blocked_eager+edits", "implied"]
+                                       "sdpa+edits+sampled_probs", "flex+edits", "blocked_eager+edits", "implied",
+                                       "block_sparse+edits"]
     assert Path("flex+edits") is Path.FLEX_EDITS and Path.SDPA == "sdpa"
 
 

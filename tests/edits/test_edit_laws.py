@@ -34,8 +34,9 @@ def test_every_edit_declares_its_identity_form(name):
 
 
 def test_identity_edits_cover_the_known_ones():
-    # every edit but the window mask has an identity form (sink_window drops keys at any window shorter than the text)
-    assert set(EDITS.names()) - set(IDENTITY_EDITS) == {"sink_window"}
+    # every edit but the window masks has an identity form (sink_window drops keys at any window shorter than the
+    # text, radial pairs of frames 2+ apart at any decay factor)
+    assert set(EDITS.names()) - set(IDENTITY_EDITS) == {"sink_window", "radial"}
 
 
 @given(shapes, st.sampled_from(IDENTITY_EDITS), st.integers(1, 6), st.integers(0, 2))

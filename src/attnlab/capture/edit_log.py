@@ -21,7 +21,7 @@ from attnlab.facts import ModelFacts
 logger = logging.getLogger(__name__)
 
 REPORT_COLUMNS = ("edit", "spec", "stage", "path", "calls_touched", "heads_touched", "forward_passes_touched",
-                  "max_change", "identity")
+                  "max_change", "identity", "skipped")
 
 
 def make_edit(spec: str | Edit) -> Edit:
@@ -143,7 +143,9 @@ class EditLog:
         it touched), calls_touched, heads_touched, forward_passes_touched (positions edits), max_change (the largest
         change of a per-head output the edit made on the sampled rows; NaN if not measured; for a positions edit
         only its mask part is measured, since the position ids are already in the query/key the attention call
-        receives), identity (whether its parameters are the identity)."""
+        receives), identity (whether its parameters are the identity), skipped (the calls it passed through
+        unchanged, by reason: radial and ultravico on cross calls, radial's dense steps and blocks;
+        :meth:`Edit.skip_summary`)."""
         import pandas as pd
 
         num_layers, num_heads = self.facts.num_layers, self.facts.num_heads
@@ -162,7 +164,7 @@ class EditLog:
                 "calls_touched": record.calls_touched, "heads_touched": touched,
                 "forward_passes_touched": record.forward_passes_touched,
                 "max_change": record.max_change if self.verify_rows and record.calls_touched else float("nan"),
-                "identity": edit.is_identity(),
+                "identity": edit.is_identity(), "skipped": edit.skip_summary(),
             })
         return pd.DataFrame(rows, columns=list(REPORT_COLUMNS))
 
@@ -184,7 +186,7 @@ class EditLog:
         for edit in self.edits if world().is_main else ():  # the warning once, from rank 0, when several run
             record = self.records[id(edit)]
             if (self.verify_rows and record.calls_touched and record.max_change == 0 and edit.stage != "positions"
-                    and not edit.is_identity()):
+                    and not edit.is_identity() and not getattr(edit, "observes_only", False)):  # e.g. a recorder
                 calls = record.calls_touched
                 logger.warning("edit %s acted on %d attention call%s but changed no output on the measured rows (max "
                                "change 0): its results equal the baseline's%s", edit.spec(), calls,

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from attnlab.capture.block_sparse_path import block_sparse_edits
 from attnlab.capture.calls import sample_rows
 from attnlab.capture.planner import Path
 from attnlab.edits.apply import EditedCall
@@ -123,6 +124,7 @@ EXECUTORS: dict[Path, Callable[[Job], Tensor]] = {
     Path.SDPA_EDITS_SAMPLED: _edits_sdpa_sampled,
     Path.FLEX_EDITS: lambda job: _heads_last(job.edited.flex()),
     Path.BLOCKED_EAGER_EDITS: lambda job: _heads_last(job.edited.eager(on_block=job.observe)),
+    Path.BLOCK_SPARSE_EDITS: block_sparse_edits,
 }
 
 

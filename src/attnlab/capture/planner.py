@@ -55,6 +55,9 @@ class Path(str, Enum):
     FLEX_EDITS = "flex+edits"
     BLOCKED_EAGER_EDITS = "blocked_eager+edits"
     IMPLIED = "implied"  # not planned: a layer shows the map it implies; recorded as "implied:<map kind>"
+    # not planned: an edited call whose one acting edit offers a block form (radial's block rule) and no probe reads
+    # probs runs the block-sparse kernel instead (set by the session, attnlab.capture.block_sparse_path)
+    BLOCK_SPARSE_EDITS = "block_sparse+edits"
 
 
     def __str__(self) -> str:

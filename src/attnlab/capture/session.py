@@ -30,6 +30,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from attnlab.capture.architectures import model_facts, transformer_blocks
 from attnlab.capture.backend import ACTIVE_SESSION, BACKEND_NAME, ensure_registered
+from attnlab.capture.block_sparse_path import block_form
 from attnlab.capture.calls import (
     ForwardState, bound_probes, check_attention_kwargs, check_model_supported, implied_call, prepare_call, read_forward,
 )
@@ -253,6 +254,8 @@ class Session:
                   observe=probe_observer(call, probes), block_size=self.block_size, query_fraction=self.query_fraction)
         if path is Path.BLOCKED_EAGER and self.probe_kernel == "fused":
             path = self._fused_or_blocked(job, probes)
+        if path in (Path.SDPA_EDITS, Path.FLEX_EDITS, Path.BLOCKED_EAGER_EDITS) and block_form(job) is not None:
+            path = Path.BLOCK_SPARSE_EDITS  # the one acting edit's mask is whole tiles: run only the kept ones
         self.attention_paths[layer] = path.value
         output = EXECUTORS[path](job)
         with torch.no_grad():

@@ -53,6 +53,8 @@ class EditRecord:
         its ``queries=``/``keys=`` roles select no token of the call)."""
         if edit.role_restricted and not bool(edit.selection(call).any()):
             return
+        if edit.skip_reason(call) is not None:  # passed through unchanged (radial on a cross call)
+            return
         self.calls_touched += 1
         heads = edit.head_mask(call).nonzero().flatten().tolist()
         self.heads_touched.update((call.layer_idx, int(h)) for h in heads)

@@ -273,6 +273,17 @@ class Edit:
 
         return score_mod
 
+    def skip_reason(self, call: AttentionCall) -> str | None:
+        """Why the edit passes ``call`` through unchanged although its layers, heads and steps select it (e.g.
+        ``"cross"``: radial and ultravico act only on self/joint calls over patches), or None when it acts on it.
+        A skipped call is not counted as touched (``edit_report``). Pure: it counts nothing."""
+        return None
+
+    def skip_summary(self) -> str:
+        """The calls the edit passed through so far, by reason (``"cross: 4, dense step: 8"``; "" for edits that
+        skip nothing), for the edit report's ``skipped`` column."""
+        return ""
+
     def keep_mod(self, keep: Tensor, call: AttentionCall) -> Tensor | None:
         """mask stage: the current keep (B|1, Hq|1, Lq, Lk) bool, True = attend → the new keep, or None (no change).
 
