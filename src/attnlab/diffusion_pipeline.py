@@ -128,6 +128,12 @@ class _Generator:
             self.pipe.sample([prompt], steps=run.steps, seed=seed, **options, **run.pipe_args)
             return
         accepted = inspect.signature(self.pipe.__call__).parameters
+        name = type(self.pipe).__name__
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+            unknown = sorted(set(run.pipe_args) - set(accepted))
+            if unknown:
+                raise ConfigError(f"--pipe-arg {', '.join(unknown)}: {name} does not take it; it takes "
+                                  f"{', '.join(sorted(accepted))}")
         options: dict[str, Any] = {"num_inference_steps": run.steps,
                                    "generator": torch.Generator(run.device).manual_seed(seed), **run.pipe_args}
         if "prompt" in accepted:
@@ -138,7 +144,11 @@ class _Generator:
                 shown = ", ".join(labels[:20]) + (" …" if len(labels) > 20 else "")
                 raise ConfigError(f"expected a class name of this pipeline as --prompt ({shown}), got {prompt!r}")
             options["class_labels"] = self.pipe.get_label_ids([prompt])
-        if run.guidance is not None and "guidance_scale" in accepted:
+        else:
+            raise ConfigError(f"{name} takes neither a prompt nor class labels, so --prompt cannot condition it")
+        if run.guidance is not None:
+            if "guidance_scale" not in accepted:
+                raise ConfigError(f"--guidance: {name} has no guidance_scale argument")
             options["guidance_scale"] = run.guidance
         if "output_type" in accepted:
             options.setdefault("output_type", "latent")

@@ -63,6 +63,15 @@ def test_python_api_matches_the_cli_rows(folders):
     assert {row["denoising_step"] for row in results["rows"] if "denoising_step" in row} == {0, 1}
 
 
+def test_an_edit_skipped_on_every_call_says_why(folders):
+    from attnlab.errors import EditNotFiredError
+
+    run = DiffusionRun(model=str(folders["dit"]), prompts=["red"], probes=["entropy"], steps=2,
+                       edits=["radial:block_size=none,dense_steps=12"])
+    with pytest.raises(EditNotFiredError, match="dense step: 4"):
+        run_diffusion_probes(run)
+
+
 def test_sources():
     assert diffusion_source("/nonexistent") is None
 
@@ -75,6 +84,10 @@ def test_bad_input(folders, tmp_path):
         (("probe", "--model", folders["dit"], "--probe", "entropy"), "--prompt"),
         (("probe", "--model", folders["text"], "--probe", "entropy", "--edit", "temperature:tau=0.5"), "--edit"),
         (("probe", "--model", folders["dit"], "--prompt", "red", "--probe", "norms"), "hidden states"),
+        (("probe", "--model", folders["dit"], "--prompt", "red", "--probe", "entropy", "--pipe-arg", "foo=1"),
+         "does not take it"),
+        (("probe", "--model", folders["dit"], "--prompt", "red", "--probe", "entropy", "--pipe-arg", "foo"),
+         "KEY=VALUE"),
     ]
     for number, (args, expected) in enumerate(cases):
         result = _invoke(*args, "--out", tmp_path / f"bad{number}")

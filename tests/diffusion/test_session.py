@@ -142,3 +142,37 @@ def test_bad_input():
         DiffusionSession(model, edits=["temperature:tau=0.5,layers=5"])
     with pytest.raises(ConfigError):
         DiffusionSession(model, edits=["temperature:tau=0.5,steps=-1"])
+
+
+@pytest.mark.parametrize("kind", ["pixart", "wan"])
+def test_cross_attention_with_as_many_text_tokens_as_patches_is_cross(kind):
+    model, inputs = tiny_diffusers(kind)
+    patches = 16 if kind == "pixart" else 32  # 4×4 patches; Wan: 2 frames of 4×4
+    _, session = _run(model, inputs(text=patches), probes=[Recorder()])
+    calls = session.probes_at(0)[0].calls
+    assert [calls[layer].kind for layer in sorted(calls)] == ["self", "cross", "self", "cross"]
+    assert bool((calls[1].key_roles == TEXT).all())
+
+
+def test_keyword_forwards_count_sequences():
+    model, inputs = tiny_diffusers("wan")
+    with torch.no_grad(), DiffusionSession(model, probes=["entropy"]) as session:
+        model(**inputs(batch=2))
+        model(**inputs(batch=2, timestep=100.0))
+    assert session.num_sequences == 4
+
+
+def test_padded_caption_keys_are_not_attended_or_counted():
+    """A caption of 3 tokens padded to 5 gives the cross layers' probes what the 3-token caption alone gives."""
+    model, inputs = tiny_diffusers("pixart")
+    padded = inputs(text=5)
+    short = {**padded, "encoder_hidden_states": padded["encoder_hidden_states"][:, :3]}
+    padded["encoder_attention_mask"] = torch.tensor([[1, 1, 1, 0, 0]])
+
+    def cross_entropy(x):
+        _, session = _run(model, x, probes=["entropy"], probe_kernel="blocked")
+        frame = session.results()
+        rows = frame[(frame.statistic == "entropy") & frame.layer.isin([1, 3])]
+        return torch.tensor(rows["value"].to_numpy(dtype=float))
+
+    torch.testing.assert_close(cross_entropy(padded), cross_entropy(short), atol=1e-5, rtol=1e-5)

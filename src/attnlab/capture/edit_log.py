@@ -176,6 +176,11 @@ class EditLog:
         since its results will equal the baseline's."""
         silent = [edit.spec() for edit in self.edits if self.records[id(edit)].calls_touched == 0
                   and self.records[id(edit)].forward_passes_touched == 0]
+        skipped = [f"{edit.spec()} ({edit.skip_summary()})" for edit in self.edits
+                   if edit.spec() in silent and edit.skip_summary()]
+        if skipped and len(skipped) == len(silent):
+            raise EditNotFiredError(f"edit(s) never acted: every call they saw was one they skip by definition: "
+                                    f"{'; '.join(skipped)} (more denoising steps or layers than dense_steps/dense_layers?)")
         if silent:
             raise EditNotFiredError(
                 f"edit(s) never fired: {', '.join(silent)} — no attention call passed through them (did the model "

@@ -94,29 +94,32 @@ def latent_layout(config: Any, args: tuple, kwargs: dict[str, Any]) -> LatentLay
     return LatentLayout(grid=grid, text=text, timestep=timestep)
 
 
-def call_layout(latent: LatentLayout | None, q_len: int, kv_len: int, text_first: bool) -> CallLayout:
+def call_layout(latent: LatentLayout | None, q_len: int, kv_len: int, text_first: bool,
+                encoder: bool = False) -> CallLayout:
     """Kind and per-token roles of one attention call of ``q_len`` queries and ``kv_len`` keys.
 
-    Rules (patches P = the latent's patch count, T its text tokens): Lq = Lk = P → ``self``; Lq = P, Lk ≠ P →
-    ``cross`` (every key a conditioning token, role ``text``); Lq = Lk = P + T → ``joint``, text first when
-    ``text_first`` (Flux) else after the patches (SD3). Without a grid, Lq = Lk is ``self`` and Lq ≠ Lk ``cross``,
-    with every query a patch. Anything else gets kind None and no roles."""
+    ``encoder``: the attention module was handed ``encoder_hidden_states`` (or is a cross-attention module).
+    Rules (patches P = the latent's patch count, T its text tokens): Lq = Lk = P + T (T > 0) → ``joint``, text
+    first when ``text_first`` (Flux) else after the patches (SD3); else Lq = P with ``encoder`` → ``cross`` (every
+    key a conditioning token, role ``text``: the lengths alone cannot tell it from self-attention when T = P, as
+    with Wan's 512 padded text tokens); Lq = Lk = P → ``self``. Without a grid P is taken as Lq. Anything else gets
+    kind None and no roles."""
     patches = None if latent is None else latent.patches
     text = 0 if latent is None else latent.text
 
     def codes(*parts: tuple[int, int]) -> Tensor:
         return torch.cat([torch.full((count,), code, dtype=torch.int8) for code, count in parts])
 
-    if patches is None:
-        patches = q_len
-    if q_len == patches and kv_len == patches:
-        return CallLayout("self", codes((IMAGE_CODE, q_len)), codes((IMAGE_CODE, kv_len)), 0)
-    if q_len == patches:
-        return CallLayout("cross", codes((IMAGE_CODE, q_len)), codes((TEXT_CODE, kv_len)), None)
-    if text and q_len == kv_len == patches + text:
+    if text and patches is not None and q_len == kv_len == patches + text:
         parts = ((TEXT_CODE, text), (IMAGE_CODE, patches)) if text_first else ((IMAGE_CODE, patches), (TEXT_CODE, text))
         sequence = codes(*parts)
         return CallLayout("joint", sequence, sequence, text if text_first else 0)
+    if patches is None:
+        patches = q_len
+    if q_len == patches and (encoder or kv_len != patches):
+        return CallLayout("cross", codes((IMAGE_CODE, q_len)), codes((TEXT_CODE, kv_len)), None)
+    if q_len == patches and kv_len == patches:
+        return CallLayout("self", codes((IMAGE_CODE, q_len)), codes((IMAGE_CODE, kv_len)), 0)
     return CallLayout(None, None, None, None)
 
 

@@ -68,7 +68,10 @@ def _wrapper_class(processor_class: type) -> type:
 
     @functools.wraps(original_call)
     def __call__(self: _ProcessorWrapper, attn: Any, *args: Any, **kwargs: Any) -> Any:
-        handler = functools.partial(self._session.sdpa_call, attn, self._layer)
+        # processors take (hidden_states, encoder_hidden_states, ...): by keyword (Attention) or position (Flux)
+        encoder = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        crossing = encoder is not None or bool(getattr(attn, "is_cross_attention", False))
+        handler = functools.partial(self._session.sdpa_call, attn, self._layer, crossing)
         with _native_backend(), _RouteSdpa(handler):
             return original_call(self._original, attn, *args, **kwargs)
 
@@ -84,7 +87,8 @@ def _native_backend() -> Any:
 
 def wrap_processor(original: Any, session: DiffusionSession, layer: int) -> Any:
     """The attnlab processor for one attention module: ``original`` run with its SDPA call routed to
-    ``session.sdpa_call(module, layer, query, key, value, attn_mask=…, is_causal=…, scale=…, …)``."""
+    ``session.sdpa_call(module, layer, encoder, query, key, value, attn_mask=…, is_causal=…, scale=…, …)``, where
+    ``encoder`` says whether the module was handed ``encoder_hidden_states`` (or is a cross-attention module)."""
     return _wrapper_class(type(original))(original, session, layer)
 
 

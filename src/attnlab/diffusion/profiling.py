@@ -37,15 +37,12 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from attnlab.diffusion.session import BLOCK_LISTS
 from attnlab.errors import ConfigError, ShapeError
 from attnlab.functional.cross_maps import foreground_share, preference
 
 __all__ = ["BlockCache", "block_preference", "choose_step_start", "classify_blocks", "find_blocks",
            "foreground_share", "preference", "step_similarity"]
-
-BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks")
-"""Attribute names of the block lists :func:`find_blocks` looks for, in this order (diffusers' DiT/PixArt/SD3/Flux:
-``transformer_blocks`` then Flux's ``single_transformer_blocks``; Wan: ``blocks``)."""
 
 
 def block_preference(layer_preference: dict[int, float], layer_block: dict[int, int]) -> dict[int, float]:

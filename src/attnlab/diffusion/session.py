@@ -59,13 +59,24 @@ def is_diffusers_model(model: Any) -> bool:
     return isinstance(model, ModelMixin) and bool(attention_modules(model))
 
 
-def block_numbers(names: list[str]) -> list[int]:
-    """The transformer block of each attention module name: blocks are the name prefixes up to the first numeric
-    component (``transformer_blocks.3``, ``single_transformer_blocks.0``), numbered in order of appearance."""
+BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks")
+"""Top-level block lists of diffusers transformers (DiT/PixArt/SD3/Flux; Flux's single blocks; Wan)."""
+
+
+def block_numbers(names: list[str]) -> list[int | None]:
+    """The transformer block of each attention module name, numbered in order of appearance: the top-level
+    :data:`BLOCK_LISTS` entries (``transformer_blocks.3``, ``single_transformer_blocks.0``, ``blocks.7``) when the
+    model has them, other attention modules (a text refiner's) getting None; otherwise every name's prefix up to
+    its first numeric component."""
+    pattern = r"((?:%s)\.\d+)(\.|$)" % "|".join(BLOCK_LISTS)
+    top_level = any(re.match(pattern, name) for name in names)
     prefixes: dict[str, int] = {}
-    numbers = []
+    numbers: list[int | None] = []
     for name in names:
-        match = re.match(r"(.*?\.\d+)(\.|$)", name)
+        match = re.match(pattern if top_level else r"(.*?\.\d+)(\.|$)", name)
+        if match is None and top_level:
+            numbers.append(None)
+            continue
         prefix = match.group(1) if match else name
         numbers.append(prefixes.setdefault(prefix, len(prefixes)))
     return numbers
@@ -156,7 +167,7 @@ class DiffusionSession(Session):
         for layer, module in enumerate(self._modules):
             module.set_processor(wrap_processor(module.processor, self, layer))
         self._hooks.append(self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
-        self._hooks.append(self.model.register_forward_hook(self._after_forward))
+        self._hooks.append(self.model.register_forward_hook(self._after_forward, with_kwargs=True))
         return self
 
     def __exit__(self, exc_type: Any, *exc: Any) -> None:
@@ -198,9 +209,9 @@ class DiffusionSession(Session):
         super().set_step(step)
         self.timesteps.setdefault(step, timestep)
 
-    def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
-        hidden = args[0] if args and isinstance(args[0], Tensor) else None
-        self.num_sequences += 0 if hidden is None else hidden.shape[0]
+    def _after_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        self.num_sequences += hidden.shape[0] if isinstance(hidden, Tensor) else 0
 
     def _probes_now(self) -> list[Probe]:
         """The probe states the calls in flight feed: the current step's (copies of the never-fed ``self.probes``,
@@ -214,8 +225,9 @@ class DiffusionSession(Session):
         return self._step_probes[step]
 
     # the attention call -------------------------------------------------------------------------------------
-    def sdpa_call(self, module: nn.Module, layer: int, *args: Any, **kwargs: Any) -> Tensor | None:
-        """Called by the attnlab processor for the SDPA call of attention module ``layer`` with SDPA's arguments;
+    def sdpa_call(self, module: nn.Module, layer: int, encoder: bool, *args: Any, **kwargs: Any) -> Tensor | None:
+        """Called by the attnlab processor for the SDPA call of attention module ``layer`` with SDPA's arguments
+        (``encoder``: the module was handed encoder states, see :func:`attnlab.diffusion.layout.call_layout`);
         returns the output (B, H, Lq, Dv), or None to let SDPA run as the model asked (nothing to observe or
         change: the output is then bit-identical to a run without the session)."""
         sdpa = sdpa_arguments(*args, **kwargs)
@@ -231,10 +243,10 @@ class DiffusionSession(Session):
         untouched = path is Path.SDPA and not needs.value
         if untouched and not self.edit_log.for_layer(layer):
             self.attention_paths[layer] = path.value
-            layout = call_layout(self._latent, query.shape[2], key.shape[2], self._text_first(module))
+            layout = call_layout(self._latent, query.shape[2], key.shape[2], self._text_first(module), encoder)
             self.kinds[layer] = layout.kind
             return None
-        keep, call = self._call_record(module, layer, query, key, value, sdpa)
+        keep, call = self._call_record(module, layer, encoder, query, key, value, sdpa)
         if untouched:  # only identity edits: count them on the record, let SDPA run
             self.edit_log.attention_call(query, key, value, keep, call, block_size=self.block_size, softcap=None)
             self.attention_paths[layer] = path.value
@@ -251,12 +263,12 @@ class DiffusionSession(Session):
             return self.text_first
         return "flux" in type(module).__name__.lower() or "flux" in type(self.model).__name__.lower()
 
-    def _call_record(self, module: nn.Module, layer: int, query: Tensor, key: Tensor, value: Tensor,
+    def _call_record(self, module: nn.Module, layer: int, encoder: bool, query: Tensor, key: Tensor, value: Tensor,
                      sdpa: dict[str, Any]) -> tuple[Tensor | None, AttentionCall]:
         """The keep mask and the call record of one SDPA call (roles, kind, grid, step, block)."""
         batch, heads, q_len, head_dim = query.shape
         kv_len, device = key.shape[2], query.device
-        layout = call_layout(self._latent, q_len, kv_len, self._text_first(module))
+        layout = call_layout(self._latent, q_len, kv_len, self._text_first(module), encoder)
         self.kinds[layer] = layout.kind
         keep = keep_from_mask(sdpa["attn_mask"], batch, q_len, kv_len)
         key_valid = torch.ones(batch, kv_len, dtype=torch.bool, device=device)
