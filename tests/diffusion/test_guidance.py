@@ -219,3 +219,37 @@ def test_other_architectures_identity_is_exact_and_alpha_one_acts(kind, heads):
     assert torch.equal(identity, reference)
     acting = softpag_predictor(model, heads[-1:], alpha=1.0, scale=2.0, forward=forward)(x, t, None)
     assert (acting - reference).abs().max() > 1e-4
+
+
+# the lab's image pipeline (a small random one) --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lab_pipe():
+    from attnlab.lab.dit.model import DitSpec
+    from attnlab.lab.dit.pipeline import LabPipeline
+
+    return LabPipeline.build(DitSpec(layers=2, heads=2, head_dim=8, text_dim=8), seed=0).eval()
+
+
+def test_lab_predictor_identity_settings_are_the_labs_own_cfg_sampler(lab_pipe):
+    from attnlab.lab.dit.softpag import lab_predictor
+
+    captions = ["a red circle", "a blue square"]
+    reference = lab_pipe.sample(captions, steps=3, guidance=3.0, seed=0)
+    for heads, alpha, scale in (([], 1.0, 2.0), ([(0, 1), (2, 0)], 0.0, 2.0), ([(0, 1)], 1.0, 0.0)):
+        predict = lab_predictor(lab_pipe, heads, alpha=alpha, scale=scale)
+        assert torch.equal(lab_pipe.sample(captions, steps=3, guidance=3.0, seed=0, predict=predict), reference)
+    predict = lab_predictor(lab_pipe, [(0, 1)], alpha=1.0, scale=2.0)
+    assert not torch.equal(lab_pipe.sample(captions, steps=3, guidance=3.0, seed=0, predict=predict), reference)
+
+
+def test_lab_objective_refuses_bad_input(lab_pipe):
+    from attnlab.diffusion.headhunter import headhunter
+    from attnlab.lab.dit.softpag import lab_objective, lab_predictor
+
+    with pytest.raises(ConfigError, match=r"^metric must be one of accuracy, .*; got 'fid'$"):
+        lab_objective(lab_pipe, metric="fid")
+    with pytest.raises(ConfigError, match=r"layer 1 is cross attention"):
+        lab_predictor(lab_pipe, [(1, 0)])
+    objective = lab_objective(lab_pipe, samples=2, steps=1)
+    with pytest.raises(ConfigError, match=r"^head \(0, 2\): layer 0 has 2 heads"):
+        headhunter(objective, [(0, 0), (0, 2)], rounds=1)
