@@ -31,11 +31,11 @@ ALPHA = 1.0                # SoftPAG α of the search (1 = PAG's identity attent
 SCALE = 2.0                # perturbation guidance w
 SOFT_ALPHA = 0.5           # a softer α for the chosen heads, held out only
 ROUNDS = 2                 # HeadHunter rounds (heads chosen at most): 1 + 16 + 15 objective calls
-SEARCH_SAMPLES = 24        # one-object search scenes (24 images per objective call)
+SEARCH_SAMPLES = 16        # one-object search scenes (16 images per objective call)
 SEARCH_SCENE_SEED = 17     # search scenes: test_scenes(seed=17), not the lab's test seed
 SEARCH_NOISE_SEED = 0
 METRIC = "accuracy"        # the objective: one-object samples whose top class is the caption's colour and shape
-EVAL_SAMPLES = 40          # held out: the lab's first test scenes (40 one-object + 40 two-object)
+EVAL_SAMPLES = 32          # held out: test_scenes("image", 32): 32 one-object + 32 two-object scenes
 EVAL_NOISE_SEED = 1000
 PAG_BLOCK = 1              # the layer-level comparison: every head of block 1's self-attention (diffusers' PixArt
                            # PAG default applies to "blocks.1")
