@@ -5,7 +5,7 @@ sampled (CFG + SoftPAG) for scenes drawn with another seed than the lab's test s
 evaluation (its fixed test scenes, other noise) of plain CFG, SoftPAG on a whole layer (PAG's layer-level
 perturbation) and SoftPAG on the heads HeadHunter chose, with and without CFG. Every setting below was fixed before the first run.
 
-    flock /work/runs/bench.lock python examples/dit_guidance.py [PIPELINE_DIR] [OUT_JSON]
+    OMP_NUM_THREADS=1 flock /work/runs/bench.lock python examples/dit_guidance.py [PIPELINE_DIR] [OUT_JSON]
 """
 
 import json
@@ -50,7 +50,6 @@ def save(result: dict) -> None:
 
 
 torch.manual_seed(0)
-torch.set_num_threads(2)
 started = time.monotonic()
 pipe = load_pipeline(PIPELINE)
 candidates = perturbable_heads(pipe.transformer)
