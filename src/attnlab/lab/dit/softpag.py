@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import Tensor
 
-from attnlab.diffusion.guidance import Head, softpag_predictor
+from attnlab.diffusion.guidance import softpag_predictor
 from attnlab.diffusion.headhunter import GuidanceObjective
 from attnlab.errors import ConfigError
 from attnlab.lab.dit.pipeline import Condition, LabPipeline, Predict
