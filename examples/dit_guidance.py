@@ -6,7 +6,7 @@ evaluation (its fixed test scenes, other noise) of plain CFG, SoftPAG on a whole
 perturbation) and SoftPAG on the heads HeadHunter chose, with and without CFG. Every setting below was fixed
 before the first run.
 
-    OMP_NUM_THREADS=1 flock /work/runs/bench.lock python examples/dit_guidance.py [PIPELINE_DIR] [OUT_JSON]
+    OMP_NUM_THREADS=1 flock /work/runs/bench.lock python examples/dit_guidance.py [PIPELINE_DIR] [OUT_JSON] [quick|full]
 """
 
 import json
@@ -24,20 +24,26 @@ from attnlab.lab.dit.pipeline import load_pipeline
 from attnlab.lab.dit.softpag import lab_objective, lab_predictor
 
 # settings (fixed before running) ----------------------------------------------------------------------------
+# Two profiles, each fixed before its first run: "quick" (run first: 2 min on two shared cores) and "full" (fixed
+# after the quick run, before running it: more search images, a third round, the lab's own evaluation settings,
+# 100 + 100 test scenes, 20 steps, noise seed 0, so its "cfg" row must reproduce `attnlab dit eval` exactly).
 PIPELINE = sys.argv[1] if len(sys.argv) > 1 else "/work/runs/dit17/image"
 OUT = Path(sys.argv[2] if len(sys.argv) > 2 else "/work/runs/dit17/guidance/dit_guidance.json")
-STEPS = 10                 # Euler steps, search and held-out alike
+PROFILE = sys.argv[3] if len(sys.argv) > 3 else "quick"
 GUIDANCE = 3.0             # CFG scale s (the lab's default)
 ALPHA = 1.0                # SoftPAG α of the search (1 = PAG's identity attention)
 SCALE = 2.0                # perturbation guidance w
 SOFT_ALPHA = 0.5           # a softer α for the chosen heads, held out only
-ROUNDS = 2                 # HeadHunter rounds (heads chosen at most): 1 + 16 + 15 objective calls
-SEARCH_SAMPLES = 16        # one-object search scenes (16 images per objective call)
 SEARCH_SCENE_SEED = 17     # search scenes: test_scenes(seed=17), not the lab's test seed
 SEARCH_NOISE_SEED = 0
 METRIC = "accuracy"        # the objective: one-object samples whose top class is the caption's colour and shape
-EVAL_SAMPLES = 32          # held out: test_scenes("image", 32): 32 one-object + 32 two-object scenes
-EVAL_NOISE_SEED = 1000
+STEPS, ROUNDS, SEARCH_SAMPLES, EVAL_SAMPLES, EVAL_NOISE_SEED = {
+    # Euler steps (search and held out), HeadHunter rounds (16 candidates: 1 + 16 + 15 (+ 14) objective calls),
+    # one-object search scenes (images per objective call), held-out test_scenes("image", n) (n one-object +
+    # n two-object), held-out noise seed
+    "quick": (10, 2, 16, 32, 1000),
+    "full": (20, 3, 64, 100, 0),
+}[PROFILE]
 PAG_BLOCK = 1              # the layer-level comparison: every head of block 1's self-attention (diffusers' PixArt
                            # PAG default applies to "blocks.1")
 REPORTED = ("accuracy", "colour_accuracy", "shape_accuracy", "two_object_accuracy", "two_object_recall",
