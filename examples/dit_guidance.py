@@ -2,11 +2,12 @@
 
 Search: HeadHunter over every self-attention head, objective = the lab classifier's one-object accuracy on images
 sampled (CFG + SoftPAG) for scenes drawn with another seed than the lab's test scenes. Held out: the lab's standard
-evaluation (its fixed test scenes, other noise) of plain CFG, SoftPAG on a whole layer (PAG's layer-level
+evaluation (its fixed test scenes) of plain CFG, SoftPAG on a whole layer (PAG's layer-level
 perturbation) and SoftPAG on the heads HeadHunter chose, with and without CFG. Every setting below was fixed
 before the first run.
 
-    OMP_NUM_THREADS=1 flock /work/runs/bench.lock python examples/dit_guidance.py [PIPELINE_DIR] [OUT_JSON] [quick|full]
+    OMP_NUM_THREADS=1 flock /work/runs/bench.lock \
+        python examples/dit_guidance.py [PIPELINE_DIR] [OUT_JSON] [quick|full]
 """
 
 import json
