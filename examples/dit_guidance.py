@@ -26,8 +26,8 @@ from attnlab.lab.dit.softpag import lab_objective, lab_predictor
 
 # settings (fixed before running) ----------------------------------------------------------------------------
 # Two profiles, each fixed before its first run: "quick" (run first: 2 min on two shared cores) and "full" (fixed
-# after the quick run, before running it: more search images, a third round, the lab's own evaluation settings,
-# 100 + 100 test scenes, 20 steps, noise seed 0, so its "cfg" row must reproduce `attnlab dit eval` exactly).
+# after the quick run, before running it: more search images, a third round, and held out the lab's own evaluation
+# settings, 100 + 100 test scenes, 20 steps, noise seed 0, so its "cfg" row must reproduce `attnlab dit eval`).
 PIPELINE = sys.argv[1] if len(sys.argv) > 1 else "/work/runs/dit17/image"
 OUT = Path(sys.argv[2] if len(sys.argv) > 2 else "/work/runs/dit17/guidance/dit_guidance.json")
 PROFILE = sys.argv[3] if len(sys.argv) > 3 else "quick"
@@ -38,12 +38,12 @@ SOFT_ALPHA = 0.5           # a softer α for the chosen heads, held out only
 SEARCH_SCENE_SEED = 17     # search scenes: test_scenes(seed=17), not the lab's test seed
 SEARCH_NOISE_SEED = 0
 METRIC = "accuracy"        # the objective: one-object samples whose top class is the caption's colour and shape
-STEPS, ROUNDS, SEARCH_SAMPLES, EVAL_SAMPLES, EVAL_NOISE_SEED = {
-    # Euler steps (search and held out), HeadHunter rounds (16 candidates: 1 + 16 + 15 (+ 14) objective calls),
-    # one-object search scenes (images per objective call), held-out test_scenes("image", n) (n one-object +
-    # n two-object), held-out noise seed
-    "quick": (10, 2, 16, 32, 1000),
-    "full": (20, 3, 64, 100, 0),
+SEARCH_STEPS, EVAL_STEPS, ROUNDS, SEARCH_SAMPLES, EVAL_SAMPLES, EVAL_NOISE_SEED = {
+    # Euler steps of the search and of the held-out runs, HeadHunter rounds (16 candidates: 1 + 16 + 15 (+ 14)
+    # objective calls), one-object search scenes (images per objective call), held-out test_scenes("image", n)
+    # (n one-object + n two-object), held-out noise seed
+    "quick": (10, 10, 2, 16, 32, 1000),
+    "full": (10, 20, 3, 48, 100, 0),
 }[PROFILE]
 PAG_BLOCK = 1              # the layer-level comparison: every head of block 1's self-attention (diffusers' PixArt
                            # PAG default applies to "blocks.1")
@@ -61,8 +61,9 @@ torch.manual_seed(0)
 started = time.monotonic()
 pipe = load_pipeline(PIPELINE)
 candidates = perturbable_heads(pipe.transformer)
-objective = lab_objective(pipe, samples=SEARCH_SAMPLES, steps=STEPS, guidance=GUIDANCE, seed=SEARCH_NOISE_SEED,
-                          alpha=ALPHA, scale=SCALE, metric=METRIC, scene_seed=SEARCH_SCENE_SEED)
+objective = lab_objective(pipe, samples=SEARCH_SAMPLES, steps=SEARCH_STEPS, guidance=GUIDANCE,
+                          seed=SEARCH_NOISE_SEED, alpha=ALPHA, scale=SCALE, metric=METRIC,
+                          scene_seed=SEARCH_SCENE_SEED)
 found = headhunter(objective, candidates, rounds=ROUNDS, progress=True)
 result = {"settings": {key: value for key, value in globals().items() if key.isupper() and key != "OUT"},
           "candidates": len(candidates), "headhunter": found.to_dict(),
@@ -83,7 +84,7 @@ configs = {  # name: (guidance, heads, alpha)
     "no cfg+softpag headhunter": (1.0, found.chosen, ALPHA),
 }
 for name, (guidance, heads, alpha) in configs.items():
-    report = evaluate_pipeline(pipe, samples=EVAL_SAMPLES, steps=STEPS, guidance=guidance, seed=EVAL_NOISE_SEED,
+    report = evaluate_pipeline(pipe, samples=EVAL_SAMPLES, steps=EVAL_STEPS, guidance=guidance, seed=EVAL_NOISE_SEED,
                                predict=lab_predictor(pipe, heads, alpha=alpha, scale=SCALE), progress=True)
     result["held_out"][name] = {"guidance": guidance, "heads": [list(h) for h in heads], "alpha": alpha,
                                 **{key: report[key] for key in REPORTED}}
