@@ -37,8 +37,8 @@ def diffusion_source(model: str | Path) -> str | None:
     path = Path(model)
     if not path.is_dir():
         return None
-    if (path / "lab_dit.json").is_file():
-        return "lab"
+    if (path / "lab_dit.json").is_file() or (path / "checkpoint" / "lab_dit.json").is_file():
+        return "lab"  # a lab DiT folder, or the --out of `attnlab dit train` holding one as checkpoint/
     if (path / "model_index.json").is_file():
         return "pipeline"
     config = path / "config.json"
@@ -108,7 +108,7 @@ class _Generator:
         self.run, self.source = run, diffusion_source(run.model)
         dtype = DTYPES[run.dtype]
         if self.source == "lab":
-            from attnlab.lab.dit import load_pipeline
+            from attnlab.lab.dit.pipeline import load_pipeline
 
             self.pipe = load_pipeline(run.model)
             self.transformer = self.pipe.transformer.to(run.device, dtype)

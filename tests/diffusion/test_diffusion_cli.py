@@ -72,6 +72,21 @@ def test_an_edit_skipped_on_every_call_says_why(folders):
         run_diffusion_probes(run)
 
 
+def test_lab_dit_folder_runs_through_probe(tmp_path):
+    from attnlab.lab.dit.model import DitSpec
+    from attnlab.lab.dit.pipeline import LabPipeline, save_pipeline
+
+    folder = save_pipeline(LabPipeline.build(DitSpec(layers=2, heads=2, head_dim=8), seed=0), tmp_path / "lab")
+    assert diffusion_source(folder) == "lab"
+    out = tmp_path / "out"
+    result = _invoke("probe", "--model", folder, "--prompt", "a red circle", "--probe", "role_attention", "--steps", 3,
+                     "--out", out)
+    assert result.exit_code == 0, result.output
+    info = load_results(out / "results.json")["diffusion"]
+    assert [layer["kind"] for layer in info["layers"]] == ["self", "cross"] * 2
+    assert [layer["calls"] for layer in info["layers"]] == [6] * 4  # CFG: a conditional and an empty-caption forward
+
+
 def test_sources():
     assert diffusion_source("/nonexistent") is None
 

@@ -29,7 +29,8 @@ dit_app = typer.Typer(help="Diffusion transformers: train, sample and evaluate t
 
 Video = Annotated[bool, typer.Option("--video", help="The Wan video model (moving shapes) instead of the PixArt "
                                      "image model.", rich_help_panel=_MODEL, metavar=FLAG)]
-Steps = Annotated[int, typer.Option("--steps", help="Optimizer updates.", rich_help_panel=_TRAIN)]
+Steps = Annotated[Optional[int], typer.Option("--steps", help="Optimizer updates [default: 600 image, 500 video].",
+                                              rich_help_panel=_TRAIN)]
 BatchSize = Annotated[Optional[int], typer.Option("--batch-size", help="Images (videos) per update [default: 64 "
                                                   "images, 16 videos].", rich_help_panel=_TRAIN)]
 Lr = Annotated[float, typer.Option("--lr", help="Peak learning rate.", rich_help_panel=_TRAIN)]
@@ -54,7 +55,7 @@ Frames = Annotated[Optional[int], typer.Option("--frames", help="Video frames [d
 def dit_train(
     out: OutDir = Path("attnlab-dit"),
     video: Video = False,
-    steps: Steps = 1200,
+    steps: Steps = None,
     batch_size: BatchSize = None,
     lr: Lr = 1e-3,
     warmup_steps: Warmup = 50,

@@ -23,6 +23,7 @@ from attnlab.cli import options
 from attnlab.cli.options import FLAG, Debug, run_guarded, stderr
 from attnlab.cli.probe_cmd import make_probe_command, probe
 from attnlab.cli.protocol_cmd import PROTOCOL_COMMANDS
+from attnlab.cli.dit_cmd import dit_app
 from attnlab.cli.vlm_cmd import vlm_app
 from attnlab.cli.vlm_methods_cmd import carve_command, vhr_command
 from attnlab.cli.train_cmd import sweep_command, train_command
@@ -118,6 +119,8 @@ vlm_app.info.cls = Group
 app.add_typer(vlm_app, name="vlm")
 vlm_app.command("vhr")(vhr_command)
 vlm_app.command("carve")(carve_command)
+dit_app.info.cls = Group
+app.add_typer(dit_app, name="dit")
 app.command("eval")(eval_command)
 app.command("circuit")(circuit_command)
 app.command("probe")(probe)
@@ -268,7 +271,7 @@ def ls_tasks() -> None:
     _list_registry(TASKS)
 
 
-for _typer in (app, models_app, ls_app, protocol_app, apps_app, vlm_app):
+for _typer in (app, models_app, ls_app, protocol_app, apps_app, vlm_app, dit_app):
     for _info in _typer.registered_commands:
         _info.cls = Command  # app.command() fills in TyperCommand; none of ours names another class
 
