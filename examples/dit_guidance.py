@@ -35,12 +35,12 @@ GUIDANCE = 3.0             # CFG scale s (the lab's default)
 ALPHA = 1.0                # SoftPAG α of the search (1 = PAG's identity attention)
 SCALE = 2.0                # perturbation guidance w
 SOFT_ALPHA = 0.5           # a softer α for the chosen heads, held out only
-SEARCH_SCENE_SEED = 17     # search scenes: test_scenes(seed=17), not the lab's test seed
+SEARCH_SCENE_SEED = 17     # search scenes: eval_scenes(seed=17), not the lab's test seed
 SEARCH_NOISE_SEED = 0
 METRIC = "accuracy"        # the objective: one-object samples whose top class is the caption's colour and shape
 SEARCH_STEPS, EVAL_STEPS, ROUNDS, SEARCH_SAMPLES, EVAL_SAMPLES, EVAL_NOISE_SEED = {
     # Euler steps of the search and of the held-out runs, HeadHunter rounds (16 candidates: 1 + 16 + 15 (+ 14)
-    # objective calls), one-object search scenes (images per objective call), held-out test_scenes("image", n)
+    # objective calls), one-object search scenes (images per objective call), held-out eval_scenes("image", n)
     # (n one-object + n two-object), held-out noise seed
     "quick": (10, 10, 2, 16, 32, 1000),
     "full": (10, 20, 3, 48, 100, 0),

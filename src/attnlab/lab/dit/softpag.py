@@ -58,7 +58,7 @@ def lab_objective(pipe: LabPipeline, *, samples: int = 32, steps: int = 10, guid
     """HeadHunter's objective on the lab: ``image_scores(...)[metric]`` of images sampled with :func:`lab_predictor`.
 
     Every call samples the same captions (the ``samples`` one-object test scenes for a one-object metric, the
-    ``samples`` two-object ones for a two-object metric; :func:`attnlab.lab.dit.evaluate.test_scenes` with
+    ``samples`` two-object ones for a two-object metric; :func:`attnlab.lab.dit.evaluate.eval_scenes` with
     ``scene_seed``, default the lab's test seed) from the same noise (``seed``) in one batch, so head sets are
     compared on equal draws.
 
@@ -68,16 +68,16 @@ def lab_objective(pipe: LabPipeline, *, samples: int = 32, steps: int = 10, guid
             whose top class is the caption's colour and shape; ``two_object_accuracy``; ``colour_fidelity``, …).
 
     Raises:
-        ConfigError: a video pipeline, an unknown metric, or bad values (as :func:`lab_predictor`, ``test_scenes``).
+        ConfigError: a video pipeline, an unknown metric, or bad values (as :func:`lab_predictor`, ``eval_scenes``).
     """
-    from attnlab.lab.dit.evaluate import TEST_SEED, image_scores, test_scenes
+    from attnlab.lab.dit.evaluate import TEST_SEED, image_scores, eval_scenes
 
     if pipe.kind != "image":
         raise ConfigError(f"lab_objective scores images; got a {pipe.kind} pipeline")
     if metric not in ONE_OBJECT_METRICS + TWO_OBJECT_METRICS:
         raise ConfigError(f"metric must be one of {', '.join(ONE_OBJECT_METRICS + TWO_OBJECT_METRICS)}; "
                           f"got {metric!r}")
-    items = test_scenes("image", samples, seed=TEST_SEED if scene_seed is None else scene_seed)
+    items = eval_scenes("image", samples, seed=TEST_SEED if scene_seed is None else scene_seed)
     items = items[:samples] if metric in ONE_OBJECT_METRICS else items[samples:]  # only the scenes it reads
     captions = [" ".join(item.caption) for item in items]
     lab_predictor(pipe, [], alpha=alpha, scale=scale)  # refuses bad options now
