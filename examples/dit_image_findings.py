@@ -5,7 +5,7 @@
 
 Settings, fixed before any run on the reference model (none tuned on its results). One seed (0) everywhere: the
 noise of the noised test pictures, the sampler's starting noise and nothing else random. The test items are the
-lab's fixed `test_scenes("image", 48)` (seed 170000017): 48 one-object scenes (items 0–47) and 48 two-object scenes
+lab's fixed `eval_scenes("image", 48)` (seed 170000017): 48 one-object scenes (items 0–47) and 48 two-object scenes
 (items 48–95), with their captions and true pixel masks. Sampling is the lab's sampler: 20 Euler steps, CFG 3.0,
 the 48 captions in one batch, noise seed 0. Scores are `attnlab.lab.dit.evaluate.image_scores` (the lab's CNN
 classifier and foreground-colour fidelity).
@@ -69,7 +69,7 @@ from attnlab.diffusion import DiffusionSession
 from attnlab.diffusion.astar import (CrossMapRecorder, astar_update, binarise, latent_gradient, retention_loss,
                                      segregation_loss, step_sizes)
 from attnlab.diffusion.profiling import BlockCache, block_preference, classify_blocks
-from attnlab.lab.dit.evaluate import image_scores, test_scenes
+from attnlab.lab.dit.evaluate import eval_scenes, image_scores
 from attnlab.lab.dit.pipeline import LabPipeline, load_pipeline
 from attnlab.lab.dit.scenes import COLOURS, SHAPES, Drawn
 from attnlab.probes import PROBES
@@ -358,7 +358,7 @@ def main() -> None:
     pipe = load_pipeline(args.model)
     if pipe.kind != "image":
         raise SystemExit(f"{args.model} holds a {pipe.kind} model; this script measures the image model")
-    items = test_scenes("image", items_n)
+    items = eval_scenes("image", items_n)
     one, two = items[:items_n], items[items_n:]
     layers = cross_layers(pipe)
     started = time.perf_counter()
