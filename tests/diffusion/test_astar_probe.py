@@ -41,6 +41,20 @@ def test_joint_calls_use_their_image_to_text_block(kind):
     assert len(values) == session.facts.num_layers and ((values >= 0) & (values <= 1)).all()
 
 
+def test_padded_caption_tokens_count_as_zero_attention():
+    model, inputs = tiny_diffusers("pixart")
+    x = inputs(batch=2, text=5)
+    x["encoder_attention_mask"] = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    with torch.no_grad(), DiffusionSession(model, probes=[AStarProbe(concepts=(1, 4))], probe_kernel="blocked") as s:
+        model(**x)
+    alone = {**x, "hidden_states": x["hidden_states"][:1], "timestep": x["timestep"][:1],
+             "encoder_hidden_states": x["encoder_hidden_states"][:1], "encoder_attention_mask": x["encoder_attention_mask"][:1]}
+    with torch.no_grad(), DiffusionSession(model, probes=[AStarProbe(concepts=(1, 4))], probe_kernel="blocked") as one:
+        model(**alone)
+    both, first = s.results(), one.results()  # row 1's token 4 is padding: row 1 is left out of every statistic
+    assert both["value"].tolist() == pytest.approx(first["value"].tolist(), rel=1e-6)
+
+
 def test_bad_concepts():
     with pytest.raises(ConfigError, match="at least 2"):
         AStarProbe(concepts=(3,))

@@ -8,7 +8,8 @@ each map averaged over heads and divided by its peak (:func:`attnlab.functional.
 
 On every call whose queries hold the patches and whose keys hold text (``cross`` calls, and the image-query ×
 text-key block of ``joint`` calls; self calls are skipped) the probe builds the concept maps from all patch rows and
-adds, per layer, the loss of each sequence. Run it in a :class:`attnlab.diffusion.DiffusionSession` (per-step rows
+adds, per layer, the loss of each sequence whose concept tokens are real (a padded or empty caption, such as the
+unconditional forward of classifier-free guidance, is left out). Run it in a :class:`attnlab.diffusion.DiffusionSession` (per-step rows
 then carry ``denoising_step``: the loss across denoising, as A-STAR plots it). The retention loss compares a step
 with the one before, so it is not a per-call statistic: :func:`attnlab.diffusion.astar.astar_trace` gives both.
 
@@ -95,6 +96,8 @@ class AStarProbe(Probe):
             return
         patch = torch.searchsorted(self._rows, block.q_index.to(self._rows.device)[rows])  # raster index of each row
         probs = block.probs.index_select(2, rows).double().mean(dim=1)  # (B, n, width), mean over heads
+        if probs.shape[-1] < call.kv_len:  # the kernel drops trailing keys no row sees (padded caption tokens)
+            probs = torch.nn.functional.pad(probs, (0, call.kv_len - probs.shape[-1]))
         concept = probs.index_select(2, self._columns)  # (B, n, K)
         self._maps[:, :, patch] = concept.transpose(1, 2)
         text_mass = probs.index_select(2, self._text).sum(dim=-1, keepdim=True)  # (B, n, 1)
@@ -104,13 +107,18 @@ class AStarProbe(Probe):
         if self._maps is None:
             return
         frames, rows, cols = call.grid
-        maps = self._maps.reshape(call.batch, len(self.concepts), frames, rows, cols)
-        loss = segregation_loss(maps, list(range(len(self.concepts))))  # (B,)
+        # sequences whose concept tokens are real (not padding: e.g. the empty caption of classifier-free guidance)
+        real = call.key_valid.index_select(1, self._columns).all(dim=1)
+        self._maps = None if not bool(real.any()) else self._maps
+        if self._maps is None:
+            return
+        maps = self._maps[real].reshape(-1, len(self.concepts), frames, rows, cols)
+        loss = segregation_loss(maps, list(range(len(self.concepts))))  # (B_real,)
         layer = call.layer_idx
         self.loss_sum[layer] += float(loss.sum())
-        self.sequences[layer] += call.batch
-        self.share_sum[layer] += self._shares.sum(dim=0).cpu()
-        self.share_rows[layer] += call.batch * self._rows.numel()
+        self.sequences[layer] += int(real.sum())
+        self.share_sum[layer] += self._shares[real].sum(dim=0).cpu()
+        self.share_rows[layer] += int(real.sum()) * self._rows.numel()
         self._maps = None
 
     def state(self) -> dict[str, Tensor]:
