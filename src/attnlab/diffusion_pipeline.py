@@ -206,7 +206,8 @@ def run_diffusion_probes(run: DiffusionRun, *, progress: ProgressArg = None, com
         notify(0, 0, f"loading model {run.model}")
         generator = _Generator(run)
         session = DiffusionSession(generator.transformer, probes, edits=run.edits, block_size=run.block_size,
-                                   query_fraction=run.query_fraction, probe_kernel=run.probe_kernel)  # type: ignore[arg-type]
+                                   query_fraction=run.query_fraction,
+                                   probe_kernel=run.probe_kernel)  # type: ignore[arg-type]
         total = run.steps * len(run.prompts)
         with torch.no_grad(), session:
             for index, prompt in enumerate(run.prompts):

@@ -262,6 +262,20 @@ def coerce(value: Any, hint: Any, *, owner: str, param: str) -> Any:
         raise ConfigError(f"{owner}: {param} {error}") from None
 
 
+def coerce_fields(obj: Any, owner: str, special: Mapping[str, Callable[[Any], Any]] | None = None) -> None:
+    """Coerce every field of the (frozen) dataclass instance ``obj`` by its annotation, in place, for its
+    ``__post_init__`` (the labs' specs and training configs); ``special`` maps field names to their own converters.
+    Raises ConfigError ``"{owner}: {field} ..."``."""
+    import dataclasses
+
+    hints = typing.get_type_hints(type(obj), include_extras=True)
+    for item in dataclasses.fields(obj):
+        value = getattr(obj, item.name)
+        convert = (special or {}).get(item.name)
+        value = convert(value) if convert else coerce(value, hints[item.name], owner=owner, param=item.name)
+        object.__setattr__(obj, item.name, value)
+
+
 # one call ------------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def _hints(func: Callable[..., Any]) -> dict[str, Any]:

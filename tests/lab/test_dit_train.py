@@ -189,7 +189,8 @@ def test_cli_train_sample_eval(tmp_path: Path, quick_classifier: None) -> None:
         result = runner.invoke(dit_app, ["eval", str(out), "--samples", "2", "--steps", "2", "--out", str(report)])
         assert result.exit_code == 0, result.output
         assert json.loads(report.read_text())["kind"] == ("video" if video else "image")
-    not_empty = runner.invoke(dit_app, ["train", "--out", str(tmp_path / "run0"), "--steps", "1", "--warmup-steps", "0"])
+    not_empty = runner.invoke(dit_app, ["train", "--out", str(tmp_path / "run0"), "--steps", "1",
+                                        "--warmup-steps", "0"])
     assert not_empty.exit_code == 2 and "not empty" in not_empty.output
     bad = runner.invoke(dit_app, ["sample", str(tmp_path / "run0"), "--caption", "a pink circle"])
     assert bad.exit_code == 2 and "unknown caption word 'pink'" in bad.output
@@ -197,3 +198,17 @@ def test_cli_train_sample_eval(tmp_path: Path, quick_classifier: None) -> None:
                                    "--frames", "4"]).exit_code == 2
     assert runner.invoke(dit_app, ["eval", str(tmp_path / "missing")]).exit_code == 2
     assert runner.invoke(dit_app, ["train", "--out", str(tmp_path / "b"), "--spec", "layers=x"]).exit_code == 2
+
+
+def test_diffusion_session_counts_the_samplers_steps_and_leaves_it_unchanged(trained: tuple[Path, dict]) -> None:
+    from attnlab.diffusion import DiffusionSession
+
+    pipe = load_pipeline(trained[0])
+    frames = 2 if pipe.kind == "video" else None
+    plain = pipe.sample(["a red circle"], steps=3, guidance=2.0, seed=4, frames=frames)
+    with DiffusionSession(pipe.transformer, probes=["entropy"]) as session:
+        observed = pipe.sample(["a red circle"], steps=3, guidance=2.0, seed=4, frames=frames)
+    torch.testing.assert_close(observed, plain, rtol=1e-5, atol=1e-5)
+    results = session.results()
+    assert sorted(set(results["denoising_step"])) == [0, 1, 2]
+    assert set(session.layer_table()["kind"]) == {"self", "cross"}

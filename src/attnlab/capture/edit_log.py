@@ -180,7 +180,8 @@ class EditLog:
                    if edit.spec() in silent and edit.skip_summary()]
         if skipped and len(skipped) == len(silent):
             raise EditNotFiredError(f"edit(s) never acted: every call they saw was one they skip by definition: "
-                                    f"{'; '.join(skipped)} (more denoising steps or layers than dense_steps/dense_layers?)")
+                                    f"{'; '.join(skipped)} (were there more denoising steps than dense_steps, more "
+                                    "blocks than dense_layers?)")
         if silent:
             raise EditNotFiredError(
                 f"edit(s) never fired: {', '.join(silent)} — no attention call passed through them (did the model "

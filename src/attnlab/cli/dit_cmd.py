@@ -18,7 +18,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from attnlab.cli.options import FLAG, Debug, Device, Seed, run_guarded, stderr, with_progress
+from attnlab.cli.options import FLAG, Debug, Device, Seed, emit_json, run_guarded, stderr, with_progress
 
 __all__ = ["dit_app"]
 
@@ -29,7 +29,8 @@ dit_app = typer.Typer(help="Diffusion transformers: train, sample and evaluate t
 
 Video = Annotated[bool, typer.Option("--video", help="The Wan video model (moving shapes) instead of the PixArt "
                                      "image model.", rich_help_panel=_MODEL, metavar=FLAG)]
-Steps = Annotated[int, typer.Option("--steps", help="Optimizer updates.", rich_help_panel=_TRAIN)]
+Steps = Annotated[Optional[int], typer.Option("--steps", help="Optimizer updates [default: 600 image, 500 video].",
+                                              rich_help_panel=_TRAIN)]
 BatchSize = Annotated[Optional[int], typer.Option("--batch-size", help="Images (videos) per update [default: 64 "
                                                   "images, 16 videos].", rich_help_panel=_TRAIN)]
 Lr = Annotated[float, typer.Option("--lr", help="Peak learning rate.", rich_help_panel=_TRAIN)]
@@ -54,7 +55,7 @@ Frames = Annotated[Optional[int], typer.Option("--frames", help="Video frames [d
 def dit_train(
     out: OutDir = Path("attnlab-dit"),
     video: Video = False,
-    steps: Steps = 1200,
+    steps: Steps = None,
     batch_size: BatchSize = None,
     lr: Lr = 1e-3,
     warmup_steps: Warmup = 50,
@@ -69,12 +70,12 @@ def dit_train(
     --out/checkpoint, train_log.csv and results.json (loss curve summary, seconds)."""
 
     def body() -> None:
-        from attnlab.cli.train_cmd import parse_pairs
+        from attnlab.cli.train_cmd import parse_int_pairs
         from attnlab.lab.dit.train import DitTrainConfig, check_out, train_dit
 
         config = DitTrainConfig(kind="video" if video else "image", steps=steps, batch_size=batch_size, lr=lr,
                                 warmup_steps=warmup_steps, caption_dropout=caption_dropout, seed=seed,
-                                spec=_typed(parse_pairs(spec, "--spec")), device=device, out=str(out))
+                                spec=parse_int_pairs(spec, "--spec"), device=device, out=str(out))
         check_out(config, force=force)
         stderr.print("config: " + " ".join(f"{k}={v}" for k, v in config.to_dict().items()), markup=False,
                      style="dim")
@@ -143,7 +144,6 @@ def dit_eval(
     frames (docs/dit_lab.md)."""
 
     def body() -> None:
-        from attnlab.io_utils import atomic_write_text
         from attnlab.lab.dit.evaluate import evaluate_pipeline
 
         pipe = _load(model, device)
@@ -151,12 +151,7 @@ def dit_eval(
                                                                   guidance=guidance, seed=seed, progress=progress))
         report = {"model": str(model), **report}
         stderr.print(" ".join(f"{k}={v:.3f}" for k, v in report.items() if isinstance(v, float)), markup=False)
-        text = json.dumps(report, indent=1, allow_nan=True)
-        if out is not None:
-            atomic_write_text(out, text + "\n")
-            typer.echo(f"results: {out}")
-        else:
-            typer.echo(text)
+        emit_json(report, out)
 
     run_guarded(body, debug)
 
@@ -178,16 +173,3 @@ def _png(array: Any) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def _typed(pairs: dict[str, Any]) -> dict[str, Any]:
-    """``--spec`` values are integers; one-line ConfigError otherwise."""
-    from attnlab.errors import ConfigError
-
-    typed = {}
-    for key, value in pairs.items():
-        try:
-            typed[key] = int(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"--spec {key} expects an integer, got {value!r}") from None
-    return typed

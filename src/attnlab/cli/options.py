@@ -185,6 +185,21 @@ def write_and_announce(out_dir: Path, results: dict[str, Any], *, show_paths: bo
     return paths
 
 
+def emit_json(report: Any, out: Path | None) -> None:
+    """``report`` as indented JSON: written atomically to ``out`` (and its path echoed) or, without ``out``, printed
+    on stdout."""
+    import json
+
+    from attnlab.io_utils import atomic_write_text
+
+    text = json.dumps(report, indent=1, allow_nan=True)
+    if out is not None:
+        atomic_write_text(out, text + "\n")
+        typer.echo(f"results: {out}")
+    else:
+        typer.echo(text)
+
+
 def run_protocol(ctx: typer.Context, config_path: Path | None, debug: bool, config_type: Any,
                  run: Callable[..., dict[str, Any]], summary: Callable[[dict[str, Any]], None], *,
                  pre_check: Callable[[Any], None] | None = None) -> None:

@@ -203,7 +203,8 @@ def run_diffusion_command(values: dict[str, Any], diffusion: dict[str, Any], com
                   if "hidden_states" not in PROBES.get(name).needs]
     run = DiffusionRun(model=str(values["model"]), prompts=prompts, probes=probes,
                        probe_args=parse_probe_args(values.get("probe_arg")), edits=list(diffusion["edit"] or ()),
-                       steps=20 if diffusion["steps"] is None else int(diffusion["steps"]), guidance=diffusion["guidance"], seed=int(values["seed"]),
+                       steps=20 if diffusion["steps"] is None else int(diffusion["steps"]),
+                       guidance=diffusion["guidance"], seed=int(values["seed"]),
                        device=str(values["device"]), dtype=str(values["dtype"]), block_size=int(values["block_size"]),
                        query_fraction=float(values["query_fraction"]), probe_kernel=str(values["probe_kernel"]),
                        pipe_args=pipe_args)

@@ -151,6 +151,20 @@ def parse_pairs(items: Any, option: str) -> dict[str, Any]:
     return pairs
 
 
+def parse_int_pairs(items: Any, option: str) -> dict[str, int]:
+    """:func:`parse_pairs` whose values must be integers (the labs' ``--spec`` sizes); one-line ConfigError
+    otherwise."""
+    from attnlab.errors import ConfigError
+
+    typed = {}
+    for key, value in parse_pairs(items, option).items():
+        try:
+            typed[key] = int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{option} {key} expects an integer, got {value!r}") from None
+    return typed
+
+
 def train_config(ctx: typer.Context, config_path: Path | None, *, resume: bool) -> TrainConfig:
     """The TrainConfig of ``attnlab train``: options given on the command line, then ``--config``, then (with
     ``--resume``) the checkpoint's config, then the defaults."""

@@ -12,13 +12,12 @@ Wiring (cli/main.py): ``app.add_typer(vlm_app, name="vlm")`` with ``from attnlab
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
-from attnlab.cli.options import FLAG, Debug, EditOpt, Seed, run_guarded, stderr, with_progress
+from attnlab.cli.options import FLAG, Debug, EditOpt, Seed, emit_json, run_guarded, stderr, with_progress
 
 __all__ = ["vlm_app"]
 
@@ -65,12 +64,12 @@ def vlm_train(
     --out/checkpoint, train_log.csv and results.json (accuracy per question kind, hallucination rate)."""
 
     def body() -> None:
-        from attnlab.cli.train_cmd import parse_pairs
+        from attnlab.cli.train_cmd import parse_int_pairs
         from attnlab.lab.vlm.train import VlmTrainConfig, check_out, train_vlm
 
         config = VlmTrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
                                 positions=positions, questions_per_image=questions_per_image, seed=seed,
-                                spec=_typed(parse_pairs(spec, "--spec")),
+                                spec=parse_int_pairs(spec, "--spec"),
                                 eval_per_kind=eval_per_kind, out=str(out))
         check_out(config, force=force)
         stderr.print("config: " + " ".join(f"{k}={v}" for k, v in config.to_dict().items()), markup=False,
@@ -99,7 +98,6 @@ def vlm_eval(
     def body() -> None:
         from attnlab.edits import parse_edit_list
         from attnlab.errors import ConfigError
-        from attnlab.io_utils import atomic_write_text
         from attnlab.lab.vlm.evaluate import evaluate_variants
 
         if not model.exists():
@@ -111,27 +109,10 @@ def vlm_eval(
                                                                   progress=progress))
         for name, result in report["variants"].items():
             _summary(result, name)
-        text = json.dumps(report, indent=1, allow_nan=True)
-        if out is not None:
-            atomic_write_text(out, text + "\n")
-            typer.echo(f"results: {out}")
-        else:
-            typer.echo(text)
+        emit_json(report, out)
 
     run_guarded(body, debug)
 
-
-def _typed(pairs: dict[str, Any]) -> dict[str, Any]:
-    """``--spec`` values are integers; one-line ConfigError otherwise."""
-    from attnlab.errors import ConfigError
-
-    typed = {}
-    for key, value in pairs.items():
-        try:
-            typed[key] = int(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"--spec {key} expects an integer, got {value!r}") from None
-    return typed
 
 
 def _summary(report: dict[str, Any], name: str = "") -> None:

@@ -16,6 +16,7 @@ values, each one line saying what was expected and what was received.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -27,7 +28,8 @@ from attnlab.roles import IMAGE, TEXT
 Grid = tuple[int, int, int]
 Normalisation = Literal["sum", "max", "minmax"]
 
-__all__ = ["check_grid", "foreground_share", "image_text_block", "normalise_maps", "preference", "spatial_maps",
+__all__ = ["astar_loss", "binarise", "check_grid", "concept_maps", "foreground_share", "image_text_block",
+           "normalise_maps", "preference", "retention_loss", "segregation_loss", "soft_iou", "spatial_maps",
            "token_positions"]
 
 
@@ -171,3 +173,69 @@ def foreground_share(probs: Tensor, foreground: Tensor) -> tuple[Tensor, Tensor]
         raise ShapeError(f"foreground mask has {fg.numel()} patches, probs (B, H, Q, P) are {tuple(probs.shape)}")
     mean = probs.double().mean(dim=1)  # (B, Q, P)
     return (mean * fg).sum(), mean.sum()
+
+
+# ------------------------------------------------------------- A-STAR losses (Agarwal et al. 2023, METHODS.md #43)
+
+THRESHOLD = 0.5
+
+
+def soft_iou(x: Tensor, y: Tensor, eps: float = 1e-12) -> Tensor:
+    """``Σ min(x, y) / Σ max(x, y)`` over the last three dims (frames, rows, cols): (..., F, R, C) → (...).
+    1 for equal non-zero maps, 0 for disjoint supports; 0 when both are 0."""
+    if x.shape != y.shape or x.dim() < 3:
+        raise ShapeError(f"soft_iou needs two maps of one shape (..., F, R, C), got {tuple(x.shape)} and "
+                         f"{tuple(y.shape)}")
+    dims = (-3, -2, -1)
+    return torch.minimum(x, y).sum(dim=dims) / torch.maximum(x, y).sum(dim=dims).clamp_min(eps)
+
+
+def concept_maps(maps: Tensor, concepts: Sequence[int]) -> Tensor:
+    """(B, K, F, R, C): the concept tokens' maps, each divided by its maximum (peak 1). An unbatched (T, F, R, C)
+    input gets B = 1."""
+    if maps.dim() == 4:
+        maps = maps[None]
+    if maps.dim() != 5:
+        raise ShapeError(f"maps must be (B, T, F, R, C) or (T, F, R, C), got shape {tuple(maps.shape)}")
+    chosen = check_indices("concepts", list(concepts), maps.shape[1])
+    if not chosen:
+        raise ConfigError("A-STAR needs at least one concept token")
+    return normalise_maps(maps.index_select(1, torch.tensor(chosen, device=maps.device)), "max")
+
+
+def segregation_loss(maps: Tensor, concepts: Sequence[int]) -> Tensor:
+    """(B,) ``Σ_{m<n} IoU(A_m, A_n)`` over pairs of concept maps (Eq. 2). Raises ConfigError for < 2 concepts."""
+    if len(concepts) < 2:
+        raise ConfigError(f"the segregation loss needs at least 2 concept tokens, got {list(concepts)}")
+    a = concept_maps(maps, concepts)
+    K = a.shape[1]
+    first, second = torch.triu_indices(K, K, offset=1, device=a.device)
+    return soft_iou(a[:, first], a[:, second]).sum(dim=1)
+
+
+def binarise(maps: Tensor, concepts: Sequence[int], threshold: float = THRESHOLD) -> Tensor:
+    """(B, K, F, R, C) bool: each concept map at ≥ ``threshold`` of its peak (the retention target B_k)."""
+    if not 0.0 < threshold <= 1.0:
+        raise ConfigError(f"the binarisation threshold must be in (0, 1], got {threshold}")
+    return concept_maps(maps.detach(), concepts) >= threshold
+
+
+def retention_loss(maps: Tensor, concepts: Sequence[int], masks: Tensor) -> Tensor:
+    """(B,) ``Σ_k (1 - IoU(A_k, B_k))`` (Eq. 3), ``masks`` = B_k (B, K, F, R, C) bool from an earlier step."""
+    a = concept_maps(maps, concepts)
+    if masks.shape != a.shape:
+        raise ShapeError(f"retention masks must be (B, K, F, R, C) = {tuple(a.shape)}, got {tuple(masks.shape)}")
+    return (1.0 - soft_iou(a, masks.to(a.dtype))).sum(dim=1)
+
+
+def astar_loss(maps: Tensor, concepts: Sequence[int], masks: Tensor | None = None) -> Tensor:
+    """(B,) ``L_seg + L_ret`` (retention only when ``masks`` from an earlier step are given; segregation only with
+    ≥ 2 concepts)."""
+    parts = []
+    if len(concepts) >= 2:
+        parts.append(segregation_loss(maps, concepts))
+    if masks is not None:
+        parts.append(retention_loss(maps, concepts, masks))
+    if not parts:
+        raise ConfigError("astar_loss has nothing to compute: one concept and no retention masks")
+    return torch.stack(parts).sum(dim=0)

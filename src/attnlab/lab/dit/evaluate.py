@@ -2,7 +2,7 @@
 
 The measures (fixed before any reference run; docs/dit_lab.md):
 
-- Test captions (:func:`test_scenes`): ``samples`` one-object and ``samples`` two-object image scenes, or
+- Test captions (:func:`eval_scenes`): ``samples`` one-object and ``samples`` two-object image scenes, or
   ``samples`` videos, item ``i`` from ``batch_rng(TEST_SEED, i, "eval")``; they do not depend on the training seed.
   The same measures on these real scenes are reported with the prefix ``real_`` (the ceiling).
 - Classifier (:func:`train_classifier`): a small CNN trained here on rendered scenes (one- and two-object images
@@ -42,7 +42,7 @@ from attnlab.lab.dit.scenes import COLOURS, DIRECTIONS, SHAPES, Drawn
 from attnlab.progress import ProgressArg, progress_to
 
 __all__ = ["FOREGROUND_THRESHOLD", "TEST_SEED", "ShapeClassifier", "colour_fidelity", "evaluate_pipeline",
-           "foreground_masks", "test_scenes", "track_stats", "train_classifier"]
+           "foreground_masks", "eval_scenes", "track_stats", "train_classifier"]
 
 TEST_SEED = 170_000_017
 """The test captions' seed (fixed; independent of training seeds)."""
@@ -121,7 +121,7 @@ def classify(images: Tensor, *, seed: int = 0) -> Tensor:
         return model(images)
 
 
-def test_scenes(kind: str, samples: int, *, frames: int = 8, seed: int = TEST_SEED) -> list[Drawn]:
+def eval_scenes(kind: str, samples: int, *, frames: int = 8, seed: int = TEST_SEED) -> list[Drawn]:
     """The fixed test items: ``samples`` one-object then ``samples`` two-object scenes (``kind="image"``), or
     ``samples`` videos of ``frames`` frames. Raises ConfigError for samples < 1 or an unknown kind."""
     from attnlab.lab.dit.scenes import draw_image_scene, draw_video
@@ -209,7 +209,7 @@ def _caption_combos(drawn: Drawn) -> list[int]:
 
 def image_scores(images: Tensor, items: Sequence[Drawn], masks: Tensor | None = None) -> dict[str, float]:
     """The image measures of the module doc for (2n, 3, 32, 32) images in [0, 1] drawn for ``items`` (n one-object
-    then n two-object :func:`test_scenes`); ``masks`` (2n, 32, 32) bool foreground (default
+    then n two-object :func:`eval_scenes`); ``masks`` (2n, 32, 32) bool foreground (default
     :func:`foreground_masks`)."""
     logits = classify(images)
     single = [i for i, d in enumerate(items) if len(d.objects) == 1]
@@ -256,7 +256,7 @@ def evaluate_pipeline(pipe: Any, *, samples: int = 100, steps: int = 20, guidanc
     started = time.monotonic()
     trained = int(pipe.spec.frames)
     runs = [None] if pipe.kind == "image" else [trained, 2 * trained]
-    items = test_scenes(pipe.kind, samples, frames=max(runs) if pipe.kind == "video" else 8)
+    items = eval_scenes(pipe.kind, samples, frames=max(runs) if pipe.kind == "video" else 8)
     report: dict[str, Any] = {"kind": pipe.kind, "samples": samples, "steps": steps, "guidance": float(guidance),
                               "seed": seed}
     chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]

@@ -20,14 +20,14 @@ The sampler, the folder format and :class:`LabPipeline` live in :mod:`attnlab.la
 from __future__ import annotations
 
 import typing
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Annotated, Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from attnlab.errors import ConfigError
-from attnlab.params import Range, coerce
+from attnlab.params import Range, coerce_fields
 
 __all__ = ["DitSpec", "WordEmbedding", "build_transformer", "tokenize"]
 
@@ -49,10 +49,7 @@ class DitSpec:
     frames: Annotated[int, Range(ge=1, le=16)] = 4
 
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self), include_extras=True)
-        for f in fields(self):
-            object.__setattr__(self, f.name, coerce(getattr(self, f.name), hints[f.name], owner="DitSpec",
-                                                    param=f.name))
+        coerce_fields(self, "DitSpec")
         from attnlab.lab.dit.scenes import SIZE
 
         if SIZE % self.patch_size:

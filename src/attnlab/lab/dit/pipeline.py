@@ -93,11 +93,17 @@ class LabPipeline:
 
     @property
     def device(self) -> torch.device:
+        """The transformer's device."""
         return next(self.transformer.parameters()).device
 
-    def to(self, device: str | torch.device) -> LabPipeline:
-        """Move both modules to ``device``; returns self."""
-        self.transformer.to(device)
+    @property
+    def dtype(self) -> torch.dtype:
+        """The transformer's dtype (inputs are cast to it; samples come back float32)."""
+        return next(self.transformer.parameters()).dtype
+
+    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> LabPipeline:
+        """Move both modules to ``device`` (and the transformer to ``dtype``); returns self."""
+        self.transformer.to(device, dtype)
         self.text.to(device)
         return self
 
@@ -107,15 +113,16 @@ class LabPipeline:
         return self
 
     def encode(self, captions: Sequence[str | Sequence[str]]) -> tuple[Tensor, Tensor]:
-        """``(encoder_hidden_states (batch, max_words, text_dim) float32, encoder_attention_mask (batch, max_words)
-        bool)`` of captions (see :func:`~attnlab.lab.dit.model.tokenize`; ConfigError for unknown words)."""
+        """``(encoder_hidden_states (batch, max_words, text_dim), encoder_attention_mask (batch, max_words) bool)`` of
+        captions, on the transformer's device and in its dtype (see :func:`~attnlab.lab.dit.model.tokenize`; ConfigError for unknown words)."""
         ids, keep = tokenize(captions, self.spec.max_words)
-        return self.text(ids.to(self.device)), keep.to(self.device)
+        hidden = self.text(ids.to(self.text.token.weight.device))  # the table may stay where it is (CPU, float32)
+        return hidden.to(self.device, self.dtype), keep.to(self.device)
 
     def forward_kwargs(self, x: Tensor, t: float | Tensor, hidden: Tensor, keep: Tensor) -> dict[str, Any]:
         """The transformer's keyword arguments for one forward: ``timestep = 1000·t`` as a (batch,) float32
         tensor; PixArt also gets ``encoder_attention_mask`` (Wan's cross-attention takes none)."""
-        timestep = torch.as_tensor(t, dtype=torch.float32, device=x.device) * 1000
+        timestep = torch.as_tensor(t, dtype=torch.float32, device=x.device) * 1000  # float32 in any model dtype
         kwargs = {"hidden_states": x, "encoder_hidden_states": hidden,
                   "timestep": timestep.expand(x.shape[0]).contiguous(), "return_dict": False}
         if self.kind == "image":
@@ -137,13 +144,13 @@ class LabPipeline:
         return unconditional + cond.guidance * (conditional - unconditional)
 
     def noise(self, batch: int, *, seed: int, frames: int | None = None) -> Tensor:
-        """The sampler's starting noise: (batch, 3, 32, 32) or (batch, 3, frames, 32, 32) float32 from a CPU
-        ``torch.Generator`` seeded with ``seed`` (the same on every device)."""
+        """The sampler's starting noise: (batch, 3, 32, 32) or (batch, 3, frames, 32, 32) from a CPU
+        ``torch.Generator`` seeded with ``seed`` (the same on every device), in the transformer's dtype."""
         from attnlab.lab.dit.scenes import SIZE
 
         shape = (batch, 3, SIZE, SIZE) if self.kind == "image" else (batch, 3, frames, SIZE, SIZE)
         generator = torch.Generator().manual_seed(seed)
-        return torch.randn(shape, generator=generator).to(self.device)
+        return torch.randn(shape, generator=generator).to(self.device, self.dtype)
 
     @torch.no_grad()
     def sample(self, captions: Sequence[str | Sequence[str]], steps: int = 20, guidance: float = 3.0, seed: int = 0,

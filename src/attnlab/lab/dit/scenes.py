@@ -103,7 +103,8 @@ def draw_image_scene(rng: np.random.Generator, *, objects: int = 1) -> Drawn:
     """One image scene: ``objects`` (1 or 2) objects of uniform shape and colour (two objects differ in at least one
     of them), radius uniform in 5 … 10 px (one object) or 4 … 7 px (two), centres uniform where the object fits,
     two objects' bounding circles (radius·√2) at least 2 px apart (a failed
-    placement draws the second object again, and every tenth failure both); article ``a`` or ``the`` (one object) uniformly.
+    placement draws the second object again, and every tenth failure both); article ``a`` or ``the`` (one object)
+    uniformly.
 
     Raises ConfigError for ``objects`` not 1 or 2."""
     if objects not in (1, 2):

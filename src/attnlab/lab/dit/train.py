@@ -28,21 +28,26 @@ import dataclasses
 import json
 import math
 import time
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from attnlab.errors import ConfigError
-from attnlab.params import Range, coerce
+from attnlab.params import Range, coerce_fields
 from attnlab.progress import ProgressArg, progress_to
 
 __all__ = ["RESULTS", "TRAIN_LOG", "DitTrainConfig", "draw_batch", "train_dit"]
 
 RESULTS = "results.json"
 TRAIN_LOG = "train_log.csv"
+DEFAULT_STEPS = {"image": 600, "video": 500}
 DEFAULT_BATCH = {"image": 64, "video": 16}
-"""The default batch per kind: 64 images or 16 four-frame videos (about 0.3 s per update on two CPU cores)."""
+"""The defaults per kind: 600 updates of 64 images or 500 of 16 four-frame videos (about 0.3 s per update on two idle
+CPU cores, so 3 minutes; 1 … 2 s per update on busy shared cores, so within the lab's 8 … 15 minutes)."""
+
+
+def _optional_text(value: Any) -> str | None:
+    return None if value is None else str(value)
 
 
 @dataclass(frozen=True)
@@ -52,15 +57,15 @@ class DitTrainConfig:
     Attributes:
         kind: ``image`` (PixArt) | ``video`` (Wan). spec: :class:`attnlab.lab.dit.model.DitSpec` fields to change
             (``kind`` comes from here).
-        steps, batch_size (None = :data:`DEFAULT_BATCH` of the kind), lr, warmup_steps, min_lr_ratio,
-            weight_decay, grad_clip: the optimisation.
+        steps, batch_size (None = :data:`DEFAULT_STEPS`, :data:`DEFAULT_BATCH` of the kind), lr, warmup_steps,
+            min_lr_ratio, weight_decay, grad_clip: the optimisation.
         caption_dropout: probability of training on the empty caption. two_object_fraction: share of two-object
             image scenes. seed: initialisation, data, noise. device: where to train. out: output directory (None =
             write nothing).
     """
 
     kind: Literal["image", "video"] = "image"
-    steps: Annotated[int, Range(ge=1)] = 1200
+    steps: Annotated[int, Range(ge=1)] | None = None
     batch_size: Annotated[int, Range(ge=1, le=4096)] | None = None
     lr: Annotated[float, Range(gt=0, le=1)] = 1e-3
     warmup_steps: Annotated[int, Range(ge=0)] = 50
@@ -74,19 +79,15 @@ class DitTrainConfig:
     device: str = "cpu"
     out: str | None = None
 
+    def _spec_dict(self, value: Any) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise ConfigError(f"dit train: spec must map DitSpec fields to values, got {value!r}")
+        return self.model_spec_of(value).to_dict()
+
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self), include_extras=True)
-        for item in dataclasses.fields(self):
-            value = getattr(self, item.name)
-            if item.name == "spec":
-                if not isinstance(value, dict):
-                    raise ConfigError(f"dit train: spec must map DitSpec fields to values, got {value!r}")
-                value = self.model_spec_of(value).to_dict()
-            elif item.name == "out":
-                value = None if value is None else str(value)
-            else:
-                value = coerce(value, hints[item.name], owner="dit train", param=item.name)
-            object.__setattr__(self, item.name, value)
+        coerce_fields(self, "dit train", {"spec": self._spec_dict, "out": _optional_text})
+        if self.steps is None:
+            object.__setattr__(self, "steps", DEFAULT_STEPS[self.kind])
         if self.batch_size is None:
             object.__setattr__(self, "batch_size", DEFAULT_BATCH[self.kind])
         if self.warmup_steps > self.steps:
@@ -151,7 +152,8 @@ def check_out(config: DitTrainConfig, *, force: bool) -> None:
 def train_dit(config: DitTrainConfig, *, force: bool = False, progress: ProgressArg = None) -> dict[str, Any]:
     """Train and (with ``config.out``) write the pipeline folder and results; return the record ``{"kind":
     "dit_train", "config", "train": {"losses": [per update], "final_loss", "loss_first_50", "loss_last_50",
-    "seconds", "num_parameters", "threads"}, "checkpoint"}`` (``results.json`` holds the same without the
+    "seconds", "num_parameters", "threads"}, "checkpoint", "pipeline"}`` (``pipeline``: the trained
+    :class:`~attnlab.lab.dit.pipeline.LabPipeline` in eval mode; ``results.json`` holds the rest without the
     per-update losses, which go to ``train_log.csv``).
 
     Raises ConfigError for a non-empty ``out`` without ``force``."""

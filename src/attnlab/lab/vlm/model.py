@@ -23,13 +23,12 @@ Prompt layout (training and evaluation): ``<bos> <image>×N question-words ? ans
 from __future__ import annotations
 
 import json
-import typing
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 from attnlab.errors import ConfigError
-from attnlab.params import Range, coerce
+from attnlab.params import Range, coerce_fields
 
 __all__ = ["LAB_JSON", "SPECIALS", "VlmSpec", "build_model", "build_processor", "build_tokenizer", "load_vlm",
            "read_lab_json", "save_model_dir"]
@@ -59,10 +58,7 @@ class VlmSpec:
     max_positions: Annotated[int, Range(ge=16, le=65536)] = 256
 
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self), include_extras=True)
-        for f in fields(self):
-            object.__setattr__(self, f.name, coerce(getattr(self, f.name), hints[f.name], owner="VlmSpec",
-                                                    param=f.name))
+        coerce_fields(self, "VlmSpec")
         if self.image_size % self.patch_size:
             raise ConfigError(f"VlmSpec: image_size={self.image_size} is not a multiple of "
                               f"patch_size={self.patch_size}")

@@ -31,19 +31,22 @@ import dataclasses
 import json
 import math
 import time
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from attnlab.errors import ConfigError
-from attnlab.params import Range, coerce
+from attnlab.params import Range, coerce_fields
 from attnlab.progress import ProgressArg, progress_to
 
 __all__ = ["RESULTS", "TRAIN_LOG", "VlmTrainConfig", "train_vlm"]
 
 RESULTS = "results.json"
 TRAIN_LOG = "train_log.csv"
+
+
+def _optional_text(value: Any) -> str | None:
+    return None if value is None else str(value)
 
 
 @dataclass(frozen=True)
@@ -73,19 +76,13 @@ class VlmTrainConfig:
     eval_per_kind: Annotated[int, Range(ge=1, le=100000)] = 500
     out: str | None = None
 
+    def _spec_dict(self, value: Any) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise ConfigError(f"vlm train: spec must map VlmSpec fields to values, got {value!r}")
+        return self.model_spec_of(value).to_dict()
+
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self), include_extras=True)
-        for item in dataclasses.fields(self):
-            value = getattr(self, item.name)
-            if item.name == "spec":
-                if not isinstance(value, dict):
-                    raise ConfigError(f"vlm train: spec must map VlmSpec fields to values, got {value!r}")
-                value = self.model_spec_of(value).to_dict()
-            elif item.name == "out":
-                value = None if value is None else str(value)
-            else:
-                value = coerce(value, hints[item.name], owner="vlm train", param=item.name)
-            object.__setattr__(self, item.name, value)
+        coerce_fields(self, "vlm train", {"spec": self._spec_dict, "out": _optional_text})
         if self.warmup_steps > self.steps:
             raise ConfigError(f"vlm train: warmup_steps={self.warmup_steps} exceeds steps={self.steps}")
 
