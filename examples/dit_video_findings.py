@@ -9,7 +9,7 @@ Settings, fixed before any run on the reference model (nothing below was tuned o
 - Model: the lab's video model (``attnlab dit train --video``; a ``WanTransformer3DModel``, 4 blocks × 4 heads × 32,
   patch (1, 4, 4) → 64 patch tokens per frame), trained on 4-frame videos (``spec.frames``; the script stops if the
   model says otherwise).
-- Test items: ``test_scenes("video", 48, frames=F)`` (the lab's fixed test seed; item i has the same caption and
+- Test items: ``eval_scenes("video", 48, frames=F)`` (the lab's fixed test seed; item i has the same caption and
   motion at every F). One batch of 48, 20 Euler steps, CFG 3.0, noise seed 0 (:meth:`LabPipeline.sample`), scored
   with the lab's ``video_scores`` (classifier frame accuracy, split at F > 4 into frames 0–3 ``trained`` and frames
   ≥ 4 ``beyond``; ``track_rmse``, ``direction_accuracy``, ``speed``, ``track_found``). The same scores of the real
@@ -52,7 +52,7 @@ import torch
 
 from attnlab.diffusion import DiffusionSession
 from attnlab.functional.sparse_masks import radial
-from attnlab.lab.dit.evaluate import real_scores, test_scenes, video_scores
+from attnlab.lab.dit.evaluate import real_scores, eval_scenes, video_scores
 from attnlab.lab.dit.pipeline import LabPipeline, load_pipeline
 
 # ---- fixed settings (decided before the runs) -------------------------------------------------------------------
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     dense_videos: dict[int, torch.Tensor] = {}
     for index, (variant, frames, template) in enumerate(VARIANTS):
-        items = test_scenes("video", samples, frames=frames)
+        items = eval_scenes("video", samples, frames=frames)
         captions = [" ".join(item.caption) for item in items]
         edit = None if template is None else template.format(dense_steps=dense_steps(steps))
         print(f"[{time.monotonic() - started:6.0f} s] {variant} at {frames} frames", file=sys.stderr, flush=True)
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def radial_cost(pipe: LabPipeline, samples: int, frames: int, steps: int, blocks: int, edit: str) -> dict[str, Any]:
     """Radial's mask density and forward times at ``frames`` (see the module doc)."""
-    captions = [" ".join(item.caption) for item in test_scenes("video", samples, frames=frames)]
+    captions = [" ".join(item.caption) for item in eval_scenes("video", samples, frames=frames)]
     cost: dict[str, Any] = radial_density(frames, pipe.spec.grid ** 2, steps, blocks)
     cost["batch"] = len(captions)
     cost["dense_forward_s"] = time_forward(pipe, captions, frames, steps, None)
