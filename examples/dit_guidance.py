@@ -6,8 +6,7 @@ evaluation (its fixed test scenes) of plain CFG, SoftPAG on a whole layer (PAG's
 perturbation) and SoftPAG on the heads HeadHunter chose, with and without CFG. Every setting below was fixed
 before the first run.
 
-    OMP_NUM_THREADS=1 flock /work/runs/bench.lock \
-        python examples/dit_guidance.py [PIPELINE_DIR] [OUT_JSON] [quick|full]
+    OMP_NUM_THREADS=1 python examples/dit_guidance.py [PIPELINE_DIR] [OUT_JSON] [quick|full]
 """
 
 import json
@@ -28,8 +27,8 @@ from attnlab.lab.dit.softpag import lab_objective, lab_predictor
 # Two profiles, each fixed before its first run: "quick" (run first: 2 min on two shared cores) and "full" (fixed
 # after the quick run, before running it: more search images, a third round, and held out the lab's own evaluation
 # settings, 100 + 100 test scenes, 20 steps, noise seed 0, so its "cfg" row must reproduce `attnlab dit eval`).
-PIPELINE = sys.argv[1] if len(sys.argv) > 1 else "/work/runs/dit17/image"
-OUT = Path(sys.argv[2] if len(sys.argv) > 2 else "/work/runs/dit17/guidance/dit_guidance.json")
+PIPELINE = sys.argv[1] if len(sys.argv) > 1 else "runs/dit17/image"
+OUT = Path(sys.argv[2] if len(sys.argv) > 2 else "runs/dit17/guidance/dit_guidance.json")
 PROFILE = sys.argv[3] if len(sys.argv) > 3 else "quick"
 GUIDANCE = 3.0             # CFG scale s (the lab's default)
 ALPHA = 1.0                # SoftPAG α of the search (1 = PAG's identity attention)

@@ -1,7 +1,7 @@
 """ProfilingDiT, A-STAR and RefAM measured on the DiT lab's trained PixArt image model (docs/dit_lab.md, issue 17).
 
-    flock /work/runs/bench.lock env OMP_NUM_THREADS=2 PYTHONPATH=src /work/main/.venv/bin/python \
-        examples/dit_image_findings.py --model /work/runs/dit17/image --out /work/runs/dit17/findings_image.json
+    OMP_NUM_THREADS=2 python \
+        examples/dit_image_findings.py --model runs/dit17/image --out runs/dit17/findings_image.json
 
 Settings, fixed before any run on the reference model (none tuned on its results). One seed (0) everywhere: the
 noise of the noised test pictures, the sampler's starting noise and nothing else random. The test items are the
@@ -347,7 +347,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", type=Path, default=Path("/work/runs/dit17/image"),
+    parser.add_argument("--model", type=Path, default=Path("runs/dit17/image"),
                         help="A lab DiT image folder (attnlab dit train --out, or a save_pipeline folder).")
     parser.add_argument("--out", type=Path, required=True, help="JSON output file.")
     parser.add_argument("--quick", action="store_true", help="4 items, 3 steps: a smoke test.")

@@ -1,7 +1,7 @@
 """Radial attention and UltraViCo on the DiT lab's trained Wan video model (issue 17; docs/findings.md).
 
-    flock /work/runs/bench.lock env OMP_NUM_THREADS=2 PYTHONPATH=src \\
-        python examples/dit_video_findings.py --model /work/runs/dit17/video --out /work/runs/dit17/findings_video.json
+    OMP_NUM_THREADS=2 \\
+        python examples/dit_video_findings.py --model runs/dit17/video --out runs/dit17/findings_video.json
     python examples/dit_video_findings.py --model tiny-video --out /tmp/f.json --quick     # smoke test
 
 Settings, fixed before any run on the reference model (nothing below was tuned on its results):
@@ -152,7 +152,7 @@ def time_forward(pipe: LabPipeline, captions: list[str], frames: int, steps: int
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="/work/runs/dit17/video", help="the video model (a lab DiT folder)")
+    parser.add_argument("--model", default="runs/dit17/video", help="the video model (a lab DiT folder)")
     parser.add_argument("--out", required=True, help="JSON output file")
     parser.add_argument("--table", action="store_true", help="only print the tables of an existing --out JSON")
     parser.add_argument("--quick", action="store_true", help="4 items, 3 steps (smoke test)")
