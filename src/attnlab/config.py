@@ -336,7 +336,9 @@ class ImageTextSpec:
         if not self.image and self.manifest is None:
             given = [name for name in ("prompt", "answer", "system") if getattr(self, name) is not None]
             if given:
-                raise ConfigError(f"--{given[0]} needs --image PATH (or use --manifest FILE)")
+                raise ConfigError(f"--{given[0]} needs --image PATH (or --manifest FILE) on a vision-language model; "
+                                  "a diffusion model takes --prompt alone, with --model a diffusers pipeline folder "
+                                  "(model_index.json) or a lab DiT folder (is the --model path right?)")
 
     @property
     def active(self) -> bool:

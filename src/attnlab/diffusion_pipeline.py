@@ -96,6 +96,17 @@ class DiffusionRun:
             raise ConfigError(f"--steps must be >= 1, got {self.steps}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        from attnlab.edits import parse_edit_list
+
+        for spec in self.edits:  # a bad spec, or a schedule no step of this run reaches, fails before loading
+            for edit in parse_edit_list(spec):
+                if edit.steps is not None and min(edit.steps) >= self.steps:
+                    raise ConfigError(f"--edit {edit.spec()}: steps={'+'.join(map(str, edit.steps))} but the run has "
+                                      f"--steps {self.steps} (steps count from 0: 0…{self.steps - 1})")
+                dense = getattr(edit, "dense_steps", None)
+                if isinstance(dense, int) and dense >= self.steps:
+                    raise ConfigError(f"--edit {edit.spec()}: dense_steps={dense} keeps all --steps {self.steps} "
+                                      "dense, so the edit would never act; lower dense_steps or raise --steps")
 
     def to_dict(self) -> dict[str, Any]:
         return {key: (dict(value) if isinstance(value, Mapping) else value) for key, value in vars(self).items()}
@@ -236,7 +247,7 @@ def run_diffusion_probes(run: DiffusionRun, *, progress: ProgressArg = None, com
         "windows": [],
         "rows": session.rows(per_step=False) + session.rows(per_step=True),
         "probe_args": {name: dict(args) for name, args in run.probe_args.items()},
-        "extras": {probe.name: probe.extras(None) for probe in merged},
+        "extras": {probe.name: probe.extras(_no_token) for probe in merged},
         "sections": section_specs(merged),
         "edits": session.edit_report().to_dict("records") if session.edits else [],
         "diffusion": {"steps": run.steps, "samples": session.samples, "prompts": list(run.prompts),
@@ -244,6 +255,11 @@ def run_diffusion_probes(run: DiffusionRun, *, progress: ProgressArg = None, com
                       "layers": layers},
         "timing": {"seconds": round(time.perf_counter() - started, 3), "processes": 1},
     }
+
+
+def _no_token(token_id: int) -> str:
+    """Diffusion tokens are patches and text-encoder slots, not vocabulary ids: tables show their position only."""
+    return "·"
 
 
 def _versions() -> dict[str, str]:

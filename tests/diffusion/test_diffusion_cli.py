@@ -67,9 +67,12 @@ def test_an_edit_skipped_on_every_call_says_why(folders):
     from attnlab.errors import EditNotFiredError
 
     run = DiffusionRun(model=str(folders["dit"]), prompts=["red"], probes=["entropy"], steps=2,
-                       edits=["radial:block_size=none,dense_steps=12"])
-    with pytest.raises(EditNotFiredError, match="dense step: 4"):
+                       edits=["radial:block_size=none,dense_steps=0,dense_layers=5"])
+    with pytest.raises(EditNotFiredError, match="dense layer: 4"):
         run_diffusion_probes(run)
+    with pytest.raises(ConfigError, match="dense_steps=12 keeps all"):
+        DiffusionRun(model=str(folders["dit"]), prompts=["red"], probes=["entropy"], steps=2,
+                     edits=["radial:dense_steps=12"]).check()
 
 
 def test_lab_dit_folder_runs_through_probe(tmp_path):
@@ -103,6 +106,10 @@ def test_bad_input(folders, tmp_path):
          "does not take it"),
         (("probe", "--model", folders["dit"], "--prompt", "red", "--probe", "entropy", "--pipe-arg", "foo"),
          "KEY=VALUE"),
+        (("probe", "--model", folders["dit"], "--prompt", "red", "--probe", "entropy", "--steps", 4, "--edit",
+          "temperature:tau=0.5,steps=4-6"), "steps count from 0"),
+        (("probe", "--model", folders["root"] / "no-such-folder", "--prompt", "red", "--probe", "entropy"),
+         "pipeline folder"),
     ]
     for number, (args, expected) in enumerate(cases):
         result = _invoke(*args, "--out", tmp_path / f"bad{number}")

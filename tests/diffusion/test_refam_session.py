@@ -71,3 +71,15 @@ def test_a_video_grounding_map_has_frames_and_one_map_per_step():
     step_maps = [s.probes_at(step)[0].grounding() for step in (0, 1)]
     assert all(m["grid"] == [2, 4, 4] for m in step_maps)
     assert torch.tensor(step_maps[0]["grounding"]).shape == (2, 4, 4)
+
+
+def test_padded_caption_slots_are_not_content_and_have_no_rows():
+    model, inputs = tiny_diffusers("pixart")
+    x = inputs(batch=2, text=5)
+    x["encoder_attention_mask"] = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]])  # slot 4 is always padding
+    with torch.no_grad(), DiffusionSession(model, probes=["refam"]) as session:
+        model(**x)
+    grounding = session.extras()["refam"]["grounding"]
+    assert 4 not in grounding["content_tokens"] and 3 in grounding["content_tokens"]
+    rows = session.results()
+    assert set(rows[rows.statistic == "text_share"]["position"]) == {0, 1, 2, 3}

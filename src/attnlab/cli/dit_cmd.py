@@ -29,12 +29,14 @@ dit_app = typer.Typer(help="Diffusion transformers: train, sample and evaluate t
 
 Video = Annotated[bool, typer.Option("--video", help="The Wan video model (moving shapes) instead of the PixArt "
                                      "image model.", rich_help_panel=_MODEL, metavar=FLAG)]
-Steps = Annotated[Optional[int], typer.Option("--steps", help="Optimizer updates [default: 600 image, 500 video].",
+Steps = Annotated[Optional[int], typer.Option("--steps", help="Optimizer updates (default: 600 image, 500 video).",
                                               rich_help_panel=_TRAIN)]
-BatchSize = Annotated[Optional[int], typer.Option("--batch-size", help="Images (videos) per update [default: 64 "
-                                                  "images, 16 videos].", rich_help_panel=_TRAIN)]
+BatchSize = Annotated[Optional[int], typer.Option("--batch-size", help="Images (videos) per update (default: 64 "
+                                                  "images, 16 videos).", rich_help_panel=_TRAIN)]
 Lr = Annotated[float, typer.Option("--lr", help="Peak learning rate.", rich_help_panel=_TRAIN)]
-Warmup = Annotated[int, typer.Option("--warmup-steps", help="Linear warmup updates.", rich_help_panel=_TRAIN)]
+Warmup = Annotated[Optional[int], typer.Option(
+    "--warmup-steps", help="Linear warmup updates (default: 50, or a tenth of a run under 500 updates).",
+    rich_help_panel=_TRAIN)]
 Dropout = Annotated[float, typer.Option("--caption-dropout", help="Probability of the empty caption (for CFG).",
                                         rich_help_panel=_TRAIN)]
 SpecArg = Annotated[Optional[list[str]], typer.Option(
@@ -47,7 +49,7 @@ ModelArg = Annotated[Path, typer.Argument(help="A folder from `attnlab dit train
 SampleSteps = Annotated[int, typer.Option("--steps", help="Euler steps.", rich_help_panel=_SAMPLE)]
 Guidance = Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale (1 = caption only).",
                                          rich_help_panel=_SAMPLE)]
-Frames = Annotated[Optional[int], typer.Option("--frames", help="Video frames [default: the training's].",
+Frames = Annotated[Optional[int], typer.Option("--frames", help="Video frames (default: the training's).",
                                                rich_help_panel=_SAMPLE)]
 
 
@@ -58,7 +60,7 @@ def dit_train(
     steps: Steps = None,
     batch_size: BatchSize = None,
     lr: Lr = 1e-3,
-    warmup_steps: Warmup = 50,
+    warmup_steps: Warmup = None,
     caption_dropout: Dropout = 0.1,
     spec: SpecArg = None,
     seed: Seed = 0,
@@ -82,8 +84,9 @@ def dit_train(
         record = with_progress(lambda progress: train_dit(config, force=force, progress=progress),
                                always=lambda message: not message.startswith("step "))
         train = record["train"]
-        stderr.print(f"loss {train['loss_first_50']:.4f} (first 50) → {train['loss_last_50']:.4f} (last 50) in "
-                     f"{train['seconds']:.0f} s", markup=False)
+        window = train["loss_window"]
+        stderr.print(f"loss {train['loss_first_50']:.4f} (first {window}) → {train['loss_last_50']:.4f} (last "
+                     f"{window}) in {train['seconds']:.0f} s", markup=False)
         typer.echo(f"checkpoint: {record['checkpoint']}")
         typer.echo(f"files: {out / 'results.json'} {out / 'train_log.csv'}")
 

@@ -33,7 +33,7 @@ from attnlab.probes.base import AttentionCall, ModelFacts, Probe, Row, RowWriter
 from attnlab.report.sections import Heatmap, LayerCurve, Section, Series
 from attnlab.roles import IMAGE, TEXT
 
-_STATE = ("mass", "covered", "patches", "valid_text", "sequences", "token_map", "map_layers")
+_STATE = ("mass", "covered", "text_valid", "patches", "valid_text", "sequences", "token_map", "map_layers")
 
 
 @PROBES.register("refam")
@@ -74,6 +74,7 @@ class RefAMProbe(Probe):
         L = facts.num_layers
         self.mass = torch.zeros(L, 0, dtype=torch.float64)  # (L, T) Σ head-mean attention to text token t
         self.covered = torch.zeros(L, 0, dtype=torch.float64)  # (L, T) (sequence, patch) pairs at ≥ fair share
+        self.text_valid = torch.zeros(L, 0, dtype=torch.float64)  # (L, T) sequences where text token t is real
         self.patches = torch.zeros(L, dtype=torch.float64)  # (L,) (sequence, patch) pairs seen
         self.valid_text = torch.zeros(L, dtype=torch.float64)  # (L,) Σ over sequences of their real text tokens
         self.sequences = torch.zeros(L, dtype=torch.float64)  # (L,) sequences × calls seen
@@ -87,6 +88,7 @@ class RefAMProbe(Probe):
             pad = num_text - self.mass.shape[1]
             self.mass = torch.nn.functional.pad(self.mass, (0, pad))
             self.covered = torch.nn.functional.pad(self.covered, (0, pad))
+            self.text_valid = torch.nn.functional.pad(self.text_valid, (0, pad))
         if num_patches is not None:
             if self.token_map.numel() and self.token_map.shape[1] != num_patches:
                 raise ShapeError(f"refam: the grounding layers have {self.token_map.shape[1]} and {num_patches} "
@@ -118,6 +120,7 @@ class RefAMProbe(Probe):
             self.grid = check_grid(tuple(grid), P)
             self.map_layers[call.layer_idx] += 1
         self.valid_text[call.layer_idx] += float(self._text_ok.sum())
+        self.text_valid[call.layer_idx, :T] += self._text_ok.sum(dim=0).cpu()
         self.sequences[call.layer_idx] += self._text_ok.shape[0]
 
     def update(self, call: AttentionCall, block: BlockView) -> None:
@@ -166,7 +169,8 @@ class RefAMProbe(Probe):
         if self.mass.shape[1] == 0:
             return out.rows
         enrichment, coverage, gas = self.scores()
-        seen = (self.patches > 0)[:, None].expand_as(self.mass) & (self.mass.sum(dim=1, keepdim=True) > 0)
+        seen = ((self.patches > 0)[:, None].expand_as(self.mass) & (self.mass.sum(dim=1, keepdim=True) > 0)
+                & (self.text_valid > 0))  # a text slot that was padding in every sequence has no row
         share = safe_div(self.mass, self.mass.sum(dim=1, keepdim=True))
         for stat, values in (("text_share", share), ("enrichment", enrichment), ("coverage", coverage),
                              ("gas", gas.double())):
@@ -181,8 +185,9 @@ class RefAMProbe(Probe):
         _, _, gas = self.scores()
         chosen = self.map_layers > 0
         sinks = gas[chosen].any(dim=0) if bool(chosen.any()) else torch.zeros(T, dtype=torch.bool)
+        padding = (self.text_valid[chosen].sum(dim=0)[:T] == 0).nonzero().flatten().tolist()  # never a real token
         try:
-            content = content_indices(T, [m for m in (self.magnets or ()) if m < T], sinks[:T])
+            content = content_indices(T, sorted({m for m in (self.magnets or ()) if m < T} | set(padding)), sinks[:T])
         except ConfigError:
             return None
         g = grounding_map(self.token_map.reshape(T, *self.grid), content)

@@ -57,7 +57,8 @@ class DitTrainConfig:
     Attributes:
         kind: ``image`` (PixArt) | ``video`` (Wan). spec: :class:`attnlab.lab.dit.model.DitSpec` fields to change
             (``kind`` comes from here).
-        steps, batch_size (None = :data:`DEFAULT_STEPS`, :data:`DEFAULT_BATCH` of the kind), lr, warmup_steps,
+        steps, batch_size (None = :data:`DEFAULT_STEPS`, :data:`DEFAULT_BATCH` of the kind), lr, warmup_steps (None =
+        50, or a tenth of a run shorter than 500 updates),
             min_lr_ratio, weight_decay, grad_clip: the optimisation.
         caption_dropout: probability of training on the empty caption. two_object_fraction: share of two-object
             image scenes. seed: initialisation, data, noise. device: where to train. out: output directory (None =
@@ -68,7 +69,7 @@ class DitTrainConfig:
     steps: Annotated[int, Range(ge=1)] | None = None
     batch_size: Annotated[int, Range(ge=1, le=4096)] | None = None
     lr: Annotated[float, Range(gt=0, le=1)] = 1e-3
-    warmup_steps: Annotated[int, Range(ge=0)] = 50
+    warmup_steps: Annotated[int, Range(ge=0)] | None = None
     min_lr_ratio: Annotated[float, Range(ge=0, le=1)] = 0.1
     weight_decay: Annotated[float, Range(ge=0, le=10)] = 0.01
     grad_clip: Annotated[float, Range(gt=0)] = 1.0
@@ -90,8 +91,10 @@ class DitTrainConfig:
             object.__setattr__(self, "steps", DEFAULT_STEPS[self.kind])
         if self.batch_size is None:
             object.__setattr__(self, "batch_size", DEFAULT_BATCH[self.kind])
+        if self.warmup_steps is None:  # 50 updates, or a tenth of a short run
+            object.__setattr__(self, "warmup_steps", min(50, self.steps // 10))
         if self.warmup_steps > self.steps:
-            raise ConfigError(f"dit train: warmup_steps={self.warmup_steps} exceeds steps={self.steps}")
+            raise ConfigError(f"dit train: --warmup-steps {self.warmup_steps} exceeds --steps {self.steps}")
 
     def model_spec_of(self, values: dict[str, Any]) -> Any:
         from attnlab.lab.dit.model import DitSpec
@@ -203,14 +206,15 @@ def _train(config: DitTrainConfig, notify: Any) -> dict[str, Any]:
         notify(step, config.steps, f"step {step}/{config.steps}: loss {losses[-1]:.4f}")
     seconds = time.monotonic() - started
     pipe.eval()
-    train = {"final_loss": losses[-1], "loss_first_50": sum(losses[:50]) / len(losses[:50]),
-             "loss_last_50": sum(losses[-50:]) / len(losses[-50:]), "seconds": seconds, "num_parameters": count,
+    window = max(1, min(50, len(losses) // 2))  # the first and last updates, not overlapping on short runs
+    train = {"final_loss": losses[-1], "loss_window": window, "loss_first_50": sum(losses[:window]) / window,
+             "loss_last_50": sum(losses[-window:]) / window, "seconds": seconds, "num_parameters": count,
              "threads": torch.get_num_threads()}
     results = {"kind": "dit_train", "config": config.to_dict(), "train": train, "checkpoint": None}
     if config.out is not None:
         results["checkpoint"] = str(write_outputs(Path(config.out), pipe, log, results))
-    notify(config.steps, config.steps, f"trained in {seconds:.0f} s: loss {train['loss_first_50']:.4f} (first 50) "
-                                       f"→ {train['loss_last_50']:.4f} (last 50)")
+    notify(config.steps, config.steps, f"trained in {seconds:.0f} s: loss {train['loss_first_50']:.4f} (first "
+                                       f"{window}) → {train['loss_last_50']:.4f} (last {window})")
     results["train"] = {**train, "losses": losses}
     results["pipeline"] = pipe
     return results
