@@ -1,8 +1,8 @@
 """The per-step and per-block sections of a diffusion run's report (``results["diffusion"]``).
 
-A diffusion run (``attnlab probe --model <diffusers folder>``, :mod:`attnlab.diffusion_pipeline`) writes every probe's
-rows twice: over all denoising steps together (probe states summed, so means are over every call; drawn by the probes' own sections) and once per step (rows with
-``denoising_step``). Here:
+A diffusion run (``attnlab probe --model <diffusers folder>``, :mod:`attnlab.diffusion_pipeline`) writes every
+probe's rows twice: over all denoising steps together (probe states summed, so means are over every call; drawn by
+the probes' own sections) and once per step (rows with ``denoising_step``). Here:
 
 - ``diffusion-steps``: for each per-head statistic (rows with a layer and a head, no position), a layer × step
   heatmap of its mean over heads — how the statistic moves through denoising, block by block;
