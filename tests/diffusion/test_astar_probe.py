@@ -55,6 +55,19 @@ def test_padded_caption_tokens_count_as_zero_attention():
     assert both["value"].tolist() == pytest.approx(first["value"].tolist(), rel=1e-6)
 
 
+def test_sampled_query_rows_do_not_change_the_maps():
+    model, inputs = tiny_diffusers("pixart")
+    x = inputs(batch=2, text=5)
+
+    def segregation(fraction):
+        with torch.no_grad(), DiffusionSession(model, probes=[AStarProbe(concepts=(1, 3))],
+                                               query_fraction=fraction) as session:
+            model(**x)
+        return session.results().query("statistic == 'segregation'")["value"].tolist()
+
+    assert segregation(0.5) == pytest.approx(segregation(1.0), rel=1e-6)
+
+
 def test_bad_concepts():
     with pytest.raises(ConfigError, match="at least 2"):
         AStarProbe(concepts=(3,))

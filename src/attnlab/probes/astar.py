@@ -46,7 +46,7 @@ class AStarProbe(Probe):
         ConfigError: fewer than 2 concepts; at a call, a concept index past the call's text tokens.
     """
 
-    needs = frozenset({"probs"})
+    needs = frozenset({"probs", "every_row"})  # a map needs every patch row: never a query_fraction sample
     sections = (Section("probe-astar", "A-STAR segregation of concept maps", (
         LayerCurve((Series("segregation", "segregation loss"),), title="segregation loss per layer",
                    ylabel="Σ pairwise IoU", alt="A-STAR segregation loss per layer",
