@@ -245,7 +245,7 @@ def run_diffusion_probes(run: DiffusionRun, *, progress: ProgressArg = None, com
         "versions": _versions(),
         "attention_paths": {str(layer): path for layer, path in sorted(session.attention_paths.items())},
         "windows": [],
-        "rows": session.rows(per_step=False) + session.rows(per_step=True),
+        "rows": [row for probe in merged for row in probe.rows()] + session.rows(per_step=True),  # all, then per step
         "probe_args": {name: dict(args) for name, args in run.probe_args.items()},
         "extras": {probe.name: probe.extras(_no_token) for probe in merged},
         "sections": section_specs(merged),

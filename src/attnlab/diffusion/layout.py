@@ -94,31 +94,42 @@ def latent_layout(config: Any, args: tuple, kwargs: dict[str, Any]) -> LatentLay
     return LatentLayout(grid=grid, text=text, timestep=timestep)
 
 
-def call_layout(latent: LatentLayout | None, q_len: int, kv_len: int, text_first: bool,
-                encoder: bool = False) -> CallLayout:
-    """Kind and per-token roles of one attention call of ``q_len`` queries and ``kv_len`` keys.
+def call_kind(latent: LatentLayout | None, q_len: int, kv_len: int, encoder: bool = False) -> str | None:
+    """The kind of one attention call of ``q_len`` queries and ``kv_len`` keys: ``"self"``, ``"cross"``,
+    ``"joint"`` or None (the lengths fit no rule).
 
     ``encoder``: the attention module was handed ``encoder_hidden_states`` (or is a cross-attention module).
-    Rules (patches P = the latent's patch count, T its text tokens): Lq = Lk = P + T (T > 0) → ``joint``, text
-    first when ``text_first`` (Flux) else after the patches (SD3); else Lq = P with ``encoder`` → ``cross`` (every
-    key a conditioning token, role ``text``: the lengths alone cannot tell it from self-attention when T = P, as
-    with Wan's 512 padded text tokens); Lq = Lk = P → ``self``. Without a grid P is taken as Lq. Anything else gets
-    kind None and no roles."""
+    Rules (patches P = the latent's patch count, T its text tokens): Lq = Lk = P + T (T > 0) → ``joint``; else
+    Lq = P with ``encoder`` (or Lk ≠ P) → ``cross`` (the lengths alone cannot tell it from self-attention when
+    T = P, as with Wan's 512 padded text tokens); Lq = Lk = P → ``self``. Without a grid P is taken as Lq."""
     patches = None if latent is None else latent.patches
     text = 0 if latent is None else latent.text
+    if text and patches is not None and q_len == kv_len == patches + text:
+        return "joint"
+    patches = q_len if patches is None else patches
+    if q_len == patches and (encoder or kv_len != patches):
+        return "cross"
+    return "self" if q_len == patches == kv_len else None
+
+
+def call_layout(latent: LatentLayout | None, q_len: int, kv_len: int, text_first: bool,
+                encoder: bool = False) -> CallLayout:
+    """Kind (:func:`call_kind`) and per-token roles of one attention call: in a joint call the text comes first
+    when ``text_first`` (Flux) else after the patches (SD3); a cross call's keys are all conditioning tokens (role
+    ``text``); a call of kind None gets no roles."""
+    kind = call_kind(latent, q_len, kv_len, encoder)
 
     def codes(*parts: tuple[int, int]) -> Tensor:
         return torch.cat([torch.full((count,), code, dtype=torch.int8) for code, count in parts])
 
-    if text and patches is not None and q_len == kv_len == patches + text:
+    if kind == "joint":
+        patches, text = latent.patches, latent.text  # type: ignore[union-attr]  # joint implies a latent
         parts = ((TEXT_CODE, text), (IMAGE_CODE, patches)) if text_first else ((IMAGE_CODE, patches), (TEXT_CODE, text))
         sequence = codes(*parts)
         return CallLayout("joint", sequence, sequence, text if text_first else 0)
-    if patches is None:
-        patches = q_len
-    if q_len == patches and (encoder or kv_len != patches):
+    if kind == "cross":
         return CallLayout("cross", codes((IMAGE_CODE, q_len)), codes((TEXT_CODE, kv_len)), None)
-    if q_len == patches and kv_len == patches:
+    if kind == "self":
         return CallLayout("self", codes((IMAGE_CODE, q_len)), codes((IMAGE_CODE, kv_len)), 0)
     return CallLayout(None, None, None, None)
 

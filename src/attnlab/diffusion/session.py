@@ -33,7 +33,7 @@ from attnlab.capture.backend import ACTIVE_SESSION
 from attnlab.capture.planner import CallFacts, EditFacts, Needs, Path
 from attnlab.capture.session import Session
 from attnlab.columns import DENOISING_STEP_COLUMN, RESULT_COLUMNS
-from attnlab.diffusion.layout import LatentLayout, call_layout, call_roles, latent_layout
+from attnlab.diffusion.layout import LatentLayout, call_kind, call_layout, call_roles, latent_layout
 from attnlab.diffusion.processor import keep_from_mask, sdpa_arguments, wrap_processor
 from attnlab.edits.base import Edit
 from attnlab.errors import ConfigError, UnsupportedModelError
@@ -243,8 +243,7 @@ class DiffusionSession(Session):
         untouched = path is Path.SDPA and not needs.value
         if untouched and not self.edit_log.for_layer(layer):
             self.attention_paths[layer] = path.value
-            layout = call_layout(self._latent, query.shape[2], key.shape[2], self._text_first(module), encoder)
-            self.kinds[layer] = layout.kind
+            self.kinds[layer] = call_kind(self._latent, query.shape[2], key.shape[2], encoder)  # no role tensors
             return None
         keep, call = self._call_record(module, layer, encoder, query, key, value, sdpa)
         if untouched:  # only identity edits: count them on the record, let SDPA run
